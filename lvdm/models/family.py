@@ -1,0 +1,24 @@
+"""Naming the family of a base UNet (the checkpoints a temporal module can move between)."""
+
+from __future__ import annotations
+
+from typing import Any
+
+# cross-attention width -> family, for UNets with SD's block widths
+_SD_FAMILIES = {768: "sd1", 1024: "sd2", 2048: "sdxl"}
+_SD_CHANNELS = {(320, 640, 1280, 1280): "sd", (320, 640, 1280): "sdxl"}
+
+
+def base_family(unet_config: Any) -> str:
+    """``"sd1"``, ``"sd2"``, ``"sdxl"`` or ``"custom-<in>x<cross>-<widths>"`` for any other shape.
+
+    Two bases of one family have the same block layout; the layout itself, not this name, is what
+    a temporal module is checked against when it loads.
+    """
+    channels = tuple(unet_config.block_out_channels)
+    cross = unet_config.cross_attention_dim
+    cross = cross if isinstance(cross, int) else tuple(cross)
+    if channels in _SD_CHANNELS and cross in _SD_FAMILIES and unet_config.in_channels == 4:
+        return _SD_FAMILIES[cross]
+    widths = "-".join(str(c) for c in channels)
+    return f"custom-{unet_config.in_channels}x{cross}-{widths}"

@@ -1,0 +1,77 @@
+"""Which temporal layers a VideoUNet gets, and where they sit.
+
+:class:`TemporalLayout` is the one place the layer configuration is defined: typed,
+defaulted, documented and validated. ``LAYOUTS`` names the presets.
+"""
+
+from __future__ import annotations
+
+from dataclasses import asdict, dataclass, fields
+from typing import Any
+
+
+@dataclass(frozen=True)
+class TemporalLayout:
+    """The temporal layers inserted into a 2D UNet.
+
+    Attributes:
+        attention: a temporal attention block after every spatial transformer (mid block included).
+        conv: a 3D-conv residual block after every ResNet block (down, mid and up paths).
+        attention_depth: transformer layers in each temporal attention block.
+        attention_heads: heads of each temporal attention block; ``None`` uses the spatial
+            self-attention's head count at that resolution.
+        conv_kernel: the 3D conv kernel ``(frames, height, width)``, each odd.
+        mix_factor: initial logit of the learned alpha, ``a = sigmoid(mix_factor)`` weighs the
+            spatial output. Every temporal branch starts as the identity, so this value does not
+            change the initial output, only how fast each branch starts to matter.
+    """
+
+    attention: bool = True
+    conv: bool = True
+    attention_depth: int = 1
+    attention_heads: int | None = None
+    conv_kernel: tuple[int, int, int] = (3, 1, 1)
+    mix_factor: float = 0.5
+
+    def __post_init__(self) -> None:
+        object.__setattr__(self, "conv_kernel", tuple(self.conv_kernel))
+        problems = self.problems()
+        if problems:
+            raise ValueError("invalid temporal layout: " + "; ".join(problems))
+
+    def problems(self) -> list[str]:
+        """Every invalid field, described with its value and what is allowed."""
+        out = []
+        if not (self.attention or self.conv):
+            out.append("attention and conv are both false: a video UNet needs at least one kind of temporal layer")
+        if self.attention_depth < 1:
+            out.append(f"attention_depth={self.attention_depth}: must be >= 1")
+        if self.attention_heads is not None and self.attention_heads < 1:
+            out.append(f"attention_heads={self.attention_heads}: must be >= 1 or null (spatial head count)")
+        kernel = self.conv_kernel
+        if len(kernel) != 3 or any(not isinstance(k, int) or k < 1 or k % 2 == 0 for k in kernel):
+            out.append(f"conv_kernel={list(kernel)}: must be three odd positive integers (frames, height, width)")
+        return out
+
+    def to_dict(self) -> dict[str, Any]:
+        data = asdict(self)
+        data["conv_kernel"] = list(self.conv_kernel)
+        return data
+
+    @classmethod
+    def from_dict(cls, data: dict[str, Any]) -> TemporalLayout:
+        known = {f.name for f in fields(cls)}
+        unknown = sorted(set(data) - known)
+        if unknown:
+            raise ValueError(f"unknown temporal layout keys {unknown}; known keys: {sorted(known)}")
+        return cls(**data)
+
+
+LAYOUTS: dict[str, TemporalLayout] = {
+    # Video LDM: temporal attention after every spatial transformer, 3D conv after every ResNet block.
+    "videoldm": TemporalLayout(),
+    # Temporal attention only, comparable to AnimateDiff's motion modules.
+    "attention_only": TemporalLayout(conv=False),
+    # 3D convs only (cheap, local motion).
+    "conv_only": TemporalLayout(attention=False),
+}

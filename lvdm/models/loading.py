@@ -1,0 +1,204 @@
+"""Loading a Stable Diffusion base: a diffusers folder, a single-file checkpoint, plus LoRAs.
+
+Everything goes through diffusers' own loaders (``from_pretrained``, ``from_single_file``,
+``load_lora_weights``, which convert kohya/A1111 and diffusers/peft LoRA formats); what is
+written here is the policy around them:
+
+- safetensors only, unless the caller passes ``allow_pickle=True`` (then torch's
+  ``weights_only`` loader, as diffusers uses it); never a silent fallback to a pickle;
+- a corrupt, truncated or non-finite file is a :class:`~lvdm.errors.CheckpointError`
+  naming the file (and the tensor, where one is at fault);
+- LoRAs are fused into the base weights at their scales, so the result is a plain model that a
+  temporal module goes on top of, with no adapter overhead at sampling time.
+"""
+
+from __future__ import annotations
+
+import os
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import torch
+from safetensors import SafetensorError, safe_open
+
+from lvdm.errors import CheckpointError
+from lvdm.models.family import base_family
+
+PICKLE_SUFFIXES = (".ckpt", ".pt", ".pth", ".bin")
+
+
+@dataclass(frozen=True)
+class LoraSpec:
+    """A LoRA file (kohya/A1111 or diffusers/peft format) and the scale it is fused at."""
+
+    path: Path
+    scale: float = 1.0
+
+    @classmethod
+    def parse(cls, spec: str | os.PathLike | tuple[Any, float] | LoraSpec) -> LoraSpec:
+        """``LoraSpec``, ``(path, scale)``, a path, or the command-line form ``"PATH[:SCALE]"``."""
+        if isinstance(spec, LoraSpec):
+            return spec
+        if isinstance(spec, tuple):
+            return cls(Path(spec[0]), float(spec[1]))
+        text = os.fspath(spec)
+        head, sep, tail = text.rpartition(":")
+        if sep and head and not Path(text).exists():
+            try:
+                return cls(Path(head), float(tail))
+            except ValueError:
+                raise CheckpointError(f"LoRA {text!r}: the scale after ':' must be a number, got {tail!r}") from None
+        return cls(Path(text))
+
+
+@dataclass
+class BaseModel:
+    """The components of a loaded SD base, ready to inflate (``VideoUNet.from_unet2d(base.unet)``)."""
+
+    unet: Any
+    vae: Any
+    text_encoder: Any
+    tokenizer: Any
+    scheduler: Any
+    source: str
+    loras: list[LoraSpec] = field(default_factory=list)
+
+    @property
+    def family(self) -> str:
+        return base_family(self.unet.config)
+
+    @property
+    def prediction_type(self) -> str:
+        return self.scheduler.config.get("prediction_type", "epsilon")
+
+
+def load_base(
+    path: str | os.PathLike,
+    *,
+    base_config: str | os.PathLike | None = None,
+    loras: tuple | list = (),
+    allow_pickle: bool = False,
+    dtype: torch.dtype | None = None,
+    device: str | torch.device | None = None,
+) -> BaseModel:
+    """Load an SD base model and fuse ``loras`` into it.
+
+    Args:
+        path: a diffusers folder (``model_index.json``) or a single-file checkpoint
+            (``.safetensors``; ``.ckpt`` etc. only with ``allow_pickle``).
+        base_config: for single files, a diffusers folder to take the architecture (and
+            scheduler, tokenizer) from. Needed offline, and for shapes that are not a standard
+            SD1.x/2.x; without it diffusers infers the architecture and fetches its config.
+        loras: ``LoraSpec``, ``(path, scale)`` or ``"PATH[:SCALE]"`` items, fused in order.
+        allow_pickle: permit pickle-based files (loaded with ``weights_only=True``).
+    """
+    path = Path(path)
+    if path.is_dir():
+        pipe = _load_folder(path, allow_pickle=allow_pickle, dtype=dtype)
+    elif path.is_file():
+        pipe = _load_single_file(path, base_config=base_config, allow_pickle=allow_pickle, dtype=dtype)
+    else:
+        raise CheckpointError(f"base model {path} does not exist (expected a diffusers folder or a checkpoint file)")
+    specs = [LoraSpec.parse(spec) for spec in loras]
+    _fuse_loras(pipe, specs, allow_pickle=allow_pickle)
+    for name in ("unet", "vae", "text_encoder"):
+        _check_finite(getattr(pipe, name), f"{path} ({name})")
+    base = BaseModel(pipe.unet, pipe.vae, pipe.text_encoder, pipe.tokenizer, pipe.scheduler, str(path), specs)
+    if device is not None:
+        for module in (base.unet, base.vae, base.text_encoder):
+            module.to(device)
+    return base
+
+
+def check_weights_file(path: Path, *, allow_pickle: bool, what: str) -> None:
+    """Refuse pickles without permission and corrupt safetensors, before anything is loaded."""
+    if not path.is_file():
+        raise CheckpointError(f"{what} {path} does not exist")
+    if path.suffix in PICKLE_SUFFIXES:
+        if not allow_pickle:
+            raise CheckpointError(
+                f"{what} {path} is a pickle-based '{path.suffix}' file, which can run code when loaded; "
+                "convert it to .safetensors, or pass allow_pickle=True (--allow-pickle) if you trust it"
+            )
+        return
+    if path.suffix != ".safetensors":
+        raise CheckpointError(f"{what} {path}: unknown file type '{path.suffix}' (use .safetensors)")
+    try:
+        with safe_open(path, framework="pt") as handle:
+            for key in handle.keys():
+                tensor = handle.get_tensor(key)
+                if tensor.is_floating_point() and not torch.isfinite(tensor).all():
+                    raise CheckpointError(f"{what} {path}: tensor {key!r} holds NaN or infinite values")
+    except (SafetensorError, OSError, ValueError) as exc:
+        if isinstance(exc, CheckpointError):
+            raise
+        raise CheckpointError(
+            f"{what} {path} is not a readable safetensors file (corrupt or truncated?): {exc}"
+        ) from exc
+
+
+def _load_folder(path: Path, *, allow_pickle: bool, dtype: torch.dtype | None) -> Any:
+    from diffusers import StableDiffusionPipeline
+
+    if not (path / "model_index.json").is_file():
+        raise CheckpointError(f"{path} is a folder but not a diffusers model (no model_index.json)")
+    try:
+        return StableDiffusionPipeline.from_pretrained(
+            path,
+            safety_checker=None,
+            requires_safety_checker=False,
+            use_safetensors=None if allow_pickle else True,
+            torch_dtype=dtype,
+            local_files_only=True,
+        )
+    except (OSError, ValueError, SafetensorError) as exc:
+        hint = "" if allow_pickle else " (only .safetensors weights are read without allow_pickle)"
+        raise CheckpointError(f"could not load the diffusers folder {path}{hint}: {_one_line(exc)}") from exc
+
+
+def _load_single_file(
+    path: Path, *, base_config: str | os.PathLike | None, allow_pickle: bool, dtype: torch.dtype | None
+) -> Any:
+    from diffusers import StableDiffusionPipeline
+
+    check_weights_file(path, allow_pickle=allow_pickle, what="checkpoint")
+    kwargs: dict[str, Any] = {"safety_checker": None, "requires_safety_checker": False, "torch_dtype": dtype}
+    if base_config is not None:
+        base_config = Path(base_config)
+        if not (base_config / "model_index.json").is_file():
+            raise CheckpointError(f"base_config {base_config} is not a diffusers folder (no model_index.json)")
+        kwargs.update(config=str(base_config), local_files_only=True)
+    try:
+        return StableDiffusionPipeline.from_single_file(str(path), **kwargs)
+    except Exception as exc:  # diffusers raises many kinds here; all mean "this file did not load"
+        hint = "" if base_config else "; pass base_config=<diffusers folder of the same architecture> (--base-config)"
+        raise CheckpointError(f"could not load checkpoint {path}: {_one_line(exc)}{hint}") from exc
+
+
+def _fuse_loras(pipe: Any, specs: list[LoraSpec], *, allow_pickle: bool) -> None:
+    if not specs:
+        return
+    names = []
+    for i, spec in enumerate(specs):
+        check_weights_file(spec.path, allow_pickle=allow_pickle, what="LoRA")
+        name = f"lora_{i}"
+        try:
+            pipe.load_lora_weights(str(spec.path), adapter_name=name)
+        except Exception as exc:  # conversion and peft injection errors alike
+            raise CheckpointError(f"could not apply LoRA {spec.path}: {_one_line(exc)}") from exc
+        names.append(name)
+    pipe.set_adapters(names, adapter_weights=[spec.scale for spec in specs])
+    pipe.fuse_lora(adapter_names=names, lora_scale=1.0)
+    pipe.unload_lora_weights()
+
+
+def _check_finite(module: torch.nn.Module, what: str) -> None:
+    for name, param in module.named_parameters():
+        if param.is_floating_point() and not torch.isfinite(param).all():
+            raise CheckpointError(f"{what}: weight {name!r} holds NaN or infinite values")
+
+
+def _one_line(exc: BaseException) -> str:
+    text = " ".join(str(exc).split())
+    return text if len(text) <= 400 else text[:400] + " ..."

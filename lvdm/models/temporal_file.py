@@ -1,0 +1,216 @@
+"""Temporal module files: only the new layers, as safetensors, with what is needed to check a base.
+
+Layout of a file: tensors keyed as in the 2D UNet (``down_blocks.0.resnets.0.temporal.conv1.weight``,
+``...mixer.mix_factor``) and string metadata:
+
+- ``format`` = ``lvdm.temporal``, ``format_version`` = ``1``, ``lvdm_version``;
+- ``base_family`` (``sd1``, ``sd2``, ...), ``base`` (JSON: the UNet shape the layers were made for);
+- ``layout`` (JSON :class:`~lvdm.models.layout.TemporalLayout`), ``sites`` (JSON list of inserted layers);
+- ``training_config`` (JSON, when the file comes from training).
+
+A file loads onto any base of the same family and block layout: that is what lets one module
+run on every DreamBooth/LoRA checkpoint of its family. Everything is checked before the first
+weight is copied, so a refused file leaves the model untouched.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import tempfile
+from dataclasses import dataclass
+from importlib.metadata import PackageNotFoundError, version
+from pathlib import Path
+from typing import TYPE_CHECKING, Any
+
+import torch
+from safetensors import SafetensorError
+from safetensors.torch import load_file, save_file
+
+from lvdm.errors import TemporalModuleError
+from lvdm.models.layout import TemporalLayout
+
+if TYPE_CHECKING:
+    from lvdm.models.video_unet import VideoUNet
+
+FORMAT = "lvdm.temporal"
+FORMAT_VERSION = 1
+
+
+@dataclass
+class TemporalModule:
+    """The contents of a temporal module file, checked and ready to load."""
+
+    path: Path
+    tensors: dict[str, torch.Tensor]
+    layout: TemporalLayout
+    sites: list[dict[str, Any]]
+    family: str
+    base: dict[str, Any]
+    training_config: dict[str, Any] | None
+
+    def load_into(self, video: VideoUNet) -> None:
+        """Copy the weights into ``video`` after checking that family, layout and shapes all fit."""
+        problems = self.mismatches(video)
+        if problems:
+            raise TemporalModuleError(f"temporal module {self.path} does not fit this base: " + "; ".join(problems))
+        params = dict(video.named_temporal_parameters())
+        with torch.no_grad():
+            for name, tensor in self.tensors.items():
+                params[name].copy_(tensor)
+
+    def mismatches(self, video: VideoUNet) -> list[str]:
+        """What differs between this module and ``video`` (empty when it loads)."""
+        problems = []
+        if self.family != video.family:
+            problems.append(f"it was made for base family {self.family!r}, this base is {video.family!r}")
+        if self.layout != video.layout:
+            diff = _dict_diff(self.layout.to_dict(), video.layout.to_dict())
+            problems.append(f"temporal layout differs ({diff}); build the model with VideoUNet.from_temporal_file")
+        problems += _site_diff(self.sites, [site.to_dict() for site in video.sites])
+        if not problems:
+            problems += _tensor_diff(self.tensors, dict(video.named_temporal_parameters()))
+        return problems
+
+
+def write_temporal_file(
+    video: VideoUNet, path: str | os.PathLike, *, training_config: dict[str, Any] | None = None
+) -> Path:
+    """Save ``video``'s temporal layers to ``path`` atomically (a temp file, then a rename)."""
+    path = Path(path)
+    if path.suffix != ".safetensors":
+        raise TemporalModuleError(f"temporal module path must end in .safetensors, got {path}")
+    config = video.unet.config
+    base = {
+        "in_channels": config.in_channels,
+        "block_out_channels": list(config.block_out_channels),
+        "cross_attention_dim": config.cross_attention_dim,
+        "layers_per_block": config.layers_per_block,
+    }
+    metadata = {
+        "format": FORMAT,
+        "format_version": str(FORMAT_VERSION),
+        "lvdm_version": _lvdm_version(),
+        "base_family": video.family,
+        "base": json.dumps(base),
+        "layout": json.dumps(video.layout.to_dict()),
+        "sites": json.dumps([site.to_dict() for site in video.sites]),
+    }
+    if training_config is not None:
+        metadata["training_config"] = json.dumps(training_config, default=str)
+    tensors = {name: t.detach().to("cpu").contiguous() for name, t in video.temporal_state_dict().items()}
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
+    os.close(fd)
+    try:
+        save_file(tensors, tmp, metadata=metadata)
+        os.replace(tmp, path)
+    finally:
+        if os.path.exists(tmp):
+            os.unlink(tmp)
+    return path
+
+
+def read_temporal_file(path: str | os.PathLike) -> TemporalModule:
+    """Read and check a temporal module file; every problem is a :class:`TemporalModuleError` naming it."""
+    path = Path(path)
+    if not path.is_file():
+        raise TemporalModuleError(f"temporal module {path} does not exist")
+    metadata = _read_metadata(path)
+    try:
+        tensors = load_file(path)
+    except (SafetensorError, OSError, ValueError) as exc:
+        raise TemporalModuleError(f"temporal module {path} is corrupt or truncated: {exc}") from exc
+    for name, tensor in tensors.items():
+        if tensor.is_floating_point() and not torch.isfinite(tensor).all():
+            raise TemporalModuleError(f"temporal module {path}: tensor {name!r} holds NaN or infinite values")
+    try:
+        return TemporalModule(
+            path=path,
+            tensors=tensors,
+            layout=TemporalLayout.from_dict(json.loads(metadata["layout"])),
+            sites=json.loads(metadata["sites"]),
+            family=metadata["base_family"],
+            base=json.loads(metadata.get("base", "{}")),
+            training_config=json.loads(metadata["training_config"]) if "training_config" in metadata else None,
+        )
+    except (KeyError, ValueError, TypeError) as exc:
+        raise TemporalModuleError(f"temporal module {path} has broken metadata: {exc}") from exc
+
+
+def read_temporal_metadata(path: str | os.PathLike) -> dict[str, str]:
+    """The raw string metadata of a temporal module file (for defaults such as frames and fps)."""
+    return _read_metadata(Path(path))
+
+
+def _read_metadata(path: Path) -> dict[str, str]:
+    from safetensors import safe_open
+
+    try:
+        with safe_open(path, framework="pt") as handle:
+            metadata = handle.metadata() or {}
+    except (SafetensorError, OSError, ValueError) as exc:
+        raise TemporalModuleError(f"temporal module {path} is not a readable safetensors file: {exc}") from exc
+    if metadata.get("format") != FORMAT:
+        raise TemporalModuleError(
+            f"{path} is not an lvdm temporal module (its metadata has no format={FORMAT!r}); "
+            "load base checkpoints and LoRAs with load_base instead"
+        )
+    found = int(metadata.get("format_version", "0") or 0)
+    if found > FORMAT_VERSION:
+        raise TemporalModuleError(
+            f"temporal module {path} has format version {found}; this lvdm reads up to {FORMAT_VERSION}: upgrade lvdm"
+        )
+    return metadata
+
+
+def _site_diff(saved: list[dict[str, Any]], current: list[dict[str, Any]]) -> list[str]:
+    saved_by_name = {site["name"]: site for site in saved}
+    current_by_name = {site["name"]: site for site in current}
+    problems = []
+    missing = [name for name in current_by_name if name not in saved_by_name]
+    extra = [name for name in saved_by_name if name not in current_by_name]
+    if missing:
+        problems.append(f"the base has temporal sites the module lacks: {_first(missing)}")
+    if extra:
+        problems.append(f"the module has temporal sites the base lacks: {_first(extra)}")
+    for name in saved_by_name.keys() & current_by_name.keys():
+        a, b = saved_by_name[name], current_by_name[name]
+        if a != b:
+            problems.append(f"{name}: module {_dict_diff(a, b)}")
+    return problems
+
+
+def _tensor_diff(tensors: dict[str, torch.Tensor], params: dict[str, torch.Tensor]) -> list[str]:
+    problems = []
+    missing = sorted(params.keys() - tensors.keys())
+    unexpected = sorted(tensors.keys() - params.keys())
+    if missing:
+        problems.append(f"missing tensors {_first(missing)}")
+    if unexpected:
+        problems.append(f"unexpected tensors {_first(unexpected)}")
+    for name in sorted(tensors.keys() & params.keys()):
+        if tensors[name].shape != params[name].shape:
+            problems.append(
+                f"{name}: shape {tuple(tensors[name].shape)} in the file, {tuple(params[name].shape)} here"
+            )
+    return problems
+
+
+def _dict_diff(saved: dict[str, Any], current: dict[str, Any]) -> str:
+    keys = sorted(set(saved) | set(current))
+    return ", ".join(
+        f"{k}={saved.get(k)!r} vs {current.get(k)!r} here" for k in keys if saved.get(k) != current.get(k)
+    )
+
+
+def _first(names: list[str], n: int = 5) -> str:
+    more = f" and {len(names) - n} more" if len(names) > n else ""
+    return ", ".join(names[:n]) + more
+
+
+def _lvdm_version() -> str:
+    try:
+        return version("lvdm")
+    except PackageNotFoundError:
+        return "unknown"

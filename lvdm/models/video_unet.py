@@ -1,0 +1,295 @@
+"""VideoUNet: a frozen diffusers ``UNet2DConditionModel`` made into a video model, Video LDM style.
+
+The 2D UNet is extended in place (its spatial blocks are wrapped, never copied): a temporal
+attention block follows every spatial transformer and a 3D-conv residual block every ResNet
+block, each merged with the spatial output by a learned alpha. Every inserted branch starts
+as the identity, so an untrained VideoUNet is the image UNet run frame by frame.
+"""
+
+from __future__ import annotations
+
+import os
+from collections.abc import Iterator
+from dataclasses import dataclass
+from typing import Any
+
+import torch
+from diffusers import UNet2DConditionModel
+from diffusers.models.resnet import ResnetBlock2D
+from diffusers.models.transformers.transformer_2d import Transformer2DModel
+from torch import nn
+
+from lvdm.models.family import base_family
+from lvdm.models.layout import TemporalLayout
+from lvdm.modules.frame_context import FrameContext, frame_context
+from lvdm.modules.video_blocks import _VideoWrapper, wrap_resnet, wrap_transformer
+
+
+@dataclass(frozen=True)
+class TemporalSite:
+    """One inserted temporal layer: where it sits in the UNet, what kind, how wide."""
+
+    name: str
+    kind: str  # "conv" or "attention"
+    channels: int
+    heads: int | None = None  # attention sites only
+
+    def to_dict(self) -> dict[str, Any]:
+        return {"name": self.name, "kind": self.kind, "channels": self.channels, "heads": self.heads}
+
+
+class VideoUNet(nn.Module):
+    """A diffusers 2D UNet with interleaved temporal layers, on ``(b, c, f, h, w)`` latents.
+
+    Build it with :meth:`from_unet2d` (a fresh temporal stack) or :meth:`from_temporal_file`
+    (a trained one). The wrapped 2D UNet stays reachable as ``self.unet``.
+    """
+
+    def __init__(self, unet: UNet2DConditionModel, layout: TemporalLayout) -> None:
+        super().__init__()
+        self.layout = layout
+        self.sites = _inflate(unet, layout)
+        self.unet = unet
+        self._wrappers = {name: m for name, m in unet.named_modules() if isinstance(m, _VideoWrapper)}
+        self._temporal_ids = {
+            id(p) for w in self._wrappers.values() for m in w.temporal_modules().values() for p in m.parameters()
+        }
+
+    # ----------------------------------------------------------------- construction
+    @classmethod
+    def from_unet2d(cls, unet: UNet2DConditionModel, config: TemporalLayout | None = None) -> VideoUNet:
+        """Inflate ``unet`` in place with the ``config`` layout (default: Video LDM's)."""
+        if not isinstance(unet, UNet2DConditionModel):
+            raise TypeError(f"VideoUNet.from_unet2d needs a diffusers UNet2DConditionModel, got {type(unet).__name__}")
+        if any(isinstance(m, _VideoWrapper) for m in unet.modules()):
+            raise ValueError("this UNet already has temporal layers: it was inflated before")
+        param = next(unet.parameters())
+        video = cls(unet, config or TemporalLayout())
+        for wrapper in video._wrappers.values():
+            for module in wrapper.temporal_modules().values():
+                module.to(device=param.device, dtype=param.dtype)
+        return video
+
+    @classmethod
+    def from_temporal_file(cls, unet: UNet2DConditionModel, path: str | os.PathLike) -> VideoUNet:
+        """Inflate ``unet`` with the layout recorded in a temporal module file, then load its weights."""
+        from lvdm.models.temporal_file import read_temporal_file
+
+        module = read_temporal_file(path)
+        video = cls.from_unet2d(unet, module.layout)
+        module.load_into(video)
+        return video
+
+    # ----------------------------------------------------------------- forward
+    def forward(
+        self,
+        sample: torch.Tensor,
+        timestep: torch.Tensor | float | int,
+        encoder_hidden_states: torch.Tensor,
+        *,
+        image_only_indicator: torch.Tensor | None = None,
+        frame_positions: torch.Tensor | None = None,
+        class_labels: torch.Tensor | None = None,
+        added_cond_kwargs: dict[str, torch.Tensor] | None = None,
+        cross_attention_kwargs: dict[str, Any] | None = None,
+    ) -> torch.Tensor:
+        """Denoise a batch of videos.
+
+        Args:
+            sample: latents ``(b, c, f, h, w)``.
+            timestep: a scalar, ``(b,)`` (one per video) or ``(b, f)`` (one per frame).
+            encoder_hidden_states: text embeddings ``(b, n, d)``, once per video.
+            image_only_indicator: ``(b,)`` or ``(b, f)``; where 1 (or True) the temporal layers are
+                bypassed exactly (images in joint training, "image mode").
+            frame_positions: ``(f,)`` or ``(b, f)`` positions for the temporal attention's
+                encoding; default ``0 .. f-1``.
+            class_labels, added_cond_kwargs: per-video conditioning of the 2D UNet (noise level
+                of the x4 upscaler, SDXL's pooled text and size ids), repeated for each frame.
+
+        Returns:
+            the model output ``(b, c, f, h, w)`` (noise, v or sample, as the base predicts).
+        """
+        b, c, f, h, w = _check_sample(sample, self.unet.config.in_channels)
+        context = FrameContext(
+            num_frames=f,
+            image_only_indicator=_per_frame_flags(image_only_indicator, b, f, sample.device, sample.dtype),
+            frame_positions=_frame_positions(frame_positions, b, f, sample.device),
+        )
+        timestep = _timesteps(timestep, b, f, sample.device)
+        if encoder_hidden_states.shape[0] != b:
+            raise ValueError(
+                f"encoder_hidden_states has batch {encoder_hidden_states.shape[0]}, sample has {b} videos: "
+                "give the text embeddings once per video, (b, n, d)"
+            )
+        # b c f h w -> (b f) c h w
+        frames = sample.permute(0, 2, 1, 3, 4).reshape(b * f, c, h, w)
+        with frame_context(context):
+            out = self.unet(
+                frames,
+                timestep,
+                encoder_hidden_states=_repeat_frames(encoder_hidden_states, f),
+                class_labels=_repeat_frames(class_labels, f),
+                added_cond_kwargs=_repeat_frames(added_cond_kwargs, f),
+                cross_attention_kwargs=cross_attention_kwargs,
+                return_dict=False,
+            )[0]
+        # (b f) c h w -> b c f h w
+        return out.reshape(b, f, *out.shape[1:]).permute(0, 2, 1, 3, 4)
+
+    # ----------------------------------------------------------------- parameters
+    def named_temporal_parameters(self) -> Iterator[tuple[str, nn.Parameter]]:
+        """The new parameters, named as in the 2D UNet (``down_blocks.0.resnets.0.temporal.conv1.weight``)."""
+        for name, param in self.unet.named_parameters():
+            if id(param) in self._temporal_ids:
+                yield name, param
+
+    def temporal_parameters(self) -> Iterator[nn.Parameter]:
+        """The new (trainable) parameters: temporal layers and their mixing alphas."""
+        for _, param in self.named_temporal_parameters():
+            yield param
+
+    def base_parameters(self) -> Iterator[nn.Parameter]:
+        """The parameters of the 2D UNet this model was built from."""
+        for param in self.unet.parameters():
+            if id(param) not in self._temporal_ids:
+                yield param
+
+    def freeze_base(self) -> VideoUNet:
+        """Stop gradients to the 2D UNet's weights; the temporal parameters train."""
+        for param in self.base_parameters():
+            param.requires_grad_(False)
+        for param in self.temporal_parameters():
+            param.requires_grad_(True)
+        return self
+
+    def temporal_state_dict(self) -> dict[str, torch.Tensor]:
+        """Only the new parameters, detached, keyed as in :meth:`named_temporal_parameters`."""
+        return {name: param.detach() for name, param in self.named_temporal_parameters()}
+
+    def mix_alphas(self) -> dict[str, float]:
+        """Each inserted layer's current spatial weight ``a`` (1: spatial only, 0: temporal only)."""
+        return {name: float(wrapper.mixer.alpha()) for name, wrapper in self._wrappers.items()}
+
+    def parameter_summary(self) -> str:
+        """One line: temporal vs base parameter counts."""
+        temporal = sum(p.numel() for p in self.temporal_parameters())
+        base = sum(p.numel() for p in self.base_parameters())
+        return (
+            f"temporal parameters: {temporal:,} in {len(self.sites)} layers "
+            f"({100 * temporal / max(base, 1):.1f}% of the {base:,} base parameters)"
+        )
+
+    # ----------------------------------------------------------------- runtime switches
+    def enable_gradient_checkpointing(self, enabled: bool = True) -> VideoUNet:
+        """Recompute each (spatial + temporal) block in backward instead of keeping its activations."""
+        for wrapper in self._wrappers.values():
+            wrapper.gradient_checkpointing = enabled
+        return self
+
+    def set_attention_backend(self, backend: str) -> VideoUNet:
+        """``"sdpa"`` (PyTorch scaled-dot-product attention, the default) or ``"xformers"``."""
+        from lvdm.models.attention import set_attention_backend
+
+        set_attention_backend(self.unet, backend)
+        return self
+
+    # ----------------------------------------------------------------- files
+    @property
+    def family(self) -> str:
+        return base_family(self.unet.config)
+
+    def save_temporal(self, path: str | os.PathLike, *, training_config: dict[str, Any] | None = None) -> None:
+        """Write the temporal layers (only) to a safetensors file with their layout and config."""
+        from lvdm.models.temporal_file import write_temporal_file
+
+        write_temporal_file(self, path, training_config=training_config)
+
+    def load_temporal(self, path: str | os.PathLike) -> VideoUNet:
+        """Load temporal weights saved by :meth:`save_temporal`; a layout mismatch is a clear error."""
+        from lvdm.models.temporal_file import read_temporal_file
+
+        read_temporal_file(path).load_into(self)
+        return self
+
+
+# --------------------------------------------------------------------- inflation
+def _inflate(unet: UNet2DConditionModel, layout: TemporalLayout) -> list[TemporalSite]:
+    """Wrap every ResNet and transformer block of the down, mid and up paths in place."""
+    sites = []
+    mid = [("mid_block", unet.mid_block)] if unet.mid_block is not None else []
+    named = [(f"down_blocks.{i}", b) for i, b in enumerate(unet.down_blocks)] + mid
+    named += [(f"up_blocks.{i}", b) for i, b in enumerate(unet.up_blocks)]
+    for block_name, block in named:
+        sites += _inflate_block(block_name, block, layout)
+    return sites
+
+
+def _inflate_block(block_name: str, block: nn.Module, layout: TemporalLayout) -> list[TemporalSite]:
+    sites = []
+    for i, resnet in enumerate(block.resnets):
+        if layout.conv:
+            if not isinstance(resnet, ResnetBlock2D):
+                raise TypeError(f"{block_name}.resnets.{i} is a {type(resnet).__name__}, expected ResnetBlock2D")
+            block.resnets[i] = wrap_resnet(resnet, kernel_size=layout.conv_kernel, mix_factor=layout.mix_factor)
+            sites.append(TemporalSite(f"{block_name}.resnets.{i}", "conv", resnet.out_channels))
+        if layout.attention and i < len(getattr(block, "attentions", ())):
+            attn = block.attentions[i]
+            if not isinstance(attn, Transformer2DModel):
+                raise TypeError(f"{block_name}.attentions.{i} is a {type(attn).__name__}, expected Transformer2DModel")
+            wrapper = wrap_transformer(
+                attn, num_heads=layout.attention_heads, depth=layout.attention_depth, mix_factor=layout.mix_factor
+            )
+            block.attentions[i] = wrapper
+            heads = wrapper.temporal.blocks[0].attn1.heads
+            sites.append(TemporalSite(f"{block_name}.attentions.{i}", "attention", attn.config.in_channels, heads))
+    return sites
+
+
+# --------------------------------------------------------------------- input handling
+def _check_sample(sample: torch.Tensor, in_channels: int) -> tuple[int, int, int, int, int]:
+    if sample.ndim != 5 or sample.shape[1] != in_channels:
+        raise ValueError(f"VideoUNet expects latents (b, c={in_channels}, f, h, w), got shape {tuple(sample.shape)}")
+    return tuple(sample.shape)
+
+
+def _per_frame_flags(flags: torch.Tensor | None, b: int, f: int, device: torch.device, dtype: torch.dtype):
+    if flags is None:
+        return torch.zeros(b, f, device=device, dtype=dtype)
+    flags = torch.as_tensor(flags, device=device).to(dtype)
+    if flags.shape == (b,):
+        flags = flags[:, None].expand(b, f)
+    if flags.shape != (b, f):
+        raise ValueError(f"image_only_indicator must have shape ({b},) or ({b}, {f}), got {tuple(flags.shape)}")
+    return flags
+
+
+def _frame_positions(positions: torch.Tensor | None, b: int, f: int, device: torch.device) -> torch.Tensor:
+    if positions is None:
+        return torch.arange(f, device=device, dtype=torch.float32)[None].expand(b, f)
+    positions = torch.as_tensor(positions, device=device, dtype=torch.float32)
+    if positions.shape == (f,):
+        positions = positions[None].expand(b, f)
+    if positions.shape != (b, f):
+        raise ValueError(f"frame_positions must have shape ({f},) or ({b}, {f}), got {tuple(positions.shape)}")
+    return positions
+
+
+def _timesteps(timestep: torch.Tensor | float | int, b: int, f: int, device: torch.device) -> torch.Tensor:
+    timestep = torch.as_tensor(timestep, device=device)
+    if timestep.ndim == 0:
+        timestep = timestep.expand(b)
+    if timestep.shape == (b,):
+        # one per video -> one per frame: b -> (b f)
+        return timestep.repeat_interleave(f)
+    if timestep.shape == (b, f):
+        return timestep.reshape(b * f)
+    raise ValueError(f"timestep must be a scalar, ({b},) or ({b}, {f}), got shape {tuple(timestep.shape)}")
+
+
+def _repeat_frames(value: Any, f: int) -> Any:
+    """Per-video conditioning -> per-frame: ``b ... -> (b f) ...`` (tensors, inside dicts too)."""
+    if value is None:
+        return None
+    if isinstance(value, dict):
+        return {key: _repeat_frames(item, f) for key, item in value.items()}
+    return value.repeat_interleave(f, dim=0)

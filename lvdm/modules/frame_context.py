@@ -1,0 +1,66 @@
+"""How the frame layout reaches the temporal layers.
+
+The spatial blocks of a diffusers UNet only ever see ``(b f) c h w`` tensors. The temporal
+layers wrapped around them need to know ``f`` (and which samples are images), so
+``VideoUNet.forward`` sets one small :class:`FrameContext` for the duration of the call
+(the k-diffusion ``models/flags.py`` pattern). Wrappers read it with :func:`current_frames`.
+
+Gradient checkpointing recomputes blocks during ``backward``, after the context has been
+left; the wrappers therefore pass the context they read as an explicit argument to the
+checkpointed function, never read it again inside.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterator
+from contextlib import contextmanager
+from contextvars import ContextVar
+from dataclasses import dataclass
+
+import torch
+
+
+@dataclass(frozen=True)
+class FrameContext:
+    """The frame layout of the current video batch.
+
+    Attributes:
+        num_frames: frames per video, ``f``.
+        image_only_indicator: ``(b, f)`` float, 1 where a sample is an image (its temporal
+            layers are bypassed exactly), 0 for video frames.
+        frame_positions: ``(b, f)`` float, the position of each frame fed to the sinusoidal
+            encoding of the temporal attention (``0, 1, ..., f - 1`` by default; fractional
+            positions express interpolated frames).
+    """
+
+    num_frames: int
+    image_only_indicator: torch.Tensor
+    frame_positions: torch.Tensor
+
+    @property
+    def batch_size(self) -> int:
+        return self.image_only_indicator.shape[0]
+
+
+_CURRENT: ContextVar[FrameContext | None] = ContextVar("lvdm_frame_context", default=None)
+
+
+@contextmanager
+def frame_context(context: FrameContext) -> Iterator[FrameContext]:
+    """Make ``context`` visible to every temporal layer called inside the ``with`` block."""
+    token = _CURRENT.set(context)
+    try:
+        yield context
+    finally:
+        _CURRENT.reset(token)
+
+
+def current_frames() -> FrameContext:
+    """The active :class:`FrameContext`; a clear error when a temporal layer runs outside one."""
+    context = _CURRENT.get()
+    if context is None:
+        raise RuntimeError(
+            "a temporal layer ran outside VideoUNet.forward: call the VideoUNet with (b, c, f, h, w) latents "
+            "rather than its inner 2D UNet"
+        )
+    return context

@@ -1,0 +1,100 @@
+"""In-place wrappers pairing each spatial block of a diffusers UNet with its temporal partner.
+
+A wrapper takes the spatial block's place in its ``ModuleList``, is called exactly as the
+spatial block was (diffusers' down/mid/up blocks are untouched), runs the spatial block,
+then the temporal layer, and merges the two with a learned alpha. The frame layout comes
+from :func:`~lvdm.modules.frame_context.current_frames`.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+import torch
+from diffusers.models.modeling_outputs import Transformer2DModelOutput
+from torch import nn
+from torch.utils.checkpoint import checkpoint
+
+from lvdm.modules.alpha_blend import FrameAlphaBlender
+from lvdm.modules.frame_context import FrameContext, current_frames
+from lvdm.modules.temporal_attention import TemporalAttentionBlock
+from lvdm.modules.temporal_conv import TemporalConvBlock
+
+
+class _VideoWrapper(nn.Module):
+    """Shared parts: the spatial block, the temporal block, the mixer, and checkpointing."""
+
+    def __init__(self, spatial: nn.Module, temporal: nn.Module, mix_factor: float) -> None:
+        super().__init__()
+        self.spatial = spatial
+        self.temporal = temporal
+        self.mixer = FrameAlphaBlender(mix_factor)
+        self.gradient_checkpointing = False
+
+    def temporal_modules(self) -> dict[str, nn.Module]:
+        """The trainable parts, by attribute name."""
+        return {"temporal": self.temporal, "mixer": self.mixer}
+
+    def _run(self, fn: Any, *args: Any) -> Any:
+        if self.gradient_checkpointing and torch.is_grad_enabled():
+            # the frame context travels as an argument: recomputation happens after forward has returned
+            return checkpoint(fn, *args, current_frames(), use_reentrant=False)
+        return fn(*args, current_frames())
+
+
+class VideoResnetBlock(_VideoWrapper):
+    """A diffusers ``ResnetBlock2D`` followed by a :class:`TemporalConvBlock`."""
+
+    def forward(self, hidden_states: torch.Tensor, temb: torch.Tensor | None = None, *args: Any, **kwargs: Any):
+        return self._run(lambda x, t, ctx: self._forward(x, t, ctx, *args, **kwargs), hidden_states, temb)
+
+    def _forward(
+        self, x: torch.Tensor, temb: torch.Tensor | None, ctx: FrameContext, *args: Any, **kwargs: Any
+    ) -> torch.Tensor:
+        spatial = self.spatial(x, temb, *args, **kwargs)
+        b, f = ctx.batch_size, ctx.num_frames
+        # (b f) c h w -> b c f h w
+        video = spatial.reshape(b, f, *spatial.shape[1:]).permute(0, 2, 1, 3, 4)
+        # (b f) d -> b f d
+        temb_frames = temb.reshape(b, f, -1) if temb is not None else None
+        temporal = self.temporal(video, temb_frames)
+        # b c f h w -> (b f) c h w
+        temporal = temporal.permute(0, 2, 1, 3, 4).reshape(spatial.shape)
+        return self.mixer(spatial, temporal, ctx.image_only_indicator)
+
+
+class VideoTransformerBlock(_VideoWrapper):
+    """A diffusers ``Transformer2DModel`` followed by a :class:`TemporalAttentionBlock`."""
+
+    def forward(self, hidden_states: torch.Tensor, *args: Any, return_dict: bool = True, **kwargs: Any):
+        out = self._run(lambda x, ctx: self._forward(x, ctx, *args, **kwargs), hidden_states)
+        return Transformer2DModelOutput(sample=out) if return_dict else (out,)
+
+    def _forward(self, x: torch.Tensor, ctx: FrameContext, *args: Any, **kwargs: Any) -> torch.Tensor:
+        spatial = self.spatial(x, *args, return_dict=False, **kwargs)[0]
+        temporal = self.temporal(spatial, ctx.num_frames, ctx.frame_positions)
+        return self.mixer(spatial, temporal, ctx.image_only_indicator)
+
+
+def wrap_resnet(resnet: nn.Module, *, kernel_size: tuple[int, int, int], mix_factor: float) -> VideoResnetBlock:
+    """Pair a ``ResnetBlock2D`` with a zero-initialised temporal conv block of its width."""
+    temporal = TemporalConvBlock(
+        resnet.out_channels,
+        temb_channels=resnet.time_emb_proj.in_features if resnet.time_emb_proj is not None else None,
+        kernel_size=kernel_size,
+        norm_groups=resnet.norm2.num_groups,
+    )
+    return VideoResnetBlock(resnet, temporal, mix_factor)
+
+
+def wrap_transformer(
+    transformer: nn.Module, *, num_heads: int | None, depth: int, mix_factor: float
+) -> VideoTransformerBlock:
+    """Pair a ``Transformer2DModel`` with a zero-initialised temporal attention block of its width.
+
+    ``num_heads=None`` takes the spatial self-attention's head count.
+    """
+    channels = transformer.config.in_channels
+    heads = num_heads or transformer.transformer_blocks[0].attn1.heads
+    temporal = TemporalAttentionBlock(channels, heads, depth=depth, norm_groups=transformer.norm.num_groups)
+    return VideoTransformerBlock(transformer, temporal, mix_factor)

@@ -1,0 +1,62 @@
+"""Shared fixtures: tiny SD-shaped models built in code (no network, seeded)."""
+
+from __future__ import annotations
+
+import copy
+
+import pytest
+import torch
+
+from lvdm import testing
+
+torch.set_num_threads(2)
+
+
+@pytest.fixture(params=["sd1", "sd2"])
+def flavour(request: pytest.FixtureRequest) -> str:
+    return request.param
+
+
+@pytest.fixture
+def unet_pair(flavour: str):
+    """A tiny 2D UNet and an untouched copy of it (``from_unet2d`` inflates in place)."""
+    unet = testing.tiny_unet(flavour, seed=0)
+    return unet, copy.deepcopy(unet)
+
+
+@pytest.fixture(scope="session")
+def sd_folders(tmp_path_factory: pytest.TempPathFactory) -> dict[str, object]:
+    """Diffusers folders of each flavour (seed 0) written once per session."""
+    root = tmp_path_factory.mktemp("bases")
+    return {flavour: testing.make_tiny_sd(root / flavour, flavour, seed=0) for flavour in ("sd1", "sd2")}
+
+
+def frame_by_frame(unet, sample: torch.Tensor, timestep: torch.Tensor, text: torch.Tensor) -> torch.Tensor:
+    """The image UNet run on every frame: ``(b, c, f, h, w)`` in and out."""
+    b, c, f, h, w = sample.shape
+    # b c f h w -> (b f) c h w
+    frames = sample.permute(0, 2, 1, 3, 4).reshape(b * f, c, h, w)
+    out = unet(frames, timestep.repeat_interleave(f), text.repeat_interleave(f, dim=0)).sample
+    # (b f) c h w -> b c f h w
+    return out.reshape(b, f, c, h, w).permute(0, 2, 1, 3, 4)
+
+
+def video_inputs(unet, b: int = 2, f: int = 5, seed: int = 0):
+    """Random latents ``(b, c, f, h, w)``, one timestep per video and text embeddings ``(b, n, d)``."""
+    g = torch.Generator().manual_seed(seed)
+    size = unet.config.sample_size
+    sample = torch.randn(b, unet.config.in_channels, f, size, size, generator=g)
+    timestep = torch.randint(0, 1000, (b,), generator=g)
+    text = torch.randn(b, 7, unet.config.cross_attention_dim, generator=g)
+    return sample, timestep, text
+
+
+def randomize(params, seed: int = 1, std: float = 0.1) -> None:
+    g = torch.Generator().manual_seed(seed)
+    with torch.no_grad():
+        for p in params:
+            p.copy_(torch.randn(p.shape, generator=g) * std)
+
+
+def deepcopy(module):
+    return copy.deepcopy(module)

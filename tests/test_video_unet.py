@@ -1,0 +1,195 @@
+"""VideoUNet: the inflation of a 2D UNet and the invariants the whole toolkit relies on."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+from conftest import frame_by_frame, randomize, video_inputs
+from diffusers.models.attention_processor import AttnProcessor2_0
+from diffusers.models.resnet import ResnetBlock2D
+from diffusers.models.transformers.transformer_2d import Transformer2DModel
+
+from lvdm import testing
+from lvdm.models import LAYOUTS, TemporalLayout, VideoUNet
+
+
+def test_init_equals_image_unet_frame_by_frame(unet_pair):
+    unet, reference = unet_pair
+    video = VideoUNet.from_unet2d(unet)
+    sample, timestep, text = video_inputs(reference)
+    with torch.no_grad():
+        expected = frame_by_frame(reference, sample, timestep, text)
+        out = video(sample, timestep, text)
+    assert out.shape == sample.shape
+    assert expected.abs().mean() > 1e-3  # the comparison is not between zeros
+    assert (out - expected).abs().max() < 1e-5
+
+
+def test_image_only_is_exactly_the_image_unet_whatever_the_temporal_weights(unet_pair):
+    unet, reference = unet_pair
+    video = VideoUNet.from_unet2d(unet)
+    randomize(video.temporal_parameters())
+    sample, timestep, text = video_inputs(reference)
+    with torch.no_grad():
+        expected = frame_by_frame(reference, sample, timestep, text)
+        image_mode = video(sample, timestep, text, image_only_indicator=torch.ones(2, dtype=torch.bool))
+        video_mode = video(sample, timestep, text)
+    assert torch.equal(image_mode, expected)
+    assert (video_mode - expected).abs().max() > 1e-3  # the random temporal weights do act in video mode
+
+
+def test_mixed_batch_bypasses_only_the_image_samples(unet_pair):
+    unet, reference = unet_pair
+    video = VideoUNet.from_unet2d(unet)
+    randomize(video.temporal_parameters())
+    sample, timestep, text = video_inputs(reference)
+    with torch.no_grad():
+        expected = frame_by_frame(reference, sample, timestep, text)
+        out = video(sample, timestep, text, image_only_indicator=torch.tensor([1.0, 0.0]))
+    assert torch.equal(out[0], expected[0])
+    assert not torch.allclose(out[1], expected[1], atol=1e-3)
+
+
+def test_temporal_layers_mix_information_across_frames(unet_pair):
+    unet, _ = unet_pair
+    video = VideoUNet.from_unet2d(unet)
+    randomize(video.temporal_parameters())
+    sample, timestep, text = video_inputs(video.unet)
+    changed = sample.clone()
+    changed[:, :, 0] += 1.0  # only frame 0 differs
+    with torch.no_grad():
+        a, b = video(sample, timestep, text), video(changed, timestep, text)
+        ia = video(sample, timestep, text, image_only_indicator=torch.ones(2))
+        ib = video(changed, timestep, text, image_only_indicator=torch.ones(2))
+    assert (a[:, :, 1:] - b[:, :, 1:]).abs().max() > 1e-4  # later frames see frame 0 in video mode
+    assert torch.equal(ia[:, :, 1:], ib[:, :, 1:])  # and never in image mode
+
+
+def test_a_temporal_layer_after_every_resnet_and_every_transformer(unet_pair):
+    unet, reference = unet_pair
+    resnets = sum(isinstance(m, ResnetBlock2D) for m in reference.modules())
+    transformers = sum(isinstance(m, Transformer2DModel) for m in reference.modules())
+    video = VideoUNet.from_unet2d(unet)
+    kinds = [site.kind for site in video.sites]
+    assert kinds.count("conv") == resnets and kinds.count("attention") == transformers
+    assert any(site.name.startswith("mid_block.attentions") for site in video.sites)
+    assert any(site.name.startswith("mid_block.resnets") for site in video.sites)
+
+
+def test_every_new_branch_starts_at_zero_output(unet_pair):
+    unet, _ = unet_pair
+    video = VideoUNet.from_unet2d(unet)
+    for name, param in video.named_temporal_parameters():
+        if ".temporal.proj_out." in name or ".temporal.conv2." in name:
+            assert torch.count_nonzero(param) == 0, name
+
+
+def test_attention_only_layout_matches_animatediff_placement(unet_pair):
+    unet, _ = unet_pair
+    video = VideoUNet.from_unet2d(unet, LAYOUTS["attention_only"])
+    assert video.sites and {site.kind for site in video.sites} == {"attention"}
+    full = VideoUNet.from_unet2d(testing.tiny_unet(video.family and "sd1"), LAYOUTS["videoldm"])
+    assert {site.kind for site in full.sites} == {"attention", "conv"}
+
+
+@pytest.mark.parametrize(
+    "layout", [TemporalLayout(conv_kernel=(3, 3, 3)), TemporalLayout(attention_depth=2, attention_heads=2)]
+)
+def test_configured_layouts_keep_the_init_equivalence(layout):
+    unet = testing.tiny_unet("sd1")
+    reference = testing.tiny_unet("sd1")
+    video = VideoUNet.from_unet2d(unet, layout)
+    sample, timestep, text = video_inputs(reference)
+    with torch.no_grad():
+        assert (video(sample, timestep, text) - frame_by_frame(reference, sample, timestep, text)).abs().max() < 1e-5
+    if layout.attention_heads:
+        assert {site.heads for site in video.sites if site.kind == "attention"} == {2}
+
+
+@pytest.mark.parametrize(
+    ("kwargs", "message"),
+    [
+        ({"attention": False, "conv": False}, "at least one kind"),
+        ({"conv_kernel": (2, 1, 1)}, "odd"),
+        ({"attention_depth": 0}, "attention_depth=0"),
+    ],
+)
+def test_layout_validation(kwargs, message):
+    with pytest.raises(ValueError, match=message):
+        TemporalLayout(**kwargs)
+
+
+def test_freeze_base_trains_only_the_temporal_layers(unet_pair):
+    unet, _ = unet_pair
+    video = VideoUNet.from_unet2d(unet).freeze_base()
+    assert not any(p.requires_grad for p in video.base_parameters())
+    assert all(p.requires_grad for p in video.temporal_parameters())
+    sample, timestep, text = video_inputs(video.unet)
+    video(sample, timestep, text).square().mean().backward()
+    assert all(p.grad is None for p in video.base_parameters())
+    assert all(p.grad is not None for p in video.temporal_parameters())
+    assert "temporal parameters:" in video.parameter_summary()
+
+
+def test_gradient_checkpointing_gives_the_same_gradients():
+    grads = []
+    for checkpointing in (False, True):
+        video = VideoUNet.from_unet2d(testing.tiny_unet("sd1")).freeze_base()
+        randomize(video.temporal_parameters())
+        video.enable_gradient_checkpointing(checkpointing)
+        sample, timestep, text = video_inputs(video.unet)
+        video(sample, timestep, text).square().mean().backward()
+        grads.append([p.grad.clone() for p in video.temporal_parameters()])
+    for plain, recomputed in zip(*grads, strict=True):
+        torch.testing.assert_close(plain, recomputed)
+
+
+def test_per_frame_timesteps_equal_per_video_ones():
+    video = VideoUNet.from_unet2d(testing.tiny_unet("sd1"))
+    randomize(video.temporal_parameters())
+    sample, timestep, text = video_inputs(video.unet)
+    per_frame = timestep[:, None].expand(2, sample.shape[2])
+    with torch.no_grad():
+        assert torch.equal(video(sample, timestep, text), video(sample, per_frame, text))
+
+
+def test_sdpa_is_the_default_attention_and_xformers_needs_installing():
+    video = VideoUNet.from_unet2d(testing.tiny_unet("sd1"))
+    processors = video.unet.attn_processors
+    assert any(".temporal." in name for name in processors)
+    assert all(isinstance(p, AttnProcessor2_0) for p in processors.values())
+    pytest.importorskip("xformers", reason="with xformers installed the switch would succeed") if False else None
+    try:
+        import xformers  # noqa: F401
+    except ImportError:
+        with pytest.raises(RuntimeError, match="pip install"):
+            video.set_attention_backend("xformers")
+    with pytest.raises(ValueError, match="sdpa"):
+        video.set_attention_backend("flash")
+
+
+@pytest.mark.parametrize(
+    ("change", "message"),
+    [
+        (lambda s, t, e: (s[:, :, 0], t, e), r"\(b, c=4, f, h, w\)"),
+        (lambda s, t, e: (s, t, e[:1]), "once per video"),
+        (lambda s, t, e: (s, t[None].expand(3, 2), e), "timestep"),
+    ],
+)
+def test_wrong_inputs_are_clear_errors(change, message):
+    video = VideoUNet.from_unet2d(testing.tiny_unet("sd1"))
+    sample, timestep, text = change(*video_inputs(video.unet))
+    with pytest.raises(ValueError, match=message):
+        video(sample, timestep, text)
+
+
+def test_temporal_layers_outside_the_video_forward_say_so():
+    video = VideoUNet.from_unet2d(testing.tiny_unet("sd1"))
+    with pytest.raises(RuntimeError, match="outside VideoUNet.forward"):
+        video.unet(torch.randn(2, 4, 8, 8), 10, torch.randn(2, 7, 32))
+
+
+def test_inflating_twice_is_refused():
+    video = VideoUNet.from_unet2d(testing.tiny_unet("sd1"))
+    with pytest.raises(ValueError, match="inflated before"):
+        VideoUNet.from_unet2d(video.unet)
