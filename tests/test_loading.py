@@ -1,0 +1,165 @@
+"""Loading bases (diffusers folder, single file, pickles), LoRAs, and moving a temporal module between bases."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+from conftest import frame_by_frame, randomize, video_inputs
+from diffusers import StableDiffusionPipeline
+from safetensors.torch import load_file, save_file
+
+from lvdm import testing
+from lvdm.errors import CheckpointError
+from lvdm.models import LoraSpec, VideoUNet, load_base
+
+
+@pytest.fixture(scope="module")
+def files(tmp_path_factory):
+    """Base A (folder, seed 0), base B (single-file SD1 checkpoint, seed 1), a kohya and a peft LoRA for B."""
+    root = tmp_path_factory.mktemp("files")
+    folder_a = testing.make_tiny_sd(root / "base_a", "sd1", seed=0)
+    components_b = testing.tiny_sd_components("sd1", seed=1)
+    single_b = testing.write_single_file_checkpoint(components_b, root / "dreambooth_b.safetensors")
+    kohya = testing.write_lora(components_b["unet"], root / "style_kohya.safetensors", format="kohya", seed=3)
+    peft = testing.write_lora(components_b["unet"], root / "style_peft.safetensors", format="peft", seed=4)
+    return {"a": folder_a, "b": single_b, "kohya": kohya, "peft": peft, "root": root}
+
+
+def _reference_pipe(files, loras):
+    """diffusers' own StableDiffusionPipeline with B and the LoRAs loaded as adapters (not fused)."""
+    pipe = StableDiffusionPipeline.from_single_file(
+        str(files["b"]), config=str(files["a"]), local_files_only=True, safety_checker=None
+    )
+    names = []
+    for i, (path, _) in enumerate(loras):
+        pipe.load_lora_weights(str(path), adapter_name=f"ref{i}")
+        names.append(f"ref{i}")
+    if names:
+        pipe.set_adapters(names, adapter_weights=[scale for _, scale in loras])
+    return pipe
+
+
+def test_diffusers_folder_loads_every_component(files):
+    base = load_base(files["a"])
+    reference = testing.tiny_sd_components("sd1", seed=0)
+    for name in ("unet", "vae", "text_encoder"):
+        ours, theirs = getattr(base, name).state_dict(), reference[name].state_dict()
+        assert all(torch.equal(ours[k], theirs[k]) for k in theirs), name
+    assert base.family.startswith("custom-") and base.prediction_type == "epsilon"
+
+
+def test_sd2_folder_is_v_prediction(sd_folders):
+    assert load_base(sd_folders["sd2"]).prediction_type == "v_prediction"
+
+
+def test_module_trained_on_a_runs_on_single_file_b_with_kohya_lora(files, tmp_path):
+    # train on A (here: random temporal weights stand in for training) and save the module
+    video_a = VideoUNet.from_unet2d(load_base(files["a"]).unet).freeze_base()
+    randomize(video_a.temporal_parameters())
+    module = tmp_path / "motion.safetensors"
+    video_a.save_temporal(module)
+
+    base_b = load_base(files["b"], base_config=files["a"], loras=[f"{files['kohya']}:0.7"])
+    video_b = VideoUNet.from_temporal_file(base_b.unet, module)
+    for name, tensor in video_a.temporal_state_dict().items():
+        assert torch.equal(dict(video_b.named_temporal_parameters())[name], tensor)
+
+    reference = _reference_pipe(files, [(files["kohya"], 0.7)]).unet
+    sample, timestep, text = video_inputs(reference)
+    with torch.no_grad():
+        expected = frame_by_frame(reference, sample, timestep, text)
+        image_mode = video_b(sample, timestep, text, image_only_indicator=torch.ones(2))
+        without_lora = frame_by_frame(_reference_pipe(files, []).unet, sample, timestep, text)
+    assert (image_mode - expected).abs().max() < 1e-5  # B + LoRA, as diffusers computes it
+    assert (without_lora - expected).abs().max() > 1e-3  # and the LoRA did change B
+
+
+def test_several_loras_each_with_its_scale(files):
+    loras = [(files["kohya"], 0.5), (files["peft"], 1.5)]
+    base = load_base(files["b"], base_config=files["a"], loras=loras)
+    reference = _reference_pipe(files, loras).unet
+    sample, timestep, text = video_inputs(reference, b=1, f=2)
+    video = VideoUNet.from_unet2d(base.unet)
+    with torch.no_grad():
+        expected = frame_by_frame(reference, sample, timestep, text)
+        assert (video(sample, timestep, text) - expected).abs().max() < 1e-5
+
+
+def test_pickle_checkpoint_needs_allow_pickle(files, tmp_path):
+    ckpt = tmp_path / "model.ckpt"
+    torch.save({"state_dict": load_file(files["b"])}, ckpt)
+    with pytest.raises(CheckpointError, match="allow_pickle"):
+        load_base(ckpt, base_config=files["a"])
+    base = load_base(ckpt, base_config=files["a"], allow_pickle=True)
+    expected = load_base(files["b"], base_config=files["a"]).unet.state_dict()
+    assert all(torch.equal(base.unet.state_dict()[k], v) for k, v in expected.items())
+
+
+def test_pickle_lora_needs_allow_pickle(files, tmp_path):
+    lora = tmp_path / "style.pt"
+    torch.save(load_file(files["kohya"]), lora)
+    with pytest.raises(CheckpointError, match="allow_pickle"):
+        load_base(files["b"], base_config=files["a"], loras=[lora])
+
+
+def test_folder_with_only_pickled_weights_is_refused(files, tmp_path):
+    folder = testing.make_tiny_sd(tmp_path / "bin_base", "sd1", seed=0)
+    unet = testing.tiny_unet("sd1", seed=0)
+    for weights in (folder / "unet").glob("*.safetensors"):
+        weights.unlink()
+    unet.save_pretrained(folder / "unet", safe_serialization=False)
+    with pytest.raises(CheckpointError, match="allow_pickle"):
+        load_base(folder)
+    assert load_base(folder, allow_pickle=True).unet is not None
+
+
+@pytest.mark.parametrize("fraction", [0.0, 0.1, 0.5, 0.99])
+def test_truncated_checkpoint_is_a_clear_error(files, tmp_path, fraction):
+    data = files["b"].read_bytes()
+    broken = tmp_path / "broken.safetensors"
+    broken.write_bytes(data[: int(len(data) * fraction)])
+    with pytest.raises(CheckpointError, match="not a readable safetensors") as info:
+        load_base(broken, base_config=files["a"])
+    assert str(broken) in str(info.value)
+
+
+def test_text_renamed_safetensors_is_a_clear_error(files, tmp_path):
+    fake = tmp_path / "fake.safetensors"
+    fake.write_text("<html>404 not found</html>")
+    with pytest.raises(CheckpointError, match="fake.safetensors"):
+        load_base(fake, base_config=files["a"])
+
+
+def test_nan_lora_is_refused_by_tensor_name(files, tmp_path):
+    tensors = load_file(files["kohya"])
+    key = sorted(k for k in tensors if k.endswith("lora_up.weight"))[0]
+    tensors[key][0, 0] = float("nan")
+    bad = tmp_path / "nan_lora.safetensors"
+    save_file(tensors, bad)
+    with pytest.raises(CheckpointError, match="NaN") as info:
+        load_base(files["b"], base_config=files["a"], loras=[bad])
+    assert key in str(info.value)
+
+
+def test_lora_for_another_architecture_is_a_clear_error(files, tmp_path):
+    sd2_unet = testing.tiny_unet("sd2", seed=0)
+    foreign = testing.write_lora(sd2_unet, tmp_path / "sd2_lora.safetensors", format="peft")
+    with pytest.raises(CheckpointError, match="sd2_lora.safetensors"):
+        load_base(files["b"], base_config=files["a"], loras=[foreign])
+
+
+def test_missing_paths_are_clear_errors(files, tmp_path):
+    with pytest.raises(CheckpointError, match="does not exist"):
+        load_base(tmp_path / "nothing.safetensors")
+    with pytest.raises(CheckpointError, match="does not exist"):
+        load_base(files["a"], loras=[tmp_path / "missing_lora.safetensors"])
+    with pytest.raises(CheckpointError, match="not a diffusers folder"):
+        load_base(files["b"], base_config=tmp_path)
+
+
+def test_lora_spec_parsing(tmp_path):
+    assert LoraSpec.parse("a/b.safetensors:0.7") == LoraSpec(tmp_path.__class__("a/b.safetensors"), 0.7)
+    assert LoraSpec.parse("a/b.safetensors").scale == 1.0
+    assert LoraSpec.parse(("x.safetensors", 2)).scale == 2.0
+    with pytest.raises(CheckpointError, match="scale"):
+        LoraSpec.parse("a/b.safetensors:strong")
