@@ -17,3 +17,20 @@ class CheckpointError(LvdmError, ValueError):
 
 class TemporalModuleError(CheckpointError):
     """A temporal module file that cannot be loaded onto this base."""
+
+
+class ConfigError(LvdmError, ValueError):
+    """A configuration that cannot run: every problem found, each with its key path."""
+
+
+class DataError(LvdmError):
+    """A dataset that cannot be used: missing files, bad rows, or too many unreadable samples."""
+
+
+class VideoReadError(DataError):
+    """One video (or image) that could not be decoded; ``reason`` says why in a few words."""
+
+    def __init__(self, path: object, reason: str) -> None:
+        super().__init__(f"{path}: {reason}")
+        self.path = str(path)
+        self.reason = reason
