@@ -15,6 +15,7 @@ written here is the policy around them:
 from __future__ import annotations
 
 import os
+import warnings
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -184,7 +185,9 @@ def _fuse_loras(pipe: Any, specs: list[LoraSpec], *, allow_pickle: bool) -> None
         check_weights_file(spec.path, allow_pickle=allow_pickle, what="LoRA")
         name = f"lora_{i}"
         try:
-            pipe.load_lora_weights(str(spec.path), adapter_name=name)
+            with warnings.catch_warnings():  # peft warns that a second adapter is a second adapter
+                warnings.filterwarnings("ignore", message="Already found a `peft_config`")
+                pipe.load_lora_weights(str(spec.path), adapter_name=name)
         except Exception as exc:  # conversion and peft injection errors alike
             raise CheckpointError(f"could not apply LoRA {spec.path}: {_one_line(exc)}") from exc
         names.append(name)

@@ -1,0 +1,165 @@
+"""The training dataset: listed entries in, same-shape clip samples out, bad files replaced.
+
+A sample that fails (unreadable, truncated, too short, no video stream, bad caption) is
+replaced by another entry of the same shape group, chosen by a seeded draw, so batches never
+change shape and a rerun sees the same replacements. Every failure travels with the sample
+that replaced it (``sample["skipped"]``); :class:`BadSampleGuard` in the main process logs
+each bad file once and stops the run when too many are bad. ``max_consecutive_bad`` failed
+draws in a row end the run at once: an all-bad dataset never loops.
+"""
+
+from __future__ import annotations
+
+import random
+from collections.abc import Sequence
+from dataclasses import dataclass
+from typing import Any
+
+import torch
+from torch.utils.data import Dataset
+
+from lvdm.data.sampling import plan_clip
+from lvdm.data.sources import Entry
+from lvdm.data.transforms import cover_size, nearest_bucket, to_clip_tensor
+from lvdm.errors import DataError, VideoReadError
+
+
+@dataclass(frozen=True)
+class ClipSettings:
+    """How clips are cut from videos (the data config's clip fields, without file locations)."""
+
+    num_frames: int = 16
+    height: int = 256
+    width: int = 256
+    stride: int | None = None
+    target_fps: float | None = None
+    start: str = "random"
+    crop: str = "center"
+    flip: bool = False
+    reader: str = "auto"
+    decode_timeout: float | None = 30.0
+    buckets: tuple[tuple[int, int], ...] = ()  # (h, w) sizes; empty: every clip is height x width
+
+
+class VideoDataset(Dataset):
+    """Map-style dataset of clip samples.
+
+    A sample: ``video (f, 3, h, w)`` float in [-1, 1], ``caption``, ``fps`` (the clip's effective
+    rate), ``is_image``, ``source`` (the file). Image entries give one-frame samples
+    (``is_image`` True, ``fps`` 0).
+    """
+
+    def __init__(
+        self, entries: Sequence[Entry], settings: ClipSettings, *, seed: int = 0, max_consecutive_bad: int = 20
+    ) -> None:
+        if not entries:
+            raise DataError("the dataset is empty: no clips or images were found in the configured sources")
+        self.entries = list(entries)
+        self.settings = settings
+        self.seed = seed
+        self.max_consecutive_bad = max_consecutive_bad
+        self.epoch = 0
+        self.shapes = [self._shape_of(entry) for entry in self.entries]
+        self.groups: dict[tuple, list[int]] = {}
+        for index, shape in enumerate(self.shapes):
+            self.groups.setdefault(shape, []).append(index)
+
+    def __len__(self) -> int:
+        return len(self.entries)
+
+    def set_epoch(self, epoch: int) -> None:
+        """Vary the random clip starts, crops and flips per epoch (still seeded)."""
+        self.epoch = epoch
+
+    def __getitem__(self, index: int) -> dict[str, Any]:
+        skipped: list[tuple[str, str]] = []
+        candidates = self.groups[self.shapes[index]]
+        current = index
+        for attempt in range(self.max_consecutive_bad):
+            rng = random.Random(f"{self.seed}:{self.epoch}:{index}:{attempt}")
+            try:
+                sample = self.load(current, rng)
+            except VideoReadError as exc:
+                skipped.append((str(self.entries[current].path), exc.reason))
+                current = candidates[rng.randrange(len(candidates))]
+                continue
+            sample.update(index=index, skipped=skipped)
+            return sample
+        reasons = "; ".join(f"{path}: {reason}" for path, reason in skipped[-3:])
+        raise DataError(
+            f"{self.max_consecutive_bad} bad samples in a row (data.max_consecutive_bad): the data is mostly "
+            f"unusable. Last ones: {reasons}. Run `python -m lvdm.data.check` on the dataset to see every problem."
+        )
+
+    def load(self, index: int, rng: random.Random) -> dict[str, Any]:
+        """Load entry ``index`` as a sample, or raise :class:`VideoReadError` saying why it is bad."""
+        entry = self.entries[index]
+        if entry.problem:
+            raise VideoReadError(entry.path, entry.problem)
+        caption = entry.read_caption()
+        path = entry.media_path()
+        height, width = self.shapes[index][1]
+        frames, fps = (self._image if entry.is_image else self._clip)(path, height, width, rng)
+        video = to_clip_tensor(frames, height, width, crop=self.settings.crop, flip=self.settings.flip, rng=rng)
+        return {"video": video, "caption": caption, "fps": fps, "is_image": entry.is_image, "source": str(path)}
+
+    def _clip(self, path, height: int, width: int, rng: random.Random):
+        from lvdm.data.readers import probe, read_frames
+
+        s = self.settings
+        info = probe(path)
+        plan = plan_clip(
+            str(path), info.num_frames, info.fps, s.num_frames,
+            stride=s.stride, target_fps=s.target_fps, start=s.start, rng=rng,
+        )  # fmt: skip
+        size = cover_size(info.width, info.height, height, width)
+        frames = read_frames(path, plan.indices, size=size, reader=s.reader, timeout=s.decode_timeout)
+        return frames, plan.fps
+
+    def _image(self, path, height: int, width: int, rng: random.Random):
+        from PIL import Image
+
+        from lvdm.data.readers import read_image
+
+        try:
+            with Image.open(path) as image:
+                size = cover_size(image.width, image.height, height, width)
+        except (OSError, ValueError) as exc:
+            raise VideoReadError(path, f"not a readable image ({type(exc).__name__})") from None
+        return read_image(path, size=size), 0.0
+
+    def _shape_of(self, entry: Entry) -> tuple[bool, tuple[int, int]]:
+        """``(is_image, (h, w))``: the samples that may share a batch."""
+        s = self.settings
+        if not s.buckets:
+            return entry.is_image, (s.height, s.width)
+        return entry.is_image, nearest_bucket(*_media_size(entry), s.buckets)
+
+
+def _media_size(entry: Entry) -> tuple[int, int]:
+    """``(width, height)`` of an entry's media, or ``(1, 1)`` when it cannot be read (it fails later, named)."""
+    from lvdm.data.readers import probe
+
+    try:
+        if entry.is_image:
+            from PIL import Image
+
+            with Image.open(entry.media_path()) as image:
+                return image.width, image.height
+        info = probe(entry.media_path())
+        return info.width, info.height
+    except (VideoReadError, OSError, ValueError):
+        return 1, 1
+
+
+def collate(samples: list[dict[str, Any]]) -> dict[str, Any]:
+    """Stack samples of one shape group into a batch: ``video (b, f, 3, h, w)``."""
+    return {
+        "video": torch.stack([s["video"] for s in samples]),
+        "caption": [s["caption"] for s in samples],
+        "fps": torch.tensor([s["fps"] for s in samples], dtype=torch.float32),
+        "is_image": torch.tensor([s["is_image"] for s in samples], dtype=torch.bool),
+        "source": [s["source"] for s in samples],
+        "index": torch.tensor([s["index"] for s in samples]),
+        "skipped": [item for s in samples for item in s["skipped"]],
+    }

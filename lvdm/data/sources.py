@@ -1,0 +1,210 @@
+"""Where samples come from: a folder of captioned clips, a WebVid CSV, a JSONL/CSV manifest, images.
+
+Each source turns its listing into :class:`Entry` rows without opening any media (a 10M-row
+WebVid CSV lists in seconds). Problems that belong to one row (its caption file, a path that
+escapes the data root, a video missing on disk) are found when the row is loaded and become a
+bad sample with a reason; problems with the listing itself (no such file, no usable column)
+are a :class:`~lvdm.errors.DataError` at once.
+"""
+
+from __future__ import annotations
+
+import csv
+import json
+import math
+import os
+from collections.abc import Callable, Iterator
+from dataclasses import dataclass
+from pathlib import Path
+
+from lvdm.errors import DataError, VideoReadError
+
+VIDEO_SUFFIXES = (".mp4", ".mov", ".webm", ".mkv", ".avi", ".m4v", ".gif")
+IMAGE_SUFFIXES = (".png", ".jpg", ".jpeg", ".webp", ".bmp")
+
+
+@dataclass(frozen=True)
+class Entry:
+    """One listed sample: its media file and where its caption is."""
+
+    path: Path
+    caption: str | None = None  # given inline (CSV/JSONL), or
+    caption_file: Path | None = None  # read when the sample loads
+    fps: float | None = None  # a manifest's fps hint (the container's own rate is preferred)
+    is_image: bool = False
+    source: str = ""
+    alternatives: tuple[Path, ...] = ()  # other places the file may be (WebVid: nested or flat)
+    problem: str | None = None  # known bad before opening (e.g. path outside the data root)
+
+    def read_caption(self) -> str:
+        """The caption text; a bad one (missing, empty, not UTF-8) is a :class:`VideoReadError`."""
+        if self.caption_file is not None:
+            try:
+                text = self.caption_file.read_bytes().decode("utf-8")
+            except FileNotFoundError:
+                raise VideoReadError(self.path, f"caption file missing: {self.caption_file.name}") from None
+            except UnicodeDecodeError:
+                raise VideoReadError(self.path, "caption is not UTF-8") from None
+        else:
+            text = self.caption or ""
+        if any("\udc80" <= ch <= "\udcff" for ch in text):  # undecodable bytes kept as surrogates
+            raise VideoReadError(self.path, "caption is not UTF-8")
+        text = " ".join(text.split())
+        if not text:
+            raise VideoReadError(self.path, "caption empty")
+        return text
+
+    def media_path(self) -> Path:
+        """The first existing candidate path (WebVid rows may be nested or flat)."""
+        for candidate in (self.path, *self.alternatives):
+            if candidate.exists():
+                return candidate
+        raise VideoReadError(self.path, "file not found")
+
+
+def folder_source(root: str | os.PathLike, *, images: bool = False) -> list[Entry]:
+    """Every clip (or image) under ``root``, recursively, captioned by the same-name ``.txt`` file."""
+    root = _existing_dir(root)
+    suffixes = IMAGE_SUFFIXES if images else VIDEO_SUFFIXES
+    return [
+        Entry(path, caption_file=path.with_suffix(".txt"), is_image=images, source=str(root))
+        for path in sorted(_walk(root))
+        if path.suffix.lower() in suffixes
+    ]
+
+
+def webvid_source(csv_path: str | os.PathLike, video_root: str | os.PathLike | None = None) -> list[Entry]:
+    """A WebVid-style CSV (``videoid``, ``name`` as caption, ``page_dir``): ``{page_dir}/{videoid}.mp4`` or flat."""
+    csv_path = _existing_file(csv_path)
+    root = Path(video_root) if video_root is not None else csv_path.parent
+    rows = _read_rows(csv_path)
+    _require_columns(csv_path, rows, [("videoid",), ("name",)])
+    entries = []
+    for row in rows:
+        videoid, page_dir = (row.get("videoid") or "").strip(), (row.get("page_dir") or "").strip()
+        nested, flat = root / page_dir / f"{videoid}.mp4", root / f"{videoid}.mp4"
+        entries.append(
+            Entry(
+                nested if page_dir else flat,
+                caption=row.get("name") or "",
+                alternatives=(flat,) if page_dir else (),
+                source=str(csv_path),
+                problem=_escape_problem(root, nested, flat) or (None if videoid else "row has no videoid"),
+            )
+        )
+    return entries
+
+
+def manifest_source(
+    path: str | os.PathLike, video_root: str | os.PathLike | None = None, *, images: bool = False
+) -> list[Entry]:
+    """A JSONL or CSV manifest: ``video``/``path`` (``image`` for images), ``caption``/``text``, optional ``fps``.
+
+    Paths are relative to ``video_root`` (default: the manifest's folder) and must stay inside it.
+    """
+    path = _existing_file(path)
+    root = Path(video_root) if video_root is not None else path.parent
+    rows = _read_rows(path)
+    media_keys = ("image", "path") if images else ("video", "path")
+    _require_columns(path, rows, [media_keys, ("caption", "text")])
+    entries = []
+    for row in rows:
+        media = str(_first(row, media_keys) or "").strip()
+        caption = _first(row, ("caption", "text"))
+        full = root / media
+        problem = "row has no media path" if not media else _escape_problem(root, full)
+        entries.append(
+            Entry(
+                full,
+                caption=None if caption is None else str(caption),
+                fps=_number(row.get("fps")),
+                is_image=images,
+                source=str(path),
+                problem=problem,
+            )
+        )
+    return entries
+
+
+def image_source(path: str | os.PathLike, video_root: str | os.PathLike | None = None) -> list[Entry]:
+    """Images as one-frame, image-only samples: a folder (``.txt`` captions) or a manifest."""
+    return folder_source(path, images=True) if Path(path).is_dir() else manifest_source(path, video_root, images=True)
+
+
+SOURCES: dict[str, Callable[..., list[Entry]]] = {
+    "folder": lambda path, video_root=None: folder_source(path),
+    "webvid": webvid_source,
+    "manifest": manifest_source,
+    "images": image_source,
+}
+
+
+# --------------------------------------------------------------------- helpers
+def _walk(root: Path) -> Iterator[Path]:
+    for folder, _, files in os.walk(root, followlinks=False):
+        for name in files:
+            yield Path(folder) / name
+
+
+def _existing_dir(path: str | os.PathLike) -> Path:
+    path = Path(path)
+    if not path.is_dir():
+        raise DataError(f"data folder {path} does not exist or is not a folder")
+    return path
+
+
+def _existing_file(path: str | os.PathLike) -> Path:
+    path = Path(path)
+    if not path.is_file():
+        raise DataError(f"data listing {path} does not exist")
+    return path
+
+
+def _read_rows(path: Path) -> list[dict]:
+    """Rows of a ``.jsonl`` or ``.csv`` file; bytes that are not UTF-8 survive as surrogates (a bad caption later)."""
+    text = path.read_bytes().decode("utf-8", errors="surrogateescape").lstrip("\ufeff")
+    if path.suffix.lower() in (".jsonl", ".json"):
+        return [_json_row(path, i, line) for i, line in enumerate(text.splitlines(), 1) if line.strip()]
+    if path.suffix.lower() in (".csv", ".tsv"):
+        return list(csv.DictReader(text.splitlines(), delimiter="\t" if path.suffix.lower() == ".tsv" else ","))
+    raise DataError(f"data listing {path}: unknown format '{path.suffix}' (use .csv, .tsv or .jsonl)")
+
+
+def _json_row(path: Path, number: int, line: str) -> dict:
+    try:
+        row = json.loads(line)
+    except json.JSONDecodeError as exc:
+        raise DataError(f"{path} line {number}: not valid JSON ({exc.msg})") from None
+    if not isinstance(row, dict):
+        raise DataError(f"{path} line {number}: expected a JSON object, got {type(row).__name__}")
+    return row
+
+
+def _require_columns(path: Path, rows: list[dict], groups: list[tuple[str, ...]]) -> None:
+    if not rows:
+        raise DataError(f"data listing {path} has no rows")
+    columns = set().union(*(row.keys() for row in rows[:100]))
+    for group in groups:
+        if not columns & set(group):
+            raise DataError(f"data listing {path} has no {' or '.join(repr(c) for c in group)} column")
+
+
+def _first(row: dict, keys: tuple[str, ...]) -> object:
+    return next((row[k] for k in keys if row.get(k) not in (None, "")), None)
+
+
+def _number(value: object) -> float | None:
+    try:
+        number = float(value)  # type: ignore[arg-type]
+    except (TypeError, ValueError):
+        return None
+    return number if math.isfinite(number) and number > 0 else None
+
+
+def _escape_problem(root: Path, *paths: Path) -> str | None:
+    """A reason when any path resolves outside ``root`` (``../``, absolute paths, symlinks out)."""
+    base = root.resolve()
+    for path in paths:
+        if not path.resolve().is_relative_to(base):
+            return f"path escapes the data root {root}"
+    return None

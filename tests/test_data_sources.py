@@ -1,0 +1,155 @@
+"""Clip planning, geometry and source listings: pure functions, no decoding."""
+
+from __future__ import annotations
+
+import json
+import random
+
+import numpy as np
+import pytest
+
+from lvdm.data.sampling import plan_clip
+from lvdm.data.sources import Entry, folder_source, image_source, manifest_source, webvid_source
+from lvdm.data.transforms import cover_size, nearest_bucket, to_clip_tensor
+from lvdm.errors import DataError, VideoReadError
+
+
+@pytest.mark.parametrize(
+    ("fps", "expected"),
+    [
+        (24.0, [0, 3, 6, 9, 12, 15, 18, 21]),  # exactly every third frame
+        (30.0, [0, 4, 8, 11, 15, 19, 23, 26]),  # 3.75 source frames per clip frame, nearest frame by time
+        (60.0, [0, 8, 15, 23, 30, 38, 45, 53]),  # 7.5 per clip frame
+    ],
+)
+def test_target_fps_picks_frames_by_time(fps, expected):
+    plan = plan_clip("v.mp4", 300, fps, 8, target_fps=8.0, start="center", rng=None)
+    first = plan.indices[0]
+    assert [i - first for i in plan.indices] == expected
+    assert plan.fps == pytest.approx(8.0)
+    # every clip frame is within half a source frame of its ideal time
+    for i, index in enumerate(plan.indices):
+        assert abs((index - first) / fps - i / 8.0) <= 0.5 / fps + 1e-9
+
+
+def test_target_fps_above_the_source_rate_never_duplicates_frames():
+    plan = plan_clip("v.mp4", 100, 12.0, 8, target_fps=24.0, start="center")
+    assert len(set(plan.indices)) == 8 and plan.fps == 12.0
+
+
+def test_stride_mode_and_starts():
+    plan = plan_clip("v.mp4", 40, 30.0, 4, stride=3, start="center")
+    assert plan.indices == (15, 18, 21, 24) and plan.fps == 10.0  # span 10, centred in 40
+    starts = {plan_clip("v.mp4", 40, 30.0, 4, stride=3, rng=random.Random(s)).indices[0] for s in range(200)}
+    assert starts == set(range(0, 40 - 10 + 1))  # every valid start, none past the end
+
+
+def test_too_short_and_fps_missing_are_bad_samples():
+    with pytest.raises(VideoReadError, match="too short"):
+        plan_clip("v.mp4", 10, 24.0, 8, stride=2)
+    with pytest.raises(VideoReadError, match="frame rate"):
+        plan_clip("v.mp4", 100, None, 8, stride=2)
+
+
+def test_cover_size_and_crop_geometry():
+    assert cover_size(640, 360, 256, 256) == (456, 256)  # wide video: height matches
+    assert cover_size(360, 640, 256, 256) == (256, 456)  # tall video: width matches
+    assert cover_size(64, 48, 32, 32) == (43, 32)
+    frames = np.arange(2 * 4 * 6 * 3, dtype=np.uint8).reshape(2, 4, 6, 3)
+    video = to_clip_tensor(frames, 4, 4, crop="center", flip=False, rng=random.Random(0))
+    assert video.shape == (2, 3, 4, 4) and video.min() >= -1 and video.max() <= 1
+    expected = frames[:, :, 1:5].transpose(0, 3, 1, 2).astype(np.float32) / 127.5 - 1
+    np.testing.assert_allclose(video.numpy(), expected, rtol=0, atol=1e-6)
+
+
+def test_nearest_bucket():
+    buckets = [(256, 256), (192, 320), (320, 192)]
+    assert nearest_bucket(1920, 1080, buckets) == (192, 320)
+    assert nearest_bucket(1080, 1920, buckets) == (320, 192)
+    assert nearest_bucket(500, 480, buckets) == (256, 256)
+
+
+def test_folder_source_is_recursive_and_reads_captions_lazily(tmp_path):
+    (tmp_path / "sub").mkdir()
+    for name in ("a.mp4", "sub/b.mp4", "notes.txt", "sub/c.mov"):
+        (tmp_path / name).write_bytes(b"")
+    (tmp_path / "a.txt").write_text("  a red   disc\n")
+    (tmp_path / "sub/b.txt").write_bytes(b"\xff\xfe bad bytes")
+    entries = folder_source(tmp_path)
+    assert [e.path.name for e in entries] == ["a.mp4", "b.mp4", "c.mov"]
+    assert entries[0].read_caption() == "a red disc"
+    with pytest.raises(VideoReadError, match="not UTF-8"):
+        entries[1].read_caption()
+    with pytest.raises(VideoReadError, match="caption file missing"):
+        entries[2].read_caption()
+
+
+def test_webvid_csv_nested_or_flat(tmp_path):
+    (tmp_path / "videos/0001").mkdir(parents=True)
+    (tmp_path / "videos/0001/11.mp4").write_bytes(b"")
+    (tmp_path / "videos/12.mp4").write_bytes(b"")
+    csv = tmp_path / "results.csv"
+    csv.write_text('videoid,name,page_dir\n11,"a dog, running",0001\n12,a cat,0001\n13,,0001\n14,escape,../..\n')
+    entries = webvid_source(csv, tmp_path / "videos")
+    assert entries[0].media_path() == tmp_path / "videos/0001/11.mp4"
+    assert entries[0].read_caption() == "a dog, running"
+    assert entries[1].media_path() == tmp_path / "videos/12.mp4"  # flat fallback
+    with pytest.raises(VideoReadError, match="file not found"):
+        entries[2].media_path()
+    with pytest.raises(VideoReadError, match="caption empty"):
+        entries[2].read_caption()
+    assert entries[3].problem and "escapes the data root" in entries[3].problem
+
+
+def test_manifest_jsonl_and_csv(tmp_path):
+    rows = [
+        {"video": "clips/a.mp4", "caption": "x" * 20000, "fps": 30},
+        {"path": "b.mp4", "text": "uses ../ in its text"},
+        {"video": "../outside.mp4", "caption": "escape"},
+        {"video": "/etc/passwd", "caption": "absolute"},
+        {"video": "c.mp4", "caption": "fps nan", "fps": "nan"},
+    ]
+    jsonl = tmp_path / "m.jsonl"
+    jsonl.write_text("\n".join(json.dumps(r) for r in rows) + "\n")
+    entries = manifest_source(jsonl)
+    assert entries[0].path == tmp_path / "clips/a.mp4" and entries[0].fps == 30.0
+    assert len(entries[0].read_caption()) == 20000  # truncation happens at the tokenizer
+    assert entries[1].read_caption() == "uses ../ in its text" and entries[1].problem is None
+    assert "escapes" in entries[2].problem and "escapes" in entries[3].problem
+    assert entries[4].fps is None
+    csv = tmp_path / "m.csv"
+    csv.write_text("path,caption,fps\nclips/a.mp4,hello,\nclips/b.mp4,,24\n")
+    entries = manifest_source(csv)
+    assert entries[0].read_caption() == "hello" and entries[0].fps is None
+    with pytest.raises(VideoReadError, match="caption empty"):
+        entries[1].read_caption()
+
+
+@pytest.mark.parametrize(
+    ("content", "message"),
+    [("", "no rows"), ("file,words\nx,y\n", "no 'video' or 'path' column"), ("{broken\n", "not valid JSON")],
+)
+def test_broken_listings_fail_at_once(tmp_path, content, message):
+    suffix = ".jsonl" if content.startswith("{") else ".csv"
+    path = tmp_path / f"m{suffix}"
+    path.write_text(content)
+    with pytest.raises(DataError, match=message):
+        manifest_source(path)
+
+
+def test_missing_listing_and_folder(tmp_path):
+    with pytest.raises(DataError, match="does not exist"):
+        manifest_source(tmp_path / "nope.jsonl")
+    with pytest.raises(DataError, match="does not exist"):
+        folder_source(tmp_path / "nope")
+
+
+def test_image_sources(tmp_path):
+    (tmp_path / "cat.png").write_bytes(b"")
+    (tmp_path / "cat.txt").write_text("a cat")
+    (tmp_path / "clip.mp4").write_bytes(b"")
+    entries = image_source(tmp_path)
+    assert [e.path.name for e in entries] == ["cat.png"] and entries[0].is_image
+    manifest = tmp_path / "images.jsonl"
+    manifest.write_text(json.dumps({"image": "cat.png", "caption": "a cat"}) + "\n")
+    assert image_source(manifest)[0] == Entry(tmp_path / "cat.png", caption="a cat", is_image=True, source=str(manifest))
