@@ -1,16 +1,59 @@
-"""lvdm: turn Stable Diffusion into a video model (Video LDM) and fine-tune it on captioned video."""
+"""lvdm: turn Stable Diffusion into a video model (Video LDM) and fine-tune it on captioned video.
 
-from lvdm.errors import CheckpointError, LvdmError, TemporalModuleError
-from lvdm.models import LAYOUTS, BaseModel, LoraSpec, TemporalLayout, VideoUNet, load_base
+Names are imported on first use (PEP 562), so ``import lvdm.config`` checks a config without
+importing torch or diffusers.
+"""
+
+from __future__ import annotations
+
+import importlib
+from typing import TYPE_CHECKING, Any
+
+_EXPORTS = {
+    "LAYOUTS": "lvdm.models",
+    "BaseModel": "lvdm.models",
+    "LoraSpec": "lvdm.models",
+    "TemporalLayout": "lvdm.models",
+    "VideoUNet": "lvdm.models",
+    "load_base": "lvdm.models",
+    "CheckpointError": "lvdm.errors",
+    "ConfigError": "lvdm.errors",
+    "DataError": "lvdm.errors",
+    "LvdmError": "lvdm.errors",
+    "TemporalModuleError": "lvdm.errors",
+    "Config": "lvdm.config",
+    "load_config": "lvdm.config",
+}
 
 __all__ = [
-    "LAYOUTS",
     "BaseModel",
     "CheckpointError",
+    "Config",
+    "ConfigError",
+    "DataError",
+    "LAYOUTS",
     "LoraSpec",
     "LvdmError",
     "TemporalLayout",
     "TemporalModuleError",
     "VideoUNet",
     "load_base",
+    "load_config",
 ]
+
+if TYPE_CHECKING:
+    from lvdm.config import Config, load_config
+    from lvdm.errors import CheckpointError, ConfigError, DataError, LvdmError, TemporalModuleError
+    from lvdm.models import LAYOUTS, BaseModel, LoraSpec, TemporalLayout, VideoUNet, load_base
+
+
+def __getattr__(name: str) -> Any:
+    if name not in _EXPORTS:
+        raise AttributeError(f"module 'lvdm' has no attribute {name!r}")
+    value = getattr(importlib.import_module(_EXPORTS[name]), name)
+    globals()[name] = value
+    return value
+
+
+def __dir__() -> list[str]:
+    return sorted(set(globals()) | set(_EXPORTS))

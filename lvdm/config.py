@@ -1,0 +1,226 @@
+"""Run configuration: dataclasses are the schema, YAML files the format, ``key=value`` the command line.
+
+Each field is declared once, with its type, default, one-line help and range::
+
+    max_steps: int = option(1000, "optimizer steps to train", min=1)
+
+(``option`` is sugar for ``field(default=1000, metadata={"help": ..., "min": 1})``; both work.)
+
+``load_config(["configs/run.yaml"], ["train.lr=1e-4", "data.resolution=[256,384]"])`` merges the files in
+order, then the overrides, and checks the result against :class:`Config`. Unknown keys (with a did-you-mean),
+wrong types, out-of-range values, missing required fields and each section's ``validate()`` rules are all
+reported together in one :class:`~lvdm.errors.ConfigError`, one problem per line with its key path. This
+module imports no torch, so a bad config fails in well under a second.
+
+YAML is read with a safe loader using YAML 1.2 scalars: only ``true``/``false`` are booleans (``no`` is the
+string ``"no"``), ``1e-4`` is a float, dates stay strings, and a key given twice is an error. OmegaConf merges
+the layers and resolves plain key references such as ``${train.checkpoint_every}``; resolver calls such as
+``${oc.env:HOME}`` are refused, so no environment value ever lands in a saved config. ``describe_config()``
+lists every key for ``--help``.
+"""
+
+from __future__ import annotations
+
+import os
+from collections.abc import Sequence
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, Literal, TypeVar
+
+from lvdm import configlib
+from lvdm.configlib import config_to_dict, option, save_config
+
+__all__ = [
+    "Config",
+    "DataConfig",
+    "ModelConfig",
+    "SourceConfig",
+    "TrainConfig",
+    "config_from_dict",
+    "config_to_dict",
+    "describe_config",
+    "load_config",
+    "option",
+    "save_config",
+]
+
+T = TypeVar("T")
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# The schema. Add a field with `option(default, "help", min=..., max=...)`. Cross-field rules go in a
+# `validate(self) -> list[str]` method, run once the section's fields all have valid types; each message starts
+# with the field it is about ("frame_stride: ...") and the loader puts the section's path in front
+# ("data.frame_stride: ..."); a message starting otherwise is about the section ("data: no data: ...").
+# ---------------------------------------------------------------------------------------------------------------
+
+
+def _square(value: Any) -> Any:
+    """``256`` -> ``[256, 256]``: a single number is a square size."""
+    return [value, value] if isinstance(value, int) and not isinstance(value, bool) else value
+
+
+def _size_problems(name: str, size: Sequence[int]) -> list[str]:
+    return [] if len(size) == 2 else [f"{name}: expected [height, width], got {list(size)}"]
+
+
+def _lora_problem(spec: str) -> str | None:
+    """What is wrong with a ``"PATH[:SCALE]"`` LoRA spec, read the way ``LoraSpec.parse`` reads it."""
+    if not spec:
+        return "expected 'PATH[:SCALE]', got an empty string"
+    head, sep, tail = spec.rpartition(":")
+    if not sep or not head or Path(spec).exists():
+        return None
+    try:
+        float(tail)
+    except ValueError:
+        return f"{spec!r}: the scale after ':' must be a number, got {tail!r}"
+    return None
+
+
+@dataclass
+class ModelConfig:
+    """The Stable Diffusion base and the temporal layers added to it."""
+
+    base: str = option(help="SD base: a diffusers folder or a single-file checkpoint")
+    base_config: str | None = option(None, "diffusers folder giving the architecture of a single-file base")
+    allow_pickle: bool = option(False, "allow pickled checkpoints (.ckpt/.pt/.bin), which can run code")
+    loras: list[str] = option([], "LoRAs fused into the base before inflation, each 'PATH[:SCALE]' (scale 1)")
+    layout: Literal["videoldm", "attention_only", "conv_only"] = option(
+        "videoldm", "temporal layers: videoldm (attention and 3D conv), attention_only or conv_only"
+    )
+    attention_depth: int = option(1, "transformer layers in each temporal attention block", min=1)
+    attention_heads: int | None = option(None, "heads per temporal attention block; null: the spatial count", min=1)
+    conv_kernel: list[int] = option([3, 1, 1], "3D conv kernel [frames, height, width], each odd", min=1)
+    mix_factor: float = option(0.5, "initial logit of the learned spatial/temporal mix, alpha = sigmoid(it)")
+    gradient_checkpointing: bool = option(False, "recompute activations in the backward pass: less memory, slower")
+    attention_backend: Literal["sdpa", "xformers"] = option("sdpa", "attention kernel: sdpa (PyTorch) or xformers")
+
+    def validate(self) -> list[str]:
+        """Rules across fields or elements, each message starting with the field it is about."""
+        problems = []
+        if len(self.conv_kernel) != 3 or any(size % 2 == 0 for size in self.conv_kernel):
+            problems.append(f"conv_kernel: expected three odd sizes [frames, height, width], got {self.conv_kernel}")
+        for i, spec in enumerate(self.loras):
+            if problem := _lora_problem(spec):
+                problems.append(f"loras[{i}]: {problem}")
+        return problems
+
+
+@dataclass
+class SourceConfig:
+    """One data source of a weighted mix."""
+
+    kind: Literal["folder", "webvid", "manifest", "images"] = option(
+        help="folder (clips + .txt captions), webvid (WebVid CSV), manifest (CSV/JSONL) or images"
+    )
+    path: str = option(help="the clip folder, WebVid CSV, manifest file, image folder or image manifest")
+    video_root: str | None = option(
+        None, "webvid: folder holding the videos (required); manifest: default the manifest's folder"
+    )
+    weight: float = option(1.0, "relative sampling weight among data.sources (0 leaves the source out)", min=0)
+
+    def validate(self) -> list[str]:
+        """Rules across fields, each message starting with the field it is about."""
+        if self.kind == "webvid" and self.video_root is None:
+            return ["video_root: required for kind 'webvid' (the folder holding the videos)"]
+        return []
+
+
+@dataclass
+class DataConfig:
+    """Training data and how clips are cut from it."""
+
+    root: str | None = option(None, "shortcut for one source: a folder of clips with same-name .txt captions")
+    manifest: str | None = option(None, "shortcut for one source: a CSV, WebVid CSV or JSONL manifest")
+    sources: list[SourceConfig] = option([], "weighted data sources, each {kind, path, video_root, weight}")
+    num_frames: int = option(16, "frames per training clip", min=1)
+    resolution: list[int] = option(
+        [256, 256], "clip size [height, width]; one number means square", min=8, multiple_of=8, coerce=_square
+    )
+    frame_stride: int | None = option(None, "take every n-th frame (null and no target_fps: 1)", min=1)
+    target_fps: float | None = option(None, "resample clips to this frame rate instead of a fixed stride", gt=0)
+    start: Literal["random", "center"] = option("random", "where in its video a clip starts")
+    crop: Literal["center", "random"] = option("center", "where the crop to the training aspect ratio sits")
+    flip: bool = option(False, "mirror clips horizontally at random")
+    buckets: list[list[int]] = option(
+        [], "aspect-ratio buckets [[height, width], ...]; empty: only resolution", min=8, multiple_of=8
+    )
+    reader: Literal["auto", "decord", "pyav"] = option("auto", "video decoder: auto (decord if installed), or one")
+    decode_timeout: float = option(30.0, "seconds before decoding one video counts as a failure", gt=0)
+    max_bad_fraction: float = option(0.05, "stop when more than this fraction of samples is unreadable", min=0, max=1)
+    max_consecutive_bad: int = option(20, "stop after this many unreadable samples in a row", min=1)
+    num_workers: int = option(2, "data-loader worker processes (0: load in the main process)", min=0)
+    cache: str | None = option(None, "latent cache folder to read instead of decoding videos")
+
+    def validate(self) -> list[str]:
+        """Rules across fields, each message starting with the field it is about."""
+        problems = []
+        if self.root is None and self.manifest is None and not self.sources:
+            problems.append("no data: set data.root, data.manifest or data.sources")
+        if self.frame_stride is not None and self.target_fps is not None:
+            problems.append("frame_stride: set together with target_fps; choose a fixed stride or a frame rate")
+        problems += _size_problems("resolution", self.resolution)
+        for i, bucket in enumerate(self.buckets):
+            problems += _size_problems(f"buckets[{i}]", bucket)
+        if self.sources and sum(source.weight for source in self.sources) <= 0:
+            problems.append("sources: every weight is 0; at least one source needs a positive weight")
+        return problems
+
+
+@dataclass
+class TrainConfig:
+    """Optimization, noise, checkpoints and logging."""
+
+    max_steps: int = option(1000, "optimizer steps to train", min=1)
+    batch_size: int = option(1, "clips per device in each micro-batch", min=1)
+    gradient_accumulation: int = option(1, "micro-batches per optimizer step", min=1)
+    lr: float = option(1e-4, "peak learning rate (AdamW)", gt=0)
+    lr_schedule: Literal["constant", "cosine", "linear"] = option("constant", "learning-rate curve after warmup")
+    warmup_steps: int = option(0, "steps of linear warmup from 0 to lr", min=0)
+    weight_decay: float = option(0.01, "AdamW weight decay", min=0)
+    max_grad_norm: float = option(1.0, "clip the gradient norm to this (0: no clipping)", min=0)
+    mixed_precision: Literal["no", "fp16", "bf16"] = option("no", "autocast dtype: no (fp32), fp16 or bf16")
+    seed: int = option(0, "random seed for initialization, data order and noise")
+    resume: str | None = option(None, "resume from 'auto', 'latest' or a checkpoint path; null: start fresh")
+    checkpoint_every: int = option(500, "save a checkpoint every n steps", min=1)
+    keep_last: int = option(3, "checkpoints kept in output_dir; older ones are deleted", min=1)
+    ema_decay: float | None = option(None, "decay of an EMA of the trained weights; null: no EMA", min=0, max=1)
+    noise_prior: Literal["independent", "mixed"] = option("independent", "noise per frame, or partly shared")
+    mixed_noise_lambda: float = option(0.5, "noise share common to all frames (noise_prior=mixed)", min=0, max=1)
+    caption_dropout: float = option(0.1, "probability of an empty caption (enables CFG)", min=0, max=1)
+    snr_gamma: float | None = option(None, "min-SNR loss weighting gamma; null: unweighted", gt=0)
+    offset_noise: float = option(0.0, "offset-noise strength (0: off)", min=0)
+    image_batch_ratio: float = option(0.0, "fraction of batches made of still images (joint training)", min=0, max=1)
+    max_nonfinite_steps: int = option(10, "stop after this many skipped steps with a NaN/inf loss", min=1)
+    overwrite: bool = option(False, "allow a fresh run in an output_dir that already holds one")
+    log_every: int = option(10, "log the loss every n steps", min=1)
+    validate_every: int = option(500, "sample the validation prompts every n steps", min=1)
+    validation_prompts: list[str] = option([], "prompts sampled at each validation; empty: no validation")
+
+
+@dataclass
+class Config:
+    """A whole training run."""
+
+    model: ModelConfig = option(help="the base model and the temporal layers added to it")
+    data: DataConfig = option(help="training data and how clips are cut from it")
+    train: TrainConfig = option(TrainConfig(), "optimization, noise, checkpoints and logging")
+    output_dir: str = option("outputs/run", "run folder: checkpoints, logs, samples and the resolved config")
+
+
+def load_config(
+    files: Sequence[str | os.PathLike[str]] = (), overrides: Sequence[str] = (), *, schema: type[T] = Config
+) -> T:
+    """Merge YAML ``files``, then ``key=value`` ``overrides``; check against ``schema`` (default: Config)."""
+    return configlib.load_config(files, overrides, schema=schema)
+
+
+def config_from_dict(data: dict[str, Any], schema: type[T] = Config) -> T:
+    """Check plain data (as from :func:`config_to_dict`) against ``schema``."""
+    return configlib.config_from_dict(data, schema)
+
+
+def describe_config(schema: type = Config) -> str:
+    """Every key with its type, default, range and help, for ``--help`` output."""
+    return configlib.describe_config(schema)

@@ -1,0 +1,72 @@
+"""From the ``data`` section of a config to a dataset: list every source, weigh them, set the clip rules."""
+
+from __future__ import annotations
+
+import csv
+from pathlib import Path
+from typing import Any
+
+from lvdm.data.dataset import ClipSettings, VideoDataset
+from lvdm.data.sources import SOURCES, Entry, folder_source, manifest_source, webvid_source
+from lvdm.errors import DataError
+
+
+def clip_settings(data: Any) -> ClipSettings:
+    """The clip rules of a ``DataConfig``."""
+    height, width = data.resolution
+    return ClipSettings(
+        num_frames=data.num_frames,
+        height=height,
+        width=width,
+        stride=data.frame_stride,
+        target_fps=data.target_fps,
+        start=data.start,
+        crop=data.crop,
+        flip=data.flip,
+        reader=data.reader,
+        decode_timeout=data.decode_timeout,
+        buckets=tuple(tuple(b) for b in data.buckets),
+    )
+
+
+def list_sources(data: Any) -> list[tuple[str, list[Entry], float]]:
+    """``(name, entries, weight)`` for ``data.root``, ``data.manifest`` and every ``data.sources`` item."""
+    listed = []
+    if data.root:
+        listed.append((str(data.root), folder_source(data.root), 1.0))
+    if data.manifest:
+        listed.append((str(data.manifest), read_manifest(data.manifest), 1.0))
+    for source in data.sources:
+        listed.append(
+            (f"{source.kind}:{source.path}", SOURCES[source.kind](source.path, source.video_root), source.weight)
+        )
+    for name, entries, _ in listed:
+        if not entries:
+            raise DataError(f"data source {name} lists no clips or images")
+    return listed
+
+
+def read_manifest(path: str | Path, video_root: str | Path | None = None) -> list[Entry]:
+    """A manifest whose kind is told by its columns: WebVid CSV (``videoid``) or a generic CSV/JSONL manifest."""
+    path = Path(path)
+    if path.suffix.lower() == ".csv" and path.is_file():
+        with path.open(encoding="utf-8", errors="replace", newline="") as handle:
+            header = next(csv.reader(handle), [])
+        if "videoid" in header:
+            return webvid_source(path, video_root)
+    return manifest_source(path, video_root)
+
+
+def build_dataset(data: Any, *, seed: int = 0) -> tuple[VideoDataset, list[float]]:
+    """The dataset over every configured source, and per-entry sampling weights.
+
+    Each source gets its configured share of the draws whatever its size: an entry's weight is
+    the source's weight divided by its number of entries.
+    """
+    entries: list[Entry] = []
+    weights: list[float] = []
+    for _, listed, weight in list_sources(data):
+        entries += listed
+        weights += [weight / len(listed)] * len(listed)
+    dataset = VideoDataset(entries, clip_settings(data), seed=seed, max_consecutive_bad=data.max_consecutive_bad)
+    return dataset, weights

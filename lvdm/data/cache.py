@@ -1,0 +1,202 @@
+"""The latent cache: a dataset encoded once through the VAE and text encoder, read back instead of video.
+
+Layout of a cache folder:
+
+- ``cache.json``: format, the fingerprint (model weights hashes, clip settings, sources) and the shard size;
+- ``shard-00000.safetensors`` ...: per sample ``{i}.latents`` (the VAE's Gaussian parameters
+  ``(2c, f, h, w)``: mean and logvar, so every epoch can draw a fresh latent, and a draw with the
+  same generator equals on-the-fly encoding) and ``{i}.text`` (``(n, d)``); sample metadata
+  (caption, fps, is_image, source) in the shard's metadata;
+- ``empty_text.safetensors``: the empty caption's embedding, for caption dropout;
+- ``skipped.jsonl``: the files that could not be cached, with reasons.
+
+Each clip is cut once (seeded start, crop and flip), so a cache fixes what random clip sampling
+would vary. Shards are written to a temp file and renamed: an interrupted build resumes at the
+first missing shard. A cache whose fingerprint differs from the current model or data settings
+is refused, naming what differs.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import random
+from collections.abc import Callable
+from dataclasses import asdict
+from pathlib import Path
+from typing import Any
+
+import torch
+from safetensors import safe_open
+from safetensors.torch import save_file
+from torch.utils.data import Dataset
+from tqdm.auto import tqdm
+
+from lvdm.data.dataset import VideoDataset
+from lvdm.errors import DataError, VideoReadError
+
+FORMAT = "lvdm.latent_cache"
+FORMAT_VERSION = 1
+
+
+def weights_digest(module: torch.nn.Module) -> str:
+    """A short SHA-256 of a module's weights (names, shapes, dtypes and values)."""
+    digest = hashlib.sha256()
+    for name, tensor in sorted(module.state_dict().items()):
+        digest.update(f"{name}:{tuple(tensor.shape)}:{tensor.dtype}".encode())
+        digest.update(tensor.detach().to("cpu").contiguous().view(torch.uint8).numpy().tobytes())
+    return digest.hexdigest()[:16]
+
+
+def cache_fingerprint(dataset: VideoDataset, vae: torch.nn.Module, text_encoder: torch.nn.Module) -> dict[str, Any]:
+    """What a cache depends on: the encoders' weights, the clip settings and the listed files."""
+    listing = hashlib.sha256("\n".join(str(e.path) for e in dataset.entries).encode()).hexdigest()[:16]
+    return {
+        "vae": weights_digest(vae),
+        "text_encoder": weights_digest(text_encoder),
+        "clip": {k: list(v) if isinstance(v, tuple) else v for k, v in asdict(dataset.settings).items()},
+        "entries": len(dataset.entries),
+        "listing": listing,
+        "seed": dataset.seed,
+    }
+
+
+def build_cache(
+    dataset: VideoDataset,
+    out_dir: str | os.PathLike,
+    *,
+    encode_video: Callable[[torch.Tensor], torch.Tensor],
+    encode_text: Callable[[list[str]], torch.Tensor],
+    fingerprint: dict[str, Any],
+    shard_size: int = 64,
+    progress: bool = True,
+) -> Path:
+    """Encode every good sample of ``dataset`` into ``out_dir``; resumes an interrupted build.
+
+    ``encode_video``: ``(1, f, 3, h, w)`` -> Gaussian parameters ``(1, 2c, f, h', w')``;
+    ``encode_text``: captions -> ``(b, n, d)``.
+    """
+    out = Path(out_dir)
+    _start_or_resume(out, fingerprint, shard_size)
+    save_file({"text": encode_text([""])[0].cpu().contiguous()}, out / "empty_text.safetensors")
+    shards = range(0, len(dataset), shard_size)
+    bar = tqdm(total=len(dataset), desc="caching latents", unit="clip", disable=not progress)
+    for number, first in enumerate(shards):
+        indices = range(first, min(first + shard_size, len(dataset)))
+        path = out / f"shard-{number:05d}.safetensors"
+        if not path.exists():
+            _write_shard(dataset, indices, path, out / "skipped.jsonl", encode_video, encode_text)
+        bar.update(len(indices))
+    bar.close()
+    return out
+
+
+def _start_or_resume(out: Path, fingerprint: dict[str, Any], shard_size: int) -> None:
+    manifest = out / "cache.json"
+    header = {"format": FORMAT, "format_version": FORMAT_VERSION, "shard_size": shard_size, "fingerprint": fingerprint}
+    if manifest.exists():
+        found = json.loads(manifest.read_text())
+        if found.get("fingerprint") != fingerprint or found.get("shard_size") != shard_size:
+            differences = _differences(found.get("fingerprint", {}), fingerprint)
+            raise DataError(
+                f"latent cache {out} was started with other settings ({differences}); "
+                "delete it or choose another folder"
+            )
+        return
+    out.mkdir(parents=True, exist_ok=True)
+    manifest.write_text(json.dumps(header, indent=2))
+
+
+def _write_shard(dataset, indices, path: Path, skip_log: Path, encode_video, encode_text) -> None:
+    tensors, samples = {}, []
+    for index in indices:
+        rng = random.Random(f"{dataset.seed}:cache:{index}")
+        try:
+            sample = dataset.load(index, rng)
+        except VideoReadError as exc:
+            with skip_log.open("a", encoding="utf-8") as handle:
+                handle.write(json.dumps({"path": str(dataset.entries[index].path), "reason": exc.reason}) + "\n")
+            continue
+        tensors[f"{index}.latents"] = encode_video(sample["video"][None])[0].cpu().contiguous()
+        tensors[f"{index}.text"] = encode_text([sample["caption"]])[0].cpu().contiguous()
+        samples.append({k: sample[k] for k in ("caption", "fps", "is_image", "source")} | {"index": index})
+    tmp = path.with_suffix(".tmp")
+    save_file(tensors, tmp, metadata={"samples": json.dumps(samples)})
+    os.replace(tmp, path)
+
+
+class LatentCache(Dataset):
+    """Samples read from a cache folder: ``latents`` (Gaussian parameters), ``text``, caption, fps, is_image.
+
+    ``expected`` is the fingerprint of the current model and data settings; a cache made with
+    anything else is a :class:`DataError` naming the differences.
+    """
+
+    def __init__(self, cache_dir: str | os.PathLike, expected: dict[str, Any] | None = None) -> None:
+        self.dir = Path(cache_dir)
+        manifest = self.dir / "cache.json"
+        if not manifest.is_file():
+            raise DataError(f"latent cache {self.dir} does not exist (no cache.json); build it with lvdm.data.cache")
+        header = json.loads(manifest.read_text())
+        if header.get("format") != FORMAT or header.get("format_version", 0) > FORMAT_VERSION:
+            raise DataError(f"{self.dir} is not a latent cache this lvdm can read")
+        if expected is not None and header["fingerprint"] != expected:
+            raise DataError(
+                f"latent cache {self.dir} is stale: it was made with other settings "
+                f"({_differences(header['fingerprint'], expected)}); rebuild it"
+            )
+        self.samples = self._listing()
+        if not self.samples:
+            raise DataError(f"latent cache {self.dir} holds no samples (incomplete build, or every file was bad)")
+        with safe_open(self.dir / "empty_text.safetensors", framework="pt") as handle:
+            self.empty_text = handle.get_tensor("text")
+        self.groups: dict[tuple, list[int]] = {}
+        for i, sample in enumerate(self.samples):
+            self.groups.setdefault((sample["is_image"], tuple(sample["shape"])), []).append(i)
+
+    def _listing(self) -> list[dict[str, Any]]:
+        samples = []
+        for shard in sorted(self.dir.glob("shard-*.safetensors")):
+            with safe_open(shard, framework="pt") as handle:
+                for sample in json.loads(handle.metadata()["samples"]):
+                    shape = handle.get_slice(f"{sample['index']}.latents").get_shape()
+                    samples.append(sample | {"shard": shard, "shape": shape})
+        return samples
+
+    def __len__(self) -> int:
+        return len(self.samples)
+
+    def __getitem__(self, i: int) -> dict[str, Any]:
+        sample = self.samples[i]
+        with safe_open(sample["shard"], framework="pt") as handle:
+            latents = handle.get_tensor(f"{sample['index']}.latents")
+            text = handle.get_tensor(f"{sample['index']}.text")
+        fields = {k: sample[k] for k in ("caption", "fps", "is_image", "source", "index")}
+        return fields | {"latents": latents, "text": text, "skipped": []}
+
+
+def collate_cached(samples: list[dict[str, Any]]) -> dict[str, Any]:
+    """Stack cached samples of one shape group: ``latents (b, 2c, f, h, w)``, ``text (b, n, d)``."""
+    return {
+        "latents": torch.stack([s["latents"] for s in samples]),
+        "text": torch.stack([s["text"] for s in samples]),
+        "caption": [s["caption"] for s in samples],
+        "fps": torch.tensor([s["fps"] for s in samples], dtype=torch.float32),
+        "is_image": torch.tensor([s["is_image"] for s in samples], dtype=torch.bool),
+        "source": [s["source"] for s in samples],
+        "index": torch.tensor([s["index"] for s in samples]),
+        "skipped": [],
+    }
+
+
+def _differences(found: dict[str, Any], expected: dict[str, Any], prefix: str = "") -> str:
+    diffs = []
+    for key in sorted(set(found) | set(expected)):
+        a, b = found.get(key), expected.get(key)
+        if isinstance(a, dict) and isinstance(b, dict):
+            inner = _differences(a, b, f"{prefix}{key}.")
+            diffs += [inner] if inner else []
+        elif a != b:
+            diffs.append(f"{prefix}{key}: {a!r} in the cache, {b!r} now")
+    return "; ".join(diffs)

@@ -1,0 +1,433 @@
+"""lvdm.config: YAML + key=value loading into the dataclass schema, every problem reported at once."""
+
+from __future__ import annotations
+
+import os
+import subprocess
+import sys
+import textwrap
+from dataclasses import dataclass, fields
+from pathlib import Path
+from typing import Any, Literal
+
+import pytest
+
+from lvdm.config import (
+    Config,
+    DataConfig,
+    ModelConfig,
+    SourceConfig,
+    TrainConfig,
+    config_from_dict,
+    config_to_dict,
+    describe_config,
+    load_config,
+    option,
+    save_config,
+)
+from lvdm.errors import ConfigError
+
+REPO = Path(__file__).resolve().parents[1]
+MINIMAL = ["model.base=bases/sd15", "data.root=clips"]
+
+
+def problems_of(files: list[Any] = (), overrides: list[str] = (), **kwargs: Any) -> list[str]:
+    """The problems one ``load_config`` call raises (it must raise)."""
+    with pytest.raises(ConfigError) as info:
+        load_config(files, overrides, **kwargs)
+    assert str(info.value).count("\n") == len(info.value.problems), "one problem per line"
+    return info.value.problems
+
+
+def write(path: Path, text: str) -> Path:
+    path.write_text(textwrap.dedent(text))
+    return path
+
+
+def test_files_merge_in_order_then_overrides(tmp_path: Path) -> None:
+    base = write(
+        tmp_path / "base.yaml",
+        """
+        model: {base: bases/sd15, base_config: bases/sd15-diffusers, loras: [a.safetensors:0.5]}
+        data:
+          root: clips
+          resolution: [256, 256]
+        train: {lr: 1e-4, max_steps: 100, mixed_precision: bf16}
+        """,
+    )
+    run = write(tmp_path / "run.yaml", "train: {max_steps: 2000}\ndata: {num_frames: 8}\n")
+    cfg = load_config(
+        [base, str(run)], ["train.lr=3e-5", "data.resolution=[256,384]", "model.base_config=null", "data.flip=true"]
+    )
+    assert cfg.model == ModelConfig(base="bases/sd15", loras=["a.safetensors:0.5"])
+    assert (cfg.train.lr, cfg.train.max_steps, cfg.train.mixed_precision) == (3e-5, 2000, "bf16")
+    assert type(cfg.train.lr) is float and type(cfg.train.max_steps) is int
+    assert (cfg.data.root, cfg.data.num_frames, cfg.data.resolution, cfg.data.flip) == ("clips", 8, [256, 384], True)
+    assert cfg.train.batch_size == TrainConfig().batch_size and cfg.output_dir == "outputs/run"
+
+
+def test_list_items_and_whole_sections_can_be_overridden(tmp_path: Path) -> None:
+    run = write(
+        tmp_path / "run.yaml",
+        """
+        model: {base: sd}
+        data:
+          sources:
+            - {kind: folder, path: clips}
+            - {kind: webvid, path: webvid.csv, video_root: videos, weight: 3}
+        """,
+    )
+    cfg = load_config([run], ["data.sources[0].weight=2", "data.sources.1.path=other.csv", "train={lr: 0.001}"])
+    assert cfg.data.sources == [
+        SourceConfig(kind="folder", path="clips", weight=2.0),
+        SourceConfig(kind="webvid", path="other.csv", video_root="videos", weight=3.0),
+    ]
+    assert cfg.train == TrainConfig(lr=0.001)
+
+
+def test_yaml_scalars_are_yaml_1_2() -> None:
+    """``no`` is a string (a valid mixed_precision), ``1e3`` a number, ``yes`` is not a boolean."""
+    cfg = load_config([], [*MINIMAL, "train.mixed_precision=no", "train.max_steps=1e3", "train.lr=1"])
+    assert (cfg.train.mixed_precision, cfg.train.max_steps, cfg.train.lr) == ("no", 1000, 1.0)
+    assert problems_of([], [*MINIMAL, "data.flip=yes"]) == ["data.flip: expected bool, got 'yes' (str)"]
+
+
+@pytest.mark.parametrize(
+    ("override", "expected"),
+    [
+        ("trian.lr=1", "unknown key 'trian' (did you mean 'train'?)"),
+        ("train.lrr=1", "unknown key 'train.lrr' (did you mean 'train.lr'?)"),
+        ("model.attention_dept=2", "unknown key 'model.attention_dept' (did you mean 'model.attention_depth'?)"),
+        (
+            "data.sources=[{kind: folder, pth: x}]",
+            "unknown key 'data.sources[0].pth' (did you mean 'data.sources[0].path'?)",
+        ),
+        ("train.zzzz=1", "unknown key 'train.zzzz'"),
+    ],
+)
+def test_unknown_keys_at_any_depth_suggest_the_closest(override: str, expected: str) -> None:
+    assert expected in problems_of([], [*MINIMAL, override])
+
+
+def test_unknown_key_in_a_file_list(tmp_path: Path) -> None:
+    run = write(
+        tmp_path / "run.yaml", "model: {base: sd}\ndata:\n  sources:\n    - {kind: folder, path: a, wieght: 2}\n"
+    )
+    assert problems_of([run]) == ["unknown key 'data.sources[0].wieght' (did you mean 'data.sources[0].weight'?)"]
+
+
+@pytest.mark.parametrize(
+    ("override", "expected"),
+    [
+        ("train.max_steps=ten", "train.max_steps: expected int, got 'ten' (str)"),
+        ("train.max_steps=10.5", "train.max_steps: expected int, got 10.5 (float)"),
+        ("train.max_steps=true", "train.max_steps: expected int, got True (bool)"),
+        ("train.lr=fast", "train.lr: expected float, got 'fast' (str)"),
+        ("train.lr=false", "train.lr: expected float, got False (bool)"),
+        ("data.flip=1", "data.flip: expected bool, got 1 (int)"),
+        ("data.frame_stride=two", "data.frame_stride: expected int or null, got 'two' (str)"),
+        ("data.resolution=[256, x]", "data.resolution[1]: expected int, got 'x' (str)"),
+        ("data.buckets=[[256, 256], 384]", "data.buckets[1]: expected list of int, got 384 (int)"),
+        ("model.loras=a.safetensors", "model.loras: expected list of str, got 'a.safetensors' (str)"),
+        ("model.base=null", "model.base: expected str, got null"),
+        ("train=5", "train: expected mapping (TrainConfig), got 5 (int)"),
+        ("data.sources=[x]", "data.sources[0]: expected mapping (SourceConfig), got 'x' (str)"),
+    ],
+)
+def test_wrong_types_name_the_key_the_type_and_the_value(override: str, expected: str) -> None:
+    assert problems_of([], [*MINIMAL, override]) == [expected]
+
+
+@pytest.mark.parametrize(
+    ("override", "expected"),
+    [
+        ("train.lr=0", "train.lr: must be > 0, got 0.0"),
+        ("train.max_steps=0", "train.max_steps: must be >= 1, got 0"),
+        ("train.caption_dropout=1.5", "train.caption_dropout: must be <= 1, got 1.5"),
+        ("train.ema_decay=-0.1", "train.ema_decay: must be >= 0, got -0.1"),
+        ("data.num_workers=-1", "data.num_workers: must be >= 0, got -1"),
+        ("data.target_fps=0", "data.target_fps: must be > 0, got 0.0"),
+        ("model.attention_heads=0", "model.attention_heads: must be >= 1, got 0"),
+        ("data.resolution=[256, 260]", "data.resolution[1]: must be a multiple of 8, got 260"),
+        ("data.buckets=[[256, 384], [0, 8]]", "data.buckets[1][0]: must be >= 8, got 0"),
+    ],
+)
+def test_out_of_range_values_are_reported(override: str, expected: str) -> None:
+    assert problems_of([], [*MINIMAL, override]) == [expected]
+
+
+def test_literal_problems_list_the_allowed_values() -> None:
+    assert problems_of([], [*MINIMAL, "model.layout=videldm", "train.mixed_precision=fp32"]) == [
+        "model.layout: expected one of 'videoldm', 'attention_only', 'conv_only', got 'videldm' (str)"
+        " (did you mean 'videoldm'?)",
+        "train.mixed_precision: expected one of 'no', 'fp16', 'bf16', got 'fp32' (str)",
+    ]
+
+
+def test_missing_required_fields_and_sections(tmp_path: Path) -> None:
+    assert problems_of() == [
+        "model.base: required, not set",
+        "data: no data: set data.root, data.manifest or data.sources",
+    ]
+    assert problems_of([], ["model.base=???", "data.sources=[{path: a}]"]) == [
+        "model.base: required, not set (still '???')",
+        "data.sources[0].kind: required, not set",
+    ]
+
+
+def test_cross_field_rules() -> None:
+    assert problems_of(
+        [],
+        [
+            *MINIMAL,
+            "data.frame_stride=2",
+            "data.target_fps=8",
+            "data.resolution=[256]",
+            "model.conv_kernel=[3, 2, 1]",
+            "model.loras=[a.safetensors:strong]",
+            "data.sources=[{kind: webvid, path: w.csv}]",
+        ],
+    ) == [
+        "model.conv_kernel: expected three odd sizes [frames, height, width], got [3, 2, 1]",
+        "model.loras[0]: 'a.safetensors:strong': the scale after ':' must be a number, got 'strong'",
+        "data.sources[0].video_root: required for kind 'webvid' (the folder holding the videos)",
+        "data.frame_stride: set together with target_fps; choose a fixed stride or a frame rate",
+        "data.resolution: expected [height, width], got [256]",
+    ]
+
+
+def test_every_problem_comes_in_one_error(tmp_path: Path) -> None:
+    run = write(
+        tmp_path / "run.yaml",
+        """
+        model: {layout: videldm}
+        data: {root: clips, num_frames: 0, flip: yes}
+        train: {lrr: 1e-4, max_steps: ten}
+        ouput_dir: runs/a
+        """,
+    )
+    with pytest.raises(ConfigError) as info:
+        load_config([run], ["train.mixed_precision=fp32", "train.seed"])
+    expected = [
+        "override 'train.seed': expected KEY=VALUE with a dotted key, e.g. train.lr=1e-4",
+        "unknown key 'ouput_dir' (did you mean 'output_dir'?)",
+        "model.base: required, not set",
+        "model.layout: expected one of 'videoldm', 'attention_only', 'conv_only', got 'videldm' (str)"
+        " (did you mean 'videoldm'?)",
+        "data.num_frames: must be >= 1, got 0",
+        "data.flip: expected bool, got 'yes' (str)",
+        "unknown key 'train.lrr' (did you mean 'train.lr'?)",
+        "train.max_steps: expected int, got 'ten' (str)",
+        "train.mixed_precision: expected one of 'no', 'fp16', 'bf16', got 'fp32' (str)",
+    ]
+    assert info.value.problems == expected
+    assert str(info.value).splitlines() == ["invalid config (9 problems):", *(f"  {p}" for p in expected)]
+
+
+def full_config() -> Config:
+    return Config(
+        model=ModelConfig(base="bases/sd15.safetensors", base_config="bases/sd15", loras=["l.safetensors:0.7"]),
+        data=DataConfig(
+            sources=[
+                SourceConfig("folder", "clips"),
+                SourceConfig("webvid", "w.csv", video_root="videos", weight=0.5),
+            ],
+            resolution=[320, 512],
+            buckets=[[256, 448], [320, 512]],
+            target_fps=7.5,
+        ),
+        train=TrainConfig(
+            lr=1e-10,
+            ema_decay=0.9999,
+            snr_gamma=5.0,
+            mixed_precision="no",
+            validation_prompts=["no", "1e-4", "yes", "a: b", "${x} and \\${y}", "null", "~", "", "100%"],
+        ),
+        output_dir="runs/${name}",
+    )
+
+
+def test_save_then_load_is_equal(tmp_path: Path) -> None:
+    cfg = full_config()
+    path = save_config(cfg, tmp_path / "sub" / "config.yaml")
+    assert load_config([path]) == cfg
+    assert config_from_dict(config_to_dict(cfg)) == cfg
+    assert load_config([save_config(load_config([], MINIMAL), tmp_path / "minimal.yaml")]) == load_config([], MINIMAL)
+
+
+def test_config_to_dict_is_plain_data() -> None:
+    data = config_to_dict(full_config())
+    assert data["data"]["sources"][1] == {"kind": "webvid", "path": "w.csv", "video_root": "videos", "weight": 0.5}
+    assert list(data) == ["model", "data", "train", "output_dir"]
+    with pytest.raises(TypeError):
+        config_to_dict(Config)
+
+
+def test_key_references_are_resolved_before_saving(tmp_path: Path) -> None:
+    run = write(
+        tmp_path / "run.yaml", "train:\n  checkpoint_every: 250\n  validate_every: ${train.checkpoint_every}\n"
+    )
+    cfg = load_config([run], [*MINIMAL, "output_dir=runs/${train.log_every}"])
+    assert (cfg.train.validate_every, cfg.output_dir) == (250, "runs/10")
+    saved = save_config(cfg, tmp_path / "saved.yaml").read_text()
+    assert "validate_every: 250" in saved and "${" not in saved
+
+
+@pytest.mark.parametrize(
+    "value",
+    ["${oc.env:HOME}", "${oc.env:HOME}/runs", "x/${ oc.env : HOME }", '${oc.decode:"1"}', "\\\\${oc.env:HOME}"],
+)
+def test_environment_resolvers_are_refused(tmp_path: Path, value: str) -> None:
+    run = write(tmp_path / "run.yaml", f"output_dir: '{value}'\n")
+    problems = problems_of([run], MINIMAL)
+    assert len(problems) == 1 and problems[0].startswith("output_dir: ") and "resolvers such as" in problems[0]
+    assert os.environ.get("HOME", "/nowhere") not in "\n".join(problems)
+    assert "resolvers such as" in problems_of([], [*MINIMAL, f"output_dir='{value}'"])[0]
+
+
+def test_nested_resolver_names_are_refused(tmp_path: Path) -> None:
+    run = write(tmp_path / "run.yaml", "output_dir: ${${train.resume}:HOME}\ntrain: {resume: oc.env}\n")
+    assert "resolvers such as" in problems_of([run], MINIMAL)[0]
+
+
+def test_escaped_interpolations_stay_literal(tmp_path: Path) -> None:
+    run = write(tmp_path / "run.yaml", "output_dir: runs/\\${oc.env:HOME}\n")
+    cfg = load_config([run], MINIMAL)
+    assert cfg.output_dir == "runs/${oc.env:HOME}"
+    assert load_config([save_config(cfg, tmp_path / "saved.yaml")]) == cfg
+
+
+@pytest.mark.parametrize("override", ["train.lr", "=3", "train..lr=1", "train lr=1", "data.resolution=[256"])
+def test_malformed_overrides_are_named(override: str) -> None:
+    problems = problems_of([], [*MINIMAL, override])
+    assert len(problems) == 1 and problems[0].startswith(f"override {override!r}: ")
+
+
+@pytest.mark.parametrize(
+    ("override", "expected"),
+    [
+        (
+            "data.sources[3].path=x",
+            "cannot set data.sources[3].path: data.sources is [] (list), which has no item '3'",
+        ),
+        ("train.lr.x=1", "cannot set train.lr.x: train.lr is 0.0001 (float), which has no item 'x'"),
+    ],
+)
+def test_unsettable_override_is_named(override: str, expected: str) -> None:
+    assert problems_of([], [*MINIMAL, override]) == [f"override {override!r}: {expected}"]
+
+
+def test_unresolvable_reference_is_named() -> None:
+    problems = problems_of([], [*MINIMAL, "output_dir=${train.nope}"])
+    assert len(problems) == 1 and problems[0].startswith("output_dir: cannot resolve: ")
+
+
+def test_missing_and_unreadable_files_are_named(tmp_path: Path) -> None:
+    bad = write(tmp_path / "bad.yaml", "model:\n  base: [unclosed\n")
+    twice = write(tmp_path / "twice.yaml", "train: {lr: 1}\ntrain: {lr: 2}\n")
+    unsafe = write(tmp_path / "unsafe.yaml", "model: !!python/object/apply:os.system ['echo pwned']\n")
+    scalar = write(tmp_path / "scalar.yaml", "just a string\n")
+    missing = tmp_path / "missing.yaml"
+    problems = problems_of([missing, bad, twice, unsafe, scalar], ["train.lr"])
+    assert [p.split(": ")[0] for p in problems] == [
+        f"config file {str(path)!r}" for path in (missing, bad, twice, unsafe, scalar)
+    ] + ["override 'train.lr'"]
+    assert problems[0].endswith("not found") and "not valid YAML: line 3" in problems[1]
+    assert "'train' given twice" in problems[2] and "python/object" in problems[3]
+    assert "expected a mapping" in problems[4]
+
+
+def test_resolution_int_means_square() -> None:
+    assert load_config([], [*MINIMAL, "data.resolution=320"]).data.resolution == [320, 320]
+    assert config_from_dict({"model": {"base": "sd"}, "data": {"root": "c", "resolution": 64}}).data.resolution == [
+        64,
+        64,
+    ]
+
+
+def test_source_weights_must_not_all_be_zero() -> None:
+    problems = problems_of([], ["model.base=sd", "data.sources=[{kind: folder, path: a, weight: 0}]"])
+    assert problems == ["data.sources: every weight is 0; at least one source needs a positive weight"]
+
+
+# A schema exercising the generic machinery beyond what Config uses today.
+@dataclass
+class Part:
+    name: str = option(help="a name")
+    size: tuple[int, int] = option((1, 2), "a fixed pair")
+
+
+@dataclass
+class Toy:
+    mode: Literal["a", "b"] = option("a", "a mode")
+    parts: list[Part] = option([], "parts")
+    extra: dict[str, Any] = option({}, "free-form settings")
+    pair: tuple[int, int] | None = option(None, "an optional pair", min=0)
+    level: int = option(1, "a level", choices=(1, 2, 4))
+    ratio: float = option(0.5, "a ratio")
+
+
+def test_generic_types() -> None:
+    toy = load_config(
+        [], ["parts=[{name: x, size: [3, 4]}]", "extra={k: [1, {v: null}]}", "pair=[5, 6]", "ratio=2"], schema=Toy
+    )
+    assert toy == Toy(parts=[Part("x", (3, 4))], extra={"k": [1, {"v": None}]}, pair=(5, 6), ratio=2.0)
+    assert type(toy.ratio) is float and config_from_dict(config_to_dict(toy), Toy) == toy
+    assert problems_of(
+        [], ["parts=[{size: [1, 2, 3]}]", "extra=[1]", "pair=[-1, 2]", "level=3", "mode=c"], schema=Toy
+    ) == [
+        "mode: expected one of 'a', 'b', got 'c' (str)",
+        "parts[0].name: required, not set",
+        "parts[0].size: expected [int, int], got [1, 2, 3] (list)",
+        "extra: expected mapping of str to any value, got [1] (list)",
+        "pair[0]: must be >= 0, got -1",
+        "level: expected one of 1, 2, 4, got 3 (int)",
+    ]
+
+
+def test_option_requires_help_and_copies_mutable_defaults() -> None:
+    with pytest.raises(TypeError, match="help"):
+        option(1)
+    assert DataConfig().sources is not DataConfig().sources
+    assert Config(model=ModelConfig("a"), data=DataConfig()).train is not Config(ModelConfig("a"), DataConfig()).train
+
+
+def test_describe_config_lists_every_key_with_type_default_and_help() -> None:
+    text = describe_config()
+    lines = text.splitlines()
+    assert "model.base: str (required)" in lines
+    assert "train.lr: float = 0.0001 (> 0)" in lines
+    assert "train.caption_dropout: float = 0.1 (>= 0, <= 1)" in lines
+    assert "model.layout: one of 'videoldm', 'attention_only', 'conv_only' = videoldm" in lines
+    assert "data.sources[i].kind: one of 'folder', 'webvid', 'manifest', 'images' (required)" in lines
+    assert "data.resolution: list of int = [256, 256] (>= 8, a multiple of 8)" in lines
+    for cls in (Config, ModelConfig, DataConfig, SourceConfig, TrainConfig):
+        for spec in fields(cls):
+            assert spec.metadata.get("help"), f"{cls.__name__}.{spec.name} has no help"
+            assert spec.metadata["help"] in text
+    for key in ("model.attention_backend", "data.sources[i].weight", "train.validation_prompts", "output_dir"):
+        assert any(line.startswith(f"{key}: ") for line in lines)
+
+
+def run_python(code: str) -> subprocess.CompletedProcess[str]:
+    env = {**os.environ, "PYTHONPATH": str(REPO), "OMP_NUM_THREADS": "1"}
+    return subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, env=env, cwd=REPO)
+
+
+def test_checking_a_config_imports_nothing_heavy() -> None:
+    """Config errors come before torch loads: ``import lvdm.config`` and a full check pull in no torch or diffusers."""
+    code = """
+import sys
+from lvdm.config import describe_config, load_config
+from lvdm.errors import ConfigError
+describe_config()
+load_config([], ["model.base=sd", "data.root=clips"])
+try:
+    load_config([], ["train.lrr=1"])
+except ConfigError:
+    pass
+heavy = sorted(m for m in sys.modules if m.split(".")[0] in ("torch", "diffusers", "transformers", "accelerate"))
+assert not heavy, heavy
+"""
+    result = run_python(code)
+    assert result.returncode == 0, result.stderr
