@@ -1,0 +1,63 @@
+"""Encode a dataset once through the VAE and text encoder, so training reads latents instead of video.
+
+    python -m lvdm.cache --config configs/t2v_sd15.yaml data.cache=cache/webvid
+    python train.py --config configs/t2v_sd15.yaml data.cache=cache/webvid      # then trains from it
+
+The cache is written to ``data.cache`` (see :mod:`lvdm.data.cache` for the layout). An interrupted
+run resumes at its first missing shard; a cache made with another model or other data settings
+is refused, naming what differs.
+"""
+
+from __future__ import annotations
+
+import argparse
+import sys
+from pathlib import Path
+from typing import Any
+
+from lvdm.cli import run_cli, split_overrides
+from lvdm.config import Config, load_config
+from lvdm.errors import ConfigError
+
+
+def encoders(base: Any, *, chunk_frames: int = 16) -> dict[str, Any]:
+    """The callables :func:`lvdm.data.cache.build_cache` needs, bound to a loaded base model."""
+    from lvdm.models.encoders import encode_text, encode_video
+
+    return {
+        "encode_video": lambda video: encode_video(base.vae, video, chunk_frames=chunk_frames),
+        "encode_text": lambda captions: encode_text(base.tokenizer, base.text_encoder, captions),
+    }
+
+
+def build_from_config(cfg: Config, *, shard_size: int = 64, progress: bool = True) -> Path:
+    """Build (or resume) the cache at ``cfg.data.cache`` for ``cfg``'s data and base model."""
+    from lvdm.data.build import build_dataset
+    from lvdm.data.cache import build_cache, cache_fingerprint
+    from lvdm.models.loading import load_base
+
+    if not cfg.data.cache:
+        raise ConfigError("data.cache: set it to the folder the cache is written to")
+    dataset, _ = build_dataset(cfg.data, seed=cfg.train.seed)
+    m = cfg.model
+    base = load_base(m.base, base_config=m.base_config, loras=m.loras, allow_pickle=m.allow_pickle)
+    fingerprint = cache_fingerprint(dataset, base.vae, base.text_encoder)
+    return build_cache(
+        dataset, cfg.data.cache, **encoders(base), fingerprint=fingerprint, shard_size=shard_size, progress=progress
+    )
+
+
+def main(argv: list[str]) -> int:
+    overrides, rest = split_overrides(argv)
+    parser = argparse.ArgumentParser(prog="python -m lvdm.cache", description=__doc__.split("\n\n")[0])
+    parser.add_argument("--config", action="append", default=[], help="YAML config file(s); later ones win")
+    parser.add_argument("--shard-size", type=int, default=64, help="samples per shard file")
+    args = parser.parse_args(rest)
+    cfg = load_config(args.config, overrides)
+    out = build_from_config(cfg, shard_size=args.shard_size)
+    print(f"latent cache ready: {out}")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(run_cli(main))

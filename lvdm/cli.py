@@ -1,0 +1,35 @@
+"""What every lvdm command does with a user mistake: one line on stderr and a non-zero exit, no traceback.
+
+Exit codes: 2 for a configuration or usage error (nothing was loaded), 1 for any other
+user-facing problem (a file that cannot be used, a dataset that is mostly bad). Anything that
+is not an :class:`~lvdm.errors.LvdmError` is a bug and keeps its traceback.
+"""
+
+from __future__ import annotations
+
+import sys
+from collections.abc import Callable
+
+from lvdm.errors import ConfigError, LvdmError
+
+
+def run_cli(main: Callable[[list[str]], int | None], argv: list[str] | None = None) -> int:
+    """Run ``main(argv)`` and turn user errors into an exit code."""
+    args = sys.argv[1:] if argv is None else argv
+    try:
+        return main(args) or 0
+    except ConfigError as exc:
+        print(f"error: {exc}", file=sys.stderr)
+        return 2
+    except LvdmError as exc:
+        print(f"error: {' '.join(str(exc).split())}", file=sys.stderr)
+        return 1
+    except KeyboardInterrupt:
+        print("interrupted", file=sys.stderr)
+        return 130
+
+
+def split_overrides(args: list[str]) -> tuple[list[str], list[str]]:
+    """``key=value`` arguments and the rest, in order."""
+    overrides = [a for a in args if "=" in a and not a.startswith("-")]
+    return overrides, [a for a in args if a not in overrides]

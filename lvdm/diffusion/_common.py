@@ -1,0 +1,23 @@
+"""Shared by the diffusion modules: the ``model_fn`` type and name lookup in the preset dicts with a did-you-mean."""
+
+from __future__ import annotations
+
+import difflib
+from collections.abc import Callable, Mapping
+from typing import TypeVar
+
+import torch
+
+_V = TypeVar("_V")
+
+ModelFn = Callable[..., torch.Tensor]
+"""``model_fn(x_t: (b, c, f, h, w), t: (b,), **cond) -> (b, c, f, h, w)``; ``cond`` is passed through untouched."""
+
+
+def lookup(registry: Mapping[str, _V], name: str, what: str) -> _V:
+    """``registry[name]``, or a ``ValueError`` naming every choice and the closest one."""
+    if name in registry:
+        return registry[name]
+    close = difflib.get_close_matches(str(name), list(registry), n=1)
+    hint = f" Did you mean {close[0]!r}?" if close else ""
+    raise ValueError(f"Unknown {what} {name!r}; choose one of {sorted(registry)}.{hint}")

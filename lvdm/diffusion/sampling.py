@@ -1,0 +1,159 @@
+"""Sampling: named diffusers schedulers and one loop around any ``model_fn``.
+
+The schedulers are diffusers' own, built with ``from_config`` from the base model's scheduler config, so betas
+and ``prediction_type`` follow the base. Note ``from_config`` only carries over the values the base config set
+explicitly: a key the base left at its default (listed in ``config["_use_default_values"]``) takes the new
+scheduler's own default (e.g. ``timestep_spacing`` "leading" for DDIM/DDPM, "linspace" for Euler/DPM/UniPC).
+
+Written by hand: the loop itself (diffusers' is inside each pipeline and calls the UNet directly), with
+classifier-free guidance from :mod:`lvdm.diffusion.guidance` and optional thresholding of the predicted x0 for
+every scheduler (diffusers' own ``thresholding`` exists only in some schedulers and only as the percentile rule).
+"""
+
+from __future__ import annotations
+
+import functools
+import inspect
+from collections.abc import Callable, Mapping
+from typing import Any
+
+import numpy as np
+import torch
+from diffusers import (
+    DDIMScheduler,
+    DDPMScheduler,
+    DPMSolverMultistepScheduler,
+    EulerAncestralDiscreteScheduler,
+    EulerDiscreteScheduler,
+    SchedulerMixin,
+    UniPCMultistepScheduler,
+)
+from diffusers.configuration_utils import ConfigMixin
+from tqdm.auto import tqdm
+
+from lvdm.diffusion._common import ModelFn, lookup
+from lvdm.diffusion.guidance import ConstantGuidance, classifier_free_guidance, threshold_x0
+
+Threshold = tuple[str, float] | Callable[[torch.Tensor], torch.Tensor]
+
+SAMPLERS: dict[str, Callable[[Mapping[str, Any]], SchedulerMixin]] = {
+    "ddim": DDIMScheduler.from_config,
+    "dpmpp": functools.partial(DPMSolverMultistepScheduler.from_config, algorithm_type="dpmsolver++"),
+    "euler": EulerDiscreteScheduler.from_config,
+    "euler_a": EulerAncestralDiscreteScheduler.from_config,
+    "ddpm": DDPMScheduler.from_config,
+    "unipc": UniPCMultistepScheduler.from_config,
+}
+"""Each entry builds a fresh diffusers scheduler from a base scheduler's ``config``."""
+
+
+def make_scheduler(name: str, base_config: Mapping[str, Any] | ConfigMixin) -> SchedulerMixin:
+    """The :data:`SAMPLERS` scheduler ``name`` built from ``base_config`` (a scheduler or its ``.config``).
+
+    Unknown names raise ``ValueError`` with the choices and a did-you-mean.
+    """
+    factory = lookup(SAMPLERS, name, "sampler")
+    config = base_config.config if isinstance(base_config, ConfigMixin) else base_config
+    return factory(config)
+
+
+# model output <-> predicted x0, given the model's input x_t and alpha_bar_t (all float32)
+_TO_X0: dict[str, Callable[[torch.Tensor, torch.Tensor, torch.Tensor], torch.Tensor]] = {
+    "epsilon": lambda out, x_t, a: (x_t - (1 - a).sqrt() * out) / a.sqrt(),
+    "v_prediction": lambda out, x_t, a: a.sqrt() * x_t - (1 - a).sqrt() * out,
+    "sample": lambda out, x_t, a: out,
+}
+_FROM_X0: dict[str, Callable[[torch.Tensor, torch.Tensor, torch.Tensor], torch.Tensor]] = {
+    "epsilon": lambda x0, x_t, a: (x_t - a.sqrt() * x0) / (1 - a).sqrt(),
+    "v_prediction": lambda x0, x_t, a: (a.sqrt() * x_t - x0) / (1 - a).sqrt(),
+    "sample": lambda x0, x_t, a: x0,
+}
+
+
+def _alpha_bar(scheduler: SchedulerMixin, t: torch.Tensor) -> torch.Tensor:
+    """``alpha_bar`` at a (possibly fractional) timestep, as a float32 scalar.
+
+    Integer timesteps read ``alphas_cumprod``; fractional ones (Euler schedulers) interpolate sigma linearly
+    between training timesteps, as those schedulers do (approximate with Karras sigmas).
+    """
+    alphas = scheduler.alphas_cumprod.double().cpu().numpy()
+    sigmas = ((1 - alphas) / alphas) ** 0.5
+    sigma = np.interp(float(t), np.arange(len(sigmas)), sigmas)
+    return torch.tensor(1.0 / (1.0 + sigma**2), dtype=torch.float32)
+
+
+def _limit_output(
+    scheduler: SchedulerMixin, out: torch.Tensor, x_t: torch.Tensor, t: torch.Tensor, limit: Callable
+) -> torch.Tensor:
+    """Threshold the x0 that ``out`` implies, and return the model output that implies the thresholded x0."""
+    kind = scheduler.config.prediction_type
+    to_x0, from_x0 = lookup(_TO_X0, kind, "prediction_type"), _FROM_X0[kind]
+    a = _alpha_bar(scheduler, t).to(x_t.device)
+    x_t = x_t.float()
+    x0 = limit(to_x0(out.float(), x_t, a))
+    return from_x0(x0, x_t, a).to(out.dtype)
+
+
+def _limiter(threshold: Threshold | None) -> Callable[[torch.Tensor], torch.Tensor] | None:
+    if threshold is None or callable(threshold):
+        return threshold
+    mode, value = threshold
+    return functools.partial(threshold_x0, mode=mode, value=value)
+
+
+@torch.no_grad()
+def sample(
+    model_fn: ModelFn,
+    scheduler: SchedulerMixin,
+    *,
+    latents: torch.Tensor,
+    num_inference_steps: int,
+    cond: Mapping[str, Any],
+    uncond: Mapping[str, Any] | None = None,
+    guidance: Callable[[int, int], float] | None = None,
+    guidance_rescale: float = 0.0,
+    threshold: Threshold | None = None,
+    generator: torch.Generator | None = None,
+    progress: bool = True,
+) -> torch.Tensor:
+    """Denoise ``latents`` with ``scheduler`` and the (guided) ``model_fn``; returns the clean latents.
+
+    Runs under ``torch.no_grad()``. Each step: ``scale_model_input``, one guided model call (batch ``2b`` when the
+    step's guidance weight is not 1), optional x0 thresholding, ``scheduler.step``.
+
+    Args:
+        model_fn: ``model_fn(x_t, t, **cond) -> (b, c, f, h, w)`` in the scheduler's prediction type. ``t`` is
+            ``(b,)`` with the scheduler's timestep dtype: long, except float32 for the Euler samplers (their
+            timesteps may fall between training timesteps; a diffusers UNet takes both).
+        scheduler: a diffusers scheduler, e.g. from :func:`make_scheduler`; ``set_timesteps`` is called here.
+        latents: the initial noise ``(b, c, f, h, w)`` at unit variance (drawn by the caller, e.g. with
+            :func:`~lvdm.diffusion.noise.sample_noise`); it is scaled by ``init_noise_sigma`` here.
+        num_inference_steps: denoising steps.
+        cond: keyword arguments of the conditional pass (``encoder_hidden_states`` ...).
+        uncond: those of the unconditional pass (only what differs from ``cond``); needed with ``guidance``.
+        guidance: a weight schedule ``(step_index, num_steps) -> w`` (see
+            :func:`~lvdm.diffusion.guidance.guidance_schedule`); ``None`` runs the conditional model only.
+        guidance_rescale: phi of Lin et al. 2023 guidance rescale; 0 disables it.
+        threshold: ``(mode, value)`` for :func:`~lvdm.diffusion.guidance.threshold_x0`, or any ``x0 -> x0``
+            callable, applied to the x0 implied by each (guided) model output; ``None`` disables it.
+        generator: passed to ``scheduler.step`` where it takes one (the noise of DDPM, Euler ancestral, DDIM with
+            eta > 0).
+        progress: show a tqdm bar over the steps.
+    """
+    if guidance is not None and uncond is None:
+        raise ValueError("guidance needs uncond (the unconditional keyword arguments).")
+    guided = classifier_free_guidance(model_fn, scale_at=guidance or ConstantGuidance(1.0), rescale=guidance_rescale)
+    limit = _limiter(threshold)
+    scheduler.set_timesteps(num_inference_steps, device=latents.device)
+    timesteps = scheduler.timesteps
+    step_kwargs = {"generator": generator} if "generator" in inspect.signature(scheduler.step).parameters else {}
+    x = latents * scheduler.init_noise_sigma
+    for i, t in enumerate(tqdm(timesteps, desc="sampling", disable=not progress)):
+        model_input = scheduler.scale_model_input(x, t)
+        # () -> (b,)
+        t_batch = t.expand(x.shape[0])
+        out = guided(model_input, t_batch, cond=cond, uncond=uncond, step_index=i, num_steps=len(timesteps))
+        if limit is not None:
+            out = _limit_output(scheduler, out, model_input, t, limit)
+        x = scheduler.step(out.to(x.dtype), t, x, **step_kwargs, return_dict=False)[0]
+    return x
