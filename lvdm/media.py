@@ -1,0 +1,190 @@
+"""Writing what users look at: mp4, gif and PNG frames from uint8 ``(f, h, w, 3)`` RGB, every file written atomically.
+
+mp4 is H.264 (libx264) through PyAV, tagged BT.709 (the RGB -> YUV conversion is done here with the same matrix,
+so colours are right in every player). Even sizes use 4:2:0 (``yuv420p``), which plays everywhere. H.264 cannot
+store an odd width or height in 4:2:0 (chroma is halved and the stream's crop rectangle moves in 2-pixel steps),
+so odd sizes use 4:4:4 (``yuv444p``, High 4:4:4 profile): the exact size, played by FFmpeg-based players and
+readers (VLC, mpv, Chrome, PyAV, decord) but not by Safari/QuickTime or most hardware decoders. Pick even sizes
+for videos meant for phones or Apple devices.
+
+The frame rate is stored exactly as a fraction: ``7.5`` -> 15/2, ``29.97`` -> 2997/100, ``30000 / 1001`` ->
+30000/1001 (floats are read as the nearest fraction with a denominator up to 1001).
+"""
+
+from __future__ import annotations
+
+import contextlib
+import os
+import secrets
+from collections.abc import Callable, Iterator
+from fractions import Fraction
+from pathlib import Path
+
+import av
+import numpy as np
+import torch
+from av.video.reformatter import Colorspace
+from PIL import Image
+
+from lvdm.data import readers
+
+Frames = np.ndarray | torch.Tensor
+_BT709 = 1  # AVCOL_PRI_BT709 = AVCOL_TRC_BT709 = AVCOL_SPC_BT709
+_MPEG_RANGE = 1  # AVCOL_RANGE_MPEG: limited range, what swscale writes for YUV
+
+
+def _as_frames(frames: Frames) -> np.ndarray:
+    """``frames`` as a C-contiguous uint8 numpy array ``(f, h, w, 3)``, or a ValueError saying what is wrong."""
+    if isinstance(frames, torch.Tensor):
+        frames = frames.detach().cpu().numpy()
+    frames = np.asarray(frames)
+    if frames.dtype != np.uint8 or frames.ndim != 4 or frames.shape[-1] != 3 or 0 in frames.shape:
+        raise ValueError(
+            f"frames must be uint8 (f, h, w, 3) RGB with f, h, w >= 1, got {frames.dtype} {tuple(frames.shape)}"
+            " (to_uint8_frames converts a (f, 3, h, w) float video in [-1, 1])"
+        )
+    return np.ascontiguousarray(frames)
+
+
+def _as_rate(fps: float | Fraction) -> Fraction:
+    try:
+        rate = Fraction(fps).limit_denominator(1001)
+    except (TypeError, ValueError, OverflowError):
+        rate = Fraction(0)
+    if not 0 < rate <= 1000:
+        raise ValueError(f"fps must be in (0, 1000], got {fps}")
+    return rate
+
+
+@contextlib.contextmanager
+def _atomic(path: str | os.PathLike) -> Iterator[Path]:
+    """A temporary name next to ``path`` to write to; renamed to ``path`` on success, deleted on failure."""
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    temp = path.with_name(f".{path.name}.{secrets.token_hex(4)}.tmp")
+    try:
+        yield temp
+        os.replace(temp, path)
+    finally:
+        temp.unlink(missing_ok=True)
+
+
+def _video_stream(container: av.container.OutputContainer, shape: tuple[int, ...], rate: Fraction, crf: int):
+    _, height, width, _ = shape
+    stream = container.add_stream("libx264", rate=rate)
+    stream.width, stream.height = width, height
+    stream.pix_fmt = "yuv420p" if width % 2 == 0 and height % 2 == 0 else "yuv444p"  # see the module docstring
+    stream.options = {"crf": str(crf)}
+    context = stream.codec_context
+    context.color_primaries = context.color_trc = context.colorspace = _BT709
+    context.color_range = _MPEG_RANGE
+    return stream
+
+
+def write_video(frames: Frames, path: str | os.PathLike, *, fps: float | Fraction = 8.0, crf: int = 18) -> Path:
+    """Write an H.264 mp4 at the exact size and frame rate (see the module docstring for the pixel format).
+
+    ``crf``: libx264 quality, 0 (lossless, poorly supported by players) to 51; 18 looks lossless to most eyes.
+    """
+    frames, rate = _as_frames(frames), _as_rate(fps)
+    if type(crf) is not int or not 0 <= crf <= 51:
+        raise ValueError(f"crf must be an int in [0, 51], got {crf!r}")
+    with _atomic(path) as temp:
+        with av.open(str(temp), "w", format="mp4", options={"movflags": "+faststart"}) as container:
+            stream = _video_stream(container, frames.shape, rate, crf)
+            for index, rgb in enumerate(frames):
+                frame = av.VideoFrame.from_ndarray(rgb, format="rgb24")
+                frame = frame.reformat(format=stream.pix_fmt, dst_colorspace=Colorspace.ITU709)
+                frame.pts = index
+                container.mux(stream.encode(frame))
+            container.mux(stream.encode())
+    return Path(path)
+
+
+def _gif_durations(count: int, rate: Fraction) -> list[int]:
+    """Per-frame durations in ms, multiples of 10, whose running sum stays within 5 ms of ``i / fps``."""
+    ends = [round(Fraction(100 * (i + 1)) / rate) for i in range(count)]  # in centiseconds
+    return [10 * (end - start) for start, end in zip([0, *ends[:-1]], ends, strict=True)]
+
+
+def write_gif(frames: Frames, path: str | os.PathLike, *, fps: float | Fraction = 8.0, loop: int = 0) -> Path:
+    """Write an animated GIF with Pillow (each frame quantized to its own 256-colour palette).
+
+    GIF delays are whole centiseconds, so a frame lasts ``1000 / fps`` ms rounded to 10 ms; the durations alternate
+    (e.g. 120/130 ms at 8 fps) so that the total length stays exact. Browsers play delays under 20 ms as 100 ms,
+    so keep ``fps <= 50``. Pillow merges identical consecutive frames into one longer frame. ``loop=0`` repeats
+    forever, ``loop=n`` plays n extra times.
+    """
+    frames, rate = _as_frames(frames), _as_rate(fps)
+    durations = _gif_durations(len(frames), rate)
+    if min(durations) == 0:
+        raise ValueError(f"fps={fps} is too high for GIF: its delays are whole centiseconds (at most 100 fps)")
+    images = [Image.fromarray(rgb) for rgb in frames]
+    with _atomic(path) as temp:
+        images[0].save(temp, format="GIF", save_all=True, append_images=images[1:], duration=durations, loop=loop)
+    return Path(path)
+
+
+def write_frames(frames: Frames, folder: str | os.PathLike, *, prefix: str = "frame") -> list[Path]:
+    """Write one PNG per frame, ``folder/{prefix}_00000.png`` ... (created if needed), each atomically.
+
+    Files from an earlier, longer write to the same folder are left in place.
+    """
+    frames = _as_frames(frames)
+    digits = max(5, len(str(len(frames) - 1)))
+    paths = []
+    for index, rgb in enumerate(frames):
+        path = Path(folder) / f"{prefix}_{index:0{digits}d}.png"
+        with _atomic(path) as temp:
+            Image.fromarray(rgb).save(temp, format="PNG")
+        paths.append(path)
+    return paths
+
+
+MediaWriter = Callable[[Frames, Path, float | Fraction], Path | list[Path]]
+WRITERS: dict[str, MediaWriter] = {
+    "mp4": lambda frames, path, fps: write_video(frames, path, fps=fps),
+    "gif": lambda frames, path, fps: write_gif(frames, path, fps=fps),
+    "png": lambda frames, folder, fps: write_frames(frames, folder),  # a folder of frames: no frame rate
+}
+
+
+def _kind(path: str | os.PathLike) -> str:
+    text = os.fspath(path)
+    suffix = Path(text).suffix.lower().removeprefix(".")
+    if text.endswith(("/", os.sep)) or not suffix:
+        return "png"
+    if suffix == "png" or suffix not in WRITERS:
+        choices = ", ".join(f"'.{kind}'" for kind in WRITERS if kind != "png")
+        raise ValueError(f"{text}: unknown media suffix '.{suffix}'; use {choices}, or a folder path for PNG frames")
+    return suffix
+
+
+def save_media(frames: Frames, path: str | os.PathLike, *, fps: float | Fraction = 8.0) -> Path | list[Path]:
+    """Write ``frames`` by the path's suffix: ``.mp4``, ``.gif``, or PNG frames for a path without a suffix or
+    ending in ``/`` (the list of files is returned). Another suffix is a ValueError listing the choices."""
+    return WRITERS[_kind(path)](frames, Path(path), fps)
+
+
+def to_uint8_frames(video: torch.Tensor) -> np.ndarray:
+    """A decoded video ``(f, 3, h, w)``, float in [-1, 1], as uint8 ``(f, h, w, 3)`` (rounded, clamped).
+
+    A non-finite value is a ValueError: a NaN video is a bug upstream, not something to look at.
+    """
+    if video.ndim != 4 or video.shape[1] != 3:
+        raise ValueError(f"video must be (f, 3, h, w), got {tuple(video.shape)}")
+    video = video.detach().float()
+    if not torch.isfinite(video).all():
+        raise ValueError("video contains NaN or infinite values")
+    pixels = ((video + 1) * 127.5).round().clamp(0, 255).to(torch.uint8)
+    return pixels.permute(0, 2, 3, 1).contiguous().cpu().numpy()  # f c h w -> f h w c
+
+
+def read_image(path: str | os.PathLike, *, size: tuple[int, int] | None = None) -> np.ndarray:
+    """An image as uint8 ``(h, w, 3)`` RGB, resized (bicubic) to ``size=(width, height)`` if given.
+
+    The data pipeline's reader (:func:`lvdm.data.readers.read_image`), so images look the same here as in
+    training: any Pillow mode (gray, palette, CMYK, 16-bit scaled, alpha dropped), EXIF orientation applied, and a
+    :class:`~lvdm.errors.VideoReadError` naming the file when it cannot be read.
+    """
+    return readers.read_image(path, size=size)[0]  # 1 h w 3 -> h w 3

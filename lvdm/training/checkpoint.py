@@ -1,0 +1,464 @@
+"""Training checkpoints that can be trusted after days of training: complete or absent, verified on load.
+
+Layout of one checkpoint (``root/checkpoint-00001000/``)::
+
+    model.safetensors      one file per part: a dict of tensors -> <name>.safetensors,
+    optimizer.pt           anything else (optimizer, LR scheduler, grad scaler, RNG, data position) -> <name>.pt
+    metadata.json          the caller's metadata plus "step"
+    COMPLETE               written last: JSON with every file's name, size and sha256
+
+A save writes into ``root/.tmp-checkpoint-00001000-<random>/``, fsyncs every file and the folder, then renames it
+to its final name, so a checkpoint folder either has its ``COMPLETE`` marker or was never finished. Only then does
+retention (``keep_last``) delete older checkpoints, and only folders named ``checkpoint-<8 digits>`` directly in
+``root`` (never symlinks, never anything else). ``.tmp-checkpoint-*`` leftovers of crashed saves are removed at
+the next save; a root has one writer at a time (rank 0).
+
+``.pt`` parts are read back with ``torch.load(weights_only=True)``, which accepts tensors, plain Python containers
+and scalars, ``torch.Size``/``dtype``/``device`` and nothing else. Optimizer, LR scheduler (with its lambdas
+dropped, as ``state_dict`` does) and ``GradScaler`` state dicts pass as they are; numpy arrays and scalars are
+converted on save (arrays to tensors tagged with their dtype, scalars to Python numbers) and arrays come back as
+numpy on load. Any other object is refused at save time, before anything is written, with the key path at fault.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import re
+import secrets
+import shutil
+import tempfile
+import warnings
+from collections import OrderedDict
+from collections.abc import Callable, Iterator
+from pathlib import Path
+from typing import Any, BinaryIO
+
+import numpy as np
+import safetensors.torch
+import torch
+from safetensors import SafetensorError
+
+from lvdm.errors import CheckpointError
+
+MARKER = "COMPLETE"
+METADATA = "metadata.json"
+MAX_STEP = 10**8 - 1  # the folder name holds 8 digits
+FORMAT = "lvdm-checkpoint"
+_NAME = re.compile(r"checkpoint-(\d{8})")
+_TMP_PREFIX = ".tmp-checkpoint-"
+_PART_NAME = re.compile(r"[A-Za-z0-9][A-Za-z0-9_-]*")
+_NDARRAY = "__lvdm_ndarray__"  # tag of an encoded numpy array: {_NDARRAY: tensor, "dtype": "<u4"}
+_LEAF_TYPES = (bool, int, float, complex, str, bytes, bytearray, type(None), torch.dtype, torch.device, torch.Size)
+_CHUNK = 1 << 20
+
+
+# --- names ----------------------------------------------------------------------------------------------------------
+
+
+def checkpoint_step(path: str | os.PathLike) -> int:
+    """The training step in a checkpoint folder's name (``checkpoint-00001000`` -> 1000)."""
+    match = _NAME.fullmatch(Path(path).name)
+    if match is None:
+        raise CheckpointError(f"{path}: not a checkpoint folder (expected a name like checkpoint-00001000)")
+    return int(match.group(1))
+
+
+def _folder_name(step: int) -> str:
+    return f"checkpoint-{step:08d}"
+
+
+def _checkpoint_dirs(root: Path) -> Iterator[tuple[int, Path]]:
+    """(step, path) of every real folder named ``checkpoint-<8 digits>`` directly in ``root`` (symlinks skipped)."""
+    try:
+        entries = list(os.scandir(root))
+    except FileNotFoundError:
+        return
+    except OSError as e:
+        raise CheckpointError(f"cannot list checkpoint folder {root}: {e}") from e
+    for entry in entries:
+        match = _NAME.fullmatch(entry.name)
+        if match and entry.is_dir(follow_symlinks=False):
+            yield int(match.group(1)), root / entry.name
+
+
+def list_checkpoints(root: str | os.PathLike) -> list[Path]:
+    """Complete checkpoints (``COMPLETE`` marker present) directly in ``root``, oldest step first."""
+    found = [(step, path) for step, path in _checkpoint_dirs(Path(root)) if (path / MARKER).is_file()]
+    return [path for _, path in sorted(found)]
+
+
+def _latest(root: Path) -> Path | None:
+    complete = list_checkpoints(root)
+    newest = checkpoint_step(complete[-1]) if complete else -1
+    unfinished = sorted(p for s, p in _checkpoint_dirs(root) if s > newest and not (p / MARKER).is_file())
+    if unfinished:
+        names = ", ".join(map(str, unfinished))
+        warnings.warn(f"ignoring {names}: no {MARKER} marker (not a finished checkpoint)", stacklevel=3)
+    return complete[-1] if complete else None
+
+
+SELECTORS: dict[str, Callable[[Path], Path | None]] = {"latest": _latest}
+
+
+def find_checkpoint(root: str | os.PathLike, which: str | os.PathLike = "latest") -> Path | None:
+    """A checkpoint to resume from: a name in :data:`SELECTORS` (``"latest"``: newest complete one in ``root``,
+    ``None`` if there is none) or a path to a checkpoint folder, returned as is if complete, else an error."""
+    if isinstance(which, str) and which in SELECTORS:
+        return SELECTORS[which](Path(root))
+    path = Path(which)
+    if not path.is_dir():
+        choices = ", ".join(repr(name) for name in SELECTORS)
+        raise CheckpointError(f"checkpoint {path} not found (give a checkpoint folder or one of {choices})")
+    if not (path / MARKER).is_file():
+        raise CheckpointError(f"checkpoint {path} is incomplete: {path / MARKER} is missing (interrupted save?)")
+    return path
+
+
+# --- weights_only-safe values ---------------------------------------------------------------------------------------
+
+
+def _encode(value: Any, where: str) -> Any:
+    """``value`` with numpy converted, so that ``torch.load(weights_only=True)`` reads it; anything else refused."""
+    if type(value) in _LEAF_TYPES or type(value) in (torch.Tensor, torch.nn.Parameter):
+        return value
+    if isinstance(value, np.ndarray) and value.dtype.kind in "biufc":
+        return {_NDARRAY: torch.from_numpy(np.array(value)), "dtype": value.dtype.str}
+    if isinstance(value, np.generic) and value.dtype.kind in "biufc":
+        return value.item()
+    if type(value) in (dict, OrderedDict):
+        for key in value:
+            if type(key) not in _LEAF_TYPES:
+                raise CheckpointError(f"{where}: key {key!r} of type {type(key).__name__} cannot be stored")
+        return type(value)((k, _encode(v, f"{where}[{k!r}]")) for k, v in value.items())
+    if type(value) in (list, tuple, set):
+        return type(value)(_encode(v, f"{where}[{i}]") for i, v in enumerate(value))
+    raise CheckpointError(
+        f"{where}: {type(value).__module__}.{type(value).__qualname__} cannot be stored "
+        "(torch.load(weights_only=True) would refuse it); convert it to tensors, numbers, strings, lists or dicts"
+    )
+
+
+def _decode(value: Any, where: str) -> Any:
+    """Undo :func:`_encode`: tagged tensors back to numpy arrays."""
+    if type(value) in (dict, OrderedDict):
+        if set(value) == {_NDARRAY, "dtype"}:
+            return _decode_array(value, where)
+        return type(value)((k, _decode(v, where)) for k, v in value.items())
+    if type(value) in (list, tuple, set):
+        return type(value)(_decode(v, where) for v in value)
+    return value
+
+
+def _decode_array(value: dict[str, Any], where: str) -> np.ndarray:
+    tensor, dtype = value[_NDARRAY], value["dtype"]
+    if not isinstance(tensor, torch.Tensor) or not isinstance(dtype, str) or np.dtype(dtype).kind not in "biufc":
+        raise CheckpointError(f"{where}: malformed numpy array entry")
+    return tensor.numpy().astype(np.dtype(dtype), copy=False)
+
+
+def _is_tensor_dict(value: Any) -> bool:
+    return (
+        isinstance(value, dict)
+        and len(value) > 0
+        and all(isinstance(k, str) and isinstance(v, torch.Tensor) for k, v in value.items())
+    )
+
+
+# --- writing --------------------------------------------------------------------------------------------------------
+
+
+def _write_safetensors(path: Path, tensors: dict[str, torch.Tensor]) -> None:
+    """Tensors moved to the CPU, made contiguous; a tensor sharing storage with an earlier one (tied) is copied."""
+    seen: set[int] = set()
+    plain = {}
+    for key, tensor in tensors.items():
+        tensor = tensor.detach().cpu().contiguous()
+        pointer = tensor.untyped_storage().data_ptr()
+        plain[key] = tensor.clone() if pointer in seen else tensor
+        seen.add(pointer)
+    safetensors.torch.save_file(plain, str(path))
+
+
+def _write_pickle(path: Path, value: Any) -> None:
+    with open(path, "wb") as f:
+        torch.save(value, f)
+
+
+def _write_json(path: Path, value: Any) -> None:
+    path.write_text(json.dumps(value, indent=2, sort_keys=True) + "\n", encoding="utf-8")
+
+
+def _plan(parts: dict[str, Any]) -> list[tuple[str, Callable[[Path, Any], None], Any]]:
+    """(file name, writer, value) for every part, checked before anything is written."""
+    plan = []
+    for name, value in parts.items():
+        if not isinstance(name, str) or not _PART_NAME.fullmatch(name):
+            raise ValueError(f"part name {name!r}: use letters, digits, '_' and '-' (it becomes a file name)")
+        if _is_tensor_dict(value):
+            plan.append((f"{name}.safetensors", _write_safetensors, value))
+        else:
+            plan.append((f"{name}.pt", _write_pickle, _encode(value, f"part {name!r}")))
+    return plan
+
+
+def _sha256(f: BinaryIO) -> str:
+    digest = hashlib.sha256()
+    while chunk := f.read(_CHUNK):
+        digest.update(chunk)
+    return digest.hexdigest()
+
+
+def _sha256_and_sync(path: Path) -> dict[str, Any]:
+    """{"name", "size", "sha256"} of a written file, which is fsynced on the way."""
+    with open(path, "rb") as f:
+        digest = _sha256(f)
+        os.fsync(f.fileno())
+        return {"name": path.name, "size": f.tell(), "sha256": digest}
+
+
+def _fsync_dir(path: Path) -> None:
+    if os.name != "posix":
+        return  # folders cannot be opened for fsync on Windows
+    fd = os.open(path, os.O_RDONLY)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+
+
+def _write_file(folder: Path, name: str, writer: Callable[[Path, Any], None], value: Any) -> dict[str, Any]:
+    """Write one file, returning its record; any failure is a CheckpointError naming the file."""
+    path = folder / name
+    try:
+        writer(path, value)
+        return _sha256_and_sync(path)
+    except (OSError, RuntimeError, SafetensorError) as e:  # torch.save reports a full disk as RuntimeError
+        free = shutil.disk_usage(folder).free if folder.is_dir() else 0
+        raise CheckpointError(f"could not write {path}: {e} ({_human(free)} free on that disk)") from e
+
+
+def _write_all(folder: Path, plan: list[tuple[str, Callable[[Path, Any], None], Any]], meta: dict[str, Any]) -> None:
+    records = [_write_file(folder, name, writer, value) for name, writer, value in plan]
+    records.append(_write_file(folder, METADATA, _write_json, meta))
+    marker = {"format": FORMAT, "version": 1, "step": meta["step"], "files": records}
+    _write_file(folder, MARKER, _write_json, marker)
+    _fsync_dir(folder)
+
+
+def _remove_leftovers(root: Path) -> None:
+    """Delete ``.tmp-checkpoint-*`` folders of crashed saves (never valid; symlinks left alone)."""
+    for entry in os.scandir(root):
+        if entry.name.startswith(_TMP_PREFIX) and entry.is_dir(follow_symlinks=False):
+            shutil.rmtree(root / entry.name, ignore_errors=True)
+
+
+def _new_temp(root: Path, step: int) -> Path:
+    try:
+        root.mkdir(parents=True, exist_ok=True)
+        _remove_leftovers(root)
+        return Path(tempfile.mkdtemp(prefix=f"{_TMP_PREFIX}{step:08d}-", dir=root))
+    except OSError as e:
+        raise CheckpointError(f"cannot write checkpoints to {root}: {e}") from e
+
+
+def _move_into_place(temp: Path, final: Path) -> None:
+    """Rename ``temp`` to ``final``; an existing ``final`` is renamed aside first and deleted after."""
+    if final.is_symlink() or (final.exists() and not final.is_dir()):
+        raise CheckpointError(f"{final} exists and is not a checkpoint folder; refusing to replace it")
+    aside = None
+    if final.exists():
+        aside = final.parent / f"{_TMP_PREFIX}{final.name}-replaced-{secrets.token_hex(4)}"
+        os.rename(final, aside)
+    try:
+        os.rename(temp, final)
+    except OSError:
+        if aside is not None:
+            os.rename(aside, final)  # put the old one back
+        raise
+    _fsync_dir(final.parent)
+    if aside is not None:
+        shutil.rmtree(aside, ignore_errors=True)
+
+
+def _metadata(step: int, metadata: dict[str, Any] | None) -> dict[str, Any]:
+    meta = dict(metadata or {})
+    if meta.setdefault("step", step) != step:
+        raise ValueError(f"metadata['step'] = {meta['step']!r} disagrees with step={step}")
+    try:
+        json.dumps(meta)
+    except (TypeError, ValueError) as e:
+        raise ValueError(f"checkpoint metadata must be JSON-serializable: {e}") from e
+    return meta
+
+
+def _check_arguments(step: int, keep_last: int | None) -> None:
+    if type(step) is not int or not 0 <= step <= MAX_STEP:
+        raise ValueError(f"step must be an int in [0, {MAX_STEP}], got {step!r}")
+    if keep_last is not None and (type(keep_last) is not int or keep_last < 1):
+        raise ValueError(f"keep_last must be None or an int >= 1, got {keep_last!r}")
+
+
+def save_checkpoint(
+    root: str | os.PathLike,
+    step: int,
+    parts: dict[str, Any],
+    *,
+    keep_last: int | None = None,
+    metadata: dict[str, Any] | None = None,
+) -> Path:
+    """Write ``root/checkpoint-{step:08d}`` atomically (see the module docstring) and return its path.
+
+    ``parts`` maps a name to a ``dict[str, Tensor]`` (``<name>.safetensors``) or any weights_only-safe state
+    (``<name>.pt``). A re-save of the same step replaces the old folder. After the new checkpoint is in place,
+    ``keep_last`` keeps it plus the ``keep_last - 1`` newest other complete checkpoints and deletes the rest.
+    A failed write is a :class:`CheckpointError` naming the file and the OS error; nothing else is touched.
+    """
+    _check_arguments(step, keep_last)
+    plan, meta = _plan(parts), _metadata(step, metadata)
+    root = Path(root)
+    final = root / _folder_name(step)
+    temp = _new_temp(root, step)
+    try:
+        _write_all(temp, plan, meta)
+        _move_into_place(temp, final)
+    except BaseException as error:
+        shutil.rmtree(temp, ignore_errors=True)
+        if isinstance(error, OSError):
+            raise CheckpointError(f"could not put checkpoint {final} in place: {error}") from error
+        raise
+    if keep_last is not None:
+        _prune(root, keep_last, final)
+    return final
+
+
+def _prune(root: Path, keep_last: int, new: Path) -> None:
+    """Delete the oldest complete checkpoints in ``root`` so that ``new`` and ``keep_last - 1`` others remain."""
+    others = [path for path in list_checkpoints(root) if path.name != new.name]
+    for path in others[: max(0, len(others) - (keep_last - 1))]:
+        if path.parent != root or path.is_symlink() or not _NAME.fullmatch(path.name):
+            continue  # defensive: list_checkpoints only yields real folders directly in root
+        doomed = root / f"{_TMP_PREFIX}{path.name}-deleting-{secrets.token_hex(4)}"
+        try:
+            os.rename(path, doomed)  # gone from the listing at once; a crash leaves a .tmp leftover
+            shutil.rmtree(doomed)
+        except OSError as e:
+            warnings.warn(f"could not delete old checkpoint {path}: {e}", stacklevel=3)
+
+
+# --- reading --------------------------------------------------------------------------------------------------------
+
+
+def _read_marker(path: Path) -> list[dict[str, Any]]:
+    marker = path / MARKER
+    if not path.is_dir():
+        raise CheckpointError(f"checkpoint {path} not found")
+    if not marker.is_file():
+        raise CheckpointError(f"checkpoint {path} is incomplete: {marker} is missing (interrupted save?)")
+    try:
+        files = json.loads(marker.read_text(encoding="utf-8"))["files"]
+        for record in files:
+            name, size, digest = record["name"], record["size"], record["sha256"]
+            if not (isinstance(name, str) and Path(name).name == name and name not in (".", "..", MARKER)):
+                raise ValueError(f"unsafe file name {name!r}")
+            if type(size) is not int or not isinstance(digest, str):
+                raise ValueError(f"bad record for {name}")
+    except (OSError, ValueError, KeyError, TypeError) as e:
+        raise CheckpointError(f"{marker}: unreadable or malformed marker ({e})") from e
+    if METADATA not in {record["name"] for record in files}:
+        raise CheckpointError(f"{marker}: does not list {METADATA}")
+    return files
+
+
+def _verify(path: Path, record: dict[str, Any]) -> None:
+    file = path / record["name"]
+    if not file.is_file():
+        raise CheckpointError(f"{file}: missing (listed in {path / MARKER})")
+    size = file.stat().st_size
+    if size != record["size"]:
+        raise CheckpointError(f"{file}: corrupt, {size} bytes instead of {record['size']}")
+    with open(file, "rb") as f:
+        digest = _sha256(f)
+    if digest != record["sha256"]:
+        raise CheckpointError(f"{file}: corrupt, sha256 differs from the one in {path / MARKER}")
+
+
+def _read_pickle(file: Path) -> Any:
+    return _decode(torch.load(file, map_location="cpu", weights_only=True), str(file))
+
+
+def _read_safetensors(file: Path) -> dict[str, torch.Tensor]:
+    return safetensors.torch.load_file(str(file))
+
+
+READERS: dict[str, Callable[[Path], Any]] = {".safetensors": _read_safetensors, ".pt": _read_pickle}
+
+
+def _read_part(file: Path) -> Any:
+    if file.suffix not in READERS:
+        raise CheckpointError(f"{file}: unknown part format {file.suffix!r} (expected one of {sorted(READERS)})")
+    try:
+        return READERS[file.suffix](file)
+    except CheckpointError:
+        raise
+    except Exception as e:  # weights_only refusal (UnpicklingError), corrupt zip or header: all name the file
+        first_line = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
+        raise CheckpointError(f"{file}: cannot be loaded safely ({type(e).__name__}: {first_line})") from e
+
+
+def load_checkpoint(path: str | os.PathLike) -> tuple[dict[str, Any], dict[str, Any]]:
+    """``(parts, metadata)`` of a complete checkpoint, on the CPU, after checking every file's size and sha256.
+
+    A missing marker, a missing or corrupt file, or a ``.pt`` part that ``torch.load(weights_only=True)`` refuses
+    is a :class:`CheckpointError` naming the file; nothing is returned half-loaded.
+    """
+    path = Path(path)
+    records = _read_marker(path)
+    for record in records:
+        _verify(path, record)
+    parts = {}
+    for record in records:
+        if record["name"] != METADATA:
+            file = path / record["name"]
+            parts[file.name.removesuffix(file.suffix)] = _read_part(file)
+    try:
+        metadata = json.loads((path / METADATA).read_text(encoding="utf-8"))
+    except ValueError as e:
+        raise CheckpointError(f"{path / METADATA}: not valid JSON ({e})") from e
+    return parts, metadata
+
+
+# --- before training ------------------------------------------------------------------------------------------------
+
+
+def _human(size: int) -> str:
+    """``1536`` -> ``'1.5 KiB'``."""
+    value = float(size)
+    for unit in ("B", "KiB", "MiB", "GiB"):
+        if value < 1024:
+            return f"{value:.0f} {unit}" if unit == "B" else f"{value:.1f} {unit}"
+        value /= 1024
+    return f"{value:.1f} TiB"
+
+
+def check_writable(root: str | os.PathLike, *, min_free_bytes: int = 0) -> None:
+    """Create ``root`` if needed and write, fsync and delete a probe file there; a :class:`CheckpointError` naming
+    ``root`` if that fails or if less than ``min_free_bytes`` are free. Call it before loading any model."""
+    root = Path(root)
+    try:
+        root.mkdir(parents=True, exist_ok=True)
+        fd, probe = tempfile.mkstemp(prefix=".write-probe-", dir=root)
+        try:
+            os.write(fd, b"lvdm write probe\n")
+            os.fsync(fd)
+        finally:
+            os.close(fd)
+            os.unlink(probe)
+        free = shutil.disk_usage(root).free
+    except OSError as e:
+        raise CheckpointError(f"checkpoint folder {root} is not writable: {e}") from e
+    if free < min_free_bytes:
+        raise CheckpointError(
+            f"checkpoint folder {root} has {_human(free)} free, less than the {_human(min_free_bytes)} needed"
+        )

@@ -1,0 +1,427 @@
+"""Training checkpoints: exact resume, atomic saves, safe retention, verified and pickle-safe loading, RNG state."""
+
+from __future__ import annotations
+
+import errno
+import hashlib
+import json
+import os
+import random
+import subprocess
+import sys
+import textwrap
+import warnings
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+
+from lvdm.errors import CheckpointError
+from lvdm.training import checkpoint
+from lvdm.training.checkpoint import (
+    MARKER,
+    check_writable,
+    checkpoint_step,
+    find_checkpoint,
+    list_checkpoints,
+    load_checkpoint,
+    save_checkpoint,
+)
+from lvdm.training.rng import capture_rng, restore_rng
+
+# --- a tiny training run ----------------------------------------------------------------------------------------
+
+
+class _Run:
+    """A model with dropout, AdamW, a LambdaLR warmup and a GradScaler: everything a resume must restore."""
+
+    def __init__(self, seed: int = 0) -> None:
+        torch.manual_seed(seed)
+        self.model = torch.nn.Sequential(torch.nn.Linear(4, 8), torch.nn.Dropout(0.3), torch.nn.Linear(8, 2))
+        self.optimizer = torch.optim.AdamW(self.model.parameters(), lr=1e-2, weight_decay=0.1)
+        self.scheduler = torch.optim.lr_scheduler.LambdaLR(self.optimizer, lambda step: min(1.0, (step + 1) / 4))
+        self.scaler = torch.amp.GradScaler("cpu", init_scale=2.0**8, growth_interval=2)
+
+    def step(self, n: int) -> None:
+        for _ in range(n):
+            x = torch.randn(3, 4) + float(np.random.rand()) + random.random()  # every RNG feeds the step
+            loss = self.model(x).square().mean()
+            self.optimizer.zero_grad()
+            self.scaler.scale(loss).backward()
+            self.scaler.step(self.optimizer)
+            self.scaler.update()
+            self.scheduler.step()
+
+    def parts(self) -> dict:
+        return {
+            "model": self.model.state_dict(),
+            "optimizer": self.optimizer.state_dict(),
+            "scheduler": self.scheduler.state_dict(),
+            "scaler": self.scaler.state_dict(),
+            "rng": capture_rng(),
+        }
+
+    def load(self, parts: dict) -> None:
+        self.model.load_state_dict(parts["model"])
+        self.optimizer.load_state_dict(parts["optimizer"])
+        self.scheduler.load_state_dict(parts["scheduler"])
+        self.scaler.load_state_dict(parts["scaler"])
+        restore_rng(parts["rng"])
+
+
+def _weights(model: torch.nn.Module) -> dict[str, torch.Tensor]:
+    return {k: v.clone() for k, v in model.state_dict().items()}
+
+
+def _small(step: int = 0) -> dict:
+    return {"model": {"w": torch.full((2, 3), float(step))}, "state": {"step": step}}
+
+
+def _tmp_dirs(root: Path) -> list[str]:
+    return sorted(p.name for p in root.iterdir() if p.name.startswith(".tmp"))
+
+
+def _rewrite_marker(ckpt: Path) -> None:
+    """Make the marker match the files again, as an attacker who edits a checkpoint would."""
+    marker = json.loads((ckpt / MARKER).read_text())
+    for record in marker["files"]:
+        data = (ckpt / record["name"]).read_bytes()
+        record.update(size=len(data), sha256=hashlib.sha256(data).hexdigest())
+    (ckpt / MARKER).write_text(json.dumps(marker))
+
+
+# --- round trip and exact resume --------------------------------------------------------------------------------
+
+
+def test_resume_gives_identical_weights(tmp_path: Path) -> None:
+    run = _Run()
+    run.step(3)
+    ckpt = save_checkpoint(tmp_path, 3, run.parts(), metadata={"lr": 1e-2})
+    run.step(3)
+    expected, expected_lr = _weights(run.model), run.scheduler.get_last_lr()
+
+    torch.manual_seed(123)  # a different process state
+    np.random.seed(123)
+    random.seed(123)
+    resumed = _Run(seed=99)
+    parts, metadata = load_checkpoint(ckpt)
+    resumed.load(parts)
+    resumed.step(3)
+
+    assert metadata == {"lr": 1e-2, "step": 3}
+    assert resumed.scheduler.get_last_lr() == expected_lr
+    assert resumed.scaler.get_scale() == run.scaler.get_scale()
+    for key, value in _weights(resumed.model).items():
+        assert torch.equal(value, expected[key]), key
+
+
+def test_tensors_round_trip_bit_exact(tmp_path: Path) -> None:
+    base = torch.randn(4, 6)
+    tensors = {
+        "f32": torch.randn(3, 5),
+        "bf16": torch.randn(7).bfloat16(),
+        "f16": torch.tensor([float("inf"), -0.0, 65504.0]).half(),
+        "i64": torch.arange(-3, 3),
+        "bool": torch.tensor([True, False]),
+        "strided": base.t(),  # not contiguous
+        "tied_a": base,
+        "tied_b": base,  # shares storage with tied_a
+        "param": torch.nn.Parameter(torch.randn(2)),
+    }
+    parts, _ = load_checkpoint(save_checkpoint(tmp_path, 0, {"model": tensors}))
+    assert parts["model"].keys() == tensors.keys()
+    for key, value in tensors.items():
+        loaded = parts["model"][key]
+        assert loaded.dtype == value.dtype and torch.equal(loaded, value.detach()), key
+
+
+def test_numpy_and_python_state_survive_weights_only(tmp_path: Path) -> None:
+    np.random.seed(5)
+    data = {
+        "order": np.random.permutation(10).astype(np.int32),
+        "epoch": np.int64(3),
+        "loss": np.float32(0.5),
+        "numpy_state": np.random.get_state(),
+        "random_state": random.getstate(),
+        "position": (2, [1, 2], {"seen": {4, 5}}),
+        "shape": torch.Size([2, 3]),
+        "dtype": torch.bfloat16,
+    }
+    parts, _ = load_checkpoint(save_checkpoint(tmp_path, 1, {"data": data}))
+    loaded = parts["data"]
+    assert loaded["order"].dtype == np.int32 and np.array_equal(loaded["order"], data["order"])
+    assert loaded["epoch"] == 3 and type(loaded["epoch"]) is int and loaded["loss"] == 0.5
+    assert loaded["position"] == data["position"] and loaded["random_state"] == data["random_state"]
+    assert loaded["shape"] == torch.Size([2, 3]) and loaded["dtype"] is torch.bfloat16
+    np.random.set_state(loaded["numpy_state"])
+    first = np.random.rand(3)
+    np.random.set_state(data["numpy_state"])
+    assert np.array_equal(first, np.random.rand(3))
+
+
+def test_unstorable_object_refused_before_writing(tmp_path: Path) -> None:
+    class Position:
+        index = 3
+
+    with pytest.raises(CheckpointError, match=r"part 'data'\['where'\]\[1\].*Position"):
+        save_checkpoint(tmp_path / "ckpts", 1, {"data": {"where": [1, Position()]}})
+    assert not (tmp_path / "ckpts").exists()
+
+
+def test_layout_marker_and_metadata(tmp_path: Path) -> None:
+    ckpt = save_checkpoint(tmp_path, 42, _small(42), metadata={"config": {"lr": 1e-4}})
+    assert ckpt == tmp_path / "checkpoint-00000042" and checkpoint_step(ckpt) == 42
+    assert sorted(p.name for p in ckpt.iterdir()) == [MARKER, "metadata.json", "model.safetensors", "state.pt"]
+    marker = json.loads((ckpt / MARKER).read_text())
+    assert [r["name"] for r in marker["files"]] == ["model.safetensors", "state.pt", "metadata.json"]
+    for record in marker["files"]:
+        data = (ckpt / record["name"]).read_bytes()
+        assert record["size"] == len(data) and record["sha256"] == hashlib.sha256(data).hexdigest()
+    assert json.loads((ckpt / "metadata.json").read_text()) == {"config": {"lr": 1e-4}, "step": 42}
+    assert _tmp_dirs(tmp_path) == []
+
+
+def test_resave_same_step_replaces(tmp_path: Path) -> None:
+    save_checkpoint(tmp_path, 5, _small(1))
+    ckpt = save_checkpoint(tmp_path, 5, _small(2))
+    parts, _ = load_checkpoint(ckpt)
+    assert parts["state"] == {"step": 2} and list_checkpoints(tmp_path) == [ckpt]
+    assert _tmp_dirs(tmp_path) == []
+
+
+def test_bad_arguments(tmp_path: Path) -> None:
+    for step in (-1, 10**8, 1.0, True):
+        with pytest.raises(ValueError, match="step"):
+            save_checkpoint(tmp_path, step, _small())
+    with pytest.raises(ValueError, match="part name"):
+        save_checkpoint(tmp_path, 1, {"../model": {"w": torch.zeros(1)}})
+    with pytest.raises(ValueError, match="keep_last"):
+        save_checkpoint(tmp_path, 1, _small(), keep_last=0)
+    with pytest.raises(ValueError, match="JSON"):
+        save_checkpoint(tmp_path, 1, _small(), metadata={"x": object()})
+    with pytest.raises(CheckpointError, match="final"):
+        checkpoint_step(tmp_path / "checkpoint-final")
+    assert list_checkpoints(tmp_path) == []
+
+
+# --- retention ----------------------------------------------------------------------------------------------------
+
+
+def test_keep_last_deletes_oldest_after_new_is_complete(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    prune = checkpoint._prune
+
+    def checked_prune(root: Path, keep_last: int, new: Path) -> None:
+        assert new in list_checkpoints(root) and not _tmp_dirs(root)  # the new one is complete and in place
+        prune(root, keep_last, new)
+
+    monkeypatch.setattr(checkpoint, "_prune", checked_prune)
+    for step in range(1, 5):
+        save_checkpoint(tmp_path, step, _small(step), keep_last=2)
+    assert [checkpoint_step(p) for p in list_checkpoints(tmp_path)] == [3, 4]
+
+    monkeypatch.setattr(torch, "save", _raise_disk_full)
+    with pytest.raises(CheckpointError):
+        save_checkpoint(tmp_path, 5, _small(5), keep_last=1)
+    assert [checkpoint_step(p) for p in list_checkpoints(tmp_path)] == [3, 4]  # a failed save deletes nothing
+
+
+def test_keep_last_keeps_the_new_one_even_if_older(tmp_path: Path) -> None:
+    for step in (10, 20):
+        save_checkpoint(tmp_path, step, _small(step))
+    save_checkpoint(tmp_path, 15, _small(15), keep_last=2)  # e.g. a run restarted from an earlier checkpoint
+    assert [checkpoint_step(p) for p in list_checkpoints(tmp_path)] == [15, 20]
+
+
+def test_retention_touches_nothing_else(tmp_path: Path) -> None:
+    root, outside = tmp_path / "ckpts", tmp_path / "outside"
+    save_checkpoint(outside, 0, _small())  # a complete checkpoint outside the root
+    root.mkdir()
+    (root / "notes.txt").write_text("keep me")
+    (root / "checkpoint-final").mkdir()
+    (root / "checkpoint-123").mkdir()
+    (root / "checkpoint-00000000").symlink_to(outside / "checkpoint-00000000", target_is_directory=True)
+    (root / ".tmp-checkpoint-link").symlink_to(outside, target_is_directory=True)
+    for step in range(1, 4):
+        save_checkpoint(root, step, _small(step), keep_last=1)
+    assert [checkpoint_step(p) for p in list_checkpoints(root)] == [3]  # the symlink is not listed either
+    assert (root / "notes.txt").read_text() == "keep me"
+    assert (root / "checkpoint-final").is_dir() and (root / "checkpoint-123").is_dir()
+    assert (root / "checkpoint-00000000").is_symlink() and (root / ".tmp-checkpoint-link").is_symlink()
+    load_checkpoint(outside / "checkpoint-00000000")
+
+
+# --- failures while saving ----------------------------------------------------------------------------------------
+
+
+def _raise_disk_full(*args, **kwargs) -> None:
+    raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC))
+
+
+def test_failed_save_keeps_previous_and_cleans_up(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    first = save_checkpoint(tmp_path, 1, _small(1))
+    monkeypatch.setattr(torch, "save", _raise_disk_full)  # the 2nd part (state.pt) fails
+    with pytest.raises(CheckpointError) as caught:
+        save_checkpoint(tmp_path, 2, _small(2))
+    assert "state.pt" in str(caught.value) and "No space left on device" in str(caught.value)
+    assert list_checkpoints(tmp_path) == [first] and _tmp_dirs(tmp_path) == []
+    assert not (tmp_path / "checkpoint-00000002").exists()
+    assert load_checkpoint(first)[0]["state"] == {"step": 1}
+
+
+_CRASH = """
+import os, sys, torch
+from lvdm.training.checkpoint import save_checkpoint
+torch.save = lambda *args, **kwargs: os._exit(9)  # killed while writing the 2nd part
+save_checkpoint(sys.argv[1], 2, {"model": {"w": torch.zeros(3)}, "state": {"step": 2}})
+"""
+
+
+def test_hard_crash_leaves_previous_and_next_save_cleans_up(tmp_path: Path) -> None:
+    first = save_checkpoint(tmp_path, 1, _small(1))
+    env = {**os.environ, "PYTHONPATH": str(Path(__file__).resolve().parents[1]), "OMP_NUM_THREADS": "1"}
+    result = subprocess.run([sys.executable, "-c", textwrap.dedent(_CRASH), str(tmp_path)], env=env, timeout=120)
+    assert result.returncode == 9
+    assert len(_tmp_dirs(tmp_path)) == 1  # the half-written folder, never listed
+    assert list_checkpoints(tmp_path) == [first] and find_checkpoint(tmp_path) == first
+    load_checkpoint(first)
+    save_checkpoint(tmp_path, 3, _small(3))
+    assert _tmp_dirs(tmp_path) == []
+
+
+@pytest.mark.skipif(os.name != "posix", reason="RLIMIT_FSIZE is POSIX")
+def test_real_write_failure_names_file(tmp_path: Path) -> None:
+    import resource
+    import signal
+
+    first = save_checkpoint(tmp_path, 1, _small(1))
+    soft, hard = resource.getrlimit(resource.RLIMIT_FSIZE)
+    handler = signal.signal(signal.SIGXFSZ, signal.SIG_IGN)  # a write past the limit fails with EFBIG instead
+    resource.setrlimit(resource.RLIMIT_FSIZE, (64 * 1024, hard))
+    try:
+        with pytest.raises(CheckpointError, match=r"model\.safetensors.*File too large"):
+            save_checkpoint(tmp_path, 2, {"model": {"w": torch.zeros(1 << 16)}})
+    finally:
+        resource.setrlimit(resource.RLIMIT_FSIZE, (soft, hard))
+        signal.signal(signal.SIGXFSZ, handler)
+    assert list_checkpoints(tmp_path) == [first] and _tmp_dirs(tmp_path) == []
+    load_checkpoint(first)
+
+
+def test_unwritable_root(tmp_path: Path) -> None:
+    blocker = tmp_path / "a_file"
+    blocker.write_text("not a folder")
+    root = blocker / "sub"
+    with pytest.raises(CheckpointError, match=str(root)):
+        check_writable(root)
+    with pytest.raises(CheckpointError, match=str(root)):
+        save_checkpoint(root, 1, _small())
+    with pytest.raises(CheckpointError, match="free"):
+        check_writable(tmp_path / "ok", min_free_bytes=2**62)
+    check_writable(tmp_path / "ok" / "deeper")
+    assert list((tmp_path / "ok" / "deeper").iterdir()) == []
+
+
+# --- loading what might be broken or hostile ------------------------------------------------------------------------
+
+
+def test_corrupt_or_missing_file_is_named(tmp_path: Path) -> None:
+    flipped, truncated, missing = (save_checkpoint(tmp_path, step, _small(step)) for step in (1, 2, 3))
+    model = flipped / "model.safetensors"
+    data = bytearray(model.read_bytes())
+    data[-4:] = bytes(b ^ 0xFF for b in data[-4:])  # same size, different bytes
+    model.write_bytes(bytes(data))
+    with pytest.raises(CheckpointError, match=r"checkpoint-00000001/model\.safetensors.*sha256"):
+        load_checkpoint(flipped)
+    state = truncated / "state.pt"
+    state.write_bytes(state.read_bytes()[:-10])
+    with pytest.raises(CheckpointError, match=r"checkpoint-00000002/state\.pt.*bytes"):
+        load_checkpoint(truncated)
+    (missing / "state.pt").unlink()
+    with pytest.raises(CheckpointError, match=r"checkpoint-00000003/state\.pt.*missing"):
+        load_checkpoint(missing)
+    _rewrite_marker(truncated)  # sizes and hashes agree with a broken file: the loader still names it
+    with pytest.raises(CheckpointError, match=r"checkpoint-00000002/state\.pt.*cannot be loaded"):
+        load_checkpoint(truncated)
+
+
+def test_missing_marker(tmp_path: Path) -> None:
+    first = save_checkpoint(tmp_path, 1, _small(1))
+    second = save_checkpoint(tmp_path, 2, _small(2))
+    (second / MARKER).unlink()
+    assert list_checkpoints(tmp_path) == [first]
+    with pytest.warns(UserWarning, match="checkpoint-00000002"):
+        assert find_checkpoint(tmp_path) == first
+    for call in (lambda: find_checkpoint(tmp_path, str(second)), lambda: load_checkpoint(second)):
+        with pytest.raises(CheckpointError, match=f"{second}.*{MARKER}"):
+            call()
+    with pytest.raises(CheckpointError, match="not found"):
+        find_checkpoint(tmp_path, tmp_path / "checkpoint-00000009")
+    assert find_checkpoint(tmp_path, first) == first
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        assert find_checkpoint(tmp_path / "empty") is None
+
+
+class _Evil:
+    def __init__(self, sentinel: Path) -> None:
+        self.sentinel = sentinel
+
+    def __reduce__(self):
+        return os.mkdir, (str(self.sentinel),)
+
+
+def test_malicious_pickle_refused(tmp_path: Path) -> None:
+    ckpt = save_checkpoint(tmp_path / "ckpts", 1, {"extra": {"a": 1}})
+    sentinel = tmp_path / "pwned"
+    torch.save({"a": _Evil(sentinel)}, ckpt / "extra.pt")
+    _rewrite_marker(ckpt)  # the hashes match: only weights_only stands in the way
+    with pytest.raises(CheckpointError, match=r"extra\.pt.*cannot be loaded safely"):
+        load_checkpoint(ckpt)
+    assert not sentinel.exists()
+
+
+def test_marker_cannot_point_outside(tmp_path: Path) -> None:
+    ckpt = save_checkpoint(tmp_path, 1, _small(1))
+    marker = json.loads((ckpt / MARKER).read_text())
+    marker["files"][0]["name"] = "../../etc/passwd"
+    (ckpt / MARKER).write_text(json.dumps(marker))
+    with pytest.raises(CheckpointError, match="unsafe file name"):
+        load_checkpoint(ckpt)
+
+
+# --- RNG ----------------------------------------------------------------------------------------------------------
+
+
+def _draws() -> tuple:
+    return random.random(), random.gauss(0, 1), np.random.rand(3).tolist(), np.random.randn(), torch.rand(4).tolist()
+
+
+def test_rng_capture_restore_and_checkpoint(tmp_path: Path) -> None:
+    random.gauss(0, 1), np.random.randn()  # leave a cached gaussian in both
+    state = capture_rng()
+    expected = _draws()
+    restore_rng(state)
+    assert _draws() == expected
+    parts, _ = load_checkpoint(save_checkpoint(tmp_path, 1, {"rng": state}))
+    _draws()
+    restore_rng(parts["rng"])
+    assert _draws() == expected
+    with pytest.raises(ValueError, match="missing"):
+        restore_rng({"python": state["python"]})
+
+
+def test_rng_cuda_states(monkeypatch: pytest.MonkeyPatch) -> None:
+    restored = {}
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
+    monkeypatch.setattr(torch.cuda, "device_count", lambda: 2)
+    monkeypatch.setattr(torch.cuda, "get_rng_state_all", lambda: [torch.tensor([1], dtype=torch.uint8)] * 2)
+    monkeypatch.setattr(torch.cuda, "set_rng_state", lambda state, device: restored.__setitem__(device, state))
+    state = capture_rng()
+    assert len(state["cuda"]) == 2
+    restore_rng(state)
+    assert sorted(restored) == [0, 1]
+    restored.clear()
+    with pytest.warns(UserWarning, match="1 CUDA device"):
+        restore_rng({**state, "cuda": state["cuda"][:1]})
+    assert sorted(restored) == [0]
