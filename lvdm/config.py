@@ -152,6 +152,7 @@ class DataConfig:
     max_consecutive_bad: int = option(20, "stop after this many unreadable samples in a row", min=1)
     num_workers: int = option(2, "data-loader worker processes (0: load in the main process)", min=0)
     cache: str | None = option(None, "latent cache folder to read instead of decoding videos")
+    holdout: int = option(0, "entries kept out of training for the validation loss and temporal gain", min=0)
 
     def validate(self) -> list[str]:
         """Rules across fields, each message starting with the field it is about."""
@@ -196,7 +197,9 @@ class TrainConfig:
     overwrite: bool = option(False, "allow a fresh run in an output_dir that already holds one")
     log_every: int = option(10, "log the loss every n steps", min=1)
     validate_every: int = option(500, "sample the validation prompts every n steps", min=1)
-    validation_prompts: list[str] = option([], "prompts sampled at each validation; empty: no validation")
+    validation_prompts: list[str] = option([], "prompts sampled at each validation; empty: no sample videos")
+    validation_steps: int = option(25, "DDIM steps for validation samples", min=1)
+    validation_guidance: float = option(7.5, "classifier-free guidance scale for validation samples", min=1)
 
 
 @dataclass

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import csv
+from dataclasses import replace
 from pathlib import Path
 from typing import Any
 
@@ -70,3 +71,28 @@ def build_dataset(data: Any, *, seed: int = 0) -> tuple[VideoDataset, list[float
         weights += [weight / len(listed)] * len(listed)
     dataset = VideoDataset(entries, clip_settings(data), seed=seed, max_consecutive_bad=data.max_consecutive_bad)
     return dataset, weights
+
+
+def build_split(data: Any, *, seed: int = 0) -> tuple[VideoDataset, list[float], VideoDataset | None]:
+    """``(train, weights, holdout)``: ``data.holdout`` evenly spaced entries are kept out of training.
+
+    The holdout clips are cut deterministically (centred start and crop, no flip) so every
+    validation sees the same frames.
+    """
+    dataset, weights = build_dataset(data, seed=seed)
+    if not data.holdout:
+        return dataset, weights, None
+    n = len(dataset.entries)
+    if data.holdout >= n:
+        raise DataError(f"data.holdout={data.holdout} leaves nothing to train on: the dataset has {n} entries")
+    held = {round(i * n / data.holdout) for i in range(data.holdout)}
+    keep = [i for i in range(n) if i not in held]
+    fixed = replace(dataset.settings, start="center", crop="center", flip=False)
+    holdout = VideoDataset([dataset.entries[i] for i in sorted(held)], fixed, seed=seed)
+    train = VideoDataset(
+        [dataset.entries[i] for i in keep],
+        dataset.settings,
+        seed=seed,
+        max_consecutive_bad=dataset.max_consecutive_bad,
+    )
+    return train, [weights[i] for i in keep], holdout

@@ -117,16 +117,10 @@ class VideoDataset(Dataset):
         return frames, plan.fps
 
     def _image(self, path, height: int, width: int, rng: random.Random):
-        from PIL import Image
-
         from lvdm.data.readers import read_image
 
-        try:
-            with Image.open(path) as image:
-                size = cover_size(image.width, image.height, height, width)
-        except (OSError, ValueError) as exc:
-            raise VideoReadError(path, f"not a readable image ({type(exc).__name__})") from None
-        return read_image(path, size=size), 0.0
+        image_width, image_height = _image_size(path)
+        return read_image(path, size=cover_size(image_width, image_height, height, width)), 0.0
 
     def _shape_of(self, entry: Entry) -> tuple[bool, tuple[int, int]]:
         """``(is_image, (h, w))``: the samples that may share a batch."""
@@ -142,14 +136,24 @@ def _media_size(entry: Entry) -> tuple[int, int]:
 
     try:
         if entry.is_image:
-            from PIL import Image
-
-            with Image.open(entry.media_path()) as image:
-                return image.width, image.height
+            return _image_size(entry.media_path())
         info = probe(entry.media_path())
         return info.width, info.height
     except (VideoReadError, OSError, ValueError):
         return 1, 1
+
+
+def _image_size(path) -> tuple[int, int]:
+    """``(width, height)`` as displayed: EXIF orientations 5-8 swap the stored sides (``read_image`` rotates)."""
+    from PIL import Image
+
+    try:
+        with Image.open(path) as image:
+            orientation = image.getexif().get(0x0112, 1)
+            width, height = image.size
+    except (OSError, ValueError) as exc:
+        raise VideoReadError(path, f"not a readable image ({type(exc).__name__})") from None
+    return (height, width) if orientation in (5, 6, 7, 8) else (width, height)
 
 
 def collate(samples: list[dict[str, Any]]) -> dict[str, Any]:

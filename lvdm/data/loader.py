@@ -25,13 +25,22 @@ class BatchStream(Sampler[list[int]]):
 
     A DataLoader prefetches, so the stream cannot know how many batches were consumed; the
     training loop does, and resumes with ``start_at(batches_consumed)`` before iterating.
+    Works for a :class:`VideoDataset` or a latent cache (anything with ``groups`` and a length).
     """
 
     def __init__(
-        self, dataset: VideoDataset, batch_size: int, *, weights: Sequence[float] | None = None, seed: int = 0
+        self,
+        dataset: VideoDataset,
+        batch_size: int,
+        *,
+        weights: Sequence[float] | None = None,
+        seed: int = 0,
+        rank: int = 0,
+        world_size: int = 1,
     ) -> None:
         self.batch_size = batch_size
         self.seed = seed
+        self.rank, self.world_size = rank, world_size
         self.start = 0
         weights = list(weights) if weights is not None else [1.0] * len(dataset)
         if len(weights) != len(dataset) or min(weights) < 0 or sum(weights) <= 0:
@@ -50,9 +59,10 @@ class BatchStream(Sampler[list[int]]):
         self.start = n
 
     def __iter__(self) -> Iterator[list[int]]:
+        """This rank's batches: rank ``r`` of ``w`` takes global batches ``n * w + r``."""
         n = self.start
         while True:
-            yield self.batch(n)
+            yield self.batch(n * self.world_size + self.rank)
             n += 1
 
 
@@ -95,12 +105,12 @@ class BadSampleGuard:
             handle.write(json.dumps({"path": path, "reason": reason}, ensure_ascii=False) + "\n")
 
 
-def make_loader(dataset: VideoDataset, stream: BatchStream, *, num_workers: int = 0) -> DataLoader:
+def make_loader(dataset: Any, stream: BatchStream, *, num_workers: int = 0, collate_fn: Any = collate) -> DataLoader:
     """A DataLoader over ``stream``'s batches (endless: the caller decides how many to take)."""
     return DataLoader(
         dataset,
         batch_sampler=stream,
-        collate_fn=collate,
+        collate_fn=collate_fn,
         num_workers=num_workers,
         persistent_workers=num_workers > 0,
         prefetch_factor=2 if num_workers > 0 else None,
