@@ -33,7 +33,7 @@ def encoders(base: Any, *, chunk_frames: int = 16) -> dict[str, Any]:
 def build_from_config(cfg: Config, *, shard_size: int = 64, progress: bool = True) -> Path:
     """Build (or resume) the cache at ``cfg.data.cache`` for ``cfg``'s data and base model."""
     from lvdm.data.build import build_dataset
-    from lvdm.data.cache import build_cache, cache_fingerprint
+    from lvdm.data.cache import build_cache, cache_fingerprint, weights_digest
     from lvdm.models.loading import load_base
 
     if not cfg.data.cache:
@@ -41,7 +41,8 @@ def build_from_config(cfg: Config, *, shard_size: int = 64, progress: bool = Tru
     dataset, _ = build_dataset(cfg.data, seed=cfg.train.seed)
     m = cfg.model
     base = load_base(m.base, base_config=m.base_config, loras=m.loras, allow_pickle=m.allow_pickle)
-    fingerprint = cache_fingerprint(dataset, base.vae, base.text_encoder)
+    digests = {"vae_digest": weights_digest(base.vae), "text_encoder_digest": weights_digest(base.text_encoder)}
+    fingerprint = cache_fingerprint(dataset, **digests)
     return build_cache(
         dataset, cfg.data.cache, **encoders(base), fingerprint=fingerprint, shard_size=shard_size, progress=progress
     )

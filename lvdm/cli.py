@@ -7,14 +7,23 @@ is not an :class:`~lvdm.errors.LvdmError` is a bug and keeps its traceback.
 
 from __future__ import annotations
 
+import os
 import sys
 from collections.abc import Callable
 
 from lvdm.errors import ConfigError, LvdmError
 
 
+def quiet_libraries() -> None:
+    """Keep diffusers'/transformers' load-time chatter (progress bars, optional-backend notices) off the terminal."""
+    os.environ.setdefault("TRANSFORMERS_VERBOSITY", "error")
+    os.environ.setdefault("DIFFUSERS_VERBOSITY", "error")
+    os.environ.setdefault("HF_HUB_DISABLE_PROGRESS_BARS", "1")
+
+
 def run_cli(main: Callable[[list[str]], int | None], argv: list[str] | None = None) -> int:
     """Run ``main(argv)`` and turn user errors into an exit code."""
+    quiet_libraries()
     args = sys.argv[1:] if argv is None else argv
     try:
         return main(args) or 0

@@ -180,6 +180,7 @@ class TrainConfig:
     lr_schedule: Literal["constant", "cosine", "linear"] = option("constant", "learning-rate curve after warmup")
     warmup_steps: int = option(0, "steps of linear warmup from 0 to lr", min=0)
     weight_decay: float = option(0.01, "AdamW weight decay", min=0)
+    optimizer: Literal["adamw", "adamw8bit"] = option("adamw", "adamw (fused on CUDA) or adamw8bit (bitsandbytes)")
     max_grad_norm: float = option(1.0, "clip the gradient norm to this (0: no clipping)", min=0)
     mixed_precision: Literal["no", "fp16", "bf16"] = option("no", "autocast dtype: no (fp32), fp16 or bf16")
     seed: int = option(0, "random seed for initialization, data order and noise")

@@ -152,4 +152,5 @@ def test_image_sources(tmp_path):
     assert [e.path.name for e in entries] == ["cat.png"] and entries[0].is_image
     manifest = tmp_path / "images.jsonl"
     manifest.write_text(json.dumps({"image": "cat.png", "caption": "a cat"}) + "\n")
-    assert image_source(manifest)[0] == Entry(tmp_path / "cat.png", caption="a cat", is_image=True, source=str(manifest))
+    expected = Entry(tmp_path / "cat.png", caption="a cat", is_image=True, source=str(manifest))
+    assert image_source(manifest)[0] == expected

@@ -49,12 +49,13 @@ def weights_digest(module: torch.nn.Module) -> str:
     return digest.hexdigest()[:16]
 
 
-def cache_fingerprint(dataset: VideoDataset, vae: torch.nn.Module, text_encoder: torch.nn.Module) -> dict[str, Any]:
-    """What a cache depends on: the encoders' weights, the clip settings and the listed files."""
+def cache_fingerprint(dataset: VideoDataset, *, vae_digest: str, text_encoder_digest: str) -> dict[str, Any]:
+    """What a cache depends on: the encoders' weights (as :func:`weights_digest` of the loaded, un-cast
+    modules), the clip settings and the listed files."""
     listing = hashlib.sha256("\n".join(str(e.path) for e in dataset.entries).encode()).hexdigest()[:16]
     return {
-        "vae": weights_digest(vae),
-        "text_encoder": weights_digest(text_encoder),
+        "vae": vae_digest,
+        "text_encoder": text_encoder_digest,
         "clip": {k: list(v) if isinstance(v, tuple) else v for k, v in asdict(dataset.settings).items()},
         "entries": len(dataset.entries),
         "listing": listing,

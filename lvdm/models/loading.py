@@ -16,6 +16,8 @@ from __future__ import annotations
 
 import os
 import warnings
+from collections.abc import Iterator
+from contextlib import contextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -95,12 +97,13 @@ def load_base(
         allow_pickle: permit pickle-based files (loaded with ``weights_only=True``).
     """
     path = Path(path)
-    if path.is_dir():
-        pipe = _load_folder(path, allow_pickle=allow_pickle, dtype=dtype)
-    elif path.is_file():
-        pipe = _load_single_file(path, base_config=base_config, allow_pickle=allow_pickle, dtype=dtype)
-    else:
+    if not path.exists():
         raise CheckpointError(f"base model {path} does not exist (expected a diffusers folder or a checkpoint file)")
+    with _no_loading_bars():
+        if path.is_dir():
+            pipe = _load_folder(path, allow_pickle=allow_pickle, dtype=dtype)
+        else:
+            pipe = _load_single_file(path, base_config=base_config, allow_pickle=allow_pickle, dtype=dtype)
     specs = [LoraSpec.parse(spec) for spec in loras]
     _fuse_loras(pipe, specs, allow_pickle=allow_pickle)
     for name in ("unet", "vae", "text_encoder"):
@@ -194,6 +197,20 @@ def _fuse_loras(pipe: Any, specs: list[LoraSpec], *, allow_pickle: bool) -> None
     pipe.set_adapters(names, adapter_weights=[spec.scale for spec in specs])
     pipe.fuse_lora(adapter_names=names, lora_scale=1.0)
     pipe.unload_lora_weights()
+
+
+@contextmanager
+def _no_loading_bars() -> Iterator[None]:
+    """diffusers' per-component loading bar, off while lvdm loads (its own progress is what users watch)."""
+    from diffusers.utils import logging as diffusers_logging
+
+    enabled = diffusers_logging.is_progress_bar_enabled()
+    diffusers_logging.disable_progress_bar()
+    try:
+        yield
+    finally:
+        if enabled:
+            diffusers_logging.enable_progress_bar()
 
 
 def _check_finite(module: torch.nn.Module, what: str) -> None:

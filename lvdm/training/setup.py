@@ -1,0 +1,115 @@
+"""Building a training run's parts from its config: the model, the data, the optimizer."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from lvdm.errors import ConfigError
+from lvdm.training.step import Frozen
+
+WEIGHT_DTYPES = {"no": torch.float32, "fp16": torch.float16, "bf16": torch.bfloat16}
+LR_SCHEDULES = {"constant": "constant_with_warmup", "cosine": "cosine", "linear": "linear"}
+
+
+def build_model(cfg: Any, device: torch.device, mixed_precision: str) -> tuple[Any, Frozen]:
+    """The video UNet on the configured base (frozen, in the mixed-precision dtype; temporal weights fp32)."""
+    from lvdm.data.cache import weights_digest
+    from lvdm.models import VideoUNet, load_base
+    from lvdm.training.trainer import layout_from_config
+
+    m = cfg.model
+    base = load_base(m.base, base_config=m.base_config, loras=m.loras, allow_pickle=m.allow_pickle)
+    digests = {}
+    if cfg.data.cache:  # hashed before any cast, as the cache command hashes them
+        digests = {"vae_digest": weights_digest(base.vae), "text_encoder_digest": weights_digest(base.text_encoder)}
+    dtype = WEIGHT_DTYPES[mixed_precision]
+    video = VideoUNet.from_unet2d(base.unet, layout_from_config(m)).freeze_base().to(device)
+    for param in video.base_parameters():
+        param.data = param.data.to(dtype)
+    for param in video.temporal_parameters():
+        param.data = param.data.float()
+    if m.gradient_checkpointing:
+        video.enable_gradient_checkpointing()
+    video.set_attention_backend(m.attention_backend)
+    for module in (base.vae, base.text_encoder):
+        module.to(device=device).eval().requires_grad_(False)
+        if dtype != torch.float32:
+            module.to(dtype=dtype)
+    frozen = Frozen.from_base(base)
+    frozen.digests = digests
+    return video, frozen
+
+
+@dataclass
+class DataBundle:
+    """The training stream and what validation needs."""
+
+    dataset: Any
+    stream: Any
+    loader: Any
+    guard: Any
+    validation: list[dict[str, Any]] = field(default_factory=list)
+
+
+def build_data(cfg: Any, frozen: Frozen, *, rank: int, world: int) -> DataBundle:
+    """Video clips (or the latent cache), a rank-aware batch stream, the bad-sample guard, validation batches."""
+    from lvdm.data.build import build_dataset, build_split
+    from lvdm.data.cache import LatentCache, cache_fingerprint, collate_cached
+    from lvdm.data.dataset import collate
+    from lvdm.data.loader import BadSampleGuard, BatchStream, make_loader
+
+    data, train = cfg.data, cfg.train
+    if data.cache:
+        listing, _ = build_dataset(data, seed=train.seed)
+        dataset = LatentCache(data.cache, expected=cache_fingerprint(listing, **frozen.digests))
+        weights, holdout, collate_fn = None, None, collate_cached
+    else:
+        dataset, weights, holdout = build_split(data, seed=train.seed)
+        collate_fn = collate
+    stream = BatchStream(dataset, train.batch_size, weights=weights, seed=train.seed, rank=rank, world_size=world)
+    loader = make_loader(dataset, stream, num_workers=data.num_workers, collate_fn=collate_fn)
+    log = Path(cfg.output_dir) / "skipped.jsonl" if rank == 0 else None
+    guard = BadSampleGuard(log, max_fraction=data.max_bad_fraction)
+    validation = _validation_batches(holdout or dataset, collate_fn, train.batch_size, held_out=holdout is not None)
+    return DataBundle(dataset, stream, loader, guard, validation)
+
+
+def _validation_batches(dataset: Any, collate_fn: Any, batch_size: int, *, held_out: bool) -> list[dict[str, Any]]:
+    """The held-out clips in batches of one shape; without a holdout, one fixed batch of training samples."""
+    batches = []
+    for members in dataset.groups.values():
+        chosen = members if held_out else members[:batch_size]
+        for start in range(0, len(chosen), batch_size):
+            batches.append(collate_fn([dataset[i] for i in chosen[start : start + batch_size]]))
+        if not held_out:
+            break
+    return batches
+
+
+def build_optimizer(cfg: Any, video: Any, device: torch.device) -> tuple[torch.optim.Optimizer, Any]:
+    """AdamW over the temporal parameters only (fused on CUDA, or bitsandbytes 8-bit) and the LR schedule."""
+    from diffusers.optimization import get_scheduler
+
+    train = cfg.train
+    params = list(video.temporal_parameters())
+    if train.optimizer == "adamw8bit":
+        try:
+            import bitsandbytes as bnb
+        except ImportError:
+            raise ConfigError("train.optimizer=adamw8bit needs bitsandbytes: pip install bitsandbytes") from None
+        optimizer = bnb.optim.AdamW8bit(params, lr=train.lr, weight_decay=train.weight_decay)
+    else:
+        optimizer = torch.optim.AdamW(
+            params, lr=train.lr, weight_decay=train.weight_decay, fused=True if device.type == "cuda" else None
+        )
+    schedule = get_scheduler(
+        LR_SCHEDULES[train.lr_schedule],
+        optimizer,
+        num_warmup_steps=train.warmup_steps,
+        num_training_steps=train.max_steps,
+    )
+    return optimizer, schedule

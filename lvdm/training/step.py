@@ -1,0 +1,87 @@
+"""One micro-batch's loss: latents (cached or encoded), caption dropout, the noise prior, the diffusion loss.
+
+Every random draw of a micro-batch comes from one generator seeded by ``(seed, rank, micro-batch
+number)``, never from global RNG state: a resumed run draws exactly what an uninterrupted one
+would have, on any number of data-loader workers.
+"""
+
+from __future__ import annotations
+
+import hashlib
+from dataclasses import dataclass, field
+from typing import Any
+
+import torch
+
+from lvdm.diffusion import diffusion_loss, sample_noise
+from lvdm.diffusion.loss import LossTerms
+from lvdm.models.encoders import encode_text, encode_video, sample_latents
+
+
+def step_generator(seed: int, rank: int, micro_batch: int) -> torch.Generator:
+    """A CPU generator for one micro-batch, independent of every other (a hash of its coordinates)."""
+    digest = hashlib.sha256(f"lvdm:{seed}:{rank}:{micro_batch}".encode()).digest()
+    return torch.Generator().manual_seed(int.from_bytes(digest[:8], "little"))
+
+
+@dataclass
+class Frozen:
+    """The frozen parts around the video UNet, and the empty caption's embedding (for caption dropout)."""
+
+    vae: Any
+    tokenizer: Any
+    text_encoder: Any
+    noise_scheduler: Any
+    empty_text: torch.Tensor  # (1, n, d)
+    digests: dict[str, str] = field(default_factory=dict)  # encoder weight hashes, for the latent cache check
+
+    @classmethod
+    def from_base(cls, base: Any) -> Frozen:
+        from diffusers import DDPMScheduler
+
+        empty = encode_text(base.tokenizer, base.text_encoder, [""])
+        return cls(
+            base.vae, base.tokenizer, base.text_encoder, DDPMScheduler.from_config(base.scheduler.config), empty
+        )
+
+
+def batch_latents_and_text(
+    batch: dict[str, Any], frozen: Frozen, generator: torch.Generator, device: torch.device
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """``(latents (b, c, f, h, w), text (b, n, d))`` for a video batch or a latent-cache batch."""
+    if "latents" in batch:
+        params, text = batch["latents"], batch["text"]
+    else:
+        params = encode_video(frozen.vae, batch["video"].to(device))
+        text = encode_text(frozen.tokenizer, frozen.text_encoder, batch["caption"])
+    latents = sample_latents(frozen.vae, params.to(device=device, dtype=torch.float32), generator)
+    return latents, text.to(device=device, dtype=torch.float32)
+
+
+def training_loss(
+    model_fn: Any, batch: dict[str, Any], frozen: Frozen, train: Any, generator: torch.Generator, device: torch.device
+) -> LossTerms:
+    """The per-sample diffusion loss of one micro-batch under the ``train`` config's noise and dropout settings."""
+    latents, text = batch_latents_and_text(batch, frozen, generator, device)
+    b = latents.shape[0]
+    drop = (torch.rand(b, generator=generator) < train.caption_dropout).to(device)
+    # b -> b 1 1: an empty caption where dropped
+    text = torch.where(drop[:, None, None], frozen.empty_text.to(device, text.dtype).expand_as(text), text)
+    noise = sample_noise(
+        tuple(latents.shape),
+        prior=train.noise_prior,
+        mixed_lambda=train.mixed_noise_lambda,
+        offset_noise=train.offset_noise,
+        generator=generator,
+        device=device,
+    )
+    return diffusion_loss(
+        model_fn,
+        latents,
+        frozen.noise_scheduler,
+        noise=noise,
+        generator=generator,
+        snr_gamma=train.snr_gamma,
+        encoder_hidden_states=text,
+        image_only_indicator=batch["is_image"].to(device),
+    )

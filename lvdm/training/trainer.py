@@ -1,0 +1,350 @@
+"""The training loop: accelerate underneath, temporal layers trained, everything resumable and guarded.
+
+One optimizer step = ``train.gradient_accumulation`` micro-batches per process. What the loop
+promises (each one tested):
+
+- only the temporal parameters get gradients and optimizer state; the base is frozen (bf16/fp16
+  under mixed precision, the trained weights stay fp32);
+- a step whose loss (or, outside fp16, gradient) is not finite on any rank is skipped on every
+  rank: weights, optimizer moments, EMA, LR schedule and step count unchanged; counted, logged,
+  and ``train.max_nonfinite_steps`` in a row stop the run;
+- checkpoints hold weights, optimizer, LR schedule, EMA, grad scaler, RNG and the data position;
+  a resumed run continues exactly as an uninterrupted one (all training randomness is drawn from
+  generators seeded by (seed, rank, micro-batch number));
+- SIGTERM/SIGINT finish the current step, save, and stop, every rank at the same step.
+"""
+
+from __future__ import annotations
+
+import math
+import signal
+import time
+from contextlib import contextmanager, nullcontext
+from dataclasses import dataclass, field, replace
+from pathlib import Path
+from typing import Any
+
+import torch
+from tqdm.auto import tqdm
+
+from lvdm.config import Config, config_to_dict, save_config
+from lvdm.errors import CheckpointError, DataError, LvdmError
+from lvdm.training import run_dir
+from lvdm.training.checkpoint import load_checkpoint, save_checkpoint
+from lvdm.training.ema import EMA
+from lvdm.training.logs import RunLog
+from lvdm.training.rng import capture_rng, restore_rng
+from lvdm.training.step import step_generator, training_loss
+from lvdm.training.validation import sample_videos, temporal_gain
+
+
+@dataclass
+class TrainResult:
+    """What a finished (or stopped) run left behind."""
+
+    output_dir: Path
+    step: int
+    temporal_path: Path
+    first_loss: float | None = None
+    last_loss: float | None = None
+    gain: dict[str, float] | None = None
+    samples: list[Path] = field(default_factory=list)
+    skipped_steps: int = 0
+    stopped_by_signal: bool = False
+
+
+class Trainer:
+    """Builds everything from a :class:`Config` and runs the loop; see the module docstring."""
+
+    def __init__(self, cfg: Config, *, progress: bool = True) -> None:
+        from accelerate import Accelerator
+
+        self.cfg, self.progress = cfg, progress
+        self.out = Path(cfg.output_dir)
+        self.acc = Accelerator(mixed_precision=cfg.train.mixed_precision)
+        self.resume_from = self._prepare_output_dir()
+        self.cfg_dict = config_to_dict(cfg)
+        self.step = self.micro_batches = self.skipped_total = self.skipped_in_row = 0
+        self.stop_requested = False
+        self._build()
+
+    # ---------------------------------------------------------------------------------------------- set-up
+    def _prepare_output_dir(self) -> Path | None:
+        resume, overwrite = self.cfg.train.resume, self.cfg.train.overwrite
+        if self.acc.is_main_process:
+            run_dir.prepare_output_dir(self.out, resume=resume, overwrite=overwrite)
+        self.acc.wait_for_everyone()
+        return run_dir.resolve_resume(self.out, resume)
+
+    def _build(self) -> None:
+        from lvdm.training.setup import build_data, build_model, build_optimizer
+
+        self.device = self.acc.device
+        self.video, self.frozen = build_model(self.cfg, self.device, self.acc.mixed_precision)
+        self.data = build_data(self.cfg, self.frozen, rank=self.acc.process_index, world=self.acc.num_processes)
+        optimizer, self.lr_schedule = build_optimizer(self.cfg, self.video, self.device)
+        self.ema = (
+            EMA(self.video.named_temporal_parameters(), self.cfg.train.ema_decay) if self.cfg.train.ema_decay else None
+        )
+        self.model, self.optimizer = self.acc.prepare(self.video, optimizer)
+        self.log = RunLog(self.out, enabled=self.acc.is_main_process)
+        if self.resume_from is not None:
+            self._restore(self.resume_from)
+        elif self.acc.is_main_process:
+            save_config(self.cfg, self.out / "config.yaml")
+        self.data.stream.start_at(self.micro_batches)
+        self.batches = iter(self.data.loader)
+
+    def model_fn(self, x: torch.Tensor, t: torch.Tensor, **cond: Any) -> torch.Tensor:
+        return self.model(x, t, **cond)
+
+    # ---------------------------------------------------------------------------------------------- the loop
+    def run(self) -> TrainResult:
+        """Train to ``train.max_steps`` (or a stop signal); returns where everything is."""
+        train = self.cfg.train
+        first_loss = last_loss = None
+        bar = tqdm(total=train.max_steps, initial=self.step, desc="training", disable=not self._show_progress())
+        with self._signals():
+            while self.step < train.max_steps and not self.stop_requested:
+                started = time.perf_counter()
+                loss, grad_norm, stepped = self._optimizer_step()
+                if not stepped:
+                    continue
+                first_loss = loss if first_loss is None else first_loss
+                last_loss = loss
+                bar.update(1)
+                bar.set_postfix(loss=f"{loss:.4f}", lr=f"{self.lr_schedule.get_last_lr()[0]:.2e}")
+                self._after_step(loss, grad_norm, time.perf_counter() - started)
+                self.stop_requested = self._any_rank(self.stop_requested)
+        bar.close()
+        return self._finish(first_loss, last_loss)
+
+    def _show_progress(self) -> bool:
+        return self.progress and self.acc.is_main_process
+
+    def _optimizer_step(self) -> tuple[float, float, bool]:
+        """One optimizer step over the micro-batches; ``stepped`` is False when it was skipped."""
+        accumulation = self.cfg.train.gradient_accumulation
+        losses = []
+        for micro in range(accumulation):
+            batch = self._next_batch()
+            generator = step_generator(self.cfg.train.seed, self.acc.process_index, self.micro_batches)
+            sync = self.acc.no_sync(self.model) if micro < accumulation - 1 else nullcontext()
+            with sync, self.acc.autocast():
+                terms = training_loss(self.model_fn, batch, self.frozen, self.cfg.train, generator, self.device)
+                loss = terms.loss.mean()
+                self.acc.backward(loss / accumulation)
+            losses.append(loss.detach().float())
+        loss = torch.stack(losses).mean()
+        max_norm = self.cfg.train.max_grad_norm or math.inf
+        grad_norm = self.acc.clip_grad_norm_(list(self.video.temporal_parameters()), max_norm)
+        finite = bool(torch.isfinite(loss)) and (self.acc.mixed_precision == "fp16" or bool(torch.isfinite(grad_norm)))
+        if self._any_rank(not finite):
+            self.optimizer.zero_grad(set_to_none=True)
+            self._skip_nonfinite(float(loss))
+            return float(loss), float(grad_norm), False
+        self.skipped_in_row = 0
+        self.optimizer.step()
+        self.optimizer.zero_grad(set_to_none=True)
+        if self.acc.optimizer_step_was_skipped:  # fp16 loss scale overflow: the scaler lowered its scale
+            return float(loss), float(grad_norm), False
+        self.lr_schedule.step()
+        if self.ema is not None:
+            self.ema.update()
+        self.step += 1
+        return float(self.acc.reduce(loss.to(self.device), reduction="mean")), float(grad_norm), True
+
+    def _next_batch(self) -> dict[str, Any]:
+        batch = next(self.batches)
+        self.micro_batches += 1
+        failed = None
+        try:
+            self.data.guard.update(batch)
+        except DataError as exc:
+            failed = exc
+        if self._any_rank(failed is not None):
+            raise failed or DataError("another process stopped on bad data (see its skipped.jsonl)")
+        return batch
+
+    def _skip_nonfinite(self, loss: float) -> None:
+        self.skipped_total += 1
+        self.skipped_in_row += 1
+        self.log.write(self.step, {"skipped_nonfinite": self.skipped_total, "loss": loss})
+        limit = self.cfg.train.max_nonfinite_steps
+        if self.skipped_in_row >= limit:
+            raise LvdmError(
+                f"{limit} steps in a row had a non-finite loss or gradient (train.max_nonfinite_steps) at step "
+                f"{self.step}; the weights are those of the last good step. Lower train.lr, use bf16 instead of "
+                "fp16, or check the data."
+            )
+
+    def _any_rank(self, flag: bool) -> bool:
+        """True on every rank when ``flag`` is True on any rank."""
+        if self.acc.num_processes == 1:
+            return bool(flag)
+        value = torch.tensor([1.0 if flag else 0.0], device=self.device)
+        return bool(self.acc.reduce(value, reduction="sum").item() > 0)
+
+    def _after_step(self, loss: float, grad_norm: float, seconds: float) -> None:
+        train = self.cfg.train
+        if self.step % train.log_every == 0 or self.step == 1:
+            values = {"loss": loss, "lr": self.lr_schedule.get_last_lr()[0], "grad_norm": grad_norm}
+            values |= {
+                "step_seconds": seconds,
+                "skipped_nonfinite": self.skipped_total,
+                "bad_samples": self.data.guard.bad,
+            }
+            self.log.write(self.step, values)
+        if self.step % train.checkpoint_every == 0 and self.step < train.max_steps:
+            self.save()
+        if self.step % train.validate_every == 0 and self.step < train.max_steps:
+            self.validate()
+
+    # ---------------------------------------------------------------------------------------------- checkpoints
+    def save(self) -> Path:
+        """Write a full checkpoint and export the temporal module (main process; all ranks wait)."""
+        self.acc.wait_for_everyone()
+        root = run_dir.checkpoint_root(self.out)
+        path = root / f"checkpoint-{self.step:08d}"
+        if self.acc.is_main_process:
+            parts = {
+                "temporal": {k: v.float().cpu() for k, v in self.video.temporal_state_dict().items()},
+                "optimizer": self.optimizer.state_dict(),
+                "lr_schedule": self.lr_schedule.state_dict(),
+                "rng": capture_rng(),
+                "trainer": {"step": self.step, "micro_batches": self.micro_batches, "skipped": self.skipped_total},
+            }
+            if self.ema is not None:
+                parts["ema"] = self.ema.state_dict()
+            if self.acc.scaler is not None:
+                parts["scaler"] = self.acc.scaler.state_dict()
+            metadata = {"config": self.cfg_dict, "world_size": self.acc.num_processes}
+            path = save_checkpoint(root, self.step, parts, keep_last=self.cfg.train.keep_last, metadata=metadata)
+            self.export()
+        self.acc.wait_for_everyone()
+        return path
+
+    def export(self) -> Path:
+        """Write ``<output_dir>/temporal.safetensors`` (the EMA weights when EMA is on) with the resolved config."""
+        target = self.out / "temporal.safetensors"
+        with self._ema_weights():
+            self.video.save_temporal(target, training_config=self.cfg_dict)
+        return target
+
+    @contextmanager
+    def _ema_weights(self):
+        if self.ema is None:
+            yield
+            return
+        params = dict(self.video.named_temporal_parameters())
+        saved = {name: p.detach().clone() for name, p in params.items()}
+        with torch.no_grad():
+            for name, value in self.ema.weights().items():
+                params[name].copy_(value)
+        try:
+            yield
+        finally:
+            with torch.no_grad():
+                for name, value in saved.items():
+                    params[name].copy_(value)
+
+    def _restore(self, path: Path) -> None:
+        parts, metadata = load_checkpoint(path)
+        run_dir.compare_on_resume(
+            metadata.get("config", {}) | {"world_size": metadata.get("world_size")},
+            self.cfg_dict | {"world_size": self.acc.num_processes},
+        )
+        needed = ["temporal", "optimizer", "lr_schedule", "rng", "trainer"] + (["ema"] if self.ema else [])
+        needed += ["scaler"] if self.acc.scaler is not None else []
+        missing = [name for name in needed if name not in parts]
+        if missing:
+            raise CheckpointError(f"checkpoint {path} lacks {', '.join(missing)}: cannot resume exactly")
+        params = dict(self.video.named_temporal_parameters())
+        if parts["temporal"].keys() != params.keys():
+            raise CheckpointError(f"checkpoint {path}: its temporal weights do not match this model's layers")
+        with torch.no_grad():
+            for name, tensor in parts["temporal"].items():
+                params[name].copy_(tensor)
+        self.optimizer.load_state_dict(parts["optimizer"])
+        self.lr_schedule.load_state_dict(parts["lr_schedule"])
+        if self.ema is not None:
+            self.ema.load_state_dict(parts["ema"])
+        if self.acc.scaler is not None:
+            self.acc.scaler.load_state_dict(parts["scaler"])
+        restore_rng(parts["rng"])
+        trainer = parts["trainer"]
+        self.step, self.micro_batches, self.skipped_total = (
+            trainer["step"],
+            trainer["micro_batches"],
+            trainer["skipped"],
+        )
+
+    # ---------------------------------------------------------------------------------------------- validation
+    def validate(self) -> tuple[dict[str, float] | None, list[Path]]:
+        """Temporal gain on the validation clips and sample videos for the validation prompts (main process)."""
+        gain, samples = None, []
+        if self.acc.is_main_process:
+            model = self.acc.unwrap_model(self.model)
+            with self.acc.autocast():
+                if self.data.validation:
+                    gain = temporal_gain(model, self.data.validation, self.frozen, self.device)
+                    self.log.write(self.step, gain)
+                if self.cfg.train.validation_prompts:
+                    samples = self._samples(model)
+        self.acc.wait_for_everyone()
+        return gain, samples
+
+    def _samples(self, model: Any) -> list[Path]:
+        cfg = self.cfg
+        factor = 2 ** (len(self.frozen.vae.config.block_out_channels) - 1)
+        height, width = cfg.data.resolution
+        with self._ema_weights():
+            return sample_videos(
+                model, self.frozen, cfg.train.validation_prompts, self.out / "samples" / f"step-{self.step:08d}",
+                num_frames=cfg.data.num_frames, latent_size=(height // factor, width // factor),
+                latent_channels=self.video.unet.config.in_channels, steps=cfg.train.validation_steps,
+                guidance_scale=cfg.train.validation_guidance, fps=cfg.data.target_fps or 8.0, seed=cfg.train.seed,
+                device=self.device,
+            )  # fmt: skip
+
+    def _finish(self, first_loss: float | None, last_loss: float | None) -> TrainResult:
+        self.save()
+        gain, samples = self.validate()
+        self.log.close()
+        return TrainResult(
+            self.out, self.step, self.out / "temporal.safetensors", first_loss, last_loss, gain, samples,
+            self.skipped_total, self.stop_requested,
+        )  # fmt: skip
+
+    # ---------------------------------------------------------------------------------------------- signals
+    @contextmanager
+    def _signals(self):
+        """SIGTERM/SIGINT ask the loop to stop after the current step (then it saves)."""
+
+        def handler(signum: int, frame: Any) -> None:
+            self.stop_requested = True
+
+        previous = {sig: signal.signal(sig, handler) for sig in (signal.SIGTERM, signal.SIGINT)}
+        try:
+            yield
+        finally:
+            for sig, old in previous.items():
+                signal.signal(sig, old)
+
+
+def train(cfg: Config, *, progress: bool = True) -> TrainResult:
+    """Run a training job described by ``cfg``."""
+    return Trainer(cfg, progress=progress).run()
+
+
+def layout_from_config(model: Any):
+    """The :class:`~lvdm.models.TemporalLayout` of a ``ModelConfig``: a preset with the configured details."""
+    from lvdm.models.layout import LAYOUTS
+
+    return replace(
+        LAYOUTS[model.layout],
+        attention_depth=model.attention_depth,
+        attention_heads=model.attention_heads,
+        conv_kernel=tuple(model.conv_kernel),
+        mix_factor=model.mix_factor,
+    )

@@ -1,0 +1,54 @@
+"""Fine-tune the temporal layers of a Video LDM on captioned video.
+
+    python train.py                                          # the embedded demo (configs/demo.yaml)
+    python train.py train.max_steps=50                       # the demo, shorter
+    python train.py --config configs/t2v_sd15.yaml model.base=path/to/sd15 data.root=path/to/clips
+    python train.py --config configs/t2v_sd15.yaml train.resume=auto       # continue a run
+    accelerate launch train.py --config ...                  # several GPUs (or torchrun --nproc_per_node N)
+    python train.py --help-config                            # every key, its type, default and meaning
+
+Overrides people change: model.base, model.base_config, data.root / data.manifest, data.num_frames,
+data.resolution, train.max_steps, train.lr, train.batch_size, train.mixed_precision=bf16,
+model.gradient_checkpointing=true, train.resume=auto, output_dir. The trained temporal module is
+written to <output_dir>/temporal.safetensors.
+"""
+
+from __future__ import annotations
+
+import argparse
+import sys
+from pathlib import Path
+
+from lvdm.cli import run_cli, split_overrides
+
+DEMO_CONFIG = Path(__file__).resolve().parent / "configs" / "demo.yaml"
+
+
+def main(argv: list[str]) -> int:
+    from lvdm.config import describe_config, load_config
+
+    overrides, rest = split_overrides(argv)
+    parser = argparse.ArgumentParser(prog="train.py", description=__doc__.split("\n\n")[0])
+    parser.add_argument("--config", action="append", default=[], help="YAML config file(s); later ones win")
+    parser.add_argument("--help-config", action="store_true", help="list every config key and exit")
+    parser.add_argument("--quiet", action="store_true", help="no progress bar")
+    args = parser.parse_args(rest)
+    if args.help_config:
+        print(describe_config())
+        return 0
+    demo = not args.config  # no config file: the demo (overrides such as train.max_steps=50 still apply)
+    cfg = load_config(args.config or [DEMO_CONFIG], overrides)
+    from lvdm.training.report import print_report
+    from lvdm.training.trainer import train
+
+    if demo:
+        from lvdm.training.demo import prepare_demo
+
+        for line in prepare_demo(cfg):
+            print(f"demo: made {line}")
+    print_report(train(cfg, progress=not args.quiet))
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(run_cli(main))
