@@ -60,3 +60,33 @@ def randomize(params, seed: int = 1, std: float = 0.1) -> None:
 
 def deepcopy(module):
     return copy.deepcopy(module)
+
+
+@pytest.fixture(scope="session")
+def tiny_assets(tmp_path_factory: pytest.TempPathFactory) -> dict[str, object]:
+    """A tiny SD1 base folder and a folder of 6 captioned synthetic clips, shared by the training tests."""
+    from lvdm.testing.clips import write_captioned_folder
+
+    root = tmp_path_factory.mktemp("assets")
+    base = testing.make_tiny_sd(root / "base", "sd1", seed=0)
+    clips = write_captioned_folder(root / "clips", 6, num_frames=12, fps=24.0, size=(32, 24), seed=0)
+    return {"base": base, "clips": clips}
+
+
+def tiny_overrides(assets: dict[str, object], output_dir: object, **extra: object) -> list[str]:
+    """``key=value`` overrides for a seconds-long training run on the tiny assets."""
+    values = {
+        "model.base": assets["base"],
+        "data.root": assets["clips"],
+        "data.num_frames": 4,
+        "data.resolution": "[16,16]",
+        "data.num_workers": 0,
+        "train.batch_size": 2,
+        "train.max_steps": 4,
+        "train.checkpoint_every": 2,
+        "train.validate_every": 1000,
+        "train.log_every": 1,
+        "output_dir": output_dir,
+    }
+    values.update(extra)
+    return [f"{key}={value}" for key, value in values.items()]

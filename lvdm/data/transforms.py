@@ -36,8 +36,9 @@ def to_clip_tensor(frames: np.ndarray, out_h: int, out_w: int, *, crop: str, fli
     frames = frames[:, top : top + out_h, left : left + out_w]
     if flip and rng.random() < 0.5:
         frames = frames[:, :, ::-1]
-    # f h w c -> f c h w
-    video = torch.from_numpy(np.ascontiguousarray(frames)).permute(0, 3, 1, 2)
+    # f h w c -> f c h w (made contiguous: a permuted view is channels-last, which would follow the clip into the
+    # VAE and the UNet)
+    video = torch.from_numpy(np.ascontiguousarray(frames)).permute(0, 3, 1, 2).contiguous()
     return video.float().div(127.5).sub(1.0)
 
 

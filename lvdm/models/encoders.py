@@ -22,10 +22,10 @@ def encode_video(vae, video: torch.Tensor, *, chunk_frames: int = 16) -> torch.T
     """
     b, f = video.shape[:2]
     # b f c h w -> (b f) c h w
-    frames = video.reshape(b * f, *video.shape[2:]).to(device=vae.device, dtype=vae.dtype)
+    frames = video.reshape(b * f, *video.shape[2:]).to(device=vae.device, dtype=vae.dtype).contiguous()
     params = torch.cat([vae.encode(chunk).latent_dist.parameters for chunk in frames.split(chunk_frames)])
     # (b f) 2c h w -> b 2c f h w
-    return params.reshape(b, f, *params.shape[1:]).permute(0, 2, 1, 3, 4)
+    return params.reshape(b, f, *params.shape[1:]).permute(0, 2, 1, 3, 4).contiguous()
 
 
 def sample_latents(vae, params: torch.Tensor, generator: torch.Generator | None = None) -> torch.Tensor:

@@ -121,8 +121,9 @@ class VideoUNet(nn.Module):
                 f"encoder_hidden_states has batch {encoder_hidden_states.shape[0]}, sample has {b} videos: "
                 "give the text embeddings once per video, (b, n, d)"
             )
-        # b c f h w -> (b f) c h w
-        frames = sample.permute(0, 2, 1, 3, 4).reshape(b * f, c, h, w)
+        # b c f h w -> (b f) c h w, in the standard layout whatever the input's (channels-last inputs would reach
+        # GroupNorm's channels-last backward kernel, which crashes on CPU in torch 2.13 for the 5D temporal blocks)
+        frames = sample.permute(0, 2, 1, 3, 4).reshape(b * f, c, h, w).contiguous()
         with frame_context(context):
             out = self.unet(
                 frames,

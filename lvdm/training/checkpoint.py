@@ -235,7 +235,9 @@ def _write_file(folder: Path, name: str, writer: Callable[[Path, Any], None], va
         writer(path, value)
         return _sha256_and_sync(path)
     except (OSError, RuntimeError, SafetensorError) as e:  # torch.save reports a full disk as RuntimeError
-        free = shutil.disk_usage(folder).free if folder.is_dir() else 0
+        if not folder.is_dir():  # someone removed the folder under us (a second writer on the same root?)
+            raise CheckpointError(f"could not write {path}: its folder vanished while saving ({e})") from e
+        free = shutil.disk_usage(folder).free
         raise CheckpointError(f"could not write {path}: {e} ({_human(free)} free on that disk)") from e
 
 

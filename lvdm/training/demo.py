@@ -6,19 +6,41 @@ moving shapes, a seeded tiny SD-shaped model (random weights), a few minutes on 
 
 from __future__ import annotations
 
+import os
+import time
 from pathlib import Path
 from typing import Any
+
+from lvdm.errors import LvdmError
 
 DEMO_CLIPS = 12
 
 
-def prepare_demo(cfg: Any) -> list[str]:
-    """Create the demo base model and clips where the config expects them, unless they exist; says what it made."""
+def prepare_demo(cfg: Any, *, wait_seconds: float = 300.0) -> list[str]:
+    """Create the demo base model and clips where the config expects them, unless they exist; says what it made.
+
+    Under a multi-process launcher only rank 0 writes; the other ranks wait for its ``.ready`` marker.
+    """
+    base, clips = Path(cfg.model.base), Path(cfg.data.root)
+    ready = clips / ".ready"
+    if os.environ.get("RANK", "0") != "0":
+        deadline = time.monotonic() + wait_seconds
+        while not ready.exists():
+            if time.monotonic() > deadline:
+                raise LvdmError(f"rank 0 did not finish writing the demo assets ({ready}) in {wait_seconds:.0f} s")
+            time.sleep(0.5)
+        return []
+    made = _make_assets(base, clips)
+    ready.parent.mkdir(parents=True, exist_ok=True)
+    ready.touch()
+    return made
+
+
+def _make_assets(base: Path, clips: Path) -> list[str]:
     from lvdm.testing import make_tiny_sd
     from lvdm.testing.clips import write_captioned_folder
 
     made = []
-    base, clips = Path(cfg.model.base), Path(cfg.data.root)
     if not (base / "model_index.json").is_file():
         make_tiny_sd(base, "sd1", seed=0)
         made.append(f"tiny SD1-shaped base model (random weights) in {base}")

@@ -17,6 +17,7 @@ promises (each one tested):
 from __future__ import annotations
 
 import math
+import os
 import signal
 import time
 from contextlib import contextmanager, nullcontext
@@ -61,7 +62,9 @@ class Trainer:
 
         self.cfg, self.progress = cfg, progress
         self.out = Path(cfg.output_dir)
-        self.acc = Accelerator(mixed_precision=cfg.train.mixed_precision)
+        # without cpu=True, accelerate runs a CPU-only torchrun/mpirun job as N unrelated single processes
+        self.acc = Accelerator(mixed_precision=cfg.train.mixed_precision, cpu=not torch.cuda.is_available())
+        _check_world_size(self.acc.num_processes)
         self.resume_from = self._prepare_output_dir()
         self.cfg_dict = config_to_dict(cfg)
         self.step = self.micro_batches = self.skipped_total = self.skipped_in_row = 0
@@ -77,9 +80,12 @@ class Trainer:
         return run_dir.resolve_resume(self.out, resume)
 
     def _build(self) -> None:
+        from accelerate.utils import set_seed
+
         from lvdm.training.setup import build_data, build_model, build_optimizer
 
         self.device = self.acc.device
+        set_seed(self.cfg.train.seed)  # the temporal layers' initialisation
         self.video, self.frozen = build_model(self.cfg, self.device, self.acc.mixed_precision)
         self.data = build_data(self.cfg, self.frozen, rank=self.acc.process_index, world=self.acc.num_processes)
         optimizer, self.lr_schedule = build_optimizer(self.cfg, self.video, self.device)
@@ -330,6 +336,16 @@ class Trainer:
         finally:
             for sig, old in previous.items():
                 signal.signal(sig, old)
+
+
+def _check_world_size(num_processes: int) -> None:
+    """Refuse to run as N processes that each believe they are alone (they would race on one output folder)."""
+    launched = int(os.environ.get("WORLD_SIZE", "1"))
+    if launched != num_processes:
+        raise LvdmError(
+            f"launched as {launched} processes (WORLD_SIZE) but accelerate set up {num_processes}: "
+            "check the launcher and the distributed backend (gloo on CPU, nccl on GPUs)"
+        )
 
 
 def train(cfg: Config, *, progress: bool = True) -> TrainResult:

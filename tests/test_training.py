@@ -1,0 +1,227 @@
+"""train.py and the trainer: config errors, shipped configs, exact resume, non-finite steps, signals, run folders."""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+import torch
+from conftest import tiny_overrides
+
+import lvdm.training.trainer as trainer_module
+from lvdm.config import load_config
+from lvdm.errors import CheckpointError, ConfigError, LvdmError
+from lvdm.training.checkpoint import list_checkpoints, load_checkpoint
+from lvdm.training.logs import read_log
+from lvdm.training.trainer import Trainer, train
+
+REPO = Path(__file__).resolve().parents[1]
+
+
+def run_script(*args: str, cwd: Path = REPO, timeout: int = 300) -> subprocess.CompletedProcess[str]:
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": str(REPO)}
+    return subprocess.run([sys.executable, *args], capture_output=True, text=True, env=env, cwd=cwd, timeout=timeout)
+
+
+def test_a_typo_exits_2_with_did_you_mean_before_anything_loads(tmp_path):
+    started = time.perf_counter()
+    result = run_script(str(REPO / "train.py"), "train.lrr=1e-4", f"output_dir={tmp_path / 'run'}")
+    assert result.returncode == 2
+    assert "did you mean 'train.lr'" in result.stderr and "Traceback" not in result.stderr
+    assert not (tmp_path / "run").exists()  # nothing was created or loaded
+    assert time.perf_counter() - started < 30
+
+
+def test_a_missing_base_is_one_line_and_exit_1(tmp_path):
+    result = run_script(
+        str(REPO / "train.py"), "--config", str(REPO / "configs/demo.yaml"),
+        f"model.base={tmp_path / 'nope'}", f"output_dir={tmp_path / 'run'}",
+    )  # fmt: skip
+    assert result.returncode == 1
+    assert result.stderr.strip().startswith("error:") and "does not exist" in result.stderr
+    assert "Traceback" not in result.stderr
+
+
+@pytest.mark.parametrize("config", sorted(p.name for p in (REPO / "configs").glob("*.yaml")))
+def test_every_shipped_config_loads_and_builds(config, tiny_assets, tmp_path):
+    """Each YAML, with the tiny model and clips swapped in, builds its model, data and optimizer."""
+    from lvdm.training.setup import build_data, build_model, build_optimizer
+
+    text = (REPO / "configs" / config).read_text()
+    assert text.startswith("#") and "python train.py" in text.split("\n\n")[0]  # it says how to run it
+    overrides = [o for o in tiny_overrides(tiny_assets, tmp_path) if not o.startswith("train.")]
+    cfg = load_config(
+        [REPO / "configs" / config], [*overrides, "data.holdout=1", "model.gradient_checkpointing=false"]
+    )
+    video, frozen = build_model(cfg, torch.device("cpu"), "no")
+    data = build_data(cfg, frozen, rank=0, world=1)
+    optimizer, _ = build_optimizer(cfg, video, torch.device("cpu"))
+    assert sum(p.numel() for g in optimizer.param_groups for p in g["params"]) == sum(
+        p.numel() for p in video.temporal_parameters()
+    )
+    assert next(iter(data.loader))["video"].shape == (cfg.train.batch_size, 4, 3, 16, 16)
+
+
+def _run(tiny_assets, output_dir, **extra) -> Trainer:
+    trainer = Trainer(load_config([], tiny_overrides(tiny_assets, output_dir, **extra)), progress=False)
+    trainer.run()
+    return trainer
+
+
+def _state(trainer: Trainer) -> dict[str, object]:
+    return {
+        "weights": {k: v.clone() for k, v in trainer.video.temporal_state_dict().items()},
+        "optimizer": trainer.optimizer.state_dict(),
+        "ema": {k: v.clone() for k, v in trainer.ema.state_dict().items()} if trainer.ema else None,
+        "lr": trainer.lr_schedule.get_last_lr(),
+        "step": trainer.step,
+    }
+
+
+def _assert_same(a, b) -> None:
+    if isinstance(a, torch.Tensor):
+        assert torch.equal(a, b)
+    elif isinstance(a, dict):
+        assert a.keys() == b.keys()
+        for key in a:
+            _assert_same(a[key], b[key])
+    elif isinstance(a, (list, tuple)):
+        assert len(a) == len(b)
+        for x, y in zip(a, b, strict=True):
+            _assert_same(x, y)
+    else:
+        assert a == b
+
+
+def test_resume_continues_bit_identically(tiny_assets, tmp_path):
+    """4 steps straight == 2 steps, stop (checkpoint), resume for 2 more: same weights, optimizer, EMA, LR, losses."""
+    extra = {"train.ema_decay": 0.9, "train.warmup_steps": 2, "train.lr_schedule": "cosine"}
+    straight = _run(tiny_assets, tmp_path / "straight", **extra)
+    interrupted = Trainer(load_config([], tiny_overrides(tiny_assets, tmp_path / "split", **extra)), progress=False)
+    for _ in range(2):
+        assert interrupted._optimizer_step()[2]
+    interrupted.save()
+    del interrupted
+    resumed = _run(tiny_assets, tmp_path / "split", **extra, **{"train.resume": "auto"})
+    assert straight.step == resumed.step == 4
+    _assert_same(_state(straight), _state(resumed))
+    losses = {r["step"]: r["loss"] for r in read_log(tmp_path / "straight" / "log.jsonl") if "grad_norm" in r}
+    resumed_losses = {r["step"]: r["loss"] for r in read_log(tmp_path / "split" / "log.jsonl") if "grad_norm" in r}
+    assert resumed_losses == {step: losses[step] for step in (3, 4)}
+
+
+def test_a_finished_run_is_extended_by_raising_max_steps(tiny_assets, tmp_path):
+    _run(tiny_assets, tmp_path / "run", **{"train.max_steps": 2})
+    extended = _run(tiny_assets, tmp_path / "run", **{"train.max_steps": 3, "train.resume": "latest"})
+    assert extended.step == 3
+    assert [p.name for p in list_checkpoints(tmp_path / "run" / "checkpoints")][-1] == "checkpoint-00000003"
+
+
+def test_a_corrupted_checkpoint_is_refused_by_name(tiny_assets, tmp_path):
+    _run(tiny_assets, tmp_path / "run", **{"train.max_steps": 2})
+    latest = list_checkpoints(tmp_path / "run" / "checkpoints")[-1]
+    target = latest / "optimizer.pt"
+    data = bytearray(target.read_bytes())
+    data[len(data) // 2] ^= 0xFF
+    target.write_bytes(bytes(data))
+    with pytest.raises(CheckpointError, match="optimizer.pt"):
+        Trainer(load_config([], tiny_overrides(tiny_assets, tmp_path / "run", **{"train.resume": "latest"})))
+
+
+def test_changed_shapes_on_resume_are_an_error(tiny_assets, tmp_path):
+    _run(tiny_assets, tmp_path / "run", **{"train.max_steps": 2})
+    overrides = tiny_overrides(tiny_assets, tmp_path / "run", **{"train.resume": "auto", "data.num_frames": 6})
+    with pytest.raises(ConfigError, match="data.num_frames: 4 in the checkpoint, 6 now"):
+        Trainer(load_config([], overrides))
+
+
+def test_a_fresh_run_into_a_used_folder_needs_resume_or_overwrite(tiny_assets, tmp_path):
+    _run(tiny_assets, tmp_path / "run", **{"train.max_steps": 1})
+    (tmp_path / "run" / "my_notes.txt").write_text("keep me")
+    with pytest.raises(LvdmError, match="train.resume=auto"):
+        Trainer(load_config([], tiny_overrides(tiny_assets, tmp_path / "run")))
+    _run(tiny_assets, tmp_path / "run", **{"train.max_steps": 1, "train.overwrite": "true"})
+    assert (tmp_path / "run" / "my_notes.txt").read_text() == "keep me"
+
+
+def test_a_nonfinite_step_changes_nothing_and_a_run_of_them_stops(tiny_assets, tmp_path, monkeypatch):
+    trainer = Trainer(
+        load_config([], tiny_overrides(tiny_assets, tmp_path / "run", **{"train.ema_decay": 0.9,
+                                                                          "train.max_nonfinite_steps": 3})),
+        progress=False,
+    )  # fmt: skip
+    assert trainer._optimizer_step()[2]  # one good step, so the optimizer has moments
+    before = _state(trainer)
+    real = trainer_module.training_loss
+
+    def nan_loss(*args, **kwargs):
+        terms = real(*args, **kwargs)
+        terms.loss = terms.loss * float("nan")
+        return terms
+
+    monkeypatch.setattr(trainer_module, "training_loss", nan_loss)
+    assert not trainer._optimizer_step()[2]
+    _assert_same(before, _state(trainer))
+    assert trainer.skipped_total == 1
+    assert not trainer._optimizer_step()[2]
+    with pytest.raises(LvdmError, match="3 steps in a row"):
+        trainer._optimizer_step()
+    assert read_log(tmp_path / "run" / "log.jsonl")[-1]["skipped_nonfinite"] == 3
+
+
+def test_sigterm_finishes_the_step_saves_and_stops(tiny_assets, tmp_path, monkeypatch):
+    real = trainer_module.training_loss
+    calls = []
+
+    def signalling_loss(*args, **kwargs):
+        calls.append(1)
+        if len(calls) == 2:
+            os.kill(os.getpid(), signal.SIGTERM)
+        return real(*args, **kwargs)
+
+    monkeypatch.setattr(trainer_module, "training_loss", signalling_loss)
+    result = train(load_config([], tiny_overrides(tiny_assets, tmp_path / "run", **{"train.max_steps": 50})),
+                   progress=False)  # fmt: skip
+    assert result.stopped_by_signal and result.step == 2
+    latest = list_checkpoints(tmp_path / "run" / "checkpoints")[-1]
+    assert latest.name == "checkpoint-00000002"
+    parts, metadata = load_checkpoint(latest)
+    assert parts["trainer"]["step"] == 2 and metadata["config"]["train"]["max_steps"] == 50
+    assert signal.getsignal(signal.SIGTERM) is not None  # the handler was put back
+
+
+def test_the_run_writes_what_it_promises(tiny_assets, tmp_path):
+    out = tmp_path / "run"
+    extra = {"data.holdout": 1, "train.validation_prompts": "[a red disc]", "train.validation_steps": 2}
+    result = train(load_config([], tiny_overrides(tiny_assets, out, **extra)), progress=False)
+    assert {p.name for p in out.iterdir()} >= {"config.yaml", "checkpoints", "temporal.safetensors", "log.jsonl",
+                                               "tensorboard", "samples"}  # fmt: skip
+    assert [p.name for p in list_checkpoints(out / "checkpoints")] == ["checkpoint-00000002", "checkpoint-00000004"]
+    assert sorted(p.name for p in result.samples) == ["00.gif", "00.mp4"]
+    assert result.gain and result.gain["temporal_gain"] > 0
+    from lvdm.models.temporal_file import read_temporal_file
+
+    module = read_temporal_file(out / "temporal.safetensors")
+    assert module.training_config["data"]["num_frames"] == 4
+    records = read_log(out / "log.jsonl")
+    assert {"loss", "lr", "grad_norm"} <= records[0].keys() and records[-1].get("temporal_gain")
+    json.dumps(records)
+
+
+def test_two_processes_train_one_consistent_checkpoint(tiny_assets, tmp_path):
+    out = tmp_path / "run"
+    args = ["-m", "torch.distributed.run", "--nproc_per_node", "2", "--master_port", "29517", str(REPO / "train.py"),
+            "--quiet", *tiny_overrides(tiny_assets, out, **{"train.max_steps": 2})]  # fmt: skip
+    result = run_script(*args, timeout=600)
+    assert result.returncode == 0, result.stderr[-3000:]
+    checkpoints = list_checkpoints(out / "checkpoints")
+    assert [p.name for p in checkpoints] == ["checkpoint-00000002"]
+    parts, metadata = load_checkpoint(checkpoints[0])
+    assert metadata["world_size"] == 2
+    assert parts["trainer"]["micro_batches"] == 2  # each rank drew its own 2 micro-batches
