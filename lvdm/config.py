@@ -193,7 +193,9 @@ class TrainConfig:
     caption_dropout: float = option(0.1, "probability of an empty caption (enables CFG)", min=0, max=1)
     snr_gamma: float | None = option(None, "min-SNR loss weighting gamma; null: unweighted", gt=0)
     offset_noise: float = option(0.0, "offset-noise strength (0: off)", min=0)
-    image_batch_ratio: float = option(0.0, "fraction of batches made of still images (joint training)", min=0, max=1)
+    image_batch_ratio: float | None = option(
+        None, "share of batches made of still images (joint training); null: by data.sources weights", min=0, max=1
+    )
     max_nonfinite_steps: int = option(10, "stop after this many skipped steps with a NaN/inf loss", min=1)
     overwrite: bool = option(False, "allow a fresh run in an output_dir that already holds one")
     log_every: int = option(10, "log the loss every n steps", min=1)

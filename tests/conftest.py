@@ -65,12 +65,20 @@ def deepcopy(module):
 @pytest.fixture(scope="session")
 def tiny_assets(tmp_path_factory: pytest.TempPathFactory) -> dict[str, object]:
     """A tiny SD1 base folder and a folder of 6 captioned synthetic clips, shared by the training tests."""
+    from PIL import Image
+
     from lvdm.testing.clips import write_captioned_folder
 
     root = tmp_path_factory.mktemp("assets")
     base = testing.make_tiny_sd(root / "base", "sd1", seed=0)
+    base_sd2 = testing.make_tiny_sd(root / "base_sd2", "sd2", seed=0)
     clips = write_captioned_folder(root / "clips", 6, num_frames=12, fps=24.0, size=(32, 24), seed=0)
-    return {"base": base, "clips": clips}
+    images = root / "images"
+    images.mkdir()
+    for i in range(4):
+        Image.new("RGB", (24, 20), (60 * i, 30, 200 - 40 * i)).save(images / f"still_{i}.png")
+        (images / f"still_{i}.txt").write_text(f"a still picture number {i}")
+    return {"base": base, "base_sd2": base_sd2, "clips": clips, "images": images}
 
 
 def tiny_overrides(assets: dict[str, object], output_dir: object, **extra: object) -> list[str]:

@@ -69,6 +69,7 @@ def build_data(cfg: Any, frozen: Frozen, *, rank: int, world: int) -> DataBundle
         weights, holdout, collate_fn = None, None, collate_cached
     else:
         dataset, weights, holdout = build_split(data, seed=train.seed)
+        weights = image_share(dataset.entries, weights, train.image_batch_ratio)
         collate_fn = collate
     stream = BatchStream(dataset, train.batch_size, weights=weights, seed=train.seed, rank=rank, world_size=world)
     loader = make_loader(dataset, stream, num_workers=data.num_workers, collate_fn=collate_fn)
@@ -78,10 +79,38 @@ def build_data(cfg: Any, frozen: Frozen, *, rank: int, world: int) -> DataBundle
     return DataBundle(dataset, stream, loader, guard, validation)
 
 
+def image_share(entries: list[Any], weights: list[float], ratio: float | None) -> list[float]:
+    """Per-entry weights rescaled so image entries get ``ratio`` of the draws (joint image-video training).
+
+    Batches never mix images and videos, so this is also the share of image batches.
+    """
+    if ratio is None:
+        return weights
+    is_image = [entry.is_image for entry in entries]
+    image_total = sum(w for w, image in zip(weights, is_image, strict=True) if image)
+    video_total = sum(weights) - image_total
+    if ratio > 0 and image_total == 0:
+        raise ConfigError(
+            f"train.image_batch_ratio={ratio} needs still images: add a data.sources item of kind images"
+        )
+    if ratio < 1 and video_total == 0:
+        raise ConfigError(f"train.image_batch_ratio={ratio} needs videos, but every source holds images")
+    scale = {
+        True: ratio / image_total if image_total else 0.0,
+        False: (1 - ratio) / video_total if video_total else 0.0,
+    }
+    return [w * scale[image] for w, image in zip(weights, is_image, strict=True)]
+
+
 def _validation_batches(dataset: Any, collate_fn: Any, batch_size: int, *, held_out: bool) -> list[dict[str, Any]]:
-    """The held-out clips in batches of one shape; without a holdout, one fixed batch of training samples."""
+    """The held-out clips in batches of one shape; without a holdout, one fixed batch of training samples.
+
+    Still images are left out: with the temporal layers bypassed for them, their gain is 1 by construction.
+    """
     batches = []
-    for members in dataset.groups.values():
+    for (is_image, _), members in dataset.groups.items():
+        if is_image:
+            continue
         chosen = members if held_out else members[:batch_size]
         for start in range(0, len(chosen), batch_size):
             batches.append(collate_fn([dataset[i] for i in chosen[start : start + batch_size]]))
