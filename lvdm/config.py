@@ -93,6 +93,9 @@ class ModelConfig:
     attention_heads: int | None = option(None, "heads per temporal attention block; null: the spatial count", min=1)
     conv_kernel: list[int] = option([3, 1, 1], "3D conv kernel [frames, height, width], each odd", min=1)
     mix_factor: float = option(0.5, "initial logit of the learned spatial/temporal mix, alpha = sigmoid(it)")
+    spatial_lora_rank: int = option(0, "rank of a LoRA trained on the spatial attention too (0: none)", min=0)
+    spatial_lora_alpha: float | None = option(None, "LoRA alpha (null: the rank, i.e. scale 1)", gt=0)
+    unfreeze: list[str] = option([], "spatial blocks trained too, by diffusers UNet name (e.g. up_blocks.3)")
     gradient_checkpointing: bool = option(False, "recompute activations in the backward pass: less memory, slower")
     attention_backend: Literal["sdpa", "xformers"] = option("sdpa", "attention kernel: sdpa (PyTorch) or xformers")
 

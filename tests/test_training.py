@@ -60,9 +60,9 @@ def test_every_shipped_config_loads_and_builds(config, tiny_assets, tmp_path):
     cfg = load_config(
         [REPO / "configs" / config], [*overrides, "data.holdout=1", "model.gradient_checkpointing=false"]
     )
-    video, frozen = build_model(cfg, torch.device("cpu"), "no")
+    video, frozen, trainable = build_model(cfg, torch.device("cpu"), "no")
     data = build_data(cfg, frozen, rank=0, world=1)
-    optimizer, _ = build_optimizer(cfg, video, torch.device("cpu"))
+    optimizer, _ = build_optimizer(cfg, list(trainable.values()), torch.device("cpu"))
     assert sum(p.numel() for g in optimizer.param_groups for p in g["params"]) == sum(
         p.numel() for p in video.temporal_parameters()
     )
@@ -262,3 +262,36 @@ def test_the_demo_learns_motion(tmp_path):
     result = train(cfg, progress=False)
     assert result.gain["temporal_gain"] > 1.1, result.gain
     assert result.last_loss < result.first_loss
+
+
+def test_spatial_lora_and_unfrozen_blocks_train_and_export_onto_a_plain_base(tiny_assets, tmp_path):
+    from lvdm.models import VideoUNet, load_base
+
+    out = tmp_path / "run"
+    extra = {"model.spatial_lora_rank": 2, "model.unfreeze": "[up_blocks.1.resnets.0]", "train.lr": "1e-2"}
+    trainer = Trainer(load_config([], tiny_overrides(tiny_assets, out, **extra)), progress=False)
+    base_before = {
+        n: p.detach().clone() for n, p in trainer.video.unet.named_parameters() if n not in trainer.trainable
+    }
+    names = list(trainer.trainable)
+    assert any("lora_A" in n for n in names) and any(".temporal." in n for n in names)
+    assert any(n.startswith("up_blocks.1.resnets.0.spatial.") for n in names)
+    assert not any("lora" in n for n in names if ".temporal." in n)  # the temporal attention gets no LoRA
+    trainer.run()
+    for name, param in trainer.video.unet.named_parameters():
+        if name in base_before:
+            assert torch.equal(param, base_before[name]), name  # everything else stayed frozen
+
+    base = load_base(tiny_assets["base"], loras=[out / "spatial_lora.safetensors"],
+                     spatial_weights=out / "spatial_weights.safetensors")  # fmt: skip
+    moved = VideoUNet.from_temporal_file(base.unet, out / "temporal.safetensors")
+    g = torch.Generator().manual_seed(0)
+    sample, text = torch.randn(1, 4, 3, 8, 8, generator=g), torch.randn(1, 77, 32, generator=g)
+    with torch.no_grad():
+        expected = trainer.video(sample, torch.tensor([300]), text, image_only_indicator=torch.ones(1))
+        got = moved(sample, torch.tensor([300]), text, image_only_indicator=torch.ones(1))
+        untrained = VideoUNet.from_unet2d(load_base(tiny_assets["base"]).unet)(
+            sample, torch.tensor([300]), text, image_only_indicator=torch.ones(1)
+        )
+    assert (got - expected).abs().max() < 1e-4
+    assert (untrained - expected).abs().max() > 1e-3  # the LoRA and the unfrozen block did learn something

@@ -82,6 +82,7 @@ def load_base(
     base_config: str | os.PathLike | None = None,
     loras: tuple | list = (),
     allow_pickle: bool = False,
+    spatial_weights: str | os.PathLike | None = None,
     dtype: torch.dtype | None = None,
     device: str | torch.device | None = None,
 ) -> BaseModel:
@@ -95,6 +96,8 @@ def load_base(
             SD1.x/2.x; without it diffusers infers the architecture and fetches its config.
         loras: ``LoraSpec``, ``(path, scale)`` or ``"PATH[:SCALE]"`` items, fused in order.
         allow_pickle: permit pickle-based files (loaded with ``weights_only=True``).
+        spatial_weights: a ``.safetensors`` of UNet weights by diffusers name (as training with ``model.unfreeze``
+            exports), replacing those weights after the LoRAs are fused; every key must exist with its shape.
     """
     path = Path(path)
     if not path.exists():
@@ -106,6 +109,8 @@ def load_base(
             pipe = _load_single_file(path, base_config=base_config, allow_pickle=allow_pickle, dtype=dtype)
     specs = [LoraSpec.parse(spec) for spec in loras]
     _fuse_loras(pipe, specs, allow_pickle=allow_pickle)
+    if spatial_weights is not None:
+        _replace_weights(pipe.unet, Path(spatial_weights))
     for name in ("unet", "vae", "text_encoder"):
         _check_finite(getattr(pipe, name), f"{path} ({name})")
     base = BaseModel(pipe.unet, pipe.vae, pipe.text_encoder, pipe.tokenizer, pipe.scheduler, str(path), specs)
@@ -197,6 +202,24 @@ def _fuse_loras(pipe: Any, specs: list[LoraSpec], *, allow_pickle: bool) -> None
     pipe.set_adapters(names, adapter_weights=[spec.scale for spec in specs])
     pipe.fuse_lora(adapter_names=names, lora_scale=1.0)
     pipe.unload_lora_weights()
+
+
+def _replace_weights(unet: torch.nn.Module, path: Path) -> None:
+    """Overwrite named UNet weights from ``path``, after checking every key and shape (all or nothing)."""
+    from safetensors.torch import load_file
+
+    check_weights_file(path, allow_pickle=False, what="spatial weights")
+    tensors = load_file(path)
+    own = unet.state_dict()
+    unknown = sorted(k for k in tensors if k not in own)
+    wrong = sorted(k for k in tensors if k in own and tensors[k].shape != own[k].shape)
+    if unknown or wrong:
+        raise CheckpointError(
+            f"spatial weights {path} do not fit this base: unknown keys {unknown[:3]}, wrong shapes {wrong[:3]}"
+        )
+    with torch.no_grad():
+        for key, tensor in tensors.items():
+            own[key].copy_(tensor)
 
 
 @contextmanager

@@ -28,6 +28,8 @@ FIXED_ON_RESUME = (
     "model.attention_depth",
     "model.attention_heads",
     "model.conv_kernel",
+    "model.spatial_lora_rank",
+    "model.unfreeze",
     "data.num_frames",
     "data.resolution",
     "train.batch_size",

@@ -15,10 +15,15 @@ WEIGHT_DTYPES = {"no": torch.float32, "fp16": torch.float16, "bf16": torch.bfloa
 LR_SCHEDULES = {"constant": "constant_with_warmup", "cosine": "cosine", "linear": "linear"}
 
 
-def build_model(cfg: Any, device: torch.device, mixed_precision: str) -> tuple[Any, Frozen]:
-    """The video UNet on the configured base (frozen, in the mixed-precision dtype; temporal weights fp32)."""
+def build_model(cfg: Any, device: torch.device, mixed_precision: str) -> tuple[Any, Frozen, dict[str, Any]]:
+    """The video UNet on the configured base and its trainable parameters by name.
+
+    The base is frozen in the mixed-precision dtype; what trains (the temporal layers, plus a spatial LoRA and
+    unfrozen blocks when configured) stays fp32.
+    """
     from lvdm.data.cache import weights_digest
     from lvdm.models import VideoUNet, load_base
+    from lvdm.training import groups
     from lvdm.training.trainer import layout_from_config
 
     m = cfg.model
@@ -27,11 +32,15 @@ def build_model(cfg: Any, device: torch.device, mixed_precision: str) -> tuple[A
     if cfg.data.cache:  # hashed before any cast, as the cache command hashes them
         digests = {"vae_digest": weights_digest(base.vae), "text_encoder_digest": weights_digest(base.text_encoder)}
     dtype = WEIGHT_DTYPES[mixed_precision]
-    video = VideoUNet.from_unet2d(base.unet, layout_from_config(m)).freeze_base().to(device)
-    for param in video.base_parameters():
-        param.data = param.data.to(dtype)
-    for param in video.temporal_parameters():
-        param.data = param.data.float()
+    video = VideoUNet.from_unet2d(base.unet, layout_from_config(m)).freeze_base()
+    trainable = dict(video.named_temporal_parameters())
+    if m.spatial_lora_rank:
+        trainable |= groups.add_spatial_lora(video, m.spatial_lora_rank, m.spatial_lora_alpha)
+    trainable |= groups.unfreeze_blocks(video, m.unfreeze) if m.unfreeze else {}
+    video.to(device)
+    chosen = {id(p) for p in trainable.values()}
+    for param in video.unet.parameters():
+        param.data = param.data.float() if id(param) in chosen else param.data.to(dtype)
     if m.gradient_checkpointing:
         video.enable_gradient_checkpointing()
     video.set_attention_backend(m.attention_backend)
@@ -41,7 +50,7 @@ def build_model(cfg: Any, device: torch.device, mixed_precision: str) -> tuple[A
             module.to(dtype=dtype)
     frozen = Frozen.from_base(base)
     frozen.digests = digests
-    return video, frozen
+    return video, frozen, trainable
 
 
 @dataclass
@@ -119,12 +128,11 @@ def _validation_batches(dataset: Any, collate_fn: Any, batch_size: int, *, held_
     return batches
 
 
-def build_optimizer(cfg: Any, video: Any, device: torch.device) -> tuple[torch.optim.Optimizer, Any]:
-    """AdamW over the temporal parameters only (fused on CUDA, or bitsandbytes 8-bit) and the LR schedule."""
+def build_optimizer(cfg: Any, params: list[Any], device: torch.device) -> tuple[torch.optim.Optimizer, Any]:
+    """AdamW over the trainable parameters only (fused on CUDA, or bitsandbytes 8-bit) and the LR schedule."""
     from diffusers.optimization import get_scheduler
 
     train = cfg.train
-    params = list(video.temporal_parameters())
     if train.optimizer == "adamw8bit":
         try:
             import bitsandbytes as bnb

@@ -86,12 +86,11 @@ class Trainer:
 
         self.device = self.acc.device
         set_seed(self.cfg.train.seed)  # the temporal layers' initialisation
-        self.video, self.frozen = build_model(self.cfg, self.device, self.acc.mixed_precision)
+        self.video, self.frozen, self.trainable = build_model(self.cfg, self.device, self.acc.mixed_precision)
         self.data = build_data(self.cfg, self.frozen, rank=self.acc.process_index, world=self.acc.num_processes)
-        optimizer, self.lr_schedule = build_optimizer(self.cfg, self.video, self.device)
-        self.ema = (
-            EMA(self.video.named_temporal_parameters(), self.cfg.train.ema_decay) if self.cfg.train.ema_decay else None
-        )
+        optimizer, self.lr_schedule = build_optimizer(self.cfg, list(self.trainable.values()), self.device)
+        decay = self.cfg.train.ema_decay
+        self.ema = EMA(self.trainable.items(), decay) if decay else None
         self.model, self.optimizer = self.acc.prepare(self.video, optimizer)
         self.log = RunLog(self.out, enabled=self.acc.is_main_process)
         if self.resume_from is not None:
@@ -143,7 +142,7 @@ class Trainer:
             losses.append(loss.detach().float())
         loss = torch.stack(losses).mean()
         max_norm = self.cfg.train.max_grad_norm or math.inf
-        grad_norm = self.acc.clip_grad_norm_(list(self.video.temporal_parameters()), max_norm)
+        grad_norm = self.acc.clip_grad_norm_(list(self.trainable.values()), max_norm)
         finite = bool(torch.isfinite(loss)) and (self.acc.mixed_precision == "fp16" or bool(torch.isfinite(grad_norm)))
         if self._any_rank(not finite):
             self.optimizer.zero_grad(set_to_none=True)
@@ -214,7 +213,7 @@ class Trainer:
         path = root / f"checkpoint-{self.step:08d}"
         if self.acc.is_main_process:
             parts = {
-                "temporal": {k: v.float().cpu() for k, v in self.video.temporal_state_dict().items()},
+                "trainable": {k: v.detach().float().cpu() for k, v in self.trainable.items()},
                 "optimizer": self.optimizer.state_dict(),
                 "lr_schedule": self.lr_schedule.state_dict(),
                 "rng": capture_rng(),
@@ -231,10 +230,20 @@ class Trainer:
         return path
 
     def export(self) -> Path:
-        """Write ``<output_dir>/temporal.safetensors`` (the EMA weights when EMA is on) with the resolved config."""
+        """Write ``<output_dir>/temporal.safetensors`` (the EMA weights when EMA is on) with the resolved config,
+        plus ``spatial_lora.safetensors`` / ``spatial_weights.safetensors`` when those groups train."""
+        from lvdm.training import groups
+
         target = self.out / "temporal.safetensors"
+        model = self.cfg.model
         with self._ema_weights():
             self.video.save_temporal(target, training_config=self.cfg_dict)
+            if model.spatial_lora_rank:
+                groups.export_spatial_lora(self.video, self.out / "spatial_lora.safetensors")
+            if model.unfreeze:
+                temporal = dict(self.video.named_temporal_parameters())
+                unfrozen = {n: p for n, p in self.trainable.items() if "lora_" not in n and n not in temporal}
+                groups.export_spatial_weights(unfrozen, self.out / "spatial_weights.safetensors")
         return target
 
     @contextmanager
@@ -242,7 +251,7 @@ class Trainer:
         if self.ema is None:
             yield
             return
-        params = dict(self.video.named_temporal_parameters())
+        params = self.trainable
         saved = {name: p.detach().clone() for name, p in params.items()}
         with torch.no_grad():
             for name, value in self.ema.weights().items():
@@ -260,16 +269,16 @@ class Trainer:
             metadata.get("config", {}) | {"world_size": metadata.get("world_size")},
             self.cfg_dict | {"world_size": self.acc.num_processes},
         )
-        needed = ["temporal", "optimizer", "lr_schedule", "rng", "trainer"] + (["ema"] if self.ema else [])
+        needed = ["trainable", "optimizer", "lr_schedule", "rng", "trainer"] + (["ema"] if self.ema else [])
         needed += ["scaler"] if self.acc.scaler is not None else []
         missing = [name for name in needed if name not in parts]
         if missing:
             raise CheckpointError(f"checkpoint {path} lacks {', '.join(missing)}: cannot resume exactly")
-        params = dict(self.video.named_temporal_parameters())
-        if parts["temporal"].keys() != params.keys():
-            raise CheckpointError(f"checkpoint {path}: its temporal weights do not match this model's layers")
+        params = self.trainable
+        if parts["trainable"].keys() != params.keys():
+            raise CheckpointError(f"checkpoint {path}: its trained weights do not match this model's trainable layers")
         with torch.no_grad():
-            for name, tensor in parts["temporal"].items():
+            for name, tensor in parts["trainable"].items():
                 params[name].copy_(tensor)
         self.optimizer.load_state_dict(parts["optimizer"])
         self.lr_schedule.load_state_dict(parts["lr_schedule"])

@@ -1,0 +1,80 @@
+"""Which parameters train besides the temporal layers: a LoRA on the spatial attention, and named spatial blocks.
+
+Both are off by default (the Video LDM recipe trains only the temporal layers). Their names are
+given and exported in plain diffusers UNet naming (the ``.spatial.`` of lvdm's wrappers removed),
+so the exported files load onto any SD base: the LoRA through ``load_base(loras=...)``, the
+unfrozen blocks through ``load_base(spatial_weights=...)``.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any
+
+import torch
+from safetensors.torch import save_file
+
+from lvdm.errors import ConfigError
+
+LORA_ADAPTER = "lvdm_spatial"
+# the spatial transformers' attention projections (the temporal attention blocks are excluded)
+SPATIAL_ATTENTION = r".*\.spatial\.transformer_blocks\.\d+\.attn[12]\.(to_q|to_k|to_v|to_out\.0)"
+
+
+def plain_name(name: str) -> str:
+    """A wrapped UNet's parameter name in plain diffusers naming."""
+    return name.replace(".spatial.", ".").replace(".base_layer.", ".")
+
+
+def add_spatial_lora(video: Any, rank: int, alpha: float | None) -> dict[str, torch.nn.Parameter]:
+    """Attach a peft LoRA of ``rank`` to every spatial attention projection; returns its parameters."""
+    from peft import LoraConfig
+
+    config = LoraConfig(r=rank, lora_alpha=alpha or rank, target_modules=SPATIAL_ATTENTION, init_lora_weights=True)
+    video.unet.add_adapter(config, adapter_name=LORA_ADAPTER)
+    for param in video.temporal_parameters():  # peft marks only its adapter trainable; the temporal layers train too
+        param.requires_grad_(True)
+    return {name: p for name, p in video.unet.named_parameters() if f"lora_A.{LORA_ADAPTER}" in name or
+            f"lora_B.{LORA_ADAPTER}" in name}  # fmt: skip
+
+
+def unfreeze_blocks(video: Any, prefixes: list[str]) -> dict[str, torch.nn.Parameter]:
+    """Make the base parameters under each diffusers name prefix (``up_blocks.3``, ``mid_block``) trainable."""
+    base = {id(p) for p in video.base_parameters()}
+    chosen = {}
+    for prefix in prefixes:
+        found = {
+            name: p
+            for name, p in video.unet.named_parameters()
+            if id(p) in base and "lora_" not in name and plain_name(name).startswith(prefix.rstrip(".") + ".")
+        }
+        if not found:
+            raise ConfigError(
+                f"model.unfreeze: no spatial parameters under {prefix!r} (diffusers UNet names, e.g. up_blocks.3)"
+            )
+        chosen.update(found)
+    for param in chosen.values():
+        param.requires_grad_(True)
+    return chosen
+
+
+def export_spatial_lora(video: Any, path: Path) -> Path:
+    """Write the spatial LoRA in diffusers/peft format (``unet.<name>.lora_A.weight``), loadable by ``load_base``."""
+    from diffusers import StableDiffusionPipeline
+    from peft.utils import get_peft_model_state_dict
+
+    state = get_peft_model_state_dict(video.unet, adapter_name=LORA_ADAPTER)
+    state = {plain_name(name): tensor.detach().float().cpu().contiguous() for name, tensor in state.items()}
+    path.parent.mkdir(parents=True, exist_ok=True)
+    StableDiffusionPipeline.save_lora_weights(path.parent, unet_lora_layers=state, weight_name=path.name)
+    return path
+
+
+def export_spatial_weights(params: dict[str, torch.nn.Parameter], path: Path) -> Path:
+    """Write unfrozen spatial weights keyed by plain diffusers UNet names, loadable by ``load_base``."""
+    tensors = {plain_name(name): p.detach().float().cpu().contiguous() for name, p in params.items()}
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_suffix(".tmp")
+    save_file(tensors, tmp, metadata={"format": "lvdm.spatial_weights"})
+    tmp.replace(path)
+    return path
