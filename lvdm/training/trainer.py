@@ -108,6 +108,7 @@ class Trainer:
         """Train to ``train.max_steps`` (or a stop signal); returns where everything is."""
         train = self.cfg.train
         first_loss = last_loss = None
+        self._announce()
         bar = tqdm(total=train.max_steps, initial=self.step, desc="training", disable=not self._show_progress())
         with self._signals():
             while self.step < train.max_steps and not self.stop_requested:
@@ -123,6 +124,23 @@ class Trainer:
                 self.stop_requested = self._any_rank(self.stop_requested)
         bar.close()
         return self._finish(first_loss, last_loss)
+
+    def _announce(self) -> None:
+        if not self.acc.is_main_process:
+            return
+        extra = sum(p.numel() for p in self.trainable.values()) - sum(
+            p.numel() for p in self.video.temporal_parameters()
+        )
+        lines = [self.video.parameter_summary()]
+        if extra:
+            lines.append(f"also training {extra:,} spatial parameters (LoRA / unfrozen blocks)")
+        if self.resume_from is not None:
+            lines.append(f"resuming from {self.resume_from} at step {self.step}")
+        lines.append(
+            f"{self.acc.num_processes} process(es) on {self.device}, mixed precision: {self.acc.mixed_precision}"
+        )
+        for line in lines:
+            tqdm.write(line)
 
     def _show_progress(self) -> bool:
         return self.progress and self.acc.is_main_process
