@@ -48,6 +48,16 @@ def test_a_missing_base_is_one_line_and_exit_1(tmp_path):
     assert "Traceback" not in result.stderr
 
 
+def test_an_unwritable_output_dir_fails_before_the_model_loads(tiny_assets, tmp_path, monkeypatch):
+    blocker = tmp_path / "a_file"
+    blocker.write_text("not a folder")
+    loaded = []
+    monkeypatch.setattr("lvdm.models.load_base", lambda *a, **k: loaded.append(1))
+    with pytest.raises(CheckpointError, match="not writable"):
+        Trainer(load_config([], tiny_overrides(tiny_assets, blocker / "run")))
+    assert not loaded
+
+
 @pytest.mark.parametrize("config", sorted(p.name for p in (REPO / "configs").glob("*.yaml")))
 def test_every_shipped_config_loads_and_builds(config, tiny_assets, tmp_path):
     """Each YAML, with the tiny model and clips swapped in, builds its model, data and optimizer."""
