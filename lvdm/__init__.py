@@ -7,6 +7,7 @@ importing torch or diffusers.
 from __future__ import annotations
 
 import importlib
+from importlib import metadata as _metadata
 from typing import TYPE_CHECKING, Any
 
 _EXPORTS = {
@@ -23,7 +24,15 @@ _EXPORTS = {
     "TemporalModuleError": "lvdm.errors",
     "Config": "lvdm.config",
     "load_config": "lvdm.config",
+    "VideoPipeline": "lvdm.pipeline",
+    "VideoOutput": "lvdm.pipeline",
+    "SamplingSettings": "lvdm.pipeline",
 }
+
+try:
+    __version__ = _metadata.version("lvdm")
+except _metadata.PackageNotFoundError:  # run from a checkout without installing
+    __version__ = "0+unknown"
 
 __all__ = [
     "BaseModel",
@@ -35,7 +44,10 @@ __all__ = [
     "LoraSpec",
     "LvdmError",
     "TemporalLayout",
+    "SamplingSettings",
     "TemporalModuleError",
+    "VideoOutput",
+    "VideoPipeline",
     "VideoUNet",
     "load_base",
     "load_config",
@@ -45,6 +57,7 @@ if TYPE_CHECKING:
     from lvdm.config import Config, load_config
     from lvdm.errors import CheckpointError, ConfigError, DataError, LvdmError, TemporalModuleError
     from lvdm.models import LAYOUTS, BaseModel, LoraSpec, TemporalLayout, VideoUNet, load_base
+    from lvdm.pipeline import SamplingSettings, VideoOutput, VideoPipeline
 
 
 def __getattr__(name: str) -> Any:

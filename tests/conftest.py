@@ -9,8 +9,6 @@ import torch
 
 from lvdm import testing
 
-torch.set_num_threads(2)
-
 
 @pytest.fixture(params=["sd1", "sd2"])
 def flavour(request: pytest.FixtureRequest) -> str:

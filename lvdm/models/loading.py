@@ -158,7 +158,7 @@ def _load_folder(path: Path, *, allow_pickle: bool, dtype: torch.dtype | None) -
             safety_checker=None,
             requires_safety_checker=False,
             use_safetensors=None if allow_pickle else True,
-            torch_dtype=dtype,
+            dtype=dtype,
             local_files_only=True,
         )
     except (OSError, ValueError, SafetensorError) as exc:
@@ -172,7 +172,7 @@ def _load_single_file(
     from diffusers import StableDiffusionPipeline
 
     check_weights_file(path, allow_pickle=allow_pickle, what="checkpoint")
-    kwargs: dict[str, Any] = {"safety_checker": None, "requires_safety_checker": False, "torch_dtype": dtype}
+    kwargs: dict[str, Any] = {"safety_checker": None, "requires_safety_checker": False, "dtype": dtype}
     if base_config is not None:
         base_config = Path(base_config)
         if not (base_config / "model_index.json").is_file():

@@ -19,7 +19,6 @@ import json
 import os
 import tempfile
 from dataclasses import dataclass
-from importlib.metadata import PackageNotFoundError, version
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
@@ -210,7 +209,6 @@ def _first(names: list[str], n: int = 5) -> str:
 
 
 def _lvdm_version() -> str:
-    try:
-        return version("lvdm")
-    except PackageNotFoundError:
-        return "unknown"
+    import lvdm
+
+    return lvdm.__version__

@@ -1,0 +1,65 @@
+"""Sample a list of prompts with the Python API: two seeds per prompt, plus the same noise in image mode to compare.
+
+    python examples/sample_prompt_list.py --base path/to/sd15 --temporal run/temporal.safetensors --out samples/
+    python examples/sample_prompt_list.py --base ... --temporal ... --prompts prompts.txt --steps 50
+    python examples/sample_prompt_list.py --tiny --out /tmp/samples     # offline, on tiny random models
+
+Each prompt i gives samples/<i>_000.mp4 and <i>_001.mp4 (seeds 1000 i and 1000 i + 1) and <i>-image.gif (the
+first seed with the temporal layers bypassed: independent frames), each with a JSON sidecar.
+"""
+
+from __future__ import annotations
+
+import argparse
+import tempfile
+from pathlib import Path
+
+import torch
+
+from lvdm import VideoUNet, load_base, testing
+from lvdm.pipeline import VideoPipeline, read_prompts
+
+PROMPTS = ["a red panda eating bamboo", "waves crashing on a rocky shore", "clouds drifting over mountains"]
+
+
+def tiny_models(folder: Path) -> tuple[Path, Path]:
+    """A tiny SD folder and a temporal module made on it (random temporal weights stand in for training)."""
+    base = testing.make_tiny_sd(folder / "base", "sd1", seed=0)
+    video = VideoUNet.from_unet2d(load_base(base).unet)
+    torch.manual_seed(0)
+    with torch.no_grad():
+        for param in video.temporal_parameters():
+            param.add_(0.1 * torch.randn_like(param))
+    training = {"data": {"num_frames": 6, "resolution": [16, 16], "target_fps": 8}}
+    video.save_temporal(folder / "temporal.safetensors", training_config=training)
+    return base, folder / "temporal.safetensors"
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--base", help="SD base: a diffusers folder or a single-file checkpoint")
+    parser.add_argument("--temporal", help="temporal module from training")
+    parser.add_argument("--prompts", help="a text file, one prompt per line (default: three built-in prompts)")
+    parser.add_argument("--steps", type=int, default=25)
+    parser.add_argument("--out", default="outputs/prompt_list")
+    parser.add_argument("--tiny", action="store_true", help="build tiny random models in a temp folder and use them")
+    args = parser.parse_args()
+    if not args.tiny and not (args.base and args.temporal):
+        parser.error("give --base and --temporal, or --tiny")
+    prompts = read_prompts(args.prompts) if args.prompts else PROMPTS
+    out = Path(args.out)
+    with tempfile.TemporaryDirectory() as tmp:
+        base, temporal = tiny_models(Path(tmp)) if args.tiny else (args.base, args.temporal)
+        device, dtype = ("cuda", "fp16") if torch.cuda.is_available() else (None, None)
+        pipe = VideoPipeline.from_pretrained(base, temporal=temporal, device=device, dtype=dtype)
+        steps = 3 if args.tiny else args.steps
+        for i, prompt in enumerate(prompts):
+            videos = pipe(prompt, num_videos_per_prompt=2, seed=1000 * i, num_inference_steps=steps)
+            videos.save(out / f"{i:02d}.mp4")  # two videos: numbered 00_000.mp4, 00_001.mp4
+            image = pipe(prompt, seed=1000 * i, num_inference_steps=steps, image_mode=True)
+            image.save(out / f"{i:02d}-image.gif")
+            print(f"{prompt!r}: {out / f'{i:02d}_000.mp4'}, {out / f'{i:02d}_001.mp4'}, {out / f'{i:02d}-image.gif'}")
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,68 @@
+"""One temporal module on two DreamBooth-style checkpoints, each with the same style LoRA: one prompt and seed,
+two looks, the same kind of motion.
+
+    python examples/temporal_on_two_checkpoints.py --temporal run/temporal.safetensors --base-config path/to/sd15 \\
+        --checkpoint dreamshaper.safetensors --checkpoint realistic.safetensors --lora style.safetensors:0.7
+    python examples/temporal_on_two_checkpoints.py --tiny --out /tmp/two     # offline, on tiny random models
+
+Writes <out>/<checkpoint name>.gif (and .json) for each checkpoint.
+"""
+
+from __future__ import annotations
+
+import argparse
+import tempfile
+from pathlib import Path
+
+import torch
+
+from lvdm import VideoUNet, load_base, testing
+from lvdm.pipeline import VideoPipeline
+
+
+def tiny_files(folder: Path) -> dict[str, object]:
+    """Base A (a diffusers folder), a temporal module made on A, two single-file checkpoints and a kohya LoRA."""
+    base_a = testing.make_tiny_sd(folder / "base_a", "sd1", seed=0)
+    video = VideoUNet.from_unet2d(load_base(base_a).unet)
+    torch.manual_seed(0)
+    with torch.no_grad():  # random temporal weights stand in for training
+        for param in video.temporal_parameters():
+            param.add_(0.1 * torch.randn_like(param))
+    video.save_temporal(folder / "temporal.safetensors", training_config={"data": {"num_frames": 6}})
+    checkpoints = [
+        testing.write_single_file_checkpoint(testing.tiny_sd_components("sd1", seed), folder / f"{name}.safetensors")
+        for seed, name in ((1, "dreambooth_one"), (2, "dreambooth_two"))
+    ]
+    lora = testing.write_lora(testing.tiny_unet("sd1", seed=1), folder / "style.safetensors", format="kohya", seed=3)
+    return {"temporal": folder / "temporal.safetensors", "base_config": base_a, "checkpoints": checkpoints,
+            "lora": f"{lora}:0.7"}  # fmt: skip
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--temporal", help="temporal module from training")
+    parser.add_argument("--checkpoint", action="append", default=[], help="single-file checkpoint (give two)")
+    parser.add_argument("--base-config", help="diffusers folder of the checkpoints' architecture (e.g. SD 1.5)")
+    parser.add_argument("--lora", help="LoRA applied to both, PATH[:SCALE]")
+    parser.add_argument("--prompt", default="a lighthouse on a cliff, stormy sea, waves")
+    parser.add_argument("--out", default="outputs/two_checkpoints")
+    parser.add_argument("--tiny", action="store_true", help="build tiny random models in a temp folder and use them")
+    args = parser.parse_args()
+    with tempfile.TemporaryDirectory() as tmp:
+        files = tiny_files(Path(tmp)) if args.tiny else vars(args) | {"checkpoints": args.checkpoint}
+        if not files["temporal"] or len(files["checkpoints"]) < 2:
+            parser.error("give --temporal and two --checkpoint (with --base-config), or --tiny")
+        loras = [files["lora"]] if files["lora"] else []
+        device, dtype = ("cuda", "fp16") if torch.cuda.is_available() else (None, None)
+        for checkpoint in files["checkpoints"]:
+            pipe = VideoPipeline.from_pretrained(
+                checkpoint, base_config=files["base_config"], temporal=files["temporal"], loras=loras,
+                device=device, dtype=dtype,
+            )  # fmt: skip
+            video = pipe(args.prompt, seed=0, num_inference_steps=3 if args.tiny else 25)
+            [path] = video.save(Path(args.out) / f"{Path(checkpoint).stem}.gif")
+            print(f"{checkpoint}: {path}")
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,157 @@
+"""Where rendered videos go: output planning, VideoOutput, media files and their JSON sidecars."""
+
+from __future__ import annotations
+
+import json
+import os
+import re
+import secrets
+from collections.abc import Sequence
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+
+from lvdm.errors import ConfigError
+
+MEDIA_SUFFIXES = {".mp4": "mp4", ".gif": "gif"}  # any other path is a folder of PNG frames
+FORMATS = ("mp4", "gif", "png")
+
+
+# --------------------------------------------------------------------------------------------------- outputs
+@dataclass
+class VideoOutput:
+    """The videos of one call.
+
+    Attributes:
+        frames: uint8 RGB ``(b, f, h, w, 3)``, prompt-major (all copies of the first prompt first).
+        fps: the frame rate the files are written at.
+        metadata: one sidecar dict per video (prompt, seed, settings, model, versions).
+        latents: the denoised latents ``(b, c, f, h', w')``, float32 on the CPU.
+        noise: the initial noise ``(b, c, f, h', w')`` (unit variance, before ``init_noise_sigma``).
+    """
+
+    frames: np.ndarray
+    fps: float
+    metadata: list[dict[str, Any]]
+    latents: torch.Tensor
+    noise: torch.Tensor
+
+    def __len__(self) -> int:
+        return len(self.frames)
+
+    def save(self, path: str | os.PathLike, *, index: int | None = None) -> list[Path]:
+        """Write video ``index`` (default: every video) by the path: ``.mp4`` (H.264), ``.gif``, or any other path
+        a folder of PNG frames; each with a JSON sidecar ``<path>.json``.
+
+        Several videos to one path are numbered: ``clip.mp4`` -> ``clip_000.mp4``, ``clip_001.mp4`` ...
+        Returns the media paths (files or frame folders).
+        """
+        if index is not None:
+            return [self._write(index, path)]
+        if len(self) == 1:
+            return [self._write(0, path)]
+        return [self._write(k, _numbered(path, k, len(self))) for k in range(len(self))]
+
+    def _write(self, index: int, path: str | os.PathLike) -> Path:
+        from lvdm.media import WRITERS
+
+        kind = media_kind(path)
+        target = Path(path)
+        try:
+            WRITERS[kind](self.frames[index], target, self.fps)
+        except ValueError as exc:  # e.g. an fps GIF cannot store
+            raise ConfigError(f"cannot write {target}: {exc}") from exc
+        write_json(self.metadata[index] | {"file": target.name, "format": kind}, sidecar_path(target))
+        return target
+
+
+def media_kind(path: str | os.PathLike) -> str:
+    """``"mp4"`` or ``"gif"`` by suffix; ``"png"`` (a folder of frames) for a path without a suffix or ending in
+    a separator, or an existing folder. Another suffix is a :class:`ConfigError`."""
+    text = os.fspath(path)
+    suffix = Path(text).suffix.lower()
+    if suffix in MEDIA_SUFFIXES:
+        return MEDIA_SUFFIXES[suffix]
+    if not suffix or text.endswith(("/", os.sep)) or Path(text).is_dir():
+        return "png"
+    raise ConfigError(f"{text}: unknown output suffix {suffix!r}; use .mp4, .gif, or a folder (ending in /) for PNGs")
+
+
+def sidecar_path(path: str | os.PathLike) -> Path:
+    """Where the JSON sidecar of an output goes: ``clip.mp4`` -> ``clip.mp4.json``, ``frames/`` -> ``frames.json``."""
+    path = Path(path)
+    return path.with_name(path.name + ".json")
+
+
+def write_json(data: dict[str, Any], path: Path) -> Path:
+    """Write ``data`` as indented JSON, atomically (a temp file, then a rename)."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    temp = path.with_name(f".{path.name}.{secrets.token_hex(4)}.tmp")
+    try:
+        temp.write_text(json.dumps(data, indent=2, ensure_ascii=False) + "\n", encoding="utf-8")
+        os.replace(temp, path)
+    finally:
+        temp.unlink(missing_ok=True)
+    return path
+
+
+def _numbered(path: str | os.PathLike, index: int, count: int) -> Path:
+    """``clip.mp4`` -> ``clip_007.mp4``; ``frames/`` -> ``frames_007``."""
+    path = Path(path)
+    digits = max(3, len(str(count - 1)))
+    kind = media_kind(path)
+    stem, suffix = (path.name, "") if kind == "png" else (path.stem, path.suffix)
+    return path.with_name(f"{stem}_{index:0{digits}d}{suffix}")
+
+
+def plan_outputs(
+    out: str | os.PathLike, prompts: Sequence[str], *, num_videos_per_prompt: int = 1, format: str = "mp4"
+) -> list[Path]:
+    """One output path per video: ``out`` itself (numbered if several) when it ends in ``.mp4``/``.gif``; else a
+    folder holding ``000-<prompt words>.<format>`` ... (``format`` ``png``: one frame folder per video).
+
+    Checks that the output can be written, before anything heavy is loaded; creates nothing.
+    """
+    if format not in FORMATS:
+        raise ConfigError(f"format: expected one of {list(FORMATS)}, got {format!r}")
+    count = len(prompts) * num_videos_per_prompt
+    text = os.fspath(out)
+    if Path(text).suffix.lower() in MEDIA_SUFFIXES:
+        paths = [Path(text)] if count == 1 else [_numbered(text, k, count) for k in range(count)]
+    else:
+        media_kind(text)  # refuses an unknown suffix
+        digits = max(3, len(str(count - 1)))
+        ext = "" if format == "png" else f".{format}"
+        names = [f"{k:0{digits}d}-{_slug(prompts[k // num_videos_per_prompt])}" for k in range(count)]
+        paths = [Path(text) / f"{name.rstrip('-')}{ext}" for name in names]
+    _check_writable(paths[0].parent)
+    return paths
+
+
+def _slug(prompt: str, limit: int = 40) -> str:
+    return re.sub(r"[^a-z0-9]+", "-", prompt.lower()).strip("-")[:limit].strip("-")
+
+
+def _check_writable(folder: Path) -> None:
+    """The nearest existing ancestor of ``folder`` must be a writable folder."""
+    probe = folder.absolute()
+    while not probe.exists() and probe != probe.parent:
+        probe = probe.parent
+    if not probe.is_dir() or not os.access(probe, os.W_OK | os.X_OK):
+        raise ConfigError(f"output folder {folder} cannot be created or written ({probe} is not a writable folder)")
+
+
+def read_prompts(path: str | os.PathLike) -> list[str]:
+    """Prompts from a UTF-8 text file, one per line; blank lines are skipped."""
+    path = Path(path)
+    try:
+        lines = path.read_text(encoding="utf-8").splitlines()
+    except (OSError, UnicodeDecodeError) as exc:
+        raise ConfigError(f"prompts file {path} cannot be read: {exc}") from exc
+    prompts = [line.strip() for line in lines if line.strip()]
+    if not prompts:
+        raise ConfigError(f"prompts file {path} holds no prompts (one per line)")
+    return prompts

@@ -1,0 +1,436 @@
+"""VideoPipeline: text-to-video sampling with a temporal module on any SD base of its family (the Python API).
+
+    pipe = VideoPipeline.from_pretrained("path/to/sd15", temporal="run/temporal.safetensors")
+    out = pipe("a red panda eating bamboo", num_frames=16, seed=0)
+    out.save("panda.mp4")        # and panda.mp4.json: prompt, seed and every setting, enough to reproduce it
+
+Without ``temporal`` the same call renders in **image mode**: every frame is an independent image of the
+prompt from its own noise (the base model alone), to compare against. ``image_mode=True`` does the same with
+a temporal module loaded (its layers are bypassed exactly).
+
+Everything numeric is reused: diffusers' schedulers (:data:`~lvdm.diffusion.SAMPLERS`, prediction type from
+the base), lvdm's sampling loop with classifier-free guidance batched into one forward pass, guidance
+schedules, guidance rescale, x0 thresholding and noise priors (:mod:`lvdm.diffusion`), frame-chunked VAE
+decoding (:mod:`lvdm.models.encoders`) and the media writers (:mod:`lvdm.media`). What is written here is
+the glue: settings (one typed, validated dataclass), seeds, batching, output files and their JSON sidecars.
+
+Seeds: video ``k`` of a call (prompt-major: prompt ``i``, copy ``j`` -> ``k = i * num_videos_per_prompt + j``)
+draws its initial noise, and any sampler noise, from its own generator seeded ``seed + k``. So a video depends
+on its own seed only, not on the batch it was drawn in, and its sidecar reproduces it alone:
+``VideoPipeline.from_pretrained(**meta["model"])(meta["prompt"], **meta["settings"])``.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import hashlib
+import os
+import secrets
+import warnings
+from collections.abc import Callable, Sequence
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+
+from lvdm.configlib import config_to_dict
+from lvdm.errors import CheckpointError, ConfigError
+from lvdm.outputs import FORMATS, VideoOutput, media_kind, plan_outputs, read_prompts
+from lvdm.sampling_settings import (
+    DEFAULT_FPS,
+    DEFAULT_FRAMES,
+    DTYPES,
+    SamplingSettings,
+    parse_threshold,
+    sampling_settings,
+    temporal_defaults,
+)
+
+
+# --------------------------------------------------------------------------------------------------- pipeline
+class VideoPipeline:
+    """An SD base (with its LoRAs fused) plus, optionally, a temporal module: text in, videos out.
+
+    Build it with :meth:`from_pretrained`; call it with a prompt (or a list) and keyword
+    :class:`SamplingSettings`; :meth:`render` writes a prompt list to files.
+    """
+
+    def __init__(
+        self,
+        base: Any,
+        video: Any | None = None,
+        *,
+        sources: dict[str, Any] | None = None,
+        defaults: dict[str, Any] | None = None,
+    ) -> None:
+        """``base``: a :class:`~lvdm.models.BaseModel`; ``video``: a VideoUNet on ``base.unet`` or ``None`` (image
+        mode); ``sources``: the ``from_pretrained`` arguments recorded in sidecars; ``defaults``: as
+        :func:`temporal_defaults` returns."""
+        self.base = base
+        self.video = video
+        self.sources = dict(sources or {})
+        self.defaults = {key: value for key, value in (defaults or {}).items() if value is not None}
+        for module in (base.unet, base.vae, base.text_encoder):
+            module.eval().requires_grad_(False)
+
+    @classmethod
+    def from_pretrained(
+        cls,
+        base: str | os.PathLike,
+        *,
+        temporal: str | os.PathLike | None = None,
+        base_config: str | os.PathLike | None = None,
+        loras: Sequence[Any] = (),
+        spatial_weights: str | os.PathLike | None = None,
+        allow_pickle: bool = False,
+        device: str | torch.device | None = None,
+        dtype: str | torch.dtype | None = None,
+    ) -> VideoPipeline:
+        """Load ``base`` (diffusers folder or single file) with ``loras`` fused, and the ``temporal`` module onto it.
+
+        Args:
+            base, base_config, loras, spatial_weights, allow_pickle: as :func:`~lvdm.models.load_base` takes them
+                (``loras`` items ``"PATH[:SCALE]"``, ``(path, scale)`` or ``LoraSpec``).
+            temporal: a temporal module file from training; ``None`` samples in image mode. A module made for
+                another base family is refused with a :class:`~lvdm.errors.TemporalModuleError`.
+            device: where the models run (default: where they load, the CPU).
+            dtype: ``torch.float16`` / ``"fp16"``, ``"bf16"``, ``"fp32"`` (default: the weights' own, fp32).
+        """
+        torch_dtype = _as_dtype(dtype)
+        if not Path(base).exists():  # before the slow imports: a typo fails at once
+            raise CheckpointError(
+                f"base model {base} does not exist (expected a diffusers folder or a checkpoint file)"
+            )
+        defaults = temporal_defaults(temporal) if temporal is not None else None  # a bad module fails before loading
+        from lvdm.models import LoraSpec, VideoUNet, load_base
+
+        specs = [LoraSpec.parse(spec) for spec in loras]
+        with warnings.catch_warnings():  # diffusers >= 0.36 renamed the torch_dtype that load_base passes
+            warnings.filterwarnings("ignore", message=".*torch_dtype.* is deprecated", category=FutureWarning)
+            model = load_base(
+                base, base_config=base_config, loras=specs, allow_pickle=allow_pickle,
+                spatial_weights=spatial_weights, dtype=torch_dtype, device=device,
+            )  # fmt: skip
+        video = VideoUNet.from_temporal_file(model.unet, temporal) if temporal is not None else None
+        sources = {
+            "base": _absolute(base),
+            "temporal": _absolute(temporal),
+            "base_config": _absolute(base_config),
+            "loras": [f"{_absolute(spec.path)}:{spec.scale:g}" for spec in specs],
+            "spatial_weights": _absolute(spatial_weights),
+            "allow_pickle": allow_pickle,
+            "dtype": _dtype_name(next(model.unet.parameters()).dtype),
+        }
+        return cls(model, video, sources=sources, defaults=defaults)
+
+    @property
+    def device(self) -> torch.device:
+        return next(self.base.unet.parameters()).device
+
+    @property
+    def dtype(self) -> torch.dtype:
+        return next(self.base.unet.parameters()).dtype
+
+    @property
+    def vae_scale_factor(self) -> int:
+        """Pixels per latent: 8 for SD's VAE (2 for the tiny test VAE)."""
+        return 2 ** (len(self.base.vae.config.block_out_channels) - 1)
+
+    # ----------------------------------------------------------------------------------------------- sampling
+    def __call__(
+        self,
+        prompt: str | Sequence[str],
+        *,
+        latents: torch.Tensor | None = None,
+        base_noise: torch.Tensor | int | None = None,
+        progress: bool = True,
+        **settings: Any,
+    ) -> VideoOutput:
+        """Sample videos for ``prompt`` (a string or a list).
+
+        Args:
+            prompt: the text; a list gives one video per prompt (times ``num_videos_per_prompt``).
+            latents: initial noise ``(b, c, f, h', w')`` at unit variance, one per video, instead of drawing it;
+                its frames and size are used where the settings leave them unset.
+            base_noise: the mixed prior's shared base noise: an ``int`` seed (the same base for every video of
+                the call) or a tensor ``(1 or b, c, 1, h', w')``. With it fixed, different seeds change only the
+                per-frame residual: the same content, other motion.
+            progress: a progress bar over the denoising steps.
+            **settings: :class:`SamplingSettings` fields (``negative_prompt``, ``num_frames``, ``height``, ``width``,
+                ``num_inference_steps``, ``guidance_scale``, ``scheduler``, ``seed``, ``noise_prior`` ...).
+
+        Returns:
+            a :class:`VideoOutput` with uint8 frames ``(b, f, h, w, 3)``.
+        """
+        prompts = _as_prompts(prompt)
+        s = self._resolve(sampling_settings(**settings), latents)
+        n = len(prompts) * s.num_videos_per_prompt
+        negatives = _negatives(s.negative_prompt, prompts)
+        seeds = [s.seed + k for k in range(n)]
+        generators = [torch.Generator().manual_seed(seed) for seed in seeds]
+        shape = (n, self.base.vae.config.latent_channels, s.num_frames, *self._latent_size(s))
+        noise = self._initial_noise(s, shape, latents, base_noise, generators)
+        repeat = s.num_videos_per_prompt
+        # (p, n_tokens, d) -> (p * repeat, n_tokens, d): one text per video
+        cond = self._encode(prompts).repeat_interleave(repeat, dim=0)
+        uncond = self._encode(negatives).repeat_interleave(repeat, dim=0)
+        clean, frames = [], []
+        step = s.batch_size or n
+        for start in range(0, n, step):
+            part = slice(start, start + step)
+            done = self._denoise(s, noise[part], cond[part], uncond[part], generators[part], progress)
+            clean.append(done.cpu())
+            frames.append(self._decode(done, s.decode_chunk_size))
+        extra = {"initial_noise": "given" if latents is not None else "seed", "base_noise": _describe(base_noise)}
+        records = [self._record(s, prompts[k // repeat], negatives[k // repeat], seeds[k], extra) for k in range(n)]
+        return VideoOutput(np.concatenate(frames), float(s.fps), records, torch.cat(clean), noise.cpu())
+
+    def render(
+        self,
+        prompts: str | Sequence[str],
+        out: str | os.PathLike | Sequence[str | os.PathLike],
+        *,
+        format: str = "mp4",
+        base_noise: torch.Tensor | int | None = None,
+        progress: bool = True,
+        **settings: Any,
+    ) -> list[Path]:
+        """Sample ``prompts`` and write each video (with its sidecar) as it is done; returns the media paths.
+
+        ``out``: a file (``.mp4``/``.gif``, numbered when there are several videos), a folder (files named
+        ``000-<prompt words>.<format>``), or one path per video as :func:`plan_outputs` returns them. Prompts are
+        sampled ``batch_size`` videos at a time (default 1 here), with the seeds one call for the whole list
+        would use: video ``k`` gets ``seed + k``. ``base_noise``: a seed or a ``(1, c, 1, h', w')`` tensor, as in
+        :meth:`__call__`.
+        """
+        prompts = _as_prompts(prompts)
+        s = sampling_settings(**{"batch_size": 1, **settings})
+        repeat = s.num_videos_per_prompt
+        if isinstance(out, (str, os.PathLike)):
+            paths = plan_outputs(out, prompts, num_videos_per_prompt=repeat, format=format)
+        else:
+            paths = [Path(p) for p in out]
+        if len(paths) != len(prompts) * repeat:
+            raise ConfigError(f"got {len(paths)} output paths for {len(prompts) * repeat} videos")
+        seed = s.seed if s.seed is not None else _random_seed()
+        negatives = _negatives(s.negative_prompt, prompts)
+        per_call = max(1, s.batch_size // repeat)
+        written = []
+        for start in range(0, len(prompts), per_call):
+            chunk = slice(start, start + per_call)
+            call = {**settings, "seed": seed + start * repeat, "negative_prompt": negatives[chunk]}
+            output = self(prompts[chunk], base_noise=base_noise, progress=progress, **call)
+            written += [output.save(paths[start * repeat + j], index=j)[0] for j in range(len(output))]
+        return written
+
+    # ----------------------------------------------------------------------------------------------- steps
+    def _resolve(self, s: SamplingSettings, latents: torch.Tensor | None) -> SamplingSettings:
+        """Fill unset frames, size, fps and seed: from ``latents``, the module's training config, or the base."""
+        native = self.base.unet.config.sample_size * self.vae_scale_factor
+        given = {}
+        if latents is not None:
+            if latents.ndim != 5:
+                raise ConfigError(f"latents must be (b, c, f, h, w), got shape {tuple(latents.shape)}")
+            f, h, w = latents.shape[2:]
+            given = {"num_frames": f, "height": h * self.vae_scale_factor, "width": w * self.vae_scale_factor}
+        fallback = {"num_frames": DEFAULT_FRAMES, "height": native, "width": native, "fps": DEFAULT_FPS}
+        values = {}
+        for key, default in fallback.items():
+            value = getattr(s, key)
+            values[key] = value if value is not None else given.get(key, self.defaults.get(key, default))
+        values["seed"] = s.seed if s.seed is not None else _random_seed()
+        resolved = sampling_settings(**{**config_to_dict(s), **values})
+        problems = [
+            f"{key}={getattr(resolved, key)}: must be divisible by the VAE's factor {self.vae_scale_factor}"
+            for key in ("height", "width")
+            if getattr(resolved, key) % self.vae_scale_factor
+        ]
+        if problems:
+            raise ConfigError("; ".join(problems))
+        return resolved
+
+    def _latent_size(self, s: SamplingSettings) -> tuple[int, int]:
+        return s.height // self.vae_scale_factor, s.width // self.vae_scale_factor
+
+    def _initial_noise(
+        self,
+        s: SamplingSettings,
+        shape: tuple[int, ...],
+        latents: torch.Tensor | None,
+        base_noise: torch.Tensor | int | None,
+        generators: list[torch.Generator],
+    ) -> torch.Tensor:
+        """The given ``latents``, or noise from the prior, each video from its own generator (float32)."""
+        from lvdm.diffusion import sample_noise
+
+        if latents is not None:
+            if tuple(latents.shape) != shape:
+                raise ConfigError(f"latents must have shape {shape} for these settings, got {tuple(latents.shape)}")
+            return latents.to(device=self.device, dtype=torch.float32)
+        if base_noise is not None and s.noise_prior != "mixed":
+            raise ConfigError(f"base_noise is only used by noise_prior='mixed', not {s.noise_prior!r}")
+        base = _base_noise(base_noise, shape) if base_noise is not None else None
+        return sample_noise(
+            shape, prior=s.noise_prior, mixed_lambda=s.mixed_lambda, base_noise=base,
+            generator=generators, device=self.device,
+        )  # fmt: skip
+
+    @torch.no_grad()
+    def _encode(self, texts: list[str]) -> torch.Tensor:
+        from lvdm.models.encoders import encode_text
+
+        return encode_text(self.base.tokenizer, self.base.text_encoder, texts).to(self.device)
+
+    def _denoise(
+        self,
+        s: SamplingSettings,
+        noise: torch.Tensor,
+        cond: torch.Tensor,
+        uncond: torch.Tensor,
+        generators: list[torch.Generator],
+        progress: bool,
+    ) -> torch.Tensor:
+        """One batch of videos through the sampler, CFG batched into one forward per step."""
+        from lvdm.diffusion import guidance_schedule, make_scheduler, sample
+
+        return sample(
+            self.model_fn(image_mode=s.image_mode),
+            make_scheduler(s.scheduler, self.base.scheduler.config),
+            latents=noise,
+            num_inference_steps=s.num_inference_steps,
+            cond={"encoder_hidden_states": cond},
+            uncond={"encoder_hidden_states": uncond},
+            guidance=guidance_schedule(s.guidance_schedule, s.guidance_scale, **s.guidance_options),
+            guidance_rescale=s.guidance_rescale,
+            threshold=parse_threshold(s.threshold) if s.threshold else None,
+            generator=generators,  # one per video: scheduler noise (ddpm, euler_a) also follows each video's seed
+            progress=progress,
+        )
+
+    def model_fn(self, *, image_mode: bool = False) -> Callable[..., torch.Tensor]:
+        """The denoiser as the sampling loop calls it: ``fn(x (b, c, f, h, w), t (b,), encoder_hidden_states)``.
+
+        Inputs are cast to the model's dtype, the output returned as float32. With no temporal module, or with
+        ``image_mode``, every frame is denoised on its own by the image model.
+        """
+        dtype, video, unet = self.dtype, self.video, self.base.unet
+
+        def video_fn(x: torch.Tensor, t: torch.Tensor, encoder_hidden_states: torch.Tensor) -> torch.Tensor:
+            flags = torch.ones(x.shape[0], device=x.device) if image_mode else None
+            return video(x.to(dtype), t, encoder_hidden_states.to(dtype), image_only_indicator=flags).float()
+
+        def image_fn(x: torch.Tensor, t: torch.Tensor, encoder_hidden_states: torch.Tensor) -> torch.Tensor:
+            b, c, f, h, w = x.shape
+            # b c f h w -> (b f) c h w
+            frames = x.permute(0, 2, 1, 3, 4).reshape(b * f, c, h, w).to(dtype)
+            text = encoder_hidden_states.to(dtype).repeat_interleave(f, dim=0)  # b n d -> (b f) n d
+            out = unet(frames, t.repeat_interleave(f), text, return_dict=False)[0].float()
+            # (b f) c h w -> b c f h w
+            return out.reshape(b, f, *out.shape[1:]).permute(0, 2, 1, 3, 4)
+
+        return video_fn if video is not None else image_fn
+
+    def _decode(self, latents: torch.Tensor, chunk: int) -> np.ndarray:
+        """Clean latents -> uint8 ``(b, f, h, w, 3)``, ``chunk`` frames per VAE call."""
+        from lvdm.media import to_uint8_frames
+        from lvdm.models.encoders import decode_latents
+
+        video = decode_latents(self.base.vae, latents, chunk_frames=chunk)  # (b, f, 3, h, w) in [-1, 1]
+        return np.stack([to_uint8_frames(clip.float().cpu()) for clip in video])
+
+    def _record(
+        self, s: SamplingSettings, prompt: str, negative: str, seed: int, extra: dict[str, Any]
+    ) -> dict[str, Any]:
+        """One video's sidecar: ``from_pretrained(**model)`` and ``pipe(prompt, **settings)`` reproduce it."""
+        one = dataclasses.replace(s, negative_prompt=negative or None, seed=seed, num_videos_per_prompt=1)
+        settings = config_to_dict(dataclasses.replace(one, batch_size=None))
+        return {
+            "prompt": prompt,
+            "seed": seed,
+            "mode": "video" if self.video is not None and not s.image_mode else "image",
+            "settings": settings,
+            "model": self.sources,
+            "base_family": self.base.family,
+            "prediction_type": self.base.prediction_type,
+            "device": str(self.device),
+            **extra,
+            "lvdm_version": lvdm_version(),
+        }
+
+
+# --------------------------------------------------------------------------------------------------- helpers
+def _as_prompts(prompt: str | Sequence[str]) -> list[str]:
+    prompts = [prompt] if isinstance(prompt, str) else list(prompt)
+    if not prompts or not all(isinstance(p, str) for p in prompts):
+        raise ConfigError(f"prompt must be a string or a non-empty list of strings, got {prompt!r}")
+    return prompts
+
+
+def _negatives(negative: str | list[str] | None, prompts: list[str]) -> list[str]:
+    if negative is None or isinstance(negative, str):
+        return [negative or ""] * len(prompts)
+    if len(negative) != len(prompts):
+        raise ConfigError(
+            f"negative_prompt: got {len(negative)} for {len(prompts)} prompts (give one, or one per prompt)"
+        )
+    return list(negative)
+
+
+def _base_noise(base_noise: torch.Tensor | int, shape: tuple[int, ...]) -> torch.Tensor:
+    """The mixed prior's base ``(b, c, 1, h, w)``: drawn from an int seed (one for all videos), or a given tensor."""
+    n, c, _, h, w = shape
+    if isinstance(base_noise, int):
+        base_noise = torch.randn((1, c, 1, h, w), generator=torch.Generator().manual_seed(base_noise))
+    if base_noise.ndim != 5 or base_noise.shape[0] not in (1, n) or tuple(base_noise.shape[1:]) != (c, 1, h, w):
+        raise ConfigError(f"base_noise must be (1 or {n}, {c}, 1, {h}, {w}), got {tuple(base_noise.shape)}")
+    return base_noise.float().expand(n, c, 1, h, w)  # (1 or b) c 1 h w -> b c 1 h w
+
+
+def _describe(base_noise: torch.Tensor | int | None) -> int | str | None:
+    """How a sidecar records the base noise: its seed, or a fingerprint of a given tensor."""
+    if base_noise is None or isinstance(base_noise, int):
+        return base_noise
+    digest = hashlib.sha256(base_noise.detach().float().cpu().numpy().tobytes()).hexdigest()[:16]
+    return f"tensor {tuple(base_noise.shape)} sha256:{digest}"
+
+
+def _random_seed() -> int:
+    return secrets.randbelow(2**31)
+
+
+def _as_dtype(dtype: str | torch.dtype | None) -> torch.dtype | None:
+    if dtype is None or isinstance(dtype, torch.dtype):
+        return dtype
+    if dtype not in DTYPES:
+        raise ConfigError(f"dtype: expected one of {sorted(DTYPES)}, got {dtype!r}")
+    return DTYPES[dtype]
+
+
+def _dtype_name(dtype: torch.dtype) -> str:
+    return {value: key for key, value in DTYPES.items()}.get(dtype, str(dtype))
+
+
+def _absolute(path: str | os.PathLike | None) -> str | None:
+    return None if path is None else str(Path(path).absolute())
+
+
+def lvdm_version() -> str:
+    """The installed lvdm version (``lvdm.__version__``)."""
+    import lvdm
+
+    return lvdm.__version__
+
+
+__all__ = [
+    "FORMATS",
+    "SamplingSettings",
+    "VideoOutput",
+    "VideoPipeline",
+    "media_kind",
+    "parse_threshold",
+    "plan_outputs",
+    "read_prompts",
+    "sampling_settings",
+    "temporal_defaults",
+]

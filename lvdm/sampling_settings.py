@@ -1,0 +1,158 @@
+"""The settings of one sampling call, defined once: typed, defaulted, validated (VideoPipeline, sample.py)."""
+
+from __future__ import annotations
+
+import dataclasses
+import functools
+import json
+import os
+from collections.abc import Callable
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from lvdm.configlib import config_from_dict, option
+from lvdm.errors import ConfigError, TemporalModuleError
+
+DEFAULT_FRAMES = 16
+DEFAULT_FPS = 8.0
+SIZE_MULTIPLE = 8  # SD's rule for pixel sizes (its VAE downsamples by 8)
+DTYPES: dict[str, torch.dtype] = {"fp32": torch.float32, "fp16": torch.float16, "bf16": torch.bfloat16}
+
+
+# --------------------------------------------------------------------------------------------------- settings
+@dataclass(frozen=True)
+class SamplingSettings:
+    """Everything a sampling call can set, each field typed, defaulted, documented and checked once.
+
+    ``None`` sizes, frame count and fps are filled per call: from the temporal module's training config when one
+    is loaded (``data.num_frames``, ``data.resolution``, ``data.target_fps``), else 16 frames, the base's native
+    size and 8 fps.
+    """
+
+    negative_prompt: str | list[str] | None = option(None, "what to steer away from, one or one per prompt")
+    num_frames: int | None = option(None, "frames per video (null: the module's training value, else 16)", min=1)
+    height: int | None = option(
+        None, "height in pixels (null: the module's, else the base's)", min=8, multiple_of=SIZE_MULTIPLE
+    )
+    width: int | None = option(
+        None, "width in pixels (null: the module's, else the base's)", min=8, multiple_of=SIZE_MULTIPLE
+    )
+    fps: float | None = option(None, "frame rate of the written video (null: the module's target_fps, else 8)", gt=0)
+    num_inference_steps: int = option(25, "denoising steps", min=1)
+    scheduler: str = option("ddim", "sampler: ddim, dpmpp, euler, euler_a, ddpm or unipc")
+    guidance_scale: float = option(7.5, "classifier-free guidance weight (1: the conditional model only)")
+    guidance_schedule: str = option("constant", "guidance weight over the steps: constant, oscillating or linear")
+    guidance_options: dict[str, Any] = option({}, "options of the schedule, e.g. {low: 1.0, warmup: 0.2}")
+    guidance_rescale: float = option(0.0, "guidance rescale phi (Lin et al. 2023; 0.7 for v-prediction)", min=0, max=1)
+    threshold: str | None = option(None, "'clamp:VALUE' or 'percentile:Q[:BOUND]' on the predicted clean latents")
+    noise_prior: str = option("independent", "initial noise: independent, or mixed (VideoFusion's shared base)")
+    mixed_lambda: float = option(0.5, "mixed prior: base noise share (frame-to-frame correlation)", min=0, max=1)
+    seed: int | None = option(None, "seed of the first video; video k uses seed + k (null: a random seed)", min=0)
+    num_videos_per_prompt: int = option(1, "videos per prompt, each from its own seed", min=1)
+    image_mode: bool = option(False, "bypass the temporal layers: the frames are independent images")
+    decode_chunk_size: int = option(8, "frames per VAE decode call (less memory when smaller)", min=1)
+    batch_size: int | None = option(None, "videos denoised together (null: all of a call at once)", min=1)
+
+    def validate(self) -> list[str]:
+        """Names (with a did-you-mean) and options that the field types cannot check."""
+        from lvdm.diffusion import NOISE_PRIORS, SAMPLERS
+        from lvdm.diffusion._common import lookup
+
+        problems = []
+        for key, registry, what in (("scheduler", SAMPLERS, "sampler"), ("noise_prior", NOISE_PRIORS, "noise prior")):
+            try:
+                lookup(registry, getattr(self, key), what)
+            except ValueError as exc:
+                problems.append(f"{key}: {exc}")
+        problems += _guidance_problems(self)
+        if self.threshold is not None:
+            try:
+                parse_threshold(self.threshold)
+            except ConfigError as exc:
+                problems.append(f"threshold: {exc}")
+        if self.fps is not None and self.fps > 1000:
+            problems.append(f"fps: must be <= 1000, got {self.fps}")
+        return problems
+
+
+def _guidance_problems(settings: SamplingSettings) -> list[str]:
+    from lvdm.diffusion import GUIDANCE_SCHEDULES, guidance_schedule
+    from lvdm.diffusion._common import lookup
+
+    name = settings.guidance_schedule
+    try:
+        lookup(GUIDANCE_SCHEDULES, name, "guidance schedule")
+    except ValueError as exc:
+        return [f"guidance_schedule: {exc}"]
+    options = settings.guidance_options
+    allowed = [f.name for f in dataclasses.fields(GUIDANCE_SCHEDULES[name]) if f.name != "scale"]
+    unknown = sorted(set(options) - set(allowed))
+    if unknown:
+        return [f"guidance_options: {unknown} are not options of the {name!r} schedule; it takes {allowed}"]
+    try:
+        guidance_schedule(name, settings.guidance_scale, **options)
+    except (TypeError, ValueError) as exc:
+        return [f"guidance_options: {exc}"]
+    return []
+
+
+def sampling_settings(**settings: Any) -> SamplingSettings:
+    """Check ``settings`` (keyword names of :class:`SamplingSettings`); every problem in one :class:`ConfigError`.
+
+    Unknown names get a did-you-mean. The error is one line (problems joined by ``; ``) and keeps ``.problems``.
+    """
+    try:
+        return config_from_dict(settings, SamplingSettings)
+    except ConfigError as exc:
+        problems = getattr(exc, "problems", [str(exc)])
+        error = ConfigError("invalid sampling settings: " + "; ".join(problems))
+        error.problems = problems
+        raise error from None
+
+
+def parse_threshold(text: str) -> Callable[[torch.Tensor], torch.Tensor]:
+    """``"clamp:4"`` or ``"percentile:0.995[:3]"`` -> an ``x0 -> x0`` function (:func:`~lvdm.diffusion.threshold_x0`).
+
+    Applied to the clean latents each model output implies. SD latents are unbounded (roughly unit std), so these
+    are heuristics against blow-ups at high guidance, not Imagen's pixel-space bound: clamp at 3-4, and give
+    percentile mode a ``BOUND`` of 3-4 (with the default 1 it shrinks nearly every latent).
+    """
+    from lvdm.diffusion import threshold_x0
+    from lvdm.diffusion.guidance import THRESHOLDS
+
+    mode, *numbers = text.split(":")
+    try:
+        values = [float(number) for number in numbers]
+    except ValueError:
+        values = []
+    if mode not in THRESHOLDS or not 1 <= len(values) <= 2 or (mode == "clamp" and len(values) != 1):
+        raise ConfigError(f"expected 'clamp:VALUE' or 'percentile:Q[:BOUND]', got {text!r}")
+    value, bound = values[0], values[1] if len(values) == 2 else 1.0
+    if value <= 0 or bound <= 0 or (mode == "percentile" and value > 1):
+        raise ConfigError(f"{text!r}: values must be > 0 (a percentile's Q in (0, 1])")
+    return functools.partial(threshold_x0, mode=mode, value=value, bound=bound)
+
+
+def temporal_defaults(path: str | os.PathLike) -> dict[str, Any]:
+    """``num_frames``, ``height``, ``width``, ``fps`` from a temporal module's training config (``None`` if unset).
+
+    Reads only the file's header; a missing file or one that is not a temporal module is a
+    :class:`~lvdm.errors.TemporalModuleError`.
+    """
+    if not Path(path).is_file():
+        raise TemporalModuleError(f"temporal module {path} does not exist")
+    from lvdm.models.temporal_file import read_temporal_metadata
+
+    metadata = read_temporal_metadata(path)
+    try:
+        data = json.loads(metadata.get("training_config", "{}")).get("data") or {}
+    except (ValueError, AttributeError):
+        data = {}
+    resolution = data.get("resolution")
+    if isinstance(resolution, int):
+        resolution = [resolution, resolution]
+    height, width = resolution if isinstance(resolution, list) and len(resolution) == 2 else (None, None)
+    return {"num_frames": data.get("num_frames"), "height": height, "width": width, "fps": data.get("target_fps")}

@@ -1,0 +1,135 @@
+"""Sample videos with a trained temporal module on any SD base of its family (without one: image mode).
+
+    python sample.py --base path/to/sd15 --temporal outputs/run/temporal.safetensors --prompt "a red panda" \\
+        --out panda.mp4
+    python sample.py --base dreambooth.safetensors --base-config path/to/sd15 --lora style.safetensors:0.7 \\
+        --temporal outputs/run/temporal.safetensors --prompt "a red panda" --out panda.gif
+    python sample.py --base path/to/sd15 --temporal ... --prompts prompts.txt --out samples/ --batch-size 4
+    python sample.py --base path/to/sd15 --prompt "a red panda" --out frames/ --format png   # image mode
+
+Options people change: --frames, --height/--width, --steps, --guidance (with --guidance-schedule oscillating
+and --guidance-option warmup=0.2), --scheduler (ddim, dpmpp, euler, euler_a, ddpm, unipc), --seed,
+--noise-prior mixed (with --mixed-lambda, --base-noise-seed), --fps, --device, --dtype fp16. Frames, size and
+fps default to the temporal module's training values. --out is a .mp4/.gif file (numbered when there are
+several videos) or a folder (000-<prompt words>.mp4 ...). Every output gets a JSON sidecar (<output>.json) with
+the prompt, seed and every setting; video k of a run uses seed + k.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+
+from lvdm.cli import run_cli
+from lvdm.errors import ConfigError
+
+# flag -> (SamplingSettings field, type); each flag's help is the field's own
+SETTINGS_FLAGS = {
+    "--negative-prompt": ("negative_prompt", str),
+    "--frames": ("num_frames", int),
+    "--height": ("height", int),
+    "--width": ("width", int),
+    "--fps": ("fps", float),
+    "--steps": ("num_inference_steps", int),
+    "--scheduler": ("scheduler", str),
+    "--guidance": ("guidance_scale", float),
+    "--guidance-schedule": ("guidance_schedule", str),
+    "--guidance-rescale": ("guidance_rescale", float),
+    "--threshold": ("threshold", str),
+    "--noise-prior": ("noise_prior", str),
+    "--mixed-lambda": ("mixed_lambda", float),
+    "--seed": ("seed", int),
+    "--num-videos": ("num_videos_per_prompt", int),
+    "--decode-chunk": ("decode_chunk_size", int),
+    "--batch-size": ("batch_size", int),
+}
+
+
+class _Parser(argparse.ArgumentParser):
+    """argparse whose usage errors are one line (a ConfigError: exit 2 through run_cli)."""
+
+    def error(self, message: str) -> None:
+        raise ConfigError(f"{message} (python sample.py --help lists the options)")
+
+
+def build_parser() -> argparse.ArgumentParser:
+    from lvdm.pipeline import FORMATS, SamplingSettings
+
+    parser = _Parser(prog="sample.py", description=__doc__.split("\n\n")[0])
+    model = parser.add_argument_group("model")
+    model.add_argument("--base", required=True, help="SD base: a diffusers folder or a single-file checkpoint")
+    model.add_argument("--base-config", help="diffusers folder with the architecture of a single-file --base")
+    model.add_argument("--temporal", help="temporal module (.safetensors) from training; none: image mode")
+    model.add_argument("--lora", action="append", default=[], metavar="PATH[:SCALE]", help="LoRA to fuse (repeatable)")
+    model.add_argument("--spatial-weights", help="spatial UNet weights exported by training (model.unfreeze)")
+    model.add_argument("--allow-pickle", action="store_true", help="allow .ckpt/.pt/.bin files, which can run code")
+    model.add_argument("--device", default="auto", help="cuda, cpu, mps ... (auto: cuda when available)")
+    model.add_argument("--dtype", default="auto", choices=["auto", "fp32", "fp16", "bf16"], help="auto: fp16 on cuda")
+    text = parser.add_mutually_exclusive_group(required=True)
+    text.add_argument("--prompt", help="the prompt")
+    text.add_argument("--prompts", metavar="FILE", help="a text file of prompts, one per line")
+    fields = SamplingSettings.__dataclass_fields__
+    settings = parser.add_argument_group("sampling")
+    for flag, (name, kind) in SETTINGS_FLAGS.items():
+        metavar = {int: "N", float: "X", str: "TEXT"}[kind]
+        settings.add_argument(flag, dest=name, type=kind, metavar=metavar, help=fields[name].metadata["help"])
+    settings.add_argument("--guidance-option", action="append", default=[], metavar="KEY=VALUE", help="e.g. low=1.0")
+    image_help = fields["image_mode"].metadata["help"]
+    settings.add_argument("--image-mode", action="store_true", default=None, help=image_help)
+    settings.add_argument("--base-noise-seed", type=int, help="mixed prior: one base noise for every video (its seed)")
+    output = parser.add_argument_group("output")
+    output.add_argument("--out", default="outputs/samples", help="a .mp4/.gif file, or a folder for many videos")
+    output.add_argument("--format", default="mp4", choices=FORMATS, help="file type written into an --out folder")
+    output.add_argument("--quiet", action="store_true", help="no progress bar")
+    return parser
+
+
+def _guidance_options(items: list[str]) -> dict[str, object]:
+    options = {}
+    for item in items:
+        key, sep, raw = item.partition("=")
+        if not sep or not key:
+            raise ConfigError(f"--guidance-option {item!r}: expected KEY=VALUE, e.g. warmup=0.2")
+        try:
+            options[key] = json.loads(raw)
+        except ValueError:
+            options[key] = raw
+    return options
+
+
+def _device_and_dtype(device: str, dtype: str) -> tuple[str, str]:
+    import torch
+
+    if device == "auto":
+        device = "cuda" if torch.cuda.is_available() else "mps" if torch.backends.mps.is_available() else "cpu"
+    if dtype == "auto":
+        dtype = "fp16" if device.startswith("cuda") else "fp32"
+    return device, dtype
+
+
+def main(argv: list[str]) -> int:
+    args = build_parser().parse_args(argv)
+    from lvdm.pipeline import VideoPipeline, plan_outputs, read_prompts, sampling_settings
+
+    prompts = [args.prompt] if args.prompt is not None else read_prompts(args.prompts)
+    settings = {name: getattr(args, name) for name, _ in SETTINGS_FLAGS.values() if getattr(args, name) is not None}
+    settings |= {"image_mode": True} if args.image_mode else {}
+    settings |= {"guidance_options": _guidance_options(args.guidance_option)} if args.guidance_option else {}
+    checked = sampling_settings(**settings)  # every mistake reported before anything is loaded
+    paths = plan_outputs(args.out, prompts, num_videos_per_prompt=checked.num_videos_per_prompt, format=args.format)
+    device, dtype = _device_and_dtype(args.device, args.dtype)
+    pipe = VideoPipeline.from_pretrained(
+        args.base, temporal=args.temporal, base_config=args.base_config, loras=args.lora,
+        spatial_weights=args.spatial_weights, allow_pickle=args.allow_pickle, device=device, dtype=dtype,
+    )  # fmt: skip
+    mode = "video" if args.temporal and not args.image_mode else "image mode (no temporal layers)"
+    print(f"sampling {len(paths)} video(s), {mode}, on {device}", file=sys.stderr)
+    written = pipe.render(prompts, paths, base_noise=args.base_noise_seed, progress=not args.quiet, **settings)
+    for path in written:
+        print(path)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(run_cli(main))

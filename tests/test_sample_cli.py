@@ -1,0 +1,147 @@
+"""sample.py: a module trained on base A sampled on single-file base B with a LoRA, prompt lists, output files read
+back, every user mistake as one line and a non-zero exit; and the examples, run with --tiny."""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import av
+import numpy as np
+import pytest
+import torch
+from conftest import randomize
+from diffusers import StableDiffusionPipeline
+from PIL import Image
+
+from lvdm import testing
+from lvdm.models import VideoUNet, load_base
+
+REPO = Path(__file__).resolve().parents[1]
+TRAINING = {"data": {"num_frames": 4, "resolution": [16, 24], "target_fps": 12.0}}
+
+
+def run_script(*args: str, timeout: int = 300) -> subprocess.CompletedProcess[str]:
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": str(REPO)}
+    return subprocess.run([sys.executable, *args], capture_output=True, text=True, env=env, cwd=REPO, timeout=timeout)
+
+
+def sample(*args: str) -> subprocess.CompletedProcess[str]:
+    return run_script(str(REPO / "sample.py"), "--quiet", *args)
+
+
+@pytest.fixture(scope="module", autouse=True)
+def one_thread():
+    """One intra-op thread for the in-process reference: tiny models, and on a shared machine two threads wait."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
+
+
+@pytest.fixture(scope="module")
+def files(tmp_path_factory):
+    """Base A (folder) with a temporal module made on it, base B (single file) with a kohya LoRA, an SD2 base."""
+    root = tmp_path_factory.mktemp("cli")
+    folder_a = testing.make_tiny_sd(root / "base_a", "sd1", seed=0)
+    video = VideoUNet.from_unet2d(load_base(folder_a).unet)
+    randomize(video.temporal_parameters(), seed=1, std=0.2)
+    video.save_temporal(root / "motion.safetensors", training_config=TRAINING)
+    components_b = testing.tiny_sd_components("sd1", seed=1)
+    single_b = testing.write_single_file_checkpoint(components_b, root / "dreambooth_b.safetensors")
+    lora = testing.write_lora(components_b["unet"], root / "style.safetensors", format="kohya", seed=3)
+    broken = root / "broken_lora.safetensors"
+    broken.write_bytes(b"this is not a safetensors file")
+    sd2 = testing.make_tiny_sd(root / "base_sd2", "sd2", seed=0)
+    prompts = root / "prompts.txt"
+    prompts.write_text("a red kite\n\na lighthouse at dusk\nA cat, sleeping!\n", encoding="utf-8")
+    return {
+        "a": folder_a, "module": root / "motion.safetensors", "b": single_b, "lora": lora,
+        "broken_lora": broken, "sd2": sd2, "prompts": prompts, "root": root,
+    }  # fmt: skip
+
+
+def on_b(files) -> list[str]:
+    return ["--base", str(files["b"]), "--base-config", str(files["a"]), "--lora", f"{files['lora']}:0.7"]
+
+
+def test_module_from_a_samples_a_prompt_file_on_single_file_b_with_a_lora(files, tmp_path):
+    result = sample(*on_b(files), "--temporal", str(files["module"]), "--prompts", str(files["prompts"]),
+                    "--frames", "3", "--fps", "5", "--steps", "2", "--seed", "40", "--batch-size", "2",
+                    "--out", str(tmp_path / "videos"))  # fmt: skip
+    assert result.returncode == 0, result.stderr
+    paths = [Path(line) for line in result.stdout.split()]
+    assert [p.name for p in paths] == ["000-a-red-kite.mp4", "001-a-lighthouse-at-dusk.mp4", "002-a-cat-sleeping.mp4"]
+    for k, path in enumerate(paths):
+        with av.open(str(path)) as container:
+            stream = container.streams.video[0]
+            frames = [frame.to_ndarray(format="rgb24") for frame in container.decode(stream)]
+            assert stream.average_rate == 5
+        assert len(frames) == 3 and frames[0].shape == (16, 24, 3)  # the size: the module's training resolution
+        meta = json.loads(path.with_name(path.name + ".json").read_text())
+        assert meta["mode"] == "video" and meta["seed"] == 40 + k and meta["settings"]["num_inference_steps"] == 2
+        assert meta["model"]["loras"] == [f"{files['lora']}:0.7"] and meta["model"]["temporal"] == str(files["module"])
+        assert meta["model"]["base"] == str(files["b"]) and meta["settings"]["scheduler"] == "ddim"
+
+
+def test_image_mode_frames_from_the_cli_equal_diffusers(files, tmp_path):
+    result = sample(*on_b(files), "--prompt", "a lighthouse at dusk", "--frames", "2", "--steps", "3", "--seed", "7",
+                    "--out", str(tmp_path / "frames"), "--format", "png")  # fmt: skip
+    assert result.returncode == 0, result.stderr
+    [folder] = [Path(line) for line in result.stdout.split()]
+    assert folder.name == "000-a-lighthouse-at-dusk" and json.loads(folder.with_suffix(".json").read_text())
+    frames = np.stack([np.asarray(Image.open(path)) for path in sorted(folder.glob("*.png"))])
+    reference = StableDiffusionPipeline.from_single_file(
+        str(files["b"]), config=str(files["a"]), local_files_only=True, safety_checker=None
+    )
+    reference.load_lora_weights(str(files["lora"]), adapter_name="style")
+    reference.set_adapters(["style"], [0.7])
+    reference.set_progress_bar_config(disable=True)
+    noise = torch.randn((1, 4, 2, 8, 8), generator=torch.Generator().manual_seed(7))  # video 0 of seed 7
+    for j in range(2):
+        image = reference(
+            "a lighthouse at dusk", latents=noise[:, :, j], num_inference_steps=3, guidance_scale=7.5, output_type="np"
+        ).images[0]
+        assert np.abs(frames[j].astype(np.float64) - image * 255).max() <= 1.01
+
+
+@pytest.mark.parametrize(
+    ("case", "code", "message"),
+    [
+        ("missing_base", 1, "does not exist"),
+        ("missing_module", 1, "does not exist"),
+        ("module_for_another_family", 1, "base family"),
+        ("broken_lora", 1, "not a readable safetensors file"),
+        ("size_not_divisible_by_8", 2, "height: must be a multiple of 8"),
+        ("unknown_scheduler", 2, "Did you mean 'ddim'"),
+        ("no_prompt", 2, "one of the arguments --prompt --prompts is required"),
+    ],
+)
+def test_mistakes_are_one_line_and_a_non_zero_exit(files, tmp_path, case, code, message):
+    base = ["--base", str(files["a"]), "--out", str(tmp_path / "out.mp4")]
+    prompt = ["--prompt", "a kite"]
+    args = {
+        "missing_base": ["--base", str(tmp_path / "nope"), *prompt],
+        "missing_module": [*base, *prompt, "--temporal", str(tmp_path / "nope.safetensors")],
+        "module_for_another_family": ["--base", str(files["sd2"]), *prompt, "--temporal", str(files["module"])],
+        "broken_lora": [*base, *prompt, "--lora", str(files["broken_lora"])],
+        "size_not_divisible_by_8": [*base, *prompt, "--height", "20"],
+        "unknown_scheduler": [*base, *prompt, "--scheduler", "dim"],
+        "no_prompt": base,
+    }[case]
+    result = sample(*args)
+    lines = [line for line in result.stderr.splitlines() if line.strip()]
+    assert result.returncode == code, result.stderr
+    assert len(lines) == 1 and lines[0].startswith("error: ") and message in lines[0], result.stderr
+    assert not list(tmp_path.glob("out*"))  # nothing written
+
+
+@pytest.mark.parametrize("script", ["sample_prompt_list.py", "temporal_on_two_checkpoints.py"])
+def test_examples_run_offline_on_tiny_models(script, tmp_path):
+    result = run_script(str(REPO / "examples" / script), "--tiny", "--out", str(tmp_path))
+    assert result.returncode == 0, result.stderr
+    written = sorted(p for p in tmp_path.rglob("*") if p.suffix in (".mp4", ".gif"))
+    assert written and all((p.with_name(p.name + ".json")).is_file() for p in written)
