@@ -32,12 +32,12 @@ def encoders(base: Any, *, chunk_frames: int = 16) -> dict[str, Any]:
 
 def build_from_config(cfg: Config, *, shard_size: int = 64, progress: bool = True) -> Path:
     """Build (or resume) the cache at ``cfg.data.cache`` for ``cfg``'s data and base model."""
+    if not cfg.data.cache:  # a config error: reported before torch and diffusers are imported
+        raise ConfigError("data.cache: set it to the folder the cache is written to")
     from lvdm.data.build import build_dataset
     from lvdm.data.cache import build_cache, cache_fingerprint, weights_digest
     from lvdm.models.loading import load_base
 
-    if not cfg.data.cache:
-        raise ConfigError("data.cache: set it to the folder the cache is written to")
     dataset, _ = build_dataset(cfg.data, seed=cfg.train.seed)
     m = cfg.model
     base = load_base(m.base, base_config=m.base_config, loras=m.loras, allow_pickle=m.allow_pickle)

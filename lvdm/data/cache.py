@@ -8,12 +8,12 @@ Layout of a cache folder:
   same generator equals on-the-fly encoding) and ``{i}.text`` (``(n, d)``); sample metadata
   (caption, fps, is_image, source) in the shard's metadata;
 - ``empty_text.safetensors``: the empty caption's embedding, for caption dropout;
-- ``skipped.jsonl``: the files that could not be cached, with reasons.
+- ``skipped.jsonl``: the files that could not be cached, with reasons (each once, also across a resume).
 
 Each clip is cut once (seeded start, crop and flip), so a cache fixes what random clip sampling
 would vary. Shards are written to a temp file and renamed: an interrupted build resumes at the
 first missing shard. A cache whose fingerprint differs from the current model or data settings
-is refused, naming what differs.
+is refused, naming what differs, and so is an unfinished one (a shard missing).
 """
 
 from __future__ import annotations
@@ -79,23 +79,58 @@ def build_cache(
     ``encode_text``: captions -> ``(b, n, d)``.
     """
     out = Path(out_dir)
-    _start_or_resume(out, fingerprint, shard_size)
-    save_file({"text": encode_text([""])[0].cpu().contiguous()}, out / "empty_text.safetensors")
     shards = range(0, len(dataset), shard_size)
+    _start_or_resume(out, fingerprint, shard_size, len(shards))
+    save_file({"text": encode_text([""])[0].cpu().contiguous()}, out / "empty_text.safetensors")
+    skips = _SkipLog(out / "skipped.jsonl")
     bar = tqdm(total=len(dataset), desc="caching latents", unit="clip", disable=not progress)
     for number, first in enumerate(shards):
         indices = range(first, min(first + shard_size, len(dataset)))
-        path = out / f"shard-{number:05d}.safetensors"
+        path = out / _shard_name(number)
         if not path.exists():
-            _write_shard(dataset, indices, path, out / "skipped.jsonl", encode_video, encode_text)
+            _write_shard(dataset, indices, path, skips, encode_video, encode_text)
         bar.update(len(indices))
     bar.close()
     return out
 
 
-def _start_or_resume(out: Path, fingerprint: dict[str, Any], shard_size: int) -> None:
+def _shard_name(number: int) -> str:
+    return f"shard-{number:05d}.safetensors"
+
+
+class _SkipLog:
+    """``skipped.jsonl``, appended to once per file: a shard rewritten on resume does not log its files again."""
+
+    def __init__(self, path: Path) -> None:
+        self.path = path
+        self.logged: set[str] = set()
+        text = path.read_text(encoding="utf-8", errors="replace") if path.is_file() else ""
+        if text and not text.endswith("\n"):  # end the cut line, so the next entry starts a line of its own
+            with path.open("a", encoding="utf-8") as handle:
+                handle.write("\n")
+        for line in text.splitlines():
+            try:
+                self.logged.add(json.loads(line)["path"])
+            except (json.JSONDecodeError, KeyError, TypeError):
+                continue  # a line cut short by the interruption
+
+    def add(self, path: str, reason: str) -> None:
+        if path in self.logged:
+            return
+        self.logged.add(path)
+        with self.path.open("a", encoding="utf-8") as handle:
+            handle.write(json.dumps({"path": path, "reason": reason}, ensure_ascii=False) + "\n")
+
+
+def _start_or_resume(out: Path, fingerprint: dict[str, Any], shard_size: int, shards: int) -> None:
     manifest = out / "cache.json"
-    header = {"format": FORMAT, "format_version": FORMAT_VERSION, "shard_size": shard_size, "fingerprint": fingerprint}
+    header = {
+        "format": FORMAT,
+        "format_version": FORMAT_VERSION,
+        "shard_size": shard_size,
+        "shards": shards,
+        "fingerprint": fingerprint,
+    }
     if manifest.exists():
         found = json.loads(manifest.read_text())
         if found.get("fingerprint") != fingerprint or found.get("shard_size") != shard_size:
@@ -109,15 +144,14 @@ def _start_or_resume(out: Path, fingerprint: dict[str, Any], shard_size: int) ->
     manifest.write_text(json.dumps(header, indent=2))
 
 
-def _write_shard(dataset, indices, path: Path, skip_log: Path, encode_video, encode_text) -> None:
+def _write_shard(dataset, indices, path: Path, skips: _SkipLog, encode_video, encode_text) -> None:
     tensors, samples = {}, []
     for index in indices:
         rng = random.Random(f"{dataset.seed}:cache:{index}")
         try:
             sample = dataset.load(index, rng)
         except VideoReadError as exc:
-            with skip_log.open("a", encoding="utf-8") as handle:
-                handle.write(json.dumps({"path": str(dataset.entries[index].path), "reason": exc.reason}) + "\n")
+            skips.add(str(dataset.entries[index].path), exc.reason)
             continue
         tensors[f"{index}.latents"] = encode_video(sample["video"][None])[0].cpu().contiguous()
         tensors[f"{index}.text"] = encode_text([sample["caption"]])[0].cpu().contiguous()
@@ -147,6 +181,12 @@ class LatentCache(Dataset):
                 f"latent cache {self.dir} is stale: it was made with other settings "
                 f"({_differences(header['fingerprint'], expected)}); rebuild it"
             )
+        missing = [n for n in range(header.get("shards", 0)) if not (self.dir / _shard_name(n)).is_file()]
+        if missing:
+            raise DataError(
+                f"latent cache {self.dir} is incomplete: {len(missing)} of {header['shards']} shards missing "
+                f"(first: {_shard_name(missing[0])}); run the cache command again to finish it"
+            )
         self.samples = self._listing()
         if not self.samples:
             raise DataError(f"latent cache {self.dir} holds no samples (incomplete build, or every file was bad)")
@@ -168,8 +208,10 @@ class LatentCache(Dataset):
     def __len__(self) -> int:
         return len(self.samples)
 
-    def __getitem__(self, i: int) -> dict[str, Any]:
-        sample = self.samples[i]
+    def __getitem__(self, key: int | tuple[int, int]) -> dict[str, Any]:
+        """Sample ``key``, or ``(index, draw)`` as :class:`~lvdm.data.loader.BatchStream` yields (a cached clip
+        is the same on every draw)."""
+        sample = self.samples[key[0] if isinstance(key, tuple) else key]
         with safe_open(sample["shard"], framework="pt") as handle:
             latents = handle.get_tensor(f"{sample['index']}.latents")
             text = handle.get_tensor(f"{sample['index']}.text")

@@ -71,12 +71,19 @@ class VideoDataset(Dataset):
         """Vary the random clip starts, crops and flips per epoch (still seeded)."""
         self.epoch = epoch
 
-    def __getitem__(self, index: int) -> dict[str, Any]:
+    def __getitem__(self, key: int | tuple[int, int]) -> dict[str, Any]:
+        """The sample of entry ``key``, or of ``(index, draw)`` as :class:`~lvdm.data.loader.BatchStream` yields.
+
+        The draw number seeds the clip start, crop and flip, so every draw of an entry cuts its own clip
+        (reproducibly); a plain index uses the epoch (:meth:`set_epoch`) instead.
+        """
+        index, draw = key if isinstance(key, tuple) else (key, None)
+        salt = str(self.epoch) if draw is None else f"draw{draw}"
         skipped: list[tuple[str, str]] = []
         candidates = self.groups[self.shapes[index]]
         current = index
         for attempt in range(self.max_consecutive_bad):
-            rng = random.Random(f"{self.seed}:{self.epoch}:{index}:{attempt}")
+            rng = random.Random(f"{self.seed}:{salt}:{index}:{attempt}")
             try:
                 sample = self.load(current, rng)
             except VideoReadError as exc:
@@ -99,28 +106,33 @@ class VideoDataset(Dataset):
         caption = entry.read_caption()
         path = entry.media_path()
         height, width = self.shapes[index][1]
-        frames, fps = (self._image if entry.is_image else self._clip)(path, height, width, rng)
+        if entry.is_image:
+            frames, fps = self._image(path, height, width), 0.0
+        else:
+            frames, fps = self._clip(path, height, width, rng, fps_hint=entry.fps)
         video = to_clip_tensor(frames, height, width, crop=self.settings.crop, flip=self.settings.flip, rng=rng)
         return {"video": video, "caption": caption, "fps": fps, "is_image": entry.is_image, "source": str(path)}
 
-    def _clip(self, path, height: int, width: int, rng: random.Random):
-        from lvdm.data.readers import probe, read_frames
+    def _clip(self, path, height: int, width: int, rng: random.Random, *, fps_hint: float | None = None):
+        """Frames of one clip and its fps; a manifest's ``fps_hint`` stands in for a container without a rate."""
+        from lvdm.data.readers import MAX_FPS, MIN_FPS, probe, read_frames
 
         s = self.settings
-        info = probe(path)
+        info = probe(path, timeout=s.decode_timeout)
+        fps = info.fps or (fps_hint if fps_hint is not None and MIN_FPS <= fps_hint <= MAX_FPS else None)
         plan = plan_clip(
-            str(path), info.num_frames, info.fps, s.num_frames,
+            str(path), info.num_frames, fps, s.num_frames,
             stride=s.stride, target_fps=s.target_fps, start=s.start, rng=rng,
         )  # fmt: skip
         size = cover_size(info.width, info.height, height, width)
         frames = read_frames(path, plan.indices, size=size, reader=s.reader, timeout=s.decode_timeout)
         return frames, plan.fps
 
-    def _image(self, path, height: int, width: int, rng: random.Random):
+    def _image(self, path, height: int, width: int):
         from lvdm.data.readers import read_image
 
         image_width, image_height = _image_size(path)
-        return read_image(path, size=cover_size(image_width, image_height, height, width)), 0.0
+        return read_image(path, size=cover_size(image_width, image_height, height, width))
 
     def _shape_of(self, entry: Entry) -> tuple[bool, tuple[int, int]]:
         """``(is_image, (h, w))``: the samples that may share a batch."""
@@ -151,6 +163,8 @@ def _image_size(path) -> tuple[int, int]:
         with Image.open(path) as image:
             orientation = image.getexif().get(0x0112, 1)
             width, height = image.size
+    except Image.DecompressionBombError:
+        raise VideoReadError(path, "image too large (decompression bomb guard)") from None
     except (OSError, ValueError) as exc:
         raise VideoReadError(path, f"not a readable image ({type(exc).__name__})") from None
     return (height, width) if orientation in (5, 6, 7, 8) else (width, height)

@@ -20,12 +20,13 @@ from lvdm.data.dataset import VideoDataset, collate
 from lvdm.errors import DataError
 
 
-class BatchStream(Sampler[list[int]]):
+class BatchStream(Sampler[list[tuple[int, int]]]):
     """An endless stream of index batches, starting at batch ``start``.
 
     A DataLoader prefetches, so the stream cannot know how many batches were consumed; the
     training loop does, and resumes with ``start_at(batches_consumed)`` before iterating.
-    Works for a :class:`VideoDataset` or a latent cache (anything with ``groups`` and a length).
+    Works for a :class:`VideoDataset` or a latent cache (anything with ``groups``, a length and
+    a ``__getitem__`` that takes the ``(index, draw)`` pairs of :meth:`draws`).
     """
 
     def __init__(
@@ -54,15 +55,20 @@ class BatchStream(Sampler[list[int]]):
         members, weights = rng.choices(self.groups, weights=self.group_weights)[0]
         return rng.choices(members, weights=weights, k=self.batch_size)
 
+    def draws(self, n: int) -> list[tuple[int, int]]:
+        """Batch ``n`` as ``(index, draw)`` pairs: the draw number seeds each sample's clip start, crop and flip,
+        so an entry drawn again later gives another clip of its video (a plain index would give the same one)."""
+        return [(index, n * self.batch_size + k) for k, index in enumerate(self.batch(n))]
+
     def start_at(self, n: int) -> None:
         """Begin the next iteration at batch ``n`` (resume)."""
         self.start = n
 
-    def __iter__(self) -> Iterator[list[int]]:
-        """This rank's batches: rank ``r`` of ``w`` takes global batches ``n * w + r``."""
+    def __iter__(self) -> Iterator[list[tuple[int, int]]]:
+        """This rank's batches of :meth:`draws`: rank ``r`` of ``w`` takes global batches ``n * w + r``."""
         n = self.start
         while True:
-            yield self.batch(n * self.world_size + self.rank)
+            yield self.draws(n * self.world_size + self.rank)
             n += 1
 
 
@@ -70,14 +76,15 @@ class BadSampleGuard:
     """Logs each bad file once to ``skipped.jsonl`` and stops the run when the bad fraction is too high.
 
     The fraction is judged once ``min_samples`` draws have been made, so one early bad file
-    does not stop a run; ``VideoDataset`` itself stops a run of consecutive failures.
+    does not stop a run; ``VideoDataset`` itself stops a run of consecutive failures. Files already
+    in an existing log (a resumed run) are not logged again.
     """
 
     def __init__(self, log_path: str | Path | None, *, max_fraction: float = 0.05, min_samples: int = 50) -> None:
         self.log_path = Path(log_path) if log_path is not None else None
         self.max_fraction = max_fraction
         self.min_samples = min_samples
-        self.seen: dict[str, str] = {}
+        self.seen: dict[str, str] = self._logged()
         self.bad = 0
         self.total = 0
 
@@ -96,6 +103,23 @@ class BadSampleGuard:
                 f"data.max_bad_fraction {100 * self.max_fraction:.1f}%); {len(self.seen)} distinct bad files"
                 + (f" are listed in {self.log_path}" if self.log_path else "")
             )
+
+    def _logged(self) -> dict[str, str]:
+        """``path -> reason`` of the files an earlier run logged (a line cut short by a crash is ignored)."""
+        if self.log_path is None or not self.log_path.is_file():
+            return {}
+        text = self.log_path.read_text(encoding="utf-8", errors="replace")
+        if text and not text.endswith("\n"):  # end the cut line, so the next entry starts a line of its own
+            with self.log_path.open("a", encoding="utf-8") as handle:
+                handle.write("\n")
+        seen = {}
+        for line in text.splitlines():
+            try:
+                row = json.loads(line)
+                seen[row["path"]] = row["reason"]
+            except (json.JSONDecodeError, KeyError, TypeError):
+                continue
+        return seen
 
     def _log(self, path: str, reason: str) -> None:
         if self.log_path is None:

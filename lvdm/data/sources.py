@@ -45,6 +45,9 @@ class Entry:
                 raise VideoReadError(self.path, f"caption file missing: {self.caption_file.name}") from None
             except UnicodeDecodeError:
                 raise VideoReadError(self.path, "caption is not UTF-8") from None
+            except OSError as exc:  # permission denied, a folder named like the caption, ...
+                reason = f"caption file unreadable: {self.caption_file.name} ({exc.strerror or type(exc).__name__})"
+                raise VideoReadError(self.path, reason) from None
         else:
             text = self.caption or ""
         if any("\udc80" <= ch <= "\udcff" for ch in text):  # undecodable bytes kept as surrogates

@@ -1,0 +1,1 @@
+"""Benchmarks runnable on CPU with tiny settings (``python -m benchmarks.<name> --help``)."""

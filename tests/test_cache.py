@@ -1,0 +1,203 @@
+"""The latent cache: cached training batches equal on-the-fly encoding, stale or unfinished caches are refused,
+an interrupted build resumes where it stopped, and the ``python -m lvdm.cache`` command."""
+
+from __future__ import annotations
+
+import json
+import os
+import random
+import subprocess
+import sys
+from pathlib import Path
+from types import SimpleNamespace
+
+import pytest
+import torch
+from safetensors import safe_open
+
+from lvdm.cache import encoders
+from lvdm.config import DataConfig, config_from_dict
+from lvdm.data.build import build_dataset
+from lvdm.data.cache import LatentCache, build_cache, cache_fingerprint, collate_cached, weights_digest
+from lvdm.data.dataset import VideoDataset, collate
+from lvdm.data.loader import BatchStream, make_loader
+from lvdm.errors import DataError
+from lvdm.testing import clips, tiny_sd_components, tiny_vae
+from lvdm.training.step import Frozen, batch_latents_and_text, step_generator
+
+REPO = Path(__file__).resolve().parents[1]
+SEED = 3
+CACHED = 6  # of the clips c0..c7: c5 has no caption, c6 is a zero-byte file
+SHARD = 3  # -> shards [c0 c1 c2] [c3 c4 c5] [c6 c7]
+
+
+def data_config(root: Path, **fields: object) -> DataConfig:
+    defaults = {"root": str(root), "num_frames": 4, "frame_stride": 2, "resolution": [16, 16], "flip": True}
+    return config_from_dict(defaults | fields, DataConfig)
+
+
+@pytest.fixture(scope="module")
+def folder(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    root = tmp_path_factory.mktemp("cache_clips")
+    for i in range(8):
+        path = root / f"c{i}.mp4"
+        if i == 6:
+            path.write_bytes(b"")
+        else:
+            clips.write_clip(path, num_frames=12, size=(32, 24), seed=i)
+        if i != 5:
+            path.with_suffix(".txt").write_text(clips.caption_for(i), encoding="utf-8")
+    return root
+
+
+@pytest.fixture(scope="module")
+def base() -> SimpleNamespace:
+    """The tiny SD1 components where ``lvdm.cache.encoders`` and ``Frozen.from_base`` expect a loaded base."""
+    return SimpleNamespace(**tiny_sd_components("sd1", seed=0))
+
+
+def fingerprint(dataset: VideoDataset, base: SimpleNamespace) -> dict:
+    return cache_fingerprint(
+        dataset, vae_digest=weights_digest(base.vae), text_encoder_digest=weights_digest(base.text_encoder)
+    )
+
+
+def build(dataset: VideoDataset, base: SimpleNamespace, out: Path, **overrides) -> Path:
+    kwargs = {**encoders(base), "fingerprint": fingerprint(dataset, base), "shard_size": SHARD, "progress": False}
+    return build_cache(dataset, out, **(kwargs | overrides))
+
+
+@pytest.fixture(scope="module")
+def cached(folder: Path, base: SimpleNamespace, tmp_path_factory: pytest.TempPathFactory):
+    dataset, _ = build_dataset(data_config(folder), seed=SEED)
+    return dataset, build(dataset, base, tmp_path_factory.mktemp("cache") / "latents")
+
+
+def on_the_fly(dataset: VideoDataset, indices: list[int]) -> dict:
+    """The video batch of the clips the cache holds: entry ``i`` cut with the cache's own seeded draw."""
+    samples = []
+    for i in indices:
+        sample = dataset.load(i, random.Random(f"{dataset.seed}:cache:{i}"))
+        samples.append(sample | {"index": i, "skipped": []})
+    return collate(samples)
+
+
+def test_cached_batches_equal_on_the_fly_encoding(cached, base) -> None:
+    dataset, out = cached
+    cache = LatentCache(out, expected=fingerprint(dataset, base))
+    assert len(cache) == CACHED and len(cache.groups) == 1
+    frozen = Frozen.from_base(base)
+    stream = BatchStream(cache, 3, seed=SEED)
+    loader = make_loader(cache, stream, collate_fn=collate_cached)
+    for n, (batch, _) in enumerate(zip(loader, range(3), strict=False)):
+        assert batch["latents"].shape == (3, 2 * 4, 4, 8, 8)  # (b, 2c, f, h/2, w/2): the tiny VAE halves sizes
+        video = on_the_fly(dataset, batch["index"].tolist())
+        assert batch["caption"] == video["caption"] and batch["source"] == video["source"]
+        assert torch.equal(batch["fps"], video["fps"]) and torch.equal(batch["is_image"], video["is_image"])
+        cpu = torch.device("cpu")
+        latents, text = batch_latents_and_text(batch, frozen, step_generator(SEED, 0, n), cpu)
+        expected_latents, expected_text = batch_latents_and_text(video, frozen, step_generator(SEED, 0, n), cpu)
+        torch.testing.assert_close(latents, expected_latents, rtol=1e-5, atol=1e-6)
+        torch.testing.assert_close(text, expected_text, rtol=1e-5, atol=1e-6)
+    assert torch.equal(cache.empty_text, frozen.empty_text[0])
+
+
+def test_bad_files_are_listed_once_in_the_cache_skip_log(cached) -> None:
+    _, out = cached
+    rows = [json.loads(line) for line in (out / "skipped.jsonl").read_text(encoding="utf-8").splitlines()]
+    assert [(Path(row["path"]).name, row["reason"]) for row in rows] == [
+        ("c5.mp4", "caption file missing: c5.txt"),
+        ("c6.mp4", "zero-byte file"),
+    ]
+
+
+def test_a_stale_cache_is_refused_naming_what_differs(cached, folder, base, tmp_path: Path) -> None:
+    dataset, out = cached
+    longer, _ = build_dataset(data_config(folder, num_frames=5), seed=SEED)
+    with pytest.raises(DataError, match=r"stale.*clip\.num_frames: 4 in the cache, 5 now"):
+        LatentCache(out, expected=fingerprint(longer, base))
+    other_vae = SimpleNamespace(vae=tiny_vae(seed=1), text_encoder=base.text_encoder)
+    with pytest.raises(DataError, match=rf"stale.*vae: '{weights_digest(base.vae)}' in the cache, '\w+' now"):
+        LatentCache(out, expected=fingerprint(dataset, other_vae))
+    other_seed, _ = build_dataset(data_config(folder), seed=SEED + 1)
+    with pytest.raises(DataError, match="started with other settings .*seed: 3 in the cache, 4 now"):
+        build(other_seed, base, out)  # building into it with other settings is refused too
+    with pytest.raises(DataError, match="does not exist"):
+        LatentCache(tmp_path / "nothing")
+
+
+class Interrupt(Exception):
+    """Stands in for a kill in the middle of a build."""
+
+
+def test_an_interrupted_build_resumes_at_the_missing_shard(cached, base, tmp_path: Path) -> None:
+    dataset, complete = cached
+    out = tmp_path / "latents"
+    encode = encoders(base)["encode_video"]
+    calls = []
+
+    def dying(video: torch.Tensor) -> torch.Tensor:
+        calls.append(1)
+        if len(calls) == CACHED:  # c7, the last clip of the last shard (c6 before it is bad: logged first)
+            raise Interrupt
+        return encode(video)
+
+    with pytest.raises(Interrupt):
+        build(dataset, base, out, encode_video=dying)
+    shards = sorted(out.glob("shard-*.safetensors"))
+    assert [p.name for p in shards] == ["shard-00000.safetensors", "shard-00001.safetensors"]
+    with pytest.raises(DataError, match="incomplete: 1 of 3 shards missing \\(first: shard-00002.safetensors\\)"):
+        LatentCache(out)
+    written = {p.name: p.stat().st_mtime_ns for p in shards}
+    build(dataset, base, out)
+    assert {p.name: p.stat().st_mtime_ns for p in shards} == written  # finished shards are not rewritten
+    assert sorted(p.name for p in out.glob("shard-*")) == [f"shard-0000{n}.safetensors" for n in range(3)]
+    for name in ("shard-00000.safetensors", "shard-00001.safetensors", "shard-00002.safetensors"):
+        assert read_shard(out / name) == read_shard(complete / name)
+    assert (out / "skipped.jsonl").read_text() == (complete / "skipped.jsonl").read_text()  # c6 logged once
+
+
+def read_shard(path: Path) -> tuple[str, dict[str, bytes]]:
+    """A shard's metadata and the exact bytes of each tensor."""
+    with safe_open(path, framework="pt") as handle:
+        tensors = {key: handle.get_tensor(key).numpy().tobytes() for key in handle.keys()}
+        return handle.metadata()["samples"], tensors
+
+
+# --- the command ----------------------------------------------------------------------------------------------------
+
+
+def run_cache(*args: str, timeout: int = 240) -> subprocess.CompletedProcess[str]:
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": str(REPO)}
+    command = [sys.executable, "-m", "lvdm.cache", *args]
+    return subprocess.run(command, capture_output=True, text=True, env=env, cwd=REPO, timeout=timeout)
+
+
+def test_the_cache_command_builds_what_training_accepts(tiny_assets, tmp_path: Path) -> None:
+    from lvdm.config import load_config
+    from lvdm.models import load_base
+
+    out = tmp_path / "latents"
+    overrides = [
+        f"model.base={tiny_assets['base']}", f"data.root={tiny_assets['clips']}", f"data.cache={out}",
+        "data.num_frames=4", "data.resolution=[16,16]", "train.seed=5",
+    ]  # fmt: skip
+    result = run_cache(*overrides, "--shard-size", "4")
+    assert result.returncode == 0, result.stderr
+    assert f"latent cache ready: {out}" in result.stdout
+    assert sorted(p.name for p in out.iterdir()) == [
+        "cache.json", "empty_text.safetensors", "shard-00000.safetensors", "shard-00001.safetensors",
+    ]  # fmt: skip
+    cfg = load_config([], overrides)
+    loaded = load_base(cfg.model.base)  # what training's build_model hashes
+    listing, _ = build_dataset(cfg.data, seed=cfg.train.seed)
+    cache = LatentCache(out, expected=fingerprint(listing, loaded))
+    assert len(cache) == 6 and json.loads((out / "cache.json").read_text())["shards"] == 2
+
+
+def test_the_cache_command_reports_config_errors_with_exit_2(tmp_path: Path) -> None:
+    result = run_cache(f"model.base={tmp_path}", f"data.root={tmp_path}", "data.num_frame=4")
+    assert result.returncode == 2 and "did you mean 'data.num_frames'" in result.stderr
+    assert "Traceback" not in result.stderr
+    result = run_cache(f"model.base={tmp_path}", f"data.root={tmp_path}")
+    assert result.returncode == 2 and "data.cache: set it" in result.stderr

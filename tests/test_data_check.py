@@ -1,0 +1,81 @@
+"""``python -m lvdm.data.check``: the usable count, bad files grouped by reason, a verdict and its exit status."""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+from lvdm.testing import clips
+
+REPO = Path(__file__).resolve().parents[1]
+CLIP = ["data.num_frames=4", "data.frame_stride=2", "data.resolution=[16,16]"]
+BAD = {  # file -> its reason, as the report writes it
+    "zero_byte.mp4": "zero-byte file",
+    "text_as_mp4.mp4": "not a video (text file?)",
+    "short.mp4": "too short: a 4-frame clip needs 7 frames, the video has 4",
+    "audio_only.mp4": "no video stream (audio only)",
+    "uncaptioned.mp4": "caption file missing: uncaptioned.txt",
+}
+
+
+@pytest.fixture(scope="module")
+def folder(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """Five good captioned clips and five bad files: 50% bad."""
+    root = clips.write_captioned_folder(tmp_path_factory.mktemp("check"), 5, num_frames=12, size=(32, 24))
+    for name in ("zero_byte", "text_as_mp4", "short", "audio_only"):
+        clips.BAD_INPUTS[name](root).with_suffix(".txt").write_text("a caption", encoding="utf-8")
+    clips.write_clip(root / "uncaptioned.mp4", num_frames=12, size=(32, 24))
+    return root
+
+
+def check(*args: object) -> subprocess.CompletedProcess[str]:
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": str(REPO)}
+    command = [sys.executable, "-m", "lvdm.data.check", *map(str, args)]
+    return subprocess.run(command, capture_output=True, text=True, env=env, cwd=REPO, timeout=180)
+
+
+def test_too_many_bad_files_exit_1_with_reasons_grouped_and_a_report(folder: Path, tmp_path: Path) -> None:
+    report = tmp_path / "report.jsonl"
+    result = check(f"data.root={folder}", *CLIP, "--report", report, "--quiet")
+    assert result.returncode == 1, result.stderr
+    lines = result.stdout.splitlines()
+    assert lines[0].startswith("checked 10 files in ")
+    assert lines[1] == "usable: 5 (50.0%)"
+    for reason, name in (
+        ("zero-byte file", "zero_byte"), ("not a video (text file?)", "text_as_mp4"), ("too short", "short"),
+        ("no video stream (audio only)", "audio_only"), ("caption file missing", "uncaptioned"),
+    ):  # fmt: skip
+        at = lines.index(f"bad, {reason}: 1")
+        assert lines[at + 1] == f"    {folder / name}.mp4"
+    assert lines[-1] == "verdict: too many bad files (50.0% bad, data.max_bad_fraction 0.05)"
+    rows = [json.loads(line) for line in report.read_text(encoding="utf-8").splitlines()]
+    assert len(rows) == 10 and {row["path"] for row in rows} == {str(p) for p in folder.rglob("*.mp4")}
+    assert {Path(row["path"]).name: row["reason"] for row in rows if not row["ok"]} == BAD
+    assert all("reason" not in row for row in rows if row["ok"])
+
+
+def test_within_the_allowed_fraction_exits_0_and_a_training_config_is_accepted(folder: Path) -> None:
+    """The data section of a whole training config (other sections ignored), with the fraction raised."""
+    config = REPO / "configs" / "demo.yaml"
+    result = check("--config", config, f"data.root={folder}", *CLIP, "data.max_bad_fraction=0.5", "--quiet")
+    assert result.returncode == 0, result.stderr
+    assert "usable: 5 (50.0%)" in result.stdout
+    assert result.stdout.splitlines()[-1] == "verdict: ok (50.0% bad, data.max_bad_fraction 0.5)"
+
+
+def test_a_typo_exits_2_with_did_you_mean(folder: Path) -> None:
+    result = check(f"data.root={folder}", "data.num_frame=4")
+    assert result.returncode == 2
+    assert "did you mean 'data.num_frames'" in result.stderr and "Traceback" not in result.stderr
+    assert result.stdout == ""
+
+
+def test_a_missing_folder_is_one_line_and_exit_1(tmp_path: Path) -> None:
+    result = check(f"data.root={tmp_path / 'nope'}")
+    assert result.returncode == 1
+    assert result.stderr.splitlines() == [f"error: data folder {tmp_path / 'nope'} does not exist or is not a folder"]
