@@ -5,7 +5,7 @@ Layout of ``output_dir``::
     config.yaml            the resolved config of the latest start or resume
     checkpoints/           checkpoint-00000500/ ... (see lvdm.training.checkpoint)
     temporal.safetensors   the temporal module, exported at every checkpoint and at the end
-    log.jsonl  tensorboard/  samples/  skipped.jsonl
+    log.jsonl  tensorboard/  samples/  skipped.jsonl (skipped.rank<N>.jsonl for the other processes)
 """
 
 from __future__ import annotations
@@ -86,6 +86,8 @@ def _clear_run(output_dir: Path) -> None:
     """Remove the previous run's own files (only the names lvdm writes; nothing else in the folder)."""
     for name in RUN_FILES:
         (output_dir / name).unlink(missing_ok=True)
+    for path in output_dir.glob("skipped.rank*.jsonl"):
+        path.unlink()
     for name in RUN_FOLDERS:
         folder = output_dir / name
         if folder.is_dir() and not folder.is_symlink():

@@ -82,7 +82,7 @@ def build_data(cfg: Any, frozen: Frozen, *, rank: int, world: int) -> DataBundle
         collate_fn = collate
     stream = BatchStream(dataset, train.batch_size, weights=weights, seed=train.seed, rank=rank, world_size=world)
     loader = make_loader(dataset, stream, num_workers=data.num_workers, collate_fn=collate_fn)
-    log = Path(cfg.output_dir) / "skipped.jsonl" if rank == 0 else None
+    log = Path(cfg.output_dir) / ("skipped.jsonl" if rank == 0 else f"skipped.rank{rank}.jsonl")
     guard = BadSampleGuard(log, max_fraction=data.max_bad_fraction)
     validation = _validation_batches(holdout or dataset, collate_fn, train.batch_size, held_out=holdout is not None)
     return DataBundle(dataset, stream, loader, guard, validation)
