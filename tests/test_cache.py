@@ -201,3 +201,24 @@ def test_the_cache_command_reports_config_errors_with_exit_2(tmp_path: Path) -> 
     assert "Traceback" not in result.stderr
     result = run_cache(f"model.base={tmp_path}", f"data.root={tmp_path}")
     assert result.returncode == 2 and "data.cache: set it" in result.stderr
+
+
+def test_training_from_the_cache_keeps_the_holdout_out(tiny_assets, tmp_path):
+    """With data.cache, the holdout entries are left out of training and used for the temporal gain."""
+    from conftest import tiny_overrides
+
+    from lvdm.cache import build_from_config
+    from lvdm.config import load_config
+    from lvdm.data.build import holdout_indices
+    from lvdm.training.trainer import Trainer
+
+    overrides = tiny_overrides(tiny_assets, tmp_path / "run", **{"data.cache": tmp_path / "cache", "data.holdout": 2})
+    cfg = load_config([], overrides)
+    build_from_config(cfg, shard_size=4, progress=False)
+    trainer = Trainer(cfg, progress=False)
+    held = holdout_indices(6, 2)
+    trained = {sample["index"] for sample in trainer.data.dataset.samples}
+    validated = {int(i) for batch in trainer.data.validation for i in batch["index"]}
+    assert trained and not trained & held and validated == held
+    result = trainer.run()
+    assert result.gain and result.gain["temporal_gain"] > 0

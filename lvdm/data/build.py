@@ -73,6 +73,11 @@ def build_dataset(data: Any, *, seed: int = 0) -> tuple[VideoDataset, list[float
     return dataset, weights
 
 
+def holdout_indices(n: int, holdout: int) -> set[int]:
+    """``holdout`` evenly spaced entry indices out of ``n`` (the same ones for clips and for their cache)."""
+    return {round(i * n / holdout) for i in range(holdout)} if holdout else set()
+
+
 def build_split(data: Any, *, seed: int = 0) -> tuple[VideoDataset, list[float], VideoDataset | None]:
     """``(train, weights, holdout)``: ``data.holdout`` evenly spaced entries are kept out of training.
 
@@ -85,7 +90,7 @@ def build_split(data: Any, *, seed: int = 0) -> tuple[VideoDataset, list[float],
     n = len(dataset.entries)
     if data.holdout >= n:
         raise DataError(f"data.holdout={data.holdout} leaves nothing to train on: the dataset has {n} entries")
-    held = {round(i * n / data.holdout) for i in range(data.holdout)}
+    held = holdout_indices(n, data.holdout)
     keep = [i for i in range(n) if i not in held]
     fixed = replace(dataset.settings, start="center", crop="center", flip=False)
     holdout = VideoDataset([dataset.entries[i] for i in sorted(held)], fixed, seed=seed)

@@ -168,7 +168,10 @@ class LatentCache(Dataset):
     anything else is a :class:`DataError` naming the differences.
     """
 
-    def __init__(self, cache_dir: str | os.PathLike, expected: dict[str, Any] | None = None) -> None:
+    def __init__(
+        self, cache_dir: str | os.PathLike, expected: dict[str, Any] | None = None, *, only: set[int] | None = None
+    ) -> None:
+        """``only``: keep the samples of these listing entries (e.g. the training part of a holdout split)."""
         self.dir = Path(cache_dir)
         manifest = self.dir / "cache.json"
         if not manifest.is_file():
@@ -187,7 +190,7 @@ class LatentCache(Dataset):
                 f"latent cache {self.dir} is incomplete: {len(missing)} of {header['shards']} shards missing "
                 f"(first: {_shard_name(missing[0])}); run the cache command again to finish it"
             )
-        self.samples = self._listing()
+        self.samples = [s for s in self._listing() if only is None or s["index"] in only]
         if not self.samples:
             raise DataError(f"latent cache {self.dir} holds no samples (incomplete build, or every file was bad)")
         with safe_open(self.dir / "empty_text.safetensors", framework="pt") as handle:

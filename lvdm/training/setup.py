@@ -66,16 +66,13 @@ class DataBundle:
 
 def build_data(cfg: Any, frozen: Frozen, *, rank: int, world: int) -> DataBundle:
     """Video clips (or the latent cache), a rank-aware batch stream, the bad-sample guard, validation batches."""
-    from lvdm.data.build import build_dataset, build_split
-    from lvdm.data.cache import LatentCache, cache_fingerprint, collate_cached
+    from lvdm.data.build import build_split
     from lvdm.data.dataset import collate
     from lvdm.data.loader import BadSampleGuard, BatchStream, make_loader
 
     data, train = cfg.data, cfg.train
     if data.cache:
-        listing, _ = build_dataset(data, seed=train.seed)
-        dataset = LatentCache(data.cache, expected=cache_fingerprint(listing, **frozen.digests))
-        weights, holdout, collate_fn = None, None, collate_cached
+        dataset, weights, holdout, collate_fn = _cached_split(data, train, frozen)
     else:
         dataset, weights, holdout = build_split(data, seed=train.seed)
         weights = image_share(dataset.entries, weights, train.image_batch_ratio)
@@ -86,6 +83,22 @@ def build_data(cfg: Any, frozen: Frozen, *, rank: int, world: int) -> DataBundle
     guard = BadSampleGuard(log, max_fraction=data.max_bad_fraction)
     validation = _validation_batches(holdout or dataset, collate_fn, train.batch_size, held_out=holdout is not None)
     return DataBundle(dataset, stream, loader, guard, validation)
+
+
+def _cached_split(data: Any, train: Any, frozen: Frozen) -> tuple[Any, list[float], Any, Any]:
+    """The latent cache split like the clips would be: same holdout entries, same source weights and image share."""
+    from lvdm.data.build import build_dataset, holdout_indices
+    from lvdm.data.cache import LatentCache, cache_fingerprint, collate_cached
+
+    listing, listing_weights = build_dataset(data, seed=train.seed)
+    expected = cache_fingerprint(listing, **frozen.digests)
+    held = holdout_indices(len(listing.entries), data.holdout)
+    kept = set(range(len(listing.entries))) - held
+    dataset = LatentCache(data.cache, expected=expected, only=kept)
+    holdout = LatentCache(data.cache, expected=expected, only=held) if held else None
+    entries = [listing.entries[s["index"]] for s in dataset.samples]
+    weights = image_share(entries, [listing_weights[s["index"]] for s in dataset.samples], train.image_batch_ratio)
+    return dataset, weights, holdout, collate_cached
 
 
 def image_share(entries: list[Any], weights: list[float], ratio: float | None) -> list[float]:
