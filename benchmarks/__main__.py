@@ -37,15 +37,17 @@ SECTION_MODULES = {  # each has run(size, device, *, warmup, repeats) -> dict
     "memory": "benchmarks.memory",
     "sampling": "benchmarks.sampling",
     "data": "benchmarks.data",
+    "profile": "benchmarks.profiling",  # only when asked for: --profile or --only profile
 }
 
 
-def _sections(values: list[str] | None) -> list[str]:
+def _sections(values: list[str] | None, profile: bool) -> list[str]:
     chosen = [part.strip() for value in values or [] for part in value.split(",") if part.strip()]
-    unknown = sorted(set(chosen) - set(SECTIONS))
+    unknown = sorted(set(chosen) - set(SECTION_MODULES))
     if unknown:
-        raise SystemExit(f"--only: unknown section(s) {unknown}; choose from {', '.join(SECTIONS)}")
-    return [name for name in SECTIONS if name in chosen] if chosen else list(SECTIONS)
+        raise SystemExit(f"--only: unknown section(s) {unknown}; choose from {', '.join(SECTION_MODULES)}")
+    chosen = chosen or list(SECTIONS)
+    return [name for name in SECTION_MODULES if name in chosen or (name == "profile" and profile)]
 
 
 def _device(name: str) -> torch.device:
@@ -61,10 +63,12 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser.add_argument("--size", choices=sorted(SIZES), default="small", help="model and video size (default small)")
     parser.add_argument("--repeats", type=int, default=3, help="timed repeats of every call (median reported)")
     parser.add_argument("--warmup", type=int, default=1, help="untimed calls of each before timing")
-    parser.add_argument("--only", action="append", metavar="SECTION", help=f"run only these: {', '.join(SECTIONS)}")
+    parser.add_argument(
+        "--only", action="append", metavar="SECTION", help=f"run only these: {', '.join(SECTION_MODULES)}"
+    )
     parser.add_argument("--device", choices=("auto", "cpu", "cuda"), default="auto")
     parser.add_argument("--threads", type=int, default=None, help="torch intra-op threads (default: torch's)")
-    parser.add_argument("--profile", action="store_true", help="also profile one training step of each model")
+    parser.add_argument("--profile", action="store_true", help="also profile a training step of each model")
     parser.add_argument("--out", type=Path, default=report.RESULTS, help="results folder (default benchmarks/results)")
     parser.add_argument("--note", default=None, help="a line for the results header (e.g. 'shared, noisy machine')")
     args = parser.parse_args(argv)
@@ -101,11 +105,10 @@ def main(argv: list[str] | None = None) -> int:
         "warmup": args.warmup, "command": "python -m benchmarks " + " ".join(sys.argv[1:] if argv is None else argv),
         "note": args.note, "environment": environment(device),
     }  # fmt: skip
-    sections = {name: _run_section(name, size, device, args) for name in _sections(args.only)}
-    if args.profile:
-        from benchmarks.profiling import profile_steps
-
-        sections["profile"] = profile_steps(size, device)
+    names = _sections(args.only, args.profile)
+    partial = "" if set(SECTIONS) <= set(names) else "-" + "-".join(names)  # a partial run keeps the full one
+    meta["file_stem"] = f"{meta['date']}-{size.name}{partial}"
+    sections = {name: _run_section(name, size, device, args) for name in names}
     json_path, md_path = report.write(meta, sections, args.out)
     print(md_path.read_text())
     print(f"[benchmarks] wrote {json_path} and {md_path}", file=sys.stderr)

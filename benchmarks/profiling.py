@@ -1,7 +1,8 @@
 """Where a training step's time goes: one step of each video model under ``torch.profiler``.
 
 Gives, per model, the self time of every op grouped into categories (matmul, convolution, attention, norms,
-optimizer, copies, elementwise) and the top ops; run with ``python -m benchmarks --profile``.
+optimizer, copies, elementwise) and the top ops: ``python -m benchmarks --profile`` (after the other sections) or
+``--only profile`` (alone).
 """
 
 from __future__ import annotations
@@ -44,8 +45,10 @@ def _self_time(event: Any, cuda: bool) -> float:
     return event.self_device_time_total if cuda else event.self_cpu_time_total
 
 
-def profile_steps(size: Size, device: torch.device, *, top: int = 15) -> dict[str, Any]:
-    """Per model: seconds by category and the ``top`` ops by self time, for one training step after one warm-up."""
+def run(size: Size, device: torch.device, *, warmup: int = 1, repeats: int = 1, top: int = 15) -> dict[str, Any]:
+    """Per model: seconds by category and the ``top`` ops by self time of one training step (after ``warmup``)."""
+    if size.needs_cuda and device.type != "cuda":
+        return {"notes": [f"not profiled: --size {size.name} trains only on a CUDA GPU; this run has none"]}
     precision = Precision.for_device(device)
     unet = spatial_unet(size.unet())
     models = build_all(unet, list(VIDEO_MODELS))
@@ -56,7 +59,8 @@ def profile_steps(size: Size, device: torch.device, *, top: int = 15) -> dict[st
     for name, model in models.items():
         precision.apply(model, device).module.train()
         step = training_step(model, make_optimizer(model.trainable()), inputs, precision)
-        step()
+        for _ in range(warmup):
+            step()
         with profile(activities=activities) as prof:
             step()
         events = [e for e in prof.key_averages() if _self_time(e, cuda) > 0]

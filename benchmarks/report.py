@@ -19,6 +19,7 @@ TITLES = {
     "memory": "2. Peak training memory (fake-tensor estimate, no GPU)",
     "sampling": "3. Sampling",
     "data": "4. Data",
+    "profile": "Profile: where a training step's time goes",
 }
 
 
@@ -101,9 +102,9 @@ def render(meta: dict[str, Any], sections: dict[str, dict[str, Any]]) -> str:
 
 
 def write(meta: dict[str, Any], sections: dict[str, dict[str, Any]], folder: Path = RESULTS) -> tuple[Path, Path]:
-    """Write ``<date>-<size>.json`` and ``.md`` into ``folder``; return both paths."""
+    """Write ``<file_stem>.json`` and ``.md`` into ``folder`` (default stem ``<date>-<size>``); return both paths."""
     folder.mkdir(parents=True, exist_ok=True)
-    stem = folder / f"{meta['date']}-{meta['size']}"
+    stem = folder / meta.get("file_stem", f"{meta['date']}-{meta['size']}")
     json_path, md_path = stem.with_suffix(".json"), stem.with_suffix(".md")
     json_path.write_text(json.dumps({"meta": meta, "sections": sections}, indent=2, default=str) + "\n")
     md_path.write_text(render(meta, sections))
