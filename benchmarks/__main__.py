@@ -11,7 +11,12 @@ FLOP and memory of lvdm's VideoUNet vs diffusers' UNetMotionModel, with and with
 and the image UNet as the floor), ``memory`` (fake-tensor peak-memory estimates at SD 1.5 16x256 and 16x512),
 ``sampling`` (lvdm's loop and VideoPipeline vs AnimateDiffPipeline) and ``data`` (clips/s from
 ``benchmarks.data_sampling``; cached latents vs on-the-fly encoding). Results: ``benchmarks/results/
-<date>-<size>.json`` (every figure and sample) and ``.md`` (the tables and the targets).
+<date>-<size>.json`` (every figure and sample) and ``.md`` (the tables and the targets); a run with ``--only``
+writes ``<date>-<size>-<sections>.*`` and leaves the full run's files alone.
+
+Timing on a CPU that other processes share: pass ``--threads 1``. With two OpenMP threads on two busy cores a
+thread that is descheduled stalls the other at every barrier, and single calls take up to 10x their time.
+Timings with ``--size sd15`` need a CUDA GPU with about 64 GB (all models stay resident, interleaved).
 """
 
 from __future__ import annotations

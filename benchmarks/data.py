@@ -15,17 +15,8 @@ from typing import Any
 
 import torch
 
-from benchmarks.harness import (
-    MODELS,
-    Precision,
-    Size,
-    components,
-    make_optimizer,
-    spatial_unet,
-    threads_kept,
-    time_round_robin,
-    vae_scale_factor,
-)
+from benchmarks.harness import Precision, Size, make_optimizer, threads_kept, time_round_robin
+from benchmarks.models import MODELS, components, spatial_unet, vae_scale_factor
 
 PROMPT = "a red panda eating bamboo in the snow"
 
@@ -48,7 +39,7 @@ def _frozen(size: Size, device: torch.device, precision: Precision) -> Any:
     from lvdm.models.encoders import encode_text
     from lvdm.training.step import Frozen
 
-    parts = components(size)
+    parts = components(size.components)
     for key in ("vae", "text_encoder"):
         parts[key].to(device, precision.base_dtype).requires_grad_(False)
     empty = encode_text(parts["tokenizer"], parts["text_encoder"], [""])

@@ -14,7 +14,8 @@ import torch
 from torch import nn
 from torch.utils.flop_counter import FlopCounterMode
 
-from benchmarks.harness import Size, VideoModel, meta_model, video_inputs
+from benchmarks.harness import Size, video_inputs
+from benchmarks.models import VideoModel, meta_model
 
 
 def _count(fn: Callable[[], Any]) -> int:

@@ -35,7 +35,8 @@ from torch.utils._pytree import tree_map_only
 from torch.utils.checkpoint import checkpoint
 from torch.utils.weak import WeakIdKeyDictionary
 
-from benchmarks.harness import LABELS, MODELS, Precision, Size, VideoModel, meta_model, video_inputs
+from benchmarks.harness import Precision, Size, video_inputs
+from benchmarks.models import LABELS, MODELS, VideoModel, meta_model
 from benchmarks.report import target
 
 GIB = 2**30

@@ -12,16 +12,8 @@ from typing import Any
 import torch
 from torch.profiler import ProfilerActivity, profile
 
-from benchmarks.harness import (
-    LABELS,
-    Precision,
-    Size,
-    build_all,
-    make_optimizer,
-    spatial_unet,
-    training_step,
-    video_inputs,
-)
+from benchmarks.harness import Precision, Size, make_optimizer, training_step, video_inputs
+from benchmarks.models import LABELS, build_all, spatial_unet
 
 CATEGORIES = {  # first match wins, on the aten op name
     "attention": ("scaled_dot_product", "flash_attention", "efficient_attention", "cudnn_attention"),

@@ -24,15 +24,8 @@ from typing import Any
 
 import torch
 
-from benchmarks.harness import (
-    MODELS,
-    Size,
-    VideoModel,
-    components,
-    spatial_unet,
-    time_round_robin,
-    vae_scale_factor,
-)
+from benchmarks.harness import Size, time_round_robin
+from benchmarks.models import MODELS, VideoModel, components, spatial_unet, vae_scale_factor
 from benchmarks.report import target
 
 PROMPT = "a red panda eating bamboo in the snow"
@@ -61,7 +54,7 @@ class Setup:
     def __init__(self, size: Size, device: torch.device) -> None:
         self.size, self.device = size, device
         self.dtype = torch.bfloat16 if device.type == "cuda" else torch.float32
-        parts = components(size)
+        parts = components(size.components)
         self.vae = parts["vae"].to(device, self.dtype)
         self.text_encoder = parts["text_encoder"].to(device, self.dtype)
         self.tokenizer, self.scheduler = parts["tokenizer"], parts["scheduler"]

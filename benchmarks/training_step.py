@@ -16,21 +16,16 @@ import torch
 
 from benchmarks.flops import model_flops
 from benchmarks.harness import (
-    LABELS,
-    MODELS,
     Precision,
     Size,
-    VideoModel,
-    build_all,
-    image_model,
     inference_forward,
     make_optimizer,
-    spatial_unet,
     time_round_robin,
     training_step,
     video_inputs,
 )
 from benchmarks.memory import GIB, estimate_peak
+from benchmarks.models import LABELS, MODELS, VideoModel, build_all, image_model, spatial_unet
 from benchmarks.report import target
 
 VIDEO_MODELS = ("lvdm", "lvdm-attn", "motion")
@@ -139,8 +134,9 @@ def run(size: Size, device: torch.device, *, warmup: int, repeats: int) -> dict[
 
 def _notes(size: Size, result: dict[str, Any]) -> list[str]:
     params = {name: p["trainable"] / 1e6 for name, p in result.get("parameters", {}).items() if p["trainable"]}
+    timed = f"; {result['precision']}" if "precision" in result else ""
     notes = [
-        f"{size.describe()}; {result.get('precision', 'not timed')}; every model with a frozen base and SDPA; "
+        f"{size.describe()}{timed}; every model with a frozen base and SDPA; "
         "forward = inference forward (no autograd); step = forward + MSE + backward + fused AdamW step",
         "FLOPs counted on the meta device (SDPA included; recomputation included under checkpointing); "
         "TFLOP/s = FLOPs / median time; time/FLOP vs motion compares like modes",
