@@ -13,10 +13,8 @@ The frame rate is stored exactly as a fraction: ``7.5`` -> 15/2, ``29.97`` -> 29
 
 from __future__ import annotations
 
-import contextlib
 import os
-import secrets
-from collections.abc import Callable, Iterator
+from collections.abc import Callable
 from fractions import Fraction
 from pathlib import Path
 
@@ -27,6 +25,7 @@ from av.video.reformatter import Colorspace
 from PIL import Image
 
 from lvdm.data import readers
+from lvdm.fileio import atomic_path
 
 Frames = np.ndarray | torch.Tensor
 _BT709 = 1  # AVCOL_PRI_BT709 = AVCOL_TRC_BT709 = AVCOL_SPC_BT709
@@ -56,19 +55,6 @@ def _as_rate(fps: float | Fraction) -> Fraction:
     return rate
 
 
-@contextlib.contextmanager
-def _atomic(path: str | os.PathLike) -> Iterator[Path]:
-    """A temporary name next to ``path`` to write to; renamed to ``path`` on success, deleted on failure."""
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    temp = path.with_name(f".{path.name}.{secrets.token_hex(4)}.tmp")
-    try:
-        yield temp
-        os.replace(temp, path)
-    finally:
-        temp.unlink(missing_ok=True)
-
-
 def _video_stream(container: av.container.OutputContainer, shape: tuple[int, ...], rate: Fraction, crf: int):
     _, height, width, _ = shape
     stream = container.add_stream("libx264", rate=rate)
@@ -89,7 +75,7 @@ def write_video(frames: Frames, path: str | os.PathLike, *, fps: float | Fractio
     frames, rate = _as_frames(frames), _as_rate(fps)
     if type(crf) is not int or not 0 <= crf <= 51:
         raise ValueError(f"crf must be an int in [0, 51], got {crf!r}")
-    with _atomic(path) as temp:
+    with atomic_path(path) as temp:
         with av.open(str(temp), "w", format="mp4", options={"movflags": "+faststart"}) as container:
             stream = _video_stream(container, frames.shape, rate, crf)
             for index, rgb in enumerate(frames):
@@ -120,7 +106,7 @@ def write_gif(frames: Frames, path: str | os.PathLike, *, fps: float | Fraction 
     if min(durations) == 0:
         raise ValueError(f"fps={fps} is too high for GIF: its delays are whole centiseconds (at most 100 fps)")
     images = [Image.fromarray(rgb) for rgb in frames]
-    with _atomic(path) as temp:
+    with atomic_path(path) as temp:
         images[0].save(temp, format="GIF", save_all=True, append_images=images[1:], duration=durations, loop=loop)
     return Path(path)
 
@@ -135,7 +121,7 @@ def write_frames(frames: Frames, folder: str | os.PathLike, *, prefix: str = "fr
     paths = []
     for index, rgb in enumerate(frames):
         path = Path(folder) / f"{prefix}_{index:0{digits}d}.png"
-        with _atomic(path) as temp:
+        with atomic_path(path) as temp:
             Image.fromarray(rgb).save(temp, format="PNG")
         paths.append(path)
     return paths

@@ -5,7 +5,6 @@ from __future__ import annotations
 import json
 import os
 import re
-import secrets
 from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
@@ -15,6 +14,7 @@ import numpy as np
 import torch
 
 from lvdm.errors import ConfigError
+from lvdm.fileio import atomic_path
 
 MEDIA_SUFFIXES = {".mp4": "mp4", ".gif": "gif"}  # any other path is a folder of PNG frames
 FORMATS = ("mp4", "gif", "png")
@@ -88,13 +88,8 @@ def sidecar_path(path: str | os.PathLike) -> Path:
 
 def write_json(data: dict[str, Any], path: Path) -> Path:
     """Write ``data`` as indented JSON, atomically (a temp file, then a rename)."""
-    path.parent.mkdir(parents=True, exist_ok=True)
-    temp = path.with_name(f".{path.name}.{secrets.token_hex(4)}.tmp")
-    try:
+    with atomic_path(path) as temp:
         temp.write_text(json.dumps(data, indent=2, ensure_ascii=False) + "\n", encoding="utf-8")
-        os.replace(temp, path)
-    finally:
-        temp.unlink(missing_ok=True)
     return path
 
 

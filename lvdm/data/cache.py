@@ -35,6 +35,7 @@ from tqdm.auto import tqdm
 
 from lvdm.data.dataset import VideoDataset
 from lvdm.errors import DataError, VideoReadError
+from lvdm.fileio import atomic_path
 
 FORMAT = "lvdm.latent_cache"
 FORMAT_VERSION = 1
@@ -156,9 +157,8 @@ def _write_shard(dataset, indices, path: Path, skips: _SkipLog, encode_video, en
         tensors[f"{index}.latents"] = encode_video(sample["video"][None])[0].cpu().contiguous()
         tensors[f"{index}.text"] = encode_text([sample["caption"]])[0].cpu().contiguous()
         samples.append({k: sample[k] for k in ("caption", "fps", "is_image", "source")} | {"index": index})
-    tmp = path.with_suffix(".tmp")
-    save_file(tensors, tmp, metadata={"samples": json.dumps(samples)})
-    os.replace(tmp, path)
+    with atomic_path(path) as temp:
+        save_file(tensors, temp, metadata={"samples": json.dumps(samples)})
 
 
 class LatentCache(Dataset):

@@ -17,7 +17,6 @@ from __future__ import annotations
 
 import json
 import os
-import tempfile
 from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
@@ -27,6 +26,7 @@ from safetensors import SafetensorError
 from safetensors.torch import load_file, save_file
 
 from lvdm.errors import TemporalModuleError
+from lvdm.fileio import atomic_path
 from lvdm.models.layout import TemporalLayout
 
 if TYPE_CHECKING:
@@ -98,15 +98,8 @@ def write_temporal_file(
     if training_config is not None:
         metadata["training_config"] = json.dumps(training_config, default=str)
     tensors = {name: t.detach().to("cpu").contiguous() for name, t in video.temporal_state_dict().items()}
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
-    os.close(fd)
-    try:
-        save_file(tensors, tmp, metadata=metadata)
-        os.replace(tmp, path)
-    finally:
-        if os.path.exists(tmp):
-            os.unlink(tmp)
+    with atomic_path(path) as temp:
+        save_file(tensors, temp, metadata=metadata)
     return path
 
 

@@ -15,6 +15,7 @@ import torch
 from safetensors.torch import save_file
 
 from lvdm.errors import ConfigError
+from lvdm.fileio import atomic_path
 
 LORA_ADAPTER = "lvdm_spatial"
 # the spatial transformers' attention projections (the temporal attention blocks are excluded)
@@ -73,8 +74,6 @@ def export_spatial_lora(video: Any, path: Path) -> Path:
 def export_spatial_weights(params: dict[str, torch.nn.Parameter], path: Path) -> Path:
     """Write unfrozen spatial weights keyed by plain diffusers UNet names, loadable by ``load_base``."""
     tensors = {plain_name(name): p.detach().float().cpu().contiguous() for name, p in params.items()}
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_suffix(".tmp")
-    save_file(tensors, tmp, metadata={"format": "lvdm.spatial_weights"})
-    tmp.replace(path)
+    with atomic_path(path) as temp:
+        save_file(tensors, temp, metadata={"format": "lvdm.spatial_weights"})
     return path
