@@ -193,3 +193,27 @@ def test_inflating_twice_is_refused():
     video = VideoUNet.from_unet2d(testing.tiny_unet("sd1"))
     with pytest.raises(ValueError, match="inflated before"):
         VideoUNet.from_unet2d(video.unet)
+
+
+@pytest.mark.parametrize("kernel", [(3, 1, 1), (5, 1, 1), (3, 3, 3)])
+def test_temporal_conv_block_computes_its_conv3d(kernel):
+    from lvdm.modules.temporal_conv import TemporalConvBlock
+
+    torch.manual_seed(0)
+    block = TemporalConvBlock(16, 12, kernel_size=kernel, norm_groups=4)
+    randomize(list(block.parameters()))
+    x = torch.randn(2, 16, 6, 5, 3, requires_grad=True)  # (b, c, f, h, w), h != w
+    temb = torch.randn(2, 6, 12)
+
+    def reference(x):
+        silu = torch.nn.functional.silu
+        h = block.conv1(silu(block.norm1(x)))  # nn.Conv3d's own forward
+        h = h + block.time_emb_proj(silu(temb)).permute(0, 2, 1)[..., None, None]
+        return x + block.conv2(silu(block.norm2(h)))
+
+    out = block(x, temb)
+    (grad,) = torch.autograd.grad(out.square().sum(), x)
+    expected = reference(x)
+    (expected_grad,) = torch.autograd.grad(expected.square().sum(), x)
+    torch.testing.assert_close(out, expected, rtol=1e-5, atol=1e-5)
+    torch.testing.assert_close(grad, expected_grad, rtol=1e-4, atol=1e-4)
