@@ -1,0 +1,260 @@
+"""Checking plain data (merged YAML and overrides) against the dataclass schema: types, ranges, unknown keys."""
+
+from __future__ import annotations
+
+import difflib
+import operator
+import re
+import types
+from collections.abc import Callable, Mapping
+from dataclasses import MISSING, fields, is_dataclass
+from typing import Any, Literal, TypeVar, Union, get_args, get_origin
+
+from lvdm.configlib.common import (
+    _BROKEN,
+    _DEFAULT,
+    _INVALID,
+    _UNSET,
+    _hints,
+    _join,
+    _Sentinel,
+    _show,
+)
+from lvdm.errors import ConfigError
+
+T = TypeVar("T")
+
+
+def _type_name(tp: Any) -> str:
+    """How a type reads in a problem or in ``describe_config``: ``int or null``, ``list of int``."""
+    origin, args = get_origin(tp) or tp, get_args(tp)
+    if tp is Any:
+        return "any value"
+    if tp is type(None):
+        return "null"
+    if is_dataclass(tp):
+        return f"mapping ({tp.__name__})"
+    if origin is Literal:
+        return "one of " + ", ".join(repr(arg) for arg in args)
+    if origin in (Union, types.UnionType):
+        return " or ".join(_type_name(arg) for arg in args)
+    if origin is tuple and args and args[-1] is not Ellipsis:
+        return "[" + ", ".join(_type_name(arg) for arg in args) + "]"
+    if origin in (list, tuple):
+        return f"list of {_type_name(args[0] if args else Any)}"
+    if origin is dict:
+        key, value = args or (Any, Any)
+        return f"mapping of {_type_name(key)} to {_type_name(value)}"
+    return getattr(tp, "__name__", repr(tp))
+
+
+def _mismatch(tp: Any, value: Any, path: str, problems: list[str]) -> _Sentinel:
+    problems.append(f"{path}: expected {_type_name(tp)}, got {_show(value)}")
+    return _INVALID
+
+
+def _to_bool(value: Any) -> Any:
+    return value if isinstance(value, bool) else _INVALID
+
+
+def _to_int(value: Any) -> Any:
+    if isinstance(value, bool):
+        return _INVALID
+    if isinstance(value, float) and value.is_integer():
+        return int(value)
+    return value if isinstance(value, int) else _INVALID
+
+
+def _to_float(value: Any) -> Any:
+    if isinstance(value, bool) or not isinstance(value, (int, float)) or value != value:  # value != value: NaN
+        return _INVALID
+    return float(value)
+
+
+def _to_str(value: Any) -> Any:
+    return value if isinstance(value, str) else _INVALID
+
+
+_SCALARS: dict[type, Callable[[Any], Any]] = {bool: _to_bool, int: _to_int, float: _to_float, str: _to_str}
+
+
+def _to_literal(tp: Any, value: Any, path: str, problems: list[str]) -> Any:
+    choices = get_args(tp)
+    if any(value == choice and type(value) is type(choice) for choice in choices):
+        return value
+    close = difflib.get_close_matches(value, [str(c) for c in choices], n=1) if isinstance(value, str) else []
+    hint = f" (did you mean {close[0]!r}?)" if close else ""
+    problems.append(f"{path}: expected {_type_name(tp)}, got {_show(value)}{hint}")
+    return _INVALID
+
+
+def _same_shape(tp: Any, value: Any) -> bool:
+    """Whether ``value`` is the right kind of container for ``tp``, so its inner problems are the useful ones."""
+    origin = get_origin(tp) or tp
+    if is_dataclass(tp) or origin is dict:
+        return isinstance(value, Mapping)
+    return origin in (list, tuple) and isinstance(value, (list, tuple))
+
+
+def _to_union(tp: Any, value: Any, path: str, problems: list[str]) -> Any:
+    args = get_args(tp)
+    if value is None and type(None) in args:
+        return None
+    arms = [arg for arg in args if arg is not type(None)]
+    scratch: list[str] = []
+    for arm in arms:
+        scratch = []
+        out = _convert(arm, value, path, scratch)
+        if out is not _INVALID:
+            problems.extend(scratch)
+            return out
+    if len(arms) == 1 and _same_shape(arms[0], value):
+        problems.extend(scratch)
+        return _INVALID
+    return _mismatch(tp, value, path, problems)
+
+
+def _to_sequence(tp: Any, value: Any, path: str, problems: list[str]) -> Any:
+    """``list[X]``, ``tuple[X, ...]`` or a fixed ``tuple[X, Y]``, each given as a YAML list."""
+    origin, args = get_origin(tp) or tp, get_args(tp)
+    fixed = origin is tuple and args and args[-1] is not Ellipsis
+    if not isinstance(value, (list, tuple)) or (fixed and len(value) != len(args)):
+        return _mismatch(tp, value, path, problems)
+    item_types = args if fixed else [args[0] if args else Any] * len(value)
+    pairs = enumerate(zip(item_types, value, strict=True))
+    items = [_convert(item_type, item, f"{path}[{i}]", problems) for i, (item_type, item) in pairs]
+    if any(item is _INVALID for item in items):
+        return _INVALID
+    return tuple(items) if origin is tuple else items
+
+
+def _to_dict(tp: Any, value: Any, path: str, problems: list[str]) -> Any:
+    key_type, value_type = get_args(tp) or (Any, Any)
+    if not isinstance(value, Mapping):
+        return _mismatch(tp, value, path, problems)
+    out = {}
+    for key, item in value.items():
+        out[_convert(key_type, key, f"{path} (key {key!r})", problems)] = _convert(
+            value_type, item, _join(path, key), problems
+        )
+    return _INVALID if _INVALID in out or _INVALID in out.values() else out
+
+
+_GENERICS: dict[Any, Callable[[Any, Any, str, list[str]], Any]] = {
+    Literal: _to_literal,
+    Union: _to_union,
+    types.UnionType: _to_union,
+    list: _to_sequence,
+    tuple: _to_sequence,
+    dict: _to_dict,
+}
+
+
+def _convert(tp: Any, value: Any, path: str, problems: list[str]) -> Any:
+    """``value`` checked against type ``tp`` (and converted: int -> float, list -> tuple), or ``_INVALID``."""
+    if value is _BROKEN:
+        return _INVALID
+    if value is _UNSET:
+        problems.append(f"{path}: required, not set (still '???')")
+        return _INVALID
+    if tp is Any:
+        return value
+    if is_dataclass(tp):
+        return _build(tp, value, path, problems)
+    origin = get_origin(tp) or tp
+    if origin in _GENERICS:
+        return _GENERICS[origin](tp, value, path, problems)
+    if tp in _SCALARS:
+        out = _SCALARS[tp](value)
+        return _mismatch(tp, value, path, problems) if out is _INVALID else out
+    raise TypeError(f"{path}: config fields of type {tp!r} are not supported")
+
+
+_BOUNDS: dict[str, tuple[Callable[[Any, Any], bool], str]] = {
+    "min": (operator.ge, ">="),
+    "max": (operator.le, "<="),
+    "gt": (operator.gt, ">"),
+    "multiple_of": (lambda value, step: value % step == 0, "a multiple of"),
+}
+
+
+def _range_problems(value: Any, metadata: Mapping[str, Any], path: str) -> list[str]:
+    """The field's declared bounds and ``choices`` checked on ``value`` (or each list element)."""
+    if isinstance(value, (list, tuple)):
+        return [p for i, item in enumerate(value) for p in _range_problems(item, metadata, f"{path}[{i}]")]
+    problems = []
+    if isinstance(value, (int, float)) and not isinstance(value, bool):
+        for key, (within, sign) in _BOUNDS.items():
+            if key in metadata and not within(value, metadata[key]):
+                problems.append(f"{path}: must be {sign} {metadata[key]}, got {value!r}")
+    if value is not None and "choices" in metadata and value not in metadata["choices"]:
+        allowed = ", ".join(repr(choice) for choice in metadata["choices"])
+        problems.append(f"{path}: expected one of {allowed}, got {_show(value)}")
+    return problems
+
+
+def _field_value(spec: Any, tp: Any, data: Mapping[str, Any], path: str, problems: list[str]) -> Any:
+    """One dataclass field's checked value from ``data``; ``_DEFAULT`` if left out and defaulted."""
+    if spec.name not in data:
+        if spec.default is not MISSING or spec.default_factory is not MISSING:
+            return _DEFAULT
+        if is_dataclass(tp):  # a missing section: report the fields it needs, not the section
+            return _build(tp, {}, path, problems)
+        problems.append(f"{path}: required, not set")
+        return _INVALID
+    raw = data[spec.name]
+    coerce = spec.metadata.get("coerce")
+    value = _convert(tp, coerce(raw) if coerce and not isinstance(raw, _Sentinel) else raw, path, problems)
+    if value is not _INVALID:
+        problems.extend(_range_problems(value, spec.metadata, path))
+    return value
+
+
+def _unknown_key(path: str, key: Any, known: list[str]) -> str:
+    close = difflib.get_close_matches(str(key), known, n=1)
+    hint = f" (did you mean '{_join(path, close[0])}'?)" if close else ""
+    return f"unknown key '{_join(path, key)}'{hint}"
+
+
+def _run_validate(instance: Any, path: str, known: list[str], problems: list[str]) -> None:
+    """The dataclass's own ``validate()`` rules, each message put under the section's key path."""
+    validate = getattr(instance, "validate", None)
+    for message in validate() if callable(validate) else ():
+        head = re.match(r"[A-Za-z_]\w*", message)
+        if not path:
+            problems.append(message)
+        elif head and head.group() in known:
+            problems.append(f"{path}.{message}")
+        else:
+            problems.append(f"{path}: {message}")
+
+
+def _build(cls: type[T], data: Any, path: str, problems: list[str]) -> T | _Sentinel:
+    """``data`` checked against dataclass ``cls``: the instance, or ``_INVALID`` with its problems recorded."""
+    if not isinstance(data, Mapping):
+        return _mismatch(cls, data, path or "config", problems)
+    specs = [spec for spec in fields(cls) if spec.init]
+    known = [spec.name for spec in specs]
+    problems.extend(_unknown_key(path, key, known) for key in data if key not in known)
+    values, complete = {}, True
+    for spec in specs:
+        value = _field_value(spec, _hints(cls)[spec.name], data, _join(path, spec.name), problems)
+        if value is _INVALID:
+            complete = False
+        elif value is not _DEFAULT:
+            values[spec.name] = value
+    if not complete:
+        return _INVALID
+    instance = cls(**values)
+    _run_validate(instance, path, known, problems)
+    return instance
+
+
+def _raise_problems(problems: list[str]) -> None:
+    """One :class:`ConfigError` listing every problem, one per line (also kept as ``error.problems``)."""
+    if not problems:
+        return
+    count = f"{len(problems)} problem{'s' if len(problems) > 1 else ''}"
+    error = ConfigError(f"invalid config ({count}):\n" + "\n".join(f"  {problem}" for problem in problems))
+    error.problems = list(problems)
+    raise error

@@ -1,0 +1,207 @@
+"""Reading config YAML and ``key=value`` overrides, merged in order into plain data.
+
+Safe YAML with YAML 1.2 scalars and no duplicate keys; OmegaConf interpolation limited to plain key references.
+"""
+
+from __future__ import annotations
+
+import copy
+import os
+import re
+from collections.abc import Mapping
+from dataclasses import MISSING, fields, is_dataclass
+from pathlib import Path
+from typing import Any
+
+import yaml
+from omegaconf import DictConfig, ListConfig, OmegaConf
+from omegaconf.errors import MissingMandatoryValue, OmegaConfBaseException
+
+from lvdm.configlib.common import _BROKEN, _UNSET, _first_line, _hints, _join, _plain, _show
+
+_TAG = "tag:yaml.org,2002:"
+_YAML12_SCALARS = [
+    ("bool", r"^(?:true|True|TRUE|false|False|FALSE)$", "tTfF"),
+    ("int", r"^(?:[-+]?(?:0|[1-9][0-9_]*)|0x[0-9a-fA-F_]+)$", "-+0123456789"),
+    (
+        "float",
+        r"^(?:[-+]?[0-9][0-9_]*\.[0-9_]*(?:[eE][-+]?[0-9]+)?|[-+]?[0-9][0-9_]*[eE][-+]?[0-9]+"
+        r"|[-+]?\.[0-9_]+(?:[eE][-+]?[0-9]+)?|[-+]?\.(?:inf|Inf|INF)|\.(?:nan|NaN|NAN))$",
+        "-+0123456789.",
+    ),
+]
+
+
+class _Loader(yaml.SafeLoader):
+    """``yaml.SafeLoader`` (no object construction) with YAML 1.2 scalars and no repeated keys."""
+
+    def construct_mapping(self, node: yaml.MappingNode, deep: bool = False) -> dict[Any, Any]:
+        seen = set()
+        for key_node, _ in node.value:
+            if isinstance(key_node, yaml.ScalarNode) and key_node.tag != _TAG + "merge":
+                if key_node.value in seen:
+                    raise yaml.constructor.ConstructorError(
+                        None, None, f"key {key_node.value!r} given twice", key_node.start_mark
+                    )
+                seen.add(key_node.value)
+        return super().construct_mapping(node, deep=deep)
+
+
+class _Dumper(yaml.SafeDumper):
+    """Quotes every string that YAML 1.1 or 1.2 would read as something else (``no``, ``1e-4``)."""
+
+
+_Loader.yaml_implicit_resolvers = {
+    first: [(tag, regexp) for tag, regexp in resolvers if tag in (_TAG + "null", _TAG + "merge")]
+    for first, resolvers in yaml.SafeLoader.yaml_implicit_resolvers.items()
+}
+for _name, _regexp, _first in _YAML12_SCALARS:
+    _Loader.add_implicit_resolver(_TAG + _name, re.compile(_regexp), list(_first))
+    _Dumper.add_implicit_resolver(_TAG + _name, re.compile(_regexp), list(_first))
+
+_UNESCAPED_INTERPOLATION = re.compile(r"(?<!\\)(?:\\\\)*\$\{")
+_KEY_REFERENCE = re.compile(r"[\w.\[\]-]+\}")
+_OVERRIDE_KEY = re.compile(r"[A-Za-z_][\w-]*(?:\.[\w-]+|\[\d+\])*")
+
+
+def _calls_resolver(text: str) -> bool:
+    """Whether ``text`` holds an interpolation other than a plain key reference such as ``${train.lr}``."""
+    return any(not _KEY_REFERENCE.match(text, m.end()) for m in _UNESCAPED_INTERPOLATION.finditer(text))
+
+
+def _escape_interpolations(text: str) -> str:
+    """``text`` written so that OmegaConf reads it back literally: ``${x}`` -> ``\\${x}``."""
+    return re.sub(r"(\\*)\$\{", lambda m: m.group(1) * 2 + "\\${", text)
+
+
+def _refuse_resolvers(value: Any, path: str, source: str, problems: list[str]) -> Any:
+    """``value`` with each resolver call reported and turned into literal text, so it is never evaluated."""
+    if isinstance(value, Mapping):
+        return {key: _refuse_resolvers(item, _join(path, key), source, problems) for key, item in value.items()}
+    if isinstance(value, list):
+        return [_refuse_resolvers(item, f"{path}[{i}]", source, problems) for i, item in enumerate(value)]
+    if isinstance(value, str) and _calls_resolver(value):
+        problems.append(
+            f"{path}: {value!r} ({source}): only plain key references like ${{train.lr}} are interpolated;"
+            " resolvers such as ${oc.env:...} are refused so that no environment value lands in a saved config"
+        )
+        return _escape_interpolations(value)
+    return value
+
+
+def _yaml_reason(exc: yaml.YAMLError) -> str:
+    mark = getattr(exc, "problem_mark", None)
+    where = f"line {mark.line + 1}, column {mark.column + 1}: " if mark is not None else ""
+    return " ".join((where + (getattr(exc, "problem", None) or str(exc))).split())
+
+
+def _read_yaml(path: str | os.PathLike[str], problems: list[str]) -> dict[str, Any] | None:
+    """The mapping in a YAML file, or ``None`` (and a problem) when it cannot be read."""
+    name = os.fspath(path)
+    try:
+        data = yaml.load(Path(name).read_text(encoding="utf-8"), Loader=_Loader)  # a SafeLoader: builds no objects
+    except FileNotFoundError:
+        problems.append(f"config file {name!r}: not found")
+        return None
+    except (OSError, UnicodeDecodeError) as exc:
+        problems.append(f"config file {name!r}: cannot read: {exc}")
+        return None
+    except yaml.YAMLError as exc:
+        problems.append(f"config file {name!r}: not valid YAML: {_yaml_reason(exc)}")
+        return None
+    if data is not None and not isinstance(data, dict):
+        problems.append(f"config file {name!r}: expected a mapping of keys at the top level, got {_show(data)}")
+        return None
+    return _refuse_resolvers(data or {}, "", f"in {name}", problems)
+
+
+def _read_override(text: str, problems: list[str]) -> tuple[str, Any] | None:
+    """``"train.lr=1e-4"`` -> ``("train.lr", 0.0001)``: the value parsed as YAML; ``None`` if malformed."""
+    key, sep, raw = text.partition("=")
+    key = key.strip()
+    if not sep or not _OVERRIDE_KEY.fullmatch(key):
+        problems.append(f"override {text!r}: expected KEY=VALUE with a dotted key, e.g. train.lr=1e-4")
+        return None
+    try:
+        value = yaml.load(raw, Loader=_Loader)  # a SafeLoader: builds no objects
+    except yaml.YAMLError as exc:
+        problems.append(f"override {text!r}: the value is not valid YAML: {_yaml_reason(exc)}")
+        return None
+    return key, _refuse_resolvers(value, key, "on the command line", problems)
+
+
+def _defaults(cls: type) -> dict[str, Any]:
+    """The defaults of ``cls`` as plain data (required sections recursed): interpolations can refer to them."""
+    out = {}
+    for spec in fields(cls):
+        tp = _hints(cls)[spec.name]
+        if spec.default is not MISSING:
+            out[spec.name] = _plain(spec.default)
+        elif spec.default_factory is not MISSING:
+            out[spec.name] = _plain(spec.default_factory())
+        elif is_dataclass(tp):
+            out[spec.name] = _defaults(tp)
+    return out
+
+
+def _deep_merge(base: Any, update: Any) -> Any:
+    """``update`` laid over ``base``: mappings merge key by key; anything else, lists included, replaces."""
+    if isinstance(base, dict) and isinstance(update, dict):
+        return {**base, **{key: _deep_merge(base.get(key), value) for key, value in update.items()}}
+    return copy.deepcopy(update)
+
+
+def _set_key(data: dict[str, Any], key: str, value: Any) -> str | None:
+    """Lay ``value`` over dotted ``key`` (``a.b[0].c`` or ``a.b.0.c``) in ``data``; why it cannot be, if so."""
+    parts = re.findall(r"[^.\[\]]+", key)
+    node: Any = data
+    for depth, part in enumerate(parts):
+        last = depth == len(parts) - 1
+        if isinstance(node, dict):
+            slot: Any = part
+            if not last and node.get(part) is None:
+                node[part] = {}
+        elif isinstance(node, list) and part.isdigit() and int(part) < len(node):
+            slot = int(part)
+        else:
+            return f"{'.'.join(parts[:depth])} is {_show(node)}, which has no item {part!r}"
+        if last:
+            node[slot] = _deep_merge(node[slot] if isinstance(node, list) else node.get(slot), value)
+        node = node[slot]
+    return None
+
+
+def _merge(layers: list[dict[str, Any]], overrides: list[tuple[str, str, Any]], problems: list[str]) -> Any:
+    """The layers merged in order, each override laid over its key, then as an OmegaConf node to resolve."""
+    merged: dict[str, Any] = {}
+    for layer in layers:
+        merged = _deep_merge(merged, layer)
+    for text, key, value in overrides:
+        if (reason := _set_key(merged, key, value)) is not None:
+            problems.append(f"override {text!r}: cannot set {key}: {reason}")
+    try:
+        return OmegaConf.create(merged)
+    except OmegaConfBaseException as exc:
+        problems.append(f"config: {_first_line(exc)}")
+        return OmegaConf.create()
+
+
+def _resolve(node: Any, path: str, problems: list[str]) -> Any:
+    """Plain Python data from an OmegaConf node, resolving each interpolation on its own key."""
+    if isinstance(node, DictConfig):
+        keys, out = list(node.keys()), {}
+    elif isinstance(node, ListConfig):
+        keys, out = list(range(len(node))), {}
+    else:
+        return node
+    for key in keys:
+        sub = f"{path}[{key}]" if isinstance(node, ListConfig) else _join(path, key)
+        try:
+            value = _resolve(node[key], sub, problems)
+        except MissingMandatoryValue:
+            value = _UNSET
+        except OmegaConfBaseException as exc:
+            problems.append(f"{sub}: cannot resolve: {_first_line(exc)}")
+            value = _BROKEN
+        out[key] = value
+    return list(out.values()) if isinstance(node, ListConfig) else out
