@@ -11,7 +11,7 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from lvdm.data import readers
+from lvdm.data import pyav_reader, readers
 from lvdm.data.readers import VideoReadError, probe, read_frames, read_image
 from lvdm.testing import clips
 
@@ -78,15 +78,15 @@ def test_middle_and_end_of_a_long_clip(media, reader: str, wanted: list[int]) ->
 
 
 def count_decoded(monkeypatch: pytest.MonkeyPatch) -> list[int]:
-    """Make ``readers._decode`` count the frames it yields into the returned one-item list."""
-    count, decode = [0], readers._decode
+    """Make ``pyav_reader._decode`` count the frames it yields into the returned one-item list."""
+    count, decode = [0], pyav_reader._decode
 
     def counting(*args):
         for frame in decode(*args):
             count[0] += 1
             yield frame
 
-    monkeypatch.setattr(readers, "_decode", counting)
+    monkeypatch.setattr(pyav_reader, "_decode", counting)
     return count
 
 
@@ -98,8 +98,8 @@ def test_pyav_seeks_instead_of_decoding_from_the_start(media, monkeypatch: pytes
 
 def test_pyav_falls_back_to_decoding_from_the_start_when_timestamps_disagree(media, monkeypatch) -> None:
     """A wrong index -> pts mapping (as in a file with lying timestamps) is caught and the file is read in order."""
-    step = readers._seek_step
-    monkeypatch.setattr(readers, "_seek_step", lambda stream: step(stream) * 1.37)
+    step = pyav_reader._seek_step
+    monkeypatch.setattr(pyav_reader, "_seek_step", lambda stream: step(stream) * 1.37)
     count = count_decoded(monkeypatch)
     assert indices_of(read_frames(media["long"], [200, 210], reader="pyav")) == [200, 210]
     assert count[0] > 200
@@ -214,7 +214,7 @@ def test_permission_denied_is_named_even_as_root(media, monkeypatch: pytest.Monk
     def refuse(*args, **kwargs):
         raise PermissionError(13, "Permission denied")
 
-    monkeypatch.setattr(readers, "open", refuse, raising=False)  # shadows the builtin inside the module
+    monkeypatch.setattr(pyav_reader, "open", refuse, raising=False)  # shadows the builtin where files are checked
     for call in (lambda: probe(media["fps24"]), lambda: read_frames(media["fps24"], [0])):
         with pytest.raises(VideoReadError, match="permission denied"):
             call()
