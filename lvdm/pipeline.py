@@ -34,6 +34,7 @@ from typing import Any
 import numpy as np
 import torch
 
+from lvdm import __version__
 from lvdm.configlib import config_to_dict
 from lvdm.errors import CheckpointError, ConfigError
 from lvdm.outputs import FORMATS, VideoOutput, media_kind, plan_outputs, read_prompts
@@ -355,7 +356,7 @@ class VideoPipeline:
             "prediction_type": self.base.prediction_type,
             "device": str(self.device),
             **extra,
-            "lvdm_version": lvdm_version(),
+            "lvdm_version": __version__,
         }
 
 
@@ -413,13 +414,6 @@ def _dtype_name(dtype: torch.dtype) -> str:
 
 def _absolute(path: str | os.PathLike | None) -> str | None:
     return None if path is None else str(Path(path).absolute())
-
-
-def lvdm_version() -> str:
-    """The installed lvdm version (``lvdm.__version__``)."""
-    import lvdm
-
-    return lvdm.__version__
 
 
 __all__ = [

@@ -29,6 +29,33 @@ def sd_folders(tmp_path_factory: pytest.TempPathFactory) -> dict[str, object]:
     return {flavour: testing.make_tiny_sd(root / flavour, flavour, seed=0) for flavour in ("sd1", "sd2")}
 
 
+@pytest.fixture(scope="module")
+def one_thread():
+    """One intra-op thread: the models are tiny, and on a shared machine a second thread mostly waits."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
+
+
+MODULE_TRAINING = {"data": {"num_frames": 4, "resolution": [16, 24], "target_fps": 12.0}}
+
+
+def write_sampling_files(root) -> dict[str, object]:
+    """Base A (folder), a temporal module "trained" on A, base B (single file) and a kohya LoRA for B, an SD2 base."""
+    from lvdm.models import VideoUNet, load_base
+
+    folder_a = testing.make_tiny_sd(root / "base_a", "sd1", seed=0)
+    video = VideoUNet.from_unet2d(load_base(folder_a).unet)
+    randomize(video.temporal_parameters(), seed=1, std=0.2)  # so that video mode differs from image mode
+    video.save_temporal(root / "motion.safetensors", training_config=MODULE_TRAINING)
+    components_b = testing.tiny_sd_components("sd1", seed=1)
+    single_b = testing.write_single_file_checkpoint(components_b, root / "dreambooth_b.safetensors")
+    lora = testing.write_lora(components_b["unet"], root / "style.safetensors", format="kohya", seed=3)
+    sd2 = testing.make_tiny_sd(root / "base_sd2", "sd2", seed=0)
+    return {"a": folder_a, "module": root / "motion.safetensors", "b": single_b, "lora": lora, "sd2": sd2}
+
+
 def frame_by_frame(unet, sample: torch.Tensor, timestep: torch.Tensor, text: torch.Tensor) -> torch.Tensor:
     """The image UNet run on every frame: ``(b, c, f, h, w)`` in and out."""
     b, c, f, h, w = sample.shape

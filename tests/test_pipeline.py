@@ -9,43 +9,24 @@ import av
 import numpy as np
 import pytest
 import torch
-from conftest import randomize
+from conftest import write_sampling_files
 from diffusers import EulerDiscreteScheduler, StableDiffusionPipeline
 from PIL import Image
 
-from lvdm import testing
 from lvdm.diffusion import make_scheduler
 from lvdm.errors import ConfigError, TemporalModuleError
-from lvdm.models import VideoUNet, load_base
 from lvdm.models.encoders import encode_text
 from lvdm.pipeline import VideoPipeline, plan_outputs, read_prompts, sampling_settings
 
-TRAINING = {"data": {"num_frames": 4, "resolution": [16, 24], "target_fps": 12.0}}
 FAST = {"num_inference_steps": 3, "progress": False}
 
 
-@pytest.fixture(scope="module", autouse=True)
-def one_thread():
-    """One intra-op thread here: these models are tiny, and on a shared machine two threads mostly wait."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 @pytest.fixture(scope="module")
 def files(tmp_path_factory):
-    """Base A (folder), a temporal module "trained" on A, base B (single file) and a kohya LoRA for B, an SD2 base."""
-    root = tmp_path_factory.mktemp("pipeline")
-    folder_a = testing.make_tiny_sd(root / "base_a", "sd1", seed=0)
-    video = VideoUNet.from_unet2d(load_base(folder_a).unet)
-    randomize(video.temporal_parameters(), seed=1, std=0.2)  # so that video mode differs from image mode
-    video.save_temporal(root / "motion.safetensors", training_config=TRAINING)
-    components_b = testing.tiny_sd_components("sd1", seed=1)
-    single_b = testing.write_single_file_checkpoint(components_b, root / "dreambooth_b.safetensors")
-    lora = testing.write_lora(components_b["unet"], root / "style.safetensors", format="kohya", seed=3)
-    sd2 = testing.make_tiny_sd(root / "base_sd2", "sd2", seed=0)
-    return {"a": folder_a, "module": root / "motion.safetensors", "b": single_b, "lora": lora, "sd2": sd2}
+    return write_sampling_files(tmp_path_factory.mktemp("pipeline"))
 
 
 @pytest.fixture(scope="module")
@@ -120,7 +101,8 @@ def test_batched_cfg_equals_two_separate_passes(pipe, monkeypatch):
             u = fn(model_input, t.expand(1), encoder_hidden_states=uncond)
             c = fn(model_input, t.expand(1), encoder_hidden_states=cond)
             x = scheduler.step(u + 6.0 * (c - u), t, x).prev_sample
-    assert (x - out.latents).abs().max() < 1e-5
+    # fp32 rounding only: CPU conv kernels sum in a different order at batch 1 and batch 2
+    assert (x - out.latents).abs().max() < 1e-5 * x.abs().max()
 
 
 @pytest.mark.parametrize(

@@ -13,15 +13,11 @@ import av
 import numpy as np
 import pytest
 import torch
-from conftest import randomize
+from conftest import write_sampling_files
 from diffusers import StableDiffusionPipeline
 from PIL import Image
 
-from lvdm import testing
-from lvdm.models import VideoUNet, load_base
-
 REPO = Path(__file__).resolve().parents[1]
-TRAINING = {"data": {"num_frames": 4, "resolution": [16, 24], "target_fps": 12.0}}
 
 
 def run_script(*args: str, timeout: int = 300) -> subprocess.CompletedProcess[str]:
@@ -33,35 +29,19 @@ def sample(*args: str) -> subprocess.CompletedProcess[str]:
     return run_script(str(REPO / "sample.py"), "--quiet", *args)
 
 
-@pytest.fixture(scope="module", autouse=True)
-def one_thread():
-    """One intra-op thread for the in-process reference: tiny models, and on a shared machine two threads wait."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 @pytest.fixture(scope="module")
 def files(tmp_path_factory):
-    """Base A (folder) with a temporal module made on it, base B (single file) with a kohya LoRA, an SD2 base."""
+    """The sampling files (conftest), a broken LoRA and a prompts file."""
     root = tmp_path_factory.mktemp("cli")
-    folder_a = testing.make_tiny_sd(root / "base_a", "sd1", seed=0)
-    video = VideoUNet.from_unet2d(load_base(folder_a).unet)
-    randomize(video.temporal_parameters(), seed=1, std=0.2)
-    video.save_temporal(root / "motion.safetensors", training_config=TRAINING)
-    components_b = testing.tiny_sd_components("sd1", seed=1)
-    single_b = testing.write_single_file_checkpoint(components_b, root / "dreambooth_b.safetensors")
-    lora = testing.write_lora(components_b["unet"], root / "style.safetensors", format="kohya", seed=3)
+    files = write_sampling_files(root)
     broken = root / "broken_lora.safetensors"
     broken.write_bytes(b"this is not a safetensors file")
-    sd2 = testing.make_tiny_sd(root / "base_sd2", "sd2", seed=0)
     prompts = root / "prompts.txt"
     prompts.write_text("a red kite\n\na lighthouse at dusk\nA cat, sleeping!\n", encoding="utf-8")
-    return {
-        "a": folder_a, "module": root / "motion.safetensors", "b": single_b, "lora": lora,
-        "broken_lora": broken, "sd2": sd2, "prompts": prompts, "root": root,
-    }  # fmt: skip
+    return {**files, "broken_lora": broken, "prompts": prompts, "root": root}
 
 
 def on_b(files) -> list[str]:

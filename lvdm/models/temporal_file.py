@@ -25,6 +25,7 @@ import torch
 from safetensors import SafetensorError
 from safetensors.torch import load_file, save_file
 
+from lvdm import __version__
 from lvdm.errors import TemporalModuleError
 from lvdm.fileio import atomic_path
 from lvdm.models.layout import TemporalLayout
@@ -89,7 +90,7 @@ def write_temporal_file(
     metadata = {
         "format": FORMAT,
         "format_version": str(FORMAT_VERSION),
-        "lvdm_version": _lvdm_version(),
+        "lvdm_version": __version__,
         "base_family": video.family,
         "base": json.dumps(base),
         "layout": json.dumps(video.layout.to_dict()),
@@ -199,9 +200,3 @@ def _dict_diff(saved: dict[str, Any], current: dict[str, Any]) -> str:
 def _first(names: list[str], n: int = 5) -> str:
     more = f" and {len(names) - n} more" if len(names) > n else ""
     return ", ".join(names[:n]) + more
-
-
-def _lvdm_version() -> str:
-    import lvdm
-
-    return lvdm.__version__
