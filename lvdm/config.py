@@ -149,7 +149,11 @@ class DataConfig:
     buckets: list[list[int]] = option(
         [], "aspect-ratio buckets [[height, width], ...]; empty: only resolution", min=8, multiple_of=8
     )
-    reader: Literal["auto", "decord", "pyav"] = option("auto", "video decoder: auto (decord if installed), or one")
+    size_index: str | None = option(
+        None, "file remembering each clip's size for buckets (reused while size and mtime match); null: probe all"
+    )
+    probe_workers: int = option(8, "threads probing clip sizes for buckets", min=1)
+    reader: Literal["auto", "decord", "pyav"] = option("auto", "video decoder: auto (PyAV; decord is opt-in), or one")
     decode_timeout: float = option(30.0, "seconds before decoding one video counts as a failure", gt=0)
     max_bad_fraction: float = option(0.05, "stop when more than this fraction of samples is unreadable", min=0, max=1)
     max_consecutive_bad: int = option(20, "stop after this many unreadable samples in a row", min=1)

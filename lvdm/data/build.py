@@ -8,6 +8,7 @@ from pathlib import Path
 from typing import Any
 
 from lvdm.data.dataset import ClipSettings, VideoDataset
+from lvdm.data.sizes import media_sizes
 from lvdm.data.sources import SOURCES, Entry, folder_source, manifest_source, webvid_source
 from lvdm.errors import DataError
 
@@ -69,7 +70,13 @@ def build_dataset(data: Any, *, seed: int = 0) -> tuple[VideoDataset, list[float
     for _, listed, weight in list_sources(data):
         entries += listed
         weights += [weight / len(listed)] * len(listed)
-    dataset = VideoDataset(entries, clip_settings(data), seed=seed, max_consecutive_bad=data.max_consecutive_bad)
+    settings = clip_settings(data)
+    sizes = None
+    if settings.buckets:
+        sizes = media_sizes(entries, index=data.size_index, workers=data.probe_workers, timeout=data.decode_timeout)
+    dataset = VideoDataset(
+        entries, settings, seed=seed, max_consecutive_bad=data.max_consecutive_bad, sizes=sizes
+    )  # fmt: skip
     return dataset, weights
 
 
@@ -90,14 +97,16 @@ def build_split(data: Any, *, seed: int = 0) -> tuple[VideoDataset, list[float],
     n = len(dataset.entries)
     if data.holdout >= n:
         raise DataError(f"data.holdout={data.holdout} leaves nothing to train on: the dataset has {n} entries")
-    held = holdout_indices(n, data.holdout)
-    keep = [i for i in range(n) if i not in held]
+    held = sorted(holdout_indices(n, data.holdout))
+    keep = sorted(set(range(n)) - set(held))
     fixed = replace(dataset.settings, start="center", crop="center", flip=False)
-    holdout = VideoDataset([dataset.entries[i] for i in sorted(held)], fixed, seed=seed)
-    train = VideoDataset(
-        [dataset.entries[i] for i in keep],
-        dataset.settings,
-        seed=seed,
-        max_consecutive_bad=dataset.max_consecutive_bad,
-    )
+    holdout = _subset(dataset, held, fixed)
+    train = _subset(dataset, keep, dataset.settings, max_consecutive_bad=dataset.max_consecutive_bad)
     return train, [weights[i] for i in keep], holdout
+
+
+def _subset(dataset: VideoDataset, indices: list[int], settings: ClipSettings, **kwargs: Any) -> VideoDataset:
+    """The entries at ``indices`` under ``settings``, with the sizes already probed (no file is opened)."""
+    sizes = [dataset.sizes[i] for i in indices] if dataset.sizes is not None else None
+    entries = [dataset.entries[i] for i in indices]
+    return VideoDataset(entries, settings, seed=dataset.seed, sizes=sizes, **kwargs)

@@ -47,10 +47,19 @@ class VideoDataset(Dataset):
     A sample: ``video (f, 3, h, w)`` float in [-1, 1], ``caption``, ``fps`` (the clip's effective
     rate), ``is_image``, ``source`` (the file). Image entries give one-frame samples
     (``is_image`` True, ``fps`` 0).
+
+    With ``settings.buckets``, each entry's ``(width, height)`` picks its bucket: pass ``sizes`` when they
+    are known (:func:`lvdm.data.sizes.media_sizes`), otherwise every file is probed here.
     """
 
     def __init__(
-        self, entries: Sequence[Entry], settings: ClipSettings, *, seed: int = 0, max_consecutive_bad: int = 20
+        self,
+        entries: Sequence[Entry],
+        settings: ClipSettings,
+        *,
+        seed: int = 0,
+        max_consecutive_bad: int = 20,
+        sizes: Sequence[tuple[int, int]] | None = None,
     ) -> None:
         if not entries:
             raise DataError("the dataset is empty: no clips or images were found in the configured sources")
@@ -59,7 +68,14 @@ class VideoDataset(Dataset):
         self.seed = seed
         self.max_consecutive_bad = max_consecutive_bad
         self.epoch = 0
-        self.shapes = [self._shape_of(entry) for entry in self.entries]
+        if settings.buckets and sizes is None:
+            from lvdm.data.sizes import media_sizes
+
+            sizes = media_sizes(self.entries, timeout=settings.decode_timeout or 30.0)
+        self.sizes = list(sizes) if settings.buckets else None
+        self.shapes = [
+            self._shape_of(entry, self.sizes[i] if self.sizes else None) for i, entry in enumerate(self.entries)
+        ]
         self.groups: dict[tuple, list[int]] = {}
         for index, shape in enumerate(self.shapes):
             self.groups.setdefault(shape, []).append(index)
@@ -130,44 +146,17 @@ class VideoDataset(Dataset):
 
     def _image(self, path, height: int, width: int):
         from lvdm.data.readers import read_image
+        from lvdm.data.sizes import image_size
 
-        image_width, image_height = _image_size(path)
+        image_width, image_height = image_size(path)
         return read_image(path, size=cover_size(image_width, image_height, height, width))
 
-    def _shape_of(self, entry: Entry) -> tuple[bool, tuple[int, int]]:
+    def _shape_of(self, entry: Entry, size: tuple[int, int] | None) -> tuple[bool, tuple[int, int]]:
         """``(is_image, (h, w))``: the samples that may share a batch."""
         s = self.settings
-        if not s.buckets:
+        if size is None:
             return entry.is_image, (s.height, s.width)
-        return entry.is_image, nearest_bucket(*_media_size(entry), s.buckets)
-
-
-def _media_size(entry: Entry) -> tuple[int, int]:
-    """``(width, height)`` of an entry's media, or ``(1, 1)`` when it cannot be read (it fails later, named)."""
-    from lvdm.data.readers import probe
-
-    try:
-        if entry.is_image:
-            return _image_size(entry.media_path())
-        info = probe(entry.media_path())
-        return info.width, info.height
-    except (VideoReadError, OSError, ValueError):
-        return 1, 1
-
-
-def _image_size(path) -> tuple[int, int]:
-    """``(width, height)`` as displayed: EXIF orientations 5-8 swap the stored sides (``read_image`` rotates)."""
-    from PIL import Image
-
-    try:
-        with Image.open(path) as image:
-            orientation = image.getexif().get(0x0112, 1)
-            width, height = image.size
-    except Image.DecompressionBombError:
-        raise VideoReadError(path, "image too large (decompression bomb guard)") from None
-    except (OSError, ValueError) as exc:
-        raise VideoReadError(path, f"not a readable image ({type(exc).__name__})") from None
-    return (height, width) if orientation in (5, 6, 7, 8) else (width, height)
+        return entry.is_image, nearest_bucket(*size, s.buckets)
 
 
 def collate(samples: list[dict[str, Any]]) -> dict[str, Any]:
