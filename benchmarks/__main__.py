@@ -2,6 +2,7 @@
 
     python -m benchmarks --size small                  # CPU, an SD-shaped 37.5M-parameter UNet: a few minutes
     python -m benchmarks --size sd15                   # SD 1.5's architecture (random weights); times on a GPU
+                                                       # (it/s, MFU against --peak-tflops or a known GPU's peak)
     python -m benchmarks --size sd15 --only memory     # the full-size memory estimates, no GPU needed
     python -m benchmarks --size tiny --repeats 1 --warmup 0   # the smoke setting the test runs
     python -m benchmarks --size small --only training --profile   # plus where a step's time goes
@@ -75,6 +76,9 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser.add_argument("--threads", type=int, default=None, help="torch intra-op threads (default: torch's)")
     parser.add_argument("--profile", action="store_true", help="also profile a training step of each model")
     parser.add_argument("--out", type=Path, default=report.RESULTS, help="results folder (default benchmarks/results)")
+    parser.add_argument(
+        "--peak-tflops", type=float, default=None, help="peak TFLOP/s for the MFU column (default: known GPUs only)"
+    )
     parser.add_argument("--note", default=None, help="a line for the results header (e.g. 'shared, noisy machine')")
     args = parser.parse_args(argv)
     if args.repeats < 1 or args.warmup < 0:
@@ -87,7 +91,8 @@ def _run_section(name: str, size: Size, device: torch.device, args: argparse.Nam
     print(f"[benchmarks] {name} ...", file=sys.stderr, flush=True)
     try:
         run = importlib.import_module(SECTION_MODULES[name]).run  # imported late: each pulls in its own deps
-        result = run(size, device, warmup=args.warmup, repeats=args.repeats)
+        options = {"peak": args.peak_tflops} if name == "training" else {}
+        result = run(size, device, warmup=args.warmup, repeats=args.repeats, **options)
     except Exception:  # noqa: BLE001 - one failing section is reported; the others still run
         result = {"error": traceback.format_exc()}
         print(result["error"], file=sys.stderr)

@@ -119,13 +119,30 @@ def measure(size: Size, device: torch.device, *, warmup: int, repeats: int) -> d
     return out
 
 
-def run(size: Size, device: torch.device, *, warmup: int, repeats: int) -> dict[str, Any]:
-    """The section: FLOPs and memory estimates always, timings where the size may run on this device."""
+PEAK_TFLOPS = {"H200": 790.0}  # dense bf16 TFLOP/s to compute model FLOP utilisation against (the issue's figure)
+GPU_STEP_TARGET_MS = 180.0  # lvdm's default layout, SD 1.5 at 16x512 on an H200
+
+
+def peak_tflops(device: torch.device, override: float | None = None) -> float | None:
+    """The peak TFLOP/s that MFU is measured against: ``override``, else a known GPU's, else None."""
+    if override is not None or device.type != "cuda":
+        return override
+    name = torch.cuda.get_device_name(device)
+    return next((peak for key, peak in PEAK_TFLOPS.items() if key in name), None)
+
+
+def run(size: Size, device: torch.device, *, warmup: int, repeats: int, peak: float | None = None) -> dict[str, Any]:
+    """The section: FLOPs and memory estimates always, timings where the size may run on this device.
+
+    ``peak``: TFLOP/s for the MFU column (default: the GPU's from :data:`PEAK_TFLOPS`; none on CPU).
+    """
     result: dict[str, Any] = {"flops": count_flops(size), "memory_estimate_gib": estimate_memory(size)}
     if size.needs_cuda and device.type != "cuda":
         result["skipped_timing"] = f"--size {size.name} is timed only on a CUDA GPU; this run has none"
     else:
         result.update(measure(size, device, warmup=warmup, repeats=repeats))
+        result["peak_tflops"] = peak_tflops(device, peak)
+        result["gpu_step_target"] = size.name == "sd15" and device.type == "cuda"
     result["tables"] = tables(result)
     result["targets"] = targets(result)
     result["notes"] = _notes(size, result)
@@ -139,10 +156,12 @@ def _notes(size: Size, result: dict[str, Any]) -> list[str]:
         f"{size.describe()}{timed}; every model with a frozen base and SDPA; "
         "forward = inference forward (no autograd); step = forward + MSE + backward + fused AdamW step",
         "FLOPs counted on the meta device (SDPA included; recomputation included under checkpointing); "
-        "TFLOP/s = FLOPs / median time; time/FLOP vs motion compares like modes",
+        "TFLOP/s = FLOPs / median time; time/FLOP vs motion compares like modes; it/s = 1 / median step time",
         "est. peak = fake-tensor estimate of the step as a GPU trains it (bf16 frozen base, fp32 temporal weights "
         "and AdamW state), see section 2",
     ]
+    if result.get("peak_tflops"):
+        notes.append(f"MFU = TFLOP/s / {result['peak_tflops']:g} TFLOP/s peak (model FLOPs, recomputation included)")
     if params:
         notes.append("trainable parameters: " + ", ".join(f"{LABELS[n]} {v:.2f}M" for n, v in params.items()))
     if "skipped_timing" in result:
@@ -169,18 +188,22 @@ def _row(result: dict[str, Any], name: str, mode: str, floor: float | None) -> d
     versus_motion = (
         None if name == "image" else _ratio(_per_flop(result, name, mode), _per_flop(result, "motion", mode))
     )
-    return {
+    row = {
         "model": LABELS[name],
         "mode": mode,
         "median s": seconds,
         "spread": result.get("timing", {}).get(f"{name}:{mode}", {}).get("spread"),
         "GFLOP": flops / 1e9,
         "TFLOP/s": _ratio(flops / 1e12, seconds),
+        "it/s": _ratio(1.0, seconds) if mode != "forward" else None,
         "time/FLOP vs motion": versus_motion,
         "time vs floor": _ratio(seconds, floor),
         "est. peak GiB (bf16)": result["memory_estimate_gib"].get(name, {}).get(mode),
         "GPU peak GiB": result.get("cuda_peak_gib", {}).get(f"{name}:{mode}"),
     }
+    if result.get("peak_tflops"):
+        row["MFU"] = _ratio(row["TFLOP/s"], result["peak_tflops"])
+    return row
 
 
 def tables(result: dict[str, Any]) -> list[dict[str, Any]]:
@@ -215,4 +238,9 @@ def targets(result: dict[str, Any]) -> list[dict[str, Any]]:
         step_time = _ratio(_median(result, f"{name}:step"), _median(result, f"{name}:forward"))
         out.append(target(f"{name} step / forward, time", step_time, 2.6))
         out.append(target(f"{name} step / forward, FLOPs", flops["step"] / flops["forward"], 2.6))
+    if result.get("gpu_step_target"):
+        for mode in MODES[1:]:
+            seconds = _median(result, f"lvdm:{mode}")
+            ms = seconds * 1e3 if seconds is not None else None
+            out.append(target(f"lvdm {mode} at SD 1.5 16x512, ms", ms, GPU_STEP_TARGET_MS))
     return out

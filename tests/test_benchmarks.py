@@ -22,7 +22,10 @@ def tiny_run(tmp_path_factory: pytest.TempPathFactory) -> dict:
     out = tmp_path_factory.mktemp("results")
     threads = torch.get_num_threads()
     try:
-        code = main(["--size", "tiny", "--repeats", "1", "--warmup", "0", "--device", "cpu", "--out", str(out)])
+        code = main(
+            ["--size", "tiny", "--repeats", "1", "--warmup", "0", "--device", "cpu", "--out", str(out)]
+            + ["--peak-tflops", "0.5"]
+        )
     finally:
         torch.set_num_threads(threads)
     (json_path,) = out.glob("*-tiny.json")
@@ -49,6 +52,11 @@ def test_training_figures(tiny_run: dict) -> None:
     assert training["flops"]["lvdm"]["forward"] > training["flops"]["image"]["forward"]
     estimate = training["memory_estimate_gib"]["lvdm"]
     assert estimate["step+ckpt"] < estimate["step"]
+    rows = {(row["model"], row["mode"]): row for row in training["tables"][0]["rows"]}
+    for (model, mode), row in rows.items():
+        assert row["MFU"] == pytest.approx(row["TFLOP/s"] / 0.5), (model, mode)  # against --peak-tflops
+        assert row["it/s"] == (None if mode == "forward" else pytest.approx(1 / row["median s"])), (model, mode)
+    assert not any("16x512, ms" in t["target"] for t in training["targets"])  # the GPU target needs sd15 on CUDA
 
 
 def test_memory_estimates(tiny_run: dict) -> None:
@@ -89,3 +97,21 @@ def test_unknown_section_is_refused() -> None:
 
     with pytest.raises(SystemExit, match="unknown section"):
         main(["--size", "tiny", "--only", "trainig"])
+
+
+def test_the_gpu_step_target_and_the_peak_used_for_mfu() -> None:
+    from benchmarks import training_step
+
+    names, seconds = ("lvdm", "lvdm-attn", "motion"), {"forward": 0.04, "step": 0.1, "step+ckpt": 0.2}
+    result = {
+        "flops": dict.fromkeys(names, {"forward": 1e12, "step": 2.4e12, "step+ckpt": 3.3e12}),
+        "timing": {f"{name}:{mode}": {"median_s": s} for name in names for mode, s in seconds.items()},
+        "gpu_step_target": True,  # set by run() for --size sd15 on CUDA
+    }
+    gpu = {t["target"]: t for t in training_step.targets(result) if "16x512" in t["target"]}
+    assert gpu["lvdm step at SD 1.5 16x512, ms"]["value"] == pytest.approx(100.0)
+    assert gpu["lvdm step at SD 1.5 16x512, ms"]["met"] is True  # 100 ms <= 180
+    assert gpu["lvdm step+ckpt at SD 1.5 16x512, ms"]["met"] is False  # 200 ms
+
+    assert training_step.peak_tflops(torch.device("cpu")) is None  # no MFU on CPU unless asked
+    assert training_step.peak_tflops(torch.device("cpu"), 2.0) == 2.0
