@@ -73,9 +73,8 @@ class VideoDataset(Dataset):
 
             sizes = media_sizes(self.entries, timeout=settings.decode_timeout or 30.0)
         self.sizes = list(sizes) if settings.buckets else None
-        self.shapes = [
-            self._shape_of(entry, self.sizes[i] if self.sizes else None) for i, entry in enumerate(self.entries)
-        ]
+        per_entry = self.sizes or [None] * len(self.entries)
+        self.shapes = [self._shape_of(entry, size) for entry, size in zip(self.entries, per_entry, strict=True)]
         self.groups: dict[tuple, list[int]] = {}
         for index, shape in enumerate(self.shapes):
             self.groups.setdefault(shape, []).append(index)

@@ -18,6 +18,7 @@ import warnings
 from collections.abc import Sequence
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
+from typing import cast
 
 from lvdm.data.sources import Entry
 from lvdm.errors import VideoReadError
@@ -39,10 +40,7 @@ def media_sizes(
     """
     known = _read_index(Path(index)) if index is not None else {}
     stamps = [_stamp(entry) for entry in entries]
-    sizes: list[Size | None] = []
-    for key, stamp in stamps:
-        hit = known.get(key) if key is not None else None
-        sizes.append(tuple(hit["size"]) if hit is not None and hit["stamp"] == stamp else None)
+    sizes: list[Size | None] = [_reuse(known.get(key), stamp) for key, stamp in stamps]
     missing = [i for i, size in enumerate(sizes) if size is None]
     if missing:
         probed = _probe_all([entries[i] for i in missing], workers=workers, timeout=timeout)
@@ -53,7 +51,12 @@ def media_sizes(
                 known[key] = {"stamp": stamp, "size": list(size)}
         if index is not None:
             _write_index(Path(index), known)
-    return [size for size in sizes if size is not None]
+    return cast(list[Size], sizes)  # every None was probed
+
+
+def _reuse(row: dict | None, stamp: list[int] | None) -> Size | None:
+    """The remembered size if the file is unchanged since it was measured."""
+    return tuple(row["size"]) if row is not None and row["stamp"] == stamp else None
 
 
 def _stamp(entry: Entry) -> tuple[str | None, list[int] | None]:
