@@ -24,6 +24,17 @@ FAST = {"num_inference_steps": 3, "progress": False}
 pytestmark = pytest.mark.usefixtures("one_thread")
 
 
+def close_at_scale(a: torch.Tensor, b: torch.Tensor, rel: float = 1e-5) -> bool:
+    """``|a - b| <= rel * max|b|``: equal up to float32 rounding at the tensors' own scale. Sampled latents reach
+    about 10, so a fixed ``atol=1e-5`` sits near float32's resolution there and fails on another machine's kernels."""
+    return bool((a - b).abs().max() <= rel * b.abs().max())
+
+
+def assert_close_at_scale(a: torch.Tensor, b: torch.Tensor, rel: float = 1e-5) -> None:
+    diff, scale = (a - b).abs().max().item(), b.abs().max().item()
+    assert diff <= rel * scale, f"max difference {diff:.3g} > {rel:g} x max magnitude {scale:.3g}"
+
+
 @pytest.fixture(scope="module")
 def files(tmp_path_factory):
     return write_sampling_files(tmp_path_factory.mktemp("pipeline"))
@@ -56,8 +67,8 @@ def test_each_video_depends_on_its_own_seed_only(pipe):
     split = pipe(["a cat", "a dog"], num_videos_per_prompt=2, seed=10, batch_size=1, decode_chunk_size=1, **FAST)
     assert batch.frames.shape[0] == 4 and [m["seed"] for m in batch.metadata] == [10, 11, 12, 13]
     assert [m["prompt"] for m in batch.metadata] == ["a cat", "a cat", "a dog", "a dog"]
-    assert torch.allclose(batch.latents[3:], alone.latents, atol=1e-4)
-    assert torch.allclose(batch.latents, split.latents, atol=1e-4)
+    assert_close_at_scale(batch.latents[3:], alone.latents, rel=1e-5)
+    assert_close_at_scale(batch.latents, split.latents, rel=1e-5)
     assert np.abs(batch.frames.astype(int) - split.frames).max() <= 1
 
 
@@ -69,10 +80,10 @@ def test_without_a_module_frames_are_independent_images(files, pipe):
     bypassed = pipe("a fox in the snow", num_frames=3, height=16, width=16, seed=3, image_mode=True, **FAST)
     video = pipe("a fox in the snow", num_frames=3, height=16, width=16, seed=3, **FAST)
     assert torch.equal(out.noise, video.noise)
-    assert torch.allclose(bypassed.latents, out.latents, atol=1e-5)  # image_mode: the temporal layers bypassed
+    assert_close_at_scale(bypassed.latents, out.latents)  # image_mode: the temporal layers bypassed
     assert (video.latents - out.latents).abs().max() > 1e-2  # and the module does change the video
     first_frame = image("a fox in the snow", latents=out.noise[:, :, :1], seed=3, **FAST)
-    assert torch.allclose(first_frame.latents[:, :, 0], out.latents[:, :, 0], atol=1e-4)  # frames are independent
+    assert_close_at_scale(first_frame.latents[:, :, 0], out.latents[:, :, 0])  # frames are independent
 
 
 # ------------------------------------------------------------------------------------------------ guidance
@@ -119,7 +130,7 @@ def test_guidance_schedules_are_used(pipe, schedule, options, same_as_constant):
     scheduled = pipe(
         "a boat", seed=1, guidance_scale=6.0, guidance_schedule=schedule, guidance_options=options, **FAST
     )
-    assert torch.allclose(constant.latents, scheduled.latents, atol=1e-6) == same_as_constant
+    assert close_at_scale(constant.latents, scheduled.latents) == same_as_constant
     assert scheduled.metadata[0]["settings"]["guidance_options"] == options
 
 
@@ -131,7 +142,7 @@ def test_rescale_and_threshold_change_the_sample_and_a_loose_clamp_does_not(pipe
     percentile = pipe("a boat", seed=1, threshold="percentile:0.9:0.5", **FAST).latents
     for changed in (rescaled, clamped, percentile):
         assert (changed - plain).abs().max() > 1e-3
-    assert torch.allclose(loose, plain, atol=1e-5)
+    assert_close_at_scale(loose, plain)  # the same, up to float32 rounding at the latents' scale (about 10)
 
 
 # ------------------------------------------------------------------------------------------------ diffusers
