@@ -39,6 +39,7 @@ from lvdm.fileio import atomic_path
 
 FORMAT = "lvdm.latent_cache"
 FORMAT_VERSION = 1
+BUILD_COMMAND = "python -m lvdm.cache --config <your config> data.cache=<folder>"  # the command, named in errors
 
 
 def weights_digest(module: torch.nn.Module) -> str:
@@ -175,20 +176,20 @@ class LatentCache(Dataset):
         self.dir = Path(cache_dir)
         manifest = self.dir / "cache.json"
         if not manifest.is_file():
-            raise DataError(f"latent cache {self.dir} does not exist (no cache.json); build it with lvdm.data.cache")
+            raise DataError(f"latent cache {self.dir} does not exist (no cache.json); build it with {BUILD_COMMAND}")
         header = json.loads(manifest.read_text())
         if header.get("format") != FORMAT or header.get("format_version", 0) > FORMAT_VERSION:
             raise DataError(f"{self.dir} is not a latent cache this lvdm can read")
         if expected is not None and header["fingerprint"] != expected:
             raise DataError(
                 f"latent cache {self.dir} is stale: it was made with other settings "
-                f"({_differences(header['fingerprint'], expected)}); rebuild it"
+                f"({_differences(header['fingerprint'], expected)}); delete it and build it again with {BUILD_COMMAND}"
             )
         missing = [n for n in range(header.get("shards", 0)) if not (self.dir / _shard_name(n)).is_file()]
         if missing:
             raise DataError(
                 f"latent cache {self.dir} is incomplete: {len(missing)} of {header['shards']} shards missing "
-                f"(first: {_shard_name(missing[0])}); run the cache command again to finish it"
+                f"(first: {_shard_name(missing[0])}); run {BUILD_COMMAND} again to finish it"
             )
         self.samples = [s for s in self._listing() if only is None or s["index"] in only]
         if not self.samples:
