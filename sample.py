@@ -12,7 +12,11 @@ and --guidance-option warmup=0.2), --scheduler (ddim, dpmpp, euler, euler_a, ddp
 --noise-prior mixed (with --mixed-lambda, --base-noise-seed), --fps, --device, --dtype fp16. Frames, size and
 fps default to the temporal module's training values. --out is a .mp4/.gif file (numbered when there are
 several videos) or a folder (000-<prompt words>.mp4 ...). Every output gets a JSON sidecar (<output>.json) with
-the prompt, seed and every setting; video k of a run uses seed + k.
+the prompt, seed and every setting; video k of a run uses seed + k. An output that already exists is refused
+before anything loads (--overwrite replaces it). A sidecar re-renders its video exactly:
+
+    python sample.py --from-json panda.mp4.json --out again.mp4   # same model, prompt, seed and settings
+    python sample.py --from-json panda.mp4.json --steps 50 --out finer.mp4   # flags given override the sidecar
 """
 
 from __future__ import annotations
@@ -20,9 +24,11 @@ from __future__ import annotations
 import argparse
 import json
 import sys
+from typing import Any
 
 from lvdm.cli import run_cli
 from lvdm.errors import ConfigError
+from lvdm.outputs import read_sidecar
 
 # flag -> (SamplingSettings field, type); each flag's help is the field's own
 SETTINGS_FLAGS = {
@@ -53,34 +59,52 @@ class _Parser(argparse.ArgumentParser):
         raise ConfigError(f"{message} (python sample.py --help lists the options)")
 
 
+class _Help(argparse.RawDescriptionHelpFormatter, argparse.ArgumentDefaultsHelpFormatter):
+    """Every option's default in --help, except the unset ones (None, False, []) whose help says what happens."""
+
+    def _get_help_string(self, action: argparse.Action) -> str:
+        if action.default in (None, False, []) or "default" in (action.help or ""):
+            return action.help or ""
+        return super()._get_help_string(action)
+
+
 def build_parser() -> argparse.ArgumentParser:
     from lvdm.pipeline import FORMATS, SamplingSettings
 
-    parser = _Parser(prog="sample.py", description=__doc__.split("\n\n")[0])
+    parser = _Parser(prog="sample.py", description=__doc__, formatter_class=_Help)
     model = parser.add_argument_group("model")
-    model.add_argument("--base", required=True, help="SD base: a diffusers folder or a single-file checkpoint")
+    model.add_argument("--base", help="SD base: a diffusers folder or a single-file checkpoint (required)")
     model.add_argument("--base-config", help="diffusers folder with the architecture of a single-file --base")
     model.add_argument("--temporal", help="temporal module (.safetensors) from training; none: image mode")
     model.add_argument("--lora", action="append", default=[], metavar="PATH[:SCALE]", help="LoRA to fuse (repeatable)")
     model.add_argument("--spatial-weights", help="spatial UNet weights exported by training (model.unfreeze)")
     model.add_argument("--allow-pickle", action="store_true", help="allow .ckpt/.pt/.bin files, which can run code")
-    model.add_argument("--device", default="auto", help="cuda, cpu, mps ... (auto: cuda when available)")
+    model.add_argument("--device", default="auto", help="cpu, cuda, cuda:N or mps; auto: cuda, else mps, else cpu")
     model.add_argument("--dtype", default="auto", choices=["auto", "fp32", "fp16", "bf16"], help="auto: fp16 on cuda")
-    text = parser.add_mutually_exclusive_group(required=True)
-    text.add_argument("--prompt", help="the prompt")
+    text = parser.add_mutually_exclusive_group()
+    text.add_argument("--prompt", help="the prompt (this, --prompts or --from-json is required)")
     text.add_argument("--prompts", metavar="FILE", help="a text file of prompts, one per line")
+    parser.add_argument(
+        "--from-json", metavar="SIDECAR", help="re-render the video of a sidecar (<output>.json); flags given win"
+    )
     fields = SamplingSettings.__dataclass_fields__
     settings = parser.add_argument_group("sampling")
     for flag, (name, kind) in SETTINGS_FLAGS.items():
         metavar = {int: "N", float: "X", str: "TEXT"}[kind]
-        settings.add_argument(flag, dest=name, type=kind, metavar=metavar, help=fields[name].metadata["help"])
+        default = fields[name].default
+        shown = "" if default is None else f" (default: {default})"  # argparse's own default stays None: unset
+        text = fields[name].metadata["help"].replace("null:", "unset:") + shown
+        settings.add_argument(flag, dest=name, type=kind, metavar=metavar, help=text)
     settings.add_argument("--guidance-option", action="append", default=[], metavar="KEY=VALUE", help="e.g. low=1.0")
     image_help = fields["image_mode"].metadata["help"]
     settings.add_argument("--image-mode", action="store_true", default=None, help=image_help)
     settings.add_argument("--base-noise-seed", type=int, help="mixed prior: one base noise for every video (its seed)")
     output = parser.add_argument_group("output")
     output.add_argument("--out", default="outputs/samples", help="a .mp4/.gif file, or a folder for many videos")
-    output.add_argument("--format", default="mp4", choices=FORMATS, help="file type written into an --out folder")
+    output.add_argument(
+        "--format", choices=FORMATS, help="file type written into an --out folder (default: mp4, or the sidecar's)"
+    )
+    output.add_argument("--overwrite", action="store_true", help="replace existing outputs (default: refuse them)")
     output.add_argument("--quiet", action="store_true", help="no progress bar")
     return parser
 
@@ -101,31 +125,82 @@ def _guidance_options(items: list[str]) -> dict[str, object]:
 def _device_and_dtype(device: str, dtype: str) -> tuple[str, str]:
     import torch
 
+    from lvdm.pipeline import device_problem
+
     if device == "auto":
         device = "cuda" if torch.cuda.is_available() else "mps" if torch.backends.mps.is_available() else "cpu"
+    if problem := device_problem(device):
+        raise ConfigError(f"--device {device}: {problem}")
     if dtype == "auto":
         dtype = "fp16" if device.startswith("cuda") else "fp32"
     return device, dtype
 
 
+def _replayed(args: argparse.Namespace, meta: dict[str, Any] | None) -> argparse.Namespace:
+    """``args`` with what the command line left unset taken from the sidecar ``meta``. ``--allow-pickle`` is never
+    taken from a file: a sidecar can come from anyone."""
+    if meta is None:
+        return args
+    model = meta["model"]
+    filled = dict(
+        base=args.base or model.get("base"),
+        base_config=args.base_config or model.get("base_config"),
+        temporal=args.temporal or model.get("temporal"),
+        spatial_weights=args.spatial_weights or model.get("spatial_weights"),
+        lora=args.lora or list(model.get("loras") or []),
+        dtype=model.get("dtype", "auto") if args.dtype == "auto" else args.dtype,
+        format=args.format or meta.get("format"),
+        base_noise_seed=meta.get("base_noise") if args.base_noise_seed is None else args.base_noise_seed,
+        prompt=meta["prompt"] if args.prompt is None and args.prompts is None else args.prompt,
+    )
+    if args.device == "auto" and meta.get("device"):
+        filled["device"] = meta["device"] if _available(meta["device"]) else "auto"
+    return argparse.Namespace(**{**vars(args), **filled})
+
+
+def _settings(args: argparse.Namespace, meta: dict[str, Any] | None) -> dict[str, Any]:
+    """The sampling settings given on the command line, over a sidecar's (which are all resolved)."""
+    recorded = {k: v for k, v in meta["settings"].items() if v is not None and k != "batch_size"} if meta else {}
+    given = {name: getattr(args, name) for name, _ in SETTINGS_FLAGS.values() if getattr(args, name) is not None}
+    given |= {"image_mode": True} if args.image_mode else {}
+    given |= {"guidance_options": _guidance_options(args.guidance_option)} if args.guidance_option else {}
+    return recorded | given
+
+
+def _available(device: str) -> bool:
+    from lvdm.pipeline import device_problem
+
+    return device_problem(device) is None
+
+
 def main(argv: list[str]) -> int:
     args = build_parser().parse_args(argv)
+    meta = read_sidecar(args.from_json) if args.from_json else None
+    args = _replayed(args, meta)
+    if args.base is None:
+        raise ConfigError("the following arguments are required: --base (or --from-json SIDECAR)")
+    if args.prompt is None and args.prompts is None:
+        raise ConfigError("one of the arguments --prompt --prompts is required (or --from-json SIDECAR)")
     from lvdm.pipeline import VideoPipeline, plan_outputs, read_prompts, sampling_settings
 
     prompts = [args.prompt] if args.prompt is not None else read_prompts(args.prompts)
-    settings = {name: getattr(args, name) for name, _ in SETTINGS_FLAGS.values() if getattr(args, name) is not None}
-    settings |= {"image_mode": True} if args.image_mode else {}
-    settings |= {"guidance_options": _guidance_options(args.guidance_option)} if args.guidance_option else {}
+    settings = _settings(args, meta)
     checked = sampling_settings(**settings)  # every mistake reported before anything is loaded
-    paths = plan_outputs(args.out, prompts, num_videos_per_prompt=checked.num_videos_per_prompt, format=args.format)
+    paths = plan_outputs(
+        args.out, prompts, num_videos_per_prompt=checked.num_videos_per_prompt, format=args.format or "mp4",
+        overwrite=args.overwrite,
+    )  # fmt: skip
     device, dtype = _device_and_dtype(args.device, args.dtype)
     pipe = VideoPipeline.from_pretrained(
         args.base, temporal=args.temporal, base_config=args.base_config, loras=args.lora,
         spatial_weights=args.spatial_weights, allow_pickle=args.allow_pickle, device=device, dtype=dtype,
     )  # fmt: skip
-    mode = "video" if args.temporal and not args.image_mode else "image mode (no temporal layers)"
+    mode = "video" if args.temporal and not checked.image_mode else "image mode (no temporal layers)"
     print(f"sampling {len(paths)} video(s), {mode}, on {device}", file=sys.stderr)
-    written = pipe.render(prompts, paths, base_noise=args.base_noise_seed, progress=not args.quiet, **settings)
+    written = pipe.render(
+        prompts, paths, base_noise=args.base_noise_seed, progress=not args.quiet, overwrite=args.overwrite,
+        **settings,
+    )  # fmt: skip
     for path in written:
         print(path)
     return 0

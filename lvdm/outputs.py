@@ -103,12 +103,18 @@ def _numbered(path: str | os.PathLike, index: int, count: int) -> Path:
 
 
 def plan_outputs(
-    out: str | os.PathLike, prompts: Sequence[str], *, num_videos_per_prompt: int = 1, format: str = "mp4"
+    out: str | os.PathLike,
+    prompts: Sequence[str],
+    *,
+    num_videos_per_prompt: int = 1,
+    format: str = "mp4",
+    overwrite: bool = False,
 ) -> list[Path]:
     """One output path per video: ``out`` itself (numbered if several) when it ends in ``.mp4``/``.gif``; else a
     folder holding ``000-<prompt words>.<format>`` ... (``format`` ``png``: one frame folder per video).
 
-    Checks that the output can be written, before anything heavy is loaded; creates nothing.
+    Checks that the output can be written, before anything heavy is loaded; creates nothing. A video (or its
+    sidecar) that already exists is a :class:`ConfigError` naming it, unless ``overwrite``.
     """
     if format not in FORMATS:
         raise ConfigError(f"format: expected one of {list(FORMATS)}, got {format!r}")
@@ -123,7 +129,19 @@ def plan_outputs(
         names = [f"{k:0{digits}d}-{_slug(prompts[k // num_videos_per_prompt])}" for k in range(count)]
         paths = [Path(text) / f"{name.rstrip('-')}{ext}" for name in names]
     _check_writable(paths[0].parent)
+    if not overwrite:
+        refuse_existing(paths)
     return paths
+
+
+def refuse_existing(paths: Sequence[Path]) -> None:
+    """A :class:`ConfigError` naming the first of ``paths`` (or their sidecars) that exists."""
+    existing = [p for path in paths for p in (path, sidecar_path(path)) if p.exists()]
+    if existing:
+        more = f" (and {len(existing) - 1} more)" if len(existing) > 1 else ""
+        raise ConfigError(
+            f"{existing[0]} already exists{more}; choose another output, or overwrite it (--overwrite, overwrite=True)"
+        )
 
 
 def _slug(prompt: str, limit: int = 40) -> str:
@@ -150,3 +168,23 @@ def read_prompts(path: str | os.PathLike) -> list[str]:
     if not prompts:
         raise ConfigError(f"prompts file {path} holds no prompts (one per line)")
     return prompts
+
+
+SIDECAR_KEYS = {"prompt": str, "settings": dict, "model": dict}
+
+
+def read_sidecar(path: str | os.PathLike) -> dict[str, Any]:
+    """A video's JSON sidecar, checked to hold what re-rendering it needs (``prompt``, ``settings``, ``model``).
+
+    A video whose initial or base noise was given as a tensor cannot be re-rendered from its sidecar (which keeps
+    only a fingerprint of it): a :class:`ConfigError`, as is a file that is not a sidecar.
+    """
+    try:
+        meta = json.loads(Path(path).read_text(encoding="utf-8"))
+    except (OSError, UnicodeDecodeError, ValueError) as exc:
+        raise ConfigError(f"sidecar {path} cannot be read: {exc}") from exc
+    if not isinstance(meta, dict) or not all(isinstance(meta.get(k), kind) for k, kind in SIDECAR_KEYS.items()):
+        raise ConfigError(f"{path} is not an lvdm sidecar (it needs {', '.join(SIDECAR_KEYS)})")
+    if meta.get("initial_noise") == "given" or isinstance(meta.get("base_noise"), str):
+        raise ConfigError(f"sidecar {path}: its video started from a noise tensor that the sidecar does not hold")
+    return meta

@@ -37,7 +37,7 @@ import torch
 from lvdm import __version__
 from lvdm.configlib import config_to_dict
 from lvdm.errors import CheckpointError, ConfigError
-from lvdm.outputs import FORMATS, VideoOutput, media_kind, plan_outputs, read_prompts
+from lvdm.outputs import FORMATS, VideoOutput, media_kind, plan_outputs, read_prompts, refuse_existing
 from lvdm.sampling_settings import (
     DEFAULT_FPS,
     DEFAULT_FRAMES,
@@ -99,6 +99,8 @@ class VideoPipeline:
             dtype: ``torch.float16`` / ``"fp16"``, ``"bf16"``, ``"fp32"`` (default: the weights' own, fp32).
         """
         torch_dtype = _as_dtype(dtype)
+        if device is not None and (problem := device_problem(device)):
+            raise ConfigError(f"device {device}: {problem}")
         if not Path(base).exists():  # before the slow imports: a typo fails at once
             raise CheckpointError(
                 f"base model {base} does not exist (expected a diffusers folder or a checkpoint file)"
@@ -193,6 +195,7 @@ class VideoPipeline:
         out: str | os.PathLike | Sequence[str | os.PathLike],
         *,
         format: str = "mp4",
+        overwrite: bool = False,
         base_noise: torch.Tensor | int | None = None,
         progress: bool = True,
         **settings: Any,
@@ -203,15 +206,17 @@ class VideoPipeline:
         ``000-<prompt words>.<format>``), or one path per video as :func:`plan_outputs` returns them. Prompts are
         sampled ``batch_size`` videos at a time (default 1 here), with the seeds one call for the whole list
         would use: video ``k`` gets ``seed + k``. ``base_noise``: a seed or a ``(1, c, 1, h', w')`` tensor, as in
-        :meth:`__call__`.
+        :meth:`__call__`. An existing output is refused before sampling unless ``overwrite``.
         """
         prompts = _as_prompts(prompts)
         s = sampling_settings(**{"batch_size": 1, **settings})
         repeat = s.num_videos_per_prompt
         if isinstance(out, (str, os.PathLike)):
-            paths = plan_outputs(out, prompts, num_videos_per_prompt=repeat, format=format)
+            paths = plan_outputs(out, prompts, num_videos_per_prompt=repeat, format=format, overwrite=overwrite)
         else:
             paths = [Path(p) for p in out]
+            if not overwrite:
+                refuse_existing(paths)
         if len(paths) != len(prompts) * repeat:
             raise ConfigError(f"got {len(paths)} output paths for {len(prompts) * repeat} videos")
         seed = s.seed if s.seed is not None else _random_seed()
@@ -400,6 +405,24 @@ def _random_seed() -> int:
     return secrets.randbelow(2**31)
 
 
+def device_problem(device: str | torch.device) -> str | None:
+    """Why models cannot be put on ``device`` here (a typo, no CUDA in this build, no such GPU), or ``None``."""
+    try:
+        parsed = torch.device(device)
+    except (RuntimeError, TypeError, ValueError):
+        return "not a device; use cpu, cuda, cuda:N or mps"
+    if parsed.type == "cuda":
+        if not torch.cuda.is_available():
+            return "this PyTorch has no CUDA support" if torch.version.cuda is None else "no CUDA GPU is visible"
+        if parsed.index is not None and parsed.index >= torch.cuda.device_count():
+            return f"there are only {torch.cuda.device_count()} CUDA device(s)"
+    elif parsed.type == "mps" and not torch.backends.mps.is_available():
+        return "MPS is not available on this machine"
+    elif parsed.type not in ("cpu", "cuda", "mps"):
+        return f"device type {parsed.type!r} is not supported; use cpu, cuda or mps"
+    return None
+
+
 def _as_dtype(dtype: str | torch.dtype | None) -> torch.dtype | None:
     if dtype is None or isinstance(dtype, torch.dtype):
         return dtype
@@ -421,6 +444,7 @@ __all__ = [
     "SamplingSettings",
     "VideoOutput",
     "VideoPipeline",
+    "device_problem",
     "media_kind",
     "parse_threshold",
     "plan_outputs",

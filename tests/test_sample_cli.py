@@ -125,3 +125,96 @@ def test_examples_run_offline_on_tiny_models(script, tmp_path):
     assert result.returncode == 0, result.stderr
     written = sorted(p for p in tmp_path.rglob("*") if p.suffix in (".mp4", ".gif"))
     assert written and all((p.with_name(p.name + ".json")).is_file() for p in written)
+
+
+# ------------------------------------------------------------------------------------------------ in-process CLI
+def sample_here(capsys, *args: str) -> tuple[int, str, str]:
+    """sample.py's ``main`` run in this process (no interpreter start-up): exit code, stdout, stderr."""
+    import sample as script
+    from lvdm.cli import run_cli
+
+    code = run_cli(script.main, ["--quiet", *args])
+    out, err = capsys.readouterr()
+    return code, out, err
+
+
+@pytest.mark.parametrize(
+    ("device", "message"),
+    [
+        ("gpu", "--device gpu: not a device; use cpu, cuda, cuda:N or mps"),
+        pytest.param(
+            "cuda", "--device cuda: this PyTorch has no CUDA support", marks=pytest.mark.skipif(
+                torch.cuda.is_available() or torch.version.cuda is not None, reason="needs a CPU-only PyTorch build"
+            ),
+        ),
+        ("cuda:99" if torch.cuda.is_available() else "mps", "is not available" if not torch.cuda.is_available()
+         else "only"),
+    ],
+)  # fmt: skip
+def test_an_unusable_device_is_one_line_before_anything_loads(files, tmp_path, capsys, device, message):
+    code, _, err = sample_here(capsys, "--base", str(files["a"]), "--prompt", "a kite", "--device", device,
+                               "--out", str(tmp_path / "out.mp4"))  # fmt: skip
+    assert code == 2 and err.count("\n") == 1 and err.startswith("error: ") and message in err, err
+    assert not list(tmp_path.iterdir())
+
+
+def test_help_shows_the_defaults(capsys):
+    import sample as script
+
+    with pytest.raises(SystemExit):
+        script.build_parser().parse_args(["--help"])
+    text = " ".join(capsys.readouterr().out.split())
+    for shown in ("denoising steps (default: 25)", "(default: ddim)", "(default: 7.5)", "(default: outputs/samples)",
+                  "(default: auto)", "--overwrite replace existing outputs (default: refuse them)"):  # fmt: skip
+        assert shown in text, shown
+
+
+def test_an_existing_output_is_refused_unless_overwrite(files, tmp_path, capsys):
+    out = tmp_path / "clip.mp4"
+    out.write_bytes(b"an earlier video")
+    args = ["--base", str(files["a"]), "--prompt", "a kite", "--frames", "2", "--steps", "1", "--out", str(out)]
+    code, _, err = sample_here(capsys, *args)
+    assert code == 2 and err.count("\n") == 1 and f"{out} already exists" in err and "--overwrite" in err, err
+    assert out.read_bytes() == b"an earlier video"
+    code, stdout, err = sample_here(capsys, *args, "--overwrite")
+    assert code == 0 and stdout.split() == [str(out)] and out.read_bytes() != b"an earlier video", err
+    folder = tmp_path / "videos"  # a folder --out: the same prompt again would replace 000-a-kite.mp4
+    assert sample_here(capsys, *args[:-1], str(folder))[0] == 0
+    code, _, err = sample_here(capsys, *args[:-1], str(folder))
+    assert code == 2 and "000-a-kite.mp4 already exists" in err, err
+
+
+def test_from_json_re_renders_a_video_exactly(files, tmp_path, capsys):
+    first = tmp_path / "first"
+    code, stdout, err = sample_here(
+        capsys, *on_b(files), "--temporal", str(files["module"]), "--prompt", "a red kite", "--frames", "3",
+        "--steps", "2", "--scheduler", "euler_a", "--guidance-schedule", "oscillating", "--guidance-option",
+        "low=2.0", "--noise-prior", "mixed", "--base-noise-seed", "5", "--negative-prompt", "blur", "--out",
+        str(first), "--format", "png",
+    )  # fmt: skip
+    assert code == 0, err
+    [made] = [Path(line) for line in stdout.split()]
+    sidecar = made.with_name(made.name + ".json")
+    again = tmp_path / "again"
+    code, stdout, err = sample_here(capsys, "--from-json", str(sidecar), "--out", str(again))
+    assert code == 0, err
+    [remade] = [Path(line) for line in stdout.split()]
+    assert remade.name == made.name  # the sidecar's format (png frames) and prompt
+    frames = sorted(made.glob("*.png"))
+    assert len(frames) == 3 and [p.name for p in sorted(remade.glob("*.png"))] == [p.name for p in frames]
+    for a, b in zip(frames, sorted(remade.glob("*.png")), strict=True):
+        assert np.array_equal(np.asarray(Image.open(a)), np.asarray(Image.open(b)))
+    meta, replayed = (json.loads(p.with_name(p.name + ".json").read_text()) for p in (made, remade))
+    assert replayed["settings"] == meta["settings"] and replayed["model"] == meta["model"]
+    assert replayed["base_noise"] == 5 and meta["settings"]["negative_prompt"] == "blur"
+    code, stdout, err = sample_here(capsys, "--from-json", str(sidecar), "--steps", "3", "--out", str(tmp_path / "b"))
+    [changed] = [Path(line) for line in stdout.split()]
+    assert code == 0 and json.loads(changed.with_name(changed.name + ".json").read_text())["settings"][
+        "num_inference_steps"] == 3  # fmt: skip
+
+
+def test_from_json_refuses_what_is_not_a_sidecar(tmp_path, capsys):
+    bad = tmp_path / "notes.json"
+    bad.write_text('{"prompt": "a kite"}')
+    code, _, err = sample_here(capsys, "--from-json", str(bad), "--out", str(tmp_path / "x.mp4"))
+    assert code == 2 and err.count("\n") == 1 and "is not an lvdm sidecar" in err, err
