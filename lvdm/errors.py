@@ -19,6 +19,10 @@ class TemporalModuleError(CheckpointError):
     """A temporal module file that cannot be loaded onto this base."""
 
 
+class OutputWriteError(LvdmError, OSError):
+    """A file lvdm writes could not be written (disk full, permissions); still an OSError for old callers."""
+
+
 class ConfigError(LvdmError, ValueError):
     """A configuration that cannot run: every problem found, each with its key path."""
 

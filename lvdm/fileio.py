@@ -5,18 +5,51 @@ from __future__ import annotations
 import contextlib
 import os
 import secrets
+import shutil
 from collections.abc import Iterator
 from pathlib import Path
+
+from safetensors import SafetensorError
+
+from lvdm.errors import OutputWriteError
 
 
 @contextlib.contextmanager
 def atomic_path(path: str | os.PathLike) -> Iterator[Path]:
-    """A temporary name beside ``path`` to write to; renamed to ``path`` on success, deleted on failure."""
+    """A temporary name beside ``path`` to write to; renamed to ``path`` on success, deleted on failure.
+
+    A write that fails for lack of space or permission (an ``OSError``, or safetensors' I/O error) becomes one
+    :class:`~lvdm.errors.OutputWriteError` naming ``path``; the old ``path`` is left as it was.
+    """
     path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
     temp = path.with_name(f".{path.name}.{secrets.token_hex(4)}.tmp")
     try:
+        path.parent.mkdir(parents=True, exist_ok=True)
         yield temp
         os.replace(temp, path)
+    except OSError as exc:
+        raise _write_error(path, exc.strerror or str(exc)) from exc
+    except SafetensorError as exc:
+        if "I/O error" not in str(exc):
+            raise
+        raise _write_error(path, str(exc).split("I/O error:")[-1].strip()) from exc
     finally:
         temp.unlink(missing_ok=True)
+
+
+def _write_error(path: Path, reason: str) -> OutputWriteError:
+    try:
+        free = f"{shutil.disk_usage(path.parent).free / 2**20:.1f} MiB free there"
+    except OSError:
+        free = "free space unknown"
+    return OutputWriteError(f"could not write {path}: {reason} ({free}); any previous version is unchanged")
+
+
+def is_stray_temp(name: str, final_names: tuple[str, ...]) -> bool:
+    """Whether ``name`` is a leftover of an :func:`atomic_path` write to one of ``final_names`` that was killed."""
+    for final in final_names:
+        prefix = f".{final}."
+        middle = name[len(prefix) : -len(".tmp")] if name.startswith(prefix) and name.endswith(".tmp") else ""
+        if len(middle) == 8 and all(c in "0123456789abcdef" for c in middle):
+            return True
+    return False

@@ -156,11 +156,15 @@ def test_changed_shapes_on_resume_are_an_error(tiny_assets, tmp_path):
 
 def test_a_fresh_run_into_a_used_folder_needs_resume_or_overwrite(tiny_assets, tmp_path):
     _run(tiny_assets, tmp_path / "run", **{"train.max_steps": 1})
-    (tmp_path / "run" / "my_notes.txt").write_text("keep me")
     with pytest.raises(LvdmError, match="train.resume=auto"):
         Trainer(load_config([], tiny_overrides(tiny_assets, tmp_path / "run")))
-    _run(tiny_assets, tmp_path / "run", **{"train.max_steps": 1, "train.overwrite": "true"})
+    (tmp_path / "run" / "my_notes.txt").write_text("keep me")
+    with pytest.raises(LvdmError, match="my_notes.txt.*whatever train.overwrite says"):  # not lvdm's: refused
+        Trainer(load_config([], tiny_overrides(tiny_assets, tmp_path / "run", **{"train.overwrite": "true"})))
     assert (tmp_path / "run" / "my_notes.txt").read_text() == "keep me"
+    assert list_checkpoints(tmp_path / "run" / "checkpoints")  # nothing was deleted
+    (tmp_path / "run" / "my_notes.txt").unlink()
+    _run(tiny_assets, tmp_path / "run", **{"train.max_steps": 1, "train.overwrite": "true"})
 
 
 def test_a_nonfinite_step_changes_nothing_and_a_run_of_them_stops(tiny_assets, tmp_path, monkeypatch):

@@ -13,6 +13,11 @@ retention (``keep_last``) delete older checkpoints, and only folders named ``che
 ``root`` (never symlinks, never anything else). ``.tmp-checkpoint-*`` leftovers of crashed saves are removed at
 the next save; a root has one writer at a time (rank 0).
 
+Re-saving an existing step swaps the two folders in one atomic ``renameat2(RENAME_EXCHANGE)`` on Linux; elsewhere
+the old folder is renamed aside first. Either way a complete checkpoint of that step exists at every moment, and a
+crash between the two renames is undone by :func:`recover_checkpoints` (run before every save and every resume),
+which puts a complete ``.tmp-checkpoint-*`` folder back under its final name instead of deleting it.
+
 ``.pt`` parts are read back with ``torch.load(weights_only=True)``, which accepts tensors, plain Python containers
 and scalars, ``torch.Size``/``dtype``/``device`` and nothing else. Optimizer, LR scheduler (with its lambdas
 dropped, as ``state_dict`` does) and ``GradScaler`` state dicts pass as they are; numpy arrays and scalars are
@@ -22,12 +27,15 @@ numpy on load. Any other object is refused at save time, before anything is writ
 
 from __future__ import annotations
 
+import ctypes
+import errno
 import hashlib
 import json
 import os
 import re
 import secrets
 import shutil
+import sys
 import tempfile
 import warnings
 from collections import OrderedDict
@@ -48,6 +56,8 @@ MAX_STEP = 10**8 - 1  # the folder name holds 8 digits
 FORMAT = "lvdm-checkpoint"
 _NAME = re.compile(r"checkpoint-(\d{8})")
 _TMP_PREFIX = ".tmp-checkpoint-"
+_NEW_TEMP = re.compile(r"\.tmp-checkpoint-(\d{8})-\w+")  # a save in progress (complete once it has its marker)
+_ASIDE = re.compile(r"\.tmp-checkpoint-checkpoint-(\d{8})-replaced-[0-9a-f]+")  # the old folder of a re-save
 _PART_NAME = re.compile(r"[A-Za-z0-9][A-Za-z0-9_-]*")
 _NDARRAY = "__lvdm_ndarray__"  # tag of an encoded numpy array: {_NDARRAY: tensor, "dtype": "<u4"}
 _LEAF_TYPES = (bool, int, float, complex, str, bytes, bytearray, type(None), torch.dtype, torch.device, torch.Size)
@@ -249,8 +259,61 @@ def _write_all(folder: Path, plan: list[tuple[str, Callable[[Path, Any], None], 
     _fsync_dir(folder)
 
 
+def recover_checkpoints(root: str | os.PathLike) -> list[Path]:
+    """Put complete checkpoints left under temporary names by a crash back in place; returns what was recovered.
+
+    A ``.tmp-checkpoint-<step>-*`` folder of a save that wrote its marker, or the ``-replaced-`` folder of a
+    re-save killed between its two renames, is renamed to ``checkpoint-<step>`` when that name is free (the new
+    save preferred over the replaced one). Folders being deleted by retention are never brought back.
+    """
+    root = Path(root)
+    candidates: dict[int, list[tuple[int, Path]]] = {}
+    for name in _entries(root):
+        for rank, pattern in ((0, _NEW_TEMP), (1, _ASIDE)):
+            match = pattern.fullmatch(name)
+            path = root / name
+            if match and path.is_dir() and not path.is_symlink() and _looks_complete(path, int(match.group(1))):
+                candidates.setdefault(int(match.group(1)), []).append((rank, path))
+    recovered = []
+    for step, found in sorted(candidates.items()):
+        final = root / _folder_name(step)
+        if final.exists() or final.is_symlink():
+            continue
+        os.rename(min(found)[1], final)
+        _fsync_dir(root)
+        recovered.append(final)
+    return recovered
+
+
+def _entries(root: Path) -> list[str]:
+    try:
+        return sorted(entry.name for entry in os.scandir(root))
+    except FileNotFoundError:
+        return []
+    except OSError as e:
+        raise CheckpointError(f"cannot list checkpoint folder {root}: {e}") from e
+
+
+def _looks_complete(path: Path, step: int) -> bool:
+    """A readable marker for ``step`` whose files are all there with their sizes (hashes are checked on load)."""
+    try:
+        records = _read_marker(path)
+        marker_step = json.loads((path / MARKER).read_text(encoding="utf-8")).get("step")
+        sizes_ok = all((path / r["name"]).stat().st_size == r["size"] for r in records)
+    except (CheckpointError, OSError, ValueError, AttributeError):
+        return False
+    return sizes_ok and marker_step == step
+
+
+def checkpoint_material(root: str | os.PathLike) -> list[Path]:
+    """Everything in ``root`` that is or may become a checkpoint: complete, unfinished or temporary folders."""
+    root = Path(root)
+    return [root / name for name in _entries(root) if _NAME.fullmatch(name) or name.startswith(_TMP_PREFIX)]
+
+
 def _remove_leftovers(root: Path) -> None:
-    """Delete ``.tmp-checkpoint-*`` folders of crashed saves (never valid; symlinks left alone)."""
+    """Recover complete temporary folders, then delete the other ``.tmp-checkpoint-*`` folders (symlinks left)."""
+    recover_checkpoints(root)
     for entry in os.scandir(root):
         if entry.name.startswith(_TMP_PREFIX) and entry.is_dir(follow_symlinks=False):
             shutil.rmtree(root / entry.name, ignore_errors=True)
@@ -265,10 +328,33 @@ def _new_temp(root: Path, step: int) -> Path:
         raise CheckpointError(f"cannot write checkpoints to {root}: {e}") from e
 
 
+def _exchange(a: Path, b: Path) -> bool:
+    """Swap two folders atomically (Linux ``renameat2(RENAME_EXCHANGE)``); False where that is not available."""
+    if not sys.platform.startswith("linux"):
+        return False
+    try:
+        libc = ctypes.CDLL(None, use_errno=True)
+        renameat2 = libc.renameat2
+    except (OSError, AttributeError):
+        return False
+    at_fdcwd, rename_exchange = -100, 2
+    if renameat2(at_fdcwd, os.fsencode(a), at_fdcwd, os.fsencode(b), rename_exchange) == 0:
+        return True
+    code = ctypes.get_errno()
+    if code in (errno.ENOSYS, errno.EINVAL, errno.EOPNOTSUPP):
+        return False  # an old kernel or a file system without it: rename aside instead
+    raise OSError(code, os.strerror(code), str(b))
+
+
 def _move_into_place(temp: Path, final: Path) -> None:
-    """Rename ``temp`` to ``final``; an existing ``final`` is renamed aside first and deleted after."""
+    """Rename ``temp`` to ``final``; an existing ``final`` is swapped with it atomically where the OS can (else
+    renamed aside first, which :func:`recover_checkpoints` undoes after a crash) and deleted after."""
     if final.is_symlink() or (final.exists() and not final.is_dir()):
         raise CheckpointError(f"{final} exists and is not a checkpoint folder; refusing to replace it")
+    if final.exists() and _exchange(temp, final):
+        _fsync_dir(final.parent)
+        shutil.rmtree(temp, ignore_errors=True)  # now holds the old checkpoint
+        return
     aside = None
     if final.exists():
         aside = final.parent / f"{_TMP_PREFIX}{final.name}-replaced-{secrets.token_hex(4)}"
@@ -409,25 +495,76 @@ def _read_part(file: Path) -> Any:
         raise CheckpointError(f"{file}: cannot be loaded safely ({type(e).__name__}: {first_line})") from e
 
 
-def load_checkpoint(path: str | os.PathLike) -> tuple[dict[str, Any], dict[str, Any]]:
-    """``(parts, metadata)`` of a complete checkpoint, on the CPU, after checking every file's size and sha256.
+_VERIFIED: dict[Path, tuple[tuple[str, int, int], ...]] = {}  # folder -> (name, size, mtime) of files hashed ok
 
-    A missing marker, a missing or corrupt file, or a ``.pt`` part that ``torch.load(weights_only=True)`` refuses
-    is a :class:`CheckpointError` naming the file; nothing is returned half-loaded.
+
+def _fingerprint(path: Path, records: list[dict[str, Any]]) -> tuple[tuple[str, int, int], ...]:
+    stats = [(name, (path / name).stat()) for name in [MARKER] + [r["name"] for r in records]]
+    return tuple((name, st.st_size, st.st_mtime_ns) for name, st in stats)
+
+
+def verify_checkpoint(path: str | os.PathLike) -> dict[str, Any]:
+    """Check a checkpoint's marker, every file's size and sha256 and its metadata; returns the metadata.
+
+    A folder verified once in this process is not hashed again while its files keep their sizes and mtimes.
     """
     path = Path(path)
     records = _read_marker(path)
-    for record in records:
-        _verify(path, record)
+    try:
+        fingerprint = _fingerprint(path, records)
+    except OSError:
+        fingerprint = None
+    if fingerprint is None or _VERIFIED.get(path.resolve()) != fingerprint:
+        for record in records:
+            _verify(path, record)
+        if fingerprint is not None:
+            _VERIFIED[path.resolve()] = fingerprint
+    return _read_metadata(path)
+
+
+def _read_metadata(path: Path) -> dict[str, Any]:
+    """``metadata.json``, refused by name unless it is an object whose ``step`` agrees with the folder's name."""
+    file = path / METADATA
+    try:
+        metadata = json.loads(file.read_text(encoding="utf-8"))
+    except (OSError, ValueError) as e:
+        raise CheckpointError(f"{file}: not valid JSON ({e})") from e
+    if not isinstance(metadata, dict):
+        raise CheckpointError(f"{file}: expected a JSON object, got {type(metadata).__name__}")
+    step = metadata.get("step")
+    if type(step) is not int or not 0 <= step <= MAX_STEP:
+        raise CheckpointError(f"{file}: 'step' must be a whole number in [0, {MAX_STEP}], got {step!r}")
+    named = _NAME.fullmatch(path.name)
+    if named and int(named.group(1)) != step:
+        raise CheckpointError(f"{file}: 'step' is {step} but the folder is named for step {int(named.group(1))}")
+    return metadata
+
+
+def load_part(path: str | os.PathLike, name: str) -> Any:
+    """One part of a verified checkpoint (``None`` when it has no part of that name)."""
+    path = Path(path)
+    verify_checkpoint(path)
+    for record in _read_marker(path):
+        file = path / record["name"]
+        if record["name"] != METADATA and file.name.removesuffix(file.suffix) == name:
+            return _read_part(file)
+    return None
+
+
+def load_checkpoint(path: str | os.PathLike) -> tuple[dict[str, Any], dict[str, Any]]:
+    """``(parts, metadata)`` of a complete checkpoint, on the CPU, after checking every file's size and sha256.
+
+    A missing marker, a missing or corrupt file, metadata that is not an object with the folder's step, or a
+    ``.pt`` part that ``torch.load(weights_only=True)`` refuses is a :class:`CheckpointError` naming the file;
+    nothing is returned half-loaded.
+    """
+    path = Path(path)
+    metadata = verify_checkpoint(path)
     parts = {}
-    for record in records:
+    for record in _read_marker(path):
         if record["name"] != METADATA:
             file = path / record["name"]
             parts[file.name.removesuffix(file.suffix)] = _read_part(file)
-    try:
-        metadata = json.loads((path / METADATA).read_text(encoding="utf-8"))
-    except ValueError as e:
-        raise CheckpointError(f"{path / METADATA}: not valid JSON ({e})") from e
     return parts, metadata
 
 

@@ -1,11 +1,20 @@
-"""Where training numbers go: a JSONL file (one object per logged step) and TensorBoard."""
+"""Where training numbers go: a JSONL file (one object per logged step) and TensorBoard.
+
+On resume, :func:`truncate_log` drops the records after the checkpoint's step (they will be logged again), and
+TensorBoard is told to purge its events from there, so no step appears twice. A full disk or an unwritable log is
+a one-line :class:`~lvdm.errors.LvdmError`; the checkpoints already written are not touched.
+"""
 
 from __future__ import annotations
 
 import json
 import math
+import shutil
 from pathlib import Path
 from typing import Any
+
+from lvdm.errors import LvdmError
+from lvdm.fileio import atomic_path
 
 
 class RunLog:
@@ -18,21 +27,41 @@ class RunLog:
         if enabled:
             from torch.utils.tensorboard import SummaryWriter
 
-            self._writer = SummaryWriter(str(output_dir / "tensorboard"))
+            last = last_step(self.path)  # a resumed run: TensorBoard forgets what came after (see truncate_log)
+            purge = None if last is None else last + 1
+            self._writer = _guarded(self.path.parent / "tensorboard", SummaryWriter, str(output_dir / "tensorboard"),
+                                    purge_step=purge)  # fmt: skip
 
     def write(self, step: int, values: dict[str, Any]) -> None:
         if not self.enabled:
             return
         record = {"step": step, **{k: _plain(v) for k, v in values.items()}}
-        with self.path.open("a", encoding="utf-8") as handle:
-            handle.write(json.dumps(record) + "\n")
+        _guarded(self.path, _append_line, self.path, json.dumps(record) + "\n")
         for key, value in record.items():
             if key != "step" and isinstance(value, (int, float)) and math.isfinite(value):
-                self._writer.add_scalar(key, value, step)
+                _guarded(self.path.parent / "tensorboard", self._writer.add_scalar, key, value, step)
 
     def close(self) -> None:
         if self._writer is not None:
-            self._writer.close()
+            _guarded(self.path.parent / "tensorboard", self._writer.close)
+
+
+def _append_line(path: Path, line: str) -> None:
+    with path.open("a", encoding="utf-8") as handle:
+        handle.write(line)
+
+
+def _guarded(target: Path, fn: Any, *args: Any, **kwargs: Any) -> Any:
+    """``fn(*args)``, with an OSError (disk full, permissions) turned into one line naming ``target``."""
+    try:
+        return fn(*args, **kwargs)
+    except OSError as exc:
+        try:
+            free = f"{shutil.disk_usage(target.parent).free / 2**20:.1f} MiB free there"
+        except OSError:
+            free = "free space unknown"
+        reason = exc.strerror or str(exc)
+        raise LvdmError(f"could not write {target}: {reason} ({free}); the checkpoints are intact") from exc
 
 
 def _plain(value: Any) -> Any:
@@ -43,8 +72,40 @@ def _plain(value: Any) -> Any:
     return value
 
 
-def read_log(path: Path) -> list[dict[str, Any]]:
-    """Every record of a ``log.jsonl``."""
+def _records(path: Path) -> list[dict[str, Any]]:
+    """The records of a ``log.jsonl``; a line cut short by a crash (not JSON) is left out."""
     if not path.exists():
         return []
-    return [json.loads(line) for line in path.read_text(encoding="utf-8").splitlines() if line.strip()]
+    records = []
+    for line in path.read_text(encoding="utf-8", errors="replace").splitlines():
+        try:
+            record = json.loads(line)
+        except ValueError:
+            continue
+        if isinstance(record, dict):
+            records.append(record)
+    return records
+
+
+def read_log(path: Path) -> list[dict[str, Any]]:
+    """Every record of a ``log.jsonl``."""
+    return _records(path)
+
+
+def last_step(path: Path) -> int | None:
+    """The highest step logged in ``path``, or None when there is no log."""
+    steps = [r["step"] for r in _records(path) if type(r.get("step")) is int]
+    return max(steps) if steps else None
+
+
+def truncate_log(path: Path, step: int) -> int:
+    """Keep only the records of steps up to ``step`` (a resume from that checkpoint); returns how many were dropped."""
+    if not path.exists():
+        return 0
+    lines = path.read_text(encoding="utf-8", errors="replace").splitlines()
+    kept = [r for r in _records(path) if type(r.get("step")) is int and r["step"] <= step]
+    if len(kept) == len(lines):
+        return 0
+    with atomic_path(path) as temp:
+        _guarded(path, temp.write_text, "".join(json.dumps(r) + "\n" for r in kept), encoding="utf-8")
+    return len(lines) - len(kept)

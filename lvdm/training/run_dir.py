@@ -1,25 +1,75 @@
-"""The run folder: refuse to clobber a run, resolve ``train.resume``, and compare configs on resume.
+"""The run folder: what lvdm may write, delete and resume there, and one run at a time.
 
 Layout of ``output_dir``::
 
+    .lvdm-run.json         the run marker: run id, start time, and every file or folder the run wrote
+    .lvdm-lock             held (flock) by the process running in the folder; names it while it runs
     config.yaml            the resolved config of the latest start or resume
     checkpoints/           checkpoint-00000500/ ... (see lvdm.training.checkpoint)
     temporal.safetensors   the temporal module, exported at every checkpoint and at the end
     log.jsonl  tensorboard/  samples/  skipped.jsonl (skipped.rank<N>.jsonl for the other processes)
+
+What lvdm promises about this folder (see "What lvdm guarantees about your files" in the README):
+
+- it starts a run only in a new or empty folder, or over one of its own runs; a folder holding anything lvdm
+  cannot prove it wrote (not in the marker, or not looking like lvdm's: a ``config.yaml`` without lvdm's header,
+  a file in ``checkpoints/`` that is not a checkpoint) is refused, whatever ``train.overwrite`` says, and nothing
+  is deleted; ``/``, any file-system root and the home folder are refused outright;
+- ``train.overwrite=true`` deletes only lvdm's own entries; a previous run that stopped before its first checkpoint
+  is cleared without it (there is nothing to resume);
+- one process at a time: rank 0 holds an exclusive lock for the whole run; a second run exits at once naming the
+  holder; a lock left by a killed run is reported and taken over;
+- ``train.resume=auto`` never starts over while checkpoint material exists: complete checkpoints left under
+  temporary names are recovered, a damaged newest checkpoint is named with the newest intact one, and temporary
+  folders without any complete checkpoint stop the run with a message.
 """
 
 from __future__ import annotations
 
+import atexit
+import json
+import os
+import re
 import shutil
-import warnings
+import socket
+import sys
+import time
+import uuid
 from pathlib import Path
 from typing import Any
 
 from lvdm.errors import CheckpointError, ConfigError, LvdmError
-from lvdm.training.checkpoint import check_writable, find_checkpoint, list_checkpoints
+from lvdm.fileio import atomic_path, is_stray_temp
+from lvdm.training.checkpoint import (
+    MARKER,
+    check_writable,
+    checkpoint_material,
+    checkpoint_step,
+    find_checkpoint,
+    list_checkpoints,
+    load_part,
+    recover_checkpoints,
+    verify_checkpoint,
+)
+from lvdm.training.logs import truncate_log
 
-RUN_FILES = ("config.yaml", "temporal.safetensors", "log.jsonl", "skipped.jsonl")
+try:
+    import fcntl
+except ImportError:  # Windows: no advisory locks; runs are not protected from each other there
+    fcntl = None  # type: ignore[assignment]
+
+RUN_MARKER = ".lvdm-run.json"
+LOCK_FILE = ".lvdm-lock"
+RUN_FILES = (
+    "config.yaml", "temporal.safetensors", "spatial_lora.safetensors", "spatial_weights.safetensors", "log.jsonl",
+    "skipped.jsonl",
+)  # fmt: skip
 RUN_FOLDERS = ("checkpoints", "tensorboard", "samples")
+CONFIG_HEADER = "# Resolved lvdm config"
+_SKIPPED_RANK = re.compile(r"skipped\.rank\d+\.jsonl")
+_PROBE = re.compile(r"\.write-probe-\w+")
+_CHECKPOINT_FILE = re.compile(r"[A-Za-z0-9][A-Za-z0-9_-]*\.(safetensors|pt)|metadata\.json|" + MARKER)
+_SAMPLE_SUFFIXES = (".mp4", ".gif", ".png", ".webp", ".json")
 
 # Config keys that change parameter shapes or what a step means: resuming with them changed is an error.
 FIXED_ON_RESUME = (
@@ -42,60 +92,412 @@ def checkpoint_root(output_dir: Path) -> Path:
     return output_dir / "checkpoints"
 
 
-def prepare_output_dir(output_dir: Path, *, resume: str | None, overwrite: bool) -> None:
-    """Check ``output_dir`` is writable; a fresh run into a folder holding a run needs ``resume`` or ``overwrite``.
+def notice(message: str) -> None:
+    """One line on stderr for the user, from rank 0 only (not a Python warning: nothing is wrong)."""
+    if os.environ.get("RANK", "0") == "0":
+        print(f"note: {message}", file=sys.stderr, flush=True)
 
-    Called on the main process only, before any model is loaded.
+
+# ---------------------------------------------------------------------------------------------- preparing
+
+
+def prepare_output_dir(output_dir: Path, *, resume: str | None, overwrite: bool) -> None:
+    """Make ``output_dir`` ready for this run; called on the main process only, before any model is loaded.
+
+    Refuses dangerous folders, checks it is writable, takes the run lock (held until :func:`release_run` or
+    process exit), removes stray temporary files, recovers interrupted checkpoint saves, and then either checks
+    the checkpoint to resume from (cutting ``log.jsonl`` back to its step) or clears a previous run of lvdm's own.
     """
+    output_dir = Path(output_dir)
+    refuse_special_folder(output_dir)
     check_writable(output_dir)
-    if resume is None and _holds_run(output_dir):
-        if not overwrite:
-            count = len(list_checkpoints(checkpoint_root(output_dir)))
+    lock = lock_run(output_dir)
+    _remove_stray_temp_files(output_dir)
+    try:
+        recovered = recover_checkpoints(checkpoint_root(output_dir))
+    except OSError as exc:
+        root = checkpoint_root(output_dir)
+        raise CheckpointError(f"cannot recover interrupted checkpoints in {root}: {exc}") from exc
+    for path in recovered:
+        notice(f"recovered checkpoint {path} (its save was interrupted just before its final rename)")
+    found = resolve_resume(output_dir, resume)
+    if found is not None:
+        dropped = truncate_log(output_dir / "log.jsonl", checkpoint_step(found))
+        if dropped:
+            notice(f"log.jsonl: dropped {dropped} records after step {checkpoint_step(found)} (they are redone)")
+        _write_marker(output_dir, _adopted_marker(output_dir))
+    else:
+        _prepare_fresh(output_dir, overwrite)
+        _write_marker(output_dir, _new_marker())
+    lock.started_with = set(_entries(output_dir))
+
+
+def refuse_special_folder(output_dir: Path) -> None:
+    """``/``, a file-system root (mount point), the home folder or a folder above it is never a run folder."""
+    path = output_dir.expanduser().resolve()
+    home = Path.home().resolve()
+    if path == Path(path.anchor) or os.path.ismount(path) or path == home or home.is_relative_to(path):
+        raise LvdmError(
+            f"output_dir {output_dir} is {'your home folder' if path == home else 'a file-system root or above home'}"
+            "; lvdm refuses to write a run there: give a new folder such as outputs/run"
+        )
+
+
+def _prepare_fresh(output_dir: Path, overwrite: bool) -> None:
+    entries = _entries(output_dir)
+    if not entries:
+        return
+    foreign = _foreign(output_dir, entries, _read_marker(output_dir))
+    material = checkpoint_material(checkpoint_root(output_dir)) or (output_dir / "temporal.safetensors").exists()
+    if material and not overwrite and not foreign:
+        count = len(list_checkpoints(checkpoint_root(output_dir)))
+        raise LvdmError(
+            f"output_dir {output_dir} already holds a run ({count} checkpoints); "
+            "continue it with train.resume=auto, or start over with train.overwrite=true"
+        )
+    if foreign:
+        more = f" and {len(foreign) - 3} more" if len(foreign) > 3 else ""
+        shown = ", ".join(str(path) for path in foreign[:3]) + more
+        raise LvdmError(
+            f"output_dir {output_dir} holds files lvdm did not write ({shown}); lvdm starts a run only in a new or "
+            "empty folder or over one of its own runs, and never deletes anything else (whatever train.overwrite "
+            "says): choose another output_dir or move those files away"
+        )
+    if not material:
+        notice(f"the previous run in {output_dir} stopped before its first checkpoint; starting over")
+    _clear(output_dir, entries)
+
+
+def _clear(output_dir: Path, entries: list[str]) -> None:
+    """Delete lvdm's entries (checked by :func:`_foreign` just before); the lock stays, the marker is rewritten."""
+    for name in entries:
+        path = output_dir / name
+        if path.is_dir() and not path.is_symlink():
+            shutil.rmtree(path)
+        else:
+            path.unlink(missing_ok=True)
+
+
+def _remove_stray_temp_files(output_dir: Path) -> None:
+    """Half-written exports of a killed run (``.temporal.safetensors.1a2b3c4d.tmp``)."""
+    for name in _entries(output_dir, everything=True):
+        if is_stray_temp(name, RUN_FILES + (RUN_MARKER,)) or _PROBE.fullmatch(name):
+            (output_dir / name).unlink(missing_ok=True)
+
+
+def _entries(output_dir: Path, *, everything: bool = False) -> list[str]:
+    try:
+        names = sorted(os.listdir(output_dir))
+    except FileNotFoundError:
+        return []
+    return names if everything else [n for n in names if n not in (RUN_MARKER, LOCK_FILE)]
+
+
+# ---------------------------------------------------------------------------------------------- what is lvdm's
+
+
+def _foreign(output_dir: Path, entries: list[str], marker: dict[str, Any] | None) -> list[Path]:
+    """Entries (or files inside lvdm's folders) that lvdm cannot prove it wrote."""
+    listed = set(marker["files"]) if marker else set()
+    foreign: list[Path] = []
+    for name in entries:
+        path = output_dir / name
+        if path.is_symlink():
+            foreign.append(path)
+        elif name in RUN_FOLDERS:
+            foreign += _foreign_inside(path, name)
+        elif name in RUN_FILES or _SKIPPED_RANK.fullmatch(name):
+            foreign += [] if _looks_like_ours(path) else [path]
+        elif name not in listed:
+            foreign.append(path)
+    return foreign
+
+
+def _looks_like_ours(path: Path) -> bool:
+    """A file with one of lvdm's names whose contents are what lvdm writes there."""
+    if not path.is_file():
+        return False
+    try:
+        if path.name == "config.yaml":
+            with path.open(encoding="utf-8", errors="replace") as handle:
+                return handle.readline().startswith(CONFIG_HEADER)
+        if path.suffix == ".jsonl":
+            with path.open(encoding="utf-8", errors="replace") as handle:
+                first = handle.readline()
+            return not first or isinstance(json.loads(first), dict)
+        from safetensors import safe_open
+
+        with safe_open(path, framework="pt") as handle:
+            return str((handle.metadata() or {}).get("format", "")).startswith("lvdm")
+    except (OSError, ValueError, Exception):  # unreadable, not JSON, not safetensors: not provably lvdm's
+        return False
+
+
+def _foreign_inside(folder: Path, kind: str) -> list[Path]:
+    if not folder.is_dir():
+        return [folder]
+    foreign = []
+    for parent, dirs, files in os.walk(folder):
+        here = Path(parent)
+        for name in dirs:
+            if (here / name).is_symlink() or (kind == "checkpoints" and not _is_checkpoint_dir(here, name)):
+                foreign.append(here / name)
+        dirs[:] = [d for d in dirs if here / d not in foreign]
+        for name in files:
+            if (here / name).is_symlink() or not _ours_in(kind, here, folder, name):
+                foreign.append(here / name)
+    return foreign
+
+
+def _is_checkpoint_dir(parent: Path, name: str) -> bool:
+    if parent.name != "checkpoints":
+        return False  # no folders inside a checkpoint
+    return name.startswith(".tmp-checkpoint-") or re.fullmatch(r"checkpoint-\d{8}", name) is not None
+
+
+def _ours_in(kind: str, parent: Path, top: Path, name: str) -> bool:
+    if kind == "checkpoints":
+        return parent != top and _CHECKPOINT_FILE.fullmatch(name) is not None
+    if kind == "tensorboard":
+        return name.startswith("events.out.tfevents.")
+    return parent != top and name.endswith(_SAMPLE_SUFFIXES)  # samples/step-00000100/00.mp4
+
+
+# ---------------------------------------------------------------------------------------------- the run marker
+
+
+def _read_marker(output_dir: Path) -> dict[str, Any] | None:
+    try:
+        marker = json.loads((output_dir / RUN_MARKER).read_text(encoding="utf-8"))
+    except (OSError, ValueError):
+        return None
+    if not isinstance(marker, dict) or not isinstance(marker.get("files"), list):
+        return None
+    return marker
+
+
+def _new_marker() -> dict[str, Any]:
+    return {
+        "format": "lvdm-run",
+        "run_id": uuid.uuid4().hex,
+        "started": time.strftime("%Y-%m-%dT%H:%M:%S%z"),
+        "files": sorted(RUN_FILES + RUN_FOLDERS),
+    }
+
+
+def _adopted_marker(output_dir: Path) -> dict[str, Any]:
+    """The existing marker, or (a run from before markers) one listing the entries that look like lvdm's."""
+    marker = _read_marker(output_dir)
+    if marker is not None:
+        return marker
+    entries = _entries(output_dir)
+    foreign = set(_foreign(output_dir, entries, None))
+    marker = _new_marker()
+    marker["files"] = sorted(set(RUN_FILES + RUN_FOLDERS) | {n for n in entries if output_dir / n not in foreign})
+    return marker
+
+
+def _write_marker(output_dir: Path, marker: dict[str, Any]) -> None:
+    with atomic_path(output_dir / RUN_MARKER) as temp:
+        temp.write_text(json.dumps(marker, indent=2) + "\n", encoding="utf-8")
+
+
+def _list_new_entries(output_dir: Path, started_with: set[str]) -> None:
+    """Add to the marker what appeared in the folder while this run held it (so a later overwrite may delete it)."""
+    marker = _read_marker(output_dir)
+    if marker is None:
+        return
+    new = set(_entries(output_dir)) - started_with - set(marker["files"])
+    if new:
+        marker["files"] = sorted(set(marker["files"]) | new)
+        _write_marker(output_dir, marker)
+
+
+# ---------------------------------------------------------------------------------------------- the lock
+
+
+class RunLock:
+    """An exclusive ``flock`` on ``output_dir/.lvdm-lock``; the file names the holder while it is held.
+
+    The OS releases the lock when the process dies, however it dies; a lock file still naming a holder when the
+    lock is free was left by a killed run, which is reported and taken over.
+    """
+
+    def __init__(self, output_dir: Path) -> None:
+        self.output_dir = output_dir
+        self.path = output_dir / LOCK_FILE
+        self.fd: int | None = None
+        self.started_with: set[str] = set()
+
+    def acquire(self) -> None:
+        if fcntl is None:
+            return
+        fd = os.open(self.path, os.O_RDWR | os.O_CREAT, 0o644)
+        try:
+            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except OSError:
+            holder = _describe(_read_holder(fd))
+            os.close(fd)
             raise LvdmError(
-                f"output_dir {output_dir} already holds a run ({count} checkpoints); "
-                "continue it with train.resume=auto, or start over with train.overwrite=true"
-            )
-        _clear_run(output_dir)
+                f"output_dir {self.output_dir} is in use by another lvdm run ({holder}); "
+                "wait for it to finish or stop it, or choose another output_dir"
+            ) from None
+        previous = _read_holder(fd)
+        if previous:
+            notice(f"the previous run in {self.output_dir} ({_describe(previous)}) did not exit cleanly; taking over")
+        holder = {"pid": os.getpid(), "host": socket.gethostname(), "started": time.strftime("%Y-%m-%d %H:%M:%S")}
+        os.ftruncate(fd, 0)
+        os.pwrite(fd, json.dumps(holder).encode(), 0)
+        self.fd = fd
+
+    def release(self) -> None:
+        """List what the run wrote in the marker, mark a clean exit (empty lock file) and unlock."""
+        if self.fd is None:
+            return
+        try:
+            _list_new_entries(self.output_dir, self.started_with)
+            os.ftruncate(self.fd, 0)
+        except OSError:
+            pass  # a full disk at exit: the lock is released anyway; the next run reports it as not clean
+        finally:
+            fcntl.flock(self.fd, fcntl.LOCK_UN)
+            os.close(self.fd)
+            self.fd = None
+
+
+def _read_holder(fd: int) -> dict[str, Any] | None:
+    try:
+        holder = json.loads(os.pread(fd, 4096, 0) or b"null")
+    except (OSError, ValueError):
+        return None
+    return holder if isinstance(holder, dict) else None
+
+
+def _describe(holder: dict[str, Any] | None) -> str:
+    if not holder:
+        return "holder unknown"
+    pid, host = holder.get("pid"), holder.get("host")
+    state = ""
+    if host == socket.gethostname() and isinstance(pid, int):
+        state = ", still running" if _alive(pid) else ", no longer running"
+    return f"pid {pid} on {host}, started {holder.get('started')}{state}"
+
+
+def _alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except OSError:
+        return True
+    return True
+
+
+_HELD: dict[Path, RunLock] = {}
+
+
+def lock_run(output_dir: Path) -> RunLock:
+    """Take (or, in the same process, reuse) the lock of ``output_dir``; held until :func:`release_run` or exit."""
+    key = output_dir.resolve()
+    if key not in _HELD:
+        lock = RunLock(output_dir)
+        lock.acquire()
+        _HELD[key] = lock
+    return _HELD[key]
+
+
+def release_run(output_dir: Path) -> None:
+    """Release this process's lock on ``output_dir`` (after listing what the run wrote in its marker)."""
+    lock = _HELD.pop(Path(output_dir).resolve(), None)
+    if lock is not None:
+        lock.release()
+
+
+@atexit.register
+def _release_all() -> None:
+    for key in list(_HELD):
+        release_run(key)
+
+
+# ---------------------------------------------------------------------------------------------- resuming
 
 
 def resolve_resume(output_dir: Path, resume: str | None) -> Path | None:
-    """The checkpoint ``train.resume`` names: ``None`` (fresh), ``auto`` (latest, if any), ``latest`` or a path."""
+    """The checkpoint ``train.resume`` names: ``None`` (fresh), ``auto`` (latest, if any), ``latest`` or a path.
+
+    ``auto`` starts fresh only when ``checkpoints/`` holds no checkpoint material at all. The chosen checkpoint
+    is verified (sizes, sha256, metadata, counters); a damaged newest one is an error naming the newest intact one.
+    """
     root = checkpoint_root(output_dir)
     if resume is None:
         return None
-    if resume == "auto":
-        return find_checkpoint(root, "latest")
-    if resume == "latest":
-        found = find_checkpoint(root, "latest")
-        if found is None:
+    if resume in ("auto", "latest"):
+        complete = list_checkpoints(root)
+        if complete:
+            return _newest_intact(complete)
+        material = checkpoint_material(root)
+        if material:
+            names = ", ".join(path.name for path in material[:3])
+            raise CheckpointError(
+                f"train.resume={resume}: {root} holds unfinished checkpoint folders ({names}) but no complete "
+                "checkpoint; nothing was deleted. Move them away, or start over with train.resume=null "
+                "train.overwrite=true"
+            )
+        if resume == "latest":
             raise CheckpointError(f"train.resume=latest: no complete checkpoint in {root}")
-        return found
+        return None
     path = Path(resume)
     if not path.exists() and (root / resume).exists():
         path = root / resume
     if not path.exists():
         raise CheckpointError(f"train.resume={resume}: no such checkpoint")
-    return find_checkpoint(root, path)
+    found = find_checkpoint(root, path)
+    check_resumable(found)
+    return found
 
 
-def _holds_run(output_dir: Path) -> bool:
-    return any((output_dir / name).exists() for name in RUN_FILES + RUN_FOLDERS)
+def _newest_intact(complete: list[Path]) -> Path:
+    newest = complete[-1]
+    try:
+        check_resumable(newest)
+        return newest
+    except CheckpointError as damage:
+        for older in reversed(complete[:-1]):
+            try:
+                check_resumable(older)
+            except CheckpointError:
+                continue
+            raise CheckpointError(
+                f"the newest checkpoint is damaged: {damage}. The newest intact one is {older}: resume from it with "
+                f"train.resume={older} (lvdm does not fall back by itself)"
+            ) from damage
+        raise CheckpointError(f"the newest checkpoint is damaged and no older one is intact: {damage}") from damage
 
 
-def _clear_run(output_dir: Path) -> None:
-    """Remove the previous run's own files (only the names lvdm writes; nothing else in the folder)."""
-    for name in RUN_FILES:
-        (output_dir / name).unlink(missing_ok=True)
-    for path in output_dir.glob("skipped.rank*.jsonl"):
-        path.unlink()
-    for name in RUN_FOLDERS:
-        folder = output_dir / name
-        if folder.is_dir() and not folder.is_symlink():
-            shutil.rmtree(folder)
+def check_resumable(path: Path) -> None:
+    """Verify a checkpoint and the trainer's entries in it; each problem a CheckpointError naming the file."""
+    metadata = verify_checkpoint(path)
+    file = path / "metadata.json"
+    if not isinstance(metadata.get("config", {}), dict):
+        raise CheckpointError(f"{file}: 'config' must be an object, got {type(metadata['config']).__name__}")
+    if type(metadata.get("world_size", 1)) is not int:
+        raise CheckpointError(f"{file}: 'world_size' must be a whole number, got {metadata['world_size']!r}")
+    counters = load_part(path, "trainer")
+    if counters is None:
+        return  # lvdm.training.checkpoint users other than the trainer; the trainer names a missing part itself
+    if not isinstance(counters, dict):
+        raise CheckpointError(f"{path / 'trainer.pt'}: expected a dict of counters, got {type(counters).__name__}")
+    for key in ("step", "micro_batches", "skipped"):
+        value = counters.get(key)
+        if type(value) is not int or value < 0:
+            raise CheckpointError(f"{path / 'trainer.pt'}: {key!r} must be a whole number >= 0, got {value!r}")
+    if counters["step"] != metadata["step"]:
+        step = metadata["step"]
+        raise CheckpointError(f"{path / 'trainer.pt'}: step {counters['step']} but the checkpoint is step {step}")
 
 
 def compare_on_resume(saved: dict[str, Any], current: dict[str, Any]) -> None:
-    """Error on changed shape-affecting keys, warn on every other change (lr, max_steps, ...)."""
+    """Error on changed shape-affecting keys; a one-line note for every other change (lr, max_steps, ...)."""
     changed = {key: (a, b) for key, (a, b) in _flat_pairs(saved, current).items() if a != b}
     fixed = {key: pair for key, pair in changed.items() if key in FIXED_ON_RESUME}
     if fixed:
@@ -103,7 +505,7 @@ def compare_on_resume(saved: dict[str, Any], current: dict[str, Any]) -> None:
         raise ConfigError("cannot resume with changed settings:\n  " + "\n  ".join(lines))
     for key, (a, b) in sorted(changed.items()):
         if not key.startswith("train.resume"):
-            warnings.warn(f"resuming with {key} changed: {a!r} -> {b!r}", stacklevel=2)
+            notice(f"resuming with {key} changed: {a!r} -> {b!r}")
 
 
 def _flat_pairs(saved: dict[str, Any], current: dict[str, Any], prefix: str = "") -> dict[str, tuple[Any, Any]]:
