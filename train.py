@@ -16,10 +16,15 @@ written to <output_dir>/temporal.safetensors.
 from __future__ import annotations
 
 import argparse
+import os
 import sys
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 from lvdm.cli import run_cli, split_overrides
+
+if TYPE_CHECKING:
+    from lvdm.config import Config
 
 DEMO_CONFIG = Path(__file__).resolve().parent / "configs" / "demo.yaml"
 
@@ -36,18 +41,28 @@ def main(argv: list[str]) -> int:
     if args.help_config:
         print(describe_config())
         return 0
-    demo = not args.config  # no config file: the demo (overrides such as train.max_steps=50 still apply)
-    cfg = load_config(args.config or [DEMO_CONFIG], overrides)
+    cfg = load_config(args.config or [DEMO_CONFIG], overrides)  # no config file: the demo
     from lvdm.training.report import print_report
     from lvdm.training.trainer import train
 
-    if demo:
+    if is_demo(cfg):
         from lvdm.training.demo import prepare_demo
 
         for line in prepare_demo(cfg):
             print(f"demo: made {line}")
-    print_report(train(cfg, progress=not args.quiet))
+    result = train(cfg, progress=not args.quiet)
+    if os.environ.get("RANK", "0") == "0":  # under torchrun / accelerate launch: one summary, from rank 0
+        print_report(result)
     return 0
+
+
+def is_demo(cfg: Config) -> bool:
+    """Whether ``cfg`` trains the demo's own assets (the base and clips configs/demo.yaml names), which are then
+    made if missing: with no --config, --config configs/demo.yaml or a copy, and any overrides but those two."""
+    from lvdm.config import load_config
+
+    demo = load_config([DEMO_CONFIG])
+    return (cfg.model.base, cfg.data.root) == (demo.model.base, demo.data.root)
 
 
 if __name__ == "__main__":

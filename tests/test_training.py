@@ -237,6 +237,7 @@ def test_two_processes_train_one_consistent_checkpoint(tiny_assets, tmp_path):
             "--quiet", *tiny_overrides(tiny_assets, out, **{"train.max_steps": 2})]  # fmt: skip
     result = run_script(*args, timeout=600)
     assert result.returncode == 0, result.stderr[-3000:]
+    assert result.stdout.count("finished at step 2") == 1, result.stdout  # one summary: rank 0's
     checkpoints = list_checkpoints(out / "checkpoints")
     assert [p.name for p in checkpoints] == ["checkpoint-00000002"]
     parts, metadata = load_checkpoint(checkpoints[0])
