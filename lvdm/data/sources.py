@@ -10,9 +10,11 @@ are a :class:`~lvdm.errors.DataError` at once.
 from __future__ import annotations
 
 import csv
+import errno
 import json
 import math
 import os
+import stat
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
@@ -21,6 +23,9 @@ from lvdm.errors import DataError, VideoReadError
 
 VIDEO_SUFFIXES = (".mp4", ".mov", ".webm", ".mkv", ".avi", ".m4v", ".gif")
 IMAGE_SUFFIXES = (".png", ".jpg", ".jpeg", ".webp", ".bmp")
+MAX_CAPTION_BYTES = 1 << 20  # a caption file larger than this is refused (no tokenizer reads that much)
+MAX_LISTING_FIELD = 1 << 20  # longer CSV fields make their row a bad sample
+_PROBLEM = "\0problem"  # key of a listing row that could not be read; no CSV or JSON column can be named so
 
 
 @dataclass(frozen=True)
@@ -40,12 +45,12 @@ class Entry:
         """The caption text; a bad one (missing, empty, not UTF-8) is a :class:`VideoReadError`."""
         if self.caption_file is not None:
             try:
-                text = self.caption_file.read_bytes().decode("utf-8")
+                text = read_caption_file(self.caption_file).decode("utf-8")
             except FileNotFoundError:
                 raise VideoReadError(self.path, f"caption file missing: {self.caption_file.name}") from None
             except UnicodeDecodeError:
                 raise VideoReadError(self.path, "caption is not UTF-8") from None
-            except OSError as exc:  # permission denied, a folder named like the caption, ...
+            except OSError as exc:  # permission denied, a folder named like the caption, a FIFO, ...
                 reason = f"caption file unreadable: {self.caption_file.name} ({exc.strerror or type(exc).__name__})"
                 raise VideoReadError(self.path, reason) from None
         else:
@@ -65,12 +70,43 @@ class Entry:
         raise VideoReadError(self.path, "file not found")
 
 
-def folder_source(root: str | os.PathLike, *, images: bool = False) -> list[Entry]:
-    """Every clip (or image) under ``root``, recursively, captioned by the same-name ``.txt`` file."""
+def read_caption_file(path: Path) -> bytes:
+    """The bytes of a caption file, which must be a regular file of at most :data:`MAX_CAPTION_BYTES`.
+
+    Opened without blocking, so a FIFO or a device named like a caption is refused at once instead of hanging
+    the loader; a file larger than the limit is refused rather than read into memory.
+    """
+    fd = os.open(path, os.O_RDONLY | getattr(os, "O_NONBLOCK", 0))
+    try:
+        info = os.fstat(fd)
+        if not stat.S_ISREG(info.st_mode):
+            raise OSError(errno.EINVAL, "not a regular file")
+        if info.st_size > MAX_CAPTION_BYTES:
+            raise OSError(errno.EFBIG, f"larger than {MAX_CAPTION_BYTES // 1024} KiB")
+        with os.fdopen(fd, "rb", closefd=False) as handle:
+            return handle.read(MAX_CAPTION_BYTES + 1)[:MAX_CAPTION_BYTES]
+    finally:
+        os.close(fd)
+
+
+def folder_source(
+    root: str | os.PathLike, *, images: bool = False, allow_links_outside: bool = False
+) -> list[Entry]:
+    """Every clip (or image) under ``root``, recursively, captioned by the same-name ``.txt`` file.
+
+    A file that is a symlink resolving outside ``root`` becomes a bad sample (like a manifest path that escapes)
+    unless ``allow_links_outside``.
+    """
     root = _existing_dir(root)
     suffixes = IMAGE_SUFFIXES if images else VIDEO_SUFFIXES
     return [
-        Entry(path, caption_file=path.with_suffix(".txt"), is_image=images, source=str(root))
+        Entry(
+            path,
+            caption_file=path.with_suffix(".txt"),
+            is_image=images,
+            source=str(root),
+            problem=None if allow_links_outside else _escape_problem(root, path, path.with_suffix(".txt")),
+        )
         for path in sorted(_walk(root))
         if path.suffix.lower() in suffixes
     ]
@@ -84,6 +120,9 @@ def webvid_source(csv_path: str | os.PathLike, video_root: str | os.PathLike | N
     _require_columns(csv_path, rows, [("videoid",), ("name",)])
     entries = []
     for row in rows:
+        if _PROBLEM in row:
+            entries.append(Entry(csv_path, caption="", source=str(csv_path), problem=row[_PROBLEM]))
+            continue
         videoid, page_dir = (row.get("videoid") or "").strip(), (row.get("page_dir") or "").strip()
         nested, flat = root / page_dir / f"{videoid}.mp4", root / f"{videoid}.mp4"
         entries.append(
@@ -112,6 +151,9 @@ def manifest_source(
     _require_columns(path, rows, [media_keys, ("caption", "text")])
     entries = []
     for row in rows:
+        if _PROBLEM in row:
+            entries.append(Entry(path, caption="", is_image=images, source=str(path), problem=row[_PROBLEM]))
+            continue
         media = str(_first(row, media_keys) or "").strip()
         caption = _first(row, ("caption", "text"))
         full = root / media
@@ -169,8 +211,29 @@ def _read_rows(path: Path) -> list[dict]:
     if path.suffix.lower() in (".jsonl", ".json"):
         return [_json_row(path, i, line) for i, line in enumerate(text.splitlines(), 1) if line.strip()]
     if path.suffix.lower() in (".csv", ".tsv"):
-        return list(csv.DictReader(text.splitlines(), delimiter="\t" if path.suffix.lower() == ".tsv" else ","))
+        return _csv_rows(text, delimiter="\t" if path.suffix.lower() == ".tsv" else ",")
     raise DataError(f"data listing {path}: unknown format '{path.suffix}' (use .csv, .tsv or .jsonl)")
+
+
+def _csv_rows(text: str, delimiter: str) -> list[dict]:
+    """CSV rows as dicts; a row the csv module cannot read (a field over the limit) is kept as a ``_problem``."""
+    reader = csv.DictReader(text.splitlines(), delimiter=delimiter)
+    rows = []
+    limit = csv.field_size_limit()
+    csv.field_size_limit(MAX_LISTING_FIELD)
+    try:
+        while True:
+            try:
+                row = next(reader)
+            except StopIteration:
+                break
+            except csv.Error as exc:
+                rows.append({_PROBLEM: f"row {len(rows) + 1}: unreadable CSV row ({exc})"})
+                continue
+            rows.append(row)
+    finally:
+        csv.field_size_limit(limit)
+    return rows
 
 
 def _json_row(path: Path, number: int, line: str) -> dict:
@@ -208,6 +271,8 @@ def _escape_problem(root: Path, *paths: Path) -> str | None:
     """A reason when any path resolves outside ``root`` (``../``, absolute paths, symlinks out)."""
     base = root.resolve()
     for path in paths:
+        if "\0" in str(path):
+            return "path contains a NUL byte"
         if not path.resolve().is_relative_to(base):
             return f"path escapes the data root {root}"
     return None
