@@ -10,7 +10,6 @@ import os
 import re
 from collections.abc import Mapping
 from dataclasses import MISSING, fields, is_dataclass
-from pathlib import Path
 from typing import Any
 
 import yaml
@@ -89,6 +88,53 @@ def _refuse_resolvers(value: Any, path: str, source: str, problems: list[str]) -
     return value
 
 
+MAX_DEPTH = 64  # nesting levels, aliases expanded
+MAX_NODES = 100_000  # values, aliases expanded (a "billion laughs" document expands to far more)
+MAX_BYTES = 16 << 20
+
+
+class _TooComplex(yaml.YAMLError):
+    """A document refused before it is built: too deep, too large once aliases are expanded, or self-referring."""
+
+
+def _load_yaml(text: str) -> Any:
+    """``yaml.load`` with the safe loader, refusing nesting deeper than MAX_DEPTH and alias bombs, quickly."""
+    depth = 0
+    for event in yaml.parse(text, Loader=_Loader):  # an event stream: no recursion, so depth is safe to count
+        if isinstance(event, (yaml.MappingStartEvent, yaml.SequenceStartEvent)):
+            depth += 1
+            if depth > MAX_DEPTH:
+                raise _TooComplex(f"nested more than {MAX_DEPTH} levels deep")
+        elif isinstance(event, (yaml.MappingEndEvent, yaml.SequenceEndEvent)):
+            depth -= 1
+    loader = _Loader(text)
+    try:
+        node = loader.get_single_node()
+        if node is None:
+            return None
+        _expanded_size(node, {}, 1)
+        return loader.construct_document(node)
+    finally:
+        loader.dispose()
+
+
+def _expanded_size(node: yaml.Node, sizes: dict[int, int], level: int) -> int:
+    """Values in ``node`` with every alias expanded; raises past MAX_DEPTH levels (or a cycle) or MAX_NODES."""
+    if level > MAX_DEPTH:
+        raise _TooComplex(f"nested over {MAX_DEPTH} levels deep with aliases expanded (or an alias refers to itself)")
+    if id(node) in sizes:
+        return sizes[id(node)]
+    size = 1
+    if isinstance(node, yaml.SequenceNode):
+        size += sum(_expanded_size(child, sizes, level + 1) for child in node.value)
+    elif isinstance(node, yaml.MappingNode):
+        size += sum(_expanded_size(k, sizes, level + 1) + _expanded_size(v, sizes, level + 1) for k, v in node.value)
+    if size > MAX_NODES:
+        raise _TooComplex(f"more than {MAX_NODES:,} values once aliases are expanded (an alias bomb?)")
+    sizes[id(node)] = size
+    return size
+
+
 def _yaml_reason(exc: yaml.YAMLError) -> str:
     mark = getattr(exc, "problem_mark", None)
     where = f"line {mark.line + 1}, column {mark.column + 1}: " if mark is not None else ""
@@ -99,7 +145,12 @@ def _read_yaml(path: str | os.PathLike[str], problems: list[str]) -> dict[str, A
     """The mapping in a YAML file, or ``None`` (and a problem) when it cannot be read."""
     name = os.fspath(path)
     try:
-        data = yaml.load(Path(name).read_text(encoding="utf-8"), Loader=_Loader)  # a SafeLoader: builds no objects
+        with open(name, "rb") as handle:
+            raw = handle.read(MAX_BYTES + 1)
+        if len(raw) > MAX_BYTES:
+            problems.append(f"config file {name!r}: larger than {MAX_BYTES >> 20} MiB; not a config")
+            return None
+        data = _load_yaml(raw.decode("utf-8"))  # a SafeLoader: builds no objects
     except FileNotFoundError:
         problems.append(f"config file {name!r}: not found")
         return None
@@ -119,13 +170,14 @@ def _read_override(text: str, problems: list[str]) -> tuple[str, Any] | None:
     """``"train.lr=1e-4"`` -> ``("train.lr", 0.0001)``: the value parsed as YAML; ``None`` if malformed."""
     key, sep, raw = text.partition("=")
     key = key.strip()
+    shown = repr(text) if len(text) <= 200 else repr(text[:200]) + " (cut)"
     if not sep or not _OVERRIDE_KEY.fullmatch(key):
-        problems.append(f"override {text!r}: expected KEY=VALUE with a dotted key, e.g. train.lr=1e-4")
+        problems.append(f"override {shown}: expected KEY=VALUE with a dotted key, e.g. train.lr=1e-4")
         return None
     try:
-        value = yaml.load(raw, Loader=_Loader)  # a SafeLoader: builds no objects
+        value = _load_yaml(raw)  # a SafeLoader: builds no objects
     except yaml.YAMLError as exc:
-        problems.append(f"override {text!r}: the value is not valid YAML: {_yaml_reason(exc)}")
+        problems.append(f"override {shown}: the value is not valid YAML: {_yaml_reason(exc)}")
         return None
     return key, _refuse_resolvers(value, key, "on the command line", problems)
 
