@@ -180,7 +180,7 @@ class DataConfig:
 class TrainConfig:
     """Optimization, noise, checkpoints and logging."""
 
-    max_steps: int = option(1000, "optimizer steps to train", min=1)
+    max_steps: int = option(1000, "optimizer steps to train (checkpoint names hold 8 digits)", min=1, max=10**8 - 1)
     batch_size: int = option(1, "clips per device in each micro-batch", min=1)
     gradient_accumulation: int = option(1, "micro-batches per optimizer step", min=1)
     lr: float = option(1e-4, "peak learning rate (AdamW)", gt=0)
@@ -190,7 +190,7 @@ class TrainConfig:
     optimizer: Literal["adamw", "adamw8bit"] = option("adamw", "adamw (fused on CUDA) or adamw8bit (bitsandbytes)")
     max_grad_norm: float = option(1.0, "clip the gradient norm to this (0: no clipping)", min=0)
     mixed_precision: Literal["no", "fp16", "bf16"] = option("no", "autocast dtype: no (fp32), fp16 or bf16")
-    seed: int = option(0, "random seed for initialization, data order and noise")
+    seed: int = option(0, "random seed for initialization, data order and noise", min=0, max=2**32 - 1)
     resume: str | None = option(None, "resume from 'auto', 'latest' or a checkpoint path; null: start fresh")
     checkpoint_every: int = option(500, "save a checkpoint every n steps", min=1)
     keep_last: int = option(3, "checkpoints kept in output_dir; older ones are deleted", min=1)
