@@ -1,0 +1,115 @@
+"""Export the temporal module of any training checkpoint, not only the one a run wrote last.
+
+    python -m lvdm.export outputs/run/checkpoints/checkpoint-00000500 step500.safetensors
+    python -m lvdm.export CHECKPOINT OUT.safetensors --raw                  # the raw weights, not their EMA
+    python -m lvdm.export CHECKPOINT OUT.safetensors --base path/to/sd15    # the base has moved since training
+
+The checkpoint's metadata holds the run's resolved config: the video model is built from it on the base,
+the checkpoint's trained weights are copied in (their EMA when the run kept one, unless ``--raw``), and the
+temporal layers are written as training writes ``temporal.safetensors``, with the config in the file. A
+spatial LoRA or unfrozen blocks trained with them go beside ``OUT`` (``OUT_spatial_lora.safetensors``,
+``OUT_spatial_weights.safetensors``).
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import sys
+from pathlib import Path
+from typing import Any
+
+from lvdm.cli import run_cli
+from lvdm.errors import CheckpointError, ConfigError
+
+
+def export_checkpoint(
+    checkpoint: str | os.PathLike,
+    out: str | os.PathLike,
+    *,
+    raw: bool = False,
+    base: str | os.PathLike | None = None,
+    overwrite: bool = False,
+) -> list[Path]:
+    """Write the temporal module of ``checkpoint`` to ``out`` (``.safetensors``); returns the files written.
+
+    ``raw``: the trained weights even when the checkpoint holds their EMA. ``base``: the SD base to build on
+    instead of the config's ``model.base``. An existing ``out`` is refused unless ``overwrite``.
+    """
+    out = Path(out)
+    if out.suffix != ".safetensors":
+        raise ConfigError(f"{out}: the temporal module is written as .safetensors")
+    if out.exists() and not overwrite:
+        raise ConfigError(f"{out} already exists; choose another file, or overwrite it (--overwrite)")
+    from lvdm.training.checkpoint import load_checkpoint
+
+    parts, metadata = load_checkpoint(checkpoint)  # every file verified before anything is built
+    config = metadata.get("config")
+    if not isinstance(config, dict):
+        raise CheckpointError(f"checkpoint {checkpoint}: its metadata holds no training config")
+    weights = parts.get("trainable") if raw or "ema" not in parts else parts["ema"]
+    if not isinstance(weights, dict):
+        raise CheckpointError(f"checkpoint {checkpoint} holds no trained weights (trainable.safetensors)")
+    video, trainable = _build(config, base)
+    if weights.keys() != trainable.keys():
+        extra, missing = sorted(weights.keys() - trainable.keys()), sorted(trainable.keys() - weights.keys())
+        raise CheckpointError(
+            f"checkpoint {checkpoint}: its weights do not fit the model its config builds "
+            f"(unexpected {extra[:3]}, missing {missing[:3]})"
+        )
+    import torch
+
+    with torch.no_grad():
+        for name, tensor in weights.items():
+            trainable[name].copy_(tensor)
+    training_config = config | ({"clip_fps": metadata["clip_fps"]} if metadata.get("clip_fps") else {})
+    video.save_temporal(out, training_config=training_config)
+    return [out, *_spatial_parts(video, config, trainable, out)]
+
+
+def _build(config: dict[str, Any], base: str | os.PathLike | None) -> tuple[Any, dict[str, Any]]:
+    """The video model of a run's config, on the CPU in fp32, and its trainable parameters by name."""
+    import torch
+
+    from lvdm.config import config_from_dict
+    from lvdm.training.setup import build_model
+
+    model = config["model"] | {"attention_backend": "sdpa", "gradient_checkpointing": False}  # no effect on weights
+    model |= {"base": str(base)} if base is not None else {}
+    cfg = config_from_dict(config | {"model": model, "data": config["data"] | {"cache": None}})
+    video, _, trainable = build_model(cfg, torch.device("cpu"), "no")
+    return video, trainable
+
+
+def _spatial_parts(video: Any, config: dict[str, Any], trainable: dict[str, Any], out: Path) -> list[Path]:
+    """A spatial LoRA and unfrozen blocks trained with the temporal layers, written beside ``out``."""
+    from lvdm.training import groups
+
+    written = []
+    if config["model"].get("spatial_lora_rank"):
+        written.append(groups.export_spatial_lora(video, out.with_name(f"{out.stem}_spatial_lora.safetensors")))
+    if config["model"].get("unfreeze"):
+        temporal = dict(video.named_temporal_parameters())
+        unfrozen = {n: p for n, p in trainable.items() if "lora_" not in n and n not in temporal}
+        path = out.with_name(f"{out.stem}_spatial_weights.safetensors")
+        written.append(groups.export_spatial_weights(unfrozen, path))
+    return written
+
+
+def main(argv: list[str]) -> int:
+    parser = argparse.ArgumentParser(
+        prog="python -m lvdm.export", description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
+    )
+    parser.add_argument("checkpoint", help="a checkpoint folder: <output_dir>/checkpoints/checkpoint-XXXXXXXX")
+    parser.add_argument("out", help="the temporal module to write (.safetensors)")
+    parser.add_argument("--raw", action="store_true", help="the raw trained weights, not their EMA (default: EMA)")
+    parser.add_argument("--base", help="SD base to build on (default: the model.base of the checkpoint's config)")
+    parser.add_argument("--overwrite", action="store_true", help="replace an existing OUT (default: refuse)")
+    args = parser.parse_args(argv)
+    for path in export_checkpoint(args.checkpoint, args.out, raw=args.raw, base=args.base, overwrite=args.overwrite):
+        print(path)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(run_cli(main))
