@@ -28,8 +28,8 @@ class SamplingSettings:
     """Everything a sampling call can set, each field typed, defaulted, documented and checked once.
 
     ``None`` sizes, frame count and fps are filled per call: from the temporal module's training config when one
-    is loaded (``data.num_frames``, ``data.resolution``, ``data.target_fps``), else 16 frames, the base's native
-    size and 8 fps.
+    is loaded (``data.num_frames``, ``data.resolution``, and :func:`training_fps`: ``data.target_fps`` or the
+    clips' source fps / stride), else 16 frames, the base's native size and 8 fps.
     """
 
     negative_prompt: str | list[str] | None = option(None, "what to steer away from, one or one per prompt")
@@ -40,7 +40,9 @@ class SamplingSettings:
     width: int | None = option(
         None, "width in pixels (null: the module's, else the base's)", min=8, multiple_of=SIZE_MULTIPLE
     )
-    fps: float | None = option(None, "frame rate of the written video (null: the module's target_fps, else 8)", gt=0)
+    fps: float | None = option(
+        None, "frame rate of the written video (null: the module's training rate, else 8)", gt=0
+    )
     num_inference_steps: int = option(25, "denoising steps", min=1)
     scheduler: str = option("ddim", "sampler: ddim, dpmpp, euler, euler_a, ddpm or unipc")
     guidance_scale: float = option(7.5, "classifier-free guidance weight (1: the conditional model only)")
@@ -148,11 +150,23 @@ def temporal_defaults(path: str | os.PathLike) -> dict[str, Any]:
 
     metadata = read_temporal_metadata(path)
     try:
-        data = json.loads(metadata.get("training_config", "{}")).get("data") or {}
-    except (ValueError, AttributeError):
-        data = {}
+        config = json.loads(metadata.get("training_config", "{}"))
+    except ValueError:
+        config = {}
+    config = config if isinstance(config, dict) else {}
+    data = config.get("data") if isinstance(config.get("data"), dict) else {}
     resolution = data.get("resolution")
     if isinstance(resolution, int):
         resolution = [resolution, resolution]
     height, width = resolution if isinstance(resolution, list) and len(resolution) == 2 else (None, None)
-    return {"num_frames": data.get("num_frames"), "height": height, "width": width, "fps": data.get("target_fps")}
+    return {"num_frames": data.get("num_frames"), "height": height, "width": width, "fps": training_fps(config)}
+
+
+def training_fps(training_config: dict[str, Any]) -> float | None:
+    """The frame rate a module was trained at: ``data.target_fps``, else the clips' own rate (source fps / stride,
+    which the trainer records as ``clip_fps``), else ``None``."""
+    data = training_config.get("data") if isinstance(training_config.get("data"), dict) else {}
+    for value in (data.get("target_fps"), training_config.get("clip_fps")):
+        if isinstance(value, (int, float)) and not isinstance(value, bool) and value > 0:
+            return float(value)
+    return None

@@ -62,3 +62,22 @@ def test_only_rank_0_prints_the_summary(train_script, monkeypatch, capsys, rank,
     monkeypatch.setenv("RANK", rank)
     assert run_cli(script.main, ["--quiet", "train.max_steps=5"]) == 0
     assert ("finished at step 5" in capsys.readouterr().out) == prints
+
+
+# ------------------------------------------------------------------------------------------------ sampling fps
+@pytest.mark.parametrize(
+    ("training_config", "fps"),
+    [
+        ({"data": {"frame_stride": 2, "target_fps": None}, "clip_fps": 12.0}, 12.0),  # 24 fps clips at stride 2
+        ({"data": {"target_fps": 10.0}, "clip_fps": 12.0}, 10.0),  # a target rate is what the clips were resampled to
+        ({"data": {"frame_stride": 2}}, None),  # a module from before clip_fps was recorded: the sampler's 8
+    ],
+)
+def test_the_sampling_fps_default_is_the_modules_training_rate(tmp_path, training_config, fps):
+    from lvdm import testing
+    from lvdm.models import VideoUNet
+    from lvdm.sampling_settings import temporal_defaults
+
+    path = tmp_path / "module.safetensors"
+    VideoUNet.from_unet2d(testing.tiny_unet("sd1")).save_temporal(path, training_config=training_config)
+    assert temporal_defaults(path)["fps"] == fps
