@@ -1,8 +1,11 @@
 """What every lvdm command does with a user mistake: one line on stderr and a non-zero exit, no traceback.
 
 Exit codes: 2 for a configuration or usage error (nothing was loaded), 1 for any other
-user-facing problem (a file that cannot be used, a dataset that is mostly bad). Anything that
-is not an :class:`~lvdm.errors.LvdmError` is a bug and keeps its traceback.
+user-facing problem (a file that cannot be used, a dataset that is mostly bad), 75
+(:data:`EXIT_STOPPED`, "temporary failure") when a run was stopped by SIGTERM/SIGINT after saving a
+checkpoint: rerun with ``train.resume=auto`` to continue; 130 for Ctrl-C before anything was saved;
+141 when the reader of the output went away (``python train.py --help-config | head``), silently.
+Anything that is not an :class:`~lvdm.errors.LvdmError` is a bug and keeps its traceback.
 """
 
 from __future__ import annotations
@@ -12,6 +15,9 @@ import sys
 from collections.abc import Callable
 
 from lvdm.errors import ConfigError, LvdmError
+
+EXIT_STOPPED = 75  # stopped by a signal after saving: resumable (EX_TEMPFAIL)
+EXIT_BROKEN_PIPE = 141  # 128 + SIGPIPE, what a tool killed by the signal reports
 
 
 def quiet_libraries() -> None:
@@ -36,6 +42,18 @@ def run_cli(main: Callable[[list[str]], int | None], argv: list[str] | None = No
     except KeyboardInterrupt:
         print("interrupted", file=sys.stderr)
         return 130
+    except BrokenPipeError:
+        _silence_stdout()
+        return EXIT_BROKEN_PIPE
+
+
+def _silence_stdout() -> None:
+    """Point stdout at /dev/null so the interpreter's final flush does not fail again on the closed pipe."""
+    try:
+        devnull = os.open(os.devnull, os.O_WRONLY)
+        os.dup2(devnull, sys.stdout.fileno())
+    except (OSError, ValueError):
+        pass
 
 
 def split_overrides(args: list[str]) -> tuple[list[str], list[str]]:

@@ -161,7 +161,7 @@ def _load_folder(path: Path, *, allow_pickle: bool, dtype: torch.dtype | None) -
             dtype=dtype,
             local_files_only=True,
         )
-    except (OSError, ValueError, SafetensorError) as exc:
+    except Exception as exc:  # OSError, SafetensorError, and with allow_pickle UnpicklingError and torch's errors
         hint = "" if allow_pickle else " (only .safetensors weights are read without allow_pickle)"
         raise CheckpointError(f"could not load the diffusers folder {path}{hint}: {_one_line(exc)}") from exc
 

@@ -15,7 +15,9 @@ weight is copied, so a refused file leaves the model untouched.
 
 from __future__ import annotations
 
+import hashlib
 import json
+import math
 import os
 from dataclasses import dataclass
 from pathlib import Path
@@ -35,6 +37,9 @@ if TYPE_CHECKING:
 
 FORMAT = "lvdm.temporal"
 FORMAT_VERSION = 1
+CHECKSUM_KEY = "tensors_sha256"  # metadata: sha256 of every tensor's name, dtype, shape and bytes (tensors_checksum)
+MAX_FRAMES = 4096  # a training config asking for more frames than this is not a real one
+MAX_SIDE = 16384
 
 
 @dataclass
@@ -95,6 +100,7 @@ def write_temporal_file(
         "base": json.dumps(base),
         "layout": json.dumps(video.layout.to_dict()),
         "sites": json.dumps([site.to_dict() for site in video.sites]),
+        CHECKSUM_KEY: tensors_checksum(video.temporal_state_dict()),
     }
     if training_config is not None:
         metadata["training_config"] = json.dumps(training_config, default=str)
@@ -117,6 +123,10 @@ def read_temporal_file(path: str | os.PathLike) -> TemporalModule:
     for name, tensor in tensors.items():
         if tensor.is_floating_point() and not torch.isfinite(tensor).all():
             raise TemporalModuleError(f"temporal module {path}: tensor {name!r} holds NaN or infinite values")
+    if CHECKSUM_KEY in metadata and tensors_checksum(tensors) != metadata[CHECKSUM_KEY]:
+        raise TemporalModuleError(
+            f"temporal module {path} is corrupt: its tensors do not match the checksum in its metadata"
+        )
     try:
         return TemporalModule(
             path=path,
@@ -149,12 +159,66 @@ def _read_metadata(path: Path) -> dict[str, str]:
             f"{path} is not an lvdm temporal module (its metadata has no format={FORMAT!r}); "
             "load base checkpoints and LoRAs with load_base instead"
         )
-    found = int(metadata.get("format_version", "0") or 0)
+    version = str(metadata.get("format_version", "0") or "0")
+    if not version.isdigit():
+        raise TemporalModuleError(f"temporal module {path}: format_version {version[:40]!r} is not a whole number")
+    found = int(version)
     if found > FORMAT_VERSION:
         raise TemporalModuleError(
             f"temporal module {path} has format version {found}; this lvdm reads up to {FORMAT_VERSION}: upgrade lvdm"
         )
+    problem = _metadata_problem(metadata)
+    if problem:
+        raise TemporalModuleError(f"temporal module {path} has broken metadata: {problem}")
     return metadata
+
+
+def tensors_checksum(tensors: dict[str, torch.Tensor]) -> str:
+    """sha256 over every tensor's name, dtype, shape and bytes, in name order (stored as ``tensors_sha256``)."""
+    digest = hashlib.sha256()
+    for name in sorted(tensors):
+        tensor = tensors[name].detach().to("cpu").contiguous()
+        digest.update(f"{name}|{str(tensor.dtype)}|{tuple(tensor.shape)}|".encode())
+        digest.update(tensor.reshape(-1).view(torch.uint8).numpy())
+    return digest.hexdigest()
+
+
+def _metadata_problem(metadata: dict[str, str]) -> str | None:
+    """What is wrong with the JSON entries of a temporal module's metadata (their shape, absurd values)."""
+    try:
+        sites = json.loads(metadata.get("sites", "[]"))
+        parts = json.loads(metadata.get("parts", "{}"))
+        training = json.loads(metadata.get("training_config", "{}"))
+    except ValueError as exc:
+        return f"an entry is not valid JSON ({exc})"
+    if not isinstance(sites, list) or not all(isinstance(s, dict) and isinstance(s.get("name"), str) for s in sites):
+        return "'sites' must be a list of objects, each with a 'name'"
+    if not isinstance(parts, dict) or not all(isinstance(p, dict) for p in parts.values()):
+        return "'parts' must be an object of objects"
+    if not isinstance(training, dict):
+        return f"'training_config' must be an object, got {type(training).__name__}"
+    return _training_problem(training.get("data"))
+
+
+def _training_problem(data: Any) -> str | None:
+    """Frame count, size and rate in ``training_config.data`` (used as sampling defaults) must be plausible."""
+    if data is None:
+        return None
+    if not isinstance(data, dict):
+        return "'training_config.data' must be an object"
+    frames, fps, size = data.get("num_frames"), data.get("target_fps"), data.get("resolution")
+    if frames is not None and (type(frames) is not int or not 1 <= frames <= MAX_FRAMES):
+        return f"training_config.data.num_frames = {frames!r}; expected a whole number in [1, {MAX_FRAMES}]"
+    if fps is not None and not (_number(fps) and 0 < fps <= 1000):
+        return f"training_config.data.target_fps = {fps!r}; expected a number in (0, 1000]"
+    sides = [size] if type(size) is int else size if isinstance(size, list) else None
+    if size is not None and not (sides and all(type(v) is int and 1 <= v <= MAX_SIDE for v in sides)):
+        return f"training_config.data.resolution = {size!r}; expected sizes in [1, {MAX_SIDE}]"
+    return None
+
+
+def _number(value: Any) -> bool:
+    return type(value) in (int, float) and math.isfinite(value)
 
 
 def _site_diff(saved: list[dict[str, Any]], current: list[dict[str, Any]]) -> list[str]:
