@@ -32,7 +32,9 @@ def run_cli(main: Callable[[list[str]], int | None], argv: list[str] | None = No
     quiet_libraries()
     args = sys.argv[1:] if argv is None else argv
     try:
-        return main(args) or 0
+        code = main(args) or 0
+        sys.stdout.flush()  # a closed pipe shows here, inside the handler, not in the interpreter's last flush
+        return code
     except ConfigError as exc:
         print(f"error: {exc}", file=sys.stderr)
         return 2

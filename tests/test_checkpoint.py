@@ -425,3 +425,51 @@ def test_rng_cuda_states(monkeypatch: pytest.MonkeyPatch) -> None:
     with pytest.warns(UserWarning, match="1 CUDA device"):
         restore_rng({**state, "cuda": state["cuda"][:1]})
     assert sorted(restored) == [0]
+
+
+def test_a_resave_of_the_same_step_always_leaves_a_complete_checkpoint(tmp_path: Path, monkeypatch) -> None:
+    """keep_last=1, same step: the atomic swap leaves the new one; a crash between the fallback's two renames leaves
+    only temporary folders, which the next save (or resume) puts back instead of deleting."""
+    save_checkpoint(tmp_path, 5, _small(1), keep_last=1)
+    save_checkpoint(tmp_path, 5, _small(2), keep_last=1)
+    assert [p.name for p in list_checkpoints(tmp_path)] == ["checkpoint-00000005"] and not _tmp_dirs(tmp_path)
+    assert load_checkpoint(tmp_path / "checkpoint-00000005")[0]["state"]["step"] == 2
+
+    monkeypatch.setattr(checkpoint, "_exchange", lambda a, b: False)  # a file system without RENAME_EXCHANGE
+    real_rename, calls = os.rename, []
+
+    def killed_after_first_rename(src, dst):
+        calls.append(dst)
+        if len(calls) == 2:
+            raise KeyboardInterrupt  # the process dies between the two renames
+        real_rename(src, dst)
+
+    monkeypatch.setattr(checkpoint.os, "rename", killed_after_first_rename)
+    with pytest.raises(KeyboardInterrupt):
+        checkpoint._move_into_place(checkpoint._new_temp(tmp_path, 5), tmp_path / "checkpoint-00000005")
+    monkeypatch.setattr(checkpoint.os, "rename", real_rename)
+    assert list_checkpoints(tmp_path) == [] and any("replaced" in name for name in _tmp_dirs(tmp_path))
+    assert checkpoint.checkpoint_material(tmp_path)  # what resume=auto refuses to ignore
+    assert checkpoint.recover_checkpoints(tmp_path) == [tmp_path / "checkpoint-00000005"]
+    assert load_checkpoint(tmp_path / "checkpoint-00000005")[0]["state"]["step"] == 2
+
+
+def test_a_complete_save_killed_before_its_rename_is_recovered_and_preferred(tmp_path: Path) -> None:
+    old = save_checkpoint(tmp_path, 3, _small(1))
+    newer = save_checkpoint(tmp_path / "elsewhere", 3, _small(2))
+    os.rename(old, tmp_path / ".tmp-checkpoint-checkpoint-00000003-replaced-0a0b0c0d")
+    os.rename(newer, tmp_path / ".tmp-checkpoint-00000003-abc_12")
+    (tmp_path / ".tmp-checkpoint-00000004-half").mkdir()  # a save that never finished: not recovered
+    assert checkpoint.recover_checkpoints(tmp_path) == [tmp_path / "checkpoint-00000003"]
+    assert load_checkpoint(tmp_path / "checkpoint-00000003")[0]["state"]["step"] == 2
+    save_checkpoint(tmp_path, 6, _small(6))  # the next save clears what is left over
+    assert not _tmp_dirs(tmp_path)
+
+
+def test_metadata_of_the_wrong_type_is_refused_by_name_even_with_right_checksums(tmp_path: Path) -> None:
+    for step, metadata in ((1, "a string"), (2, {"step": "2"}), (3, {"step": 7})):
+        path = save_checkpoint(tmp_path, step, _small(step))
+        (path / "metadata.json").write_text(json.dumps(metadata))
+        _rewrite_marker(path)
+        with pytest.raises(CheckpointError, match=rf"checkpoint-0000000{step}/metadata\.json"):
+            load_checkpoint(path)

@@ -6,6 +6,7 @@ import os
 import subprocess
 import sys
 import textwrap
+import time
 from dataclasses import dataclass, fields
 from pathlib import Path
 from typing import Any, Literal
@@ -431,3 +432,39 @@ assert not heavy, heavy
 """
     result = run_python(code)
     assert result.returncode == 0, result.stderr
+
+
+@pytest.mark.parametrize(
+    "text, reason",
+    [
+        ("a: &a [1, 2, 3, 4, 5, 6, 7, 8, 9, 10]\n"
+         + "".join(f"b{i}: &b{i} [{', '.join(['*b' + str(i - 1) if i else '*a'] * 10)}]\n" for i in range(7)),
+         "alias bomb"),  # fmt: skip
+        ("model: " + "[" * 20000 + "]" * 20000 + "\n", "nested more than 64 levels"),
+        ("model: &m {base: *m}\n", "refers to itself"),
+    ],
+    ids=["alias_bomb", "deep", "self_reference"],
+)
+def test_hostile_yaml_is_refused_quickly_with_a_message(tmp_path, text, reason):
+    path = tmp_path / "hostile.yaml"
+    path.write_text(text)
+    started = time.perf_counter()
+    with pytest.raises(ConfigError, match=reason):
+        load_config([path])
+    assert time.perf_counter() - started < 10
+
+
+def test_hostile_override_values_are_refused_like_files():
+    for value, reason in (("[" * 20000 + "]" * 20000, "nested more than 64 levels"), ("&m [*m]", "refers to itself")):
+        with pytest.raises(ConfigError, match=reason) as caught:
+            load_config([], [f"model.base={value}"])
+        assert len(str(caught.value)) < 1000  # the override is cut in the message
+
+
+def test_out_of_range_seeds_and_steps_are_refused_by_the_config_check():
+    base = ["model.base=b", "data.root=d"]
+    for override, key in (("train.seed=-1", "train.seed"), ("train.seed=4294967296", "train.seed"),
+                          ("train.max_steps=100000000", "train.max_steps")):  # fmt: skip
+        with pytest.raises(ConfigError, match=key):
+            load_config([], [*base, override])
+    assert load_config([], [*base, "train.seed=4294967295", "train.max_steps=99999999"]).train.seed == 2**32 - 1

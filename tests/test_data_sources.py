@@ -154,3 +154,39 @@ def test_image_sources(tmp_path):
     manifest.write_text(json.dumps({"image": "cat.png", "caption": "a cat"}) + "\n")
     expected = Entry(tmp_path / "cat.png", caption="a cat", is_image=True, source=str(manifest))
     assert image_source(manifest)[0] == expected
+
+
+def test_caption_files_that_are_not_regular_or_too_large_are_bad_samples_at_once(tmp_path):
+    import os
+
+    from lvdm.data.sources import MAX_CAPTION_BYTES
+
+    os.mkfifo(tmp_path / "fifo.txt")  # reading it plainly would block forever
+    (tmp_path / "huge.txt").write_bytes(b"x" * (MAX_CAPTION_BYTES + 1))
+    (tmp_path / "long.txt").write_text("word " * 4000)  # 20,000 characters: fine
+    for name, reason in (("fifo", "not a regular file"), ("huge", "larger than")):
+        with pytest.raises(VideoReadError, match=reason):
+            Entry(tmp_path / f"{name}.mp4", caption_file=tmp_path / f"{name}.txt").read_caption()
+    assert len(Entry(tmp_path / "long.mp4", caption_file=tmp_path / "long.txt").read_caption()) == 4000 * 5 - 1
+
+
+def test_listing_rows_with_nul_bytes_or_oversized_fields_are_bad_samples_not_crashes(tmp_path):
+    (tmp_path / "m.csv").write_text(
+        f'video,caption\na.mp4,fine\nb\0c.mp4,nul\nd.mp4,"{"x" * (2 << 20)}"\ne.mp4,after\n', encoding="utf-8"
+    )
+    entries = manifest_source(tmp_path / "m.csv")
+    problems = [entry.problem for entry in entries]
+    assert problems[0] is None and problems[-1] is None and entries[-1].path.name == "e.mp4"
+    assert "NUL byte" in problems[1] and "unreadable CSV row" in problems[2]
+
+
+def test_folder_symlinks_out_of_the_root_are_skipped_unless_allowed(tmp_path):
+    root, outside = tmp_path / "root", tmp_path / "secret.mp4"
+    root.mkdir()
+    outside.write_bytes(b"not really a video")
+    (root / "link.mp4").symlink_to(outside)
+    (root / "inside.mp4").write_bytes(b"x")
+    (root / "alias.mp4").symlink_to(root / "inside.mp4")
+    problems = {e.path.name: e.problem for e in folder_source(root)}
+    assert "escapes the data root" in problems["link.mp4"] and problems["alias.mp4"] is None
+    assert all(e.problem is None for e in folder_source(root, allow_links_outside=True))

@@ -112,14 +112,17 @@ def prepare_output_dir(output_dir: Path, *, resume: str | None, overwrite: bool)
     refuse_special_folder(output_dir)
     check_writable(output_dir)
     lock = lock_run(output_dir)
-    _remove_stray_temp_files(output_dir)
     try:
-        recovered = recover_checkpoints(checkpoint_root(output_dir))
-    except OSError as exc:
-        root = checkpoint_root(output_dir)
-        raise CheckpointError(f"cannot recover interrupted checkpoints in {root}: {exc}") from exc
-    for path in recovered:
-        notice(f"recovered checkpoint {path} (its save was interrupted just before its final rename)")
+        _prepare_locked(output_dir, resume=resume, overwrite=overwrite)
+    except BaseException:
+        release_run(output_dir, refused=True)
+        raise
+    lock.started_with = set(_entries(output_dir))
+
+
+def _prepare_locked(output_dir: Path, *, resume: str | None, overwrite: bool) -> None:
+    if (output_dir / RUN_MARKER).exists() or not _foreign(output_dir, _entries(output_dir), None):
+        _tidy(output_dir)  # only in lvdm's own folders: a user's folder is refused below without being touched
     found = resolve_resume(output_dir, resume)
     if found is not None:
         dropped = truncate_log(output_dir / "log.jsonl", checkpoint_step(found))
@@ -129,7 +132,18 @@ def prepare_output_dir(output_dir: Path, *, resume: str | None, overwrite: bool)
     else:
         _prepare_fresh(output_dir, overwrite)
         _write_marker(output_dir, _new_marker())
-    lock.started_with = set(_entries(output_dir))
+
+
+def _tidy(output_dir: Path) -> None:
+    """Remove stray temporary files of a killed run and recover checkpoints a crash left under temporary names."""
+    _remove_stray_temp_files(output_dir)
+    root = checkpoint_root(output_dir)
+    try:
+        recovered = recover_checkpoints(root)
+    except OSError as exc:
+        raise CheckpointError(f"cannot recover interrupted checkpoints in {root}: {exc}") from exc
+    for path in recovered:
+        notice(f"recovered checkpoint {path} (its save was interrupted just before its final rename)")
 
 
 def refuse_special_folder(output_dir: Path) -> None:
@@ -204,6 +218,8 @@ def _foreign(output_dir: Path, entries: list[str], marker: dict[str, Any] | None
         path = output_dir / name
         if path.is_symlink():
             foreign.append(path)
+        elif is_stray_temp(name, RUN_FILES + (RUN_MARKER,)) or _PROBE.fullmatch(name):
+            continue  # a killed run's half-written file
         elif name in RUN_FOLDERS:
             foreign += _foreign_inside(path, name)
         elif name in RUN_FILES or _SKIPPED_RANK.fullmatch(name):
@@ -328,10 +344,12 @@ class RunLock:
         self.path = output_dir / LOCK_FILE
         self.fd: int | None = None
         self.started_with: set[str] = set()
+        self.created = False
 
     def acquire(self) -> None:
         if fcntl is None:
             return
+        self.created = not self.path.exists()
         fd = os.open(self.path, os.O_RDWR | os.O_CREAT, 0o644)
         try:
             fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
@@ -350,12 +368,16 @@ class RunLock:
         os.pwrite(fd, json.dumps(holder).encode(), 0)
         self.fd = fd
 
-    def release(self) -> None:
-        """List what the run wrote in the marker, mark a clean exit (empty lock file) and unlock."""
+    def release(self, *, refused: bool = False) -> None:
+        """List what the run wrote in the marker, mark a clean exit (empty lock file) and unlock; a refused run
+        leaves no lock file behind if it created it."""
         if self.fd is None:
             return
         try:
-            _list_new_entries(self.output_dir, self.started_with)
+            if refused and self.created:
+                self.path.unlink(missing_ok=True)
+            elif not refused:
+                _list_new_entries(self.output_dir, self.started_with)
             os.ftruncate(self.fd, 0)
         except OSError:
             pass  # a full disk at exit: the lock is released anyway; the next run reports it as not clean
@@ -406,11 +428,11 @@ def lock_run(output_dir: Path) -> RunLock:
     return _HELD[key]
 
 
-def release_run(output_dir: Path) -> None:
+def release_run(output_dir: Path, *, refused: bool = False) -> None:
     """Release this process's lock on ``output_dir`` (after listing what the run wrote in its marker)."""
     lock = _HELD.pop(Path(output_dir).resolve(), None)
     if lock is not None:
-        lock.release()
+        lock.release(refused=refused)
 
 
 @atexit.register

@@ -1,0 +1,380 @@
+"""Attacks a hostile (or unlucky) user makes, each through the real command lines as a subprocess with a timeout.
+
+Every attack must end with a one-line message and a non-zero exit (or the right outcome), never a traceback or a
+hang, and must never lose a file that is not lvdm's. The README section "What lvdm guarantees about your files"
+lists what these check. Attacks that fail before a model loads are batched and run concurrently to stay fast.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import shutil
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+import torch
+from conftest import tiny_overrides
+from safetensors import safe_open
+from safetensors.torch import save_file
+
+from lvdm.training.checkpoint import MARKER, list_checkpoints, load_checkpoint
+from lvdm.training.logs import read_log
+
+REPO = Path(__file__).resolve().parents[1]
+TRAIN = str(REPO / "train.py")
+SAMPLE = str(REPO / "sample.py")
+ENV = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": str(REPO), "PYTHONWARNINGS": "default"}
+
+
+def _command(args: list[str]) -> list[str]:
+    return [sys.executable, *map(str, args)]
+
+
+def cli(*args: object, timeout: float = 180, env: dict | None = None) -> subprocess.CompletedProcess[str]:
+    """Run ``python ARGS`` from the repository root; a traceback in its output fails the test."""
+    result = subprocess.run(
+        _command(list(args)), capture_output=True, text=True, env=env or ENV, cwd=REPO, timeout=timeout
+    )
+    assert "Traceback" not in result.stderr, result.stderr[-3000:]
+    return result
+
+
+def cli_all(*commands: list[object], timeout: float = 180) -> list[subprocess.CompletedProcess[str]]:
+    """Several quick attacks at once (each fails before a model loads); results in order, none with a traceback."""
+    pipes = {"stdout": subprocess.PIPE, "stderr": subprocess.PIPE, "text": True, "env": ENV, "cwd": REPO}
+    procs = [subprocess.Popen(_command(list(c)), **pipes) for c in commands]
+    results = []
+    for proc, command in zip(procs, commands, strict=True):
+        out, err = proc.communicate(timeout=timeout)
+        results.append(subprocess.CompletedProcess(command, proc.returncode, out, err))
+        assert "Traceback" not in err, err[-3000:]
+    return results
+
+
+def one_line_error(result: subprocess.CompletedProcess[str], code: int, *fragments: str) -> None:
+    lines = [line for line in result.stderr.splitlines() if line.startswith("error:")]
+    assert result.returncode == code, (result.returncode, result.stderr[-2000:])
+    assert len(lines) == 1, result.stderr[-2000:]
+    for fragment in fragments:
+        assert fragment in lines[0], (fragment, lines[0])
+
+
+def train_args(assets: dict, out: Path, **extra: object) -> list[object]:
+    return [TRAIN, "--quiet", *tiny_overrides(assets, out, **extra)]
+
+
+def snapshot(folder: Path) -> dict[str, bytes]:
+    return {str(p.relative_to(folder)): p.read_bytes() for p in sorted(folder.rglob("*")) if p.is_file()}
+
+
+def rewrite_marker(checkpoint: Path) -> None:
+    """Make the COMPLETE marker agree with whatever the files now hold (a tamperer with the right checksums)."""
+    marker = json.loads((checkpoint / MARKER).read_text())
+    for record in marker["files"]:
+        data = (checkpoint / record["name"]).read_bytes()
+        record["size"], record["sha256"] = len(data), hashlib.sha256(data).hexdigest()
+    (checkpoint / MARKER).write_text(json.dumps(marker))
+
+
+@pytest.fixture(scope="module")
+def trained(tiny_assets, tmp_path_factory) -> Path:
+    """A finished 2-step run (checkpoints at steps 1 and 2), trained once through train.py; attacks use copies."""
+    out = tmp_path_factory.mktemp("hostile") / "run"
+    result = cli(*train_args(tiny_assets, out, **{"train.max_steps": 2, "train.checkpoint_every": 1}))
+    assert result.returncode == 0, result.stderr[-3000:]
+    return out
+
+
+def copy_run(trained: Path, tmp_path: Path, name: str) -> Path:
+    target = tmp_path / name
+    shutil.copytree(trained, target)
+    return target
+
+
+# ---------------------------------------------------------------------------------------------- output folders
+
+
+def test_a_users_folder_root_and_home_are_refused_and_nothing_is_touched(tiny_assets, tmp_path):
+    mine = tmp_path / "my_project"
+    for name, text in {
+        "samples/holiday/img1.jpg": "jpeg bytes",
+        "tensorboard/events.mine": "my events",
+        "checkpoints/model.ckpt": "my model",
+        "config.yaml": "my: config\n",
+    }.items():
+        (mine / name).parent.mkdir(parents=True, exist_ok=True)
+        (mine / name).write_text(text)
+    before = snapshot(mine)
+    home = tmp_path / "home"
+    home.mkdir()
+    users, root = cli_all(
+        train_args(tiny_assets, mine, **{"train.overwrite": "true", "train.max_steps": 2}),
+        train_args(tiny_assets, Path("/"), **{"train.overwrite": "true"}),
+    )
+    one_line_error(users, 1, "holds files lvdm did not write", "whatever train.overwrite says")
+    assert snapshot(mine) == before and not (mine / ".lvdm-run.json").exists()
+    one_line_error(root, 1, "refuses to write a run there")
+    at_home = cli(*train_args(tiny_assets, home, **{"train.overwrite": "true"}), env={**ENV, "HOME": str(home)})
+    one_line_error(at_home, 1, "your home folder")
+    assert list(home.iterdir()) == []
+
+
+def test_the_life_of_a_run_folder(tiny_assets, tmp_path):
+    """A second run is refused while the first holds the folder; a killed run's lock is taken over and, having no
+    checkpoint, does not block the next run; a crash in the middle of replacing a checkpoint is recovered; the
+    resumed log has no duplicate steps; a stray export temp file is removed; overwrite reruns like the demo."""
+    out = tmp_path / "run"
+    first = subprocess.Popen(
+        _command(train_args(tiny_assets, out, **{"train.max_steps": 100000, "train.checkpoint_every": 100000})),
+        stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True, env=ENV, cwd=REPO,
+    )  # fmt: skip
+    try:
+        deadline = time.monotonic() + 150
+        while not (out / "log.jsonl").exists():  # training has started, under the lock
+            assert first.poll() is None and time.monotonic() < deadline, first.stderr.read() if first.stderr else ""
+            time.sleep(0.5)
+        started = time.monotonic()
+        second = cli(*train_args(tiny_assets, out, **{"train.resume": "auto"}))
+        one_line_error(second, 1, "in use by another lvdm run", f"pid {first.pid}", "still running")
+        assert time.monotonic() - started < 60
+    finally:
+        first.kill()
+        first.wait()
+
+    third = cli(*train_args(tiny_assets, out, **{"train.max_steps": 2, "train.checkpoint_every": 1,
+                                                  "train.keep_last": 1}))  # fmt: skip
+    assert third.returncode == 0, third.stderr[-3000:]
+    assert f"pid {first.pid}" in third.stderr and "did not exit cleanly" in third.stderr
+    assert "stopped before its first checkpoint" in third.stderr
+
+    # killed between the two renames that replace checkpoint-2 (keep_last=1): only temporary folders remain
+    root = out / "checkpoints"
+    shutil.copytree(root / "checkpoint-00000002", root / ".tmp-checkpoint-00000002-k1ll3d")
+    os.rename(root / "checkpoint-00000002", root / ".tmp-checkpoint-checkpoint-00000002-replaced-0badf00d")
+    with (out / "log.jsonl").open("a") as log:  # killed after logging step 3, before its checkpoint
+        log.write(json.dumps({"step": 3, "loss": 9.0}) + "\n")
+    (out / ".temporal.safetensors.deadbeef.tmp").write_bytes(b"half an export")
+    resumed = cli(*train_args(tiny_assets, out, **{"train.resume": "auto", "train.max_steps": 3,
+                                                    "train.keep_last": 1}))  # fmt: skip
+    assert resumed.returncode == 0, resumed.stderr[-3000:]
+    assert "recovered checkpoint" in resumed.stderr and "UserWarning" not in resumed.stderr
+    assert "note: resuming with train.max_steps changed: 2 -> 3" in resumed.stderr
+    steps = [r["step"] for r in read_log(out / "log.jsonl") if "loss" in r]
+    assert steps == [1, 2, 3], steps
+    assert read_log(out / "log.jsonl")[-1]["loss"] != 9.0
+    assert [p.name for p in list_checkpoints(root)] == ["checkpoint-00000003"]
+    assert not list(out.glob(".*.tmp")) and not list(root.glob(".tmp-*"))
+
+    rerun = cli(*train_args(tiny_assets, out, **{"train.overwrite": "true", "train.max_steps": 1}))
+    assert rerun.returncode == 0, rerun.stderr[-3000:]
+    assert [p.name for p in list_checkpoints(root)] == ["checkpoint-00000001"]
+
+
+def test_checkpoint_material_without_a_complete_checkpoint_stops_resume(trained, tmp_path):
+    out = copy_run(trained, tmp_path, "temps_only")
+    root = out / "checkpoints"
+    for path in list_checkpoints(root):
+        (path / MARKER).unlink()
+        os.rename(path, root / f".tmp-{path.name}-4b1d")
+    before = snapshot(out)
+    damaged = copy_run(trained, tmp_path, "damaged")
+    newest = list_checkpoints(damaged / "checkpoints")[-1]
+    data = bytearray((newest / "trainable.safetensors").read_bytes())
+    data[-3] ^= 0xFF
+    (newest / "trainable.safetensors").write_bytes(bytes(data))
+    wrong_type = copy_run(trained, tmp_path, "wrong_type")
+    newest_wrong = list_checkpoints(wrong_type / "checkpoints")[-1]
+    meta = json.loads((newest_wrong / "metadata.json").read_text())
+    (newest_wrong / "metadata.json").write_text(json.dumps(meta | {"step": "2"}))
+    rewrite_marker(newest_wrong)
+    no_resume, flipped, string_step = cli_all(
+        [TRAIN, "--config", out / "config.yaml", f"output_dir={out}", "train.resume=auto"],
+        [TRAIN, "--config", damaged / "config.yaml", f"output_dir={damaged}", "train.resume=auto"],
+        [TRAIN, "--config", wrong_type / "config.yaml", f"output_dir={wrong_type}", "train.resume=auto"],
+    )
+    one_line_error(no_resume, 1, "no complete checkpoint", "nothing was deleted")
+    assert snapshot(out) == before
+    one_line_error(flipped, 1, "trainable.safetensors", "sha256", "checkpoint-00000001")
+    one_line_error(string_step, 1, "metadata.json", "'step'")
+
+
+# ---------------------------------------------------------------------------------------------- disk full
+
+
+INJECT = """
+import errno, os, runpy, sys
+import lvdm.models.temporal_file as temporal_file
+import lvdm.training.logs as logs
+where, calls = os.environ["LVDM_DISK_FULL"], []
+def full(*args, **kwargs):
+    calls.append(1)
+    if len(calls) > 1:  # the first write succeeds, the second finds the disk full
+        raise OSError(errno.ENOSPC, "No space left on device")
+    return real(*args, **kwargs)
+if where == "export":
+    real, temporal_file.save_file = temporal_file.save_file, full
+else:
+    real, logs._append_line = logs._append_line, full
+sys.argv = sys.argv[1:]
+runpy.run_path(sys.argv[0], run_name="__main__")
+"""
+
+
+@pytest.mark.parametrize("where", ["export", "log"])
+def test_a_full_disk_is_one_line_and_the_checkpoints_stay_intact(where, tiny_assets, tmp_path):
+    out = tmp_path / "run"
+    inject = tmp_path / "inject.py"
+    inject.write_text(INJECT)
+    extra = {"train.max_steps": 4, "train.checkpoint_every": 1, "train.log_every": 1}
+    result = cli(inject, *train_args(tiny_assets, out, **extra), env={**ENV, "LVDM_DISK_FULL": where})
+    target = "temporal.safetensors" if where == "export" else "log.jsonl"
+    one_line_error(result, 1, f"could not write {out / target}", "No space left on device")
+    checkpoints = list_checkpoints(out / "checkpoints")
+    assert checkpoints and all(load_checkpoint(path) for path in checkpoints)
+    assert not list(out.glob(".*.tmp"))
+    if where == "export":
+        from lvdm.models.temporal_file import read_temporal_file
+
+        read_temporal_file(out / "temporal.safetensors")  # the first export is still whole
+
+
+# ---------------------------------------------------------------------------------------------- loading files
+
+
+def _rewrite_module(source: Path, target: Path, *, metadata: dict | None = None, edit=None) -> Path:
+    with safe_open(source, framework="pt") as handle:
+        tensors, meta = {k: handle.get_tensor(k) for k in handle.keys()}, handle.metadata()
+    if edit is not None:
+        edit(tensors)
+    save_file(tensors, target, metadata=meta | (metadata or {}))
+    return target
+
+
+def test_hostile_temporal_modules_are_refused_in_one_line(trained, tiny_assets, tmp_path):
+    module = trained / "temporal.safetensors"
+    first = sorted(safe_open(module, framework="pt").keys())[0]
+
+    def nan(tensors):
+        tensors[first][...] = float("nan")
+
+    def flip(tensors):
+        tensors[first].view(-1)[0] += 1.0
+
+    training = json.loads(safe_open(module, framework="pt").metadata()["training_config"])
+    training["data"]["num_frames"] = 10**9
+    cases = {
+        "version": ({"format_version": "one"}, None, "format_version 'one' is not a whole number"),
+        "sites": ({"sites": json.dumps({"a": 1})}, None, "'sites' must be a list of objects"),
+        "frames": ({"training_config": json.dumps(training)}, None, "num_frames = 1000000000"),
+        "nan": (None, nan, f"tensor {first!r} holds NaN"),
+        "flipped": (None, flip, "do not match the checksum"),
+    }
+    commands = []
+    for name, (metadata, edit, _) in cases.items():
+        bad = _rewrite_module(module, tmp_path / f"{name}.safetensors", metadata=metadata, edit=edit)
+        commands.append([SAMPLE, "--quiet", "--base", tiny_assets["base"], "--temporal", bad, "--prompt", "a disc",
+                         "--steps", "1", "--out", tmp_path / f"{name}.mp4"])  # fmt: skip
+    for result, (name, (_, _, message)) in zip(cli_all(*commands), cases.items(), strict=True):
+        one_line_error(result, 1, message)
+        assert not (tmp_path / f"{name}.mp4").exists()
+
+
+def test_a_malicious_pickle_is_one_line_even_with_allow_pickle(tiny_assets, tmp_path):
+    class Evil:
+        def __reduce__(self):
+            return (open, (str(tmp_path / "pwned"), "w"))
+
+    base = tmp_path / "base"
+    shutil.copytree(tiny_assets["base"], base)
+    for weights in (base / "unet").glob("*.safetensors"):
+        weights.unlink()
+    torch.save({"conv_in.weight": Evil()}, base / "unet" / "diffusion_pytorch_model.bin")
+    result = cli(SAMPLE, "--quiet", "--base", base, "--allow-pickle", "--prompt", "x", "--out", tmp_path / "o.mp4")
+    one_line_error(result, 1, str(base))
+    assert not (tmp_path / "pwned").exists()
+
+
+# ---------------------------------------------------------------------------------------------- configs and data
+
+
+def test_hostile_configs_are_refused_quickly(tmp_path):
+    bomb = tmp_path / "bomb.yaml"
+    lines = ['a0: &a0 ["lol", "lol", "lol", "lol", "lol", "lol", "lol", "lol", "lol"]']
+    lines += [f"a{i}: &a{i} [{', '.join([f'*a{i - 1}'] * 9)}]" for i in range(1, 9)]
+    bomb.write_text("\n".join(lines) + "\n")
+    deep = tmp_path / "deep.yaml"
+    deep.write_text("model: " + "[" * 50000 + "]" * 50000 + "\n")
+    started = time.monotonic()
+    results = cli_all(
+        [TRAIN, "--config", bomb], [TRAIN, "--config", deep],
+        [TRAIN, "model.base=x", "data.root=y", "train.seed=-1", "train.max_steps=1000000000"],
+    )  # fmt: skip
+    assert time.monotonic() - started < 60
+    assert all(r.returncode == 2 for r in results), [r.stderr for r in results]
+    assert "alias bomb" in results[0].stderr and "nested more than 64 levels" in results[1].stderr
+    assert "train.seed" in results[2].stderr and "train.max_steps" in results[2].stderr
+
+
+def test_hostile_data_is_reported_not_hung_on(tmp_path):
+    from lvdm.testing.clips import write_captioned_folder
+
+    folder = write_captioned_folder(tmp_path / "clips", 3, num_frames=12, size=(32, 24), seed=0)
+    clips = sorted(folder.rglob("*.mp4"))
+    clips[0].with_suffix(".txt").unlink()
+    os.mkfifo(clips[0].with_suffix(".txt"))  # a caption that would block a plain read forever
+    outside = tmp_path / "secret.mp4"
+    shutil.copy(clips[2], outside)
+    (folder / "link.mp4").symlink_to(outside)
+    (folder / "link.txt").write_text("a caption")
+    manifest = tmp_path / "manifest.csv"
+    manifest.write_text(
+        "video,caption\n"
+        f"{clips[1].name},fine\n"
+        f"bad\0name.mp4,a NUL in the path\n"
+        f'{clips[2].name},"{"x" * (2 << 20)}"\n',
+        encoding="utf-8",
+    )
+    shutil.copy(clips[1], tmp_path / clips[1].name)
+    shutil.copy(clips[2], tmp_path / clips[2].name)
+    args = ["data.num_frames=4", "data.resolution=[16,16]", "--quiet"]
+    on_folder, on_manifest = cli_all(
+        ["-m", "lvdm.data.check", f"data.root={folder}", *args, "--report", tmp_path / "folder.jsonl"],
+        ["-m", "lvdm.data.check", f"data.manifest={manifest}", *args, "--report", tmp_path / "manifest.jsonl"],
+        timeout=120,
+    )
+    assert on_folder.returncode == 1 and on_manifest.returncode == 1  # too many bad files, reported
+    folder_report = {Path(r["path"]).name: r.get("reason") for r in map(json.loads, open(tmp_path / "folder.jsonl"))}
+    assert "not a regular file" in folder_report[clips[0].name]
+    assert "escapes the data root" in folder_report["link.mp4"]
+    reasons = sorted(r.get("reason") or "ok" for r in map(json.loads, open(tmp_path / "manifest.jsonl")))
+    assert reasons[0] == "ok" and "NUL byte" in reasons[1] and "unreadable CSV row" in reasons[2], reasons
+
+
+def test_a_closed_pipe_is_not_a_traceback():
+    proc = subprocess.Popen(_command([TRAIN, "--help-config"]), stdout=subprocess.PIPE, stderr=subprocess.PIPE,
+                            env=ENV, cwd=REPO)  # fmt: skip
+    proc.stdout.close()  # the reader is gone before anything was written, like `| head` after its lines
+    err = proc.communicate(timeout=60)[1].decode()
+    assert proc.returncode == 141 and "Traceback" not in err and "BrokenPipe" not in err, err
+
+
+def test_sigterm_stops_resumably_with_its_own_exit_code_and_skips_sampling(tiny_assets, tmp_path):
+    out = tmp_path / "run"
+    extra = {"train.max_steps": 100000, "train.checkpoint_every": 100000, "train.validation_prompts": "[a disc]"}
+    proc = subprocess.Popen(_command(train_args(tiny_assets, out, **extra)), stdout=subprocess.PIPE,
+                            stderr=subprocess.PIPE, text=True, env=ENV, cwd=REPO)  # fmt: skip
+    deadline = time.monotonic() + 150
+    while not (out / "log.jsonl").exists():
+        assert proc.poll() is None and time.monotonic() < deadline
+        time.sleep(0.5)
+    proc.send_signal(signal.SIGTERM)
+    _, err = proc.communicate(timeout=120)
+    assert proc.returncode == 75, err[-2000:]
+    assert "stopped" in err and "train.resume=auto" in err and "Traceback" not in err
+    assert list_checkpoints(out / "checkpoints") and not (out / "samples").exists()
