@@ -378,3 +378,79 @@ def test_sigterm_stops_resumably_with_its_own_exit_code_and_skips_sampling(tiny_
     assert proc.returncode == 75, err[-2000:]
     assert "stopped" in err and "train.resume=auto" in err and "Traceback" not in err
     assert list_checkpoints(out / "checkpoints") and not (out / "samples").exists()
+
+
+# ------------------------------------------------------------------------------------------ the same rules, in process
+
+
+def test_a_changed_setting_on_resume_is_a_one_line_note_not_a_warning(capsys):
+    import warnings
+
+    from lvdm.training.run_dir import compare_on_resume
+
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        compare_on_resume({"train": {"max_steps": 2, "lr": 1.0}}, {"train": {"max_steps": 3, "lr": 1.0}})
+    assert capsys.readouterr().err == "note: resuming with train.max_steps changed: 2 -> 3\n"
+
+
+def test_a_second_lock_on_a_folder_names_the_holder(tmp_path):
+    from lvdm.errors import LvdmError
+    from lvdm.training.run_dir import LOCK_FILE, RunLock
+
+    first = RunLock(tmp_path)
+    first.acquire()
+    try:
+        with pytest.raises(LvdmError, match=f"in use by another lvdm run \\(pid {os.getpid()} on .*still running"):
+            RunLock(tmp_path).acquire()
+    finally:
+        first.release()
+    assert (tmp_path / LOCK_FILE).read_text() == ""  # a clean exit: the next run has nothing to report
+    second = RunLock(tmp_path)
+    second.acquire()
+    second.release()
+
+
+def _fake_run(out: Path, *, checkpoint: bool, marker: bool) -> None:
+    from lvdm.config import Config, DataConfig, ModelConfig, save_config
+    from lvdm.training.checkpoint import save_checkpoint
+    from lvdm.training.run_dir import RUN_MARKER, _new_marker
+
+    save_config(Config(model=ModelConfig(base="b"), data=DataConfig(root="d")), out / "config.yaml")
+    (out / "log.jsonl").write_text('{"step": 1, "loss": 1.0}\n')
+    (out / "samples" / "step-00000001").mkdir(parents=True)
+    (out / "samples" / "step-00000001" / "00.mp4").write_bytes(b"video")
+    if checkpoint:
+        save_checkpoint(out / "checkpoints", 1, {"trainable": {"w": torch.zeros(2)}})
+    if marker:
+        (out / RUN_MARKER).write_text(json.dumps(_new_marker()))
+
+
+@pytest.mark.parametrize("marker", [True, False], ids=["marked", "older_lvdm_run"])
+def test_overwrite_deletes_lvdm_runs_and_only_them(tmp_path, marker):
+    from lvdm.errors import LvdmError
+    from lvdm.training.run_dir import prepare_output_dir, release_run
+
+    out = tmp_path / "run"
+    _fake_run(out, checkpoint=True, marker=marker)
+    with pytest.raises(LvdmError, match="already holds a run"):
+        prepare_output_dir(out, resume=None, overwrite=False)
+    (out / "samples" / "step-00000001" / "my_edit.jpg").write_bytes(b"mine")
+    with pytest.raises(LvdmError, match="my_edit.jpg"):
+        prepare_output_dir(out, resume=None, overwrite=True)
+    assert (out / "checkpoints" / "checkpoint-00000001").is_dir()  # refused: nothing deleted
+    (out / "samples" / "step-00000001" / "my_edit.jpg").unlink()
+    prepare_output_dir(out, resume=None, overwrite=True)
+    release_run(out)
+    assert sorted(p.name for p in out.iterdir()) == [".lvdm-lock", ".lvdm-run.json"]
+
+
+def test_a_run_that_failed_before_its_first_checkpoint_does_not_block_the_next(tmp_path, capsys):
+    from lvdm.training.run_dir import prepare_output_dir, release_run
+
+    out = tmp_path / "run"
+    _fake_run(out, checkpoint=False, marker=True)
+    prepare_output_dir(out, resume=None, overwrite=False)
+    release_run(out)
+    assert "stopped before its first checkpoint" in capsys.readouterr().err
+    assert not (out / "config.yaml").exists()
