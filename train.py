@@ -21,7 +21,7 @@ import sys
 from pathlib import Path
 from typing import TYPE_CHECKING
 
-from lvdm.cli import run_cli, split_overrides
+from lvdm.cli import exit_status, run_cli, split_overrides
 
 if TYPE_CHECKING:
     from lvdm.config import Config
@@ -53,7 +53,7 @@ def main(argv: list[str]) -> int:
     result = train(cfg, progress=not args.quiet)
     if os.environ.get("RANK", "0") == "0":  # under torchrun / accelerate launch: one summary, from rank 0
         print_report(result)
-    return 0
+    return exit_status(result)  # 75 when stopped by a signal: resumable
 
 
 def is_demo(cfg: Config) -> bool:

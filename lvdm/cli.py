@@ -49,6 +49,19 @@ def run_cli(main: Callable[[list[str]], int | None], argv: list[str] | None = No
         return EXIT_BROKEN_PIPE
 
 
+def exit_status(result: object) -> int:
+    """0, or :data:`EXIT_STOPPED` with one line on stderr (rank 0) when a training run was stopped by a signal."""
+    if not getattr(result, "stopped_by_signal", False):
+        return 0
+    if os.environ.get("RANK", "0") == "0":
+        print(
+            f"stopped by a signal at step {getattr(result, 'step', '?')} after saving a checkpoint; resumable: "
+            f"rerun with train.resume=auto (exit status {EXIT_STOPPED})",
+            file=sys.stderr,
+        )
+    return EXIT_STOPPED
+
+
 def _silence_stdout() -> None:
     """Point stdout at /dev/null so the interpreter's final flush does not fail again on the closed pipe."""
     try:
