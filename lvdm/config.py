@@ -180,6 +180,9 @@ class DataConfig:
 class TrainConfig:
     """Optimization, noise, checkpoints and logging."""
 
+    target: Literal["denoise"] = option(
+        "denoise", "what a step trains (lvdm.training.objectives): denoise (the temporal diffusion loss)"
+    )
     max_steps: int = option(1000, "optimizer steps to train (checkpoint names hold 8 digits)", min=1, max=10**8 - 1)
     batch_size: int = option(1, "clips per device in each micro-batch", min=1)
     gradient_accumulation: int = option(1, "micro-batches per optimizer step", min=1)
@@ -220,6 +223,22 @@ class Config:
     data: DataConfig = option(help="training data and how clips are cut from it")
     train: TrainConfig = option(TrainConfig(), "optimization, noise, checkpoints and logging")
     output_dir: str = option("outputs/run", "run folder: checkpoints, logs, samples and the resolved config")
+
+    def validate(self) -> list[str]:
+        """Rules across sections, each message starting with the key it is about."""
+        problems = []
+        ratio = self.train.image_batch_ratio
+        image_sources = any(source.kind == "images" and source.weight > 0 for source in self.data.sources)
+        draws_images = ratio > 0 if ratio is not None else image_sources
+        if draws_images and not (self.model.spatial_lora_rank or self.model.unfreeze):
+            # an image batch runs in image mode (alpha = 1): the temporal layers get exactly zero gradient, yet
+            # AdamW would still step (momentum, weight decay) and the LR, EMA and step count would advance
+            problems.append(
+                "train.image_batch_ratio: still images train only spatial weights (they bypass the temporal layers),"
+                " and none train here: set model.spatial_lora_rank or model.unfreeze, or drop the images source"
+                " (train.image_batch_ratio=0)"
+            )
+        return problems
 
 
 def load_config(

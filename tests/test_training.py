@@ -14,7 +14,7 @@ import pytest
 import torch
 from conftest import tiny_overrides
 
-import lvdm.training.trainer as trainer_module
+import lvdm.training.objectives as objectives_module
 from lvdm.config import load_config
 from lvdm.errors import CheckpointError, ConfigError, LvdmError
 from lvdm.training.checkpoint import list_checkpoints, load_checkpoint
@@ -175,14 +175,14 @@ def test_a_nonfinite_step_changes_nothing_and_a_run_of_them_stops(tiny_assets, t
     )  # fmt: skip
     assert trainer._optimizer_step()[2]  # one good step, so the optimizer has moments
     before = _state(trainer)
-    real = trainer_module.training_loss
+    real = objectives_module.training_loss
 
     def nan_loss(*args, **kwargs):
         terms = real(*args, **kwargs)
         terms.loss = terms.loss * float("nan")
         return terms
 
-    monkeypatch.setattr(trainer_module, "training_loss", nan_loss)
+    monkeypatch.setattr(objectives_module, "training_loss", nan_loss)
     assert not trainer._optimizer_step()[2]
     _assert_same(before, _state(trainer))
     assert trainer.skipped_total == 1
@@ -193,7 +193,7 @@ def test_a_nonfinite_step_changes_nothing_and_a_run_of_them_stops(tiny_assets, t
 
 
 def test_sigterm_finishes_the_step_saves_and_stops(tiny_assets, tmp_path, monkeypatch):
-    real = trainer_module.training_loss
+    real = objectives_module.training_loss
     calls = []
 
     def signalling_loss(*args, **kwargs):
@@ -202,7 +202,7 @@ def test_sigterm_finishes_the_step_saves_and_stops(tiny_assets, tmp_path, monkey
             os.kill(os.getpid(), signal.SIGTERM)
         return real(*args, **kwargs)
 
-    monkeypatch.setattr(trainer_module, "training_loss", signalling_loss)
+    monkeypatch.setattr(objectives_module, "training_loss", signalling_loss)
     result = train(load_config([], tiny_overrides(tiny_assets, tmp_path / "run", **{"train.max_steps": 50})),
                    progress=False)  # fmt: skip
     assert result.stopped_by_signal and result.step == 2
@@ -246,17 +246,18 @@ def test_two_processes_train_one_consistent_checkpoint(tiny_assets, tmp_path):
 
 
 def test_joint_image_video_training_runs_images_in_image_mode(tiny_assets, tmp_path, monkeypatch):
-    real = trainer_module.training_loss
+    real = objectives_module.training_loss
     seen = []
 
     def recording_loss(model_fn, batch, *args, **kwargs):
         seen.append((batch["is_image"].tolist(), tuple(batch["video"].shape)))
         return real(model_fn, batch, *args, **kwargs)
 
-    monkeypatch.setattr(trainer_module, "training_loss", recording_loss)
+    monkeypatch.setattr(objectives_module, "training_loss", recording_loss)
     sources = f"[{{kind: folder, path: '{tiny_assets['clips']}'}}, {{kind: images, path: '{tiny_assets['images']}'}}]"
     overrides = [o for o in tiny_overrides(tiny_assets, tmp_path / "run") if not o.startswith("data.root")]
-    cfg = load_config([], [*overrides, f"data.sources={sources}", "train.image_batch_ratio=0.5", "train.max_steps=12"])
+    cfg = load_config([], [*overrides, f"data.sources={sources}", "train.image_batch_ratio=0.5", "train.max_steps=12",
+                                  "model.spatial_lora_rank=2"])
     train(cfg, progress=False)
     image_batches = [shape for flags, shape in seen if all(flags)]
     video_batches = [shape for flags, shape in seen if not any(flags)]

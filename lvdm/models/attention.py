@@ -1,17 +1,25 @@
-"""Attention backend selection: PyTorch SDPA by default, xformers when installed and asked for."""
+"""Attention backend selection: PyTorch SDPA by default, xformers when installed and asked for.
+
+Only diffusers' stock processors are swapped: a processor another part installed (the image
+cross-attention's extra K/V, a LoRA-aware or custom processor) is kept, whatever the backend.
+"""
 
 from __future__ import annotations
 
-from diffusers.models.attention_processor import AttnProcessor2_0
+from diffusers.models.attention_processor import Attention, AttnProcessor, AttnProcessor2_0, XFormersAttnProcessor
 from torch import nn
 
 BACKENDS = ("sdpa", "xformers")
+STOCK_PROCESSORS = (AttnProcessor, AttnProcessor2_0, XFormersAttnProcessor)
 
 
-def set_attention_backend(model: nn.Module, backend: str) -> None:
-    """Switch every diffusers attention layer in ``model`` (spatial and temporal) to ``backend``."""
+def set_attention_backend(model: nn.Module, backend: str) -> int:
+    """Switch every stock attention processor in ``model`` (spatial and temporal) to ``backend``.
+
+    Returns how many layers were switched; layers with a custom processor are left as they are.
+    """
     if backend == "sdpa":
-        model.set_attn_processor(AttnProcessor2_0())
+        make = AttnProcessor2_0
     elif backend == "xformers":
         try:
             import xformers.ops  # noqa: F401
@@ -19,6 +27,12 @@ def set_attention_backend(model: nn.Module, backend: str) -> None:
             raise RuntimeError(
                 "attention backend 'xformers' asked for, but xformers is not installed: pip install 'lvdm[xformers]'"
             ) from exc
-        model.enable_xformers_memory_efficient_attention()
+        make = XFormersAttnProcessor
     else:
         raise ValueError(f"unknown attention backend {backend!r}; choose one of {', '.join(BACKENDS)}")
+    switched = 0
+    for module in model.modules():
+        if isinstance(module, Attention) and type(module.processor) in STOCK_PROCESSORS:
+            module.set_processor(make())
+            switched += 1
+    return switched

@@ -6,6 +6,8 @@ Layout of a file: tensors keyed as in the 2D UNet (``down_blocks.0.resnets.0.tem
 - ``format`` = ``lvdm.temporal``, ``format_version`` = ``1``, ``lvdm_version``;
 - ``base_family`` (``sd1``, ``sd2``, ...), ``base`` (JSON: the UNet shape the layers were made for);
 - ``layout`` (JSON :class:`~lvdm.models.layout.TemporalLayout`), ``sites`` (JSON list of inserted layers);
+- ``parts`` (JSON ``{name: {kind, config}}``: the standalone parts, rebuilt through
+  :data:`lvdm.models.parts.PART_KINDS`; absent or ``{}`` when there are none);
 - ``training_config`` (JSON, when the file comes from training).
 
 A file loads onto any base of the same family and block layout: that is what lets one module
@@ -19,7 +21,7 @@ import hashlib
 import json
 import math
 import os
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
@@ -53,6 +55,19 @@ class TemporalModule:
     family: str
     base: dict[str, Any]
     training_config: dict[str, Any] | None
+    parts: dict[str, dict[str, Any]] = field(default_factory=dict)
+
+    def add_parts(self, video: VideoUNet) -> None:
+        """Build the file's standalone parts on ``video`` (fresh weights; :meth:`load_into` fills them)."""
+        from lvdm.models.parts import build_part
+
+        for name, spec in self.parts.items():
+            if name in video.parts:
+                continue
+            try:
+                build_part(video, name, spec["kind"], spec.get("config", {}))
+            except (KeyError, TypeError, ValueError) as exc:
+                raise TemporalModuleError(f"temporal module {self.path}: cannot rebuild part {name!r}: {exc}") from exc
 
     def load_into(self, video: VideoUNet) -> None:
         """Copy the weights into ``video`` after checking that family, layout and shapes all fit."""
@@ -73,6 +88,9 @@ class TemporalModule:
             diff = _dict_diff(self.layout.to_dict(), video.layout.to_dict())
             problems.append(f"temporal layout differs ({diff}); build the model with VideoUNet.from_temporal_file")
         problems += _site_diff(self.sites, [site.to_dict() for site in video.sites])
+        here = {name: spec.to_dict() for name, spec in video.part_specs.items()}
+        if self.parts != here:
+            problems.append(f"standalone parts differ: {_dict_diff(self.parts, here)}")
         if not problems:
             problems += _tensor_diff(self.tensors, dict(video.named_temporal_parameters()))
         return problems
@@ -101,6 +119,7 @@ def write_temporal_file(
         "layout": json.dumps(video.layout.to_dict()),
         "sites": json.dumps([site.to_dict() for site in video.sites]),
         CHECKSUM_KEY: tensors_checksum(video.temporal_state_dict()),
+        "parts": json.dumps({name: spec.to_dict() for name, spec in video.part_specs.items()}),
     }
     if training_config is not None:
         metadata["training_config"] = json.dumps(training_config, default=str)
@@ -136,6 +155,7 @@ def read_temporal_file(path: str | os.PathLike) -> TemporalModule:
             family=metadata["base_family"],
             base=json.loads(metadata.get("base", "{}")),
             training_config=json.loads(metadata["training_config"]) if "training_config" in metadata else None,
+            parts=json.loads(metadata.get("parts", "{}")),
         )
     except (KeyError, ValueError, TypeError) as exc:
         raise TemporalModuleError(f"temporal module {path} has broken metadata: {exc}") from exc

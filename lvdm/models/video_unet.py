@@ -21,6 +21,7 @@ from torch import nn
 
 from lvdm.models.family import base_family
 from lvdm.models.layout import TemporalLayout
+from lvdm.models.parts import PartSpec
 from lvdm.modules.frame_context import FrameContext, frame_context
 from lvdm.modules.video_blocks import _VideoWrapper, wrap_resnet, wrap_transformer
 
@@ -50,10 +51,43 @@ class VideoUNet(nn.Module):
         self.layout = layout
         self.sites = _inflate(unet, layout)
         self.unet = unet
+        self.parts = nn.ModuleDict()  # standalone added modules (lvdm.models.parts), by name
+        self.part_specs: dict[str, PartSpec] = {}
         self._wrappers = {name: m for name, m in unet.named_modules() if isinstance(m, _VideoWrapper)}
-        self._temporal_ids = {
-            id(p) for w in self._wrappers.values() for m in w.temporal_modules().values() for p in m.parameters()
+
+    # ----------------------------------------------------------------- the registry of added modules
+    def added_modules(self) -> dict[str, nn.Module]:
+        """Everything this model adds to the 2D UNet, by name: each wrapper's temporal layer and mixer
+        (``down_blocks.0.resnets.0.temporal``) and each standalone part (``parts.<name>``).
+
+        This one registry decides what trains, what :meth:`freeze_base` leaves trainable, what the optimizer,
+        EMA and checkpoints hold and what a temporal module file stores.
+        """
+        added = {
+            f"{name}.{attr}": module
+            for name, wrapper in self._wrappers.items()
+            for attr, module in wrapper.temporal_modules().items()
         }
+        added |= {f"parts.{name}": module for name, module in self.parts.items()}
+        return added
+
+    def add_part(self, name: str, module: nn.Module, *, kind: str, config: dict[str, Any] | None = None) -> nn.Module:
+        """Register a standalone trainable module (see :mod:`lvdm.models.parts`) under ``name``.
+
+        ``kind`` and ``config`` are what a loader needs to rebuild it (``PART_KINDS[kind].build(video, **config)``)
+        and are written to the module file. The module moves to the UNet's device; its parameters train.
+        """
+        if not name.isidentifier() or name in self.parts:
+            raise ValueError(f"part name {name!r} must be a new Python identifier (have: {sorted(self.parts)})")
+        param = next(self.unet.parameters())
+        self.parts[name] = module.to(device=param.device)
+        self.part_specs[name] = PartSpec(kind, dict(config or {}))
+        for p in module.parameters():
+            p.requires_grad_(True)
+        return module
+
+    def _added_ids(self) -> set[int]:
+        return {id(p) for module in self.added_modules().values() for p in module.parameters()}
 
     # ----------------------------------------------------------------- construction
     @classmethod
@@ -77,6 +111,7 @@ class VideoUNet(nn.Module):
 
         module = read_temporal_file(path)
         video = cls.from_unet2d(unet, module.layout)
+        module.add_parts(video)
         module.load_into(video)
         return video
 
@@ -92,6 +127,7 @@ class VideoUNet(nn.Module):
         class_labels: torch.Tensor | None = None,
         added_cond_kwargs: dict[str, torch.Tensor] | None = None,
         cross_attention_kwargs: dict[str, Any] | None = None,
+        **conditioning: Any,
     ) -> torch.Tensor:
         """Denoise a batch of videos.
 
@@ -105,6 +141,8 @@ class VideoUNet(nn.Module):
                 encoding; default ``0 .. f-1``.
             class_labels, added_cond_kwargs: per-video conditioning of the 2D UNet (noise level
                 of the x4 upscaler, SDXL's pooled text and size ids), repeated for each frame.
+            **conditioning: inputs of the standalone parts (each part's ``inputs``); a name no part takes is
+                an error.
 
         Returns:
             the model output ``(b, c, f, h, w)`` (noise, v or sample, as the base predicts).
@@ -115,6 +153,7 @@ class VideoUNet(nn.Module):
             image_only_indicator=_per_frame_flags(image_only_indicator, b, f, sample.device, sample.dtype),
             frame_positions=_frame_positions(frame_positions, b, f, sample.device),
         )
+        self._prepare_parts(context, sample, timestep, conditioning)
         timestep = _timesteps(timestep, b, f, sample.device)
         if encoder_hidden_states.shape[0] != b:
             raise ValueError(
@@ -137,26 +176,52 @@ class VideoUNet(nn.Module):
         # (b f) c h w -> b c f h w
         return out.reshape(b, f, *out.shape[1:]).permute(0, 2, 1, 3, 4)
 
+    def _prepare_parts(self, context: FrameContext, sample: torch.Tensor, timestep: Any, inputs: dict) -> None:
+        """Give each part its inputs; what it prepares goes to ``context.extras`` under its name."""
+        accepted = {key for part in self.parts.values() for key in getattr(part, "inputs", ())}
+        unknown = sorted(set(inputs) - accepted)
+        if unknown:
+            raise TypeError(
+                f"VideoUNet.forward got unexpected conditioning {unknown}; this model's parts take "
+                f"{sorted(accepted) or 'none'}"
+            )
+        for name, part in self.parts.items():
+            prepare = getattr(part, "prepare", None)
+            if prepare is not None:
+                own = {key: inputs[key] for key in getattr(part, "inputs", ()) if key in inputs}
+                context.extras[name] = prepare(context, sample, timestep, **own)
+
     # ----------------------------------------------------------------- parameters
     def named_temporal_parameters(self) -> Iterator[tuple[str, nn.Parameter]]:
-        """The new parameters, named as in the 2D UNet (``down_blocks.0.resnets.0.temporal.conv1.weight``)."""
+        """Every added parameter (:meth:`added_modules`): those inside the 2D UNet named as there
+        (``down_blocks.0.resnets.0.temporal.conv1.weight``), then the parts' own (``parts.fps.linear_1.weight``).
+
+        Parameters a part installed inside the UNet (attention processors, hooks' modules) are named by their
+        UNet path, so a file written from one base loads onto another.
+        """
+        added, seen = self._added_ids(), set()
         for name, param in self.unet.named_parameters():
-            if id(param) in self._temporal_ids:
+            if id(param) in added:
+                seen.add(id(param))
+                yield name, param
+        for name, param in self.parts.named_parameters(prefix="parts"):
+            if id(param) not in seen:
                 yield name, param
 
     def temporal_parameters(self) -> Iterator[nn.Parameter]:
-        """The new (trainable) parameters: temporal layers and their mixing alphas."""
+        """The new (trainable) parameters: temporal layers, their mixing alphas and the standalone parts."""
         for _, param in self.named_temporal_parameters():
             yield param
 
     def base_parameters(self) -> Iterator[nn.Parameter]:
         """The parameters of the 2D UNet this model was built from."""
+        added = self._added_ids()
         for param in self.unet.parameters():
-            if id(param) not in self._temporal_ids:
+            if id(param) not in added:
                 yield param
 
     def freeze_base(self) -> VideoUNet:
-        """Stop gradients to the 2D UNet's weights; the temporal parameters train."""
+        """Stop gradients to the 2D UNet's weights; everything in the registry (:meth:`added_modules`) trains."""
         for param in self.base_parameters():
             param.requires_grad_(False)
         for param in self.temporal_parameters():
@@ -191,7 +256,7 @@ class VideoUNet(nn.Module):
         """``"sdpa"`` (PyTorch scaled-dot-product attention, the default) or ``"xformers"``."""
         from lvdm.models.attention import set_attention_backend
 
-        set_attention_backend(self.unet, backend)
+        set_attention_backend(self, backend)
         return self
 
     # ----------------------------------------------------------------- files

@@ -15,7 +15,8 @@ from __future__ import annotations
 from collections.abc import Iterator
 from contextlib import contextmanager
 from contextvars import ContextVar
-from dataclasses import dataclass
+from dataclasses import dataclass, field
+from typing import Any
 
 import torch
 
@@ -31,11 +32,14 @@ class FrameContext:
         frame_positions: ``(b, f)`` float, the position of each frame fed to the sinusoidal
             encoding of the temporal attention (``0, 1, ..., f - 1`` by default; fractional
             positions express interpolated frames).
+        extras: what the video model's standalone parts prepared for this call (an FPS embedding,
+            context features, ...), by name; see :mod:`lvdm.models.parts`.
     """
 
     num_frames: int
     image_only_indicator: torch.Tensor
     frame_positions: torch.Tensor
+    extras: dict[str, Any] = field(default_factory=dict)
 
     @property
     def batch_size(self) -> int:

@@ -1,5 +1,7 @@
 """The training loop: accelerate underneath, temporal layers trained, everything resumable and guarded.
 
+The loop exists once; what a step computes is an objective chosen by ``train.target``
+(:mod:`lvdm.training.objectives`), which may own extra models and optimizers that checkpoints carry.
 One optimizer step = ``train.gradient_accumulation`` micro-batches per process. What the loop
 promises (each one tested):
 
@@ -34,9 +36,9 @@ from lvdm.training import run_dir
 from lvdm.training.checkpoint import load_checkpoint, save_checkpoint
 from lvdm.training.ema import EMA
 from lvdm.training.logs import RunLog
+from lvdm.training.objectives import make_objective
 from lvdm.training.rng import capture_rng, restore_rng
-from lvdm.training.step import step_generator, training_loss
-from lvdm.training.validation import sample_videos, temporal_gain
+from lvdm.training.step import step_generator
 
 
 @dataclass
@@ -68,6 +70,7 @@ class Trainer:
         self.resume_from = self._prepare_output_dir()
         self.cfg_dict = config_to_dict(cfg)
         self.step = self.micro_batches = self.skipped_total = self.skipped_in_row = 0
+        self.objective_figures: dict[str, float] = {}
         self.stop_requested = False
         self._build()
 
@@ -87,6 +90,7 @@ class Trainer:
         self.device = self.acc.device
         set_seed(self.cfg.train.seed)  # the temporal layers' initialisation
         self.video, self.frozen, self.trainable = build_model(self.cfg, self.device, self.acc.mixed_precision)
+        self.objective = make_objective(self.cfg, self.video, self.frozen, self.device)
         self.data = build_data(self.cfg, self.frozen, rank=self.acc.process_index, world=self.acc.num_processes)
         optimizer, self.lr_schedule = build_optimizer(self.cfg, list(self.trainable.values()), self.device)
         decay = self.cfg.train.ema_decay
@@ -154,8 +158,7 @@ class Trainer:
             generator = step_generator(self.cfg.train.seed, self.acc.process_index, self.micro_batches)
             sync = self.acc.no_sync(self.model) if micro < accumulation - 1 else nullcontext()
             with sync, self.acc.autocast():
-                terms = training_loss(self.model_fn, batch, self.frozen, self.cfg.train, generator, self.device)
-                loss = terms.loss.mean()
+                loss = self.objective.loss(self.model_fn, batch, generator).mean()
                 self.acc.backward(loss / accumulation)
             losses.append(loss.detach().float())
         loss = torch.stack(losses).mean()
@@ -173,8 +176,9 @@ class Trainer:
             return float(loss), float(grad_norm), False
         self.lr_schedule.step()
         if self.ema is not None:
-            self.ema.update()
+            self.ema.update(self.step)
         self.step += 1
+        self.objective_figures = self.objective.after_step(self.step)
         return float(self.acc.reduce(loss.to(self.device), reduction="mean")), float(grad_norm), True
 
     def _next_batch(self) -> dict[str, Any]:
@@ -217,6 +221,7 @@ class Trainer:
                 "skipped_nonfinite": self.skipped_total,
                 "bad_samples": self.data.guard.bad,
             }
+            values |= self.objective_figures
             self.log.write(self.step, values)
         if self.step % train.checkpoint_every == 0 and self.step < train.max_steps:
             self.save()
@@ -239,6 +244,8 @@ class Trainer:
             }
             if self.ema is not None:
                 parts["ema"] = self.ema.state_dict()
+            if objective_state := self.objective.state_dict():
+                parts["objective"] = objective_state
             if self.acc.scaler is not None:
                 parts["scaler"] = self.acc.scaler.state_dict()
             metadata = {"config": self.cfg_dict, "world_size": self.acc.num_processes}
@@ -304,6 +311,12 @@ class Trainer:
             self.ema.load_state_dict(parts["ema"])
         if self.acc.scaler is not None:
             self.acc.scaler.load_state_dict(parts["scaler"])
+        try:
+            self.objective.load_state_dict(parts.get("objective", {}))
+        except (KeyError, ValueError, RuntimeError) as exc:
+            raise CheckpointError(
+                f"checkpoint {path}: the {self.cfg.train.target!r} objective's state: {exc}"
+            ) from exc
         restore_rng(parts["rng"])
         trainer = parts["trainer"]
         self.step, self.micro_batches, self.skipped_total = (
@@ -314,31 +327,18 @@ class Trainer:
 
     # ---------------------------------------------------------------------------------------------- validation
     def validate(self) -> tuple[dict[str, float] | None, list[Path]]:
-        """Temporal gain on the validation clips and sample videos for the validation prompts (main process)."""
-        gain, samples = None, []
+        """The objective's held-out figures and sample files (main process; the samples with EMA weights)."""
+        figures, samples = None, []
         if self.acc.is_main_process:
             model = self.acc.unwrap_model(self.model)
             with self.acc.autocast():
-                if self.data.validation:
-                    gain = temporal_gain(model, self.data.validation, self.frozen, self.device)
-                    self.log.write(self.step, gain)
-                if self.cfg.train.validation_prompts:
-                    samples = self._samples(model)
+                figures = self.objective.evaluate(model, self.data.validation)
+                if figures:
+                    self.log.write(self.step, figures)
+                with self._ema_weights():
+                    samples = self.objective.render(model, self.out / "samples" / f"step-{self.step:08d}")
         self.acc.wait_for_everyone()
-        return gain, samples
-
-    def _samples(self, model: Any) -> list[Path]:
-        cfg = self.cfg
-        factor = 2 ** (len(self.frozen.vae.config.block_out_channels) - 1)
-        height, width = cfg.data.resolution
-        with self._ema_weights():
-            return sample_videos(
-                model, self.frozen, cfg.train.validation_prompts, self.out / "samples" / f"step-{self.step:08d}",
-                num_frames=cfg.data.num_frames, latent_size=(height // factor, width // factor),
-                latent_channels=self.video.unet.config.in_channels, steps=cfg.train.validation_steps,
-                guidance_scale=cfg.train.validation_guidance, fps=cfg.data.target_fps or 8.0, seed=cfg.train.seed,
-                device=self.device,
-            )  # fmt: skip
+        return figures, samples
 
     def _finish(self, first_loss: float | None, last_loss: float | None) -> TrainResult:
         self.save()

@@ -1,0 +1,82 @@
+"""Standalone parts of a video model: the seam every new kind of trainable module plugs into.
+
+A :class:`~lvdm.models.VideoUNet` owns one registry of everything it adds to the frozen 2D UNet: the
+temporal wrappers (described by its layout and sites) and **parts**, standalone modules such as a
+context encoder, an FPS embedding, an image projection or a guidance embedding. Parameters, freezing,
+the optimizer, EMA, checkpoints and the temporal module file all read that registry, so a new part
+trains, saves, loads and resumes without touching the trainer or the wrappers.
+
+A part is an ``nn.Module`` that may define:
+
+- ``inputs``: a tuple of the ``VideoUNet.forward`` keyword arguments it consumes (``("fps",)``);
+- ``prepare(context, sample, timestep, **inputs) -> dict``: called inside ``VideoUNet.forward`` before
+  the UNet runs; what it returns lands in ``FrameContext.extras`` for the temporal layers (or hooks the
+  part installed in the UNet) to read.
+
+A part is rebuilt from a file by its **kind**: :data:`PART_KINDS` maps a kind to a :class:`PartKind`,
+whose ``build(video, **config)`` makes (and, where needed, installs) the module, and whose
+``from_config(model_config)`` says whether a training config asks for it (and with which settings).
+The kind and config are written to the module file's metadata, which is all a loader needs.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from dataclasses import dataclass
+from typing import TYPE_CHECKING, Any
+
+from torch import nn
+
+if TYPE_CHECKING:
+    from lvdm.models.video_unet import VideoUNet
+
+
+@dataclass(frozen=True)
+class PartKind:
+    """How to make one kind of part.
+
+    Attributes:
+        build: ``build(video, **config) -> nn.Module``: a fresh part for ``video`` (zero-initialised output,
+            so adding it leaves the model's output unchanged until it trains). It may install hooks or
+            attention processors in ``video.unet``; their parameters then belong to the part's registry entry.
+        from_config: ``from_config(model_config) -> dict | None``: the ``config`` to build this part with
+            when a training run's ``model`` section asks for it, else ``None``.
+    """
+
+    build: Callable[..., nn.Module]
+    from_config: Callable[[Any], dict[str, Any] | None] = lambda model_config: None
+
+
+PART_KINDS: dict[str, PartKind] = {}
+"""Every kind of part lvdm can rebuild from a temporal module file, by name."""
+
+
+@dataclass(frozen=True)
+class PartSpec:
+    """A registered part's kind and settings: what the module file records to rebuild it."""
+
+    kind: str
+    config: dict[str, Any]
+
+    def to_dict(self) -> dict[str, Any]:
+        return {"kind": self.kind, "config": dict(self.config)}
+
+
+def build_part(video: VideoUNet, name: str, kind: str, config: dict[str, Any]) -> nn.Module:
+    """Build the ``kind`` part with ``config`` for ``video`` and register it under ``name``."""
+    if kind not in PART_KINDS:
+        known = ", ".join(sorted(PART_KINDS)) or "none"
+        raise KeyError(f"unknown part kind {kind!r} (known: {known}); is the lvdm that wrote it newer?")
+    module = PART_KINDS[kind].build(video, **config)
+    return video.add_part(name, module, kind=kind, config=config)
+
+
+def add_configured_parts(video: VideoUNet, model_config: Any) -> list[str]:
+    """Add every part the ``model`` config section asks for (each kind's ``from_config``); returns their names."""
+    added = []
+    for kind, spec in PART_KINDS.items():
+        config = spec.from_config(model_config)
+        if config is not None:
+            build_part(video, kind, kind, config)
+            added.append(kind)
+    return added

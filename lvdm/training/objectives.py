@@ -1,0 +1,104 @@
+"""What a training step computes: the objective, chosen by ``train.target``.
+
+The loop (:mod:`lvdm.training.trainer`) exists once: accelerate, the optimizer of the trainable
+parameters, checkpoints, exact resume, the non-finite guard, signals, logs and validation. What one
+micro-batch's loss is, and what validation measures and renders, belongs to an :class:`Objective`:
+
+- :meth:`Objective.loss`: the per-sample loss of a micro-batch, backpropagated into the trainable
+  parameters (the video model's registry plus any LoRA / unfrozen blocks);
+- :meth:`Objective.after_step`: runs after each successful optimizer step; an objective that owns
+  extra models and optimizers (a discriminator, a teacher) updates them here and returns figures to log;
+- :meth:`Objective.state_dict` / :meth:`Objective.load_state_dict`: that extra state, saved in every
+  checkpoint (part ``objective``) and restored on resume, so resume stays exact;
+- :meth:`Objective.evaluate` and :meth:`Objective.render`: held-out figures and sample files.
+
+:data:`OBJECTIVES` maps ``train.target`` to its class. ``denoise`` (the diffusion loss of the temporal
+layers on the frozen base) is the first; the decoder, upscaler and distillation targets join it.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any, ClassVar
+
+import torch
+
+from lvdm.training.step import Frozen, training_loss
+
+
+class Objective:
+    """The base objective: no extra state, no validation figures, no samples. Subclasses set :attr:`name`
+    and implement :meth:`loss`; the rest is optional."""
+
+    name: ClassVar[str] = ""
+
+    def __init__(self, cfg: Any, video: Any, frozen: Frozen, device: torch.device) -> None:
+        self.cfg, self.video, self.frozen, self.device = cfg, video, frozen, device
+
+    def loss(self, model_fn: Any, batch: dict[str, Any], generator: torch.Generator) -> torch.Tensor:
+        """The per-sample loss ``(b,)`` of one micro-batch; every random draw comes from ``generator``."""
+        raise NotImplementedError
+
+    def after_step(self, step: int) -> dict[str, float]:
+        """Update what the objective owns after optimizer step ``step`` succeeded; figures to log."""
+        return {}
+
+    def state_dict(self) -> dict[str, Any]:
+        """Extra models and optimizers to checkpoint (tensors and weights_only-safe containers)."""
+        return {}
+
+    def load_state_dict(self, state: dict[str, Any]) -> None:
+        if state:
+            raise ValueError(f"the {self.name!r} objective keeps no state, but the checkpoint has {sorted(state)}")
+
+    def evaluate(self, model_fn: Any, batches: list[dict[str, Any]]) -> dict[str, float] | None:
+        """Held-out figures (logged, and printed at the end of a run); ``None`` when there are none."""
+        return None
+
+    def render(self, model_fn: Any, out_dir: Path) -> list[Path]:
+        """Sample files for the validation settings, written under ``out_dir``."""
+        return []
+
+
+class DenoisingObjective(Objective):
+    """Video LDM's temporal stage: the diffusion loss of the video model on the frozen base's latents, with
+    the run's noise prior, caption dropout, min-SNR weighting and offset noise (:func:`training_loss`)."""
+
+    name = "denoise"
+
+    def loss(self, model_fn: Any, batch: dict[str, Any], generator: torch.Generator) -> torch.Tensor:
+        return training_loss(model_fn, batch, self.frozen, self.cfg.train, generator, self.device).loss
+
+    def evaluate(self, model_fn: Any, batches: list[dict[str, Any]]) -> dict[str, float] | None:
+        from lvdm.training.validation import temporal_gain
+
+        if not batches:
+            return None
+        return temporal_gain(model_fn, batches, self.frozen, self.device)
+
+    def render(self, model_fn: Any, out_dir: Path) -> list[Path]:
+        from lvdm.training.validation import sample_videos
+
+        cfg = self.cfg
+        if not cfg.train.validation_prompts:
+            return []
+        factor = 2 ** (len(self.frozen.vae.config.block_out_channels) - 1)
+        height, width = cfg.data.resolution
+        return sample_videos(
+            model_fn, self.frozen, cfg.train.validation_prompts, out_dir,
+            num_frames=cfg.data.num_frames, latent_size=(height // factor, width // factor),
+            latent_channels=self.video.unet.config.in_channels, steps=cfg.train.validation_steps,
+            guidance_scale=cfg.train.validation_guidance, fps=cfg.data.target_fps or 8.0, seed=cfg.train.seed,
+            device=self.device,
+        )  # fmt: skip
+
+
+OBJECTIVES: dict[str, type[Objective]] = {
+    DenoisingObjective.name: DenoisingObjective,
+}
+"""``train.target`` -> the objective class."""
+
+
+def make_objective(cfg: Any, video: Any, frozen: Frozen, device: torch.device) -> Objective:
+    """The objective ``cfg.train.target`` names, built for this run."""
+    return OBJECTIVES[cfg.train.target](cfg, video, frozen, device)
