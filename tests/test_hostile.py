@@ -84,10 +84,15 @@ def rewrite_marker(checkpoint: Path) -> None:
 
 @pytest.fixture(scope="module")
 def trained(tiny_assets, tmp_path_factory) -> Path:
-    """A finished 2-step run (checkpoints at steps 1 and 2), trained once through train.py; attacks use copies."""
+    """A finished 2-step run (checkpoints at steps 1 and 2), trained once in process; attacks use copies."""
+    from lvdm.config import load_config
+    from lvdm.training.run_dir import release_run
+    from lvdm.training.trainer import train
+
     out = tmp_path_factory.mktemp("hostile") / "run"
-    result = cli(*train_args(tiny_assets, out, **{"train.max_steps": 2, "train.checkpoint_every": 1}))
-    assert result.returncode == 0, result.stderr[-3000:]
+    train(load_config([], tiny_overrides(tiny_assets, out, **{"train.max_steps": 2, "train.checkpoint_every": 1})),
+          progress=False)  # fmt: skip
+    release_run(out)
     return out
 
 

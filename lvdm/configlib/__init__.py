@@ -113,7 +113,10 @@ def save_config(cfg: Any, path: str | os.PathLike[str]) -> Path:
     path.parent.mkdir(parents=True, exist_ok=True)
     text = yaml.dump(_escaped(config_to_dict(cfg)), Dumper=_Dumper, sort_keys=False, allow_unicode=True)
     header = "# Resolved lvdm config: lvdm.config.load_config([this file]) reads it back.\n"
-    path.write_text(header + text, encoding="utf-8")
+    from lvdm.fileio import atomic_path  # written whole or not at all: a run folder's config.yaml is rewritten
+
+    with atomic_path(path) as temp:
+        temp.write_text(header + text, encoding="utf-8")
     return path
 
 

@@ -99,7 +99,7 @@ class Trainer:
         self.log = RunLog(self.out, enabled=self.acc.is_main_process)
         if self.resume_from is not None:
             self._restore(self.resume_from)
-        elif self.acc.is_main_process:
+        if self.acc.is_main_process:  # the resolved config of the latest start or resume
             save_config(self.cfg, self.out / "config.yaml")
         self.data.stream.start_at(self.micro_batches)
         self.batches = iter(self.data.loader)
@@ -342,7 +342,7 @@ class Trainer:
 
     def _finish(self, first_loss: float | None, last_loss: float | None) -> TrainResult:
         self.save()
-        gain, samples = self.validate()
+        gain, samples = (None, []) if self.stop_requested else self.validate()  # a signal stop stays quick
         self.log.close()
         return TrainResult(
             self.out, self.step, self.out / "temporal.safetensors", first_loss, last_loss, gain, samples,
@@ -376,8 +376,11 @@ def _check_world_size(num_processes: int) -> None:
 
 
 def train(cfg: Config, *, progress: bool = True) -> TrainResult:
-    """Run a training job described by ``cfg``."""
-    return Trainer(cfg, progress=progress).run()
+    """Run a training job described by ``cfg``; the run folder's lock is released however it ends."""
+    try:
+        return Trainer(cfg, progress=progress).run()
+    finally:
+        run_dir.release_run(Path(cfg.output_dir))
 
 
 def layout_from_config(model: Any):
