@@ -1,7 +1,12 @@
-"""The embedded demo's assets: a tiny SD model and a folder of synthetic captioned clips, made on first use.
+"""The embedded demo's assets: synthetic captioned clips and a tiny SD base trained on them, made on first use.
 
-``python train.py`` with no arguments trains ``configs/demo.yaml`` on these: real mp4 files of
-moving shapes, a seeded tiny SD-shaped model (random weights), a few minutes on 2 CPU cores.
+``python train.py`` with no arguments trains ``configs/demo.yaml``'s temporal layers on these:
+
+1. clips: 12 real H.264 mp4s of a coloured shape crossing a dark gradient, captioned ("a red disc moving left");
+2. base: the tiny SD-shaped VAE and image UNet trained on every frame of the training clips (the held-out ones
+   excluded), so that image mode draws the shapes (see :mod:`lvdm.testing.demo_base`). Cached: a second run
+   reuses it unless the recipe or the clips changed (``demo_base.json`` holds the key);
+3. then the trainer trains the temporal layers on the frozen base, as for any real base.
 """
 
 from __future__ import annotations
@@ -16,8 +21,10 @@ from lvdm.errors import LvdmError
 DEMO_CLIPS = 12
 
 
-def prepare_demo(cfg: Any, *, wait_seconds: float = 300.0) -> list[str]:
-    """Create the demo base model and clips where the config expects them, unless they exist; says what it made.
+def prepare_demo(cfg: Any, *, wait_seconds: float = 900.0, recipe: Any = None) -> list[str]:
+    """Create the demo clips and base model where the config expects them, unless current; says what it made.
+
+    ``recipe``: a :class:`~lvdm.testing.demo_base.DemoBaseRecipe` (the tests train a shorter one).
 
     Under a multi-process launcher only rank 0 writes; the other ranks wait for its ``.ready`` marker.
     """
@@ -30,21 +37,46 @@ def prepare_demo(cfg: Any, *, wait_seconds: float = 300.0) -> list[str]:
                 raise LvdmError(f"rank 0 did not finish writing the demo assets ({ready}) in {wait_seconds:.0f} s")
             time.sleep(0.5)
         return []
-    made = _make_assets(base, clips)
+    made = _make_assets(cfg, base, clips, recipe)
     ready.parent.mkdir(parents=True, exist_ok=True)
     ready.touch()
     return made
 
 
-def _make_assets(base: Path, clips: Path) -> list[str]:
-    from lvdm.testing import make_tiny_sd
+def _make_assets(cfg: Any, base: Path, clips: Path, recipe: Any = None) -> list[str]:
     from lvdm.testing.clips import write_captioned_folder
 
     made = []
-    if not (base / "model_index.json").is_file():
-        make_tiny_sd(base, "sd1", seed=0)
-        made.append(f"tiny SD1-shaped base model (random weights) in {base}")
     if not any(clips.rglob("*.mp4")):
+        started = time.perf_counter()
         write_captioned_folder(clips, DEMO_CLIPS, num_frames=24, fps=24.0, size=(64, 48), seed=0)
-        made.append(f"{DEMO_CLIPS} captioned synthetic clips (moving shapes, H.264 mp4) in {clips}")
+        made.append(
+            f"{DEMO_CLIPS} captioned synthetic clips (moving shapes, H.264 mp4) in {clips} "
+            f"({time.perf_counter() - started:.0f} s)"
+        )
+    made += _make_base(cfg, base, recipe)
     return made
+
+
+def training_clips(cfg: Any) -> list[tuple[Path, str]]:
+    """``(path, caption)`` of the clips the run trains on (the held-out ones left out)."""
+    from lvdm.data.build import build_split
+
+    train, _, _ = build_split(cfg.data, seed=cfg.train.seed)
+    return [(Path(entry.media_path()), entry.read_caption()) for entry in train.entries]
+
+
+def _make_base(cfg: Any, base: Path, recipe: Any = None) -> list[str]:
+    """Train the demo base on the training clips unless ``base`` already holds one made the same way."""
+    from lvdm.testing.demo_base import DemoBaseRecipe, demo_base_is_current, make_demo_base, recipe_key
+
+    recipe = recipe or DemoBaseRecipe()
+    clips, resolution = training_clips(cfg), tuple(cfg.data.resolution)
+    if demo_base_is_current(base, recipe_key(recipe, clips, resolution)):
+        return []
+    print(f"demo: training the tiny base (VAE, then image UNet) on the frames of {len(clips)} clips", flush=True)
+    stats = make_demo_base(base, clips, resolution, recipe, log=lambda line: print(line, flush=True))
+    return [
+        f"tiny SD1-shaped base trained on the clips' frames in {base} (VAE {stats['vae_seconds']:.0f} s, "
+        f"reconstruction error {stats['vae_error_255']:.1f}/255; UNet {stats['unet_seconds']:.0f} s)"
+    ]

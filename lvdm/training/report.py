@@ -14,20 +14,47 @@ def format_report(result: TrainResult) -> str:
         f"logs:            {out / 'log.jsonl'}, TensorBoard: tensorboard --logdir {out / 'tensorboard'}",
     ]
     if result.first_loss is not None:
-        lines.append(
-            f"loss:            {result.first_loss:.4f} at the first step -> {result.last_loss:.4f} at the last"
-        )
+        steps = result.last_loss_steps
+        last = "at the last step" if steps == 1 else f"the mean of the last {steps} steps"
+        lines.append(f"loss:            {result.first_loss:.4f} at the first step -> {result.last_loss:.4f}, {last}")
     if result.gain:
-        g = result.gain
-        lines.append(
-            f"temporal gain:   {g['temporal_gain']:.3f}  (held-out loss {g['loss_image']:.4f} with the temporal "
-            f"layers off / {g['loss_video']:.4f} on; above 1: they are using the other frames)"
-        )
+        lines += format_validation(result.gain)
     if result.samples:
         lines.append(f"samples:         {', '.join(str(p) for p in result.samples)}")
     if result.skipped_steps:
         lines.append(f"skipped steps:   {result.skipped_steps} (non-finite loss or gradient)")
     return "\n".join(lines)
+
+
+def format_validation(figures: dict[str, float]) -> list[str]:
+    """The motion gains and, where present, the sample metrics beside the clips' (see lvdm.training.validation)."""
+    g = figures
+    lines = []
+    if "motion_gain" in g:
+        lines += [
+            f"motion gain:     {g['motion_gain']:.3f}  (held-out loss with the frames shuffled in time "
+            f"{g['loss_shuffled']:.4f} / in order {g['loss_in_order']:.4f}, same model; above 1: it uses the "
+            "order of the frames, i.e. motion)",
+            f"  each frame alone: {g['motion_gain_each_frame']:.3f}  (loss {g['loss_each_frame']:.4f} with every "
+            "frame a 1-frame video / in order: what the other frames are worth, ordered or not)",
+            f"  layers off:       {g['layers_off_ratio']:.3f}  (loss {g['loss_layers_off']:.4f} of the frozen image "
+            "model / in order: temporal information plus the layers' extra capacity, a secondary figure)",
+        ]
+    rows = [(label, key) for label, key in SAMPLE_ROWS if f"{key}_frame_change" in g]
+    if rows:
+        lines.append("frames:          change (mean |frame i+1 - frame i|, 0-255)   correlation (consecutive frames)")
+        lines += [
+            f"  {label:<15}{g[f'{key}_frame_change']:8.2f}{g[f'{key}_frame_correlation']:38.3f}" for label, key in rows
+        ]
+    if "image_mode_shapes" in g:
+        lines.append(
+            f"  image-mode frames showing one shape on a grey background: {g['image_mode_shapes']:.0%} "
+            "(lvdm.testing.demo_base.shows_a_shape)"
+        )
+    return lines
+
+
+SAMPLE_ROWS = (("clips", "clips"), ("samples", "samples"), ("image mode", "image_mode"))
 
 
 def print_report(result: TrainResult) -> None:

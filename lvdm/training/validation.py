@@ -1,16 +1,30 @@
-"""What a run reports about itself: the temporal gain on held-out clips, and sample videos.
+"""What a run reports about itself: motion gains on held-out clips, sample videos and their frame metrics.
 
-The temporal gain is the held-out denoising loss with the temporal layers bypassed (image-only
-mode: the frozen image model) divided by the loss with them on, at fixed timesteps and fixed
-noise. Above 1 the temporal layers use the other frames to denoise better than the image model
-can: motion is being learned. At initialisation it is exactly 1.
+**Motion gain** (the headline): the same trained model, the same held-out clips, the same timesteps and noise, with
+the order of the frames destroyed. ``loss_shuffled / loss_in_order``, where the shuffled pass permutes the frames
+of each clean clip *and of its noise* with one random permutation per clip (the same ones at every validation), so
+every frame meets exactly the noise it meets in order and only the temporal order differs. Above 1: the model uses
+the order of the frames, i.e. motion. A model that ignores the order (or one trained on shuffled clips) gets 1.
+
+Also reported, each the same model with information removed, not layers:
+
+- ``motion_gain_each_frame`` = ``loss_each_frame / loss_in_order``: every frame denoised as its own 1-frame video
+  through the same video model (temporal layers on, nothing to attend to): what the other frames are worth at all,
+  ordered or not (it includes the colour and background the other frames share).
+- ``layers_off_ratio`` = ``loss_layers_off / loss_in_order``: the frozen image model (image-only indicator set). It
+  mixes two things, what the other frames tell and the extra trainable capacity of the temporal layers, so it is a
+  secondary figure; on a poor base it is large with no motion learned at all.
+
+At initialisation (temporal output projections at zero) all three ratios are exactly 1.
 """
 
 from __future__ import annotations
 
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+import numpy as np
 import torch
 
 from lvdm.diffusion import diffusion_loss, guidance_schedule, make_scheduler, sample
@@ -19,70 +33,204 @@ from lvdm.models.encoders import decode_latents, encode_text
 from lvdm.training.step import Frozen, batch_latents_and_text, step_generator
 
 GAIN_TIMESTEPS = (50, 200, 400, 600, 800, 950)
+PASSES = ("in_order", "shuffled", "each_frame", "layers_off")
+
+
+def shuffle_permutations(b: int, f: int, generator: torch.Generator) -> torch.Tensor:
+    """``(b, f)`` frame orders, one random permutation per clip, never the identity (for ``f > 1``)."""
+    rows = []
+    for _ in range(b):
+        order = torch.randperm(f, generator=generator)
+        while f > 1 and torch.equal(order, torch.arange(f)):
+            order = torch.randperm(f, generator=generator)
+        rows.append(order)
+    return torch.stack(rows)
+
+
+def permute_frames(x: torch.Tensor, orders: torch.Tensor) -> torch.Tensor:
+    """``(b, c, f, h, w)`` with each clip's frames in ``orders[i]``."""
+    # b f -> b 1 f 1 1, broadcast over channels and pixels
+    index = orders.to(x.device)[:, None, :, None, None].expand_as(x)
+    return torch.gather(x, 2, index)
+
+
+def frames_as_videos(x: torch.Tensor) -> torch.Tensor:
+    """``(b, c, f, h, w) -> ((b f), c, 1, h, w)``: every frame its own 1-frame video."""
+    b, c, f, h, w = x.shape
+    # b c f h w -> (b f) c 1 h w
+    return x.permute(0, 2, 1, 3, 4).reshape(b * f, c, 1, h, w)
+
+
+def _pass_inputs(name: str, latents, noise, text, orders) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, float]:
+    """``(latents, noise, text, image_only flag)`` of one pass of :func:`motion_gains`."""
+    if name == "shuffled":
+        return permute_frames(latents, orders), permute_frames(noise, orders), text, 0.0
+    if name == "each_frame":
+        f = latents.shape[2]
+        return frames_as_videos(latents), frames_as_videos(noise), text.repeat_interleave(f, dim=0), 0.0
+    return latents, noise, text, 1.0 if name == "layers_off" else 0.0
 
 
 @torch.no_grad()
-def temporal_gain(
+def motion_gains(
     model_fn: Any, batches: list[dict[str, Any]], frozen: Frozen, device: torch.device
 ) -> dict[str, float]:
-    """``loss_video``, ``loss_image`` and their ratio ``temporal_gain`` over ``batches`` at fixed t and noise."""
-    totals, terms_count = {"video": 0.0, "image": 0.0}, 0
+    """The held-out loss of each pass (``loss_in_order``, ``loss_shuffled``, ``loss_each_frame``,
+    ``loss_layers_off``) over ``batches`` at fixed timesteps, noise and shuffles, and ``motion_gain``,
+    ``motion_gain_each_frame``, ``layers_off_ratio`` (each pass's loss / the in-order loss); see the module notes."""
+    totals, count = dict.fromkeys(PASSES, 0.0), 0
     for number, batch in enumerate(batches):
         generator = step_generator(-1, 0, number)  # the same draws at every validation
         latents, text = batch_latents_and_text(batch, frozen, generator, device)
-        b = latents.shape[0]
+        b, f = latents.shape[0], latents.shape[2]
+        orders = shuffle_permutations(b, f, generator)
         for t in GAIN_TIMESTEPS:
             noise = torch.randn(latents.shape, generator=generator).to(device)
-            timesteps = torch.full((b,), t, dtype=torch.long, device=device)
-            for mode, flag in (("video", 0.0), ("image", 1.0)):
+            for name in PASSES:
+                x, eps, cond, flag = _pass_inputs(name, latents, noise, text, orders)
+                n = x.shape[0]
                 terms = diffusion_loss(
-                    model_fn, latents, frozen.noise_scheduler, noise=noise, timesteps=timesteps,
-                    encoder_hidden_states=text, image_only_indicator=torch.full((b,), flag, device=device),
+                    model_fn, x, frozen.noise_scheduler, noise=eps,
+                    timesteps=torch.full((n,), t, dtype=torch.long, device=device), encoder_hidden_states=cond,
+                    image_only_indicator=torch.full((n,), flag, device=device),
                 )  # fmt: skip
-                totals[mode] += float(terms.loss.mean())
-            terms_count += 1
-    count = max(terms_count, 1)
-    return {
-        "loss_video": totals["video"] / count,
-        "loss_image": totals["image"] / count,
-        "temporal_gain": totals["image"] / max(totals["video"], 1e-12),
+                totals[name] += float(terms.loss.mean())
+            count += 1
+    losses = {f"loss_{name}": total / max(count, 1) for name, total in totals.items()}
+    base = max(totals["in_order"], 1e-12)
+    return losses | {
+        "motion_gain": totals["shuffled"] / base,
+        "motion_gain_each_frame": totals["each_frame"] / base,
+        "layers_off_ratio": totals["layers_off"] / base,
     }
 
 
+# ------------------------------------------------------------------------------------------------- frame metrics
+def frame_metrics(videos: np.ndarray) -> dict[str, float]:
+    """``frame_change`` (mean absolute change between consecutive frames, 0-255) and ``frame_correlation`` (mean
+    Pearson correlation of consecutive frames' pixels) of uint8 videos ``(n, f, h, w, 3)`` or one ``(f, h, w, 3)``."""
+    videos = np.asarray(videos, dtype=np.float64)
+    videos = videos[None] if videos.ndim == 4 else videos
+    if videos.shape[1] < 2:
+        raise ValueError(f"frame metrics need at least 2 frames, got {videos.shape[1]}")
+    # n f h w c -> n f (h w c)
+    flat = videos.reshape(*videos.shape[:2], -1)
+    a, b = flat[:, :-1], flat[:, 1:]
+    change = np.abs(b - a).mean()
+    a, b = a - a.mean(-1, keepdims=True), b - b.mean(-1, keepdims=True)
+    denom = np.sqrt((a * a).sum(-1) * (b * b).sum(-1))
+    corr = np.where(denom > 0, (a * b).sum(-1) / np.maximum(denom, 1e-12), 1.0)  # two flat frames: identical
+    return {"frame_change": float(change), "frame_correlation": float(corr.mean())}
+
+
+def clip_frames(batches: list[dict[str, Any]]) -> np.ndarray:
+    """The clips of video batches as uint8 ``(n, f, h, w, 3)`` (batches from the latent cache hold no frames)."""
+    videos = [to_uint8_frames(v) for batch in batches if "video" in batch for v in batch["video"].float()]
+    return np.stack(videos) if videos else np.zeros((0, 2, 1, 1, 3), np.uint8)
+
+
+# ------------------------------------------------------------------------------------------------- samples
 @torch.no_grad()
-def sample_videos(
+def render_videos(
     model_fn: Any,
     frozen: Frozen,
     prompts: list[str],
-    out_dir: Path,
     *,
     num_frames: int,
     latent_size: tuple[int, int],
     latent_channels: int,
     steps: int = 25,
     guidance_scale: float = 7.5,
-    fps: float = 8.0,
     seed: int = 0,
+    image_mode: bool = False,
     device: torch.device | None = None,
-) -> list[Path]:
-    """Render each prompt (DDIM, classifier-free guidance) to ``out_dir/<i>.mp4`` and ``.gif``."""
+) -> np.ndarray:
+    """Each prompt rendered (DDIM, classifier-free guidance) as uint8 ``(n, f, h, w, 3)``.
+
+    ``image_mode``: the image-only indicator set, i.e. the frozen image model draws every frame from its own noise.
+    """
     scheduler = make_scheduler("ddim", frozen.noise_scheduler.config)
-    empty = frozen.empty_text.to(device)
-    written = []
+    empty = frozen.empty_text.to(device).float()
+    videos = []
     for i, prompt in enumerate(prompts):
         generator = torch.Generator().manual_seed(seed + i)
-        shape = (1, latent_channels, num_frames, *latent_size)
-        noise = torch.randn(shape, generator=generator).to(device)
+        noise = torch.randn((1, latent_channels, num_frames, *latent_size), generator=generator).to(device)
         text = encode_text(frozen.tokenizer, frozen.text_encoder, [prompt]).to(device, torch.float32)
+        flag = torch.full((1,), float(image_mode), device=device)
+        cond = {"encoder_hidden_states": text, "image_only_indicator": flag}
         latents = sample(
-            model_fn, scheduler, latents=noise, num_inference_steps=steps,
-            cond={"encoder_hidden_states": text}, uncond={"encoder_hidden_states": empty.float()},
-            guidance=guidance_schedule("constant", guidance_scale), generator=generator, progress=False,
+            model_fn, scheduler, latents=noise, num_inference_steps=steps, cond=cond,
+            uncond={"encoder_hidden_states": empty}, guidance=guidance_schedule("constant", guidance_scale),
+            generator=generator, progress=False,
         )  # fmt: skip
-        frames = to_uint8_frames(decode_latents(frozen.vae, latents)[0].float().cpu())
-        out_dir.mkdir(parents=True, exist_ok=True)
+        videos.append(to_uint8_frames(decode_latents(frozen.vae, latents)[0].float().cpu()))
+    return np.stack(videos)
+
+
+def write_videos(videos: np.ndarray, out_dir: Path, *, fps: float = 8.0, prefix: str = "") -> list[Path]:
+    """``out_dir/<prefix><i>.mp4`` and ``.gif`` for each uint8 video ``(f, h, w, 3)``."""
+    out_dir.mkdir(parents=True, exist_ok=True)
+    written = []
+    for i, frames in enumerate(videos):
         written += [
-            write_video(frames, out_dir / f"{i:02d}.mp4", fps=fps),
-            write_gif(frames, out_dir / f"{i:02d}.gif", fps=fps),
+            write_video(frames, out_dir / f"{prefix}{i:02d}.mp4", fps=fps),
+            write_gif(frames, out_dir / f"{prefix}{i:02d}.gif", fps=fps),
         ]
     return written
+
+
+def sample_videos(model_fn: Any, frozen: Frozen, prompts: list[str], out_dir: Path, *, fps: float = 8.0,
+                  **render: Any) -> list[Path]:  # fmt: skip
+    """Render each prompt (see :func:`render_videos`) to ``out_dir/<i>.mp4`` and ``.gif``."""
+    return write_videos(render_videos(model_fn, frozen, prompts, **render), out_dir, fps=fps)
+
+
+@dataclass
+class Rendered:
+    """What a validation rendered: the files, the videos by kind (uint8 ``(n, f, h, w, 3)``) and their figures."""
+
+    files: list[Path] = field(default_factory=list)
+    videos: dict[str, np.ndarray] = field(default_factory=dict)
+    figures: dict[str, float] = field(default_factory=dict)
+
+
+def render_validation(
+    model_fn: Any, frozen: Frozen, prompts: list[str], out_dir: Path, *, fps: float = 8.0, **render: Any
+) -> Rendered:
+    """The prompts as videos (``out_dir/<i>.mp4|gif``) and in image mode (``out_dir/image_mode_<i>.mp4|gif``: every
+    frame drawn by the frozen image model from its own noise, the reference a video model must beat), with
+    ``samples_frame_change`` / ``_correlation`` and ``image_mode_frame_change`` / ``_correlation``
+    (:func:`frame_metrics`)."""
+    out = Rendered()
+    for kind, image_mode, prefix in (("samples", False, ""), ("image_mode", True, "image_mode_")):
+        videos = render_videos(model_fn, frozen, prompts, image_mode=image_mode, **render)
+        out.files += write_videos(videos, out_dir, fps=fps, prefix=prefix)
+        out.videos[kind] = videos
+        out.figures |= {f"{kind}_{k}": v for k, v in frame_metrics(videos).items()}
+    return out
+
+
+def clip_figures(batches: list[dict[str, Any]]) -> dict[str, float]:
+    """``clips_frame_change`` / ``clips_frame_correlation`` of the held-out clips (none from a latent cache)."""
+    clips = clip_frames(batches)
+    return {f"clips_{k}": v for k, v in frame_metrics(clips).items()} if len(clips) else {}
+
+
+def gif_summary(tag: str, videos: np.ndarray, *, fps: float = 8.0) -> Any:
+    """A TensorBoard image summary holding uint8 videos ``(n, f, h, w, 3)`` side by side as one animated GIF."""
+    import io
+
+    from PIL import Image
+    from tensorboard.compat.proto.summary_pb2 import Summary
+
+    # n f h w c -> f h (n w) c: the videos next to each other
+    strip = np.concatenate(list(np.asarray(videos, dtype=np.uint8)), axis=2)
+    frames = [Image.fromarray(frame) for frame in strip]
+    buffer = io.BytesIO()
+    frames[0].save(buffer, format="GIF", save_all=True, append_images=frames[1:], duration=round(1000 / fps), loop=0)
+    height, width = strip.shape[1:3]
+    image = Summary.Image(height=height, width=width, colorspace=3, encoded_image_string=buffer.getvalue())
+    return Summary(value=[Summary.Value(tag=tag, image=image)])
+
+
+temporal_gain = motion_gains  # the old name, until every caller says motion_gains
