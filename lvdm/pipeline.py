@@ -298,7 +298,7 @@ class VideoPipeline:
         progress: bool,
     ) -> torch.Tensor:
         """One batch of videos through the sampler, CFG batched into one forward per step."""
-        from lvdm.diffusion import guidance_schedule, make_scheduler, sample
+        from lvdm.diffusion import guidance_schedule, make_scheduler, sample, step_noise_for
 
         return sample(
             self.model_fn(image_mode=s.image_mode),
@@ -311,6 +311,7 @@ class VideoPipeline:
             guidance_rescale=s.guidance_rescale,
             threshold=parse_threshold(s.threshold) if s.threshold else None,
             generator=generators,  # one per video: scheduler noise (ddpm, euler_a) also follows each video's seed
+            step_noise=step_noise_for(s.noise_prior, s.mixed_lambda),  # that noise follows the prior too
             progress=progress,
         )
 

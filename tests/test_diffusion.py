@@ -264,7 +264,7 @@ def test_batched_cfg_equals_two_separate_passes(rescale):
 def test_weight_one_runs_only_the_conditional_pass():
     x, t, cond, uncond = guidance_inputs()
     model = CountingModel()
-    guided = classifier_free_guidance(model, scale_at=guidance_schedule("oscillating", 5.0, warmup=0.0))
+    guided = classifier_free_guidance(model, scale_at=guidance_schedule("oscillating", 5.0, low=1.0, warmup=0.0))
     out = guided(x, t, cond=cond, uncond=uncond, step_index=1, num_steps=10)  # the low (1.0) step
     assert model.batches == [2]
     torch.testing.assert_close(out, model(x, t, **cond), rtol=0, atol=0)
@@ -282,10 +282,23 @@ def test_cfg_rejects_conditions_it_cannot_batch():
         guided(x, t, cond=cond, uncond={"fps": torch.zeros(2)}, step_index=0, num_steps=1)
 
 
+def test_oscillating_default_is_imagen_videos_rule_in_lvdms_convention():
+    """Imagen Video alternates w = 15 and w = 1 in (1 + w) c - w u; lvdm's u + s (c - u) has s = 1 + w."""
+    x, t, cond, uncond = guidance_inputs()
+    model = CountingModel()
+    u, c = model(x, t, **{**cond, **uncond}), model(x, t, **cond)
+    imagen = {15.0: (1 + 15.0) * c - 15.0 * u, 1.0: (1 + 1.0) * c - 1.0 * u}
+    schedule = guidance_schedule("oscillating", 16.0, warmup=0.0)  # the default low
+    guided = classifier_free_guidance(model, scale_at=schedule)
+    for step, w in ((0, 15.0), (1, 1.0)):
+        out = guided(x, t, cond=cond, uncond=uncond, step_index=step, num_steps=10)
+        torch.testing.assert_close(out, imagen[w], rtol=1e-5, atol=1e-5 * float(imagen[w].abs().max()))
+
+
 def test_guidance_schedules():
     assert set(GUIDANCE_SCHEDULES) == {"constant", "oscillating", "linear"}
     steps = 10
-    values = [guidance_schedule("oscillating", 12.0)(i, steps) for i in range(steps)]
+    values = [guidance_schedule("oscillating", 12.0, low=1.0)(i, steps) for i in range(steps)]
     assert values == [12.0, 12.0, 12.0, 1.0, 12.0, 1.0, 12.0, 1.0, 12.0, 1.0]
     low = [guidance_schedule("oscillating", 8.0, low=2.0, warmup=0.5)(i, steps) for i in range(steps)]
     assert low == [8.0] * 5 + [8.0, 2.0, 8.0, 2.0, 8.0]
@@ -410,7 +423,7 @@ def test_sample_with_guidance_uses_one_batched_call_per_step():
     model = CountingModel()
     _, noise = clip(0)
     _, _, cond, uncond = guidance_inputs()
-    schedule = guidance_schedule("oscillating", 4.0, warmup=0.5)
+    schedule = guidance_schedule("oscillating", 4.0, low=1.0, warmup=0.5)
     out = sample(
         model,
         scheduler,

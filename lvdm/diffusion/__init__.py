@@ -11,7 +11,7 @@ from lvdm.diffusion.guidance import (
     threshold_x0,
 )
 from lvdm.diffusion.loss import LossTerms, diffusion_loss, min_snr_weights, prediction_target, snr
-from lvdm.diffusion.noise import NOISE_PRIORS, sample_noise
+from lvdm.diffusion.noise import NOISE_PRIORS, sample_noise, step_noise_for
 from lvdm.diffusion.sampling import SAMPLERS, make_scheduler, sample
 
 __all__ = [
@@ -28,5 +28,6 @@ __all__ = [
     "sample",
     "sample_noise",
     "snr",
+    "step_noise_for",
     "threshold_x0",
 ]

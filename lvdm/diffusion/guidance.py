@@ -38,12 +38,15 @@ class OscillatingGuidance:
     alternating ``scale, low, scale, low, ...``.
 
     Imagen Video (Ho et al. 2022, sec. 2.7) found that a constant high weight for the first steps followed by
-    oscillation between a high and a low (1.0) weight keeps the text alignment of a high weight while avoiding
-    its saturation artefacts. E.g. 10 steps, ``warmup=0.2``: ``[s, s, s, 1, s, 1, s, 1, s, 1]``.
+    oscillation between a high and a low weight keeps the text alignment of a high weight while avoiding its
+    saturation artefacts. The paper writes guidance as ``(1 + w) c - w u`` and alternates ``w = 15`` and ``w = 1``;
+    lvdm writes it as ``u + s (c - u)``, so ``s = 1 + w``: Imagen's rule is ``scale=16, low=2`` here, and
+    ``low=2`` is the default (``low=1`` would be no guidance at all on the low steps). E.g. 10 steps,
+    ``warmup=0.2``: ``[s, s, s, 2, s, 2, s, 2, s, 2]``.
     """
 
     scale: float
-    low: float = 1.0
+    low: float = 2.0
     warmup: float = 0.2
 
     def __post_init__(self) -> None:
@@ -87,7 +90,7 @@ GUIDANCE_SCHEDULES: dict[str, Callable[..., Callable[[int, int], float]]] = {
 
 
 def guidance_schedule(name: str, scale: float, **options: Any) -> Callable[[int, int], float]:
-    """Build the named guidance schedule, e.g. ``guidance_schedule("oscillating", 12.0, low=1.0, warmup=0.2)``."""
+    """Build the named guidance schedule, e.g. ``guidance_schedule("oscillating", 16.0, low=2.0, warmup=0.2)``."""
     return lookup(GUIDANCE_SCHEDULES, name, "guidance schedule")(scale, **options)
 
 

@@ -13,6 +13,7 @@ so every element still has unit variance and two frames of a video correlate wit
 
 from __future__ import annotations
 
+import functools
 import math
 from collections.abc import Callable
 
@@ -106,3 +107,12 @@ def sample_noise(
         offset = randn_tensor(offset_shape, generator=generator, device=noise.device, dtype=torch.float32)
         noise = noise + offset_noise * offset
     return noise.to(dtype)
+
+
+def step_noise_for(prior: str, mixed_lambda: float = 0.5) -> Callable[..., torch.Tensor] | None:
+    """The per-step noise of stochastic samplers under ``prior`` (``sample(step_noise=...)``); ``None`` for the
+    independent prior, where the scheduler's own i.i.d. draws are already right."""
+    lookup(NOISE_PRIORS, prior, "noise prior")
+    if prior == "independent":
+        return None
+    return functools.partial(sample_noise, prior=prior, mixed_lambda=mixed_lambda)

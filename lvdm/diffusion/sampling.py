@@ -8,13 +8,23 @@ scheduler's own default (e.g. ``timestep_spacing`` "leading" for DDIM/DDPM, "lin
 Written by hand: the loop itself (diffusers' is inside each pipeline and calls the UNet directly), with
 classifier-free guidance from :mod:`lvdm.diffusion.guidance` and optional thresholding of the predicted x0 for
 every scheduler (diffusers' own ``thresholding`` exists only in some schedulers and only as the percentile rule).
+
+Stochastic samplers (``ddpm``, ``euler_a``, DDIM with eta > 0) add fresh noise at every step. Under a video
+noise prior that noise must follow the prior too, or each step would add i.i.d. per-frame noise and undo the
+shared part of VideoFusion's mixed prior. diffusers' ``step`` offers no way to pass that noise in (only DDIM
+takes ``variance_noise``), so :func:`sample` with ``step_noise`` makes the scheduler's module draw through it for
+the duration of each ``step`` call (its ``randn_tensor``, the one function every diffusers scheduler draws
+with); a scheduler module without one is refused rather than silently sampled with i.i.d. noise. Not thread-safe
+across concurrent sampling loops with different priors on one scheduler class.
 """
 
 from __future__ import annotations
 
 import functools
 import inspect
-from collections.abc import Callable, Mapping
+import sys
+from collections.abc import Callable, Iterator, Mapping
+from contextlib import contextmanager
 from typing import Any
 
 import numpy as np
@@ -35,6 +45,7 @@ from lvdm.diffusion._common import ModelFn, lookup
 from lvdm.diffusion.guidance import ConstantGuidance, classifier_free_guidance, threshold_x0
 
 Threshold = tuple[str, float] | Callable[[torch.Tensor], torch.Tensor]
+StepNoise = Callable[..., torch.Tensor]  # (shape, *, generator, device) -> float32 noise
 
 SAMPLERS: dict[str, Callable[[Mapping[str, Any]], SchedulerMixin]] = {
     "ddim": DDIMScheduler.from_config,
@@ -113,7 +124,8 @@ def sample(
     guidance: Callable[[int, int], float] | None = None,
     guidance_rescale: float = 0.0,
     threshold: Threshold | None = None,
-    generator: torch.Generator | None = None,
+    generator: torch.Generator | list[torch.Generator] | None = None,
+    step_noise: StepNoise | None = None,
     progress: bool = True,
 ) -> torch.Tensor:
     """Denoise ``latents`` with ``scheduler`` and the (guided) ``model_fn``; returns the clean latents.
@@ -138,6 +150,9 @@ def sample(
             callable, applied to the x0 implied by each (guided) model output; ``None`` disables it.
         generator: passed to ``scheduler.step`` where it takes one (the noise of DDPM, Euler ancestral, DDIM with
             eta > 0).
+        step_noise: ``(shape, *, generator, device) -> noise`` drawing the per-step noise of stochastic samplers
+            (e.g. ``functools.partial(sample_noise, prior="mixed", mixed_lambda=0.5)``); ``None``: the scheduler's
+            own i.i.d. draws. See the module docstring.
         progress: show a tqdm bar over the steps.
     """
     if guidance is not None and uncond is None:
@@ -155,5 +170,30 @@ def sample(
         out = guided(model_input, t_batch, cond=cond, uncond=uncond, step_index=i, num_steps=len(timesteps))
         if limit is not None:
             out = _limit_output(scheduler, out, model_input, t, limit)
-        x = scheduler.step(out.to(x.dtype), t, x, **step_kwargs, return_dict=False)[0]
+        with _drawing_with(scheduler, step_noise):
+            x = scheduler.step(out.to(x.dtype), t, x, **step_kwargs, return_dict=False)[0]
     return x
+
+
+@contextmanager
+def _drawing_with(scheduler: SchedulerMixin, step_noise: StepNoise | None) -> Iterator[None]:
+    """Inside the block, ``scheduler``'s module draws its per-step noise with ``step_noise``."""
+    if step_noise is None:
+        yield
+        return
+    module = sys.modules[type(scheduler).__module__]
+    original = getattr(module, "randn_tensor", None)
+    if original is None:
+        raise ValueError(
+            f"{type(scheduler).__name__} draws its step noise in a way lvdm cannot route through a noise prior; "
+            "use a deterministic sampler (ddim, dpmpp, euler, unipc) or the independent prior"
+        )
+
+    def draw(shape: Any, generator: Any = None, device: Any = None, dtype: Any = None, **_: Any) -> torch.Tensor:
+        return step_noise(tuple(shape), generator=generator, device=device).to(dtype or torch.float32)
+
+    module.randn_tensor = draw
+    try:
+        yield
+    finally:
+        module.randn_tensor = original

@@ -23,6 +23,7 @@ def build_model(cfg: Any, device: torch.device, mixed_precision: str) -> tuple[A
     """
     from lvdm.data.cache import weights_digest
     from lvdm.models import VideoUNet, load_base
+    from lvdm.models.parts import add_configured_parts
     from lvdm.training import groups
     from lvdm.training.trainer import layout_from_config
 
@@ -32,7 +33,9 @@ def build_model(cfg: Any, device: torch.device, mixed_precision: str) -> tuple[A
     if cfg.data.cache:  # hashed before any cast, as the cache command hashes them
         digests = {"vae_digest": weights_digest(base.vae), "text_encoder_digest": weights_digest(base.text_encoder)}
     dtype = WEIGHT_DTYPES[mixed_precision]
-    video = VideoUNet.from_unet2d(base.unet, layout_from_config(m)).freeze_base()
+    video = VideoUNet.from_unet2d(base.unet, layout_from_config(m))
+    add_configured_parts(video, m)  # the standalone parts the model section asks for (lvdm.models.parts)
+    video.freeze_base()
     trainable = dict(video.named_temporal_parameters())
     if m.spatial_lora_rank:
         trainable |= groups.add_spatial_lora(video, m.spatial_lora_rank, m.spatial_lora_alpha)
