@@ -457,3 +457,20 @@ def test_a_run_that_failed_before_its_first_checkpoint_does_not_block_the_next(t
     release_run(out)
     assert "stopped before its first checkpoint" in capsys.readouterr().err
     assert not (out / "config.yaml").exists()
+
+
+def test_what_a_run_wrote_is_listed_at_each_checkpoint_so_a_killed_run_can_be_overwritten(tmp_path, capsys):
+    from lvdm.training import run_dir
+    from lvdm.training.checkpoint import save_checkpoint
+
+    out = tmp_path / "run"
+    run_dir.prepare_output_dir(out, resume=None, overwrite=False)
+    (out / "metrics.json").write_text("{}")  # a file some later lvdm feature writes
+    save_checkpoint(out / "checkpoints", 1, {"trainable": {"w": torch.zeros(2)}})
+    run_dir.record_outputs(out)
+    os.close(run_dir._HELD.pop(out.resolve()).fd)  # SIGKILL: no release, no exit handler
+    assert "metrics.json" in json.loads((out / run_dir.RUN_MARKER).read_text())["files"]
+    run_dir.prepare_output_dir(out, resume=None, overwrite=True)
+    run_dir.release_run(out)
+    assert "did not exit cleanly" in capsys.readouterr().err
+    assert not (out / "metrics.json").exists() and not (out / "checkpoints").exists()

@@ -435,6 +435,17 @@ def release_run(output_dir: Path, *, refused: bool = False) -> None:
         lock.release(refused=refused)
 
 
+def record_outputs(output_dir: Path) -> None:
+    """List in the run marker what this run has written so far (called at each checkpoint, so that a run killed
+    with SIGKILL still has its files listed for a later ``train.overwrite``)."""
+    lock = _HELD.get(Path(output_dir).resolve())
+    if lock is not None:
+        try:
+            _list_new_entries(lock.output_dir, lock.started_with)
+        except OSError:
+            pass  # the marker is refreshed again at the next checkpoint and at exit
+
+
 @atexit.register
 def _release_all() -> None:
     for key in list(_HELD):
