@@ -167,6 +167,6 @@ def training_fps(training_config: dict[str, Any]) -> float | None:
     which the trainer records as ``clip_fps``), else ``None``."""
     data = training_config.get("data") if isinstance(training_config.get("data"), dict) else {}
     for value in (data.get("target_fps"), training_config.get("clip_fps")):
-        if isinstance(value, (int, float)) and not isinstance(value, bool) and value > 0:
+        if type(value) in (int, float) and 0 < value <= 1000:  # NaN, inf and absurd rates count as unknown
             return float(value)
     return None

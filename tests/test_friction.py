@@ -9,6 +9,8 @@ import pytest
 from lvdm.data.cache import LatentCache
 from lvdm.errors import DataError
 
+pytestmark = pytest.mark.usefixtures("one_thread")
+
 
 def test_a_missing_latent_cache_names_the_command_that_builds_it(tmp_path: Path) -> None:
     with pytest.raises(DataError) as caught:
@@ -81,3 +83,124 @@ def test_the_sampling_fps_default_is_the_modules_training_rate(tmp_path, trainin
     path = tmp_path / "module.safetensors"
     VideoUNet.from_unet2d(testing.tiny_unet("sd1")).save_temporal(path, training_config=training_config)
     assert temporal_defaults(path)["fps"] == fps
+
+
+# ------------------------------------------------------------------------------------------------ the trainer
+@pytest.fixture(scope="module")
+def strided_run(tiny_assets, tmp_path_factory):
+    """6 steps on 24 fps clips at stride 2 (12 fps), logged every 3 steps, one validation sample; each step's loss."""
+    from conftest import tiny_overrides
+
+    from lvdm.config import load_config
+    from lvdm.training.trainer import Trainer, train
+
+    real, losses = Trainer._optimizer_step, []
+
+    def recording(self):
+        loss, grad_norm, stepped = real(self)
+        losses.extend([loss] if stepped else [])
+        return loss, grad_norm, stepped
+
+    out = tmp_path_factory.mktemp("strided") / "run"
+    extra = {"data.frame_stride": 2, "train.max_steps": 6, "train.log_every": 3, "train.checkpoint_every": 6,
+             "train.validation_prompts": "[a kite]", "train.validation_steps": 1}  # fmt: skip
+    with pytest.MonkeyPatch.context() as patch:
+        patch.setattr(Trainer, "_optimizer_step", recording)
+        result = train(load_config([], tiny_overrides(tiny_assets, out, **extra)), progress=False)
+    return result, losses
+
+
+def test_the_logged_and_summarised_loss_is_the_mean_over_the_log_window(strided_run):
+    from lvdm.training.logs import read_log
+    from lvdm.training.report import format_report
+
+    result, losses = strided_run
+    logged = {r["step"]: r["loss"] for r in read_log(result.output_dir / "log.jsonl") if "grad_norm" in r}
+    assert len(losses) == 6 and len(set(losses)) == 6
+    mean = lambda values: sum(values) / len(values)  # noqa: E731
+    assert logged == pytest.approx({1: losses[0], 3: mean(losses[1:3]), 6: mean(losses[3:6])})
+    assert result.first_loss == losses[0] and result.last_loss == pytest.approx(mean(losses[3:6]))
+    assert "the mean of the last 3 steps" in format_report(result)
+
+
+def test_sampling_and_validation_default_to_the_clips_training_rate(strided_run):
+    import av
+
+    from lvdm.sampling_settings import temporal_defaults
+    from lvdm.training.checkpoint import list_checkpoints, load_checkpoint
+
+    result, _ = strided_run
+    assert temporal_defaults(result.temporal_path)["fps"] == 12.0  # 24 fps clips at stride 2, no data.target_fps
+    videos = [p for p in result.samples if p.suffix == ".mp4"]
+    for video in videos:
+        with av.open(str(video)) as container:
+            assert container.streams.video[0].average_rate == 12, video
+    assert videos
+    _, metadata = load_checkpoint(list_checkpoints(result.output_dir / "checkpoints")[-1])
+    assert metadata["clip_fps"] == 12.0  # so that python -m lvdm.export writes it too
+
+
+def interrupting(monkeypatch, at_micro_batch: int, times: int, seen: list[str], capfd) -> None:
+    """Ctrl-C ``times`` in a row while micro-batch ``at_micro_batch`` is drawn; what stderr said at once is kept."""
+    import signal
+
+    from lvdm.training.trainer import Trainer
+
+    real = Trainer._next_batch
+
+    def next_batch(self):
+        if self.micro_batches + 1 == at_micro_batch:
+            capfd.readouterr()  # what came before
+            for _ in range(times):
+                signal.raise_signal(signal.SIGINT)
+                seen.append(capfd.readouterr().err)
+        return real(self)
+
+    monkeypatch.setattr(Trainer, "_next_batch", next_batch)
+
+
+def test_ctrl_c_says_at_once_it_stops_after_this_step(tiny_assets, tmp_path, monkeypatch, capfd):
+    from conftest import tiny_overrides
+
+    from lvdm.config import load_config
+    from lvdm.training.trainer import train
+
+    seen: list[str] = []
+    interrupting(monkeypatch, 2, 1, seen, capfd)
+    result = train(load_config([], tiny_overrides(tiny_assets, tmp_path / "run", **{"train.max_steps": 50})),
+                   progress=False)  # fmt: skip
+    assert seen == ["\nstopping after this step (Ctrl-C again to quit)\n"]
+    assert result.stopped_by_signal and result.step == 2
+
+
+def test_a_second_ctrl_c_quits_at_once(tiny_assets, tmp_path, monkeypatch, capfd):
+    from conftest import tiny_overrides
+
+    import train as script
+    from lvdm.cli import run_cli
+
+    seen: list[str] = []
+    interrupting(monkeypatch, 2, 2, seen, capfd)
+    code = run_cli(script.main, ["--quiet", *tiny_overrides(tiny_assets, tmp_path / "run", **{"train.max_steps": 50})])
+    assert code == 130 and capfd.readouterr().err.splitlines() == ["interrupted"]
+    assert len(seen) == 1 and "stopping after this step" in seen[0]  # the second one raised before it returned
+    assert not (tmp_path / "run" / "checkpoints").exists() or not list((tmp_path / "run" / "checkpoints").iterdir())
+
+
+def test_a_resumed_run_logs_the_same_window_means(tiny_assets, tmp_path):
+    from conftest import tiny_overrides
+
+    from lvdm.config import load_config
+    from lvdm.training.logs import read_log
+    from lvdm.training.trainer import train
+
+    def run(out, **extra):
+        values = {"train.log_every": 3, "train.checkpoint_every": 100, **extra}
+        return train(load_config([], tiny_overrides(tiny_assets, out, **values)), progress=False)
+
+    run(tmp_path / "straight")
+    run(tmp_path / "split", **{"train.max_steps": 2})  # stops after step 2, inside the window of step 3
+    run(tmp_path / "split", **{"train.resume": "auto"})
+    straight, split = ({r["step"]: r["loss"] for r in read_log(tmp_path / name / "log.jsonl") if "grad_norm" in r}
+                       for name in ("straight", "split"))  # fmt: skip
+    assert split == straight and sorted(straight) == [1, 3]

@@ -55,8 +55,9 @@ class Objective:
         """Held-out figures (logged, and printed at the end of a run); ``None`` when there are none."""
         return None
 
-    def render(self, model_fn: Any, out_dir: Path) -> list[Path]:
-        """Sample files for the validation settings, written under ``out_dir``."""
+    def render(self, model_fn: Any, out_dir: Path, *, fps: float | None = None) -> list[Path]:
+        """Sample files for the validation settings, written under ``out_dir``; videos at ``fps``, the rate the
+        clips were trained at (``None``: unknown, 8)."""
         return []
 
 
@@ -76,7 +77,8 @@ class DenoisingObjective(Objective):
             return None
         return temporal_gain(model_fn, batches, self.frozen, self.device)
 
-    def render(self, model_fn: Any, out_dir: Path) -> list[Path]:
+    def render(self, model_fn: Any, out_dir: Path, *, fps: float | None = None) -> list[Path]:
+        from lvdm.sampling_settings import DEFAULT_FPS
         from lvdm.training.validation import sample_videos
 
         cfg = self.cfg
@@ -88,7 +90,7 @@ class DenoisingObjective(Objective):
             model_fn, self.frozen, cfg.train.validation_prompts, out_dir,
             num_frames=cfg.data.num_frames, latent_size=(height // factor, width // factor),
             latent_channels=self.video.unet.config.in_channels, steps=cfg.train.validation_steps,
-            guidance_scale=cfg.train.validation_guidance, fps=cfg.data.target_fps or 8.0, seed=cfg.train.seed,
+            guidance_scale=cfg.train.validation_guidance, fps=fps or DEFAULT_FPS, seed=cfg.train.seed,
             device=self.device,
         )  # fmt: skip
 

@@ -22,6 +22,7 @@ import math
 import os
 import signal
 import time
+from collections import Counter, deque
 from contextlib import contextmanager, nullcontext
 from dataclasses import dataclass, field, replace
 from pathlib import Path
@@ -32,6 +33,7 @@ from tqdm.auto import tqdm
 
 from lvdm.config import Config, config_to_dict, save_config
 from lvdm.errors import CheckpointError, DataError, LvdmError
+from lvdm.sampling_settings import training_fps
 from lvdm.training import run_dir
 from lvdm.training.checkpoint import load_checkpoint, save_checkpoint
 from lvdm.training.ema import EMA
@@ -54,6 +56,7 @@ class TrainResult:
     samples: list[Path] = field(default_factory=list)
     skipped_steps: int = 0
     stopped_by_signal: bool = False
+    last_loss_steps: int = 1  # last_loss is the mean over this many final steps (train.log_every at most)
 
 
 class Trainer:
@@ -71,7 +74,9 @@ class Trainer:
         self.cfg_dict = config_to_dict(cfg)
         self.step = self.micro_batches = self.skipped_total = self.skipped_in_row = 0
         self.objective_figures: dict[str, float] = {}
-        self.stop_requested = False
+        self.losses: list[float] = []  # the steps since the last log line: the logged loss is their mean
+        self.clip_rates: Counter[float] = Counter()  # the training clips' frame rates: the sampling default
+        self.stop_requested = self.interrupted = False
         self._build()
 
     # ---------------------------------------------------------------------------------------------- set-up
@@ -111,7 +116,8 @@ class Trainer:
     def run(self) -> TrainResult:
         """Train to ``train.max_steps`` (or a stop signal); returns where everything is."""
         train = self.cfg.train
-        first_loss = last_loss = None
+        first_loss = None
+        recent: deque[float] = deque(maxlen=train.log_every)  # the summary's last loss: their mean
         self._announce()
         bar = tqdm(total=train.max_steps, initial=self.step, desc="training", disable=not self._show_progress())
         with self._signals():
@@ -121,13 +127,14 @@ class Trainer:
                 if not stepped:
                     continue
                 first_loss = loss if first_loss is None else first_loss
-                last_loss = loss
+                recent.append(loss)
                 bar.update(1)
                 bar.set_postfix(loss=f"{loss:.4f}", lr=f"{self.lr_schedule.get_last_lr()[0]:.2e}")
                 self._after_step(loss, grad_norm, time.perf_counter() - started)
                 self.stop_requested = self._any_rank(self.stop_requested)
         bar.close()
-        return self._finish(first_loss, last_loss)
+        result = self._finish(first_loss, sum(recent) / len(recent) if recent else None)
+        return replace(result, last_loss_steps=max(1, len(recent)))
 
     def _announce(self) -> None:
         if not self.acc.is_main_process:
@@ -184,6 +191,8 @@ class Trainer:
     def _next_batch(self) -> dict[str, Any]:
         batch = next(self.batches)
         self.micro_batches += 1
+        videos = ~batch["is_image"] if "is_image" in batch else torch.ones(len(batch["fps"]), dtype=torch.bool)
+        self.clip_rates.update(round(float(rate), 3) for rate in batch["fps"][videos] if rate > 0)
         failed = None
         try:
             self.data.guard.update(batch)
@@ -214,8 +223,11 @@ class Trainer:
 
     def _after_step(self, loss: float, grad_norm: float, seconds: float) -> None:
         train = self.cfg.train
+        self.losses.append(loss)
         if self.step % train.log_every == 0 or self.step == 1:
-            values = {"loss": loss, "lr": self.lr_schedule.get_last_lr()[0], "grad_norm": grad_norm}
+            mean_loss = sum(self.losses) / len(self.losses)  # over the steps since the last log line
+            self.losses.clear()
+            values = {"loss": mean_loss, "lr": self.lr_schedule.get_last_lr()[0], "grad_norm": grad_norm}
             values |= {
                 "step_seconds": seconds,
                 "skipped_nonfinite": self.skipped_total,
@@ -240,7 +252,12 @@ class Trainer:
                 "optimizer": self.optimizer.state_dict(),
                 "lr_schedule": self.lr_schedule.state_dict(),
                 "rng": capture_rng(),
-                "trainer": {"step": self.step, "micro_batches": self.micro_batches, "skipped": self.skipped_total},
+                "trainer": {
+                    "step": self.step,
+                    "micro_batches": self.micro_batches,
+                    "skipped": self.skipped_total,
+                    "losses": list(self.losses),  # the log window so far: a resumed run logs the same means
+                },
             }
             if self.ema is not None:
                 parts["ema"] = self.ema.state_dict()
@@ -248,10 +265,9 @@ class Trainer:
                 parts["objective"] = objective_state
             if self.acc.scaler is not None:
                 parts["scaler"] = self.acc.scaler.state_dict()
-            metadata = {"config": self.cfg_dict, "world_size": self.acc.num_processes}
+            metadata = {"config": self.cfg_dict, "world_size": self.acc.num_processes} | self._clip_fps()
             path = save_checkpoint(root, self.step, parts, keep_last=self.cfg.train.keep_last, metadata=metadata)
             self.export()
-            run_dir.record_outputs(self.out)  # the run marker lists what the run wrote, even if it is killed later
         self.acc.wait_for_everyone()
         return path
 
@@ -263,7 +279,7 @@ class Trainer:
         target = self.out / "temporal.safetensors"
         model = self.cfg.model
         with self._ema_weights():
-            self.video.save_temporal(target, training_config=self.cfg_dict)
+            self.video.save_temporal(target, training_config=self.cfg_dict | self._clip_fps())
             if model.spatial_lora_rank:
                 groups.export_spatial_lora(self.video, self.out / "spatial_lora.safetensors")
             if model.unfreeze:
@@ -271,6 +287,11 @@ class Trainer:
                 unfrozen = {n: p for n, p in self.trainable.items() if "lora_" not in n and n not in temporal}
                 groups.export_spatial_weights(unfrozen, self.out / "spatial_weights.safetensors")
         return target
+
+    def _clip_fps(self) -> dict[str, float]:
+        """``{"clip_fps": the commonest frame rate of the training clips}`` (source fps / stride), or ``{}``:
+        recorded in module files, where sampling takes its default fps from it (without ``data.target_fps``)."""
+        return {"clip_fps": self.clip_rates.most_common(1)[0][0]} if self.clip_rates else {}
 
     @contextmanager
     def _ema_weights(self):
@@ -320,6 +341,7 @@ class Trainer:
             ) from exc
         restore_rng(parts["rng"])
         trainer = parts["trainer"]
+        self.losses = [float(loss) for loss in trainer.get("losses", [])]
         self.step, self.micro_batches, self.skipped_total = (
             trainer["step"],
             trainer["micro_batches"],
@@ -336,8 +358,9 @@ class Trainer:
                 figures = self.objective.evaluate(model, self.data.validation)
                 if figures:
                     self.log.write(self.step, figures)
+                fps = training_fps(self.cfg_dict | self._clip_fps())  # the rate the clips were trained at
                 with self._ema_weights():
-                    samples = self.objective.render(model, self.out / "samples" / f"step-{self.step:08d}")
+                    samples = self.objective.render(model, self.out / "samples" / f"step-{self.step:08d}", fps=fps)
         self.acc.wait_for_everyone()
         return figures, samples
 
@@ -353,9 +376,16 @@ class Trainer:
     # ---------------------------------------------------------------------------------------------- signals
     @contextmanager
     def _signals(self):
-        """SIGTERM/SIGINT ask the loop to stop after the current step (then it saves)."""
+        """SIGTERM/SIGINT ask the loop to stop after the current step (then it saves), and say so at once; a second
+        Ctrl-C quits at once (KeyboardInterrupt: one line and exit 130 through the CLI), without saving."""
 
         def handler(signum: int, frame: Any) -> None:
+            if signum == signal.SIGINT and self.interrupted:
+                raise KeyboardInterrupt
+            self.interrupted |= signum == signal.SIGINT
+            if not self.stop_requested and self.acc.is_main_process:
+                again = "Ctrl-C again to quit" if signum == signal.SIGINT else "SIGTERM"
+                os.write(2, f"\nstopping after this step ({again})\n".encode())  # unbuffered: safe in a handler
             self.stop_requested = True
 
         previous = {sig: signal.signal(sig, handler) for sig in (signal.SIGTERM, signal.SIGINT)}
