@@ -238,6 +238,10 @@ class Config:
                 " and none train here: set model.spatial_lora_rank or model.unfreeze, or drop the images source"
                 " (train.image_batch_ratio=0)"
             )
+        from lvdm.fileio import special_folder
+
+        if reason := special_folder(self.output_dir):
+            problems.append(f"output_dir: {self.output_dir!r} is {reason}; lvdm refuses to write a run there")
         return problems
 
 

@@ -53,3 +53,17 @@ def is_stray_temp(name: str, final_names: tuple[str, ...]) -> bool:
         if len(middle) == 8 and all(c in "0123456789abcdef" for c in middle):
             return True
     return False
+
+
+def special_folder(path: str | os.PathLike) -> str | None:
+    """Why ``path`` may never be a run folder (``/``, a file-system root or mount point, the home folder or a
+    folder above it), or None."""
+    resolved = Path(path).expanduser().resolve()
+    home = Path.home().resolve()
+    if resolved == home:
+        return "your home folder"
+    if resolved == Path(resolved.anchor) or os.path.ismount(resolved):
+        return "a file-system root"
+    if home.is_relative_to(resolved):
+        return "a folder above your home folder"
+    return None

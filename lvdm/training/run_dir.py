@@ -39,7 +39,7 @@ from pathlib import Path
 from typing import Any
 
 from lvdm.errors import CheckpointError, ConfigError, LvdmError
-from lvdm.fileio import atomic_path, is_stray_temp
+from lvdm.fileio import atomic_path, is_stray_temp, special_folder
 from lvdm.training.checkpoint import (
     MARKER,
     check_writable,
@@ -66,6 +66,7 @@ RUN_FILES = (
 )  # fmt: skip
 RUN_FOLDERS = ("checkpoints", "tensorboard", "samples")
 CONFIG_HEADER = "# Resolved lvdm config"
+REFUSAL = "lvdm refuses to write a run there: give a new folder such as outputs/run"
 _SKIPPED_RANK = re.compile(r"skipped\.rank\d+\.jsonl")
 _PROBE = re.compile(r"\.write-probe-\w+")
 _CHECKPOINT_FILE = re.compile(r"[A-Za-z0-9][A-Za-z0-9_-]*\.(safetensors|pt)|metadata\.json|" + MARKER)
@@ -147,14 +148,11 @@ def _tidy(output_dir: Path) -> None:
 
 
 def refuse_special_folder(output_dir: Path) -> None:
-    """``/``, a file-system root (mount point), the home folder or a folder above it is never a run folder."""
-    path = output_dir.expanduser().resolve()
-    home = Path.home().resolve()
-    if path == Path(path.anchor) or os.path.ismount(path) or path == home or home.is_relative_to(path):
-        raise LvdmError(
-            f"output_dir {output_dir} is {'your home folder' if path == home else 'a file-system root or above home'}"
-            "; lvdm refuses to write a run there: give a new folder such as outputs/run"
-        )
+    """``/``, a file-system root (mount point), the home folder or a folder above it is never a run folder (the
+    config check says so first; this guards other callers)."""
+    reason = special_folder(output_dir)
+    if reason:
+        raise LvdmError(f"output_dir {output_dir} is {reason}; {REFUSAL}")
 
 
 def _prepare_fresh(output_dir: Path, overwrite: bool) -> None:
