@@ -36,6 +36,7 @@ __all__ = [
     "ModelConfig",
     "SourceConfig",
     "TrainConfig",
+    "check_machine",
     "config_from_dict",
     "config_to_dict",
     "describe_config",
@@ -260,3 +261,27 @@ def config_from_dict(data: dict[str, Any], schema: type[T] = Config) -> T:
 def describe_config(schema: type = Config) -> str:
     """Every key with its type, default, range and help, for ``--help`` output."""
     return configlib.describe_config(schema)
+
+
+XFORMERS_MISSING = (
+    "model.attention_backend: xformers is not installed (pip install 'lvdm[xformers]'); use sdpa, PyTorch's own"
+)
+
+
+def check_machine(cfg: Config) -> None:
+    """Settings this machine cannot run, as one :class:`~lvdm.errors.ConfigError` before anything heavy loads:
+    fp16 autocast without a CUDA GPU, xformers attention without xformers (torch is imported only for fp16)."""
+    import importlib.util
+
+    from lvdm.errors import ConfigError
+
+    problems = []
+    if cfg.train.mixed_precision == "fp16":
+        import torch
+
+        if not torch.cuda.is_available():
+            problems.append("train.mixed_precision: fp16 needs a CUDA GPU and there is none here; use bf16 or no")
+    if cfg.model.attention_backend == "xformers" and importlib.util.find_spec("xformers") is None:
+        problems.append(XFORMERS_MISSING)
+    if problems:
+        raise ConfigError("; ".join(problems))

@@ -2,9 +2,11 @@
 
 from __future__ import annotations
 
+import importlib.util
 from pathlib import Path
 
 import pytest
+import torch
 
 from lvdm.data.cache import LatentCache
 from lvdm.errors import DataError
@@ -204,3 +206,41 @@ def test_a_resumed_run_logs_the_same_window_means(tiny_assets, tmp_path):
     straight, split = ({r["step"]: r["loss"] for r in read_log(tmp_path / name / "log.jsonl") if "grad_norm" in r}
                        for name in ("straight", "split"))  # fmt: skip
     assert split == straight and sorted(straight) == [1, 3]
+
+
+# ------------------------------------------------------------------------------------------------ the machine
+needs_cpu_only = pytest.mark.skipif(torch.cuda.is_available(), reason="fp16 runs on a CUDA machine")
+needs_no_xformers = pytest.mark.skipif(importlib.util.find_spec("xformers") is not None, reason="xformers is here")
+
+
+@pytest.mark.parametrize(
+    ("override", "message"),
+    [
+        pytest.param("train.mixed_precision=fp16", "fp16 needs a CUDA GPU", marks=needs_cpu_only),
+        pytest.param("model.attention_backend=xformers", "xformers is not installed", marks=needs_no_xformers),
+    ],
+)
+def test_what_this_machine_cannot_run_is_one_line_before_anything(train_script, tmp_path, capsys, override, message):
+    from lvdm.cli import run_cli
+
+    script, calls = train_script
+    code = run_cli(script.main, ["--quiet", override, f"output_dir={tmp_path / 'run'}"])
+    err = capsys.readouterr().err
+    assert code == 2 and err.count("\n") == 1 and err.startswith("error: ") and message in err, err
+    assert not calls["demo"] and not calls["train"] and not (tmp_path / "run").exists()
+
+
+@needs_cpu_only
+def test_the_trainer_refuses_fp16_without_a_gpu_before_making_the_run_folder(tiny_assets, tmp_path, monkeypatch):
+    from conftest import tiny_overrides
+
+    from lvdm.config import load_config
+    from lvdm.errors import ConfigError
+    from lvdm.training.trainer import Trainer
+
+    loaded = []
+    monkeypatch.setattr("lvdm.models.load_base", lambda *a, **k: loaded.append(1))
+    cfg = load_config([], tiny_overrides(tiny_assets, tmp_path / "run", **{"train.mixed_precision": "fp16"}))
+    with pytest.raises(ConfigError, match="fp16 needs a CUDA GPU"):
+        Trainer(cfg)
+    assert not loaded and not (tmp_path / "run").exists()

@@ -9,6 +9,9 @@ from __future__ import annotations
 from diffusers.models.attention_processor import Attention, AttnProcessor, AttnProcessor2_0, XFormersAttnProcessor
 from torch import nn
 
+from lvdm.config import XFORMERS_MISSING
+from lvdm.errors import ConfigError
+
 BACKENDS = ("sdpa", "xformers")
 STOCK_PROCESSORS = (AttnProcessor, AttnProcessor2_0, XFormersAttnProcessor)
 
@@ -24,9 +27,7 @@ def set_attention_backend(model: nn.Module, backend: str) -> int:
         try:
             import xformers.ops  # noqa: F401
         except ImportError as exc:
-            raise RuntimeError(
-                "attention backend 'xformers' asked for, but xformers is not installed: pip install 'lvdm[xformers]'"
-            ) from exc
+            raise ConfigError(XFORMERS_MISSING) from exc
         make = XFormersAttnProcessor
     else:
         raise ValueError(f"unknown attention backend {backend!r}; choose one of {', '.join(BACKENDS)}")

@@ -31,7 +31,7 @@ from typing import Any
 import torch
 from tqdm.auto import tqdm
 
-from lvdm.config import Config, config_to_dict, save_config
+from lvdm.config import Config, check_machine, config_to_dict, save_config
 from lvdm.errors import CheckpointError, DataError, LvdmError
 from lvdm.sampling_settings import training_fps
 from lvdm.training import run_dir
@@ -65,6 +65,7 @@ class Trainer:
     def __init__(self, cfg: Config, *, progress: bool = True) -> None:
         from accelerate import Accelerator
 
+        check_machine(cfg)  # before the output folder or any model is touched
         self.cfg, self.progress = cfg, progress
         self.out = Path(cfg.output_dir)
         # without cpu=True, accelerate runs a CPU-only torchrun/mpirun job as N unrelated single processes
