@@ -94,6 +94,7 @@ def build_parser() -> argparse.ArgumentParser:
         default = fields[name].default
         shown = "" if default is None else f" (default: {default})"  # argparse's own default stays None: unset
         text = fields[name].metadata["help"].replace("null:", "unset:") + shown
+        text = "videos denoised together (default: 1)" if name == "batch_size" else text  # render's default
         settings.add_argument(flag, dest=name, type=kind, metavar=metavar, help=text)
     settings.add_argument("--guidance-option", action="append", default=[], metavar="KEY=VALUE", help="e.g. low=1.0")
     image_help = fields["image_mode"].metadata["help"]
