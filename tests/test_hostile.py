@@ -429,13 +429,27 @@ def _fake_run(out: Path, *, checkpoint: bool, marker: bool) -> None:
         (out / RUN_MARKER).write_text(json.dumps(_new_marker()))
 
 
-@pytest.mark.parametrize("marker", [True, False], ids=["marked", "older_lvdm_run"])
-def test_overwrite_deletes_lvdm_runs_and_only_them(tmp_path, marker):
+def test_without_a_run_marker_nothing_is_deleted_even_what_looks_like_a_run(tmp_path):
+    from lvdm.errors import LvdmError
+    from lvdm.training.run_dir import prepare_output_dir, release_run, resolve_resume
+
+    out = tmp_path / "run"
+    _fake_run(out, checkpoint=True, marker=False)  # a run of an lvdm from before markers, or a copy of one
+    before = snapshot(out)
+    with pytest.raises(LvdmError, match="has no .lvdm-run.json"):
+        prepare_output_dir(out, resume=None, overwrite=True)
+    assert snapshot(out) == before
+    prepare_output_dir(out, resume="auto", overwrite=False)  # it can still be resumed, which deletes nothing
+    release_run(out)
+    assert resolve_resume(out, "auto").name == "checkpoint-00000001"
+
+
+def test_overwrite_deletes_lvdm_runs_and_only_them(tmp_path):
     from lvdm.errors import LvdmError
     from lvdm.training.run_dir import prepare_output_dir, release_run
 
     out = tmp_path / "run"
-    _fake_run(out, checkpoint=True, marker=marker)
+    _fake_run(out, checkpoint=True, marker=True)
     with pytest.raises(LvdmError, match="already holds a run"):
         prepare_output_dir(out, resume=None, overwrite=False)
     (out / "samples" / "step-00000001" / "my_edit.jpg").write_bytes(b"mine")

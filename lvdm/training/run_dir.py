@@ -122,8 +122,8 @@ def prepare_output_dir(output_dir: Path, *, resume: str | None, overwrite: bool)
 
 
 def _prepare_locked(output_dir: Path, *, resume: str | None, overwrite: bool) -> None:
-    if (output_dir / RUN_MARKER).exists() or not _foreign(output_dir, _entries(output_dir), None):
-        _tidy(output_dir)  # only in lvdm's own folders: a user's folder is refused below without being touched
+    if (output_dir / RUN_MARKER).exists() or resume is not None:
+        _tidy(output_dir)  # renames and deletes only lvdm's temporary names; a user's folder is refused untouched
     found = resolve_resume(output_dir, resume)
     if found is not None:
         dropped = truncate_log(output_dir / "log.jsonl", checkpoint_step(found))
@@ -159,7 +159,8 @@ def _prepare_fresh(output_dir: Path, overwrite: bool) -> None:
     entries = _entries(output_dir)
     if not entries:
         return
-    foreign = _foreign(output_dir, entries, _read_marker(output_dir))
+    marker = _read_marker(output_dir)
+    foreign = _foreign(output_dir, entries, marker)
     material = checkpoint_material(checkpoint_root(output_dir)) or (output_dir / "temporal.safetensors").exists()
     if material and not overwrite and not foreign:
         count = len(list_checkpoints(checkpoint_root(output_dir)))
@@ -170,10 +171,11 @@ def _prepare_fresh(output_dir: Path, overwrite: bool) -> None:
     if foreign:
         more = f" and {len(foreign) - 3} more" if len(foreign) > 3 else ""
         shown = ", ".join(str(path) for path in foreign[:3]) + more
+        unmarked = f" (it has no {RUN_MARKER}, so lvdm cannot prove any of it is its own)" if marker is None else ""
         raise LvdmError(
-            f"output_dir {output_dir} holds files lvdm did not write ({shown}); lvdm starts a run only in a new or "
-            "empty folder or over one of its own runs, and never deletes anything else (whatever train.overwrite "
-            "says): choose another output_dir or move those files away"
+            f"output_dir {output_dir} holds files lvdm did not write ({shown}){unmarked}; lvdm starts a run only in "
+            "a new or empty folder or over one of its own runs, and never deletes anything else (whatever "
+            "train.overwrite says): choose another output_dir or move those files away"
         )
     if not material:
         notice(f"the previous run in {output_dir} stopped before its first checkpoint; starting over")
@@ -209,21 +211,29 @@ def _entries(output_dir: Path, *, everything: bool = False) -> list[str]:
 
 
 def _foreign(output_dir: Path, entries: list[str], marker: dict[str, Any] | None) -> list[Path]:
-    """Entries (or files inside lvdm's folders) that lvdm cannot prove it wrote."""
-    listed = set(marker["files"]) if marker else set()
+    """Entries (or files inside lvdm's folders) that lvdm cannot prove it wrote: without a run marker, all of them;
+    with one, those it does not list or that no longer look like lvdm's."""
+    if marker is None:
+        return [output_dir / name for name in entries]
+    return _unproven(output_dir, entries, set(marker["files"]))
+
+
+def _unproven(output_dir: Path, entries: list[str], listed: set[str] | None) -> list[Path]:
+    """Entries not listed in ``listed`` or not looking like lvdm's (``listed=None``: judged by content alone)."""
     foreign: list[Path] = []
     for name in entries:
         path = output_dir / name
-        if path.is_symlink():
-            foreign.append(path)
-        elif is_stray_temp(name, RUN_FILES + (RUN_MARKER,)) or _PROBE.fullmatch(name):
+        in_list = listed is None or name in listed or (_SKIPPED_RANK.fullmatch(name) and "skipped.jsonl" in listed)
+        if is_stray_temp(name, RUN_FILES + (RUN_MARKER,)) or _PROBE.fullmatch(name):
             continue  # a killed run's half-written file
+        if path.is_symlink() or not in_list:
+            foreign.append(path)
         elif name in RUN_FOLDERS:
             foreign += _foreign_inside(path, name)
         elif name in RUN_FILES or _SKIPPED_RANK.fullmatch(name):
             foreign += [] if _looks_like_ours(path) else [path]
-        elif name not in listed:
-            foreign.append(path)
+        elif listed is None:
+            foreign.append(path)  # an unknown name: only a marker can vouch for it
     return foreign
 
 
@@ -242,7 +252,9 @@ def _looks_like_ours(path: Path) -> bool:
         from safetensors import safe_open
 
         with safe_open(path, framework="pt") as handle:
-            return str((handle.metadata() or {}).get("format", "")).startswith("lvdm")
+            if str((handle.metadata() or {}).get("format", "")).startswith("lvdm"):
+                return True
+            return path.name == "spatial_lora.safetensors" and all(k.startswith("unet.") for k in handle.keys())
     except (OSError, ValueError, Exception):  # unreadable, not JSON, not safetensors: not provably lvdm's
         return False
 
@@ -295,7 +307,7 @@ def _new_marker() -> dict[str, Any]:
         "format": "lvdm-run",
         "run_id": uuid.uuid4().hex,
         "started": time.strftime("%Y-%m-%dT%H:%M:%S%z"),
-        "files": sorted(RUN_FILES + RUN_FOLDERS),
+        "files": sorted(RUN_FILES + RUN_FOLDERS),  # plus what appears while the run holds the folder
     }
 
 
@@ -305,9 +317,9 @@ def _adopted_marker(output_dir: Path) -> dict[str, Any]:
     if marker is not None:
         return marker
     entries = _entries(output_dir)
-    foreign = set(_foreign(output_dir, entries, None))
+    foreign = set(_unproven(output_dir, entries, None))
     marker = _new_marker()
-    marker["files"] = sorted(set(RUN_FILES + RUN_FOLDERS) | {n for n in entries if output_dir / n not in foreign})
+    marker["files"] = sorted(n for n in entries if output_dir / n not in foreign)
     return marker
 
 
