@@ -488,3 +488,17 @@ def test_what_a_run_wrote_is_listed_at_each_checkpoint_so_a_killed_run_can_be_ov
     run_dir.release_run(out)
     assert "did not exit cleanly" in capsys.readouterr().err
     assert not (out / "metrics.json").exists() and not (out / "checkpoints").exists()
+
+
+def test_trainer_counters_of_the_wrong_type_are_refused_by_name(tmp_path):
+    from lvdm.errors import CheckpointError
+    from lvdm.training.checkpoint import save_checkpoint
+    from lvdm.training.run_dir import check_resumable
+
+    for step, counters in ((1, {"step": "1", "micro_batches": 1, "skipped": 0}), (2, [2, 2, 0]),
+                           (3, {"step": 2, "micro_batches": 3, "skipped": 0})):  # fmt: skip
+        path = save_checkpoint(tmp_path, step, {"trainable": {"w": torch.zeros(1)}, "trainer": counters})
+        with pytest.raises(CheckpointError, match=rf"checkpoint-0000000{step}/trainer\.pt"):
+            check_resumable(path)
+    good = save_checkpoint(tmp_path, 4, {"trainer": {"step": 4, "micro_batches": 4, "skipped": 0}})
+    check_resumable(good)
