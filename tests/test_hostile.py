@@ -335,6 +335,8 @@ def test_hostile_data_is_reported_not_hung_on(tmp_path):
     shutil.copy(clips[2], outside)
     (folder / "link.mp4").symlink_to(outside)
     (folder / "link.txt").write_text("a caption")
+    os.mkfifo(folder / "pipe.mp4")  # a video that is a FIFO: opening it would block the decoder
+    (folder / "pipe.txt").write_text("a caption")
     manifest = tmp_path / "manifest.csv"
     manifest.write_text(
         "video,caption\n"
@@ -355,6 +357,7 @@ def test_hostile_data_is_reported_not_hung_on(tmp_path):
     folder_report = {Path(r["path"]).name: r.get("reason") for r in map(json.loads, open(tmp_path / "folder.jsonl"))}
     assert "not a regular file" in folder_report[clips[0].name]
     assert "escapes the data root" in folder_report["link.mp4"]
+    assert folder_report["pipe.mp4"] == "not a regular file"
     reasons = sorted(r.get("reason") or "ok" for r in map(json.loads, open(tmp_path / "manifest.jsonl")))
     assert reasons[0] == "ok" and "NUL byte" in reasons[1] and "unreadable CSV row" in reasons[2], reasons
 

@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import math
 import os
+import stat
 from collections.abc import Iterator, Sequence
 from fractions import Fraction
 from pathlib import Path
@@ -44,7 +45,10 @@ class _Unreliable(Exception):
 def _check_file(path: str | os.PathLike, *, sniff: bool = True) -> str:
     """Fail early, with a plain reason, on files no decoder should see: missing, empty, unreadable, text, images."""
     try:
-        if Path(path).stat().st_size == 0:
+        info = Path(path).stat()
+        if not stat.S_ISREG(info.st_mode) and not stat.S_ISDIR(info.st_mode):  # a FIFO or device would block
+            raise VideoReadError(path, "not a regular file")
+        if info.st_size == 0:
             raise VideoReadError(path, "zero-byte file")
         with open(path, "rb") as f:
             head = f.read(_SNIFF_BYTES)
