@@ -54,6 +54,10 @@ def main(argv: list[str]) -> int:
     result = train(cfg, progress=not args.quiet)
     if os.environ.get("RANK", "0") == "0":  # under torchrun / accelerate launch: one summary, from rank 0
         print_report(result)
+        if is_demo(cfg) and not result.stopped_by_signal:
+            from lvdm.training.demo import demo_summary
+
+            print("\n".join(demo_summary(result)))
     return exit_status(result)  # 75 when stopped by a signal: resumable
 
 

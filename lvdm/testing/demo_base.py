@@ -163,7 +163,7 @@ def train_unet(unet, vae, frames: torch.Tensor, text: torch.Tensor, empty: torch
         schedule.step()
         report("unet", step, recipe.unet_steps, float(loss.detach()))
     unet.eval().requires_grad_(False)
-    return float(loss)
+    return float(loss.detach())
 
 
 def make_demo_base(

@@ -80,3 +80,31 @@ def _make_base(cfg: Any, base: Path, recipe: Any = None) -> list[str]:
         f"tiny SD1-shaped base trained on the clips' frames in {base} (VAE {stats['vae_seconds']:.0f} s, "
         f"reconstruction error {stats['vae_error_255']:.1f}/255; UNet {stats['unet_seconds']:.0f} s)"
     ]
+
+
+def demo_summary(result: Any) -> list[str]:
+    """What the demo must show, measured on its run: samples that move like the clips, an image mode that draws
+    shapes, a motion gain above 1 (the aims are those ``tests/test_demo.py`` checks on a shorter run)."""
+    import numpy as np
+    from PIL import Image, ImageSequence
+
+    from lvdm.testing.demo_base import shows_a_shape
+
+    g, lines = result.gain or {}, []
+    if "motion_gain" in g:
+        lines.append(f"demo check: motion gain {g['motion_gain']:.3f} (aim: above 1.05)")
+    if "samples_frame_change" in g and "clips_frame_change" in g:
+        ratio = g["samples_frame_change"] / max(g["clips_frame_change"], 1e-9)
+        lines.append(
+            f"demo check: samples change {g['samples_frame_change']:.2f} per frame, {ratio:.2f}x the clips' "
+            f"(aim: within 3x), correlation {g['samples_frame_correlation']:.3f} (aim: above 0.5)"
+        )
+    gifs = [p for p in result.samples if p.name.startswith("image_mode_") and p.suffix == ".gif"]
+    frames = [np.asarray(f.convert("RGB")) for gif in gifs for f in ImageSequence.Iterator(Image.open(gif))]
+    if frames:
+        shown = sum(shows_a_shape(frame) for frame in frames)
+        lines.append(
+            f"demo check: image mode draws one shape on the grey background in {shown}/{len(frames)} frames "
+            "(lvdm.testing.demo_base.shows_a_shape)"
+        )
+    return lines

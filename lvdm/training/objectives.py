@@ -31,6 +31,7 @@ class Objective:
     and implement :meth:`loss`; the rest is optional."""
 
     name: ClassVar[str] = ""
+    rendered: Any = None  # the last render's figures and videos (a validation.Rendered), for the log
 
     def __init__(self, cfg: Any, video: Any, frozen: Frozen, device: torch.device) -> None:
         self.cfg, self.video, self.frozen, self.device = cfg, video, frozen, device
@@ -71,28 +72,31 @@ class DenoisingObjective(Objective):
         return training_loss(model_fn, batch, self.frozen, self.cfg.train, generator, self.device).loss
 
     def evaluate(self, model_fn: Any, batches: list[dict[str, Any]]) -> dict[str, float] | None:
-        from lvdm.training.validation import temporal_gain
+        from lvdm.training.validation import clip_figures, motion_gains
 
         if not batches:
             return None
-        return temporal_gain(model_fn, batches, self.frozen, self.device)
+        train = self.cfg.train
+        prior = {"noise_prior": train.noise_prior, "mixed_lambda": train.mixed_noise_lambda}
+        return motion_gains(model_fn, batches, self.frozen, self.device, **prior) | clip_figures(batches)
 
     def render(self, model_fn: Any, out_dir: Path, *, fps: float | None = None) -> list[Path]:
         from lvdm.sampling_settings import DEFAULT_FPS
-        from lvdm.training.validation import sample_videos
+        from lvdm.training.validation import render_validation
 
         cfg = self.cfg
         if not cfg.train.validation_prompts:
             return []
         factor = 2 ** (len(self.frozen.vae.config.block_out_channels) - 1)
         height, width = cfg.data.resolution
-        return sample_videos(
+        self.rendered = render_validation(
             model_fn, self.frozen, cfg.train.validation_prompts, out_dir,
             num_frames=cfg.data.num_frames, latent_size=(height // factor, width // factor),
             latent_channels=self.video.unet.config.in_channels, steps=cfg.train.validation_steps,
             guidance_scale=cfg.train.validation_guidance, fps=fps or DEFAULT_FPS, seed=cfg.train.seed,
-            device=self.device,
+            noise_prior=cfg.train.noise_prior, mixed_lambda=cfg.train.mixed_noise_lambda, device=self.device,
         )  # fmt: skip
+        return self.rendered.files
 
 
 OBJECTIVES: dict[str, type[Objective]] = {

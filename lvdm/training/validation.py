@@ -27,7 +27,7 @@ from typing import Any
 import numpy as np
 import torch
 
-from lvdm.diffusion import diffusion_loss, guidance_schedule, make_scheduler, sample
+from lvdm.diffusion import diffusion_loss, guidance_schedule, make_scheduler, sample, sample_noise
 from lvdm.media import to_uint8_frames, write_gif, write_video
 from lvdm.models.encoders import decode_latents, encode_text
 from lvdm.training.step import Frozen, batch_latents_and_text, step_generator
@@ -73,11 +73,18 @@ def _pass_inputs(name: str, latents, noise, text, orders) -> tuple[torch.Tensor,
 
 @torch.no_grad()
 def motion_gains(
-    model_fn: Any, batches: list[dict[str, Any]], frozen: Frozen, device: torch.device
+    model_fn: Any,
+    batches: list[dict[str, Any]],
+    frozen: Frozen,
+    device: torch.device,
+    *,
+    noise_prior: str = "independent",
+    mixed_lambda: float = 0.5,
 ) -> dict[str, float]:
     """The held-out loss of each pass (``loss_in_order``, ``loss_shuffled``, ``loss_each_frame``,
     ``loss_layers_off``) over ``batches`` at fixed timesteps, noise and shuffles, and ``motion_gain``,
-    ``motion_gain_each_frame``, ``layers_off_ratio`` (each pass's loss / the in-order loss); see the module notes."""
+    ``motion_gain_each_frame``, ``layers_off_ratio`` (each pass's loss / the in-order loss); see the module notes.
+    The noise follows the run's prior (``noise_prior``, ``mixed_lambda``), as in training."""
     totals, count = dict.fromkeys(PASSES, 0.0), 0
     for number, batch in enumerate(batches):
         generator = step_generator(-1, 0, number)  # the same draws at every validation
@@ -85,7 +92,8 @@ def motion_gains(
         b, f = latents.shape[0], latents.shape[2]
         orders = shuffle_permutations(b, f, generator)
         for t in GAIN_TIMESTEPS:
-            noise = torch.randn(latents.shape, generator=generator).to(device)
+            noise = sample_noise(tuple(latents.shape), prior=noise_prior, mixed_lambda=mixed_lambda,
+                                 generator=generator).to(device)  # fmt: skip
             for name in PASSES:
                 x, eps, cond, flag = _pass_inputs(name, latents, noise, text, orders)
                 n = x.shape[0]
@@ -143,18 +151,22 @@ def render_videos(
     guidance_scale: float = 7.5,
     seed: int = 0,
     image_mode: bool = False,
+    noise_prior: str = "independent",
+    mixed_lambda: float = 0.5,
     device: torch.device | None = None,
 ) -> np.ndarray:
     """Each prompt rendered (DDIM, classifier-free guidance) as uint8 ``(n, f, h, w, 3)``.
 
     ``image_mode``: the image-only indicator set, i.e. the frozen image model draws every frame from its own noise.
+    The initial noise follows ``noise_prior`` (the run's training prior).
     """
     scheduler = make_scheduler("ddim", frozen.noise_scheduler.config)
     empty = frozen.empty_text.to(device).float()
     videos = []
     for i, prompt in enumerate(prompts):
         generator = torch.Generator().manual_seed(seed + i)
-        noise = torch.randn((1, latent_channels, num_frames, *latent_size), generator=generator).to(device)
+        shape = (1, latent_channels, num_frames, *latent_size)
+        noise = sample_noise(shape, prior=noise_prior, mixed_lambda=mixed_lambda, generator=generator).to(device)
         text = encode_text(frozen.tokenizer, frozen.text_encoder, [prompt]).to(device, torch.float32)
         flag = torch.full((1,), float(image_mode), device=device)
         cond = {"encoder_hidden_states": text, "image_only_indicator": flag}
