@@ -11,9 +11,10 @@ Sections (``--only``, repeatable or comma-separated): ``training`` (step and for
 FLOP and memory of lvdm's VideoUNet vs diffusers' UNetMotionModel, with and without gradient checkpointing,
 and the image UNet as the floor), ``memory`` (fake-tensor peak-memory estimates at SD 1.5 16x256 and 16x512),
 ``sampling`` (lvdm's loop and VideoPipeline vs AnimateDiffPipeline) and ``data`` (clips/s from
-``benchmarks.data_sampling``; cached latents vs on-the-fly encoding). Results: ``benchmarks/results/
-<date>-<size>.json`` (every figure and sample) and ``.md`` (the tables and the targets); a run with ``--only``
-writes ``<date>-<size>-<sections>.*`` and leaves the full run's files alone.
+``benchmarks.data_sampling``; cached latents vs on-the-fly encoding); on request, ``contention`` (the demo's
+training step alone and beside one busy process, with lvdm's and torch's thread settings). Results:
+``benchmarks/results/<date>-<size>.json`` (every figure and sample) and ``.md`` (the tables and the targets); a
+run with ``--only`` writes ``<date>-<size>-<sections>.*`` and leaves the full run's files alone.
 
 Timing on a CPU that other processes share: pass ``--threads 1``. With two OpenMP threads on two busy cores a
 thread that is descheduled stalls the other at every barrier, and single calls take up to 10x their time.
@@ -44,6 +45,7 @@ SECTION_MODULES = {  # each has run(size, device, *, warmup, repeats) -> dict
     "sampling": "benchmarks.sampling",
     "data": "benchmarks.data",
     "profile": "benchmarks.profiling",  # only when asked for: --profile or --only profile
+    "contention": "benchmarks.contention",  # only when asked for: --only contention (CPU, fresh processes)
 }
 
 

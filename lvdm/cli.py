@@ -15,6 +15,7 @@ import sys
 from collections.abc import Callable
 
 from lvdm.errors import ConfigError, LvdmError
+from lvdm.runtime import prefer_passive_waiting
 
 EXIT_STOPPED = 75  # stopped by a signal after saving: resumable (EX_TEMPFAIL)
 EXIT_BROKEN_PIPE = 141  # 128 + SIGPIPE, what a tool killed by the signal reports
@@ -30,6 +31,7 @@ def quiet_libraries() -> None:
 def run_cli(main: Callable[[list[str]], int | None], argv: list[str] | None = None) -> int:
     """Run ``main(argv)`` and turn user errors into an exit code."""
     quiet_libraries()
+    prefer_passive_waiting()  # before torch loads OpenMP: threads sleep, not spin, on a busy machine
     args = sys.argv[1:] if argv is None else argv
     try:
         code = main(args) or 0

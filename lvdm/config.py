@@ -194,6 +194,10 @@ class TrainConfig:
     optimizer: Literal["adamw", "adamw8bit"] = option("adamw", "adamw (fused on CUDA) or adamw8bit (bitsandbytes)")
     max_grad_norm: float = option(1.0, "clip the gradient norm to this (0: no clipping)", min=0)
     mixed_precision: Literal["no", "fp16", "bf16"] = option("no", "autocast dtype: no (fp32), fp16 or bf16")
+    threads: int | None = option(
+        None, "CPU threads of torch per process (null: the usable cores, by affinity, cgroup quota, OMP_NUM_THREADS)",
+        min=1,
+    )
     seed: int = option(0, "random seed for initialization, data order and noise", min=0, max=2**32 - 1)
     resume: str | None = option(None, "resume from 'auto', 'latest' or a checkpoint path; null: start fresh")
     checkpoint_every: int = option(500, "save a checkpoint every n steps", min=1)

@@ -67,8 +67,10 @@ class DataBundle:
     validation: list[dict[str, Any]] = field(default_factory=list)
 
 
-def build_data(cfg: Any, frozen: Frozen, *, rank: int, world: int) -> DataBundle:
-    """Video clips (or the latent cache), a rank-aware batch stream, the bad-sample guard, validation batches."""
+def build_data(cfg: Any, frozen: Frozen, *, rank: int, world: int, num_workers: int | None = None) -> DataBundle:
+    """Video clips (or the latent cache), a rank-aware batch stream, the bad-sample guard, validation batches.
+
+    ``num_workers`` overrides ``data.num_workers`` (the trainer caps it to the usable cores, lvdm.runtime)."""
     from lvdm.data.build import build_split
     from lvdm.data.dataset import collate
     from lvdm.data.loader import BadSampleGuard, BatchStream, make_loader
@@ -81,7 +83,8 @@ def build_data(cfg: Any, frozen: Frozen, *, rank: int, world: int) -> DataBundle
         weights = image_share(dataset.entries, weights, train.image_batch_ratio)
         collate_fn = collate
     stream = BatchStream(dataset, train.batch_size, weights=weights, seed=train.seed, rank=rank, world_size=world)
-    loader = make_loader(dataset, stream, num_workers=data.num_workers, collate_fn=collate_fn)
+    workers = data.num_workers if num_workers is None else num_workers
+    loader = make_loader(dataset, stream, num_workers=workers, collate_fn=collate_fn)
     log = Path(cfg.output_dir) / ("skipped.jsonl" if rank == 0 else f"skipped.rank{rank}.jsonl")
     guard = BadSampleGuard(log, max_fraction=data.max_bad_fraction)
     validation = _validation_batches(holdout or dataset, collate_fn, train.batch_size, held_out=holdout is not None)

@@ -94,10 +94,20 @@ class Trainer:
         from lvdm.training.setup import build_data, build_model, build_optimizer
 
         self.device = self.acc.device
+        from lvdm.runtime import apply_threads, plan_threads
+
+        local_processes = int(os.environ.get("LOCAL_WORLD_SIZE", self.acc.num_processes))
+        self.threads = plan_threads(
+            threads=self.cfg.train.threads, data_workers=self.cfg.data.num_workers, processes=local_processes
+        )
+        apply_threads(self.threads)
         set_seed(self.cfg.train.seed)  # the temporal layers' initialisation
         self.video, self.frozen, self.trainable = build_model(self.cfg, self.device, self.acc.mixed_precision)
         self.objective = make_objective(self.cfg, self.video, self.frozen, self.device)
-        self.data = build_data(self.cfg, self.frozen, rank=self.acc.process_index, world=self.acc.num_processes)
+        self.data = build_data(
+            self.cfg, self.frozen, rank=self.acc.process_index, world=self.acc.num_processes,
+            num_workers=self.threads.data_workers,
+        )  # fmt: skip
         optimizer, self.lr_schedule = build_optimizer(self.cfg, list(self.trainable.values()), self.device)
         decay = self.cfg.train.ema_decay
         self.ema = EMA(self.trainable.items(), decay) if decay else None
@@ -151,6 +161,7 @@ class Trainer:
         lines.append(
             f"{self.acc.num_processes} process(es) on {self.device}, mixed precision: {self.acc.mixed_precision}"
         )
+        lines.append(self.threads.describe())
         for line in lines:
             tqdm.write(line)
 

@@ -1,0 +1,121 @@
+"""How many CPU threads lvdm uses, and how they wait: defaults that degrade gracefully on a busy machine.
+
+Measured on a 2-core machine with other CPU-bound work running (``benchmarks/contention.py``): with
+PyTorch's defaults (one OpenMP thread per core, GNU OpenMP's active waiting) a tiny training step
+took 6-14 s instead of about 1.3 s, because each thread spins at every parallel region's barrier
+while the other waits for a core the busy program holds. With passive waiting, threads sleep at the
+barrier instead and the same step takes about 2 s. So lvdm:
+
+- asks OpenMP to wait passively (``OMP_WAIT_POLICY=PASSIVE``) unless the user set a policy; this
+  must happen before the OpenMP runtime loads, so the CLIs call :func:`prefer_passive_waiting` first;
+- uses as many threads as the cores it may run on: the CPU affinity mask, the cgroup CPU quota
+  (containers, ``cpu.max`` / ``cpu.cfs_quota_us``) and ``OMP_NUM_THREADS`` when set, the smallest wins;
+- caps data-loader workers so that workers and the training process together fit those cores.
+"""
+
+from __future__ import annotations
+
+import math
+import os
+from dataclasses import dataclass
+from pathlib import Path
+
+
+def prefer_passive_waiting() -> None:
+    """Set ``OMP_WAIT_POLICY=PASSIVE`` unless the user chose a policy (call before torch is imported)."""
+    os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
+
+
+@dataclass(frozen=True)
+class CoreBudget:
+    """The cores this process may use, and what limits them."""
+
+    cores: int
+    limits: dict[str, int]  # what each source allows: affinity, cgroup, OMP_NUM_THREADS
+
+    def describe(self) -> str:
+        told = ", ".join(f"{name} {value}" for name, value in self.limits.items())
+        return f"{self.cores} usable core{'s' if self.cores != 1 else ''} ({told})"
+
+
+def usable_cores() -> CoreBudget:
+    """The CPU cores this process may use: the smallest of affinity, cgroup quota and ``OMP_NUM_THREADS``."""
+    limits = {"affinity": _affinity()}
+    quota = _cgroup_quota()
+    if quota is not None:
+        limits["cgroup quota"] = quota
+    omp = _positive_int(os.environ.get("OMP_NUM_THREADS", ""))
+    if omp is not None:
+        limits["OMP_NUM_THREADS"] = omp
+    return CoreBudget(max(1, min(limits.values())), limits)
+
+
+def _affinity() -> int:
+    try:
+        return len(os.sched_getaffinity(0))
+    except (AttributeError, OSError):  # not Linux
+        return os.cpu_count() or 1
+
+
+def _cgroup_quota(root: Path = Path("/sys/fs/cgroup")) -> int | None:
+    """Cores allowed by the cgroup CPU quota (v2 ``cpu.max``, v1 ``cpu.cfs_quota_us``), ``None`` when unlimited."""
+    try:
+        v2 = root / "cpu.max"
+        if v2.is_file():
+            quota, _, period = v2.read_text().strip().partition(" ")
+            if quota == "max":
+                return None
+            return max(1, math.ceil(int(quota) / int(period or 100000)))
+        v1_quota, v1_period = root / "cpu" / "cpu.cfs_quota_us", root / "cpu" / "cpu.cfs_period_us"
+        if v1_quota.is_file() and v1_period.is_file():
+            quota = int(v1_quota.read_text())
+            return None if quota <= 0 else max(1, math.ceil(quota / int(v1_period.read_text())))
+    except (OSError, ValueError):
+        return None
+    return None
+
+
+def _positive_int(text: str) -> int | None:
+    try:
+        value = int(text.split(",")[0])
+    except ValueError:
+        return None
+    return value if value > 0 else None
+
+
+@dataclass(frozen=True)
+class ThreadPlan:
+    """What a run uses: torch's intra-op threads, data-loader workers, and the OpenMP wait policy."""
+
+    torch_threads: int
+    data_workers: int
+    wait_policy: str
+    budget: CoreBudget
+
+    def describe(self) -> str:
+        return (
+            f"CPU: {self.budget.describe()}; torch threads {self.torch_threads}, data workers {self.data_workers}, "
+            f"OpenMP waiting {self.wait_policy.lower()}"
+        )
+
+
+def plan_threads(
+    *, threads: int | None, data_workers: int, processes: int = 1, budget: CoreBudget | None = None
+) -> ThreadPlan:
+    """Threads and workers for one of ``processes`` training processes on this machine: ``threads`` (``None``:
+    an equal share of the usable cores), and data workers capped so that each process's workers plus itself fit
+    its share (at least one core stays with the training process; 0 workers loads in the main process)."""
+    budget = budget or usable_cores()
+    share = max(1, budget.cores // max(processes, 1))
+    torch_threads = threads or share
+    workers = min(data_workers, max(share - 1, 0))
+    policy = os.environ.get("OMP_WAIT_POLICY", "default (active)")
+    return ThreadPlan(torch_threads, workers, policy, budget)
+
+
+def apply_threads(plan: ThreadPlan) -> None:
+    """Set torch's intra-op thread count to the plan's."""
+    import torch
+
+    if torch.get_num_threads() != plan.torch_threads:
+        torch.set_num_threads(plan.torch_threads)

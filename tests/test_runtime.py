@@ -1,0 +1,53 @@
+"""Thread and worker defaults from the cores a process may use (lvdm.runtime)."""
+
+from __future__ import annotations
+
+import os
+
+from lvdm.runtime import CoreBudget, _cgroup_quota, plan_threads, prefer_passive_waiting, usable_cores
+
+
+def test_the_cgroup_quota_is_read_from_v2_and_v1_files(tmp_path):
+    (tmp_path / "cpu.max").write_text("150000 100000\n")
+    assert _cgroup_quota(tmp_path) == 2  # 1.5 cores -> 2 threads
+    (tmp_path / "cpu.max").write_text("max 100000\n")
+    assert _cgroup_quota(tmp_path) is None
+    (tmp_path / "cpu.max").unlink()
+    (tmp_path / "cpu").mkdir()
+    (tmp_path / "cpu" / "cpu.cfs_quota_us").write_text("300000")
+    (tmp_path / "cpu" / "cpu.cfs_period_us").write_text("100000")
+    assert _cgroup_quota(tmp_path) == 3
+    (tmp_path / "cpu" / "cpu.cfs_quota_us").write_text("-1")
+    assert _cgroup_quota(tmp_path) is None
+    (tmp_path / "cpu" / "cpu.cfs_quota_us").write_text("garbage")
+    assert _cgroup_quota(tmp_path) is None
+
+
+def test_omp_num_threads_and_affinity_limit_the_cores(monkeypatch):
+    affinity = len(os.sched_getaffinity(0))
+    monkeypatch.delenv("OMP_NUM_THREADS", raising=False)
+    assert usable_cores().cores <= affinity
+    monkeypatch.setenv("OMP_NUM_THREADS", "1")
+    budget = usable_cores()
+    assert budget.cores == 1 and budget.limits["OMP_NUM_THREADS"] == 1 and "OMP_NUM_THREADS 1" in budget.describe()
+    monkeypatch.setenv("OMP_NUM_THREADS", "not a number")
+    assert "OMP_NUM_THREADS" not in usable_cores().limits
+
+
+def test_workers_and_threads_fit_the_cores():
+    two = CoreBudget(2, {"affinity": 2})
+    plan = plan_threads(threads=None, data_workers=4, budget=two)
+    assert (plan.torch_threads, plan.data_workers) == (2, 1)  # one core stays with the training process
+    shared = plan_threads(threads=None, data_workers=4, processes=2, budget=two)
+    assert (shared.torch_threads, shared.data_workers) == (1, 0)  # two ranks on two cores: one each, no workers
+    assert plan_threads(threads=3, data_workers=0, budget=two).torch_threads == 3  # the user's choice wins
+    assert "2 usable cores" in plan.describe() and "data workers 1" in plan.describe()
+
+
+def test_passive_waiting_is_a_default_not_an_override(monkeypatch):
+    monkeypatch.delenv("OMP_WAIT_POLICY", raising=False)
+    prefer_passive_waiting()
+    assert os.environ["OMP_WAIT_POLICY"] == "PASSIVE"
+    monkeypatch.setenv("OMP_WAIT_POLICY", "ACTIVE")
+    prefer_passive_waiting()
+    assert os.environ["OMP_WAIT_POLICY"] == "ACTIVE"
