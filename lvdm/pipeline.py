@@ -240,7 +240,10 @@ class VideoPipeline:
                 raise ConfigError(f"latents must be (b, c, f, h, w), got shape {tuple(latents.shape)}")
             f, h, w = latents.shape[2:]
             given = {"num_frames": f, "height": h * self.vae_scale_factor, "width": w * self.vae_scale_factor}
-        fallback = {"num_frames": DEFAULT_FRAMES, "height": native, "width": native, "fps": DEFAULT_FPS}
+        fallback = {
+            "num_frames": DEFAULT_FRAMES, "height": native, "width": native, "fps": DEFAULT_FPS,
+            "noise_prior": "independent", "mixed_lambda": 0.5,
+        }  # fmt: skip
         values = {}
         for key, default in fallback.items():
             value = getattr(s, key)

@@ -50,8 +50,14 @@ class SamplingSettings:
     guidance_options: dict[str, Any] = option({}, "options of the schedule, e.g. {low: 1.0, warmup: 0.2}")
     guidance_rescale: float = option(0.0, "guidance rescale phi (Lin et al. 2023; 0.7 for v-prediction)", min=0, max=1)
     threshold: str | None = option(None, "'clamp:VALUE' or 'percentile:Q[:BOUND]' on the predicted clean latents")
-    noise_prior: str = option("independent", "initial noise: independent, or mixed (VideoFusion's shared base)")
-    mixed_lambda: float = option(0.5, "mixed prior: base noise share (frame-to-frame correlation)", min=0, max=1)
+    noise_prior: str | None = option(
+        None,
+        "noise: independent, or mixed (VideoFusion's shared base); null: the module's training prior, else "
+        "independent",
+    )
+    mixed_lambda: float | None = option(
+        None, "mixed prior: base noise share (frame-to-frame correlation); null: the module's, else 0.5", min=0, max=1
+    )
     seed: int | None = option(None, "seed of the first video; video k uses seed + k (null: a random seed)", min=0)
     num_videos_per_prompt: int = option(1, "videos per prompt, each from its own seed", min=1)
     image_mode: bool = option(False, "bypass the temporal layers: the frames are independent images")
@@ -66,7 +72,8 @@ class SamplingSettings:
         problems = []
         for key, registry, what in (("scheduler", SAMPLERS, "sampler"), ("noise_prior", NOISE_PRIORS, "noise prior")):
             try:
-                lookup(registry, getattr(self, key), what)
+                if getattr(self, key) is not None:
+                    lookup(registry, getattr(self, key), what)
             except ValueError as exc:
                 problems.append(f"{key}: {exc}")
         problems += _guidance_problems(self)
@@ -139,7 +146,8 @@ def parse_threshold(text: str) -> Callable[[torch.Tensor], torch.Tensor]:
 
 
 def temporal_defaults(path: str | os.PathLike) -> dict[str, Any]:
-    """``num_frames``, ``height``, ``width``, ``fps`` from a temporal module's training config (``None`` if unset).
+    """``num_frames``, ``height``, ``width``, ``fps``, ``noise_prior`` and ``mixed_lambda`` from a temporal module's
+    training config (``None`` if unset).
 
     Reads only the file's header; a missing file or one that is not a temporal module is a
     :class:`~lvdm.errors.TemporalModuleError`.
@@ -159,7 +167,23 @@ def temporal_defaults(path: str | os.PathLike) -> dict[str, Any]:
     if isinstance(resolution, int):
         resolution = [resolution, resolution]
     height, width = resolution if isinstance(resolution, list) and len(resolution) == 2 else (None, None)
-    return {"num_frames": data.get("num_frames"), "height": height, "width": width, "fps": training_fps(config)}
+    return {
+        "num_frames": data.get("num_frames"), "height": height, "width": width, "fps": training_fps(config),
+        **training_prior(config),
+    }  # fmt: skip
+
+
+def training_prior(training_config: dict[str, Any]) -> dict[str, Any]:
+    """``noise_prior`` and ``mixed_lambda`` a module was trained with (``train.noise_prior``,
+    ``train.mixed_noise_lambda``), so that sampling draws noise like training did; ``None`` where unknown."""
+    from lvdm.diffusion import NOISE_PRIORS
+
+    train = training_config.get("train") if isinstance(training_config.get("train"), dict) else {}
+    prior, share = train.get("noise_prior"), train.get("mixed_noise_lambda")
+    return {
+        "noise_prior": prior if isinstance(prior, str) and prior in NOISE_PRIORS else None,
+        "mixed_lambda": float(share) if type(share) in (int, float) and 0 <= share <= 1 else None,
+    }
 
 
 def training_fps(training_config: dict[str, Any]) -> float | None:

@@ -226,3 +226,26 @@ def test_stochastic_samplers_draw_their_step_noise_from_the_prior(scheduler):
 
     assert abs(frame_correlation("independent")) < 0.05
     assert 0.4 < frame_correlation("mixed") < 0.6  # lambda = 0.5 is the correlation between two frames
+
+
+@pytest.mark.parametrize(
+    ("train_section", "expected"),
+    [
+        ({"noise_prior": "mixed", "mixed_noise_lambda": 0.3}, ("mixed", 0.3)),
+        ({"noise_prior": "independent", "mixed_noise_lambda": 0.5}, ("independent", 0.5)),
+        ({}, ("independent", 0.5)),  # a module from before: the sampler's own defaults
+    ],
+)
+def test_sampling_draws_noise_like_the_module_was_trained(tmp_path, train_section, expected):
+    from lvdm import VideoPipeline
+
+    folder = testing.make_tiny_sd(tmp_path / "base", "sd1", seed=0)
+    module = tmp_path / "motion.safetensors"
+    training_config = {"data": {"num_frames": 3, "resolution": [16, 16]}, "train": train_section}
+    VideoUNet.from_unet2d(load_base(folder).unet).save_temporal(module, training_config=training_config)
+    pipe = VideoPipeline.from_pretrained(folder, temporal=module)
+    out = pipe("a fox", seed=0, num_inference_steps=1, guidance_scale=1.0)
+    settings = out.metadata[0]["settings"]
+    assert (settings["noise_prior"], settings["mixed_lambda"]) == expected
+    chosen = pipe("a fox", seed=0, num_inference_steps=1, guidance_scale=1.0, noise_prior="independent")
+    assert chosen.metadata[0]["settings"]["noise_prior"] == "independent"  # the user's choice wins
