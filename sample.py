@@ -28,7 +28,6 @@ from typing import Any
 
 from lvdm.cli import run_cli
 from lvdm.errors import ConfigError
-from lvdm.outputs import read_sidecar
 
 # flag -> (SamplingSettings field, type); each flag's help is the field's own
 SETTINGS_FLAGS = {
@@ -96,7 +95,7 @@ def build_parser() -> argparse.ArgumentParser:
         text = fields[name].metadata["help"].replace("null:", "unset:") + shown
         text = "videos denoised together (default: 1)" if name == "batch_size" else text  # render's default
         settings.add_argument(flag, dest=name, type=kind, metavar=metavar, help=text)
-    settings.add_argument("--guidance-option", action="append", default=[], metavar="KEY=VALUE", help="e.g. low=1.0")
+    settings.add_argument("--guidance-option", action="append", default=[], metavar="KEY=VALUE", help="e.g. low=2.0")
     image_help = fields["image_mode"].metadata["help"]
     settings.add_argument("--image-mode", action="store_true", default=None, help=image_help)
     settings.add_argument("--base-noise-seed", type=int, help="mixed prior: one base noise for every video (its seed)")
@@ -176,6 +175,8 @@ def _available(device: str) -> bool:
 
 def main(argv: list[str]) -> int:
     args = build_parser().parse_args(argv)
+    from lvdm.outputs import read_sidecar  # imports torch: after run_cli chose the thread settings
+
     meta = read_sidecar(args.from_json) if args.from_json else None
     args = _replayed(args, meta)
     if args.base is None:
