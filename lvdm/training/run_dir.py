@@ -86,6 +86,7 @@ FIXED_ON_RESUME = (
     "train.batch_size",
     "train.gradient_accumulation",
     "train.seed",
+    "train.target",
 )
 
 
