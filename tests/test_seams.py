@@ -249,3 +249,12 @@ def test_sampling_draws_noise_like_the_module_was_trained(tmp_path, train_sectio
     assert (settings["noise_prior"], settings["mixed_lambda"]) == expected
     chosen = pipe("a fox", seed=0, num_inference_steps=1, guidance_scale=1.0, noise_prior="independent")
     assert chosen.metadata[0]["settings"]["noise_prior"] == "independent"  # the user's choice wins
+
+
+def test_resume_refuses_another_target_but_not_a_checkpoint_from_before_targets_existed():
+    from lvdm.training.run_dir import compare_on_resume
+
+    current = {"train": {"target": "denoise", "lr": 1e-4}}
+    compare_on_resume({"train": {"lr": 1e-4}}, current)  # written before train.target existed: the same meaning
+    with pytest.raises(ConfigError, match="train.target: 'distill' in the checkpoint, 'denoise' now"):
+        compare_on_resume({"train": {"target": "distill", "lr": 1e-4}}, current)

@@ -541,8 +541,13 @@ def check_resumable(path: Path) -> None:
 
 
 def compare_on_resume(saved: dict[str, Any], current: dict[str, Any]) -> None:
-    """Error on changed shape-affecting keys; a one-line note for every other change (lr, max_steps, ...)."""
-    changed = {key: (a, b) for key, (a, b) in _flat_pairs(saved, current).items() if a != b}
+    """Error on changed shape-affecting keys; a one-line note for every other change (lr, max_steps, ...).
+
+    A key the checkpoint lacks is a setting added to lvdm since it was written; its default keeps the old
+    behaviour, so it is not a change."""
+    changed = {
+        key: (a, b) for key, (a, b) in _flat_pairs(saved, current).items() if a != b and a is not _ABSENT
+    }
     fixed = {key: pair for key, pair in changed.items() if key in FIXED_ON_RESUME}
     if fixed:
         lines = [f"{key}: {a!r} in the checkpoint, {b!r} now" for key, (a, b) in sorted(fixed.items())]
@@ -552,10 +557,13 @@ def compare_on_resume(saved: dict[str, Any], current: dict[str, Any]) -> None:
             notice(f"resuming with {key} changed: {a!r} -> {b!r}")
 
 
+_ABSENT = object()  # a key the saved config does not have
+
+
 def _flat_pairs(saved: dict[str, Any], current: dict[str, Any], prefix: str = "") -> dict[str, tuple[Any, Any]]:
     pairs = {}
     for key in set(saved) | set(current):
-        a, b = saved.get(key), current.get(key)
+        a, b = saved.get(key, _ABSENT), current.get(key)
         if isinstance(a, dict) and isinstance(b, dict):
             pairs.update(_flat_pairs(a, b, f"{prefix}{key}."))
         else:
