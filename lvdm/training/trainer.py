@@ -374,6 +374,11 @@ class Trainer:
                 fps = training_fps(self.cfg_dict | self._clip_fps())  # the rate the clips were trained at
                 with self._ema_weights():
                     samples = self.objective.render(model, self.out / "samples" / f"step-{self.step:08d}", fps=fps)
+                rendered = self.objective.rendered  # the samples' frame metrics, and the videos for TensorBoard
+                if rendered is not None and samples:
+                    figures = (figures or {}) | rendered.figures
+                    self.log.write(self.step, rendered.figures)
+                    self.log.add_videos(rendered.videos, self.step, fps=fps)
         self.acc.wait_for_everyone()
         return figures, samples
 
