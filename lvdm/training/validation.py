@@ -191,12 +191,6 @@ def write_videos(videos: np.ndarray, out_dir: Path, *, fps: float = 8.0, prefix:
     return written
 
 
-def sample_videos(model_fn: Any, frozen: Frozen, prompts: list[str], out_dir: Path, *, fps: float = 8.0,
-                  **render: Any) -> list[Path]:  # fmt: skip
-    """Render each prompt (see :func:`render_videos`) to ``out_dir/<i>.mp4`` and ``.gif``."""
-    return write_videos(render_videos(model_fn, frozen, prompts, **render), out_dir, fps=fps)
-
-
 @dataclass
 class Rendered:
     """What a validation rendered: the files, the videos by kind (uint8 ``(n, f, h, w, 3)``) and their figures."""
@@ -243,6 +237,3 @@ def gif_summary(tag: str, videos: np.ndarray, *, fps: float = 8.0) -> Any:
     height, width = strip.shape[1:3]
     image = Summary.Image(height=height, width=width, colorspace=3, encoded_image_string=buffer.getvalue())
     return Summary(value=[Summary.Value(tag=tag, image=image)])
-
-
-temporal_gain = motion_gains  # the old name, until every caller says motion_gains
