@@ -23,6 +23,7 @@ from __future__ import annotations
 
 import contextlib
 import json
+import math
 import weakref
 from collections.abc import Callable, Mapping
 from typing import Any
@@ -117,6 +118,43 @@ def _checkpointed(forward: Callable[..., Any], frame_context: bool) -> Callable[
     return run
 
 
+class AdamW8bitState(torch.optim.Optimizer):
+    """bitsandbytes' ``AdamW8bit`` (``train.optimizer=adamw8bit``) as far as memory goes: its kernels need a GPU
+    and do not run on fake tensors, so this stand-in allocates the same state and computes nothing. Tensors of
+    at least 4096 elements (bnb's ``min_8bit_size``) keep both moments blockwise-quantised, one uint8 per element
+    each plus an fp32 absmax per block of 256; smaller ones keep fp32 moments. The fused update allocates nothing.
+    """
+
+    MIN_8BIT_SIZE, BLOCK = 4096, 256
+
+    def __init__(self, params: Any, lr: float = 1e-5) -> None:
+        super().__init__(params, {"lr": lr})
+
+    @torch.no_grad()
+    def step(self, closure: Any = None) -> None:
+        for group in self.param_groups:
+            for param in group["params"]:
+                if param.grad is not None and not self.state[param]:
+                    self.state[param].update(self._state_for(param))
+
+    def _state_for(self, param: torch.Tensor) -> dict[str, torch.Tensor]:
+        if param.numel() < self.MIN_8BIT_SIZE:
+            return {"state1": torch.zeros_like(param), "state2": torch.zeros_like(param)}
+        blocks = math.ceil(param.numel() / self.BLOCK)
+        return {
+            "state1": torch.zeros(param.shape, dtype=torch.uint8),
+            "state2": torch.zeros(param.shape, dtype=torch.uint8),
+            "absmax1": torch.zeros(blocks),
+            "absmax2": torch.zeros(blocks),
+        }
+
+
+OPTIMIZERS: dict[str, Callable[[Any], torch.optim.Optimizer]] = {
+    "adamw": lambda params: torch.optim.AdamW(params, lr=1e-5, fused=True),
+    "adamw8bit": AdamW8bitState,
+}
+
+
 def _fake_step(
     model: VideoModel, inputs: dict[str, torch.Tensor], optimizer: torch.optim.Optimizer, precision: Precision
 ) -> None:
@@ -145,15 +183,17 @@ def estimate_peak(
     latent: int,
     checkpointing: str = "none",
     precision: Precision = BF16_MIXED,
+    optimizer: str = "adamw",
 ) -> dict[str, float]:
     """Peak GiB of a training step of ``build``'s model at ``batch x frames x latent^2``, with its breakdown.
 
-    Results are remembered for the process (sections 1 and 2 ask for some of the same estimates).
+    ``optimizer``: ``adamw`` (fused, fp32 moments) or ``adamw8bit`` (:class:`AdamW8bitState`). Results are
+    remembered for the process (sections 1 and 2 ask for some of the same estimates).
     """
     key = (build, json.dumps(dict(unet_config), sort_keys=True, default=list), size.batch, size.text_tokens,
-           frames, latent, checkpointing, precision)  # fmt: skip
+           frames, latent, checkpointing, precision, optimizer)  # fmt: skip
     if key not in _ESTIMATES:
-        _ESTIMATES[key] = _estimate_peak(build, unet_config, size, frames, latent, checkpointing, precision)
+        _ESTIMATES[key] = _estimate_peak(build, unet_config, size, frames, latent, checkpointing, precision, optimizer)
     return dict(_ESTIMATES[key])
 
 
@@ -168,6 +208,7 @@ def _estimate_peak(
     latent: int,
     checkpointing: str,
     precision: Precision,
+    optimizer_name: str = "adamw",
 ) -> dict[str, float]:
     model = meta_model(build, unet_config)
     if checkpointing == "blocks":
@@ -181,7 +222,7 @@ def _estimate_peak(
         params = sum(p.untyped_storage().nbytes() for p in model.module.parameters())
         for tensor in [*model.module.parameters(), *model.module.buffers()]:
             tracker.track(tensor)
-        optimizer = torch.optim.AdamW(model.trainable(), lr=1e-5, fused=True)
+        optimizer = OPTIMIZERS[optimizer_name](model.trainable())
         with tracker:
             _create_state(optimizer)
             inputs = video_inputs(size, unet_config["cross_attention_dim"], "cpu", frames=frames, latent=latent)
@@ -218,6 +259,9 @@ def run(size: Size, device: torch.device | None = None, *, warmup: int = 0, repe
             for name in VIDEO_MODELS
         }  # fmt: skip
     largest = f"{size.memory_points[-1][0]}x{size.memory_points[-1][1] * 8}"
+    frames, latent = size.memory_points[-1]
+    eight_bit = estimate_peak(MODELS["lvdm"], config, size, frames=frames, latent=latent, checkpointing="own",
+                              optimizer="adamw8bit")  # fmt: skip
     return {
         "unet": {k: list(v) if isinstance(v, tuple) else v for k, v in config.items() if not k.startswith("_")},
         "batch": size.batch,
@@ -229,9 +273,27 @@ def run(size: Size, device: torch.device | None = None, *, warmup: int = 0, repe
             "checkpointing 'own': lvdm recomputes each spatial+temporal wrapper, diffusers only its ResNets; "
             "'whole blocks' is applied by the harness to every down/mid/up block, as a what-if",
         ],
-        "tables": [{"title": "Peak GiB of a training step", "rows": _rows(estimates, largest)}],
-        "targets": _targets(estimates, largest),
+        "tables": [
+            {"title": "Peak GiB of a training step", "rows": _rows(estimates, largest)},
+            {"title": f"Memory options, lvdm default layout with its checkpointing, {largest}",
+             "rows": _option_rows(estimates[largest]["lvdm"]["own"], eight_bit)},
+        ],  # fmt: skip
+        "targets": [
+            *_targets(estimates, largest),
+            target(f"peak GiB at {largest}, lvdm default layout, checkpointing + train.optimizer=adamw8bit",
+                   eight_bit["peak_gib"], 11),
+        ],  # fmt: skip
     }
+
+
+def _option_rows(default: dict[str, float], eight_bit: dict[str, float]) -> list[dict[str, Any]]:
+    """Each memory option's peak and its saving against the default (fused AdamW, fp32 moments)."""
+    rows = [("fused AdamW, fp32 moments (default)", default), ("train.optimizer=adamw8bit (bitsandbytes)", eight_bit)]
+    return [
+        {"option": name, "peak GiB": figures["peak_gib"], "optimizer state GiB": figures["optimizer_gib"],
+         "saving GiB": default["peak_gib"] - figures["peak_gib"]}
+        for name, figures in rows
+    ]  # fmt: skip
 
 
 def _rows(estimates: dict[str, Any], largest: str) -> list[dict[str, Any]]:

@@ -66,6 +66,12 @@ def test_memory_estimates(tiny_run: dict) -> None:
         assert set(modes) == {"none", "own", "blocks"}
         assert modes["own"]["peak_gib"] < modes["none"]["peak_gib"], name
         assert modes["none"]["params_gib"] > 0 and modes["none"]["optimizer_gib"] > 0
+    options = {row["option"]: row for row in memory["tables"][1]["rows"]}
+    default = options["fused AdamW, fp32 moments (default)"]
+    eight_bit = options["train.optimizer=adamw8bit (bitsandbytes)"]
+    # 8-bit moments: 2 bytes per element instead of 8 (plus absmax and the small tensors kept in fp32)
+    assert 0 < eight_bit["optimizer state GiB"] < 0.5 * default["optimizer state GiB"]
+    assert eight_bit["saving GiB"] > 0 and eight_bit["peak GiB"] < default["peak GiB"]
 
 
 def test_sampling_batches_guidance(tiny_run: dict) -> None:
