@@ -3,9 +3,14 @@
 from __future__ import annotations
 
 import copy
+import os
 
-import pytest
-import torch
+# as the CLIs do (lvdm.runtime): OpenMP threads sleep rather than spin at barriers, or a busy machine makes every
+# test several times slower; set before torch loads its OpenMP runtime
+os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
+
+import pytest  # noqa: E402
+import torch  # noqa: E402
 
 from lvdm import testing
 
