@@ -160,6 +160,9 @@ class DataConfig:
     max_consecutive_bad: int = option(20, "stop after this many unreadable samples in a row", min=1)
     num_workers: int = option(2, "data-loader worker processes (0: load in the main process)", min=0)
     cache: str | None = option(None, "latent cache folder to read instead of decoding videos")
+    follow_links_outside: bool = option(
+        False, "use files in a data folder that are symlinks to places outside it (default: skipped, as escapes)"
+    )
     holdout: int = option(0, "entries kept out of training for the validation loss and the motion gain", min=0)
 
     def validate(self) -> list[str]:

@@ -190,3 +190,18 @@ def test_folder_symlinks_out_of_the_root_are_skipped_unless_allowed(tmp_path):
     problems = {e.path.name: e.problem for e in folder_source(root)}
     assert "escapes the data root" in problems["link.mp4"] and problems["alias.mp4"] is None
     assert all(e.problem is None for e in folder_source(root, allow_links_outside=True))
+
+
+def test_the_config_opts_in_to_symlinks_out_of_a_folder_source(tmp_path):
+    from lvdm.config import load_config
+    from lvdm.data.build import list_sources
+
+    root, outside = tmp_path / "root", tmp_path / "elsewhere.mp4"
+    root.mkdir()
+    outside.write_bytes(b"x")
+    (root / "link.mp4").symlink_to(outside)
+    for overrides in ([f"data.root={root}"], [f"data.sources=[{{kind: folder, path: '{root}'}}]"]):
+        base = ["model.base=b", *overrides]
+        (_, skipped, _), = list_sources(load_config([], base).data)
+        (_, followed, _), = list_sources(load_config([], [*base, "data.follow_links_outside=true"]).data)
+        assert "escapes the data root" in skipped[0].problem and followed[0].problem is None

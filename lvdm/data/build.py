@@ -35,17 +35,23 @@ def list_sources(data: Any) -> list[tuple[str, list[Entry], float]]:
     """``(name, entries, weight)`` for ``data.root``, ``data.manifest`` and every ``data.sources`` item."""
     listed = []
     if data.root:
-        listed.append((str(data.root), folder_source(data.root), 1.0))
+        listed.append((str(data.root), folder_source(data.root, allow_links_outside=data.follow_links_outside), 1.0))
     if data.manifest:
         listed.append((str(data.manifest), read_manifest(data.manifest), 1.0))
     for source in data.sources:
-        listed.append(
-            (f"{source.kind}:{source.path}", SOURCES[source.kind](source.path, source.video_root), source.weight)
-        )
+        listed.append((f"{source.kind}:{source.path}", _source_entries(source, data), source.weight))
     for name, entries, _ in listed:
         if not entries:
             raise DataError(f"data source {name} lists no clips or images")
     return listed
+
+
+def _source_entries(source: Any, data: Any) -> list[Entry]:
+    """One ``data.sources`` item's entries; folders follow symlinks out of their root only when allowed."""
+    if source.kind in ("folder", "images") and Path(source.path).is_dir():
+        images = source.kind == "images"
+        return folder_source(source.path, images=images, allow_links_outside=data.follow_links_outside)
+    return SOURCES[source.kind](source.path, source.video_root)
 
 
 def read_manifest(path: str | Path, video_root: str | Path | None = None) -> list[Entry]:
