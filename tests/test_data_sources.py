@@ -202,6 +202,6 @@ def test_the_config_opts_in_to_symlinks_out_of_a_folder_source(tmp_path):
     (root / "link.mp4").symlink_to(outside)
     for overrides in ([f"data.root={root}"], [f"data.sources=[{{kind: folder, path: '{root}'}}]"]):
         base = ["model.base=b", *overrides]
-        (_, skipped, _), = list_sources(load_config([], base).data)
-        (_, followed, _), = list_sources(load_config([], [*base, "data.follow_links_outside=true"]).data)
+        ((_, skipped, _),) = list_sources(load_config([], base).data)
+        ((_, followed, _),) = list_sources(load_config([], [*base, "data.follow_links_outside=true"]).data)
         assert "escapes the data root" in skipped[0].problem and followed[0].problem is None
