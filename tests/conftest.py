@@ -3,14 +3,9 @@
 from __future__ import annotations
 
 import copy
-import os
 
-# as the CLIs do (lvdm.runtime): OpenMP threads sleep rather than spin at barriers, or a busy machine makes every
-# test several times slower; set before torch loads its OpenMP runtime
-os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
-
-import pytest  # noqa: E402
-import torch  # noqa: E402
+import pytest
+import torch
 
 from lvdm import testing
 
