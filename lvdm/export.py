@@ -100,7 +100,7 @@ def main(argv: list[str]) -> int:
     parser = argparse.ArgumentParser(
         prog="python -m lvdm.export", description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
     )
-    parser.add_argument("checkpoint", help="a checkpoint folder: <output_dir>/checkpoints/checkpoint-XXXXXXXX")
+    parser.add_argument("checkpoint", help="a checkpoint folder, e.g. <output_dir>/checkpoints/checkpoint-00000500")
     parser.add_argument("out", help="the temporal module to write (.safetensors)")
     parser.add_argument("--raw", action="store_true", help="the raw trained weights, not their EMA (default: EMA)")
     parser.add_argument("--base", help="SD base to build on (default: the model.base of the checkpoint's config)")

@@ -18,6 +18,7 @@ layers on the frozen base) is the first; the decoder, upscaler and distillation 
 
 from __future__ import annotations
 
+from abc import ABC, abstractmethod
 from pathlib import Path
 from typing import Any, ClassVar
 
@@ -26,7 +27,7 @@ import torch
 from lvdm.training.step import Frozen, training_loss
 
 
-class Objective:
+class Objective(ABC):
     """The base objective: no extra state, no validation figures, no samples. Subclasses set :attr:`name`
     and implement :meth:`loss`; the rest is optional."""
 
@@ -36,9 +37,9 @@ class Objective:
     def __init__(self, cfg: Any, video: Any, frozen: Frozen, device: torch.device) -> None:
         self.cfg, self.video, self.frozen, self.device = cfg, video, frozen, device
 
+    @abstractmethod
     def loss(self, model_fn: Any, batch: dict[str, Any], generator: torch.Generator) -> torch.Tensor:
         """The per-sample loss ``(b,)`` of one micro-batch; every random draw comes from ``generator``."""
-        raise NotImplementedError
 
     def after_step(self, step: int) -> dict[str, float]:
         """Update what the objective owns after optimizer step ``step`` succeeded; figures to log."""
