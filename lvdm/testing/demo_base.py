@@ -106,25 +106,30 @@ def _batches(n: int, size: int, steps: int, seed: int):
         yield torch.randint(0, n, (size,), generator=generator), generator
 
 
-def _optimizer(params, lr: float, steps: int):
+def _fitter(params, lr: float, steps: int) -> Callable[[torch.Tensor], None]:
+    """``fit(loss)``: one AdamW step on ``loss`` along a one-cycle LR schedule of ``steps`` steps."""
     optimizer = torch.optim.AdamW(params, lr=lr, weight_decay=0.0)
     schedule = torch.optim.lr_scheduler.OneCycleLR(optimizer, lr, total_steps=steps, pct_start=0.05)
-    return optimizer, schedule
+
+    def fit(loss: torch.Tensor) -> None:
+        optimizer.zero_grad(set_to_none=True)
+        loss.backward()
+        optimizer.step()
+        schedule.step()
+
+    return fit
 
 
 def train_vae(vae: AutoencoderKL, frames: torch.Tensor, recipe: DemoBaseRecipe, report: Callable) -> float:
     """Fit ``vae`` to reconstruct ``frames``, set ``scaling_factor``; returns the mean reconstruction error (0-255)."""
     vae.train()
-    optimizer, schedule = _optimizer(vae.parameters(), recipe.vae_lr, recipe.vae_steps)
+    fit = _fitter(vae.parameters(), recipe.vae_lr, recipe.vae_steps)
     for step, (index, generator) in enumerate(_batches(len(frames), recipe.vae_batch, recipe.vae_steps, recipe.seed)):
         x = frames[index]
         posterior = vae.encode(x).latent_dist
         recon = vae.decode(posterior.sample(generator=generator)).sample
         loss = (recon - x).abs().mean() + 4 * (recon - x).square().mean() + 1e-6 * posterior.kl().mean()
-        optimizer.zero_grad(set_to_none=True)
-        loss.backward()
-        optimizer.step()
-        schedule.step()
+        fit(loss)
         report("vae", step, recipe.vae_steps, float(loss.detach()))
     vae.eval().requires_grad_(False)
     with torch.no_grad():
@@ -144,7 +149,7 @@ def train_unet(unet, vae, frames: torch.Tensor, text: torch.Tensor, empty: torch
         std = torch.cat([p.std for p in posteriors])
     scale = vae.config.scaling_factor
     unet.train()
-    optimizer, schedule = _optimizer(unet.parameters(), recipe.unet_lr, recipe.unet_steps)
+    fit = _fitter(unet.parameters(), recipe.unet_lr, recipe.unet_steps)
     seed = recipe.seed + 1
     loss = torch.tensor(0.0)
     for step, (index, generator) in enumerate(_batches(len(frames), recipe.unet_batch, recipe.unet_steps, seed)):
@@ -157,10 +162,7 @@ def train_unet(unet, vae, frames: torch.Tensor, text: torch.Tensor, empty: torch
         t = torch.randint(0, scheduler.config.num_train_timesteps, (b,), generator=generator)
         pred = unet(scheduler.add_noise(latents, noise, t), t, cond).sample
         loss = (pred - noise).square().mean()
-        optimizer.zero_grad(set_to_none=True)
-        loss.backward()
-        optimizer.step()
-        schedule.step()
+        fit(loss)
         report("unet", step, recipe.unet_steps, float(loss.detach()))
     unet.eval().requires_grad_(False)
     return float(loss.detach())
