@@ -98,6 +98,12 @@ class ModelConfig:
     spatial_lora_alpha: float | None = option(None, "LoRA alpha (null: the rank, i.e. scale 1)", gt=0)
     unfreeze: list[str] = option([], "spatial blocks trained too, by diffusers UNet name (e.g. up_blocks.3)")
     gradient_checkpointing: bool = option(False, "recompute activations in the backward pass: less memory, slower")
+    context: bool = option(
+        False, "context frames: an encoder feeding given frames to the temporal layers (prediction, interpolation)"
+    )
+    temporal_init: str | None = option(
+        None, "start the temporal layers from this module file (e.g. a text-to-video one, adding context frames)"
+    )
     attention_backend: Literal["sdpa", "xformers"] = option("sdpa", "attention kernel: sdpa (PyTorch) or xformers")
 
     def validate(self) -> list[str]:
@@ -198,7 +204,8 @@ class TrainConfig:
     max_grad_norm: float = option(1.0, "clip the gradient norm to this (0: no clipping)", min=0)
     mixed_precision: Literal["no", "fp16", "bf16"] = option("no", "autocast dtype: no (fp32), fp16 or bf16")
     threads: int | None = option(
-        None, "CPU threads of torch per process (null: the usable cores, by affinity, cgroup quota, OMP_NUM_THREADS)",
+        None,
+        "CPU threads of torch per process (null: the usable cores, by affinity, cgroup quota, OMP_NUM_THREADS)",
         min=1,
     )
     seed: int = option(0, "random seed for initialization, data order and noise", min=0, max=2**32 - 1)
@@ -214,6 +221,11 @@ class TrainConfig:
     image_batch_ratio: float | None = option(
         None, "share of batches made of still images (joint training); null: by data.sources weights", min=0, max=1
     )
+    tasks: dict[str, float] = option(
+        {}, "tasks drawn per clip by weight: text (no context), predict, interpolate; empty: text only"
+    )
+    predict_frames: list[int] = option([0, 1, 2], "predict: how many leading frames are given (one drawn per clip)")
+    interpolate_every: int = option(4, "interpolate: every n-th frame is given (0, n, 2n, ...), the rest made", min=2)
     max_nonfinite_steps: int = option(10, "stop after this many skipped steps with a NaN/inf loss", min=1)
     overwrite: bool = option(False, "allow a fresh run in an output_dir that already holds one")
     log_every: int = option(10, "log the loss every n steps", min=1)
@@ -246,11 +258,43 @@ class Config:
                 " and none train here: set model.spatial_lora_rank or model.unfreeze, or drop the images source"
                 " (train.image_batch_ratio=0)"
             )
+        problems += _task_problems(self)
         from lvdm.fileio import special_folder
 
         if reason := special_folder(self.output_dir):
             problems.append(f"output_dir: {self.output_dir!r} is {reason}; lvdm refuses to write a run there")
         return problems
+
+
+TASKS = ("text", "predict", "interpolate")
+"""The training tasks ``train.tasks`` weighs (lvdm.training.tasks)."""
+
+
+def _task_problems(cfg: Config) -> list[str]:
+    train, frames = cfg.train, cfg.data.num_frames
+    problems = []
+    unknown = sorted(set(train.tasks) - set(TASKS))
+    if unknown:
+        problems.append(f"train.tasks: unknown task(s) {unknown}; known: {', '.join(TASKS)}")
+    if any(not isinstance(w, (int, float)) or isinstance(w, bool) or w < 0 for w in train.tasks.values()):
+        problems.append(f"train.tasks: weights must be numbers >= 0, got {dict(train.tasks)}")
+    elif train.tasks and sum(train.tasks.values()) <= 0:
+        problems.append(f"train.tasks: every weight is 0 ({dict(train.tasks)}); give at least one task a weight")
+    context_tasks = sorted(name for name in ("predict", "interpolate") if train.tasks.get(name, 0) > 0)
+    if context_tasks and not cfg.model.context:
+        problems.append(f"train.tasks: {', '.join(context_tasks)} need(s) context frames: set model.context=true")
+    bad = [n for n in train.predict_frames if not 0 <= n < frames]
+    if not train.predict_frames or bad:
+        problems.append(
+            f"train.predict_frames: each must be 0 .. {frames - 1} (fewer than data.num_frames), got "
+            f"{train.predict_frames}"
+        )
+    if train.tasks.get("interpolate", 0) > 0 and train.interpolate_every >= frames:
+        problems.append(
+            f"train.interpolate_every: {train.interpolate_every} leaves one given frame in a {frames}-frame clip; "
+            f"use less than data.num_frames ({frames})"
+        )
+    return problems
 
 
 def load_config(

@@ -437,9 +437,11 @@ assert not heavy, heavy
 @pytest.mark.parametrize(
     "text, reason",
     [
-        ("a: &a [1, 2, 3, 4, 5, 6, 7, 8, 9, 10]\n"
-         + "".join(f"b{i}: &b{i} [{', '.join(['*b' + str(i - 1) if i else '*a'] * 10)}]\n" for i in range(7)),
-         "alias bomb"),  # fmt: skip
+        (
+            "a: &a [1, 2, 3, 4, 5, 6, 7, 8, 9, 10]\n"
+            + "".join(f"b{i}: &b{i} [{', '.join(['*b' + str(i - 1) if i else '*a'] * 10)}]\n" for i in range(7)),
+            "alias bomb",
+        ),  # fmt: skip
         ("model: " + "[" * 20000 + "]" * 20000 + "\n", "nested more than 64 levels"),
         ("model: &m {base: *m}\n", "refers to itself"),
     ],

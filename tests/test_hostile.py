@@ -339,10 +339,7 @@ def test_hostile_data_is_reported_not_hung_on(tmp_path):
     (folder / "pipe.txt").write_text("a caption")
     manifest = tmp_path / "manifest.csv"
     manifest.write_text(
-        "video,caption\n"
-        f"{clips[1].name},fine\n"
-        f"bad\0name.mp4,a NUL in the path\n"
-        f'{clips[2].name},"{"x" * (2 << 20)}"\n',
+        f'video,caption\n{clips[1].name},fine\nbad\0name.mp4,a NUL in the path\n{clips[2].name},"{"x" * (2 << 20)}"\n',
         encoding="utf-8",
     )
     shutil.copy(clips[1], tmp_path / clips[1].name)

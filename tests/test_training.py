@@ -261,8 +261,16 @@ def test_joint_image_video_training_runs_images_in_image_mode(tiny_assets, tmp_p
     monkeypatch.setattr(objectives_module, "training_loss", recording_loss)
     sources = f"[{{kind: folder, path: '{tiny_assets['clips']}'}}, {{kind: images, path: '{tiny_assets['images']}'}}]"
     overrides = [o for o in tiny_overrides(tiny_assets, tmp_path / "run") if not o.startswith("data.root")]
-    cfg = load_config([], [*overrides, f"data.sources={sources}", "train.image_batch_ratio=0.5", "train.max_steps=12",
-                                  "model.spatial_lora_rank=2"])
+    cfg = load_config(
+        [],
+        [
+            *overrides,
+            f"data.sources={sources}",
+            "train.image_batch_ratio=0.5",
+            "train.max_steps=12",
+            "model.spatial_lora_rank=2",
+        ],
+    )
     train(cfg, progress=False)
     image_batches = [shape for flags, shape in seen if all(flags)]
     video_batches = [shape for flags, shape in seen if not any(flags)]

@@ -89,9 +89,7 @@ def read_caption_file(path: Path) -> bytes:
         os.close(fd)
 
 
-def folder_source(
-    root: str | os.PathLike, *, images: bool = False, allow_links_outside: bool = False
-) -> list[Entry]:
+def folder_source(root: str | os.PathLike, *, images: bool = False, allow_links_outside: bool = False) -> list[Entry]:
     """Every clip (or image) under ``root``, recursively, captioned by the same-name ``.txt`` file.
 
     A file that is a symlink resolving outside ``root`` becomes a bad sample (like a manifest path that escapes)

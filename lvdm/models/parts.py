@@ -80,3 +80,17 @@ def add_configured_parts(video: VideoUNet, model_config: Any) -> list[str]:
             build_part(video, kind, kind, config)
             added.append(kind)
     return added
+
+
+# ------------------------------------------------------------------------------------------------ the kinds
+def _build_context(video: VideoUNet) -> nn.Module:
+    from lvdm.modules.context_encoder import ContextEncoder
+
+    config = video.unet.config
+    sites = [(site.name, site.channels) for site in video.sites]
+    return ContextEncoder(config.out_channels, config.block_out_channels, sites)
+
+
+PART_KINDS["context"] = PartKind(
+    build=_build_context, from_config=lambda model: {} if getattr(model, "context", False) else None
+)

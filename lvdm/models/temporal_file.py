@@ -79,8 +79,23 @@ class TemporalModule:
             for name, tensor in self.tensors.items():
                 params[name].copy_(tensor)
 
-    def mismatches(self, video: VideoUNet) -> list[str]:
-        """What differs between this module and ``video`` (empty when it loads)."""
+    def warm_start(self, video: VideoUNet) -> list[str]:
+        """Copy the weights into ``video``, which may have parts the file lacks (a text-to-video module starting a
+        model with context frames): those keep their fresh weights, zero-output until they train. Returns their
+        names; everything else must fit as for :meth:`load_into`."""
+        new = sorted(set(video.part_specs) - set(self.parts))
+        problems = self.mismatches(video, new_parts=new)
+        if problems:
+            raise TemporalModuleError(f"temporal module {self.path} cannot start this model: " + "; ".join(problems))
+        params = dict(video.named_temporal_parameters())
+        with torch.no_grad():
+            for name, tensor in self.tensors.items():
+                params[name].copy_(tensor)
+        return new
+
+    def mismatches(self, video: VideoUNet, *, new_parts: list[str] = ()) -> list[str]:
+        """What differs between this module and ``video`` (empty when it loads); ``new_parts``: parts of ``video``
+        the file may lack (their weights are not looked for)."""
         problems = []
         if self.family != video.family:
             problems.append(f"it was made for base family {self.family!r}, this base is {video.family!r}")
@@ -88,11 +103,14 @@ class TemporalModule:
             diff = _dict_diff(self.layout.to_dict(), video.layout.to_dict())
             problems.append(f"temporal layout differs ({diff}); build the model with VideoUNet.from_temporal_file")
         problems += _site_diff(self.sites, [site.to_dict() for site in video.sites])
-        here = {name: spec.to_dict() for name, spec in video.part_specs.items()}
+        here = {name: spec.to_dict() for name, spec in video.part_specs.items() if name not in new_parts}
         if self.parts != here:
             problems.append(f"standalone parts differ: {_dict_diff(self.parts, here)}")
         if not problems:
-            problems += _tensor_diff(self.tensors, dict(video.named_temporal_parameters()))
+            fresh = tuple(f"parts.{name}." for name in new_parts)
+            params = dict(video.named_temporal_parameters())
+            params = {key: p for key, p in params.items() if not (fresh and key.startswith(fresh))}
+            problems += _tensor_diff(self.tensors, params)
         return problems
 
 

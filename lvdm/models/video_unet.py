@@ -54,6 +54,8 @@ class VideoUNet(nn.Module):
         self.parts = nn.ModuleDict()  # standalone added modules (lvdm.models.parts), by name
         self.part_specs: dict[str, PartSpec] = {}
         self._wrappers = {name: m for name, m in unet.named_modules() if isinstance(m, _VideoWrapper)}
+        for name, wrapper in self._wrappers.items():
+            wrapper.site = name
 
     # ----------------------------------------------------------------- the registry of added modules
     def added_modules(self) -> dict[str, nn.Module]:
@@ -176,9 +178,14 @@ class VideoUNet(nn.Module):
         # (b f) c h w -> b c f h w
         return out.reshape(b, f, *out.shape[1:]).permute(0, 2, 1, 3, 4)
 
+    @property
+    def conditioning_inputs(self) -> set[str]:
+        """The keyword inputs of :meth:`forward` this model's parts take (``context_latents``, ...)."""
+        return {key for part in self.parts.values() for key in getattr(part, "inputs", ())}
+
     def _prepare_parts(self, context: FrameContext, sample: torch.Tensor, timestep: Any, inputs: dict) -> None:
         """Give each part its inputs; what it prepares goes to ``context.extras`` under its name."""
-        accepted = {key for part in self.parts.values() for key in getattr(part, "inputs", ())}
+        accepted = self.conditioning_inputs
         unknown = sorted(set(inputs) - accepted)
         if unknown:
             raise TypeError(

@@ -45,6 +45,18 @@ class FrameContext:
     def batch_size(self) -> int:
         return self.image_only_indicator.shape[0]
 
+    def temporal_input(self, site: str) -> torch.Tensor | None:
+        """What the parts add to the input of the temporal layer ``site`` (``(b f) c h w``), summed; ``None`` when
+        none adds anything. A part contributes by preparing an object with an ``at(site)`` method (the context
+        encoder's features)."""
+        total = None
+        for extra in self.extras.values():
+            at = getattr(extra, "at", None)
+            feature = at(site) if at is not None else None
+            if feature is not None:
+                total = feature if total is None else total + feature
+        return total
+
 
 _CURRENT: ContextVar[FrameContext | None] = ContextVar("lvdm_frame_context", default=None)
 

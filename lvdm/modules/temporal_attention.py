@@ -50,10 +50,12 @@ class TemporalAttentionBlock(nn.Module):
         x: torch.Tensor,
         num_frames: int,
         frame_positions: torch.Tensor,
+        extra: torch.Tensor | None = None,
     ) -> torch.Tensor:
-        """``x``: ``(b f) c h w``; ``frame_positions``: ``(b, f)``; returns ``(b f) c h w``."""
+        """``x``: ``(b f) c h w``; ``frame_positions``: ``(b, f)``; ``extra``: like ``x``, added to the branch's input
+        only (context features), or ``None``; returns ``(b f) c h w``."""
         bf, c, height, width = x.shape
-        h = self.norm(x)
+        h = self.norm(x if extra is None else x + extra)
         # (b f) c h w -> (b f) (h w) c
         h = h.permute(0, 2, 3, 1).reshape(bf, height * width, c)
         h = self.proj_in(h)

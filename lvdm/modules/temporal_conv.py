@@ -43,9 +43,12 @@ class TemporalConvBlock(nn.Module):
         nn.init.zeros_(self.conv2.weight)
         nn.init.zeros_(self.conv2.bias)
 
-    def forward(self, x: torch.Tensor, temb: torch.Tensor | None = None) -> torch.Tensor:
-        """``x``: ``(b, c, f, h, w)``; ``temb``: ``(b, f, temb_channels)`` or ``None``."""
-        h = _frame_conv(self.conv1, nn.functional.silu(self.norm1(x)))
+    def forward(
+        self, x: torch.Tensor, temb: torch.Tensor | None = None, extra: torch.Tensor | None = None
+    ) -> torch.Tensor:
+        """``x``: ``(b, c, f, h, w)``; ``temb``: ``(b, f, temb_channels)`` or ``None``; ``extra``: like ``x``, added
+        to the branch's input only (context features), or ``None``."""
+        h = _frame_conv(self.conv1, nn.functional.silu(self.norm1(x if extra is None else x + extra)))
         if self.time_emb_proj is not None and temb is not None:
             # b f d -> b c f 1 1
             h = h + self.time_emb_proj(nn.functional.silu(temb)).permute(0, 2, 1)[..., None, None]

@@ -30,6 +30,7 @@ class _VideoWrapper(nn.Module):
         self.temporal = temporal
         self.mixer = FrameAlphaBlender(mix_factor)
         self.gradient_checkpointing = False
+        self.site = ""  # its name in the UNet (set by VideoUNet): the key of the parts' temporal inputs
 
     def temporal_modules(self) -> dict[str, nn.Module]:
         """The trainable parts, by attribute name."""
@@ -57,7 +58,11 @@ class VideoResnetBlock(_VideoWrapper):
         video = spatial.reshape(b, f, *spatial.shape[1:]).permute(0, 2, 1, 3, 4)
         # (b f) d -> b f d
         temb_frames = temb.reshape(b, f, -1) if temb is not None else None
-        temporal = self.temporal(video, temb_frames)
+        extra = ctx.temporal_input(self.site)
+        if extra is not None:
+            # (b f) c h w -> b c f h w
+            extra = extra.reshape(b, f, *extra.shape[1:]).permute(0, 2, 1, 3, 4)
+        temporal = self.temporal(video, temb_frames, extra)
         # b c f h w -> (b f) c h w
         temporal = temporal.permute(0, 2, 1, 3, 4).reshape(spatial.shape)
         return self.mixer(spatial, temporal, ctx.image_only_indicator)
@@ -72,7 +77,7 @@ class VideoTransformerBlock(_VideoWrapper):
 
     def _forward(self, x: torch.Tensor, ctx: FrameContext, *args: Any, **kwargs: Any) -> torch.Tensor:
         spatial = self.spatial(x, *args, return_dict=False, **kwargs)[0]
-        temporal = self.temporal(spatial, ctx.num_frames, ctx.frame_positions)
+        temporal = self.temporal(spatial, ctx.num_frames, ctx.frame_positions, ctx.temporal_input(self.site))
         return self.mixer(spatial, temporal, ctx.image_only_indicator)
 
 

@@ -65,12 +65,45 @@ class Objective(ABC):
 
 class DenoisingObjective(Objective):
     """Video LDM's temporal stage: the diffusion loss of the video model on the frozen base's latents, with
-    the run's noise prior, caption dropout, min-SNR weighting and offset noise (:func:`training_loss`)."""
+    the run's noise prior, caption dropout, min-SNR weighting and offset noise (:func:`training_loss`).
+
+    A model with context frames (``model.context``) trains the ``train.tasks`` (:mod:`lvdm.training.tasks`): each
+    clip gets a task, its given frames reach the context encoder, and the loss counts the frames to be made; the
+    loss of each task is logged (``loss_text``, ``loss_predict``, ...) and validation adds the context gains."""
 
     name = "denoise"
 
+    def __init__(self, cfg: Any, video: Any, frozen: Frozen, device: torch.device) -> None:
+        super().__init__(cfg, video, frozen, device)
+        self.context = "context_mask" in getattr(video, "conditioning_inputs", ())
+        self.task_losses: dict[str, list[float]] = {}  # since the last log line
+
     def loss(self, model_fn: Any, batch: dict[str, Any], generator: torch.Generator) -> torch.Tensor:
-        return training_loss(model_fn, batch, self.frozen, self.cfg.train, generator, self.device).loss
+        train = self.cfg.train
+        if not self.context:
+            return training_loss(model_fn, batch, self.frozen, train, generator, self.device).loss
+        from lvdm.training.tasks import draw_tasks, made_frames_loss
+
+        drawn = []
+
+        def conditioning(latents: torch.Tensor) -> dict[str, torch.Tensor]:
+            tasks = draw_tasks(train, latents.shape[0], latents.shape[2], generator, images=batch["is_image"])
+            drawn.append(tasks)
+            return tasks.conditioning(latents)
+
+        terms = training_loss(model_fn, batch, self.frozen, train, generator, self.device, conditioning=conditioning)
+        tasks = drawn[0]
+        loss = made_frames_loss(terms.prediction, terms.target, tasks.made()) * terms.weights
+        for name, value in zip(tasks.names, loss.detach().tolist(), strict=True):
+            self.task_losses.setdefault(name, []).append(value)
+        return loss
+
+    def after_step(self, step: int) -> dict[str, float]:
+        if not self.task_losses or (step % self.cfg.train.log_every and step != 1):
+            return {}
+        figures = {f"loss_{name}": sum(values) / len(values) for name, values in sorted(self.task_losses.items())}
+        self.task_losses.clear()
+        return figures
 
     def evaluate(self, model_fn: Any, batches: list[dict[str, Any]]) -> dict[str, float] | None:
         from lvdm.training.validation import clip_figures, motion_gains
@@ -79,7 +112,12 @@ class DenoisingObjective(Objective):
             return None
         train = self.cfg.train
         prior = {"noise_prior": train.noise_prior, "mixed_lambda": train.mixed_noise_lambda}
-        return motion_gains(model_fn, batches, self.frozen, self.device, **prior) | clip_figures(batches)
+        figures = motion_gains(model_fn, batches, self.frozen, self.device, **prior) | clip_figures(batches)
+        if self.context:
+            from lvdm.training.tasks import context_gains
+
+            figures |= context_gains(model_fn, batches, self.frozen, self.device, train, **prior)
+        return figures
 
     def render(self, model_fn: Any, out_dir: Path, *, fps: float | None = None) -> list[Path]:
         from lvdm.sampling_settings import DEFAULT_FPS

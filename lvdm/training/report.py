@@ -40,6 +40,13 @@ def format_validation(figures: dict[str, float]) -> list[str]:
             f"  layers off:       {g['layers_off_ratio']:.3f}  (loss {g['loss_layers_off']:.4f} of the frozen image "
             "model / in order: temporal information plus the layers' extra capacity, a secondary figure)",
         ]
+    for task in ("predict", "interpolate"):
+        if f"context_gain_{task}" in g:
+            lines.append(
+                f"context gain:    {task} {g[f'context_gain_{task}']:.3f}  (held-out loss on the frames to make "
+                f"without the given frames {g[f'loss_{task}_without_context']:.4f} / with them "
+                f"{g[f'loss_{task}_with_context']:.4f}, same model; above 1: it uses the given frames)"
+            )
     rows = [(label, key) for label, key in SAMPLE_ROWS if f"{key}_frame_change" in g]
     if rows:
         lines.append("frames:          change (mean |frame i+1 - frame i|, 0-255)   correlation (consecutive frames)")

@@ -545,9 +545,7 @@ def compare_on_resume(saved: dict[str, Any], current: dict[str, Any]) -> None:
 
     A key the checkpoint lacks is a setting added to lvdm since it was written; its default keeps the old
     behaviour, so it is not a change."""
-    changed = {
-        key: (a, b) for key, (a, b) in _flat_pairs(saved, current).items() if a != b and a is not _ABSENT
-    }
+    changed = {key: (a, b) for key, (a, b) in _flat_pairs(saved, current).items() if a != b and a is not _ABSENT}
     fixed = {key: pair for key, pair in changed.items() if key in FIXED_ON_RESUME}
     if fixed:
         lines = [f"{key}: {a!r} in the checkpoint, {b!r} now" for key, (a, b) in sorted(fixed.items())]

@@ -35,6 +35,10 @@ def build_model(cfg: Any, device: torch.device, mixed_precision: str) -> tuple[A
     dtype = WEIGHT_DTYPES[mixed_precision]
     video = VideoUNet.from_unet2d(base.unet, layout_from_config(m))
     add_configured_parts(video, m)  # the standalone parts the model section asks for (lvdm.models.parts)
+    if m.temporal_init is not None:  # a trained module's weights; parts it lacks (context) start at zero output
+        from lvdm.models.temporal_file import read_temporal_file
+
+        read_temporal_file(m.temporal_init).warm_start(video)
     video.freeze_base()
     trainable = dict(video.named_temporal_parameters())
     if m.spatial_lora_rank:

@@ -8,6 +8,7 @@ would have, on any number of data-loader workers.
 from __future__ import annotations
 
 import hashlib
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -59,9 +60,19 @@ def batch_latents_and_text(
 
 
 def training_loss(
-    model_fn: Any, batch: dict[str, Any], frozen: Frozen, train: Any, generator: torch.Generator, device: torch.device
+    model_fn: Any,
+    batch: dict[str, Any],
+    frozen: Frozen,
+    train: Any,
+    generator: torch.Generator,
+    device: torch.device,
+    *,
+    conditioning: Callable[[torch.Tensor], dict[str, Any]] | None = None,
 ) -> LossTerms:
-    """The per-sample diffusion loss of one micro-batch under the ``train`` config's noise and dropout settings."""
+    """The per-sample diffusion loss of one micro-batch under the ``train`` config's noise and dropout settings.
+
+    ``conditioning(latents)``: more model inputs made from the clean latents (the context frames of a task), called
+    after the noise is drawn."""
     latents, text = batch_latents_and_text(batch, frozen, generator, device)
     b = latents.shape[0]
     drop = (torch.rand(b, generator=generator) < train.caption_dropout).to(device)
@@ -75,6 +86,7 @@ def training_loss(
         generator=generator,
         device=device,
     )
+    extra = conditioning(latents) if conditioning is not None else {}
     return diffusion_loss(
         model_fn,
         latents,
@@ -84,4 +96,5 @@ def training_loss(
         snr_gamma=train.snr_gamma,
         encoder_hidden_states=text,
         image_only_indicator=batch["is_image"].to(device),
+        **extra,
     )
