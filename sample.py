@@ -17,6 +17,15 @@ before anything loads (--overwrite replaces it). A sidecar re-renders its video 
 
     python sample.py --from-json panda.mp4.json --out again.mp4   # same model, prompt, seed and settings
     python sample.py --from-json panda.mp4.json --steps 50 --out finer.mp4   # flags given override the sidecar
+
+With a module trained with context frames (model.context, e.g. configs/demo_context.yaml): --context clip.mp4
+continues a video (--frames new frames after its last --context-frames), --frames beyond the module's training
+length rolls out chunk by chunk, --context-guidance S > 1 follows the given frames more closely, and
+--interpolate clip.mp4 --factor 4 (or 16) makes 4 (16) frames per frame of clip.mp4 (its frames kept as they are,
+the fps multiplied to match; --prompt optional):
+
+    python sample.py --base ... --temporal ctx.safetensors --prompt "a red disc" --frames 64 --out long.mp4
+    python sample.py --base ... --temporal ctx.safetensors --interpolate long.mp4 --factor 4 --out smooth.mp4
 """
 
 from __future__ import annotations
@@ -48,6 +57,8 @@ SETTINGS_FLAGS = {
     "--num-videos": ("num_videos_per_prompt", int),
     "--decode-chunk": ("decode_chunk_size", int),
     "--batch-size": ("batch_size", int),
+    "--context-frames": ("context_frames", int),
+    "--context-guidance": ("context_guidance", float),
 }
 
 
@@ -99,6 +110,10 @@ def build_parser() -> argparse.ArgumentParser:
     image_help = fields["image_mode"].metadata["help"]
     settings.add_argument("--image-mode", action="store_true", default=None, help=image_help)
     settings.add_argument("--base-noise-seed", type=int, help="mixed prior: one base noise for every video (its seed)")
+    context = parser.add_argument_group("context frames (a module trained with model.context)")
+    context.add_argument("--context", metavar="VIDEO", help="continue this video: --frames new frames after it")
+    context.add_argument("--interpolate", metavar="VIDEO", help="raise this video's frame rate by --factor")
+    context.add_argument("--factor", type=int, choices=[4, 16], help="--interpolate: frames per input frame (4)")
     output = parser.add_argument_group("output")
     output.add_argument("--out", default="outputs/samples", help="a .mp4/.gif file, or a folder for many videos")
     output.add_argument(
@@ -152,10 +167,34 @@ def _replayed(args: argparse.Namespace, meta: dict[str, Any] | None) -> argparse
         format=args.format or meta.get("format"),
         base_noise_seed=meta.get("base_noise") if args.base_noise_seed is None else args.base_noise_seed,
         prompt=meta["prompt"] if args.prompt is None and args.prompts is None else args.prompt,
+        context=args.context or _source(meta.get("context")),
+        interpolate=args.interpolate or _source(meta.get("interpolate")),
+        factor=args.factor or (meta.get("interpolate") or {}).get("factor"),
     )
     if args.device == "auto" and meta.get("device"):
         filled["device"] = meta["device"] if _available(meta["device"]) else "auto"
     return argparse.Namespace(**{**vars(args), **filled})
+
+
+def _source(record: Any) -> str | None:
+    """The video file a sidecar's context or interpolation came from (``None``: none, or frames given in Python)."""
+    source = record.get("source") if isinstance(record, dict) else None
+    return source if isinstance(source, str) and source != "frames" else None
+
+
+def _check_context(args: argparse.Namespace, image_mode: bool) -> None:
+    """The context options' mistakes, before anything loads."""
+    from pathlib import Path
+
+    if args.factor is not None and args.interpolate is None:
+        raise ConfigError("--factor goes with --interpolate VIDEO")
+    if args.interpolate is not None and (args.context is not None or args.prompts is not None):
+        raise ConfigError("--interpolate makes one video: it does not take --context or --prompts")
+    if (args.context or args.interpolate) and image_mode:
+        raise ConfigError("--image-mode has no temporal layers to take context frames; drop --image-mode")
+    for flag, path in (("--context", args.context), ("--interpolate", args.interpolate)):
+        if path is not None and not Path(path).is_file():
+            raise ConfigError(f"{flag} {path}: no such video file")
 
 
 def _settings(args: argparse.Namespace, meta: dict[str, Any] | None) -> dict[str, Any]:
@@ -181,13 +220,14 @@ def main(argv: list[str]) -> int:
     args = _replayed(args, meta)
     if args.base is None:
         raise ConfigError("the following arguments are required: --base (or --from-json SIDECAR)")
-    if args.prompt is None and args.prompts is None:
+    if args.prompt is None and args.prompts is None and args.interpolate is None:
         raise ConfigError("one of the arguments --prompt --prompts is required (or --from-json SIDECAR)")
     from lvdm.pipeline import VideoPipeline, plan_outputs, read_prompts, sampling_settings
 
-    prompts = [args.prompt] if args.prompt is not None else read_prompts(args.prompts)
+    prompts = [args.prompt or ""] if args.prompts is None else read_prompts(args.prompts)
     settings = _settings(args, meta)
     checked = sampling_settings(**settings)  # every mistake reported before anything is loaded
+    _check_context(args, checked.image_mode)
     paths = plan_outputs(
         args.out, prompts, num_videos_per_prompt=checked.num_videos_per_prompt, format=args.format or "mp4",
         overwrite=args.overwrite,
@@ -197,11 +237,21 @@ def main(argv: list[str]) -> int:
         args.base, temporal=args.temporal, base_config=args.base_config, loras=args.lora,
         spatial_weights=args.spatial_weights, allow_pickle=args.allow_pickle, device=device, dtype=dtype,
     )  # fmt: skip
+    if args.interpolate is not None:
+        factor = args.factor or 4
+        print(f"interpolating {args.interpolate} by {factor} on {device}", file=sys.stderr)
+        settings.pop("num_frames", None)  # the output length follows from the video and the factor
+        output = pipe.interpolate(
+            args.interpolate, factor=factor, prompt=prompts[0], progress=not args.quiet, **settings
+        )
+        for path in output.save(paths[0]):
+            print(path)
+        return 0
     mode = "video" if args.temporal and not checked.image_mode else "image mode (no temporal layers)"
     print(f"sampling {len(paths)} video(s), {mode}, on {device}", file=sys.stderr)
     written = pipe.render(
-        prompts, paths, base_noise=args.base_noise_seed, progress=not args.quiet, overwrite=args.overwrite,
-        **settings,
+        prompts, paths, base_noise=args.base_noise_seed, context=args.context, progress=not args.quiet,
+        overwrite=args.overwrite, **settings,
     )  # fmt: skip
     for path in written:
         print(path)

@@ -147,6 +147,7 @@ class VideoPipeline:
         *,
         latents: torch.Tensor | None = None,
         base_noise: torch.Tensor | int | None = None,
+        context: Any = None,
         progress: bool = True,
         **settings: Any,
     ) -> VideoOutput:
@@ -159,35 +160,183 @@ class VideoPipeline:
             base_noise: the mixed prior's shared base noise: an ``int`` seed (the same base for every video of
                 the call) or a tensor ``(1 or b, c, 1, h', w')``. With it fixed, different seeds change only the
                 per-frame residual: the same content, other motion.
+            context: a video to continue (a file, or uint8 frames ``(f, h, w, 3)``), resized and centre-cropped to
+                the sampling size like training clips; the result is ``num_frames`` new frames conditioned on its
+                last ``context_frames``. Needs a module trained with context frames (:mod:`lvdm.context_sampling`).
+                With such a module, ``num_frames`` beyond its training length rolls out chunk by chunk.
             progress: a progress bar over the denoising steps.
             **settings: :class:`SamplingSettings` fields (``negative_prompt``, ``num_frames``, ``height``, ``width``,
-                ``num_inference_steps``, ``guidance_scale``, ``scheduler``, ``seed``, ``noise_prior`` ...).
+                ``num_inference_steps``, ``guidance_scale``, ``scheduler``, ``seed``, ``noise_prior``,
+                ``context_frames``, ``context_guidance`` ...).
 
         Returns:
             a :class:`VideoOutput` with uint8 frames ``(b, f, h, w, 3)``.
         """
         prompts = _as_prompts(prompt)
         s = self._resolve(sampling_settings(**settings), latents)
+        given = self._context_latents(s, context, explicit=settings)
+        rollout = given is not None or (self.has_context and s.num_frames > self.chunk_length(s))
+        if rollout and latents is not None:
+            raise ConfigError("latents cannot be given for a rollout or a continued video (each chunk draws its own)")
         n = len(prompts) * s.num_videos_per_prompt
         negatives = _negatives(s.negative_prompt, prompts)
         seeds = [s.seed + k for k in range(n)]
         generators = [torch.Generator().manual_seed(seed) for seed in seeds]
         shape = (n, self.base.vae.config.latent_channels, s.num_frames, *self._latent_size(s))
-        noise = self._initial_noise(s, shape, latents, base_noise, generators)
+        noise = None if rollout else self._initial_noise(s, shape, latents, base_noise, generators)
         repeat = s.num_videos_per_prompt
         # (p, n_tokens, d) -> (p * repeat, n_tokens, d): one text per video
         cond = self._encode(prompts).repeat_interleave(repeat, dim=0)
         uncond = self._encode(negatives).repeat_interleave(repeat, dim=0)
-        clean, frames = [], []
+        clean, frames, noises = [], [], []
         step = s.batch_size or n
         for start in range(0, n, step):
             part = slice(start, start + step)
-            done = self._denoise(s, noise[part], cond[part], uncond[part], generators[part], progress)
+            if rollout:
+                context_part = given[0].expand(len(generators[part]), -1, -1, -1, -1) if given is not None else None
+                done, drawn = self._rollout(s, cond[part], uncond[part], generators[part], context_part, base_noise,
+                                            progress)  # fmt: skip
+            else:
+                drawn = noise[part]
+                done = self._denoise(s, drawn, cond[part], uncond[part], generators[part], progress)
             clean.append(done.cpu())
+            noises.append(drawn.cpu())
             frames.append(self._decode(done, s.decode_chunk_size))
         extra = {"initial_noise": "given" if latents is not None else "seed", "base_noise": _describe(base_noise)}
+        if given is not None:
+            extra["context"] = given[1]
         records = [self._record(s, prompts[k // repeat], negatives[k // repeat], seeds[k], extra) for k in range(n)]
-        return VideoOutput(np.concatenate(frames), float(s.fps), records, torch.cat(clean), noise.cpu())
+        return VideoOutput(np.concatenate(frames), float(s.fps), records, torch.cat(clean), torch.cat(noises))
+
+    def interpolate(
+        self,
+        video: Any,
+        *,
+        factor: int = 4,
+        prompt: str = "",
+        progress: bool = True,
+        **settings: Any,
+    ) -> VideoOutput:
+        """Raise the frame rate of ``video`` (a file, or uint8 frames ``(f, h, w, 3)``) by ``factor`` (4 or 16):
+        its ``k`` frames become the keyframes of ``factor * (k - 1) + 1`` frames, unchanged, at ``factor`` times
+        its fps. ``prompt`` (optional) describes it; ``settings`` as for ``__call__`` (size, steps, seed ...).
+        Needs a module trained with ``interpolate`` among its tasks."""
+        from lvdm.context_sampling import FACTORS, STEP, interpolation_windows, read_context
+
+        if factor not in FACTORS:
+            raise ConfigError(f"interpolation factor must be 4 or 16, got {factor!r}")
+        self._require_context("interpolate", task="interpolate")
+        s = self._resolve(sampling_settings(**settings), None)
+        if s.image_mode:
+            raise ConfigError("image mode has no temporal layers to interpolate with; drop image_mode")
+        given = read_context(video, s.height, s.width, what="interpolate")
+        if len(given.frames) < 2:
+            raise ConfigError(f"interpolation needs at least 2 frames, the video has {len(given.frames)}")
+        if not prompt and not s.negative_prompt:
+            s = dataclasses.replace(s, guidance_scale=1.0)  # nothing to guide by: one pass per step
+        from lvdm.context_sampling import encode_frames
+        from lvdm.modules.context_encoder import FLAGS
+
+        generators = [torch.Generator().manual_seed(s.seed)]
+        cond, uncond = self._encode([prompt]), self._encode([s.negative_prompt or ""])
+        latents = encode_frames(self.base.vae, given.frames, self.device)
+        for _ in range(1 if factor == STEP else 2):
+            keys = latents.shape[2]
+            out = torch.zeros(*latents.shape[:2], STEP * (keys - 1) + 1, *latents.shape[3:], device=self.device)
+            out[:, :, ::STEP] = latents
+            for start, end in interpolation_windows(keys, self.chunk_length(s)):
+                mask = (torch.arange(start, end) % STEP == 0)[None].to(self.device)
+                window = out[:, :, start:end]
+                noise = self._initial_noise(s, tuple(window.shape), None, None, generators)
+                context = (window.clone(), mask, FLAGS["interpolate"])
+                out[:, :, start:end] = self._denoise(s, noise, cond, uncond, generators, progress, context=context)
+            latents = out
+        frames = self._decode(latents, s.decode_chunk_size)
+        frames[0, ::factor] = given.frames  # the keyframes come back as given (not through the VAE)
+        fps = (given.fps or s.fps) * factor
+        s = dataclasses.replace(s, fps=fps, num_frames=latents.shape[2])
+        source = str(Path(video).absolute()) if isinstance(video, (str, os.PathLike)) else "frames"
+        info = {"interpolate": {"source": source, "factor": factor, "keyframes": len(given.frames)}}
+        info["interpolate"]["resized"] = given.resized
+        record = self._record(s, prompt, s.negative_prompt or "", s.seed, info)
+        return VideoOutput(frames, float(fps), [record], latents.cpu(), torch.zeros(0))
+
+    # ----------------------------------------------------------------------------------------------- context
+    @property
+    def has_context(self) -> bool:
+        """Whether the temporal module takes context frames (trained with ``model.context``)."""
+        return self.video is not None and "context_mask" in self.video.conditioning_inputs
+
+    def chunk_length(self, s: SamplingSettings) -> int:
+        """The most frames one model call takes in a rollout or an interpolation: the module's training length."""
+        return int(self.defaults.get("num_frames") or s.num_frames)
+
+    def _require_context(self, what: str, *, task: str | None = None) -> None:
+        from lvdm.context_sampling import NO_CONTEXT
+
+        if not self.has_context:
+            raise ConfigError(NO_CONTEXT.format(what=what))
+        tasks = self.defaults.get("tasks")
+        if task is not None and tasks is not None and task not in tasks:
+            raise ConfigError(
+                f"this temporal module was trained for {', '.join(tasks) or 'text'} only, so it cannot {what}; "
+                f"train it with {task} in train.tasks"
+            )
+
+    def _context_latents(self, s: SamplingSettings, context: Any, *, explicit: dict) -> tuple | None:
+        """The latents ``(1, c, k, h', w')`` of the ``context`` video to continue and how it was read, or
+        ``None``; the errors of asking for context where it cannot work."""
+        from lvdm.context_sampling import encode_frames, read_context
+
+        asked = context is not None or explicit.get("context_guidance", 1.0) != 1.0
+        if s.image_mode and asked:
+            raise ConfigError("image mode has no temporal layers to take context frames; drop context or image_mode")
+        if asked:
+            self._require_context("continue a video" if context is not None else "use context guidance")
+        if context is None:
+            return None
+        given = read_context(context, s.height, s.width)
+        if len(given.frames) < s.context_frames:
+            raise ConfigError(
+                f"the context video has {len(given.frames)} frame(s); context_frames={s.context_frames} needs at "
+                f"least {s.context_frames}"
+            )
+        latents = encode_frames(self.base.vae, given.frames[-s.context_frames :], self.device)
+        source = str(Path(context).absolute()) if isinstance(context, (str, os.PathLike)) else "frames"
+        return latents, {"source": source, "frames": s.context_frames, "resized": given.resized}
+
+    def _rollout(
+        self,
+        s: SamplingSettings,
+        cond: torch.Tensor,
+        uncond: torch.Tensor,
+        generators: list[torch.Generator],
+        given: torch.Tensor | None,
+        base_noise: torch.Tensor | int | None,
+        progress: bool,
+    ) -> tuple[torch.Tensor, torch.Tensor]:
+        """``s.num_frames`` new frames for each video, chunk by chunk (:func:`~lvdm.context_sampling.rollout_chunks`);
+        returns their clean latents and the noise each new frame started from."""
+        from lvdm.context_sampling import rollout_chunks
+        from lvdm.modules.context_encoder import FLAGS
+
+        b, c = len(generators), self.base.vae.config.latent_channels
+        h, w = self._latent_size(s)
+        known_first = given.shape[2] if given is not None else 0
+        made, noises, previous = [], [], given
+        for known, new in rollout_chunks(s.num_frames, self.chunk_length(s), known_first, s.context_frames):
+            noise = self._initial_noise(s, (b, c, known + new, h, w), None, base_noise, generators)
+            context = None
+            if known:
+                window = torch.zeros_like(noise)
+                window[:, :, :known] = previous[:, :, -known:].to(window)
+                mask = (torch.arange(known + new) < known)[None].expand(b, -1).to(self.device)
+                context = (window, mask, FLAGS["none"])
+            done = self._denoise(s, noise, cond, uncond, generators, progress, context=context)
+            made.append(done[:, :, known:].cpu())
+            noises.append(noise[:, :, known:].cpu())
+            previous = torch.cat(made, dim=2)[:, :, -s.context_frames :].to(self.device)
+        return torch.cat(made, dim=2), torch.cat(noises, dim=2)
 
     def render(
         self,
@@ -197,6 +346,7 @@ class VideoPipeline:
         format: str = "mp4",
         overwrite: bool = False,
         base_noise: torch.Tensor | int | None = None,
+        context: Any = None,
         progress: bool = True,
         **settings: Any,
     ) -> list[Path]:
@@ -205,8 +355,9 @@ class VideoPipeline:
         ``out``: a file (``.mp4``/``.gif``, numbered when there are several videos), a folder (files named
         ``000-<prompt words>.<format>``), or one path per video as :func:`plan_outputs` returns them. Prompts are
         sampled ``batch_size`` videos at a time (default 1 here), with the seeds one call for the whole list
-        would use: video ``k`` gets ``seed + k``. ``base_noise``: a seed or a ``(1, c, 1, h', w')`` tensor, as in
-        :meth:`__call__`. An existing output is refused before sampling unless ``overwrite``.
+        would use: video ``k`` gets ``seed + k``. ``base_noise``: a seed or a ``(1, c, 1, h', w')`` tensor, and
+        ``context``: a video every prompt continues, as in :meth:`__call__`. An existing output is refused before
+        sampling unless ``overwrite``.
         """
         prompts = _as_prompts(prompts)
         s = sampling_settings(**{"batch_size": 1, **settings})
@@ -226,7 +377,7 @@ class VideoPipeline:
         for start in range(0, len(prompts), per_call):
             chunk = slice(start, start + per_call)
             call = {**settings, "seed": seed + start * repeat, "negative_prompt": negatives[chunk]}
-            output = self(prompts[chunk], base_noise=base_noise, progress=progress, **call)
+            output = self(prompts[chunk], base_noise=base_noise, context=context, progress=progress, **call)
             written += [output.save(paths[start * repeat + j], index=j)[0] for j in range(len(output))]
         return written
 
@@ -299,17 +450,31 @@ class VideoPipeline:
         uncond: torch.Tensor,
         generators: list[torch.Generator],
         progress: bool,
+        *,
+        context: tuple[torch.Tensor, torch.Tensor, int] | None = None,
     ) -> torch.Tensor:
-        """One batch of videos through the sampler, CFG batched into one forward per step."""
-        from lvdm.diffusion import guidance_schedule, make_scheduler, sample, step_noise_for
+        """One batch of videos through the sampler, CFG (and context guidance) batched into one forward per step.
 
+        ``context``: ``(latents (b, c, f, h', w'), mask (b, f), flag)``, the given frames of each video."""
+        from lvdm.diffusion import KnownFrames, guidance_schedule, make_scheduler, sample, step_noise_for
+
+        conditions, known, free = {"encoder_hidden_states": cond}, None, None
+        if context is not None:
+            latents, mask, flag = context
+            flags = torch.full((noise.shape[0],), flag, dtype=torch.long, device=self.device)
+            conditions |= {"context_latents": latents, "context_mask": mask, "context_flag": flags}
+            known = KnownFrames(latents, mask, noise)
+            free = {"context_mask": torch.zeros_like(mask)}
         return sample(
             self.model_fn(image_mode=s.image_mode),
             make_scheduler(s.scheduler, self.base.scheduler.config),
             latents=noise,
             num_inference_steps=s.num_inference_steps,
-            cond={"encoder_hidden_states": cond},
+            cond=conditions,
             uncond={"encoder_hidden_states": uncond},
+            known=known,
+            context_free=free,
+            context_guidance=s.context_guidance if context is not None else 1.0,
             guidance=guidance_schedule(s.guidance_schedule, s.guidance_scale, **s.guidance_options),
             guidance_rescale=s.guidance_rescale,
             threshold=parse_threshold(s.threshold) if s.threshold else None,
@@ -326,9 +491,12 @@ class VideoPipeline:
         """
         dtype, video, unet = self.dtype, self.video, self.base.unet
 
-        def video_fn(x: torch.Tensor, t: torch.Tensor, encoder_hidden_states: torch.Tensor) -> torch.Tensor:
+        def video_fn(
+            x: torch.Tensor, t: torch.Tensor, encoder_hidden_states: torch.Tensor, **context: torch.Tensor
+        ) -> torch.Tensor:
             flags = torch.ones(x.shape[0], device=x.device) if image_mode else None
-            return video(x.to(dtype), t, encoder_hidden_states.to(dtype), image_only_indicator=flags).float()
+            text = encoder_hidden_states.to(dtype)
+            return video(x.to(dtype), t, text, image_only_indicator=flags, **context).float()
 
         def image_fn(x: torch.Tensor, t: torch.Tensor, encoder_hidden_states: torch.Tensor) -> torch.Tensor:
             b, c, f, h, w = x.shape

@@ -61,6 +61,12 @@ class SamplingSettings:
     seed: int | None = option(None, "seed of the first video; video k uses seed + k (null: a random seed)", min=0)
     num_videos_per_prompt: int = option(1, "videos per prompt, each from its own seed", min=1)
     image_mode: bool = option(False, "bypass the temporal layers: the frames are independent images")
+    context_frames: int = option(
+        2, "rollout and continuing a video: the last frames each new chunk is conditioned on (1 or 2)", min=1
+    )
+    context_guidance: float = option(
+        1.0, "context guidance s (1: off): f(z) + s (f(z; given frames) - f(z)), in the same forward as the text's"
+    )
     decode_chunk_size: int = option(8, "frames per VAE decode call (less memory when smaller)", min=1)
     batch_size: int | None = option(None, "videos denoised together (null: all of a call at once)", min=1)
 
@@ -167,9 +173,12 @@ def temporal_defaults(path: str | os.PathLike) -> dict[str, Any]:
     if isinstance(resolution, int):
         resolution = [resolution, resolution]
     height, width = resolution if isinstance(resolution, list) and len(resolution) == 2 else (None, None)
+    train = config.get("train") if isinstance(config.get("train"), dict) else {}
+    tasks = train.get("tasks") if isinstance(train.get("tasks"), dict) else {}
     return {
         "num_frames": data.get("num_frames"), "height": height, "width": width, "fps": training_fps(config),
         **training_prior(config),
+        "tasks": sorted(str(name) for name, weight in tasks.items() if type(weight) in (int, float) and weight > 0),
     }  # fmt: skip
 
 

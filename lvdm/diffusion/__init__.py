@@ -12,10 +12,11 @@ from lvdm.diffusion.guidance import (
 )
 from lvdm.diffusion.loss import LossTerms, diffusion_loss, min_snr_weights, prediction_target, snr
 from lvdm.diffusion.noise import NOISE_PRIORS, sample_noise, step_noise_for
-from lvdm.diffusion.sampling import SAMPLERS, make_scheduler, sample
+from lvdm.diffusion.sampling import SAMPLERS, KnownFrames, make_scheduler, sample
 
 __all__ = [
     "GUIDANCE_SCHEDULES",
+    "KnownFrames",
     "NOISE_PRIORS",
     "SAMPLERS",
     "LossTerms",

@@ -94,33 +94,42 @@ def guidance_schedule(name: str, scale: float, **options: Any) -> Callable[[int,
     return lookup(GUIDANCE_SCHEDULES, name, "guidance schedule")(scale, **options)
 
 
-def _join(uncond: Any, cond: Any, batch: int, key: str) -> Any:
-    """One keyword of the batched call: tensors ``[uncond, cond]`` along dim 0; anything else must be equal."""
+def _join(values: list[Any], batch: int, key: str) -> Any:
+    """One keyword of a batched call: tensors concatenated along dim 0 in order; anything else must be equal."""
+    cond = values[-1]
     if isinstance(cond, torch.Tensor) and cond.ndim > 0:
-        if not isinstance(uncond, torch.Tensor) or uncond.shape != cond.shape or cond.shape[0] != batch:
-            got = tuple(uncond.shape) if isinstance(uncond, torch.Tensor) else type(uncond).__name__
-            raise ValueError(f"cond[{key}] {tuple(cond.shape)} and uncond[{key}] {got} need one shape, batch {batch}.")
-        return torch.cat([uncond, cond])
-    if isinstance(cond, Mapping) and isinstance(uncond, Mapping):
-        return {k: _join(uncond.get(k, cond[k]), cond[k], batch, f"{key}.{k}") for k in cond}
-    if isinstance(cond, (list, tuple)) and isinstance(uncond, (list, tuple)) and len(cond) == len(uncond):
-        return type(cond)(_join(u, c, batch, f"{key}[{i}]") for i, (u, c) in enumerate(zip(uncond, cond, strict=True)))
-    same = torch.equal(uncond, cond) if isinstance(cond, torch.Tensor) else uncond is cond or uncond == cond
-    if not same:
-        raise ValueError(f"cond[{key}] and uncond[{key}] differ but are not batched tensors; they cannot be joined.")
+        for value in values[:-1]:
+            if not isinstance(value, torch.Tensor) or value.shape != cond.shape or cond.shape[0] != batch:
+                got = tuple(value.shape) if isinstance(value, torch.Tensor) else type(value).__name__
+                raise ValueError(f"cond[{key}] {tuple(cond.shape)} and a variant {got} need one shape, batch {batch}.")
+        return torch.cat(values)
+    if all(isinstance(v, Mapping) for v in values):
+        return {k: _join([v.get(k, cond[k]) for v in values], batch, f"{key}.{k}") for k in cond}
+    if all(isinstance(v, (list, tuple)) and len(v) == len(cond) for v in values):
+        return type(cond)(_join([v[i] for v in values], batch, f"{key}[{i}]") for i in range(len(cond)))
+    for value in values[:-1]:
+        same = torch.equal(value, cond) if isinstance(cond, torch.Tensor) else value is cond or value == cond
+        if not same:
+            raise ValueError(f"cond[{key}] and a variant differ but are not batched tensors; they cannot be joined.")
     return cond
 
 
-def batch_conditions(cond: Mapping[str, Any], uncond: Mapping[str, Any], batch: int) -> dict[str, Any]:
-    """The keyword arguments of the ``2b`` call: ``uncond`` first, then ``cond``.
+def stack_conditions(cond: Mapping[str, Any], variants: list[Mapping[str, Any]], batch: int) -> dict[str, Any]:
+    """The keyword arguments of one call over ``len(variants) + 1`` copies of a batch: each variant, then ``cond``.
 
-    Keys missing from ``uncond`` reuse ``cond``'s value for both halves (so ``uncond`` need only hold what differs,
-    usually ``encoder_hidden_states``); a key only in ``uncond`` is an error.
+    Keys missing from a variant reuse ``cond``'s value (so a variant need only hold what differs: the empty text,
+    the context left out); a key only in a variant is an error.
     """
-    extra = set(uncond) - set(cond)
-    if extra:
-        raise ValueError(f"uncond has keys that cond lacks: {sorted(extra)}.")
-    return {key: _join(uncond.get(key, value), value, batch, key) for key, value in cond.items()}
+    for variant in variants:
+        extra = set(variant) - set(cond)
+        if extra:
+            raise ValueError(f"uncond has keys that cond lacks: {sorted(extra)}.")
+    return {key: _join([v.get(key, value) for v in variants] + [value], batch, key) for key, value in cond.items()}
+
+
+def batch_conditions(cond: Mapping[str, Any], uncond: Mapping[str, Any], batch: int) -> dict[str, Any]:
+    """The keyword arguments of the ``2b`` call: ``uncond`` first, then ``cond`` (see :func:`stack_conditions`)."""
+    return stack_conditions(cond, [uncond], batch)
 
 
 def classifier_free_guidance(
@@ -134,6 +143,10 @@ def classifier_free_guidance(
     ``u + w * (c - u)`` with ``w = scale_at(step_index, num_steps)``, then, if ``rescale > 0``, mixed with its
     std-matched version (phi = ``rescale``; 0.7 in the paper, meant for v-prediction models). When ``w == 1`` only
     the conditional pass runs.
+
+    ``free`` (the keyword arguments of a pass without the context frames) with ``free_weight`` ``s != 1`` adds
+    Video LDM's context guidance, ``+ (s - 1) * (c - f)`` (with ``w == 1``: ``f + s * (c - f)``), batched into the
+    same forward: one model call per step, over ``3b`` with both guidances.
     """
 
     def guided(
@@ -144,19 +157,28 @@ def classifier_free_guidance(
         uncond: Mapping[str, Any] | None,
         step_index: int,
         num_steps: int,
+        free: Mapping[str, Any] | None = None,
+        free_weight: float = 1.0,
     ) -> torch.Tensor:
         b = x_t.shape[0]
         # () -> (b,)
         t = t.expand(b) if t.ndim == 0 else t
         weight = scale_at(step_index, num_steps)
-        if weight == 1.0:
-            return model_fn(x_t, t, **cond)
-        if uncond is None:
+        if weight != 1.0 and uncond is None:
             raise ValueError(f"guidance weight {weight} at step {step_index} needs uncond.")
-        out = model_fn(torch.cat([x_t, x_t]), torch.cat([t, t]), **batch_conditions(cond, uncond, b))
-        # (2b, c, f, h, w) -> 2 x (b, c, f, h, w), unconditional first
-        out_uncond, out_cond = out.float().chunk(2)
-        pred = out_uncond + weight * (out_cond - out_uncond)
+        if free_weight != 1.0 and free is None:
+            raise ValueError(f"context guidance {free_weight} needs the context-free keyword arguments.")
+        variants = ([uncond] if weight != 1.0 else []) + ([free] if free_weight != 1.0 else [])
+        if not variants:
+            return model_fn(x_t, t, **cond)
+        n = len(variants) + 1
+        out = model_fn(torch.cat([x_t] * n), torch.cat([t] * n), **stack_conditions(cond, variants, b))
+        # (n b, c, f, h, w) -> n x (b, c, f, h, w): the variants (unconditional first), the conditional last
+        parts = out.float().chunk(n)
+        out_cond = parts[-1]
+        pred = parts[0] + weight * (out_cond - parts[0]) if weight != 1.0 else out_cond
+        if free_weight != 1.0:
+            pred = pred + (free_weight - 1.0) * (out_cond - parts[-2])
         if rescale > 0.0:
             pred = rescale_noise_cfg(pred, out_cond, guidance_rescale=rescale)
         return pred.to(out.dtype)

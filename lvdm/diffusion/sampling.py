@@ -25,6 +25,7 @@ import inspect
 import sys
 from collections.abc import Callable, Iterator, Mapping
 from contextlib import contextmanager
+from dataclasses import dataclass
 from typing import Any
 
 import numpy as np
@@ -126,6 +127,9 @@ def sample(
     threshold: Threshold | None = None,
     generator: torch.Generator | list[torch.Generator] | None = None,
     step_noise: StepNoise | None = None,
+    known: KnownFrames | None = None,
+    context_free: Mapping[str, Any] | None = None,
+    context_guidance: float = 1.0,
     progress: bool = True,
 ) -> torch.Tensor:
     """Denoise ``latents`` with ``scheduler`` and the (guided) ``model_fn``; returns the clean latents.
@@ -153,6 +157,11 @@ def sample(
         step_noise: ``(shape, *, generator, device) -> noise`` drawing the per-step noise of stochastic samplers
             (e.g. ``functools.partial(sample_noise, prior="mixed", mixed_lambda=0.5)``); ``None``: the scheduler's
             own i.i.d. draws. See the module docstring.
+        known: frames whose clean latents are given (context frames): before every step they are set to those
+            latents noised to the step's level (with the known frames' own fixed noise), as the model saw them in
+            training, and the result holds them exactly.
+        context_free, context_guidance: the keyword arguments of a pass without the context frames, and the weight
+            ``s`` of Video LDM's context guidance (1: off); batched into the same forward as the text guidance.
         progress: show a tqdm bar over the steps.
     """
     if guidance is not None and uncond is None:
@@ -163,16 +172,51 @@ def sample(
     timesteps = scheduler.timesteps
     step_kwargs = {"generator": generator} if "generator" in inspect.signature(scheduler.step).parameters else {}
     x = latents * scheduler.init_noise_sigma
+    extra = {"free": context_free, "free_weight": context_guidance} if context_guidance != 1.0 else {}
     for i, t in enumerate(tqdm(timesteps, desc="sampling", disable=not progress)):
+        if known is not None:
+            x = known.at(scheduler, x, t)
         model_input = scheduler.scale_model_input(x, t)
         # () -> (b,)
         t_batch = t.expand(x.shape[0])
-        out = guided(model_input, t_batch, cond=cond, uncond=uncond, step_index=i, num_steps=len(timesteps))
+        out = guided(model_input, t_batch, cond=cond, uncond=uncond, step_index=i, num_steps=len(timesteps), **extra)
         if limit is not None:
             out = _limit_output(scheduler, out, model_input, t, limit)
         with _drawing_with(scheduler, step_noise):
             x = scheduler.step(out.to(x.dtype), t, x, **step_kwargs, return_dict=False)[0]
-    return x
+    return known.clean(x) if known is not None else x
+
+
+@dataclass(frozen=True)
+class KnownFrames:
+    """Frames of the videos being sampled whose clean latents are given (the context of prediction and
+    interpolation).
+
+    Attributes:
+        latents: ``(b, c, f, h, w)`` clean latents (read only where ``mask`` is set).
+        mask: ``(b, f)`` bool, the given frames.
+        noise: ``(b, c, f, h, w)`` the given frames' fixed noise.
+    """
+
+    latents: torch.Tensor
+    mask: torch.Tensor
+    noise: torch.Tensor
+
+    def _where(self, x: torch.Tensor, value: torch.Tensor) -> torch.Tensor:
+        # b f -> b 1 f 1 1
+        mask = self.mask.to(x.device)[:, None, :, None, None]
+        return torch.where(mask, value.to(x.dtype), x)
+
+    def at(self, scheduler: SchedulerMixin, x: torch.Tensor, t: torch.Tensor) -> torch.Tensor:
+        """``x`` with the given frames replaced by their latents noised to timestep ``t`` (the scheduler's own
+        ``add_noise``, so the scaling of sigma-space samplers is right)."""
+        latents = self.latents.to(device=x.device, dtype=torch.float32)
+        noisy = scheduler.add_noise(latents, self.noise.to(latents), t.reshape(1).expand(x.shape[0]))
+        return self._where(x, noisy)
+
+    def clean(self, x: torch.Tensor) -> torch.Tensor:
+        """``x`` with the given frames set to their clean latents."""
+        return self._where(x, self.latents.to(x.device))
 
 
 @contextmanager
