@@ -21,16 +21,21 @@ pass without the given frames, ``f(z) + s (f(z; c) - f(z))``, in the same batche
 
 from __future__ import annotations
 
+import dataclasses
 import os
 import random
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import numpy as np
 import torch
 
 from lvdm.errors import ConfigError
+
+if TYPE_CHECKING:
+    from lvdm.outputs import VideoOutput
+    from lvdm.sampling_settings import SamplingSettings
 
 FACTORS = (4, 16)
 STEP = 4  # one interpolation pass makes 3 frames between each pair of keyframes
@@ -128,3 +133,122 @@ def interpolation_windows(num_keyframes: int, length: int) -> list[tuple[int, in
         )
     total = STEP * (num_keyframes - 1) + 1
     return [(start, min(start + span, total - 1) + 1) for start in range(0, total - 1, span)]
+
+
+# ------------------------------------------------------------------------------------------------ with a pipeline
+def require_context(pipe: Any, what: str, *, task: str | None = None) -> None:
+    if not pipe.has_context:
+        raise ConfigError(NO_CONTEXT.format(what=what))
+    tasks = pipe.defaults.get("tasks")
+    if task is not None and tasks is not None and task not in tasks:
+        raise ConfigError(
+            f"this temporal module was trained for {', '.join(tasks) or 'text'} only, so it cannot {what}; "
+            f"train it with {task} in train.tasks"
+        )
+
+
+def context_latents(pipe: Any, s: SamplingSettings, context: Any, *, explicit: dict) -> tuple | None:
+    """The latents ``(1, c, k, h', w')`` of the ``context`` video to continue and how it was read, or
+    ``None``; the errors of asking for context where it cannot work."""
+    asked = context is not None or explicit.get("context_guidance", 1.0) != 1.0
+    if s.image_mode and asked:
+        raise ConfigError("image mode has no temporal layers to take context frames; drop context or image_mode")
+    if asked:
+        require_context(pipe, "continue a video" if context is not None else "use context guidance")
+    if context is None:
+        return None
+    given = read_context(context, s.height, s.width)
+    if len(given.frames) < s.context_frames:
+        raise ConfigError(
+            f"the context video has {len(given.frames)} frame(s); context_frames={s.context_frames} needs at "
+            f"least {s.context_frames}"
+        )
+    latents = encode_frames(pipe.base.vae, given.frames[-s.context_frames :], pipe.device)
+    source = str(Path(context).absolute()) if isinstance(context, (str, os.PathLike)) else "frames"
+    return latents, {"source": source, "frames": s.context_frames, "resized": given.resized}
+
+
+def rollout(
+    pipe: Any,
+    s: SamplingSettings,
+    cond: torch.Tensor,
+    uncond: torch.Tensor,
+    generators: list[torch.Generator],
+    given: torch.Tensor | None,
+    base_noise: torch.Tensor | int | None,
+    progress: bool,
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """``s.num_frames`` new frames for each video, chunk by chunk (:func:`~lvdm.context_sampling.rollout_chunks`);
+    returns their clean latents and the noise each new frame started from."""
+    from lvdm.modules.context_encoder import FLAGS
+
+    b, c = len(generators), pipe.base.vae.config.latent_channels
+    h, w = pipe._latent_size(s)
+    known_first = given.shape[2] if given is not None else 0
+    made, noises, previous = [], [], given
+    for known, new in rollout_chunks(s.num_frames, pipe.chunk_length(s), known_first, s.context_frames):
+        noise = pipe._initial_noise(s, (b, c, known + new, h, w), None, base_noise, generators)
+        context = None
+        if known:
+            window = torch.zeros_like(noise)
+            window[:, :, :known] = previous[:, :, -known:].to(window)
+            mask = (torch.arange(known + new) < known)[None].expand(b, -1).to(pipe.device)
+            context = (window, mask, FLAGS["none"])
+        done = pipe._denoise(s, noise, cond, uncond, generators, progress, context=context)
+        made.append(done[:, :, known:].cpu())
+        noises.append(noise[:, :, known:].cpu())
+        previous = torch.cat(made, dim=2)[:, :, -s.context_frames :].to(pipe.device)
+    return torch.cat(made, dim=2), torch.cat(noises, dim=2)
+
+
+def interpolate(
+    pipe: Any,
+    video: Any,
+    *,
+    factor: int = 4,
+    prompt: str = "",
+    progress: bool = True,
+    **settings: Any,
+) -> VideoOutput:
+    """Raise the frame rate of ``video`` (a file, or uint8 frames ``(f, h, w, 3)``) by ``factor`` (4 or 16):
+    its ``k`` frames become the keyframes of ``factor * (k - 1) + 1`` frames, unchanged, at ``factor`` times
+    its fps. ``prompt`` (optional) describes it; ``settings`` as for ``__call__`` (size, steps, seed ...).
+    Needs a module trained with ``interpolate`` among its tasks."""
+    from lvdm.modules.context_encoder import FLAGS
+    from lvdm.outputs import VideoOutput
+    from lvdm.sampling_settings import sampling_settings
+
+    if factor not in FACTORS:
+        raise ConfigError(f"interpolation factor must be 4 or 16, got {factor!r}")
+    require_context(pipe, "interpolate", task="interpolate")
+    s = pipe._resolve(sampling_settings(**settings), None)
+    if s.image_mode:
+        raise ConfigError("image mode has no temporal layers to interpolate with; drop image_mode")
+    given = read_context(video, s.height, s.width, what="interpolate")
+    if len(given.frames) < 2:
+        raise ConfigError(f"interpolation needs at least 2 frames, the video has {len(given.frames)}")
+    if not prompt and not s.negative_prompt:
+        s = dataclasses.replace(s, guidance_scale=1.0)  # nothing to guide by: one pass per step
+    generators = [torch.Generator().manual_seed(s.seed)]
+    cond, uncond = pipe._encode([prompt]), pipe._encode([s.negative_prompt or ""])
+    latents = encode_frames(pipe.base.vae, given.frames, pipe.device)
+    for _ in range(1 if factor == STEP else 2):
+        keys = latents.shape[2]
+        out = torch.zeros(*latents.shape[:2], STEP * (keys - 1) + 1, *latents.shape[3:], device=pipe.device)
+        out[:, :, ::STEP] = latents
+        for start, end in interpolation_windows(keys, pipe.chunk_length(s)):
+            mask = (torch.arange(start, end) % STEP == 0)[None].to(pipe.device)
+            window = out[:, :, start:end]
+            noise = pipe._initial_noise(s, tuple(window.shape), None, None, generators)
+            context = (window.clone(), mask, FLAGS["interpolate"])
+            out[:, :, start:end] = pipe._denoise(s, noise, cond, uncond, generators, progress, context=context)
+        latents = out
+    frames = pipe._decode(latents, s.decode_chunk_size)
+    frames[0, ::factor] = given.frames  # the keyframes come back as given (not through the VAE)
+    fps = (given.fps or s.fps) * factor
+    s = dataclasses.replace(s, fps=fps, num_frames=latents.shape[2])
+    source = str(Path(video).absolute()) if isinstance(video, (str, os.PathLike)) else "frames"
+    info = {"interpolate": {"source": source, "factor": factor, "keyframes": len(given.frames)}}
+    info["interpolate"]["resized"] = given.resized
+    record = pipe._record(s, prompt, s.negative_prompt or "", s.seed, info)
+    return VideoOutput(frames, float(fps), [record], latents.cpu(), torch.zeros(0))

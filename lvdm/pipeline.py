@@ -172,9 +172,11 @@ class VideoPipeline:
         Returns:
             a :class:`VideoOutput` with uint8 frames ``(b, f, h, w, 3)``.
         """
+        from lvdm import context_sampling
+
         prompts = _as_prompts(prompt)
         s = self._resolve(sampling_settings(**settings), latents)
-        given = self._context_latents(s, context, explicit=settings)
+        given = context_sampling.context_latents(self, s, context, explicit=settings)
         rollout = given is not None or (self.has_context and s.num_frames > self.chunk_length(s))
         if rollout and latents is not None:
             raise ConfigError("latents cannot be given for a rollout or a continued video (each chunk draws its own)")
@@ -194,8 +196,9 @@ class VideoPipeline:
             part = slice(start, start + step)
             if rollout:
                 context_part = given[0].expand(len(generators[part]), -1, -1, -1, -1) if given is not None else None
-                done, drawn = self._rollout(s, cond[part], uncond[part], generators[part], context_part, base_noise,
-                                            progress)  # fmt: skip
+                done, drawn = context_sampling.rollout(
+                    self, s, cond[part], uncond[part], generators[part], context_part, base_noise, progress
+                )
             else:
                 drawn = noise[part]
                 done = self._denoise(s, drawn, cond[part], uncond[part], generators[part], progress)
@@ -220,46 +223,10 @@ class VideoPipeline:
         """Raise the frame rate of ``video`` (a file, or uint8 frames ``(f, h, w, 3)``) by ``factor`` (4 or 16):
         its ``k`` frames become the keyframes of ``factor * (k - 1) + 1`` frames, unchanged, at ``factor`` times
         its fps. ``prompt`` (optional) describes it; ``settings`` as for ``__call__`` (size, steps, seed ...).
-        Needs a module trained with ``interpolate`` among its tasks."""
-        from lvdm.context_sampling import FACTORS, STEP, interpolation_windows, read_context
+        Needs a module trained with ``interpolate`` among its tasks (:mod:`lvdm.context_sampling`)."""
+        from lvdm.context_sampling import interpolate
 
-        if factor not in FACTORS:
-            raise ConfigError(f"interpolation factor must be 4 or 16, got {factor!r}")
-        self._require_context("interpolate", task="interpolate")
-        s = self._resolve(sampling_settings(**settings), None)
-        if s.image_mode:
-            raise ConfigError("image mode has no temporal layers to interpolate with; drop image_mode")
-        given = read_context(video, s.height, s.width, what="interpolate")
-        if len(given.frames) < 2:
-            raise ConfigError(f"interpolation needs at least 2 frames, the video has {len(given.frames)}")
-        if not prompt and not s.negative_prompt:
-            s = dataclasses.replace(s, guidance_scale=1.0)  # nothing to guide by: one pass per step
-        from lvdm.context_sampling import encode_frames
-        from lvdm.modules.context_encoder import FLAGS
-
-        generators = [torch.Generator().manual_seed(s.seed)]
-        cond, uncond = self._encode([prompt]), self._encode([s.negative_prompt or ""])
-        latents = encode_frames(self.base.vae, given.frames, self.device)
-        for _ in range(1 if factor == STEP else 2):
-            keys = latents.shape[2]
-            out = torch.zeros(*latents.shape[:2], STEP * (keys - 1) + 1, *latents.shape[3:], device=self.device)
-            out[:, :, ::STEP] = latents
-            for start, end in interpolation_windows(keys, self.chunk_length(s)):
-                mask = (torch.arange(start, end) % STEP == 0)[None].to(self.device)
-                window = out[:, :, start:end]
-                noise = self._initial_noise(s, tuple(window.shape), None, None, generators)
-                context = (window.clone(), mask, FLAGS["interpolate"])
-                out[:, :, start:end] = self._denoise(s, noise, cond, uncond, generators, progress, context=context)
-            latents = out
-        frames = self._decode(latents, s.decode_chunk_size)
-        frames[0, ::factor] = given.frames  # the keyframes come back as given (not through the VAE)
-        fps = (given.fps or s.fps) * factor
-        s = dataclasses.replace(s, fps=fps, num_frames=latents.shape[2])
-        source = str(Path(video).absolute()) if isinstance(video, (str, os.PathLike)) else "frames"
-        info = {"interpolate": {"source": source, "factor": factor, "keyframes": len(given.frames)}}
-        info["interpolate"]["resized"] = given.resized
-        record = self._record(s, prompt, s.negative_prompt or "", s.seed, info)
-        return VideoOutput(frames, float(fps), [record], latents.cpu(), torch.zeros(0))
+        return interpolate(self, video, factor=factor, prompt=prompt, progress=progress, **settings)
 
     # ----------------------------------------------------------------------------------------------- context
     @property
@@ -270,73 +237,6 @@ class VideoPipeline:
     def chunk_length(self, s: SamplingSettings) -> int:
         """The most frames one model call takes in a rollout or an interpolation: the module's training length."""
         return int(self.defaults.get("num_frames") or s.num_frames)
-
-    def _require_context(self, what: str, *, task: str | None = None) -> None:
-        from lvdm.context_sampling import NO_CONTEXT
-
-        if not self.has_context:
-            raise ConfigError(NO_CONTEXT.format(what=what))
-        tasks = self.defaults.get("tasks")
-        if task is not None and tasks is not None and task not in tasks:
-            raise ConfigError(
-                f"this temporal module was trained for {', '.join(tasks) or 'text'} only, so it cannot {what}; "
-                f"train it with {task} in train.tasks"
-            )
-
-    def _context_latents(self, s: SamplingSettings, context: Any, *, explicit: dict) -> tuple | None:
-        """The latents ``(1, c, k, h', w')`` of the ``context`` video to continue and how it was read, or
-        ``None``; the errors of asking for context where it cannot work."""
-        from lvdm.context_sampling import encode_frames, read_context
-
-        asked = context is not None or explicit.get("context_guidance", 1.0) != 1.0
-        if s.image_mode and asked:
-            raise ConfigError("image mode has no temporal layers to take context frames; drop context or image_mode")
-        if asked:
-            self._require_context("continue a video" if context is not None else "use context guidance")
-        if context is None:
-            return None
-        given = read_context(context, s.height, s.width)
-        if len(given.frames) < s.context_frames:
-            raise ConfigError(
-                f"the context video has {len(given.frames)} frame(s); context_frames={s.context_frames} needs at "
-                f"least {s.context_frames}"
-            )
-        latents = encode_frames(self.base.vae, given.frames[-s.context_frames :], self.device)
-        source = str(Path(context).absolute()) if isinstance(context, (str, os.PathLike)) else "frames"
-        return latents, {"source": source, "frames": s.context_frames, "resized": given.resized}
-
-    def _rollout(
-        self,
-        s: SamplingSettings,
-        cond: torch.Tensor,
-        uncond: torch.Tensor,
-        generators: list[torch.Generator],
-        given: torch.Tensor | None,
-        base_noise: torch.Tensor | int | None,
-        progress: bool,
-    ) -> tuple[torch.Tensor, torch.Tensor]:
-        """``s.num_frames`` new frames for each video, chunk by chunk (:func:`~lvdm.context_sampling.rollout_chunks`);
-        returns their clean latents and the noise each new frame started from."""
-        from lvdm.context_sampling import rollout_chunks
-        from lvdm.modules.context_encoder import FLAGS
-
-        b, c = len(generators), self.base.vae.config.latent_channels
-        h, w = self._latent_size(s)
-        known_first = given.shape[2] if given is not None else 0
-        made, noises, previous = [], [], given
-        for known, new in rollout_chunks(s.num_frames, self.chunk_length(s), known_first, s.context_frames):
-            noise = self._initial_noise(s, (b, c, known + new, h, w), None, base_noise, generators)
-            context = None
-            if known:
-                window = torch.zeros_like(noise)
-                window[:, :, :known] = previous[:, :, -known:].to(window)
-                mask = (torch.arange(known + new) < known)[None].expand(b, -1).to(self.device)
-                context = (window, mask, FLAGS["none"])
-            done = self._denoise(s, noise, cond, uncond, generators, progress, context=context)
-            made.append(done[:, :, known:].cpu())
-            noises.append(noise[:, :, known:].cpu())
-            previous = torch.cat(made, dim=2)[:, :, -s.context_frames :].to(self.device)
-        return torch.cat(made, dim=2), torch.cat(noises, dim=2)
 
     def render(
         self,

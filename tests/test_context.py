@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 
+import numpy as np
 import pytest
 import torch
 from conftest import deepcopy, frame_by_frame, randomize, tiny_overrides, video_inputs
@@ -232,3 +233,162 @@ def test_an_untrained_context_part_has_a_context_gain_of_exactly_one(tiny_assets
     }
     gains = context_gains(video, [batch], Frozen.from_base(base), torch.device("cpu"), cfg.train)
     assert gains["context_gain_predict"] == 1.0 and gains["context_gain_interpolate"] == 1.0
+
+
+# ------------------------------------------------------------------------------------------------ sampling
+CONTEXT_TRAINING = {
+    "data": {"num_frames": 5, "resolution": [16, 16], "target_fps": 10.0},
+    "train": {"tasks": {"text": 1, "predict": 1, "interpolate": 1}},
+}
+
+
+@pytest.fixture(scope="module")
+def context_files(tmp_path_factory):
+    """A tiny base and a context module "trained" (random weights) on 5-frame clips, plus a plain module."""
+    root = tmp_path_factory.mktemp("context")
+    base = testing.make_tiny_sd(root / "base", "sd1", seed=0)
+    video = VideoUNet.from_unet2d(load_base(base).unet)
+    randomize(video.temporal_parameters(), seed=1, std=0.05)
+    video.save_temporal(root / "plain.safetensors", training_config=CONTEXT_TRAINING)
+    build_part(video, "context", "context", {})
+    randomize(video.parts.parameters(), seed=2, std=0.05)
+    video.save_temporal(root / "context.safetensors", training_config=CONTEXT_TRAINING)
+    text_only = {**CONTEXT_TRAINING, "train": {"tasks": {"text": 1, "predict": 1}}}
+    video.save_temporal(root / "predict_only.safetensors", training_config=text_only)
+    return {"base": base, "context": root / "context.safetensors", "plain": root / "plain.safetensors",
+            "predict_only": root / "predict_only.safetensors"}  # fmt: skip
+
+
+def pipeline(files, module="context"):
+    from lvdm import VideoPipeline
+
+    return VideoPipeline.from_pretrained(files["base"], temporal=files[module])
+
+
+def count_calls(pipe):
+    shapes = []
+    handle = pipe.video.register_forward_pre_hook(lambda module, args: shapes.append(tuple(args[0].shape)))
+    return shapes, handle
+
+
+FAST = {"num_inference_steps": 3, "seed": 0, "progress": False}
+
+
+def test_rollout_never_shows_the_model_more_frames_than_it_trained_on(context_files):
+    pipe = pipeline(context_files)
+    shapes, handle = count_calls(pipe)
+    out = pipe("a red disc", num_frames=15, **FAST)  # 3x the training length
+    handle.remove()
+    assert out.frames.shape[:2] == (1, 15) and out.latents.shape[2] == 15 and out.noise.shape[2] == 15
+    assert max(shape[2] for shape in shapes) == 5  # never more than trained
+    # chunks (given, new): (0, 5) from text, then (2, 3) three times and (2, 1): 5 chunks x 3 steps
+    assert len(shapes) == 5 * 3
+    again = pipe("a red disc", num_frames=15, **FAST)
+    assert np.array_equal(again.frames, out.frames)  # seeded: the same video
+
+
+def test_context_guidance_adds_no_forward_per_step(context_files):
+    pipe = pipeline(context_files)
+    clip = pipe("a red disc", num_frames=5, **FAST).frames[0]
+    shapes, handle = count_calls(pipe)
+    pipe("a red disc", context=clip, num_frames=3, guidance_scale=5.0, context_guidance=2.0, **FAST)
+    handle.remove()
+    assert len(shapes) == 3  # one forward per step: text guidance and context guidance in one batch
+    assert {shape[0] for shape in shapes} == {3}  # unconditional, conditional, without the given frames
+    shapes, handle = count_calls(pipe)
+    plain = pipe("a red disc", context=clip, num_frames=3, guidance_scale=5.0, **FAST)
+    guided = pipe("a red disc", context=clip, num_frames=3, guidance_scale=5.0, context_guidance=3.0, **FAST)
+    handle.remove()
+    assert {shape[0] for shape in shapes} == {2, 3} and not np.array_equal(plain.frames, guided.frames)
+
+
+def test_continuing_a_video_holds_its_frames_and_records_the_source(context_files, tmp_path):
+    from lvdm.media import write_video
+
+    pipe = pipeline(context_files)
+    clip = pipe("a red disc", num_frames=5, **FAST)
+    path = write_video(clip.frames[0], tmp_path / "clip.mp4", fps=10)
+    out = pipe("a red disc", context=path, num_frames=4, **FAST)
+    assert out.frames.shape[:2] == (1, 4)
+    assert out.metadata[0]["context"] == {"source": str(path.absolute()), "frames": 2, "resized": None}
+    big = np.repeat(np.repeat(clip.frames[0], 2, axis=1), 3, axis=2)  # 32x48: resized and centre-cropped
+    resized = pipe("a red disc", context=big, num_frames=4, **FAST)
+    assert resized.metadata[0]["context"]["resized"] == "48x32 -> 16x16, centre crop"
+
+
+def test_interpolation_keeps_the_keyframes_and_multiplies_the_fps(context_files, tmp_path):
+    from lvdm.data.readers import probe
+    from lvdm.media import write_video
+
+    pipe = pipeline(context_files)
+    keys = pipe("a red disc", num_frames=3, **FAST).frames[0]
+    out = pipe.interpolate(keys, factor=4, **FAST)
+    assert out.frames.shape[1] == 4 * (3 - 1) + 1 and out.fps == 4 * 10.0
+    assert np.array_equal(out.frames[0, ::4], keys)  # the given frames come back unchanged
+    path = write_video(keys, tmp_path / "keys.mp4", fps=6)
+    sixteen = pipe.interpolate(path, factor=16, **FAST)
+    assert sixteen.frames.shape[1] == 16 * (3 - 1) + 1 and sixteen.fps == 16 * 6.0
+    assert np.array_equal(sixteen.frames[0, ::16], pipe.interpolate(path, factor=4, **FAST).frames[0, ::4])
+    saved = sixteen.save(tmp_path / "smooth.mp4")[0]
+    info = probe(saved)
+    assert (info.num_frames, info.fps) == (33, 96.0)
+
+
+@pytest.mark.parametrize(
+    ("module", "call", "message"),
+    [
+        ("plain", lambda pipe, clip: pipe("x", context=clip, **FAST), "no context support"),
+        ("plain", lambda pipe, clip: pipe.interpolate(clip, **FAST), "no context support"),
+        ("plain", lambda pipe, clip: pipe("x", context_guidance=2.0, **FAST), "no context support"),
+        ("predict_only", lambda pipe, clip: pipe.interpolate(clip, **FAST), "interpolate in train.tasks"),
+        ("context", lambda pipe, clip: pipe.interpolate(clip, factor=8, **FAST), "must be 4 or 16"),
+        ("context", lambda pipe, clip: pipe.interpolate(clip[:1], **FAST), "at least 2 frames"),
+        ("context", lambda pipe, clip: pipe("x", context=clip[:1], **FAST), "context_frames=2 needs at least 2"),
+        ("context", lambda pipe, clip: pipe("x", context=clip, image_mode=True, **FAST), "image mode"),
+        ("context", lambda pipe, clip: pipe("x", context=clip.astype(float), **FAST), "must be uint8"),
+        ("context", lambda pipe, clip: pipe("x", context="missing.mp4", **FAST), "does not exist"),
+        ("context", lambda pipe, clip: pipe("x", num_frames=12, context_frames=5, **FAST), "no new frame"),
+    ],
+)
+def test_bad_context_requests_are_one_clear_error(context_files, module, call, message):
+    from lvdm.errors import ConfigError
+
+    clip = np.zeros((3, 16, 16, 3), np.uint8)
+    with pytest.raises(ConfigError, match=message):
+        call(pipeline(context_files, module), clip)
+
+
+def test_sample_cli_rolls_out_and_interpolates(context_files, tmp_path):
+    import subprocess
+    import sys
+
+    from lvdm.data.readers import probe
+
+    common = [sys.executable, "sample.py", "--base", str(context_files["base"]), "--steps", "2", "--quiet"]
+    module = ["--temporal", str(context_files["context"])]
+    long = tmp_path / "long.mp4"
+    run = subprocess.run([*common, *module, "--prompt", "a disc", "--frames", "12", "--out", str(long)],
+                         capture_output=True, text=True)  # fmt: skip
+    assert run.returncode == 0, run.stderr
+    smooth = tmp_path / "smooth.mp4"
+    run = subprocess.run([*common, *module, "--interpolate", str(long), "--factor", "4", "--out", str(smooth)],
+                         capture_output=True, text=True)  # fmt: skip
+    assert run.returncode == 0, run.stderr
+    assert (probe(long).num_frames, probe(smooth).num_frames) == (12, 45)
+    assert probe(smooth).fps == 4 * probe(long).fps
+    replay = subprocess.run([*common, "--from-json", f"{smooth}.json", "--out", str(tmp_path / "again.mp4")],
+                            capture_output=True, text=True)  # fmt: skip
+    assert replay.returncode == 0, replay.stderr
+    assert probe(tmp_path / "again.mp4").num_frames == 45
+    for extra, message in (
+        (["--interpolate", str(long), "--factor", "3"], "invalid choice"),
+        (["--prompt", "x", "--factor", "4"], "--factor goes with --interpolate"),
+        (["--prompt", "x", "--context", str(long), "--image-mode"], "--image-mode has no temporal layers"),
+        (["--prompt", "x", "--context", str(tmp_path / "nope.mp4")], "no such video file"),
+    ):
+        bad = subprocess.run([*common, *module, *extra, "--out", str(tmp_path / "bad.mp4")], capture_output=True,
+                             text=True)  # fmt: skip
+        assert bad.returncode == 2 and message in bad.stderr and "Traceback" not in bad.stderr, bad.stderr
+    plain = subprocess.run([*common, "--temporal", str(context_files["plain"]), "--interpolate", str(long),
+                            "--out", str(tmp_path / "p.mp4")], capture_output=True, text=True)  # fmt: skip
+    assert plain.returncode == 2 and "model.context=true" in plain.stderr and "Traceback" not in plain.stderr
