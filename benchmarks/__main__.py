@@ -12,7 +12,8 @@ FLOP and memory of lvdm's VideoUNet vs diffusers' UNetMotionModel, with and with
 and the image UNet as the floor), ``memory`` (fake-tensor peak-memory estimates at SD 1.5 16x256 and 16x512),
 ``sampling`` (lvdm's loop and VideoPipeline vs AnimateDiffPipeline) and ``data`` (clips/s from
 ``benchmarks.data_sampling``; cached latents vs on-the-fly encoding); on request, ``contention`` (the demo's
-training step alone and beside one busy process, with lvdm's and torch's thread settings). Results:
+training step alone and beside one busy process, with lvdm's and torch's thread settings) and ``context`` (a
+training step with the context encoder vs without, and rollout sampling time per frame vs one clip's). Results:
 ``benchmarks/results/<date>-<size>.json`` (every figure and sample) and ``.md`` (the tables and the targets); a
 run with ``--only`` writes ``<date>-<size>-<sections>.*`` and leaves the full run's files alone.
 
@@ -46,6 +47,7 @@ SECTION_MODULES = {  # each has run(size, device, *, warmup, repeats) -> dict
     "data": "benchmarks.data",
     "profile": "benchmarks.profiling",  # only when asked for: --profile or --only profile
     "contention": "benchmarks.contention",  # only when asked for: --only contention (CPU, fresh processes)
+    "context": "benchmarks.context",  # only when asked for: --only context (context frames: training and rollout)
 }
 
 

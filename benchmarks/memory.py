@@ -275,13 +275,18 @@ def run(size: Size, device: torch.device | None = None, *, warmup: int = 0, repe
         ],
         "tables": [
             {"title": "Peak GiB of a training step", "rows": _rows(estimates, largest)},
-            {"title": f"Memory options, lvdm default layout with its checkpointing, {largest}",
-             "rows": _option_rows(estimates[largest]["lvdm"]["own"], eight_bit)},
+            {
+                "title": f"Memory options, lvdm default layout with its checkpointing, {largest}",
+                "rows": _option_rows(estimates[largest]["lvdm"]["own"], eight_bit),
+            },
         ],  # fmt: skip
         "targets": [
             *_targets(estimates, largest),
-            target(f"peak GiB at {largest}, lvdm default layout, checkpointing + train.optimizer=adamw8bit",
-                   eight_bit["peak_gib"], 11),
+            target(
+                f"peak GiB at {largest}, lvdm default layout, checkpointing + train.optimizer=adamw8bit",
+                eight_bit["peak_gib"],
+                11,
+            ),
         ],  # fmt: skip
     }
 

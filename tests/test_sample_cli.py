@@ -119,7 +119,7 @@ def test_mistakes_are_one_line_and_a_non_zero_exit(files, tmp_path, case, code, 
     assert not list(tmp_path.glob("out*"))  # nothing written
 
 
-@pytest.mark.parametrize("script", ["sample_prompt_list.py", "temporal_on_two_checkpoints.py"])
+@pytest.mark.parametrize("script", ["sample_prompt_list.py", "temporal_on_two_checkpoints.py", "long_video.py"])
 def test_examples_run_offline_on_tiny_models(script, tmp_path):
     result = run_script(str(REPO / "examples" / script), "--tiny", "--out", str(tmp_path))
     assert result.returncode == 0, result.stderr
