@@ -21,7 +21,7 @@ import numpy as np
 import torch
 
 from lvdm import VideoPipeline, VideoUNet, load_base, testing
-from lvdm.context_sampling import rollout_chunks
+from lvdm.context_sampling import rollout_chunks, seam_changes
 from lvdm.models.parts import build_part
 
 
@@ -38,17 +38,6 @@ def tiny_models(folder: Path) -> tuple[Path, Path]:
                 "train": {"tasks": {"text": 1, "predict": 1, "interpolate": 1}}}  # fmt: skip
     video.save_temporal(folder / "context.safetensors", training_config=training)
     return base, folder / "context.safetensors"
-
-
-def seam_jumps(frames: np.ndarray, chunks: list[tuple[int, int]]) -> tuple[float, float]:
-    """Mean absolute change (0-255) between consecutive frames at the chunk seams, and inside the chunks."""
-    change = np.abs(np.diff(frames.astype(np.float64), axis=0)).mean(axis=(1, 2, 3))  # change[i]: frame i -> i+1
-    seams, made = set(), 0
-    for _, new in chunks[:-1]:
-        made += new
-        seams.add(made - 1)  # the last frame of a chunk -> the first new frame of the next
-    inside = [c for i, c in enumerate(change) if i not in seams]
-    return float(np.mean([change[i] for i in sorted(seams)])) if seams else 0.0, float(np.mean(inside))
 
 
 def main() -> None:
@@ -83,8 +72,9 @@ def run(args: argparse.Namespace) -> None:
     long = pipe(args.prompt, num_frames=frames, context_guidance=args.context_guidance, **settings)
     out = Path(args.out)
     long_path = long.save(out / "long.mp4")[0]
-    seam, inside = seam_jumps(long.frames[0], rollout_chunks(frames, length, 0, args.context_frames))
-    print(f"{long_path}: {frames} frames in chunks of {length}; change at the seams {seam:.2f}, inside {inside:.2f}")
+    seams, inside = seam_changes(long.frames[0], rollout_chunks(frames, length, 0, args.context_frames))
+    seam, within = float(np.mean(seams)), float(np.mean(inside))
+    print(f"{long_path}: {frames} frames in chunks of {length}; change at the seams {seam:.2f}, inside {within:.2f}")
     smooth = pipe.interpolate(long_path, factor=4, prompt=args.prompt, num_inference_steps=args.steps, seed=args.seed)
     smooth_path = smooth.save(out / "smooth.mp4")[0]
     print(f"{smooth_path}: {smooth.frames.shape[1]} frames at {smooth.fps:g} fps")

@@ -122,6 +122,17 @@ def rollout_chunks(total: int, length: int, given: int, context_frames: int) -> 
     return chunks
 
 
+def seam_changes(frames: np.ndarray, chunks: list[tuple[int, int]]) -> tuple[list[float], list[float]]:
+    """Mean absolute change (0-255) between consecutive frames of a rolled-out uint8 video ``(f, h, w, 3)``: at the
+    seams between its ``chunks`` (as :func:`rollout_chunks` gives them), and everywhere else."""
+    change = np.abs(np.diff(frames.astype(np.float64), axis=0)).mean(axis=(1, 2, 3))  # change[i]: frame i -> i+1
+    seams, made = set(), 0
+    for _, new in chunks[:-1]:
+        made += new
+        seams.add(made - 1)  # the last frame of a chunk -> the first new frame of the next
+    return [float(change[i]) for i in sorted(seams)], [float(c) for i, c in enumerate(change) if i not in seams]
+
+
 def interpolation_windows(num_keyframes: int, length: int) -> list[tuple[int, int]]:
     """``(start, end)`` windows over the ``4 (k - 1) + 1`` output frames of one pass, each starting and ending on a
     keyframe and at most ``length`` frames long."""
@@ -210,10 +221,7 @@ def interpolate(
     progress: bool = True,
     **settings: Any,
 ) -> VideoOutput:
-    """Raise the frame rate of ``video`` (a file, or uint8 frames ``(f, h, w, 3)``) by ``factor`` (4 or 16):
-    its ``k`` frames become the keyframes of ``factor * (k - 1) + 1`` frames, unchanged, at ``factor`` times
-    its fps. ``prompt`` (optional) describes it; ``settings`` as for ``__call__`` (size, steps, seed ...).
-    Needs a module trained with ``interpolate`` among its tasks."""
+    """:meth:`lvdm.VideoPipeline.interpolate` on ``pipe``: passes of 4 over windows of keyframes."""
     from lvdm.modules.context_encoder import FLAGS
     from lvdm.outputs import VideoOutput
     from lvdm.sampling_settings import sampling_settings

@@ -24,6 +24,7 @@ from lvdm.training.trainer import train
 REPO = Path(__file__).resolve().parents[1]
 TEST_RECIPE = DemoBaseRecipe(vae_steps=300, unet_steps=400)  # the demo's: 600 and 1000
 TEMPORAL_STEPS = 150  # the demo's: 300
+CONTEXT_GAIN = 1.02  # the shortened context run's floor (the demo's own figures are in the README)
 PROMPTS = "[a red disc moving down, a cyan square moving right, a yellow square moving up]"
 
 
@@ -114,3 +115,32 @@ def test_a_module_trained_on_shuffled_clips_gets_no_motion_gain(control_run):
     g = control_run.gain
     assert abs(g["motion_gain"] - 1) <= 0.02, g
     assert g["layers_off_ratio"] > 1.005, g
+
+
+# ------------------------------------------------------------------------------------------------ context frames
+@pytest.fixture(scope="module")
+def context_run(demo_root: Path):
+    """configs/demo_context.yaml, shortened like the demo run: prediction and interpolation on the demo's clips."""
+    paths = [f"model.base={demo_root / 'base'}", f"data.root={demo_root / 'clips'}", f"output_dir={demo_root / 'ctx'}"]
+    steps = [f"train.max_steps={TEMPORAL_STEPS}", "train.checkpoint_every=1000", "train.validate_every=1000"]
+    cfg = load_config([REPO / "configs" / "demo_context.yaml"], [*paths, *steps, "train.validation_prompts=[]"])
+    return train(cfg, progress=False)
+
+
+def test_the_context_gains_show_the_given_frames_are_used(context_run):
+    """Held-out loss on the frames to make, without the given frames / with them (an untrained encoder gets
+    exactly 1: tests/test_context.py)."""
+    g = context_run.gain
+    assert g["context_gain_predict"] > CONTEXT_GAIN and g["context_gain_interpolate"] > CONTEXT_GAIN, g
+
+
+def test_rollout_seams_are_no_jumpier_than_the_chunks(context_run, demo_root: Path):
+    from lvdm import VideoPipeline
+    from lvdm.context_sampling import rollout_chunks, seam_changes
+
+    pipe = VideoPipeline.from_pretrained(demo_root / "base", temporal=context_run.temporal_path)
+    length = pipe.defaults["num_frames"]
+    out = pipe("a red disc moving down", num_frames=3 * length, num_inference_steps=20, guidance_scale=4.0,
+               seed=0, progress=False)  # fmt: skip
+    seams, inside = seam_changes(out.frames[0], rollout_chunks(3 * length, length, 0, 2))
+    assert len(seams) >= 2 and max(seams) <= max(inside), (seams, inside)

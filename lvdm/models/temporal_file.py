@@ -74,10 +74,7 @@ class TemporalModule:
         problems = self.mismatches(video)
         if problems:
             raise TemporalModuleError(f"temporal module {self.path} does not fit this base: " + "; ".join(problems))
-        params = dict(video.named_temporal_parameters())
-        with torch.no_grad():
-            for name, tensor in self.tensors.items():
-                params[name].copy_(tensor)
+        self._copy_into(video)
 
     def warm_start(self, video: VideoUNet) -> list[str]:
         """Copy the weights into ``video``, which may have parts the file lacks (a text-to-video module starting a
@@ -87,11 +84,14 @@ class TemporalModule:
         problems = self.mismatches(video, new_parts=new)
         if problems:
             raise TemporalModuleError(f"temporal module {self.path} cannot start this model: " + "; ".join(problems))
+        self._copy_into(video)
+        return new
+
+    def _copy_into(self, video: VideoUNet) -> None:
         params = dict(video.named_temporal_parameters())
         with torch.no_grad():
             for name, tensor in self.tensors.items():
                 params[name].copy_(tensor)
-        return new
 
     def mismatches(self, video: VideoUNet, *, new_parts: list[str] = ()) -> list[str]:
         """What differs between this module and ``video`` (empty when it loads); ``new_parts``: parts of ``video``
