@@ -60,8 +60,12 @@ def _sampler(model: Any, size: Size, text: torch.Tensor, frames: int, context_fr
     empty = torch.zeros_like(text)
     h = w = size.latent
 
-    def fn(x, t, encoder_hidden_states, **context):
+    from lvdm.modules.context_encoder import with_clean_context
+
+    def call_model(x, t, encoder_hidden_states, **context):
         return model(x, t, encoder_hidden_states, **context)
+
+    fn = with_clean_context(call_model)
 
     @torch.no_grad()
     def call() -> None:

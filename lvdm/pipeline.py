@@ -359,14 +359,18 @@ class VideoPipeline:
         from lvdm.diffusion import KnownFrames, guidance_schedule, make_scheduler, sample, step_noise_for
 
         conditions, known, free = {"encoder_hidden_states": cond}, None, None
+        model_fn = self.model_fn(image_mode=s.image_mode)
         if context is not None:
+            from lvdm.modules.context_encoder import with_clean_context
+
+            model_fn = with_clean_context(model_fn)  # the given frames clean, at timestep 0, as in training
             latents, mask, flag = context
             flags = torch.full((noise.shape[0],), flag, dtype=torch.long, device=self.device)
             conditions |= {"context_latents": latents, "context_mask": mask, "context_flag": flags}
             known = KnownFrames(latents, mask, noise)
             free = {"context_mask": torch.zeros_like(mask)}
         return sample(
-            self.model_fn(image_mode=s.image_mode),
+            model_fn,
             make_scheduler(s.scheduler, self.base.scheduler.config),
             latents=noise,
             num_inference_steps=s.num_inference_steps,

@@ -24,7 +24,7 @@ from lvdm.training.trainer import train
 REPO = Path(__file__).resolve().parents[1]
 TEST_RECIPE = DemoBaseRecipe(vae_steps=300, unet_steps=400)  # the demo's: 600 and 1000
 TEMPORAL_STEPS = 150  # the demo's: 300
-CONTEXT_GAIN = 1.02  # the shortened context run's floor (the demo's own figures are in the README)
+CONTEXT_GAIN = 1.0  # "above 1"; the demo's own figures (300 steps) are in the README
 PROMPTS = "[a red disc moving down, a cyan square moving right, a yellow square moving up]"
 
 
@@ -90,11 +90,6 @@ def test_image_mode_draws_a_shape_on_its_background(demo_run):
     assert np.mean(shown) >= 0.75, [shape_measure(frame) for frame in frames]
 
 
-@pytest.mark.xfail(
-    strict=True,
-    reason="issue 19, not met yet: after 150-300 steps the temporal layers do not tie the frames' content together, "
-    "each frame draws its own shape (change 5-8x the clips', correlation about 0.5-0.65)",
-)
 def test_the_samples_move_like_the_clips(demo_run):
     """Sampled videos change between consecutive frames within 3x of the clips' change, with correlation > 0.5
     (static samples change by 0, static noise by about 60 with correlation near 0)."""

@@ -19,7 +19,7 @@ feature map per resolution is held at a time.
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 
 import torch
@@ -140,6 +140,32 @@ class ContextEncoder(nn.Module):
             x = conv(nn.functional.silu(x))
             levels.append(x)
         return ContextFeatures(self, levels)
+
+
+def with_clean_context(model_fn: Callable[..., torch.Tensor]) -> Callable[..., torch.Tensor]:
+    """``model_fn(x, t, **cond)`` that shows the model its given frames clean: where ``cond["context_mask"]`` is set,
+    the frames of ``x`` are replaced by ``cond["context_latents"]`` and their timestep by 0 (per-frame timesteps
+    ``(b, f)``); calls without a mask, or with an empty one, pass through unchanged.
+
+    Training (:mod:`lvdm.training.tasks`) and sampling (:mod:`lvdm.context_sampling`) both call the model this way,
+    so the temporal layers read the given frames directly, not only through the context encoder; the pass without
+    the given frames (context guidance, the context gain's baseline) sees them noised to ``t`` like the rest.
+    """
+
+    def fn(x: torch.Tensor, t: torch.Tensor, **cond: torch.Tensor) -> torch.Tensor:
+        mask = cond.get("context_mask")
+        if mask is None or not bool(torch.as_tensor(mask).any()):
+            return model_fn(x, t, **cond)
+        b, f = x.shape[0], x.shape[2]
+        mask = context_mask_tensor(mask, b, f, x.device)
+        # b f -> b 1 f 1 1
+        x = torch.where(mask[:, None, :, None, None], cond["context_latents"].to(x.dtype), x)
+        t = torch.as_tensor(t, device=x.device)
+        per_frame = t.reshape(-1, 1).expand(b, f) if t.ndim <= 1 else t
+        per_frame = torch.where(mask, torch.zeros_like(per_frame), per_frame)
+        return model_fn(x, per_frame, **cond)
+
+    return fn
 
 
 def context_mask_tensor(mask: torch.Tensor | None, b: int, f: int, device: torch.device) -> torch.Tensor:

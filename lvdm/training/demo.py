@@ -93,6 +93,9 @@ def demo_summary(result: Any) -> list[str]:
     g, lines = result.gain or {}, []
     if "motion_gain" in g:
         lines.append(f"demo check: motion gain {g['motion_gain']:.3f} (aim: above 1.05)")
+    for task in ("predict", "interpolate"):
+        if f"context_gain_{task}" in g:
+            lines.append(f"demo check: context gain ({task}) {g[f'context_gain_{task}']:.3f} (aim: above 1)")
     if "samples_frame_change" in g and "clips_frame_change" in g:
         ratio = g["samples_frame_change"] / max(g["clips_frame_change"], 1e-9)
         lines.append(

@@ -82,6 +82,7 @@ class DenoisingObjective(Objective):
         train = self.cfg.train
         if not self.context:
             return training_loss(model_fn, batch, self.frozen, train, generator, self.device).loss
+        from lvdm.modules.context_encoder import with_clean_context
         from lvdm.training.tasks import draw_tasks, made_frames_loss
 
         drawn = []
@@ -91,6 +92,7 @@ class DenoisingObjective(Objective):
             drawn.append(tasks)
             return tasks.conditioning(latents)
 
+        model_fn = with_clean_context(model_fn)  # the given frames clean, at timestep 0
         terms = training_loss(model_fn, batch, self.frozen, train, generator, self.device, conditioning=conditioning)
         tasks = drawn[0]
         loss = made_frames_loss(terms.prediction, terms.target, tasks.made()) * terms.weights

@@ -112,12 +112,14 @@ def context_gains(
 ) -> dict[str, float]:
     """Per context task the run trains: the held-out loss on the frames to be made without the given frames and
     with them (``loss_<task>_without_context``, ``loss_<task>_with_context``) and ``context_gain_<task>``, their
-    ratio; the same model, clips, timesteps and noise, the given frames' information removed (mask zeroed, flag
-    kept). Above 1: the model uses the given frames."""
+    ratio; the same model, clips, timesteps and noise, the given frames' information removed (mask zeroed, so they
+    are noised to ``t`` like every frame; flag kept). Above 1: the model uses the given frames."""
     from lvdm.diffusion import diffusion_loss, sample_noise
+    from lvdm.modules.context_encoder import with_clean_context
     from lvdm.training.step import batch_latents_and_text, step_generator
     from lvdm.training.validation import GAIN_TIMESTEPS
 
+    model_fn = with_clean_context(model_fn)  # as in training: given frames clean; without them, all noised
     totals: dict[str, list[float]] = {}
     for number, batch in enumerate(batches):
         generator = step_generator(-2, 0, number)  # the same draws at every validation
