@@ -114,11 +114,13 @@ def test_a_module_trained_on_shuffled_clips_gets_no_motion_gain(control_run):
 
 # ------------------------------------------------------------------------------------------------ context frames
 @pytest.fixture(scope="module")
-def context_run(demo_root: Path):
-    """configs/demo_context.yaml, shortened like the demo run: prediction and interpolation on the demo's clips."""
+def context_run(demo_root: Path, demo_run):
+    """configs/demo_context.yaml, shortened like the demo run and started from the demo run's text-to-video module
+    (``model.temporal_init``, the encoder at zero): prediction and interpolation on the demo's clips."""
     paths = [f"model.base={demo_root / 'base'}", f"data.root={demo_root / 'clips'}", f"output_dir={demo_root / 'ctx'}"]
     steps = [f"train.max_steps={TEMPORAL_STEPS}", "train.checkpoint_every=1000", "train.validate_every=1000"]
-    cfg = load_config([REPO / "configs" / "demo_context.yaml"], [*paths, *steps, "train.validation_prompts=[]"])
+    start = [f"model.temporal_init={demo_run.temporal_path}", "train.validation_prompts=[]"]
+    cfg = load_config([REPO / "configs" / "demo_context.yaml"], [*paths, *steps, *start])
     return train(cfg, progress=False)
 
 
