@@ -31,7 +31,7 @@ def quiet_libraries() -> None:
 def run_cli(main: Callable[[list[str]], int | None], argv: list[str] | None = None) -> int:
     """Run ``main(argv)`` and turn user errors into an exit code."""
     quiet_libraries()
-    prefer_passive_waiting()  # before torch loads OpenMP: threads sleep, not spin, on a busy machine
+    prefer_passive_waiting()  # before torch loads OpenMP: on a busy machine threads sleep, not spin
     args = sys.argv[1:] if argv is None else argv
     try:
         code = main(args) or 0

@@ -358,27 +358,23 @@ def test_bad_context_requests_are_one_clear_error(context_files, module, call, m
         call(pipeline(context_files, module), clip)
 
 
-def test_sample_cli_rolls_out_and_interpolates(context_files, tmp_path):
-    import subprocess
-    import sys
-
+def test_sample_cli_rolls_out_and_interpolates(context_files, tmp_path, capsys):
+    """sample.py's main in this process (as a user's command line, without the interpreter start-ups)."""
+    import sample as script
+    from lvdm.cli import run_cli
     from lvdm.data.readers import probe
 
-    common = [sys.executable, "sample.py", "--base", str(context_files["base"]), "--steps", "2", "--quiet"]
+    def cli(*args: str) -> tuple[int, str]:
+        code = run_cli(script.main, ["--quiet", "--base", str(context_files["base"]), "--steps", "2", *args])
+        return code, capsys.readouterr().err
+
     module = ["--temporal", str(context_files["context"])]
-    long = tmp_path / "long.mp4"
-    run = subprocess.run([*common, *module, "--prompt", "a disc", "--frames", "12", "--out", str(long)],
-                         capture_output=True, text=True)  # fmt: skip
-    assert run.returncode == 0, run.stderr
-    smooth = tmp_path / "smooth.mp4"
-    run = subprocess.run([*common, *module, "--interpolate", str(long), "--factor", "4", "--out", str(smooth)],
-                         capture_output=True, text=True)  # fmt: skip
-    assert run.returncode == 0, run.stderr
+    long, smooth = tmp_path / "long.mp4", tmp_path / "smooth.mp4"
+    assert cli(*module, "--prompt", "a disc", "--frames", "12", "--out", str(long))[0] == 0
+    assert cli(*module, "--interpolate", str(long), "--factor", "4", "--out", str(smooth))[0] == 0
     assert (probe(long).num_frames, probe(smooth).num_frames) == (12, 45)
     assert probe(smooth).fps == 4 * probe(long).fps
-    replay = subprocess.run([*common, "--from-json", f"{smooth}.json", "--out", str(tmp_path / "again.mp4")],
-                            capture_output=True, text=True)  # fmt: skip
-    assert replay.returncode == 0, replay.stderr
+    assert cli("--from-json", f"{smooth}.json", "--out", str(tmp_path / "again.mp4"))[0] == 0  # replayed
     assert probe(tmp_path / "again.mp4").num_frames == 45
     for extra, message in (
         (["--interpolate", str(long), "--factor", "3"], "invalid choice"),
@@ -386,9 +382,8 @@ def test_sample_cli_rolls_out_and_interpolates(context_files, tmp_path):
         (["--prompt", "x", "--context", str(long), "--image-mode"], "--image-mode has no temporal layers"),
         (["--prompt", "x", "--context", str(tmp_path / "nope.mp4")], "no such video file"),
     ):
-        bad = subprocess.run([*common, *module, *extra, "--out", str(tmp_path / "bad.mp4")], capture_output=True,
-                             text=True)  # fmt: skip
-        assert bad.returncode == 2 and message in bad.stderr and "Traceback" not in bad.stderr, bad.stderr
-    plain = subprocess.run([*common, "--temporal", str(context_files["plain"]), "--interpolate", str(long),
-                            "--out", str(tmp_path / "p.mp4")], capture_output=True, text=True)  # fmt: skip
-    assert plain.returncode == 2 and "model.context=true" in plain.stderr and "Traceback" not in plain.stderr
+        code, err = cli(*module, *extra, "--out", str(tmp_path / "bad.mp4"))
+        assert code == 2 and message in err and err.count("\n") == 1, err
+    plain = ["--temporal", str(context_files["plain"])]
+    code, err = cli(*plain, "--interpolate", str(long), "--out", str(tmp_path / "p.mp4"))
+    assert code == 2 and "model.context=true" in err and "Traceback" not in err, err

@@ -44,10 +44,12 @@ def test_workers_and_threads_fit_the_cores():
     assert "2 usable cores" in plan.describe() and "data workers 1" in plan.describe()
 
 
-def test_passive_waiting_is_a_default_not_an_override(monkeypatch):
+def test_passive_waiting_on_a_busy_machine_only_and_never_over_the_users_choice(monkeypatch):
     monkeypatch.delenv("OMP_WAIT_POLICY", raising=False)
-    prefer_passive_waiting()
+    assert not prefer_passive_waiting(load=0.3, cores=2)  # quiet: the default (spinning) waits stay
+    assert "OMP_WAIT_POLICY" not in os.environ
+    assert prefer_passive_waiting(load=1.0, cores=2)  # one other busy process on two cores
     assert os.environ["OMP_WAIT_POLICY"] == "PASSIVE"
     monkeypatch.setenv("OMP_WAIT_POLICY", "ACTIVE")
-    prefer_passive_waiting()
+    assert not prefer_passive_waiting(load=8.0, cores=2)
     assert os.environ["OMP_WAIT_POLICY"] == "ACTIVE"
