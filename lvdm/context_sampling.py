@@ -13,10 +13,11 @@ context encoder. :class:`~lvdm.VideoPipeline` uses this module for three things:
   ``4 (k - 1) + 1`` frames, window by window (each window holds keyframes at 0, 4, 8, ... and fits in ``T``);
   16 is 4 twice. The keyframes come back unchanged, latents and pixels.
 
-Given frames are held exactly: before every denoising step they are set to their latents noised to that step's
-level (the way the model saw them in training), and at the end to the latents themselves
-(:class:`~lvdm.diffusion.KnownFrames`). **Context guidance** ``s`` (``context_guidance``) extrapolates from the
-pass without the given frames, ``f(z) + s (f(z; c) - f(z))``, in the same batched forward as the text guidance.
+Given frames are held exactly: the passes that take them see them clean at timestep 0
+(:func:`~lvdm.modules.context_encoder.with_clean_context`, as in training), the pass without them sees them noised
+to the step's level, and the result holds the given latents themselves (:class:`~lvdm.diffusion.KnownFrames`).
+**Context guidance** ``s`` (``context_guidance``) extrapolates from the pass without the given frames,
+``f(z) + s (f(z; c) - f(z))``, in the same batched forward as the text guidance.
 """
 
 from __future__ import annotations
@@ -208,7 +209,7 @@ def rollout(
         done = pipe._denoise(s, noise, cond, uncond, generators, progress, context=context)
         made.append(done[:, :, known:].cpu())
         noises.append(noise[:, :, known:].cpu())
-        previous = torch.cat(made, dim=2)[:, :, -s.context_frames :].to(pipe.device)
+        previous = done[:, :, -s.context_frames :]  # its given frames are held exactly: the video's last frames
     return torch.cat(made, dim=2), torch.cat(noises, dim=2)
 
 
@@ -256,7 +257,7 @@ def interpolate(
     fps = (given.fps or s.fps) * factor
     s = dataclasses.replace(s, fps=fps, num_frames=latents.shape[2])
     source = str(Path(video).absolute()) if isinstance(video, (str, os.PathLike)) else "frames"
-    info = {"interpolate": {"source": source, "factor": factor, "keyframes": len(given.frames)}}
-    info["interpolate"]["resized"] = given.resized
+    keyframes = len(given.frames)
+    info = {"interpolate": {"source": source, "factor": factor, "keyframes": keyframes, "resized": given.resized}}
     record = pipe._record(s, prompt, s.negative_prompt or "", s.seed, info)
     return VideoOutput(frames, float(fps), [record], latents.cpu(), torch.zeros(0))
