@@ -387,3 +387,19 @@ def test_sample_cli_rolls_out_and_interpolates(context_files, tmp_path, capsys):
     plain = ["--temporal", str(context_files["plain"])]
     code, err = cli(*plain, "--interpolate", str(long), "--out", str(tmp_path / "p.mp4"))
     assert code == 2 and "model.context=true" in err and "Traceback" not in err, err
+
+
+def test_a_fifo_or_folder_given_as_a_video_is_refused_without_reading_it(context_files, tmp_path):
+    import os
+
+    from lvdm.errors import ConfigError
+
+    fifo = tmp_path / "clip.mp4"
+    os.mkfifo(fifo)  # opening it for reading would block forever
+    pipe = pipeline(context_files)
+    for path in (fifo, tmp_path):
+        with pytest.raises(ConfigError, match="not a file"):
+            pipe("x", context=path, **FAST)
+        with pytest.raises(ConfigError, match="not a file"):
+            pipe.interpolate(path, **FAST)
+    assert fifo.exists()
