@@ -57,7 +57,7 @@ def main(argv: list[str]) -> int:
         if is_demo(cfg) and not result.stopped_by_signal:
             from lvdm.training.demo import demo_summary
 
-            print("\n".join(demo_summary(result)))
+            print("\n".join(demo_summary(result, cfg)))
     return exit_status(result)  # 75 when stopped by a signal: resumable
 
 

@@ -101,6 +101,9 @@ class ModelConfig:
     context: bool = option(
         False, "context frames: an encoder feeding given frames to the temporal layers (prediction, interpolation)"
     )
+    fps_conditioning: bool = option(
+        False, "motion speed: the clip's frame rate feeds the temporal layers (vary data.frame_stride or target_fps)"
+    )
     temporal_init: str | None = option(
         None, "start the temporal layers from this module file (e.g. a text-to-video one, adding context frames)"
     )
@@ -148,8 +151,12 @@ class DataConfig:
     resolution: list[int] = option(
         [256, 256], "clip size [height, width]; one number means square", min=8, multiple_of=8, coerce=_square
     )
-    frame_stride: int | None = option(None, "take every n-th frame (null and no target_fps: 1)", min=1)
-    target_fps: float | None = option(None, "resample clips to this frame rate instead of a fixed stride", gt=0)
+    frame_stride: int | list[int] | None = option(
+        None, "take every n-th frame (null and no target_fps: 1); [low, high]: a stride drawn per clip", min=1
+    )
+    target_fps: float | list[float] | None = option(
+        None, "resample clips to this frame rate instead of a stride; [low, high]: a rate drawn per clip", gt=0
+    )
     start: Literal["random", "center"] = option("random", "where in its video a clip starts")
     crop: Literal["center", "random"] = option("center", "where the crop to the training aspect ratio sits")
     flip: bool = option(False, "mirror clips horizontally at random")
@@ -178,6 +185,10 @@ class DataConfig:
             problems.append("no data: set data.root, data.manifest or data.sources")
         if self.frame_stride is not None and self.target_fps is not None:
             problems.append("frame_stride: set together with target_fps; choose a fixed stride or a frame rate")
+        for name in ("frame_stride", "target_fps"):
+            value = getattr(self, name)
+            if isinstance(value, list) and (len(value) != 2 or value[0] > value[1]):
+                problems.append(f"{name}: a range is [low, high] with low <= high, got {value}")
         problems += _size_problems("resolution", self.resolution)
         for i, bucket in enumerate(self.buckets):
             problems += _size_problems(f"buckets[{i}]", bucket)

@@ -241,7 +241,9 @@ def interpolate(
     generators = [torch.Generator().manual_seed(s.seed)]
     cond, uncond = pipe._encode([prompt]), pipe._encode([s.negative_prompt or ""])
     latents = encode_frames(pipe.base.vae, given.frames, pipe.device)
-    for _ in range(1 if factor == STEP else 2):
+    rate = given.fps or s.fps
+    for n in range(1 if factor == STEP else 2):
+        made = dataclasses.replace(s, fps=rate * STEP ** (n + 1))  # the rate of the frames this pass makes
         keys = latents.shape[2]
         out = torch.zeros(*latents.shape[:2], STEP * (keys - 1) + 1, *latents.shape[3:], device=pipe.device)
         out[:, :, ::STEP] = latents
@@ -250,11 +252,11 @@ def interpolate(
             window = out[:, :, start:end]
             noise = pipe._initial_noise(s, tuple(window.shape), None, None, generators)
             context = (window.clone(), mask, FLAGS["interpolate"])
-            out[:, :, start:end] = pipe._denoise(s, noise, cond, uncond, generators, progress, context=context)
+            out[:, :, start:end] = pipe._denoise(made, noise, cond, uncond, generators, progress, context=context)
         latents = out
     frames = pipe._decode(latents, s.decode_chunk_size)
     frames[0, ::factor] = given.frames  # the keyframes come back as given (not through the VAE)
-    fps = (given.fps or s.fps) * factor
+    fps = rate * factor
     s = dataclasses.replace(s, fps=fps, num_frames=latents.shape[2])
     source = str(Path(video).absolute()) if isinstance(video, (str, os.PathLike)) else "frames"
     keyframes = len(given.frames)

@@ -234,6 +234,12 @@ class VideoPipeline:
         """Whether the temporal module takes context frames (trained with ``model.context``)."""
         return self.video is not None and "context_mask" in self.video.conditioning_inputs
 
+    @property
+    def has_fps(self) -> bool:
+        """Whether the temporal module is conditioned on the frame rate (trained with ``model.fps_conditioning``):
+        then the ``fps`` setting sets the motion speed, not only the playback rate."""
+        return self.video is not None and "fps" in self.video.conditioning_inputs
+
     def chunk_length(self, s: SamplingSettings) -> int:
         """The most frames one model call takes in a rollout or an interpolation: the module's training length."""
         return int(self.defaults.get("num_frames") or s.num_frames)
@@ -359,6 +365,8 @@ class VideoPipeline:
         from lvdm.diffusion import KnownFrames, guidance_schedule, make_scheduler, sample, step_noise_for
 
         conditions, known, free = {"encoder_hidden_states": cond}, None, None
+        if self.has_fps:  # the motion speed asked for: the module was trained with it (model.fps_conditioning)
+            conditions["fps"] = torch.full((noise.shape[0],), float(s.fps), device=self.device)
         model_fn = self.model_fn(image_mode=s.image_mode)
         if context is not None:
             from lvdm.modules.context_encoder import with_clean_context

@@ -5,6 +5,7 @@ from __future__ import annotations
 import dataclasses
 import functools
 import json
+import math
 import os
 from collections.abc import Callable
 from dataclasses import dataclass
@@ -41,7 +42,10 @@ class SamplingSettings:
         None, "width in pixels (null: the module's, else the base's)", min=8, multiple_of=SIZE_MULTIPLE
     )
     fps: float | None = option(
-        None, "frame rate of the written video (null: the module's training rate, else 8)", gt=0
+        None,
+        "frame rate of the written video, and the motion speed of a module trained with fps conditioning "
+        "(null: the module's training rate, else 8)",
+        gt=0,
     )
     num_inference_steps: int = option(25, "denoising steps", min=1)
     scheduler: str = option("ddim", "sampler: ddim, dpmpp, euler, euler_a, ddpm or unipc")
@@ -196,10 +200,13 @@ def training_prior(training_config: dict[str, Any]) -> dict[str, Any]:
 
 
 def training_fps(training_config: dict[str, Any]) -> float | None:
-    """The frame rate a module was trained at: ``data.target_fps``, else the clips' own rate (source fps / stride,
-    which the trainer records as ``clip_fps``), else ``None``."""
+    """The frame rate a module was trained at: ``data.target_fps`` (a range's geometric middle), else the clips'
+    own rate (source fps / stride, which the trainer records as ``clip_fps``), else ``None``."""
     data = training_config.get("data") if isinstance(training_config.get("data"), dict) else {}
-    for value in (data.get("target_fps"), training_config.get("clip_fps")):
+    target = data.get("target_fps")
+    if isinstance(target, list) and len(target) == 2 and all(type(v) in (int, float) and v > 0 for v in target):
+        target = math.sqrt(target[0] * target[1])  # a range of rates: its middle speed (rates were drawn log-uniform)
+    for value in (target, training_config.get("clip_fps")):
         if type(value) in (int, float) and 0 < value <= 1000:  # NaN, inf and absurd rates count as unknown
             return float(value)
     return None

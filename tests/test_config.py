@@ -126,7 +126,7 @@ def test_unknown_key_in_a_file_list(tmp_path: Path) -> None:
         ("train.lr=fast", "train.lr: expected float, got 'fast' (str)"),
         ("train.lr=false", "train.lr: expected float, got False (bool)"),
         ("data.flip=1", "data.flip: expected bool, got 1 (int)"),
-        ("data.frame_stride=two", "data.frame_stride: expected int or null, got 'two' (str)"),
+        ("data.frame_stride=two", "data.frame_stride: expected int or list of int or null, got 'two' (str)"),
         ("data.resolution=[256, x]", "data.resolution[1]: expected int, got 'x' (str)"),
         ("data.buckets=[[256, 256], 384]", "data.buckets[1]: expected list of int, got 384 (int)"),
         ("model.loras=a.safetensors", "model.loras: expected list of str, got 'a.safetensors' (str)"),

@@ -20,8 +20,8 @@ def clip_settings(data: Any) -> ClipSettings:
         num_frames=data.num_frames,
         height=height,
         width=width,
-        stride=data.frame_stride,
-        target_fps=data.target_fps,
+        stride=_range(data.frame_stride),
+        target_fps=_range(data.target_fps),
         start=data.start,
         crop=data.crop,
         flip=data.flip,
@@ -29,6 +29,11 @@ def clip_settings(data: Any) -> ClipSettings:
         decode_timeout=data.decode_timeout,
         buckets=tuple(tuple(b) for b in data.buckets),
     )
+
+
+def _range(value: Any) -> Any:
+    """A config's ``[low, high]`` as the ``(low, high)`` range the clip planner draws from; a single value as is."""
+    return tuple(value) if isinstance(value, list) else value
 
 
 def list_sources(data: Any) -> list[tuple[str, list[Entry], float]]:
@@ -95,7 +100,7 @@ def build_split(data: Any, *, seed: int = 0) -> tuple[VideoDataset, list[float],
     """``(train, weights, holdout)``: ``data.holdout`` evenly spaced entries are kept out of training.
 
     The holdout clips are cut deterministically (centred start and crop, no flip) so every
-    validation sees the same frames.
+    validation sees the same frames; with a rate range, alternately at its lowest and highest rate.
     """
     dataset, weights = build_dataset(data, seed=seed)
     if not data.holdout:
@@ -105,7 +110,7 @@ def build_split(data: Any, *, seed: int = 0) -> tuple[VideoDataset, list[float],
         raise DataError(f"data.holdout={data.holdout} leaves nothing to train on: the dataset has {n} entries")
     held = sorted(holdout_indices(n, data.holdout))
     keep = sorted(set(range(n)) - set(held))
-    fixed = replace(dataset.settings, start="center", crop="center", flip=False)
+    fixed = replace(dataset.settings, start="center", crop="center", flip=False, alternate_rates=True)
     holdout = _subset(dataset, held, fixed)
     train = _subset(dataset, keep, dataset.settings, max_consecutive_bad=dataset.max_consecutive_bad)
     return train, [weights[i] for i in keep], holdout

@@ -31,14 +31,15 @@ class ClipSettings:
     num_frames: int = 16
     height: int = 256
     width: int = 256
-    stride: int | None = None
-    target_fps: float | None = None
+    stride: int | tuple[int, int] | None = None  # a (low, high) range is drawn per clip (lvdm.data.sampling)
+    target_fps: float | tuple[float, float] | None = None
     start: str = "random"
     crop: str = "center"
     flip: bool = False
     reader: str = "auto"
     decode_timeout: float | None = 30.0
     buckets: tuple[tuple[int, int], ...] = ()  # (h, w) sizes; empty: every clip is height x width
+    alternate_rates: bool = False  # a rate range: even entries at its lowest rate, odd at its highest (held-out)
 
 
 class VideoDataset(Dataset):
@@ -124,11 +125,14 @@ class VideoDataset(Dataset):
         if entry.is_image:
             frames, fps = self._image(path, height, width), 0.0
         else:
-            frames, fps = self._clip(path, height, width, rng, fps_hint=entry.fps)
+            pick = ("low", "high")[index % 2] if self.settings.alternate_rates else "draw"
+            frames, fps = self._clip(path, height, width, rng, fps_hint=entry.fps, pick=pick)
         video = to_clip_tensor(frames, height, width, crop=self.settings.crop, flip=self.settings.flip, rng=rng)
         return {"video": video, "caption": caption, "fps": fps, "is_image": entry.is_image, "source": str(path)}
 
-    def _clip(self, path, height: int, width: int, rng: random.Random, *, fps_hint: float | None = None):
+    def _clip(
+        self, path, height: int, width: int, rng: random.Random, *, fps_hint: float | None = None, pick: str = "draw"
+    ):
         """Frames of one clip and its fps; a manifest's ``fps_hint`` stands in for a container without a rate."""
         from lvdm.data.readers import MAX_FPS, MIN_FPS, probe, read_frames
 
@@ -137,7 +141,7 @@ class VideoDataset(Dataset):
         fps = info.fps or (fps_hint if fps_hint is not None and MIN_FPS <= fps_hint <= MAX_FPS else None)
         plan = plan_clip(
             str(path), info.num_frames, fps, s.num_frames,
-            stride=s.stride, target_fps=s.target_fps, start=s.start, rng=rng,
+            stride=s.stride, target_fps=s.target_fps, start=s.start, rng=rng, pick=pick,
         )  # fmt: skip
         size = cover_size(info.width, info.height, height, width)
         frames = read_frames(path, plan.indices, size=size, reader=s.reader, timeout=s.decode_timeout)

@@ -94,3 +94,15 @@ def _build_context(video: VideoUNet) -> nn.Module:
 PART_KINDS["context"] = PartKind(
     build=_build_context, from_config=lambda model: {} if getattr(model, "context", False) else None
 )
+
+
+def _build_fps(video: VideoUNet) -> nn.Module:
+    from lvdm.modules.fps_embedding import FpsEmbedding
+
+    sites = [(site.name, site.channels) for site in video.sites]
+    return FpsEmbedding(sites, video.unet.config.block_out_channels[0])
+
+
+PART_KINDS["fps"] = PartKind(
+    build=_build_fps, from_config=lambda model: {} if getattr(model, "fps_conditioning", False) else None
+)

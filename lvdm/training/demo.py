@@ -82,7 +82,7 @@ def _make_base(cfg: Any, base: Path, recipe: Any = None) -> list[str]:
     ]
 
 
-def demo_summary(result: Any) -> list[str]:
+def demo_summary(result: Any, cfg: Any) -> list[str]:
     """What the demo must show, measured on its run: samples that move like the clips, an image mode that draws
     shapes, a motion gain above 1 (the aims are those ``tests/test_demo.py`` checks on a shorter run)."""
     import numpy as np
@@ -96,6 +96,16 @@ def demo_summary(result: Any) -> list[str]:
     for task in ("predict", "interpolate"):
         if f"context_gain_{task}" in g:
             lines.append(f"demo check: context gain ({task}) {g[f'context_gain_{task}']:.3f} (aim: above 1)")
+    if "fps_gain" in g:
+        lines.append(f"demo check: fps gain {g['fps_gain']:.3f} (aim: above 1)")
+        prompts = cfg.train.validation_prompts or ["a red disc moving down"]
+        changes = speed_sweep(cfg.model.base, result.temporal_path, prompts, guidance=cfg.train.validation_guidance)
+        shown = " / ".join(f"{change:.2f} at {rate:g}" for rate, change in changes.items())
+        falling = all(a > b for a, b in zip(list(changes.values()), list(changes.values())[1:], strict=False))
+        lines.append(
+            f"demo check: samples change per frame {shown} fps ({'falling' if falling else 'NOT falling'} as the "
+            "rate rises; aim: falling)"
+        )
     if "samples_frame_change" in g and "clips_frame_change" in g:
         ratio = g["samples_frame_change"] / max(g["clips_frame_change"], 1e-9)
         lines.append(
@@ -111,3 +121,29 @@ def demo_summary(result: Any) -> list[str]:
             "(lvdm.testing.demo_base.shows_a_shape)"
         )
     return lines
+
+
+SWEEP_RATES = (8.0, 12.0, 24.0)  # the demo_fps clips' rates: 24 fps sources at strides 3, 2 and 1
+
+
+def speed_sweep(
+    base: Any,
+    temporal: Any,
+    prompts: list[str],
+    *,
+    guidance: float = 4.0,
+    rates: tuple[float, ...] = SWEEP_RATES,
+    steps: int = 20,
+) -> dict[float, float]:
+    """Mean absolute change between consecutive frames (0-255) of ``prompts`` sampled by the ``temporal`` module at
+    each of ``rates`` (``--fps``), the same seeds: a model that reads the rate moves further per frame at a lower
+    rate (the same motion in fewer frames)."""
+    from lvdm import VideoPipeline
+    from lvdm.training.validation import frame_metrics
+
+    pipe = VideoPipeline.from_pretrained(base, temporal=temporal)
+    changes = {}
+    for rate in rates:
+        out = pipe(prompts, fps=rate, num_inference_steps=steps, guidance_scale=guidance, seed=0, progress=False)
+        changes[rate] = frame_metrics(out.frames)["frame_change"]
+    return changes

@@ -24,7 +24,7 @@ from typing import Any, ClassVar
 
 import torch
 
-from lvdm.training.step import Frozen, training_loss
+from lvdm.training.step import Frozen, batch_inputs, training_loss
 
 
 class Objective(ABC):
@@ -75,13 +75,15 @@ class DenoisingObjective(Objective):
 
     def __init__(self, cfg: Any, video: Any, frozen: Frozen, device: torch.device) -> None:
         super().__init__(cfg, video, frozen, device)
-        self.context = "context_mask" in getattr(video, "conditioning_inputs", ())
+        accepted = getattr(video, "conditioning_inputs", set())
+        self.context = "context_mask" in accepted
+        self.inputs = lambda batch: batch_inputs(batch, accepted, device)  # what the parts read from a batch (fps)
         self.task_losses: dict[str, list[float]] = {}  # since the last log line
 
     def loss(self, model_fn: Any, batch: dict[str, Any], generator: torch.Generator) -> torch.Tensor:
-        train = self.cfg.train
+        train, inputs = self.cfg.train, self.inputs(batch)
         if not self.context:
-            return training_loss(model_fn, batch, self.frozen, train, generator, self.device).loss
+            return training_loss(model_fn, batch, self.frozen, train, generator, self.device, inputs=inputs).loss
         from lvdm.modules.context_encoder import with_clean_context
         from lvdm.training.tasks import draw_tasks, made_frames_loss
 
@@ -93,7 +95,9 @@ class DenoisingObjective(Objective):
             return tasks.conditioning(latents)
 
         model_fn = with_clean_context(model_fn)  # the given frames clean, at timestep 0
-        terms = training_loss(model_fn, batch, self.frozen, train, generator, self.device, conditioning=conditioning)
+        terms = training_loss(
+            model_fn, batch, self.frozen, train, generator, self.device, conditioning=conditioning, inputs=inputs
+        )
         tasks = drawn[0]
         loss = made_frames_loss(terms.prediction, terms.target, tasks.made()) * terms.weights
         for name, value in zip(tasks.names, loss.detach().tolist(), strict=True):
@@ -113,12 +117,16 @@ class DenoisingObjective(Objective):
         if not batches:
             return None
         train = self.cfg.train
-        prior = {"noise_prior": train.noise_prior, "mixed_lambda": train.mixed_noise_lambda}
+        prior = {"noise_prior": train.noise_prior, "mixed_lambda": train.mixed_noise_lambda, "inputs": self.inputs}
         figures = motion_gains(model_fn, batches, self.frozen, self.device, **prior) | clip_figures(batches)
         if self.context:
             from lvdm.training.tasks import context_gains
 
             figures |= context_gains(model_fn, batches, self.frozen, self.device, train, **prior)
+        if "fps" in self.video.conditioning_inputs:
+            from lvdm.training.validation import fps_gains
+
+            figures |= fps_gains(model_fn, batches, self.frozen, self.device, **prior)
         return figures
 
     def render(self, model_fn: Any, out_dir: Path, *, fps: float | None = None) -> list[Path]:
@@ -136,6 +144,8 @@ class DenoisingObjective(Objective):
             latent_channels=self.video.unet.config.in_channels, steps=cfg.train.validation_steps,
             guidance_scale=cfg.train.validation_guidance, fps=fps or DEFAULT_FPS, seed=cfg.train.seed,
             noise_prior=cfg.train.noise_prior, mixed_lambda=cfg.train.mixed_noise_lambda, device=self.device,
+            inputs={"fps": torch.tensor([float(fps or DEFAULT_FPS)])} if "fps" in self.video.conditioning_inputs
+            else None,
         )  # fmt: skip
         return self.rendered.files
 

@@ -47,6 +47,11 @@ def format_validation(figures: dict[str, float]) -> list[str]:
                 f"without the given frames {g[f'loss_{task}_without_context']:.4f} / with them "
                 f"{g[f'loss_{task}_with_context']:.4f}, same model; above 1: it uses the given frames)"
             )
+    if "fps_gain" in g:
+        lines.append(
+            f"fps gain:        {g['fps_gain']:.3f}  (held-out loss told the farthest other clip's frame rate "
+            f"{g['loss_wrong_fps']:.4f} / its own {g['loss_true_fps']:.4f}, same model; above 1: it reads the rate)"
+        )
     rows = [(label, key) for label, key in SAMPLE_ROWS if f"{key}_frame_change" in g]
     if rows:
         lines.append("frames:          change (mean |frame i+1 - frame i|, 0-255)   correlation (consecutive frames)")

@@ -59,6 +59,15 @@ def batch_latents_and_text(
     return latents, text.to(device=device, dtype=torch.float32)
 
 
+BATCH_INPUTS = ("fps",)
+"""Batch fields that are model inputs when the video model has a part taking them (``fps``: each clip's rate)."""
+
+
+def batch_inputs(batch: dict[str, Any], accepted: Any, device: torch.device) -> dict[str, torch.Tensor]:
+    """The model inputs a batch carries for the parts of a model taking ``accepted`` inputs, one per clip."""
+    return {key: batch[key].to(device) for key in BATCH_INPUTS if key in accepted and key in batch}
+
+
 def training_loss(
     model_fn: Any,
     batch: dict[str, Any],
@@ -68,11 +77,12 @@ def training_loss(
     device: torch.device,
     *,
     conditioning: Callable[[torch.Tensor], dict[str, Any]] | None = None,
+    inputs: dict[str, Any] | None = None,
 ) -> LossTerms:
     """The per-sample diffusion loss of one micro-batch under the ``train`` config's noise and dropout settings.
 
     ``conditioning(latents)``: more model inputs made from the clean latents (the context frames of a task), called
-    after the noise is drawn."""
+    after the noise is drawn; ``inputs``: model inputs read from the batch (:func:`batch_inputs`)."""
     latents, text = batch_latents_and_text(batch, frozen, generator, device)
     b = latents.shape[0]
     drop = (torch.rand(b, generator=generator) < train.caption_dropout).to(device)
@@ -86,7 +96,7 @@ def training_loss(
         generator=generator,
         device=device,
     )
-    extra = conditioning(latents) if conditioning is not None else {}
+    extra = dict(inputs or {}) | (conditioning(latents) if conditioning is not None else {})
     return diffusion_loss(
         model_fn,
         latents,

@@ -109,11 +109,13 @@ def context_gains(
     *,
     noise_prior: str = "independent",
     mixed_lambda: float = 0.5,
+    inputs: Any = None,
 ) -> dict[str, float]:
     """Per context task the run trains: the held-out loss on the frames to be made without the given frames and
     with them (``loss_<task>_without_context``, ``loss_<task>_with_context``) and ``context_gain_<task>``, their
     ratio; the same model, clips, timesteps and noise, the given frames' information removed (mask zeroed, so they
-    are noised to ``t`` like every frame; flag kept). Above 1: the model uses the given frames."""
+    are noised to ``t`` like every frame; flag kept). Above 1: the model uses the given frames. ``inputs(batch)``:
+    the model inputs each clip carries (its fps), as in training."""
     from lvdm.diffusion import diffusion_loss, sample_noise
     from lvdm.modules.context_encoder import with_clean_context
     from lvdm.training.step import batch_latents_and_text, step_generator
@@ -137,6 +139,7 @@ def context_gains(
                         model_fn, latents, frozen.noise_scheduler, noise=noise,
                         timesteps=torch.full((b,), t, dtype=torch.long, device=device), encoder_hidden_states=text,
                         context_latents=latents, context_mask=mask[None].expand(b, f).to(device), context_flag=flag,
+                        **(inputs(batch) if inputs is not None else {}),
                     )  # fmt: skip
                     loss = made_frames_loss(terms.prediction, terms.target, made)
                     totals.setdefault(f"loss_{task}_{name}", []).append(float(loss.mean()))

@@ -303,8 +303,14 @@ class Trainer:
 
     def _clip_fps(self) -> dict[str, float]:
         """``{"clip_fps": the commonest frame rate of the training clips}`` (source fps / stride), or ``{}``:
-        recorded in module files, where sampling takes its default fps from it (without ``data.target_fps``)."""
-        return {"clip_fps": self.clip_rates.most_common(1)[0][0]} if self.clip_rates else {}
+        recorded in module files, where sampling takes its default fps from it (without ``data.target_fps``).
+        With a stride drawn per clip (``data.frame_stride: [low, high]``) it is their median rate, the middle speed."""
+        if not self.clip_rates:
+            return {}
+        if isinstance(self.cfg.data.frame_stride, list):
+            rates = sorted(self.clip_rates.elements())
+            return {"clip_fps": rates[len(rates) // 2]}
+        return {"clip_fps": self.clip_rates.most_common(1)[0][0]}
 
     @contextmanager
     def _ema_weights(self):

@@ -20,6 +20,7 @@ At initialisation (temporal output projections at zero) all three ratios are exa
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -61,14 +62,20 @@ def frames_as_videos(x: torch.Tensor) -> torch.Tensor:
     return x.permute(0, 2, 1, 3, 4).reshape(b * f, c, 1, h, w)
 
 
-def _pass_inputs(name: str, latents, noise, text, orders) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, float]:
-    """``(latents, noise, text, image_only flag)`` of one pass of :func:`motion_gains`."""
+def _pass_inputs(name: str, latents, noise, cond: dict, orders) -> tuple[torch.Tensor, torch.Tensor, dict, float]:
+    """``(latents, noise, per-video inputs, image_only flag)`` of one pass of :func:`motion_gains`."""
     if name == "shuffled":
-        return permute_frames(latents, orders), permute_frames(noise, orders), text, 0.0
+        return permute_frames(latents, orders), permute_frames(noise, orders), cond, 0.0
     if name == "each_frame":
         f = latents.shape[2]
-        return frames_as_videos(latents), frames_as_videos(noise), text.repeat_interleave(f, dim=0), 0.0
-    return latents, noise, text, 1.0 if name == "layers_off" else 0.0
+        # every frame its own video: each video's inputs once per frame, b ... -> (b f) ...
+        cond = {key: value.repeat_interleave(f, dim=0) for key, value in cond.items()}
+        return frames_as_videos(latents), frames_as_videos(noise), cond, 0.0
+    return latents, noise, cond, 1.0 if name == "layers_off" else 0.0
+
+
+def no_inputs(batch: dict[str, Any]) -> dict[str, torch.Tensor]:
+    return {}
 
 
 @torch.no_grad()
@@ -80,11 +87,13 @@ def motion_gains(
     *,
     noise_prior: str = "independent",
     mixed_lambda: float = 0.5,
+    inputs: Callable[[dict[str, Any]], dict[str, torch.Tensor]] = no_inputs,
 ) -> dict[str, float]:
     """The held-out loss of each pass (``loss_in_order``, ``loss_shuffled``, ``loss_each_frame``,
     ``loss_layers_off``) over ``batches`` at fixed timesteps, noise and shuffles, and ``motion_gain``,
     ``motion_gain_each_frame``, ``layers_off_ratio`` (each pass's loss / the in-order loss); see the module notes.
-    The noise follows the run's prior (``noise_prior``, ``mixed_lambda``), as in training."""
+    The noise follows the run's prior (``noise_prior``, ``mixed_lambda``), as in training; ``inputs(batch)``: the
+    model inputs each clip carries (its fps), as in training."""
     totals, count = dict.fromkeys(PASSES, 0.0), 0
     for number, batch in enumerate(batches):
         generator = step_generator(-1, 0, number)  # the same draws at every validation
@@ -95,12 +104,13 @@ def motion_gains(
             noise = sample_noise(tuple(latents.shape), prior=noise_prior, mixed_lambda=mixed_lambda,
                                  generator=generator).to(device)  # fmt: skip
             for name in PASSES:
-                x, eps, cond, flag = _pass_inputs(name, latents, noise, text, orders)
+                per_video = {"encoder_hidden_states": text} | inputs(batch)
+                x, eps, cond, flag = _pass_inputs(name, latents, noise, per_video, orders)
                 n = x.shape[0]
                 terms = diffusion_loss(
                     model_fn, x, frozen.noise_scheduler, noise=eps,
-                    timesteps=torch.full((n,), t, dtype=torch.long, device=device), encoder_hidden_states=cond,
-                    image_only_indicator=torch.full((n,), flag, device=device),
+                    timesteps=torch.full((n,), t, dtype=torch.long, device=device),
+                    image_only_indicator=torch.full((n,), flag, device=device), **cond,
                 )  # fmt: skip
                 totals[name] += float(terms.loss.mean())
             count += 1
@@ -111,6 +121,53 @@ def motion_gains(
         "motion_gain_each_frame": totals["each_frame"] / base,
         "layers_off_ratio": totals["layers_off"] / base,
     }
+
+
+def farthest_rates(rates: torch.Tensor) -> torch.Tensor:
+    """For each rate of ``rates`` ``(n,)``: the one among them farthest from it in ratio (``|log a - log b|``), so
+    a wrong rate is always one the held-out clips really have."""
+    logs = rates.double().clamp(min=1e-6).log()
+    return rates[(logs[:, None] - logs[None, :]).abs().argmax(dim=1)]
+
+
+@torch.no_grad()
+def fps_gains(
+    model_fn: Any,
+    batches: list[dict[str, Any]],
+    frozen: Frozen,
+    device: torch.device,
+    *,
+    noise_prior: str = "independent",
+    mixed_lambda: float = 0.5,
+    inputs: Callable[[dict[str, Any]], dict[str, torch.Tensor]] = no_inputs,
+) -> dict[str, float]:
+    """``loss_true_fps`` (each held-out clip told its own frame rate), ``loss_wrong_fps`` (told the held-out rate
+    farthest from its own, :func:`farthest_rates`) and ``fps_gain``, their ratio: the same model, clips, timesteps
+    and noise, only the rate's information replaced. Above 1: the model reads the rate. When every held-out clip
+    has one rate there is nothing to swap and no figure (``{}``)."""
+    rates = torch.cat([batch["fps"].float() for batch in batches])
+    if len(rates) < 2 or bool((rates == rates[0]).all()):
+        return {}
+    wrong = iter(farthest_rates(rates).split([len(batch["fps"]) for batch in batches]))
+    totals = {"true_fps": 0.0, "wrong_fps": 0.0}
+    for number, batch in enumerate(batches):
+        generator = step_generator(-3, 0, number)  # the same draws at every validation
+        latents, text = batch_latents_and_text(batch, frozen, generator, device)
+        cond = {"encoder_hidden_states": text} | inputs(batch)
+        swapped = next(wrong).to(device)
+        b = latents.shape[0]
+        for t in GAIN_TIMESTEPS:
+            noise = sample_noise(tuple(latents.shape), prior=noise_prior, mixed_lambda=mixed_lambda,
+                                 generator=generator).to(device)  # fmt: skip
+            for name, fps in (("true_fps", cond["fps"]), ("wrong_fps", swapped)):
+                terms = diffusion_loss(
+                    model_fn, latents, frozen.noise_scheduler, noise=noise,
+                    timesteps=torch.full((b,), t, dtype=torch.long, device=device), **(cond | {"fps": fps}),
+                )  # fmt: skip
+                totals[name] += float(terms.loss.mean())
+    count = len(batches) * len(GAIN_TIMESTEPS)
+    figures = {f"loss_{name}": total / count for name, total in totals.items()}
+    return figures | {"fps_gain": totals["wrong_fps"] / max(totals["true_fps"], 1e-12)}
 
 
 # ------------------------------------------------------------------------------------------------- frame metrics
@@ -153,12 +210,14 @@ def render_videos(
     image_mode: bool = False,
     noise_prior: str = "independent",
     mixed_lambda: float = 0.5,
+    inputs: dict[str, Any] | None = None,
     device: torch.device | None = None,
 ) -> np.ndarray:
     """Each prompt rendered (DDIM, classifier-free guidance) as uint8 ``(n, f, h, w, 3)``.
 
     ``image_mode``: the image-only indicator set, i.e. the frozen image model draws every frame from its own noise.
-    The initial noise follows ``noise_prior`` (the run's training prior).
+    The initial noise follows ``noise_prior`` (the run's training prior). ``inputs``: more model inputs, the same
+    for every video (``{"fps": 8.0}``).
     """
     scheduler = make_scheduler("ddim", frozen.noise_scheduler.config)
     empty = frozen.empty_text.to(device).float()
@@ -169,7 +228,7 @@ def render_videos(
         noise = sample_noise(shape, prior=noise_prior, mixed_lambda=mixed_lambda, generator=generator).to(device)
         text = encode_text(frozen.tokenizer, frozen.text_encoder, [prompt]).to(device, torch.float32)
         flag = torch.full((1,), float(image_mode), device=device)
-        cond = {"encoder_hidden_states": text, "image_only_indicator": flag}
+        cond = {"encoder_hidden_states": text, "image_only_indicator": flag, **(inputs or {})}
         latents = sample(
             model_fn, scheduler, latents=noise, num_inference_steps=steps, cond=cond,
             uncond={"encoder_hidden_states": empty}, guidance=guidance_schedule("constant", guidance_scale),
