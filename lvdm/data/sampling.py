@@ -49,9 +49,9 @@ def plan_clip(
     """Choose ``num_frames`` frame indices from a video of ``num_video_frames`` frames.
 
     ``stride`` / ``target_fps``: one value, or a ``(low, high)`` range drawn per clip with ``rng`` (see the module
-    notes); ``pick``: ``"draw"``, or ``"low"`` / ``"high"`` for the range's lowest / highest clip rate that fits. A video
-    too short for the clip, or without a usable frame rate, is a :class:`VideoReadError` (a bad
-    sample, replaced by the dataset).
+    notes); ``pick``: ``"draw"``, or ``"low"`` / ``"high"`` for the range's lowest / highest clip rate that fits.
+    A video too short for the clip, or without a usable frame rate, is a :class:`VideoReadError` (a bad sample,
+    replaced by the dataset).
     """
     if video_fps is None:
         raise VideoReadError(path, "frame rate missing or unusable")
