@@ -26,6 +26,14 @@ the fps multiplied to match; --prompt optional):
 
     python sample.py --base ... --temporal ctx.safetensors --prompt "a red disc" --frames 64 --out long.mp4
     python sample.py --base ... --temporal ctx.safetensors --interpolate long.mp4 --factor 4 --out smooth.mp4
+
+Image to video, with a module trained with model.image_conditioning (--image-scale weighs the image attention,
+--image-guidance guides on the image apart from the text), or an IP-Adapter Plus on any base (image mode with no
+--temporal); with a module that also has context frames, --image-as-first-frame continues the video from the image:
+
+    python sample.py --base ... --temporal i2v.safetensors --image cat.jpg --prompt "a cat turning" --out cat.mp4
+    python sample.py --base ... --image-adapter ip-adapter-plus_sd15.safetensors --image-encoder image_encoder \
+        --image cat.jpg --prompt "a cat" --out cat.mp4
 """
 
 from __future__ import annotations
@@ -59,6 +67,8 @@ SETTINGS_FLAGS = {
     "--batch-size": ("batch_size", int),
     "--context-frames": ("context_frames", int),
     "--context-guidance": ("context_guidance", float),
+    "--image-scale": ("image_scale", float),
+    "--image-guidance": ("image_guidance_scale", float),
 }
 
 
@@ -114,6 +124,22 @@ def build_parser() -> argparse.ArgumentParser:
     context.add_argument("--context", metavar="VIDEO", help="continue this video: --frames new frames after it")
     context.add_argument("--interpolate", metavar="VIDEO", help="raise this video's frame rate by --factor")
     context.add_argument("--factor", type=int, choices=[4, 16], help="--interpolate: frames per input frame (4)")
+    image = parser.add_argument_group(
+        "image to video (a module trained with model.image_conditioning, or --image-adapter)"
+    )
+    image.add_argument(
+        "--image", metavar="IMAGE", help="animate this picture (any size; resized and cropped for CLIP)"
+    )
+    image.add_argument("--image-adapter", metavar="FILE", help="an IP-Adapter Plus checkpoint (diffusers format)")
+    image.add_argument(
+        "--image-encoder", metavar="DIR", help="the CLIP vision encoder folder the image attention reads"
+    )
+    image.add_argument(
+        "--image-as-first-frame",
+        action="store_true",
+        default=None,
+        help=fields["image_as_first_frame"].metadata["help"],
+    )
     output = parser.add_argument_group("output")
     output.add_argument("--out", default="outputs/samples", help="a .mp4/.gif file, or a folder for many videos")
     output.add_argument(
@@ -170,6 +196,9 @@ def _replayed(args: argparse.Namespace, meta: dict[str, Any] | None) -> argparse
         context=args.context or _source(meta.get("context")),
         interpolate=args.interpolate or _source(meta.get("interpolate")),
         factor=args.factor or (meta.get("interpolate") or {}).get("factor"),
+        image=args.image or _source(meta.get("image")),
+        image_adapter=args.image_adapter or model.get("image_adapter"),
+        image_encoder=args.image_encoder or model.get("image_encoder"),
     )
     if args.device == "auto" and meta.get("device"):
         filled["device"] = meta["device"] if _available(meta["device"]) else "auto"
@@ -179,7 +208,7 @@ def _replayed(args: argparse.Namespace, meta: dict[str, Any] | None) -> argparse
 def _source(record: Any) -> str | None:
     """The video file a sidecar's context or interpolation came from (``None``: none, or frames given in Python)."""
     source = record.get("source") if isinstance(record, dict) else None
-    return source if isinstance(source, str) and source != "frames" else None
+    return source if isinstance(source, str) and source not in ("frames", "array", "PIL image") else None
 
 
 def _check_context(args: argparse.Namespace, image_mode: bool) -> None:
@@ -195,6 +224,10 @@ def _check_context(args: argparse.Namespace, image_mode: bool) -> None:
     for flag, path in (("--context", args.context), ("--interpolate", args.interpolate)):
         if path is not None and not Path(path).is_file():
             raise ConfigError(f"{flag} {path}: no such video file")
+    if args.image is not None and not Path(args.image).is_file():
+        raise ConfigError(f"--image {args.image}: no such image file")
+    if args.image is not None and args.interpolate is not None:
+        raise ConfigError("--interpolate does not take --image")
 
 
 def _settings(args: argparse.Namespace, meta: dict[str, Any] | None) -> dict[str, Any]:
@@ -202,6 +235,7 @@ def _settings(args: argparse.Namespace, meta: dict[str, Any] | None) -> dict[str
     recorded = {k: v for k, v in meta["settings"].items() if v is not None and k != "batch_size"} if meta else {}
     given = {name: getattr(args, name) for name, _ in SETTINGS_FLAGS.values() if getattr(args, name) is not None}
     given |= {"image_mode": True} if args.image_mode else {}
+    given |= {"image_as_first_frame": True} if args.image_as_first_frame else {}
     given |= {"guidance_options": _guidance_options(args.guidance_option)} if args.guidance_option else {}
     return recorded | given
 
@@ -235,7 +269,8 @@ def main(argv: list[str]) -> int:
     device, dtype = _device_and_dtype(args.device, args.dtype)
     pipe = VideoPipeline.from_pretrained(
         args.base, temporal=args.temporal, base_config=args.base_config, loras=args.lora,
-        spatial_weights=args.spatial_weights, allow_pickle=args.allow_pickle, device=device, dtype=dtype,
+        spatial_weights=args.spatial_weights, allow_pickle=args.allow_pickle, image_adapter=args.image_adapter,
+        image_encoder=args.image_encoder, device=device, dtype=dtype,
     )  # fmt: skip
     if args.interpolate is not None:
         factor = args.factor or 4
@@ -250,8 +285,8 @@ def main(argv: list[str]) -> int:
     mode = "video" if args.temporal and not checked.image_mode else "image mode (no temporal layers)"
     print(f"sampling {len(paths)} video(s), {mode}, on {device}", file=sys.stderr)
     written = pipe.render(
-        prompts, paths, base_noise=args.base_noise_seed, context=args.context, progress=not args.quiet,
-        overwrite=args.overwrite, **settings,
+        prompts, paths, base_noise=args.base_noise_seed, context=args.context, image=args.image,
+        progress=not args.quiet, overwrite=args.overwrite, **settings,
     )  # fmt: skip
     for path in written:
         print(path)

@@ -104,6 +104,15 @@ class ModelConfig:
     fps_conditioning: bool = option(
         False, "motion speed: the clip's frame rate feeds the temporal layers (vary data.frame_stride or target_fps)"
     )
+    image_conditioning: bool = option(
+        False, "image-to-video: CLIP image tokens through a second cross-attention (needs model.image_encoder)"
+    )
+    image_encoder: str | None = option(
+        None, "CLIP vision encoder folder (transformers) for image conditioning, e.g. IP-Adapter's image_encoder"
+    )
+    image_adapter: str | None = option(
+        None, "IP-Adapter Plus checkpoint (diffusers format) the image attention starts from (image_conditioning)"
+    )
     temporal_init: str | None = option(
         None, "start the temporal layers from this module file (e.g. a text-to-video one, adding context frames)"
     )
@@ -117,6 +126,10 @@ class ModelConfig:
         for i, spec in enumerate(self.loras):
             if problem := _lora_problem(spec):
                 problems.append(f"loras[{i}]: {problem}")
+        if self.image_conditioning and self.image_encoder is None:
+            problems.append("image_encoder: required with image_conditioning (a CLIP vision encoder folder)")
+        if self.image_adapter is not None and not self.image_conditioning:
+            problems.append("image_adapter: starts the image attention, so it needs image_conditioning=true")
         return problems
 
 
@@ -237,6 +250,12 @@ class TrainConfig:
     )
     predict_frames: list[int] = option([0, 1, 2], "predict: how many leading frames are given (one drawn per clip)")
     interpolate_every: int = option(4, "interpolate: every n-th frame is given (0, n, 2n, ...), the rest made", min=2)
+    image_frame: Literal["first", "random"] = option(
+        "first", "image conditioning: the clip's frame shown as the image, its first or a random one"
+    )
+    image_dropout: float = option(
+        0.1, "probability of dropping the conditioning image (enables image guidance)", min=0, max=1
+    )
     max_nonfinite_steps: int = option(10, "stop after this many skipped steps with a NaN/inf loss", min=1)
     overwrite: bool = option(False, "allow a fresh run in an output_dir that already holds one")
     log_every: int = option(10, "log the loss every n steps", min=1)

@@ -183,8 +183,8 @@ def context_latents(pipe: Any, s: SamplingSettings, context: Any, *, explicit: d
 def rollout(
     pipe: Any,
     s: SamplingSettings,
-    cond: torch.Tensor,
-    uncond: torch.Tensor,
+    cond: dict[str, torch.Tensor],
+    uncond: dict[str, torch.Tensor],
     generators: list[torch.Generator],
     given: torch.Tensor | None,
     base_noise: torch.Tensor | int | None,
@@ -239,7 +239,13 @@ def interpolate(
     if not prompt and not s.negative_prompt:
         s = dataclasses.replace(s, guidance_scale=1.0)  # nothing to guide by: one pass per step
     generators = [torch.Generator().manual_seed(s.seed)]
-    cond, uncond = pipe._encode([prompt]), pipe._encode([s.negative_prompt or ""])
+    cond = {"encoder_hidden_states": pipe._encode([prompt])}
+    uncond = {"encoder_hidden_states": pipe._encode([s.negative_prompt or ""])}
+    if pipe.image_part is not None:  # a module with image conditioning: no image, as its dropped images were
+        from lvdm.image_sampling import image_conditions
+
+        with_image, without, _ = image_conditions(pipe, None, 1)
+        cond, uncond = cond | with_image, uncond | without
     latents = encode_frames(pipe.base.vae, given.frames, pipe.device)
     rate = given.fps or s.fps
     for n in range(1 if factor == STEP else 2):

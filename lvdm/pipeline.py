@@ -72,6 +72,9 @@ class VideoPipeline:
         self.video = video
         self.sources = dict(sources or {})
         self.defaults = {key: value for key, value in (defaults or {}).items() if value is not None}
+        self.image_part = video.parts["image"] if video is not None and "image" in video.parts else None
+        self.image_encoder: Any = None  # a models.encoders.ImageEncoder (from_pretrained loads it)
+        self.image_encoder_path: str | None = None
         for module in (base.unet, base.vae, base.text_encoder):
             module.eval().requires_grad_(False)
 
@@ -85,6 +88,8 @@ class VideoPipeline:
         loras: Sequence[Any] = (),
         spatial_weights: str | os.PathLike | None = None,
         allow_pickle: bool = False,
+        image_adapter: str | os.PathLike | None = None,
+        image_encoder: str | os.PathLike | None = None,
         device: str | torch.device | None = None,
         dtype: str | torch.dtype | None = None,
     ) -> VideoPipeline:
@@ -95,6 +100,10 @@ class VideoPipeline:
                 (``loras`` items ``"PATH[:SCALE]"``, ``(path, scale)`` or ``LoraSpec``).
             temporal: a temporal module file from training; ``None`` samples in image mode. A module made for
                 another base family is refused with a :class:`~lvdm.errors.TemporalModuleError`.
+            image_adapter: an IP-Adapter Plus checkpoint (diffusers format) for ``image=``, with or without a temporal
+                module (one trained with ``model.image_conditioning`` has its own image attention instead).
+            image_encoder: the CLIP vision encoder folder the image attention reads (default: the one the module
+                was trained with, when that folder exists here).
             device: where the models run (default: where they load, the CPU).
             dtype: ``torch.float16`` / ``"fp16"``, ``"bf16"``, ``"fp32"`` (default: the weights' own, fp32).
         """
@@ -116,6 +125,9 @@ class VideoPipeline:
                 spatial_weights=spatial_weights, dtype=torch_dtype, device=device,
             )  # fmt: skip
         video = VideoUNet.from_temporal_file(model.unet, temporal) if temporal is not None else None
+        image_part, encoder, encoder_path = _image_conditioning(
+            model, video, image_adapter, image_encoder, allow_pickle=allow_pickle, device=device
+        )
         sources = {
             "base": _absolute(base),
             "temporal": _absolute(temporal),
@@ -123,9 +135,13 @@ class VideoPipeline:
             "loras": [f"{_absolute(spec.path)}:{spec.scale:g}" for spec in specs],
             "spatial_weights": _absolute(spatial_weights),
             "allow_pickle": allow_pickle,
+            "image_adapter": _absolute(image_adapter),
+            "image_encoder": _absolute(image_encoder),
             "dtype": _dtype_name(next(model.unet.parameters()).dtype),
         }
-        return cls(model, video, sources=sources, defaults=defaults)
+        pipe = cls(model, video, sources=sources, defaults=defaults)
+        pipe.image_part, pipe.image_encoder, pipe.image_encoder_path = image_part, encoder, encoder_path
+        return pipe
 
     @property
     def device(self) -> torch.device:
@@ -148,6 +164,7 @@ class VideoPipeline:
         latents: torch.Tensor | None = None,
         base_noise: torch.Tensor | int | None = None,
         context: Any = None,
+        image: Any = None,
         progress: bool = True,
         **settings: Any,
     ) -> VideoOutput:
@@ -164,6 +181,9 @@ class VideoPipeline:
                 the sampling size like training clips; the result is ``num_frames`` new frames conditioned on its
                 last ``context_frames``. Needs a module trained with context frames (:mod:`lvdm.context_sampling`).
                 With such a module, ``num_frames`` beyond its training length rolls out chunk by chunk.
+            image: a picture to animate (a file, a PIL image or uint8 ``(h, w, 3)``), any size or aspect: with a
+                module trained with ``model.image_conditioning`` or an IP-Adapter given to :meth:`from_pretrained`
+                (:mod:`lvdm.image_sampling`); ``image_scale`` and ``image_guidance_scale`` weigh it.
             progress: a progress bar over the denoising steps.
             **settings: :class:`SamplingSettings` fields (``negative_prompt``, ``num_frames``, ``height``, ``width``,
                 ``num_inference_steps``, ``guidance_scale``, ``scheduler``, ``seed``, ``noise_prior``,
@@ -172,10 +192,18 @@ class VideoPipeline:
         Returns:
             a :class:`VideoOutput` with uint8 frames ``(b, f, h, w, 3)``.
         """
-        from lvdm import context_sampling
+        from lvdm import context_sampling, image_sampling
 
         prompts = _as_prompts(prompt)
         s = self._resolve(sampling_settings(**settings), latents)
+        if image is not None:
+            image_sampling.require_image(self)
+        if s.image_as_first_frame:
+            if image is None:
+                raise ConfigError("image_as_first_frame needs an image")
+            if context is not None:
+                raise ConfigError("image_as_first_frame makes the image the context: drop context")
+            context = image_sampling.read_conditioning_image(image)[0][None]  # h w 3 -> 1 h w 3: a 1-frame video
         given = context_sampling.context_latents(self, s, context, explicit=settings)
         rollout = given is not None or (self.has_context and s.num_frames > self.chunk_length(s))
         if rollout and latents is not None:
@@ -188,8 +216,12 @@ class VideoPipeline:
         noise = None if rollout else self._initial_noise(s, shape, latents, base_noise, generators)
         repeat = s.num_videos_per_prompt
         # (p, n_tokens, d) -> (p * repeat, n_tokens, d): one text per video
-        cond = self._encode(prompts).repeat_interleave(repeat, dim=0)
-        uncond = self._encode(negatives).repeat_interleave(repeat, dim=0)
+        cond = {"encoder_hidden_states": self._encode(prompts).repeat_interleave(repeat, dim=0)}
+        uncond = {"encoder_hidden_states": self._encode(negatives).repeat_interleave(repeat, dim=0)}
+        image_record = None
+        if self.image_part is not None:  # the encoder runs once for the whole call
+            with_image, without, image_record = image_sampling.image_conditions(self, image, n)
+            cond, uncond = cond | with_image, uncond | without
         clean, frames, noises = [], [], []
         step = s.batch_size or n
         for start in range(0, n, step):
@@ -197,17 +229,20 @@ class VideoPipeline:
             if rollout:
                 context_part = given[0].expand(len(generators[part]), -1, -1, -1, -1) if given is not None else None
                 done, drawn = context_sampling.rollout(
-                    self, s, cond[part], uncond[part], generators[part], context_part, base_noise, progress
-                )
+                    self, s, _rows(cond, part), _rows(uncond, part), generators[part], context_part, base_noise,
+                    progress,
+                )  # fmt: skip
             else:
                 drawn = noise[part]
-                done = self._denoise(s, drawn, cond[part], uncond[part], generators[part], progress)
+                done = self._denoise(s, drawn, _rows(cond, part), _rows(uncond, part), generators[part], progress)
             clean.append(done.cpu())
             noises.append(drawn.cpu())
             frames.append(self._decode(done, s.decode_chunk_size))
         extra = {"initial_noise": "given" if latents is not None else "seed", "base_noise": _describe(base_noise)}
         if given is not None:
             extra["context"] = given[1]
+        if image_record is not None:
+            extra["image"] = image_record
         records = [self._record(s, prompts[k // repeat], negatives[k // repeat], seeds[k], extra) for k in range(n)]
         return VideoOutput(np.concatenate(frames), float(s.fps), records, torch.cat(clean), torch.cat(noises))
 
@@ -253,6 +288,7 @@ class VideoPipeline:
         overwrite: bool = False,
         base_noise: torch.Tensor | int | None = None,
         context: Any = None,
+        image: Any = None,
         progress: bool = True,
         **settings: Any,
     ) -> list[Path]:
@@ -262,7 +298,8 @@ class VideoPipeline:
         ``000-<prompt words>.<format>``), or one path per video as :func:`plan_outputs` returns them. Prompts are
         sampled ``batch_size`` videos at a time (default 1 here), with the seeds one call for the whole list
         would use: video ``k`` gets ``seed + k``. ``base_noise``: a seed or a ``(1, c, 1, h', w')`` tensor, and
-        ``context``: a video every prompt continues, as in :meth:`__call__`. An existing output is refused before
+        ``context``: a video every prompt continues, and ``image``: a picture every prompt animates, as in
+        :meth:`__call__`. An existing output is refused before
         sampling unless ``overwrite``.
         """
         prompts = _as_prompts(prompts)
@@ -283,7 +320,9 @@ class VideoPipeline:
         for start in range(0, len(prompts), per_call):
             chunk = slice(start, start + per_call)
             call = {**settings, "seed": seed + start * repeat, "negative_prompt": negatives[chunk]}
-            output = self(prompts[chunk], base_noise=base_noise, context=context, progress=progress, **call)
+            output = self(
+                prompts[chunk], base_noise=base_noise, context=context, image=image, progress=progress, **call
+            )
             written += [output.save(paths[start * repeat + j], index=j)[0] for j in range(len(output))]
         return written
 
@@ -352,19 +391,26 @@ class VideoPipeline:
         self,
         s: SamplingSettings,
         noise: torch.Tensor,
-        cond: torch.Tensor,
-        uncond: torch.Tensor,
+        cond: dict[str, torch.Tensor],
+        uncond: dict[str, torch.Tensor],
         generators: list[torch.Generator],
         progress: bool,
         *,
         context: tuple[torch.Tensor, torch.Tensor, int] | None = None,
     ) -> torch.Tensor:
-        """One batch of videos through the sampler, CFG (and context guidance) batched into one forward per step.
+        """One batch of videos through the sampler, CFG (and context and image guidance) batched into one forward
+        per step.
 
-        ``context``: ``(latents (b, c, f, h', w'), mask (b, f), flag)``, the given frames of each video."""
+        ``cond`` / ``uncond``: the model inputs of the conditional / unconditional pass (``encoder_hidden_states``,
+        and ``image_embeds`` with image conditioning); ``context``: ``(latents (b, c, f, h', w'), mask (b, f),
+        flag)``, the given frames of each video."""
         from lvdm.diffusion import KnownFrames, guidance_schedule, make_scheduler, sample, step_noise_for
 
-        conditions, known, free = {"encoder_hidden_states": cond}, None, None
+        conditions, known, free, image_only = dict(cond), None, None, None
+        if "image_embeds" in cond:
+            conditions["image_scale"] = s.image_scale
+            if s.image_guidance_scale is not None:  # the pass with the image but not the text
+                image_only = {"encoder_hidden_states": uncond["encoder_hidden_states"]}
         if self.has_fps:  # the motion speed asked for: the module was trained with it (model.fps_conditioning)
             conditions["fps"] = torch.full((noise.shape[0],), float(s.fps), device=self.device)
         model_fn = self.model_fn(image_mode=s.image_mode)
@@ -383,10 +429,12 @@ class VideoPipeline:
             latents=noise,
             num_inference_steps=s.num_inference_steps,
             cond=conditions,
-            uncond={"encoder_hidden_states": uncond},
+            uncond=uncond,
             known=known,
             context_free=free,
             context_guidance=s.context_guidance if context is not None else 1.0,
+            image_only=image_only,
+            image_guidance=s.image_guidance_scale if image_only is not None else None,
             guidance=guidance_schedule(s.guidance_schedule, s.guidance_scale, **s.guidance_options),
             guidance_rescale=s.guidance_rescale,
             threshold=parse_threshold(s.threshold) if s.threshold else None,
@@ -410,11 +458,24 @@ class VideoPipeline:
             text = encoder_hidden_states.to(dtype)
             return video(x.to(dtype), t, text, image_only_indicator=flags, **context).float()
 
-        def image_fn(x: torch.Tensor, t: torch.Tensor, encoder_hidden_states: torch.Tensor) -> torch.Tensor:
+        part = self.image_part
+
+        def image_fn(
+            x: torch.Tensor,
+            t: torch.Tensor,
+            encoder_hidden_states: torch.Tensor,
+            image_embeds: torch.Tensor | None = None,
+            image_scale: float = 1.0,
+        ) -> torch.Tensor:
+            from lvdm.modules.image_attention import with_image_tokens
+
             b, c, f, h, w = x.shape
             # b c f h w -> (b f) c h w
             frames = x.permute(0, 2, 1, 3, 4).reshape(b * f, c, h, w).to(dtype)
             text = encoder_hidden_states.to(dtype).repeat_interleave(f, dim=0)  # b n d -> (b f) n d
+            if image_embeds is not None:  # an IP-Adapter: its tokens beside the text, b n d -> (b f) n d
+                part.set_scale(image_scale)
+                text = with_image_tokens(text, part.tokens(image_embeds).repeat_interleave(f, dim=0))
             out = unet(frames, t.repeat_interleave(f), text, return_dict=False)[0].float()
             # (b f) c h w -> b c f h w
             return out.reshape(b, f, *out.shape[1:]).permute(0, 2, 1, 3, 4)
@@ -450,6 +511,44 @@ class VideoPipeline:
 
 
 # --------------------------------------------------------------------------------------------------- helpers
+def _rows(inputs: dict[str, torch.Tensor], rows: slice) -> dict[str, torch.Tensor]:
+    """The videos ``rows`` of per-video model inputs."""
+    return {key: value[rows] for key, value in inputs.items()}
+
+
+def _image_conditioning(
+    model: Any,
+    video: Any,
+    adapter: str | os.PathLike | None,
+    encoder_path: str | os.PathLike | None,
+    *,
+    allow_pickle: bool,
+    device: Any,
+) -> tuple[Any, Any, str | None]:
+    """``(image part, image encoder, its path)``: the module's own image attention or an IP-Adapter's, and the CLIP
+    encoder it reads (the given folder, else the module's, when it exists here; ``None`` otherwise: an image call
+    then says so)."""
+    from lvdm.image_sampling import attach_image_adapter
+    from lvdm.models.encoders import load_image_encoder
+
+    part = video.parts["image"] if video is not None and "image" in video.parts else None
+    if part is None and adapter is None:
+        if encoder_path is not None:
+            raise ConfigError(
+                "image_encoder is read by image conditioning: give image_adapter too, or a module with it"
+            )
+        return None, None, None
+    if adapter is not None and encoder_path is None:
+        raise ConfigError("image_adapter needs image_encoder: the CLIP vision encoder folder the IP-Adapter reads")
+    path = str(encoder_path) if encoder_path is not None else getattr(part, "encoder_path", None)
+    encoder = None
+    if path is not None and (encoder_path is not None or Path(path).is_dir()):
+        encoder = load_image_encoder(path, device=device, dtype=next(model.unet.parameters()).dtype)
+    if adapter is not None:
+        part = attach_image_adapter(model.unet, video, adapter, encoder, allow_pickle=allow_pickle)
+    return part, encoder, path
+
+
 def _as_prompts(prompt: str | Sequence[str]) -> list[str]:
     prompts = [prompt] if isinstance(prompt, str) else list(prompt)
     if not prompts or not all(isinstance(p, str) for p in prompts):

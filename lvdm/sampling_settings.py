@@ -71,6 +71,13 @@ class SamplingSettings:
     context_guidance: float = option(
         1.0, "context guidance s (1: off): f(z) + s (f(z; given frames) - f(z)), in the same forward as the text's"
     )
+    image_scale: float = option(1.0, "image conditioning: weight of the image attention beside the text's", min=0)
+    image_guidance_scale: float | None = option(
+        None, "guidance on the image (null: the text's guidance_scale, one guidance on both)", min=0
+    )
+    image_as_first_frame: bool = option(
+        False, "image conditioning with context frames: the image is also the context the video continues from"
+    )
     decode_chunk_size: int = option(8, "frames per VAE decode call (less memory when smaller)", min=1)
     batch_size: int | None = option(None, "videos denoised together (null: all of a call at once)", min=1)
 

@@ -147,6 +147,11 @@ def classifier_free_guidance(
     ``free`` (the keyword arguments of a pass without the context frames) with ``free_weight`` ``s != 1`` adds
     Video LDM's context guidance, ``+ (s - 1) * (c - f)`` (with ``w == 1``: ``f + s * (c - f)``), batched into the
     same forward: one model call per step, over ``3b`` with both guidances.
+
+    ``image_only`` (the keyword arguments of a pass with the conditioning image but without the text) with
+    ``image_weight`` ``w_i != w`` guides on the image and the text separately, as InstructPix2Pix does:
+    ``u + w_i * (i - u) + w * (c - i)``, where ``u`` (``uncond``) has neither; with ``w_i == w`` that is plain
+    guidance and the pass is not run.
     """
 
     def guided(
@@ -159,26 +164,35 @@ def classifier_free_guidance(
         num_steps: int,
         free: Mapping[str, Any] | None = None,
         free_weight: float = 1.0,
+        image_only: Mapping[str, Any] | None = None,
+        image_weight: float | None = None,
     ) -> torch.Tensor:
         b = x_t.shape[0]
         # () -> (b,)
         t = t.expand(b) if t.ndim == 0 else t
         weight = scale_at(step_index, num_steps)
-        if weight != 1.0 and uncond is None:
+        image = image_weight is not None and image_weight != weight
+        if (weight != 1.0 or image) and uncond is None:
             raise ValueError(f"guidance weight {weight} at step {step_index} needs uncond.")
         if free_weight != 1.0 and free is None:
             raise ValueError(f"context guidance {free_weight} needs the context-free keyword arguments.")
-        variants = ([uncond] if weight != 1.0 else []) + ([free] if free_weight != 1.0 else [])
+        if image and image_only is None:
+            raise ValueError(f"image guidance {image_weight} needs the image-only keyword arguments.")
+        variants = {"uncond": uncond} if weight != 1.0 or image else {}
+        variants |= {"image": image_only} if image else {}
+        variants |= {"free": free} if free_weight != 1.0 else {}
         if not variants:
             return model_fn(x_t, t, **cond)
         n = len(variants) + 1
-        out = model_fn(torch.cat([x_t] * n), torch.cat([t] * n), **stack_conditions(cond, variants, b))
+        out = model_fn(torch.cat([x_t] * n), torch.cat([t] * n), **stack_conditions(cond, list(variants.values()), b))
         # (n b, c, f, h, w) -> n x (b, c, f, h, w): the variants (unconditional first), the conditional last
-        parts = out.float().chunk(n)
-        out_cond = parts[-1]
-        pred = parts[0] + weight * (out_cond - parts[0]) if weight != 1.0 else out_cond
+        parts = dict(zip([*variants, "cond"], out.float().chunk(n), strict=True))
+        out_cond = parts["cond"]
+        pred = parts["uncond"] + weight * (out_cond - parts["uncond"]) if "uncond" in parts else out_cond
+        if image:
+            pred = pred + (image_weight - weight) * (parts["image"] - parts["uncond"])
         if free_weight != 1.0:
-            pred = pred + (free_weight - 1.0) * (out_cond - parts[-2])
+            pred = pred + (free_weight - 1.0) * (out_cond - parts["free"])
         if rescale > 0.0:
             pred = rescale_noise_cfg(pred, out_cond, guidance_rescale=rescale)
         return pred.to(out.dtype)

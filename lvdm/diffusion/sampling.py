@@ -130,6 +130,8 @@ def sample(
     known: KnownFrames | None = None,
     context_free: Mapping[str, Any] | None = None,
     context_guidance: float = 1.0,
+    image_only: Mapping[str, Any] | None = None,
+    image_guidance: float | None = None,
     progress: bool = True,
 ) -> torch.Tensor:
     """Denoise ``latents`` with ``scheduler`` and the (guided) ``model_fn``; returns the clean latents.
@@ -162,6 +164,9 @@ def sample(
             training, and the result holds them exactly.
         context_free, context_guidance: the keyword arguments of a pass without the context frames, and the weight
             ``s`` of Video LDM's context guidance (1: off); batched into the same forward as the text guidance.
+        image_only, image_guidance: the keyword arguments of a pass with the image but not the text, and the weight
+            of the guidance on the image (``None``: the text's, one guidance on both); see
+            :func:`~lvdm.diffusion.guidance.classifier_free_guidance`.
         progress: show a tqdm bar over the steps.
     """
     if guidance is not None and uncond is None:
@@ -173,6 +178,7 @@ def sample(
     step_kwargs = {"generator": generator} if "generator" in inspect.signature(scheduler.step).parameters else {}
     x = latents * scheduler.init_noise_sigma
     extra = {"free": context_free, "free_weight": context_guidance} if context_guidance != 1.0 else {}
+    extra |= {"image_only": image_only, "image_weight": image_guidance} if image_guidance is not None else {}
     for i, t in enumerate(tqdm(timesteps, desc="sampling", disable=not progress)):
         if known is not None:
             x = known.at(scheduler, x, t)

@@ -1,4 +1,5 @@
-"""The frozen encoders around the video UNet: the VAE (in frame chunks) and the CLIP text encoder.
+"""The frozen encoders around the video UNet: the VAE (in frame chunks), the CLIP text encoder and, for image
+conditioning, a CLIP vision encoder.
 
 Latents are handled as the VAE's Gaussian parameters (``mean``, ``logvar`` stacked on the
 channel axis, as diffusers' ``DiagonalGaussianDistribution`` holds them) until the moment a
@@ -8,7 +9,11 @@ cached training batch and an on-the-fly one drawn with the same generator are id
 
 from __future__ import annotations
 
+import os
 from collections.abc import Sequence
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
 
 import torch
 from diffusers.utils.torch_utils import randn_tensor
@@ -62,3 +67,73 @@ def encode_text(tokenizer, text_encoder, captions: Sequence[str]) -> torch.Tenso
         return_tensors="pt",
     )
     return text_encoder(tokens.input_ids.to(text_encoder.device))[0]
+
+
+# ------------------------------------------------------------------------------------------------ images
+@dataclass
+class ImageEncoder:
+    """A frozen CLIP vision encoder and the preprocessing it was trained with (resize, centre crop, normalise)."""
+
+    model: Any  # transformers.CLIPVisionModelWithProjection
+    processor: Any  # transformers.CLIPImageProcessor
+    path: str | None = None
+
+    @property
+    def width(self) -> int:
+        """The width of its tokens (``hidden_size``)."""
+        return int(self.model.config.hidden_size)
+
+
+def image_encoder_width(path: str | os.PathLike) -> int:
+    """The token width (``hidden_size``) of the CLIP vision encoder folder ``path``, from its ``config.json``."""
+    import json
+
+    from lvdm.errors import CheckpointError
+
+    config = Path(path) / "config.json"
+    try:
+        data = json.loads(config.read_text())
+        data = data.get("vision_config", data) if "hidden_size" not in data else data
+        return int(data["hidden_size"])
+    except (OSError, ValueError, KeyError, TypeError) as exc:
+        raise CheckpointError(f"image encoder {path}: cannot read its width from {config} ({exc})") from None
+
+
+def load_image_encoder(path: str | os.PathLike, *, device: Any = None, dtype: Any = None) -> ImageEncoder:
+    """A CLIP vision encoder folder as transformers saves it (``config.json`` and weights, e.g. the
+    ``image_encoder`` folder IP-Adapter ships, CLIP ViT-H/14 for SD 1.5 Plus); its ``preprocessor_config.json``
+    when present, else CLIP's standard preprocessing at the encoder's image size. Frozen, in eval mode."""
+    from transformers import CLIPImageProcessor, CLIPVisionModelWithProjection
+
+    from lvdm.errors import CheckpointError
+
+    folder = Path(path)
+    if not (folder / "config.json").is_file():
+        raise CheckpointError(f"image encoder {path}: expected a transformers CLIP vision folder with config.json")
+    try:
+        model = CLIPVisionModelWithProjection.from_pretrained(folder, torch_dtype=dtype)
+    except (OSError, ValueError, KeyError) as exc:
+        raise CheckpointError(f"image encoder {path} does not load: {str(exc).splitlines()[0]}") from None
+    size = model.config.image_size
+    if (folder / "preprocessor_config.json").is_file():
+        processor = CLIPImageProcessor.from_pretrained(folder)
+    else:
+        processor = CLIPImageProcessor(size={"shortest_edge": size}, crop_size={"height": size, "width": size})
+    model.requires_grad_(False).eval()
+    if device is not None:
+        model.to(device)
+    return ImageEncoder(model, processor, str(folder.absolute()))
+
+
+def image_pixels(encoder: ImageEncoder, images: Sequence[Any]) -> torch.Tensor:
+    """RGB uint8 arrays ``(h, w, 3)`` or PIL images -> the encoder's normalised pixels ``(b, 3, s, s)``."""
+    return encoder.processor(images=list(images), return_tensors="pt").pixel_values
+
+
+@torch.no_grad()
+def encode_image(encoder: ImageEncoder, pixels: torch.Tensor) -> torch.Tensor:
+    """Normalised pixels ``(b, 3, s, s)`` -> the penultimate layer's tokens ``(b, 1 + patches, width)`` (what
+    IP-Adapter Plus reads). All-zero pixels are the "no image" input (IP-Adapter's dropped image)."""
+    param = next(encoder.model.parameters())
+    out = encoder.model(pixels.to(device=param.device, dtype=param.dtype), output_hidden_states=True)
+    return out.hidden_states[-2]

@@ -106,3 +106,36 @@ def _build_fps(video: VideoUNet) -> nn.Module:
 PART_KINDS["fps"] = PartKind(
     build=_build_fps, from_config=lambda model: {} if getattr(model, "fps_conditioning", False) else None
 )
+
+
+def _build_image(video: VideoUNet, **config: Any) -> nn.Module:
+    from lvdm.modules.image_attention import ImageConditioning
+
+    encoder = config.pop("encoder", None)
+    part = ImageConditioning(video.unet, **config)
+    part.encoder_path = encoder  # the encoder it was trained with: sampling's default
+    return part
+
+
+def _image_from_config(model: Any) -> dict[str, Any] | None:
+    """The image part's settings: the encoder's width (its ``config.json``), or an IP-Adapter Plus file's."""
+    if not getattr(model, "image_conditioning", False):
+        return None
+    from lvdm.models.encoders import image_encoder_width
+
+    width = image_encoder_width(model.image_encoder)
+    config: dict[str, Any] = {"embed_dims": width}
+    if model.image_adapter is not None:
+        from lvdm.errors import CheckpointError
+        from lvdm.modules.image_attention import ip_adapter_config, read_ip_adapter
+
+        config = ip_adapter_config(read_ip_adapter(model.image_adapter, allow_pickle=model.allow_pickle))
+        if config["embed_dims"] != width:
+            raise CheckpointError(
+                f"the IP-Adapter {model.image_adapter} reads {config['embed_dims']}-wide image tokens, the image "
+                f"encoder {model.image_encoder} makes {width}-wide ones: use the encoder it was trained with"
+            )
+    return config | {"encoder": str(model.image_encoder)}
+
+
+PART_KINDS["image"] = PartKind(build=_build_image, from_config=_image_from_config)

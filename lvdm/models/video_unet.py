@@ -23,6 +23,7 @@ from lvdm.models.family import base_family
 from lvdm.models.layout import TemporalLayout
 from lvdm.models.parts import PartSpec
 from lvdm.modules.frame_context import FrameContext, frame_context
+from lvdm.modules.image_attention import with_image_tokens
 from lvdm.modules.video_blocks import _VideoWrapper, wrap_resnet, wrap_transformer
 
 
@@ -165,11 +166,13 @@ class VideoUNet(nn.Module):
         # b c f h w -> (b f) c h w, in the standard layout whatever the input's (channels-last inputs would reach
         # GroupNorm's channels-last backward kernel, which crashes on CPU in torch 2.13 for the 5D temporal blocks)
         frames = sample.permute(0, 2, 1, 3, 4).reshape(b * f, c, h, w).contiguous()
+        tokens = context.image_tokens()  # the image part's, for the spatial cross-attentions (IP-Adapter style)
+        text = with_image_tokens(_repeat_frames(encoder_hidden_states, f), _repeat_frames(tokens, f))
         with frame_context(context):
             out = self.unet(
                 frames,
                 timestep,
-                encoder_hidden_states=_repeat_frames(encoder_hidden_states, f),
+                encoder_hidden_states=text,
                 class_labels=_repeat_frames(class_labels, f),
                 added_cond_kwargs=_repeat_frames(added_cond_kwargs, f),
                 cross_attention_kwargs=cross_attention_kwargs,

@@ -57,6 +57,15 @@ class FrameContext:
                 total = feature if total is None else total + feature
         return total
 
+    def image_tokens(self) -> torch.Tensor | None:
+        """The tokens a part prepared for the spatial cross-attentions (``(b, n, d)``, the image part's), or
+        ``None``."""
+        for extra in self.extras.values():
+            tokens = getattr(extra, "tokens", None)
+            if tokens is not None:
+                return tokens
+        return None
+
 
 _CURRENT: ContextVar[FrameContext | None] = ContextVar("lvdm_frame_context", default=None)
 

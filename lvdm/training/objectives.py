@@ -18,6 +18,7 @@ layers on the frozen base) is the first; the decoder, upscaler and distillation 
 
 from __future__ import annotations
 
+import functools
 from abc import ABC, abstractmethod
 from pathlib import Path
 from typing import Any, ClassVar
@@ -77,11 +78,12 @@ class DenoisingObjective(Objective):
         super().__init__(cfg, video, frozen, device)
         accepted = getattr(video, "conditioning_inputs", set())
         self.context = "context_mask" in accepted
-        self.inputs = lambda batch: batch_inputs(batch, accepted, device)  # what the parts read from a batch (fps)
+        # what the parts read from a batch (its clips' fps, the image's CLIP tokens); in training drawn by a generator
+        self.inputs = functools.partial(batch_inputs, accepted=accepted, device=device, frozen=frozen, train=cfg.train)
         self.task_losses: dict[str, list[float]] = {}  # since the last log line
 
     def loss(self, model_fn: Any, batch: dict[str, Any], generator: torch.Generator) -> torch.Tensor:
-        train, inputs = self.cfg.train, self.inputs(batch)
+        train, inputs = self.cfg.train, self.inputs(batch, generator=generator)
         if not self.context:
             return training_loss(model_fn, batch, self.frozen, train, generator, self.device, inputs=inputs).loss
         from lvdm.modules.context_encoder import with_clean_context
@@ -127,6 +129,10 @@ class DenoisingObjective(Objective):
             from lvdm.training.validation import fps_gains
 
             figures |= fps_gains(model_fn, batches, self.frozen, self.device, **prior)
+        if "image_embeds" in self.video.conditioning_inputs:
+            from lvdm.training.validation import image_gains
+
+            figures |= image_gains(model_fn, batches, self.frozen, self.device, **prior)
         return figures
 
     def render(self, model_fn: Any, out_dir: Path, *, fps: float | None = None) -> list[Path]:

@@ -52,6 +52,12 @@ def format_validation(figures: dict[str, float]) -> list[str]:
             f"fps gain:        {g['fps_gain']:.3f}  (held-out loss told the farthest other clip's frame rate "
             f"{g['loss_wrong_fps']:.4f} / its own {g['loss_true_fps']:.4f}, same model; above 1: it reads the rate)"
         )
+    if "image_gain" in g:
+        lines.append(
+            f"image gain:      {g['image_gain']:.3f}  (held-out loss with the image dropped "
+            f"{g['loss_without_image']:.4f} / with the clip's first frame {g['loss_with_image']:.4f}, same model; "
+            "above 1: it uses the image)"
+        )
     rows = [(label, key) for label, key in SAMPLE_ROWS if f"{key}_frame_change" in g]
     if rows:
         lines.append("frames:          change (mean |frame i+1 - frame i|, 0-255)   correlation (consecutive frames)")

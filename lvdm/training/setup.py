@@ -35,6 +35,12 @@ def build_model(cfg: Any, device: torch.device, mixed_precision: str) -> tuple[A
     dtype = WEIGHT_DTYPES[mixed_precision]
     video = VideoUNet.from_unet2d(base.unet, layout_from_config(m))
     add_configured_parts(video, m)  # the standalone parts the model section asks for (lvdm.models.parts)
+    if m.image_adapter is not None:  # an IP-Adapter Plus starts the image attention
+        from lvdm.modules.image_attention import load_ip_adapter, read_ip_adapter
+
+        load_ip_adapter(
+            video.parts["image"], video.unet, read_ip_adapter(m.image_adapter, allow_pickle=m.allow_pickle)
+        )
     if m.temporal_init is not None:  # a trained module's weights; parts it lacks (context) start at zero output
         from lvdm.models.temporal_file import read_temporal_file
 
@@ -57,6 +63,10 @@ def build_model(cfg: Any, device: torch.device, mixed_precision: str) -> tuple[A
             module.to(dtype=dtype)
     frozen = Frozen.from_base(base)
     frozen.digests = digests
+    if m.image_conditioning:
+        from lvdm.models.encoders import load_image_encoder
+
+        frozen.image_encoder = load_image_encoder(m.image_encoder, device=device, dtype=dtype)
     return video, frozen, trainable
 
 

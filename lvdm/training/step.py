@@ -35,6 +35,7 @@ class Frozen:
     noise_scheduler: Any
     empty_text: torch.Tensor  # (1, n, d)
     digests: dict[str, str] = field(default_factory=dict)  # encoder weight hashes, for the latent cache check
+    image_encoder: Any = None  # a models.encoders.ImageEncoder, for image conditioning
 
     @classmethod
     def from_base(cls, base: Any) -> Frozen:
@@ -63,9 +64,53 @@ BATCH_INPUTS = ("fps",)
 """Batch fields that are model inputs when the video model has a part taking them (``fps``: each clip's rate)."""
 
 
-def batch_inputs(batch: dict[str, Any], accepted: Any, device: torch.device) -> dict[str, torch.Tensor]:
-    """The model inputs a batch carries for the parts of a model taking ``accepted`` inputs, one per clip."""
-    return {key: batch[key].to(device) for key in BATCH_INPUTS if key in accepted and key in batch}
+def batch_inputs(
+    batch: dict[str, Any],
+    accepted: Any,
+    device: torch.device,
+    *,
+    frozen: Frozen | None = None,
+    train: Any = None,
+    generator: torch.Generator | None = None,
+    drop_image: bool = False,
+) -> dict[str, torch.Tensor]:
+    """The model inputs a batch gives the parts of a model taking ``accepted`` inputs, one per clip: the fields it
+    carries (``fps``), and for image conditioning the CLIP tokens of each clip's conditioning frame
+    (:func:`image_inputs`; in training, ``generator`` draws the frame and the dropout)."""
+    out = {key: batch[key].to(device) for key in BATCH_INPUTS if key in accepted and key in batch}
+    if "image_embeds" in accepted:
+        out["image_embeds"] = image_inputs(batch, frozen, train, generator, drop_all=drop_image)
+    return out
+
+
+def image_inputs(
+    batch: dict[str, Any], frozen: Frozen, train: Any, generator: torch.Generator | None, *, drop_all: bool = False
+) -> torch.Tensor:
+    """The CLIP tokens ``(b, n, d)`` of each clip's conditioning frame (``train.image_frame``: the first, or a random
+    one drawn from ``generator``); with ``generator``, each image is dropped with ``train.image_dropout`` (replaced by
+    the encoder's all-zero input, IP-Adapter's "no image"); ``drop_all`` drops every one (the image gain's
+    baseline). Without a generator (validation) the first frame, never dropped."""
+    from lvdm.errors import ConfigError
+    from lvdm.media import to_uint8_frames
+    from lvdm.models.encoders import encode_image, image_pixels
+
+    if "video" not in batch:
+        raise ConfigError(
+            "image conditioning reads the clips' frames, which a latent cache does not hold; drop data.cache"
+        )
+    video = batch["video"]  # b f c h w in [-1, 1]
+    b, f = video.shape[:2]
+    index = torch.zeros(b, dtype=torch.long)
+    keep = torch.ones(b, dtype=torch.bool)
+    if generator is not None:
+        if train.image_frame == "random":
+            index = torch.randint(0, f, (b,), generator=generator)
+        keep = torch.rand(b, generator=generator) >= train.image_dropout
+    encoder = frozen.image_encoder
+    pixels = image_pixels(encoder, [to_uint8_frames(video[i, int(index[i])][None].float())[0] for i in range(b)])
+    # b -> b 1 1 1: dropped images become the all-zero input
+    pixels = torch.where((keep & (not drop_all))[:, None, None, None], pixels, torch.zeros_like(pixels))
+    return encode_image(encoder, pixels).float()
 
 
 def training_loss(

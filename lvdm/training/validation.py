@@ -131,43 +131,66 @@ def farthest_rates(rates: torch.Tensor) -> torch.Tensor:
 
 
 @torch.no_grad()
-def fps_gains(
+def removal_gain(
     model_fn: Any,
     batches: list[dict[str, Any]],
     frozen: Frozen,
     device: torch.device,
+    removed: Callable[[int, dict[str, Any], dict[str, torch.Tensor]], dict[str, torch.Tensor]],
     *,
     noise_prior: str = "independent",
     mixed_lambda: float = 0.5,
     inputs: Callable[[dict[str, Any]], dict[str, torch.Tensor]] = no_inputs,
-) -> dict[str, float]:
-    """``loss_true_fps`` (each held-out clip told its own frame rate), ``loss_wrong_fps`` (told the held-out rate
-    farthest from its own, :func:`farthest_rates`) and ``fps_gain``, their ratio: the same model, clips, timesteps
-    and noise, only the rate's information replaced. Above 1: the model reads the rate. When every held-out clip
-    has one rate there is nothing to swap and no figure (``{}``)."""
-    rates = torch.cat([batch["fps"].float() for batch in batches])
-    if len(rates) < 2 or bool((rates == rates[0]).all()):
-        return {}
-    wrong = iter(farthest_rates(rates).split([len(batch["fps"]) for batch in batches]))
-    totals = {"true_fps": 0.0, "wrong_fps": 0.0}
+) -> tuple[float, float]:
+    """``(loss with, loss without)``: the held-out loss with each batch's model inputs (``inputs(batch)``) and with
+    ``removed(number, batch, inputs)`` in their place; the same model, clips, timesteps and noise."""
+    totals = [0.0, 0.0]
     for number, batch in enumerate(batches):
         generator = step_generator(-3, 0, number)  # the same draws at every validation
         latents, text = batch_latents_and_text(batch, frozen, generator, device)
         cond = {"encoder_hidden_states": text} | inputs(batch)
-        swapped = next(wrong).to(device)
+        variants = (cond, cond | removed(number, batch, cond))
         b = latents.shape[0]
         for t in GAIN_TIMESTEPS:
             noise = sample_noise(tuple(latents.shape), prior=noise_prior, mixed_lambda=mixed_lambda,
                                  generator=generator).to(device)  # fmt: skip
-            for name, fps in (("true_fps", cond["fps"]), ("wrong_fps", swapped)):
+            for i, variant in enumerate(variants):
                 terms = diffusion_loss(
                     model_fn, latents, frozen.noise_scheduler, noise=noise,
-                    timesteps=torch.full((b,), t, dtype=torch.long, device=device), **(cond | {"fps": fps}),
+                    timesteps=torch.full((b,), t, dtype=torch.long, device=device), **variant,
                 )  # fmt: skip
-                totals[name] += float(terms.loss.mean())
-    count = len(batches) * len(GAIN_TIMESTEPS)
-    figures = {f"loss_{name}": total / count for name, total in totals.items()}
-    return figures | {"fps_gain": totals["wrong_fps"] / max(totals["true_fps"], 1e-12)}
+                totals[i] += float(terms.loss.mean())
+    count = max(len(batches) * len(GAIN_TIMESTEPS), 1)
+    return totals[0] / count, totals[1] / count
+
+
+def fps_gains(model_fn: Any, batches: list[dict[str, Any]], frozen: Frozen, device: torch.device, **kw: Any):
+    """``loss_true_fps`` (each held-out clip told its own frame rate), ``loss_wrong_fps`` (told the held-out rate
+    farthest from its own, :func:`farthest_rates`) and ``fps_gain``, their ratio (:func:`removal_gain`: only the
+    rate's information replaced). Above 1: the model reads the rate. When every held-out clip has one rate there is
+    nothing to swap and no figure (``{}``)."""
+    rates = torch.cat([batch["fps"].float() for batch in batches]) if batches else torch.zeros(0)
+    if len(rates) < 2 or bool((rates == rates[0]).all()):
+        return {}
+    wrong = farthest_rates(rates).split([len(batch["fps"]) for batch in batches])
+    swap = lambda number, batch, cond: {"fps": wrong[number].to(device)}  # noqa: E731
+    true, swapped = removal_gain(model_fn, batches, frozen, device, swap, **kw)
+    return {"loss_true_fps": true, "loss_wrong_fps": swapped, "fps_gain": swapped / max(true, 1e-12)}
+
+
+def image_gains(model_fn: Any, batches: list[dict[str, Any]], frozen: Frozen, device: torch.device, **kw: Any):
+    """``loss_with_image`` (each held-out clip's first frame as the image), ``loss_without_image`` (the image dropped:
+    the encoder's all-zero input, as in training) and ``image_gain``, their ratio (:func:`removal_gain`). Above 1:
+    the model uses the image."""
+    from lvdm.training.step import image_inputs
+
+    drop = lambda number, batch, cond: {"image_embeds": image_inputs(batch, frozen, None, None, drop_all=True)}  # noqa: E731
+    with_image, without = removal_gain(model_fn, batches, frozen, device, drop, **kw)
+    return {
+        "loss_with_image": with_image,
+        "loss_without_image": without,
+        "image_gain": without / max(with_image, 1e-12),
+    }
 
 
 # ------------------------------------------------------------------------------------------------- frame metrics

@@ -1,0 +1,121 @@
+"""Image-to-video at sampling: the conditioning image, its CLIP tokens (once per call), and IP-Adapters.
+
+:class:`~lvdm.VideoPipeline` takes ``image=`` (a file, a PIL image or uint8 ``(h, w, 3)``) with a temporal module
+trained with ``model.image_conditioning``, or with an IP-Adapter Plus given at load time
+(``from_pretrained(base, image_adapter=..., image_encoder=...)``, with or without a temporal module: alone, that is
+image mode with IP-Adapter, which must match diffusers' ``StableDiffusionPipeline`` + ``load_ip_adapter``).
+
+The image is read like training images (EXIF orientation applied, 16-bit scaled, alpha and CMYK converted), then
+resized and centre-cropped by the encoder's own CLIP preprocessing, so any size or aspect works. The encoder runs
+once per call: the image's tokens and the "no image" tokens (the encoder's all-zero input, IP-Adapter's dropped
+image, which the unconditional pass gets) are reused by every step and every video.
+
+Guidance: with ``image_guidance_scale`` equal to ``guidance_scale`` (the default) one guidance on text and image
+together (the unconditional pass has neither), a ``2b`` batch; otherwise InstructPix2Pix's two scales,
+``u + s_i (i - u) + s_t (c - i)``, a ``3b`` batch, still one forward per step.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import os
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+
+from lvdm.errors import ConfigError, VideoReadError
+
+
+def read_conditioning_image(source: Any) -> tuple[np.ndarray, dict[str, Any]]:
+    """``source`` (a path, a PIL image or uint8 ``(h, w, 3)``) as uint8 RGB ``(h, w, 3)`` and what a sidecar records
+    of it (the file's absolute path, or ``"array"``, and the sha256 of its pixels). A missing, unreadable or truncated
+    file, or an array of another shape, is a :class:`~lvdm.errors.ConfigError`."""
+    from PIL import Image
+
+    if isinstance(source, (str, os.PathLike)):
+        from lvdm.data.readers import read_image
+
+        path = Path(source)
+        if not path.exists():
+            raise ConfigError(f"image {source}: no such file")
+        if not path.is_file():
+            raise ConfigError(f"image {source}: not a regular file")
+        try:
+            pixels = read_image(path)[0]
+        except VideoReadError as exc:
+            raise ConfigError(f"image {source}: {exc.reason}") from None
+        origin = str(path.absolute())
+    elif isinstance(source, Image.Image):
+        from lvdm.data.readers import _image_to_rgb
+
+        pixels, origin = np.asarray(_image_to_rgb(source), dtype=np.uint8), "PIL image"
+    else:
+        pixels, origin = np.asarray(source), "array"
+        if pixels.dtype != np.uint8 or pixels.ndim != 3 or pixels.shape[2] != 3:
+            raise ConfigError(
+                f"image must be a file, a PIL image or uint8 (h, w, 3), got {pixels.dtype} {pixels.shape}"
+            )
+    digest = hashlib.sha256(np.ascontiguousarray(pixels).tobytes()).hexdigest()[:16]
+    return pixels, {"source": origin, "size": [int(pixels.shape[1]), int(pixels.shape[0])], "sha256": digest}
+
+
+def attach_image_adapter(unet: Any, video: Any, path: str | os.PathLike, encoder: Any, *, allow_pickle: bool) -> Any:
+    """Build the image part from an IP-Adapter Plus file on ``unet`` (registered on ``video`` when there is one, so
+    the video model's forward feeds it); returns the part."""
+    from lvdm.errors import CheckpointError
+    from lvdm.modules.image_attention import ImageConditioning, ip_adapter_config, load_ip_adapter, read_ip_adapter
+
+    if video is not None and "image" in video.parts:
+        raise ConfigError("the temporal module has its own image attention; drop image_adapter")
+    state = read_ip_adapter(path, allow_pickle=allow_pickle)
+    config = ip_adapter_config(state)
+    if config["embed_dims"] != encoder.width:
+        raise CheckpointError(
+            f"the IP-Adapter {path} reads {config['embed_dims']}-wide image tokens, the image encoder makes "
+            f"{encoder.width}-wide ones: use the encoder it was trained with"
+        )
+    part = ImageConditioning(unet, **config)
+    load_ip_adapter(part, unet, state)
+    part.requires_grad_(False).eval()
+    if video is not None:
+        video.add_part("image", part, kind="image", config=config)
+        part.requires_grad_(False)
+    return part
+
+
+@torch.no_grad()
+def image_conditions(pipe: Any, image: Any, n: int) -> tuple[dict[str, Any], dict[str, Any], dict[str, Any] | None]:
+    """The image's model inputs for ``n`` videos: ``(cond, uncond, record)``. ``cond`` holds the image's tokens,
+    ``uncond`` the "no image" tokens (both ``(n, tokens, width)``); without ``image`` both hold "no image" (a module
+    trained with image conditioning saw that for its dropped images) and the record is ``None``. The encoder runs
+    once here."""
+    from lvdm.models.encoders import encode_image, image_pixels
+
+    encoder = pipe.image_encoder
+    if encoder is None:
+        raise ConfigError(
+            f"image conditioning needs its CLIP image encoder, and {pipe.image_encoder_path or 'none'} is not there: "
+            "pass image_encoder= (--image-encoder) with the encoder folder it was trained with"
+        )
+    record = None
+    size = encoder.model.config.image_size
+    pixels = torch.zeros(1, 3, size, size)
+    if image is not None:
+        frame, record = read_conditioning_image(image)
+        pixels = torch.cat([pixels, image_pixels(encoder, [frame])])
+    tokens = encode_image(encoder, pixels).to(pipe.device)  # one encoder call: "no image" first, the image second
+    # 1 n d -> b n d: the same image for every video of the call
+    empty = tokens[:1].expand(n, -1, -1)
+    given = tokens[-1:].expand(n, -1, -1)
+    return {"image_embeds": given}, {"image_embeds": empty}, record
+
+
+def require_image(pipe: Any) -> None:
+    """A clear error when ``pipe`` cannot condition on an image."""
+    if pipe.image_part is None:
+        raise ConfigError(
+            "image: this temporal module has no image conditioning (trained without model.image_conditioning); "
+            "train one, or load an IP-Adapter Plus with image_adapter= (--image-adapter) and image_encoder="
+        )
