@@ -103,7 +103,10 @@ def tiny_assets(tmp_path_factory: pytest.TempPathFactory) -> dict[str, object]:
     for i in range(4):
         Image.new("RGB", (24, 20), (60 * i, 30, 200 - 40 * i)).save(images / f"still_{i}.png")
         (images / f"still_{i}.txt").write_text(f"a still picture number {i}")
-    return {"base": base, "base_sd2": base_sd2, "clips": clips, "images": images}
+    from lvdm.testing.image_adapters import write_image_encoder
+
+    encoder = write_image_encoder(root / "image_encoder")
+    return {"base": base, "base_sd2": base_sd2, "clips": clips, "images": images, "image_encoder": encoder}
 
 
 def tiny_overrides(assets: dict[str, object], output_dir: object, **extra: object) -> list[str]:

@@ -57,6 +57,19 @@ class FrameContext:
                 total = feature if total is None else total + feature
         return total
 
+    def temporal_embedding(self, site: str) -> torch.Tensor | None:
+        """What the parts add, per frame, to the normalised hidden state inside the temporal layer ``site``
+        (``(b f) c``, beside the timestep embedding or the frame-position encoding), summed; ``None`` when none adds
+        anything. A part contributes by preparing an object with an ``embedding_at(site)`` method (the FPS
+        embedding)."""
+        total = None
+        for extra in self.extras.values():
+            at = getattr(extra, "embedding_at", None)
+            embedding = at(site) if at is not None else None
+            if embedding is not None:
+                total = embedding if total is None else total + embedding
+        return total
+
     def image_tokens(self) -> torch.Tensor | None:
         """The tokens a part prepared for the spatial cross-attentions (``(b, n, d)``, the image part's), or
         ``None``."""

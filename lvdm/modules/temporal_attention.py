@@ -51,9 +51,11 @@ class TemporalAttentionBlock(nn.Module):
         num_frames: int,
         frame_positions: torch.Tensor,
         extra: torch.Tensor | None = None,
+        embedding: torch.Tensor | None = None,
     ) -> torch.Tensor:
         """``x``: ``(b f) c h w``; ``frame_positions``: ``(b, f)``; ``extra``: like ``x``, added to the branch's input
-        only (context features), or ``None``; returns ``(b f) c h w``."""
+        only (context features), or ``None``; ``embedding``: ``(b f) c``, added with the frame-position encoding (the
+        FPS embedding), or ``None``; returns ``(b f) c h w``."""
         bf, c, height, width = x.shape
         h = self.norm(x if extra is None else x + extra)
         # (b f) c h w -> (b f) (h w) c
@@ -61,6 +63,8 @@ class TemporalAttentionBlock(nn.Module):
         h = self.proj_in(h)
         # (b f) -> (b f) 1 c
         pos = get_timestep_embedding(frame_positions.reshape(-1), c, flip_sin_to_cos=True, downscale_freq_shift=0)
+        if embedding is not None:
+            pos = pos.to(h.dtype) + embedding
         h = h + pos.to(h.dtype)[:, None, :]
         for block in self.blocks:
             # each block regroups (b f) (h w) c -> (b h w) f c, attends over f, and regroups back

@@ -44,14 +44,21 @@ class TemporalConvBlock(nn.Module):
         nn.init.zeros_(self.conv2.bias)
 
     def forward(
-        self, x: torch.Tensor, temb: torch.Tensor | None = None, extra: torch.Tensor | None = None
+        self,
+        x: torch.Tensor,
+        temb: torch.Tensor | None = None,
+        extra: torch.Tensor | None = None,
+        embedding: torch.Tensor | None = None,
     ) -> torch.Tensor:
         """``x``: ``(b, c, f, h, w)``; ``temb``: ``(b, f, temb_channels)`` or ``None``; ``extra``: like ``x``, added
-        to the branch's input only (context features), or ``None``."""
+        to the branch's input only (context features), or ``None``; ``embedding``: ``(b, c, f, 1, 1)``, added where
+        the timestep embedding is (the FPS embedding), or ``None``."""
         h = _frame_conv(self.conv1, nn.functional.silu(self.norm1(x if extra is None else x + extra)))
         if self.time_emb_proj is not None and temb is not None:
             # b f d -> b c f 1 1
             h = h + self.time_emb_proj(nn.functional.silu(temb)).permute(0, 2, 1)[..., None, None]
+        if embedding is not None:
+            h = h + embedding
         h = _frame_conv(self.conv2, self.dropout(nn.functional.silu(self.norm2(h))))
         return x + h
 

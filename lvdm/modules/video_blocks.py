@@ -62,7 +62,11 @@ class VideoResnetBlock(_VideoWrapper):
         if extra is not None:
             # (b f) c h w -> b c f h w
             extra = extra.reshape(b, f, *extra.shape[1:]).permute(0, 2, 1, 3, 4)
-        temporal = self.temporal(video, temb_frames, extra)
+        embedding = ctx.temporal_embedding(self.site)
+        if embedding is not None:
+            # (b f) c -> b c f 1 1
+            embedding = embedding.reshape(b, f, -1).permute(0, 2, 1)[..., None, None]
+        temporal = self.temporal(video, temb_frames, extra, embedding)
         # b c f h w -> (b f) c h w
         temporal = temporal.permute(0, 2, 1, 3, 4).reshape(spatial.shape)
         return self.mixer(spatial, temporal, ctx.image_only_indicator)
@@ -77,7 +81,13 @@ class VideoTransformerBlock(_VideoWrapper):
 
     def _forward(self, x: torch.Tensor, ctx: FrameContext, *args: Any, **kwargs: Any) -> torch.Tensor:
         spatial = self.spatial(x, *args, return_dict=False, **kwargs)[0]
-        temporal = self.temporal(spatial, ctx.num_frames, ctx.frame_positions, ctx.temporal_input(self.site))
+        temporal = self.temporal(
+            spatial,
+            ctx.num_frames,
+            ctx.frame_positions,
+            ctx.temporal_input(self.site),
+            ctx.temporal_embedding(self.site),
+        )
         return self.mixer(spatial, temporal, ctx.image_only_indicator)
 
 

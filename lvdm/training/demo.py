@@ -7,6 +7,10 @@
    excluded), so that image mode draws the shapes (see :mod:`lvdm.testing.demo_base`). Cached: a second run
    reuses it unless the recipe or the clips changed (``demo_base.json`` holds the key);
 3. then the trainer trains the temporal layers on the frozen base, as for any real base.
+
+``configs/demo_i2v.yaml`` also needs an image encoder: a tiny CLIP vision encoder with random (seeded) weights,
+written on first use. Random CLIP features are still a fixed projection of the picture's patches, so the image
+attention has something to read; what it learns is measured by the image gain.
 """
 
 from __future__ import annotations
@@ -55,6 +59,12 @@ def _make_assets(cfg: Any, base: Path, clips: Path, recipe: Any = None) -> list[
             f"({time.perf_counter() - started:.0f} s)"
         )
     made += _make_base(cfg, base, recipe)
+    encoder = getattr(cfg.model, "image_encoder", None)
+    if getattr(cfg.model, "image_conditioning", False) and encoder and not (Path(encoder) / "config.json").exists():
+        from lvdm.testing.image_adapters import write_image_encoder
+
+        write_image_encoder(encoder)  # configs/demo_i2v.yaml: a tiny CLIP vision encoder, random (seeded) weights
+        made.append(f"a tiny CLIP image encoder (random weights, 32x32 images) in {encoder}")
     return made
 
 
@@ -96,6 +106,8 @@ def demo_summary(result: Any, cfg: Any) -> list[str]:
     for task in ("predict", "interpolate"):
         if f"context_gain_{task}" in g:
             lines.append(f"demo check: context gain ({task}) {g[f'context_gain_{task}']:.3f} (aim: above 1)")
+    if "image_gain" in g:
+        lines.append(f"demo check: image gain {g['image_gain']:.3f} (aim: above 1)")
     if "fps_gain" in g:
         lines.append(f"demo check: fps gain {g['fps_gain']:.3f} (aim: above 1)")
         prompts = cfg.train.validation_prompts or ["a red disc moving down"]
