@@ -9,8 +9,8 @@ it does not own (transfer onto another checkpoint would apply it to layers it wa
 through one projection per temporal layer and is added inside that layer's branch after its normalisation, where
 the timestep embedding enters the 3D-conv block and the frame-position encoding the attention block
 (:meth:`~lvdm.modules.frame_context.FrameContext.temporal_embedding`); added before the GroupNorm, a per-channel
-constant is partly normalised away. The MLP's last layer starts at zero (and the per-layer projections have no bias), so a model with FPS conditioning computes exactly what the
-same model without it does until it trains.
+constant is partly normalised away. The MLP's last layer starts at zero (and the per-layer projections have no
+bias), so a model with FPS conditioning computes exactly what the same model without it does until it trains.
 
 A call without ``fps`` adds nothing (the untrained behaviour); training always passes each clip's rate.
 """
