@@ -174,6 +174,18 @@ def test_image_training_reports_an_image_gain_saves_and_resumes_exactly(tiny_ass
     assert any("image_gain" in line for line in lines)
 
 
+def test_a_text_to_video_module_warm_starts_an_image_model(tiny_assets, image_files, tmp_path):
+    t2v = train(load_config([], tiny_overrides(tiny_assets, tmp_path / "t2v", **{"train.max_steps": 1})),
+                progress=False)  # fmt: skip
+    overrides = _image_run(tiny_assets, image_files, tmp_path / "i2v", **{
+        "model.temporal_init": t2v.temporal_path, "train.max_steps": 1, "train.lr": 1e-12,
+    })  # fmt: skip
+    run = train(load_config([], overrides), progress=False)
+    start, trained = load_file(t2v.temporal_path), load_file(run.temporal_path)
+    assert all(torch.allclose(trained[k], start[k], atol=1e-9) for k in start)
+    assert any("to_v_ip" in k for k in trained) and set(start) < set(trained)
+
+
 def test_an_ip_adapter_warm_starts_training(tiny_assets, image_files, tmp_path):
     overrides = _image_run(tiny_assets, image_files, tmp_path / "warm", **{
         "model.image_adapter": image_files["adapter"], "train.max_steps": 1, "train.lr": 1e-12,

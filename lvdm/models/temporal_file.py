@@ -107,9 +107,9 @@ class TemporalModule:
         if self.parts != here:
             problems.append(f"standalone parts differ: {_dict_diff(self.parts, here)}")
         if not problems:
-            fresh = tuple(f"parts.{name}." for name in new_parts)
-            params = dict(video.named_temporal_parameters())
-            params = {key: p for key, p in params.items() if not (fresh and key.startswith(fresh))}
+            # a new part's parameters, wherever they sit (an image part's attention processors inside the UNet too)
+            fresh = {id(p) for name in new_parts for p in video.parts[name].parameters()}
+            params = {key: p for key, p in video.named_temporal_parameters() if id(p) not in fresh}
             problems += _tensor_diff(self.tensors, params)
         return problems
 
