@@ -204,6 +204,8 @@ class VideoPipeline:
             if context is not None:
                 raise ConfigError("image_as_first_frame makes the image the context: drop context")
             context = image_sampling.read_conditioning_image(image)[0][None]  # h w 3 -> 1 h w 3: a 1-frame video
+            if "context_frames" not in settings:
+                s = dataclasses.replace(s, context_frames=1)  # the one frame there is
         given = context_sampling.context_latents(self, s, context, explicit=settings)
         rollout = given is not None or (self.has_context and s.num_frames > self.chunk_length(s))
         if rollout and latents is not None:

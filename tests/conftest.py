@@ -10,6 +10,18 @@ import torch
 from lvdm import testing
 
 
+def pytest_configure(config: pytest.Config) -> None:
+    """Under pytest-xdist (``-n auto``, the default), each worker gets its share of the cores: the workers run side by
+    side, and torch's default of one thread per core in every worker would oversubscribe the machine."""
+    import os
+
+    workers = int(os.environ.get("PYTEST_XDIST_WORKER_COUNT", "1"))
+    if workers > 1:
+        share = max(1, len(os.sched_getaffinity(0)) // workers)
+        os.environ["OMP_NUM_THREADS"] = str(share)  # what the trainer and the CLIs read when they pick threads
+        torch.set_num_threads(share)
+
+
 @pytest.fixture(params=["sd1", "sd2"])
 def flavour(request: pytest.FixtureRequest) -> str:
     return request.param

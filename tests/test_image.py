@@ -342,3 +342,21 @@ def test_sample_cli_animates_a_picture_and_replays_it(image_files, sd_folder, i2
                 str(tmp_path / "x.mp4")]  # fmt: skip
     assert run_cli(main, t2v_args) == 2
     assert "no such image file" in capsys.readouterr().err
+
+
+def test_the_image_can_also_be_the_first_context_frame(image_files, sd_folder):
+    from lvdm import VideoPipeline
+
+    video = VideoUNet.from_unet2d(load_base(sd_folder).unet)
+    build_part(video, "context", "context", {})
+    build_part(video, "image", "image", {"embed_dims": 32, "num_queries": 4, "encoder": str(image_files["encoder"])})
+    randomize(video.temporal_parameters(), seed=1, std=0.1)
+    path = image_files["root"] / "ctx_i2v.safetensors"
+    training = {"data": {"num_frames": 3, "resolution": [16, 16]}, "train": {"tasks": {"text": 1, "predict": 1}}}
+    video.save_temporal(path, training_config=training)
+    pipe = VideoPipeline.from_pretrained(sd_folder, temporal=path)
+    out = pipe("a", image=image_files["picture"], image_as_first_frame=True, num_frames=3, seed=0, **FAST)
+    meta = out.metadata[0]
+    assert out.frames.shape[1] == 3 and meta["context"]["frames"] == 1 and meta["image"]["sha256"]
+    with pytest.raises(ConfigError, match="makes the image the context"):
+        pipe("a", image=image_files["picture"], image_as_first_frame=True, context=out.frames[0], **FAST)

@@ -110,13 +110,13 @@ def demo_summary(result: Any, cfg: Any) -> list[str]:
         lines.append(f"demo check: image gain {g['image_gain']:.3f} (aim: above 1)")
     if "fps_gain" in g:
         lines.append(f"demo check: fps gain {g['fps_gain']:.3f} (aim: above 1)")
-        prompts = cfg.train.validation_prompts or ["a red disc moving down"]
+        prompts = sorted({caption for _, caption in training_clips(cfg)})  # every kind of clip once
         changes = speed_sweep(cfg.model.base, result.temporal_path, prompts, guidance=cfg.train.validation_guidance)
         shown = " / ".join(f"{change:.2f} at {rate:g}" for rate, change in changes.items())
         falling = all(a > b for a, b in zip(list(changes.values()), list(changes.values())[1:], strict=False))
         lines.append(
-            f"demo check: samples change per frame {shown} fps ({'falling' if falling else 'NOT falling'} as the "
-            "rate rises; aim: falling)"
+            f"demo check: samples of the {len(prompts)} training captions change per frame {shown} fps "
+            f"({'falling' if falling else 'NOT falling'} as the rate rises; aim: falling)"
         )
     if "samples_frame_change" in g and "clips_frame_change" in g:
         ratio = g["samples_frame_change"] / max(g["clips_frame_change"], 1e-9)

@@ -150,10 +150,22 @@ class DenoisingObjective(Objective):
             latent_channels=self.video.unet.config.in_channels, steps=cfg.train.validation_steps,
             guidance_scale=cfg.train.validation_guidance, fps=fps or DEFAULT_FPS, seed=cfg.train.seed,
             noise_prior=cfg.train.noise_prior, mixed_lambda=cfg.train.mixed_noise_lambda, device=self.device,
-            inputs={"fps": torch.tensor([float(fps or DEFAULT_FPS)])} if "fps" in self.video.conditioning_inputs
-            else None,
+            inputs=self._render_inputs(fps or DEFAULT_FPS),
         )  # fmt: skip
         return self.rendered.files
+
+    def _render_inputs(self, fps: float) -> dict[str, torch.Tensor]:
+        """What the parts take when validation samples its prompts: the clips' rate (FPS conditioning), and "no
+        image" (the encoder's all-zero input, what a dropped image was in training) for image conditioning."""
+        accepted, inputs = self.video.conditioning_inputs, {}
+        if "fps" in accepted:
+            inputs["fps"] = torch.tensor([float(fps)])
+        if "image_embeds" in accepted:
+            from lvdm.models.encoders import encode_image
+
+            size = self.frozen.image_encoder.model.config.image_size
+            inputs["image_embeds"] = encode_image(self.frozen.image_encoder, torch.zeros(1, 3, size, size)).float()
+        return inputs
 
 
 OBJECTIVES: dict[str, type[Objective]] = {
