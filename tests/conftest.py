@@ -138,3 +138,22 @@ def tiny_overrides(assets: dict[str, object], output_dir: object, **extra: objec
     }
     values.update(extra)
     return [f"{key}={value}" for key, value in values.items()]
+
+
+def shared_root(tmp_path_factory: pytest.TempPathFactory, name: str, make) -> object:
+    """A folder made once per test session, even across pytest-xdist workers: the first worker to get here runs
+    ``make(folder)`` while holding a lock, the others wait for it and reuse the folder (the demo's clips and base,
+    which several test files train on)."""
+    import fcntl
+    import os
+
+    base = tmp_path_factory.getbasetemp()
+    shared = base.parent if os.environ.get("PYTEST_XDIST_WORKER") else base  # pytest-N/, common to the workers
+    folder = shared / name
+    with open(shared / f"{name}.lock", "w") as lock:
+        fcntl.flock(lock, fcntl.LOCK_EX)
+        if not (folder / ".made").exists():
+            folder.mkdir(exist_ok=True)
+            make(folder)
+            (folder / ".made").touch()
+    return folder

@@ -121,3 +121,18 @@ def test_the_gpu_step_target_and_the_peak_used_for_mfu() -> None:
 
     assert training_step.peak_tflops(torch.device("cpu")) is None  # no MFU on CPU unless asked
     assert training_step.peak_tflops(torch.device("cpu"), 2.0) == 2.0
+
+
+def test_the_image_section_times_all_three_steps(tmp_path) -> None:
+    from benchmarks.__main__ import main
+
+    threads = torch.get_num_threads()
+    try:
+        code = main(["--size", "tiny", "--repeats", "1", "--warmup", "0", "--device", "cpu", "--out", str(tmp_path),
+                     "--only", "image"])  # fmt: skip
+    finally:
+        torch.set_num_threads(threads)
+    (json_path,) = tmp_path.glob("*-tiny-image.json")
+    section = json.loads(json_path.read_text())["sections"]["image"]
+    assert code == 0 and set(section["timing"]) == {"text to video", "fps", "image"}
+    assert section["targets"][0]["target"] == "image-to-video step / text-to-video step"

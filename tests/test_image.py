@@ -225,6 +225,8 @@ def test_image_settings_are_checked(tiny_assets, image_files, tmp_path):
         load_config([], tiny_overrides(tiny_assets, tmp_path, **{"model.image_conditioning": "true"}))
     with pytest.raises(ConfigError, match="model.image_adapter: starts the image attention"):
         load_config([], tiny_overrides(tiny_assets, tmp_path, **{"model.image_adapter": image_files["adapter"]}))
+    with pytest.raises(ConfigError, match="data.cache: image conditioning shows the model a frame"):
+        load_config([], _image_run(tiny_assets, image_files, tmp_path, **{"data.cache": str(tmp_path / "cache")}))
     with pytest.raises(ConfigError, match="train.image_frame"):
         load_config([], _image_run(tiny_assets, image_files, tmp_path, **{"train.image_frame": "last"}))
 

@@ -141,9 +141,11 @@ def removal_gain(
     noise_prior: str = "independent",
     mixed_lambda: float = 0.5,
     inputs: Callable[[dict[str, Any]], dict[str, torch.Tensor]] = no_inputs,
+    draws: int = 1,
 ) -> tuple[float, float]:
     """``(loss with, loss without)``: the held-out loss with each batch's model inputs (``inputs(batch)``) and with
-    ``removed(number, batch, inputs)`` in their place; the same model, clips, timesteps and noise."""
+    ``removed(number, batch, inputs)`` in their place; the same model, clips, timesteps and noise (``draws`` noise
+    draws per timestep)."""
     totals = [0.0, 0.0]
     for number, batch in enumerate(batches):
         generator = step_generator(-3, 0, number)  # the same draws at every validation
@@ -151,7 +153,7 @@ def removal_gain(
         cond = {"encoder_hidden_states": text} | inputs(batch)
         variants = (cond, cond | removed(number, batch, cond))
         b = latents.shape[0]
-        for t in GAIN_TIMESTEPS:
+        for t in [t for t in GAIN_TIMESTEPS for _ in range(draws)]:
             noise = sample_noise(tuple(latents.shape), prior=noise_prior, mixed_lambda=mixed_lambda,
                                  generator=generator).to(device)  # fmt: skip
             for i, variant in enumerate(variants):
@@ -160,7 +162,7 @@ def removal_gain(
                     timesteps=torch.full((b,), t, dtype=torch.long, device=device), **variant,
                 )  # fmt: skip
                 totals[i] += float(terms.loss.mean())
-    count = max(len(batches) * len(GAIN_TIMESTEPS), 1)
+    count = max(len(batches) * len(GAIN_TIMESTEPS) * draws, 1)
     return totals[0] / count, totals[1] / count
 
 
