@@ -194,3 +194,18 @@ def test_the_fps_setting_conditions_sampling_and_is_recorded(fps_module):
     assert slow.fps == 4.0 and not (slow.frames == default.frames).all()
     assert (same.frames == default.frames).all()
     assert math.isclose(slow.metadata[0]["settings"]["fps"], 4.0)
+
+
+def test_the_speed_sweep_is_flat_for_a_module_that_cannot_read_the_rate(fps_module, tmp_path):
+    """The control of the demo's speed check: without FPS conditioning, ``--fps`` only sets the playback rate, so
+    every rate samples the same frames and the sweep cannot fall; with it (random weights here) the frames differ."""
+    from lvdm.training.demo import speed_sweep
+
+    plain = tmp_path / "plain.safetensors"
+    video = VideoUNet.from_unet2d(load_base(fps_module["base"]).unet)
+    randomize(video.temporal_parameters(), seed=1, std=0.2)
+    video.save_temporal(plain, training_config={"data": {"num_frames": 4, "resolution": [16, 16]}})
+    flat = speed_sweep(fps_module["base"], plain, ["a red disc"], steps=2)
+    assert len(set(flat.values())) == 1
+    reading = speed_sweep(fps_module["base"], fps_module["module"], ["a red disc"], steps=2)
+    assert len(set(reading.values())) == 3
