@@ -49,25 +49,23 @@ class FrameContext:
         """What the parts add to the input of the temporal layer ``site`` (``(b f) c h w``), summed; ``None`` when
         none adds anything. A part contributes by preparing an object with an ``at(site)`` method (the context
         encoder's features)."""
-        total = None
-        for extra in self.extras.values():
-            at = getattr(extra, "at", None)
-            feature = at(site) if at is not None else None
-            if feature is not None:
-                total = feature if total is None else total + feature
-        return total
+        return self._sum("at", site)
 
     def temporal_embedding(self, site: str) -> torch.Tensor | None:
         """What the parts add, per frame, to the normalised hidden state inside the temporal layer ``site``
         (``(b f) c``, beside the timestep embedding or the frame-position encoding), summed; ``None`` when none adds
         anything. A part contributes by preparing an object with an ``embedding_at(site)`` method (the FPS
         embedding)."""
+        return self._sum("embedding_at", site)
+
+    def _sum(self, method: str, site: str) -> torch.Tensor | None:
+        """The sum of ``extra.<method>(site)`` over the prepared extras that have the method and return a tensor."""
         total = None
         for extra in self.extras.values():
-            at = getattr(extra, "embedding_at", None)
-            embedding = at(site) if at is not None else None
-            if embedding is not None:
-                total = embedding if total is None else total + embedding
+            at = getattr(extra, method, None)
+            value = at(site) if at is not None else None
+            if value is not None:
+                total = value if total is None else total + value
         return total
 
     def image_tokens(self) -> torch.Tensor | None:
