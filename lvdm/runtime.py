@@ -7,11 +7,12 @@ while the other waits for a core the busy program holds. With passive waiting, t
 barrier instead and the same step takes about 2 s. So lvdm:
 
 - asks OpenMP to wait passively (``OMP_WAIT_POLICY=PASSIVE``) when other work already keeps the cores
-  busy (a 1-minute load average of at least :data:`BUSY_LOAD` per usable core), unless the user set a
-  policy; this must happen before the OpenMP runtime loads, so the CLIs call
-  :func:`prefer_passive_waiting` first. On a quiet machine passive waiting costs more than it saves: the
-  demo base's UNet stage took 417 s with it and 240 s without (2 quiet cores), so there the default
-  (spinning) policy stays;
+  busy (at least :data:`BUSY_LOAD` busy cores per usable core, measured over a quarter second from
+  ``/proc/stat``: the 1-minute load average lags, and right after another job ended it made the demo's first
+  run wait passively on an idle machine, 13.1 minutes instead of 7.0), unless the user set a policy; this
+  must happen before the OpenMP runtime loads, so the CLIs call :func:`prefer_passive_waiting` first. On a
+  quiet machine passive waiting costs more than it saves: the demo base's UNet stage took 417 s with it and
+  240 s without (2 quiet cores), so there the default (spinning) policy stays;
 - uses as many threads as the cores it may run on: the CPU affinity mask, the cgroup CPU quota
   (containers, ``cpu.max`` / ``cpu.cfs_quota_us``) and ``OMP_NUM_THREADS`` when set, the smallest wins;
 - caps data-loader workers so that workers and the training process together fit those cores.
@@ -25,14 +26,50 @@ from dataclasses import dataclass
 from pathlib import Path
 
 BUSY_LOAD = 0.5
-"""1-minute load average per usable core from which the machine counts as busy (passive OpenMP waiting)."""
+"""Busy cores per usable core from which the machine counts as busy (passive OpenMP waiting)."""
+
+
+def busy_cores(interval: float = 0.25, stat: Path = Path("/proc/stat")) -> float | None:
+    """How many cores other programs keep busy right now: ``(1 - idle share) x cores`` over ``interval`` seconds
+    from ``stat`` (Linux); ``None`` where it cannot be read."""
+    import time
+
+    first = _cpu_times(stat)
+    if first is None:
+        return None
+    time.sleep(interval)
+    second = _cpu_times(stat)
+    return None if second is None else cores_in_use(first, second)
+
+
+def _cpu_times(stat: Path) -> tuple[list[int], int] | None:
+    """The aggregate ``cpu`` line's jiffies and the number of ``cpuN`` lines of a ``/proc/stat`` file."""
+    try:
+        lines = stat.read_text().splitlines()
+        times = [int(value) for value in lines[0].split()[1:]]
+    except (OSError, ValueError, IndexError):
+        return None
+    count = sum(1 for line in lines if line.startswith("cpu") and line[3:4].isdigit())
+    return (times, count) if lines[0].startswith("cpu ") and len(times) >= 4 and count else None
+
+
+def cores_in_use(first: tuple[list[int], int], second: tuple[list[int], int]) -> float | None:
+    """Busy cores between two :func:`_cpu_times` snapshots (idle and iowait count as idle)."""
+    (a, cores), (b, _) = first, second
+    total = sum(b) - sum(a)
+    if total <= 0:
+        return None
+    idle = sum(b[3:5]) - sum(a[3:5])
+    return (1 - idle / total) * cores
 
 
 def prefer_passive_waiting(load: float | None = None, cores: int | None = None) -> bool:
-    """Set ``OMP_WAIT_POLICY=PASSIVE`` when the machine is busy (``load``, default the 1-minute load average, at
-    least :data:`BUSY_LOAD` per usable core), unless the user chose a policy; call before torch is imported.
-    Returns whether passive waiting is in effect."""
+    """Set ``OMP_WAIT_POLICY=PASSIVE`` when the machine is busy (``load``, default the cores in use now
+    (:func:`busy_cores`), else the 1-minute load average: at least :data:`BUSY_LOAD` per usable core), unless the
+    user chose a policy; call before torch is imported. Returns whether passive waiting is in effect."""
     if "OMP_WAIT_POLICY" not in os.environ:
+        if load is None:
+            load = busy_cores()
         if load is None:
             try:
                 load = os.getloadavg()[0]

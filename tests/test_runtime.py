@@ -53,3 +53,21 @@ def test_passive_waiting_on_a_busy_machine_only_and_never_over_the_users_choice(
     monkeypatch.setenv("OMP_WAIT_POLICY", "ACTIVE")
     assert not prefer_passive_waiting(load=8.0, cores=2)
     assert os.environ["OMP_WAIT_POLICY"] == "ACTIVE"
+
+
+def test_busy_cores_come_from_two_proc_stat_snapshots(tmp_path):
+    from lvdm.runtime import _cpu_times, busy_cores, cores_in_use
+
+    stat = tmp_path / "stat"
+    stat.write_text("cpu  100 0 100 800 0 0 0 0 0 0\ncpu0 50 0 50 400 0\ncpu1 50 0 50 400 0\nintr 1\n")
+    first = _cpu_times(stat)
+    assert first == ([100, 0, 100, 800, 0, 0, 0, 0, 0, 0], 2)
+    # one core fully busy over the interval, the other idle: 100 of 200 jiffies idle -> 1 busy core of 2
+    second = ([200, 0, 100, 900, 0, 0, 0, 0, 0, 0], 2)
+    assert cores_in_use(first, second) == 1.0
+    assert cores_in_use(first, first) is None  # no time passed
+    stat.write_text("not a stat file")
+    assert busy_cores(interval=0, stat=stat) is None
+    assert busy_cores(interval=0, stat=tmp_path / "missing") is None
+    live = busy_cores(interval=0.05)
+    assert live is None or 0 <= live <= len(os.sched_getaffinity(0)) * 64
