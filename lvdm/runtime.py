@@ -67,7 +67,10 @@ def prefer_passive_waiting(load: float | None = None, cores: int | None = None) 
     """Set ``OMP_WAIT_POLICY=PASSIVE`` when the machine is busy (``load``, default the cores in use now
     (:func:`busy_cores`), else the 1-minute load average: at least :data:`BUSY_LOAD` per usable core), unless the
     user chose a policy; call before torch is imported. Returns whether passive waiting is in effect."""
-    if "OMP_WAIT_POLICY" not in os.environ:
+    import sys
+
+    if "OMP_WAIT_POLICY" not in os.environ and (load is not None or "torch" not in sys.modules):
+        # with torch imported, OpenMP has read its policy already: nothing to measure (CLIs called in-process)
         if load is None:
             load = busy_cores()
         if load is None:
