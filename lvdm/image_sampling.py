@@ -119,3 +119,35 @@ def require_image(pipe: Any) -> None:
             "image: this temporal module has no image conditioning (trained without model.image_conditioning); "
             "train one, or load an IP-Adapter Plus with image_adapter= (--image-adapter) and image_encoder="
         )
+
+
+def load_image_conditioning(
+    model: Any,
+    video: Any,
+    adapter: str | os.PathLike | None,
+    encoder_path: str | os.PathLike | None,
+    *,
+    allow_pickle: bool,
+    device: Any,
+) -> tuple[Any, Any, str | None]:
+    """``(image part, image encoder, its path)``: the module's own image attention or an IP-Adapter's, and the CLIP
+    encoder it reads (the given folder, else the module's, when it exists here; ``None`` otherwise: an image call
+    then says so)."""
+    from lvdm.models.encoders import load_image_encoder
+
+    part = video.parts["image"] if video is not None and "image" in video.parts else None
+    if part is None and adapter is None:
+        if encoder_path is not None:
+            raise ConfigError(
+                "image_encoder is read by image conditioning: give image_adapter too, or a module with it"
+            )
+        return None, None, None
+    if adapter is not None and encoder_path is None:
+        raise ConfigError("image_adapter needs image_encoder: the CLIP vision encoder folder the IP-Adapter reads")
+    path = str(encoder_path) if encoder_path is not None else getattr(part, "encoder_path", None)
+    encoder = None
+    if path is not None and (encoder_path is not None or Path(path).is_dir()):
+        encoder = load_image_encoder(path, device=device, dtype=next(model.unet.parameters()).dtype)
+    if adapter is not None:
+        part = attach_image_adapter(model.unet, video, adapter, encoder, allow_pickle=allow_pickle)
+    return part, encoder, path

@@ -125,7 +125,9 @@ class VideoPipeline:
                 spatial_weights=spatial_weights, dtype=torch_dtype, device=device,
             )  # fmt: skip
         video = VideoUNet.from_temporal_file(model.unet, temporal) if temporal is not None else None
-        image_part, encoder, encoder_path = _image_conditioning(
+        from lvdm.image_sampling import load_image_conditioning
+
+        image_part, encoder, encoder_path = load_image_conditioning(
             model, video, image_adapter, image_encoder, allow_pickle=allow_pickle, device=device
         )
         sources = {
@@ -516,39 +518,6 @@ class VideoPipeline:
 def _rows(inputs: dict[str, torch.Tensor], rows: slice) -> dict[str, torch.Tensor]:
     """The videos ``rows`` of per-video model inputs."""
     return {key: value[rows] for key, value in inputs.items()}
-
-
-def _image_conditioning(
-    model: Any,
-    video: Any,
-    adapter: str | os.PathLike | None,
-    encoder_path: str | os.PathLike | None,
-    *,
-    allow_pickle: bool,
-    device: Any,
-) -> tuple[Any, Any, str | None]:
-    """``(image part, image encoder, its path)``: the module's own image attention or an IP-Adapter's, and the CLIP
-    encoder it reads (the given folder, else the module's, when it exists here; ``None`` otherwise: an image call
-    then says so)."""
-    from lvdm.image_sampling import attach_image_adapter
-    from lvdm.models.encoders import load_image_encoder
-
-    part = video.parts["image"] if video is not None and "image" in video.parts else None
-    if part is None and adapter is None:
-        if encoder_path is not None:
-            raise ConfigError(
-                "image_encoder is read by image conditioning: give image_adapter too, or a module with it"
-            )
-        return None, None, None
-    if adapter is not None and encoder_path is None:
-        raise ConfigError("image_adapter needs image_encoder: the CLIP vision encoder folder the IP-Adapter reads")
-    path = str(encoder_path) if encoder_path is not None else getattr(part, "encoder_path", None)
-    encoder = None
-    if path is not None and (encoder_path is not None or Path(path).is_dir()):
-        encoder = load_image_encoder(path, device=device, dtype=next(model.unet.parameters()).dtype)
-    if adapter is not None:
-        part = attach_image_adapter(model.unet, video, adapter, encoder, allow_pickle=allow_pickle)
-    return part, encoder, path
 
 
 def _as_prompts(prompt: str | Sequence[str]) -> list[str]:
