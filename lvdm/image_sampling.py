@@ -78,11 +78,9 @@ def attach_image_adapter(unet: Any, video: Any, path: str | os.PathLike, encoder
         )
     part = ImageConditioning(unet, **config)
     load_ip_adapter(part, unet, state)
-    part.requires_grad_(False).eval()
     if video is not None:
         video.add_part("image", part, kind="image", config=config)
-        part.requires_grad_(False)
-    return part
+    return part.requires_grad_(False).eval()  # sampling only (add_part marks a part trainable)
 
 
 @torch.no_grad()
@@ -91,7 +89,7 @@ def image_conditions(pipe: Any, image: Any, n: int) -> tuple[dict[str, Any], dic
     ``uncond`` the "no image" tokens (both ``(n, tokens, width)``); without ``image`` both hold "no image" (a module
     trained with image conditioning saw that for its dropped images) and the record is ``None``. The encoder runs
     once here."""
-    from lvdm.models.encoders import encode_image, image_pixels
+    from lvdm.models.encoders import encode_image, image_pixels, no_image_pixels
 
     encoder = pipe.image_encoder
     if encoder is None:
@@ -99,9 +97,7 @@ def image_conditions(pipe: Any, image: Any, n: int) -> tuple[dict[str, Any], dic
             f"image conditioning needs its CLIP image encoder, and {pipe.image_encoder_path or 'none'} is not there: "
             "pass image_encoder= (--image-encoder) with the encoder folder it was trained with"
         )
-    record = None
-    size = encoder.model.config.image_size
-    pixels = torch.zeros(1, 3, size, size)
+    record, pixels = None, no_image_pixels(encoder)
     if image is not None:
         frame, record = read_conditioning_image(image)
         pixels = torch.cat([pixels, image_pixels(encoder, [frame])])

@@ -157,3 +157,17 @@ def shared_root(tmp_path_factory: pytest.TempPathFactory, name: str, make) -> ob
             make(folder)
             (folder / ".made").touch()
     return folder
+
+
+def whole_and_resumed(overrides, root) -> tuple[object, dict, dict]:
+    """Train ``overrides(output_dir, **extra)`` (4 steps) in one go, and again stopped at step 2 then resumed; the
+    whole run's result and both runs' temporal module tensors, which exact resume makes equal."""
+    from safetensors.torch import load_file
+
+    from lvdm.config import load_config
+    from lvdm.training.trainer import train
+
+    whole = train(load_config([], overrides(root / "whole")), progress=False)
+    train(load_config([], overrides(root / "split", **{"train.max_steps": 2})), progress=False)
+    train(load_config([], overrides(root / "split", **{"train.resume": "auto"})), progress=False)
+    return whole, load_file(whole.temporal_path), load_file(root / "split" / "temporal.safetensors")

@@ -7,7 +7,7 @@ import json
 import numpy as np
 import pytest
 import torch
-from conftest import deepcopy, frame_by_frame, randomize, tiny_overrides, video_inputs
+from conftest import deepcopy, frame_by_frame, randomize, tiny_overrides, video_inputs, whole_and_resumed
 from safetensors.torch import load_file
 
 from lvdm import testing
@@ -166,12 +166,9 @@ CONTEXT_RUN = {
 
 
 def test_context_training_logs_each_task_reports_gains_and_resumes_exactly(tiny_assets, tmp_path):
-    whole = train(load_config([], tiny_overrides(tiny_assets, tmp_path / "whole", **CONTEXT_RUN)), progress=False)
-    split = tiny_overrides(tiny_assets, tmp_path / "split", **CONTEXT_RUN, **{"train.max_steps": 2})
-    train(load_config([], split), progress=False)
-    resumed = tiny_overrides(tiny_assets, tmp_path / "split", **CONTEXT_RUN, **{"train.resume": "auto"})
-    train(load_config([], resumed), progress=False)
-    a, b = load_file(whole.temporal_path), load_file(tmp_path / "split" / "temporal.safetensors")
+    whole, a, b = whole_and_resumed(
+        lambda out, **extra: tiny_overrides(tiny_assets, out, **CONTEXT_RUN, **extra), tmp_path
+    )
     assert any(k.startswith("parts.context.") for k in a) and all(torch.equal(a[k], b[k]) for k in a)
 
     lines = [json.loads(line) for line in (tmp_path / "whole" / "log.jsonl").read_text().splitlines()]

@@ -9,8 +9,7 @@ from collections import Counter
 
 import pytest
 import torch
-from conftest import randomize, tiny_overrides, video_inputs
-from safetensors.torch import load_file
+from conftest import randomize, tiny_overrides, video_inputs, whole_and_resumed
 
 from lvdm import testing
 from lvdm.config import load_config
@@ -19,7 +18,6 @@ from lvdm.errors import ConfigError, VideoReadError
 from lvdm.models import VideoUNet, load_base
 from lvdm.models.parts import build_part
 from lvdm.sampling_settings import training_fps
-from lvdm.training.trainer import train
 from lvdm.training.validation import farthest_rates, fps_gains
 
 
@@ -117,12 +115,7 @@ RUN = {"model.fps_conditioning": "true", "data.frame_stride": "[1,3]", "data.hol
 
 
 def test_fps_training_saves_the_part_reports_an_fps_gain_and_resumes_exactly(tiny_assets, tmp_path):
-    whole = train(load_config([], tiny_overrides(tiny_assets, tmp_path / "whole", **RUN)), progress=False)
-    split = tiny_overrides(tiny_assets, tmp_path / "split", **RUN, **{"train.max_steps": 2})
-    train(load_config([], split), progress=False)
-    resumed = tiny_overrides(tiny_assets, tmp_path / "split", **RUN, **{"train.resume": "auto"})
-    train(load_config([], resumed), progress=False)
-    a, b = load_file(whole.temporal_path), load_file(tmp_path / "split" / "temporal.safetensors")
+    whole, a, b = whole_and_resumed(lambda out, **extra: tiny_overrides(tiny_assets, out, **RUN, **extra), tmp_path)
     assert any(k.startswith("parts.fps.") for k in a) and all(torch.equal(a[k], b[k]) for k in a)
     assert float(a["parts.fps.linear_2.weight"].abs().sum()) > 0  # it trained
 

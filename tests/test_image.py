@@ -9,7 +9,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
-from conftest import randomize, tiny_overrides, video_inputs
+from conftest import randomize, tiny_overrides, video_inputs, whole_and_resumed
 from PIL import Image
 from safetensors.torch import load_file
 
@@ -159,12 +159,7 @@ def _image_run(assets, image_files, out, **extra):
 
 
 def test_image_training_reports_an_image_gain_saves_and_resumes_exactly(tiny_assets, image_files, tmp_path):
-    whole = train(load_config([], _image_run(tiny_assets, image_files, tmp_path / "whole")), progress=False)
-    split = _image_run(tiny_assets, image_files, tmp_path / "split", **{"train.max_steps": 2})
-    train(load_config([], split), progress=False)
-    resumed = _image_run(tiny_assets, image_files, tmp_path / "split", **{"train.resume": "auto"})
-    train(load_config([], resumed), progress=False)
-    a, b = load_file(whole.temporal_path), load_file(tmp_path / "split" / "temporal.safetensors")
+    whole, a, b = whole_and_resumed(lambda out, **extra: _image_run(tiny_assets, image_files, out, **extra), tmp_path)
     assert all(torch.equal(a[k], b[k]) for k in a)
     trained_v = [v for k, v in a.items() if "to_v_ip" in k]
     assert trained_v and all(float(v.abs().sum()) > 0 for v in trained_v)  # the image attention trained

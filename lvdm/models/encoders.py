@@ -130,6 +130,13 @@ def image_pixels(encoder: ImageEncoder, images: Sequence[Any]) -> torch.Tensor:
     return encoder.processor(images=list(images), return_tensors="pt").pixel_values
 
 
+def no_image_pixels(encoder: ImageEncoder, n: int = 1) -> torch.Tensor:
+    """``n`` all-zero normalised inputs ``(n, 3, s, s)``: "no image", as IP-Adapter drops an image in training and
+    diffusers' pipelines make the negative image."""
+    size = encoder.model.config.image_size
+    return torch.zeros(n, 3, size, size)
+
+
 @torch.no_grad()
 def encode_image(encoder: ImageEncoder, pixels: torch.Tensor) -> torch.Tensor:
     """Normalised pixels ``(b, 3, s, s)`` -> the penultimate layer's tokens ``(b, 1 + patches, width)`` (what

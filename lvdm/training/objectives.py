@@ -161,10 +161,10 @@ class DenoisingObjective(Objective):
         if "fps" in accepted:
             inputs["fps"] = torch.tensor([float(fps)])
         if "image_embeds" in accepted:
-            from lvdm.models.encoders import encode_image
+            from lvdm.models.encoders import encode_image, no_image_pixels
 
-            size = self.frozen.image_encoder.model.config.image_size
-            inputs["image_embeds"] = encode_image(self.frozen.image_encoder, torch.zeros(1, 3, size, size)).float()
+            encoder = self.frozen.image_encoder
+            inputs["image_embeds"] = encode_image(encoder, no_image_pixels(encoder)).float()
         return inputs
 
 

@@ -72,14 +72,13 @@ def batch_inputs(
     frozen: Frozen | None = None,
     train: Any = None,
     generator: torch.Generator | None = None,
-    drop_image: bool = False,
 ) -> dict[str, torch.Tensor]:
     """The model inputs a batch gives the parts of a model taking ``accepted`` inputs, one per clip: the fields it
     carries (``fps``), and for image conditioning the CLIP tokens of each clip's conditioning frame
     (:func:`image_inputs`; in training, ``generator`` draws the frame and the dropout)."""
     out = {key: batch[key].to(device) for key in BATCH_INPUTS if key in accepted and key in batch}
     if "image_embeds" in accepted:
-        out["image_embeds"] = image_inputs(batch, frozen, train, generator, drop_all=drop_image)
+        out["image_embeds"] = image_inputs(batch, frozen, train, generator)
     return out
 
 
@@ -92,7 +91,7 @@ def image_inputs(
     baseline). Without a generator (validation) the first frame, never dropped."""
     from lvdm.errors import ConfigError
     from lvdm.media import to_uint8_frames
-    from lvdm.models.encoders import encode_image, image_pixels
+    from lvdm.models.encoders import encode_image, image_pixels, no_image_pixels
 
     if "video" not in batch:
         raise ConfigError(
@@ -109,7 +108,7 @@ def image_inputs(
     encoder = frozen.image_encoder
     pixels = image_pixels(encoder, [to_uint8_frames(video[i, int(index[i])][None].float())[0] for i in range(b)])
     # b -> b 1 1 1: dropped images become the all-zero input
-    pixels = torch.where((keep & (not drop_all))[:, None, None, None], pixels, torch.zeros_like(pixels))
+    pixels = torch.where((keep & (not drop_all))[:, None, None, None], pixels, no_image_pixels(encoder, b))
     return encode_image(encoder, pixels).float()
 
 

@@ -128,6 +128,7 @@ def context_gains(
         latents, text = batch_latents_and_text(batch, frozen, generator, device)
         b, f = latents.shape[0], latents.shape[2]
         tasks = gain_tasks(train, f)
+        extra = inputs(batch) if inputs is not None else {}  # once per batch (an image's CLIP tokens)
         for t in GAIN_TIMESTEPS:
             noise = sample_noise(tuple(latents.shape), prior=noise_prior, mixed_lambda=mixed_lambda,
                                  generator=generator).to(device)  # fmt: skip
@@ -139,7 +140,7 @@ def context_gains(
                         model_fn, latents, frozen.noise_scheduler, noise=noise,
                         timesteps=torch.full((b,), t, dtype=torch.long, device=device), encoder_hidden_states=text,
                         context_latents=latents, context_mask=mask[None].expand(b, f).to(device), context_flag=flag,
-                        **(inputs(batch) if inputs is not None else {}),
+                        **extra,
                     )  # fmt: skip
                     loss = made_frames_loss(terms.prediction, terms.target, made)
                     totals.setdefault(f"loss_{task}_{name}", []).append(float(loss.mean()))

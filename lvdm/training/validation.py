@@ -100,11 +100,11 @@ def motion_gains(
         latents, text = batch_latents_and_text(batch, frozen, generator, device)
         b, f = latents.shape[0], latents.shape[2]
         orders = shuffle_permutations(b, f, generator)
+        per_video = {"encoder_hidden_states": text} | inputs(batch)  # once per batch (an image's CLIP tokens)
         for t in GAIN_TIMESTEPS:
             noise = sample_noise(tuple(latents.shape), prior=noise_prior, mixed_lambda=mixed_lambda,
                                  generator=generator).to(device)  # fmt: skip
             for name in PASSES:
-                per_video = {"encoder_hidden_states": text} | inputs(batch)
                 x, eps, cond, flag = _pass_inputs(name, latents, noise, per_video, orders)
                 n = x.shape[0]
                 terms = diffusion_loss(
