@@ -225,7 +225,8 @@ def _check_context(args: argparse.Namespace, image_mode: bool) -> None:
         if path is not None and not Path(path).is_file():
             raise ConfigError(f"{flag} {path}: no such video file")
     if args.image is not None and not Path(args.image).is_file():
-        raise ConfigError(f"--image {args.image}: no such image file")
+        what = "not a regular file" if Path(args.image).exists() else "no such image file"
+        raise ConfigError(f"--image {args.image}: {what}")
     if args.image is not None and args.interpolate is not None:
         raise ConfigError("--interpolate does not take --image")
 

@@ -4,6 +4,7 @@ sampling with one encoder call, IP-Adapter Plus files equal to diffusers', and h
 from __future__ import annotations
 
 import json
+import os
 from pathlib import Path
 
 import numpy as np
@@ -339,6 +340,10 @@ def test_sample_cli_animates_a_picture_and_replays_it(image_files, sd_folder, i2
                 str(tmp_path / "x.mp4")]  # fmt: skip
     assert run_cli(main, t2v_args) == 2
     assert "no such image file" in capsys.readouterr().err
+    fifo = tmp_path / "fifo.png"
+    os.mkfifo(fifo)  # refused without being opened: no hang
+    assert run_cli(main, [*t2v_args[:2], "--image", str(fifo), *t2v_args[4:]]) == 2
+    assert "not a regular file" in capsys.readouterr().err
 
 
 def test_the_image_can_also_be_the_first_context_frame(image_files, sd_folder):
