@@ -1,4 +1,5 @@
-"""Encode a dataset once through the VAE and text encoder, so training reads latents instead of video.
+"""Encode a dataset once through the VAE and text encoder (and the CLIP image encoder, with image conditioning),
+so training reads latents instead of video.
 
     python -m lvdm.cache --config configs/t2v_sd15.yaml data.cache=cache/webvid
     python train.py --config configs/t2v_sd15.yaml data.cache=cache/webvid      # then trains from it
@@ -35,17 +36,22 @@ def build_from_config(cfg: Config, *, shard_size: int = 64, progress: bool = Tru
     if not cfg.data.cache:  # a config error: reported before torch and diffusers are imported
         raise ConfigError("data.cache: set it to the folder the cache is written to")
     from lvdm.data.build import build_dataset
-    from lvdm.data.cache import build_cache, cache_fingerprint, weights_digest
+    from lvdm.data.cache import build_cache, cache_fingerprint, encoder_digests
+    from lvdm.models.encoders import frame_tokens, load_image_encoder
     from lvdm.models.loading import load_base
 
     dataset, _ = build_dataset(cfg.data, seed=cfg.train.seed)
     m = cfg.model
     base = load_base(m.base, base_config=m.base_config, loras=m.loras, allow_pickle=m.allow_pickle)
-    digests = {"vae_digest": weights_digest(base.vae), "text_encoder_digest": weights_digest(base.text_encoder)}
-    fingerprint = cache_fingerprint(dataset, **digests)
-    return build_cache(
-        dataset, cfg.data.cache, **encoders(base), fingerprint=fingerprint, shard_size=shard_size, progress=progress
+    image_encoder = load_image_encoder(m.image_encoder) if m.image_conditioning else None
+    fingerprint = cache_fingerprint(
+        dataset, **encoder_digests(base.vae, base.text_encoder, image_encoder, cfg.train.image_frame)
     )
+    images = {"encode_frames": lambda frames: frame_tokens(image_encoder, frames)} if image_encoder else {}
+    return build_cache(
+        dataset, cfg.data.cache, **encoders(base), **images, fingerprint=fingerprint, shard_size=shard_size,
+        progress=progress,
+    )  # fmt: skip
 
 
 def main(argv: list[str]) -> int:

@@ -289,11 +289,6 @@ class Config:
                 " (train.image_batch_ratio=0)"
             )
         problems += _task_problems(self)
-        if self.model.image_conditioning and self.data.cache:
-            problems.append(
-                "data.cache: image conditioning shows the model a frame of each clip, which a latent cache does not "
-                "hold; train from the clips (drop data.cache)"
-            )
         from lvdm.fileio import special_folder
 
         if reason := special_folder(self.output_dir):

@@ -16,7 +16,7 @@ from safetensors.torch import load_file
 
 from lvdm import testing
 from lvdm.config import load_config
-from lvdm.errors import CheckpointError, ConfigError
+from lvdm.errors import CheckpointError, ConfigError, DataError
 from lvdm.models import VideoUNet, load_base
 from lvdm.models.encoders import encode_image, image_pixels, load_image_encoder
 from lvdm.models.parts import build_part
@@ -156,7 +156,7 @@ def _image_run(assets, image_files, out, **extra):
         "model.image_conditioning": "true", "model.image_encoder": image_files["encoder"], "data.holdout": 2,
         "train.image_dropout": 0.2,
     }  # fmt: skip
-    return tiny_overrides(assets, out, **values, **extra)
+    return tiny_overrides(assets, out, **(values | extra))
 
 
 def test_image_training_reports_an_image_gain_saves_and_resumes_exactly(tiny_assets, image_files, tmp_path):
@@ -168,6 +168,56 @@ def test_image_training_reports_an_image_gain_saves_and_resumes_exactly(tiny_ass
     assert g["image_gain"] == pytest.approx(g["loss_without_image"] / g["loss_with_image"])
     lines = [json.loads(line) for line in (tmp_path / "whole" / "log.jsonl").read_text().splitlines()]
     assert any("image_gain" in line for line in lines)
+
+
+@pytest.mark.parametrize("frame", ["first", "random"])
+def test_the_latent_cache_holds_the_clip_tokens_training_reads(tiny_assets, image_files, tmp_path, frame):
+    """Built with image conditioning, the cache holds each clip's CLIP tokens (the first frame's, or every frame's for
+    a random conditioning frame): training draws the same frames and dropouts from them as from the clips, and the
+    encoder no longer runs per step; a cache built without them is refused, naming the image encoder."""
+    import random
+
+    from lvdm.cache import build_from_config
+    from lvdm.data.build import build_dataset
+    from lvdm.data.cache import LatentCache, collate_cached
+    from lvdm.data.dataset import collate
+    from lvdm.training.step import Frozen, image_inputs, step_generator
+    from lvdm.training.trainer import Trainer
+
+    cache = tmp_path / "cache"
+    extra = {"data.cache": cache, "train.image_frame": frame, "train.image_dropout": 0.5, "train.max_steps": 2}
+    cfg = load_config([], _image_run(tiny_assets, image_files, tmp_path / "run", **extra))
+    build_from_config(cfg, shard_size=4, progress=False)
+    samples = LatentCache(cache).samples
+    batch = collate_cached([LatentCache(cache)[i] for i in range(4)])
+    frames = cfg.data.num_frames if frame == "random" else 1
+    assert batch["image_tokens"].shape[:2] == (4, frames) and batch["image_tokens"].dtype == torch.float32
+    listing, _ = build_dataset(cfg.data, seed=cfg.train.seed)  # the clips as the cache cut them
+    clips = collate([
+        listing.load(s["index"], random.Random(f"{listing.seed}:cache:{s['index']}")) | {"index": 0, "skipped": []}
+        for s in samples[:4]
+    ])  # fmt: skip
+    frozen = Frozen.from_base(load_base(tiny_assets["base"]))
+    frozen.image_encoder = load_image_encoder(image_files["encoder"])
+    for n in range(3):
+        cached = image_inputs(batch, frozen, cfg.train, step_generator(0, 0, n))
+        fresh = image_inputs(clips, frozen, cfg.train, step_generator(0, 0, n))
+        torch.testing.assert_close(cached, fresh, rtol=1e-5, atol=1e-5)
+    if frame == "random":
+        return  # training from the cache, once
+    trainer = Trainer(cfg, progress=False)
+    calls = []
+    trainer.frozen.image_encoder.model.register_forward_hook(lambda *args: calls.append(1))
+    result = trainer.run()
+    assert result.gain["image_gain"] > 0 and len(calls) <= 1  # at most "no image", once
+    stale = load_config([], _image_run(tiny_assets, image_files, tmp_path / "stale", **extra | {
+        "model.image_conditioning": "false", "data.cache": tmp_path / "plain",
+    }))  # fmt: skip
+    build_from_config(stale, shard_size=4, progress=False)
+    with pytest.raises(DataError, match="image_encoder: None in the cache"):
+        Trainer(load_config([], _image_run(tiny_assets, image_files, tmp_path / "r2", **extra | {
+            "data.cache": tmp_path / "plain"
+        })), progress=False)  # fmt: skip
 
 
 def test_a_text_to_video_module_warm_starts_an_image_model(tiny_assets, image_files, tmp_path):
@@ -221,8 +271,6 @@ def test_image_settings_are_checked(tiny_assets, image_files, tmp_path):
         load_config([], tiny_overrides(tiny_assets, tmp_path, **{"model.image_conditioning": "true"}))
     with pytest.raises(ConfigError, match="model.image_adapter: starts the image attention"):
         load_config([], tiny_overrides(tiny_assets, tmp_path, **{"model.image_adapter": image_files["adapter"]}))
-    with pytest.raises(ConfigError, match="data.cache: image conditioning shows the model a frame"):
-        load_config([], _image_run(tiny_assets, image_files, tmp_path, **{"data.cache": str(tmp_path / "cache")}))
     with pytest.raises(ConfigError, match="train.image_frame"):
         load_config([], _image_run(tiny_assets, image_files, tmp_path, **{"train.image_frame": "last"}))
 

@@ -6,7 +6,10 @@ Layout of a cache folder:
 - ``shard-00000.safetensors`` ...: per sample ``{i}.latents`` (the VAE's Gaussian parameters
   ``(2c, f, h, w)``: mean and logvar, so every epoch can draw a fresh latent, and a draw with the
   same generator equals on-the-fly encoding) and ``{i}.text`` (``(n, d)``); sample metadata
-  (caption, fps, is_image, source) in the shard's metadata;
+  (caption, fps, is_image, source) in the shard's metadata; with image conditioning also ``{i}.image``, the CLIP
+  tokens ``(k, n, d)`` of the frames that can condition the clip (``k = 1``: the first; ``k = f``: every frame, for
+  ``train.image_frame: random``); float32, e.g. 1.3 MB per frame for CLIP ViT-H/14, about what a clip's latents
+  take;
 - ``empty_text.safetensors``: the empty caption's embedding, for caption dropout;
 - ``skipped.jsonl``: the files that could not be cached, with reasons (each once, also across a resume).
 
@@ -51,11 +54,33 @@ def weights_digest(module: torch.nn.Module) -> str:
     return digest.hexdigest()[:16]
 
 
-def cache_fingerprint(dataset: VideoDataset, *, vae_digest: str, text_encoder_digest: str) -> dict[str, Any]:
+def encoder_digests(
+    vae: Any, text_encoder: Any, image_encoder: Any = None, image_frame: str = "first"
+) -> dict[str, str]:
+    """:func:`cache_fingerprint`'s encoder arguments for loaded, un-cast encoders (``image_encoder``: a
+    :class:`~lvdm.models.encoders.ImageEncoder` with image conditioning, whose ``train.image_frame`` is
+    ``image_frame``: ``"random"`` needs every frame's tokens)."""
+    digests = {"vae_digest": weights_digest(vae), "text_encoder_digest": weights_digest(text_encoder)}
+    if image_encoder is not None:
+        digests["image_encoder_digest"] = weights_digest(image_encoder.model)
+        digests["image_frames"] = "every" if image_frame == "random" else "first"
+    return digests
+
+
+def cache_fingerprint(
+    dataset: VideoDataset,
+    *,
+    vae_digest: str,
+    text_encoder_digest: str,
+    image_encoder_digest: str | None = None,
+    image_frames: str | None = None,
+) -> dict[str, Any]:
     """What a cache depends on: the encoders' weights (as :func:`weights_digest` of the loaded, un-cast
-    modules), the clip settings and the listed files."""
+    modules), the clip settings and the listed files; with an image encoder, also which frames' tokens it holds
+    (``image_frames``: ``"first"`` or ``"every"``)."""
     listing = hashlib.sha256("\n".join(str(e.path) for e in dataset.entries).encode()).hexdigest()[:16]
-    return {
+    image = {"image_encoder": image_encoder_digest, "image_frames": image_frames} if image_encoder_digest else {}
+    return image | {
         "vae": vae_digest,
         "text_encoder": text_encoder_digest,
         "clip": {k: list(v) if isinstance(v, tuple) else v for k, v in asdict(dataset.settings).items()},
@@ -72,14 +97,18 @@ def build_cache(
     encode_video: Callable[[torch.Tensor], torch.Tensor],
     encode_text: Callable[[list[str]], torch.Tensor],
     fingerprint: dict[str, Any],
+    encode_frames: Callable[[torch.Tensor], torch.Tensor] | None = None,
     shard_size: int = 64,
     progress: bool = True,
 ) -> Path:
     """Encode every good sample of ``dataset`` into ``out_dir``; resumes an interrupted build.
 
     ``encode_video``: ``(1, f, 3, h, w)`` -> Gaussian parameters ``(1, 2c, f, h', w')``;
-    ``encode_text``: captions -> ``(b, n, d)``.
+    ``encode_text``: captions -> ``(b, n, d)``; ``encode_frames`` (image conditioning): frames ``(k, 3, h, w)`` ->
+    CLIP tokens ``(k, n, d)``, of the first frame or every frame as ``fingerprint["image_frames"]`` says.
     """
+    frames = {"first": slice(0, 1), "every": slice(None)}.get(fingerprint.get("image_frames"))
+    encode_image = (lambda video: encode_frames(video[frames])) if encode_frames is not None else None
     out = Path(out_dir)
     shards = range(0, len(dataset), shard_size)
     _start_or_resume(out, fingerprint, shard_size, len(shards))
@@ -90,7 +119,7 @@ def build_cache(
         indices = range(first, min(first + shard_size, len(dataset)))
         path = out / _shard_name(number)
         if not path.exists():
-            _write_shard(dataset, indices, path, skips, encode_video, encode_text)
+            _write_shard(dataset, indices, path, skips, encode_video, encode_text, encode_image)
         bar.update(len(indices))
     bar.close()
     return out
@@ -146,7 +175,7 @@ def _start_or_resume(out: Path, fingerprint: dict[str, Any], shard_size: int, sh
     manifest.write_text(json.dumps(header, indent=2))
 
 
-def _write_shard(dataset, indices, path: Path, skips: _SkipLog, encode_video, encode_text) -> None:
+def _write_shard(dataset, indices, path: Path, skips: _SkipLog, encode_video, encode_text, encode_image) -> None:
     tensors, samples = {}, []
     for index in indices:
         rng = random.Random(f"{dataset.seed}:cache:{index}")
@@ -157,6 +186,8 @@ def _write_shard(dataset, indices, path: Path, skips: _SkipLog, encode_video, en
             continue
         tensors[f"{index}.latents"] = encode_video(sample["video"][None])[0].cpu().contiguous()
         tensors[f"{index}.text"] = encode_text([sample["caption"]])[0].cpu().contiguous()
+        if encode_image is not None:
+            tensors[f"{index}.image"] = encode_image(sample["video"]).cpu().contiguous()
         samples.append({k: sample[k] for k in ("caption", "fps", "is_image", "source")} | {"index": index})
     with atomic_path(path) as temp:
         save_file(tensors, temp, metadata={"samples": json.dumps(samples)})
@@ -204,9 +235,11 @@ class LatentCache(Dataset):
         samples = []
         for shard in sorted(self.dir.glob("shard-*.safetensors")):
             with safe_open(shard, framework="pt") as handle:
+                names = set(handle.keys())
                 for sample in json.loads(handle.metadata()["samples"]):
                     shape = handle.get_slice(f"{sample['index']}.latents").get_shape()
-                    samples.append(sample | {"shard": shard, "shape": shape})
+                    tensors = ["latents", "text"] + (["image"] if f"{sample['index']}.image" in names else [])
+                    samples.append(sample | {"shard": shard, "shape": shape, "tensors": tensors})
         return samples
 
     def __len__(self) -> int:
@@ -217,15 +250,16 @@ class LatentCache(Dataset):
         is the same on every draw)."""
         sample = self.samples[key[0] if isinstance(key, tuple) else key]
         with safe_open(sample["shard"], framework="pt") as handle:
-            latents = handle.get_tensor(f"{sample['index']}.latents")
-            text = handle.get_tensor(f"{sample['index']}.text")
+            tensors = {name: handle.get_tensor(f"{sample['index']}.{name}") for name in sample["tensors"]}
         fields = {k: sample[k] for k in ("caption", "fps", "is_image", "source", "index")}
-        return fields | {"latents": latents, "text": text, "skipped": []}
+        return fields | tensors | {"skipped": []}
 
 
 def collate_cached(samples: list[dict[str, Any]]) -> dict[str, Any]:
-    """Stack cached samples of one shape group: ``latents (b, 2c, f, h, w)``, ``text (b, n, d)``."""
-    return {
+    """Stack cached samples of one shape group: ``latents (b, 2c, f, h, w)``, ``text (b, n, d)``, and with image
+    conditioning ``image_tokens (b, k, n, d)``."""
+    images = {"image_tokens": torch.stack([s["image"] for s in samples])} if "image" in samples[0] else {}
+    return images | {
         "latents": torch.stack([s["latents"] for s in samples]),
         "text": torch.stack([s["text"] for s in samples]),
         "caption": [s["caption"] for s in samples],

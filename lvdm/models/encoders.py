@@ -144,3 +144,16 @@ def encode_image(encoder: ImageEncoder, pixels: torch.Tensor) -> torch.Tensor:
     param = next(encoder.model.parameters())
     out = encoder.model(pixels.to(device=param.device, dtype=param.dtype), output_hidden_states=True)
     return out.hidden_states[-2]
+
+
+def frame_tokens(encoder: ImageEncoder, frames: torch.Tensor) -> torch.Tensor:
+    """Video frames ``(k, 3, h, w)`` in [-1, 1] -> their CLIP tokens ``(k, 1 + patches, width)`` float32, each frame
+    read as the uint8 picture it is (what training conditions on, on the fly or from the latent cache)."""
+    from lvdm.media import to_uint8_frames
+
+    return encode_image(encoder, image_pixels(encoder, list(to_uint8_frames(frames.float())))).float()
+
+
+def no_image_tokens(encoder: ImageEncoder) -> torch.Tensor:
+    """The tokens ``(1, n, width)`` of "no image" (:func:`no_image_pixels`), float32."""
+    return encode_image(encoder, no_image_pixels(encoder)).float()

@@ -10,7 +10,10 @@
 
 ``configs/demo_i2v.yaml`` also needs an image encoder: a tiny CLIP vision encoder with random (seeded) weights,
 written on first use. Random CLIP features are still a fixed projection of the picture's patches, so the image
-attention has something to read; what it learns is measured by the image gain.
+attention has something to read; what it learns is measured by the image gain. It trains on the same clips captioned
+by their motion only (``motion.jsonl`` in the clip folder: "a shape moving left"), so that the picture is what says
+which shape, of which colour, where: with the full captions the text already says all but the start (image gain
+1.002 after 600 steps, against 1.36 after 200 with motion-only captions).
 """
 
 from __future__ import annotations
@@ -23,6 +26,16 @@ from typing import Any
 from lvdm.errors import LvdmError
 
 DEMO_CLIPS = 12
+MOTION_CAPTIONS = "motion.jsonl"  # in the clip folder: the clips captioned by their motion only (demo_i2v.yaml)
+
+
+def demo_clip_folder(data: Any) -> Path | None:
+    """The demo clip folder a data config reads: ``data.root``, or the folder holding its ``motion.jsonl``."""
+    if data.root is not None:
+        return Path(data.root)
+    if data.manifest is not None and Path(data.manifest).name == MOTION_CAPTIONS:
+        return Path(data.manifest).parent
+    return None
 
 
 def prepare_demo(cfg: Any, *, wait_seconds: float = 900.0, recipe: Any = None) -> list[str]:
@@ -32,7 +45,7 @@ def prepare_demo(cfg: Any, *, wait_seconds: float = 900.0, recipe: Any = None) -
 
     Under a multi-process launcher only rank 0 writes; the other ranks wait for its ``.ready`` marker.
     """
-    base, clips = Path(cfg.model.base), Path(cfg.data.root)
+    base, clips = Path(cfg.model.base), demo_clip_folder(cfg.data)
     ready = clips / ".ready"
     if os.environ.get("RANK", "0") != "0":
         deadline = time.monotonic() + wait_seconds
@@ -58,6 +71,9 @@ def _make_assets(cfg: Any, base: Path, clips: Path, recipe: Any = None) -> list[
             f"{DEMO_CLIPS} captioned synthetic clips (moving shapes, H.264 mp4) in {clips} "
             f"({time.perf_counter() - started:.0f} s)"
         )
+    if not (clips / MOTION_CAPTIONS).exists():
+        _write_motion_captions(clips)
+        made.append(f"motion-only captions of the clips in {clips / MOTION_CAPTIONS}")
     made += _make_base(cfg, base, recipe)
     encoder = getattr(cfg.model, "image_encoder", None)
     if getattr(cfg.model, "image_conditioning", False) and encoder and not (Path(encoder) / "config.json").exists():
@@ -68,11 +84,29 @@ def _make_assets(cfg: Any, base: Path, clips: Path, recipe: Any = None) -> list[
     return made
 
 
+def _write_motion_captions(clips: Path) -> None:
+    """``motion.jsonl``: every clip of the folder captioned "a shape moving <its direction>"."""
+    import json
+
+    from lvdm.fileio import atomic_path
+
+    rows = []
+    for video in sorted(clips.glob("*.mp4")):
+        direction = video.with_suffix(".txt").read_text(encoding="utf-8").split()[-1]  # "a red disc moving left"
+        rows.append(json.dumps({"video": video.name, "caption": f"a shape moving {direction}"}))
+    with atomic_path(clips / MOTION_CAPTIONS) as temp:
+        Path(temp).write_text("\n".join(rows) + "\n", encoding="utf-8")
+
+
 def training_clips(cfg: Any) -> list[tuple[Path, str]]:
-    """``(path, caption)`` of the clips the run trains on (the held-out ones left out)."""
+    """``(path, caption)`` of the demo clips the run trains on (the held-out ones left out), with the clip
+    folder's own captions (the base is trained on those, whichever captions the run reads)."""
+    from dataclasses import replace
+
     from lvdm.data.build import build_split
 
-    train, _, _ = build_split(cfg.data, seed=cfg.train.seed)
+    data = replace(cfg.data, root=str(demo_clip_folder(cfg.data)), manifest=None)
+    train, _, _ = build_split(data, seed=cfg.train.seed)
     return [(Path(entry.media_path()), entry.read_caption()) for entry in train.entries]
 
 

@@ -161,10 +161,7 @@ class DenoisingObjective(Objective):
         if "fps" in accepted:
             inputs["fps"] = torch.tensor([float(fps)])
         if "image_embeds" in accepted:
-            from lvdm.models.encoders import encode_image, no_image_pixels
-
-            encoder = self.frozen.image_encoder
-            inputs["image_embeds"] = encode_image(encoder, no_image_pixels(encoder)).float()
+            inputs["image_embeds"] = self.frozen.no_image_tokens()
         return inputs
 
 

@@ -21,7 +21,7 @@ def build_model(cfg: Any, device: torch.device, mixed_precision: str) -> tuple[A
     The base is frozen in the mixed-precision dtype; what trains (the temporal layers, plus a spatial LoRA and
     unfrozen blocks when configured) stays fp32.
     """
-    from lvdm.data.cache import weights_digest
+    from lvdm.data.cache import encoder_digests
     from lvdm.models import VideoUNet, load_base
     from lvdm.models.parts import add_configured_parts
     from lvdm.training import groups
@@ -29,9 +29,14 @@ def build_model(cfg: Any, device: torch.device, mixed_precision: str) -> tuple[A
 
     m = cfg.model
     base = load_base(m.base, base_config=m.base_config, loras=m.loras, allow_pickle=m.allow_pickle)
+    image_encoder = None
+    if m.image_conditioning:
+        from lvdm.models.encoders import load_image_encoder
+
+        image_encoder = load_image_encoder(m.image_encoder, device=device)
     digests = {}
     if cfg.data.cache:  # hashed before any cast, as the cache command hashes them
-        digests = {"vae_digest": weights_digest(base.vae), "text_encoder_digest": weights_digest(base.text_encoder)}
+        digests = encoder_digests(base.vae, base.text_encoder, image_encoder, cfg.train.image_frame)
     dtype = WEIGHT_DTYPES[mixed_precision]
     video = VideoUNet.from_unet2d(base.unet, layout_from_config(m))
     add_configured_parts(video, m)  # the standalone parts the model section asks for (lvdm.models.parts)
@@ -63,10 +68,9 @@ def build_model(cfg: Any, device: torch.device, mixed_precision: str) -> tuple[A
             module.to(dtype=dtype)
     frozen = Frozen.from_base(base)
     frozen.digests = digests
-    if m.image_conditioning:
-        from lvdm.models.encoders import load_image_encoder
-
-        frozen.image_encoder = load_image_encoder(m.image_encoder, device=device, dtype=dtype)
+    if image_encoder is not None:
+        image_encoder.model.to(dtype=dtype)
+        frozen.image_encoder = image_encoder
     return video, frozen, trainable
 
 

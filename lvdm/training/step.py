@@ -36,6 +36,15 @@ class Frozen:
     empty_text: torch.Tensor  # (1, n, d)
     digests: dict[str, str] = field(default_factory=dict)  # encoder weight hashes, for the latent cache check
     image_encoder: Any = None  # a models.encoders.ImageEncoder, for image conditioning
+    _no_image: torch.Tensor | None = field(default=None, repr=False)
+
+    def no_image_tokens(self) -> torch.Tensor:
+        """The image encoder's tokens ``(1, n, d)`` of "no image" (its all-zero input), computed once."""
+        if self._no_image is None:
+            from lvdm.models.encoders import no_image_tokens
+
+            self._no_image = no_image_tokens(self.image_encoder)
+        return self._no_image
 
     @classmethod
     def from_base(cls, base: Any) -> Frozen:
@@ -86,30 +95,29 @@ def image_inputs(
     batch: dict[str, Any], frozen: Frozen, train: Any, generator: torch.Generator | None, *, drop_all: bool = False
 ) -> torch.Tensor:
     """The CLIP tokens ``(b, n, d)`` of each clip's conditioning frame (``train.image_frame``: the first, or a random
-    one drawn from ``generator``); with ``generator``, each image is dropped with ``train.image_dropout`` (replaced by
-    the encoder's all-zero input, IP-Adapter's "no image"); ``drop_all`` drops every one (the image gain's
-    baseline). Without a generator (validation) the first frame, never dropped."""
-    from lvdm.errors import ConfigError
-    from lvdm.media import to_uint8_frames
-    from lvdm.models.encoders import encode_image, image_pixels, no_image_pixels
+    one drawn from ``generator``), encoded here or read from the latent cache (``image_tokens``); with ``generator``,
+    each image is dropped with ``train.image_dropout`` (replaced by the tokens of the encoder's all-zero input,
+    IP-Adapter's "no image"); ``drop_all`` drops every one (the image gain's baseline). Without a generator
+    (validation) the first frame, never dropped."""
+    from lvdm.models.encoders import frame_tokens
 
-    if "video" not in batch:
-        raise ConfigError(
-            "image conditioning reads the clips' frames, which a latent cache does not hold; drop data.cache"
-        )
-    video = batch["video"]  # b f c h w in [-1, 1]
-    b, f = video.shape[:2]
+    cached = batch.get("image_tokens")  # b k n d: the tokens of the first frame (k = 1) or of every frame
+    b, f = (cached if cached is not None else batch["video"]).shape[:2]
     index = torch.zeros(b, dtype=torch.long)
     keep = torch.ones(b, dtype=torch.bool)
     if generator is not None:
         if train.image_frame == "random":
             index = torch.randint(0, f, (b,), generator=generator)
         keep = torch.rand(b, generator=generator) >= train.image_dropout
-    encoder = frozen.image_encoder
-    pixels = image_pixels(encoder, [to_uint8_frames(video[i, int(index[i])][None].float())[0] for i in range(b)])
-    # b -> b 1 1 1: dropped images become the all-zero input
-    pixels = torch.where((keep & (not drop_all))[:, None, None, None], pixels, no_image_pixels(encoder, b))
-    return encode_image(encoder, pixels).float()
+    none = frozen.no_image_tokens()  # 1 n d
+    if drop_all or not keep.any():
+        return none.expand(b, -1, -1).clone()
+    if cached is not None:
+        chosen = cached[torch.arange(b), index].float()
+    else:
+        chosen = frame_tokens(frozen.image_encoder, batch["video"][torch.arange(b), index])
+    # b -> b 1 1: dropped images become "no image"
+    return torch.where(keep[:, None, None], chosen, none.to(chosen.device))
 
 
 def training_loss(
