@@ -27,6 +27,9 @@ the fps multiplied to match; --prompt optional):
     python sample.py --base ... --temporal ctx.safetensors --prompt "a red disc" --frames 64 --out long.mp4
     python sample.py --base ... --temporal ctx.safetensors --interpolate long.mp4 --factor 4 --out smooth.mp4
 
+--decoder DIR decodes with a temporal VAE decoder (one trained with train.target=decoder, or the vae folder of
+Stable Video Diffusion) instead of SD's frame-by-frame decoder.
+
 Image to video, with a module trained with model.image_conditioning (--image-scale weighs the image attention,
 --image-guidance guides on the image apart from the text), or an IP-Adapter Plus on any base (image mode with no
 --temporal); with a module that also has context frames, --image-as-first-frame continues the video from the image:
@@ -98,6 +101,9 @@ def build_parser() -> argparse.ArgumentParser:
     model.add_argument("--temporal", help="temporal module (.safetensors) from training; none: image mode")
     model.add_argument("--lora", action="append", default=[], metavar="PATH[:SCALE]", help="LoRA to fuse (repeatable)")
     model.add_argument("--spatial-weights", help="spatial UNet weights exported by training (model.unfreeze)")
+    model.add_argument(
+        "--decoder", metavar="DIR", help="a temporal VAE decoder folder (lvdm-trained, or SVD's vae): less flicker"
+    )
     model.add_argument("--allow-pickle", action="store_true", help="allow .ckpt/.pt/.bin files, which can run code")
     model.add_argument("--device", default="auto", help="cpu, cuda, cuda:N or mps; auto: cuda, else mps, else cpu")
     model.add_argument("--dtype", default="auto", choices=["auto", "fp32", "fp16", "bf16"], help="auto: fp16 on cuda")
@@ -199,6 +205,7 @@ def _replayed(args: argparse.Namespace, meta: dict[str, Any] | None) -> argparse
         image=args.image or _source(meta.get("image")),
         image_adapter=args.image_adapter or model.get("image_adapter"),
         image_encoder=args.image_encoder or model.get("image_encoder"),
+        decoder=args.decoder or model.get("decoder"),
     )
     if args.device == "auto" and meta.get("device"):
         filled["device"] = meta["device"] if _available(meta["device"]) else "auto"
@@ -271,7 +278,7 @@ def main(argv: list[str]) -> int:
     pipe = VideoPipeline.from_pretrained(
         args.base, temporal=args.temporal, base_config=args.base_config, loras=args.lora,
         spatial_weights=args.spatial_weights, allow_pickle=args.allow_pickle, image_adapter=args.image_adapter,
-        image_encoder=args.image_encoder, device=device, dtype=dtype,
+        image_encoder=args.image_encoder, decoder=args.decoder, device=device, dtype=dtype,
     )  # fmt: skip
     if args.interpolate is not None:
         factor = args.factor or 4

@@ -260,7 +260,7 @@ def interpolate(
             context = (window.clone(), mask, FLAGS["interpolate"])
             out[:, :, start:end] = pipe._denoise(made, noise, cond, uncond, generators, progress, context=context)
         latents = out
-    frames = pipe._decode(latents, s.decode_chunk_size)
+    frames = pipe.decode(latents, chunk_frames=s.decode_chunk_size)
     frames[0, ::factor] = given.frames  # the keyframes come back as given (not through the VAE)
     fps = rate * factor
     s = dataclasses.replace(s, fps=fps, num_frames=latents.shape[2])

@@ -75,6 +75,7 @@ class VideoPipeline:
         self.image_part = video.parts["image"] if video is not None and "image" in video.parts else None
         self.image_encoder: Any = None  # a models.encoders.ImageEncoder (from_pretrained loads it)
         self.image_encoder_path: str | None = None
+        self.decoder: Any = None  # a temporal VAE decoder (an AutoencoderKLTemporalDecoder); None: the base VAE's
         for module in (base.unet, base.vae, base.text_encoder):
             module.eval().requires_grad_(False)
 
@@ -90,6 +91,7 @@ class VideoPipeline:
         allow_pickle: bool = False,
         image_adapter: str | os.PathLike | None = None,
         image_encoder: str | os.PathLike | None = None,
+        decoder: str | os.PathLike | None = None,
         device: str | torch.device | None = None,
         dtype: str | torch.dtype | None = None,
     ) -> VideoPipeline:
@@ -104,6 +106,9 @@ class VideoPipeline:
                 module (one trained with ``model.image_conditioning`` has its own image attention instead).
             image_encoder: the CLIP vision encoder folder the image attention reads (default: the one the module
                 was trained with, when that folder exists here).
+            decoder: a temporal VAE decoder folder (diffusers' ``AutoencoderKLTemporalDecoder``: one lvdm trained,
+                or SVD's ``vae``) that decodes the videos instead of the base VAE's image decoder
+                (:mod:`lvdm.models.temporal_vae`); one of another latent space is refused.
             device: where the models run (default: where they load, the CPU).
             dtype: ``torch.float16`` / ``"fp16"``, ``"bf16"``, ``"fp32"`` (default: the weights' own, fp32).
         """
@@ -130,6 +135,12 @@ class VideoPipeline:
         image_part, encoder, encoder_path = load_image_conditioning(
             model, video, image_adapter, image_encoder, allow_pickle=allow_pickle, device=device
         )
+        video_decoder = None
+        if decoder is not None:
+            from lvdm.models.temporal_vae import load_video_decoder
+
+            video_decoder = load_video_decoder(decoder, vae=model.vae, allow_pickle=allow_pickle, dtype=torch_dtype)
+            video_decoder.to(model.vae.device)
         sources = {
             "base": _absolute(base),
             "temporal": _absolute(temporal),
@@ -139,10 +150,12 @@ class VideoPipeline:
             "allow_pickle": allow_pickle,
             "image_adapter": _absolute(image_adapter),
             "image_encoder": _absolute(image_encoder),
+            "decoder": _absolute(decoder),
             "dtype": _dtype_name(next(model.unet.parameters()).dtype),
         }
         pipe = cls(model, video, sources=sources, defaults=defaults)
         pipe.image_part, pipe.image_encoder, pipe.image_encoder_path = image_part, encoder, encoder_path
+        pipe.decoder = video_decoder
         return pipe
 
     @property
@@ -241,7 +254,7 @@ class VideoPipeline:
                 done = self._denoise(s, drawn, _rows(cond, part), _rows(uncond, part), generators[part], progress)
             clean.append(done.cpu())
             noises.append(drawn.cpu())
-            frames.append(self._decode(done, s.decode_chunk_size))
+            frames.append(self.decode(done, chunk_frames=s.decode_chunk_size))
         extra = {"initial_noise": "given" if latents is not None else "seed", "base_noise": _describe(base_noise)}
         if given is not None:
             extra["context"] = given[1]
@@ -486,12 +499,33 @@ class VideoPipeline:
 
         return video_fn if video is not None else image_fn
 
-    def _decode(self, latents: torch.Tensor, chunk: int) -> np.ndarray:
-        """Clean latents -> uint8 ``(b, f, h, w, 3)``, ``chunk`` frames per VAE call."""
+    @torch.no_grad()
+    def decode(self, latents: torch.Tensor, *, chunk_frames: int = 8) -> np.ndarray:
+        """Latents ``(b, c, f, h, w)`` as the UNet makes them (the VAE's scaling not undone: what
+        :attr:`VideoOutput.latents` holds) -> uint8 frames ``(b, f, h, w, 3)``.
+
+        With a temporal decoder (``decoder=``), ``chunk_frames`` frames per decoder call, neighbouring calls
+        sharing a quarter of them, cross-faded (:func:`~lvdm.models.temporal_vae.decode_video`); with the base VAE,
+        each frame alone, ``chunk_frames`` per call.
+        """
         from lvdm.media import to_uint8_frames
         from lvdm.models.encoders import decode_latents
 
-        video = decode_latents(self.base.vae, latents, chunk_frames=chunk)  # (b, f, 3, h, w) in [-1, 1]
+        if latents.ndim != 5 or latents.shape[1] != self.base.vae.config.latent_channels:
+            raise ConfigError(
+                f"latents must be (b, {self.base.vae.config.latent_channels}, f, h, w), got {tuple(latents.shape)}"
+            )
+        if self.decoder is not None:
+            from lvdm.models.temporal_vae import decode_video
+
+            config = self.base.vae.config
+            video = decode_video(
+                self.decoder, latents, scaling_factor=config.scaling_factor,
+                shift_factor=getattr(config, "shift_factor", None) or 0.0,
+                chunk_frames=max(chunk_frames, 2), overlap=max(1, chunk_frames // 4),
+            )  # fmt: skip
+        else:
+            video = decode_latents(self.base.vae, latents, chunk_frames=chunk_frames)  # (b, f, 3, h, w) in [-1, 1]
         return np.stack([to_uint8_frames(clip.float().cpu()) for clip in video])
 
     def _record(

@@ -35,7 +35,7 @@ def _config(root: Path, out: str, *extra: str):
 
 def make_demo_assets(root: Path) -> None:
     made = prepare_demo(_config(root, "run"), recipe=TEST_RECIPE)
-    assert len(made) == 2  # the clips, then the base
+    assert len(made) == 3  # the clips, their motion-only captions, then the base
 
 
 @pytest.fixture(scope="module")

@@ -170,6 +170,25 @@ def test_image_training_reports_an_image_gain_saves_and_resumes_exactly(tiny_ass
     assert any("image_gain" in line for line in lines)
 
 
+def test_validation_animates_the_first_frames_of_held_out_clips(tiny_assets, image_files, tmp_path):
+    """Validation samples with image conditioning: prompt i animates held-out clip i's first frame (cycling), written
+    beside the sample as <i>_image.png."""
+    from lvdm.media import to_uint8_frames
+    from lvdm.training.trainer import Trainer
+
+    extra = {"train.max_steps": 1, "train.validation_prompts": "[a, b, c]", "train.validation_steps": 2}
+    trainer = Trainer(load_config([], _image_run(tiny_assets, image_files, tmp_path / "run", **extra)), progress=False)
+    result = trainer.run()
+    pictures = sorted(p.name for p in result.samples if p.suffix == ".png")
+    assert pictures == ["00_image.png", "01_image.png", "02_image.png"]
+    held = [to_uint8_frames(clip[:1])[0] for batch in trainer.data.validation for clip in batch["video"]]
+    assert len(held) == 2
+    for i in range(3):
+        shown = np.asarray(Image.open(result.samples[i]))
+        assert np.array_equal(shown, held[i % 2])
+    assert len([p for p in result.samples if p.suffix == ".mp4"]) == 6  # the 3 videos, and in image mode
+
+
 @pytest.mark.parametrize("frame", ["first", "random"])
 def test_the_latent_cache_holds_the_clip_tokens_training_reads(tiny_assets, image_files, tmp_path, frame):
     """Built with image conditioning, the cache holds each clip's CLIP tokens (the first frame's, or every frame's for

@@ -58,9 +58,12 @@ class Objective(ABC):
         """Held-out figures (logged, and printed at the end of a run); ``None`` when there are none."""
         return None
 
-    def render(self, model_fn: Any, out_dir: Path, *, fps: float | None = None) -> list[Path]:
+    def render(
+        self, model_fn: Any, out_dir: Path, *, fps: float | None = None, batches: list[dict[str, Any]] | None = None
+    ) -> list[Path]:
         """Sample files for the validation settings, written under ``out_dir``; videos at ``fps``, the rate the
-        clips were trained at (``None``: unknown, 8)."""
+        clips were trained at (``None``: unknown, 8); ``batches``: the held-out batches (e.g. pictures to
+        animate)."""
         return []
 
 
@@ -135,13 +138,16 @@ class DenoisingObjective(Objective):
             figures |= image_gains(model_fn, batches, self.frozen, self.device, **prior)
         return figures
 
-    def render(self, model_fn: Any, out_dir: Path, *, fps: float | None = None) -> list[Path]:
+    def render(
+        self, model_fn: Any, out_dir: Path, *, fps: float | None = None, batches: list[dict[str, Any]] | None = None
+    ) -> list[Path]:
         from lvdm.sampling_settings import DEFAULT_FPS
         from lvdm.training.validation import render_validation
 
         cfg = self.cfg
         if not cfg.train.validation_prompts:
             return []
+        inputs, uncond, pictures = self._render_inputs(fps or DEFAULT_FPS, batches or [], out_dir)
         factor = 2 ** (len(self.frozen.vae.config.block_out_channels) - 1)
         height, width = cfg.data.resolution
         self.rendered = render_validation(
@@ -150,19 +156,54 @@ class DenoisingObjective(Objective):
             latent_channels=self.video.unet.config.in_channels, steps=cfg.train.validation_steps,
             guidance_scale=cfg.train.validation_guidance, fps=fps or DEFAULT_FPS, seed=cfg.train.seed,
             noise_prior=cfg.train.noise_prior, mixed_lambda=cfg.train.mixed_noise_lambda, device=self.device,
-            inputs=self._render_inputs(fps or DEFAULT_FPS),
+            inputs=inputs, uncond_inputs=uncond,
         )  # fmt: skip
+        self.rendered.files = pictures + self.rendered.files
         return self.rendered.files
 
-    def _render_inputs(self, fps: float) -> dict[str, torch.Tensor]:
-        """What the parts take when validation samples its prompts: the clips' rate (FPS conditioning), and "no
-        image" (the encoder's all-zero input, what a dropped image was in training) for image conditioning."""
-        accepted, inputs = self.video.conditioning_inputs, {}
+    def _render_inputs(
+        self, fps: float, batches: list[dict[str, Any]], out_dir: Path
+    ) -> tuple[list[dict[str, torch.Tensor]], dict[str, torch.Tensor], list[Path]]:
+        """What the parts take when validation samples its prompts, per prompt and for the unconditional pass, and
+        the pictures written: the clips' rate (FPS conditioning); with image conditioning, prompt ``i`` animates the
+        first frame of held-out clip ``i`` (cycling; written as ``out_dir/<i>_image.png``), the unconditional pass
+        gets "no image", as ``sample.py --image`` guides by default. Without held-out clips: "no image" (what a
+        dropped image was in training)."""
+        accepted, common, uncond = self.video.conditioning_inputs, {}, {}
         if "fps" in accepted:
-            inputs["fps"] = torch.tensor([float(fps)])
+            common["fps"] = torch.tensor([float(fps)])
+        prompts = self.cfg.train.validation_prompts
+        inputs = [dict(common) for _ in prompts]
+        pictures: list[Path] = []
         if "image_embeds" in accepted:
-            inputs["image_embeds"] = self.frozen.no_image_tokens()
-        return inputs
+            from lvdm.training.step import image_inputs
+
+            none = self.frozen.no_image_tokens()
+            tokens = torch.cat([image_inputs(b, self.frozen, None, None) for b in batches]) if batches else none
+            for i, given in enumerate(inputs):
+                given["image_embeds"] = tokens[i % len(tokens)][None]
+            uncond["image_embeds"] = none
+            pictures = _write_pictures(batches, len(prompts), out_dir) if batches else []
+        return inputs, uncond, pictures
+
+
+def _write_pictures(batches: list[dict[str, Any]], n: int, out_dir: Path) -> list[Path]:
+    """``out_dir/<i>_image.png``: the first frame of held-out clip ``i`` (cycling) for ``n`` prompts; none when the
+    batches hold no frames (a latent cache)."""
+    from PIL import Image
+
+    from lvdm.media import to_uint8_frames
+
+    frames = [to_uint8_frames(clip[:1])[0] for batch in batches if "video" in batch for clip in batch["video"]]
+    if not frames:
+        return []
+    out_dir.mkdir(parents=True, exist_ok=True)
+    written = []
+    for i in range(n):
+        path = out_dir / f"{i:02d}_image.png"
+        Image.fromarray(frames[i % len(frames)]).save(path)
+        written.append(path)
+    return written
 
 
 OBJECTIVES: dict[str, type[Objective]] = {

@@ -379,7 +379,8 @@ class Trainer:
                     self.log.write(self.step, figures)
                 fps = training_fps(self.cfg_dict | self._clip_fps())  # the rate the clips were trained at
                 with self._ema_weights():
-                    samples = self.objective.render(model, self.out / "samples" / f"step-{self.step:08d}", fps=fps)
+                    out = self.out / "samples" / f"step-{self.step:08d}"
+                    samples = self.objective.render(model, out, fps=fps, batches=self.data.validation)
                 rendered = self.objective.rendered  # the samples' frame metrics, and the videos for TensorBoard
                 if rendered is not None and samples:
                     figures = (figures or {}) | rendered.figures

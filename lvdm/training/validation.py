@@ -235,14 +235,16 @@ def render_videos(
     image_mode: bool = False,
     noise_prior: str = "independent",
     mixed_lambda: float = 0.5,
-    inputs: dict[str, Any] | None = None,
+    inputs: dict[str, Any] | list[dict[str, Any]] | None = None,
+    uncond_inputs: dict[str, Any] | None = None,
     device: torch.device | None = None,
 ) -> np.ndarray:
     """Each prompt rendered (DDIM, classifier-free guidance) as uint8 ``(n, f, h, w, 3)``.
 
     ``image_mode``: the image-only indicator set, i.e. the frozen image model draws every frame from its own noise.
     The initial noise follows ``noise_prior`` (the run's training prior). ``inputs``: more model inputs, the same
-    for every video (``{"fps": 8.0}``).
+    for every video (``{"fps": 8.0}``) or one dict per prompt (a picture to animate); ``uncond_inputs``: what the
+    unconditional pass takes instead (no picture).
     """
     scheduler = make_scheduler("ddim", frozen.noise_scheduler.config)
     empty = frozen.empty_text.to(device).float()
@@ -253,10 +255,12 @@ def render_videos(
         noise = sample_noise(shape, prior=noise_prior, mixed_lambda=mixed_lambda, generator=generator).to(device)
         text = encode_text(frozen.tokenizer, frozen.text_encoder, [prompt]).to(device, torch.float32)
         flag = torch.full((1,), float(image_mode), device=device)
-        cond = {"encoder_hidden_states": text, "image_only_indicator": flag, **(inputs or {})}
+        given = inputs[i] if isinstance(inputs, list) else inputs or {}
+        cond = {"encoder_hidden_states": text, "image_only_indicator": flag, **given}
         latents = sample(
             model_fn, scheduler, latents=noise, num_inference_steps=steps, cond=cond,
-            uncond={"encoder_hidden_states": empty}, guidance=guidance_schedule("constant", guidance_scale),
+            uncond={"encoder_hidden_states": empty, **(uncond_inputs or {})},
+            guidance=guidance_schedule("constant", guidance_scale),
             generator=generator, progress=False,
         )  # fmt: skip
         videos.append(to_uint8_frames(decode_latents(frozen.vae, latents)[0].float().cpu()))

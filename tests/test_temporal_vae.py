@@ -1,0 +1,221 @@
+"""The temporal VAE decoder (issue 13): built from SD's VAE as the identity, diffusers' AutoencoderKLTemporalDecoder
+format both ways (SVD-style folders load and decode as diffusers decodes them), chunked decoding, refusals, and the
+pipeline's ``decoder=`` / ``sample.py --decoder``."""
+
+from __future__ import annotations
+
+import json
+
+import numpy as np
+import pytest
+import torch
+from conftest import randomize
+
+from lvdm.errors import CheckpointError
+from lvdm.models.encoders import decode_latents
+from lvdm.models.temporal_vae import (
+    chunk_spans,
+    cross_fade,
+    decode_video,
+    fold_error,
+    load_video_decoder,
+    save_video_decoder,
+    video_decoder_from_vae,
+)
+from lvdm.testing import tiny_vae
+from lvdm.testing.demo_base import demo_vae
+
+pytestmark = pytest.mark.usefixtures("one_thread")
+
+
+def _latents(vae, f: int = 5, size: int = 8, seed: int = 0) -> torch.Tensor:
+    """Latents as the UNet makes them (scaled)."""
+    g = torch.Generator().manual_seed(seed)
+    return torch.randn(2, vae.config.latent_channels, f, size, size, generator=g) * vae.config.scaling_factor
+
+
+def _svd_style(seed: int = 0):
+    """A randomly initialised AutoencoderKLTemporalDecoder as diffusers builds it (SVD's class), every weight random,
+    the mixing factors included."""
+    from diffusers import AutoencoderKLTemporalDecoder
+
+    torch.manual_seed(seed)
+    model = AutoencoderKLTemporalDecoder(
+        block_out_channels=(32, 64), down_block_types=("DownEncoderBlock2D",) * 2, layers_per_block=2,
+        latent_channels=4, scaling_factor=0.18215,
+    ).eval()  # fmt: skip
+    randomize(model.decoder.parameters(), seed=seed, std=0.05)
+    return model
+
+
+@pytest.mark.parametrize("make", [tiny_vae, demo_vae], ids=["sd-shaped", "demo (8 groups, 1 layer per block)"])
+@torch.no_grad()
+def test_a_new_decoder_decodes_each_frame_as_the_image_decoder(make):
+    """Identity at init (fp32, < 1e-5) for a VAE whose post_quant_conv has no bias; the encoder is SD's own."""
+    vae = make().eval()
+    vae.post_quant_conv.bias.zero_()
+    decoder = video_decoder_from_vae(vae).eval()
+    z = _latents(vae)
+    image = decode_latents(vae, z)
+    video = decode_video(decoder, z, scaling_factor=vae.config.scaling_factor, chunk_frames=3, overlap=1)
+    assert (video - image).abs().max() < 1e-5
+    pixels = torch.rand(1, 3, 16, 16) * 2 - 1
+    torch.testing.assert_close(decoder.encode(pixels).latent_dist.mean, vae.encode(pixels).latent_dist.mean)
+    assert fold_error(vae) == 0.0
+
+
+@torch.no_grad()
+def test_a_post_quant_bias_changes_only_what_folding_it_cannot_carry():
+    """diffusers' class has no post_quant_conv: SD's is folded into conv_in, exactly but for its bias at the padded
+    border; fold_error bounds that change in the first feature map."""
+    vae = tiny_vae().eval()
+    randomize([vae.post_quant_conv.bias], seed=2, std=0.5)
+    decoder = video_decoder_from_vae(vae).eval()
+    z = _latents(vae) / vae.config.scaling_factor
+    frames = z.permute(0, 2, 1, 3, 4).reshape(-1, 4, 8, 8)  # b c f h w -> (b f) c h w
+    ours = decoder.decoder.conv_in(frames)
+    theirs = vae.decoder.conv_in(vae.post_quant_conv(frames))
+    difference = (ours - theirs).abs()
+    assert difference[..., 1:-1, 1:-1].max() < 1e-5  # the interior: exact
+    assert 0 < difference.max() <= fold_error(vae) + 1e-5
+
+
+@torch.no_grad()
+def test_an_svd_style_folder_decodes_as_diffusers_decodes_it(tmp_path):
+    model = _svd_style()
+    model.save_pretrained(tmp_path / "vae")
+    loaded = load_video_decoder(tmp_path, vae=model)  # an SVD model folder: its vae subfolder
+    z = _latents(model, f=6)
+    frames = (z / model.config.scaling_factor).permute(0, 2, 1, 3, 4).reshape(12, 4, 8, 8)  # b c f h w -> (b f) c h w
+    expected = model.decode(frames, num_frames=6).sample.reshape(2, 6, 3, 16, 16).clamp(-1, 1)
+    ours = decode_video(loaded, z, scaling_factor=model.config.scaling_factor, chunk_frames=6)
+    assert (ours - expected).abs().max() < 1e-5
+
+
+@torch.no_grad()
+def test_a_decoder_saves_in_diffusers_format_and_loads_back(tmp_path):
+    from diffusers import AutoencoderKLTemporalDecoder
+
+    vae = tiny_vae().eval()
+    decoder = video_decoder_from_vae(vae)
+    randomize(p for n, p in decoder.named_parameters() if "temporal" in n or "time_" in n)
+    save_video_decoder(decoder, tmp_path / "sd")
+    z = _latents(vae)
+    expected = decode_video(decoder.eval(), z, scaling_factor=vae.config.scaling_factor)
+    again = load_video_decoder(tmp_path / "sd", vae=vae)
+    assert torch.equal(decode_video(again, z, scaling_factor=vae.config.scaling_factor), expected)
+    in_diffusers = AutoencoderKLTemporalDecoder.from_pretrained(tmp_path / "sd").eval()  # the same in diffusers
+    assert torch.equal(decode_video(in_diffusers, z, scaling_factor=vae.config.scaling_factor), expected)
+    demo = video_decoder_from_vae(demo_vae())  # a VAE diffusers' layout cannot hold: lvdm keys say how
+    save_video_decoder(demo, tmp_path / "demo")
+    config = json.loads((tmp_path / "demo" / "config.json").read_text())
+    assert config["lvdm_norm_num_groups"] == 8 and config["lvdm_mid_block_resnets"] == 2
+    loaded = load_video_decoder(tmp_path / "demo")
+    saved, again = demo.state_dict(), loaded.state_dict()
+    assert saved.keys() == again.keys() and all(torch.equal(saved[k], again[k]) for k in saved)
+
+
+def test_decoders_that_do_not_fit_are_refused(tmp_path):
+    from diffusers import AutoencoderKL
+
+    vae = tiny_vae()
+    save_video_decoder(video_decoder_from_vae(vae), tmp_path / "ok")
+    other = tiny_vae()
+    other.register_to_config(scaling_factor=0.13025)
+    with pytest.raises(CheckpointError, match="decodes another latent space: 4 channels scaled by 0.18215"):
+        load_video_decoder(tmp_path / "ok", vae=other)
+    wide = AutoencoderKL(
+        latent_channels=16, block_out_channels=(32, 64), norm_num_groups=32,
+        down_block_types=("DownEncoderBlock2D",) * 2, up_block_types=("UpDecoderBlock2D",) * 2,
+    )  # fmt: skip
+    with pytest.raises(CheckpointError, match="the base's VAE makes 16 channels"):
+        load_video_decoder(tmp_path / "ok", vae=wide)
+    vae.save_pretrained(tmp_path / "image_vae")
+    with pytest.raises(CheckpointError, match="is a AutoencoderKL, not an AutoencoderKLTemporalDecoder"):
+        load_video_decoder(tmp_path / "image_vae")
+    with pytest.raises(CheckpointError, match="expected a diffusers AutoencoderKLTemporalDecoder folder"):
+        load_video_decoder(tmp_path / "missing")
+    pickled = tmp_path / "pickled"
+    pickled.mkdir()
+    (pickled / "config.json").write_text((tmp_path / "ok" / "config.json").read_text())
+    weights = video_decoder_from_vae(vae).state_dict()
+    torch.save(weights, pickled / "diffusion_pytorch_model.bin")
+    with pytest.raises(CheckpointError, match="is a pickle, which can run code"):
+        load_video_decoder(pickled)
+    assert load_video_decoder(pickled, allow_pickle=True) is not None
+    (tmp_path / "ok" / "diffusion_pytorch_model.safetensors").write_bytes(b"not safetensors")
+    with pytest.raises(CheckpointError, match="does not load"):
+        load_video_decoder(tmp_path / "ok")
+
+
+def test_chunks_cover_the_video_and_cross_fade_to_one():
+    assert chunk_spans(10, 16, 4) == [(0, 10)]
+    for frames in (17, 29, 64, 100):
+        spans = chunk_spans(frames, 16, 4)
+        assert spans[0][0] == 0 and spans[-1][1] == frames and all(b - a == 16 for a, b in spans)
+        assert all(spans[i][1] - spans[i + 1][0] >= 4 for i in range(len(spans) - 1))
+    weights = cross_fade(8, 3, 2)
+    assert weights.tolist() == pytest.approx([0.25, 0.5, 0.75, 1, 1, 1, 2 / 3, 1 / 3])
+    # a shared stretch: the weights of the two chunks sum to 1
+    assert (cross_fade(8, 0, 3)[-3:] + cross_fade(8, 3, 0)[:3]).tolist() == pytest.approx([1, 1, 1])
+
+
+@torch.no_grad()
+def test_a_chunked_decode_of_a_frame_independent_decoder_equals_the_whole():
+    vae = tiny_vae().eval()
+    vae.post_quant_conv.bias.zero_()
+    decoder = video_decoder_from_vae(vae).eval()
+    z = _latents(vae, f=23)
+    whole = decode_video(decoder, z, scaling_factor=vae.config.scaling_factor, chunk_frames=23)
+    chunked = decode_video(decoder, z, scaling_factor=vae.config.scaling_factor, chunk_frames=8, overlap=3)
+    assert (whole - chunked).abs().max() < 1e-5
+    with pytest.raises(ValueError, match="overlap"):
+        decode_video(decoder, z, scaling_factor=1.0, chunk_frames=4, overlap=4)
+
+
+# ------------------------------------------------------------------------------------------------ sampling
+@pytest.fixture(scope="module")
+def svd_decoder(sd_folders, tmp_path_factory):
+    """An SVD-style decoder (random temporal layers) for the tiny SD1 base's latent space."""
+    from lvdm.models import load_base
+
+    vae = load_base(sd_folders["sd1"]).vae
+    decoder = video_decoder_from_vae(vae)
+    randomize(p for n, p in decoder.named_parameters() if "temporal" in n or "time_" in n)
+    return save_video_decoder(decoder, tmp_path_factory.mktemp("decoder") / "vae")
+
+
+def test_the_pipeline_decodes_with_the_decoder_and_records_it(sd_folders, svd_decoder):
+    from lvdm import VideoPipeline
+
+    fast = {"num_inference_steps": 2, "num_frames": 4, "height": 16, "width": 16, "progress": False}
+    plain = VideoPipeline.from_pretrained(sd_folders["sd1"])
+    pipe = VideoPipeline.from_pretrained(sd_folders["sd1"], decoder=svd_decoder)
+    a, b = plain("a cat", seed=1, **fast), pipe("a cat", seed=1, **fast)
+    assert torch.equal(a.latents, b.latents) and not np.array_equal(a.frames, b.frames)
+    assert np.array_equal(pipe.decode(b.latents), b.frames)  # decode() is what the call used
+    assert np.array_equal(plain.decode(a.latents), a.frames)
+    assert b.metadata[0]["model"]["decoder"] == str(svd_decoder.absolute())
+    with pytest.raises(Exception, match=r"latents must be \(b, 4, f, h, w\)"):
+        pipe.decode(b.latents[:, :3])
+
+
+def test_sample_cli_takes_a_decoder_and_replays_it(sd_folders, svd_decoder, tmp_path):
+    import subprocess
+    import sys
+    from pathlib import Path
+
+    repo = Path(__file__).resolve().parents[1]
+    out = tmp_path / "v.mp4"
+    args = [
+        sys.executable, str(repo / "sample.py"), "--base", str(sd_folders["sd1"]), "--decoder", str(svd_decoder),
+        "--prompt", "a cat", "--frames", "4", "--height", "16", "--width", "16", "--steps", "2", "--out", str(out),
+    ]  # fmt: skip
+    env = {"OMP_NUM_THREADS": "1", "PATH": "/usr/bin:/bin"}
+    done = subprocess.run(args, capture_output=True, text=True, timeout=300, env=env)
+    assert done.returncode == 0, done.stderr
+    meta = json.loads(out.with_name("v.mp4.json").read_text())
+    assert meta["model"]["decoder"] == str(svd_decoder.absolute())
+    bad = subprocess.run([*args[:4], "--decoder", str(tmp_path), *args[6:-1], str(tmp_path / "w.mp4")],
+                         capture_output=True, text=True, timeout=300, env=env)  # fmt: skip
+    assert bad.returncode != 0 and "Traceback" not in bad.stderr and "AutoencoderKLTemporalDecoder" in bad.stderr
