@@ -214,8 +214,10 @@ class DataConfig:
 class TrainConfig:
     """Optimization, noise, checkpoints and logging."""
 
-    target: Literal["denoise"] = option(
-        "denoise", "what a step trains (lvdm.training.objectives): denoise (the temporal diffusion loss)"
+    target: Literal["denoise", "decoder"] = option(
+        "denoise",
+        "what a step trains (lvdm.training.objectives): denoise (the temporal diffusion loss) or decoder (a temporal "
+        "VAE decoder, lvdm.models.temporal_vae)",
     )
     max_steps: int = option(1000, "optimizer steps to train (checkpoint names hold 8 digits)", min=1, max=10**8 - 1)
     batch_size: int = option(1, "clips per device in each micro-batch", min=1)
@@ -256,6 +258,24 @@ class TrainConfig:
     image_dropout: float = option(
         0.1, "probability of dropping the conditioning image (enables image guidance)", min=0, max=1
     )
+    decoder_layers: Literal["temporal", "all"] = option(
+        "temporal", "decoder target: train its temporal layers, or the whole decoder (the encoder always stays)"
+    )
+    decoder_latent_noise: float = option(
+        0.0,
+        "decoder target: std of Gaussian noise added to each frame's latent (in the UNet's scaled units), in training "
+        "and validation: a video model's latents carry such per-frame errors, the image decoder turns them into "
+        "flicker, and the temporal layers learn to remove it",
+        min=0,
+    )
+    disc_start: int = option(
+        500, "decoder target: the step the 3D patch discriminator's loss starts at (it trains from the start)", min=0
+    )
+    disc_weight: float = option(0.5, "decoder target: weight of the adversarial loss (0: L1 only)", min=0)
+    disc_adaptive: bool = option(
+        True, "decoder target: scale the adversarial loss by VQGAN's rule (L1 / adversarial gradient norm ratio)"
+    )
+    disc_lr: float | None = option(None, "decoder target: the discriminator's learning rate; null: train.lr", gt=0)
     max_nonfinite_steps: int = option(10, "stop after this many skipped steps with a NaN/inf loss", min=1)
     overwrite: bool = option(False, "allow a fresh run in an output_dir that already holds one")
     log_every: int = option(10, "log the loss every n steps", min=1)
@@ -289,6 +309,7 @@ class Config:
                 " (train.image_batch_ratio=0)"
             )
         problems += _task_problems(self)
+        problems += _decoder_problems(self)
         from lvdm.fileio import special_folder
 
         if reason := special_folder(self.output_dir):
@@ -298,6 +319,31 @@ class Config:
 
 TASKS = ("text", "predict", "interpolate")
 """The training tasks ``train.tasks`` weighs (lvdm.training.tasks)."""
+
+
+def _decoder_problems(cfg: Config) -> list[str]:
+    """What the decoder target cannot combine with: it trains the VAE decoder on clips, and nothing of the UNet."""
+    if cfg.train.target != "decoder":
+        return []
+    m = cfg.model
+    unet_parts = {
+        "model.context": m.context, "model.fps_conditioning": m.fps_conditioning,
+        "model.image_conditioning": m.image_conditioning, "model.spatial_lora_rank": m.spatial_lora_rank,
+        "model.unfreeze": m.unfreeze, "model.temporal_init": m.temporal_init, "train.tasks": cfg.train.tasks,
+    }  # fmt: skip
+    problems = [
+        f"{key}: belongs to the UNet, which train.target=decoder does not train; drop it"
+        for key, value in unet_parts.items()
+        if value
+    ]
+    if cfg.data.cache:
+        problems.append(
+            "data.cache: the decoder learns to reproduce the clips' pixels, which a latent cache does not hold; "
+            "train from the clips"
+        )
+    if cfg.data.num_frames < 2:
+        problems.append("data.num_frames: a temporal decoder learns from at least 2 frames per clip")
+    return problems
 
 
 def _task_problems(cfg: Config) -> list[str]:

@@ -170,4 +170,8 @@ def whole_and_resumed(overrides, root) -> tuple[object, dict, dict]:
     whole = train(load_config([], overrides(root / "whole")), progress=False)
     train(load_config([], overrides(root / "split", **{"train.max_steps": 2})), progress=False)
     train(load_config([], overrides(root / "split", **{"train.resume": "auto"})), progress=False)
-    return whole, load_file(whole.temporal_path), load_file(root / "split" / "temporal.safetensors")
+
+    def tensors(path):  # a module file, or a decoder folder (diffusers format)
+        return load_file(path / "diffusion_pytorch_model.safetensors" if path.is_dir() else path)
+
+    return whole, tensors(whole.temporal_path), tensors(root / "split" / whole.temporal_path.name)

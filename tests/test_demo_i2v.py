@@ -36,7 +36,6 @@ def _config(root: Path, encoder: Path, out: str):
 
 def test_the_image_gain_shows_the_picture_is_used(demo_root: Path, encoder: Path):  # noqa: F811
     g = train(_config(demo_root, encoder, "i2v"), progress=False).gain
-    print("i2v gains", g)
     assert g["image_gain"] > 1.1, g
 
 
@@ -51,5 +50,4 @@ def test_a_module_trained_on_pictures_of_other_clips_gets_no_image_gain(demo_roo
     with pytest.MonkeyPatch.context() as patch:
         patch.setattr(step, "image_inputs", another_clips_frame)
         g = train(_config(demo_root, encoder, "i2v_control"), progress=False).gain
-    print("control gains", g)
     assert abs(g["image_gain"] - 1) <= 0.03, g

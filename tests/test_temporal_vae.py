@@ -9,7 +9,7 @@ import json
 import numpy as np
 import pytest
 import torch
-from conftest import randomize
+from conftest import randomize, tiny_overrides, whole_and_resumed
 
 from lvdm.errors import CheckpointError
 from lvdm.models.encoders import decode_latents
@@ -219,3 +219,77 @@ def test_sample_cli_takes_a_decoder_and_replays_it(sd_folders, svd_decoder, tmp_
     bad = subprocess.run([*args[:4], "--decoder", str(tmp_path), *args[6:-1], str(tmp_path / "w.mp4")],
                          capture_output=True, text=True, timeout=300, env=env)  # fmt: skip
     assert bad.returncode != 0 and "Traceback" not in bad.stderr and "AutoencoderKLTemporalDecoder" in bad.stderr
+
+
+# ------------------------------------------------------------------------------------------------ training
+def _decoder_run(assets, out, **extra):
+    values = {"train.target": "decoder", "data.holdout": 2, "train.disc_start": 1, "train.decoder_latent_noise": 0.2}
+    return tiny_overrides(assets, out, **(values | extra))
+
+
+def test_decoder_training_writes_a_diffusers_folder_and_resumes_exactly(tiny_assets, tmp_path):
+    """Both optimizers (the decoder's, the discriminator's) and the discriminator itself resume exactly."""
+    from diffusers import AutoencoderKLTemporalDecoder
+
+    whole, a, b = whole_and_resumed(lambda out, **extra: _decoder_run(tiny_assets, out, **extra), tmp_path)
+    assert whole.temporal_path == tmp_path / "whole" / "decoder"
+    assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
+    assert AutoencoderKLTemporalDecoder.from_pretrained(whole.temporal_path) is not None
+    g = whole.gain
+    assert g["flicker_gain"] == pytest.approx(g["flicker_image_decoder"] / g["flicker_video_decoder"])
+    assert g["temporal_flicker_gain"] == pytest.approx(g["flicker_each_frame"] / g["flicker_video_decoder"])
+    lines = [json.loads(line) for line in (tmp_path / "whole" / "log.jsonl").read_text().splitlines()]
+    assert any("disc_loss" in line for line in lines) and any("psnr_video_decoder" in line for line in lines)
+    samples = sorted(p.name for p in whole.samples)
+    assert samples == ["00.gif", "00.mp4", "01.gif", "01.mp4"]  # each held-out clip beside its reconstructions
+
+
+def test_each_network_gets_gradients_only_on_its_own_step(tiny_assets, tmp_path):
+    from lvdm.config import load_config
+    from lvdm.training.step import step_generator
+    from lvdm.training.trainer import Trainer
+
+    trainer = Trainer(load_config([], _decoder_run(tiny_assets, tmp_path, **{"train.disc_start": 0})), progress=False)
+    objective, batch = trainer.objective, next(trainer.batches)
+    disc_before = {k: v.clone() for k, v in objective.disc.state_dict().items()}
+    loss = objective.loss(trainer.model_fn, batch, step_generator(0, 0, 0)).mean()
+    loss.backward()
+    assert all(p.grad is None for p in objective.disc.parameters())  # the decoder's step
+    assert all(p.grad is not None for p in trainer.trainable.values())
+    assert objective.adv_weight is not None and objective.adv_weight > 0
+    decoder_grads = {k: p.grad.clone() for k, p in trainer.trainable.items()}
+    objective.after_step(1)  # the discriminator's step
+    assert all(torch.equal(p.grad, decoder_grads[k]) for k, p in trainer.trainable.items())
+    after = objective.disc.state_dict()
+    assert any(not torch.equal(after[k], disc_before[k]) for k in after)
+    frozen = [p for n, p in trainer.video.model.named_parameters() if n not in trainer.trainable]
+    assert frozen and not any(p.requires_grad for p in frozen)  # the encoder and the spatial decoder stay
+
+
+def test_an_untrained_decoder_has_a_temporal_flicker_gain_of_exactly_one(tiny_assets, tmp_path):
+    """The control: a new decoder treats every frame alone, so giving it the other frames changes nothing."""
+    from lvdm.config import load_config
+    from lvdm.training.trainer import Trainer
+
+    trainer = Trainer(load_config([], _decoder_run(tiny_assets, tmp_path)), progress=False)
+    figures = trainer.objective.evaluate(trainer.video, trainer.data.validation)
+    assert figures["temporal_flicker_gain"] == 1.0
+    assert figures["flicker_video_decoder"] == figures["flicker_each_frame"]
+    randomize(trainer.trainable.values(), seed=4, std=0.05)
+    assert trainer.objective.evaluate(trainer.video, trainer.data.validation)["temporal_flicker_gain"] != 1.0
+
+
+@pytest.mark.parametrize(
+    ("override", "message"),
+    [
+        ({"model.context": "true"}, "model.context: belongs to the UNet"),
+        ({"data.cache": "somewhere"}, "data.cache: the decoder learns to reproduce the clips' pixels"),
+        ({"train.decoder_layers": "some"}, "train.decoder_layers"),
+    ],
+)
+def test_decoder_settings_are_checked(tiny_assets, tmp_path, override, message):
+    from lvdm.config import load_config
+    from lvdm.errors import ConfigError
+
+    with pytest.raises(ConfigError, match=message):
+        load_config([], _decoder_run(tiny_assets, tmp_path, **override))

@@ -177,10 +177,25 @@ def _identity_init(name: str, value: torch.Tensor) -> torch.Tensor:
 
 
 # ------------------------------------------------------------------------------------------------ files
+DECODER_FILES = ("config.json", WEIGHT_FILES[0])  # what save_video_decoder writes
+
+
 def save_video_decoder(model: Any, folder: str | os.PathLike) -> Path:
-    """``folder`` as diffusers saves an ``AutoencoderKLTemporalDecoder`` (``config.json``, safetensors weights)."""
-    model.save_pretrained(folder, safe_serialization=True)
-    return Path(folder)
+    """``folder`` as diffusers saves an ``AutoencoderKLTemporalDecoder`` (``config.json``, the weights as
+    ``diffusion_pytorch_model.safetensors``), each file written under a temporary name and renamed, so a killed
+    save leaves the previous files whole."""
+    from safetensors.torch import save_file
+
+    from lvdm.fileio import atomic_path
+
+    folder = Path(folder)
+    folder.mkdir(parents=True, exist_ok=True)
+    state = {k: v.detach().to("cpu").contiguous() for k, v in model.state_dict().items()}
+    with atomic_path(folder / DECODER_FILES[1]) as temp:
+        save_file(state, temp, metadata={"format": "pt"})
+    with atomic_path(folder / DECODER_FILES[0]) as temp:
+        Path(temp).write_text(model.to_json_string(), encoding="utf-8")
+    return folder
 
 
 def load_video_decoder(

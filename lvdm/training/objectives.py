@@ -13,7 +13,8 @@ micro-batch's loss is, and what validation measures and renders, belongs to an :
 - :meth:`Objective.evaluate` and :meth:`Objective.render`: held-out figures and sample files.
 
 :data:`OBJECTIVES` maps ``train.target`` to its class. ``denoise`` (the diffusion loss of the temporal
-layers on the frozen base) is the first; the decoder, upscaler and distillation targets join it.
+layers on the frozen base) is the first; ``decoder`` (the temporal VAE decoder, :mod:`lvdm.training.decoder`) the
+second; the upscaler and distillation targets join them.
 """
 
 from __future__ import annotations
@@ -214,4 +215,8 @@ OBJECTIVES: dict[str, type[Objective]] = {
 
 def make_objective(cfg: Any, video: Any, frozen: Frozen, device: torch.device) -> Objective:
     """The objective ``cfg.train.target`` names, built for this run."""
+    if cfg.train.target not in OBJECTIVES and cfg.train.target == "decoder":
+        from lvdm.training.decoder import DecoderObjective  # imported here: it builds on this module
+
+        OBJECTIVES["decoder"] = DecoderObjective
     return OBJECTIVES[cfg.train.target](cfg, video, frozen, device)

@@ -9,7 +9,8 @@ def format_report(result: TrainResult) -> str:
     out = result.output_dir
     lines = [
         f"{'stopped' if result.stopped_by_signal else 'finished'} at step {result.step}",
-        f"temporal module: {result.temporal_path}",
+        f"{'decoder:        ' if result.temporal_path.name == 'decoder' else 'temporal module:'} "
+        f"{result.temporal_path}",
         f"checkpoints:     {out / 'checkpoints'}  (continue with train.resume=auto)",
         f"logs:            {out / 'log.jsonl'}, TensorBoard: tensorboard --logdir {out / 'tensorboard'}",
     ]
@@ -58,6 +59,18 @@ def format_validation(figures: dict[str, float]) -> list[str]:
             f"{g['loss_without_image']:.4f} / with the clip's first frame {g['loss_with_image']:.4f}, same model; "
             "above 1: it uses the image)"
         )
+    if "flicker_gain" in g:
+        lines += [
+            f"flicker gain:    {g['flicker_gain']:.3f}  (held-out flicker error of the image decoder / the video "
+            "decoder; above 1: less flicker)",
+            "decoders:        PSNR (dB, per frame)   flicker error (|change of the reconstruction - change of the "
+            "clip| between consecutive frames, 0-255)",
+            f"  image decoder  {g['psnr_image_decoder']:8.2f}{g['flicker_image_decoder']:24.3f}",
+            f"  video decoder  {g['psnr_video_decoder']:8.2f}{g['flicker_video_decoder']:24.3f}",
+            f"  each frame     {g['psnr_each_frame']:8.2f}{g['flicker_each_frame']:24.3f}  (the video decoder given "
+            f"one frame at a time: temporal flicker gain {g['temporal_flicker_gain']:.3f}, above 1: its temporal "
+            "layers remove flicker)",
+        ]
     rows = [(label, key) for label, key in SAMPLE_ROWS if f"{key}_frame_change" in g]
     if rows:
         lines.append("frames:          change (mean |frame i+1 - frame i|, 0-255)   correlation (consecutive frames)")

@@ -7,6 +7,7 @@ Layout of ``output_dir``::
     config.yaml            the resolved config of the latest start or resume
     checkpoints/           checkpoint-00000500/ ... (see lvdm.training.checkpoint)
     temporal.safetensors   the temporal module, exported at every checkpoint and at the end
+    decoder/               instead, for train.target=decoder: the video decoder (config.json and its weights)
     log.jsonl  tensorboard/  samples/  skipped.jsonl (skipped.rank<N>.jsonl for the other processes)
 
 What lvdm promises about this folder (see "What lvdm guarantees about your files" in the README):
@@ -64,7 +65,8 @@ RUN_FILES = (
     "config.yaml", "temporal.safetensors", "spatial_lora.safetensors", "spatial_weights.safetensors", "log.jsonl",
     "skipped.jsonl",
 )  # fmt: skip
-RUN_FOLDERS = ("checkpoints", "tensorboard", "samples")
+RUN_FOLDERS = ("checkpoints", "tensorboard", "samples", "decoder")
+DECODER_FILES = ("config.json", "diffusion_pytorch_model.safetensors")  # lvdm.models.temporal_vae.save_video_decoder
 CONFIG_HEADER = "# Resolved lvdm config"
 REFUSAL = "lvdm refuses to write a run there: give a new folder such as outputs/run"
 _SKIPPED_RANK = re.compile(r"skipped\.rank\d+\.jsonl")
@@ -162,7 +164,9 @@ def _prepare_fresh(output_dir: Path, overwrite: bool) -> None:
         return
     marker = _read_marker(output_dir)
     foreign = _foreign(output_dir, entries, marker)
-    material = checkpoint_material(checkpoint_root(output_dir)) or (output_dir / "temporal.safetensors").exists()
+    material = checkpoint_material(checkpoint_root(output_dir)) or any(
+        (output_dir / name).exists() for name in ("temporal.safetensors", "decoder")
+    )
     if material and not overwrite and not foreign:
         count = len(list_checkpoints(checkpoint_root(output_dir)))
         raise LvdmError(
@@ -287,6 +291,8 @@ def _ours_in(kind: str, parent: Path, top: Path, name: str) -> bool:
         return parent != top and _CHECKPOINT_FILE.fullmatch(name) is not None
     if kind == "tensorboard":
         return name.startswith("events.out.tfevents.")
+    if kind == "decoder":  # exactly what save_video_decoder writes, or a killed write of it
+        return parent == top and (name in DECODER_FILES or is_stray_temp(name, DECODER_FILES))
     return parent != top and name.endswith(_SAMPLE_SUFFIXES)  # samples/step-00000100/00.mp4
 
 

@@ -27,6 +27,10 @@ def build_model(cfg: Any, device: torch.device, mixed_precision: str) -> tuple[A
     from lvdm.training import groups
     from lvdm.training.trainer import layout_from_config
 
+    if cfg.train.target == "decoder":  # the temporal VAE decoder, not the UNet
+        from lvdm.training.decoder import build_decoder_model
+
+        return build_decoder_model(cfg, device, WEIGHT_DTYPES[mixed_precision])
     m = cfg.model
     base = load_base(m.base, base_config=m.base_config, loras=m.loras, allow_pickle=m.allow_pickle)
     image_encoder = None

@@ -120,8 +120,9 @@ class Trainer:
         self.data.stream.start_at(self.micro_batches)
         self.batches = iter(self.data.loader)
 
-    def model_fn(self, x: torch.Tensor, t: torch.Tensor, **cond: Any) -> torch.Tensor:
-        return self.model(x, t, **cond)
+    def model_fn(self, *args: Any, **kwargs: Any) -> torch.Tensor:
+        """The trained model (as accelerate wraps it): the video UNet ``(x, t, **cond)``, or what the target trains."""
+        return self.model(*args, **kwargs)
 
     # ---------------------------------------------------------------------------------------------- the loop
     def run(self) -> TrainResult:
@@ -286,10 +287,11 @@ class Trainer:
 
     def export(self) -> Path:
         """Write ``<output_dir>/temporal.safetensors`` (the EMA weights when EMA is on) with the resolved config,
-        plus ``spatial_lora.safetensors`` / ``spatial_weights.safetensors`` when those groups train."""
+        plus ``spatial_lora.safetensors`` / ``spatial_weights.safetensors`` when those groups train; for the decoder
+        target, the ``<output_dir>/decoder/`` folder."""
         from lvdm.training import groups
 
-        target = self.out / "temporal.safetensors"
+        target = self.out / getattr(self.video, "export_name", "temporal.safetensors")
         model = self.cfg.model
         with self._ema_weights():
             self.video.save_temporal(target, training_config=self.cfg_dict | self._clip_fps())
@@ -394,7 +396,8 @@ class Trainer:
         gain, samples = (None, []) if self.stop_requested else self.validate()  # a signal stop stays quick
         self.log.close()
         return TrainResult(
-            self.out, self.step, self.out / "temporal.safetensors", first_loss, last_loss, gain, samples,
+            self.out, self.step, self.out / getattr(self.video, "export_name", "temporal.safetensors"), first_loss,
+            last_loss, gain, samples,
             self.skipped_total, self.stop_requested,
         )  # fmt: skip
 
