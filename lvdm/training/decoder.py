@@ -7,11 +7,12 @@ adversarial loss of a 3D-conv patch discriminator (:mod:`lvdm.modules.discrimina
 ``train.disc_weight`` and, with ``train.disc_adaptive``, VQGAN's gradient-ratio rule at the decoder's last layer.
 
 The discriminator and its optimizer belong to the objective: they are stepped in :meth:`DecoderObjective.after_step`
-on the micro-batches of the step just taken (the decoder's output detached), saved in every checkpoint and restored
-on resume. Each network gets gradients only on its own step: the discriminator's parameters do not require grad
-while the decoder's loss runs through it, and its own step sees detached videos.
+on the micro-batches of the step just taken (the decoder's output detached; under several processes its gradients
+averaged across them), saved in every checkpoint and restored on resume. Each network gets gradients only on its
+own step: the discriminator's parameters do not require grad while the decoder's loss runs through it, and its own
+step sees detached videos.
 
-Validation decodes the held-out clips (the encoder's mean latents) with the image decoder and the video decoder and
+Validation decodes the held-out clips (the encoder's mean latents, plus ``train.decoder_latent_noise``) with the image decoder and the video decoder and
 reports, side by side, per-frame PSNR and the **flicker error**: the mean absolute difference (0-255) between the
 reconstruction's and the original's consecutive-frame differences, i.e. the frame-to-frame change the decoder adds
 or removes. ``flicker_gain`` is the image decoder's flicker error over the video decoder's (above 1: less flicker);
@@ -185,6 +186,7 @@ class DecoderObjective(Objective):
             return {"disc_skipped": self.disc_skipped}
         self.disc_optimizer.zero_grad(set_to_none=True)
         loss.backward()
+        _average_across_processes(self.disc.parameters())
         self.disc_optimizer.step()
         self.disc_optimizer.zero_grad(set_to_none=True)
         if step % self.cfg.train.log_every and step != 1:
@@ -262,6 +264,19 @@ class DecoderObjective(Objective):
         files = write_videos(videos, out_dir, fps=fps or 8.0)
         self.rendered = Rendered(files=files, videos={"reconstructions": videos})
         return files
+
+
+def _average_across_processes(params: Any) -> None:
+    """Under several processes, every rank's discriminator gradients averaged (it is not wrapped by accelerate, and
+    its copies must stay equal); nothing with one."""
+    import torch.distributed as dist
+
+    if not (dist.is_available() and dist.is_initialized()) or dist.get_world_size() == 1:
+        return
+    for param in params:
+        if param.grad is not None:
+            dist.all_reduce(param.grad, op=dist.ReduceOp.SUM)
+            param.grad /= dist.get_world_size()
 
 
 def _channels_first(video: torch.Tensor) -> torch.Tensor:
