@@ -12,8 +12,8 @@ averaged across them), saved in every checkpoint and restored on resume. Each ne
 own step: the discriminator's parameters do not require grad while the decoder's loss runs through it, and its own
 step sees detached videos.
 
-Validation decodes the held-out clips (the encoder's mean latents, plus ``train.decoder_latent_noise``) with the image decoder and the video decoder and
-reports, side by side, per-frame PSNR and the **flicker error**: the mean absolute difference (0-255) between the
+Validation decodes the held-out clips (the encoder's mean latents, plus ``train.decoder_latent_noise``) with the
+image decoder and the video decoder and reports, side by side, per-frame PSNR and the **flicker error**: the mean absolute difference (0-255) between the
 reconstruction's and the original's consecutive-frame differences, i.e. the frame-to-frame change the decoder adds
 or removes. ``flicker_gain`` is the image decoder's flicker error over the video decoder's (above 1: less flicker);
 ``temporal_flicker_gain`` is the same video decoder given each frame alone over given the video: what its temporal
