@@ -13,12 +13,13 @@ own step: the discriminator's parameters do not require grad while the decoder's
 step sees detached videos.
 
 Validation decodes the held-out clips (the encoder's mean latents, plus ``train.decoder_latent_noise``) with the
-image decoder and the video decoder and reports, side by side, per-frame PSNR and the **flicker error**: the mean absolute difference (0-255) between the
-reconstruction's and the original's consecutive-frame differences, i.e. the frame-to-frame change the decoder adds
-or removes. ``flicker_gain`` is the image decoder's flicker error over the video decoder's (above 1: less flicker);
-``temporal_flicker_gain`` is the same video decoder given each frame alone over given the video: what its temporal
-layers contribute, measured on the same weights with the other frames removed (a decoder trained as a whole also
-improves frame by frame, which the first figure counts and this one does not).
+image decoder and the video decoder and reports, side by side, per-frame PSNR and the **flicker error**: the mean
+absolute difference (0-255) between the reconstruction's and the original's consecutive-frame differences, i.e. the
+frame-to-frame change the decoder adds or removes. ``flicker_gain`` is the image decoder's flicker error over the
+video decoder's (above 1: less flicker); ``temporal_flicker_gain`` is the same video decoder given each frame alone
+over given the video: what its temporal layers contribute, measured on the same weights with the other frames
+removed (a decoder trained as a whole also improves frame by frame, which the first figure counts and this one does
+not).
 
 Not yet: a perceptual (LPIPS) loss term and training from the latent cache (which holds no pixels).
 """
