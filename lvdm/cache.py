@@ -1,5 +1,5 @@
 """Encode a dataset once through the VAE and text encoder (and the CLIP image encoder, with image conditioning),
-so training reads latents instead of video.
+so training reads latents instead of video; for ``train.target: decoder`` the cache also keeps the clips' pixels.
 
     python -m lvdm.cache --config configs/t2v_sd15.yaml data.cache=cache/webvid
     python train.py --config configs/t2v_sd15.yaml data.cache=cache/webvid      # then trains from it
@@ -44,9 +44,8 @@ def build_from_config(cfg: Config, *, shard_size: int = 64, progress: bool = Tru
     m = cfg.model
     base = load_base(m.base, base_config=m.base_config, loras=m.loras, allow_pickle=m.allow_pickle)
     image_encoder = load_image_encoder(m.image_encoder) if m.image_conditioning else None
-    fingerprint = cache_fingerprint(
-        dataset, **encoder_digests(base.vae, base.text_encoder, image_encoder, cfg.train.image_frame)
-    )
+    digests = encoder_digests(base.vae, base.text_encoder, image_encoder, cfg.train.image_frame)
+    fingerprint = cache_fingerprint(dataset, **digests, frames=cfg.train.target == "decoder")
     images = {"encode_frames": lambda frames: frame_tokens(image_encoder, frames)} if image_encoder else {}
     return build_cache(
         dataset, cfg.data.cache, **encoders(base), **images, fingerprint=fingerprint, shard_size=shard_size,

@@ -336,11 +336,6 @@ def _decoder_problems(cfg: Config) -> list[str]:
         for key, value in unet_parts.items()
         if value
     ]
-    if cfg.data.cache:
-        problems.append(
-            "data.cache: the decoder learns to reproduce the clips' pixels, which a latent cache does not hold; "
-            "train from the clips"
-        )
     if cfg.data.num_frames < 2:
         problems.append("data.num_frames: a temporal decoder learns from at least 2 frames per clip")
     return problems

@@ -283,7 +283,6 @@ def test_an_untrained_decoder_has_a_temporal_flicker_gain_of_exactly_one(tiny_as
     ("override", "message"),
     [
         ({"model.context": "true"}, "model.context: belongs to the UNet"),
-        ({"data.cache": "somewhere"}, "data.cache: the decoder learns to reproduce the clips' pixels"),
         ({"train.decoder_layers": "some"}, "train.decoder_layers"),
     ],
 )
@@ -320,3 +319,35 @@ def test_chunked_decoding_memory_does_not_grow_with_length():
 
     sixteen, chunked, whole = peak(16, 16), peak(64, 16), peak(64, 64)
     assert chunked <= 1.1 * sixteen < whole / 3
+
+
+def test_the_decoder_trains_from_the_latent_cache_as_from_the_clips(tiny_assets, tmp_path):
+    """For this target the cache keeps each clip's pixels (exactly: uint8 values) beside its latents: a cached batch
+    gives the loss the clips give, and a run from the cache reports the same figures' kinds."""
+    import random
+
+    from lvdm.cache import build_from_config
+    from lvdm.config import load_config
+    from lvdm.data.build import build_dataset
+    from lvdm.data.cache import LatentCache, collate_cached
+    from lvdm.data.dataset import collate
+    from lvdm.training.step import step_generator
+    from lvdm.training.trainer import Trainer
+
+    cfg = load_config([], _decoder_run(tiny_assets, tmp_path / "run", **{"data.cache": tmp_path / "cache"}))
+    build_from_config(cfg, shard_size=4, progress=False)
+    cache = LatentCache(tmp_path / "cache")
+    cached = collate_cached([cache[i] for i in range(2)])
+    listing, _ = build_dataset(cfg.data, seed=cfg.train.seed)
+    clips = collate([
+        listing.load(s["index"], random.Random(f"{listing.seed}:cache:{s['index']}")) | {"index": 0, "skipped": []}
+        for s in cache.samples[:2]
+    ])  # fmt: skip
+    assert torch.equal(cached["video"], clips["video"])  # the pixels, exactly
+    trainer = Trainer(cfg, progress=False)
+    objective = trainer.objective
+    from_cache = objective.loss(trainer.model_fn, cached, step_generator(0, 0, 0))
+    from_clips = objective.loss(trainer.model_fn, clips, step_generator(0, 0, 0))
+    torch.testing.assert_close(from_cache, from_clips, rtol=1e-4, atol=1e-6)
+    result = trainer.run()
+    assert result.gain["flicker_gain"] > 0 and (result.temporal_path / "config.json").is_file()

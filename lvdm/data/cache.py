@@ -9,7 +9,8 @@ Layout of a cache folder:
   (caption, fps, is_image, source) in the shard's metadata; with image conditioning also ``{i}.image``, the CLIP
   tokens ``(k, n, d)`` of the frames that can condition the clip (``k = 1``: the first; ``k = f``: every frame, for
   ``train.image_frame: random``); float32, e.g. 1.3 MB per frame for CLIP ViT-H/14, about what a clip's latents
-  take;
+  take; for the decoder target also ``{i}.frames``, the clip itself as uint8 ``(f, 3, h, w)`` (exact: a clip's
+  pixels are uint8 values scaled to [-1, 1]), what the decoder learns to reproduce;
 - ``empty_text.safetensors``: the empty caption's embedding, for caption dropout;
 - ``skipped.jsonl``: the files that could not be cached, with reasons (each once, also across a resume).
 
@@ -74,12 +75,14 @@ def cache_fingerprint(
     text_encoder_digest: str,
     image_encoder_digest: str | None = None,
     image_frames: str | None = None,
+    frames: bool = False,
 ) -> dict[str, Any]:
     """What a cache depends on: the encoders' weights (as :func:`weights_digest` of the loaded, un-cast
     modules), the clip settings and the listed files; with an image encoder, also which frames' tokens it holds
-    (``image_frames``: ``"first"`` or ``"every"``)."""
+    (``image_frames``: ``"first"`` or ``"every"``), and whether it holds the clips' pixels (``frames``)."""
     listing = hashlib.sha256("\n".join(str(e.path) for e in dataset.entries).encode()).hexdigest()[:16]
     image = {"image_encoder": image_encoder_digest, "image_frames": image_frames} if image_encoder_digest else {}
+    image |= {"frames": True} if frames else {}
     return image | {
         "vae": vae_digest,
         "text_encoder": text_encoder_digest,
@@ -107,8 +110,9 @@ def build_cache(
     ``encode_text``: captions -> ``(b, n, d)``; ``encode_frames`` (image conditioning): frames ``(k, 3, h, w)`` ->
     CLIP tokens ``(k, n, d)``, of the first frame or every frame as ``fingerprint["image_frames"]`` says.
     """
-    frames = {"first": slice(0, 1), "every": slice(None)}.get(fingerprint.get("image_frames"))
-    encode_image = (lambda video: encode_frames(video[frames])) if encode_frames is not None else None
+    chosen = {"first": slice(0, 1), "every": slice(None)}.get(fingerprint.get("image_frames"))
+    encode_image = (lambda video: encode_frames(video[chosen])) if encode_frames is not None else None
+    keep_frames = bool(fingerprint.get("frames"))
     out = Path(out_dir)
     shards = range(0, len(dataset), shard_size)
     _start_or_resume(out, fingerprint, shard_size, len(shards))
@@ -119,7 +123,7 @@ def build_cache(
         indices = range(first, min(first + shard_size, len(dataset)))
         path = out / _shard_name(number)
         if not path.exists():
-            _write_shard(dataset, indices, path, skips, encode_video, encode_text, encode_image)
+            _write_shard(dataset, indices, path, skips, encode_video, encode_text, encode_image, keep_frames)
         bar.update(len(indices))
     bar.close()
     return out
@@ -175,7 +179,9 @@ def _start_or_resume(out: Path, fingerprint: dict[str, Any], shard_size: int, sh
     manifest.write_text(json.dumps(header, indent=2))
 
 
-def _write_shard(dataset, indices, path: Path, skips: _SkipLog, encode_video, encode_text, encode_image) -> None:
+def _write_shard(
+    dataset, indices, path: Path, skips: _SkipLog, encode_video, encode_text, encode_image, keep_frames: bool
+) -> None:
     tensors, samples = {}, []
     for index in indices:
         rng = random.Random(f"{dataset.seed}:cache:{index}")
@@ -188,6 +194,8 @@ def _write_shard(dataset, indices, path: Path, skips: _SkipLog, encode_video, en
         tensors[f"{index}.text"] = encode_text([sample["caption"]])[0].cpu().contiguous()
         if encode_image is not None:
             tensors[f"{index}.image"] = encode_image(sample["video"]).cpu().contiguous()
+        if keep_frames:  # f 3 h w in [-1, 1], uint8 values scaled: stored as those values
+            tensors[f"{index}.frames"] = sample["video"].add(1.0).mul(127.5).round().to(torch.uint8).contiguous()
         samples.append({k: sample[k] for k in ("caption", "fps", "is_image", "source")} | {"index": index})
     with atomic_path(path) as temp:
         save_file(tensors, temp, metadata={"samples": json.dumps(samples)})
@@ -238,7 +246,8 @@ class LatentCache(Dataset):
                 names = set(handle.keys())
                 for sample in json.loads(handle.metadata()["samples"]):
                     shape = handle.get_slice(f"{sample['index']}.latents").get_shape()
-                    tensors = ["latents", "text"] + (["image"] if f"{sample['index']}.image" in names else [])
+                    extra = [n for n in ("image", "frames") if f"{sample['index']}.{n}" in names]
+                    tensors = ["latents", "text", *extra]
                     samples.append(sample | {"shard": shard, "shape": shape, "tensors": tensors})
         return samples
 
@@ -257,8 +266,10 @@ class LatentCache(Dataset):
 
 def collate_cached(samples: list[dict[str, Any]]) -> dict[str, Any]:
     """Stack cached samples of one shape group: ``latents (b, 2c, f, h, w)``, ``text (b, n, d)``, and with image
-    conditioning ``image_tokens (b, k, n, d)``."""
+    conditioning ``image_tokens (b, k, n, d)``; with the clips' pixels, ``video (b, f, 3, h, w)``."""
     images = {"image_tokens": torch.stack([s["image"] for s in samples])} if "image" in samples[0] else {}
+    if "frames" in samples[0]:  # the clips themselves (decoder target), as the clip loader makes them
+        images["video"] = torch.stack([s["frames"] for s in samples]).float().div(127.5).sub(1.0)
     return images | {
         "latents": torch.stack([s["latents"] for s in samples]),
         "text": torch.stack([s["text"] for s in samples]),

@@ -21,7 +21,10 @@ over given the video: what its temporal layers contribute, measured on the same 
 removed (a decoder trained as a whole also improves frame by frame, which the first figure counts and this one does
 not).
 
-Not yet: a perceptual (LPIPS) loss term and training from the latent cache (which holds no pixels).
+With ``data.cache`` the latents come from the latent cache, which for this target also keeps each clip's pixels
+(``python -m lvdm.cache`` with the decoder config).
+
+Not yet: a perceptual (LPIPS) loss term.
 """
 
 from __future__ import annotations
@@ -80,11 +83,14 @@ class DecoderModel(nn.Module):
 
 def build_decoder_model(cfg: Any, device: torch.device, dtype: torch.dtype) -> tuple[DecoderModel, Frozen, dict]:
     """The video decoder built from the base's VAE (identity at start), the frozen encoders, the trained parameters."""
+    from lvdm.data.cache import encoder_digests
     from lvdm.models import load_base
     from lvdm.models.temporal_vae import video_decoder_from_vae
 
     m = cfg.model
     base = load_base(m.base, base_config=m.base_config, loras=m.loras, allow_pickle=m.allow_pickle)
+    # hashed before any cast, as the cache command hashes them; the cache keeps the clips' pixels for this target
+    digests = encoder_digests(base.vae, base.text_encoder) | {"frames": True} if cfg.data.cache else {}
     trainee = DecoderModel(video_decoder_from_vae(base.vae), cfg.train.decoder_layers)
     trainee.model.requires_grad_(False)
     trainable = dict(trainee.named_temporal_parameters())
@@ -98,7 +104,9 @@ def build_decoder_model(cfg: Any, device: torch.device, dtype: torch.dtype) -> t
         trainee.model.enable_gradient_checkpointing()
     for module in (base.vae, base.text_encoder):
         module.to(device=device, dtype=dtype).eval().requires_grad_(False)
-    return trainee, Frozen.from_base(base), trainable
+    frozen = Frozen.from_base(base)
+    frozen.digests = digests
+    return trainee, frozen, trainable
 
 
 class DecoderObjective(Objective):
@@ -122,13 +130,17 @@ class DecoderObjective(Objective):
         self.adv_weight: float | None = None
         self.disc_skipped = 0
 
-    def _latents(self, video: torch.Tensor, generator: torch.Generator | None) -> torch.Tensor:
-        """Clips ``(b, f, 3, h, w)`` -> the decoder's input ``(b, c, f, h', w')``: a latent drawn from the frozen
-        encoder's Gaussian (its mean without ``generator``), the VAE's scaling undone."""
+    def _latents(self, batch: dict[str, Any], generator: torch.Generator | None) -> torch.Tensor:
+        """A batch's clips -> the decoder's input ``(b, c, f, h', w')``: a latent drawn from the frozen encoder's
+        Gaussian (from the latent cache, or encoded here; its mean without ``generator``), the VAE's scaling
+        undone, plus ``train.decoder_latent_noise``."""
         from lvdm.models.encoders import encode_video, sample_latents
 
         vae = self.frozen.vae
-        params = encode_video(vae, video).float()
+        if "latents" in batch:
+            params = batch["latents"].to(self.device).float()
+        else:
+            params = encode_video(vae, batch["video"].to(self.device)).float()
         if generator is None:
             params = torch.cat([params.chunk(2, dim=1)[0], torch.full_like(params.chunk(2, dim=1)[1], -30.0)], 1)
         shift = getattr(vae.config, "shift_factor", None) or 0.0
@@ -148,7 +160,7 @@ class DecoderObjective(Objective):
         train = self.cfg.train
         target = batch["video"].to(self.device).float()  # b f 3 h w in [-1, 1]
         b, f = target.shape[:2]
-        z = self._latents(target, generator)
+        z = self._latents(batch, generator)
         # b c f h w -> (b f) c h w
         frames = z.permute(0, 2, 1, 3, 4).reshape(b * f, *z.shape[1:2], *z.shape[3:])
         decoded = model_fn(frames, num_frames=f).float()
@@ -226,7 +238,7 @@ class DecoderObjective(Objective):
             if "video" not in batch:
                 continue
             clips = batch["video"].to(self.device).float()
-            scaled = (self._latents(clips, None) - shift) * vae.config.scaling_factor
+            scaled = (self._latents(batch, None) - shift) * vae.config.scaling_factor
             out["clips"].append(clips.cpu())
             out["image"].append(decode_latents(vae, scaled).float().cpu())
             scale = {"scaling_factor": vae.config.scaling_factor, "shift_factor": shift}
