@@ -23,16 +23,17 @@ def pytest_configure(config: pytest.Config) -> None:
 
 
 DEMO_BASE_FIRST = "test_demo.py"  # builds the demo's base (minutes), then trains on it
-DEMO_BASE_USERS = ("test_demo_control.py", "test_demo_decoder.py", "test_demo_i2v.py")  # train on the same base
+DEMO_BASE_USERS = ("test_demo_i2v.py", "test_demo_decoder.py", "test_demo_control.py")  # the longest first
 
 
 def pytest_collection_modifyitems(session: pytest.Session, config: pytest.Config, items: list) -> None:
     """tests/test_demo.py first and the other files that train on the demo base last: pytest-xdist hands out files
-    in this order, so the worker that builds the base does it while the others run everything else, and no worker
-    sits waiting for the base (they did, for minutes, when a base user came up first)."""
+    in this order (``--no-loadscope-reorder``), so the worker that builds the base does it while the others run
+    everything else, and no worker sits waiting for the base (they did, for minutes, when a base user came up
+    first)."""
     name = lambda item: item.path.name  # noqa: E731
     first = [item for item in items if name(item) == DEMO_BASE_FIRST]
-    last = [item for item in items if name(item) in DEMO_BASE_USERS]
+    last = [item for user in DEMO_BASE_USERS for item in items if name(item) == user]
     items[:] = first + [item for item in items if name(item) not in (DEMO_BASE_FIRST, *DEMO_BASE_USERS)] + last
 
 
