@@ -213,10 +213,16 @@ OBJECTIVES: dict[str, type[Objective]] = {
 """``train.target`` -> the objective class."""
 
 
+LAZY_OBJECTIVES = {"decoder": "lvdm.training.decoder:DecoderObjective"}
+"""Objectives in modules of their own (which import this one): ``train.target`` -> ``module:class``."""
+
+
 def make_objective(cfg: Any, video: Any, frozen: Frozen, device: torch.device) -> Objective:
     """The objective ``cfg.train.target`` names, built for this run."""
-    if cfg.train.target not in OBJECTIVES and cfg.train.target == "decoder":
-        from lvdm.training.decoder import DecoderObjective  # imported here: it builds on this module
+    name = cfg.train.target
+    if name not in OBJECTIVES:
+        import importlib
 
-        OBJECTIVES["decoder"] = DecoderObjective
-    return OBJECTIVES[cfg.train.target](cfg, video, frozen, device)
+        module, _, cls = LAZY_OBJECTIVES[name].partition(":")
+        OBJECTIVES[name] = getattr(importlib.import_module(module), cls)
+    return OBJECTIVES[name](cfg, video, frozen, device)
