@@ -81,15 +81,15 @@ def video_decoder_from_vae(vae: Any) -> Any:
 
 
 def fold_error(vae: Any) -> float:
-    """The largest change (in the first decoder feature) folding ``vae``'s ``post_quant_conv`` into ``conv_in`` makes,
-    which occurs only in the latent's outermost ring: ``|conv_in(pad(b))|`` summed over the padded taps. 0 when its
-    bias is zero."""
+    """A bound on the change folding ``vae``'s ``post_quant_conv`` into ``conv_in`` makes to the first decoder
+    feature, which occurs only in the latent's outermost ring, where taps read padding: the bias's contribution
+    ``|W b|`` summed over every tap but the centre. 0 when the bias is zero."""
     source = vae.state_dict()
     if "post_quant_conv.bias" not in source:
         return 0.0
     bias, conv = source["post_quant_conv.bias"].float(), source["decoder.conv_in.weight"].float()
     per_tap = torch.einsum("ojhw,j->ohw", conv, bias).abs()  # o kh kw: what one padded tap misses
-    return float((per_tap.sum((1, 2)) - per_tap[:, 1, 1]).max())  # a corner misses all taps but the centre
+    return float((per_tap.sum((1, 2)) - per_tap[:, 1, 1]).max())  # the centre tap never reads padding
 
 
 def _check_sd_vae(config: Any) -> None:
