@@ -5,6 +5,7 @@ pipeline's ``decoder=`` / ``sample.py --decoder``."""
 from __future__ import annotations
 
 import json
+import os
 
 import numpy as np
 import pytest
@@ -135,6 +136,11 @@ def test_decoders_that_do_not_fit_are_refused(tmp_path):
         load_video_decoder(tmp_path / "image_vae")
     with pytest.raises(CheckpointError, match="expected a diffusers AutoencoderKLTemporalDecoder folder"):
         load_video_decoder(tmp_path / "missing")
+    fifo = tmp_path / "fifo"
+    fifo.mkdir()
+    os.mkfifo(fifo / "config.json")  # a hostile folder: reading it would block forever
+    with pytest.raises(CheckpointError, match="no regular file"):
+        load_video_decoder(fifo)
     pickled = tmp_path / "pickled"
     pickled.mkdir()
     (pickled / "config.json").write_text((tmp_path / "ok" / "config.json").read_text())

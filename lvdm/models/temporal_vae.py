@@ -213,6 +213,8 @@ def load_video_decoder(
     if folder.is_dir() and not config_file.is_file() and (folder / "vae" / "config.json").is_file():
         folder, config_file = folder / "vae", folder / "vae" / "config.json"  # an SVD model folder
     try:
+        if not config_file.is_file():  # missing, or not a regular file (a FIFO would block the read)
+            raise FileNotFoundError(f"no regular file {config_file}")
         config = json.loads(config_file.read_text())
     except (OSError, ValueError) as exc:
         raise CheckpointError(
