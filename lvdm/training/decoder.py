@@ -130,10 +130,10 @@ class DecoderObjective(Objective):
         self.adv_weight: float | None = None
         self.disc_skipped = 0
 
-    def _latents(self, batch: dict[str, Any], generator: torch.Generator | None) -> torch.Tensor:
-        """A batch's clips -> the decoder's input ``(b, c, f, h', w')``: a latent drawn from the frozen encoder's
-        Gaussian (from the latent cache, or encoded here; its mean without ``generator``), the VAE's scaling
-        undone, plus ``train.decoder_latent_noise``."""
+    def _scaled_latents(self, batch: dict[str, Any], generator: torch.Generator | None) -> torch.Tensor:
+        """A batch's clips as latents ``(b, c, f, h', w')`` scaled as the UNet makes them: a draw from the frozen
+        encoder's Gaussian (from the latent cache, or encoded here; its mean without ``generator``), plus
+        ``train.decoder_latent_noise``."""
         from lvdm.models.encoders import encode_video, sample_latents
 
         vae = self.frozen.vae
@@ -142,13 +142,14 @@ class DecoderObjective(Objective):
         else:
             params = encode_video(vae, batch["video"].to(self.device)).float()
         if generator is None:
-            params = torch.cat([params.chunk(2, dim=1)[0], torch.full_like(params.chunk(2, dim=1)[1], -30.0)], 1)
-        shift = getattr(vae.config, "shift_factor", None) or 0.0
-        latents = sample_latents(vae, params, generator)
+            shift = getattr(vae.config, "shift_factor", None) or 0.0
+            latents = (params.chunk(2, dim=1)[0] - shift) * vae.config.scaling_factor
+        else:
+            latents = sample_latents(vae, params, generator)
         if sigma := self.cfg.train.decoder_latent_noise:  # per-frame errors, as a video model's latents have
             draw = generator if generator is not None else torch.Generator().manual_seed(0)  # validation: fixed
             latents = latents + sigma * torch.randn(latents.shape, generator=draw).to(latents)
-        return latents / vae.config.scaling_factor + shift
+        return latents
 
     @property
     def disc_active(self) -> bool:
@@ -160,7 +161,9 @@ class DecoderObjective(Objective):
         train = self.cfg.train
         target = batch["video"].to(self.device).float()  # b f 3 h w in [-1, 1]
         b, f = target.shape[:2]
-        z = self._latents(batch, generator)
+        vae = self.frozen.vae
+        shift = getattr(vae.config, "shift_factor", None) or 0.0
+        z = self._scaled_latents(batch, generator) / vae.config.scaling_factor + shift  # the decoder's input
         # b c f h w -> (b f) c h w
         frames = z.permute(0, 2, 1, 3, 4).reshape(b * f, *z.shape[1:2], *z.shape[3:])
         decoded = model_fn(frames, num_frames=f).float()
@@ -238,7 +241,7 @@ class DecoderObjective(Objective):
             if "video" not in batch:
                 continue
             clips = batch["video"].to(self.device).float()
-            scaled = (self._latents(batch, None) - shift) * vae.config.scaling_factor
+            scaled = self._scaled_latents(batch, None)
             out["clips"].append(clips.cpu())
             out["image"].append(decode_latents(vae, scaled).float().cpu())
             scale = {"scaling_factor": vae.config.scaling_factor, "shift_factor": shift}

@@ -285,13 +285,18 @@ class Trainer:
         self.acc.wait_for_everyone()
         return path
 
+    @property
+    def export_path(self) -> Path:
+        """``<output_dir>/temporal.safetensors``, or what the trained model exports to (``decoder/``)."""
+        return self.out / getattr(self.video, "export_name", "temporal.safetensors")
+
     def export(self) -> Path:
         """Write ``<output_dir>/temporal.safetensors`` (the EMA weights when EMA is on) with the resolved config,
         plus ``spatial_lora.safetensors`` / ``spatial_weights.safetensors`` when those groups train; for the decoder
         target, the ``<output_dir>/decoder/`` folder."""
         from lvdm.training import groups
 
-        target = self.out / getattr(self.video, "export_name", "temporal.safetensors")
+        target = self.export_path
         model = self.cfg.model
         with self._ema_weights():
             self.video.save_temporal(target, training_config=self.cfg_dict | self._clip_fps())
@@ -396,8 +401,7 @@ class Trainer:
         gain, samples = (None, []) if self.stop_requested else self.validate()  # a signal stop stays quick
         self.log.close()
         return TrainResult(
-            self.out, self.step, self.out / getattr(self.video, "export_name", "temporal.safetensors"), first_loss,
-            last_loss, gain, samples,
+            self.out, self.step, self.export_path, first_loss, last_loss, gain, samples,
             self.skipped_total, self.stop_requested,
         )  # fmt: skip
 
