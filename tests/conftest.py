@@ -190,3 +190,15 @@ def whole_and_resumed(overrides, root) -> tuple[object, dict, dict]:
         return load_file(path / "diffusion_pytorch_model.safetensors" if path.is_dir() else path)
 
     return whole, tensors(whole.temporal_path), tensors(root / "split" / whole.temporal_path.name)
+
+
+def cut_like_the_cache(dataset, indices: list[int]) -> dict:
+    """The video batch of the clips a latent cache holds: entry ``i`` cut with the cache's own seeded draw."""
+    import random
+
+    from lvdm.data.dataset import collate
+
+    samples = [
+        dataset.load(i, random.Random(f"{dataset.seed}:cache:{i}")) | {"index": i, "skipped": []} for i in indices
+    ]
+    return collate(samples)

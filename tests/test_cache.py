@@ -5,7 +5,6 @@ from __future__ import annotations
 
 import json
 import os
-import random
 import subprocess
 import sys
 from pathlib import Path
@@ -13,13 +12,14 @@ from types import SimpleNamespace
 
 import pytest
 import torch
+from conftest import cut_like_the_cache
 from safetensors import safe_open
 
 from lvdm.cache import encoders
 from lvdm.config import DataConfig, config_from_dict
 from lvdm.data.build import build_dataset
 from lvdm.data.cache import LatentCache, build_cache, cache_fingerprint, collate_cached, weights_digest
-from lvdm.data.dataset import VideoDataset, collate
+from lvdm.data.dataset import VideoDataset
 from lvdm.data.loader import BatchStream, make_loader
 from lvdm.errors import DataError
 from lvdm.testing import clips, tiny_sd_components, tiny_vae
@@ -73,15 +73,6 @@ def cached(folder: Path, base: SimpleNamespace, tmp_path_factory: pytest.TempPat
     return dataset, build(dataset, base, tmp_path_factory.mktemp("cache") / "latents")
 
 
-def on_the_fly(dataset: VideoDataset, indices: list[int]) -> dict:
-    """The video batch of the clips the cache holds: entry ``i`` cut with the cache's own seeded draw."""
-    samples = []
-    for i in indices:
-        sample = dataset.load(i, random.Random(f"{dataset.seed}:cache:{i}"))
-        samples.append(sample | {"index": i, "skipped": []})
-    return collate(samples)
-
-
 def test_cached_batches_equal_on_the_fly_encoding(cached, base) -> None:
     dataset, out = cached
     cache = LatentCache(out, expected=fingerprint(dataset, base))
@@ -91,7 +82,7 @@ def test_cached_batches_equal_on_the_fly_encoding(cached, base) -> None:
     loader = make_loader(cache, stream, collate_fn=collate_cached)
     for n, (batch, _) in enumerate(zip(loader, range(3), strict=False)):
         assert batch["latents"].shape == (3, 2 * 4, 4, 8, 8)  # (b, 2c, f, h/2, w/2): the tiny VAE halves sizes
-        video = on_the_fly(dataset, batch["index"].tolist())
+        video = cut_like_the_cache(dataset, batch["index"].tolist())
         assert batch["caption"] == video["caption"] and batch["source"] == video["source"]
         assert torch.equal(batch["fps"], video["fps"]) and torch.equal(batch["is_image"], video["is_image"])
         cpu = torch.device("cpu")

@@ -10,7 +10,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
-from conftest import randomize, tiny_overrides, video_inputs, whole_and_resumed
+from conftest import cut_like_the_cache, randomize, tiny_overrides, video_inputs, whole_and_resumed
 from PIL import Image
 from safetensors.torch import load_file
 
@@ -194,12 +194,10 @@ def test_the_latent_cache_holds_the_clip_tokens_training_reads(tiny_assets, imag
     """Built with image conditioning, the cache holds each clip's CLIP tokens (the first frame's, or every frame's for
     a random conditioning frame): training draws the same frames and dropouts from them as from the clips, and the
     encoder no longer runs per step; a cache built without them is refused, naming the image encoder."""
-    import random
 
     from lvdm.cache import build_from_config
     from lvdm.data.build import build_dataset
     from lvdm.data.cache import LatentCache, collate_cached
-    from lvdm.data.dataset import collate
     from lvdm.training.step import Frozen, image_inputs, step_generator
     from lvdm.training.trainer import Trainer
 
@@ -212,10 +210,7 @@ def test_the_latent_cache_holds_the_clip_tokens_training_reads(tiny_assets, imag
     frames = cfg.data.num_frames if frame == "random" else 1
     assert batch["image_tokens"].shape[:2] == (4, frames) and batch["image_tokens"].dtype == torch.float32
     listing, _ = build_dataset(cfg.data, seed=cfg.train.seed)  # the clips as the cache cut them
-    clips = collate([
-        listing.load(s["index"], random.Random(f"{listing.seed}:cache:{s['index']}")) | {"index": 0, "skipped": []}
-        for s in samples[:4]
-    ])  # fmt: skip
+    clips = cut_like_the_cache(listing, [sample["index"] for sample in samples[:4]])
     frozen = Frozen.from_base(load_base(tiny_assets["base"]))
     frozen.image_encoder = load_image_encoder(image_files["encoder"])
     for n in range(3):

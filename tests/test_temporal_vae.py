@@ -10,7 +10,7 @@ import os
 import numpy as np
 import pytest
 import torch
-from conftest import randomize, tiny_overrides, whole_and_resumed
+from conftest import cut_like_the_cache, randomize, tiny_overrides, whole_and_resumed
 
 from lvdm.errors import CheckpointError
 from lvdm.models.encoders import decode_latents
@@ -330,13 +330,11 @@ def test_chunked_decoding_memory_does_not_grow_with_length():
 def test_the_decoder_trains_from_the_latent_cache_as_from_the_clips(tiny_assets, tmp_path):
     """For this target the cache keeps each clip's pixels (exactly: uint8 values) beside its latents: a cached batch
     gives the loss the clips give, and a run from the cache reports the same figures' kinds."""
-    import random
 
     from lvdm.cache import build_from_config
     from lvdm.config import load_config
     from lvdm.data.build import build_dataset
     from lvdm.data.cache import LatentCache, collate_cached
-    from lvdm.data.dataset import collate
     from lvdm.training.step import step_generator
     from lvdm.training.trainer import Trainer
 
@@ -345,10 +343,7 @@ def test_the_decoder_trains_from_the_latent_cache_as_from_the_clips(tiny_assets,
     cache = LatentCache(tmp_path / "cache")
     cached = collate_cached([cache[i] for i in range(2)])
     listing, _ = build_dataset(cfg.data, seed=cfg.train.seed)
-    clips = collate([
-        listing.load(s["index"], random.Random(f"{listing.seed}:cache:{s['index']}")) | {"index": 0, "skipped": []}
-        for s in cache.samples[:2]
-    ])  # fmt: skip
+    clips = cut_like_the_cache(listing, [sample["index"] for sample in cache.samples[:2]])
     assert torch.equal(cached["video"], clips["video"])  # the pixels, exactly
     trainer = Trainer(cfg, progress=False)
     objective = trainer.objective
