@@ -248,7 +248,9 @@ class TrainConfig:
         None, "share of batches made of still images (joint training); null: by data.sources weights", min=0, max=1
     )
     tasks: dict[str, float] = option(
-        {}, "tasks drawn per clip by weight: text (no context), predict, interpolate; empty: text only"
+        {},
+        "tasks drawn per clip by weight: text (no context), predict, interpolate, interpolate_fine (the second "
+        "stage, on clips at interpolate_every times the rate); empty: text only",
     )
     predict_frames: list[int] = option([0, 1, 2], "predict: how many leading frames are given (one drawn per clip)")
     interpolate_every: int = option(4, "interpolate: every n-th frame is given (0, n, 2n, ...), the rest made", min=2)
@@ -317,7 +319,7 @@ class Config:
         return problems
 
 
-TASKS = ("text", "predict", "interpolate")
+TASKS = ("text", "predict", "interpolate", "interpolate_fine")
 """The training tasks ``train.tasks`` weighs (lvdm.training.tasks)."""
 
 
@@ -351,7 +353,7 @@ def _task_problems(cfg: Config) -> list[str]:
         problems.append(f"train.tasks: weights must be numbers >= 0, got {dict(train.tasks)}")
     elif train.tasks and sum(train.tasks.values()) <= 0:
         problems.append(f"train.tasks: every weight is 0 ({dict(train.tasks)}); give at least one task a weight")
-    context_tasks = sorted(name for name in ("predict", "interpolate") if train.tasks.get(name, 0) > 0)
+    context_tasks = sorted(name for name in TASKS[1:] if train.tasks.get(name, 0) > 0)
     if context_tasks and not cfg.model.context:
         problems.append(f"train.tasks: {', '.join(context_tasks)} need(s) context frames: set model.context=true")
     bad = [n for n in train.predict_frames if not 0 <= n < frames]
@@ -360,12 +362,35 @@ def _task_problems(cfg: Config) -> list[str]:
             f"train.predict_frames: each must be 0 .. {frames - 1} (fewer than data.num_frames), got "
             f"{train.predict_frames}"
         )
-    if train.tasks.get("interpolate", 0) > 0 and train.interpolate_every >= frames:
+    interpolates = any(train.tasks.get(name, 0) > 0 for name in ("interpolate", "interpolate_fine"))
+    if interpolates and train.interpolate_every >= frames:
         problems.append(
             f"train.interpolate_every: {train.interpolate_every} leaves one given frame in a {frames}-frame clip; "
             f"use less than data.num_frames ({frames})"
         )
+    if train.tasks.get("interpolate_fine", 0) > 0:
+        problems += _fine_stage_problems(cfg)
     return problems
+
+
+def _fine_stage_problems(cfg: Config) -> list[str]:
+    """The fine interpolation stage cuts its clips at ``interpolate_every`` times the clip rate of the others."""
+    data, every = cfg.data, cfg.train.interpolate_every
+    if data.cache:
+        return [
+            "train.tasks: interpolate_fine needs clips at two frame rates, and the latent cache holds one cut per "
+            "clip; train it from the clips (drop data.cache)"
+        ]
+    if data.target_fps is not None:
+        return []
+    stride = data.frame_stride or 1
+    if isinstance(stride, list) or stride % every:
+        return [
+            f"train.tasks: interpolate_fine cuts its clips at 1/{every} of data.frame_stride (interpolate_every="
+            f"{every} times the rate), so data.frame_stride must be one number divisible by {every}, got "
+            f"{data.frame_stride}; or set data.target_fps (the fine stage then reads {every}x that rate)"
+        ]
+    return []
 
 
 def load_config(

@@ -11,7 +11,8 @@ context encoder. :class:`~lvdm.VideoPipeline` uses this module for three things:
   chunk by chunk at the end;
 - **interpolate** a video by 4 (``pipe.interpolate(frames_or_file, factor=4)``): ``k`` keyframes become
   ``4 (k - 1) + 1`` frames, window by window (each window holds keyframes at 0, 4, 8, ... and fits in ``T``);
-  16 is 4 twice. The keyframes come back unchanged, latents and pixels.
+  16 is 4 twice, the second pass by the fine stage (flag 2) where the module was trained for it
+  (``interpolate_fine``), else by the coarse stage again. The keyframes come back unchanged, latents and pixels.
 
 Given frames are held exactly: the passes that take them see them clean at timestep 0
 (:func:`~lvdm.modules.context_encoder.with_clean_context`, as in training), the pass without them sees them noised
@@ -230,6 +231,15 @@ def interpolate(
     if factor not in FACTORS:
         raise ConfigError(f"interpolation factor must be 4 or 16, got {factor!r}")
     require_context(pipe, "interpolate", task="interpolate")
+    every = pipe.defaults.get("interpolate_every")
+    if every not in (None, STEP):
+        raise ConfigError(
+            f"this module was trained to interpolate between every {every}th frame (train.interpolate_every); "
+            f"sampling interpolates by {STEP} per pass: train it with train.interpolate_every={STEP}"
+        )
+    # by 16: the second pass is the fine stage where the module learnt it, else the coarse stage again
+    fine = "interpolate_fine" if "interpolate_fine" in (pipe.defaults.get("tasks") or ()) else "interpolate"
+    stages = ["interpolate", fine][: 1 if factor == STEP else 2]
     s = pipe._resolve(sampling_settings(**settings), None)
     if s.image_mode:
         raise ConfigError("image mode has no temporal layers to interpolate with; drop image_mode")
@@ -248,7 +258,7 @@ def interpolate(
         cond, uncond = cond | with_image, uncond | without
     latents = encode_frames(pipe.base.vae, given.frames, pipe.device)
     rate = given.fps or s.fps
-    for n in range(1 if factor == STEP else 2):
+    for n, stage in enumerate(stages):
         made = dataclasses.replace(s, fps=rate * STEP ** (n + 1))  # the rate of the frames this pass makes
         keys = latents.shape[2]
         out = torch.zeros(*latents.shape[:2], STEP * (keys - 1) + 1, *latents.shape[3:], device=pipe.device)
@@ -257,7 +267,7 @@ def interpolate(
             mask = (torch.arange(start, end) % STEP == 0)[None].to(pipe.device)
             window = out[:, :, start:end]
             noise = pipe._initial_noise(s, tuple(window.shape), None, None, generators)
-            context = (window.clone(), mask, FLAGS["interpolate"])
+            context = (window.clone(), mask, FLAGS[stage])
             out[:, :, start:end] = pipe._denoise(made, noise, cond, uncond, generators, progress, context=context)
         latents = out
     frames = pipe.decode(latents, chunk_frames=s.decode_chunk_size)
@@ -266,6 +276,10 @@ def interpolate(
     s = dataclasses.replace(s, fps=fps, num_frames=latents.shape[2])
     source = str(Path(video).absolute()) if isinstance(video, (str, os.PathLike)) else "frames"
     keyframes = len(given.frames)
-    info = {"interpolate": {"source": source, "factor": factor, "keyframes": keyframes, "resized": given.resized}}
+    info = {
+        "interpolate": {
+            "source": source, "factor": factor, "keyframes": keyframes, "resized": given.resized, "stages": stages,
+        }
+    }  # fmt: skip
     record = pipe._record(s, prompt, s.negative_prompt or "", s.seed, info)
     return VideoOutput(frames, float(fps), [record], latents.cpu(), torch.zeros(0))

@@ -190,6 +190,7 @@ def temporal_defaults(path: str | os.PathLike) -> dict[str, Any]:
         "num_frames": data.get("num_frames"), "height": height, "width": width, "fps": training_fps(config),
         **training_prior(config),
         "tasks": sorted(str(name) for name, weight in tasks.items() if type(weight) in (int, float) and weight > 0),
+        "interpolate_every": train.get("interpolate_every") if type(train.get("interpolate_every")) is int else None,
     }  # fmt: skip
 
 

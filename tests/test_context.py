@@ -132,6 +132,25 @@ def test_tasks_are_drawn_by_weight_with_their_given_frames():
     assert images.names[0] == "image" and not images.mask[0].any()
 
 
+def test_clips_cut_for_the_fine_stage_get_it_and_the_others_draw_among_the_rest():
+    from lvdm.training.tasks import fine_share
+
+    class Train:
+        tasks = {"text": 1, "interpolate": 1, "interpolate_fine": 2}
+        predict_frames = [1]
+        interpolate_every = 4
+
+    assert fine_share(Train) == 0.5  # the loader cuts half the clips for it
+    fine = torch.arange(64) % 2 == 0
+    tasks = draw_tasks(Train, 64, 9, torch.Generator().manual_seed(0), fine=fine)
+    for name, mask, flag, is_fine in zip(tasks.names, tasks.mask, tasks.flag.tolist(), fine.tolist(), strict=True):
+        assert (name == "interpolate_fine") == is_fine
+        if name.startswith("interpolate"):
+            assert mask.nonzero().flatten().tolist() == [0, 4, 8]
+        assert flag == FLAGS[name] if name.startswith("interpolate") else flag == FLAGS["none"]
+    assert set(tasks.names) == {"text", "interpolate", "interpolate_fine"}
+
+
 def test_the_loss_counts_only_the_frames_to_make():
     target = torch.zeros(1, 4, 3, 2, 2)
     prediction = target.clone()
@@ -149,6 +168,35 @@ def test_the_loss_counts_only_the_frames_to_make():
         ({"model.context": "true", "train.tasks": "{predict: -1}"}, "weights must be numbers"),
         ({"model.context": "true", "train.tasks": "{predict: 1}", "train.predict_frames": "[0, 4]"}, "0 .. 3"),
         ({"model.context": "true", "train.tasks": "{interpolate: 1}", "train.interpolate_every": 4}, "less than"),
+        ({"train.tasks": "{interpolate_fine: 1}", "train.interpolate_every": 2}, "model.context=true"),
+        (
+            {
+                "model.context": "true",
+                "train.tasks": "{interpolate_fine: 1}",
+                "train.interpolate_every": 2,
+                "data.frame_stride": 3,
+            },
+            "divisible by 2",
+        ),
+        (
+            {
+                "model.context": "true",
+                "train.tasks": "{interpolate_fine: 1}",
+                "train.interpolate_every": 2,
+                "data.frame_stride": "[2,4]",
+            },
+            "one number divisible",
+        ),
+        (
+            {
+                "model.context": "true",
+                "train.tasks": "{interpolate_fine: 1}",
+                "train.interpolate_every": 2,
+                "data.frame_stride": 2,
+                "data.cache": "somewhere",
+            },
+            "latent cache holds one cut",
+        ),
     ],
 )
 def test_bad_task_settings_are_config_errors(tiny_assets, tmp_path, overrides, message):
@@ -178,6 +226,38 @@ def test_context_training_logs_each_task_reports_gains_and_resumes_exactly(tiny_
     for task in ("predict", "interpolate"):
         expected = gains[f"loss_{task}_without_context"] / gains[f"loss_{task}_with_context"]
         assert gains[f"context_gain_{task}"] == pytest.approx(expected)
+
+
+FINE_RUN = {
+    "model.context": "true",
+    "train.tasks": "{text: 1, interpolate: 1, interpolate_fine: 1}",
+    "train.interpolate_every": 2,
+    "data.frame_stride": 2,  # the fine stage reads stride 1
+    "data.holdout": 1,
+}
+
+
+def test_the_fine_interpolation_stage_trains_reports_its_gains_and_resumes_exactly(tiny_assets, tmp_path):
+    overrides = lambda out, **extra: tiny_overrides(tiny_assets, out, **FINE_RUN, **extra)  # noqa: E731
+    whole, a, b = whole_and_resumed(overrides, tmp_path)
+    assert all(torch.equal(a[k], b[k]) for k in a)
+    lines = [json.loads(line) for line in (tmp_path / "whole" / "log.jsonl").read_text().splitlines()]
+    assert any("loss_interpolate_fine" in line for line in lines)
+    g = whole.gain
+    assert g["context_gain_interpolate_fine"] == pytest.approx(
+        g["loss_interpolate_fine_without_context"] / g["loss_interpolate_fine_with_context"]
+    )
+    assert g["stage_flag_gain"] == pytest.approx(
+        g["loss_interpolate_fine_coarse_flag"] / g["loss_interpolate_fine_with_context"]
+    )
+    # measured on the held-out clip cut at the fine rate, apart from the coarse figures' clip
+    assert g["loss_interpolate_fine_with_context"] != g["loss_interpolate_with_context"]
+    from lvdm.sampling_settings import temporal_defaults
+    from lvdm.training.report import format_report
+
+    assert temporal_defaults(whole.temporal_path)["tasks"] == ["interpolate", "interpolate_fine", "text"]
+    report = format_report(whole)
+    assert "context gain:    interpolate_fine" in report and "stage flag gain:" in report
 
 
 def test_a_text_to_video_module_warm_starts_a_context_model_unchanged(tiny_assets, tmp_path):
@@ -218,7 +298,8 @@ def test_a_model_that_cannot_use_the_given_frames_has_a_context_gain_of_exactly_
     from lvdm.training.step import Frozen
     from lvdm.training.tasks import context_gains
 
-    cfg = load_config([], tiny_overrides(tiny_assets, tmp_path / "x", **CONTEXT_RUN))
+    every_task = {"train.tasks": "{text: 1, predict: 1, interpolate: 1, interpolate_fine: 1}"}
+    cfg = load_config([], tiny_overrides(tiny_assets, tmp_path / "x", **(FINE_RUN | every_task)))
     base = load_base(tiny_assets["base"])
     video = VideoUNet.from_unet2d(base.unet)
     build_part(video, "context", "context", {})
@@ -228,8 +309,11 @@ def test_a_model_that_cannot_use_the_given_frames_has_a_context_gain_of_exactly_
         "caption": ["a red disc", "a blue square"],
         "is_image": torch.zeros(2),
     }
-    gains = context_gains(video, [batch], Frozen.from_base(base), torch.device("cpu"), cfg.train)
-    assert gains["context_gain_predict"] == 1.0 and gains["context_gain_interpolate"] == 1.0
+    fine = {**batch, "video": torch.rand(2, 4, 3, 16, 16, generator=g) * 2 - 1, "fine": torch.ones(2, dtype=bool)}
+    gains = context_gains(video, [batch], Frozen.from_base(base), torch.device("cpu"), cfg.train, fine_batches=[fine])
+    for task in ("predict", "interpolate", "interpolate_fine"):
+        assert gains[f"context_gain_{task}"] == 1.0, task
+    assert gains["stage_flag_gain"] == 1.0  # an untrained flag embedding changes nothing either
 
 
 # ------------------------------------------------------------------------------------------------ sampling
@@ -252,8 +336,13 @@ def context_files(tmp_path_factory):
     video.save_temporal(root / "context.safetensors", training_config=CONTEXT_TRAINING)
     text_only = {**CONTEXT_TRAINING, "train": {"tasks": {"text": 1, "predict": 1}}}
     video.save_temporal(root / "predict_only.safetensors", training_config=text_only)
+    fine = {**CONTEXT_TRAINING, "train": {"tasks": {"interpolate": 1, "interpolate_fine": 1}, "interpolate_every": 4}}
+    video.save_temporal(root / "fine.safetensors", training_config=fine)
+    every_2 = {**CONTEXT_TRAINING, "train": {"tasks": {"interpolate": 1}, "interpolate_every": 2}}
+    video.save_temporal(root / "every_2.safetensors", training_config=every_2)
     return {"base": base, "context": root / "context.safetensors", "plain": root / "plain.safetensors",
-            "predict_only": root / "predict_only.safetensors"}  # fmt: skip
+            "predict_only": root / "predict_only.safetensors", "fine": root / "fine.safetensors",
+            "every_2": root / "every_2.safetensors"}  # fmt: skip
 
 
 def pipeline(files, module="context"):
@@ -331,6 +420,22 @@ def test_interpolation_keeps_the_keyframes_and_multiplies_the_fps(context_files,
     assert (info.num_frames, info.fps) == (33, 96.0)
 
 
+def test_by_16_the_second_pass_is_the_fine_stage_where_the_module_learnt_it(context_files):
+    keys = np.zeros((2, 16, 16, 3), np.uint8)
+    for module, second in (("fine", FLAGS["interpolate_fine"]), ("context", FLAGS["interpolate"])):
+        pipe = pipeline(context_files, module)
+        flags: list[int] = []
+        handle = pipe.video.register_forward_pre_hook(
+            lambda _, args, kwargs, seen=flags: seen.append(int(kwargs["context_flag"][0])), with_kwargs=True
+        )
+        out = pipe.interpolate(keys, factor=16, **FAST)
+        handle.remove()
+        # 2 keyframes -> 5 (one window of 5 frames), then 5 -> 17 (four windows): 3 steps each
+        assert flags == [FLAGS["interpolate"]] * 3 + [second] * 12, module
+        stages = out.metadata[0]["interpolate"]["stages"]
+        assert stages == ["interpolate", "interpolate_fine" if module == "fine" else "interpolate"]
+
+
 @pytest.mark.parametrize(
     ("module", "call", "message"),
     [
@@ -338,6 +443,7 @@ def test_interpolation_keeps_the_keyframes_and_multiplies_the_fps(context_files,
         ("plain", lambda pipe, clip: pipe.interpolate(clip, **FAST), "no context support"),
         ("plain", lambda pipe, clip: pipe("x", context_guidance=2.0, **FAST), "no context support"),
         ("predict_only", lambda pipe, clip: pipe.interpolate(clip, **FAST), "interpolate in train.tasks"),
+        ("every_2", lambda pipe, clip: pipe.interpolate(clip, **FAST), "interpolate_every=4"),
         ("context", lambda pipe, clip: pipe.interpolate(clip, factor=8, **FAST), "must be 4 or 16"),
         ("context", lambda pipe, clip: pipe.interpolate(clip[:1], **FAST), "at least 2 frames"),
         ("context", lambda pipe, clip: pipe("x", context=clip[:1], **FAST), "context_frames=2 needs at least 2"),

@@ -241,6 +241,56 @@ def test_every_draw_of_a_video_cuts_its_own_clip(tmp_path: Path) -> None:
     assert [indices_of(v)[0] for b in take(loader, 4) for v in b["video"]] == starts
 
 
+def test_clips_of_the_fine_interpolation_stage_are_cut_at_a_multiple_of_the_rate(tmp_path: Path) -> None:
+    """A share of the clips (drawn per clip, seeded) is cut at ``fine_every`` times the rate and says so; held-out
+    clips recut with ``fine_share=1`` are all fine, with 0 none."""
+    from lvdm.data.build import recut
+
+    caption(clips.write_clip(tmp_path / "long.mp4", num_frames=64, size=(64, 32), pattern="index"), "counting")
+    config = data_config(root=str(tmp_path), resolution=[32, 64], frame_stride=8)
+    train, _, _ = build_split(config, fine_share=0.5, fine_every=4)
+    steps = {}
+    for draw in range(40):
+        sample = train[(0, draw)]
+        got = indices_of(sample["video"])
+        step = got[1] - got[0]
+        assert got == list(range(got[0], got[0] + NUM_FRAMES * step, step))
+        assert sample["fps"] == pytest.approx(24.0 / step)
+        steps[draw] = (step, sample["fine"])
+    assert {step for step, fine in steps.values() if fine} == {2} and {s for s, f in steps.values() if not f} == {8}
+    assert 10 <= sum(fine for _, fine in steps.values()) <= 30, steps  # about half
+    assert [train[(0, draw)]["fine"] for draw in range(40)] == [fine for _, fine in steps.values()]  # seeded
+    assert all(recut(train, fine_share=1.0)[(0, d)]["fine"] for d in range(5))
+    assert not any(recut(train, fine_share=0.0)[(0, d)]["fine"] for d in range(5))
+    assert not any(build_split(config)[0][(0, d)]["fine"] for d in range(5))  # no fine stage: none
+
+
+def test_a_video_too_slow_for_the_fine_stage_is_a_bad_sample(counting_clips: Path) -> None:
+    """By rate: the fine stage reads ``fine_every`` times the target rate; a source slower than that would repeat
+    frames, so its fine clips are bad samples (the dataset replaces them and says why)."""
+    import random
+
+    from lvdm.data.build import recut
+    from lvdm.errors import VideoReadError
+
+    config = data_config(
+        root=str(counting_clips), num_frames=4, frame_stride=None, target_fps=8.0, resolution=[32, 64]
+    )
+    dataset, _ = build_dataset(config)
+    fine = recut(dataset, fine_share=1.0, fine_every=4)  # 32 fps clips
+
+    for index, entry in enumerate(fine.entries):
+        fps = int(entry.path.stem.removeprefix("fps"))
+        if fps < 32:
+            with pytest.raises(VideoReadError, match="too slow for the fine interpolation stage's 32 fps"):
+                fine.load(index, random.Random(0))
+        else:
+            sample = fine.load(index, random.Random(0))
+            assert sample["fine"] and sample["fps"] == pytest.approx(32.0)
+            got = indices_of(sample["video"])
+            assert np.diff(got).tolist() in ([2, 2, 2], [2, 2, 1], [1, 2, 2], [2, 1, 2])  # 60 / 32 per frame
+
+
 # --- frame sampling by time -----------------------------------------------------------------------------------------
 
 

@@ -96,13 +96,19 @@ def holdout_indices(n: int, holdout: int) -> set[int]:
     return {round(i * n / holdout) for i in range(holdout)} if holdout else set()
 
 
-def build_split(data: Any, *, seed: int = 0) -> tuple[VideoDataset, list[float], VideoDataset | None]:
+def build_split(
+    data: Any, *, seed: int = 0, fine_share: float = 0.0, fine_every: int = 4
+) -> tuple[VideoDataset, list[float], VideoDataset | None]:
     """``(train, weights, holdout)``: ``data.holdout`` evenly spaced entries are kept out of training.
 
     The holdout clips are cut deterministically (centred start and crop, no flip) so every
     validation sees the same frames; with a rate range, alternately at its lowest and highest rate.
+    ``fine_share`` of the training clips are cut at ``fine_every`` times the rate, for the fine interpolation
+    stage (:func:`recut` the holdout with ``fine_share=1`` for held-out clips cut that way).
     """
     dataset, weights = build_dataset(data, seed=seed)
+    if fine_share:
+        dataset.settings = replace(dataset.settings, fine_share=fine_share, fine_every=fine_every)
     if not data.holdout:
         return dataset, weights, None
     n = len(dataset.entries)
@@ -110,10 +116,15 @@ def build_split(data: Any, *, seed: int = 0) -> tuple[VideoDataset, list[float],
         raise DataError(f"data.holdout={data.holdout} leaves nothing to train on: the dataset has {n} entries")
     held = sorted(holdout_indices(n, data.holdout))
     keep = sorted(set(range(n)) - set(held))
-    fixed = replace(dataset.settings, start="center", crop="center", flip=False, alternate_rates=True)
+    fixed = replace(dataset.settings, start="center", crop="center", flip=False, alternate_rates=True, fine_share=0)
     holdout = _subset(dataset, held, fixed)
     train = _subset(dataset, keep, dataset.settings, max_consecutive_bad=dataset.max_consecutive_bad)
     return train, [weights[i] for i in keep], holdout
+
+
+def recut(dataset: VideoDataset, **changes: Any) -> VideoDataset:
+    """The same entries under changed clip rules (``ClipSettings`` fields), no file opened."""
+    return _subset(dataset, list(range(len(dataset.entries))), replace(dataset.settings, **changes))
 
 
 def _subset(dataset: VideoDataset, indices: list[int], settings: ClipSettings, **kwargs: Any) -> VideoDataset:

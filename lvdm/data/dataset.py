@@ -12,7 +12,7 @@ from __future__ import annotations
 
 import random
 from collections.abc import Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from typing import Any
 
 import torch
@@ -40,14 +40,27 @@ class ClipSettings:
     decode_timeout: float | None = 30.0
     buckets: tuple[tuple[int, int], ...] = ()  # (h, w) sizes; empty: every clip is height x width
     alternate_rates: bool = False  # a rate range: even entries at its lowest rate, odd at its highest (held-out)
+    fine_share: float = 0.0  # share of video clips cut for the fine interpolation stage (lvdm.training.tasks)
+    fine_every: int = 4  # ... at this many times the clip rate (train.interpolate_every)
+
+    def fine(self) -> ClipSettings:
+        """The clip rules of the fine interpolation stage: ``fine_every`` times the rate (a stride that many times
+        shorter, or a target rate that many times higher)."""
+        k = self.fine_every
+        stride = self.stride if self.stride is None or isinstance(self.stride, tuple) else self.stride // k
+        target = self.target_fps
+        if target is not None:
+            target = (target[0] * k, target[1] * k) if isinstance(target, tuple) else target * k
+        return replace(self, stride=stride, target_fps=target, fine_share=0.0)
 
 
 class VideoDataset(Dataset):
     """Map-style dataset of clip samples.
 
     A sample: ``video (f, 3, h, w)`` float in [-1, 1], ``caption``, ``fps`` (the clip's effective
-    rate), ``is_image``, ``source`` (the file). Image entries give one-frame samples
-    (``is_image`` True, ``fps`` 0).
+    rate), ``is_image``, ``source`` (the file), ``fine`` (cut for the fine interpolation stage: a
+    ``settings.fine_share`` of the video clips, at ``settings.fine_every`` times the rate). Image entries give
+    one-frame samples (``is_image`` True, ``fps`` 0).
 
     With ``settings.buckets``, each entry's ``(width, height)`` picks its bucket: pass ``sizes`` when they
     are known (:func:`lvdm.data.sizes.media_sizes`), otherwise every file is probed here.
@@ -122,23 +135,41 @@ class VideoDataset(Dataset):
         caption = entry.read_caption()
         path = entry.media_path()
         height, width = self.shapes[index][1]
+        s, fine = self.settings, False
         if entry.is_image:
             frames, fps = self._image(path, height, width), 0.0
         else:
-            pick = ("low", "high")[index % 2] if self.settings.alternate_rates else "draw"
-            frames, fps = self._clip(path, height, width, rng, fps_hint=entry.fps, pick=pick)
-        video = to_clip_tensor(frames, height, width, crop=self.settings.crop, flip=self.settings.flip, rng=rng)
-        return {"video": video, "caption": caption, "fps": fps, "is_image": entry.is_image, "source": str(path)}
+            pick = ("low", "high")[index % 2] if s.alternate_rates else "draw"
+            fine = s.fine_share >= 1 or (s.fine_share > 0 and rng.random() < s.fine_share)
+            frames, fps = self._clip(path, height, width, rng, fps_hint=entry.fps, pick=pick, fine=fine)
+        video = to_clip_tensor(frames, height, width, crop=s.crop, flip=s.flip, rng=rng)
+        return {
+            "video": video, "caption": caption, "fps": fps, "is_image": entry.is_image, "source": str(path),
+            "fine": fine,
+        }  # fmt: skip
 
     def _clip(
-        self, path, height: int, width: int, rng: random.Random, *, fps_hint: float | None = None, pick: str = "draw"
+        self,
+        path,
+        height: int,
+        width: int,
+        rng: random.Random,
+        *,
+        fps_hint: float | None = None,
+        pick: str = "draw",
+        fine: bool = False,
     ):
         """Frames of one clip and its fps; a manifest's ``fps_hint`` stands in for a container without a rate."""
         from lvdm.data.readers import MAX_FPS, MIN_FPS, probe, read_frames
 
-        s = self.settings
+        s = self.settings.fine() if fine else self.settings
         info = probe(path, timeout=s.decode_timeout)
         fps = info.fps or (fps_hint if fps_hint is not None and MIN_FPS <= fps_hint <= MAX_FPS else None)
+        lowest = s.target_fps[0] if isinstance(s.target_fps, tuple) else s.target_fps
+        if fine and fps is not None and lowest is not None and fps < lowest:
+            raise VideoReadError(
+                path, f"{fps:g} fps is too slow for the fine interpolation stage's {lowest:g} fps clips"
+            )  # a shorter step than one frame would repeat frames: not the faster clip the stage learns from
         plan = plan_clip(
             str(path), info.num_frames, fps, s.num_frames,
             stride=s.stride, target_fps=s.target_fps, start=s.start, rng=rng, pick=pick,
@@ -169,6 +200,7 @@ def collate(samples: list[dict[str, Any]]) -> dict[str, Any]:
         "caption": [s["caption"] for s in samples],
         "fps": torch.tensor([s["fps"] for s in samples], dtype=torch.float32),
         "is_image": torch.tensor([s["is_image"] for s in samples], dtype=torch.bool),
+        "fine": torch.tensor([s.get("fine", False) for s in samples], dtype=torch.bool),
         "source": [s["source"] for s in samples],
         "index": torch.tensor([s["index"] for s in samples]),
         "skipped": [item for s in samples for item in s["skipped"]],

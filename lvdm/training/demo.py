@@ -137,9 +137,11 @@ def demo_summary(result: Any, cfg: Any) -> list[str]:
     g, lines = result.gain or {}, []
     if "motion_gain" in g:
         lines.append(f"demo check: motion gain {g['motion_gain']:.3f} (aim: above 1.05)")
-    for task in ("predict", "interpolate"):
+    for task in ("predict", "interpolate", "interpolate_fine"):
         if f"context_gain_{task}" in g:
             lines.append(f"demo check: context gain ({task}) {g[f'context_gain_{task}']:.3f} (aim: above 1)")
+    if "stage_flag_gain" in g:
+        lines.append(f"demo check: stage flag gain {g['stage_flag_gain']:.3f} (aim: above 1)")
     if "image_gain" in g:
         lines.append(f"demo check: image gain {g['image_gain']:.3f} (aim: above 1)")
     if "fps_gain" in g:

@@ -96,7 +96,9 @@ class DenoisingObjective(Objective):
         drawn = []
 
         def conditioning(latents: torch.Tensor) -> dict[str, torch.Tensor]:
-            tasks = draw_tasks(train, latents.shape[0], latents.shape[2], generator, images=batch["is_image"])
+            tasks = draw_tasks(
+                train, latents.shape[0], latents.shape[2], generator, images=batch["is_image"], fine=batch.get("fine")
+            )
             drawn.append(tasks)
             return tasks.conditioning(latents)
 
@@ -122,13 +124,14 @@ class DenoisingObjective(Objective):
 
         if not batches:
             return None
+        from lvdm.training.tasks import context_gains, split_fine
+
         train = self.cfg.train
+        batches, fine = split_fine(batches)  # the fine interpolation stage's own clips count for its gain only
         prior = {"noise_prior": train.noise_prior, "mixed_lambda": train.mixed_noise_lambda, "inputs": self.inputs}
         figures = motion_gains(model_fn, batches, self.frozen, self.device, **prior) | clip_figures(batches)
         if self.context:
-            from lvdm.training.tasks import context_gains
-
-            figures |= context_gains(model_fn, batches, self.frozen, self.device, train, **prior)
+            figures |= context_gains(model_fn, batches, self.frozen, self.device, train, fine_batches=fine, **prior)
         if "fps" in self.video.conditioning_inputs:
             from lvdm.training.validation import fps_gains
 
@@ -148,7 +151,9 @@ class DenoisingObjective(Objective):
         cfg = self.cfg
         if not cfg.train.validation_prompts:
             return []
-        inputs, uncond, pictures = self._render_inputs(fps or DEFAULT_FPS, batches or [], out_dir)
+        from lvdm.training.tasks import split_fine
+
+        inputs, uncond, pictures = self._render_inputs(fps or DEFAULT_FPS, split_fine(batches or [])[0], out_dir)
         factor = 2 ** (len(self.frozen.vae.config.block_out_channels) - 1)
         height, width = cfg.data.resolution
         self.rendered = render_validation(

@@ -41,13 +41,19 @@ def format_validation(figures: dict[str, float]) -> list[str]:
             f"  layers off:       {g['layers_off_ratio']:.3f}  (loss {g['loss_layers_off']:.4f} of the frozen image "
             "model / in order: temporal information plus the layers' extra capacity, a secondary figure)",
         ]
-    for task in ("predict", "interpolate"):
+    for task in ("predict", "interpolate", "interpolate_fine"):
         if f"context_gain_{task}" in g:
             lines.append(
                 f"context gain:    {task} {g[f'context_gain_{task}']:.3f}  (held-out loss on the frames to make "
                 f"without the given frames {g[f'loss_{task}_without_context']:.4f} / with them "
                 f"{g[f'loss_{task}_with_context']:.4f}, same model; above 1: it uses the given frames)"
             )
+    if "stage_flag_gain" in g:
+        lines.append(
+            f"stage flag gain: {g['stage_flag_gain']:.3f}  (fine-stage held-out loss told it is the coarse stage "
+            f"{g['loss_interpolate_fine_coarse_flag']:.4f} / told the fine stage "
+            f"{g['loss_interpolate_fine_with_context']:.4f}, same model; above 1: the flag tells the stages apart)"
+        )
     if "fps_gain" in g:
         lines.append(
             f"fps gain:        {g['fps_gain']:.3f}  (held-out loss told the farthest other clip's frame rate "

@@ -96,12 +96,14 @@ def build_data(cfg: Any, frozen: Frozen, *, rank: int, world: int, num_workers: 
     from lvdm.data.build import build_split
     from lvdm.data.dataset import collate
     from lvdm.data.loader import BadSampleGuard, BatchStream, make_loader
+    from lvdm.training.tasks import fine_share
 
     data, train = cfg.data, cfg.train
     if data.cache:
         dataset, weights, holdout, collate_fn = _cached_split(data, train, frozen)
     else:
-        dataset, weights, holdout = build_split(data, seed=train.seed)
+        fine = {"fine_share": fine_share(train), "fine_every": train.interpolate_every}
+        dataset, weights, holdout = build_split(data, seed=train.seed, **fine)
         weights = image_share(dataset.entries, weights, train.image_batch_ratio)
         collate_fn = collate
     stream = BatchStream(dataset, train.batch_size, weights=weights, seed=train.seed, rank=rank, world_size=world)
@@ -109,7 +111,17 @@ def build_data(cfg: Any, frozen: Frozen, *, rank: int, world: int, num_workers: 
     loader = make_loader(dataset, stream, num_workers=workers, collate_fn=collate_fn)
     log = Path(cfg.output_dir) / ("skipped.jsonl" if rank == 0 else f"skipped.rank{rank}.jsonl")
     guard = BadSampleGuard(log, max_fraction=data.max_bad_fraction)
-    validation = _validation_batches(holdout or dataset, collate_fn, train.batch_size, held_out=holdout is not None)
+    held = holdout or dataset
+    validation = []
+    if not data.cache and fine["fine_share"]:
+        from lvdm.data.build import recut
+
+        # the fine stage's gain reads the same clips cut at its rate, in batches of their own (``fine`` set)
+        validation = _validation_batches(
+            recut(held, fine_share=1.0), collate_fn, train.batch_size, held_out=holdout is not None
+        )
+        held = recut(held, fine_share=0.0)
+    validation = _validation_batches(held, collate_fn, train.batch_size, held_out=holdout is not None) + validation
     return DataBundle(dataset, stream, loader, guard, validation)
 
 

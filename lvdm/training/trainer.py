@@ -205,6 +205,8 @@ class Trainer:
         batch = next(self.batches)
         self.micro_batches += 1
         videos = ~batch["is_image"] if "is_image" in batch else torch.ones(len(batch["fps"]), dtype=torch.bool)
+        if "fine" in batch:
+            videos &= ~batch["fine"]  # clips of the fine interpolation stage play at a multiple of the clip rate
         self.clip_rates.update(round(float(rate), 3) for rate in batch["fps"][videos] if rate > 0)
         failed = None
         try:
