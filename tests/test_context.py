@@ -314,6 +314,10 @@ def test_a_model_that_cannot_use_the_given_frames_has_a_context_gain_of_exactly_
     for task in ("predict", "interpolate", "interpolate_fine"):
         assert gains[f"context_gain_{task}"] == 1.0, task
     assert gains["stage_flag_gain"] == 1.0  # an untrained flag embedding changes nothing either
+    randomize(video.parts.parameters(), seed=4, std=0.05)
+    randomize(video.temporal_parameters(), seed=5, std=0.05)
+    moved = context_gains(video, [batch], Frozen.from_base(base), torch.device("cpu"), cfg.train, fine_batches=[fine])
+    assert all(moved[key] != 1.0 for key in ("context_gain_interpolate_fine", "stage_flag_gain")), moved  # they move
 
 
 # ------------------------------------------------------------------------------------------------ sampling
