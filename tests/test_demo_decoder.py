@@ -40,8 +40,9 @@ def _no_seams_where_chunks_meet(decoder_path: Path, root: Path, tmp_path_factory
     from lvdm.data.transforms import to_clip_tensor
     from lvdm.models import load_base
     from lvdm.models.encoders import encode_video
-    from lvdm.models.temporal_vae import chunk_spans, decode_video, load_video_decoder
+    from lvdm.models.temporal_vae import decode_video, load_video_decoder
     from lvdm.testing.clips import write_clip
+    from lvdm.tiles import spans
 
     vae = load_base(root / "base").vae.eval()
     decoder = load_video_decoder(decoder_path, vae=vae)
@@ -54,7 +55,7 @@ def _no_seams_where_chunks_meet(decoder_path: Path, root: Path, tmp_path_factory
         scale = {"scaling_factor": vae.config.scaling_factor}
         chunked = decode_video(decoder, latents, chunk_frames=16, overlap=4, **scale)
         whole = decode_video(decoder, latents, chunk_frames=64, **scale)
-    spans = chunk_spans(64, 16, 4)
+    spans = spans(64, 16, 4)
     pairs = zip(spans, spans[1:], strict=False)
     boundary = sorted({i for (_, stop), (start, _) in pairs for i in range(start - 1, stop)})
 

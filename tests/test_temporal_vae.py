@@ -15,8 +15,6 @@ from conftest import cut_like_the_cache, randomize, tiny_overrides, whole_and_re
 from lvdm.errors import CheckpointError
 from lvdm.models.encoders import decode_latents
 from lvdm.models.temporal_vae import (
-    chunk_spans,
-    cross_fade,
     decode_video,
     fold_error,
     load_video_decoder,
@@ -152,18 +150,6 @@ def test_decoders_that_do_not_fit_are_refused(tmp_path):
     (tmp_path / "ok" / "diffusion_pytorch_model.safetensors").write_bytes(b"not safetensors")
     with pytest.raises(CheckpointError, match="does not load"):
         load_video_decoder(tmp_path / "ok")
-
-
-def test_chunks_cover_the_video_and_cross_fade_to_one():
-    assert chunk_spans(10, 16, 4) == [(0, 10)]
-    for frames in (17, 29, 64, 100):
-        spans = chunk_spans(frames, 16, 4)
-        assert spans[0][0] == 0 and spans[-1][1] == frames and all(b - a == 16 for a, b in spans)
-        assert all(spans[i][1] - spans[i + 1][0] >= 4 for i in range(len(spans) - 1))
-    weights = cross_fade(8, 3, 2)
-    assert weights.tolist() == pytest.approx([0.25, 0.5, 0.75, 1, 1, 1, 2 / 3, 1 / 3])
-    # a shared stretch: the weights of the two chunks sum to 1
-    assert (cross_fade(8, 0, 3)[-3:] + cross_fade(8, 3, 0)[:3]).tolist() == pytest.approx([1, 1, 1])
 
 
 @torch.no_grad()

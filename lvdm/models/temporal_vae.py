@@ -297,49 +297,25 @@ def decode_video(
     chunks share ``overlap`` frames, where their outputs are cross-faded linearly, so memory stays that of one chunk
     whatever the length and no seam shows where chunks meet.
     """
+    from lvdm.tiles import span_weights, spans
+
     if overlap >= chunk_frames:
         raise ValueError(f"overlap ({overlap}) must be smaller than chunk_frames ({chunk_frames})")
     b, c, f = latents.shape[:3]
     param = next(decoder.parameters())
     z = latents.to(device=param.device, dtype=param.dtype) / scaling_factor + shift_factor
-    spans = chunk_spans(f, chunk_frames, overlap)
+    chunks = spans(f, chunk_frames, overlap)
     out, total = None, torch.zeros(f)
-    for i, (begin, end) in enumerate(spans):
+    for (begin, end), weight in zip(chunks, span_weights(chunks), strict=True):
         n = end - begin
         # b c n h w -> (b n) c h w
         frames = z[:, :, begin:end].permute(0, 2, 1, 3, 4).reshape(b * n, c, *z.shape[3:])
         decoded = decoder.decode(frames, num_frames=n).sample.float()
         decoded = decoded.reshape(b, n, *decoded.shape[1:])  # (b n) 3 H W -> b n 3 H W
-        before = spans[i - 1][1] - begin if i > 0 else 0  # frames shared with the previous chunk
-        after = end - spans[i + 1][0] if i + 1 < len(spans) else 0
-        weight = cross_fade(n, before, after).to(decoded.device)  # n
+        weight = weight.to(decoded.device)  # n: cross-faded where chunks share frames
         if out is None:
             out = torch.zeros(b, f, *decoded.shape[2:], device=decoded.device, dtype=torch.float32)
         out[:, begin:end] += decoded * weight[None, :, None, None, None]
         total[begin:end] += weight.cpu()
     # a frame in three chunks (a short video) has weights summing above 1: normalised
     return (out / total.to(out.device)[None, :, None, None, None]).clamp(-1, 1)
-
-
-def chunk_spans(num_frames: int, chunk: int, overlap: int) -> list[tuple[int, int]]:
-    """``(start, stop)`` of the fewest chunks of ``chunk`` frames, each sharing at least ``overlap`` frames with the
-    next, spread evenly from the first frame to the last."""
-    if num_frames <= chunk:
-        return [(0, num_frames)]
-    count = -(-(num_frames - overlap) // (chunk - overlap))  # ceil
-    starts = [round(i * (num_frames - chunk) / (count - 1)) for i in range(count)]
-    return [(start, start + chunk) for start in starts]
-
-
-def cross_fade(n: int, before: int, after: int) -> torch.Tensor:
-    """Weights of a chunk's ``n`` frames: rising over the ``before`` frames it shares with the previous chunk,
-    falling over the ``after`` it shares with the next, 1 elsewhere; in a shared stretch the two chunks' weights sum
-    to 1."""
-    weight = torch.ones(n)
-    if before:
-        weight[:before] = torch.arange(1, before + 1, dtype=torch.float32) / (before + 1)
-    if after:
-        weight[n - after :] = torch.minimum(
-            weight[n - after :], torch.arange(after, 0, -1, dtype=torch.float32) / (after + 1)
-        )
-    return weight
