@@ -25,6 +25,7 @@ _EXPORTS = {
     "Config": "lvdm.config",
     "load_config": "lvdm.config",
     "VideoPipeline": "lvdm.pipeline",
+    "UpscalePipeline": "lvdm.upscale_pipeline",
     "VideoOutput": "lvdm.pipeline",
     "SamplingSettings": "lvdm.pipeline",
 }
@@ -46,6 +47,7 @@ __all__ = [
     "TemporalLayout",
     "SamplingSettings",
     "TemporalModuleError",
+    "UpscalePipeline",
     "VideoOutput",
     "VideoPipeline",
     "VideoUNet",
@@ -58,6 +60,7 @@ if TYPE_CHECKING:
     from lvdm.errors import CheckpointError, ConfigError, DataError, LvdmError, TemporalModuleError
     from lvdm.models import LAYOUTS, BaseModel, LoraSpec, TemporalLayout, VideoUNet, load_base
     from lvdm.pipeline import SamplingSettings, VideoOutput, VideoPipeline
+    from lvdm.upscale_pipeline import UpscalePipeline
 
 
 def __getattr__(name: str) -> Any:

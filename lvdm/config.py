@@ -214,10 +214,10 @@ class DataConfig:
 class TrainConfig:
     """Optimization, noise, checkpoints and logging."""
 
-    target: Literal["denoise", "decoder"] = option(
+    target: Literal["denoise", "decoder", "upscale"] = option(
         "denoise",
-        "what a step trains (lvdm.training.objectives): denoise (the temporal diffusion loss) or decoder (a temporal "
-        "VAE decoder, lvdm.models.temporal_vae)",
+        "what a step trains (lvdm.training.objectives): denoise (the temporal diffusion loss), decoder (a temporal "
+        "VAE decoder, lvdm.models.temporal_vae) or upscale (the temporal layers of an x4 upscaler base, on patches)",
     )
     max_steps: int = option(1000, "optimizer steps to train (checkpoint names hold 8 digits)", min=1, max=10**8 - 1)
     batch_size: int = option(1, "clips per device in each micro-batch", min=1)
@@ -278,6 +278,15 @@ class TrainConfig:
         True, "decoder target: scale the adversarial loss by VQGAN's rule (L1 / adversarial gradient norm ratio)"
     )
     disc_lr: float | None = option(None, "decoder target: the discriminator's learning rate; null: train.lr", gt=0)
+    upscale_patch: int = option(
+        64, "upscale target: high-res patch size in pixels, cut at one place in every frame of a clip", min=8
+    )
+    upscale_max_noise_level: int | None = option(
+        None, "upscale target: low-res noise levels drawn per clip from 0 .. this; null: the upscaler's max", min=0
+    )
+    upscale_validation_noise_level: int = option(
+        20, "upscale target: the low-res noise level of the held-out figures and samples", min=0
+    )
     max_nonfinite_steps: int = option(10, "stop after this many skipped steps with a NaN/inf loss", min=1)
     overwrite: bool = option(False, "allow a fresh run in an output_dir that already holds one")
     log_every: int = option(10, "log the loss every n steps", min=1)
@@ -312,6 +321,7 @@ class Config:
             )
         problems += _task_problems(self)
         problems += _decoder_problems(self)
+        problems += _upscale_problems(self)
         from lvdm.fileio import special_folder
 
         if reason := special_folder(self.output_dir):
@@ -340,6 +350,25 @@ def _decoder_problems(cfg: Config) -> list[str]:
     ]
     if cfg.data.num_frames < 2:
         problems.append("data.num_frames: a temporal decoder learns from at least 2 frames per clip")
+    return problems
+
+
+def _upscale_problems(cfg: Config) -> list[str]:
+    """What the upscale target cannot combine with: context frames, image conditioning and the latent cache (its
+    patches are cut from the clips' pixels)."""
+    if cfg.train.target != "upscale":
+        return []
+    m, problems = cfg.model, []
+    for key, value in {"model.context": m.context, "model.image_conditioning": m.image_conditioning,
+                       "train.tasks": cfg.train.tasks, "data.cache": cfg.data.cache}.items():  # fmt: skip
+        if value:
+            problems.append(f"{key}: not part of train.target=upscale (an x4 upscaler's temporal layers); drop it")
+    height, width = cfg.data.resolution
+    if cfg.train.upscale_patch > min(height, width):
+        problems.append(
+            f"train.upscale_patch: {cfg.train.upscale_patch} px does not fit in the {height}x{width} clips "
+            "(data.resolution); use a smaller patch or larger clips"
+        )
     return problems
 
 

@@ -53,16 +53,19 @@ def span_weights(windows: list[tuple[int, int]]) -> list[torch.Tensor]:
 
 
 def tiled(
-    fn: Callable[..., torch.Tensor], window: Sequence[int | None], overlap: Sequence[int]
+    fn: Callable[..., torch.Tensor], window: Sequence[int | None], overlap: Sequence[int], *, scale: int = 1
 ) -> Callable[..., torch.Tensor]:
-    """``fn(x (b, c, f, h, w), t, **kwargs)`` run window by window over ``(f, h, w)`` and cross-faded.
+    """``fn(x (b, c, f, h, w), *args, **kwargs)`` run window by window over ``(f, h, w)`` and cross-faded.
 
     ``window``: the size along frames, height and width (``None``: the whole extent); ``overlap``: the positions
-    neighbouring windows share along each. Keyword tensors shaped like ``x`` in ``(f, h, w)`` (per-position
-    conditioning, e.g. a low-res video) are cut with ``x``; the others pass whole. The output is float32.
+    neighbouring windows share along each; ``scale``: ``fn``'s output is that many times larger in height and width
+    (a decoder), its windows and weights scaled with it. Keyword tensors shaped like ``x`` in ``(f, h, w)``
+    (per-position conditioning, e.g. a low-res video) are cut with ``x``; the others pass whole. The output is
+    float32.
     """
+    up = (1, scale, scale)
 
-    def run(x: torch.Tensor, t: torch.Tensor, **kwargs: Any) -> torch.Tensor:
+    def run(x: torch.Tensor, *args: Any, **kwargs: Any) -> torch.Tensor:
         size = x.shape[2:]
         per_dim = []
         for length, win, lap in zip(size, window, overlap, strict=True):
@@ -70,19 +73,23 @@ def tiled(
             cuts = spans(length, win, min(lap, win - 1))
             per_dim.append(list(zip(cuts, span_weights(cuts), strict=True)))
         if all(len(cuts) == 1 for cuts in per_dim):
-            return fn(x, t, **kwargs).float()
+            return fn(x, *args, **kwargs).float()
         out = total = None
         for pieces in itertools.product(*per_dim):
             region = tuple(slice(begin, end) for (begin, end), _ in pieces)
             cut = {key: _cut(value, size, region) for key, value in kwargs.items()}
-            part = fn(x[(slice(None), slice(None), *region)], t, **cut).float()
-            f_w, h_w, w_w = (weight.to(part.device) for _, weight in pieces)
+            part = fn(x[(slice(None), slice(None), *region)], *args, **cut).float()
+            f_w, h_w, w_w = (
+                weight.repeat_interleave(k).to(part.device) for (_, weight), k in zip(pieces, up, strict=True)
+            )
             weight = f_w[:, None, None] * h_w[None, :, None] * w_w[None, None, :]  # f h w
+            placed = tuple(slice(begin * k, end * k) for ((begin, end), _), k in zip(pieces, up, strict=True))
             if out is None:
-                out = torch.zeros(*part.shape[:2], *size, device=part.device)
-                total = torch.zeros(*size, device=part.device)
-            out[(slice(None), slice(None), *region)] += part * weight
-            total[region] += weight
+                out_size = [n * k for n, k in zip(size, up, strict=True)]
+                out = torch.zeros(*part.shape[:2], *out_size, device=part.device)
+                total = torch.zeros(*out_size, device=part.device)
+            out[(slice(None), slice(None), *placed)] += part * weight
+            total[placed] += weight
         return out / total
 
     return run

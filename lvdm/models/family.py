@@ -9,8 +9,12 @@ _SD_FAMILIES = {768: "sd1", 1024: "sd2", 2048: "sdxl"}
 _SD_CHANNELS = {(320, 640, 1280, 1280): "sd", (320, 640, 1280): "sdxl"}
 
 
+_UPSCALER = ((256, 512, 512, 1024), 1024, 7)  # SD x4 upscaler: widths, cross-attention, 4 latent + 3 RGB inputs
+
+
 def base_family(unet_config: Any) -> str:
-    """``"sd1"``, ``"sd2"``, ``"sdxl"`` or ``"custom-<in>x<cross>-<widths>"`` for any other shape.
+    """``"sd1"``, ``"sd2"``, ``"sdxl"``, ``"upscaler"`` (SD's x4 upscaler) or ``"custom-<in>x<cross>-<widths>"`` for
+    any other shape.
 
     Two bases of one family have the same block layout; the layout itself, not this name, is what
     a temporal module is checked against when it loads.
@@ -20,5 +24,7 @@ def base_family(unet_config: Any) -> str:
     cross = cross if isinstance(cross, int) else tuple(cross)
     if channels in _SD_CHANNELS and cross in _SD_FAMILIES and unet_config.in_channels == 4:
         return _SD_FAMILIES[cross]
+    if (channels, cross, unet_config.in_channels) == _UPSCALER and getattr(unet_config, "num_class_embeds", None):
+        return "upscaler"
     widths = "-".join(str(c) for c in channels)
     return f"custom-{unet_config.in_channels}x{cross}-{widths}"

@@ -66,10 +66,18 @@ class BaseModel:
     scheduler: Any
     source: str
     loras: list[LoraSpec] = field(default_factory=list)
+    low_res_scheduler: Any = None  # an x4 upscaler's low-res noise schedule (None for a text-to-image base)
+    max_noise_level: int | None = None  # ... and the highest noise level it takes
 
     @property
     def family(self) -> str:
         return base_family(self.unet.config)
+
+    @property
+    def is_upscaler(self) -> bool:
+        """An SD x4 upscaler (``StableDiffusionUpscalePipeline``: low-res RGB beside the latents, noise level as
+        class label), not a text-to-image base."""
+        return self.low_res_scheduler is not None
 
     @property
     def prediction_type(self) -> str:
@@ -114,6 +122,9 @@ def load_base(
     for name in ("unet", "vae", "text_encoder"):
         _check_finite(getattr(pipe, name), f"{path} ({name})")
     base = BaseModel(pipe.unet, pipe.vae, pipe.text_encoder, pipe.tokenizer, pipe.scheduler, str(path), specs)
+    if hasattr(pipe, "low_res_scheduler"):
+        base.low_res_scheduler = pipe.low_res_scheduler
+        base.max_noise_level = int(pipe.config.max_noise_level)
     if device is not None:
         for module in (base.unet, base.vae, base.text_encoder):
             module.to(device)
@@ -148,22 +159,30 @@ def check_weights_file(path: Path, *, allow_pickle: bool, what: str) -> None:
 
 
 def _load_folder(path: Path, *, allow_pickle: bool, dtype: torch.dtype | None) -> Any:
-    from diffusers import StableDiffusionPipeline
+    from diffusers import StableDiffusionPipeline, StableDiffusionUpscalePipeline
 
     if not (path / "model_index.json").is_file():
         raise CheckpointError(f"{path} is a folder but not a diffusers model (no model_index.json)")
+    upscaler = _pipeline_class(path) == "StableDiffusionUpscalePipeline"  # SD's x4 upscaler: no safety checker
+    extra = {} if upscaler else {"safety_checker": None, "requires_safety_checker": False}
     try:
-        return StableDiffusionPipeline.from_pretrained(
-            path,
-            safety_checker=None,
-            requires_safety_checker=False,
-            use_safetensors=None if allow_pickle else True,
-            dtype=dtype,
-            local_files_only=True,
+        return (StableDiffusionUpscalePipeline if upscaler else StableDiffusionPipeline).from_pretrained(
+            path, use_safetensors=None if allow_pickle else True, dtype=dtype, local_files_only=True, **extra
         )
     except Exception as exc:  # OSError, SafetensorError, and with allow_pickle UnpicklingError and torch's errors
         hint = "" if allow_pickle else " (only .safetensors weights are read without allow_pickle)"
         raise CheckpointError(f"could not load the diffusers folder {path}{hint}: {_one_line(exc)}") from exc
+
+
+def _pipeline_class(path: Path) -> str | None:
+    """The pipeline class a diffusers folder names (``model_index.json``), or ``None`` when unreadable."""
+    import json
+
+    try:
+        index = json.loads((path / "model_index.json").read_text(encoding="utf-8"))
+    except (OSError, ValueError):
+        return None
+    return index.get("_class_name") if isinstance(index, dict) else None
 
 
 def _load_single_file(

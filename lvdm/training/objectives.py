@@ -14,7 +14,7 @@ micro-batch's loss is, and what validation measures and renders, belongs to an :
 
 :data:`OBJECTIVES` maps ``train.target`` to its class. ``denoise`` (the diffusion loss of the temporal
 layers on the frozen base) is the first; ``decoder`` (the temporal VAE decoder, :mod:`lvdm.training.decoder`) the
-second; the upscaler and distillation targets join them.
+second; ``upscale`` (an x4 upscaler's temporal layers on patches, :mod:`lvdm.training.upscale`) the third.
 """
 
 from __future__ import annotations
@@ -218,7 +218,10 @@ OBJECTIVES: dict[str, type[Objective]] = {
 """``train.target`` -> the objective class."""
 
 
-LAZY_OBJECTIVES = {"decoder": "lvdm.training.decoder:DecoderObjective"}
+LAZY_OBJECTIVES = {
+    "decoder": "lvdm.training.decoder:DecoderObjective",
+    "upscale": "lvdm.training.upscale:UpscaleObjective",
+}
 """Objectives in modules of their own (which import this one): ``train.target`` -> ``module:class``."""
 
 

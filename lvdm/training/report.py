@@ -77,6 +77,15 @@ def format_validation(figures: dict[str, float]) -> list[str]:
             f"one frame at a time: temporal flicker gain {g['temporal_flicker_gain']:.3f}, above 1: its temporal "
             "layers remove flicker)",
         ]
+    if "upscale_flicker_gain" in g:
+        lines += [
+            f"upscale flicker gain: {g['upscale_flicker_gain']:.3f}  (held-out flicker error upscaling frame by frame "
+            "/ as a video, same weights and noise; above 1: less flicker)",
+            "upscaled:        PSNR (dB, per frame)   flicker error (|change of the upscale - change of the original| "
+            "between consecutive frames, 0-255)",
+            f"  frame by frame {g['psnr_upscaled_image']:8.2f}{g['flicker_upscaled_image']:24.3f}",
+            f"  video          {g['psnr_upscaled_video']:8.2f}{g['flicker_upscaled_video']:24.3f}",
+        ]
     rows = [(label, key) for label, key in SAMPLE_ROWS if f"{key}_frame_change" in g]
     if rows:
         lines.append("frames:          change (mean |frame i+1 - frame i|, 0-255)   correlation (consecutive frames)")

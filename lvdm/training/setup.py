@@ -33,6 +33,13 @@ def build_model(cfg: Any, device: torch.device, mixed_precision: str) -> tuple[A
         return build_decoder_model(cfg, device, WEIGHT_DTYPES[mixed_precision])
     m = cfg.model
     base = load_base(m.base, base_config=m.base_config, loras=m.loras, allow_pickle=m.allow_pickle)
+    if base.is_upscaler != (cfg.train.target == "upscale"):
+        raise ConfigError(
+            f"model.base {m.base} is an x4 upscaler: train it with train.target=upscale"
+            if base.is_upscaler
+            else f"train.target=upscale needs an x4 upscaler base (a StableDiffusionUpscalePipeline folder), and "
+            f"model.base {m.base} is a text-to-image model"
+        )
     image_encoder = None
     if m.image_conditioning:
         from lvdm.models.encoders import load_image_encoder

@@ -36,6 +36,8 @@ class Frozen:
     empty_text: torch.Tensor  # (1, n, d)
     digests: dict[str, str] = field(default_factory=dict)  # encoder weight hashes, for the latent cache check
     image_encoder: Any = None  # a models.encoders.ImageEncoder, for image conditioning
+    low_res_scheduler: Any = None  # an x4 upscaler base's low-res noise schedule
+    max_noise_level: int | None = None  # ... and its highest level
     _no_image: torch.Tensor | None = field(default=None, repr=False)
 
     def no_image_tokens(self) -> torch.Tensor:
@@ -52,8 +54,10 @@ class Frozen:
 
         empty = encode_text(base.tokenizer, base.text_encoder, [""])
         return cls(
-            base.vae, base.tokenizer, base.text_encoder, DDPMScheduler.from_config(base.scheduler.config), empty
-        )
+            base.vae, base.tokenizer, base.text_encoder, DDPMScheduler.from_config(base.scheduler.config), empty,
+            low_res_scheduler=getattr(base, "low_res_scheduler", None),
+            max_noise_level=getattr(base, "max_noise_level", None),
+        )  # fmt: skip
 
 
 def batch_latents_and_text(

@@ -63,13 +63,19 @@ def frames_as_videos(x: torch.Tensor) -> torch.Tensor:
 
 
 def _pass_inputs(name: str, latents, noise, cond: dict, orders) -> tuple[torch.Tensor, torch.Tensor, dict, float]:
-    """``(latents, noise, per-video inputs, image_only flag)`` of one pass of :func:`motion_gains`."""
+    """``(latents, noise, per-video inputs, image_only flag)`` of one pass of :func:`motion_gains`. Inputs with one
+    entry per frame (``(b, c, f, h, w)``, an upscaler's low-res frames) move with their frames."""
+    b, f = latents.shape[:3:2]
+    per_frame = {key for key, value in cond.items() if value.ndim == 5 and value.shape[0:3:2] == (b, f)}
     if name == "shuffled":
+        cond = {key: permute_frames(value, orders) if key in per_frame else value for key, value in cond.items()}
         return permute_frames(latents, orders), permute_frames(noise, orders), cond, 0.0
     if name == "each_frame":
-        f = latents.shape[2]
         # every frame its own video: each video's inputs once per frame, b ... -> (b f) ...
-        cond = {key: value.repeat_interleave(f, dim=0) for key, value in cond.items()}
+        cond = {
+            key: frames_as_videos(value) if key in per_frame else value.repeat_interleave(f, dim=0)
+            for key, value in cond.items()
+        }
         return frames_as_videos(latents), frames_as_videos(noise), cond, 0.0
     return latents, noise, cond, 1.0 if name == "layers_off" else 0.0
 

@@ -1,0 +1,302 @@
+"""Video super-resolution by 4: SD's x4 latent upscaler, with a temporal module or frame by frame.
+
+The x4 upscaler (``stabilityai/stable-diffusion-x4-upscaler``, a ``StableDiffusionUpscalePipeline`` folder) denoises
+latents as large as the low-res frames, with the low-res RGB concatenated to them and noised to ``noise_level`` by
+its own low-res schedule (the level is the UNet's class label); its VAE decodes by 4. :class:`UpscalePipeline` runs
+it on videos: with a temporal module trained on it (``train.target: upscale``) its temporal layers tie the frames
+together, without one (or ``image_mode``) every frame is upscaled alone, as diffusers' pipeline would do it.
+
+Large inputs run in **tiles**: the model over overlapping windows of ``tile`` low-res pixels (and of
+``chunk_frames`` frames), their outputs cross-faded at every step (:func:`lvdm.tiles.tiled`), and the VAE over
+overlapping latent tiles, cross-faded in pixels. A frame size the UNet cannot take (not a multiple of its
+downsampling) is padded by reflection and the output cropped back.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import os
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+
+from lvdm import __version__
+from lvdm.errors import CheckpointError, ConfigError
+from lvdm.outputs import VideoOutput
+
+DEFAULTS = {"noise_level": 20, "num_inference_steps": 75, "guidance_scale": 9.0}  # diffusers' pipeline defaults
+DEFAULT_FPS = 8.0
+
+
+@dataclasses.dataclass(frozen=True)
+class LowRes:
+    """The video to upscale, as read."""
+
+    frames: np.ndarray  # uint8 (f, h, w, 3)
+    fps: float | None
+    source: str
+
+
+class UpscalePipeline:
+    """An x4 upscaler plus, optionally, a temporal module trained on it: low-res videos in, 4x videos out."""
+
+    def __init__(self, base: Any, video: Any | None = None, *, sources: dict[str, Any] | None = None) -> None:
+        if not getattr(base, "is_upscaler", False):
+            raise ConfigError(
+                f"{base.source} is not an x4 upscaler (a diffusers StableDiffusionUpscalePipeline folder such as "
+                "stabilityai/stable-diffusion-x4-upscaler); lvdm.VideoPipeline samples text-to-image bases"
+            )
+        self.base, self.video, self.sources = base, video, dict(sources or {})
+        for module in (base.unet, base.vae, base.text_encoder):
+            module.eval().requires_grad_(False)
+
+    @classmethod
+    def from_pretrained(
+        cls,
+        upscaler: str | os.PathLike,
+        *,
+        temporal: str | os.PathLike | None = None,
+        allow_pickle: bool = False,
+        device: str | torch.device | None = None,
+        dtype: str | torch.dtype | None = None,
+    ) -> UpscalePipeline:
+        """Load the ``upscaler`` folder and the ``temporal`` module trained on it (``None``: frame by frame).
+
+        A module made for another base (an SD text-to-image module) is refused with a
+        :class:`~lvdm.errors.TemporalModuleError`, as is an upscaler module on an SD base by
+        :class:`~lvdm.VideoPipeline`.
+        """
+        from lvdm.models import VideoUNet, load_base
+        from lvdm.pipeline import _absolute, _as_dtype, device_problem
+
+        if device is not None and (problem := device_problem(device)):
+            raise ConfigError(f"device {device}: {problem}")
+        if not Path(upscaler).is_dir():
+            raise CheckpointError(f"upscaler {upscaler} is not a folder (expected a diffusers x4 upscaler folder)")
+        base = load_base(upscaler, allow_pickle=allow_pickle, dtype=_as_dtype(dtype), device=device)
+        pipe = cls(base, None, sources={"upscaler": _absolute(upscaler), "temporal": _absolute(temporal)})
+        if temporal is not None:
+            pipe.video = VideoUNet.from_temporal_file(base.unet, temporal).eval().requires_grad_(False)
+        return pipe
+
+    @property
+    def device(self) -> torch.device:
+        return next(self.base.unet.parameters()).device
+
+    @property
+    def dtype(self) -> torch.dtype:
+        return next(self.base.unet.parameters()).dtype
+
+    @property
+    def multiple(self) -> int:
+        """What the low-res height and width must divide by: the UNet's downsampling."""
+        return 2 ** (len(self.base.unet.config.block_out_channels) - 1)
+
+    @property
+    def scale(self) -> int:
+        """Output pixels per low-res pixel: the VAE's factor (4)."""
+        return 2 ** (len(self.base.vae.config.block_out_channels) - 1)
+
+    # ----------------------------------------------------------------------------------------------- sampling
+    @torch.no_grad()
+    def __call__(
+        self,
+        video: Any,
+        prompt: str = "",
+        *,
+        negative_prompt: str = "",
+        noise_level: int = DEFAULTS["noise_level"],
+        num_inference_steps: int = DEFAULTS["num_inference_steps"],
+        guidance_scale: float = DEFAULTS["guidance_scale"],
+        scheduler: str = "ddim",
+        seed: int | None = None,
+        latents: torch.Tensor | None = None,
+        tile: int | None = None,
+        tile_overlap: int | None = None,
+        chunk_frames: int | None = None,
+        image_mode: bool = False,
+        fps: float | None = None,
+        progress: bool = True,
+    ) -> VideoOutput:
+        """Upscale ``video`` (a file, or uint8 frames ``(f, h, w, 3)``) by 4.
+
+        Args:
+            prompt, negative_prompt: what the video shows (the upscaler is text-conditioned) and what to avoid.
+            noise_level: how much noise the low-res frames get before conditioning (0 .. the upscaler's
+                ``max_noise_level``, 350): more lets it invent more detail and follow the input less.
+            num_inference_steps, guidance_scale, scheduler, seed: as for :class:`~lvdm.VideoPipeline`.
+            latents: the initial noise ``(1, 4, f, h, w)`` (the low-res size, after padding to a multiple of
+                :attr:`multiple`) instead of drawing it.
+            tile: run the model over ``tile`` x ``tile`` low-res pixel windows (a multiple of :attr:`multiple`)
+                sharing ``tile_overlap`` pixels (default a quarter), and the VAE over the same latent tiles;
+                ``None``: the whole frame at once.
+            chunk_frames: the model over windows of this many frames (default: every frame at once), sharing a
+                quarter of them.
+            image_mode: upscale every frame alone even with a temporal module (a one-frame video always is).
+            fps: the output's frame rate (default: the file's, else 8).
+
+        Returns:
+            a :class:`~lvdm.outputs.VideoOutput` with uint8 frames ``(1, f, 4h, 4w, 3)`` at the input's rate.
+        """
+        from lvdm.diffusion import guidance_schedule, make_scheduler, sample
+        from lvdm.tiles import tiled
+
+        low = read_low_res(video)
+        f, h, w = low.frames.shape[:3]
+        self._check(noise_level, num_inference_steps, tile, tile_overlap, chunk_frames)
+        seed = seed if seed is not None else int.from_bytes(os.urandom(4), "little")
+        generator = torch.Generator().manual_seed(seed)
+        noisy, level = self._noised_low_res(low.frames, noise_level, generator)
+        noisy = pad_to_multiple(noisy, self.multiple)
+        shape = (1, self.base.vae.config.latent_channels, f, *noisy.shape[3:])
+        noise = self._initial_noise(shape, latents, generator)
+        text = self._encode([prompt, negative_prompt])
+        cond = {"encoder_hidden_states": text[:1], "low_res": noisy, "class_labels": level}
+        by_frame = image_mode or self.video is None or f == 1
+        model_fn = self.model_fn(image_mode=by_frame)
+        if tile is not None or chunk_frames is not None:
+            overlap = tile_overlap if tile_overlap is not None else (tile or 0) // 4
+            model_fn = tiled(
+                model_fn, (chunk_frames, tile, tile), (max(1, (chunk_frames or 0) // 4), overlap, overlap)
+            )
+        clean = sample(
+            model_fn, make_scheduler(scheduler, self.base.scheduler.config), latents=noise,
+            num_inference_steps=num_inference_steps, cond=cond, uncond={"encoder_hidden_states": text[1:]},
+            guidance=guidance_schedule("constant", guidance_scale), generator=[generator], progress=progress,
+        )  # fmt: skip
+        frames = self.decode(clean, tile=tile, tile_overlap=tile_overlap)[:, :, : h * self.scale, : w * self.scale]
+        rate = float(fps or low.fps or DEFAULT_FPS)
+        record = {
+            "upscale": {
+                "source": low.source, "low_res_size": [w, h], "noise_level": noise_level,
+                "num_inference_steps": num_inference_steps, "guidance_scale": guidance_scale, "scheduler": scheduler,
+                "tile": tile, "tile_overlap": tile_overlap, "chunk_frames": chunk_frames,
+            },
+            "prompt": prompt, "negative_prompt": negative_prompt, "seed": seed,
+            "mode": "image" if by_frame else "video", "model": self.sources,
+            "initial_noise": "given" if latents is not None else "seed", "lvdm_version": __version__,
+        }  # fmt: skip
+        return VideoOutput(np.ascontiguousarray(frames), rate, [record], clean.cpu(), noise.cpu())
+
+    def _check(
+        self, noise_level: Any, steps: Any, tile: int | None, overlap: int | None, chunk_frames: int | None
+    ) -> None:
+        top = self.base.max_noise_level
+        if isinstance(noise_level, bool) or not isinstance(noise_level, int) or not 0 <= noise_level <= top:
+            raise ConfigError(
+                f"noise_level must be an integer in 0 .. {top} (the upscaler's max), got {noise_level!r}"
+            )
+        if isinstance(steps, bool) or not isinstance(steps, int) or steps < 1:
+            raise ConfigError(f"num_inference_steps must be a positive integer, got {steps!r}")
+        if tile is not None and (isinstance(tile, bool) or not isinstance(tile, int) or tile < self.multiple
+                                 or tile % self.multiple):  # fmt: skip
+            raise ConfigError(f"tile must be a multiple of {self.multiple} low-res pixels (the UNet's), got {tile!r}")
+        if overlap is not None and (tile is None or not 0 <= overlap < tile):
+            raise ConfigError(f"tile_overlap must be 0 .. tile - 1 and goes with tile, got {overlap!r}")
+        if chunk_frames is not None and (isinstance(chunk_frames, bool) or not isinstance(chunk_frames, int)
+                                         or chunk_frames < 2):  # fmt: skip
+            raise ConfigError(f"chunk_frames must be an integer >= 2, got {chunk_frames!r}")
+
+    def _noised_low_res(
+        self, frames: np.ndarray, noise_level: int, generator: torch.Generator
+    ) -> tuple[torch.Tensor, torch.Tensor]:
+        """The low-res video ``(1, 3, f, h, w)`` in [-1, 1] noised to ``noise_level`` by the low-res schedule (each
+        frame's noise drawn in turn from ``generator``, as diffusers draws one image's), and the level ``(1,)``."""
+        pixels = torch.from_numpy(frames).float().div(127.5).sub(1.0).permute(3, 0, 1, 2)[None]  # 1 3 f h w
+        f, h, w = pixels.shape[2:]
+        noise = torch.stack([torch.randn((1, 3, h, w), generator=generator) for _ in range(f)], dim=2)
+        level = torch.tensor([noise_level], dtype=torch.long)
+        noisy = self.base.low_res_scheduler.add_noise(pixels, noise, level)
+        return noisy.to(self.device), level.to(self.device)
+
+    def _initial_noise(
+        self, shape: tuple[int, ...], latents: torch.Tensor | None, generator: torch.Generator
+    ) -> torch.Tensor:
+        if latents is None:
+            return torch.randn(shape, generator=generator).to(self.device)
+        if tuple(latents.shape) != shape:
+            raise ConfigError(f"latents must have shape {shape} for this video, got {tuple(latents.shape)}")
+        return latents.to(device=self.device, dtype=torch.float32)
+
+    def _encode(self, texts: list[str]) -> torch.Tensor:
+        from lvdm.models.encoders import encode_text
+
+        return encode_text(self.base.tokenizer, self.base.text_encoder, texts).to(self.device)
+
+    def model_fn(self, *, image_mode: bool = False):
+        """The denoiser as the sampling loop calls it: ``fn(x (b, 4, f, h, w), t, encoder_hidden_states, low_res
+        (b, 3, f, h, w), class_labels (b,))``, the low-res frames concatenated to the latents."""
+        dtype, video, unet = self.dtype, self.video, self.base.unet
+
+        def fn(x, t, encoder_hidden_states, low_res, class_labels):
+            sample = torch.cat([x, low_res.to(x.dtype)], dim=1).to(dtype)
+            text = encoder_hidden_states.to(dtype)
+            if not image_mode:
+                return video(sample, t, text, class_labels=class_labels).float()
+            b, c, f, h, w = sample.shape
+            frames = sample.permute(0, 2, 1, 3, 4).reshape(b * f, c, h, w)  # b c f h w -> (b f) c h w
+            out = unet(
+                frames, t.repeat_interleave(f), text.repeat_interleave(f, dim=0),
+                class_labels=class_labels.repeat_interleave(f), return_dict=False,
+            )[0].float()  # fmt: skip
+            return out.reshape(b, f, *out.shape[1:]).permute(0, 2, 1, 3, 4)  # (b f) c h w -> b c f h w
+
+        return fn
+
+    @torch.no_grad()
+    def decode(self, latents: torch.Tensor, *, tile: int | None = None, tile_overlap: int | None = None) -> np.ndarray:
+        """Latents ``(b, 4, f, h, w)`` -> uint8 frames ``(b, f, 4h, 4w, 3)``, frame by frame, over ``tile`` x
+        ``tile`` latent windows sharing ``tile_overlap`` (default a quarter) where given."""
+        from lvdm.media import to_uint8_frames
+        from lvdm.models.encoders import decode_latents
+        from lvdm.tiles import tiled
+
+        def decode(z: torch.Tensor) -> torch.Tensor:
+            return decode_latents(self.base.vae, z, chunk_frames=1).permute(0, 2, 1, 3, 4)  # b f 3 H W -> b 3 f H W
+
+        if tile is not None:
+            overlap = tile_overlap if tile_overlap is not None else tile // 4
+            decode = tiled(decode, (1, tile, tile), (0, overlap, overlap), scale=self.scale)
+        video = decode(latents).permute(0, 2, 1, 3, 4)  # b 3 f H W -> b f 3 H W
+        return np.stack([to_uint8_frames(clip.float().cpu()) for clip in video])
+
+
+# --------------------------------------------------------------------------------------------------- helpers
+def read_low_res(source: Any) -> LowRes:
+    """The frames of a video file (every frame, its own size) or of uint8 frames ``(f, h, w, 3)``."""
+    from lvdm.context_sampling import read_context
+
+    if isinstance(source, (str, os.PathLike)):
+        path = Path(source)
+        if not path.is_file():  # a FIFO or folder is refused without opening it
+            raise ConfigError(f"video to upscale {path} does not exist or is not a file")
+        from lvdm.data.readers import probe
+        from lvdm.errors import LvdmError
+
+        try:
+            info = probe(path)
+        except LvdmError as exc:
+            raise ConfigError(f"video to upscale {path}: {exc}") from exc
+        read = read_context(path, info.height, info.width, what="video to upscale")
+        return LowRes(read.frames, read.fps, str(path.absolute()))
+    frames = np.asarray(source)
+    if frames.ndim != 4 or frames.shape[-1] != 3 or frames.dtype != np.uint8 or not frames.shape[0]:
+        raise ConfigError(
+            f"frames to upscale must be uint8 (f, h, w, 3) with f >= 1, got {frames.dtype} {tuple(frames.shape)}"
+        )
+    return LowRes(np.ascontiguousarray(frames), None, "frames")
+
+
+def pad_to_multiple(video: torch.Tensor, multiple: int) -> torch.Tensor:
+    """``(b, c, f, h, w)`` padded at the bottom and right by reflection (replication where a side is too short to
+    reflect) up to multiples of ``multiple``."""
+    h, w = video.shape[3:]
+    pad_h, pad_w = -h % multiple, -w % multiple
+    if not pad_h and not pad_w:
+        return video
+    frames = video.permute(0, 2, 1, 3, 4).flatten(0, 1)  # b c f h w -> (b f) c h w
+    mode = "reflect" if pad_h < h and pad_w < w else "replicate"
+    frames = torch.nn.functional.pad(frames, (0, pad_w, 0, pad_h), mode=mode)
+    return frames.reshape(video.shape[0], video.shape[2], *frames.shape[1:]).permute(0, 2, 1, 3, 4)

@@ -1,0 +1,225 @@
+"""The x4 upscaler (issue 14): loading and family, sampling equal to diffusers frame by frame, the video upscaler at
+init, tiles, bad inputs, and the ``upscale`` training target on patches."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+import torch
+from conftest import randomize, tiny_overrides, whole_and_resumed
+
+from lvdm import UpscalePipeline
+from lvdm.config import load_config
+from lvdm.errors import CheckpointError, ConfigError, TemporalModuleError
+from lvdm.models import VideoUNet, load_base
+from lvdm.testing.upscaler import make_tiny_upscaler
+
+FAST = {"num_inference_steps": 3, "seed": 0, "progress": False}
+
+
+@pytest.fixture(scope="module")
+def upscaler(tmp_path_factory):
+    return make_tiny_upscaler(tmp_path_factory.mktemp("upscaler") / "x4", seed=0)
+
+
+@pytest.fixture(scope="module")
+def frames():
+    """6 smooth 16x24 frames drifting right (a low-res video)."""
+    yy, xx = np.mgrid[0:16, 0:24]
+    return np.stack([
+        np.stack([128 + 100 * np.sin((xx + 2 * i) / 4), 128 + 100 * np.cos(yy / 3), np.full_like(xx, 90.0)], -1)
+        for i in range(6)
+    ]).astype(np.uint8)  # fmt: skip
+
+
+def diffusers_frames(upscaler, frames, latents, *, seed, noise_level, steps, prompt="a cat", guidance=9.0):
+    """diffusers' StableDiffusionUpscalePipeline on each frame, its low-res noise drawn where lvdm draws that frame's
+    (one generator, frame after frame) and the same initial latents."""
+    from diffusers import StableDiffusionUpscalePipeline
+
+    ref = StableDiffusionUpscalePipeline.from_pretrained(upscaler, local_files_only=True)
+    ref.set_progress_bar_config(disable=True)
+    generator, out = torch.Generator().manual_seed(seed), []
+    for i, frame in enumerate(frames):
+        state = torch.Generator()
+        state.set_state(generator.get_state())
+        torch.randn((1, 3, *frame.shape[:2]), generator=generator)  # what lvdm draws for this frame
+        image = ref(prompt, image=frame[None].astype(np.float32) / 255, num_inference_steps=steps,
+                    guidance_scale=guidance, noise_level=noise_level, generator=state, latents=latents[:, :, i],
+                    output_type="np").images[0]  # fmt: skip
+        out.append((image * 255).round().astype(np.uint8))
+    return np.stack(out)
+
+
+def test_an_upscaler_folder_loads_as_an_upscaler_and_text_to_image_bases_do_not(upscaler, tiny_assets):
+    base = load_base(upscaler)
+    assert base.is_upscaler and base.max_noise_level == 350 and base.unet.config.in_channels == 7
+    assert not load_base(tiny_assets["base"]).is_upscaler
+    from types import SimpleNamespace
+
+    from lvdm.models.family import base_family
+
+    real = SimpleNamespace(block_out_channels=(256, 512, 512, 1024), cross_attention_dim=1024, in_channels=7,
+                           num_class_embeds=1000)  # fmt: skip
+    assert base_family(real) == "upscaler"
+    with pytest.raises(ConfigError, match="not an x4 upscaler"):
+        UpscalePipeline(load_base(tiny_assets["base"]))
+
+
+@pytest.mark.parametrize("guidance", [1.0, 9.0])
+def test_frame_by_frame_it_equals_diffusers_upscale_pipeline(upscaler, frames, guidance):
+    latents = torch.randn(1, 4, 3, 16, 24, generator=torch.Generator().manual_seed(5))
+    pipe = UpscalePipeline.from_pretrained(upscaler)
+    kwargs = {"num_inference_steps": 4, "noise_level": 30, "seed": 1, "latents": latents, "guidance_scale": guidance}
+    out = pipe(frames[:3], "a cat", progress=False, **kwargs)
+    expected = diffusers_frames(upscaler, frames[:3], latents, seed=1, noise_level=30, steps=4, guidance=guidance)
+    assert out.frames.shape == (1, 3, 64, 96, 3)
+    assert np.abs(out.frames[0].astype(int) - expected).max() <= 1
+    # the video upscaler at init (temporal layers added, untrained) computes the same
+    pipe.video = VideoUNet.from_unet2d(pipe.base.unet)
+    video = pipe(frames[:3], "a cat", progress=False, **kwargs)
+    assert video.metadata[0]["mode"] == "video" and np.abs(video.frames.astype(int) - out.frames).max() <= 1
+    # and a trained one does not: the equality is not trivial
+    randomize(pipe.video.temporal_parameters(), seed=1, std=0.05)
+    moved = pipe(frames[:3], "a cat", progress=False, **kwargs)
+    assert np.abs(moved.frames.astype(int) - out.frames).max() > 1
+
+
+def test_tiles_as_large_as_the_video_are_one_call_and_smaller_ones_cover_it(upscaler, frames):
+    pipe = UpscalePipeline.from_pretrained(upscaler)
+    whole = pipe(frames, "x", **FAST)
+    same = pipe(frames, "x", tile=24, chunk_frames=6, **FAST)
+    assert np.array_equal(same.frames, whole.frames)
+    calls = []
+    handle = pipe.base.unet.register_forward_pre_hook(lambda module, args: calls.append(tuple(args[0].shape)))
+    tiled = pipe(frames, "x", tile=8, tile_overlap=4, **FAST)
+    handle.remove()
+    assert tiled.frames.shape == whole.frames.shape
+    assert max(shape[-1] for shape in calls) == 8 and max(shape[-2] for shape in calls) == 8
+    assert tiled.metadata[0]["upscale"]["tile"] == 8
+
+
+def test_a_size_the_unet_cannot_take_is_padded_and_cropped_back(upscaler, frames):
+    pipe = UpscalePipeline.from_pretrained(upscaler)
+    odd = frames[:2, :13, :19]  # the UNet takes multiples of 4
+    out = pipe(odd, "x", **FAST)
+    assert out.frames.shape == (1, 2, 52, 76, 3) and out.latents.shape[-2:] == (16, 20)
+    one = pipe(frames[:1], "x", **FAST)  # one frame: upscaled as an image
+    assert one.frames.shape == (1, 1, 64, 96, 3) and one.metadata[0]["mode"] == "image"
+
+
+@pytest.mark.parametrize(
+    ("kwargs", "message"),
+    [
+        ({"noise_level": 351}, "noise_level must be an integer in 0 .. 350"),
+        ({"noise_level": -1}, "noise_level must be"),
+        ({"noise_level": 2.5}, "noise_level must be"),
+        ({"tile": 6}, "tile must be a multiple of 4"),
+        ({"tile": 8, "tile_overlap": 8}, "tile_overlap must be"),
+        ({"tile_overlap": 2}, "goes with tile"),
+        ({"chunk_frames": 1}, "chunk_frames must be"),
+        ({"num_inference_steps": 0}, "num_inference_steps"),
+        ({"latents": torch.zeros(1, 4, 2, 8, 8)}, "latents must have shape"),
+    ],
+)
+def test_bad_upscale_requests_are_one_clear_error(upscaler, frames, kwargs, message):
+    pipe = UpscalePipeline.from_pretrained(upscaler)
+    with pytest.raises(ConfigError, match=message):
+        pipe(frames, "x", **{**FAST, **kwargs})
+
+
+def test_bad_videos_and_modules_are_refused(upscaler, tiny_assets, tmp_path, frames):
+    import os
+
+    pipe = UpscalePipeline.from_pretrained(upscaler)
+    fifo = tmp_path / "in.mp4"
+    os.mkfifo(fifo)  # opening it would block
+    for bad, message in ((fifo, "not a file"), (tmp_path, "not a file"), (frames.astype(float), "uint8"),
+                         (frames[0], "uint8 \\(f, h, w, 3\\)")):  # fmt: skip
+        with pytest.raises(ConfigError, match=message):
+            pipe(bad, "x", **FAST)
+    # a module of an SD base on the upscaler, and the upscaler's module on an SD base
+    sd = VideoUNet.from_unet2d(load_base(tiny_assets["base"]).unet)
+    sd.save_temporal(tmp_path / "sd.safetensors")
+    with pytest.raises(TemporalModuleError):
+        UpscalePipeline.from_pretrained(upscaler, temporal=tmp_path / "sd.safetensors")
+    up = VideoUNet.from_unet2d(load_base(upscaler).unet)
+    up.save_temporal(tmp_path / "up.safetensors")
+    from lvdm import VideoPipeline
+
+    with pytest.raises(TemporalModuleError):
+        VideoPipeline.from_pretrained(tiny_assets["base"], temporal=tmp_path / "up.safetensors")
+    with pytest.raises(CheckpointError, match="not a folder"):
+        UpscalePipeline.from_pretrained(tmp_path / "missing")
+
+
+# ------------------------------------------------------------------------------------------------ training
+def upscale_overrides(tiny_assets, upscaler, out, **extra):
+    return tiny_overrides(tiny_assets, out, **{
+        "model.base": upscaler, "train.target": "upscale", "data.resolution": "[32,32]", "train.upscale_patch": 16,
+        "data.holdout": 1, "train.validation_prompts": "[]", "train.validation_steps": 2, **extra,
+    })  # fmt: skip
+
+
+def test_the_upscale_target_trains_on_patches_resumes_exactly_and_reports(tiny_assets, upscaler, tmp_path):
+    whole, a, b = whole_and_resumed(lambda out, **extra: upscale_overrides(tiny_assets, upscaler, out, **extra),
+                                    tmp_path)  # fmt: skip
+    assert a and all(torch.equal(a[k], b[k]) for k in a)
+    g = whole.gain
+    for key in ("motion_gain", "upscale_flicker_gain", "psnr_upscaled_video", "flicker_upscaled_image"):
+        assert np.isfinite(g[key]), key
+    from lvdm.training.report import format_report
+
+    assert "upscale flicker gain:" in format_report(whole)
+    # the module loads onto the upscaler and upscales as a video
+    pipe = UpscalePipeline.from_pretrained(upscaler, temporal=whole.temporal_path)
+    assert pipe(np.zeros((2, 8, 8, 3), np.uint8), "x", **FAST).metadata[0]["mode"] == "video"
+
+
+def test_an_untrained_upscaler_has_a_temporal_gain_and_flicker_gain_of_exactly_one(tiny_assets, upscaler, tmp_path):
+    """The control: with untrained temporal layers every frame is upscaled on its own, whether in order, shuffled
+    or in image mode, so both figures are exactly 1: they can fail."""
+    from lvdm.training.setup import build_data
+    from lvdm.training.step import Frozen
+    from lvdm.training.upscale import UpscaleObjective
+
+    cfg = load_config([], upscale_overrides(tiny_assets, upscaler, tmp_path / "x"))
+    base = load_base(upscaler)
+    video = VideoUNet.from_unet2d(base.unet)
+    frozen = Frozen.from_base(base)
+    objective = UpscaleObjective(cfg, video, frozen, torch.device("cpu"))
+    batches = build_data(cfg, frozen, rank=0, world=1).validation
+    g = objective.evaluate(video, batches)
+    # to 1e-5: the shuffled pass sums the same per-frame losses in another order, and the video model mixes each
+    # spatial output with itself (alpha x + (1 - alpha) x) where image mode takes it as is
+    assert g["motion_gain"] == pytest.approx(1.0, abs=1e-5), g
+    assert g["upscale_flicker_gain"] == pytest.approx(1.0, abs=1e-5), g
+    randomize(video.temporal_parameters(), seed=2, std=0.05)
+    moved = objective.evaluate(video, batches)
+    assert abs(moved["motion_gain"] - 1.0) > 1e-4 and abs(moved["upscale_flicker_gain"] - 1.0) > 1e-4, moved  # they move
+
+
+@pytest.mark.parametrize(
+    ("extra", "message"),
+    [
+        ({"train.upscale_patch": 48}, "does not fit"),
+        ({"model.context": "true"}, "not part of train.target=upscale"),
+        ({"data.cache": "somewhere"}, "not part of train.target=upscale"),
+    ],
+)
+def test_bad_upscale_settings_are_config_errors(tiny_assets, upscaler, tmp_path, extra, message):
+    with pytest.raises(ConfigError, match=message):
+        load_config([], upscale_overrides(tiny_assets, upscaler, tmp_path / "x", **extra))
+
+
+def test_the_base_and_the_target_must_agree(tiny_assets, upscaler, tmp_path):
+    from lvdm.training.trainer import train
+
+    with pytest.raises(ConfigError, match="needs an x4 upscaler base"):
+        train(load_config([], upscale_overrides(tiny_assets, tiny_assets["base"], tmp_path / "a")), progress=False)
+    plain = tiny_overrides(tiny_assets, tmp_path / "b", **{"model.base": upscaler})
+    with pytest.raises(ConfigError, match="train it with train.target=upscale"):
+        train(load_config([], plain), progress=False)
+    with pytest.raises(ConfigError, match="multiple of 16"):
+        train(load_config([], upscale_overrides(tiny_assets, upscaler, tmp_path / "c", **{
+            "train.upscale_patch": 24})), progress=False)  # fmt: skip
