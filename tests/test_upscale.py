@@ -196,7 +196,7 @@ def test_an_untrained_upscaler_has_a_temporal_gain_and_flicker_gain_of_exactly_o
     assert g["upscale_flicker_gain"] == pytest.approx(1.0, abs=1e-5), g
     randomize(video.temporal_parameters(), seed=2, std=0.05)
     moved = objective.evaluate(video, batches)
-    assert abs(moved["motion_gain"] - 1.0) > 1e-4 and abs(moved["upscale_flicker_gain"] - 1.0) > 1e-4, moved  # they move
+    assert abs(moved["motion_gain"] - 1.0) > 1e-4 and abs(moved["upscale_flicker_gain"] - 1.0) > 1e-4, moved
 
 
 @pytest.mark.parametrize(
