@@ -46,7 +46,7 @@ import json
 import sys
 from typing import Any
 
-from lvdm.cli import run_cli
+from lvdm.cli import device_and_dtype, run_cli
 from lvdm.errors import ConfigError
 
 # flag -> (SamplingSettings field, type); each flag's help is the field's own
@@ -146,6 +146,12 @@ def build_parser() -> argparse.ArgumentParser:
         default=None,
         help=fields["image_as_first_frame"].metadata["help"],
     )
+    cascade = parser.add_argument_group("x4 upscaling after sampling (the cascade; each video also as <name>_x4)")
+    cascade.add_argument("--upscaler", metavar="FOLDER", help="x4 upscaler: a StableDiffusionUpscalePipeline folder")
+    cascade.add_argument("--upscaler-temporal", metavar="MODULE", help="a temporal module trained on the upscaler")
+    from lvdm.upscale import add_upscale_options
+
+    add_upscale_options(parser, prefix="upscale-")
     output = parser.add_argument_group("output")
     output.add_argument("--out", default="outputs/samples", help="a .mp4/.gif file, or a folder for many videos")
     output.add_argument(
@@ -167,20 +173,6 @@ def _guidance_options(items: list[str]) -> dict[str, object]:
         except ValueError:
             options[key] = raw
     return options
-
-
-def _device_and_dtype(device: str, dtype: str) -> tuple[str, str]:
-    import torch
-
-    from lvdm.pipeline import device_problem
-
-    if device == "auto":
-        device = "cuda" if torch.cuda.is_available() else "mps" if torch.backends.mps.is_available() else "cpu"
-    if problem := device_problem(device):
-        raise ConfigError(f"--device {device}: {problem}")
-    if dtype == "auto":
-        dtype = "fp16" if device.startswith("cuda") else "fp32"
-    return device, dtype
 
 
 def _replayed(args: argparse.Namespace, meta: dict[str, Any] | None) -> argparse.Namespace:
@@ -236,6 +228,15 @@ def _check_context(args: argparse.Namespace, image_mode: bool) -> None:
         raise ConfigError(f"--image {args.image}: {what}")
     if args.image is not None and args.interpolate is not None:
         raise ConfigError("--interpolate does not take --image")
+    if args.upscaler_temporal is not None and args.upscaler is None:
+        raise ConfigError("--upscaler-temporal goes with --upscaler FOLDER")
+    if args.upscaler is not None:
+        if args.interpolate is not None or args.format == "png":
+            raise ConfigError(
+                "--upscaler upscales the sampled .mp4/.gif videos; for others run python -m lvdm.upscale VIDEO"
+            )
+        if not Path(args.upscaler).is_dir():
+            raise ConfigError(f"--upscaler {args.upscaler}: not a folder (expected an x4 upscaler folder)")
 
 
 def _settings(args: argparse.Namespace, meta: dict[str, Any] | None) -> dict[str, Any]:
@@ -274,7 +275,12 @@ def main(argv: list[str]) -> int:
         args.out, prompts, num_videos_per_prompt=checked.num_videos_per_prompt, format=args.format or "mp4",
         overwrite=args.overwrite,
     )  # fmt: skip
-    device, dtype = _device_and_dtype(args.device, args.dtype)
+    if args.upscaler is not None and not args.overwrite:
+        from lvdm.outputs import refuse_existing
+        from lvdm.upscale import upscaled_path
+
+        refuse_existing([upscaled_path(path) for path in paths])
+    device, dtype = device_and_dtype(args.device, args.dtype)
     pipe = VideoPipeline.from_pretrained(
         args.base, temporal=args.temporal, base_config=args.base_config, loras=args.lora,
         spatial_weights=args.spatial_weights, allow_pickle=args.allow_pickle, image_adapter=args.image_adapter,
@@ -298,6 +304,20 @@ def main(argv: list[str]) -> int:
     )  # fmt: skip
     for path in written:
         print(path)
+    if args.upscaler is not None:
+        from lvdm.upscale import upscale_files, upscale_settings
+        from lvdm.upscale_pipeline import UpscalePipeline
+
+        upscaler = UpscalePipeline.from_pretrained(
+            args.upscaler, temporal=args.upscaler_temporal, allow_pickle=args.allow_pickle, device=device, dtype=dtype
+        )
+        print(f"upscaling {len(written)} video(s) by {upscaler.scale}", file=sys.stderr)
+        repeat = checked.num_videos_per_prompt
+        for path in upscale_files(
+            upscaler, written, [prompts[i // repeat] for i in range(len(written))], seed=checked.seed or 0,
+            progress=not args.quiet, **upscale_settings(args),
+        ):  # fmt: skip
+            print(path)
     return 0
 
 

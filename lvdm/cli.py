@@ -51,6 +51,22 @@ def run_cli(main: Callable[[list[str]], int | None], argv: list[str] | None = No
         return EXIT_BROKEN_PIPE
 
 
+def device_and_dtype(device: str, dtype: str) -> tuple[str, str]:
+    """The ``--device`` and ``--dtype`` of a sampling command: ``auto`` is cuda, else mps, else cpu, and fp16 on
+    cuda, fp32 elsewhere; a device this machine lacks is a :class:`ConfigError`."""
+    import torch
+
+    from lvdm.pipeline import device_problem
+
+    if device == "auto":
+        device = "cuda" if torch.cuda.is_available() else "mps" if torch.backends.mps.is_available() else "cpu"
+    if problem := device_problem(device):
+        raise ConfigError(f"--device {device}: {problem}")
+    if dtype == "auto":
+        dtype = "fp16" if device.startswith("cuda") else "fp32"
+    return device, dtype
+
+
 def exit_status(result: object) -> int:
     """0, or :data:`EXIT_STOPPED` with one line on stderr (rank 0) when a training run was stopped by a signal."""
     if not getattr(result, "stopped_by_signal", False):

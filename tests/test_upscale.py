@@ -3,6 +3,8 @@ init, tiles, bad inputs, and the ``upscale`` training target on patches."""
 
 from __future__ import annotations
 
+import json
+
 import numpy as np
 import pytest
 import torch
@@ -223,3 +225,48 @@ def test_the_base_and_the_target_must_agree(tiny_assets, upscaler, tmp_path):
     with pytest.raises(ConfigError, match="multiple of 16"):
         train(load_config([], upscale_overrides(tiny_assets, upscaler, tmp_path / "c", **{
             "train.upscale_patch": 24})), progress=False)  # fmt: skip
+
+
+# ------------------------------------------------------------------------------------------------ command lines
+def test_the_upscale_command_keeps_length_and_rate_and_refuses_mistakes(upscaler, frames, tmp_path, capsys):
+    from lvdm.cli import run_cli
+    from lvdm.data.readers import probe
+    from lvdm.media import write_video
+    from lvdm.upscale import main
+
+    source = write_video(frames, tmp_path / "low.mp4", fps=12)
+    out = tmp_path / "high.mp4"
+    base = ["--upscaler", str(upscaler), "--steps", "2", "--quiet"]
+    assert run_cli(main, [str(source), *base, "--out", str(out), "--tile", "8"]) == 0
+    info = probe(out)
+    assert (info.num_frames, info.fps, info.width, info.height) == (6, 12.0, 96, 64)
+    assert json.loads(out.with_name("high.mp4.json").read_text())["upscale"]["tile"] == 8
+    capsys.readouterr()
+    for args, message in (
+        ([str(source), *base, "--out", str(out)], "already exists"),
+        ([str(tmp_path / "nope.mp4"), *base, "--out", str(tmp_path / "a.mp4")], "does not exist or is not a file"),
+        ([str(source), *base, "--out", str(tmp_path / "b.mp4"), "--noise-level", "400"], "noise_level must be"),
+        ([str(source), *base, "--out", str(tmp_path / "c.mkv")], "give a .mp4 or .gif"),
+        ([str(source), "--upscaler", str(tmp_path), "--out", str(tmp_path / "d.mp4")], "not a diffusers model"),
+    ):
+        code, err = run_cli(main, args), capsys.readouterr().err
+        assert code != 0 and message in err and "Traceback" not in err, err
+        assert err.splitlines()[-1].startswith("error:") and message in err.splitlines()[-1], err
+
+
+def test_sample_cli_upscales_what_it_samples(upscaler, tiny_assets, tmp_path, capsys):
+    import sample as script
+    from lvdm.cli import run_cli
+    from lvdm.data.readers import probe
+
+    out = tmp_path / "clip.mp4"
+    args = ["--quiet", "--base", str(tiny_assets["base"]), "--prompt", "a disc", "--frames", "3", "--steps", "2",
+            "--upscaler", str(upscaler), "--upscale-steps", "2", "--out", str(out)]  # fmt: skip
+    assert run_cli(script.main, args) == 0
+    low, high = probe(out), probe(tmp_path / "clip_x4.mp4")
+    assert (high.num_frames, high.width, high.height) == (low.num_frames, 4 * low.width, 4 * low.height)
+    capsys.readouterr()
+    code, err = run_cli(script.main, args), capsys.readouterr().err
+    assert code == 2 and "already exists" in err, err
+    code = run_cli(script.main, [*args[:-6], "--upscaler-temporal", "x.safetensors", "--out", str(tmp_path / "y.mp4")])
+    assert code == 2 and "goes with --upscaler" in capsys.readouterr().err
