@@ -64,12 +64,14 @@ def main(argv: list[str]) -> int:
 def is_demo(cfg: Config) -> bool:
     """Whether ``cfg`` trains the demo's own assets (the base and clips configs/demo.yaml names), which are then
     made if missing: with no --config, --config configs/demo.yaml or a copy, configs/demo_i2v.yaml (the clips'
-    motion-only captions), and any overrides but those two."""
+    motion-only captions), configs/demo_upscale.yaml (the demo x4 upscaler beside the base), and any overrides but
+    those two."""
     from lvdm.config import load_config
-    from lvdm.training.demo import demo_clip_folder
+    from lvdm.training.demo import DEMO_UPSCALER, demo_clip_folder
 
     demo = load_config([DEMO_CONFIG])
-    return (cfg.model.base, demo_clip_folder(cfg.data)) == (demo.model.base, demo_clip_folder(demo.data))
+    bases = (demo.model.base, str(Path(demo.model.base).with_name(DEMO_UPSCALER)))  # configs/demo_upscale.yaml
+    return cfg.model.base in bases and demo_clip_folder(cfg.data) == demo_clip_folder(demo.data)
 
 
 if __name__ == "__main__":

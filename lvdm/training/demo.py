@@ -26,6 +26,7 @@ from typing import Any
 from lvdm.errors import LvdmError
 
 DEMO_CLIPS = 12
+DEMO_UPSCALER = "upscaler"  # the demo x4 upscaler's folder name, beside the demo base (configs/demo_upscale.yaml)
 MOTION_CAPTIONS = "motion.jsonl"  # in the clip folder: the clips captioned by their motion only (demo_i2v.yaml)
 
 
@@ -38,10 +39,14 @@ def demo_clip_folder(data: Any) -> Path | None:
     return None
 
 
-def prepare_demo(cfg: Any, *, wait_seconds: float = 900.0, recipe: Any = None) -> list[str]:
+def prepare_demo(
+    cfg: Any, *, wait_seconds: float = 900.0, recipe: Any = None, upscaler_recipe: Any = None
+) -> list[str]:
     """Create the demo clips and base model where the config expects them, unless current; says what it made.
 
-    ``recipe``: a :class:`~lvdm.testing.demo_base.DemoBaseRecipe` (the tests train a shorter one).
+    ``recipe``: a :class:`~lvdm.testing.demo_base.DemoBaseRecipe` (the tests train a shorter one);
+    ``upscaler_recipe``: a :class:`~lvdm.testing.demo_upscaler.DemoUpscalerRecipe`, for a config whose base is the
+    demo upscaler (``outputs/demo/upscaler``, beside the demo base).
 
     Under a multi-process launcher only rank 0 writes; the other ranks wait for its ``.ready`` marker.
     """
@@ -54,13 +59,13 @@ def prepare_demo(cfg: Any, *, wait_seconds: float = 900.0, recipe: Any = None) -
                 raise LvdmError(f"rank 0 did not finish writing the demo assets ({ready}) in {wait_seconds:.0f} s")
             time.sleep(0.5)
         return []
-    made = _make_assets(cfg, base, clips, recipe)
+    made = _make_assets(cfg, base, clips, recipe, upscaler_recipe)
     ready.parent.mkdir(parents=True, exist_ok=True)
     ready.touch()
     return made
 
 
-def _make_assets(cfg: Any, base: Path, clips: Path, recipe: Any = None) -> list[str]:
+def _make_assets(cfg: Any, base: Path, clips: Path, recipe: Any = None, upscaler_recipe: Any = None) -> list[str]:
     from lvdm.testing.clips import write_captioned_folder
 
     made = []
@@ -74,7 +79,11 @@ def _make_assets(cfg: Any, base: Path, clips: Path, recipe: Any = None) -> list[
     if not (clips / MOTION_CAPTIONS).exists():
         _write_motion_captions(clips)
         made.append(f"motion-only captions of the clips in {clips / MOTION_CAPTIONS}")
-    made += _make_base(cfg, base, recipe)
+    if base.name == DEMO_UPSCALER:  # configs/demo_upscale.yaml: the upscaler is made from the demo base beside it
+        made += _make_base(cfg, base.with_name("base"), recipe)
+        made += _make_upscaler(cfg, base, base.with_name("base"), upscaler_recipe)
+    else:
+        made += _make_base(cfg, base, recipe)
     encoder = getattr(cfg.model, "image_encoder", None)
     if getattr(cfg.model, "image_conditioning", False) and encoder and not (Path(encoder) / "config.json").exists():
         from lvdm.testing.image_adapters import write_image_encoder
@@ -126,6 +135,25 @@ def _make_base(cfg: Any, base: Path, recipe: Any = None) -> list[str]:
     ]
 
 
+def _make_upscaler(cfg: Any, path: Path, base: Path, recipe: Any = None) -> list[str]:
+    """Train the demo x4 upscaler from the demo ``base`` unless ``path`` already holds one made the same way."""
+    from lvdm.testing.demo_upscaler import (
+        DemoUpscalerRecipe,
+        demo_upscaler_is_current,
+        make_demo_upscaler,
+        upscaler_key,
+    )
+
+    recipe = recipe or DemoUpscalerRecipe()
+    if demo_upscaler_is_current(path, upscaler_key(recipe, base)):
+        return []
+    clips = training_clips(cfg)
+    print(f"demo: training the tiny x4 upscaler (image UNet) on the frames of {len(clips)} clips", flush=True)
+    stats = make_demo_upscaler(path, base, clips, tuple(cfg.data.resolution), recipe,
+                               log=lambda line: print(line, flush=True))  # fmt: skip
+    return [f"tiny x4 upscaler trained on the clips' frames in {path} ({stats['seconds']:.0f} s)"]
+
+
 def demo_summary(result: Any, cfg: Any) -> list[str]:
     """What the demo must show, measured on its run: samples that move like the clips, an image mode that draws
     shapes, a motion gain above 1 (the aims are those ``tests/test_demo.py`` checks on a shorter run)."""
@@ -153,6 +181,11 @@ def demo_summary(result: Any, cfg: Any) -> list[str]:
         lines.append(
             f"demo check: samples of the {len(prompts)} training captions change per frame {shown} fps "
             f"({'falling' if falling else 'NOT falling'} as the rate rises; aim: falling)"
+        )
+    if "upscale_flicker_gain" in g:
+        lines.append(
+            f"demo check: upscale flicker gain {g['upscale_flicker_gain']:.3f} (aim: above 1), PSNR "
+            f"{g['psnr_upscaled_video']:.2f} dB as a video vs {g['psnr_upscaled_image']:.2f} frame by frame"
         )
     if "samples_frame_change" in g and "clips_frame_change" in g:
         ratio = g["samples_frame_change"] / max(g["clips_frame_change"], 1e-9)

@@ -1,0 +1,154 @@
+"""The demo's x4 upscaler: the x4 upscaler's UNet shape *trained* on the demo's frames, so it can upscale them.
+
+As with the demo base (:mod:`lvdm.testing.demo_base`), a random model would only upscale into static; the temporal
+upscaler stage needs an image upscaler that works, as SD's does. :func:`make_demo_upscaler` reuses the demo base's
+VAE (it downsamples by 4, as the x4 upscaler's does: 32x32 px frames <-> 8x8 latents) and text encoder, and trains
+:func:`~lvdm.testing.tiny_upscaler_unet` to denoise a frame's latents given the frame downsampled by 4 (8x8 px,
+bicubic with antialiasing, :func:`lvdm.training.upscale.downsample`) noise-augmented to a level drawn from
+``0 .. max_noise_level`` by the low-res DDPM schedule, the level as class label, and its caption (10 % dropped):
+the x4 upscaler's recipe. The folder is a diffusers ``StableDiffusionUpscalePipeline`` plus ``demo_upscaler.json``
+(the recipe's key, which includes the base's).
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import time
+from collections.abc import Callable, Sequence
+from dataclasses import asdict, dataclass
+from pathlib import Path
+from typing import Any
+
+import torch
+
+RECIPE_FILE = "demo_upscaler.json"
+
+
+@dataclass(frozen=True)
+class DemoUpscalerRecipe:
+    """How the demo upscaler is trained; any change (or another base) makes a cached one stale."""
+
+    steps: int = 1000
+    batch: int = 32
+    lr: float = 1.5e-3
+    caption_dropout: float = 0.1
+    max_noise_level: int = 350
+    seed: int = 0
+    version: int = 1
+
+
+def upscaler_key(recipe: DemoUpscalerRecipe, base: str | os.PathLike) -> str:
+    """A hash of the recipe and the demo base's own key (its recipe and clips)."""
+    from lvdm.testing.demo_base import RECIPE_FILE as BASE_FILE
+
+    base_key = json.loads((Path(base) / BASE_FILE).read_text(encoding="utf-8"))["key"]
+    return hashlib.sha256(json.dumps([asdict(recipe), base_key], sort_keys=True).encode()).hexdigest()
+
+
+def demo_upscaler_is_current(path: str | os.PathLike, key: str) -> bool:
+    marker = Path(path) / RECIPE_FILE
+    if not marker.is_file() or not (Path(path) / "model_index.json").is_file():
+        return False
+    try:
+        return json.loads(marker.read_text(encoding="utf-8")).get("key") == key
+    except (OSError, ValueError):
+        return False
+
+
+def train_upscaler_unet(unet, vae, low_res_scheduler, frames, text, empty, recipe, report: Callable) -> float:
+    """Fit ``unet`` to denoise the latents of ``frames`` ``(n, 3, H, W)`` given their noisy 4x-downsampled version
+    and caption embeddings ``text`` ``(n, k, d)``; returns the last loss."""
+    from lvdm.diffusion.loss import prediction_target
+    from lvdm.testing.demo_base import _batches, _fitter
+    from lvdm.testing.upscaler import upscaler_schedulers
+    from lvdm.training.upscale import downsample
+
+    scheduler = upscaler_schedulers()[0]
+    factor = 2 ** (len(vae.config.block_out_channels) - 1)
+    with torch.no_grad():
+        posteriors = [vae.encode(chunk).latent_dist for chunk in frames.split(64)]
+        mean, std = torch.cat([p.mean for p in posteriors]), torch.cat([p.std for p in posteriors])
+        low = downsample(frames[:, None], factor)[:, 0]  # n 3 h w
+    unet.train()
+    fit = _fitter(unet.parameters(), recipe.lr, recipe.steps)
+    loss = torch.tensor(0.0)
+    for step, (index, generator) in enumerate(_batches(len(frames), recipe.batch, recipe.steps, recipe.seed + 2)):
+        b = len(index)
+        latents = mean[index] + std[index] * torch.randn(mean[index].shape, generator=generator)
+        latents = latents * vae.config.scaling_factor
+        levels = torch.randint(0, recipe.max_noise_level + 1, (b,), generator=generator)
+        noisy_low = low_res_scheduler.add_noise(low[index], torch.randn(low[index].shape, generator=generator), levels)
+        drop = torch.rand(b, generator=generator) < recipe.caption_dropout
+        cond = torch.where(drop[:, None, None], empty.expand_as(text[index]), text[index])  # b -> b 1 1
+        noise = torch.randn(latents.shape, generator=generator)
+        t = torch.randint(0, scheduler.config.num_train_timesteps, (b,), generator=generator)
+        x = torch.cat([scheduler.add_noise(latents, noise, t), noisy_low], dim=1)
+        pred = unet(x, t, cond, class_labels=levels).sample
+        loss = (pred - prediction_target(scheduler, latents, noise, t)).square().mean()
+        fit(loss)
+        report("upscaler", step, recipe.steps, float(loss.detach()))
+    unet.eval().requires_grad_(False)
+    return float(loss.detach())
+
+
+def make_demo_upscaler(
+    path: str | os.PathLike,
+    base: str | os.PathLike,
+    clips: Sequence[tuple[Path, str]],
+    resolution: tuple[int, int] = (32, 32),
+    recipe: DemoUpscalerRecipe = DemoUpscalerRecipe(),
+    *,
+    log: Callable[[str], Any] = print,
+) -> dict[str, Any]:
+    """Train the demo upscaler on every frame of ``clips`` with the demo ``base``'s VAE and text encoder, and write
+    it to ``path`` (a folder lvdm made: replaced whole). Returns the seconds it took and the last loss."""
+    from diffusers import StableDiffusionUpscalePipeline
+
+    from lvdm.models import load_base
+    from lvdm.models.encoders import encode_text
+    from lvdm.testing.demo_base import _progress_reporter, read_frame_bank
+    from lvdm.testing.models import tiny_upscaler_unet
+    from lvdm.testing.upscaler import upscaler_schedulers
+
+    torch.manual_seed(recipe.seed)
+    key = upscaler_key(recipe, base)
+    started = time.perf_counter()
+    model = load_base(base)
+    frames, captions = read_frame_bank(clips, resolution)
+    unique = sorted(set(captions))
+    with torch.no_grad():
+        embeddings = encode_text(model.tokenizer, model.text_encoder, [*unique, ""])
+    text = embeddings[torch.tensor([unique.index(c) for c in captions])]
+    scheduler, low_res = upscaler_schedulers()
+    unet = tiny_upscaler_unet(recipe.seed)
+    report = _progress_reporter(log)
+    loss = train_upscaler_unet(unet, model.vae, low_res, frames, text, embeddings[-1:], recipe, report)
+    pipe = StableDiffusionUpscalePipeline(
+        vae=model.vae, text_encoder=model.text_encoder, tokenizer=model.tokenizer, unet=unet, scheduler=scheduler,
+        low_res_scheduler=low_res, max_noise_level=recipe.max_noise_level,
+    )  # fmt: skip
+    stats = {"seconds": time.perf_counter() - started, "loss": loss, "frames": len(frames)}
+    record = {"key": key, "recipe": asdict(recipe), "resolution": list(resolution), "stats": stats}
+    _write_folder(pipe, Path(path), record)
+    return stats
+
+
+def _write_folder(pipe: Any, path: Path, record: dict[str, Any]) -> None:
+    """Save ``pipe`` to ``path`` through a temporary sibling, replacing a previous demo upscaler (a folder holding
+    :data:`RECIPE_FILE`) and nothing else."""
+    import shutil
+
+    from lvdm.errors import LvdmError
+
+    if path.exists() and not (path / RECIPE_FILE).is_file():
+        raise LvdmError(f"{path} exists and is not a demo upscaler lvdm made; move it, or set another model.base")
+    temp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
+    if temp.exists():
+        shutil.rmtree(temp)  # this process's own leftover
+    pipe.save_pretrained(temp, safe_serialization=True)
+    (temp / RECIPE_FILE).write_text(json.dumps(record, indent=2) + "\n", encoding="utf-8")
+    if path.exists():
+        shutil.rmtree(path)  # a demo upscaler (its recipe file says so), stale
+    temp.rename(path)
