@@ -6,9 +6,9 @@
   (its real architecture, random weights, fp16) with the videoldm temporal layers, on a 16-frame 256x256 video
   (1024x1024 out) with text guidance (a batch of 2), whole and in 128 px tiles sharing 32
   (:func:`lvdm.tiles.tiled`); and the x4 VAE decoding one frame whole and in 64-latent tiles sharing 16;
-- **patch step per pixel**: a training step of the same model shape at ``--size``'s width on full frames vs on
-  patches a quarter of their area (the batch four times larger, so both see the same pixels), seconds per
-  high-res pixel, interleaved.
+- **patch step per pixel**: a training step of the same model shape (a quarter of its width but at ``--size sd15``)
+  on ``--size``'s frames and latent size vs on patches a quarter of their area (the batch four times larger, so
+  both see the same pixels), seconds per high-res pixel, interleaved.
 """
 
 from __future__ import annotations
@@ -128,14 +128,14 @@ def run(size: Size, device: torch.device | None = None, *, warmup: int = 1, repe
     from lvdm.models import VideoUNet
 
     memory = sampling_memory()
-    width = size.unet()["block_out_channels"][0]
-    config = dict(X4_UNET, block_out_channels=tuple(c * width // 320 for c in X4_UNET["block_out_channels"]),
+    shrink = 1 if size.name == "sd15" else 4  # the x4 shape at a quarter width off a GPU
+    config = dict(X4_UNET, block_out_channels=tuple(c // shrink for c in X4_UNET["block_out_channels"]),
                   cross_attention_dim=size.unet()["cross_attention_dim"])  # fmt: skip
+    width = config["block_out_channels"][0]
     torch.manual_seed(0)
     model = VideoUNet.from_unet2d(UNet2DConditionModel(**config)).freeze_base()
     optimizer = make_optimizer([p for p in model.parameters() if p.requires_grad])
-    full = 4 * size.latent  # a latent as large as the low-res frame, 4x the base's
-    frames = size.frames
+    full, frames = size.latent, size.frames  # latents as large as the low-res frames, 4x smaller than the output
     steps = {
         "full frame": _step(model, optimizer, size.batch, frames, full, config["cross_attention_dim"]),
         "patches": _step(model, optimizer, 4 * size.batch, frames, full // 2, config["cross_attention_dim"]),

@@ -23,7 +23,13 @@ def pytest_configure(config: pytest.Config) -> None:
 
 
 DEMO_BASE_FIRST = "test_demo.py"  # builds the demo's base (minutes), then trains on it
-DEMO_BASE_USERS = ("test_demo_i2v.py", "test_demo_decoder.py", "test_demo_control.py", "test_demo_interpolate.py")
+DEMO_BASE_USERS = (  # the longest first
+    "test_demo_i2v.py",
+    "test_demo_upscale.py",
+    "test_demo_decoder.py",
+    "test_demo_control.py",
+    "test_demo_interpolate.py",
+)
 
 
 def pytest_collection_modifyitems(session: pytest.Session, config: pytest.Config, items: list) -> None:

@@ -270,3 +270,22 @@ def test_sample_cli_upscales_what_it_samples(upscaler, tiny_assets, tmp_path, ca
     assert code == 2 and "already exists" in err, err
     code = run_cli(script.main, [*args[:-6], "--upscaler-temporal", "x.safetensors", "--out", str(tmp_path / "y.mp4")])
     assert code == 2 and "goes with --upscaler" in capsys.readouterr().err
+
+
+@torch.no_grad()
+def test_a_vae_rescaled_for_the_x4_scaling_factor_encodes_and_decodes_the_same():
+    """The demo upscaler reuses the demo base's VAE; diffusers' upscale pipeline forces scaling 0.08333 on it, so its
+    latent space is rescaled to match: the scaled latents and the decodes are unchanged."""
+    from lvdm.testing import tiny_vae
+    from lvdm.testing.demo_upscaler import rescale_latent_space
+
+    vae = tiny_vae()
+    x = torch.rand(2, 3, 16, 16, generator=torch.Generator().manual_seed(0)) * 2 - 1
+    before = vae.encode(x).latent_dist
+    decoded = vae.decode(before.mean).sample
+    rescale_latent_space(vae)
+    after = vae.encode(x).latent_dist
+    assert vae.config.scaling_factor == 0.08333
+    assert torch.allclose(after.mean * 0.08333, before.mean * 0.18215, atol=1e-5)
+    assert torch.allclose(after.std * 0.08333, before.std * 0.18215, atol=1e-5)
+    assert torch.allclose(vae.decode(after.mean).sample, decoded, atol=1e-5)

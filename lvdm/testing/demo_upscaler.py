@@ -6,8 +6,9 @@ VAE (it downsamples by 4, as the x4 upscaler's does: 32x32 px frames <-> 8x8 lat
 :func:`~lvdm.testing.tiny_upscaler_unet` to denoise a frame's latents given the frame downsampled by 4 (8x8 px,
 bicubic with antialiasing, :func:`lvdm.training.upscale.downsample`) noise-augmented to a level drawn from
 ``0 .. max_noise_level`` by the low-res DDPM schedule, the level as class label, and its caption (10 % dropped):
-the x4 upscaler's recipe. The folder is a diffusers ``StableDiffusionUpscalePipeline`` plus ``demo_upscaler.json``
-(the recipe's key, which includes the base's).
+the x4 upscaler's recipe. The VAE's latents are rescaled for the x4 upscaler's scaling factor
+(:func:`rescale_latent_space`). The folder is a diffusers ``StableDiffusionUpscalePipeline`` plus
+``demo_upscaler.json`` (the recipe's key, which includes the base's).
 """
 
 from __future__ import annotations
@@ -36,7 +37,7 @@ class DemoUpscalerRecipe:
     caption_dropout: float = 0.1
     max_noise_level: int = 350
     seed: int = 0
-    version: int = 1
+    version: int = 2  # 2: the VAE's latents rescaled for the x4 scaling factor
 
 
 def upscaler_key(recipe: DemoUpscalerRecipe, base: str | os.PathLike) -> str:
@@ -55,6 +56,30 @@ def demo_upscaler_is_current(path: str | os.PathLike, key: str) -> bool:
         return json.loads(marker.read_text(encoding="utf-8")).get("key") == key
     except (OSError, ValueError):
         return False
+
+
+X4_SCALING = 0.08333  # what diffusers' StableDiffusionUpscalePipeline sets on any VAE it is given
+
+
+@torch.no_grad()
+def rescale_latent_space(vae: Any, scaling_factor: float = X4_SCALING) -> None:
+    """Make ``scaling_factor`` right for ``vae`` without changing what it encodes and decodes: its latents become
+    ``k = vae.config.scaling_factor / scaling_factor`` times larger (the encoder's mean rows and log-variance
+    biases scaled, the decoder's first conv divided by ``k``), so ``latents * scaling_factor`` is what it was.
+
+    Needed because ``StableDiffusionUpscalePipeline`` replaces any VAE's scaling factor by the x4 upscaler's 0.08333
+    (diffusers warns "wrong scaling_factor"): the demo base's VAE (scaling 0.66) would otherwise give the upscaler
+    latents 8x smaller than the UNet was trained on."""
+    import math
+
+    k = vae.config.scaling_factor / scaling_factor
+    c = vae.config.latent_channels
+    quant = vae.quant_conv  # 2c outputs: mean, then log-variance
+    quant.weight[:c] *= k
+    quant.bias[:c] *= k
+    quant.bias[c:] += 2 * math.log(k)
+    vae.post_quant_conv.weight /= k
+    vae.register_to_config(scaling_factor=scaling_factor)
 
 
 def train_upscaler_unet(unet, vae, low_res_scheduler, frames, text, empty, recipe, report: Callable) -> float:
@@ -116,6 +141,7 @@ def make_demo_upscaler(
     key = upscaler_key(recipe, base)
     started = time.perf_counter()
     model = load_base(base)
+    rescale_latent_space(model.vae)
     frames, captions = read_frame_bank(clips, resolution)
     unique = sorted(set(captions))
     with torch.no_grad():
