@@ -17,12 +17,14 @@ from lvdm.testing.models import (
     tiny_upscaler_unet,
     tiny_vae,
 )
+from lvdm.testing.upscaler import make_tiny_upscaler, tiny_upscaler_vae
 
 __all__ = [
     "FLAVOURS",
     "LORA_FORMATS",
     "Flavour",
     "make_tiny_sd",
+    "make_tiny_upscaler",
     "tiny_clip_vision",
     "tiny_scheduler",
     "tiny_sd_components",
@@ -30,6 +32,7 @@ __all__ = [
     "tiny_tokenizer",
     "tiny_unet",
     "tiny_upscaler_unet",
+    "tiny_upscaler_vae",
     "tiny_vae",
     "write_lora",
     "write_single_file_checkpoint",
