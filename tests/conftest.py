@@ -122,7 +122,8 @@ def deepcopy(module):
 
 @pytest.fixture(scope="session")
 def tiny_assets(tmp_path_factory: pytest.TempPathFactory) -> dict[str, object]:
-    """A tiny SD1 base folder and a folder of 6 captioned synthetic clips, shared by the training tests."""
+    """A tiny SD1 base folder (and SD2, and an x4 upscaler) and a folder of 6 captioned synthetic clips, shared by the
+    training tests."""
     from PIL import Image
 
     from lvdm.testing.clips import write_captioned_folder
@@ -139,7 +140,9 @@ def tiny_assets(tmp_path_factory: pytest.TempPathFactory) -> dict[str, object]:
     from lvdm.testing.image_adapters import write_image_encoder
 
     encoder = write_image_encoder(root / "image_encoder")
-    return {"base": base, "base_sd2": base_sd2, "clips": clips, "images": images, "image_encoder": encoder}
+    upscaler = testing.make_tiny_upscaler(root / "upscaler", seed=0)
+    return {"base": base, "base_sd2": base_sd2, "clips": clips, "images": images, "image_encoder": encoder,
+            "upscaler": upscaler}  # fmt: skip
 
 
 def tiny_overrides(assets: dict[str, object], output_dir: object, **extra: object) -> list[str]:

@@ -66,8 +66,12 @@ def test_every_shipped_config_loads_and_builds(config, tiny_assets, tmp_path):
     text = (REPO / "configs" / config).read_text()
     assert text.startswith("#") and "python train.py" in text.split("\n\n")[0]  # it says how to run it
     assets = tiny_assets | ({"base": tiny_assets["base_sd2"]} if "sd21" in config else {})
+    assets |= {"base": tiny_assets["upscaler"]} if "upscale" in config else {}
     overrides = [o for o in tiny_overrides(assets, tmp_path) if not o.startswith("train.")] + ["data.manifest=null"]
-    overrides += ["train.interpolate_every=2"] if "context" in config else []  # keyframes 0, 2 of the 4 frames
+    if "context" in config or "interpolate" in config:
+        overrides += ["train.interpolate_every=2"]  # keyframes 0, 2 of the 4 frames
+    overrides += ["data.frame_stride=2"] if "interpolate" in config else []  # the 12-frame clips; fine stride 1
+    overrides += ["train.upscale_patch=16"] if "upscale" in config else []  # the 16 px clips whole
     overrides += [f"model.image_encoder={tiny_assets['image_encoder']}"] if "i2v" in config else []
     cfg = load_config(
         [REPO / "configs" / config], [*overrides, "data.holdout=1", "model.gradient_checkpointing=false"]
@@ -79,7 +83,7 @@ def test_every_shipped_config_loads_and_builds(config, tiny_assets, tmp_path):
         p.numel() for p in video.temporal_parameters()
     )
     assert next(iter(data.loader))["video"].shape == (cfg.train.batch_size, 4, 3, 16, 16)
-    expected = "v_prediction" if "sd21" in config else "epsilon"
+    expected = "v_prediction" if "sd21" in config or "upscale" in config else "epsilon"
     assert frozen.noise_scheduler.config.prediction_type == expected
 
 
