@@ -235,8 +235,12 @@ def _check_context(args: argparse.Namespace, image_mode: bool) -> None:
             raise ConfigError(
                 "--upscaler upscales the sampled .mp4/.gif videos; for others run python -m lvdm.upscale VIDEO"
             )
-        if not Path(args.upscaler).is_dir():
-            raise ConfigError(f"--upscaler {args.upscaler}: not a folder (expected an x4 upscaler folder)")
+        from lvdm.models.loading import pipeline_class
+
+        if pipeline_class(Path(args.upscaler)) != "StableDiffusionUpscalePipeline":  # before anything is sampled
+            raise ConfigError(
+                f"--upscaler {args.upscaler}: not an x4 upscaler folder (a diffusers StableDiffusionUpscalePipeline)"
+            )
 
 
 def _settings(args: argparse.Namespace, meta: dict[str, Any] | None) -> dict[str, Any]:

@@ -270,6 +270,10 @@ def test_sample_cli_upscales_what_it_samples(upscaler, tiny_assets, tmp_path, ca
     assert code == 2 and "already exists" in err, err
     code = run_cli(script.main, [*args[:-6], "--upscaler-temporal", "x.safetensors", "--out", str(tmp_path / "y.mp4")])
     assert code == 2 and "goes with --upscaler" in capsys.readouterr().err
+    # a text-to-image base given as the upscaler: refused before anything is sampled
+    wrong = [*args[:-6], "--upscaler", str(tiny_assets["base"]), "--out", str(tmp_path / "z.mp4")]
+    code, err = run_cli(script.main, wrong), capsys.readouterr().err
+    assert code == 2 and "not an x4 upscaler" in err and not (tmp_path / "z.mp4").exists(), err
 
 
 @torch.no_grad()

@@ -163,7 +163,7 @@ def _load_folder(path: Path, *, allow_pickle: bool, dtype: torch.dtype | None) -
 
     if not (path / "model_index.json").is_file():
         raise CheckpointError(f"{path} is a folder but not a diffusers model (no model_index.json)")
-    upscaler = _pipeline_class(path) == "StableDiffusionUpscalePipeline"  # SD's x4 upscaler: no safety checker
+    upscaler = pipeline_class(path) == "StableDiffusionUpscalePipeline"  # SD's x4 upscaler: no safety checker
     extra = {} if upscaler else {"safety_checker": None, "requires_safety_checker": False}
     try:
         return (StableDiffusionUpscalePipeline if upscaler else StableDiffusionPipeline).from_pretrained(
@@ -174,7 +174,7 @@ def _load_folder(path: Path, *, allow_pickle: bool, dtype: torch.dtype | None) -
         raise CheckpointError(f"could not load the diffusers folder {path}{hint}: {_one_line(exc)}") from exc
 
 
-def _pipeline_class(path: Path) -> str | None:
+def pipeline_class(path: Path) -> str | None:
     """The pipeline class a diffusers folder names (``model_index.json``), or ``None`` when unreadable."""
     import json
 
