@@ -363,12 +363,14 @@ def _upscale_problems(cfg: Config) -> list[str]:
                        "train.tasks": cfg.train.tasks, "data.cache": cfg.data.cache}.items():  # fmt: skip
         if value:
             problems.append(f"{key}: not part of train.target=upscale (an x4 upscaler's temporal layers); drop it")
-    height, width = cfg.data.resolution
-    if cfg.train.upscale_patch > min(height, width):
-        problems.append(
-            f"train.upscale_patch: {cfg.train.upscale_patch} px does not fit in the {height}x{width} clips "
-            "(data.resolution); use a smaller patch or larger clips"
-        )
+    for where, (height, width) in [("data.resolution", cfg.data.resolution)] + [
+        (f"data.buckets[{i}]", bucket) for i, bucket in enumerate(cfg.data.buckets)
+    ]:
+        if cfg.train.upscale_patch > min(height, width):
+            problems.append(
+                f"train.upscale_patch: {cfg.train.upscale_patch} px does not fit in the {height}x{width} clips "
+                f"({where}); use a smaller patch or larger clips"
+            )
     return problems
 
 

@@ -205,6 +205,10 @@ def test_an_untrained_upscaler_has_a_temporal_gain_and_flicker_gain_of_exactly_o
     ("extra", "message"),
     [
         ({"train.upscale_patch": 48}, "does not fit"),
+        (
+            {"data.buckets": "[[32,32],[16,32]]", "train.upscale_patch": 32},
+            "does not fit in the 16x32 clips \\(data.buckets\\[1\\]\\)",
+        ),
         ({"model.context": "true"}, "not part of train.target=upscale"),
         ({"data.cache": "somewhere"}, "not part of train.target=upscale"),
     ],
