@@ -230,9 +230,8 @@ class UpscalePipeline:
         (b, 3, f, h, w), class_labels (b,))``, the low-res frames concatenated to the latents."""
         dtype, video, unet = self.dtype, self.video, self.base.unet
 
-        def fn(x, t, encoder_hidden_states, low_res, class_labels):
-            sample = torch.cat([x, low_res.to(x.dtype)], dim=1).to(dtype)
-            text = encoder_hidden_states.to(dtype)
+        def fn(sample, t, encoder_hidden_states, class_labels):  # sample: latents and low-res frames, 7 channels
+            sample, text = sample.to(dtype), encoder_hidden_states.to(dtype)
             if not image_mode:
                 return video(sample, t, text, class_labels=class_labels).float()
             b, c, f, h, w = sample.shape
@@ -243,7 +242,7 @@ class UpscalePipeline:
             )[0].float()  # fmt: skip
             return out.reshape(b, f, *out.shape[1:]).permute(0, 2, 1, 3, 4)  # (b f) c h w -> b c f h w
 
-        return fn
+        return with_low_res(fn)
 
     @torch.no_grad()
     def decode(self, latents: torch.Tensor, *, tile: int | None = None, tile_overlap: int | None = None) -> np.ndarray:
@@ -264,6 +263,16 @@ class UpscalePipeline:
 
 
 # --------------------------------------------------------------------------------------------------- helpers
+def with_low_res(model_fn: Any) -> Any:
+    """``model_fn`` taking the upscaler's inputs by name: ``fn(x, t, *, low_res (b, 3, f, h, w), class_labels (b,),
+    ...)`` calls ``model_fn`` on ``[x, low_res]`` (channels) with the level as class label."""
+
+    def fn(x: torch.Tensor, t: torch.Tensor, *, low_res: torch.Tensor, class_labels: torch.Tensor, **kw: Any):
+        return model_fn(torch.cat([x, low_res.to(x.dtype)], dim=1), t, class_labels=class_labels, **kw)
+
+    return fn
+
+
 def read_low_res(source: Any) -> LowRes:
     """The frames of a video file (every frame, its own size) or of uint8 frames ``(f, h, w, 3)``."""
     from lvdm.context_sampling import read_context

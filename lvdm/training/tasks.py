@@ -207,11 +207,12 @@ def _task_losses(
         latents, text = batch_latents_and_text(batch, frozen, generator, device)
         b, f = latents.shape[0], latents.shape[2]
         extra = inputs(batch) if inputs is not None else {}  # once per batch (an image's CLIP tokens)
+        given_by_task = gain_tasks(train, f)
         for t in GAIN_TIMESTEPS:
             noise = sample_noise(tuple(latents.shape), prior=noise_prior, mixed_lambda=mixed_lambda,
                                  generator=generator).to(device)  # fmt: skip
             for task in tasks:
-                given = gain_tasks(train, f)[task]
+                given = given_by_task[task]
                 flag = task_flag(task)
                 passes = [("with_context", given, flag), ("without_context", given & False, flag)]
                 if task == "interpolate_fine":

@@ -35,6 +35,7 @@ import torch.nn.functional as F
 from lvdm.errors import ConfigError
 from lvdm.training.objectives import Objective
 from lvdm.training.step import Frozen, training_loss
+from lvdm.upscale_pipeline import with_low_res
 
 
 def downsample(video: torch.Tensor, factor: int) -> torch.Tensor:
@@ -52,16 +53,6 @@ def random_patch(video: torch.Tensor, size: int, generator: torch.Generator) -> 
     tops = torch.randint(0, h - size + 1, (video.shape[0],), generator=generator).tolist()
     lefts = torch.randint(0, w - size + 1, (video.shape[0],), generator=generator).tolist()
     return torch.stack([clip[..., t : t + size, x : x + size] for clip, t, x in zip(video, tops, lefts, strict=True)])
-
-
-def with_low_res(model_fn: Any) -> Any:
-    """``model_fn`` taking the upscaler's inputs by name: ``fn(x, t, *, low_res (b, 3, f, h, w), class_labels (b,),
-    ...)`` calls ``model_fn`` on ``[x, low_res]`` (channels) with the level as class label."""
-
-    def fn(x: torch.Tensor, t: torch.Tensor, *, low_res: torch.Tensor, class_labels: torch.Tensor, **kw: Any):
-        return model_fn(torch.cat([x, low_res.to(x.dtype)], dim=1), t, class_labels=class_labels, **kw)
-
-    return fn
 
 
 class UpscaleObjective(Objective):
