@@ -87,11 +87,15 @@ class ModelConfig:
     base_config: str | None = option(None, "diffusers folder giving the architecture of a single-file base")
     allow_pickle: bool = option(False, "allow pickled checkpoints (.ckpt/.pt/.bin), which can run code")
     loras: list[str] = option([], "LoRAs fused into the base before inflation, each 'PATH[:SCALE]' (scale 1)")
-    layout: Literal["videoldm", "attention_only", "conv_only"] = option(
-        "videoldm", "temporal layers: videoldm (attention and 3D conv), attention_only or conv_only"
+    layout: Literal["videoldm", "attention_only", "conv_only", "animatediff"] = option(
+        "videoldm",
+        "temporal layers: videoldm (attention and 3D conv), attention_only, conv_only, or animatediff (AnimateDiff's "
+        "motion modules, exportable to diffusers; with temporal_init an AnimateDiff module gives its own shape)",
     )
     attention_depth: int = option(1, "transformer layers in each temporal attention block", min=1)
-    attention_heads: int | None = option(None, "heads per temporal attention block; null: the spatial count", min=1)
+    attention_heads: int | None = option(
+        None, "heads per temporal attention block; null: the spatial count (animatediff: 8)", min=1
+    )
     conv_kernel: list[int] = option([3, 1, 1], "3D conv kernel [frames, height, width], each odd", min=1)
     mix_factor: float = option(0.5, "initial logit of the learned spatial/temporal mix, alpha = sigmoid(it)")
     spatial_lora_rank: int = option(0, "rank of a LoRA trained on the spatial attention too (0: none)", min=0)
@@ -114,7 +118,9 @@ class ModelConfig:
         None, "IP-Adapter Plus checkpoint (diffusers format) the image attention starts from (image_conditioning)"
     )
     temporal_init: str | None = option(
-        None, "start the temporal layers from this module file (e.g. a text-to-video one, adding context frames)"
+        None,
+        "start the temporal layers from this module file (e.g. a text-to-video one, adding context frames), or from "
+        "an AnimateDiff motion module (.safetensors, .ckpt with allow_pickle, MotionAdapter folder)",
     )
     attention_backend: Literal["sdpa", "xformers"] = option("sdpa", "attention kernel: sdpa (PyTorch) or xformers")
 
@@ -322,6 +328,7 @@ class Config:
         problems += _task_problems(self)
         problems += _decoder_problems(self)
         problems += _upscale_problems(self)
+        problems += _motion_module_problems(self)
         from lvdm.fileio import special_folder
 
         if reason := special_folder(self.output_dir):
@@ -331,6 +338,15 @@ class Config:
 
 TASKS = ("text", "predict", "interpolate", "interpolate_fine")
 """The training tasks ``train.tasks`` weighs (lvdm.training.tasks)."""
+
+
+def _motion_module_problems(cfg: Config) -> list[str]:
+    """The Video LDM options the animatediff layout has no use for are refused rather than ignored (its frame
+    table's length is checked when the model is built: an imported module brings its own)."""
+    m = cfg.model
+    if m.layout == "animatediff" and (m.conv_kernel != [3, 1, 1] or m.mix_factor != 0.5):
+        return ["model.conv_kernel / model.mix_factor: the animatediff layout has no 3D convs and no alpha blend"]
+    return []
 
 
 def _decoder_problems(cfg: Config) -> list[str]:

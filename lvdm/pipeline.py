@@ -100,8 +100,10 @@ class VideoPipeline:
         Args:
             base, base_config, loras, spatial_weights, allow_pickle: as :func:`~lvdm.models.load_base` takes them
                 (``loras`` items ``"PATH[:SCALE]"``, ``(path, scale)`` or ``LoraSpec``).
-            temporal: a temporal module file from training; ``None`` samples in image mode. A module made for
-                another base family is refused with a :class:`~lvdm.errors.TemporalModuleError`.
+            temporal: a temporal module file from training, or an AnimateDiff motion module (``.safetensors``,
+                ``.ckpt`` with ``allow_pickle``, or a diffusers ``MotionAdapter`` folder); ``None`` samples in image
+                mode. A module made for another base family is refused with a
+                :class:`~lvdm.errors.TemporalModuleError`.
             image_adapter: an IP-Adapter Plus checkpoint (diffusers format) for ``image=``, with or without a temporal
                 module (one trained with ``model.image_conditioning`` has its own image attention instead).
             image_encoder: the CLIP vision encoder folder the image attention reads (default: the one the module
@@ -129,7 +131,9 @@ class VideoPipeline:
                 base, base_config=base_config, loras=specs, allow_pickle=allow_pickle,
                 spatial_weights=spatial_weights, dtype=torch_dtype, device=device,
             )  # fmt: skip
-        video = VideoUNet.from_temporal_file(model.unet, temporal) if temporal is not None else None
+        video = None
+        if temporal is not None:
+            video = VideoUNet.from_temporal_file(model.unet, temporal, allow_pickle=allow_pickle)
         from lvdm.image_sampling import load_image_conditioning
 
         image_part, encoder, encoder_path = load_image_conditioning(
@@ -368,6 +372,11 @@ class VideoPipeline:
             for key in ("height", "width")
             if getattr(resolved, key) % self.vae_scale_factor
         ]
+        table = self.video.layout.max_frames if self.video is not None else None
+        if table is not None and resolved.num_frames > table and not self.has_context:
+            problems.append(
+                f"num_frames={resolved.num_frames}: this module's motion modules encode at most {table} frames"
+            )
         if problems:
             raise ConfigError("; ".join(problems))
         return resolved

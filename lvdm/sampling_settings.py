@@ -169,11 +169,15 @@ def temporal_defaults(path: str | os.PathLike) -> dict[str, Any]:
     Reads only the file's header; a missing file or one that is not a temporal module is a
     :class:`~lvdm.errors.TemporalModuleError`.
     """
-    if not Path(path).is_file():
-        raise TemporalModuleError(f"temporal module {path} does not exist")
+    from lvdm.models.animatediff import is_motion_module
     from lvdm.models.temporal_file import read_temporal_metadata
 
-    metadata = read_temporal_metadata(path)
+    if is_motion_module(path):  # an AnimateDiff module records no training config: lvdm's own defaults
+        metadata = {}
+    elif not Path(path).is_file():
+        raise TemporalModuleError(f"temporal module {path} does not exist")
+    else:
+        metadata = read_temporal_metadata(path)
     try:
         config = json.loads(metadata.get("training_config", "{}"))
     except ValueError:

@@ -159,7 +159,7 @@ def test_out_of_range_values_are_reported(override: str, expected: str) -> None:
 
 def test_literal_problems_list_the_allowed_values() -> None:
     assert problems_of([], [*MINIMAL, "model.layout=videldm", "train.mixed_precision=fp32"]) == [
-        "model.layout: expected one of 'videoldm', 'attention_only', 'conv_only', got 'videldm' (str)"
+        "model.layout: expected one of 'videoldm', 'attention_only', 'conv_only', 'animatediff', got 'videldm' (str)"
         " (did you mean 'videoldm'?)",
         "train.mixed_precision: expected one of 'no', 'fp16', 'bf16', got 'fp32' (str)",
     ]
@@ -213,7 +213,7 @@ def test_every_problem_comes_in_one_error(tmp_path: Path) -> None:
         "override 'train.seed': expected KEY=VALUE with a dotted key, e.g. train.lr=1e-4",
         "unknown key 'ouput_dir' (did you mean 'output_dir'?)",
         "model.base: required, not set",
-        "model.layout: expected one of 'videoldm', 'attention_only', 'conv_only', got 'videldm' (str)"
+        "model.layout: expected one of 'videoldm', 'attention_only', 'conv_only', 'animatediff', got 'videldm' (str)"
         " (did you mean 'videoldm'?)",
         "data.num_frames: must be >= 1, got 0",
         "data.flip: expected bool, got 'yes' (str)",
@@ -399,7 +399,7 @@ def test_describe_config_lists_every_key_with_type_default_and_help() -> None:
     assert "model.base: str (required)" in lines
     assert "train.lr: float = 0.0001 (> 0)" in lines
     assert "train.caption_dropout: float = 0.1 (>= 0, <= 1)" in lines
-    assert "model.layout: one of 'videoldm', 'attention_only', 'conv_only' = videoldm" in lines
+    assert "model.layout: one of 'videoldm', 'attention_only', 'conv_only', 'animatediff' = videoldm" in lines
     assert "data.sources[i].kind: one of 'folder', 'webvid', 'manifest', 'images' (required)" in lines
     assert "data.resolution: list of int = [256, 256] (>= 8, a multiple of 8)" in lines
     for cls in (Config, ModelConfig, DataConfig, SourceConfig, TrainConfig):

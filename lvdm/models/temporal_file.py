@@ -8,7 +8,8 @@ Layout of a file: tensors keyed as in the 2D UNet (``down_blocks.0.resnets.0.tem
 - ``layout`` (JSON :class:`~lvdm.models.layout.TemporalLayout`), ``sites`` (JSON list of inserted layers);
 - ``parts`` (JSON ``{name: {kind, config}}``: the standalone parts, rebuilt through
   :data:`lvdm.models.parts.PART_KINDS`; absent or ``{}`` when there are none);
-- ``training_config`` (JSON, when the file comes from training).
+- ``training_config`` (JSON, when the file comes from training);
+- ``source`` (JSON, when the weights were imported: an AnimateDiff motion module, :mod:`lvdm.models.animatediff`).
 
 A file loads onto any base of the same family and block layout: that is what lets one module
 run on every DreamBooth/LoRA checkpoint of its family. Everything is checked before the first
@@ -56,6 +57,7 @@ class TemporalModule:
     base: dict[str, Any]
     training_config: dict[str, Any] | None
     parts: dict[str, dict[str, Any]] = field(default_factory=dict)
+    source: dict[str, Any] | None = None  # where imported weights came from (an AnimateDiff module)
 
     def add_parts(self, video: VideoUNet) -> None:
         """Build the file's standalone parts on ``video`` (fresh weights; :meth:`load_into` fills them)."""
@@ -115,36 +117,54 @@ class TemporalModule:
 
 
 def write_temporal_file(
-    video: VideoUNet, path: str | os.PathLike, *, training_config: dict[str, Any] | None = None
+    video: VideoUNet,
+    path: str | os.PathLike,
+    *,
+    training_config: dict[str, Any] | None = None,
+    tensors: dict[str, torch.Tensor] | None = None,
+    source: dict[str, Any] | None = None,
+    family: str | None = None,
 ) -> Path:
-    """Save ``video``'s temporal layers to ``path`` atomically (a temp file, then a rename)."""
+    """Save ``video``'s temporal layers to ``path`` atomically (a temp file, then a rename).
+
+    ``tensors``: the weights to write instead of ``video``'s own (an imported module, whose model was built on the
+    meta device for its shape only); ``source``: where the weights came from (JSON metadata ``source``); ``family``:
+    the base family they are for, where it is not ``video``'s own (an SD 1.5 motion module).
+    """
     path = Path(path)
     if path.suffix != ".safetensors":
         raise TemporalModuleError(f"temporal module path must end in .safetensors, got {path}")
-    config = video.unet.config
-    base = {
-        "in_channels": config.in_channels,
-        "block_out_channels": list(config.block_out_channels),
-        "cross_attention_dim": config.cross_attention_dim,
-        "layers_per_block": config.layers_per_block,
-    }
+    tensors = video.temporal_state_dict() if tensors is None else tensors
     metadata = {
         "format": FORMAT,
         "format_version": str(FORMAT_VERSION),
         "lvdm_version": __version__,
-        "base_family": video.family,
-        "base": json.dumps(base),
+        "base_family": family or video.family,
+        "base": json.dumps(base_shape(video.unet.config)),
         "layout": json.dumps(video.layout.to_dict()),
         "sites": json.dumps([site.to_dict() for site in video.sites]),
-        CHECKSUM_KEY: tensors_checksum(video.temporal_state_dict()),
+        CHECKSUM_KEY: tensors_checksum(tensors),
         "parts": json.dumps({name: spec.to_dict() for name, spec in video.part_specs.items()}),
     }
     if training_config is not None:
         metadata["training_config"] = json.dumps(training_config, default=str)
-    tensors = {name: t.detach().to("cpu").contiguous() for name, t in video.temporal_state_dict().items()}
+    if source is not None:
+        metadata["source"] = json.dumps(source)
+    tensors = {name: t.detach().to("cpu").contiguous() for name, t in tensors.items()}
     with atomic_path(path) as temp:
         save_file(tensors, temp, metadata=metadata)
     return path
+
+
+def base_shape(config: Any) -> dict[str, Any]:
+    """What a module file records of the UNet it was made for (metadata ``base``)."""
+    return {
+        "in_channels": config.in_channels,
+        "block_out_channels": list(config.block_out_channels),
+        "cross_attention_dim": config.cross_attention_dim,
+        "layers_per_block": config.layers_per_block,
+        "norm_num_groups": config.norm_num_groups,
+    }
 
 
 def read_temporal_file(path: str | os.PathLike) -> TemporalModule:
@@ -174,6 +194,7 @@ def read_temporal_file(path: str | os.PathLike) -> TemporalModule:
             base=json.loads(metadata.get("base", "{}")),
             training_config=json.loads(metadata["training_config"]) if "training_config" in metadata else None,
             parts=json.loads(metadata.get("parts", "{}")),
+            source=json.loads(metadata["source"]) if "source" in metadata else None,
         )
     except (KeyError, ValueError, TypeError) as exc:
         raise TemporalModuleError(f"temporal module {path} has broken metadata: {exc}") from exc

@@ -1,9 +1,10 @@
-"""VideoUNet: a frozen diffusers ``UNet2DConditionModel`` made into a video model, Video LDM style.
+"""VideoUNet: a frozen diffusers ``UNet2DConditionModel`` made into a video model.
 
-The 2D UNet is extended in place (its spatial blocks are wrapped, never copied): a temporal
-attention block follows every spatial transformer and a 3D-conv residual block every ResNet
-block, each merged with the spatial output by a learned alpha. Every inserted branch starts
-as the identity, so an untrained VideoUNet is the image UNet run frame by frame.
+The 2D UNet is extended in place (its spatial blocks are wrapped, never copied). In Video LDM's style a temporal
+attention block follows every spatial transformer and a 3D-conv residual block every ResNet block, each merged
+with the spatial output by a learned alpha; in AnimateDiff's, a motion module follows each layer where diffusers'
+``UNetMotionModel`` has one (:class:`~lvdm.models.layout.TemporalLayout`). Every inserted branch starts as the
+identity, so an untrained VideoUNet is the image UNet run frame by frame.
 """
 
 from __future__ import annotations
@@ -24,7 +25,7 @@ from lvdm.models.layout import TemporalLayout
 from lvdm.models.parts import PartSpec
 from lvdm.modules.frame_context import FrameContext, frame_context
 from lvdm.modules.image_attention import with_image_tokens
-from lvdm.modules.video_blocks import _VideoWrapper, wrap_resnet, wrap_transformer
+from lvdm.modules.video_blocks import _VideoWrapper, wrap_motion, wrap_resnet, wrap_transformer
 
 
 @dataclass(frozen=True)
@@ -108,11 +109,17 @@ class VideoUNet(nn.Module):
         return video
 
     @classmethod
-    def from_temporal_file(cls, unet: UNet2DConditionModel, path: str | os.PathLike) -> VideoUNet:
-        """Inflate ``unet`` with the layout recorded in a temporal module file, then load its weights."""
-        from lvdm.models.temporal_file import read_temporal_file
+    def from_temporal_file(
+        cls, unet: UNet2DConditionModel, path: str | os.PathLike, *, allow_pickle: bool = False
+    ) -> VideoUNet:
+        """Inflate ``unet`` with the layout recorded in a temporal module file, then load its weights.
 
-        module = read_temporal_file(path)
+        ``path`` may also be an AnimateDiff motion module (a checkpoint, ``.ckpt`` with ``allow_pickle``, or a
+        diffusers ``MotionAdapter`` folder), imported on the way (:mod:`lvdm.models.animatediff`).
+        """
+        from lvdm.models.animatediff import open_temporal_module
+
+        module = open_temporal_module(path, unet.config, allow_pickle=allow_pickle)
         video = cls.from_unet2d(unet, module.layout)
         module.add_parts(video)
         module.load_into(video)
@@ -156,6 +163,8 @@ class VideoUNet(nn.Module):
             image_only_indicator=_per_frame_flags(image_only_indicator, b, f, sample.device, sample.dtype),
             frame_positions=_frame_positions(frame_positions, b, f, sample.device),
         )
+        if self.layout.max_frames is not None:
+            _check_table_positions(context.frame_positions, frame_positions is None, self.layout.max_frames)
         self._prepare_parts(context, sample, timestep, conditioning)
         timestep = _timesteps(timestep, b, f, sample.device)
         if encoder_hidden_states.shape[0] != b:
@@ -244,7 +253,7 @@ class VideoUNet(nn.Module):
 
     def mix_alphas(self) -> dict[str, float]:
         """Each inserted layer's current spatial weight ``a`` (1: spatial only, 0: temporal only)."""
-        return {name: float(wrapper.mixer.alpha()) for name, wrapper in self._wrappers.items()}
+        return {name: float(w.mixer.alpha()) for name, w in self._wrappers.items() if w.mixer is not None}
 
     def parameter_summary(self) -> str:
         """One line: temporal vs base parameter counts."""
@@ -281,22 +290,49 @@ class VideoUNet(nn.Module):
         write_temporal_file(self, path, training_config=training_config)
 
     def load_temporal(self, path: str | os.PathLike) -> VideoUNet:
-        """Load temporal weights saved by :meth:`save_temporal`; a layout mismatch is a clear error."""
-        from lvdm.models.temporal_file import read_temporal_file
+        """Load temporal weights saved by :meth:`save_temporal` (or an AnimateDiff motion module of this model's
+        layout); a layout mismatch is a clear error."""
+        from lvdm.models.animatediff import open_temporal_module
 
-        read_temporal_file(path).load_into(self)
+        open_temporal_module(path, self.unet.config).load_into(self)
         return self
 
 
 # --------------------------------------------------------------------- inflation
 def _inflate(unet: UNet2DConditionModel, layout: TemporalLayout) -> list[TemporalSite]:
-    """Wrap every ResNet and transformer block of the down, mid and up paths in place."""
+    """Wrap the ResNet and transformer blocks of the down, mid and up paths in place, as ``layout`` says."""
     sites = []
-    mid = [("mid_block", unet.mid_block)] if unet.mid_block is not None else []
+    mid = [("mid_block", unet.mid_block)] if unet.mid_block is not None and layout.mid_block else []
     named = [(f"down_blocks.{i}", b) for i, b in enumerate(unet.down_blocks)] + mid
     named += [(f"up_blocks.{i}", b) for i, b in enumerate(unet.up_blocks)]
     for block_name, block in named:
-        sites += _inflate_block(block_name, block, layout)
+        if layout.style == "animatediff":
+            sites += _inflate_motion(block_name, block, layout, unet.config.norm_num_groups)
+        else:
+            sites += _inflate_block(block_name, block, layout)
+    return sites
+
+
+def _inflate_motion(block_name: str, block: nn.Module, layout: TemporalLayout, norm_groups: int) -> list[TemporalSite]:
+    """One motion module per layer, where ``UNetMotionModel`` has it: after the layer's transformer, or after its
+    ResNet in a block without transformers; in the mid block after each transformer (before the next ResNet)."""
+    sites = []
+    attentions = getattr(block, "attentions", None) or ()
+    layers = len(attentions) if block_name == "mid_block" else len(block.resnets)
+    for i in range(layers):
+        kind, modules = ("attentions", attentions) if i < len(attentions) else ("resnets", block.resnets)
+        spatial = modules[i]
+        if not isinstance(spatial, (Transformer2DModel, ResnetBlock2D)):
+            raise TypeError(f"{block_name}.{kind}.{i} is a {type(spatial).__name__}, expected a diffusers SD block")
+        modules[i] = wrapper = wrap_motion(
+            spatial,
+            num_heads=layout.attention_heads,
+            depth=layout.attention_depth,
+            norm_groups=norm_groups,
+            max_frames=layout.max_frames,
+        )
+        channels = wrapper.temporal.in_channels
+        sites.append(TemporalSite(f"{block_name}.{kind}.{i}", "motion", channels, layout.attention_heads))
     return sites
 
 
@@ -348,6 +384,22 @@ def _frame_positions(positions: torch.Tensor | None, b: int, f: int, device: tor
     if positions.shape != (b, f):
         raise ValueError(f"frame_positions must have shape ({f},) or ({b}, {f}), got {tuple(positions.shape)}")
     return positions
+
+
+def _check_table_positions(positions: torch.Tensor, default: bool, max_frames: int) -> None:
+    """Motion modules read a table of ``max_frames`` rows: positions must be whole numbers below that."""
+    if default:
+        if positions.shape[1] > max_frames:
+            raise ValueError(
+                f"{positions.shape[1]} frames in one forward; this model's motion modules encode at most {max_frames} "
+                "(sample fewer frames, or longer videos by rollout with context frames)"
+            )
+        return
+    if not bool(((positions == positions.round()) & (positions >= 0) & (positions < max_frames)).all()):
+        raise ValueError(
+            f"frame_positions must be whole numbers in [0, {max_frames}) for this model's motion modules, got "
+            f"{positions.unique()[:8].tolist()}"
+        )
 
 
 def _timesteps(timestep: torch.Tensor | float | int, b: int, f: int, device: torch.device) -> torch.Tensor:

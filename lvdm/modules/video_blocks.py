@@ -2,8 +2,9 @@
 
 A wrapper takes the spatial block's place in its ``ModuleList``, is called exactly as the
 spatial block was (diffusers' down/mid/up blocks are untouched), runs the spatial block,
-then the temporal layer, and merges the two with a learned alpha. The frame layout comes
-from :func:`~lvdm.modules.frame_context.current_frames`.
+then the temporal layer, and merges the two: with a learned alpha (Video LDM), or by the motion
+module's own residual (AnimateDiff, :class:`MotionResnetBlock` / :class:`MotionTransformerBlock`).
+The frame layout comes from :func:`~lvdm.modules.frame_context.current_frames`.
 """
 
 from __future__ import annotations
@@ -17,24 +18,26 @@ from torch.utils.checkpoint import checkpoint
 
 from lvdm.modules.alpha_blend import FrameAlphaBlender
 from lvdm.modules.frame_context import FrameContext, current_frames
+from lvdm.modules.motion_module import MotionModule
 from lvdm.modules.temporal_attention import TemporalAttentionBlock
 from lvdm.modules.temporal_conv import TemporalConvBlock
 
 
 class _VideoWrapper(nn.Module):
-    """Shared parts: the spatial block, the temporal block, the mixer, and checkpointing."""
+    """Shared parts: the spatial block, the temporal block, the mixer (``None`` for motion modules), and
+    checkpointing."""
 
-    def __init__(self, spatial: nn.Module, temporal: nn.Module, mix_factor: float) -> None:
+    def __init__(self, spatial: nn.Module, temporal: nn.Module, mix_factor: float | None) -> None:
         super().__init__()
         self.spatial = spatial
         self.temporal = temporal
-        self.mixer = FrameAlphaBlender(mix_factor)
+        self.mixer = FrameAlphaBlender(mix_factor) if mix_factor is not None else None
         self.gradient_checkpointing = False
         self.site = ""  # its name in the UNet (set by VideoUNet): the key of the parts' temporal inputs
 
     def temporal_modules(self) -> dict[str, nn.Module]:
         """The trainable parts, by attribute name."""
-        return {"temporal": self.temporal, "mixer": self.mixer}
+        return {"temporal": self.temporal} | ({"mixer": self.mixer} if self.mixer is not None else {})
 
     def _run(self, fn: Any, *args: Any) -> Any:
         if self.gradient_checkpointing and torch.is_grad_enabled():
@@ -89,6 +92,51 @@ class VideoTransformerBlock(_VideoWrapper):
             ctx.temporal_embedding(self.site),
         )
         return self.mixer(spatial, temporal, ctx.image_only_indicator)
+
+
+class _MotionWrapper(_VideoWrapper):
+    """A spatial block followed by an AnimateDiff :class:`MotionModule`, which adds its own residual (no alpha)."""
+
+    def _motion(self, spatial: torch.Tensor, ctx: FrameContext) -> torch.Tensor:
+        out = self.temporal(
+            spatial,
+            ctx.num_frames,
+            ctx.frame_positions,
+            ctx.temporal_input(self.site),
+            ctx.temporal_embedding(self.site),
+        )
+        # where a frame is an image, the spatial output as is: (b f) -> (b f) 1 1 1
+        images = ctx.image_only_indicator.bool().reshape(-1, 1, 1, 1)
+        return torch.where(images, spatial, out)
+
+
+class MotionResnetBlock(_MotionWrapper):
+    """A diffusers ``ResnetBlock2D`` followed by a motion module (the sites of blocks without transformers)."""
+
+    def forward(self, hidden_states: torch.Tensor, temb: torch.Tensor | None = None, *args: Any, **kwargs: Any):
+        return self._run(lambda x, t, ctx: self._motion(self.spatial(x, t, *args, **kwargs), ctx), hidden_states, temb)
+
+
+class MotionTransformerBlock(_MotionWrapper):
+    """A diffusers ``Transformer2DModel`` followed by a motion module."""
+
+    def forward(self, hidden_states: torch.Tensor, *args: Any, return_dict: bool = True, **kwargs: Any):
+        out = self._run(
+            lambda x, ctx: self._motion(self.spatial(x, *args, return_dict=False, **kwargs)[0], ctx), hidden_states
+        )
+        return Transformer2DModelOutput(sample=out) if return_dict else (out,)
+
+
+def wrap_motion(
+    spatial: nn.Module, *, num_heads: int, depth: int, norm_groups: int, max_frames: int
+) -> _MotionWrapper:
+    """Pair a ``Transformer2DModel`` or a ``ResnetBlock2D`` with a zero-initialised motion module of its width."""
+    if hasattr(spatial, "transformer_blocks"):
+        channels, wrapper = spatial.config.in_channels, MotionTransformerBlock
+    else:
+        channels, wrapper = spatial.out_channels, MotionResnetBlock
+    temporal = MotionModule(channels, num_heads, depth=depth, norm_groups=norm_groups, max_frames=max_frames)
+    return wrapper(spatial, temporal, None)
 
 
 def wrap_resnet(resnet: nn.Module, *, kernel_size: tuple[int, int, int], mix_factor: float) -> VideoResnetBlock:

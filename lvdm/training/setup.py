@@ -49,7 +49,19 @@ def build_model(cfg: Any, device: torch.device, mixed_precision: str) -> tuple[A
     if cfg.data.cache:  # hashed before any cast, as the cache command hashes them
         digests = encoder_digests(base.vae, base.text_encoder, image_encoder, cfg.train.image_frame)
     dtype = WEIGHT_DTYPES[mixed_precision]
-    video = VideoUNet.from_unet2d(base.unet, layout_from_config(m))
+    layout, init = layout_from_config(m), None
+    if m.temporal_init is not None:  # a trained module's weights; parts it lacks (context) start at zero output
+        from lvdm.models.animatediff import open_temporal_module
+
+        init = open_temporal_module(m.temporal_init, base.unet.config, allow_pickle=m.allow_pickle)
+        if layout.style == init.layout.style == "animatediff":
+            layout = init.layout  # an AnimateDiff module's own shape: mid block or not, its frame table, its heads
+    if layout.max_frames is not None and cfg.data.num_frames > layout.max_frames:
+        raise ConfigError(
+            f"data.num_frames: {cfg.data.num_frames} frames, and these motion modules encode at most "
+            f"{layout.max_frames} (their frame table)"
+        )
+    video = VideoUNet.from_unet2d(base.unet, layout)
     add_configured_parts(video, m)  # the standalone parts the model section asks for (lvdm.models.parts)
     if m.image_adapter is not None:  # an IP-Adapter Plus starts the image attention
         from lvdm.modules.image_attention import load_ip_adapter, read_ip_adapter
@@ -57,10 +69,8 @@ def build_model(cfg: Any, device: torch.device, mixed_precision: str) -> tuple[A
         load_ip_adapter(
             video.parts["image"], video.unet, read_ip_adapter(m.image_adapter, allow_pickle=m.allow_pickle)
         )
-    if m.temporal_init is not None:  # a trained module's weights; parts it lacks (context) start at zero output
-        from lvdm.models.temporal_file import read_temporal_file
-
-        read_temporal_file(m.temporal_init).warm_start(video)
+    if init is not None:
+        init.warm_start(video)
     video.freeze_base()
     trainable = dict(video.named_temporal_parameters())
     if m.spatial_lora_rank:
