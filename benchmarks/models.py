@@ -6,6 +6,7 @@ Three video models are built on copies of one spatial UNet and called the same w
 - ``lvdm``: :class:`~lvdm.models.VideoUNet` with the default Video LDM layout (temporal attention and 3D convs);
 - ``lvdm-attn``: a VideoUNet with temporal attention only (``LAYOUTS["attention_only"]``), the layout closest to
   AnimateDiff's motion modules in size;
+- ``lvdm-ad``: a VideoUNet of the ``animatediff`` layout: the same motion modules at the same sites as ``motion``;
 - ``motion``: diffusers' ``UNetMotionModel.from_unet2d`` with an AnimateDiff v2 shaped ``MotionAdapter``
   (motion modules after every down/mid/up layer, 8 heads, mid block).
 
@@ -95,7 +96,7 @@ def _lvdm(layout_name: str) -> Callable[[nn.Module], VideoModel]:
         from lvdm.models import LAYOUTS, VideoUNet
 
         video = VideoUNet.from_unet2d(unet, LAYOUTS[layout_name]).freeze_base().set_attention_backend("sdpa")
-        name = "lvdm" if layout_name == "videoldm" else "lvdm-attn"
+        name = {"videoldm": "lvdm", "attention_only": "lvdm-attn", "animatediff": "lvdm-ad"}[layout_name]
         return VideoModel(
             name, video, video, video.enable_gradient_checkpointing, _unet_blocks(video.unet), frame_context=True
         )
@@ -155,11 +156,13 @@ def image_model(unet: nn.Module) -> VideoModel:
 MODELS: dict[str, Callable[[nn.Module], VideoModel]] = {
     "lvdm": _lvdm("videoldm"),
     "lvdm-attn": _lvdm("attention_only"),
+    "lvdm-ad": _lvdm("animatediff"),
     "motion": _motion,
 }
 LABELS = {
     "lvdm": "lvdm VideoUNet (videoldm layout)",
     "lvdm-attn": "lvdm VideoUNet (attention_only)",
+    "lvdm-ad": "lvdm VideoUNet (animatediff layout)",
     "motion": "diffusers UNetMotionModel (AnimateDiff v2)",
     "image": "image UNet, frame by frame (floor)",
 }

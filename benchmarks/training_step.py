@@ -28,7 +28,7 @@ from benchmarks.memory import GIB, estimate_peak
 from benchmarks.models import LABELS, MODELS, VideoModel, build_all, image_model, spatial_unet
 from benchmarks.report import target
 
-VIDEO_MODELS = ("lvdm", "lvdm-attn", "motion")
+VIDEO_MODELS = ("lvdm", "lvdm-attn", "lvdm-ad", "motion")
 MODES = ("forward", "step", "step+ckpt")
 
 
@@ -230,7 +230,9 @@ def tables(result: dict[str, Any]) -> list[dict[str, Any]]:
 def targets(result: dict[str, Any]) -> list[dict[str, Any]]:
     """The issue's targets for this section: time per FLOP vs diffusers, and step / forward."""
     out = []
-    for name in ("lvdm", "lvdm-attn"):
+    for name in ("lvdm", "lvdm-attn", "lvdm-ad"):
+        if name not in result["flops"]:
+            continue
         for mode in MODES:
             value = _ratio(_per_flop(result, name, mode), _per_flop(result, "motion", mode))
             out.append(target(f"time/FLOP {name} / motion, {mode}", value, 1.10))

@@ -177,12 +177,15 @@ def _read_adapter_folder(path: Path, allow_pickle: bool) -> tuple[dict[str, Any]
         raise TemporalModuleError(f"{config_file} is over {_MAX_CONFIG_BYTES} bytes: not a MotionAdapter config")
     try:
         raw = json.loads(config_file.read_text())
-    except (ValueError, UnicodeDecodeError) as exc:
+    except (ValueError, UnicodeDecodeError, RecursionError) as exc:
         raise TemporalModuleError(f"{config_file} is not valid JSON: {exc}") from exc
     if not isinstance(raw, dict) or raw.get("_class_name") != "MotionAdapter":
         name = raw.get("_class_name") if isinstance(raw, dict) else None
         raise TemporalModuleError(f"{path} is not a diffusers MotionAdapter folder (its config names {name!r})")
     config = {key: raw[key] for key in _ADAPTER_KEYS if key in raw}
+    widths = config.get("block_out_channels")
+    if not (isinstance(widths, list) and widths and all(type(w) is int and w > 0 for w in widths)):
+        raise TemporalModuleError(f"{config_file}: block_out_channels={widths!r}, expected a list of widths")
     config["motion_num_attention_heads"] = _one_head_count(config.get("motion_num_attention_heads", 8), path)
     weights = next((path / name for name in ADAPTER_WEIGHTS if (path / name).is_file()), None)
     if weights is None:
@@ -296,14 +299,17 @@ def _layout(config: dict[str, Any], path: Path) -> TemporalLayout:
         raise TemporalModuleError(
             f"motion module {path}: its mid-block modules are {mid_depth} layers deep, the others are not"
         )
-    return TemporalLayout(
-        conv=False,
-        attention_depth=config["motion_transformer_layers_per_block"],
-        attention_heads=config["motion_num_attention_heads"],
-        style="animatediff",
-        mid_block=bool(config["use_motion_mid_block"]),
-        max_frames=config["motion_max_seq_length"],
-    )
+    try:
+        return TemporalLayout(
+            conv=False,
+            attention_depth=config["motion_transformer_layers_per_block"],
+            attention_heads=config["motion_num_attention_heads"],
+            style="animatediff",
+            mid_block=bool(config["use_motion_mid_block"]),
+            max_frames=config["motion_max_seq_length"],
+        )
+    except (TypeError, ValueError) as exc:
+        raise TemporalModuleError(f"motion module {path}: {exc}") from exc
 
 
 def _base_config(base: Any, widths: tuple[int, ...], path: Path) -> Any:

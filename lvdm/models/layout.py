@@ -72,8 +72,8 @@ class TemporalLayout:
                 out.append("style=animatediff has motion modules (attention) only: set attention=true, conv=false")
             if self.attention_heads is None:
                 out.append("style=animatediff needs attention_heads (AnimateDiff's modules use 8)")
-            if self.max_frames is None or self.max_frames < 1:
-                out.append(f"max_frames={self.max_frames}: style=animatediff needs a frame-table length >= 1")
+            if type(self.max_frames) is not int or not 1 <= self.max_frames <= MAX_TABLE:
+                out.append(f"max_frames={self.max_frames}: style=animatediff needs a frame table of 1 to {MAX_TABLE}")
         elif self.max_frames is not None:
             out.append(f"max_frames={self.max_frames}: only style=animatediff has a frame-position table")
         return out
@@ -98,6 +98,7 @@ class TemporalLayout:
 
 
 STYLES = ("videoldm", "animatediff")
+MAX_TABLE = 4096  # frame-table rows: AnimateDiff's have 24 or 32; more than this is not a real module
 _STYLE_DEFAULTS = {"style": "videoldm", "mid_block": True, "max_frames": None}
 
 LAYOUTS: dict[str, TemporalLayout] = {
