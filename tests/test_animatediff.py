@@ -33,11 +33,12 @@ pytestmark = pytest.mark.usefixtures("one_thread")
 
 @pytest.fixture(scope="module")
 def adapters(tmp_path_factory):
-    """Tiny MotionAdapters with and without a mid-block module, as folders and as original checkpoints."""
+    """Tiny MotionAdapters shaped like AnimateDiff v2 (mid-block module, 32-frame table) and v1 (neither, 24), as
+    folders and as original checkpoints."""
     root = tmp_path_factory.mktemp("animatediff")
     out = {}
     for mid in (True, False):
-        adapter = tiny_motion_adapter(mid_block=mid, seed=1 if mid else 2)
+        adapter = tiny_motion_adapter(mid_block=mid, max_frames=32 if mid else 24, seed=1 if mid else 2)  # v2, v1
         name = "mid" if mid else "nomid"
         adapter.save_pretrained(root / name)
         write_original_checkpoint(adapter, root / f"{name}_original.safetensors")
@@ -112,6 +113,7 @@ def test_imported_module_samples_as_animatediff_pipeline(tiny_assets, adapters, 
     path = adapters["root"] / source
     pipe = VideoPipeline.from_pretrained(tiny_assets["base"], temporal=path, allow_pickle=source.endswith(".ckpt"))
     assert pipe.video.layout.mid_block == source.startswith("mid")
+    assert pipe.video.layout.max_frames == (32 if source.startswith("mid") else 24)  # the table's length, read
     out = pipe("a dog running", num_frames=FRAMES, height=SIZE, width=SIZE, seed=3, scheduler="ddim",
                num_inference_steps=STEPS, progress=False)  # fmt: skip
     adapter = adapters["mid" if source.startswith("mid") else "nomid"]
@@ -303,8 +305,8 @@ def test_export_refuses_what_a_motion_adapter_cannot_hold(tiny_assets, adapters,
 
 def test_too_many_frames_for_the_module_is_one_config_error(tiny_assets, adapters):
     pipe = VideoPipeline.from_pretrained(tiny_assets["base"], temporal=adapters["root"] / "nomid")
-    with pytest.raises(ConfigError, match="at most 32 frames"):
-        pipe("a cat", num_frames=40, height=SIZE, width=SIZE, num_inference_steps=1, progress=False)
+    with pytest.raises(ConfigError, match="at most 24 frames"):
+        pipe("a cat", num_frames=25, height=SIZE, width=SIZE, num_inference_steps=1, progress=False)
 
 
 # ------------------------------------------------------------------------------------------------ the CLI
