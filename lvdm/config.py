@@ -220,10 +220,11 @@ class DataConfig:
 class TrainConfig:
     """Optimization, noise, checkpoints and logging."""
 
-    target: Literal["denoise", "decoder", "upscale"] = option(
+    target: Literal["denoise", "decoder", "upscale", "distill"] = option(
         "denoise",
         "what a step trains (lvdm.training.objectives): denoise (the temporal diffusion loss), decoder (a temporal "
-        "VAE decoder, lvdm.models.temporal_vae) or upscale (the temporal layers of an x4 upscaler base, on patches)",
+        "VAE decoder, lvdm.models.temporal_vae), upscale (the temporal layers of an x4 upscaler base, on patches) "
+        "or distill (model.temporal_init distilled to few steps, lvdm.training.distill)",
     )
     max_steps: int = option(1000, "optimizer steps to train (checkpoint names hold 8 digits)", min=1, max=10**8 - 1)
     batch_size: int = option(1, "clips per device in each micro-batch", min=1)
@@ -293,6 +294,17 @@ class TrainConfig:
     upscale_validation_noise_level: int = option(
         20, "upscale target: the low-res noise level of the held-out figures and samples", min=0
     )
+    distill_from: int = option(64, "distill target: the teacher's DDIM steps in the first round", min=2)
+    distill_to: int = option(8, "distill target: the student's steps after the last round (halved each round)", min=1)
+    distill_guidance: list[float] = option(
+        [2.0, 8.0], "distill target: the guidance weights [low, high] the student learns, drawn per clip", min=1
+    )
+    distill_round_steps: int | None = option(
+        None, "distill target: optimizer steps per round; null: train.max_steps / rounds", min=1
+    )
+    distill_pool: int = option(
+        64, "distill target: teacher samples kept as clean latents (one per caption, made on first use)", min=1
+    )
     max_nonfinite_steps: int = option(10, "stop after this many skipped steps with a NaN/inf loss", min=1)
     overwrite: bool = option(False, "allow a fresh run in an output_dir that already holds one")
     log_every: int = option(10, "log the loss every n steps", min=1)
@@ -329,6 +341,7 @@ class Config:
         problems += _decoder_problems(self)
         problems += _upscale_problems(self)
         problems += _motion_module_problems(self)
+        problems += _distill_problems(self)
         from lvdm.fileio import special_folder
 
         if reason := special_folder(self.output_dir):
@@ -366,6 +379,35 @@ def _decoder_problems(cfg: Config) -> list[str]:
     ]
     if cfg.data.num_frames < 2:
         problems.append("data.num_frames: a temporal decoder learns from at least 2 frames per clip")
+    return problems
+
+
+def _distill_problems(cfg: Config) -> list[str]:
+    """What the distill target needs (a teacher module) and what it cannot combine with."""
+    t, m = cfg.train, cfg.model
+    if t.target != "distill":
+        return []
+    problems = []
+    if m.temporal_init is None:
+        problems.append("model.temporal_init: train.target=distill needs the teacher's temporal module")
+    for key, value in {"model.context": m.context, "model.fps_conditioning": m.fps_conditioning,
+                       "model.image_conditioning": m.image_conditioning, "train.tasks": t.tasks,
+                       "data.cache": cfg.data.cache, "train.ema_decay": t.ema_decay,
+                       "train.image_batch_ratio": t.image_batch_ratio}.items():  # fmt: skip
+        if value:
+            problems.append(f"{key}: not part of train.target=distill (text-to-video modules, no EMA); drop it")
+    low_high = t.distill_guidance
+    if len(low_high) != 2 or low_high[0] > low_high[1]:
+        problems.append(f"train.distill_guidance: expected [low, high] with low <= high, got {low_high}")
+    from lvdm.errors import ConfigError
+    from lvdm.training.distill import distill_rounds
+
+    try:
+        rounds = 1 + distill_rounds(t.distill_from, t.distill_to)  # the guidance round, then the halvings
+        if t.max_steps < rounds:
+            problems.append(f"train.max_steps: {t.max_steps} steps cannot hold {rounds} distillation rounds")
+    except ConfigError as exc:
+        problems.append(str(exc))
     return problems
 
 

@@ -41,6 +41,7 @@ from lvdm.outputs import FORMATS, VideoOutput, media_kind, plan_outputs, read_pr
 from lvdm.sampling_settings import (
     DEFAULT_FPS,
     DEFAULT_FRAMES,
+    DEFAULT_STEPS,
     DTYPES,
     SamplingSettings,
     parse_threshold,
@@ -125,6 +126,8 @@ class VideoPipeline:
         from lvdm.models import LoraSpec, VideoUNet, load_base
 
         specs = [LoraSpec.parse(spec) for spec in loras]
+        if defaults and defaults.get("distilled_lora"):  # a distilled student's spatial LoRA, found beside it
+            specs.append(LoraSpec.parse(student_lora(temporal)))
         with warnings.catch_warnings():  # diffusers >= 0.36 renamed the torch_dtype that load_base passes
             warnings.filterwarnings("ignore", message=".*torch_dtype.* is deprecated", category=FutureWarning)
             model = load_base(
@@ -291,6 +294,12 @@ class VideoPipeline:
         return self.video is not None and "context_mask" in self.video.conditioning_inputs
 
     @property
+    def distilled(self) -> bool:
+        """Whether the module is a distilled student (``train.target: distill``): the guidance weight is its input,
+        and its own step count and sampler are the defaults."""
+        return self.video is not None and "guidance_scale" in self.video.conditioning_inputs
+
+    @property
     def has_fps(self) -> bool:
         """Whether the temporal module is conditioned on the frame rate (trained with ``model.fps_conditioning``):
         then the ``fps`` setting sets the motion speed, not only the playback rate."""
@@ -359,7 +368,8 @@ class VideoPipeline:
             given = {"num_frames": f, "height": h * self.vae_scale_factor, "width": w * self.vae_scale_factor}
         fallback = {
             "num_frames": DEFAULT_FRAMES, "height": native, "width": native, "fps": DEFAULT_FPS,
-            "noise_prior": "independent", "mixed_lambda": 0.5,
+            "noise_prior": "independent", "mixed_lambda": 0.5, "num_inference_steps": DEFAULT_STEPS,
+            "scheduler": "ddim",
         }  # fmt: skip
         values = {}
         for key, default in fallback.items():
@@ -372,6 +382,11 @@ class VideoPipeline:
             for key in ("height", "width")
             if getattr(resolved, key) % self.vae_scale_factor
         ]
+        if self.distilled and (resolved.guidance_schedule != "constant" or resolved.guidance_rescale):
+            problems.append(
+                "guidance_schedule / guidance_rescale: a distilled module takes one guidance weight as an input, "
+                "constant over the steps, and no second pass to rescale"
+            )
         table = self.video.layout.max_frames if self.video is not None else None
         if table is not None and resolved.num_frames > table and not self.has_context:
             problems.append(
@@ -439,6 +454,10 @@ class VideoPipeline:
                 image_only = {"encoder_hidden_states": uncond["encoder_hidden_states"]}
         if self.has_fps:  # the motion speed asked for: the module was trained with it (model.fps_conditioning)
             conditions["fps"] = torch.full((noise.shape[0],), float(s.fps), device=self.device)
+        guidance = guidance_schedule(s.guidance_schedule, s.guidance_scale, **s.guidance_options)
+        if self.distilled and not s.image_mode:  # the weight is the student's input: one forward per step
+            conditions["guidance_scale"] = torch.full((noise.shape[0],), float(s.guidance_scale), device=self.device)
+            guidance = None
         model_fn = self.model_fn(image_mode=s.image_mode)
         if context is not None:
             from lvdm.modules.context_encoder import with_clean_context
@@ -461,7 +480,7 @@ class VideoPipeline:
             context_guidance=s.context_guidance if context is not None else 1.0,
             image_only=image_only,
             image_guidance=s.image_guidance_scale if image_only is not None else None,
-            guidance=guidance_schedule(s.guidance_schedule, s.guidance_scale, **s.guidance_options),
+            guidance=guidance,
             guidance_rescale=s.guidance_rescale,
             threshold=parse_threshold(s.threshold) if s.threshold else None,
             generator=generators,  # one per video: scheduler noise (ddpm, euler_a) also follows each video's seed
@@ -558,6 +577,23 @@ class VideoPipeline:
 
 
 # --------------------------------------------------------------------------------------------------- helpers
+def student_lora(module: str | os.PathLike) -> Path:
+    """The spatial LoRA that goes with a distilled module: ``<stem>_spatial_lora.safetensors`` beside it (what
+    ``python -m lvdm.export`` writes), else the run folder's ``spatial_lora.safetensors``."""
+    from lvdm.errors import TemporalModuleError
+
+    module = Path(module)
+    candidates = [module.with_name(f"{module.stem}_spatial_lora.safetensors")]
+    candidates.append(module.parent / "spatial_lora.safetensors")
+    for path in candidates:
+        if path.is_file():
+            return path
+    raise TemporalModuleError(
+        f"temporal module {module} is a distilled student trained with a spatial LoRA, and its LoRA is not beside it "
+        f"({' or '.join(str(p) for p in candidates)}); copy the two files together"
+    )
+
+
 def _rows(inputs: dict[str, torch.Tensor], rows: slice) -> dict[str, torch.Tensor]:
     """The videos ``rows`` of per-video model inputs."""
     return {key: value[rows] for key, value in inputs.items()}

@@ -19,6 +19,7 @@ from lvdm.errors import ConfigError, TemporalModuleError
 
 DEFAULT_FRAMES = 16
 DEFAULT_FPS = 8.0
+DEFAULT_STEPS = 25
 SIZE_MULTIPLE = 8  # SD's rule for pixel sizes (its VAE downsamples by 8)
 DTYPES: dict[str, torch.dtype] = {"fp32": torch.float32, "fp16": torch.float16, "bf16": torch.bfloat16}
 
@@ -47,8 +48,12 @@ class SamplingSettings:
         "(null: the module's training rate, else 8)",
         gt=0,
     )
-    num_inference_steps: int = option(25, "denoising steps", min=1)
-    scheduler: str = option("ddim", "sampler: ddim, dpmpp, euler, euler_a, ddpm or unipc")
+    num_inference_steps: int | None = option(None, "denoising steps (null: a distilled module's own, else 25)", min=1)
+    scheduler: str | None = option(
+        None,
+        "sampler: ddim, ddim_trailing, dpmpp, euler, euler_a, ddpm or unipc (null: a distilled module's own, else "
+        "ddim)",
+    )
     guidance_scale: float = option(7.5, "classifier-free guidance weight (1: the conditional model only)")
     guidance_schedule: str = option("constant", "guidance weight over the steps: constant, oscillating or linear")
     guidance_options: dict[str, Any] = option({}, "options of the schedule, e.g. {low: 1.0, warmup: 0.2}")
@@ -195,6 +200,24 @@ def temporal_defaults(path: str | os.PathLike) -> dict[str, Any]:
         **training_prior(config),
         "tasks": sorted(str(name) for name, weight in tasks.items() if type(weight) in (int, float) and weight > 0),
         "interpolate_every": train.get("interpolate_every") if type(train.get("interpolate_every")) is int else None,
+        **distilled_for(config),
+    }  # fmt: skip
+
+
+def distilled_for(training_config: dict[str, Any]) -> dict[str, Any]:
+    """What a distilled student (``train.target: distill``) samples with: its steps, its sampler
+    (``ddim_trailing``), the guidance range it learnt, and whether a spatial LoRA goes with it; ``{}`` for any other
+    module."""
+    train = training_config.get("train") if isinstance(training_config.get("train"), dict) else {}
+    model = training_config.get("model") if isinstance(training_config.get("model"), dict) else {}
+    steps, guidance = train.get("distill_to"), train.get("distill_guidance")
+    if train.get("target") != "distill" or type(steps) is not int or steps < 1:
+        return {}
+    valid = isinstance(guidance, list) and len(guidance) == 2 and all(type(g) in (int, float) for g in guidance)
+    return {
+        "num_inference_steps": steps, "scheduler": "ddim_trailing",
+        "distilled_guidance": [float(g) for g in guidance] if valid else None,
+        "distilled_lora": type(model.get("spatial_lora_rank")) is int and model["spatial_lora_rank"] > 0,
     }  # fmt: skip
 
 

@@ -73,6 +73,11 @@ def test_every_shipped_config_loads_and_builds(config, tiny_assets, tmp_path):
     overrides += ["data.frame_stride=2"] if "interpolate" in config else []  # the 12-frame clips; fine stride 1
     overrides += ["train.upscale_patch=16"] if "upscale" in config else []  # the 16 px clips whole
     overrides += [f"model.image_encoder={tiny_assets['image_encoder']}"] if "i2v" in config else []
+    if "distill" in config:  # the teacher: a module trained on the tiny base (its layers at zero do as well)
+        from lvdm.models import VideoUNet, load_base
+
+        VideoUNet.from_unet2d(load_base(tiny_assets["base"]).unet).save_temporal(tmp_path / "teacher.safetensors")
+        overrides += [f"model.temporal_init={tmp_path / 'teacher.safetensors'}"]
     if "animatediff" in config:  # the motion module to fine-tune: a tiny MotionAdapter folder
         from lvdm.testing.animatediff import tiny_motion_adapter
 

@@ -139,3 +139,18 @@ def _image_from_config(model: Any) -> dict[str, Any] | None:
 
 
 PART_KINDS["image"] = PartKind(build=_build_image, from_config=_image_from_config)
+
+
+def _build_guidance(video: VideoUNet) -> nn.Module:
+    from lvdm.modules.guidance_embedding import GuidanceEmbedding, add_to_time_embedding, gain_hook, text_attentions
+
+    time_embedding, attentions = video.unet.time_embedding, text_attentions(video.unet)
+    widths = [attn.to_out[0].out_features for attn in attentions]
+    part = GuidanceEmbedding(time_embedding.linear_2.out_features, widths)
+    time_embedding.register_forward_hook(add_to_time_embedding)
+    for index, attn in enumerate(attentions):
+        attn.register_forward_hook(gain_hook(index))
+    return part
+
+
+PART_KINDS["guidance"] = PartKind(build=_build_guidance)  # added by train.target=distill (lvdm.training.distill)

@@ -91,6 +91,12 @@ def frame_context(context: FrameContext) -> Iterator[FrameContext]:
         _CURRENT.reset(token)
 
 
+def active_frames() -> FrameContext | None:
+    """The active :class:`FrameContext`, or ``None`` outside ``VideoUNet.forward`` (hooks on the 2D UNet's own
+    modules, which may also run without one)."""
+    return _CURRENT.get()
+
+
 def current_frames() -> FrameContext:
     """The active :class:`FrameContext`; a clear error when a temporal layer runs outside one."""
     context = _CURRENT.get()

@@ -221,6 +221,7 @@ OBJECTIVES: dict[str, type[Objective]] = {
 LAZY_OBJECTIVES = {
     "decoder": "lvdm.training.decoder:DecoderObjective",
     "upscale": "lvdm.training.upscale:UpscaleObjective",
+    "distill": "lvdm.training.distill:DistillObjective",
 }
 """Objectives in modules of their own (which import this one): ``train.target`` -> ``module:class``."""
 

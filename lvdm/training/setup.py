@@ -63,6 +63,10 @@ def build_model(cfg: Any, device: torch.device, mixed_precision: str) -> tuple[A
         )
     video = VideoUNet.from_unet2d(base.unet, layout)
     add_configured_parts(video, m)  # the standalone parts the model section asks for (lvdm.models.parts)
+    if cfg.train.target == "distill":  # the student takes the guidance weight as an input (zero until it trains)
+        from lvdm.models.parts import build_part
+
+        build_part(video, "guidance", "guidance", {})
     if m.image_adapter is not None:  # an IP-Adapter Plus starts the image attention
         from lvdm.modules.image_attention import load_ip_adapter, read_ip_adapter
 

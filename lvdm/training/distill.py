@@ -1,0 +1,317 @@
+"""Training target ``distill``: progressive distillation of a video model to few sampling steps.
+
+Salimans & Ho's progressive distillation, guided as Meng et al. and Imagen Video do it. The **teacher** is the base
+with the temporal module ``model.temporal_init`` sampled with classifier-free guidance (DDIM, ``train.distill_from``
+steps). The **student** starts as the teacher (the same temporal layers, a spatial LoRA of ``model.spatial_lora_rank``
+at zero, and a guidance embedding at zero, :mod:`lvdm.modules.guidance_embedding`). Round 1 is Meng et al.'s first
+stage, the **guidance round**: the student learns the guided teacher's prediction from one pass, with the guidance
+weight ``w`` as its input, so one forward per step serves every ``w`` in ``train.distill_guidance``. Each later
+round halves the steps (``distill_from`` -> ... -> ``distill_to``): the student learns to make in one DDIM step what
+two steps of the teacher make, and the student of one round is the frozen teacher of the next (one forward, ``w`` an
+input). Rounds are ``train.distill_round_steps`` optimizer steps (default ``train.max_steps / rounds``).
+
+One micro-batch, every draw from the step's generator:
+
+- clean latents ``x``: the **teacher's own samples** (no video data: each clip's caption is sampled once by the
+  teacher of the round it is first met in, from fixed noise, at the middle of the guidance range, and kept in a pool
+  of ``train.distill_pool`` entries that checkpoints carry), and their captions;
+- ``w`` uniform in the guidance range; a student step ``i`` uniform over its schedule: from timestep ``t`` to
+  ``p = t - T / n`` (diffusers' DDIM on a "trailing" grid, ``ddim_trailing``, the sampler the student is used with:
+  SD's default "leading" grid would start 4 steps at timestep 751); the teacher goes ``t -> t - T / N -> p``;
+- ``z_t = a_t x + s_t eps`` (the run's noise prior); in the guidance round the target ``x~`` is the guided teacher's
+  prediction there; later, the teacher's two DDIM steps from ``z_t`` reach ``z_p``, and the target is what one DDIM
+  step from ``z_t`` must predict to land there: ``x~ = (z_p - (s_p / s_t) z_t) / (a_p - (s_p / s_t) a_t)``;
+- the loss in x-space, ``|x_student - x~|^2``, the same weight at every step, whatever the base predicts. Salimans
+  & Ho weigh it by ``max(SNR, 1)``; on the demo, in short rounds, weighing by ``SNR + 1`` (v-space) let the
+  low-noise steps take all of Adam's step and the few-step samples drift (MSE to the 64-step samples 0.134 / 0.217
+  at 16 / 8 steps, against 0.031 / 0.068 with equal weights).
+
+Validation measures the **distillation gain** on the held-out captions: with the same initial noise and ``w`` (the
+middle of the range), the latent MSE to the teacher's ``distill_from``-step samples of the teacher's own samples at
+the student's step count, over the student's (above 1: the student is the better few-step sampler). Each round's is
+printed when it ends.
+"""
+
+from __future__ import annotations
+
+import math
+from pathlib import Path
+from typing import Any
+
+import torch
+from torch.func import functional_call
+
+from lvdm.errors import ConfigError
+from lvdm.training.objectives import Objective
+from lvdm.training.step import Frozen, step_generator
+
+SAMPLER = "ddim_trailing"  # the student's sampler: DDIM from the last training timestep (lvdm.diffusion.SAMPLERS)
+
+
+def distill_rounds(start: int, end: int) -> int:
+    """The number of halvings from ``start`` teacher steps to ``end`` student steps (64 -> 8: 3)."""
+    rounds = int(round(math.log2(start / end))) if start > end > 0 else 0
+    if rounds < 1 or end * 2**rounds != start:
+        raise ConfigError(
+            f"train.distill_from={start}, train.distill_to={end}: the student's steps must be the teacher's halved "
+            "one or more times (e.g. 64 and 8)"
+        )
+    return rounds
+
+
+class DistillObjective(Objective):
+    """Progressive, guided distillation of the video model (module notes)."""
+
+    name = "distill"
+
+    def __init__(self, cfg: Any, video: Any, frozen: Frozen, device: torch.device) -> None:
+        super().__init__(cfg, video, frozen, device)
+        train = cfg.train
+        self.rounds = 1 + distill_rounds(train.distill_from, train.distill_to)  # the guidance round, then halvings
+        self.round_steps = train.distill_round_steps or train.max_steps // self.rounds
+        self.low, self.high = (float(w) for w in train.distill_guidance)
+        self.params = {name: p for name, p in video.named_parameters() if p.requires_grad}
+        self.original = {name: p.detach().clone() for name, p in self.params.items()}  # the teacher of round 1
+        self.teacher = dict(self.original)
+        self.step = 0
+        self.pool: dict[str, torch.Tensor] = {}
+        self.pool_captions: dict[str, str] = {}
+        self.references: dict[int, torch.Tensor] = {}  # held-out clip -> the teacher's distill_from-step sample
+        self.prediction = frozen.noise_scheduler.config.prediction_type
+        alphas = frozen.noise_scheduler.alphas_cumprod.float()
+        self.alphas = alphas.to(device)
+        self.final_alpha = float(alphas[0])  # DDIM's last step (set_alpha_to_one=False, as SD's schedulers)
+        self.T = frozen.noise_scheduler.config.num_train_timesteps
+
+    # ------------------------------------------------------------------------------------------ the schedule
+    def round_of(self, step: int) -> int:
+        """The round (0-based) optimizer step ``step`` (0-based) belongs to."""
+        return min(step // self.round_steps, self.rounds - 1)
+
+    def teacher_steps(self, round_index: int) -> int:
+        """The teacher's steps in round ``round_index``: ``distill_from`` in the guidance round (0) and the first
+        halving (1), then halved each round."""
+        return self.cfg.train.distill_from // 2 ** max(round_index - 1, 0)
+
+    def student_steps(self, round_index: int) -> int:
+        """The steps the student samples with after round ``round_index``: the guidance round keeps the teacher's."""
+        return self.teacher_steps(round_index) // (2 if round_index > 0 else 1)
+
+    def _alpha_sigma(self, t: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """``a_t, s_t`` of timesteps ``(b,)`` (negative: DDIM's final step), shaped to broadcast over latents."""
+        bar = torch.where(t >= 0, self.alphas[t.clamp(min=0)], torch.full_like(self.alphas[:1], self.final_alpha))
+        return bar.sqrt().view(-1, 1, 1, 1, 1), (1 - bar).sqrt().view(-1, 1, 1, 1, 1)
+
+    def _to_x(self, out: torch.Tensor, z: torch.Tensor, t: torch.Tensor) -> torch.Tensor:
+        a, s = self._alpha_sigma(t)
+        if self.prediction == "v_prediction":
+            return a * z - s * out.float()
+        if self.prediction == "epsilon":
+            return (z - s * out.float()) / a
+        return out.float()
+
+    def _ddim(self, z: torch.Tensor, x: torch.Tensor, t: torch.Tensor, prev: torch.Tensor) -> torch.Tensor:
+        """One deterministic DDIM step from ``z`` at ``t`` to ``prev`` given the clean prediction ``x``."""
+        a, s = self._alpha_sigma(t)
+        a_prev, s_prev = self._alpha_sigma(prev)
+        return a_prev * x + s_prev * (z - a * x) / s
+
+    def _grid(self, steps: int) -> torch.Tensor:
+        """diffusers' DDIM timesteps for ``steps`` (descending), as the sampler the student is used with has them."""
+        from lvdm.diffusion import make_scheduler
+
+        scheduler = make_scheduler(SAMPLER, self.frozen.noise_scheduler.config)
+        scheduler.set_timesteps(steps)
+        return scheduler.timesteps.to(self.device)
+
+    # ------------------------------------------------------------------------------------------ the models
+    @torch.no_grad()
+    def guided_x(self, params: dict[str, torch.Tensor] | None, z, t, text, empty, w, *, cfg: bool) -> torch.Tensor:
+        """The clean latents a model predicts at ``(z, t)`` under guidance ``w`` ``(b,)``: ``params`` replace the
+        trainable weights (``None``: the current ones); ``cfg``: classifier-free guidance, two passes batched (the
+        first round's teacher), else one pass with ``w`` as the model's input (a distilled model)."""
+
+        def call(*args: Any, **kwargs: Any) -> torch.Tensor:
+            if params is None:
+                return self.video(*args, **kwargs)
+            return functional_call(self.video, params, args, kwargs, strict=False)
+
+        if cfg:
+            out = call(torch.cat([z, z]), torch.cat([t, t]), torch.cat([text, empty]))
+            cond, uncond = out.float().chunk(2)
+            out = uncond + w.view(-1, 1, 1, 1, 1) * (cond - uncond)
+        else:
+            out = call(z, t, text, guidance_scale=w)
+        return self._to_x(out, z, t)
+
+    @torch.no_grad()
+    def sample(self, params, noise, text, empty, w, steps: int, *, cfg: bool) -> torch.Tensor:
+        """DDIM sampling from unit ``noise`` in ``steps`` steps, as :func:`lvdm.diffusion.sample` would run it."""
+        z = noise.float()
+        for t in self._grid(steps):
+            ts = t.expand(z.shape[0])
+            x = self.guided_x(params, z.to(noise.dtype), ts, text, empty, w, cfg=cfg)
+            z = self._ddim(z, x, ts, ts - self.T // steps)
+        return z
+
+    def _text(self, captions: list[str]) -> tuple[torch.Tensor, torch.Tensor]:
+        from lvdm.models.encoders import encode_text
+
+        with torch.no_grad():
+            text = encode_text(self.frozen.tokenizer, self.frozen.text_encoder, captions).to(self.device)
+        return text, self.frozen.empty_text.to(text).expand_as(text)
+
+    # ------------------------------------------------------------------------------------------ the loss
+    def _pool_latents(self, batch: dict[str, Any], round_index: int) -> tuple[torch.Tensor, list[str]]:
+        """Each clip's pool entry (made now by this round's teacher if new): clean latents and their captions."""
+        keys = [str(int(i) % self.cfg.train.distill_pool) for i in batch["index"]]
+        latent_shape = batch["video"].shape  # b f 3 h w: the clips' size sets the samples'
+        missing = {key: caption for key, caption in zip(keys, batch["caption"], strict=True) if key not in self.pool}
+        if missing:
+            factor = 2 ** (len(self.frozen.vae.config.block_out_channels) - 1)
+            f, h, w = latent_shape[1], latent_shape[3] // factor, latent_shape[4] // factor
+            c = self.frozen.vae.config.latent_channels
+            noise = torch.stack([
+                torch.randn((c, f, h, w), generator=step_generator(-6, 0, int(key))) for key in missing
+            ]).to(self.device)  # fmt: skip
+            text, empty = self._text(list(missing.values()))
+            mid = torch.full((len(missing),), (self.low + self.high) / 2, device=self.device)
+            made = self.sample(self.teacher, noise, text, empty, mid, self.teacher_steps(round_index),
+                               cfg=round_index == 0)  # fmt: skip
+            for (key, caption), latents in zip(missing.items(), made, strict=True):
+                self.pool[key], self.pool_captions[key] = latents.cpu(), caption
+        return torch.stack([self.pool[key] for key in keys]).to(self.device), [self.pool_captions[k] for k in keys]
+
+    def loss(self, model_fn: Any, batch: dict[str, Any], generator: torch.Generator) -> torch.Tensor:
+        from lvdm.diffusion import sample_noise
+
+        r = self.round_of(self.step)
+        big, small = self.teacher_steps(r), self.student_steps(r)
+        x0, captions = self._pool_latents(batch, r)
+        b = x0.shape[0]
+        text, empty = self._text(captions)
+        w = (self.low + (self.high - self.low) * torch.rand(b, generator=generator)).to(self.device)
+        grid = self._grid(small)
+        t = grid[torch.randint(0, small, (b,), generator=generator).to(self.device)]
+        middle, prev = t - self.T // big, t - self.T // small
+        train = self.cfg.train
+        eps = sample_noise(tuple(x0.shape), prior=train.noise_prior, mixed_lambda=train.mixed_noise_lambda,
+                           generator=generator, device=self.device)  # fmt: skip
+        a_t, s_t = self._alpha_sigma(t)
+        z_t = a_t * x0 + s_t * eps
+        dtype = next(iter(self.params.values())).dtype
+        with torch.no_grad():
+            x_t = self.guided_x(self.teacher, z_t.to(dtype), t, text, empty, w, cfg=r == 0)
+        if r == 0:  # the guidance round: the guided teacher's prediction itself, from one pass
+            target = x_t
+        else:
+            target = self._two_steps(z_t, x_t, t, middle, prev, text, empty, w, dtype)
+        out = model_fn(z_t.to(dtype), t, encoder_hidden_states=text, guidance_scale=w)
+        x_student = self._to_x(out, z_t, t)
+        return ((x_student - target) ** 2).mean(dim=(1, 2, 3, 4))
+
+    @torch.no_grad()
+    def _two_steps(self, z_t, x_t, t, middle, prev, text, empty, w, dtype) -> torch.Tensor:
+        """The clean latents one DDIM step from ``z_t`` must predict to land where the teacher's two land."""
+        z_m = self._ddim(z_t, x_t, t, middle)
+        x_m = self.guided_x(self.teacher, z_m.to(dtype), middle, text, empty, w, cfg=False)
+        z_p = self._ddim(z_m, x_m, middle, prev)
+        (a_t, s_t), (a_p, s_p) = self._alpha_sigma(t), self._alpha_sigma(prev)
+        ratio = s_p / s_t
+        return (z_p - ratio * z_t) / (a_p - ratio * a_t)
+
+    def after_step(self, step: int) -> dict[str, float]:
+        """At the end of a round (not the last), the student becomes the frozen teacher of the next."""
+        self.step = step
+        if step % self.round_steps == 0 and step < self.rounds * self.round_steps:
+            self.teacher = {name: p.detach().clone() for name, p in self.params.items()}
+        return {"distill_round": float(self.round_of(step - 1) + 1)}
+
+    def state_dict(self) -> dict[str, Any]:
+        return {"teacher": self.teacher, "original": self.original, "step": torch.tensor(self.step),
+                "pool": dict(self.pool), "pool_captions": dict(self.pool_captions)}  # fmt: skip
+
+    def load_state_dict(self, state: dict[str, Any]) -> None:
+        missing = {"teacher", "original", "step", "pool", "pool_captions"} - set(state)
+        if missing:
+            raise ValueError(f"the distill objective's state lacks {sorted(missing)}")
+        if set(state["teacher"]) != set(self.params):
+            raise ValueError("its teacher's weights do not match this model's trainable weights")
+        self.teacher = {k: v.to(self.device) for k, v in state["teacher"].items()}
+        self.original = {k: v.to(self.device) for k, v in state["original"].items()}
+        self.step = int(state["step"])
+        self.pool, self.pool_captions = dict(state["pool"]), dict(state["pool_captions"])
+
+    # ------------------------------------------------------------------------------------------ validation
+    def evaluate(self, model_fn: Any, batches: list[dict[str, Any]]) -> dict[str, float] | None:
+        batches = [batch for batch in batches if "video" in batch]
+        if not batches:
+            return None
+        steps = self.student_steps(self.round_of(max(self.step - 1, 0)))  # what the student last trained for
+        figures = self.distillation_gain(batches, steps)
+        if self.step > 0 and self.step % self.round_steps == 0:
+            from tqdm.auto import tqdm
+
+            r = self.step // self.round_steps
+            keys = ("gain", "error_teacher", "error_student")
+            gain, teacher, student = (figures[f"distill_{key}_{steps}"] for key in keys)
+            what = "guidance round" if r == 1 else f"{2 * steps} -> {steps} steps"
+            tqdm.write(
+                f"distillation round {r}/{self.rounds} ({what}): at {steps} steps, MSE to the teacher's "
+                f"{self.cfg.train.distill_from}-step samples: teacher {teacher:.4g}, student {student:.4g}"
+                + (f", distillation gain {gain:.3f}" if teacher > 0 else " (one pass per step instead of two)")
+            )
+        return figures
+
+    def distillation_gain(self, batches: list[dict[str, Any]], steps: int) -> dict[str, float]:
+        """MSE to the teacher's ``distill_from``-step samples of the teacher's and the student's ``steps``-step
+        samples (same noise, ``w`` the middle of the range), and their ratio."""
+        errors = {"teacher": [], "student": []}
+        factor = 2 ** (len(self.frozen.vae.config.block_out_channels) - 1)
+        for batch in batches:
+            b, f, _, h, w = batch["video"].shape
+            noise = torch.randn((b, self.frozen.vae.config.latent_channels, f, h // factor, w // factor),
+                                generator=step_generator(-7, 0, int(batch["index"][0]))).to(self.device)  # fmt: skip
+            text, empty = self._text(list(batch["caption"]))
+            mid = torch.full((b,), (self.low + self.high) / 2, device=self.device)
+            key = int(batch["index"][0])
+            if key not in self.references:
+                self.references[key] = self.sample(self.original, noise, text, empty, mid,
+                                                   self.cfg.train.distill_from, cfg=True)  # fmt: skip
+            reference = self.references[key]
+            teacher = self.sample(self.original, noise, text, empty, mid, steps, cfg=True)
+            student = self.sample(None, noise, text, empty, mid, steps, cfg=False)
+            errors["teacher"].append(((teacher - reference) ** 2).mean())
+            errors["student"].append(((student - reference) ** 2).mean())
+        teacher, student = (float(torch.stack(v).mean()) for v in (errors["teacher"], errors["student"]))
+        return {f"distill_error_teacher_{steps}": teacher, f"distill_error_student_{steps}": student,
+                f"distill_gain_{steps}": teacher / max(student, 1e-12)}  # fmt: skip
+
+    def render(
+        self, model_fn: Any, out_dir: Path, *, fps: float | None = None, batches: list[dict[str, Any]] | None = None
+    ) -> list[Path]:
+        """The student's samples of the validation prompts at its step count, one forward per step."""
+        import numpy as np
+
+        from lvdm.media import to_uint8_frames
+        from lvdm.models.encoders import decode_latents
+        from lvdm.training.validation import Rendered, write_videos
+
+        prompts = self.cfg.train.validation_prompts
+        if not prompts or not batches:
+            return []
+        steps = self.student_steps(self.round_of(max(self.step - 1, 0)))
+        b, f, _, h, w = batches[0]["video"].shape
+        factor = 2 ** (len(self.frozen.vae.config.block_out_channels) - 1)
+        generator = step_generator(-8, 0, 0)
+        noise = torch.randn((len(prompts), self.frozen.vae.config.latent_channels, f, h // factor, w // factor),
+                            generator=generator).to(self.device)  # fmt: skip
+        text, empty = self._text(list(prompts))
+        mid = torch.full((len(prompts),), (self.low + self.high) / 2, device=self.device)
+        latents = self.sample(None, noise, text, empty, mid, steps, cfg=False)
+        with torch.no_grad():
+            clips = decode_latents(self.frozen.vae, latents.to(self.frozen.vae.dtype)).float().cpu()
+        videos = np.stack([to_uint8_frames(clip) for clip in clips])
+        files = write_videos(videos, out_dir, fps=fps or 8.0)
+        self.rendered = Rendered(files=files, videos={"samples": videos})
+        return files

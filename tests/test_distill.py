@@ -1,0 +1,134 @@
+"""Progressive distillation (train.target: distill): the guidance part starts as nothing, the rounds resume exactly in
+the middle, the student samples with one forward per step on a second base with its LoRA found beside it, and the
+distillation gain can fail (an untrained student, which ignores the guidance weight, is worse than the teacher)."""
+
+from __future__ import annotations
+
+import json
+import shutil
+
+import pytest
+import torch
+from conftest import randomize, tiny_overrides, write_sampling_files
+
+from lvdm.config import load_config
+from lvdm.errors import ConfigError, TemporalModuleError
+from lvdm.models import VideoUNet, load_base
+from lvdm.models.parts import build_part
+from lvdm.pipeline import VideoPipeline
+from lvdm.testing import tiny_unet
+
+pytestmark = pytest.mark.usefixtures("one_thread")
+
+
+def teacher_module(tiny_assets, path):
+    video = VideoUNet.from_unet2d(load_base(tiny_assets["base"]).unet)
+    randomize(video.temporal_parameters(), seed=1, std=0.05)
+    video.save_temporal(path)
+    return path
+
+
+def distill_overrides(tiny_assets, root, out, **extra):
+    return tiny_overrides(tiny_assets, root / out, **{
+        "train.target": "distill", "model.temporal_init": teacher_module(tiny_assets, root / "teacher.safetensors"),
+        "model.spatial_lora_rank": 2, "train.distill_from": 4, "train.distill_to": 1, "train.max_steps": 6,
+        "train.distill_round_steps": 2, "train.checkpoint_every": 3, "train.distill_pool": 8, "train.lr": 1e-3,
+        **extra,
+    })  # fmt: skip
+
+
+@pytest.fixture(scope="module")
+def student(tiny_assets, tmp_path_factory):
+    """A student distilled in the three rounds (guidance, 4 -> 2, 2 -> 1), 2 steps each, whole and stopped in the
+    middle of the second round (step 3) then resumed."""
+    from lvdm.training.trainer import train
+
+    root = tmp_path_factory.mktemp("distill")
+    whole = train(load_config([], distill_overrides(tiny_assets, root, "whole")), progress=False)
+    train(load_config([], distill_overrides(tiny_assets, root, "split", **{"train.max_steps": 3})), progress=False)
+    train(load_config([], distill_overrides(tiny_assets, root, "split", **{"train.resume": "auto"})), progress=False)
+    return {"result": whole, "root": root}
+
+
+def test_the_guidance_part_changes_nothing_until_it_trains():
+    video = VideoUNet.from_unet2d(tiny_unet())
+    randomize(video.temporal_parameters(), seed=1, std=0.05)
+    g = torch.Generator().manual_seed(0)
+    x, t, text = torch.randn(2, 4, 3, 8, 8, generator=g), torch.tensor([500, 20]), torch.randn(2, 5, 32, generator=g)
+    with torch.no_grad():
+        before = video(x, t, text)
+        build_part(video, "guidance", "guidance", {})
+        assert torch.equal(video(x, t, text, guidance_scale=torch.tensor([2.0, 6.0])), before)
+        randomize(video.parts.parameters(), seed=2, std=0.1)
+        low, high = (video(x, t, text, guidance_scale=w) for w in (2.0, 6.0))
+        assert (low - high).abs().max() > 1e-3  # trained, the weight is an input
+        assert torch.equal(video(x, t, text), before)  # no weight given: the model as it was
+
+
+def test_rounds_resume_exactly_in_the_middle_of_round_two(student):
+    from safetensors.torch import load_file
+
+    root, result = student["root"], student["result"]
+    assert result.step == 6
+    for name in ("temporal.safetensors", "spatial_lora.safetensors"):
+        whole, split = load_file(root / "whole" / name), load_file(root / "split" / name)
+        assert whole.keys() == split.keys() and all(torch.equal(whole[k], split[k]) for k in whole), name
+    lines = [json.loads(line) for line in (root / "whole" / "log.jsonl").read_text().splitlines()]
+    assert [line["distill_round"] for line in lines if "distill_round" in line] == [1, 1, 2, 2, 3, 3]
+    assert "distill_gain_1" in result.gain
+
+
+def test_the_student_samples_in_one_forward_per_step_on_another_base(student, tmp_path):
+    files = write_sampling_files(tmp_path / "bases")
+    module = student["root"] / "whole" / "temporal.safetensors"
+    pipe = VideoPipeline.from_pretrained(files["b"], base_config=files["a"], loras=[f"{files['lora']}:0.7"],
+                                         temporal=module)  # fmt: skip
+    assert pipe.distilled
+    calls = []
+    pipe.video.register_forward_pre_hook(lambda module, args: calls.append(args[0].shape[0]))
+    out = pipe("a red disc", num_frames=4, height=16, width=16, guidance_scale=4.0, seed=0, progress=False)
+    settings, model = out.metadata[0]["settings"], out.metadata[0]["model"]
+    assert (settings["num_inference_steps"], settings["scheduler"]) == (1, "ddim_trailing")  # the student's own
+    assert calls == [1]  # one forward of batch 1 per step: no unconditional pass
+    assert any(lora.endswith("spatial_lora.safetensors:1") for lora in model["loras"])  # found beside it
+    with pytest.raises(ConfigError, match="constant over the steps"):
+        pipe("a red disc", num_frames=4, height=16, width=16, guidance_schedule="oscillating", progress=False)
+    alone = tmp_path / "alone"
+    alone.mkdir()
+    shutil.copy(module, alone / "student.safetensors")
+    with pytest.raises(TemporalModuleError, match="its LoRA is not beside it"):
+        VideoPipeline.from_pretrained(files["a"], temporal=alone / "student.safetensors")
+
+
+def test_an_untrained_student_has_a_gain_below_one(tiny_assets, tmp_path):
+    """The control: before any step the student ignores the guidance weight (its embedding is zero), so its samples
+    are the unguided model's and the guided teacher's own few-step samples are closer to its many-step ones."""
+    from lvdm.training.objectives import make_objective
+    from lvdm.training.setup import build_data, build_model
+
+    cfg = load_config(
+        [],
+        distill_overrides(tiny_assets, tmp_path, "run", **{"data.holdout": 1, "train.distill_guidance": "[6.0, 6.0]"}),
+    )
+    video, frozen, _ = build_model(cfg, torch.device("cpu"), "no")
+    objective = make_objective(cfg, video, frozen, torch.device("cpu"))
+    data = build_data(cfg, frozen, rank=0, world=1)
+    figures = objective.distillation_gain(data.validation, 2)
+    assert figures["distill_gain_2"] < 1.0, figures
+
+
+@pytest.mark.parametrize(
+    ("extra", "message"),
+    [
+        ({"model.temporal_init": None}, "needs the teacher's temporal module"),
+        ({"train.distill_from": 48}, "halved one or more times"),
+        ({"model.context": "true"}, "model.context: not part of train.target=distill"),
+        ({"train.distill_guidance": "[6.0, 2.0]"}, "low <= high"),
+        ({"train.max_steps": 2}, "cannot hold 3 distillation rounds"),
+    ],
+)
+def test_bad_distill_settings_are_config_errors(tiny_assets, tmp_path, extra, message):
+    overrides = [o for o in distill_overrides(tiny_assets, tmp_path, "run") if o.split("=")[0] not in extra]
+    overrides += [f"{key}={value}" for key, value in extra.items() if value is not None]
+    with pytest.raises(ConfigError, match=message):
+        load_config([], overrides)
