@@ -8,7 +8,7 @@
     python sample.py --base path/to/sd15 --prompt "a red panda" --out frames/ --format png   # image mode
 
 Options people change: --frames, --height/--width, --steps, --guidance (with --guidance-schedule oscillating
-and --guidance-option warmup=0.2), --scheduler (ddim, dpmpp, euler, euler_a, ddpm, unipc), --seed,
+and --guidance-option warmup=0.2), --scheduler (ddim, ddim_trailing, dpmpp, euler, euler_a, ddpm, unipc), --seed,
 --noise-prior mixed (with --mixed-lambda, --base-noise-seed), --fps, --device, --dtype fp16. Frames, size and
 fps default to the temporal module's training values. --out is a .mp4/.gif file (numbered when there are
 several videos) or a folder (000-<prompt words>.mp4 ...). Every output gets a JSON sidecar (<output>.json) with
