@@ -36,6 +36,7 @@ SD_BETAS = dict(beta_schedule="scaled_linear", beta_start=0.00085, beta_end=0.01
 PREDICTION_TYPES = ["epsilon", "v_prediction"]
 DIRECT = {  # each sampler built directly from the same kwargs, not through from_config
     "ddim": lambda **kw: DDIMScheduler(**kw),
+    "ddim_trailing": lambda **kw: DDIMScheduler(**kw, timestep_spacing="trailing"),
     "dpmpp": lambda **kw: DPMSolverMultistepScheduler(**kw, algorithm_type="dpmsolver++"),
     "euler": lambda **kw: EulerDiscreteScheduler(**kw),
     "euler_a": lambda **kw: EulerAncestralDiscreteScheduler(**kw),
@@ -345,6 +346,15 @@ def test_samplers_follow_the_base_config(name, prediction_type):
     direct.set_timesteps(25)
     torch.testing.assert_close(scheduler.timesteps, direct.timesteps)
     assert make_scheduler(name, base).config == scheduler.config  # the scheduler itself works too
+
+
+def test_the_trailing_grid_starts_at_the_last_training_timestep():
+    base = base_scheduler("epsilon")
+    trailing, leading = make_scheduler("ddim_trailing", base.config), make_scheduler("ddim", base.config)
+    trailing.set_timesteps(4)
+    leading.set_timesteps(4)
+    assert trailing.timesteps.tolist() == [999, 749, 499, 249]  # what a 4-step student is distilled on
+    assert leading.timesteps.tolist() == [750, 500, 250, 0]  # the leading grid (SD adds 1): never above 750
 
 
 def test_explicit_base_settings_carry_over():
