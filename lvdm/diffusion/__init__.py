@@ -12,7 +12,7 @@ from lvdm.diffusion.guidance import (
 )
 from lvdm.diffusion.loss import LossTerms, diffusion_loss, min_snr_weights, prediction_target, snr
 from lvdm.diffusion.noise import NOISE_PRIORS, sample_noise, step_noise_for
-from lvdm.diffusion.sampling import SAMPLERS, KnownFrames, make_scheduler, sample
+from lvdm.diffusion.sampling import SAMPLERS, KnownFrames, make_scheduler, predicted_x0, sample
 
 __all__ = [
     "GUIDANCE_SCHEDULES",
@@ -24,6 +24,7 @@ __all__ = [
     "diffusion_loss",
     "guidance_schedule",
     "make_scheduler",
+    "predicted_x0",
     "min_snr_weights",
     "prediction_target",
     "sample",

@@ -85,6 +85,11 @@ _FROM_X0: dict[str, Callable[[torch.Tensor, torch.Tensor, torch.Tensor], torch.T
 }
 
 
+def predicted_x0(prediction_type: str, out: torch.Tensor, x_t: torch.Tensor, alpha_bar: torch.Tensor) -> torch.Tensor:
+    """The clean latents a model output of ``prediction_type`` implies at ``x_t`` (``alpha_bar`` broadcastable)."""
+    return lookup(_TO_X0, prediction_type, "prediction_type")(out, x_t, alpha_bar)
+
+
 def _alpha_bar(scheduler: SchedulerMixin, t: torch.Tensor) -> torch.Tensor:
     """``alpha_bar`` at a (possibly fractional) timestep, as a float32 scalar.
 

@@ -37,7 +37,14 @@ from safetensors.torch import load_file
 from lvdm.errors import CheckpointError, TemporalModuleError
 from lvdm.models.layout import TemporalLayout
 from lvdm.models.loading import PICKLE_SUFFIXES, check_weights_file
-from lvdm.models.temporal_file import TemporalModule, base_shape, read_temporal_file, write_temporal_file
+from lvdm.models.temporal_file import (
+    TemporalModule,
+    _first,
+    _tensor_diff,
+    base_shape,
+    read_temporal_file,
+    write_temporal_file,
+)
 
 SD_WIDTHS = (320, 640, 1280, 1280)
 SDXL_WIDTHS = (320, 640, 1280)
@@ -368,13 +375,9 @@ def _to_lvdm_keys(tensors: dict[str, torch.Tensor], video: Any, path: Path) -> d
         raise TemporalModuleError(
             f"motion module {path} has motion modules where this base has no layer: {_first(extra)}"
         )
-    params = dict(video.named_temporal_parameters())
-    missing = sorted(params.keys() - out.keys())
-    if missing:
-        raise TemporalModuleError(f"motion module {path} lacks modules this base has layers for: {_first(missing)}")
-    wrong = [f"{k} {tuple(out[k].shape)} vs {tuple(params[k].shape)}" for k in out if out[k].shape != params[k].shape]
-    if wrong:
-        raise TemporalModuleError(f"motion module {path} does not fit this base's widths: {_first(wrong)}")
+    problems = _tensor_diff(out, dict(video.named_temporal_parameters()))
+    if problems:
+        raise TemporalModuleError(f"motion module {path} does not fit this base: " + "; ".join(problems))
     return out
 
 
@@ -456,8 +459,3 @@ def _adapter_config(module: TemporalModule) -> dict[str, Any]:
         "motion_max_seq_length": layout.max_frames,
         "use_motion_mid_block": layout.mid_block and mid_sites > 0,
     }
-
-
-def _first(names: list[str], n: int = 5) -> str:
-    more = f" and {len(names) - n} more" if len(names) > n else ""
-    return ", ".join(names[:n]) + more

@@ -21,7 +21,8 @@ from torch import nn
 
 class _FramePositions(SinusoidalPositionalEmbedding):
     """diffusers' sinusoidal table (the same ``pe`` buffer), adding the encoding the motion module prepared for this
-    call (``(b h w) f c``: each frame's row, plus the FPS embedding) instead of the table's first ``f`` rows."""
+    call (``b 1 f c``: each frame's row, plus the FPS embedding, broadcast over the pixels rather than copied to
+    each) instead of the table's first ``f`` rows."""
 
     def __init__(self, embed_dim: int, max_seq_length: int) -> None:
         super().__init__(embed_dim, max_seq_length)
@@ -30,7 +31,9 @@ class _FramePositions(SinusoidalPositionalEmbedding):
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         if self.encoding is None:
             raise RuntimeError("a motion module's transformer block ran outside MotionModule.forward")
-        return x + self.encoding
+        b, _, f, c = self.encoding.shape
+        # (b h w) f c -> b (h w) f c, plus b 1 f c
+        return (x.reshape(b, -1, f, c) + self.encoding).reshape(x.shape)
 
 
 class MotionModule(AnimateDiffTransformer3D):
@@ -83,7 +86,7 @@ class MotionModule(AnimateDiffTransformer3D):
         h = self.norm(h.reshape(b, num_frames, c, height, width).permute(0, 2, 1, 3, 4))
         # b c f h w -> (b h w) f c
         h = self.proj_in(h.permute(0, 3, 4, 2, 1).reshape(b * height * width, num_frames, c))
-        encoding = self._encoding(frame_positions, embedding, b, num_frames, height * width).to(h.dtype)
+        encoding = self._encoding(frame_positions, embedding, b, num_frames).to(h.dtype)
         for block in self.transformer_blocks:
             block.pos_embed.encoding = encoding
             try:
@@ -95,13 +98,9 @@ class MotionModule(AnimateDiffTransformer3D):
         h = h.reshape(b, height, width, num_frames, c).permute(0, 3, 4, 1, 2).reshape(bf, c, height, width)
         return x + h
 
-    def _encoding(
-        self, positions: torch.Tensor, embedding: torch.Tensor | None, b: int, f: int, pixels: int
-    ) -> torch.Tensor:
-        """The table's row at each frame's position (plus the FPS embedding): ``(b, f)`` -> ``(b h w) f c``."""
-        table = self.transformer_blocks[0].pos_embed.pe[0]
-        rows = table[positions.long()]  # b f c
+    def _encoding(self, positions: torch.Tensor, embedding: torch.Tensor | None, b: int, f: int) -> torch.Tensor:
+        """The table's row at each frame's position (plus the FPS embedding): ``(b, f)`` -> ``b 1 f c``."""
+        rows = self.transformer_blocks[0].pos_embed.pe[0][positions.long()]  # b f c
         if embedding is not None:
             rows = rows + embedding.reshape(b, f, -1).to(rows.dtype)
-        # b f c -> (b h w) f c
-        return rows[:, None].expand(b, pixels, f, rows.shape[-1]).reshape(b * pixels, f, rows.shape[-1])
+        return rows[:, None]

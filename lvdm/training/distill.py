@@ -77,6 +77,7 @@ class DistillObjective(Objective):
         self.pool: dict[str, torch.Tensor] = {}
         self.pool_captions: dict[str, str] = {}
         self.references: dict[int, torch.Tensor] = {}  # held-out clip -> the teacher's distill_from-step sample
+        self.grids: dict[int, torch.Tensor] = {}  # steps -> the sampler's timesteps
         self.prediction = frozen.noise_scheduler.config.prediction_type
         alphas = frozen.noise_scheduler.alphas_cumprod.float()
         self.alphas = alphas.to(device)
@@ -103,12 +104,10 @@ class DistillObjective(Objective):
         return bar.sqrt().view(-1, 1, 1, 1, 1), (1 - bar).sqrt().view(-1, 1, 1, 1, 1)
 
     def _to_x(self, out: torch.Tensor, z: torch.Tensor, t: torch.Tensor) -> torch.Tensor:
-        a, s = self._alpha_sigma(t)
-        if self.prediction == "v_prediction":
-            return a * z - s * out.float()
-        if self.prediction == "epsilon":
-            return (z - s * out.float()) / a
-        return out.float()
+        from lvdm.diffusion import predicted_x0
+
+        a, _ = self._alpha_sigma(t)
+        return predicted_x0(self.prediction, out.float(), z, a**2)
 
     def _ddim(self, z: torch.Tensor, x: torch.Tensor, t: torch.Tensor, prev: torch.Tensor) -> torch.Tensor:
         """One deterministic DDIM step from ``z`` at ``t`` to ``prev`` given the clean prediction ``x``."""
@@ -117,12 +116,15 @@ class DistillObjective(Objective):
         return a_prev * x + s_prev * (z - a * x) / s
 
     def _grid(self, steps: int) -> torch.Tensor:
-        """diffusers' DDIM timesteps for ``steps`` (descending), as the sampler the student is used with has them."""
-        from lvdm.diffusion import make_scheduler
+        """diffusers' DDIM timesteps for ``steps`` (descending), as the sampler the student is used with has them;
+        made once per step count."""
+        if steps not in self.grids:
+            from lvdm.diffusion import make_scheduler
 
-        scheduler = make_scheduler(SAMPLER, self.frozen.noise_scheduler.config)
-        scheduler.set_timesteps(steps)
-        return scheduler.timesteps.to(self.device)
+            scheduler = make_scheduler(SAMPLER, self.frozen.noise_scheduler.config)
+            scheduler.set_timesteps(steps)
+            self.grids[steps] = scheduler.timesteps.to(self.device)
+        return self.grids[steps]
 
     # ------------------------------------------------------------------------------------------ the models
     @torch.no_grad()
@@ -150,7 +152,7 @@ class DistillObjective(Objective):
         z = noise.float()
         for t in self._grid(steps):
             ts = t.expand(z.shape[0])
-            x = self.guided_x(params, z.to(noise.dtype), ts, text, empty, w, cfg=cfg)
+            x = self.guided_x(params, z, ts, text, empty, w, cfg=cfg)
             z = self._ddim(z, x, ts, ts - self.T // steps)
         return z
 
@@ -199,22 +201,20 @@ class DistillObjective(Objective):
                            generator=generator, device=self.device)  # fmt: skip
         a_t, s_t = self._alpha_sigma(t)
         z_t = a_t * x0 + s_t * eps
-        dtype = next(iter(self.params.values())).dtype
-        with torch.no_grad():
-            x_t = self.guided_x(self.teacher, z_t.to(dtype), t, text, empty, w, cfg=r == 0)
+        x_t = self.guided_x(self.teacher, z_t, t, text, empty, w, cfg=r == 0)
         if r == 0:  # the guidance round: the guided teacher's prediction itself, from one pass
             target = x_t
         else:
-            target = self._two_steps(z_t, x_t, t, middle, prev, text, empty, w, dtype)
-        out = model_fn(z_t.to(dtype), t, encoder_hidden_states=text, guidance_scale=w)
+            target = self._two_steps(z_t, x_t, t, middle, prev, text, empty, w)
+        out = model_fn(z_t, t, encoder_hidden_states=text, guidance_scale=w)
         x_student = self._to_x(out, z_t, t)
         return ((x_student - target) ** 2).mean(dim=(1, 2, 3, 4))
 
     @torch.no_grad()
-    def _two_steps(self, z_t, x_t, t, middle, prev, text, empty, w, dtype) -> torch.Tensor:
+    def _two_steps(self, z_t, x_t, t, middle, prev, text, empty, w) -> torch.Tensor:
         """The clean latents one DDIM step from ``z_t`` must predict to land where the teacher's two land."""
         z_m = self._ddim(z_t, x_t, t, middle)
-        x_m = self.guided_x(self.teacher, z_m.to(dtype), middle, text, empty, w, cfg=False)
+        x_m = self.guided_x(self.teacher, z_m, middle, text, empty, w, cfg=False)
         z_p = self._ddim(z_m, x_m, middle, prev)
         (a_t, s_t), (a_p, s_p) = self._alpha_sigma(t), self._alpha_sigma(prev)
         ratio = s_p / s_t
