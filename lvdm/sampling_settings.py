@@ -206,17 +206,14 @@ def temporal_defaults(path: str | os.PathLike) -> dict[str, Any]:
 
 def distilled_for(training_config: dict[str, Any]) -> dict[str, Any]:
     """What a distilled student (``train.target: distill``) samples with: its steps, its sampler
-    (``ddim_trailing``), the guidance range it learnt, and whether a spatial LoRA goes with it; ``{}`` for any other
-    module."""
+    (``ddim_trailing``), and whether a spatial LoRA goes with it; ``{}`` for any other module."""
     train = training_config.get("train") if isinstance(training_config.get("train"), dict) else {}
     model = training_config.get("model") if isinstance(training_config.get("model"), dict) else {}
-    steps, guidance = train.get("distill_to"), train.get("distill_guidance")
+    steps = train.get("distill_to")
     if train.get("target") != "distill" or type(steps) is not int or steps < 1:
         return {}
-    valid = isinstance(guidance, list) and len(guidance) == 2 and all(type(g) in (int, float) for g in guidance)
     return {
         "num_inference_steps": steps, "scheduler": "ddim_trailing",
-        "distilled_guidance": [float(g) for g in guidance] if valid else None,
         "distilled_lora": type(model.get("spatial_lora_rank")) is int and model["spatial_lora_rank"] > 0,
     }  # fmt: skip
 
