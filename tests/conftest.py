@@ -109,6 +109,14 @@ def video_inputs(unet, b: int = 2, f: int = 5, seed: int = 0):
     return sample, timestep, text
 
 
+def projection_rows(projections) -> list[int]:
+    """The batch size of every call of the modules ``projections``, appended as they run."""
+    rows: list[int] = []
+    for projection in projections:
+        projection.register_forward_hook(lambda module, args, out: rows.append(args[0].shape[0]))
+    return rows
+
+
 def randomize(params, seed: int = 1, std: float = 0.1) -> None:
     g = torch.Generator().manual_seed(seed)
     with torch.no_grad():

@@ -10,7 +10,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
-from conftest import cut_like_the_cache, randomize, tiny_overrides, video_inputs, whole_and_resumed
+from conftest import cut_like_the_cache, projection_rows, randomize, tiny_overrides, video_inputs, whole_and_resumed
 from PIL import Image
 from safetensors.torch import load_file
 
@@ -20,6 +20,7 @@ from lvdm.errors import CheckpointError, ConfigError, DataError
 from lvdm.models import VideoUNet, load_base
 from lvdm.models.encoders import encode_image, image_pixels, load_image_encoder
 from lvdm.models.parts import build_part
+from lvdm.modules import image_attention
 from lvdm.modules.image_attention import cross_attentions
 from lvdm.testing.image_adapters import write_image_encoder, write_ip_adapter_plus
 from lvdm.training.trainer import train
@@ -70,6 +71,27 @@ def test_image_conditioning_changes_nothing_until_it_trains_and_no_image_is_the_
     assert torch.allclose(video(sample, t, text, image_embeds=embeds, image_scale=0.0), before, atol=1e-6)
     with pytest.raises(ValueError, match="one image per video"):
         video(sample, t, text, image_embeds=embeds[:1])
+
+
+def test_text_and_image_tokens_are_projected_once_per_video_with_the_per_frame_result(image_files, monkeypatch):
+    encoder = load_image_encoder(image_files["encoder"])
+    video = VideoUNet.from_unet2d(testing.tiny_unet("sd1"))
+    build_part(video, "image", "image", {"embed_dims": encoder.width, "num_queries": 4})
+    randomize(video.temporal_parameters(), seed=3, std=0.05)
+    randomize(video.parts["image"].parameters(), seed=5, std=0.05)  # as if trained
+    sample, t, text = video_inputs(video.unet, f=3)
+    embeds = _embeds(encoder)
+    attentions = [attn for _, attn in cross_attentions(video.unet)]
+    rows = projection_rows([attn.to_k for attn in attentions] + [attn.processor.to_k_ip[0] for attn in attentions])
+    with torch.no_grad():
+        shared = video(sample, t, text, image_embeds=embeds)
+        assert sorted(set(rows)) == [2]
+        rows.clear()  # the control: diffusers' IP-Adapter processor, text and image tokens projected per frame
+        monkeypatch.setattr(image_attention, "frames_sharing_context", lambda *args: None)
+        per_frame = video(sample, t, text, image_embeds=embeds)
+    assert sorted(set(rows)) == [6]
+    assert (shared - video(sample, t, text)).abs().max() > 1e-3  # the image tokens do act
+    torch.testing.assert_close(shared, per_frame, rtol=0, atol=1e-6)
 
 
 def test_the_image_weights_live_in_the_module_file_under_unet_paths(image_files, tmp_path):

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import pytest
 import torch
-from conftest import frame_by_frame, randomize, video_inputs
+from conftest import frame_by_frame, projection_rows, randomize, video_inputs
 from diffusers.models.attention_processor import AttnProcessor2_0
 from diffusers.models.resnet import ResnetBlock2D
 from diffusers.models.transformers.transformer_2d import Transformer2DModel
@@ -12,6 +12,8 @@ from diffusers.models.transformers.transformer_2d import Transformer2DModel
 from lvdm import testing
 from lvdm.errors import ConfigError
 from lvdm.models import LAYOUTS, TemporalLayout, VideoUNet
+from lvdm.modules import video_cross_attention
+from lvdm.modules.video_cross_attention import VideoCrossAttnProcessor, cross_attentions
 
 
 def test_init_equals_image_unet_frame_by_frame(unet_pair):
@@ -145,6 +147,29 @@ def test_gradient_checkpointing_gives_the_same_gradients():
         torch.testing.assert_close(plain, recomputed)
 
 
+@pytest.mark.parametrize("checkpointing", [False, True])
+def test_the_text_is_projected_once_per_video_with_the_per_frame_result(monkeypatch, checkpointing):
+    video = VideoUNet.from_unet2d(testing.tiny_unet("sd1")).freeze_base()
+    video.enable_gradient_checkpointing(checkpointing)
+    randomize(video.temporal_parameters())
+    sample, timestep, text = video_inputs(video.unet)  # 2 videos of 5 frames
+    rows = projection_rows(attn.to_k for _, attn in cross_attentions(video.unet))
+    runs = {}
+    for name in ("once per video", "per frame"):
+        if name == "per frame":  # the control: diffusers' own processor, the text projected for every frame
+            monkeypatch.setattr(video_cross_attention, "frames_sharing_context", lambda *args: None)
+        rows.clear()
+        out = video(sample, timestep, text)
+        out.square().mean().backward()  # with checkpointing the recomputation projects the text again
+        runs[name] = (out.detach(), [p.grad.clone() for p in video.temporal_parameters()], sorted(set(rows)))
+        video.zero_grad(set_to_none=True)
+    assert runs["once per video"][2] == [2]
+    assert runs["per frame"][2] == [10]
+    torch.testing.assert_close(runs["once per video"][0], runs["per frame"][0], rtol=0, atol=1e-6)
+    for shared, per_frame in zip(runs["once per video"][1], runs["per frame"][1], strict=True):
+        torch.testing.assert_close(shared, per_frame, rtol=1e-5, atol=1e-7)
+
+
 def test_per_frame_timesteps_equal_per_video_ones():
     video = VideoUNet.from_unet2d(testing.tiny_unet("sd1"))
     randomize(video.temporal_parameters())
@@ -159,6 +184,7 @@ def test_sdpa_is_the_default_attention_and_xformers_needs_installing():
     processors = video.unet.attn_processors
     assert any(".temporal." in name for name in processors)
     assert all(isinstance(p, AttnProcessor2_0) for p in processors.values())
+    assert all(isinstance(attn.processor, VideoCrossAttnProcessor) for _, attn in cross_attentions(video.unet))
     pytest.importorskip("xformers", reason="with xformers installed the switch would succeed") if False else None
     try:
         import xformers  # noqa: F401

@@ -11,13 +11,15 @@ from torch import nn
 
 from lvdm.config import XFORMERS_MISSING
 from lvdm.errors import ConfigError
+from lvdm.modules.video_cross_attention import VideoCrossAttnProcessor, share_text_projections
 
 BACKENDS = ("sdpa", "xformers")
-STOCK_PROCESSORS = (AttnProcessor, AttnProcessor2_0, XFormersAttnProcessor)
+STOCK_PROCESSORS = (AttnProcessor, AttnProcessor2_0, XFormersAttnProcessor, VideoCrossAttnProcessor)
 
 
 def set_attention_backend(model: nn.Module, backend: str) -> int:
-    """Switch every stock attention processor in ``model`` (spatial and temporal) to ``backend``.
+    """Switch every stock attention processor in ``model`` (spatial and temporal) to ``backend``; with SDPA the
+    spatial cross-attentions project the text once per video (:mod:`lvdm.modules.video_cross_attention`).
 
     Returns how many layers were switched; layers with a custom processor are left as they are.
     """
@@ -36,4 +38,6 @@ def set_attention_backend(model: nn.Module, backend: str) -> int:
         if isinstance(module, Attention) and type(module.processor) in STOCK_PROCESSORS:
             module.set_processor(make())
             switched += 1
+    if backend == "sdpa":
+        share_text_projections(model)
     return switched

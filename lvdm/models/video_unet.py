@@ -26,6 +26,7 @@ from lvdm.models.parts import PartSpec
 from lvdm.modules.frame_context import FrameContext, frame_context
 from lvdm.modules.image_attention import with_image_tokens
 from lvdm.modules.video_blocks import _VideoWrapper, wrap_motion, wrap_resnet, wrap_transformer
+from lvdm.modules.video_cross_attention import share_text_projections
 
 
 @dataclass(frozen=True)
@@ -58,6 +59,7 @@ class VideoUNet(nn.Module):
         self._wrappers = {name: m for name, m in unet.named_modules() if isinstance(m, _VideoWrapper)}
         for name, wrapper in self._wrappers.items():
             wrapper.site = name
+        share_text_projections(unet)  # the text's keys and values once per video, not per frame
 
     # ----------------------------------------------------------------- the registry of added modules
     def added_modules(self) -> dict[str, nn.Module]:

@@ -23,16 +23,22 @@ mode with an image is the base plus the image attention, i.e. IP-Adapter; withou
 from __future__ import annotations
 
 import os
-from collections.abc import Iterator
 from dataclasses import dataclass
 from typing import Any
 
 import torch
-from diffusers.models.attention_processor import Attention, AttnProcessor2_0, IPAdapterAttnProcessor2_0
+from diffusers.models.attention_processor import Attention, IPAdapterAttnProcessor2_0
 from diffusers.models.embeddings import IPAdapterPlusImageProjection
 from torch import nn
 
 from lvdm.errors import CheckpointError
+from lvdm.modules.video_cross_attention import (
+    VideoCrossAttnProcessor,
+    attend_once_per_video,
+    cross_attentions,
+    frames_sharing_context,
+    project_out,
+)
 
 HEAD_DIM = 64  # the resampler's attention head width (IP-Adapter Plus's; diffusers' converter assumes it)
 
@@ -52,19 +58,22 @@ class ImageAttnProcessor(IPAdapterAttnProcessor2_0):
         ip_adapter_masks: torch.Tensor | None = None,
     ) -> torch.Tensor:
         if not isinstance(encoder_hidden_states, tuple):
-            return AttnProcessor2_0()(attn, hidden_states, encoder_hidden_states, attention_mask, temb)
-        return super().__call__(
-            attn, hidden_states, encoder_hidden_states, attention_mask, temb, scale, ip_adapter_masks
-        )
-
-
-def cross_attentions(unet: nn.Module) -> Iterator[tuple[str, Attention]]:
-    """The spatial cross-attention layers of ``unet`` (``...transformer_blocks.0.attn2``), in diffusers' processor
-    order (down, up, mid blocks), the order IP-Adapter files number them in; temporal layers are skipped."""
-    for name, module in unet.named_modules():
-        if isinstance(module, Attention) and name.endswith("attn2") and ".temporal." not in name:
-            if module.is_cross_attention:
-                yield name, module
+            return VideoCrossAttnProcessor()(attn, hidden_states, encoder_hidden_states, attention_mask, temb)
+        text, image_tokens = encoder_hidden_states
+        frames = None
+        if ip_adapter_masks is None:
+            frames = frames_sharing_context(attn, hidden_states, text, attention_mask)
+        if frames is None:
+            return super().__call__(
+                attn, hidden_states, encoder_hidden_states, attention_mask, temb, scale, ip_adapter_masks
+            )
+        # text and image tokens projected once per video (lvdm.modules.video_cross_attention)
+        query = attn.to_q(hidden_states)
+        out = attend_once_per_video(attn, query, text, frames, attn.to_k, attn.to_v)
+        for tokens, weight, to_k_ip, to_v_ip in zip(image_tokens, self.scale, self.to_k_ip, self.to_v_ip, strict=True):
+            if weight != 0:
+                out = out + weight * attend_once_per_video(attn, query, tokens, frames, to_k_ip, to_v_ip)
+        return project_out(attn, out)
 
 
 def _key(name: str) -> str:

@@ -17,7 +17,7 @@ from torch import nn
 from torch.utils.checkpoint import checkpoint
 
 from lvdm.modules.alpha_blend import FrameAlphaBlender
-from lvdm.modules.frame_context import FrameContext, current_frames
+from lvdm.modules.frame_context import FrameContext, current_frames, frame_context
 from lvdm.modules.motion_module import MotionModule
 from lvdm.modules.temporal_attention import TemporalAttentionBlock
 from lvdm.modules.temporal_conv import TemporalConvBlock
@@ -41,9 +41,15 @@ class _VideoWrapper(nn.Module):
 
     def _run(self, fn: Any, *args: Any) -> Any:
         if self.gradient_checkpointing and torch.is_grad_enabled():
-            # the frame context travels as an argument: recomputation happens after forward has returned
-            return checkpoint(fn, *args, current_frames(), use_reentrant=False)
+            # the frame context travels as an argument: recomputation happens after forward has returned, so it is
+            # made current again there for what reads it inside the spatial block (the cross-attention processors)
+            return checkpoint(_in_context, fn, current_frames(), *args, use_reentrant=False)
         return fn(*args, current_frames())
+
+
+def _in_context(fn: Any, ctx: FrameContext, *args: Any) -> Any:
+    with frame_context(ctx):
+        return fn(*args, ctx)
 
 
 class VideoResnetBlock(_VideoWrapper):
