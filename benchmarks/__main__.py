@@ -15,7 +15,8 @@ and the image UNet as the floor), ``memory`` (fake-tensor peak-memory estimates 
 training step alone and beside one busy process, with lvdm's and torch's thread settings) and ``context`` (a
 training step with the context encoder vs without, and rollout sampling time per frame vs one clip's) and ``image``
 (a training step with image or FPS conditioning vs text to video) and ``upscale`` (the x4 video upscaler's sampling
-memory whole vs in tiles, and a patch training step's time per pixel vs a full frame's). Results:
+memory whole vs in tiles, and a patch training step's time per pixel vs a full frame's) and ``compile`` (regional
+``torch.compile``: compile time, speed-up and loss vs eager). Results:
 ``benchmarks/results/<date>-<size>.json`` (every figure and sample) and ``.md`` (the tables and the targets); a
 run with ``--only`` writes ``<date>-<size>-<sections>.*`` and leaves the full run's files alone.
 
@@ -52,6 +53,7 @@ SECTION_MODULES = {  # each has run(size, device, *, warmup, repeats) -> dict
     "context": "benchmarks.context",  # only when asked for: --only context (context frames: training and rollout)
     "image": "benchmarks.image",  # only when asked for: --only image (image and FPS conditioning: training step)
     "upscale": "benchmarks.upscale",  # only when asked for: --only upscale (x4 upscaler: tiles' memory, patch step)
+    "compile": "benchmarks.compile",  # only when asked for: --only compile (regional torch.compile vs eager)
 }
 
 

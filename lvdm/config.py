@@ -236,6 +236,11 @@ class TrainConfig:
     optimizer: Literal["adamw", "adamw8bit"] = option("adamw", "adamw (fused on CUDA) or adamw8bit (bitsandbytes)")
     max_grad_norm: float = option(1.0, "clip the gradient norm to this (0: no clipping)", min=0)
     mixed_precision: Literal["no", "fp16", "bf16"] = option("no", "autocast dtype: no (fp32), fp16 or bf16")
+    compile: bool = option(
+        False,
+        "torch.compile the video UNet, block by block with static shapes (lvdm.models.compile): the first steps "
+        "compile, then steps run faster where inductor helps; needs a C++ compiler on CPU, Triton on a GPU",
+    )
     threads: int | None = option(
         None,
         "CPU threads of torch per process (null: the usable cores, by affinity, cgroup quota, OMP_NUM_THREADS)",
@@ -371,6 +376,7 @@ def _decoder_problems(cfg: Config) -> list[str]:
         "model.context": m.context, "model.fps_conditioning": m.fps_conditioning,
         "model.image_conditioning": m.image_conditioning, "model.spatial_lora_rank": m.spatial_lora_rank,
         "model.unfreeze": m.unfreeze, "model.temporal_init": m.temporal_init, "train.tasks": cfg.train.tasks,
+        "train.compile": cfg.train.compile,
     }  # fmt: skip
     problems = [
         f"{key}: belongs to the UNet, which train.target=decoder does not train; drop it"
@@ -506,7 +512,8 @@ XFORMERS_MISSING = (
 
 def check_machine(cfg: Config) -> None:
     """Settings this machine cannot run, as one :class:`~lvdm.errors.ConfigError` before anything heavy loads:
-    fp16 autocast without a CUDA GPU, xformers attention without xformers (torch is imported only for fp16)."""
+    fp16 autocast without a CUDA GPU, xformers attention without xformers, compiling without a compiler (torch is
+    imported only for fp16 and compiling)."""
     import importlib.util
 
     from lvdm.errors import ConfigError
@@ -519,5 +526,12 @@ def check_machine(cfg: Config) -> None:
             problems.append("train.mixed_precision: fp16 needs a CUDA GPU and there is none here; use bf16 or no")
     if cfg.model.attention_backend == "xformers" and importlib.util.find_spec("xformers") is None:
         problems.append(XFORMERS_MISSING)
+    if cfg.train.compile:
+        import torch
+
+        from lvdm.models.compile import compile_problem
+
+        if problem := compile_problem(torch.device("cuda" if torch.cuda.is_available() else "cpu")):
+            problems.append(f"train.compile: {problem}; set train.compile=false")
     if problems:
         raise ConfigError("; ".join(problems))

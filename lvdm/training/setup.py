@@ -87,6 +87,8 @@ def build_model(cfg: Any, device: torch.device, mixed_precision: str) -> tuple[A
     if m.gradient_checkpointing:
         video.enable_gradient_checkpointing()
     video.set_attention_backend(m.attention_backend)
+    if cfg.train.compile:
+        video.compile_blocks()
     for module in (base.vae, base.text_encoder):
         module.to(device=device).eval().requires_grad_(False)
         if dtype != torch.float32:
