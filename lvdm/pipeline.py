@@ -26,7 +26,6 @@ import dataclasses
 import hashlib
 import os
 import secrets
-import warnings
 from collections.abc import Callable, Sequence
 from pathlib import Path
 from typing import Any
@@ -36,13 +35,13 @@ import torch
 
 from lvdm import __version__
 from lvdm.configlib import config_to_dict
-from lvdm.errors import CheckpointError, ConfigError
+from lvdm.errors import ConfigError
 from lvdm.outputs import FORMATS, VideoOutput, media_kind, plan_outputs, read_prompts, refuse_existing
+from lvdm.pipeline_loading import device_problem
 from lvdm.sampling_settings import (
     DEFAULT_FPS,
     DEFAULT_FRAMES,
     DEFAULT_STEPS,
-    DTYPES,
     SamplingSettings,
     parse_threshold,
     sampling_settings,
@@ -115,54 +114,16 @@ class VideoPipeline:
             device: where the models run (default: where they load, the CPU).
             dtype: ``torch.float16`` / ``"fp16"``, ``"bf16"``, ``"fp32"`` (default: the weights' own, fp32).
         """
-        torch_dtype = _as_dtype(dtype)
-        if device is not None and (problem := device_problem(device)):
-            raise ConfigError(f"device {device}: {problem}")
-        if not Path(base).exists():  # before the slow imports: a typo fails at once
-            raise CheckpointError(
-                f"base model {base} does not exist (expected a diffusers folder or a checkpoint file)"
-            )
-        defaults = temporal_defaults(temporal) if temporal is not None else None  # a bad module fails before loading
-        from lvdm.models import LoraSpec, VideoUNet, load_base
+        from lvdm.pipeline_loading import load_parts
 
-        specs = [LoraSpec.parse(spec) for spec in loras]
-        if defaults and defaults.get("distilled_lora"):  # a distilled student's spatial LoRA, found beside it
-            specs.append(LoraSpec.parse(student_lora(temporal)))
-        with warnings.catch_warnings():  # diffusers >= 0.36 renamed the torch_dtype that load_base passes
-            warnings.filterwarnings("ignore", message=".*torch_dtype.* is deprecated", category=FutureWarning)
-            model = load_base(
-                base, base_config=base_config, loras=specs, allow_pickle=allow_pickle,
-                spatial_weights=spatial_weights, dtype=torch_dtype, device=device,
-            )  # fmt: skip
-        video = None
-        if temporal is not None:
-            video = VideoUNet.from_temporal_file(model.unet, temporal, allow_pickle=allow_pickle)
-        from lvdm.image_sampling import load_image_conditioning
-
-        image_part, encoder, encoder_path = load_image_conditioning(
-            model, video, image_adapter, image_encoder, allow_pickle=allow_pickle, device=device
-        )
-        video_decoder = None
-        if decoder is not None:
-            from lvdm.models.temporal_vae import load_video_decoder
-
-            video_decoder = load_video_decoder(decoder, vae=model.vae, allow_pickle=allow_pickle, dtype=torch_dtype)
-            video_decoder.to(model.vae.device)
-        sources = {
-            "base": _absolute(base),
-            "temporal": _absolute(temporal),
-            "base_config": _absolute(base_config),
-            "loras": [f"{_absolute(spec.path)}:{spec.scale:g}" for spec in specs],
-            "spatial_weights": _absolute(spatial_weights),
-            "allow_pickle": allow_pickle,
-            "image_adapter": _absolute(image_adapter),
-            "image_encoder": _absolute(image_encoder),
-            "decoder": _absolute(decoder),
-            "dtype": _dtype_name(next(model.unet.parameters()).dtype),
-        }
-        pipe = cls(model, video, sources=sources, defaults=defaults)
-        pipe.image_part, pipe.image_encoder, pipe.image_encoder_path = image_part, encoder, encoder_path
-        pipe.decoder = video_decoder
+        parts = load_parts(
+            base, temporal=temporal, base_config=base_config, loras=loras, spatial_weights=spatial_weights,
+            allow_pickle=allow_pickle, image_adapter=image_adapter, image_encoder=image_encoder, decoder=decoder,
+            device=device, dtype=dtype,
+        )  # fmt: skip
+        pipe = cls(parts.base, parts.video, sources=parts.sources, defaults=parts.defaults)
+        pipe.image_part, pipe.image_encoder, pipe.image_encoder_path = parts.image
+        pipe.decoder = parts.decoder
         return pipe
 
     def compile(self) -> VideoPipeline:
@@ -588,21 +549,6 @@ class VideoPipeline:
 
 
 # --------------------------------------------------------------------------------------------------- helpers
-def student_lora(module: str | os.PathLike) -> Path:
-    """The spatial LoRA that goes with a distilled module: ``<stem>_spatial_lora.safetensors`` beside it (what
-    ``python -m lvdm.export`` writes), else the run folder's ``spatial_lora.safetensors``."""
-    from lvdm.errors import TemporalModuleError
-
-    module = Path(module)
-    candidates = [module.with_name(f"{module.stem}_spatial_lora.safetensors")]
-    candidates.append(module.parent / "spatial_lora.safetensors")
-    for path in candidates:
-        if path.is_file():
-            return path
-    raise TemporalModuleError(
-        f"temporal module {module} is a distilled student trained with a spatial LoRA, and its LoRA is not beside it "
-        f"({' or '.join(str(p) for p in candidates)}); copy the two files together"
-    )
 
 
 def _rows(inputs: dict[str, torch.Tensor], rows: slice) -> dict[str, torch.Tensor]:
@@ -647,40 +593,6 @@ def _describe(base_noise: torch.Tensor | int | None) -> int | str | None:
 
 def _random_seed() -> int:
     return secrets.randbelow(2**31)
-
-
-def device_problem(device: str | torch.device) -> str | None:
-    """Why models cannot be put on ``device`` here (a typo, no CUDA in this build, no such GPU), or ``None``."""
-    try:
-        parsed = torch.device(device)
-    except (RuntimeError, TypeError, ValueError):
-        return "not a device; use cpu, cuda, cuda:N or mps"
-    if parsed.type == "cuda":
-        if not torch.cuda.is_available():
-            return "this PyTorch has no CUDA support" if torch.version.cuda is None else "no CUDA GPU is visible"
-        if parsed.index is not None and parsed.index >= torch.cuda.device_count():
-            return f"there are only {torch.cuda.device_count()} CUDA device(s)"
-    elif parsed.type == "mps" and not torch.backends.mps.is_available():
-        return "MPS is not available on this machine"
-    elif parsed.type not in ("cpu", "cuda", "mps"):
-        return f"device type {parsed.type!r} is not supported; use cpu, cuda or mps"
-    return None
-
-
-def _as_dtype(dtype: str | torch.dtype | None) -> torch.dtype | None:
-    if dtype is None or isinstance(dtype, torch.dtype):
-        return dtype
-    if dtype not in DTYPES:
-        raise ConfigError(f"dtype: expected one of {sorted(DTYPES)}, got {dtype!r}")
-    return DTYPES[dtype]
-
-
-def _dtype_name(dtype: torch.dtype) -> str:
-    return {value: key for key, value in DTYPES.items()}.get(dtype, str(dtype))
-
-
-def _absolute(path: str | os.PathLike | None) -> str | None:
-    return None if path is None else str(Path(path).absolute())
 
 
 __all__ = [

@@ -69,14 +69,14 @@ class UpscalePipeline:
         :class:`~lvdm.VideoPipeline`.
         """
         from lvdm.models import VideoUNet, load_base
-        from lvdm.pipeline import _absolute, _as_dtype, device_problem
+        from lvdm.pipeline_loading import absolute, as_dtype, device_problem
 
         if device is not None and (problem := device_problem(device)):
             raise ConfigError(f"device {device}: {problem}")
         if not Path(upscaler).is_dir():
             raise CheckpointError(f"upscaler {upscaler} is not a folder (expected a diffusers x4 upscaler folder)")
-        base = load_base(upscaler, allow_pickle=allow_pickle, dtype=_as_dtype(dtype), device=device)
-        pipe = cls(base, None, sources={"upscaler": _absolute(upscaler), "temporal": _absolute(temporal)})
+        base = load_base(upscaler, allow_pickle=allow_pickle, dtype=as_dtype(dtype), device=device)
+        pipe = cls(base, None, sources={"upscaler": absolute(upscaler), "temporal": absolute(temporal)})
         if temporal is not None:
             pipe.video = VideoUNet.from_temporal_file(base.unet, temporal).eval().requires_grad_(False)
         return pipe
