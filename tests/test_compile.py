@@ -22,6 +22,8 @@ from lvdm.pipeline import VideoPipeline
 from lvdm.training.trainer import train
 
 REPO = Path(__file__).resolve().parents[1]
+
+
 pytestmark = [
     pytest.mark.usefixtures("one_thread"),
     pytest.mark.skipif(compile_module.compile_problem(torch.device("cpu")) is not None, reason="no C++ compiler"),
@@ -30,10 +32,9 @@ pytestmark = [
 
 def test_a_compiled_training_run_gives_the_eager_losses_and_weights(tiny_assets, tmp_path):
     runs = {}
-    for compiled in (False, True):
-        overrides = tiny_overrides(
-            tiny_assets, tmp_path / f"compile-{compiled}", **{"train.max_steps": 2, "train.compile": compiled}
-        )
+    for compiled in (False, True):  # compiled with checkpointing too: the recomputation runs the compiled blocks
+        settings = {"train.max_steps": 2, "train.compile": compiled, "model.gradient_checkpointing": compiled}
+        overrides = tiny_overrides(tiny_assets, tmp_path / f"compile-{compiled}", **settings)
         result = train(load_config([], overrides), progress=False)
         runs[compiled] = (result.first_loss, result.last_loss, load_file(result.temporal_path))
     (eager_first, eager_last, eager), (first, last, compiled) = runs[False], runs[True]
