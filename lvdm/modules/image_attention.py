@@ -40,6 +40,7 @@ from lvdm.modules.video_cross_attention import (
     project_out,
 )
 
+_TEXT_ONLY = VideoCrossAttnProcessor()  # stateless: the text attention when a call brings no image tokens
 HEAD_DIM = 64  # the resampler's attention head width (IP-Adapter Plus's; diffusers' converter assumes it)
 
 
@@ -58,7 +59,7 @@ class ImageAttnProcessor(IPAdapterAttnProcessor2_0):
         ip_adapter_masks: torch.Tensor | None = None,
     ) -> torch.Tensor:
         if not isinstance(encoder_hidden_states, tuple):
-            return VideoCrossAttnProcessor()(attn, hidden_states, encoder_hidden_states, attention_mask, temb)
+            return _TEXT_ONLY(attn, hidden_states, encoder_hidden_states, attention_mask, temb)
         text, image_tokens = encoder_hidden_states
         frames = None
         if ip_adapter_masks is None:
