@@ -14,10 +14,12 @@ import pytest
 import torch
 from conftest import tiny_overrides, write_sampling_files
 from safetensors.torch import load_file
+from torch._dynamo.utils import counters
 
 from lvdm.config import check_machine, load_config
 from lvdm.errors import ConfigError
 from lvdm.models import compile as compile_module
+from lvdm.models.compile import spatial_blocks
 from lvdm.pipeline import VideoPipeline
 from lvdm.training.trainer import train
 
@@ -35,8 +37,11 @@ def test_a_compiled_training_run_gives_the_eager_losses_and_weights(tiny_assets,
     for compiled in (False, True):  # compiled with checkpointing too: the recomputation runs the compiled blocks
         settings = {"train.max_steps": 2, "train.compile": compiled, "model.gradient_checkpointing": compiled}
         overrides = tiny_overrides(tiny_assets, tmp_path / f"compile-{compiled}", **settings)
+        graphs = counters["stats"]["unique_graphs"]
         result = train(load_config([], overrides), progress=False)
         runs[compiled] = (result.first_loss, result.last_loss, load_file(result.temporal_path))
+        # the control: the compiled run did compile (Dynamo made graphs), the eager one did not
+        assert (counters["stats"]["unique_graphs"] > graphs) == compiled
     (eager_first, eager_last, eager), (first, last, compiled) = runs[False], runs[True]
     assert first == pytest.approx(eager_first, rel=1e-5) and last == pytest.approx(eager_last, rel=1e-5)
     assert eager.keys() == compiled.keys()  # nn.Module.compile keeps parameter names: files load anywhere
@@ -51,6 +56,8 @@ def test_compiled_sampling_gives_the_eager_frames(tmp_path):
     settings = dict(num_frames=4, height=16, width=16, num_inference_steps=2, seed=3, progress=False)
     eager = pipe("a red disc", **settings).frames
     compiled = pipe.compile()("a red disc", **settings).frames
+    blocks = spatial_blocks(pipe.base.unet)
+    assert blocks and all(block._compiled_call_impl is not None for block in blocks)  # not eager twice
     assert eager.std() > 10  # frames, not a constant
     assert np.abs(eager.astype(int) - compiled.astype(int)).max() <= 1
 
@@ -60,6 +67,9 @@ def test_no_compiler_is_one_line_before_anything_loads(tiny_assets, tmp_path, mo
     cfg = load_config([], tiny_overrides(tiny_assets, tmp_path / "run", **{"train.compile": True}))
     with pytest.raises(ConfigError, match="train.compile: compiling for the CPU needs a C.. compiler"):
         check_machine(cfg)
+    with pytest.raises(ConfigError, match="train.compile: belongs to the UNet"):  # the decoder target has none
+        decoder = {"train.compile": True, "train.target": "decoder"}
+        load_config([], tiny_overrides(tiny_assets, tmp_path / "d", **decoder))
     env = {key: value for key, value in os.environ.items() if key != "CXX"} | {"PATH": str(tmp_path)}
     cli = [sys.executable, str(REPO / "sample.py"), "--base", str(tiny_assets["base"]), "--prompt", "x", "--compile"]
     cli += ["--out", str(tmp_path / "x.mp4")]
