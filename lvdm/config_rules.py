@@ -1,0 +1,152 @@
+"""Rules across a run's config sections that belong to one training target or task: what each needs and what it
+cannot be combined with (:meth:`lvdm.config.Config.validate` reports them all at once, each message starting with
+the key it is about)."""
+
+from __future__ import annotations
+
+from typing import TYPE_CHECKING
+
+if TYPE_CHECKING:
+    from lvdm.config import Config
+
+
+def target_problems(cfg: Config) -> list[str]:
+    """Every rule below, in order."""
+    return (
+        _task_problems(cfg) + _decoder_problems(cfg) + _upscale_problems(cfg) + _motion_module_problems(cfg)
+        + _distill_problems(cfg)
+    )  # fmt: skip
+
+
+TASKS = ("text", "predict", "interpolate", "interpolate_fine")
+"""The training tasks ``train.tasks`` weighs (lvdm.training.tasks)."""
+
+
+def _motion_module_problems(cfg: Config) -> list[str]:
+    """The Video LDM options the animatediff layout has no use for are refused rather than ignored (its frame
+    table's length is checked when the model is built: an imported module brings its own)."""
+    m = cfg.model
+    if m.layout == "animatediff" and (m.conv_kernel != [3, 1, 1] or m.mix_factor != 0.5):
+        return ["model.conv_kernel / model.mix_factor: the animatediff layout has no 3D convs and no alpha blend"]
+    return []
+
+
+def _decoder_problems(cfg: Config) -> list[str]:
+    """What the decoder target cannot combine with: it trains the VAE decoder on clips, and nothing of the UNet."""
+    if cfg.train.target != "decoder":
+        return []
+    m = cfg.model
+    unet_parts = {
+        "model.context": m.context, "model.fps_conditioning": m.fps_conditioning,
+        "model.image_conditioning": m.image_conditioning, "model.spatial_lora_rank": m.spatial_lora_rank,
+        "model.unfreeze": m.unfreeze, "model.temporal_init": m.temporal_init, "train.tasks": cfg.train.tasks,
+        "train.compile": cfg.train.compile,
+    }  # fmt: skip
+    problems = [
+        f"{key}: belongs to the UNet, which train.target=decoder does not train; drop it"
+        for key, value in unet_parts.items()
+        if value
+    ]
+    if cfg.data.num_frames < 2:
+        problems.append("data.num_frames: a temporal decoder learns from at least 2 frames per clip")
+    return problems
+
+
+def _distill_problems(cfg: Config) -> list[str]:
+    """What the distill target needs (a teacher module) and what it cannot combine with."""
+    t, m = cfg.train, cfg.model
+    if t.target != "distill":
+        return []
+    problems = []
+    if m.temporal_init is None:
+        problems.append("model.temporal_init: train.target=distill needs the teacher's temporal module")
+    for key, value in {"model.context": m.context, "model.fps_conditioning": m.fps_conditioning,
+                       "model.image_conditioning": m.image_conditioning, "train.tasks": t.tasks,
+                       "data.cache": cfg.data.cache, "train.ema_decay": t.ema_decay,
+                       "train.image_batch_ratio": t.image_batch_ratio}.items():  # fmt: skip
+        if value:
+            problems.append(f"{key}: not part of train.target=distill (text-to-video modules, no EMA); drop it")
+    low_high = t.distill_guidance
+    if len(low_high) != 2 or low_high[0] > low_high[1]:
+        problems.append(f"train.distill_guidance: expected [low, high] with low <= high, got {low_high}")
+    from lvdm.errors import ConfigError
+    from lvdm.training.distill import distill_rounds
+
+    try:
+        rounds = 1 + distill_rounds(t.distill_from, t.distill_to)  # the guidance round, then the halvings
+        if t.max_steps < rounds:
+            problems.append(f"train.max_steps: {t.max_steps} steps cannot hold {rounds} distillation rounds")
+    except ConfigError as exc:
+        problems.append(str(exc))
+    return problems
+
+
+def _upscale_problems(cfg: Config) -> list[str]:
+    """What the upscale target cannot combine with: context frames, image conditioning and the latent cache (its
+    patches are cut from the clips' pixels)."""
+    if cfg.train.target != "upscale":
+        return []
+    m, problems = cfg.model, []
+    for key, value in {"model.context": m.context, "model.image_conditioning": m.image_conditioning,
+                       "train.tasks": cfg.train.tasks, "data.cache": cfg.data.cache}.items():  # fmt: skip
+        if value:
+            problems.append(f"{key}: not part of train.target=upscale (an x4 upscaler's temporal layers); drop it")
+    for where, (height, width) in [("data.resolution", cfg.data.resolution)] + [
+        (f"data.buckets[{i}]", bucket) for i, bucket in enumerate(cfg.data.buckets)
+    ]:
+        if cfg.train.upscale_patch > min(height, width):
+            problems.append(
+                f"train.upscale_patch: {cfg.train.upscale_patch} px does not fit in the {height}x{width} clips "
+                f"({where}); use a smaller patch or larger clips"
+            )
+    return problems
+
+
+def _task_problems(cfg: Config) -> list[str]:
+    train, frames = cfg.train, cfg.data.num_frames
+    problems = []
+    unknown = sorted(set(train.tasks) - set(TASKS))
+    if unknown:
+        problems.append(f"train.tasks: unknown task(s) {unknown}; known: {', '.join(TASKS)}")
+    if any(not isinstance(w, (int, float)) or isinstance(w, bool) or w < 0 for w in train.tasks.values()):
+        problems.append(f"train.tasks: weights must be numbers >= 0, got {dict(train.tasks)}")
+    elif train.tasks and sum(train.tasks.values()) <= 0:
+        problems.append(f"train.tasks: every weight is 0 ({dict(train.tasks)}); give at least one task a weight")
+    context_tasks = sorted(name for name in TASKS[1:] if train.tasks.get(name, 0) > 0)
+    if context_tasks and not cfg.model.context:
+        problems.append(f"train.tasks: {', '.join(context_tasks)} need(s) context frames: set model.context=true")
+    bad = [n for n in train.predict_frames if not 0 <= n < frames]
+    if not train.predict_frames or bad:
+        problems.append(
+            f"train.predict_frames: each must be 0 .. {frames - 1} (fewer than data.num_frames), got "
+            f"{train.predict_frames}"
+        )
+    interpolates = any(train.tasks.get(name, 0) > 0 for name in ("interpolate", "interpolate_fine"))
+    if interpolates and train.interpolate_every >= frames:
+        problems.append(
+            f"train.interpolate_every: {train.interpolate_every} leaves one given frame in a {frames}-frame clip; "
+            f"use less than data.num_frames ({frames})"
+        )
+    if train.tasks.get("interpolate_fine", 0) > 0:
+        problems += _fine_stage_problems(cfg)
+    return problems
+
+
+def _fine_stage_problems(cfg: Config) -> list[str]:
+    """The fine interpolation stage cuts its clips at ``interpolate_every`` times the clip rate of the others."""
+    data, every = cfg.data, cfg.train.interpolate_every
+    if data.cache:
+        return [
+            "train.tasks: interpolate_fine needs clips at two frame rates, and the latent cache holds one cut per "
+            "clip; train it from the clips (drop data.cache)"
+        ]
+    if data.target_fps is not None:
+        return []
+    stride = data.frame_stride or 1
+    if isinstance(stride, list) or stride % every:
+        return [
+            f"train.tasks: interpolate_fine cuts its clips at 1/{every} of data.frame_stride (interpolate_every="
+            f"{every} times the rate), so data.frame_stride must be one number divisible by {every}, got "
+            f"{data.frame_stride}; or set data.target_fps (the fine stage then reads {every}x that rate)"
+        ]
+    return []
