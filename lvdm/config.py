@@ -308,7 +308,7 @@ class TrainConfig:
         None, "distill target: optimizer steps per round; null: train.max_steps / rounds", min=1
     )
     distill_pool: int = option(
-        64, "distill target: teacher samples kept as clean latents (one per caption, made on first use)", min=1
+        64, "distill target: teacher samples kept as clean latents (a slot drawn per clip, made on first use)", min=1
     )
     max_nonfinite_steps: int = option(10, "stop after this many skipped steps with a NaN/inf loss", min=1)
     overwrite: bool = option(False, "allow a fresh run in an output_dir that already holds one")

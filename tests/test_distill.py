@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import json
 import shutil
+from pathlib import Path
 
 import pytest
 import torch
@@ -76,6 +77,22 @@ def test_rounds_resume_exactly_in_the_middle_of_round_two(student):
     lines = [json.loads(line) for line in (root / "whole" / "log.jsonl").read_text().splitlines()]
     assert [line["distill_round"] for line in lines if "distill_round" in line] == [1, 1, 2, 2, 3, 3]
     assert "distill_gain_1" in result.gain
+
+
+def test_the_pool_keeps_several_teacher_samples_of_a_caption(student, tiny_assets):
+    """Pool slots are drawn per clip, so a caption is sampled by the teacher more than once (one sample per caption
+    let the demo's student drift); each entry keeps the caption it was made with, one of the data's."""
+    from lvdm.training.checkpoint import load_checkpoint
+
+    last = sorted((student["root"] / "whole" / "checkpoints").iterdir())[-1]
+    state = load_checkpoint(last)[0]["objective"]
+    pool, captions = state["pool"], state["pool_captions"]
+    assert pool.keys() == captions.keys() and all(0 <= int(key) < 8 for key in pool)
+    distinct = {latents.flatten()[:4].tolist().__repr__() for latents in pool.values()}
+    assert len(distinct) == len(pool)  # every slot its own noise, its own sample
+    clips = len(list(Path(tiny_assets["clips"]).rglob("*.mp4")))
+    assert set(captions.values()) <= {path.read_text().strip() for path in Path(tiny_assets["clips"]).rglob("*.txt")}
+    assert len(pool) > clips, (len(pool), clips)  # keyed by clip, as before, it could hold one entry per clip
 
 
 def test_the_student_samples_in_one_forward_per_step_on_another_base(student, tmp_path):
