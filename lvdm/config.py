@@ -53,6 +53,7 @@ T = TypeVar("T")
 # `validate(self) -> list[str]` method, run once the section's fields all have valid types; each message starts
 # with the field it is about ("frame_stride: ...") and the loader puts the section's path in front
 # ("data.frame_stride: ..."); a message starting otherwise is about the section ("data: no data: ...").
+# Rules that belong to one training target or task live in lvdm/config_rules.py.
 # ---------------------------------------------------------------------------------------------------------------
 
 
