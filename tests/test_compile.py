@@ -24,8 +24,6 @@ from lvdm.pipeline import VideoPipeline
 from lvdm.training.trainer import train
 
 REPO = Path(__file__).resolve().parents[1]
-
-
 pytestmark = [
     pytest.mark.usefixtures("one_thread"),
     pytest.mark.skipif(compile_module.compile_problem(torch.device("cpu")) is not None, reason="no C++ compiler"),

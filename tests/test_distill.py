@@ -80,15 +80,15 @@ def test_rounds_resume_exactly_in_the_middle_of_round_two(student):
 
 
 def test_the_pool_keeps_several_teacher_samples_of_a_caption(student, tiny_assets):
-    """Pool slots are drawn per clip, so a caption is sampled by the teacher more than once (one sample per caption
-    let the demo's student drift); each entry keeps the caption it was made with, one of the data's."""
+    """Pool slots are drawn per clip, so a caption is sampled by the teacher more than once (one sample per clip let
+    the demo's student drift); each entry keeps the caption it was made with, one of the data's."""
     from lvdm.training.checkpoint import load_checkpoint
 
     last = sorted((student["root"] / "whole" / "checkpoints").iterdir())[-1]
     state = load_checkpoint(last)[0]["objective"]
     pool, captions = state["pool"], state["pool_captions"]
     assert pool.keys() == captions.keys() and all(0 <= int(key) < 8 for key in pool)
-    distinct = {latents.flatten()[:4].tolist().__repr__() for latents in pool.values()}
+    distinct = {tuple(latents.flatten()[:4].tolist()) for latents in pool.values()}
     assert len(distinct) == len(pool)  # every slot its own noise, its own sample
     clips = len(list(Path(tiny_assets["clips"]).rglob("*.mp4")))
     assert set(captions.values()) <= {path.read_text().strip() for path in Path(tiny_assets["clips"]).rglob("*.txt")}
