@@ -23,13 +23,14 @@ and scalars, ``torch.Size``/``dtype``/``device`` and nothing else. Optimizer, LR
 dropped, as ``state_dict`` does) and ``GradScaler`` state dicts pass as they are; numpy arrays and scalars are
 converted on save (arrays to tensors tagged with their dtype, scalars to Python numbers) and arrays come back as
 numpy on load. Any other object is refused at save time, before anything is written, with the key path at fault.
+
+The files inside a folder are written and read by :mod:`lvdm.training.checkpoint_files`.
 """
 
 from __future__ import annotations
 
 import ctypes
 import errno
-import hashlib
 import json
 import os
 import re
@@ -38,30 +39,32 @@ import shutil
 import sys
 import tempfile
 import warnings
-from collections import OrderedDict
 from collections.abc import Callable, Iterator
 from pathlib import Path
-from typing import Any, BinaryIO
-
-import numpy as np
-import safetensors.torch
-import torch
-from safetensors import SafetensorError
+from typing import Any
 
 from lvdm.errors import CheckpointError
+from lvdm.training.checkpoint_files import (
+    _NAME,
+    MARKER,
+    MAX_STEP,
+    METADATA,
+    _fsync_dir,
+    _human,
+    _plan,
+    _read_marker,
+    _read_metadata,
+    _read_pickle,
+    _read_safetensors,
+    _verify,
+    _write_file,
+    _write_json,
+)
 
-MARKER = "COMPLETE"
-METADATA = "metadata.json"
-MAX_STEP = 10**8 - 1  # the folder name holds 8 digits
 FORMAT = "lvdm-checkpoint"
-_NAME = re.compile(r"checkpoint-(\d{8})")
 _TMP_PREFIX = ".tmp-checkpoint-"
 _NEW_TEMP = re.compile(r"\.tmp-checkpoint-(\d{8})-\w+")  # a save in progress (complete once it has its marker)
 _ASIDE = re.compile(r"\.tmp-checkpoint-checkpoint-(\d{8})-replaced-[0-9a-f]+")  # the old folder of a re-save
-_PART_NAME = re.compile(r"[A-Za-z0-9][A-Za-z0-9_-]*")
-_NDARRAY = "__lvdm_ndarray__"  # tag of an encoded numpy array: {_NDARRAY: tensor, "dtype": "<u4"}
-_LEAF_TYPES = (bool, int, float, complex, str, bytes, bytearray, type(None), torch.dtype, torch.device, torch.Size)
-_CHUNK = 1 << 20
 
 
 # --- names ----------------------------------------------------------------------------------------------------------
@@ -126,129 +129,7 @@ def find_checkpoint(root: str | os.PathLike, which: str | os.PathLike = "latest"
     return path
 
 
-# --- weights_only-safe values ---------------------------------------------------------------------------------------
-
-
-def _encode(value: Any, where: str) -> Any:
-    """``value`` with numpy converted, so that ``torch.load(weights_only=True)`` reads it; anything else refused."""
-    if type(value) in _LEAF_TYPES or type(value) in (torch.Tensor, torch.nn.Parameter):
-        return value
-    if isinstance(value, np.ndarray) and value.dtype.kind in "biufc":
-        return {_NDARRAY: torch.from_numpy(np.array(value)), "dtype": value.dtype.str}
-    if isinstance(value, np.generic) and value.dtype.kind in "biufc":
-        return value.item()
-    if type(value) in (dict, OrderedDict):
-        for key in value:
-            if type(key) not in _LEAF_TYPES:
-                raise CheckpointError(f"{where}: key {key!r} of type {type(key).__name__} cannot be stored")
-        return type(value)((k, _encode(v, f"{where}[{k!r}]")) for k, v in value.items())
-    if type(value) in (list, tuple, set):
-        return type(value)(_encode(v, f"{where}[{i}]") for i, v in enumerate(value))
-    raise CheckpointError(
-        f"{where}: {type(value).__module__}.{type(value).__qualname__} cannot be stored "
-        "(torch.load(weights_only=True) would refuse it); convert it to tensors, numbers, strings, lists or dicts"
-    )
-
-
-def _decode(value: Any, where: str) -> Any:
-    """Undo :func:`_encode`: tagged tensors back to numpy arrays."""
-    if type(value) in (dict, OrderedDict):
-        if set(value) == {_NDARRAY, "dtype"}:
-            return _decode_array(value, where)
-        return type(value)((k, _decode(v, where)) for k, v in value.items())
-    if type(value) in (list, tuple, set):
-        return type(value)(_decode(v, where) for v in value)
-    return value
-
-
-def _decode_array(value: dict[str, Any], where: str) -> np.ndarray:
-    tensor, dtype = value[_NDARRAY], value["dtype"]
-    if not isinstance(tensor, torch.Tensor) or not isinstance(dtype, str) or np.dtype(dtype).kind not in "biufc":
-        raise CheckpointError(f"{where}: malformed numpy array entry")
-    return tensor.numpy().astype(np.dtype(dtype), copy=False)
-
-
-def _is_tensor_dict(value: Any) -> bool:
-    return (
-        isinstance(value, dict)
-        and len(value) > 0
-        and all(isinstance(k, str) and isinstance(v, torch.Tensor) for k, v in value.items())
-    )
-
-
 # --- writing --------------------------------------------------------------------------------------------------------
-
-
-def _write_safetensors(path: Path, tensors: dict[str, torch.Tensor]) -> None:
-    """Tensors moved to the CPU, made contiguous; a tensor sharing storage with an earlier one (tied) is copied."""
-    seen: set[int] = set()
-    plain = {}
-    for key, tensor in tensors.items():
-        tensor = tensor.detach().cpu().contiguous()
-        pointer = tensor.untyped_storage().data_ptr()
-        plain[key] = tensor.clone() if pointer in seen else tensor
-        seen.add(pointer)
-    safetensors.torch.save_file(plain, str(path))
-
-
-def _write_pickle(path: Path, value: Any) -> None:
-    with open(path, "wb") as f:
-        torch.save(value, f)
-
-
-def _write_json(path: Path, value: Any) -> None:
-    path.write_text(json.dumps(value, indent=2, sort_keys=True) + "\n", encoding="utf-8")
-
-
-def _plan(parts: dict[str, Any]) -> list[tuple[str, Callable[[Path, Any], None], Any]]:
-    """(file name, writer, value) for every part, checked before anything is written."""
-    plan = []
-    for name, value in parts.items():
-        if not isinstance(name, str) or not _PART_NAME.fullmatch(name):
-            raise ValueError(f"part name {name!r}: use letters, digits, '_' and '-' (it becomes a file name)")
-        if _is_tensor_dict(value):
-            plan.append((f"{name}.safetensors", _write_safetensors, value))
-        else:
-            plan.append((f"{name}.pt", _write_pickle, _encode(value, f"part {name!r}")))
-    return plan
-
-
-def _sha256(f: BinaryIO) -> str:
-    digest = hashlib.sha256()
-    while chunk := f.read(_CHUNK):
-        digest.update(chunk)
-    return digest.hexdigest()
-
-
-def _sha256_and_sync(path: Path) -> dict[str, Any]:
-    """{"name", "size", "sha256"} of a written file, which is fsynced on the way."""
-    with open(path, "rb") as f:
-        digest = _sha256(f)
-        os.fsync(f.fileno())
-        return {"name": path.name, "size": f.tell(), "sha256": digest}
-
-
-def _fsync_dir(path: Path) -> None:
-    if os.name != "posix":
-        return  # folders cannot be opened for fsync on Windows
-    fd = os.open(path, os.O_RDONLY)
-    try:
-        os.fsync(fd)
-    finally:
-        os.close(fd)
-
-
-def _write_file(folder: Path, name: str, writer: Callable[[Path, Any], None], value: Any) -> dict[str, Any]:
-    """Write one file, returning its record; any failure is a CheckpointError naming the file."""
-    path = folder / name
-    try:
-        writer(path, value)
-        return _sha256_and_sync(path)
-    except (OSError, RuntimeError, SafetensorError) as e:  # torch.save reports a full disk as RuntimeError
-        if not folder.is_dir():  # someone removed the folder under us (a second writer on the same root?)
-            raise CheckpointError(f"could not write {path}: its folder vanished while saving ({e})") from e
-        free = shutil.disk_usage(folder).free
-        raise CheckpointError(f"could not write {path}: {e} ({_human(free)} free on that disk)") from e
 
 
 def _write_all(folder: Path, plan: list[tuple[str, Callable[[Path, Any], None], Any]], meta: dict[str, Any]) -> None:
@@ -438,48 +319,6 @@ def _prune(root: Path, keep_last: int, new: Path) -> None:
 # --- reading --------------------------------------------------------------------------------------------------------
 
 
-def _read_marker(path: Path) -> list[dict[str, Any]]:
-    marker = path / MARKER
-    if not path.is_dir():
-        raise CheckpointError(f"checkpoint {path} not found")
-    if not marker.is_file():
-        raise CheckpointError(f"checkpoint {path} is incomplete: {marker} is missing (interrupted save?)")
-    try:
-        files = json.loads(marker.read_text(encoding="utf-8"))["files"]
-        for record in files:
-            name, size, digest = record["name"], record["size"], record["sha256"]
-            if not (isinstance(name, str) and Path(name).name == name and name not in (".", "..", MARKER)):
-                raise ValueError(f"unsafe file name {name!r}")
-            if type(size) is not int or not isinstance(digest, str):
-                raise ValueError(f"bad record for {name}")
-    except (OSError, ValueError, KeyError, TypeError) as e:
-        raise CheckpointError(f"{marker}: unreadable or malformed marker ({e})") from e
-    if METADATA not in {record["name"] for record in files}:
-        raise CheckpointError(f"{marker}: does not list {METADATA}")
-    return files
-
-
-def _verify(path: Path, record: dict[str, Any]) -> None:
-    file = path / record["name"]
-    if not file.is_file():
-        raise CheckpointError(f"{file}: missing (listed in {path / MARKER})")
-    size = file.stat().st_size
-    if size != record["size"]:
-        raise CheckpointError(f"{file}: corrupt, {size} bytes instead of {record['size']}")
-    with open(file, "rb") as f:
-        digest = _sha256(f)
-    if digest != record["sha256"]:
-        raise CheckpointError(f"{file}: corrupt, sha256 differs from the one in {path / MARKER}")
-
-
-def _read_pickle(file: Path) -> Any:
-    return _decode(torch.load(file, map_location="cpu", weights_only=True), str(file))
-
-
-def _read_safetensors(file: Path) -> dict[str, torch.Tensor]:
-    return safetensors.torch.load_file(str(file))
-
-
 READERS: dict[str, Callable[[Path], Any]] = {".safetensors": _read_safetensors, ".pt": _read_pickle}
 
 
@@ -522,24 +361,6 @@ def verify_checkpoint(path: str | os.PathLike) -> dict[str, Any]:
     return _read_metadata(path)
 
 
-def _read_metadata(path: Path) -> dict[str, Any]:
-    """``metadata.json``, refused by name unless it is an object whose ``step`` agrees with the folder's name."""
-    file = path / METADATA
-    try:
-        metadata = json.loads(file.read_text(encoding="utf-8"))
-    except (OSError, ValueError) as e:
-        raise CheckpointError(f"{file}: not valid JSON ({e})") from e
-    if not isinstance(metadata, dict):
-        raise CheckpointError(f"{file}: expected a JSON object, got {type(metadata).__name__}")
-    step = metadata.get("step")
-    if type(step) is not int or not 0 <= step <= MAX_STEP:
-        raise CheckpointError(f"{file}: 'step' must be a whole number in [0, {MAX_STEP}], got {step!r}")
-    named = _NAME.fullmatch(path.name)
-    if named and int(named.group(1)) != step:
-        raise CheckpointError(f"{file}: 'step' is {step} but the folder is named for step {int(named.group(1))}")
-    return metadata
-
-
 def load_part(path: str | os.PathLike, name: str) -> Any:
     """One part of a verified checkpoint (``None`` when it has no part of that name)."""
     path = Path(path)
@@ -569,16 +390,6 @@ def load_checkpoint(path: str | os.PathLike) -> tuple[dict[str, Any], dict[str, 
 
 
 # --- before training ------------------------------------------------------------------------------------------------
-
-
-def _human(size: int) -> str:
-    """``1536`` -> ``'1.5 KiB'``."""
-    value = float(size)
-    for unit in ("B", "KiB", "MiB", "GiB"):
-        if value < 1024:
-            return f"{value:.0f} {unit}" if unit == "B" else f"{value:.1f} {unit}"
-        value /= 1024
-    return f"{value:.1f} TiB"
 
 
 def check_writable(root: str | os.PathLike, *, min_free_bytes: int = 0) -> None:
