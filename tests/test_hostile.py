@@ -86,7 +86,7 @@ def rewrite_marker(checkpoint: Path) -> None:
 def trained(tiny_assets, tmp_path_factory) -> Path:
     """A finished 2-step run (checkpoints at steps 1 and 2), trained once in process; attacks use copies."""
     from lvdm.config import load_config
-    from lvdm.training.run_dir import release_run
+    from lvdm.training.run_lock import release_run
     from lvdm.training.trainer import train
 
     out = tmp_path_factory.mktemp("hostile") / "run"
@@ -399,7 +399,7 @@ def test_a_changed_setting_on_resume_is_a_one_line_note_not_a_warning(capsys):
 
 def test_a_second_lock_on_a_folder_names_the_holder(tmp_path):
     from lvdm.errors import LvdmError
-    from lvdm.training.run_dir import LOCK_FILE, RunLock
+    from lvdm.training.run_lock import LOCK_FILE, RunLock
 
     first = RunLock(tmp_path)
     first.acquire()
@@ -417,7 +417,8 @@ def test_a_second_lock_on_a_folder_names_the_holder(tmp_path):
 def _fake_run(out: Path, *, checkpoint: bool, marker: bool) -> None:
     from lvdm.config import Config, DataConfig, ModelConfig, save_config
     from lvdm.training.checkpoint import save_checkpoint
-    from lvdm.training.run_dir import RUN_MARKER, _new_marker
+    from lvdm.training.run_dir import _new_marker
+    from lvdm.training.run_lock import RUN_MARKER
 
     save_config(Config(model=ModelConfig(base="b"), data=DataConfig(root="d")), out / "config.yaml")
     (out / "log.jsonl").write_text('{"step": 1, "loss": 1.0}\n')
@@ -431,7 +432,8 @@ def _fake_run(out: Path, *, checkpoint: bool, marker: bool) -> None:
 
 def test_without_a_run_marker_nothing_is_deleted_even_what_looks_like_a_run(tmp_path):
     from lvdm.errors import LvdmError
-    from lvdm.training.run_dir import prepare_output_dir, release_run, resolve_resume
+    from lvdm.training.run_dir import prepare_output_dir, resolve_resume
+    from lvdm.training.run_lock import release_run
 
     out = tmp_path / "run"
     _fake_run(out, checkpoint=True, marker=False)  # a run of an lvdm from before markers, or a copy of one
@@ -446,7 +448,8 @@ def test_without_a_run_marker_nothing_is_deleted_even_what_looks_like_a_run(tmp_
 
 def test_overwrite_deletes_lvdm_runs_and_only_them(tmp_path):
     from lvdm.errors import LvdmError
-    from lvdm.training.run_dir import prepare_output_dir, release_run
+    from lvdm.training.run_dir import prepare_output_dir
+    from lvdm.training.run_lock import release_run
 
     out = tmp_path / "run"
     _fake_run(out, checkpoint=True, marker=True)
@@ -463,7 +466,8 @@ def test_overwrite_deletes_lvdm_runs_and_only_them(tmp_path):
 
 
 def test_a_run_that_failed_before_its_first_checkpoint_does_not_block_the_next(tmp_path, capsys):
-    from lvdm.training.run_dir import prepare_output_dir, release_run
+    from lvdm.training.run_dir import prepare_output_dir
+    from lvdm.training.run_lock import release_run
 
     out = tmp_path / "run"
     _fake_run(out, checkpoint=False, marker=True)
@@ -474,18 +478,18 @@ def test_a_run_that_failed_before_its_first_checkpoint_does_not_block_the_next(t
 
 
 def test_what_a_run_wrote_is_listed_at_each_checkpoint_so_a_killed_run_can_be_overwritten(tmp_path, capsys):
-    from lvdm.training import run_dir
+    from lvdm.training import run_dir, run_lock
     from lvdm.training.checkpoint import save_checkpoint
 
     out = tmp_path / "run"
     run_dir.prepare_output_dir(out, resume=None, overwrite=False)
     (out / "metrics.json").write_text("{}")  # a file some later lvdm feature writes
     save_checkpoint(out / "checkpoints", 1, {"trainable": {"w": torch.zeros(2)}})
-    run_dir.record_outputs(out)
-    os.close(run_dir._HELD.pop(out.resolve()).fd)  # SIGKILL: no release, no exit handler
-    assert "metrics.json" in json.loads((out / run_dir.RUN_MARKER).read_text())["files"]
+    run_lock.record_outputs(out)
+    os.close(run_lock._HELD.pop(out.resolve()).fd)  # SIGKILL: no release, no exit handler
+    assert "metrics.json" in json.loads((out / run_lock.RUN_MARKER).read_text())["files"]
     run_dir.prepare_output_dir(out, resume=None, overwrite=True)
-    run_dir.release_run(out)
+    run_lock.release_run(out)
     assert "did not exit cleanly" in capsys.readouterr().err
     assert not (out / "metrics.json").exists() and not (out / "checkpoints").exists()
 

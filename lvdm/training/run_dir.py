@@ -23,24 +23,23 @@ What lvdm promises about this folder (see "What lvdm guarantees about your files
 - ``train.resume=auto`` never starts over while checkpoint material exists: complete checkpoints left under
   temporary names are recovered, a damaged newest checkpoint is named with the newest intact one, and temporary
   folders without any complete checkpoint stop the run with a message.
+
+The lock, and the marker's list of what a run wrote, are kept by :mod:`lvdm.training.run_lock`.
 """
 
 from __future__ import annotations
 
-import atexit
 import json
 import os
 import re
 import shutil
-import socket
-import sys
 import time
 import uuid
 from pathlib import Path
 from typing import Any
 
 from lvdm.errors import CheckpointError, ConfigError, LvdmError
-from lvdm.fileio import atomic_path, is_stray_temp, special_folder
+from lvdm.fileio import is_stray_temp, special_folder
 from lvdm.training.checkpoint import (
     MARKER,
     check_writable,
@@ -53,14 +52,16 @@ from lvdm.training.checkpoint import (
     verify_checkpoint,
 )
 from lvdm.training.logs import truncate_log
+from lvdm.training.run_lock import (
+    RUN_MARKER,
+    _entries,
+    _read_marker,
+    _write_marker,
+    lock_run,
+    notice,
+    release_run,
+)
 
-try:
-    import fcntl
-except ImportError:  # Windows: no advisory locks; runs are not protected from each other there
-    fcntl = None  # type: ignore[assignment]
-
-RUN_MARKER = ".lvdm-run.json"
-LOCK_FILE = ".lvdm-lock"
 RUN_FILES = (
     "config.yaml", "temporal.safetensors", "spatial_lora.safetensors", "spatial_weights.safetensors", "log.jsonl",
     "skipped.jsonl",
@@ -94,12 +95,6 @@ FIXED_ON_RESUME = (
 
 def checkpoint_root(output_dir: Path) -> Path:
     return output_dir / "checkpoints"
-
-
-def notice(message: str) -> None:
-    """One line on stderr for the user, from rank 0 only (not a Python warning: nothing is wrong)."""
-    if os.environ.get("RANK", "0") == "0":
-        print(f"note: {message}", file=sys.stderr, flush=True)
 
 
 # ---------------------------------------------------------------------------------------------- preparing
@@ -204,14 +199,6 @@ def _remove_stray_temp_files(output_dir: Path) -> None:
             (output_dir / name).unlink(missing_ok=True)
 
 
-def _entries(output_dir: Path, *, everything: bool = False) -> list[str]:
-    try:
-        names = sorted(os.listdir(output_dir))
-    except FileNotFoundError:
-        return []
-    return names if everything else [n for n in names if n not in (RUN_MARKER, LOCK_FILE)]
-
-
 # ---------------------------------------------------------------------------------------------- what is lvdm's
 
 
@@ -299,16 +286,6 @@ def _ours_in(kind: str, parent: Path, top: Path, name: str) -> bool:
 # ---------------------------------------------------------------------------------------------- the run marker
 
 
-def _read_marker(output_dir: Path) -> dict[str, Any] | None:
-    try:
-        marker = json.loads((output_dir / RUN_MARKER).read_text(encoding="utf-8"))
-    except (OSError, ValueError):
-        return None
-    if not isinstance(marker, dict) or not isinstance(marker.get("files"), list):
-        return None
-    return marker
-
-
 def _new_marker() -> dict[str, Any]:
     return {
         "format": "lvdm-run",
@@ -328,145 +305,6 @@ def _adopted_marker(output_dir: Path) -> dict[str, Any]:
     marker = _new_marker()
     marker["files"] = sorted(n for n in entries if output_dir / n not in foreign)
     return marker
-
-
-def _write_marker(output_dir: Path, marker: dict[str, Any]) -> None:
-    with atomic_path(output_dir / RUN_MARKER) as temp:
-        temp.write_text(json.dumps(marker, indent=2) + "\n", encoding="utf-8")
-
-
-def _list_new_entries(output_dir: Path, started_with: set[str]) -> None:
-    """Add to the marker what appeared in the folder while this run held it (so a later overwrite may delete it)."""
-    marker = _read_marker(output_dir)
-    if marker is None:
-        return
-    new = set(_entries(output_dir)) - started_with - set(marker["files"])
-    if new:
-        marker["files"] = sorted(set(marker["files"]) | new)
-        _write_marker(output_dir, marker)
-
-
-# ---------------------------------------------------------------------------------------------- the lock
-
-
-class RunLock:
-    """An exclusive ``flock`` on ``output_dir/.lvdm-lock``; the file names the holder while it is held.
-
-    The OS releases the lock when the process dies, however it dies; a lock file still naming a holder when the
-    lock is free was left by a killed run, which is reported and taken over.
-    """
-
-    def __init__(self, output_dir: Path) -> None:
-        self.output_dir = output_dir
-        self.path = output_dir / LOCK_FILE
-        self.fd: int | None = None
-        self.started_with: set[str] = set()
-        self.created = False
-
-    def acquire(self) -> None:
-        if fcntl is None:
-            return
-        self.created = not self.path.exists()
-        fd = os.open(self.path, os.O_RDWR | os.O_CREAT, 0o644)
-        try:
-            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
-        except OSError:
-            holder = _describe(_read_holder(fd))
-            os.close(fd)
-            raise LvdmError(
-                f"output_dir {self.output_dir} is in use by another lvdm run ({holder}); "
-                "wait for it to finish or stop it, or choose another output_dir"
-            ) from None
-        previous = _read_holder(fd)
-        if previous:
-            notice(f"the previous run in {self.output_dir} ({_describe(previous)}) did not exit cleanly; taking over")
-        holder = {"pid": os.getpid(), "host": socket.gethostname(), "started": time.strftime("%Y-%m-%d %H:%M:%S")}
-        os.ftruncate(fd, 0)
-        os.pwrite(fd, json.dumps(holder).encode(), 0)
-        self.fd = fd
-
-    def release(self, *, refused: bool = False) -> None:
-        """List what the run wrote in the marker, mark a clean exit (empty lock file) and unlock; a refused run
-        leaves no lock file behind if it created it."""
-        if self.fd is None:
-            return
-        try:
-            if refused and self.created:
-                self.path.unlink(missing_ok=True)
-            elif not refused:
-                _list_new_entries(self.output_dir, self.started_with)
-            os.ftruncate(self.fd, 0)
-        except OSError:
-            pass  # a full disk at exit: the lock is released anyway; the next run reports it as not clean
-        finally:
-            fcntl.flock(self.fd, fcntl.LOCK_UN)
-            os.close(self.fd)
-            self.fd = None
-
-
-def _read_holder(fd: int) -> dict[str, Any] | None:
-    try:
-        holder = json.loads(os.pread(fd, 4096, 0) or b"null")
-    except (OSError, ValueError):
-        return None
-    return holder if isinstance(holder, dict) else None
-
-
-def _describe(holder: dict[str, Any] | None) -> str:
-    if not holder:
-        return "holder unknown"
-    pid, host = holder.get("pid"), holder.get("host")
-    state = ""
-    if host == socket.gethostname() and isinstance(pid, int):
-        state = ", still running" if _alive(pid) else ", no longer running"
-    return f"pid {pid} on {host}, started {holder.get('started')}{state}"
-
-
-def _alive(pid: int) -> bool:
-    try:
-        os.kill(pid, 0)
-    except ProcessLookupError:
-        return False
-    except OSError:
-        return True
-    return True
-
-
-_HELD: dict[Path, RunLock] = {}
-
-
-def lock_run(output_dir: Path) -> RunLock:
-    """Take (or, in the same process, reuse) the lock of ``output_dir``; held until :func:`release_run` or exit."""
-    key = output_dir.resolve()
-    if key not in _HELD:
-        lock = RunLock(output_dir)
-        lock.acquire()
-        _HELD[key] = lock
-    return _HELD[key]
-
-
-def release_run(output_dir: Path, *, refused: bool = False) -> None:
-    """Release this process's lock on ``output_dir`` (after listing what the run wrote in its marker)."""
-    lock = _HELD.pop(Path(output_dir).resolve(), None)
-    if lock is not None:
-        lock.release(refused=refused)
-
-
-def record_outputs(output_dir: Path) -> None:
-    """List in the run marker what this run has written so far (called at each checkpoint, so that a run killed
-    with SIGKILL still has its files listed for a later ``train.overwrite``)."""
-    lock = _HELD.get(Path(output_dir).resolve())
-    if lock is not None:
-        try:
-            _list_new_entries(lock.output_dir, lock.started_with)
-        except OSError:
-            pass  # the marker is refreshed again at the next checkpoint and at exit
-
-
-@atexit.register
-def _release_all() -> None:
-    for key in list(_HELD):
-        release_run(key)
 
 
 # ---------------------------------------------------------------------------------------------- resuming

@@ -34,7 +34,7 @@ from tqdm.auto import tqdm
 from lvdm.config import Config, check_machine, config_to_dict, save_config
 from lvdm.errors import CheckpointError, DataError, LvdmError
 from lvdm.sampling_settings import training_fps
-from lvdm.training import run_dir
+from lvdm.training import run_dir, run_lock
 from lvdm.training.checkpoint import load_checkpoint, save_checkpoint
 from lvdm.training.ema import EMA
 from lvdm.training.logs import RunLog
@@ -283,7 +283,7 @@ class Trainer:
             metadata = {"config": self.cfg_dict, "world_size": self.acc.num_processes} | self._clip_fps()
             path = save_checkpoint(root, self.step, parts, keep_last=self.cfg.train.keep_last, metadata=metadata)
             self.export()
-            run_dir.record_outputs(self.out)  # the run marker lists what the run wrote, even if it is killed later
+            run_lock.record_outputs(self.out)  # the run marker lists what the run wrote, even if it is killed later
         self.acc.wait_for_everyone()
         return path
 
@@ -445,7 +445,7 @@ def train(cfg: Config, *, progress: bool = True) -> TrainResult:
     try:
         return Trainer(cfg, progress=progress).run()
     finally:
-        run_dir.release_run(Path(cfg.output_dir))
+        run_lock.release_run(Path(cfg.output_dir))
 
 
 def layout_from_config(model: Any):
