@@ -13,6 +13,8 @@ the base), lvdm's sampling loop with classifier-free guidance batched into one f
 schedules, guidance rescale, x0 thresholding and noise priors (:mod:`lvdm.diffusion`), frame-chunked VAE
 decoding (:mod:`lvdm.models.encoders`) and the media writers (:mod:`lvdm.media`). What is written here is
 the glue: settings (one typed, validated dataclass), seeds, batching, output files and their JSON sidecars.
+The steps of one call (its settings resolved, its initial noise, the denoising loop) are in
+:mod:`lvdm.pipeline_sampling`.
 
 Seeds: video ``k`` of a call (prompt-major: prompt ``i``, copy ``j`` -> ``k = i * num_videos_per_prompt + j``)
 draws its initial noise, and any sampler noise, from its own generator seeded ``seed + k``. So a video depends
@@ -23,9 +25,7 @@ on its own seed only, not on the batch it was drawn in, and its sidecar reproduc
 from __future__ import annotations
 
 import dataclasses
-import hashlib
 import os
-import secrets
 from collections.abc import Callable, Sequence
 from pathlib import Path
 from typing import Any
@@ -38,15 +38,18 @@ from lvdm.configlib import config_to_dict
 from lvdm.errors import ConfigError
 from lvdm.outputs import FORMATS, VideoOutput, media_kind, plan_outputs, read_prompts, refuse_existing
 from lvdm.pipeline_loading import device_problem
-from lvdm.sampling_settings import (
-    DEFAULT_FPS,
-    DEFAULT_FRAMES,
-    DEFAULT_STEPS,
-    SamplingSettings,
-    parse_threshold,
-    sampling_settings,
-    temporal_defaults,
+from lvdm.pipeline_sampling import (
+    _as_prompts,
+    _describe,
+    _negatives,
+    _random_seed,
+    _rows,
+    denoise,
+    initial_noise,
+    make_model_fn,
+    resolve_settings,
 )
+from lvdm.sampling_settings import SamplingSettings, parse_threshold, sampling_settings, temporal_defaults
 
 
 # --------------------------------------------------------------------------------------------------- pipeline
@@ -330,43 +333,8 @@ class VideoPipeline:
 
     # ----------------------------------------------------------------------------------------------- steps
     def _resolve(self, s: SamplingSettings, latents: torch.Tensor | None) -> SamplingSettings:
-        """Fill unset frames, size, fps and seed: from ``latents``, the module's training config, or the base."""
-        native = self.base.unet.config.sample_size * self.vae_scale_factor
-        given = {}
-        if latents is not None:
-            if latents.ndim != 5:
-                raise ConfigError(f"latents must be (b, c, f, h, w), got shape {tuple(latents.shape)}")
-            f, h, w = latents.shape[2:]
-            given = {"num_frames": f, "height": h * self.vae_scale_factor, "width": w * self.vae_scale_factor}
-        fallback = {
-            "num_frames": DEFAULT_FRAMES, "height": native, "width": native, "fps": DEFAULT_FPS,
-            "noise_prior": "independent", "mixed_lambda": 0.5, "num_inference_steps": DEFAULT_STEPS,
-            "scheduler": "ddim",
-        }  # fmt: skip
-        values = {}
-        for key, default in fallback.items():
-            value = getattr(s, key)
-            values[key] = value if value is not None else given.get(key, self.defaults.get(key, default))
-        values["seed"] = s.seed if s.seed is not None else _random_seed()
-        resolved = sampling_settings(**{**config_to_dict(s), **values})
-        problems = [
-            f"{key}={getattr(resolved, key)}: must be divisible by the VAE's factor {self.vae_scale_factor}"
-            for key in ("height", "width")
-            if getattr(resolved, key) % self.vae_scale_factor
-        ]
-        if self.distilled and (resolved.guidance_schedule != "constant" or resolved.guidance_rescale):
-            problems.append(
-                "guidance_schedule / guidance_rescale: a distilled module takes one guidance weight as an input, "
-                "constant over the steps, and no second pass to rescale"
-            )
-        table = self.video.layout.max_frames if self.video is not None else None
-        if table is not None and resolved.num_frames > table and not self.has_context:
-            problems.append(
-                f"num_frames={resolved.num_frames}: this module's motion modules encode at most {table} frames"
-            )
-        if problems:
-            raise ConfigError("; ".join(problems))
-        return resolved
+        """Fill unset frames, size, fps and seed (:func:`~lvdm.pipeline_sampling.resolve_settings`)."""
+        return resolve_settings(self, s, latents)
 
     def _latent_size(self, s: SamplingSettings) -> tuple[int, int]:
         return s.height // self.vae_scale_factor, s.width // self.vae_scale_factor
@@ -379,20 +347,8 @@ class VideoPipeline:
         base_noise: torch.Tensor | int | None,
         generators: list[torch.Generator],
     ) -> torch.Tensor:
-        """The given ``latents``, or noise from the prior, each video from its own generator (float32)."""
-        from lvdm.diffusion import sample_noise
-
-        if latents is not None:
-            if tuple(latents.shape) != shape:
-                raise ConfigError(f"latents must have shape {shape} for these settings, got {tuple(latents.shape)}")
-            return latents.to(device=self.device, dtype=torch.float32)
-        if base_noise is not None and s.noise_prior != "mixed":
-            raise ConfigError(f"base_noise is only used by noise_prior='mixed', not {s.noise_prior!r}")
-        base = _base_noise(base_noise, shape) if base_noise is not None else None
-        return sample_noise(
-            shape, prior=s.noise_prior, mixed_lambda=s.mixed_lambda, base_noise=base,
-            generator=generators, device=self.device,
-        )  # fmt: skip
+        """The given ``latents``, or noise from the prior (:func:`~lvdm.pipeline_sampling.initial_noise`)."""
+        return initial_noise(self, s, shape, latents, base_noise, generators)
 
     @torch.no_grad()
     def _encode(self, texts: list[str]) -> torch.Tensor:
@@ -411,54 +367,8 @@ class VideoPipeline:
         *,
         context: tuple[torch.Tensor, torch.Tensor, int] | None = None,
     ) -> torch.Tensor:
-        """One batch of videos through the sampler, CFG (and context and image guidance) batched into one forward
-        per step.
-
-        ``cond`` / ``uncond``: the model inputs of the conditional / unconditional pass (``encoder_hidden_states``,
-        and ``image_embeds`` with image conditioning); ``context``: ``(latents (b, c, f, h', w'), mask (b, f),
-        flag)``, the given frames of each video."""
-        from lvdm.diffusion import KnownFrames, guidance_schedule, make_scheduler, sample, step_noise_for
-
-        conditions, known, free, image_only = dict(cond), None, None, None
-        if "image_embeds" in cond:
-            conditions["image_scale"] = s.image_scale
-            if s.image_guidance_scale is not None:  # the pass with the image but not the text
-                image_only = {"encoder_hidden_states": uncond["encoder_hidden_states"]}
-        if self.has_fps:  # the motion speed asked for: the module was trained with it (model.fps_conditioning)
-            conditions["fps"] = torch.full((noise.shape[0],), float(s.fps), device=self.device)
-        guidance = guidance_schedule(s.guidance_schedule, s.guidance_scale, **s.guidance_options)
-        if self.distilled and not s.image_mode:  # the weight is the student's input: one forward per step
-            conditions["guidance_scale"] = torch.full((noise.shape[0],), float(s.guidance_scale), device=self.device)
-            guidance = None
-        model_fn = self.model_fn(image_mode=s.image_mode)
-        if context is not None:
-            from lvdm.modules.context_encoder import with_clean_context
-
-            model_fn = with_clean_context(model_fn)  # the given frames clean, at timestep 0, as in training
-            latents, mask, flag = context
-            flags = torch.full((noise.shape[0],), flag, dtype=torch.long, device=self.device)
-            conditions |= {"context_latents": latents, "context_mask": mask, "context_flag": flags}
-            known = KnownFrames(latents, mask, noise)
-            free = {"context_mask": torch.zeros_like(mask)}
-        return sample(
-            model_fn,
-            make_scheduler(s.scheduler, self.base.scheduler.config),
-            latents=noise,
-            num_inference_steps=s.num_inference_steps,
-            cond=conditions,
-            uncond=uncond,
-            known=known,
-            context_free=free,
-            context_guidance=s.context_guidance if context is not None else 1.0,
-            image_only=image_only,
-            image_guidance=s.image_guidance_scale if image_only is not None else None,
-            guidance=guidance,
-            guidance_rescale=s.guidance_rescale,
-            threshold=parse_threshold(s.threshold) if s.threshold else None,
-            generator=generators,  # one per video: scheduler noise (ddpm, euler_a) also follows each video's seed
-            step_noise=step_noise_for(s.noise_prior, s.mixed_lambda),  # that noise follows the prior too
-            progress=progress,
-        )
+        """One batch of videos through the sampler (:func:`~lvdm.pipeline_sampling.denoise`)."""
+        return denoise(self, s, noise, cond, uncond, generators, progress, context=context)
 
     def model_fn(self, *, image_mode: bool = False) -> Callable[..., torch.Tensor]:
         """The denoiser as the sampling loop calls it: ``fn(x (b, c, f, h, w), t (b,), encoder_hidden_states)``.
@@ -466,38 +376,7 @@ class VideoPipeline:
         Inputs are cast to the model's dtype, the output returned as float32. With no temporal module, or with
         ``image_mode``, every frame is denoised on its own by the image model.
         """
-        dtype, video, unet = self.dtype, self.video, self.base.unet
-
-        def video_fn(
-            x: torch.Tensor, t: torch.Tensor, encoder_hidden_states: torch.Tensor, **context: torch.Tensor
-        ) -> torch.Tensor:
-            flags = torch.ones(x.shape[0], device=x.device) if image_mode else None
-            text = encoder_hidden_states.to(dtype)
-            return video(x.to(dtype), t, text, image_only_indicator=flags, **context).float()
-
-        part = self.image_part
-
-        def image_fn(
-            x: torch.Tensor,
-            t: torch.Tensor,
-            encoder_hidden_states: torch.Tensor,
-            image_embeds: torch.Tensor | None = None,
-            image_scale: float = 1.0,
-        ) -> torch.Tensor:
-            from lvdm.modules.image_attention import with_image_tokens
-
-            b, c, f, h, w = x.shape
-            # b c f h w -> (b f) c h w
-            frames = x.permute(0, 2, 1, 3, 4).reshape(b * f, c, h, w).to(dtype)
-            text = encoder_hidden_states.to(dtype).repeat_interleave(f, dim=0)  # b n d -> (b f) n d
-            if image_embeds is not None:  # an IP-Adapter: its tokens beside the text, b n d -> (b f) n d
-                part.set_scale(image_scale)
-                text = with_image_tokens(text, part.tokens(image_embeds).repeat_interleave(f, dim=0))
-            out = unet(frames, t.repeat_interleave(f), text, return_dict=False)[0].float()
-            # (b f) c h w -> b c f h w
-            return out.reshape(b, f, *out.shape[1:]).permute(0, 2, 1, 3, 4)
-
-        return video_fn if video is not None else image_fn
+        return make_model_fn(self, image_mode=image_mode)
 
     @torch.no_grad()
     def decode(self, latents: torch.Tensor, *, chunk_frames: int = 8) -> np.ndarray:
@@ -546,53 +425,6 @@ class VideoPipeline:
             **extra,
             "lvdm_version": __version__,
         }
-
-
-# --------------------------------------------------------------------------------------------------- helpers
-
-
-def _rows(inputs: dict[str, torch.Tensor], rows: slice) -> dict[str, torch.Tensor]:
-    """The videos ``rows`` of per-video model inputs."""
-    return {key: value[rows] for key, value in inputs.items()}
-
-
-def _as_prompts(prompt: str | Sequence[str]) -> list[str]:
-    prompts = [prompt] if isinstance(prompt, str) else list(prompt)
-    if not prompts or not all(isinstance(p, str) for p in prompts):
-        raise ConfigError(f"prompt must be a string or a non-empty list of strings, got {prompt!r}")
-    return prompts
-
-
-def _negatives(negative: str | list[str] | None, prompts: list[str]) -> list[str]:
-    if negative is None or isinstance(negative, str):
-        return [negative or ""] * len(prompts)
-    if len(negative) != len(prompts):
-        raise ConfigError(
-            f"negative_prompt: got {len(negative)} for {len(prompts)} prompts (give one, or one per prompt)"
-        )
-    return list(negative)
-
-
-def _base_noise(base_noise: torch.Tensor | int, shape: tuple[int, ...]) -> torch.Tensor:
-    """The mixed prior's base ``(b, c, 1, h, w)``: drawn from an int seed (one for all videos), or a given tensor."""
-    n, c, _, h, w = shape
-    if isinstance(base_noise, int):
-        base_noise = torch.randn((1, c, 1, h, w), generator=torch.Generator().manual_seed(base_noise))
-    if base_noise.ndim != 5 or base_noise.shape[0] not in (1, n) or tuple(base_noise.shape[1:]) != (c, 1, h, w):
-        raise ConfigError(f"base_noise must be (1 or {n}, {c}, 1, {h}, {w}), got {tuple(base_noise.shape)}")
-    return base_noise.float().expand(n, c, 1, h, w)  # (1 or b) c 1 h w -> b c 1 h w
-
-
-def _describe(base_noise: torch.Tensor | int | None) -> int | str | None:
-    """How a sidecar records the base noise: its seed, or a fingerprint of a given tensor."""
-    if base_noise is None or isinstance(base_noise, int):
-        return base_noise
-    digest = hashlib.sha256(base_noise.detach().float().cpu().numpy().tobytes()).hexdigest()[:16]
-    return f"tensor {tuple(base_noise.shape)} sha256:{digest}"
-
-
-def _random_seed() -> int:
-    return secrets.randbelow(2**31)
 
 
 __all__ = [

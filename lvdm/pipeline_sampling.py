@@ -1,0 +1,237 @@
+"""The steps of one :class:`~lvdm.VideoPipeline` call: its settings resolved, its initial noise, the denoiser and
+the sampling loop around it (classifier-free, context and image guidance batched into one forward per step).
+
+:class:`~lvdm.pipeline.VideoPipeline` keeps the calls people make and thin private methods over these functions,
+which :mod:`lvdm.context_sampling` also calls, chunk by chunk and window by window; the helpers at the end are
+shared by ``__call__`` and ``render``. Seeds follow the rule in :mod:`lvdm.pipeline`: video ``k`` of a call draws
+from its own generator, seeded ``seed + k``.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import secrets
+from collections.abc import Callable, Sequence
+from typing import Any
+
+import torch
+
+from lvdm.configlib import config_to_dict
+from lvdm.errors import ConfigError
+from lvdm.sampling_settings import (
+    DEFAULT_FPS,
+    DEFAULT_FRAMES,
+    DEFAULT_STEPS,
+    SamplingSettings,
+    parse_threshold,
+    sampling_settings,
+)
+
+
+def resolve_settings(pipe: Any, s: SamplingSettings, latents: torch.Tensor | None) -> SamplingSettings:
+    """Fill unset frames, size, fps and seed: from ``latents``, the module's training config, or the base."""
+    native = pipe.base.unet.config.sample_size * pipe.vae_scale_factor
+    given = {}
+    if latents is not None:
+        if latents.ndim != 5:
+            raise ConfigError(f"latents must be (b, c, f, h, w), got shape {tuple(latents.shape)}")
+        f, h, w = latents.shape[2:]
+        given = {"num_frames": f, "height": h * pipe.vae_scale_factor, "width": w * pipe.vae_scale_factor}
+    fallback = {
+        "num_frames": DEFAULT_FRAMES, "height": native, "width": native, "fps": DEFAULT_FPS,
+        "noise_prior": "independent", "mixed_lambda": 0.5, "num_inference_steps": DEFAULT_STEPS,
+        "scheduler": "ddim",
+    }  # fmt: skip
+    values = {}
+    for key, default in fallback.items():
+        value = getattr(s, key)
+        values[key] = value if value is not None else given.get(key, pipe.defaults.get(key, default))
+    values["seed"] = s.seed if s.seed is not None else _random_seed()
+    resolved = sampling_settings(**{**config_to_dict(s), **values})
+    problems = [
+        f"{key}={getattr(resolved, key)}: must be divisible by the VAE's factor {pipe.vae_scale_factor}"
+        for key in ("height", "width")
+        if getattr(resolved, key) % pipe.vae_scale_factor
+    ]
+    if pipe.distilled and (resolved.guidance_schedule != "constant" or resolved.guidance_rescale):
+        problems.append(
+            "guidance_schedule / guidance_rescale: a distilled module takes one guidance weight as an input, "
+            "constant over the steps, and no second pass to rescale"
+        )
+    table = pipe.video.layout.max_frames if pipe.video is not None else None
+    if table is not None and resolved.num_frames > table and not pipe.has_context:
+        problems.append(
+            f"num_frames={resolved.num_frames}: this module's motion modules encode at most {table} frames"
+        )
+    if problems:
+        raise ConfigError("; ".join(problems))
+    return resolved
+
+
+def initial_noise(
+    pipe: Any,
+    s: SamplingSettings,
+    shape: tuple[int, ...],
+    latents: torch.Tensor | None,
+    base_noise: torch.Tensor | int | None,
+    generators: list[torch.Generator],
+) -> torch.Tensor:
+    """The given ``latents``, or noise from the prior, each video from its own generator (float32)."""
+    from lvdm.diffusion import sample_noise
+
+    if latents is not None:
+        if tuple(latents.shape) != shape:
+            raise ConfigError(f"latents must have shape {shape} for these settings, got {tuple(latents.shape)}")
+        return latents.to(device=pipe.device, dtype=torch.float32)
+    if base_noise is not None and s.noise_prior != "mixed":
+        raise ConfigError(f"base_noise is only used by noise_prior='mixed', not {s.noise_prior!r}")
+    base = _base_noise(base_noise, shape) if base_noise is not None else None
+    return sample_noise(
+        shape, prior=s.noise_prior, mixed_lambda=s.mixed_lambda, base_noise=base,
+        generator=generators, device=pipe.device,
+    )  # fmt: skip
+
+
+def denoise(
+    pipe: Any,
+    s: SamplingSettings,
+    noise: torch.Tensor,
+    cond: dict[str, torch.Tensor],
+    uncond: dict[str, torch.Tensor],
+    generators: list[torch.Generator],
+    progress: bool,
+    *,
+    context: tuple[torch.Tensor, torch.Tensor, int] | None = None,
+) -> torch.Tensor:
+    """One batch of videos through the sampler, CFG (and context and image guidance) batched into one forward
+    per step.
+
+    ``cond`` / ``uncond``: the model inputs of the conditional / unconditional pass (``encoder_hidden_states``,
+    and ``image_embeds`` with image conditioning); ``context``: ``(latents (b, c, f, h', w'), mask (b, f),
+    flag)``, the given frames of each video."""
+    from lvdm.diffusion import KnownFrames, guidance_schedule, make_scheduler, sample, step_noise_for
+
+    conditions, known, free, image_only = dict(cond), None, None, None
+    if "image_embeds" in cond:
+        conditions["image_scale"] = s.image_scale
+        if s.image_guidance_scale is not None:  # the pass with the image but not the text
+            image_only = {"encoder_hidden_states": uncond["encoder_hidden_states"]}
+    if pipe.has_fps:  # the motion speed asked for: the module was trained with it (model.fps_conditioning)
+        conditions["fps"] = torch.full((noise.shape[0],), float(s.fps), device=pipe.device)
+    guidance = guidance_schedule(s.guidance_schedule, s.guidance_scale, **s.guidance_options)
+    if pipe.distilled and not s.image_mode:  # the weight is the student's input: one forward per step
+        conditions["guidance_scale"] = torch.full((noise.shape[0],), float(s.guidance_scale), device=pipe.device)
+        guidance = None
+    model_fn = pipe.model_fn(image_mode=s.image_mode)
+    if context is not None:
+        from lvdm.modules.context_encoder import with_clean_context
+
+        model_fn = with_clean_context(model_fn)  # the given frames clean, at timestep 0, as in training
+        latents, mask, flag = context
+        flags = torch.full((noise.shape[0],), flag, dtype=torch.long, device=pipe.device)
+        conditions |= {"context_latents": latents, "context_mask": mask, "context_flag": flags}
+        known = KnownFrames(latents, mask, noise)
+        free = {"context_mask": torch.zeros_like(mask)}
+    return sample(
+        model_fn,
+        make_scheduler(s.scheduler, pipe.base.scheduler.config),
+        latents=noise,
+        num_inference_steps=s.num_inference_steps,
+        cond=conditions,
+        uncond=uncond,
+        known=known,
+        context_free=free,
+        context_guidance=s.context_guidance if context is not None else 1.0,
+        image_only=image_only,
+        image_guidance=s.image_guidance_scale if image_only is not None else None,
+        guidance=guidance,
+        guidance_rescale=s.guidance_rescale,
+        threshold=parse_threshold(s.threshold) if s.threshold else None,
+        generator=generators,  # one per video: scheduler noise (ddpm, euler_a) also follows each video's seed
+        step_noise=step_noise_for(s.noise_prior, s.mixed_lambda),  # that noise follows the prior too
+        progress=progress,
+    )
+
+
+def make_model_fn(pipe: Any, *, image_mode: bool = False) -> Callable[..., torch.Tensor]:
+    """What :meth:`VideoPipeline.model_fn <lvdm.pipeline.VideoPipeline.model_fn>` returns (documented there): the
+    temporal module's denoiser, or the image model's applied frame by frame."""
+    dtype, video, unet = pipe.dtype, pipe.video, pipe.base.unet
+
+    def video_fn(
+        x: torch.Tensor, t: torch.Tensor, encoder_hidden_states: torch.Tensor, **context: torch.Tensor
+    ) -> torch.Tensor:
+        flags = torch.ones(x.shape[0], device=x.device) if image_mode else None
+        text = encoder_hidden_states.to(dtype)
+        return video(x.to(dtype), t, text, image_only_indicator=flags, **context).float()
+
+    part = pipe.image_part
+
+    def image_fn(
+        x: torch.Tensor,
+        t: torch.Tensor,
+        encoder_hidden_states: torch.Tensor,
+        image_embeds: torch.Tensor | None = None,
+        image_scale: float = 1.0,
+    ) -> torch.Tensor:
+        from lvdm.modules.image_attention import with_image_tokens
+
+        b, c, f, h, w = x.shape
+        # b c f h w -> (b f) c h w
+        frames = x.permute(0, 2, 1, 3, 4).reshape(b * f, c, h, w).to(dtype)
+        text = encoder_hidden_states.to(dtype).repeat_interleave(f, dim=0)  # b n d -> (b f) n d
+        if image_embeds is not None:  # an IP-Adapter: its tokens beside the text, b n d -> (b f) n d
+            part.set_scale(image_scale)
+            text = with_image_tokens(text, part.tokens(image_embeds).repeat_interleave(f, dim=0))
+        out = unet(frames, t.repeat_interleave(f), text, return_dict=False)[0].float()
+        # (b f) c h w -> b c f h w
+        return out.reshape(b, f, *out.shape[1:]).permute(0, 2, 1, 3, 4)
+
+    return video_fn if video is not None else image_fn
+
+
+# --------------------------------------------------------------------------------------------------- helpers
+
+
+def _rows(inputs: dict[str, torch.Tensor], rows: slice) -> dict[str, torch.Tensor]:
+    """The videos ``rows`` of per-video model inputs."""
+    return {key: value[rows] for key, value in inputs.items()}
+
+
+def _as_prompts(prompt: str | Sequence[str]) -> list[str]:
+    prompts = [prompt] if isinstance(prompt, str) else list(prompt)
+    if not prompts or not all(isinstance(p, str) for p in prompts):
+        raise ConfigError(f"prompt must be a string or a non-empty list of strings, got {prompt!r}")
+    return prompts
+
+
+def _negatives(negative: str | list[str] | None, prompts: list[str]) -> list[str]:
+    if negative is None or isinstance(negative, str):
+        return [negative or ""] * len(prompts)
+    if len(negative) != len(prompts):
+        raise ConfigError(
+            f"negative_prompt: got {len(negative)} for {len(prompts)} prompts (give one, or one per prompt)"
+        )
+    return list(negative)
+
+
+def _base_noise(base_noise: torch.Tensor | int, shape: tuple[int, ...]) -> torch.Tensor:
+    """The mixed prior's base ``(b, c, 1, h, w)``: drawn from an int seed (one for all videos), or a given tensor."""
+    n, c, _, h, w = shape
+    if isinstance(base_noise, int):
+        base_noise = torch.randn((1, c, 1, h, w), generator=torch.Generator().manual_seed(base_noise))
+    if base_noise.ndim != 5 or base_noise.shape[0] not in (1, n) or tuple(base_noise.shape[1:]) != (c, 1, h, w):
+        raise ConfigError(f"base_noise must be (1 or {n}, {c}, 1, {h}, {w}), got {tuple(base_noise.shape)}")
+    return base_noise.float().expand(n, c, 1, h, w)  # (1 or b) c 1 h w -> b c 1 h w
+
+
+def _describe(base_noise: torch.Tensor | int | None) -> int | str | None:
+    """How a sidecar records the base noise: its seed, or a fingerprint of a given tensor."""
+    if base_noise is None or isinstance(base_noise, int):
+        return base_noise
+    digest = hashlib.sha256(base_noise.detach().float().cpu().numpy().tobytes()).hexdigest()[:16]
+    return f"tensor {tuple(base_noise.shape)} sha256:{digest}"
+
+
+def _random_seed() -> int:
+    return secrets.randbelow(2**31)
