@@ -332,43 +332,19 @@ class VideoPipeline:
         return written
 
     # ----------------------------------------------------------------------------------------------- steps
-    def _resolve(self, s: SamplingSettings, latents: torch.Tensor | None) -> SamplingSettings:
-        """Fill unset frames, size, fps and seed (:func:`~lvdm.pipeline_sampling.resolve_settings`)."""
-        return resolve_settings(self, s, latents)
+    # the steps of a call live in lvdm.pipeline_sampling as functions of the pipeline; here they are its methods
+    _resolve = resolve_settings  # fill unset frames, size, fps and seed
+    _initial_noise = initial_noise  # the given latents, or noise from the prior
+    _denoise = denoise  # one batch of videos through the sampler
 
     def _latent_size(self, s: SamplingSettings) -> tuple[int, int]:
         return s.height // self.vae_scale_factor, s.width // self.vae_scale_factor
-
-    def _initial_noise(
-        self,
-        s: SamplingSettings,
-        shape: tuple[int, ...],
-        latents: torch.Tensor | None,
-        base_noise: torch.Tensor | int | None,
-        generators: list[torch.Generator],
-    ) -> torch.Tensor:
-        """The given ``latents``, or noise from the prior (:func:`~lvdm.pipeline_sampling.initial_noise`)."""
-        return initial_noise(self, s, shape, latents, base_noise, generators)
 
     @torch.no_grad()
     def _encode(self, texts: list[str]) -> torch.Tensor:
         from lvdm.models.encoders import encode_text
 
         return encode_text(self.base.tokenizer, self.base.text_encoder, texts).to(self.device)
-
-    def _denoise(
-        self,
-        s: SamplingSettings,
-        noise: torch.Tensor,
-        cond: dict[str, torch.Tensor],
-        uncond: dict[str, torch.Tensor],
-        generators: list[torch.Generator],
-        progress: bool,
-        *,
-        context: tuple[torch.Tensor, torch.Tensor, int] | None = None,
-    ) -> torch.Tensor:
-        """One batch of videos through the sampler (:func:`~lvdm.pipeline_sampling.denoise`)."""
-        return denoise(self, s, noise, cond, uncond, generators, progress, context=context)
 
     def model_fn(self, *, image_mode: bool = False) -> Callable[..., torch.Tensor]:
         """The denoiser as the sampling loop calls it: ``fn(x (b, c, f, h, w), t (b,), encoder_hidden_states)``.
