@@ -291,6 +291,15 @@ class TrainConfig:
         True, "decoder target: scale the adversarial loss by VQGAN's rule (L1 / adversarial gradient norm ratio)"
     )
     disc_lr: float | None = option(None, "decoder target: the discriminator's learning rate; null: train.lr", gt=0)
+    perceptual_weight: float = option(
+        0.0, "decoder target: weight of the LPIPS perceptual loss (0: off; needs train.perceptual_backbone)", min=0
+    )
+    perceptual_net: Literal["vgg", "alex", "squeeze"] = option("vgg", "decoder target: the LPIPS backbone")
+    perceptual_backbone: str | None = option(
+        None,
+        "decoder target: torchvision's ImageNet weights of train.perceptual_net (.safetensors, or .pth with "
+        "model.allow_pickle), the one download LPIPS needs; lvdm never downloads it",
+    )
     upscale_patch: int = option(
         64, "upscale target: high-res patch size in pixels, cut at one place in every frame of a clip", min=8
     )

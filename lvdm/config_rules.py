@@ -34,6 +34,8 @@ def _motion_module_problems(cfg: Config) -> list[str]:
 def _decoder_problems(cfg: Config) -> list[str]:
     """What the decoder target cannot combine with: it trains the VAE decoder on clips, and nothing of the UNet."""
     if cfg.train.target != "decoder":
+        if cfg.train.perceptual_weight:
+            return [f"train.perceptual_weight: the decoder target's loss; train.target={cfg.train.target} has none"]
         return []
     m = cfg.model
     unet_parts = {
@@ -49,6 +51,11 @@ def _decoder_problems(cfg: Config) -> list[str]:
     ]
     if cfg.data.num_frames < 2:
         problems.append("data.num_frames: a temporal decoder learns from at least 2 frames per clip")
+    if cfg.train.perceptual_weight and not cfg.train.perceptual_backbone:
+        problems.append(
+            "train.perceptual_backbone: required with train.perceptual_weight > 0 (torchvision's ImageNet weights "
+            f"of the {cfg.train.perceptual_net} backbone, which lvdm does not download)"
+        )
     return problems
 
 

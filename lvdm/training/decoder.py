@@ -2,9 +2,11 @@
 
 Each clip is encoded by the base's frozen VAE encoder (a latent drawn from its Gaussian, seeded like every draw of a
 step) and decoded by the video decoder (:mod:`lvdm.models.temporal_vae`, diffusers' ``AutoencoderKLTemporalDecoder``
-started as the image decoder); the loss is the L1 distance to the clip plus, from ``train.disc_start`` on, the
-adversarial loss of a 3D-conv patch discriminator (:mod:`lvdm.modules.discriminator`, hinge), weighted by
-``train.disc_weight`` and, with ``train.disc_adaptive``, VQGAN's gradient-ratio rule at the decoder's last layer.
+started as the image decoder); the loss is the L1 distance to the clip, plus ``train.perceptual_weight`` times the
+frames' LPIPS distance (:mod:`lvdm.modules.perceptual`; the backbone's weights a file the user names), plus, from
+``train.disc_start`` on, the adversarial loss of a 3D-conv patch discriminator (:mod:`lvdm.modules.discriminator`,
+hinge), weighted by ``train.disc_weight`` and, with ``train.disc_adaptive``, VQGAN's gradient-ratio rule at the
+decoder's last layer (against the L1 and perceptual terms together, as VQGAN weighs it).
 
 The discriminator and its optimizer belong to the objective: they are stepped in :meth:`DecoderObjective.after_step`
 on the micro-batches of the step just taken (the decoder's output detached; under several processes its gradients
@@ -19,12 +21,10 @@ frame-to-frame change the decoder adds or removes. ``flicker_gain`` is the image
 video decoder's (above 1: less flicker); ``temporal_flicker_gain`` is the same video decoder given each frame alone
 over given the video: what its temporal layers contribute, measured on the same weights with the other frames
 removed (a decoder trained as a whole also improves frame by frame, which the first figure counts and this one does
-not).
+not). With the perceptual loss on, the LPIPS distance of both decoders is reported too.
 
 With ``data.cache`` the latents come from the latent cache, which for this target also keeps each clip's pixels
 (``python -m lvdm.cache`` with the decoder config).
-
-Not yet: a perceptual (LPIPS) loss term.
 """
 
 from __future__ import annotations
@@ -125,6 +125,13 @@ class DecoderObjective(Objective):
         self.disc_optimizer = torch.optim.AdamW(
             self.disc.parameters(), lr=train.disc_lr or train.lr, betas=(0.5, 0.9), weight_decay=0.0
         )
+        self.perceptual = None
+        if train.perceptual_weight:
+            from lvdm.modules.perceptual import load_perceptual
+
+            self.perceptual = load_perceptual(
+                train.perceptual_net, train.perceptual_backbone, allow_pickle=cfg.model.allow_pickle
+            ).to(device)
         self.pending: list[tuple[torch.Tensor, torch.Tensor]] = []  # (clips, decoded) of the step being taken
         self.steps = 0
         self.adv_weight: float | None = None
@@ -169,6 +176,9 @@ class DecoderObjective(Objective):
         decoded = model_fn(frames, num_frames=f).float()
         decoded = decoded.reshape(b, f, *decoded.shape[1:])  # (b f) 3 H W -> b f 3 H W
         reconstruction = (decoded - target).abs().mean(dim=(1, 2, 3, 4))
+        if self.perceptual is not None:  # b f 3 h w -> (b f) 3 h w, per clip the frames' mean
+            distance = self.perceptual(decoded.flatten(0, 1), target.flatten(0, 1)).view(b, f).mean(dim=1)
+            reconstruction = reconstruction + train.perceptual_weight * distance
         self.pending.append((target.detach(), decoded.detach()))
         if not self.disc_active:
             return reconstruction
@@ -258,10 +268,23 @@ class DecoderObjective(Objective):
         for name, key in (("image", "image_decoder"), ("video", "video_decoder"), ("each_frame", "each_frame")):
             figures[f"psnr_{key}"] = psnr(rec[name], rec["clips"])
             figures[f"flicker_{key}"] = flicker_error(rec[name], rec["clips"])
+        if self.perceptual is not None:
+            for name, key in (("image", "image_decoder"), ("video", "video_decoder")):
+                figures[f"lpips_{key}"] = self.lpips_distance(rec[name], rec["clips"])
         video = max(figures["flicker_video_decoder"], 1e-12)
         figures["flicker_gain"] = figures["flicker_image_decoder"] / video
         figures["temporal_flicker_gain"] = figures["flicker_each_frame"] / video
         return figures
+
+    @torch.no_grad()
+    def lpips_distance(self, decoded: torch.Tensor, clips: torch.Tensor, chunk: int = 16) -> float:
+        """Mean per-frame LPIPS distance of ``(n, f, 3, h, w)`` videos to the clips, ``chunk`` frames at a time."""
+        frames, truth = decoded.flatten(0, 1), clips.flatten(0, 1)
+        distances = [
+            self.perceptual(frames[i : i + chunk].to(self.device), truth[i : i + chunk].to(self.device)).cpu()
+            for i in range(0, len(frames), chunk)
+        ]
+        return float(torch.cat(distances).mean())
 
     def render(
         self, model: Any, out_dir: Path, *, fps: float | None = None, batches: list[dict[str, Any]] | None = None
