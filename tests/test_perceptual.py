@@ -91,7 +91,7 @@ def test_backbone_files_are_read_safely(tmp_path, capsys):
         read_backbone(tmp_path / "evil.pth", allow_pickle=True)  # weights_only: the payload never runs
     assert "a pickle ran code" not in capsys.readouterr().out
     (tmp_path / "torn.safetensors").write_bytes(b"\x10\x00\x00\x00\x00\x00\x00\x00{not json")
-    with pytest.raises(CheckpointError, match="not readable"):
+    with pytest.raises(CheckpointError, match="not a readable safetensors file"):
         read_backbone(tmp_path / "torn.safetensors")
 
 

@@ -38,24 +38,19 @@ def _import_lpips():
 
 def read_backbone(path: str | os.PathLike, *, allow_pickle: bool = False) -> dict[str, torch.Tensor]:
     """The backbone's ``features.*`` weights from ``path``: ``.safetensors``, or (``allow_pickle``) torchvision's
-    ``.pth``, read with ``torch.load(weights_only=True)``."""
-    path = os.fspath(path)
-    if not os.path.isfile(path):
-        raise CheckpointError(f"train.perceptual_backbone: {path} does not exist (torchvision's ImageNet weights)")
+    ``.pth``, read with ``torch.load(weights_only=True)``; refused as every weights file lvdm reads is
+    (:func:`lvdm.models.loading.check_weights_file`)."""
+    from lvdm.models.loading import check_weights_file
+
+    path = Path(path)
+    check_weights_file(path, allow_pickle=allow_pickle, what="train.perceptual_backbone:")
     try:
-        if path.endswith(".safetensors"):
+        if path.suffix == ".safetensors":
             from safetensors.torch import load_file
 
             state = load_file(path)
-        elif allow_pickle:
-            state = torch.load(path, map_location="cpu", weights_only=True)
         else:
-            raise CheckpointError(
-                f"train.perceptual_backbone: {path} is not a .safetensors file; pickled weights (.pth) can run code, "
-                "so set model.allow_pickle to read it"
-            )
-    except CheckpointError:
-        raise
+            state = torch.load(path, map_location="cpu", weights_only=True)
     except Exception as exc:  # noqa: BLE001 - a damaged file or a refused pickle, told in one line
         raise CheckpointError(f"train.perceptual_backbone: {path} is not readable: {exc}") from None
     if not isinstance(state, dict):
