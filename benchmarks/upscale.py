@@ -5,7 +5,8 @@
 - **memory** (fake tensors, as :mod:`benchmarks.memory`; no GPU needed): one denoising step of SD's x4 upscaler
   (its real architecture, random weights, fp16) with the videoldm temporal layers, on a 16-frame 256x256 video
   (1024x1024 out) with text guidance (a batch of 2), whole and in 128 px tiles sharing 32
-  (:func:`lvdm.tiles.tiled`); and the x4 VAE decoding one frame whole and in 64-latent tiles sharing 16;
+  (:func:`lvdm.tiles.tiled`, with the reference run for the frame's GroupNorm statistics, as the pipeline runs it);
+  and the x4 VAE decoding one frame whole and in 64-latent tiles sharing 16;
 - **patch step per pixel**: a training step of the same model shape (a quarter of its width but at ``--size sd15``)
   on ``--size``'s frames and latent size vs on patches a quarter of their area (the batch four times larger, so
   both see the same pixels), seconds per high-res pixel, interleaved.
@@ -81,7 +82,8 @@ def sampling_memory(frames: int = 16, size: int = 256, tile: int = 128, overlap:
             low = torch.empty(2, 3, frames, size, size, dtype=torch.float16)
             t, labels = torch.zeros(2, dtype=torch.long), torch.zeros(2, dtype=torch.long)
             text = torch.empty(2, 77, 1024, dtype=torch.float16)
-            run = fn if window is None else tiled(fn, (None, window, window), (0, overlap, overlap))
+            windows = (None, window, window)
+            run = fn if window is None else tiled(fn, windows, (0, overlap, overlap), norms=model, multiple=8)
             run(x, t, text, low_res=low, labels=labels)
 
         return call
@@ -93,7 +95,7 @@ def sampling_memory(frames: int = 16, size: int = 256, tile: int = 128, overlap:
             def fn(latents):  # b c f h w -> b 3 f H W, one frame
                 return vae.decode(latents[:, :, 0]).sample[:, :, None]
 
-            run = fn if window is None else tiled(fn, (1, window, window), (0, 16, 16), scale=4)
+            run = fn if window is None else tiled(fn, (1, window, window), (0, 16, 16), scale=4, norms=vae)
             run(z)
 
         return call

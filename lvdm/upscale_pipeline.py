@@ -8,8 +8,9 @@ together, without one (or ``image_mode``) every frame is upscaled alone, as diff
 
 Large inputs run in **tiles**: the model over overlapping windows of ``tile`` low-res pixels (and of
 ``chunk_frames`` frames), their outputs cross-faded at every step (:func:`lvdm.tiles.tiled`), and the VAE over
-overlapping latent tiles, cross-faded in pixels. A frame size the UNet cannot take (not a multiple of its
-downsampling) is padded by reflection and the output cropped back.
+overlapping latent tiles, cross-faded in pixels; both normalise every tile by the frame's GroupNorm statistics
+(:mod:`lvdm.tile_norms`). A frame size the UNet cannot take (not a multiple of its downsampling) is padded by
+reflection and the output cropped back.
 """
 
 from __future__ import annotations
@@ -116,6 +117,7 @@ class UpscalePipeline:
         tile: int | None = None,
         tile_overlap: int | None = None,
         chunk_frames: int | None = None,
+        frame_norms: bool = True,
         image_mode: bool = False,
         fps: float | None = None,
         progress: bool = True,
@@ -134,6 +136,9 @@ class UpscalePipeline:
                 ``None``: the whole frame at once.
             chunk_frames: the model over windows of this many frames (default: every frame at once), sharing a
                 quarter of them.
+            frame_norms: in tiles, every GroupNorm normalises by the frame's statistics, estimated by one more run
+                on the frame subsampled to a tile's size (:mod:`lvdm.tile_norms`); ``False``: by each tile's own,
+                which makes tiles disagree.
             image_mode: upscale every frame alone even with a temporal module (a one-frame video always is).
             fps: the output's frame rate (default: the file's, else 8).
 
@@ -159,20 +164,22 @@ class UpscalePipeline:
         if tile is not None or chunk_frames is not None:
             overlap = tile_overlap if tile_overlap is not None else (tile or 0) // 4
             model_fn = tiled(
-                model_fn, (chunk_frames, tile, tile), (max(1, (chunk_frames or 0) // 4), overlap, overlap)
-            )
+                model_fn, (chunk_frames, tile, tile), (max(1, (chunk_frames or 0) // 4), overlap, overlap),
+                norms=(self.base.unet if by_frame else self.video) if frame_norms else None, multiple=self.multiple,
+            )  # fmt: skip
         clean = sample(
             model_fn, make_scheduler(scheduler, self.base.scheduler.config), latents=noise,
             num_inference_steps=num_inference_steps, cond=cond, uncond={"encoder_hidden_states": text[1:]},
             guidance=guidance_schedule("constant", guidance_scale), generator=[generator], progress=progress,
         )  # fmt: skip
-        frames = self.decode(clean, tile=tile, tile_overlap=tile_overlap)[:, :, : h * self.scale, : w * self.scale]
+        frames = self.decode(clean, tile=tile, tile_overlap=tile_overlap, frame_norms=frame_norms)
+        frames = frames[:, :, : h * self.scale, : w * self.scale]
         rate = float(fps or low.fps or DEFAULT_FPS)
         record = {
             "upscale": {
                 "source": low.source, "low_res_size": [w, h], "noise_level": noise_level,
                 "num_inference_steps": num_inference_steps, "guidance_scale": guidance_scale, "scheduler": scheduler,
-                "tile": tile, "tile_overlap": tile_overlap, "chunk_frames": chunk_frames,
+                "tile": tile, "tile_overlap": tile_overlap, "chunk_frames": chunk_frames, "frame_norms": frame_norms,
             },
             "prompt": prompt, "negative_prompt": negative_prompt, "seed": seed,
             "mode": "image" if by_frame else "video", "model": self.sources,
@@ -245,9 +252,17 @@ class UpscalePipeline:
         return with_low_res(fn)
 
     @torch.no_grad()
-    def decode(self, latents: torch.Tensor, *, tile: int | None = None, tile_overlap: int | None = None) -> np.ndarray:
+    def decode(
+        self,
+        latents: torch.Tensor,
+        *,
+        tile: int | None = None,
+        tile_overlap: int | None = None,
+        frame_norms: bool = True,
+    ) -> np.ndarray:
         """Latents ``(b, 4, f, h, w)`` -> uint8 frames ``(b, f, 4h, 4w, 3)``, frame by frame, over ``tile`` x
-        ``tile`` latent windows sharing ``tile_overlap`` (default a quarter) where given."""
+        ``tile`` latent windows sharing ``tile_overlap`` (default a quarter) where given, normalised by each frame's
+        statistics (``frame_norms``, :mod:`lvdm.tile_norms`) or each tile's own."""
         from lvdm.media import to_uint8_frames
         from lvdm.models.encoders import decode_latents
         from lvdm.tiles import tiled
@@ -257,7 +272,8 @@ class UpscalePipeline:
 
         if tile is not None:
             overlap = tile_overlap if tile_overlap is not None else tile // 4
-            decode = tiled(decode, (1, tile, tile), (0, overlap, overlap), scale=self.scale)
+            norms = self.base.vae if frame_norms else None
+            decode = tiled(decode, (1, tile, tile), (0, overlap, overlap), scale=self.scale, norms=norms)
         video = decode(latents).permute(0, 2, 1, 3, 4)  # b 3 f H W -> b f 3 H W
         return np.stack([to_uint8_frames(clip.float().cpu()) for clip in video])
 

@@ -55,9 +55,10 @@ def _edge_ratio(tiled: np.ndarray, whole: np.ndarray, starts: list[int], axis: i
 
 def test_overlapping_tiles_leave_no_seam_where_cut_tiles_do(upscale_run, demo_root: Path):  # noqa: F811
     """A clip at 32x32 px low-res upscaled whole and in 16 px tiles. Cut tiles (no overlap) jump where they meet,
-    many times more than the whole upscale changes there; tiles sharing 8 px, cross-faded, do not (the control is
-    the cut tiles). They do not equal the whole upscale: the UNet and the VAE normalise each tile by its own
-    statistics (GroupNorm) and attend within it, which at this size changes the result (README)."""
+    many times more than the whole upscale changes there; tiles sharing 8 px, cross-faded, change there as the whole
+    upscale does (within 1.5x; the control is the cut tiles). With the frame's GroupNorm statistics the tiled upscale
+    is far closer to the whole one than with each tile's own (the control); what is left is attention within a tile
+    (lvdm.tile_norms)."""
     from lvdm import UpscalePipeline
     from lvdm.data.readers import read_frames
     from lvdm.tiles import spans
@@ -69,9 +70,12 @@ def test_overlapping_tiles_leave_no_seam_where_cut_tiles_do(upscale_run, demo_ro
     whole = pipe(frames, "", **kw).frames[0].astype(float)
     cut = pipe(frames, "", tile=16, tile_overlap=0, **kw).frames[0].astype(float)
     blended = pipe(frames, "", tile=16, tile_overlap=8, **kw).frames[0].astype(float)
+    own = pipe(frames, "", tile=16, tile_overlap=8, frame_norms=False, **kw).frames[0].astype(float)
     windows = spans(32, 16, 8)
     starts = sorted({end for _, end in windows[:-1]} | {begin for begin, _ in windows[1:]})
     for axis in (1, 2):  # rows, columns
         cut_ratio = _edge_ratio(cut, whole, [16], axis)
         blended_ratio = _edge_ratio(blended, whole, starts, axis)
-        assert cut_ratio > 3 and blended_ratio < cut_ratio / 3, (axis, cut_ratio, blended_ratio)
+        assert cut_ratio > 3 and blended_ratio < 1.5, (axis, cut_ratio, blended_ratio)
+    shared_error, own_error = np.abs(blended - whole).mean(), np.abs(own - whole).mean()
+    assert shared_error < 0.75 * own_error, (shared_error, own_error)

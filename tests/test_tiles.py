@@ -1,5 +1,6 @@
 """Overlapping windows (lvdm.tiles): they cover the video, cross-fade to one, and a window-by-window model run
-equals the whole run where the model is local, and wherever a position lies in one window only."""
+equals the whole run where the model is local, and wherever a position lies in one window only; with the frame's
+GroupNorm statistics recorded on a subsampled run, tiles normalise as the whole frame does."""
 
 from __future__ import annotations
 
@@ -21,8 +22,8 @@ def test_windows_cover_the_video_and_cross_fade_to_one():
             cover[begin:end] += 1
         assert (total > 0).all()  # every position has weight (the callers divide by the total)
         assert torch.allclose(total[cover <= 2], torch.ones(frames)[cover <= 2])  # two windows: the weights sum to 1
-    weights = cross_fade(8, 3, 2)
-    assert weights.tolist() == pytest.approx([0.25, 0.5, 0.75, 1, 1, 1, 2 / 3, 1 / 3])
+    weights = cross_fade(8, 3, 2)  # raised-cosine ramps: sin^2(pi/2 * i / 4) rising, cos^2(pi/2 * i / 3) falling
+    assert weights.tolist() == pytest.approx([0.5 - 0.5**1.5, 0.5, 0.5 + 0.5**1.5, 1, 1, 1, 0.75, 0.25])
     assert (cross_fade(8, 0, 3)[-3:] + cross_fade(8, 3, 0)[:3]).tolist() == pytest.approx([1, 1, 1])
     with pytest.raises(ValueError, match="smaller than the window"):
         spans(20, 4, 4)
@@ -49,3 +50,46 @@ def test_a_local_model_run_in_tiles_equals_the_whole_run():
     calls.clear()
     assert torch.equal(tiled(fn, (None, 20, 20), (0, 4, 4))(x, None, low_res=low, scale=2.0), whole)
     assert len(calls) == 1
+
+
+def _normed_model() -> tuple[torch.nn.Module, object]:
+    """Position-wise layers with two GroupNorms between them: tiles differ from the whole frame only through the
+    statistics the norms see."""
+    torch.manual_seed(0)
+    net = torch.nn.Sequential(
+        torch.nn.Conv2d(4, 8, 1), torch.nn.GroupNorm(2, 8), torch.nn.SiLU(), torch.nn.Conv2d(8, 8, 1),
+        torch.nn.GroupNorm(4, 8), torch.nn.Conv2d(8, 3, 1),
+    )  # fmt: skip
+
+    def fn(z):  # b c f h w, frames folded into the batch as a spatial model does
+        b, c, f, h, w = z.shape
+        return net(z.transpose(1, 2).reshape(b * f, c, h, w)).reshape(b, f, 3, h, w).transpose(1, 2)
+
+    return net, fn
+
+
+def test_tiles_normalise_by_the_frames_statistics():
+    """A frame constant over 2x2 blocks, in 16-px tiles of 32: the reference run on every second row and column has
+    exactly the frame's statistics, so the tiled run equals the whole one. Each tile by its own statistics does not
+    (the control: the frame is brighter on one side, as frames are)."""
+    from lvdm.tiles import tiled
+
+    net, fn = _normed_model()
+    g = torch.Generator().manual_seed(1)
+    coarse = torch.randn(2, 4, 3, 16, 16, generator=g) + torch.linspace(-3, 3, 16)
+    x = coarse.repeat_interleave(2, dim=3).repeat_interleave(2, dim=4)  # 32x32, constant on 2x2 blocks
+    with torch.no_grad():
+        whole = fn(x)
+        shared = tiled(fn, (None, 16, 16), (0, 8, 8), norms=net)(x)
+        own = tiled(fn, (None, 16, 16), (0, 8, 8))(x)
+    assert torch.allclose(shared, whole, atol=1e-5), (shared - whole).abs().max()
+    assert (own - whole).abs().mean() > 0.05
+    assert all(type(m).forward is m.forward.__func__ for m in net.modules() if isinstance(m, torch.nn.GroupNorm))
+
+
+def test_the_reference_run_is_no_larger_than_a_tile():
+    from lvdm.tile_norms import subsampled
+
+    assert subsampled((32, 32), (16, 16), 1) == (2, 16, 16)
+    assert subsampled((100, 60), (32, 32), 8) == (4, 24, 8)  # 25x15 cropped to the UNet's multiples of 8
+    assert subsampled((20, 20), (8, 8), 8) is None  # 7x7: nothing left to run
