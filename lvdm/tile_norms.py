@@ -40,13 +40,17 @@ class RecordedNorms:
         self.index = 0
 
     def __enter__(self) -> RecordedNorms:
+        self.saved = [norm.__dict__.get("forward") for norm in self.norms]  # a wrapper someone put there, if any
         for norm in self.norms:
             norm.forward = MethodType(self._forward, norm)  # an instance attribute: the class keeps its own
         return self
 
     def __exit__(self, *exc: Any) -> None:
-        for norm in self.norms:
-            del norm.forward
+        for norm, saved in zip(self.norms, self.saved, strict=True):
+            if saved is None:
+                del norm.forward
+            else:
+                norm.forward = saved
 
     def record(self) -> None:
         """The next model run records every GroupNorm's statistics."""
