@@ -320,6 +320,9 @@ class TrainConfig:
     distill_pool: int = option(
         64, "distill target: teacher samples kept as clean latents (a slot drawn per clip, made on first use)", min=1
     )
+    distill_eval_noises: int = option(
+        8, "distill target: initial noises per held-out clip behind each distillation gain", min=1
+    )
     max_nonfinite_steps: int = option(10, "stop after this many skipped steps with a NaN/inf loss", min=1)
     overwrite: bool = option(False, "allow a fresh run in an output_dir that already holds one")
     log_every: int = option(10, "log the loss every n steps", min=1)

@@ -134,6 +134,33 @@ def test_an_untrained_student_has_a_gain_below_one(tiny_assets, tmp_path):
     assert figures["distill_gain_2"] < 1.0, figures
 
 
+def test_the_gain_is_measured_over_several_noises_per_clip(tiny_assets, tmp_path):
+    """Each held-out clip is sampled from ``train.distill_eval_noises`` initial noises (one was too few to rank
+    recipes on the demo); the errors are their mean, so one noise's figure differs from the mean of three."""
+    from lvdm.training.objectives import make_objective
+    from lvdm.training.setup import build_data, build_model
+
+    figures, batches = {}, {}
+    for k in (1, 3):
+        overrides = {"data.holdout": 1, "train.distill_eval_noises": k}
+        cfg = load_config([], distill_overrides(tiny_assets, tmp_path, f"run{k}", **overrides))
+        video, frozen, _ = build_model(cfg, torch.device("cpu"), "no")
+        objective = make_objective(cfg, video, frozen, torch.device("cpu"))
+        data = build_data(cfg, frozen, rank=0, world=1)
+        sizes: list[int] = []
+
+        def counted(params, noise, *args, _sample=objective.sample, _sizes=sizes, **kwargs):
+            _sizes.append(noise.shape[0])
+            return _sample(params, noise, *args, **kwargs)
+
+        objective.sample = counted
+        figures[k] = objective.distillation_gain(data.validation, 2)
+        batches[k] = set(sizes)
+    clips = sum(len(batch["caption"]) for batch in data.validation)
+    assert batches == {1: {clips}, 3: {3 * clips}}
+    assert figures[1]["distill_error_teacher_2"] != pytest.approx(figures[3]["distill_error_teacher_2"], rel=1e-3)
+
+
 @pytest.mark.parametrize(
     ("extra", "message"),
     [

@@ -29,10 +29,12 @@ One micro-batch, every draw from the step's generator:
   low-noise steps take all of Adam's step and the few-step samples drift (MSE to the 64-step samples 0.134 / 0.217
   at 16 / 8 steps, against 0.031 / 0.068 with equal weights).
 
-Validation measures the **distillation gain** on the held-out captions: with the same initial noise and ``w`` (the
-middle of the range), the latent MSE to the teacher's ``distill_from``-step samples of the teacher's own samples at
-the student's step count, over the student's (above 1: the student is the better few-step sampler). Each round's is
-printed when it ends.
+Validation measures the **distillation gain** on the held-out captions: with the same initial noises
+(``train.distill_eval_noises`` per clip) and ``w`` (the middle of the range), the latent MSE to the teacher's
+``distill_from``-step samples of the teacher's own samples at the student's step count, over the student's (above 1:
+the student is the better few-step sampler). Each round's is printed when it ends. One noise per clip was too few:
+on the demo's two held-out clips the guidance round seemed to take the student from 0.233 to 0.43 MSE; 8 noises per
+clip show it going from 0.152 to 0.119.
 """
 
 from __future__ import annotations
@@ -276,25 +278,27 @@ class DistillObjective(Objective):
 
     def distillation_gain(self, batches: list[dict[str, Any]], steps: int) -> dict[str, float]:
         """MSE to the teacher's ``distill_from``-step samples of the teacher's and the student's ``steps``-step
-        samples (same noise, ``w`` the middle of the range), and their ratio."""
+        samples (the same ``train.distill_eval_noises`` initial noises per held-out clip, ``w`` the middle of the
+        range), and their ratio."""
         errors = {"teacher": [], "student": []}
         factor = 2 ** (len(self.frozen.vae.config.block_out_channels) - 1)
+        k = self.cfg.train.distill_eval_noises
         for batch in batches:
             b, f, _, h, w = batch["video"].shape
-            noise = torch.randn((b, self.frozen.vae.config.latent_channels, f, h // factor, w // factor),
-                                generator=step_generator(-7, 0, int(batch["index"][0]))).to(self.device)  # fmt: skip
-            text, empty = self._text(list(batch["caption"]))
-            mid = torch.full((b,), (self.low + self.high) / 2, device=self.device)
             key = int(batch["index"][0])
+            noise = torch.randn((b * k, self.frozen.vae.config.latent_channels, f, h // factor, w // factor),
+                                generator=step_generator(-7, 0, key)).to(self.device)  # fmt: skip
+            text, empty = (v.repeat_interleave(k, dim=0) for v in self._text(list(batch["caption"])))
+            mid = torch.full((b * k,), (self.low + self.high) / 2, device=self.device)
             if key not in self.references:
                 self.references[key] = self.sample(self.original, noise, text, empty, mid,
                                                    self.cfg.train.distill_from, cfg=True)  # fmt: skip
             reference = self.references[key]
             teacher = self.sample(self.original, noise, text, empty, mid, steps, cfg=True)
             student = self.sample(None, noise, text, empty, mid, steps, cfg=False)
-            errors["teacher"].append(((teacher - reference) ** 2).mean())
-            errors["student"].append(((student - reference) ** 2).mean())
-        teacher, student = (float(torch.stack(v).mean()) for v in (errors["teacher"], errors["student"]))
+            errors["teacher"].append(((teacher - reference) ** 2).mean(dim=(1, 2, 3, 4)))
+            errors["student"].append(((student - reference) ** 2).mean(dim=(1, 2, 3, 4)))
+        teacher, student = (float(torch.cat(v).mean()) for v in (errors["teacher"], errors["student"]))
         return {f"distill_error_teacher_{steps}": teacher, f"distill_error_student_{steps}": student,
                 f"distill_gain_{steps}": teacher / max(student, 1e-12)}  # fmt: skip
 
