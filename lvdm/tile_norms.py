@@ -31,11 +31,12 @@ from torch import nn
 
 class RecordedNorms:
     """While entered, every :class:`torch.nn.GroupNorm` of ``model`` records its statistics (after
-    :meth:`record`) or normalises by those recorded, call by call in the same order (after :meth:`apply`)."""
+    :meth:`record`, kept as the per-channel ``x * scale + shift`` they make) or normalises by those recorded, call
+    by call in the same order (after :meth:`apply`)."""
 
     def __init__(self, model: nn.Module) -> None:
         self.norms = [m for m in model.modules() if isinstance(m, nn.GroupNorm)]
-        self.stats: list[tuple[torch.Tensor, torch.Tensor]] = []
+        self.stats: list[tuple[torch.Tensor, torch.Tensor]] = []  # per call: scale, shift (n, c)
         self.recording = True
         self.index = 0
 
@@ -68,15 +69,16 @@ class RecordedNorms:
             out, mean, rstd = torch.native_group_norm(
                 x.contiguous(), norm.weight, norm.bias, n, c, x.numel() // max(n * c, 1), groups, norm.eps
             )
-            self.stats.append((mean.float(), rstd.float()))
+            scale = rstd.float().repeat_interleave(c // groups, dim=1)  # n c, made once for every tile
+            scale = scale * norm.weight.float() if norm.affine else scale
+            shift = (norm.bias.float() if norm.affine else 0) - mean.float().repeat_interleave(c // groups, 1) * scale
+            self.stats.append((scale, shift))
             return out
-        if self.index >= len(self.stats) or self.stats[self.index][0].shape != (n, groups):
+        if self.index >= len(self.stats) or self.stats[self.index][0].shape != (n, c):
             raise RuntimeError(f"GroupNorm call {self.index} of a tile does not match the reference run's")
-        mean, rstd = (s.to(x.device).repeat_interleave(c // groups, dim=1) for s in self.stats[self.index])
+        scale, shift = self.stats[self.index]
         self.index += 1
-        scale = rstd * norm.weight.float() if norm.affine else rstd  # n c: x * scale + shift, one pass over x
-        shift = (norm.bias.float() if norm.affine else 0) - mean * scale
-        shape = (n, c, *[1] * (x.ndim - 2))
+        shape = (n, c, *[1] * (x.ndim - 2))  # x * scale + shift, one pass over x
         return torch.addcmul(shift.to(x.dtype).view(shape), x, scale.to(x.dtype).view(shape))
 
 
