@@ -321,7 +321,7 @@ class TrainConfig:
         64, "distill target: teacher samples kept as clean latents (a slot drawn per clip, made on first use)", min=1
     )
     distill_eval_noises: int = option(
-        8, "distill target: initial noises per held-out clip behind each distillation gain", min=1
+        32, "distill target: initial noises per held-out clip behind each distillation gain", min=1
     )
     max_nonfinite_steps: int = option(10, "stop after this many skipped steps with a NaN/inf loss", min=1)
     overwrite: bool = option(False, "allow a fresh run in an output_dir that already holds one")

@@ -34,7 +34,7 @@ def distill_overrides(tiny_assets, root, out, **extra):
         "train.target": "distill", "model.temporal_init": teacher_module(tiny_assets, root / "teacher.safetensors"),
         "model.spatial_lora_rank": 2, "train.distill_from": 4, "train.distill_to": 1, "train.max_steps": 6,
         "train.distill_round_steps": 2, "train.checkpoint_every": 3, "train.distill_pool": 8, "train.lr": 1e-3,
-        **extra,
+        "train.distill_eval_noises": 2, **extra,
     })  # fmt: skip
 
 
@@ -119,19 +119,24 @@ def test_the_student_samples_in_one_forward_per_step_on_another_base(student, tm
 
 def test_an_untrained_student_has_a_gain_below_one(tiny_assets, tmp_path):
     """The control: before any step the student ignores the guidance weight (its embedding is zero), so its samples
-    are the unguided model's and the guided teacher's own few-step samples are closer to its many-step ones."""
+    are the unguided model's and the guided teacher's own few-step samples are closer to its many-step ones, in the
+    mean and sample by sample."""
     from lvdm.training.objectives import make_objective
     from lvdm.training.setup import build_data, build_model
 
     cfg = load_config(
         [],
-        distill_overrides(tiny_assets, tmp_path, "run", **{"data.holdout": 1, "train.distill_guidance": "[6.0, 6.0]"}),
-    )
+        distill_overrides(tiny_assets, tmp_path, "run", **{
+            "data.holdout": 1, "train.distill_guidance": "[6.0, 6.0]", "train.distill_eval_noises": 8,
+        }),
+    )  # fmt: skip
     video, frozen, _ = build_model(cfg, torch.device("cpu"), "no")
     objective = make_objective(cfg, video, frozen, torch.device("cpu"))
     data = build_data(cfg, frozen, rank=0, world=1)
     figures = objective.distillation_gain(data.validation, 2)
     assert figures["distill_gain_2"] < 1.0, figures
+    assert figures["distill_gain_median_2"] < 1.0, figures
+    assert figures["distill_closer_2"] < 0.5, figures
 
 
 def test_the_gain_is_measured_over_several_noises_per_clip(tiny_assets, tmp_path):
@@ -159,6 +164,35 @@ def test_the_gain_is_measured_over_several_noises_per_clip(tiny_assets, tmp_path
     clips = sum(len(batch["caption"]) for batch in data.validation)
     assert batches == {1: {clips}, 3: {3 * clips}}
     assert figures[1]["distill_error_teacher_2"] != pytest.approx(figures[3]["distill_error_teacher_2"], rel=1e-3)
+
+
+def test_the_per_sample_figures_read_each_noise(tiny_assets, tmp_path):
+    """Beside the gain of the mean errors (a few far samples can carry it) come the median of the per-sample ratios
+    and the share of samples where the student is closer, each computed from the same per-sample errors."""
+    from lvdm.training.objectives import make_objective
+    from lvdm.training.setup import build_data, build_model
+
+    k = 4
+    overrides = {"data.holdout": 1, "train.distill_eval_noises": k}
+    cfg = load_config([], distill_overrides(tiny_assets, tmp_path, "run", **overrides))
+    video, frozen, _ = build_model(cfg, torch.device("cpu"), "no")
+    objective = make_objective(cfg, video, frozen, torch.device("cpu"))
+    data = build_data(cfg, frozen, rank=0, world=1)
+    n = sum(len(batch["caption"]) for batch in data.validation) * k
+    teacher = torch.linspace(1.0, 2.0, n)  # the offsets of each sample from the reference
+    student = torch.linspace(0.5, 1.5, n) ** 2 * torch.tensor([1.0] * (n - 1) + [50.0])  # one sample far away
+
+    def fake(params, noise, text, empty, w, steps, *, cfg):
+        offset = 0.0 if steps == objective.cfg.train.distill_from else (teacher if cfg else student)
+        return torch.zeros_like(noise) + torch.as_tensor(offset).view(-1, 1, 1, 1, 1)
+
+    objective.sample = fake
+    figures = objective.distillation_gain(data.validation, 2)
+    te, st = teacher**2, student**2
+    assert figures["distill_gain_2"] == pytest.approx(float(te.mean() / st.mean()), rel=1e-5)
+    assert figures["distill_gain_median_2"] == pytest.approx(float((te / st).quantile(0.5)), rel=1e-5)
+    assert figures["distill_closer_2"] == pytest.approx(float((st < te).double().mean()))
+    assert figures["distill_gain_2"] < 1 < figures["distill_gain_median_2"]  # the far sample carries the mean
 
 
 @pytest.mark.parametrize(

@@ -266,20 +266,22 @@ class DistillObjective(Objective):
             from tqdm.auto import tqdm
 
             r = self.step // self.round_steps
-            keys = ("gain", "error_teacher", "error_student")
-            gain, teacher, student = (figures[f"distill_{key}_{steps}"] for key in keys)
+            keys = ("gain", "error_teacher", "error_student", "gain_median", "closer")
+            gain, teacher, student, median, closer = (figures[f"distill_{key}_{steps}"] for key in keys)
             what = "guidance round" if r == 1 else f"{2 * steps} -> {steps} steps"
+            per_sample = f"per sample: median ratio {median:.3f}, student closer on {closer:.0%}"
             tqdm.write(
                 f"distillation round {r}/{self.rounds} ({what}): at {steps} steps, MSE to the teacher's "
                 f"{self.cfg.train.distill_from}-step samples: teacher {teacher:.4g}, student {student:.4g}"
-                + (f", distillation gain {gain:.3f}" if teacher > 0 else " (one pass per step instead of two)")
+                + (f", distillation gain {gain:.3f} ({per_sample})" if teacher > 0 else " (one pass instead of two)")
             )
         return figures
 
     def distillation_gain(self, batches: list[dict[str, Any]], steps: int) -> dict[str, float]:
         """MSE to the teacher's ``distill_from``-step samples of the teacher's and the student's ``steps``-step
         samples (the same ``train.distill_eval_noises`` initial noises per held-out clip, ``w`` the middle of the
-        range), and their ratio."""
+        range), and their ratio: the gain. A few far samples can carry a mean, so beside it come two per-sample
+        figures: the median of the samples' own ratios, and the share of samples where the student is closer."""
         errors = {"teacher": [], "student": []}
         factor = 2 ** (len(self.frozen.vae.config.block_out_channels) - 1)
         k = self.cfg.train.distill_eval_noises
@@ -298,9 +300,12 @@ class DistillObjective(Objective):
             student = self.sample(None, noise, text, empty, mid, steps, cfg=False)
             errors["teacher"].append(((teacher - reference) ** 2).mean(dim=(1, 2, 3, 4)))
             errors["student"].append(((student - reference) ** 2).mean(dim=(1, 2, 3, 4)))
-        teacher, student = (float(torch.cat(v).mean()) for v in (errors["teacher"], errors["student"]))
-        return {f"distill_error_teacher_{steps}": teacher, f"distill_error_student_{steps}": student,
-                f"distill_gain_{steps}": teacher / max(student, 1e-12)}  # fmt: skip
+        teacher, student = (torch.cat(v).double() for v in (errors["teacher"], errors["student"]))
+        return {f"distill_error_teacher_{steps}": float(teacher.mean()),
+                f"distill_error_student_{steps}": float(student.mean()),
+                f"distill_gain_{steps}": float(teacher.mean() / student.mean().clamp_min(1e-12)),
+                f"distill_gain_median_{steps}": float((teacher / student.clamp_min(1e-12)).quantile(0.5)),
+                f"distill_closer_{steps}": float((student < teacher).double().mean())}  # fmt: skip
 
     def render(
         self, model_fn: Any, out_dir: Path, *, fps: float | None = None, batches: list[dict[str, Any]] | None = None
