@@ -42,6 +42,9 @@ def add_upscale_options(parser: argparse.ArgumentParser, *, prefix: str = "") ->
     )
     group.add_argument("--tile-overlap", type=int, help="low-res pixels neighbouring tiles share (default: a quarter)")
     group.add_argument("--chunk-frames", type=int, help="run over windows of this many frames (default: all)")
+    group.add_argument("--tile-norms", choices=["frame", "tile"], default="frame",
+                       help="in tiles, GroupNorm by the frame's statistics (one more run at a tile's size) or by "
+                       "each tile's own (tiles disagree)")  # fmt: skip
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -69,7 +72,7 @@ def upscale_settings(args: argparse.Namespace) -> dict[str, Any]:
     return {
         "noise_level": args.noise_level, "num_inference_steps": args.upscale_steps,
         "guidance_scale": args.upscale_guidance, "tile": args.tile, "tile_overlap": args.tile_overlap,
-        "chunk_frames": args.chunk_frames,
+        "chunk_frames": args.chunk_frames, "frame_norms": args.tile_norms == "frame",
     }  # fmt: skip
 
 

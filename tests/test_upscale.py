@@ -244,7 +244,11 @@ def test_the_upscale_command_keeps_length_and_rate_and_refuses_mistakes(upscaler
     assert run_cli(main, [str(source), *base, "--out", str(out), "--tile", "8"]) == 0
     info = probe(out)
     assert (info.num_frames, info.fps, info.width, info.height) == (6, 12.0, 96, 64)
-    assert json.loads(out.with_name("high.mp4.json").read_text())["upscale"]["tile"] == 8
+    settings = json.loads(out.with_name("high.mp4.json").read_text())["upscale"]
+    assert (settings["tile"], settings["frame_norms"]) == (8, True)
+    own = tmp_path / "own.mp4"
+    assert run_cli(main, [str(source), *base, "--out", str(own), "--tile", "8", "--tile-norms", "tile"]) == 0
+    assert json.loads(own.with_name("own.mp4.json").read_text())["upscale"]["frame_norms"] is False
     capsys.readouterr()
     for args, message in (
         ([str(source), *base, "--out", str(out)], "already exists"),
