@@ -81,7 +81,7 @@ class DistillObjective(Objective):
         self.step = 0
         self.pool: dict[str, torch.Tensor] = {}
         self.pool_captions: dict[str, str] = {}
-        self.references: dict[int, torch.Tensor] = {}  # held-out clip -> the teacher's distill_from-step sample
+        self.references: dict[tuple[int, int], torch.Tensor] = {}  # (held-out clip, steps) -> the teacher's samples
         self.grids: dict[int, torch.Tensor] = {}  # steps -> the sampler's timesteps
         self.prediction = frozen.noise_scheduler.config.prediction_type
         alphas = frozen.noise_scheduler.alphas_cumprod.float()
@@ -292,11 +292,10 @@ class DistillObjective(Objective):
                                 generator=step_generator(-7, 0, key)).to(self.device)  # fmt: skip
             text, empty = (v.repeat_interleave(k, dim=0) for v in self._text(list(batch["caption"])))
             mid = torch.full((b * k,), (self.low + self.high) / 2, device=self.device)
-            if key not in self.references:
-                self.references[key] = self.sample(self.original, noise, text, empty, mid,
-                                                   self.cfg.train.distill_from, cfg=True)  # fmt: skip
-            reference = self.references[key]
-            teacher = self.sample(self.original, noise, text, empty, mid, steps, cfg=True)
+            for n in {self.cfg.train.distill_from, steps}:  # the teacher is fixed: each made once
+                if (key, n) not in self.references:
+                    self.references[key, n] = self.sample(self.original, noise, text, empty, mid, n, cfg=True)
+            reference, teacher = self.references[key, self.cfg.train.distill_from], self.references[key, steps]
             student = self.sample(None, noise, text, empty, mid, steps, cfg=False)
             errors["teacher"].append(((teacher - reference) ** 2).mean(dim=(1, 2, 3, 4)))
             errors["student"].append(((student - reference) ** 2).mean(dim=(1, 2, 3, 4)))
