@@ -279,10 +279,21 @@ class DistillObjective(Objective):
 
     def distillation_gain(self, batches: list[dict[str, Any]], steps: int) -> dict[str, float]:
         """MSE to the teacher's ``distill_from``-step samples of the teacher's and the student's ``steps``-step
-        samples (the same ``train.distill_eval_noises`` initial noises per held-out clip, ``w`` the middle of the
-        range), and their ratio: the gain. A few far samples can carry a mean, so beside it come two per-sample
-        figures: the median of the samples' own ratios, and the share of samples where the student is closer."""
-        errors = {"teacher": [], "student": []}
+        samples (:meth:`sample_errors`), and their ratio: the gain. A few far samples can carry a mean, so beside
+        it come two per-sample figures: the median of the samples' own ratios, and the share where the student is
+        closer."""
+        teacher, student = self.sample_errors(batches, steps)
+        return {f"distill_error_teacher_{steps}": float(teacher.mean()),
+                f"distill_error_student_{steps}": float(student.mean()),
+                f"distill_gain_{steps}": float(teacher.mean() / student.mean().clamp_min(1e-12)),
+                f"distill_gain_median_{steps}": float((teacher / student.clamp_min(1e-12)).quantile(0.5)),
+                f"distill_closer_{steps}": float((student < teacher).double().mean())}  # fmt: skip
+
+    def sample_errors(self, batches: list[dict[str, Any]], steps: int) -> tuple[torch.Tensor, torch.Tensor]:
+        """Per sample (``train.distill_eval_noises`` initial noises per held-out clip, ``w`` the middle of the
+        range), the MSE to the teacher's ``distill_from``-step sample of the teacher's and of the student's
+        ``steps``-step samples, float64."""
+        errors: dict[str, list[torch.Tensor]] = {"teacher": [], "student": []}
         factor = 2 ** (len(self.frozen.vae.config.block_out_channels) - 1)
         k = self.cfg.train.distill_eval_noises
         for batch in batches:
@@ -299,12 +310,8 @@ class DistillObjective(Objective):
             student = self.sample(None, noise, text, empty, mid, steps, cfg=False)
             errors["teacher"].append(((teacher - reference) ** 2).mean(dim=(1, 2, 3, 4)))
             errors["student"].append(((student - reference) ** 2).mean(dim=(1, 2, 3, 4)))
-        teacher, student = (torch.cat(v).double() for v in (errors["teacher"], errors["student"]))
-        return {f"distill_error_teacher_{steps}": float(teacher.mean()),
-                f"distill_error_student_{steps}": float(student.mean()),
-                f"distill_gain_{steps}": float(teacher.mean() / student.mean().clamp_min(1e-12)),
-                f"distill_gain_median_{steps}": float((teacher / student.clamp_min(1e-12)).quantile(0.5)),
-                f"distill_closer_{steps}": float((student < teacher).double().mean())}  # fmt: skip
+        teacher, student = (torch.cat(v).double().cpu() for v in (errors["teacher"], errors["student"]))
+        return teacher, student
 
     def render(
         self, model_fn: Any, out_dir: Path, *, fps: float | None = None, batches: list[dict[str, Any]] | None = None
