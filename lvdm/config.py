@@ -317,6 +317,11 @@ class TrainConfig:
     distill_round_steps: int | None = option(
         None, "distill target: optimizer steps per round; null: train.max_steps / rounds", min=1
     )
+    distill_latents: Literal["teacher", "data"] = option(
+        "teacher",
+        "distill target: the clean latents noised for the student: the teacher's own samples (a pool, "
+        "captions only) or the clips' (encoded by the VAE, as Salimans & Ho)",
+    )
     distill_pool: int = option(
         64, "distill target: teacher samples kept as clean latents (a slot drawn per clip, made on first use)", min=1
     )

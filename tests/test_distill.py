@@ -166,6 +166,27 @@ def test_the_gain_is_measured_over_several_noises_per_clip(tiny_assets, tmp_path
     assert figures[1]["distill_error_teacher_2"] != pytest.approx(figures[3]["distill_error_teacher_2"], rel=1e-3)
 
 
+@pytest.mark.parametrize("latents", ["teacher", "data"])
+def test_the_clean_latents_are_the_teachers_samples_or_the_clips(tiny_assets, tmp_path, latents):
+    """``train.distill_latents``: with ``teacher`` the clips give only their captions (another video under the same
+    caption changes nothing); with ``data`` their VAE latents are what the student's inputs are noised from."""
+    from lvdm.training.objectives import make_objective
+    from lvdm.training.setup import build_data, build_model
+    from lvdm.training.step import step_generator
+
+    cfg = load_config([], distill_overrides(tiny_assets, tmp_path, "run", **{"train.distill_latents": latents}))
+    video, frozen, _ = build_model(cfg, torch.device("cpu"), "no")
+    objective = make_objective(cfg, video, frozen, torch.device("cpu"))
+    data = build_data(cfg, frozen, rank=0, world=1)
+    data.stream.start_at(0)
+    batch = next(iter(data.loader))
+    other = dict(batch, video=batch["video"].flip(1))  # the same captions, the frames reversed
+    with torch.no_grad():
+        losses = [objective.loss(video, b, step_generator(0, 0, 0)) for b in (batch, other)]
+    assert torch.equal(losses[0], losses[1]) == (latents == "teacher"), losses
+    assert bool(objective.pool) == (latents == "teacher")
+
+
 def test_the_per_sample_figures_read_each_noise(tiny_assets, tmp_path):
     """Beside the gain of the mean errors (a few far samples can carry it) come the median of the per-sample ratios
     and the share of samples where the student is closer, each computed from the same per-sample errors."""

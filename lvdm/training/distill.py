@@ -48,7 +48,7 @@ from torch.func import functional_call
 
 from lvdm.errors import ConfigError
 from lvdm.training.objectives import Objective
-from lvdm.training.step import Frozen, step_generator
+from lvdm.training.step import Frozen, batch_latents_and_text, step_generator
 
 SAMPLER = "ddim_trailing"  # the student's sampler: DDIM from the last training timestep (lvdm.diffusion.SAMPLERS)
 
@@ -202,9 +202,14 @@ class DistillObjective(Objective):
 
         r = self.round_of(self.step)
         big, small = self.teacher_steps(r), self.student_steps(r)
-        x0, captions = self._pool_latents(batch, r, generator)
+        if self.cfg.train.distill_latents == "data":
+            with torch.no_grad():
+                x0, text = batch_latents_and_text(batch, self.frozen, generator, self.device)
+            empty = self.frozen.empty_text.to(text).expand_as(text)
+        else:
+            x0, captions = self._pool_latents(batch, r, generator)
+            text, empty = self._text(captions)
         b = x0.shape[0]
-        text, empty = self._text(captions)
         w = (self.low + (self.high - self.low) * torch.rand(b, generator=generator)).to(self.device)
         grid = self._grid(small)
         t = grid[torch.randint(0, small, (b,), generator=generator).to(self.device)]
