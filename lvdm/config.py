@@ -326,7 +326,10 @@ class TrainConfig:
         64, "distill target: teacher samples kept as clean latents (a slot drawn per clip, made on first use)", min=1
     )
     distill_eval_noises: int = option(
-        32, "distill target: initial noises per held-out clip behind each distillation gain", min=1
+        8,
+        "distill target: initial noises per held-out clip behind each distillation gain; the errors are heavy-tailed, "
+        "so aim for 64 or more samples in all (data.holdout x this)",
+        min=1,
     )
     max_nonfinite_steps: int = option(10, "stop after this many skipped steps with a NaN/inf loss", min=1)
     overwrite: bool = option(False, "allow a fresh run in an output_dir that already holds one")
