@@ -255,6 +255,7 @@ def test_the_upscale_command_keeps_length_and_rate_and_refuses_mistakes(upscaler
         ([str(tmp_path / "nope.mp4"), *base, "--out", str(tmp_path / "a.mp4")], "does not exist or is not a file"),
         ([str(source), *base, "--out", str(tmp_path / "b.mp4"), "--noise-level", "400"], "noise_level must be"),
         ([str(source), *base, "--out", str(tmp_path / "c.mkv")], "give a .mp4 or .gif"),
+        ([str(source), *base, "--out", str(tmp_path / "e.mp4"), "--tile-norms", "none"], "invalid choice"),
         ([str(source), "--upscaler", str(tmp_path), "--out", str(tmp_path / "d.mp4")], "not a diffusers model"),
     ):
         code, err = run_cli(main, args), capsys.readouterr().err
