@@ -145,6 +145,25 @@ def test_resume_continues_bit_identically(tiny_assets, tmp_path):
     assert resumed_losses == {step: losses[step] for step in (3, 4)}
 
 
+def test_held_out_figures_are_those_of_the_exported_ema_weights(tiny_assets, tmp_path):
+    """With EMA on, the figures logged at validation describe the EMA weights (what temporal.safetensors holds),
+    not the raw ones, and the raw weights are back in place afterwards."""
+    extra = {"train.ema_decay": 0.5, "train.lr": 1e-2}  # a large step, so raw and averaged weights differ
+    trainer = Trainer(load_config([], tiny_overrides(tiny_assets, tmp_path / "run", **extra)), progress=False)
+    for _ in range(2):
+        assert trainer._optimizer_step()[2]
+    model = trainer.acc.unwrap_model(trainer.model)
+    before = _state(trainer)["weights"]
+    raw = trainer.objective.evaluate(model, trainer.data.validation)
+    with trainer._ema_weights():
+        averaged = trainer.objective.evaluate(model, trainer.data.validation)
+    figures, _ = trainer.validate()
+    assert raw and set(raw) <= set(figures)
+    assert {key: figures[key] for key in averaged} == averaged
+    assert any(raw[key] != averaged[key] for key in raw)  # the control: the two sets of weights tell apart
+    _assert_same(before, _state(trainer)["weights"])
+
+
 def test_a_finished_run_is_extended_by_raising_max_steps(tiny_assets, tmp_path):
     _run(tiny_assets, tmp_path / "run", **{"train.max_steps": 2})
     extended = _run(tiny_assets, tmp_path / "run", **{"train.max_steps": 3, "train.resume": "latest"})

@@ -378,18 +378,18 @@ class Trainer:
 
     # ---------------------------------------------------------------------------------------------- validation
     def validate(self) -> tuple[dict[str, float] | None, list[Path]]:
-        """The objective's held-out figures and sample files (main process; the samples with EMA weights)."""
+        """The objective's held-out figures and sample files (main process), both of the weights that are exported:
+        the EMA ones when EMA is on."""
         figures, samples = None, []
         if self.acc.is_main_process:
             model = self.acc.unwrap_model(self.model)
-            with self.acc.autocast():
+            with self.acc.autocast(), self._ema_weights():
                 figures = self.objective.evaluate(model, self.data.validation)
                 if figures:
                     self.log.write(self.step, figures)
                 fps = training_fps(self.cfg_dict | self._clip_fps())  # the rate the clips were trained at
-                with self._ema_weights():
-                    out = self.out / "samples" / f"step-{self.step:08d}"
-                    samples = self.objective.render(model, out, fps=fps, batches=self.data.validation)
+                out = self.out / "samples" / f"step-{self.step:08d}"
+                samples = self.objective.render(model, out, fps=fps, batches=self.data.validation)
                 rendered = self.objective.rendered  # the samples' frame metrics, and the videos for TensorBoard
                 if rendered is not None and samples:
                     figures = (figures or {}) | rendered.figures
