@@ -81,12 +81,14 @@ class VideoUNet(nn.Module):
         """Register a standalone trainable module (see :mod:`lvdm.models.parts`) under ``name``.
 
         ``kind`` and ``config`` are what a loader needs to rebuild it (``PART_KINDS[kind].build(video, **config)``)
-        and are written to the module file. The module moves to the UNet's device; its parameters train.
+        and are written to the module file. The module moves to the UNet's device and dtype (a half-precision
+        pipeline adds its outputs to half-precision activations; training keeps what trains in fp32,
+        :func:`lvdm.training.setup.build_model`); its parameters train.
         """
         if not name.isidentifier() or name in self.parts:
             raise ValueError(f"part name {name!r} must be a new Python identifier (have: {sorted(self.parts)})")
         param = next(self.unet.parameters())
-        self.parts[name] = module.to(device=param.device)
+        self.parts[name] = module.to(device=param.device, dtype=param.dtype)
         self.part_specs[name] = PartSpec(kind, dict(config or {}))
         for p in module.parameters():
             p.requires_grad_(True)

@@ -82,7 +82,7 @@ def build_model(cfg: Any, device: torch.device, mixed_precision: str) -> tuple[A
     trainable |= groups.unfreeze_blocks(video, m.unfreeze) if m.unfreeze else {}
     video.to(device)
     chosen = {id(p) for p in trainable.values()}
-    for param in video.unet.parameters():
+    for param in video.parameters():  # the UNet and the standalone parts
         param.data = param.data.float() if id(param) in chosen else param.data.to(dtype)
     if m.gradient_checkpointing:
         video.enable_gradient_checkpointing()
