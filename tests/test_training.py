@@ -227,6 +227,31 @@ def test_a_nonfinite_step_changes_nothing_and_a_run_of_them_stops(tiny_assets, t
     assert read_log(tmp_path / "run" / "log.jsonl")[-1]["skipped_nonfinite"] == 3
 
 
+def test_a_skipped_fp16_step_leaves_the_loss_scaler_ready_for_the_next():
+    """Under fp16 (GPU only, so a real scaler on the CPU here, driven as the trainer drives accelerate's): the
+    skipped step's gradients were already unscaled by ``clip_grad_norm_``; the scaler must see its ``update()`` or
+    the next step's unscale fails ("unscale_() has already been called")."""
+    from lvdm.training.trainer import discard_gradients
+
+    torch.manual_seed(0)
+    model = torch.nn.Linear(3, 1)
+    optimizer = torch.optim.AdamW(model.parameters(), lr=0.1)
+    scaler = torch.amp.GradScaler("cpu", init_scale=256.0)
+
+    def backward_and_clip(factor: float) -> None:  # acc.backward, then acc.clip_grad_norm_
+        scaler.scale(model(torch.ones(1, 3)).sum() * factor).backward()
+        scaler.unscale_(optimizer)
+
+    before = model.weight.detach().clone()
+    backward_and_clip(float("nan"))
+    discard_gradients(optimizer, scaler)
+    assert scaler.get_scale() == 128.0 and model.weight.grad is None  # lowered, as for an overflow
+    backward_and_clip(1.0)  # the next step unscales again
+    scaler.step(optimizer)
+    scaler.update()
+    assert not torch.equal(model.weight, before)
+
+
 def test_sigterm_finishes_the_step_saves_and_stops(tiny_assets, tmp_path, monkeypatch):
     real = objectives_module.training_loss
     calls = []

@@ -186,7 +186,7 @@ class Trainer:
         grad_norm = self.acc.clip_grad_norm_(list(self.trainable.values()), max_norm)
         finite = bool(torch.isfinite(loss)) and (self.acc.mixed_precision == "fp16" or bool(torch.isfinite(grad_norm)))
         if self._any_rank(not finite):
-            self.optimizer.zero_grad(set_to_none=True)
+            discard_gradients(self.optimizer, self.acc.scaler)
             self._skip_nonfinite(float(loss))
             return float(loss), float(grad_norm), False
         self.skipped_in_row = 0
@@ -428,6 +428,15 @@ class Trainer:
         finally:
             for sig, old in previous.items():
                 signal.signal(sig, old)
+
+
+def discard_gradients(optimizer: torch.optim.Optimizer, scaler: Any | None) -> None:
+    """Drop a skipped step's gradients. Under fp16, ``clip_grad_norm_`` has unscaled them and the loss scaler waits
+    for its ``update()``: without it the next step's unscale fails. ``update()`` reads the non-finite gradients and
+    lowers the scale, as when the scaler skips a step itself."""
+    optimizer.zero_grad(set_to_none=True)
+    if scaler is not None:
+        scaler.update()
 
 
 def _check_world_size(num_processes: int) -> None:
