@@ -446,3 +446,19 @@ def test_the_image_can_also_be_the_first_context_frame(image_files, sd_folder):
     assert out.frames.shape[1] == 3 and meta["context"]["frames"] == 1 and meta["image"]["sha256"]
     with pytest.raises(ConfigError, match="makes the image the context"):
         pipe("a", image=image_files["picture"], image_as_first_frame=True, context=out.frames[0], **FAST)
+
+
+def test_image_dropout_runs_where_the_image_encoder_runs(monkeypatch):
+    """The dropout draw is made on the CPU (a CPU generator) and the tokens where the encoder is (a GPU): the choice
+    between them must follow the tokens. The meta device stands in for the GPU here."""
+    from types import SimpleNamespace
+
+    from lvdm.models import encoders
+    from lvdm.training.step import Frozen, image_inputs
+
+    monkeypatch.setattr(encoders, "frame_tokens", lambda encoder, frames: torch.zeros(len(frames), 5, 8, device="meta"))
+    frozen = Frozen(None, None, None, None, torch.zeros(1, 7, 8), _no_image=torch.zeros(1, 5, 8))
+    train = SimpleNamespace(image_frame="first", image_dropout=0.5)
+    batch = {"video": torch.zeros(6, 3, 3, 8, 8)}
+    tokens = image_inputs(batch, frozen, train, torch.Generator().manual_seed(0))  # drops some of the 6, not all
+    assert tokens.device.type == "meta" and tokens.shape == (6, 5, 8)

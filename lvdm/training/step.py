@@ -121,7 +121,7 @@ def image_inputs(
     else:
         chosen = frame_tokens(frozen.image_encoder, batch["video"][torch.arange(b), index])
     # b -> b 1 1: dropped images become "no image"
-    return torch.where(keep[:, None, None], chosen, none.to(chosen.device))
+    return torch.where(keep[:, None, None].to(chosen.device), chosen, none.to(chosen.device))
 
 
 def training_loss(
