@@ -456,7 +456,8 @@ def test_image_dropout_runs_where_the_image_encoder_runs(monkeypatch):
     from lvdm.models import encoders
     from lvdm.training.step import Frozen, image_inputs
 
-    monkeypatch.setattr(encoders, "frame_tokens", lambda encoder, frames: torch.zeros(len(frames), 5, 8, device="meta"))
+    on_the_gpu = lambda encoder, frames: torch.zeros(len(frames), 5, 8, device="meta")  # noqa: E731
+    monkeypatch.setattr(encoders, "frame_tokens", on_the_gpu)
     frozen = Frozen(None, None, None, None, torch.zeros(1, 7, 8), _no_image=torch.zeros(1, 5, 8))
     train = SimpleNamespace(image_frame="first", image_dropout=0.5)
     batch = {"video": torch.zeros(6, 3, 3, 8, 8)}
