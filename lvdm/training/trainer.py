@@ -133,7 +133,7 @@ class Trainer:
         self._announce()
         bar = tqdm(total=train.max_steps, initial=self.step, desc="training", disable=not self._show_progress())
         with self._signals():
-            while self.step < train.max_steps and not self.stop_requested:
+            while self.step < train.max_steps and not self._stop_agreed():
                 started = time.perf_counter()
                 loss, grad_norm, stepped = self._optimizer_step()
                 if not stepped:
@@ -143,7 +143,6 @@ class Trainer:
                 bar.update(1)
                 bar.set_postfix(loss=f"{loss:.4f}", lr=f"{self.lr_schedule.get_last_lr()[0]:.2e}")
                 self._after_step(loss, grad_norm, time.perf_counter() - started)
-                self.stop_requested = self._any_rank(self.stop_requested)
         bar.close()
         result = self._finish(first_loss, sum(recent) / len(recent) if recent else None)
         return replace(result, last_loss_steps=max(1, len(recent)))
@@ -228,6 +227,12 @@ class Trainer:
                 f"{self.step}; the weights are those of the last good step. Lower train.lr, use bf16 instead of "
                 "fp16, or check the data."
             )
+
+    def _stop_agreed(self) -> bool:
+        """Whether a signal reached any rank; asked before every step, skipped ones too, so that all ranks leave the
+        loop together (a signal lands on one rank at any moment, and the others are in the step's collectives)."""
+        self.stop_requested = self._any_rank(self.stop_requested)
+        return self.stop_requested
 
     def _any_rank(self, flag: bool) -> bool:
         """True on every rank when ``flag`` is True on any rank."""
@@ -400,7 +405,8 @@ class Trainer:
 
     def _finish(self, first_loss: float | None, last_loss: float | None) -> TrainResult:
         self.save()
-        gain, samples = (None, []) if self.stop_requested else self.validate()  # a signal stop stays quick
+        # a signal stop stays quick; agreed, as a signal after the last step may have reached one rank only
+        gain, samples = (None, []) if self._stop_agreed() else self.validate()
         self.log.close()
         return TrainResult(
             self.out, self.step, self.export_path, first_loss, last_loss, gain, samples,
