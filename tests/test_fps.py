@@ -18,6 +18,7 @@ from lvdm.errors import ConfigError, VideoReadError
 from lvdm.models import VideoUNet, load_base
 from lvdm.models.parts import build_part
 from lvdm.sampling_settings import training_fps
+from lvdm.training.checkpoint import list_checkpoints, load_checkpoint
 from lvdm.training.validation import farthest_rates, fps_gains
 
 
@@ -129,6 +130,11 @@ def test_fps_training_saves_the_part_reports_an_fps_gain_and_resumes_exactly(tin
     assert video.part_specs["fps"].kind == "fps" and "fps" in video.conditioning_inputs
     metadata = json.loads(load_file_metadata(whole.temporal_path)["training_config"])
     assert metadata["clip_fps"] in (24.0, 12.0, 8.0)
+    resumed = json.loads(load_file_metadata(tmp_path / "split" / whole.temporal_path.name)["training_config"])
+    assert resumed["clip_fps"] == metadata["clip_fps"]
+    counts = [load_checkpoint(list_checkpoints(tmp_path / run / "checkpoints")[-1])[0]["trainer"]["clip_rates"]
+              for run in ("whole", "split")]  # fmt: skip
+    assert counts[0] == counts[1] and sum(n for _, n in counts[0]) >= 4  # the steps before the resume count too
 
 
 def load_file_metadata(path) -> dict[str, str]:

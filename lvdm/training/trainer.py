@@ -276,6 +276,8 @@ class Trainer:
                     "step": self.step,
                     "micro_batches": self.micro_batches,
                     "skipped": self.skipped_total,
+                    "skipped_in_row": self.skipped_in_row,
+                    "clip_rates": sorted(self.clip_rates.items()),  # the module's clip_fps counts every batch
                     "losses": list(self.losses),  # the log window so far: a resumed run logs the same means
                 },
             }
@@ -380,6 +382,8 @@ class Trainer:
             trainer["micro_batches"],
             trainer["skipped"],
         )
+        self.skipped_in_row = int(trainer.get("skipped_in_row", 0))  # both absent from checkpoints before 2026-12-04
+        self.clip_rates = Counter({float(rate): int(count) for rate, count in trainer.get("clip_rates", [])})
 
     # ---------------------------------------------------------------------------------------------- validation
     def validate(self) -> tuple[dict[str, float] | None, list[Path]]:
