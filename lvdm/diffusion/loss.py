@@ -117,8 +117,8 @@ def diffusion_loss(
             ``prediction_type``.
         noise: ``eps`` like ``latents``; ``None`` draws independent noise from ``generator`` (pass
             :func:`~lvdm.diffusion.noise.sample_noise` output for the mixed prior or offset noise).
-        timesteps: ``(b,)`` long; ``None`` draws them uniformly from ``generator`` (before any noise is drawn, so
-            the timesteps of a seed do not depend on whether ``noise`` is given).
+        timesteps: ``(b,)`` long; ``None`` draws them uniformly from ``generator``, first (before the noise drawn
+            here, so a generator in a given state gives the same timesteps whether or not ``noise`` is given).
         generator: the source of the timesteps and noise drawn here.
         snr_gamma: if set, weight each sample by min-SNR-gamma (5.0 in the paper); else weight 1.
         **cond: passed to ``model_fn`` untouched (``encoder_hidden_states``, ``image_only_indicator``, ...).

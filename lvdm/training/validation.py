@@ -247,10 +247,11 @@ def render_videos(
 ) -> np.ndarray:
     """Each prompt rendered (DDIM, classifier-free guidance) as uint8 ``(n, f, h, w, 3)``.
 
-    ``image_mode``: the image-only indicator set, i.e. the frozen image model draws every frame from its own noise.
-    The initial noise follows ``noise_prior`` (the run's training prior). ``inputs``: more model inputs, the same
-    for every video (``{"fps": 8.0}``) or one dict per prompt (a picture to animate); ``uncond_inputs``: what the
-    unconditional pass takes instead (no picture).
+    ``image_mode``: the image-only indicator set, i.e. the frozen image model draws every frame alone, from the
+    video's initial noise. That noise follows ``noise_prior`` (the run's training prior): with ``mixed`` the frames
+    share part of it, so image mode's frames then correlate more than frames drawn from independent noise.
+    ``inputs``: more model inputs, the same for every video (``{"fps": 8.0}``) or one dict per prompt (a picture
+    to animate); ``uncond_inputs``: what the unconditional pass takes instead (no picture).
     """
     scheduler = make_scheduler("ddim", frozen.noise_scheduler.config)
     empty = frozen.empty_text.to(device).float()
