@@ -28,6 +28,11 @@ from typing import Any
 import torch
 from torch import nn
 
+# A reference run's group of fewer values than this gives each tile's run of that GroupNorm its own statistics: a
+# variance of a few values can be near zero (on the tests' upscaler in 8 px tiles, 4 values per group at the deepest
+# level, scales up to 127), and scaling another tile's values by it made latents 500x too large.
+MIN_GROUP_VALUES = 16
+
 
 class RecordedNorms:
     """While entered, every :class:`torch.nn.GroupNorm` of ``model`` records its statistics (after
@@ -36,7 +41,7 @@ class RecordedNorms:
 
     def __init__(self, model: nn.Module) -> None:
         self.norms = [m for m in model.modules() if isinstance(m, nn.GroupNorm)]
-        self.stats: list[tuple[torch.Tensor, torch.Tensor]] = []  # per call: scale, shift (n, c)
+        self.stats: list[tuple[torch.Tensor, torch.Tensor] | None] = []  # per call: scale, shift (n, c)
         self.recording = True
         self.index = 0
 
@@ -65,19 +70,26 @@ class RecordedNorms:
 
     def _forward(self, norm: nn.GroupNorm, x: torch.Tensor) -> torch.Tensor:
         n, c, groups = x.shape[0], x.shape[1], norm.num_groups
+        positions = x.numel() // max(n * c, 1)
         if self.recording:  # the statistics GroupNorm itself computes (a run no larger than a tile)
-            out, mean, rstd = torch.native_group_norm(
-                x.contiguous(), norm.weight, norm.bias, n, c, x.numel() // max(n * c, 1), groups, norm.eps
-            )
+            out, mean, rstd = torch.native_group_norm(x.contiguous(), norm.weight, norm.bias, n, c, positions, groups,
+                                                      norm.eps)  # fmt: skip
+            if positions * (c // groups) < MIN_GROUP_VALUES:  # too few values: each tile keeps its own
+                self.stats.append(None)
+                return out
             scale = rstd.float().repeat_interleave(c // groups, dim=1)  # n c, made once for every tile
             scale = scale * norm.weight.float() if norm.affine else scale
             shift = (norm.bias.float() if norm.affine else 0) - mean.float().repeat_interleave(c // groups, 1) * scale
             self.stats.append((scale, shift))
             return out
-        if self.index >= len(self.stats) or self.stats[self.index][0].shape != (n, c):
-            raise RuntimeError(f"GroupNorm call {self.index} of a tile does not match the reference run's")
-        scale, shift = self.stats[self.index]
-        self.index += 1
+        if self.index >= len(self.stats):
+            raise RuntimeError(f"a tile ran more GroupNorms than the reference run's {len(self.stats)}")
+        recorded, self.index = self.stats[self.index], self.index + 1
+        if recorded is None:
+            return nn.functional.group_norm(x, groups, norm.weight, norm.bias, norm.eps)
+        scale, shift = recorded
+        if scale.shape != (n, c):
+            raise RuntimeError(f"GroupNorm call {self.index - 1} of a tile does not match the reference run's")
         shape = (n, c, *[1] * (x.ndim - 2))  # x * scale + shift, one pass over x
         return torch.addcmul(shift.to(x.dtype).view(shape), x, scale.to(x.dtype).view(shape))
 
