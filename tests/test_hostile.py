@@ -477,21 +477,56 @@ def test_a_run_that_failed_before_its_first_checkpoint_does_not_block_the_next(t
     assert not (out / "config.yaml").exists()
 
 
-def test_what_a_run_wrote_is_listed_at_each_checkpoint_so_a_killed_run_can_be_overwritten(tmp_path, capsys):
+def test_a_killed_run_can_be_overwritten_but_what_a_user_put_there_meanwhile_is_theirs(tmp_path, capsys):
+    """The marker lists the names lvdm writes from the start, so a run killed with SIGKILL after a checkpoint is
+    overwritten; a folder a user copied into the run folder while it ran is not lvdm's, so the overwrite is refused
+    and nothing is deleted (it was once listed as "appeared while the run held the folder", and deleted)."""
+    from lvdm.errors import LvdmError
     from lvdm.training import run_dir, run_lock
     from lvdm.training.checkpoint import save_checkpoint
 
     out = tmp_path / "run"
     run_dir.prepare_output_dir(out, resume=None, overwrite=False)
-    (out / "metrics.json").write_text("{}")  # a file some later lvdm feature writes
     save_checkpoint(out / "checkpoints", 1, {"trainable": {"w": torch.zeros(2)}})
-    run_lock.record_outputs(out)
+    (out / "my_data").mkdir()
+    (out / "my_data" / "a.txt").write_text("precious")
+    run_lock.release_run(out)  # the run ends (an error, or done)
+    before = snapshot(out)
+    with pytest.raises(LvdmError, match="my_data"):
+        run_dir.prepare_output_dir(out, resume=None, overwrite=True)
+    assert snapshot(out) == before
+    shutil.move(out / "my_data", tmp_path / "my_data")  # moved away, the run is lvdm's alone
+    run_dir.prepare_output_dir(out, resume=None, overwrite=True)  # a second run, killed after a checkpoint
+    save_checkpoint(out / "checkpoints", 1, {"trainable": {"w": torch.zeros(2)}})
     os.close(run_lock._HELD.pop(out.resolve()).fd)  # SIGKILL: no release, no exit handler
-    assert "metrics.json" in json.loads((out / run_lock.RUN_MARKER).read_text())["files"]
     run_dir.prepare_output_dir(out, resume=None, overwrite=True)
     run_lock.release_run(out)
     assert "did not exit cleanly" in capsys.readouterr().err
-    assert not (out / "metrics.json").exists() and not (out / "checkpoints").exists()
+    assert not (out / "checkpoints").exists()
+
+
+def test_files_a_user_put_inside_lvdm_folders_are_refused_not_deleted(tmp_path):
+    """Inside a finished checkpoint only what its COMPLETE lists is lvdm's; under samples/ only step-<n>/ folders
+    holding files named as lvdm names them. Both were once judged by suffix (any .safetensors, any .mp4)."""
+    from lvdm.errors import LvdmError
+    from lvdm.training.run_dir import prepare_output_dir
+    from lvdm.training.run_lock import release_run
+
+    for place in ("checkpoints/checkpoint-00000001/my_finetune.safetensors", "samples/my_holiday/beach.mp4",
+                  "samples/step-00000001/beach.mp4"):  # fmt: skip
+        out = tmp_path / place.replace("/", "_")
+        _fake_run(out, checkpoint=True, marker=True)
+        (out / place).parent.mkdir(parents=True, exist_ok=True)
+        (out / place).write_bytes(b"mine")
+        before = snapshot(out)
+        with pytest.raises(LvdmError, match=Path(place).name):
+            prepare_output_dir(out, resume=None, overwrite=True)
+        assert snapshot(out) == before, place
+    out = tmp_path / "clean"  # the control: lvdm's own files alone are overwritten
+    _fake_run(out, checkpoint=True, marker=True)
+    prepare_output_dir(out, resume=None, overwrite=True)
+    release_run(out)
+    assert not (out / "checkpoints").exists() and not (out / "samples").exists()
 
 
 def test_trainer_counters_of_the_wrong_type_are_refused_by_name(tmp_path):

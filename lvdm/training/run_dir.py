@@ -2,7 +2,7 @@
 
 Layout of ``output_dir``::
 
-    .lvdm-run.json         the run marker: run id, start time, and every file or folder the run wrote
+    .lvdm-run.json         the run marker: run id, start time, and the names below (what lvdm writes)
     .lvdm-lock             held (flock) by the process running in the folder; names it while it runs
     config.yaml            the resolved config of the latest start or resume
     checkpoints/           checkpoint-00000500/ ... (see lvdm.training.checkpoint)
@@ -14,7 +14,8 @@ What lvdm promises about this folder (see "What lvdm guarantees about your files
 
 - it starts a run only in a new or empty folder, or over one of its own runs; a folder holding anything lvdm
   cannot prove it wrote (not in the marker, or not looking like lvdm's: a ``config.yaml`` without lvdm's header,
-  a file in ``checkpoints/`` that is not a checkpoint) is refused, whatever ``train.overwrite`` says, and nothing
+  a file in a finished checkpoint that its ``COMPLETE`` does not list, a sample not named as lvdm names them) is
+  refused, whatever ``train.overwrite`` says, and nothing
   is deleted; ``/``, any file-system root and the home folder are refused outright;
 - ``train.overwrite=true`` deletes only lvdm's own entries; a previous run that stopped before its first checkpoint
   is cleared without it (there is nothing to resume);
@@ -24,7 +25,7 @@ What lvdm promises about this folder (see "What lvdm guarantees about your files
   temporary names are recovered, a damaged newest checkpoint is named with the newest intact one, and temporary
   folders without any complete checkpoint stop the run with a message.
 
-The lock, and the marker's list of what a run wrote, are kept by :mod:`lvdm.training.run_lock`.
+The lock and the marker's reading and writing are in :mod:`lvdm.training.run_lock`.
 """
 
 from __future__ import annotations
@@ -73,7 +74,8 @@ REFUSAL = "lvdm refuses to write a run there: give a new folder such as outputs/
 _SKIPPED_RANK = re.compile(r"skipped\.rank\d+\.jsonl")
 _PROBE = re.compile(r"\.write-probe-\w+")
 _CHECKPOINT_FILE = re.compile(r"[A-Za-z0-9][A-Za-z0-9_-]*\.(safetensors|pt)|metadata\.json|" + MARKER)
-_SAMPLE_SUFFIXES = (".mp4", ".gif", ".png", ".webp", ".json")
+_SAMPLE = re.compile(r"(image_mode_)?\d{2,}(_image)?\.(mp4|gif|png)")  # validation.write_videos, objectives
+_SAMPLE_DIR = re.compile(r"step-\d{8}")
 
 # Config keys that change parameter shapes or what a step means: resuming with them changed is an error.
 FIXED_ON_RESUME = (
@@ -110,13 +112,12 @@ def prepare_output_dir(output_dir: Path, *, resume: str | None, overwrite: bool)
     output_dir = Path(output_dir)
     refuse_special_folder(output_dir)
     check_writable(output_dir)
-    lock = lock_run(output_dir)
+    lock_run(output_dir)
     try:
         _prepare_locked(output_dir, resume=resume, overwrite=overwrite)
     except BaseException:
         release_run(output_dir, refused=True)
         raise
-    lock.started_with = set(_entries(output_dir))
 
 
 def _prepare_locked(output_dir: Path, *, resume: str | None, overwrite: bool) -> None:
@@ -274,13 +275,24 @@ def _is_checkpoint_dir(parent: Path, name: str) -> bool:
 
 
 def _ours_in(kind: str, parent: Path, top: Path, name: str) -> bool:
-    if kind == "checkpoints":
-        return parent != top and _CHECKPOINT_FILE.fullmatch(name) is not None
+    if kind == "checkpoints":  # a finished checkpoint: the files its COMPLETE lists; an unfinished one: by name
+        listed = _checkpoint_files(parent)
+        return parent != top and (name in listed if listed is not None else bool(_CHECKPOINT_FILE.fullmatch(name)))
     if kind == "tensorboard":
         return name.startswith("events.out.tfevents.")
     if kind == "decoder":  # exactly what save_video_decoder writes, or a killed write of it
         return parent == top and (name in DECODER_FILES or is_stray_temp(name, DECODER_FILES))
-    return parent != top and name.endswith(_SAMPLE_SUFFIXES)  # samples/step-00000100/00.mp4
+    # samples/step-00000100/00.mp4, image_mode_00.gif, 00_image.png
+    return parent.parent == top and bool(_SAMPLE_DIR.fullmatch(parent.name)) and bool(_SAMPLE.fullmatch(name))
+
+
+def _checkpoint_files(folder: Path) -> set[str] | None:
+    """The names a finished checkpoint's ``COMPLETE`` lists (and itself), or None where there is none to read."""
+    try:
+        records = json.loads((folder / MARKER).read_text(encoding="utf-8"))["files"]
+        return {MARKER} | {record["name"] for record in records if isinstance(record.get("name"), str)}
+    except (OSError, ValueError, KeyError, TypeError, AttributeError):
+        return None
 
 
 # ---------------------------------------------------------------------------------------------- the run marker
@@ -291,7 +303,7 @@ def _new_marker() -> dict[str, Any]:
         "format": "lvdm-run",
         "run_id": uuid.uuid4().hex,
         "started": time.strftime("%Y-%m-%dT%H:%M:%S%z"),
-        "files": sorted(RUN_FILES + RUN_FOLDERS),  # plus what appears while the run holds the folder
+        "files": sorted(RUN_FILES + RUN_FOLDERS),  # what lvdm writes there; nothing else that appears
     }
 
 

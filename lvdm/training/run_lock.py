@@ -1,10 +1,10 @@
-"""One run at a time in a run folder: the run lock, and the list of what the run wrote kept in the run marker.
+"""One run at a time in a run folder: the run lock, and the run marker's reading and writing.
 
 Rank 0 takes an exclusive ``flock`` on ``output_dir/.lvdm-lock`` (:func:`lock_run`) before it touches the folder
-and holds it until :func:`release_run` or process exit. At each checkpoint (:func:`record_outputs`) and when the
-lock is released, what appeared in the folder meanwhile is added to the ``files`` of ``.lvdm-run.json``, so that a
-later ``train.overwrite`` may delete it. What lvdm may write, delete and resume there is in
-:mod:`lvdm.training.run_dir`.
+and holds it until :func:`release_run` or process exit. The run marker ``.lvdm-run.json`` lists the names lvdm
+writes there (:data:`lvdm.training.run_dir.RUN_FILES`, ``RUN_FOLDERS``), never what else appears while a run holds
+the folder: a file a user puts there mid-run is theirs, and a later ``train.overwrite`` refuses it. What lvdm may
+write, delete and resume there is in :mod:`lvdm.training.run_dir`.
 """
 
 from __future__ import annotations
@@ -62,17 +62,6 @@ def _write_marker(output_dir: Path, marker: dict[str, Any]) -> None:
         temp.write_text(json.dumps(marker, indent=2) + "\n", encoding="utf-8")
 
 
-def _list_new_entries(output_dir: Path, started_with: set[str]) -> None:
-    """Add to the marker what appeared in the folder while this run held it (so a later overwrite may delete it)."""
-    marker = _read_marker(output_dir)
-    if marker is None:
-        return
-    new = set(_entries(output_dir)) - started_with - set(marker["files"])
-    if new:
-        marker["files"] = sorted(set(marker["files"]) | new)
-        _write_marker(output_dir, marker)
-
-
 # ---------------------------------------------------------------------------------------------- the lock
 
 
@@ -87,7 +76,6 @@ class RunLock:
         self.output_dir = output_dir
         self.path = output_dir / LOCK_FILE
         self.fd: int | None = None
-        self.started_with: set[str] = set()
         self.created = False
 
     def acquire(self) -> None:
@@ -113,15 +101,13 @@ class RunLock:
         self.fd = fd
 
     def release(self, *, refused: bool = False) -> None:
-        """List what the run wrote in the marker, mark a clean exit (empty lock file) and unlock; a refused run
-        leaves no lock file behind if it created it."""
+        """Mark a clean exit (empty lock file) and unlock; a refused run leaves no lock file behind if it created
+        it."""
         if self.fd is None:
             return
         try:
             if refused and self.created:
                 self.path.unlink(missing_ok=True)
-            elif not refused:
-                _list_new_entries(self.output_dir, self.started_with)
             os.ftruncate(self.fd, 0)
         except OSError:
             pass  # a full disk at exit: the lock is released anyway; the next run reports it as not clean
@@ -173,21 +159,10 @@ def lock_run(output_dir: Path) -> RunLock:
 
 
 def release_run(output_dir: Path, *, refused: bool = False) -> None:
-    """Release this process's lock on ``output_dir`` (after listing what the run wrote in its marker)."""
+    """Release this process's lock on ``output_dir``."""
     lock = _HELD.pop(Path(output_dir).resolve(), None)
     if lock is not None:
         lock.release(refused=refused)
-
-
-def record_outputs(output_dir: Path) -> None:
-    """List in the run marker what this run has written so far (called at each checkpoint, so that a run killed
-    with SIGKILL still has its files listed for a later ``train.overwrite``)."""
-    lock = _HELD.get(Path(output_dir).resolve())
-    if lock is not None:
-        try:
-            _list_new_entries(lock.output_dir, lock.started_with)
-        except OSError:
-            pass  # the marker is refreshed again at the next checkpoint and at exit
 
 
 @atexit.register

@@ -290,7 +290,6 @@ class Trainer:
             metadata = {"config": self.cfg_dict, "world_size": self.acc.num_processes} | self._clip_fps()
             path = save_checkpoint(root, self.step, parts, keep_last=self.cfg.train.keep_last, metadata=metadata)
             self.export()
-            run_lock.record_outputs(self.out)  # the run marker lists what the run wrote, even if it is killed later
         self.acc.wait_for_everyone()
         return path
 
