@@ -15,6 +15,7 @@ import signal
 import subprocess
 import sys
 import time
+from dataclasses import replace
 from pathlib import Path
 
 import pytest
@@ -541,3 +542,32 @@ def test_trainer_counters_of_the_wrong_type_are_refused_by_name(tmp_path):
             check_resumable(path)
     good = save_checkpoint(tmp_path, 4, {"trainer": {"step": 4, "micro_batches": 4, "skipped": 0}})
     check_resumable(good)
+
+
+def test_the_demo_never_replaces_a_model_folder_it_did_not_make(tmp_path):
+    """The demo writes its base (and upscaler) where a stale one of its own may be: a folder without lvdm's recipe
+    file is refused before any training, and a stale demo base holding a file of the user's is refused too; the
+    control, a stale demo base alone, is replaced."""
+    from lvdm.errors import LvdmError
+    from lvdm.testing.clips import write_captioned_folder
+    from lvdm.testing.demo_base import DemoBaseRecipe, make_demo_base
+
+    write_captioned_folder(tmp_path / "clips", 2, num_frames=4, size=(32, 32), seed=0)
+    clips = [(path, path.with_suffix(".txt").read_text()) for path in sorted((tmp_path / "clips").glob("*.mp4"))]
+    recipe = DemoBaseRecipe(vae_steps=1, unet_steps=1, vae_batch=2, unet_batch=2)
+    mine = tmp_path / "base"
+    mine.mkdir()
+    (mine / "my_model.safetensors").write_bytes(b"mine")
+    with pytest.raises(LvdmError, match="not a demo base lvdm made"):
+        make_demo_base(mine, clips, recipe=recipe, log=lambda line: None)
+    assert (mine / "my_model.safetensors").read_bytes() == b"mine"
+
+    stale = tmp_path / "stale"
+    make_demo_base(stale, clips, recipe=recipe, log=lambda line: None)
+    (stale / "unet" / "notes.txt").write_text("mine")
+    with pytest.raises(LvdmError, match="unet/notes.txt"):
+        make_demo_base(stale, clips, recipe=recipe, log=lambda line: None)
+    assert (stale / "unet" / "notes.txt").read_text() == "mine" and not list(tmp_path.glob(".stale.tmp-*"))
+    (stale / "unet" / "notes.txt").unlink()
+    make_demo_base(stale, clips, recipe=replace(recipe, seed=1), log=lambda line: None)  # replaced
+    assert json.loads((stale / "demo_base.json").read_text())["recipe"]["seed"] == 1

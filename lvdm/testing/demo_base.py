@@ -20,7 +20,6 @@ from __future__ import annotations
 import hashlib
 import json
 import os
-import shutil
 import time
 from collections.abc import Callable, Sequence
 from dataclasses import asdict, dataclass
@@ -32,6 +31,7 @@ import torch
 from diffusers import AutoencoderKL, DDIMScheduler, DDPMScheduler, StableDiffusionPipeline
 
 from lvdm.diffusion.loss import prediction_target
+from lvdm.testing.demo_folder import check_replaceable, write_demo_folder
 from lvdm.testing.models import _seeded, tiny_scheduler, tiny_text_encoder, tiny_tokenizer, tiny_unet
 
 RECIPE_FILE = "demo_base.json"
@@ -191,6 +191,7 @@ def make_demo_base(
 
     torch.manual_seed(recipe.seed)
     path = Path(path)
+    check_replaceable(path, RECIPE_FILE, "demo base")  # before minutes of training
     key = recipe_key(recipe, clips, resolution)
     started = time.perf_counter()
     frames, captions = read_frame_bank(clips, resolution)
@@ -209,16 +210,13 @@ def make_demo_base(
     started = time.perf_counter()
     stats["unet_loss"] = train_unet(unet, vae, frames, text, embeddings[-1:], recipe, report)
     stats["unet_seconds"] = time.perf_counter() - started
-    if path.exists():
-        shutil.rmtree(path)
     pipe = StableDiffusionPipeline(
         unet=unet, vae=vae, text_encoder=text_encoder, tokenizer=tokenizer,
         scheduler=DDIMScheduler.from_config(tiny_scheduler("sd1").config, prediction_type=recipe.prediction),
         safety_checker=None, feature_extractor=None, requires_safety_checker=False,
     )  # fmt: skip
-    pipe.save_pretrained(path, safe_serialization=True)
     record = {"key": key, "recipe": asdict(recipe), "resolution": list(resolution), "stats": stats}
-    (path / RECIPE_FILE).write_text(json.dumps(record, indent=2) + "\n", encoding="utf-8")  # written last
+    write_demo_folder(pipe, path, RECIPE_FILE, json.dumps(record, indent=2) + "\n", "demo base")
     return stats
 
 

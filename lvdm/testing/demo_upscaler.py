@@ -134,9 +134,11 @@ def make_demo_upscaler(
     from lvdm.models import load_base
     from lvdm.models.encoders import encode_text
     from lvdm.testing.demo_base import _progress_reporter, read_frame_bank
+    from lvdm.testing.demo_folder import check_replaceable
     from lvdm.testing.models import tiny_upscaler_unet
     from lvdm.testing.upscaler import upscaler_schedulers
 
+    check_replaceable(Path(path), RECIPE_FILE, "demo upscaler")  # before minutes of training
     torch.manual_seed(recipe.seed)
     key = upscaler_key(recipe, base)
     started = time.perf_counter()
@@ -162,19 +164,7 @@ def make_demo_upscaler(
 
 
 def _write_folder(pipe: Any, path: Path, record: dict[str, Any]) -> None:
-    """Save ``pipe`` to ``path`` through a temporary sibling, replacing a previous demo upscaler (a folder holding
-    :data:`RECIPE_FILE`) and nothing else."""
-    import shutil
+    """Save ``pipe`` to ``path``, replacing a previous demo upscaler and nothing else."""
+    from lvdm.testing.demo_folder import write_demo_folder
 
-    from lvdm.errors import LvdmError
-
-    if path.exists() and not (path / RECIPE_FILE).is_file():
-        raise LvdmError(f"{path} exists and is not a demo upscaler lvdm made; move it, or set another model.base")
-    temp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
-    if temp.exists():
-        shutil.rmtree(temp)  # this process's own leftover
-    pipe.save_pretrained(temp, safe_serialization=True)
-    (temp / RECIPE_FILE).write_text(json.dumps(record, indent=2) + "\n", encoding="utf-8")
-    if path.exists():
-        shutil.rmtree(path)  # a demo upscaler (its recipe file says so), stale
-    temp.rename(path)
+    write_demo_folder(pipe, path, RECIPE_FILE, json.dumps(record, indent=2) + "\n", "demo upscaler")
