@@ -30,7 +30,7 @@ DEMO_CONFIG = Path(__file__).resolve().parent / "configs" / "demo.yaml"
 
 
 def main(argv: list[str]) -> int:
-    from lvdm.config import check_machine, describe_config, load_config
+    from lvdm.config import check_machine, describe_config, load_config, overwrite_stays_with_its_folder
 
     overrides, rest = split_overrides(argv)
     parser = argparse.ArgumentParser(prog="train.py", description=__doc__.split("\n\n")[0])
@@ -42,6 +42,7 @@ def main(argv: list[str]) -> int:
         print(describe_config())
         return 0
     cfg = load_config(args.config or [DEMO_CONFIG], overrides)  # no config file: the demo
+    cfg = overwrite_stays_with_its_folder(cfg, overrides)
     check_machine(cfg)  # fp16 without a GPU, xformers not installed: one line, before anything loads
     from lvdm.training.report import print_report
     from lvdm.training.trainer import train

@@ -571,3 +571,20 @@ def test_the_demo_never_replaces_a_model_folder_it_did_not_make(tmp_path):
     (stale / "unet" / "notes.txt").unlink()
     make_demo_base(stale, clips, recipe=replace(recipe, seed=1), log=lambda line: None)  # replaced
     assert json.loads((stale / "demo_base.json").read_text())["recipe"]["seed"] == 1
+
+
+def test_the_demo_configs_overwrite_stays_with_the_demo_folder(tmp_path):
+    """``python train.py output_dir=my_run`` reads configs/demo.yaml, whose ``train.overwrite: true`` lets the demo
+    rerun over itself; it must not start over a run in the user's own folder (it deleted a resumable one)."""
+    from lvdm.config import load_config, overwrite_stays_with_its_folder
+
+    demo = REPO / "configs" / "demo.yaml"
+    for overrides, expected in (([], True), (["output_dir=mine"], False), (["output_dir=mine", "train.overwrite=true"],
+                                True), (["train.max_steps=5"], True)):  # fmt: skip
+        assert overwrite_stays_with_its_folder(load_config([demo], overrides), overrides).train.overwrite is expected
+    out = tmp_path / "run"
+    _fake_run(out, checkpoint=True, marker=True)
+    before = snapshot(out)
+    result = cli(TRAIN, "--quiet", f"output_dir={out}", "model.base=nowhere")  # no --config: the demo's settings
+    one_line_error(result, 1, "already holds a run", "train.resume=auto")
+    assert snapshot(out) == before
