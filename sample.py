@@ -307,7 +307,7 @@ def main(argv: list[str]) -> int:
         output = pipe.interpolate(
             args.interpolate, factor=factor, prompt=prompts[0], progress=not args.quiet, **settings
         )
-        for path in output.save(paths[0]):
+        for path in output.save(paths[0], overwrite=args.overwrite):
             print(path)
         return 0
     mode = "video" if args.temporal and not checked.image_mode else "image mode (no temporal layers)"
@@ -329,7 +329,7 @@ def main(argv: list[str]) -> int:
         repeat = checked.num_videos_per_prompt
         for path in upscale_files(
             upscaler, written, [prompts[i // repeat] for i in range(len(written))], seed=checked.seed or 0,
-            progress=not args.quiet, **upscale_settings(args),
+            progress=not args.quiet, overwrite=args.overwrite, **upscale_settings(args),
         ):  # fmt: skip
             print(path)
     return 0

@@ -15,18 +15,24 @@ from lvdm.errors import OutputWriteError
 
 
 @contextlib.contextmanager
-def atomic_path(path: str | os.PathLike) -> Iterator[Path]:
+def atomic_path(path: str | os.PathLike, *, exclusive: bool = False) -> Iterator[Path]:
     """A temporary name beside ``path`` to write to; renamed to ``path`` on success, deleted on failure.
 
     A write that fails for lack of space or permission (an ``OSError``, or safetensors' I/O error) becomes one
-    :class:`~lvdm.errors.OutputWriteError` naming ``path``; the old ``path`` is left as it was.
+    :class:`~lvdm.errors.OutputWriteError` naming ``path``; the old ``path`` is left as it was. ``exclusive``: a
+    ``path`` that exists by then (another run wrote it meanwhile) is an error and is left as it is, never replaced.
     """
     path = Path(path)
     temp = path.with_name(f".{path.name}.{secrets.token_hex(4)}.tmp")
     try:
         path.parent.mkdir(parents=True, exist_ok=True)
         yield temp
-        os.replace(temp, path)
+        _place(temp, path) if exclusive else os.replace(temp, path)
+    except FileExistsError as exc:
+        raise OutputWriteError(
+            f"{path} appeared while lvdm was writing it (another run?); it is left as it is: choose another "
+            "output, or overwrite it (--overwrite, overwrite=True)"
+        ) from exc
     except OSError as exc:
         raise _write_error(path, exc.strerror or str(exc)) from exc
     except SafetensorError as exc:
@@ -35,6 +41,18 @@ def atomic_path(path: str | os.PathLike) -> Iterator[Path]:
         raise _write_error(path, str(exc).split("I/O error:")[-1].strip()) from exc
     finally:
         temp.unlink(missing_ok=True)
+
+
+def _place(temp: Path, path: Path) -> None:
+    """``temp`` renamed to ``path`` only if ``path`` does not exist, in one step: a hard link (FileExistsError
+    if it does), or, where the file system has none, an exclusive create of ``path`` that the rename then fills."""
+    try:
+        os.link(temp, path)
+    except FileExistsError:
+        raise
+    except OSError:  # no hard links here (FAT, some network file systems)
+        os.close(os.open(path, os.O_CREAT | os.O_EXCL | os.O_WRONLY, 0o644))
+        os.replace(temp, path)
 
 
 def _write_error(path: Path, reason: str) -> OutputWriteError:

@@ -67,15 +67,18 @@ def _video_stream(container: av.container.OutputContainer, shape: tuple[int, ...
     return stream
 
 
-def write_video(frames: Frames, path: str | os.PathLike, *, fps: float | Fraction = 8.0, crf: int = 18) -> Path:
+def write_video(
+    frames: Frames, path: str | os.PathLike, *, fps: float | Fraction = 8.0, crf: int = 18, exclusive: bool = False
+) -> Path:
     """Write an H.264 mp4 at the exact size and frame rate (see the module docstring for the pixel format).
 
     ``crf``: libx264 quality, 0 (lossless, poorly supported by players) to 51; 18 looks lossless to most eyes.
+    ``exclusive``: never replace an existing ``path`` (:func:`lvdm.fileio.atomic_path`).
     """
     frames, rate = _as_frames(frames), _as_rate(fps)
     if type(crf) is not int or not 0 <= crf <= 51:
         raise ValueError(f"crf must be an int in [0, 51], got {crf!r}")
-    with atomic_path(path) as temp:
+    with atomic_path(path, exclusive=exclusive) as temp:
         with av.open(str(temp), "w", format="mp4", options={"movflags": "+faststart"}) as container:
             stream = _video_stream(container, frames.shape, rate, crf)
             for index, rgb in enumerate(frames):
@@ -93,7 +96,9 @@ def _gif_durations(count: int, rate: Fraction) -> list[int]:
     return [10 * (end - start) for start, end in zip([0, *ends[:-1]], ends, strict=True)]
 
 
-def write_gif(frames: Frames, path: str | os.PathLike, *, fps: float | Fraction = 8.0, loop: int = 0) -> Path:
+def write_gif(
+    frames: Frames, path: str | os.PathLike, *, fps: float | Fraction = 8.0, loop: int = 0, exclusive: bool = False
+) -> Path:
     """Write an animated GIF with Pillow (each frame quantized to its own 256-colour palette).
 
     GIF delays are whole centiseconds, so a frame lasts ``1000 / fps`` ms rounded to 10 ms; the durations alternate
@@ -106,12 +111,14 @@ def write_gif(frames: Frames, path: str | os.PathLike, *, fps: float | Fraction 
     if min(durations) == 0:
         raise ValueError(f"fps={fps} is too high for GIF: its delays are whole centiseconds (at most 100 fps)")
     images = [Image.fromarray(rgb) for rgb in frames]
-    with atomic_path(path) as temp:
+    with atomic_path(path, exclusive=exclusive) as temp:
         images[0].save(temp, format="GIF", save_all=True, append_images=images[1:], duration=durations, loop=loop)
     return Path(path)
 
 
-def write_frames(frames: Frames, folder: str | os.PathLike, *, prefix: str = "frame") -> list[Path]:
+def write_frames(
+    frames: Frames, folder: str | os.PathLike, *, prefix: str = "frame", exclusive: bool = False
+) -> list[Path]:
     """Write one PNG per frame, ``folder/{prefix}_00000.png`` ... (created if needed), each atomically.
 
     Files from an earlier, longer write to the same folder are left in place.
@@ -121,17 +128,17 @@ def write_frames(frames: Frames, folder: str | os.PathLike, *, prefix: str = "fr
     paths = []
     for index, rgb in enumerate(frames):
         path = Path(folder) / f"{prefix}_{index:0{digits}d}.png"
-        with atomic_path(path) as temp:
+        with atomic_path(path, exclusive=exclusive) as temp:
             Image.fromarray(rgb).save(temp, format="PNG")
         paths.append(path)
     return paths
 
 
-MediaWriter = Callable[[Frames, Path, float | Fraction], Path | list[Path]]
-WRITERS: dict[str, MediaWriter] = {
-    "mp4": lambda frames, path, fps: write_video(frames, path, fps=fps),
-    "gif": lambda frames, path, fps: write_gif(frames, path, fps=fps),
-    "png": lambda frames, folder, fps: write_frames(frames, folder),  # a folder of frames: no frame rate
+MediaWriter = Callable[[Frames, Path, float | Fraction, bool], Path | list[Path]]
+WRITERS: dict[str, MediaWriter] = {  # (frames, path, fps, exclusive)
+    "mp4": lambda frames, path, fps, exclusive: write_video(frames, path, fps=fps, exclusive=exclusive),
+    "gif": lambda frames, path, fps, exclusive: write_gif(frames, path, fps=fps, exclusive=exclusive),
+    "png": lambda frames, folder, fps, exclusive: write_frames(frames, folder, exclusive=exclusive),  # no rate
 }
 
 
@@ -149,7 +156,7 @@ def _kind(path: str | os.PathLike) -> str:
 def save_media(frames: Frames, path: str | os.PathLike, *, fps: float | Fraction = 8.0) -> Path | list[Path]:
     """Write ``frames`` by the path's suffix: ``.mp4``, ``.gif``, or PNG frames for a path without a suffix or
     ending in ``/`` (the list of files is returned). Another suffix is a ValueError listing the choices."""
-    return WRITERS[_kind(path)](frames, Path(path), fps)
+    return WRITERS[_kind(path)](frames, Path(path), fps, False)
 
 
 def to_uint8_frames(video: torch.Tensor) -> np.ndarray:

@@ -42,29 +42,31 @@ class VideoOutput:
     def __len__(self) -> int:
         return len(self.frames)
 
-    def save(self, path: str | os.PathLike, *, index: int | None = None) -> list[Path]:
+    def save(self, path: str | os.PathLike, *, index: int | None = None, overwrite: bool = True) -> list[Path]:
         """Write video ``index`` (default: every video) by the path: ``.mp4`` (H.264), ``.gif``, or any other path
         a folder of PNG frames; each with a JSON sidecar ``<path>.json``.
 
         Several videos to one path are numbered: ``clip.mp4`` -> ``clip_000.mp4``, ``clip_001.mp4`` ...
+        ``overwrite=False``: a file that exists by the time it is written is an error and stays as it is.
         Returns the media paths (files or frame folders).
         """
         if index is not None:
-            return [self._write(index, path)]
+            return [self._write(index, path, overwrite)]
         if len(self) == 1:
-            return [self._write(0, path)]
-        return [self._write(k, _numbered(path, k, len(self))) for k in range(len(self))]
+            return [self._write(0, path, overwrite)]
+        return [self._write(k, _numbered(path, k, len(self)), overwrite) for k in range(len(self))]
 
-    def _write(self, index: int, path: str | os.PathLike) -> Path:
+    def _write(self, index: int, path: str | os.PathLike, overwrite: bool) -> Path:
         from lvdm.media import WRITERS
 
         kind = media_kind(path)
         target = Path(path)
         try:
-            WRITERS[kind](self.frames[index], target, self.fps)
+            WRITERS[kind](self.frames[index], target, self.fps, not overwrite)
         except ValueError as exc:  # e.g. an fps GIF cannot store
             raise ConfigError(f"cannot write {target}: {exc}") from exc
-        write_json(self.metadata[index] | {"file": target.name, "format": kind}, sidecar_path(target))
+        record = self.metadata[index] | {"file": target.name, "format": kind}
+        write_json(record, sidecar_path(target), exclusive=not overwrite)
         return target
 
 
@@ -86,9 +88,9 @@ def sidecar_path(path: str | os.PathLike) -> Path:
     return path.with_name(path.name + ".json")
 
 
-def write_json(data: dict[str, Any], path: Path) -> Path:
-    """Write ``data`` as indented JSON, atomically (a temp file, then a rename)."""
-    with atomic_path(path) as temp:
+def write_json(data: dict[str, Any], path: Path, *, exclusive: bool = False) -> Path:
+    """Write ``data`` as indented JSON, atomically (a temp file, then a rename; ``exclusive``: never over a file)."""
+    with atomic_path(path, exclusive=exclusive) as temp:
         temp.write_text(json.dumps(data, indent=2, ensure_ascii=False) + "\n", encoding="utf-8")
     return path
 

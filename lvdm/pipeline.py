@@ -328,7 +328,8 @@ class VideoPipeline:
             output = self(
                 prompts[chunk], base_noise=base_noise, context=context, image=image, progress=progress, **call
             )
-            written += [output.save(paths[start * repeat + j], index=j)[0] for j in range(len(output))]
+            written += [output.save(paths[start * repeat + j], index=j, overwrite=overwrite)[0]
+                        for j in range(len(output))]  # fmt: skip
         return written
 
     # ----------------------------------------------------------------------------------------------- steps

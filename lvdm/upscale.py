@@ -82,13 +82,20 @@ def upscaled_path(video: Path) -> Path:
 
 
 def upscale_files(
-    pipe: Any, videos: Sequence[Path], prompts: Sequence[str], *, seed: int, progress: bool, **settings: Any
+    pipe: Any,
+    videos: Sequence[Path],
+    prompts: Sequence[str],
+    *,
+    seed: int,
+    progress: bool,
+    overwrite: bool = False,
+    **settings: Any,
 ) -> list[Path]:
     """Upscale each written video beside itself (``clip.mp4`` -> ``clip_x4.mp4``) with its prompt; the paths."""
     written = []
     for video, prompt in zip(videos, prompts, strict=True):
         out = pipe(video, prompt, seed=seed, progress=progress, **settings)
-        written += out.save(upscaled_path(video))
+        written += out.save(upscaled_path(video), overwrite=overwrite)
     return written
 
 
@@ -113,7 +120,7 @@ def main(argv: list[str]) -> int:
         args.video, args.prompt, negative_prompt=args.negative_prompt, seed=args.seed, image_mode=args.image_mode,
         progress=not args.quiet, **upscale_settings(args),
     )  # fmt: skip
-    for written in out.save(path):
+    for written in out.save(path, overwrite=args.overwrite):
         print(written)
     return 0
 

@@ -186,6 +186,31 @@ def test_an_existing_output_is_refused_unless_overwrite(files, tmp_path, capsys)
     assert code == 2 and "000-a-kite.mp4 already exists" in err, err
 
 
+def test_an_output_another_run_writes_meanwhile_is_not_replaced(files, tmp_path, capsys, monkeypatch):
+    """Two runs to one --out both pass the check before loading; the one that finishes second must not replace the
+    first's video (it did, both exiting 0): its write is exclusive, so it stops in one line."""
+    from lvdm.pipeline import VideoPipeline
+
+    out = tmp_path / "race.mp4"
+    real = VideoPipeline.__call__
+
+    def the_other_run_finishes_first(self, *args, **kwargs):
+        result = real(self, *args, **kwargs)
+        out.write_bytes(b"the other run's video")
+        return result
+
+    monkeypatch.setattr(VideoPipeline, "__call__", the_other_run_finishes_first)
+    args = ["--base", str(files["a"]), "--prompt", "a kite", "--frames", "2", "--steps", "1", "--out", str(out)]
+    code, stdout, err = sample_here(capsys, *args)
+    errors = [line for line in err.splitlines() if line.startswith("error:")]
+    assert code == 1 and len(errors) == 1 and "appeared while lvdm was writing it" in errors[0], err
+    assert "Traceback" not in err
+    assert out.read_bytes() == b"the other run's video" and not stdout
+    assert [p.name for p in tmp_path.iterdir()] == ["race.mp4"]  # no temporary file left
+    code, stdout, err = sample_here(capsys, *args, "--overwrite")  # the control: asked to, it replaces
+    assert code == 0 and out.read_bytes() != b"the other run's video", err
+
+
 def test_from_json_re_renders_a_video_exactly(files, tmp_path, capsys):
     first = tmp_path / "first"
     code, stdout, err = sample_here(
