@@ -167,9 +167,14 @@ class DataConfig:
     root: str | None = option(None, "shortcut for one source: a folder of clips with same-name .txt captions")
     manifest: str | None = option(None, "shortcut for one source: a CSV, WebVid CSV or JSONL manifest")
     sources: list[SourceConfig] = option([], "weighted data sources, each {kind, path, video_root, weight}")
-    num_frames: int = option(16, "frames per training clip", min=1)
+    num_frames: int = option(16, "frames per training clip", min=1, max=1024)
     resolution: list[int] = option(
-        [256, 256], "clip size [height, width]; one number means square", min=8, multiple_of=8, coerce=_square
+        [256, 256],
+        "clip size [height, width]; one number means square",
+        min=8,
+        max=8192,
+        multiple_of=8,
+        coerce=_square,
     )
     frame_stride: int | list[int] | None = option(
         None, "take every n-th frame (null and no target_fps: 1); [low, high]: a stride drawn per clip", min=1

@@ -25,6 +25,7 @@ from av.video.reformatter import Colorspace
 from PIL import Image
 
 from lvdm.data import readers
+from lvdm.errors import LvdmError
 from lvdm.fileio import atomic_path
 
 Frames = np.ndarray | torch.Tensor
@@ -157,6 +158,17 @@ def save_media(frames: Frames, path: str | os.PathLike, *, fps: float | Fraction
     """Write ``frames`` by the path's suffix: ``.mp4``, ``.gif``, or PNG frames for a path without a suffix or
     ending in ``/`` (the list of files is returned). Another suffix is a ValueError listing the choices."""
     return WRITERS[_kind(path)](frames, Path(path), fps, False)
+
+
+def sampled_frames(videos: torch.Tensor) -> np.ndarray:
+    """Sampled videos ``(b, f, 3, h, w)`` in [-1, 1] as uint8 ``(b, f, h, w, 3)``. A non-finite value is a user's
+    problem here (a guidance weight or threshold too large, a module with extreme weights): one clear error."""
+    if not bool(torch.isfinite(videos).all()):
+        raise LvdmError(
+            "the sampled video holds NaN or infinite values: the model's predictions blew up; lower the guidance "
+            "(--guidance) or its schedule's options, drop --threshold, or check the temporal module and LoRAs"
+        )
+    return np.stack([to_uint8_frames(clip.float().cpu()) for clip in videos])
 
 
 def to_uint8_frames(video: torch.Tensor) -> np.ndarray:

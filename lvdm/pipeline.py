@@ -364,7 +364,7 @@ class VideoPipeline:
         sharing a quarter of them, cross-faded (:func:`~lvdm.models.temporal_vae.decode_video`); with the base VAE,
         each frame alone, ``chunk_frames`` per call.
         """
-        from lvdm.media import to_uint8_frames
+        from lvdm.media import sampled_frames
         from lvdm.models.encoders import decode_latents
 
         if latents.ndim != 5 or latents.shape[1] != self.base.vae.config.latent_channels:
@@ -382,7 +382,7 @@ class VideoPipeline:
             )  # fmt: skip
         else:
             video = decode_latents(self.base.vae, latents, chunk_frames=chunk_frames)  # (b, f, 3, h, w) in [-1, 1]
-        return np.stack([to_uint8_frames(clip.float().cpu()) for clip in video])
+        return sampled_frames(video)
 
     def _record(
         self, s: SamplingSettings, prompt: str, negative: str, seed: int, extra: dict[str, Any]

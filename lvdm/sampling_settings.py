@@ -21,6 +21,8 @@ DEFAULT_FRAMES = 16
 DEFAULT_FPS = 8.0
 DEFAULT_STEPS = 25
 SIZE_MULTIPLE = 8  # SD's rule for pixel sizes (its VAE downsamples by 8)
+MAX_FRAMES = 4096  # frames per sampled video (a rollout beyond the module's length included)
+MAX_SIDE = 8192  # pixels
 DTYPES: dict[str, torch.dtype] = {"fp32": torch.float32, "fp16": torch.float16, "bf16": torch.bfloat16}
 
 
@@ -35,12 +37,14 @@ class SamplingSettings:
     """
 
     negative_prompt: str | list[str] | None = option(None, "what to steer away from, one or one per prompt")
-    num_frames: int | None = option(None, "frames per video (null: the module's training value, else 16)", min=1)
+    num_frames: int | None = option(
+        None, "frames per video (null: the module's training value, else 16)", min=1, max=MAX_FRAMES
+    )
     height: int | None = option(
-        None, "height in pixels (null: the module's, else the base's)", min=8, multiple_of=SIZE_MULTIPLE
+        None, "height in pixels (null: the module's, else the base's)", min=8, max=MAX_SIDE, multiple_of=SIZE_MULTIPLE
     )
     width: int | None = option(
-        None, "width in pixels (null: the module's, else the base's)", min=8, multiple_of=SIZE_MULTIPLE
+        None, "width in pixels (null: the module's, else the base's)", min=8, max=MAX_SIDE, multiple_of=SIZE_MULTIPLE
     )
     fps: float | None = option(
         None,
@@ -48,13 +52,17 @@ class SamplingSettings:
         "(null: the module's training rate, else 8)",
         gt=0,
     )
-    num_inference_steps: int | None = option(None, "denoising steps (null: a distilled module's own, else 25)", min=1)
+    num_inference_steps: int | None = option(
+        None, "denoising steps (null: a distilled module's own, else 25)", min=1, max=1000
+    )  # at most the training timesteps (SD's 1000)
     scheduler: str | None = option(
         None,
         "sampler: ddim, ddim_trailing, dpmpp, euler, euler_a, ddpm or unipc (null: a distilled module's own, else "
         "ddim)",
     )
-    guidance_scale: float = option(7.5, "classifier-free guidance weight (1: the conditional model only)")
+    guidance_scale: float = option(
+        7.5, "classifier-free guidance weight (1: the conditional model only)", min=-100, max=100
+    )
     guidance_schedule: str = option("constant", "guidance weight over the steps: constant, oscillating or linear")
     guidance_options: dict[str, Any] = option({}, "options of the schedule, e.g. {low: 1.0, warmup: 0.2}")
     guidance_rescale: float = option(0.0, "guidance rescale phi (Lin et al. 2023; 0.7 for v-prediction)", min=0, max=1)
@@ -67,8 +75,10 @@ class SamplingSettings:
     mixed_lambda: float | None = option(
         None, "mixed prior: base noise share (frame-to-frame correlation); null: the module's, else 0.5", min=0, max=1
     )
-    seed: int | None = option(None, "seed of the first video; video k uses seed + k (null: a random seed)", min=0)
-    num_videos_per_prompt: int = option(1, "videos per prompt, each from its own seed", min=1)
+    seed: int | None = option(
+        None, "seed of the first video; video k uses seed + k (null: a random seed)", min=0, max=2**63 - 1
+    )
+    num_videos_per_prompt: int = option(1, "videos per prompt, each from its own seed", min=1, max=1000)
     image_mode: bool = option(False, "bypass the temporal layers: the frames are independent images")
     context_frames: int = option(
         2, "rollout and continuing a video: the last frames each new chunk is conditioned on (1 or 2)", min=1

@@ -151,6 +151,7 @@ class UpscalePipeline:
         low = read_low_res(video)
         f, h, w = low.frames.shape[:3]
         self._check(noise_level, num_inference_steps, tile, tile_overlap, chunk_frames)
+        _check_seed_and_guidance(seed, guidance_scale)
         seed = seed if seed is not None else int.from_bytes(os.urandom(4), "little")
         generator = torch.Generator().manual_seed(seed)
         noisy, level = self._noised_low_res(low.frames, noise_level, generator)
@@ -195,8 +196,8 @@ class UpscalePipeline:
             raise ConfigError(
                 f"noise_level must be an integer in 0 .. {top} (the upscaler's max), got {noise_level!r}"
             )
-        if isinstance(steps, bool) or not isinstance(steps, int) or steps < 1:
-            raise ConfigError(f"num_inference_steps must be a positive integer, got {steps!r}")
+        if isinstance(steps, bool) or not isinstance(steps, int) or not 1 <= steps <= 1000:
+            raise ConfigError(f"num_inference_steps must be an integer in 1 .. 1000 (the timesteps), got {steps!r}")
         if tile is not None and (isinstance(tile, bool) or not isinstance(tile, int) or tile < self.multiple
                                  or tile % self.multiple):  # fmt: skip
             raise ConfigError(f"tile must be a multiple of {self.multiple} low-res pixels (the UNet's), got {tile!r}")
@@ -263,7 +264,7 @@ class UpscalePipeline:
         """Latents ``(b, 4, f, h, w)`` -> uint8 frames ``(b, f, 4h, 4w, 3)``, frame by frame, over ``tile`` x
         ``tile`` latent windows sharing ``tile_overlap`` (default a quarter) where given, normalised by each frame's
         statistics (``frame_norms``, :mod:`lvdm.tile_norms`) or each tile's own."""
-        from lvdm.media import to_uint8_frames
+        from lvdm.media import sampled_frames
         from lvdm.models.encoders import decode_latents
         from lvdm.tiles import tiled
 
@@ -275,10 +276,18 @@ class UpscalePipeline:
             norms = self.base.vae if frame_norms else None
             decode = tiled(decode, (1, tile, tile), (0, overlap, overlap), scale=self.scale, norms=norms)
         video = decode(latents).permute(0, 2, 1, 3, 4)  # b 3 f H W -> b f 3 H W
-        return np.stack([to_uint8_frames(clip.float().cpu()) for clip in video])
+        return sampled_frames(video)
 
 
 # --------------------------------------------------------------------------------------------------- helpers
+def _check_seed_and_guidance(seed: Any, guidance: Any) -> None:
+    """The ranges :class:`~lvdm.sampling_settings.SamplingSettings` holds the text-to-video pipeline's to."""
+    if seed is not None and (isinstance(seed, bool) or not isinstance(seed, int) or not 0 <= seed < 2**63):
+        raise ConfigError(f"seed must be an integer in 0 .. 2**63 - 1, got {seed!r}")
+    if isinstance(guidance, bool) or not isinstance(guidance, int | float) or not -100 <= guidance <= 100:
+        raise ConfigError(f"guidance_scale must be a number in -100 .. 100, got {guidance!r}")
+
+
 def with_low_res(model_fn: Any) -> Any:
     """``model_fn`` taking the upscaler's inputs by name: ``fn(x, t, *, low_res (b, 3, f, h, w), class_labels (b,),
     ...)`` calls ``model_fn`` on ``[x, low_res]`` (channels) with the level as class label."""

@@ -325,6 +325,41 @@ def test_hostile_configs_are_refused_quickly(tmp_path):
     assert "train.seed" in results[2].stderr and "train.max_steps" in results[2].stderr
 
 
+def test_absurd_numbers_are_refused_before_anything_loads(tiny_assets, tmp_path):
+    """Each once hung (a billion-frame clip plan, a hundred million output names) or ended in a traceback
+    (diffusers' step limit, an allocation, a seed past 64 bits, NaN frames from an infinite guidance)."""
+    sample = [SAMPLE, "--quiet", "--base", tiny_assets["base"], "--prompt", "x", "--out", tmp_path / "x.mp4"]
+    attacks = [
+        [TRAIN, "model.base=x", "data.root=y", "data.num_frames=1000000000"],
+        [*sample, "--steps", "5000"], [*sample, "--frames", "100000000"], [*sample, "--height", "100000"],
+        [*sample, "--seed", "99999999999999999999999"], [*sample, "--guidance", "inf"],
+        [*sample, "--num-videos", "100000000"],
+    ]  # fmt: skip
+    started = time.monotonic()
+    results = cli_all(*attacks)
+    assert time.monotonic() - started < 60
+    train, *sampling = results
+    assert train.returncode == 2 and "data.num_frames: must be <= 1024, got 1000000000" in train.stderr
+    for result, setting in zip(sampling, ("num_inference_steps", "num_frames", "height", "seed", "guidance_scale",
+                                          "num_videos_per_prompt"), strict=True):  # fmt: skip
+        one_line_error(result, 2, f"{setting}: must be <= ")
+    assert not (tmp_path / "x.mp4").exists()
+
+
+def test_a_non_finite_video_is_one_clear_error(tiny_assets):
+    """Latents that blew up (too large a guidance or threshold, a module with extreme weights) decode to NaN: one
+    line naming the likely causes, not media's ValueError."""
+    from lvdm import VideoPipeline
+    from lvdm.errors import LvdmError
+
+    pipe = VideoPipeline.from_pretrained(tiny_assets["base"])
+    latents = torch.zeros(1, 4, 2, 2, 2)
+    assert pipe.decode(latents).shape[:2] == (1, 2)  # the control
+    latents[0, 0, 1, 0, 0] = float("inf")
+    with pytest.raises(LvdmError, match="NaN or infinite values.*lower the guidance"):
+        pipe.decode(latents)
+
+
 def test_hostile_data_is_reported_not_hung_on(tmp_path):
     from lvdm.testing.clips import write_captioned_folder
 

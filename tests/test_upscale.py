@@ -133,6 +133,11 @@ def test_a_size_the_unet_cannot_take_is_padded_and_cropped_back(upscaler, frames
         ({"tile_overlap": 2}, "goes with tile"),
         ({"chunk_frames": 1}, "chunk_frames must be"),
         ({"num_inference_steps": 0}, "num_inference_steps"),
+        ({"num_inference_steps": 5000}, "1 .. 1000"),
+        ({"seed": -1}, "seed must be"),
+        ({"seed": 10**30}, "seed must be"),
+        ({"guidance_scale": float("inf")}, "guidance_scale must be"),
+        ({"guidance_scale": float("nan")}, "guidance_scale must be"),
         ({"latents": torch.zeros(1, 4, 2, 8, 8)}, "latents must have shape"),
     ],
 )
