@@ -93,11 +93,11 @@ class ModelConfig:
         "temporal layers: videoldm (attention and 3D conv), attention_only, conv_only, or animatediff (AnimateDiff's "
         "motion modules, exportable to diffusers; with temporal_init an AnimateDiff module gives its own shape)",
     )
-    attention_depth: int = option(1, "transformer layers in each temporal attention block", min=1)
+    attention_depth: int = option(1, "transformer layers in each temporal attention block", min=1, max=16)
     attention_heads: int | None = option(
-        None, "heads per temporal attention block; null: the spatial count (animatediff: 8)", min=1
+        None, "heads per temporal attention block; null: the spatial count (animatediff: 8)", min=1, max=64
     )
-    conv_kernel: list[int] = option([3, 1, 1], "3D conv kernel [frames, height, width], each odd", min=1)
+    conv_kernel: list[int] = option([3, 1, 1], "3D conv kernel [frames, height, width], each odd", min=1, max=15)
     mix_factor: float = option(0.5, "initial logit of the learned spatial/temporal mix, alpha = sigmoid(it)")
     spatial_lora_rank: int = option(0, "rank of a LoRA trained on the spatial attention too (0: none)", min=0)
     spatial_lora_alpha: float | None = option(None, "LoRA alpha (null: the rank, i.e. scale 1)", gt=0)

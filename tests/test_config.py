@@ -401,7 +401,7 @@ def test_describe_config_lists_every_key_with_type_default_and_help() -> None:
     assert "train.caption_dropout: float = 0.1 (>= 0, <= 1)" in lines
     assert "model.layout: one of 'videoldm', 'attention_only', 'conv_only', 'animatediff' = videoldm" in lines
     assert "data.sources[i].kind: one of 'folder', 'webvid', 'manifest', 'images' (required)" in lines
-    assert "data.resolution: list of int = [256, 256] (>= 8, a multiple of 8)" in lines
+    assert "data.resolution: list of int = [256, 256] (>= 8, <= 8192, a multiple of 8)" in lines
     for cls in (Config, ModelConfig, DataConfig, SourceConfig, TrainConfig):
         for spec in fields(cls):
             assert spec.metadata.get("help"), f"{cls.__name__}.{spec.name} has no help"

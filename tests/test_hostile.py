@@ -272,7 +272,11 @@ def test_hostile_temporal_modules_are_refused_in_one_line(trained, tiny_assets, 
 
     training = json.loads(safe_open(module, framework="pt").metadata()["training_config"])
     training["data"]["num_frames"] = 10**9
+    layout = json.loads(safe_open(module, framework="pt").metadata()["layout"])
+    deep, heads = json.dumps(layout | {"attention_depth": 10**6}), json.dumps(layout | {"attention_heads": 7})
     cases = {
+        "deep": ({"layout": deep}, None, "attention_depth=1000000: must be 1 .. 16"),  # building it hung
+        "heads": ({"layout": heads}, None, "do not divide into 7 heads"),
         "version": ({"format_version": "one"}, None, "format_version 'one' is not a whole number"),
         "sites": ({"sites": json.dumps({"a": 1})}, None, "'sites' must be a list of objects"),
         "frames": ({"training_config": json.dumps(training)}, None, "num_frames = 1000000000"),

@@ -58,13 +58,17 @@ class TemporalLayout:
         out = []
         if not (self.attention or self.conv):
             out.append("attention and conv are both false: a video UNet needs at least one kind of temporal layer")
-        if self.attention_depth < 1:
-            out.append(f"attention_depth={self.attention_depth}: must be >= 1")
-        if self.attention_heads is not None and self.attention_heads < 1:
-            out.append(f"attention_heads={self.attention_heads}: must be >= 1 or null (spatial head count)")
+        if type(self.attention_depth) is not int or not 1 <= self.attention_depth <= MAX_DEPTH:
+            out.append(f"attention_depth={self.attention_depth}: must be 1 .. {MAX_DEPTH}")
+        if self.attention_heads is not None and (type(self.attention_heads) is not int
+                                                 or not 1 <= self.attention_heads <= MAX_HEADS):  # fmt: skip
+            out.append(
+                f"attention_heads={self.attention_heads}: must be 1 .. {MAX_HEADS} or null (spatial head count)"
+            )
         kernel = self.conv_kernel
-        if len(kernel) != 3 or any(not isinstance(k, int) or k < 1 or k % 2 == 0 for k in kernel):
-            out.append(f"conv_kernel={list(kernel)}: must be three odd positive integers (frames, height, width)")
+        if len(kernel) != 3 or any(not isinstance(k, int) or not 1 <= k <= MAX_KERNEL or k % 2 == 0 for k in kernel):
+            out.append(f"conv_kernel={list(kernel)}: must be three odd integers in 1 .. {MAX_KERNEL} (frames, height, "
+                       "width)")  # fmt: skip
         if self.style not in STYLES:
             out.append(f"style={self.style!r}: must be one of {list(STYLES)}")
         elif self.style == "animatediff":
@@ -98,6 +102,9 @@ class TemporalLayout:
 
 
 STYLES = ("videoldm", "animatediff")
+MAX_DEPTH = 16  # transformer layers per temporal attention block (Video LDM: 1, AnimateDiff: 2)
+MAX_HEADS = 64
+MAX_KERNEL = 15
 MAX_TABLE = 4096  # frame-table rows: AnimateDiff's have 24 or 32; more than this is not a real module
 _STYLE_DEFAULTS = {"style": "videoldm", "mid_block": True, "max_frames": None}
 

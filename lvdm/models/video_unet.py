@@ -20,6 +20,7 @@ from diffusers.models.resnet import ResnetBlock2D
 from diffusers.models.transformers.transformer_2d import Transformer2DModel
 from torch import nn
 
+from lvdm.errors import TemporalModuleError
 from lvdm.models.family import base_family
 from lvdm.models.layout import TemporalLayout
 from lvdm.models.parts import PartSpec
@@ -124,7 +125,10 @@ class VideoUNet(nn.Module):
         from lvdm.models.animatediff import open_temporal_module
 
         module = open_temporal_module(path, unet.config, allow_pickle=allow_pickle)
-        video = cls.from_unet2d(unet, module.layout)
+        try:
+            video = cls.from_unet2d(unet, module.layout)
+        except ValueError as exc:  # e.g. a head count the base's channels do not divide into
+            raise TemporalModuleError(f"{path}: its layout does not fit this base: {exc}") from exc
         module.add_parts(video)
         module.load_into(video)
         return video
