@@ -3,9 +3,11 @@
 from __future__ import annotations
 
 import contextlib
+import errno
 import os
 import secrets
 import shutil
+import stat
 from collections.abc import Iterator
 from pathlib import Path
 
@@ -61,6 +63,30 @@ def _write_error(path: Path, reason: str) -> OutputWriteError:
     except OSError:
         free = "free space unknown"
     return OutputWriteError(f"could not write {path}: {reason} ({free}); any previous version is unchanged")
+
+
+def read_bounded(path: str | os.PathLike, limit: int, *, regular_only: bool = False) -> bytes:
+    """The bytes of ``path``, at most ``limit`` of them (more is an ``OSError`` saying so, not a read into memory:
+    ``/dev/zero``). ``regular_only``: a FIFO or a device is refused at once (opened without blocking), for files
+    that only ever are regular ones (captions); otherwise a pipe (``<(...)``) is read like a file."""
+    fd = os.open(path, os.O_RDONLY | (getattr(os, "O_NONBLOCK", 0) if regular_only else 0))
+    try:
+        info = os.fstat(fd)
+        if regular_only and not stat.S_ISREG(info.st_mode):
+            raise OSError(errno.EINVAL, "not a regular file")
+        if stat.S_ISREG(info.st_mode) and info.st_size > limit:
+            raise OSError(errno.EFBIG, f"larger than {_size(limit)}")
+        with os.fdopen(fd, "rb", closefd=False) as handle:
+            data = handle.read(limit + 1)
+        if len(data) > limit:
+            raise OSError(errno.EFBIG, f"larger than {_size(limit)}")
+        return data
+    finally:
+        os.close(fd)
+
+
+def _size(limit: int) -> str:
+    return f"{limit >> 20} MiB" if limit >= 1 << 20 else f"{limit >> 10} KiB"
 
 
 def is_stray_temp(name: str, final_names: tuple[str, ...]) -> bool:

@@ -14,7 +14,7 @@ import numpy as np
 import torch
 
 from lvdm.errors import ConfigError
-from lvdm.fileio import atomic_path
+from lvdm.fileio import atomic_path, read_bounded
 
 MEDIA_SUFFIXES = {".mp4": "mp4", ".gif": "gif"}  # any other path is a folder of PNG frames
 FORMATS = ("mp4", "gif", "png")
@@ -163,7 +163,7 @@ def read_prompts(path: str | os.PathLike) -> list[str]:
     """Prompts from a UTF-8 text file, one per line; blank lines are skipped."""
     path = Path(path)
     try:
-        lines = path.read_text(encoding="utf-8").splitlines()
+        lines = read_bounded(path, MAX_TEXT_BYTES).decode("utf-8").splitlines()
     except (OSError, UnicodeDecodeError) as exc:
         raise ConfigError(f"prompts file {path} cannot be read: {exc}") from exc
     prompts = [line.strip() for line in lines if line.strip()]
@@ -172,6 +172,7 @@ def read_prompts(path: str | os.PathLike) -> list[str]:
     return prompts
 
 
+MAX_TEXT_BYTES = 16 << 20  # a prompts file or sidecar larger than this is not one (/dev/zero filled memory)
 SIDECAR_KEYS = {"prompt": str, "settings": dict, "model": dict}
 
 
@@ -182,7 +183,7 @@ def read_sidecar(path: str | os.PathLike) -> dict[str, Any]:
     only a fingerprint of it): a :class:`ConfigError`, as is a file that is not a sidecar.
     """
     try:
-        meta = json.loads(Path(path).read_text(encoding="utf-8"))
+        meta = json.loads(read_bounded(path, MAX_TEXT_BYTES).decode("utf-8"))
     except (OSError, UnicodeDecodeError, ValueError) as exc:
         raise ConfigError(f"sidecar {path} cannot be read: {exc}") from exc
     if not isinstance(meta, dict) or not all(isinstance(meta.get(k), kind) for k, kind in SIDECAR_KEYS.items()):

@@ -338,12 +338,14 @@ def test_absurd_numbers_are_refused_before_anything_loads(tiny_assets, tmp_path)
         [*sample, "--steps", "5000"], [*sample, "--frames", "100000000"], [*sample, "--height", "100000"],
         [*sample, "--seed", "99999999999999999999999"], [*sample, "--guidance", "inf"],
         [*sample, "--num-videos", "100000000"],
+        [SAMPLE, "--quiet", "--base", tiny_assets["base"], "--prompts", "/dev/zero", "--out", tmp_path / "x.mp4"],
     ]  # fmt: skip
     started = time.monotonic()
     results = cli_all(*attacks)
     assert time.monotonic() - started < 60
-    train, *sampling = results
+    train, *sampling, zeros = results
     assert train.returncode == 2 and "data.num_frames: must be <= 1024, got 1000000000" in train.stderr
+    one_line_error(zeros, 2, "prompts file /dev/zero cannot be read", "larger than 16 MiB")  # it filled memory
     for result, setting in zip(sampling, ("num_inference_steps", "num_frames", "height", "seed", "guidance_scale",
                                           "num_videos_per_prompt"), strict=True):  # fmt: skip
         one_line_error(result, 2, f"{setting}: must be <= ")

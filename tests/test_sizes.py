@@ -70,16 +70,22 @@ def test_a_damaged_index_is_only_a_cache(folder: Path, tmp_path: Path, probes: l
     lines = index.read_text(encoding="utf-8").splitlines()
     garbage = ["{not json", json.dumps({"path": "x", "stamp": [1], "size": [1, 2]}), '{"size": [0, 0]}', "[]"]
     index.write_text("\n".join([*garbage, *lines[1:]]) + "\n", encoding="utf-8")  # line 0 lost, junk added
+    damaged = index.read_bytes()
     probes.clear()
-    assert media_sizes(entries, index=index) == SIZES
+    with pytest.warns(UserWarning, match="4 lines lvdm did not write; it is read, not replaced"):
+        assert media_sizes(entries, index=index) == SIZES
     assert len(probes) == 1  # the clip whose line was lost
+    assert index.read_bytes() == damaged  # lines lvdm did not write: perhaps a file of the user's, kept
 
     (tmp_path / "folder_index").mkdir()
-    with pytest.warns(UserWarning) as caught:
-        assert media_sizes(entries, index=tmp_path / "folder_index") == SIZES
-    messages = [str(w.message) for w in caught]
-    assert re.match(r"data.size_index '.*folder_index' cannot be read", messages[0]), messages
-    assert "could not be written" in messages[1]
+    fifo = tmp_path / "fifo_index"
+    os.mkfifo(fifo)  # opened as a file, it would block
+    for bad in (tmp_path / "folder_index", fifo):
+        with pytest.warns(UserWarning) as caught:
+            assert media_sizes(entries, index=bad) == SIZES
+        messages = [str(w.message) for w in caught]
+        assert len(messages) == 1 and re.match(rf"data.size_index '.*{bad.name}' cannot be read", messages[0])
+    assert fifo.exists() and not fifo.is_file()  # not replaced
 
 
 def test_an_index_that_cannot_be_written_warns_and_the_sizes_still_come(folder: Path, tmp_path: Path) -> None:

@@ -22,7 +22,7 @@ from typing import cast
 
 from lvdm.data.sources import Entry
 from lvdm.errors import VideoReadError
-from lvdm.fileio import atomic_path
+from lvdm.fileio import atomic_path, read_bounded
 
 UNREADABLE = (1, 1)  # the size given to a file that cannot be probed: it fails later, named, when loaded
 PROGRESS_FROM = 500  # files to probe before a progress bar is worth showing
@@ -38,7 +38,7 @@ def media_sizes(
     ``index``: a JSON-lines file to reuse sizes from and to write new ones to (created if missing).
     ``workers``: probing threads.
     """
-    known = _read_index(Path(index)) if index is not None else {}
+    known, ours = _read_index(Path(index)) if index is not None else ({}, False)
     stamps = [_stamp(entry) for entry in entries]
     sizes: list[Size | None] = [_reuse(known.get(key), stamp) for key, stamp in stamps]
     missing = [i for i, size in enumerate(sizes) if size is None]
@@ -49,7 +49,7 @@ def media_sizes(
             key, stamp = stamps[i]
             if key is not None:
                 known[key] = {"stamp": stamp, "size": list(size)}
-        if index is not None:
+        if ours:
             _write_index(Path(index), known)
     return cast(list[Size], sizes)  # every None was probed
 
@@ -109,25 +109,32 @@ def _probe_all(entries: list[Entry], *, workers: int, timeout: float | None) -> 
     return sizes
 
 
-def _read_index(path: Path) -> dict[str, dict]:
-    """``{absolute path: {"stamp": [bytes, mtime_ns], "size": [w, h]}}``; unusable lines are skipped."""
+def _read_index(path: Path) -> tuple[dict[str, dict], bool]:
+    """``{absolute path: {"stamp": [bytes, mtime_ns], "size": [w, h]}}``, and whether lvdm may write the file: it
+    is missing, or an index every line of which lvdm wrote. Anything else (a FIFO, a device, a user's file given
+    by mistake) is read if it can be, never replaced."""
     try:
-        text = path.read_text(encoding="utf-8")
+        text = read_bounded(path, 1 << 30, regular_only=True).decode("utf-8")  # about 10 M clips' lines
     except (FileNotFoundError, NotADirectoryError):
-        return {}
+        return {}, not path.is_symlink()
     except (OSError, UnicodeDecodeError) as exc:
         warnings.warn(f"data.size_index {str(path)!r} cannot be read ({exc}); probing every file", stacklevel=3)
-        return {}
-    known = {}
-    for line in text.splitlines():
+        return {}, False
+    known, foreign = {}, 0
+    for line in filter(str.strip, text.splitlines()):
         try:
             row = json.loads(line)
             stamp, size = [int(v) for v in row["stamp"]], [int(v) for v in row["size"]]
             if len(stamp) == 2 and len(size) == 2 and min(size) >= 1:
                 known[str(row["path"])] = {"stamp": stamp, "size": size}
-        except (ValueError, TypeError, KeyError):
-            continue
-    return known
+                continue
+        except (ValueError, TypeError, KeyError, AttributeError):
+            pass
+        foreign += 1
+    if foreign:
+        message = f"data.size_index {str(path)!r} has {foreign} lines lvdm did not write; it is read, not replaced"
+        warnings.warn(message, stacklevel=3)
+    return known, not foreign
 
 
 def _write_index(path: Path, known: dict[str, dict]) -> None:

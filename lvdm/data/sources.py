@@ -10,16 +10,15 @@ are a :class:`~lvdm.errors.DataError` at once.
 from __future__ import annotations
 
 import csv
-import errno
 import json
 import math
 import os
-import stat
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
 
 from lvdm.errors import DataError, VideoReadError
+from lvdm.fileio import read_bounded
 
 VIDEO_SUFFIXES = (".mp4", ".mov", ".webm", ".mkv", ".avi", ".m4v", ".gif")
 IMAGE_SUFFIXES = (".png", ".jpg", ".jpeg", ".webp", ".bmp")
@@ -71,22 +70,9 @@ class Entry:
 
 
 def read_caption_file(path: Path) -> bytes:
-    """The bytes of a caption file, which must be a regular file of at most :data:`MAX_CAPTION_BYTES`.
-
-    Opened without blocking, so a FIFO or a device named like a caption is refused at once instead of hanging
-    the loader; a file larger than the limit is refused rather than read into memory.
-    """
-    fd = os.open(path, os.O_RDONLY | getattr(os, "O_NONBLOCK", 0))
-    try:
-        info = os.fstat(fd)
-        if not stat.S_ISREG(info.st_mode):
-            raise OSError(errno.EINVAL, "not a regular file")
-        if info.st_size > MAX_CAPTION_BYTES:
-            raise OSError(errno.EFBIG, f"larger than {MAX_CAPTION_BYTES // 1024} KiB")
-        with os.fdopen(fd, "rb", closefd=False) as handle:
-            return handle.read(MAX_CAPTION_BYTES + 1)[:MAX_CAPTION_BYTES]
-    finally:
-        os.close(fd)
+    """The bytes of a caption file, which must be a regular file of at most :data:`MAX_CAPTION_BYTES`: a FIFO or a
+    device named like a caption is refused at once instead of hanging the loader, a larger file instead of read."""
+    return read_bounded(path, MAX_CAPTION_BYTES, regular_only=True)
 
 
 def folder_source(root: str | os.PathLike, *, images: bool = False, allow_links_outside: bool = False) -> list[Entry]:
