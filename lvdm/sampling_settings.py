@@ -133,6 +133,14 @@ def _guidance_problems(settings: SamplingSettings) -> list[str]:
     unknown = sorted(set(options) - set(allowed))
     if unknown:
         return [f"guidance_options: {unknown} are not options of the {name!r} schedule; it takes {allowed}"]
+    kinds = {f.name: str(f.type) for f in dataclasses.fields(GUIDANCE_SCHEDULES[name])}
+    for key, value in options.items():
+        if kinds[key] == "bool" and not isinstance(value, bool):
+            return [f"guidance_options: {key} must be true or false, got {value!r}"]
+        number = isinstance(value, int | float) and not isinstance(value, bool) and math.isfinite(value)
+        if kinds[key] != "bool" and not (number and -100 <= value <= 100):
+            return [f"guidance_options: {key} must be a number in -100 .. 100 (a guidance weight or fraction), got "
+                    f"{value!r}"]  # fmt: skip
     try:
         guidance_schedule(name, settings.guidance_scale, **options)
     except (TypeError, ValueError) as exc:
