@@ -4,12 +4,14 @@ from __future__ import annotations
 
 import contextlib
 import errno
+import json
 import os
 import secrets
 import shutil
 import stat
 from collections.abc import Iterator
 from pathlib import Path
+from typing import Any
 
 from safetensors import SafetensorError
 
@@ -87,6 +89,17 @@ def read_bounded(path: str | os.PathLike, limit: int, *, regular_only: bool = Fa
 
 def _size(limit: int) -> str:
     return f"{limit >> 20} MiB" if limit >= 1 << 20 else f"{limit >> 10} KiB"
+
+
+def json_text(data: Any, **options: Any) -> str:
+    """``json.dumps(data, ensure_ascii=False)``, readable UTF-8, except that a string UTF-8 cannot hold (a file name
+    that is not UTF-8 reaches Python with lone surrogates) makes the whole text ASCII, ``\\udcff`` escaped."""
+    text = json.dumps(data, ensure_ascii=False, **options)
+    try:
+        text.encode("utf-8")
+    except UnicodeEncodeError:
+        return json.dumps(data, **options)
+    return text
 
 
 def is_stray_temp(name: str, final_names: tuple[str, ...]) -> bool:

@@ -14,7 +14,7 @@ import numpy as np
 import torch
 
 from lvdm.errors import ConfigError
-from lvdm.fileio import atomic_path, read_bounded
+from lvdm.fileio import atomic_path, json_text, read_bounded
 
 MEDIA_SUFFIXES = {".mp4": "mp4", ".gif": "gif"}  # any other path is a folder of PNG frames
 FORMATS = ("mp4", "gif", "png")
@@ -91,7 +91,7 @@ def sidecar_path(path: str | os.PathLike) -> Path:
 def write_json(data: dict[str, Any], path: Path, *, exclusive: bool = False) -> Path:
     """Write ``data`` as indented JSON, atomically (a temp file, then a rename; ``exclusive``: never over a file)."""
     with atomic_path(path, exclusive=exclusive) as temp:
-        temp.write_text(json.dumps(data, indent=2, ensure_ascii=False) + "\n", encoding="utf-8")
+        temp.write_text(json_text(data, indent=2) + "\n", encoding="utf-8")
     return path
 
 

@@ -202,6 +202,11 @@ def _as_prompts(prompt: str | Sequence[str]) -> list[str]:
     prompts = [prompt] if isinstance(prompt, str) else list(prompt)
     if not prompts or not all(isinstance(p, str) for p in prompts):
         raise ConfigError(f"prompt must be a string or a non-empty list of strings, got {prompt!r}")
+    for text in prompts:
+        try:
+            text.encode("utf-8")
+        except UnicodeEncodeError:  # bytes that are not UTF-8 reach Python as lone surrogates (a shell's $'\xff')
+            raise ConfigError(f"prompt {text!r} is not UTF-8 text") from None
     return prompts
 
 

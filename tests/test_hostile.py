@@ -48,7 +48,8 @@ def cli(*args: object, timeout: float = 180, env: dict | None = None) -> subproc
 
 def cli_all(*commands: list[object], timeout: float = 180) -> list[subprocess.CompletedProcess[str]]:
     """Several quick attacks at once (each fails before a model loads); results in order, none with a traceback."""
-    pipes = {"stdout": subprocess.PIPE, "stderr": subprocess.PIPE, "text": True, "env": ENV, "cwd": REPO}
+    pipes = {"stdout": subprocess.PIPE, "stderr": subprocess.PIPE, "text": True, "errors": "backslashreplace",
+             "env": ENV, "cwd": REPO}  # fmt: skip
     procs = [subprocess.Popen(_command(list(c)), **pipes) for c in commands]
     results = []
     for proc, command in zip(procs, commands, strict=True):
@@ -339,11 +340,14 @@ def test_absurd_numbers_are_refused_before_anything_loads(tiny_assets, tmp_path)
         [*sample, "--seed", "99999999999999999999999"], [*sample, "--guidance", "inf"],
         [*sample, "--num-videos", "100000000"],
         [SAMPLE, "--quiet", "--base", tiny_assets["base"], "--prompts", "/dev/zero", "--out", tmp_path / "x.mp4"],
+        [SAMPLE, "--quiet", "--base", tiny_assets["base"], "--prompt", "a \udcff disc", "--steps", "1", "--out",
+         tmp_path / "x.mp4"],  # the byte 0xff: not UTF-8, a TypeError in the tokenizer
     ]  # fmt: skip
     started = time.monotonic()
     results = cli_all(*attacks)
     assert time.monotonic() - started < 60
-    train, *sampling, zeros = results
+    train, *sampling, zeros, latin = results
+    one_line_error(latin, 2, "is not UTF-8 text")
     assert train.returncode == 2 and "data.num_frames: must be <= 1024, got 1000000000" in train.stderr
     one_line_error(zeros, 2, "prompts file /dev/zero cannot be read", "larger than 16 MiB")  # it filled memory
     for result, setting in zip(sampling, ("num_inference_steps", "num_frames", "height", "seed", "guidance_scale",
@@ -379,6 +383,9 @@ def test_hostile_data_is_reported_not_hung_on(tmp_path):
     (folder / "link.txt").write_text("a caption")
     os.mkfifo(folder / "pipe.mp4")  # a video that is a FIFO: opening it would block the decoder
     (folder / "pipe.txt").write_text("a caption")
+    latin = os.fsencode(folder) + b"/caf\xe9.mp4"  # a name that is not UTF-8 (made on a Latin-1 system)
+    open(latin, "wb").close()
+    open(latin[:-4] + b".txt", "w").write("a caption")
     manifest = tmp_path / "manifest.csv"
     manifest.write_text(
         f'video,caption\n{clips[1].name},fine\nbad\0name.mp4,a NUL in the path\n{clips[2].name},"{"x" * (2 << 20)}"\n',
@@ -397,6 +404,7 @@ def test_hostile_data_is_reported_not_hung_on(tmp_path):
     assert "not a regular file" in folder_report[clips[0].name]
     assert "escapes the data root" in folder_report["link.mp4"]
     assert folder_report["pipe.mp4"] == "not a regular file"
+    assert folder_report["caf\udce9.mp4"] == "zero-byte file"  # the report was written (it failed on the name)
     reasons = sorted(r.get("reason") or "ok" for r in map(json.loads, open(tmp_path / "manifest.jsonl")))
     assert reasons[0] == "ok" and "NUL byte" in reasons[1] and "unreadable CSV row" in reasons[2], reasons
 

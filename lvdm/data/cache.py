@@ -39,7 +39,7 @@ from tqdm.auto import tqdm
 
 from lvdm.data.dataset import VideoDataset
 from lvdm.errors import DataError, VideoReadError
-from lvdm.fileio import atomic_path
+from lvdm.fileio import atomic_path, json_text
 
 FORMAT = "lvdm.latent_cache"
 FORMAT_VERSION = 1
@@ -154,7 +154,7 @@ class _SkipLog:
             return
         self.logged.add(path)
         with self.path.open("a", encoding="utf-8") as handle:
-            handle.write(json.dumps({"path": path, "reason": reason}, ensure_ascii=False) + "\n")
+            handle.write(json_text({"path": path, "reason": reason}) + "\n")
 
 
 def _start_or_resume(out: Path, fingerprint: dict[str, Any], shard_size: int, shards: int) -> None:

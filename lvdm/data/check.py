@@ -12,7 +12,6 @@ decode at the training size). Exit status: 0 when the bad fraction is within
 from __future__ import annotations
 
 import argparse
-import json
 import random
 import sys
 import time
@@ -24,6 +23,7 @@ from typing import Any
 from lvdm.cli import run_cli, split_overrides
 from lvdm.config import DataConfig, load_config, option
 from lvdm.errors import VideoReadError
+from lvdm.fileio import json_text
 
 
 @dataclass
@@ -78,7 +78,7 @@ def scan(
         lines.append({"path": path, "ok": True})
     result.seconds = time.perf_counter() - start
     if report is not None:
-        report.write_text("".join(json.dumps(line, ensure_ascii=False) + "\n" for line in lines), encoding="utf-8")
+        report.write_text("".join(json_text(line) + "\n" for line in lines), encoding="utf-8")
     return result
 
 

@@ -18,6 +18,7 @@ from torch.utils.data import DataLoader, Sampler
 
 from lvdm.data.dataset import VideoDataset, collate
 from lvdm.errors import DataError
+from lvdm.fileio import json_text
 
 
 class BatchStream(Sampler[list[tuple[int, int]]]):
@@ -126,7 +127,7 @@ class BadSampleGuard:
             return
         self.log_path.parent.mkdir(parents=True, exist_ok=True)
         with self.log_path.open("a", encoding="utf-8") as handle:
-            handle.write(json.dumps({"path": path, "reason": reason}, ensure_ascii=False) + "\n")
+            handle.write(json_text({"path": path, "reason": reason}) + "\n")
 
 
 def make_loader(dataset: Any, stream: BatchStream, *, num_workers: int = 0, collate_fn: Any = collate) -> DataLoader:

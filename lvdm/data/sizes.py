@@ -22,7 +22,7 @@ from typing import cast
 
 from lvdm.data.sources import Entry
 from lvdm.errors import VideoReadError
-from lvdm.fileio import atomic_path, read_bounded
+from lvdm.fileio import atomic_path, json_text, read_bounded
 
 UNREADABLE = (1, 1)  # the size given to a file that cannot be probed: it fails later, named, when loaded
 PROGRESS_FROM = 500  # files to probe before a progress bar is worth showing
@@ -138,7 +138,7 @@ def _read_index(path: Path) -> tuple[dict[str, dict], bool]:
 
 
 def _write_index(path: Path, known: dict[str, dict]) -> None:
-    lines = [json.dumps({"path": key, **value}, ensure_ascii=False) for key, value in sorted(known.items())]
+    lines = [json_text({"path": key, **value}) for key, value in sorted(known.items())]
     try:
         with atomic_path(path) as temp:
             temp.write_text("\n".join(lines) + "\n", encoding="utf-8")
