@@ -174,6 +174,29 @@ def read_prompts(path: str | os.PathLike) -> list[str]:
 
 MAX_TEXT_BYTES = 16 << 20  # a prompts file or sidecar larger than this is not one (/dev/zero filled memory)
 SIDECAR_KEYS = {"prompt": str, "settings": dict, "model": dict}
+_MODEL_PATHS = ("base", "base_config", "temporal", "spatial_weights", "image_adapter", "image_encoder", "decoder",
+                "dtype")  # fmt: skip
+
+
+def _sidecar_type_problem(meta: dict[str, Any]) -> str | None:
+    """What in a sidecar's fields that re-rendering reads has the wrong type (a sidecar can come from anyone)."""
+    model = meta["model"]
+    for key in _MODEL_PATHS:
+        if model.get(key) is not None and not isinstance(model[key], str):
+            return f"model.{key} must be a path (a string), got {model[key]!r}"
+    loras = model.get("loras")
+    if loras is not None and not (isinstance(loras, list) and all(isinstance(x, str) for x in loras)):
+        return f"model.loras must be a list of 'PATH[:SCALE]' strings, got {loras!r}"
+    for key in ("context", "interpolate", "image"):
+        if meta.get(key) is not None and not isinstance(meta[key], dict):
+            return f"{key} must be an object, got {meta[key]!r}"
+    for key, kind in (("format", str), ("device", str), ("base_noise", int | str)):
+        if meta.get(key) is not None and (not isinstance(meta[key], kind) or isinstance(meta[key], bool)):
+            return f"{key} has the wrong type: {meta[key]!r}"
+    factor = (meta.get("interpolate") or {}).get("factor")
+    if factor is not None and (isinstance(factor, bool) or not isinstance(factor, int)):
+        return f"interpolate.factor must be a whole number, got {factor!r}"
+    return None
 
 
 def read_sidecar(path: str | os.PathLike) -> dict[str, Any]:
@@ -188,6 +211,8 @@ def read_sidecar(path: str | os.PathLike) -> dict[str, Any]:
         raise ConfigError(f"sidecar {path} cannot be read: {exc}") from exc
     if not isinstance(meta, dict) or not all(isinstance(meta.get(k), kind) for k, kind in SIDECAR_KEYS.items()):
         raise ConfigError(f"{path} is not an lvdm sidecar (it needs {', '.join(SIDECAR_KEYS)})")
+    if problem := _sidecar_type_problem(meta):
+        raise ConfigError(f"sidecar {path}: {problem}")
     if meta.get("initial_noise") == "given" or isinstance(meta.get("base_noise"), str):
         raise ConfigError(f"sidecar {path}: its video started from a noise tensor that the sidecar does not hold")
     return meta

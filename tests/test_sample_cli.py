@@ -245,3 +245,12 @@ def test_from_json_refuses_what_is_not_a_sidecar(tmp_path, capsys):
     bad.write_text('{"prompt": "a kite"}')
     code, _, err = sample_here(capsys, "--from-json", str(bad), "--out", str(tmp_path / "x.mp4"))
     assert code == 2 and err.count("\n") == 1 and "is not an lvdm sidecar" in err, err
+    base = {"prompt": "a kite", "settings": {}, "model": {"base": "b"}}
+    for change, message in (({"model": {"base": 5}}, "model.base must be a path"),
+                            ({"model": {"base": "b", "loras": [1]}}, "model.loras must be a list"),
+                            ({"interpolate": "x"}, "interpolate must be an object"),
+                            ({"interpolate": {"factor": "4"}}, "interpolate.factor must be a whole number"),
+                            ({"base_noise": [1]}, "base_noise has the wrong type")):  # fmt: skip
+        bad.write_text(json.dumps(base | change))  # each a TypeError or AttributeError traceback before
+        code, _, err = sample_here(capsys, "--from-json", str(bad), "--out", str(tmp_path / "x.mp4"))
+        assert code == 2 and err.count("\n") == 1 and message in err, err
