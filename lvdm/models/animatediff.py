@@ -36,7 +36,7 @@ from safetensors.torch import load_file
 
 from lvdm.errors import CheckpointError, TemporalModuleError
 from lvdm.models.layout import TemporalLayout
-from lvdm.models.loading import PICKLE_SUFFIXES, check_weights_file
+from lvdm.models.loading import PICKLE_SUFFIXES, check_weights_file, tensor_problem
 from lvdm.models.temporal_file import (
     TemporalModule,
     _first,
@@ -296,8 +296,8 @@ def _check_against_diffusers(tensors: dict[str, torch.Tensor], config: dict[str,
     if problems:
         raise TemporalModuleError(f"motion module {path} is not a consistent motion module: {'; '.join(problems)}")
     for key, value in tensors.items():
-        if value.is_floating_point() and not torch.isfinite(value).all():
-            raise TemporalModuleError(f"motion module {path}: tensor {key!r} holds NaN or infinite values")
+        if problem := tensor_problem(value):
+            raise TemporalModuleError(f"motion module {path}: tensor {key!r} {problem}")
 
 
 def _layout(config: dict[str, Any], path: Path) -> TemporalLayout:

@@ -84,6 +84,19 @@ class BaseModel:
         return self.scheduler.config.get("prediction_type", "epsilon")
 
 
+USABLE_DTYPES = (torch.float32, torch.float16, torch.bfloat16, torch.float64)
+
+
+def tensor_problem(tensor: torch.Tensor) -> str | None:
+    """Why a weight read from a file cannot be used, or None: a float type lvdm does not compute in (float8,
+    complex), or NaN or infinite values."""
+    if tensor.is_complex() or (tensor.is_floating_point() and tensor.dtype not in USABLE_DTYPES):
+        return f"has dtype {tensor.dtype} (lvdm reads float32, float16 and bfloat16 weights)"
+    if tensor.is_floating_point() and not torch.isfinite(tensor).all():
+        return "holds NaN or infinite values"
+    return None
+
+
 def load_base(
     path: str | os.PathLike,
     *,
@@ -148,8 +161,8 @@ def check_weights_file(path: Path, *, allow_pickle: bool, what: str) -> None:
         with safe_open(path, framework="pt") as handle:
             for key in handle.keys():
                 tensor = handle.get_tensor(key)
-                if tensor.is_floating_point() and not torch.isfinite(tensor).all():
-                    raise CheckpointError(f"{what} {path}: tensor {key!r} holds NaN or infinite values")
+                if problem := tensor_problem(tensor):
+                    raise CheckpointError(f"{what} {path}: tensor {key!r} {problem}")
     except (SafetensorError, OSError, ValueError) as exc:
         if isinstance(exc, CheckpointError):
             raise

@@ -34,6 +34,7 @@ from lvdm import __version__
 from lvdm.errors import TemporalModuleError
 from lvdm.fileio import atomic_path
 from lvdm.models.layout import TemporalLayout
+from lvdm.models.loading import tensor_problem
 
 if TYPE_CHECKING:
     from lvdm.models.video_unet import VideoUNet
@@ -178,8 +179,8 @@ def read_temporal_file(path: str | os.PathLike) -> TemporalModule:
     except (SafetensorError, OSError, ValueError) as exc:
         raise TemporalModuleError(f"temporal module {path} is corrupt or truncated: {exc}") from exc
     for name, tensor in tensors.items():
-        if tensor.is_floating_point() and not torch.isfinite(tensor).all():
-            raise TemporalModuleError(f"temporal module {path}: tensor {name!r} holds NaN or infinite values")
+        if problem := tensor_problem(tensor):
+            raise TemporalModuleError(f"temporal module {path}: tensor {name!r} {problem}")
     if CHECKSUM_KEY in metadata and tensors_checksum(tensors) != metadata[CHECKSUM_KEY]:
         raise TemporalModuleError(
             f"temporal module {path} is corrupt: its tensors do not match the checksum in its metadata"
