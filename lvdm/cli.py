@@ -10,6 +10,8 @@ Anything that is not an :class:`~lvdm.errors.LvdmError` is a bug and keeps its t
 
 from __future__ import annotations
 
+import atexit
+import errno
 import os
 import sys
 from collections.abc import Callable
@@ -33,10 +35,23 @@ def run_cli(main: Callable[[list[str]], int | None], argv: list[str] | None = No
     quiet_libraries()
     prefer_passive_waiting()  # before torch loads OpenMP: on a busy machine threads sleep, not spin
     args = sys.argv[1:] if argv is None else argv
+    _open_closed_streams()
     try:
-        code = main(args) or 0
-        sys.stdout.flush()  # a closed pipe shows here, inside the handler, not in the interpreter's last flush
+        try:
+            code = main(args) or 0
+        except SystemExit as exc:  # argparse: --help (0), a usage error (2, already printed)
+            code = exc.code if isinstance(exc.code, int) else 0 if exc.code is None else 2
+        sys.stdout.flush()  # a closed pipe or a full disk shows here, not in the interpreter's last flush
         return code
+    except BrokenPipeError:
+        _silence_stdout()
+        return EXIT_BROKEN_PIPE
+    except OSError as exc:
+        if exc.errno not in _FULL:
+            raise
+        _silence_stdout()  # what could not be written is dropped, so that exiting does not fail on it again
+        print(f"error: {exc.strerror or exc} writing {exc.filename or 'the output'}", file=sys.stderr)
+        return 1
     except ConfigError as exc:
         print(f"error: {exc}", file=sys.stderr)
         return 2
@@ -46,9 +61,18 @@ def run_cli(main: Callable[[list[str]], int | None], argv: list[str] | None = No
     except KeyboardInterrupt:
         print("interrupted", file=sys.stderr)
         return 130
-    except BrokenPipeError:
-        _silence_stdout()
-        return EXIT_BROKEN_PIPE
+
+
+_FULL = (errno.ENOSPC, errno.EDQUOT)  # a full disk or quota: the machine's state, not a bug
+
+
+def _open_closed_streams() -> None:
+    """A command started with stdout or stderr closed (``>&-``) writes them to the null device instead."""
+    for name in ("stdout", "stderr"):
+        if getattr(sys, name) is None:
+            stream = open(os.devnull, "w")  # noqa: SIM115 (for the life of the process)
+            atexit.register(stream.close)
+            setattr(sys, name, stream)
 
 
 def device_and_dtype(device: str, dtype: str) -> tuple[str, str]:

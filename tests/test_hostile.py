@@ -419,6 +419,13 @@ def test_a_closed_pipe_is_not_a_traceback():
     proc.stdout.close()  # the reader is gone before anything was written, like `| head` after its lines
     err = proc.communicate(timeout=60)[1].decode()
     assert proc.returncode == 141 and "Traceback" not in err and "BrokenPipe" not in err, err
+    with open("/dev/full", "w") as full:  # stdout on a full disk: one line, exit 1
+        result = subprocess.run(_command([TRAIN, "--help-config"]), stdout=full, stderr=subprocess.PIPE, text=True,
+                                env=ENV, cwd=REPO, timeout=60)  # fmt: skip
+    assert result.returncode == 1 and result.stderr == "error: No space left on device writing the output\n"
+    closed = subprocess.run(_command([TRAIN, "--help-config"]), stdout=subprocess.DEVNULL, stderr=subprocess.PIPE,
+                            text=True, env=ENV, cwd=REPO, timeout=60, preexec_fn=lambda: os.close(1))  # fmt: skip
+    assert closed.returncode == 0 and not closed.stderr, closed.stderr  # an AttributeError traceback before
 
 
 def test_sigterm_stops_resumably_with_its_own_exit_code_and_skips_sampling(tiny_assets, tmp_path):
