@@ -46,12 +46,6 @@ def run_cli(main: Callable[[list[str]], int | None], argv: list[str] | None = No
     except BrokenPipeError:
         _silence_stdout()
         return EXIT_BROKEN_PIPE
-    except OSError as exc:
-        if exc.errno not in _FULL:
-            raise
-        _silence_stdout()  # what could not be written is dropped, so that exiting does not fail on it again
-        print(f"error: {exc.strerror or exc} writing {exc.filename or 'the output'}", file=sys.stderr)
-        return 1
     except ConfigError as exc:
         print(f"error: {exc}", file=sys.stderr)
         return 2
@@ -61,6 +55,12 @@ def run_cli(main: Callable[[list[str]], int | None], argv: list[str] | None = No
     except KeyboardInterrupt:
         print("interrupted", file=sys.stderr)
         return 130
+    except OSError as exc:  # after LvdmError: lvdm's own write errors are OSErrors too, with their own message
+        if exc.errno not in _FULL:
+            raise
+        _silence_stdout()  # what could not be written is dropped, so that exiting does not fail on it again
+        print(f"error: {exc.strerror or exc} writing {exc.filename or 'the output'}", file=sys.stderr)
+        return 1
 
 
 _FULL = (errno.ENOSPC, errno.EDQUOT)  # a full disk or quota: the machine's state, not a bug
