@@ -648,3 +648,18 @@ def test_the_demo_configs_overwrite_stays_with_the_demo_folder(tmp_path):
     result = cli(TRAIN, "--quiet", f"output_dir={out}", "model.base=nowhere")  # no --config: the demo's settings
     one_line_error(result, 1, "already holds a run", "train.resume=auto")
     assert snapshot(out) == before
+
+
+def test_the_demo_refuses_clips_that_are_not_its_own(tmp_path):
+    """``python train.py`` in a folder whose outputs/demo/clips holds a user's video: one line naming it (a
+    FileNotFoundError traceback before), and the video stays."""
+    from lvdm.testing.clips import write_captioned_folder
+
+    clips = tmp_path / "outputs" / "demo" / "clips"
+    made = sorted(write_captioned_folder(tmp_path / "made", 1, num_frames=4, size=(32, 32), seed=0).rglob("*.mp4"))
+    clips.mkdir(parents=True)
+    shutil.copy(made[0], clips / "holiday.mp4")
+    result = subprocess.run(_command([TRAIN]), capture_output=True, text=True, env=ENV, cwd=tmp_path, timeout=120)
+    assert "Traceback" not in result.stderr, result.stderr[-2000:]
+    one_line_error(result, 1, "holds holiday.mp4, not one of the demo's clips")
+    assert sorted(p.name for p in clips.iterdir()) == ["holiday.mp4"]

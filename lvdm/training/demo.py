@@ -97,12 +97,22 @@ def _write_motion_captions(clips: Path) -> None:
     """``motion.jsonl``: every clip of the folder captioned "a shape moving <its direction>"."""
     import json
 
+    from lvdm.errors import LvdmError
     from lvdm.fileio import atomic_path
 
     rows = []
     for video in sorted(clips.glob("*.mp4")):
-        direction = video.with_suffix(".txt").read_text(encoding="utf-8").split()[-1]  # "a red disc moving left"
-        rows.append(json.dumps({"video": video.name, "caption": f"a shape moving {direction}"}))
+        try:
+            words = video.with_suffix(".txt").read_text(encoding="utf-8").split()  # "a red disc moving left"
+            reason = f"its caption {' '.join(words)!r} does not say how a shape moves"
+        except (OSError, UnicodeDecodeError):
+            words, reason = [], "it has no readable caption file"
+        if len(words) < 2 or words[-2] != "moving":
+            raise LvdmError(
+                f"{clips} holds {video.name}, not one of the demo's clips ({reason}); the demo makes its own clips "
+                "in an empty folder: move that folder's files away"
+            )
+        rows.append(json.dumps({"video": video.name, "caption": f"a shape moving {words[-1]}"}))
     with atomic_path(clips / MOTION_CAPTIONS) as temp:
         Path(temp).write_text("\n".join(rows) + "\n", encoding="utf-8")
 
