@@ -198,7 +198,8 @@ def temporal_defaults(path: str | os.PathLike) -> dict[str, Any]:
     if is_motion_module(path):  # an AnimateDiff module records no training config: lvdm's own defaults
         metadata = {}
     elif not Path(path).is_file():
-        raise TemporalModuleError(f"temporal module {path} does not exist")
+        what = "is not a module file or a MotionAdapter folder" if Path(path).exists() else "does not exist"
+        raise TemporalModuleError(f"temporal module {path} {what}")
     else:
         metadata = read_temporal_metadata(path)
     try:

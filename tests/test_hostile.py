@@ -663,3 +663,28 @@ def test_the_demo_refuses_clips_that_are_not_its_own(tmp_path):
     assert "Traceback" not in result.stderr, result.stderr[-2000:]
     one_line_error(result, 1, "holds holiday.mp4, not one of the demo's clips")
     assert sorted(p.name for p in clips.iterdir()) == ["holiday.mp4"]
+
+
+def test_mistaken_files_are_named_for_what_they_are(trained, tiny_assets, tmp_path):
+    """Each of these said something misleading: a LoRA scale of NaN blamed the base's weights, a folder given as
+    --temporal "does not exist", a file as output_dir "File exists", a module given as --base went looking for a
+    config on the Hugging Face Hub."""
+    from lvdm import testing
+    from lvdm.models import load_base
+
+    module, out = trained / "temporal.safetensors", tmp_path / "x.mp4"
+    lora = testing.write_lora(load_base(tiny_assets["base"]).unet, tmp_path / "style.safetensors", seed=3)
+    a_file = tmp_path / "notes.txt"
+    a_file.write_text("mine")
+    sample = [SAMPLE, "--quiet", "--prompt", "x", "--steps", "1", "--out", out]
+    results = cli_all(
+        [*sample, "--base", tiny_assets["base"], "--lora", f"{lora}:nan"],
+        [*sample, "--base", tiny_assets["base"], "--temporal", tmp_path],
+        [TRAIN, "--quiet", *tiny_overrides(tiny_assets, a_file)],
+        [*sample, "--base", module],
+    )
+    messages = ("the scale after ':' must be finite", "is not a module file", "is a file, not a folder",
+                "is an lvdm module file, not a base")  # fmt: skip
+    for result, message in zip(results, messages, strict=True):
+        one_line_error(result, 1, message)
+    assert a_file.read_text() == "mine" and not out.exists()

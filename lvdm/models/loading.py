@@ -14,6 +14,7 @@ written here is the policy around them:
 
 from __future__ import annotations
 
+import math
 import os
 import warnings
 from collections.abc import Iterator
@@ -49,9 +50,12 @@ class LoraSpec:
         head, sep, tail = text.rpartition(":")
         if sep and head and not Path(text).exists():
             try:
-                return cls(Path(head), float(tail))
+                scale = float(tail)
             except ValueError:
                 raise CheckpointError(f"LoRA {text!r}: the scale after ':' must be a number, got {tail!r}") from None
+            if not math.isfinite(scale):  # fused, it made the base's weights NaN, and the error blamed the base
+                raise CheckpointError(f"LoRA {text!r}: the scale after ':' must be finite, got {tail!r}")
+            return cls(Path(head), scale)
         return cls(Path(text))
 
 
@@ -123,6 +127,11 @@ def load_base(
     path = Path(path)
     if not path.exists():
         raise CheckpointError(f"base model {path} does not exist (expected a diffusers folder or a checkpoint file)")
+    if _is_lvdm_file(path):  # diffusers would look for its config on the Hugging Face Hub
+        raise CheckpointError(
+            f"base model {path} is an lvdm module file, not a base: give it as the temporal module (--temporal, "
+            "model.temporal_init) and a Stable Diffusion checkpoint as the base"
+        )
     with _no_loading_bars():
         if path.is_dir():
             pipe = _load_folder(path, allow_pickle=allow_pickle, dtype=dtype)
@@ -266,6 +275,17 @@ def _no_loading_bars() -> Iterator[None]:
     finally:
         if enabled:
             diffusers_logging.enable_progress_bar()
+
+
+def _is_lvdm_file(path: Path) -> bool:
+    """A ``.safetensors`` whose metadata says lvdm wrote it (a temporal module: not a base)."""
+    if not path.is_file() or path.suffix != ".safetensors":
+        return False
+    try:
+        with safe_open(path, framework="pt") as handle:
+            return str((handle.metadata() or {}).get("format", "")).startswith("lvdm")
+    except (SafetensorError, OSError, ValueError):
+        return False
 
 
 def _check_finite(module: torch.nn.Module, what: str) -> None:

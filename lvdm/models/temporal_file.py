@@ -172,7 +172,8 @@ def read_temporal_file(path: str | os.PathLike) -> TemporalModule:
     """Read and check a temporal module file; every problem is a :class:`TemporalModuleError` naming it."""
     path = Path(path)
     if not path.is_file():
-        raise TemporalModuleError(f"temporal module {path} does not exist")
+        what = "is not a file" if path.exists() else "does not exist"  # a folder, a FIFO, a device
+        raise TemporalModuleError(f"temporal module {path} {what}")
     metadata = _read_metadata(path)
     try:
         tensors = load_file(path)

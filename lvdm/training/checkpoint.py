@@ -396,6 +396,8 @@ def check_writable(root: str | os.PathLike, *, min_free_bytes: int = 0) -> None:
     """Create ``root`` if needed and write, fsync and delete a probe file there; a :class:`CheckpointError` naming
     ``root`` if that fails or if less than ``min_free_bytes`` are free. Call it before loading any model."""
     root = Path(root)
+    if root.exists() and not root.is_dir():
+        raise CheckpointError(f"{root} is a file, not a folder: give a folder (a new one, or one of lvdm's runs)")
     try:
         root.mkdir(parents=True, exist_ok=True)
         fd, probe = tempfile.mkstemp(prefix=".write-probe-", dir=root)
@@ -407,7 +409,7 @@ def check_writable(root: str | os.PathLike, *, min_free_bytes: int = 0) -> None:
             os.unlink(probe)
         free = shutil.disk_usage(root).free
     except OSError as e:
-        raise CheckpointError(f"checkpoint folder {root} is not writable: {e}") from e
+        raise CheckpointError(f"folder {root} is not writable: {e.strerror or e}") from e
     if free < min_free_bytes:
         raise CheckpointError(
             f"checkpoint folder {root} has {_human(free)} free, less than the {_human(min_free_bytes)} needed"
