@@ -596,12 +596,16 @@ def test_trainer_counters_of_the_wrong_type_are_refused_by_name(tmp_path):
     from lvdm.training.run_dir import check_resumable
 
     for step, counters in ((1, {"step": "1", "micro_batches": 1, "skipped": 0}), (2, [2, 2, 0]),
-                           (3, {"step": 2, "micro_batches": 3, "skipped": 0})):  # fmt: skip
+                           (3, {"step": 2, "micro_batches": 3, "skipped": 0}),
+                           (5, {"step": 5, "micro_batches": 5, "skipped": 0, "clip_rates": [["x", 1]]}),
+                           (6, {"step": 6, "micro_batches": 6, "skipped": 0, "skipped_in_row": -1})):  # fmt: skip
         path = save_checkpoint(tmp_path, step, {"trainable": {"w": torch.zeros(1)}, "trainer": counters})
         with pytest.raises(CheckpointError, match=rf"checkpoint-0000000{step}/trainer\.pt"):
             check_resumable(path)
     good = save_checkpoint(tmp_path, 4, {"trainer": {"step": 4, "micro_batches": 4, "skipped": 0}})
     check_resumable(good)
+    rates = {"step": 7, "micro_batches": 7, "skipped": 0, "skipped_in_row": 1, "clip_rates": [(12.0, 3), (8.0, 1)]}
+    check_resumable(save_checkpoint(tmp_path, 7, {"trainer": rates}))
 
 
 def test_the_demo_never_replaces_a_model_folder_it_did_not_make(tmp_path):

@@ -387,10 +387,16 @@ def check_resumable(path: Path) -> None:
         return  # lvdm.training.checkpoint users other than the trainer; the trainer names a missing part itself
     if not isinstance(counters, dict):
         raise CheckpointError(f"{path / 'trainer.pt'}: expected a dict of counters, got {type(counters).__name__}")
-    for key in ("step", "micro_batches", "skipped"):
-        value = counters.get(key)
+    for key in ("step", "micro_batches", "skipped", "skipped_in_row"):
+        value = counters.get(key, 0)
         if type(value) is not int or value < 0:
             raise CheckpointError(f"{path / 'trainer.pt'}: {key!r} must be a whole number >= 0, got {value!r}")
+    rates = counters.get("clip_rates", [])
+    if not isinstance(rates, list) or not all(
+        isinstance(pair, list | tuple) and len(pair) == 2 and type(pair[0]) in (int, float) and type(pair[1]) is int
+        for pair in rates
+    ):
+        raise CheckpointError(f"{path / 'trainer.pt'}: 'clip_rates' must be [rate, count] pairs, got {rates!r:.80}")
     if counters["step"] != metadata["step"]:
         step = metadata["step"]
         raise CheckpointError(f"{path / 'trainer.pt'}: step {counters['step']} but the checkpoint is step {step}")
