@@ -44,6 +44,7 @@ from __future__ import annotations
 import argparse
 import json
 import sys
+from pathlib import Path
 from typing import Any
 
 from lvdm.cli import device_and_dtype, run_cli
@@ -215,8 +216,6 @@ def _source(record: Any) -> str | None:
 
 def _check_context(args: argparse.Namespace, image_mode: bool) -> None:
     """The context options' mistakes, before anything loads."""
-    from pathlib import Path
-
     if args.factor is not None and args.interpolate is None:
         raise ConfigError("--factor goes with --interpolate VIDEO")
     if args.interpolate is not None and (args.context is not None or args.prompts is not None):
@@ -264,6 +263,10 @@ def _available(device: str) -> bool:
 
 def main(argv: list[str]) -> int:
     args = build_parser().parse_args(argv)
+    suffix = Path(args.out).suffix.lower().lstrip(".")
+    if args.format is not None and suffix in ("mp4", "gif") and suffix != args.format:  # it wrote the suffix's kind
+        raise ConfigError(f"--format {args.format} and --out {args.out} disagree: --format names the files written "
+                          "into an --out folder; give a folder, or drop --format")  # fmt: skip
     from lvdm.outputs import read_sidecar  # imports torch: after run_cli chose the thread settings
 
     meta = read_sidecar(args.from_json) if args.from_json else None
