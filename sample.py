@@ -284,6 +284,9 @@ def main(argv: list[str]) -> int:
     settings = _settings(args, meta)
     checked = sampling_settings(**settings)  # every mistake reported before anything is loaded
     _check_context(args, checked.image_mode)
+    gif = Path(args.out).suffix.lower() == ".gif" or args.format == "gif"
+    if gif and checked.fps is not None and checked.fps > 100:  # refused by the writer, after the sampling, before
+        raise ConfigError(f"--fps {checked.fps:g}: a GIF stores delays in whole centiseconds, so at most 100 fps")
     paths = plan_outputs(
         args.out, prompts, num_videos_per_prompt=checked.num_videos_per_prompt, format=args.format or "mp4",
         overwrite=args.overwrite,

@@ -186,13 +186,18 @@ def test_an_existing_output_is_refused_unless_overwrite(files, tmp_path, capsys)
     assert code == 2 and "000-a-kite.mp4 already exists" in err, err
 
 
-def test_a_format_that_contradicts_the_output_file_is_refused(files, tmp_path, capsys):
+def test_a_format_or_rate_the_output_file_cannot_take_is_refused_before_sampling(files, tmp_path, capsys):
     """``--format png --out x.mp4`` wrote an mp4 without a word; they disagree: one line, nothing loaded."""
     out = tmp_path / "x.mp4"
     code, _, err = sample_here(capsys, "--base", str(files["a"]), "--prompt", "a kite", "--format", "png", "--out",
                                str(out))  # fmt: skip
     assert code == 2 and err.count("\n") == 1 and "--format png and --out" in err and "disagree" in err, err
     assert not out.exists()
+    gif = tmp_path / "x.gif"
+    code, _, err = sample_here(capsys, "--base", str(files["a"]), "--prompt", "a kite", "--fps", "200", "--out",
+                               str(gif))  # fmt: skip
+    assert code == 2 and err.count("\n") == 1 and "at most 100 fps" in err, err  # after sampling, before
+    assert not gif.exists()
 
 
 def test_an_output_another_run_writes_meanwhile_is_not_replaced(files, tmp_path, capsys, monkeypatch):
