@@ -52,6 +52,7 @@ from lvdm.training.checkpoint import (
     recover_checkpoints,
     verify_checkpoint,
 )
+from lvdm.training.checkpoint_files import _read_marker as read_checkpoint_marker
 from lvdm.training.logs import truncate_log
 from lvdm.training.run_lock import (
     RUN_MARKER,
@@ -262,8 +263,9 @@ def _foreign_inside(folder: Path, kind: str) -> list[Path]:
             if (here / name).is_symlink() or (kind == "checkpoints" and not _is_checkpoint_dir(here, name)):
                 foreign.append(here / name)
         dirs[:] = [d for d in dirs if here / d not in foreign]
+        listed = _checkpoint_files(here) if kind == "checkpoints" and here != folder else None  # once per folder
         for name in files:
-            if (here / name).is_symlink() or not _ours_in(kind, here, folder, name):
+            if (here / name).is_symlink() or not _ours_in(kind, here, folder, name, listed):
                 foreign.append(here / name)
     return foreign
 
@@ -274,9 +276,9 @@ def _is_checkpoint_dir(parent: Path, name: str) -> bool:
     return name.startswith(".tmp-checkpoint-") or re.fullmatch(r"checkpoint-\d{8}", name) is not None
 
 
-def _ours_in(kind: str, parent: Path, top: Path, name: str) -> bool:
-    if kind == "checkpoints":  # a finished checkpoint: the files its COMPLETE lists; an unfinished one: by name
-        listed = _checkpoint_files(parent)
+def _ours_in(kind: str, parent: Path, top: Path, name: str, listed: set[str] | None) -> bool:
+    """``listed``: what the checkpoint folder ``parent``'s ``COMPLETE`` lists (None: unfinished, judged by name)."""
+    if kind == "checkpoints":
         return parent != top and (name in listed if listed is not None else bool(_CHECKPOINT_FILE.fullmatch(name)))
     if kind == "tensorboard":
         return name.startswith("events.out.tfevents.")
@@ -289,9 +291,8 @@ def _ours_in(kind: str, parent: Path, top: Path, name: str) -> bool:
 def _checkpoint_files(folder: Path) -> set[str] | None:
     """The names a finished checkpoint's ``COMPLETE`` lists (and itself), or None where there is none to read."""
     try:
-        records = json.loads((folder / MARKER).read_text(encoding="utf-8"))["files"]
-        return {MARKER} | {record["name"] for record in records if isinstance(record.get("name"), str)}
-    except (OSError, ValueError, KeyError, TypeError, AttributeError):
+        return {MARKER} | {record["name"] for record in read_checkpoint_marker(folder)}
+    except CheckpointError:
         return None
 
 
