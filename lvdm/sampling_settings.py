@@ -23,6 +23,9 @@ DEFAULT_STEPS = 25
 SIZE_MULTIPLE = 8  # SD's rule for pixel sizes (its VAE downsamples by 8)
 MAX_FRAMES = 4096  # frames per sampled video (a rollout beyond the module's length included)
 MAX_SIDE = 8192  # pixels
+MAX_STEPS = 1000  # at most the training timesteps (SD's 1000)
+MAX_GUIDANCE = 100  # guidance weights (and schedule options) within +-this
+MAX_SEED = 2**63 - 1
 DTYPES: dict[str, torch.dtype] = {"fp32": torch.float32, "fp16": torch.float16, "bf16": torch.bfloat16}
 
 
@@ -53,15 +56,15 @@ class SamplingSettings:
         gt=0,
     )
     num_inference_steps: int | None = option(
-        None, "denoising steps (null: a distilled module's own, else 25)", min=1, max=1000
-    )  # at most the training timesteps (SD's 1000)
+        None, "denoising steps (null: a distilled module's own, else 25)", min=1, max=MAX_STEPS
+    )
     scheduler: str | None = option(
         None,
         "sampler: ddim, ddim_trailing, dpmpp, euler, euler_a, ddpm or unipc (null: a distilled module's own, else "
         "ddim)",
     )
     guidance_scale: float = option(
-        7.5, "classifier-free guidance weight (1: the conditional model only)", min=-100, max=100
+        7.5, "classifier-free guidance weight (1: the conditional model only)", min=-MAX_GUIDANCE, max=MAX_GUIDANCE
     )
     guidance_schedule: str = option("constant", "guidance weight over the steps: constant, oscillating or linear")
     guidance_options: dict[str, Any] = option({}, "options of the schedule, e.g. {low: 1.0, warmup: 0.2}")
@@ -76,7 +79,7 @@ class SamplingSettings:
         None, "mixed prior: base noise share (frame-to-frame correlation); null: the module's, else 0.5", min=0, max=1
     )
     seed: int | None = option(
-        None, "seed of the first video; video k uses seed + k (null: a random seed)", min=0, max=2**63 - 1
+        None, "seed of the first video; video k uses seed + k (null: a random seed)", min=0, max=MAX_SEED
     )
     num_videos_per_prompt: int = option(1, "videos per prompt, each from its own seed", min=1, max=1000)
     image_mode: bool = option(False, "bypass the temporal layers: the frames are independent images")
@@ -138,9 +141,9 @@ def _guidance_problems(settings: SamplingSettings) -> list[str]:
         if kinds[key] == "bool" and not isinstance(value, bool):
             return [f"guidance_options: {key} must be true or false, got {value!r}"]
         number = isinstance(value, int | float) and not isinstance(value, bool) and math.isfinite(value)
-        if kinds[key] != "bool" and not (number and -100 <= value <= 100):
-            return [f"guidance_options: {key} must be a number in -100 .. 100 (a guidance weight or fraction), got "
-                    f"{value!r}"]  # fmt: skip
+        if kinds[key] != "bool" and not (number and -MAX_GUIDANCE <= value <= MAX_GUIDANCE):
+            return [f"guidance_options: {key} must be a number in -{MAX_GUIDANCE} .. {MAX_GUIDANCE} (a guidance "
+                    f"weight or fraction), got {value!r}"]  # fmt: skip
     try:
         guidance_schedule(name, settings.guidance_scale, **options)
     except (TypeError, ValueError) as exc:

@@ -26,6 +26,7 @@ import torch
 from lvdm import __version__
 from lvdm.errors import CheckpointError, ConfigError
 from lvdm.outputs import VideoOutput
+from lvdm.sampling_settings import MAX_GUIDANCE, MAX_SEED, MAX_STEPS
 
 DEFAULTS = {"noise_level": 20, "num_inference_steps": 75, "guidance_scale": 9.0}  # diffusers' pipeline defaults
 DEFAULT_FPS = 8.0
@@ -196,8 +197,10 @@ class UpscalePipeline:
             raise ConfigError(
                 f"noise_level must be an integer in 0 .. {top} (the upscaler's max), got {noise_level!r}"
             )
-        if isinstance(steps, bool) or not isinstance(steps, int) or not 1 <= steps <= 1000:
-            raise ConfigError(f"num_inference_steps must be an integer in 1 .. 1000 (the timesteps), got {steps!r}")
+        if isinstance(steps, bool) or not isinstance(steps, int) or not 1 <= steps <= MAX_STEPS:
+            raise ConfigError(
+                f"num_inference_steps must be an integer in 1 .. {MAX_STEPS} (the timesteps), got {steps!r}"
+            )
         if tile is not None and (isinstance(tile, bool) or not isinstance(tile, int) or tile < self.multiple
                                  or tile % self.multiple):  # fmt: skip
             raise ConfigError(f"tile must be a multiple of {self.multiple} low-res pixels (the UNet's), got {tile!r}")
@@ -282,10 +285,10 @@ class UpscalePipeline:
 # --------------------------------------------------------------------------------------------------- helpers
 def _check_seed_and_guidance(seed: Any, guidance: Any) -> None:
     """The ranges :class:`~lvdm.sampling_settings.SamplingSettings` holds the text-to-video pipeline's to."""
-    if seed is not None and (isinstance(seed, bool) or not isinstance(seed, int) or not 0 <= seed < 2**63):
-        raise ConfigError(f"seed must be an integer in 0 .. 2**63 - 1, got {seed!r}")
-    if isinstance(guidance, bool) or not isinstance(guidance, int | float) or not -100 <= guidance <= 100:
-        raise ConfigError(f"guidance_scale must be a number in -100 .. 100, got {guidance!r}")
+    if seed is not None and (isinstance(seed, bool) or not isinstance(seed, int) or not 0 <= seed <= MAX_SEED):
+        raise ConfigError(f"seed must be an integer in 0 .. {MAX_SEED}, got {seed!r}")
+    if isinstance(guidance, bool) or not isinstance(guidance, int | float) or not abs(guidance) <= MAX_GUIDANCE:
+        raise ConfigError(f"guidance_scale must be a number in -{MAX_GUIDANCE} .. {MAX_GUIDANCE}, got {guidance!r}")
 
 
 def with_low_res(model_fn: Any) -> Any:
