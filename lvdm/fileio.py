@@ -69,22 +69,36 @@ def _write_error(path: Path, reason: str) -> OutputWriteError:
 
 def read_bounded(path: str | os.PathLike, limit: int, *, regular_only: bool = False) -> bytes:
     """The bytes of ``path``, at most ``limit`` of them (more is an ``OSError`` saying so, not a read into memory:
-    ``/dev/zero``). ``regular_only``: a FIFO or a device is refused at once (opened without blocking), for files
-    that only ever are regular ones (captions); otherwise a pipe (``<(...)``) is read like a file."""
-    fd = os.open(path, os.O_RDONLY | (getattr(os, "O_NONBLOCK", 0) if regular_only else 0))
+    ``/dev/zero``). ``regular_only``: a FIFO or a device is refused, for files that only ever are regular ones
+    (captions); otherwise a pipe (``<(...)``) is read like a file. Nothing waits for a writer that may never come:
+    a FIFO that no process holds open for writing is an ``OSError`` (a blocking open would wait forever)."""
+    fd = os.open(path, os.O_RDONLY | getattr(os, "O_NONBLOCK", 0))
     try:
         info = os.fstat(fd)
         if regular_only and not stat.S_ISREG(info.st_mode):
             raise OSError(errno.EINVAL, "not a regular file")
         if stat.S_ISREG(info.st_mode) and info.st_size > limit:
             raise OSError(errno.EFBIG, f"larger than {_size(limit)}")
+        data = _first_bytes(fd, limit + 1) if stat.S_ISFIFO(info.st_mode) else b""
+        os.set_blocking(fd, True)  # a pipe's writer may be slower than this reader: wait for its bytes, then EOF
         with os.fdopen(fd, "rb", closefd=False) as handle:
-            data = handle.read(limit + 1)
+            data += handle.read(limit + 1 - len(data))
         if len(data) > limit:
             raise OSError(errno.EFBIG, f"larger than {_size(limit)}")
         return data
     finally:
         os.close(fd)
+
+
+def _first_bytes(fd: int, count: int) -> bytes:
+    """What a FIFO opened without blocking holds now; none and no writer is an error rather than an empty file."""
+    try:
+        data = os.read(fd, count)
+    except BlockingIOError:  # a writer holds it open and has not written yet: the blocking read waits for it
+        return b""
+    if not data:
+        raise OSError(errno.ENXIO, "a pipe that no process writes to")
+    return data
 
 
 def _size(limit: int) -> str:

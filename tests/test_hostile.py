@@ -363,6 +363,41 @@ def test_absurd_numbers_are_refused_before_anything_loads(tiny_assets, tmp_path)
             sampling_settings(**{setting: value})
 
 
+def test_a_fifo_no_process_writes_is_refused_and_a_slow_writer_is_waited_for(tiny_assets, tmp_path):
+    """A named FIFO as --prompts or --config once blocked forever in open(); a pipe whose writer is slow (the
+    process substitution ``<(...)`` users give) must still be read whole."""
+    import threading
+
+    from lvdm.fileio import read_bounded
+
+    fifo = tmp_path / "prompts.txt"
+    os.mkfifo(fifo)
+    sample = [SAMPLE, "--quiet", "--base", tiny_assets["base"], "--out", tmp_path / "x.mp4", "--prompts", fifo]
+    started = time.monotonic()
+    prompts, config = cli_all(sample, [TRAIN, "--config", fifo], timeout=120)
+    assert time.monotonic() - started < 60
+    one_line_error(prompts, 2, f"prompts file {fifo} cannot be read", "a pipe that no process writes to")
+    assert config.returncode == 2 and "a pipe that no process writes to" in config.stderr, config.stderr[-2000:]
+
+    read_end, write_end = os.pipe()  # what bash's <(...) gives: /dev/fd/N, a writer that is slower than lvdm
+
+    def write_late() -> None:
+        with os.fdopen(write_end, "wb") as writer:
+            time.sleep(0.5)
+            writer.write(b"a slow pipe\n")
+            writer.flush()
+            time.sleep(0.5)
+            writer.write(b"second line\n")
+
+    thread = threading.Thread(target=write_late)
+    thread.start()
+    try:
+        assert read_bounded(f"/dev/fd/{read_end}", 1 << 10) == b"a slow pipe\nsecond line\n"
+    finally:
+        thread.join(timeout=10)
+        os.close(read_end)
+
+
 def test_a_non_finite_video_is_one_clear_error(tiny_assets):
     """Latents that blew up (too large a guidance or threshold, a module with extreme weights) decode to NaN: one
     line naming the likely causes, not media's ValueError."""

@@ -17,6 +17,7 @@ from omegaconf import DictConfig, ListConfig, OmegaConf
 from omegaconf.errors import MissingMandatoryValue, OmegaConfBaseException
 
 from lvdm.configlib.common import _BROKEN, _UNSET, _first_line, _hints, _join, _plain, _show
+from lvdm.fileio import read_bounded
 
 _TAG = "tag:yaml.org,2002:"
 _YAML12_SCALARS = [
@@ -145,12 +146,7 @@ def _read_yaml(path: str | os.PathLike[str], problems: list[str]) -> dict[str, A
     """The mapping in a YAML file, or ``None`` (and a problem) when it cannot be read."""
     name = os.fspath(path)
     try:
-        with open(name, "rb") as handle:
-            raw = handle.read(MAX_BYTES + 1)
-        if len(raw) > MAX_BYTES:
-            problems.append(f"config file {name!r}: larger than {MAX_BYTES >> 20} MiB; not a config")
-            return None
-        data = _load_yaml(raw.decode("utf-8"))  # a SafeLoader: builds no objects
+        data = _load_yaml(read_bounded(name, MAX_BYTES).decode("utf-8"))  # a SafeLoader: builds no objects
     except FileNotFoundError:
         problems.append(f"config file {name!r}: not found")
         return None
