@@ -47,7 +47,7 @@ import sys
 from pathlib import Path
 from typing import Any
 
-from lvdm.cli import device_and_dtype, run_cli
+from lvdm.cli import Parser, device_and_dtype, run_cli
 from lvdm.errors import ConfigError
 
 # flag -> (SamplingSettings field, type); each flag's help is the field's own
@@ -76,13 +76,6 @@ SETTINGS_FLAGS = {
 }
 
 
-class _Parser(argparse.ArgumentParser):
-    """argparse whose usage errors are one line (a ConfigError: exit 2 through run_cli)."""
-
-    def error(self, message: str) -> None:
-        raise ConfigError(f"{message} (python sample.py --help lists the options)")
-
-
 class _Help(argparse.RawDescriptionHelpFormatter, argparse.ArgumentDefaultsHelpFormatter):
     """Every option's default in --help, except the unset ones (None, False, []) whose help says what happens."""
 
@@ -95,7 +88,7 @@ class _Help(argparse.RawDescriptionHelpFormatter, argparse.ArgumentDefaultsHelpF
 def build_parser() -> argparse.ArgumentParser:
     from lvdm.pipeline import FORMATS, SamplingSettings
 
-    parser = _Parser(prog="sample.py", description=__doc__, formatter_class=_Help)
+    parser = Parser(prog="sample.py", description=__doc__, formatter_class=_Help)
     model = parser.add_argument_group("model")
     model.add_argument("--base", help="SD base: a diffusers folder or a single-file checkpoint (required)")
     model.add_argument("--base-config", help="diffusers folder with the architecture of a single-file --base")

@@ -15,13 +15,12 @@ written to <output_dir>/temporal.safetensors.
 
 from __future__ import annotations
 
-import argparse
 import os
 import sys
 from pathlib import Path
 from typing import TYPE_CHECKING
 
-from lvdm.cli import exit_status, run_cli, split_overrides
+from lvdm.cli import Parser, exit_status, run_cli, split_overrides
 
 if TYPE_CHECKING:
     from lvdm.config import Config
@@ -33,7 +32,7 @@ def main(argv: list[str]) -> int:
     from lvdm.config import check_machine, describe_config, load_config, overwrite_stays_with_its_folder
 
     overrides, rest = split_overrides(argv)
-    parser = argparse.ArgumentParser(prog="train.py", description=__doc__.split("\n\n")[0])
+    parser = Parser(prog="train.py", description=__doc__.split("\n\n")[0])
     parser.add_argument("--config", action="append", default=[], help="YAML config file(s); later ones win")
     parser.add_argument("--help-config", action="store_true", help="list every config key and exit")
     parser.add_argument("--quiet", action="store_true", help="no progress bar")

@@ -11,12 +11,11 @@ is refused, naming what differs.
 
 from __future__ import annotations
 
-import argparse
 import sys
 from pathlib import Path
 from typing import Any
 
-from lvdm.cli import run_cli, split_overrides
+from lvdm.cli import Parser, run_cli, split_overrides
 from lvdm.config import Config, load_config
 from lvdm.errors import ConfigError
 
@@ -55,7 +54,7 @@ def build_from_config(cfg: Config, *, shard_size: int = 64, progress: bool = Tru
 
 def main(argv: list[str]) -> int:
     overrides, rest = split_overrides(argv)
-    parser = argparse.ArgumentParser(prog="python -m lvdm.cache", description=__doc__.split("\n\n")[0])
+    parser = Parser(prog="python -m lvdm.cache", description=__doc__.split("\n\n")[0])
     parser.add_argument("--config", action="append", default=[], help="YAML config file(s); later ones win")
     parser.add_argument("--shard-size", type=int, default=64, help="samples per shard file")
     args = parser.parse_args(rest)

@@ -10,11 +10,13 @@ Anything that is not an :class:`~lvdm.errors.LvdmError` is a bug and keeps its t
 
 from __future__ import annotations
 
+import argparse
 import atexit
 import errno
 import os
 import sys
 from collections.abc import Callable
+from typing import Any
 
 from lvdm.errors import ConfigError, LvdmError
 from lvdm.runtime import prefer_passive_waiting
@@ -73,6 +75,19 @@ def _open_closed_streams() -> None:
             stream = open(os.devnull, "w")  # noqa: SIM115 (for the life of the process)
             atexit.register(stream.close)
             setattr(sys, name, stream)
+
+
+class Parser(argparse.ArgumentParser):
+    """argparse for lvdm's commands: a usage error is one line (a :class:`ConfigError`, exit 2 through
+    :func:`run_cli`), and ``--help`` that cannot be written (a full disk, a closed pipe) is not a silent success
+    (argparse drops the write's error)."""
+
+    def error(self, message: str) -> None:  # type: ignore[override]  (raises instead of exiting)
+        command = f"python {self.prog}" if self.prog.endswith(".py") else self.prog
+        raise ConfigError(f"{message} ({command} --help lists the options)")
+
+    def print_help(self, file: Any = None) -> None:
+        (file or sys.stdout).write(self.format_help())
 
 
 def device_and_dtype(device: str, dtype: str) -> tuple[str, str]:

@@ -21,12 +21,12 @@ import argparse
 import sys
 from pathlib import Path
 
-from lvdm.cli import run_cli
+from lvdm.cli import Parser, run_cli
 from lvdm.errors import ConfigError
 
 
 def main(argv: list[str]) -> int:
-    parser = argparse.ArgumentParser(
+    parser = Parser(
         prog="python -m lvdm.convert", description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
     )
     commands = parser.add_subparsers(dest="command", required=True)

@@ -19,7 +19,7 @@ import sys
 from pathlib import Path
 from typing import Any
 
-from lvdm.cli import run_cli
+from lvdm.cli import Parser, run_cli
 from lvdm.errors import CheckpointError, ConfigError
 
 
@@ -97,7 +97,7 @@ def _spatial_parts(video: Any, config: dict[str, Any], trainable: dict[str, Any]
 
 
 def main(argv: list[str]) -> int:
-    parser = argparse.ArgumentParser(
+    parser = Parser(
         prog="python -m lvdm.export", description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
     )
     parser.add_argument("checkpoint", help="a checkpoint folder, e.g. <output_dir>/checkpoints/checkpoint-00000500")

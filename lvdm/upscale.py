@@ -15,15 +15,10 @@ from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
-from lvdm.cli import run_cli
+from lvdm.cli import Parser, run_cli
 from lvdm.errors import ConfigError
 
 DESCRIPTION = "Upscale a video by 4 with SD's x4 upscaler, frame by frame or with a temporal module trained on it."
-
-
-class _Parser(argparse.ArgumentParser):
-    def error(self, message: str) -> None:
-        raise ConfigError(f"{message} (python -m lvdm.upscale --help lists the options)")
 
 
 def add_upscale_options(parser: argparse.ArgumentParser, *, prefix: str = "") -> None:
@@ -48,7 +43,7 @@ def add_upscale_options(parser: argparse.ArgumentParser, *, prefix: str = "") ->
 
 
 def build_parser() -> argparse.ArgumentParser:
-    parser = _Parser(prog="python -m lvdm.upscale", description=DESCRIPTION,
+    parser = Parser(prog="python -m lvdm.upscale", description=DESCRIPTION,
                      formatter_class=argparse.ArgumentDefaultsHelpFormatter)  # fmt: skip
     parser.add_argument("video", help="the video to upscale (any size; padded to the UNet's multiple and back)")
     parser.add_argument("--upscaler", required=True, help="x4 upscaler: a StableDiffusionUpscalePipeline folder")

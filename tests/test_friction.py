@@ -244,3 +244,16 @@ def test_the_trainer_refuses_fp16_without_a_gpu_before_making_the_run_folder(tin
     with pytest.raises(ConfigError, match="fp16 needs a CUDA GPU"):
         Trainer(cfg)
     assert not loaded and not (tmp_path / "run").exists()
+
+
+@pytest.mark.parametrize("module", ["lvdm.export", "lvdm.convert", "lvdm.cache", "lvdm.data.check", "lvdm.upscale"])
+def test_every_command_says_a_usage_error_in_one_line(module, capsys):
+    """export, convert, cache and data.check used argparse's own error: a usage block and a second line."""
+    import importlib
+
+    from lvdm.cli import run_cli
+
+    assert run_cli(importlib.import_module(module).main, ["--no-such-option"]) == 2
+    err = capsys.readouterr().err
+    assert err.count("\n") == 1 and err.startswith("error: "), err
+    assert err.rstrip().endswith(f"(python -m {module} --help lists the options)"), err

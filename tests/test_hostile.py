@@ -461,6 +461,10 @@ def test_a_closed_pipe_is_not_a_traceback():
         result = subprocess.run(_command([TRAIN, "--help-config"]), stdout=full, stderr=subprocess.PIPE, text=True,
                                 env=ENV, cwd=REPO, timeout=60)  # fmt: skip
     assert result.returncode == 1 and result.stderr == "error: No space left on device writing the output\n"
+    with open("/dev/full", "w") as full:  # argparse drops --help's write error: it exited 0 with nothing written
+        result = subprocess.run(_command([SAMPLE, "--help"]), stdout=full, stderr=subprocess.PIPE, text=True, env=ENV,
+                                cwd=REPO, timeout=60)  # fmt: skip
+    assert result.returncode == 1 and result.stderr == "error: No space left on device writing the output\n"
     closed = subprocess.run(_command([TRAIN, "--help-config"]), stdout=subprocess.DEVNULL, stderr=subprocess.PIPE,
                             text=True, env=ENV, cwd=REPO, timeout=60, preexec_fn=lambda: os.close(1))  # fmt: skip
     assert closed.returncode == 0 and not closed.stderr, closed.stderr  # an AttributeError traceback before

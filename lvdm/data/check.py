@@ -11,7 +11,6 @@ decode at the training size). Exit status: 0 when the bad fraction is within
 
 from __future__ import annotations
 
-import argparse
 import random
 import sys
 import time
@@ -20,7 +19,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from lvdm.cli import run_cli, split_overrides
+from lvdm.cli import Parser, run_cli, split_overrides
 from lvdm.config import DataConfig, load_config, option
 from lvdm.errors import VideoReadError
 from lvdm.fileio import json_text
@@ -107,7 +106,7 @@ def summary(result: CheckResult, max_bad_fraction: float, *, show: int = 5) -> s
 
 def main(argv: list[str]) -> int:
     overrides, rest = split_overrides(argv)
-    parser = argparse.ArgumentParser(prog="python -m lvdm.data.check", description=__doc__.split("\n\n")[0])
+    parser = Parser(prog="python -m lvdm.data.check", description=__doc__.split("\n\n")[0])
     parser.add_argument("--config", action="append", default=[], help="YAML config file(s); later ones win")
     parser.add_argument("--limit", type=int, default=None, help="check only the first N files")
     parser.add_argument("--report", type=Path, default=None, help="write one JSON line per file here")
