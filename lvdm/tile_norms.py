@@ -12,7 +12,11 @@ stride that makes it no larger than a tile): the same content at a coarser grid,
 (averaging would shrink it, and a denoiser's statistics follow the noise's). Every GroupNorm's statistics in that run
 are recorded, and each tile's run normalises by them. On the demo that brings the VAE to 3.6/255 and the UNet to
 5.6; the whole upscale, both tiled, with raised-cosine cross-fades: 12.4 -> 6.5 (seed 0), 13.2 -> 6.2 (seed 1), and
-at 64x64 px in 32 px tiles 16.1 -> 11.0. What remains is attention within a tile and the tiles' zero-padded borders.
+at 64x64 px in 32 px tiles 16.1 -> 11.0. What remains is the estimate and the tiles' zero-padded borders, not
+attention: oracles on the demo (32 px in 16 px tiles) read 5.96 as is, 3.64 with the whole frame's own statistics,
+3.18 with those and each tile attending to the whole frame's keys and values, 6.38 with the latter alone. Pooling
+the statistics of all s * s subsampling phases (s times s reference runs) gave 5.88: the subsampled frame is the
+picture at a coarser scale, and its statistics differ by that, not by sampling.
 
 Tried first, and not kept: sharing the tiles' own statistics (weighted by their cross-fade weights) over repeated
 passes. A layer's statistics are right only once every layer before it is, so that takes as many passes as the

@@ -59,7 +59,7 @@ def test_overlapping_tiles_leave_no_seam_where_cut_tiles_do(upscale_run, demo_ro
     whole upscale does (below 2x; the control is the cut tiles). On this test's model, 2 clips x 2 seeds, the blended
     edges read 0.94-1.6x against 1.0-1.19x between other rows, and the cut edges 6-36x: a faint excess at the edges,
     no seam. With the frame's GroupNorm statistics the tiled upscale is far closer to the whole one than with each
-    tile's own (the control); what is left is attention within a tile (lvdm.tile_norms)."""
+    tile's own (the control); what is left is the estimate and the tiles' borders (lvdm.tile_norms)."""
     from lvdm import UpscalePipeline
     from lvdm.data.readers import read_frames
     from lvdm.tiles import spans
