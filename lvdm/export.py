@@ -39,14 +39,17 @@ def export_checkpoint(
     out = Path(out)
     if out.suffix != ".safetensors":
         raise ConfigError(f"{out}: the temporal module is written as .safetensors")
-    if out.exists() and not overwrite:
-        raise ConfigError(f"{out} already exists; choose another file, or overwrite it (--overwrite)")
-    from lvdm.training.checkpoint import load_checkpoint
+    from lvdm.training.checkpoint import MARKER, load_checkpoint
 
+    if (out.parent / MARKER).exists():  # lvdm's retention deletes such folders: the module would go with it
+        raise ConfigError(f"{out}: inside a checkpoint folder; write the module somewhere else")
     parts, metadata = load_checkpoint(checkpoint)  # every file verified before anything is built
     config = metadata.get("config")
-    if not isinstance(config, dict):
-        raise CheckpointError(f"checkpoint {checkpoint}: its metadata holds no training config")
+    if not isinstance(config, dict) or not all(isinstance(config.get(key), dict) for key in ("model", "data")):
+        raise CheckpointError(f"checkpoint {checkpoint}: its metadata holds no training config (model, data)")
+    for path in _outputs(out, config):
+        if (path.exists() or path.is_symlink()) and not overwrite:
+            raise ConfigError(f"{path} already exists; choose another file, or overwrite it (--overwrite)")
     weights = parts.get("trainable") if raw or "ema" not in parts else parts["ema"]
     if not isinstance(weights, dict):
         raise CheckpointError(f"checkpoint {checkpoint} holds no trained weights (trainable.safetensors)")
@@ -59,6 +62,11 @@ def export_checkpoint(
         )
     import torch
 
+    if wrong := [name for name, tensor in weights.items() if tensor.shape != trainable[name].shape]:
+        raise CheckpointError(
+            f"checkpoint {checkpoint}: {wrong[0]} is {tuple(weights[wrong[0]].shape)}, the model its config builds "
+            f"has {tuple(trainable[wrong[0]].shape)}" + (f" ({len(wrong) - 1} more like it)" if len(wrong) > 1 else "")
+        )
     with torch.no_grad():
         for name, tensor in weights.items():
             trainable[name].copy_(tensor)
@@ -81,18 +89,25 @@ def _build(config: dict[str, Any], base: str | os.PathLike | None) -> tuple[Any,
     return video, trainable
 
 
+def _outputs(out: Path, config: dict[str, Any]) -> list[Path]:
+    """The files an export of a run with ``config`` writes: ``out``, and beside it the spatial parts trained."""
+    lora, weights = config["model"].get("spatial_lora_rank"), config["model"].get("unfreeze")
+    return [out] + [out.with_name(f"{out.stem}_spatial_{kind}.safetensors") for kind, trained in
+                    (("lora", lora), ("weights", weights)) if trained]  # fmt: skip
+
+
 def _spatial_parts(video: Any, config: dict[str, Any], trainable: dict[str, Any], out: Path) -> list[Path]:
     """A spatial LoRA and unfrozen blocks trained with the temporal layers, written beside ``out``."""
     from lvdm.training import groups
 
     written = []
-    if config["model"].get("spatial_lora_rank"):
-        written.append(groups.export_spatial_lora(video, out.with_name(f"{out.stem}_spatial_lora.safetensors")))
-    if config["model"].get("unfreeze"):
-        temporal = dict(video.named_temporal_parameters())
-        unfrozen = {n: p for n, p in trainable.items() if "lora_" not in n and n not in temporal}
-        path = out.with_name(f"{out.stem}_spatial_weights.safetensors")
-        written.append(groups.export_spatial_weights(unfrozen, path))
+    for path in _outputs(out, config)[1:]:
+        if path.stem.endswith("_lora"):
+            written.append(groups.export_spatial_lora(video, path))
+        else:
+            temporal = dict(video.named_temporal_parameters())
+            unfrozen = {n: p for n, p in trainable.items() if "lora_" not in n and n not in temporal}
+            written.append(groups.export_spatial_weights(unfrozen, path))
     return written
 
 

@@ -233,6 +233,26 @@ def test_keep_last_keeps_the_new_one_even_if_older(tmp_path: Path) -> None:
     assert [checkpoint_step(p) for p in list_checkpoints(tmp_path)] == [15, 20]
 
 
+def test_a_users_file_in_a_checkpoint_folder_is_never_deleted(tmp_path: Path) -> None:
+    """keep_last and a re-save of a step deleted whole checkpoint folders, a user's files put there with them (an
+    exported module, notes). Only the files COMPLETE lists are lvdm's: such a folder is kept, with a warning, or
+    not replaced, with an error."""
+    for step in (1, 2):
+        save_checkpoint(tmp_path, step, _small(step))
+    notes = tmp_path / "checkpoint-00000001" / "notes.txt"
+    notes.write_text("mine")
+    with pytest.warns(UserWarning, match=r"kept old checkpoint .*checkpoint-00000001 .*\(notes.txt\)"):
+        save_checkpoint(tmp_path, 3, _small(3), keep_last=1)
+    assert notes.read_text() == "mine"
+    assert [checkpoint_step(p) for p in list_checkpoints(tmp_path)] == [1, 3]  # 2 (all lvdm's) was pruned
+    with pytest.raises(CheckpointError, match=r"holds what lvdm did not write there \(notes.txt\)"):
+        save_checkpoint(tmp_path, 1, _small(1))  # a re-save of step 1 would replace the folder
+    assert notes.read_text() == "mine" and not _tmp_dirs(tmp_path)
+    notes.unlink()
+    save_checkpoint(tmp_path, 3, _small(3), keep_last=1)  # the control: without it, retention deletes step 1
+    assert [checkpoint_step(p) for p in list_checkpoints(tmp_path)] == [3]
+
+
 def test_retention_touches_nothing_else(tmp_path: Path) -> None:
     root, outside = tmp_path / "ckpts", tmp_path / "outside"
     save_checkpoint(outside, 0, _small())  # a complete checkpoint outside the root

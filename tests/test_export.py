@@ -18,9 +18,11 @@ pytestmark = pytest.mark.usefixtures("one_thread")
 
 @pytest.fixture(scope="module")
 def run(tiny_assets, tmp_path_factory):
-    """A 3-step run with an EMA and a checkpoint at every step (the last one also exported by the trainer)."""
+    """A 3-step run with an EMA, a spatial LoRA and a checkpoint at every step (the last one also exported by the
+    trainer)."""
     out = tmp_path_factory.mktemp("export") / "run"
-    extra = {"train.max_steps": 3, "train.checkpoint_every": 1, "train.ema_decay": 0.5, "train.keep_last": 3}
+    extra = {"train.max_steps": 3, "train.checkpoint_every": 1, "train.ema_decay": 0.5, "train.keep_last": 3,
+             "model.spatial_lora_rank": 2}  # fmt: skip
     train(load_config([], tiny_overrides(tiny_assets, out, **extra)), progress=False)
     return out
 
@@ -32,14 +34,16 @@ def checkpoint(run, step: int):
 def test_the_last_checkpoint_exports_what_training_exported(run, tmp_path, capsys):
     out = tmp_path / "last.safetensors"
     assert run_cli(main, [str(checkpoint(run, 3)), str(out)]) == 0
-    assert capsys.readouterr().out.split() == [str(out)]
-    exported, trained = load_file(out), load_file(run / "temporal.safetensors")
-    assert exported.keys() == trained.keys() and all(torch.equal(exported[k], trained[k]) for k in trained)
+    lora = tmp_path / "last_spatial_lora.safetensors"
+    assert capsys.readouterr().out.split() == [str(out), str(lora)]
+    for exported, trained in ((out, run / "temporal.safetensors"), (lora, run / "spatial_lora.safetensors")):
+        exported, trained = load_file(exported), load_file(trained)
+        assert exported.keys() == trained.keys() and all(torch.equal(exported[k], trained[k]) for k in trained)
 
 
 def test_raw_weights_and_an_earlier_checkpoint(run, tmp_path):
-    [ema] = export_checkpoint(checkpoint(run, 2), tmp_path / "ema.safetensors")
-    [raw] = export_checkpoint(checkpoint(run, 2), tmp_path / "raw.safetensors", raw=True)
+    ema, _ = export_checkpoint(checkpoint(run, 2), tmp_path / "ema.safetensors")  # the module, its LoRA
+    raw, _ = export_checkpoint(checkpoint(run, 2), tmp_path / "raw.safetensors", raw=True)
     parts, _ = load_checkpoint(checkpoint(run, 2))
     ema, raw, last = load_file(ema), load_file(raw), load_file(run / "temporal.safetensors")
     trained = {name.removeprefix("unet."): t for name, t in parts["trainable"].items()}
@@ -51,17 +55,53 @@ def test_raw_weights_and_an_earlier_checkpoint(run, tmp_path):
 
 @pytest.mark.parametrize(
     ("case", "message"),
-    [("not_a_checkpoint", "checkpoint"), ("wrong_suffix", "as .safetensors"), ("exists", "already exists")],
-)
+    [("not_a_checkpoint", "checkpoint"), ("wrong_suffix", "as .safetensors"), ("exists", "already exists"),
+     ("its_lora_exists", "there_spatial_lora.safetensors already exists"),
+     ("inside_a_checkpoint", "inside a checkpoint folder")],
+)  # fmt: skip
 def test_mistakes_are_one_line(run, tmp_path, capsys, case, message):
+    """``its_lora_exists``: a user's file where the module's LoRA goes was replaced (only OUT was checked);
+    ``inside_a_checkpoint``: keep_last would delete the module with the folder."""
     existing = tmp_path / "there.safetensors"
     existing.write_bytes(b"keep me")
+    (tmp_path / "there_spatial_lora.safetensors").write_bytes(b"keep me")
     args = {
         "not_a_checkpoint": [str(tmp_path), str(tmp_path / "out.safetensors")],
         "wrong_suffix": [str(checkpoint(run, 3)), str(tmp_path / "out.pt")],
         "exists": [str(checkpoint(run, 3)), str(existing)],
+        "its_lora_exists": [str(checkpoint(run, 3)), str(existing)],
+        "inside_a_checkpoint": [str(checkpoint(run, 3)), str(checkpoint(run, 3) / "step3.safetensors")],
     }[case]
+    if case == "its_lora_exists":
+        existing.unlink()  # OUT itself is free
     assert run_cli(main, args) in (1, 2)
     err = capsys.readouterr().err
     assert err.count("\n") == 1 and err.startswith("error: ") and message in err, err
-    assert existing.read_bytes() == b"keep me"
+    assert (tmp_path / "there_spatial_lora.safetensors").read_bytes() == b"keep me"
+    assert case == "its_lora_exists" or existing.read_bytes() == b"keep me"
+    assert not (checkpoint(run, 3) / "step3.safetensors").exists()
+
+
+def test_weights_of_another_shape_are_refused_even_where_they_broadcast(run, tmp_path):
+    """A checkpoint's tensor of shape (..., 1) was copied into (..., n) by broadcasting: a wrong module, exported
+    without a word. The checkpoint is tampered with consistently (its COMPLETE rewritten to match)."""
+    import hashlib
+    import json
+    import shutil
+
+    from safetensors.torch import save_file
+
+    from lvdm.errors import CheckpointError
+
+    folder = shutil.copytree(checkpoint(run, 3), tmp_path / "checkpoint-00000003")
+    ema = load_file(folder / "ema.safetensors")
+    name = next(k for k, t in ema.items() if t.ndim == 2 and t.shape[-1] > 1)
+    save_file(ema | {name: ema[name][..., :1].contiguous()}, folder / "ema.safetensors")
+    marker = json.loads((folder / "COMPLETE").read_text())
+    for record in marker["files"]:
+        data = (folder / record["name"]).read_bytes()
+        record["size"], record["sha256"] = len(data), hashlib.sha256(data).hexdigest()
+    (folder / "COMPLETE").write_text(json.dumps(marker))
+    with pytest.raises(CheckpointError, match=f"{name} is .*, the model its config builds has"):
+        export_checkpoint(folder, tmp_path / "out.safetensors")
+    assert not (tmp_path / "out.safetensors").exists()

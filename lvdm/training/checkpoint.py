@@ -232,6 +232,8 @@ def _move_into_place(temp: Path, final: Path) -> None:
     renamed aside first, which :func:`recover_checkpoints` undoes after a crash) and deleted after."""
     if final.is_symlink() or (final.exists() and not final.is_dir()):
         raise CheckpointError(f"{final} exists and is not a checkpoint folder; refusing to replace it")
+    if final.exists() and (foreign := _unlisted(final)):
+        raise CheckpointError(f"{final} holds what lvdm did not write there ({foreign}); refusing to replace it")
     if final.exists() and _exchange(temp, final):
         _fsync_dir(final.parent)
         shutil.rmtree(temp, ignore_errors=True)  # now holds the old checkpoint
@@ -308,12 +310,32 @@ def _prune(root: Path, keep_last: int, new: Path) -> None:
     for path in others[: max(0, len(others) - (keep_last - 1))]:
         if path.parent != root or path.is_symlink() or not _NAME.fullmatch(path.name):
             continue  # defensive: list_checkpoints only yields real folders directly in root
+        if foreign := _unlisted(path):
+            warnings.warn(f"kept old checkpoint {path} (keep_last): it holds what lvdm did not write there "
+                          f"({foreign}); delete it yourself", stacklevel=3)  # fmt: skip
+            continue
         doomed = root / f"{_TMP_PREFIX}{path.name}-deleting-{secrets.token_hex(4)}"
         try:
             os.rename(path, doomed)  # gone from the listing at once; a crash leaves a .tmp leftover
             shutil.rmtree(doomed)
         except OSError as e:
             warnings.warn(f"could not delete old checkpoint {path}: {e}", stacklevel=3)
+
+
+def _unlisted(folder: Path) -> str:
+    """The entries of a checkpoint folder that its ``COMPLETE`` does not list as files (a user's, put there), named
+    (the first few) or ``""``; every entry where no marker can be read."""
+    try:
+        listed = {MARKER} | {record["name"] for record in _read_marker(folder)}
+    except CheckpointError:
+        listed = set()
+    try:
+        entries = _entries(folder)
+    except CheckpointError:
+        return "an unreadable listing"
+    foreign = [name for name in entries if name not in listed or not (folder / name).is_file() or
+               (folder / name).is_symlink()]  # fmt: skip
+    return ", ".join(foreign[:3]) + (f" and {len(foreign) - 3} more" if len(foreign) > 3 else "")
 
 
 # --- reading --------------------------------------------------------------------------------------------------------
