@@ -79,3 +79,24 @@ def test_a_missing_folder_is_one_line_and_exit_1(tmp_path: Path) -> None:
     result = check(f"data.root={tmp_path / 'nope'}")
     assert result.returncode == 1
     assert result.stderr.splitlines() == [f"error: data folder {tmp_path / 'nope'} does not exist or is not a folder"]
+
+
+def test_the_report_never_replaces_a_file_and_is_checked_before_the_scan(folder: Path, tmp_path: Path) -> None:
+    """--report once replaced any file (a user's notes, a caption of the data being checked), and a folder or a
+    missing folder as --report was a traceback after the whole scan."""
+    from lvdm.config import DataConfig
+    from lvdm.data.check import scan
+    from lvdm.errors import ConfigError
+
+    caption = folder / "clip_000.txt"
+    before = caption.read_bytes()
+    data = DataConfig(root=str(folder), num_frames=4, frame_stride=2, resolution=[16, 16])
+    for report, message in ((caption, "already exists"), (tmp_path, "not a file"),
+                            (tmp_path / "missing" / "r.jsonl", "is not a writable folder")):  # fmt: skip
+        with pytest.raises(ConfigError, match=message):
+            scan(data, report=report, progress=False)
+    assert caption.read_bytes() == before
+    mine = tmp_path / "report.jsonl"
+    mine.write_text("old")
+    scan(data, report=mine, progress=False, overwrite=True)  # the control: asked to, it replaces the file
+    assert len(mine.read_text().splitlines()) == 10

@@ -11,6 +11,7 @@ decode at the training size). Exit status: 0 when the bad fraction is within
 
 from __future__ import annotations
 
+import os
 import random
 import sys
 import time
@@ -21,8 +22,8 @@ from typing import Any
 
 from lvdm.cli import Parser, run_cli, split_overrides
 from lvdm.config import DataConfig, load_config, option
-from lvdm.errors import VideoReadError
-from lvdm.fileio import json_text
+from lvdm.errors import ConfigError, VideoReadError
+from lvdm.fileio import atomic_path, json_text
 
 
 @dataclass
@@ -53,10 +54,19 @@ class CheckResult:
 
 
 def scan(
-    data: DataConfig, *, limit: int | None = None, report: Path | None = None, progress: bool = True
+    data: DataConfig,
+    *,
+    limit: int | None = None,
+    report: Path | None = None,
+    progress: bool = True,
+    overwrite: bool = False,
 ) -> CheckResult:
-    """Load every entry as training would; collect the usable ones and the reasons for the rest."""
+    """Load every entry as training would; collect the usable ones and the reasons for the rest. ``report``: one
+    JSON line per file written there; an existing file is refused (before the scan) unless ``overwrite``."""
     from tqdm.auto import tqdm
+
+    if report is not None:
+        _check_report(Path(report), overwrite)
 
     from lvdm.data.build import build_dataset
 
@@ -77,8 +87,20 @@ def scan(
         lines.append({"path": path, "ok": True})
     result.seconds = time.perf_counter() - start
     if report is not None:
-        report.write_text("".join(json_text(line) + "\n" for line in lines), encoding="utf-8")
+        with atomic_path(report, exclusive=not overwrite) as temp:
+            temp.write_text("".join(json_text(line) + "\n" for line in lines), encoding="utf-8")
     return result
+
+
+def _check_report(report: Path, overwrite: bool) -> None:
+    """A report that would replace a file (a user's notes, a caption of the data) or cannot be written at all is
+    refused before minutes of scanning."""
+    if report.is_dir() or (report.exists() and not report.is_file()):
+        raise ConfigError(f"--report {report}: not a file")
+    if (report.exists() or report.is_symlink()) and not overwrite:
+        raise ConfigError(f"--report {report} already exists; choose another file, or replace it (--overwrite)")
+    if not report.parent.is_dir() or not os.access(report.parent, os.W_OK | os.X_OK):
+        raise ConfigError(f"--report {report}: its folder {report.parent} is not a writable folder")
 
 
 def _reason_kind(reason: str) -> str:
@@ -110,10 +132,11 @@ def main(argv: list[str]) -> int:
     parser.add_argument("--config", action="append", default=[], help="YAML config file(s); later ones win")
     parser.add_argument("--limit", type=int, default=None, help="check only the first N files")
     parser.add_argument("--report", type=Path, default=None, help="write one JSON line per file here")
+    parser.add_argument("--overwrite", action="store_true", help="replace an existing --report file")
     parser.add_argument("--quiet", action="store_true", help="no progress bar")
     args = parser.parse_args(rest)
     cfg = load_config(args.config, overrides, schema=CheckConfig)
-    result = scan(cfg.data, limit=args.limit, report=args.report, progress=not args.quiet)
+    result = scan(cfg.data, limit=args.limit, report=args.report, progress=not args.quiet, overwrite=args.overwrite)
     print(summary(result, cfg.data.max_bad_fraction))
     return 0 if result.bad_fraction <= cfg.data.max_bad_fraction else 1
 
