@@ -117,6 +117,32 @@ def test_a_stale_cache_is_refused_naming_what_differs(cached, folder, base, tmp_
         LatentCache(tmp_path / "nothing")
 
 
+def test_a_folder_that_is_not_a_cache_is_refused_and_left_as_it_is(cached, base, tmp_path: Path) -> None:
+    """data.cache pointed at a user's folder replaced its empty_text.safetensors and appended to its skipped.jsonl;
+    a FIFO as cache.json blocked the build forever; a cache.json that is not JSON or not a mapping was a traceback."""
+    dataset, _ = cached
+    mine = tmp_path / "mine"
+    mine.mkdir()
+    (mine / "empty_text.safetensors").write_text("my file")
+    with pytest.raises(DataError, match="holds files but no cache.json: not a latent cache"):
+        build(dataset, base, mine)
+    assert [p.name for p in mine.iterdir()] == ["empty_text.safetensors"]
+    assert (mine / "empty_text.safetensors").read_text() == "my file"
+    makers = {"fifo": os.mkfifo, "text": lambda p: p.write_text("not json"), "list": lambda p: p.write_text("[1]"),
+              "deep": lambda p: p.write_text("[" * 100000)}  # fmt: skip
+    for name, make in makers.items():
+        folder = tmp_path / name
+        folder.mkdir()
+        make(folder / "cache.json")
+        with pytest.raises(DataError, match="is not a latent cache"):
+            build(dataset, base, folder)
+        with pytest.raises(DataError, match="is not a latent cache|does not exist"):
+            LatentCache(folder)
+        assert [p.name for p in folder.iterdir()] == ["cache.json"]
+    new = build(dataset, base, tmp_path / "new")  # the control: a new folder is built
+    assert (new / "cache.json").is_file() and LatentCache(new)
+
+
 class Interrupt(Exception):
     """Stands in for a kill in the middle of a build."""
 

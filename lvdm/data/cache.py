@@ -39,7 +39,7 @@ from tqdm.auto import tqdm
 
 from lvdm.data.dataset import VideoDataset
 from lvdm.errors import DataError, VideoReadError
-from lvdm.fileio import atomic_path, json_text
+from lvdm.fileio import atomic_path, is_stray_temp, json_text, read_bounded
 
 FORMAT = "lvdm.latent_cache"
 FORMAT_VERSION = 1
@@ -116,7 +116,8 @@ def build_cache(
     out = Path(out_dir)
     shards = range(0, len(dataset), shard_size)
     _start_or_resume(out, fingerprint, shard_size, len(shards))
-    save_file({"text": encode_text([""])[0].cpu().contiguous()}, out / "empty_text.safetensors")
+    with atomic_path(out / "empty_text.safetensors") as temp:  # never written through a link someone put there
+        save_file({"text": encode_text([""])[0].cpu().contiguous()}, temp)
     skips = _SkipLog(out / "skipped.jsonl")
     bar = tqdm(total=len(dataset), desc="caching latents", unit="clip", disable=not progress)
     for number, first in enumerate(shards):
@@ -166,8 +167,8 @@ def _start_or_resume(out: Path, fingerprint: dict[str, Any], shard_size: int, sh
         "shards": shards,
         "fingerprint": fingerprint,
     }
-    if manifest.exists():
-        found = json.loads(manifest.read_text())
+    if manifest.exists() or manifest.is_symlink():
+        found = _read_manifest(out)
         if found.get("fingerprint") != fingerprint or found.get("shard_size") != shard_size:
             differences = _differences(found.get("fingerprint", {}), fingerprint)
             raise DataError(
@@ -175,8 +176,30 @@ def _start_or_resume(out: Path, fingerprint: dict[str, Any], shard_size: int, sh
                 "delete it or choose another folder"
             )
         return
-    out.mkdir(parents=True, exist_ok=True)
-    manifest.write_text(json.dumps(header, indent=2))
+    if out.is_dir() and any(not is_stray_temp(p.name, ("cache.json",)) for p in out.iterdir()):  # a user's folder
+        raise DataError(f"data.cache {out} holds files but no cache.json: not a latent cache; choose a new folder")
+    try:
+        out.mkdir(parents=True, exist_ok=True)
+    except OSError as exc:
+        raise DataError(f"data.cache {out} cannot be made: {exc.strerror or exc}") from exc
+    with atomic_path(manifest, exclusive=True) as temp:
+        temp.write_text(json.dumps(header, indent=2))
+
+
+def _read_manifest(folder: Path) -> dict[str, Any]:
+    """``cache.json`` of a latent cache, or a :class:`DataError` saying the folder is not one (never a wait on a
+    FIFO, nor a traceback on JSON that is not a cache's)."""
+    try:
+        header = json.loads(read_bounded(folder / "cache.json", 1 << 20, regular_only=True).decode("utf-8"))
+    except (OSError, ValueError, RecursionError) as exc:
+        raise DataError(f"{folder} is not a latent cache: its cache.json cannot be read ({exc})") from exc
+    if (
+        not isinstance(header, dict)
+        or header.get("format") != FORMAT
+        or not isinstance(header.get("fingerprint"), dict)
+    ):
+        raise DataError(f"{folder} is not a latent cache: its cache.json is not lvdm's")
+    return header
 
 
 def _write_shard(
@@ -216,8 +239,8 @@ class LatentCache(Dataset):
         manifest = self.dir / "cache.json"
         if not manifest.is_file():
             raise DataError(f"latent cache {self.dir} does not exist (no cache.json); build it with {BUILD_COMMAND}")
-        header = json.loads(manifest.read_text())
-        if header.get("format") != FORMAT or header.get("format_version", 0) > FORMAT_VERSION:
+        header = _read_manifest(self.dir)
+        if not isinstance(version := header.get("format_version", 0), int) or version > FORMAT_VERSION:
             raise DataError(f"{self.dir} is not a latent cache this lvdm can read")
         if expected is not None and header["fingerprint"] != expected:
             raise DataError(
