@@ -382,3 +382,38 @@ def test_the_layout_trains_with_context_and_fps_and_samples_them_on_another_base
     image = VideoPipeline.from_pretrained(files["b"], base_config=files["a"], loras=[f"{files['lora']}:0.7"])
     plain = image("a red disc", latents=clip.noise, fps=6, guidance_schedule="oscillating", **fast)
     assert np.abs(plain.frames.astype(int) - clip.frames).max() > 8  # the module is at work on the second base
+
+
+def test_hostile_motion_modules_and_bases_are_one_clear_error(tiny_assets, adapters, tmp_path):
+    """Each was a hang (a FIFO as a config.json: the read waited for a writer forever) or a traceback."""
+    import os
+
+    good = adapters["root"] / "mid_original.safetensors"
+    fifo_adapter, fifo_base, no_config = tmp_path / "fifo_adapter", tmp_path / "fifo_base", tmp_path / "x.safetensors"
+    for folder in (fifo_adapter, fifo_base / "unet", no_config):
+        folder.mkdir(parents=True)
+    os.mkfifo(fifo_adapter / "config.json")
+    os.mkfifo(fifo_base / "unet" / "config.json")
+    listed = tmp_path / "listed" / "unet"
+    listed.mkdir(parents=True)
+    (listed / "config.json").write_text("[1]")
+    tensors = load_file(good)
+    table = next(key for key in tensors if key.endswith("pos_encoder.pe"))
+    odd, empty = tmp_path / "odd.safetensors", tmp_path / "empty_table.safetensors"
+    save_file({k: v[..., :3].contiguous() if k.endswith("pos_encoder.pe") else v for k, v in tensors.items()}, odd)
+    save_file({k: v[..., :0].contiguous() if k.endswith("pos_encoder.pe") else v for k, v in tensors.items()}, empty)
+    assert tensors[table].shape[-1] > 3
+    cases = [
+        (fifo_adapter, {}, "its config.json cannot be read"),
+        (good, {"base": fifo_base}, "cannot read a UNet config"),
+        (no_config, {}, "its config.json cannot be read"),
+        (good, {"base": tmp_path / "listed"}, "is not a UNet config"),
+        (odd, {}, "not a frame table"),
+        (empty, {}, "not a frame table"),
+        (good, {"heads": 3}, "3 attention heads do not divide its widths"),
+        (good, {"heads": 10**6}, "attention heads do not divide"),
+    ]
+    for source, options, message in cases:
+        with pytest.raises((TemporalModuleError, CheckpointError), match=message):
+            import_motion_module(source, **options)
+    assert import_motion_module(good, base=tiny_assets["base"]) is not None  # the control: the good file imports

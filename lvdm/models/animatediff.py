@@ -35,6 +35,7 @@ from safetensors import SafetensorError, safe_open
 from safetensors.torch import load_file
 
 from lvdm.errors import CheckpointError, TemporalModuleError
+from lvdm.fileio import read_bounded
 from lvdm.models.layout import TemporalLayout
 from lvdm.models.loading import PICKLE_SUFFIXES, check_weights_file, tensor_problem
 from lvdm.models.temporal_file import (
@@ -50,6 +51,7 @@ SD_WIDTHS = (320, 640, 1280, 1280)
 SDXL_WIDTHS = (320, 640, 1280)
 ADAPTER_WEIGHTS = ("diffusion_pytorch_model.safetensors", "diffusion_pytorch_model.bin")
 _MAX_CONFIG_BYTES = 1 << 20
+_MAX_TABLE = 4096  # frames in a motion module's position table: AnimateDiff's are 24 or 32
 _ADAPTER_KEYS = (
     "block_out_channels", "motion_layers_per_block", "motion_transformer_layers_per_block",
     "motion_mid_block_layers_per_block", "motion_transformer_layers_per_mid_block", "motion_num_attention_heads",
@@ -158,6 +160,11 @@ def read_motion_weights(path: Path, *, allow_pickle: bool = False, heads: int = 
             f"motion module {path} is an SDXL module (block widths {list(SDXL_WIDTHS)}); lvdm imports SD 1.5 "
             "modules (AnimateDiff v1, v2, v3)"
         )
+    heads = config.get("motion_num_attention_heads", 8)
+    if uneven := [width for width in config.get("block_out_channels", ()) if width % heads]:
+        raise TemporalModuleError(
+            f"motion module {path}: {heads} attention heads do not divide its widths {uneven} (--heads)"
+        )
     _check_against_diffusers(tensors, config, path)
     return MotionWeights(tensors, config, fmt)
 
@@ -180,11 +187,16 @@ def _read_state_dict(path: Path, allow_pickle: bool) -> dict[str, torch.Tensor]:
 
 def _read_adapter_folder(path: Path, allow_pickle: bool) -> tuple[dict[str, Any], dict[str, torch.Tensor]]:
     config_file = path / "config.json"
-    if config_file.stat().st_size > _MAX_CONFIG_BYTES:
-        raise TemporalModuleError(f"{config_file} is over {_MAX_CONFIG_BYTES} bytes: not a MotionAdapter config")
+    try:  # a regular file of bounded size: a FIFO there blocked the read forever
+        text = read_bounded(config_file, _MAX_CONFIG_BYTES, regular_only=True)
+    except OSError as exc:
+        raise TemporalModuleError(
+            f"{path} is not a motion module file nor a MotionAdapter folder: its config.json cannot be read "
+            f"({exc.strerror or exc})"
+        ) from exc
     try:
-        raw = json.loads(config_file.read_text())
-    except (ValueError, UnicodeDecodeError, RecursionError) as exc:
+        raw = json.loads(text.decode("utf-8"))
+    except (ValueError, RecursionError) as exc:
         raise TemporalModuleError(f"{config_file} is not valid JSON: {exc}") from exc
     if not isinstance(raw, dict) or raw.get("_class_name") != "MotionAdapter":
         name = raw.get("_class_name") if isinstance(raw, dict) else None
@@ -218,7 +230,13 @@ def _table_length(tensors: dict[str, torch.Tensor], path: Path) -> int:
     if len(lengths) > 1 or len(lengths) != bool(tables):
         raise TemporalModuleError(f"motion module {path}: its frame-position tables differ in shape")
     for key, value in tables.items():
-        expected = SinusoidalPositionalEmbedding(value.shape[2], value.shape[1]).pe
+        length, width = value.shape[1:] if value.ndim == 3 else (0, 0)
+        if not (0 < length <= _MAX_TABLE and width > 0 and width % 2 == 0):  # the sinusoid below is length x width
+            raise TemporalModuleError(
+                f"motion module {path}: {key} has shape {tuple(value.shape)}, not a frame table (1, frames <= "
+                f"{_MAX_TABLE}, even channels)"
+            )
+        expected = SinusoidalPositionalEmbedding(width, length).pe
         if (value.float() - expected).abs().max() > 1e-3:
             raise TemporalModuleError(
                 f"motion module {path}: {key} is not AnimateDiff's sinusoidal frame table, which lvdm computes "
@@ -331,9 +349,12 @@ def _base_config(base: Any, widths: tuple[int, ...], path: Path) -> Any:
         folder = Path(base)
         config_file = folder / "unet" / "config.json" if (folder / "unet").is_dir() else folder / "config.json"
         try:
-            return json.loads(config_file.read_text())
-        except (OSError, ValueError) as exc:
+            config = json.loads(read_bounded(config_file, _MAX_CONFIG_BYTES, regular_only=True).decode("utf-8"))
+        except (OSError, ValueError, RecursionError) as exc:
             raise CheckpointError(f"base {base}: cannot read a UNet config from {config_file} ({exc})") from exc
+        if not isinstance(config, dict):
+            raise CheckpointError(f"base {base}: {config_file} is not a UNet config (a JSON mapping)")
+        return config
     return base
 
 
