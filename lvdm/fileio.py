@@ -90,6 +90,16 @@ def read_bounded(path: str | os.PathLike, limit: int, *, regular_only: bool = Fa
         os.close(fd)
 
 
+def read_json(path: str | os.PathLike, limit: int = 1 << 20) -> Any:
+    """The JSON value in ``path``, a regular file of at most ``limit`` bytes: an ``OSError`` when it cannot be read
+    so (a FIFO, a folder, too large), a ``ValueError`` when it is not UTF-8 JSON (nested too deep included)."""
+    data = read_bounded(path, limit, regular_only=True)
+    try:
+        return json.loads(data.decode("utf-8"))
+    except RecursionError as exc:
+        raise ValueError("JSON nested too deeply") from exc
+
+
 def _first_bytes(fd: int, count: int) -> bytes:
     """What a FIFO opened without blocking holds now; none and no writer is an error rather than an empty file."""
     try:

@@ -207,7 +207,7 @@ def read_sidecar(path: str | os.PathLike) -> dict[str, Any]:
     """
     try:
         meta = json.loads(read_bounded(path, MAX_TEXT_BYTES).decode("utf-8"))
-    except (OSError, UnicodeDecodeError, ValueError) as exc:
+    except (OSError, ValueError, RecursionError) as exc:  # RecursionError: JSON nested too deep
         raise ConfigError(f"sidecar {path} cannot be read: {exc}") from exc
     if not isinstance(meta, dict) or not all(isinstance(meta.get(k), kind) for k, kind in SIDECAR_KEYS.items()):
         raise ConfigError(f"{path} is not an lvdm sidecar (it needs {', '.join(SIDECAR_KEYS)})")

@@ -207,7 +207,7 @@ def temporal_defaults(path: str | os.PathLike) -> dict[str, Any]:
         metadata = read_temporal_metadata(path)
     try:
         config = json.loads(metadata.get("training_config", "{}"))
-    except ValueError:
+    except (ValueError, RecursionError):
         config = {}
     config = config if isinstance(config, dict) else {}
     data = config.get("data") if isinstance(config.get("data"), dict) else {}

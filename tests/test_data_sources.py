@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import os
 import random
 
 import numpy as np
@@ -187,8 +188,12 @@ def test_folder_symlinks_out_of_the_root_are_skipped_unless_allowed(tmp_path):
     (root / "link.mp4").symlink_to(outside)
     (root / "inside.mp4").write_bytes(b"x")
     (root / "alias.mp4").symlink_to(root / "inside.mp4")
+    (root / "loop.mp4").symlink_to(root / "loop.mp4")  # resolving it raised (a traceback in every command)
+    (root / "a.mp4").symlink_to(root / "b.mp4")
+    (root / "b.mp4").symlink_to(root / "a.mp4")
     problems = {e.path.name: e.problem for e in folder_source(root)}
     assert "escapes the data root" in problems["link.mp4"] and problems["alias.mp4"] is None
+    assert all("unresolvable path" in problems[name] for name in ("loop.mp4", "a.mp4", "b.mp4")), problems
     assert all(e.problem is None for e in folder_source(root, allow_links_outside=True))
 
 
@@ -205,3 +210,25 @@ def test_the_config_opts_in_to_symlinks_out_of_a_folder_source(tmp_path):
         ((_, skipped, _),) = list_sources(load_config([], base).data)
         ((_, followed, _),) = list_sources(load_config([], [*base, "data.follow_links_outside=true"]).data)
         assert "escapes the data root" in skipped[0].problem and followed[0].problem is None
+
+
+def test_json_nested_too_deep_or_with_huge_numbers_is_one_clear_error(tmp_path):
+    """A manifest row, a sidecar or a config.json nested 100000 deep was a RecursionError traceback, a number of 5000
+    digits a ValueError from int parsing, a FIFO config.json a read that waited forever."""
+    from lvdm.errors import ConfigError, DataError
+    from lvdm.fileio import read_json
+    from lvdm.outputs import read_sidecar
+
+    deep, huge = "[" * 100000 + "]" * 100000, "9" * 5000
+    for number, row in enumerate((f'{{"video": "a.mp4", "caption": {deep}}}', f'{{"video": "a.mp4", "fps": {huge}}}')):
+        (tmp_path / f"m{number}.jsonl").write_text(row + "\n", encoding="utf-8")
+        with pytest.raises(DataError, match="line 1: not valid JSON"):
+            manifest_source(tmp_path / f"m{number}.jsonl")
+    (tmp_path / "v.mp4.json").write_text(deep)
+    with pytest.raises(ConfigError, match="cannot be read"):
+        read_sidecar(tmp_path / "v.mp4.json")
+    os.mkfifo(tmp_path / "config.json")
+    with pytest.raises(OSError, match="not a regular file"):
+        read_json(tmp_path / "config.json")
+    (tmp_path / "ok.json").write_text('{"a": [1, 2]}')
+    assert read_json(tmp_path / "ok.json") == {"a": [1, 2]}  # the control

@@ -39,7 +39,7 @@ from tqdm.auto import tqdm
 
 from lvdm.data.dataset import VideoDataset
 from lvdm.errors import DataError, VideoReadError
-from lvdm.fileio import atomic_path, is_stray_temp, json_text, read_bounded
+from lvdm.fileio import atomic_path, is_stray_temp, json_text, read_json
 
 FORMAT = "lvdm.latent_cache"
 FORMAT_VERSION = 1
@@ -190,8 +190,8 @@ def _read_manifest(folder: Path) -> dict[str, Any]:
     """``cache.json`` of a latent cache, or a :class:`DataError` saying the folder is not one (never a wait on a
     FIFO, nor a traceback on JSON that is not a cache's)."""
     try:
-        header = json.loads(read_bounded(folder / "cache.json", 1 << 20, regular_only=True).decode("utf-8"))
-    except (OSError, ValueError, RecursionError) as exc:
+        header = read_json(folder / "cache.json")
+    except (OSError, ValueError) as exc:
         raise DataError(f"{folder} is not a latent cache: its cache.json cannot be read ({exc})") from exc
     if (
         not isinstance(header, dict)

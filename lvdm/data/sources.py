@@ -223,8 +223,8 @@ def _csv_rows(text: str, delimiter: str) -> list[dict]:
 def _json_row(path: Path, number: int, line: str) -> dict:
     try:
         row = json.loads(line)
-    except json.JSONDecodeError as exc:
-        raise DataError(f"{path} line {number}: not valid JSON ({exc.msg})") from None
+    except (ValueError, RecursionError) as exc:  # also a number of 5000 digits, an array nested 100000 deep
+        raise DataError(f"{path} line {number}: not valid JSON ({getattr(exc, 'msg', None) or exc})") from None
     if not isinstance(row, dict):
         raise DataError(f"{path} line {number}: expected a JSON object, got {type(row).__name__}")
     return row
@@ -257,6 +257,10 @@ def _escape_problem(root: Path, *paths: Path) -> str | None:
     for path in paths:
         if "\0" in str(path):
             return "path contains a NUL byte"
-        if not path.resolve().is_relative_to(base):
+        try:
+            resolved = path.resolve()
+        except (OSError, RuntimeError) as exc:  # a symlink loop (RuntimeError before Python 3.13, OSError after)
+            return f"unresolvable path ({exc})"
+        if not resolved.is_relative_to(base):
             return f"path escapes the data root {root}"
     return None

@@ -35,7 +35,7 @@ from safetensors import SafetensorError, safe_open
 from safetensors.torch import load_file
 
 from lvdm.errors import CheckpointError, TemporalModuleError
-from lvdm.fileio import read_bounded
+from lvdm.fileio import read_bounded, read_json
 from lvdm.models.layout import TemporalLayout
 from lvdm.models.loading import PICKLE_SUFFIXES, check_weights_file, tensor_problem
 from lvdm.models.temporal_file import (
@@ -349,8 +349,8 @@ def _base_config(base: Any, widths: tuple[int, ...], path: Path) -> Any:
         folder = Path(base)
         config_file = folder / "unet" / "config.json" if (folder / "unet").is_dir() else folder / "config.json"
         try:
-            config = json.loads(read_bounded(config_file, _MAX_CONFIG_BYTES, regular_only=True).decode("utf-8"))
-        except (OSError, ValueError, RecursionError) as exc:
+            config = read_json(config_file, _MAX_CONFIG_BYTES)
+        except (OSError, ValueError) as exc:
             raise CheckpointError(f"base {base}: cannot read a UNet config from {config_file} ({exc})") from exc
         if not isinstance(config, dict):
             raise CheckpointError(f"base {base}: {config_file} is not a UNet config (a JSON mapping)")

@@ -86,13 +86,12 @@ class ImageEncoder:
 
 def image_encoder_width(path: str | os.PathLike) -> int:
     """The token width (``hidden_size``) of the CLIP vision encoder folder ``path``, from its ``config.json``."""
-    import json
-
     from lvdm.errors import CheckpointError
+    from lvdm.fileio import read_json
 
     config = Path(path) / "config.json"
     try:
-        data = json.loads(config.read_text())
+        data = read_json(config)
         data = data.get("vision_config", data) if "hidden_size" not in data else data
         return int(data["hidden_size"])
     except (OSError, ValueError, KeyError, TypeError) as exc:

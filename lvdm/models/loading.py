@@ -198,10 +198,10 @@ def _load_folder(path: Path, *, allow_pickle: bool, dtype: torch.dtype | None) -
 
 def pipeline_class(path: Path) -> str | None:
     """The pipeline class a diffusers folder names (``model_index.json``), or ``None`` when unreadable."""
-    import json
+    from lvdm.fileio import read_json
 
     try:
-        index = json.loads((path / "model_index.json").read_text(encoding="utf-8"))
+        index = read_json(path / "model_index.json")
     except (OSError, ValueError):
         return None
     return index.get("_class_name") if isinstance(index, dict) else None

@@ -198,7 +198,7 @@ def read_temporal_file(path: str | os.PathLike) -> TemporalModule:
             parts=json.loads(metadata.get("parts", "{}")),
             source=json.loads(metadata["source"]) if "source" in metadata else None,
         )
-    except (KeyError, ValueError, TypeError) as exc:
+    except (KeyError, ValueError, TypeError, RecursionError) as exc:
         raise TemporalModuleError(f"temporal module {path} has broken metadata: {exc}") from exc
 
 
@@ -250,7 +250,7 @@ def _metadata_problem(metadata: dict[str, str]) -> str | None:
         sites = json.loads(metadata.get("sites", "[]"))
         parts = json.loads(metadata.get("parts", "{}"))
         training = json.loads(metadata.get("training_config", "{}"))
-    except ValueError as exc:
+    except (ValueError, RecursionError) as exc:
         return f"an entry is not valid JSON ({exc})"
     if not isinstance(sites, list) or not all(isinstance(s, dict) and isinstance(s.get("name"), str) for s in sites):
         return "'sites' must be a list of objects, each with a 'name'"

@@ -26,7 +26,6 @@ one) gets the same architecture with its own group count and SD's two mid resnet
 from __future__ import annotations
 
 import contextlib
-import json
 import os
 from collections.abc import Iterator
 from pathlib import Path
@@ -35,6 +34,7 @@ from typing import Any
 import torch
 
 from lvdm.errors import CheckpointError
+from lvdm.fileio import read_json
 
 SD_GROUPS = 32  # the group count diffusers' TemporalDecoder hard-codes
 SD_MID_RESNETS = 2  # SD's VAE mid block: resnet, attention, resnet
@@ -215,7 +215,7 @@ def load_video_decoder(
     try:
         if not config_file.is_file():  # missing, or not a regular file (a FIFO would block the read)
             raise FileNotFoundError(f"no regular file {config_file}")
-        config = json.loads(config_file.read_text())
+        config = read_json(config_file)
     except (OSError, ValueError) as exc:
         raise CheckpointError(
             f"decoder {path}: expected a diffusers AutoencoderKLTemporalDecoder folder with config.json ({exc})"

@@ -25,6 +25,7 @@ import torch
 from safetensors import SafetensorError
 
 from lvdm.errors import CheckpointError
+from lvdm.fileio import read_json
 
 MARKER = "COMPLETE"
 METADATA = "metadata.json"
@@ -181,7 +182,7 @@ def _read_marker(path: Path) -> list[dict[str, Any]]:
     if not marker.is_file():
         raise CheckpointError(f"checkpoint {path} is incomplete: {marker} is missing (interrupted save?)")
     try:
-        files = json.loads(marker.read_text(encoding="utf-8"))["files"]
+        files = read_json(marker)["files"]
         for record in files:
             name, size, digest = record["name"], record["size"], record["sha256"]
             if not (isinstance(name, str) and Path(name).name == name and name not in (".", "..", MARKER)):
