@@ -399,7 +399,7 @@ def test_hostile_motion_modules_and_bases_are_one_clear_error(tiny_assets, adapt
     (listed / "config.json").write_text("[1]")
     tensors = load_file(good)
     table = next(key for key in tensors if key.endswith("pos_encoder.pe"))
-    odd, empty = tmp_path / "odd.safetensors", tmp_path / "empty_table.safetensors"
+    odd, empty, evil = tmp_path / "odd.safetensors", tmp_path / "empty_table.safetensors", tmp_path / "evil.ckpt"
     save_file({k: v[..., :3].contiguous() if k.endswith("pos_encoder.pe") else v for k, v in tensors.items()}, odd)
     save_file({k: v[..., :0].contiguous() if k.endswith("pos_encoder.pe") else v for k, v in tensors.items()}, empty)
     assert tensors[table].shape[-1] > 3
@@ -412,8 +412,21 @@ def test_hostile_motion_modules_and_bases_are_one_clear_error(tiny_assets, adapt
         (empty, {}, "not a frame table"),
         (good, {"heads": 3}, "3 attention heads do not divide its widths"),
         (good, {"heads": 10**6}, "attention heads do not divide"),
+        (evil, {"allow_pickle": True}, r"refuses it \(.*\); lvdm never unpickles code"),  # not torch's advice
+        (tmp_path / "empty.ckpt", {"allow_pickle": True}, r"\(truncated or corrupt\?\): EOFError"),  # ended in a colon
     ]
+    import pickle
+
+    class Payload:
+        def __reduce__(self):
+            return (print, ("ran",))
+
+    evil.write_bytes(pickle.dumps({"a": Payload()}, protocol=4))  # torch also warned of the protocol, a 2nd line
+    (tmp_path / "empty.ckpt").write_bytes(b"")
+    import warnings
+
     for source, options, message in cases:
-        with pytest.raises((TemporalModuleError, CheckpointError), match=message):
+        with pytest.raises((TemporalModuleError, CheckpointError), match=message), warnings.catch_warnings():
+            warnings.simplefilter("error")
             import_motion_module(source, **options)
     assert import_motion_module(good, base=tiny_assets["base"]) is not None  # the control: the good file imports

@@ -37,7 +37,7 @@ from safetensors.torch import load_file
 from lvdm.errors import CheckpointError, TemporalModuleError
 from lvdm.fileio import read_bounded, read_json
 from lvdm.models.layout import TemporalLayout
-from lvdm.models.loading import PICKLE_SUFFIXES, check_weights_file, tensor_problem
+from lvdm.models.loading import PICKLE_SUFFIXES, check_weights_file, load_pickled_weights, tensor_problem
 from lvdm.models.temporal_file import (
     TemporalModule,
     _first,
@@ -171,13 +171,13 @@ def read_motion_weights(path: Path, *, allow_pickle: bool = False, heads: int = 
 
 def _read_state_dict(path: Path, allow_pickle: bool) -> dict[str, torch.Tensor]:
     check_weights_file(path, allow_pickle=allow_pickle, what="motion module")
-    try:
-        if path.suffix == ".safetensors":
+    if path.suffix != ".safetensors":
+        tensors = load_pickled_weights(path, "motion module", TemporalModuleError)
+    else:
+        try:
             tensors = load_file(path)
-        else:
-            tensors = torch.load(path, map_location="cpu", weights_only=True)
-    except Exception as exc:  # torch.load's errors on a truncated or foreign pickle are many kinds
-        raise TemporalModuleError(f"motion module {path} cannot be read (truncated or corrupt?): {exc}") from exc
+        except Exception as exc:  # noqa: BLE001 - a truncated or foreign file
+            raise TemporalModuleError(f"motion module {path} cannot be read (truncated or corrupt?): {exc}") from exc
     if isinstance(tensors, dict) and isinstance(tensors.get("state_dict"), dict):
         tensors = tensors["state_dict"]
     if not isinstance(tensors, dict) or not all(isinstance(v, torch.Tensor) for v in tensors.values()):

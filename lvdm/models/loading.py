@@ -153,6 +153,26 @@ def load_base(
     return base
 
 
+def load_pickled_weights(path: Path, what: str, error: type[Exception] = CheckpointError) -> Any:
+    """``torch.load(path, weights_only=True)`` on the CPU, quietly (torch warns of a pickle protocol before it
+    refuses); a file it refuses or cannot read is one ``error`` line naming ``what`` and why."""
+    try:
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")
+            return torch.load(path, map_location="cpu", weights_only=True)
+    except Exception as exc:  # noqa: BLE001 - a refused or foreign pickle, a truncated zip: many kinds
+        text = " ".join(str(exc).split())
+        if "WeightsUnpickler error:" not in text:
+            raise error(
+                f"{what} {path} cannot be read (truncated or corrupt?): {text or type(exc).__name__}"
+            ) from None
+        detail = text.split("WeightsUnpickler error:")[1].split(" Check the documentation")[0].strip()
+        raise error(  # torch's advice to load it with weights_only=False is not lvdm's to give
+            f"{what} {path} cannot be read: torch.load(weights_only=True) refuses it ({detail}); lvdm never "
+            "unpickles code"
+        ) from None
+
+
 def check_weights_file(path: Path, *, allow_pickle: bool, what: str) -> None:
     """Refuse pickles without permission and corrupt safetensors, before anything is loaded."""
     if not path.is_file():

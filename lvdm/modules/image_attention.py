@@ -186,7 +186,9 @@ def read_ip_adapter(path: str | os.PathLike, *, allow_pickle: bool = False) -> d
             if head in state:
                 state[head][rest] = value
     elif allow_pickle:
-        state = torch.load(path, map_location="cpu", weights_only=True)
+        from lvdm.models.loading import load_pickled_weights
+
+        state = load_pickled_weights(path, "IP-Adapter")
     else:
         raise CheckpointError(
             f"IP-Adapter {path} is not a .safetensors file; pickled checkpoints can run code, so pass allow_pickle "

@@ -40,19 +40,19 @@ def read_backbone(path: str | os.PathLike, *, allow_pickle: bool = False) -> dic
     """The backbone's ``features.*`` weights from ``path``: ``.safetensors``, or (``allow_pickle``) torchvision's
     ``.pth``, read with ``torch.load(weights_only=True)``; refused as every weights file lvdm reads is
     (:func:`lvdm.models.loading.check_weights_file`)."""
-    from lvdm.models.loading import check_weights_file
+    from lvdm.models.loading import check_weights_file, load_pickled_weights
 
     path = Path(path)
     check_weights_file(path, allow_pickle=allow_pickle, what="train.perceptual_backbone:")
-    try:
-        if path.suffix == ".safetensors":
+    if path.suffix != ".safetensors":
+        state = load_pickled_weights(path, "train.perceptual_backbone:")
+    else:
+        try:
             from safetensors.torch import load_file
 
             state = load_file(path)
-        else:
-            state = torch.load(path, map_location="cpu", weights_only=True)
-    except Exception as exc:  # noqa: BLE001 - a damaged file or a refused pickle, told in one line
-        raise CheckpointError(f"train.perceptual_backbone: {path} is not readable: {exc}") from None
+        except Exception as exc:  # noqa: BLE001 - a damaged file, told in one line
+            raise CheckpointError(f"train.perceptual_backbone: {path} is not readable: {exc}") from None
     if not isinstance(state, dict):
         raise CheckpointError(f"train.perceptual_backbone: {path} holds no state dict")
     return {k: v for k, v in state.items() if k.startswith("features.") and isinstance(v, torch.Tensor)}
