@@ -331,7 +331,9 @@ def test_convert_cli_round_trip_and_one_line_errors(tiny_assets, adapters, tmp_p
     tensors = load_file(tmp_path / "adapter" / "diffusion_pytorch_model.safetensors")
     assert torch.equal(tensors["mid_block.motion_modules.0.proj_out.weight"],
                        adapters["mid"].mid_block.motion_modules[0].proj_out.weight)  # fmt: skip
+    (tmp_path / "dangling").symlink_to(tmp_path / "missing")  # os.replace onto it was a NotADirectoryError
     for args in (("to-diffusers", tmp_path / "nothing.safetensors", tmp_path / "x"),
+                 ("to-diffusers", tmp_path / "mm.safetensors", tmp_path / "dangling"),
                  ("motion-module", tmp_path / "adapter" / "config.json", tmp_path / "y.safetensors")):  # fmt: skip
         bad = convert(*args)
         assert bad.returncode != 0 and len(bad.stderr.strip().splitlines()) == 1 and "Traceback" not in bad.stderr

@@ -439,8 +439,8 @@ def export_motion_adapter(module: str | os.PathLike, out_dir: str | os.PathLike)
             f"temporal module {module} has parts a MotionAdapter cannot hold ({sorted(source.parts)}): diffusers' "
             "AnimateDiff takes motion modules only"
         )
-    if out_dir.exists() and (not out_dir.is_dir() or any(out_dir.iterdir())):
-        raise TemporalModuleError(f"{out_dir} exists and is not an empty folder; choose a new folder")
+    if out_dir.is_symlink() or (out_dir.exists() and (not out_dir.is_dir() or any(out_dir.iterdir()))):
+        raise TemporalModuleError(f"{out_dir} exists and is not an empty folder (or is a link); choose a new folder")
     config = _adapter_config(source)
     with torch.device("meta"):
         expected = MotionAdapter(**config).state_dict().keys()
