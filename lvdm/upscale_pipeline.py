@@ -315,7 +315,7 @@ def read_low_res(source: Any) -> LowRes:
         try:
             info = probe(path)
         except LvdmError as exc:
-            raise ConfigError(f"video to upscale {path}: {exc}") from exc
+            raise ConfigError(f"video to upscale: {exc}") from exc  # the error names the file
         read = read_context(path, info.height, info.width, what="video to upscale")
         return LowRes(read.frames, read.fps, str(path.absolute()))
     frames = np.asarray(source)
