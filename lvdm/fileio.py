@@ -31,6 +31,7 @@ def atomic_path(path: str | os.PathLike, *, exclusive: bool = False) -> Iterator
     try:
         path.parent.mkdir(parents=True, exist_ok=True)
         yield temp
+        os.chmod(temp, 0o666 & ~umask())  # safetensors writes 0600: lvdm's files get the user's usual mode
         _place(temp, path) if exclusive else os.replace(temp, path)
     except FileExistsError as exc:
         raise OutputWriteError(
@@ -45,6 +46,18 @@ def atomic_path(path: str | os.PathLike, *, exclusive: bool = False) -> Iterator
         raise _write_error(path, str(exc).split("I/O error:")[-1].strip()) from exc
     finally:
         temp.unlink(missing_ok=True)
+
+
+def umask() -> int:
+    """This process's umask, read without changing it (``os.umask`` sets it: a race with other threads)."""
+    try:
+        with open("/proc/self/status", encoding="ascii") as status:
+            for line in status:
+                if line.startswith("Umask:"):
+                    return int(line.split()[1], 8)
+    except (OSError, ValueError):
+        pass
+    return 0o022
 
 
 def _place(temp: Path, path: Path) -> None:

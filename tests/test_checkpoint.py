@@ -493,3 +493,25 @@ def test_metadata_of_the_wrong_type_is_refused_by_name_even_with_right_checksums
         _rewrite_marker(path)
         with pytest.raises(CheckpointError, match=rf"checkpoint-0000000{step}/metadata\.json"):
             load_checkpoint(path)
+
+
+def test_files_and_folders_get_the_users_usual_mode(tmp_path: Path) -> None:
+    """safetensors wrote 0600 and mkdtemp made checkpoint folders 0700: a module or checkpoint shared on a cluster
+    was unreadable to the user's group, whatever their umask."""
+    from safetensors.torch import save_file
+
+    from lvdm.fileio import atomic_path, umask
+
+    old = os.umask(0o027)
+    try:
+        assert umask() == 0o027
+        folder = save_checkpoint(tmp_path / "ckpts", 1, _small(1))
+        with atomic_path(tmp_path / "module.safetensors") as temp:
+            save_file({"x": torch.zeros(1)}, temp)
+    finally:
+        os.umask(old)
+    assert folder.stat().st_mode & 0o777 == 0o750
+    assert {(p.name, p.stat().st_mode & 0o777) for p in folder.iterdir()} == {
+        (p.name, 0o640) for p in folder.iterdir()
+    }
+    assert (tmp_path / "module.safetensors").stat().st_mode & 0o777 == 0o640

@@ -44,6 +44,7 @@ from pathlib import Path
 from typing import Any
 
 from lvdm.errors import CheckpointError
+from lvdm.fileio import umask
 from lvdm.training.checkpoint_files import (
     _NAME,
     MARKER,
@@ -204,7 +205,9 @@ def _new_temp(root: Path, step: int) -> Path:
     try:
         root.mkdir(parents=True, exist_ok=True)
         _remove_leftovers(root)
-        return Path(tempfile.mkdtemp(prefix=f"{_TMP_PREFIX}{step:08d}-", dir=root))
+        temp = Path(tempfile.mkdtemp(prefix=f"{_TMP_PREFIX}{step:08d}-", dir=root))
+        os.chmod(temp, 0o777 & ~umask())  # mkdtemp makes it 0700: a checkpoint gets the user's usual mode
+        return temp
     except OSError as e:
         raise CheckpointError(f"cannot write checkpoints to {root}: {e}") from e
 

@@ -25,7 +25,7 @@ import torch
 from safetensors import SafetensorError
 
 from lvdm.errors import CheckpointError
-from lvdm.fileio import read_json
+from lvdm.fileio import read_json, umask
 
 MARKER = "COMPLETE"
 METADATA = "metadata.json"
@@ -154,6 +154,7 @@ def _write_file(folder: Path, name: str, writer: Callable[[Path, Any], None], va
     path = folder / name
     try:
         writer(path, value)
+        os.chmod(path, 0o666 & ~umask())  # safetensors writes 0600: the user's usual mode
         return _sha256_and_sync(path)
     except (OSError, RuntimeError, SafetensorError) as e:  # torch.save reports a full disk as RuntimeError
         if not folder.is_dir():  # someone removed the folder under us (a second writer on the same root?)
