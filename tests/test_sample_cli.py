@@ -268,3 +268,6 @@ def test_from_json_refuses_what_is_not_a_sidecar(tmp_path, capsys):
         bad.write_text(json.dumps(base | change))  # each a TypeError or AttributeError traceback before
         code, _, err = sample_here(capsys, "--from-json", str(bad), "--out", str(tmp_path / "x.mp4"))
         assert code == 2 and err.count("\n") == 1 and message in err, err
+    bad.write_text(json.dumps(base | {"interpolate": {"factor": 3, "source": str(bad)}}))
+    code, _, err = sample_here(capsys, "--from-json", str(bad), "--out", str(tmp_path / "x.mp4"))
+    assert code == 2 and "interpolate.factor 3: must be 4 or 16" in err, err  # was refused only after loading
