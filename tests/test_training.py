@@ -310,6 +310,47 @@ def test_two_processes_train_one_consistent_checkpoint(tiny_assets, tmp_path):
     assert parts["trainer"]["micro_batches"] == 2  # each rank drew its own 2 micro-batches
 
 
+def _worker_of_rank(launcher: int, rank: int) -> int:
+    """The pid of torchrun's worker process with ``RANK=rank`` (a child of the launcher)."""
+    for entry in Path("/proc").iterdir():
+        try:
+            parent = int((entry / "stat").read_text().rsplit(")", 1)[1].split()[1])
+            environ = (entry / "environ").read_bytes().split(b"\0")
+        except (OSError, ValueError, IndexError):
+            continue
+        if parent == launcher and f"RANK={rank}".encode() in environ:
+            return int(entry.name)
+    raise AssertionError(f"no worker of rank {rank} under {launcher}")
+
+
+def test_a_signal_to_one_rank_stops_both_at_one_step_with_one_checkpoint(tiny_assets, tmp_path):
+    """A SIGTERM that reaches one rank only (a scheduler's, here rank 1's): the ranks agree before every step, so both
+    leave the loop together, save one checkpoint and skip the final samples. Unagreed, the other rank went into the
+    next step's collectives alone and waited there."""
+    out = tmp_path / "run"
+    extra = {"train.max_steps": 100000, "train.checkpoint_every": 100000, "train.validation_prompts": "[a disc]"}
+    args = ["-m", "torch.distributed.run", "--nproc_per_node", "2", "--master_port", "29518", str(REPO / "train.py"),
+            "--quiet", *tiny_overrides(tiny_assets, out, **extra)]  # fmt: skip
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": str(REPO)}
+    launcher = subprocess.Popen([sys.executable, *args], stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+                                env=env, cwd=REPO)  # fmt: skip
+    try:
+        deadline = time.monotonic() + 240
+        while not (out / "log.jsonl").exists():  # training has begun
+            assert launcher.poll() is None and time.monotonic() < deadline, launcher.stderr.read()[-3000:]
+            time.sleep(0.5)
+        os.kill(_worker_of_rank(launcher.pid, 1), signal.SIGTERM)
+        stdout, stderr = launcher.communicate(timeout=180)
+    finally:
+        launcher.kill()
+    ours = stderr.split("stopped by a signal")  # then torchrun's own report: a rank exited 75, not 0
+    assert len(ours) == 2 and "Traceback" not in ours[0], stderr
+    [checkpoint] = list_checkpoints(out / "checkpoints")
+    parts, metadata = load_checkpoint(checkpoint)
+    assert metadata["world_size"] == 2 and f"at step {metadata['step']} " in stderr
+    assert not (out / "samples").exists()
+
+
 def test_joint_image_video_training_runs_images_in_image_mode(tiny_assets, tmp_path, monkeypatch):
     real = objectives_module.training_loss
     seen = []
