@@ -155,6 +155,8 @@ def test_missing_paths_are_clear_errors(files, tmp_path):
         load_base(files["a"], loras=[tmp_path / "missing_lora.safetensors"])
     with pytest.raises(CheckpointError, match="not a diffusers folder"):
         load_base(files["b"], base_config=tmp_path)
+    with pytest.raises(CheckpointError, match="/dev/zero is not a regular file"):  # it said "does not exist"
+        load_base(files["a"], loras=["/dev/zero"])
 
 
 def test_lora_spec_parsing(tmp_path):

@@ -176,7 +176,8 @@ def load_pickled_weights(path: Path, what: str, error: type[Exception] = Checkpo
 def check_weights_file(path: Path, *, allow_pickle: bool, what: str) -> None:
     """Refuse pickles without permission and corrupt safetensors, before anything is loaded."""
     if not path.is_file():
-        raise CheckpointError(f"{what} {path} does not exist")
+        what_it_is = "is not a regular file" if path.exists() else "does not exist"  # /dev/zero, a FIFO, a folder
+        raise CheckpointError(f"{what} {path} {what_it_is}")
     if path.suffix in PICKLE_SUFFIXES:
         if not allow_pickle:
             raise CheckpointError(
