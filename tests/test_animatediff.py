@@ -310,22 +310,30 @@ def test_too_many_frames_for_the_module_is_one_config_error(tiny_assets, adapter
 
 
 # ------------------------------------------------------------------------------------------------ the CLI
-def convert(*args: str) -> subprocess.CompletedProcess[str]:
-    return subprocess.run([sys.executable, "-m", "lvdm.convert", *map(str, args)], capture_output=True, text=True,
-                          cwd=REPO, timeout=300)  # fmt: skip
+def convert(*args: object, capsys: pytest.CaptureFixture | None = None) -> subprocess.CompletedProcess[str]:
+    """``python -m lvdm.convert ARGS``; with ``capsys``, its ``main`` in this process (no interpreter start-up)."""
+    if capsys is None:
+        return subprocess.run([sys.executable, "-m", "lvdm.convert", *map(str, args)], capture_output=True, text=True,
+                              cwd=REPO, timeout=300)  # fmt: skip
+    from lvdm.cli import run_cli
+    from lvdm.convert import main
+
+    code = run_cli(main, [str(arg) for arg in args])
+    captured = capsys.readouterr()
+    return subprocess.CompletedProcess(list(args), code, captured.out, captured.err)
 
 
-def test_convert_cli_round_trip_and_one_line_errors(tiny_assets, adapters, tmp_path):
+def test_convert_cli_round_trip_and_one_line_errors(tiny_assets, adapters, tmp_path, capsys):
     source = adapters["root"] / "mid_original.ckpt"
     refused = convert("motion-module", source, tmp_path / "mm.safetensors", "--base", tiny_assets["base"])
     assert refused.returncode == 1 and "allow-pickle" in refused.stderr and "Traceback" not in refused.stderr
     done = convert("motion-module", source, tmp_path / "mm.safetensors", "--base", tiny_assets["base"],
-                   "--allow-pickle")  # fmt: skip
+                   "--allow-pickle", capsys=capsys)  # fmt: skip
     assert done.returncode == 0, done.stderr
     assert "11 motion modules (with mid block, 32 frames at most)" in done.stdout
-    again = convert("motion-module", source, tmp_path / "mm.safetensors", "--allow-pickle")
+    again = convert("motion-module", source, tmp_path / "mm.safetensors", "--allow-pickle", capsys=capsys)
     assert again.returncode == 2 and "already exists" in again.stderr
-    back = convert("to-diffusers", tmp_path / "mm.safetensors", tmp_path / "adapter")
+    back = convert("to-diffusers", tmp_path / "mm.safetensors", tmp_path / "adapter", capsys=capsys)
     assert back.returncode == 0, back.stderr
     assert json.loads((tmp_path / "adapter" / "config.json").read_text())["_class_name"] == "MotionAdapter"
     tensors = load_file(tmp_path / "adapter" / "diffusion_pytorch_model.safetensors")
@@ -335,7 +343,7 @@ def test_convert_cli_round_trip_and_one_line_errors(tiny_assets, adapters, tmp_p
     for args in (("to-diffusers", tmp_path / "nothing.safetensors", tmp_path / "x"),
                  ("to-diffusers", tmp_path / "mm.safetensors", tmp_path / "dangling"),
                  ("motion-module", tmp_path / "adapter" / "config.json", tmp_path / "y.safetensors")):  # fmt: skip
-        bad = convert(*args)
+        bad = convert(*args, capsys=capsys)
         assert bad.returncode != 0 and len(bad.stderr.strip().splitlines()) == 1 and "Traceback" not in bad.stderr
 
 
