@@ -57,7 +57,9 @@ def umask() -> int:
                     return int(line.split()[1], 8)
     except (OSError, ValueError):
         pass
-    return 0o022
+    mask = os.umask(0o077)  # no /proc (macOS, old kernels): read it by setting it, briefly to the strictest
+    os.umask(mask)
+    return mask
 
 
 def _place(temp: Path, path: Path) -> None:
@@ -93,7 +95,8 @@ def read_bounded(path: str | os.PathLike, limit: int, *, regular_only: bool = Fa
         if stat.S_ISREG(info.st_mode) and info.st_size > limit:
             raise OSError(errno.EFBIG, f"larger than {_size(limit)}")
         data = _first_bytes(fd, limit + 1) if stat.S_ISFIFO(info.st_mode) else b""
-        os.set_blocking(fd, True)  # a pipe's writer may be slower than this reader: wait for its bytes, then EOF
+        if hasattr(os, "O_NONBLOCK"):  # (not on Windows, where nothing was opened without blocking)
+            os.set_blocking(fd, True)  # a pipe's writer may be slower than this reader: wait for its bytes, then EOF
         with os.fdopen(fd, "rb", closefd=False) as handle:
             data += handle.read(limit + 1 - len(data))
         if len(data) > limit:
@@ -120,7 +123,7 @@ def _first_bytes(fd: int, count: int) -> bytes:
     except BlockingIOError:  # a writer holds it open and has not written yet: the blocking read waits for it
         return b""
     if not data:
-        raise OSError(errno.ENXIO, "a pipe that no process writes to")
+        raise OSError(errno.ENXIO, "a pipe that no process writes to (or one that ended without output)")
     return data
 
 

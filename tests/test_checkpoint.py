@@ -515,3 +515,16 @@ def test_files_and_folders_get_the_users_usual_mode(tmp_path: Path) -> None:
         (p.name, 0o640) for p in folder.iterdir()
     }
     assert (tmp_path / "module.safetensors").stat().st_mode & 0o777 == 0o640
+
+
+def test_a_damaged_marker_does_not_make_lvdms_own_files_foreign(tmp_path: Path) -> None:
+    """With COMPLETE unreadable every file counted as a user's: a re-save of the step was refused, naming lvdm's
+    own files. Without a readable marker, files are judged by lvdm's names; a user's file still stops it."""
+    folder = save_checkpoint(tmp_path, 5, _small(5))
+    (folder / "COMPLETE").write_text("{trunc")
+    save_checkpoint(tmp_path, 5, _small(5))  # replaced, as before the retention change
+    assert [checkpoint_step(p) for p in list_checkpoints(tmp_path)] == [5] and load_checkpoint(folder)
+    (folder / "COMPLETE").write_text("{trunc")
+    (folder / "notes.txt").write_text("mine")
+    with pytest.raises(CheckpointError, match=r"there \(notes.txt\);"):
+        save_checkpoint(tmp_path, 5, _small(5))

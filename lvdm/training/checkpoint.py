@@ -325,18 +325,22 @@ def _prune(root: Path, keep_last: int, new: Path) -> None:
             warnings.warn(f"could not delete old checkpoint {path}: {e}", stacklevel=3)
 
 
+_OUR_FILE = re.compile(r"[A-Za-z0-9][A-Za-z0-9_-]*\.(safetensors|pt)|metadata\.json|" + MARKER)
+
+
 def _unlisted(folder: Path) -> str:
     """The entries of a checkpoint folder that its ``COMPLETE`` does not list as files (a user's, put there), named
-    (the first few) or ``""``; every entry where no marker can be read."""
+    (the first few) or ``""``. Where the marker is unreadable (damaged), files are judged by lvdm's names for them."""
     try:
         listed = {MARKER} | {record["name"] for record in _read_marker(folder)}
+        ours = listed.__contains__
     except CheckpointError:
-        listed = set()
+        ours = _OUR_FILE.fullmatch
     try:
         entries = _entries(folder)
     except CheckpointError:
         return "an unreadable listing"
-    foreign = [name for name in entries if name not in listed or not (folder / name).is_file() or
+    foreign = [name for name in entries if not ours(name) or not (folder / name).is_file() or
                (folder / name).is_symlink()]  # fmt: skip
     return ", ".join(foreign[:3]) + (f" and {len(foreign) - 3} more" if len(foreign) > 3 else "")
 
