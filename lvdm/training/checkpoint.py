@@ -325,7 +325,9 @@ def _prune(root: Path, keep_last: int, new: Path) -> None:
             warnings.warn(f"could not delete old checkpoint {path}: {e}", stacklevel=3)
 
 
-_OUR_FILE = re.compile(r"[A-Za-z0-9][A-Za-z0-9_-]*\.(safetensors|pt)|metadata\.json|" + MARKER)
+OUR_FILE = re.compile(  # the names of the files lvdm writes into a checkpoint folder
+    r"[A-Za-z0-9][A-Za-z0-9_-]*\.(safetensors|pt)|metadata\.json|" + MARKER
+)
 
 
 def _unlisted(folder: Path) -> str:
@@ -335,7 +337,7 @@ def _unlisted(folder: Path) -> str:
         listed = {MARKER} | {record["name"] for record in _read_marker(folder)}
         ours = listed.__contains__
     except CheckpointError:
-        ours = _OUR_FILE.fullmatch
+        ours = OUR_FILE.fullmatch
     try:
         entries = _entries(folder)
     except CheckpointError:

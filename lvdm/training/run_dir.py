@@ -43,6 +43,7 @@ from lvdm.errors import CheckpointError, ConfigError, LvdmError
 from lvdm.fileio import is_stray_temp, special_folder
 from lvdm.training.checkpoint import (
     MARKER,
+    OUR_FILE,
     check_writable,
     checkpoint_material,
     checkpoint_step,
@@ -74,7 +75,6 @@ CONFIG_HEADER = "# Resolved lvdm config"
 REFUSAL = "lvdm refuses to write a run there: give a new folder such as outputs/run"
 _SKIPPED_RANK = re.compile(r"skipped\.rank\d+\.jsonl")
 _PROBE = re.compile(r"\.write-probe-\w+")
-_CHECKPOINT_FILE = re.compile(r"[A-Za-z0-9][A-Za-z0-9_-]*\.(safetensors|pt)|metadata\.json|" + MARKER)
 _SAMPLE = re.compile(r"(image_mode_)?\d{2,}(_image)?\.(mp4|gif|png)")  # validation.write_videos, objectives
 _SAMPLE_DIR = re.compile(r"step-\d{8}")
 
@@ -279,7 +279,7 @@ def _is_checkpoint_dir(parent: Path, name: str) -> bool:
 def _ours_in(kind: str, parent: Path, top: Path, name: str, listed: set[str] | None) -> bool:
     """``listed``: what the checkpoint folder ``parent``'s ``COMPLETE`` lists (None: unfinished, judged by name)."""
     if kind == "checkpoints":
-        return parent != top and (name in listed if listed is not None else bool(_CHECKPOINT_FILE.fullmatch(name)))
+        return parent != top and (name in listed if listed is not None else bool(OUR_FILE.fullmatch(name)))
     if kind == "tensorboard":
         return name.startswith("events.out.tfevents.")
     if kind == "decoder":  # exactly what save_video_decoder writes, or a killed write of it
