@@ -14,6 +14,7 @@ import argparse
 import atexit
 import errno
 import os
+import re
 import sys
 from collections.abc import Callable
 from typing import Any
@@ -77,10 +78,18 @@ def _open_closed_streams() -> None:
             setattr(sys, name, stream)
 
 
+_NEGATIVE_NUMBER = re.compile(r"^-(\d+\.?\d*|\.\d+)(e[-+]?\d+)?$|^-(inf|infinity|nan)$", re.IGNORECASE)
+
+
 class Parser(argparse.ArgumentParser):
     """argparse for lvdm's commands: a usage error is one line (a :class:`ConfigError`, exit 2 through
     :func:`run_cli`), and ``--help`` that cannot be written (a full disk, a closed pipe) is not a silent success
-    (argparse drops the write's error)."""
+    (argparse drops the write's error). ``--guidance -1e3`` and ``--guidance -inf`` are values, as ``-1`` is
+    (argparse took them for options: "expected one argument"), so the value's own check answers."""
+
+    def __init__(self, *args: Any, **kwargs: Any) -> None:
+        super().__init__(*args, **kwargs)
+        self._negative_number_matcher = _NEGATIVE_NUMBER  # argparse's own knows only -1 and -1.5
 
     def error(self, message: str) -> None:  # type: ignore[override]  (raises instead of exiting)
         command = f"python {self.prog}" if self.prog.endswith(".py") else self.prog

@@ -235,6 +235,7 @@ def test_hostile_adapter_folders_are_refused_in_one_line(tiny_assets, adapters, 
         ("widths", {"block_out_channels": 32}),
         ("class", {"_class_name": "UNet2DConditionModel"}),
         ("heads", {"motion_num_attention_heads": [8, 4]}),
+        ("uneven_heads", {"motion_num_attention_heads": 3}),
     ):
         folder = tmp_path / name
         shutil.copytree(adapters["root"] / "mid", folder)
@@ -243,6 +244,8 @@ def test_hostile_adapter_folders_are_refused_in_one_line(tiny_assets, adapters, 
         with pytest.raises(TemporalModuleError) as caught:
             import_motion_module(folder, base=tiny_assets["base"])
         assert str(folder) in str(caught.value), name
+        if name == "uneven_heads":  # its count is the folder's own: --heads cannot change it
+            assert "config.json's motion_num_attention_heads" in str(caught.value)
     (tmp_path / "nested").mkdir()
     (tmp_path / "nested" / "config.json").write_text("[" * 100_000 + "]" * 100_000)
     with pytest.raises(TemporalModuleError, match="not valid JSON"):

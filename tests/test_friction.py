@@ -9,7 +9,7 @@ import pytest
 import torch
 
 from lvdm.data.cache import LatentCache
-from lvdm.errors import DataError
+from lvdm.errors import ConfigError, DataError
 
 pytestmark = pytest.mark.usefixtures("one_thread")
 
@@ -257,3 +257,18 @@ def test_every_command_says_a_usage_error_in_one_line(module, capsys):
     err = capsys.readouterr().err
     assert err.count("\n") == 1 and err.startswith("error: "), err
     assert err.rstrip().endswith(f"(python -m {module} --help lists the options)"), err
+
+
+def test_negative_numbers_in_exponent_or_infinite_form_are_values_not_options():
+    """``--guidance -1e3`` and ``--guidance -inf`` were "expected one argument": argparse took them for options."""
+    from lvdm.cli import Parser
+
+    parser = Parser(prog="sample.py")
+    parser.add_argument("--guidance", type=float)
+    parser.add_argument("--seed", type=int)
+    for text, value in (("-1e3", -1000.0), ("-inf", float("-inf")), ("-2.5E-1", -0.25), ("-.5", -0.5), ("-3", -3)):
+        assert parser.parse_args(["--guidance", text]).guidance == value, text
+    with pytest.raises(ConfigError, match="expected one argument"):  # the control: an option is still an option
+        parser.parse_args(["--guidance", "--seed", "1"])
+    with pytest.raises(ConfigError, match="expected one argument"):
+        parser.parse_args(["--guidance", "-x"])

@@ -162,8 +162,9 @@ def read_motion_weights(path: Path, *, allow_pickle: bool = False, heads: int = 
         )
     heads = config.get("motion_num_attention_heads", 8)
     if uneven := [width for width in config.get("block_out_channels", ()) if width % heads]:
+        source = "its config.json's motion_num_attention_heads" if fmt == "diffusers" and path.is_dir() else "--heads"
         raise TemporalModuleError(
-            f"motion module {path}: {heads} attention heads do not divide its widths {uneven} (--heads)"
+            f"motion module {path}: {heads} attention heads do not divide its widths {uneven} ({source})"
         )
     _check_against_diffusers(tensors, config, path)
     return MotionWeights(tensors, config, fmt)
