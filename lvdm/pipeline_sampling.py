@@ -10,6 +10,7 @@ from its own generator, seeded ``seed + k``.
 from __future__ import annotations
 
 import hashlib
+import re
 import secrets
 from collections.abc import Callable, Sequence
 from typing import Any
@@ -42,12 +43,26 @@ def resolve_settings(pipe: Any, s: SamplingSettings, latents: torch.Tensor | Non
         "noise_prior": "independent", "mixed_lambda": 0.5, "num_inference_steps": DEFAULT_STEPS,
         "scheduler": "ddim",
     }  # fmt: skip
-    values = {}
+    values, from_module = {}, []
     for key, default in fallback.items():
         value = getattr(s, key)
+        if value is None and key not in given and pipe.defaults.get(key) is not None:
+            from_module.append(key)
         values[key] = value if value is not None else given.get(key, pipe.defaults.get(key, default))
     values["seed"] = s.seed if s.seed is not None else _random_seed()
-    resolved = sampling_settings(**{**config_to_dict(s), **values})
+
+    def origin(message: str) -> str:  # a refused value the user never set came from the module: say so
+        named = [f"{key}={values[key]!r}" for key in from_module if re.search(rf"\b{key}\s*[:=]", message)]
+        return (
+            f"{message} (the temporal module's training config gave {', '.join(named)}; set them)"
+            if named
+            else message
+        )
+
+    try:
+        resolved = sampling_settings(**{**config_to_dict(s), **values})
+    except ConfigError as exc:
+        raise ConfigError(origin(str(exc))) from exc
     problems = [
         f"{key}={getattr(resolved, key)}: must be divisible by the VAE's factor {pipe.vae_scale_factor}"
         for key in ("height", "width")
@@ -64,7 +79,7 @@ def resolve_settings(pipe: Any, s: SamplingSettings, latents: torch.Tensor | Non
             f"num_frames={resolved.num_frames}: this module's motion modules encode at most {table} frames"
         )
     if problems:
-        raise ConfigError("; ".join(problems))
+        raise ConfigError(origin("; ".join(problems)))
     return resolved
 
 

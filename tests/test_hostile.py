@@ -299,6 +299,15 @@ def test_hostile_temporal_modules_are_refused_in_one_line(trained, tiny_assets, 
                                      "a disc", "--steps", "1", "--out", str(tmp_path / f"{name}.mp4")])  # fmt: skip
         one_line_error(subprocess.CompletedProcess([], code, "", capsys.readouterr().err), 1, message)
         assert not (tmp_path / f"{name}.mp4").exists()
+    training["data"] |= {"num_frames": 4, "resolution": [7, 7]}  # a size the user never set: named as the module's
+    odd = _rewrite_module(module, tmp_path / "odd.safetensors", metadata={"training_config": json.dumps(training)})
+    arguments = ["--quiet", "--base", str(tiny_assets["base"]), "--temporal", str(odd), "--prompt", "a disc",
+                 "--steps", "1", "--out", str(tmp_path / "odd.mp4")]  # fmt: skip
+    code = run_cli(script.main, arguments)
+    one_line_error(subprocess.CompletedProcess([], code, "", capsys.readouterr().err), 2,
+                   "the temporal module's training config gave height=7, width=7")  # fmt: skip
+    assert run_cli(script.main, [*arguments, "--height", "16", "--width", "16"]) == 0  # the control: set them
+    assert (tmp_path / "odd.mp4").is_file()
 
 
 def test_a_malicious_pickle_is_one_line_even_with_allow_pickle(tiny_assets, tmp_path):
