@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import math
 import os
+import re
 import warnings
 from collections.abc import Iterator
 from contextlib import contextmanager
@@ -254,12 +255,12 @@ def _fuse_loras(pipe: Any, specs: list[LoraSpec], *, allow_pickle: bool) -> None
     for i, spec in enumerate(specs):
         check_weights_file(spec.path, allow_pickle=allow_pickle, what="LoRA")
         name = f"lora_{i}"
-        try:
-            with warnings.catch_warnings():  # peft warns that a second adapter is a second adapter
+        try:  # diffusers logs the whole failure (a line per weight) before raising it: lvdm says it in one
+            with warnings.catch_warnings(), _diffusers_silent():  # peft warns that a 2nd adapter is a 2nd adapter
                 warnings.filterwarnings("ignore", message="Already found a `peft_config`")
                 pipe.load_lora_weights(str(spec.path), adapter_name=name)
         except Exception as exc:  # conversion and peft injection errors alike
-            raise CheckpointError(f"could not apply LoRA {spec.path}: {_one_line(exc)}") from exc
+            raise CheckpointError(f"could not apply LoRA {spec.path}: {_lora_problem(exc)}") from exc
         names.append(name)
     pipe.set_adapters(names, adapter_weights=[spec.scale for spec in specs])
     pipe.fuse_lora(adapter_names=names, lora_scale=1.0)
@@ -313,6 +314,36 @@ def _check_finite(module: torch.nn.Module, what: str) -> None:
     for name, param in module.named_parameters():
         if param.is_floating_point() and not torch.isfinite(param).all():
             raise CheckpointError(f"{what}: weight {name!r} holds NaN or infinite values")
+
+
+_SIZE_MISMATCH = re.compile(
+    r"size mismatch for (\S+): copying a param with shape torch.Size\((\[[^]]*\])\) from checkpoint, "
+    r"the shape in current model is torch.Size\((\[[^]]*\])\)"
+)
+
+
+def _lora_problem(exc: BaseException) -> str:
+    """peft's size mismatches (one sentence per weight) as a count and the first one; anything else as it is."""
+    mismatches = _SIZE_MISMATCH.findall(str(exc))
+    if not mismatches:
+        return _one_line(exc)
+    key, theirs, ours = mismatches[0]
+    return (
+        f"{len(mismatches)} of its weights do not fit this base's layers (e.g. {key}: {theirs} in the file, {ours} "
+        "in the base); a LoRA made for another architecture (SD 1.x, SD 2.x, SDXL)?"
+    )
+
+
+@contextmanager
+def _diffusers_silent() -> Iterator[None]:
+    from diffusers.utils import logging as diffusers_logging
+
+    level = diffusers_logging.get_verbosity()
+    diffusers_logging.set_verbosity(diffusers_logging.CRITICAL)
+    try:
+        yield
+    finally:
+        diffusers_logging.set_verbosity(level)
 
 
 def _one_line(exc: BaseException) -> str:
