@@ -52,7 +52,12 @@ def main(argv: list[str]) -> int:
         if args.heads < 1:
             raise ConfigError(f"--heads {args.heads}: must be >= 1")
         module = import_motion_module(
-            args.source, out, base=args.base, allow_pickle=args.allow_pickle, heads=args.heads
+            args.source,
+            out,
+            base=args.base,
+            allow_pickle=args.allow_pickle,
+            heads=args.heads,
+            exclusive=not args.overwrite,
         )
         layout = module.layout
         print(

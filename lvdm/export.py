@@ -71,8 +71,8 @@ def export_checkpoint(
         for name, tensor in weights.items():
             trainable[name].copy_(tensor)
     training_config = config | ({"clip_fps": metadata["clip_fps"]} if metadata.get("clip_fps") else {})
-    video.save_temporal(out, training_config=training_config)
-    return [out, *_spatial_parts(video, config, trainable, out)]
+    video.save_temporal(out, training_config=training_config, exclusive=not overwrite)  # a file since is kept
+    return [out, *_spatial_parts(video, config, trainable, out, exclusive=not overwrite)]
 
 
 def _build(config: dict[str, Any], base: str | os.PathLike | None) -> tuple[Any, dict[str, Any]]:
@@ -96,18 +96,20 @@ def _outputs(out: Path, config: dict[str, Any]) -> list[Path]:
                     (("lora", lora), ("weights", weights)) if trained]  # fmt: skip
 
 
-def _spatial_parts(video: Any, config: dict[str, Any], trainable: dict[str, Any], out: Path) -> list[Path]:
+def _spatial_parts(
+    video: Any, config: dict[str, Any], trainable: dict[str, Any], out: Path, *, exclusive: bool
+) -> list[Path]:
     """A spatial LoRA and unfrozen blocks trained with the temporal layers, written beside ``out``."""
     from lvdm.training import groups
 
     written = []
     for path in _outputs(out, config)[1:]:
         if path.stem.endswith("_lora"):
-            written.append(groups.export_spatial_lora(video, path))
+            written.append(groups.export_spatial_lora(video, path, exclusive=exclusive))
         else:
             temporal = dict(video.named_temporal_parameters())
             unfrozen = {n: p for n, p in trainable.items() if "lora_" not in n and n not in temporal}
-            written.append(groups.export_spatial_weights(unfrozen, path))
+            written.append(groups.export_spatial_weights(unfrozen, path, exclusive=exclusive))
     return written
 
 

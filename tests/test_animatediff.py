@@ -443,3 +443,24 @@ def test_hostile_motion_modules_and_bases_are_one_clear_error(tiny_assets, adapt
             warnings.simplefilter("error")
             import_motion_module(source, **options)
     assert import_motion_module(good, base=tiny_assets["base"]) is not None  # the control: the good file imports
+
+
+def test_a_file_that_appears_during_the_conversion_is_kept(tiny_assets, adapters, tmp_path, capsys, monkeypatch):
+    """OUT was checked before the conversion and replaced when written; without --overwrite the rename is now
+    exclusive (the control: with --overwrite the file is replaced)."""
+    from lvdm import fileio
+
+    out, place = tmp_path / "mm.safetensors", fileio._place
+
+    def someone_writes_first(temp, path):
+        out.write_bytes(b"written meanwhile")
+        place(temp, path)
+
+    monkeypatch.setattr(fileio, "_place", someone_writes_first)
+    source = adapters["root"] / "mid_original.safetensors"
+    refused = convert("motion-module", source, out, "--base", tiny_assets["base"], capsys=capsys)
+    assert refused.returncode == 1 and "appeared while lvdm was writing it" in refused.stderr, refused.stderr
+    assert out.read_bytes() == b"written meanwhile"
+    done = convert("motion-module", source, out, "--base", tiny_assets["base"], "--overwrite", capsys=capsys)
+    assert done.returncode == 0, done.stderr
+    assert load_file(out)

@@ -105,3 +105,28 @@ def test_weights_of_another_shape_are_refused_even_where_they_broadcast(run, tmp
     with pytest.raises(CheckpointError, match=f"{name} is .*, the model its config builds has"):
         export_checkpoint(folder, tmp_path / "out.safetensors")
     assert not (tmp_path / "out.safetensors").exists()
+
+
+@pytest.mark.parametrize("target", ["module", "lora"])
+def test_a_file_that_appears_during_the_export_is_kept(run, tmp_path, monkeypatch, target):
+    """OUT and its LoRA were checked before the export but replaced when written: a file another program put there
+    meanwhile was lost. Without --overwrite the final rename is exclusive; with it (the control) it replaces."""
+    from lvdm import fileio
+    from lvdm.errors import OutputWriteError
+
+    out = tmp_path / "late.safetensors"
+    late = out if target == "module" else tmp_path / "late_spatial_lora.safetensors"
+    place = fileio._place
+
+    def someone_writes_first(temp, path):
+        if path == late and not late.exists():
+            late.write_bytes(b"written meanwhile")
+        place(temp, path)
+
+    monkeypatch.setattr(fileio, "_place", someone_writes_first)
+    with pytest.raises(OutputWriteError, match="appeared while lvdm was writing it"):
+        export_checkpoint(checkpoint(run, 3), out)
+    assert late.read_bytes() == b"written meanwhile"
+    assert not [p.name for p in tmp_path.iterdir() if p.name.endswith(".tmp")]  # no temporary file left
+    export_checkpoint(checkpoint(run, 3), out, overwrite=True)
+    assert load_file(late)

@@ -106,6 +106,7 @@ def import_motion_module(
     base: Any = None,
     allow_pickle: bool = False,
     heads: int = 8,
+    exclusive: bool = False,
 ) -> TemporalModule:
     """Read an AnimateDiff motion module and return it as an lvdm temporal module (written to ``out`` if given).
 
@@ -116,6 +117,7 @@ def import_motion_module(
         base: the UNet the module is for: a UNet config (``unet.config``), a diffusers folder (its
             ``unet/config.json``) or ``None`` for SD 1.5 (modules of SD's widths only).
         heads: attention heads per module where the file does not say (original checkpoints): 8 in AnimateDiff.
+        exclusive: an ``out`` that exists by the time it is written is an error, left as it is (else replaced).
     """
     path = Path(path)
     weights = read_motion_weights(path, allow_pickle=allow_pickle, heads=heads)
@@ -132,7 +134,8 @@ def import_motion_module(
     family = "sd1" if widths == SD_WIDTHS else video.family
     source = {"format": weights.format, "file": path.name, "adapter": config}
     if out is not None:
-        return read_temporal_file(write_temporal_file(video, out, tensors=tensors, source=source, family=family))
+        written = write_temporal_file(video, out, tensors=tensors, source=source, family=family, exclusive=exclusive)
+        return read_temporal_file(written)
     return TemporalModule(
         path=path, tensors=tensors, layout=video.layout, sites=[site.to_dict() for site in video.sites],
         family=family, base=base_shape(video.unet.config), training_config=None, source=source,

@@ -125,12 +125,14 @@ def write_temporal_file(
     tensors: dict[str, torch.Tensor] | None = None,
     source: dict[str, Any] | None = None,
     family: str | None = None,
+    exclusive: bool = False,
 ) -> Path:
     """Save ``video``'s temporal layers to ``path`` atomically (a temp file, then a rename).
 
     ``tensors``: the weights to write instead of ``video``'s own (an imported module, whose model was built on the
     meta device for its shape only); ``source``: where the weights came from (JSON metadata ``source``); ``family``:
-    the base family they are for, where it is not ``video``'s own (an SD 1.5 motion module).
+    the base family they are for, where it is not ``video``'s own (an SD 1.5 motion module); ``exclusive``: a
+    ``path`` that appeared meanwhile is an error, not replaced (:func:`lvdm.fileio.atomic_path`).
     """
     path = Path(path)
     if path.suffix != ".safetensors":
@@ -152,7 +154,7 @@ def write_temporal_file(
     if source is not None:
         metadata["source"] = json.dumps(source)
     tensors = {name: t.detach().to("cpu").contiguous() for name, t in tensors.items()}
-    with atomic_path(path) as temp:
+    with atomic_path(path, exclusive=exclusive) as temp:
         save_file(tensors, temp, metadata=metadata)
     return path
 

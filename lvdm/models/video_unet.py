@@ -300,11 +300,14 @@ class VideoUNet(nn.Module):
     def family(self) -> str:
         return base_family(self.unet.config)
 
-    def save_temporal(self, path: str | os.PathLike, *, training_config: dict[str, Any] | None = None) -> None:
-        """Write the temporal layers (only) to a safetensors file with their layout and config."""
+    def save_temporal(
+        self, path: str | os.PathLike, *, training_config: dict[str, Any] | None = None, exclusive: bool = False
+    ) -> None:
+        """Write the temporal layers (only) to a safetensors file with their layout and config; ``exclusive``: a
+        ``path`` that exists by the time it is written is an error, left as it is."""
         from lvdm.models.temporal_file import write_temporal_file
 
-        write_temporal_file(self, path, training_config=training_config)
+        write_temporal_file(self, path, training_config=training_config, exclusive=exclusive)
 
     def load_temporal(self, path: str | os.PathLike) -> VideoUNet:
         """Load temporal weights saved by :meth:`save_temporal` (or an AnimateDiff motion module of this model's

@@ -59,21 +59,22 @@ def unfreeze_blocks(video: Any, prefixes: list[str]) -> dict[str, torch.nn.Param
     return chosen
 
 
-def export_spatial_lora(video: Any, path: Path) -> Path:
-    """Write the spatial LoRA in diffusers/peft format (``unet.<name>.lora_A.weight``), loadable by ``load_base``."""
+def export_spatial_lora(video: Any, path: Path, *, exclusive: bool = False) -> Path:
+    """Write the spatial LoRA in diffusers/peft format (``unet.<name>.lora_A.weight``), loadable by ``load_base``;
+    atomically (diffusers' writer wrote in place), ``exclusive`` as :func:`lvdm.fileio.atomic_path` says."""
     from diffusers import StableDiffusionPipeline
     from peft.utils import get_peft_model_state_dict
 
     state = get_peft_model_state_dict(video.unet, adapter_name=LORA_ADAPTER)
     state = {plain_name(name): tensor.detach().float().cpu().contiguous() for name, tensor in state.items()}
-    path.parent.mkdir(parents=True, exist_ok=True)
-    StableDiffusionPipeline.save_lora_weights(path.parent, unet_lora_layers=state, weight_name=path.name)
+    with atomic_path(path, exclusive=exclusive) as temp:
+        StableDiffusionPipeline.save_lora_weights(temp.parent, unet_lora_layers=state, weight_name=temp.name)
     return path
 
 
-def export_spatial_weights(params: dict[str, torch.nn.Parameter], path: Path) -> Path:
+def export_spatial_weights(params: dict[str, torch.nn.Parameter], path: Path, *, exclusive: bool = False) -> Path:
     """Write unfrozen spatial weights keyed by plain diffusers UNet names, loadable by ``load_base``."""
     tensors = {plain_name(name): p.detach().float().cpu().contiguous() for name, p in params.items()}
-    with atomic_path(path) as temp:
+    with atomic_path(path, exclusive=exclusive) as temp:
         save_file(tensors, temp, metadata={"format": "lvdm.spatial_weights"})
     return path
