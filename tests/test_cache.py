@@ -240,3 +240,24 @@ def test_training_from_the_cache_keeps_the_holdout_out(tiny_assets, tmp_path):
     result = trainer.run()
     assert result.gain and result.gain["loss_in_order"] > 0 and "motion_gain" in result.gain
     assert "clips_frame_change" not in result.gain  # a latent cache holds no frames to measure
+
+
+def test_a_resumed_build_does_not_write_through_a_link_as_its_skip_log(cached, base, tmp_path: Path) -> None:
+    """An interrupted cache whose skipped.jsonl had become a link: the build appended to the file it named (a FIFO
+    there hung it; lvdm.data.skip_log). Refused in one line; the control resumes once the link is gone."""
+    import shutil
+
+    dataset, complete = cached
+    out = shutil.copytree(complete, tmp_path / "latents")
+    (out / "shard-00002.safetensors").unlink()
+    (out / "skipped.jsonl").unlink()
+    notes = tmp_path / "notes.txt"
+    notes.write_text("mine")
+    (out / "skipped.jsonl").symlink_to(notes)
+    with pytest.raises(DataError, match="is not a regular file"):
+        build(dataset, base, out)
+    assert notes.read_text() == "mine"
+    (out / "skipped.jsonl").unlink()
+    build(dataset, base, out)  # the missing shard is rebuilt, logging its bad file (c6)
+    resumed, whole = ((folder / "skipped.jsonl").read_text().splitlines() for folder in (out, complete))
+    assert resumed == whole[1:]

@@ -180,6 +180,30 @@ def test_a_resumed_run_does_not_log_a_bad_file_again(tmp_path: Path) -> None:
     assert [json.loads(line)["path"] for line in (lines[0], lines[2])] == ["/data/x.mp4", "/data/y.mp4"]
 
 
+def test_a_skip_log_that_is_not_lvdms_file_is_refused_and_left_alone(tmp_path: Path) -> None:
+    """A link as skipped.jsonl was written through (into the file it named), a FIFO hung the run, a folder was a
+    traceback, and a line of JSON nested 100000 deep a RecursionError. The control: a regular log is appended to."""
+    batch = {"caption": ["a"], "skipped": [("/data/x.mp4", "zero-byte file")]}
+    notes = tmp_path / "notes.txt"
+    notes.write_text("mine")
+    makers = {"link": lambda p: p.symlink_to(notes), "fifo": os.mkfifo, "folder": lambda p: p.mkdir()}
+    for name, make in makers.items():
+        make(tmp_path / name)
+        with pytest.raises(DataError, match="is not a regular file"):
+            BadSampleGuard(tmp_path / name).update(batch)
+    assert notes.read_text() == "mine"
+    deep = tmp_path / "deep.jsonl"
+    deep.write_text("[" * 100_000 + "]" * 100_000 + "\n")
+    BadSampleGuard(deep).update(batch)
+    assert deep.read_text().splitlines()[1] == '{"path": "/data/x.mp4", "reason": "zero-byte file"}'
+    link = tmp_path / "late"  # a link put there after the log was read: the append does not follow it
+    guard = BadSampleGuard(link)
+    link.symlink_to(notes)
+    with pytest.raises(DataError, match="cannot be written"):
+        guard.update(batch)
+    assert notes.read_text() == "mine"
+
+
 @pytest.mark.parametrize("workers", [0, 1])
 def test_an_all_bad_dataset_fails_at_once(tmp_path: Path, workers: int) -> None:
     for name in ("zero_byte", "text_as_mp4", "png_as_mp4", "audio_only", "one_frame"):

@@ -68,11 +68,12 @@ def test_a_damaged_index_is_only_a_cache(folder: Path, tmp_path: Path, probes: l
     index = tmp_path / "sizes.jsonl"
     media_sizes(entries, index=index)
     lines = index.read_text(encoding="utf-8").splitlines()
-    garbage = ["{not json", json.dumps({"path": "x", "stamp": [1], "size": [1, 2]}), '{"size": [0, 0]}', "[]"]
+    garbage = ["{not json", json.dumps({"path": "x", "stamp": [1], "size": [1, 2]}), '{"size": [0, 0]}', "[]",
+               '{"path": "x", "stamp": [1e400, 1], "size": [1, 1]}', "[" * 100_000 + "]" * 100_000]  # fmt: skip
     index.write_text("\n".join([*garbage, *lines[1:]]) + "\n", encoding="utf-8")  # line 0 lost, junk added
     damaged = index.read_bytes()
-    probes.clear()
-    with pytest.warns(UserWarning, match="4 lines lvdm did not write; it is read, not replaced"):
+    probes.clear()  # an infinity (1e400) and JSON nested 100000 deep were tracebacks
+    with pytest.warns(UserWarning, match="6 lines lvdm did not write; it is read, not replaced"):
         assert media_sizes(entries, index=index) == SIZES
     assert len(probes) == 1  # the clip whose line was lost
     assert index.read_bytes() == damaged  # lines lvdm did not write: perhaps a file of the user's, kept

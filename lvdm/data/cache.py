@@ -38,8 +38,9 @@ from torch.utils.data import Dataset
 from tqdm.auto import tqdm
 
 from lvdm.data.dataset import VideoDataset
+from lvdm.data.skip_log import SkipLog
 from lvdm.errors import DataError, VideoReadError
-from lvdm.fileio import atomic_path, is_stray_temp, json_text, read_json
+from lvdm.fileio import atomic_path, is_stray_temp, read_json
 
 FORMAT = "lvdm.latent_cache"
 FORMAT_VERSION = 1
@@ -118,7 +119,7 @@ def build_cache(
     _start_or_resume(out, fingerprint, shard_size, len(shards))
     with atomic_path(out / "empty_text.safetensors") as temp:  # never written through a link someone put there
         save_file({"text": encode_text([""])[0].cpu().contiguous()}, temp)
-    skips = _SkipLog(out / "skipped.jsonl")
+    skips = SkipLog(out / "skipped.jsonl")
     bar = tqdm(total=len(dataset), desc="caching latents", unit="clip", disable=not progress)
     for number, first in enumerate(shards):
         indices = range(first, min(first + shard_size, len(dataset)))
@@ -132,30 +133,6 @@ def build_cache(
 
 def _shard_name(number: int) -> str:
     return f"shard-{number:05d}.safetensors"
-
-
-class _SkipLog:
-    """``skipped.jsonl``, appended to once per file: a shard rewritten on resume does not log its files again."""
-
-    def __init__(self, path: Path) -> None:
-        self.path = path
-        self.logged: set[str] = set()
-        text = path.read_text(encoding="utf-8", errors="replace") if path.is_file() else ""
-        if text and not text.endswith("\n"):  # end the cut line, so the next entry starts a line of its own
-            with path.open("a", encoding="utf-8") as handle:
-                handle.write("\n")
-        for line in text.splitlines():
-            try:
-                self.logged.add(json.loads(line)["path"])
-            except (json.JSONDecodeError, KeyError, TypeError):
-                continue  # a line cut short by the interruption
-
-    def add(self, path: str, reason: str) -> None:
-        if path in self.logged:
-            return
-        self.logged.add(path)
-        with self.path.open("a", encoding="utf-8") as handle:
-            handle.write(json_text({"path": path, "reason": reason}) + "\n")
 
 
 def _start_or_resume(out: Path, fingerprint: dict[str, Any], shard_size: int, shards: int) -> None:
@@ -203,7 +180,7 @@ def _read_manifest(folder: Path) -> dict[str, Any]:
 
 
 def _write_shard(
-    dataset, indices, path: Path, skips: _SkipLog, encode_video, encode_text, encode_image, keep_frames: bool
+    dataset, indices, path: Path, skips: SkipLog, encode_video, encode_text, encode_image, keep_frames: bool
 ) -> None:
     tensors, samples = {}, []
     for index in indices:

@@ -8,7 +8,6 @@ whatever its size; a batch holds one shape group (image or video, one aspect buc
 
 from __future__ import annotations
 
-import json
 import random
 from collections.abc import Iterator, Sequence
 from pathlib import Path
@@ -17,8 +16,8 @@ from typing import Any
 from torch.utils.data import DataLoader, Sampler
 
 from lvdm.data.dataset import VideoDataset, collate
+from lvdm.data.skip_log import SkipLog
 from lvdm.errors import DataError
-from lvdm.fileio import json_text
 
 
 class BatchStream(Sampler[list[tuple[int, int]]]):
@@ -85,7 +84,8 @@ class BadSampleGuard:
         self.log_path = Path(log_path) if log_path is not None else None
         self.max_fraction = max_fraction
         self.min_samples = min_samples
-        self.seen: dict[str, str] = self._logged()
+        self.log = SkipLog(self.log_path) if self.log_path is not None else None
+        self.seen: dict[str, str] = self.log.logged if self.log is not None else {}
         self.bad = 0
         self.total = 0
 
@@ -95,39 +95,16 @@ class BadSampleGuard:
         self.bad += len(skipped)
         self.total += len(skipped) + len(batch["caption"])
         for path, reason in skipped:
-            if path not in self.seen:
-                self.seen[path] = reason
-                self._log(path, reason)
+            if self.log is not None:
+                self.log.add(path, reason)
+            else:
+                self.seen.setdefault(path, reason)
         if self.total >= self.min_samples and self.bad > self.max_fraction * self.total:
             raise DataError(
                 f"{self.bad} of {self.total} samples drawn were bad ({100 * self.bad / self.total:.1f}% > "
                 f"data.max_bad_fraction {100 * self.max_fraction:.1f}%); {len(self.seen)} distinct bad files"
                 + (f" are listed in {self.log_path}" if self.log_path else "")
             )
-
-    def _logged(self) -> dict[str, str]:
-        """``path -> reason`` of the files an earlier run logged (a line cut short by a crash is ignored)."""
-        if self.log_path is None or not self.log_path.is_file():
-            return {}
-        text = self.log_path.read_text(encoding="utf-8", errors="replace")
-        if text and not text.endswith("\n"):  # end the cut line, so the next entry starts a line of its own
-            with self.log_path.open("a", encoding="utf-8") as handle:
-                handle.write("\n")
-        seen = {}
-        for line in text.splitlines():
-            try:
-                row = json.loads(line)
-                seen[row["path"]] = row["reason"]
-            except (json.JSONDecodeError, KeyError, TypeError):
-                continue
-        return seen
-
-    def _log(self, path: str, reason: str) -> None:
-        if self.log_path is None:
-            return
-        self.log_path.parent.mkdir(parents=True, exist_ok=True)
-        with self.log_path.open("a", encoding="utf-8") as handle:
-            handle.write(json_text({"path": path, "reason": reason}) + "\n")
 
 
 def make_loader(dataset: Any, stream: BatchStream, *, num_workers: int = 0, collate_fn: Any = collate) -> DataLoader:

@@ -128,8 +128,8 @@ def _read_index(path: Path) -> tuple[dict[str, dict], bool]:
             if len(stamp) == 2 and len(size) == 2 and min(size) >= 1:
                 known[str(row["path"])] = {"stamp": stamp, "size": size}
                 continue
-        except (ValueError, TypeError, KeyError, AttributeError):
-            pass
+        except (ValueError, TypeError, KeyError, AttributeError, OverflowError, RecursionError):
+            pass  # OverflowError: 1e400 is an infinity; RecursionError: JSON nested 100000 deep
         foreign += 1
     if foreign:
         message = f"data.size_index {str(path)!r} has {foreign} lines lvdm did not write; it is read, not replaced"
