@@ -217,12 +217,11 @@ def _check_context(args: argparse.Namespace, image_mode: bool) -> None:
         raise ConfigError("--interpolate makes one video: it does not take --context or --prompts")
     if (args.context or args.interpolate) and image_mode:
         raise ConfigError("--image-mode has no temporal layers to take context frames; drop --image-mode")
-    for flag, path in (("--context", args.context), ("--interpolate", args.interpolate)):
+    for flag, path, kind in (("--context", args.context, "video"), ("--interpolate", args.interpolate, "video"),
+                             ("--image", args.image, "image")):  # fmt: skip
         if path is not None and not Path(path).is_file():
-            raise ConfigError(f"{flag} {path}: no such video file")
-    if args.image is not None and not Path(args.image).is_file():
-        what = "not a regular file" if Path(args.image).exists() else "no such image file"
-        raise ConfigError(f"--image {args.image}: {what}")
+            what = "not a regular file" if Path(path).exists() else f"no such {kind} file"
+            raise ConfigError(f"{flag} {path}: {what}")
     if args.image is not None and args.interpolate is not None:
         raise ConfigError("--interpolate does not take --image")
     if args.upscaler_temporal is not None and args.upscaler is None:

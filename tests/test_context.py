@@ -488,6 +488,7 @@ def test_sample_cli_rolls_out_and_interpolates(context_files, tmp_path, capsys):
         (["--prompt", "x", "--factor", "4"], "--factor goes with --interpolate"),
         (["--prompt", "x", "--context", str(long), "--image-mode"], "--image-mode has no temporal layers"),
         (["--prompt", "x", "--context", str(tmp_path / "nope.mp4")], "no such video file"),
+        (["--prompt", "x", "--context", str(tmp_path)], "not a regular file"),  # was "no such video file"
     ):
         code, err = cli(*module, *extra, "--out", str(tmp_path / "bad.mp4"))
         assert code == 2 and message in err and err.count("\n") == 1, err
