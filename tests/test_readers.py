@@ -293,6 +293,25 @@ def test_read_image_converts_every_mode_to_rgb(tmp_path: Path, name: str) -> Non
     assert read_image(tmp_path / name, size=(8, 6)).shape == (1, 6, 8, 3)
 
 
+def test_read_image_prints_no_warnings_of_pillows(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """A palette PNG with transparency and an image over Pillow's warning size each printed a warning (two lines on
+    stderr) before sampling went on; a 16-bit image is scaled, not clipped."""
+    import warnings
+
+    palette = Image.new("P", (20, 10), 1)
+    palette.putpalette([0, 0, 0, 40, 80, 120] + [0] * 762)
+    palette.save(tmp_path / "clear.png", transparency=bytes([0, 255] + [255] * 254))
+    Image.new("I;16", (20, 10), 32896).save(tmp_path / "mid16.png")
+    monkeypatch.setattr(Image, "MAX_IMAGE_PIXELS", 150)  # 200 pixels: over the warning's size, under the error's
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        assert read_image(tmp_path / "clear.png")[0, 0, 0].tolist() == [40, 80, 120]
+        assert read_image(tmp_path / "mid16.png")[0, 0, 0].tolist() == [128, 128, 128]
+    monkeypatch.setattr(Image, "MAX_IMAGE_PIXELS", 50)  # the control: the bomb guard still refuses
+    with pytest.raises(VideoReadError, match="decompression bomb"):
+        read_image(tmp_path / "clear.png")
+
+
 def test_read_image_applies_exif_orientation(tmp_path: Path) -> None:
     exif = Image.Exif()
     exif[0x0112] = 6  # orientation: rotate 90 degrees clockwise to display

@@ -24,6 +24,7 @@ from __future__ import annotations
 
 import os
 import threading
+import warnings
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from typing import Protocol, TypeVar
@@ -193,11 +194,24 @@ _HIGH_BIT_MODES = {"I;16": 65535, "I;16B": 65535, "I;16L": 65535, "I": 65535, "F
 def _image_to_rgb(image: Image.Image) -> Image.Image:
     """8-bit RGB from any Pillow mode: EXIF orientation applied, 16-bit scaled (not clipped), alpha dropped."""
     image = ImageOps.exif_transpose(image)
-    if image.mode in _HIGH_BIT_MODES:
-        white = _HIGH_BIT_MODES[image.mode]
-        values = np.asarray(image, dtype=np.float64) * (255 / white)
-        image = Image.fromarray(np.clip(values + 0.5, 0, 255).astype(np.uint8), mode="L")
+    if image.mode in _HIGH_BIT_MODES:  # float32, in place: float64 copies of a 144 M pixel image took 4 GB
+        values = np.asarray(image, dtype=np.float32).copy()
+        values *= np.float32(255 / _HIGH_BIT_MODES[image.mode])
+        values += np.float32(0.5)
+        image = Image.fromarray(np.clip(values, 0, 255, out=values).astype(np.uint8), mode="L")
+    elif image.mode == "P" and "transparency" in image.info:
+        image = image.convert("RGBA")  # what Pillow asks for (it warned, a second line on stderr, converting to RGB)
     return image.convert("RGB")
+
+
+def _read_rgb(path: str | os.PathLike, size: tuple[int, int] | None) -> np.ndarray:
+    with Image.open(path) as image:
+        if size is not None:
+            image.draft(image.mode, (max(size), max(size)))  # JPEG: decode at a reduced scale, >= size either way
+        rgb = _image_to_rgb(image)
+        if size is not None and rgb.size != tuple(size):
+            rgb = rgb.resize(tuple(size), Image.Resampling.BICUBIC, reducing_gap=3.0)
+        return np.asarray(rgb, dtype=np.uint8)
 
 
 def read_image(path: str | os.PathLike, *, size: tuple[int, int] | None = None) -> np.ndarray:
@@ -206,13 +220,9 @@ def read_image(path: str | os.PathLike, *, size: tuple[int, int] | None = None) 
         raise ValueError(f"size must be (width, height) >= 1, got {size}")
     path = _check_file(path, sniff=False)
     try:
-        with Image.open(path) as image:
-            if size is not None:
-                image.draft(image.mode, (max(size), max(size)))  # JPEG: decode at a reduced scale, >= size either way
-            rgb = _image_to_rgb(image)
-            if size is not None and rgb.size != tuple(size):
-                rgb = rgb.resize(tuple(size), Image.Resampling.BICUBIC, reducing_gap=3.0)
-            array = np.asarray(rgb, dtype=np.uint8)
+        with warnings.catch_warnings():  # a large image is read as asked, not warned of (the error stands)
+            warnings.simplefilter("ignore", Image.DecompressionBombWarning)
+            array = _read_rgb(path, size)
     except FileNotFoundError:
         raise VideoReadError(path, "file vanished") from None
     except UnidentifiedImageError:
