@@ -71,6 +71,7 @@ def tiled(
     scale: int = 1,
     norms: torch.nn.Module | None = None,
     multiple: int = 1,
+    pooled: bool = False,
 ) -> Callable[..., torch.Tensor]:
     """``fn(x (b, c, f, h, w), *args, **kwargs)`` run window by window over ``(f, h, w)`` and cross-faded.
 
@@ -79,10 +80,13 @@ def tiled(
     (a decoder), its windows and weights scaled with it. Keyword tensors shaped like ``x`` in ``(f, h, w)``
     (per-position conditioning, e.g. a low-res video) are cut with ``x``; the others pass whole. ``norms``: the
     model ``fn`` runs, whose GroupNorms then normalise every tile of a frame window by statistics recorded in a run
-    on the window subsampled to a tile's size, cropped to a multiple of ``multiple`` (:mod:`lvdm.tile_norms`). The
-    output is float32.
+    on the window subsampled to a tile's size, cropped to a multiple of ``multiple`` (:mod:`lvdm.tile_norms`);
+    ``pooled``: every call runs the tiles twice, the first pass gathering the tiles' own statistics (weighted by
+    their cross-fades) and the second normalising by them summed; the first pass normalises by the previous call's
+    (the reference run's, the first call), so the reference runs once. The output is float32.
     """
     up = (1, scale, scale)
+    kept: dict[tuple[Any, ...], RecordedNorms] = {}  # per frame window and input shape, from one call to the next
 
     def run(x: torch.Tensor, *args: Any, **kwargs: Any) -> torch.Tensor:
         size = x.shape[2:]
@@ -101,21 +105,35 @@ def tiled(
 
         out = total = None
         for frames in per_dim[0]:
-            recorded = RecordedNorms(norms) if reference else None
+            key = (frames[0], tuple(x.shape))
+            recorded = kept.get(key) or (RecordedNorms(norms) if reference else None)
+            if recorded and pooled:
+                kept[key] = recorded
             with recorded or contextlib.nullcontext():
-                if recorded:
+                if recorded and recorded.totals is None:
                     stride, h, w = reference
                     region = (slice(*frames[0]), slice(0, h * stride, stride), slice(0, w * stride, stride))
                     recorded.record()
                     on(region)
-                for pieces in itertools.product([frames], *per_dim[1:]):
+                windows = list(enumerate(itertools.product([frames], *per_dim[1:])))
+                if recorded and pooled:  # a first pass gathers every tile's statistics; the second is normalised
+                    for i, pieces in windows:  # by them pooled (by the previous call's, the first pass)
+                        recorded.apply(i, _weight(pieces))
+                        on(tuple(slice(begin, end) for (begin, end), _ in pieces))
+                    recorded.pool()
+                for i, pieces in windows:
                     region = tuple(slice(begin, end) for (begin, end), _ in pieces)
                     if recorded:
-                        recorded.apply()
+                        recorded.apply(i, _weight(pieces)) if pooled else recorded.apply()
                     out, total = _place(out, total, on(region).float(), pieces, size, up)
         return out / total
 
     return run
+
+
+def _weight(pieces: Any) -> torch.Tensor:
+    """A window's cross-fade weights over its (h, w)."""
+    return pieces[1][1][:, None] * pieces[2][1][None, :]
 
 
 def _place(

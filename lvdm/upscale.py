@@ -37,9 +37,10 @@ def add_upscale_options(parser: argparse.ArgumentParser, *, prefix: str = "") ->
     )
     group.add_argument("--tile-overlap", type=int, help="low-res pixels neighbouring tiles share (default: a quarter)")
     group.add_argument("--chunk-frames", type=int, help="run over windows of this many frames (default: all)")
-    group.add_argument("--tile-norms", choices=["frame", "tile"], default="frame",
-                       help="in tiles, GroupNorm by the frame's statistics (one more run at a tile's size) or by "
-                       "each tile's own (tiles disagree)")  # fmt: skip
+    group.add_argument("--tile-norms", choices=["frame", "pooled", "tile"], default="frame",
+                       help="in tiles, GroupNorm by the frame's statistics estimated by one more run at a tile's "
+                       "size (frame), by all tiles' own summed, gathered in a first pass at every step (pooled: twice "
+                       "the work, closer to the whole frame), or by each tile's own (tiles disagree)")  # fmt: skip
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -67,7 +68,8 @@ def upscale_settings(args: argparse.Namespace) -> dict[str, Any]:
     return {
         "noise_level": args.noise_level, "num_inference_steps": args.upscale_steps,
         "guidance_scale": args.upscale_guidance, "tile": args.tile, "tile_overlap": args.tile_overlap,
-        "chunk_frames": args.chunk_frames, "frame_norms": args.tile_norms == "frame",
+        "chunk_frames": args.chunk_frames,
+        "frame_norms": {"frame": True, "pooled": "pooled", "tile": False}[args.tile_norms],
     }  # fmt: skip
 
 

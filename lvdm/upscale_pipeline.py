@@ -118,7 +118,7 @@ class UpscalePipeline:
         tile: int | None = None,
         tile_overlap: int | None = None,
         chunk_frames: int | None = None,
-        frame_norms: bool = True,
+        frame_norms: bool | str = True,
         image_mode: bool = False,
         fps: float | None = None,
         progress: bool = True,
@@ -138,8 +138,9 @@ class UpscalePipeline:
             chunk_frames: the model over windows of this many frames (default: every frame at once), sharing a
                 quarter of them.
             frame_norms: in tiles, every GroupNorm normalises by the frame's statistics, estimated by one more run
-                on the frame subsampled to a tile's size (:mod:`lvdm.tile_norms`); ``False``: by each tile's own,
-                which makes tiles disagree.
+                on the frame subsampled to a tile's size (:mod:`lvdm.tile_norms`); ``"pooled"``: by all tiles' own
+                statistics summed, gathered in a first pass over the tiles at every step (twice the model's work,
+                closer to the whole frame); ``False``: by each tile's own, which makes tiles disagree.
             image_mode: upscale every frame alone even with a temporal module (a one-frame video always is).
             fps: the output's frame rate (default: the file's, else 8).
 
@@ -152,6 +153,8 @@ class UpscalePipeline:
         low = read_low_res(video)
         f, h, w = low.frames.shape[:3]
         self._check(noise_level, num_inference_steps, tile, tile_overlap, chunk_frames)
+        if frame_norms not in (True, False, "pooled"):
+            raise ConfigError(f"frame_norms must be True, False or 'pooled', got {frame_norms!r}")
         _check_seed_and_guidance(seed, guidance_scale)
         seed = seed if seed is not None else int.from_bytes(os.urandom(4), "little")
         generator = torch.Generator().manual_seed(seed)
@@ -168,6 +171,7 @@ class UpscalePipeline:
             model_fn = tiled(
                 model_fn, (chunk_frames, tile, tile), (max(1, (chunk_frames or 0) // 4), overlap, overlap),
                 norms=(self.base.unet if by_frame else self.video) if frame_norms else None, multiple=self.multiple,
+                pooled=frame_norms == "pooled",
             )  # fmt: skip
         clean = sample(
             model_fn, make_scheduler(scheduler, self.base.scheduler.config), latents=noise,
@@ -262,11 +266,12 @@ class UpscalePipeline:
         *,
         tile: int | None = None,
         tile_overlap: int | None = None,
-        frame_norms: bool = True,
+        frame_norms: bool | str = True,
     ) -> np.ndarray:
         """Latents ``(b, 4, f, h, w)`` -> uint8 frames ``(b, f, 4h, 4w, 3)``, frame by frame, over ``tile`` x
         ``tile`` latent windows sharing ``tile_overlap`` (default a quarter) where given, normalised by each frame's
-        statistics (``frame_norms``, :mod:`lvdm.tile_norms`) or each tile's own."""
+        statistics (``frame_norms``, :mod:`lvdm.tile_norms`; ``"pooled"``: the tiles' own, summed, in a second
+        pass) or each tile's own."""
         from lvdm.media import sampled_frames
         from lvdm.models.encoders import decode_latents
         from lvdm.tiles import tiled
@@ -277,7 +282,8 @@ class UpscalePipeline:
         if tile is not None:
             overlap = tile_overlap if tile_overlap is not None else tile // 4
             norms = self.base.vae if frame_norms else None
-            decode = tiled(decode, (1, tile, tile), (0, overlap, overlap), scale=self.scale, norms=norms)
+            decode = tiled(decode, (1, tile, tile), (0, overlap, overlap), scale=self.scale, norms=norms,
+                           pooled=frame_norms == "pooled")  # fmt: skip
         video = decode(latents).permute(0, 2, 1, 3, 4)  # b 3 f H W -> b f 3 H W
         return sampled_frames(video)
 

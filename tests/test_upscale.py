@@ -139,6 +139,7 @@ def test_a_size_the_unet_cannot_take_is_padded_and_cropped_back(upscaler, frames
         ({"guidance_scale": float("inf")}, "guidance_scale must be"),
         ({"guidance_scale": float("nan")}, "guidance_scale must be"),
         ({"latents": torch.zeros(1, 4, 2, 8, 8)}, "latents must have shape"),
+        ({"frame_norms": "frame"}, "frame_norms must be True, False or 'pooled'"),
     ],
 )
 def test_bad_upscale_requests_are_one_clear_error(upscaler, frames, kwargs, message):
@@ -266,6 +267,9 @@ def test_the_upscale_command_keeps_length_and_rate_and_refuses_mistakes(upscaler
     own = tmp_path / "own.mp4"
     assert run_cli(main, [str(source), *base, "--out", str(own), "--tile", "8", "--tile-norms", "tile"]) == 0
     assert json.loads(own.with_name("own.mp4.json").read_text())["upscale"]["frame_norms"] is False
+    pooled = tmp_path / "pooled.mp4"
+    assert run_cli(main, [str(source), *base, "--out", str(pooled), "--tile", "8", "--tile-norms", "pooled"]) == 0
+    assert json.loads(pooled.with_name("pooled.mp4.json").read_text())["upscale"]["frame_norms"] == "pooled"
     capsys.readouterr()
     for args, message in (
         ([str(source), *base, "--out", str(out)], "already exists"),
