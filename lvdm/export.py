@@ -20,7 +20,7 @@ from pathlib import Path
 from typing import Any
 
 from lvdm.cli import Parser, run_cli
-from lvdm.errors import CheckpointError, ConfigError
+from lvdm.errors import CheckpointError, ConfigError, OutputWriteError
 
 
 def export_checkpoint(
@@ -72,7 +72,25 @@ def export_checkpoint(
             trainable[name].copy_(tensor)
     training_config = config | ({"clip_fps": metadata["clip_fps"]} if metadata.get("clip_fps") else {})
     video.save_temporal(out, training_config=training_config, exclusive=not overwrite)  # a file since is kept
-    return [out, *_spatial_parts(video, config, trainable, out, exclusive=not overwrite)]
+    written = {out: os.stat(out)}
+    try:
+        _spatial_parts(video, config, trainable, out, exclusive=not overwrite, written=written)
+    except OutputWriteError as exc:  # all or nothing: the module alone would pass for a whole export
+        ours = [path for path, stamp in written.items() if _same_file(path, stamp)]  # still what this run wrote
+        for path in ours:
+            path.unlink()
+        removed = ", ".join(map(str, ours))
+        raise OutputWriteError(f"{exc}; removed again what this export had written: {removed}") from exc
+    return list(written)
+
+
+def _same_file(path: Path, stamp: os.stat_result) -> bool:
+    try:
+        now = os.stat(path, follow_symlinks=False)
+    except OSError:
+        return False
+    return (now.st_dev, now.st_ino, now.st_size, now.st_mtime_ns) == (
+        stamp.st_dev, stamp.st_ino, stamp.st_size, stamp.st_mtime_ns)  # fmt: skip
 
 
 def _build(config: dict[str, Any], base: str | os.PathLike | None) -> tuple[Any, dict[str, Any]]:
@@ -97,20 +115,26 @@ def _outputs(out: Path, config: dict[str, Any]) -> list[Path]:
 
 
 def _spatial_parts(
-    video: Any, config: dict[str, Any], trainable: dict[str, Any], out: Path, *, exclusive: bool
-) -> list[Path]:
-    """A spatial LoRA and unfrozen blocks trained with the temporal layers, written beside ``out``."""
+    video: Any,
+    config: dict[str, Any],
+    trainable: dict[str, Any],
+    out: Path,
+    *,
+    exclusive: bool,
+    written: dict[Path, os.stat_result],
+) -> None:
+    """A spatial LoRA and unfrozen blocks trained with the temporal layers, written beside ``out``; each file
+    written goes into ``written`` with its stat as it was written."""
     from lvdm.training import groups
 
-    written = []
     for path in _outputs(out, config)[1:]:
         if path.stem.endswith("_lora"):
-            written.append(groups.export_spatial_lora(video, path, exclusive=exclusive))
+            groups.export_spatial_lora(video, path, exclusive=exclusive)
         else:
             temporal = dict(video.named_temporal_parameters())
             unfrozen = {n: p for n, p in trainable.items() if "lora_" not in n and n not in temporal}
-            written.append(groups.export_spatial_weights(unfrozen, path, exclusive=exclusive))
-    return written
+            groups.export_spatial_weights(unfrozen, path, exclusive=exclusive)
+        written[path] = os.stat(path)
 
 
 def main(argv: list[str]) -> int:

@@ -81,8 +81,9 @@ class RecordedNorms:
         """The next model run (and each after it, after another :meth:`apply`) normalises by the recorded ones;
         ``tile``, ``weight``: it is that tile, with these cross-fade weights over its (h, w), and its statistics are
         kept, so that once every tile has run (:meth:`pool`) runs normalise by the tiles' own, pooled."""
-        if not self.recording and self.index != (len(self.stats) if self.totals is None else len(self.totals)):
-            raise RuntimeError(f"a tile ran {self.index} GroupNorms where the reference ran {len(self.stats)}")
+        expected = len(self.totals) if self.totals is not None else len(self.stats) if self.stats else self.index
+        if not self.recording and self.index != expected:  # (no reference run and no totals yet: nothing to match)
+            raise RuntimeError(f"a tile ran {self.index} GroupNorms where the earlier runs ran {expected}")
         self.recording, self.index = False, 0
         self.current = (tile, weight) if tile is not None and weight is not None else None
         if self.current and self.totals is None:
@@ -119,6 +120,9 @@ class RecordedNorms:
                 total, self.index = self.totals[self.index], self.index + 1
                 return _normalise(norm, x, total)
             self.moments[tile].append(fresh)
+            if not self.stats:  # no reference run (a frame too thin to subsample): each tile's own, this once
+                self.index += 1
+                return nn.functional.group_norm(x, groups, norm.weight, norm.bias, norm.eps)
         if self.index >= len(self.stats):
             raise RuntimeError(f"a tile ran more GroupNorms than the reference run's {len(self.stats)}")
         recorded, self.index = self.stats[self.index], self.index + 1
@@ -146,9 +150,9 @@ def _moments(x: torch.Tensor, groups: int, weight: torch.Tensor) -> torch.Tensor
     values = x.float().reshape(n, groups, -1, size[0] * size[1])
     weight = weight.to(values.device, values.dtype).reshape(-1)
     count = (weight.sum(dtype=torch.float64) * values.shape[2]).expand(n, groups)
-    weighted = values * weight
-    return torch.stack([count, weighted.sum((2, 3), dtype=torch.float64),
-                        (weighted * values).sum((2, 3), dtype=torch.float64)], dim=-1)  # fmt: skip
+    total = (values @ weight).sum(2, dtype=torch.float64)  # matmuls: one temporary copy of x (its square), not two
+    squares = (values.square() @ weight).sum(2, dtype=torch.float64)
+    return torch.stack([count, total, squares], dim=-1)
 
 
 def _normalise(norm: nn.GroupNorm, x: torch.Tensor, total: torch.Tensor) -> torch.Tensor:

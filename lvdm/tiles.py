@@ -83,7 +83,9 @@ def tiled(
     on the window subsampled to a tile's size, cropped to a multiple of ``multiple`` (:mod:`lvdm.tile_norms`);
     ``pooled``: every call runs the tiles twice, the first pass gathering the tiles' own statistics (weighted by
     their cross-fades) and the second normalising by them summed; the first pass normalises by the previous call's
-    (the reference run's, the first call), so the reference runs once. The output is float32.
+    (the reference run's, or each tile's own where the frame is too thin to subsample, the first call), so the
+    reference runs once. A pooled function keeps statistics from call to call: it serves one sampling run (make
+    another for another video). The output is float32.
     """
     up = (1, scale, scale)
     kept: dict[tuple[Any, ...], RecordedNorms] = {}  # per frame window and input shape, from one call to the next
@@ -98,7 +100,8 @@ def tiled(
         if all(len(cuts) == 1 for cuts in per_dim):
             return fn(x, *args, **kwargs).float()
         tile = (per_dim[1][0][0][1] - per_dim[1][0][0][0], per_dim[2][0][0][1] - per_dim[2][0][0][0])
-        reference = subsampled(tuple(size[1:]), tile, multiple) if norms is not None and tile != size[1:] else None
+        shared = norms is not None and tile != tuple(size[1:])  # tiles in space that share GroupNorm statistics
+        reference = subsampled(tuple(size[1:]), tile, multiple) if shared else None
 
         def on(region: tuple[slice, ...]) -> torch.Tensor:  # fn on a window, its conditioning cut with it
             return fn(_cut(x, size, region), *args, **{key: _cut(v, size, region) for key, v in kwargs.items()})
@@ -106,11 +109,11 @@ def tiled(
         out = total = None
         for frames in per_dim[0]:
             key = (frames[0], tuple(x.shape))
-            recorded = kept.get(key) or (RecordedNorms(norms) if reference else None)
+            recorded = kept.get(key) or (RecordedNorms(norms) if reference or (pooled and shared) else None)
             if recorded and pooled:
                 kept[key] = recorded
             with recorded or contextlib.nullcontext():
-                if recorded and recorded.totals is None:
+                if recorded and recorded.totals is None and reference:
                     stride, h, w = reference
                     region = (slice(*frames[0]), slice(0, h * stride, stride), slice(0, w * stride, stride))
                     recorded.record()

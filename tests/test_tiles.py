@@ -114,3 +114,18 @@ def test_pooled_statistics_reach_the_frames_own_over_successive_calls():
     assert errors[1] < 1e-4 and errors[0] < 0.5 * unpooled[0], (errors, unpooled)
     assert min(unpooled) > 0.05 and own > 0.05, (unpooled, own)
     assert all(type(m).forward is m.forward.__func__ for m in net.modules() if isinstance(m, torch.nn.GroupNorm))
+
+
+def test_pooled_statistics_need_no_reference_run():
+    """A frame too thin to subsample to a tile's size (16 x 200 px in 16 px tiles, multiples of 8: the reference
+    would be 2 rows, cropped to 0) had no shared statistics at all, pooled or not. Pooled, the first pass takes each
+    tile's own and the next call is exact; the control: without pooling each tile keeps its own."""
+    net, fn = _normed_model()
+    g = torch.Generator().manual_seed(3)
+    x = torch.randn(1, 4, 1, 16, 200, generator=g) + torch.linspace(-3, 3, 200)
+    with torch.no_grad():
+        whole = fn(x)
+        pooled = tiled(fn, (None, 16, 16), (0, 8, 8), norms=net, multiple=8, pooled=True)
+        errors = [(pooled(x) - whole).abs().max().item() for _ in range(2)]
+        plain = (tiled(fn, (None, 16, 16), (0, 8, 8), norms=net, multiple=8)(x) - whole).abs().max().item()
+    assert errors[1] < 1e-4 and plain > 0.05, (errors, plain)

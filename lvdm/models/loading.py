@@ -336,14 +336,19 @@ def _lora_problem(exc: BaseException) -> str:
 
 @contextmanager
 def _diffusers_silent() -> Iterator[None]:
-    from diffusers.utils import logging as diffusers_logging
+    """Without diffusers' log of a LoRA that failed to load (a line per weight; lvdm raises its own one line); its
+    other records, such as a LoRA that loaded with keys left over, still reach the user."""
+    import logging
 
-    level = diffusers_logging.get_verbosity()
-    diffusers_logging.set_verbosity(diffusers_logging.CRITICAL)
+    def keep(record: logging.LogRecord) -> bool:
+        return "was unsuccessful with the following error" not in record.getMessage()
+
+    logger = logging.getLogger("diffusers.loaders.peft")
+    logger.addFilter(keep)
     try:
         yield
     finally:
-        diffusers_logging.set_verbosity(level)
+        logger.removeFilter(keep)
 
 
 def _one_line(exc: BaseException) -> str:
