@@ -165,3 +165,26 @@ def test_lora_spec_parsing(tmp_path):
     assert LoraSpec.parse(("x.safetensors", 2)).scale == 2.0
     with pytest.raises(CheckpointError, match="scale"):
         LoraSpec.parse("a/b.safetensors:strong")
+
+
+@pytest.mark.parametrize("kind", ["kohya", "peft"])
+def test_a_lora_with_layers_the_base_lacks_warns_how_many_were_ignored(files, tmp_path, kind):
+    """diffusers dropped such layers without a word on the command line (its warning is below lvdm's log level
+    there): a LoRA for another base applied in part, silently. The control: the LoRA as written warns nothing."""
+    import warnings
+
+    tensors = load_file(files[kind])
+    first = sorted(
+        key for key in tensors if "down_blocks" in key and key.endswith(("lora_down.weight", "lora_A.weight"))
+    )[0]
+    stem = first.rsplit(".", 2)[0]  # the layer's prefix, in the file's own naming
+    moved = {key.replace("down_blocks_0", "down_blocks_9").replace("down_blocks.0", "down_blocks.9"): value.clone()
+             for key, value in tensors.items() if key.startswith(stem + ".")}  # fmt: skip
+    assert moved and not moved.keys() & tensors.keys()
+    save_file(tensors | moved, tmp_path / "extra.safetensors")
+    base_config = {"base_config": files["a"]}
+    with pytest.warns(UserWarning, match=r"extra.safetensors: 1 of its \d+ layers match no layer of this base"):
+        load_base(files["b"], loras=[str(tmp_path / "extra.safetensors")], **base_config)
+    with warnings.catch_warnings():
+        warnings.simplefilter("error", UserWarning)
+        load_base(files["b"], loras=[str(files[kind])], **base_config)

@@ -261,6 +261,7 @@ def _fuse_loras(pipe: Any, specs: list[LoraSpec], *, allow_pickle: bool) -> None
                 pipe.load_lora_weights(str(spec.path), adapter_name=name)
         except Exception as exc:  # conversion and peft injection errors alike
             raise CheckpointError(f"could not apply LoRA {spec.path}: {_lora_problem(exc)}") from exc
+        _warn_if_partly_applied(pipe, name, spec.path)
         names.append(name)
     pipe.set_adapters(names, adapter_weights=[spec.scale for spec in specs])
     pipe.fuse_lora(adapter_names=names, lora_scale=1.0)
@@ -314,6 +315,26 @@ def _check_finite(module: torch.nn.Module, what: str) -> None:
     for name, param in module.named_parameters():
         if param.is_floating_point() and not torch.isfinite(param).all():
             raise CheckpointError(f"{what}: weight {name!r} holds NaN or infinite values")
+
+
+_LORA_DOWN = (".lora_down.weight", ".lora_A.weight", ".lora.down.weight", "_lora.down.weight")
+
+
+def _warn_if_partly_applied(pipe: Any, name: str, path: Path) -> None:
+    """diffusers drops LoRA layers that name no layer of the base without a word (a LoRA for another base, or one
+    with layers of another kind): fewer layers applied than the file holds is a warning naming how many."""
+    if path.suffix != ".safetensors":
+        return  # a pickle's keys would need it loaded again
+    with safe_open(str(path), framework="pt") as handle:
+        in_file = sum(key.endswith(_LORA_DOWN) for key in handle.keys())
+    modules = [*pipe.unet.modules(), *(pipe.text_encoder.modules() if pipe.text_encoder is not None else [])]
+    applied = sum(name in getattr(module, "lora_A", {}) for module in modules)
+    if applied < in_file:
+        warnings.warn(
+            f"LoRA {path}: {in_file - applied} of its {in_file} layers match no layer of this base and are ignored "
+            "(a LoRA for another base?)",
+            stacklevel=4,
+        )
 
 
 _SIZE_MISMATCH = re.compile(
