@@ -133,12 +133,26 @@ def test_a_users_folder_root_and_home_are_refused_and_nothing_is_touched(tiny_as
     assert list(home.iterdir()) == []
 
 
-def test_the_life_of_a_run_folder(tiny_assets, tmp_path):
+def test_the_life_of_a_run_folder(tiny_assets, tmp_path, capsys):
     """A second run is refused while the first holds the folder; a killed run's lock is taken over and, having no
     checkpoint, does not block the next run; a crash in the middle of replacing a checkpoint is recovered; the
     resumed log has no duplicate steps and config.yaml is rewritten; a stray export temp file is removed.
     (Overwriting a finished run, as the demo does on every rerun, is checked in process below and in
-    test_training.)"""
+    test_training.) The first run is a process of its own; the others run train.py's main in this process."""
+    import warnings
+
+    import train as script
+    from lvdm.cli import run_cli
+
+    def run(**extra: object) -> subprocess.CompletedProcess[str]:
+        capsys.readouterr()
+        with warnings.catch_warnings(record=True) as caught:
+            warnings.simplefilter("always")
+            code = run_cli(script.main, [str(a) for a in train_args(tiny_assets, out, **extra)[1:]])
+        err = capsys.readouterr().err + "".join(f"{w.category.__name__}: {w.message}\n" for w in caught)
+        assert "Traceback" not in err, err[-3000:]
+        return subprocess.CompletedProcess([], code, "", err)
+
     out = tmp_path / "run"
     first = subprocess.Popen(
         _command(train_args(tiny_assets, out, **{"train.max_steps": 100000, "train.checkpoint_every": 100000})),
@@ -150,15 +164,14 @@ def test_the_life_of_a_run_folder(tiny_assets, tmp_path):
             assert first.poll() is None and time.monotonic() < deadline, first.stderr.read() if first.stderr else ""
             time.sleep(0.5)
         started = time.monotonic()
-        second = cli(*train_args(tiny_assets, out, **{"train.resume": "auto"}))
+        second = run(**{"train.resume": "auto"})
         one_line_error(second, 1, "in use by another lvdm run", f"pid {first.pid}", "still running")
         assert time.monotonic() - started < 60
     finally:
         first.kill()
         first.wait()
 
-    third = cli(*train_args(tiny_assets, out, **{"train.max_steps": 2, "train.checkpoint_every": 1,
-                                                  "train.keep_last": 1}))  # fmt: skip
+    third = run(**{"train.max_steps": 2, "train.checkpoint_every": 1, "train.keep_last": 1})
     assert third.returncode == 0, third.stderr[-3000:]
     assert f"pid {first.pid}" in third.stderr and "did not exit cleanly" in third.stderr
     assert "stopped before its first checkpoint" in third.stderr
@@ -170,8 +183,7 @@ def test_the_life_of_a_run_folder(tiny_assets, tmp_path):
     with (out / "log.jsonl").open("a") as log:  # killed after logging step 3, before its checkpoint
         log.write(json.dumps({"step": 3, "loss": 9.0}) + "\n")
     (out / ".temporal.safetensors.deadbeef.tmp").write_bytes(b"half an export")
-    resumed = cli(*train_args(tiny_assets, out, **{"train.resume": "auto", "train.max_steps": 3,
-                                                    "train.keep_last": 1}))  # fmt: skip
+    resumed = run(**{"train.resume": "auto", "train.max_steps": 3, "train.keep_last": 1})
     assert resumed.returncode == 0, resumed.stderr[-3000:]
     assert "recovered checkpoint" in resumed.stderr and "UserWarning" not in resumed.stderr
     assert "note: resuming with train.max_steps changed: 2 -> 3" in resumed.stderr
