@@ -104,10 +104,7 @@ class RecordedNorms:
             if positions * (c // groups) < MIN_GROUP_VALUES:  # too few values: each tile keeps its own
                 self.stats.append(None)
                 return out
-            scale = rstd.float().repeat_interleave(c // groups, dim=1)  # n c, made once for every tile
-            scale = scale * norm.weight.float() if norm.affine else scale
-            shift = (norm.bias.float() if norm.affine else 0) - mean.float().repeat_interleave(c // groups, 1) * scale
-            self.stats.append((scale, shift))
+            self.stats.append(_affine(norm, mean, rstd))  # made once for every tile
             return out
         if self.current is not None:
             tile, weight = self.current
@@ -118,7 +115,9 @@ class RecordedNorms:
                 self.totals[self.index] += fresh - self.moments[tile][self.index]
                 self.moments[tile][self.index] = fresh
                 total, self.index = self.totals[self.index], self.index + 1
-                return _normalise(norm, x, total)
+                mean = total[..., 1] / total[..., 0]
+                rstd = ((total[..., 2] / total[..., 0] - mean.square()).clamp(min=0) + norm.eps).rsqrt()
+                return _scaled(x, *_affine(norm, mean, rstd))
             self.moments[tile].append(fresh)
             if not self.stats:  # no reference run (a frame too thin to subsample): each tile's own, this once
                 self.index += 1
@@ -128,11 +127,9 @@ class RecordedNorms:
         recorded, self.index = self.stats[self.index], self.index + 1
         if recorded is None:
             return nn.functional.group_norm(x, groups, norm.weight, norm.bias, norm.eps)
-        scale, shift = recorded
-        if scale.shape != (n, c):
+        if recorded[0].shape != (n, c):
             raise RuntimeError(f"GroupNorm call {self.index - 1} of a tile does not match the reference run's")
-        shape = (n, c, *[1] * (x.ndim - 2))  # x * scale + shift, one pass over x
-        return torch.addcmul(shift.to(x.dtype).view(shape), x, scale.to(x.dtype).view(shape))
+        return _scaled(x, *recorded)
 
 
 def _moments(x: torch.Tensor, groups: int, weight: torch.Tensor) -> torch.Tensor:
@@ -140,12 +137,13 @@ def _moments(x: torch.Tensor, groups: int, weight: torch.Tensor) -> torch.Tensor
     weighted count, sum and sum of squares (n, groups, 3), float64, ``weight`` (over the tile's pixels) averaged
     down to ``x``'s (h, w)."""
     n, size = x.shape[0], tuple(x.shape[-2:])
-    if x.ndim == 3:  # tokens: the frame's aspect ratio gives their (h, w)
-        h = max(round((x.shape[2] * weight.shape[0] / weight.shape[1]) ** 0.5), 1)
-        size = (h, x.shape[2] // h) if x.shape[2] % h == 0 else (1, x.shape[2])
-    if size == (1, x.shape[-1]) and x.ndim == 3:  # tokens of no known shape: every one weighs alike
-        weight = weight.new_full(size, float(weight.mean()))
-    elif weight.shape != size:
+    if x.ndim == 3:  # tokens: the frame's aspect ratio gives their (h, w); where it cannot, they weigh alike
+        tokens = x.shape[2]
+        h = max(round((tokens * weight.shape[0] / weight.shape[1]) ** 0.5), 1)
+        size = (h, tokens // h) if tokens % h == 0 else (1, tokens)
+        if tokens % h:
+            weight = weight.new_full(size, float(weight.mean()))
+    if weight.shape != size:
         weight = nn.functional.adaptive_avg_pool2d(weight[None, None], size)[0, 0]
     values = x.float().reshape(n, groups, -1, size[0] * size[1])
     weight = weight.to(values.device, values.dtype).reshape(-1)
@@ -155,16 +153,19 @@ def _moments(x: torch.Tensor, groups: int, weight: torch.Tensor) -> torch.Tensor
     return torch.stack([count, total, squares], dim=-1)
 
 
-def _normalise(norm: nn.GroupNorm, x: torch.Tensor, total: torch.Tensor) -> torch.Tensor:
-    """``x`` normalised by the mean and variance that ``total`` (n, groups, 3: count, sum, sum of squares) gives."""
-    n, c = x.shape[:2]
-    mean = total[..., 1] / total[..., 0]
-    rstd = ((total[..., 2] / total[..., 0] - mean.square()).clamp(min=0) + norm.eps).rsqrt()
-    per = c // norm.num_groups
+def _affine(norm: nn.GroupNorm, mean: torch.Tensor, rstd: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """The per-channel ``(scale, shift)`` (n, c) that normalise by a group's ``mean`` and ``rstd`` (n, groups) and
+    apply the norm's affine weights."""
+    per = norm.num_channels // norm.num_groups
     scale = rstd.float().repeat_interleave(per, dim=1)
     scale = scale * norm.weight.float() if norm.affine else scale
     shift = (norm.bias.float() if norm.affine else 0) - mean.float().repeat_interleave(per, dim=1) * scale
-    shape = (n, c, *[1] * (x.ndim - 2))
+    return scale, shift
+
+
+def _scaled(x: torch.Tensor, scale: torch.Tensor, shift: torch.Tensor) -> torch.Tensor:
+    """``x * scale + shift`` per sample and channel, in one pass over ``x``."""
+    shape = (*x.shape[:2], *[1] * (x.ndim - 2))
     return torch.addcmul(shift.to(x.dtype).view(shape), x, scale.to(x.dtype).view(shape))
 
 
