@@ -84,8 +84,8 @@ class BadSampleGuard:
         self.log_path = Path(log_path) if log_path is not None else None
         self.max_fraction = max_fraction
         self.min_samples = min_samples
-        self.log = SkipLog(self.log_path) if self.log_path is not None else None
-        self.seen: dict[str, str] = self.log.logged if self.log is not None else {}
+        self.log = SkipLog(self.log_path)
+        self.seen: dict[str, str] = self.log.logged
         self.bad = 0
         self.total = 0
 
@@ -95,10 +95,7 @@ class BadSampleGuard:
         self.bad += len(skipped)
         self.total += len(skipped) + len(batch["caption"])
         for path, reason in skipped:
-            if self.log is not None:
-                self.log.add(path, reason)
-            else:
-                self.seen.setdefault(path, reason)
+            self.log.add(path, reason)
         if self.total >= self.min_samples and self.bad > self.max_fraction * self.total:
             raise DataError(
                 f"{self.bad} of {self.total} samples drawn were bad ({100 * self.bad / self.total:.1f}% > "

@@ -19,13 +19,14 @@ MAX_BYTES = 64 << 20  # a log of about half a million skipped files
 
 
 class SkipLog:
-    """The rows of ``path`` (``path -> reason``), appended to once per new file by :meth:`add`."""
+    """The rows of ``path`` (``path -> reason``), appended to once per new file by :meth:`add`; ``path=None``: kept
+    in memory only."""
 
-    def __init__(self, path: str | os.PathLike) -> None:
-        self.path = Path(path)
+    def __init__(self, path: str | os.PathLike | None) -> None:
+        self.path = Path(path) if path is not None else None
         self.logged: dict[str, str] = {}
         text = ""
-        if self.path.exists() or self.path.is_symlink():
+        if self.path is not None and (self.path.exists() or self.path.is_symlink()):
             if self.path.is_symlink() or not self.path.is_file():
                 raise DataError(f"{self.path} is not a regular file (a link, folder or pipe): not lvdm's skip log")
             try:
@@ -50,6 +51,8 @@ class SkipLog:
         return True
 
     def _append(self, text: str) -> None:
+        if self.path is None:
+            return
         self.path.parent.mkdir(parents=True, exist_ok=True)
         flags = os.O_WRONLY | os.O_APPEND | os.O_CREAT | getattr(os, "O_NOFOLLOW", 0) | getattr(os, "O_NONBLOCK", 0)
         try:  # not through a link put there since, not waiting on a pipe
