@@ -22,7 +22,6 @@ the base it is imported for.
 
 from __future__ import annotations
 
-import json
 import os
 import shutil
 import tempfile
@@ -35,7 +34,7 @@ from safetensors import SafetensorError, safe_open
 from safetensors.torch import load_file
 
 from lvdm.errors import CheckpointError, TemporalModuleError
-from lvdm.fileio import read_bounded, read_json
+from lvdm.fileio import read_json
 from lvdm.models.layout import TemporalLayout
 from lvdm.models.loading import PICKLE_SUFFIXES, check_weights_file, load_pickled_weights, tensor_problem
 from lvdm.models.temporal_file import (
@@ -192,15 +191,13 @@ def _read_state_dict(path: Path, allow_pickle: bool) -> dict[str, torch.Tensor]:
 def _read_adapter_folder(path: Path, allow_pickle: bool) -> tuple[dict[str, Any], dict[str, torch.Tensor]]:
     config_file = path / "config.json"
     try:  # a regular file of bounded size: a FIFO there blocked the read forever
-        text = read_bounded(config_file, _MAX_CONFIG_BYTES, regular_only=True)
+        raw = read_json(config_file, _MAX_CONFIG_BYTES)
     except OSError as exc:
         raise TemporalModuleError(
             f"{path} is not a motion module file nor a MotionAdapter folder: its config.json cannot be read "
             f"({exc.strerror or exc})"
         ) from exc
-    try:
-        raw = json.loads(text.decode("utf-8"))
-    except (ValueError, RecursionError) as exc:
+    except ValueError as exc:  # not UTF-8 JSON, or nested too deep
         raise TemporalModuleError(f"{config_file} is not valid JSON: {exc}") from exc
     if not isinstance(raw, dict) or raw.get("_class_name") != "MotionAdapter":
         name = raw.get("_class_name") if isinstance(raw, dict) else None
