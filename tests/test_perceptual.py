@@ -148,7 +148,7 @@ def test_the_perceptual_term_trains_the_decoder_and_is_reported(tiny_assets, tmp
         trainer = Trainer(cfg, progress=False)
         loss = trainer.objective.loss(trainer.model_fn, next(trainer.batches), step_generator(0, 0, 0)).mean()
         loss.backward()
-        return float(loss), torch.cat([p.grad.flatten() for p in trainer.trainable.values()])
+        return float(loss.detach()), torch.cat([p.grad.flatten() for p in trainer.trainable.values()])
 
     l1, l1_grads = loss_and_grads(0.0)
     both, both_grads = loss_and_grads(2.0)

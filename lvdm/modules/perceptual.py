@@ -13,6 +13,7 @@ Install it with ``pip install 'lvdm[lpips]'`` (it needs a torchvision that impor
 from __future__ import annotations
 
 import os
+import warnings
 from pathlib import Path
 
 import torch
@@ -67,7 +68,9 @@ class Perceptual(nn.Module):
             raise ConfigError(f"train.perceptual_net={net!r}: not one of {', '.join(NETS)}")
         lpips = _import_lpips()
         # the calibrated linear layers from the package; the backbone random here, then the user's weights
-        self.lpips = lpips.LPIPS(net=net, pretrained=True, pnet_rand=True, verbose=False)
+        with warnings.catch_warnings():  # lpips builds the backbone through torchvision's deprecated `pretrained=`
+            warnings.filterwarnings("ignore", category=UserWarning, module=r"torchvision\.")
+            self.lpips = lpips.LPIPS(net=net, pretrained=True, pnet_rand=True, verbose=False)
         slices = self.lpips.net.state_dict()
         wanted = {name: "features." + name.split(".", 1)[1] for name in slices}  # slice3.5.weight <- features.5.weight
         absent = sorted(source for source in wanted.values() if source not in backbone)
