@@ -60,7 +60,9 @@ def test_overlapping_tiles_leave_no_seam_where_cut_tiles_do(upscale_run, demo_ro
     edges read 0.94-1.6x against 1.0-1.19x between other rows, and the cut edges 6-36x: a faint excess at the edges,
     no seam. With the frame's GroupNorm statistics the tiled upscale is far closer to the whole one than with each
     tile's own (the control); what is left is the estimate and the tiles' borders (lvdm.tile_norms). The tiles'
-    own statistics pooled in a first pass at every step estimate the frame's better than the subsampled run."""
+    own statistics pooled in a first pass at every step estimate the frame's better than the subsampled run.
+    10 steps (the README's figures take 20): edges 28.6 / 6.0x cut, 1.37 / 0.94x blended; the error to the whole
+    upscale 4.36 with the subsampled run's statistics, 14.67 with each tile's own, 2.76 pooled."""
     from lvdm import UpscalePipeline
     from lvdm.data.readers import read_frames
     from lvdm.tiles import spans
@@ -68,7 +70,7 @@ def test_overlapping_tiles_leave_no_seam_where_cut_tiles_do(upscale_run, demo_ro
     clip = sorted((demo_root / "clips").glob("*.mp4"))[0]
     frames = read_frames(clip, range(0, 16, 2), size=(32, 32))  # 8 frames of 32x32 low-res
     pipe = UpscalePipeline.from_pretrained(demo_root / "upscaler", temporal=upscale_run.temporal_path)
-    kw = {"num_inference_steps": 20, "guidance_scale": 1.0, "seed": 0, "progress": False}
+    kw = {"num_inference_steps": 10, "guidance_scale": 1.0, "seed": 0, "progress": False}
     whole = pipe(frames, "", **kw).frames[0].astype(float)
     cut = pipe(frames, "", tile=16, tile_overlap=0, **kw).frames[0].astype(float)
     blended = pipe(frames, "", tile=16, tile_overlap=8, **kw).frames[0].astype(float)
@@ -82,5 +84,5 @@ def test_overlapping_tiles_leave_no_seam_where_cut_tiles_do(upscale_run, demo_ro
     shared_error, own_error = np.abs(blended - whole).mean(), np.abs(own - whole).mean()
     assert shared_error < 0.75 * own_error, (shared_error, own_error)
     pooled = pipe(frames, "", tile=16, tile_overlap=8, frame_norms="pooled", **kw).frames[0].astype(float)
-    pooled_error = np.abs(pooled - whole).mean()  # 3.36 against 5.96 on the README's demo
+    pooled_error = np.abs(pooled - whole).mean()  # 3.36 against 5.96 on the README's demo at 20 steps
     assert pooled_error < 0.8 * shared_error, (pooled_error, shared_error)
