@@ -12,12 +12,13 @@ is refused, naming what differs.
 from __future__ import annotations
 
 import sys
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 from lvdm.cli import Parser, run_cli, split_overrides
 from lvdm.config import Config, load_config
-from lvdm.errors import ConfigError
+from lvdm.errors import ConfigError, DataError
 
 
 def encoders(base: Any, *, chunk_frames: int = 16) -> dict[str, Any]:
@@ -30,12 +31,23 @@ def encoders(base: Any, *, chunk_frames: int = 16) -> dict[str, Any]:
     }
 
 
-def build_from_config(cfg: Config, *, shard_size: int = 64, progress: bool = True) -> Path:
+@dataclass(frozen=True)
+class BuiltCache:
+    """A finished cache: its folder, how many samples were listed, and the files that could not be cached (path ->
+    reason, as ``skipped.jsonl`` holds them)."""
+
+    path: Path
+    listed: int
+    skipped: dict[str, str]
+
+
+def build_from_config(cfg: Config, *, shard_size: int = 64, progress: bool = True) -> BuiltCache:
     """Build (or resume) the cache at ``cfg.data.cache`` for ``cfg``'s data and base model."""
     if not cfg.data.cache:  # a config error: reported before torch and diffusers are imported
         raise ConfigError("data.cache: set it to the folder the cache is written to")
     from lvdm.data.build import build_dataset
     from lvdm.data.cache import build_cache, cache_fingerprint, encoder_digests
+    from lvdm.data.skip_log import SkipLog
     from lvdm.models.encoders import frame_tokens, load_image_encoder
     from lvdm.models.loading import load_base
 
@@ -46,10 +58,26 @@ def build_from_config(cfg: Config, *, shard_size: int = 64, progress: bool = Tru
     digests = encoder_digests(base.vae, base.text_encoder, image_encoder, cfg.train.image_frame)
     fingerprint = cache_fingerprint(dataset, **digests, frames=cfg.train.target == "decoder")
     images = {"encode_frames": lambda frames: frame_tokens(image_encoder, frames)} if image_encoder else {}
-    return build_cache(
+    out = build_cache(
         dataset, cfg.data.cache, **encoders(base), **images, fingerprint=fingerprint, shard_size=shard_size,
         progress=progress,
     )  # fmt: skip
+    return BuiltCache(out, len(dataset), SkipLog(out / "skipped.jsonl").logged)
+
+
+def verdict(built: BuiltCache, max_bad_fraction: float) -> str:
+    """The line the command ends with; a :class:`DataError` when more than ``data.max_bad_fraction`` of the samples
+    could not be cached (the cache is kept: it is complete without them)."""
+    if not built.skipped:
+        return f"latent cache ready: {built.path}"
+    count, share = len(built.skipped), len(built.skipped) / built.listed
+    what = (
+        f"{count} of {built.listed} samples could not be cached (reasons in {built.path / 'skipped.jsonl'}); the "
+        "cache is complete without them, so a file mended later joins only a cache built into a new folder"
+    )
+    if share > max_bad_fraction:
+        raise DataError(f"{what}: {100 * share:.1f}% > data.max_bad_fraction {100 * max_bad_fraction:.1f}%")
+    return f"latent cache ready: {built.path} ({what})"
 
 
 def main(argv: list[str]) -> int:
@@ -59,8 +87,7 @@ def main(argv: list[str]) -> int:
     parser.add_argument("--shard-size", type=int, default=64, help="samples per shard file")
     args = parser.parse_args(rest)
     cfg = load_config(args.config, overrides)
-    out = build_from_config(cfg, shard_size=args.shard_size)
-    print(f"latent cache ready: {out}")
+    print(verdict(build_from_config(cfg, shard_size=args.shard_size), cfg.data.max_bad_fraction))
     return 0
 
 

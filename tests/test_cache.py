@@ -261,3 +261,18 @@ def test_a_resumed_build_does_not_write_through_a_link_as_its_skip_log(cached, b
     build(dataset, base, out)  # the missing shard is rebuilt, logging its bad file (c6)
     resumed, whole = ((folder / "skipped.jsonl").read_text().splitlines() for folder in (out, complete))
     assert resumed == whole[1:]
+
+
+def test_the_command_says_how_many_samples_were_not_cached_and_fails_past_the_allowed_share(cached) -> None:
+    """`python -m lvdm.cache` said only "latent cache ready" with a quarter of the clips skipped; it names the count
+    and the log now, and ends in an error past data.max_bad_fraction (the cache is kept: it is complete)."""
+    from lvdm.cache import BuiltCache, verdict
+    from lvdm.data.skip_log import SkipLog
+
+    dataset, out = cached
+    built = BuiltCache(out, len(dataset), SkipLog(out / "skipped.jsonl").logged)
+    with pytest.raises(DataError, match=r"^2 of 8 samples could not be cached .*: 25\.0% > data.max_bad_fraction 5"):
+        verdict(built, 0.05)
+    line = verdict(built, 0.25)
+    assert line.startswith(f"latent cache ready: {out} (2 of 8 samples") and str(out / "skipped.jsonl") in line
+    assert verdict(BuiltCache(out, 8, {}), 0.0) == f"latent cache ready: {out}"  # the control: nothing skipped

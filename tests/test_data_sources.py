@@ -232,3 +232,27 @@ def test_json_nested_too_deep_or_with_huge_numbers_is_one_clear_error(tmp_path):
         read_json(tmp_path / "config.json")
     (tmp_path / "ok.json").write_text('{"a": [1, 2]}')
     assert read_json(tmp_path / "ok.json") == {"a": [1, 2]}  # the control
+
+
+def test_a_folder_that_cannot_be_listed_is_a_bad_entry_and_an_unlistable_root_an_error(tmp_path, monkeypatch):
+    """os.walk skipped a subfolder it could not list (permission denied) without a word: its clips vanished from
+    the data. It is one bad entry now, named with the reason; the data root itself is an error."""
+    (tmp_path / "locked").mkdir()
+    for name in ("a.mp4", "locked/b.mp4"):
+        (tmp_path / name).write_bytes(b"")
+    real = os.scandir
+
+    def scandir(path="."):  # the sessions run as root, where chmod 000 does not bite: refuse as the kernel would
+        if os.path.basename(os.fspath(path)) == "locked":
+            raise PermissionError(13, "Permission denied", os.fspath(path))
+        return real(path)
+
+    monkeypatch.setattr(os, "scandir", scandir)
+    entries = folder_source(tmp_path)
+    assert [e.path.name for e in entries] == ["a.mp4", "locked"]
+    assert entries[0].problem is None
+    assert entries[1].problem == "folder cannot be listed (Permission denied): the clips in it are not read"
+    with pytest.raises(DataError, match=r"data folder .*locked cannot be listed: Permission denied"):
+        folder_source(tmp_path / "locked")
+    monkeypatch.setattr(os, "scandir", real)  # the control: listable, its clip is listed
+    assert [e.path.name for e in folder_source(tmp_path)] == ["a.mp4", "b.mp4"]

@@ -411,3 +411,26 @@ def test_spatial_lora_and_unfrozen_blocks_train_and_export_onto_a_plain_base(tin
         )
     assert (got - expected).abs().max() < 1e-4
     assert (untrained - expected).abs().max() > 1e-3  # the LoRA and the unfrozen block did learn something
+
+
+def test_a_held_out_clip_that_cannot_be_read_is_logged_and_left_out_of_validation(tiny_assets, tmp_path):
+    """An unreadable held-out clip was replaced by another held-out clip, silently: validation read one clip twice
+    and skipped.jsonl never named it. Now it is logged, said once, and left out; none readable is an error."""
+    import shutil
+
+    from lvdm.errors import DataError
+
+    clips = shutil.copytree(tiny_assets["clips"], tmp_path / "clips")
+    listed = sorted(clips.rglob("*.mp4"))  # as the folder source lists them
+    first, other = listed[0], listed[3]  # data.holdout=2 of 6 holds out entries 0 and 3
+    first.write_bytes(b"not a video")
+    out = tmp_path / "run"
+    extra = {"data.root": clips, "data.holdout": 2, "train.max_steps": 2}
+    with pytest.warns(UserWarning, match=r"1 held-out clip\(s\) cannot be read .*" + first.name):
+        trainer = Trainer(load_config([], tiny_overrides(tiny_assets, out, **extra)), progress=False)
+    assert [source for batch in trainer.data.validation for source in batch["source"]] == [str(other)]  # once
+    rows = [json.loads(line) for line in (out / "skipped.jsonl").read_text().splitlines()]
+    assert [row["path"] for row in rows] == [str(first)]
+    other.write_bytes(b"")  # both held-out clips unreadable
+    with pytest.raises(DataError, match="bad samples in a row"):
+        Trainer(load_config([], tiny_overrides(tiny_assets, tmp_path / "run2", **extra)), progress=False)

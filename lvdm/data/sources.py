@@ -83,7 +83,8 @@ def folder_source(root: str | os.PathLike, *, images: bool = False, allow_links_
     """
     root = _existing_dir(root)
     suffixes = IMAGE_SUFFIXES if images else VIDEO_SUFFIXES
-    return [
+    unlisted: list[OSError] = []
+    entries = [
         Entry(
             path,
             caption_file=path.with_suffix(".txt"),
@@ -91,9 +92,16 @@ def folder_source(root: str | os.PathLike, *, images: bool = False, allow_links_
             source=str(root),
             problem=None if allow_links_outside else _escape_problem(root, path, path.with_suffix(".txt")),
         )
-        for path in sorted(_walk(root))
+        for path in sorted(_walk(root, unlisted))
         if path.suffix.lower() in suffixes
     ]
+    for error in unlisted:  # a folder that cannot be listed: its clips are unknown, so it is one bad entry
+        reason = error.strerror or type(error).__name__
+        if Path(error.filename) == root:
+            raise DataError(f"data folder {root} cannot be listed: {reason}")
+        problem = f"folder cannot be listed ({reason}): the clips in it are not read"
+        entries.append(Entry(Path(error.filename), caption="", is_image=images, source=str(root), problem=problem))
+    return entries
 
 
 def webvid_source(csv_path: str | os.PathLike, video_root: str | os.PathLike | None = None) -> list[Entry]:
@@ -169,8 +177,9 @@ SOURCES: dict[str, Callable[..., list[Entry]]] = {
 
 
 # --------------------------------------------------------------------- helpers
-def _walk(root: Path) -> Iterator[Path]:
-    for folder, _, files in os.walk(root, followlinks=False):
+def _walk(root: Path, errors: list[OSError]) -> Iterator[Path]:
+    """The files under ``root``; a folder that cannot be listed is appended to ``errors``."""
+    for folder, _, files in os.walk(root, onerror=errors.append, followlinks=False):
         for name in files:
             yield Path(folder) / name
 

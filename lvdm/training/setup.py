@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import warnings
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -135,16 +136,20 @@ def build_data(cfg: Any, frozen: Frozen, *, rank: int, world: int, num_workers: 
     log = Path(cfg.output_dir) / ("skipped.jsonl" if rank == 0 else f"skipped.rank{rank}.jsonl")
     guard = BadSampleGuard(log, max_fraction=data.max_bad_fraction)
     held = holdout or dataset
-    validation = []
+    validation, unusable = [], []
     if not data.cache and fine["fine_share"]:
         from lvdm.data.build import recut
 
         # the fine stage's gain reads the same clips cut at its rate, in batches of their own (``fine`` set)
         validation = _validation_batches(
-            recut(held, fine_share=1.0), collate_fn, train.batch_size, held_out=holdout is not None
+            recut(held, fine_share=1.0), collate_fn, train.batch_size, held_out=holdout is not None, unusable=unusable
         )
         held = recut(held, fine_share=0.0)
-    validation = _validation_batches(held, collate_fn, train.batch_size, held_out=holdout is not None) + validation
+    validation = (
+        _validation_batches(held, collate_fn, train.batch_size, held_out=holdout is not None, unusable=unusable)
+        + validation
+    )
+    _report_unusable(unusable, guard, held_out=holdout is not None)
     return DataBundle(dataset, stream, loader, guard, validation)
 
 
@@ -187,18 +192,42 @@ def image_share(entries: list[Any], weights: list[float], ratio: float | None) -
     return [w * scale[image] for w, image in zip(weights, is_image, strict=True)]
 
 
-def _validation_batches(dataset: Any, collate_fn: Any, batch_size: int, *, held_out: bool) -> list[dict[str, Any]]:
+def _report_unusable(unusable: list[tuple[str, str]], guard: Any, *, held_out: bool) -> None:
+    """Log the held-out clips that could not be read to ``skipped.jsonl`` and say so (none readable in a group of
+    one shape is already an error: the dataset stops after ``data.max_consecutive_bad`` bad draws)."""
+    for path, reason in unusable:
+        guard.log.add(path, reason)
+    if not unusable or not held_out:
+        return
+    path, reason = unusable[0]
+    warnings.warn(
+        f"{len(dict(unusable))} held-out clip(s) cannot be read and are left out of validation (listed in "
+        f"{guard.log_path}), e.g. {path}: {reason}",
+        stacklevel=2,
+    )
+
+
+def _validation_batches(
+    dataset: Any, collate_fn: Any, batch_size: int, *, held_out: bool, unusable: list[tuple[str, str]]
+) -> list[dict[str, Any]]:
     """The held-out clips in batches of one shape; without a holdout, one fixed batch of training samples.
 
-    Still images are left out: with the temporal layers bypassed for them, their gain is 1 by construction.
+    Still images are left out: with the temporal layers bypassed for them, their gain is 1 by construction. A
+    held-out clip that cannot be read is left out too (its stand-in, another held-out clip, is there already), and
+    added to ``unusable`` as ``(path, reason)``.
     """
     batches = []
     for (is_image, _), members in dataset.groups.items():
         if is_image:
             continue
-        chosen = members if held_out else members[:batch_size]
-        for start in range(0, len(chosen), batch_size):
-            batches.append(collate_fn([dataset[i] for i in chosen[start : start + batch_size]]))
+        samples = []
+        for index in members if held_out else members[:batch_size]:
+            sample = dataset[index]
+            if held_out and sample["skipped"]:
+                unusable.extend(sample["skipped"])
+                continue
+            samples.append(sample)
+        batches += [collate_fn(samples[i : i + batch_size]) for i in range(0, len(samples), batch_size)]
         if not held_out:
             break
     return batches
