@@ -59,6 +59,10 @@ def run_cli(main: Callable[[list[str]], int | None], argv: list[str] | None = No
         print("interrupted", file=sys.stderr)
         return 130
     except OSError as exc:  # after LvdmError: lvdm's own write errors are OSErrors too, with their own message
+        if exc.errno in _DENIED:  # a file or folder this user may not read or write: the machine's state too
+            names = " -> ".join(str(name) for name in (exc.filename, exc.filename2) if name is not None)
+            print(f"error: {exc.strerror or exc}: {names or 'a file'} (check its permissions)", file=sys.stderr)
+            return 1
         if exc.errno not in _FULL:
             raise
         _silence_stdout()  # what could not be written is dropped, so that exiting does not fail on it again
@@ -67,6 +71,7 @@ def run_cli(main: Callable[[list[str]], int | None], argv: list[str] | None = No
 
 
 _FULL = (errno.ENOSPC, errno.EDQUOT)  # a full disk or quota: the machine's state, not a bug
+_DENIED = (errno.EACCES, errno.EPERM)
 
 
 def _open_closed_streams() -> None:

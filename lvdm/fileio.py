@@ -164,3 +164,13 @@ def special_folder(path: str | os.PathLike) -> str | None:
     if home.is_relative_to(resolved):
         return "a folder above your home folder"
     return None
+
+
+def unreadable(path: str | os.PathLike) -> str | None:
+    """Why ``path`` cannot be opened for reading ("Permission denied", ...), or None. safetensors reports a file
+    the user may not read as missing; this tells the two apart (a FIFO is opened without waiting for a writer)."""
+    try:
+        os.close(os.open(path, os.O_RDONLY | getattr(os, "O_NONBLOCK", 0)))
+    except OSError as exc:
+        return exc.strerror or type(exc).__name__
+    return None

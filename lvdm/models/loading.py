@@ -28,6 +28,7 @@ import torch
 from safetensors import SafetensorError, safe_open
 
 from lvdm.errors import CheckpointError
+from lvdm.fileio import unreadable
 from lvdm.models.family import base_family
 
 PICKLE_SUFFIXES = (".ckpt", ".pt", ".pth", ".bin")
@@ -197,6 +198,8 @@ def check_weights_file(path: Path, *, allow_pickle: bool, what: str) -> None:
     except (SafetensorError, OSError, ValueError) as exc:
         if isinstance(exc, CheckpointError):
             raise
+        if reason := unreadable(path):
+            raise CheckpointError(f"{what} {path} cannot be read: {reason}") from None
         raise CheckpointError(
             f"{what} {path} is not a readable safetensors file (corrupt or truncated?): {exc}"
         ) from exc
@@ -205,7 +208,11 @@ def check_weights_file(path: Path, *, allow_pickle: bool, what: str) -> None:
 def _load_folder(path: Path, *, allow_pickle: bool, dtype: torch.dtype | None) -> Any:
     from diffusers import StableDiffusionPipeline, StableDiffusionUpscalePipeline
 
-    if not (path / "model_index.json").is_file():
+    try:
+        indexed = (path / "model_index.json").is_file()
+    except OSError as exc:  # the folder cannot be searched (permissions)
+        raise CheckpointError(f"could not load the diffusers folder {path}: {exc.strerror or exc}") from None
+    if not indexed:
         raise CheckpointError(f"{path} is a folder but not a diffusers model (no model_index.json)")
     upscaler = pipeline_class(path) == "StableDiffusionUpscalePipeline"  # SD's x4 upscaler: no safety checker
     extra = {} if upscaler else {"safety_checker": None, "requires_safety_checker": False}
@@ -214,7 +221,7 @@ def _load_folder(path: Path, *, allow_pickle: bool, dtype: torch.dtype | None) -
             path, use_safetensors=None if allow_pickle else True, dtype=dtype, local_files_only=True, **extra
         )
     except Exception as exc:  # OSError, SafetensorError, and with allow_pickle UnpicklingError and torch's errors
-        hint = "" if allow_pickle else " (only .safetensors weights are read without allow_pickle)"
+        hint = "" if allow_pickle or _denied(exc) else " (only .safetensors weights are read without allow_pickle)"
         raise CheckpointError(f"could not load the diffusers folder {path}{hint}: {_one_line(exc)}") from exc
 
 
@@ -370,6 +377,16 @@ def _diffusers_silent() -> Iterator[None]:
         yield
     finally:
         logger.removeFilter(keep)
+
+
+def _denied(exc: BaseException | None) -> bool:
+    """Whether ``exc`` or what it was raised from is a permission error (then the pickle hint would mislead)."""
+    seen = 0
+    while exc is not None and seen < 8:
+        if isinstance(exc, PermissionError) or "[Errno 13]" in str(exc):
+            return True
+        exc, seen = exc.__cause__ or exc.__context__, seen + 1
+    return False
 
 
 def _one_line(exc: BaseException) -> str:

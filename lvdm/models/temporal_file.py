@@ -32,7 +32,7 @@ from safetensors.torch import load_file, save_file
 
 from lvdm import __version__
 from lvdm.errors import TemporalModuleError
-from lvdm.fileio import atomic_path
+from lvdm.fileio import atomic_path, unreadable
 from lvdm.models.layout import TemporalLayout
 from lvdm.models.loading import tensor_problem
 
@@ -216,6 +216,8 @@ def _read_metadata(path: Path) -> dict[str, str]:
         with safe_open(path, framework="pt") as handle:
             metadata = handle.metadata() or {}
     except (SafetensorError, OSError, ValueError) as exc:
+        if reason := unreadable(path):
+            raise TemporalModuleError(f"temporal module {path} cannot be read: {reason}") from None
         raise TemporalModuleError(f"temporal module {path} is not a readable safetensors file: {exc}") from exc
     if metadata.get("format") != FORMAT:
         raise TemporalModuleError(

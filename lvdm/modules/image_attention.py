@@ -32,6 +32,7 @@ from diffusers.models.embeddings import IPAdapterPlusImageProjection
 from torch import nn
 
 from lvdm.errors import CheckpointError
+from lvdm.fileio import unreadable
 from lvdm.modules.video_cross_attention import (
     VideoCrossAttnProcessor,
     attend_once_per_video,
@@ -179,7 +180,9 @@ def read_ip_adapter(path: str | os.PathLike, *, allow_pickle: bool = False) -> d
         try:
             flat = load_file(path)
         except Exception as exc:  # noqa: BLE001 - a damaged file, told in one line
-            raise CheckpointError(f"IP-Adapter {path} is not a readable safetensors file: {exc}") from None
+            reason = unreadable(path)
+            problem = f"cannot be read: {reason}" if reason else f"is not a readable safetensors file: {exc}"
+            raise CheckpointError(f"IP-Adapter {path} {problem}") from None
         state = {"image_proj": {}, "ip_adapter": {}}
         for key, value in flat.items():
             head, _, rest = key.partition(".")

@@ -1,0 +1,135 @@
+"""Files and folders the user may not read: each is named with the reason, in one line, never a traceback, never
+reported as missing and never silently left out.
+
+Root reads everything whatever the mode says (CI and these sessions run as root), so the calls run in a forked
+child that drops to the ``nobody`` user first; run as anyone else, chmod 000 bites the test process itself."""
+
+from __future__ import annotations
+
+import contextlib
+import io
+import os
+import pickle
+import shutil
+import signal
+import tempfile
+from pathlib import Path
+
+import pytest
+import torch
+from safetensors.torch import save_file
+
+NOBODY = 65534
+
+
+def unprivileged(fn, *args):
+    """``fn(*args)`` as a user who cannot read what chmod 000 closed: ``("ok", result)`` or ``("error", "Type:
+    message")``, with what it printed to stderr as a third item."""
+
+    def call():
+        err = io.StringIO()
+        try:
+            with contextlib.redirect_stderr(err):
+                return "ok", fn(*args), err.getvalue()
+        except Exception as exc:  # noqa: BLE001 - returned to the test, which checks it
+            return "error", f"{type(exc).__name__}: {exc}", err.getvalue()
+
+    if os.geteuid() != 0:
+        return call()
+    read, write = os.pipe()
+    pid = os.fork()
+    if pid == 0:  # the child: nobody from here on
+        os.close(read)
+        try:
+            torch.set_num_threads(1)  # no OpenMP pool carried over a fork
+            os.setgroups([])
+            os.setgid(NOBODY)
+            os.setuid(NOBODY)
+            outcome = call()
+            outcome = (outcome[0], outcome[1] if outcome[0] == "error" else repr(outcome[1]), outcome[2])
+            with os.fdopen(write, "wb") as pipe:
+                pickle.dump(outcome, pipe)
+        finally:
+            os._exit(0)
+    os.close(write)
+    with os.fdopen(read, "rb") as pipe:
+        signal.alarm(120)  # a child stuck would hang the test run: let the alarm fail it instead
+        try:
+            data = pipe.read()
+        finally:
+            signal.alarm(0)
+    os.waitpid(pid, 0)
+    return pickle.loads(data)
+
+
+@pytest.fixture
+def shared(tmp_path_factory):
+    """A folder the unprivileged child can reach (pytest's own are the test user's alone)."""
+    folder = Path(tempfile.mkdtemp(prefix="lvdm-perm-"))
+    folder.chmod(0o755)
+    yield folder
+    for path in [folder, *folder.rglob("*")]:
+        with contextlib.suppress(OSError):
+            path.chmod(0o755 if path.is_dir() else 0o644)
+    shutil.rmtree(folder)
+
+
+def test_a_weights_file_that_cannot_be_read_is_named_so_not_missing(shared):
+    from lvdm.models.loading import check_weights_file
+    from lvdm.models.temporal_file import read_temporal_metadata
+
+    path = shared / "weights.safetensors"
+    save_file({"a": torch.zeros(2)}, path, metadata={"format": "other"})
+    path.chmod(0o644)
+    check = lambda: check_weights_file(path, allow_pickle=False, what="LoRA")  # noqa: E731
+    assert unprivileged(check) == ("ok", "None", "")  # the control: readable, accepted
+    path.chmod(0)
+    kind, message, _ = unprivileged(check)
+    assert message == f"CheckpointError: LoRA {path} cannot be read: Permission denied", message
+    kind, message, _ = unprivileged(read_temporal_metadata, path)  # was "No such file or directory"
+    assert message == f"TemporalModuleError: temporal module {path} cannot be read: Permission denied", message
+
+
+def test_a_base_folder_that_cannot_be_read_is_one_line_without_the_pickle_hint(shared, tiny_assets):
+    from lvdm.models.loading import load_base
+
+    base = shutil.copytree(tiny_assets["base"], shared / "base")
+    for path in [base, *base.rglob("*")]:
+        path.chmod(0o755 if path.is_dir() else 0o644)
+    weights = base / "unet" / "diffusion_pytorch_model.safetensors"
+    weights.chmod(0)
+    kind, message, _ = unprivileged(load_base, base)
+    assert kind == "error" and "could not load the diffusers folder" in message, message
+    assert "Permission denied" in message and "allow_pickle" not in message, message
+    base.chmod(0)  # the folder itself: a PermissionError out of Path.is_file, a traceback before
+    kind, message, _ = unprivileged(load_base, base)
+    assert message == f"CheckpointError: could not load the diffusers folder {base}: Permission denied", message
+
+
+def test_a_data_folder_that_cannot_be_listed_is_a_bad_entry(shared):
+    from lvdm.data.sources import folder_source
+
+    (shared / "locked").mkdir()
+    for name in ("a.mp4", "locked/b.mp4"):
+        (shared / name).write_bytes(b"")
+    (shared / "locked").chmod(0)
+    kind, entries, _ = unprivileged(lambda: [(e.path.name, e.problem) for e in folder_source(shared)])
+    assert kind == "ok" and "('locked', 'folder cannot be listed (Permission denied)" in entries, entries
+    kind, message, _ = unprivileged(folder_source, shared / "locked")
+    assert message.startswith("DataError: data folder") and message.endswith("cannot be listed: Permission denied")
+
+
+def test_any_other_permission_error_is_one_line_with_exit_1(shared):
+    """Checkpoints, run folders and outputs are read and written in many places; what the user may not touch
+    there ends the command in one line naming the file, as a full disk does."""
+    from lvdm.cli import run_cli
+    from lvdm.training.checkpoint import find_checkpoint
+
+    checkpoint = shared / "checkpoints" / "checkpoint-00000002"
+    checkpoint.mkdir(parents=True)
+    (checkpoint / "COMPLETE").write_text("{}")
+    assert unprivileged(run_cli, lambda argv: print(find_checkpoint(shared / "checkpoints")), [])[:2] == ("ok", "0")
+    checkpoint.chmod(0)
+    kind, code, printed = unprivileged(run_cli, lambda argv: find_checkpoint(shared / "checkpoints"), [])
+    assert (kind, code) == ("ok", "1"), (code, printed)
+    assert printed == f"error: Permission denied: {checkpoint / 'COMPLETE'} (check its permissions)\n"
