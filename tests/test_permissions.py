@@ -23,14 +23,14 @@ NOBODY = 65534
 
 
 def unprivileged(fn, *args):
-    """``fn(*args)`` as a user who cannot read what chmod 000 closed: ``("ok", result)`` or ``("error", "Type:
-    message")``, with what it printed to stderr as a third item."""
+    """``fn(*args)`` as a user who cannot read what chmod 000 closed: ``("ok", repr(result))`` or ``("error",
+    "Type: message")``, with what it printed to stderr as a third item."""
 
     def call():
         err = io.StringIO()
         try:
             with contextlib.redirect_stderr(err):
-                return "ok", fn(*args), err.getvalue()
+                return "ok", repr(fn(*args)), err.getvalue()
         except Exception as exc:  # noqa: BLE001 - returned to the test, which checks it
             return "error", f"{type(exc).__name__}: {exc}", err.getvalue()
 
@@ -46,7 +46,6 @@ def unprivileged(fn, *args):
             os.setgid(NOBODY)
             os.setuid(NOBODY)
             outcome = call()
-            outcome = (outcome[0], outcome[1] if outcome[0] == "error" else repr(outcome[1]), outcome[2])
             with os.fdopen(write, "wb") as pipe:
                 pickle.dump(outcome, pipe)
         finally:
