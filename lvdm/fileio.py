@@ -166,11 +166,31 @@ def special_folder(path: str | os.PathLike) -> str | None:
     return None
 
 
-def unreadable(path: str | os.PathLike) -> str | None:
-    """Why ``path`` cannot be opened for reading ("Permission denied", ...), or None. safetensors reports a file
-    the user may not read as missing; this tells the two apart (a FIFO is opened without waiting for a writer)."""
+def open_error(path: str | os.PathLike) -> OSError | None:
+    """The error opening ``path`` for reading raises (permission denied, ...), or None; a FIFO is opened without
+    waiting for a writer. safetensors reports a file the user may not read as missing: this tells the two apart."""
     try:
         os.close(os.open(path, os.O_RDONLY | getattr(os, "O_NONBLOCK", 0)))
     except OSError as exc:
-        return exc.strerror or type(exc).__name__
+        return exc
     return None
+
+
+def unreadable(path: str | os.PathLike) -> str | None:
+    """Why ``path`` cannot be opened for reading ("Permission denied", ...), or None (:func:`open_error`)."""
+    error = open_error(path)
+    return None if error is None else error.strerror or type(error).__name__
+
+
+def safetensors_handle(path: str | os.PathLike) -> Any:
+    """``safe_open(path)``; a file that cannot be opened raises the :class:`OSError` that says why, naming it
+    (safetensors' own says "No such file or directory" for a file the user may not read)."""
+    from safetensors import safe_open
+
+    try:
+        return safe_open(path, framework="pt")
+    except Exception:
+        error = open_error(path)
+        if error is not None:
+            raise error from None
+        raise

@@ -248,7 +248,8 @@ def test_a_folder_that_cannot_be_listed_is_a_bad_entry_and_an_unlistable_root_an
         return real(path)
 
     monkeypatch.setattr(os, "scandir", scandir)
-    entries = folder_source(tmp_path)
+    with pytest.warns(UserWarning, match="locked folder cannot be listed"):
+        entries = folder_source(tmp_path)
     assert [e.path.name for e in entries] == ["a.mp4", "locked"]
     assert entries[0].problem is None
     assert entries[1].problem == "folder cannot be listed (Permission denied): the clips in it are not read"

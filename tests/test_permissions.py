@@ -13,6 +13,7 @@ import pickle
 import shutil
 import signal
 import tempfile
+import warnings
 from pathlib import Path
 
 import pytest
@@ -24,15 +25,18 @@ NOBODY = 65534
 
 def unprivileged(fn, *args):
     """``fn(*args)`` as a user who cannot read what chmod 000 closed: ``("ok", repr(result))`` or ``("error",
-    "Type: message")``, with what it printed to stderr as a third item."""
+    "Type: message")``, with what it printed to stderr and the warnings it raised as a third item."""
 
     def call():
         err = io.StringIO()
-        try:
-            with contextlib.redirect_stderr(err):
-                return "ok", repr(fn(*args)), err.getvalue()
-        except Exception as exc:  # noqa: BLE001 - returned to the test, which checks it
-            return "error", f"{type(exc).__name__}: {exc}", err.getvalue()
+        with warnings.catch_warnings(record=True) as caught:
+            warnings.simplefilter("always")
+            try:
+                with contextlib.redirect_stderr(err):
+                    outcome = "ok", repr(fn(*args))
+            except Exception as exc:  # noqa: BLE001 - returned to the test, which checks it
+                outcome = "error", f"{type(exc).__name__}: {exc}"
+        return *outcome, err.getvalue() + "".join(f"warning: {w.message}\n" for w in caught)
 
     if os.geteuid() != 0:
         return call()
@@ -51,13 +55,23 @@ def unprivileged(fn, *args):
         finally:
             os._exit(0)
     os.close(write)
-    with os.fdopen(read, "rb") as pipe:
-        signal.alarm(120)  # a child stuck would hang the test run: let the alarm fail it instead
-        try:
+
+    def stuck(signum, frame):
+        raise TimeoutError("the unprivileged call did not return within 120 s")
+
+    previous = signal.signal(signal.SIGALRM, stuck)
+    signal.alarm(120)  # a stuck child fails this test, not the whole run
+    try:
+        with os.fdopen(read, "rb") as pipe:
             data = pipe.read()
-        finally:
-            signal.alarm(0)
-    os.waitpid(pid, 0)
+    finally:
+        signal.alarm(0)
+        signal.signal(signal.SIGALRM, previous)
+        with contextlib.suppress(ProcessLookupError):
+            os.kill(pid, signal.SIGKILL)
+        os.waitpid(pid, 0)
+    if not data:
+        raise AssertionError("the child dropped to nobody returned nothing (could it not change user?)")
     return pickle.loads(data)
 
 
@@ -112,8 +126,9 @@ def test_a_data_folder_that_cannot_be_listed_is_a_bad_entry(shared):
     for name in ("a.mp4", "locked/b.mp4"):
         (shared / name).write_bytes(b"")
     (shared / "locked").chmod(0)
-    kind, entries, _ = unprivileged(lambda: [(e.path.name, e.problem) for e in folder_source(shared)])
+    kind, entries, printed = unprivileged(lambda: [(e.path.name, e.problem) for e in folder_source(shared)])
     assert kind == "ok" and "('locked', 'folder cannot be listed (Permission denied)" in entries, entries
+    assert "locked folder cannot be listed (Permission denied)" in printed  # warned at once, not when drawn
     kind, message, _ = unprivileged(folder_source, shared / "locked")
     assert message.startswith("DataError: data folder") and message.endswith("cannot be listed: Permission denied")
 
@@ -132,3 +147,36 @@ def test_any_other_permission_error_is_one_line_with_exit_1(shared):
     kind, code, printed = unprivileged(run_cli, lambda argv: find_checkpoint(shared / "checkpoints"), [])
     assert (kind, code) == ("ok", "1"), (code, printed)
     assert printed == f"error: Permission denied: {checkpoint / 'COMPLETE'} (check its permissions)\n"
+
+
+def test_an_unreadable_cache_shard_or_decoder_file_is_named_so(shared, tiny_assets):
+    """Two more safetensors reads said "No such file or directory" for a file the user may not read: the latent
+    cache's shards (a FileNotFoundError without an errno: a traceback through the CLI) and a temporal decoder's."""
+    from lvdm.cli import run_cli
+    from lvdm.data.cache import LatentCache
+
+    cache = shared / "cache"
+    cache.mkdir()
+    save_file({"text": torch.zeros(2, 4)}, cache / "empty_text.safetensors")
+    (cache / "empty_text.safetensors").chmod(0)
+
+    def read_cache(argv):
+        from lvdm.fileio import safetensors_handle
+
+        with safetensors_handle(cache / "empty_text.safetensors"):
+            return 0
+
+    kind, code, printed = unprivileged(run_cli, read_cache, [])
+    assert (kind, code) == ("ok", "1"), (code, printed)
+    assert printed == f"error: Permission denied: {cache / 'empty_text.safetensors'} (check its permissions)\n"
+    assert LatentCache  # the cache reads its shards and empty text through safetensors_handle
+
+    from lvdm.models.temporal_vae import _read_weights
+
+    decoder = shared / "decoder"
+    decoder.mkdir()
+    decoder.chmod(0o755)
+    save_file({"w": torch.zeros(1)}, decoder / "diffusion_pytorch_model.safetensors")
+    (decoder / "diffusion_pytorch_model.safetensors").chmod(0)
+    kind, message, _ = unprivileged(_read_weights, decoder, "dec", False)
+    assert message.endswith("diffusion_pytorch_model.safetensors: Permission denied"), message

@@ -32,7 +32,6 @@ from pathlib import Path
 from typing import Any
 
 import torch
-from safetensors import safe_open
 from safetensors.torch import save_file
 from torch.utils.data import Dataset
 from tqdm.auto import tqdm
@@ -40,7 +39,7 @@ from tqdm.auto import tqdm
 from lvdm.data.dataset import VideoDataset
 from lvdm.data.skip_log import SkipLog
 from lvdm.errors import DataError, VideoReadError
-from lvdm.fileio import atomic_path, is_stray_temp, read_json
+from lvdm.fileio import atomic_path, is_stray_temp, read_json, safetensors_handle
 
 FORMAT = "lvdm.latent_cache"
 FORMAT_VERSION = 1
@@ -233,7 +232,7 @@ class LatentCache(Dataset):
         self.samples = [s for s in self._listing() if only is None or s["index"] in only]
         if not self.samples:
             raise DataError(f"latent cache {self.dir} holds no samples (incomplete build, or every file was bad)")
-        with safe_open(self.dir / "empty_text.safetensors", framework="pt") as handle:
+        with safetensors_handle(self.dir / "empty_text.safetensors") as handle:
             self.empty_text = handle.get_tensor("text")
         self.groups: dict[tuple, list[int]] = {}
         for i, sample in enumerate(self.samples):
@@ -242,7 +241,7 @@ class LatentCache(Dataset):
     def _listing(self) -> list[dict[str, Any]]:
         samples = []
         for shard in sorted(self.dir.glob("shard-*.safetensors")):
-            with safe_open(shard, framework="pt") as handle:
+            with safetensors_handle(shard) as handle:
                 names = set(handle.keys())
                 for sample in json.loads(handle.metadata()["samples"]):
                     shape = handle.get_slice(f"{sample['index']}.latents").get_shape()
@@ -258,7 +257,7 @@ class LatentCache(Dataset):
         """Sample ``key``, or ``(index, draw)`` as :class:`~lvdm.data.loader.BatchStream` yields (a cached clip
         is the same on every draw)."""
         sample = self.samples[key[0] if isinstance(key, tuple) else key]
-        with safe_open(sample["shard"], framework="pt") as handle:
+        with safetensors_handle(sample["shard"]) as handle:
             tensors = {name: handle.get_tensor(f"{sample['index']}.{name}") for name in sample["tensors"]}
         fields = {k: sample[k] for k in ("caption", "fps", "is_image", "source", "index")}
         return fields | tensors | {"skipped": []}

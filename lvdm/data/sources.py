@@ -13,6 +13,7 @@ import csv
 import json
 import math
 import os
+import warnings
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
@@ -95,12 +96,13 @@ def folder_source(root: str | os.PathLike, *, images: bool = False, allow_links_
         for path in sorted(_walk(root, unlisted))
         if path.suffix.lower() in suffixes
     ]
-    for error in unlisted:  # a folder that cannot be listed: its clips are unknown, so it is one bad entry
-        reason = error.strerror or type(error).__name__
-        if Path(error.filename) == root:
+    for error in sorted(unlisted, key=lambda error: str(error.filename)):  # a folder that cannot be listed
+        reason, folder = error.strerror or type(error).__name__, Path(error.filename or root)
+        if folder == root:
             raise DataError(f"data folder {root} cannot be listed: {reason}")
         problem = f"folder cannot be listed ({reason}): the clips in it are not read"
-        entries.append(Entry(Path(error.filename), caption="", is_image=images, source=str(root), problem=problem))
+        warnings.warn(f"data folder {folder} {problem}; it counts as one bad sample", stacklevel=2)
+        entries.append(Entry(folder, caption="", is_image=images, source=str(root), problem=problem))
     return entries
 
 

@@ -17,6 +17,7 @@ from __future__ import annotations
 import math
 import os
 import re
+import stat
 import warnings
 from collections.abc import Iterator
 from contextlib import contextmanager
@@ -208,8 +209,10 @@ def check_weights_file(path: Path, *, allow_pickle: bool, what: str) -> None:
 def _load_folder(path: Path, *, allow_pickle: bool, dtype: torch.dtype | None) -> Any:
     from diffusers import StableDiffusionPipeline, StableDiffusionUpscalePipeline
 
-    try:
-        indexed = (path / "model_index.json").is_file()
+    try:  # os.stat, not Path.is_file: from Python 3.14 that says False for a folder it may not search
+        indexed = stat.S_ISREG(os.stat(path / "model_index.json").st_mode)
+    except (FileNotFoundError, NotADirectoryError):
+        indexed = False
     except OSError as exc:  # the folder cannot be searched (permissions)
         raise CheckpointError(f"could not load the diffusers folder {path}: {exc.strerror or exc}") from None
     if not indexed:
@@ -383,7 +386,7 @@ def _denied(exc: BaseException | None) -> bool:
     """Whether ``exc`` or what it was raised from is a permission error (then the pickle hint would mislead)."""
     seen = 0
     while exc is not None and seen < 8:
-        if isinstance(exc, PermissionError) or "[Errno 13]" in str(exc):
+        if isinstance(exc, PermissionError) or re.search(r"\[Errno (1|13)\]", str(exc)):
             return True
         exc, seen = exc.__cause__ or exc.__context__, seen + 1
     return False

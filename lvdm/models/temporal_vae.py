@@ -34,7 +34,7 @@ from typing import Any
 import torch
 
 from lvdm.errors import CheckpointError
-from lvdm.fileio import read_json
+from lvdm.fileio import read_json, unreadable
 
 SD_GROUPS = 32  # the group count diffusers' TemporalDecoder hard-codes
 SD_MID_RESNETS = 2  # SD's VAE mid block: resnet, attention, resnet
@@ -247,7 +247,8 @@ def _read_weights(folder: Path, shown: Any, allow_pickle: bool) -> dict[str, tor
             try:
                 return {k: v.float() for k, v in load_file(folder / name).items()}
             except (SafetensorError, OSError) as exc:
-                raise CheckpointError(f"decoder {shown} does not load: {name}: {exc}") from None
+                reason = unreadable(folder / name) or exc
+                raise CheckpointError(f"decoder {shown} does not load: {name}: {reason}") from None
     for name in PICKLE_FILES:
         if (folder / name).is_file():
             if not allow_pickle:
