@@ -19,6 +19,7 @@ from pathlib import Path
 import pytest
 import torch
 from safetensors.torch import save_file
+from test_cache import base, cached, folder  # noqa: F401 - the latent cache fixtures
 
 NOBODY = 65534
 
@@ -78,13 +79,13 @@ def unprivileged(fn, *args):
 @pytest.fixture
 def shared(tmp_path_factory):
     """A folder the unprivileged child can reach (pytest's own are the test user's alone)."""
-    folder = Path(tempfile.mkdtemp(prefix="lvdm-perm-"))
-    folder.chmod(0o755)
-    yield folder
-    for path in [folder, *folder.rglob("*")]:
+    made = Path(tempfile.mkdtemp(prefix="lvdm-perm-"))
+    made.chmod(0o755)
+    yield made
+    for path in [made, *made.rglob("*")]:
         with contextlib.suppress(OSError):
             path.chmod(0o755 if path.is_dir() else 0o644)
-    shutil.rmtree(folder)
+    shutil.rmtree(made)
 
 
 def test_a_weights_file_that_cannot_be_read_is_named_so_not_missing(shared):
@@ -106,17 +107,17 @@ def test_a_weights_file_that_cannot_be_read_is_named_so_not_missing(shared):
 def test_a_base_folder_that_cannot_be_read_is_one_line_without_the_pickle_hint(shared, tiny_assets):
     from lvdm.models.loading import load_base
 
-    base = shutil.copytree(tiny_assets["base"], shared / "base")
-    for path in [base, *base.rglob("*")]:
+    copy = shutil.copytree(tiny_assets["base"], shared / "base")
+    for path in [copy, *copy.rglob("*")]:
         path.chmod(0o755 if path.is_dir() else 0o644)
-    weights = base / "unet" / "diffusion_pytorch_model.safetensors"
+    weights = copy / "unet" / "diffusion_pytorch_model.safetensors"
     weights.chmod(0)
-    kind, message, _ = unprivileged(load_base, base)
+    kind, message, _ = unprivileged(load_base, copy)
     assert kind == "error" and "could not load the diffusers folder" in message, message
     assert "Permission denied" in message and "allow_pickle" not in message, message
-    base.chmod(0)  # the folder itself: a PermissionError out of Path.is_file, a traceback before
-    kind, message, _ = unprivileged(load_base, base)
-    assert message == f"CheckpointError: could not load the diffusers folder {base}: Permission denied", message
+    copy.chmod(0)  # the folder itself: a PermissionError out of Path.is_file, a traceback before
+    kind, message, _ = unprivileged(load_base, copy)
+    assert message == f"CheckpointError: could not load the diffusers folder {copy}: Permission denied", message
 
 
 def test_a_data_folder_that_cannot_be_listed_is_a_bad_entry(shared):
@@ -149,27 +150,21 @@ def test_any_other_permission_error_is_one_line_with_exit_1(shared):
     assert printed == f"error: Permission denied: {checkpoint / 'COMPLETE'} (check its permissions)\n"
 
 
-def test_an_unreadable_cache_shard_or_decoder_file_is_named_so(shared, tiny_assets):
+def test_an_unreadable_cache_shard_or_decoder_file_is_named_so(shared, cached):  # noqa: F811
     """Two more safetensors reads said "No such file or directory" for a file the user may not read: the latent
     cache's shards (a FileNotFoundError without an errno: a traceback through the CLI) and a temporal decoder's."""
     from lvdm.cli import run_cli
     from lvdm.data.cache import LatentCache
 
-    cache = shared / "cache"
-    cache.mkdir()
-    save_file({"text": torch.zeros(2, 4)}, cache / "empty_text.safetensors")
-    (cache / "empty_text.safetensors").chmod(0)
-
-    def read_cache(argv):
-        from lvdm.fileio import safetensors_handle
-
-        with safetensors_handle(cache / "empty_text.safetensors"):
-            return 0
-
-    kind, code, printed = unprivileged(run_cli, read_cache, [])
+    cache = shutil.copytree(cached[1], shared / "cache")
+    for path in [cache, *cache.iterdir()]:
+        path.chmod(0o755 if path.is_dir() else 0o644)
+    assert unprivileged(run_cli, lambda argv: print(len(LatentCache(cache))), [])[:2] == ("ok", "0")  # the control
+    shard = cache / "shard-00001.safetensors"
+    shard.chmod(0)
+    kind, code, printed = unprivileged(run_cli, lambda argv: LatentCache(cache), [])
     assert (kind, code) == ("ok", "1"), (code, printed)
-    assert printed == f"error: Permission denied: {cache / 'empty_text.safetensors'} (check its permissions)\n"
-    assert LatentCache  # the cache reads its shards and empty text through safetensors_handle
+    assert printed == f"error: Permission denied: {shard} (check its permissions)\n"
 
     from lvdm.models.temporal_vae import _read_weights
 
