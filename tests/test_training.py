@@ -426,7 +426,7 @@ def test_a_held_out_clip_that_cannot_be_read_is_logged_and_left_out_of_validatio
     first.write_bytes(b"not a video")
     out = tmp_path / "run"
     extra = {"data.root": clips, "data.holdout": 2, "train.max_steps": 2}
-    with pytest.warns(UserWarning, match=r"1 held-out clip\(s\) cannot be read .*" + first.name):
+    with pytest.warns(UserWarning, match=r"1 held-out clip\(s\) cannot be used .*" + first.name):
         trainer = Trainer(load_config([], tiny_overrides(tiny_assets, out, **extra)), progress=False)
     assert [source for batch in trainer.data.validation for source in batch["source"]] == [str(other)]  # once
     rows = [json.loads(line) for line in (out / "skipped.jsonl").read_text().splitlines()]

@@ -193,15 +193,16 @@ def image_share(entries: list[Any], weights: list[float], ratio: float | None) -
 
 
 def _report_unusable(unusable: list[tuple[str, str]], guard: Any, *, held_out: bool) -> None:
-    """Log the held-out clips that could not be read to ``skipped.jsonl`` and say so (none readable in a group of
-    one shape is already an error: the dataset stops after ``data.max_consecutive_bad`` bad draws)."""
+    """Log the held-out clips that could not be used (unreadable, too short, ...) to ``skipped.jsonl`` and say so
+    (none usable in a group of one shape is already an error: the dataset stops after ``data.max_consecutive_bad``
+    bad draws)."""
     for path, reason in unusable:
         guard.log.add(path, reason)
     if not unusable or not held_out:
         return
     path, reason = unusable[0]
     warnings.warn(
-        f"{len(dict(unusable))} held-out clip(s) cannot be read and are left out of validation (listed in "
+        f"{len(dict(unusable))} held-out clip(s) cannot be used and are left out of validation (listed in "
         f"{guard.log_path}), e.g. {path}: {reason}",
         stacklevel=2,
     )
