@@ -136,20 +136,19 @@ def build_data(cfg: Any, frozen: Frozen, *, rank: int, world: int, num_workers: 
     log = Path(cfg.output_dir) / ("skipped.jsonl" if rank == 0 else f"skipped.rank{rank}.jsonl")
     guard = BadSampleGuard(log, max_fraction=data.max_bad_fraction)
     held = holdout or dataset
-    validation, unusable = [], []
+    validation, unusable, held_out = [], [], holdout is not None
     if not data.cache and fine["fine_share"]:
         from lvdm.data.build import recut
 
         # the fine stage's gain reads the same clips cut at its rate, in batches of their own (``fine`` set)
         validation = _validation_batches(
-            recut(held, fine_share=1.0), collate_fn, train.batch_size, held_out=holdout is not None, unusable=unusable
+            recut(held, fine_share=1.0), collate_fn, train.batch_size, held_out=held_out, unusable=unusable
         )
         held = recut(held, fine_share=0.0)
     validation = (
-        _validation_batches(held, collate_fn, train.batch_size, held_out=holdout is not None, unusable=unusable)
-        + validation
+        _validation_batches(held, collate_fn, train.batch_size, held_out=held_out, unusable=unusable) + validation
     )
-    _report_unusable(unusable, guard, held_out=holdout is not None)
+    _report_unusable(unusable, guard)
     return DataBundle(dataset, stream, loader, guard, validation)
 
 
@@ -192,14 +191,14 @@ def image_share(entries: list[Any], weights: list[float], ratio: float | None) -
     return [w * scale[image] for w, image in zip(weights, is_image, strict=True)]
 
 
-def _report_unusable(unusable: list[tuple[str, str]], guard: Any, *, held_out: bool) -> None:
+def _report_unusable(unusable: list[tuple[str, str]], guard: Any) -> None:
     """Log the held-out clips that could not be used (unreadable, too short, ...) to ``skipped.jsonl`` and say so
     (none usable in a group of one shape is already an error: the dataset stops after ``data.max_consecutive_bad``
     bad draws)."""
+    if not unusable:
+        return
     for path, reason in unusable:
         guard.log.add(path, reason)
-    if not unusable or not held_out:
-        return
     path, reason = unusable[0]
     warnings.warn(
         f"{len(dict(unusable))} held-out clip(s) cannot be used and are left out of validation (listed in "
@@ -214,8 +213,8 @@ def _validation_batches(
     """The held-out clips in batches of one shape; without a holdout, one fixed batch of training samples.
 
     Still images are left out: with the temporal layers bypassed for them, their gain is 1 by construction. A
-    held-out clip that cannot be read is left out too (its stand-in, another held-out clip, is there already), and
-    added to ``unusable`` as ``(path, reason)``.
+    held-out clip that cannot be used is left out too (its stand-in, another held-out clip, is there already), and
+    added to ``unusable`` as ``(path, reason)`` (only held-out clips are: training samples' stand-ins are as good).
     """
     batches = []
     for (is_image, _), members in dataset.groups.items():
