@@ -63,6 +63,20 @@ if TYPE_CHECKING:
     from lvdm.upscale_pipeline import UpscalePipeline
 
 
+def _drop_torchvision_notice() -> None:
+    """Without torchvision, transformers (5.x) says on every load of a diffusers pipeline that CLIP's and SigLIP's
+    image processors fall back to PIL: two lines a user cannot act on, as lvdm reads no image through torchvision.
+    Only that notice is dropped; transformers' other records reach the user as before."""
+    import logging
+
+    logging.getLogger("transformers.utils.import_utils").addFilter(
+        lambda record: "requires torchvision" not in record.getMessage()
+    )
+
+
+_drop_torchvision_notice()
+
+
 def __getattr__(name: str) -> Any:
     if name not in _EXPORTS:
         raise AttributeError(f"module 'lvdm' has no attribute {name!r}")
