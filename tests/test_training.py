@@ -431,6 +431,16 @@ def test_a_held_out_clip_that_cannot_be_read_is_logged_and_left_out_of_validatio
     assert [source for batch in trainer.data.validation for source in batch["source"]] == [str(other)]  # once
     rows = [json.loads(line) for line in (out / "skipped.jsonl").read_text().splitlines()]
     assert [row["path"] for row in rows] == [str(first)]
+    import warnings
+
+    from lvdm.training.setup import build_data
+
+    with warnings.catch_warnings(record=True) as said:  # another rank logs it to its own file and says nothing
+        warnings.simplefilter("always")
+        build_data(trainer.cfg, trainer.frozen, rank=1, world=2)
+    assert not [w for w in said if "cannot be used" in str(w.message)], [str(w.message) for w in said]
+    logged = [json.loads(line)["path"] for line in (out / "skipped.rank1.jsonl").read_text().splitlines()]
+    assert logged == [str(first)]
     other.write_bytes(b"")  # both held-out clips unreadable
     with pytest.raises(DataError, match="bad samples in a row"):
         Trainer(load_config([], tiny_overrides(tiny_assets, tmp_path / "run2", **extra)), progress=False)

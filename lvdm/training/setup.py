@@ -148,7 +148,7 @@ def build_data(cfg: Any, frozen: Frozen, *, rank: int, world: int, num_workers: 
     validation = (
         _validation_batches(held, collate_fn, train.batch_size, held_out=held_out, unusable=unusable) + validation
     )
-    _report_unusable(unusable, guard)
+    _report_unusable(unusable, guard, warn=rank == 0)
     return DataBundle(dataset, stream, loader, guard, validation)
 
 
@@ -191,14 +191,16 @@ def image_share(entries: list[Any], weights: list[float], ratio: float | None) -
     return [w * scale[image] for w, image in zip(weights, is_image, strict=True)]
 
 
-def _report_unusable(unusable: list[tuple[str, str]], guard: Any) -> None:
-    """Log the held-out clips that could not be used (unreadable, too short, ...) to ``skipped.jsonl`` and say so
-    (none usable in a group of one shape is already an error: the dataset stops after ``data.max_consecutive_bad``
-    bad draws)."""
+def _report_unusable(unusable: list[tuple[str, str]], guard: Any, *, warn: bool) -> None:
+    """Log the held-out clips that could not be used (unreadable, too short, ...) to the rank's ``skipped.jsonl``
+    and, where ``warn`` (rank 0: every rank reads the same held-out clips), say so (none usable in a group of one
+    shape is already an error: the dataset stops after ``data.max_consecutive_bad`` bad draws)."""
     if not unusable:
         return
     for path, reason in unusable:
         guard.log.add(path, reason)
+    if not warn:
+        return
     path, reason = unusable[0]
     warnings.warn(
         f"{len(dict(unusable))} held-out clip(s) cannot be used and are left out of validation (listed in "
