@@ -35,7 +35,7 @@ Image to video, with a module trained with model.image_conditioning (--image-sca
 --temporal); with a module that also has context frames, --image-as-first-frame continues the video from the image:
 
     python sample.py --base ... --temporal i2v.safetensors --image cat.jpg --prompt "a cat turning" --out cat.mp4
-    python sample.py --base ... --image-adapter ip-adapter-plus_sd15.safetensors --image-encoder image_encoder \
+    python sample.py --base ... --image-adapter ip-adapter-plus_sd15.safetensors --image-encoder image_encoder \\
         --image cat.jpg --prompt "a cat" --out cat.mp4
 """
 
@@ -47,7 +47,7 @@ import sys
 from pathlib import Path
 from typing import Any
 
-from lvdm.cli import Parser, device_and_dtype, run_cli
+from lvdm.cli import HelpFormatter, Parser, device_and_dtype, run_cli
 from lvdm.errors import ConfigError
 
 # flag -> (SamplingSettings field, type); each flag's help is the field's own
@@ -76,19 +76,10 @@ SETTINGS_FLAGS = {
 }
 
 
-class _Help(argparse.RawDescriptionHelpFormatter, argparse.ArgumentDefaultsHelpFormatter):
-    """Every option's default in --help, except the unset ones (None, False, []) whose help says what happens."""
-
-    def _get_help_string(self, action: argparse.Action) -> str:
-        if action.default in (None, False, []) or "default" in (action.help or ""):
-            return action.help or ""
-        return super()._get_help_string(action)
-
-
 def build_parser() -> argparse.ArgumentParser:
     from lvdm.pipeline import FORMATS, SamplingSettings
 
-    parser = Parser(prog="sample.py", description=__doc__, formatter_class=_Help)
+    parser = Parser(prog="sample.py", description=__doc__, formatter_class=HelpFormatter)
     model = parser.add_argument_group("model")
     model.add_argument("--base", help="SD base: a diffusers folder or a single-file checkpoint (required)")
     model.add_argument("--base-config", help="diffusers folder with the architecture of a single-file --base")

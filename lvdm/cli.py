@@ -86,6 +86,17 @@ def _open_closed_streams() -> None:
 _NEGATIVE_NUMBER = re.compile(r"^-(\d+\.?\d*|\.\d+)(e[-+]?\d+)?$|^-(inf|infinity|nan)$", re.IGNORECASE)
 
 
+class HelpFormatter(argparse.RawDescriptionHelpFormatter, argparse.ArgumentDefaultsHelpFormatter):
+    """The description as written, and every option's default in --help except the unset ones (None, False, "",
+    []) and those whose help already says it. (``in (None, False, [])`` took a default of 0 for unset: 0 == False.)"""
+
+    def _get_help_string(self, action: argparse.Action) -> str:
+        unset = action.default is None or action.default is False or action.default in ("", [])
+        if unset or "default" in (action.help or ""):
+            return action.help or ""
+        return super()._get_help_string(action)
+
+
 class Parser(argparse.ArgumentParser):
     """argparse for lvdm's commands: a usage error is one line (a :class:`ConfigError`, exit 2 through
     :func:`run_cli`), and ``--help`` that cannot be written (a full disk, a closed pipe) is not a silent success

@@ -160,6 +160,23 @@ def require_context(pipe: Any, what: str, *, task: str | None = None) -> None:
         )
 
 
+def check_context_frames(pipe: Any, s: SamplingSettings) -> None:
+    """A rollout or a continued video conditions each chunk on ``s.context_frames`` frames: no more than the module
+    was trained to continue from (the largest of its ``train.predict_frames``, where its training config says)."""
+    most = pipe.defaults.get("max_context_frames")
+    if most is None or s.context_frames <= most:
+        return
+    if most == 0:
+        raise ConfigError(
+            f"context_frames={s.context_frames}: this temporal module was not trained to continue from given frames "
+            "(its train.predict_frames are all 0)"
+        )
+    raise ConfigError(
+        f"context_frames={s.context_frames}: this temporal module was trained to continue from at most {most} given "
+        f"frame(s) (train.predict_frames); use 1 to {most}"
+    )
+
+
 def context_latents(pipe: Any, s: SamplingSettings, context: Any, *, explicit: dict) -> tuple | None:
     """The latents ``(1, c, k, h', w')`` of the ``context`` video to continue and how it was read, or
     ``None``; the errors of asking for context where it cannot work."""

@@ -125,7 +125,12 @@ def plan_outputs(
     if Path(text).suffix.lower() in MEDIA_SUFFIXES:
         paths = [Path(text)] if count == 1 else [_numbered(text, k, count) for k in range(count)]
     else:
-        media_kind(text)  # refuses an unknown suffix
+        suffix = Path(text).suffix.lower()
+        if suffix and not text.endswith(("/", os.sep)) and not Path(text).is_dir():
+            raise ConfigError(
+                f"{text}: unknown output suffix {suffix!r}; use a .mp4 or .gif file, or a folder (ending in /) for "
+                f"one {'/'.join(FORMATS)} output per video (format)"
+            )
         digits = max(3, len(str(count - 1)))
         ext = "" if format == "png" else f".{format}"
         names = [f"{k:0{digits}d}-{_slug(prompts[k // num_videos_per_prompt])}" for k in range(count)]

@@ -205,6 +205,8 @@ class VideoPipeline:
                 s = dataclasses.replace(s, context_frames=1)  # the one frame there is
         given = context_sampling.context_latents(self, s, context, explicit=settings)
         rollout = given is not None or (self.has_context and s.num_frames > self.chunk_length(s))
+        if rollout:
+            context_sampling.check_context_frames(self, s)
         if rollout and latents is not None:
             raise ConfigError("latents cannot be given for a rollout or a continued video (each chunk draws its own)")
         n = len(prompts) * s.num_videos_per_prompt

@@ -84,7 +84,10 @@ class SamplingSettings:
     num_videos_per_prompt: int = option(1, "videos per prompt, each from its own seed", min=1, max=1000)
     image_mode: bool = option(False, "bypass the temporal layers: the frames are independent images")
     context_frames: int = option(
-        2, "rollout and continuing a video: the last frames each new chunk is conditioned on (1 or 2)", min=1
+        2,
+        "rollout and continuing a video: the last frames each new chunk is conditioned on (at most the largest of "
+        "the module's train.predict_frames)",
+        min=1,
     )
     context_guidance: float = option(
         1.0, "context guidance s (1: off): f(z) + s (f(z; given frames) - f(z)), in the same forward as the text's"
@@ -222,8 +225,17 @@ def temporal_defaults(path: str | os.PathLike) -> dict[str, Any]:
         **training_prior(config),
         "tasks": sorted(str(name) for name, weight in tasks.items() if type(weight) in (int, float) and weight > 0),
         "interpolate_every": train.get("interpolate_every") if type(train.get("interpolate_every")) is int else None,
+        "max_context_frames": _most_given(train.get("predict_frames")),
         **distilled_for(config),
     }  # fmt: skip
+
+
+def _most_given(predict_frames: Any) -> int | None:
+    """The most leading frames the module was trained to continue from (``train.predict_frames``), or ``None``
+    where its training config does not say."""
+    if isinstance(predict_frames, list) and predict_frames and all(type(n) is int for n in predict_frames):
+        return max(predict_frames)
+    return None
 
 
 def distilled_for(training_config: dict[str, Any]) -> dict[str, Any]:

@@ -15,7 +15,7 @@ from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
-from lvdm.cli import Parser, run_cli
+from lvdm.cli import HelpFormatter, Parser, run_cli
 from lvdm.errors import ConfigError
 
 DESCRIPTION = "Upscale a video by 4 with SD's x4 upscaler, frame by frame or with a temporal module trained on it."
@@ -44,8 +44,7 @@ def add_upscale_options(parser: argparse.ArgumentParser, *, prefix: str = "") ->
 
 
 def build_parser() -> argparse.ArgumentParser:
-    parser = Parser(prog="python -m lvdm.upscale", description=DESCRIPTION,
-                     formatter_class=argparse.ArgumentDefaultsHelpFormatter)  # fmt: skip
+    parser = Parser(prog="python -m lvdm.upscale", description=DESCRIPTION, formatter_class=HelpFormatter)
     parser.add_argument("video", help="the video to upscale (any size; padded to the UNet's multiple and back)")
     parser.add_argument("--upscaler", required=True, help="x4 upscaler: a StableDiffusionUpscalePipeline folder")
     parser.add_argument("--temporal", help="temporal module trained on the upscaler; none: frame by frame")

@@ -344,7 +344,12 @@ def context_files(tmp_path_factory):
     video.save_temporal(root / "fine.safetensors", training_config=fine)
     every_2 = {**CONTEXT_TRAINING, "train": {"tasks": {"interpolate": 1}, "interpolate_every": 2}}
     video.save_temporal(root / "every_2.safetensors", training_config=every_2)
-    return {"base": base, "context": root / "context.safetensors", "plain": root / "plain.safetensors",
+    two_given = {**CONTEXT_TRAINING, "train": {"tasks": {"text": 1, "predict": 1}, "predict_frames": [0, 1, 2]}}
+    video.save_temporal(root / "two_given.safetensors", training_config=two_given)
+    none_given = {**CONTEXT_TRAINING, "train": {"tasks": {"text": 1, "interpolate": 1}, "predict_frames": [0]}}
+    video.save_temporal(root / "none_given.safetensors", training_config=none_given)
+    return {"base": base, "context": root / "context.safetensors", "two_given": root / "two_given.safetensors",
+            "none_given": root / "none_given.safetensors", "plain": root / "plain.safetensors",
             "predict_only": root / "predict_only.safetensors", "fine": root / "fine.safetensors",
             "every_2": root / "every_2.safetensors"}  # fmt: skip
 
@@ -455,6 +460,9 @@ def test_by_16_the_second_pass_is_the_fine_stage_where_the_module_learnt_it(cont
         ("context", lambda pipe, clip: pipe("x", context=clip.astype(float), **FAST), "must be uint8"),
         ("context", lambda pipe, clip: pipe("x", context="missing.mp4", **FAST), "does not exist"),
         ("context", lambda pipe, clip: pipe("x", num_frames=12, context_frames=5, **FAST), "no new frame"),
+        ("two_given", lambda pipe, clip: pipe("x", num_frames=12, context_frames=3, **FAST), "at most 2 given"),
+        ("two_given", lambda pipe, clip: pipe("x", context=clip, context_frames=3, **FAST), "at most 2 given"),
+        ("none_given", lambda pipe, clip: pipe("x", context=clip, context_frames=1, **FAST), "not trained to contin"),
     ],
 )
 def test_bad_context_requests_are_one_clear_error(context_files, module, call, message):
@@ -463,6 +471,12 @@ def test_bad_context_requests_are_one_clear_error(context_files, module, call, m
     clip = np.zeros((3, 16, 16, 3), np.uint8)
     with pytest.raises(ConfigError, match=message):
         call(pipeline(context_files, module), clip)
+
+
+def test_as_many_context_frames_as_the_module_trained_with_are_accepted(context_files):
+    """The control of the refusals above: the module that learnt from up to 2 given frames rolls out with 2."""
+    out = pipeline(context_files, "two_given")("x", num_frames=7, context_frames=2, **FAST)
+    assert out.frames.shape[1] == 7
 
 
 def test_sample_cli_rolls_out_and_interpolates(context_files, tmp_path, capsys):

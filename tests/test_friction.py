@@ -290,3 +290,17 @@ def test_loading_a_pipeline_through_lvdm_prints_no_torchvision_notice() -> None:
         pytest.skip("this transformers prints no torchvision notice here")
     quiet = stderr("import lvdm")
     assert "requires torchvision" not in quiet and "another notice" in quiet, quiet
+
+
+def test_help_shows_set_defaults_once_and_keeps_the_examples_lines() -> None:
+    """`python -m lvdm.upscale --help` said "(default: refuse) (default: False)" and "(default: None)" for required
+    options, and dropped a default of 0 (taken for unset: 0 == False); sample.py's IP-Adapter example ran its two
+    lines together (a backslash-newline inside the docstring)."""
+    import sample
+    from lvdm.upscale import build_parser
+
+    upscale = build_parser().format_help()
+    assert "(default: None)" not in upscale and "(default: False)" not in upscale and "(default: )" not in upscale
+    assert "seed of the noise (default: 0)" in " ".join(upscale.split())  # the control: a set default is shown
+    assert "(default: a quarter)" in " ".join(upscale.split()) and upscale.count("(default:") >= 5
+    assert "--image-encoder image_encoder \\\n" in sample.build_parser().format_help()

@@ -327,8 +327,11 @@ def test_prompt_files_and_output_paths_are_checked_before_loading(tmp_path):
         tmp_path / "out/000-a-cat",
         tmp_path / "out/001",
     ]
-    with pytest.raises(ConfigError, match="unknown output suffix '.avi'"):
+    with pytest.raises(ConfigError, match="unknown output suffix '.avi'") as caught:
         plan_outputs(tmp_path / "clip.avi", ["a"])
+    assert "for PNGs" not in str(caught.value)  # a folder holds one output per video in any format
+    (tmp_path / "out.v2").mkdir()  # an existing folder with a dot is a folder
+    assert plan_outputs(tmp_path / "out.v2", ["a"]) == [tmp_path / "out.v2/000-a.mp4"]
     with pytest.raises(ConfigError, match="format: expected one of"):
         plan_outputs(tmp_path / "out", ["a"], format="webm")
     (tmp_path / "a_file").write_text("not a folder")
