@@ -300,7 +300,7 @@ def test_export_refuses_what_a_motion_adapter_cannot_hold(tiny_assets, adapters,
     import_motion_module(adapters["root"] / "mid", module, base=tiny_assets["base"])
     (tmp_path / "full").mkdir()
     (tmp_path / "full" / "mine.txt").write_text("a user's file")
-    with pytest.raises(TemporalModuleError, match="not an empty folder"):
+    with pytest.raises(ConfigError, match="not an empty folder"):  # exit 2, as every existing output
         export_motion_adapter(module, tmp_path / "full")
     assert (tmp_path / "full" / "mine.txt").read_text() == "a user's file"
     assert sorted(p.name for p in tmp_path.iterdir()) == ["full", "mm.safetensors", "videoldm.safetensors"]
@@ -338,6 +338,8 @@ def test_convert_cli_round_trip_and_one_line_errors(tiny_assets, adapters, tmp_p
     assert again.returncode == 2 and "already exists" in again.stderr
     back = convert("to-diffusers", tmp_path / "mm.safetensors", tmp_path / "adapter", capsys=capsys)
     assert back.returncode == 0, back.stderr
+    again = convert("to-diffusers", tmp_path / "mm.safetensors", tmp_path / "adapter", capsys=capsys)
+    assert again.returncode == 2 and "not an empty folder" in again.stderr  # as motion-module's existing output
     assert json.loads((tmp_path / "adapter" / "config.json").read_text())["_class_name"] == "MotionAdapter"
     tensors = load_file(tmp_path / "adapter" / "diffusion_pytorch_model.safetensors")
     assert torch.equal(tensors["mid_block.motion_modules.0.proj_out.weight"],

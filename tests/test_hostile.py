@@ -754,8 +754,8 @@ def test_mistaken_files_are_named_for_what_they_are(trained, tiny_assets, tmp_pa
     )
     messages = ("the scale after ':' must be finite", "is not a module file", "is a file, not a folder",
                 "is an lvdm module file, not a base")  # fmt: skip
-    for result, message in zip(results, messages, strict=True):
-        one_line_error(result, 1, message)
+    for result, message, status in zip(results, messages, (2, 1, 1, 1), strict=True):  # a bad value is usage: 2
+        one_line_error(result, status, message)
     assert a_file.read_text() == "mine" and not out.exists()
 
 

@@ -9,7 +9,7 @@ from diffusers import StableDiffusionPipeline
 from safetensors.torch import load_file, save_file
 
 from lvdm import testing
-from lvdm.errors import CheckpointError
+from lvdm.errors import CheckpointError, ConfigError
 from lvdm.models import LoraSpec, VideoUNet, load_base
 
 
@@ -163,7 +163,7 @@ def test_lora_spec_parsing(tmp_path):
     assert LoraSpec.parse("a/b.safetensors:0.7") == LoraSpec(tmp_path.__class__("a/b.safetensors"), 0.7)
     assert LoraSpec.parse("a/b.safetensors").scale == 1.0
     assert LoraSpec.parse(("x.safetensors", 2)).scale == 2.0
-    with pytest.raises(CheckpointError, match="scale"):
+    with pytest.raises(ConfigError, match="scale"):  # a bad value (exit 2), not a bad file
         LoraSpec.parse("a/b.safetensors:strong")
 
 

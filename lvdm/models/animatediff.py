@@ -33,7 +33,7 @@ import torch
 from safetensors import SafetensorError, safe_open
 from safetensors.torch import load_file
 
-from lvdm.errors import CheckpointError, TemporalModuleError
+from lvdm.errors import CheckpointError, ConfigError, TemporalModuleError
 from lvdm.fileio import read_json
 from lvdm.models.layout import TemporalLayout
 from lvdm.models.loading import PICKLE_SUFFIXES, check_weights_file, load_pickled_weights, tensor_problem
@@ -441,7 +441,9 @@ def export_motion_adapter(module: str | os.PathLike, out_dir: str | os.PathLike)
             "AnimateDiff takes motion modules only"
         )
     if out_dir.is_symlink() or (out_dir.exists() and (not out_dir.is_dir() or any(out_dir.iterdir()))):
-        raise TemporalModuleError(f"{out_dir} exists and is not an empty folder (or is a link); choose a new folder")
+        raise ConfigError(  # an output that exists: a usage error, as with every command's existing output
+            f"{out_dir} exists and is not an empty folder (or is a link); choose a new folder"
+        )
     config = _adapter_config(source)
     with torch.device("meta"):
         expected = MotionAdapter(**config).state_dict().keys()

@@ -28,7 +28,7 @@ from typing import Any
 import torch
 from safetensors import SafetensorError, safe_open
 
-from lvdm.errors import CheckpointError
+from lvdm.errors import CheckpointError, ConfigError
 from lvdm.fileio import unreadable
 from lvdm.models.family import base_family
 
@@ -55,9 +55,9 @@ class LoraSpec:
             try:
                 scale = float(tail)
             except ValueError:
-                raise CheckpointError(f"LoRA {text!r}: the scale after ':' must be a number, got {tail!r}") from None
+                raise ConfigError(f"LoRA {text!r}: the scale after ':' must be a number, got {tail!r}") from None
             if not math.isfinite(scale):  # fused, it made the base's weights NaN, and the error blamed the base
-                raise CheckpointError(f"LoRA {text!r}: the scale after ':' must be finite, got {tail!r}")
+                raise ConfigError(f"LoRA {text!r}: the scale after ':' must be finite, got {tail!r}")
             return cls(Path(head), scale)
         return cls(Path(text))
 
