@@ -278,13 +278,16 @@ def test_loading_a_pipeline_through_lvdm_prints_no_torchvision_notice() -> None:
     """transformers 5.x says, on every import of diffusers' pipelines without torchvision, that CLIP's image processor
     falls back to PIL; `import lvdm` drops that notice (and only it). The control: without lvdm it is printed (where
     this transformers prints it at all, and torchvision is absent; else nothing to test)."""
+    import os
     import subprocess
     import sys
 
     def stderr(first: str) -> str:
         code = f"{first}\nfrom diffusers import StableDiffusionPipeline\nimport transformers.utils.logging as t\n" \
             "t.get_logger('transformers.utils.import_utils').warning('another notice')"  # fmt: skip
-        return subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120).stderr
+        env = {k: v for k, v in os.environ.items() if k != "TRANSFORMERS_VERBOSITY"}  # run_cli in this process set it
+        done = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120, env=env)
+        return done.stderr
 
     if "requires torchvision" not in stderr("pass"):
         pytest.skip("this transformers prints no torchvision notice here")
