@@ -168,8 +168,9 @@ def check_context_frames(pipe: Any, s: SamplingSettings) -> None:
         return
     if most == 0:
         raise ConfigError(
-            f"context_frames={s.context_frames}: this temporal module was not trained to continue from given frames "
-            "(its train.predict_frames are all 0)"
+            "this temporal module was not trained to continue from given frames (no predict task with "
+            f"train.predict_frames above 0), so it cannot continue a video or roll out past {pipe.chunk_length(s)} "
+            "frames; ask for fewer frames, or train it with predict in train.tasks"
         )
     raise ConfigError(
         f"context_frames={s.context_frames}: this temporal module was trained to continue from at most {most} given "

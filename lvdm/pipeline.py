@@ -203,6 +203,9 @@ class VideoPipeline:
             context = image_sampling.read_conditioning_image(image)[0][None]  # h w 3 -> 1 h w 3: a 1-frame video
             if "context_frames" not in settings:
                 s = dataclasses.replace(s, context_frames=1)  # the one frame there is
+        most = self.defaults.get("max_context_frames")
+        if "context_frames" not in settings and most:  # the default, within what the module learnt to continue from
+            s = dataclasses.replace(s, context_frames=min(s.context_frames, most))
         given = context_sampling.context_latents(self, s, context, explicit=settings)
         rollout = given is not None or (self.has_context and s.num_frames > self.chunk_length(s))
         if rollout:

@@ -225,14 +225,17 @@ def temporal_defaults(path: str | os.PathLike) -> dict[str, Any]:
         **training_prior(config),
         "tasks": sorted(str(name) for name, weight in tasks.items() if type(weight) in (int, float) and weight > 0),
         "interpolate_every": train.get("interpolate_every") if type(train.get("interpolate_every")) is int else None,
-        "max_context_frames": _most_given(train.get("predict_frames")),
+        "max_context_frames": _most_given(train.get("predict_frames"), tasks),
         **distilled_for(config),
     }  # fmt: skip
 
 
-def _most_given(predict_frames: Any) -> int | None:
-    """The most leading frames the module was trained to continue from (``train.predict_frames``), or ``None``
-    where its training config does not say."""
+def _most_given(predict_frames: Any, tasks: dict[str, Any]) -> int | None:
+    """The most leading frames the module was trained to continue from: the largest of ``train.predict_frames``
+    where ``predict`` is among its tasks (as training reads them), 0 where it is not, ``None`` where its training
+    config does not say."""
+    if tasks and not (type(tasks.get("predict")) in (int, float) and tasks["predict"] > 0):
+        return 0
     if isinstance(predict_frames, list) and predict_frames and all(type(n) is int for n in predict_frames):
         return max(predict_frames)
     return None

@@ -18,7 +18,7 @@ from typing import Any
 from lvdm.cli import HelpFormatter, Parser, run_cli
 from lvdm.errors import ConfigError
 
-DESCRIPTION = "Upscale a video by 4 with SD's x4 upscaler, frame by frame or with a temporal module trained on it."
+DESCRIPTION = "Upscale a video by 4 with SD's x4 upscaler, frame by frame or with a temporal module trained\non it."
 
 
 def add_upscale_options(parser: argparse.ArgumentParser, *, prefix: str = "") -> None:

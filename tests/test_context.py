@@ -348,7 +348,12 @@ def context_files(tmp_path_factory):
     video.save_temporal(root / "two_given.safetensors", training_config=two_given)
     none_given = {**CONTEXT_TRAINING, "train": {"tasks": {"text": 1, "interpolate": 1}, "predict_frames": [0]}}
     video.save_temporal(root / "none_given.safetensors", training_config=none_given)
+    no_predict = {**CONTEXT_TRAINING, "train": {"tasks": {"text": 1, "interpolate": 1}, "predict_frames": [0, 1, 2]}}
+    video.save_temporal(root / "no_predict.safetensors", training_config=no_predict)
+    one_given = {**CONTEXT_TRAINING, "train": {"tasks": {"text": 1, "predict": 1}, "predict_frames": [0, 1]}}
+    video.save_temporal(root / "one_given.safetensors", training_config=one_given)
     return {"base": base, "context": root / "context.safetensors", "two_given": root / "two_given.safetensors",
+            "no_predict": root / "no_predict.safetensors", "one_given": root / "one_given.safetensors",
             "none_given": root / "none_given.safetensors", "plain": root / "plain.safetensors",
             "predict_only": root / "predict_only.safetensors", "fine": root / "fine.safetensors",
             "every_2": root / "every_2.safetensors"}  # fmt: skip
@@ -463,6 +468,8 @@ def test_by_16_the_second_pass_is_the_fine_stage_where_the_module_learnt_it(cont
         ("two_given", lambda pipe, clip: pipe("x", num_frames=12, context_frames=3, **FAST), "at most 2 given"),
         ("two_given", lambda pipe, clip: pipe("x", context=clip, context_frames=3, **FAST), "at most 2 given"),
         ("none_given", lambda pipe, clip: pipe("x", context=clip, context_frames=1, **FAST), "not trained to contin"),
+        ("none_given", lambda pipe, clip: pipe("x", num_frames=12, **FAST), "roll out past 5 frames"),
+        ("no_predict", lambda pipe, clip: pipe("x", context=clip, **FAST), "not trained to continue"),
     ],
 )
 def test_bad_context_requests_are_one_clear_error(context_files, module, call, message):
@@ -477,6 +484,10 @@ def test_as_many_context_frames_as_the_module_trained_with_are_accepted(context_
     """The control of the refusals above: the module that learnt from up to 2 given frames rolls out with 2."""
     out = pipeline(context_files, "two_given")("x", num_frames=7, context_frames=2, **FAST)
     assert out.frames.shape[1] == 7
+    one = pipeline(context_files, "one_given")  # the default 2, not asked for, comes down to the 1 it learnt
+    assert one("x", num_frames=7, **FAST).metadata[0]["settings"]["context_frames"] == 1
+    clip = np.zeros((3, 16, 16, 3), np.uint8)
+    assert one("x", context=clip, num_frames=3, **FAST).frames.shape[1] == 3
 
 
 def test_sample_cli_rolls_out_and_interpolates(context_files, tmp_path, capsys):
