@@ -247,8 +247,9 @@ class UpscalePipeline:
 
         def fn(sample, t, encoder_hidden_states, class_labels):  # sample: latents and low-res frames, 7 channels
             sample, text = sample.to(dtype), encoder_hidden_states.to(dtype)
-            if not image_mode:
-                return video(sample, t, text, class_labels=class_labels).float()
+            if video is not None:  # its temporal layers sit inside the 2D UNet: bypassed by the flag, not skipped
+                flags = torch.ones(sample.shape[0], device=sample.device) if image_mode else None
+                return video(sample, t, text, class_labels=class_labels, image_only_indicator=flags).float()
             b, c, f, h, w = sample.shape
             frames = sample.permute(0, 2, 1, 3, 4).reshape(b * f, c, h, w)  # b c f h w -> (b f) c h w
             out = unet(

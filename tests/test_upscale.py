@@ -87,6 +87,21 @@ def test_frame_by_frame_it_equals_diffusers_upscale_pipeline(upscaler, frames, g
     assert np.abs(moved.frames.astype(int) - out.frames).max() > 1
 
 
+def test_with_a_temporal_module_one_frame_and_image_mode_upscale_frame_by_frame(upscaler, frames):
+    """Both ran the inner 2D UNet, whose temporal layers a loaded module had installed: a traceback ("a temporal
+    layer ran outside VideoUNet.forward") for a 1-frame video or --image-mode with --temporal."""
+    plain = UpscalePipeline.from_pretrained(upscaler)
+    alone = plain(frames[:3], "x", **FAST).frames
+    pipe = UpscalePipeline.from_pretrained(upscaler)
+    pipe.video = VideoUNet.from_unet2d(pipe.base.unet)
+    randomize(pipe.video.temporal_parameters(), seed=1, std=0.05)
+    image_mode = pipe(frames[:3], "x", image_mode=True, **FAST)
+    assert image_mode.metadata[0]["mode"] == "image" and np.abs(image_mode.frames.astype(int) - alone).max() <= 1
+    one = pipe(frames[:1], "x", **FAST)
+    assert np.abs(one.frames.astype(int) - plain(frames[:1], "x", **FAST).frames).max() <= 1
+    assert np.abs(pipe(frames[:3], "x", **FAST).frames.astype(int) - alone).max() > 1  # the control: as a video
+
+
 def test_tiles_as_large_as_the_video_are_one_call_and_smaller_ones_cover_it(upscaler, frames):
     pipe = UpscalePipeline.from_pretrained(upscaler)
     whole = pipe(frames, "x", **FAST)
