@@ -26,7 +26,7 @@ import torch
 from lvdm import __version__
 from lvdm.errors import CheckpointError, ConfigError
 from lvdm.outputs import VideoOutput
-from lvdm.sampling_settings import MAX_GUIDANCE, MAX_SEED, MAX_STEPS
+from lvdm.sampling_settings import MAX_FRAMES, MAX_GUIDANCE, MAX_SEED, MAX_SIDE, MAX_STEPS
 
 DEFAULTS = {"noise_level": 20, "num_inference_steps": 75, "guidance_scale": 9.0}  # diffusers' pipeline defaults
 DEFAULT_FPS = 8.0
@@ -323,6 +323,7 @@ def read_low_res(source: Any) -> LowRes:
             info = probe(path)
         except LvdmError as exc:
             raise ConfigError(f"video to upscale: {exc}") from exc  # the error names the file
+        _check_size(str(path), info.num_frames, info.height, info.width)  # before the frames are read
         read = read_context(path, info.height, info.width, what="video to upscale")
         return LowRes(read.frames, read.fps, str(path.absolute()))
     frames = np.asarray(source)
@@ -330,7 +331,18 @@ def read_low_res(source: Any) -> LowRes:
         raise ConfigError(
             f"frames to upscale must be uint8 (f, h, w, 3) with f >= 1, got {frames.dtype} {tuple(frames.shape)}"
         )
+    _check_size("frames to upscale", *frames.shape[:3])
     return LowRes(np.ascontiguousarray(frames), None, "frames")
+
+
+def _check_size(what: str, frames: int, height: int, width: int) -> None:
+    """The upscale of a video must fit what sampling allows (``MAX_SIDE`` pixels a side, ``MAX_FRAMES`` frames): a
+    4000x4000 px input (16000 px out) filled 23 GB of memory before anything said so."""
+    if max(height, width) * 4 > MAX_SIDE or frames > MAX_FRAMES:
+        raise ConfigError(
+            f"{what}: {frames} frames of {width}x{height} px would upscale to {4 * width}x{4 * height}; at most "
+            f"{MAX_SIDE // 4} px a side ({MAX_SIDE} out) and {MAX_FRAMES} frames (cut or resize the video first)"
+        )
 
 
 def pad_to_multiple(video: torch.Tensor, multiple: int) -> torch.Tensor:

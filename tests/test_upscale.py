@@ -173,6 +173,16 @@ def test_bad_videos_and_modules_are_refused(upscaler, tiny_assets, tmp_path, fra
                          (frames[0], "uint8 \\(f, h, w, 3\\)")):  # fmt: skip
         with pytest.raises(ConfigError, match=message):
             pipe(bad, "x", **FAST)
+    # too large to upscale: refused from the file's header, before its frames are read (4000x4000 px filled 23 GB)
+    from lvdm.testing.clips import write_clip
+    from lvdm.upscale_pipeline import _check_size
+
+    wide = write_clip(tmp_path / "wide.mp4", num_frames=2, size=(2064, 16))
+    with pytest.raises(ConfigError, match="2064x16 px would upscale to 8256x64; at most 2048 px a side"):
+        pipe(wide, "x", **FAST)
+    with pytest.raises(ConfigError, match="at most 2048 px a side .* and 4096 frames"):
+        pipe(np.zeros((4097, 8, 8, 3), np.uint8), "x", **FAST)
+    _check_size("the largest", 4096, 2048, 2048)  # the control: the limits themselves are allowed
     # a module of an SD base on the upscaler, and the upscaler's module on an SD base
     sd = VideoUNet.from_unet2d(load_base(tiny_assets["base"]).unet)
     sd.save_temporal(tmp_path / "sd.safetensors")
