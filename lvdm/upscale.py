@@ -99,10 +99,9 @@ def main(argv: list[str]) -> int:
     args = build_parser().parse_args(argv)
     from lvdm.cli import device_and_dtype
     from lvdm.outputs import plan_outputs
-    from lvdm.upscale_pipeline import UpscalePipeline, read_low_res
+    from lvdm.upscale_pipeline import UpscalePipeline, probe_low_res
 
-    if not Path(args.video).is_file():
-        read_low_res(args.video)  # its one-line error, before anything loads
+    probe_low_res(args.video)  # missing, not a video or too large: one line, before anything loads
     if Path(args.out).suffix.lower() not in (".mp4", ".gif"):
         raise ConfigError(f"--out {args.out}: give a .mp4 or .gif file")
     path = plan_outputs(args.out, [args.prompt], overwrite=args.overwrite)[0]

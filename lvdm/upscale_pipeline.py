@@ -314,16 +314,7 @@ def read_low_res(source: Any) -> LowRes:
 
     if isinstance(source, (str, os.PathLike)):
         path = Path(source)
-        if not path.is_file():  # a FIFO or folder is refused without opening it
-            raise ConfigError(f"video to upscale {path} does not exist or is not a file")
-        from lvdm.data.readers import probe
-        from lvdm.errors import LvdmError
-
-        try:
-            info = probe(path)
-        except LvdmError as exc:
-            raise ConfigError(f"video to upscale: {exc}") from exc  # the error names the file
-        _check_size(str(path), info.num_frames, info.height, info.width)  # before the frames are read
+        info = probe_low_res(path)
         read = read_context(path, info.height, info.width, what="video to upscale")
         return LowRes(read.frames, read.fps, str(path.absolute()))
     frames = np.asarray(source)
@@ -333,6 +324,23 @@ def read_low_res(source: Any) -> LowRes:
         )
     _check_size("frames to upscale", *frames.shape[:3])
     return LowRes(np.ascontiguousarray(frames), None, "frames")
+
+
+def probe_low_res(path: str | os.PathLike) -> Any:
+    """The header of a video file to upscale (:func:`lvdm.data.readers.probe`), checked before its frames are read:
+    a file (a FIFO or folder is refused without opening it), a video, and not too large (:func:`_check_size`)."""
+    from lvdm.data.readers import probe
+    from lvdm.errors import LvdmError
+
+    path = Path(path)
+    if not path.is_file():
+        raise ConfigError(f"video to upscale {path} does not exist or is not a file")
+    try:
+        info = probe(path)
+    except LvdmError as exc:
+        raise ConfigError(f"video to upscale: {exc}") from exc  # the error names the file
+    _check_size(str(path), info.num_frames, info.height, info.width)
+    return info
 
 
 def _check_size(what: str, frames: int, height: int, width: int) -> None:

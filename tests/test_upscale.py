@@ -279,6 +279,7 @@ def test_the_upscale_command_keeps_length_and_rate_and_refuses_mistakes(upscaler
     from lvdm.cli import run_cli
     from lvdm.data.readers import probe
     from lvdm.media import write_video
+    from lvdm.testing.clips import write_clip
     from lvdm.upscale import main
 
     source = write_video(frames, tmp_path / "low.mp4", fps=12)
@@ -296,6 +297,7 @@ def test_the_upscale_command_keeps_length_and_rate_and_refuses_mistakes(upscaler
     assert run_cli(main, [str(source), *base, "--out", str(pooled), "--tile", "8", "--tile-norms", "pooled"]) == 0
     assert json.loads(pooled.with_name("pooled.mp4.json").read_text())["upscale"]["frame_norms"] == "pooled"
     capsys.readouterr()
+    wide = write_clip(tmp_path / "wide.mp4", num_frames=2, size=(2064, 16))
     for args, message in (
         ([str(source), *base, "--out", str(out)], "already exists"),
         ([str(tmp_path / "nope.mp4"), *base, "--out", str(tmp_path / "a.mp4")], "does not exist or is not a file"),
@@ -303,6 +305,8 @@ def test_the_upscale_command_keeps_length_and_rate_and_refuses_mistakes(upscaler
         ([str(source), *base, "--out", str(tmp_path / "c.mkv")], "give a .mp4 or .gif"),
         ([str(source), *base, "--out", str(tmp_path / "e.mp4"), "--tile-norms", "none"], "invalid choice"),
         ([str(source), "--upscaler", str(tmp_path), "--out", str(tmp_path / "d.mp4")], "not a diffusers model"),
+        # too large: refused before the upscaler loads (this one does not exist, and its error would come first)
+        ([str(wide), "--upscaler", str(tmp_path / "no"), "--out", str(tmp_path / "f.mp4")], "would upscale to 8256"),
     ):
         code, err = run_cli(main, args), capsys.readouterr().err
         assert code != 0 and message in err and "Traceback" not in err, err
