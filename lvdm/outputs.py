@@ -77,9 +77,14 @@ def media_kind(path: str | os.PathLike) -> str:
     suffix = Path(text).suffix.lower()
     if suffix in MEDIA_SUFFIXES:
         return MEDIA_SUFFIXES[suffix]
-    if not suffix or text.endswith(("/", os.sep)) or Path(text).is_dir():
+    if _names_a_folder(text):
         return "png"
     raise ConfigError(f"{text}: unknown output suffix {suffix!r}; use .mp4, .gif, or a folder (ending in /) for PNGs")
+
+
+def _names_a_folder(text: str) -> bool:
+    """Whether an output path is a folder: no suffix, a trailing separator, or an existing folder."""
+    return not Path(text).suffix or text.endswith(("/", os.sep)) or Path(text).is_dir()
 
 
 def sidecar_path(path: str | os.PathLike) -> Path:
@@ -125,11 +130,10 @@ def plan_outputs(
     if Path(text).suffix.lower() in MEDIA_SUFFIXES:
         paths = [Path(text)] if count == 1 else [_numbered(text, k, count) for k in range(count)]
     else:
-        suffix = Path(text).suffix.lower()
-        if suffix and not text.endswith(("/", os.sep)) and not Path(text).is_dir():
+        if not _names_a_folder(text):
             raise ConfigError(
-                f"{text}: unknown output suffix {suffix!r}; use a .mp4 or .gif file, or a folder (ending in /) for "
-                f"one {'/'.join(FORMATS)} output per video (format)"
+                f"{text}: unknown output suffix {Path(text).suffix.lower()!r}; use a .mp4 or .gif file, or a folder "
+                f"(ending in /) for one {'/'.join(FORMATS)} output per video (format)"
             )
         digits = max(3, len(str(count - 1)))
         ext = "" if format == "png" else f".{format}"
