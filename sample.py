@@ -264,10 +264,15 @@ def main(argv: list[str]) -> int:
 
     from lvdm.models.compile import compile_problem
     from lvdm.pipeline import VideoPipeline, plan_outputs, read_prompts, sampling_settings
+    from lvdm.sampling_settings import MAX_SIDE
 
     prompts = [args.prompt or ""] if args.prompts is None else read_prompts(args.prompts)
     settings = _settings(args, meta)
     checked = sampling_settings(**settings)  # every mistake reported before anything is loaded
+    side = max(checked.height or 0, checked.width or 0)
+    if args.upscaler is not None and 4 * side > MAX_SIDE:  # refused before the sampling, not by the upscale after it
+        raise ConfigError(f"--upscaler: a {side} px side would upscale to {4 * side} px; at most {MAX_SIDE // 4} px a "
+                          f"side ({MAX_SIDE} out): sample smaller, or leave out --upscaler")  # fmt: skip
     _check_context(args, checked.image_mode)
     gif = Path(args.out).suffix.lower() == ".gif" or args.format == "gif"
     if gif and checked.fps is not None and checked.fps > 100:  # refused by the writer, after the sampling, before

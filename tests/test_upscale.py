@@ -333,6 +333,13 @@ def test_sample_cli_upscales_what_it_samples(upscaler, tiny_assets, tmp_path, ca
     wrong = [*args[:-6], "--upscaler", str(tiny_assets["base"]), "--out", str(tmp_path / "z.mp4")]
     code, err = run_cli(script.main, wrong), capsys.readouterr().err
     assert code == 2 and "not an x4 upscaler" in err and not (tmp_path / "z.mp4").exists(), err
+    # a size whose upscale sampling would refuse: refused before the sampling (it took the sampling to find out)
+    large = [*args[:-2], "--height", "2056", "--out", str(tmp_path / "large.mp4")]
+    code, err = run_cli(script.main, large), capsys.readouterr().err
+    assert code == 2 and "a 2056 px side would upscale to 8224 px" in err and not (tmp_path / "large.mp4").exists()
+    # the control: 2048 px passes that check (the folder given as the upscaler is what stops it, before sampling)
+    code = run_cli(script.main, [*wrong[:-2], "--height", "2048", "--out", str(tmp_path / "z.mp4")])
+    assert code == 2 and "not an x4 upscaler" in capsys.readouterr().err
 
 
 @torch.no_grad()
