@@ -159,6 +159,18 @@ def test_probe_of_awkward_files(bad_inputs) -> None:
     assert vfr.num_frames == 24 and 15 < vfr.fps < 25
 
 
+def test_a_header_declaring_a_frame_too_large_for_ffmpeg_is_named_for_it(tmp_path: Path) -> None:
+    """FFmpeg refuses a frame over about 16300x16300 px with EBUSY, which PyAV reported as "Device or resource
+    busy" (read as a locked file)."""
+    for side in (16400, 16000):  # the control: a frame FFmpeg takes is refused for another reason (no frames)
+        path = tmp_path / f"{side}.y4m"
+        path.write_bytes(f"YUV4MPEG2 W{side} H{side} F25:1 Ip A1:1 C420jpeg\nFRAME\n".encode() + bytes(1000))
+        with pytest.raises(VideoReadError) as error:
+            read_frames(path, [0], reader="pyav", timeout=TIMEOUT)
+        assert ("frame too large" in str(error.value)) == (side == 16400), error.value
+        assert "busy" not in str(error.value)
+
+
 # --- bad inputs -----------------------------------------------------------------------------------------------------
 
 

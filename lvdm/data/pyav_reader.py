@@ -12,6 +12,7 @@ dropped; gray, 10-bit and odd sizes are converted by FFmpeg's swscale.
 
 from __future__ import annotations
 
+import errno
 import math
 import os
 import stat
@@ -89,6 +90,8 @@ _AV_REASONS = {  # PyAV exception type -> reason (the file passed _check_file a 
 
 def _av_reason(error: BaseException) -> str:
     """A few words for an exception PyAV raised while opening or decoding."""
+    if isinstance(error, av.error.FFmpegError) and error.errno == errno.EBUSY:  # not the OS's: FFmpeg's own refusal
+        return "FFmpeg refused its header (as it does for a frame too large to decode, such as 16400x16400 px)"
     return next((r for kind, r in _AV_REASONS.items() if isinstance(error, kind)), f"{type(error).__name__}: {error}")
 
 
