@@ -244,10 +244,17 @@ def interpolate(
     """:meth:`lvdm.VideoPipeline.interpolate` on ``pipe``: passes of 4 over windows of keyframes."""
     from lvdm.modules.context_encoder import FLAGS
     from lvdm.outputs import VideoOutput
-    from lvdm.sampling_settings import sampling_settings
+    from lvdm.sampling_settings import MAX_FPS, sampling_settings
 
-    if factor not in FACTORS:
+    if isinstance(factor, bool) or not isinstance(factor, int) or factor not in FACTORS:
         raise ConfigError(f"interpolation factor must be 4 or 16, got {factor!r}")
+    if not isinstance(prompt, str):
+        raise ConfigError(f"prompt must be a string (interpolation makes one video), got {prompt!r}")
+    ignored = [
+        key for key, unset in (("num_frames", None), ("num_videos_per_prompt", 1)) if settings.get(key, unset) != unset
+    ]
+    if ignored:  # they were taken and ignored
+        raise ConfigError(f"interpolation makes one video, its length set by the input and the factor: drop {ignored}")
     require_context(pipe, "interpolate", task="interpolate")
     every = pipe.defaults.get("interpolate_every")
     if every not in (None, STEP):
@@ -276,6 +283,8 @@ def interpolate(
         cond, uncond = cond | with_image, uncond | without
     latents = encode_frames(pipe.base.vae, given.frames, pipe.device)
     rate = given.fps or s.fps
+    if rate * factor > MAX_FPS:  # the writers refuse it, after the sampling
+        raise ConfigError(f"{rate:g} fps interpolated by {factor} would be {rate * factor:g} fps, past {MAX_FPS}")
     for n, stage in enumerate(stages):
         made = dataclasses.replace(s, fps=rate * STEP ** (n + 1))  # the rate of the frames this pass makes
         keys = latents.shape[2]

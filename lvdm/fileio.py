@@ -35,8 +35,8 @@ def atomic_path(path: str | os.PathLike, *, exclusive: bool = False) -> Iterator
         _place(temp, path) if exclusive else os.replace(temp, path)
     except FileExistsError as exc:
         raise OutputWriteError(
-            f"{path} appeared while lvdm was writing it (another run?); it is left as it is: choose another "
-            "output, or overwrite it (--overwrite, overwrite=True)"
+            f"{path} exists (it was there before, or another run wrote it while lvdm was writing); it is left as it "
+            "is: choose another output, or overwrite it (--overwrite, overwrite=True)"
         ) from exc
     except OSError as exc:
         raise _write_error(path, exc.strerror or str(exc)) from exc

@@ -49,7 +49,7 @@ from lvdm.pipeline_sampling import (
     make_model_fn,
     resolve_settings,
 )
-from lvdm.sampling_settings import SamplingSettings, parse_threshold, sampling_settings, temporal_defaults
+from lvdm.sampling_settings import MAX_SEED, SamplingSettings, parse_threshold, sampling_settings, temporal_defaults
 
 
 # --------------------------------------------------------------------------------------------------- pipeline
@@ -213,6 +213,10 @@ class VideoPipeline:
         if rollout and latents is not None:
             raise ConfigError("latents cannot be given for a rollout or a continued video (each chunk draws its own)")
         n = len(prompts) * s.num_videos_per_prompt
+        if s.seed + n - 1 > MAX_SEED:  # video k's seed is seed + k, and its sidecar must replay it
+            raise ConfigError(
+                f"seed {s.seed}: the last of {n} videos would use seed {s.seed + n - 1}, past {MAX_SEED}"
+            )
         negatives = _negatives(s.negative_prompt, prompts)
         seeds = [s.seed + k for k in range(n)]
         generators = [torch.Generator().manual_seed(seed) for seed in seeds]
@@ -371,11 +375,11 @@ class VideoPipeline:
         """
         from lvdm.media import sampled_frames
         from lvdm.models.encoders import decode_latents
+        from lvdm.pipeline_sampling import check_latents_to_decode
 
-        if latents.ndim != 5 or latents.shape[1] != self.base.vae.config.latent_channels:
-            raise ConfigError(
-                f"latents must be (b, {self.base.vae.config.latent_channels}, f, h, w), got {tuple(latents.shape)}"
-            )
+        check_latents_to_decode(latents, self.base.vae.config.latent_channels)
+        if isinstance(chunk_frames, bool) or not isinstance(chunk_frames, int) or chunk_frames < 1:
+            raise ConfigError(f"chunk_frames must be an integer >= 1, got {chunk_frames!r}")
         if self.decoder is not None:
             from lvdm.models.temporal_vae import decode_video
 

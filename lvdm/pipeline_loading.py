@@ -47,11 +47,19 @@ def load_parts(
     torch_dtype = as_dtype(dtype)
     if device is not None and (problem := device_problem(device)):
         raise ConfigError(f"device {device}: {problem}")
+    paths = {"base": base, "temporal": temporal, "base_config": base_config, "spatial_weights": spatial_weights,
+             "image_adapter": image_adapter, "image_encoder": image_encoder, "decoder": decoder}  # fmt: skip
+    for name, value in paths.items():
+        if not isinstance(value, (str, os.PathLike)) and (value is not None or name == "base"):
+            raise ConfigError(f"{name}: expected a path (str or os.PathLike), got {value!r}")
     if not Path(base).exists():  # before the slow imports: a typo fails at once
         raise CheckpointError(f"base model {base} does not exist (expected a diffusers folder or a checkpoint file)")
     defaults = temporal_defaults(temporal) if temporal is not None else None  # a bad module fails before loading
     from lvdm.models import LoraSpec, VideoUNet, load_base
 
+    one = isinstance(loras, tuple) and len(loras) == 2 and isinstance(loras[1], int | float)  # (path, scale)
+    if one or isinstance(loras, (str, os.PathLike, LoraSpec)):  # one LoRA (a string was read a character at a time)
+        loras = [loras]
     specs = [LoraSpec.parse(spec) for spec in loras]
     if defaults and defaults.get("distilled_lora"):  # a distilled student's spatial LoRA, found beside it
         specs.append(LoraSpec.parse(student_lora(temporal)))

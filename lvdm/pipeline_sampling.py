@@ -23,6 +23,7 @@ from lvdm.sampling_settings import (
     DEFAULT_FPS,
     DEFAULT_FRAMES,
     DEFAULT_STEPS,
+    MAX_SEED,
     SamplingSettings,
     parse_threshold,
     sampling_settings,
@@ -34,6 +35,7 @@ def resolve_settings(pipe: Any, s: SamplingSettings, latents: torch.Tensor | Non
     native = pipe.base.unet.config.sample_size * pipe.vae_scale_factor
     given = {}
     if latents is not None:
+        check_noise("latents", latents)
         if latents.ndim != 5:
             raise ConfigError(f"latents must be (b, c, f, h, w), got shape {tuple(latents.shape)}")
         f, h, w = latents.shape[2:]
@@ -214,7 +216,8 @@ def _rows(inputs: dict[str, torch.Tensor], rows: slice) -> dict[str, torch.Tenso
 
 
 def _as_prompts(prompt: str | Sequence[str]) -> list[str]:
-    prompts = [prompt] if isinstance(prompt, str) else list(prompt)
+    is_list = isinstance(prompt, (list, tuple))
+    prompts = [prompt] if isinstance(prompt, str) else list(prompt) if is_list else []
     if not prompts or not all(isinstance(p, str) for p in prompts):
         raise ConfigError(f"prompt must be a string or a non-empty list of strings, got {prompt!r}")
     for text in prompts:
@@ -235,13 +238,36 @@ def _negatives(negative: str | list[str] | None, prompts: list[str]) -> list[str
     return list(negative)
 
 
+def check_noise(name: str, noise: Any) -> None:
+    """Given noise is a finite floating-point tensor with values (a NaN in it came out as "the sampled video holds
+    NaN", blaming the guidance; numpy arrays and lists failed inside torch)."""
+    if not isinstance(noise, torch.Tensor) or not noise.is_floating_point() or noise.is_meta:
+        what = f"{noise.dtype} tensor" if isinstance(noise, torch.Tensor) else type(noise).__name__
+        raise ConfigError(f"{name} must be a floating-point torch.Tensor on a real device, got a {what}")
+    if not torch.isfinite(noise).all():
+        raise ConfigError(f"{name} holds NaN or infinite values")
+
+
+def check_latents_to_decode(latents: Any, channels: int) -> None:
+    """``latents`` for a ``decode``: finite floats ``(b, channels, f, h, w)``, none of them empty."""
+    check_noise("latents", latents)
+    if latents.ndim != 5 or latents.shape[1] != channels or 0 in latents.shape:
+        raise ConfigError(f"latents must be (b, {channels}, f, h, w), none of them 0, got {tuple(latents.shape)}")
+
+
 def _base_noise(base_noise: torch.Tensor | int, shape: tuple[int, ...]) -> torch.Tensor:
     """The mixed prior's base ``(b, c, 1, h, w)``: drawn from an int seed (one for all videos), or a given tensor."""
     n, c, _, h, w = shape
-    if isinstance(base_noise, int):
+    if isinstance(base_noise, int) and not isinstance(base_noise, bool):
+        if not 0 <= base_noise <= MAX_SEED:
+            raise ConfigError(f"base_noise: a seed must be in 0 .. {MAX_SEED}, got {base_noise}")
         base_noise = torch.randn((1, c, 1, h, w), generator=torch.Generator().manual_seed(base_noise))
+    if not isinstance(base_noise, torch.Tensor):
+        raise ConfigError(f"base_noise must be an int seed or a tensor, got {base_noise!r}")
+    check_noise("base_noise", base_noise)
     if base_noise.ndim != 5 or base_noise.shape[0] not in (1, n) or tuple(base_noise.shape[1:]) != (c, 1, h, w):
-        raise ConfigError(f"base_noise must be (1 or {n}, {c}, 1, {h}, {w}), got {tuple(base_noise.shape)}")
+        rows = "1" if n == 1 else f"1 or {n}"
+        raise ConfigError(f"base_noise must be ({rows}, {c}, 1, {h}, {w}), got {tuple(base_noise.shape)}")
     return base_noise.float().expand(n, c, 1, h, w)  # (1 or b) c 1 h w -> b c 1 h w
 
 

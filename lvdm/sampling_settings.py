@@ -26,6 +26,7 @@ MAX_SIDE = 8192  # pixels
 MAX_STEPS = 1000  # at most the training timesteps (SD's 1000)
 MAX_GUIDANCE = 100  # guidance weights (and schedule options) within +-this
 MAX_SEED = 2**63 - 1
+MAX_FPS = 1000  # frames per second written (the writers' limit)
 DTYPES: dict[str, torch.dtype] = {"fp32": torch.float32, "fp16": torch.float16, "bf16": torch.bfloat16}
 
 
@@ -90,11 +91,14 @@ class SamplingSettings:
         min=1,
     )
     context_guidance: float = option(
-        1.0, "context guidance s (1: off): f(z) + s (f(z; given frames) - f(z)), in the same forward as the text's"
+        1.0, "context guidance s (1: off): f(z) + s (f(z; given frames) - f(z)), in the same forward as the text's",
+        min=-MAX_GUIDANCE, max=MAX_GUIDANCE,
+    )  # fmt: skip
+    image_scale: float = option(
+        1.0, "image conditioning: weight of the image attention beside the text's", min=0, max=MAX_GUIDANCE
     )
-    image_scale: float = option(1.0, "image conditioning: weight of the image attention beside the text's", min=0)
     image_guidance_scale: float | None = option(
-        None, "guidance on the image (null: the text's guidance_scale, one guidance on both)", min=0
+        None, "guidance on the image (null: the text's guidance_scale, one guidance on both)", min=0, max=MAX_GUIDANCE
     )
     image_as_first_frame: bool = option(
         False, "image conditioning with context frames: the image is also the context the video continues from"
@@ -120,8 +124,8 @@ class SamplingSettings:
                 parse_threshold(self.threshold)
             except ConfigError as exc:
                 problems.append(f"threshold: {exc}")
-        if self.fps is not None and self.fps > 1000:
-            problems.append(f"fps: must be <= 1000, got {self.fps}")
+        if self.fps is not None and self.fps > MAX_FPS:
+            problems.append(f"fps: must be <= {MAX_FPS}, got {self.fps}")
         return problems
 
 
@@ -186,8 +190,8 @@ def parse_threshold(text: str) -> Callable[[torch.Tensor], torch.Tensor]:
     if mode not in THRESHOLDS or not 1 <= len(values) <= 2 or (mode == "clamp" and len(values) != 1):
         raise ConfigError(f"expected 'clamp:VALUE' or 'percentile:Q[:BOUND]', got {text!r}")
     value, bound = values[0], values[1] if len(values) == 2 else 1.0
-    if value <= 0 or bound <= 0 or (mode == "percentile" and value > 1):
-        raise ConfigError(f"{text!r}: values must be > 0 (a percentile's Q in (0, 1])")
+    if not (value > 0 and bound > 0) or not math.isfinite(value + bound) or (mode == "percentile" and value > 1):
+        raise ConfigError(f"{text!r}: values must be finite and > 0 (a percentile's Q in (0, 1])")
     return functools.partial(threshold_x0, mode=mode, value=value, bound=bound)
 
 

@@ -16,6 +16,7 @@ reflection and the output cropped back.
 from __future__ import annotations
 
 import dataclasses
+import math
 import os
 from pathlib import Path
 from typing import Any
@@ -26,7 +27,7 @@ import torch
 from lvdm import __version__
 from lvdm.errors import CheckpointError, ConfigError
 from lvdm.outputs import VideoOutput
-from lvdm.sampling_settings import MAX_FRAMES, MAX_GUIDANCE, MAX_SEED, MAX_SIDE, MAX_STEPS
+from lvdm.sampling_settings import MAX_FPS, MAX_FRAMES, MAX_GUIDANCE, MAX_SEED, MAX_SIDE, MAX_STEPS
 
 DEFAULTS = {"noise_level": 20, "num_inference_steps": 75, "guidance_scale": 9.0}  # diffusers' pipeline defaults
 DEFAULT_FPS = 8.0
@@ -153,8 +154,7 @@ class UpscalePipeline:
         low = read_low_res(video)
         f, h, w = low.frames.shape[:3]
         self._check(noise_level, num_inference_steps, tile, tile_overlap, chunk_frames)
-        if frame_norms not in (True, False, "pooled"):
-            raise ConfigError(f"frame_norms must be True, False or 'pooled', got {frame_norms!r}")
+        _check_call(prompt, negative_prompt, scheduler, frame_norms, image_mode, fps)
         _check_seed_and_guidance(seed, guidance_scale)
         seed = seed if seed is not None else int.from_bytes(os.urandom(4), "little")
         generator = torch.Generator().manual_seed(seed)
@@ -205,14 +205,18 @@ class UpscalePipeline:
             raise ConfigError(
                 f"num_inference_steps must be an integer in 1 .. {MAX_STEPS} (the timesteps), got {steps!r}"
             )
-        if tile is not None and (isinstance(tile, bool) or not isinstance(tile, int) or tile < self.multiple
-                                 or tile % self.multiple):  # fmt: skip
-            raise ConfigError(f"tile must be a multiple of {self.multiple} low-res pixels (the UNet's), got {tile!r}")
-        if overlap is not None and (tile is None or not 0 <= overlap < tile):
-            raise ConfigError(f"tile_overlap must be 0 .. tile - 1 and goes with tile, got {overlap!r}")
+        self._check_tiles(tile, overlap)
         if chunk_frames is not None and (isinstance(chunk_frames, bool) or not isinstance(chunk_frames, int)
                                          or chunk_frames < 2):  # fmt: skip
             raise ConfigError(f"chunk_frames must be an integer >= 2, got {chunk_frames!r}")
+
+    def _check_tiles(self, tile: Any, overlap: Any) -> None:
+        if tile is not None and (isinstance(tile, bool) or not isinstance(tile, int) or tile < self.multiple
+                                 or tile % self.multiple):  # fmt: skip
+            raise ConfigError(f"tile must be a multiple of {self.multiple} low-res pixels (the UNet's), got {tile!r}")
+        if overlap is not None and (tile is None or isinstance(overlap, bool) or not isinstance(overlap, int)
+                                    or not 0 <= overlap < tile):  # fmt: skip
+            raise ConfigError(f"tile_overlap must be 0 .. tile - 1 and goes with tile, got {overlap!r}")
 
     def _noised_low_res(
         self, frames: np.ndarray, noise_level: int, generator: torch.Generator
@@ -231,6 +235,9 @@ class UpscalePipeline:
     ) -> torch.Tensor:
         if latents is None:
             return torch.randn(shape, generator=generator).to(self.device)
+        from lvdm.pipeline_sampling import check_noise
+
+        check_noise("latents", latents)
         if tuple(latents.shape) != shape:
             raise ConfigError(f"latents must have shape {shape} for this video, got {tuple(latents.shape)}")
         return latents.to(device=self.device, dtype=torch.float32)
@@ -275,7 +282,11 @@ class UpscalePipeline:
         pass) or each tile's own."""
         from lvdm.media import sampled_frames
         from lvdm.models.encoders import decode_latents
+        from lvdm.pipeline_sampling import check_latents_to_decode
         from lvdm.tiles import tiled
+
+        check_latents_to_decode(latents, self.base.vae.config.latent_channels)
+        self._check_tiles(tile, tile_overlap)
 
         def decode(z: torch.Tensor) -> torch.Tensor:
             return decode_latents(self.base.vae, z, chunk_frames=1).permute(0, 2, 1, 3, 4)  # b f 3 H W -> b 3 f H W
@@ -290,6 +301,25 @@ class UpscalePipeline:
 
 
 # --------------------------------------------------------------------------------------------------- helpers
+def _check_call(prompt: Any, negative: Any, scheduler: Any, frame_norms: Any, image_mode: Any, fps: Any) -> None:
+    """The upscale's other arguments, as :class:`~lvdm.sampling_settings.SamplingSettings` checks the text-to-video
+    pipeline's (a list of prompts was taken as a prompt and its negative; a NaN fps failed only when saving)."""
+    from lvdm.diffusion.sampling import SAMPLERS
+
+    for name, text in (("prompt", prompt), ("negative_prompt", negative)):
+        if not isinstance(text, str):
+            raise ConfigError(f"{name} must be a string (the upscaler takes one video and one prompt), got {text!r}")
+    if not isinstance(scheduler, str) or scheduler not in SAMPLERS:
+        raise ConfigError(f"scheduler must be one of {', '.join(SAMPLERS)}, got {scheduler!r}")
+    if not any(frame_norms is allowed for allowed in (True, False)) and frame_norms != "pooled":
+        raise ConfigError(f"frame_norms must be True, False or 'pooled', got {frame_norms!r}")
+    if not isinstance(image_mode, bool):
+        raise ConfigError(f"image_mode must be True or False, got {image_mode!r}")
+    real = isinstance(fps, int | float) and not isinstance(fps, bool)
+    if fps is not None and not (real and math.isfinite(fps) and 0 < fps <= MAX_FPS):
+        raise ConfigError(f"fps must be a number in (0, {MAX_FPS}], or None for the input's rate, got {fps!r}")
+
+
 def _check_seed_and_guidance(seed: Any, guidance: Any) -> None:
     """The ranges :class:`~lvdm.sampling_settings.SamplingSettings` holds the text-to-video pipeline's to."""
     if seed is not None and (isinstance(seed, bool) or not isinstance(seed, int) or not 0 <= seed <= MAX_SEED):

@@ -461,7 +461,7 @@ def test_a_file_that_appears_during_the_conversion_is_kept(tiny_assets, adapters
     monkeypatch.setattr(fileio, "_place", someone_writes_first)
     source = adapters["root"] / "mid_original.safetensors"
     refused = convert("motion-module", source, out, "--base", tiny_assets["base"], capsys=capsys)
-    assert refused.returncode == 1 and "appeared while lvdm was writing it" in refused.stderr, refused.stderr
+    assert refused.returncode == 1 and "another run wrote it while" in refused.stderr, refused.stderr
     assert out.read_bytes() == b"written meanwhile"
     done = convert("motion-module", source, out, "--base", tiny_assets["base"], "--overwrite", capsys=capsys)
     assert done.returncode == 0, done.stderr

@@ -432,6 +432,8 @@ def test_interpolation_keeps_the_keyframes_and_multiplies_the_fps(context_files,
     saved = sixteen.save(tmp_path / "smooth.mp4")[0]
     info = probe(saved)
     assert (info.num_frames, info.fps) == (33, 96.0)
+    with pytest.raises(ConfigError, match="100 fps interpolated by 16 would be 1600 fps, past 1000"):
+        pipe.interpolate(keys, factor=16, **FAST, fps=100.0)  # made, and refused only when saved
 
 
 def test_by_16_the_second_pass_is_the_fine_stage_where_the_module_learnt_it(context_files):

@@ -124,7 +124,7 @@ def test_a_file_that_appears_during_the_export_is_kept(run, tmp_path, monkeypatc
         place(temp, path)
 
     monkeypatch.setattr(fileio, "_place", someone_writes_first)
-    with pytest.raises(OutputWriteError, match="appeared while lvdm was writing it") as caught:
+    with pytest.raises(OutputWriteError, match="or another run wrote it while lvdm was writing") as caught:
         export_checkpoint(checkpoint(run, 3), out)
     assert late.read_bytes() == b"written meanwhile"
     if target == "lora":  # the module written before it is removed again: an export is all or nothing

@@ -217,7 +217,7 @@ def test_an_output_another_run_writes_meanwhile_is_not_replaced(files, tmp_path,
     args = ["--base", str(files["a"]), "--prompt", "a kite", "--frames", "2", "--steps", "1", "--out", str(out)]
     code, stdout, err = sample_here(capsys, *args)
     errors = [line for line in err.splitlines() if line.startswith("error:")]
-    assert code == 1 and len(errors) == 1 and "appeared while lvdm was writing it" in errors[0], err
+    assert code == 1 and len(errors) == 1 and "or another run wrote it while lvdm was writing" in errors[0], err
     assert "Traceback" not in err
     assert out.read_bytes() == b"the other run's video" and not stdout
     assert [p.name for p in tmp_path.iterdir()] == ["race.mp4"]  # no temporary file left

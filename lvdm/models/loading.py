@@ -15,6 +15,7 @@ written here is the policy around them:
 from __future__ import annotations
 
 import math
+import numbers
 import os
 import re
 import stat
@@ -46,9 +47,11 @@ class LoraSpec:
     def parse(cls, spec: str | os.PathLike | tuple[Any, float] | LoraSpec) -> LoraSpec:
         """``LoraSpec``, ``(path, scale)``, a path, or the command-line form ``"PATH[:SCALE]"``."""
         if isinstance(spec, LoraSpec):
-            return spec
-        if isinstance(spec, tuple):
-            return cls(Path(spec[0]), float(spec[1]))
+            return cls(spec.path, _lora_scale(spec.path, spec.scale))
+        if isinstance(spec, tuple) and len(spec) == 2 and isinstance(spec[0], (str, os.PathLike)):
+            return cls(Path(spec[0]), _lora_scale(spec[0], spec[1]))
+        if not isinstance(spec, (str, os.PathLike)):
+            raise ConfigError(f"LoRA {spec!r}: expected a path, 'PATH:SCALE' or a (path, scale) pair")
         text = os.fspath(spec)
         head, sep, tail = text.rpartition(":")
         if sep and head and not Path(text).exists():
@@ -56,10 +59,16 @@ class LoraSpec:
                 scale = float(tail)
             except ValueError:
                 raise ConfigError(f"LoRA {text!r}: the scale after ':' must be a number, got {tail!r}") from None
-            if not math.isfinite(scale):  # fused, it made the base's weights NaN, and the error blamed the base
-                raise ConfigError(f"LoRA {text!r}: the scale after ':' must be finite, got {tail!r}")
-            return cls(Path(head), scale)
+            return cls(Path(head), _lora_scale(head, scale))
         return cls(Path(text))
+
+
+def _lora_scale(path: Any, scale: Any) -> float:
+    """A LoRA's scale as a finite float: fused, a NaN or infinite one made the base's weights NaN, and the error
+    blamed the base."""
+    if isinstance(scale, bool) or not isinstance(scale, numbers.Real) or not math.isfinite(scale):
+        raise ConfigError(f"LoRA {os.fspath(path)!r}: the scale must be a finite number, got {scale!r}")
+    return float(scale)
 
 
 @dataclass

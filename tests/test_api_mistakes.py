@@ -1,0 +1,164 @@
+"""A scripting user's mistakes with the Python API: each a one-line :class:`~lvdm.errors.ConfigError` naming the
+argument, where a helper's audit found raw torch, numpy, pathlib or tokenizer errors, a message blaming something
+else, or the mistake taken silently. Each refusal has a control beside it: the right form of the same argument."""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+from conftest import write_sampling_files
+
+from lvdm import UpscalePipeline, VideoPipeline
+from lvdm.errors import ConfigError, OutputWriteError
+from lvdm.sampling_settings import MAX_SEED
+
+pytestmark = pytest.mark.usefixtures("one_thread")
+FAST = {"num_inference_steps": 2, "num_frames": 2, "height": 16, "width": 16, "progress": False}
+
+
+@pytest.fixture(scope="module")
+def files(tmp_path_factory: pytest.TempPathFactory) -> dict[str, Path]:
+    return write_sampling_files(tmp_path_factory.mktemp("api"))
+
+
+@pytest.fixture(scope="module")
+def pipe(files):
+    return VideoPipeline.from_pretrained(files["a"], temporal=files["module"])
+
+
+@pytest.fixture(scope="module")
+def upscaler(tiny_assets):
+    return UpscalePipeline.from_pretrained(tiny_assets["upscaler"])
+
+
+def test_paths_and_loras_of_the_wrong_kind(files, tmp_path):
+    for kwargs in ({"base": None}, {"base": 3}, {"base": files["a"], "temporal": 3}):
+        with pytest.raises(ConfigError, match=r"expected a path \(str or os.PathLike\), got"):
+            VideoPipeline.from_pretrained(**kwargs)
+    missing = tmp_path / "style.safetensors"
+    for one in (f"{missing}:0.7", missing, str(missing)):  # one LoRA, not in a list: was read a character at a time
+        with pytest.raises(Exception, match=f"LoRA {missing} does not exist"):
+            VideoPipeline.from_pretrained(files["b"], base_config=files["a"], loras=one)
+    for scale in (float("inf"), float("nan"), "0.7", True):  # an infinite scale blamed the base's weights
+        with pytest.raises(ConfigError, match="the scale must be a finite number"):
+            VideoPipeline.from_pretrained(files["b"], base_config=files["a"], loras=[(files["lora"], scale)])
+    with pytest.raises(ConfigError, match="expected a path, 'PATH:SCALE' or a"):
+        VideoPipeline.from_pretrained(files["b"], base_config=files["a"], loras=[3])
+    # the control: one LoRA alone loads as the same LoRA in a list does
+    alone = VideoPipeline.from_pretrained(files["b"], base_config=files["a"], loras=(files["lora"], 0.7))
+    listed = VideoPipeline.from_pretrained(files["b"], base_config=files["a"], loras=[f"{files['lora']}:0.7"])
+    for a, b in zip(alone.base.unet.parameters(), listed.base.unet.parameters(), strict=True):
+        assert torch.equal(a, b)
+
+
+def test_prompts_seeds_and_noise(pipe):
+    for prompt in (None, 5, b"x"):
+        with pytest.raises(ConfigError, match="prompt must be a string or a non-empty list of strings"):
+            pipe(prompt, **FAST)
+    # video k uses seed + k, and its sidecar must replay it: past MAX_SEED it could not
+    with pytest.raises(ConfigError, match="the last of 2 videos would use seed"):
+        pipe(["a", "b"], seed=MAX_SEED, **FAST)
+    shape = (1, 4, 2, 8, 8)  # the tiny VAE downsamples by 2
+    for latents, message in (
+        (np.zeros(shape, np.float32), "a ndarray"),
+        (torch.zeros(shape, dtype=torch.int64), "a torch.int64 tensor"),
+        (torch.zeros(shape, device="meta"), "on a real device"),
+        (torch.full(shape, float("nan")), "latents holds NaN"),
+    ):
+        with pytest.raises(ConfigError, match=message):  # a NaN came out as "the sampled video holds NaN"
+            pipe("x", latents=latents, **FAST)
+    mixed = {**FAST, "noise_prior": "mixed"}
+    for base_noise, message in (
+        (1.5, "an int seed or a tensor"),
+        (True, "an int seed or a tensor"),
+        (-1, "a seed must be in 0 .. "),
+        (2**70, "a seed must be in 0 .. "),
+        (np.zeros((1, 4, 1, 8, 8), np.float32), "an int seed or a tensor"),
+        (torch.full((1, 4, 1, 8, 8), float("inf")), "base_noise holds NaN"),
+        (torch.zeros(4, 1, 8, 8), r"base_noise must be \(1, 4, 1, 8, 8\)"),
+    ):
+        with pytest.raises(ConfigError, match=message):
+            pipe("x", base_noise=base_noise, **mixed)
+    for settings, message in (
+        ({"threshold": "clamp:nan"}, "values must be finite"),
+        ({"context_guidance": float("inf")}, "context_guidance: must be <= 100"),
+        ({"image_scale": 1e300}, "image_scale: must be <= 100"),
+    ):
+        with pytest.raises(ConfigError, match=message):
+            pipe("x", **FAST, **settings)
+    # the controls: the last seed there is for one video, and given noise of the right kind
+    seeds = [record["seed"] for record in pipe(["a", "b"], seed=MAX_SEED - 1, **FAST).metadata]
+    assert seeds == [MAX_SEED - 1, MAX_SEED]
+    given = torch.randn(shape, generator=torch.Generator().manual_seed(0))
+    assert np.array_equal(pipe("x", latents=given, **FAST).frames, pipe("x", latents=given.clone(), **FAST).frames)
+    pipe("x", base_noise=3, seed=0, **mixed)
+
+
+def test_decoding_and_interpolating(pipe):
+    latents = pipe("x", seed=0, **FAST).latents
+    for value in (0, -1, 2.5, "2", None, True):
+        with pytest.raises(ConfigError, match="chunk_frames must be an integer >= 1"):
+            pipe.decode(latents, chunk_frames=value)
+    for bad in (latents[:, :, :0], latents[:0], latents.numpy(), latents[0]):
+        with pytest.raises(ConfigError, match=r"latents must be|latents must be a floating-point"):
+            pipe.decode(bad)
+    assert pipe.decode(latents, chunk_frames=1).shape == (1, 2, 16, 16, 3)  # the control
+    keys = np.zeros((2, 16, 16, 3), np.uint8)
+    for kwargs, message in (
+        ({"factor": 4.0}, "factor must be 4 or 16"),
+        ({"prompt": None}, "prompt must be a string"),
+        ({"prompt": ["a", "b"]}, "prompt must be a string"),
+        ({"num_frames": 9}, r"drop \['num_frames'\]"),
+        ({"num_videos_per_prompt": 3}, r"drop \['num_videos_per_prompt'\]"),
+    ):  # each checked before the module is asked whether it can interpolate (this one cannot)
+        with pytest.raises(ConfigError, match=message):
+            pipe.interpolate(keys, **kwargs)
+    with pytest.raises(ConfigError, match="has no context support"):  # the control: past the argument checks
+        pipe.interpolate(keys, factor=4, num_videos_per_prompt=1)
+
+
+def test_saving(pipe, tmp_path):
+    out = pipe("x", seed=0, **FAST)
+    taken = tmp_path / "taken.mp4"
+    taken.write_bytes(b"the user's")
+    with pytest.raises(OutputWriteError, match="it was there before, or another run wrote it"):  # it said only
+        out.save(taken, overwrite=False)  # "appeared while lvdm was writing it (another run?)"
+    assert taken.read_bytes() == b"the user's"
+    for index in (5, -1, "0", True):
+        with pytest.raises(ConfigError, match=r"index must be an integer in 0 .. 0"):
+            out.save(tmp_path / "i.mp4", index=index)
+    os.mkfifo(tmp_path / "fifo")
+    with pytest.raises(ConfigError, match="it exists and is not a folder"):
+        out.save(tmp_path / "fifo")
+    assert out.save(tmp_path / "new.mp4", index=0, overwrite=False) == [tmp_path / "new.mp4"]  # the control
+
+
+def test_upscale_arguments(upscaler):
+    video = np.zeros((2, 8, 8, 3), np.uint8)
+    quick = {"num_inference_steps": 2, "progress": False, "seed": 0}
+    for kwargs, message in (
+        ({"fps": float("nan")}, r"fps must be a number in \(0, 1000\]"),
+        ({"fps": -5}, r"fps must be a number in \(0, 1000\]"),
+        ({"fps": 0}, r"fps must be a number in \(0, 1000\]"),  # became 8, silently
+        ({"fps": "8"}, r"fps must be a number in \(0, 1000\]"),
+        ({"prompt": None}, "prompt must be a string"),
+        ({"prompt": ["a", "b"]}, "prompt must be a string"),  # it was taken as a prompt and its negative
+        ({"negative_prompt": ["x"]}, "negative_prompt must be a string"),
+        ({"scheduler": "ddimm"}, "scheduler must be one of"),  # a plain ValueError
+        ({"image_mode": "x"}, "image_mode must be True or False"),
+        ({"frame_norms": 1}, "frame_norms must be True, False or 'pooled'"),
+        ({"latents": np.zeros((1, 4, 2, 8, 8), np.float32)}, "latents must be a floating-point torch.Tensor"),
+        ({"latents": torch.full((1, 4, 2, 8, 8), float("nan"))}, "latents holds NaN"),
+    ):
+        with pytest.raises(ConfigError, match=message):
+            upscaler(video, **quick, **kwargs)
+    latents = upscaler(video, "a disc", fps=12.5, **quick).latents  # the control
+    with pytest.raises(ConfigError, match=r"latents must be \(b, 4, f, h, w\)"):
+        upscaler.decode(latents[0])
+    with pytest.raises(ConfigError, match="tile_overlap must be"):
+        upscaler.decode(latents, tile=8, tile_overlap=2.5)
+    assert upscaler.decode(latents).shape == (1, 2, 32, 32, 3)
