@@ -204,6 +204,8 @@ def _check_context(args: argparse.Namespace, image_mode: bool) -> None:
         raise ConfigError("--factor goes with --interpolate VIDEO")
     if args.factor not in (None, 4, 16):  # from a sidecar (the flag's own choices are checked by argparse)
         raise ConfigError(f"interpolate.factor {args.factor!r}: must be 4 or 16")
+    if args.interpolate is not None and args.num_videos_per_prompt not in (None, 1):
+        raise ConfigError("--interpolate makes one video: it does not take --num-videos")
     if args.interpolate is not None and (args.context is not None or args.prompts is not None):
         raise ConfigError("--interpolate makes one video: it does not take --context or --prompts")
     if (args.context or args.interpolate) and image_mode:

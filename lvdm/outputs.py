@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import numbers
 import os
 import re
 from collections.abc import Sequence
@@ -50,10 +51,21 @@ class VideoOutput:
         ``overwrite=False``: a file that exists by the time it is written is an error and stays as it is.
         Returns the media paths (files or frame folders).
         """
-        if index is not None and (isinstance(index, bool) or not isinstance(index, int) or not 0 <= index < len(self)):
-            raise ConfigError(f"index must be an integer in 0 .. {len(self) - 1} (the videos held), got {index!r}")
-        many = index is None and len(self) > 1
-        targets = {k: Path(_numbered(path, k, len(self)) if many else path) for k in _indices(index, len(self))}
+        if index is not None:
+            if (
+                isinstance(index, bool)
+                or not isinstance(index, numbers.Integral)
+                or not -len(self) <= index < len(self)
+            ):
+                raise ConfigError(f"index must be an integer in -{len(self)} .. {len(self) - 1}, got {index!r}")
+            targets = {int(index) % len(self): Path(path)}
+        elif len(self) == 1:
+            targets = {0: Path(path)}
+        else:
+            targets = {k: Path(_numbered(path, k, len(self))) for k in range(len(self))}
+        for target in targets.values():  # before any is written
+            if media_kind(target) == "png" and (target.exists() or target.is_symlink()) and not target.is_dir():
+                raise ConfigError(f"cannot write PNG frames into {target}: it exists and is not a folder")
         return [self._write(k, target, overwrite) for k, target in targets.items()]
 
     def _write(self, index: int, path: str | os.PathLike, overwrite: bool) -> Path:
@@ -61,8 +73,6 @@ class VideoOutput:
 
         kind = media_kind(path)
         target = Path(path)
-        if kind == "png" and (target.exists() or target.is_symlink()) and not target.is_dir():
-            raise ConfigError(f"cannot write PNG frames into {target}: it exists and is not a folder")
         try:
             WRITERS[kind](self.frames[index], target, self.fps, not overwrite)
         except ValueError as exc:  # e.g. an fps GIF cannot store
@@ -70,10 +80,6 @@ class VideoOutput:
         record = self.metadata[index] | {"file": target.name, "format": kind}
         write_json(record, sidecar_path(target), exclusive=not overwrite)
         return target
-
-
-def _indices(index: int | None, count: int) -> range:
-    return range(count) if index is None else range(index, index + 1)
 
 
 def media_kind(path: str | os.PathLike) -> str:

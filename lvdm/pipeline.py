@@ -193,6 +193,7 @@ class VideoPipeline:
 
         prompts = _as_prompts(prompt)
         s = self._resolve(sampling_settings(**settings), latents)
+        _check_seeds(s.seed, len(prompts) * s.num_videos_per_prompt)
         if image is not None:
             image_sampling.require_image(self)
         if s.image_as_first_frame:
@@ -213,10 +214,6 @@ class VideoPipeline:
         if rollout and latents is not None:
             raise ConfigError("latents cannot be given for a rollout or a continued video (each chunk draws its own)")
         n = len(prompts) * s.num_videos_per_prompt
-        if s.seed + n - 1 > MAX_SEED:  # video k's seed is seed + k, and its sidecar must replay it
-            raise ConfigError(
-                f"seed {s.seed}: the last of {n} videos would use seed {s.seed + n - 1}, past {MAX_SEED}"
-            )
         negatives = _negatives(s.negative_prompt, prompts)
         seeds = [s.seed + k for k in range(n)]
         generators = [torch.Generator().manual_seed(seed) for seed in seeds]
@@ -328,6 +325,7 @@ class VideoPipeline:
         if len(paths) != len(prompts) * repeat:
             raise ConfigError(f"got {len(paths)} output paths for {len(prompts) * repeat} videos")
         seed = s.seed if s.seed is not None else _random_seed()
+        _check_seeds(seed, len(prompts) * repeat)
         negatives = _negatives(s.negative_prompt, prompts)
         per_call = max(1, s.batch_size // repeat)
         written = []
@@ -426,3 +424,11 @@ __all__ = [
     "sampling_settings",
     "temporal_defaults",
 ]
+
+
+def _check_seeds(seed: int, videos: int) -> None:
+    """Video k uses ``seed + k``, and its sidecar must replay it: the last one within ``MAX_SEED``."""
+    if seed + videos - 1 > MAX_SEED:
+        raise ConfigError(
+            f"seed {seed}: the last of {videos} videos would use seed {seed + videos - 1}, past {MAX_SEED}"
+        )

@@ -57,9 +57,11 @@ def load_parts(
     defaults = temporal_defaults(temporal) if temporal is not None else None  # a bad module fails before loading
     from lvdm.models import LoraSpec, VideoUNet, load_base
 
-    one = isinstance(loras, tuple) and len(loras) == 2 and isinstance(loras[1], int | float)  # (path, scale)
+    one = isinstance(loras, tuple) and len(loras) == 2 and not isinstance(loras[1], str | os.PathLike | tuple)
     if one or isinstance(loras, (str, os.PathLike, LoraSpec)):  # one LoRA (a string was read a character at a time)
-        loras = [loras]
+        loras = [loras]  # a (path, scale) pair: its scale is checked where every scale is
+    if loras is None:
+        loras = []
     specs = [LoraSpec.parse(spec) for spec in loras]
     if defaults and defaults.get("distilled_lora"):  # a distilled student's spatial LoRA, found beside it
         specs.append(LoraSpec.parse(student_lora(temporal)))

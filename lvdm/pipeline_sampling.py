@@ -10,11 +10,13 @@ from its own generator, seeded ``seed + k``.
 from __future__ import annotations
 
 import hashlib
+import numbers
 import re
 import secrets
 from collections.abc import Callable, Sequence
 from typing import Any
 
+import numpy as np
 import torch
 
 from lvdm.configlib import config_to_dict
@@ -216,8 +218,10 @@ def _rows(inputs: dict[str, torch.Tensor], rows: slice) -> dict[str, torch.Tenso
 
 
 def _as_prompts(prompt: str | Sequence[str]) -> list[str]:
-    is_list = isinstance(prompt, (list, tuple))
-    prompts = [prompt] if isinstance(prompt, str) else list(prompt) if is_list else []
+    try:
+        prompts = [prompt] if isinstance(prompt, str) else list(prompt)  # any iterable of strings
+    except TypeError:
+        prompts = []
     if not prompts or not all(isinstance(p, str) for p in prompts):
         raise ConfigError(f"prompt must be a string or a non-empty list of strings, got {prompt!r}")
     for text in prompts:
@@ -238,19 +242,20 @@ def _negatives(negative: str | list[str] | None, prompts: list[str]) -> list[str
     return list(negative)
 
 
-def check_noise(name: str, noise: Any) -> None:
-    """Given noise is a finite floating-point tensor with values (a NaN in it came out as "the sampled video holds
-    NaN", blaming the guidance; numpy arrays and lists failed inside torch)."""
+def check_noise(name: str, noise: Any, *, finite: bool = True) -> None:
+    """Given noise is a (``finite``) floating-point tensor with values (a NaN in it came out as "the sampled video
+    holds NaN", blaming the guidance; numpy arrays and lists failed inside torch)."""
     if not isinstance(noise, torch.Tensor) or not noise.is_floating_point() or noise.is_meta:
-        what = f"{noise.dtype} tensor" if isinstance(noise, torch.Tensor) else type(noise).__name__
-        raise ConfigError(f"{name} must be a floating-point torch.Tensor on a real device, got a {what}")
-    if not torch.isfinite(noise).all():
+        what = f"{noise.device.type} {noise.dtype} tensor" if isinstance(noise, torch.Tensor) else type(noise).__name__
+        raise ConfigError(f"{name} must be a floating-point torch.Tensor with values (not on meta), got a {what}")
+    if finite and not torch.isfinite(noise).all():
         raise ConfigError(f"{name} holds NaN or infinite values")
 
 
 def check_latents_to_decode(latents: Any, channels: int) -> None:
-    """``latents`` for a ``decode``: finite floats ``(b, channels, f, h, w)``, none of them empty."""
-    check_noise("latents", latents)
+    """``latents`` for a ``decode``: floats ``(b, channels, f, h, w)``, none of them empty. Not checked for NaN:
+    latents that blew up in sampling decode to the non-finite video's error, which names the likely causes."""
+    check_noise("latents", latents, finite=False)
     if latents.ndim != 5 or latents.shape[1] != channels or 0 in latents.shape:
         raise ConfigError(f"latents must be (b, {channels}, f, h, w), none of them 0, got {tuple(latents.shape)}")
 
@@ -258,7 +263,8 @@ def check_latents_to_decode(latents: Any, channels: int) -> None:
 def _base_noise(base_noise: torch.Tensor | int, shape: tuple[int, ...]) -> torch.Tensor:
     """The mixed prior's base ``(b, c, 1, h, w)``: drawn from an int seed (one for all videos), or a given tensor."""
     n, c, _, h, w = shape
-    if isinstance(base_noise, int) and not isinstance(base_noise, bool):
+    if isinstance(base_noise, numbers.Integral) and not isinstance(base_noise, bool | np.bool_):
+        base_noise = int(base_noise)
         if not 0 <= base_noise <= MAX_SEED:
             raise ConfigError(f"base_noise: a seed must be in 0 .. {MAX_SEED}, got {base_noise}")
         base_noise = torch.randn((1, c, 1, h, w), generator=torch.Generator().manual_seed(base_noise))
@@ -273,8 +279,8 @@ def _base_noise(base_noise: torch.Tensor | int, shape: tuple[int, ...]) -> torch
 
 def _describe(base_noise: torch.Tensor | int | None) -> int | str | None:
     """How a sidecar records the base noise: its seed, or a fingerprint of a given tensor."""
-    if base_noise is None or isinstance(base_noise, int):
-        return base_noise
+    if base_noise is None or isinstance(base_noise, numbers.Integral):
+        return None if base_noise is None else int(base_noise)
     digest = hashlib.sha256(base_noise.detach().float().cpu().numpy().tobytes()).hexdigest()[:16]
     return f"tensor {tuple(base_noise.shape)} sha256:{digest}"
 

@@ -17,6 +17,7 @@ from __future__ import annotations
 
 import dataclasses
 import math
+import numbers
 import os
 from pathlib import Path
 from typing import Any
@@ -151,11 +152,11 @@ class UpscalePipeline:
         from lvdm.diffusion import guidance_schedule, make_scheduler, sample
         from lvdm.tiles import tiled
 
-        low = read_low_res(video)
-        f, h, w = low.frames.shape[:3]
         self._check(noise_level, num_inference_steps, tile, tile_overlap, chunk_frames)
         _check_call(prompt, negative_prompt, scheduler, frame_norms, image_mode, fps)
         _check_seed_and_guidance(seed, guidance_scale)
+        low = read_low_res(video)  # after the checks: it decodes the whole video
+        f, h, w = low.frames.shape[:3]
         seed = seed if seed is not None else int.from_bytes(os.urandom(4), "little")
         generator = torch.Generator().manual_seed(seed)
         noisy, level = self._noised_low_res(low.frames, noise_level, generator)
@@ -311,11 +312,11 @@ def _check_call(prompt: Any, negative: Any, scheduler: Any, frame_norms: Any, im
             raise ConfigError(f"{name} must be a string (the upscaler takes one video and one prompt), got {text!r}")
     if not isinstance(scheduler, str) or scheduler not in SAMPLERS:
         raise ConfigError(f"scheduler must be one of {', '.join(SAMPLERS)}, got {scheduler!r}")
-    if not any(frame_norms is allowed for allowed in (True, False)) and frame_norms != "pooled":
+    if not isinstance(frame_norms, bool | np.bool_) and frame_norms != "pooled":
         raise ConfigError(f"frame_norms must be True, False or 'pooled', got {frame_norms!r}")
-    if not isinstance(image_mode, bool):
+    if not isinstance(image_mode, bool | np.bool_):
         raise ConfigError(f"image_mode must be True or False, got {image_mode!r}")
-    real = isinstance(fps, int | float) and not isinstance(fps, bool)
+    real = isinstance(fps, numbers.Real) and not isinstance(fps, bool | np.bool_)
     if fps is not None and not (real and math.isfinite(fps) and 0 < fps <= MAX_FPS):
         raise ConfigError(f"fps must be a number in (0, {MAX_FPS}], or None for the input's rate, got {fps!r}")
 

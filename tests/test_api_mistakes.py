@@ -49,24 +49,28 @@ def test_paths_and_loras_of_the_wrong_kind(files, tmp_path):
     with pytest.raises(ConfigError, match="expected a path, 'PATH:SCALE' or a"):
         VideoPipeline.from_pretrained(files["b"], base_config=files["a"], loras=[3])
     # the control: one LoRA alone loads as the same LoRA in a list does
-    alone = VideoPipeline.from_pretrained(files["b"], base_config=files["a"], loras=(files["lora"], 0.7))
+    alone = VideoPipeline.from_pretrained(files["b"], base_config=files["a"], loras=(files["lora"], np.float64(0.7)))
     listed = VideoPipeline.from_pretrained(files["b"], base_config=files["a"], loras=[f"{files['lora']}:0.7"])
     for a, b in zip(alone.base.unet.parameters(), listed.base.unet.parameters(), strict=True):
         assert torch.equal(a, b)
 
 
-def test_prompts_seeds_and_noise(pipe):
+def test_prompts_seeds_and_noise(pipe, tmp_path):
     for prompt in (None, 5, b"x"):
         with pytest.raises(ConfigError, match="prompt must be a string or a non-empty list of strings"):
             pipe(prompt, **FAST)
     # video k uses seed + k, and its sidecar must replay it: past MAX_SEED it could not
     with pytest.raises(ConfigError, match="the last of 2 videos would use seed"):
         pipe(["a", "b"], seed=MAX_SEED, **FAST)
+    with pytest.raises(ConfigError, match="the last of 2 videos would use seed"):  # before the first is written
+        pipe.render(["a", "b"], tmp_path / "out", seed=MAX_SEED, **FAST)
+    assert not (tmp_path / "out").exists()
+    assert len(pipe(iter(["a", "b"]), **FAST)) == 2  # the control: any iterable of strings is a list of prompts
     shape = (1, 4, 2, 8, 8)  # the tiny VAE downsamples by 2
     for latents, message in (
         (np.zeros(shape, np.float32), "a ndarray"),
-        (torch.zeros(shape, dtype=torch.int64), "a torch.int64 tensor"),
-        (torch.zeros(shape, device="meta"), "on a real device"),
+        (torch.zeros(shape, dtype=torch.int64), "a cpu torch.int64 tensor"),
+        (torch.zeros(shape, device="meta"), "not on meta"),
         (torch.full(shape, float("nan")), "latents holds NaN"),
     ):
         with pytest.raises(ConfigError, match=message):  # a NaN came out as "the sampled video holds NaN"
@@ -78,6 +82,7 @@ def test_prompts_seeds_and_noise(pipe):
         (-1, "a seed must be in 0 .. "),
         (2**70, "a seed must be in 0 .. "),
         (np.zeros((1, 4, 1, 8, 8), np.float32), "an int seed or a tensor"),
+        (np.float64(3), "an int seed or a tensor"),
         (torch.full((1, 4, 1, 8, 8), float("inf")), "base_noise holds NaN"),
         (torch.zeros(4, 1, 8, 8), r"base_noise must be \(1, 4, 1, 8, 8\)"),
     ):
@@ -95,10 +100,10 @@ def test_prompts_seeds_and_noise(pipe):
     assert seeds == [MAX_SEED - 1, MAX_SEED]
     given = torch.randn(shape, generator=torch.Generator().manual_seed(0))
     assert np.array_equal(pipe("x", latents=given, **FAST).frames, pipe("x", latents=given.clone(), **FAST).frames)
-    pipe("x", base_noise=3, seed=0, **mixed)
+    assert pipe("x", base_noise=np.int64(3), seed=0, **mixed).metadata[0]["base_noise"] == 3
 
 
-def test_decoding_and_interpolating(pipe):
+def test_decoding_and_interpolating(pipe, capsys):
     latents = pipe("x", seed=0, **FAST).latents
     for value in (0, -1, 2.5, "2", None, True):
         with pytest.raises(ConfigError, match="chunk_frames must be an integer >= 1"):
@@ -119,6 +124,12 @@ def test_decoding_and_interpolating(pipe):
             pipe.interpolate(keys, **kwargs)
     with pytest.raises(ConfigError, match="has no context support"):  # the control: past the argument checks
         pipe.interpolate(keys, factor=4, num_videos_per_prompt=1)
+    import sample as script
+    from lvdm.cli import run_cli
+
+    args = ["--base", "nowhere", "--interpolate", "nothing.mp4", "--out", "x.mp4", "--num-videos", "2"]
+    assert run_cli(script.main, args) == 2  # refused before anything loads (it was after the pipeline had loaded)
+    assert "--interpolate makes one video: it does not take --num-videos" in capsys.readouterr().err
 
 
 def test_saving(pipe, tmp_path):
@@ -128,9 +139,10 @@ def test_saving(pipe, tmp_path):
     with pytest.raises(OutputWriteError, match="it was there before, or another run wrote it"):  # it said only
         out.save(taken, overwrite=False)  # "appeared while lvdm was writing it (another run?)"
     assert taken.read_bytes() == b"the user's"
-    for index in (5, -1, "0", True):
-        with pytest.raises(ConfigError, match=r"index must be an integer in 0 .. 0"):
+    for index in (5, -2, "0", True, 0.0):
+        with pytest.raises(ConfigError, match=r"index must be an integer in -1 .. 0"):
             out.save(tmp_path / "i.mp4", index=index)
+    assert out.save(tmp_path / "last.mp4", index=np.int64(-1)) == [tmp_path / "last.mp4"]  # numpy and negative
     os.mkfifo(tmp_path / "fifo")
     with pytest.raises(ConfigError, match="it exists and is not a folder"):
         out.save(tmp_path / "fifo")
@@ -156,7 +168,7 @@ def test_upscale_arguments(upscaler):
     ):
         with pytest.raises(ConfigError, match=message):
             upscaler(video, **quick, **kwargs)
-    latents = upscaler(video, "a disc", fps=12.5, **quick).latents  # the control
+    latents = upscaler(video, "a disc", fps=np.float32(12.5), frame_norms=np.bool_(True), **quick).latents  # control
     with pytest.raises(ConfigError, match=r"latents must be \(b, 4, f, h, w\)"):
         upscaler.decode(latents[0])
     with pytest.raises(ConfigError, match="tile_overlap must be"):

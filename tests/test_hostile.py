@@ -752,7 +752,7 @@ def test_mistaken_files_are_named_for_what_they_are(trained, tiny_assets, tmp_pa
         [TRAIN, "--quiet", *tiny_overrides(tiny_assets, a_file)],
         [*sample, "--base", module],
     )
-    messages = ("the scale after ':' must be finite", "is not a module file", "is a file, not a folder",
+    messages = ("the scale must be a finite number", "is not a module file", "is a file, not a folder",
                 "is an lvdm module file, not a base")  # fmt: skip
     for result, message, status in zip(results, messages, (2, 1, 1, 1), strict=True):  # a bad value is usage: 2
         one_line_error(result, status, message)

@@ -15,7 +15,6 @@ written here is the policy around them:
 from __future__ import annotations
 
 import math
-import numbers
 import os
 import re
 import stat
@@ -66,9 +65,13 @@ class LoraSpec:
 def _lora_scale(path: Any, scale: Any) -> float:
     """A LoRA's scale as a finite float: fused, a NaN or infinite one made the base's weights NaN, and the error
     blamed the base."""
-    if isinstance(scale, bool) or not isinstance(scale, numbers.Real) or not math.isfinite(scale):
+    try:  # a float, numpy or torch scalar; not a string or a bool
+        value = None if isinstance(scale, str | bytes | bool) else float(scale)
+    except (TypeError, ValueError, RuntimeError):
+        value = None
+    if value is None or not math.isfinite(value):
         raise ConfigError(f"LoRA {os.fspath(path)!r}: the scale must be a finite number, got {scale!r}")
-    return float(scale)
+    return value
 
 
 @dataclass
