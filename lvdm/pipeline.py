@@ -25,6 +25,7 @@ on its own seed only, not on the batch it was drawn in, and its sidecar reproduc
 from __future__ import annotations
 
 import dataclasses
+import numbers
 import os
 from collections.abc import Callable, Sequence
 from pathlib import Path
@@ -376,8 +377,9 @@ class VideoPipeline:
         from lvdm.pipeline_sampling import check_latents_to_decode
 
         check_latents_to_decode(latents, self.base.vae.config.latent_channels)
-        if isinstance(chunk_frames, bool) or not isinstance(chunk_frames, int) or chunk_frames < 1:
+        if isinstance(chunk_frames, bool) or not isinstance(chunk_frames, numbers.Integral) or chunk_frames < 1:
             raise ConfigError(f"chunk_frames must be an integer >= 1, got {chunk_frames!r}")
+        chunk_frames = int(chunk_frames)
         if self.decoder is not None:
             from lvdm.models.temporal_vae import decode_video
 

@@ -111,7 +111,7 @@ def test_decoding_and_interpolating(pipe, capsys):
     for bad in (latents[:, :, :0], latents[:0], latents.numpy(), latents[0]):
         with pytest.raises(ConfigError, match=r"latents must be|latents must be a floating-point"):
             pipe.decode(bad)
-    assert pipe.decode(latents, chunk_frames=1).shape == (1, 2, 16, 16, 3)  # the control
+    assert pipe.decode(latents, chunk_frames=np.int64(1)).shape == (1, 2, 16, 16, 3)  # the control
     keys = np.zeros((2, 16, 16, 3), np.uint8)
     for kwargs, message in (
         ({"factor": 4.0}, "factor must be 4 or 16"),
