@@ -271,9 +271,9 @@ def interpolate(
     given = read_context(video, s.height, s.width, what="interpolate")
     if len(given.frames) < 2:
         raise ConfigError(f"interpolation needs at least 2 frames, the video has {len(given.frames)}")
-    if (given.fps or s.fps) * factor > MAX_FPS:  # the writers refuse it, after the sampling
-        raise ConfigError(f"{given.fps or s.fps:g} fps interpolated by {factor} would be "
-                          f"{(given.fps or s.fps) * factor:g} fps, past {MAX_FPS}")  # fmt: skip
+    rate = given.fps or s.fps
+    if rate * factor > MAX_FPS:  # the writers refuse it, after the sampling
+        raise ConfigError(f"{rate:g} fps interpolated by {factor} would be {rate * factor:g} fps, past {MAX_FPS}")
     if not prompt and not s.negative_prompt:
         s = dataclasses.replace(s, guidance_scale=1.0)  # nothing to guide by: one pass per step
     generators = [torch.Generator().manual_seed(s.seed)]
@@ -285,7 +285,6 @@ def interpolate(
         with_image, without, _ = image_conditions(pipe, None, 1)
         cond, uncond = cond | with_image, uncond | without
     latents = encode_frames(pipe.base.vae, given.frames, pipe.device)
-    rate = given.fps or s.fps
     for n, stage in enumerate(stages):
         made = dataclasses.replace(s, fps=rate * STEP ** (n + 1))  # the rate of the frames this pass makes
         keys = latents.shape[2]
