@@ -26,7 +26,7 @@ MAX_SIDE = 8192  # pixels
 MAX_STEPS = 1000  # at most the training timesteps (SD's 1000)
 MAX_GUIDANCE = 100  # guidance weights (and schedule options) within +-this
 MAX_SEED = 2**63 - 1
-MAX_FPS = 1000  # frames per second written (the writers' limit)
+MAX_FPS = 1000  # frames per second written: the limit of lvdm.media's writers, and of the settings
 DTYPES: dict[str, torch.dtype] = {"fp32": torch.float32, "fp16": torch.float16, "bf16": torch.bfloat16}
 
 
