@@ -230,6 +230,9 @@ def _check_context(args: argparse.Namespace, image_mode: bool) -> None:
             raise ConfigError(
                 f"--upscaler {args.upscaler}: not an x4 upscaler folder (a diffusers StableDiffusionUpscalePipeline)"
             )
+        from lvdm.upscale import upscale_settings
+
+        upscale_settings(args)  # its checks, before anything is sampled
 
 
 def _settings(args: argparse.Namespace, meta: dict[str, Any] | None) -> dict[str, Any]:

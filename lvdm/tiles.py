@@ -72,6 +72,7 @@ def tiled(
     norms: torch.nn.Module | None = None,
     multiple: int = 1,
     pooled: bool = False,
+    passes: int = 1,
 ) -> Callable[..., torch.Tensor]:
     """``fn(x (b, c, f, h, w), *args, **kwargs)`` run window by window over ``(f, h, w)`` and cross-faded.
 
@@ -84,8 +85,10 @@ def tiled(
     ``pooled``: every call runs the tiles twice, the first pass gathering the tiles' own statistics (weighted by
     their cross-fades) and the second normalising by them summed; the first pass normalises by the previous call's
     (the reference run's, or each tile's own where the frame is too thin to subsample, the first call), so the
-    reference runs once. A pooled function keeps statistics from call to call: it serves one sampling run (make
-    another for another video). The output is float32.
+    reference runs once; ``passes``: that many gathering passes before the last, each normalised by the statistics
+    the one before it pooled (a layer's are right only once every layer's before it are: the passes carry that down
+    the network). A pooled function keeps statistics from call to call: it serves one sampling run (make another
+    for another video). The output is float32.
     """
     up = (1, scale, scale)
     kept: dict[tuple[Any, ...], RecordedNorms] = {}  # per frame window and input shape, from one call to the next
@@ -119,8 +122,8 @@ def tiled(
                     recorded.record()
                     on(region)
                 windows = list(enumerate(itertools.product([frames], *per_dim[1:])))
-                if recorded and pooled:  # a first pass gathers every tile's statistics; the second is normalised
-                    for i, pieces in windows:  # by them pooled (by the previous call's, the first pass)
+                for _ in range(passes if recorded and pooled else 0):  # gathering passes: each tile's statistics,
+                    for i, pieces in windows:  # normalised by those pooled before (the previous call's, at first)
                         recorded.apply(i, _weight(pieces))
                         on(tuple(slice(begin, end) for (begin, end), _ in pieces))
                     recorded.pool()

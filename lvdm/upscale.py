@@ -41,6 +41,9 @@ def add_upscale_options(parser: argparse.ArgumentParser, *, prefix: str = "") ->
                        help="in tiles, GroupNorm by the frame's statistics estimated by one more run at a tile's "
                        "size (frame), by all tiles' own summed, gathered in a first pass at every step (pooled: twice "
                        "the work, closer to the whole frame), or by each tile's own (tiles disagree)")  # fmt: skip
+    group.add_argument("--norm-passes", type=int, default=1,
+                       help="with --tile-norms pooled: gathering passes at every step, each closer to the whole "
+                       "frame's statistics (N: N + 1 times the work; 4 reached them in README's test)")  # fmt: skip
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -63,12 +66,21 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def upscale_settings(args: argparse.Namespace) -> dict[str, Any]:
-    """The :class:`~lvdm.UpscalePipeline` call settings the parsed options give."""
+    """The :class:`~lvdm.UpscalePipeline` call settings the parsed options give (``sample.py`` asks before it
+    samples, so that a wrong pass count is not found after the sampling)."""
+    from lvdm.upscale_pipeline import MAX_NORM_PASSES
+
+    if not 1 <= args.norm_passes <= MAX_NORM_PASSES:
+        raise ConfigError(f"--norm-passes {args.norm_passes}: give 1 .. {MAX_NORM_PASSES}")
+    if args.norm_passes != 1 and args.tile_norms != "pooled":
+        raise ConfigError(f"--norm-passes {args.norm_passes} goes with --tile-norms pooled (the passes gather the "
+                          "tiles' statistics)")  # fmt: skip
     return {
         "noise_level": args.noise_level, "num_inference_steps": args.upscale_steps,
         "guidance_scale": args.upscale_guidance, "tile": args.tile, "tile_overlap": args.tile_overlap,
         "chunk_frames": args.chunk_frames,
         "frame_norms": {"frame": True, "pooled": "pooled", "tile": False}[args.tile_norms],
+        "norm_passes": args.norm_passes,
     }  # fmt: skip
 
 

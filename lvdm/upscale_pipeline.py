@@ -29,7 +29,9 @@ from lvdm import __version__
 from lvdm.errors import CheckpointError, ConfigError
 from lvdm.outputs import VideoOutput
 from lvdm.sampling_settings import MAX_FPS, MAX_FRAMES, MAX_GUIDANCE, MAX_SEED, MAX_SIDE, MAX_STEPS
+from lvdm.tile_decode import splits_its_decoder
 
+MAX_NORM_PASSES = 8  # 4 reach the whole frame's statistics on the upscaler README "Tiles" measures
 DEFAULTS = {"noise_level": 20, "num_inference_steps": 75, "guidance_scale": 9.0}  # diffusers' pipeline defaults
 DEFAULT_FPS = 8.0
 
@@ -121,6 +123,7 @@ class UpscalePipeline:
         tile_overlap: int | None = None,
         chunk_frames: int | None = None,
         frame_norms: bool | str = True,
+        norm_passes: int = 1,
         image_mode: bool = False,
         fps: float | None = None,
         progress: bool = True,
@@ -143,6 +146,9 @@ class UpscalePipeline:
                 on the frame subsampled to a tile's size (:mod:`lvdm.tile_norms`); ``"pooled"``: by all tiles' own
                 statistics summed, gathered in a first pass over the tiles at every step (twice the model's work,
                 closer to the whole frame); ``False``: by each tile's own, which makes tiles disagree.
+            norm_passes: with ``frame_norms="pooled"``, the gathering passes at every step (1 .. 8), each
+                normalised by the statistics the one before pooled: ``n`` cost ``n + 1`` times the model's work and
+                come closer to the whole frame's statistics (README: "Tiles").
             image_mode: upscale every frame alone even with a temporal module (a one-frame video always is).
             fps: the output's frame rate (default: the file's, else 8).
 
@@ -153,7 +159,8 @@ class UpscalePipeline:
         from lvdm.tiles import tiled
 
         self._check(noise_level, num_inference_steps, tile, tile_overlap, chunk_frames)
-        _check_call(prompt, negative_prompt, scheduler, frame_norms, image_mode, fps)
+        _check_call(prompt, negative_prompt, scheduler, image_mode, fps)
+        _check_norms(frame_norms, norm_passes)
         _check_seed_and_guidance(seed, guidance_scale)
         low = read_low_res(video)  # after the checks: it decodes the whole video
         f, h, w = low.frames.shape[:3]
@@ -172,14 +179,15 @@ class UpscalePipeline:
             model_fn = tiled(
                 model_fn, (chunk_frames, tile, tile), (max(1, (chunk_frames or 0) // 4), overlap, overlap),
                 norms=(self.base.unet if by_frame else self.video) if frame_norms else None, multiple=self.multiple,
-                pooled=frame_norms == "pooled",
+                pooled=frame_norms == "pooled", passes=norm_passes,
             )  # fmt: skip
         clean = sample(
             model_fn, make_scheduler(scheduler, self.base.scheduler.config), latents=noise,
             num_inference_steps=num_inference_steps, cond=cond, uncond={"encoder_hidden_states": text[1:]},
             guidance=guidance_schedule("constant", guidance_scale), generator=[generator], progress=progress,
         )  # fmt: skip
-        frames = self.decode(clean, tile=tile, tile_overlap=tile_overlap, frame_norms=frame_norms)
+        frames = self.decode(clean, tile=tile, tile_overlap=tile_overlap, frame_norms=frame_norms,
+                             norm_passes=norm_passes)  # fmt: skip
         frames = frames[:, :, : h * self.scale, : w * self.scale]
         rate = float(fps or low.fps or DEFAULT_FPS)
         record = {
@@ -187,6 +195,7 @@ class UpscalePipeline:
                 "source": low.source, "low_res_size": [w, h], "noise_level": noise_level,
                 "num_inference_steps": num_inference_steps, "guidance_scale": guidance_scale, "scheduler": scheduler,
                 "tile": tile, "tile_overlap": tile_overlap, "chunk_frames": chunk_frames, "frame_norms": frame_norms,
+                "norm_passes": norm_passes,
             },
             "prompt": prompt, "negative_prompt": negative_prompt, "seed": seed,
             "mode": "image" if by_frame else "video", "model": self.sources,
@@ -218,6 +227,11 @@ class UpscalePipeline:
         if overlap is not None and (tile is None or isinstance(overlap, bool) or not isinstance(overlap, int)
                                     or not 0 <= overlap < tile):  # fmt: skip
             raise ConfigError(f"tile_overlap must be 0 .. tile - 1 and goes with tile, got {overlap!r}")
+        if tile is not None and not splits_its_decoder(self.base.vae):
+            raise ConfigError(
+                f"tile needs a VAE with diffusers' Decoder layout (its middle block runs whole, the "
+                f"rest in tiles), not {type(self.base.vae.decoder).__name__}; upscale whole (tile=None)"
+            )
 
     def _noised_low_res(
         self, frames: np.ndarray, noise_level: int, generator: torch.Generator
@@ -276,33 +290,32 @@ class UpscalePipeline:
         tile: int | None = None,
         tile_overlap: int | None = None,
         frame_norms: bool | str = True,
+        norm_passes: int = 1,
     ) -> np.ndarray:
-        """Latents ``(b, 4, f, h, w)`` -> uint8 frames ``(b, f, 4h, 4w, 3)``, frame by frame, over ``tile`` x
-        ``tile`` latent windows sharing ``tile_overlap`` (default a quarter) where given, normalised by each frame's
+        """Latents ``(b, 4, f, h, w)`` -> uint8 frames ``(b, f, 4h, 4w, 3)``, frame by frame; where ``tile`` is
+        given, the decoder's middle block (its attention spans the frame) on the whole frame and the rest over
+        ``tile`` x ``tile`` latent windows sharing ``tile_overlap`` (default a quarter), normalised by each frame's
         statistics (``frame_norms``, :mod:`lvdm.tile_norms`; ``"pooled"``: the tiles' own, summed, in a second
-        pass) or each tile's own."""
+        pass, ``norm_passes`` times) or each tile's own (:mod:`lvdm.tile_decode`)."""
         from lvdm.media import sampled_frames
         from lvdm.models.encoders import decode_latents
         from lvdm.pipeline_sampling import check_latents_to_decode
-        from lvdm.tiles import tiled
+        from lvdm.tile_decode import decode_latents_tiled
 
         check_latents_to_decode(latents, self.base.vae.config.latent_channels)
         self._check_tiles(tile, tile_overlap)
-
-        def decode(z: torch.Tensor) -> torch.Tensor:
-            return decode_latents(self.base.vae, z, chunk_frames=1).permute(0, 2, 1, 3, 4)  # b f 3 H W -> b 3 f H W
-
-        if tile is not None:
+        _check_norms(frame_norms, norm_passes)
+        if tile is None:
+            video = decode_latents(self.base.vae, latents, chunk_frames=1)
+        else:
             overlap = tile_overlap if tile_overlap is not None else tile // 4
-            norms = self.base.vae if frame_norms else None
-            decode = tiled(decode, (1, tile, tile), (0, overlap, overlap), scale=self.scale, norms=norms,
-                           pooled=frame_norms == "pooled")  # fmt: skip
-        video = decode(latents).permute(0, 2, 1, 3, 4)  # b 3 f H W -> b f 3 H W
+            video = decode_latents_tiled(self.base.vae, latents, tile, overlap, frame_norms=frame_norms,
+                                         passes=norm_passes)  # fmt: skip
         return sampled_frames(video)
 
 
 # --------------------------------------------------------------------------------------------------- helpers
-def _check_call(prompt: Any, negative: Any, scheduler: Any, frame_norms: Any, image_mode: Any, fps: Any) -> None:
+def _check_call(prompt: Any, negative: Any, scheduler: Any, image_mode: Any, fps: Any) -> None:
     """The upscale's other arguments, as :class:`~lvdm.sampling_settings.SamplingSettings` checks the text-to-video
     pipeline's (a list of prompts was taken as a prompt and its negative; a NaN fps failed only when saving)."""
     from lvdm.diffusion.sampling import SAMPLERS
@@ -312,13 +325,23 @@ def _check_call(prompt: Any, negative: Any, scheduler: Any, frame_norms: Any, im
             raise ConfigError(f"{name} must be a string (the upscaler takes one video and one prompt), got {text!r}")
     if not isinstance(scheduler, str) or scheduler not in SAMPLERS:
         raise ConfigError(f"scheduler must be one of {', '.join(SAMPLERS)}, got {scheduler!r}")
-    if not isinstance(frame_norms, bool | np.bool_) and frame_norms != "pooled":
-        raise ConfigError(f"frame_norms must be True, False or 'pooled', got {frame_norms!r}")
     if not isinstance(image_mode, bool | np.bool_):
         raise ConfigError(f"image_mode must be True or False, got {image_mode!r}")
     real = isinstance(fps, numbers.Real) and not isinstance(fps, bool | np.bool_)
     if fps is not None and not (real and math.isfinite(fps) and 0 < fps <= MAX_FPS):
         raise ConfigError(f"fps must be a number in (0, {MAX_FPS}], or None for the input's rate, got {fps!r}")
+
+
+def _check_norms(frame_norms: Any, passes: Any) -> None:
+    if not isinstance(frame_norms, bool | np.bool_) and frame_norms != "pooled":
+        raise ConfigError(f"frame_norms must be True, False or 'pooled', got {frame_norms!r}")
+    if isinstance(passes, bool) or not isinstance(passes, numbers.Integral) or not 1 <= passes <= MAX_NORM_PASSES:
+        raise ConfigError(f"norm_passes must be an integer in 1 .. {MAX_NORM_PASSES}, got {passes!r}")
+    if passes != 1 and frame_norms != "pooled":
+        raise ConfigError(
+            f"norm_passes={passes} goes with frame_norms='pooled' (the passes gather the tiles' "
+            f"statistics), got frame_norms={frame_norms!r}"
+        )
 
 
 def _check_seed_and_guidance(seed: Any, guidance: Any) -> None:

@@ -163,6 +163,9 @@ def test_upscale_arguments(upscaler):
         ({"scheduler": "ddimm"}, "scheduler must be one of"),  # a plain ValueError
         ({"image_mode": "x"}, "image_mode must be True or False"),
         ({"frame_norms": 1}, "frame_norms must be True, False or 'pooled'"),
+        ({"norm_passes": 0}, r"norm_passes must be an integer in 1 \.\. 8"),
+        ({"norm_passes": 2.0, "frame_norms": "pooled"}, "norm_passes must be an integer"),
+        ({"norm_passes": 2}, "norm_passes=2 goes with frame_norms='pooled'"),
         ({"latents": np.zeros((1, 4, 2, 8, 8), np.float32)}, "latents must be a floating-point torch.Tensor"),
         ({"latents": torch.full((1, 4, 2, 8, 8), float("nan"))}, "latents holds NaN"),
     ):
@@ -174,3 +177,7 @@ def test_upscale_arguments(upscaler):
     with pytest.raises(ConfigError, match="tile_overlap must be"):
         upscaler.decode(latents, tile=8, tile_overlap=2.5)
     assert upscaler.decode(latents).shape == (1, 2, 32, 32, 3)
+    with pytest.raises(ConfigError, match="norm_passes=3 goes with frame_norms='pooled'"):
+        upscaler.decode(latents, tile=8, norm_passes=3)
+    passes = upscaler(video, "a disc", tile=8, frame_norms="pooled", norm_passes=np.int64(3), **quick)  # control
+    assert passes.metadata[0]["upscale"]["norm_passes"] == 3

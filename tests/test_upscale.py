@@ -296,6 +296,10 @@ def test_the_upscale_command_keeps_length_and_rate_and_refuses_mistakes(upscaler
     pooled = tmp_path / "pooled.mp4"
     assert run_cli(main, [str(source), *base, "--out", str(pooled), "--tile", "8", "--tile-norms", "pooled"]) == 0
     assert json.loads(pooled.with_name("pooled.mp4.json").read_text())["upscale"]["frame_norms"] == "pooled"
+    passes = tmp_path / "passes.mp4"
+    assert run_cli(main, [str(source), *base, "--out", str(passes), "--tile", "8", "--tile-norms", "pooled",
+                          "--norm-passes", "2"]) == 0  # fmt: skip
+    assert json.loads(passes.with_name("passes.mp4.json").read_text())["upscale"]["norm_passes"] == 2
     capsys.readouterr()
     wide = write_clip(tmp_path / "wide.mp4", num_frames=2, size=(2064, 16))
     for args, message in (
@@ -304,6 +308,14 @@ def test_the_upscale_command_keeps_length_and_rate_and_refuses_mistakes(upscaler
         ([str(source), *base, "--out", str(tmp_path / "b.mp4"), "--noise-level", "400"], "noise_level must be"),
         ([str(source), *base, "--out", str(tmp_path / "c.mkv")], "give a .mp4 or .gif"),
         ([str(source), *base, "--out", str(tmp_path / "e.mp4"), "--tile-norms", "none"], "invalid choice"),
+        (
+            [str(source), *base, "--out", str(tmp_path / "g.mp4"), "--norm-passes", "2"],
+            "goes with --tile-norms pooled",
+        ),
+        (
+            [str(source), *base, "--out", str(tmp_path / "h.mp4"), "--tile-norms", "pooled", "--norm-passes", "0"],
+            "--norm-passes 0: give 1 .. 8",
+        ),
         ([str(source), "--upscaler", str(tmp_path), "--out", str(tmp_path / "d.mp4")], "not a diffusers model"),
         # too large: refused before the upscaler loads (this one does not exist, and its error would come first)
         ([str(wide), "--upscaler", str(tmp_path / "no"), "--out", str(tmp_path / "f.mp4")], "would upscale to 8256"),
@@ -327,6 +339,9 @@ def test_sample_cli_upscales_what_it_samples(upscaler, tiny_assets, tmp_path, ca
     capsys.readouterr()
     code, err = run_cli(script.main, args), capsys.readouterr().err
     assert code == 2 and "already exists" in err, err
+    passes = [*args[:-2], "--norm-passes", "2", "--out", str(tmp_path / "passes.mp4")]  # before sampling
+    code, err = run_cli(script.main, passes), capsys.readouterr().err
+    assert code == 2 and "goes with --tile-norms pooled" in err and not (tmp_path / "passes.mp4").exists(), err
     code = run_cli(script.main, [*args[:-6], "--upscaler-temporal", "x.safetensors", "--out", str(tmp_path / "y.mp4")])
     assert code == 2 and "goes with --upscaler" in capsys.readouterr().err
     # a text-to-image base given as the upscaler: refused before anything is sampled
