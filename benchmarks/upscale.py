@@ -71,6 +71,7 @@ def _vae() -> nn.Module:
 
 def sampling_memory(frames: int = 16, size: int = 256, tile: int = 128, overlap: int = 32) -> dict[str, float]:
     """Peak GiB of one guided denoising step and of one frame's decode, whole and tiled."""
+    from lvdm.tile_decode import decode_latents_tiled
     from lvdm.tiles import tiled
 
     def step(window: int | None):
@@ -92,11 +93,10 @@ def sampling_memory(frames: int = 16, size: int = 256, tile: int = 128, overlap:
         def call(vae: nn.Module) -> None:
             z = torch.empty(1, 4, 1, size, size, dtype=torch.float16)
 
-            def fn(latents):  # b c f h w -> b 3 f H W, one frame
-                return vae.decode(latents[:, :, 0]).sample[:, :, None]
-
-            run = fn if window is None else tiled(fn, (1, window, window), (0, 16, 16), scale=4, norms=vae)
-            run(z)
+            if window is None:
+                vae.decode(z[:, :, 0])
+            else:  # as UpscalePipeline.decode runs it: the middle block whole, the up blocks in tiles
+                decode_latents_tiled(vae, z, window, 16)
 
         return call
 
