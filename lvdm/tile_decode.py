@@ -59,15 +59,9 @@ def decode_latents_tiled(
         if getattr(vae, "post_quant_conv", None) is not None:
             z = vae.post_quant_conv(z)
         middle = decoder.mid_block(decoder.conv_in(z), None)  # the whole frame
-        run = tiled(
-            up,
-            (1, tile, tile),
-            (0, overlap, overlap),
-            scale=scale,
-            norms=tail if frame_norms else None,
-            pooled=frame_norms == "pooled",
-            passes=passes,
-        )  # fmt: skip  (one per frame, as its statistics)
+        # one per frame: a pooled function keeps its statistics from call to call, and these are this frame's
+        run = tiled(up, (1, tile, tile), (0, overlap, overlap), scale=scale, norms=tail if frame_norms else None,
+                    pooled=frame_norms == "pooled", passes=passes)  # fmt: skip
         video.append(run(middle[:, :, None])[:, :, 0])
     video = torch.cat(video)
     return video.reshape(b, f, *video.shape[1:]).clamp(-1, 1)

@@ -195,7 +195,7 @@ class UpscalePipeline:
                 "source": low.source, "low_res_size": [w, h], "noise_level": noise_level,
                 "num_inference_steps": num_inference_steps, "guidance_scale": guidance_scale, "scheduler": scheduler,
                 "tile": tile, "tile_overlap": tile_overlap, "chunk_frames": chunk_frames, "frame_norms": frame_norms,
-                "norm_passes": norm_passes,
+                "norm_passes": int(norm_passes),
             },
             "prompt": prompt, "negative_prompt": negative_prompt, "seed": seed,
             "mode": "image" if by_frame else "video", "model": self.sources,

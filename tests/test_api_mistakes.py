@@ -149,7 +149,7 @@ def test_saving(pipe, tmp_path):
     assert out.save(tmp_path / "new.mp4", index=0, overwrite=False) == [tmp_path / "new.mp4"]  # the control
 
 
-def test_upscale_arguments(upscaler):
+def test_upscale_arguments(upscaler, tmp_path):
     video = np.zeros((2, 8, 8, 3), np.uint8)
     quick = {"num_inference_steps": 2, "progress": False, "seed": 0}
     for kwargs, message in (
@@ -181,3 +181,4 @@ def test_upscale_arguments(upscaler):
         upscaler.decode(latents, tile=8, norm_passes=3)
     passes = upscaler(video, "a disc", tile=8, frame_norms="pooled", norm_passes=np.int64(3), **quick)  # control
     assert passes.metadata[0]["upscale"]["norm_passes"] == 3
+    assert passes.save(tmp_path / "passes.mp4")  # a numpy count is recorded as a number JSON takes
