@@ -1,4 +1,4 @@
-"""Tiled vs whole x4 upscale on an upscaler that works at its tile's size (README, "Tiles"): about 30 minutes on 2
+"""Tiled vs whole x4 upscale on an upscaler that works at its tile's size (README, "Tiles"): about 40 minutes on 2
 CPU cores, every step skipped where its output is already there.
 
     python -m benchmarks.tiles_experiment --root tiles-experiment

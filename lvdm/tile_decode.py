@@ -21,12 +21,14 @@ from typing import Any
 import torch
 from torch import nn
 
-_DECODER_PARTS = ("conv_in", "mid_block", "up_blocks", "conv_norm_out", "conv_act", "conv_out")
-
 
 def splits_its_decoder(vae: Any) -> bool:
-    """Whether ``vae``'s decoder has diffusers' ``Decoder`` layout (the middle can run apart from the up blocks)."""
-    return all(hasattr(getattr(vae, "decoder", None), part) for part in _DECODER_PARTS)
+    """Whether ``vae``'s decoder is diffusers' ``Decoder`` with GroupNorm output (the middle can run apart from the
+    up blocks; a temporal decoder or a spatially normalised one cannot)."""
+    from diffusers.models.autoencoders.vae import Decoder
+
+    decoder = getattr(vae, "decoder", None)
+    return isinstance(decoder, Decoder) and isinstance(getattr(decoder, "conv_norm_out", None), nn.GroupNorm)
 
 
 @torch.no_grad()
@@ -59,6 +61,7 @@ def decode_latents_tiled(
         if getattr(vae, "post_quant_conv", None) is not None:
             z = vae.post_quant_conv(z)
         middle = decoder.mid_block(decoder.conv_in(z), None)  # the whole frame
+        middle = middle.to(next(decoder.up_blocks.parameters()).dtype)  # as diffusers' Decoder (<= 0.35) upcasts
         # one per frame: a pooled function keeps its statistics from call to call, and these are this frame's
         run = tiled(up, (1, tile, tile), (0, overlap, overlap), scale=scale, norms=tail if frame_norms else None,
                     pooled=frame_norms == "pooled", passes=passes)  # fmt: skip

@@ -72,9 +72,9 @@ def upscale_settings(args: argparse.Namespace) -> dict[str, Any]:
 
     if not 1 <= args.norm_passes <= MAX_NORM_PASSES:
         raise ConfigError(f"--norm-passes {args.norm_passes}: give 1 .. {MAX_NORM_PASSES}")
-    if args.norm_passes != 1 and args.tile_norms != "pooled":
-        raise ConfigError(f"--norm-passes {args.norm_passes} goes with --tile-norms pooled (the passes gather the "
-                          "tiles' statistics)")  # fmt: skip
+    if args.norm_passes != 1 and (args.tile_norms != "pooled" or args.tile is None):
+        raise ConfigError(f"--norm-passes {args.norm_passes} goes with --tile N and --tile-norms pooled (the passes "
+                          "gather the tiles' statistics)")  # fmt: skip
     return {
         "noise_level": args.noise_level, "num_inference_steps": args.upscale_steps,
         "guidance_scale": args.upscale_guidance, "tile": args.tile, "tile_overlap": args.tile_overlap,
@@ -113,6 +113,7 @@ def main(argv: list[str]) -> int:
     from lvdm.outputs import plan_outputs
     from lvdm.upscale_pipeline import UpscalePipeline, probe_low_res
 
+    settings = upscale_settings(args)  # its checks, before anything loads
     probe_low_res(args.video)  # missing, not a video or too large: one line, before anything loads
     if Path(args.out).suffix.lower() not in (".mp4", ".gif"):
         raise ConfigError(f"--out {args.out}: give a .mp4 or .gif file")
@@ -125,7 +126,7 @@ def main(argv: list[str]) -> int:
     print(f"upscaling {args.video} by {pipe.scale}, {mode}, on {device}", file=sys.stderr)
     out = pipe(
         args.video, args.prompt, negative_prompt=args.negative_prompt, seed=args.seed, image_mode=args.image_mode,
-        progress=not args.quiet, **upscale_settings(args),
+        progress=not args.quiet, **settings,
     )  # fmt: skip
     for written in out.save(path, overwrite=args.overwrite):
         print(written)

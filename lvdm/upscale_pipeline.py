@@ -161,6 +161,8 @@ class UpscalePipeline:
         self._check(noise_level, num_inference_steps, tile, tile_overlap, chunk_frames)
         _check_call(prompt, negative_prompt, scheduler, image_mode, fps)
         _check_norms(frame_norms, norm_passes)
+        if norm_passes != 1 and tile is None:
+            raise ConfigError(f"norm_passes={norm_passes} goes with tile (the passes gather the tiles' statistics)")
         _check_seed_and_guidance(seed, guidance_scale)
         low = read_low_res(video)  # after the checks: it decodes the whole video
         f, h, w = low.frames.shape[:3]
@@ -194,7 +196,8 @@ class UpscalePipeline:
             "upscale": {
                 "source": low.source, "low_res_size": [w, h], "noise_level": noise_level,
                 "num_inference_steps": num_inference_steps, "guidance_scale": guidance_scale, "scheduler": scheduler,
-                "tile": tile, "tile_overlap": tile_overlap, "chunk_frames": chunk_frames, "frame_norms": frame_norms,
+                "tile": tile, "tile_overlap": tile_overlap, "chunk_frames": chunk_frames,
+                "frame_norms": frame_norms if isinstance(frame_norms, str) else bool(frame_norms),
                 "norm_passes": int(norm_passes),
             },
             "prompt": prompt, "negative_prompt": negative_prompt, "seed": seed,

@@ -166,6 +166,7 @@ def test_upscale_arguments(upscaler, tmp_path):
         ({"norm_passes": 0}, r"norm_passes must be an integer in 1 \.\. 8"),
         ({"norm_passes": 2.0, "frame_norms": "pooled"}, "norm_passes must be an integer"),
         ({"norm_passes": 2}, "norm_passes=2 goes with frame_norms='pooled'"),
+        ({"norm_passes": 2, "frame_norms": "pooled"}, "norm_passes=2 goes with tile"),  # nothing to pass over
         ({"latents": np.zeros((1, 4, 2, 8, 8), np.float32)}, "latents must be a floating-point torch.Tensor"),
         ({"latents": torch.full((1, 4, 2, 8, 8), float("nan"))}, "latents holds NaN"),
     ):
@@ -182,3 +183,11 @@ def test_upscale_arguments(upscaler, tmp_path):
     passes = upscaler(video, "a disc", tile=8, frame_norms="pooled", norm_passes=np.int64(3), **quick)  # control
     assert passes.metadata[0]["upscale"]["norm_passes"] == 3
     assert passes.save(tmp_path / "passes.mp4")  # a numpy count is recorded as a number JSON takes
+    flagged = upscaler(video, "a disc", tile=8, frame_norms=np.bool_(True), **quick)  # np.bool_ was not JSON either
+    assert flagged.save(tmp_path / "flagged.mp4") and flagged.metadata[0]["upscale"]["frame_norms"] is True
+    decoder, upscaler.base.vae.decoder = upscaler.base.vae.decoder, torch.nn.Identity()
+    try:  # a decoder whose middle cannot run apart: refused before any work, not after the sampling
+        with pytest.raises(ConfigError, match="tile needs a VAE with diffusers' Decoder layout"):
+            upscaler(video, "a disc", tile=8, **quick)
+    finally:
+        upscaler.base.vae.decoder = decoder

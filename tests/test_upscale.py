@@ -310,7 +310,7 @@ def test_the_upscale_command_keeps_length_and_rate_and_refuses_mistakes(upscaler
         ([str(source), *base, "--out", str(tmp_path / "e.mp4"), "--tile-norms", "none"], "invalid choice"),
         (
             [str(source), *base, "--out", str(tmp_path / "g.mp4"), "--norm-passes", "2"],
-            "goes with --tile-norms pooled",
+            "goes with --tile N and --tile-norms pooled",
         ),
         (
             [str(source), *base, "--out", str(tmp_path / "h.mp4"), "--tile-norms", "pooled", "--norm-passes", "0"],
@@ -341,7 +341,7 @@ def test_sample_cli_upscales_what_it_samples(upscaler, tiny_assets, tmp_path, ca
     assert code == 2 and "already exists" in err, err
     passes = [*args[:-2], "--norm-passes", "2", "--out", str(tmp_path / "passes.mp4")]  # before sampling
     code, err = run_cli(script.main, passes), capsys.readouterr().err
-    assert code == 2 and "goes with --tile-norms pooled" in err and not (tmp_path / "passes.mp4").exists(), err
+    assert code == 2 and "--tile N and --tile-norms pooled" in err and not (tmp_path / "passes.mp4").exists(), err
     code = run_cli(script.main, [*args[:-6], "--upscaler-temporal", "x.safetensors", "--out", str(tmp_path / "y.mp4")])
     assert code == 2 and "goes with --upscaler" in capsys.readouterr().err
     # a text-to-image base given as the upscaler: refused before anything is sampled
