@@ -40,13 +40,13 @@ def decode_latents_tiled(
     normalised by the frame's GroupNorm statistics (``frame_norms``: ``True`` a subsampled reference run,
     ``"pooled"`` the tiles' own summed, gathered in ``passes`` passes, ``False`` each tile's own;
     :mod:`lvdm.tile_norms`)."""
+    from lvdm.models.encoders import decode_latents
     from lvdm.tiles import tiled
 
     decoder = vae.decoder
-    b, c, f = latents.shape[:3]
     scale = 2 ** (len(vae.config.block_out_channels) - 1)
-    shift = getattr(vae.config, "shift_factor", None) or 0.0
     tail = nn.ModuleList([decoder.up_blocks, decoder.conv_norm_out])
+    up_dtype = next(decoder.up_blocks.parameters()).dtype  # diffusers' Decoder (<= 0.35) casts the middle's output
 
     def up(hidden: torch.Tensor) -> torch.Tensor:  # 1 C 1 h w -> 1 3 1 H W
         sample = hidden[:, :, 0]
@@ -54,17 +54,13 @@ def decode_latents_tiled(
             sample = block(sample, None)
         return decoder.conv_out(decoder.conv_act(decoder.conv_norm_out(sample)))[:, :, None]
 
-    frames = latents.permute(0, 2, 1, 3, 4).reshape(b * f, c, *latents.shape[3:])  # b c f h w -> (b f) c h w
-    frames = frames.to(device=vae.device, dtype=vae.dtype) / vae.config.scaling_factor + shift
-    video = []
-    for z in frames.split(1):
+    def decode_frame(z: torch.Tensor) -> torch.Tensor:  # 1 c h w (the VAE's own latents) -> 1 3 H W
         if getattr(vae, "post_quant_conv", None) is not None:
             z = vae.post_quant_conv(z)
-        middle = decoder.mid_block(decoder.conv_in(z), None)  # the whole frame
-        middle = middle.to(next(decoder.up_blocks.parameters()).dtype)  # as diffusers' Decoder (<= 0.35) upcasts
+        middle = decoder.mid_block(decoder.conv_in(z), None).to(up_dtype)  # the whole frame
         # one per frame: a pooled function keeps its statistics from call to call, and these are this frame's
         run = tiled(up, (1, tile, tile), (0, overlap, overlap), scale=scale, norms=tail if frame_norms else None,
                     pooled=frame_norms == "pooled", passes=passes)  # fmt: skip
-        video.append(run(middle[:, :, None])[:, :, 0])
-    video = torch.cat(video)
-    return video.reshape(b, f, *video.shape[1:]).clamp(-1, 1)
+        return run(middle[:, :, None])[:, :, 0]
+
+    return decode_latents(vae, latents, chunk_frames=1, decode=decode_frame)

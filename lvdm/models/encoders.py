@@ -10,7 +10,7 @@ cached training batch and an on-the-fly one drawn with the same generator are id
 from __future__ import annotations
 
 import os
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -44,14 +44,19 @@ def sample_latents(vae, params: torch.Tensor, generator: torch.Generator | None 
 
 
 @torch.no_grad()
-def decode_latents(vae, latents: torch.Tensor, *, chunk_frames: int = 8) -> torch.Tensor:
-    """Scaled latents ``(b, c, f, h, w)`` -> video ``(b, f, 3, H, W)`` in [-1, 1], ``chunk_frames`` at a time."""
+def decode_latents(
+    vae, latents: torch.Tensor, *, chunk_frames: int = 8, decode: Callable[[torch.Tensor], torch.Tensor] | None = None
+) -> torch.Tensor:
+    """Scaled latents ``(b, c, f, h, w)`` -> video ``(b, f, 3, H, W)`` in [-1, 1], ``chunk_frames`` at a time;
+    ``decode``: what turns a chunk of the VAE's own latents ``(n, c, h, w)`` into frames (default its decoder
+    whole; :mod:`lvdm.tile_decode` gives its tiled one)."""
     b, c, f = latents.shape[:3]
     shift = getattr(vae.config, "shift_factor", None) or 0.0
     # b c f h w -> (b f) c h w
     frames = latents.permute(0, 2, 1, 3, 4).reshape(b * f, c, *latents.shape[3:])
     frames = frames.to(device=vae.device, dtype=vae.dtype) / vae.config.scaling_factor + shift
-    video = torch.cat([vae.decode(chunk).sample for chunk in frames.split(chunk_frames)])
+    decode = decode or (lambda chunk: vae.decode(chunk).sample)
+    video = torch.cat([decode(chunk) for chunk in frames.split(chunk_frames)])
     # (b f) 3 H W -> b f 3 H W
     return video.reshape(b, f, *video.shape[1:]).clamp(-1, 1)
 
