@@ -160,9 +160,7 @@ class UpscalePipeline:
 
         self._check(noise_level, num_inference_steps, tile, tile_overlap, chunk_frames)
         _check_call(prompt, negative_prompt, scheduler, image_mode, fps)
-        _check_norms(frame_norms, norm_passes)
-        if norm_passes != 1 and tile is None:
-            raise ConfigError(f"norm_passes={norm_passes} goes with tile (the passes gather the tiles' statistics)")
+        _check_norms(frame_norms, norm_passes, tile)
         _check_seed_and_guidance(seed, guidance_scale)
         low = read_low_res(video)  # after the checks: it decodes the whole video
         f, h, w = low.frames.shape[:3]
@@ -307,7 +305,7 @@ class UpscalePipeline:
 
         check_latents_to_decode(latents, self.base.vae.config.latent_channels)
         self._check_tiles(tile, tile_overlap)
-        _check_norms(frame_norms, norm_passes)
+        _check_norms(frame_norms, norm_passes, tile)
         if tile is None:
             video = decode_latents(self.base.vae, latents, chunk_frames=1)
         else:
@@ -335,7 +333,7 @@ def _check_call(prompt: Any, negative: Any, scheduler: Any, image_mode: Any, fps
         raise ConfigError(f"fps must be a number in (0, {MAX_FPS}], or None for the input's rate, got {fps!r}")
 
 
-def _check_norms(frame_norms: Any, passes: Any) -> None:
+def _check_norms(frame_norms: Any, passes: Any, tile: int | None) -> None:
     if not isinstance(frame_norms, bool | np.bool_) and frame_norms != "pooled":
         raise ConfigError(f"frame_norms must be True, False or 'pooled', got {frame_norms!r}")
     if isinstance(passes, bool) or not isinstance(passes, numbers.Integral) or not 1 <= passes <= MAX_NORM_PASSES:
@@ -345,6 +343,8 @@ def _check_norms(frame_norms: Any, passes: Any) -> None:
             f"norm_passes={passes} goes with frame_norms='pooled' (the passes gather the tiles' "
             f"statistics), got frame_norms={frame_norms!r}"
         )
+    if passes != 1 and tile is None:
+        raise ConfigError(f"norm_passes={passes} goes with tile (the passes gather the tiles' statistics)")
 
 
 def _check_seed_and_guidance(seed: Any, guidance: Any) -> None:

@@ -180,6 +180,8 @@ def test_upscale_arguments(upscaler, tmp_path):
     assert upscaler.decode(latents).shape == (1, 2, 32, 32, 3)
     with pytest.raises(ConfigError, match="norm_passes=3 goes with frame_norms='pooled'"):
         upscaler.decode(latents, tile=8, norm_passes=3)
+    with pytest.raises(ConfigError, match="norm_passes=3 goes with tile"):  # decode too: nothing to pass over
+        upscaler.decode(latents, frame_norms="pooled", norm_passes=3)
     passes = upscaler(video, "a disc", tile=8, frame_norms="pooled", norm_passes=np.int64(3), **quick)  # control
     assert passes.metadata[0]["upscale"]["norm_passes"] == 3
     assert passes.save(tmp_path / "passes.mp4")  # a numpy count is recorded as a number JSON takes
