@@ -232,7 +232,7 @@ def _check_context(args: argparse.Namespace, image_mode: bool) -> None:
             )
         from lvdm.upscale import upscale_settings
 
-        upscale_settings(args)  # its checks, before anything is sampled
+        upscale_settings(args, args.upscaler)  # its checks, against the folder's limits, before anything is sampled
 
 
 def _settings(args: argparse.Namespace, meta: dict[str, Any] | None) -> dict[str, Any]:

@@ -65,23 +65,29 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
-def upscale_settings(args: argparse.Namespace) -> dict[str, Any]:
-    """The :class:`~lvdm.UpscalePipeline` call settings the parsed options give (``sample.py`` asks before it
-    samples, so that a wrong pass count is not found after the sampling)."""
-    from lvdm.upscale_pipeline import MAX_NORM_PASSES
+def upscale_settings(args: argparse.Namespace, folder: str | Path | None = None) -> dict[str, Any]:
+    """The :class:`~lvdm.UpscalePipeline` call settings the parsed options give, checked before anything loads
+    (with an x4 upscaler ``folder``, also against its limits, read from its configs; another folder is left to the
+    loader's message): ``sample.py`` asks before it samples, so that a wrong setting is not found after it."""
+    from lvdm.models.loading import pipeline_class
+    from lvdm.upscale_pipeline import MAX_NORM_PASSES, UpscaleLimits, check_upscale_settings
 
     if not 1 <= args.norm_passes <= MAX_NORM_PASSES:
         raise ConfigError(f"--norm-passes {args.norm_passes}: give 1 .. {MAX_NORM_PASSES}")
     if args.norm_passes != 1 and (args.tile_norms != "pooled" or args.tile is None):
         raise ConfigError(f"--norm-passes {args.norm_passes} goes with --tile N and --tile-norms pooled (the passes "
                           "gather the tiles' statistics)")  # fmt: skip
-    return {
+    settings = {
         "noise_level": args.noise_level, "num_inference_steps": args.upscale_steps,
         "guidance_scale": args.upscale_guidance, "tile": args.tile, "tile_overlap": args.tile_overlap,
         "chunk_frames": args.chunk_frames,
         "frame_norms": {"frame": True, "pooled": "pooled", "tile": False}[args.tile_norms],
         "norm_passes": args.norm_passes,
     }  # fmt: skip
+    if folder is not None and pipeline_class(Path(folder)) == "StableDiffusionUpscalePipeline":
+        check_upscale_settings(UpscaleLimits.of_folder(folder), *(settings[key] for key in (
+            "noise_level", "num_inference_steps", "tile", "tile_overlap", "chunk_frames")))  # fmt: skip
+    return settings
 
 
 def upscaled_path(video: Path) -> Path:
@@ -113,8 +119,8 @@ def main(argv: list[str]) -> int:
     from lvdm.outputs import plan_outputs
     from lvdm.upscale_pipeline import UpscalePipeline, probe_low_res
 
-    settings = upscale_settings(args)  # its checks, before anything loads
     probe_low_res(args.video)  # missing, not a video or too large: one line, before anything loads
+    settings = upscale_settings(args, args.upscaler)  # its checks, against the upscaler's limits, before it loads
     if Path(args.out).suffix.lower() not in (".mp4", ".gif"):
         raise ConfigError(f"--out {args.out}: give a .mp4 or .gif file")
     path = plan_outputs(args.out, [args.prompt], overwrite=args.overwrite)[0]

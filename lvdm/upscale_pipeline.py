@@ -45,6 +45,42 @@ class LowRes:
     source: str
 
 
+@dataclasses.dataclass(frozen=True)
+class UpscaleLimits:
+    """What an x4 upscaler allows an upscale's settings: its highest noise level, the multiple of low-res pixels its
+    UNet's downsampling asks of a tile, and, where its VAE's decoder cannot run in tiles, that decoder's class."""
+
+    max_noise_level: int
+    multiple: int
+    untileable_decoder: str | None = None
+
+    @classmethod
+    def of_folder(cls, folder: str | os.PathLike) -> UpscaleLimits:
+        """Read from the folder's configs, before anything loads: ``sample.py --upscaler`` checks the upscale's
+        settings before it samples. A VAE class (as ``model_index.json`` names it) other than diffusers'
+        ``AutoencoderKL``, whose decoder is the GroupNorm ``Decoder``, is named as untileable; the call checks the
+        loaded models again."""
+        from lvdm.fileio import read_json
+
+        configs = {}
+        for name in ("model_index.json", "unet/config.json"):
+            try:
+                configs[name] = read_json(Path(folder) / name)
+            except (OSError, ValueError) as error:
+                raise CheckpointError(f"upscaler {folder}: cannot read {name} ({error})") from None
+        index, unet = configs.values()
+        index = index if isinstance(index, dict) else {}
+        levels = unet.get("block_out_channels") if isinstance(unet, dict) else None
+        top = index.get("max_noise_level", 350)  # diffusers' default: 350
+        vae = index.get("vae")  # [library, class]: the class diffusers loads
+        if (not isinstance(levels, list) or not levels or isinstance(top, bool) or not isinstance(top, int)
+                or not isinstance(vae, list) or len(vae) != 2):  # fmt: skip
+            raise CheckpointError(f"upscaler {folder}: its model_index.json or unet/config.json is not a diffusers "
+                                  "x4 upscaler's (max_noise_level, vae, block_out_channels)")  # fmt: skip
+        kind = str(vae[1])
+        return cls(top, 2 ** (len(levels) - 1), None if kind == "AutoencoderKL" else kind)
+
+
 class UpscalePipeline:
     """An x4 upscaler plus, optionally, a temporal module trained on it: low-res videos in, 4x videos out."""
 
@@ -99,6 +135,13 @@ class UpscalePipeline:
     def multiple(self) -> int:
         """What the low-res height and width must divide by: the UNet's downsampling."""
         return 2 ** (len(self.base.unet.config.block_out_channels) - 1)
+
+    @property
+    def limits(self) -> UpscaleLimits:
+        """What this upscaler allows an upscale's settings (:func:`check_upscale_settings`)."""
+        vae = self.base.vae
+        refusal = None if splits_its_decoder(vae) else type(getattr(vae, "decoder", vae)).__name__
+        return UpscaleLimits(self.base.max_noise_level, self.multiple, refusal)
 
     @property
     def scale(self) -> int:
@@ -158,7 +201,7 @@ class UpscalePipeline:
         from lvdm.diffusion import guidance_schedule, make_scheduler, sample
         from lvdm.tiles import tiled
 
-        self._check(noise_level, num_inference_steps, tile, tile_overlap, chunk_frames)
+        check_upscale_settings(self.limits, noise_level, num_inference_steps, tile, tile_overlap, chunk_frames)
         _check_call(prompt, negative_prompt, scheduler, image_mode, fps)
         _check_norms(frame_norms, norm_passes, tile)
         _check_seed_and_guidance(seed, guidance_scale)
@@ -203,36 +246,6 @@ class UpscalePipeline:
             "initial_noise": "given" if latents is not None else "seed", "lvdm_version": __version__,
         }  # fmt: skip
         return VideoOutput(np.ascontiguousarray(frames), rate, [record], clean.cpu(), noise.cpu())
-
-    def _check(
-        self, noise_level: Any, steps: Any, tile: int | None, overlap: int | None, chunk_frames: int | None
-    ) -> None:
-        top = self.base.max_noise_level
-        if isinstance(noise_level, bool) or not isinstance(noise_level, int) or not 0 <= noise_level <= top:
-            raise ConfigError(
-                f"noise_level must be an integer in 0 .. {top} (the upscaler's max), got {noise_level!r}"
-            )
-        if isinstance(steps, bool) or not isinstance(steps, int) or not 1 <= steps <= MAX_STEPS:
-            raise ConfigError(
-                f"num_inference_steps must be an integer in 1 .. {MAX_STEPS} (the timesteps), got {steps!r}"
-            )
-        self._check_tiles(tile, overlap)
-        if chunk_frames is not None and (isinstance(chunk_frames, bool) or not isinstance(chunk_frames, int)
-                                         or chunk_frames < 2):  # fmt: skip
-            raise ConfigError(f"chunk_frames must be an integer >= 2, got {chunk_frames!r}")
-
-    def _check_tiles(self, tile: Any, overlap: Any) -> None:
-        if tile is not None and (isinstance(tile, bool) or not isinstance(tile, int) or tile < self.multiple
-                                 or tile % self.multiple):  # fmt: skip
-            raise ConfigError(f"tile must be a multiple of {self.multiple} low-res pixels (the UNet's), got {tile!r}")
-        if overlap is not None and (tile is None or isinstance(overlap, bool) or not isinstance(overlap, int)
-                                    or not 0 <= overlap < tile):  # fmt: skip
-            raise ConfigError(f"tile_overlap must be 0 .. tile - 1 and goes with tile, got {overlap!r}")
-        if tile is not None and not splits_its_decoder(self.base.vae):
-            raise ConfigError(
-                f"tile needs a VAE with diffusers' Decoder layout (its middle block runs whole, the "
-                f"rest in tiles), not {type(self.base.vae.decoder).__name__}; upscale whole (tile=None)"
-            )
 
     def _noised_low_res(
         self, frames: np.ndarray, noise_level: int, generator: torch.Generator
@@ -304,7 +317,7 @@ class UpscalePipeline:
         from lvdm.tile_decode import decode_latents_tiled
 
         check_latents_to_decode(latents, self.base.vae.config.latent_channels)
-        self._check_tiles(tile, tile_overlap)
+        _check_tiles(self.limits, tile, tile_overlap)
         _check_norms(frame_norms, norm_passes, tile)
         if tile is None:
             video = decode_latents(self.base.vae, latents, chunk_frames=1)
@@ -331,6 +344,36 @@ def _check_call(prompt: Any, negative: Any, scheduler: Any, image_mode: Any, fps
     real = isinstance(fps, numbers.Real) and not isinstance(fps, bool | np.bool_)
     if fps is not None and not (real and math.isfinite(fps) and 0 < fps <= MAX_FPS):
         raise ConfigError(f"fps must be a number in (0, {MAX_FPS}], or None for the input's rate, got {fps!r}")
+
+
+def check_upscale_settings(
+    limits: UpscaleLimits, noise_level: Any, steps: Any, tile: Any, overlap: Any, chunk_frames: Any
+) -> None:
+    """Refuse settings an upscaler with these ``limits`` cannot take, with what is allowed."""
+    top = limits.max_noise_level
+    if isinstance(noise_level, bool) or not isinstance(noise_level, int) or not 0 <= noise_level <= top:
+        raise ConfigError(f"noise_level must be an integer in 0 .. {top} (the upscaler's max), got {noise_level!r}")
+    if isinstance(steps, bool) or not isinstance(steps, int) or not 1 <= steps <= MAX_STEPS:
+        raise ConfigError(f"num_inference_steps must be an integer in 1 .. {MAX_STEPS} (the timesteps), got {steps!r}")
+    _check_tiles(limits, tile, overlap)
+    if chunk_frames is not None and (isinstance(chunk_frames, bool) or not isinstance(chunk_frames, int)
+                                     or chunk_frames < 2):  # fmt: skip
+        raise ConfigError(f"chunk_frames must be an integer >= 2, got {chunk_frames!r}")
+
+
+def _check_tiles(limits: UpscaleLimits, tile: Any, overlap: Any) -> None:
+    multiple = limits.multiple
+    if tile is not None and (isinstance(tile, bool) or not isinstance(tile, int) or tile < multiple
+                             or tile % multiple):  # fmt: skip
+        raise ConfigError(f"tile must be a multiple of {multiple} low-res pixels (the UNet's), got {tile!r}")
+    if overlap is not None and (tile is None or isinstance(overlap, bool) or not isinstance(overlap, int)
+                                or not 0 <= overlap < tile):  # fmt: skip
+        raise ConfigError(f"tile_overlap must be 0 .. tile - 1 and goes with tile, got {overlap!r}")
+    if tile is not None and limits.untileable_decoder is not None:
+        raise ConfigError(
+            f"tile needs a VAE with diffusers' Decoder layout (its middle block runs whole, the rest in tiles), "
+            f"not {limits.untileable_decoder}; upscale whole (tile=None)"
+        )
 
 
 def _check_norms(frame_norms: Any, passes: Any, tile: int | None) -> None:

@@ -342,6 +342,13 @@ def test_sample_cli_upscales_what_it_samples(upscaler, tiny_assets, tmp_path, ca
     passes = [*args[:-2], "--norm-passes", "2", "--out", str(tmp_path / "passes.mp4")]  # before sampling
     code, err = run_cli(script.main, passes), capsys.readouterr().err
     assert code == 2 and "--tile N and --tile-norms pooled" in err and not (tmp_path / "passes.mp4").exists(), err
+    # the upscaler's own limits, read from its folder: refused before sampling too (they were found after it)
+    for flags, message in ((["--noise-level", "400"], "noise_level must be an integer in 0 .. 350"),
+                           (["--tile", "6"], "tile must be a multiple of 4"),
+                           (["--upscale-steps", "0"], "num_inference_steps must be")):  # fmt: skip
+        code = run_cli(script.main, [*args[:-2], *flags, "--out", str(tmp_path / "early.mp4")])
+        err = capsys.readouterr().err
+        assert code == 2 and message in err.splitlines()[-1] and not (tmp_path / "early.mp4").exists(), err
     code = run_cli(script.main, [*args[:-6], "--upscaler-temporal", "x.safetensors", "--out", str(tmp_path / "y.mp4")])
     assert code == 2 and "goes with --upscaler" in capsys.readouterr().err
     # a text-to-image base given as the upscaler: refused before anything is sampled
@@ -355,6 +362,35 @@ def test_sample_cli_upscales_what_it_samples(upscaler, tiny_assets, tmp_path, ca
     # the control: 2048 px passes that check (the folder given as the upscaler is what stops it, before sampling)
     code = run_cli(script.main, [*wrong[:-2], "--height", "2048", "--out", str(tmp_path / "z.mp4")])
     assert code == 2 and "not an x4 upscaler" in capsys.readouterr().err
+
+
+def test_an_upscaler_folders_limits_are_read_from_its_configs(upscaler, tmp_path):
+    """What ``sample.py --upscaler`` checks before it samples: the limits the loaded upscaler has, read from its
+    folder's configs without loading; another VAE class refuses tiles, unreadable configs are one error."""
+    import shutil
+
+    from lvdm.upscale_pipeline import UpscaleLimits, check_upscale_settings
+
+    limits = UpscaleLimits.of_folder(upscaler)
+    assert limits == UpscalePipeline.from_pretrained(upscaler).limits == UpscaleLimits(350, 4, None)
+    check_upscale_settings(limits, 350, 1, 8, 7, 2)  # the control: the edges are allowed
+    edited = shutil.copytree(upscaler, tmp_path / "edited")
+    index = json.loads((edited / "model_index.json").read_text())
+    vae = ["diffusers", "AutoencoderKLTemporalDecoder"]
+    (edited / "model_index.json").write_text(json.dumps({**index, "max_noise_level": 100, "vae": vae}))
+    limits = UpscaleLimits.of_folder(edited)
+    assert limits == UpscaleLimits(100, 4, "AutoencoderKLTemporalDecoder")
+    with pytest.raises(ConfigError, match="noise_level must be an integer in 0 .. 100"):
+        check_upscale_settings(limits, 101, 1, None, None, None)
+    with pytest.raises(ConfigError, match="not AutoencoderKLTemporalDecoder; upscale whole"):
+        check_upscale_settings(limits, 20, 1, 8, None, None)
+    check_upscale_settings(limits, 100, 1, None, None, None)  # whole, it passes
+    (edited / "unet" / "config.json").write_text("{")
+    with pytest.raises(CheckpointError, match="cannot read unet/config.json"):
+        UpscaleLimits.of_folder(edited)
+    (edited / "unet" / "config.json").write_text('{"block_out_channels": "wide"}')
+    with pytest.raises(CheckpointError, match="not a diffusers x4 upscaler's"):
+        UpscaleLimits.of_folder(edited)
 
 
 @torch.no_grad()
