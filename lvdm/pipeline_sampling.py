@@ -24,7 +24,9 @@ from lvdm.errors import ConfigError
 from lvdm.sampling_settings import (
     DEFAULT_FPS,
     DEFAULT_FRAMES,
+    DEFAULT_GUIDANCE,
     DEFAULT_STEPS,
+    MAX_GUIDANCE,
     MAX_SEED,
     SamplingSettings,
     parse_threshold,
@@ -45,7 +47,7 @@ def resolve_settings(pipe: Any, s: SamplingSettings, latents: torch.Tensor | Non
     fallback = {
         "num_frames": DEFAULT_FRAMES, "height": native, "width": native, "fps": DEFAULT_FPS,
         "noise_prior": "independent", "mixed_lambda": 0.5, "num_inference_steps": DEFAULT_STEPS,
-        "scheduler": "ddim",
+        "scheduler": "ddim", "guidance_scale": DEFAULT_GUIDANCE,
     }  # fmt: skip
     values, from_module = {}, []
     for key, default in fallback.items():
@@ -72,6 +74,13 @@ def resolve_settings(pipe: Any, s: SamplingSettings, latents: torch.Tensor | Non
         for key in ("height", "width")
         if getattr(resolved, key) % pipe.vae_scale_factor
     ]
+    low, high = pipe.defaults.get("guidance_range", (-MAX_GUIDANCE, MAX_GUIDANCE))
+    if pipe.distilled and not resolved.image_mode and not low <= resolved.guidance_scale <= high:
+        problems.append(
+            f"guidance_scale={resolved.guidance_scale:g}: this distilled module takes a guidance weight in "
+            f"{low:g} .. {high:g}, the range it was distilled for (train.distill_guidance); its weight is an input, "
+            "untrained outside it"
+        )
     if pipe.distilled and (resolved.guidance_schedule != "constant" or resolved.guidance_rescale):
         problems.append(
             "guidance_schedule / guidance_rescale: a distilled module takes one guidance weight as an input, "

@@ -20,6 +20,7 @@ from lvdm.errors import ConfigError, TemporalModuleError
 DEFAULT_FRAMES = 16
 DEFAULT_FPS = 8.0
 DEFAULT_STEPS = 25
+DEFAULT_GUIDANCE = 7.5
 SIZE_MULTIPLE = 8  # SD's rule for pixel sizes (its VAE downsamples by 8)
 MAX_FRAMES = 4096  # frames per sampled video (a rollout beyond the module's length included)
 MAX_SIDE = 8192  # pixels
@@ -64,8 +65,12 @@ class SamplingSettings:
         "sampler: ddim, ddim_trailing, dpmpp, euler, euler_a, ddpm or unipc (null: a distilled module's own, else "
         "ddim)",
     )
-    guidance_scale: float = option(
-        7.5, "classifier-free guidance weight (1: the conditional model only)", min=-MAX_GUIDANCE, max=MAX_GUIDANCE
+    guidance_scale: float | None = option(
+        None,
+        "classifier-free guidance weight (1: the conditional model only; null: a distilled module's own, the middle "
+        "of the range it was distilled for, else 7.5)",
+        min=-MAX_GUIDANCE,
+        max=MAX_GUIDANCE,
     )
     guidance_schedule: str = option("constant", "guidance weight over the steps: constant, oscillating or linear")
     guidance_options: dict[str, Any] = option({}, "options of the schedule, e.g. {low: 1.0, warmup: 0.2}")
@@ -152,7 +157,8 @@ def _guidance_problems(settings: SamplingSettings) -> list[str]:
             return [f"guidance_options: {key} must be a number in -{MAX_GUIDANCE} .. {MAX_GUIDANCE} (a guidance "
                     f"weight or fraction), got {value!r}"]  # fmt: skip
     try:
-        guidance_schedule(name, settings.guidance_scale, **options)
+        scale = settings.guidance_scale
+        guidance_schedule(name, DEFAULT_GUIDANCE if scale is None else scale, **options)
     except (TypeError, ValueError) as exc:
         return [f"guidance_options: {exc}"]
     return []
@@ -247,16 +253,22 @@ def _most_given(predict_frames: Any, tasks: dict[str, Any]) -> int | None:
 
 def distilled_for(training_config: dict[str, Any]) -> dict[str, Any]:
     """What a distilled student (``train.target: distill``) samples with: its steps, its sampler
-    (``ddim_trailing``), and whether a spatial LoRA goes with it; ``{}`` for any other module."""
+    (``ddim_trailing``), whether a spatial LoRA goes with it, and the guidance range it was distilled for (the
+    weight is its input, untrained outside) with its middle as the default weight; ``{}`` for any other module."""
     train = training_config.get("train") if isinstance(training_config.get("train"), dict) else {}
     model = training_config.get("model") if isinstance(training_config.get("model"), dict) else {}
     steps = train.get("distill_to")
     if train.get("target") != "distill" or type(steps) is not int or steps < 1:
         return {}
-    return {
+    found = {
         "num_inference_steps": steps, "scheduler": "ddim_trailing",
         "distilled_lora": type(model.get("spatial_lora_rank")) is int and model["spatial_lora_rank"] > 0,
     }  # fmt: skip
+    pair = train.get("distill_guidance")
+    numbers = isinstance(pair, list) and len(pair) == 2 and all(type(w) in (int, float) for w in pair)
+    if numbers and all(map(math.isfinite, pair)) and pair[0] <= pair[1]:
+        found |= {"guidance_range": [float(w) for w in pair], "guidance_scale": (pair[0] + pair[1]) / 2}
+    return found
 
 
 def training_prior(training_config: dict[str, Any]) -> dict[str, Any]:

@@ -110,6 +110,17 @@ def test_the_student_samples_in_one_forward_per_step_on_another_base(student, tm
     assert any(lora.endswith("spatial_lora.safetensors:1") for lora in model["loras"])  # found beside it
     with pytest.raises(ConfigError, match="constant over the steps"):
         pipe("a red disc", num_frames=4, height=16, width=16, guidance_schedule="oscillating", progress=False)
+    # the weight is an input, trained on train.distill_guidance only ([2, 8] by default): its middle unless given,
+    # and a weight outside it is refused, not extrapolated; the edges pass (the control)
+    small = {"num_frames": 4, "height": 16, "width": 16, "progress": False}
+    assert pipe("a red disc", **small).metadata[0]["settings"]["guidance_scale"] == 5.0
+    for weight in (2.0, 8.0):
+        assert pipe("a red disc", guidance_scale=weight, **small).metadata[0]["settings"]["guidance_scale"] == weight
+    for weight in (1.0, 9.0):
+        with pytest.raises(ConfigError, match=f"guidance_scale={weight:g}: .* in 2 .. 8, the range it was distilled"):
+            pipe("a red disc", guidance_scale=weight, **small)
+    # image mode samples the base with two passes: the module's range does not bind it
+    assert pipe("a red disc", guidance_scale=1.0, image_mode=True, **small).metadata[0]["settings"]["image_mode"]
     alone = tmp_path / "alone"
     alone.mkdir()
     shutil.copy(module, alone / "student.safetensors")

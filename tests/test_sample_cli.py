@@ -164,8 +164,8 @@ def test_help_shows_the_defaults(capsys):
     with pytest.raises(SystemExit):
         script.build_parser().parse_args(["--help"])
     text = " ".join(capsys.readouterr().out.split())
-    shown_defaults = ("denoising steps (unset: a distilled module's own, else 25)", "else ddim)", "(default: 7.5)",
-                      "(default: outputs/samples)", "(default: auto)",
+    shown_defaults = ("denoising steps (unset: a distilled module's own, else 25)", "else ddim)",
+                      "distilled for, else 7.5)", "(default: outputs/samples)", "(default: auto)",
                       "--overwrite replace existing outputs (default: refuse them)")  # fmt: skip
     for shown in shown_defaults:
         assert shown in text, shown
