@@ -45,6 +45,7 @@ from lvdm.pipeline_sampling import (
     _negatives,
     _random_seed,
     _rows,
+    check_progress,
     denoise,
     initial_noise,
     make_model_fn,
@@ -192,6 +193,7 @@ class VideoPipeline:
         """
         from lvdm import context_sampling, image_sampling
 
+        check_progress(progress)
         prompts = _as_prompts(prompt)
         s = self._resolve(sampling_settings(**settings), latents)
         _check_seeds(s.seed, len(prompts) * s.num_videos_per_prompt)
@@ -267,6 +269,7 @@ class VideoPipeline:
         Needs a module trained with ``interpolate`` among its tasks (:mod:`lvdm.context_sampling`)."""
         from lvdm.context_sampling import interpolate
 
+        check_progress(progress)
         return interpolate(self, video, factor=factor, prompt=prompt, progress=progress, **settings)
 
     # ----------------------------------------------------------------------------------------------- context
@@ -316,6 +319,7 @@ class VideoPipeline:
         """
         prompts = _as_prompts(prompts)
         s = sampling_settings(**{"batch_size": 1, **settings})
+        check_progress(progress)  # before the outputs are planned
         repeat = s.num_videos_per_prompt
         if isinstance(out, (str, os.PathLike)):
             paths = plan_outputs(out, prompts, num_videos_per_prompt=repeat, format=format, overwrite=overwrite)

@@ -199,12 +199,14 @@ class UpscalePipeline:
             a :class:`~lvdm.outputs.VideoOutput` with uint8 frames ``(1, f, 4h, 4w, 3)`` at the input's rate.
         """
         from lvdm.diffusion import guidance_schedule, make_scheduler, sample
+        from lvdm.pipeline_sampling import check_progress
         from lvdm.tiles import tiled
 
         check_upscale_settings(self.limits, noise_level, num_inference_steps, tile, tile_overlap, chunk_frames)
         _check_call(prompt, negative_prompt, scheduler, image_mode, fps)
         _check_norms(frame_norms, norm_passes, tile)
         _check_seed_and_guidance(seed, guidance_scale)
+        check_progress(progress)
         low = read_low_res(video)  # after the checks: it decodes the whole video
         f, h, w = low.frames.shape[:3]
         seed = seed if seed is not None else int.from_bytes(os.urandom(4), "little")

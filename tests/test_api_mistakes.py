@@ -66,6 +66,14 @@ def test_prompts_seeds_and_noise(pipe, tmp_path):
         pipe.render(["a", "b"], tmp_path / "out", seed=MAX_SEED, **FAST)
     assert not (tmp_path / "out").exists()
     assert len(pipe(iter(["a", "b"]), **FAST)) == 2  # the control: any iterable of strings is a list of prompts
+    # progress="no" was truthy: it showed the bar
+    clip = np.zeros((2, 8, 8, 3), np.uint8)
+    for call in (lambda: pipe("a", **{**FAST, "progress": "no"}),
+                 lambda: pipe.render(["a"], tmp_path / "bar", **{**FAST, "progress": 0}),
+                 lambda: pipe.interpolate(clip, **{**FAST, "progress": None})):  # fmt: skip
+        with pytest.raises(ConfigError, match="progress must be True or False"):
+            call()
+    assert not (tmp_path / "bar").exists()
     shape = (1, 4, 2, 8, 8)  # the tiny VAE downsamples by 2
     for latents, message in (
         (np.zeros(shape, np.float32), "a ndarray"),
@@ -162,6 +170,7 @@ def test_upscale_arguments(upscaler, tmp_path):
         ({"negative_prompt": ["x"]}, "negative_prompt must be a string"),
         ({"scheduler": "ddimm"}, "scheduler must be one of"),  # a plain ValueError
         ({"image_mode": "x"}, "image_mode must be True or False"),
+        ({"progress": "no"}, "progress must be True or False"),
         ({"frame_norms": 1}, "frame_norms must be True, False or 'pooled'"),
         ({"norm_passes": 0}, r"norm_passes must be an integer in 1 \.\. 8"),
         ({"norm_passes": 2.0, "frame_norms": "pooled"}, "norm_passes must be an integer"),
@@ -171,7 +180,7 @@ def test_upscale_arguments(upscaler, tmp_path):
         ({"latents": torch.full((1, 4, 2, 8, 8), float("nan"))}, "latents holds NaN"),
     ):
         with pytest.raises(ConfigError, match=message):
-            upscaler(video, **quick, **kwargs)
+            upscaler(video, **{**quick, **kwargs})
     latents = upscaler(video, "a disc", fps=np.float32(12.5), frame_norms=np.bool_(True), **quick).latents  # control
     with pytest.raises(ConfigError, match=r"latents must be \(b, 4, f, h, w\)"):
         upscaler.decode(latents[0])
