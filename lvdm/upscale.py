@@ -85,8 +85,9 @@ def upscale_settings(args: argparse.Namespace, folder: str | Path | None = None)
         "norm_passes": args.norm_passes,
     }  # fmt: skip
     if folder is not None and pipeline_class(Path(folder)) == "StableDiffusionUpscalePipeline":
-        check_upscale_settings(UpscaleLimits.of_folder(folder), *(settings[key] for key in (
-            "noise_level", "num_inference_steps", "tile", "tile_overlap", "chunk_frames")))  # fmt: skip
+        limits = UpscaleLimits.of_folder(folder)
+        check_upscale_settings(limits, args.noise_level, args.upscale_steps, args.tile, args.tile_overlap,
+                               args.chunk_frames)  # fmt: skip
     return settings
 
 

@@ -45,6 +45,11 @@ class LowRes:
     source: str
 
 
+def _downsampling(block_out_channels: Any) -> int:
+    """A UNet's or VAE's downsampling factor: one halving between each two of its levels."""
+    return 2 ** (len(block_out_channels) - 1)
+
+
 @dataclasses.dataclass(frozen=True)
 class UpscaleLimits:
     """What an x4 upscaler allows an upscale's settings: its highest noise level, the multiple of low-res pixels its
@@ -62,13 +67,13 @@ class UpscaleLimits:
         loaded models again."""
         from lvdm.fileio import read_json
 
-        configs = {}
-        for name in ("model_index.json", "unet/config.json"):
+        def read(name: str) -> Any:
             try:
-                configs[name] = read_json(Path(folder) / name)
+                return read_json(Path(folder) / name)
             except (OSError, ValueError) as error:
                 raise CheckpointError(f"upscaler {folder}: cannot read {name} ({error})") from None
-        index, unet = configs.values()
+
+        index, unet = read("model_index.json"), read("unet/config.json")
         index = index if isinstance(index, dict) else {}
         levels = unet.get("block_out_channels") if isinstance(unet, dict) else None
         top = index.get("max_noise_level", 350)  # diffusers' default: 350
@@ -78,7 +83,7 @@ class UpscaleLimits:
             raise CheckpointError(f"upscaler {folder}: its model_index.json or unet/config.json is not a diffusers "
                                   "x4 upscaler's (max_noise_level, vae, block_out_channels)")  # fmt: skip
         kind = str(vae[1])
-        return cls(top, 2 ** (len(levels) - 1), None if kind == "AutoencoderKL" else kind)
+        return cls(top, _downsampling(levels), None if kind == "AutoencoderKL" else kind)
 
 
 class UpscalePipeline:
@@ -134,7 +139,7 @@ class UpscalePipeline:
     @property
     def multiple(self) -> int:
         """What the low-res height and width must divide by: the UNet's downsampling."""
-        return 2 ** (len(self.base.unet.config.block_out_channels) - 1)
+        return _downsampling(self.base.unet.config.block_out_channels)
 
     @property
     def limits(self) -> UpscaleLimits:
@@ -146,7 +151,7 @@ class UpscalePipeline:
     @property
     def scale(self) -> int:
         """Output pixels per low-res pixel: the VAE's factor (4)."""
-        return 2 ** (len(self.base.vae.config.block_out_channels) - 1)
+        return _downsampling(self.base.vae.config.block_out_channels)
 
     # ----------------------------------------------------------------------------------------------- sampling
     @torch.no_grad()
