@@ -37,6 +37,7 @@ import torch
 from lvdm import __version__
 from lvdm.configlib import config_to_dict
 from lvdm.errors import ConfigError
+from lvdm.models.family import downsampling
 from lvdm.outputs import FORMATS, VideoOutput, media_kind, plan_outputs, read_prompts, refuse_existing
 from lvdm.pipeline_loading import device_problem
 from lvdm.pipeline_sampling import (
@@ -153,7 +154,7 @@ class VideoPipeline:
     @property
     def vae_scale_factor(self) -> int:
         """Pixels per latent: 8 for SD's VAE (2 for the tiny test VAE)."""
-        return 2 ** (len(self.base.vae.config.block_out_channels) - 1)
+        return downsampling(self.base.vae.config.block_out_channels)
 
     # ----------------------------------------------------------------------------------------------- sampling
     def __call__(

@@ -21,6 +21,8 @@ from typing import Any
 import torch
 from torch import nn
 
+from lvdm.models.family import downsampling
+
 
 def splits_its_decoder(vae: Any) -> bool:
     """Whether ``vae``'s decoder is diffusers' ``Decoder`` with GroupNorm output (the middle can run apart from the
@@ -44,7 +46,7 @@ def decode_latents_tiled(
     from lvdm.tiles import tiled
 
     decoder = vae.decoder
-    scale = 2 ** (len(vae.config.block_out_channels) - 1)
+    scale = downsampling(vae.config.block_out_channels)
     tail = nn.ModuleList([decoder.up_blocks, decoder.conv_norm_out])
     up_dtype = next(decoder.up_blocks.parameters()).dtype  # diffusers' Decoder (<= 0.35) casts the middle's output
 

@@ -27,6 +27,7 @@ import torch
 
 from lvdm import __version__
 from lvdm.errors import CheckpointError, ConfigError
+from lvdm.models.family import downsampling
 from lvdm.outputs import VideoOutput
 from lvdm.sampling_settings import MAX_FPS, MAX_FRAMES, MAX_GUIDANCE, MAX_SEED, MAX_SIDE, MAX_STEPS
 from lvdm.tile_decode import splits_its_decoder
@@ -43,11 +44,6 @@ class LowRes:
     frames: np.ndarray  # uint8 (f, h, w, 3)
     fps: float | None
     source: str
-
-
-def _downsampling(block_out_channels: Any) -> int:
-    """A UNet's or VAE's downsampling factor: one halving between each two of its levels."""
-    return 2 ** (len(block_out_channels) - 1)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -83,7 +79,7 @@ class UpscaleLimits:
             raise CheckpointError(f"upscaler {folder}: its model_index.json or unet/config.json is not a diffusers "
                                   "x4 upscaler's (max_noise_level, vae, block_out_channels)")  # fmt: skip
         kind = str(vae[1])
-        return cls(top, _downsampling(levels), None if kind == "AutoencoderKL" else kind)
+        return cls(top, downsampling(levels), None if kind == "AutoencoderKL" else kind)
 
 
 class UpscalePipeline:
@@ -139,7 +135,7 @@ class UpscalePipeline:
     @property
     def multiple(self) -> int:
         """What the low-res height and width must divide by: the UNet's downsampling."""
-        return _downsampling(self.base.unet.config.block_out_channels)
+        return downsampling(self.base.unet.config.block_out_channels)
 
     @property
     def limits(self) -> UpscaleLimits:
@@ -151,7 +147,7 @@ class UpscalePipeline:
     @property
     def scale(self) -> int:
         """Output pixels per low-res pixel: the VAE's factor (4)."""
-        return _downsampling(self.base.vae.config.block_out_channels)
+        return downsampling(self.base.vae.config.block_out_channels)
 
     # ----------------------------------------------------------------------------------------------- sampling
     @torch.no_grad()

@@ -28,3 +28,9 @@ def base_family(unet_config: Any) -> str:
         return "upscaler"
     widths = "-".join(str(c) for c in channels)
     return f"custom-{unet_config.in_channels}x{cross}-{widths}"
+
+
+def downsampling(block_out_channels: Any) -> int:
+    """A UNet's or VAE's downsampling factor, from its config's ``block_out_channels``: one halving between each two
+    of its levels (8 for SD's VAE, 2 for the tiny test VAE)."""
+    return 2 ** (len(block_out_channels) - 1)

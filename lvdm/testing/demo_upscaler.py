@@ -24,6 +24,8 @@ from typing import Any
 
 import torch
 
+from lvdm.models.family import downsampling
+
 RECIPE_FILE = "demo_upscaler.json"
 
 
@@ -91,7 +93,7 @@ def train_upscaler_unet(unet, vae, low_res_scheduler, frames, text, empty, recip
     from lvdm.training.upscale import downsample
 
     scheduler = upscaler_schedulers()[0]
-    factor = 2 ** (len(vae.config.block_out_channels) - 1)
+    factor = downsampling(vae.config.block_out_channels)
     with torch.no_grad():
         posteriors = [vae.encode(chunk).latent_dist for chunk in frames.split(64)]
         mean, std = torch.cat([p.mean for p in posteriors]), torch.cat([p.std for p in posteriors])

@@ -50,6 +50,7 @@ import torch
 from torch.func import functional_call
 
 from lvdm.errors import ConfigError
+from lvdm.models.family import downsampling
 from lvdm.training.objectives import Objective
 from lvdm.training.step import Frozen, batch_latents_and_text, step_generator
 
@@ -186,7 +187,7 @@ class DistillObjective(Objective):
             if key not in self.pool:
                 missing.setdefault(key, caption)  # a slot drawn twice in one batch gets the first clip's caption
         if missing:
-            factor = 2 ** (len(self.frozen.vae.config.block_out_channels) - 1)
+            factor = downsampling(self.frozen.vae.config.block_out_channels)
             f, h, w = latent_shape[1], latent_shape[3] // factor, latent_shape[4] // factor
             c = self.frozen.vae.config.latent_channels
             noise = torch.stack([
@@ -302,7 +303,7 @@ class DistillObjective(Objective):
         range), the MSE to the teacher's ``distill_from``-step sample of the teacher's and of the student's
         ``steps``-step samples, float64."""
         errors: dict[str, list[torch.Tensor]] = {"teacher": [], "student": []}
-        factor = 2 ** (len(self.frozen.vae.config.block_out_channels) - 1)
+        factor = downsampling(self.frozen.vae.config.block_out_channels)
         k = self.cfg.train.distill_eval_noises
         for batch in batches:
             b, f, _, h, w = batch["video"].shape
@@ -336,7 +337,7 @@ class DistillObjective(Objective):
             return []
         steps = self.student_steps(self.round_of(max(self.step - 1, 0)))
         b, f, _, h, w = batches[0]["video"].shape
-        factor = 2 ** (len(self.frozen.vae.config.block_out_channels) - 1)
+        factor = downsampling(self.frozen.vae.config.block_out_channels)
         generator = step_generator(-8, 0, 0)
         noise = torch.randn((len(prompts), self.frozen.vae.config.latent_channels, f, h // factor, w // factor),
                             generator=generator).to(self.device)  # fmt: skip

@@ -26,6 +26,7 @@ from typing import Any, ClassVar
 
 import torch
 
+from lvdm.models.family import downsampling
 from lvdm.training.step import Frozen, batch_inputs, training_loss
 
 
@@ -154,7 +155,7 @@ class DenoisingObjective(Objective):
         from lvdm.training.tasks import split_fine
 
         inputs, uncond, pictures = self._render_inputs(fps or DEFAULT_FPS, split_fine(batches or [])[0], out_dir)
-        factor = 2 ** (len(self.frozen.vae.config.block_out_channels) - 1)
+        factor = downsampling(self.frozen.vae.config.block_out_channels)
         height, width = cfg.data.resolution
         self.rendered = render_validation(
             model_fn, self.frozen, cfg.train.validation_prompts, out_dir,

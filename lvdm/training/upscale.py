@@ -33,6 +33,7 @@ import torch
 import torch.nn.functional as F
 
 from lvdm.errors import ConfigError
+from lvdm.models.family import downsampling
 from lvdm.training.objectives import Objective
 from lvdm.training.step import Frozen, training_loss
 from lvdm.upscale_pipeline import with_low_res
@@ -62,8 +63,8 @@ class UpscaleObjective(Objective):
 
     def __init__(self, cfg: Any, video: Any, frozen: Frozen, device: torch.device) -> None:
         super().__init__(cfg, video, frozen, device)
-        self.factor = 2 ** (len(frozen.vae.config.block_out_channels) - 1)
-        unet_multiple = 2 ** (len(video.unet.config.block_out_channels) - 1)
+        self.factor = downsampling(frozen.vae.config.block_out_channels)
+        unet_multiple = downsampling(video.unet.config.block_out_channels)
         train = cfg.train
         step = self.factor * unet_multiple
         if train.upscale_patch % step:
