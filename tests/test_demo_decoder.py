@@ -12,14 +12,14 @@ from test_demo import REPO, demo_root  # noqa: F401 - the shared fixture
 from lvdm.config import load_config
 from lvdm.training.trainer import train
 
-DECODER_STEPS = 300  # the demo's: 600
+DECODER_STEPS = 150  # the demo's: 600; here the flicker gains read 1.29 (to the image decoder), 1.25 (temporal)
 
 
 def test_the_video_decoder_flickers_less_at_the_same_psnr(demo_root: Path, tmp_path_factory):  # noqa: F811
     cfg = load_config([REPO / "configs" / "demo_decoder.yaml"], [
         f"model.base={demo_root / 'base'}", f"data.root={demo_root / 'clips'}", f"output_dir={demo_root / 'decoder'}",
-        f"train.max_steps={DECODER_STEPS}", "train.disc_start=200", "train.checkpoint_every=1000",
-        "train.validate_every=1000",
+        f"train.max_steps={DECODER_STEPS}", f"train.disc_start={DECODER_STEPS * 2 // 3}",  # the last third
+        "train.checkpoint_every=1000", "train.validate_every=1000",
     ])  # fmt: skip
     result = train(cfg, progress=False)
     g = result.gain
