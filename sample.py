@@ -77,7 +77,8 @@ SETTINGS_FLAGS = {
 
 
 def build_parser() -> argparse.ArgumentParser:
-    from lvdm.pipeline import FORMATS, SamplingSettings
+    from lvdm.outputs import FORMATS
+    from lvdm.sampling_settings import SamplingSettings
 
     parser = Parser(prog="sample.py", description=__doc__, formatter_class=HelpFormatter)
     model = parser.add_argument_group("model")

@@ -434,6 +434,27 @@ assert not heavy, heavy
     assert result.returncode == 0, result.stderr
 
 
+@pytest.mark.parametrize("command", [["sample.py", "--help"], ["lvdm/upscale.py", "--help"]])
+def test_the_sampling_commands_help_loads_no_diffusers(command: list[str]) -> None:
+    """``--help`` (and argparse's own refusals) come before diffusers loads: it took 5.6 s, when the parser's
+    imports pulled in the pipeline (and ``lvdm.models`` imported every model at once); about 2 s now, most of it
+    torch. The control: the video UNet does import diffusers."""
+    code = f"""
+import runpy, sys
+sys.argv = {command!r}
+try:
+    runpy.run_path({command[0]!r}, run_name="__main__")
+except SystemExit as stop:
+    assert stop.code == 0, stop.code
+heavy = sorted(m for m in sys.modules if m.split(".")[0] in ("diffusers", "transformers", "peft"))
+assert not heavy, heavy[:5]
+from lvdm.models import VideoUNet
+assert "diffusers" in sys.modules
+"""
+    result = run_python(code)
+    assert result.returncode == 0, result.stderr
+
+
 @pytest.mark.parametrize(
     "text, reason",
     [
