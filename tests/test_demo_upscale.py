@@ -58,13 +58,13 @@ def test_overlapping_tiles_leave_no_seam_where_cut_tiles_do(upscale_run, demo_ro
     """A clip at 32x32 px low-res upscaled whole and in 16 px tiles. Cut tiles (no overlap) jump where they meet,
     many times more than the whole upscale changes there; tiles sharing 8 px, cross-faded, change there about as the
     whole upscale does (below 2x; the control is the cut tiles). On this test's model, 2 clips x 2 seeds, the blended
-    edges read 0.94-1.6x against 1.0-1.19x between other rows, and the cut edges 6-36x: a faint excess at the edges,
-    no seam. With the frame's GroupNorm statistics the tiled upscale is far closer to the whole one than with each
-    tile's own (the control); what is left is the estimate and the tiles' borders (lvdm.tile_norms). The tiles'
+    edges read 1.19-1.34x against 1.07-1.13x between other rows, and the cut edges 7.5-22x: a faint excess at the
+    edges, no seam. With the frame's GroupNorm statistics the tiled upscale is far closer to the whole one than with
+    each tile's own (the control); what is left is the estimate and the tiles' borders (lvdm.tile_norms). The tiles'
     own statistics pooled in a first pass at every step estimate the frame's better than the subsampled run.
-    10 steps (the README's figures take 20): edges 32.2 / 8.5x cut, 1.37 / 1.08x blended; the error to the whole
-    upscale 4.15 with the subsampled run's statistics, 14.62 with each tile's own, 2.54 pooled (the VAE's middle
-    block whole; 4.36, 14.67 and 2.76 with the whole decoder in tiles)."""
+    10 steps (the README's figures take 20): edges 20.7 / 8.6x cut, 1.19 / 1.34x blended (rows / columns); the error
+    to the whole upscale 3.61 with the subsampled run's statistics, 14.95 with each tile's own, 2.27 pooled (the
+    VAE's middle block whole)."""
     from lvdm import UpscalePipeline
     from lvdm.data.readers import read_frames
     from lvdm.tiles import spans
