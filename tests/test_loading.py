@@ -74,6 +74,7 @@ def test_module_trained_on_a_runs_on_single_file_b_with_kohya_lora(files, tmp_pa
     assert (without_lora - expected).abs().max() > 1e-3  # and the LoRA did change B
 
 
+@pytest.mark.filterwarnings("ignore:Already found a `peft_config`:UserWarning")  # diffusers' reference, not lvdm's
 def test_several_loras_each_with_its_scale(files):
     loras = [(files["kohya"], 0.5), (files["peft"], 1.5)]
     base = load_base(files["b"], base_config=files["a"], loras=loras)
