@@ -75,13 +75,14 @@ def resolve_settings(pipe: Any, s: SamplingSettings, latents: torch.Tensor | Non
         if getattr(resolved, key) % pipe.vae_scale_factor
     ]
     low, high = pipe.defaults.get("guidance_range", (-MAX_GUIDANCE, MAX_GUIDANCE))
-    if pipe.distilled and not resolved.image_mode and not low <= resolved.guidance_scale <= high:
+    one_pass = pipe.distilled and not resolved.image_mode  # image mode: the base, with two passes
+    if one_pass and not low <= resolved.guidance_scale <= high:
         problems.append(
             f"guidance_scale={resolved.guidance_scale:g}: this distilled module takes a guidance weight in "
             f"{low:g} .. {high:g}, the range it was distilled for (train.distill_guidance); its weight is an input, "
             "untrained outside it"
         )
-    if pipe.distilled and (resolved.guidance_schedule != "constant" or resolved.guidance_rescale):
+    if one_pass and (resolved.guidance_schedule != "constant" or resolved.guidance_rescale):
         problems.append(
             "guidance_schedule / guidance_rescale: a distilled module takes one guidance weight as an input, "
             "constant over the steps, and no second pass to rescale"

@@ -119,8 +119,11 @@ def test_the_student_samples_in_one_forward_per_step_on_another_base(student, tm
     for weight in (1.0, 9.0):
         with pytest.raises(ConfigError, match=f"guidance_scale={weight:g}: .* in 2 .. 8, the range it was distilled"):
             pipe("a red disc", guidance_scale=weight, **small)
-    # image mode samples the base with two passes: the module's range does not bind it
+    # image mode samples the base with two passes: the module's range does not bind it, and a guidance schedule has
+    # a second pass to act on
     assert pipe("a red disc", guidance_scale=1.0, image_mode=True, **small).metadata[0]["settings"]["image_mode"]
+    image = pipe("a red disc", guidance_schedule="oscillating", image_mode=True, **small).metadata[0]["settings"]
+    assert image["guidance_schedule"] == "oscillating"
     alone = tmp_path / "alone"
     alone.mkdir()
     shutil.copy(module, alone / "student.safetensors")
