@@ -446,6 +446,8 @@ try:
     runpy.run_path({command[0]!r}, run_name="__main__")
 except SystemExit as stop:
     assert stop.code == 0, stop.code
+import lvdm.models
+assert {{"VideoUNet", "load_base", "family"}} <= set(dir(lvdm.models))  # listed before their first use
 heavy = sorted(m for m in sys.modules if m.split(".")[0] in ("diffusers", "transformers", "peft"))
 assert not heavy, heavy[:5]
 from lvdm.models import VideoUNet

@@ -45,3 +45,8 @@ def __getattr__(name: str) -> Any:
     value = getattr(importlib.import_module(f"lvdm.models.{_HOMES[name]}"), name)
     globals()[name] = value
     return value
+
+
+def __dir__() -> list[str]:
+    """The public names too, before their first use (for completion in a REPL or an editor)."""
+    return sorted({*globals(), *_HOMES})
