@@ -447,7 +447,7 @@ try:
 except SystemExit as stop:
     assert stop.code == 0, stop.code
 import lvdm.models
-assert {{"VideoUNet", "load_base", "family"}} <= set(dir(lvdm.models))  # listed before their first use
+assert {{"VideoUNet", "load_base", "TemporalLayout"}} <= set(dir(lvdm.models))  # listed before first use
 heavy = sorted(m for m in sys.modules if m.split(".")[0] in ("diffusers", "transformers", "peft"))
 assert not heavy, heavy[:5]
 from lvdm.models import VideoUNet
