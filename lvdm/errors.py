@@ -6,6 +6,11 @@ and keeps its traceback.
 
 from __future__ import annotations
 
+from collections.abc import Callable
+from typing import Any, TypeVar
+
+_T = TypeVar("_T")
+
 
 class LvdmError(Exception):
     """Base class of every user-facing lvdm error."""
@@ -38,3 +43,35 @@ class VideoReadError(DataError):
         super().__init__(f"{path}: {reason}")
         self.path = str(path)
         self.reason = reason
+
+
+class KeywordError(ConfigError, TypeError):
+    """An unknown keyword argument of a public function: still the TypeError Python raises, and a ConfigError (one
+    line from the CLIs) that also names the closest keyword and the ones allowed."""
+
+
+def checked_keywords(function: Callable[..., _T]) -> Callable[..., _T]:
+    """``function`` refusing a keyword it does not take with a :class:`KeywordError`: "did you mean" and the
+    keywords it takes, where Python's own TypeError names only the wrong one. The signature stays visible to
+    ``help()`` and editors (``functools.wraps``)."""
+    import difflib
+    import functools
+    import inspect
+
+    kinds = (inspect.Parameter.POSITIONAL_OR_KEYWORD, inspect.Parameter.KEYWORD_ONLY)
+    parameters = list(inspect.signature(function).parameters.values())[1:]  # without self or cls
+    known = [p.name for p in parameters if p.kind in kinds]
+    name = function.__qualname__.replace(".__call__", "")
+
+    @functools.wraps(function)
+    def checked(*args: Any, **kwargs: Any) -> _T:
+        unknown = [key for key in kwargs if key not in known]
+        if unknown:
+            hints = []
+            for key in unknown:
+                close = difflib.get_close_matches(key, known, n=1)
+                hints.append(f"{key!r}" + (f" (did you mean {close[0]!r}?)" if close else ""))
+            raise KeywordError(f"{name}() got unknown keyword {', '.join(hints)}; it takes {', '.join(known)}")
+        return function(*args, **kwargs)
+
+    return checked

@@ -36,7 +36,7 @@ import torch
 
 from lvdm import __version__
 from lvdm.configlib import config_to_dict
-from lvdm.errors import ConfigError
+from lvdm.errors import ConfigError, checked_keywords
 from lvdm.models.family import downsampling
 from lvdm.outputs import FORMATS, VideoOutput, media_kind, plan_outputs, read_prompts, refuse_existing
 from lvdm.pipeline_loading import device_problem
@@ -86,6 +86,7 @@ class VideoPipeline:
             module.eval().requires_grad_(False)
 
     @classmethod
+    @checked_keywords
     def from_pretrained(
         cls,
         base: str | os.PathLike,
@@ -369,6 +370,7 @@ class VideoPipeline:
         return make_model_fn(self, image_mode=image_mode)
 
     @torch.no_grad()
+    @checked_keywords
     def decode(self, latents: torch.Tensor, *, chunk_frames: int = 8) -> np.ndarray:
         """Latents ``(b, c, f, h, w)`` as the UNet makes them (the VAE's scaling not undone: what
         :attr:`VideoOutput.latents` holds) -> uint8 frames ``(b, f, h, w, 3)``.

@@ -26,7 +26,7 @@ import numpy as np
 import torch
 
 from lvdm import __version__
-from lvdm.errors import CheckpointError, ConfigError
+from lvdm.errors import CheckpointError, ConfigError, checked_keywords
 from lvdm.models.family import downsampling
 from lvdm.outputs import VideoOutput
 from lvdm.sampling_settings import MAX_FPS, MAX_FRAMES, MAX_GUIDANCE, MAX_SEED, MAX_SIDE, MAX_STEPS
@@ -96,6 +96,7 @@ class UpscalePipeline:
             module.eval().requires_grad_(False)
 
     @classmethod
+    @checked_keywords
     def from_pretrained(
         cls,
         upscaler: str | os.PathLike,
@@ -151,6 +152,7 @@ class UpscalePipeline:
 
     # ----------------------------------------------------------------------------------------------- sampling
     @torch.no_grad()
+    @checked_keywords
     def __call__(
         self,
         video: Any,
@@ -300,6 +302,7 @@ class UpscalePipeline:
         return with_low_res(fn)
 
     @torch.no_grad()
+    @checked_keywords
     def decode(
         self,
         latents: torch.Tensor,

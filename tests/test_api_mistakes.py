@@ -202,3 +202,40 @@ def test_upscale_arguments(upscaler, tmp_path):
             upscaler(video, "a disc", tile=8, **quick)
     finally:
         upscaler.base.vae.decoder = decoder
+
+
+def test_a_misspelt_keyword_names_the_close_one_and_the_allowed(files, pipe, upscaler, tiny_assets):
+    """Python's own TypeError names only the wrong keyword; the pipelines' entry points also say which one was
+    meant and which they take, as a ConfigError that is still a TypeError. Each has its control: the right
+    spelling runs."""
+    from lvdm.errors import KeywordError
+
+    video = np.zeros((2, 8, 8, 3), np.uint8)
+    latents = torch.zeros((1, 4, 2, 8, 8))
+    for call, message in (
+        (
+            lambda: VideoPipeline.from_pretrained(files["a"], temporl=files["module"]),
+            "'temporl' .did you mean 'temporal'",
+        ),
+        (
+            lambda: UpscalePipeline.from_pretrained(tiny_assets["upscaler"], dype="fp32"),
+            "'dype' .did you mean 'dtype'",
+        ),
+        (lambda: upscaler(video, noise_levl=10, progress=False), "'noise_levl' .did you mean 'noise_level'"),
+        (lambda: upscaler.decode(latents, tiles=8), "'tiles' .did you mean 'tile'"),
+        (lambda: pipe.decode(latents, chunk_frame=2), "'chunk_frame' .did you mean 'chunk_frames'"),
+    ):
+        with pytest.raises(KeywordError, match=message) as caught:
+            call()
+        assert isinstance(caught.value, TypeError) and isinstance(caught.value, ConfigError)
+        assert "; it takes " in str(caught.value) and "\n" not in str(caught.value)
+    with pytest.raises(
+        KeywordError, match=r"UpscalePipeline\(\) got unknown keyword 'zzz'; it takes video, prompt, negative"
+    ):
+        upscaler(video, zzz=1)  # nothing close: no guess
+    # the controls: the same calls spelt right
+    assert VideoPipeline.from_pretrained(files["a"], temporal=files["module"]).video is not None
+    assert UpscalePipeline.from_pretrained(tiny_assets["upscaler"], dtype="fp32").dtype == torch.float32
+    assert upscaler(video, noise_level=10, num_inference_steps=2, seed=0, progress=False).frames.shape[1] == 2
+    assert upscaler.decode(latents, tile=8).shape == (1, 2, 32, 32, 3)
+    assert pipe.decode(latents, chunk_frames=2).shape[:2] == (1, 2)
