@@ -6,7 +6,8 @@ and keeps its traceback.
 
 from __future__ import annotations
 
-from collections.abc import Callable
+import difflib
+from collections.abc import Callable, Iterable
 from typing import Any, TypeVar
 
 _T = TypeVar("_T")
@@ -50,11 +51,17 @@ class KeywordError(ConfigError, TypeError):
     line from the CLIs) that also names the closest keyword and the ones allowed."""
 
 
+def closest(name: object, choices: Iterable[object]) -> str | None:
+    """The choice closest to ``name`` (difflib's, as strings), or ``None``: the "did you mean" of every refusal of
+    an unknown name."""
+    close = difflib.get_close_matches(str(name), [str(choice) for choice in choices], n=1)
+    return close[0] if close else None
+
+
 def checked_keywords(function: Callable[..., _T]) -> Callable[..., _T]:
     """``function`` refusing a keyword it does not take with a :class:`KeywordError`: "did you mean" and the
     keywords it takes, where Python's own TypeError names only the wrong one. The signature stays visible to
     ``help()`` and editors (``functools.wraps``)."""
-    import difflib
     import functools
     import inspect
 
@@ -67,10 +74,10 @@ def checked_keywords(function: Callable[..., _T]) -> Callable[..., _T]:
     def checked(*args: Any, **kwargs: Any) -> _T:
         unknown = [key for key in kwargs if key not in known]
         if unknown:
-            hints = []
-            for key in unknown:
-                close = difflib.get_close_matches(key, known, n=1)
-                hints.append(f"{key!r}" + (f" (did you mean {close[0]!r}?)" if close else ""))
+            hints = [
+                f"{key!r}" + (f" (did you mean {close!r}?)" if (close := closest(key, known)) else "")
+                for key in unknown
+            ]
             raise KeywordError(f"{name}() got unknown keyword {', '.join(hints)}; it takes {', '.join(known)}")
         return function(*args, **kwargs)
 

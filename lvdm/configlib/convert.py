@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import difflib
 import operator
 import re
 import types
@@ -20,7 +19,7 @@ from lvdm.configlib.common import (
     _Sentinel,
     _show,
 )
-from lvdm.errors import ConfigError
+from lvdm.errors import ConfigError, closest
 
 T = TypeVar("T")
 
@@ -82,8 +81,8 @@ def _to_literal(tp: Any, value: Any, path: str, problems: list[str]) -> Any:
     choices = get_args(tp)
     if any(value == choice and type(value) is type(choice) for choice in choices):
         return value
-    close = difflib.get_close_matches(value, [str(c) for c in choices], n=1) if isinstance(value, str) else []
-    hint = f" (did you mean {close[0]!r}?)" if close else ""
+    close = closest(value, choices) if isinstance(value, str) else None
+    hint = f" (did you mean {close!r}?)" if close else ""
     problems.append(f"{path}: expected {_type_name(tp)}, got {_show(value)}{hint}")
     return _INVALID
 
@@ -211,8 +210,8 @@ def _field_value(spec: Any, tp: Any, data: Mapping[str, Any], path: str, problem
 
 
 def _unknown_key(path: str, key: Any, known: list[str]) -> str:
-    close = difflib.get_close_matches(str(key), known, n=1)
-    hint = f" (did you mean '{_join(path, close[0])}'?)" if close else ""
+    close = closest(key, known)
+    hint = f" (did you mean '{_join(path, close)}'?)" if close else ""
     return f"unknown key '{_join(path, key)}'{hint}"
 
 

@@ -2,11 +2,12 @@
 
 from __future__ import annotations
 
-import difflib
 from collections.abc import Callable, Mapping
 from typing import TypeVar
 
 import torch
+
+from lvdm.errors import closest
 
 _V = TypeVar("_V")
 
@@ -18,6 +19,6 @@ def lookup(registry: Mapping[str, _V], name: str, what: str) -> _V:
     """``registry[name]``, or a ``ValueError`` naming every choice and the closest one."""
     if name in registry:
         return registry[name]
-    close = difflib.get_close_matches(str(name), list(registry), n=1)
-    hint = f" Did you mean {close[0]!r}?" if close else ""
+    close = closest(name, registry)
+    hint = f" Did you mean {close!r}?" if close else ""
     raise ValueError(f"Unknown {what} {name!r}; choose one of {sorted(registry)}.{hint}")

@@ -14,7 +14,6 @@ Files: :func:`make_tiny_sd` writes a diffusers folder, :func:`write_single_file_
 
 from __future__ import annotations
 
-import difflib
 import json
 import os
 import tempfile
@@ -35,6 +34,8 @@ from transformers import (
     CLIPVisionConfig,
     CLIPVisionModelWithProjection,
 )
+
+from lvdm.errors import closest
 
 
 @dataclass(frozen=True)
@@ -90,8 +91,8 @@ _BOS, _EOS = "<|startoftext|>", "<|endoftext|>"
 def _flavour(name: str) -> Flavour:
     """Look a flavour up, failing with the known names and a did-you-mean."""
     if name not in FLAVOURS:
-        close = difflib.get_close_matches(name, FLAVOURS, n=1)
-        hint = f" Did you mean {close[0]!r}?" if close else ""
+        close = closest(name, FLAVOURS)
+        hint = f" Did you mean {close!r}?" if close else ""
         raise ValueError(f"Unknown flavour {name!r}; known: {sorted(FLAVOURS)}.{hint}")
     return FLAVOURS[name]
 
