@@ -31,6 +31,7 @@ from lvdm.diffusion import (
     snr,
     threshold_x0,
 )
+from lvdm.errors import ConfigError
 
 SD_BETAS = dict(beta_schedule="scaled_linear", beta_start=0.00085, beta_end=0.012, num_train_timesteps=1000)
 PREDICTION_TYPES = ["epsilon", "v_prediction"]
@@ -367,6 +368,31 @@ def test_explicit_base_settings_carry_over():
 def test_unknown_sampler_suggests_a_name():
     with pytest.raises(ValueError, match="Did you mean 'euler_a'"):
         make_scheduler("euler-a", base_scheduler("epsilon").config)
+
+
+@pytest.mark.parametrize("name", sorted(SAMPLERS))
+def test_every_step_count_up_to_1000_samples_or_is_refused_before_any_model_call(name):
+    sd = DDIMScheduler(**SD_BETAS, steps_offset=1, clip_sample=False, set_alpha_to_one=False)  # as SD 1.5's
+    scheduler = make_scheduler(name, sd.config)
+    calls = []
+
+    def model_fn(x_t, t, **cond):
+        calls.append(float(t[0]))
+        return torch.zeros_like(x_t)
+
+    kwargs = dict(latents=torch.randn(1, 4, 1, 2, 2, generator=gen(0)), cond={}, generator=gen(1), progress=False)
+    for steps in (998, 999, 1000):
+        calls.clear()
+        try:
+            out = sample(model_fn, scheduler, num_inference_steps=steps, **kwargs)
+        except ConfigError as exc:  # diffusers would index past the schedule or repeat a timestep: refused first
+            assert not calls and f"{steps} steps do not fit {type(scheduler).__name__}" in str(exc)
+            steps = int(str(exc).rsplit("use at most ", 1)[1])
+            out = sample(model_fn, scheduler, num_inference_steps=steps, **kwargs)  # the most it names runs
+        assert len(calls) == steps and 0 <= min(calls) and max(calls) < 1000 and torch.isfinite(out).all()
+    if name == "ddim":  # the control: SD's leading grid puts 1000 DDIM steps at timestep 1000
+        with pytest.raises(ConfigError, match="timesteps would reach 1000 .*; use at most 999"):
+            sample(model_fn, scheduler, num_inference_steps=1000, **kwargs)
 
 
 def oracle(scheduler, x0: torch.Tensor):

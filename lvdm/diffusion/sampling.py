@@ -44,6 +44,7 @@ from tqdm.auto import tqdm
 
 from lvdm.diffusion._common import ModelFn, lookup
 from lvdm.diffusion.guidance import ConstantGuidance, classifier_free_guidance, threshold_x0
+from lvdm.errors import ConfigError
 
 Threshold = tuple[str, float] | Callable[[torch.Tensor], torch.Tensor]
 StepNoise = Callable[..., torch.Tensor]  # (shape, *, generator, device) -> float32 noise
@@ -70,6 +71,34 @@ def make_scheduler(name: str, base_config: Mapping[str, Any] | ConfigMixin) -> S
     factory = lookup(SAMPLERS, name, "sampler")
     config = base_config.config if isinstance(base_config, ConfigMixin) else base_config
     return factory(config)
+
+
+def _grid_fault(scheduler: SchedulerMixin, steps: int) -> str | None:
+    """What is wrong with ``scheduler``'s timesteps for ``steps`` (``None``: nothing), on a fresh copy of it."""
+    fresh = type(scheduler).from_config(scheduler.config)
+    try:
+        fresh.set_timesteps(steps)
+    except (ValueError, IndexError, AssertionError) as exc:
+        return str(exc)
+    t, last = fresh.timesteps.float(), scheduler.config.num_train_timesteps - 1
+    if t.min() < 0 or t.max() > last:
+        return f"its timesteps would reach {t.min() if t.min() < 0 else t.max():.0f} (the schedule has 0 .. {last})"
+    if len(t) > 1 and not bool((t[1:] < t[:-1]).all()):
+        return "it would repeat a timestep"
+    return None
+
+
+def check_steps(scheduler: SchedulerMixin, steps: int) -> None:
+    """Refuse a step count the sampler cannot lay out on the base's schedule, naming the most it can, before any
+    model call: with SD's "leading" spacing and ``steps_offset`` 1, 1000 steps put diffusers' DDIM, Euler and
+    DDPM at timestep 1000, past the schedule's end, and DPM-Solver++ and UniPC fail from 999 steps."""
+    fault = _grid_fault(scheduler, steps)
+    if fault is None:
+        return
+    most = next((n for n in range(steps - 1, 0, -1) if _grid_fault(scheduler, n) is None), None)
+    sampler = type(scheduler).__name__
+    allowed = f"use at most {most}" if most else "no step count works: check the base's scheduler_config.json"
+    raise ConfigError(f"{steps} steps do not fit {sampler} on this base's schedule: {fault}; {allowed}")
 
 
 # model output <-> predicted x0, given the model's input x_t and alpha_bar_t (all float32)
@@ -181,6 +210,7 @@ def sample(
         raise ValueError("guidance needs uncond (the unconditional keyword arguments).")
     guided = classifier_free_guidance(model_fn, scale_at=guidance or ConstantGuidance(1.0), rescale=guidance_rescale)
     limit = _limiter(threshold)
+    check_steps(scheduler, num_inference_steps)
     scheduler.set_timesteps(num_inference_steps, device=latents.device)
     timesteps = scheduler.timesteps
     step_kwargs = {"generator": generator} if "generator" in inspect.signature(scheduler.step).parameters else {}
