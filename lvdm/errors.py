@@ -51,6 +51,15 @@ class KeywordError(ConfigError, TypeError):
     line from the CLIs) that also names the closest keyword and the ones allowed."""
 
 
+def check_flag(name: str, value: object) -> None:
+    """A :class:`ConfigError` unless ``value`` is ``True`` or ``False`` (numpy's too): ``"no"`` is truthy, and
+    ``overwrite="no"`` replaced the file it was meant to keep."""
+    import numpy as np
+
+    if not isinstance(value, bool | np.bool_):
+        raise ConfigError(f"{name} must be True or False, got {value!r}")
+
+
 def closest(name: object, choices: Iterable[object]) -> str | None:
     """The choice closest to ``name`` (difflib's, as strings), or ``None``: the "did you mean" of every refusal of
     an unknown name."""

@@ -17,6 +17,8 @@ from safetensors import SafetensorError
 
 from lvdm.errors import OutputWriteError
 
+NAME_MAX = 255  # bytes in one file name: Linux's ext4/xfs/btrfs, macOS's APFS and Windows' NTFS (in characters)
+
 
 @contextlib.contextmanager
 def atomic_path(path: str | os.PathLike, *, exclusive: bool = False) -> Iterator[Path]:
@@ -27,7 +29,8 @@ def atomic_path(path: str | os.PathLike, *, exclusive: bool = False) -> Iterator
     ``path`` that exists by then (another run wrote it meanwhile) is an error and is left as it is, never replaced.
     """
     path = Path(path)
-    temp = path.with_name(f".{path.name}.{secrets.token_hex(4)}.tmp")
+    stem = path.name.encode()[: NAME_MAX - 14].decode(errors="ignore")  # ".{stem}.{8 hex}.tmp" fits where path fits
+    temp = path.with_name(f".{stem}.{secrets.token_hex(4)}.tmp")
     try:
         path.parent.mkdir(parents=True, exist_ok=True)
         yield temp
@@ -45,7 +48,8 @@ def atomic_path(path: str | os.PathLike, *, exclusive: bool = False) -> Iterator
             raise
         raise _write_error(path, str(exc).split("I/O error:")[-1].strip()) from exc
     finally:
-        temp.unlink(missing_ok=True)
+        with contextlib.suppress(OSError):  # never made (its folder could not be), or already renamed: nothing left
+            temp.unlink(missing_ok=True)
 
 
 def umask() -> int:

@@ -14,8 +14,8 @@ from typing import Any
 import numpy as np
 import torch
 
-from lvdm.errors import ConfigError
-from lvdm.fileio import atomic_path, json_text, read_bounded
+from lvdm.errors import ConfigError, check_flag
+from lvdm.fileio import NAME_MAX, atomic_path, json_text, read_bounded
 
 MEDIA_SUFFIXES = {".mp4": "mp4", ".gif": "gif"}  # any other path is a folder of PNG frames
 FORMATS = ("mp4", "gif", "png")
@@ -51,6 +51,9 @@ class VideoOutput:
         ``overwrite=False``: a file that exists by the time it is written is an error and stays as it is.
         Returns the media paths (files or frame folders).
         """
+        if not isinstance(path, str | os.PathLike):
+            raise ConfigError(f"path must be a file or folder path (str or os.PathLike), got {path!r}")
+        check_flag("overwrite", overwrite)
         if index is not None:
             if (
                 isinstance(index, bool)
@@ -152,14 +155,18 @@ def plan_outputs(
         names = [f"{k:0{digits}d}-{_slug(prompts[k // num_videos_per_prompt])}" for k in range(count)]
         paths = [Path(text) / f"{name.rstrip('-')}{ext}" for name in names]
     _check_writable(paths[0].parent)
+    long = [p.name for path in paths for p in (path, sidecar_path(path)) if len(os.fsencode(p.name)) > NAME_MAX]
+    if long:
+        raise ConfigError(f"output name {long[0]!r} is {len(os.fsencode(long[0]))} bytes long; a file name holds at "
+                          f"most {NAME_MAX} (its sidecar's adds 5: .json): choose a shorter one")  # fmt: skip
     if not overwrite:
         refuse_existing(paths)
     return paths
 
 
 def refuse_existing(paths: Sequence[Path]) -> None:
-    """A :class:`ConfigError` naming the first of ``paths`` (or their sidecars) that exists."""
-    existing = [p for path in paths for p in (path, sidecar_path(path)) if p.exists()]
+    """A :class:`ConfigError` naming the first of ``paths`` (or their sidecars) that exists, a dangling link too."""
+    existing = [p for path in paths for p in (path, sidecar_path(path)) if os.path.lexists(p)]
     if existing:
         more = f" (and {len(existing) - 1} more)" if len(existing) > 1 else ""
         raise ConfigError(

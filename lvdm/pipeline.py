@@ -36,7 +36,7 @@ import torch
 
 from lvdm import __version__
 from lvdm.configlib import config_to_dict
-from lvdm.errors import ConfigError, checked_keywords
+from lvdm.errors import ConfigError, check_flag, checked_keywords
 from lvdm.models.family import downsampling
 from lvdm.outputs import FORMATS, VideoOutput, media_kind, plan_outputs, read_prompts, refuse_existing
 from lvdm.pipeline_loading import device_problem
@@ -46,7 +46,6 @@ from lvdm.pipeline_sampling import (
     _negatives,
     _random_seed,
     _rows,
-    check_progress,
     denoise,
     initial_noise,
     make_model_fn,
@@ -195,7 +194,7 @@ class VideoPipeline:
         """
         from lvdm import context_sampling, image_sampling
 
-        check_progress(progress)
+        check_flag("progress", progress)
         prompts = _as_prompts(prompt)
         s = self._resolve(sampling_settings(**settings), latents)
         _check_seeds(s.seed, len(prompts) * s.num_videos_per_prompt)
@@ -271,7 +270,7 @@ class VideoPipeline:
         Needs a module trained with ``interpolate`` among its tasks (:mod:`lvdm.context_sampling`)."""
         from lvdm.context_sampling import interpolate
 
-        check_progress(progress)
+        check_flag("progress", progress)
         return interpolate(self, video, factor=factor, prompt=prompt, progress=progress, **settings)
 
     # ----------------------------------------------------------------------------------------------- context
@@ -321,7 +320,8 @@ class VideoPipeline:
         """
         prompts = _as_prompts(prompts)
         s = sampling_settings(**{"batch_size": 1, **settings})
-        check_progress(progress)  # before the outputs are planned
+        check_flag("progress", progress)  # before the outputs are planned
+        check_flag("overwrite", overwrite)
         repeat = s.num_videos_per_prompt
         if isinstance(out, (str, os.PathLike)):
             paths = plan_outputs(out, prompts, num_videos_per_prompt=repeat, format=format, overwrite=overwrite)

@@ -252,12 +252,6 @@ def _negatives(negative: str | list[str] | None, prompts: list[str]) -> list[str
     return list(negative)
 
 
-def check_progress(progress: Any) -> None:
-    """``progress`` is a bool (``"no"`` was truthy: it showed the bar)."""
-    if not isinstance(progress, bool | np.bool_):
-        raise ConfigError(f"progress must be True or False, got {progress!r}")
-
-
 def check_noise(name: str, noise: Any, *, finite: bool = True) -> None:
     """Given noise is a (``finite``) floating-point tensor with values (a NaN in it came out as "the sampled video
     holds NaN", blaming the guidance; numpy arrays and lists failed inside torch)."""

@@ -26,7 +26,7 @@ import numpy as np
 import torch
 
 from lvdm import __version__
-from lvdm.errors import CheckpointError, ConfigError, checked_keywords
+from lvdm.errors import CheckpointError, ConfigError, check_flag, checked_keywords
 from lvdm.models.family import downsampling
 from lvdm.outputs import VideoOutput
 from lvdm.sampling_settings import MAX_FPS, MAX_FRAMES, MAX_GUIDANCE, MAX_SEED, MAX_SIDE, MAX_STEPS
@@ -202,14 +202,13 @@ class UpscalePipeline:
             a :class:`~lvdm.outputs.VideoOutput` with uint8 frames ``(1, f, 4h, 4w, 3)`` at the input's rate.
         """
         from lvdm.diffusion import guidance_schedule, make_scheduler, sample
-        from lvdm.pipeline_sampling import check_progress
         from lvdm.tiles import tiled
 
         check_upscale_settings(self.limits, noise_level, num_inference_steps, tile, tile_overlap, chunk_frames)
         _check_call(prompt, negative_prompt, scheduler, image_mode, fps)
         _check_norms(frame_norms, norm_passes, tile)
         _check_seed_and_guidance(seed, guidance_scale)
-        check_progress(progress)
+        check_flag("progress", progress)
         low = read_low_res(video)  # after the checks: it decodes the whole video
         f, h, w = low.frames.shape[:3]
         seed = seed if seed is not None else int.from_bytes(os.urandom(4), "little")
@@ -345,8 +344,7 @@ def _check_call(prompt: Any, negative: Any, scheduler: Any, image_mode: Any, fps
             raise ConfigError(f"{name} must be a string (the upscaler takes one video and one prompt), got {text!r}")
     if not isinstance(scheduler, str) or scheduler not in SAMPLERS:
         raise ConfigError(f"scheduler must be one of {', '.join(SAMPLERS)}, got {scheduler!r}")
-    if not isinstance(image_mode, bool | np.bool_):
-        raise ConfigError(f"image_mode must be True or False, got {image_mode!r}")
+    check_flag("image_mode", image_mode)
     real = isinstance(fps, numbers.Real) and not isinstance(fps, bool | np.bool_)
     if fps is not None and not (real and math.isfinite(fps) and 0 < fps <= MAX_FPS):
         raise ConfigError(f"fps must be a number in (0, {MAX_FPS}], or None for the input's rate, got {fps!r}")

@@ -74,6 +74,21 @@ def test_prompts_seeds_and_noise(pipe, tmp_path):
         with pytest.raises(ConfigError, match="progress must be True or False"):
             call()
     assert not (tmp_path / "bar").exists()
+    # overwrite="no" was truthy too: it replaced the very file it was meant to keep
+    taken = tmp_path / "taken.mp4"
+    taken.write_bytes(b"the user's video")
+    out = pipe("a", **FAST)
+    for call in (lambda: out.save(taken, overwrite="no"),
+                 lambda: pipe.render(["a"], taken, **{**FAST, "overwrite": "no"})):  # fmt: skip
+        with pytest.raises(ConfigError, match="overwrite must be True or False, got 'no'"):
+            call()
+    for path in (None, b"x.mp4", 5):
+        with pytest.raises(ConfigError, match="path must be a file or folder path"):
+            out.save(path)
+    assert taken.read_bytes() == b"the user's video"
+    with pytest.raises(OutputWriteError, match="taken.mp4 exists"):  # the control: False keeps it, as documented
+        out.save(taken, overwrite=False)
+    assert out.save(taken) == [taken] and taken.read_bytes()[4:8] == b"ftyp"  # and True (the default) replaces it
     shape = (1, 4, 2, 8, 8)  # the tiny VAE downsamples by 2
     for latents, message in (
         (np.zeros(shape, np.float32), "a ndarray"),

@@ -14,8 +14,9 @@ from diffusers import EulerDiscreteScheduler, StableDiffusionPipeline
 from PIL import Image
 
 from lvdm.diffusion import make_scheduler
-from lvdm.errors import ConfigError, TemporalModuleError
+from lvdm.errors import ConfigError, OutputWriteError, TemporalModuleError
 from lvdm.models.encoders import encode_text
+from lvdm.outputs import sidecar_path
 from lvdm.pipeline import VideoPipeline, plan_outputs, read_prompts, sampling_settings
 
 FAST = {"num_inference_steps": 3, "progress": False}
@@ -338,3 +339,23 @@ def test_prompt_files_and_output_paths_are_checked_before_loading(tmp_path):
     with pytest.raises(ConfigError, match="cannot be created or written"):
         plan_outputs(tmp_path / "a_file" / "clip.mp4", ["a"])
     assert not (tmp_path / "out").exists()  # planning creates nothing
+
+
+def test_output_names_the_file_system_cannot_hold_and_dangling_links_are_refused_before_sampling(tmp_path):
+    from lvdm.fileio import atomic_path
+    from lvdm.outputs import write_json
+
+    fits = tmp_path / ("L" * 246 + ".mp4")  # 250 bytes, its sidecar 255: the most a name holds
+    assert plan_outputs(fits, ["a"]) == [fits]
+    for path in (fits, sidecar_path(fits)):  # the temporary name beside each fits as well
+        with atomic_path(path) as temp:
+            temp.write_bytes(b"x")
+    assert fits.read_bytes() == b"x" and sidecar_path(fits).read_bytes() == b"x"
+    with pytest.raises(ConfigError, match=r"is 256 bytes long; a file name holds at most 255"):
+        plan_outputs(tmp_path / ("L" * 247 + ".mp4"), ["a"])  # its sidecar would not fit
+    (tmp_path / "q.mp4.json").symlink_to(tmp_path / "nowhere")  # a dangling link is there: it is not replaced
+    with pytest.raises(ConfigError, match="q.mp4.json already exists"):
+        plan_outputs(tmp_path / "q.mp4", ["a"])
+    (tmp_path / "notes.txt").write_text("a file, not a folder")
+    with pytest.raises(OutputWriteError, match="notes.txt/x.mp4.json"):  # one error, not the cleanup's own
+        write_json({"prompt": "a"}, tmp_path / "notes.txt" / "x.mp4.json")
