@@ -252,6 +252,15 @@ def _available(device: str) -> bool:
     return device_problem(device) is None
 
 
+def _upscale_settings(args: argparse.Namespace) -> dict[str, Any]:
+    """The settings of ``--upscaler``'s pass (none without it), checked against the upscaler's limits."""
+    if args.upscaler is None:
+        return {}
+    from lvdm.upscale import upscale_settings
+
+    return upscale_settings(args, args.upscaler)
+
+
 def main(argv: list[str]) -> int:
     args = build_parser().parse_args(argv)
     suffix = Path(args.out).suffix.lower().lstrip(".")
@@ -270,6 +279,7 @@ def main(argv: list[str]) -> int:
 
     from lvdm.models.compile import compile_problem
     from lvdm.pipeline import VideoPipeline, plan_outputs, read_prompts, sampling_settings
+    from lvdm.pipeline_sampling import check_base_noise_seed
     from lvdm.sampling_settings import MAX_SIDE
 
     prompts = [args.prompt or ""] if args.prompts is None else read_prompts(args.prompts)
@@ -280,6 +290,7 @@ def main(argv: list[str]) -> int:
         raise ConfigError(f"--upscaler: a {side} px side would upscale to {4 * side} px; at most {MAX_SIDE // 4} px a "
                           f"side ({MAX_SIDE} out): sample smaller, or leave out --upscaler")  # fmt: skip
     _check_context(args, checked.image_mode)
+    check_base_noise_seed(args.base_noise_seed, checked.noise_prior)
     gif = Path(args.out).suffix.lower() == ".gif" or args.format == "gif"
     if gif and checked.fps is not None and checked.fps > 100:  # refused by the writer, after the sampling, before
         raise ConfigError(f"--fps {checked.fps:g}: a GIF stores delays in whole centiseconds, so at most 100 fps")
@@ -292,6 +303,7 @@ def main(argv: list[str]) -> int:
         from lvdm.upscale import upscaled_path
 
         refuse_existing([upscaled_path(path) for path in paths])
+    upscale = _upscale_settings(args)  # checked before the sampling, not found after it
     device, dtype = device_and_dtype(args.device, args.dtype)
     if args.compile and (problem := compile_problem(torch.device(device))):
         raise ConfigError(f"--compile: {problem}; sample without it")
@@ -321,7 +333,7 @@ def main(argv: list[str]) -> int:
     for path in written:
         print(path)
     if args.upscaler is not None:
-        from lvdm.upscale import upscale_files, upscale_settings
+        from lvdm.upscale import upscale_files
         from lvdm.upscale_pipeline import UpscalePipeline
 
         upscaler = UpscalePipeline.from_pretrained(
@@ -331,7 +343,7 @@ def main(argv: list[str]) -> int:
         repeat = checked.num_videos_per_prompt
         for path in upscale_files(
             upscaler, written, [prompts[i // repeat] for i in range(len(written))], seed=checked.seed or 0,
-            progress=not args.quiet, overwrite=args.overwrite, **upscale_settings(args),
+            progress=not args.quiet, overwrite=args.overwrite, **upscale,
         ):  # fmt: skip
             print(path)
     return 0

@@ -27,7 +27,7 @@ from PIL import Image
 from lvdm.data import readers
 from lvdm.errors import LvdmError
 from lvdm.fileio import atomic_path
-from lvdm.sampling_settings import MAX_FPS
+from lvdm.sampling_settings import MAX_FPS, MIN_FPS
 
 Frames = np.ndarray | torch.Tensor
 _BT709 = 1  # AVCOL_PRI_BT709 = AVCOL_TRC_BT709 = AVCOL_SPC_BT709
@@ -52,8 +52,8 @@ def _as_rate(fps: float | Fraction) -> Fraction:
         rate = Fraction(fps).limit_denominator(1001)
     except (TypeError, ValueError, OverflowError):
         rate = Fraction(0)
-    if not 0 < rate <= MAX_FPS:
-        raise ValueError(f"fps must be in (0, {MAX_FPS}], got {fps}")
+    if not MIN_FPS <= float(rate) <= MAX_FPS:
+        raise ValueError(f"fps must be in {MIN_FPS} .. {MAX_FPS}, got {fps}")
     return rate
 
 

@@ -112,8 +112,7 @@ def initial_noise(
         if tuple(latents.shape) != shape:
             raise ConfigError(f"latents must have shape {shape} for these settings, got {tuple(latents.shape)}")
         return latents.to(device=pipe.device, dtype=torch.float32)
-    if base_noise is not None and s.noise_prior != "mixed":
-        raise ConfigError(f"base_noise is only used by noise_prior='mixed', not {s.noise_prior!r}")
+    check_base_noise_seed(base_noise, s.noise_prior)
     base = _base_noise(base_noise, shape) if base_noise is not None else None
     return sample_noise(
         shape, prior=s.noise_prior, mixed_lambda=s.mixed_lambda, base_noise=base,
@@ -270,14 +269,22 @@ def check_latents_to_decode(latents: Any, channels: int) -> None:
         raise ConfigError(f"latents must be (b, {channels}, f, h, w), none of them 0, got {tuple(latents.shape)}")
 
 
+def check_base_noise_seed(base_noise: Any, noise_prior: str | None) -> None:
+    """An int ``base_noise`` is a seed in range, and any goes with the mixed prior only (``None``: the module's own
+    prior, not known until it loads): what ``sample.py`` asks before it loads anything."""
+    if base_noise is not None and noise_prior not in ("mixed", None):
+        raise ConfigError(f"base_noise is only used by noise_prior='mixed', not {noise_prior!r}")
+    if isinstance(base_noise, numbers.Integral) and not isinstance(base_noise, bool | np.bool_):
+        if not 0 <= int(base_noise) <= MAX_SEED:
+            raise ConfigError(f"base_noise: a seed must be in 0 .. {MAX_SEED}, got {base_noise}")
+
+
 def _base_noise(base_noise: torch.Tensor | int, shape: tuple[int, ...]) -> torch.Tensor:
     """The mixed prior's base ``(b, c, 1, h, w)``: drawn from an int seed (one for all videos), or a given tensor."""
     n, c, _, h, w = shape
     if isinstance(base_noise, numbers.Integral) and not isinstance(base_noise, bool | np.bool_):
-        base_noise = int(base_noise)
-        if not 0 <= base_noise <= MAX_SEED:
-            raise ConfigError(f"base_noise: a seed must be in 0 .. {MAX_SEED}, got {base_noise}")
-        base_noise = torch.randn((1, c, 1, h, w), generator=torch.Generator().manual_seed(base_noise))
+        check_base_noise_seed(base_noise, "mixed")
+        base_noise = torch.randn((1, c, 1, h, w), generator=torch.Generator().manual_seed(int(base_noise)))
     if not isinstance(base_noise, torch.Tensor):
         raise ConfigError(f"base_noise must be an int seed or a tensor, got {base_noise!r}")
     check_noise("base_noise", base_noise)

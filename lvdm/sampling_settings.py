@@ -28,6 +28,7 @@ MAX_STEPS = 1000  # at most the training timesteps (SD's 1000)
 MAX_GUIDANCE = 100  # guidance weights (and schedule options) within +-this
 MAX_SEED = 2**63 - 1
 MAX_FPS = 1000  # frames per second written: the limit of lvdm.media's writers, and of the settings
+MIN_FPS = 0.01  # a frame per 100 s: below about 0.0015 a GIF's 16-bit delay overflows, below 0.001 an mp4's rate
 DTYPES: dict[str, torch.dtype] = {"fp32": torch.float32, "fp16": torch.float16, "bf16": torch.bfloat16}
 
 
@@ -129,8 +130,8 @@ class SamplingSettings:
                 parse_threshold(self.threshold)
             except ConfigError as exc:
                 problems.append(f"threshold: {exc}")
-        if self.fps is not None and self.fps > MAX_FPS:
-            problems.append(f"fps: must be <= {MAX_FPS}, got {self.fps}")
+        if self.fps is not None and not MIN_FPS <= self.fps <= MAX_FPS:
+            problems.append(f"fps: must be in {MIN_FPS} .. {MAX_FPS}, got {self.fps}")
         return problems
 
 

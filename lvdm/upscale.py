@@ -70,8 +70,9 @@ def upscale_settings(args: argparse.Namespace, folder: str | Path | None = None)
     (with an x4 upscaler ``folder``, also against its limits, read from its configs; another folder is left to the
     loader's message): ``sample.py`` asks before it samples, so that a wrong setting is not found after it."""
     from lvdm.models.loading import pipeline_class
-    from lvdm.upscale_pipeline import MAX_NORM_PASSES, UpscaleLimits, check_upscale_settings
+    from lvdm.upscale_pipeline import MAX_NORM_PASSES, UpscaleLimits, check_seed_and_guidance, check_upscale_settings
 
+    check_seed_and_guidance(args.seed, args.upscale_guidance)
     if not 1 <= args.norm_passes <= MAX_NORM_PASSES:
         raise ConfigError(f"--norm-passes {args.norm_passes}: give 1 .. {MAX_NORM_PASSES}")
     if args.norm_passes != 1 and (args.tile_norms != "pooled" or args.tile is None):

@@ -29,7 +29,7 @@ from lvdm import __version__
 from lvdm.errors import CheckpointError, ConfigError, check_flag, checked_keywords
 from lvdm.models.family import downsampling
 from lvdm.outputs import VideoOutput
-from lvdm.sampling_settings import MAX_FPS, MAX_FRAMES, MAX_GUIDANCE, MAX_SEED, MAX_SIDE, MAX_STEPS
+from lvdm.sampling_settings import MAX_FPS, MAX_FRAMES, MAX_GUIDANCE, MAX_SEED, MAX_SIDE, MAX_STEPS, MIN_FPS
 from lvdm.tile_decode import splits_its_decoder
 
 MAX_NORM_PASSES = 8  # 4 reach the whole frame's statistics on the upscaler README "Tiles" measures
@@ -207,7 +207,7 @@ class UpscalePipeline:
         check_upscale_settings(self.limits, noise_level, num_inference_steps, tile, tile_overlap, chunk_frames)
         _check_call(prompt, negative_prompt, scheduler, image_mode, fps)
         _check_norms(frame_norms, norm_passes, tile)
-        _check_seed_and_guidance(seed, guidance_scale)
+        check_seed_and_guidance(seed, guidance_scale)
         check_flag("progress", progress)
         low = read_low_res(video)  # after the checks: it decodes the whole video
         f, h, w = low.frames.shape[:3]
@@ -346,8 +346,8 @@ def _check_call(prompt: Any, negative: Any, scheduler: Any, image_mode: Any, fps
         raise ConfigError(f"scheduler must be one of {', '.join(SAMPLERS)}, got {scheduler!r}")
     check_flag("image_mode", image_mode)
     real = isinstance(fps, numbers.Real) and not isinstance(fps, bool | np.bool_)
-    if fps is not None and not (real and math.isfinite(fps) and 0 < fps <= MAX_FPS):
-        raise ConfigError(f"fps must be a number in (0, {MAX_FPS}], or None for the input's rate, got {fps!r}")
+    if fps is not None and not (real and math.isfinite(fps) and MIN_FPS <= fps <= MAX_FPS):
+        raise ConfigError(f"fps must be a number in {MIN_FPS} .. {MAX_FPS}, or None for the input's rate, got {fps!r}")
 
 
 def check_upscale_settings(
@@ -394,7 +394,7 @@ def _check_norms(frame_norms: Any, passes: Any, tile: int | None) -> None:
         raise ConfigError(f"norm_passes={passes} goes with tile (the passes gather the tiles' statistics)")
 
 
-def _check_seed_and_guidance(seed: Any, guidance: Any) -> None:
+def check_seed_and_guidance(seed: Any, guidance: Any) -> None:
     """The ranges :class:`~lvdm.sampling_settings.SamplingSettings` holds the text-to-video pipeline's to."""
     if seed is not None and (isinstance(seed, bool) or not isinstance(seed, int) or not 0 <= seed <= MAX_SEED):
         raise ConfigError(f"seed must be an integer in 0 .. {MAX_SEED}, got {seed!r}")

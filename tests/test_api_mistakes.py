@@ -176,10 +176,11 @@ def test_upscale_arguments(upscaler, tmp_path):
     video = np.zeros((2, 8, 8, 3), np.uint8)
     quick = {"num_inference_steps": 2, "progress": False, "seed": 0}
     for kwargs, message in (
-        ({"fps": float("nan")}, r"fps must be a number in \(0, 1000\]"),
-        ({"fps": -5}, r"fps must be a number in \(0, 1000\]"),
-        ({"fps": 0}, r"fps must be a number in \(0, 1000\]"),  # became 8, silently
-        ({"fps": "8"}, r"fps must be a number in \(0, 1000\]"),
+        ({"fps": float("nan")}, r"fps must be a number in 0.01 .. 1000"),
+        ({"fps": -5}, r"fps must be a number in 0.01 .. 1000"),
+        ({"fps": 0}, r"fps must be a number in 0.01 .. 1000"),  # became 8, silently
+        ({"fps": "8"}, r"fps must be a number in 0.01 .. 1000"),
+        ({"fps": 0.001}, r"fps must be a number in 0.01 .. 1000"),  # an mp4's rate of 0, a GIF's delay overflowed
         ({"prompt": None}, "prompt must be a string"),
         ({"prompt": ["a", "b"]}, "prompt must be a string"),  # it was taken as a prompt and its negative
         ({"negative_prompt": ["x"]}, "negative_prompt must be a string"),

@@ -200,6 +200,29 @@ def test_a_format_or_rate_the_output_file_cannot_take_is_refused_before_sampling
     assert not gif.exists()
 
 
+def test_settings_found_wrong_only_after_sampling_are_refused_before_it(files, tmp_path, capsys):
+    """Each of these was refused after the videos were sampled (and some written): now one line, nothing written."""
+    from lvdm.testing.upscaler import make_tiny_upscaler
+
+    upscaler = make_tiny_upscaler(tmp_path / "x4", seed=0)
+    capsys.readouterr()  # its progress bars
+    out = tmp_path / "outs"
+    for args, message in (
+        (["--fps", "0.001", "--out", str(out / "slow.gif")], "fps: must be in 0.01 .. 1000"),  # a GIF traceback
+        (["--noise-prior", "mixed", "--base-noise-seed", "-1"], "base_noise: a seed must be in 0 .. "),
+        (["--upscaler", str(upscaler), "--upscale-guidance", "nan"], "guidance_scale must be a number in -100"),
+        (["--upscaler", str(upscaler), "--upscale-steps", "0"], "num_inference_steps must be an integer in 1"),
+        (["--out", str(out / ("L" * 247 + ".mp4"))], "is 256 bytes long; a file name holds at most 255"),
+    ):
+        argv = ["--base", str(files["a"]), "--prompt", "a kite", "--frames", "2", "--steps", "1"]
+        code, _, err = sample_here(capsys, *argv, *(args if "--out" in args else [*args, "--out", str(out / "v.mp4")]))
+        assert code == 2 and err.count("\n") == 1 and message in err, (args, err)  # no "sampling ..." line before
+        assert not out.exists()
+    code, _, err = sample_here(capsys, "--base", str(files["a"]), "--prompt", "a kite", "--frames", "2", "--steps",
+                               "1", "--fps", "0.01", "--out", str(out / "slow.gif"))  # fmt: skip
+    assert code == 0 and (out / "slow.gif").exists(), err  # the control: the slowest rate allowed is written
+
+
 def test_an_output_another_run_writes_meanwhile_is_not_replaced(files, tmp_path, capsys, monkeypatch):
     """Two runs to one --out both pass the check before loading; the one that finishes second must not replace the
     first's video (it did, both exiting 0): its write is exclusive, so it stops in one line."""
