@@ -99,7 +99,9 @@ class ModelConfig:
     )
     conv_kernel: list[int] = option([3, 1, 1], "3D conv kernel [frames, height, width], each odd", min=1, max=15)
     mix_factor: float = option(0.5, "initial logit of the learned spatial/temporal mix, alpha = sigmoid(it)")
-    spatial_lora_rank: int = option(0, "rank of a LoRA trained on the spatial attention too (0: none)", min=0)
+    spatial_lora_rank: int = option(
+        0, "rank of a LoRA trained on the spatial attention too (0: none)", min=0, max=1024
+    )
     spatial_lora_alpha: float | None = option(None, "LoRA alpha (null: the rank, i.e. scale 1)", gt=0)
     unfreeze: list[str] = option([], "spatial blocks trained too, by diffusers UNet name (e.g. up_blocks.3)")
     gradient_checkpointing: bool = option(False, "recompute activations in the backward pass: less memory, slower")
@@ -151,7 +153,9 @@ class SourceConfig:
     video_root: str | None = option(
         None, "webvid: folder holding the videos (required); manifest: default the manifest's folder"
     )
-    weight: float = option(1.0, "relative sampling weight among data.sources (0 leaves the source out)", min=0)
+    weight: float = option(
+        1.0, "relative sampling weight among data.sources (0 leaves the source out)", min=0, max=1e6
+    )
 
     def validate(self) -> list[str]:
         """Rules across fields, each message starting with the field it is about."""
@@ -193,7 +197,7 @@ class DataConfig:
     )
     probe_workers: int = option(8, "threads probing clip sizes for buckets", min=1)
     reader: Literal["auto", "decord", "pyav"] = option("auto", "video decoder: auto (PyAV; decord is opt-in), or one")
-    decode_timeout: float = option(30.0, "seconds before decoding one video counts as a failure", gt=0)
+    decode_timeout: float = option(30.0, "seconds before decoding one video counts as a failure", gt=0, max=86400)
     max_bad_fraction: float = option(0.05, "stop when more than this fraction of samples is unreadable", min=0, max=1)
     max_consecutive_bad: int = option(20, "stop after this many unreadable samples in a row", min=1)
     num_workers: int = option(2, "data-loader worker processes (0: load in the main process)", min=0)
@@ -221,6 +225,19 @@ class DataConfig:
             problems.append("sources: every weight is 0; at least one source needs a positive weight")
         return problems
 
+    def folder_holding(self, path: str) -> str | None:
+        """The clip or image folder (``root``, or a ``folder`` / ``images`` source) that ``path`` is in or is, or
+        None: those are listed afresh at every start, so what a run writes there would be read as data."""
+        from lvdm.fileio import resolved_path
+
+        inside = resolved_path(path)
+        scanned = [self.root] + [s.path for s in self.sources if s.kind in ("folder", "images")]
+        for folder in filter(None, scanned):
+            resolved = resolved_path(folder)
+            if inside is not None and resolved is not None and resolved.is_dir() and inside.is_relative_to(resolved):
+                return folder
+        return None
+
 
 @dataclass
 class TrainConfig:
@@ -233,7 +250,7 @@ class TrainConfig:
         "or distill (model.temporal_init distilled to few steps, lvdm.training.distill)",
     )
     max_steps: int = option(1000, "optimizer steps to train (checkpoint names hold 8 digits)", min=1, max=10**8 - 1)
-    batch_size: int = option(1, "clips per device in each micro-batch", min=1)
+    batch_size: int = option(1, "clips per device in each micro-batch", min=1, max=4096)
     gradient_accumulation: int = option(1, "micro-batches per optimizer step", min=1)
     lr: float = option(1e-4, "peak learning rate (AdamW)", gt=0)
     lr_schedule: Literal["constant", "cosine", "linear"] = option("constant", "learning-rate curve after warmup")
@@ -342,7 +359,7 @@ class TrainConfig:
     validate_every: int = option(500, "sample the validation prompts every n steps", min=1)
     validation_prompts: list[str] = option([], "prompts sampled at each validation; empty: no sample videos")
     validation_steps: int = option(25, "DDIM steps for validation samples", min=1)
-    validation_guidance: float = option(7.5, "classifier-free guidance scale for validation samples", min=1)
+    validation_guidance: float = option(7.5, "classifier-free guidance scale for validation samples", min=1, max=100)
 
 
 @dataclass
@@ -356,7 +373,11 @@ class Config:
 
     def validate(self) -> list[str]:
         """Rules across sections, each message starting with the key it is about."""
-        problems = []
+        problems = [
+            f"train.validation_prompts[{i}]: {prompt!r} is not valid Unicode text (a lone surrogate)"
+            for i, prompt in enumerate(self.train.validation_prompts)
+            if any("\ud800" <= ch <= "\udfff" for ch in prompt)
+        ]
         ratio = self.train.image_batch_ratio
         image_sources = any(source.kind == "images" and source.weight > 0 for source in self.data.sources)
         draws_images = ratio > 0 if ratio is not None else image_sources
@@ -375,6 +396,11 @@ class Config:
 
         if reason := special_folder(self.output_dir):
             problems.append(f"output_dir: {self.output_dir!r} is {reason}; lvdm refuses to write a run there")
+        elif folder := self.data.folder_holding(self.output_dir):
+            problems.append(
+                f"output_dir: {self.output_dir!r} is inside the clip folder {folder!r}, which is listed for clips at "
+                "every start: the run's own samples would be read as clips when it resumes; put it outside"
+            )
         return problems
 
 

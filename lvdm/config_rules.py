@@ -115,8 +115,8 @@ def _task_problems(cfg: Config) -> list[str]:
     unknown = sorted(set(train.tasks) - set(TASKS))
     if unknown:
         problems.append(f"train.tasks: unknown task(s) {unknown}; known: {', '.join(TASKS)}")
-    if any(not isinstance(w, (int, float)) or isinstance(w, bool) or w < 0 for w in train.tasks.values()):
-        problems.append(f"train.tasks: weights must be numbers >= 0, got {dict(train.tasks)}")
+    if any(not isinstance(w, (int, float)) or isinstance(w, bool) or not 0 <= w <= 1e6 for w in train.tasks.values()):
+        problems.append(f"train.tasks: weights must be numbers in 0 .. 1e6 (relative), got {dict(train.tasks)}")
     elif train.tasks and sum(train.tasks.values()) <= 0:
         problems.append(f"train.tasks: every weight is 0 ({dict(train.tasks)}); give at least one task a weight")
     context_tasks = sorted(name for name in TASKS[1:] if train.tasks.get(name, 0) > 0)

@@ -156,10 +156,20 @@ def is_stray_temp(name: str, final_names: tuple[str, ...]) -> bool:
     return False
 
 
+def resolved_path(path: str | os.PathLike) -> Path | None:
+    """``path`` with ``~`` and every link resolved (those that dangle too), or None where links loop."""
+    try:
+        return Path(path).expanduser().resolve()
+    except (RuntimeError, OSError):  # "Symlink loop" (RuntimeError before Python 3.13), ELOOP
+        return None
+
+
 def special_folder(path: str | os.PathLike) -> str | None:
     """Why ``path`` may never be a run folder (``/``, a file-system root or mount point, the home folder or a
     folder above it), or None."""
-    resolved = Path(path).expanduser().resolve()
+    resolved = resolved_path(path)
+    if resolved is None:
+        return "a link that loops"
     home = Path.home().resolve()
     if resolved == home:
         return "your home folder"

@@ -151,10 +151,56 @@ def test_wrong_types_name_the_key_the_type_and_the_value(override: str, expected
         ("model.attention_heads=0", "model.attention_heads: must be >= 1, got 0"),
         ("data.resolution=[256, 260]", "data.resolution[1]: must be a multiple of 8, got 260"),
         ("data.buckets=[[256, 384], [0, 8]]", "data.buckets[1][0]: must be >= 8, got 0"),
+        # each of these passed the check and then failed in a traceback (a loader overflow, a timeout's overflow,
+        # a NaN validation video, a multinomial or a weighted choice of inf)
+        ("train.batch_size=99999999999999999999", "train.batch_size: must be <= 4096, got 99999999999999999999"),
+        ("model.spatial_lora_rank=100000000", "model.spatial_lora_rank: must be <= 1024, got 100000000"),
+        ("data.decode_timeout=.inf", "data.decode_timeout: must be <= 86400, got inf"),
+        ("train.validation_guidance=1e300", "train.validation_guidance: must be <= 100, got 1e+300"),
+        (
+            "data.sources=[{kind: folder, path: a, weight: .inf}]",
+            "data.sources[0].weight: must be <= 1000000.0, got inf",
+        ),
+        ("train.tasks={text: .inf}", "train.tasks: weights must be numbers in 0 .. 1e6 (relative), got {'text': inf}"),
+        (
+            'train.validation_prompts=["a \\ud800 b"]',
+            "train.validation_prompts[0]: 'a \\ud800 b' is not valid Unicode text (a lone surrogate)",
+        ),
     ],
 )
 def test_out_of_range_values_are_reported(override: str, expected: str) -> None:
     assert problems_of([], [*MINIMAL, override]) == [expected]
+
+
+def test_a_number_too_long_to_read_is_a_problem_not_a_traceback(tmp_path: Path) -> None:
+    (tmp_path / "big.yaml").write_text(f"train: {{lr: {'9' * 5000}}}\n")
+    for files, overrides in (([tmp_path / "big.yaml"], MINIMAL), ([], [*MINIMAL, f"train.lr={'9' * 5000}"])):
+        (problem,) = problems_of(files, overrides)
+        assert "a value cannot be read (Exceeds the limit (4300 digits) for integer string conversion)" in problem
+    assert load_config([], [*MINIMAL, f"train.lr={'9' * 300}"]).train.lr == float("9" * 300)  # the control
+
+
+def test_an_output_dir_inside_a_clip_folder_or_looping_is_refused(tmp_path: Path) -> None:
+    """A run inside data.root had its own samples listed as clips when it resumed: the data order, and the
+    weights, differed from an uninterrupted run. A link loop as output_dir was a RuntimeError traceback."""
+    clips = tmp_path / "clips"
+    (clips / "sub").mkdir(parents=True)
+    (tmp_path / "loop_a").symlink_to(tmp_path / "loop_b")
+    (tmp_path / "loop_b").symlink_to(tmp_path / "loop_a")
+    base = "model.base=bases/sd15"
+    for data, out in ((f"data.root={clips}", clips / "run"), (f"data.root={clips}", clips / "sub" / "run"),
+                      (f"data.sources=[{{kind: folder, path: {clips}}}]", clips / "run")):  # fmt: skip
+        assert problems_of([], [base, data, f"output_dir={out}"]) == [
+            f"output_dir: '{out}' is inside the clip folder '{clips}', which is listed for clips at every start: "
+            "the run's own samples would be read as clips when it resumes; put it outside"
+        ]
+    assert problems_of([], [base, f"data.root={clips}", f"output_dir={tmp_path / 'loop_a'}"]) == [
+        f"output_dir: '{tmp_path / 'loop_a'}' is a link that loops; lvdm refuses to write a run there"
+    ]
+    manifest = f"data.manifest={clips / 'm.jsonl'}"  # a manifest names its files: nothing is listed
+    for overrides in ([base, f"data.root={clips}", f"output_dir={tmp_path / 'run'}"], [base, manifest,
+                      f"output_dir={clips / 'run'}"]):  # fmt: skip
+        load_config([], overrides)  # the controls: beside the clips, or under a manifest's folder
 
 
 def test_literal_problems_list_the_allowed_values() -> None:

@@ -109,6 +109,8 @@ def test_manifest_jsonl_and_csv(tmp_path):
         {"video": "../outside.mp4", "caption": "escape"},
         {"video": "/etc/passwd", "caption": "absolute"},
         {"video": "c.mp4", "caption": "fps nan", "fps": "nan"},
+        {"video": "d.mp4", "caption": "fps past float's range", "fps": 10**400},  # an OverflowError traceback
+        {"video": "e.mp4", "caption": "a \ud800 lone surrogate"},  # passed as a caption, failed in the tokenizer
     ]
     jsonl = tmp_path / "m.jsonl"
     jsonl.write_text("\n".join(json.dumps(r) for r in rows) + "\n")
@@ -117,7 +119,10 @@ def test_manifest_jsonl_and_csv(tmp_path):
     assert len(entries[0].read_caption()) == 20000  # truncation happens at the tokenizer
     assert entries[1].read_caption() == "uses ../ in its text" and entries[1].problem is None
     assert "escapes" in entries[2].problem and "escapes" in entries[3].problem
-    assert entries[4].fps is None
+    assert entries[4].fps is None and entries[5].fps is None
+    assert entries[5].read_caption() == "fps past float's range"  # the control: the row itself is fine
+    with pytest.raises(VideoReadError, match="caption is not UTF-8"):
+        entries[6].read_caption()
     csv = tmp_path / "m.csv"
     csv.write_text("path,caption,fps\nclips/a.mp4,hello,\nclips/b.mp4,,24\n")
     entries = manifest_source(csv)

@@ -222,6 +222,45 @@ def test_checkpoint_material_without_a_complete_checkpoint_stops_resume(trained,
     one_line_error(string_step, 1, "metadata.json", "'step'")
 
 
+def test_states_rewritten_with_matching_checksums_are_a_damaged_checkpoint_not_a_traceback(trained, tiny_assets,
+                                                                                              tmp_path):  # fmt: skip
+    """Only the counters were checked: a checkpoint whose RNG, optimizer or loss history was rewritten (its marker
+    agreeing) failed in a traceback while restoring, or in AdamW at the first step (a moment of the wrong shape)."""
+    from lvdm.config import load_config
+    from lvdm.errors import CheckpointError
+    from lvdm.training.trainer import train
+
+    def edit(part, change):
+        def apply(checkpoint):
+            state = torch.load(checkpoint / f"{part}.pt", weights_only=True)
+            change(state)
+            torch.save(state, checkpoint / f"{part}.pt")
+
+        return apply
+
+    cases = {
+        "rng": (edit("rng", lambda s: s.update(torch=torch.zeros(3, dtype=torch.uint8))), "CPUGeneratorImplState"),
+        "moment": (edit("optimizer", lambda s: s["state"][0].update(exp_avg=torch.zeros(1))), "exp_avg is (1,)"),
+        "lr": (edit("optimizer", lambda s: s["param_groups"][0].update(lr="x")), "settings are not numbers"),
+        "losses": (edit("trainer", lambda s: s.update(losses=[float("nan"), "x"])), "could not convert"),
+        "none": (lambda checkpoint: None, None),  # the control: the same copy, untouched, resumes
+    }
+    for name, (change, message) in cases.items():
+        out = copy_run(trained, tmp_path, name)
+        newest = list_checkpoints(out / "checkpoints")[-1]
+        change(newest)
+        rewrite_marker(newest)
+        cfg = load_config([out / "config.yaml"], [f"output_dir={out}", "train.resume=auto", "train.max_steps=3"])
+        if message is None:
+            assert train(cfg, progress=False).step == 3
+            continue
+        with pytest.raises(
+            CheckpointError, match="checkpoint-00000002 is damaged: its states cannot be restored"
+        ) as e:
+            train(cfg, progress=False)
+        assert message in str(e.value) and "\n" not in str(e.value), name
+
+
 # ---------------------------------------------------------------------------------------------- disk full
 
 

@@ -114,7 +114,10 @@ def _load_yaml(text: str) -> Any:
         if node is None:
             return None
         _expanded_size(node, {}, 1)
-        return loader.construct_document(node)
+        try:
+            return loader.construct_document(node)
+        except ValueError as exc:  # an integer of more digits than Python converts (4300), ...
+            raise _TooComplex(f"a value cannot be read ({str(exc).split(':')[0]})") from None
     finally:
         loader.dispose()
 

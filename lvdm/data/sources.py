@@ -55,7 +55,7 @@ class Entry:
                 raise VideoReadError(self.path, reason) from None
         else:
             text = self.caption or ""
-        if any("\udc80" <= ch <= "\udcff" for ch in text):  # undecodable bytes kept as surrogates
+        if any("\ud800" <= ch <= "\udfff" for ch in text):  # undecodable bytes kept as surrogates, or a lone one
             raise VideoReadError(self.path, "caption is not UTF-8")
         text = " ".join(text.split())
         if not text:
@@ -257,7 +257,7 @@ def _first(row: dict, keys: tuple[str, ...]) -> object:
 def _number(value: object) -> float | None:
     try:
         number = float(value)  # type: ignore[arg-type]
-    except (TypeError, ValueError):
+    except (TypeError, ValueError, OverflowError):  # OverflowError: an int past float's range
         return None
     return number if math.isfinite(number) and number > 0 else None
 

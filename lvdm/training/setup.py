@@ -62,7 +62,10 @@ def build_model(cfg: Any, device: torch.device, mixed_precision: str) -> tuple[A
             f"data.num_frames: {cfg.data.num_frames} frames, and these motion modules encode at most "
             f"{layout.max_frames} (their frame table)"
         )
-    video = VideoUNet.from_unet2d(base.unet, layout)
+    try:
+        video = VideoUNet.from_unet2d(base.unet, layout)
+    except ValueError as exc:  # a head count the base's channels do not divide into
+        raise ConfigError(f"model: the temporal layers this config asks for do not fit {m.base}: {exc}") from exc
     add_configured_parts(video, m)  # the standalone parts the model section asks for (lvdm.models.parts)
     if cfg.train.target == "distill":  # the student takes the guidance weight as an input (zero until it trains)
         from lvdm.models.parts import build_part

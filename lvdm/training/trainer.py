@@ -361,6 +361,15 @@ class Trainer:
         with torch.no_grad():
             for name, tensor in parts["trainable"].items():
                 params[name].copy_(tensor)
+        try:
+            self._apply_states(parts, path)
+        except CheckpointError:
+            raise
+        except (KeyError, IndexError, TypeError, ValueError, RuntimeError) as exc:  # written with matching checksums
+            raise CheckpointError(f"checkpoint {path} is damaged: its states cannot be restored ({exc})") from exc
+
+    def _apply_states(self, parts: dict[str, Any], path: Path) -> None:
+        """The optimizer's, schedule's, EMA's, scaler's, objective's, RNG's and trainer's states of a checkpoint."""
         self.optimizer.load_state_dict(parts["optimizer"])
         self.lr_schedule.load_state_dict(parts["lr_schedule"])
         if self.ema is not None:
@@ -383,8 +392,18 @@ class Trainer:
         )
         self.skipped_in_row = int(trainer.get("skipped_in_row", 0))  # both absent from checkpoints before 2026-12-04
         self.clip_rates = Counter({float(rate): int(count) for rate, count in trainer.get("clip_rates", [])})
+        for group in self.optimizer.param_groups:  # a moment of the wrong shape failed only inside the first step
+            if any(not isinstance(group.get(key, 0.0), float | int) for key in ("lr", "weight_decay", "eps")):
+                raise ValueError(f"the optimizer's settings are not numbers: lr {group.get('lr')!r}")
+            for param in group["params"]:
+                for name, value in self.optimizer.state.get(param, {}).items():
+                    if isinstance(value, torch.Tensor) and value.ndim and value.shape != param.shape:
+                        raise ValueError(
+                            f"the optimizer's {name} is {tuple(value.shape)} for a {tuple(param.shape)} weight"
+                        )
 
     # ---------------------------------------------------------------------------------------------- validation
+
     def validate(self) -> tuple[dict[str, float] | None, list[Path]]:
         """The objective's held-out figures and sample files (main process), both of the weights that are exported:
         the EMA ones when EMA is on."""

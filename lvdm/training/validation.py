@@ -29,6 +29,7 @@ import numpy as np
 import torch
 
 from lvdm.diffusion import diffusion_loss, guidance_schedule, make_scheduler, sample, sample_noise
+from lvdm.errors import LvdmError
 from lvdm.media import to_uint8_frames, write_gif, write_video
 from lvdm.models.encoders import decode_latents, encode_text
 from lvdm.training.step import Frozen, batch_latents_and_text, step_generator
@@ -270,7 +271,13 @@ def render_videos(
             guidance=guidance_schedule("constant", guidance_scale),
             generator=generator, progress=False,
         )  # fmt: skip
-        videos.append(to_uint8_frames(decode_latents(frozen.vae, latents)[0].float().cpu()))
+        video = decode_latents(frozen.vae, latents)[0].float().cpu()
+        if not bool(torch.isfinite(video).all()):
+            raise LvdmError(
+                f"the validation sample of {prompt!r} holds NaN or infinite values: its predictions blew up at "
+                f"guidance {guidance_scale:g} (train.validation_guidance); the weights of this step may be damaged"
+            )
+        videos.append(to_uint8_frames(video))
     return np.stack(videos)
 
 
