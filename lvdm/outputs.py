@@ -157,8 +157,9 @@ def plan_outputs(
     _check_writable(paths[0].parent)
     long = [p.name for path in paths for p in (path, sidecar_path(path)) if len(os.fsencode(p.name)) > NAME_MAX]
     if long:
-        raise ConfigError(f"output name {long[0]!r} is {len(os.fsencode(long[0]))} bytes long; a file name holds at "
-                          f"most {NAME_MAX} (its sidecar's adds 5: .json): choose a shorter one")  # fmt: skip
+        size = len(os.fsencode(long[0]))
+        raise ConfigError(f"output name {long[0]!r} is {size} bytes long; a file name holds at most {NAME_MAX}, and a "
+                          "sidecar adds .json to its video's: choose a shorter one")  # fmt: skip
     if not overwrite:
         refuse_existing(paths)
     return paths
