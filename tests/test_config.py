@@ -384,6 +384,19 @@ def test_missing_and_unreadable_files_are_named(tmp_path: Path) -> None:
     assert "expected a mapping" in problems[4]
 
 
+def test_a_yaml_type_the_config_cannot_hold_is_named_where_it_is_written(tmp_path: Path) -> None:
+    """A !!set or !!timestamp failed the merge, which dropped the whole file and named model.base and data as
+    missing although the command line gave them."""
+    for text, tag in (("train: !!set {a, b}\n", "!!set"), ("train: {lr: !!timestamp 2001-12-14}\n", "!!timestamp")):
+        path = write(tmp_path / "typed.yaml", text)
+        assert problems_of([path], MINIMAL) == [
+            f"config file {str(path)!r}: not valid YAML: line 1, column {text.index('!!') + 1}: {tag} is not a config "
+            "value (use a list, a string or a number)"
+        ]
+    path = write(tmp_path / "plain.yaml", "train: {lr: 2001-12-14}\n")  # the control: an unmarked date is a string
+    assert problems_of([path], MINIMAL) == ["train.lr: expected float, got '2001-12-14' (str)"]
+
+
 def test_resolution_int_means_square() -> None:
     assert load_config([], [*MINIMAL, "data.resolution=320"]).data.resolution == [320, 320]
     assert config_from_dict({"model": {"base": "sd"}, "data": {"root": "c", "resolution": 64}}).data.resolution == [

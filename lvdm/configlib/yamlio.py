@@ -47,6 +47,21 @@ class _Loader(yaml.SafeLoader):
         return super().construct_mapping(node, deep=deep)
 
 
+def _refuse_tag(loader: _Loader, node: yaml.Node) -> None:
+    """YAML types a config cannot hold (sets, dates, ordered pairs) are refused where they are written: the config
+    merge refused them too, but dropped the whole file, and then named every key it set as missing."""
+    raise yaml.constructor.ConstructorError(
+        None,
+        None,
+        f"{node.tag.replace(_TAG, '!!')} is not a config value (use a list, a string or a number)",
+        node.start_mark,
+    )
+
+
+for _tag in ("set", "timestamp", "omap", "pairs"):
+    _Loader.add_constructor(_TAG + _tag, _refuse_tag)
+
+
 class _Dumper(yaml.SafeDumper):
     """Quotes every string that YAML 1.1 or 1.2 would read as something else (``no``, ``1e-4``)."""
 
