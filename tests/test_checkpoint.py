@@ -340,6 +340,11 @@ def test_unwritable_root(tmp_path: Path) -> None:
         check_writable(tmp_path / "ok", min_free_bytes=2**62)
     check_writable(tmp_path / "ok" / "deeper")
     assert list((tmp_path / "ok" / "deeper").iterdir()) == []
+    (tmp_path / "dangling").symlink_to(tmp_path / "elsewhere")  # "is not writable: File exists" named no reason
+    with pytest.raises(CheckpointError, match="dangling is a link to .*elsewhere, which does not exist"):
+        check_writable(tmp_path / "dangling")
+    (tmp_path / "elsewhere").mkdir()
+    check_writable(tmp_path / "dangling")  # the control: once its target exists, it is a folder like any
 
 
 # --- loading what might be broken or hostile ------------------------------------------------------------------------

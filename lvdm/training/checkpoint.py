@@ -429,6 +429,8 @@ def check_writable(root: str | os.PathLike, *, min_free_bytes: int = 0) -> None:
     root = Path(root)
     if root.exists() and not root.is_dir():
         raise CheckpointError(f"{root} is a file, not a folder: give a folder (a new one, or one of lvdm's runs)")
+    if root.is_symlink() and not root.exists():  # mkdir said "File exists"
+        raise CheckpointError(f"{root} is a link to {os.readlink(root)}, which does not exist: make that folder first")
     try:
         root.mkdir(parents=True, exist_ok=True)
         fd, probe = tempfile.mkstemp(prefix=".write-probe-", dir=root)
