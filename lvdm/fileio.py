@@ -94,6 +94,8 @@ def read_bounded(path: str | os.PathLike, limit: int, *, regular_only: bool = Fa
     fd = os.open(path, os.O_RDONLY | getattr(os, "O_NONBLOCK", 0))
     try:
         info = os.fstat(fd)
+        if stat.S_ISDIR(info.st_mode):  # reading it failed naming the descriptor ("Is a directory: 3")
+            raise OSError(errno.EISDIR, "a folder, not a file")
         if regular_only and not stat.S_ISREG(info.st_mode):
             raise OSError(errno.EINVAL, "not a regular file")
         if stat.S_ISREG(info.st_mode) and info.st_size > limit:

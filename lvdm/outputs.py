@@ -194,7 +194,7 @@ def read_prompts(path: str | os.PathLike) -> list[str]:
     try:
         lines = read_bounded(path, MAX_TEXT_BYTES).decode("utf-8").splitlines()
     except (OSError, UnicodeDecodeError) as exc:
-        raise ConfigError(f"prompts file {path} cannot be read: {exc}") from exc
+        raise ConfigError(f"prompts file {path} cannot be read: {getattr(exc, 'strerror', None) or exc}") from exc
     prompts = [line.strip() for line in lines if line.strip()]
     if not prompts:
         raise ConfigError(f"prompts file {path} holds no prompts (one per line)")
@@ -237,7 +237,7 @@ def read_sidecar(path: str | os.PathLike) -> dict[str, Any]:
     try:
         meta = json.loads(read_bounded(path, MAX_TEXT_BYTES).decode("utf-8"))
     except (OSError, ValueError, RecursionError) as exc:  # RecursionError: JSON nested too deep
-        raise ConfigError(f"sidecar {path} cannot be read: {exc}") from exc
+        raise ConfigError(f"sidecar {path} cannot be read: {getattr(exc, 'strerror', None) or exc}") from exc
     if not isinstance(meta, dict) or not all(isinstance(meta.get(k), kind) for k, kind in SIDECAR_KEYS.items()):
         raise ConfigError(f"{path} is not an lvdm sidecar (it needs {', '.join(SIDECAR_KEYS)})")
     if problem := _sidecar_type_problem(meta):

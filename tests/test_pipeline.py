@@ -319,6 +319,11 @@ def test_prompt_files_and_output_paths_are_checked_before_loading(tmp_path):
     ):
         with pytest.raises(ConfigError, match=message):
             read_prompts(tmp_path / name)
+    from lvdm.outputs import read_sidecar
+
+    for read, what in ((read_prompts, "prompts file"), (read_sidecar, "sidecar")):  # named the descriptor: "3"
+        with pytest.raises(ConfigError, match=f"^{what} {tmp_path} cannot be read: a folder, not a file$"):
+            read(tmp_path)
     assert plan_outputs(tmp_path / "clip.mp4", ["a"]) == [tmp_path / "clip.mp4"]
     assert plan_outputs(tmp_path / "clip.gif", ["a"], num_videos_per_prompt=2) == [
         tmp_path / "clip_000.gif",
