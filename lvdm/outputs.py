@@ -142,6 +142,8 @@ def plan_outputs(
         raise ConfigError(f"format: expected one of {list(FORMATS)}, got {format!r}")
     count = len(prompts) * num_videos_per_prompt
     text = os.fspath(out)
+    if not text.strip():  # "" wrote into the working folder
+        raise ConfigError(f"the output is empty ({text!r}); give a .mp4 or .gif file, or a folder ending in /")
     if Path(text).suffix.lower() in MEDIA_SUFFIXES:
         paths = [Path(text)] if count == 1 else [_numbered(text, k, count) for k in range(count)]
     else:

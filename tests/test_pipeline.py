@@ -324,6 +324,9 @@ def test_prompt_files_and_output_paths_are_checked_before_loading(tmp_path):
     for read, what in ((read_prompts, "prompts file"), (read_sidecar, "sidecar")):  # named the descriptor: "3"
         with pytest.raises(ConfigError, match=f"^{what} {tmp_path} cannot be read: a folder, not a file$"):
             read(tmp_path)
+    for empty in ("", " "):  # "" wrote 000-<prompt>.mp4 into the working folder
+        with pytest.raises(ConfigError, match="the output is empty"):
+            plan_outputs(empty, ["a"])
     assert plan_outputs(tmp_path / "clip.mp4", ["a"]) == [tmp_path / "clip.mp4"]
     assert plan_outputs(tmp_path / "clip.gif", ["a"], num_videos_per_prompt=2) == [
         tmp_path / "clip_000.gif",
