@@ -41,6 +41,7 @@ def run_cli(main: Callable[[list[str]], int | None], argv: list[str] | None = No
     _open_closed_streams()
     try:
         try:
+            _check_cache_folders()
             code = main(args) or 0
         except SystemExit as exc:  # argparse: --help (0), a usage error (2, already printed)
             code = exc.code if isinstance(exc.code, int) else 0 if exc.code is None else 2
@@ -68,6 +69,20 @@ def run_cli(main: Callable[[list[str]], int | None], argv: list[str] | None = No
         _silence_stdout()  # what could not be written is dropped, so that exiting does not fail on it again
         print(f"error: {exc.strerror or exc} writing {exc.filename or 'the output'}", file=sys.stderr)
         return 1
+
+
+def _check_cache_folders() -> None:
+    """PyTorch makes ``TORCHINDUCTOR_CACHE_DIR`` when diffusers imports it, compiling or not: a path at a file (or
+    under one) was a FileExistsError traceback from the import."""
+    cache = os.environ.get("TORCHINDUCTOR_CACHE_DIR")
+    if not cache:
+        return
+    probe = os.path.abspath(cache)
+    while not os.path.lexists(probe) and os.path.dirname(probe) != probe:
+        probe = os.path.dirname(probe)
+    if not os.path.isdir(probe):
+        raise ConfigError(f"TORCHINDUCTOR_CACHE_DIR={cache}: {probe} is not a folder; PyTorch keeps compiled kernels "
+                          "there: give a folder, or unset it")  # fmt: skip
 
 
 _FULL = (errno.ENOSPC, errno.EDQUOT)  # a full disk or quota: the machine's state, not a bug

@@ -223,6 +223,19 @@ def test_settings_found_wrong_only_after_sampling_are_refused_before_it(files, t
     assert code == 0 and (out / "slow.gif").exists(), err  # the control: the slowest rate allowed is written
 
 
+def test_an_inductor_cache_folder_that_cannot_be_one_is_one_line(files, tmp_path, capsys, monkeypatch):
+    """diffusers' import makes PyTorch create it, compiling or not: a file there was a FileExistsError traceback."""
+    (tmp_path / "a_file").write_text("not a folder")
+    argv = ["--base", str(files["a"]), "--prompt", "a kite", "--frames", "2", "--steps", "1"]
+    for cache in (tmp_path / "a_file", tmp_path / "a_file" / "below"):
+        monkeypatch.setenv("TORCHINDUCTOR_CACHE_DIR", str(cache))
+        code, _, err = sample_here(capsys, *argv, "--out", str(tmp_path / "v.mp4"))
+        assert code == 2 and err.count("\n") == 1 and f"{tmp_path / 'a_file'} is not a folder" in err, err
+    monkeypatch.setenv("TORCHINDUCTOR_CACHE_DIR", str(tmp_path / "new" / "cache"))  # the control: one to be made
+    code, _, err = sample_here(capsys, *argv, "--out", str(tmp_path / "v.mp4"))
+    assert code == 0 and (tmp_path / "v.mp4").exists(), err
+
+
 def test_an_output_another_run_writes_meanwhile_is_not_replaced(files, tmp_path, capsys, monkeypatch):
     """Two runs to one --out both pass the check before loading; the one that finishes second must not replace the
     first's video (it did, both exiting 0): its write is exclusive, so it stops in one line."""
