@@ -209,6 +209,11 @@ def _check_context(args: argparse.Namespace, image_mode: bool) -> None:
         raise ConfigError("--interpolate makes one video: it does not take --num-videos")
     if args.interpolate is not None and (args.context is not None or args.prompts is not None):
         raise ConfigError("--interpolate makes one video: it does not take --context or --prompts")
+    given = [flag for flag, value in (("--context", args.context), ("--interpolate", args.interpolate),
+                                      ("--context-frames", args.context_frames),
+                                      ("--context-guidance", args.context_guidance)) if value is not None]  # fmt: skip
+    if given and args.temporal is None:  # was "this temporal module has no context support", after loading
+        raise ConfigError(f"{given[0]} needs a temporal module trained with context frames (--temporal); none given")
     if (args.context or args.interpolate) and image_mode:
         raise ConfigError("--image-mode has no temporal layers to take context frames; drop --image-mode")
     for flag, path, kind in (("--context", args.context, "video"), ("--interpolate", args.interpolate, "video"),
@@ -231,9 +236,6 @@ def _check_context(args: argparse.Namespace, image_mode: bool) -> None:
             raise ConfigError(
                 f"--upscaler {args.upscaler}: not an x4 upscaler folder (a diffusers StableDiffusionUpscalePipeline)"
             )
-        from lvdm.upscale import upscale_settings
-
-        upscale_settings(args, args.upscaler)  # its checks, against the folder's limits, before anything is sampled
 
 
 def _settings(args: argparse.Namespace, meta: dict[str, Any] | None) -> dict[str, Any]:

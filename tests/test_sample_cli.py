@@ -212,6 +212,7 @@ def test_settings_found_wrong_only_after_sampling_are_refused_before_it(files, t
         (["--noise-prior", "mixed", "--base-noise-seed", "-1"], "base_noise: a seed must be in 0 .. "),
         (["--upscaler", str(upscaler), "--upscale-guidance", "nan"], "guidance_scale must be a number in -100"),
         (["--upscaler", str(upscaler), "--upscale-steps", "0"], "num_inference_steps must be an integer in 1"),
+        (["--context-guidance", "2"], "--context-guidance needs a temporal module trained with context frames"),
         (["--out", str(out / ("L" * 247 + ".mp4"))], "is 256 bytes long; a file name holds at most 255"),
     ):
         argv = ["--base", str(files["a"]), "--prompt", "a kite", "--frames", "2", "--steps", "1"]
