@@ -77,10 +77,10 @@ def _check_cache_folders() -> None:
     cache = os.environ.get("TORCHINDUCTOR_CACHE_DIR")
     if not cache:
         return
-    probe = os.path.abspath(cache)
-    while not os.path.lexists(probe) and os.path.dirname(probe) != probe:
-        probe = os.path.dirname(probe)
-    if not os.path.isdir(probe):
+    from lvdm.fileio import nearest_existing
+
+    probe = nearest_existing(cache)
+    if not probe.is_dir():
         raise ConfigError(f"TORCHINDUCTOR_CACHE_DIR={cache}: {probe} is not a folder; PyTorch keeps compiled kernels "
                           "there: give a folder, or unset it")  # fmt: skip
 

@@ -158,6 +158,15 @@ def is_stray_temp(name: str, final_names: tuple[str, ...]) -> bool:
     return False
 
 
+def nearest_existing(path: str | os.PathLike) -> Path:
+    """``path`` (made absolute) or its nearest ancestor that is there; a link counts, even one that dangles: it is
+    what a folder would have to be made over."""
+    probe = Path(path).absolute()
+    while not os.path.lexists(probe) and probe != probe.parent:
+        probe = probe.parent
+    return probe
+
+
 def resolved_path(path: str | os.PathLike) -> Path | None:
     """``path`` with ``~`` and every link resolved (those that dangle too), or None where links loop."""
     try:

@@ -15,7 +15,7 @@ import numpy as np
 import torch
 
 from lvdm.errors import ConfigError, check_flag
-from lvdm.fileio import NAME_MAX, atomic_path, json_text, read_bounded
+from lvdm.fileio import NAME_MAX, atomic_path, json_text, nearest_existing, read_bounded
 
 MEDIA_SUFFIXES = {".mp4": "mp4", ".gif": "gif"}  # any other path is a folder of PNG frames
 FORMATS = ("mp4", "gif", "png")
@@ -183,9 +183,7 @@ def _slug(prompt: str, limit: int = 40) -> str:
 
 def _check_writable(folder: Path) -> None:
     """The nearest existing ancestor of ``folder`` must be a writable folder."""
-    probe = folder.absolute()
-    while not probe.exists() and probe != probe.parent:
-        probe = probe.parent
+    probe = nearest_existing(folder)
     if not probe.is_dir() or not os.access(probe, os.W_OK | os.X_OK):
         raise ConfigError(f"output folder {folder} cannot be created or written ({probe} is not a writable folder)")
 

@@ -280,10 +280,10 @@ def check_base_noise_seed(base_noise: Any, noise_prior: str | None) -> None:
 
 
 def _base_noise(base_noise: torch.Tensor | int, shape: tuple[int, ...]) -> torch.Tensor:
-    """The mixed prior's base ``(b, c, 1, h, w)``: drawn from an int seed (one for all videos), or a given tensor."""
+    """The mixed prior's base ``(b, c, 1, h, w)``: drawn from an int seed (one for all videos; its range checked
+    by :func:`check_base_noise_seed` first), or a given tensor."""
     n, c, _, h, w = shape
     if isinstance(base_noise, numbers.Integral) and not isinstance(base_noise, bool | np.bool_):
-        check_base_noise_seed(base_noise, "mixed")
         base_noise = torch.randn((1, c, 1, h, w), generator=torch.Generator().manual_seed(int(base_noise)))
     if not isinstance(base_noise, torch.Tensor):
         raise ConfigError(f"base_noise must be an int seed or a tensor, got {base_noise!r}")
