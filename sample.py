@@ -170,9 +170,11 @@ def _replayed(args: argparse.Namespace, meta: dict[str, Any] | None) -> argparse
     if meta is None:
         return args
     model = meta["model"]
+    base = args.base or model.get("base")
+    folder = isinstance(base, str) and Path(base).is_dir()  # a recorded base_config was for a single-file base
     filled = dict(
-        base=args.base or model.get("base"),
-        base_config=args.base_config or model.get("base_config"),
+        base=base,
+        base_config=args.base_config or (None if folder else model.get("base_config")),
         temporal=args.temporal or model.get("temporal"),
         spatial_weights=args.spatial_weights or model.get("spatial_weights"),
         lora=args.lora or list(model.get("loras") or []),
@@ -214,6 +216,8 @@ def _check_context(args: argparse.Namespace, image_mode: bool) -> None:
                                       ("--context-guidance", args.context_guidance)) if value is not None]  # fmt: skip
     if given and args.temporal is None:  # was "this temporal module has no context support", after loading
         raise ConfigError(f"{given[0]} needs a temporal module trained with context frames (--temporal); none given")
+    if given:  # the module file's header says what it takes: refused before loading, not after
+        _check_module_context(args, given[0])
     if (args.context or args.interpolate) and image_mode:
         raise ConfigError("--image-mode has no temporal layers to take context frames; drop --image-mode")
     for flag, path, kind in (("--context", args.context, "video"), ("--interpolate", args.interpolate, "video"),
@@ -225,6 +229,10 @@ def _check_context(args: argparse.Namespace, image_mode: bool) -> None:
         raise ConfigError("--interpolate does not take --image")
     if args.upscaler_temporal is not None and args.upscaler is None:
         raise ConfigError("--upscaler-temporal goes with --upscaler FOLDER")
+    if args.upscaler_temporal is not None:  # a missing or broken file, found before sampling rather than after
+        from lvdm.sampling_settings import temporal_defaults
+
+        temporal_defaults(args.upscaler_temporal)
     if args.upscaler is not None:
         if args.interpolate is not None or args.format == "png":
             raise ConfigError(
@@ -236,6 +244,18 @@ def _check_context(args: argparse.Namespace, image_mode: bool) -> None:
             raise ConfigError(
                 f"--upscaler {args.upscaler}: not an x4 upscaler folder (a diffusers StableDiffusionUpscalePipeline)"
             )
+
+
+def _check_module_context(args: argparse.Namespace, flag: str) -> None:
+    """Whether ``--temporal`` takes the context options given (``flag`` the first), from its file's header."""
+    from lvdm.context_sampling import check_context_count, check_support
+    from lvdm.sampling_settings import temporal_defaults
+
+    defaults = temporal_defaults(args.temporal)
+    what = "interpolate" if args.interpolate else "continue a video" if args.context else f"take {flag}"
+    check_support(defaults["has_context"], defaults["tasks"], what, task="interpolate" if args.interpolate else None)
+    if args.context_frames is not None:
+        check_context_count(args.context_frames, defaults["max_context_frames"])
 
 
 def _settings(args: argparse.Namespace, meta: dict[str, Any] | None) -> dict[str, Any]:
@@ -281,12 +301,13 @@ def main(argv: list[str]) -> int:
 
     from lvdm.models.compile import compile_problem
     from lvdm.pipeline import VideoPipeline, plan_outputs, read_prompts, sampling_settings
-    from lvdm.pipeline_sampling import check_base_noise_seed
+    from lvdm.pipeline_sampling import check_base_noise_seed, negatives_for
     from lvdm.sampling_settings import MAX_SIDE
 
     prompts = [args.prompt or ""] if args.prompts is None else read_prompts(args.prompts)
     settings = _settings(args, meta)
     checked = sampling_settings(**settings)  # every mistake reported before anything is loaded
+    negatives_for(checked.negative_prompt, prompts)  # a sidecar's list need not fit the prompts given
     side = max(checked.height or 0, checked.width or 0)
     if args.upscaler is not None and 4 * side > MAX_SIDE:  # refused before the sampling, not by the upscale after it
         raise ConfigError(f"--upscaler: a {side} px side would upscale to {4 * side} px; at most {MAX_SIDE // 4} px a "

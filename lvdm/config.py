@@ -139,6 +139,12 @@ class ModelConfig:
             problems.append("image_encoder: required with image_conditioning (a CLIP vision encoder folder)")
         if self.image_adapter is not None and not self.image_conditioning:
             problems.append("image_adapter: starts the image attention, so it needs image_conditioning=true")
+        for name in ("base", "base_config", "image_encoder", "image_adapter", "temporal_init"):
+            if getattr(self, name) == "":  # Path("") is the working folder
+                problems.append(f"{name}: an empty path; give a file or folder, or null")
+        if self.base_config and self.base and Path(self.base).is_dir():  # it was ignored
+            problems.append(f"base_config: goes with a single-file base; {self.base} is a diffusers folder, which "
+                            "gives its own architecture: leave base_config out")  # fmt: skip
         return problems
 
 

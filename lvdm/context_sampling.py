@@ -150,9 +150,14 @@ def interpolation_windows(num_keyframes: int, length: int) -> list[tuple[int, in
 
 # ------------------------------------------------------------------------------------------------ with a pipeline
 def require_context(pipe: Any, what: str, *, task: str | None = None) -> None:
-    if not pipe.has_context:
+    check_support(pipe.has_context, pipe.defaults.get("tasks"), what, task=task)
+
+
+def check_support(has_context: bool, tasks: list[str] | None, what: str, *, task: str | None = None) -> None:
+    """That a module takes context frames to ``what`` (and was trained for ``task``): a pipeline's, or before it
+    loads, a module file's (:func:`~lvdm.sampling_settings.temporal_defaults` ``has_context`` and ``tasks``)."""
+    if not has_context:
         raise ConfigError(NO_CONTEXT.format(what=what))
-    tasks = pipe.defaults.get("tasks")
     if task is not None and tasks is not None and task not in tasks:
         raise ConfigError(
             f"this temporal module was trained for {', '.join(tasks) or 'text'} only, so it cannot {what}; "
@@ -172,10 +177,16 @@ def check_context_frames(pipe: Any, s: SamplingSettings) -> None:
             f"train.predict_frames above 0), so it cannot continue a video or roll out past {pipe.chunk_length(s)} "
             "frames; ask for fewer frames, or train it with predict in train.tasks"
         )
-    raise ConfigError(
-        f"context_frames={s.context_frames}: this temporal module was trained to continue from at most {most} given "
-        f"frame(s) (train.predict_frames); use 1 to {most}"
-    )
+    check_context_count(s.context_frames, most)
+
+
+def check_context_count(context_frames: int, most: int | None) -> None:
+    """No more context frames than the module was trained to continue from (``most``; ``None`` or 0: unchecked)."""
+    if most and context_frames > most:
+        raise ConfigError(
+            f"context_frames={context_frames}: this temporal module was trained to continue from at most {most} given "
+            f"frame(s) (train.predict_frames); use 1 to {most}"
+        )
 
 
 def context_latents(pipe: Any, s: SamplingSettings, context: Any, *, explicit: dict) -> tuple | None:

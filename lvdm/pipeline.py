@@ -43,12 +43,12 @@ from lvdm.pipeline_loading import device_problem
 from lvdm.pipeline_sampling import (
     _as_prompts,
     _describe,
-    _negatives,
     _random_seed,
     _rows,
     denoise,
     initial_noise,
     make_model_fn,
+    negatives_for,
     resolve_settings,
 )
 from lvdm.sampling_settings import MAX_SEED, SamplingSettings, parse_threshold, sampling_settings, temporal_defaults
@@ -218,7 +218,7 @@ class VideoPipeline:
         if rollout and latents is not None:
             raise ConfigError("latents cannot be given for a rollout or a continued video (each chunk draws its own)")
         n = len(prompts) * s.num_videos_per_prompt
-        negatives = _negatives(s.negative_prompt, prompts)
+        negatives = negatives_for(s.negative_prompt, prompts)
         seeds = [s.seed + k for k in range(n)]
         generators = [torch.Generator().manual_seed(seed) for seed in seeds]
         shape = (n, self.base.vae.config.latent_channels, s.num_frames, *self._latent_size(s))
@@ -333,7 +333,7 @@ class VideoPipeline:
             raise ConfigError(f"got {len(paths)} output paths for {len(prompts) * repeat} videos")
         seed = s.seed if s.seed is not None else _random_seed()
         _check_seeds(seed, len(prompts) * repeat)
-        negatives = _negatives(s.negative_prompt, prompts)
+        negatives = negatives_for(s.negative_prompt, prompts)
         per_call = max(1, s.batch_size // repeat)
         written = []
         for start in range(0, len(prompts), per_call):

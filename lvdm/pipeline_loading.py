@@ -52,6 +52,8 @@ def load_parts(
     for name, value in paths.items():
         if not isinstance(value, (str, os.PathLike)) and (value is not None or name == "base"):
             raise ConfigError(f"{name}: expected a path (str or os.PathLike), got {value!r}")
+        if value is not None and not os.fspath(value):  # Path("") is the working folder
+            raise ConfigError(f"{name}: an empty path; give a file or folder, or leave {name} out")
     if not Path(base).exists():  # before the slow imports: a typo fails at once
         raise CheckpointError(f"base model {base} does not exist (expected a diffusers folder or a checkpoint file)")
     defaults = temporal_defaults(temporal) if temporal is not None else None  # a bad module fails before loading

@@ -241,7 +241,8 @@ def _as_prompts(prompt: str | Sequence[str]) -> list[str]:
     return prompts
 
 
-def _negatives(negative: str | list[str] | None, prompts: list[str]) -> list[str]:
+def negatives_for(negative: str | list[str] | None, prompts: list[str]) -> list[str]:
+    """One negative prompt per prompt: ``negative`` repeated, or its list when it has one per prompt."""
     if negative is None or isinstance(negative, str):
         return [negative or ""] * len(prompts)
     if len(negative) != len(prompts):

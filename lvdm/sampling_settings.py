@@ -204,7 +204,8 @@ def parse_threshold(text: str) -> Callable[[torch.Tensor], torch.Tensor]:
 
 def temporal_defaults(path: str | os.PathLike) -> dict[str, Any]:
     """``num_frames``, ``height``, ``width``, ``fps``, ``noise_prior`` and ``mixed_lambda`` from a temporal module's
-    training config (``None`` if unset).
+    training config (``None`` if unset), what it was trained for (``tasks``, ``max_context_frames``, ...) and whether
+    it takes context frames (``has_context``).
 
     Reads only the file's header; a missing file or one that is not a temporal module is a
     :class:`~lvdm.errors.TemporalModuleError`.
@@ -221,8 +222,9 @@ def temporal_defaults(path: str | os.PathLike) -> dict[str, Any]:
         metadata = read_temporal_metadata(path)
     try:
         config = json.loads(metadata.get("training_config", "{}"))
+        parts = json.loads(metadata.get("parts", "{}"))  # checked by read_temporal_metadata: objects of objects
     except (ValueError, RecursionError):
-        config = {}
+        config, parts = {}, {}
     config = config if isinstance(config, dict) else {}
     data = config.get("data") if isinstance(config.get("data"), dict) else {}
     resolution = data.get("resolution")
@@ -237,6 +239,7 @@ def temporal_defaults(path: str | os.PathLike) -> dict[str, Any]:
         "tasks": sorted(str(name) for name, weight in tasks.items() if type(weight) in (int, float) and weight > 0),
         "interpolate_every": train.get("interpolate_every") if type(train.get("interpolate_every")) is int else None,
         "max_context_frames": _most_given(train.get("predict_frames"), tasks),
+        "has_context": any(part.get("kind") == "context" for part in parts.values()),
         **distilled_for(config),
     }  # fmt: skip
 

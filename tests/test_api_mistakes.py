@@ -48,6 +48,13 @@ def test_paths_and_loras_of_the_wrong_kind(files, tmp_path):
             VideoPipeline.from_pretrained(files["b"], base_config=files["a"], loras=[(files["lora"], scale)])
     with pytest.raises(ConfigError, match="expected a path, 'PATH:SCALE' or a"):
         VideoPipeline.from_pretrained(files["b"], base_config=files["a"], loras=[3])
+    for kwargs in ({"base": ""}, {"base": files["a"], "temporal": ""}):  # Path("") is the working folder
+        with pytest.raises(ConfigError, match="an empty path; give a file or folder"):
+            VideoPipeline.from_pretrained(**kwargs)
+    with pytest.raises(ConfigError, match="LoRA '': an empty path"):
+        VideoPipeline.from_pretrained(files["b"], base_config=files["a"], loras=[""])
+    with pytest.raises(ConfigError, match="is a diffusers folder, which gives its own architecture"):
+        VideoPipeline.from_pretrained(files["a"], base_config=files["a"])  # the folder's own: base_config ignored
     # the control: one LoRA alone loads as the same LoRA in a list does
     alone = VideoPipeline.from_pretrained(files["b"], base_config=files["a"], loras=(files["lora"], np.float64(0.7)))
     listed = VideoPipeline.from_pretrained(files["b"], base_config=files["a"], loras=[f"{files['lora']}:0.7"])

@@ -203,6 +203,21 @@ def test_an_output_dir_inside_a_clip_folder_or_looping_is_refused(tmp_path: Path
         load_config([], overrides)  # the controls: beside the clips, or under a manifest's folder
 
 
+def test_an_empty_path_or_a_base_config_for_a_folder_base_is_a_problem(tmp_path: Path) -> None:
+    """``model.base: ""`` loaded the working folder; a base_config beside a folder base was silently ignored."""
+    folder = tmp_path / "sd15"
+    folder.mkdir()
+    assert problems_of([], ['model.base=""', "data.root=clips", 'model.image_encoder=""']) == [
+        "model.base: an empty path; give a file or folder, or null",
+        "model.image_encoder: an empty path; give a file or folder, or null",
+    ]
+    assert problems_of([], [f"model.base={folder}", "data.root=clips", f"model.base_config={folder}"]) == [
+        f"model.base_config: goes with a single-file base; {folder} is a diffusers folder, which gives its own "
+        "architecture: leave base_config out"
+    ]
+    load_config([], [f"model.base={folder / 'b.safetensors'}", "data.root=clips", f"model.base_config={folder}"])
+
+
 def test_literal_problems_list_the_allowed_values() -> None:
     assert problems_of([], [*MINIMAL, "model.layout=videldm", "train.mixed_precision=fp32"]) == [
         "model.layout: expected one of 'videoldm', 'attention_only', 'conv_only', 'animatediff', got 'videldm' (str)"

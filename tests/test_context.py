@@ -524,6 +524,40 @@ def test_sample_cli_rolls_out_and_interpolates(context_files, tmp_path, capsys):
     assert code == 2 and "model.context=true" in err and "Traceback" not in err, err
 
 
+def test_sample_cli_reads_from_the_module_file_what_context_it_takes_before_loading(
+    context_files, tmp_path, capsys, monkeypatch
+):
+    """A module without context frames, or one trained to continue from fewer, was found out only after loading
+    (``--context-frames`` alone: not at all). Each control, the same option on a module that takes it, reaches the
+    reading of the base's weights."""
+    import sample as script
+    from lvdm.cli import run_cli
+    from lvdm.errors import ConfigError
+    from lvdm.models import loading
+
+    def reached(*args, **kwargs):
+        raise ConfigError("reached the loading")
+
+    monkeypatch.setattr(loading, "_load_folder", reached)
+    video = tmp_path / "given.mp4"
+    video.write_bytes(b"read only after loading")
+    frames = ["--context-frames", "1000000"]
+    for wrong, right, message in (
+        (("plain", frames), ("context", frames), "has no context support"),
+        (("plain", ["--context-guidance", "2"]), ("context", ["--context-guidance", "2"]), "has no context support"),
+        (("plain", ["--context", str(video)]), ("context", ["--context", str(video)]), "cannot continue a video"),
+        (("predict_only", ["--interpolate", str(video)]), ("context", ["--interpolate", str(video)]),
+         "trained for predict, text only"),
+        (("two_given", ["--context-frames", "3"]), ("two_given", ["--context-frames", "2"]), "at most 2 given"),
+    ):  # fmt: skip
+        for (module, options), reaches in ((wrong, False), (right, True)):
+            code = run_cli(script.main, ["--quiet", "--base", str(context_files["base"]), "--prompt", "a disc",
+                                         "--out", str(tmp_path / "x.mp4"), "--temporal", str(context_files[module]),
+                                         *options])  # fmt: skip
+            err = capsys.readouterr().err
+            assert code == 2 and err.count("\n") == 1 and ("reached the loading" if reaches else message) in err, err
+
+
 def test_a_fifo_or_folder_given_as_a_video_is_refused_without_reading_it(context_files, tmp_path):
     import os
 

@@ -224,6 +224,42 @@ def test_settings_found_wrong_only_after_sampling_are_refused_before_it(files, t
     assert code == 0 and (out / "slow.gif").exists(), err  # the control: the slowest rate allowed is written
 
 
+def test_mistakes_found_only_when_loading_are_refused_before_it(files, tmp_path, capsys, monkeypatch):
+    """Each was refused after loading (the upscaler's module: after sampling) or not at all: a sidecar's empty
+    base loaded the working folder, and a --base-config beside a folder base was ignored. Each control, the same
+    command put right, reaches the reading of the base's weights."""
+    from lvdm.errors import ConfigError
+    from lvdm.models import loading
+    from lvdm.testing.upscaler import make_tiny_upscaler
+
+    def reached(*args, **kwargs):
+        raise ConfigError("reached the loading")
+
+    monkeypatch.setattr(loading, "_load_folder", reached)  # where a base's weights are read
+    monkeypatch.setattr(loading, "_load_single_file", reached)
+    upscaler = ["--upscaler", str(make_tiny_upscaler(tmp_path / "x4", seed=0)), "--upscaler-temporal"]
+    capsys.readouterr()  # its progress bars
+    sidecar = tmp_path / "v.mp4.json"
+    fast = ["--prompt", "a kite", "--frames", "2", "--steps", "1", "--out", str(tmp_path / "out.mp4")]
+    a, b, config_a = ["--base", str(files["a"])], ["--base", str(files["b"])], ["--base-config", str(files["a"])]
+    two = {"negative_prompt": ["blur", "fog"]}
+    for model, settings, wrong, right, message in (
+        ({"base": ""}, {}, [], a, "base: an empty path"),
+        ({"base": str(files["a"])}, two, [], ["--negative-prompt", "blur"], "negative_prompt: got 2 for 1 prompts"),
+        ({"base": str(files["a"])}, {}, config_a, [*b, *config_a], "goes with a single-file base"),
+        ({"base": str(files["b"]), "base_config": str(files["a"])}, {}, a, [], ""),  # the recorded one is not taken
+        ({"base": str(files["a"])}, {}, [*upscaler, str(files["broken_lora"])], [*upscaler, str(files["module"])],
+         "not a readable safetensors file"),
+    ):  # fmt: skip
+        sidecar.write_text(json.dumps({"prompt": "a kite", "settings": settings, "model": model}))
+        if message:
+            code, _, err = sample_here(capsys, "--from-json", str(sidecar), *wrong, *fast)
+            assert code in (1, 2) and err.count("\n") == 1 and message in err, (wrong, err)
+        code, _, err = sample_here(capsys, "--from-json", str(sidecar), *wrong, *right, *fast)
+        assert code == 2 and "reached the loading" in err, (right, err)
+    assert not (tmp_path / "out.mp4").exists()
+
+
 def test_an_inductor_cache_folder_that_cannot_be_one_is_one_line(files, tmp_path, capsys, monkeypatch):
     """diffusers' import makes PyTorch create it, compiling or not: a file there was a FileExistsError traceback."""
     (tmp_path / "a_file").write_text("not a folder")

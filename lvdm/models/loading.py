@@ -52,6 +52,8 @@ class LoraSpec:
         if not isinstance(spec, (str, os.PathLike)):
             raise ConfigError(f"LoRA {spec!r}: expected a path, 'PATH:SCALE' or a (path, scale) pair")
         text = os.fspath(spec)
+        if not text:  # Path("") is the working folder
+            raise ConfigError("LoRA '': an empty path; expected a LoRA file, 'PATH:SCALE' or a (path, scale) pair")
         head, sep, tail = text.rpartition(":")
         if sep and head and not Path(text).exists():
             try:
@@ -139,7 +141,14 @@ def load_base(
         spatial_weights: a ``.safetensors`` of UNet weights by diffusers name (as training with ``model.unfreeze``
             exports), replacing those weights after the LoRAs are fused; every key must exist with its shape.
     """
+    if not os.fspath(path):  # Path("") is the working folder
+        raise ConfigError("base model '': an empty path; expected a diffusers folder or a checkpoint file")
     path = Path(path)
+    if base_config is not None and path.is_dir():  # a folder has its own architecture: base_config was ignored
+        raise ConfigError(
+            f"base_config {base_config} goes with a single-file base; {path} is a diffusers folder, which gives its "
+            "own architecture: leave base_config out"
+        )
     if not path.exists():
         raise CheckpointError(f"base model {path} does not exist (expected a diffusers folder or a checkpoint file)")
     if _is_lvdm_file(path):  # diffusers would look for its config on the Hugging Face Hub
