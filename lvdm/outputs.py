@@ -144,6 +144,8 @@ def plan_outputs(
     text = os.fspath(out)
     if not text.strip():  # "" wrote into the working folder
         raise ConfigError(f"the output is empty ({text!r}); give a .mp4 or .gif file, or a folder ending in /")
+    if control := next((c for c in text if ord(c) < 32 or ord(c) == 127), None):  # a newline split every message
+        raise ConfigError(f"the output {text!r} holds a control character ({control!r}); choose a name without one")
     if Path(text).suffix.lower() in MEDIA_SUFFIXES:
         paths = [Path(text)] if count == 1 else [_numbered(text, k, count) for k in range(count)]
     else:

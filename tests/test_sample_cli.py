@@ -214,6 +214,7 @@ def test_settings_found_wrong_only_after_sampling_are_refused_before_it(files, t
         (["--upscaler", str(upscaler), "--upscale-steps", "0"], "num_inference_steps must be an integer in 1"),
         (["--context-guidance", "2"], "--context-guidance needs a temporal module trained with context frames"),
         (["--out", str(out / ("L" * 247 + ".mp4"))], "is 256 bytes long; a file name holds at most 255"),
+        (["--out", str(out / "two\nlines.mp4")], "holds a control character ('\\n')"),  # the message was two lines
     ):
         argv = ["--base", str(files["a"]), "--prompt", "a kite", "--frames", "2", "--steps", "1"]
         code, _, err = sample_here(capsys, *argv, *(args if "--out" in args else [*args, "--out", str(out / "v.mp4")]))
