@@ -45,10 +45,13 @@ import argparse
 import json
 import sys
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from lvdm.cli import HelpFormatter, Parser, device_and_dtype, run_cli
 from lvdm.errors import ConfigError
+
+if TYPE_CHECKING:  # lvdm.sampling_settings imports torch: after run_cli chose the thread settings
+    from lvdm.sampling_settings import SamplingSettings
 
 # flag -> (SamplingSettings field, type); each flag's help is the field's own
 SETTINGS_FLAGS = {
@@ -283,30 +286,17 @@ def _upscale_settings(args: argparse.Namespace) -> dict[str, Any]:
     return upscale_settings(args, args.upscaler)
 
 
-def main(argv: list[str]) -> int:
-    args = build_parser().parse_args(argv)
-    suffix = Path(args.out).suffix.lower().lstrip(".")
-    if args.format is not None and suffix in ("mp4", "gif") and suffix != args.format:  # it wrote the suffix's kind
-        raise ConfigError(f"--format {args.format} and --out {args.out} disagree: --format names the files written "
-                          "into an --out folder; give a folder, or drop --format")  # fmt: skip
-    from lvdm.outputs import read_sidecar  # imports torch: after run_cli chose the thread settings
-
-    meta = read_sidecar(args.from_json) if args.from_json else None
-    args = _replayed(args, meta)
-    if args.base is None:
-        raise ConfigError("the following arguments are required: --base (or --from-json SIDECAR)")
-    if args.prompt is None and args.prompts is None and args.interpolate is None:
-        raise ConfigError("one of the arguments --prompt --prompts is required (or --from-json SIDECAR)")
-    import torch
-
-    from lvdm.models.compile import compile_problem
-    from lvdm.pipeline import VideoPipeline, plan_outputs, read_prompts, sampling_settings
+def _plan(
+    args: argparse.Namespace, meta: dict[str, Any] | None
+) -> tuple[list[str], dict[str, Any], SamplingSettings, list[Path]]:
+    """The prompts, the settings given and checked, and the output paths: every mistake found before loading."""
+    from lvdm.pipeline import plan_outputs, read_prompts, sampling_settings
     from lvdm.pipeline_sampling import check_base_noise_seed, negatives_for
     from lvdm.sampling_settings import MAX_SIDE
 
     prompts = [args.prompt or ""] if args.prompts is None else read_prompts(args.prompts)
     settings = _settings(args, meta)
-    checked = sampling_settings(**settings)  # every mistake reported before anything is loaded
+    checked = sampling_settings(**settings)
     negatives_for(checked.negative_prompt, prompts)  # a sidecar's list need not fit the prompts given
     side = max(checked.height or 0, checked.width or 0)
     if args.upscaler is not None and 4 * side > MAX_SIDE:  # refused before the sampling, not by the upscale after it
@@ -326,6 +316,29 @@ def main(argv: list[str]) -> int:
         from lvdm.upscale import upscaled_path
 
         refuse_existing([upscaled_path(path) for path in paths])
+    return prompts, settings, checked, paths
+
+
+def main(argv: list[str]) -> int:
+    args = build_parser().parse_args(argv)
+    suffix = Path(args.out).suffix.lower().lstrip(".")
+    if args.format is not None and suffix in ("mp4", "gif") and suffix != args.format:  # it wrote the suffix's kind
+        raise ConfigError(f"--format {args.format} and --out {args.out} disagree: --format names the files written "
+                          "into an --out folder; give a folder, or drop --format")  # fmt: skip
+    from lvdm.outputs import read_sidecar  # imports torch: after run_cli chose the thread settings
+
+    meta = read_sidecar(args.from_json) if args.from_json else None
+    args = _replayed(args, meta)
+    if args.base is None:
+        raise ConfigError("the following arguments are required: --base (or --from-json SIDECAR)")
+    if args.prompt is None and args.prompts is None and args.interpolate is None:
+        raise ConfigError("one of the arguments --prompt --prompts is required (or --from-json SIDECAR)")
+    import torch
+
+    from lvdm.models.compile import compile_problem
+    from lvdm.pipeline import VideoPipeline
+
+    prompts, settings, checked, paths = _plan(args, meta)  # every mistake reported before anything is loaded
     upscale = _upscale_settings(args)  # checked before the sampling, not found after it
     device, dtype = device_and_dtype(args.device, args.dtype)
     if args.compile and (problem := compile_problem(torch.device(device))):
