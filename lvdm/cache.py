@@ -73,7 +73,7 @@ def verdict(built: BuiltCache, max_bad_fraction: float) -> str:
     count, share = len(built.skipped), len(built.skipped) / built.listed
     what = (
         f"{count} of {built.listed} samples could not be cached (reasons in {built.path / 'skipped.jsonl'}); the "
-        "cache is complete without them, so a file mended later joins only a cache built into a new folder"
+        "cache is complete without them; mend them and run this command again to add them"
     )
     if share > max_bad_fraction:
         raise DataError(f"{what}: {100 * share:.1f}% > data.max_bad_fraction {100 * max_bad_fraction:.1f}%")

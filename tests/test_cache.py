@@ -21,6 +21,7 @@ from lvdm.data.build import build_dataset
 from lvdm.data.cache import LatentCache, build_cache, cache_fingerprint, collate_cached, weights_digest
 from lvdm.data.dataset import VideoDataset
 from lvdm.data.loader import BatchStream, make_loader
+from lvdm.data.skip_log import SkipLog
 from lvdm.errors import DataError
 from lvdm.testing import clips, tiny_sd_components, tiny_vae
 from lvdm.training.step import Frozen, batch_latents_and_text, step_generator
@@ -174,6 +175,32 @@ def test_an_interrupted_build_resumes_at_the_missing_shard(cached, base, tmp_pat
     assert (out / "skipped.jsonl").read_text() == (complete / "skipped.jsonl").read_text()  # c6 logged once
 
 
+def test_files_mended_since_join_the_cache_when_it_is_built_again(folder, base, tmp_path: Path) -> None:
+    """A clip replaced and a caption added after the build: building again into the finished cache adds their
+    samples, and the cache then equals one built from scratch on the mended folder, shard for shard, to the byte;
+    their rows leave the skip log. They joined only a cache built into a new folder before."""
+    import shutil
+
+    clips_copy = tmp_path / "clips"
+    shutil.copytree(folder, clips_copy)
+    dataset, _ = build_dataset(data_config(clips_copy), seed=SEED)
+    out = build(dataset, base, tmp_path / "latents")
+    shards = sorted(out.glob("shard-*.safetensors"))
+    written = {p.name: p.stat().st_mtime_ns for p in shards}
+    build(dataset, base, out)  # the control: nothing mended, nothing rewritten, both still logged
+    assert {p.name: p.stat().st_mtime_ns for p in shards} == written
+    assert len(LatentCache(out)) == CACHED and len(SkipLog(out / "skipped.jsonl").logged) == 2
+    clips.write_clip(clips_copy / "c6.mp4", num_frames=12, size=(32, 24), seed=6)  # was a zero-byte file
+    (clips_copy / "c5.txt").write_text(clips.caption_for(5), encoding="utf-8")  # was missing
+    build(dataset, base, out)
+    fresh = build(dataset, base, tmp_path / "fresh")
+    assert sorted(p.name for p in fresh.glob("shard-*")) == [p.name for p in shards]
+    for shard in shards:
+        assert read_shard(shard) == read_shard(fresh / shard.name)
+    assert len(LatentCache(out)) == CACHED + 2 and (out / "skipped.jsonl").read_text() == ""
+    assert SkipLog(out / "skipped.jsonl").logged == {}
+
+
 def read_shard(path: Path) -> tuple[str, dict[str, bytes]]:
     """A shard's metadata and the exact bytes of each tensor."""
     with safe_open(path, framework="pt") as handle:
@@ -258,16 +285,15 @@ def test_a_resumed_build_does_not_write_through_a_link_as_its_skip_log(cached, b
         build(dataset, base, out)
     assert notes.read_text() == "mine"
     (out / "skipped.jsonl").unlink()
-    build(dataset, base, out)  # the missing shard is rebuilt, logging its bad file (c6)
+    build(dataset, base, out)  # the missing shard is rebuilt, logging its bad file (c6); c5, tried again, is too
     resumed, whole = ((folder / "skipped.jsonl").read_text().splitlines() for folder in (out, complete))
-    assert resumed == whole[1:]
+    assert resumed == whole
 
 
 def test_the_command_says_how_many_samples_were_not_cached_and_fails_past_the_allowed_share(cached) -> None:
     """`python -m lvdm.cache` said only "latent cache ready" with a quarter of the clips skipped; it names the count
     and the log now, and ends in an error past data.max_bad_fraction (the cache is kept: it is complete)."""
     from lvdm.cache import BuiltCache, verdict
-    from lvdm.data.skip_log import SkipLog
 
     dataset, out = cached
     built = BuiltCache(out, len(dataset), SkipLog(out / "skipped.jsonl").logged)

@@ -12,7 +12,9 @@ Layout of a cache folder:
   take; for the decoder target also ``{i}.frames``, the clip itself as uint8 ``(f, 3, h, w)`` (exact: a clip's
   pixels are uint8 values scaled to [-1, 1]), what the decoder learns to reproduce;
 - ``empty_text.safetensors``: the empty caption's embedding, for caption dropout;
-- ``skipped.jsonl``: the files that could not be cached, with reasons (each once, also across a resume).
+- ``skipped.jsonl``: the files that could not be cached, with reasons (each once, also across a resume). Building
+  again into a finished cache adds the samples of those files that can be read now (a clip replaced, a caption
+  added) to their shards, and drops their rows.
 
 Each clip is cut once (seeded start, crop and flip), so a cache fixes what random clip sampling
 would vary. Shards are written to a temp file and renamed: an interrupted build resumes at the
@@ -32,6 +34,7 @@ from pathlib import Path
 from typing import Any
 
 import torch
+from safetensors import SafetensorError
 from safetensors.torch import save_file
 from torch.utils.data import Dataset
 from tqdm.auto import tqdm
@@ -120,11 +123,14 @@ def build_cache(
         save_file({"text": encode_text([""])[0].cpu().contiguous()}, temp)
     skips = SkipLog(out / "skipped.jsonl")
     bar = tqdm(total=len(dataset), desc="caching latents", unit="clip", disable=not progress)
+    encode = _SampleEncoder(dataset, skips, encode_video, encode_text, encode_image, keep_frames)
     for number, first in enumerate(shards):
         indices = range(first, min(first + shard_size, len(dataset)))
         path = out / _shard_name(number)
         if not path.exists():
-            _write_shard(dataset, indices, path, skips, encode_video, encode_text, encode_image, keep_frames)
+            _save_shard(path, [encoded for index in indices if (encoded := encode(index)) is not None])
+        else:
+            _mend_shard(path, indices, encode)
         bar.update(len(indices))
     bar.close()
     return out
@@ -178,26 +184,65 @@ def _read_manifest(folder: Path) -> dict[str, Any]:
     return header
 
 
-def _write_shard(
-    dataset, indices, path: Path, skips: SkipLog, encode_video, encode_text, encode_image, keep_frames: bool
-) -> None:
-    tensors, samples = {}, []
-    for index in indices:
-        rng = random.Random(f"{dataset.seed}:cache:{index}")
+class _SampleEncoder:
+    """One sample of ``dataset`` encoded for a shard: its tensors (by key) and its metadata row, or ``None`` for a
+    file that cannot be read (logged to ``skips`` once)."""
+
+    def __init__(self, dataset, skips: SkipLog, encode_video, encode_text, encode_image, keep_frames: bool) -> None:
+        self.dataset, self.skips, self.keep_frames = dataset, skips, keep_frames
+        self.encode_video, self.encode_text, self.encode_image = encode_video, encode_text, encode_image
+
+    def __call__(self, index: int) -> tuple[dict[str, torch.Tensor], dict[str, Any]] | None:
+        rng = random.Random(f"{self.dataset.seed}:cache:{index}")
         try:
-            sample = dataset.load(index, rng)
+            sample = self.dataset.load(index, rng)
         except VideoReadError as exc:
-            skips.add(str(dataset.entries[index].path), exc.reason)
-            continue
-        tensors[f"{index}.latents"] = encode_video(sample["video"][None])[0].cpu().contiguous()
-        tensors[f"{index}.text"] = encode_text([sample["caption"]])[0].cpu().contiguous()
-        if encode_image is not None:
-            tensors[f"{index}.image"] = encode_image(sample["video"]).cpu().contiguous()
-        if keep_frames:  # f 3 h w in [-1, 1], uint8 values scaled: stored as those values
+            self.skips.add(self.path_of(index), exc.reason)
+            return None
+        tensors = {
+            f"{index}.latents": self.encode_video(sample["video"][None])[0].cpu().contiguous(),
+            f"{index}.text": self.encode_text([sample["caption"]])[0].cpu().contiguous(),
+        }
+        if self.encode_image is not None:
+            tensors[f"{index}.image"] = self.encode_image(sample["video"]).cpu().contiguous()
+        if self.keep_frames:  # f 3 h w in [-1, 1], uint8 values scaled: stored as those values
             tensors[f"{index}.frames"] = sample["video"].add(1.0).mul(127.5).round().to(torch.uint8).contiguous()
-        samples.append({k: sample[k] for k in ("caption", "fps", "is_image", "source")} | {"index": index})
+        row = {k: sample[k] for k in ("caption", "fps", "is_image", "source")} | {"index": index}
+        return tensors, row
+
+    def path_of(self, index: int) -> str:
+        return str(self.dataset.entries[index].path)
+
+
+def _save_shard(path: Path, encoded: list[tuple[dict[str, torch.Tensor], dict[str, Any]]]) -> None:
+    tensors = {key: tensor for sample, _ in encoded for key, tensor in sample.items()}
+    samples = sorted((row for _, row in encoded), key=lambda row: row["index"])
     with atomic_path(path) as temp:
         save_file(tensors, temp, metadata={"samples": json.dumps(samples)})
+
+
+def _mend_shard(path: Path, indices: range, encode: _SampleEncoder) -> None:
+    """Add to a finished shard the samples of its files that could not be read when it was written and can now
+    (a clip replaced, a caption added): the shard is rewritten with them, its other samples as they were, and
+    their rows leave the skip log. A file still bad is not logged again."""
+    try:
+        with safetensors_handle(path) as handle:
+            rows = json.loads(handle.metadata()["samples"])
+            present = {row["index"] for row in rows}
+    except (OSError, ValueError, KeyError, TypeError, RecursionError, SafetensorError) as exc:
+        raise DataError(
+            f"latent cache shard {path} cannot be read ({exc}); build the cache into a new folder"
+        ) from exc
+    mended = [encoded for index in indices if index not in present and (encoded := encode(index)) is not None]
+    if not mended:
+        return
+    with safetensors_handle(path) as handle:
+        keys = [(key, key.partition(".")[0]) for key in handle.keys()]
+        kept = [
+            ({key: handle.get_tensor(key) for key, owner in keys if owner == str(row["index"])}, row) for row in rows
+        ]
+    _save_shard(path, kept + mended)
+    encode.skips.remove([encode.path_of(row["index"]) for _, row in mended])
 
 
 class LatentCache(Dataset):

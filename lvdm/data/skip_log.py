@@ -13,7 +13,7 @@ import stat
 from pathlib import Path
 
 from lvdm.errors import DataError
-from lvdm.fileio import json_text, read_bounded
+from lvdm.fileio import atomic_path, json_text, read_bounded
 
 MAX_BYTES = 64 << 20  # a log of about half a million skipped files
 
@@ -49,6 +49,20 @@ class SkipLog:
         self.logged[path] = reason
         self._append(json_text({"path": path, "reason": reason}) + "\n")
         return True
+
+    def remove(self, paths: list[str]) -> None:
+        """Drop the rows of ``paths`` (files mended since): the log is rewritten without them."""
+        gone = [path for path in paths if path in self.logged]
+        if not gone:
+            return
+        for path in gone:
+            del self.logged[path]
+        if self.path is not None:
+            with atomic_path(self.path) as temp:
+                text = "".join(
+                    json_text({"path": path, "reason": reason}) + "\n" for path, reason in self.logged.items()
+                )
+                temp.write_text(text, encoding="utf-8")
 
     def _append(self, text: str) -> None:
         if self.path is None:
