@@ -4,7 +4,8 @@ Exit codes: 2 for a configuration or usage error (nothing was loaded), 1 for any
 user-facing problem (a file that cannot be used, a dataset that is mostly bad), 75
 (:data:`EXIT_STOPPED`, "temporary failure") when a run was stopped by SIGTERM/SIGINT after saving a
 checkpoint: rerun with ``train.resume=auto`` to continue; 130 for Ctrl-C before anything was saved;
-141 when the reader of the output went away (``python train.py --help-config | head``), silently.
+141 when the reader of the output went away (``python train.py --help-config | head``), silently; 143 for SIGTERM
+outside a training run's steps, after what was being written is cleaned up.
 Anything that is not an :class:`~lvdm.errors.LvdmError` is a bug and keeps its traceback.
 """
 
@@ -15,7 +16,9 @@ import atexit
 import errno
 import os
 import re
+import signal
 import sys
+import threading
 from collections.abc import Callable
 from typing import Any
 
@@ -24,6 +27,7 @@ from lvdm.runtime import prefer_passive_waiting
 
 EXIT_STOPPED = 75  # stopped by a signal after saving: resumable (EX_TEMPFAIL)
 EXIT_BROKEN_PIPE = 141  # 128 + SIGPIPE, what a tool killed by the signal reports
+EXIT_TERMINATED = 143  # 128 + SIGTERM, as if killed by it, after cleaning up
 
 
 def quiet_libraries() -> None:
@@ -39,6 +43,7 @@ def run_cli(main: Callable[[list[str]], int | None], argv: list[str] | None = No
     prefer_passive_waiting()  # before torch loads OpenMP: on a busy machine threads sleep, not spin
     args = sys.argv[1:] if argv is None else argv
     _open_closed_streams()
+    previous = _terminate_by_exception()
     try:
         try:
             _check_cache_folders()
@@ -47,6 +52,9 @@ def run_cli(main: Callable[[list[str]], int | None], argv: list[str] | None = No
             code = exc.code if isinstance(exc.code, int) else 0 if exc.code is None else 2
         sys.stdout.flush()  # a closed pipe or a full disk shows here, not in the interpreter's last flush
         return code
+    except Terminated:
+        print("terminated", file=sys.stderr)
+        return EXIT_TERMINATED
     except BrokenPipeError:
         _silence_stdout()
         return EXIT_BROKEN_PIPE
@@ -60,15 +68,45 @@ def run_cli(main: Callable[[list[str]], int | None], argv: list[str] | None = No
         print("interrupted", file=sys.stderr)
         return 130
     except OSError as exc:  # after LvdmError: lvdm's own write errors are OSErrors too, with their own message
+        names = " -> ".join(str(name) for name in (exc.filename, exc.filename2) if name is not None)
         if exc.errno in _DENIED:  # a file or folder this user may not read or write: the machine's state too
-            names = " -> ".join(str(name) for name in (exc.filename, exc.filename2) if name is not None)
             print(f"error: {exc.strerror or exc}: {names or 'a file'} (check its permissions)", file=sys.stderr)
             return 1
+        if exc.errno == errno.ENAMETOOLONG:  # a path given: a usage error, wherever it is first used
+            print(f"error: {exc.strerror}: {names or 'a path'} (a name holds at most 255 bytes)", file=sys.stderr)
+            return 2
         if exc.errno not in _FULL:
             raise
         _silence_stdout()  # what could not be written is dropped, so that exiting does not fail on it again
         print(f"error: {exc.strerror or exc} writing {exc.filename or 'the output'}", file=sys.stderr)
         return 1
+    finally:
+        if previous is not None:
+            signal.signal(signal.SIGTERM, previous)
+
+
+class Terminated(BaseException):  # noqa: N818 (a signal, as KeyboardInterrupt is)
+    """SIGTERM, raised where the command is, so that what it was writing is cleaned up as on Ctrl-C (killed at
+    once, it left its temporary files behind)."""
+
+
+def _terminate_by_exception() -> Any:
+    """SIGTERM raises :class:`Terminated` in this process (a forked worker still dies of it at once); the handler
+    it replaces, or ``None`` where it is not ours to set (not the main thread, or set by someone else)."""
+    if threading.current_thread() is not threading.main_thread():
+        return None
+    if signal.getsignal(signal.SIGTERM) is not signal.SIG_DFL:
+        return None
+    owner = os.getpid()
+
+    def handler(signum: int, frame: Any) -> None:
+        if os.getpid() != owner:  # a forked child (a data worker) dies as it would have
+            signal.signal(signal.SIGTERM, signal.SIG_DFL)
+            os.kill(os.getpid(), signal.SIGTERM)
+            return
+        raise Terminated
+
+    return signal.signal(signal.SIGTERM, handler)
 
 
 def _check_cache_folders() -> None:

@@ -20,7 +20,8 @@ from pathlib import Path
 from typing import Any
 
 from lvdm.cli import Parser, run_cli
-from lvdm.errors import CheckpointError, ConfigError, OutputWriteError
+from lvdm.errors import CheckpointError, ConfigError
+from lvdm.fileio import NAME_MAX, atomic_paths
 
 
 def export_checkpoint(
@@ -47,7 +48,13 @@ def export_checkpoint(
     config = metadata.get("config")
     if not isinstance(config, dict) or not all(isinstance(config.get(key), dict) for key in ("model", "data")):
         raise CheckpointError(f"checkpoint {checkpoint}: its metadata holds no training config (model, data)")
-    for path in _outputs(out, config):
+    outputs = _outputs(out, config)
+    for path in outputs.values():
+        if len(os.fsencode(path.name)) > NAME_MAX:  # the LoRA's name beside a module's that fits
+            raise ConfigError(f"{path.name!r} is {len(os.fsencode(path.name))} bytes long; a file name holds at most "
+                              f"{NAME_MAX}: choose a shorter OUT")  # fmt: skip
+        if path.is_dir() and not path.is_symlink():  # --overwrite cannot replace it either
+            raise ConfigError(f"{path} is a folder; choose another file")
         if (path.exists() or path.is_symlink()) and not overwrite:
             raise ConfigError(f"{path} already exists; choose another file, or overwrite it (--overwrite)")
     weights = parts.get("trainable") if raw or "ema" not in parts else parts["ema"]
@@ -67,30 +74,21 @@ def export_checkpoint(
             f"checkpoint {checkpoint}: {wrong[0]} is {tuple(weights[wrong[0]].shape)}, the model its config builds "
             f"has {tuple(trainable[wrong[0]].shape)}" + (f" ({len(wrong) - 1} more like it)" if len(wrong) > 1 else "")
         )
+    if bad := [name for name, tensor in weights.items() if tensor.is_floating_point() and not tensor.isfinite().all()]:
+        raise CheckpointError(  # every reader refuses such a module: it is not written
+            f"checkpoint {checkpoint}: {bad[0]} holds NaN or infinite values"
+            + (f" ({len(bad) - 1} more like it)" if len(bad) > 1 else "")
+            + "; export an earlier checkpoint"
+        )
     with torch.no_grad():
         for name, tensor in weights.items():
             trainable[name].copy_(tensor)
     training_config = config | ({"clip_fps": metadata["clip_fps"]} if metadata.get("clip_fps") else {})
-    video.save_temporal(out, training_config=training_config, exclusive=not overwrite)  # a file since is kept
-    written = {out: os.stat(out)}
-    try:
-        _spatial_parts(video, config, trainable, out, exclusive=not overwrite, written=written)
-    except OutputWriteError as exc:  # all or nothing: the module alone would pass for a whole export
-        ours = [path for path, stamp in written.items() if _same_file(path, stamp)]  # still what this run wrote
-        for path in ours:
-            path.unlink()
-        removed = ", ".join(map(str, ours))
-        raise OutputWriteError(f"{exc}; removed again what this export had written: {removed}") from exc
-    return list(written)
-
-
-def _same_file(path: Path, stamp: os.stat_result) -> bool:
-    try:
-        now = os.stat(path, follow_symlinks=False)
-    except OSError:
-        return False
-    return (now.st_dev, now.st_ino, now.st_size, now.st_mtime_ns) == (
-        stamp.st_dev, stamp.st_ino, stamp.st_size, stamp.st_mtime_ns)  # fmt: skip
+    with atomic_paths(list(outputs.values()), exclusive=not overwrite, keep_suffix=True) as temps:  # all or
+        temp = dict(zip(outputs, temps, strict=True))  # nothing: a module alone would pass for a whole export
+        video.save_temporal(temp.pop("module"), training_config=training_config)
+        _spatial_parts(video, trainable, temp)
+    return list(outputs.values())
 
 
 def _build(config: dict[str, Any], base: str | os.PathLike | None) -> tuple[Any, dict[str, Any]]:
@@ -107,34 +105,25 @@ def _build(config: dict[str, Any], base: str | os.PathLike | None) -> tuple[Any,
     return video, trainable
 
 
-def _outputs(out: Path, config: dict[str, Any]) -> list[Path]:
-    """The files an export of a run with ``config`` writes: ``out``, and beside it the spatial parts trained."""
+def _outputs(out: Path, config: dict[str, Any]) -> dict[str, Path]:
+    """The files an export of a run with ``config`` writes, by kind: the ``module`` at ``out``, and beside it the
+    spatial parts trained (``lora``, ``weights``)."""
     lora, weights = config["model"].get("spatial_lora_rank"), config["model"].get("unfreeze")
-    return [out] + [out.with_name(f"{out.stem}_spatial_{kind}.safetensors") for kind, trained in
-                    (("lora", lora), ("weights", weights)) if trained]  # fmt: skip
+    return {"module": out} | {kind: out.with_name(f"{out.stem}_spatial_{kind}.safetensors") for kind, trained in
+                              (("lora", lora), ("weights", weights)) if trained}  # fmt: skip
 
 
-def _spatial_parts(
-    video: Any,
-    config: dict[str, Any],
-    trainable: dict[str, Any],
-    out: Path,
-    *,
-    exclusive: bool,
-    written: dict[Path, os.stat_result],
-) -> None:
-    """A spatial LoRA and unfrozen blocks trained with the temporal layers, written beside ``out``; each file
-    written goes into ``written`` with its stat as it was written."""
+def _spatial_parts(video: Any, trainable: dict[str, Any], paths: dict[str, Path]) -> None:
+    """The spatial LoRA and unfrozen blocks trained with the temporal layers, to ``paths`` by kind (as
+    :func:`_outputs` has them, or temporary names for them)."""
     from lvdm.training import groups
 
-    for path in _outputs(out, config)[1:]:
-        if path.stem.endswith("_lora"):
-            groups.export_spatial_lora(video, path, exclusive=exclusive)
-        else:
-            temporal = dict(video.named_temporal_parameters())
-            unfrozen = {n: p for n, p in trainable.items() if "lora_" not in n and n not in temporal}
-            groups.export_spatial_weights(unfrozen, path, exclusive=exclusive)
-        written[path] = os.stat(path)
+    if "lora" in paths:
+        groups.export_spatial_lora(video, paths["lora"])
+    if "weights" in paths:
+        temporal = dict(video.named_temporal_parameters())
+        unfrozen = {n: p for n, p in trainable.items() if "lora_" not in n and n not in temporal}
+        groups.export_spatial_weights(unfrozen, paths["weights"])
 
 
 def main(argv: list[str]) -> int:

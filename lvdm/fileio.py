@@ -28,28 +28,104 @@ def atomic_path(path: str | os.PathLike, *, exclusive: bool = False) -> Iterator
     :class:`~lvdm.errors.OutputWriteError` naming ``path``; the old ``path`` is left as it was. ``exclusive``: a
     ``path`` that exists by then (another run wrote it meanwhile) is an error and is left as it is, never replaced.
     """
-    path = Path(path)
-    stem = path.name.encode()[: NAME_MAX - 14].decode(errors="ignore")  # ".{stem}.{8 hex}.tmp" fits where path fits
-    temp = path.with_name(f".{stem}.{secrets.token_hex(4)}.tmp")
+    with atomic_paths([path], exclusive=exclusive) as (temp,):
+        yield temp
+
+
+@contextlib.contextmanager
+def atomic_paths(
+    paths: list[str | os.PathLike], *, exclusive: bool = False, keep_suffix: bool = False
+) -> Iterator[list[Path]]:
+    """:func:`atomic_path` for files that go together (a module and the LoRA beside it): a temporary name beside
+    each to write to, all renamed into place only once every one is written, so a failure part-way leaves every
+    ``path`` as it was, a replaced one too. ``exclusive``: one that exists by the time they are placed undoes
+    the others placed (files this call made, checked to be unchanged) and is left as it is. ``keep_suffix``: the
+    temporary names end in their path's suffix too (for writers that check it)."""
+    paths = [Path(path) for path in paths]
+    temps = [_temp_name(path, path.suffix if keep_suffix else "") for path in paths]
+    placed: list[tuple[Path, os.stat_result]] = []
+    current = paths[0]
+    for path in paths:
+        _make_folder(path)
+    try:
+        try:
+            yield temps
+        except OutputWriteError as exc:  # a writer's own atomic write, to a temporary name: named as the output
+            message = str(exc)
+            for temp, path in zip(temps, paths, strict=True):
+                message = message.replace(str(temp), str(path))
+            raise OutputWriteError(message) from exc
+        except (OSError, SafetensorError) as exc:  # named by the output whose temporary name it names
+            filename = str(getattr(exc, "filename", None))
+            named = [path for temp, path in zip(temps, paths, strict=True) if str(temp) == filename]
+            current = named[0] if named else current
+            raise
+        for path, temp in zip(paths, temps, strict=True):
+            current = path  # named by a failure
+            if path.is_dir() and not path.is_symlink():  # before any is placed: replacing it would fail part-way
+                raise IsADirectoryError(errno.EISDIR, os.strerror(errno.EISDIR), str(path))
+            os.chmod(temp, 0o666 & ~umask())  # safetensors writes 0600: lvdm's files get the user's usual mode
+        for temp, current in zip(temps, paths, strict=True):
+            if exclusive:
+                _place(temp, current)
+                placed.append((current, os.stat(current, follow_symlinks=False)))
+            else:
+                os.replace(temp, current)
+    except BaseException as exc:
+        for path, stamp in placed:  # all or nothing: only what this call placed, if still as it placed it
+            if same_file(path, stamp):
+                with contextlib.suppress(OSError):
+                    path.unlink()
+        failure = write_failure(current, exc) if isinstance(exc, (OSError, SafetensorError)) else exc
+        if failure is exc:
+            raise
+        raise failure from exc
+    finally:
+        for temp in temps:
+            with contextlib.suppress(OSError):  # never made (its folder could not be), or already renamed
+                temp.unlink(missing_ok=True)
+
+
+def _make_folder(path: Path) -> None:
+    """The folder of ``path``, made if needed; one that cannot be (a file in the way, no permission) is one
+    :class:`~lvdm.errors.OutputWriteError` saying why (a file in the way was "exists ... --overwrite")."""
     try:
         path.parent.mkdir(parents=True, exist_ok=True)
-        yield temp
-        os.chmod(temp, 0o666 & ~umask())  # safetensors writes 0600: lvdm's files get the user's usual mode
-        _place(temp, path) if exclusive else os.replace(temp, path)
-    except FileExistsError as exc:
-        raise OutputWriteError(
+    except OSError as exc:
+        blocker = nearest_existing(path.parent)
+        reason = f"{blocker} is not a folder" if not blocker.is_dir() else exc.strerror or str(exc)
+        raise OutputWriteError(f"could not write {path}: its folder cannot be made ({reason})") from exc
+
+
+def _temp_name(path: Path, suffix: str = "") -> Path:
+    """``.{name}.{8 hex}.tmp{suffix}``, the name shortened so that it fits where ``path`` fits."""
+    stem = path.name.encode()[: NAME_MAX - 14 - len(suffix.encode())].decode(errors="ignore")
+    return path.with_name(f".{stem}.{secrets.token_hex(4)}.tmp{suffix}")
+
+
+def write_failure(path: Path, exc: OSError | SafetensorError) -> OutputWriteError | BaseException:
+    """The one-line :class:`~lvdm.errors.OutputWriteError` for a failed write of ``path`` (an output found there
+    meanwhile, no space, no permission, safetensors' I/O error); another error as it is."""
+    if isinstance(exc, FileExistsError) or getattr(exc, "errno", None) == errno.ENOTEMPTY:
+        return OutputWriteError(
             f"{path} exists (it was there before, or another run wrote it while lvdm was writing); it is left as it "
             "is: choose another output, or overwrite it (--overwrite, overwrite=True)"
-        ) from exc
-    except OSError as exc:
-        raise _write_error(path, exc.strerror or str(exc)) from exc
-    except SafetensorError as exc:
-        if "I/O error" not in str(exc):
-            raise
-        raise _write_error(path, str(exc).split("I/O error:")[-1].strip()) from exc
-    finally:
-        with contextlib.suppress(OSError):  # never made (its folder could not be), or already renamed: nothing left
-            temp.unlink(missing_ok=True)
+        )
+    if isinstance(exc, OSError):
+        return _write_error(path, exc.strerror or str(exc))
+    if "I/O error" not in str(exc):
+        return exc
+    return _write_error(path, str(exc).split("I/O error:")[-1].strip())
+
+
+def same_file(path: Path, stamp: os.stat_result) -> bool:
+    """Whether ``path`` is still the file ``stamp`` was taken of, unchanged (device, inode, size, mtime)."""
+    try:
+        now = os.stat(path, follow_symlinks=False)
+    except OSError:
+        return False
+    return (now.st_dev, now.st_ino, now.st_size, now.st_mtime_ns) == (
+        stamp.st_dev, stamp.st_ino, stamp.st_size, stamp.st_mtime_ns)  # fmt: skip
 
 
 def umask() -> int:

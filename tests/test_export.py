@@ -82,29 +82,94 @@ def test_mistakes_are_one_line(run, tmp_path, capsys, case, message):
     assert not (checkpoint(run, 3) / "step3.safetensors").exists()
 
 
-def test_weights_of_another_shape_are_refused_even_where_they_broadcast(run, tmp_path):
-    """A checkpoint's tensor of shape (..., 1) was copied into (..., n) by broadcasting: a wrong module, exported
-    without a word. The checkpoint is tampered with consistently (its COMPLETE rewritten to match)."""
+def tampered(run, tmp_path, change=None, metadata: str | None = None):
+    """A copy of the last checkpoint whose EMA weights ``change(weights)`` rewrites, or whose metadata.json is
+    ``metadata``, with its COMPLETE rewritten to match (consistent tampering: the checksums pass)."""
     import hashlib
     import json
     import shutil
 
     from safetensors.torch import save_file
 
-    from lvdm.errors import CheckpointError
-
     folder = shutil.copytree(checkpoint(run, 3), tmp_path / "checkpoint-00000003")
-    ema = load_file(folder / "ema.safetensors")
-    name = next(k for k, t in ema.items() if t.ndim == 2 and t.shape[-1] > 1)
-    save_file(ema | {name: ema[name][..., :1].contiguous()}, folder / "ema.safetensors")
+    if change is not None:
+        save_file(change(load_file(folder / "ema.safetensors")), folder / "ema.safetensors")
+    if metadata is not None:
+        (folder / "metadata.json").write_text(metadata)
     marker = json.loads((folder / "COMPLETE").read_text())
     for record in marker["files"]:
         data = (folder / record["name"]).read_bytes()
         record["size"], record["sha256"] = len(data), hashlib.sha256(data).hexdigest()
     (folder / "COMPLETE").write_text(json.dumps(marker))
+    return folder
+
+
+def test_metadata_nested_deeper_than_python_recurses_is_a_damaged_checkpoint(run, tmp_path):
+    from lvdm.errors import CheckpointError
+
+    folder = tampered(run, tmp_path, metadata="[" * 100000 + "]" * 100000)  # a RecursionError traceback
+    with pytest.raises(CheckpointError, match="metadata.json: not valid JSON"):
+        export_checkpoint(folder, tmp_path / "out.safetensors")
+
+
+def test_weights_of_another_shape_are_refused_even_where_they_broadcast(run, tmp_path):
+    """A checkpoint's tensor of shape (..., 1) was copied into (..., n) by broadcasting: a wrong module, exported
+    without a word."""
+    from lvdm.errors import CheckpointError
+
+    ema = load_file(checkpoint(run, 3) / "ema.safetensors")
+    name = next(k for k, t in ema.items() if t.ndim == 2 and t.shape[-1] > 1)
+    folder = tampered(run, tmp_path, lambda weights: weights | {name: weights[name][..., :1].contiguous()})
     with pytest.raises(CheckpointError, match=f"{name} is .*, the model its config builds has"):
         export_checkpoint(folder, tmp_path / "out.safetensors")
     assert not (tmp_path / "out.safetensors").exists()
+
+
+def test_weights_that_are_not_finite_are_not_exported(run, tmp_path):
+    """They were written, exit 0, and every reader then refused the module."""
+    from lvdm.errors import CheckpointError
+
+    ema = load_file(checkpoint(run, 3) / "ema.safetensors")
+    name = next(k for k, t in ema.items() if t.is_floating_point())
+    folder = tampered(run, tmp_path, lambda weights: weights | {name: weights[name] * float("nan")})
+    with pytest.raises(CheckpointError, match=f"{name} holds NaN or infinite values; export an earlier"):
+        export_checkpoint(folder, tmp_path / "out.safetensors")
+    assert not list(tmp_path.glob("out*"))
+    export_checkpoint(tampered(run, tmp_path / "control", lambda weights: weights), tmp_path / "out.safetensors")
+
+
+def test_an_overwrite_that_fails_part_way_leaves_the_old_files(run, tmp_path, monkeypatch, capsys):
+    """--overwrite replaced the user's module, then failed on its LoRA (a full disk, a folder there) and deleted
+    the new module as "what this export had written", saying the old files were unchanged: both were gone. Now
+    nothing is placed until every file is written, and a folder where one goes is refused first."""
+    import errno
+
+    from lvdm.training import groups
+
+    out, lora = tmp_path / "old.safetensors", tmp_path / "old_spatial_lora.safetensors"
+    for path in (out, lora):
+        path.write_bytes(b"version 1")
+
+    def full_disk(video, path, **kwargs):
+        raise OSError(errno.ENOSPC, "No space left on device", str(path))
+
+    with monkeypatch.context() as patch:
+        patch.setattr(groups, "export_spatial_lora", full_disk)
+        assert run_cli(main, [str(checkpoint(run, 3)), str(out), "--overwrite"]) == 1
+    err = capsys.readouterr().err  # in this process, after transformers' loading bar (a command turns it off)
+    assert "Traceback" not in err and f"could not write {lora}: No space left on device" in err.splitlines()[-1], err
+    assert out.read_bytes() == lora.read_bytes() == b"version 1"
+    assert sorted(p.name for p in tmp_path.iterdir()) == [out.name, lora.name]  # no temporary file left
+    lora.unlink()
+    lora.mkdir()
+    assert run_cli(main, [str(checkpoint(run, 3)), str(out), "--overwrite"]) == 2
+    assert f"{lora} is a folder" in capsys.readouterr().err and out.read_bytes() == b"version 1"
+    lora.rmdir()
+    long = tmp_path / ("L" * 235 + ".safetensors")  # fits; its LoRA's name, 248 + 13 bytes, does not
+    assert run_cli(main, [str(checkpoint(run, 3)), str(long)]) == 2
+    assert "bytes long; a file name holds at most 255" in capsys.readouterr().err and not long.exists()
+    assert run_cli(main, [str(checkpoint(run, 3)), str(out), "--overwrite"]) == 0  # the control: both replaced
+    assert load_file(out) and load_file(lora)
 
 
 @pytest.mark.parametrize("target", ["module", "lora"])
@@ -127,8 +192,8 @@ def test_a_file_that_appears_during_the_export_is_kept(run, tmp_path, monkeypatc
     with pytest.raises(OutputWriteError, match="or another run wrote it while lvdm was writing") as caught:
         export_checkpoint(checkpoint(run, 3), out)
     assert late.read_bytes() == b"written meanwhile"
-    if target == "lora":  # the module written before it is removed again: an export is all or nothing
-        assert not out.exists() and f"removed again what this export had written: {out}" in str(caught.value)
+    if target == "lora":  # the module placed before it is removed again: an export is all or nothing
+        assert not out.exists() and str(late) in str(caught.value)
     assert not [p.name for p in tmp_path.iterdir() if p.name.endswith(".tmp")]  # no temporary file left
     export_checkpoint(checkpoint(run, 3), out, overwrite=True)
     assert load_file(late)

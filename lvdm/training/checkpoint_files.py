@@ -223,7 +223,7 @@ def _read_metadata(path: Path) -> dict[str, Any]:
     file = path / METADATA
     try:
         metadata = json.loads(file.read_text(encoding="utf-8"))
-    except (OSError, ValueError) as e:
+    except (OSError, ValueError, RecursionError) as e:  # RecursionError: JSON nested deeper than Python recurses
         raise CheckpointError(f"{file}: not valid JSON ({e})") from e
     if not isinstance(metadata, dict):
         raise CheckpointError(f"{file}: expected a JSON object, got {type(metadata).__name__}")
