@@ -31,6 +31,9 @@ def encoders(base: Any, *, chunk_frames: int = 16) -> dict[str, Any]:
     }
 
 
+MAX_SHARD_SIZE = 65536  # samples per shard file (0 was a traceback; -1 "ready" with no shard written)
+
+
 @dataclass(frozen=True)
 class BuiltCache:
     """A finished cache: its folder, how many samples were listed, and the files that could not be cached (path ->
@@ -45,6 +48,8 @@ def build_from_config(cfg: Config, *, shard_size: int = 64, progress: bool = Tru
     """Build (or resume) the cache at ``cfg.data.cache`` for ``cfg``'s data and base model."""
     if not cfg.data.cache:  # a config error: reported before torch and diffusers are imported
         raise ConfigError("data.cache: set it to the folder the cache is written to")
+    if isinstance(shard_size, bool) or not isinstance(shard_size, int) or not 1 <= shard_size <= MAX_SHARD_SIZE:
+        raise ConfigError(f"--shard-size {shard_size!r}: must be a whole number in 1 .. {MAX_SHARD_SIZE}")
     from lvdm.data.build import build_dataset
     from lvdm.data.cache import build_cache, cache_fingerprint, encoder_digests
     from lvdm.data.skip_log import SkipLog

@@ -201,6 +201,28 @@ def test_files_mended_since_join_the_cache_when_it_is_built_again(folder, base, 
     assert SkipLog(out / "skipped.jsonl").logged == {}
 
 
+def test_a_damaged_shard_is_named_by_the_build_and_by_training(cached, base, tmp_path: Path) -> None:
+    """A truncated shard was "ready" to the build and a SafetensorError traceback to training; a FIFO in its place
+    was "incomplete: run the build again" to training, and "ready" to the build, forever. Both now name the shard
+    and say how to rebuild it; the control, the shard deleted as they say, rebuilds the same cache."""
+    import shutil
+
+    dataset, complete = cached
+    out = shutil.copytree(complete, tmp_path / "latents")
+    shard = out / "shard-00001.safetensors"
+    shard.write_bytes(shard.read_bytes()[:100])
+    for damage, message in (("truncated", "is damaged"), ("fifo", "is not a regular file")):
+        if damage == "fifo":
+            shard.unlink()
+            os.mkfifo(shard)  # opened, it would hang both
+        for attempt in (lambda: build(dataset, base, out), lambda: LatentCache(out)):
+            with pytest.raises(DataError, match=f"shard {shard} {message}.*delete it and run python -m lvdm.cache"):
+                attempt()
+    shard.unlink()
+    build(dataset, base, out)
+    assert read_shard(shard) == read_shard(complete / shard.name) and len(LatentCache(out)) == CACHED
+
+
 def read_shard(path: Path) -> tuple[str, dict[str, bytes]]:
     """A shard's metadata and the exact bytes of each tensor."""
     with safe_open(path, framework="pt") as handle:
@@ -245,6 +267,11 @@ def test_the_cache_command_reports_config_errors_with_exit_2(tmp_path: Path) -> 
     assert "Traceback" not in result.stderr
     result = run_cache(f"model.base={tmp_path}", f"data.root={tmp_path}")
     assert result.returncode == 2 and "data.cache: set it" in result.stderr
+    for size in ("0", "-1"):  # 0 was a traceback after loading; -1 "ready" with no shard written
+        result = run_cache(f"model.base={tmp_path}", f"data.root={tmp_path}", f"data.cache={tmp_path / 'c'}",
+                           "--shard-size", size)  # fmt: skip
+        assert result.returncode == 2 and f"--shard-size {size}: must be a whole number in 1 .. " in result.stderr
+        assert result.stderr.count("\n") == 1 and not (tmp_path / "c").exists(), result.stderr
 
 
 def test_training_from_the_cache_keeps_the_holdout_out(tiny_assets, tmp_path):

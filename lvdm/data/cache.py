@@ -24,11 +24,12 @@ is refused, naming what differs, and so is an unfinished one (a shard missing).
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import json
 import os
 import random
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from dataclasses import asdict
 from pathlib import Path
 from typing import Any
@@ -225,24 +226,38 @@ def _mend_shard(path: Path, indices: range, encode: _SampleEncoder) -> None:
     """Add to a finished shard the samples of its files that could not be read when it was written and can now
     (a clip replaced, a caption added): the shard is rewritten with them, its other samples as they were, and
     their rows leave the skip log. A file still bad is not logged again."""
-    try:
-        with safetensors_handle(path) as handle:
-            rows = json.loads(handle.metadata()["samples"])
-            present = {row["index"] for row in rows}
-    except (OSError, ValueError, KeyError, TypeError, RecursionError, SafetensorError) as exc:
-        raise DataError(
-            f"latent cache shard {path} cannot be read ({exc}); build the cache into a new folder"
-        ) from exc
+    with _open_shard(path) as (_, rows):
+        present = {row["index"] for row in rows}
     mended = [encoded for index in indices if index not in present and (encoded := encode(index)) is not None]
     if not mended:
         return
-    with safetensors_handle(path) as handle:
+    with _open_shard(path) as (handle, rows):
         keys = [(key, key.partition(".")[0]) for key in handle.keys()]
         kept = [
             ({key: handle.get_tensor(key) for key, owner in keys if owner == str(row["index"])}, row) for row in rows
         ]
     _save_shard(path, kept + mended)
     encode.skips.remove([encode.path_of(row["index"]) for _, row in mended])
+
+
+@contextlib.contextmanager
+def _open_shard(path: Path) -> Iterator[tuple[Any, list[dict[str, Any]]]]:
+    """A shard's safetensors handle and its sample rows; a shard that is not a regular file (a FIFO would hang
+    the reader) or cannot be read is one :class:`DataError` saying how to rebuild it (it was "ready" to the build,
+    and a traceback to training)."""
+    again = f"delete it and run {BUILD_COMMAND} again to rebuild it"
+    if path.is_symlink() or not path.is_file():
+        raise DataError(f"latent cache shard {path} is not a regular file; {again}")
+    try:
+        handle = safetensors_handle(path)
+        rows = json.loads(handle.metadata()["samples"])
+        if not isinstance(rows, list) or not all(isinstance(row, dict) and type(row.get("index")) is int
+                                                 for row in rows):  # fmt: skip
+            raise ValueError("its sample rows are not lvdm's")
+    except (OSError, ValueError, KeyError, TypeError, RecursionError, SafetensorError) as exc:
+        raise DataError(f"latent cache shard {path} is damaged ({exc}); {again}") from exc
+    with handle:
+        yield handle, rows
 
 
 class LatentCache(Dataset):
@@ -268,7 +283,7 @@ class LatentCache(Dataset):
                 f"latent cache {self.dir} is stale: it was made with other settings "
                 f"({_differences(header['fingerprint'], expected)}); delete it and build it again with {BUILD_COMMAND}"
             )
-        missing = [n for n in range(header.get("shards", 0)) if not (self.dir / _shard_name(n)).is_file()]
+        missing = [n for n in range(header.get("shards", 0)) if not os.path.lexists(self.dir / _shard_name(n))]
         if missing:
             raise DataError(
                 f"latent cache {self.dir} is incomplete: {len(missing)} of {header['shards']} shards missing "
@@ -286,9 +301,9 @@ class LatentCache(Dataset):
     def _listing(self) -> list[dict[str, Any]]:
         samples = []
         for shard in sorted(self.dir.glob("shard-*.safetensors")):
-            with safetensors_handle(shard) as handle:
+            with _open_shard(shard) as (handle, rows):
                 names = set(handle.keys())
-                for sample in json.loads(handle.metadata()["samples"]):
+                for sample in rows:
                     shape = handle.get_slice(f"{sample['index']}.latents").get_shape()
                     extra = [n for n in ("image", "frames") if f"{sample['index']}.{n}" in names]
                     tensors = ["latents", "text", *extra]
