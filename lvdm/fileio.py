@@ -9,6 +9,7 @@ import os
 import secrets
 import shutil
 import stat
+import tempfile
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
@@ -84,6 +85,33 @@ def atomic_paths(
         for temp in temps:
             with contextlib.suppress(OSError):  # never made (its folder could not be), or already renamed
                 temp.unlink(missing_ok=True)
+
+
+@contextlib.contextmanager
+def atomic_folder(path: str | os.PathLike) -> Iterator[Path]:
+    """A temporary folder beside ``path`` to write into, renamed to ``path`` (a new name, or an empty folder) on
+    success with the user's usual modes, deleted on failure. Failures are :func:`atomic_path`'s one-line errors:
+    no space, a file put into ``path`` meanwhile (left as it is), a ``path`` that cannot be replaced (a mount
+    point, the working folder)."""
+    path = Path(path)
+    _make_folder(path)
+    try:
+        temp = Path(tempfile.mkdtemp(prefix=f".{path.name.encode()[:200].decode(errors='ignore')}.", dir=path.parent))
+    except OSError as exc:
+        raise write_failure(path, exc) from exc
+    try:
+        yield temp
+        mask = umask()
+        for item in [temp, *temp.rglob("*")]:  # mkdtemp makes 0700 and safetensors 0600
+            os.chmod(item, (0o777 if item.is_dir() else 0o666) & ~mask)
+        os.replace(temp, path)
+    except (OSError, SafetensorError) as exc:
+        failure = write_failure(path, exc)
+        if failure is exc:
+            raise
+        raise failure from exc
+    finally:
+        shutil.rmtree(temp, ignore_errors=True)  # the folder made above, unless it was renamed into place
 
 
 def _make_folder(path: Path) -> None:

@@ -466,3 +466,44 @@ def test_a_file_that_appears_during_the_conversion_is_kept(tiny_assets, adapters
     done = convert("motion-module", source, out, "--base", tiny_assets["base"], "--overwrite", capsys=capsys)
     assert done.returncode == 0, done.stderr
     assert load_file(out)
+
+
+def test_a_motion_adapter_folder_that_cannot_be_placed_is_one_line(tiny_assets, adapters, tmp_path, capsys,
+                                                                   monkeypatch):  # fmt: skip
+    """to-diffusers' output under a file, on a full disk, or filled by another program while it wrote were
+    tracebacks; its folder and files were 0700/0600 whatever the umask (the control: they follow it)."""
+    import os
+
+    from diffusers import MotionAdapter
+
+    module = tmp_path / "mm.safetensors"
+    source = adapters["root"] / "mid_original.safetensors"
+    assert convert("motion-module", source, module, "--base", tiny_assets["base"], capsys=capsys).returncode == 0
+    (tmp_path / "a_file").write_text("mine")
+    full = MotionAdapter.save_pretrained
+
+    def full_disk(self, folder, **kwargs):
+        full(self, folder, **kwargs)
+        raise OSError(28, "No space left on device", str(folder))
+
+    def someone_writes(self, folder, **kwargs):
+        full(self, folder, **kwargs)
+        (tmp_path / "empty" / "notes.txt").write_text("mine")
+
+    (tmp_path / "empty").mkdir()
+    for out, writer, message in ((tmp_path / "a_file" / "adapter", full, "a_file is not a folder"),
+                                 (tmp_path / "adapter", full_disk, "No space left on device"),
+                                 (tmp_path / "empty", someone_writes, "another run wrote it")):  # fmt: skip
+        monkeypatch.setattr(MotionAdapter, "save_pretrained", writer)
+        bad = convert("to-diffusers", module, out, capsys=capsys)
+        assert bad.returncode == 1 and bad.stderr.count("\n") == 1 and message in bad.stderr, bad.stderr
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["a_file", "empty", "mm.safetensors"]  # no temporary folder
+    assert (tmp_path / "a_file").read_text() == (tmp_path / "empty" / "notes.txt").read_text() == "mine"
+    monkeypatch.setattr(MotionAdapter, "save_pretrained", full)
+    mask = os.umask(0o022)
+    try:
+        assert convert("to-diffusers", module, tmp_path / "adapter", capsys=capsys).returncode == 0
+    finally:
+        os.umask(mask)
+    assert (tmp_path / "adapter").stat().st_mode & 0o777 == 0o755
+    assert {p.stat().st_mode & 0o777 for p in (tmp_path / "adapter").iterdir()} == {0o644}

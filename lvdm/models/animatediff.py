@@ -23,8 +23,6 @@ the base it is imported for.
 from __future__ import annotations
 
 import os
-import shutil
-import tempfile
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -34,7 +32,7 @@ from safetensors import SafetensorError, safe_open
 from safetensors.torch import load_file
 
 from lvdm.errors import CheckpointError, ConfigError, TemporalModuleError
-from lvdm.fileio import read_json
+from lvdm.fileio import atomic_folder, read_json
 from lvdm.models.layout import TemporalLayout
 from lvdm.models.loading import PICKLE_SUFFIXES, check_weights_file, load_pickled_weights, tensor_problem
 from lvdm.models.temporal_file import (
@@ -456,14 +454,8 @@ def export_motion_adapter(module: str | os.PathLike, out_dir: str | os.PathLike)
         )
     adapter = MotionAdapter(**config)
     adapter.load_state_dict(tensors, strict=False)  # the frame tables are the adapter's own sinusoid
-    out_dir.parent.mkdir(parents=True, exist_ok=True)
-    temp = Path(tempfile.mkdtemp(prefix=f".{out_dir.name}.", dir=out_dir.parent))
-    try:
+    with atomic_folder(out_dir) as temp:
         adapter.save_pretrained(temp, safe_serialization=True)
-        os.replace(temp, out_dir)
-    except BaseException:
-        shutil.rmtree(temp, ignore_errors=True)  # the temporary folder made just above, nothing else
-        raise
     return out_dir
 
 
