@@ -3,6 +3,7 @@
     python -m lvdm.export outputs/run/checkpoints/checkpoint-00000500 step500.safetensors
     python -m lvdm.export CHECKPOINT OUT.safetensors --raw                  # the raw weights, not their EMA
     python -m lvdm.export CHECKPOINT OUT.safetensors --base path/to/sd15    # the base has moved since training
+    python -m lvdm.export CHECKPOINT OUT.safetensors --base model.safetensors --base-config path/to/sd15
 
 The checkpoint's metadata holds the run's resolved config: the video model is built from it on the base,
 the checkpoint's trained weights are copied in (their EMA when the run kept one, unless ``--raw``), and the
@@ -30,12 +31,14 @@ def export_checkpoint(
     *,
     raw: bool = False,
     base: str | os.PathLike | None = None,
+    base_config: str | os.PathLike | None = None,
     overwrite: bool = False,
 ) -> list[Path]:
     """Write the temporal module of ``checkpoint`` to ``out`` (``.safetensors``); returns the files written.
 
     ``raw``: the trained weights even when the checkpoint holds their EMA. ``base``: the SD base to build on
-    instead of the config's ``model.base``. An existing ``out`` is refused unless ``overwrite``.
+    instead of the config's ``model.base`` (``base_config``: the diffusers folder giving a single-file base's
+    architecture, instead of the config's). An existing ``out`` is refused unless ``overwrite``.
     """
     out = Path(out)
     if out.suffix != ".safetensors":
@@ -60,7 +63,7 @@ def export_checkpoint(
     weights = parts.get("trainable") if raw or "ema" not in parts else parts["ema"]
     if not isinstance(weights, dict):
         raise CheckpointError(f"checkpoint {checkpoint} holds no trained weights (trainable.safetensors)")
-    video, trainable = _build(config, base)
+    video, trainable = _build(config, base, base_config)
     if weights.keys() != trainable.keys():
         extra, missing = sorted(weights.keys() - trainable.keys()), sorted(trainable.keys() - weights.keys())
         raise CheckpointError(
@@ -91,7 +94,7 @@ def export_checkpoint(
     return list(outputs.values())
 
 
-def _build(config: dict[str, Any], base: str | os.PathLike | None) -> tuple[Any, dict[str, Any]]:
+def _build(config: dict[str, Any], base: Any, base_config: Any) -> tuple[Any, dict[str, Any]]:
     """The video model of a run's config, on the CPU in fp32, and its trainable parameters by name."""
     import torch
 
@@ -100,6 +103,7 @@ def _build(config: dict[str, Any], base: str | os.PathLike | None) -> tuple[Any,
 
     model = config["model"] | {"attention_backend": "sdpa", "gradient_checkpointing": False}  # no effect on weights
     model |= {"base": str(base)} if base is not None else {}
+    model |= {"base_config": str(base_config)} if base_config is not None else {}
     cfg = config_from_dict(config | {"model": model, "data": config["data"] | {"cache": None}})
     video, _, trainable = build_model(cfg, torch.device("cpu"), "no")
     return video, trainable
@@ -134,9 +138,11 @@ def main(argv: list[str]) -> int:
     parser.add_argument("out", help="the temporal module to write (.safetensors)")
     parser.add_argument("--raw", action="store_true", help="the raw trained weights, not their EMA (default: EMA)")
     parser.add_argument("--base", help="SD base to build on (default: the model.base of the checkpoint's config)")
+    parser.add_argument("--base-config", help="diffusers folder with the architecture of a single-file --base")
     parser.add_argument("--overwrite", action="store_true", help="replace an existing OUT (default: refuse)")
     args = parser.parse_args(argv)
-    for path in export_checkpoint(args.checkpoint, args.out, raw=args.raw, base=args.base, overwrite=args.overwrite):
+    for path in export_checkpoint(args.checkpoint, args.out, raw=args.raw, base=args.base,
+                                  base_config=args.base_config, overwrite=args.overwrite):  # fmt: skip
         print(path)
     return 0
 

@@ -82,9 +82,9 @@ def test_mistakes_are_one_line(run, tmp_path, capsys, case, message):
     assert not (checkpoint(run, 3) / "step3.safetensors").exists()
 
 
-def tampered(run, tmp_path, change=None, metadata: str | None = None):
-    """A copy of the last checkpoint whose EMA weights ``change(weights)`` rewrites, or whose metadata.json is
-    ``metadata``, with its COMPLETE rewritten to match (consistent tampering: the checksums pass)."""
+def tampered(run, tmp_path, change=None, files: dict[str, bytes] | None = None):
+    """A copy of the last checkpoint whose EMA weights ``change(weights)`` rewrites, or whose ``files`` (name ->
+    bytes) are replaced, with its COMPLETE rewritten to match (consistent tampering: the checksums pass)."""
     import hashlib
     import json
     import shutil
@@ -94,8 +94,8 @@ def tampered(run, tmp_path, change=None, metadata: str | None = None):
     folder = shutil.copytree(checkpoint(run, 3), tmp_path / "checkpoint-00000003")
     if change is not None:
         save_file(change(load_file(folder / "ema.safetensors")), folder / "ema.safetensors")
-    if metadata is not None:
-        (folder / "metadata.json").write_text(metadata)
+    for name, data in (files or {}).items():
+        (folder / name).write_bytes(data)
     marker = json.loads((folder / "COMPLETE").read_text())
     for record in marker["files"]:
         data = (folder / record["name"]).read_bytes()
@@ -107,9 +107,30 @@ def tampered(run, tmp_path, change=None, metadata: str | None = None):
 def test_metadata_nested_deeper_than_python_recurses_is_a_damaged_checkpoint(run, tmp_path):
     from lvdm.errors import CheckpointError
 
-    folder = tampered(run, tmp_path, metadata="[" * 100000 + "]" * 100000)  # a RecursionError traceback
+    deep = ("[" * 100000 + "]" * 100000).encode()
+    folder = tampered(run, tmp_path, files={"metadata.json": deep})  # a RecursionError traceback
     with pytest.raises(CheckpointError, match="metadata.json: not valid JSON"):
         export_checkpoint(folder, tmp_path / "out.safetensors")
+
+
+def test_a_foreign_pickle_in_a_checkpoint_is_one_line_and_does_not_run(run, tmp_path):
+    """torch's two-line warning about the pickle's protocol came before the error line."""
+    import io
+    import pickle
+    import subprocess
+    import sys
+
+    class Evil:
+        def __reduce__(self):
+            return (open, (str(tmp_path / "pwned"), "w"))
+
+    buffer = io.BytesIO()
+    pickle.dump({"step": Evil()}, buffer, protocol=4)
+    folder = tampered(run, tmp_path, files={"trainer.pt": buffer.getvalue()})
+    result = subprocess.run([sys.executable, "-m", "lvdm.export", str(folder), str(tmp_path / "out.safetensors")],
+                            capture_output=True, text=True, timeout=120)  # fmt: skip
+    assert result.returncode == 1 and result.stderr.count("\n") == 1, result.stderr
+    assert "trainer.pt" in result.stderr and not (tmp_path / "pwned").exists()
 
 
 def test_weights_of_another_shape_are_refused_even_where_they_broadcast(run, tmp_path):
@@ -197,3 +218,20 @@ def test_a_file_that_appears_during_the_export_is_kept(run, tmp_path, monkeypatc
     assert not [p.name for p in tmp_path.iterdir() if p.name.endswith(".tmp")]  # no temporary file left
     export_checkpoint(checkpoint(run, 3), out, overwrite=True)
     assert load_file(late)
+
+
+def test_a_single_file_base_exports_with_its_base_config(run, tiny_assets, tmp_path, capsys):
+    """--base onto a single-file checkpoint needs the folder giving its architecture (offline there is no other
+    way), and the error said to pass --base-config, which export did not have."""
+    from diffusers import StableDiffusionPipeline
+
+    from lvdm.testing import write_single_file_checkpoint
+
+    parts = StableDiffusionPipeline.from_pretrained(tiny_assets["base"])
+    single = write_single_file_checkpoint(parts.components, tmp_path / "b.safetensors")
+    out = tmp_path / "on_single.safetensors"
+    code = run_cli(main, [str(checkpoint(run, 3)), str(out), "--base", str(single), "--base-config",
+                          str(tiny_assets["base"])])  # fmt: skip
+    assert code == 0, capsys.readouterr().err
+    exported, trained = load_file(out), load_file(run / "temporal.safetensors")
+    assert exported.keys() == trained.keys() and all(torch.equal(exported[k], trained[k]) for k in trained)

@@ -14,6 +14,7 @@ import json
 import os
 import re
 import shutil
+import warnings
 from collections import OrderedDict
 from collections.abc import Callable
 from pathlib import Path
@@ -211,7 +212,9 @@ def _verify(path: Path, record: dict[str, Any]) -> None:
 
 
 def _read_pickle(file: Path) -> Any:
-    return _decode(torch.load(file, map_location="cpu", weights_only=True), str(file))
+    with warnings.catch_warnings():  # torch warns of a foreign pickle's protocol before it refuses it
+        warnings.simplefilter("ignore")
+        return _decode(torch.load(file, map_location="cpu", weights_only=True), str(file))
 
 
 def _read_safetensors(file: Path) -> dict[str, torch.Tensor]:
