@@ -258,7 +258,7 @@ class TrainConfig:
     max_steps: int = option(1000, "optimizer steps to train (checkpoint names hold 8 digits)", min=1, max=10**8 - 1)
     batch_size: int = option(1, "clips per device in each micro-batch", min=1, max=4096)
     gradient_accumulation: int = option(1, "micro-batches per optimizer step", min=1)
-    lr: float = option(1e-4, "peak learning rate (AdamW)", gt=0)
+    lr: float = option(1e-4, "peak learning rate (AdamW)", gt=0, max=10)
     lr_schedule: Literal["constant", "cosine", "linear"] = option("constant", "learning-rate curve after warmup")
     warmup_steps: int = option(0, "steps of linear warmup from 0 to lr", min=0)
     weight_decay: float = option(0.01, "AdamW weight decay", min=0)
@@ -318,7 +318,9 @@ class TrainConfig:
     disc_adaptive: bool = option(
         True, "decoder target: scale the adversarial loss by VQGAN's rule (L1 / adversarial gradient norm ratio)"
     )
-    disc_lr: float | None = option(None, "decoder target: the discriminator's learning rate; null: train.lr", gt=0)
+    disc_lr: float | None = option(
+        None, "decoder target: the discriminator's learning rate; null: train.lr", gt=0, max=10
+    )
     perceptual_weight: float = option(
         0.0, "decoder target: weight of the LPIPS perceptual loss (0: off; needs train.perceptual_backbone)", min=0
     )
@@ -340,7 +342,10 @@ class TrainConfig:
     distill_from: int = option(64, "distill target: the teacher's DDIM steps in the first round", min=2)
     distill_to: int = option(8, "distill target: the student's steps after the last round (halved each round)", min=1)
     distill_guidance: list[float] = option(
-        [2.0, 8.0], "distill target: the guidance weights [low, high] the student learns, drawn per clip", min=1
+        [2.0, 8.0],
+        "distill target: the guidance weights [low, high] the student learns, drawn per clip",
+        min=1,
+        max=100,  # sampling's maximum: a student of higher weights could never be sampled
     )
     distill_round_steps: int | None = option(
         None, "distill target: optimizer steps per round; null: train.max_steps / rounds", min=1

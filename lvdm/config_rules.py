@@ -4,6 +4,7 @@ the key it is about)."""
 
 from __future__ import annotations
 
+import os
 from typing import TYPE_CHECKING
 
 if TYPE_CHECKING:
@@ -14,7 +15,7 @@ def target_problems(cfg: Config) -> list[str]:
     """Every rule below, in order."""
     return (
         _task_problems(cfg) + _decoder_problems(cfg) + _upscale_problems(cfg) + _motion_module_problems(cfg)
-        + _distill_problems(cfg)
+        + _distill_problems(cfg) + _student_problems(cfg)
     )  # fmt: skip
 
 
@@ -86,6 +87,26 @@ def _distill_problems(cfg: Config) -> list[str]:
     except ConfigError as exc:
         problems.append(str(exc))
     return problems
+
+
+def _student_problems(cfg: Config) -> list[str]:
+    """A distilled student as ``model.temporal_init``: its spatial LoRA (beside it) was left out without a word, and
+    its guidance input read as a plain module's, so the run started from another model than the one sampled."""
+    path = cfg.model.temporal_init
+    if path is None or not os.path.isfile(path):
+        return []  # a missing or unreadable module is named when it loads
+    from lvdm.errors import LvdmError
+    from lvdm.sampling_settings import temporal_defaults
+
+    try:
+        distilled = temporal_defaults(path).get("distilled_lora") is not None
+    except LvdmError:
+        return []
+    if not distilled:
+        return []
+    fewer = " (for fewer steps, distil it to a smaller train.distill_to)" if cfg.train.target == "distill" else ""
+    return [f"model.temporal_init: {path} is a distilled student, which goes with its spatial LoRA and takes the "
+            f"guidance weight as an input; start from the module it was distilled from{fewer}"]  # fmt: skip
 
 
 def _upscale_problems(cfg: Config) -> list[str]:

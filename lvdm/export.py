@@ -22,7 +22,7 @@ from typing import Any
 
 from lvdm.cli import Parser, run_cli
 from lvdm.errors import CheckpointError, ConfigError
-from lvdm.fileio import NAME_MAX, atomic_paths
+from lvdm.fileio import NAME_MAX
 
 
 def export_checkpoint(
@@ -87,11 +87,9 @@ def export_checkpoint(
         for name, tensor in weights.items():
             trainable[name].copy_(tensor)
     training_config = config | ({"clip_fps": metadata["clip_fps"]} if metadata.get("clip_fps") else {})
-    with atomic_paths(list(outputs.values()), exclusive=not overwrite, keep_suffix=True) as temps:  # all or
-        temp = dict(zip(outputs, temps, strict=True))  # nothing: a module alone would pass for a whole export
-        video.save_temporal(temp.pop("module"), training_config=training_config)
-        _spatial_parts(video, trainable, temp)
-    return list(outputs.values())
+    from lvdm.training.groups import write_module_files
+
+    return write_module_files(video, trainable, outputs, training_config, exclusive=not overwrite)
 
 
 def _build(config: dict[str, Any], base: Any, base_config: Any) -> tuple[Any, dict[str, Any]]:
@@ -115,19 +113,6 @@ def _outputs(out: Path, config: dict[str, Any]) -> dict[str, Path]:
     lora, weights = config["model"].get("spatial_lora_rank"), config["model"].get("unfreeze")
     return {"module": out} | {kind: out.with_name(f"{out.stem}_spatial_{kind}.safetensors") for kind, trained in
                               (("lora", lora), ("weights", weights)) if trained}  # fmt: skip
-
-
-def _spatial_parts(video: Any, trainable: dict[str, Any], paths: dict[str, Path]) -> None:
-    """The spatial LoRA and unfrozen blocks trained with the temporal layers, to ``paths`` by kind (as
-    :func:`_outputs` has them, or temporary names for them)."""
-    from lvdm.training import groups
-
-    if "lora" in paths:
-        groups.export_spatial_lora(video, paths["lora"])
-    if "weights" in paths:
-        temporal = dict(video.named_temporal_parameters())
-        unfrozen = {n: p for n, p in trainable.items() if "lora_" not in n and n not in temporal}
-        groups.export_spatial_weights(unfrozen, paths["weights"])
 
 
 def main(argv: list[str]) -> int:

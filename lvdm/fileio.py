@@ -256,9 +256,10 @@ def is_stray_temp(name: str, final_names: tuple[str, ...]) -> bool:
     """Whether ``name`` is a leftover of an :func:`atomic_path` write to one of ``final_names`` that was killed."""
     for final in final_names:
         prefix = f".{final}."
-        middle = name[len(prefix) : -len(".tmp")] if name.startswith(prefix) and name.endswith(".tmp") else ""
-        if len(middle) == 8 and all(c in "0123456789abcdef" for c in middle):
-            return True
+        for end in (".tmp", ".tmp" + Path(final).suffix):  # atomic_paths(keep_suffix=True) keeps the suffix
+            middle = name[len(prefix) : -len(end)] if name.startswith(prefix) and name.endswith(end) else ""
+            if len(middle) == 8 and all(c in "0123456789abcdef" for c in middle):
+                return True
     return False
 
 

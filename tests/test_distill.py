@@ -47,6 +47,7 @@ def student(tiny_assets, tmp_path_factory):
     root = tmp_path_factory.mktemp("distill")
     whole = train(load_config([], distill_overrides(tiny_assets, root, "whole")), progress=False)
     train(load_config([], distill_overrides(tiny_assets, root, "split", **{"train.max_steps": 3})), progress=False)
+    shutil.copy(root / "split" / "temporal.safetensors", root / "stopped_in_round_two.safetensors")
     train(load_config([], distill_overrides(tiny_assets, root, "split", **{"train.resume": "auto"})), progress=False)
     return {"result": whole, "root": root}
 
@@ -64,6 +65,29 @@ def test_the_guidance_part_changes_nothing_until_it_trains():
         low, high = (video(x, t, text, guidance_scale=w) for w in (2.0, 6.0))
         assert (low - high).abs().max() > 1e-3  # trained, the weight is an input
         assert torch.equal(video(x, t, text), before)  # no weight given: the model as it was
+
+
+def test_a_run_stopped_before_its_last_round_says_the_steps_its_student_reached(student):
+    """Its module said distill_to (1 step) and sample.py sampled a student never halved that far; it now says the
+    steps of the round it stopped in (round 2 of 3: 4 -> 2), and a finished run says distill_to."""
+    from lvdm.sampling_settings import temporal_defaults
+
+    assert temporal_defaults(student["root"] / "stopped_in_round_two.safetensors")["num_inference_steps"] == 2
+    assert temporal_defaults(student["result"].temporal_path)["num_inference_steps"] == 1
+
+
+def test_a_student_is_refused_as_the_module_a_run_starts_from(student, tiny_assets, tmp_path):
+    """Distilling from a student dropped its LoRA without a word (the same losses with it beside or not): the
+    teacher was another model than the one sampled. The control: its teacher is taken."""
+    overrides = distill_overrides(tiny_assets, tmp_path, "again")
+    taken = next(o for o in overrides if o.startswith("model.temporal_init="))
+    again = [o for o in overrides if o != taken] + [f"model.temporal_init={student['result'].temporal_path}"]
+    with pytest.raises(ConfigError, match="is a distilled student, which goes with its spatial LoRA"):
+        load_config([], again)
+    t2v = tiny_overrides(tiny_assets, tmp_path / "t2v", **{"model.temporal_init": student["result"].temporal_path})
+    with pytest.raises(ConfigError, match="start from the module it was distilled from$"):
+        load_config([], t2v)
+    load_config([], overrides)
 
 
 def test_rounds_resume_exactly_in_the_middle_of_round_two(student):
@@ -238,6 +262,9 @@ def test_the_per_sample_figures_read_each_noise(tiny_assets, tmp_path):
         ({"model.context": "true"}, "model.context: not part of train.target=distill"),
         ({"train.distill_guidance": "[6.0, 2.0]"}, "low <= high"),
         ({"train.max_steps": 2}, "cannot hold 3 distillation rounds"),
+        ({"train.distill_guidance": "[1.0, .inf]"}, "train.distill_guidance.*100"),  # a traceback in the pool
+        ({"train.distill_guidance": "[150, 200]"}, "train.distill_guidance.*100"),  # a student never sampled
+        ({"train.lr": "1e300"}, "train.lr.*10"),  # a traceback inside AdamW
     ],
 )
 def test_bad_distill_settings_are_config_errors(tiny_assets, tmp_path, extra, message):

@@ -183,6 +183,7 @@ def test_the_life_of_a_run_folder(tiny_assets, tmp_path, capsys):
     with (out / "log.jsonl").open("a") as log:  # killed after logging step 3, before its checkpoint
         log.write(json.dumps({"step": 3, "loss": 9.0}) + "\n")
     (out / ".temporal.safetensors.deadbeef.tmp").write_bytes(b"half an export")
+    (out / ".temporal.safetensors.0badcafe.tmp.safetensors").write_bytes(b"half an export, written with its LoRA")
     resumed = run(**{"train.resume": "auto", "train.max_steps": 3, "train.keep_last": 1})
     assert resumed.returncode == 0, resumed.stderr[-3000:]
     assert "recovered checkpoint" in resumed.stderr and "UserWarning" not in resumed.stderr
@@ -190,7 +191,7 @@ def test_the_life_of_a_run_folder(tiny_assets, tmp_path, capsys):
     records = [r for r in read_log(out / "log.jsonl") if "loss" in r]
     assert [r["step"] for r in records] == [1, 2, 3] and records[-1]["loss"] != 9.0, records
     assert [p.name for p in list_checkpoints(root)] == ["checkpoint-00000003"]
-    assert not list(out.glob(".*.tmp")) and not list(root.glob(".tmp-*"))
+    assert not list(out.glob(".*.tmp*")) and not list(root.glob(".tmp-*"))
     assert "max_steps: 3" in (out / "config.yaml").read_text()  # rewritten on resume
 
 

@@ -107,6 +107,15 @@ class DistillObjective(Objective):
         """The steps the student samples with after round ``round_index``: the guidance round keeps the teacher's."""
         return self.teacher_steps(round_index) // (2 if round_index > 0 else 1)
 
+    def exported_config(self, config: dict[str, Any], step: int) -> dict[str, Any]:
+        """A run that stops before its last round (``train.max_steps`` short of the rounds, to be resumed) records
+        the steps of the round its student is in as ``distill_to``, which sampling takes: its student was not
+        halved further."""
+        reached = self.round_of(max(step - 1, 0))
+        if reached == self.rounds - 1:
+            return config
+        return config | {"train": config["train"] | {"distill_to": self.student_steps(reached)}}
+
     def _alpha_sigma(self, t: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         """``a_t, s_t`` of timesteps ``(b,)`` (negative: DDIM's final step), shaped to broadcast over latents."""
         bar = torch.where(t >= 0, self.alphas[t.clamp(min=0)], torch.full_like(self.alphas[:1], self.final_alpha))

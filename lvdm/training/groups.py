@@ -15,7 +15,7 @@ import torch
 from safetensors.torch import save_file
 
 from lvdm.errors import ConfigError
-from lvdm.fileio import atomic_path
+from lvdm.fileio import atomic_path, atomic_paths
 
 LORA_ADAPTER = "lvdm_spatial"
 # the spatial transformers' attention projections (the temporal attention blocks are excluded)
@@ -57,6 +57,25 @@ def unfreeze_blocks(video: Any, prefixes: list[str]) -> dict[str, torch.nn.Param
     for param in chosen.values():
         param.requires_grad_(True)
     return chosen
+
+
+def write_module_files(
+    video: Any, trainable: dict[str, Any], paths: dict[str, Path], training_config: dict[str, Any], *,
+    exclusive: bool = False,
+) -> list[Path]:  # fmt: skip
+    """The temporal module (``paths["module"]``, with ``training_config``) and the spatial parts trained with it
+    (``"lora"``, ``"weights"``), all or nothing (:func:`lvdm.fileio.atomic_paths`): a module beside another
+    step's LoRA (a kill between the two writes) sampled without a word."""
+    with atomic_paths(list(paths.values()), exclusive=exclusive, keep_suffix=True) as temps:
+        temp = dict(zip(paths, temps, strict=True))
+        video.save_temporal(temp.pop("module"), training_config=training_config)
+        if "lora" in temp:
+            export_spatial_lora(video, temp["lora"])
+        if "weights" in temp:
+            temporal = dict(video.named_temporal_parameters())
+            unfrozen = {n: p for n, p in trainable.items() if "lora_" not in n and n not in temporal}
+            export_spatial_weights(unfrozen, temp["weights"])
+    return list(paths.values())
 
 
 def export_spatial_lora(video: Any, path: Path, *, exclusive: bool = False) -> Path:

@@ -56,6 +56,11 @@ class Objective(ABC):
         if state:
             raise ValueError(f"the {self.name!r} objective keeps no state, but the checkpoint has {sorted(state)}")
 
+    def exported_config(self, config: dict[str, Any], step: int) -> dict[str, Any]:
+        """The training config a module file exported after ``step`` optimizer steps records (sampling reads its
+        defaults from it): the run's own, unless the objective says otherwise."""
+        return config
+
     def evaluate(self, model_fn: Any, batches: list[dict[str, Any]]) -> dict[str, float] | None:
         """Held-out figures (logged, and printed at the end of a run); ``None`` when there are none."""
         return None

@@ -306,14 +306,17 @@ class Trainer:
 
         target = self.export_path
         model = self.cfg.model
+        config = self.objective.exported_config(self.cfg_dict, self.step) | self._clip_fps()
+        paths = {"module": target} | {
+            kind: self.out / f"spatial_{kind}.safetensors"
+            for kind, trained in (("lora", model.spatial_lora_rank), ("weights", model.unfreeze))
+            if trained
+        }
         with self._ema_weights():
-            self.video.save_temporal(target, training_config=self.cfg_dict | self._clip_fps())
-            if model.spatial_lora_rank:
-                groups.export_spatial_lora(self.video, self.out / "spatial_lora.safetensors")
-            if model.unfreeze:
-                temporal = dict(self.video.named_temporal_parameters())
-                unfrozen = {n: p for n, p in self.trainable.items() if "lora_" not in n and n not in temporal}
-                groups.export_spatial_weights(unfrozen, self.out / "spatial_weights.safetensors")
+            if target.suffix != ".safetensors":  # the decoder target's folder, written by its own means
+                self.video.save_temporal(target, training_config=config)
+            else:
+                groups.write_module_files(self.video, self.trainable, paths, config)
         return target
 
     def _clip_fps(self) -> dict[str, float]:
