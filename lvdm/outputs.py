@@ -159,6 +159,10 @@ def plan_outputs(
         names = [f"{k:0{digits}d}-{_slug(prompts[k // num_videos_per_prompt])}" for k in range(count)]
         paths = [Path(text) / f"{name.rstrip('-')}{ext}" for name in names]
     _check_writable(paths[0].parent)
+    if folders := [p for p in paths if p.suffix.lower() in MEDIA_SUFFIXES and p.is_dir() and not p.is_symlink()]:
+        raise ConfigError(
+            f"{folders[0]} is a folder, which a video file cannot replace (--overwrite neither); choose another output"
+        )  # fmt: skip (it was found only after sampling)
     long = [p.name for path in paths for p in (path, sidecar_path(path)) if len(os.fsencode(p.name)) > NAME_MAX]
     if long:
         size = len(os.fsencode(long[0]))

@@ -100,3 +100,13 @@ def test_the_report_never_replaces_a_file_and_is_checked_before_the_scan(folder:
     mine.write_text("old")
     scan(data, report=mine, progress=False, overwrite=True)  # the control: asked to, it replaces the file
     assert len(mine.read_text().splitlines()) == 10
+
+
+def test_a_limit_below_one_is_refused_not_a_verdict_of_ok(folder: Path) -> None:
+    """``--limit 0`` (or -5) checked nothing and said "verdict: ok", exit 0: "training would run"."""
+    for limit in ("0", "-5"):
+        result = check(f"data.root={folder}", *CLIP, "--limit", limit, "--quiet")
+        assert result.returncode == 2 and result.stdout == "", result.stdout
+        assert result.stderr == f"error: --limit {limit}: check at least 1 file (leave it out to check them all)\n"
+    result = check(f"data.root={folder}", *CLIP, "--limit", "1", "--quiet")  # the control: one file checked
+    assert result.returncode == 1 and "verdict: too many bad files (100.0% bad" in result.stdout, result.stderr

@@ -302,7 +302,11 @@ def test_the_upscale_command_keeps_length_and_rate_and_refuses_mistakes(upscaler
     assert json.loads(passes.with_name("passes.mp4.json").read_text())["upscale"]["norm_passes"] == 2
     capsys.readouterr()
     wide = write_clip(tmp_path / "wide.mp4", num_frames=2, size=(2064, 16))
-    for args, message in (
+    fast = write_video(frames, tmp_path / "fast.mp4", fps=240)
+    (tmp_path / "folder.mp4").mkdir()
+    for args, message in (  # the last two were refused only after the upscale had run
+        ([str(fast), *base, "--out", str(tmp_path / "y.gif")], "runs at 240 fps, and a GIF stores delays"),
+        ([str(source), *base, "--out", str(tmp_path / "folder.mp4"), "--overwrite"], "folder.mp4 is a folder"),
         ([str(source), *base, "--out", str(out)], "already exists"),
         ([str(tmp_path / "nope.mp4"), *base, "--out", str(tmp_path / "a.mp4")], "does not exist or is not a file"),
         ([str(source), *base, "--out", str(tmp_path / "b.mp4"), "--noise-level", "400"], "noise_level must be"),

@@ -135,6 +135,8 @@ def main(argv: list[str]) -> int:
     parser.add_argument("--overwrite", action="store_true", help="replace an existing --report file")
     parser.add_argument("--quiet", action="store_true", help="no progress bar")
     args = parser.parse_args(rest)
+    if args.limit is not None and args.limit < 1:  # 0 checked nothing and said "verdict: ok", exit 0
+        raise ConfigError(f"--limit {args.limit}: check at least 1 file (leave it out to check them all)")
     cfg = load_config(args.config, overrides, schema=CheckConfig)
     result = scan(cfg.data, limit=args.limit, report=args.report, progress=not args.quiet, overwrite=args.overwrite)
     print(summary(result, cfg.data.max_bad_fraction))
