@@ -549,6 +549,26 @@ def test_sigterm_stops_resumably_with_its_own_exit_code_and_skips_sampling(tiny_
     assert list_checkpoints(out / "checkpoints") and not (out / "samples").exists()
 
 
+def test_a_refused_resume_leaves_no_new_folder_behind(trained, tiny_assets, tmp_path):
+    """train.resume= a file, another config's checkpoint or a folder that is not a checkpoint: each was refused
+    but left a new, empty output_dir (with a tensorboard/ folder, for the changed config); the last one said
+    "incomplete: COMPLETE is missing (interrupted save?)". The control: the run's own checkpoint resumes there."""
+    checkpoint = trained / "checkpoints" / "checkpoint-00000002"
+    (tmp_path / "a_file").write_text("mine")
+    cases = [
+        (tmp_path / "a_file", {}, "not found"),
+        (checkpoint, {"data.num_frames": 6}, "data.num_frames"),
+        (trained, {}, "is not a checkpoint folder (no COMPLETE, no metadata.json)"),
+    ]
+    for resume, extra, message in cases:
+        out = tmp_path / "new_run"
+        result = cli(*train_args(tiny_assets, out, **{"train.resume": resume, "train.max_steps": 3, **extra}))
+        assert result.returncode != 0 and message in result.stderr, result.stderr[-2000:]
+        assert not out.exists(), sorted(p.name for p in out.rglob("*"))
+    result = cli(*train_args(tiny_assets, tmp_path / "new_run", **{"train.resume": checkpoint, "train.max_steps": 3}))
+    assert result.returncode == 0 and (tmp_path / "new_run" / "temporal.safetensors").exists(), result.stderr[-2000:]
+
+
 SIGTERM_MID_WRITE = """
 import os, signal, sys, time
 from lvdm.cli import run_cli

@@ -126,6 +126,9 @@ def find_checkpoint(root: str | os.PathLike, which: str | os.PathLike = "latest"
         choices = ", ".join(repr(name) for name in SELECTORS)
         raise CheckpointError(f"checkpoint {path} not found (give a checkpoint folder or one of {choices})")
     if not (path / MARKER).is_file():
+        if not (path / "metadata.json").exists():  # an exported decoder folder, a run folder, a user's folder
+            raise CheckpointError(f"{path} is not a checkpoint folder (no {MARKER}, no metadata.json); give one of "
+                                  "<output_dir>/checkpoints/checkpoint-<step>")  # fmt: skip
         raise CheckpointError(f"checkpoint {path} is incomplete: {path / MARKER} is missing (interrupted save?)")
     return path
 

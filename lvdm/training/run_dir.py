@@ -30,12 +30,14 @@ The lock and the marker's reading and writing are in :mod:`lvdm.training.run_loc
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import re
 import shutil
 import time
 import uuid
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
@@ -103,28 +105,42 @@ def checkpoint_root(output_dir: Path) -> Path:
 # ---------------------------------------------------------------------------------------------- preparing
 
 
-def prepare_output_dir(output_dir: Path, *, resume: str | None, overwrite: bool) -> None:
+def prepare_output_dir(
+    output_dir: Path, *, resume: str | None, overwrite: bool, check_resume: Callable[[Path], None] | None = None
+) -> None:
     """Make ``output_dir`` ready for this run; called on the main process only, before any model is loaded.
 
     Refuses dangerous folders, checks it is writable, takes the run lock (held until :func:`release_run` or
     process exit), removes stray temporary files, recovers interrupted checkpoint saves, and then either checks
-    the checkpoint to resume from (cutting ``log.jsonl`` back to its step) or clears a previous run of lvdm's own.
+    the checkpoint to resume from (``check_resume(checkpoint)``, then cutting ``log.jsonl`` back to its step) or
+    clears a previous run of lvdm's own. A refused run leaves no folder it made behind (an empty one was left).
     """
     output_dir = Path(output_dir)
+    made = not os.path.lexists(output_dir)
     refuse_special_folder(output_dir)
-    check_writable(output_dir)
-    lock_run(output_dir)
     try:
-        _prepare_locked(output_dir, resume=resume, overwrite=overwrite)
+        check_writable(output_dir)
+        lock_run(output_dir)
+        try:
+            _prepare_locked(output_dir, resume=resume, overwrite=overwrite, check_resume=check_resume)
+        except BaseException:
+            release_run(output_dir, refused=True)
+            raise
     except BaseException:
-        release_run(output_dir, refused=True)
+        if made:  # this call made it, and rmdir removes only an empty folder
+            with contextlib.suppress(OSError):
+                output_dir.rmdir()
         raise
 
 
-def _prepare_locked(output_dir: Path, *, resume: str | None, overwrite: bool) -> None:
+def _prepare_locked(
+    output_dir: Path, *, resume: str | None, overwrite: bool, check_resume: Callable[[Path], None] | None
+) -> None:
     if (output_dir / RUN_MARKER).exists() or resume is not None:
         _tidy(output_dir)  # renames and deletes only lvdm's temporary names; a user's folder is refused untouched
     found = resolve_resume(output_dir, resume)
+    if found is not None and check_resume is not None:
+        check_resume(found)  # before anything is written there
     if found is not None:
         dropped = truncate_log(output_dir / "log.jsonl", checkpoint_step(found))
         if dropped:

@@ -35,7 +35,7 @@ from lvdm.config import Config, check_machine, config_to_dict, save_config
 from lvdm.errors import CheckpointError, DataError, LvdmError
 from lvdm.sampling_settings import training_fps
 from lvdm.training import run_dir, run_lock
-from lvdm.training.checkpoint import load_checkpoint, save_checkpoint
+from lvdm.training.checkpoint import load_checkpoint, save_checkpoint, verify_checkpoint
 from lvdm.training.ema import EMA
 from lvdm.training.logs import RunLog
 from lvdm.training.objectives import make_objective
@@ -84,9 +84,18 @@ class Trainer:
     def _prepare_output_dir(self) -> Path | None:
         resume, overwrite = self.cfg.train.resume, self.cfg.train.overwrite
         if self.acc.is_main_process:
-            run_dir.prepare_output_dir(self.out, resume=resume, overwrite=overwrite)
+            run_dir.prepare_output_dir(self.out, resume=resume, overwrite=overwrite, check_resume=self._resumable)
         self.acc.wait_for_everyone()
         return run_dir.resolve_resume(self.out, resume)
+
+    def _resumable(self, checkpoint: Path) -> None:
+        """A checkpoint of another config (target, base, sizes) is refused before the run folder or any model is
+        touched (it was refused after both: a new output_dir was left with its TensorBoard folder)."""
+        metadata = verify_checkpoint(checkpoint)
+        run_dir.compare_on_resume(
+            metadata.get("config", {}) | {"world_size": metadata.get("world_size")},
+            config_to_dict(self.cfg) | {"world_size": self.acc.num_processes},
+        )
 
     def _build(self) -> None:
         from accelerate.utils import set_seed
@@ -348,11 +357,7 @@ class Trainer:
                     params[name].copy_(value)
 
     def _restore(self, path: Path) -> None:
-        parts, metadata = load_checkpoint(path)
-        run_dir.compare_on_resume(
-            metadata.get("config", {}) | {"world_size": metadata.get("world_size")},
-            self.cfg_dict | {"world_size": self.acc.num_processes},
-        )
+        parts, metadata = load_checkpoint(path)  # its config was compared with this run's before (_resumable)
         needed = ["trainable", "optimizer", "lr_schedule", "rng", "trainer"] + (["ema"] if self.ema else [])
         needed += ["scaler"] if self.acc.scaler is not None else []
         missing = [name for name in needed if name not in parts]
