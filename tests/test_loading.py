@@ -189,3 +189,30 @@ def test_a_lora_with_layers_the_base_lacks_warns_how_many_were_ignored(files, tm
     with warnings.catch_warnings():
         warnings.simplefilter("error", UserWarning)
         load_base(files["b"], loras=[str(files[kind])], **base_config)
+
+
+def test_parts_that_load_without_a_word_and_fail_later_are_refused_at_load(files, tiny_assets, tmp_path):
+    """A tokenizer without its config (an OverflowError at the first prompt), a VAE class model_index.json names
+    that its weights are not of (a meta-tensor RuntimeError), an upscaler's max_noise_level out of its schedule
+    (blamed on the user's --noise-level): each a one-line CheckpointError when the folder loads."""
+    import json
+    import shutil
+
+    no_config = shutil.copytree(files["a"], tmp_path / "no_config")
+    (no_config / "tokenizer" / "tokenizer_config.json").unlink()
+    other_vae = shutil.copytree(files["a"], tmp_path / "other_vae")
+    index = json.loads((other_vae / "model_index.json").read_text())
+    (other_vae / "model_index.json").write_text(json.dumps(index | {"vae": ["diffusers", "AutoencoderTiny"]}))
+    for folder, message in ((no_config, "its tokenizer has no usable model_max_length"),
+                            (other_vae, r"was not in its files \(does model_index.json name the class")):  # fmt: skip
+        with pytest.raises(CheckpointError, match=message):
+            load_base(folder)
+    upscaler = shutil.copytree(tiny_assets["upscaler"], tmp_path / "x4")
+    index = json.loads((upscaler / "model_index.json").read_text())
+    for most in (-5, 0, 10**30):
+        (upscaler / "model_index.json").write_text(json.dumps(index | {"max_noise_level": most}))
+        with pytest.raises(CheckpointError, match=f"max_noise_level {most} must be a whole number in 1 .. 999"):
+            load_base(upscaler)
+    (upscaler / "model_index.json").write_text(json.dumps(index))
+    assert load_base(upscaler).max_noise_level == index["max_noise_level"]  # the control: the folder as made
+    assert load_base(files["a"]).tokenizer.model_max_length == 77

@@ -167,6 +167,7 @@ def load_base(
         _replace_weights(pipe.unet, Path(spatial_weights))
     for name in ("unet", "vae", "text_encoder"):
         _check_finite(getattr(pipe, name), f"{path} ({name})")
+    _check_parts(pipe, path)
     base = BaseModel(pipe.unet, pipe.vae, pipe.text_encoder, pipe.tokenizer, pipe.scheduler, str(path), specs)
     if hasattr(pipe, "low_res_scheduler"):
         base.low_res_scheduler = pipe.low_res_scheduler
@@ -319,14 +320,18 @@ def _replace_weights(unet: torch.nn.Module, path: Path) -> None:
 
 @contextmanager
 def _no_loading_bars() -> Iterator[None]:
-    """diffusers' per-component loading bar, off while lvdm loads (its own progress is what users watch)."""
+    """diffusers' per-component loading bar, off while lvdm loads (its own progress is what users watch), and its
+    error log too: a folder it cannot load becomes lvdm's one line, which its "An error occurred while trying to
+    fetch ..." line preceded."""
     from diffusers.utils import logging as diffusers_logging
 
-    enabled = diffusers_logging.is_progress_bar_enabled()
+    enabled, level = diffusers_logging.is_progress_bar_enabled(), diffusers_logging.get_verbosity()
     diffusers_logging.disable_progress_bar()
+    diffusers_logging.set_verbosity(max(level, diffusers_logging.CRITICAL))
     try:
         yield
     finally:
+        diffusers_logging.set_verbosity(level)
         if enabled:
             diffusers_logging.enable_progress_bar()
 
@@ -344,8 +349,29 @@ def _is_lvdm_file(path: Path) -> bool:
 
 def _check_finite(module: torch.nn.Module, what: str) -> None:
     for name, param in module.named_parameters():
+        if param.is_meta:  # a class model_index.json names whose weights are not in the folder: a traceback here
+            raise CheckpointError(f"{what}: weight {name!r} was not in its files (does model_index.json name the "
+                                  "class those weights are of?)")  # fmt: skip
         if param.is_floating_point() and not torch.isfinite(param).all():
             raise CheckpointError(f"{what}: weight {name!r} holds NaN or infinite values")
+
+
+MAX_TOKENS = 4096  # a CLIP text encoder reads 77; a tokenizer without its config says about 1e30
+
+
+def _check_parts(pipe: Any, path: Path) -> None:
+    """What diffusers loads without a word and fails on later: a tokenizer without a usable length (its
+    tokenizer_config.json missing: an OverflowError at the first prompt), an upscaler's noise-level maximum out
+    of its schedule (blamed on the user's noise level)."""
+    length = getattr(pipe.tokenizer, "model_max_length", None)
+    if type(length) is not int or not 1 <= length <= MAX_TOKENS:
+        raise CheckpointError(f"{path}: its tokenizer has no usable model_max_length ({length!r}); is "
+                              "tokenizer/tokenizer_config.json missing?")  # fmt: skip
+    if hasattr(pipe, "low_res_scheduler"):
+        most, steps = pipe.config.get("max_noise_level"), pipe.low_res_scheduler.config.num_train_timesteps
+        if type(most) is not int or not 0 < most < steps:
+            raise CheckpointError(f"{path}: model_index.json's max_noise_level {most!r} must be a whole number in "
+                                  f"1 .. {steps - 1} (its low-res noise schedule's)")  # fmt: skip
 
 
 _LORA_DOWN = (".lora_down.weight", ".lora_A.weight", ".lora.down.weight", "_lora.down.weight")
