@@ -4,6 +4,7 @@ the key it is about)."""
 
 from __future__ import annotations
 
+import dataclasses
 import os
 from typing import TYPE_CHECKING
 
@@ -15,8 +16,23 @@ def target_problems(cfg: Config) -> list[str]:
     """Every rule below, in order."""
     return (
         _task_problems(cfg) + _decoder_problems(cfg) + _upscale_problems(cfg) + _motion_module_problems(cfg)
-        + _distill_problems(cfg) + _student_problems(cfg)
+        + _distill_problems(cfg) + _student_problems(cfg) + _other_target_problems(cfg)
     )  # fmt: skip
+
+
+def _other_target_problems(cfg: Config) -> list[str]:
+    """An option of another target's (its help says "decoder target: ...") set away from its default: it was
+    ignored without a word (``train.distill_from=16`` on a text-to-video run)."""
+    problems = []
+    for field in dataclasses.fields(cfg.train):
+        owner = field.metadata.get("help", "").partition(" target: ")[0]
+        if owner not in ("decoder", "upscale", "distill") or owner == cfg.train.target:
+            continue
+        default = field.default if field.default is not dataclasses.MISSING else field.default_factory()
+        if getattr(cfg.train, field.name) != default:
+            problems.append(f"train.{field.name}: the {owner} target's option; train.target={cfg.train.target} has "
+                            "no use for it: drop it")  # fmt: skip
+    return problems
 
 
 TASKS = ("text", "predict", "interpolate", "interpolate_fine")
@@ -35,8 +51,6 @@ def _motion_module_problems(cfg: Config) -> list[str]:
 def _decoder_problems(cfg: Config) -> list[str]:
     """What the decoder target cannot combine with: it trains the VAE decoder on clips, and nothing of the UNet."""
     if cfg.train.target != "decoder":
-        if cfg.train.perceptual_weight:
-            return [f"train.perceptual_weight: the decoder target's loss; train.target={cfg.train.target} has none"]
         return []
     m = cfg.model
     unet_parts = {

@@ -177,7 +177,7 @@ def test_a_number_too_long_to_read_is_a_problem_not_a_traceback(tmp_path: Path) 
     for files, overrides in (([tmp_path / "big.yaml"], MINIMAL), ([], [*MINIMAL, f"train.lr={'9' * 5000}"])):
         (problem,) = problems_of(files, overrides)
         assert "a value cannot be read (Exceeds the limit (4300 digits) for integer string conversion)" in problem
-    assert load_config([], [*MINIMAL, f"train.lr={'9' * 300}"]).train.lr == float("9" * 300)  # the control
+    assert load_config([], [*MINIMAL, f"model.mix_factor={'9' * 300}"]).model.mix_factor == float("9" * 300)  # read
 
 
 def test_an_output_dir_inside_a_clip_folder_or_looping_is_refused(tmp_path: Path) -> None:
@@ -216,6 +216,19 @@ def test_an_empty_path_or_a_base_config_for_a_folder_base_is_a_problem(tmp_path:
         "architecture: leave base_config out"
     ]
     load_config([], [f"model.base={folder / 'b.safetensors'}", "data.root=clips", f"model.base_config={folder}"])
+
+
+def test_an_option_of_another_target_is_a_problem_not_ignored() -> None:
+    """``train.distill_from=16`` on a text-to-video run (and the like) was ignored without a word."""
+    assert problems_of([], [*MINIMAL, "train.distill_from=16", "train.upscale_patch=8"]) == [
+        "train.upscale_patch: the upscale target's option; train.target=denoise has no use for it: drop it",
+        "train.distill_from: the distill target's option; train.target=denoise has no use for it: drop it",
+    ]
+    assert problems_of([], [*MINIMAL, "train.target=upscale", "train.decoder_layers=all"]) == [
+        "train.decoder_layers: the decoder target's option; train.target=upscale has no use for it: drop it"
+    ]
+    load_config([], [*MINIMAL, "train.target=upscale", "train.upscale_patch=32"])  # the control: its own option
+    load_config([], [*MINIMAL, "train.distill_from=64"])  # ... and another's at its default
 
 
 def test_literal_problems_list_the_allowed_values() -> None:
@@ -471,7 +484,7 @@ def test_describe_config_lists_every_key_with_type_default_and_help() -> None:
     text = describe_config()
     lines = text.splitlines()
     assert "model.base: str (required)" in lines
-    assert "train.lr: float = 0.0001 (> 0)" in lines
+    assert "train.lr: float = 0.0001 (<= 10, > 0)" in lines
     assert "train.caption_dropout: float = 0.1 (>= 0, <= 1)" in lines
     assert "model.layout: one of 'videoldm', 'attention_only', 'conv_only', 'animatediff' = videoldm" in lines
     assert "data.sources[i].kind: one of 'folder', 'webvid', 'manifest', 'images' (required)" in lines
