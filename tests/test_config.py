@@ -580,3 +580,14 @@ def test_out_of_range_seeds_and_steps_are_refused_by_the_config_check():
         with pytest.raises(ConfigError, match=key):
             load_config([], [*base, override])
     assert load_config([], [*base, "train.seed=4294967295", "train.max_steps=99999999"]).train.seed == 2**32 - 1
+
+
+def test_a_flood_of_problems_lists_the_first_forty(tmp_path: Path) -> None:
+    """A 2000-link interpolation chain printed 1941 lines of RecursionError, one per key."""
+    chain = "\n".join(f"  k{i}: ${{x.k{i + 1}}}" for i in range(300))
+    path = write(tmp_path / "chain.yaml", f"x:\n{chain}\n  k300: 1\n")
+    with pytest.raises(ConfigError) as info:
+        load_config([path], MINIMAL)
+    lines = str(info.value).splitlines()
+    assert len(info.value.problems) > 40 and len(lines) == 42, lines[:3]
+    assert lines[-1] == f"  ... and {len(info.value.problems) - 40} more"

@@ -249,11 +249,17 @@ def _build(cls: type[T], data: Any, path: str, problems: list[str]) -> T | _Sent
     return instance
 
 
+MAX_LISTED = 40  # problems printed; a 2000-link interpolation chain printed 1941 lines
+
+
 def _raise_problems(problems: list[str]) -> None:
-    """One :class:`ConfigError` listing every problem, one per line (also kept as ``error.problems``)."""
+    """One :class:`ConfigError` listing every problem, one per line, the first :data:`MAX_LISTED` of a flood
+    (all are kept as ``error.problems``)."""
     if not problems:
         return
     count = f"{len(problems)} problem{'s' if len(problems) > 1 else ''}"
-    error = ConfigError(f"invalid config ({count}):\n" + "\n".join(f"  {problem}" for problem in problems))
+    listed = [f"  {problem}" for problem in problems[:MAX_LISTED]]
+    listed += [f"  ... and {len(problems) - MAX_LISTED} more"] if len(problems) > MAX_LISTED else []
+    error = ConfigError(f"invalid config ({count}):\n" + "\n".join(listed))
     error.problems = list(problems)
     raise error
