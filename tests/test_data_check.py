@@ -110,3 +110,16 @@ def test_a_limit_below_one_is_refused_not_a_verdict_of_ok(folder: Path) -> None:
         assert result.stderr == f"error: --limit {limit}: check at least 1 file (leave it out to check them all)\n"
     result = check(f"data.root={folder}", *CLIP, "--limit", "1", "--quiet")  # the control: one file checked
     assert result.returncode == 1 and "verdict: too many bad files (100.0% bad" in result.stdout, result.stderr
+
+
+def test_a_listing_that_is_a_fifo_or_a_device_is_named_as_such(tmp_path: Path) -> None:
+    """It was said not to exist."""
+    os.mkfifo(tmp_path / "fifo.jsonl")
+    (tmp_path / "zero.csv").symlink_to("/dev/zero")
+    for name in ("fifo.jsonl", "zero.csv"):
+        result = check(f"data.manifest={tmp_path / name}", *CLIP, "--quiet")
+        assert result.returncode == 1 and result.stderr == (
+            f"error: data listing {tmp_path / name} is not a regular file (a FIFO, device or folder)\n"
+        ), result.stderr
+    result = check(f"data.manifest={tmp_path / 'none.csv'}", *CLIP, "--quiet")  # the control: missing is missing
+    assert result.stderr == f"error: data listing {tmp_path / 'none.csv'} does not exist\n"

@@ -196,7 +196,8 @@ def _existing_dir(path: str | os.PathLike) -> Path:
 def _existing_file(path: str | os.PathLike) -> Path:
     path = Path(path)
     if not path.is_file():
-        raise DataError(f"data listing {path} does not exist")
+        what = "is not a regular file (a FIFO, device or folder)" if path.exists() else "does not exist"
+        raise DataError(f"data listing {path} {what}")  # a FIFO or /dev/zero link was said not to exist
     return path
 
 
