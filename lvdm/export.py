@@ -101,6 +101,11 @@ def _build(config: dict[str, Any], base: Any, base_config: Any) -> tuple[Any, di
 
     model = config["model"] | {"attention_backend": "sdpa", "gradient_checkpointing": False}  # no effect on weights
     model |= {"base": str(base)} if base is not None else {}
+    recorded = str(model.get("base", ""))
+    if base is None and recorded and not Path(recorded).exists():  # it said only "does not exist"
+        where = "relative to the folder training ran in" if not Path(recorded).is_absolute() else "since moved?"
+        raise ConfigError(f"the checkpoint's model.base {recorded} does not exist here ({where}); give the base "
+                          "with --base")  # fmt: skip
     model |= {"base_config": str(base_config)} if base_config is not None else {}
     cfg = config_from_dict(config | {"model": model, "data": config["data"] | {"cache": None}})
     video, _, trainable = build_model(cfg, torch.device("cpu"), "no")

@@ -235,3 +235,20 @@ def test_a_single_file_base_exports_with_its_base_config(run, tiny_assets, tmp_p
     assert code == 0, capsys.readouterr().err
     exported, trained = load_file(out), load_file(run / "temporal.safetensors")
     assert exported.keys() == trained.keys() and all(torch.equal(exported[k], trained[k]) for k in trained)
+
+
+def test_a_base_recorded_relative_to_another_folder_says_to_give_base(tiny_assets, tmp_path, monkeypatch, capsys):
+    """A run trained with a relative model.base, exported from another folder: "base model ... does not exist"."""
+    import os
+
+    monkeypatch.chdir(tiny_assets["base"].parent)
+    out = tmp_path / "run"
+    extra = {"model.base": tiny_assets["base"].name, "train.max_steps": 1, "train.checkpoint_every": 1}
+    train(load_config([], tiny_overrides(tiny_assets, out, **extra)), progress=False)
+    monkeypatch.chdir(tmp_path)
+    assert not os.path.exists(tiny_assets["base"].name)
+    assert run_cli(main, [str(checkpoint(out, 1)), str(tmp_path / "m.safetensors")]) == 2
+    err = capsys.readouterr().err
+    assert f"model.base {tiny_assets['base'].name} does not exist here (relative to the folder training ran in)" in err
+    control = [str(checkpoint(out, 1)), str(tmp_path / "m.safetensors"), "--base", str(tiny_assets["base"])]
+    assert run_cli(main, control) == 0
