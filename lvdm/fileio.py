@@ -77,7 +77,8 @@ def atomic_paths(
             if same_file(path, stamp):
                 with contextlib.suppress(OSError):
                     path.unlink()
-        failure = write_failure(current, exc) if isinstance(exc, (OSError, SafetensorError)) else exc
+        own = isinstance(exc, OutputWriteError)  # already one line naming the output (an OSError too)
+        failure = write_failure(current, exc) if isinstance(exc, (OSError, SafetensorError)) and not own else exc
         if failure is exc:
             raise
         raise failure from exc
@@ -106,7 +107,7 @@ def atomic_folder(path: str | os.PathLike) -> Iterator[Path]:
             os.chmod(item, (0o777 if item.is_dir() else 0o666) & ~mask)
         os.replace(temp, path)
     except (OSError, SafetensorError) as exc:
-        failure = write_failure(path, exc)
+        failure = exc if isinstance(exc, OutputWriteError) else write_failure(path, exc)
         if failure is exc:
             raise
         raise failure from exc

@@ -533,3 +533,23 @@ def test_a_damaged_marker_does_not_make_lvdms_own_files_foreign(tmp_path: Path) 
     (folder / "notes.txt").write_text("mine")
     with pytest.raises(CheckpointError, match=r"there \(notes.txt\);"):
         save_checkpoint(tmp_path, 5, _small(5))
+
+
+def test_a_write_failing_inside_files_written_together_is_one_line_naming_the_output(tmp_path: Path) -> None:
+    """A writer's own atomic write to the temporary name of atomic_paths (export's module and LoRA) failed as
+    "could not write X: could not write X: ..." once the two wrappings met; and what was there stays."""
+    import errno
+
+    from lvdm.errors import OutputWriteError
+    from lvdm.fileio import atomic_path, atomic_paths
+
+    module, lora = tmp_path / "m.safetensors", tmp_path / "m_spatial_lora.safetensors"
+    lora.write_bytes(b"version 1")
+    with pytest.raises(OutputWriteError) as caught:
+        with atomic_paths([module, lora], keep_suffix=True) as (first, second):
+            first.write_bytes(b"module")
+            with atomic_path(second) as inner:
+                raise OSError(errno.ENOSPC, "No space left on device", str(inner))
+    assert str(caught.value).startswith(f"could not write {lora}: No space left on device (")
+    assert str(caught.value).count("could not write") == 1
+    assert sorted(p.name for p in tmp_path.iterdir()) == [lora.name] and lora.read_bytes() == b"version 1"
