@@ -254,7 +254,9 @@ def _open_shard(path: Path) -> Iterator[tuple[Any, list[dict[str, Any]]]]:
         if not isinstance(rows, list) or not all(isinstance(row, dict) and type(row.get("index")) is int
                                                  for row in rows):  # fmt: skip
             raise ValueError("its sample rows are not lvdm's")
-    except (OSError, ValueError, KeyError, TypeError, RecursionError, SafetensorError) as exc:
+    except OSError:
+        raise  # one the user may not read, say: its reason and the path, not "rebuild it"
+    except (ValueError, KeyError, TypeError, RecursionError, SafetensorError) as exc:
         raise DataError(f"latent cache shard {path} is damaged ({exc}); {again}") from exc
     with handle:
         yield handle, rows
