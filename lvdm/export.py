@@ -114,10 +114,11 @@ def _build(config: dict[str, Any], base: Any, base_config: Any) -> tuple[Any, di
 
 def _outputs(out: Path, config: dict[str, Any]) -> dict[str, Path]:
     """The files an export of a run with ``config`` writes, by kind: the ``module`` at ``out``, and beside it the
-    spatial parts trained (``lora``, ``weights``)."""
-    lora, weights = config["model"].get("spatial_lora_rank"), config["model"].get("unfreeze")
-    return {"module": out} | {kind: out.with_name(f"{out.stem}_spatial_{kind}.safetensors") for kind, trained in
-                              (("lora", lora), ("weights", weights)) if trained}  # fmt: skip
+    spatial parts trained (``OUT_spatial_lora.safetensors``, ``OUT_spatial_weights.safetensors``)."""
+    from lvdm.training.groups import module_file_paths
+
+    model = config["model"]
+    return module_file_paths(out, model.get("spatial_lora_rank"), model.get("unfreeze"), prefix=f"{out.stem}_")
 
 
 def main(argv: list[str]) -> int:

@@ -59,6 +59,15 @@ def unfreeze_blocks(video: Any, prefixes: list[str]) -> dict[str, torch.nn.Param
     return chosen
 
 
+def module_file_paths(module: Path, spatial_lora_rank: Any, unfreeze: Any, *, prefix: str) -> dict[str, Path]:
+    """The files a module exports, by kind: ``module``, and beside it ``lora`` and ``weights`` where a spatial LoRA
+    or unfrozen blocks trained (``<prefix>spatial_lora.safetensors``: a run folder's, or ``OUT_``'s)."""
+    trained = {"lora": spatial_lora_rank, "weights": unfreeze}
+    return {"module": module} | {
+        kind: module.with_name(f"{prefix}spatial_{kind}.safetensors") for kind, on in trained.items() if on
+    }
+
+
 def write_module_files(
     video: Any, trainable: dict[str, Any], paths: dict[str, Path], training_config: dict[str, Any], *,
     exclusive: bool = False,

@@ -37,7 +37,6 @@ import re
 import shutil
 import time
 import uuid
-from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
@@ -106,13 +105,14 @@ def checkpoint_root(output_dir: Path) -> Path:
 
 
 def prepare_output_dir(
-    output_dir: Path, *, resume: str | None, overwrite: bool, check_resume: Callable[[Path], None] | None = None
+    output_dir: Path, *, resume: str | None, overwrite: bool, config: dict[str, Any] | None = None
 ) -> None:
     """Make ``output_dir`` ready for this run; called on the main process only, before any model is loaded.
 
     Refuses dangerous folders, checks it is writable, takes the run lock (held until :func:`release_run` or
     process exit), removes stray temporary files, recovers interrupted checkpoint saves, and then either checks
-    the checkpoint to resume from (``check_resume(checkpoint)``, then cutting ``log.jsonl`` back to its step) or
+    the checkpoint to resume from (its config against this run's ``config``, with ``world_size``, then cutting
+    ``log.jsonl`` back to its step) or
     clears a previous run of lvdm's own. A refused run leaves no folder it made behind (an empty one was left).
     """
     output_dir = Path(output_dir)
@@ -122,7 +122,7 @@ def prepare_output_dir(
         check_writable(output_dir)
         lock_run(output_dir)
         try:
-            _prepare_locked(output_dir, resume=resume, overwrite=overwrite, check_resume=check_resume)
+            _prepare_locked(output_dir, resume=resume, overwrite=overwrite, config=config)
         except BaseException:
             release_run(output_dir, refused=True)
             raise
@@ -133,14 +133,13 @@ def prepare_output_dir(
         raise
 
 
-def _prepare_locked(
-    output_dir: Path, *, resume: str | None, overwrite: bool, check_resume: Callable[[Path], None] | None
-) -> None:
+def _prepare_locked(output_dir: Path, *, resume: str | None, overwrite: bool, config: dict[str, Any] | None) -> None:
     if (output_dir / RUN_MARKER).exists() or resume is not None:
         _tidy(output_dir)  # renames and deletes only lvdm's temporary names; a user's folder is refused untouched
     found = resolve_resume(output_dir, resume)
-    if found is not None and check_resume is not None:
-        check_resume(found)  # before anything is written there
+    if found is not None and config is not None:  # another config's checkpoint: refused before anything is written
+        metadata = verify_checkpoint(found)
+        compare_on_resume(metadata.get("config", {}) | {"world_size": metadata.get("world_size")}, config)
     if found is not None:
         dropped = truncate_log(output_dir / "log.jsonl", checkpoint_step(found))
         if dropped:

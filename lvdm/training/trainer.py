@@ -35,7 +35,7 @@ from lvdm.config import Config, check_machine, config_to_dict, save_config
 from lvdm.errors import CheckpointError, DataError, LvdmError
 from lvdm.sampling_settings import training_fps
 from lvdm.training import run_dir, run_lock
-from lvdm.training.checkpoint import load_checkpoint, save_checkpoint, verify_checkpoint
+from lvdm.training.checkpoint import load_checkpoint, save_checkpoint
 from lvdm.training.ema import EMA
 from lvdm.training.logs import RunLog
 from lvdm.training.objectives import make_objective
@@ -84,18 +84,11 @@ class Trainer:
     def _prepare_output_dir(self) -> Path | None:
         resume, overwrite = self.cfg.train.resume, self.cfg.train.overwrite
         if self.acc.is_main_process:
-            run_dir.prepare_output_dir(self.out, resume=resume, overwrite=overwrite, check_resume=self._resumable)
+            run = config_to_dict(self.cfg) | {"world_size": self.acc.num_processes}
+            # a checkpoint of another config is refused before the run folder or any model is touched
+            run_dir.prepare_output_dir(self.out, resume=resume, overwrite=overwrite, config=run)
         self.acc.wait_for_everyone()
         return run_dir.resolve_resume(self.out, resume)
-
-    def _resumable(self, checkpoint: Path) -> None:
-        """A checkpoint of another config (target, base, sizes) is refused before the run folder or any model is
-        touched (it was refused after both: a new output_dir was left with its TensorBoard folder)."""
-        metadata = verify_checkpoint(checkpoint)
-        run_dir.compare_on_resume(
-            metadata.get("config", {}) | {"world_size": metadata.get("world_size")},
-            config_to_dict(self.cfg) | {"world_size": self.acc.num_processes},
-        )
 
     def _build(self) -> None:
         from accelerate.utils import set_seed
@@ -316,11 +309,7 @@ class Trainer:
         target = self.export_path
         model = self.cfg.model
         config = self.objective.exported_config(self.cfg_dict, self.step) | self._clip_fps()
-        paths = {"module": target} | {
-            kind: self.out / f"spatial_{kind}.safetensors"
-            for kind, trained in (("lora", model.spatial_lora_rank), ("weights", model.unfreeze))
-            if trained
-        }
+        paths = groups.module_file_paths(target, model.spatial_lora_rank, model.unfreeze, prefix="")
         with self._ema_weights():
             if target.suffix != ".safetensors":  # the decoder target's folder, written by its own means
                 self.video.save_temporal(target, training_config=config)
@@ -357,7 +346,7 @@ class Trainer:
                     params[name].copy_(value)
 
     def _restore(self, path: Path) -> None:
-        parts, metadata = load_checkpoint(path)  # its config was compared with this run's before (_resumable)
+        parts, metadata = load_checkpoint(path)  # its config was compared with this run's (prepare_output_dir)
         needed = ["trainable", "optimizer", "lr_schedule", "rng", "trainer"] + (["ema"] if self.ema else [])
         needed += ["scaler"] if self.acc.scaler is not None else []
         missing = [name for name in needed if name not in parts]
