@@ -226,12 +226,11 @@ def _mend_shard(path: Path, indices: range, encode: _SampleEncoder) -> None:
     """Add to a finished shard the samples of its files that could not be read when it was written and can now
     (a clip replaced, a caption added): the shard is rewritten with them, its other samples as they were, and
     their rows leave the skip log. A file still bad is not logged again."""
-    with _open_shard(path) as (_, rows):
-        present = {row["index"] for row in rows}
-    mended = [encoded for index in indices if index not in present and (encoded := encode(index)) is not None]
-    if not mended:
-        return
     with _open_shard(path) as (handle, rows):
+        present = {row["index"] for row in rows}
+        mended = [encoded for index in indices if index not in present and (encoded := encode(index)) is not None]
+        if not mended:
+            return
         keys = [(key, key.partition(".")[0]) for key in handle.keys()]
         kept = [
             ({key: handle.get_tensor(key) for key, owner in keys if owner == str(row["index"])}, row) for row in rows
