@@ -290,6 +290,7 @@ def _plan(
     args: argparse.Namespace, meta: dict[str, Any] | None
 ) -> tuple[list[str], dict[str, Any], SamplingSettings, list[Path]]:
     """The prompts, the settings given and checked, and the output paths: every mistake found before loading."""
+    from lvdm.media import gif_rate_problem
     from lvdm.pipeline import plan_outputs, read_prompts, sampling_settings
     from lvdm.pipeline_sampling import check_base_noise_seed, negatives_for
     from lvdm.sampling_settings import MAX_SIDE
@@ -305,8 +306,8 @@ def _plan(
     _check_context(args, checked.image_mode)
     check_base_noise_seed(args.base_noise_seed, checked.noise_prior)
     gif = Path(args.out).suffix.lower() == ".gif" or args.format == "gif"
-    if gif and checked.fps is not None and checked.fps > 100:  # refused by the writer, after the sampling, before
-        raise ConfigError(f"--fps {checked.fps:g}: a GIF stores delays in whole centiseconds, so at most 100 fps")
+    if gif and (problem := gif_rate_problem(checked.fps)):  # refused by the writer, after the sampling, before
+        raise ConfigError(f"--fps {checked.fps:g}: {problem}")
     paths = plan_outputs(
         args.out, prompts, num_videos_per_prompt=checked.num_videos_per_prompt, format=args.format or "mp4",
         overwrite=args.overwrite,

@@ -98,6 +98,17 @@ def _gif_durations(count: int, rate: Fraction) -> list[int]:
     return [10 * (end - start) for start, end in zip([0, *ends[:-1]], ends, strict=True)]
 
 
+MAX_GIF_FPS = 100  # a GIF's delays are whole centiseconds
+
+
+def gif_rate_problem(fps: float | None) -> str | None:
+    """Why a GIF cannot play at ``fps`` (above :data:`MAX_GIF_FPS`), or None: for checks made before the frames
+    are made (the writer refuses it only then)."""
+    if fps is not None and fps > MAX_GIF_FPS:
+        return f"a GIF stores delays in whole centiseconds, so at most {MAX_GIF_FPS} fps"
+    return None
+
+
 def write_gif(
     frames: Frames, path: str | os.PathLike, *, fps: float | Fraction = 8.0, loop: int = 0, exclusive: bool = False
 ) -> Path:

@@ -118,6 +118,7 @@ def upscale_files(
 def main(argv: list[str]) -> int:
     args = build_parser().parse_args(argv)
     from lvdm.cli import device_and_dtype
+    from lvdm.media import gif_rate_problem
     from lvdm.outputs import plan_outputs
     from lvdm.upscale_pipeline import UpscalePipeline, probe_low_res
 
@@ -125,9 +126,8 @@ def main(argv: list[str]) -> int:
     settings = upscale_settings(args, args.upscaler)  # its checks, against the upscaler's limits, before it loads
     if Path(args.out).suffix.lower() not in (".mp4", ".gif"):
         raise ConfigError(f"--out {args.out}: give a .mp4 or .gif file")
-    if Path(args.out).suffix.lower() == ".gif" and info.fps and info.fps > 100:  # refused by the writer, after it
-        raise ConfigError(f"{args.video} runs at {info.fps:g} fps, and a GIF stores delays in whole centiseconds "
-                          "(at most 100 fps): write a .mp4")  # fmt: skip
+    if Path(args.out).suffix.lower() == ".gif" and (problem := gif_rate_problem(info.fps)):  # found after, before
+        raise ConfigError(f"{args.video} runs at {info.fps:g} fps, and {problem}: write a .mp4")
     path = plan_outputs(args.out, [args.prompt], overwrite=args.overwrite)[0]
     device, dtype = device_and_dtype(args.device, args.dtype)
     pipe = UpscalePipeline.from_pretrained(
