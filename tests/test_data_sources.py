@@ -184,6 +184,12 @@ def test_listing_rows_with_nul_bytes_or_oversized_fields_are_bad_samples_not_cra
     problems = [entry.problem for entry in entries]
     assert problems[0] is None and problems[-1] is None and entries[-1].path.name == "e.mp4"
     assert "NUL byte" in problems[1] and "unreadable CSV row" in problems[2]
+    (tmp_path / "one.csv").write_text(f'video,caption\nd.mp4,"{"x" * (2 << 20)}"\n', encoding="utf-8")
+    (only,) = manifest_source(tmp_path / "one.csv")  # said "has no 'video' or 'path' column"
+    assert "unreadable CSV row" in only.problem
+    (tmp_path / "none.csv").write_text(f'clip,caption\nd.mp4,"{"x" * (2 << 20)}"\ne.mp4,fine\n', encoding="utf-8")
+    with pytest.raises(DataError, match="has no 'video' or 'path' column"):  # the control: readable rows still judged
+        manifest_source(tmp_path / "none.csv")
 
 
 def test_folder_symlinks_out_of_the_root_are_skipped_unless_allowed(tmp_path):

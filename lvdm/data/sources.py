@@ -224,7 +224,7 @@ def _csv_rows(text: str, delimiter: str) -> list[dict]:
             except StopIteration:
                 break
             except csv.Error as exc:
-                rows.append({_PROBLEM: f"row {len(rows) + 1}: unreadable CSV row ({exc})"})
+                rows.append({_PROBLEM: f"unreadable CSV row: row {len(rows) + 1}, {exc}"})  # grouped as one kind
                 continue
             rows.append(row)
     finally:
@@ -243,9 +243,14 @@ def _json_row(path: Path, number: int, line: str) -> dict:
 
 
 def _require_columns(path: Path, rows: list[dict], groups: list[tuple[str, ...]]) -> None:
+    """The listing's columns judged on its first 100 readable rows; rows that could not be read say why as bad
+    samples (a listing whose every row is unreadable is an all-bad dataset, not one without a 'video' column)."""
     if not rows:
         raise DataError(f"data listing {path} has no rows")
-    columns = set().union(*(row.keys() for row in rows[:100]))
+    readable = [row for row in rows if _PROBLEM not in row][:100]
+    if not readable:
+        return
+    columns = set().union(*(row.keys() for row in readable))
     for group in groups:
         if not columns & set(group):
             raise DataError(f"data listing {path} has no {' or '.join(repr(c) for c in group)} column")
