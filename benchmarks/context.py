@@ -15,9 +15,8 @@ from __future__ import annotations
 from typing import Any
 
 import torch
-from torch import nn
 
-from benchmarks.harness import Size, make_optimizer, time_round_robin
+from benchmarks.harness import Size, temporal_step, time_round_robin
 from benchmarks.report import target
 
 
@@ -35,18 +34,6 @@ def _models(size: Size, device: torch.device) -> tuple[Any, Any]:
     context.freeze_base()
     context.load_state_dict(plain.state_dict(), strict=False)  # the same weights, plus the zero-output encoder
     return plain, context
-
-
-def _step(model: Any, inputs: dict[str, torch.Tensor], extra: dict[str, torch.Tensor]):
-    optimizer = make_optimizer(list(model.temporal_parameters()))
-
-    def step() -> None:
-        out = model(inputs["x"], inputs["t"], inputs["text"], **extra)
-        nn.functional.mse_loss(out.float(), inputs["target"]).backward()
-        optimizer.step()
-        optimizer.zero_grad(set_to_none=True)
-
-    return step
 
 
 def _sampler(model: Any, size: Size, text: torch.Tensor, frames: int, context_frames: int, guidance: float):
@@ -104,7 +91,7 @@ def run(size: Size, device: torch.device | None = None, *, warmup: int = 1, repe
     mask = (torch.arange(f, device=device) < 2)[None].expand(b, f)
     extra = {"context_latents": inputs["x"], "context_mask": mask,
              "context_flag": torch.zeros(b, dtype=torch.long, device=device)}  # fmt: skip
-    steps = {"plain": _step(plain, inputs, {}), "context": _step(context, inputs, extra)}
+    steps = {"plain": temporal_step(plain, inputs, dict), "context": temporal_step(context, inputs, lambda: extra)}
     timing = time_round_robin(steps, warmup=warmup, repeats=repeats, device=device)
     step_ratio = timing["context"].median / timing["plain"].median
 

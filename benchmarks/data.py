@@ -16,7 +16,8 @@ from typing import Any
 import torch
 
 from benchmarks.harness import Precision, Size, make_optimizer, threads_kept, time_round_robin
-from benchmarks.models import MODELS, components, spatial_unet, vae_scale_factor
+from benchmarks.models import MODELS, components, spatial_unet
+from lvdm.models.family import downsampling
 
 PROMPT = "a red panda eating bamboo in the snow"
 
@@ -51,7 +52,7 @@ def _batches(size: Size, frozen: Any, device: torch.device) -> dict[str, dict[st
     """The same clip as a video batch and as a latent-cache batch (encoded once here)."""
     from lvdm.models.encoders import encode_text, encode_video
 
-    pixels = size.latent * vae_scale_factor(frozen.vae)
+    pixels = size.latent * downsampling(frozen.vae.config.block_out_channels)
     gen = torch.Generator().manual_seed(0)
     video = torch.rand(size.batch, size.frames, 3, pixels, pixels, generator=gen) * 2 - 1  # (b, f, 3, H, W)
     captions = [PROMPT] * size.batch

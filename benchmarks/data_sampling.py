@@ -178,14 +178,6 @@ def _time(methods: dict[str, Callable[[int, int], torch.Tensor]], plans, setting
     return {name: {"seconds": s, "clips_per_s": len(plans) / s} for name, s in seconds.items()}
 
 
-def _decord_available() -> bool:
-    try:
-        import decord  # noqa: F401
-    except ImportError:
-        return False
-    return True
-
-
 def run(setting: Setting = Setting(), *, workdir: str | Path | None = None, show: bool = True) -> dict[str, Any]:
     """Measure every method on ``setting``; print a markdown table (``show``) and return the figures."""
     torch.set_num_threads(1)
@@ -197,7 +189,9 @@ def run(setting: Setting = Setting(), *, workdir: str | Path | None = None, show
             "full_decode": full_decode_method(paths, setting, plans),
             "full_decode_per_frame": full_decode_method(paths, setting, plans, reuse_scaler=False),
         }
-        if _decord_available():
+        from lvdm.data.decord_reader import DecordReader
+
+        if DecordReader.available():
             methods["decord"] = decord_method(paths, setting, plans)
         figures: dict[str, Any] = {"videos": setting.videos, "clips": len(plans), "setting": asdict(setting)}
         figures |= _time(methods, plans, setting)

@@ -129,6 +129,22 @@ def make_optimizer(params: list[nn.Parameter]) -> torch.optim.Optimizer:
     return torch.optim.AdamW(params, lr=1e-5, fused=True)
 
 
+def temporal_step(
+    model: Any, inputs: dict[str, torch.Tensor], extra: Callable[[], dict[str, torch.Tensor]]
+) -> Callable[[], None]:
+    """One step of a video model's temporal layers on ``inputs`` (``x``, ``t``, ``text``, ``target``) with the
+    keyword inputs ``extra()`` makes: forward, MSE loss, backward, optimizer step, gradients released."""
+    optimizer = make_optimizer(list(model.temporal_parameters()))
+
+    def step() -> None:
+        out = model(inputs["x"], inputs["t"], inputs["text"], **extra())
+        nn.functional.mse_loss(out.float(), inputs["target"]).backward()
+        optimizer.step()
+        optimizer.zero_grad(set_to_none=True)
+
+    return step
+
+
 def training_step(
     model: VideoModel, optimizer: torch.optim.Optimizer, inputs: dict[str, torch.Tensor], precision: Precision
 ) -> Callable[[], None]:

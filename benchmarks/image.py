@@ -14,9 +14,8 @@ from __future__ import annotations
 from typing import Any
 
 import torch
-from torch import nn
 
-from benchmarks.harness import Size, make_optimizer, time_round_robin
+from benchmarks.harness import Size, temporal_step, time_round_robin
 from benchmarks.report import target
 
 ENCODERS = {  # CLIPVisionConfig fields per benchmark size
@@ -57,18 +56,6 @@ def _models(size: Size, device: torch.device, encoder: Any) -> dict[str, Any]:
     return models
 
 
-def _step(model: Any, inputs: dict[str, torch.Tensor], extra: Any):
-    optimizer = make_optimizer(list(model.temporal_parameters()))
-
-    def step() -> None:
-        out = model(inputs["x"], inputs["t"], inputs["text"], **extra())
-        nn.functional.mse_loss(out.float(), inputs["target"]).backward()
-        optimizer.step()
-        optimizer.zero_grad(set_to_none=True)
-
-    return step
-
-
 def run(size: Size, device: torch.device | None = None, *, warmup: int = 1, repeats: int = 3) -> dict[str, Any]:
     """Training step time of the plain, FPS-conditioned and image-conditioned video model."""
     from benchmarks.harness import video_inputs
@@ -88,7 +75,7 @@ def run(size: Size, device: torch.device | None = None, *, warmup: int = 1, repe
         "fps": lambda: {"fps": rates},
         "image": lambda: {"image_embeds": encode_image(encoder, frames)},  # the encoder runs every step
     }
-    steps = {name: _step(models[name], inputs, extras[name]) for name in models}
+    steps = {name: temporal_step(models[name], inputs, extras[name]) for name in models}
     timing = time_round_robin(steps, warmup=warmup, repeats=repeats, device=device)
     plain = timing["text to video"].median
     rows = [

@@ -220,8 +220,3 @@ def components(kind: str, seed: int = 0) -> dict[str, Any]:
         text_encoder = CLIPTextModel(text_config)
     return {"vae": vae.eval(), "text_encoder": text_encoder.eval(), "tokenizer": tokenizer,
             "scheduler": testing.tiny_scheduler("sd1")}  # fmt: skip
-
-
-def vae_scale_factor(vae: nn.Module) -> int:
-    """Pixels per latent of ``vae`` (8 for SD's)."""
-    return 2 ** (len(vae.config.block_out_channels) - 1)

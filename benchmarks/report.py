@@ -23,10 +23,10 @@ TITLES = {
 }
 
 
-def target(what: str, value: float | None, limit: float, *, below: bool = True) -> dict[str, Any]:
-    """One target line: ``value <= limit`` (or ``>=`` with ``below=False``); ``met`` is None without a value."""
-    met = None if value is None else (value <= limit if below else value >= limit)
-    return {"target": what, "value": value, "limit": f"{'<=' if below else '>='} {limit:.4g}", "met": met}
+def target(what: str, value: float | None, limit: float) -> dict[str, Any]:
+    """One target line: ``value <= limit``; ``met`` is None without a value."""
+    met = None if value is None else value <= limit
+    return {"target": what, "value": value, "limit": f"<= {limit:.4g}", "met": met}
 
 
 def _cell(value: Any) -> str:

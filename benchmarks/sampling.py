@@ -25,8 +25,9 @@ from typing import Any
 import torch
 
 from benchmarks.harness import Size, time_round_robin
-from benchmarks.models import MODELS, VideoModel, components, spatial_unet, vae_scale_factor
+from benchmarks.models import MODELS, VideoModel, components, spatial_unet
 from benchmarks.report import target
+from lvdm.models.family import downsampling
 
 PROMPT = "a red panda eating bamboo in the snow"
 
@@ -89,7 +90,7 @@ class Setup:
 
     @property
     def pixels(self) -> int:
-        return self.size.latent * vae_scale_factor(self.vae)
+        return self.size.latent * downsampling(self.vae.config.block_out_channels)
 
 
 def lvdm_loop(setup: Setup) -> Callable[[], torch.Tensor]:

@@ -29,12 +29,20 @@ from lvdm import __version__
 from lvdm.errors import CheckpointError, ConfigError, check_flag, checked_keywords
 from lvdm.models.family import downsampling
 from lvdm.outputs import VideoOutput
-from lvdm.sampling_settings import MAX_FPS, MAX_FRAMES, MAX_GUIDANCE, MAX_SEED, MAX_SIDE, MAX_STEPS, MIN_FPS
+from lvdm.sampling_settings import (
+    DEFAULT_FPS,
+    MAX_FPS,
+    MAX_FRAMES,
+    MAX_GUIDANCE,
+    MAX_SEED,
+    MAX_SIDE,
+    MAX_STEPS,
+    MIN_FPS,
+)
 from lvdm.tile_decode import splits_its_decoder
 
 MAX_NORM_PASSES = 8  # 4 reach the whole frame's statistics on the upscaler README "Tiles" measures
 DEFAULTS = {"noise_level": 20, "num_inference_steps": 75, "guidance_scale": 9.0}  # diffusers' pipeline defaults
-DEFAULT_FPS = 8.0
 
 
 @dataclasses.dataclass(frozen=True)

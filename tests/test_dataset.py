@@ -263,6 +263,13 @@ def test_every_draw_of_a_video_cuts_its_own_clip(tmp_path: Path) -> None:
             first = indices_of(video)[0]
             assert indices_of(video) == list(range(first, first + NUM_FRAMES * STRIDE, STRIDE))
     assert [indices_of(v)[0] for b in take(loader, 4) for v in b["video"]] == starts
+    # a plain index (a user's own DataLoader) cuts one clip per epoch: the same again, another after set_epoch
+    plain = [indices_of(dataset[0]["video"])[0] for _ in range(2)]
+    epochs = []
+    for epoch in range(6):
+        dataset.set_epoch(epoch)
+        epochs.append(indices_of(dataset[0]["video"])[0])
+    assert plain[0] == plain[1] == epochs[0] and len(set(epochs)) >= 3, (plain, epochs)
 
 
 def test_clips_of_the_fine_interpolation_stage_are_cut_at_a_multiple_of_the_rate(tmp_path: Path) -> None:

@@ -11,6 +11,7 @@ import numpy as np
 import pytest
 import torch
 from conftest import cut_like_the_cache, randomize, tiny_overrides, whole_and_resumed
+from safetensors import safe_open
 
 from lvdm.errors import CheckpointError
 from lvdm.models.encoders import decode_latents
@@ -227,6 +228,9 @@ def test_decoder_training_writes_a_diffusers_folder_and_resumes_exactly(tiny_ass
     assert whole.temporal_path == tmp_path / "whole" / "decoder"
     assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
     assert AutoencoderKLTemporalDecoder.from_pretrained(whole.temporal_path) is not None
+    with safe_open(whole.temporal_path / "diffusion_pytorch_model.safetensors", "pt") as weights:
+        recorded = json.loads(weights.metadata()["training_config"])  # was dropped: the folder said nothing of it
+    assert recorded["train"]["target"] == "decoder" and recorded["clip_fps"] > 0, recorded
     g = whole.gain
     assert g["flicker_gain"] == pytest.approx(g["flicker_image_decoder"] / g["flicker_video_decoder"])
     assert g["temporal_flicker_gain"] == pytest.approx(g["flicker_each_frame"] / g["flicker_video_decoder"])

@@ -123,13 +123,8 @@ def stack_conditions(cond: Mapping[str, Any], variants: list[Mapping[str, Any]],
     for variant in variants:
         extra = set(variant) - set(cond)
         if extra:
-            raise ValueError(f"uncond has keys that cond lacks: {sorted(extra)}.")
+            raise ValueError(f"a guidance variant has keys that cond lacks: {sorted(extra)}.")
     return {key: _join([v.get(key, value) for v in variants] + [value], batch, key) for key, value in cond.items()}
-
-
-def batch_conditions(cond: Mapping[str, Any], uncond: Mapping[str, Any], batch: int) -> dict[str, Any]:
-    """The keyword arguments of the ``2b`` call: ``uncond`` first, then ``cond`` (see :func:`stack_conditions`)."""
-    return stack_conditions(cond, [uncond], batch)
 
 
 def classifier_free_guidance(

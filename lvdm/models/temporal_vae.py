@@ -26,6 +26,7 @@ one) gets the same architecture with its own group count and SD's two mid resnet
 from __future__ import annotations
 
 import contextlib
+import json
 import os
 from collections.abc import Iterator
 from pathlib import Path
@@ -180,10 +181,13 @@ def _identity_init(name: str, value: torch.Tensor) -> torch.Tensor:
 DECODER_FILES = ("config.json", WEIGHT_FILES[0])  # what save_video_decoder writes
 
 
-def save_video_decoder(model: Any, folder: str | os.PathLike) -> Path:
+def save_video_decoder(
+    model: Any, folder: str | os.PathLike, *, training_config: dict[str, Any] | None = None
+) -> Path:
     """``folder`` as diffusers saves an ``AutoencoderKLTemporalDecoder`` (``config.json``, the weights as
     ``diffusion_pytorch_model.safetensors``), each file written under a temporary name and renamed, so a killed
-    save leaves the previous files whole."""
+    save leaves the previous files whole. ``training_config`` (the run that trained it) goes into the weights'
+    safetensors metadata as ``training_config``, as in a temporal module file; diffusers ignores it."""
     from safetensors.torch import save_file
 
     from lvdm.fileio import atomic_path
@@ -191,8 +195,11 @@ def save_video_decoder(model: Any, folder: str | os.PathLike) -> Path:
     folder = Path(folder)
     folder.mkdir(parents=True, exist_ok=True)
     state = {k: v.detach().to("cpu").contiguous() for k, v in model.state_dict().items()}
+    metadata = {"format": "pt"}
+    if training_config is not None:
+        metadata["training_config"] = json.dumps(training_config, default=str)
     with atomic_path(folder / DECODER_FILES[1]) as temp:
-        save_file(state, temp, metadata={"format": "pt"})
+        save_file(state, temp, metadata=metadata)
     with atomic_path(folder / DECODER_FILES[0]) as temp:
         Path(temp).write_text(model.to_json_string(), encoding="utf-8")
     return folder

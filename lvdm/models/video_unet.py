@@ -35,9 +35,9 @@ class TemporalSite:
     """One inserted temporal layer: where it sits in the UNet, what kind, how wide."""
 
     name: str
-    kind: str  # "conv" or "attention"
+    kind: str  # "conv", "attention" or "motion" (an AnimateDiff motion module)
     channels: int
-    heads: int | None = None  # attention sites only
+    heads: int | None = None  # attention and motion sites; None for conv
 
     def to_dict(self) -> dict[str, Any]:
         return {"name": self.name, "kind": self.kind, "channels": self.channels, "heads": self.heads}

@@ -20,7 +20,6 @@ class TemporalConvBlock(nn.Module):
         temb_channels: width of the UNet's timestep embedding, or ``None`` for no time input.
         kernel_size: ``(kf, kh, kw)``, each odd; ``(3, 1, 1)`` mixes neighbouring frames only.
         norm_groups: GroupNorm groups (the spatial ResNet's own).
-        dropout: dropout before the last conv.
     """
 
     def __init__(
@@ -29,7 +28,6 @@ class TemporalConvBlock(nn.Module):
         temb_channels: int | None,
         kernel_size: tuple[int, int, int] = (3, 1, 1),
         norm_groups: int = 32,
-        dropout: float = 0.0,
         eps: float = 1e-6,
     ) -> None:
         super().__init__()
@@ -38,7 +36,6 @@ class TemporalConvBlock(nn.Module):
         self.conv1 = nn.Conv3d(channels, channels, kernel_size, padding=padding)
         self.time_emb_proj = nn.Linear(temb_channels, channels) if temb_channels else None
         self.norm2 = nn.GroupNorm(norm_groups, channels, eps=eps)
-        self.dropout = nn.Dropout(dropout)
         self.conv2 = nn.Conv3d(channels, channels, kernel_size, padding=padding)
         nn.init.zeros_(self.conv2.weight)
         nn.init.zeros_(self.conv2.bias)
@@ -59,7 +56,7 @@ class TemporalConvBlock(nn.Module):
             h = h + self.time_emb_proj(nn.functional.silu(temb)).permute(0, 2, 1)[..., None, None]
         if embedding is not None:
             h = h + embedding
-        h = _frame_conv(self.conv2, self.dropout(nn.functional.silu(self.norm2(h))))
+        h = _frame_conv(self.conv2, nn.functional.silu(self.norm2(h)))
         return x + h
 
 

@@ -31,7 +31,7 @@ import torch
 from diffusers import AutoencoderKL, DDIMScheduler, DDPMScheduler, StableDiffusionPipeline
 
 from lvdm.diffusion.loss import prediction_target
-from lvdm.testing.demo_folder import check_replaceable, write_demo_folder
+from lvdm.testing.demo_folder import check_replaceable, folder_is_current, write_demo_folder
 from lvdm.testing.models import _seeded, tiny_scheduler, tiny_text_encoder, tiny_tokenizer, tiny_unet
 
 RECIPE_FILE = "demo_base.json"
@@ -93,13 +93,7 @@ def recipe_key(recipe: DemoBaseRecipe, clips: Sequence[tuple[Path, str]], resolu
 
 def demo_base_is_current(path: str | os.PathLike, key: str) -> bool:
     """True when ``path`` holds a complete demo base built with ``key``."""
-    marker = Path(path) / RECIPE_FILE
-    if not marker.is_file() or not (Path(path) / "model_index.json").is_file():
-        return False
-    try:
-        return json.loads(marker.read_text(encoding="utf-8")).get("key") == key
-    except (OSError, ValueError):
-        return False
+    return folder_is_current(path, RECIPE_FILE, key)
 
 
 def _batches(n: int, size: int, steps: int, seed: int):

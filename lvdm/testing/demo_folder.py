@@ -7,12 +7,25 @@ again just before the replacement).
 
 from __future__ import annotations
 
+import json
 import os
 import shutil
 from pathlib import Path
 from typing import Any
 
 from lvdm.errors import LvdmError
+
+
+def folder_is_current(path: str | os.PathLike, recipe_file: str, key: str) -> bool:
+    """True when ``path`` holds a complete demo model folder (``model_index.json``) whose ``recipe_file`` records
+    ``key``."""
+    marker = Path(path) / recipe_file
+    if not marker.is_file() or not (Path(path) / "model_index.json").is_file():
+        return False
+    try:
+        return json.loads(marker.read_text(encoding="utf-8")).get("key") == key
+    except (OSError, ValueError):
+        return False
 
 
 def check_replaceable(path: Path, recipe_file: str, what: str) -> None:

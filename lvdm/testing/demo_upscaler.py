@@ -51,13 +51,10 @@ def upscaler_key(recipe: DemoUpscalerRecipe, base: str | os.PathLike) -> str:
 
 
 def demo_upscaler_is_current(path: str | os.PathLike, key: str) -> bool:
-    marker = Path(path) / RECIPE_FILE
-    if not marker.is_file() or not (Path(path) / "model_index.json").is_file():
-        return False
-    try:
-        return json.loads(marker.read_text(encoding="utf-8")).get("key") == key
-    except (OSError, ValueError):
-        return False
+    """True when ``path`` holds a complete demo upscaler built with ``key``."""
+    from lvdm.testing.demo_folder import folder_is_current
+
+    return folder_is_current(path, RECIPE_FILE, key)
 
 
 X4_SCALING = 0.08333  # what diffusers' StableDiffusionUpscalePipeline sets on any VAE it is given

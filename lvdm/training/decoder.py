@@ -78,7 +78,7 @@ class DecoderModel(nn.Module):
     def save_temporal(self, path: str | Path, *, training_config: dict[str, Any] | None = None) -> None:
         from lvdm.models.temporal_vae import save_video_decoder
 
-        save_video_decoder(self.model, path)
+        save_video_decoder(self.model, path, training_config=training_config)
 
 
 def build_decoder_model(cfg: Any, device: torch.device, dtype: torch.dtype) -> tuple[DecoderModel, Frozen, dict]:
@@ -300,7 +300,7 @@ class DecoderObjective(Objective):
         # n f 3 h w, three side by side -> n f 3 h 3w
         strips = torch.cat([rec["clips"], rec["image"], rec["video"]], dim=-1)
         videos = np.stack([to_uint8_frames(clip) for clip in strips])
-        files = write_videos(videos, out_dir, fps=fps or 8.0)
+        files = write_videos(videos, out_dir, fps=fps)
         self.rendered = Rendered(files=files, videos={"reconstructions": videos})
         return files
 

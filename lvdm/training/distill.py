@@ -356,6 +356,6 @@ class DistillObjective(Objective):
         with torch.no_grad():
             clips = decode_latents(self.frozen.vae, latents.to(self.frozen.vae.dtype)).float().cpu()
         videos = np.stack([to_uint8_frames(clip) for clip in clips])
-        files = write_videos(videos, out_dir, fps=fps or 8.0)
+        files = write_videos(videos, out_dir, fps=fps)
         self.rendered = Rendered(files=files, videos={"samples": videos})
         return files

@@ -178,7 +178,7 @@ class UpscaleObjective(Objective):
             return []
         strips = torch.cat([samples["low_res"], samples["video"], samples["clips"]], dim=-1)  # n f 3 h 3w
         videos = np.stack([to_uint8_frames(clip) for clip in strips])
-        files = write_videos(videos, out_dir, fps=fps or 8.0)
+        files = write_videos(videos, out_dir, fps=fps)
         self.rendered = Rendered(files=files, videos={"upscaled": videos})
         self.samples = {}
         return files

@@ -148,11 +148,9 @@ def removal_gain(
     noise_prior: str = "independent",
     mixed_lambda: float = 0.5,
     inputs: Callable[[dict[str, Any]], dict[str, torch.Tensor]] = no_inputs,
-    draws: int = 1,
 ) -> tuple[float, float]:
     """``(loss with, loss without)``: the held-out loss with each batch's model inputs (``inputs(batch)``) and with
-    ``removed(number, batch, inputs)`` in their place; the same model, clips, timesteps and noise (``draws`` noise
-    draws per timestep)."""
+    ``removed(number, batch, inputs)`` in their place; the same model, clips, timesteps and noise."""
     totals = [0.0, 0.0]
     for number, batch in enumerate(batches):
         generator = step_generator(-3, 0, number)  # the same draws at every validation
@@ -160,7 +158,7 @@ def removal_gain(
         cond = {"encoder_hidden_states": text} | inputs(batch)
         variants = (cond, cond | removed(number, batch, cond))
         b = latents.shape[0]
-        for t in [t for t in GAIN_TIMESTEPS for _ in range(draws)]:
+        for t in GAIN_TIMESTEPS:
             noise = sample_noise(tuple(latents.shape), prior=noise_prior, mixed_lambda=mixed_lambda,
                                  generator=generator).to(device)  # fmt: skip
             for i, variant in enumerate(variants):
@@ -169,7 +167,7 @@ def removal_gain(
                     timesteps=torch.full((b,), t, dtype=torch.long, device=device), **variant,
                 )  # fmt: skip
                 totals[i] += float(terms.loss.mean())
-    count = max(len(batches) * len(GAIN_TIMESTEPS) * draws, 1)
+    count = max(len(batches) * len(GAIN_TIMESTEPS), 1)
     return totals[0] / count, totals[1] / count
 
 
@@ -281,8 +279,12 @@ def render_videos(
     return np.stack(videos)
 
 
-def write_videos(videos: np.ndarray, out_dir: Path, *, fps: float = 8.0, prefix: str = "") -> list[Path]:
-    """``out_dir/<prefix><i>.mp4`` and ``.gif`` for each uint8 video ``(f, h, w, 3)``."""
+def write_videos(videos: np.ndarray, out_dir: Path, *, fps: float | None = None, prefix: str = "") -> list[Path]:
+    """``out_dir/<prefix><i>.mp4`` and ``.gif`` for each uint8 video ``(f, h, w, 3)``, at ``fps`` (default: sampling's
+    default rate)."""
+    from lvdm.sampling_settings import DEFAULT_FPS
+
+    fps = fps or DEFAULT_FPS
     out_dir.mkdir(parents=True, exist_ok=True)
     written = []
     for i, frames in enumerate(videos):
