@@ -139,16 +139,13 @@ def image_model(unet: nn.Module) -> VideoModel:
     """The floor: the frozen image UNet run on every frame."""
     from diffusers.models.attention_processor import AttnProcessor2_0
 
+    from lvdm.models.video_unet import image_unet_on_frames
+
     unet.requires_grad_(False)
     unet.set_attn_processor(AttnProcessor2_0())
 
     def forward(x: torch.Tensor, t: torch.Tensor, text: torch.Tensor) -> torch.Tensor:
-        b, c, f, h, w = x.shape
-        # b c f h w -> (b f) c h w
-        frames = x.permute(0, 2, 1, 3, 4).reshape(b * f, c, h, w)
-        out = unet(frames, t.repeat_interleave(f), text.repeat_interleave(f, dim=0), return_dict=False)[0]
-        # (b f) c h w -> b c f h w
-        return out.reshape(b, f, c, h, w).permute(0, 2, 1, 3, 4)
+        return image_unet_on_frames(unet, x, t, text)
 
     return VideoModel("image", unet, forward)
 

@@ -202,18 +202,14 @@ def make_model_fn(pipe: Any, *, image_mode: bool = False) -> Callable[..., torch
         image_embeds: torch.Tensor | None = None,
         image_scale: float = 1.0,
     ) -> torch.Tensor:
+        from lvdm.models.video_unet import image_unet_on_frames
         from lvdm.modules.image_attention import with_image_tokens
 
-        b, c, f, h, w = x.shape
-        # b c f h w -> (b f) c h w
-        frames = x.permute(0, 2, 1, 3, 4).reshape(b * f, c, h, w).to(dtype)
-        text = encoder_hidden_states.to(dtype).repeat_interleave(f, dim=0)  # b n d -> (b f) n d
-        if image_embeds is not None:  # an IP-Adapter: its tokens beside the text, b n d -> (b f) n d
+        text = encoder_hidden_states.to(dtype)
+        if image_embeds is not None:  # an IP-Adapter: its tokens beside the text
             part.set_scale(image_scale)
-            text = with_image_tokens(text, part.tokens(image_embeds).repeat_interleave(f, dim=0))
-        out = unet(frames, t.repeat_interleave(f), text, return_dict=False)[0].float()
-        # (b f) c h w -> b c f h w
-        return out.reshape(b, f, *out.shape[1:]).permute(0, 2, 1, 3, 4)
+            text = with_image_tokens(text, part.tokens(image_embeds))
+        return image_unet_on_frames(unet, x.to(dtype), t, text).float()
 
     return video_fn if video is not None else image_fn
 

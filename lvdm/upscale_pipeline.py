@@ -291,6 +291,8 @@ class UpscalePipeline:
     def model_fn(self, *, image_mode: bool = False):
         """The denoiser as the sampling loop calls it: ``fn(x (b, 4, f, h, w), t, encoder_hidden_states, low_res
         (b, 3, f, h, w), class_labels (b,))``, the low-res frames concatenated to the latents."""
+        from lvdm.models.video_unet import image_unet_on_frames
+
         dtype, video, unet = self.dtype, self.video, self.base.unet
 
         def fn(sample, t, encoder_hidden_states, class_labels):  # sample: latents and low-res frames, 7 channels
@@ -298,13 +300,7 @@ class UpscalePipeline:
             if video is not None:  # its temporal layers sit inside the 2D UNet: bypassed by the flag, not skipped
                 flags = torch.ones(sample.shape[0], device=sample.device) if image_mode else None
                 return video(sample, t, text, class_labels=class_labels, image_only_indicator=flags).float()
-            b, c, f, h, w = sample.shape
-            frames = sample.permute(0, 2, 1, 3, 4).reshape(b * f, c, h, w)  # b c f h w -> (b f) c h w
-            out = unet(
-                frames, t.repeat_interleave(f), text.repeat_interleave(f, dim=0),
-                class_labels=class_labels.repeat_interleave(f), return_dict=False,
-            )[0].float()  # fmt: skip
-            return out.reshape(b, f, *out.shape[1:]).permute(0, 2, 1, 3, 4)  # (b f) c h w -> b c f h w
+            return image_unet_on_frames(unet, sample, t, text, class_labels=class_labels).float()
 
         return with_low_res(fn)
 

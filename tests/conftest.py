@@ -90,7 +90,7 @@ def write_sampling_files(root) -> dict[str, object]:
 
 
 def frame_by_frame(unet, sample: torch.Tensor, timestep: torch.Tensor, text: torch.Tensor) -> torch.Tensor:
-    """The image UNet run on every frame: ``(b, c, f, h, w)`` in and out."""
+    """The image UNet run on every frame: ``(b, c, f, h, w)`` in and out (diffusers' own call, not lvdm's)."""
     b, c, f, h, w = sample.shape
     # b c f h w -> (b f) c h w
     frames = sample.permute(0, 2, 1, 3, 4).reshape(b * f, c, h, w)

@@ -434,10 +434,27 @@ def _timesteps(timestep: torch.Tensor | float | int, b: int, f: int, device: tor
     raise ValueError(f"timestep must be a scalar, ({b},) or ({b}, {f}), got shape {tuple(timestep.shape)}")
 
 
+def image_unet_on_frames(
+    unet: nn.Module, sample: torch.Tensor, timestep: torch.Tensor, encoder_hidden_states: Any, **per_video: Any
+) -> torch.Tensor:
+    """A 2D UNet run on every frame alone: ``sample`` ``(b, c, f, h, w)`` in, ``(b, c', f, h, w)`` out. Each video's
+    timestep ``(b,)``, text ``(b, n, d)`` (or ``(text, [image tokens])``) and ``per_video`` inputs (``class_labels``
+    ``(b,)``...) go to its frames.
+    Image mode without temporal layers, and the floor every video model is measured against."""
+    b, c, f, h, w = sample.shape
+    frames = sample.permute(0, 2, 1, 3, 4).reshape(b * f, c, h, w)  # b c f h w -> (b f) c h w
+    per_frame = {key: _repeat_frames(value, f) for key, value in per_video.items()}
+    out = unet(frames, _timesteps(timestep, b, f, sample.device), _repeat_frames(encoder_hidden_states, f),
+               return_dict=False, **per_frame)[0]  # fmt: skip
+    return out.reshape(b, f, *out.shape[1:]).permute(0, 2, 1, 3, 4)  # (b f) c h w -> b c f h w
+
+
 def _repeat_frames(value: Any, f: int) -> Any:
-    """Per-video conditioning -> per-frame: ``b ... -> (b f) ...`` (tensors, inside dicts too)."""
+    """Per-video conditioning -> per-frame: ``b ... -> (b f) ...`` (tensors, inside dicts, tuples and lists too)."""
     if value is None:
         return None
     if isinstance(value, dict):
         return {key: _repeat_frames(item, f) for key, item in value.items()}
+    if isinstance(value, (tuple, list)):
+        return type(value)(_repeat_frames(item, f) for item in value)
     return value.repeat_interleave(f, dim=0)
