@@ -137,6 +137,24 @@ def test_fps_training_saves_the_part_reports_an_fps_gain_and_resumes_exactly(tin
     assert counts[0] == counts[1] and sum(n for _, n in counts[0]) >= 4  # the steps before the resume count too
 
 
+def test_a_module_trained_over_a_range_of_rates_samples_at_its_middle_speed(tiny_assets, tmp_path):
+    """``data.target_fps: [4, 16]`` (the shipped i2v and fps configs) made a module every loader refused as broken:
+    "target_fps = [4.0, 16.0]; expected a number". It loads, and sampling defaults to the range's middle speed."""
+    from lvdm import VideoPipeline
+    from lvdm.sampling_settings import temporal_defaults
+    from lvdm.training.trainer import train
+
+    settings = {"model.fps_conditioning": "true", "data.target_fps": "[4,16]", "train.max_steps": 2}
+    result = train(load_config([], tiny_overrides(tiny_assets, tmp_path / "run", **settings)), progress=False)
+    assert temporal_defaults(result.temporal_path)["fps"] == pytest.approx(8.0)
+    pipe = VideoPipeline.from_pretrained(tiny_assets["base"], temporal=result.temporal_path)
+    assert pipe.defaults["fps"] == pytest.approx(8.0) and "fps" in pipe.video.conditioning_inputs
+    from lvdm.models.temporal_file import _training_problem
+
+    for wrong in ([16.0, 4.0], [4.0, 1e9], [4.0, float("nan")], [4.0]):  # the control: what is still refused
+        assert "target_fps" in _training_problem({"target_fps": wrong}), wrong
+
+
 def load_file_metadata(path) -> dict[str, str]:
     from safetensors import safe_open
 

@@ -274,8 +274,11 @@ def _training_problem(data: Any) -> str | None:
     frames, fps, size = data.get("num_frames"), data.get("target_fps"), data.get("resolution")
     if frames is not None and (type(frames) is not int or not 1 <= frames <= MAX_FRAMES):
         return f"training_config.data.num_frames = {frames!r}; expected a whole number in [1, {MAX_FRAMES}]"
-    if fps is not None and not (_number(fps) and 0 < fps <= 1000):
-        return f"training_config.data.target_fps = {fps!r}; expected a number in (0, 1000]"
+    rates = fps if isinstance(fps, list) and len(fps) == 2 else [fps]  # a rate or a [low, high] range of rates
+    if fps is not None and not (all(_number(v) and 0 < v <= 1000 for v in rates) and rates[0] <= rates[-1]):
+        return (
+            f"training_config.data.target_fps = {fps!r}; expected a number in (0, 1000] or a range [low, high] of them"
+        )
     sides = [size] if type(size) is int else size if isinstance(size, list) else None
     if size is not None and not (sides and all(type(v) is int and 1 <= v <= MAX_SIDE for v in sides)):
         return f"training_config.data.resolution = {size!r}; expected sizes in [1, {MAX_SIDE}]"
