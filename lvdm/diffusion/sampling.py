@@ -265,12 +265,16 @@ class KnownFrames:
 
 @contextmanager
 def _drawing_with(scheduler: SchedulerMixin, step_noise: StepNoise | None) -> Iterator[None]:
-    """Inside the block, ``scheduler``'s module draws its per-step noise with ``step_noise``."""
+    """Inside the block, ``scheduler``'s module draws its per-step noise with ``step_noise``. A scheduler whose
+    ``step`` takes no generator draws no noise (UniPC: its module has no ``randn_tensor``): nothing to route."""
     if step_noise is None:
         yield
         return
     module = sys.modules[type(scheduler).__module__]
     original = getattr(module, "randn_tensor", None)
+    if original is None and "generator" not in inspect.signature(scheduler.step).parameters:
+        yield
+        return
     if original is None:
         raise ValueError(
             f"{type(scheduler).__name__} draws its step noise in a way lvdm cannot route through a noise prior; "
