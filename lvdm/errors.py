@@ -67,16 +67,19 @@ def closest(name: object, choices: Iterable[object]) -> str | None:
     return close[0] if close else None
 
 
-def checked_keywords(function: Callable[..., _T]) -> Callable[..., _T]:
+def checked_keywords(function: Callable[..., _T] | None = None, *, also: Iterable[str] = ()) -> Any:
     """``function`` refusing a keyword it does not take with a :class:`KeywordError`: "did you mean" and the
     keywords it takes, where Python's own TypeError names only the wrong one. The signature stays visible to
-    ``help()`` and editors (``functools.wraps``)."""
+    ``help()`` and editors (``functools.wraps``). ``@checked_keywords(also=names)``: a function whose ``**kwargs``
+    take ``names`` (the sampling settings) refuses any other keyword the same way."""
     import functools
     import inspect
 
+    if function is None:
+        return functools.partial(checked_keywords, also=also)
     kinds = (inspect.Parameter.POSITIONAL_OR_KEYWORD, inspect.Parameter.KEYWORD_ONLY)
     parameters = list(inspect.signature(function).parameters.values())[1:]  # without self or cls
-    known = [p.name for p in parameters if p.kind in kinds]
+    known = [p.name for p in parameters if p.kind in kinds] + list(also)
     name = function.__qualname__.replace(".__call__", "")
 
     @functools.wraps(function)

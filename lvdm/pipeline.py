@@ -51,7 +51,14 @@ from lvdm.pipeline_sampling import (
     negatives_for,
     resolve_settings,
 )
-from lvdm.sampling_settings import MAX_SEED, SamplingSettings, parse_threshold, sampling_settings, temporal_defaults
+from lvdm.sampling_settings import (
+    MAX_SEED,
+    SETTING_NAMES,
+    SamplingSettings,
+    parse_threshold,
+    sampling_settings,
+    temporal_defaults,
+)
 
 
 # --------------------------------------------------------------------------------------------------- pipeline
@@ -157,6 +164,7 @@ class VideoPipeline:
         return downsampling(self.base.vae.config.block_out_channels)
 
     # ----------------------------------------------------------------------------------------------- sampling
+    @checked_keywords(also=SETTING_NAMES)
     def __call__(
         self,
         prompt: str | Sequence[str],
@@ -255,6 +263,7 @@ class VideoPipeline:
         records = [self._record(s, prompts[k // repeat], negatives[k // repeat], seeds[k], extra) for k in range(n)]
         return VideoOutput(np.concatenate(frames), float(s.fps), records, torch.cat(clean), torch.cat(noises))
 
+    @checked_keywords(also=SETTING_NAMES)
     def interpolate(
         self,
         video: Any,
@@ -295,6 +304,7 @@ class VideoPipeline:
         """The most frames one model call takes in a rollout or an interpolation: the module's training length."""
         return int(self.defaults.get("num_frames") or s.num_frames)
 
+    @checked_keywords(also=SETTING_NAMES)
     def render(
         self,
         prompts: str | Sequence[str],

@@ -135,6 +135,9 @@ class SamplingSettings:
         return problems
 
 
+SETTING_NAMES = tuple(field.name for field in dataclasses.fields(SamplingSettings))  # what ``**settings`` take
+
+
 def _guidance_problems(settings: SamplingSettings) -> list[str]:
     from lvdm.diffusion import GUIDANCE_SCHEDULES, guidance_schedule
     from lvdm.diffusion._common import lookup

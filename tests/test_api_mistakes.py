@@ -247,6 +247,10 @@ def test_a_misspelt_keyword_names_the_close_one_and_the_allowed(files, pipe, ups
         (lambda: upscaler(video, noise_levl=10, progress=False), "'noise_levl' .did you mean 'noise_level'"),
         (lambda: upscaler.decode(latents, tiles=8), "'tiles' .did you mean 'tile'"),
         (lambda: pipe.decode(latents, chunk_frame=2), "'chunk_frame' .did you mean 'chunk_frames'"),
+        # the sampling calls' **settings: each was a ConfigError naming an "unknown key", not a TypeError
+        (lambda: pipe("a kite", guidance_scal=3), "'guidance_scal' .did you mean 'guidance_scale'"),
+        (lambda: pipe.render(["a kite"], "x.mp4", num_inference_step=2), "'num_inference_step' .did you mean"),
+        (lambda: pipe.interpolate(video, facter=4), "'facter' .did you mean 'factor'"),
     ):
         with pytest.raises(KeywordError, match=message) as caught:
             call()
@@ -260,5 +264,7 @@ def test_a_misspelt_keyword_names_the_close_one_and_the_allowed(files, pipe, ups
     assert VideoPipeline.from_pretrained(files["a"], temporal=files["module"]).video is not None
     assert UpscalePipeline.from_pretrained(tiny_assets["upscaler"], dtype="fp32").dtype == torch.float32
     assert upscaler(video, noise_level=10, num_inference_steps=2, seed=0, progress=False).frames.shape[1] == 2
+    small = {"num_frames": 2, "height": 16, "width": 16, "num_inference_steps": 1, "progress": False}
+    assert pipe("a kite", guidance_scale=3, **small).frames.shape[:2] == (1, 2)
     assert upscaler.decode(latents, tile=8).shape == (1, 2, 32, 32, 3)
     assert pipe.decode(latents, chunk_frames=2).shape[:2] == (1, 2)
