@@ -258,6 +258,11 @@ def test_the_fine_interpolation_stage_trains_reports_its_gains_and_resumes_exact
     assert temporal_defaults(whole.temporal_path)["tasks"] == ["interpolate", "interpolate_fine", "text"]
     report = format_report(whole)
     assert "context gain:    interpolate_fine" in report and "stage flag gain:" in report
+    from lvdm.training.demo import demo_summary
+
+    summary = demo_summary(whole, None)  # the demo printed "aim: above 1" for a figure the README expects at 1.000
+    assert any(line.startswith("demo figure: stage flag gain") and "no aim" in line for line in summary), summary
+    assert any(line.startswith("demo check: context gain (interpolate_fine)") for line in summary), summary
 
 
 def test_a_text_to_video_module_warm_starts_a_context_model_unchanged(tiny_assets, tmp_path):

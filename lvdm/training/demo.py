@@ -179,8 +179,9 @@ def demo_summary(result: Any, cfg: Any) -> list[str]:
     for task in ("predict", "interpolate", "interpolate_fine"):
         if f"context_gain_{task}" in g:
             lines.append(f"demo check: context gain ({task}) {g[f'context_gain_{task}']:.3f} (aim: above 1)")
-    if "stage_flag_gain" in g:
-        lines.append(f"demo check: stage flag gain {g['stage_flag_gain']:.3f} (aim: above 1)")
+    if "stage_flag_gain" in g:  # the demo's keyframes show their spacing, so the flag adds nothing there (README)
+        lines.append(f"demo figure: stage flag gain {g['stage_flag_gain']:.3f} (no aim: on the demo the keyframes' "
+                     "spacing already tells the stages apart)")  # fmt: skip
     if "image_gain" in g:
         lines.append(f"demo check: image gain {g['image_gain']:.3f} (aim: above 1)")
     if "fps_gain" in g:
