@@ -29,7 +29,6 @@ from lvdm.diffusion import (
     sample,
     sample_noise,
     snr,
-    step_noise_for,
     threshold_x0,
 )
 from lvdm.errors import ConfigError
@@ -453,36 +452,6 @@ def test_ancestral_samplers_depend_on_the_generator_only(name):
 
     assert torch.equal(run(1), run(1))
     assert not torch.allclose(run(1), run(2))
-
-
-@pytest.mark.parametrize("name", sorted(SAMPLERS))
-def test_every_sampler_samples_under_a_noise_prior(name):
-    """UniPC under the mixed prior was a traceback telling the user to use UniPC: its module has no
-    ``randn_tensor`` to route step noise through, and none to route (it draws none). The stochastic ones follow the
-    prior: their result depends on it."""
-    scheduler = make_scheduler(name, base_scheduler("v_prediction").config)
-    _, noise = clip(0)
-
-    def run(step_noise):
-        return sample(lambda x_t, t: 0.5 * torch.tanh(x_t), scheduler, latents=noise, num_inference_steps=4, cond={},
-                      generator=gen(1), step_noise=step_noise, progress=False)  # fmt: skip
-
-    mixed, independent = run(step_noise_for("mixed", 0.5)), run(None)
-    assert torch.isfinite(mixed).all()
-    assert torch.equal(mixed, independent) == (name not in ("ddpm", "euler_a")), name  # deterministic: no step noise
-
-
-def test_a_stochastic_scheduler_without_randn_tensor_is_refused_under_a_prior(monkeypatch):
-    """The control: a scheduler that does draw noise (its step takes a generator) in a module lvdm cannot route is
-    still refused, not sampled with i.i.d. noise."""
-    import diffusers.schedulers.scheduling_ddpm as ddpm_module
-
-    monkeypatch.delattr(ddpm_module, "randn_tensor")
-    scheduler = make_scheduler("ddpm", base_scheduler("v_prediction").config)
-    _, noise = clip(0)
-    with pytest.raises(ValueError, match="cannot route through a noise prior"):
-        sample(lambda x_t, t: x_t, scheduler, latents=noise, num_inference_steps=2, cond={},
-               step_noise=step_noise_for("mixed"), progress=False)  # fmt: skip
 
 
 def test_sample_with_guidance_uses_one_batched_call_per_step():

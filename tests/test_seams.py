@@ -13,6 +13,7 @@ from torch import nn
 
 from lvdm import testing
 from lvdm.config import load_config
+from lvdm.diffusion import SAMPLERS
 from lvdm.errors import ConfigError, TemporalModuleError
 from lvdm.models import VideoUNet, load_base
 from lvdm.models import parts as parts_module
@@ -229,6 +230,39 @@ def test_stochastic_samplers_draw_their_step_noise_from_the_prior(scheduler):
 
     assert abs(frame_correlation("independent")) < 0.05
     assert 0.4 < frame_correlation("mixed") < 0.6  # lambda = 0.5 is the correlation between two frames
+
+
+@pytest.mark.parametrize("name", sorted(SAMPLERS))
+def test_every_sampler_samples_under_a_noise_prior(name):
+    """UniPC under the mixed prior (the shipped text-to-video configs') was a traceback telling the user to use
+    UniPC: its module has no ``randn_tensor`` to route step noise through, and none to route (it draws none). The
+    stochastic ones follow the prior: their result depends on it."""
+    from lvdm.diffusion import make_scheduler, sample, step_noise_for
+
+    noise = torch.randn(1, 4, 3, 8, 8, generator=torch.Generator().manual_seed(0))
+
+    def run(step_noise):
+        return sample(lambda x_t, t: 0.5 * torch.tanh(x_t), make_scheduler(name, testing.tiny_scheduler("sd1").config),
+                      latents=noise, num_inference_steps=4, cond={}, generator=torch.Generator().manual_seed(1),
+                      step_noise=step_noise, progress=False)  # fmt: skip
+
+    mixed, independent = run(step_noise_for("mixed", 0.5)), run(None)
+    assert torch.isfinite(mixed).all()
+    assert torch.equal(mixed, independent) == (name not in ("ddpm", "euler_a")), name  # deterministic: no step noise
+
+
+def test_a_stochastic_scheduler_without_randn_tensor_is_refused_under_a_prior(monkeypatch):
+    """The control: a scheduler that does draw noise (its step takes a generator) in a module lvdm cannot route is
+    still refused, not sampled with i.i.d. noise."""
+    import diffusers.schedulers.scheduling_ddpm as ddpm_module
+
+    from lvdm.diffusion import make_scheduler, sample, step_noise_for
+
+    monkeypatch.delattr(ddpm_module, "randn_tensor")
+    scheduler = make_scheduler("ddpm", testing.tiny_scheduler("sd1").config)
+    with pytest.raises(ValueError, match="cannot route through a noise prior"):
+        sample(lambda x_t, t: x_t, scheduler, latents=torch.zeros(1, 4, 3, 8, 8), num_inference_steps=2, cond={},
+               step_noise=step_noise_for("mixed"), progress=False)  # fmt: skip
 
 
 @pytest.mark.parametrize(
