@@ -87,6 +87,10 @@ def export_checkpoint(
         for name, tensor in weights.items():
             trainable[name].copy_(tensor)
     training_config = config | ({"clip_fps": metadata["clip_fps"]} if metadata.get("clip_fps") else {})
+    if config.get("train", {}).get("target") == "distill":  # a checkpoint before the last round: the steps reached
+        from lvdm.training.distill import reached_config
+
+        training_config = reached_config(training_config, int(metadata["step"]))
     from lvdm.training.groups import write_module_files
 
     return write_module_files(video, trainable, outputs, training_config, exclusive=not overwrite)

@@ -65,8 +65,10 @@ def load_parts(
     if loras is None:
         loras = []
     specs = [LoraSpec.parse(spec) for spec in loras]
-    if defaults and defaults.get("distilled_lora"):  # a distilled student's spatial LoRA, found beside it
-        specs.append(LoraSpec.parse(student_lora(temporal)))
+    if defaults and defaults.get("distilled_lora"):  # a distilled student: its LoRA beside it, unless given
+        own = student_lora(temporal)  # (a sidecar's model.loras lists it: a replay fused it twice)
+        if not any(_same_path(spec.path, own) for spec in specs):
+            specs.append(LoraSpec.parse(own))
     with warnings.catch_warnings():  # diffusers >= 0.36 renamed the torch_dtype that load_base passes
         warnings.filterwarnings("ignore", message=".*torch_dtype.* is deprecated", category=FutureWarning)
         model = load_base(
@@ -100,6 +102,13 @@ def load_parts(
         "dtype": dtype_name(next(model.unet.parameters()).dtype),
     }
     return PipelineParts(model, video, defaults, (image_part, encoder, encoder_path), video_decoder, sources)
+
+
+def _same_path(a: Path, b: Path) -> bool:
+    try:
+        return os.path.samefile(a, b)
+    except OSError:
+        return False
 
 
 def student_lora(module: str | os.PathLike) -> Path:

@@ -8,6 +8,7 @@ import json
 import shutil
 from pathlib import Path
 
+import numpy as np
 import pytest
 import torch
 from conftest import randomize, tiny_overrides, write_sampling_files
@@ -74,6 +75,14 @@ def test_a_run_stopped_before_its_last_round_says_the_steps_its_student_reached(
 
     assert temporal_defaults(student["root"] / "stopped_in_round_two.safetensors")["num_inference_steps"] == 2
     assert temporal_defaults(student["result"].temporal_path)["num_inference_steps"] == 1
+    # python -m lvdm.export of the run's checkpoints says the same (it recorded distill_to for the step 3 one)
+    from lvdm.export import export_checkpoint
+
+    checkpoints = student["root"] / "whole" / "checkpoints"
+    for step, steps in ((3, 2), (6, 1)):
+        out = student["root"] / f"exported_{step}.safetensors"
+        export_checkpoint(checkpoints / f"checkpoint-{step:08d}", out)
+        assert temporal_defaults(out)["num_inference_steps"] == steps, step
 
 
 def test_a_student_is_refused_as_the_module_a_run_starts_from(student, tiny_assets, tmp_path):
@@ -132,6 +141,10 @@ def test_the_student_samples_in_one_forward_per_step_on_another_base(student, tm
     assert (settings["num_inference_steps"], settings["scheduler"]) == (1, "ddim_trailing")  # the student's own
     assert calls == [1]  # one forward of batch 1 per step: no unconditional pass
     assert any(lora.endswith("spatial_lora.safetensors:1") for lora in model["loras"])  # found beside it
+    # a replay of the sidecar (sample.py --from-json gives its model.loras): the student's LoRA was fused twice
+    again = VideoPipeline.from_pretrained(files["b"], base_config=files["a"], loras=model["loras"], temporal=module)
+    replay = again("a red disc", num_frames=4, height=16, width=16, guidance_scale=4.0, seed=0, progress=False)
+    assert replay.metadata[0]["model"]["loras"] == model["loras"] and np.array_equal(replay.frames, out.frames)
     with pytest.raises(ConfigError, match="constant over the steps"):
         pipe("a red disc", num_frames=4, height=16, width=16, guidance_schedule="oscillating", progress=False)
     # the weight is an input, trained on train.distill_guidance only ([2, 8] by default): its middle unless given,

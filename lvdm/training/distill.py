@@ -68,6 +68,21 @@ def distill_rounds(start: int, end: int) -> int:
     return rounds
 
 
+def reached_config(config: dict[str, Any], step: int) -> dict[str, Any]:
+    """A distill run's resolved ``config`` as its module records it after ``step`` optimizer steps: a run stopped
+    before its last round (``train.max_steps`` short of the rounds, to be resumed) records the steps of the round
+    its student is in as ``distill_to``, which sampling takes: its student was not halved further. The trainer's
+    export and ``python -m lvdm.export`` of a checkpoint both write it."""
+    train = config["train"]
+    rounds = 1 + distill_rounds(train["distill_from"], train["distill_to"])  # the guidance round, then halvings
+    round_steps = train.get("distill_round_steps") or train["max_steps"] // rounds
+    reached = min(max(step - 1, 0) // round_steps, rounds - 1)
+    if reached == rounds - 1:
+        return config
+    student_steps = train["distill_from"] // 2 ** max(reached - 1, 0) // (2 if reached > 0 else 1)
+    return config | {"train": train | {"distill_to": student_steps}}
+
+
 class DistillObjective(Objective):
     """Progressive, guided distillation of the video model (module notes)."""
 
@@ -108,13 +123,8 @@ class DistillObjective(Objective):
         return self.teacher_steps(round_index) // (2 if round_index > 0 else 1)
 
     def exported_config(self, config: dict[str, Any], step: int) -> dict[str, Any]:
-        """A run that stops before its last round (``train.max_steps`` short of the rounds, to be resumed) records
-        the steps of the round its student is in as ``distill_to``, which sampling takes: its student was not
-        halved further."""
-        reached = self.round_of(max(step - 1, 0))
-        if reached == self.rounds - 1:
-            return config
-        return config | {"train": config["train"] | {"distill_to": self.student_steps(reached)}}
+        """:func:`reached_config`: the steps of the round a run stopped in, recorded as ``distill_to``."""
+        return reached_config(config, step)
 
     def _alpha_sigma(self, t: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         """``a_t, s_t`` of timesteps ``(b,)`` (negative: DDIM's final step), shaped to broadcast over latents."""
