@@ -377,11 +377,7 @@ def main(argv: list[str]) -> int:
             args.upscaler, temporal=args.upscaler_temporal, allow_pickle=args.allow_pickle, device=device, dtype=dtype
         )
         print(f"upscaling {len(written)} video(s) by {upscaler.scale}", file=sys.stderr)
-        repeat = checked.num_videos_per_prompt
-        for path in upscale_files(
-            upscaler, written, [prompts[i // repeat] for i in range(len(written))], seed=checked.seed or 0,
-            progress=not args.quiet, overwrite=args.overwrite, **upscale,
-        ):  # fmt: skip
+        for path in upscale_files(upscaler, written, progress=not args.quiet, overwrite=args.overwrite, **upscale):
             print(path)
     return 0
 

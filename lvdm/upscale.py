@@ -98,19 +98,19 @@ def upscaled_path(video: Path) -> Path:
 
 
 def upscale_files(
-    pipe: Any,
-    videos: Sequence[Path],
-    prompts: Sequence[str],
-    *,
-    seed: int,
-    progress: bool,
-    overwrite: bool = False,
-    **settings: Any,
+    pipe: Any, videos: Sequence[Path], *, progress: bool, overwrite: bool = False, **settings: Any
 ) -> list[Path]:
-    """Upscale each written video beside itself (``clip.mp4`` -> ``clip_x4.mp4``) with its prompt; the paths."""
+    """Upscale each video ``sample.py`` wrote beside itself (``clip.mp4`` -> ``clip_x4.mp4``) with the prompt,
+    negative prompt and seed its sidecar records (the cascade dropped the negative prompt and gave every video
+    seed 0); the paths."""
+    from lvdm.outputs import read_sidecar, sidecar_path
+
     written = []
-    for video, prompt in zip(videos, prompts, strict=True):
-        out = pipe(video, prompt, seed=seed, progress=progress, **settings)
+    for video in videos:
+        record = read_sidecar(sidecar_path(video))
+        negative = record["settings"].get("negative_prompt") or ""
+        out = pipe(video, record["prompt"], negative_prompt=negative, seed=record["seed"], progress=progress,
+                   **settings)  # fmt: skip
         written += out.save(upscaled_path(video), overwrite=overwrite)
     return written
 

@@ -340,6 +340,14 @@ def test_sample_cli_upscales_what_it_samples(upscaler, tiny_assets, tmp_path, ca
     assert run_cli(script.main, args) == 0
     low, high = probe(out), probe(tmp_path / "clip_x4.mp4")
     assert (high.num_frames, high.width, high.height) == (low.num_frames, 4 * low.width, 4 * low.height)
+    # each upscale takes its video's prompt, negative prompt and seed (it dropped the negative prompt and gave
+    # every video seed 0)
+    two = [*args[:-2], "--negative-prompt", "blurry", "--num-videos", "2", "--seed", "5", "--out", str(tmp_path / "n")]
+    assert run_cli(script.main, two) == 0
+    for k in range(2):
+        low_meta, high_meta = (json.loads(p.read_text()) for p in sorted((tmp_path / "n").glob(f"00{k}-*.mp4.json")))
+        assert (high_meta["seed"], high_meta["negative_prompt"], high_meta["prompt"]) == (5 + k, "blurry", "a disc")
+        assert low_meta["seed"] == 5 + k
     capsys.readouterr()
     code, err = run_cli(script.main, args), capsys.readouterr().err
     assert code == 2 and "already exists" in err, err
