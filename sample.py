@@ -256,7 +256,8 @@ def _check_module_context(args: argparse.Namespace, flag: str) -> None:
 
     defaults = temporal_defaults(args.temporal)
     what = "interpolate" if args.interpolate else "continue a video" if args.context else f"take {flag}"
-    check_support(defaults["has_context"], defaults["tasks"], what, task="interpolate" if args.interpolate else None)
+    check_support(defaults["has_context"], defaults["tasks"], what, task="interpolate" if args.interpolate else None,
+                  every=defaults["interpolate_every"])  # fmt: skip
     if args.context_frames is not None:
         check_context_count(args.context_frames, defaults["max_context_frames"])
 

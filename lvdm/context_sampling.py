@@ -150,18 +150,28 @@ def interpolation_windows(num_keyframes: int, length: int) -> list[tuple[int, in
 
 # ------------------------------------------------------------------------------------------------ with a pipeline
 def require_context(pipe: Any, what: str, *, task: str | None = None) -> None:
-    check_support(pipe.has_context, pipe.defaults.get("tasks"), what, task=task)
+    defaults = pipe.defaults
+    check_support(pipe.has_context, defaults.get("tasks"), what, task=task, every=defaults.get("interpolate_every"))
 
 
-def check_support(has_context: bool, tasks: list[str] | None, what: str, *, task: str | None = None) -> None:
-    """That a module takes context frames to ``what`` (and was trained for ``task``): a pipeline's, or before it
-    loads, a module file's (:func:`~lvdm.sampling_settings.temporal_defaults` ``has_context`` and ``tasks``)."""
+def check_support(
+    has_context: bool, tasks: list[str] | None, what: str, *, task: str | None = None, every: int | None = None
+) -> None:
+    """That a module takes context frames to ``what`` (and was trained for ``task``, and to interpolate between
+    keyframes ``every`` frames apart as sampling does): a pipeline's, or before it loads, a module file's
+    (:func:`~lvdm.sampling_settings.temporal_defaults` ``has_context``, ``tasks``, ``interpolate_every``)."""
     if not has_context:
         raise ConfigError(NO_CONTEXT.format(what=what))
     if task is not None and tasks is not None and task not in tasks:
         raise ConfigError(
             f"this temporal module was trained for {', '.join(tasks) or 'text'} only, so it cannot {what}; "
             f"train it with {task} in train.tasks"
+        )
+    if task == "interpolate" and every not in (None, STEP):
+        raise ConfigError(
+            f"this module was trained to interpolate between keyframes {every} frames apart "
+            f"(train.interpolate_every={every}); sampling interpolates by {STEP} per pass: train it with "
+            f"train.interpolate_every={STEP}"
         )
 
 
@@ -266,13 +276,7 @@ def interpolate(
     ]
     if ignored:  # they were taken and ignored
         raise ConfigError(f"interpolation makes one video, its length set by the input and the factor: drop {ignored}")
-    require_context(pipe, "interpolate", task="interpolate")
-    every = pipe.defaults.get("interpolate_every")
-    if every not in (None, STEP):
-        raise ConfigError(
-            f"this module was trained to interpolate between every {every}th frame (train.interpolate_every); "
-            f"sampling interpolates by {STEP} per pass: train it with train.interpolate_every={STEP}"
-        )
+    require_context(pipe, "interpolate", task="interpolate")  # and between keyframes STEP frames apart
     # by 16: the second pass is the fine stage where the module learnt it, else the coarse stage again
     fine = "interpolate_fine" if "interpolate_fine" in (pipe.defaults.get("tasks") or ()) else "interpolate"
     stages = ["interpolate", fine][: 1 if factor == STEP else 2]

@@ -554,6 +554,8 @@ def test_sample_cli_reads_from_the_module_file_what_context_it_takes_before_load
         (("predict_only", ["--interpolate", str(video)]), ("context", ["--interpolate", str(video)]),
          "trained for predict, text only"),
         (("two_given", ["--context-frames", "3"]), ("two_given", ["--context-frames", "2"]), "at most 2 given"),
+        (("every_2", ["--interpolate", str(video)]), ("context", ["--interpolate", str(video)]),
+         "keyframes 2 frames apart (train.interpolate_every=2)"),
     ):  # fmt: skip
         for (module, options), reaches in ((wrong, False), (right, True)):
             code = run_cli(script.main, ["--quiet", "--base", str(context_files["base"]), "--prompt", "a disc",
