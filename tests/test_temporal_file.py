@@ -129,3 +129,18 @@ def test_missing_file_and_wrong_suffix(trained, tmp_path):
         video.load_temporal(tmp_path / "nope.safetensors")
     with pytest.raises(TemporalModuleError, match=r"\.safetensors"):
         video.save_temporal(tmp_path / "motion.pt")
+
+
+def test_a_module_of_another_layout_names_the_layout_to_train_with(tmp_path):
+    """An AnimateDiff-layout module as a Video LDM run's model.temporal_init (or the reverse) was refused in one
+    line of about 1,500 characters, every site listed after the layout, advising a Python API. Now: the layout's
+    difference alone and the model.layout that takes the module. The control: the same layout loads."""
+    videos = {name: VideoUNet.from_unet2d(testing.tiny_unet("sd1", seed=0), LAYOUTS[name])
+              for name in ("animatediff", "videoldm")}  # fmt: skip
+    for name, other in (("animatediff", "videoldm"), ("videoldm", "animatediff")):
+        videos[name].save_temporal(tmp_path / f"{name}.safetensors")
+        module = read_temporal_file(tmp_path / f"{name}.safetensors")
+        (problem,) = module.mismatches(videos[other])
+        assert problem.startswith("temporal layout differs") and f"use model.layout={name} in training" in problem
+        assert len(problem) < 300, problem
+        assert module.mismatches(videos[name]) == []

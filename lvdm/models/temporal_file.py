@@ -102,10 +102,15 @@ class TemporalModule:
         problems = []
         if self.family != video.family:
             problems.append(f"it was made for base family {self.family!r}, this base is {video.family!r}")
-        if self.layout != video.layout:
+        if self.layout != video.layout:  # then every site differs too: not listed
+            from lvdm.models.layout import LAYOUTS
+
             diff = _dict_diff(self.layout.to_dict(), video.layout.to_dict())
-            problems.append(f"temporal layout differs ({diff}); build the model with VideoUNet.from_temporal_file")
-        problems += _site_diff(self.sites, [site.to_dict() for site in video.sites])
+            name = next((name for name, layout in LAYOUTS.items() if layout == self.layout), None)
+            where = f"model.layout={name} in training, or " if name else ""
+            problems.append(f"temporal layout differs ({diff}); use {where}VideoUNet.from_temporal_file in Python")
+        else:
+            problems += _site_diff(self.sites, [site.to_dict() for site in video.sites])
         here = {name: spec.to_dict() for name, spec in video.part_specs.items() if name not in new_parts}
         if self.parts != here:
             problems.append(f"standalone parts differ: {_dict_diff(self.parts, here)}")
