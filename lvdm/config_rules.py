@@ -57,7 +57,8 @@ def _decoder_problems(cfg: Config) -> list[str]:
         "model.context": m.context, "model.fps_conditioning": m.fps_conditioning,
         "model.image_conditioning": m.image_conditioning, "model.spatial_lora_rank": m.spatial_lora_rank,
         "model.unfreeze": m.unfreeze, "model.temporal_init": m.temporal_init, "train.tasks": cfg.train.tasks,
-        "train.compile": cfg.train.compile,
+        "train.compile": cfg.train.compile, "train.noise_prior": cfg.train.noise_prior != "independent",
+        "train.snr_gamma": cfg.train.snr_gamma, "train.offset_noise": cfg.train.offset_noise,  # the diffusion loss's
     }  # fmt: skip
     problems = [
         f"{key}: belongs to the UNet, which train.target=decoder does not train; drop it"

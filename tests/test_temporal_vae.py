@@ -279,6 +279,8 @@ def test_an_untrained_decoder_has_a_temporal_flicker_gain_of_exactly_one(tiny_as
     ("override", "message"),
     [
         ({"model.context": "true"}, "model.context: belongs to the UNet"),
+        ({"train.noise_prior": "mixed"}, "train.noise_prior: belongs to the UNet"),  # was ignored without a word
+        ({"train.snr_gamma": 5}, "train.snr_gamma: belongs to the UNet"),
         ({"train.decoder_layers": "some"}, "train.decoder_layers"),
     ],
 )
