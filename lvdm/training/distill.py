@@ -68,6 +68,17 @@ def distill_rounds(start: int, end: int) -> int:
     return rounds
 
 
+def teacher_steps(distill_from: int, round_index: int) -> int:
+    """The teacher's steps in round ``round_index`` (0-based): ``distill_from`` in the guidance round (0) and the
+    first halving (1), then halved each round."""
+    return distill_from // 2 ** max(round_index - 1, 0)
+
+
+def student_steps(distill_from: int, round_index: int) -> int:
+    """The steps the student samples with after round ``round_index``: the guidance round keeps the teacher's."""
+    return teacher_steps(distill_from, round_index) // (2 if round_index > 0 else 1)
+
+
 def reached_config(config: dict[str, Any], step: int) -> dict[str, Any]:
     """A distill run's resolved ``config`` as its module records it after ``step`` optimizer steps: a run stopped
     before its last round (``train.max_steps`` short of the rounds, to be resumed) records the steps of the round
@@ -79,8 +90,7 @@ def reached_config(config: dict[str, Any], step: int) -> dict[str, Any]:
     reached = min(max(step - 1, 0) // round_steps, rounds - 1)
     if reached == rounds - 1:
         return config
-    student_steps = train["distill_from"] // 2 ** max(reached - 1, 0) // (2 if reached > 0 else 1)
-    return config | {"train": train | {"distill_to": student_steps}}
+    return config | {"train": train | {"distill_to": student_steps(train["distill_from"], reached)}}
 
 
 class DistillObjective(Objective):
@@ -114,13 +124,10 @@ class DistillObjective(Objective):
         return min(step // self.round_steps, self.rounds - 1)
 
     def teacher_steps(self, round_index: int) -> int:
-        """The teacher's steps in round ``round_index``: ``distill_from`` in the guidance round (0) and the first
-        halving (1), then halved each round."""
-        return self.cfg.train.distill_from // 2 ** max(round_index - 1, 0)
+        return teacher_steps(self.cfg.train.distill_from, round_index)
 
     def student_steps(self, round_index: int) -> int:
-        """The steps the student samples with after round ``round_index``: the guidance round keeps the teacher's."""
-        return self.teacher_steps(round_index) // (2 if round_index > 0 else 1)
+        return student_steps(self.cfg.train.distill_from, round_index)
 
     def exported_config(self, config: dict[str, Any], step: int) -> dict[str, Any]:
         """:func:`reached_config`: the steps of the round a run stopped in, recorded as ``distill_to``."""
