@@ -77,7 +77,7 @@ def read_context(source: Any, height: int, width: int, *, what: str = "context")
             frames = read_frames(path, range(info.num_frames), size=size)
         except LvdmError as exc:
             raise ConfigError(f"{what} video {path}: {exc}") from exc
-        fps, original = info.fps, (info.width, info.height)
+        fps, original = info.playback_fps(), (info.width, info.height)  # a 384 fps video lvdm wrote stays 384
     else:
         frames = np.asarray(source)
         if frames.dtype != np.uint8 or frames.ndim != 4 or frames.shape[-1] != 3:

@@ -126,8 +126,9 @@ def main(argv: list[str]) -> int:
     settings = upscale_settings(args, args.upscaler)  # its checks, against the upscaler's limits, before it loads
     if Path(args.out).suffix.lower() not in (".mp4", ".gif"):
         raise ConfigError(f"--out {args.out}: give a .mp4 or .gif file")
-    if Path(args.out).suffix.lower() == ".gif" and (problem := gif_rate_problem(info.fps)):  # found after, before
-        raise ConfigError(f"{args.video} runs at {info.fps:g} fps, and {problem}: write a .mp4")
+    rate = info.playback_fps()  # what the output plays at, unless --fps
+    if Path(args.out).suffix.lower() == ".gif" and (problem := gif_rate_problem(rate)):  # found after, before
+        raise ConfigError(f"{args.video} runs at {rate:g} fps, and {problem}: write a .mp4")
     path = plan_outputs(args.out, [args.prompt], overwrite=args.overwrite)[0]
     device, dtype = device_and_dtype(args.device, args.dtype)
     pipe = UpscalePipeline.from_pretrained(

@@ -365,3 +365,20 @@ def test_captioned_folder_describes_its_moving_shapes(tmp_path: Path) -> None:
         dy, dx = np.argwhere(mask[1]).mean(axis=0) - np.argwhere(mask[0]).mean(axis=0)  # (y, x) centre moved
         moved = [int(np.sign(d)) if abs(d) > 2 else 0 for d in (dx, dy)]
         assert moved == list(clips._DIRECTIONS[direction]), (caption, dx, dy)
+
+
+def test_a_video_lvdm_wrote_above_240_fps_keeps_its_rate_when_read_back(tmp_path):
+    """sample.py writes up to 1000 fps (a 16x interpolation of 24 fps is 384); read back to upscale, continue or
+    interpolate, such a video fell to 8 fps (or the module's rate) without a word, as the reader takes rates above
+    240 for a damaged header. Training still does (``fps``); re-rendering takes the stated rate. The control: a
+    24 fps video reads 24 both ways."""
+    from lvdm.context_sampling import read_context
+    from lvdm.media import write_video
+
+    frames = np.random.default_rng(0).integers(0, 255, (4, 16, 16, 3), dtype=np.uint8)
+    for rate in (384.0, 24.0):
+        path = write_video(frames, tmp_path / f"at_{rate:g}.mp4", fps=rate)
+        info = probe(path)
+        assert info.playback_fps() == pytest.approx(rate) and info.stated_fps == pytest.approx(rate)
+        assert info.fps == (None if rate > readers.MAX_FPS else pytest.approx(rate))
+        assert read_context(path, 16, 16, what="video").fps == pytest.approx(rate)

@@ -133,9 +133,15 @@ def _too_short(last: int, num_frames: int) -> str:
 
 def _fps(stream: av.video.stream.VideoStream) -> float | None:
     """The average frame rate, or None when missing, zero, non-finite or absurd."""
+    fps = _stated_fps(stream)
+    return fps if fps is not None and MIN_FPS <= fps <= MAX_FPS else None
+
+
+def _stated_fps(stream: av.video.stream.VideoStream) -> float | None:
+    """The average frame rate the file states, or None when missing, zero or non-finite."""
     rate = stream.average_rate or stream.guessed_rate
     fps = float(rate) if rate else math.nan
-    return fps if math.isfinite(fps) and MIN_FPS <= fps <= MAX_FPS else None
+    return fps if math.isfinite(fps) and fps > 0 else None
 
 
 def _duration_s(container: av.container.InputContainer, stream: av.video.stream.VideoStream) -> float | None:

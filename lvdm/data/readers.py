@@ -26,7 +26,7 @@ import os
 import threading
 import warnings
 from collections.abc import Callable, Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Protocol, TypeVar
 
 import numpy as np
@@ -46,6 +46,7 @@ from lvdm.data.pyav_reader import (
     _duration_s,
     _fps,
     _open_video,
+    _stated_fps,
 )
 from lvdm.errors import VideoReadError
 
@@ -65,6 +66,18 @@ class VideoInfo:
     fps: float | None  # average frame rate; None when missing, zero, non-finite or outside [MIN_FPS, MAX_FPS]
     width: int  # display size: after the rotation in the display matrix, before any pixel aspect ratio
     height: int
+    stated_fps: float | None = field(default=None, compare=False)  # the rate as stated, outside [MIN_FPS, MAX_FPS]
+    # too: sampling writes up to 1000 fps, and a video it wrote and reads back (to upscale, continue or
+    # interpolate) keeps its rate
+
+    def playback_fps(self) -> float | None:
+        """The rate to play this video at when lvdm re-renders it: the stated rate within what lvdm writes
+        (:data:`lvdm.sampling_settings.MIN_FPS` .. ``MAX_FPS``), else :attr:`fps`, which training takes."""
+        from lvdm.sampling_settings import MAX_FPS as MAX_WRITTEN
+        from lvdm.sampling_settings import MIN_FPS as MIN_WRITTEN
+
+        rate = self.stated_fps
+        return rate if rate is not None and MIN_WRITTEN <= rate <= MAX_WRITTEN else self.fps
 
 
 class Reader(Protocol):
@@ -125,12 +138,12 @@ def _probe(path: str) -> VideoInfo:
             raise VideoReadError(path, "no decodable frame") from None
         except _AV_FAILURES as e:
             raise VideoReadError(path, _av_reason(e)) from None
-        fps = _fps(stream)
+        fps, stated = _fps(stream), _stated_fps(stream)
         duration = _duration_s(container, stream)
         num_frames = stream.frames or (round(duration * fps) if duration and fps else 0)
     num_frames = num_frames or max(1, _count_packets(path))  # the first frame decoded: at least one
     width, height = (first.height, first.width) if round(first.rotation / 90) % 2 else (first.width, first.height)
-    return VideoInfo(num_frames=num_frames, fps=fps, width=width, height=height)
+    return VideoInfo(num_frames=num_frames, fps=fps, width=width, height=height, stated_fps=stated)
 
 
 def probe(path: str | os.PathLike, *, timeout: float | None = 30.0) -> VideoInfo:
