@@ -79,14 +79,22 @@ def student_steps(distill_from: int, round_index: int) -> int:
     return teacher_steps(distill_from, round_index) // (2 if round_index > 0 else 1)
 
 
+def round_schedule(distill_from: int, distill_to: int, round_steps: int | None, max_steps: int) -> tuple[int, int]:
+    """``(rounds, steps per round)``: the guidance round and the halvings, each ``train.distill_round_steps``
+    optimizer steps (default ``train.max_steps / rounds``)."""
+    rounds = 1 + distill_rounds(distill_from, distill_to)
+    return rounds, round_steps or max_steps // rounds
+
+
 def reached_config(config: dict[str, Any], step: int) -> dict[str, Any]:
     """A distill run's resolved ``config`` as its module records it after ``step`` optimizer steps: a run stopped
     before its last round (``train.max_steps`` short of the rounds, to be resumed) records the steps of the round
     its student is in as ``distill_to``, which sampling takes: its student was not halved further. The trainer's
     export and ``python -m lvdm.export`` of a checkpoint both write it."""
     train = config["train"]
-    rounds = 1 + distill_rounds(train["distill_from"], train["distill_to"])  # the guidance round, then halvings
-    round_steps = train.get("distill_round_steps") or train["max_steps"] // rounds
+    rounds, round_steps = round_schedule(
+        train["distill_from"], train["distill_to"], train.get("distill_round_steps"), train["max_steps"]
+    )
     reached = min(max(step - 1, 0) // round_steps, rounds - 1)
     if reached == rounds - 1:
         return config
@@ -101,8 +109,9 @@ class DistillObjective(Objective):
     def __init__(self, cfg: Any, video: Any, frozen: Frozen, device: torch.device) -> None:
         super().__init__(cfg, video, frozen, device)
         train = cfg.train
-        self.rounds = 1 + distill_rounds(train.distill_from, train.distill_to)  # the guidance round, then halvings
-        self.round_steps = train.distill_round_steps or train.max_steps // self.rounds
+        self.rounds, self.round_steps = round_schedule(
+            train.distill_from, train.distill_to, train.distill_round_steps, train.max_steps
+        )  # the guidance round, then halvings
         self.low, self.high = (float(w) for w in train.distill_guidance)
         self.params = {name: p for name, p in video.named_parameters() if p.requires_grad}
         self.original = {name: p.detach().clone() for name, p in self.params.items()}  # the teacher of round 1
