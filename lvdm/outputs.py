@@ -234,16 +234,23 @@ def _sidecar_type_problem(meta: dict[str, Any]) -> str | None:
     return None
 
 
+def read_json(path: str | os.PathLike) -> Any:
+    """A JSON file of at most 16 MiB (a sidecar), or a :class:`ConfigError` saying why it cannot be read."""
+    try:
+        return json.loads(read_bounded(path, MAX_TEXT_BYTES).decode("utf-8"))
+    except (OSError, ValueError, RecursionError) as exc:  # RecursionError: JSON nested too deep
+        raise ConfigError(f"sidecar {path} cannot be read: {getattr(exc, 'strerror', None) or exc}") from exc
+
+
 def read_sidecar(path: str | os.PathLike) -> dict[str, Any]:
     """A video's JSON sidecar, checked to hold what re-rendering it needs (``prompt``, ``settings``, ``model``).
 
     A video whose initial or base noise was given as a tensor cannot be re-rendered from its sidecar (which keeps
     only a fingerprint of it): a :class:`ConfigError`, as is a file that is not a sidecar.
     """
-    try:
-        meta = json.loads(read_bounded(path, MAX_TEXT_BYTES).decode("utf-8"))
-    except (OSError, ValueError, RecursionError) as exc:  # RecursionError: JSON nested too deep
-        raise ConfigError(f"sidecar {path} cannot be read: {getattr(exc, 'strerror', None) or exc}") from exc
+    meta = read_json(path)
+    if isinstance(meta, dict) and isinstance(meta.get("upscale"), dict):
+        raise ConfigError(f"{path} is an upscale's sidecar: python -m lvdm.upscale --from-json {path} re-renders it")
     if not isinstance(meta, dict) or not all(isinstance(meta.get(k), kind) for k, kind in SIDECAR_KEYS.items()):
         raise ConfigError(f"{path} is not an lvdm sidecar (it needs {', '.join(SIDECAR_KEYS)})")
     if problem := _sidecar_type_problem(meta):

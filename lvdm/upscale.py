@@ -4,7 +4,8 @@ The x4 upscaler folder is diffusers' ``StableDiffusionUpscalePipeline`` layout (
 upscaler``); ``--temporal`` a module trained on it (``train.target: upscale``), without which every frame is
 upscaled alone. The output keeps the input's frame count and rate; ``--tile`` runs the model and the VAE over
 overlapping tiles when the whole frame does not fit in memory. ``sample.py --upscaler`` runs the same after
-sampling (the cascade), through :func:`upscale_files`.
+sampling (the cascade), through :func:`upscale_files`. ``--from-json OUT.mp4.json`` re-renders an upscale from its
+sidecar, the options given overriding it (``sample.py --from-json`` then this replay the cascade).
 """
 
 from __future__ import annotations
@@ -48,8 +49,14 @@ def add_upscale_options(parser: argparse.ArgumentParser, *, prefix: str = "") ->
 
 def build_parser() -> argparse.ArgumentParser:
     parser = Parser(prog="python -m lvdm.upscale", description=DESCRIPTION, formatter_class=HelpFormatter)
-    parser.add_argument("video", help="the video to upscale (any size; padded to the UNet's multiple and back)")
-    parser.add_argument("--upscaler", required=True, help="x4 upscaler: a StableDiffusionUpscalePipeline folder")
+    parser.add_argument("video", nargs="?",
+                        help="the video to upscale (any size; padded to the UNet's multiple and back)")  # fmt: skip
+    parser.add_argument("--upscaler", help="x4 upscaler: a StableDiffusionUpscalePipeline folder")
+    parser.add_argument(
+        "--from-json",
+        metavar="SIDECAR",
+        help="re-render an upscale from its sidecar (<output>.json); options given win",
+    )
     parser.add_argument("--temporal", help="temporal module trained on the upscaler; none: frame by frame")
     parser.add_argument("--out", required=True, help="the output video (.mp4 or .gif)")
     parser.add_argument("--prompt", default="", help="what the video shows")
@@ -115,8 +122,84 @@ def upscale_files(
     return written
 
 
+def parse_given(parser: argparse.ArgumentParser, argv: Sequence[str]) -> tuple[argparse.Namespace, set[str]]:
+    """The parsed options, and the names of those the command line gave (the others hold their defaults)."""
+    unset = object()
+    namespace = argparse.Namespace(**{a.dest: unset for a in parser._actions if a.dest != argparse.SUPPRESS})
+    args = parser.parse_args(argv, namespace=namespace)  # argparse fills a default only where the name is missing
+    given = {name for name, value in vars(args).items() if value is not unset and value is not None}
+    for name in set(vars(args)) - given:
+        setattr(args, name, parser.get_default(name))
+    return args, given
+
+
+_NUMBER, _COUNT, _SOME_COUNT = (int, float), (int,), (int, type(None))
+UPSCALE_RECORD = {"source": (str,), "noise_level": _COUNT, "num_inference_steps": _COUNT, "guidance_scale": _NUMBER,
+                  "tile": _SOME_COUNT, "tile_overlap": _SOME_COUNT, "chunk_frames": _SOME_COUNT,
+                  "frame_norms": (bool, str), "norm_passes": _COUNT}  # fmt: skip
+RECORD = {"seed": _COUNT, "mode": (str,)}  # the call's other settings: upscale_pipeline.check_call
+NORMS_OPTION = {True: "frame", "pooled": "pooled", False: "tile"}  # frame_norms -> --tile-norms
+
+
+def read_upscale_sidecar(path: str | Path) -> dict[str, Any]:
+    """An upscale's JSON sidecar (``clip_x4.mp4.json``), checked to hold what re-rendering it reads, each of its
+    type (a sidecar can come from anyone; the values get the command's own checks)."""
+    from lvdm.outputs import read_json
+    from lvdm.upscale_pipeline import check_call
+
+    record = read_json(path)
+    if isinstance(record, dict) and isinstance(record.get("settings"), dict):
+        raise ConfigError(f"{path} is a sampling sidecar: python sample.py --from-json {path} re-renders it")
+    if not isinstance(record, dict) or not isinstance(record.get("upscale"), dict):
+        raise ConfigError(f"{path} is not the sidecar of an upscale (it needs an 'upscale' object)")
+    model = record.get("model") if isinstance(record.get("model"), dict) else {}
+    fields = [(f"upscale.{k}", record["upscale"].get(k), kinds) for k, kinds in UPSCALE_RECORD.items()]
+    fields += [(k, record.get(k), kinds) for k, kinds in RECORD.items()]
+    fields += [
+        ("model.upscaler", model.get("upscaler"), (str,)),
+        ("model.temporal", model.get("temporal"), (str, type(None))),
+    ]
+    for name, value, kinds in fields:
+        if isinstance(value, bool) and bool not in kinds or not isinstance(value, kinds):
+            raise ConfigError(f"sidecar {path}: {name} has the wrong type or is missing: {value!r}")
+    if record["upscale"]["frame_norms"] not in NORMS_OPTION:
+        raise ConfigError(f"sidecar {path}: upscale.frame_norms must be true, false or 'pooled'")
+    try:
+        check_call(record.get("prompt"), record.get("negative_prompt"), record["upscale"].get("scheduler"),
+                   record["mode"] == "image", record.get("fps"))  # fmt: skip
+    except ConfigError as exc:
+        raise ConfigError(f"sidecar {path}: {exc}") from exc
+    if record["upscale"]["source"] == "frames" or record.get("initial_noise") == "given":
+        raise ConfigError(f"sidecar {path}: its video or its noise was given in Python, and the sidecar does not "
+                          "hold it")  # fmt: skip
+    return record
+
+
+def _replayed(args: argparse.Namespace, given: set[str]) -> tuple[argparse.Namespace, dict[str, Any]]:
+    """``args`` with what the command line left unset taken from ``--from-json``'s upscale record, and the call's
+    settings that have no option (its scheduler and output rate)."""
+    record = read_upscale_sidecar(args.from_json)
+    upscale, model = record["upscale"], record["model"]
+    recorded = {
+        "video": upscale["source"], "upscaler": model["upscaler"], "temporal": model.get("temporal"),
+        "prompt": record["prompt"], "negative_prompt": record["negative_prompt"], "seed": record["seed"],
+        "image_mode": record["mode"] == "image", "noise_level": upscale["noise_level"],
+        "upscale_steps": upscale["num_inference_steps"], "upscale_guidance": upscale["guidance_scale"],
+        "tile": upscale["tile"], "tile_overlap": upscale["tile_overlap"], "chunk_frames": upscale["chunk_frames"],
+        "tile_norms": NORMS_OPTION[upscale["frame_norms"]], "norm_passes": upscale["norm_passes"],
+    }  # fmt: skip
+    replayed = argparse.Namespace(**{**vars(args), **{k: v for k, v in recorded.items() if k not in given}})
+    return replayed, {"scheduler": upscale["scheduler"], "fps": record.get("fps")}
+
+
 def main(argv: list[str]) -> int:
-    args = build_parser().parse_args(argv)
+    args, given = parse_given(build_parser(), argv)
+    replay: dict[str, Any] = {}
+    if args.from_json is not None:
+        args, replay = _replayed(args, given)
+    for name, option in (("video", "VIDEO"), ("upscaler", "--upscaler")):
+        if getattr(args, name) is None:
+            raise ConfigError(f"the following arguments are required: {option} (or --from-json SIDECAR)")
     from lvdm.cli import device_and_dtype
     from lvdm.media import gif_rate_problem
     from lvdm.outputs import plan_outputs
@@ -126,7 +209,7 @@ def main(argv: list[str]) -> int:
     settings = upscale_settings(args, args.upscaler)  # its checks, against the upscaler's limits, before it loads
     if Path(args.out).suffix.lower() not in (".mp4", ".gif"):
         raise ConfigError(f"--out {args.out}: give a .mp4 or .gif file")
-    rate = info.playback_fps()  # what the output plays at, unless --fps
+    rate = replay.get("fps") or info.playback_fps()  # what the output plays at
     if Path(args.out).suffix.lower() == ".gif" and (problem := gif_rate_problem(rate)):  # found after, before
         raise ConfigError(f"{args.video} runs at {rate:g} fps, and {problem}: write a .mp4")
     path = plan_outputs(args.out, [args.prompt], overwrite=args.overwrite)[0]
@@ -138,7 +221,7 @@ def main(argv: list[str]) -> int:
     print(f"upscaling {args.video} by {pipe.scale}, {mode}, on {device}", file=sys.stderr)
     out = pipe(
         args.video, args.prompt, negative_prompt=args.negative_prompt, seed=args.seed, image_mode=args.image_mode,
-        progress=not args.quiet, **settings,
+        progress=not args.quiet, **replay, **settings,
     )  # fmt: skip
     for written in out.save(path, overwrite=args.overwrite):
         print(written)

@@ -213,7 +213,7 @@ class UpscalePipeline:
         from lvdm.tiles import tiled
 
         check_upscale_settings(self.limits, noise_level, num_inference_steps, tile, tile_overlap, chunk_frames)
-        _check_call(prompt, negative_prompt, scheduler, image_mode, fps)
+        check_call(prompt, negative_prompt, scheduler, image_mode, fps)
         _check_norms(frame_norms, norm_passes, tile)
         check_seed_and_guidance(seed, guidance_scale)
         check_flag("progress", progress)
@@ -253,7 +253,7 @@ class UpscalePipeline:
                 "frame_norms": frame_norms if isinstance(frame_norms, str) else bool(frame_norms),
                 "norm_passes": int(norm_passes),
             },
-            "prompt": prompt, "negative_prompt": negative_prompt, "seed": seed,
+            "prompt": prompt, "negative_prompt": negative_prompt, "seed": seed, "fps": rate,
             "mode": "image" if by_frame else "video", "model": self.sources,
             "initial_noise": "given" if latents is not None else "seed", "lvdm_version": __version__,
         }  # fmt: skip
@@ -338,7 +338,7 @@ class UpscalePipeline:
 
 
 # --------------------------------------------------------------------------------------------------- helpers
-def _check_call(prompt: Any, negative: Any, scheduler: Any, image_mode: Any, fps: Any) -> None:
+def check_call(prompt: Any, negative: Any, scheduler: Any, image_mode: Any, fps: Any) -> None:
     """The upscale's other arguments, as :class:`~lvdm.sampling_settings.SamplingSettings` checks the text-to-video
     pipeline's (a list of prompts was taken as a prompt and its negative; a NaN fps failed only when saving)."""
     from lvdm.diffusion.sampling import SAMPLERS

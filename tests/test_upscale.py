@@ -422,3 +422,63 @@ def test_a_vae_rescaled_for_the_x4_scaling_factor_encodes_and_decodes_the_same()
     assert torch.allclose(after.mean * 0.08333, before.mean * 0.18215, atol=1e-5)
     assert torch.allclose(after.std * 0.08333, before.std * 0.18215, atol=1e-5)
     assert torch.allclose(vae.decode(after.mean).sample, decoded, atol=1e-5)
+
+
+def test_a_sidecar_replays_an_upscale_and_with_sample_py_a_cascade(upscaler, tiny_assets, tmp_path, capsys):
+    """``python -m lvdm.upscale --from-json`` re-renders an upscale exactly, options given winning; after
+    ``sample.py --from-json`` on the low-res sidecar it replays a whole ``--upscaler`` cascade (nothing could)."""
+    import sample as script
+    from lvdm.cli import run_cli
+    from lvdm.data.readers import probe, read_frames
+    from lvdm.upscale import main
+
+    def frames(path):
+        return read_frames(path, range(probe(path).num_frames))
+
+    low, high = tmp_path / "clip.mp4", tmp_path / "clip_x4.mp4"
+    args = ["--quiet", "--base", str(tiny_assets["base"]), "--prompt", "a disc", "--frames", "3", "--steps", "2",
+            "--negative-prompt", "blurry", "--seed", "4", "--upscaler", str(upscaler), "--upscale-steps", "2",
+            "--noise-level", "30", "--out", str(low)]  # fmt: skip
+    assert run_cli(script.main, args) == 0
+    again, again_high = tmp_path / "again.mp4", tmp_path / "again_x4.mp4"
+    assert run_cli(script.main, ["--quiet", "--from-json", f"{low}.json", "--out", str(again)]) == 0
+    assert run_cli(main, [str(again), "--quiet", "--from-json", f"{high}.json", "--out", str(again_high)]) == 0
+    assert np.array_equal(frames(again_high), frames(high))
+    record, replayed = (json.loads(p.with_name(p.name + ".json").read_text()) for p in (high, again_high))
+    assert replayed["upscale"] | {"source": ""} == record["upscale"] | {"source": ""}
+    assert (replayed["seed"], replayed["negative_prompt"], replayed["fps"]) == (4, "blurry", record["fps"])
+    # from the sidecar alone: the recorded source; an option given wins (the control: the frames change)
+    alone = tmp_path / "alone.mp4"
+    assert run_cli(main, ["--quiet", "--from-json", f"{high}.json", "--out", str(alone)]) == 0
+    assert np.array_equal(frames(alone), frames(high))
+    finer = tmp_path / "finer.mp4"
+    assert run_cli(main, ["--quiet", "--from-json", f"{high}.json", "--steps", "3", "--out", str(finer)]) == 0
+    assert json.loads(finer.with_name("finer.mp4.json").read_text())["upscale"]["num_inference_steps"] == 3
+    assert not np.array_equal(frames(finer), frames(high))
+    capsys.readouterr()
+    # each sidecar names the command that replays it; a hostile one is one line
+    code, err = (
+        run_cli(script.main, ["--from-json", f"{high}.json", "--out", str(tmp_path / "x.mp4")]),
+        capsys.readouterr().err,
+    )
+    assert code == 2 and "python -m lvdm.upscale --from-json" in err, err
+    code, err = (
+        run_cli(main, ["--from-json", f"{low}.json", "--out", str(tmp_path / "y.mp4")]),
+        capsys.readouterr().err,
+    )
+    assert code == 2 and "python sample.py --from-json" in err, err
+    sidecar = json.loads(high.with_name("clip_x4.mp4.json").read_text())
+    for change, message in (({"seed": True}, "seed has the wrong type"),
+                            ({"model": {"upscaler": 3}}, "model.upscaler has the wrong type"),
+                            ({"upscale": sidecar["upscale"] | {"frame_norms": "all"}}, "frame_norms must be"),
+                            ({"upscale": sidecar["upscale"] | {"source": "frames"}}, "given in Python"),
+                            ({"upscale": sidecar["upscale"] | {"tile": 2.5}}, "upscale.tile has the wrong type"),
+                            ({"fps": float("nan")}, "fps"),
+                            ({"upscale": []}, "not the sidecar of an upscale")):  # fmt: skip
+        bad = tmp_path / "bad.json"
+        bad.write_text(json.dumps(sidecar | change))
+        code, err = run_cli(main, ["--from-json", str(bad), "--out", str(tmp_path / "z.mp4")]), capsys.readouterr().err
+        assert code == 2 and err.count("\n") == 1 and message in err, (change, err)
+        assert not (tmp_path / "z.mp4").exists()
+    code, err = run_cli(main, ["--out", str(tmp_path / "z.mp4"), "--upscaler", str(upscaler)]), capsys.readouterr().err
+    assert code == 2 and "required: VIDEO (or --from-json SIDECAR)" in err, err
