@@ -31,7 +31,7 @@ def encoders(base: Any, *, chunk_frames: int = 16) -> dict[str, Any]:
     }
 
 
-MAX_SHARD_SIZE = 65536  # samples per shard file (0 was a traceback; -1 "ready" with no shard written)
+MAX_SHARD_SIZE = 65536  # samples per shard file (at least 1: 0 and -1 write no shard)
 
 
 @dataclass(frozen=True)

@@ -162,7 +162,7 @@ def plan_outputs(
     if folders := [p for p in paths if p.suffix.lower() in MEDIA_SUFFIXES and p.is_dir() and not p.is_symlink()]:
         raise ConfigError(
             f"{folders[0]} is a folder, which a video file cannot replace (--overwrite neither); choose another output"
-        )  # fmt: skip (it was found only after sampling)
+        )  # fmt: skip (here, not after the sampling)
     long = [p.name for path in paths for p in (path, sidecar_path(path)) if len(os.fsencode(p.name)) > NAME_MAX]
     if long:
         size = len(os.fsencode(long[0]))

@@ -108,8 +108,7 @@ def upscale_files(
     pipe: Any, videos: Sequence[Path], *, progress: bool, overwrite: bool = False, **settings: Any
 ) -> list[Path]:
     """Upscale each video ``sample.py`` wrote beside itself (``clip.mp4`` -> ``clip_x4.mp4``) with the prompt,
-    negative prompt and seed its sidecar records (the cascade dropped the negative prompt and gave every video
-    seed 0); the paths."""
+    negative prompt and seed its sidecar records; the paths."""
     from lvdm.outputs import read_sidecar, sidecar_path
 
     written = []

@@ -340,7 +340,7 @@ class UpscalePipeline:
 # --------------------------------------------------------------------------------------------------- helpers
 def check_call(prompt: Any, negative: Any, scheduler: Any, image_mode: Any, fps: Any) -> None:
     """The upscale's other arguments, as :class:`~lvdm.sampling_settings.SamplingSettings` checks the text-to-video
-    pipeline's (a list of prompts was taken as a prompt and its negative; a NaN fps failed only when saving)."""
+    pipeline's (a list of prompts would be taken as a prompt and its negative, a NaN fps found only when saving)."""
     from lvdm.diffusion.sampling import SAMPLERS
 
     for name, text in (("prompt", prompt), ("negative_prompt", negative)):

@@ -1,8 +1,8 @@
 """``skipped.jsonl``: the files a cache build or a training run skipped, one ``{"path", "reason"}`` row per file.
 
 A resumed build or run reads the rows already there and does not log those files again; a line cut short by a
-kill is ended and ignored. Only a regular file is read or written: a link in its place was written through (into
-whatever it named), a FIFO hung the build, a folder was a traceback; each is now a :class:`DataError`.
+kill is ended and ignored. Only a regular file is read or written: a link in its place (which would be written
+through, into whatever it names), a FIFO (which would hang the build) or a folder is a :class:`DataError`.
 """
 
 from __future__ import annotations
