@@ -123,3 +123,11 @@ def test_a_listing_that_is_a_fifo_or_a_device_is_named_as_such(tmp_path: Path) -
         ), result.stderr
     result = check(f"data.manifest={tmp_path / 'none.csv'}", *CLIP, "--quiet")  # the control: missing is missing
     assert result.stderr == f"error: data listing {tmp_path / 'none.csv'} does not exist\n"
+
+
+def test_a_file_name_with_a_newline_stays_on_its_line() -> None:
+    from lvdm.data.check import CheckResult, summary
+
+    result = CheckResult(usable=["fine.mp4"], bad={"too short": ["two\nlines.mp4", "plain.mp4"]})
+    lines = summary(result, 0.5).splitlines()
+    assert lines[3:5] == ["    'two\\nlines.mp4'", "    plain.mp4"]  # the control: a plain name is shown as it is

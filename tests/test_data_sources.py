@@ -192,6 +192,44 @@ def test_listing_rows_with_nul_bytes_or_oversized_fields_are_bad_samples_not_cra
         manifest_source(tmp_path / "none.csv")
 
 
+def test_listing_fields_that_are_not_text_or_too_long_are_bad_samples(tmp_path):
+    """JSON gives lists, objects and numbers where CSV gives text: a caption ["a", "list"] trained as "['a', 'list']"
+    and a 2 MiB caption was taken (a CSV field that long is a bad sample); ``"fps": true`` was a 1 fps hint."""
+    rows = [{"video": "a.mp4", "caption": ["a", "list"]}, {"video": "b.mp4", "caption": {"a": 1}},
+            {"video": "c.mp4", "caption": 12345}, {"video": ["d.mp4"], "caption": "a list of paths"},
+            {"video": "e.mp4", "caption": "x" * (2 << 20)}, {"video": "f.mp4", "caption": "fine", "fps": True},
+            {"video": "g.mp4", "caption": "x" * 20000, "fps": 12}]  # fmt: skip
+    (tmp_path / "m.jsonl").write_text("\n".join(json.dumps(row) for row in rows) + "\n")
+    entries = manifest_source(tmp_path / "m.jsonl")
+    assert [entry.problem for entry in entries[:5]] == [
+        "caption is not text (a JSON list)", "caption is not text (a JSON dict)", "caption is not text (a JSON int)",
+        "media path is not text (a JSON list)", "caption over 1048576 characters",
+    ]  # fmt: skip
+    assert entries[5].problem is None and entries[5].fps is None and entries[5].read_caption() == "fine"
+    assert entries[6].problem is None and entries[6].fps == 12.0  # the control: text and a number are taken
+
+
+def test_an_image_that_is_a_fifo_is_refused_at_once(tmp_path):
+    """A FIFO named ``*.png`` among the images hung ``data.check`` and training (Pillow opened it to read the size)."""
+    import threading
+
+    from lvdm.data.sizes import UNREADABLE, image_size, probe_size
+
+    os.mkfifo(tmp_path / "still.png")
+    (tmp_path / "still.txt").write_text("a still")
+    outcome = {}
+
+    def size_of_the_fifo():
+        with pytest.raises(VideoReadError, match="not a regular file"):
+            image_size(tmp_path / "still.png")
+        outcome["probed"] = probe_size(image_source(tmp_path)[0])
+
+    worker = threading.Thread(target=size_of_the_fifo, daemon=True)  # daemon: a hang fails the test, not the run
+    worker.start()
+    worker.join(timeout=20)
+    assert not worker.is_alive() and outcome == {"probed": UNREADABLE}
+
+
 def test_folder_symlinks_out_of_the_root_are_skipped_unless_allowed(tmp_path):
     root, outside = tmp_path / "root", tmp_path / "secret.mp4"
     root.mkdir()
@@ -205,6 +243,7 @@ def test_folder_symlinks_out_of_the_root_are_skipped_unless_allowed(tmp_path):
     problems = {e.path.name: e.problem for e in folder_source(root)}
     assert "escapes the data root" in problems["link.mp4"] and problems["alias.mp4"] is None
     assert all("unresolvable path" in problems[name] for name in ("loop.mp4", "a.mp4", "b.mp4")), problems
+    assert len({problems[name] for name in ("loop.mp4", "a.mp4", "b.mp4")}) == 1  # one kind in data.check's groups
     assert all(e.problem is None for e in folder_source(root, allow_links_outside=True))
 
 

@@ -55,7 +55,8 @@ BAD = {
 }
 MAYBE_BAD = {"truncated_webm.webm": "truncated"}  # its first 24 of 64 frames decode: a clip there is fine
 GOOD = {
-    "alpha.mov", "gray.mkv", "odd_size.webm", "ten_bit.mp4", "rotated.mp4", "vfr.mp4", "hevc_open_gop.mp4",
+    "alpha.mov", "gray.mkv", "odd_size.webm", "ten_bit.mp4", "rotated.mp4", "vfr.mp4", "vfr_mkv.mkv", "vfr_webm.webm",
+    "hevc_open_gop.mp4",
     "vidéo ünï 動画.mp4", "caption_20000.mp4", "small_8x8.mp4", "thin_16x4096.mp4",
     *(f"clip_{i:03d}.mp4" for i in range(6)), *({"unreadable.mp4"} if IS_ROOT else set()),
 }  # fmt: skip
@@ -406,7 +407,7 @@ def test_images_are_one_frame_samples_never_batched_with_videos(tmp_path: Path, 
         kinds.add(is_image)
     assert kinds == {True, False}
     assert guard.seen == {
-        str(images / "empty.png"): "not a readable image (UnidentifiedImageError)",
+        str(images / "empty.png"): "zero-byte file",
         str(images / "notes.png"): "not a readable image (UnidentifiedImageError)",
         str(images / "huge.png"): "image too large (decompression bomb guard)",
     }

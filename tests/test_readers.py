@@ -157,6 +157,8 @@ def test_probe_of_awkward_files(bad_inputs) -> None:
     assert probe(bad_inputs["fps_1000"]).fps is None  # absurd: treated as missing
     vfr = probe(bad_inputs["vfr"])
     assert vfr.num_frames == 24 and 15 < vfr.fps < 25
+    # mkv and webm state no count: not duration x rate, which over-counts a variable rate (the clip was "truncated")
+    assert probe(bad_inputs["vfr_mkv"]).num_frames == probe(bad_inputs["vfr_webm"]).num_frames == 24
 
 
 def test_a_header_declaring_a_frame_too_large_for_ffmpeg_is_named_for_it(tmp_path: Path) -> None:

@@ -108,6 +108,12 @@ def _reason_kind(reason: str) -> str:
     return reason.split(":")[0].strip()
 
 
+def _shown(path: object) -> str:
+    """A path on one line: quoted as Python writes it when it holds a newline or another control character."""
+    text = str(path)
+    return repr(text) if any(ord(c) < 32 or ord(c) == 127 for c in text) else text
+
+
 def summary(result: CheckResult, max_bad_fraction: float, *, show: int = 5) -> str:
     """The human-readable verdict."""
     rate = result.total / max(result.seconds, 1e-9)
@@ -117,7 +123,7 @@ def summary(result: CheckResult, max_bad_fraction: float, *, show: int = 5) -> s
     ]
     for reason, files in sorted(result.bad.items(), key=lambda item: -len(item[1])):
         lines.append(f"bad, {reason}: {len(files)}")
-        lines += [f"    {path}" for path in files[:show]]
+        lines += [f"    {_shown(path)}" for path in files[:show]]
         lines += [f"    ... and {len(files) - show} more"] if len(files) > show else []
     verdict = "ok" if result.bad_fraction <= max_bad_fraction else "too many bad files"
     lines.append(

@@ -43,7 +43,7 @@ class _Unreliable(Exception):
 # --- files and containers -------------------------------------------------------------------------------------------
 
 
-def _check_file(path: str | os.PathLike, *, sniff: bool = True) -> str:
+def check_file(path: str | os.PathLike, *, sniff: bool = True) -> str:
     """Fail early, with a plain reason, on files no decoder should see: missing, empty, unreadable, text, images."""
     try:
         info = Path(path).stat()
@@ -81,7 +81,7 @@ def _looks_like_text(head: bytes) -> bool:
     return True
 
 
-_AV_REASONS = {  # PyAV exception type -> reason (the file passed _check_file a moment before)
+_AV_REASONS = {  # PyAV exception type -> reason (the file passed check_file a moment before)
     FileNotFoundError: "file vanished",
     PermissionError: "permission denied",
     av.error.InvalidDataError: "invalid or truncated container",

@@ -39,7 +39,6 @@ from lvdm.data.pyav_reader import (
     MIN_FPS,
     PyAVReader,
     _av_reason,
-    _check_file,
     _count_packets,
     _decode,
     _DecodeStopped,
@@ -47,6 +46,7 @@ from lvdm.data.pyav_reader import (
     _fps,
     _open_video,
     _stated_fps,
+    check_file,
 )
 from lvdm.errors import VideoReadError
 
@@ -140,8 +140,9 @@ def _probe(path: str) -> VideoInfo:
             raise VideoReadError(path, _av_reason(e)) from None
         fps, stated = _fps(stream), _stated_fps(stream)
         duration = _duration_s(container, stream)
-        num_frames = stream.frames or (round(duration * fps) if duration and fps else 0)
-    num_frames = num_frames or max(1, _count_packets(path))  # the first frame decoded: at least one
+        counted = stream.frames  # mp4 and mov state it; mkv and webm do not, and duration x rate over-counts VFR
+        estimate = round(duration * fps) if duration and fps else 0
+    num_frames = counted or _count_packets(path) or estimate or 1  # the first frame decoded: at least one
     width, height = (first.height, first.width) if round(first.rotation / 90) % 2 else (first.width, first.height)
     return VideoInfo(num_frames=num_frames, fps=fps, width=width, height=height, stated_fps=stated)
 
@@ -152,7 +153,7 @@ def probe(path: str | os.PathLike, *, timeout: float | None = 30.0) -> VideoInfo
     Raises VideoReadError for anything that is not a readable video, including a truncated mp4 whose sample
     index points past the end of the file.
     """
-    path = _check_file(path)
+    path = check_file(path)
     return _bounded(lambda: _probe(path), timeout, path, "probe")
 
 
@@ -187,7 +188,7 @@ def read_frames(
     module notes). PyAV seeks once, to the keyframe before the smallest index, then decodes up to the largest.
     """
     names = _check_request(indices, size, reader)
-    path = _check_file(path)
+    path = check_file(path)
     indices = [int(i) for i in indices]
 
     def attempt() -> np.ndarray:
@@ -224,14 +225,14 @@ def _read_rgb(path: str | os.PathLike, size: tuple[int, int] | None) -> np.ndarr
         rgb = _image_to_rgb(image)
         if size is not None and rgb.size != tuple(size):
             rgb = rgb.resize(tuple(size), Image.Resampling.BICUBIC, reducing_gap=3.0)
-        return np.asarray(rgb, dtype=np.uint8)
+        return np.array(rgb, dtype=np.uint8)  # writable: torch.from_numpy warns of a read-only array
 
 
 def read_image(path: str | os.PathLike, *, size: tuple[int, int] | None = None) -> np.ndarray:
     """An image as a one-frame clip: uint8 ``(1, h, w, 3)`` RGB, resized (bicubic) to ``size=(width, height)``."""
     if size is not None and (len(size) != 2 or min(size) < 1):
         raise ValueError(f"size must be (width, height) >= 1, got {size}")
-    path = _check_file(path, sniff=False)
+    path = check_file(path, sniff=False)
     try:
         with warnings.catch_warnings():  # a large image is read as asked, not warned of (the error stands)
             warnings.simplefilter("ignore", Image.DecompressionBombWarning)

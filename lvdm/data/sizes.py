@@ -86,6 +86,9 @@ def image_size(path: str | os.PathLike) -> Size:
     """``(width, height)`` as displayed: EXIF orientations 5-8 swap the stored sides (``read_image`` rotates)."""
     from PIL import Image
 
+    from lvdm.data.readers import check_file
+
+    path = check_file(path, sniff=False)  # a FIFO would block Image.open
     try:
         with Image.open(path) as image:
             orientation = image.getexif().get(0x0112, 1)

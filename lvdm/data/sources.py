@@ -148,14 +148,14 @@ def manifest_source(
         if _PROBLEM in row:
             entries.append(Entry(path, caption="", is_image=images, source=str(path), problem=row[_PROBLEM]))
             continue
-        media = str(_first(row, media_keys) or "").strip()
-        caption = _first(row, ("caption", "text"))
-        full = root / media
-        problem = "row has no media path" if not media else _escape_problem(root, full)
+        media, caption = _first(row, media_keys), _first(row, ("caption", "text"))
+        media = media.strip() if isinstance(media, str) else media
+        full = root / media if isinstance(media, str) else path
+        problem = _row_problem(media, caption) or _escape_problem(root, full)
         entries.append(
             Entry(
                 full,
-                caption=None if caption is None else str(caption),
+                caption=caption if isinstance(caption, str) else None,
                 fps=_number(row.get("fps")),
                 is_image=images,
                 source=str(path),
@@ -260,7 +260,21 @@ def _first(row: dict, keys: tuple[str, ...]) -> object:
     return next((row[k] for k in keys if row.get(k) not in (None, "")), None)
 
 
+def _row_problem(media: object, caption: object) -> str | None:
+    """Why a listing row's fields cannot be a sample (JSON gives numbers, lists and objects where CSV gives text)."""
+    if not media:
+        return "row has no media path"
+    for name, value in (("media path", media), ("caption", caption)):
+        if value is not None and not isinstance(value, str):
+            return f"{name} is not text (a JSON {type(value).__name__})"
+    if caption is not None and len(caption) > MAX_LISTING_FIELD:  # as a CSV field that long is (csv counts characters)
+        return f"caption over {MAX_LISTING_FIELD} characters"
+    return None
+
+
 def _number(value: object) -> float | None:
+    if isinstance(value, bool):  # JSON true is not 1 fps (an unusable hint is no hint)
+        return None
     try:
         number = float(value)  # type: ignore[arg-type]
     except (TypeError, ValueError, OverflowError):  # OverflowError: an int past float's range
@@ -276,8 +290,10 @@ def _escape_problem(root: Path, *paths: Path) -> str | None:
             return "path contains a NUL byte"
         try:
             resolved = path.resolve()
-        except (OSError, RuntimeError) as exc:  # a symlink loop (RuntimeError before Python 3.13, OSError after)
-            return f"unresolvable path ({exc})"
+        except RuntimeError:  # a symlink loop before Python 3.13 (its message names the path: not one group)
+            return "unresolvable path: a symlink loop"
+        except OSError as exc:  # from Python 3.13, ELOOP
+            return f"unresolvable path: {exc.strerror or type(exc).__name__}"
         if not resolved.is_relative_to(base):
             return f"path escapes the data root {root}"
     return None

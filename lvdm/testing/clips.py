@@ -305,12 +305,17 @@ def _fps_0(directory: Path) -> Path:
     return path
 
 
-def _vfr(directory: Path) -> Path:
-    """24 frames at irregular intervals (20-120 ms): frame index must mean decode order, not time x fps."""
-    durations = [40, 40, 80, 20, 40, 120, 30, 50] * 3
-    pts = [sum(durations[:i]) for i in range(len(durations))]
-    frames = _index_frames(len(pts), (64, 48), 0)
-    return _encode(directory / "vfr.mp4", frames, fps=24, codec="libx264", pix_fmt="yuv420p", pts_ms=pts)
+def _vfr(name: str, codec: str = "libx264") -> Callable[[Path], Path]:
+    """24 frames at irregular intervals (20-120 ms): frame index must mean decode order, not time x fps (and in
+    mkv and webm, which state no frame count, the count is not duration x rate)."""
+
+    def write(directory: Path) -> Path:
+        durations = [40, 40, 80, 20, 40, 120, 30, 50] * 3
+        pts = [sum(durations[:i]) for i in range(len(durations))]
+        frames = _index_frames(len(pts), (64, 48), 0)
+        return _encode(directory / name, frames, fps=24, codec=codec, pix_fmt="yuv420p", pts_ms=pts)
+
+    return write
 
 
 def _alpha(directory: Path) -> Path:
@@ -354,7 +359,9 @@ BAD_INPUTS: dict[str, Callable[[Path], Path]] = {
     "short": lambda d: _good(d, "short.mp4", num_frames=4),
     "fps_0": _fps_0,
     "fps_1000": lambda d: _good(d, "fps_1000.mp4", fps=1000.0),
-    "vfr": _vfr,
+    "vfr": _vfr("vfr.mp4"),
+    "vfr_mkv": _vfr("vfr_mkv.mkv"),
+    "vfr_webm": _vfr("vfr_webm.webm", codec="libvpx-vp9"),
     "tiny_8x8": lambda d: write_clip(d / "tiny_8x8.mp4", num_frames=4, size=(8, 8)),
     "tall_16x4096": lambda d: write_clip(d / "tall_16x4096.mp4", num_frames=2, size=(16, 4096)),
     "odd_size": lambda d: _good(d, "odd_size.webm", size=(33, 17), codec="libvpx-vp9"),  # VP9 4:2:0 allows odd
@@ -382,6 +389,8 @@ EXPECT_READABLE: dict[str, bool] = {
     "fps_0": True,
     "fps_1000": True,
     "vfr": True,
+    "vfr_mkv": True,
+    "vfr_webm": True,
     "tiny_8x8": True,
     "tall_16x4096": True,
     "odd_size": True,
