@@ -127,8 +127,9 @@ def _make_folder(path: Path) -> None:
 
 
 def _temp_name(path: Path, suffix: str = "") -> Path:
-    """``.{name}.{8 hex}.tmp{suffix}``, the name shortened so that it fits where ``path`` fits."""
-    stem = path.name.encode()[: NAME_MAX - 14 - len(suffix.encode())].decode(errors="ignore")
+    """``.{name}.{8 hex}.tmp{suffix}``, the name shortened so that it fits where ``path`` fits, with room for the
+    ``.d`` of :func:`save_safetensors`' folder."""
+    stem = path.name.encode()[: NAME_MAX - 16 - len(suffix.encode())].decode(errors="ignore")
     return path.with_name(f".{stem}.{secrets.token_hex(4)}.tmp{suffix}")
 
 
@@ -254,14 +255,51 @@ def json_text(data: Any, **options: Any) -> str:
 
 
 def is_stray_temp(name: str, final_names: tuple[str, ...]) -> bool:
-    """Whether ``name`` is a leftover of an :func:`atomic_path` write to one of ``final_names`` that was killed."""
+    """Whether ``name`` is a leftover of an :func:`atomic_path` write to one of ``final_names`` that was killed (a
+    file, or the folder of :func:`save_safetensors`)."""
     for final in final_names:
         prefix = f".{final}."
-        for end in (".tmp", ".tmp" + Path(final).suffix):  # atomic_paths(keep_suffix=True) keeps the suffix
+        tmp = (".tmp", ".tmp" + Path(final).suffix)  # atomic_paths(keep_suffix=True) keeps the suffix
+        for end in (*tmp, *(end + SAFETENSORS_FOLDER for end in tmp)):
             middle = name[len(prefix) : -len(end)] if name.startswith(prefix) and name.endswith(end) else ""
             if len(middle) == 8 and all(c in "0123456789abcdef" for c in middle):
                 return True
     return False
+
+
+SAFETENSORS_FOLDER, _WRITTEN = ".d", "tensors.safetensors"
+
+
+def save_safetensors(
+    tensors: dict[str, Any], path: str | os.PathLike, *, metadata: dict[str, str] | None = None
+) -> None:
+    """``safetensors.torch.save_file`` to ``path`` (an :func:`atomic_path` temporary name), its own temporary file
+    kept in a folder of lvdm's: safetensors (0.8) writes ``.tmpXXXXXX`` beside its target, then renames it, and a
+    kill -9 left that in a run folder, where lvdm cannot tell it from a user's file (``train.overwrite`` then
+    refused the run). A killed write now leaves ``{path}.d/``, which :func:`is_stray_temp` knows by its name."""
+    from safetensors.torch import save_file
+
+    path = Path(path)
+    folder = path.with_name(path.name + SAFETENSORS_FOLDER)
+    folder.mkdir()  # new: what is in it is this call's writing
+    try:
+        save_file(tensors, folder / _WRITTEN, metadata=metadata)
+        os.replace(folder / _WRITTEN, path)
+    finally:
+        remove_stray_temp(folder)
+
+
+def remove_stray_temp(path: Path) -> None:
+    """Remove an :func:`is_stray_temp` leftover: a file, or a :func:`save_safetensors` folder with what safetensors
+    writes in it (anything else is left, and the folder with it)."""
+    if not path.is_dir() or path.is_symlink():
+        path.unlink(missing_ok=True)
+        return
+    for entry in path.iterdir():
+        if entry.name == _WRITTEN or (entry.name.startswith(".tmp") and entry.is_file() and not entry.is_symlink()):
+            entry.unlink(missing_ok=True)
+    with contextlib.suppress(OSError):  # not empty: something lvdm did not write
+        path.rmdir()
 
 
 def nearest_existing(path: str | os.PathLike) -> Path:

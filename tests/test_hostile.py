@@ -63,7 +63,7 @@ def cli_all(*commands: list[object], timeout: float = 180) -> list[subprocess.Co
 def one_line_error(result: subprocess.CompletedProcess[str], code: int, *fragments: str) -> None:
     lines = [line for line in result.stderr.splitlines() if line.startswith("error:")]
     assert result.returncode == code, (result.returncode, result.stderr[-2000:])
-    assert len(lines) == 1, result.stderr[-2000:]
+    assert len(lines) == 1 and "Traceback" not in result.stderr, result.stderr[-2000:]
     for fragment in fragments:
         assert fragment in lines[0], (fragment, lines[0])
 
@@ -276,7 +276,10 @@ def full(*args, **kwargs):
         raise OSError(errno.ENOSPC, "No space left on device")
     return real(*args, **kwargs)
 if where == "export":
-    real, temporal_file.save_file = temporal_file.save_file, full
+    real, temporal_file.save_safetensors = temporal_file.save_safetensors, full
+elif where == "tensorboard":  # in TensorBoard's writer thread, which printed a traceback before lvdm's line
+    from tensorboard.summary.writer import record_writer
+    real, record_writer.RecordWriter.write = record_writer.RecordWriter.write, full
 else:
     real, logs._append_line = logs._append_line, full
 sys.argv = sys.argv[1:]
@@ -284,14 +287,14 @@ runpy.run_path(sys.argv[0], run_name="__main__")
 """
 
 
-@pytest.mark.parametrize("where", ["export", "log"])
+@pytest.mark.parametrize("where", ["export", "log", "tensorboard"])
 def test_a_full_disk_is_one_line_and_the_checkpoints_stay_intact(where, tiny_assets, tmp_path):
     out = tmp_path / "run"
     inject = tmp_path / "inject.py"
     inject.write_text(INJECT)
     extra = {"train.max_steps": 4, "train.checkpoint_every": 1, "train.log_every": 1}
     result = cli(inject, *train_args(tiny_assets, out, **extra), env={**ENV, "LVDM_DISK_FULL": where})
-    target = "temporal.safetensors" if where == "export" else "log.jsonl"
+    target = {"export": "temporal.safetensors", "log": "log.jsonl", "tensorboard": "tensorboard"}[where]
     one_line_error(result, 1, f"could not write {out / target}", "No space left on device")
     checkpoints = list_checkpoints(out / "checkpoints")
     assert checkpoints and all(load_checkpoint(path) for path in checkpoints)
@@ -726,6 +729,58 @@ def test_a_killed_run_can_be_overwritten_but_what_a_user_put_there_meanwhile_is_
     run_lock.release_run(out)
     assert "did not exit cleanly" in capsys.readouterr().err
     assert not (out / "checkpoints").exists()
+
+
+KILLED_WRITE = """
+import os, sys
+from pathlib import Path
+import safetensors.torch, torch
+from lvdm.fileio import atomic_path, save_safetensors
+def killed(tensors, filename, metadata=None):  # what safetensors 0.8 does, and a kill -9 in the middle of it
+    Path(filename).with_name(".tmpAb3dEf").write_bytes(b"half a file")
+    os._exit(9)
+safetensors.torch.save_file = killed
+with atomic_path(Path(sys.argv[1])) as temp:
+    save_safetensors({"w": torch.zeros(2)}, temp)
+"""
+
+
+def test_what_a_kill_leaves_is_lvdms_and_goes(tmp_path, capsys):
+    """kill -9 during a safetensors write left safetensors' own ``.tmpXXXXXX`` beside the file, and during a
+    validation sample a ``samples/step-N/.00.gif.<hex>.tmp``: ``train.overwrite=true`` refused such a run forever
+    ("files lvdm did not write"). Killed in its first checkpoint's save, a run was refused with advice that could
+    not work (train.resume=auto: "no complete checkpoint")."""
+    from lvdm.errors import LvdmError
+    from lvdm.fileio import is_stray_temp
+    from lvdm.training.run_dir import prepare_output_dir
+    from lvdm.training.run_lock import release_run
+
+    out = tmp_path / "run"
+    _fake_run(out, checkpoint=True, marker=True)
+    killed = subprocess.run([sys.executable, "-c", KILLED_WRITE, str(out / "temporal.safetensors")], timeout=120)
+    assert killed.returncode == 9
+    (leftover,) = [p for p in out.iterdir() if p.name.startswith(".temporal")]
+    assert is_stray_temp(leftover.name, ("temporal.safetensors",)) and (leftover / ".tmpAb3dEf").is_file()
+    assert not list(out.glob(".tmp*"))  # safetensors' half file is inside lvdm's folder, not beside it
+    step = out / "samples" / "step-00000001"
+    (step / ".00.gif.1a2b3c4d.tmp").write_bytes(b"")  # a validation gif's write, killed
+    (step / ".notes.1a2b3c4d.tmp").write_bytes(b"")  # the control: not a name lvdm writes there
+    with pytest.raises(LvdmError, match="notes"):
+        prepare_output_dir(out, resume=None, overwrite=True)
+    assert not leftover.exists() and not (step / ".00.gif.1a2b3c4d.tmp").exists()  # refused, lvdm's leftovers gone
+    assert (step / ".notes.1a2b3c4d.tmp").exists() and (out / "checkpoints" / "checkpoint-00000001").is_dir()
+    (step / ".notes.1a2b3c4d.tmp").unlink()
+    prepare_output_dir(out, resume=None, overwrite=True)
+    release_run(out)
+    assert sorted(p.name for p in out.iterdir()) == [".lvdm-lock", ".lvdm-run.json"]
+    # a save killed before the first checkpoint's rename: the run stopped before its first checkpoint
+    _fake_run(out, checkpoint=False, marker=True)
+    unfinished = out / "checkpoints" / ".tmp-checkpoint-00000001-x1y2z3"
+    unfinished.mkdir(parents=True)
+    (unfinished / "trainable.safetensors").write_bytes(b"half")
+    prepare_output_dir(out, resume=None, overwrite=False)
+    release_run(out)
+    assert "stopped before its first checkpoint" in capsys.readouterr().err and not unfinished.exists()
 
 
 def test_files_a_user_put_inside_lvdm_folders_are_refused_not_deleted(tmp_path):

@@ -36,14 +36,13 @@ from typing import Any
 
 import torch
 from safetensors import SafetensorError
-from safetensors.torch import save_file
 from torch.utils.data import Dataset
 from tqdm.auto import tqdm
 
 from lvdm.data.dataset import VideoDataset
 from lvdm.data.skip_log import SkipLog
 from lvdm.errors import DataError, VideoReadError
-from lvdm.fileio import atomic_path, is_stray_temp, read_json, safetensors_handle
+from lvdm.fileio import atomic_path, is_stray_temp, read_json, safetensors_handle, save_safetensors
 
 FORMAT = "lvdm.latent_cache"
 FORMAT_VERSION = 1
@@ -121,7 +120,7 @@ def build_cache(
     shards = range(0, len(dataset), shard_size)
     _start_or_resume(out, fingerprint, shard_size, len(shards))
     with atomic_path(out / "empty_text.safetensors") as temp:  # never written through a link someone put there
-        save_file({"text": encode_text([""])[0].cpu().contiguous()}, temp)
+        save_safetensors({"text": encode_text([""])[0].cpu().contiguous()}, temp)
     skips = SkipLog(out / "skipped.jsonl")
     bar = tqdm(total=len(dataset), desc="caching latents", unit="clip", disable=not progress)
     encode = _SampleEncoder(dataset, skips, encode_video, encode_text, encode_image, keep_frames)
@@ -219,7 +218,7 @@ def _save_shard(path: Path, encoded: list[tuple[dict[str, torch.Tensor], dict[st
     tensors = {key: tensor for sample, _ in encoded for key, tensor in sample.items()}
     samples = sorted((row for _, row in encoded), key=lambda row: row["index"])
     with atomic_path(path) as temp:
-        save_file(tensors, temp, metadata={"samples": json.dumps(samples)})
+        save_safetensors(tensors, temp, metadata={"samples": json.dumps(samples)})
 
 
 def _mend_shard(path: Path, indices: range, encode: _SampleEncoder) -> None:

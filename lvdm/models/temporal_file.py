@@ -28,11 +28,11 @@ from typing import TYPE_CHECKING, Any
 
 import torch
 from safetensors import SafetensorError
-from safetensors.torch import load_file, save_file
+from safetensors.torch import load_file
 
 from lvdm import __version__
 from lvdm.errors import TemporalModuleError
-from lvdm.fileio import atomic_path, unreadable
+from lvdm.fileio import atomic_path, save_safetensors, unreadable
 from lvdm.models.layout import TemporalLayout
 from lvdm.models.loading import tensor_problem
 
@@ -160,7 +160,7 @@ def write_temporal_file(
         metadata["source"] = json.dumps(source)
     tensors = {name: t.detach().to("cpu").contiguous() for name, t in tensors.items()}
     with atomic_path(path, exclusive=exclusive) as temp:
-        save_file(tensors, temp, metadata=metadata)
+        save_safetensors(tensors, temp, metadata=metadata)
     return path
 
 

@@ -188,9 +188,7 @@ def save_video_decoder(
     ``diffusion_pytorch_model.safetensors``), each file written under a temporary name and renamed, so a killed
     save leaves the previous files whole. ``training_config`` (the run that trained it) goes into the weights'
     safetensors metadata as ``training_config``, as in a temporal module file; diffusers ignores it."""
-    from safetensors.torch import save_file
-
-    from lvdm.fileio import atomic_path
+    from lvdm.fileio import atomic_path, save_safetensors
 
     folder = Path(folder)
     folder.mkdir(parents=True, exist_ok=True)
@@ -199,7 +197,7 @@ def save_video_decoder(
     if training_config is not None:
         metadata["training_config"] = json.dumps(training_config, default=str)
     with atomic_path(folder / DECODER_FILES[1]) as temp:
-        save_file(state, temp, metadata=metadata)
+        save_safetensors(state, temp, metadata=metadata)
     with atomic_path(folder / DECODER_FILES[0]) as temp:
         Path(temp).write_text(model.to_json_string(), encoding="utf-8")
     return folder

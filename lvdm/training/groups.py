@@ -12,10 +12,9 @@ from pathlib import Path
 from typing import Any
 
 import torch
-from safetensors.torch import save_file
 
 from lvdm.errors import ConfigError
-from lvdm.fileio import atomic_path, atomic_paths
+from lvdm.fileio import atomic_path, atomic_paths, save_safetensors
 
 LORA_ADAPTER = "lvdm_spatial"
 # the spatial transformers' attention projections (the temporal attention blocks are excluded)
@@ -104,5 +103,5 @@ def export_spatial_weights(params: dict[str, torch.nn.Parameter], path: Path, *,
     """Write unfrozen spatial weights keyed by plain diffusers UNet names, loadable by ``load_base``."""
     tensors = {plain_name(name): p.detach().float().cpu().contiguous() for name, p in params.items()}
     with atomic_path(path, exclusive=exclusive) as temp:
-        save_file(tensors, temp, metadata={"format": "lvdm.spatial_weights"})
+        save_safetensors(tensors, temp, metadata={"format": "lvdm.spatial_weights"})
     return path

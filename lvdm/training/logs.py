@@ -10,6 +10,7 @@ from __future__ import annotations
 import json
 import math
 import shutil
+import threading
 from pathlib import Path
 from typing import Any
 
@@ -27,6 +28,7 @@ class RunLog:
         if enabled:
             from torch.utils.tensorboard import SummaryWriter
 
+            _quiet_writer_threads()
             last = last_step(self.path)  # a resumed run: TensorBoard forgets what came after (see truncate_log)
             purge = None if last is None else last + 1
             self._writer = _guarded(self.path.parent / "tensorboard", SummaryWriter, str(output_dir / "tensorboard"),
@@ -55,6 +57,22 @@ class RunLog:
     def close(self) -> None:
         if self._writer is not None:
             _guarded(self.path.parent / "tensorboard", self._writer.close)
+
+
+def _quiet_writer_threads() -> None:
+    """TensorBoard's writer thread prints its ``OSError`` (a full disk) as a traceback, then hands it to the main
+    thread's next write, which :func:`_guarded` makes one line: the thread's print is left out, once per process."""
+    previous = threading.excepthook
+    if getattr(previous, "lvdm_quiet", False):
+        return
+
+    def hook(args: Any) -> None:
+        if issubclass(args.exc_type, OSError) and type(args.thread).__module__.startswith("tensorboard."):
+            return
+        previous(args)
+
+    hook.lvdm_quiet = True  # type: ignore[attr-defined]
+    threading.excepthook = hook
 
 
 def _append_line(path: Path, line: str) -> None:

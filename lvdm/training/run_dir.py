@@ -41,7 +41,7 @@ from pathlib import Path
 from typing import Any
 
 from lvdm.errors import CheckpointError, ConfigError, LvdmError
-from lvdm.fileio import is_stray_temp, special_folder
+from lvdm.fileio import is_stray_temp, remove_stray_temp, special_folder
 from lvdm.training.checkpoint import (
     MARKER,
     OUR_FILE,
@@ -78,6 +78,7 @@ _SKIPPED_RANK = re.compile(r"skipped\.rank\d+\.jsonl")
 _PROBE = re.compile(r"\.write-probe-\w+")
 _SAMPLE = re.compile(r"(image_mode_)?\d{2,}(_image)?\.(mp4|gif|png)")  # validation.write_videos, objectives
 _SAMPLE_DIR = re.compile(r"step-\d{8}")
+_TEMP_OF = re.compile(r"\.(.+)\.[0-9a-f]{8}\.tmp.*")  # fileio.atomic_path's names: the final name first
 
 # Config keys that change parameter shapes or what a step means: resuming with them changed is an error.
 FIXED_ON_RESUME = (
@@ -176,9 +177,9 @@ def _prepare_fresh(output_dir: Path, overwrite: bool) -> None:
         return
     marker = _read_marker(output_dir)
     foreign = _foreign(output_dir, entries, marker)
-    material = checkpoint_material(checkpoint_root(output_dir)) or any(
-        (output_dir / name).exists() for name in ("temporal.safetensors", "decoder")
-    )
+    # a save killed before its rename is no checkpoint (_tidy recovered any that had finished)
+    saved = [path for path in checkpoint_material(checkpoint_root(output_dir)) if not path.name.startswith(".tmp-")]
+    material = saved or any((output_dir / name).exists() for name in ("temporal.safetensors", "decoder"))
     if material and not overwrite and not foreign:
         count = len(list_checkpoints(checkpoint_root(output_dir)))
         raise LvdmError(
@@ -210,10 +211,30 @@ def _clear(output_dir: Path, entries: list[str]) -> None:
 
 
 def _remove_stray_temp_files(output_dir: Path) -> None:
-    """Half-written exports of a killed run (``.temporal.safetensors.1a2b3c4d.tmp``)."""
+    """Half-written exports and validation samples of a killed run (``.temporal.safetensors.1a2b3c4d.tmp``,
+    ``samples/step-00000010/.00.gif.1a2b3c4d.tmp``)."""
     for name in _entries(output_dir, everything=True):
         if is_stray_temp(name, RUN_FILES + (RUN_MARKER,)) or _PROBE.fullmatch(name):
-            (output_dir / name).unlink(missing_ok=True)
+            remove_stray_temp(output_dir / name)
+    samples, decoder = output_dir / "samples", output_dir / "decoder"
+    folders = [folder for folder in _plain_folders(samples) if _SAMPLE_DIR.fullmatch(folder.name)]
+    for folder in folders + ([decoder] if _plain_folders(output_dir, decoder.name) else []):
+        for path in folder.iterdir():
+            if _sample_temp(path.name) or (folder == decoder and is_stray_temp(path.name, DECODER_FILES)):
+                remove_stray_temp(path)
+
+
+def _plain_folders(parent: Path, name: str | None = None) -> list[Path]:
+    """The folders in ``parent`` (only ``name``), not links; none where ``parent`` is not a plain folder."""
+    if not parent.is_dir() or parent.is_symlink():
+        return []
+    return [p for p in parent.iterdir() if p.is_dir() and not p.is_symlink() and name in (None, p.name)]
+
+
+def _sample_temp(name: str) -> bool:
+    """Whether ``name`` is a killed write of a validation sample (``.00.gif.1a2b3c4d.tmp``)."""
+    final = _TEMP_OF.fullmatch(name)
+    return bool(final and _SAMPLE.fullmatch(final[1]) and is_stray_temp(name, (final[1],)))
 
 
 # ---------------------------------------------------------------------------------------------- what is lvdm's
@@ -233,8 +254,8 @@ def _unproven(output_dir: Path, entries: list[str], listed: set[str] | None) -> 
     for name in entries:
         path = output_dir / name
         in_list = listed is None or name in listed or (_SKIPPED_RANK.fullmatch(name) and "skipped.jsonl" in listed)
-        if is_stray_temp(name, RUN_FILES + (RUN_MARKER,)) or _PROBE.fullmatch(name):
-            continue  # a killed run's half-written file
+        if (is_stray_temp(name, RUN_FILES + (RUN_MARKER,)) and not path.is_dir()) or _PROBE.fullmatch(name):
+            continue  # a killed run's half-written file (a folder of one is gone by now, unless a user's is in it)
         if path.is_symlink() or not in_list:
             foreign.append(path)
         elif name in RUN_FOLDERS:
@@ -300,7 +321,8 @@ def _ours_in(kind: str, parent: Path, top: Path, name: str, listed: set[str] | N
     if kind == "decoder":  # exactly what save_video_decoder writes, or a killed write of it
         return parent == top and (name in DECODER_FILES or is_stray_temp(name, DECODER_FILES))
     # samples/step-00000100/00.mp4, image_mode_00.gif, 00_image.png
-    return parent.parent == top and bool(_SAMPLE_DIR.fullmatch(parent.name)) and bool(_SAMPLE.fullmatch(name))
+    in_step = parent.parent == top and bool(_SAMPLE_DIR.fullmatch(parent.name))
+    return in_step and bool(_SAMPLE.fullmatch(name) or _sample_temp(name))
 
 
 def _checkpoint_files(folder: Path) -> set[str] | None:
