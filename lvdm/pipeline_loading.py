@@ -93,7 +93,7 @@ def load_parts(
         "base": absolute(base),
         "temporal": absolute(temporal),
         "base_config": absolute(base_config),
-        "loras": [f"{absolute(spec.path)}:{spec.scale:g}" for spec in specs],
+        "loras": [spec.text(absolute(spec.path)) for spec in specs],
         "spatial_weights": absolute(spatial_weights),
         "allow_pickle": allow_pickle,
         "image_adapter": absolute(image_adapter),

@@ -166,6 +166,32 @@ def test_lora_spec_parsing(tmp_path):
     assert LoraSpec.parse(("x.safetensors", 2)).scale == 2.0
     with pytest.raises(ConfigError, match="scale"):  # a bad value (exit 2), not a bad file
         LoraSpec.parse("a/b.safetensors:strong")
+    with pytest.raises(ConfigError, match="must be a number, got '0_5'"):  # float() reads it as 5
+        LoraSpec.parse("a/b.safetensors:0_5")
+    with pytest.raises(ConfigError, match="does not exist"):  # not "the scale after ':' must be a number"
+        LoraSpec.parse("C:\\nope.safetensors")
+    # the command-line form a sidecar records: the scale exact (0.123457 re-rendered other frames), short if it can be
+    assert LoraSpec.parse("a.safetensors:0.123456789").text() == "a.safetensors:0.123456789"
+    assert [LoraSpec.parse(f"a.safetensors{tail}").text("b") for tail in ("", ":0.7")] == ["b:1", "b:0.7"]
+
+
+def test_a_lora_that_applies_no_layer_or_is_a_dora_is_one_line(files, tmp_path):
+    """A LoRA whose every layer diffusers dropped (an SDXL second text encoder's, an empty file) was a ValueError
+    traceback from set_adapters; a DoRA's magnitudes diffusers drops, and it applied the rest as a plain LoRA (other
+    frames, without a word on the command line)."""
+    tensors = load_file(files["kohya"])
+    save_file(
+        {key.replace("lora_unet_", "lora_te2_"): value for key, value in tensors.items()}, tmp_path / "te2.safetensors"
+    )
+    save_file({}, tmp_path / "empty.safetensors")
+    doras = {key.replace(".lora_down.weight", ".dora_scale"): torch.ones(1, value.shape[1])
+             for key, value in tensors.items() if key.endswith(".lora_down.weight")}  # fmt: skip
+    save_file(tensors | doras, tmp_path / "dora.safetensors")
+    for name, message in (("te2", r"none of its \d+ layers matches a layer of this base"), ("empty", "none of its 0"),
+                          ("dora", "is a DoRA")):  # fmt: skip
+        with pytest.raises(CheckpointError, match=message):
+            load_base(files["b"], base_config=files["a"], loras=[str(tmp_path / f"{name}.safetensors")])
+    load_base(files["b"], base_config=files["a"], loras=[str(files["kohya"])])  # the control: the LoRA as written
 
 
 @pytest.mark.parametrize("kind", ["kohya", "peft"])
@@ -216,3 +242,22 @@ def test_parts_that_load_without_a_word_and_fail_later_are_refused_at_load(files
     (upscaler / "model_index.json").write_text(json.dumps(index))
     assert load_base(upscaler).max_noise_level == index["max_noise_level"]  # the control: the folder as made
     assert load_base(files["a"]).tokenizer.model_max_length == 77
+
+
+def test_an_sdxl_or_inpainting_unet_is_refused_at_load(files, tmp_path):
+    """Each loaded as SD's pipeline and failed at the first step, in image mode (a TypeError in diffusers'
+    get_aug_embed; a 9-channel conv given 4)."""
+    import shutil
+
+    from diffusers import UNet2DConditionModel
+
+    config = dict(UNet2DConditionModel.load_config(files["a"] / "unet"))
+    sdxl = {"addition_embed_type": "text_time", "addition_time_embed_dim": 8,
+            "projection_class_embeddings_input_dim": 6 * 8 + 32}  # fmt: skip
+    inpaint = {"in_channels": 9}
+    for name, change, message in (("sdxl", sdxl, "takes 'text_time' embeddings"),
+                                  ("inpaint", inpaint, "takes 9 input channels where the VAE gives 4")):  # fmt: skip
+        folder = shutil.copytree(files["a"], tmp_path / name)
+        UNet2DConditionModel.from_config(config | change).save_pretrained(folder / "unet")
+        with pytest.raises(CheckpointError, match=message):
+            load_base(folder)

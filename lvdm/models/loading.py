@@ -42,6 +42,13 @@ class LoraSpec:
     path: Path
     scale: float = 1.0
 
+    def text(self, path: str | os.PathLike | None = None) -> str:
+        """The command-line form ``PATH:SCALE`` (``path`` in place of the spec's), the scale exact: a sidecar's
+        rounded one re-rendered other frames."""
+        short = f"{self.scale:g}"
+        scale = short if float(short) == self.scale else repr(self.scale)
+        return f"{os.fspath(path if path is not None else self.path)}:{scale}"
+
     @classmethod
     def parse(cls, spec: str | os.PathLike | tuple[Any, float] | LoraSpec) -> LoraSpec:
         """``LoraSpec``, ``(path, scale)``, a path, or the command-line form ``"PATH[:SCALE]"``."""
@@ -57,8 +64,10 @@ class LoraSpec:
         head, sep, tail = text.rpartition(":")
         if sep and head and not Path(text).exists():
             try:
-                scale = float(tail)
+                scale = float(tail) if "_" not in tail else float("x")  # float() reads '0_5' as 5
             except ValueError:
+                if any(c in tail for c in "/\\") or Path(tail).suffix in (".safetensors", *PICKLE_SUFFIXES):
+                    raise ConfigError(f"LoRA {text!r} does not exist") from None  # 'C:\\x.safetensors', a path
                 raise ConfigError(f"LoRA {text!r}: the scale after ':' must be a number, got {tail!r}") from None
             return cls(Path(head), _lora_scale(head, scale))
         return cls(Path(text))
@@ -293,7 +302,7 @@ def _fuse_loras(pipe: Any, specs: list[LoraSpec], *, allow_pickle: bool) -> None
                 pipe.load_lora_weights(str(spec.path), adapter_name=name)
         except Exception as exc:  # conversion and peft injection errors alike
             raise CheckpointError(f"could not apply LoRA {spec.path}: {_lora_problem(exc)}") from exc
-        _warn_if_partly_applied(pipe, name, spec.path)
+        _check_applied(pipe, name, spec.path)
         names.append(name)
     pipe.set_adapters(names, adapter_weights=[spec.scale for spec in specs])
     pipe.fuse_lora(adapter_names=names, lora_scale=1.0)
@@ -361,12 +370,19 @@ MAX_TOKENS = 4096  # a CLIP text encoder reads 77; a tokenizer without its confi
 
 def _check_parts(pipe: Any, path: Path) -> None:
     """What diffusers loads without a word and fails on later: a tokenizer without a usable length (its
-    tokenizer_config.json missing: an OverflowError at the first prompt), an upscaler's noise-level maximum out
-    of its schedule (blamed on the user's noise level)."""
+    tokenizer_config.json missing: an OverflowError at the first prompt), an SDXL or inpainting UNet (a traceback
+    at the first step), an upscaler's noise-level maximum out of its schedule (blamed on the user's noise level)."""
     length = getattr(pipe.tokenizer, "model_max_length", None)
     if type(length) is not int or not 1 <= length <= MAX_TOKENS:
         raise CheckpointError(f"{path}: its tokenizer has no usable model_max_length ({length!r}); is "
                               "tokenizer/tokenizer_config.json missing?")  # fmt: skip
+    unet, latents = pipe.unet.config, pipe.vae.config.latent_channels
+    if unet.get("addition_embed_type") is not None:  # SDXL: time and pooled-text embeddings SD's pipeline lacks
+        raise CheckpointError(f"{path}: its UNet takes {unet.addition_embed_type!r} embeddings (SDXL's kind); lvdm "
+                              "takes Stable Diffusion 1.x and 2.x bases")  # fmt: skip
+    if not hasattr(pipe, "low_res_scheduler") and unet.in_channels != latents:
+        raise CheckpointError(f"{path}: its UNet takes {unet.in_channels} input channels where the VAE gives "
+                              f"{latents} (inpainting, depth?); lvdm takes text-to-image bases")  # fmt: skip
     if hasattr(pipe, "low_res_scheduler"):
         most, steps = pipe.config.get("max_noise_level"), pipe.low_res_scheduler.config.num_train_timesteps
         if type(most) is not int or not 0 < most < steps:
@@ -377,15 +393,24 @@ def _check_parts(pipe: Any, path: Path) -> None:
 _LORA_DOWN = (".lora_down.weight", ".lora_A.weight", ".lora.down.weight", "_lora.down.weight")
 
 
-def _warn_if_partly_applied(pipe: Any, name: str, path: Path) -> None:
+def _check_applied(pipe: Any, name: str, path: Path) -> None:
     """diffusers drops LoRA layers that name no layer of the base without a word (a LoRA for another base, or one
-    with layers of another kind): fewer layers applied than the file holds is a warning naming how many."""
-    if path.suffix != ".safetensors":
-        return  # a pickle's keys would need it loaded again
-    with safe_open(str(path), framework="pt") as handle:
-        in_file = sum(key.endswith(_LORA_DOWN) for key in handle.keys())
+    with layers of another kind): none applied is an error (set_adapters then failed with a traceback), fewer than
+    the file holds a warning naming how many. A DoRA's magnitudes it drops too, and applies the rest as a plain
+    LoRA: other frames than the DoRA gives, so it is refused."""
     modules = [*pipe.unet.modules(), *(pipe.text_encoder.modules() if pipe.text_encoder is not None else [])]
     applied = sum(name in getattr(module, "lora_A", {}) for module in modules)
+    if path.suffix != ".safetensors":  # a pickle's keys would need it loaded again
+        in_file, dora = applied, False
+    else:
+        with safe_open(str(path), framework="pt") as handle:
+            in_file = sum(key.endswith(_LORA_DOWN) for key in handle.keys())
+            dora = any(key.endswith(("dora_scale", "lora_magnitude_vector")) for key in handle.keys())
+    if dora:
+        raise CheckpointError(f"LoRA {path} is a DoRA (it has dora_scale weights), which lvdm cannot apply")
+    if applied == 0:
+        raise CheckpointError(f"LoRA {path}: none of its {in_file} layers matches a layer of this base (a LoRA for "
+                              "another base, or of another kind?)")  # fmt: skip
     if applied < in_file:
         warnings.warn(
             f"LoRA {path}: {in_file - applied} of its {in_file} layers match no layer of this base and are ignored "
