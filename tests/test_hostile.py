@@ -377,6 +377,14 @@ def test_a_malicious_pickle_is_one_line_even_with_allow_pickle(tiny_assets, tmp_
     torch.save({"conv_in.weight": Evil()}, base / "unet" / "diffusion_pytorch_model.bin")
     result = cli(SAMPLE, "--quiet", "--base", base, "--allow-pickle", "--prompt", "x", "--out", tmp_path / "o.mp4")
     one_line_error(result, 1, str(base))
+    # a single file and a LoRA: torch's two-line warning of the pickle's protocol came first
+    evil = tmp_path / "evil.ckpt"
+    torch.save({"state_dict": {"model.diffusion_model.conv_in.weight": Evil()}}, evil, pickle_protocol=4)
+    base_config = ("--base-config", tiny_assets["base"])
+    for given in (("--base", evil, *base_config), ("--base", tiny_assets["base"], "--lora", evil)):
+        result = cli(SAMPLE, "--quiet", *given, "--allow-pickle", "--prompt", "x", "--out", tmp_path / "o.mp4")
+        one_line_error(result, 1, str(evil))
+        assert len(result.stderr.strip().splitlines()) == 1, result.stderr
     assert not (tmp_path / "pwned").exists()
 
 

@@ -283,7 +283,9 @@ def _load_single_file(
             raise CheckpointError(f"base_config {base_config} is not a diffusers folder (no model_index.json)")
         kwargs.update(config=str(base_config), local_files_only=True)
     try:
-        return StableDiffusionPipeline.from_single_file(str(path), **kwargs)
+        with warnings.catch_warnings():  # torch warns of a pickle's protocol before it refuses it: lvdm's one line
+            warnings.filterwarnings("ignore", message="Detected pickle protocol")
+            return StableDiffusionPipeline.from_single_file(str(path), **kwargs)
     except Exception as exc:  # diffusers raises many kinds here; all mean "this file did not load"
         hint = "" if base_config else "; pass base_config=<diffusers folder of the same architecture> (--base-config)"
         raise CheckpointError(f"could not load checkpoint {path}: {_one_line(exc)}{hint}") from exc
@@ -299,6 +301,7 @@ def _fuse_loras(pipe: Any, specs: list[LoraSpec], *, allow_pickle: bool) -> None
         try:  # diffusers logs the whole failure (a line per weight) before raising it: lvdm says it in one
             with warnings.catch_warnings(), _diffusers_silent():  # peft warns that a 2nd adapter is a 2nd adapter
                 warnings.filterwarnings("ignore", message="Already found a `peft_config`")
+                warnings.filterwarnings("ignore", message="Detected pickle protocol")
                 pipe.load_lora_weights(str(spec.path), adapter_name=name)
         except Exception as exc:  # conversion and peft injection errors alike
             raise CheckpointError(f"could not apply LoRA {spec.path}: {_lora_problem(exc)}") from exc
