@@ -274,9 +274,9 @@ def save_safetensors(
     tensors: dict[str, Any], path: str | os.PathLike, *, metadata: dict[str, str] | None = None
 ) -> None:
     """``safetensors.torch.save_file`` to ``path`` (an :func:`atomic_path` temporary name), its own temporary file
-    kept in a folder of lvdm's: safetensors (0.8) writes ``.tmpXXXXXX`` beside its target, then renames it, and a
-    kill -9 left that in a run folder, where lvdm cannot tell it from a user's file (``train.overwrite`` then
-    refused the run). A killed write now leaves ``{path}.d/``, which :func:`is_stray_temp` knows by its name."""
+    kept in a folder of lvdm's: safetensors (0.8) writes ``.tmpXXXXXX`` beside its target, then renames it, and
+    what a kill -9 leaves there lvdm could not tell from a user's file. A killed write leaves ``{path}.d/``,
+    which :func:`is_stray_temp` knows by its name and :func:`remove_stray_temp` removes."""
     from safetensors.torch import save_file
 
     path = Path(path)
@@ -292,11 +292,12 @@ def save_safetensors(
 def remove_stray_temp(path: Path) -> None:
     """Remove an :func:`is_stray_temp` leftover: a file, or a :func:`save_safetensors` folder with what safetensors
     writes in it (anything else is left, and the folder with it)."""
-    if not path.is_dir() or path.is_symlink():
-        path.unlink(missing_ok=True)
+    if not path.name.endswith(SAFETENSORS_FOLDER) or not path.is_dir() or path.is_symlink():
+        if not path.is_dir() or path.is_symlink():  # a folder by a file's temporary name: not lvdm's
+            path.unlink(missing_ok=True)
         return
     for entry in path.iterdir():
-        if entry.name == _WRITTEN or (entry.name.startswith(".tmp") and entry.is_file() and not entry.is_symlink()):
+        if (entry.name == _WRITTEN or entry.name.startswith(".tmp")) and entry.is_file() and not entry.is_symlink():
             entry.unlink(missing_ok=True)
     with contextlib.suppress(OSError):  # not empty: something lvdm did not write
         path.rmdir()

@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import json
 import numbers
 import os
 import re
@@ -15,7 +14,7 @@ import numpy as np
 import torch
 
 from lvdm.errors import ConfigError, check_flag
-from lvdm.fileio import NAME_MAX, atomic_path, json_text, nearest_existing, read_bounded
+from lvdm.fileio import NAME_MAX, atomic_path, json_text, nearest_existing, read_bounded, read_json
 
 MEDIA_SUFFIXES = {".mp4": "mp4", ".gif": "gif"}  # any other path is a folder of PNG frames
 FORMATS = ("mp4", "gif", "png")
@@ -234,11 +233,11 @@ def _sidecar_type_problem(meta: dict[str, Any]) -> str | None:
     return None
 
 
-def read_json(path: str | os.PathLike) -> Any:
-    """A JSON file of at most 16 MiB (a sidecar), or a :class:`ConfigError` saying why it cannot be read."""
+def read_sidecar_json(path: str | os.PathLike) -> Any:
+    """A sidecar's JSON (at most 16 MiB, a regular file), or a :class:`ConfigError` saying why it cannot be read."""
     try:
-        return json.loads(read_bounded(path, MAX_TEXT_BYTES).decode("utf-8"))
-    except (OSError, ValueError, RecursionError) as exc:  # RecursionError: JSON nested too deep
+        return read_json(path, MAX_TEXT_BYTES)
+    except (OSError, ValueError) as exc:
         raise ConfigError(f"sidecar {path} cannot be read: {getattr(exc, 'strerror', None) or exc}") from exc
 
 
@@ -248,7 +247,7 @@ def read_sidecar(path: str | os.PathLike) -> dict[str, Any]:
     A video whose initial or base noise was given as a tensor cannot be re-rendered from its sidecar (which keeps
     only a fingerprint of it): a :class:`ConfigError`, as is a file that is not a sidecar.
     """
-    meta = read_json(path)
+    meta = read_sidecar_json(path)
     if isinstance(meta, dict) and isinstance(meta.get("upscale"), dict):
         raise ConfigError(f"{path} is an upscale's sidecar: python -m lvdm.upscale --from-json {path} re-renders it")
     if not isinstance(meta, dict) or not all(isinstance(meta.get(k), kind) for k, kind in SIDECAR_KEYS.items()):

@@ -143,10 +143,10 @@ NORMS_OPTION = {True: "frame", "pooled": "pooled", False: "tile"}  # frame_norms
 def read_upscale_sidecar(path: str | Path) -> dict[str, Any]:
     """An upscale's JSON sidecar (``clip_x4.mp4.json``), checked to hold what re-rendering it reads, each of its
     type (a sidecar can come from anyone; the values get the command's own checks)."""
-    from lvdm.outputs import read_json
+    from lvdm.outputs import read_sidecar_json
     from lvdm.upscale_pipeline import check_call
 
-    record = read_json(path)
+    record = read_sidecar_json(path)
     if isinstance(record, dict) and isinstance(record.get("settings"), dict):
         raise ConfigError(f"{path} is a sampling sidecar: python sample.py --from-json {path} re-renders it")
     if not isinstance(record, dict) or not isinstance(record.get("upscale"), dict):
@@ -182,13 +182,14 @@ def _replayed(args: argparse.Namespace, given: set[str]) -> tuple[argparse.Names
     recorded = {
         "video": upscale["source"], "upscaler": model["upscaler"], "temporal": model.get("temporal"),
         "prompt": record["prompt"], "negative_prompt": record["negative_prompt"], "seed": record["seed"],
-        "image_mode": record["mode"] == "image", "noise_level": upscale["noise_level"],
+        "image_mode": record["mode"] == "image" and model.get("temporal") is not None,  # not: no module, 1 frame
+        "noise_level": upscale["noise_level"],
         "upscale_steps": upscale["num_inference_steps"], "upscale_guidance": upscale["guidance_scale"],
         "tile": upscale["tile"], "tile_overlap": upscale["tile_overlap"], "chunk_frames": upscale["chunk_frames"],
         "tile_norms": NORMS_OPTION[upscale["frame_norms"]], "norm_passes": upscale["norm_passes"],
     }  # fmt: skip
     replayed = argparse.Namespace(**{**vars(args), **{k: v for k, v in recorded.items() if k not in given}})
-    return replayed, {"scheduler": upscale["scheduler"], "fps": record.get("fps")}
+    return replayed, {"scheduler": upscale["scheduler"], "fps": None if "video" in given else record.get("fps")}
 
 
 def main(argv: list[str]) -> int:

@@ -786,6 +786,7 @@ def test_what_a_kill_leaves_is_lvdms_and_goes(tmp_path, capsys):
     unfinished = out / "checkpoints" / ".tmp-checkpoint-00000001-x1y2z3"
     unfinished.mkdir(parents=True)
     (unfinished / "trainable.safetensors").write_bytes(b"half")
+    (unfinished / ".tmpQ7x2Lm").write_bytes(b"half")  # safetensors' own temporary file, beside its target
     prepare_output_dir(out, resume=None, overwrite=False)
     release_run(out)
     assert "stopped before its first checkpoint" in capsys.readouterr().err and not unfinished.exists()

@@ -187,8 +187,8 @@ def test_a_lora_that_applies_no_layer_or_is_a_dora_is_one_line(files, tmp_path):
     doras = {key.replace(".lora_down.weight", ".dora_scale"): torch.ones(1, value.shape[1])
              for key, value in tensors.items() if key.endswith(".lora_down.weight")}  # fmt: skip
     save_file(tensors | doras, tmp_path / "dora.safetensors")
-    for name, message in (("te2", r"none of its \d+ layers matches a layer of this base"), ("empty", "none of its 0"),
-                          ("dora", "is a DoRA")):  # fmt: skip
+    for name, message in (("te2", r"none of its \d+ layers matches a layer of this base"),
+                          ("empty", "holds no LoRA layers"), ("dora", "is a DoRA")):  # fmt: skip
         with pytest.raises(CheckpointError, match=message):
             load_base(files["b"], base_config=files["a"], loras=[str(tmp_path / f"{name}.safetensors")])
     load_base(files["b"], base_config=files["a"], loras=[str(files["kohya"])])  # the control: the LoRA as written

@@ -430,6 +430,7 @@ def test_a_sidecar_replays_an_upscale_and_with_sample_py_a_cascade(upscaler, tin
     import sample as script
     from lvdm.cli import run_cli
     from lvdm.data.readers import probe, read_frames
+    from lvdm.media import write_video
     from lvdm.upscale import main
 
     def frames(path):
@@ -455,6 +456,16 @@ def test_a_sidecar_replays_an_upscale_and_with_sample_py_a_cascade(upscaler, tin
     assert run_cli(main, ["--quiet", "--from-json", f"{high}.json", "--steps", "3", "--out", str(finer)]) == 0
     assert json.loads(finer.with_name("finer.mp4.json").read_text())["upscale"]["num_inference_steps"] == 3
     assert not np.array_equal(frames(finer), frames(high))
+    # a video given plays at its own rate, not the recorded one; a module given is used, though the record (made
+    # without one) says frame by frame
+    video = VideoUNet.from_unet2d(UpscalePipeline.from_pretrained(upscaler).base.unet)
+    randomize(video.temporal_parameters(), seed=1, std=0.05)
+    video.save_temporal(tmp_path / "up.safetensors")
+    other, moved = write_video(frames(again)[:, ::4, ::4], tmp_path / "other.mp4", fps=12), tmp_path / "moved.mp4"
+    given = [str(other), "--quiet", "--temporal", str(tmp_path / "up.safetensors"), "--out", str(moved)]
+    assert run_cli(main, [*given, "--from-json", f"{high}.json"]) == 0
+    assert probe(moved).fps == 12.0 != record["fps"] and record["mode"] == "image"
+    assert json.loads(moved.with_name("moved.mp4.json").read_text())["mode"] == "video"
     capsys.readouterr()
     # each sidecar names the command that replays it; a hostile one is one line
     code, err = (

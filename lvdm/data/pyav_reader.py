@@ -151,7 +151,8 @@ def _duration_s(container: av.container.InputContainer, stream: av.video.stream.
 
 
 def _count_packets(path: str) -> int:
-    """Demux (no decode) the whole video stream and count its packets: the last resort for the frame count."""
+    """Demux (no decode) the whole video stream and count its packets: the frame count of a container that states
+    none (duration x rate over-counts a variable rate)."""
     container, stream = _open_video(path)
     with container:
         try:

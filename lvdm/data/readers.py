@@ -22,6 +22,7 @@ Alpha is dropped; gray, 10-bit and odd sizes are converted by FFmpeg's swscale.
 
 from __future__ import annotations
 
+import functools
 import os
 import threading
 import warnings
@@ -142,13 +143,25 @@ def _probe(path: str) -> VideoInfo:
         duration = _duration_s(container, stream)
         counted = stream.frames  # mp4 and mov state it; mkv and webm do not, and duration x rate over-counts VFR
         estimate = round(duration * fps) if duration and fps else 0
-    num_frames = counted or _count_packets(path) or estimate or 1  # the first frame decoded: at least one
+    num_frames = counted or _packets_of(path) or estimate or 1  # the first frame decoded: at least one
     width, height = (first.height, first.width) if round(first.rotation / 90) % 2 else (first.width, first.height)
     return VideoInfo(num_frames=num_frames, fps=fps, width=width, height=height, stated_fps=stated)
 
 
+def _packets_of(path: str) -> int:
+    """:func:`_count_packets`, remembered per file version (a training run probes a clip at every draw)."""
+    info = os.stat(path)
+    return _counted(path, info.st_ino, info.st_size, info.st_mtime_ns)
+
+
+@functools.lru_cache(maxsize=1 << 16)
+def _counted(path: str, inode: int, size: int, mtime_ns: int) -> int:
+    return _count_packets(path)
+
+
 def probe(path: str | os.PathLike, *, timeout: float | None = 30.0) -> VideoInfo:
-    """Frame count, frame rate and display size of a video from its headers and first frame (no full decode).
+    """Frame count, frame rate and display size of a video from its headers and first frame (no full decode; a
+    container that states no frame count, mkv or webm, has its packets counted, without decoding them).
 
     Raises VideoReadError for anything that is not a readable video, including a truncated mp4 whose sample
     index points past the end of the file.

@@ -288,11 +288,13 @@ def _escape_problem(root: Path, *paths: Path) -> str | None:
     for path in paths:
         if "\0" in str(path):
             return "path contains a NUL byte"
-        try:
+        try:  # strict: from Python 3.13 a loop is no error otherwise
+            resolved = path.resolve(strict=True)
+        except (FileNotFoundError, NotADirectoryError):  # missing (said when read), or a link out of the root
             resolved = path.resolve()
-        except RuntimeError:  # a symlink loop before Python 3.13 (its message names the path: not one group)
+        except RuntimeError:  # a loop before Python 3.13 (its message names the path: not one group)
             return "unresolvable path: a symlink loop"
-        except OSError as exc:  # from Python 3.13, ELOOP
+        except OSError as exc:  # a loop from Python 3.13 (ELOOP), permissions
             return f"unresolvable path: {exc.strerror or type(exc).__name__}"
         if not resolved.is_relative_to(base):
             return f"path escapes the data root {root}"

@@ -43,8 +43,8 @@ class LoraSpec:
     scale: float = 1.0
 
     def text(self, path: str | os.PathLike | None = None) -> str:
-        """The command-line form ``PATH:SCALE`` (``path`` in place of the spec's), the scale exact: a sidecar's
-        rounded one re-rendered other frames."""
+        """The command-line form ``PATH:SCALE`` (``path`` in place of the spec's), for a sidecar: the scale short
+        where that is exact, else in full, so that a replay fuses the same weights."""
         short = f"{self.scale:g}"
         scale = short if float(short) == self.scale else repr(self.scale)
         return f"{os.fspath(path if path is not None else self.path)}:{scale}"
@@ -170,6 +170,7 @@ def load_base(
             pipe = _load_folder(path, allow_pickle=allow_pickle, dtype=dtype)
         else:
             pipe = _load_single_file(path, base_config=base_config, allow_pickle=allow_pickle, dtype=dtype)
+    _check_unet_kind(pipe, path)
     specs = [LoraSpec.parse(spec) for spec in loras]
     _fuse_loras(pipe, specs, allow_pickle=allow_pickle)
     if spatial_weights is not None:
@@ -371,14 +372,9 @@ def _check_finite(module: torch.nn.Module, what: str) -> None:
 MAX_TOKENS = 4096  # a CLIP text encoder reads 77; a tokenizer without its config says about 1e30
 
 
-def _check_parts(pipe: Any, path: Path) -> None:
-    """What diffusers loads without a word and fails on later: a tokenizer without a usable length (its
-    tokenizer_config.json missing: an OverflowError at the first prompt), an SDXL or inpainting UNet (a traceback
-    at the first step), an upscaler's noise-level maximum out of its schedule (blamed on the user's noise level)."""
-    length = getattr(pipe.tokenizer, "model_max_length", None)
-    if type(length) is not int or not 1 <= length <= MAX_TOKENS:
-        raise CheckpointError(f"{path}: its tokenizer has no usable model_max_length ({length!r}); is "
-                              "tokenizer/tokenizer_config.json missing?")  # fmt: skip
+def _check_unet_kind(pipe: Any, path: Path) -> None:
+    """An SDXL or inpainting UNet loads as SD's pipeline and fails at the first step (diffusers' TypeError, a
+    channel mismatch): refused before any LoRA or weights meet it."""
     unet, latents = pipe.unet.config, pipe.vae.config.latent_channels
     if unet.get("addition_embed_type") is not None:  # SDXL: time and pooled-text embeddings SD's pipeline lacks
         raise CheckpointError(f"{path}: its UNet takes {unet.addition_embed_type!r} embeddings (SDXL's kind); lvdm "
@@ -386,6 +382,16 @@ def _check_parts(pipe: Any, path: Path) -> None:
     if not hasattr(pipe, "low_res_scheduler") and unet.in_channels != latents:
         raise CheckpointError(f"{path}: its UNet takes {unet.in_channels} input channels where the VAE gives "
                               f"{latents} (inpainting, depth?); lvdm takes text-to-image bases")  # fmt: skip
+
+
+def _check_parts(pipe: Any, path: Path) -> None:
+    """What diffusers loads without a word and fails on later: a tokenizer without a usable length (its
+    tokenizer_config.json missing: an OverflowError at the first prompt), an upscaler's noise-level maximum out
+    of its schedule (blamed on the user's noise level)."""
+    length = getattr(pipe.tokenizer, "model_max_length", None)
+    if type(length) is not int or not 1 <= length <= MAX_TOKENS:
+        raise CheckpointError(f"{path}: its tokenizer has no usable model_max_length ({length!r}); is "
+                              "tokenizer/tokenizer_config.json missing?")  # fmt: skip
     if hasattr(pipe, "low_res_scheduler"):
         most, steps = pipe.config.get("max_noise_level"), pipe.low_res_scheduler.config.num_train_timesteps
         if type(most) is not int or not 0 < most < steps:
@@ -398,23 +404,26 @@ _LORA_DOWN = (".lora_down.weight", ".lora_A.weight", ".lora.down.weight", "_lora
 
 def _check_applied(pipe: Any, name: str, path: Path) -> None:
     """diffusers drops LoRA layers that name no layer of the base without a word (a LoRA for another base, or one
-    with layers of another kind): none applied is an error (set_adapters then failed with a traceback), fewer than
-    the file holds a warning naming how many. A DoRA's magnitudes it drops too, and applies the rest as a plain
-    LoRA: other frames than the DoRA gives, so it is refused."""
+    with layers of another kind): none applied is an error (diffusers' set_adapters would fail on the missing
+    adapter), fewer than the file holds a warning naming how many. A DoRA's magnitudes it drops too, applying the
+    rest as a plain LoRA, which gives other frames than the DoRA: refused."""
     modules = [*pipe.unet.modules(), *(pipe.text_encoder.modules() if pipe.text_encoder is not None else [])]
     applied = sum(name in getattr(module, "lora_A", {}) for module in modules)
-    if path.suffix != ".safetensors":  # a pickle's keys would need it loaded again
-        in_file, dora = applied, False
-    else:
+    in_file, dora = None, None  # a pickle's keys would need it loaded again
+    if path.suffix == ".safetensors":
         with safe_open(str(path), framework="pt") as handle:
             in_file = sum(key.endswith(_LORA_DOWN) for key in handle.keys())
-            dora = any(key.endswith(("dora_scale", "lora_magnitude_vector")) for key in handle.keys())
-    if dora:
-        raise CheckpointError(f"LoRA {path} is a DoRA (it has dora_scale weights), which lvdm cannot apply")
+            dora = next((k for k in handle.keys() if k.endswith(("dora_scale", "lora_magnitude_vector"))), None)
+    if dora is not None:
+        raise CheckpointError(f"LoRA {path} is a DoRA (it has {dora.rsplit('.', 1)[-1]} weights), which lvdm cannot "
+                              "apply")  # fmt: skip
     if applied == 0:
-        raise CheckpointError(f"LoRA {path}: none of its {in_file} layers matches a layer of this base (a LoRA for "
-                              "another base, or of another kind?)")  # fmt: skip
-    if applied < in_file:
+        if in_file == 0:
+            raise CheckpointError(f"LoRA {path} holds no LoRA layers")
+        layers = f"none of its {in_file} layers matches" if in_file else "no layer of it matches"
+        raise CheckpointError(f"LoRA {path}: {layers} a layer of this base (a LoRA for another base, or of another "
+                              "kind?)")  # fmt: skip
+    if in_file is not None and applied < in_file:
         warnings.warn(
             f"LoRA {path}: {in_file - applied} of its {in_file} layers match no layer of this base and are ignored "
             "(a LoRA for another base?)",

@@ -63,7 +63,7 @@ from lvdm.training.checkpoint_files import (
 )
 
 FORMAT = "lvdm-checkpoint"
-_TMP_PREFIX = ".tmp-checkpoint-"
+TMP_PREFIX = ".tmp-checkpoint-"
 _NEW_TEMP = re.compile(r"\.tmp-checkpoint-(\d{8})-\w+")  # a save in progress (complete once it has its marker)
 _ASIDE = re.compile(r"\.tmp-checkpoint-checkpoint-(\d{8})-replaced-[0-9a-f]+")  # the old folder of a re-save
 
@@ -193,14 +193,14 @@ def _looks_complete(path: Path, step: int) -> bool:
 def checkpoint_material(root: str | os.PathLike) -> list[Path]:
     """Everything in ``root`` that is or may become a checkpoint: complete, unfinished or temporary folders."""
     root = Path(root)
-    return [root / name for name in _entries(root) if _NAME.fullmatch(name) or name.startswith(_TMP_PREFIX)]
+    return [root / name for name in _entries(root) if _NAME.fullmatch(name) or name.startswith(TMP_PREFIX)]
 
 
 def _remove_leftovers(root: Path) -> None:
     """Recover complete temporary folders, then delete the other ``.tmp-checkpoint-*`` folders (symlinks left)."""
     recover_checkpoints(root)
     for entry in os.scandir(root):
-        if entry.name.startswith(_TMP_PREFIX) and entry.is_dir(follow_symlinks=False):
+        if entry.name.startswith(TMP_PREFIX) and entry.is_dir(follow_symlinks=False):
             shutil.rmtree(root / entry.name, ignore_errors=True)
 
 
@@ -208,7 +208,7 @@ def _new_temp(root: Path, step: int) -> Path:
     try:
         root.mkdir(parents=True, exist_ok=True)
         _remove_leftovers(root)
-        temp = Path(tempfile.mkdtemp(prefix=f"{_TMP_PREFIX}{step:08d}-", dir=root))
+        temp = Path(tempfile.mkdtemp(prefix=f"{TMP_PREFIX}{step:08d}-", dir=root))
         os.chmod(temp, 0o777 & ~umask())  # mkdtemp makes it 0700: a checkpoint gets the user's usual mode
         return temp
     except OSError as e:
@@ -246,7 +246,7 @@ def _move_into_place(temp: Path, final: Path) -> None:
         return
     aside = None
     if final.exists():
-        aside = final.parent / f"{_TMP_PREFIX}{final.name}-replaced-{secrets.token_hex(4)}"
+        aside = final.parent / f"{TMP_PREFIX}{final.name}-replaced-{secrets.token_hex(4)}"
         os.rename(final, aside)
     try:
         os.rename(temp, final)
@@ -320,7 +320,7 @@ def _prune(root: Path, keep_last: int, new: Path) -> None:
             warnings.warn(f"kept old checkpoint {path} (keep_last): it holds what lvdm did not write there "
                           f"({foreign}); delete it yourself", stacklevel=3)  # fmt: skip
             continue
-        doomed = root / f"{_TMP_PREFIX}{path.name}-deleting-{secrets.token_hex(4)}"
+        doomed = root / f"{TMP_PREFIX}{path.name}-deleting-{secrets.token_hex(4)}"
         try:
             os.rename(path, doomed)  # gone from the listing at once; a crash leaves a .tmp leftover
             shutil.rmtree(doomed)

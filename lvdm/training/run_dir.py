@@ -45,6 +45,7 @@ from lvdm.fileio import is_stray_temp, remove_stray_temp, special_folder
 from lvdm.training.checkpoint import (
     MARKER,
     OUR_FILE,
+    TMP_PREFIX,
     check_writable,
     checkpoint_material,
     checkpoint_step,
@@ -78,6 +79,7 @@ _SKIPPED_RANK = re.compile(r"skipped\.rank\d+\.jsonl")
 _PROBE = re.compile(r"\.write-probe-\w+")
 _SAMPLE = re.compile(r"(image_mode_)?\d{2,}(_image)?\.(mp4|gif|png)")  # validation.write_videos, objectives
 _SAMPLE_DIR = re.compile(r"step-\d{8}")
+_SAFETENSORS_TEMP = re.compile(r"\.tmp[A-Za-z0-9]{6}")  # safetensors' own, beside the file it writes
 _TEMP_OF = re.compile(r"\.(.+)\.[0-9a-f]{8}\.tmp.*")  # fileio.atomic_path's names: the final name first
 
 # Config keys that change parameter shapes or what a step means: resuming with them changed is an error.
@@ -178,7 +180,7 @@ def _prepare_fresh(output_dir: Path, overwrite: bool) -> None:
     marker = _read_marker(output_dir)
     foreign = _foreign(output_dir, entries, marker)
     # a save killed before its rename is no checkpoint (_tidy recovered any that had finished)
-    saved = [path for path in checkpoint_material(checkpoint_root(output_dir)) if not path.name.startswith(".tmp-")]
+    saved = [path for path in checkpoint_material(checkpoint_root(output_dir)) if not path.name.startswith(TMP_PREFIX)]
     material = saved or any((output_dir / name).exists() for name in ("temporal.safetensors", "decoder"))
     if material and not overwrite and not foreign:
         count = len(list_checkpoints(checkpoint_root(output_dir)))
@@ -315,7 +317,10 @@ def _is_checkpoint_dir(parent: Path, name: str) -> bool:
 def _ours_in(kind: str, parent: Path, top: Path, name: str, listed: set[str] | None) -> bool:
     """``listed``: what the checkpoint folder ``parent``'s ``COMPLETE`` lists (None: unfinished, judged by name)."""
     if kind == "checkpoints":
-        return parent != top and (name in listed if listed is not None else bool(OUR_FILE.fullmatch(name)))
+        if listed is not None:
+            return parent != top and name in listed
+        unfinished = parent.name.startswith(TMP_PREFIX) and bool(_SAFETENSORS_TEMP.fullmatch(name))  # killed there
+        return parent != top and (bool(OUR_FILE.fullmatch(name)) or unfinished)
     if kind == "tensorboard":
         return name.startswith("events.out.tfevents.")
     if kind == "decoder":  # exactly what save_video_decoder writes, or a killed write of it

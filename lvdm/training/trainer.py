@@ -389,7 +389,7 @@ class Trainer:
         )
         self.skipped_in_row = int(trainer.get("skipped_in_row", 0))  # both absent from checkpoints before 2026-12-04
         self.clip_rates = Counter({float(rate): int(count) for rate, count in trainer.get("clip_rates", [])})
-        for group in self.optimizer.param_groups:  # else found inside the first step
+        for group in self.optimizer.param_groups:  # before the first step, which would fail inside
             if any(not isinstance(group.get(key, 0.0), float | int) for key in ("lr", "weight_decay", "eps")):
                 raise ValueError(f"the optimizer's settings are not numbers: lr {group.get('lr')!r}")
             for param in group["params"]:
