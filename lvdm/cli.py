@@ -14,6 +14,7 @@ from __future__ import annotations
 import argparse
 import atexit
 import errno
+import io
 import os
 import re
 import signal
@@ -67,6 +68,12 @@ def run_cli(main: Callable[[list[str]], int | None], argv: list[str] | None = No
     except KeyboardInterrupt:
         print("interrupted", file=sys.stderr)
         return 130
+    except (MemoryError, RuntimeError) as exc:  # torch's allocators raise RuntimeErrors (OutOfMemoryError on CUDA)
+        if isinstance(exc, RuntimeError) and not _OUT_OF_MEMORY.search(str(exc)):
+            raise
+        print("error: out of memory (the machine's, the GPU's or a ulimit's): try a smaller batch, size or number "
+              "of frames, or a smaller chunk", file=sys.stderr)  # fmt: skip
+        return 1
     except OSError as exc:  # after LvdmError: lvdm's own write errors are OSErrors too, with their own message
         names = " -> ".join(str(name) for name in (exc.filename, exc.filename2) if name is not None)
         if exc.errno in _DENIED:  # a file or folder this user may not read or write: the machine's state too
@@ -128,14 +135,19 @@ _DENIED = (errno.EACCES, errno.EPERM)
 
 
 def _open_closed_streams() -> None:
-    """A command started with stdout or stderr closed (``>&-``) writes them to the null device instead."""
+    """A command started with stdout or stderr closed (``>&-``) writes them to the null device instead; a path
+    stdout cannot encode (``PYTHONIOENCODING=ascii``) is printed escaped, as stderr does, not a traceback after
+    the work is done."""
     for name in ("stdout", "stderr"):
         if getattr(sys, name) is None:
             stream = open(os.devnull, "w")  # noqa: SIM115 (for the life of the process)
             atexit.register(stream.close)
             setattr(sys, name, stream)
+    if isinstance(sys.stdout, io.TextIOWrapper):
+        sys.stdout.reconfigure(errors="backslashreplace")
 
 
+_OUT_OF_MEMORY = re.compile(r"out of memory|can't allocate memory|bad_alloc", re.IGNORECASE)
 _NEGATIVE_NUMBER = re.compile(r"^-(\d+\.?\d*|\.\d+)(e[-+]?\d+)?$|^-(inf|infinity|nan)$", re.IGNORECASE)
 
 

@@ -16,7 +16,7 @@ from typing import Any
 
 from safetensors import SafetensorError
 
-from lvdm.errors import OutputWriteError
+from lvdm.errors import ConfigError, OutputWriteError
 
 NAME_MAX = 255  # bytes in one file name: Linux's ext4/xfs/btrfs, macOS's APFS and Windows' NTFS (in characters)
 
@@ -316,6 +316,8 @@ def resolved_path(path: str | os.PathLike) -> Path | None:
     """``path`` with ``~`` and every link resolved (those that dangle too), or None where links loop."""
     try:
         return Path(path).expanduser().resolve()
+    except FileNotFoundError:  # os.getcwd(): a relative path in a working folder deleted meanwhile
+        raise ConfigError(f"{os.fspath(path)!r} is relative to the working folder, which no longer exists") from None
     except (RuntimeError, OSError):  # "Symlink loop" (RuntimeError before Python 3.13), ELOOP
         return None
 

@@ -525,6 +525,51 @@ def test_hostile_data_is_reported_not_hung_on(tmp_path):
     assert reasons[0] == "ok" and "NUL byte" in reasons[1] and "unreadable CSV row" in reasons[2], reasons
 
 
+def test_out_of_memory_is_one_line_and_a_path_stdout_cannot_encode_is_escaped(tmp_path, capsys):
+    """Short of memory (a ulimit, the GPU) a run ended in a MemoryError or an allocator's RuntimeError traceback;
+    with PYTHONIOENCODING=ascii a non-ASCII path printed at the end was a UnicodeEncodeError after the work."""
+    from lvdm.cli import run_cli
+
+    def fails(exc):
+        def main(argv):
+            raise exc
+
+        return main
+
+    cpu = "[enforce fail at alloc_cpu.cpp:117] DefaultCPUAllocator: can't allocate memory"
+    for exc in (MemoryError(), RuntimeError("CUDA out of memory. Tried to allocate 2.00 GiB"), RuntimeError(cpu)):
+        assert run_cli(fails(exc), []) == 1
+        assert capsys.readouterr().err.startswith("error: out of memory (")
+    with pytest.raises(RuntimeError, match="a bug"):  # the control: any other RuntimeError is a bug, not a user's
+        run_cli(fails(RuntimeError("a bug")), [])
+    folder = tmp_path / "clïps"
+    folder.mkdir()
+    (folder / "a.mp4").write_bytes(b"")
+    (folder / "a.txt").write_text("a disc")
+    command = _command(["-m", "lvdm.data.check", f"data.root={folder}", "--quiet"])
+    result = subprocess.run(command, capture_output=True, text=True, env={**ENV, "PYTHONIOENCODING": "ascii"},
+                            cwd=REPO, timeout=120)  # fmt: skip
+    assert result.returncode == 1 and "Traceback" not in result.stderr, result.stderr
+    assert "cl\\xefps" in result.stdout and "verdict: too many bad files" in result.stdout
+
+
+def test_a_relative_path_in_a_deleted_working_folder_is_named_as_such(tmp_path):
+    """It was "a link that loops" (os.getcwd's FileNotFoundError taken for a loop)."""
+    from lvdm.errors import ConfigError
+    from lvdm.fileio import special_folder
+
+    gone, here = tmp_path / "gone", os.getcwd()
+    gone.mkdir()
+    os.chdir(gone)
+    try:
+        gone.rmdir()
+        with pytest.raises(ConfigError, match="'run' is relative to the working folder, which no longer exists"):
+            special_folder("run")
+        assert special_folder(tmp_path / "run") is None  # the control: an absolute path is judged as ever
+    finally:
+        os.chdir(here)
+
+
 def test_a_closed_pipe_is_not_a_traceback():
     proc = subprocess.Popen(_command([TRAIN, "--help-config"]), stdout=subprocess.PIPE, stderr=subprocess.PIPE,
                             env=ENV, cwd=REPO)  # fmt: skip
