@@ -260,7 +260,7 @@ def is_stray_temp(name: str, final_names: tuple[str, ...]) -> bool:
     for final in final_names:
         prefix = f".{final}."
         tmp = (".tmp", ".tmp" + Path(final).suffix)  # atomic_paths(keep_suffix=True) keeps the suffix
-        for end in (*tmp, *(end + SAFETENSORS_FOLDER for end in tmp)):
+        for end in (*tmp, *(t + SAFETENSORS_FOLDER for t in tmp)):
             middle = name[len(prefix) : -len(end)] if name.startswith(prefix) and name.endswith(end) else ""
             if len(middle) == 8 and all(c in "0123456789abcdef" for c in middle):
                 return True
@@ -274,9 +274,9 @@ def save_safetensors(
     tensors: dict[str, Any], path: str | os.PathLike, *, metadata: dict[str, str] | None = None
 ) -> None:
     """``safetensors.torch.save_file`` to ``path`` (an :func:`atomic_path` temporary name), its own temporary file
-    kept in a folder of lvdm's: safetensors (0.8) writes ``.tmpXXXXXX`` beside its target, then renames it, and
-    what a kill -9 leaves there lvdm could not tell from a user's file. A killed write leaves ``{path}.d/``,
-    which :func:`is_stray_temp` knows by its name and :func:`remove_stray_temp` removes."""
+    kept in a folder of lvdm's: safetensors (0.8) writes ``.tmp`` and six random characters beside its target,
+    then renames it, and what a kill -9 leaves there lvdm could not tell from a user's file. A killed write leaves
+    ``{path}.d/``, which :func:`is_stray_temp` knows by its name and :func:`remove_stray_temp` removes."""
     from safetensors.torch import save_file
 
     path = Path(path)
@@ -292,9 +292,10 @@ def save_safetensors(
 def remove_stray_temp(path: Path) -> None:
     """Remove an :func:`is_stray_temp` leftover: a file, or a :func:`save_safetensors` folder with what safetensors
     writes in it (anything else is left, and the folder with it)."""
-    if not path.name.endswith(SAFETENSORS_FOLDER) or not path.is_dir() or path.is_symlink():
-        if not path.is_dir() or path.is_symlink():  # a folder by a file's temporary name: not lvdm's
-            path.unlink(missing_ok=True)
+    if path.is_symlink() or not path.is_dir():
+        path.unlink(missing_ok=True)
+        return
+    if not path.name.endswith(SAFETENSORS_FOLDER):  # a folder by a file's temporary name: not lvdm's
         return
     for entry in path.iterdir():
         if (entry.name == _WRITTEN or entry.name.startswith(".tmp")) and entry.is_file() and not entry.is_symlink():
