@@ -57,6 +57,14 @@ T = TypeVar("T")
 # ---------------------------------------------------------------------------------------------------------------
 
 
+def _home(value: Any) -> Any:
+    """A path's leading ``~`` or ``~user`` expanded, as a shell does on a command line but no YAML reader does:
+    ``output_dir: ~/runs/a`` is a folder in the home folder, not one named ``~`` in the working folder."""
+    if isinstance(value, list):
+        return [_home(item) for item in value]
+    return os.path.expanduser(value) if isinstance(value, str) else value
+
+
 def _square(value: Any) -> Any:
     """``256`` -> ``[256, 256]``: a single number is a square size."""
     return [value, value] if isinstance(value, int) and not isinstance(value, bool) else value
@@ -84,10 +92,14 @@ def _lora_problem(spec: str) -> str | None:
 class ModelConfig:
     """The Stable Diffusion base and the temporal layers added to it."""
 
-    base: str = option(help="SD base: a diffusers folder or a single-file checkpoint")
-    base_config: str | None = option(None, "diffusers folder giving the architecture of a single-file base")
+    base: str = option(help="SD base: a diffusers folder or a single-file checkpoint", coerce=_home)
+    base_config: str | None = option(
+        None, "diffusers folder giving the architecture of a single-file base", coerce=_home
+    )
     allow_pickle: bool = option(False, "allow pickled checkpoints (.ckpt/.pt/.bin), which can run code")
-    loras: list[str] = option([], "LoRAs fused into the base before inflation, each 'PATH[:SCALE]' (scale 1)")
+    loras: list[str] = option(
+        [], "LoRAs fused into the base before inflation, each 'PATH[:SCALE]' (scale 1)", coerce=_home
+    )
     layout: Literal["videoldm", "attention_only", "conv_only", "animatediff"] = option(
         "videoldm",
         "temporal layers: videoldm (attention and 3D conv), attention_only, conv_only, or animatediff (AnimateDiff's "
@@ -115,15 +127,20 @@ class ModelConfig:
         False, "image-to-video: CLIP image tokens through a second cross-attention (needs model.image_encoder)"
     )
     image_encoder: str | None = option(
-        None, "CLIP vision encoder folder (transformers) for image conditioning, e.g. IP-Adapter's image_encoder"
+        None,
+        "CLIP vision encoder folder (transformers) for image conditioning, e.g. IP-Adapter's image_encoder",
+        coerce=_home,
     )
     image_adapter: str | None = option(
-        None, "IP-Adapter Plus checkpoint (diffusers format) the image attention starts from (image_conditioning)"
+        None,
+        "IP-Adapter Plus checkpoint (diffusers format) the image attention starts from (image_conditioning)",
+        coerce=_home,
     )
     temporal_init: str | None = option(
         None,
         "start the temporal layers from this module file (e.g. a text-to-video one, adding context frames), or from "
         "an AnimateDiff motion module (.safetensors, .ckpt with allow_pickle, MotionAdapter folder)",
+        coerce=_home,
     )
     attention_backend: Literal["sdpa", "xformers"] = option("sdpa", "attention kernel: sdpa (PyTorch) or xformers")
 
@@ -155,9 +172,9 @@ class SourceConfig:
     kind: Literal["folder", "webvid", "manifest", "images"] = option(
         help="folder (clips + .txt captions), webvid (WebVid CSV), manifest (CSV/JSONL) or images"
     )
-    path: str = option(help="the clip folder, WebVid CSV, manifest file, image folder or image manifest")
+    path: str = option(help="the clip folder, WebVid CSV, manifest file, image folder or image manifest", coerce=_home)
     video_root: str | None = option(
-        None, "webvid: folder holding the videos (required); manifest: default the manifest's folder"
+        None, "webvid: folder holding the videos (required); manifest: default the manifest's folder", coerce=_home
     )
     weight: float = option(
         1.0, "relative sampling weight among data.sources (0 leaves the source out)", min=0, max=1e6
@@ -174,8 +191,10 @@ class SourceConfig:
 class DataConfig:
     """Training data and how clips are cut from it."""
 
-    root: str | None = option(None, "shortcut for one source: a folder of clips with same-name .txt captions")
-    manifest: str | None = option(None, "shortcut for one source: a CSV, WebVid CSV or JSONL manifest")
+    root: str | None = option(
+        None, "shortcut for one source: a folder of clips with same-name .txt captions", coerce=_home
+    )
+    manifest: str | None = option(None, "shortcut for one source: a CSV, WebVid CSV or JSONL manifest", coerce=_home)
     sources: list[SourceConfig] = option([], "weighted data sources, each {kind, path, video_root, weight}")
     num_frames: int = option(16, "frames per training clip", min=1, max=1024)
     resolution: list[int] = option(
@@ -199,7 +218,9 @@ class DataConfig:
         [], "aspect-ratio buckets [[height, width], ...]; empty: only resolution", min=8, multiple_of=8
     )
     size_index: str | None = option(
-        None, "file remembering each clip's size for buckets (reused while size and mtime match); null: probe all"
+        None,
+        "file remembering each clip's size for buckets (reused while size and mtime match); null: probe all",
+        coerce=_home,
     )
     probe_workers: int = option(8, "threads probing clip sizes for buckets", min=1)
     reader: Literal["auto", "decord", "pyav"] = option("auto", "video decoder: auto (PyAV; decord is opt-in), or one")
@@ -207,7 +228,7 @@ class DataConfig:
     max_bad_fraction: float = option(0.05, "stop when more than this fraction of samples is unreadable", min=0, max=1)
     max_consecutive_bad: int = option(20, "stop after this many unreadable samples in a row", min=1)
     num_workers: int = option(2, "data-loader worker processes (0: load in the main process)", min=0)
-    cache: str | None = option(None, "latent cache folder to read instead of decoding videos")
+    cache: str | None = option(None, "latent cache folder to read instead of decoding videos", coerce=_home)
     follow_links_outside: bool = option(
         False, "use files in a data folder that are symlinks to places outside it (default: skipped, as escapes)"
     )
@@ -276,7 +297,9 @@ class TrainConfig:
         min=1,
     )
     seed: int = option(0, "random seed for initialization, data order and noise", min=0, max=2**32 - 1)
-    resume: str | None = option(None, "resume from 'auto', 'latest' or a checkpoint path; null: start fresh")
+    resume: str | None = option(
+        None, "resume from 'auto', 'latest' or a checkpoint path; null: start fresh", coerce=_home
+    )
     checkpoint_every: int = option(500, "save a checkpoint every n steps", min=1)
     keep_last: int = option(3, "checkpoints kept in output_dir; older ones are deleted", min=1)
     ema_decay: float | None = option(None, "decay of an EMA of the trained weights; null: no EMA", min=0, max=1)
@@ -329,6 +352,7 @@ class TrainConfig:
         None,
         "decoder target: torchvision's ImageNet weights of train.perceptual_net (.safetensors, or .pth with "
         "model.allow_pickle), the one download LPIPS needs; lvdm never downloads it",
+        coerce=_home,
     )
     upscale_patch: int = option(
         64, "upscale target: high-res patch size in pixels, cut at one place in every frame of a clip", min=8
@@ -380,7 +404,9 @@ class Config:
     model: ModelConfig = option(help="the base model and the temporal layers added to it")
     data: DataConfig = option(help="training data and how clips are cut from it")
     train: TrainConfig = option(TrainConfig(), "optimization, noise, checkpoints and logging")
-    output_dir: str = option("outputs/run", "run folder: checkpoints, logs, samples and the resolved config")
+    output_dir: str = option(
+        "outputs/run", "run folder: checkpoints, logs, samples and the resolved config", coerce=_home
+    )
 
     def validate(self) -> list[str]:
         """Rules across sections, each message starting with the key it is about."""

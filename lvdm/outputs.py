@@ -88,12 +88,19 @@ def media_kind(path: str | os.PathLike) -> str:
     """``"mp4"`` or ``"gif"`` by suffix; ``"png"`` (a folder of frames) for a path without a suffix or ending in
     a separator, or an existing folder. Another suffix is a :class:`ConfigError`."""
     text = os.fspath(path)
-    suffix = Path(text).suffix.lower()
-    if suffix in MEDIA_SUFFIXES:
+    if suffix := media_suffix(text):
         return MEDIA_SUFFIXES[suffix]
     if _names_a_folder(text):
         return "png"
+    suffix = Path(text).suffix.lower()
     raise ConfigError(f"{text}: unknown output suffix {suffix!r}; use .mp4, .gif, or a folder (ending in /) for PNGs")
+
+
+def media_suffix(text: str) -> str | None:
+    """``".mp4"`` or ``".gif"`` for a file path with that suffix; ``None`` otherwise, and for ``clip.mp4/``, which
+    names a folder as a shell's completion does."""
+    suffix = Path(text).suffix.lower()
+    return suffix if suffix in MEDIA_SUFFIXES and not text.endswith(("/", os.sep)) else None
 
 
 def _names_a_folder(text: str) -> bool:
@@ -145,7 +152,7 @@ def plan_outputs(
         raise ConfigError(f"the output is empty ({text!r}); give a .mp4 or .gif file, or a folder ending in /")
     if control := next((c for c in text if ord(c) < 32 or ord(c) == 127), None):  # a newline split every message
         raise ConfigError(f"the output {text!r} holds a control character ({control!r}); choose a name without one")
-    if Path(text).suffix.lower() in MEDIA_SUFFIXES:
+    if media_suffix(text):
         paths = [Path(text)] if count == 1 else [_numbered(text, k, count) for k in range(count)]
     else:
         if not _names_a_folder(text):

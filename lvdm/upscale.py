@@ -202,15 +202,15 @@ def main(argv: list[str]) -> int:
             raise ConfigError(f"the following arguments are required: {option} (or --from-json SIDECAR)")
     from lvdm.cli import device_and_dtype
     from lvdm.media import gif_rate_problem
-    from lvdm.outputs import plan_outputs
+    from lvdm.outputs import media_suffix, plan_outputs
     from lvdm.upscale_pipeline import UpscalePipeline, probe_low_res
 
     info = probe_low_res(args.video)  # missing, not a video or too large: one line, before anything loads
     settings = upscale_settings(args, args.upscaler)  # its checks, against the upscaler's limits, before it loads
-    if Path(args.out).suffix.lower() not in (".mp4", ".gif"):
+    if (suffix := media_suffix(args.out)) is None:
         raise ConfigError(f"--out {args.out}: give a .mp4 or .gif file")
     rate = replay.get("fps") or info.playback_fps()  # what the output plays at
-    if Path(args.out).suffix.lower() == ".gif" and (problem := gif_rate_problem(rate)):  # found after, before
+    if suffix == ".gif" and (problem := gif_rate_problem(rate)):  # found after, before
         raise ConfigError(f"{args.video} runs at {rate:g} fps, and {problem}: write a .mp4")
     path = plan_outputs(args.out, [args.prompt], overwrite=args.overwrite)[0]
     device, dtype = device_and_dtype(args.device, args.dtype)

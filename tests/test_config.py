@@ -433,6 +433,22 @@ def test_resolution_int_means_square() -> None:
     ]
 
 
+def test_a_leading_tilde_in_a_path_is_the_home_folder(tmp_path: Path) -> None:
+    """``output_dir: ~/runs/a`` in a YAML file was a folder named ``~`` in the working folder, while the check
+    refusing the home folder read ``~`` as home. The control: a ``~`` inside a name stays as written."""
+    home = Path.home()
+    config = write(tmp_path / "c.yaml", """
+        model: {base: ~/bases/sd15, loras: ["~/l.safetensors:0.5"]}
+        data: {sources: [{kind: folder, path: ~/clips}]}
+        output_dir: ~/runs/a
+        """)  # fmt: skip
+    cfg = load_config([config], ["train.resume=~/runs/a/checkpoints/checkpoint-00000002", "data.cache=a~b"])
+    assert cfg.output_dir == str(home / "runs" / "a") and cfg.model.base == str(home / "bases" / "sd15")
+    assert cfg.model.loras == [f"{home / 'l.safetensors'}:0.5"] and cfg.data.sources[0].path == str(home / "clips")
+    assert cfg.train.resume == str(home / "runs/a/checkpoints/checkpoint-00000002") and cfg.data.cache == "a~b"
+    assert any("your home folder" in p for p in problems_of([], [*MINIMAL, "output_dir=~/"]))
+
+
 def test_source_weights_must_not_all_be_zero() -> None:
     problems = problems_of([], ["model.base=sd", "data.sources=[{kind: folder, path: a, weight: 0}]"])
     assert problems == ["data.sources: every weight is 0; at least one source needs a positive weight"]

@@ -16,7 +16,7 @@ from PIL import Image
 from lvdm.diffusion import make_scheduler
 from lvdm.errors import ConfigError, OutputWriteError, TemporalModuleError
 from lvdm.models.encoders import encode_text
-from lvdm.outputs import sidecar_path
+from lvdm.outputs import media_kind, sidecar_path
 from lvdm.pipeline import VideoPipeline, plan_outputs, read_prompts, sampling_settings
 
 FAST = {"num_inference_steps": 3, "progress": False}
@@ -341,6 +341,9 @@ def test_prompt_files_and_output_paths_are_checked_before_loading(tmp_path):
     assert "for PNGs" not in str(caught.value)  # a folder holds one output per video in any format
     (tmp_path / "out.v2").mkdir()  # an existing folder with a dot is a folder
     assert plan_outputs(tmp_path / "out.v2", ["a"]) == [tmp_path / "out.v2/000-a.mp4"]
+    # a trailing separator names a folder, whatever its suffix (it wrote a file x.mp4)
+    assert plan_outputs(f"{tmp_path / 'x.mp4'}/", ["a"]) == [tmp_path / "x.mp4/000-a.mp4"]
+    assert media_kind(f"{tmp_path / 'x.gif'}/") == "png" and media_kind(tmp_path / "x.gif") == "gif"
     with pytest.raises(ConfigError, match="format: expected one of"):
         plan_outputs(tmp_path / "out", ["a"], format="webm")
     (tmp_path / "a_file").write_text("not a folder")

@@ -58,6 +58,17 @@ def test_an_unwritable_output_dir_fails_before_the_model_loads(tiny_assets, tmp_
     assert not loaded
 
 
+def test_a_run_that_fails_before_writing_leaves_no_folder_it_made(tiny_assets, tmp_path):
+    """A run refused by its data (the holdout takes every clip) left its marker and lock in the new output_dir it
+    made. The control: the same failure in a folder that already existed leaves that folder."""
+    for existed in (False, True):
+        out = tmp_path / f"existed-{existed}" / "run"
+        out.mkdir(parents=True) if existed else out.parent.mkdir()
+        with pytest.raises(LvdmError, match="leaves nothing to train on"):
+            train(load_config([], tiny_overrides(tiny_assets, out, **{"data.holdout": 6})), progress=False)
+        assert out.exists() == existed, sorted(p.name for p in out.parent.rglob("*"))
+
+
 @pytest.mark.parametrize("config", sorted(p.name for p in (REPO / "configs").glob("*.yaml")))
 def test_every_shipped_config_loads_and_builds(config, tiny_assets, tmp_path):
     """Each YAML, with the tiny model and clips swapped in, builds its model, data and optimizer."""

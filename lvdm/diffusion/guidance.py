@@ -17,7 +17,6 @@ from dataclasses import dataclass
 from typing import Any
 
 import torch
-from diffusers.guiders.guider_utils import rescale_noise_cfg
 
 from lvdm.diffusion._common import ModelFn, lookup
 
@@ -189,6 +188,10 @@ def classifier_free_guidance(
         if free_weight != 1.0:
             pred = pred + (free_weight - 1.0) * (out_cond - parts["free"])
         if rescale > 0.0:
+            # diffusers' own function, so the rescale is theirs to the bit; imported here, as diffusers.guiders
+            # takes seconds to import and most runs do not rescale
+            from diffusers.guiders.guider_utils import rescale_noise_cfg
+
             pred = rescale_noise_cfg(pred, out_cond, guidance_rescale=rescale)
         return pred.to(out.dtype)
 

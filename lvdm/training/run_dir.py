@@ -116,14 +116,15 @@ def prepare_output_dir(
     process exit), removes stray temporary files, recovers interrupted checkpoint saves, and then either checks
     the checkpoint to resume from (its config against this run's ``config``, with ``world_size``, then cutting
     ``log.jsonl`` back to its step) or
-    clears a previous run of lvdm's own. A refused run leaves no folder it made behind (an empty one was left).
+    clears a previous run of lvdm's own. A refused run leaves no folder it made behind (an empty one was left),
+    here or later (:func:`~lvdm.training.run_lock.release_run` with ``refused``), if nothing was written in it.
     """
     output_dir = Path(output_dir)
     made = not os.path.lexists(output_dir)
     refuse_special_folder(output_dir)
     try:
         check_writable(output_dir)
-        lock_run(output_dir)
+        lock_run(output_dir).made_folder = made
         try:
             _prepare_locked(output_dir, resume=resume, overwrite=overwrite, config=config)
         except BaseException:

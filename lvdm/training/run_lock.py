@@ -10,6 +10,7 @@ write, delete and resume there is in :mod:`lvdm.training.run_dir`.
 from __future__ import annotations
 
 import atexit
+import contextlib
 import json
 import os
 import socket
@@ -77,6 +78,7 @@ class RunLock:
         self.path = output_dir / LOCK_FILE
         self.fd: int | None = None
         self.created = False
+        self.made_folder = False  # set by the caller that made ``output_dir`` for this run
 
     def acquire(self) -> None:
         if fcntl is None:
@@ -101,13 +103,15 @@ class RunLock:
         self.fd = fd
 
     def release(self, *, refused: bool = False) -> None:
-        """Mark a clean exit (empty lock file) and unlock; a refused run leaves no lock file behind if it created
-        it."""
+        """Mark a clean exit (empty lock file) and unlock. A refused run leaves no lock file behind if it created
+        it, and no folder if it made the folder and wrote nothing in it but its marker (removed under the lock)."""
         if self.fd is None:
             return
         try:
             if refused and self.created:
                 self.path.unlink(missing_ok=True)
+                if self.made_folder and _entries(self.output_dir, everything=True) == [RUN_MARKER]:
+                    (self.output_dir / RUN_MARKER).unlink()
             os.ftruncate(self.fd, 0)
         except OSError:
             pass  # a full disk at exit: the lock is released anyway; the next run reports it as not clean
@@ -115,6 +119,9 @@ class RunLock:
             fcntl.flock(self.fd, fcntl.LOCK_UN)
             os.close(self.fd)
             self.fd = None
+        if refused and self.made_folder:
+            with contextlib.suppress(OSError):  # rmdir removes only an empty folder: another run's files stay
+                self.output_dir.rmdir()
 
 
 def _read_holder(fd: int) -> dict[str, Any] | None:
@@ -158,10 +165,13 @@ def lock_run(output_dir: Path) -> RunLock:
     return _HELD[key]
 
 
-def release_run(output_dir: Path, *, refused: bool = False) -> None:
-    """Release this process's lock on ``output_dir``."""
+def release_run(output_dir: Path, *, refused: bool = False, failed: bool = False) -> None:
+    """Release this process's lock on ``output_dir``. ``failed``: the run ended in an error; it counts as refused
+    if it made the folder and wrote nothing in it but its marker."""
     lock = _HELD.pop(Path(output_dir).resolve(), None)
     if lock is not None:
+        if failed:
+            refused = lock.made_folder and not _entries(lock.output_dir)
         lock.release(refused=refused)
 
 

@@ -475,9 +475,13 @@ def _check_world_size(num_processes: int) -> None:
 
 
 def train(cfg: Config, *, progress: bool = True) -> TrainResult:
-    """Run a training job described by ``cfg``; the run folder's lock is released however it ends."""
+    """Run a training job described by ``cfg``; the run folder's lock is released however it ends, and a run that
+    fails before writing anything (a data check, a model that does not load) leaves no folder it made."""
     try:
         return Trainer(cfg, progress=progress).run()
+    except BaseException:
+        run_lock.release_run(Path(cfg.output_dir), failed=True)
+        raise
     finally:
         run_lock.release_run(Path(cfg.output_dir))
 
