@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import warnings
+
 import pytest
 import torch
 from conftest import frame_by_frame, randomize, video_inputs
@@ -261,3 +263,29 @@ def test_an_sdxl_or_inpainting_unet_is_refused_at_load(files, tmp_path):
         UNet2DConditionModel.from_config(config | change).save_pretrained(folder / "unet")
         with pytest.raises(CheckpointError, match=message):
             load_base(folder)
+
+
+def test_a_single_file_without_its_vae_or_text_encoder_takes_them_from_base_config(files, tmp_path):
+    """A "UNet only" checkpoint was refused with diffusers' Python advice (``vae = AutoencoderKL.from_pretrained``),
+    which a command line cannot act on. With base_config the missing part is base_config's (a warning says so) and
+    the rest the file's; without base_config, one line names the part. The control: the whole file warns of
+    nothing, and its own part differs from base_config's (other seeds), so "taken from base_config" is tested."""
+    whole = load_file(files["b"])
+    own = load_base(files["b"], base_config=files["a"])
+    folder = load_base(files["a"])
+    parts = (("VAE", "first_stage_model.", "vae"), ("text encoder", "cond_stage_model.", "text_encoder"))
+    for part, prefix, name in parts:
+        path = tmp_path / f"no_{name}.safetensors"
+        save_file({key: value for key, value in whole.items() if not key.startswith(prefix)}, path)
+        with pytest.raises(CheckpointError, match=f"holds no weights of the {part}; pass base_config"):
+            load_base(path)
+        with pytest.warns(UserWarning, match=f"no weights of the {part}: taken from base_config"):
+            pipe = load_base(path, base_config=files["a"])
+        for kept, source in ((name, folder), ("unet", own)):
+            expected, loaded = getattr(source, kept).state_dict(), getattr(pipe, kept).state_dict()
+            assert all(torch.equal(loaded[key], value) for key, value in expected.items()), (part, kept)
+        mine, theirs = getattr(own, name).state_dict(), getattr(folder, name).state_dict()
+        assert any(not torch.equal(mine[key], value) for key, value in theirs.items())
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        load_base(files["b"], base_config=files["a"])
