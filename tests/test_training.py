@@ -284,6 +284,30 @@ def test_sigterm_finishes_the_step_saves_and_stops(tiny_assets, tmp_path, monkey
     assert signal.getsignal(signal.SIGTERM) is not None  # the handler was put back
 
 
+def test_a_run_killed_while_validating_validates_that_step_again_when_resumed(tiny_assets, tmp_path, monkeypatch):
+    """The checkpoint of a step was taken before its validation, so a run killed while validating resumed after it,
+    and that step's samples and figures were never made (the test fails so when validation is moved back after the
+    checkpoint)."""
+    extra = {"data.holdout": 1, "train.validation_prompts": "[a red disc]", "train.validation_steps": 1,
+             "train.checkpoint_every": 1, "train.validate_every": 2, "train.max_steps": 3}  # fmt: skip
+    real = objectives_module.DenoisingObjective.render
+
+    def killed(self, model, out, **kwargs):
+        real(self, model, out, **kwargs)  # what rendered is on disk; the figures are not yet logged
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr(objectives_module.DenoisingObjective, "render", killed)
+    with pytest.raises(KeyboardInterrupt):
+        train(load_config([], tiny_overrides(tiny_assets, tmp_path / "run", **extra)), progress=False)
+    monkeypatch.setattr(objectives_module.DenoisingObjective, "render", real)
+    train(load_config([], tiny_overrides(tiny_assets, tmp_path / "run", **extra, **{"train.resume": "auto"})),
+          progress=False)  # fmt: skip
+    records = [r for r in read_log(tmp_path / "run" / "log.jsonl") if "samples_frame_change" in r]
+    assert [r["step"] for r in records] == [2, 3]  # step 2's validation, once, then the final one
+    assert sorted(p.name for p in (tmp_path / "run" / "samples" / "step-00000002").iterdir()) == [
+        "00.gif", "00.mp4", "image_mode_00.gif", "image_mode_00.mp4"]  # fmt: skip
+
+
 def test_the_run_writes_what_it_promises(tiny_assets, tmp_path):
     out = tmp_path / "run"
     extra = {"data.holdout": 1, "train.validation_prompts": "[a red disc]", "train.validation_steps": 2}

@@ -257,10 +257,11 @@ class Trainer:
             }
             values |= self.objective_figures
             self.log.write(self.step, values)
-        if self.step % train.checkpoint_every == 0 and self.step < train.max_steps:
-            self.save()
+        # validation first: a run killed in it resumes from an earlier checkpoint and validates this step again
         if self.step % train.validate_every == 0 and self.step < train.max_steps:
             self.validate()
+        if self.step % train.checkpoint_every == 0 and self.step < train.max_steps:
+            self.save()
 
     # ---------------------------------------------------------------------------------------------- checkpoints
     def save(self) -> Path:
