@@ -33,7 +33,8 @@ EXIT_TERMINATED = 143  # 128 + SIGTERM, as if killed by it, after cleaning up
 
 
 def quiet_libraries() -> None:
-    """Keep diffusers'/transformers' load-time chatter (progress bars, optional-backend notices) off the terminal."""
+    """Keep diffusers'/transformers' load-time chatter (progress bars, optional-backend notices) off the terminal,
+    and print warnings in one line each."""
     os.environ.setdefault("TRANSFORMERS_VERBOSITY", "error")
     os.environ.setdefault("DIFFUSERS_VERBOSITY", "error")
     os.environ.setdefault("HF_HUB_DISABLE_PROGRESS_BARS", "1")

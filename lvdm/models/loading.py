@@ -318,7 +318,7 @@ def _missing_parts(path: Path) -> list[str]:
 
 
 def _parts_from(folder: Path, names: list[str], *, allow_pickle: bool, dtype: torch.dtype | None) -> dict[str, Any]:
-    """The ``names`` parts loaded from the diffusers ``folder``, with a note for each."""
+    """The ``names`` parts loaded from the diffusers ``folder``, with a warning for each."""
     from diffusers import AutoencoderKL
     from transformers import CLIPTextModel
 
