@@ -14,19 +14,20 @@ JSON sidecar, and prints how much the frames change at the seams between chunks 
 from __future__ import annotations
 
 import argparse
+import sys
 import tempfile
 from pathlib import Path
 
-import numpy as np
-import torch
-
-from lvdm import VideoPipeline, VideoUNet, load_base, testing
-from lvdm.context_sampling import rollout_chunks, seam_changes
-from lvdm.models.parts import build_part
+from lvdm.cli import run_cli
 
 
 def tiny_models(folder: Path) -> tuple[Path, Path]:
     """A tiny SD folder and a context module made on it (random weights stand in for training)."""
+    import torch
+
+    from lvdm import VideoUNet, load_base, testing
+    from lvdm.models.parts import build_part
+
     base = testing.make_tiny_sd(folder / "base", "sd1", seed=0)
     video = VideoUNet.from_unet2d(load_base(base).unet)
     build_part(video, "context", "context", {})
@@ -40,7 +41,7 @@ def tiny_models(folder: Path) -> tuple[Path, Path]:
     return base, folder / "context.safetensors"
 
 
-def main() -> None:
+def main(argv: list[str]) -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--base", default="outputs/demo/base")
     parser.add_argument("--temporal", default="outputs/demo/context/temporal.safetensors")
@@ -51,8 +52,9 @@ def main() -> None:
     parser.add_argument("--steps", type=int, default=25)
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--out", default="outputs/long_video")
+    parser.add_argument("--overwrite", action="store_true", help="replace long.mp4 and smooth.mp4 (default: refuse)")
     parser.add_argument("--tiny", action="store_true", help="build tiny random models in a temp folder and use them")
-    args = parser.parse_args()
+    args = parser.parse_args(argv)
     with tempfile.TemporaryDirectory() as tmp:
         if args.tiny:
             args.base, args.temporal = tiny_models(Path(tmp))
@@ -61,24 +63,34 @@ def main() -> None:
 
 
 def run(args: argparse.Namespace) -> None:
+    # imported here, in run_cli: Ctrl-C while torch loads is one line too
+    import numpy as np
+
+    from lvdm import VideoPipeline
+    from lvdm.context_sampling import rollout_chunks, seam_changes
+    from lvdm.errors import ConfigError
+    from lvdm.outputs import refuse_existing
+
     for path in (args.base, args.temporal):
         if not Path(path).exists():
             hint = "train the demo module: python train.py --config configs/demo_context.yaml"
-            raise SystemExit(f"{path} does not exist ({hint})")
+            raise ConfigError(f"{path} does not exist ({hint})")
+    out = Path(args.out)
+    if not args.overwrite:  # before anything loads: a file of yours in --out is never replaced
+        refuse_existing([out / "long.mp4", out / "smooth.mp4"])
     pipe = VideoPipeline.from_pretrained(args.base, temporal=args.temporal)
     length = pipe.defaults["num_frames"]
     frames = args.frames or 3 * length
     settings = {"num_inference_steps": args.steps, "seed": args.seed, "context_frames": args.context_frames}
     long = pipe(args.prompt, num_frames=frames, context_guidance=args.context_guidance, **settings)
-    out = Path(args.out)
-    long_path = long.save(out / "long.mp4")[0]
+    long_path = long.save(out / "long.mp4", overwrite=args.overwrite)[0]
     seams, inside = seam_changes(long.frames[0], rollout_chunks(frames, length, 0, args.context_frames))
     seam, within = float(np.mean(seams)), float(np.mean(inside))
     print(f"{long_path}: {frames} frames in chunks of {length}; change at the seams {seam:.2f}, inside {within:.2f}")
     smooth = pipe.interpolate(long_path, factor=4, prompt=args.prompt, num_inference_steps=args.steps, seed=args.seed)
-    smooth_path = smooth.save(out / "smooth.mp4")[0]
+    smooth_path = smooth.save(out / "smooth.mp4", overwrite=args.overwrite)[0]
     print(f"{smooth_path}: {smooth.frames.shape[1]} frames at {smooth.fps:g} fps")
 
 
 if __name__ == "__main__":
-    main()
+    sys.exit(run_cli(main))  # a mistake, Ctrl-C or a closed pipe: one line and an exit status, as lvdm's commands

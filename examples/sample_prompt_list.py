@@ -11,19 +11,21 @@ first seed with the temporal layers bypassed: independent frames), each with a J
 from __future__ import annotations
 
 import argparse
+import sys
 import tempfile
 from pathlib import Path
 
-import torch
-
-from lvdm import VideoUNet, load_base, testing
-from lvdm.pipeline import VideoPipeline, read_prompts
+from lvdm.cli import run_cli
 
 PROMPTS = ["a red panda eating bamboo", "waves crashing on a rocky shore", "clouds drifting over mountains"]
 
 
 def tiny_models(folder: Path) -> tuple[Path, Path]:
     """A tiny SD folder and a temporal module made on it (random temporal weights stand in for training)."""
+    import torch
+
+    from lvdm import VideoUNet, load_base, testing
+
     base = testing.make_tiny_sd(folder / "base", "sd1", seed=0)
     video = VideoUNet.from_unet2d(load_base(base).unet)
     torch.manual_seed(0)
@@ -35,19 +37,29 @@ def tiny_models(folder: Path) -> tuple[Path, Path]:
     return base, folder / "temporal.safetensors"
 
 
-def main() -> None:
+def main(argv: list[str]) -> None:
+    # imported here, in run_cli: Ctrl-C while torch loads is one line too
+    import torch
+
+    from lvdm.outputs import refuse_existing
+    from lvdm.pipeline import VideoPipeline, read_prompts
+
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--base", help="SD base: a diffusers folder or a single-file checkpoint")
     parser.add_argument("--temporal", help="temporal module from training")
     parser.add_argument("--prompts", help="a text file, one prompt per line (default: three built-in prompts)")
     parser.add_argument("--steps", type=int, default=25)
     parser.add_argument("--out", default="outputs/prompt_list")
+    parser.add_argument("--overwrite", action="store_true", help="replace videos already in --out (default: refuse)")
     parser.add_argument("--tiny", action="store_true", help="build tiny random models in a temp folder and use them")
-    args = parser.parse_args()
+    args = parser.parse_args(argv)
     if not args.tiny and not (args.base and args.temporal):
         parser.error("give --base and --temporal, or --tiny")
     prompts = read_prompts(args.prompts) if args.prompts else PROMPTS
     out = Path(args.out)
+    names = [[f"{i:02d}_000.mp4", f"{i:02d}_001.mp4", f"{i:02d}-image.gif"] for i in range(len(prompts))]
+    if not args.overwrite:  # before anything loads: a file of yours in --out is never replaced
+        refuse_existing([out / name for three in names for name in three])
     with tempfile.TemporaryDirectory() as tmp:
         base, temporal = tiny_models(Path(tmp)) if args.tiny else (args.base, args.temporal)
         device, dtype = ("cuda", "fp16") if torch.cuda.is_available() else (None, None)
@@ -55,11 +67,11 @@ def main() -> None:
         steps = 3 if args.tiny else args.steps
         for i, prompt in enumerate(prompts):
             videos = pipe(prompt, num_videos_per_prompt=2, seed=1000 * i, num_inference_steps=steps)
-            videos.save(out / f"{i:02d}.mp4")  # two videos: numbered 00_000.mp4, 00_001.mp4
+            videos.save(out / f"{i:02d}.mp4", overwrite=args.overwrite)  # two videos: numbered 00_000.mp4, 00_001.mp4
             image = pipe(prompt, seed=1000 * i, num_inference_steps=steps, image_mode=True)
-            image.save(out / f"{i:02d}-image.gif")
-            print(f"{prompt!r}: {out / f'{i:02d}_000.mp4'}, {out / f'{i:02d}_001.mp4'}, {out / f'{i:02d}-image.gif'}")
+            image.save(out / names[i][2], overwrite=args.overwrite)
+            print(f"{prompt!r}: " + ", ".join(str(out / name) for name in names[i]))
 
 
 if __name__ == "__main__":
-    main()
+    sys.exit(run_cli(main))  # a mistake, Ctrl-C or a closed pipe: one line and an exit status, as lvdm's commands

@@ -11,17 +11,19 @@ Writes <out>/<checkpoint name>.gif (and .json) for each checkpoint.
 from __future__ import annotations
 
 import argparse
+import sys
 import tempfile
 from pathlib import Path
 
-import torch
-
-from lvdm import VideoUNet, load_base, testing
-from lvdm.pipeline import VideoPipeline
+from lvdm.cli import run_cli
 
 
 def tiny_files(folder: Path) -> dict[str, object]:
     """Base A (a diffusers folder), a temporal module made on A, two single-file checkpoints and a kohya LoRA."""
+    import torch
+
+    from lvdm import VideoUNet, load_base, testing
+
     base_a = testing.make_tiny_sd(folder / "base_a", "sd1", seed=0)
     video = VideoUNet.from_unet2d(load_base(base_a).unet)
     torch.manual_seed(0)
@@ -38,7 +40,13 @@ def tiny_files(folder: Path) -> dict[str, object]:
             "lora": f"{lora}:0.7"}  # fmt: skip
 
 
-def main() -> None:
+def main(argv: list[str]) -> None:
+    # imported here, in run_cli: Ctrl-C while torch loads is one line too
+    import torch
+
+    from lvdm.outputs import refuse_existing
+    from lvdm.pipeline import VideoPipeline
+
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--temporal", help="temporal module from training")
     parser.add_argument("--checkpoint", action="append", default=[], help="single-file checkpoint (give two)")
@@ -46,23 +54,27 @@ def main() -> None:
     parser.add_argument("--lora", help="LoRA applied to both, PATH[:SCALE]")
     parser.add_argument("--prompt", default="a lighthouse on a cliff, stormy sea, waves")
     parser.add_argument("--out", default="outputs/two_checkpoints")
+    parser.add_argument("--overwrite", action="store_true", help="replace GIFs already in --out (default: refuse)")
     parser.add_argument("--tiny", action="store_true", help="build tiny random models in a temp folder and use them")
-    args = parser.parse_args()
+    args = parser.parse_args(argv)
     with tempfile.TemporaryDirectory() as tmp:
         files = tiny_files(Path(tmp)) if args.tiny else vars(args) | {"checkpoints": args.checkpoint}
         if not files["temporal"] or len(files["checkpoints"]) < 2:
             parser.error("give --temporal and two --checkpoint (with --base-config), or --tiny")
+        outputs = [Path(args.out) / f"{Path(checkpoint).stem}.gif" for checkpoint in files["checkpoints"]]
+        if not args.overwrite:  # before anything loads: a file of yours in --out is never replaced
+            refuse_existing(outputs)
         loras = [files["lora"]] if files["lora"] else []
         device, dtype = ("cuda", "fp16") if torch.cuda.is_available() else (None, None)
-        for checkpoint in files["checkpoints"]:
+        for checkpoint, output in zip(files["checkpoints"], outputs, strict=True):
             pipe = VideoPipeline.from_pretrained(
                 checkpoint, base_config=files["base_config"], temporal=files["temporal"], loras=loras,
                 device=device, dtype=dtype,
             )  # fmt: skip
             video = pipe(args.prompt, seed=0, num_inference_steps=3 if args.tiny else 25)
-            [path] = video.save(Path(args.out) / f"{Path(checkpoint).stem}.gif")
+            [path] = video.save(output, overwrite=args.overwrite)
             print(f"{checkpoint}: {path}")
 
 
 if __name__ == "__main__":
-    main()
+    sys.exit(run_cli(main))  # a mistake, Ctrl-C or a closed pipe: one line and an exit status, as lvdm's commands
