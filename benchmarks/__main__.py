@@ -29,6 +29,7 @@ from __future__ import annotations
 
 import argparse
 import importlib
+import os
 import sys
 import time
 import traceback
@@ -39,6 +40,9 @@ import torch
 
 from benchmarks import report
 from benchmarks.harness import SIZES, Size, environment
+from lvdm.cli import Parser, run_cli
+from lvdm.errors import ConfigError
+from lvdm.fileio import nearest_existing
 
 SECTIONS = ("training", "memory", "sampling", "data")
 
@@ -61,7 +65,7 @@ def _sections(values: list[str] | None, profile: bool) -> list[str]:
     chosen = [part.strip() for value in values or [] for part in value.split(",") if part.strip()]
     unknown = sorted(set(chosen) - set(SECTION_MODULES))
     if unknown:
-        raise SystemExit(f"--only: unknown section(s) {unknown}; choose from {', '.join(SECTION_MODULES)}")
+        raise ConfigError(f"--only: unknown section(s) {unknown}; choose from {', '.join(SECTION_MODULES)}")
     chosen = chosen or list(SECTIONS)
     return [name for name in SECTION_MODULES if name in chosen or (name == "profile" and profile)]
 
@@ -70,12 +74,12 @@ def _device(name: str) -> torch.device:
     if name == "auto":
         return torch.device("cuda" if torch.cuda.is_available() else "cpu")
     if name == "cuda" and not torch.cuda.is_available():
-        raise SystemExit("--device cuda: no CUDA GPU is available")
+        raise ConfigError("--device cuda: no CUDA GPU is available")
     return torch.device(name)
 
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
-    parser = argparse.ArgumentParser(prog="python -m benchmarks", description=__doc__.split("\n")[0])
+    parser = Parser(prog="python -m benchmarks", description=__doc__.split("\n")[0])
     parser.add_argument("--size", choices=sorted(SIZES), default="small", help="model and video size (default small)")
     parser.add_argument("--repeats", type=int, default=3, help="timed repeats of every call (median reported)")
     parser.add_argument("--warmup", type=int, default=1, help="untimed calls of each before timing")
@@ -93,6 +97,11 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     args = parser.parse_args(argv)
     if args.repeats < 1 or args.warmup < 0:
         parser.error("--repeats must be >= 1 and --warmup >= 0")
+    if args.threads is not None and args.threads < 1:
+        parser.error(f"--threads must be >= 1, got {args.threads}")
+    probe = nearest_existing(args.out)  # before the sections run: their results are written at the end
+    if not probe.is_dir() or not os.access(probe, os.W_OK | os.X_OK):
+        parser.error(f"--out {args.out} cannot be a results folder ({probe} is not a writable folder)")
     return args
 
 
@@ -136,4 +145,4 @@ def main(argv: list[str] | None = None) -> int:
 
 
 if __name__ == "__main__":
-    sys.exit(main())
+    sys.exit(run_cli(main))  # a mistake, Ctrl-C or a closed pipe: one line and an exit status

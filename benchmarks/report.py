@@ -13,6 +13,8 @@ import math
 from pathlib import Path
 from typing import Any
 
+from lvdm.fileio import atomic_paths
+
 RESULTS = Path(__file__).resolve().parent / "results"
 TITLES = {
     "training": "1. Training step",
@@ -106,8 +108,9 @@ def write(meta: dict[str, Any], sections: dict[str, dict[str, Any]], folder: Pat
     folder.mkdir(parents=True, exist_ok=True)
     stem = folder / meta.get("file_stem", f"{meta['date']}-{meta['size']}")
     json_path, md_path = stem.with_suffix(".json"), stem.with_suffix(".md")
-    json_path.write_text(json.dumps({"meta": meta, "sections": sections}, indent=2, default=str) + "\n")
-    md_path.write_text(render(meta, sections))
+    with atomic_paths([json_path, md_path]) as (json_temp, md_temp):  # both or neither, never half a file
+        json_temp.write_text(json.dumps({"meta": meta, "sections": sections}, indent=2, default=str) + "\n")
+        md_temp.write_text(render(meta, sections))
     return json_path, md_path
 
 

@@ -18,7 +18,7 @@ import sys
 import tempfile
 from pathlib import Path
 
-from lvdm.cli import run_cli
+from lvdm.cli import Parser, run_cli
 
 
 def tiny_models(folder: Path) -> tuple[Path, Path]:
@@ -42,7 +42,7 @@ def tiny_models(folder: Path) -> tuple[Path, Path]:
 
 
 def main(argv: list[str]) -> None:
-    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser = Parser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--base", default="outputs/demo/base")
     parser.add_argument("--temporal", default="outputs/demo/context/temporal.safetensors")
     parser.add_argument("--prompt", default="a red disc moving down")

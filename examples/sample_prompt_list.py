@@ -10,12 +10,11 @@ first seed with the temporal layers bypassed: independent frames), each with a J
 
 from __future__ import annotations
 
-import argparse
 import sys
 import tempfile
 from pathlib import Path
 
-from lvdm.cli import run_cli
+from lvdm.cli import Parser, run_cli
 
 PROMPTS = ["a red panda eating bamboo", "waves crashing on a rocky shore", "clouds drifting over mountains"]
 
@@ -44,7 +43,7 @@ def main(argv: list[str]) -> None:
     from lvdm.outputs import refuse_existing
     from lvdm.pipeline import VideoPipeline, read_prompts
 
-    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser = Parser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--base", help="SD base: a diffusers folder or a single-file checkpoint")
     parser.add_argument("--temporal", help="temporal module from training")
     parser.add_argument("--prompts", help="a text file, one prompt per line (default: three built-in prompts)")

@@ -10,12 +10,11 @@ Writes <out>/<checkpoint name>.gif (and .json) for each checkpoint.
 
 from __future__ import annotations
 
-import argparse
 import sys
 import tempfile
 from pathlib import Path
 
-from lvdm.cli import run_cli
+from lvdm.cli import Parser, run_cli
 
 
 def tiny_files(folder: Path) -> dict[str, object]:
@@ -47,7 +46,7 @@ def main(argv: list[str]) -> None:
     from lvdm.outputs import refuse_existing
     from lvdm.pipeline import VideoPipeline
 
-    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser = Parser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--temporal", help="temporal module from training")
     parser.add_argument("--checkpoint", action="append", default=[], help="single-file checkpoint (give two)")
     parser.add_argument("--base-config", help="diffusers folder of the checkpoints' architecture (e.g. SD 1.5)")
