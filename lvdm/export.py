@@ -43,6 +43,9 @@ def export_checkpoint(
     out = Path(out)
     if out.suffix != ".safetensors":
         raise ConfigError(f"{out}: the temporal module is written as .safetensors")
+    from lvdm.outputs import refuse_control_characters
+
+    refuse_control_characters(out)
     from lvdm.training.checkpoint import MARKER, load_checkpoint
 
     if (out.parent / MARKER).exists():  # lvdm's retention deletes such folders: the module would go with it

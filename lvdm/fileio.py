@@ -129,7 +129,8 @@ def _make_folder(path: Path) -> None:
 def _temp_name(path: Path, suffix: str = "") -> Path:
     """``.{name}.{8 hex}.tmp{suffix}``, the name shortened so that it fits where ``path`` fits, with room for the
     ``.d`` of :func:`save_safetensors`' folder."""
-    stem = path.name.encode()[: NAME_MAX - 16 - len(suffix.encode())].decode(errors="ignore")
+    name, limit = os.fsencode(path.name), NAME_MAX - 16 - len(os.fsencode(suffix))
+    stem = path.name if len(name) <= limit else name[:limit].decode(errors="ignore")  # a name's bytes: not UTF-8 too
     return path.with_name(f".{stem}.{secrets.token_hex(4)}.tmp{suffix}")
 
 

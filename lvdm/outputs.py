@@ -150,8 +150,7 @@ def plan_outputs(
     text = os.fspath(out)
     if not text.strip():  # "" wrote into the working folder
         raise ConfigError(f"the output is empty ({text!r}); give a .mp4 or .gif file, or a folder ending in /")
-    if control := next((c for c in text if ord(c) < 32 or ord(c) == 127), None):  # a newline split every message
-        raise ConfigError(f"the output {text!r} holds a control character ({control!r}); choose a name without one")
+    refuse_control_characters(text)
     if media_suffix(text):
         paths = [Path(text)] if count == 1 else [_numbered(text, k, count) for k in range(count)]
     else:
@@ -177,6 +176,14 @@ def plan_outputs(
     if not overwrite:
         refuse_existing(paths)
     return paths
+
+
+def refuse_control_characters(output: str | os.PathLike) -> None:
+    """A :class:`ConfigError` for an output name holding a control character: a newline in it split every message
+    and listing that named the file."""
+    text = os.fspath(output)
+    if control := next((c for c in text if ord(c) < 32 or ord(c) == 127), None):
+        raise ConfigError(f"the output {text!r} holds a control character ({control!r}); choose a name without one")
 
 
 def refuse_existing(paths: Sequence[Path]) -> None:

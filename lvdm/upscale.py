@@ -213,6 +213,8 @@ def main(argv: list[str]) -> int:
     if suffix == ".gif" and (problem := gif_rate_problem(rate)):  # found after, before
         raise ConfigError(f"{args.video} runs at {rate:g} fps, and {problem}: write a .mp4")
     path = plan_outputs(args.out, [args.prompt], overwrite=args.overwrite)[0]
+    if path.exists() and path.samefile(args.video):  # --overwrite: it would be replaced by its own upscale
+        raise ConfigError(f"--out {args.out} is the input video {args.video}; write the upscale to another file")
     device, dtype = device_and_dtype(args.device, args.dtype)
     pipe = UpscalePipeline.from_pretrained(
         args.upscaler, temporal=args.temporal, allow_pickle=args.allow_pickle, device=device, dtype=dtype

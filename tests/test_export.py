@@ -57,7 +57,7 @@ def test_raw_weights_and_an_earlier_checkpoint(run, tmp_path):
     ("case", "message"),
     [("not_a_checkpoint", "checkpoint"), ("wrong_suffix", "as .safetensors"), ("exists", "already exists"),
      ("its_lora_exists", "there_spatial_lora.safetensors already exists"),
-     ("inside_a_checkpoint", "inside a checkpoint folder")],
+     ("inside_a_checkpoint", "inside a checkpoint folder"), ("newline", "holds a control character ('\\n')")],
 )  # fmt: skip
 def test_mistakes_are_one_line(run, tmp_path, capsys, case, message):
     """``its_lora_exists``: a user's file where the module's LoRA goes was replaced (only OUT was checked);
@@ -71,6 +71,7 @@ def test_mistakes_are_one_line(run, tmp_path, capsys, case, message):
         "exists": [str(checkpoint(run, 3)), str(existing)],
         "its_lora_exists": [str(checkpoint(run, 3)), str(existing)],
         "inside_a_checkpoint": [str(checkpoint(run, 3)), str(checkpoint(run, 3) / "step3.safetensors")],
+        "newline": [str(checkpoint(run, 3)), str(tmp_path / "a\nb.safetensors")],  # sample.py refused it, not export
     }[case]
     if case == "its_lora_exists":
         existing.unlink()  # OUT itself is free

@@ -199,6 +199,18 @@ def test_an_existing_output_is_refused_unless_overwrite(files, tmp_path, capsys)
     assert code == 2 and "000-a-kite.mp4 already exists" in err, err
 
 
+def test_an_output_name_that_is_not_utf8_is_written(files, tmp_path, capsys):
+    """Linux names are bytes: ``clip<0xff>.mp4`` was "cannot write ...: 'utf-8' codec can't encode", after the
+    sampling (the temporary name beside it was cut as UTF-8)."""
+    import os
+
+    out = tmp_path / os.fsdecode(b"clip\xff.mp4")
+    code, _, err = sample_here(capsys, "--base", str(files["a"]), "--prompt", "a kite", "--frames", "2", "--steps",
+                               "1", "--out", str(out))  # fmt: skip
+    assert code == 0 and out.is_file() and out.with_name(out.name + ".json").is_file(), err
+    assert sorted(os.listdir(tmp_path)) == sorted([out.name, out.name + ".json"])  # no temporary file left
+
+
 def test_a_format_or_rate_the_output_file_cannot_take_is_refused_before_sampling(files, tmp_path, capsys):
     """``--format png --out x.mp4`` wrote an mp4 without a word; they disagree: one line, nothing loaded."""
     out = tmp_path / "x.mp4"

@@ -308,6 +308,7 @@ def test_the_upscale_command_keeps_length_and_rate_and_refuses_mistakes(upscaler
         ([str(fast), *base, "--out", str(tmp_path / "y.gif")], "runs at 240 fps, and a GIF stores delays"),
         ([str(source), *base, "--out", str(tmp_path / "folder.mp4"), "--overwrite"], "folder.mp4 is a folder"),
         ([str(source), *base, "--out", str(out)], "already exists"),
+        ([str(source), *base, "--out", str(source), "--overwrite"], "is the input video"),  # it was replaced
         ([str(tmp_path / "nope.mp4"), *base, "--out", str(tmp_path / "a.mp4")], "does not exist or is not a file"),
         ([str(source), *base, "--out", str(tmp_path / "b.mp4"), "--noise-level", "400"], "noise_level must be"),
         ([str(source), *base, "--out", str(tmp_path / "c.mkv")], "give a .mp4 or .gif"),
