@@ -43,6 +43,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 import sys
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
@@ -306,7 +307,7 @@ def _plan(
                           f"side ({MAX_SIDE} out): sample smaller, or leave out --upscaler")  # fmt: skip
     _check_context(args, checked.image_mode)
     check_base_noise_seed(args.base_noise_seed, checked.noise_prior)
-    gif = Path(args.out).suffix.lower() == ".gif" or args.format == "gif"
+    gif = _out_suffix(args.out) == "gif" or args.format == "gif"
     if gif and (problem := gif_rate_problem(checked.fps)):  # refused by the writer, after the sampling, before
         raise ConfigError(f"--fps {checked.fps:g}: {problem}")
     paths = plan_outputs(
@@ -321,9 +322,15 @@ def _plan(
     return prompts, settings, checked, paths
 
 
+def _out_suffix(out: str) -> str:
+    """``mp4`` for ``clip.mp4``; ``""`` for ``clip.mp4/``, a folder (as ``lvdm.outputs.media_suffix`` reads it,
+    without importing torch before the thread settings are chosen)."""
+    return "" if out.endswith(("/", os.sep)) else Path(out).suffix.lower().lstrip(".")
+
+
 def main(argv: list[str]) -> int:
     args = build_parser().parse_args(argv)
-    suffix = Path(args.out).suffix.lower().lstrip(".")
+    suffix = _out_suffix(args.out)
     if args.format is not None and suffix in ("mp4", "gif") and suffix != args.format:  # it wrote the suffix's kind
         raise ConfigError(f"--format {args.format} and --out {args.out} disagree: --format names the files written "
                           "into an --out folder; give a folder, or drop --format")  # fmt: skip

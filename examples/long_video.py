@@ -76,7 +76,7 @@ def run(args: argparse.Namespace) -> None:
             hint = "train the demo module: python train.py --config configs/demo_context.yaml"
             raise ConfigError(f"{path} does not exist ({hint})")
     out = Path(args.out)
-    if not args.overwrite:  # before anything loads: a file of yours in --out is never replaced
+    if not args.overwrite:  # before the base loads: a file of yours in --out is never replaced
         refuse_existing([out / "long.mp4", out / "smooth.mp4"])
     pipe = VideoPipeline.from_pretrained(args.base, temporal=args.temporal)
     length = pipe.defaults["num_frames"]

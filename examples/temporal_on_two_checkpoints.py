@@ -43,6 +43,7 @@ def main(argv: list[str]) -> None:
     # imported here, in run_cli: Ctrl-C while torch loads is one line too
     import torch
 
+    from lvdm.errors import ConfigError
     from lvdm.outputs import refuse_existing
     from lvdm.pipeline import VideoPipeline
 
@@ -61,7 +62,9 @@ def main(argv: list[str]) -> None:
         if not files["temporal"] or len(files["checkpoints"]) < 2:
             parser.error("give --temporal and two --checkpoint (with --base-config), or --tiny")
         outputs = [Path(args.out) / f"{Path(checkpoint).stem}.gif" for checkpoint in files["checkpoints"]]
-        if not args.overwrite:  # before anything loads: a file of yours in --out is never replaced
+        if len(set(outputs)) < len(outputs):  # a/model.safetensors and b/model.safetensors: one GIF for both
+            raise ConfigError("two checkpoints have the same file name; each is written as <out>/<name>.gif")
+        if not args.overwrite:  # before the base loads: a file of yours in --out is never replaced
             refuse_existing(outputs)
         loras = [files["lora"]] if files["lora"] else []
         device, dtype = ("cuda", "fp16") if torch.cuda.is_available() else (None, None)

@@ -33,12 +33,10 @@ EXIT_TERMINATED = 143  # 128 + SIGTERM, as if killed by it, after cleaning up
 
 
 def quiet_libraries() -> None:
-    """Keep diffusers'/transformers' load-time chatter (progress bars, optional-backend notices) off the terminal,
-    and print warnings in one line each."""
+    """Keep diffusers'/transformers' load-time chatter (progress bars, optional-backend notices) off the terminal."""
     os.environ.setdefault("TRANSFORMERS_VERBOSITY", "error")
     os.environ.setdefault("DIFFUSERS_VERBOSITY", "error")
     os.environ.setdefault("HF_HUB_DISABLE_PROGRESS_BARS", "1")
-    warnings.formatwarning = _one_line_warning
 
 
 def _one_line_warning(message: Warning | str, category: type[Warning], *args: Any, **kwargs: Any) -> str:
@@ -54,6 +52,7 @@ def run_cli(main: Callable[[list[str]], int | None], argv: list[str] | None = No
     args = sys.argv[1:] if argv is None else argv
     _open_closed_streams()
     previous = _terminate_by_exception()
+    formatwarning, warnings.formatwarning = warnings.formatwarning, _one_line_warning
     try:
         try:
             _check_cache_folders()
@@ -97,6 +96,7 @@ def run_cli(main: Callable[[list[str]], int | None], argv: list[str] | None = No
         print(f"error: {exc.strerror or exc} writing {exc.filename or 'the output'}", file=sys.stderr)
         return 1
     finally:
+        warnings.formatwarning = formatwarning  # run in a test's process, the next test gets Python's form back
         if previous is not None:
             signal.signal(signal.SIGTERM, previous)
 

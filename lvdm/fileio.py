@@ -305,6 +305,11 @@ def remove_stray_temp(path: Path) -> None:
         path.rmdir()
 
 
+def control_character(text: str) -> str | None:
+    """The first control character in ``text`` (a newline splits every message and listing that names a file)."""
+    return next((c for c in text if ord(c) < 32 or ord(c) == 127), None)
+
+
 def nearest_existing(path: str | os.PathLike) -> Path:
     """``path`` (made absolute) or its nearest ancestor that is there; a link counts, even one that dangles: it is
     what a folder would have to be made over."""

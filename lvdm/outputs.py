@@ -14,7 +14,7 @@ import numpy as np
 import torch
 
 from lvdm.errors import ConfigError, check_flag
-from lvdm.fileio import NAME_MAX, atomic_path, json_text, nearest_existing, read_bounded, read_json
+from lvdm.fileio import NAME_MAX, atomic_path, control_character, json_text, nearest_existing, read_bounded, read_json
 
 MEDIA_SUFFIXES = {".mp4": "mp4", ".gif": "gif"}  # any other path is a folder of PNG frames
 FORMATS = ("mp4", "gif", "png")
@@ -182,7 +182,7 @@ def refuse_control_characters(output: str | os.PathLike) -> None:
     """A :class:`ConfigError` for an output name holding a control character: a newline in it split every message
     and listing that named the file."""
     text = os.fspath(output)
-    if control := next((c for c in text if ord(c) < 32 or ord(c) == 127), None):
+    if control := control_character(text):
         raise ConfigError(f"the output {text!r} holds a control character ({control!r}); choose a name without one")
 
 

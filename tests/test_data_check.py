@@ -92,7 +92,8 @@ def test_the_report_never_replaces_a_file_and_is_checked_before_the_scan(folder:
     before = caption.read_bytes()
     data = DataConfig(root=str(folder), num_frames=4, frame_stride=2, resolution=[16, 16])
     for report, message in ((caption, "already exists"), (tmp_path, "not a file"),
-                            (tmp_path / "missing" / "r.jsonl", "is not a writable folder")):  # fmt: skip
+                            (tmp_path / "missing" / "r.jsonl", "is not a writable folder"),
+                            (tmp_path / "r\nx.jsonl", "holds a control character")):  # fmt: skip
         with pytest.raises(ConfigError, match=message):
             scan(data, report=report, progress=False)
     assert caption.read_bytes() == before

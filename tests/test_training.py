@@ -287,7 +287,7 @@ def test_sigterm_finishes_the_step_saves_and_stops(tiny_assets, tmp_path, monkey
 def test_a_run_killed_while_validating_validates_that_step_again_when_resumed(tiny_assets, tmp_path, monkeypatch):
     """The checkpoint of a step was taken before its validation, so a run killed while validating resumed after it,
     and that step's samples and figures were never made (the test fails so when validation is moved back after the
-    checkpoint)."""
+    checkpoint). A validation that fails by itself still saves its step: otherwise every resume would fail there."""
     extra = {"data.holdout": 1, "train.validation_prompts": "[a red disc]", "train.validation_steps": 1,
              "train.checkpoint_every": 1, "train.validate_every": 2, "train.max_steps": 3}  # fmt: skip
     real = objectives_module.DenoisingObjective.render
@@ -306,6 +306,15 @@ def test_a_run_killed_while_validating_validates_that_step_again_when_resumed(ti
     assert [r["step"] for r in records] == [2, 3]  # step 2's validation, once, then the final one
     assert sorted(p.name for p in (tmp_path / "run" / "samples" / "step-00000002").iterdir()) == [
         "00.gif", "00.mp4", "image_mode_00.gif", "image_mode_00.mp4"]  # fmt: skip
+
+    def fails(self, model, out, **kwargs):  # out of memory, a full disk: the same at every try
+        raise OSError(28, "No space left on device")
+
+    monkeypatch.setattr(objectives_module.DenoisingObjective, "render", fails)
+    extra |= {"train.checkpoint_every": 2}  # a validation that always fails must not cost its step's checkpoint
+    with pytest.raises(OSError, match="No space"):
+        train(load_config([], tiny_overrides(tiny_assets, tmp_path / "full", **extra)), progress=False)
+    assert [p.name for p in list_checkpoints(tmp_path / "full" / "checkpoints")] == ["checkpoint-00000002"]
 
 
 def test_the_run_writes_what_it_promises(tiny_assets, tmp_path):

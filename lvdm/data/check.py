@@ -23,7 +23,7 @@ from typing import Any
 from lvdm.cli import Parser, run_cli, split_overrides
 from lvdm.config import DataConfig, load_config, option
 from lvdm.errors import ConfigError, VideoReadError
-from lvdm.fileio import atomic_path, json_text
+from lvdm.fileio import atomic_path, control_character, json_text
 
 
 @dataclass
@@ -95,6 +95,10 @@ def scan(
 def _check_report(report: Path, overwrite: bool) -> None:
     """A report that would replace a file (a user's notes, a caption of the data) or cannot be written at all is
     refused before minutes of scanning."""
+    if control := control_character(str(report)):  # a name split over lines: the listing of the folder too
+        raise ConfigError(
+            f"--report {str(report)!r} holds a control character ({control!r}); choose a name without one"
+        )
     if report.is_dir() or (report.exists() and not report.is_file()):
         raise ConfigError(f"--report {report}: not a file")
     if (report.exists() or report.is_symlink()) and not overwrite:
@@ -111,7 +115,7 @@ def _reason_kind(reason: str) -> str:
 def _shown(path: object) -> str:
     """A path on one line: quoted as Python writes it when it holds a newline or another control character."""
     text = str(path)
-    return repr(text) if any(ord(c) < 32 or ord(c) == 127 for c in text) else text
+    return repr(text) if control_character(text) else text
 
 
 def summary(result: CheckResult, max_bad_fraction: float, *, show: int = 5) -> str:

@@ -117,7 +117,8 @@ def prepare_output_dir(
     the checkpoint to resume from (its config against this run's ``config``, with ``world_size``, then cutting
     ``log.jsonl`` back to its step) or
     clears a previous run of lvdm's own. A refused run leaves no folder it made behind (an empty one was left),
-    here or later (:func:`~lvdm.training.run_lock.release_run` with ``refused``), if nothing was written in it.
+    here or, for a run that fails later without writing in it, when :func:`~lvdm.training.trainer.train` releases
+    it (``release_run(..., failed=True)``).
     """
     output_dir = Path(output_dir)
     made = not os.path.lexists(output_dir)

@@ -74,6 +74,7 @@ class Trainer:
         self.resume_from = self._prepare_output_dir()
         self.cfg_dict = config_to_dict(cfg)
         self.step = self.micro_batches = self.skipped_total = self.skipped_in_row = 0
+        self.saved_step: int | None = None  # the step of the checkpoint this process last saved
         self.objective_figures: dict[str, float] = {}
         self.losses: list[float] = []  # the steps since the last log line: the logged loss is their mean
         self.clip_rates: Counter[float] = Counter()  # the training clips' frame rates: the sampling default
@@ -257,10 +258,17 @@ class Trainer:
             }
             values |= self.objective_figures
             self.log.write(self.step, values)
-        # validation first: a run killed in it resumes from an earlier checkpoint and validates this step again
-        if self.step % train.validate_every == 0 and self.step < train.max_steps:
-            self.validate()
-        if self.step % train.checkpoint_every == 0 and self.step < train.max_steps:
+        checkpoint = self.step % train.checkpoint_every == 0 and self.step < train.max_steps
+        # validation first: a run killed in it resumes from an earlier checkpoint and validates this step again; a
+        # validation that fails (out of memory, a full disk) still saves the step, and a stop saves it at once
+        if self.step % train.validate_every == 0 and self.step < train.max_steps and not self._stop_agreed():
+            try:
+                self.validate()
+            except Exception:
+                if checkpoint:
+                    self.save()
+                raise
+        if checkpoint:
             self.save()
 
     # ---------------------------------------------------------------------------------------------- checkpoints
@@ -294,6 +302,7 @@ class Trainer:
             path = save_checkpoint(root, self.step, parts, keep_last=self.cfg.train.keep_last, metadata=metadata)
             self.export()
         self.acc.wait_for_everyone()
+        self.saved_step = self.step
         return path
 
     @property
@@ -424,7 +433,8 @@ class Trainer:
         return figures, samples
 
     def _finish(self, first_loss: float | None, last_loss: float | None) -> TrainResult:
-        self.save()
+        if self.saved_step != self.step:  # a stop at a checkpoint step saved it already
+            self.save()
         # a signal stop stays quick; agreed, as a signal after the last step may have reached one rank only
         gain, samples = (None, []) if self._stop_agreed() else self.validate()
         self.log.close()
