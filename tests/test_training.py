@@ -15,6 +15,7 @@ import torch
 from conftest import tiny_overrides
 
 import lvdm.training.objectives as objectives_module
+import lvdm.training.setup as training_setup
 from lvdm.config import load_config
 from lvdm.errors import CheckpointError, ConfigError, LvdmError
 from lvdm.training.checkpoint import list_checkpoints, load_checkpoint
@@ -58,7 +59,7 @@ def test_an_unwritable_output_dir_fails_before_the_model_loads(tiny_assets, tmp_
     assert not loaded
 
 
-def test_a_run_that_fails_before_writing_leaves_no_folder_it_made(tiny_assets, tmp_path):
+def test_a_run_that_fails_before_writing_leaves_no_folder_it_made(tiny_assets, tmp_path, monkeypatch):
     """A run refused by its data (the holdout takes every clip) left its marker and lock in the new output_dir it
     made. The control: the same failure in a folder that already existed leaves that folder."""
     for existed in (False, True):
@@ -67,6 +68,18 @@ def test_a_run_that_fails_before_writing_leaves_no_folder_it_made(tiny_assets, t
         with pytest.raises(LvdmError, match="leaves nothing to train on"):
             train(load_config([], tiny_overrides(tiny_assets, out, **{"data.holdout": 6})), progress=False)
         assert out.exists() == existed, sorted(p.name for p in out.parent.rglob("*"))
+    # a folder the run made, where a file was written meanwhile (a user's, here), is kept with it
+    out = tmp_path / "written" / "run"
+    real = training_setup.build_data
+
+    def user_writes_then_fails(cfg, *args, **kwargs):
+        (out / "notes.txt").write_text("mine")
+        return real(cfg, *args, **kwargs)
+
+    monkeypatch.setattr(training_setup, "build_data", user_writes_then_fails)
+    with pytest.raises(LvdmError, match="leaves nothing to train on"):
+        train(load_config([], tiny_overrides(tiny_assets, out, **{"data.holdout": 6})), progress=False)
+    assert (out / "notes.txt").read_text() == "mine"
 
 
 @pytest.mark.parametrize("config", sorted(p.name for p in (REPO / "configs").glob("*.yaml")))
