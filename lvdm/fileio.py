@@ -305,6 +305,27 @@ def remove_stray_temp(path: Path) -> None:
         path.rmdir()
 
 
+def first_missing(path: str | os.PathLike) -> Path | None:
+    """The highest folder of ``path`` (made absolute) that is not there, which making ``path`` would make; None when
+    ``path`` is there (a link counts)."""
+    path = Path(path).absolute()
+    existing = nearest_existing(path)
+    return None if existing == path else existing / path.relative_to(existing).parts[0]
+
+
+def remove_made_folders(path: str | os.PathLike, top: Path) -> None:
+    """``rmdir`` ``path`` and its parents up to ``top`` (the highest one this process made, :func:`first_missing`),
+    stopping at the first that is not empty: a folder with anything in it stays."""
+    path = Path(path).absolute()
+    for folder in (path, *path.parents):
+        try:
+            folder.rmdir()
+        except OSError:
+            return
+        if folder == top:
+            return
+
+
 def control_character(text: str) -> str | None:
     """The first control character in ``text`` (a newline splits every message and listing that names a file)."""
     return next((c for c in text if ord(c) < 32 or ord(c) == 127), None)

@@ -61,13 +61,15 @@ def test_an_unwritable_output_dir_fails_before_the_model_loads(tiny_assets, tmp_
 
 def test_a_run_that_fails_before_writing_leaves_no_folder_it_made(tiny_assets, tmp_path, monkeypatch):
     """A run refused by its data (the holdout takes every clip) left its marker and lock in the new output_dir it
-    made. The control: the same failure in a folder that already existed leaves that folder."""
-    for existed in (False, True):
-        out = tmp_path / f"existed-{existed}" / "run"
-        out.mkdir(parents=True) if existed else out.parent.mkdir()
+    made, and the parents it made for it. The control: the same failure in a folder that already existed leaves
+    that folder."""
+    for existed in (False, True):  # the run makes new/runs/run, or finds it there
+        out = tmp_path / f"existed-{existed}" / "new" / "runs" / "run"
+        out.mkdir(parents=True) if existed else (tmp_path / f"existed-{existed}").mkdir()
         with pytest.raises(LvdmError, match="leaves nothing to train on"):
             train(load_config([], tiny_overrides(tiny_assets, out, **{"data.holdout": 6})), progress=False)
-        assert out.exists() == existed, sorted(p.name for p in out.parent.rglob("*"))
+        assert out.exists() == existed, sorted(p.name for p in (tmp_path / f"existed-{existed}").rglob("*"))
+        assert existed or not list((tmp_path / f"existed-{existed}").iterdir())  # its parents made for it too
     # a folder the run made, where a file was written meanwhile (a user's, here), is kept with it
     out = tmp_path / "written" / "run"
     real = training_setup.build_data

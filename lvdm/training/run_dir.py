@@ -30,7 +30,6 @@ The lock and the marker's reading and writing are in :mod:`lvdm.training.run_loc
 
 from __future__ import annotations
 
-import contextlib
 import json
 import os
 import re
@@ -41,7 +40,7 @@ from pathlib import Path
 from typing import Any
 
 from lvdm.errors import CheckpointError, ConfigError, LvdmError
-from lvdm.fileio import is_stray_temp, remove_stray_temp, special_folder
+from lvdm.fileio import first_missing, is_stray_temp, remove_made_folders, remove_stray_temp, special_folder
 from lvdm.training.checkpoint import (
     MARKER,
     OUR_FILE,
@@ -121,7 +120,7 @@ def prepare_output_dir(
     it (``release_run(..., failed=True)``).
     """
     output_dir = Path(output_dir)
-    made = not os.path.lexists(output_dir)
+    made = first_missing(output_dir)
     refuse_special_folder(output_dir)
     try:
         check_writable(output_dir)
@@ -132,9 +131,8 @@ def prepare_output_dir(
             release_run(output_dir, refused=True)
             raise
     except BaseException:
-        if made:  # this call made it, and rmdir removes only an empty folder
-            with contextlib.suppress(OSError):
-                output_dir.rmdir()
+        if made is not None:  # the folders this call made, each removed only if empty
+            remove_made_folders(output_dir, made)
         raise
 
 

@@ -10,7 +10,6 @@ write, delete and resume there is in :mod:`lvdm.training.run_dir`.
 from __future__ import annotations
 
 import atexit
-import contextlib
 import json
 import os
 import socket
@@ -20,7 +19,7 @@ from pathlib import Path
 from typing import Any
 
 from lvdm.errors import LvdmError
-from lvdm.fileio import atomic_path
+from lvdm.fileio import atomic_path, remove_made_folders
 
 try:
     import fcntl
@@ -78,7 +77,7 @@ class RunLock:
         self.path = output_dir / LOCK_FILE
         self.fd: int | None = None
         self.created = False
-        self.made_folder = False  # set by the caller that made ``output_dir`` for this run
+        self.made_folder: Path | None = None  # the highest folder the caller made for ``output_dir`` (first_missing)
 
     def acquire(self) -> None:
         if fcntl is None:
@@ -110,7 +109,7 @@ class RunLock:
         try:
             if refused and self.created:
                 self.path.unlink(missing_ok=True)
-                if self.made_folder and _entries(self.output_dir, everything=True) == [RUN_MARKER]:
+                if self.made_folder is not None and _entries(self.output_dir, everything=True) == [RUN_MARKER]:
                     (self.output_dir / RUN_MARKER).unlink()
             os.ftruncate(self.fd, 0)
         except OSError:
@@ -119,9 +118,8 @@ class RunLock:
             fcntl.flock(self.fd, fcntl.LOCK_UN)
             os.close(self.fd)
             self.fd = None
-        if refused and self.made_folder:
-            with contextlib.suppress(OSError):  # rmdir removes only an empty folder: another run's files stay
-                self.output_dir.rmdir()
+        if refused and self.made_folder is not None:  # rmdir removes only empty folders: another run's files stay
+            remove_made_folders(self.output_dir, self.made_folder)
 
 
 def _read_holder(fd: int) -> dict[str, Any] | None:
@@ -171,7 +169,7 @@ def release_run(output_dir: Path, *, refused: bool = False, failed: bool = False
     lock = _HELD.pop(Path(output_dir).resolve(), None)
     if lock is not None:
         if failed:
-            refused = lock.made_folder and not _entries(lock.output_dir)
+            refused = lock.made_folder is not None and not _entries(lock.output_dir)
         lock.release(refused=refused)
 
 
