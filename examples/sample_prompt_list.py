@@ -40,8 +40,7 @@ def main(argv: list[str]) -> None:
     # imported here, in run_cli: Ctrl-C while torch loads is one line too
     import torch
 
-    from lvdm.outputs import refuse_existing
-    from lvdm.pipeline import VideoPipeline, read_prompts
+    from lvdm.pipeline import VideoPipeline, plan_outputs, read_prompts
 
     parser = Parser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--base", help="SD base: a diffusers folder or a single-file checkpoint")
@@ -56,9 +55,10 @@ def main(argv: list[str]) -> None:
         parser.error("give --base and --temporal, or --tiny")
     prompts = read_prompts(args.prompts) if args.prompts else PROMPTS
     out = Path(args.out)
-    names = [[f"{i:02d}_000.mp4", f"{i:02d}_001.mp4", f"{i:02d}-image.gif"] for i in range(len(prompts))]
     if not args.overwrite:  # before anything loads: a file of yours in --out is never replaced
-        refuse_existing([out / name for three in names for name in three])
+        for i, prompt in enumerate(prompts):  # the names save() gives: 00_000.mp4, 00_001.mp4, then 00-image.gif
+            plan_outputs(out / f"{i:02d}.mp4", [prompt], num_videos_per_prompt=2)
+            plan_outputs(out / f"{i:02d}-image.gif", [prompt])
     with tempfile.TemporaryDirectory() as tmp:
         base, temporal = tiny_models(Path(tmp)) if args.tiny else (args.base, args.temporal)
         device, dtype = ("cuda", "fp16") if torch.cuda.is_available() else (None, None)
@@ -66,10 +66,10 @@ def main(argv: list[str]) -> None:
         steps = 3 if args.tiny else args.steps
         for i, prompt in enumerate(prompts):
             videos = pipe(prompt, num_videos_per_prompt=2, seed=1000 * i, num_inference_steps=steps)
-            videos.save(out / f"{i:02d}.mp4", overwrite=args.overwrite)  # two videos: numbered 00_000.mp4, 00_001.mp4
+            written = videos.save(out / f"{i:02d}.mp4", overwrite=args.overwrite)  # two videos: numbered
             image = pipe(prompt, seed=1000 * i, num_inference_steps=steps, image_mode=True)
-            image.save(out / names[i][2], overwrite=args.overwrite)
-            print(f"{prompt!r}: " + ", ".join(str(out / name) for name in names[i]))
+            written += image.save(out / f"{i:02d}-image.gif", overwrite=args.overwrite)
+            print(f"{prompt!r}: " + ", ".join(map(str, written)))
 
 
 if __name__ == "__main__":
