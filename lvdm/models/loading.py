@@ -169,7 +169,9 @@ def load_base(
         if path.is_dir():
             pipe = _load_folder(path, allow_pickle=allow_pickle, dtype=dtype)
         else:
-            pipe = _load_single_file(path, base_config=base_config, allow_pickle=allow_pickle, dtype=dtype)
+            from lvdm.models.single_file import load_single_file
+
+            pipe = load_single_file(path, base_config=base_config, allow_pickle=allow_pickle, dtype=dtype)
     _check_unet_kind(pipe, path)
     specs = [LoraSpec.parse(spec) for spec in loras]
     _fuse_loras(pipe, specs, allow_pickle=allow_pickle)
@@ -257,7 +259,7 @@ def _load_folder(path: Path, *, allow_pickle: bool, dtype: torch.dtype | None) -
         )
     except Exception as exc:  # OSError, SafetensorError, and with allow_pickle UnpicklingError and torch's errors
         hint = "" if allow_pickle or _denied(exc) else " (only .safetensors weights are read without allow_pickle)"
-        raise CheckpointError(f"could not load the diffusers folder {path}{hint}: {_one_line(exc)}") from exc
+        raise CheckpointError(f"could not load the diffusers folder {path}{hint}: {one_line(exc)}") from exc
 
 
 def pipeline_class(path: Path) -> str | None:
@@ -269,73 +271,6 @@ def pipeline_class(path: Path) -> str | None:
     except (OSError, ValueError):
         return None
     return index.get("_class_name") if isinstance(index, dict) else None
-
-
-def _load_single_file(
-    path: Path, *, base_config: str | os.PathLike | None, allow_pickle: bool, dtype: torch.dtype | None
-) -> Any:
-    from diffusers import StableDiffusionPipeline
-
-    check_weights_file(path, allow_pickle=allow_pickle, what="checkpoint")
-    kwargs: dict[str, Any] = {"safety_checker": None, "requires_safety_checker": False, "dtype": dtype}
-    missing = _missing_parts(path)
-    if base_config is not None:
-        base_config = Path(base_config)
-        if not (base_config / "model_index.json").is_file():
-            raise CheckpointError(f"base_config {base_config} is not a diffusers folder (no model_index.json)")
-        kwargs.update(config=str(base_config), local_files_only=True)
-        kwargs.update(_parts_from(base_config, missing, allow_pickle=allow_pickle, dtype=dtype))
-    elif missing:
-        names = " and ".join(_PARTS[name][0] for name in missing)
-        raise CheckpointError(
-            f"checkpoint {path} holds no weights of {names}; pass base_config=<diffusers folder of the same "
-            "architecture> (--base-config) to take them from there"
-        )
-    try:
-        with warnings.catch_warnings():  # torch warns of a pickle's protocol before it refuses it: lvdm's one line
-            warnings.filterwarnings("ignore", message="Detected pickle protocol")
-            return StableDiffusionPipeline.from_single_file(str(path), **kwargs)
-    except Exception as exc:  # diffusers raises many kinds here; all mean "this file did not load"
-        hint = "" if base_config else "; pass base_config=<diffusers folder of the same architecture> (--base-config)"
-        raise CheckpointError(f"could not load checkpoint {path}: {_one_line(exc)}{hint}") from exc
-
-
-# the parts of SD a single file may leave out (a "UNet only" checkpoint), and the key prefixes that hold them
-_PARTS = {
-    "vae": ("the VAE", ("first_stage_model.",)),
-    "text_encoder": ("the text encoder", ("cond_stage_model.", "conditioner.")),
-}
-
-
-def _missing_parts(path: Path) -> list[str]:
-    """The parts (``vae``, ``text_encoder``) a single ``.safetensors`` file holds no weights of; a pickle's keys are
-    not read before it loads, so none are known missing."""
-    if path.suffix != ".safetensors":
-        return []
-    with safe_open(path, framework="pt") as handle:  # checked readable by check_weights_file
-        keys = list(handle.keys())
-    return [name for name, (_, prefixes) in _PARTS.items() if not any(key.startswith(prefixes) for key in keys)]
-
-
-def _parts_from(folder: Path, names: list[str], *, allow_pickle: bool, dtype: torch.dtype | None) -> dict[str, Any]:
-    """The ``names`` parts loaded from the diffusers ``folder``, with a warning for each."""
-    from diffusers import AutoencoderKL
-    from transformers import CLIPTextModel
-
-    classes = {"vae": AutoencoderKL, "text_encoder": CLIPTextModel}
-    parts = {}
-    for name in names:
-        try:
-            part = classes[name].from_pretrained(
-                folder, subfolder=name, use_safetensors=None if allow_pickle else True, local_files_only=True
-            )
-        except Exception as exc:  # OSError (no weights there), SafetensorError, ...
-            what = f"{_PARTS[name][0]} from base_config {folder}"
-            raise CheckpointError(f"could not load {what}: {_one_line(exc)}") from exc
-        parts[name] = part if dtype is None else part.to(dtype)
-        warnings.warn(f"the checkpoint holds no weights of {_PARTS[name][0]}: taken from base_config {folder}",
-                      stacklevel=5)  # fmt: skip
-    return parts
 
 
 def _fuse_loras(pipe: Any, specs: list[LoraSpec], *, allow_pickle: bool) -> None:
@@ -487,7 +422,7 @@ def _lora_problem(exc: BaseException) -> str:
     """peft's size mismatches (one sentence per weight) as a count and the first one; anything else as it is."""
     mismatches = _SIZE_MISMATCH.findall(str(exc))
     if not mismatches:
-        return _one_line(exc)
+        return one_line(exc)
     key, theirs, ours = mismatches[0]
     return (
         f"{len(mismatches)} of its weights do not fit this base's layers (e.g. {key}: {theirs} in the file, {ours} "
@@ -522,6 +457,7 @@ def _denied(exc: BaseException | None) -> bool:
     return False
 
 
-def _one_line(exc: BaseException) -> str:
+def one_line(exc: BaseException) -> str:
+    """An error's text on one line, cut at 400 characters (diffusers' messages run to pages)."""
     text = " ".join(str(exc).split())
     return text if len(text) <= 400 else text[:400] + " ..."

@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 import warnings
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Any
 
@@ -26,7 +26,6 @@ def build_model(cfg: Any, device: torch.device, mixed_precision: str) -> tuple[A
     from lvdm.models import VideoUNet, load_base
     from lvdm.models.parts import add_configured_parts
     from lvdm.training import groups
-    from lvdm.training.trainer import layout_from_config
 
     if cfg.train.target == "decoder":  # the temporal VAE decoder, not the UNet
         from lvdm.training.decoder import build_decoder_model
@@ -260,3 +259,17 @@ def build_optimizer(cfg: Any, params: list[Any], device: torch.device) -> tuple[
         num_training_steps=train.max_steps,
     )
     return optimizer, schedule
+
+
+def layout_from_config(model: Any):
+    """The :class:`~lvdm.models.TemporalLayout` of a ``ModelConfig``: a preset with the configured details."""
+    from lvdm.models.layout import LAYOUTS
+
+    preset = LAYOUTS[model.layout]
+    return replace(
+        preset,
+        attention_depth=model.attention_depth,
+        attention_heads=model.attention_heads if model.attention_heads is not None else preset.attention_heads,
+        conv_kernel=tuple(model.conv_kernel),
+        mix_factor=model.mix_factor,
+    )

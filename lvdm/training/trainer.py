@@ -495,17 +495,3 @@ def train(cfg: Config, *, progress: bool = True) -> TrainResult:
         raise
     finally:
         run_lock.release_run(Path(cfg.output_dir))
-
-
-def layout_from_config(model: Any):
-    """The :class:`~lvdm.models.TemporalLayout` of a ``ModelConfig``: a preset with the configured details."""
-    from lvdm.models.layout import LAYOUTS
-
-    preset = LAYOUTS[model.layout]
-    return replace(
-        preset,
-        attention_depth=model.attention_depth,
-        attention_heads=model.attention_heads if model.attention_heads is not None else preset.attention_heads,
-        conv_kernel=tuple(model.conv_kernel),
-        mix_factor=model.mix_factor,
-    )

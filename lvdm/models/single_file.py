@@ -1,0 +1,85 @@
+"""Single-file SD checkpoints (the original layout, as community fine-tunes ship): loaded by diffusers'
+``from_single_file``, with ``base_config`` giving the architecture offline and any VAE or text encoder the file
+leaves out (a "UNet only" checkpoint). Called by :func:`lvdm.models.loading.load_base`."""
+
+from __future__ import annotations
+
+import os
+import warnings
+from pathlib import Path
+from typing import Any
+
+import torch
+from safetensors import safe_open
+
+from lvdm.errors import CheckpointError
+from lvdm.models.loading import check_weights_file, one_line
+
+
+def load_single_file(
+    path: Path, *, base_config: str | os.PathLike | None, allow_pickle: bool, dtype: torch.dtype | None
+) -> Any:
+    """diffusers' ``StableDiffusionPipeline`` of the single file ``path``; a part it holds no weights of is taken from
+    ``base_config`` (with a warning), and without ``base_config`` is one line naming it."""
+    from diffusers import StableDiffusionPipeline
+
+    check_weights_file(path, allow_pickle=allow_pickle, what="checkpoint")
+    kwargs: dict[str, Any] = {"safety_checker": None, "requires_safety_checker": False, "dtype": dtype}
+    missing = _missing_parts(path)
+    if base_config is not None:
+        base_config = Path(base_config)
+        if not (base_config / "model_index.json").is_file():
+            raise CheckpointError(f"base_config {base_config} is not a diffusers folder (no model_index.json)")
+        kwargs.update(config=str(base_config), local_files_only=True)
+        kwargs.update(_parts_from(base_config, missing, allow_pickle=allow_pickle, dtype=dtype))
+    elif missing:
+        names = " and ".join(_PARTS[name][0] for name in missing)
+        raise CheckpointError(
+            f"checkpoint {path} holds no weights of {names}; pass base_config=<diffusers folder of the same "
+            "architecture> (--base-config) to take them from there"
+        )
+    try:
+        with warnings.catch_warnings():  # torch warns of a pickle's protocol before it refuses it: lvdm's one line
+            warnings.filterwarnings("ignore", message="Detected pickle protocol")
+            return StableDiffusionPipeline.from_single_file(str(path), **kwargs)
+    except Exception as exc:  # diffusers raises many kinds here; all mean "this file did not load"
+        hint = "" if base_config else "; pass base_config=<diffusers folder of the same architecture> (--base-config)"
+        raise CheckpointError(f"could not load checkpoint {path}: {one_line(exc)}{hint}") from exc
+
+
+# the parts of SD a single file may leave out (a "UNet only" checkpoint), and the key prefixes that hold them
+_PARTS = {
+    "vae": ("the VAE", ("first_stage_model.",)),
+    "text_encoder": ("the text encoder", ("cond_stage_model.", "conditioner.")),
+}
+
+
+def _missing_parts(path: Path) -> list[str]:
+    """The parts (``vae``, ``text_encoder``) a single ``.safetensors`` file holds no weights of; a pickle's keys are
+    not read before it loads, so none are known missing."""
+    if path.suffix != ".safetensors":
+        return []
+    with safe_open(path, framework="pt") as handle:  # checked readable by check_weights_file
+        keys = list(handle.keys())
+    return [name for name, (_, prefixes) in _PARTS.items() if not any(key.startswith(prefixes) for key in keys)]
+
+
+def _parts_from(folder: Path, names: list[str], *, allow_pickle: bool, dtype: torch.dtype | None) -> dict[str, Any]:
+    """The ``names`` parts loaded from the diffusers ``folder``, with a warning for each."""
+    from diffusers import AutoencoderKL
+    from transformers import CLIPTextModel
+
+    classes = {"vae": AutoencoderKL, "text_encoder": CLIPTextModel}
+    parts = {}
+    for name in names:
+        try:
+            part = classes[name].from_pretrained(
+                folder, subfolder=name, use_safetensors=None if allow_pickle else True, local_files_only=True
+            )
+        except Exception as exc:  # OSError (no weights there), SafetensorError, ...
+            what = f"{_PARTS[name][0]} from base_config {folder}"
+            raise CheckpointError(f"could not load {what}: {one_line(exc)}") from exc
+        parts[name] = part if dtype is None else part.to(dtype)
+        warnings.warn(f"the checkpoint holds no weights of {_PARTS[name][0]}: taken from base_config {folder}",
+                      stacklevel=5)  # fmt: skip
+    return parts
