@@ -255,14 +255,14 @@ def test_mistakes_found_only_when_loading_are_refused_before_it(files, tmp_path,
     base loaded the working folder, and a --base-config beside a folder base was ignored. Each control, the same
     command put right, reaches the reading of the base's weights."""
     from lvdm.errors import ConfigError
-    from lvdm.models import loading
+    from lvdm.models import loading, single_file
     from lvdm.testing.upscaler import make_tiny_upscaler
 
     def reached(*args, **kwargs):
         raise ConfigError("reached the loading")
 
     monkeypatch.setattr(loading, "_load_folder", reached)  # where a base's weights are read
-    monkeypatch.setattr(loading, "_load_single_file", reached)
+    monkeypatch.setattr(single_file, "load_single_file", reached)
     upscaler = ["--upscaler", str(make_tiny_upscaler(tmp_path / "x4", seed=0)), "--upscaler-temporal"]
     capsys.readouterr()  # its progress bars
     sidecar = tmp_path / "v.mp4.json"
