@@ -43,7 +43,6 @@ from __future__ import annotations
 
 import argparse
 import json
-import os
 import sys
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
@@ -293,6 +292,7 @@ def _plan(
 ) -> tuple[list[str], dict[str, Any], SamplingSettings, list[Path]]:
     """The prompts, the settings given and checked, and the output paths: every mistake found before loading."""
     from lvdm.media import gif_rate_problem
+    from lvdm.outputs import media_suffix
     from lvdm.pipeline import plan_outputs, read_prompts, sampling_settings
     from lvdm.pipeline_sampling import check_base_noise_seed, negatives_for
     from lvdm.sampling_settings import MAX_SIDE
@@ -307,7 +307,7 @@ def _plan(
                           f"side ({MAX_SIDE} out): sample smaller, or leave out --upscaler")  # fmt: skip
     _check_context(args, checked.image_mode)
     check_base_noise_seed(args.base_noise_seed, checked.noise_prior)
-    gif = _out_suffix(args.out) == "gif" or args.format == "gif"
+    gif = media_suffix(args.out) == ".gif" or args.format == "gif"
     if gif and (problem := gif_rate_problem(checked.fps)):  # refused by the writer, after the sampling, before
         raise ConfigError(f"--fps {checked.fps:g}: {problem}")
     paths = plan_outputs(
@@ -322,16 +322,12 @@ def _plan(
     return prompts, settings, checked, paths
 
 
-def _out_suffix(out: str) -> str:
-    """``mp4`` for ``clip.mp4``; ``""`` for ``clip.mp4/``, a folder (as ``lvdm.outputs.media_suffix`` reads it,
-    without importing torch before the thread settings are chosen)."""
-    return "" if out.endswith(("/", os.sep)) else Path(out).suffix.lower().lstrip(".")
-
-
 def main(argv: list[str]) -> int:
     args = build_parser().parse_args(argv)
-    suffix = _out_suffix(args.out)
-    if args.format is not None and suffix in ("mp4", "gif") and suffix != args.format:  # it wrote the suffix's kind
+    from lvdm.outputs import media_suffix  # clip.mp4/ is a folder
+
+    suffix = (media_suffix(args.out) or "").lstrip(".")
+    if args.format is not None and suffix and suffix != args.format:  # it wrote the suffix's kind
         raise ConfigError(f"--format {args.format} and --out {args.out} disagree: --format names the files written "
                           "into an --out folder; give a folder, or drop --format")  # fmt: skip
     from lvdm.outputs import read_sidecar  # imports torch: after run_cli chose the thread settings
