@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import copy
 
 import pytest
@@ -219,3 +220,64 @@ def cut_like_the_cache(dataset, indices: list[int]) -> dict:
         dataset.load(i, random.Random(f"{dataset.seed}:cache:{i}")) | {"index": i, "skipped": []} for i in indices
     ]
     return collate(samples)
+
+
+@pytest.fixture
+def command(capfd: pytest.CaptureFixture, monkeypatch: pytest.MonkeyPatch):
+    """``command(SCRIPT, *args, env=None, cwd=None)``: ``python SCRIPT ARGS`` (``.../train.py``, ``.../sample.py`` or
+    ``-m module``) run in this process, its ``main`` through :func:`lvdm.cli.run_cli` as its ``__main__`` does, for
+    the refusals that would otherwise spend most of their seconds starting an interpreter and importing torch.
+
+    Returns a :class:`subprocess.CompletedProcess` as ``subprocess.run`` would. Its stdout and stderr are captured at
+    the file descriptors (library output counts), Python's warnings show as ``PYTHONWARNINGS=default`` shows them,
+    and an exception run_cli lets through (a traceback on the command line) fails the test. Keep attacks that could
+    hang or fill memory, signals and what the libraries print while importing in real subprocesses."""
+    import importlib
+    import subprocess
+    import sys
+    import warnings
+    from pathlib import Path
+
+    from lvdm.cli import run_cli
+
+    def show(message, category, filename, lineno, file=None, line=None) -> None:  # noqa: ANN001 (the hook's form)
+        sys.stderr.write(warnings.formatwarning(message, category, filename, lineno, line))
+
+    def run(*args: object, env: dict[str, str] | None = None, cwd: object = None) -> subprocess.CompletedProcess:
+        words = [str(arg) for arg in args]
+        module, argv = (words[1], words[2:]) if words[0] == "-m" else (Path(words[0]).stem, words[1:])
+        main = importlib.import_module(module).main
+        capfd.readouterr()
+        with monkeypatch.context() as patch, warnings.catch_warnings(), quiet_as_a_new_process():
+            for key, value in (env or {}).items():
+                patch.setenv(key, value)
+            if cwd is not None:
+                patch.chdir(cwd)
+            warnings.simplefilter("default")
+            warnings.showwarning = show
+            code = run_cli(main, argv)
+        out, err = capfd.readouterr()
+        return subprocess.CompletedProcess(words, code, out, err)
+
+    return run
+
+
+@contextlib.contextmanager
+def quiet_as_a_new_process():
+    """The libraries' logging as a command's process has it: run_cli sets TRANSFORMERS_VERBOSITY,
+    DIFFUSERS_VERBOSITY and HF_HUB_DISABLE_PROGRESS_BARS before they load, but this process loaded them before."""
+    from diffusers.utils import logging as diffusers_logging
+    from transformers.utils import logging as transformers_logging
+
+    saved = diffusers_logging.get_verbosity(), transformers_logging.get_verbosity()
+    bars = transformers_logging.is_progress_bar_enabled()
+    diffusers_logging.set_verbosity_error()
+    transformers_logging.set_verbosity_error()
+    transformers_logging.disable_progress_bar()
+    try:
+        yield
+    finally:
+        diffusers_logging.set_verbosity(saved[0])
+        transformers_logging.set_verbosity(saved[1])
+        if bars:
+            transformers_logging.enable_progress_bar()

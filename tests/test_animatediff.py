@@ -352,13 +352,11 @@ def test_convert_cli_round_trip_and_one_line_errors(tiny_assets, adapters, tmp_p
         assert bad.returncode != 0 and len(bad.stderr.strip().splitlines()) == 1 and "Traceback" not in bad.stderr
 
 
-def test_sample_cli_takes_a_motion_adapter_folder(tiny_assets, adapters, tmp_path):
+def test_sample_cli_takes_a_motion_adapter_folder(tiny_assets, adapters, tmp_path, command):
     out = tmp_path / "dog.mp4"
-    done = subprocess.run(
-        [sys.executable, str(REPO / "sample.py"), "--quiet", "--base", str(tiny_assets["base"]), "--temporal",
-         str(adapters["root"] / "mid"), "--prompt", "a dog", "--frames", "4", "--height", "16", "--width", "16",
-         "--steps", "2", "--out", str(out)],
-        capture_output=True, text=True, cwd=REPO, timeout=300,
+    done = command(
+        REPO / "sample.py", "--quiet", "--base", tiny_assets["base"], "--temporal", adapters["root"] / "mid",
+        "--prompt", "a dog", "--frames", "4", "--height", "16", "--width", "16", "--steps", "2", "--out", out,
     )  # fmt: skip
     assert done.returncode == 0, done.stderr
     assert out.is_file() and json.loads(Path(f"{out}.json").read_text())["model"]["temporal"].endswith("mid")

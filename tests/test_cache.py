@@ -5,8 +5,6 @@ from __future__ import annotations
 
 import json
 import os
-import subprocess
-import sys
 from pathlib import Path
 from types import SimpleNamespace
 
@@ -233,13 +231,13 @@ def read_shard(path: Path) -> tuple[str, dict[str, bytes]]:
 # --- the command ----------------------------------------------------------------------------------------------------
 
 
-def run_cache(*args: str, timeout: int = 240) -> subprocess.CompletedProcess[str]:
-    env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": str(REPO)}
-    command = [sys.executable, "-m", "lvdm.cache", *args]
-    return subprocess.run(command, capture_output=True, text=True, env=env, cwd=REPO, timeout=timeout)
+@pytest.fixture
+def run_cache(command):
+    """``run_cache(*args)``: ``python -m lvdm.cache ARGS``, its ``main`` in this process (conftest's ``command``)."""
+    return lambda *args: command("-m", "lvdm.cache", *args)
 
 
-def test_the_cache_command_builds_what_training_accepts(tiny_assets, tmp_path: Path) -> None:
+def test_the_cache_command_builds_what_training_accepts(tiny_assets, tmp_path: Path, run_cache) -> None:
     from lvdm.config import load_config
     from lvdm.models import load_base
 
@@ -261,7 +259,7 @@ def test_the_cache_command_builds_what_training_accepts(tiny_assets, tmp_path: P
     assert len(cache) == 6 and json.loads((out / "cache.json").read_text())["shards"] == 2
 
 
-def test_the_cache_command_reports_config_errors_with_exit_2(tmp_path: Path) -> None:
+def test_the_cache_command_reports_config_errors_with_exit_2(tmp_path: Path, run_cache) -> None:
     result = run_cache(f"model.base={tmp_path}", f"data.root={tmp_path}", "data.num_frame=4")
     assert result.returncode == 2 and "did you mean 'data.num_frames'" in result.stderr
     assert "Traceback" not in result.stderr

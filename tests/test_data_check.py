@@ -33,13 +33,21 @@ def folder(tmp_path_factory: pytest.TempPathFactory) -> Path:
     return root
 
 
-def check(*args: object) -> subprocess.CompletedProcess[str]:
+def check_process(*args: object) -> subprocess.CompletedProcess[str]:
+    """``python -m lvdm.data.check ARGS`` in a process of its own, with a timeout: for listings that could block."""
     env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": str(REPO)}
     command = [sys.executable, "-m", "lvdm.data.check", *map(str, args)]
     return subprocess.run(command, capture_output=True, text=True, env=env, cwd=REPO, timeout=180)
 
 
-def test_too_many_bad_files_exit_1_with_reasons_grouped_and_a_report(folder: Path, tmp_path: Path) -> None:
+@pytest.fixture
+def check(command):
+    """``check(*args)``: ``python -m lvdm.data.check ARGS``, its ``main`` run in this process (conftest's
+    ``command``)."""
+    return lambda *args: command("-m", "lvdm.data.check", *args)
+
+
+def test_too_many_bad_files_exit_1_with_reasons_grouped_and_a_report(folder: Path, tmp_path: Path, check) -> None:
     report = tmp_path / "report.jsonl"
     result = check(f"data.root={folder}", *CLIP, "--report", report, "--quiet")
     assert result.returncode == 1, result.stderr
@@ -59,7 +67,7 @@ def test_too_many_bad_files_exit_1_with_reasons_grouped_and_a_report(folder: Pat
     assert all("reason" not in row for row in rows if row["ok"])
 
 
-def test_within_the_allowed_fraction_exits_0_and_a_training_config_is_accepted(folder: Path) -> None:
+def test_within_the_allowed_fraction_exits_0_and_a_training_config_is_accepted(folder: Path, check) -> None:
     """The data section of a whole training config (other sections ignored), with the fraction raised."""
     config = REPO / "configs" / "demo.yaml"
     result = check("--config", config, f"data.root={folder}", *CLIP, "data.max_bad_fraction=0.5", "--quiet")
@@ -68,14 +76,14 @@ def test_within_the_allowed_fraction_exits_0_and_a_training_config_is_accepted(f
     assert result.stdout.splitlines()[-1] == "verdict: ok (50.0% bad, data.max_bad_fraction 0.5)"
 
 
-def test_a_typo_exits_2_with_did_you_mean(folder: Path) -> None:
+def test_a_typo_exits_2_with_did_you_mean(folder: Path, check) -> None:
     result = check(f"data.root={folder}", "data.num_frame=4")
     assert result.returncode == 2
     assert "did you mean 'data.num_frames'" in result.stderr and "Traceback" not in result.stderr
     assert result.stdout == ""
 
 
-def test_a_missing_folder_is_one_line_and_exit_1(tmp_path: Path) -> None:
+def test_a_missing_folder_is_one_line_and_exit_1(tmp_path: Path, check) -> None:
     result = check(f"data.root={tmp_path / 'nope'}")
     assert result.returncode == 1
     assert result.stderr.splitlines() == [f"error: data folder {tmp_path / 'nope'} does not exist or is not a folder"]
@@ -103,7 +111,7 @@ def test_the_report_never_replaces_a_file_and_is_checked_before_the_scan(folder:
     assert len(mine.read_text().splitlines()) == 10
 
 
-def test_a_limit_below_one_is_refused_not_a_verdict_of_ok(folder: Path) -> None:
+def test_a_limit_below_one_is_refused_not_a_verdict_of_ok(folder: Path, check) -> None:
     """``--limit 0`` (or -5) checked nothing and said "verdict: ok", exit 0: "training would run"."""
     for limit in ("0", "-5"):
         result = check(f"data.root={folder}", *CLIP, "--limit", limit, "--quiet")
@@ -114,15 +122,17 @@ def test_a_limit_below_one_is_refused_not_a_verdict_of_ok(folder: Path) -> None:
 
 
 def test_a_listing_that_is_a_fifo_or_a_device_is_named_as_such(tmp_path: Path) -> None:
-    """It was said not to exist."""
+    """It was said not to exist. In processes of their own: opening a FIFO could block."""
     os.mkfifo(tmp_path / "fifo.jsonl")
     (tmp_path / "zero.csv").symlink_to("/dev/zero")
     for name in ("fifo.jsonl", "zero.csv"):
-        result = check(f"data.manifest={tmp_path / name}", *CLIP, "--quiet")
+        result = check_process(f"data.manifest={tmp_path / name}", *CLIP, "--quiet")
         assert result.returncode == 1 and result.stderr == (
             f"error: data listing {tmp_path / name} is not a regular file (a FIFO, device or folder)\n"
         ), result.stderr
-    result = check(f"data.manifest={tmp_path / 'none.csv'}", *CLIP, "--quiet")  # the control: missing is missing
+    result = check_process(
+        f"data.manifest={tmp_path / 'none.csv'}", *CLIP, "--quiet"
+    )  # the control: missing is missing
     assert result.stderr == f"error: data listing {tmp_path / 'none.csv'} does not exist\n"
 
 

@@ -1,4 +1,6 @@
-"""Attacks a hostile (or unlucky) user makes, each through the real command lines as a subprocess with a timeout.
+"""Attacks a hostile (or unlucky) user makes, each through the real command lines: as a subprocess with a timeout
+where the attack could hang or fill memory, or involves signals or what the libraries print as they import; in this
+process (conftest's ``command``, the commands' own ``main`` through run_cli) where it is refused or fails once loaded.
 
 Every attack must end with a one-line message and a non-zero exit (or the right outcome), never a traceback or a
 hang, and must never lose a file that is not lvdm's. The README section "What lvdm guarantees about your files"
@@ -108,7 +110,7 @@ def copy_run(trained: Path, tmp_path: Path, name: str) -> Path:
 # ---------------------------------------------------------------------------------------------- output folders
 
 
-def test_a_users_folder_root_and_home_are_refused_and_nothing_is_touched(tiny_assets, tmp_path):
+def test_a_users_folder_root_and_home_are_refused_and_nothing_is_touched(tiny_assets, tmp_path, command):
     mine = tmp_path / "my_project"
     for name, text in {
         "samples/holiday/img1.jpg": "jpeg bytes",
@@ -121,14 +123,12 @@ def test_a_users_folder_root_and_home_are_refused_and_nothing_is_touched(tiny_as
     before = snapshot(mine)
     home = tmp_path / "home"
     home.mkdir()
-    users, root = cli_all(
-        train_args(tiny_assets, mine, **{"train.overwrite": "true", "train.max_steps": 2}),
-        train_args(tiny_assets, Path("/"), **{"train.overwrite": "true"}),
-    )
+    users = command(*train_args(tiny_assets, mine, **{"train.overwrite": "true", "train.max_steps": 2}))
+    root = command(*train_args(tiny_assets, Path("/"), **{"train.overwrite": "true"}))
     one_line_error(users, 1, "holds files lvdm did not write", "whatever train.overwrite says")
     assert snapshot(mine) == before and not (mine / ".lvdm-run.json").exists()
     assert root.returncode == 2 and "output_dir: '/' is a file-system root" in root.stderr  # the config check
-    at_home = cli(*train_args(tiny_assets, home, **{"train.overwrite": "true"}), env={**ENV, "HOME": str(home)})
+    at_home = command(*train_args(tiny_assets, home, **{"train.overwrite": "true"}), env={"HOME": str(home)})
     assert at_home.returncode == 2 and "is your home folder; lvdm refuses" in at_home.stderr
     assert list(home.iterdir()) == []
 
@@ -195,7 +195,7 @@ def test_the_life_of_a_run_folder(tiny_assets, tmp_path, capsys):
     assert "max_steps: 3" in (out / "config.yaml").read_text()  # rewritten on resume
 
 
-def test_checkpoint_material_without_a_complete_checkpoint_stops_resume(trained, tmp_path):
+def test_checkpoint_material_without_a_complete_checkpoint_stops_resume(trained, tmp_path, command):
     out = copy_run(trained, tmp_path, "temps_only")
     root = out / "checkpoints"
     for path in list_checkpoints(root):
@@ -212,10 +212,9 @@ def test_checkpoint_material_without_a_complete_checkpoint_stops_resume(trained,
     meta = json.loads((newest_wrong / "metadata.json").read_text())
     (newest_wrong / "metadata.json").write_text(json.dumps(meta | {"step": "2"}))
     rewrite_marker(newest_wrong)
-    no_resume, flipped, string_step = cli_all(
-        [TRAIN, "--config", out / "config.yaml", f"output_dir={out}", "train.resume=auto"],
-        [TRAIN, "--config", damaged / "config.yaml", f"output_dir={damaged}", "train.resume=auto"],
-        [TRAIN, "--config", wrong_type / "config.yaml", f"output_dir={wrong_type}", "train.resume=auto"],
+    no_resume, flipped, string_step = (
+        command(TRAIN, "--config", folder / "config.yaml", f"output_dir={folder}", "train.resume=auto")
+        for folder in (out, damaged, wrong_type)
     )
     one_line_error(no_resume, 1, "no complete checkpoint", "nothing was deleted")
     assert snapshot(out) == before
@@ -365,7 +364,7 @@ def test_hostile_temporal_modules_are_refused_in_one_line(trained, tiny_assets, 
     assert (tmp_path / "odd.mp4").is_file()
 
 
-def test_a_malicious_pickle_is_one_line_even_with_allow_pickle(tiny_assets, tmp_path):
+def test_a_malicious_pickle_is_one_line_even_with_allow_pickle(tiny_assets, tmp_path, command):
     class Evil:
         def __reduce__(self):
             return (open, (str(tmp_path / "pwned"), "w"))
@@ -375,14 +374,14 @@ def test_a_malicious_pickle_is_one_line_even_with_allow_pickle(tiny_assets, tmp_
     for weights in (base / "unet").glob("*.safetensors"):
         weights.unlink()
     torch.save({"conv_in.weight": Evil()}, base / "unet" / "diffusion_pytorch_model.bin")
-    result = cli(SAMPLE, "--quiet", "--base", base, "--allow-pickle", "--prompt", "x", "--out", tmp_path / "o.mp4")
+    result = command(SAMPLE, "--quiet", "--base", base, "--allow-pickle", "--prompt", "x", "--out", tmp_path / "o.mp4")
     one_line_error(result, 1, str(base))
     # a single file and a LoRA: torch's two-line warning of the pickle's protocol came first
     evil = tmp_path / "evil.ckpt"
     torch.save({"state_dict": {"model.diffusion_model.conv_in.weight": Evil()}}, evil, pickle_protocol=4)
     base_config = ("--base-config", tiny_assets["base"])
     for given in (("--base", evil, *base_config), ("--base", tiny_assets["base"], "--lora", evil)):
-        result = cli(SAMPLE, "--quiet", *given, "--allow-pickle", "--prompt", "x", "--out", tmp_path / "o.mp4")
+        result = command(SAMPLE, "--quiet", *given, "--allow-pickle", "--prompt", "x", "--out", tmp_path / "o.mp4")
         one_line_error(result, 1, str(evil))
         assert len(result.stderr.strip().splitlines()) == 1, result.stderr
     assert not (tmp_path / "pwned").exists()
@@ -605,7 +604,7 @@ def test_sigterm_stops_resumably_with_its_own_exit_code_and_skips_sampling(tiny_
     assert list_checkpoints(out / "checkpoints") and not (out / "samples").exists()
 
 
-def test_a_refused_resume_leaves_no_new_folder_behind(trained, tiny_assets, tmp_path):
+def test_a_refused_resume_leaves_no_new_folder_behind(trained, tiny_assets, tmp_path, command):
     """train.resume= a file, another config's checkpoint or a folder that is not a checkpoint: each was refused
     but left a new, empty output_dir (with a tensorboard/ folder, for the changed config); the last one said
     "incomplete: COMPLETE is missing (interrupted save?)". The control: the run's own checkpoint resumes there."""
@@ -618,10 +617,12 @@ def test_a_refused_resume_leaves_no_new_folder_behind(trained, tiny_assets, tmp_
     ]
     for resume, extra, message in cases:
         out = tmp_path / "new_run"
-        result = cli(*train_args(tiny_assets, out, **{"train.resume": resume, "train.max_steps": 3, **extra}))
+        result = command(*train_args(tiny_assets, out, **{"train.resume": resume, "train.max_steps": 3, **extra}))
         assert result.returncode != 0 and message in result.stderr, result.stderr[-2000:]
         assert not out.exists(), sorted(p.name for p in out.rglob("*"))
-    result = cli(*train_args(tiny_assets, tmp_path / "new_run", **{"train.resume": checkpoint, "train.max_steps": 3}))
+    result = command(
+        *train_args(tiny_assets, tmp_path / "new_run", **{"train.resume": checkpoint, "train.max_steps": 3})
+    )
     assert result.returncode == 0 and (tmp_path / "new_run" / "temporal.safetensors").exists(), result.stderr[-2000:]
 
 
@@ -908,7 +909,7 @@ def test_the_demo_never_replaces_a_model_folder_it_did_not_make(tmp_path):
     assert json.loads((stale / "demo_base.json").read_text())["recipe"]["seed"] == 1
 
 
-def test_the_demo_configs_overwrite_stays_with_the_demo_folder(tmp_path):
+def test_the_demo_configs_overwrite_stays_with_the_demo_folder(tmp_path, command):
     """``python train.py output_dir=my_run`` reads configs/demo.yaml, whose ``train.overwrite: true`` lets the demo
     rerun over itself; it must not start over a run in the user's own folder (it deleted a resumable one)."""
     from lvdm.config import load_config, overwrite_stays_with_its_folder
@@ -920,12 +921,12 @@ def test_the_demo_configs_overwrite_stays_with_the_demo_folder(tmp_path):
     out = tmp_path / "run"
     _fake_run(out, checkpoint=True, marker=True)
     before = snapshot(out)
-    result = cli(TRAIN, "--quiet", f"output_dir={out}", "model.base=nowhere")  # no --config: the demo's settings
+    result = command(TRAIN, "--quiet", f"output_dir={out}", "model.base=nowhere")  # no --config: the demo's settings
     one_line_error(result, 1, "already holds a run", "train.resume=auto")
     assert snapshot(out) == before
 
 
-def test_the_demo_refuses_clips_that_are_not_its_own(tmp_path):
+def test_the_demo_refuses_clips_that_are_not_its_own(tmp_path, command):
     """``python train.py`` in a folder whose outputs/demo/clips holds a user's video: one line naming it (a
     FileNotFoundError traceback before), and the video stays."""
     from lvdm.testing.clips import write_captioned_folder
@@ -934,13 +935,12 @@ def test_the_demo_refuses_clips_that_are_not_its_own(tmp_path):
     made = sorted(write_captioned_folder(tmp_path / "made", 1, num_frames=4, size=(32, 32), seed=0).rglob("*.mp4"))
     clips.mkdir(parents=True)
     shutil.copy(made[0], clips / "holiday.mp4")
-    result = subprocess.run(_command([TRAIN]), capture_output=True, text=True, env=ENV, cwd=tmp_path, timeout=120)
-    assert "Traceback" not in result.stderr, result.stderr[-2000:]
+    result = command(TRAIN, cwd=tmp_path)
     one_line_error(result, 1, "holds holiday.mp4, not one of the demo's clips")
     assert sorted(p.name for p in clips.iterdir()) == ["holiday.mp4"]
 
 
-def test_mistaken_files_are_named_for_what_they_are(trained, tiny_assets, tmp_path):
+def test_mistaken_files_are_named_for_what_they_are(trained, tiny_assets, tmp_path, command):
     """Each of these said something misleading: a LoRA scale of NaN blamed the base's weights, a folder given as
     --temporal "does not exist", a file as output_dir "File exists", a module given as --base went looking for a
     config on the Hugging Face Hub."""
@@ -952,12 +952,12 @@ def test_mistaken_files_are_named_for_what_they_are(trained, tiny_assets, tmp_pa
     a_file = tmp_path / "notes.txt"
     a_file.write_text("mine")
     sample = [SAMPLE, "--quiet", "--prompt", "x", "--steps", "1", "--out", out]
-    results = cli_all(
-        [*sample, "--base", tiny_assets["base"], "--lora", f"{lora}:nan"],
-        [*sample, "--base", tiny_assets["base"], "--temporal", tmp_path],
-        [TRAIN, "--quiet", *tiny_overrides(tiny_assets, a_file)],
-        [*sample, "--base", module],
-    )
+    results = [
+        command(*sample, "--base", tiny_assets["base"], "--lora", f"{lora}:nan"),
+        command(*sample, "--base", tiny_assets["base"], "--temporal", tmp_path),
+        command(TRAIN, "--quiet", *tiny_overrides(tiny_assets, a_file)),
+        command(*sample, "--base", module),
+    ]
     messages = ("the scale must be a finite number", "is not a module file", "is a file, not a folder",
                 "is an lvdm module file, not a base")  # fmt: skip
     for result, message, status in zip(results, messages, (2, 1, 1, 1), strict=True):  # a bad value is usage: 2
@@ -980,3 +980,30 @@ def test_a_lora_of_another_architecture_is_one_line(tiny_assets, tmp_path, capfd
     one_line_error(subprocess.CompletedProcess([], code, "", err), 1, "42 of its weights do not fit this base's")
     assert "size mismatch" not in err, err[-2000:]
     assert not (tmp_path / "x.mp4").exists()
+
+
+NOISY_COMMAND = """
+import warnings
+from transformers.utils import logging
+
+from lvdm.errors import LvdmError
+
+def main(argv):
+    warnings.warn("a warning the user sees")
+    logging.get_logger("transformers").warning("library chatter a command's process does not show")
+    if argv == ["bug"]:
+        raise ValueError("a bug")
+    raise LvdmError("a refusal")
+"""
+
+
+def test_the_in_process_command_shows_what_the_command_would(tmp_path, monkeypatch, command):
+    """The control of conftest's ``command``, which most refusals here run through: a warning shows as the
+    command shows it, the libraries' chatter does not, and what would be a traceback fails the test."""
+    (tmp_path / "noisy_command.py").write_text(NOISY_COMMAND)
+    monkeypatch.syspath_prepend(str(tmp_path))
+    result = command(tmp_path / "noisy_command.py", "refuse")
+    assert result.returncode == 1
+    assert result.stderr.splitlines() == ["warning: a warning the user sees", "error: a refusal"], result.stderr
+    with pytest.raises(ValueError, match="a bug"):
+        command(tmp_path / "noisy_command.py", "bug")

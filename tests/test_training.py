@@ -39,8 +39,8 @@ def test_a_typo_exits_2_with_did_you_mean_before_anything_loads(tmp_path):
     assert time.perf_counter() - started < 30
 
 
-def test_a_missing_base_is_one_line_and_exit_1(tmp_path):
-    result = run_script(
+def test_a_missing_base_is_one_line_and_exit_1(tmp_path, command):
+    result = command(
         str(REPO / "train.py"), "--config", str(REPO / "configs/demo.yaml"),
         f"model.base={tmp_path / 'nope'}", f"output_dir={tmp_path / 'run'}",
     )  # fmt: skip
