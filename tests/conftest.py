@@ -224,9 +224,10 @@ def cut_like_the_cache(dataset, indices: list[int]) -> dict:
 
 @pytest.fixture
 def command(capfd: pytest.CaptureFixture, monkeypatch: pytest.MonkeyPatch):
-    """``command(SCRIPT, *args, env=None, cwd=None)``: ``python SCRIPT ARGS`` (``.../train.py``, ``.../sample.py`` or
-    ``-m module``) run in this process, its ``main`` through :func:`lvdm.cli.run_cli` as its ``__main__`` does, for
-    the refusals that would otherwise spend most of their seconds starting an interpreter and importing torch.
+    """``command(SCRIPT, *args, env=None, cwd=None)``: ``python SCRIPT ARGS`` (the path of train.py, sample.py or an
+    example, or ``-m module``) run in this process, its ``main`` through :func:`lvdm.cli.run_cli` as its
+    ``__main__`` does, for the refusals that would otherwise spend most of their seconds starting an interpreter
+    and importing torch.
 
     Returns a :class:`subprocess.CompletedProcess` as ``subprocess.run`` would. Its stdout and stderr are captured at
     the file descriptors (library output counts), Python's warnings show as ``PYTHONWARNINGS=default`` shows them,
@@ -245,8 +246,10 @@ def command(capfd: pytest.CaptureFixture, monkeypatch: pytest.MonkeyPatch):
 
     def run(*args: object, env: dict[str, str] | None = None, cwd: object = None) -> subprocess.CompletedProcess:
         words = [str(arg) for arg in args]
-        module, argv = (words[1], words[2:]) if words[0] == "-m" else (Path(words[0]).stem, words[1:])
-        main = importlib.import_module(module).main
+        if words[0] == "-m":
+            main, argv = importlib.import_module(words[1]).main, words[2:]
+        else:
+            main, argv = _script(Path(words[0])).main, words[1:]
         capfd.readouterr()
         with monkeypatch.context() as patch, warnings.catch_warnings(), quiet_as_a_new_process():
             for key, value in (env or {}).items():
@@ -260,6 +263,20 @@ def command(capfd: pytest.CaptureFixture, monkeypatch: pytest.MonkeyPatch):
         return subprocess.CompletedProcess(words, code, out, err)
 
     return run
+
+
+def _script(path):
+    """The script at ``path`` (train.py, sample.py, an example) as a module, loaded once per process."""
+    import importlib.util
+    import sys
+
+    name = f"lvdm_script_{path.stem}"
+    if name not in sys.modules:
+        spec = importlib.util.spec_from_file_location(name, path)
+        module = importlib.util.module_from_spec(spec)
+        sys.modules[name] = module
+        spec.loader.exec_module(module)
+    return sys.modules[name]
 
 
 @contextlib.contextmanager

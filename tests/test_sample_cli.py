@@ -126,15 +126,16 @@ def test_mistakes_are_one_line_and_a_non_zero_exit(files, tmp_path, capsys, case
 
 
 @pytest.mark.parametrize("script", ["sample_prompt_list.py", "temporal_on_two_checkpoints.py", "long_video.py"])
-def test_examples_run_offline_on_tiny_models(script, tmp_path):
+def test_examples_run_offline_on_tiny_models(script, tmp_path, command):
     """Run again into the same folder, each example replaced its own videos and the user's files of those names
-    without a word, and its mistakes were tracebacks: now they refuse, in one line, and leave every file as it is."""
+    without a word, and its mistakes were tracebacks: now they refuse, in one line, and leave every file as it is.
+    The run is a process as a user starts it; the refusal runs the example's ``main`` in this process."""
     result = run_script(str(REPO / "examples" / script), "--tiny", "--out", str(tmp_path))
     assert result.returncode == 0, result.stderr
     written = sorted(p for p in tmp_path.rglob("*") if p.suffix in (".mp4", ".gif"))
     assert written and all((p.with_name(p.name + ".json")).is_file() for p in written)
     before = {p: p.read_bytes() for p in written}
-    again = run_script(str(REPO / "examples" / script), "--tiny", "--out", str(tmp_path))
+    again = command(REPO / "examples" / script, "--tiny", "--out", tmp_path)
     lines = [line for line in again.stderr.splitlines() if line.startswith(("error", "Traceback"))]
     assert again.returncode == 2 and len(lines) == 1 and "already exists" in lines[0], again.stderr[-2000:]
     assert {p: p.read_bytes() for p in written} == before
