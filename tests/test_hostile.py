@@ -133,25 +133,15 @@ def test_a_users_folder_root_and_home_are_refused_and_nothing_is_touched(tiny_as
     assert list(home.iterdir()) == []
 
 
-def test_the_life_of_a_run_folder(tiny_assets, tmp_path, capsys):
+def test_the_life_of_a_run_folder(tiny_assets, tmp_path, command):
     """A second run is refused while the first holds the folder; a killed run's lock is taken over and, having no
     checkpoint, does not block the next run; a crash in the middle of replacing a checkpoint is recovered; the
     resumed log has no duplicate steps and config.yaml is rewritten; a stray export temp file is removed.
     (Overwriting a finished run, as the demo does on every rerun, is checked in process below and in
     test_training.) The first run is a process of its own; the others run train.py's main in this process."""
-    import warnings
-
-    import train as script
-    from lvdm.cli import run_cli
 
     def run(**extra: object) -> subprocess.CompletedProcess[str]:
-        capsys.readouterr()
-        with warnings.catch_warnings(record=True) as caught:
-            warnings.simplefilter("always")
-            code = run_cli(script.main, [str(a) for a in train_args(tiny_assets, out, **extra)[1:]])
-        err = capsys.readouterr().err + "".join(f"{w.category.__name__}: {w.message}\n" for w in caught)
-        assert "Traceback" not in err, err[-3000:]
-        return subprocess.CompletedProcess([], code, "", err)
+        return command(*train_args(tiny_assets, out, **extra))
 
     out = tmp_path / "run"
     first = subprocess.Popen(
@@ -316,11 +306,8 @@ def _rewrite_module(source: Path, target: Path, *, metadata: dict | None = None,
     return target
 
 
-def test_hostile_temporal_modules_are_refused_in_one_line(trained, tiny_assets, tmp_path, capsys):
+def test_hostile_temporal_modules_are_refused_in_one_line(trained, tiny_assets, tmp_path, command):
     """Through sample.py's main in this process (eight interpreters side by side took 24 s)."""
-    import sample as script
-    from lvdm.cli import run_cli
-
     module = trained / "temporal.safetensors"
     first = sorted(safe_open(module, framework="pt").keys())[0]
 
@@ -349,18 +336,16 @@ def test_hostile_temporal_modules_are_refused_in_one_line(trained, tiny_assets, 
     }
     for name, (metadata, edit, message) in cases.items():
         bad = _rewrite_module(module, tmp_path / f"{name}.safetensors", metadata=metadata, edit=edit)
-        code = run_cli(script.main, ["--quiet", "--base", str(tiny_assets["base"]), "--temporal", str(bad), "--prompt",
-                                     "a disc", "--steps", "1", "--out", str(tmp_path / f"{name}.mp4")])  # fmt: skip
-        one_line_error(subprocess.CompletedProcess([], code, "", capsys.readouterr().err), 1, message)
+        result = command(SAMPLE, "--quiet", "--base", tiny_assets["base"], "--temporal", bad, "--prompt", "a disc",
+                         "--steps", "1", "--out", tmp_path / f"{name}.mp4")  # fmt: skip
+        one_line_error(result, 1, message)
         assert not (tmp_path / f"{name}.mp4").exists()
     training["data"] |= {"num_frames": 4, "resolution": [7, 7]}  # a size the user never set: named as the module's
     odd = _rewrite_module(module, tmp_path / "odd.safetensors", metadata={"training_config": json.dumps(training)})
-    arguments = ["--quiet", "--base", str(tiny_assets["base"]), "--temporal", str(odd), "--prompt", "a disc",
-                 "--steps", "1", "--out", str(tmp_path / "odd.mp4")]  # fmt: skip
-    code = run_cli(script.main, arguments)
-    one_line_error(subprocess.CompletedProcess([], code, "", capsys.readouterr().err), 2,
-                   "the temporal module's training config gave height=7, width=7")  # fmt: skip
-    assert run_cli(script.main, [*arguments, "--height", "16", "--width", "16"]) == 0  # the control: set them
+    arguments = [SAMPLE, "--quiet", "--base", tiny_assets["base"], "--temporal", odd, "--prompt", "a disc",
+                 "--steps", "1", "--out", tmp_path / "odd.mp4"]  # fmt: skip
+    one_line_error(command(*arguments), 2, "the temporal module's training config gave height=7, width=7")
+    assert command(*arguments, "--height", "16", "--width", "16").returncode == 0  # the control: set them
     assert (tmp_path / "odd.mp4").is_file()
 
 
@@ -965,20 +950,16 @@ def test_mistaken_files_are_named_for_what_they_are(trained, tiny_assets, tmp_pa
     assert a_file.read_text() == "mine" and not out.exists()
 
 
-def test_a_lora_of_another_architecture_is_one_line(tiny_assets, tmp_path, capfd):
+def test_a_lora_of_another_architecture_is_one_line(tiny_assets, tmp_path, command):
     """diffusers logged a line per weight (about 40 here) before lvdm's error, itself 400 characters of that log."""
-    import sample as script
     from lvdm import testing
-    from lvdm.cli import run_cli
     from lvdm.models import load_base
 
     other = testing.write_lora(load_base(tiny_assets["base_sd2"]).unet, tmp_path / "sd2.safetensors", seed=3)
-    capfd.readouterr()
-    code = run_cli(script.main, ["--quiet", "--prompt", "x", "--steps", "1", "--out", str(tmp_path / "x.mp4"),
-                                 "--base", str(tiny_assets["base"]), "--lora", str(other)])  # fmt: skip
-    err = capfd.readouterr().err
-    one_line_error(subprocess.CompletedProcess([], code, "", err), 1, "42 of its weights do not fit this base's")
-    assert "size mismatch" not in err, err[-2000:]
+    result = command(SAMPLE, "--quiet", "--prompt", "x", "--steps", "1", "--out", tmp_path / "x.mp4",
+                     "--base", tiny_assets["base"], "--lora", other)  # fmt: skip
+    one_line_error(result, 1, "42 of its weights do not fit this base's")
+    assert "size mismatch" not in result.stderr, result.stderr[-2000:]
     assert not (tmp_path / "x.mp4").exists()
 
 
