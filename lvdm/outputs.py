@@ -8,13 +8,15 @@ import re
 from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import numpy as np
-import torch
 
 from lvdm.errors import ConfigError, check_flag
 from lvdm.fileio import NAME_MAX, atomic_path, control_character, json_text, nearest_existing, read_bounded, read_json
+
+if TYPE_CHECKING:
+    import torch
 
 MEDIA_SUFFIXES = {".mp4": "mp4", ".gif": "gif"}  # any other path is a folder of PNG frames
 FORMATS = ("mp4", "gif", "png")

@@ -13,7 +13,9 @@ from typing import Any
 import torch
 
 from lvdm.errors import CheckpointError, ConfigError
-from lvdm.sampling_settings import DTYPES, temporal_defaults
+from lvdm.sampling_settings import temporal_defaults
+
+DTYPES: dict[str, torch.dtype] = {"fp32": torch.float32, "fp16": torch.float16, "bf16": torch.bfloat16}
 
 
 @dataclass

@@ -10,12 +10,13 @@ import os
 from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
-
-import torch
+from typing import TYPE_CHECKING, Any
 
 from lvdm.configlib import config_from_dict, option
 from lvdm.errors import ConfigError, TemporalModuleError
+
+if TYPE_CHECKING:
+    import torch  # not at import: sample.py --help reads these settings, and torch took most of its 2 s
 
 DEFAULT_FRAMES = 16
 DEFAULT_FPS = 8.0
@@ -29,7 +30,6 @@ MAX_GUIDANCE = 100  # guidance weights (and schedule options) within +-this
 MAX_SEED = 2**63 - 1
 MAX_FPS = 1000  # frames per second written: the limit of lvdm.media's writers, and of the settings
 MIN_FPS = 0.01  # a frame per 100 s: below about 0.0015 a GIF's 16-bit delay overflows, below 0.001 an mp4's rate
-DTYPES: dict[str, torch.dtype] = {"fp32": torch.float32, "fp16": torch.float16, "bf16": torch.bfloat16}
 
 
 # --------------------------------------------------------------------------------------------------- settings

@@ -19,13 +19,13 @@ from typing import Any
 from lvdm.cli import HelpFormatter, Parser, run_cli
 from lvdm.errors import ConfigError
 
+DEFAULTS = {"noise_level": 20, "num_inference_steps": 75, "guidance_scale": 9.0}  # diffusers' pipeline defaults
+
 DESCRIPTION = "Upscale a video by 4 with SD's x4 upscaler, frame by frame or with a temporal module trained\non it."
 
 
 def add_upscale_options(parser: argparse.ArgumentParser, *, prefix: str = "") -> None:
     """The sampling options of an upscale (``prefix`` ``"upscale-"`` where they sit beside other sampling)."""
-    from lvdm.upscale_pipeline import DEFAULTS
-
     group = parser.add_argument_group("upscaling")
     group.add_argument("--noise-level", type=int, default=DEFAULTS["noise_level"],
                        help="noise added to the low-res frames, 0 .. 350: more invents more detail")  # fmt: skip

@@ -40,9 +40,9 @@ from lvdm.sampling_settings import (
     MIN_FPS,
 )
 from lvdm.tile_decode import splits_its_decoder
+from lvdm.upscale import DEFAULTS
 
 MAX_NORM_PASSES = 8  # 4 reach the whole frame's statistics on the upscaler README "Tiles" measures
-DEFAULTS = {"noise_level": 20, "num_inference_steps": 75, "guidance_scale": 9.0}  # diffusers' pipeline defaults
 
 
 @dataclasses.dataclass(frozen=True)

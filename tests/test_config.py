@@ -539,9 +539,9 @@ assert not heavy, heavy
 
 @pytest.mark.parametrize("command", [["sample.py", "--help"], ["lvdm/upscale.py", "--help"]])
 def test_the_sampling_commands_help_loads_no_diffusers(command: list[str]) -> None:
-    """``--help`` (and argparse's own refusals) come before diffusers loads: it took 5.6 s, when the parser's
-    imports pulled in the pipeline (and ``lvdm.models`` imported every model at once); about 2 s now, most of it
-    torch. The control: the video UNet does import diffusers."""
+    """``--help`` (and argparse's own refusals) come before diffusers and torch load: it took 5.6 s, when the
+    parser's imports pulled in the pipeline (and ``lvdm.models`` imported every model at once), then 2-3 s while
+    they pulled in torch; about 0.6 s now. The control: the video UNet does import diffusers and torch."""
     code = f"""
 import runpy, sys
 sys.argv = {command!r}
@@ -551,10 +551,10 @@ except SystemExit as stop:
     assert stop.code == 0, stop.code
 import lvdm.models
 assert {{"VideoUNet", "load_base", "TemporalLayout"}} <= set(dir(lvdm.models))  # listed before first use
-heavy = sorted(m for m in sys.modules if m.split(".")[0] in ("diffusers", "transformers", "peft"))
+heavy = sorted(m for m in sys.modules if m.split(".")[0] in ("diffusers", "transformers", "peft", "torch"))
 assert not heavy, heavy[:5]
 from lvdm.models import VideoUNet
-assert "diffusers" in sys.modules
+assert "diffusers" in sys.modules and "torch" in sys.modules
 """
     result = run_python(code)
     assert result.returncode == 0, result.stderr
