@@ -289,3 +289,24 @@ def test_a_single_file_without_its_vae_or_text_encoder_takes_them_from_base_conf
     with warnings.catch_warnings():
         warnings.simplefilter("error")
         load_base(files["b"], base_config=files["a"])
+
+
+def test_a_pickled_single_file_without_its_vae_is_named_and_takes_it_from_base_config(files, tmp_path):
+    """A pickle's keys were not listed before it loaded: one without a VAE got diffusers' Python advice. They are now
+    read memory-mapped, as diffusers reads the file (``weights_only``, the ``state_dict`` unwrapped). The control:
+    the whole pickle warns of nothing, and a legacy-format pickle (its keys not listable) still loads."""
+    whole = load_file(files["b"])
+    no_vae = tmp_path / "no_vae.ckpt"
+    torch.save({"state_dict": {k: v for k, v in whole.items() if not k.startswith("first_stage_model.")}}, no_vae)
+    with pytest.raises(CheckpointError, match="holds no weights of the VAE; pass base_config"):
+        load_base(no_vae, allow_pickle=True)
+    with pytest.warns(UserWarning, match="no weights of the VAE: taken from base_config"):
+        pipe = load_base(no_vae, base_config=files["a"], allow_pickle=True)
+    expected = load_base(files["a"]).vae.state_dict()
+    assert all(torch.equal(pipe.vae.state_dict()[key], value) for key, value in expected.items())
+    for name, zipped in (("legacy.ckpt", False), ("whole.ckpt", True)):
+        path = tmp_path / name
+        torch.save({"state_dict": whole}, path, _use_new_zipfile_serialization=zipped)
+        with warnings.catch_warnings():
+            warnings.simplefilter("error")
+            load_base(path, base_config=files["a"], allow_pickle=True)

@@ -55,13 +55,31 @@ _PARTS = {
 
 
 def _missing_parts(path: Path) -> list[str]:
-    """The parts (``vae``, ``text_encoder``) a single ``.safetensors`` file holds no weights of; a pickle's keys are
-    not read before it loads, so none are known missing."""
-    if path.suffix != ".safetensors":
+    """The parts (``vae``, ``text_encoder``) the single file ``path`` holds no weights of; none known missing where
+    its keys cannot be listed without loading it."""
+    keys = _stored_keys(path)
+    if keys is None:
         return []
-    with safe_open(path, framework="pt") as handle:  # checked readable by check_weights_file
-        keys = list(handle.keys())
     return [name for name, (_, prefixes) in _PARTS.items() if not any(key.startswith(prefixes) for key in keys)]
+
+
+def _stored_keys(path: Path) -> list[str] | None:
+    """The tensor names in ``path`` (checked readable by check_weights_file, a pickle only with allow_pickle); for a
+    pickle read as diffusers reads it (``weights_only``, nested ``state_dict``s unwrapped) but memory-mapped, so no
+    tensor is read. ``None`` for a pickle in torch's legacy format or holding more than tensors: diffusers then
+    decides as it loads."""
+    if path.suffix == ".safetensors":
+        with safe_open(path, framework="pt") as handle:
+            return list(handle.keys())
+    try:
+        with warnings.catch_warnings():
+            warnings.filterwarnings("ignore", message="Detected pickle protocol")
+            state = torch.load(path, map_location="cpu", mmap=True, weights_only=True)
+    except Exception:  # legacy format (no mmap), objects weights_only refuses, ...: not listed here
+        return None
+    while isinstance(state, dict) and isinstance(state.get("state_dict"), dict):
+        state = state["state_dict"]
+    return [key for key in state if isinstance(key, str)] if isinstance(state, dict) else None
 
 
 def _parts_from(folder: Path, names: list[str], *, allow_pickle: bool, dtype: torch.dtype | None) -> dict[str, Any]:
