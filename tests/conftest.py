@@ -234,6 +234,7 @@ def command(capfd: pytest.CaptureFixture, monkeypatch: pytest.MonkeyPatch):
     and an exception run_cli lets through (a traceback on the command line) fails the test. Keep attacks that could
     hang or fill memory, signals and what the libraries print while importing in real subprocesses."""
     import importlib
+    import os
     import subprocess
     import sys
     import warnings
@@ -252,7 +253,11 @@ def command(capfd: pytest.CaptureFixture, monkeypatch: pytest.MonkeyPatch):
             main, argv = _script(Path(words[0])).main, words[1:]
         capfd.readouterr()
         with monkeypatch.context() as patch, warnings.catch_warnings(), quiet_as_a_new_process():
-            for key, value in (env or {}).items():
+            for key in ("TRANSFORMERS_VERBOSITY", "DIFFUSERS_VERBOSITY", "HF_HUB_DISABLE_PROGRESS_BARS"):
+                patch.setenv(key, os.environ.get(key, ""))  # recorded as it was (absent included): undone after
+                if not os.environ[key]:
+                    patch.delenv(key)
+            for key, value in (env or {}).items():  # run_cli sets the three above: undone after, as env is
                 patch.setenv(key, value)
             if cwd is not None:
                 patch.chdir(cwd)
@@ -282,7 +287,13 @@ def _script(path):
 @contextlib.contextmanager
 def quiet_as_a_new_process():
     """The libraries' logging as a command's process has it: run_cli sets TRANSFORMERS_VERBOSITY,
-    DIFFUSERS_VERBOSITY and HF_HUB_DISABLE_PROGRESS_BARS before they load, but this process loaded them before."""
+    DIFFUSERS_VERBOSITY and HF_HUB_DISABLE_PROGRESS_BARS before they load, but this process loaded them before. And
+    what is still logged reaches the stderr being captured now: diffusers' and transformers' handlers hold the
+    stderr of when they were made, and pytest's handlers on the root logger take the place of Python's last-resort
+    one, which prints a library's warnings in a command's process."""
+    import logging
+    import sys
+
     from diffusers.utils import logging as diffusers_logging
     from transformers.utils import logging as transformers_logging
 
@@ -291,9 +302,18 @@ def quiet_as_a_new_process():
     diffusers_logging.set_verbosity_error()
     transformers_logging.set_verbosity_error()
     transformers_logging.disable_progress_bar()
+    handlers = [handler for name in ("diffusers", "transformers") for handler in logging.getLogger(name).handlers
+                if type(handler) is logging.StreamHandler]  # fmt: skip
+    streams = [handler.setStream(sys.stderr) for handler in handlers]
+    last_resort = logging.StreamHandler(sys.stderr)
+    last_resort.setLevel(logging.WARNING)
+    logging.getLogger().addHandler(last_resort)
     try:
         yield
     finally:
+        logging.getLogger().removeHandler(last_resort)
+        for handler, stream in zip(handlers, streams, strict=True):
+            handler.setStream(stream)
         diffusers_logging.set_verbosity(saved[0])
         transformers_logging.set_verbosity(saved[1])
         if bars:

@@ -972,6 +972,7 @@ from lvdm.errors import LvdmError
 def main(argv):
     warnings.warn("a warning the user sees")
     logging.get_logger("transformers").warning("library chatter a command's process does not show")
+    logging.get_logger("transformers").error("a library error the user sees")
     if argv == ["bug"]:
         raise ValueError("a bug")
     raise LvdmError("a refusal")
@@ -979,12 +980,18 @@ def main(argv):
 
 
 def test_the_in_process_command_shows_what_the_command_would(tmp_path, monkeypatch, command):
-    """The control of conftest's ``command``, which most refusals here run through: a warning shows as the
-    command shows it, the libraries' chatter does not, and what would be a traceback fails the test."""
+    """The control of conftest's ``command``, which most refusals here run through: a warning and a library's error
+    show as the command shows them, the libraries' chatter does not, what would be a traceback fails the test, and
+    the settings run_cli makes for the libraries do not outlive the run."""
     (tmp_path / "noisy_command.py").write_text(NOISY_COMMAND)
     monkeypatch.syspath_prepend(str(tmp_path))
+    monkeypatch.setenv("TRANSFORMERS_VERBOSITY", "info")  # as a user may have it; run_cli keeps a value it finds
+    monkeypatch.delenv("DIFFUSERS_VERBOSITY", raising=False)
     result = command(tmp_path / "noisy_command.py", "refuse")
     assert result.returncode == 1
-    assert result.stderr.splitlines() == ["warning: a warning the user sees", "error: a refusal"], result.stderr
+    assert result.stderr.splitlines() == [
+        "warning: a warning the user sees", "[transformers] a library error the user sees", "error: a refusal"
+    ], result.stderr  # fmt: skip
+    assert os.environ["TRANSFORMERS_VERBOSITY"] == "info" and "DIFFUSERS_VERBOSITY" not in os.environ
     with pytest.raises(ValueError, match="a bug"):
         command(tmp_path / "noisy_command.py", "bug")
