@@ -306,7 +306,8 @@ def quiet_as_a_new_process():
                 if type(handler) is logging.StreamHandler]  # fmt: skip
     streams = [handler.setStream(sys.stderr) for handler in handlers]
     last_resort = logging.StreamHandler(sys.stderr)
-    last_resort.setLevel(logging.WARNING)
+    last_resort.setLevel(logging.WARNING)  # for the libraries without handlers: these two print with their own
+    last_resort.addFilter(lambda record: record.name.split(".")[0] not in ("diffusers", "transformers"))
     logging.getLogger().addHandler(last_resort)
     try:
         yield
