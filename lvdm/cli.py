@@ -32,11 +32,18 @@ EXIT_BROKEN_PIPE = 141  # 128 + SIGPIPE, what a tool killed by the signal report
 EXIT_TERMINATED = 143  # 128 + SIGTERM, as if killed by it, after cleaning up
 
 
+QUIET_LIBRARIES = {
+    "TRANSFORMERS_VERBOSITY": "error",
+    "DIFFUSERS_VERBOSITY": "error",
+    "HF_HUB_DISABLE_PROGRESS_BARS": "1",
+}
+
+
 def quiet_libraries() -> None:
-    """Keep diffusers'/transformers' load-time chatter (progress bars, optional-backend notices) off the terminal."""
-    os.environ.setdefault("TRANSFORMERS_VERBOSITY", "error")
-    os.environ.setdefault("DIFFUSERS_VERBOSITY", "error")
-    os.environ.setdefault("HF_HUB_DISABLE_PROGRESS_BARS", "1")
+    """Keep diffusers'/transformers' load-time chatter (progress bars, optional-backend notices) off the terminal:
+    :data:`QUIET_LIBRARIES`, where the environment does not set them already."""
+    for key, value in QUIET_LIBRARIES.items():
+        os.environ.setdefault(key, value)
 
 
 def _one_line_warning(message: Warning | str, category: type[Warning], *args: Any, **kwargs: Any) -> str:

@@ -240,7 +240,7 @@ def command(capfd: pytest.CaptureFixture, monkeypatch: pytest.MonkeyPatch):
     import warnings
     from pathlib import Path
 
-    from lvdm.cli import run_cli
+    from lvdm.cli import QUIET_LIBRARIES, run_cli
 
     def show(message, category, filename, lineno, file=None, line=None) -> None:  # noqa: ANN001 (the hook's form)
         sys.stderr.write(warnings.formatwarning(message, category, filename, lineno, line))
@@ -253,11 +253,12 @@ def command(capfd: pytest.CaptureFixture, monkeypatch: pytest.MonkeyPatch):
             main, argv = _script(Path(words[0])).main, words[1:]
         capfd.readouterr()
         with monkeypatch.context() as patch, warnings.catch_warnings(), quiet_as_a_new_process():
-            for key in ("TRANSFORMERS_VERBOSITY", "DIFFUSERS_VERBOSITY", "HF_HUB_DISABLE_PROGRESS_BARS"):
-                patch.setenv(key, os.environ.get(key, ""))  # recorded as it was (absent included): undone after
-                if not os.environ[key]:
+            for key in QUIET_LIBRARIES:  # run_cli sets these in os.environ: recorded as they are, undone after
+                was = key in os.environ
+                patch.setenv(key, os.environ.get(key, "unset"))
+                if not was:
                     patch.delenv(key)
-            for key, value in (env or {}).items():  # run_cli sets the three above: undone after, as env is
+            for key, value in (env or {}).items():
                 patch.setenv(key, value)
             if cwd is not None:
                 patch.chdir(cwd)
