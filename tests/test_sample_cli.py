@@ -100,7 +100,7 @@ def test_image_mode_frames_from_the_cli_equal_diffusers(files, tmp_path):
         ("no_prompt", 2, "one of the arguments --prompt --prompts is required"),
     ],
 )
-def test_mistakes_are_one_line_and_a_non_zero_exit(files, tmp_path, capsys, case, code, message):
+def test_mistakes_are_one_line_and_a_non_zero_exit(files, tmp_path, command, case, code, message):
     """Run in this process where nothing loads (the interpreter's start-up adds nothing to a message), as a command
     where something does: the libraries' own chatter while loading is part of what must not show."""
     base = ["--base", str(files["a"]), "--out", str(tmp_path / "out.mp4")]
@@ -118,7 +118,7 @@ def test_mistakes_are_one_line_and_a_non_zero_exit(files, tmp_path, capsys, case
         result = sample(*args)
         returned, err = result.returncode, result.stderr
     else:
-        returned, _, err = sample_here(capsys, *args)
+        returned, _, err = sample_here(command, *args)
     lines = [line for line in err.splitlines() if line.strip()]
     assert returned == code, err
     assert len(lines) == 1 and lines[0].startswith("error: ") and message in lines[0], err
@@ -142,14 +142,10 @@ def test_examples_run_offline_on_tiny_models(script, tmp_path, command):
 
 
 # ------------------------------------------------------------------------------------------------ in-process CLI
-def sample_here(capsys, *args: str) -> tuple[int, str, str]:
-    """sample.py's ``main`` run in this process (no interpreter start-up): exit code, stdout, stderr."""
-    import sample as script
-    from lvdm.cli import run_cli
-
-    code = run_cli(script.main, ["--quiet", *args])
-    out, err = capsys.readouterr()
-    return code, out, err
+def sample_here(command, *args: str) -> tuple[int, str, str]:
+    """sample.py's ``main`` run in this process (conftest's ``command``): exit code, stdout, stderr."""
+    result = command(REPO / "sample.py", "--quiet", *args)
+    return result.returncode, result.stdout, result.stderr
 
 
 @pytest.mark.parametrize(
@@ -165,8 +161,8 @@ def sample_here(capsys, *args: str) -> tuple[int, str, str]:
          else "only"),
     ],
 )  # fmt: skip
-def test_an_unusable_device_is_one_line_before_anything_loads(files, tmp_path, capsys, device, message):
-    code, _, err = sample_here(capsys, "--base", str(files["a"]), "--prompt", "a kite", "--device", device,
+def test_an_unusable_device_is_one_line_before_anything_loads(files, tmp_path, command, device, message):
+    code, _, err = sample_here(command, "--base", str(files["a"]), "--prompt", "a kite", "--device", device,
                                "--out", str(tmp_path / "out.mp4"))  # fmt: skip
     assert code == 2 and err.count("\n") == 1 and err.startswith("error: ") and message in err, err
     assert not list(tmp_path.iterdir())
@@ -185,53 +181,52 @@ def test_help_shows_the_defaults(capsys):
         assert shown in text, shown
 
 
-def test_an_existing_output_is_refused_unless_overwrite(files, tmp_path, capsys):
+def test_an_existing_output_is_refused_unless_overwrite(files, tmp_path, command):
     out = tmp_path / "clip.mp4"
     out.write_bytes(b"an earlier video")
     args = ["--base", str(files["a"]), "--prompt", "a kite", "--frames", "2", "--steps", "1", "--out", str(out)]
-    code, _, err = sample_here(capsys, *args)
+    code, _, err = sample_here(command, *args)
     assert code == 2 and err.count("\n") == 1 and f"{out} already exists" in err and "--overwrite" in err, err
     assert out.read_bytes() == b"an earlier video"
-    code, stdout, err = sample_here(capsys, *args, "--overwrite")
+    code, stdout, err = sample_here(command, *args, "--overwrite")
     assert code == 0 and stdout.split() == [str(out)] and out.read_bytes() != b"an earlier video", err
     folder = tmp_path / "videos"  # a folder --out: the same prompt again would replace 000-a-kite.mp4
-    assert sample_here(capsys, *args[:-1], str(folder))[0] == 0
-    code, _, err = sample_here(capsys, *args[:-1], str(folder))
+    assert sample_here(command, *args[:-1], str(folder))[0] == 0
+    code, _, err = sample_here(command, *args[:-1], str(folder))
     assert code == 2 and "000-a-kite.mp4 already exists" in err, err
 
 
-def test_an_output_name_that_is_not_utf8_is_written(files, tmp_path, capsys):
+def test_an_output_name_that_is_not_utf8_is_written(files, tmp_path, command):
     """Linux names are bytes: ``clip<0xff>.mp4`` was "cannot write ...: 'utf-8' codec can't encode", after the
     sampling (the temporary name beside it was cut as UTF-8)."""
     import os
 
     out = tmp_path / os.fsdecode(b"clip\xff.mp4")
-    code, _, err = sample_here(capsys, "--base", str(files["a"]), "--prompt", "a kite", "--frames", "2", "--steps",
+    code, _, err = sample_here(command, "--base", str(files["a"]), "--prompt", "a kite", "--frames", "2", "--steps",
                                "1", "--out", str(out))  # fmt: skip
     assert code == 0 and out.is_file() and out.with_name(out.name + ".json").is_file(), err
     assert sorted(os.listdir(tmp_path)) == sorted([out.name, out.name + ".json"])  # no temporary file left
 
 
-def test_a_format_or_rate_the_output_file_cannot_take_is_refused_before_sampling(files, tmp_path, capsys):
+def test_a_format_or_rate_the_output_file_cannot_take_is_refused_before_sampling(files, tmp_path, command):
     """``--format png --out x.mp4`` wrote an mp4 without a word; they disagree: one line, nothing loaded."""
     out = tmp_path / "x.mp4"
-    code, _, err = sample_here(capsys, "--base", str(files["a"]), "--prompt", "a kite", "--format", "png", "--out",
+    code, _, err = sample_here(command, "--base", str(files["a"]), "--prompt", "a kite", "--format", "png", "--out",
                                str(out))  # fmt: skip
     assert code == 2 and err.count("\n") == 1 and "--format png and --out" in err and "disagree" in err, err
     assert not out.exists()
     gif = tmp_path / "x.gif"
-    code, _, err = sample_here(capsys, "--base", str(files["a"]), "--prompt", "a kite", "--fps", "200", "--out",
+    code, _, err = sample_here(command, "--base", str(files["a"]), "--prompt", "a kite", "--fps", "200", "--out",
                                str(gif))  # fmt: skip
     assert code == 2 and err.count("\n") == 1 and "at most 100 fps" in err, err  # after sampling, before
     assert not gif.exists()
 
 
-def test_settings_found_wrong_only_after_sampling_are_refused_before_it(files, tmp_path, capsys):
+def test_settings_found_wrong_only_after_sampling_are_refused_before_it(files, tmp_path, command):
     """Each of these was refused after the videos were sampled (and some written): now one line, nothing written."""
     from lvdm.testing.upscaler import make_tiny_upscaler
 
     upscaler = make_tiny_upscaler(tmp_path / "x4", seed=0)
-    capsys.readouterr()  # its progress bars
     out = tmp_path / "outs"
     for args, message in (
         (["--fps", "0.001", "--out", str(out / "slow.gif")], "fps: must be in 0.01 .. 1000"),  # a GIF traceback
@@ -243,15 +238,17 @@ def test_settings_found_wrong_only_after_sampling_are_refused_before_it(files, t
         (["--out", str(out / "two\nlines.mp4")], "holds a control character ('\\n')"),  # the message was two lines
     ):
         argv = ["--base", str(files["a"]), "--prompt", "a kite", "--frames", "2", "--steps", "1"]
-        code, _, err = sample_here(capsys, *argv, *(args if "--out" in args else [*args, "--out", str(out / "v.mp4")]))
+        code, _, err = sample_here(
+            command, *argv, *(args if "--out" in args else [*args, "--out", str(out / "v.mp4")])
+        )
         assert code == 2 and err.count("\n") == 1 and message in err, (args, err)  # no "sampling ..." line before
         assert not out.exists()
-    code, _, err = sample_here(capsys, "--base", str(files["a"]), "--prompt", "a kite", "--frames", "2", "--steps",
+    code, _, err = sample_here(command, "--base", str(files["a"]), "--prompt", "a kite", "--frames", "2", "--steps",
                                "1", "--fps", "0.01", "--out", str(out / "slow.gif"))  # fmt: skip
     assert code == 0 and (out / "slow.gif").exists(), err  # the control: the slowest rate allowed is written
 
 
-def test_mistakes_found_only_when_loading_are_refused_before_it(files, tmp_path, capsys, monkeypatch):
+def test_mistakes_found_only_when_loading_are_refused_before_it(files, tmp_path, command, monkeypatch):
     """Each was refused after loading (the upscaler's module: after sampling) or not at all: a sidecar's empty
     base loaded the working folder, and a --base-config beside a folder base was ignored. Each control, the same
     command put right, reaches the reading of the base's weights."""
@@ -265,7 +262,6 @@ def test_mistakes_found_only_when_loading_are_refused_before_it(files, tmp_path,
     monkeypatch.setattr(loading, "_load_folder", reached)  # where a base's weights are read
     monkeypatch.setattr(single_file, "load_single_file", reached)
     upscaler = ["--upscaler", str(make_tiny_upscaler(tmp_path / "x4", seed=0)), "--upscaler-temporal"]
-    capsys.readouterr()  # its progress bars
     sidecar = tmp_path / "v.mp4.json"
     fast = ["--prompt", "a kite", "--frames", "2", "--steps", "1", "--out", str(tmp_path / "out.mp4")]
     a, b, config_a = ["--base", str(files["a"])], ["--base", str(files["b"])], ["--base-config", str(files["a"])]
@@ -280,27 +276,27 @@ def test_mistakes_found_only_when_loading_are_refused_before_it(files, tmp_path,
     ):  # fmt: skip
         sidecar.write_text(json.dumps({"prompt": "a kite", "settings": settings, "model": model}))
         if message:
-            code, _, err = sample_here(capsys, "--from-json", str(sidecar), *wrong, *fast)
+            code, _, err = sample_here(command, "--from-json", str(sidecar), *wrong, *fast)
             assert code in (1, 2) and err.count("\n") == 1 and message in err, (wrong, err)
-        code, _, err = sample_here(capsys, "--from-json", str(sidecar), *wrong, *right, *fast)
+        code, _, err = sample_here(command, "--from-json", str(sidecar), *wrong, *right, *fast)
         assert code == 2 and "reached the loading" in err, (right, err)
     assert not (tmp_path / "out.mp4").exists()
 
 
-def test_an_inductor_cache_folder_that_cannot_be_one_is_one_line(files, tmp_path, capsys, monkeypatch):
+def test_an_inductor_cache_folder_that_cannot_be_one_is_one_line(files, tmp_path, command, monkeypatch):
     """diffusers' import makes PyTorch create it, compiling or not: a file there was a FileExistsError traceback."""
     (tmp_path / "a_file").write_text("not a folder")
     argv = ["--base", str(files["a"]), "--prompt", "a kite", "--frames", "2", "--steps", "1"]
     for cache in (tmp_path / "a_file", tmp_path / "a_file" / "below"):
         monkeypatch.setenv("TORCHINDUCTOR_CACHE_DIR", str(cache))
-        code, _, err = sample_here(capsys, *argv, "--out", str(tmp_path / "v.mp4"))
+        code, _, err = sample_here(command, *argv, "--out", str(tmp_path / "v.mp4"))
         assert code == 2 and err.count("\n") == 1 and f"{tmp_path / 'a_file'} is not a folder" in err, err
     monkeypatch.setenv("TORCHINDUCTOR_CACHE_DIR", str(tmp_path / "new" / "cache"))  # the control: one to be made
-    code, _, err = sample_here(capsys, *argv, "--out", str(tmp_path / "v.mp4"))
+    code, _, err = sample_here(command, *argv, "--out", str(tmp_path / "v.mp4"))
     assert code == 0 and (tmp_path / "v.mp4").exists(), err
 
 
-def test_an_output_another_run_writes_meanwhile_is_not_replaced(files, tmp_path, capsys, monkeypatch):
+def test_an_output_another_run_writes_meanwhile_is_not_replaced(files, tmp_path, command, monkeypatch):
     """Two runs to one --out both pass the check before loading; the one that finishes second must not replace the
     first's video (it did, both exiting 0): its write is exclusive, so it stops in one line."""
     from lvdm.pipeline import VideoPipeline
@@ -315,20 +311,20 @@ def test_an_output_another_run_writes_meanwhile_is_not_replaced(files, tmp_path,
 
     monkeypatch.setattr(VideoPipeline, "__call__", the_other_run_finishes_first)
     args = ["--base", str(files["a"]), "--prompt", "a kite", "--frames", "2", "--steps", "1", "--out", str(out)]
-    code, stdout, err = sample_here(capsys, *args)
+    code, stdout, err = sample_here(command, *args)
     errors = [line for line in err.splitlines() if line.startswith("error:")]
     assert code == 1 and len(errors) == 1 and "or another run wrote it while lvdm was writing" in errors[0], err
     assert "Traceback" not in err
     assert out.read_bytes() == b"the other run's video" and not stdout
     assert [p.name for p in tmp_path.iterdir()] == ["race.mp4"]  # no temporary file left
-    code, stdout, err = sample_here(capsys, *args, "--overwrite")  # the control: asked to, it replaces
+    code, stdout, err = sample_here(command, *args, "--overwrite")  # the control: asked to, it replaces
     assert code == 0 and out.read_bytes() != b"the other run's video", err
 
 
-def test_from_json_re_renders_a_video_exactly(files, tmp_path, capsys):
+def test_from_json_re_renders_a_video_exactly(files, tmp_path, command):
     first = tmp_path / "first"
     code, stdout, err = sample_here(
-        capsys, *on_b(files), "--temporal", str(files["module"]), "--prompt", "a red kite", "--frames", "3",
+        command, *on_b(files), "--temporal", str(files["module"]), "--prompt", "a red kite", "--frames", "3",
         "--steps", "2", "--scheduler", "euler_a", "--guidance-schedule", "oscillating", "--guidance-option",
         "low=2.0", "--noise-prior", "mixed", "--base-noise-seed", "5", "--negative-prompt", "blur", "--out",
         str(first), "--format", "png",
@@ -337,7 +333,7 @@ def test_from_json_re_renders_a_video_exactly(files, tmp_path, capsys):
     [made] = [Path(line) for line in stdout.split()]
     sidecar = made.with_name(made.name + ".json")
     again = tmp_path / "again"
-    code, stdout, err = sample_here(capsys, "--from-json", str(sidecar), "--out", str(again))
+    code, stdout, err = sample_here(command, "--from-json", str(sidecar), "--out", str(again))
     assert code == 0, err
     [remade] = [Path(line) for line in stdout.split()]
     assert remade.name == made.name  # the sidecar's format (png frames) and prompt
@@ -348,16 +344,16 @@ def test_from_json_re_renders_a_video_exactly(files, tmp_path, capsys):
     meta, replayed = (json.loads(p.with_name(p.name + ".json").read_text()) for p in (made, remade))
     assert replayed["settings"] == meta["settings"] and replayed["model"] == meta["model"]
     assert replayed["base_noise"] == 5 and meta["settings"]["negative_prompt"] == "blur"
-    code, stdout, err = sample_here(capsys, "--from-json", str(sidecar), "--steps", "3", "--out", str(tmp_path / "b"))
+    code, stdout, err = sample_here(command, "--from-json", str(sidecar), "--steps", "3", "--out", str(tmp_path / "b"))
     [changed] = [Path(line) for line in stdout.split()]
     assert code == 0 and json.loads(changed.with_name(changed.name + ".json").read_text())["settings"][
         "num_inference_steps"] == 3  # fmt: skip
 
 
-def test_from_json_refuses_what_is_not_a_sidecar(tmp_path, capsys):
+def test_from_json_refuses_what_is_not_a_sidecar(tmp_path, command):
     bad = tmp_path / "notes.json"
     bad.write_text('{"prompt": "a kite"}')
-    code, _, err = sample_here(capsys, "--from-json", str(bad), "--out", str(tmp_path / "x.mp4"))
+    code, _, err = sample_here(command, "--from-json", str(bad), "--out", str(tmp_path / "x.mp4"))
     assert code == 2 and err.count("\n") == 1 and "is not an lvdm sidecar" in err, err
     base = {"prompt": "a kite", "settings": {}, "model": {"base": "b"}}
     for change, message in (({"model": {"base": 5}}, "model.base must be a path"),
@@ -366,8 +362,8 @@ def test_from_json_refuses_what_is_not_a_sidecar(tmp_path, capsys):
                             ({"interpolate": {"factor": "4"}}, "interpolate.factor must be a whole number"),
                             ({"base_noise": [1]}, "base_noise has the wrong type")):  # fmt: skip
         bad.write_text(json.dumps(base | change))  # each a TypeError or AttributeError traceback before
-        code, _, err = sample_here(capsys, "--from-json", str(bad), "--out", str(tmp_path / "x.mp4"))
+        code, _, err = sample_here(command, "--from-json", str(bad), "--out", str(tmp_path / "x.mp4"))
         assert code == 2 and err.count("\n") == 1 and message in err, err
     bad.write_text(json.dumps(base | {"interpolate": {"factor": 3, "source": str(bad)}}))
-    code, _, err = sample_here(capsys, "--from-json", str(bad), "--out", str(tmp_path / "x.mp4"))
+    code, _, err = sample_here(command, "--from-json", str(bad), "--out", str(tmp_path / "x.mp4"))
     assert code == 2 and "interpolate.factor 3: must be 4 or 16" in err, err  # was refused only after loading
