@@ -42,6 +42,8 @@ def tiny_models(folder: Path) -> tuple[Path, Path]:
 
 
 def main(argv: list[str]) -> None:
+    from lvdm.outputs import refuse_existing
+
     parser = Parser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--base", default="outputs/demo/base")
     parser.add_argument("--temporal", default="outputs/demo/context/temporal.safetensors")
@@ -55,6 +57,8 @@ def main(argv: list[str]) -> None:
     parser.add_argument("--overwrite", action="store_true", help="replace long.mp4 and smooth.mp4 (default: refuse)")
     parser.add_argument("--tiny", action="store_true", help="build tiny random models in a temp folder and use them")
     args = parser.parse_args(argv)
+    if not args.overwrite:  # before anything is built or loaded: a file of yours in --out is never replaced
+        refuse_existing([Path(args.out) / "long.mp4", Path(args.out) / "smooth.mp4"])
     with tempfile.TemporaryDirectory() as tmp:
         if args.tiny:
             args.base, args.temporal = tiny_models(Path(tmp))
@@ -69,15 +73,12 @@ def run(args: argparse.Namespace) -> None:
     from lvdm import VideoPipeline
     from lvdm.context_sampling import rollout_chunks, seam_changes
     from lvdm.errors import ConfigError
-    from lvdm.outputs import refuse_existing
 
     for path in (args.base, args.temporal):
         if not Path(path).exists():
             hint = "train the demo module: python train.py --config configs/demo_context.yaml"
             raise ConfigError(f"{path} does not exist ({hint})")
     out = Path(args.out)
-    if not args.overwrite:  # before the base loads: a file of yours in --out is never replaced
-        refuse_existing([out / "long.mp4", out / "smooth.mp4"])
     pipe = VideoPipeline.from_pretrained(args.base, temporal=args.temporal)
     length = pipe.defaults["num_frames"]
     frames = args.frames or 3 * length

@@ -16,6 +16,8 @@ from pathlib import Path
 
 from lvdm.cli import Parser, run_cli
 
+TINY_CHECKPOINTS = ("dreambooth_one.safetensors", "dreambooth_two.safetensors")
+
 
 def tiny_files(folder: Path) -> dict[str, object]:
     """Base A (a diffusers folder), a temporal module made on A, two single-file checkpoints and a kohya LoRA."""
@@ -31,8 +33,8 @@ def tiny_files(folder: Path) -> dict[str, object]:
             param.add_(0.1 * torch.randn_like(param))
     video.save_temporal(folder / "temporal.safetensors", training_config={"data": {"num_frames": 6}})
     checkpoints = [
-        testing.write_single_file_checkpoint(testing.tiny_sd_components("sd1", seed), folder / f"{name}.safetensors")
-        for seed, name in ((1, "dreambooth_one"), (2, "dreambooth_two"))
+        testing.write_single_file_checkpoint(testing.tiny_sd_components("sd1", seed), folder / name)
+        for seed, name in enumerate(TINY_CHECKPOINTS, start=1)
     ]
     lora = testing.write_lora(testing.tiny_unet("sd1", seed=1), folder / "style.safetensors", format="kohya", seed=3)
     return {"temporal": folder / "temporal.safetensors", "base_config": base_a, "checkpoints": checkpoints,
@@ -57,15 +59,17 @@ def main(argv: list[str]) -> None:
     parser.add_argument("--overwrite", action="store_true", help="replace GIFs already in --out (default: refuse)")
     parser.add_argument("--tiny", action="store_true", help="build tiny random models in a temp folder and use them")
     args = parser.parse_args(argv)
+    if not args.tiny and (not args.temporal or len(args.checkpoint) < 2):
+        parser.error("give --temporal and two --checkpoint (with --base-config), or --tiny")
+    outputs = [
+        Path(args.out) / f"{Path(name).stem}.gif" for name in (TINY_CHECKPOINTS if args.tiny else args.checkpoint)
+    ]
+    if len(set(outputs)) < len(outputs):  # a/model.safetensors and b/model.safetensors: one GIF for both
+        raise ConfigError("two checkpoints have the same file name; each is written as <out>/<name>.gif")
+    if not args.overwrite:  # before anything is built or loaded: a file of yours in --out is never replaced
+        refuse_existing(outputs)
     with tempfile.TemporaryDirectory() as tmp:
         files = tiny_files(Path(tmp)) if args.tiny else vars(args) | {"checkpoints": args.checkpoint}
-        if not files["temporal"] or len(files["checkpoints"]) < 2:
-            parser.error("give --temporal and two --checkpoint (with --base-config), or --tiny")
-        outputs = [Path(args.out) / f"{Path(checkpoint).stem}.gif" for checkpoint in files["checkpoints"]]
-        if len(set(outputs)) < len(outputs):  # a/model.safetensors and b/model.safetensors: one GIF for both
-            raise ConfigError("two checkpoints have the same file name; each is written as <out>/<name>.gif")
-        if not args.overwrite:  # before the base loads: a file of yours in --out is never replaced
-            refuse_existing(outputs)
         loras = [files["lora"]] if files["lora"] else []
         device, dtype = ("cuda", "fp16") if torch.cuda.is_available() else (None, None)
         for checkpoint, output in zip(files["checkpoints"], outputs, strict=True):

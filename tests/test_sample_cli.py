@@ -126,15 +126,23 @@ def test_mistakes_are_one_line_and_a_non_zero_exit(files, tmp_path, command, cas
 
 
 @pytest.mark.parametrize("script", ["sample_prompt_list.py", "temporal_on_two_checkpoints.py", "long_video.py"])
-def test_examples_run_offline_on_tiny_models(script, tmp_path, command):
+def test_examples_run_offline_on_tiny_models(script, tmp_path, command, monkeypatch):
     """Run again into the same folder, each example replaced its own videos and the user's files of those names
-    without a word, and its mistakes were tracebacks: now they refuse, in one line, and leave every file as it is.
-    The run is a process as a user starts it; the refusal runs the example's ``main`` in this process."""
+    without a word, and its mistakes were tracebacks: now they refuse, in one line, and leave every file as it is,
+    before building the tiny models (two of them built them first). The run is a process as a user starts it; the
+    refusal runs the example's ``main`` in this process."""
+    from lvdm import testing
+
     result = run_script(str(REPO / "examples" / script), "--tiny", "--out", str(tmp_path))
     assert result.returncode == 0, result.stderr
     written = sorted(p for p in tmp_path.rglob("*") if p.suffix in (".mp4", ".gif"))
     assert written and all((p.with_name(p.name + ".json")).is_file() for p in written)
     before = {p: p.read_bytes() for p in written}
+
+    def built(*args, **kwargs):
+        raise AssertionError("the tiny models were built before --out was checked")
+
+    monkeypatch.setattr(testing, "make_tiny_sd", built)  # the run above shows each example builds through it
     again = command(REPO / "examples" / script, "--tiny", "--out", tmp_path)
     lines = [line for line in again.stderr.splitlines() if line.startswith(("error", "Traceback"))]
     assert again.returncode == 2 and len(lines) == 1 and "already exists" in lines[0], again.stderr[-2000:]
