@@ -313,32 +313,28 @@ def test_too_many_frames_for_the_module_is_one_config_error(tiny_assets, adapter
 
 
 # ------------------------------------------------------------------------------------------------ the CLI
-def convert(*args: object, capsys: pytest.CaptureFixture | None = None) -> subprocess.CompletedProcess[str]:
-    """``python -m lvdm.convert ARGS``; with ``capsys``, its ``main`` in this process (no interpreter start-up)."""
-    if capsys is None:
+def convert(*args: object, command=None) -> subprocess.CompletedProcess[str]:
+    """``python -m lvdm.convert ARGS``; with conftest's ``command``, its ``main`` in this process (no interpreter
+    start-up)."""
+    if command is None:
         return subprocess.run([sys.executable, "-m", "lvdm.convert", *map(str, args)], capture_output=True, text=True,
                               cwd=REPO, timeout=300)  # fmt: skip
-    from lvdm.cli import run_cli
-    from lvdm.convert import main
-
-    code = run_cli(main, [str(arg) for arg in args])
-    captured = capsys.readouterr()
-    return subprocess.CompletedProcess(list(args), code, captured.out, captured.err)
+    return command("-m", "lvdm.convert", *args)
 
 
-def test_convert_cli_round_trip_and_one_line_errors(tiny_assets, adapters, tmp_path, capsys):
+def test_convert_cli_round_trip_and_one_line_errors(tiny_assets, adapters, tmp_path, command):
     source = adapters["root"] / "mid_original.ckpt"
     refused = convert("motion-module", source, tmp_path / "mm.safetensors", "--base", tiny_assets["base"])
     assert refused.returncode == 1 and "allow-pickle" in refused.stderr and "Traceback" not in refused.stderr
     done = convert("motion-module", source, tmp_path / "mm.safetensors", "--base", tiny_assets["base"],
-                   "--allow-pickle", capsys=capsys)  # fmt: skip
+                   "--allow-pickle", command=command)  # fmt: skip
     assert done.returncode == 0, done.stderr
     assert "11 motion modules (with mid block, 32 frames at most)" in done.stdout
-    again = convert("motion-module", source, tmp_path / "mm.safetensors", "--allow-pickle", capsys=capsys)
+    again = convert("motion-module", source, tmp_path / "mm.safetensors", "--allow-pickle", command=command)
     assert again.returncode == 2 and "already exists" in again.stderr
-    back = convert("to-diffusers", tmp_path / "mm.safetensors", tmp_path / "adapter", capsys=capsys)
+    back = convert("to-diffusers", tmp_path / "mm.safetensors", tmp_path / "adapter", command=command)
     assert back.returncode == 0, back.stderr
-    again = convert("to-diffusers", tmp_path / "mm.safetensors", tmp_path / "adapter", capsys=capsys)
+    again = convert("to-diffusers", tmp_path / "mm.safetensors", tmp_path / "adapter", command=command)
     assert again.returncode == 2 and "not an empty folder" in again.stderr  # as motion-module's existing output
     assert json.loads((tmp_path / "adapter" / "config.json").read_text())["_class_name"] == "MotionAdapter"
     tensors = load_file(tmp_path / "adapter" / "diffusion_pytorch_model.safetensors")
@@ -348,7 +344,7 @@ def test_convert_cli_round_trip_and_one_line_errors(tiny_assets, adapters, tmp_p
     for args in (("to-diffusers", tmp_path / "nothing.safetensors", tmp_path / "x"),
                  ("to-diffusers", tmp_path / "mm.safetensors", tmp_path / "dangling"),
                  ("motion-module", tmp_path / "adapter" / "config.json", tmp_path / "y.safetensors")):  # fmt: skip
-        bad = convert(*args, capsys=capsys)
+        bad = convert(*args, command=command)
         assert bad.returncode != 0 and len(bad.stderr.strip().splitlines()) == 1 and "Traceback" not in bad.stderr
 
 
@@ -445,7 +441,7 @@ def test_hostile_motion_modules_and_bases_are_one_clear_error(tiny_assets, adapt
     assert import_motion_module(good, base=tiny_assets["base"]) is not None  # the control: the good file imports
 
 
-def test_a_file_that_appears_during_the_conversion_is_kept(tiny_assets, adapters, tmp_path, capsys, monkeypatch):
+def test_a_file_that_appears_during_the_conversion_is_kept(tiny_assets, adapters, tmp_path, command, monkeypatch):
     """OUT was checked before the conversion and replaced when written; without --overwrite the rename is now
     exclusive (the control: with --overwrite the file is replaced)."""
     from lvdm import fileio
@@ -458,15 +454,15 @@ def test_a_file_that_appears_during_the_conversion_is_kept(tiny_assets, adapters
 
     monkeypatch.setattr(fileio, "_place", someone_writes_first)
     source = adapters["root"] / "mid_original.safetensors"
-    refused = convert("motion-module", source, out, "--base", tiny_assets["base"], capsys=capsys)
+    refused = convert("motion-module", source, out, "--base", tiny_assets["base"], command=command)
     assert refused.returncode == 1 and "another run wrote it while" in refused.stderr, refused.stderr
     assert out.read_bytes() == b"written meanwhile"
-    done = convert("motion-module", source, out, "--base", tiny_assets["base"], "--overwrite", capsys=capsys)
+    done = convert("motion-module", source, out, "--base", tiny_assets["base"], "--overwrite", command=command)
     assert done.returncode == 0, done.stderr
     assert load_file(out)
 
 
-def test_a_motion_adapter_folder_that_cannot_be_placed_is_one_line(tiny_assets, adapters, tmp_path, capsys,
+def test_a_motion_adapter_folder_that_cannot_be_placed_is_one_line(tiny_assets, adapters, tmp_path, command,
                                                                    monkeypatch):  # fmt: skip
     """to-diffusers' output under a file, on a full disk, or filled by another program while it wrote were
     tracebacks; its folder and files were 0700/0600 whatever the umask (the control: they follow it)."""
@@ -476,7 +472,7 @@ def test_a_motion_adapter_folder_that_cannot_be_placed_is_one_line(tiny_assets, 
 
     module = tmp_path / "mm.safetensors"
     source = adapters["root"] / "mid_original.safetensors"
-    assert convert("motion-module", source, module, "--base", tiny_assets["base"], capsys=capsys).returncode == 0
+    assert convert("motion-module", source, module, "--base", tiny_assets["base"], command=command).returncode == 0
     (tmp_path / "a_file").write_text("mine")
     full = MotionAdapter.save_pretrained
 
@@ -493,14 +489,14 @@ def test_a_motion_adapter_folder_that_cannot_be_placed_is_one_line(tiny_assets, 
                                  (tmp_path / "adapter", full_disk, "No space left on device"),
                                  (tmp_path / "empty", someone_writes, "another run wrote it")):  # fmt: skip
         monkeypatch.setattr(MotionAdapter, "save_pretrained", writer)
-        bad = convert("to-diffusers", module, out, capsys=capsys)
+        bad = convert("to-diffusers", module, out, command=command)
         assert bad.returncode == 1 and bad.stderr.count("\n") == 1 and message in bad.stderr, bad.stderr
     assert sorted(p.name for p in tmp_path.iterdir()) == ["a_file", "empty", "mm.safetensors"]  # no temporary folder
     assert (tmp_path / "a_file").read_text() == (tmp_path / "empty" / "notes.txt").read_text() == "mine"
     monkeypatch.setattr(MotionAdapter, "save_pretrained", full)
     mask = os.umask(0o022)
     try:
-        assert convert("to-diffusers", module, tmp_path / "adapter", capsys=capsys).returncode == 0
+        assert convert("to-diffusers", module, tmp_path / "adapter", command=command).returncode == 0
     finally:
         os.umask(mask)
     assert (tmp_path / "adapter").stat().st_mode & 0o777 == 0o755

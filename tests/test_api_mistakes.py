@@ -133,7 +133,7 @@ def test_prompts_seeds_and_noise(pipe, tmp_path):
     assert pipe("x", base_noise=np.int64(3), seed=0, **mixed).metadata[0]["base_noise"] == 3
 
 
-def test_decoding_and_interpolating(pipe, capsys):
+def test_decoding_and_interpolating(pipe, command):
     latents = pipe("x", seed=0, **FAST).latents
     for value in (0, -1, 2.5, "2", None, True):
         with pytest.raises(ConfigError, match="chunk_frames must be an integer >= 1"):
@@ -154,12 +154,12 @@ def test_decoding_and_interpolating(pipe, capsys):
             pipe.interpolate(keys, **kwargs)
     with pytest.raises(ConfigError, match="has no context support"):  # the control: past the argument checks
         pipe.interpolate(keys, factor=4, num_videos_per_prompt=1)
-    import sample as script
-    from lvdm.cli import run_cli
+    from pathlib import Path
 
     args = ["--base", "nowhere", "--interpolate", "nothing.mp4", "--out", "x.mp4", "--num-videos", "2"]
-    assert run_cli(script.main, args) == 2  # refused before anything loads (it was after the pipeline had loaded)
-    assert "--interpolate makes one video: it does not take --num-videos" in capsys.readouterr().err
+    refused = command(Path(__file__).resolve().parents[1] / "sample.py", *args)
+    assert refused.returncode == 2  # refused before anything loads (it was after the pipeline had loaded)
+    assert "--interpolate makes one video: it does not take --num-videos" in refused.stderr
 
 
 def test_saving(pipe, tmp_path):

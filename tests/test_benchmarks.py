@@ -98,18 +98,18 @@ def test_markdown_has_header_targets_and_tables(tiny_run: dict) -> None:
         assert text in md, text
 
 
-def test_mistakes_are_one_line_before_any_section_runs(tmp_path, capsys) -> None:
+def test_mistakes_are_one_line_before_any_section_runs(tmp_path, command) -> None:
     """``--threads -3`` was torch's traceback, and ``--out`` naming a file one after the sections had run (their
     results lost); the control: a folder that does not exist yet is made at the end, as before."""
-    from benchmarks.__main__ import main, parse_args
-    from lvdm.cli import run_cli
+    from benchmarks.__main__ import parse_args
 
     (tmp_path / "a_file").write_text("mine")
     for args, message in ((["--only", "trainig"], "error: --only: unknown section(s) ['trainig']"),
                           (["--threads", "-3"], "error: --threads must be >= 1, got -3"),
                           (["--out", str(tmp_path / "a_file")], "cannot be a results folder")):  # fmt: skip
-        assert run_cli(main, ["--size", "tiny", *args]) == 2
-        err = capsys.readouterr().err
+        refused = command("-m", "benchmarks.__main__", "--size", "tiny", *args)
+        err = refused.stderr
+        assert refused.returncode == 2, err
         assert message in err and "[benchmarks]" not in err, err  # no section ran
     assert (tmp_path / "a_file").read_text() == "mine"
     assert parse_args(["--out", str(tmp_path / "new" / "results")]).out == tmp_path / "new" / "results"

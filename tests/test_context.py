@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -19,6 +20,7 @@ from lvdm.modules.context_encoder import FLAGS, site_level
 from lvdm.training.tasks import draw_tasks, given_frames, made_frames_loss
 from lvdm.training.trainer import train
 
+SAMPLE = Path(__file__).resolve().parents[1] / "sample.py"
 F = 5
 TASKS = {
     "text": (torch.zeros(F, dtype=torch.bool), FLAGS["none"]),
@@ -497,15 +499,13 @@ def test_as_many_context_frames_as_the_module_trained_with_are_accepted(context_
     assert one("x", context=clip, num_frames=3, **FAST).frames.shape[1] == 3
 
 
-def test_sample_cli_rolls_out_and_interpolates(context_files, tmp_path, capsys):
+def test_sample_cli_rolls_out_and_interpolates(context_files, tmp_path, command):
     """sample.py's main in this process (as a user's command line, without the interpreter start-ups)."""
-    import sample as script
-    from lvdm.cli import run_cli
     from lvdm.data.readers import probe
 
     def cli(*args: str) -> tuple[int, str]:
-        code = run_cli(script.main, ["--quiet", "--base", str(context_files["base"]), "--steps", "2", *args])
-        return code, capsys.readouterr().err
+        done = command(SAMPLE, "--quiet", "--base", context_files["base"], "--steps", "2", *args)
+        return done.returncode, done.stderr
 
     module = ["--temporal", str(context_files["context"])]
     long, smooth = tmp_path / "long.mp4", tmp_path / "smooth.mp4"
@@ -530,13 +530,11 @@ def test_sample_cli_rolls_out_and_interpolates(context_files, tmp_path, capsys):
 
 
 def test_sample_cli_reads_from_the_module_file_what_context_it_takes_before_loading(
-    context_files, tmp_path, capsys, monkeypatch
+    context_files, tmp_path, command, monkeypatch
 ):
     """A module without context frames, or one trained to continue from fewer, was found out only after loading
     (``--context-frames`` alone: not at all). Each control, the same option on a module that takes it, reaches the
     reading of the base's weights."""
-    import sample as script
-    from lvdm.cli import run_cli
     from lvdm.errors import ConfigError
     from lvdm.models import loading
 
@@ -558,10 +556,9 @@ def test_sample_cli_reads_from_the_module_file_what_context_it_takes_before_load
          "keyframes 2 frames apart (train.interpolate_every=2)"),
     ):  # fmt: skip
         for (module, options), reaches in ((wrong, False), (right, True)):
-            code = run_cli(script.main, ["--quiet", "--base", str(context_files["base"]), "--prompt", "a disc",
-                                         "--out", str(tmp_path / "x.mp4"), "--temporal", str(context_files[module]),
-                                         *options])  # fmt: skip
-            err = capsys.readouterr().err
+            done = command(SAMPLE, "--quiet", "--base", context_files["base"], "--prompt", "a disc",
+                           "--out", tmp_path / "x.mp4", "--temporal", context_files[module], *options)  # fmt: skip
+            code, err = done.returncode, done.stderr
             assert code == 2 and err.count("\n") == 1 and ("reached the loading" if reaches else message) in err, err
 
 

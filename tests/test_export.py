@@ -7,9 +7,8 @@ import torch
 from conftest import tiny_overrides
 from safetensors.torch import load_file
 
-from lvdm.cli import run_cli
 from lvdm.config import load_config
-from lvdm.export import export_checkpoint, main
+from lvdm.export import export_checkpoint
 from lvdm.training.checkpoint import load_checkpoint
 from lvdm.training.trainer import train
 
@@ -31,11 +30,17 @@ def checkpoint(run, step: int):
     return run / "checkpoints" / f"checkpoint-{step:08d}"
 
 
-def test_the_last_checkpoint_exports_what_training_exported(run, tmp_path, capsys):
+@pytest.fixture
+def export(command):
+    """``python -m lvdm.export ARGS``, in this process (conftest's ``command``)."""
+    return lambda *args: command("-m", "lvdm.export", *args)
+
+
+def test_the_last_checkpoint_exports_what_training_exported(run, tmp_path, export):
     out = tmp_path / "last.safetensors"
-    assert run_cli(main, [str(checkpoint(run, 3)), str(out)]) == 0
+    done = export(checkpoint(run, 3), out)
     lora = tmp_path / "last_spatial_lora.safetensors"
-    assert capsys.readouterr().out.split() == [str(out), str(lora)]
+    assert done.returncode == 0 and done.stdout.split() == [str(out), str(lora)], done.stderr
     for exported, trained in ((out, run / "temporal.safetensors"), (lora, run / "spatial_lora.safetensors")):
         exported, trained = load_file(exported), load_file(trained)
         assert exported.keys() == trained.keys() and all(torch.equal(exported[k], trained[k]) for k in trained)
@@ -59,7 +64,7 @@ def test_raw_weights_and_an_earlier_checkpoint(run, tmp_path):
      ("its_lora_exists", "there_spatial_lora.safetensors already exists"),
      ("inside_a_checkpoint", "inside a checkpoint folder"), ("newline", "holds a control character ('\\n')")],
 )  # fmt: skip
-def test_mistakes_are_one_line(run, tmp_path, capsys, case, message):
+def test_mistakes_are_one_line(run, tmp_path, export, case, message):
     """``its_lora_exists``: a user's file where the module's LoRA goes was replaced (only OUT was checked);
     ``inside_a_checkpoint``: keep_last would delete the module with the folder."""
     existing = tmp_path / "there.safetensors"
@@ -75,8 +80,9 @@ def test_mistakes_are_one_line(run, tmp_path, capsys, case, message):
     }[case]
     if case == "its_lora_exists":
         existing.unlink()  # OUT itself is free
-    assert run_cli(main, args) in (1, 2)
-    err = capsys.readouterr().err
+    refused = export(*args)
+    err = refused.stderr
+    assert refused.returncode in (1, 2), err
     assert err.count("\n") == 1 and err.startswith("error: ") and message in err, err
     assert (tmp_path / "there_spatial_lora.safetensors").read_bytes() == b"keep me"
     assert case == "its_lora_exists" or existing.read_bytes() == b"keep me"
@@ -160,7 +166,7 @@ def test_weights_that_are_not_finite_are_not_exported(run, tmp_path):
     export_checkpoint(tampered(run, tmp_path / "control", lambda weights: weights), tmp_path / "out.safetensors")
 
 
-def test_an_overwrite_that_fails_part_way_leaves_the_old_files(run, tmp_path, monkeypatch, capsys):
+def test_an_overwrite_that_fails_part_way_leaves_the_old_files(run, tmp_path, monkeypatch, export):
     """--overwrite replaced the user's module, then failed on its LoRA (a full disk, a folder there) and deleted
     the new module as "what this export had written", saying the old files were unchanged: both were gone. Now
     nothing is placed until every file is written, and a folder where one goes is refused first."""
@@ -177,24 +183,22 @@ def test_an_overwrite_that_fails_part_way_leaves_the_old_files(run, tmp_path, mo
 
     with monkeypatch.context() as patch:
         patch.setattr(groups, "export_spatial_lora", full_disk)
-        assert run_cli(main, [str(checkpoint(run, 3)), str(out), "--overwrite"]) == 1
-    err = capsys.readouterr().err  # in this process, after transformers' loading bar (a command turns it off)
-    assert (
-        "Traceback" not in err
-        and err.splitlines()[-1].startswith(f"error: could not write {lora}: No space left on device (")
-        and err.count("could not") == 1
-    )
+        failed = export(checkpoint(run, 3), out, "--overwrite")
+    err = failed.stderr
+    assert failed.returncode == 1 and err.count("\n") == 1, err
+    assert err.startswith(f"error: could not write {lora}: No space left on device ("), err
     assert out.read_bytes() == lora.read_bytes() == b"version 1"
     assert sorted(p.name for p in tmp_path.iterdir()) == [out.name, lora.name]  # no temporary file left
     lora.unlink()
     lora.mkdir()
-    assert run_cli(main, [str(checkpoint(run, 3)), str(out), "--overwrite"]) == 2
-    assert f"{lora} is a folder" in capsys.readouterr().err and out.read_bytes() == b"version 1"
+    refused = export(checkpoint(run, 3), out, "--overwrite")
+    assert refused.returncode == 2 and f"{lora} is a folder" in refused.stderr and out.read_bytes() == b"version 1"
     lora.rmdir()
     long = tmp_path / ("L" * 235 + ".safetensors")  # fits; its LoRA's name, 248 + 13 bytes, does not
-    assert run_cli(main, [str(checkpoint(run, 3)), str(long)]) == 2
-    assert "bytes long; a file name holds at most 255" in capsys.readouterr().err and not long.exists()
-    assert run_cli(main, [str(checkpoint(run, 3)), str(out), "--overwrite"]) == 0  # the control: both replaced
+    refused = export(checkpoint(run, 3), long)
+    assert refused.returncode == 2 and "bytes long; a file name holds at most 255" in refused.stderr
+    assert not long.exists()
+    assert export(checkpoint(run, 3), out, "--overwrite").returncode == 0  # the control: both replaced
     assert load_file(out) and load_file(lora)
 
 
@@ -225,7 +229,7 @@ def test_a_file_that_appears_during_the_export_is_kept(run, tmp_path, monkeypatc
     assert load_file(late)
 
 
-def test_a_single_file_base_exports_with_its_base_config(run, tiny_assets, tmp_path, capsys):
+def test_a_single_file_base_exports_with_its_base_config(run, tiny_assets, tmp_path, export):
     """--base onto a single-file checkpoint needs the folder giving its architecture (offline there is no other
     way), and the error said to pass --base-config, which export did not have."""
     from diffusers import StableDiffusionPipeline
@@ -235,14 +239,13 @@ def test_a_single_file_base_exports_with_its_base_config(run, tiny_assets, tmp_p
     parts = StableDiffusionPipeline.from_pretrained(tiny_assets["base"])
     single = write_single_file_checkpoint(parts.components, tmp_path / "b.safetensors")
     out = tmp_path / "on_single.safetensors"
-    code = run_cli(main, [str(checkpoint(run, 3)), str(out), "--base", str(single), "--base-config",
-                          str(tiny_assets["base"])])  # fmt: skip
-    assert code == 0, capsys.readouterr().err
+    done = export(checkpoint(run, 3), out, "--base", single, "--base-config", tiny_assets["base"])
+    assert done.returncode == 0, done.stderr
     exported, trained = load_file(out), load_file(run / "temporal.safetensors")
     assert exported.keys() == trained.keys() and all(torch.equal(exported[k], trained[k]) for k in trained)
 
 
-def test_a_base_recorded_relative_to_another_folder_says_to_give_base(tiny_assets, tmp_path, monkeypatch, capsys):
+def test_a_base_recorded_relative_to_another_folder_says_to_give_base(tiny_assets, tmp_path, monkeypatch, export):
     """A run trained with a relative model.base, exported from another folder: "base model ... does not exist"."""
     import os
 
@@ -252,8 +255,8 @@ def test_a_base_recorded_relative_to_another_folder_says_to_give_base(tiny_asset
     train(load_config([], tiny_overrides(tiny_assets, out, **extra)), progress=False)
     monkeypatch.chdir(tmp_path)
     assert not os.path.exists(tiny_assets["base"].name)
-    assert run_cli(main, [str(checkpoint(out, 1)), str(tmp_path / "m.safetensors")]) == 2
-    err = capsys.readouterr().err
+    refused = export(checkpoint(out, 1), tmp_path / "m.safetensors")
+    err = refused.stderr
+    assert refused.returncode == 2, err
     assert f"model.base {tiny_assets['base'].name} does not exist here (relative to the folder training ran in)" in err
-    control = [str(checkpoint(out, 1)), str(tmp_path / "m.safetensors"), "--base", str(tiny_assets["base"])]
-    assert run_cli(main, control) == 0
+    assert export(checkpoint(out, 1), tmp_path / "m.safetensors", "--base", tiny_assets["base"]).returncode == 0

@@ -12,6 +12,7 @@ from lvdm.data.cache import LatentCache
 from lvdm.errors import ConfigError, DataError
 
 pytestmark = pytest.mark.usefixtures("one_thread")
+REPO = Path(__file__).resolve().parents[1]
 
 
 def test_a_missing_latent_cache_names_the_command_that_builds_it(tmp_path: Path) -> None:
@@ -46,26 +47,22 @@ def train_script(monkeypatch, tmp_path):
         (["--config", "{repo}/configs/t2v_sd15.yaml", "model.base={tmp}/sd15", "data.root={tmp}/clips"], False),
     ],
 )
-def test_the_demo_config_makes_its_assets_whatever_the_arguments(train_script, tmp_path, capsys, args, makes_assets):
-    from lvdm.cli import run_cli
-
+def test_the_demo_config_makes_its_assets_whatever_the_arguments(train_script, tmp_path, command, args, makes_assets):
     script, calls = train_script
     copy = tmp_path / "my_demo.yaml"
     copy.write_text(script.DEMO_CONFIG.read_text())
     args = [a.format(copy=copy, tmp=tmp_path, repo=script.DEMO_CONFIG.parents[1]) for a in args]
-    assert run_cli(script.main, ["--quiet", *args]) == 0
+    done = command(script.__file__, "--quiet", *args)
+    assert done.returncode == 0, done.stderr
     assert bool(calls["demo"]) == makes_assets and len(calls["train"]) == 1
-    assert ("demo: made the assets" in capsys.readouterr().out) == makes_assets
+    assert ("demo: made the assets" in done.stdout) == makes_assets
 
 
 @pytest.mark.parametrize(("rank", "prints"), [("0", True), ("1", False)])
-def test_only_rank_0_prints_the_summary(train_script, monkeypatch, capsys, rank, prints):
-    from lvdm.cli import run_cli
-
+def test_only_rank_0_prints_the_summary(train_script, command, rank, prints):
     script, _ = train_script
-    monkeypatch.setenv("RANK", rank)
-    assert run_cli(script.main, ["--quiet", "train.max_steps=5"]) == 0
-    assert ("finished at step 5" in capsys.readouterr().out) == prints
+    done = command(script.__file__, "--quiet", "train.max_steps=5", env={"RANK": rank})
+    assert done.returncode == 0 and ("finished at step 5" in done.stdout) == prints, done.stderr
 
 
 # ------------------------------------------------------------------------------------------------ sampling fps
@@ -175,16 +172,15 @@ def test_ctrl_c_says_at_once_it_stops_after_this_step(tiny_assets, tmp_path, mon
     assert result.stopped_by_signal and result.step == 2
 
 
-def test_a_second_ctrl_c_quits_at_once(tiny_assets, tmp_path, monkeypatch, capfd):
+def test_a_second_ctrl_c_quits_at_once(tiny_assets, tmp_path, monkeypatch, capfd, command):
     from conftest import tiny_overrides
-
-    import train as script
-    from lvdm.cli import run_cli
 
     seen: list[str] = []
     interrupting(monkeypatch, 2, 2, seen, capfd)
-    code = run_cli(script.main, ["--quiet", *tiny_overrides(tiny_assets, tmp_path / "run", **{"train.max_steps": 50})])
-    assert code == 130 and capfd.readouterr().err.splitlines() == ["interrupted"]
+    done = command(
+        REPO / "train.py", "--quiet", *tiny_overrides(tiny_assets, tmp_path / "run", **{"train.max_steps": 50})
+    )
+    assert done.returncode == 130 and done.stderr.splitlines() == ["interrupted"], done.stderr
     assert len(seen) == 1 and "stopping after this step" in seen[0]  # the second one raised before it returned
     assert not (tmp_path / "run" / "checkpoints").exists() or not list((tmp_path / "run" / "checkpoints").iterdir())
 
@@ -220,12 +216,10 @@ needs_no_xformers = pytest.mark.skipif(importlib.util.find_spec("xformers") is n
         pytest.param("model.attention_backend=xformers", "xformers is not installed", marks=needs_no_xformers),
     ],
 )
-def test_what_this_machine_cannot_run_is_one_line_before_anything(train_script, tmp_path, capsys, override, message):
-    from lvdm.cli import run_cli
-
+def test_what_this_machine_cannot_run_is_one_line_before_anything(train_script, tmp_path, command, override, message):
     script, calls = train_script
-    code = run_cli(script.main, ["--quiet", override, f"output_dir={tmp_path / 'run'}"])
-    err = capsys.readouterr().err
+    done = command(script.__file__, "--quiet", override, f"output_dir={tmp_path / 'run'}")
+    code, err = done.returncode, done.stderr
     assert code == 2 and err.count("\n") == 1 and err.startswith("error: ") and message in err, err
     assert not calls["demo"] and not calls["train"] and not (tmp_path / "run").exists()
 
@@ -247,15 +241,11 @@ def test_the_trainer_refuses_fp16_without_a_gpu_before_making_the_run_folder(tin
 
 
 @pytest.mark.parametrize("module", ["lvdm.export", "lvdm.convert", "lvdm.cache", "lvdm.data.check", "lvdm.upscale"])
-def test_every_command_says_a_usage_error_in_one_line(module, capsys):
+def test_every_command_says_a_usage_error_in_one_line(module, command):
     """export, convert, cache and data.check used argparse's own error: a usage block and a second line."""
-    import importlib
-
-    from lvdm.cli import run_cli
-
-    assert run_cli(importlib.import_module(module).main, ["--no-such-option"]) == 2
-    err = capsys.readouterr().err
-    assert err.count("\n") == 1 and err.startswith("error: "), err
+    done = command("-m", module, "--no-such-option")
+    err = done.stderr
+    assert done.returncode == 2 and err.count("\n") == 1 and err.startswith("error: "), err
     assert err.rstrip().endswith(f"(python -m {module} --help lists the options)"), err
 
 
@@ -285,7 +275,7 @@ def test_loading_a_pipeline_through_lvdm_prints_no_torchvision_notice() -> None:
     def stderr(first: str) -> str:
         code = f"{first}\nfrom diffusers import StableDiffusionPipeline\nimport transformers.utils.logging as t\n" \
             "t.get_logger('transformers.utils.import_utils').warning('another notice')"  # fmt: skip
-        env = {k: v for k, v in os.environ.items() if k != "TRANSFORMERS_VERBOSITY"}  # run_cli in this process set it
+        env = {k: v for k, v in os.environ.items() if k != "TRANSFORMERS_VERBOSITY"}  # a user's setting would hide it
         done = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120, env=env)
         return done.stderr
 

@@ -407,27 +407,24 @@ def test_bad_image_requests_are_one_clear_error(image_files, sd_folder, i2v, tmp
         moved("a", image_as_first_frame=True, **FAST)
 
 
-def test_sample_cli_animates_a_picture_and_replays_it(image_files, sd_folder, i2v, tmp_path, capsys):
-    from lvdm.cli import run_cli
-    from sample import main
-
+def test_sample_cli_animates_a_picture_and_replays_it(image_files, sd_folder, i2v, tmp_path, command):
+    sample = Path(__file__).resolve().parents[1] / "sample.py"
     out = tmp_path / "cat.mp4"
-    argv = ["--base", str(sd_folder), "--temporal", str(i2v), "--image", str(image_files["picture"]), "--prompt",
-            "a cat", "--steps", "2", "--seed", "1", "--image-scale", "0.5", "--out", str(out), "--quiet"]  # fmt: skip
-    assert run_cli(main, argv) == 0
+    argv = ["--base", sd_folder, "--temporal", i2v, "--image", image_files["picture"], "--prompt", "a cat", "--steps",
+            "2", "--seed", "1", "--image-scale", "0.5", "--out", out, "--quiet"]  # fmt: skip
+    assert command(sample, *argv).returncode == 0
     meta = json.loads(Path(f"{out}.json").read_text())
     assert meta["settings"]["image_scale"] == 0.5 and meta["image"]["source"] == str(image_files["picture"].absolute())
     again = tmp_path / "again.mp4"
-    assert run_cli(main, ["--from-json", f"{out}.json", "--out", str(again), "--quiet"]) == 0
+    assert command(sample, "--from-json", f"{out}.json", "--out", again, "--quiet").returncode == 0
     assert json.loads(Path(f"{again}.json").read_text())["image"] == meta["image"]
-    t2v_args = ["--base", str(sd_folder), "--image", str(tmp_path / "none.png"), "--prompt", "a", "--out",
-                str(tmp_path / "x.mp4")]  # fmt: skip
-    assert run_cli(main, t2v_args) == 2
-    assert "no such image file" in capsys.readouterr().err
+    t2v_args = ["--base", sd_folder, "--image", tmp_path / "none.png", "--prompt", "a", "--out", tmp_path / "x.mp4"]
+    refused = command(sample, *t2v_args)
+    assert refused.returncode == 2 and "no such image file" in refused.stderr, refused.stderr
     fifo = tmp_path / "fifo.png"
     os.mkfifo(fifo)  # refused without being opened: no hang
-    assert run_cli(main, [*t2v_args[:2], "--image", str(fifo), *t2v_args[4:]]) == 2
-    assert "not a regular file" in capsys.readouterr().err
+    refused = command(sample, *t2v_args[:2], "--image", fifo, *t2v_args[4:])
+    assert refused.returncode == 2 and "not a regular file" in refused.stderr, refused.stderr
 
 
 def test_the_image_can_also_be_the_first_context_frame(image_files, sd_folder):

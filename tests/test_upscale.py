@@ -4,6 +4,7 @@ init, tiles, bad inputs, and the ``upscale`` training target on patches."""
 from __future__ import annotations
 
 import json
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -275,32 +276,43 @@ def test_the_base_and_the_target_must_agree(tiny_assets, upscaler, tmp_path):
 
 
 # ------------------------------------------------------------------------------------------------ command lines
-def test_the_upscale_command_keeps_length_and_rate_and_refuses_mistakes(upscaler, frames, tmp_path, capsys):
-    from lvdm.cli import run_cli
+def sample_cli(command, *args: object) -> tuple[int, str]:
+    """``python sample.py ARGS`` in this process (conftest's ``command``): its exit status and stderr."""
+    done = command(Path(__file__).resolve().parents[1] / "sample.py", *args)
+    return done.returncode, done.stderr
+
+
+def upscale_cli(command, *args: object) -> tuple[int, str]:
+    """``python -m lvdm.upscale ARGS`` in this process: its exit status and stderr."""
+    done = command("-m", "lvdm.upscale", *args)
+    return done.returncode, done.stderr
+
+
+def test_the_upscale_command_keeps_length_and_rate_and_refuses_mistakes(upscaler, frames, tmp_path, command):
     from lvdm.data.readers import probe
     from lvdm.media import write_video
     from lvdm.testing.clips import write_clip
-    from lvdm.upscale import main
 
     source = write_video(frames, tmp_path / "low.mp4", fps=12)
     out = tmp_path / "high.mp4"
     base = ["--upscaler", str(upscaler), "--steps", "2", "--quiet"]
-    assert run_cli(main, [str(source), *base, "--out", str(out), "--tile", "8"]) == 0
+    assert upscale_cli(command, str(source), *base, "--out", str(out), "--tile", "8")[0] == 0
     info = probe(out)
     assert (info.num_frames, info.fps, info.width, info.height) == (6, 12.0, 96, 64)
     settings = json.loads(out.with_name("high.mp4.json").read_text())["upscale"]
     assert (settings["tile"], settings["frame_norms"]) == (8, True)
     own = tmp_path / "own.mp4"
-    assert run_cli(main, [str(source), *base, "--out", str(own), "--tile", "8", "--tile-norms", "tile"]) == 0
+    assert upscale_cli(command, str(source), *base, "--out", str(own), "--tile", "8", "--tile-norms", "tile")[0] == 0
     assert json.loads(own.with_name("own.mp4.json").read_text())["upscale"]["frame_norms"] is False
     pooled = tmp_path / "pooled.mp4"
-    assert run_cli(main, [str(source), *base, "--out", str(pooled), "--tile", "8", "--tile-norms", "pooled"]) == 0
+    assert (
+        upscale_cli(command, str(source), *base, "--out", str(pooled), "--tile", "8", "--tile-norms", "pooled")[0] == 0
+    )
     assert json.loads(pooled.with_name("pooled.mp4.json").read_text())["upscale"]["frame_norms"] == "pooled"
     passes = tmp_path / "passes.mp4"
-    assert run_cli(main, [str(source), *base, "--out", str(passes), "--tile", "8", "--tile-norms", "pooled",
-                          "--norm-passes", "2"]) == 0  # fmt: skip
+    assert upscale_cli(command, str(source), *base, "--out", str(passes), "--tile", "8", "--tile-norms", "pooled",
+                      "--norm-passes", "2")[0] == 0  # fmt: skip
     assert json.loads(passes.with_name("passes.mp4.json").read_text())["upscale"]["norm_passes"] == 2
-    capsys.readouterr()
     wide = write_clip(tmp_path / "wide.mp4", num_frames=2, size=(2064, 16))
     fast = write_video(frames, tmp_path / "fast.mp4", fps=240)
     (tmp_path / "folder.mp4").mkdir()
@@ -325,56 +337,52 @@ def test_the_upscale_command_keeps_length_and_rate_and_refuses_mistakes(upscaler
         # too large: refused before the upscaler loads (this one does not exist, and its error would come first)
         ([str(wide), "--upscaler", str(tmp_path / "no"), "--out", str(tmp_path / "f.mp4")], "would upscale to 8256"),
     ):
-        code, err = run_cli(main, args), capsys.readouterr().err
+        code, err = upscale_cli(command, *args)
         assert code != 0 and message in err and "Traceback" not in err, err
         assert err.splitlines()[-1].startswith("error:") and message in err.splitlines()[-1], err
 
 
-def test_sample_cli_upscales_what_it_samples(upscaler, tiny_assets, tmp_path, capsys):
-    import sample as script
-    from lvdm.cli import run_cli
+def test_sample_cli_upscales_what_it_samples(upscaler, tiny_assets, tmp_path, command):
     from lvdm.data.readers import probe
 
     out = tmp_path / "clip.mp4"
     args = ["--quiet", "--base", str(tiny_assets["base"]), "--prompt", "a disc", "--frames", "3", "--steps", "2",
             "--upscaler", str(upscaler), "--upscale-steps", "2", "--out", str(out)]  # fmt: skip
-    assert run_cli(script.main, args) == 0
+    assert sample_cli(command, *args)[0] == 0
     low, high = probe(out), probe(tmp_path / "clip_x4.mp4")
     assert (high.num_frames, high.width, high.height) == (low.num_frames, 4 * low.width, 4 * low.height)
     # each upscale takes its video's prompt, negative prompt and seed (it dropped the negative prompt and gave
     # every video seed 0)
     two = [*args[:-2], "--negative-prompt", "blurry", "--num-videos", "2", "--seed", "5", "--out", str(tmp_path / "n")]
-    assert run_cli(script.main, two) == 0
+    assert sample_cli(command, *two)[0] == 0
     for k in range(2):
         low_meta, high_meta = (json.loads(p.read_text()) for p in sorted((tmp_path / "n").glob(f"00{k}-*.mp4.json")))
         assert (high_meta["seed"], high_meta["negative_prompt"], high_meta["prompt"]) == (5 + k, "blurry", "a disc")
         assert low_meta["seed"] == 5 + k
-    capsys.readouterr()
-    code, err = run_cli(script.main, args), capsys.readouterr().err
+    code, err = sample_cli(command, *args)
     assert code == 2 and "already exists" in err, err
     passes = [*args[:-2], "--norm-passes", "2", "--out", str(tmp_path / "passes.mp4")]  # before sampling
-    code, err = run_cli(script.main, passes), capsys.readouterr().err
+    code, err = sample_cli(command, *passes)
     assert code == 2 and "--tile N and --tile-norms pooled" in err and not (tmp_path / "passes.mp4").exists(), err
     # the upscaler's own limits, read from its folder: refused before sampling too (they were found after it)
     for flags, message in ((["--noise-level", "400"], "noise_level must be an integer in 0 .. 350"),
                            (["--tile", "6"], "tile must be a multiple of 4"),
                            (["--upscale-steps", "0"], "num_inference_steps must be")):  # fmt: skip
-        code = run_cli(script.main, [*args[:-2], *flags, "--out", str(tmp_path / "early.mp4")])
-        err = capsys.readouterr().err
+        code, err = sample_cli(command, *args[:-2], *flags, "--out", tmp_path / "early.mp4")
         assert code == 2 and message in err.splitlines()[-1] and not (tmp_path / "early.mp4").exists(), err
-    code = run_cli(script.main, [*args[:-6], "--upscaler-temporal", "x.safetensors", "--out", str(tmp_path / "y.mp4")])
-    assert code == 2 and "goes with --upscaler" in capsys.readouterr().err
+    code, err = sample_cli(command, *args[:-6], "--upscaler-temporal", "x.safetensors", "--out", tmp_path / "y.mp4")
+    assert code == 2 and "goes with --upscaler" in err
     # a text-to-image base given as the upscaler: refused before anything is sampled
     wrong = [*args[:-6], "--upscaler", str(tiny_assets["base"]), "--out", str(tmp_path / "z.mp4")]
-    code, err = run_cli(script.main, wrong), capsys.readouterr().err
+    code, err = sample_cli(command, *wrong)
     assert code == 2 and "not an x4 upscaler" in err and not (tmp_path / "z.mp4").exists(), err
     # a size whose upscale sampling would refuse: refused before the sampling (it took the sampling to find out)
     large = [*args[:-2], "--height", "2056", "--out", str(tmp_path / "large.mp4")]
-    code, err = run_cli(script.main, large), capsys.readouterr().err
+    code, err = sample_cli(command, *large)
     assert code == 2 and "a 2056 px side would upscale to 8224 px" in err and not (tmp_path / "large.mp4").exists()
     # the control: 2048 px passes that check (the folder given as the upscaler is what stops it, before sampling)
-    code = run_cli(script.main, [*wrong[:-2], "--height", "2048", "--out", str(tmp_path / "z.mp4")])
-    assert code == 2 and "not an x4 upscaler" in capsys.readouterr().err
+    code, err = sample_cli(command, *wrong[:-2], "--height", "2048", "--out", tmp_path / "z.mp4")
+    assert code == 2 and "not an x4 upscaler" in err
 
 
 def test_an_upscaler_folders_limits_are_read_from_its_configs(upscaler, tmp_path):
@@ -425,14 +433,11 @@ def test_a_vae_rescaled_for_the_x4_scaling_factor_encodes_and_decodes_the_same()
     assert torch.allclose(vae.decode(after.mean).sample, decoded, atol=1e-5)
 
 
-def test_a_sidecar_replays_an_upscale_and_with_sample_py_a_cascade(upscaler, tiny_assets, tmp_path, capsys):
+def test_a_sidecar_replays_an_upscale_and_with_sample_py_a_cascade(upscaler, tiny_assets, tmp_path, command):
     """``python -m lvdm.upscale --from-json`` re-renders an upscale exactly, options given winning; after
     ``sample.py --from-json`` on the low-res sidecar it replays a whole ``--upscaler`` cascade (nothing could)."""
-    import sample as script
-    from lvdm.cli import run_cli
     from lvdm.data.readers import probe, read_frames
     from lvdm.media import write_video
-    from lvdm.upscale import main
 
     def frames(path):
         return read_frames(path, range(probe(path).num_frames))
@@ -441,20 +446,20 @@ def test_a_sidecar_replays_an_upscale_and_with_sample_py_a_cascade(upscaler, tin
     args = ["--quiet", "--base", str(tiny_assets["base"]), "--prompt", "a disc", "--frames", "3", "--steps", "2",
             "--negative-prompt", "blurry", "--seed", "4", "--upscaler", str(upscaler), "--upscale-steps", "2",
             "--noise-level", "30", "--out", str(low)]  # fmt: skip
-    assert run_cli(script.main, args) == 0
+    assert sample_cli(command, *args)[0] == 0
     again, again_high = tmp_path / "again.mp4", tmp_path / "again_x4.mp4"
-    assert run_cli(script.main, ["--quiet", "--from-json", f"{low}.json", "--out", str(again)]) == 0
-    assert run_cli(main, [str(again), "--quiet", "--from-json", f"{high}.json", "--out", str(again_high)]) == 0
+    assert sample_cli(command, "--quiet", "--from-json", f"{low}.json", "--out", str(again))[0] == 0
+    assert upscale_cli(command, str(again), "--quiet", "--from-json", f"{high}.json", "--out", str(again_high))[0] == 0
     assert np.array_equal(frames(again_high), frames(high))
     record, replayed = (json.loads(p.with_name(p.name + ".json").read_text()) for p in (high, again_high))
     assert replayed["upscale"] | {"source": ""} == record["upscale"] | {"source": ""}
     assert (replayed["seed"], replayed["negative_prompt"], replayed["fps"]) == (4, "blurry", record["fps"])
     # from the sidecar alone: the recorded source; an option given wins (the control: the frames change)
     alone = tmp_path / "alone.mp4"
-    assert run_cli(main, ["--quiet", "--from-json", f"{high}.json", "--out", str(alone)]) == 0
+    assert upscale_cli(command, "--quiet", "--from-json", f"{high}.json", "--out", str(alone))[0] == 0
     assert np.array_equal(frames(alone), frames(high))
     finer = tmp_path / "finer.mp4"
-    assert run_cli(main, ["--quiet", "--from-json", f"{high}.json", "--steps", "3", "--out", str(finer)]) == 0
+    assert upscale_cli(command, "--quiet", "--from-json", f"{high}.json", "--steps", "3", "--out", str(finer))[0] == 0
     assert json.loads(finer.with_name("finer.mp4.json").read_text())["upscale"]["num_inference_steps"] == 3
     assert not np.array_equal(frames(finer), frames(high))
     # a video given plays at its own rate, not the recorded one; a module given is used, though the record (made
@@ -464,20 +469,13 @@ def test_a_sidecar_replays_an_upscale_and_with_sample_py_a_cascade(upscaler, tin
     video.save_temporal(tmp_path / "up.safetensors")
     other, moved = write_video(frames(again)[:, ::4, ::4], tmp_path / "other.mp4", fps=12), tmp_path / "moved.mp4"
     given = [str(other), "--quiet", "--temporal", str(tmp_path / "up.safetensors"), "--out", str(moved)]
-    assert run_cli(main, [*given, "--from-json", f"{high}.json"]) == 0
+    assert upscale_cli(command, *given, "--from-json", f"{high}.json")[0] == 0
     assert probe(moved).fps == 12.0 != record["fps"] and record["mode"] == "image"
     assert json.loads(moved.with_name("moved.mp4.json").read_text())["mode"] == "video"
-    capsys.readouterr()
     # each sidecar names the command that replays it; a hostile one is one line
-    code, err = (
-        run_cli(script.main, ["--from-json", f"{high}.json", "--out", str(tmp_path / "x.mp4")]),
-        capsys.readouterr().err,
-    )
+    code, err = sample_cli(command, "--from-json", f"{high}.json", "--out", str(tmp_path / "x.mp4"))
     assert code == 2 and "python -m lvdm.upscale --from-json" in err, err
-    code, err = (
-        run_cli(main, ["--from-json", f"{low}.json", "--out", str(tmp_path / "y.mp4")]),
-        capsys.readouterr().err,
-    )
+    code, err = upscale_cli(command, "--from-json", f"{low}.json", "--out", str(tmp_path / "y.mp4"))
     assert code == 2 and "python sample.py --from-json" in err, err
     sidecar = json.loads(high.with_name("clip_x4.mp4.json").read_text())
     for change, message in (({"seed": True}, "seed has the wrong type"),
@@ -489,8 +487,8 @@ def test_a_sidecar_replays_an_upscale_and_with_sample_py_a_cascade(upscaler, tin
                             ({"upscale": []}, "not the sidecar of an upscale")):  # fmt: skip
         bad = tmp_path / "bad.json"
         bad.write_text(json.dumps(sidecar | change))
-        code, err = run_cli(main, ["--from-json", str(bad), "--out", str(tmp_path / "z.mp4")]), capsys.readouterr().err
+        code, err = upscale_cli(command, "--from-json", str(bad), "--out", str(tmp_path / "z.mp4"))
         assert code == 2 and err.count("\n") == 1 and message in err, (change, err)
         assert not (tmp_path / "z.mp4").exists()
-    code, err = run_cli(main, ["--out", str(tmp_path / "z.mp4"), "--upscaler", str(upscaler)]), capsys.readouterr().err
+    code, err = upscale_cli(command, "--out", str(tmp_path / "z.mp4"), "--upscaler", str(upscaler))
     assert code == 2 and "required: VIDEO (or --from-json SIDECAR)" in err, err
