@@ -6,8 +6,11 @@ temporal layer on its own (PyTorch's "regional compilation"): blocks of one kind
 code, and compile time grows with the number of distinct shapes, not with depth. Shapes are static (one compiled
 graph per shape; a new video size compiles once more), which is also what inductor handles best.
 
-The frame layout reaches the blocks through a context variable that Dynamo cannot trace, so each spatial
-cross-attention (which reads it to project the text once per video) ends a graph; everything else is captured.
+The frame layout reaches the blocks through a context variable that Dynamo cannot trace. Each spatial
+cross-attention reads it (to project the text once per video), inside the loop of ``Transformer2DModel.forward``
+over its blocks, where Dynamo cannot split a graph: it runs that forward itself eagerly (its norm and input and
+output projections) and compiles the transformer blocks and attention processors it calls as graphs of their own
+(``TORCH_LOGS=graph_breaks`` shows it). ResNet blocks and temporal layers are compiled whole.
 """
 
 from __future__ import annotations
