@@ -3,6 +3,7 @@ users run; a machine that cannot compile is one line before anything loads."""
 
 from __future__ import annotations
 
+import copy
 import os
 import shutil
 import subprocess
@@ -82,6 +83,42 @@ def test_compiled_sampling_gives_the_eager_frames(one_level_base):
     assert blocks and all(block._compiled_call_impl is not None for block in blocks)  # not eager twice
     assert eager.std() > 10  # frames, not a constant
     assert np.abs(eager.astype(int) - compiled.astype(int)).max() <= 1
+
+
+def test_compiled_blocks_read_the_frame_layout_without_a_graph_break(one_level_base, monkeypatch):
+    """The frame layout was a ContextVar, which Dynamo cannot trace: every spatial cross-attention broke the graph
+    and ``Transformer2DModel.forward`` ran eagerly. Now nothing breaks, and what is read is guarded: 2 videos x 2
+    frames and 1 video x 4 frames give every block the same input shape, and each layout gets eager's output
+    (a graph kept from the other layout would project the wrong video's text). Traced by Dynamo without inductor
+    (the tests above compare inductor's numbers), which takes seconds. The control: Dynamo's counter does see a
+    ContextVar read as a graph break."""
+    from contextvars import ContextVar
+
+    from conftest import randomize
+    from diffusers import UNet2DConditionModel
+
+    from lvdm.models import VideoUNet
+
+    eager = VideoUNet.from_unet2d(UNet2DConditionModel.from_pretrained(one_level_base, subfolder="unet")).eval()
+    randomize(eager.temporal_parameters(), seed=2, std=0.05)  # the frames of a video mix
+    module_compile = torch.nn.Module.compile
+    monkeypatch.setattr(torch.nn.Module, "compile", lambda self, **kw: module_compile(self, backend="eager", **kw))
+    compiled = copy.deepcopy(eager).compile_blocks()
+    breaks = sum(counters["graph_break"].values())
+    gen = torch.Generator().manual_seed(0)
+    texts = torch.randn(2, 77, 32, generator=gen)  # a text per video
+    with torch.no_grad():
+        for videos, frames in ((2, 2), (1, 4), (2, 2)):
+            x = torch.randn(videos, 4, frames, 8, 8, generator=gen)
+            t = torch.full((videos,), 500)
+            out, want = compiled(x, t, texts[:videos]), eager(x, t, texts[:videos])
+            assert torch.allclose(out, want, atol=1e-5), (videos, frames, (out - want).abs().max())
+        one_text = eager(x, t, texts[:1].expand(videos, -1, -1))  # the last layout, both videos given the first text
+    assert not torch.allclose(one_text[1], want[1], atol=1e-3)  # what a wrong frame count would do is visible
+    assert sum(counters["graph_break"].values()) == breaks
+    var = ContextVar("lvdm_test", default=2.0)
+    torch.compile(lambda x: x * var.get(), backend="eager")(torch.ones(1))
+    assert sum(counters["graph_break"].values()) > breaks
 
 
 def test_no_compiler_is_one_line_before_anything_loads(tiny_assets, tmp_path, monkeypatch):

@@ -244,3 +244,34 @@ def test_temporal_conv_block_computes_its_conv3d(kernel):
     (expected_grad,) = torch.autograd.grad(expected.square().sum(), x)
     torch.testing.assert_close(out, expected, rtol=1e-5, atol=1e-5)
     torch.testing.assert_close(grad, expected_grad, rtol=1e-4, atol=1e-4)
+
+
+def test_each_thread_sees_its_own_frame_layout():
+    """Two threads inside their own frame contexts at once (two pipelines sampling side by side) each read theirs;
+    an inner context gives the outer one back, and outside any there is none."""
+    import threading
+
+    from lvdm.modules.frame_context import FrameContext, active_frames, frame_context
+
+    def context(frames: int) -> FrameContext:
+        return FrameContext(frames, torch.zeros(1, frames), torch.arange(frames, dtype=torch.float32)[None])
+
+    both_inside, both_read, seen = threading.Barrier(2, timeout=30), threading.Barrier(2, timeout=30), {}
+
+    def read(frames: int) -> None:
+        with frame_context(context(frames)):
+            both_inside.wait()
+            seen[frames] = active_frames().num_frames
+            both_read.wait()  # neither leaves its context before both have read
+
+    threads = [threading.Thread(target=read, args=(frames,)) for frames in (2, 3)]
+    for thread in threads:
+        thread.start()
+    for thread in threads:
+        thread.join(timeout=60)
+    assert seen == {2: 2, 3: 3}
+    with frame_context(context(4)):
+        with frame_context(context(5)):
+            assert active_frames().num_frames == 5
+        assert active_frames().num_frames == 4
+    assert active_frames() is None

@@ -8,13 +8,17 @@ layers wrapped around them need to know ``f`` (and which samples are images), so
 Gradient checkpointing recomputes blocks during ``backward``, after the context has been
 left; the wrappers therefore pass the context they read as an explicit argument to the
 checkpointed function, never read it again inside.
+
+The context is kept per thread in a ``threading.local``, which ``torch.compile`` traces (guarding on what is
+read), where a ``ContextVar`` ended the graph at every spatial cross-attention and left
+``Transformer2DModel.forward`` uncompiled (:mod:`lvdm.models.compile`).
 """
 
 from __future__ import annotations
 
+import threading
 from collections.abc import Iterator
 from contextlib import contextmanager
-from contextvars import ContextVar
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -78,28 +82,29 @@ class FrameContext:
         return None
 
 
-_CURRENT: ContextVar[FrameContext | None] = ContextVar("lvdm_frame_context", default=None)
+_CURRENT = threading.local()  # .context: this thread's FrameContext, while one is active
 
 
 @contextmanager
 def frame_context(context: FrameContext) -> Iterator[FrameContext]:
-    """Make ``context`` visible to every temporal layer called inside the ``with`` block."""
-    token = _CURRENT.set(context)
+    """Make ``context`` visible to every temporal layer called inside the ``with`` block (in this thread)."""
+    outer = active_frames()
+    _CURRENT.context = context
     try:
         yield context
     finally:
-        _CURRENT.reset(token)
+        _CURRENT.context = outer
 
 
 def active_frames() -> FrameContext | None:
     """The active :class:`FrameContext`, or ``None`` outside ``VideoUNet.forward`` (hooks on the 2D UNet's own
     modules, which may also run without one)."""
-    return _CURRENT.get()
+    return getattr(_CURRENT, "context", None)
 
 
 def current_frames() -> FrameContext:
     """The active :class:`FrameContext`; a clear error when a temporal layer runs outside one."""
-    context = _CURRENT.get()
+    context = active_frames()
     if context is None:
         raise RuntimeError(
             "a temporal layer ran outside VideoUNet.forward: call the VideoUNet with (b, c, f, h, w) latents "
