@@ -21,6 +21,7 @@ import signal
 import sys
 import threading
 import warnings
+import weakref
 from collections.abc import Callable
 from typing import Any
 
@@ -58,7 +59,7 @@ def run_cli(main: Callable[[list[str]], int | None], argv: list[str] | None = No
     prefer_passive_waiting()  # before torch loads OpenMP: on a busy machine threads sleep, not spin
     args = sys.argv[1:] if argv is None else argv
     _open_closed_streams()
-    previous = _terminate_by_exception()
+    previous = _signals_as_exceptions()
     formatwarning, warnings.formatwarning = warnings.formatwarning, _one_line_warning
     try:
         try:
@@ -104,8 +105,10 @@ def run_cli(main: Callable[[list[str]], int | None], argv: list[str] | None = No
         return 1
     finally:
         warnings.formatwarning = formatwarning  # run in a test's process, the next test gets Python's form back
-        if previous is not None:
-            signal.signal(signal.SIGTERM, previous)
+        while _SENT_AGAIN:
+            _SENT_AGAIN.pop().cancel()
+        for sig, handler in previous.items():
+            signal.signal(sig, handler)
 
 
 class Terminated(BaseException):  # noqa: N818 (a signal, as KeyboardInterrupt is)
@@ -113,23 +116,48 @@ class Terminated(BaseException):  # noqa: N818 (a signal, as KeyboardInterrupt i
     once, it left its temporary files behind)."""
 
 
-def _terminate_by_exception() -> Any:
-    """SIGTERM raises :class:`Terminated` in this process (a forked worker still dies of it at once); the handler
-    it replaces, or ``None`` where it is not ours to set (not the main thread, or set by someone else)."""
+def _signals_as_exceptions() -> dict[int, Any]:
+    """SIGTERM raises :class:`Terminated` in this process (a forked worker still dies of it at once), and SIGINT
+    KeyboardInterrupt as Python's own handler does, both outside finalizers (:func:`_raise_outside_finalizers`);
+    the handlers they replace, by signal, where they are ours to set (the main thread, Python's defaults)."""
     if threading.current_thread() is not threading.main_thread():
-        return None
-    if signal.getsignal(signal.SIGTERM) is not signal.SIG_DFL:
-        return None
+        return {}
     owner = os.getpid()
 
-    def handler(signum: int, frame: Any) -> None:
+    def terminate(signum: int, frame: Any) -> None:
         if os.getpid() != owner:  # a forked child (a data worker) dies as it would have
             signal.signal(signal.SIGTERM, signal.SIG_DFL)
             os.kill(os.getpid(), signal.SIGTERM)
             return
-        raise Terminated
+        _raise_outside_finalizers(signum, frame, Terminated)
 
-    return signal.signal(signal.SIGTERM, handler)
+    def interrupt(signum: int, frame: Any) -> None:
+        _raise_outside_finalizers(signum, frame, KeyboardInterrupt)
+
+    ours = {signal.SIGTERM: (signal.SIG_DFL, terminate), signal.SIGINT: (signal.default_int_handler, interrupt)}
+    return {sig: signal.signal(sig, handler) for sig, (default, handler) in ours.items()
+            if signal.getsignal(sig) is default}  # fmt: skip
+
+
+_FINALIZER_CODES = (weakref.finalize.__call__.__code__,)
+
+
+def _raise_outside_finalizers(signum: int, frame: Any, exception: type[BaseException]) -> None:
+    """Raise ``exception`` where the command is. Inside a ``__del__`` (a library's object collected at that
+    moment) Python discards it with an "Exception ignored" traceback, and the command ran on and exited 0: there
+    the signal is sent again 10 ms later, to land outside."""
+    while frame is not None:
+        if frame.f_code.co_name == "__del__" or frame.f_code in _FINALIZER_CODES:
+            again = threading.Timer(0.01, signal.pthread_kill, (threading.main_thread().ident, signum))
+            again.daemon = True
+            _SENT_AGAIN.append(again)
+            again.start()
+            return
+        frame = frame.f_back
+    raise exception
+
+
+_SENT_AGAIN: list[threading.Timer] = []  # cancelled when the command ends (its handlers are then gone)
 
 
 def _check_cache_folders() -> None:
