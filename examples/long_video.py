@@ -42,7 +42,7 @@ def tiny_models(folder: Path) -> tuple[Path, Path]:
 
 
 def main(argv: list[str]) -> None:
-    from lvdm.outputs import refuse_existing
+    from lvdm.outputs import output_folder, plan_outputs
 
     parser = Parser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--base", default="outputs/demo/base")
@@ -57,8 +57,8 @@ def main(argv: list[str]) -> None:
     parser.add_argument("--overwrite", action="store_true", help="replace long.mp4 and smooth.mp4 (default: refuse)")
     parser.add_argument("--tiny", action="store_true", help="build tiny random models in a temp folder and use them")
     args = parser.parse_args(argv)
-    if not args.overwrite:  # before anything is built or loaded: a file of yours in --out is never replaced
-        refuse_existing([Path(args.out) / "long.mp4", Path(args.out) / "smooth.mp4"])
+    for name in ("long.mp4", "smooth.mp4"):  # before anything is built or loaded; a file of yours is never replaced
+        plan_outputs(output_folder(args.out) / name, [args.prompt], overwrite=args.overwrite)
     with tempfile.TemporaryDirectory() as tmp:
         if args.tiny:
             args.base, args.temporal = tiny_models(Path(tmp))
@@ -81,13 +81,17 @@ def run(args: argparse.Namespace) -> None:
     out = Path(args.out)
     pipe = VideoPipeline.from_pretrained(args.base, temporal=args.temporal)
     length = pipe.defaults["num_frames"]
-    frames = args.frames or 3 * length
+    frames = 3 * length if args.frames is None else args.frames  # --frames 0 was read as the default
     settings = {"num_inference_steps": args.steps, "seed": args.seed, "context_frames": args.context_frames}
     long = pipe(args.prompt, num_frames=frames, context_guidance=args.context_guidance, **settings)
     long_path = long.save(out / "long.mp4", overwrite=args.overwrite)[0]
     seams, inside = seam_changes(long.frames[0], rollout_chunks(frames, length, 0, args.context_frames))
-    seam, within = float(np.mean(seams)), float(np.mean(inside))
-    print(f"{long_path}: {frames} frames in chunks of {length}; change at the seams {seam:.2f}, inside {within:.2f}")
+    if seams:  # one chunk has no seam (its mean was nan, with numpy's warnings)
+        seam, within = float(np.mean(seams)), float(np.mean(inside))
+        print(f"{long_path}: {frames} frames in chunks of {length}; change at the seams {seam:.2f}, inside "
+              f"{within:.2f}")  # fmt: skip
+    else:
+        print(f"{long_path}: {frames} frames, one chunk (the module makes {length} at once): no seam")
     smooth = pipe.interpolate(long_path, factor=4, prompt=args.prompt, num_inference_steps=args.steps, seed=args.seed)
     smooth_path = smooth.save(out / "smooth.mp4", overwrite=args.overwrite)[0]
     print(f"{smooth_path}: {smooth.frames.shape[1]} frames at {smooth.fps:g} fps")

@@ -40,6 +40,7 @@ def main(argv: list[str]) -> None:
     # imported here, in run_cli: Ctrl-C while torch loads is one line too
     import torch
 
+    from lvdm.outputs import output_folder
     from lvdm.pipeline import VideoPipeline, plan_outputs, read_prompts
 
     parser = Parser(description=__doc__.split("\n\n")[0])
@@ -54,11 +55,11 @@ def main(argv: list[str]) -> None:
     if not args.tiny and not (args.base and args.temporal):
         parser.error("give --base and --temporal, or --tiny")
     prompts = read_prompts(args.prompts) if args.prompts else PROMPTS
-    out = Path(args.out)
-    if not args.overwrite:  # before anything loads: a file of yours in --out is never replaced
-        for i, prompt in enumerate(prompts):  # the names save() gives: 00_000.mp4, 00_001.mp4, then 00-image.gif
-            plan_outputs(out / f"{i:02d}.mp4", [prompt], num_videos_per_prompt=2)
-            plan_outputs(out / f"{i:02d}-image.gif", [prompt])
+    out = output_folder(args.out)
+    for i, prompt in enumerate(prompts):  # before anything loads; a file of yours in --out is never replaced
+        # the names save() gives: 00_000.mp4, 00_001.mp4, then 00-image.gif
+        plan_outputs(out / f"{i:02d}.mp4", [prompt], num_videos_per_prompt=2, overwrite=args.overwrite)
+        plan_outputs(out / f"{i:02d}-image.gif", [prompt], overwrite=args.overwrite)
     with tempfile.TemporaryDirectory() as tmp:
         base, temporal = tiny_models(Path(tmp)) if args.tiny else (args.base, args.temporal)
         device, dtype = ("cuda", "fp16") if torch.cuda.is_available() else (None, None)

@@ -46,7 +46,7 @@ def main(argv: list[str]) -> None:
     import torch
 
     from lvdm.errors import ConfigError
-    from lvdm.outputs import refuse_existing
+    from lvdm.outputs import output_folder, plan_outputs
     from lvdm.pipeline import VideoPipeline
 
     parser = Parser(description=__doc__.split("\n\n")[0])
@@ -61,13 +61,12 @@ def main(argv: list[str]) -> None:
     args = parser.parse_args(argv)
     if not args.tiny and (not args.temporal or len(args.checkpoint) < 2):
         parser.error("give --temporal and two --checkpoint (with --base-config), or --tiny")
-    outputs = [
-        Path(args.out) / f"{Path(name).stem}.gif" for name in (TINY_CHECKPOINTS if args.tiny else args.checkpoint)
-    ]
+    out = output_folder(args.out)
+    outputs = [out / f"{Path(name).stem}.gif" for name in (TINY_CHECKPOINTS if args.tiny else args.checkpoint)]
     if len(set(outputs)) < len(outputs):  # a/model.safetensors and b/model.safetensors: one GIF for both
         raise ConfigError("two checkpoints have the same file name; each is written as <out>/<name>.gif")
-    if not args.overwrite:  # before anything is built or loaded: a file of yours in --out is never replaced
-        refuse_existing(outputs)
+    for output in outputs:  # before anything is built or loaded; a file of yours is never replaced
+        plan_outputs(output, [args.prompt], overwrite=args.overwrite)
     with tempfile.TemporaryDirectory() as tmp:
         files = tiny_files(Path(tmp)) if args.tiny else vars(args) | {"checkpoints": args.checkpoint}
         loras = [files["lora"]] if files["lora"] else []

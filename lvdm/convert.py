@@ -42,13 +42,13 @@ def main(argv: list[str]) -> int:
     back.add_argument("out_dir", help="the MotionAdapter folder to write (new, or empty)")
     args = parser.parse_args(argv)
     from lvdm.models.animatediff import export_motion_adapter, import_motion_module
+    from lvdm.outputs import check_output_file
 
     if args.command == "motion-module":
         out = Path(args.out)
         if out.suffix != ".safetensors":
             raise ConfigError(f"{out}: an lvdm temporal module is written as .safetensors")
-        if out.exists() and not args.overwrite:
-            raise ConfigError(f"{out} already exists; choose another file, or overwrite it (--overwrite)")
+        check_output_file(out, overwrite=args.overwrite)  # a dangling link too (it passed, then failed at the end)
         if args.heads < 1:
             raise ConfigError(f"--heads {args.heads}: must be >= 1")
         module = import_motion_module(

@@ -22,7 +22,6 @@ from typing import Any
 
 from lvdm.cli import Parser, run_cli
 from lvdm.errors import CheckpointError, ConfigError
-from lvdm.fileio import NAME_MAX
 
 
 def export_checkpoint(
@@ -40,11 +39,11 @@ def export_checkpoint(
     instead of the config's ``model.base`` (``base_config``: the diffusers folder giving a single-file base's
     architecture, instead of the config's). An existing ``out`` is refused unless ``overwrite``.
     """
+    from lvdm.outputs import check_output_file, refuse_control_characters
+
     out = Path(out)
     if out.suffix != ".safetensors":
         raise ConfigError(f"{out}: the temporal module is written as .safetensors")
-    from lvdm.outputs import refuse_control_characters
-
     refuse_control_characters(out)
     from lvdm.training.checkpoint import MARKER, load_checkpoint
 
@@ -55,14 +54,8 @@ def export_checkpoint(
     if not isinstance(config, dict) or not all(isinstance(config.get(key), dict) for key in ("model", "data")):
         raise CheckpointError(f"checkpoint {checkpoint}: its metadata holds no training config (model, data)")
     outputs = _outputs(out, config)
-    for path in outputs.values():
-        if len(os.fsencode(path.name)) > NAME_MAX:  # the LoRA's name beside a module's that fits
-            raise ConfigError(f"{path.name!r} is {len(os.fsencode(path.name))} bytes long; a file name holds at most "
-                              f"{NAME_MAX}: choose a shorter OUT")  # fmt: skip
-        if path.is_dir() and not path.is_symlink():  # --overwrite cannot replace it either
-            raise ConfigError(f"{path} is a folder; choose another file")
-        if (path.exists() or path.is_symlink()) and not overwrite:
-            raise ConfigError(f"{path} already exists; choose another file, or overwrite it (--overwrite)")
+    for path in outputs.values():  # the LoRA's too: its name is longer than the module's
+        check_output_file(path, overwrite=overwrite)
     weights = parts.get("trainable") if raw or "ema" not in parts else parts["ema"]
     if not isinstance(weights, dict):
         raise CheckpointError(f"checkpoint {checkpoint} holds no trained weights (trainable.safetensors)")

@@ -188,6 +188,30 @@ def refuse_control_characters(output: str | os.PathLike) -> None:
         raise ConfigError(f"the output {text!r} holds a control character ({control!r}); choose a name without one")
 
 
+def check_output_file(path: Path, *, overwrite: bool) -> None:
+    """A file a command will write (a module, a LoRA), checked before the work: no control character, a name that
+    fits, a folder it can go in, not a folder itself, and not there already (a link counts, even a dangling one)
+    unless ``overwrite``."""
+    refuse_control_characters(path)
+    if len(os.fsencode(path.name)) > NAME_MAX:
+        raise ConfigError(f"{path.name!r} is {len(os.fsencode(path.name))} bytes long; a file name holds at most "
+                          f"{NAME_MAX}: choose a shorter one")  # fmt: skip
+    _check_writable(path.parent)
+    if path.is_dir() and not path.is_symlink():  # --overwrite cannot replace it either
+        raise ConfigError(f"{path} is a folder; choose another file")
+    if os.path.lexists(path) and not overwrite:
+        raise ConfigError(f"{path} already exists; choose another file, or overwrite it (--overwrite)")
+
+
+def output_folder(text: str | os.PathLike) -> Path:
+    """``text`` as the folder a command writes its own file names into (the examples' ``--out``): refused when empty
+    (it was the working folder) or holding a control character."""
+    if not os.fspath(text).strip():
+        raise ConfigError(f"the output folder is empty ({os.fspath(text)!r}); name a folder")
+    refuse_control_characters(text)
+    return Path(text)
+
+
 def refuse_existing(paths: Sequence[Path]) -> None:
     """A :class:`ConfigError` naming the first of ``paths`` (or their sidecars) that exists, a dangling link too."""
     existing = [p for path in paths for p in (path, sidecar_path(path)) if os.path.lexists(p)]

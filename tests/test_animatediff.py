@@ -340,6 +340,13 @@ def test_convert_cli_round_trip_and_one_line_errors(tiny_assets, adapters, tmp_p
     tensors = load_file(tmp_path / "adapter" / "diffusion_pytorch_model.safetensors")
     assert torch.equal(tensors["mid_block.motion_modules.0.proj_out.weight"],
                        adapters["mid"].mid_block.motion_modules[0].proj_out.weight)  # fmt: skip
+    (tmp_path / "gone.safetensors").symlink_to(tmp_path / "missing.safetensors")  # passed, then failed at the end
+    early = convert("motion-module", source, tmp_path / "gone.safetensors", "--base", tiny_assets["base"],
+                    "--allow-pickle", command=command)  # fmt: skip
+    assert early.returncode == 2 and "gone.safetensors already exists" in early.stderr, early.stderr
+    newline = convert("to-diffusers", tmp_path / "mm.safetensors", tmp_path / "n\nl", command=command)
+    assert newline.returncode == 2 and "holds a control character" in newline.stderr, newline.stderr
+    assert not (tmp_path / "n\nl").exists()
     (tmp_path / "dangling").symlink_to(tmp_path / "missing")  # os.replace onto it was a NotADirectoryError
     for args in (("to-diffusers", tmp_path / "nothing.safetensors", tmp_path / "x"),
                  ("to-diffusers", tmp_path / "mm.safetensors", tmp_path / "dangling"),

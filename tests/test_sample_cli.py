@@ -147,6 +147,16 @@ def test_examples_run_offline_on_tiny_models(script, tmp_path, command, monkeypa
     lines = [line for line in again.stderr.splitlines() if line.startswith(("error", "Traceback"))]
     assert again.returncode == 2 and len(lines) == 1 and "already exists" in lines[0], again.stderr[-2000:]
     assert {p: p.read_bytes() for p in written} == before
+    # what --out cannot be is refused before the models too, --overwrite or not (two of the examples checked only
+    # for existing files, and failed at the end; an empty --out wrote into the working folder)
+    (tmp_path / "a_file").write_text("mine")
+    for out, message in ((tmp_path / "a_file", "is not a writable folder"), ("", "the output folder is empty"),
+                         (tmp_path / "new\nline", "holds a control character")):  # fmt: skip
+        for overwrite in ([], ["--overwrite"]):
+            refused = command(REPO / "examples" / script, "--tiny", "--out", out, *overwrite, cwd=tmp_path)
+            assert refused.returncode == 2 and refused.stderr.count("\n") == 1, refused.stderr[-2000:]
+            assert message in refused.stderr, refused.stderr
+    assert {p: p.read_bytes() for p in written} == before and (tmp_path / "a_file").read_text() == "mine"
 
 
 # ------------------------------------------------------------------------------------------------ in-process CLI
