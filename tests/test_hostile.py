@@ -652,6 +652,8 @@ SIGNAL_IN_A_FINALIZER = """
 import os, signal, sys, time, weakref
 from lvdm.cli import run_cli
 
+signal.signal(signal.SIGINT, signal.default_int_handler)  # as in a terminal: a background job starts ignoring it
+
 class Collected:  # a library's object, collected when the signal comes
     def __del__(self):
         os.kill(os.getpid(), getattr(signal, sys.argv[1]))
