@@ -271,6 +271,14 @@ def command(capfd: pytest.CaptureFixture, monkeypatch: pytest.MonkeyPatch):
     return run
 
 
+def sample_here(command, *args: object) -> tuple[int, str, str]:
+    """``python sample.py --quiet ARGS`` through :func:`command` (its fixture's value): exit code, stdout, stderr."""
+    from pathlib import Path
+
+    result = command(Path(__file__).resolve().parents[1] / "sample.py", "--quiet", *args)
+    return result.returncode, result.stdout, result.stderr
+
+
 def _script(path):
     """The script at ``path`` (train.py, sample.py, an example) as a module, loaded once per process."""
     import importlib.util

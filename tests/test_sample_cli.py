@@ -13,7 +13,7 @@ import av
 import numpy as np
 import pytest
 import torch
-from conftest import write_sampling_files
+from conftest import sample_here, write_sampling_files
 from diffusers import StableDiffusionPipeline
 from PIL import Image
 
@@ -160,12 +160,6 @@ def test_examples_run_offline_on_tiny_models(script, tmp_path, command, monkeypa
 
 
 # ------------------------------------------------------------------------------------------------ in-process CLI
-def sample_here(command, *args: str) -> tuple[int, str, str]:
-    """sample.py's ``main`` run in this process (conftest's ``command``): exit code, stdout, stderr."""
-    result = command(REPO / "sample.py", "--quiet", *args)
-    return result.returncode, result.stdout, result.stderr
-
-
 @pytest.mark.parametrize(
     ("device", "message"),
     [

@@ -4,12 +4,11 @@ init, tiles, bad inputs, and the ``upscale`` training target on patches."""
 from __future__ import annotations
 
 import json
-from pathlib import Path
 
 import numpy as np
 import pytest
 import torch
-from conftest import randomize, tiny_overrides, whole_and_resumed
+from conftest import randomize, sample_here, tiny_overrides, whole_and_resumed
 
 from lvdm import UpscalePipeline
 from lvdm.config import load_config
@@ -276,12 +275,6 @@ def test_the_base_and_the_target_must_agree(tiny_assets, upscaler, tmp_path):
 
 
 # ------------------------------------------------------------------------------------------------ command lines
-def sample_cli(command, *args: object) -> tuple[int, str]:
-    """``python sample.py ARGS`` in this process (conftest's ``command``): its exit status and stderr."""
-    done = command(Path(__file__).resolve().parents[1] / "sample.py", *args)
-    return done.returncode, done.stderr
-
-
 def upscale_cli(command, *args: object) -> tuple[int, str]:
     """``python -m lvdm.upscale ARGS`` in this process: its exit status and stderr."""
     done = command("-m", "lvdm.upscale", *args)
@@ -348,40 +341,42 @@ def test_sample_cli_upscales_what_it_samples(upscaler, tiny_assets, tmp_path, co
     out = tmp_path / "clip.mp4"
     args = ["--quiet", "--base", str(tiny_assets["base"]), "--prompt", "a disc", "--frames", "3", "--steps", "2",
             "--upscaler", str(upscaler), "--upscale-steps", "2", "--out", str(out)]  # fmt: skip
-    assert sample_cli(command, *args)[0] == 0
+    assert sample_here(command, *args)[0] == 0
     low, high = probe(out), probe(tmp_path / "clip_x4.mp4")
     assert (high.num_frames, high.width, high.height) == (low.num_frames, 4 * low.width, 4 * low.height)
     # each upscale takes its video's prompt, negative prompt and seed (it dropped the negative prompt and gave
     # every video seed 0)
     two = [*args[:-2], "--negative-prompt", "blurry", "--num-videos", "2", "--seed", "5", "--out", str(tmp_path / "n")]
-    assert sample_cli(command, *two)[0] == 0
+    assert sample_here(command, *two)[0] == 0
     for k in range(2):
         low_meta, high_meta = (json.loads(p.read_text()) for p in sorted((tmp_path / "n").glob(f"00{k}-*.mp4.json")))
         assert (high_meta["seed"], high_meta["negative_prompt"], high_meta["prompt"]) == (5 + k, "blurry", "a disc")
         assert low_meta["seed"] == 5 + k
-    code, err = sample_cli(command, *args)
+    code, _, err = sample_here(command, *args)
     assert code == 2 and "already exists" in err, err
     passes = [*args[:-2], "--norm-passes", "2", "--out", str(tmp_path / "passes.mp4")]  # before sampling
-    code, err = sample_cli(command, *passes)
+    code, _, err = sample_here(command, *passes)
     assert code == 2 and "--tile N and --tile-norms pooled" in err and not (tmp_path / "passes.mp4").exists(), err
     # the upscaler's own limits, read from its folder: refused before sampling too (they were found after it)
     for flags, message in ((["--noise-level", "400"], "noise_level must be an integer in 0 .. 350"),
                            (["--tile", "6"], "tile must be a multiple of 4"),
                            (["--upscale-steps", "0"], "num_inference_steps must be")):  # fmt: skip
-        code, err = sample_cli(command, *args[:-2], *flags, "--out", tmp_path / "early.mp4")
+        code, _, err = sample_here(command, *args[:-2], *flags, "--out", tmp_path / "early.mp4")
         assert code == 2 and message in err.splitlines()[-1] and not (tmp_path / "early.mp4").exists(), err
-    code, err = sample_cli(command, *args[:-6], "--upscaler-temporal", "x.safetensors", "--out", tmp_path / "y.mp4")
+    code, _, err = sample_here(
+        command, *args[:-6], "--upscaler-temporal", "x.safetensors", "--out", tmp_path / "y.mp4"
+    )
     assert code == 2 and "goes with --upscaler" in err
     # a text-to-image base given as the upscaler: refused before anything is sampled
     wrong = [*args[:-6], "--upscaler", str(tiny_assets["base"]), "--out", str(tmp_path / "z.mp4")]
-    code, err = sample_cli(command, *wrong)
+    code, _, err = sample_here(command, *wrong)
     assert code == 2 and "not an x4 upscaler" in err and not (tmp_path / "z.mp4").exists(), err
     # a size whose upscale sampling would refuse: refused before the sampling (it took the sampling to find out)
     large = [*args[:-2], "--height", "2056", "--out", str(tmp_path / "large.mp4")]
-    code, err = sample_cli(command, *large)
+    code, _, err = sample_here(command, *large)
     assert code == 2 and "a 2056 px side would upscale to 8224 px" in err and not (tmp_path / "large.mp4").exists()
     # the control: 2048 px passes that check (the folder given as the upscaler is what stops it, before sampling)
-    code, err = sample_cli(command, *wrong[:-2], "--height", "2048", "--out", tmp_path / "z.mp4")
+    code, _, err = sample_here(command, *wrong[:-2], "--height", "2048", "--out", tmp_path / "z.mp4")
     assert code == 2 and "not an x4 upscaler" in err
 
 
@@ -446,9 +441,9 @@ def test_a_sidecar_replays_an_upscale_and_with_sample_py_a_cascade(upscaler, tin
     args = ["--quiet", "--base", str(tiny_assets["base"]), "--prompt", "a disc", "--frames", "3", "--steps", "2",
             "--negative-prompt", "blurry", "--seed", "4", "--upscaler", str(upscaler), "--upscale-steps", "2",
             "--noise-level", "30", "--out", str(low)]  # fmt: skip
-    assert sample_cli(command, *args)[0] == 0
+    assert sample_here(command, *args)[0] == 0
     again, again_high = tmp_path / "again.mp4", tmp_path / "again_x4.mp4"
-    assert sample_cli(command, "--quiet", "--from-json", f"{low}.json", "--out", str(again))[0] == 0
+    assert sample_here(command, "--quiet", "--from-json", f"{low}.json", "--out", str(again))[0] == 0
     assert upscale_cli(command, str(again), "--quiet", "--from-json", f"{high}.json", "--out", str(again_high))[0] == 0
     assert np.array_equal(frames(again_high), frames(high))
     record, replayed = (json.loads(p.with_name(p.name + ".json").read_text()) for p in (high, again_high))
@@ -473,7 +468,7 @@ def test_a_sidecar_replays_an_upscale_and_with_sample_py_a_cascade(upscaler, tin
     assert probe(moved).fps == 12.0 != record["fps"] and record["mode"] == "image"
     assert json.loads(moved.with_name("moved.mp4.json").read_text())["mode"] == "video"
     # each sidecar names the command that replays it; a hostile one is one line
-    code, err = sample_cli(command, "--from-json", f"{high}.json", "--out", str(tmp_path / "x.mp4"))
+    code, _, err = sample_here(command, "--from-json", f"{high}.json", "--out", str(tmp_path / "x.mp4"))
     assert code == 2 and "python -m lvdm.upscale --from-json" in err, err
     code, err = upscale_cli(command, "--from-json", f"{low}.json", "--out", str(tmp_path / "y.mp4"))
     assert code == 2 and "python sample.py --from-json" in err, err
