@@ -18,6 +18,7 @@ import io
 import os
 import re
 import signal
+import stat
 import sys
 import threading
 import warnings
@@ -100,8 +101,9 @@ def run_cli(main: Callable[[list[str]], int | None], argv: list[str] | None = No
             return 2
         if exc.errno not in _FULL:
             raise
+        where = exc.filename or ("stdout" if _stdout_fails() else "the output")  # a file object's write names none
         _silence_stdout()  # what could not be written is dropped, so that exiting does not fail on it again
-        print(f"error: {exc.strerror or exc} writing {exc.filename or 'the output'}", file=sys.stderr)
+        print(f"error: {exc.strerror or exc} writing {where}", file=sys.stderr)
         return 1
     finally:
         warnings.formatwarning = formatwarning  # run in a test's process, the next test gets Python's form back
@@ -118,7 +120,7 @@ class Terminated(BaseException):  # noqa: N818 (a signal, as KeyboardInterrupt i
 
 def _signals_as_exceptions() -> dict[int, Any]:
     """SIGTERM raises :class:`Terminated` in this process (a forked worker still dies of it at once), and SIGINT
-    KeyboardInterrupt as Python's own handler does, both outside finalizers (:func:`_raise_outside_finalizers`);
+    KeyboardInterrupt as Python's own handler does, both outside finalizers (:func:`raise_outside_finalizers`);
     the handlers they replace, by signal, where they are ours to set (the main thread, Python's defaults)."""
     if threading.current_thread() is not threading.main_thread():
         return {}
@@ -129,10 +131,10 @@ def _signals_as_exceptions() -> dict[int, Any]:
             signal.signal(signal.SIGTERM, signal.SIG_DFL)
             os.kill(os.getpid(), signal.SIGTERM)
             return
-        _raise_outside_finalizers(signum, frame, Terminated)
+        raise_outside_finalizers(signum, frame, Terminated)
 
     def interrupt(signum: int, frame: Any) -> None:
-        _raise_outside_finalizers(signum, frame, KeyboardInterrupt)
+        raise_outside_finalizers(signum, frame, KeyboardInterrupt)
 
     ours = {signal.SIGTERM: (signal.SIG_DFL, terminate), signal.SIGINT: (signal.default_int_handler, interrupt)}
     return {sig: signal.signal(sig, handler) for sig, (default, handler) in ours.items()
@@ -142,7 +144,7 @@ def _signals_as_exceptions() -> dict[int, Any]:
 _FINALIZER_CODES = (weakref.finalize.__call__.__code__,)
 
 
-def _raise_outside_finalizers(signum: int, frame: Any, exception: type[BaseException]) -> None:
+def raise_outside_finalizers(signum: int, frame: Any, exception: type[BaseException]) -> None:
     """Raise ``exception`` where the command is. Inside a ``__del__`` (a library's object collected at that
     moment) Python discards it with an "Exception ignored" traceback, and the command ran on and exited 0: there
     the signal is sent again 10 ms later, to land outside."""
@@ -251,6 +253,19 @@ def exit_status(result: object) -> int:
             file=sys.stderr,
         )
     return EXIT_STOPPED
+
+
+def _stdout_fails() -> bool:
+    """Whether stdout is what a write error with no file name came from (a failed flush drops what it held, so
+    that is not asked again): a file on a disk with no space left, or a device that takes nothing (``/dev/full``)."""
+    try:
+        fd = sys.stdout.fileno()
+        if stat.S_ISREG(os.fstat(fd).st_mode) and os.fstatvfs(fd).f_bavail == 0:
+            return True
+        os.write(fd, b"")  # nothing written where there is room; /dev/full refuses even that
+    except OSError as exc:  # io.UnsupportedOperation (no file number) is one too, with no errno
+        return exc.errno in _FULL
+    return False
 
 
 def _silence_stdout() -> None:

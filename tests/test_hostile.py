@@ -563,14 +563,24 @@ def test_a_closed_pipe_is_not_a_traceback():
     with open("/dev/full", "w") as full:  # stdout on a full disk: one line, exit 1
         result = subprocess.run(_command([TRAIN, "--help-config"]), stdout=full, stderr=subprocess.PIPE, text=True,
                                 env=ENV, cwd=REPO, timeout=60)  # fmt: skip
-    assert result.returncode == 1 and result.stderr == "error: No space left on device writing the output\n"
+    assert result.returncode == 1 and result.stderr == "error: No space left on device writing stdout\n"
     with open("/dev/full", "w") as full:  # argparse drops --help's write error: it exited 0 with nothing written
         result = subprocess.run(_command([SAMPLE, "--help"]), stdout=full, stderr=subprocess.PIPE, text=True, env=ENV,
                                 cwd=REPO, timeout=60)  # fmt: skip
-    assert result.returncode == 1 and result.stderr == "error: No space left on device writing the output\n"
+    assert result.returncode == 1 and result.stderr == "error: No space left on device writing stdout\n"
     closed = subprocess.run(_command([TRAIN, "--help-config"]), stdout=subprocess.DEVNULL, stderr=subprocess.PIPE,
                             text=True, env=ENV, cwd=REPO, timeout=60, preexec_fn=lambda: os.close(1))  # fmt: skip
     assert closed.returncode == 0 and not closed.stderr, closed.stderr  # an AttributeError traceback before
+
+
+def test_a_write_error_names_stdout_only_where_stdout_failed():
+    """The control for the test above: a nameless full-disk error (a file object's write) with stdout writable."""
+    script = ("import errno, sys; from lvdm.cli import run_cli\n"
+              "def main(argv):\n    print('made')\n    raise OSError(errno.ENOSPC, 'No space left on device')\n"
+              "sys.exit(run_cli(main))")  # fmt: skip
+    result = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, env=ENV, cwd=REPO,
+                            timeout=60)  # fmt: skip
+    assert result.returncode == 1 and result.stderr == "error: No space left on device writing the output\n"
 
 
 def test_sigterm_stops_resumably_with_its_own_exit_code_and_skips_sampling(tiny_assets, tmp_path):
@@ -679,6 +689,39 @@ def test_a_signal_that_lands_in_a_finalizer_still_stops_the_command(name, code, 
                             cwd=REPO, timeout=60)  # fmt: skip
     assert (result.returncode, result.stderr, result.stdout) == (code, f"{said}\n", ""), result.stderr
     assert time.monotonic() - start < 4.5  # stopped, not run to the end
+
+
+SECOND_CTRL_C_IN_A_FINALIZER = """
+import os, signal, sys, time, types
+from lvdm.cli import run_cli
+from lvdm.training.trainer import Trainer
+
+signal.signal(signal.SIGINT, signal.default_int_handler)
+
+class Collected:
+    def __del__(self):
+        os.kill(os.getpid(), signal.SIGINT)
+        time.sleep(0.05)
+
+def main(argv):
+    one = types.SimpleNamespace(is_main_process=True)
+    run = types.SimpleNamespace(interrupted=False, stop_requested=False, acc=one)
+    with Trainer._signals(run):  # the training loop's handlers
+        os.kill(os.getpid(), signal.SIGINT)  # the first Ctrl-C: stop after this step
+        time.sleep(0.05)
+        Collected()  # the second, while a library's object is collected
+        time.sleep(5)  # the rest of the step
+    print("finished the step")
+
+sys.exit(run_cli(main))
+"""
+
+
+def test_a_second_ctrl_c_in_a_finalizer_still_quits_training_at_once():
+    result = subprocess.run(_command(["-c", SECOND_CTRL_C_IN_A_FINALIZER]), capture_output=True, text=True, env=ENV,
+                            cwd=REPO, timeout=60)  # fmt: skip
+    said = "\nstopping after this step (Ctrl-C again to quit)\ninterrupted\n"
+    assert (result.returncode, result.stderr, result.stdout) == (130, said, ""), result.stderr
 
 
 # ------------------------------------------------------------------------------------------ the same rules, in process

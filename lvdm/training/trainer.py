@@ -31,6 +31,7 @@ from typing import Any
 import torch
 from tqdm.auto import tqdm
 
+from lvdm.cli import raise_outside_finalizers
 from lvdm.config import Config, check_machine, config_to_dict, save_config
 from lvdm.errors import CheckpointError, DataError, LvdmError
 from lvdm.sampling_settings import training_fps
@@ -451,7 +452,8 @@ class Trainer:
 
         def handler(signum: int, frame: Any) -> None:
             if signum == signal.SIGINT and self.interrupted:
-                raise KeyboardInterrupt
+                raise_outside_finalizers(signum, frame, KeyboardInterrupt)  # in a __del__ it would be dropped
+                return
             self.interrupted |= signum == signal.SIGINT
             if not self.stop_requested and self.acc.is_main_process:
                 again = "Ctrl-C again to quit" if signum == signal.SIGINT else "SIGTERM"
