@@ -439,11 +439,13 @@ def test_joint_image_video_training_runs_images_in_image_mode(tiny_assets, tmp_p
     assert {shape[1] for shape in image_batches} == {1} and {shape[1] for shape in video_batches} == {4}
 
 
-def test_spatial_lora_and_unfrozen_blocks_train_and_export_onto_a_plain_base(tiny_assets, tmp_path):
+@pytest.mark.parametrize("alpha", [None, 8.0])  # alpha 8 at rank 2 (scale 4) exported without it loaded at 1/4
+def test_spatial_lora_and_unfrozen_blocks_train_and_export_onto_a_plain_base(alpha, tiny_assets, tmp_path):
     from lvdm.models import VideoUNet, load_base
 
     out = tmp_path / "run"
     extra = {"model.spatial_lora_rank": 2, "model.unfreeze": "[up_blocks.1.resnets.0]", "train.lr": "1e-2"}
+    extra |= {"model.spatial_lora_alpha": alpha} if alpha else {}
     trainer = Trainer(load_config([], tiny_overrides(tiny_assets, out, **extra)), progress=False)
     base_before = {
         n: p.detach().clone() for n, p in trainer.video.unet.named_parameters() if n not in trainer.trainable

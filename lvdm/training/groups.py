@@ -88,12 +88,22 @@ def write_module_files(
 
 def export_spatial_lora(video: Any, path: Path, *, exclusive: bool = False) -> Path:
     """Write the spatial LoRA in diffusers/peft format (``unet.<name>.lora_A.weight``), loadable by ``load_base``;
-    atomically (diffusers' writer wrote in place), ``exclusive`` as :func:`lvdm.fileio.atomic_path` says."""
+    atomically (diffusers' writer wrote in place), ``exclusive`` as :func:`lvdm.fileio.atomic_path` says.
+
+    Each layer's scale (``model.spatial_lora_alpha`` / rank) is folded into its ``lora_B``: the file carries no
+    alpha, and a loader (diffusers, kohya's tools, ComfyUI) then takes scale 1. Written unscaled, a LoRA trained at
+    alpha 8, rank 2 loaded at a quarter of its strength."""
     from diffusers import StableDiffusionPipeline
     from peft.utils import get_peft_model_state_dict
 
+    scales = {plain_name(name): module.scaling[LORA_ADAPTER] for name, module in video.unet.named_modules()
+              if LORA_ADAPTER in (getattr(module, "scaling", None) or {})}  # fmt: skip
     state = get_peft_model_state_dict(video.unet, adapter_name=LORA_ADAPTER)
-    state = {plain_name(name): tensor.detach().float().cpu().contiguous() for name, tensor in state.items()}
+    state = {plain_name(name): tensor.detach().float().cpu() for name, tensor in state.items()}
+    for name in state:
+        if name.endswith(".lora_B.weight"):
+            state[name] = state[name] * scales[name.removesuffix(".lora_B.weight")]
+    state = {name: tensor.contiguous() for name, tensor in state.items()}
     with atomic_path(path, exclusive=exclusive) as temp:
         StableDiffusionPipeline.save_lora_weights(temp.parent, unet_lora_layers=state, weight_name=temp.name)
     return path
