@@ -474,3 +474,25 @@ def test_sample_with_guidance_uses_one_batched_call_per_step():
     assert out.shape == noise.shape and torch.isfinite(out).all()
     with pytest.raises(ValueError, match="uncond"):
         sample(model, scheduler, latents=noise, num_inference_steps=2, cond=cond, guidance=schedule, progress=False)
+
+
+def test_a_base_config_silent_on_clipping_gets_sds_values():
+    """A config saved from an Euler scheduler has no ``clip_sample``: DDIM and DDPM then took their pixel-space
+    defaults, clipping the predicted clean latents to [-1, 1] (a model predicting 2.5 everywhere sampled 1.0) and
+    ending DDIM at alpha 1. A value the config states is kept (the control)."""
+    euler = EulerDiscreteScheduler(**SD_BETAS, steps_offset=1).config
+    for name in ("ddim", "ddim_trailing", "ddpm"):
+        scheduler = make_scheduler(name, euler)
+        assert scheduler.config.clip_sample is False, name
+    assert make_scheduler("ddim", euler).config.set_alpha_to_one is False
+    stated = DDIMScheduler(**SD_BETAS, clip_sample=True, set_alpha_to_one=True).config
+    assert make_scheduler("ddim", stated).config.clip_sample and make_scheduler("ddim", stated).config.set_alpha_to_one
+
+    def clean_at(x_t, t):  # epsilon for a clean prediction of 2.5 everywhere
+        a = make_scheduler("ddim", euler).alphas_cumprod[t.long()].view(-1, 1, 1, 1, 1)
+        return (x_t - a.sqrt() * 2.5) / (1 - a).sqrt()
+
+    _, noise = clip(0)
+    out = sample(clean_at, make_scheduler("ddim", euler), latents=noise, num_inference_steps=10, cond={},
+                 progress=False)  # fmt: skip
+    assert out.min() > 2.2 and abs(out.mean().item() - 2.5) < 0.02  # 1.0 everywhere when clipped

@@ -285,3 +285,70 @@ def test_bad_distill_settings_are_config_errors(tiny_assets, tmp_path, extra, me
     overrides += [f"{key}={value}" for key, value in extra.items() if value is not None]
     with pytest.raises(ConfigError, match=message):
         load_config([], overrides)
+
+
+def _objective_on(scheduler_config):
+    """A DistillObjective's sampler on a base with ``scheduler_config``, and a toy video model (linear in ``z``,
+    reading ``t`` and the text) in place of the UNet."""
+    import types
+
+    from diffusers import DDPMScheduler
+
+    from lvdm.training.distill import DistillObjective
+
+    mix = torch.randn(4, 4, generator=torch.Generator().manual_seed(0)) * 0.3
+
+    def video(z, t, text, **kwargs):
+        return (
+            torch.einsum("ij,bjfhw->bifhw", mix, z)
+            + 0.1 * text.mean()
+            + 0.05 * torch.cos(t / 200).view(-1, 1, 1, 1, 1)
+        )
+
+    objective = object.__new__(DistillObjective)
+    noise_scheduler = DDPMScheduler.from_config(scheduler_config)
+    objective.video, objective.grids, objective.device, objective.T = video, {}, torch.device("cpu"), 1000
+    objective.frozen = types.SimpleNamespace(noise_scheduler=noise_scheduler)
+    objective.prediction = "v_prediction"
+    objective.alphas = noise_scheduler.alphas_cumprod.float()
+    objective.final_alpha = objective._sampler_final_alpha()
+    return objective
+
+
+@pytest.mark.parametrize("base", ["sd", "alpha_to_one", "euler"])
+def test_the_rounds_sample_as_the_students_sampler_does(base):
+    """The rounds' own DDIM (targets, the gain's samples) against lvdm.diffusion.sample with ``ddim_trailing`` on
+    the same base config: they ended the last step at alphas[0] whatever the config said (0.03 apart at 4 steps
+    for ``set_alpha_to_one``), and the sampler clipped where a config did not state ``clip_sample`` (an Euler
+    config: 3.6 apart)."""
+    from diffusers import DDIMScheduler, EulerDiscreteScheduler
+
+    from lvdm.diffusion import guidance_schedule, make_scheduler, sample
+
+    betas = dict(beta_start=0.00085, beta_end=0.012, beta_schedule="scaled_linear", steps_offset=1)
+    config = {
+        "sd": DDIMScheduler(**betas, clip_sample=False, set_alpha_to_one=False, prediction_type="v_prediction"),
+        "alpha_to_one": DDIMScheduler(
+            **betas, clip_sample=False, set_alpha_to_one=True, prediction_type="v_prediction"
+        ),
+        "euler": EulerDiscreteScheduler(**betas, prediction_type="v_prediction"),
+    }[base].config
+    objective = _objective_on(config)
+    gen = torch.Generator().manual_seed(1)
+    noise, text, empty = torch.randn(1, 4, 2, 4, 4, generator=gen), torch.ones(1, 3, 8), torch.zeros(1, 3, 8)
+    for steps in (4, 8):
+        ours = objective.sample(None, noise, text, empty, torch.tensor([5.0]), steps, cfg=True)
+        sampler = sample(lambda x, t, encoder_hidden_states: objective.video(x, t, encoder_hidden_states),
+                         make_scheduler("ddim_trailing", config), latents=noise, num_inference_steps=steps,
+                         cond={"encoder_hidden_states": text}, uncond={"encoder_hidden_states": empty},
+                         guidance=guidance_schedule("constant", 5.0), progress=False)  # fmt: skip
+        assert ours.abs().max() > 1.5  # the control: clipping at 1 would show
+        torch.testing.assert_close(ours, sampler, rtol=0, atol=1e-4)
+
+
+def test_a_base_whose_sampler_clips_is_refused_for_distillation():
+    from diffusers import DDIMScheduler
+
+    clipping = DDIMScheduler(beta_schedule="scaled_linear", clip_sample=True, prediction_type="v_prediction")
+    with pytest.raises(ConfigError, match="clip_sample or thresholding"):
+        _objective_on(clipping.config)

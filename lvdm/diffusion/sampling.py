@@ -63,14 +63,24 @@ SAMPLERS: dict[str, Callable[[Mapping[str, Any]], SchedulerMixin]] = {
 """Each entry builds a fresh diffusers scheduler from a base scheduler's ``config``."""
 
 
+LATENT_DEFAULTS = {"clip_sample": False, "set_alpha_to_one": False}
+"""SD's own values for what a base's scheduler config may leave unstated (a config saved from an Euler or DPM
+scheduler by diffusers carries no ``clip_sample``). DDIM's and DDPM's defaults are pixel-space ones: they clip the
+predicted clean latents to [-1, 1], which destroys SD latents (their spread is about 1), and end DDIM at alpha 1."""
+
+
 def make_scheduler(name: str, base_config: Mapping[str, Any] | ConfigMixin) -> SchedulerMixin:
-    """The :data:`SAMPLERS` scheduler ``name`` built from ``base_config`` (a scheduler or its ``.config``).
+    """The :data:`SAMPLERS` scheduler ``name`` built from ``base_config`` (a scheduler or its ``.config``), with
+    :data:`LATENT_DEFAULTS` where the base config does not state them.
 
     Unknown names raise ``ValueError`` with the choices and a did-you-mean.
     """
     factory = lookup(SAMPLERS, name, "sampler")
     config = base_config.config if isinstance(base_config, ConfigMixin) else base_config
-    return factory(config)
+    scheduler = factory(config)
+    stated = set(config) - set(config.get("_use_default_values", ()))
+    unstated = {key: value for key, value in LATENT_DEFAULTS.items() if key in scheduler.config and key not in stated}
+    return factory(config, **unstated) if unstated else scheduler
 
 
 def _grid_fault(scheduler: SchedulerMixin, steps: int) -> str | None:

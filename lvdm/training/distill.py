@@ -124,7 +124,7 @@ class DistillObjective(Objective):
         self.prediction = frozen.noise_scheduler.config.prediction_type
         alphas = frozen.noise_scheduler.alphas_cumprod.float()
         self.alphas = alphas.to(device)
-        self.final_alpha = float(alphas[0])  # DDIM's last step (set_alpha_to_one=False, as SD's schedulers)
+        self.final_alpha = self._sampler_final_alpha()  # DDIM's last step: alphas[0] on SD's schedulers
         self.T = frozen.noise_scheduler.config.num_train_timesteps
 
     # ------------------------------------------------------------------------------------------ the schedule
@@ -158,6 +158,19 @@ class DistillObjective(Objective):
         a, s = self._alpha_sigma(t)
         a_prev, s_prev = self._alpha_sigma(prev)
         return a_prev * x + s_prev * (z - a * x) / s
+
+    def _sampler_final_alpha(self) -> float:
+        """The final alpha of the sampler the student is used with; a base whose sampler clips or thresholds the
+        predicted clean latents is refused, as the rounds' DDIM steps do neither."""
+        from lvdm.diffusion import make_scheduler
+
+        scheduler = make_scheduler(SAMPLER, self.frozen.noise_scheduler.config)
+        if scheduler.config.clip_sample or scheduler.config.thresholding:
+            raise ConfigError(
+                "train.target=distill: the base's scheduler config sets clip_sample or thresholding, "
+                "which the rounds' DDIM steps do not do; set both to false in its scheduler config"
+            )
+        return float(scheduler.final_alpha_cumprod)
 
     def _grid(self, steps: int) -> torch.Tensor:
         """diffusers' DDIM timesteps for ``steps`` (descending), as the sampler the student is used with has them;
