@@ -47,7 +47,9 @@ DIRECT = {  # each sampler built directly from the same kwargs, not through from
 
 
 def base_scheduler(prediction_type: str) -> DDIMScheduler:
-    return DDIMScheduler(**SD_BETAS, prediction_type=prediction_type)
+    """SD's betas; DDIM's last step ends at alpha 1 (stated: unstated, lvdm takes SD's alphas[0]), so that an oracle's
+    samples are its x0 exactly."""
+    return DDIMScheduler(**SD_BETAS, prediction_type=prediction_type, set_alpha_to_one=True)
 
 
 def gen(seed: int) -> torch.Generator:
@@ -409,7 +411,7 @@ def oracle(scheduler, x0: torch.Tensor):
 
 
 def clip(seed: int) -> tuple[torch.Tensor, torch.Tensor]:
-    """Target latents inside [-1, 1] (the toy DDIM config keeps diffusers' default clip_sample=True) and noise."""
+    """Target latents inside [-1, 1] (where clipping, if a sampler did it, would change nothing) and noise."""
     g = gen(seed)
     return 0.9 * torch.rand(2, 4, 3, 4, 4, generator=g) * 2 - 0.9, torch.randn(2, 4, 3, 4, 4, generator=g)
 
