@@ -755,7 +755,7 @@ def test_a_second_lock_on_a_folder_names_the_holder(tmp_path):
     second.release()
 
 
-def _fake_run(out: Path, *, checkpoint: bool, marker: bool) -> None:
+def _fake_run(out: Path, *, checkpoint: bool, marker: bool, samples: bool | None = None) -> None:
     from lvdm.config import Config, DataConfig, ModelConfig, save_config
     from lvdm.training.checkpoint import save_checkpoint
     from lvdm.training.run_dir import _new_marker
@@ -763,8 +763,9 @@ def _fake_run(out: Path, *, checkpoint: bool, marker: bool) -> None:
 
     save_config(Config(model=ModelConfig(base="b"), data=DataConfig(root="d")), out / "config.yaml")
     (out / "log.jsonl").write_text('{"step": 1, "loss": 1.0}\n')
-    (out / "samples" / "step-00000001").mkdir(parents=True)
-    (out / "samples" / "step-00000001" / "00.mp4").write_bytes(b"video")
+    if checkpoint if samples is None else samples:  # a run that stopped before its first checkpoint validated none
+        (out / "samples" / "step-00000001").mkdir(parents=True)
+        (out / "samples" / "step-00000001" / "00.mp4").write_bytes(b"video")
     if checkpoint:
         save_checkpoint(out / "checkpoints", 1, {"trainable": {"w": torch.zeros(2)}})
     if marker:
@@ -816,6 +817,24 @@ def test_a_run_that_failed_before_its_first_checkpoint_does_not_block_the_next(t
     release_run(out)
     assert "stopped before its first checkpoint" in capsys.readouterr().err
     assert not (out / "config.yaml").exists()
+
+
+def test_a_finished_run_whose_checkpoints_were_moved_away_is_not_cleared_without_overwrite(tmp_path):
+    """Its module and checkpoints moved elsewhere, the run's samples and log stayed: a plain run took it for a crash
+    at start-up ("stopped before its first checkpoint") and deleted them. The control: overwrite clears it."""
+    from lvdm.errors import LvdmError
+    from lvdm.training.run_dir import prepare_output_dir
+    from lvdm.training.run_lock import release_run
+
+    out = tmp_path / "run"
+    _fake_run(out, checkpoint=False, marker=True, samples=True)
+    before = snapshot(out)
+    with pytest.raises(LvdmError, match="already holds a run \\(no checkpoints, but its module or validation samples"):
+        prepare_output_dir(out, resume=None, overwrite=False)
+    assert snapshot(out) == before
+    prepare_output_dir(out, resume=None, overwrite=True)
+    release_run(out)
+    assert not (out / "samples").exists()
 
 
 def test_a_killed_run_can_be_overwritten_but_what_a_user_put_there_meanwhile_is_theirs(tmp_path, capsys):
