@@ -271,6 +271,22 @@ def test_retention_touches_nothing_else(tmp_path: Path) -> None:
     load_checkpoint(outside / "checkpoint-00000000")
 
 
+def test_a_folder_of_yours_under_a_temporary_name_is_left_with_a_warning(tmp_path: Path) -> None:
+    """Every ``.tmp-checkpoint-*`` folder was deleted at the next save, a user's notes too; now only what a killed
+    save or retention leaves (lvdm's names, a save's files only). The control: a killed save's folder is removed."""
+    notes, mine = tmp_path / ".tmp-checkpoint-notes", tmp_path / ".tmp-checkpoint-00000002-mine"
+    for folder in (notes, mine):
+        folder.mkdir()
+        (folder / "todo.txt").write_text("mine")
+    killed = tmp_path / ".tmp-checkpoint-00000004-abcd_123"
+    killed.mkdir()
+    (killed / "model.safetensors").write_bytes(b"half written")
+    with pytest.warns(UserWarning, match="not a save lvdm left"):
+        save_checkpoint(tmp_path, 5, _small(5))
+    assert (notes / "todo.txt").read_text() == "mine" and (mine / "todo.txt").read_text() == "mine"
+    assert not killed.exists()
+
+
 # --- failures while saving ----------------------------------------------------------------------------------------
 
 

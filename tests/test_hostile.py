@@ -807,6 +807,26 @@ def test_overwrite_deletes_lvdm_runs_and_only_them(tmp_path):
     assert sorted(p.name for p in out.iterdir()) == [".lvdm-lock", ".lvdm-run.json"]
 
 
+def test_a_folder_of_event_files_you_put_in_tensorboard_is_yours(tmp_path):
+    """A baseline's logs copied in for comparison (``tensorboard/baseline/events.out.tfevents...``) were deleted by
+    overwrite: only the name was checked. lvdm's writer puts its files at the top, which stay lvdm's (the control)."""
+    from lvdm.errors import LvdmError
+    from lvdm.training.run_dir import prepare_output_dir
+    from lvdm.training.run_lock import release_run
+
+    out = tmp_path / "run"
+    _fake_run(out, checkpoint=True, marker=True)
+    (out / "tensorboard" / "baseline").mkdir(parents=True)
+    (out / "tensorboard" / "events.out.tfevents.1.host.1.0").write_bytes(b"ours")
+    (out / "tensorboard" / "baseline" / "events.out.tfevents.2.host.1.0").write_bytes(b"yours")
+    with pytest.raises(LvdmError, match="baseline/events.out.tfevents.2.host.1.0"):
+        prepare_output_dir(out, resume=None, overwrite=True)
+    shutil.rmtree(out / "tensorboard" / "baseline")
+    prepare_output_dir(out, resume=None, overwrite=True)
+    release_run(out)
+    assert not (out / "tensorboard").exists()
+
+
 def test_a_run_that_failed_before_its_first_checkpoint_does_not_block_the_next(tmp_path, capsys):
     from lvdm.training.run_dir import prepare_output_dir
     from lvdm.training.run_lock import release_run

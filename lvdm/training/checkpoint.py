@@ -197,11 +197,29 @@ def checkpoint_material(root: str | os.PathLike) -> list[Path]:
 
 
 def _remove_leftovers(root: Path) -> None:
-    """Recover complete temporary folders, then delete the other ``.tmp-checkpoint-*`` folders (symlinks left)."""
+    """Recover complete temporary folders, then delete the other ``.tmp-checkpoint-*`` folders a killed save or
+    retention left: named as lvdm names them and holding only files a save writes. Anything else under such a
+    name (a user's notes, a link, a folder) is left, with a warning."""
     recover_checkpoints(root)
     for entry in os.scandir(root):
-        if entry.name.startswith(TMP_PREFIX) and entry.is_dir(follow_symlinks=False):
+        if not entry.name.startswith(TMP_PREFIX) or not entry.is_dir(follow_symlinks=False):
+            continue
+        if _left_by_a_save(root / entry.name):
             shutil.rmtree(root / entry.name, ignore_errors=True)
+        else:
+            warnings.warn(f"{root / entry.name} is not a save lvdm left (it holds what a save does not write): "
+                          "left as it is", stacklevel=2)  # fmt: skip
+
+
+SAVE_TEMP = re.compile(r"\.tmp[A-Za-z0-9]{6}")  # safetensors' own temporary file, beside the file it writes
+_DOOMED = re.compile(r"\.tmp-checkpoint-checkpoint-\d{8}-deleting-[0-9a-f]+")  # retention's, killed mid-delete
+
+
+def _left_by_a_save(folder: Path) -> bool:
+    if not any(pattern.fullmatch(folder.name) for pattern in (_NEW_TEMP, _ASIDE, _DOOMED)):
+        return False
+    return all(entry.is_file(follow_symlinks=False) and bool(OUR_FILE.fullmatch(entry.name) or
+               SAVE_TEMP.fullmatch(entry.name)) for entry in os.scandir(folder))  # fmt: skip
 
 
 def _new_temp(root: Path, step: int) -> Path:

@@ -44,6 +44,7 @@ from lvdm.fileio import first_missing, is_stray_temp, remove_made_folders, remov
 from lvdm.training.checkpoint import (
     MARKER,
     OUR_FILE,
+    SAVE_TEMP,
     TMP_PREFIX,
     check_writable,
     checkpoint_material,
@@ -78,7 +79,6 @@ _SKIPPED_RANK = re.compile(r"skipped\.rank\d+\.jsonl")
 _PROBE = re.compile(r"\.write-probe-\w+")
 _SAMPLE = re.compile(r"(image_mode_)?\d{2,}(_image)?\.(mp4|gif|png)")  # validation.write_videos, objectives
 _SAMPLE_DIR = re.compile(r"step-\d{8}")
-_SAFETENSORS_TEMP = re.compile(r"\.tmp[A-Za-z0-9]{6}")  # safetensors' own, beside the file it writes
 _TEMP_OF = re.compile(r"\.(.+)\.[0-9a-f]{8}\.tmp.*")  # fileio.atomic_path's names: the final name first
 
 # Config keys that change parameter shapes or what a step means: resuming with them changed is an error.
@@ -322,10 +322,10 @@ def _ours_in(kind: str, parent: Path, top: Path, name: str, listed: set[str] | N
     if kind == "checkpoints":
         if listed is not None:
             return parent != top and name in listed
-        unfinished = parent.name.startswith(TMP_PREFIX) and bool(_SAFETENSORS_TEMP.fullmatch(name))  # killed there
+        unfinished = parent.name.startswith(TMP_PREFIX) and bool(SAVE_TEMP.fullmatch(name))  # killed there
         return parent != top and (bool(OUR_FILE.fullmatch(name)) or unfinished)
-    if kind == "tensorboard":
-        return name.startswith("events.out.tfevents.")
+    if kind == "tensorboard":  # SummaryWriter's event files, at the top (a folder of logs you put there is yours)
+        return parent == top and name.startswith("events.out.tfevents.")
     if kind == "decoder":  # exactly what save_video_decoder writes, or a killed write of it
         return parent == top and (name in DECODER_FILES or is_stray_temp(name, DECODER_FILES))
     # samples/step-00000100/00.mp4, image_mode_00.gif, 00_image.png
