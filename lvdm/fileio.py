@@ -6,6 +6,7 @@ import contextlib
 import errno
 import json
 import os
+import re
 import secrets
 import shutil
 import stat
@@ -257,7 +258,8 @@ def json_text(data: Any, **options: Any) -> str:
 
 def is_stray_temp(name: str, final_names: tuple[str, ...]) -> bool:
     """Whether ``name`` is a leftover of an :func:`atomic_path` write to one of ``final_names`` that was killed (a
-    file, or the folder of :func:`save_safetensors`)."""
+    file, or the folder of :func:`save_safetensors`), or of a writer's own atomic write to such a temporary name
+    (a run's module, written inside :func:`atomic_paths` with the LoRA beside it)."""
     for final in final_names:
         prefix = f".{final}."
         tmp = (".tmp", ".tmp" + Path(final).suffix)  # atomic_paths(keep_suffix=True) keeps the suffix
@@ -265,7 +267,11 @@ def is_stray_temp(name: str, final_names: tuple[str, ...]) -> bool:
             middle = name[len(prefix) : -len(end)] if name.startswith(prefix) and name.endswith(end) else ""
             if len(middle) == 8 and all(c in "0123456789abcdef" for c in middle):
                 return True
-    return False
+    inner = _WRITE_TO.fullmatch(name)
+    return bool(inner) and is_stray_temp(inner[1], final_names)
+
+
+_WRITE_TO = re.compile(r"\.(\..+)\.[0-9a-f]{8}\.tmp.*")  # an atomic write's name for a target that is one itself
 
 
 SAFETENSORS_FOLDER, _WRITTEN = ".d", "tensors.safetensors"

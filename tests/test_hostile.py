@@ -894,6 +894,10 @@ def killed(tensors, filename, metadata=None):  # what safetensors 0.8 does, and 
     Path(filename).with_name(".tmpAb3dEf").write_bytes(b"half a file")
     os._exit(9)
 safetensors.torch.save_file = killed
+if sys.argv[2:] == ["nested"]:  # a run's export: the module is written inside atomic_paths, with the LoRA beside it
+    from lvdm.fileio import atomic_paths
+    with atomic_paths([Path(sys.argv[1])], keep_suffix=True) as (outer,), atomic_path(outer) as temp:
+        save_safetensors({"w": torch.zeros(2)}, temp)
 with atomic_path(Path(sys.argv[1])) as temp:
     save_safetensors({"w": torch.zeros(2)}, temp)
 """
@@ -911,17 +915,22 @@ def test_what_a_kill_leaves_is_lvdms_and_goes(tmp_path, capsys):
 
     out = tmp_path / "run"
     _fake_run(out, checkpoint=True, marker=True)
-    killed = subprocess.run([sys.executable, "-c", KILLED_WRITE, str(out / "temporal.safetensors")], timeout=120)
-    assert killed.returncode == 9
-    (leftover,) = [p for p in out.iterdir() if p.name.startswith(".temporal")]
-    assert is_stray_temp(leftover.name, ("temporal.safetensors",)) and (leftover / ".tmpAb3dEf").is_file()
+    for how in ("plain", "nested"):
+        killed = subprocess.run([sys.executable, "-c", KILLED_WRITE, out / "temporal.safetensors", how], timeout=120)
+        assert killed.returncode == 9
+    leftovers = [p for p in out.iterdir() if p.name.startswith((".temporal", "..temporal"))]
+    assert len(leftovers) == 2 and all((leftover / ".tmpAb3dEf").is_file() for leftover in leftovers)
+    assert all(is_stray_temp(leftover.name, ("temporal.safetensors",)) for leftover in leftovers), leftovers
+    assert not is_stray_temp("..notes.txt.1a2b3c4d.tmp.d", ("temporal.safetensors",))  # the control
     assert not list(out.glob(".tmp*"))  # safetensors' half file is inside lvdm's folder, not beside it
     step = out / "samples" / "step-00000001"
     (step / ".00.gif.1a2b3c4d.tmp").write_bytes(b"")  # a validation gif's write, killed
     (step / ".notes.1a2b3c4d.tmp").write_bytes(b"")  # the control: not a name lvdm writes there
     with pytest.raises(LvdmError, match="notes"):
         prepare_output_dir(out, resume=None, overwrite=True)
-    assert not leftover.exists() and not (step / ".00.gif.1a2b3c4d.tmp").exists()  # refused, lvdm's leftovers gone
+    assert (
+        not any(p.exists() for p in leftovers) and not (step / ".00.gif.1a2b3c4d.tmp").exists()
+    )  # refused, ours gone
     assert (step / ".notes.1a2b3c4d.tmp").exists() and (out / "checkpoints" / "checkpoint-00000001").is_dir()
     (step / ".notes.1a2b3c4d.tmp").unlink()
     prepare_output_dir(out, resume=None, overwrite=True)
