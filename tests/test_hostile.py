@@ -827,6 +827,36 @@ def test_a_folder_of_event_files_you_put_in_tensorboard_is_yours(tmp_path):
     assert not (out / "tensorboard").exists()
 
 
+def test_resuming_never_writes_through_a_link_or_over_a_file_of_yours(tmp_path):
+    """A sample folder linked to yours had your 00.mp4 and 00.gif replaced by the resumed run's samples; a linked
+    log.jsonl was appended to, a config.yaml without lvdm's header replaced. The control: the same run resumes."""
+    from lvdm.errors import LvdmError
+    from lvdm.training.run_dir import prepare_output_dir
+    from lvdm.training.run_lock import release_run
+
+    out, yours = tmp_path / "run", tmp_path / "yours"
+    yours.mkdir()
+    (yours / "00.mp4").write_bytes(b"my video")
+    (yours / "log.jsonl").write_text("")
+    _fake_run(out, checkpoint=True, marker=True)
+    prepare_output_dir(out, resume="auto", overwrite=False)  # the control
+    release_run(out)
+    attacks = {
+        "samples/step-00000002": lambda path: path.symlink_to(yours, target_is_directory=True),
+        "log.jsonl": lambda path: (path.unlink(), path.symlink_to(yours / "log.jsonl")),
+        "config.yaml": lambda path: path.write_text("my notes\n"),
+    }
+    for name, attack in attacks.items():
+        before = (out / name).read_bytes() if name == "config.yaml" else None
+        attack(out / name)
+        with pytest.raises(LvdmError, match=f"resuming would write through or over {out / name}"):
+            prepare_output_dir(out, resume="auto", overwrite=False)
+        (out / name).unlink()
+        if before is not None:
+            (out / name).write_bytes(before)
+    assert (yours / "00.mp4").read_bytes() == b"my video" and (yours / "log.jsonl").read_text() == ""
+
+
 def test_a_run_that_failed_before_its_first_checkpoint_does_not_block_the_next(tmp_path, capsys):
     from lvdm.training.run_dir import prepare_output_dir
     from lvdm.training.run_lock import release_run

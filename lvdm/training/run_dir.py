@@ -144,6 +144,7 @@ def _prepare_locked(output_dir: Path, *, resume: str | None, overwrite: bool, co
         metadata = verify_checkpoint(found)
         compare_on_resume(metadata.get("config", {}) | {"world_size": metadata.get("world_size")}, config)
     if found is not None:
+        _refuse_written_through(output_dir)
         dropped = truncate_log(output_dir / "log.jsonl", checkpoint_step(found))
         if dropped:
             notice(f"log.jsonl: dropped {dropped} records after step {checkpoint_step(found)} (they are redone)")
@@ -163,6 +164,20 @@ def _tidy(output_dir: Path) -> None:
         raise CheckpointError(f"cannot recover interrupted checkpoints in {root}: {exc}") from exc
     for path in recovered:
         notice(f"recovered checkpoint {path} (its save was interrupted just before its final rename)")
+
+
+def _refuse_written_through(output_dir: Path) -> None:
+    """On resume: what the run writes again must be lvdm's own, not a link it would write through (a sample folder
+    linked to yours: your videos were replaced) nor a file of yours under one of its names (replaced too)."""
+    samples = output_dir / "samples"
+    linked = [output_dir / name for name in RUN_FILES + RUN_FOLDERS if (output_dir / name).is_symlink()]
+    if samples.is_dir() and not samples.is_symlink():
+        linked += [path for path in samples.iterdir() if path.is_symlink()]
+    other = [output_dir / name for name in RUN_FILES if (output_dir / name).is_file() and
+             not (output_dir / name).is_symlink() and not _looks_like_ours(output_dir / name)]  # fmt: skip
+    if linked or other:
+        shown = ", ".join([f"{path} (a link)" for path in linked] + [f"{path} (not lvdm's)" for path in other])
+        raise LvdmError(f"output_dir {output_dir}: resuming would write through or over {shown}; move it away")
 
 
 def refuse_special_folder(output_dir: Path) -> None:
