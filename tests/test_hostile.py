@@ -857,6 +857,23 @@ def test_resuming_never_writes_through_a_link_or_over_a_file_of_yours(tmp_path):
     assert (yours / "00.mp4").read_bytes() == b"my video" and (yours / "log.jsonl").read_text() == ""
 
 
+def test_a_newer_checkpoint_folder_that_is_not_one_is_named_not_passed_over(tmp_path):
+    """Without its COMPLETE (or a link, or a file) the newest checkpoint folder was skipped in silence: the run
+    cut its log back, trained to that step and failed to save there. The control: moved away, the run resumes."""
+    from lvdm.errors import CheckpointError
+    from lvdm.training.run_dir import resolve_resume
+
+    out = tmp_path / "run"
+    _fake_run(out, checkpoint=True, marker=True)
+    newer = out / "checkpoints" / "checkpoint-00000004"
+    for make in (lambda: newer.mkdir(), lambda: newer.symlink_to(tmp_path), lambda: newer.write_text("")):
+        make()
+        with pytest.raises(CheckpointError, match="checkpoint-00000004 is newer than the newest complete checkpoint"):
+            resolve_resume(out, "auto")
+        newer.rmdir() if newer.is_dir() and not newer.is_symlink() else newer.unlink()
+    assert resolve_resume(out, "auto").name == "checkpoint-00000001"
+
+
 def test_a_run_that_failed_before_its_first_checkpoint_does_not_block_the_next(tmp_path, capsys):
     from lvdm.training.run_dir import prepare_output_dir
     from lvdm.training.run_lock import release_run

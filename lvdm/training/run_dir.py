@@ -39,7 +39,7 @@ import uuid
 from pathlib import Path
 from typing import Any
 
-from lvdm.errors import CheckpointError, ConfigError, LvdmError
+from lvdm.errors import CheckpointError, LvdmError
 from lvdm.fileio import first_missing, is_stray_temp, remove_made_folders, remove_stray_temp, special_folder
 from lvdm.training.checkpoint import (
     MARKER,
@@ -57,6 +57,7 @@ from lvdm.training.checkpoint import (
 )
 from lvdm.training.checkpoint_files import _read_marker as read_checkpoint_marker
 from lvdm.training.logs import truncate_log
+from lvdm.training.resume_config import compare_on_resume
 from lvdm.training.run_lock import (
     RUN_MARKER,
     _entries,
@@ -80,23 +81,6 @@ _PROBE = re.compile(r"\.write-probe-\w+")
 _SAMPLE = re.compile(r"(image_mode_)?\d{2,}(_image)?\.(mp4|gif|png)")  # validation.write_videos, objectives
 _SAMPLE_DIR = re.compile(r"step-\d{8}")
 _TEMP_OF = re.compile(r"\.(.+)\.[0-9a-f]{8}\.tmp.*")  # fileio.atomic_path's names: the final name first
-
-# Config keys that change parameter shapes or what a step means: resuming with them changed is an error.
-FIXED_ON_RESUME = (
-    "model.base",
-    "model.layout",
-    "model.attention_depth",
-    "model.attention_heads",
-    "model.conv_kernel",
-    "model.spatial_lora_rank",
-    "model.unfreeze",
-    "data.num_frames",
-    "data.resolution",
-    "train.batch_size",
-    "train.gradient_accumulation",
-    "train.seed",
-    "train.target",
-)
 
 
 def checkpoint_root(output_dir: Path) -> Path:
@@ -395,6 +379,7 @@ def resolve_resume(output_dir: Path, resume: str | None) -> Path | None:
     if resume in ("auto", "latest"):
         complete = list_checkpoints(root)
         if complete:
+            _refuse_newer_unfinished(resume, complete[-1])
             return _newest_intact(complete)
         material = checkpoint_material(root)
         if material:
@@ -415,6 +400,20 @@ def resolve_resume(output_dir: Path, resume: str | None) -> Path | None:
     found = find_checkpoint(root, path)
     check_resumable(found)
     return found
+
+
+def _refuse_newer_unfinished(resume: str, newest: Path) -> None:
+    """A ``checkpoint-<step>`` past the newest complete one that is none (no COMPLETE, a link, a file: lvdm's saves
+    never leave one) was passed over in silence; the run then trained up to its step and could not save there."""
+    step = checkpoint_step(newest)
+    newer = [path for path in checkpoint_material(newest.parent) if not path.name.startswith(TMP_PREFIX) and
+             checkpoint_step(path) > step]  # fmt: skip
+    if newer:
+        raise CheckpointError(
+            f"train.resume={resume}: {newer[0]} is newer than the newest complete checkpoint but is not one (no "
+            f"{MARKER} in it, or not a folder); lvdm does not fall back by itself: move it away, or resume from "
+            f"train.resume={newest}"
+        )
 
 
 def _newest_intact(complete: list[Path]) -> Path:
@@ -461,32 +460,3 @@ def check_resumable(path: Path) -> None:
     if counters["step"] != metadata["step"]:
         step = metadata["step"]
         raise CheckpointError(f"{path / 'trainer.pt'}: step {counters['step']} but the checkpoint is step {step}")
-
-
-def compare_on_resume(saved: dict[str, Any], current: dict[str, Any]) -> None:
-    """Error on changed shape-affecting keys; a one-line note for every other change (lr, max_steps, ...).
-
-    A key the checkpoint lacks is a setting added to lvdm since it was written; its default keeps the old
-    behaviour, so it is not a change."""
-    changed = {key: (a, b) for key, (a, b) in _flat_pairs(saved, current).items() if a != b and a is not _ABSENT}
-    fixed = {key: pair for key, pair in changed.items() if key in FIXED_ON_RESUME}
-    if fixed:
-        lines = [f"{key}: {a!r} in the checkpoint, {b!r} now" for key, (a, b) in sorted(fixed.items())]
-        raise ConfigError("cannot resume with changed settings:\n  " + "\n  ".join(lines))
-    for key, (a, b) in sorted(changed.items()):
-        if not key.startswith("train.resume"):
-            notice(f"resuming with {key} changed: {a!r} -> {b!r}")
-
-
-_ABSENT = object()  # a key the saved config does not have
-
-
-def _flat_pairs(saved: dict[str, Any], current: dict[str, Any], prefix: str = "") -> dict[str, tuple[Any, Any]]:
-    pairs = {}
-    for key in set(saved) | set(current):
-        a, b = saved.get(key, _ABSENT), current.get(key)
-        if isinstance(a, dict) and isinstance(b, dict):
-            pairs.update(_flat_pairs(a, b, f"{prefix}{key}."))
-        else:
-            pairs[f"{prefix}{key}"] = (a, b)
-    return pairs
