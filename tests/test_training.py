@@ -319,6 +319,12 @@ def test_a_run_killed_while_validating_validates_that_step_again_when_resumed(ti
           progress=False)  # fmt: skip
     records = [r for r in read_log(tmp_path / "run" / "log.jsonl") if "samples_frame_change" in r]
     assert [r["step"] for r in records] == [2, 3]  # step 2's validation, once, then the final one
+    before = read_log(tmp_path / "run" / "log.jsonl")
+    train(load_config([], tiny_overrides(tiny_assets, tmp_path / "run", **extra, **{"train.resume": "auto"})),
+          progress=False)  # fmt: skip
+    # resumed at its last step it validates that step again: its figures once in the log (they were twice)
+    assert [{k: v for k, v in r.items() if k != "seconds"} for r in read_log(tmp_path / "run" / "log.jsonl")] == [
+        {k: v for k, v in r.items() if k != "seconds"} for r in before]  # fmt: skip
     assert sorted(p.name for p in (tmp_path / "run" / "samples" / "step-00000002").iterdir()) == [
         "00.gif", "00.mp4", "image_mode_00.gif", "image_mode_00.mp4"]  # fmt: skip
 

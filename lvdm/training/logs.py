@@ -127,12 +127,16 @@ def last_step(path: Path) -> int | None:
     return max(steps) if steps else None
 
 
-def truncate_log(path: Path, step: int) -> int:
-    """Keep only the records of steps up to ``step`` (a resume from that checkpoint); returns how many were dropped."""
+def truncate_log(path: Path, step: int, *, validates_again: bool = False) -> int:
+    """Keep only the records of steps up to ``step`` (a resume from that checkpoint); returns how many were dropped.
+    ``validates_again``: the run validates ``step`` once more (its last step, validated after its checkpoint was
+    saved), so that step's validation records go too (they were logged twice)."""
     if not path.exists():
         return 0
     lines = path.read_text(encoding="utf-8", errors="replace").splitlines()
     kept = [r for r in _records(path) if type(r.get("step")) is int and r["step"] <= step]
+    if validates_again:  # a step's training record has its loss; validation's figures do not
+        kept = [r for r in kept if r["step"] < step or "loss" in r]
     if len(kept) == len(lines):
         return 0
     with atomic_path(path) as temp:

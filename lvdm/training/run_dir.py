@@ -129,7 +129,8 @@ def _prepare_locked(output_dir: Path, *, resume: str | None, overwrite: bool, co
         compare_on_resume(metadata.get("config", {}) | {"world_size": metadata.get("world_size")}, config)
     if found is not None:
         _refuse_written_through(output_dir)
-        dropped = truncate_log(output_dir / "log.jsonl", checkpoint_step(found))
+        again = config is not None and checkpoint_step(found) >= config["train"]["max_steps"]  # _finish validates
+        dropped = truncate_log(output_dir / "log.jsonl", checkpoint_step(found), validates_again=again)
         if dropped:
             notice(f"log.jsonl: dropped {dropped} records after step {checkpoint_step(found)} (they are redone)")
         _write_marker(output_dir, _adopted_marker(output_dir))
