@@ -14,6 +14,7 @@ The frame rate is stored exactly as a fraction: ``7.5`` -> 15/2, ``29.97`` -> 29
 from __future__ import annotations
 
 import os
+import re
 from collections.abc import Callable
 from fractions import Fraction
 from pathlib import Path
@@ -134,7 +135,9 @@ def write_frames(
 ) -> list[Path]:
     """Write one PNG per frame, ``folder/{prefix}_00000.png`` ... (created if needed), each atomically.
 
-    Files from an earlier, longer write to the same folder are left in place.
+    The frames replace an earlier write's (``exclusive``: an existing frame is an error instead): frames of a longer
+    video written there before, named as this names them, are removed, so that the folder holds this video (an
+    ``--overwrite`` with fewer frames kept the old ones past its end). Anything else in the folder is left.
     """
     frames = _as_frames(frames)
     digits = max(5, len(str(len(frames) - 1)))
@@ -144,6 +147,10 @@ def write_frames(
         with atomic_path(path, exclusive=exclusive) as temp:
             Image.fromarray(rgb).save(temp, format="PNG")
         paths.append(path)
+    named, written = re.compile(rf"{re.escape(prefix)}_\d{{5,}}\.png"), {path.name for path in paths}
+    for entry in [] if exclusive else os.scandir(folder):
+        if named.fullmatch(entry.name) and entry.name not in written and entry.is_file(follow_symlinks=False):
+            os.unlink(entry.path)
     return paths
 
 

@@ -111,6 +111,12 @@ def test_png_frames(tmp_path: Path) -> None:
     for path, frame in zip(paths, frames, strict=True):
         assert np.array_equal(np.asarray(Image.open(path)), frame)  # lossless
     assert write_frames(frames[:1], tmp_path / "other", prefix="x")[0].name == "x_00000.png"
+    (tmp_path / "frames" / "notes.txt").write_text("mine")
+    (tmp_path / "frames" / "x_00007.png").write_bytes(b"mine")  # not a name this write uses
+    # fewer frames over more: the old frames past the new end went on showing as part of the video
+    assert [p.name for p in write_frames(frames[:2], tmp_path / "frames")] == ["frame_00000.png", "frame_00001.png"]
+    assert sorted(p.name for p in (tmp_path / "frames").iterdir()) == [
+        "frame_00000.png", "frame_00001.png", "notes.txt", "x_00007.png"]  # fmt: skip
 
 
 def test_save_media_dispatch(tmp_path: Path) -> None:
