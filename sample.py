@@ -247,6 +247,29 @@ def _check_context(args: argparse.Namespace, image_mode: bool) -> None:
             raise ConfigError(
                 f"--upscaler {args.upscaler}: not an x4 upscaler folder (a diffusers StableDiffusionUpscalePipeline)"
             )
+        if args.upscaler_temporal is not None:
+            _check_upscaler_module_family(args.upscaler_temporal, Path(args.upscaler))
+
+
+def _check_upscaler_module_family(module: str, upscaler: Path) -> None:
+    """A module made for another base than the upscaler was refused only when the upscaler loaded, after the first
+    stage had sampled and written its video; the two families are read from the module's header and the upscaler's
+    UNet config (what cannot be read here, the loading names)."""
+    from types import SimpleNamespace
+
+    from lvdm.fileio import read_json
+    from lvdm.models.animatediff import is_motion_module
+    from lvdm.models.family import base_family
+    from lvdm.models.temporal_file import read_temporal_metadata
+
+    made_for = None if is_motion_module(module) else read_temporal_metadata(module).get("base_family")
+    try:
+        family = base_family(SimpleNamespace(**read_json(upscaler / "unet" / "config.json")))
+    except (OSError, ValueError, TypeError, AttributeError):
+        return
+    if made_for is not None and made_for != family:
+        raise ConfigError(f"--upscaler-temporal {module}: made for base family {made_for!r}, the upscaler's is "
+                          f"{family!r}; give a module trained on the upscaler (train.target: upscale)")  # fmt: skip
 
 
 def _check_module_context(args: argparse.Namespace, flag: str) -> None:

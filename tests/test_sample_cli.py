@@ -265,15 +265,17 @@ def test_mistakes_found_only_when_loading_are_refused_before_it(files, tmp_path,
     base loaded the working folder, and a --base-config beside a folder base was ignored. Each control, the same
     command put right, reaches the reading of the base's weights."""
     from lvdm.errors import ConfigError
-    from lvdm.models import loading, single_file
+    from lvdm.models import VideoUNet, load_base, loading, single_file
     from lvdm.testing.upscaler import make_tiny_upscaler
 
     def reached(*args, **kwargs):
         raise ConfigError("reached the loading")
 
+    x4 = make_tiny_upscaler(tmp_path / "x4", seed=0)
+    upscaler, for_x4 = ["--upscaler", str(x4), "--upscaler-temporal"], tmp_path / "x4.safetensors"
+    VideoUNet.from_unet2d(load_base(x4).unet).save_temporal(for_x4)  # a module made for the upscaler
     monkeypatch.setattr(loading, "_load_folder", reached)  # where a base's weights are read
     monkeypatch.setattr(single_file, "load_single_file", reached)
-    upscaler = ["--upscaler", str(make_tiny_upscaler(tmp_path / "x4", seed=0)), "--upscaler-temporal"]
     sidecar = tmp_path / "v.mp4.json"
     fast = ["--prompt", "a kite", "--frames", "2", "--steps", "1", "--out", str(tmp_path / "out.mp4")]
     a, b, config_a = ["--base", str(files["a"])], ["--base", str(files["b"])], ["--base-config", str(files["a"])]
@@ -283,8 +285,10 @@ def test_mistakes_found_only_when_loading_are_refused_before_it(files, tmp_path,
         ({"base": str(files["a"])}, two, [], ["--negative-prompt", "blur"], "negative_prompt: got 2 for 1 prompts"),
         ({"base": str(files["a"])}, {}, config_a, [*b, *config_a], "goes with a single-file base"),
         ({"base": str(files["b"]), "base_config": str(files["a"])}, {}, a, [], ""),  # the recorded one is not taken
-        ({"base": str(files["a"])}, {}, [*upscaler, str(files["broken_lora"])], [*upscaler, str(files["module"])],
+        ({"base": str(files["a"])}, {}, [*upscaler, str(files["broken_lora"])], [*upscaler, str(for_x4)],
          "not a readable safetensors file"),
+        ({"base": str(files["a"])}, {}, [*upscaler, str(files["module"])], [*upscaler, str(for_x4)],
+         "made for base family"),  # the text-to-video module: found after the first stage had written its video
     ):  # fmt: skip
         sidecar.write_text(json.dumps({"prompt": "a kite", "settings": settings, "model": model}))
         if message:
