@@ -45,24 +45,30 @@ def main(argv: list[str]) -> None:
     from lvdm.outputs import output_folder, plan_outputs
 
     parser = Parser(description=__doc__.split("\n\n")[0])
-    parser.add_argument("--base", default="outputs/demo/base")
-    parser.add_argument("--temporal", default="outputs/demo/context/temporal.safetensors")
+    parser.add_argument("--base", help="default: outputs/demo/base")
+    parser.add_argument(
+        "--temporal", help="a module with context frames; default: outputs/demo/context/temporal.safetensors"
+    )
     parser.add_argument("--prompt", default="a red disc moving down")
     parser.add_argument("--frames", type=int, default=None, help="default: 3x the module's training length")
     parser.add_argument("--context-frames", type=int, default=2)
     parser.add_argument("--context-guidance", type=float, default=1.0)
-    parser.add_argument("--steps", type=int, default=25)
+    parser.add_argument("--steps", type=int, default=None, help="default: 25 (3 with --tiny)")
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--out", default="outputs/long_video")
     parser.add_argument("--overwrite", action="store_true", help="replace long.mp4 and smooth.mp4 (default: refuse)")
     parser.add_argument("--tiny", action="store_true", help="build tiny random models in a temp folder and use them")
     args = parser.parse_args(argv)
+    if args.tiny and (args.base or args.temporal):
+        parser.error("--tiny builds its own models: drop --base and --temporal")
+    if args.steps is not None and args.steps < 1:  # before anything is built or loaded
+        parser.error(f"--steps must be at least 1, got {args.steps}")
+    args.steps = args.steps if args.steps is not None else 3 if args.tiny else 25  # --steps 0: the pipeline refuses
     for name in ("long.mp4", "smooth.mp4"):  # before anything is built or loaded; a file of yours is never replaced
         plan_outputs(output_folder(args.out) / name, [args.prompt], overwrite=args.overwrite)
     with tempfile.TemporaryDirectory() as tmp:
         if args.tiny:
             args.base, args.temporal = tiny_models(Path(tmp))
-            args.steps = 3
         run(args)
 
 
@@ -73,11 +79,17 @@ def run(args: argparse.Namespace) -> None:
     from lvdm import VideoPipeline
     from lvdm.context_sampling import rollout_chunks, seam_changes
     from lvdm.errors import ConfigError
+    from lvdm.sampling_settings import temporal_defaults
 
+    args.base = args.base or "outputs/demo/base"
+    args.temporal = args.temporal or "outputs/demo/context/temporal.safetensors"
+    hint = "train the demo module: python train.py --config configs/demo_context.yaml"
     for path in (args.base, args.temporal):
         if not Path(path).exists():
-            hint = "train the demo module: python train.py --config configs/demo_context.yaml"
             raise ConfigError(f"{path} does not exist ({hint})")
+    if not temporal_defaults(args.temporal)["has_context"]:  # found after the long video was written, then
+        raise ConfigError(f"{args.temporal} takes no context frames, which the rollout and the interpolation need "
+                          f"({hint})")  # fmt: skip
     out = Path(args.out)
     pipe = VideoPipeline.from_pretrained(args.base, temporal=args.temporal)
     length = pipe.defaults["num_frames"]

@@ -47,13 +47,17 @@ def main(argv: list[str]) -> None:
     parser.add_argument("--base", help="SD base: a diffusers folder or a single-file checkpoint")
     parser.add_argument("--temporal", help="temporal module from training")
     parser.add_argument("--prompts", help="a text file, one prompt per line (default: three built-in prompts)")
-    parser.add_argument("--steps", type=int, default=25)
+    parser.add_argument("--steps", type=int, default=None, help="default: 25 (3 with --tiny)")
     parser.add_argument("--out", default="outputs/prompt_list")
     parser.add_argument("--overwrite", action="store_true", help="replace videos already in --out (default: refuse)")
     parser.add_argument("--tiny", action="store_true", help="build tiny random models in a temp folder and use them")
     args = parser.parse_args(argv)
+    if args.tiny and (args.base or args.temporal):
+        parser.error("--tiny builds its own models: drop --base and --temporal")
     if not args.tiny and not (args.base and args.temporal):
         parser.error("give --base and --temporal, or --tiny")
+    if args.steps is not None and args.steps < 1:  # before anything is built or loaded
+        parser.error(f"--steps must be at least 1, got {args.steps}")
     prompts = read_prompts(args.prompts) if args.prompts else PROMPTS
     out = output_folder(args.out)
     for i, prompt in enumerate(prompts):  # before anything loads; a file of yours in --out is never replaced
@@ -64,7 +68,7 @@ def main(argv: list[str]) -> None:
         base, temporal = tiny_models(Path(tmp)) if args.tiny else (args.base, args.temporal)
         device, dtype = ("cuda", "fp16") if torch.cuda.is_available() else (None, None)
         pipe = VideoPipeline.from_pretrained(base, temporal=temporal, device=device, dtype=dtype)
-        steps = 3 if args.tiny else args.steps
+        steps = args.steps if args.steps is not None else 3 if args.tiny else 25  # --steps 0: the pipeline refuses it
         for i, prompt in enumerate(prompts):
             videos = pipe(prompt, num_videos_per_prompt=2, seed=1000 * i, num_inference_steps=steps)
             written = videos.save(out / f"{i:02d}.mp4", overwrite=args.overwrite)  # two videos: numbered

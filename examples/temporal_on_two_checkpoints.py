@@ -57,10 +57,16 @@ def main(argv: list[str]) -> None:
     parser.add_argument("--prompt", default="a lighthouse on a cliff, stormy sea, waves")
     parser.add_argument("--out", default="outputs/two_checkpoints")
     parser.add_argument("--overwrite", action="store_true", help="replace GIFs already in --out (default: refuse)")
+    parser.add_argument("--steps", type=int, default=None, help="default: 25 (3 with --tiny)")
     parser.add_argument("--tiny", action="store_true", help="build tiny random models in a temp folder and use them")
     args = parser.parse_args(argv)
+    if args.tiny and (args.temporal or args.checkpoint or args.base_config or args.lora):
+        parser.error("--tiny builds its own models: drop --temporal, --checkpoint, --base-config and --lora")
     if not args.tiny and (not args.temporal or len(args.checkpoint) < 2):
         parser.error("give --temporal and two --checkpoint (with --base-config), or --tiny")
+    if args.steps is not None and args.steps < 1:  # before anything is built or loaded
+        parser.error(f"--steps must be at least 1, got {args.steps}")
+    steps = args.steps if args.steps is not None else 3 if args.tiny else 25  # --steps 0: the pipeline refuses it
     out = output_folder(args.out)
     outputs = [out / f"{Path(name).stem}.gif" for name in (TINY_CHECKPOINTS if args.tiny else args.checkpoint)]
     if len(set(outputs)) < len(outputs):  # a/model.safetensors and b/model.safetensors: one GIF for both
@@ -76,7 +82,7 @@ def main(argv: list[str]) -> None:
                 checkpoint, base_config=files["base_config"], temporal=files["temporal"], loras=loras,
                 device=device, dtype=dtype,
             )  # fmt: skip
-            video = pipe(args.prompt, seed=0, num_inference_steps=3 if args.tiny else 25)
+            video = pipe(args.prompt, seed=0, num_inference_steps=steps)
             [path] = video.save(output, overwrite=args.overwrite)
             print(f"{checkpoint}: {path}")
 

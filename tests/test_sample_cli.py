@@ -157,6 +157,21 @@ def test_examples_run_offline_on_tiny_models(script, tmp_path, command, monkeypa
             assert refused.returncode == 2 and refused.stderr.count("\n") == 1, refused.stderr[-2000:]
             assert message in refused.stderr, refused.stderr
     assert {p: p.read_bytes() for p in written} == before and (tmp_path / "a_file").read_text() == "mine"
+    # --tiny took no --steps (0 and 100000 ran 3) and ignored the models given beside it
+    for flags, message in ((["--steps", "0"], "--steps must be at least 1"),
+                           (["--temporal", "x.safetensors"], "--tiny builds its own")):  # fmt: skip
+        refused = command(REPO / "examples" / script, "--tiny", "--out", tmp_path / "new", *flags, cwd=tmp_path)
+        assert refused.returncode == 2 and refused.stderr.count("\n") == 1 and message in refused.stderr, (
+            refused.stderr
+        )
+
+
+def test_the_long_video_example_refuses_a_module_without_context_before_sampling(files, tmp_path, command):
+    """It sampled and wrote long.mp4, printed seam figures of a video made in one pass, then failed to interpolate."""
+    refused = command(REPO / "examples" / "long_video.py", "--base", files["a"], "--temporal", files["module"],
+                      "--steps", "1", "--out", tmp_path / "out")  # fmt: skip
+    assert refused.returncode == 2 and refused.stderr.count("\n") == 1, refused.stderr
+    assert "takes no context frames" in refused.stderr and not (tmp_path / "out").exists()
 
 
 # ------------------------------------------------------------------------------------------------ in-process CLI
