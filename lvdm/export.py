@@ -107,7 +107,12 @@ def _build(config: dict[str, Any], base: Any, base_config: Any) -> tuple[Any, di
         raise ConfigError(f"the checkpoint's model.base {recorded} does not exist here ({where}); give the base "
                           "with --base")  # fmt: skip
     model |= {"base_config": str(base_config)} if base_config is not None else {}
-    cfg = config_from_dict(config | {"model": model, "data": config["data"] | {"cache": None}})
+    try:
+        cfg = config_from_dict(config | {"model": model, "data": config["data"] | {"cache": None}})
+    except ConfigError as exc:  # the checkpoint's record, not the command line: one line, as its other faults
+        raise CheckpointError(
+            f"the checkpoint's config is not one lvdm can build: {' '.join(str(exc).split())}"
+        ) from None
     video, _, trainable = build_model(cfg, torch.device("cpu"), "no")
     return video, trainable
 

@@ -120,6 +120,18 @@ def test_metadata_nested_deeper_than_python_recurses_is_a_damaged_checkpoint(run
         export_checkpoint(folder, tmp_path / "out.safetensors")
 
 
+def test_an_impossible_config_in_a_checkpoint_is_one_line_naming_the_checkpoint(run, tmp_path, command):
+    """It was the config check's several lines, exit 2, as for a mistake on the command line."""
+    import json
+
+    metadata = json.loads((checkpoint(run, 3) / "metadata.json").read_text())
+    metadata["config"]["data"]["num_frames"] = 10**9
+    folder = tampered(run, tmp_path, files={"metadata.json": json.dumps(metadata).encode()})
+    result = command("-m", "lvdm.export", folder, tmp_path / "out.safetensors")
+    assert result.returncode == 1 and result.stderr.count("\n") == 1, result.stderr
+    assert "the checkpoint's config is not one lvdm can build: " in result.stderr and "num_frames" in result.stderr
+
+
 def test_a_foreign_pickle_in_a_checkpoint_is_one_line_and_does_not_run(run, tmp_path):
     """torch's two-line warning about the pickle's protocol came before the error line."""
     import io
