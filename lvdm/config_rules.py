@@ -158,7 +158,8 @@ def _task_problems(cfg: Config) -> list[str]:
     context_tasks = sorted(name for name in TASKS[1:] if train.tasks.get(name, 0) > 0)
     if context_tasks and not cfg.model.context:
         problems.append(f"train.tasks: {', '.join(context_tasks)} need(s) context frames: set model.context=true")
-    bad = [n for n in train.predict_frames if not 0 <= n < frames]
+    predicts = train.tasks.get("predict", 0) > 0  # the counts are drawn for every clip, but used only by predict
+    bad = [n for n in train.predict_frames if not 0 <= n < frames] if predicts else []
     if not train.predict_frames or bad:
         problems.append(
             f"train.predict_frames: each must be 0 .. {frames - 1} (fewer than data.num_frames), got "

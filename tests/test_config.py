@@ -607,3 +607,15 @@ def test_a_flood_of_problems_lists_the_first_forty(tmp_path: Path) -> None:
     lines = str(info.value).splitlines()
     assert len(info.value.problems) > 40 and len(lines) == 42, lines[:3]
     assert lines[-1] == f"  ... and {len(info.value.problems) - 40} more"
+
+
+def test_predict_frames_is_checked_only_when_the_predict_task_is_on():
+    """``data.num_frames=2`` on a text-to-video run was refused over ``train.predict_frames`` (its default [0, 1, 2]),
+    an option of a task the run does not train."""
+    for files in ([], [Path(__file__).resolve().parents[1] / "configs" / "t2v_sd15.yaml"]):
+        for frames in (1, 2):
+            assert load_config(files, [*MINIMAL, f"data.num_frames={frames}"]).data.num_frames == frames
+    predict = [*MINIMAL, "data.num_frames=2", "model.context=true", "train.tasks={text: 1, predict: 1}"]
+    with pytest.raises(ConfigError, match=r"train.predict_frames: each must be 0 \.\. 1 .*got \[0, 1, 2\]"):
+        load_config([], predict)  # the control: with the predict task on, the same value is still refused
+    assert load_config([], [*predict, "train.predict_frames=[0,1]"]).train.predict_frames == [0, 1]
