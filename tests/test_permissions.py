@@ -175,3 +175,48 @@ def test_an_unreadable_cache_shard_or_decoder_file_is_named_so(shared, cached): 
     (decoder / "diffusion_pytorch_model.safetensors").chmod(0)
     kind, message, _ = unprivileged(_read_weights, decoder, "dec", False)
     assert message.endswith("diffusion_pytorch_model.safetensors: Permission denied"), message
+
+
+def test_unwritable_run_subfolders_are_refused_before_any_training(shared, tiny_assets):
+    """``chmod 555 RUN/checkpoints`` then ``train.resume=auto`` trained every step before "cannot write
+    checkpoints", and an unwritable ``samples/`` failed after the final checkpoint: the start-up check covers the
+    run's subfolders that exist, in one line, before any training. (``train.py`` runs as a process of its own, as
+    root without the capabilities that override file modes: training in a forked child hangs, and ``nobody`` cannot
+    reach the interpreter.)"""
+    import subprocess
+    import sys
+
+    from conftest import tiny_overrides
+
+    from lvdm.config import load_config
+    from lvdm.training.trainer import train
+
+    assets = {name: shutil.copytree(tiny_assets[name], shared / name) for name in ("base", "clips")}
+    for path in [shared, *shared.rglob("*")]:
+        path.chmod(0o755 if path.is_dir() else 0o644)
+    run, repo = shared / "run", Path(__file__).resolve().parents[1]
+    extra = {"train.validate_every": 2, "train.validation_prompts": "[a cat]", "train.validation_steps": 2}
+    train(load_config([], tiny_overrides(assets, run, **extra, **{"train.max_steps": 2})), progress=False)
+    log = (run / "log.jsonl").read_text()
+    caps = "-dac_override,-dac_read_search"  # root without them: the modes bite, as for anyone else
+    as_user = ["setpriv", "--bounding-set", caps, "--inh-caps", caps] if os.geteuid() == 0 else []
+    if as_user and not shutil.which("setpriv"):
+        pytest.skip("root without setpriv cannot drop the capabilities that override file modes")
+    resume = [*as_user, sys.executable, repo / "train.py", "train.resume=auto",
+              *tiny_overrides(assets, run, **extra, **{"train.max_steps": 4})]  # fmt: skip
+    env = {**os.environ, "PYTHONPATH": str(repo), "OMP_NUM_THREADS": "1"}
+
+    def resumed() -> subprocess.CompletedProcess:
+        return subprocess.run(resume, capture_output=True, text=True, env=env, cwd=shared, timeout=300)
+
+    folders = [run / name for name in ("checkpoints", "samples", "tensorboard") if (run / name).is_dir()]
+    assert folders[:2] == [run / "checkpoints", run / "samples"], folders
+    for sub in folders:
+        sub.chmod(0o555)
+        done = resumed()
+        assert done.returncode == 1, (done.returncode, done.stderr[-2000:])
+        assert done.stderr.strip().splitlines()[-1] == f"error: folder {sub} is not writable: Permission denied"
+        assert (run / "log.jsonl").read_text() == log  # refused before a step was trained
+        sub.chmod(0o755)
+    done = resumed()  # the control: writable again, it resumes to the end
+    assert done.returncode == 0 and (run / "checkpoints" / "checkpoint-00000004").is_dir(), done.stderr[-2000:]

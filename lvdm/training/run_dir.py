@@ -108,6 +108,9 @@ def prepare_output_dir(
     refuse_special_folder(output_dir)
     try:
         check_writable(output_dir)
+        for name in RUN_FOLDERS:  # lvdm's own that exist are written into too, first at the end of a step
+            if (output_dir / name).is_dir() and not (output_dir / name).is_symlink():
+                check_writable(output_dir / name)
         lock_run(output_dir).made_folder = made
         try:
             _prepare_locked(output_dir, resume=resume, overwrite=overwrite, config=config)
