@@ -269,8 +269,8 @@ def test_json_nested_too_deep_or_with_huge_numbers_is_one_clear_error(tmp_path):
     from lvdm.fileio import read_json
     from lvdm.outputs import read_sidecar
 
-    deep, huge = "[" * 100000 + "]" * 100000, "9" * 5000
-    for number, row in enumerate((f'{{"video": "a.mp4", "caption": {deep}}}', f'{{"video": "a.mp4", "fps": {huge}}}')):
+    deep = "[" * 100000 + "]" * 100000  # a number of 5000 digits: a bad row (see the test at the end)
+    for number, row in enumerate((f'{{"video": "a.mp4", "caption": {deep}}}',)):
         (tmp_path / f"m{number}.jsonl").write_text(row + "\n", encoding="utf-8")
         with pytest.raises(DataError, match="line 1: not valid JSON"):
             manifest_source(tmp_path / f"m{number}.jsonl")
@@ -307,3 +307,21 @@ def test_a_folder_that_cannot_be_listed_is_a_bad_entry_and_an_unlistable_root_an
         folder_source(tmp_path / "locked")
     monkeypatch.setattr(os, "scandir", real)  # the control: listable, its clip is listed
     assert [e.path.name for e in folder_source(tmp_path)] == ["a.mp4", "b.mp4"]
+
+
+def test_a_json_row_with_a_number_of_5000_digits_is_that_rows_problem(tmp_path):
+    """Valid JSON that Python will not read (an int past its 4300-digit limit, as an ``fps``) made the whole manifest
+    fatal, with Python's "use sys.set_int_max_str_digits()" advice; a bad row now, like an oversized CSV field."""
+    from lvdm.errors import DataError
+
+    (tmp_path / "m.jsonl").write_text(
+        '{"video": "a.mp4", "caption": "fine", "fps": 24}\n'
+        f'{{"video": "b.mp4", "caption": "huge", "fps": {"9" * 5000}}}\n'
+        '{"video": "c.mp4", "caption": "after", "fps": -12}\n',
+        encoding="utf-8",
+    )
+    problems = [entry.problem for entry in manifest_source(tmp_path / "m.jsonl")]
+    assert problems == [None, "unreadable JSON row: line 2, a number of 5000 digits", None], problems
+    (tmp_path / "bad.jsonl").write_text('{"video": "a.mp4", "caption": "fine"}\n{"video": \n', encoding="utf-8")
+    with pytest.raises(DataError, match="line 2: not valid JSON"):  # the control: JSON that is not JSON stays fatal
+        manifest_source(tmp_path / "bad.jsonl")

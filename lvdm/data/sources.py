@@ -232,10 +232,23 @@ def _csv_rows(text: str, delimiter: str) -> list[dict]:
     return rows
 
 
+class _HugeNumber(Exception):
+    """A JSON integer past Python's limit on the digits ``int()`` reads: valid JSON, a bad row."""
+
+
+def _json_int(digits: str) -> int:
+    try:
+        return int(digits)
+    except ValueError:
+        raise _HugeNumber(len(digits.lstrip("-"))) from None
+
+
 def _json_row(path: Path, number: int, line: str) -> dict:
     try:
-        row = json.loads(line)
-    except (ValueError, RecursionError) as exc:  # also a number of 5000 digits, an array nested 100000 deep
+        row = json.loads(line, parse_int=_json_int)
+    except _HugeNumber as exc:  # as an oversized CSV field: that row's problem, not the listing's
+        return {_PROBLEM: f"unreadable JSON row: line {number}, a number of {exc.args[0]} digits"}
+    except (ValueError, RecursionError) as exc:  # also an array nested 100000 deep
         raise DataError(f"{path} line {number}: not valid JSON ({getattr(exc, 'msg', None) or exc})") from None
     if not isinstance(row, dict):
         raise DataError(f"{path} line {number}: expected a JSON object, got {type(row).__name__}")
