@@ -358,7 +358,7 @@ def resolved_path(path: str | os.PathLike) -> Path | None:
 
 def special_folder(path: str | os.PathLike) -> str | None:
     """Why ``path`` may never be a run folder (``/``, a file-system root or mount point, the home folder or a
-    folder above it), or None."""
+    folder above it, a folder in ``/proc`` or ``/sys``), or None."""
     resolved = resolved_path(path)
     if resolved is None:
         return "a link that loops"
@@ -369,6 +369,9 @@ def special_folder(path: str | os.PathLike) -> str | None:
         return "a file-system root"
     if home.is_relative_to(resolved):
         return "a folder above your home folder"
+    for kernel in (Path("/proc"), Path("/sys")):  # procfs, sysfs: no file can be made there ("No such file")
+        if resolved.is_relative_to(kernel):
+            return f"inside {kernel}, the kernel's own file system, where no file can be made"
     return None
 
 

@@ -619,3 +619,12 @@ def test_predict_frames_is_checked_only_when_the_predict_task_is_on():
     with pytest.raises(ConfigError, match=r"train.predict_frames: each must be 0 \.\. 1 .*got \[0, 1, 2\]"):
         load_config([], predict)  # the control: with the predict task on, the same value is still refused
     assert load_config([], [*predict, "train.predict_frames=[0,1]"]).train.predict_frames == [0, 1]
+
+
+def test_an_output_dir_in_the_kernels_proc_or_sys_is_refused_saying_so(tmp_path):
+    """``output_dir=/proc/self`` passed the config check, then said "not writable: No such file or directory"."""
+    for folder in ("/proc/self", "/proc/1/task", "/sys/kernel"):
+        with pytest.raises(ConfigError, match=f"output_dir: '{folder}' is inside /(proc|sys), the kernel's own"):
+            load_config([], [*MINIMAL, f"output_dir={folder}"])
+    for folder in (tmp_path / "proc", tmp_path / "sys" / "run"):  # the control: folders of those names elsewhere
+        assert load_config([], [*MINIMAL, f"output_dir={folder}"]).output_dir == str(folder)
