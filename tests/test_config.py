@@ -628,3 +628,16 @@ def test_an_output_dir_in_the_kernels_proc_or_sys_is_refused_saying_so(tmp_path)
             load_config([], [*MINIMAL, f"output_dir={folder}"])
     for folder in (tmp_path / "proc", tmp_path / "sys" / "run"):  # the control: folders of those names elsewhere
         assert load_config([], [*MINIMAL, f"output_dir={folder}"]).output_dir == str(folder)
+
+
+def test_a_one_frame_text_to_video_run_trains_and_validates_to_the_end(tmp_path, tiny_assets):
+    """Once ``data.num_frames=1`` passed the config check, the run trained every step and then failed in its final
+    validation ("frame metrics need at least 2 frames"): one frame has no figures between frames."""
+    from conftest import tiny_overrides
+
+    from lvdm.training.trainer import train
+
+    extra = {"data.num_frames": 1, "train.max_steps": 2, "train.validation_prompts": "[a cat]"}
+    result = train(load_config([], tiny_overrides(tiny_assets, tmp_path / "run", **extra)), progress=False)
+    assert result.temporal_path.is_file() and (tmp_path / "run" / "samples" / "step-00000002" / "00.gif").is_file()
+    assert not any("frame_change" in line for line in (tmp_path / "run" / "log.jsonl").read_text().splitlines())

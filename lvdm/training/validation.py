@@ -316,14 +316,16 @@ def render_validation(
         videos = render_videos(model_fn, frozen, prompts, image_mode=image_mode, **render)
         out.files += write_videos(videos, out_dir, fps=fps, prefix=prefix)
         out.videos[kind] = videos
-        out.figures |= {f"{kind}_{k}": v for k, v in frame_metrics(videos).items()}
+        if videos.shape[1] > 1:  # data.num_frames=1: no consecutive frames to compare
+            out.figures |= {f"{kind}_{k}": v for k, v in frame_metrics(videos).items()}
     return out
 
 
 def clip_figures(batches: list[dict[str, Any]]) -> dict[str, float]:
-    """``clips_frame_change`` / ``clips_frame_correlation`` of the held-out clips (none from a latent cache)."""
+    """``clips_frame_change`` / ``clips_frame_correlation`` of the held-out clips (none from a latent cache or of
+    one-frame clips)."""
     clips = clip_frames(batches)
-    return {f"clips_{k}": v for k, v in frame_metrics(clips).items()} if len(clips) else {}
+    return {f"clips_{k}": v for k, v in frame_metrics(clips).items()} if len(clips) and clips.shape[1] > 1 else {}
 
 
 def gif_summary(tag: str, videos: np.ndarray, *, fps: float = 8.0) -> Any:
