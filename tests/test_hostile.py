@@ -9,6 +9,7 @@ lists what these check. Attacks that fail before a model loads are batched and r
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import json
 import math
@@ -1166,3 +1167,90 @@ def test_the_in_process_command_shows_what_the_command_would(tmp_path, monkeypat
     assert os.environ["TRANSFORMERS_VERBOSITY"] == "info" and "DIFFUSERS_VERBOSITY" not in os.environ
     with pytest.raises(ValueError, match="a bug"):
         command(tmp_path / "noisy_command.py", "bug")
+
+
+def test_a_lock_file_that_is_not_lvdms_is_refused_and_never_written_through(trained, tiny_assets, tmp_path, command):
+    """``.lvdm-lock`` was opened with O_CREAT and followed: a link there made a fresh run and a resume truncate the
+    file it named and write the holder into it (exit 0), a dangling one made its target, a folder was an
+    IsADirectoryError traceback, a FIFO an OSError (Errno 22) from ftruncate, and 4096 bytes of ``[`` and ``]`` a
+    RecursionError. Each is refused in one line naming it, and nothing in it or behind it is written. The
+    control: with it moved away both runs go ahead."""
+    victim = tmp_path / "victim.txt"
+    victim.write_text("precious")
+    resumed = copy_run(trained, tmp_path, "resumed")
+    (resumed / ".lvdm-lock").unlink()
+    (resumed / ".lvdm-lock").symlink_to(victim)
+    before = snapshot(resumed)
+    makers = {
+        "link": lambda lock: lock.symlink_to(victim),
+        "dangling": lambda lock: lock.symlink_to(tmp_path / "nowhere"),
+        "folder": lambda lock: lock.mkdir(),
+        "fifo": lambda lock: os.mkfifo(lock),
+        "hard": lambda lock: os.link(victim, lock),
+        "nested": lambda lock: lock.write_text("[" * 2048 + "]" * 2048),
+        "a user's": lambda lock: lock.write_text("mine"),
+    }
+    runs = [(resumed, {"train.resume": "auto", "train.max_steps": 3}, "a link")]
+    for name, make in makers.items():
+        (tmp_path / name).mkdir()
+        make(tmp_path / name / ".lvdm-lock")
+        runs.append((tmp_path / name, {}, ""))
+    for out, extra, kind in runs:
+        result = command(*train_args(tiny_assets, out, **extra))
+        one_line_error(result, 1, f"{out / '.lvdm-lock'} is {kind}", "not lvdm's lock file")
+        assert victim.read_text() == "precious" and not (tmp_path / "nowhere").exists()
+    assert snapshot(resumed) == before
+    for name in makers:
+        assert [p.name for p in (tmp_path / name).iterdir()] == [".lvdm-lock"], name
+    assert (tmp_path / "a user's" / ".lvdm-lock").read_text() == "mine"
+    for out, extra, _ in runs[:2]:
+        (out / ".lvdm-lock").unlink()
+        result = command(*train_args(tiny_assets, out, **extra))
+        assert result.returncode == 0 and (out / "temporal.safetensors").exists(), result.stderr[-2000:]
+    assert victim.read_text() == "precious"
+
+
+class Hung(Exception):
+    """Raised by the alarm of :func:`no_hang`: a bug's exception, which ``command`` lets through to fail the test."""
+
+
+@contextlib.contextmanager
+def no_hang(seconds: int):
+    """An in-process call that would wait forever on a FIFO is stopped after ``seconds``: a failure, not a hang."""
+
+    def ring(signum, frame):
+        raise Hung(f"still waiting after {seconds} s")
+
+    previous = signal.signal(signal.SIGALRM, ring)
+    signal.alarm(seconds)
+    try:
+        yield
+    finally:
+        signal.alarm(0)
+        signal.signal(signal.SIGALRM, previous)
+
+
+def test_lvdms_run_files_as_pipes_or_nested_json_are_one_line_not_a_hang(trained, tiny_assets, tmp_path, command):
+    """A resume read ``.lvdm-run.json`` and ``log.jsonl`` with ``read_text``: a FIFO by either name hung forever,
+    and ``[`` * 100000 + ``]`` * 100000 in either was a RecursionError traceback. A pipe is refused in one line
+    naming it and left as it is; nested JSON is junk like any other: the marker is one a run from before markers
+    lacked (the control, a marker of plain garbage, resumes alike) and the log line is dropped like one a crash cut
+    short."""
+    for name in (".lvdm-run.json", "log.jsonl"):
+        out = copy_run(trained, tmp_path, f"pipe {name}")
+        (out / name).unlink()
+        os.mkfifo(out / name)
+        with no_hang(60):
+            result = command(*train_args(tiny_assets, out, **{"train.resume": "auto", "train.max_steps": 3}))
+        one_line_error(result, 1, str(out / name), "not lvdm's")
+        assert (out / name).is_fifo() and not list((out / "checkpoints").glob("*3"))
+    nested, outcomes = "[" * 100000 + "]" * 100000, []
+    for name, text in ((".lvdm-run.json", "garbage"), (".lvdm-run.json", nested), ("log.jsonl", None)):
+        out = copy_run(trained, tmp_path, f"{name} {len(text or '')}")
+        (out / name).write_text(text or (out / "log.jsonl").read_text() + nested + "\n")
+        result = command(*train_args(tiny_assets, out, **{"train.resume": "auto", "train.max_steps": 3}))
+        assert result.returncode == 0 and (out / "checkpoints" / "checkpoint-00000003").exists(), result.stderr
+        assert "[[[" not in (out / "log.jsonl").read_text()
+        marker = json.loads((out / ".lvdm-run.json").read_text())
+        outcomes.append((marker["files"], [record["step"] for record in read_log(out / "log.jsonl")]))
+    assert outcomes[1] == outcomes[0] and outcomes[2][1] == outcomes[0][1], outcomes

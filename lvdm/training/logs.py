@@ -15,7 +15,7 @@ from pathlib import Path
 from typing import Any
 
 from lvdm.errors import LvdmError
-from lvdm.fileio import atomic_path
+from lvdm.fileio import atomic_path, read_bounded
 
 
 class RunLog:
@@ -101,15 +101,31 @@ def _plain(value: Any) -> Any:
     return value
 
 
-def _records(path: Path) -> list[dict[str, Any]]:
-    """The records of a ``log.jsonl``; a line cut short by a crash (not JSON) is left out."""
-    if not path.exists():
+MAX_LOG_BYTES = 1 << 30  # a line per logged step: millions of steps
+
+
+def _lines(path: Path) -> list[str]:
+    """The lines of a ``log.jsonl`` (none when there is none). A link, folder or pipe by its name is refused in one
+    line, not read: a FIFO would wait forever for a writer, and lvdm appends to this file."""
+    if not (path.exists() or path.is_symlink()):
         return []
+    if path.is_symlink() or not path.is_file():
+        raise LvdmError(f"{path} is not a regular file (a link, folder or pipe): not lvdm's log; move it away")
+    try:
+        data = read_bounded(path, MAX_LOG_BYTES, regular_only=True)
+    except OSError as exc:
+        raise LvdmError(f"{path} cannot be read ({exc.strerror or exc})") from exc
+    return data.decode("utf-8", errors="replace").splitlines()
+
+
+def _records(path: Path) -> list[dict[str, Any]]:
+    """The records of a ``log.jsonl``; a line cut short by a crash (not JSON, or nested past Python's recursion
+    limit) is left out."""
     records = []
-    for line in path.read_text(encoding="utf-8", errors="replace").splitlines():
+    for line in _lines(path):
         try:
             record = json.loads(line)
-        except ValueError:
+        except (ValueError, RecursionError):
             continue
         if isinstance(record, dict):
             records.append(record)
@@ -131,9 +147,9 @@ def truncate_log(path: Path, step: int, *, validates_again: bool = False) -> int
     """Keep only the records of steps up to ``step`` (a resume from that checkpoint); returns how many were dropped.
     ``validates_again``: the run validates ``step`` once more (its last step, validated after its checkpoint was
     saved), so that step's validation records go too (they were logged twice)."""
-    if not path.exists():
+    lines = _lines(path)
+    if not lines:
         return 0
-    lines = path.read_text(encoding="utf-8", errors="replace").splitlines()
     kept = [r for r in _records(path) if type(r.get("step")) is int and r["step"] <= step]
     if validates_again:  # a step's training record has its loss; validation's figures do not
         kept = [r for r in kept if r["step"] < step or "loss" in r]

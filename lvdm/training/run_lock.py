@@ -13,13 +13,14 @@ import atexit
 import json
 import os
 import socket
+import stat
 import sys
 import time
 from pathlib import Path
 from typing import Any
 
 from lvdm.errors import LvdmError
-from lvdm.fileio import atomic_path, remove_made_folders
+from lvdm.fileio import atomic_path, read_json, remove_made_folders
 
 try:
     import fcntl
@@ -48,8 +49,14 @@ def _entries(output_dir: Path, *, everything: bool = False) -> list[str]:
 
 
 def _read_marker(output_dir: Path) -> dict[str, Any] | None:
+    """The run marker, or None (missing, or not lvdm's JSON: nested too deep too). A link, folder or pipe by its
+    name is refused, not read: a FIFO would wait forever for a writer."""
+    path = output_dir / RUN_MARKER
+    kind = _not_a_file(path)
+    if kind:
+        raise LvdmError(f"{path} is {kind}, not lvdm's run marker; move it away or choose another output_dir")
     try:
-        marker = json.loads((output_dir / RUN_MARKER).read_text(encoding="utf-8"))
+        marker = read_json(path)
     except (OSError, ValueError):
         return None
     if not isinstance(marker, dict) or not isinstance(marker.get("files"), list):
@@ -82,8 +89,7 @@ class RunLock:
     def acquire(self) -> None:
         if fcntl is None:
             return
-        self.created = not self.path.exists()
-        fd = os.open(self.path, os.O_RDWR | os.O_CREAT, 0o644)
+        fd, self.created = _open_lock_file(self.path)
         try:
             fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
         except OSError:
@@ -94,6 +100,9 @@ class RunLock:
                 "wait for it to finish or stop it, or choose another output_dir"
             ) from None
         previous = _read_holder(fd)
+        if previous is None and os.fstat(fd).st_size:  # neither empty nor a holder: a file of the user's by that name
+            os.close(fd)
+            raise _not_lvdm_lock(self.path, "a file holding something else")
         if previous:
             notice(f"the previous run in {self.output_dir} ({_describe(previous)}) did not exit cleanly; taking over")
         holder = {"pid": os.getpid(), "host": socket.gethostname(), "started": time.strftime("%Y-%m-%d %H:%M:%S")}
@@ -122,10 +131,54 @@ class RunLock:
             remove_made_folders(self.output_dir, self.made_folder)
 
 
+def _open_lock_file(path: Path) -> tuple[int, bool]:
+    """``path`` opened for reading and writing, made if missing, and whether this call made it. Never through a
+    link, and only a regular file with no other name: lvdm truncates and writes its lock file, and anything else
+    there (a link to a user's file, a hard link, a folder, a FIFO) is not its to change."""
+    flags = os.O_RDWR | getattr(os, "O_NOFOLLOW", 0) | getattr(os, "O_NONBLOCK", 0)  # a FIFO: no wait for a peer
+    try:
+        try:
+            return os.open(path, flags | os.O_CREAT | os.O_EXCL, 0o644), True
+        except FileExistsError:  # a dangling link too: O_EXCL does not follow it
+            fd = os.open(path, flags)
+    except OSError as exc:
+        kind = _not_a_file(path)
+        if kind:
+            raise _not_lvdm_lock(path, kind) from None
+        raise LvdmError(f"cannot open the run lock {path}: {exc.strerror or exc}") from None
+    info = os.fstat(fd)
+    kind = _kind(info.st_mode) or ("a hard link to a file of another name" if info.st_nlink != 1 else None)
+    if kind:
+        os.close(fd)
+        raise _not_lvdm_lock(path, kind)
+    return fd, False
+
+
+def _not_a_file(path: Path) -> str | None:
+    """What ``path`` is when it is there but not a regular file ("a link", "a folder", ...), else None."""
+    try:
+        return _kind(os.lstat(path).st_mode)
+    except OSError:
+        return None
+
+
+def _kind(mode: int) -> str | None:
+    if stat.S_ISREG(mode):
+        return None
+    return "a link" if stat.S_ISLNK(mode) else "a folder" if stat.S_ISDIR(mode) else "a pipe, socket or device"
+
+
+def _not_lvdm_lock(path: Path, kind: str) -> LvdmError:
+    return LvdmError(
+        f"{path} is {kind}, not lvdm's lock file; lvdm neither writes through it nor removes it: move it away or "
+        "choose another output_dir"
+    )
+
+
 def _read_holder(fd: int) -> dict[str, Any] | None:
     try:
         holder = json.loads(os.pread(fd, 4096, 0) or b"null")
-    except (OSError, ValueError):
+    except (OSError, ValueError, RecursionError):  # 4096 bytes nest deeper than Python's recursion limit
         return None
     return holder if isinstance(holder, dict) else None
 
