@@ -18,7 +18,7 @@ import sys
 import tempfile
 from pathlib import Path
 
-from lvdm.cli import Parser, run_cli
+from lvdm.cli import Parser, example_steps, run_cli
 
 
 def tiny_models(folder: Path) -> tuple[Path, Path]:
@@ -61,9 +61,7 @@ def main(argv: list[str]) -> None:
     args = parser.parse_args(argv)
     if args.tiny and (args.base or args.temporal):
         parser.error("--tiny builds its own models: drop --base and --temporal")
-    if args.steps is not None and args.steps < 1:  # before anything is built or loaded
-        parser.error(f"--steps must be at least 1, got {args.steps}")
-    args.steps = args.steps if args.steps is not None else 3 if args.tiny else 25  # --steps 0: the pipeline refuses
+    args.steps = example_steps(parser, args.steps, tiny=args.tiny)
     for name in ("long.mp4", "smooth.mp4"):  # before anything is built or loaded; a file of yours is never replaced
         plan_outputs(output_folder(args.out) / name, [args.prompt], overwrite=args.overwrite)
     with tempfile.TemporaryDirectory() as tmp:

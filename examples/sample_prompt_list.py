@@ -14,7 +14,7 @@ import sys
 import tempfile
 from pathlib import Path
 
-from lvdm.cli import Parser, run_cli
+from lvdm.cli import Parser, example_steps, run_cli
 
 PROMPTS = ["a red panda eating bamboo", "waves crashing on a rocky shore", "clouds drifting over mountains"]
 
@@ -56,8 +56,7 @@ def main(argv: list[str]) -> None:
         parser.error("--tiny builds its own models: drop --base and --temporal")
     if not args.tiny and not (args.base and args.temporal):
         parser.error("give --base and --temporal, or --tiny")
-    if args.steps is not None and args.steps < 1:  # before anything is built or loaded
-        parser.error(f"--steps must be at least 1, got {args.steps}")
+    steps = example_steps(parser, args.steps, tiny=args.tiny)
     prompts = read_prompts(args.prompts) if args.prompts else PROMPTS
     out = output_folder(args.out)
     for i, prompt in enumerate(prompts):  # before anything loads; a file of yours in --out is never replaced
@@ -68,7 +67,6 @@ def main(argv: list[str]) -> None:
         base, temporal = tiny_models(Path(tmp)) if args.tiny else (args.base, args.temporal)
         device, dtype = ("cuda", "fp16") if torch.cuda.is_available() else (None, None)
         pipe = VideoPipeline.from_pretrained(base, temporal=temporal, device=device, dtype=dtype)
-        steps = args.steps if args.steps is not None else 3 if args.tiny else 25  # --steps 0: the pipeline refuses it
         for i, prompt in enumerate(prompts):
             videos = pipe(prompt, num_videos_per_prompt=2, seed=1000 * i, num_inference_steps=steps)
             written = videos.save(out / f"{i:02d}.mp4", overwrite=args.overwrite)  # two videos: numbered

@@ -14,7 +14,7 @@ import sys
 import tempfile
 from pathlib import Path
 
-from lvdm.cli import Parser, run_cli
+from lvdm.cli import Parser, example_steps, run_cli
 
 TINY_CHECKPOINTS = ("dreambooth_one.safetensors", "dreambooth_two.safetensors")
 
@@ -64,9 +64,7 @@ def main(argv: list[str]) -> None:
         parser.error("--tiny builds its own models: drop --temporal, --checkpoint, --base-config and --lora")
     if not args.tiny and (not args.temporal or len(args.checkpoint) < 2):
         parser.error("give --temporal and two --checkpoint (with --base-config), or --tiny")
-    if args.steps is not None and args.steps < 1:  # before anything is built or loaded
-        parser.error(f"--steps must be at least 1, got {args.steps}")
-    steps = args.steps if args.steps is not None else 3 if args.tiny else 25  # --steps 0: the pipeline refuses it
+    steps = example_steps(parser, args.steps, tiny=args.tiny)
     out = output_folder(args.out)
     outputs = [out / f"{Path(name).stem}.gif" for name in (TINY_CHECKPOINTS if args.tiny else args.checkpoint)]
     if len(set(outputs)) < len(outputs):  # a/model.safetensors and b/model.safetensors: one GIF for both

@@ -226,6 +226,14 @@ class Parser(argparse.ArgumentParser):
         (file or sys.stdout).write(self.format_help())
 
 
+def example_steps(parser: argparse.ArgumentParser, steps: int | None, *, tiny: bool) -> int:
+    """The examples' ``--steps``: given, or 25 (3 on ``--tiny``'s models); below 1 a usage error before anything is
+    built or loaded (``--tiny`` took none: 0 and 100000 both ran 3)."""
+    if steps is not None and steps < 1:
+        parser.error(f"--steps must be at least 1, got {steps}")
+    return steps if steps is not None else 3 if tiny else 25
+
+
 def device_and_dtype(device: str, dtype: str) -> tuple[str, str]:
     """The ``--device`` and ``--dtype`` of a sampling command: ``auto`` is cuda, else mps, else cpu, and fp16 on
     cuda, fp32 elsewhere; a device this machine lacks is a :class:`ConfigError`."""

@@ -98,12 +98,10 @@ def export_spatial_lora(video: Any, path: Path, *, exclusive: bool = False) -> P
 
     scales = {plain_name(name): module.scaling[LORA_ADAPTER] for name, module in video.unet.named_modules()
               if LORA_ADAPTER in (getattr(module, "scaling", None) or {})}  # fmt: skip
-    state = get_peft_model_state_dict(video.unet, adapter_name=LORA_ADAPTER)
-    state = {plain_name(name): tensor.detach().float().cpu() for name, tensor in state.items()}
-    for name in state:
-        if name.endswith(".lora_B.weight"):
-            state[name] = state[name] * scales[name.removesuffix(".lora_B.weight")]
-    state = {name: tensor.contiguous() for name, tensor in state.items()}
+    state = {plain_name(name): tensor.detach().float().cpu()
+             for name, tensor in get_peft_model_state_dict(video.unet, adapter_name=LORA_ADAPTER).items()}  # fmt: skip
+    state = {name: (tensor * scales[name.removesuffix(".lora_B.weight")] if name.endswith(".lora_B.weight") else
+                    tensor).contiguous() for name, tensor in state.items()}  # fmt: skip
     with atomic_path(path, exclusive=exclusive) as temp:
         StableDiffusionPipeline.save_lora_weights(temp.parent, unet_lora_layers=state, weight_name=temp.name)
     return path

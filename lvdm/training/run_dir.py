@@ -185,8 +185,8 @@ def _prepare_fresh(output_dir: Path, overwrite: bool) -> None:
     # a save killed before its rename is no checkpoint (_tidy recovered any that had finished)
     saved = [path for path in checkpoint_material(checkpoint_root(output_dir)) if not path.name.startswith(TMP_PREFIX)]
     # validation samples too: a finished run whose checkpoints and module were moved away is no crash at start-up
-    material = saved or any((output_dir / name).exists() for name in ("temporal.safetensors", "decoder"))
-    material = material or bool(_plain_folders(output_dir / "samples"))
+    material = saved or any((output_dir / name).exists() for name in ("temporal.safetensors", "decoder")) or bool(
+        _plain_folders(output_dir / "samples"))  # fmt: skip
     if material and not overwrite and not foreign:
         count = len(list_checkpoints(checkpoint_root(output_dir)))
         held = f"{count} checkpoints" if saved else "no checkpoints, but its module or validation samples"
