@@ -180,9 +180,11 @@ def test_an_unreadable_cache_shard_or_decoder_file_is_named_so(shared, cached): 
 def test_unwritable_run_subfolders_are_refused_before_any_training(shared, tiny_assets):
     """``chmod 555 RUN/checkpoints`` then ``train.resume=auto`` trained every step before "cannot write
     checkpoints", and an unwritable ``samples/`` failed after the final checkpoint: the start-up check covers the
-    run's subfolders that exist, in one line, before any training. (``train.py`` runs as a process of its own, as
-    root without the capabilities that override file modes: training in a forked child hangs, and ``nobody`` cannot
-    reach the interpreter.)"""
+    run's subfolders that exist, in one line, before any training; and the ``checkpoints/checkpoint-N`` and
+    ``samples/step-N`` folders the resumed run writes into again (an unwritable ``step-N`` failed after the final
+    save, and an unwritable ``checkpoint-N`` left its old files in a ``.tmp-checkpoint-*`` folder for good).
+    (``train.py`` runs as a process of its own, as root without the capabilities that override file modes: training
+    in a forked child hangs, and ``nobody`` cannot reach the interpreter.)"""
     import subprocess
     import sys
 
@@ -220,3 +222,34 @@ def test_unwritable_run_subfolders_are_refused_before_any_training(shared, tiny_
         sub.chmod(0o755)
     done = resumed()  # the control: writable again, it resumes to the end
     assert done.returncode == 0 and (run / "checkpoints" / "checkpoint-00000004").is_dir(), done.stderr[-2000:]
+    log = (run / "log.jsonl").read_text()
+    again = [run / "checkpoints" / "checkpoint-00000004", run / "samples" / "step-00000004"]  # saved, validated again
+    for sub in again:
+        sub.chmod(0o555)
+    done = resumed()  # at its last step
+    unwritable = "; ".join(f"folder {sub} is not writable: Permission denied" for sub in again)
+    assert done.returncode == 1, (done.returncode, done.stderr[-2000:])
+    said = done.stderr.strip().splitlines()[-1]
+    assert said == f"error: {unwritable} (a run resumed at step 4 writes into them again: make them writable)", said
+    assert (run / "log.jsonl").read_text() == log and not list((run / "checkpoints").glob(".tmp-*"))
+
+
+def test_a_resume_probes_the_step_folders_it_writes_into_again_and_only_those(tmp_path):
+    """Resumed at step 2 to 6: it validates at 4 and 6 (every 2) and saves at 3 and 6 (every 3, and the last);
+    step folders before, between or past those, or links, are not written (the same run resumed at 6, past its
+    last step, writes into step 6's alone)."""
+    from lvdm.training.resume_config import written_again
+
+    for name in ("samples/step-0000000{}", "checkpoints/checkpoint-0000000{}"):
+        for step in (1, 2, 3, 4, 5, 6, 7):
+            (tmp_path / name.format(step)).mkdir(parents=True)
+    (tmp_path / "samples" / "step-00000004").rmdir()
+    (tmp_path / "samples" / "step-00000004").symlink_to(tmp_path, target_is_directory=True)
+    (tmp_path / "samples" / "step-4").mkdir()  # not a name lvdm writes
+    train = {"max_steps": 6, "validate_every": 2, "checkpoint_every": 3}
+    found = [str(path.relative_to(tmp_path)) for path in written_again(tmp_path, 2, train)]
+    assert found == ["checkpoints/checkpoint-00000003", "checkpoints/checkpoint-00000006", "samples/step-00000006"]
+    found = [str(path.relative_to(tmp_path)) for path in written_again(tmp_path, 6, train)]
+    assert found == ["checkpoints/checkpoint-00000006", "samples/step-00000006"]
+    found = [str(path.relative_to(tmp_path)) for path in written_again(tmp_path, 7, train)]
+    assert found == ["checkpoints/checkpoint-00000007", "samples/step-00000007"]

@@ -1,11 +1,14 @@
 """What may change when a run resumes: settings that change parameter shapes or what a step means are refused,
-every other change is a one-line note."""
+every other change is a one-line note; and the folders a resumed run writes into again must be writable."""
 
 from __future__ import annotations
 
+import re
+from pathlib import Path
 from typing import Any
 
-from lvdm.errors import ConfigError
+from lvdm.errors import CheckpointError, ConfigError
+from lvdm.training.checkpoint import check_writable
 from lvdm.training.run_lock import notice
 
 # Config keys that change parameter shapes or what a step means: resuming with them changed is an error.
@@ -53,3 +56,41 @@ def _flat_pairs(saved: dict[str, Any], current: dict[str, Any], prefix: str = ""
         else:
             pairs[f"{prefix}{key}"] = (a, b)
     return pairs
+
+
+# ---------------------------------------------------------------------------------------------- written again
+
+_STEP_FOLDERS = {  # folder, its step folders' names, the setting that spaces its steps
+    "checkpoints": (re.compile(r"checkpoint-(\d{8})"), "checkpoint_every"),
+    "samples": (re.compile(r"step-(\d{8})"), "validate_every"),
+}
+
+
+def written_again(output_dir: Path, step: int, train: dict[str, Any]) -> list[Path]:
+    """The existing ``checkpoints/checkpoint-N`` and ``samples/step-N`` folders (not links) a run resumed at ``step``
+    writes into again: it saves and validates at each ``checkpoint_every`` / ``validate_every`` step it trains and
+    at its last one, ``max_steps``; resumed at (or past) that, it saves and validates its own step again."""
+    last, found = train["max_steps"], []
+    for name, (pattern, every) in _STEP_FOLDERS.items():
+        folder = output_dir / name
+        names = sorted(path.name for path in folder.iterdir()) if folder.is_dir() and not folder.is_symlink() else []
+        for match in filter(None, map(pattern.fullmatch, names)):
+            k, path = int(match[1]), folder / match[0]
+            again = k == step if step >= last else step < k <= last and (k % train[every] == 0 or k == last)
+            found += [path] if again and path.is_dir() and not path.is_symlink() else []
+    return found
+
+
+def check_written_again(output_dir: Path, step: int, train: dict[str, Any]) -> None:
+    """:func:`~lvdm.training.checkpoint.check_writable` on each folder a run resumed at ``step`` writes into again
+    (:func:`written_again`); every one that fails is named in one :class:`CheckpointError`."""
+    failed = []
+    for folder in written_again(output_dir, step, train):
+        try:
+            check_writable(folder)
+        except CheckpointError as exc:
+            failed.append(str(exc))
+    if failed:
+        them = "it" if len(failed) == 1 else "them"
+        raise CheckpointError(f"{'; '.join(failed)} (a run resumed at step {step} writes into {them} again: make "
+                              f"{them} writable)")  # fmt: skip

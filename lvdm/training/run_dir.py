@@ -57,7 +57,7 @@ from lvdm.training.checkpoint import (
 )
 from lvdm.training.checkpoint_files import _read_marker as read_checkpoint_marker
 from lvdm.training.logs import truncate_log
-from lvdm.training.resume_config import compare_on_resume
+from lvdm.training.resume_config import check_written_again, compare_on_resume
 from lvdm.training.run_lock import (
     RUN_MARKER,
     _entries,
@@ -132,6 +132,8 @@ def _prepare_locked(output_dir: Path, *, resume: str | None, overwrite: bool, co
         compare_on_resume(metadata.get("config", {}) | {"world_size": metadata.get("world_size")}, config)
     if found is not None:
         _refuse_written_through(output_dir)
+        if config is not None:  # an unwritable one was found after training, at its first save or validation there
+            check_written_again(output_dir, checkpoint_step(found), config["train"])
         again = config is not None and checkpoint_step(found) >= config["train"]["max_steps"]  # _finish validates
         dropped = truncate_log(output_dir / "log.jsonl", checkpoint_step(found), validates_again=again)
         if dropped:
