@@ -311,6 +311,43 @@ def remove_stray_temp(path: Path) -> None:
         path.rmdir()
 
 
+WRITE_PROBE, _PROBE_TEXT = ".write-probe-", b"lvdm write probe\n"
+_PROBE_NAME = re.compile(re.escape(WRITE_PROBE) + r"[a-z0-9_]{8}")  # mkstemp's 8 characters after the prefix
+
+
+def probe_writable(folder: Path) -> None:
+    """Write, fsync and delete a probe file (``.write-probe-1a2b3c4d``) in ``folder``; the ``OSError`` if it fails.
+    A kill leaves it, which :func:`remove_write_probes` knows by its name and text."""
+    fd, probe = tempfile.mkstemp(prefix=WRITE_PROBE, dir=folder)
+    try:
+        os.write(fd, _PROBE_TEXT)
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+        with contextlib.suppress(FileNotFoundError):  # removed meanwhile by the run that holds the folder's lock
+            os.unlink(probe)
+
+
+def is_write_probe(path: Path) -> bool:
+    """Whether ``path`` is a probe file a killed :func:`probe_writable` left: a regular file of its name holding the
+    start of its text (a file of yours that only starts with ``.write-probe-`` is not)."""
+    if not _PROBE_NAME.fullmatch(path.name) or path.is_symlink() or not path.is_file():
+        return False
+    try:
+        return _PROBE_TEXT.startswith(read_bounded(path, len(_PROBE_TEXT), regular_only=True))
+    except OSError:
+        return False
+
+
+def remove_write_probes(folder: Path) -> None:
+    """Delete the :func:`is_write_probe` files in ``folder``, nothing else; none where it cannot be listed or written
+    (the start-up check then names the folder)."""
+    with contextlib.suppress(OSError):
+        for name in os.listdir(folder):
+            if _PROBE_NAME.fullmatch(name) and is_write_probe(folder / name):
+                (folder / name).unlink()
+
+
 def first_missing(path: str | os.PathLike) -> Path | None:
     """The highest folder of ``path`` (made absolute) that is not there, which making ``path`` would make; None when
     ``path`` is there (a link counts)."""

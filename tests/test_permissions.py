@@ -253,3 +253,63 @@ def test_a_resume_probes_the_step_folders_it_writes_into_again_and_only_those(tm
     assert found == ["checkpoints/checkpoint-00000006", "samples/step-00000006"]
     found = [str(path.relative_to(tmp_path)) for path in written_again(tmp_path, 7, train)]
     assert found == ["checkpoints/checkpoint-00000007", "samples/step-00000007"]
+
+
+def _marked_run(out: Path) -> None:
+    """A run folder of lvdm's (its marker) with a checkpoint, a validation sample and a TensorBoard file: no model."""
+    from lvdm.training.checkpoint import save_checkpoint
+    from lvdm.training.run_dir import prepare_output_dir
+    from lvdm.training.run_lock import release_run
+
+    prepare_output_dir(out, resume=None, overwrite=False)
+    save_checkpoint(out / "checkpoints", 1, {"trainable": {"w": torch.zeros(2)}})
+    (out / "samples" / "step-00000001").mkdir(parents=True)
+    (out / "samples" / "step-00000001" / "00.mp4").write_bytes(b"video")
+    (out / "tensorboard").mkdir()
+    (out / "tensorboard" / "events.out.tfevents.1.host.1.0").write_bytes(b"events")
+    release_run(out)
+
+
+def test_what_a_killed_writability_probe_leaves_is_lvdms_and_goes(tmp_path):
+    """A kill during the start-up check leaves its ``.write-probe-<8 characters>`` file in a folder it probes: in the
+    run's subfolders (and the step folders a resume probes) nothing removed it, and ``train.overwrite=true`` was
+    refused for good ("files lvdm did not write"); one left in a new folder, killed at its first probe, refused
+    every run there. Only lvdm's probe goes, known by its name and its text: a file or folder of yours named
+    ``.write-probe-...`` stays (the top-level ones were deleted, a folder by overwrite)."""
+    from lvdm.errors import LvdmError
+    from lvdm.training.run_dir import prepare_output_dir
+    from lvdm.training.run_lock import release_run
+
+    out = tmp_path / "run"
+    _marked_run(out)
+    folders = ["", "checkpoints", "checkpoints/checkpoint-00000001", "samples", "samples/step-00000001", "tensorboard"]
+
+    def killed_probes() -> list[Path]:  # killed before, during and after writing its text
+        probes = [out / where / f".write-probe-{i}b_x9z0q" for i, where in enumerate(folders)]
+        for i, probe in enumerate(probes):
+            probe.write_bytes(b"lvdm write probe\n"[: (0, 8, 17)[i % 3]])
+        return probes
+
+    probes = killed_probes()
+    yours = [out / ".write-probe-notes", out / "samples" / "step-00000001" / ".write-probe-ab12cd34"]
+    yours[0].mkdir()
+    (yours[0] / "a.txt").write_text("mine")
+    yours[1].write_text("my notes")
+    prepare_output_dir(out, resume="auto", overwrite=False)
+    release_run(out)
+    assert not any(probe.exists() for probe in probes) and all(path.exists() for path in yours)
+    probes = killed_probes()
+    with pytest.raises(LvdmError, match="write-probe-notes.*write-probe-ab12cd34"):
+        prepare_output_dir(out, resume=None, overwrite=True)
+    assert (out / "checkpoints" / "checkpoint-00000001").is_dir() and (yours[0] / "a.txt").exists()
+    shutil.rmtree(yours[0])
+    yours[1].unlink()
+    prepare_output_dir(out, resume=None, overwrite=True)  # the control: lvdm's alone, so it clears the run
+    release_run(out)
+    assert sorted(path.name for path in out.iterdir()) == [".lvdm-lock", ".lvdm-run.json"]
+    new = tmp_path / "new"
+    new.mkdir()
+    (new / ".write-probe-x1y2z3w4").write_bytes(b"lvdm write")
+    prepare_output_dir(new, resume=None, overwrite=False)
+    release_run(new)
+    assert sorted(path.name for path in new.iterdir()) == [".lvdm-lock", ".lvdm-run.json"]

@@ -44,7 +44,7 @@ from pathlib import Path
 from typing import Any
 
 from lvdm.errors import CheckpointError
-from lvdm.fileio import umask
+from lvdm.fileio import probe_writable, umask
 from lvdm.training.checkpoint_files import (
     _NAME,
     MARKER,
@@ -454,13 +454,7 @@ def check_writable(root: str | os.PathLike, *, min_free_bytes: int = 0) -> None:
         raise CheckpointError(f"{root} is a link to {os.readlink(root)}, which does not exist: make that folder first")
     try:
         root.mkdir(parents=True, exist_ok=True)
-        fd, probe = tempfile.mkstemp(prefix=".write-probe-", dir=root)
-        try:
-            os.write(fd, b"lvdm write probe\n")
-            os.fsync(fd)
-        finally:
-            os.close(fd)
-            os.unlink(probe)
+        probe_writable(root)
         free = shutil.disk_usage(root).free
     except OSError as e:
         raise CheckpointError(f"folder {root} is not writable: {e.strerror or e}") from e

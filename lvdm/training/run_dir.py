@@ -40,7 +40,14 @@ from pathlib import Path
 from typing import Any
 
 from lvdm.errors import CheckpointError, LvdmError
-from lvdm.fileio import first_missing, is_stray_temp, remove_made_folders, remove_stray_temp, special_folder
+from lvdm.fileio import (
+    first_missing,
+    is_stray_temp,
+    remove_made_folders,
+    remove_stray_temp,
+    remove_write_probes,
+    special_folder,
+)
 from lvdm.training.checkpoint import (
     MARKER,
     OUR_FILE,
@@ -77,7 +84,6 @@ DECODER_FILES = ("config.json", "diffusion_pytorch_model.safetensors")  # lvdm.m
 CONFIG_HEADER = "# Resolved lvdm config"
 REFUSAL = "lvdm refuses to write a run there: give a new folder such as outputs/run"
 _SKIPPED_RANK = re.compile(r"skipped\.rank\d+\.jsonl")
-_PROBE = re.compile(r"\.write-probe-\w+")
 _SAMPLE = re.compile(r"(image_mode_)?\d{2,}(_image)?\.(mp4|gif|png)")  # validation.write_videos, objectives
 _SAMPLE_DIR = re.compile(r"step-\d{8}")
 _TEMP_OF = re.compile(r"\.(.+)\.[0-9a-f]{8}\.tmp.*")  # fileio.atomic_path's names: the final name first
@@ -124,6 +130,7 @@ def prepare_output_dir(
 
 
 def _prepare_locked(output_dir: Path, *, resume: str | None, overwrite: bool, config: dict[str, Any] | None) -> None:
+    remove_write_probes(output_dir)  # a killed start-up check's, lvdm's by name and text: a new folder's too
     if (output_dir / RUN_MARKER).exists() or resume is not None:
         _tidy(output_dir)  # renames and deletes only lvdm's temporary names; a user's folder is refused untouched
     found = resolve_resume(output_dir, resume)
@@ -222,9 +229,10 @@ def _clear(output_dir: Path, entries: list[str]) -> None:
 
 def _remove_stray_temp_files(output_dir: Path) -> None:
     """Half-written exports and validation samples of a killed run (``.temporal.safetensors.1a2b3c4d.tmp``,
-    ``samples/step-00000010/.00.gif.1a2b3c4d.tmp``)."""
+    ``samples/step-00000010/.00.gif.1a2b3c4d.tmp``), and the start-up check's probe files in the folders it probes
+    (``checkpoints/checkpoint-00000010/.write-probe-1a2b3c4d``)."""
     for name in _entries(output_dir, everything=True):
-        if is_stray_temp(name, RUN_FILES + (RUN_MARKER,)) or _PROBE.fullmatch(name):
+        if is_stray_temp(name, RUN_FILES + (RUN_MARKER,)):
             remove_stray_temp(output_dir / name)
     samples, decoder = output_dir / "samples", output_dir / "decoder"
     folders = [folder for folder in _plain_folders(samples) if _SAMPLE_DIR.fullmatch(folder.name)]
@@ -232,6 +240,9 @@ def _remove_stray_temp_files(output_dir: Path) -> None:
         for path in folder.iterdir():
             if _sample_temp(path.name) or (folder == decoder and is_stray_temp(path.name, DECODER_FILES)):
                 remove_stray_temp(path)
+    checkpoints = [p for p in _plain_folders(checkpoint_root(output_dir)) if re.fullmatch(r"checkpoint-\d{8}", p.name)]
+    for folder in [p for p in _plain_folders(output_dir) if p.name in RUN_FOLDERS] + folders + checkpoints:
+        remove_write_probes(folder)
 
 
 def _plain_folders(parent: Path, name: str | None = None) -> list[Path]:
@@ -264,7 +275,7 @@ def _unproven(output_dir: Path, entries: list[str], listed: set[str] | None) -> 
     for name in entries:
         path = output_dir / name
         in_list = listed is None or name in listed or (_SKIPPED_RANK.fullmatch(name) and "skipped.jsonl" in listed)
-        if (is_stray_temp(name, RUN_FILES + (RUN_MARKER,)) and not path.is_dir()) or _PROBE.fullmatch(name):
+        if is_stray_temp(name, RUN_FILES + (RUN_MARKER,)) and not path.is_dir():
             continue  # a killed run's half-written file (a folder of one is gone by now, unless a user's is in it)
         if path.is_symlink() or not in_list:
             foreign.append(path)
