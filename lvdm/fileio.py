@@ -348,6 +348,17 @@ def remove_write_probes(folder: Path) -> None:
                 (folder / name).unlink()
 
 
+def undeletable(path: Path) -> tuple[Path, str] | None:
+    """Where ``shutil.rmtree(path)`` would stop part-way and why: the first folder in it (``path`` too) that cannot
+    be listed, or that holds something and is not writable; None for a tree that can go (an empty folder needs only
+    its parent writable) and for a file or link (its folder decides)."""
+    failed: list[OSError] = []
+    for parent, dirs, files in os.walk(path, onerror=failed.append) if path.is_dir() and not path.is_symlink() else ():
+        if (dirs or files) and not os.access(parent, os.W_OK | os.X_OK):
+            return Path(parent), "is not writable"
+    return (Path(failed[0].filename), f"cannot be listed ({failed[0].strerror})") if failed else None
+
+
 def first_missing(path: str | os.PathLike) -> Path | None:
     """The highest folder of ``path`` (made absolute) that is not there, which making ``path`` would make; None when
     ``path`` is there (a link counts)."""

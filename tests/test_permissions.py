@@ -215,10 +215,13 @@ def test_unwritable_run_subfolders_are_refused_before_any_training(shared, tiny_
     assert folders[:2] == [run / "checkpoints", run / "samples"], folders
     for sub in folders:
         sub.chmod(0o555)
-        done = resumed()
-        assert done.returncode == 1, (done.returncode, done.stderr[-2000:])
-        assert done.stderr.strip().splitlines()[-1] == f"error: folder {sub} is not writable: Permission denied"
-        assert (run / "log.jsonl").read_text() == log  # refused before a step was trained
+    done = resumed()  # each named, in one line
+    unwritable = "; ".join(f"folder {sub} is not writable: Permission denied" for sub in folders)
+    assert done.returncode == 1, (done.returncode, done.stderr[-2000:])
+    said = done.stderr.strip().splitlines()[-1]
+    assert said == f"error: {unwritable} (a run resumed at step 2 writes into them again: make them writable)", said
+    assert (run / "log.jsonl").read_text() == log  # refused before a step was trained
+    for sub in folders:
         sub.chmod(0o755)
     done = resumed()  # the control: writable again, it resumes to the end
     assert done.returncode == 0 and (run / "checkpoints" / "checkpoint-00000004").is_dir(), done.stderr[-2000:]
@@ -313,3 +316,33 @@ def test_what_a_killed_writability_probe_leaves_is_lvdms_and_goes(tmp_path):
     prepare_output_dir(new, resume=None, overwrite=False)
     release_run(new)
     assert sorted(path.name for path in new.iterdir()) == [".lvdm-lock", ".lvdm-run.json"]
+
+
+def test_overwrite_removes_an_empty_unwritable_folder_and_refuses_a_full_one_before_deleting_anything(shared):
+    """``train.overwrite=true`` over a run whose ``samples/`` was empty and read-only was refused ("folder ... is not
+    writable"), though deleting an empty folder needs only its parent writable; and a read-only
+    ``samples/step-N`` holding samples (never probed) stopped the clearing part-way, the checkpoints already gone,
+    with "Permission denied: 00.mp4". Now the empty one goes with the rest, and the full one is refused before
+    anything is deleted, saying what to do."""
+    from lvdm.training.run_dir import prepare_output_dir
+
+    out, step = shared / "run", shared / "run" / "samples" / "step-00000001"
+    _marked_run(out)
+    for path in [out, *out.rglob("*")] if os.geteuid() == 0 else []:
+        os.chown(path, NOBODY, NOBODY)  # the run is nobody's, as it would be had nobody trained it
+    overwrite = lambda: prepare_output_dir(out, resume=None, overwrite=True)  # noqa: E731
+    files = lambda: {p: p.read_bytes() for p in out.rglob("*") if p.is_file() and p.name != ".lvdm-lock"}  # noqa: E731
+    before = files()
+    step.chmod(0o555)
+    kind, message, _ = unprivileged(overwrite)
+    assert message == (
+        f"LvdmError: output_dir {out}: lvdm cannot clear its previous run: folder {step} is not writable, so what is "
+        f"in it cannot be deleted; nothing was deleted: make it writable (chmod -R u+rwX {out / 'samples'}) and run "
+        "again, or choose another output_dir"
+    ), message
+    assert files() == before
+    step.chmod(0o755)
+    shutil.rmtree(step)
+    (out / "samples").chmod(0o555)  # empty, of lvdm's name: removed like the rest
+    assert unprivileged(overwrite)[:2] == ("ok", "None")
+    assert sorted(path.name for path in out.iterdir()) == [".lvdm-lock", ".lvdm-run.json"]

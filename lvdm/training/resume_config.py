@@ -3,6 +3,8 @@ every other change is a one-line note; and the folders a resumed run writes into
 
 from __future__ import annotations
 
+import contextlib
+import os
 import re
 from pathlib import Path
 from typing import Any
@@ -72,8 +74,9 @@ def written_again(output_dir: Path, step: int, train: dict[str, Any]) -> list[Pa
     at its last one, ``max_steps``; resumed at (or past) that, it saves and validates its own step again."""
     last, found = train["max_steps"], []
     for name, (pattern, every) in _STEP_FOLDERS.items():
-        folder = output_dir / name
-        names = sorted(path.name for path in folder.iterdir()) if folder.is_dir() and not folder.is_symlink() else []
+        folder, names = output_dir / name, []
+        with contextlib.suppress(OSError):  # none, or not listed: the check of the folder itself names it
+            names = sorted(os.listdir(folder)) if not folder.is_symlink() else []
         for match in filter(None, map(pattern.fullmatch, names)):
             k, path = int(match[1]), folder / match[0]
             again = k == step if step >= last else step < k <= last and (k % train[every] == 0 or k == last)
@@ -81,11 +84,11 @@ def written_again(output_dir: Path, step: int, train: dict[str, Any]) -> list[Pa
     return found
 
 
-def check_written_again(output_dir: Path, step: int, train: dict[str, Any]) -> None:
-    """:func:`~lvdm.training.checkpoint.check_writable` on each folder a run resumed at ``step`` writes into again
-    (:func:`written_again`); every one that fails is named in one :class:`CheckpointError`."""
+def check_written_again(folders: list[Path], step: int) -> None:
+    """:func:`~lvdm.training.checkpoint.check_writable` on each of the ``folders`` a run resumed at ``step`` writes
+    into again; every one that fails is named in one :class:`CheckpointError`."""
     failed = []
-    for folder in written_again(output_dir, step, train):
+    for folder in folders:
         try:
             check_writable(folder)
         except CheckpointError as exc:

@@ -47,6 +47,7 @@ from lvdm.fileio import (
     remove_stray_temp,
     remove_write_probes,
     special_folder,
+    undeletable,
 )
 from lvdm.training.checkpoint import (
     MARKER,
@@ -64,7 +65,7 @@ from lvdm.training.checkpoint import (
 )
 from lvdm.training.checkpoint_files import _read_marker as read_checkpoint_marker
 from lvdm.training.logs import truncate_log
-from lvdm.training.resume_config import check_written_again, compare_on_resume
+from lvdm.training.resume_config import check_written_again, compare_on_resume, written_again
 from lvdm.training.run_lock import (
     RUN_MARKER,
     _entries,
@@ -113,10 +114,7 @@ def prepare_output_dir(
     made = first_missing(output_dir)
     refuse_special_folder(output_dir)
     try:
-        check_writable(output_dir)
-        for name in RUN_FOLDERS:  # lvdm's own that exist are written into too, first at the end of a step
-            if (output_dir / name).is_dir() and not (output_dir / name).is_symlink():
-                check_writable(output_dir / name)
+        check_writable(output_dir)  # its folders under the lock: a resume writes into them, a fresh run deletes them
         lock_run(output_dir).made_folder = made
         try:
             _prepare_locked(output_dir, resume=resume, overwrite=overwrite, config=config)
@@ -138,13 +136,15 @@ def _prepare_locked(output_dir: Path, *, resume: str | None, overwrite: bool, co
         metadata = verify_checkpoint(found)
         compare_on_resume(metadata.get("config", {}) | {"world_size": metadata.get("world_size")}, config)
     if found is not None:
+        step = checkpoint_step(found)
         _refuse_written_through(output_dir)
-        if config is not None:  # an unwritable one was found after training, at its first save or validation there
-            check_written_again(output_dir, checkpoint_step(found), config["train"])
-        again = config is not None and checkpoint_step(found) >= config["train"]["max_steps"]  # _finish validates
-        dropped = truncate_log(output_dir / "log.jsonl", checkpoint_step(found), validates_again=again)
+        # lvdm's folders, and the step folders in them that it writes into (one was found after training)
+        folders = sorted(path for path in _plain_folders(output_dir) if path.name in RUN_FOLDERS)
+        check_written_again(folders + (written_again(output_dir, step, config["train"]) if config else []), step)
+        again = config is not None and step >= config["train"]["max_steps"]  # _finish validates
+        dropped = truncate_log(output_dir / "log.jsonl", step, validates_again=again)
         if dropped:
-            notice(f"log.jsonl: dropped {dropped} records after step {checkpoint_step(found)} (they are redone)")
+            notice(f"log.jsonl: dropped {dropped} records after step {step} (they are redone)")
         _write_marker(output_dir, _adopted_marker(output_dir))
     else:
         _prepare_fresh(output_dir, overwrite)
@@ -211,6 +211,14 @@ def _prepare_fresh(output_dir: Path, overwrite: bool) -> None:
             f"output_dir {output_dir} holds files lvdm did not write ({shown}){unmarked}; lvdm starts a run only in "
             "a new or empty folder or over one of its own runs, and never deletes anything else (whatever "
             "train.overwrite says): choose another output_dir or move those files away"
+        )
+    blocked = [(output_dir / name, found) for name in entries if (found := undeletable(output_dir / name))]
+    if blocked:  # rmtree stopped part-way: a half-deleted run, and "Permission denied: 00.mp4"
+        path, (folder, why) = blocked[0]
+        raise LvdmError(
+            f"output_dir {output_dir}: lvdm cannot clear its previous run: folder {folder} {why}, so what is in it "
+            f"cannot be deleted; nothing was deleted: make it writable (chmod -R u+rwX {path}) and run again, or "
+            "choose another output_dir"
         )
     if not material:
         notice(f"the previous run in {output_dir} stopped before its first checkpoint; starting over")
