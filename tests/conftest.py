@@ -167,6 +167,7 @@ def tiny_overrides(assets: dict[str, object], output_dir: object, **extra: objec
         "train.checkpoint_every": 2,
         "train.validate_every": 1000,
         "train.log_every": 1,
+        "train.validation_steps": 2,  # the final validation's samples: 25 steps were most of a run's seconds
         "output_dir": output_dir,
     }
     values.update(extra)
