@@ -96,6 +96,7 @@ def test_image_mode_frames_from_the_cli_equal_diffusers(files, tmp_path):
         ("module_for_another_family", 1, "base family"),
         ("broken_lora", 1, "not a readable safetensors file"),
         ("size_not_divisible_by_8", 2, "height: must be a multiple of 8"),
+        ("guidance_nan", 2, "guidance_scale: must be a number in -100 .. 100, got nan"),  # "expected float, got nan"
         ("unknown_scheduler", 2, "Did you mean 'ddim'"),
         ("no_prompt", 2, "one of the arguments --prompt --prompts is required"),
     ],
@@ -111,6 +112,7 @@ def test_mistakes_are_one_line_and_a_non_zero_exit(files, tmp_path, command, cas
         "module_for_another_family": ["--base", str(files["sd2"]), *prompt, "--temporal", str(files["module"])],
         "broken_lora": [*base, *prompt, "--lora", str(files["broken_lora"])],
         "size_not_divisible_by_8": [*base, *prompt, "--height", "20"],
+        "guidance_nan": [*base, *prompt, "--guidance", "nan"],
         "unknown_scheduler": [*base, *prompt, "--scheduler", "dim"],
         "no_prompt": base,
     }[case]

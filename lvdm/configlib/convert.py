@@ -48,8 +48,20 @@ def _type_name(tp: Any) -> str:
 
 
 def _mismatch(tp: Any, value: Any, path: str, problems: list[str]) -> _Sentinel:
-    problems.append(f"{path}: expected {_type_name(tp)}, got {_show(value)}")
+    problems.append(_nan_problem(tp, value, {}, path) or f"{path}: expected {_type_name(tp)}, got {_show(value)}")
     return _INVALID
+
+
+def _nan_problem(tp: Any, value: Any, metadata: Mapping[str, Any], path: str) -> str | None:
+    """NaN where a number goes, said with the numbers allowed (``metadata``'s bounds); it read "expected float or
+    null, got nan (float)", a float refused for not being one. ``None`` for any other value."""
+    if not (isinstance(value, float) and value != value) or float not in (tp, *get_args(tp)):
+        return None
+    if "min" in metadata and "max" in metadata:
+        allowed = f" in {metadata['min']} .. {metadata['max']}"
+    else:
+        allowed = " and".join(f" {_BOUNDS[key][1]} {metadata[key]}" for key in ("min", "gt", "max") if key in metadata)
+    return f"{path}: must be a number{allowed}, got nan"
 
 
 def _to_bool(value: Any) -> Any:
@@ -202,6 +214,9 @@ def _field_value(spec: Any, tp: Any, data: Mapping[str, Any], path: str, problem
         problems.append(f"{path}: required, not set")
         return _INVALID
     raw = data[spec.name]
+    if problem := _nan_problem(tp, raw, spec.metadata, path):
+        problems.append(problem)
+        return _INVALID
     coerce = spec.metadata.get("coerce")
     value = _convert(tp, coerce(raw) if coerce and not isinstance(raw, _Sentinel) else raw, path, problems)
     if value is not _INVALID:
