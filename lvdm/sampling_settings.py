@@ -56,7 +56,8 @@ class SamplingSettings:
         None,
         "frame rate of the written video, and the motion speed of a module trained with fps conditioning "
         "(null: the module's training rate, else 8)",
-        gt=0,
+        min=MIN_FPS,
+        max=MAX_FPS,
     )
     num_inference_steps: int | None = option(
         None, "denoising steps (null: a distilled module's own, else 25)", min=1, max=MAX_STEPS
@@ -130,8 +131,6 @@ class SamplingSettings:
                 parse_threshold(self.threshold)
             except ConfigError as exc:
                 problems.append(f"threshold: {exc}")
-        if self.fps is not None and not MIN_FPS <= self.fps <= MAX_FPS:
-            problems.append(f"fps: must be in {MIN_FPS} .. {MAX_FPS}, got {self.fps}")
         return problems
 
 

@@ -287,7 +287,7 @@ def test_progress_bar_over_the_steps(pipe, capsys):
         ({"threshold": "clip:3"}, "clamp:VALUE"),
         ({"noise_prior": "mix"}, "Did you mean 'mixed'"),
         ({"mixed_lambda": 1.5}, "mixed_lambda: must be <= 1"),
-        ({"fps": 0}, "fps: must be > 0"),
+        ({"fps": 0}, "fps: must be >= 0.01, got 0"),
     ],
 )
 def test_bad_settings_are_one_line_config_errors(settings, message):

@@ -97,6 +97,7 @@ def test_image_mode_frames_from_the_cli_equal_diffusers(files, tmp_path):
         ("broken_lora", 1, "not a readable safetensors file"),
         ("size_not_divisible_by_8", 2, "height: must be a multiple of 8"),
         ("guidance_nan", 2, "guidance_scale: must be a number in -100 .. 100, got nan"),  # "expected float, got nan"
+        ("fps_zero", 2, "fps: must be >= 0.01, got 0.0"),  # and "fps: must be > 0": two complaints
         ("unknown_scheduler", 2, "Did you mean 'ddim'"),
         ("no_prompt", 2, "one of the arguments --prompt --prompts is required"),
     ],
@@ -113,6 +114,7 @@ def test_mistakes_are_one_line_and_a_non_zero_exit(files, tmp_path, command, cas
         "broken_lora": [*base, *prompt, "--lora", str(files["broken_lora"])],
         "size_not_divisible_by_8": [*base, *prompt, "--height", "20"],
         "guidance_nan": [*base, *prompt, "--guidance", "nan"],
+        "fps_zero": [*base, *prompt, "--fps", "0"],
         "unknown_scheduler": [*base, *prompt, "--scheduler", "dim"],
         "no_prompt": base,
     }[case]
@@ -124,6 +126,7 @@ def test_mistakes_are_one_line_and_a_non_zero_exit(files, tmp_path, command, cas
     lines = [line for line in err.splitlines() if line.strip()]
     assert returned == code, err
     assert len(lines) == 1 and lines[0].startswith("error: ") and message in lines[0], err
+    assert lines[0].count(message.split(":")[0] + ":") <= 1, err  # a setting's problem said once
     assert not list(tmp_path.glob("out*"))  # nothing written
 
 
@@ -258,7 +261,7 @@ def test_settings_found_wrong_only_after_sampling_are_refused_before_it(files, t
     upscaler = make_tiny_upscaler(tmp_path / "x4", seed=0)
     out = tmp_path / "outs"
     for args, message in (
-        (["--fps", "0.001", "--out", str(out / "slow.gif")], "fps: must be in 0.01 .. 1000"),  # a GIF traceback
+        (["--fps", "0.001", "--out", str(out / "slow.gif")], "fps: must be >= 0.01, got 0.001"),  # a GIF traceback
         (["--noise-prior", "mixed", "--base-noise-seed", "-1"], "base_noise: a seed must be in 0 .. "),
         (["--upscaler", str(upscaler), "--upscale-guidance", "nan"], "guidance_scale must be a number in -100"),
         (["--upscaler", str(upscaler), "--upscale-steps", "0"], "num_inference_steps must be an integer in 1"),
