@@ -59,12 +59,14 @@ def export_checkpoint(
     weights = parts.get("trainable") if raw or "ema" not in parts else parts["ema"]
     if not isinstance(weights, dict):
         raise CheckpointError(f"checkpoint {checkpoint} holds no trained weights (trainable.safetensors)")
+    _check_family(checkpoint, config["model"], base, base_config)  # before the base loads
     video, trainable = _build(config, base, base_config)
     if weights.keys() != trainable.keys():
         extra, missing = sorted(weights.keys() - trainable.keys()), sorted(trainable.keys() - weights.keys())
+        on = f"; is --base {base} (base family {video.family!r}) of the family it trained on?" if base else ""
         raise CheckpointError(
             f"checkpoint {checkpoint}: its weights do not fit the model its config builds "
-            f"(unexpected {extra[:3]}, missing {missing[:3]})"
+            f"(unexpected {extra[:3]}, missing {missing[:3]}){on}"
         )
     import torch
 
@@ -90,6 +92,36 @@ def export_checkpoint(
     from lvdm.training.groups import write_module_files
 
     return write_module_files(video, trainable, outputs, training_config, exclusive=not overwrite)
+
+
+def _check_family(checkpoint: Any, model: dict[str, Any], base: Any, base_config: Any) -> None:
+    """A ``base`` of another family than the one the checkpoint's model trained on (its recorded ``model.base``),
+    named with both families before anything loads; its weights "did not fit the model its config builds", which
+    blamed the checkpoint. Where either family cannot be read from a UNet config, the weights check answers."""
+    trained = _family(model.get("base"), model.get("base_config"))
+    given = _family(base, base_config or model.get("base_config"))
+    if base is not None and trained is not None and given is not None and given != trained:
+        raise ConfigError(
+            f"--base {base} is of base family {given!r}, and the module of checkpoint {checkpoint} was trained on "
+            f"{trained!r} (model.base {model['base']}); give a base of family {trained!r}"
+        )
+
+
+def _family(base: Any, base_config: Any) -> str | None:
+    """The family of a base (a diffusers folder, or a single file with its ``base_config``) read from its UNet's
+    config.json, without loading it; ``None`` where that cannot be read."""
+    from types import SimpleNamespace
+
+    from lvdm.fileio import read_json
+    from lvdm.models.family import base_family
+
+    folder = base if isinstance(base, str | os.PathLike) and Path(base).is_dir() else base_config
+    if not isinstance(folder, str | os.PathLike) or not os.fspath(folder):
+        return None
+    try:
+        return base_family(SimpleNamespace(**read_json(Path(folder) / "unet" / "config.json")))
+    except (OSError, ValueError, TypeError, AttributeError):
+        return None
 
 
 def _build(config: dict[str, Any], base: Any, base_config: Any) -> tuple[Any, dict[str, Any]]:

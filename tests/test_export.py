@@ -62,12 +62,14 @@ def test_raw_weights_and_an_earlier_checkpoint(run, tmp_path):
     ("case", "message"),
     [("not_a_checkpoint", "checkpoint"), ("wrong_suffix", "as .safetensors"), ("exists", "already exists"),
      ("its_lora_exists", "there_spatial_lora.safetensors already exists"),
-     ("inside_a_checkpoint", "inside a checkpoint folder"), ("newline", "holds a control character ('\\n')")],
+     ("inside_a_checkpoint", "inside a checkpoint folder"), ("newline", "holds a control character ('\\n')"),
+     ("base_of_another_family", "is of base family 'custom-4x32-32-64-64', and the module of checkpoint")],
 )  # fmt: skip
-def test_mistakes_are_one_line(run, tmp_path, export, case, message):
+def test_mistakes_are_one_line(run, tiny_assets, tmp_path, export, case, message):
     """``its_lora_exists``: a user's file where the module's LoRA goes was replaced (only OUT was checked);
-    ``inside_a_checkpoint``: keep_last would delete the module with the folder."""
-    existing = tmp_path / "there.safetensors"
+    ``inside_a_checkpoint``: keep_last would delete the module with the folder; ``base_of_another_family``: an SD2
+    --base for a module trained on SD1 blamed the checkpoint ("its weights do not fit"), after loading the base."""
+    existing, sd2 = tmp_path / "there.safetensors", str(tiny_assets["base_sd2"])
     existing.write_bytes(b"keep me")
     (tmp_path / "there_spatial_lora.safetensors").write_bytes(b"keep me")
     args = {
@@ -77,6 +79,7 @@ def test_mistakes_are_one_line(run, tmp_path, export, case, message):
         "its_lora_exists": [str(checkpoint(run, 3)), str(existing)],
         "inside_a_checkpoint": [str(checkpoint(run, 3)), str(checkpoint(run, 3) / "step3.safetensors")],
         "newline": [str(checkpoint(run, 3)), str(tmp_path / "a\nb.safetensors")],  # sample.py refused it, not export
+        "base_of_another_family": [str(checkpoint(run, 3)), str(tmp_path / "o.safetensors"), "--base", sd2],
     }[case]
     if case == "its_lora_exists":
         existing.unlink()  # OUT itself is free
@@ -87,6 +90,22 @@ def test_mistakes_are_one_line(run, tmp_path, export, case, message):
     assert (tmp_path / "there_spatial_lora.safetensors").read_bytes() == b"keep me"
     assert case == "its_lora_exists" or existing.read_bytes() == b"keep me"
     assert not (checkpoint(run, 3) / "step3.safetensors").exists()
+    if case == "base_of_another_family":  # both families named, the trained one as the one to give
+        assert f"trained on 'custom-4x32-32-64' (model.base {tiny_assets['base']})" in err
+        assert refused.returncode == 2 and not (tmp_path / "o.safetensors").exists()
+
+
+def test_a_base_of_another_family_is_named_where_the_recorded_base_is_gone(run, tiny_assets, tmp_path, export):
+    """The trained family is read from the recorded model.base: where that has moved, the weights check names the
+    --base and its family as the likely cause, not only the checkpoint."""
+    import json
+
+    metadata = json.loads((checkpoint(run, 3) / "metadata.json").read_text())
+    metadata["config"]["model"]["base"] = str(tmp_path / "moved")
+    folder = tampered(run, tmp_path, files={"metadata.json": json.dumps(metadata).encode()})
+    refused = export(folder, tmp_path / "o.safetensors", "--base", tiny_assets["base_sd2"])
+    assert refused.returncode == 1 and refused.stderr.count("\n") == 1, refused.stderr
+    assert f"is --base {tiny_assets['base_sd2']} (base family 'custom-4x32-32-64-64')" in refused.stderr
 
 
 def tampered(run, tmp_path, change=None, files: dict[str, bytes] | None = None):
