@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import os
+
 import pytest
 import torch
 from conftest import tiny_overrides
@@ -63,7 +65,8 @@ def test_raw_weights_and_an_earlier_checkpoint(run, tmp_path):
     [("not_a_checkpoint", "checkpoint"), ("wrong_suffix", "as .safetensors"), ("exists", "already exists"),
      ("its_lora_exists", "there_spatial_lora.safetensors already exists"),
      ("inside_a_checkpoint", "inside a checkpoint folder"), ("newline", "holds a control character ('\\n')"),
-     ("base_of_another_family", "is of base family 'custom-4x32-32-64-64', and the module of checkpoint")],
+     ("base_of_another_family", "is of base family 'custom-4x32-32-64-64', and the module of checkpoint"),
+     ("fifo", "fifo is a FIFO, not a checkpoint folder")],
 )  # fmt: skip
 def test_mistakes_are_one_line(run, tiny_assets, tmp_path, export, case, message):
     """``its_lora_exists``: a user's file where the module's LoRA goes was replaced (only OUT was checked);
@@ -80,9 +83,12 @@ def test_mistakes_are_one_line(run, tiny_assets, tmp_path, export, case, message
         "inside_a_checkpoint": [str(checkpoint(run, 3)), str(checkpoint(run, 3) / "step3.safetensors")],
         "newline": [str(checkpoint(run, 3)), str(tmp_path / "a\nb.safetensors")],  # sample.py refused it, not export
         "base_of_another_family": [str(checkpoint(run, 3)), str(tmp_path / "o.safetensors"), "--base", sd2],
+        "fifo": [str(tmp_path / "fifo"), str(tmp_path / "o.safetensors")],  # it was "not found"
     }[case]
     if case == "its_lora_exists":
         existing.unlink()  # OUT itself is free
+    if case == "fifo":
+        os.mkfifo(tmp_path / "fifo")
     refused = export(*args)
     err = refused.stderr
     assert refused.returncode in (1, 2), err

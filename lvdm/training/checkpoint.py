@@ -60,6 +60,7 @@ from lvdm.training.checkpoint_files import (
     _verify,
     _write_file,
     _write_json,
+    not_a_folder,
 )
 
 FORMAT = "lvdm-checkpoint"
@@ -124,7 +125,7 @@ def find_checkpoint(root: str | os.PathLike, which: str | os.PathLike = "latest"
     path = Path(which)
     if not path.is_dir():
         choices = ", ".join(repr(name) for name in SELECTORS)
-        raise CheckpointError(f"checkpoint {path} not found (give a checkpoint folder or one of {choices})")
+        raise CheckpointError(f"checkpoint {path} {not_a_folder(path)} (give a checkpoint folder or one of {choices})")
     if not (path / MARKER).is_file():
         if not (path / "metadata.json").exists():  # an exported decoder folder, a run folder, a user's folder
             raise CheckpointError(f"{path} is not a checkpoint folder (no {MARKER}, no metadata.json); give one of "

@@ -14,6 +14,7 @@ import json
 import os
 import re
 import shutil
+import stat
 import warnings
 from collections import OrderedDict
 from collections.abc import Callable
@@ -174,13 +175,26 @@ def _human(size: int) -> str:
     return f"{value:.1f} TiB"
 
 
+def not_a_folder(path: Path) -> str:
+    """Why ``path``, which is no folder, is no checkpoint: ``not found``, or what it is instead (a FIFO given as a
+    checkpoint was "not found")."""
+    try:
+        mode = os.stat(path).st_mode
+    except FileNotFoundError:
+        return "not found"
+    except OSError as exc:
+        return f"cannot be read ({exc.strerror})"
+    kind = "a regular file" if stat.S_ISREG(mode) else "a FIFO" if stat.S_ISFIFO(mode) else "a socket or device"
+    return f"is {kind}, not a checkpoint folder"
+
+
 # --- reading --------------------------------------------------------------------------------------------------------
 
 
 def _read_marker(path: Path) -> list[dict[str, Any]]:
     marker = path / MARKER
     if not path.is_dir():
-        raise CheckpointError(f"checkpoint {path} not found")
+        raise CheckpointError(f"checkpoint {path} {not_a_folder(path)}")
     if not marker.is_file():
         raise CheckpointError(f"checkpoint {path} is incomplete: {marker} is missing (interrupted save?)")
     try:
