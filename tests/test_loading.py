@@ -310,3 +310,16 @@ def test_a_pickled_single_file_without_its_vae_is_named_and_takes_it_from_base_c
         with warnings.catch_warnings():
             warnings.simplefilter("error")
             load_base(path, base_config=files["a"], allow_pickle=True)
+
+
+def test_a_single_file_without_unet_weights_is_one_line_naming_it(files, tmp_path):
+    """A .ckpt (or .safetensors) of the VAE and text encoder alone got diffusers' Python advice ("unet =
+    UNet2DConditionModel.from_pretrained(...)"), or with no base_config an attempt to reach the Hub."""
+    rest = {k: v for k, v in load_file(files["b"]).items() if not k.startswith("model.diffusion_model.")}
+    torch.save({"state_dict": rest}, tmp_path / "no_unet.ckpt")
+    save_file(rest, tmp_path / "no_unet.safetensors")
+    for name in ("no_unet.ckpt", "no_unet.safetensors"):
+        for base_config in (None, files["a"]):
+            with pytest.raises(CheckpointError, match=f"{name} holds no UNet weights") as error:
+                load_base(tmp_path / name, base_config=base_config, allow_pickle=True)
+            assert "model.diffusion_model.* tensors" in str(error.value) and "\n" not in str(error.value)

@@ -25,7 +25,13 @@ def load_single_file(
 
     check_weights_file(path, allow_pickle=allow_pickle, what="checkpoint")
     kwargs: dict[str, Any] = {"safety_checker": None, "requires_safety_checker": False, "dtype": dtype}
-    missing = _missing_parts(path)
+    keys = _stored_keys(path)
+    if keys is not None and not any(key.startswith(_UNET) for key in keys):  # it was diffusers' Python advice
+        raise CheckpointError(
+            f"checkpoint {path} holds no UNet weights (no {_UNET}* tensors): give a whole Stable Diffusion "
+            "checkpoint, or a diffusers folder"
+        )
+    missing = _missing_parts(keys)
     if base_config is not None:
         base_config = Path(base_config)
         if not (base_config / "model_index.json").is_file():
@@ -47,6 +53,7 @@ def load_single_file(
         raise CheckpointError(f"could not load checkpoint {path}: {one_line(exc)}{hint}") from exc
 
 
+_UNET = "model.diffusion_model."  # where a single file's UNet is, as diffusers reads it (LDM_UNET_KEY)
 # the parts of SD a single file may leave out (a "UNet only" checkpoint), and the key prefixes that hold them
 _PARTS = {
     "vae": ("the VAE", ("first_stage_model.",)),
@@ -54,10 +61,9 @@ _PARTS = {
 }
 
 
-def _missing_parts(path: Path) -> list[str]:
-    """The parts (``vae``, ``text_encoder``) the single file ``path`` holds no weights of; none known missing where
-    its keys cannot be listed without loading it."""
-    keys = _stored_keys(path)
+def _missing_parts(keys: list[str] | None) -> list[str]:
+    """The parts (``vae``, ``text_encoder``) a single file of tensors ``keys`` holds no weights of; none known
+    missing where its keys cannot be listed without loading it (``None``)."""
     if keys is None:
         return []
     return [name for name, (_, prefixes) in _PARTS.items() if not any(key.startswith(prefixes) for key in keys)]
