@@ -212,11 +212,19 @@ class Parser(argparse.ArgumentParser):
     """argparse for lvdm's commands: a usage error is one line (a :class:`ConfigError`, exit 2 through
     :func:`run_cli`), and ``--help`` that cannot be written (a full disk, a closed pipe) is not a silent success
     (argparse drops the write's error). ``--guidance -1e3`` and ``--guidance -inf`` are values, as ``-1`` is
-    (argparse took them for options: "expected one argument"), so the value's own check answers."""
+    (argparse took them for options: "expected one argument"), so the value's own check answers. An option that
+    takes one value takes one (:class:`_StoreOnce`: repeated, with the same value); the repeatable ones say so."""
 
     def __init__(self, *args: Any, **kwargs: Any) -> None:
         super().__init__(*args, **kwargs)
         self._negative_number_matcher = _NEGATIVE_NUMBER  # argparse's own knows only -1 and -1.5
+        self.register("action", None, _StoreOnce)  # argument groups and subcommands share this registry
+        self.register("action", "store", _StoreOnce)
+        self.given: dict[str, Any] = {}
+
+    def parse_known_args(self, args: Any = None, namespace: Any = None) -> Any:
+        self.given = {}  # the single-value options given so far, by dest: another value is refused
+        return super().parse_known_args(args, namespace)
 
     def error(self, message: str) -> None:  # type: ignore[override]  (raises instead of exiting)
         command = f"python {self.prog}" if self.prog.endswith(".py") else self.prog
@@ -224,6 +232,19 @@ class Parser(argparse.ArgumentParser):
 
     def print_help(self, file: Any = None) -> None:
         (file or sys.stdout).write(self.format_help())
+
+
+class _StoreOnce(argparse._StoreAction):
+    """argparse's ``store``, refusing a second, other value: ``--negative-prompt a --negative-prompt b`` sampled with
+    ``b`` alone, without a word (every single-value option kept its last). The same value again loses nothing."""
+
+    def __call__(self, parser: Any, namespace: Any, values: Any, option_string: str | None = None) -> None:
+        if option_string is not None:  # an option (a positional is given once by its place)
+            if self.dest in parser.given and repr(parser.given[self.dest]) != repr(values):  # NaN is NaN again
+                parser.error(f"argument {'/'.join(self.option_strings)}: given twice ({parser.given[self.dest]!r}, "
+                             f"then {values!r}); give it once")  # fmt: skip
+            parser.given[self.dest] = values
+        super().__call__(parser, namespace, values, option_string)
 
 
 def example_steps(parser: argparse.ArgumentParser, steps: int | None, *, tiny: bool) -> int:

@@ -98,6 +98,7 @@ def test_image_mode_frames_from_the_cli_equal_diffusers(files, tmp_path):
         ("size_not_divisible_by_8", 2, "height: must be a multiple of 8"),
         ("guidance_nan", 2, "guidance_scale: must be a number in -100 .. 100, got nan"),  # "expected float, got nan"
         ("fps_zero", 2, "fps: must be >= 0.01, got 0.0"),  # and "fps: must be > 0": two complaints
+        ("repeated_option", 2, "argument --negative-prompt: given twice ('a', then 'b'); give it once"),  # b won
         ("unknown_scheduler", 2, "Did you mean 'ddim'"),
         ("no_prompt", 2, "one of the arguments --prompt --prompts is required"),
     ],
@@ -115,6 +116,7 @@ def test_mistakes_are_one_line_and_a_non_zero_exit(files, tmp_path, command, cas
         "size_not_divisible_by_8": [*base, *prompt, "--height", "20"],
         "guidance_nan": [*base, *prompt, "--guidance", "nan"],
         "fps_zero": [*base, *prompt, "--fps", "0"],
+        "repeated_option": [*base, *prompt, "--negative-prompt", "a", "--negative-prompt", "b"],
         "unknown_scheduler": [*base, *prompt, "--scheduler", "dim"],
         "no_prompt": base,
     }[case]
@@ -213,6 +215,19 @@ def test_help_shows_the_defaults(capsys):
         assert shown in text, shown
 
 
+def test_an_option_repeated_with_its_own_value_is_taken():
+    """Only another value is refused (the control of ``repeated_option`` above): the same value loses nothing; and a
+    subcommand's options are checked as a command's."""
+    import sample as script
+    from lvdm.convert import main as convert
+    from lvdm.errors import ConfigError
+
+    args = script.build_parser().parse_args(["--steps", "2", "--steps", "2", "--lora", "a", "--lora", "b"])
+    assert args.num_inference_steps == 2 and args.lora == ["a", "b"]  # --lora is repeatable
+    with pytest.raises(ConfigError, match="--heads: given twice \\(8, then 4\\)"):
+        convert(["motion-module", "a.safetensors", "b.safetensors", "--heads", "8", "--heads", "4"])
+
+
 def test_an_existing_output_is_refused_unless_overwrite(files, tmp_path, command):
     out = tmp_path / "clip.mp4"
     out.write_bytes(b"an earlier video")
@@ -282,8 +297,8 @@ def test_settings_found_wrong_only_after_sampling_are_refused_before_it(files, t
 
 def test_mistakes_found_only_when_loading_are_refused_before_it(files, tmp_path, command, monkeypatch):
     """Each was refused after loading (the upscaler's module: after sampling) or not at all: a sidecar's empty
-    base loaded the working folder, and a --base-config beside a folder base was ignored. Each control, the same
-    command put right, reaches the reading of the base's weights."""
+    base loaded the working folder, and a --base-config beside a folder base was ignored. Each control, the command
+    put right (its flags in place of the wrong ones), reaches the reading of the base's weights."""
     from lvdm.errors import ConfigError
     from lvdm.models import VideoUNet, load_base, loading, single_file
     from lvdm.testing.upscaler import make_tiny_upscaler
@@ -304,7 +319,7 @@ def test_mistakes_found_only_when_loading_are_refused_before_it(files, tmp_path,
         ({"base": ""}, {}, [], a, "base: an empty path"),
         ({"base": str(files["a"])}, two, [], ["--negative-prompt", "blur"], "negative_prompt: got 2 for 1 prompts"),
         ({"base": str(files["a"])}, {}, config_a, [*b, *config_a], "goes with a single-file base"),
-        ({"base": str(files["b"]), "base_config": str(files["a"])}, {}, a, [], ""),  # the recorded one is not taken
+        ({"base": str(files["b"]), "base_config": str(files["a"])}, {}, [], a, ""),  # the recorded one is not taken
         ({"base": str(files["a"])}, {}, [*upscaler, str(files["broken_lora"])], [*upscaler, str(for_x4)],
          "not a readable safetensors file"),
         ({"base": str(files["a"])}, {}, [*upscaler, str(files["module"])], [*upscaler, str(for_x4)],
@@ -314,7 +329,7 @@ def test_mistakes_found_only_when_loading_are_refused_before_it(files, tmp_path,
         if message:
             code, _, err = sample_here(command, "--from-json", str(sidecar), *wrong, *fast)
             assert code in (1, 2) and err.count("\n") == 1 and message in err, (wrong, err)
-        code, _, err = sample_here(command, "--from-json", str(sidecar), *wrong, *right, *fast)
+        code, _, err = sample_here(command, "--from-json", str(sidecar), *right, *fast)  # given once: not after wrong
         assert code == 2 and "reached the loading" in err, (right, err)
     assert not (tmp_path / "out.mp4").exists()
 

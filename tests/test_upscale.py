@@ -361,7 +361,7 @@ def test_sample_cli_upscales_what_it_samples(upscaler, tiny_assets, tmp_path, co
     for flags, message in ((["--noise-level", "400"], "noise_level must be an integer in 0 .. 350"),
                            (["--tile", "6"], "tile must be a multiple of 4"),
                            (["--upscale-steps", "0"], "num_inference_steps must be")):  # fmt: skip
-        code, _, err = sample_here(command, *args[:-2], *flags, "--out", tmp_path / "early.mp4")
+        code, _, err = sample_here(command, *args[:-4], *flags, "--out", tmp_path / "early.mp4")  # not 2 steps, then 0
         assert code == 2 and message in err.splitlines()[-1] and not (tmp_path / "early.mp4").exists(), err
     code, _, err = sample_here(
         command, *args[:-6], "--upscaler-temporal", "x.safetensors", "--out", tmp_path / "y.mp4"
