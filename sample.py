@@ -285,6 +285,23 @@ def _check_module_context(args: argparse.Namespace, flag: str) -> None:
         check_context_count(args.context_frames, defaults["max_context_frames"])
 
 
+def _check_module_size(args: argparse.Namespace, settings: dict[str, Any]) -> None:
+    """The frame size an unset --height or --width takes from the --temporal module's training config, checked from
+    the module's header before anything loads (a height of 20 there was refused after the models had loaded)."""
+    if args.temporal is None:
+        return
+    from lvdm.pipeline_sampling import from_the_module
+    from lvdm.sampling_settings import sampling_settings, temporal_defaults
+
+    defaults = temporal_defaults(args.temporal)
+    unset = [key for key in ("height", "width") if settings.get(key) is None and defaults[key] is not None]
+    taken = {key: defaults[key] for key in unset}
+    try:
+        sampling_settings(**settings | taken)
+    except ConfigError as exc:
+        raise ConfigError(from_the_module(str(exc), taken)) from None
+
+
 def _settings(args: argparse.Namespace, meta: dict[str, Any] | None) -> dict[str, Any]:
     """The sampling settings given on the command line, over a sidecar's (which are all resolved)."""
     recorded = {k: v for k, v in meta["settings"].items() if v is not None and k != "batch_size"} if meta else {}
@@ -324,6 +341,7 @@ def _plan(
     settings = _settings(args, meta)
     checked = sampling_settings(**settings)
     negatives_for(checked.negative_prompt, prompts)  # a sidecar's list need not fit the prompts given
+    _check_module_size(args, settings)
     side = max(checked.height or 0, checked.width or 0)
     if args.upscaler is not None and 4 * side > MAX_SIDE:  # refused before the sampling, not by the upscale after it
         raise ConfigError(f"--upscaler: a {side} px side would upscale to {4 * side} px; at most {MAX_SIDE // 4} px a "

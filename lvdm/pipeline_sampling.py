@@ -57,13 +57,8 @@ def resolve_settings(pipe: Any, s: SamplingSettings, latents: torch.Tensor | Non
         values[key] = value if value is not None else given.get(key, pipe.defaults.get(key, default))
     values["seed"] = s.seed if s.seed is not None else _random_seed()
 
-    def origin(message: str) -> str:  # a refused value the user never set came from the module: say so
-        named = [f"{key}={values[key]!r}" for key in from_module if re.search(rf"\b{key}\s*[:=]", message)]
-        return (
-            f"{message} (the temporal module's training config gave {', '.join(named)}; set them)"
-            if named
-            else message
-        )
+    def origin(message: str) -> str:
+        return from_the_module(message, {key: values[key] for key in from_module})
 
     try:
         resolved = sampling_settings(**{**config_to_dict(s), **values})
@@ -95,6 +90,13 @@ def resolve_settings(pipe: Any, s: SamplingSettings, latents: torch.Tensor | Non
     if problems:
         raise ConfigError(origin("; ".join(problems)))
     return resolved
+
+
+def from_the_module(message: str, taken: dict[str, Any]) -> str:
+    """``message`` refusing settings, saying which of them the user never set: ``taken`` from the temporal module's
+    training config."""
+    named = [f"{key}={value!r}" for key, value in taken.items() if re.search(rf"\b{key}\s*[:=]", message)]
+    return f"{message} (the temporal module's training config gave {', '.join(named)}; set them)" if named else message
 
 
 def initial_noise(

@@ -309,6 +309,9 @@ def test_mistakes_found_only_when_loading_are_refused_before_it(files, tmp_path,
     x4 = make_tiny_upscaler(tmp_path / "x4", seed=0)
     upscaler, for_x4 = ["--upscaler", str(x4), "--upscaler-temporal"], tmp_path / "x4.safetensors"
     VideoUNet.from_unet2d(load_base(x4).unet).save_temporal(for_x4)  # a module made for the upscaler
+    odd = tmp_path / "odd.safetensors"  # trained at a height SD cannot sample: it was refused after loading
+    odd_size = {"data": {"resolution": [20, 24]}}
+    VideoUNet.from_unet2d(load_base(files["a"]).unet).save_temporal(odd, training_config=odd_size)
     monkeypatch.setattr(loading, "_load_folder", reached)  # where a base's weights are read
     monkeypatch.setattr(single_file, "load_single_file", reached)
     sidecar = tmp_path / "v.mp4.json"
@@ -324,6 +327,8 @@ def test_mistakes_found_only_when_loading_are_refused_before_it(files, tmp_path,
          "not a readable safetensors file"),
         ({"base": str(files["a"])}, {}, [*upscaler, str(files["module"])], [*upscaler, str(for_x4)],
          "made for base family"),  # the text-to-video module: found after the first stage had written its video
+        ({"base": str(files["a"])}, {}, ["--temporal", str(odd)], ["--temporal", str(odd), "--height", "16"],
+         "height: must be a multiple of 8, got 20 (the temporal module's training config gave height=20"),
     ):  # fmt: skip
         sidecar.write_text(json.dumps({"prompt": "a kite", "settings": settings, "model": model}))
         if message:
