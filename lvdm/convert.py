@@ -46,6 +46,8 @@ def main(argv: list[str]) -> int:
 
     if args.command == "motion-module":
         out = Path(args.out)
+        if not args.out.strip():  # Path("") is the working folder: ".: ... written as .safetensors"
+            raise ConfigError(f"the output is empty ({args.out!r}); name the .safetensors file to write")
         if out.suffix != ".safetensors":
             raise ConfigError(f"{out}: an lvdm temporal module is written as .safetensors")
         check_output_file(out, overwrite=args.overwrite)  # a dangling link too (it passed, then failed at the end)

@@ -204,8 +204,8 @@ def check_output_file(path: Path, *, overwrite: bool) -> None:
 
 
 def output_folder(text: str | os.PathLike) -> Path:
-    """``text`` as the folder a command writes its own file names into (the examples' ``--out``): refused when empty
-    (it was the working folder) or holding a control character."""
+    """``text`` as the folder a command writes its own file names into (the examples' ``--out``, a MotionAdapter's):
+    refused when empty (it was the working folder) or holding a control character."""
     if not os.fspath(text).strip():
         raise ConfigError(f"the output folder is empty ({os.fspath(text)!r}); name a folder")
     refuse_control_characters(text)

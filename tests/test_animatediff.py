@@ -347,6 +347,12 @@ def test_convert_cli_round_trip_and_one_line_errors(tiny_assets, adapters, tmp_p
     newline = convert("to-diffusers", tmp_path / "mm.safetensors", tmp_path / "n\nl", command=command)
     assert newline.returncode == 2 and "holds a control character" in newline.stderr, newline.stderr
     assert not (tmp_path / "n\nl").exists()
+    for args, message in (  # "" was the working folder: both said "." exists / is not .safetensors
+        (("to-diffusers", tmp_path / "mm.safetensors", ""), "the output folder is empty ('')"),
+        (("motion-module", source, ""), "the output is empty ('')"),
+    ):
+        empty = convert(*args, command=command)
+        assert empty.returncode == 2 and empty.stderr.count("\n") == 1 and message in empty.stderr, empty.stderr
     (tmp_path / "dangling").symlink_to(tmp_path / "missing")  # os.replace onto it was a NotADirectoryError
     for args in (("to-diffusers", tmp_path / "nothing.safetensors", tmp_path / "x"),
                  ("to-diffusers", tmp_path / "mm.safetensors", tmp_path / "dangling"),

@@ -43,7 +43,7 @@ from lvdm.models.temporal_file import (
     read_temporal_file,
     write_temporal_file,
 )
-from lvdm.outputs import refuse_control_characters
+from lvdm.outputs import output_folder
 
 SD_WIDTHS = (320, 640, 1280, 1280)
 SDXL_WIDTHS = (320, 640, 1280)
@@ -426,7 +426,7 @@ def export_motion_adapter(module: str | os.PathLike, out_dir: str | os.PathLike)
     """
     from diffusers import MotionAdapter
 
-    out_dir = Path(out_dir)
+    out_dir = output_folder(out_dir)  # "" was the working folder: ". exists and is not an empty folder"
     source = read_temporal_file(module)
     layout = source.layout
     if layout.style != "animatediff":
@@ -439,7 +439,6 @@ def export_motion_adapter(module: str | os.PathLike, out_dir: str | os.PathLike)
             f"temporal module {module} has parts a MotionAdapter cannot hold ({sorted(source.parts)}): diffusers' "
             "AnimateDiff takes motion modules only"
         )
-    refuse_control_characters(out_dir)  # a newline in it split every message naming it
     if out_dir.is_symlink() or (out_dir.exists() and (not out_dir.is_dir() or any(out_dir.iterdir()))):
         raise ConfigError(  # an output that exists: a usage error, as with every command's existing output
             f"{out_dir} exists and is not an empty folder (or is a link); choose a new folder"
