@@ -19,7 +19,6 @@ from __future__ import annotations
 
 import argparse
 import sys
-from pathlib import Path
 
 from lvdm.cli import Parser, run_cli
 from lvdm.errors import ConfigError
@@ -42,14 +41,10 @@ def main(argv: list[str]) -> int:
     back.add_argument("out_dir", help="the MotionAdapter folder to write (new, or empty)")
     args = parser.parse_args(argv)
     from lvdm.models.animatediff import export_motion_adapter, import_motion_module
-    from lvdm.outputs import check_output_file
+    from lvdm.outputs import check_output_file, module_output
 
     if args.command == "motion-module":
-        out = Path(args.out)
-        if not args.out.strip():  # Path("") is the working folder: ".: ... written as .safetensors"
-            raise ConfigError(f"the output is empty ({args.out!r}); name the .safetensors file to write")
-        if out.suffix != ".safetensors":
-            raise ConfigError(f"{out}: an lvdm temporal module is written as .safetensors")
+        out = module_output(args.out)
         check_output_file(out, overwrite=args.overwrite)  # a dangling link too (it passed, then failed at the end)
         if args.heads < 1:
             raise ConfigError(f"--heads {args.heads}: must be >= 1")

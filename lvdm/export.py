@@ -39,12 +39,9 @@ def export_checkpoint(
     instead of the config's ``model.base`` (``base_config``: the diffusers folder giving a single-file base's
     architecture, instead of the config's). An existing ``out`` is refused unless ``overwrite``.
     """
-    from lvdm.outputs import check_output_file, refuse_control_characters
+    from lvdm.outputs import check_output_file, module_output
 
-    out = Path(out)
-    if out.suffix != ".safetensors":
-        raise ConfigError(f"{out}: the temporal module is written as .safetensors")
-    refuse_control_characters(out)
+    out = module_output(out)
     from lvdm.training.checkpoint import MARKER, load_checkpoint
 
     if (out.parent / MARKER).exists():  # lvdm's retention deletes such folders: the module would go with it

@@ -212,6 +212,19 @@ def output_folder(text: str | os.PathLike) -> Path:
     return Path(text)
 
 
+def module_output(text: str | os.PathLike) -> Path:
+    """``text`` as the ``.safetensors`` file a temporal module is written to (``lvdm.export``, ``lvdm.convert
+    motion-module``): refused when empty (``Path("")`` is the working folder: ".: ... written as .safetensors"), of
+    another suffix, or holding a control character."""
+    if not os.fspath(text).strip():
+        raise ConfigError(f"the output is empty ({os.fspath(text)!r}); name the .safetensors file to write")
+    out = Path(text)
+    if out.suffix != ".safetensors":
+        raise ConfigError(f"{out}: a temporal module is written as .safetensors")
+    refuse_control_characters(out)
+    return out
+
+
 def refuse_existing(paths: Sequence[Path]) -> None:
     """A :class:`ConfigError` naming the first of ``paths`` (or their sidecars) that exists, a dangling link too."""
     existing = [p for path in paths for p in (path, sidecar_path(path)) if os.path.lexists(p)]

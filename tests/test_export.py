@@ -66,7 +66,7 @@ def test_raw_weights_and_an_earlier_checkpoint(run, tmp_path):
      ("its_lora_exists", "there_spatial_lora.safetensors already exists"),
      ("inside_a_checkpoint", "inside a checkpoint folder"), ("newline", "holds a control character ('\\n')"),
      ("base_of_another_family", "is of base family 'custom-4x32-32-64-64', and the module of checkpoint"),
-     ("fifo", "fifo is a FIFO, not a checkpoint folder")],
+     ("fifo", "fifo is a FIFO, not a checkpoint folder"), ("empty_out", "the output is empty ('')")],
 )  # fmt: skip
 def test_mistakes_are_one_line(run, tiny_assets, tmp_path, export, case, message):
     """``its_lora_exists``: a user's file where the module's LoRA goes was replaced (only OUT was checked);
@@ -84,6 +84,7 @@ def test_mistakes_are_one_line(run, tiny_assets, tmp_path, export, case, message
         "newline": [str(checkpoint(run, 3)), str(tmp_path / "a\nb.safetensors")],  # sample.py refused it, not export
         "base_of_another_family": [str(checkpoint(run, 3)), str(tmp_path / "o.safetensors"), "--base", sd2],
         "fifo": [str(tmp_path / "fifo"), str(tmp_path / "o.safetensors")],  # it was "not found"
+        "empty_out": [str(checkpoint(run, 3)), ""],  # it was ".: the temporal module is written as .safetensors"
     }[case]
     if case == "its_lora_exists":
         existing.unlink()  # OUT itself is free
