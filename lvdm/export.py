@@ -56,7 +56,7 @@ def export_checkpoint(
     weights = parts.get("trainable") if raw or "ema" not in parts else parts["ema"]
     if not isinstance(weights, dict):
         raise CheckpointError(f"checkpoint {checkpoint} holds no trained weights (trainable.safetensors)")
-    _check_family(checkpoint, config["model"], base, base_config)  # before the base loads
+    _check_family(checkpoint, config["model"], base, base_config, metadata.get("base_family"))  # before it loads
     video, trainable = _build(config, base, base_config)
     if weights.keys() != trainable.keys():
         extra, missing = sorted(weights.keys() - trainable.keys()), sorted(trainable.keys() - weights.keys())
@@ -91,11 +91,12 @@ def export_checkpoint(
     return write_module_files(video, trainable, outputs, training_config, exclusive=not overwrite)
 
 
-def _check_family(checkpoint: Any, model: dict[str, Any], base: Any, base_config: Any) -> None:
-    """A ``base`` of another family than the one the checkpoint's model trained on (its recorded ``model.base``),
-    named with both families before anything loads; its weights "did not fit the model its config builds", which
-    blamed the checkpoint. Where either family cannot be read from a UNet config, the weights check answers."""
-    trained = _family(model.get("base"), model.get("base_config"))
+def _check_family(checkpoint: Any, model: dict[str, Any], base: Any, base_config: Any, recorded: Any) -> None:
+    """A ``base`` of another family than the one the checkpoint's model trained on (``recorded`` in its metadata;
+    in a checkpoint from before that, read from its ``model.base``), named with both families before anything
+    loads; its weights "did not fit the model its config builds", which blamed the checkpoint. Where either family
+    cannot be known, the weights check answers (SD1 and SD2 modules have the same shapes: only the record tells)."""
+    trained = recorded if isinstance(recorded, str) else _family(model.get("base"), model.get("base_config"))
     given = _family(base, base_config or model.get("base_config"))
     if base is not None and trained is not None and given is not None and given != trained:
         raise ConfigError(

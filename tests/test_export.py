@@ -103,16 +103,25 @@ def test_mistakes_are_one_line(run, tiny_assets, tmp_path, export, case, message
 
 
 def test_a_base_of_another_family_is_named_where_the_recorded_base_is_gone(run, tiny_assets, tmp_path, export):
-    """The trained family is read from the recorded model.base: where that has moved, the weights check names the
-    --base and its family as the likely cause, not only the checkpoint."""
+    """Checkpoints record the family their module trained on: where the recorded model.base has moved, a --base of
+    another family is still refused before it loads, naming both (SD1 and SD2 temporal layers have the same shapes,
+    so the weights would have loaded, labelled with the wrong family). A checkpoint from before that record (the
+    control) falls back to the weights check, which names the --base and its family as the likely cause."""
     import json
 
     metadata = json.loads((checkpoint(run, 3) / "metadata.json").read_text())
+    assert metadata["base_family"] == "custom-4x32-32-64"
     metadata["config"]["model"]["base"] = str(tmp_path / "moved")
-    folder = tampered(run, tmp_path, files={"metadata.json": json.dumps(metadata).encode()})
-    refused = export(folder, tmp_path / "o.safetensors", "--base", tiny_assets["base_sd2"])
-    assert refused.returncode == 1 and refused.stderr.count("\n") == 1, refused.stderr
-    assert f"is --base {tiny_assets['base_sd2']} (base family 'custom-4x32-32-64-64')" in refused.stderr
+    for recorded in (True, False):
+        record = metadata if recorded else {k: v for k, v in metadata.items() if k != "base_family"}
+        folder = tampered(run, tmp_path / str(recorded), files={"metadata.json": json.dumps(record).encode()})
+        refused = export(folder, tmp_path / "o.safetensors", "--base", tiny_assets["base_sd2"])
+        assert refused.stderr.count("\n") == 1 and not (tmp_path / "o.safetensors").exists(), refused.stderr
+        if recorded:
+            assert refused.returncode == 2 and "was trained on 'custom-4x32-32-64'" in refused.stderr, refused.stderr
+        else:
+            assert refused.returncode == 1, refused.stderr
+            assert f"is --base {tiny_assets['base_sd2']} (base family 'custom-4x32-32-64-64')" in refused.stderr
 
 
 def tampered(run, tmp_path, change=None, files: dict[str, bytes] | None = None):

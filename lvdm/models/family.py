@@ -34,3 +34,10 @@ def downsampling(block_out_channels: Any) -> int:
     """A UNet's or VAE's downsampling factor, from its config's ``block_out_channels``: one halving between each two
     of its levels (8 for SD's VAE, 2 for the tiny test VAE)."""
     return 2 ** (len(block_out_channels) - 1)
+
+
+def family_record(video: Any) -> dict[str, str]:
+    """``{"base_family": ...}`` of a video model's UNet, for a checkpoint's metadata; ``{}`` for a model without one
+    (the decoder target's)."""
+    unet = getattr(video, "unet", None)
+    return {"base_family": base_family(unet.config)} if unet is not None else {}

@@ -1,18 +1,17 @@
 """The training loop: accelerate underneath, temporal layers trained, everything resumable and guarded.
 
 The loop exists once; what a step computes is an objective chosen by ``train.target``
-(:mod:`lvdm.training.objectives`), which may own extra models and optimizers that checkpoints carry.
-One optimizer step = ``train.gradient_accumulation`` micro-batches per process. What the loop
-promises (each one tested):
+(:mod:`lvdm.training.objectives`), which may own extra models and optimizers that checkpoints carry. One optimizer
+step = ``train.gradient_accumulation`` micro-batches per process. What the loop promises (each one tested):
 
-- only the temporal parameters get gradients and optimizer state; the base is frozen (bf16/fp16
-  under mixed precision, the trained weights stay fp32);
-- a step whose loss (or, outside fp16, gradient) is not finite on any rank is skipped on every
-  rank: weights, optimizer moments, EMA, LR schedule and step count unchanged; counted, logged,
-  and ``train.max_nonfinite_steps`` in a row stop the run;
-- checkpoints hold weights, optimizer, LR schedule, EMA, grad scaler, RNG and the data position;
-  a resumed run continues exactly as an uninterrupted one (all training randomness is drawn from
-  generators seeded by (seed, rank, micro-batch number));
+- only the temporal parameters get gradients and optimizer state; the base is frozen (bf16/fp16 under mixed
+  precision, the trained weights stay fp32);
+- a step whose loss (or, outside fp16, gradient) is not finite on any rank is skipped on every rank: weights,
+  optimizer moments, EMA, LR schedule and step count unchanged; counted, logged, and
+  ``train.max_nonfinite_steps`` in a row stop the run;
+- checkpoints hold weights, optimizer, LR schedule, EMA, grad scaler, RNG, the data position and the base's family;
+  a resumed run continues exactly as an uninterrupted one (all training randomness is drawn from generators seeded
+  by (seed, rank, micro-batch number));
 - SIGTERM/SIGINT finish the current step, save, and stop, every rank at the same step.
 """
 
@@ -34,6 +33,7 @@ from tqdm.auto import tqdm
 from lvdm.cli import raise_outside_finalizers
 from lvdm.config import Config, check_machine, config_to_dict, save_config
 from lvdm.errors import CheckpointError, DataError, LvdmError
+from lvdm.models.family import family_record
 from lvdm.sampling_settings import training_fps
 from lvdm.training import run_dir, run_lock
 from lvdm.training.checkpoint import load_checkpoint, save_checkpoint
@@ -300,6 +300,7 @@ class Trainer:
             if self.acc.scaler is not None:
                 parts["scaler"] = self.acc.scaler.state_dict()
             metadata = {"config": self.cfg_dict, "world_size": self.acc.num_processes} | self._clip_fps()
+            metadata |= family_record(self.video)  # lvdm.export checks a --base against it (SD1, SD2: same shapes)
             path = save_checkpoint(root, self.step, parts, keep_last=self.cfg.train.keep_last, metadata=metadata)
             self.export()
         self.acc.wait_for_everyone()
