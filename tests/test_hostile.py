@@ -607,7 +607,7 @@ def test_a_refused_resume_leaves_no_new_folder_behind(trained, tiny_assets, tmp_
     checkpoint = trained / "checkpoints" / "checkpoint-00000002"
     (tmp_path / "a_file").write_text("mine")
     cases = [
-        (tmp_path / "a_file", {}, "not found"),
+        (tmp_path / "a_file", {}, "a_file is a regular file, not a checkpoint folder"),
         (checkpoint, {"data.num_frames": 6}, "data.num_frames"),
         (trained, {}, "is not a checkpoint folder (no COMPLETE, no metadata.json)"),
     ]
