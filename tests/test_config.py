@@ -537,22 +537,23 @@ assert not heavy, heavy
     assert result.returncode == 0, result.stderr
 
 
-@pytest.mark.parametrize("command", [["sample.py", "--help"], ["lvdm/upscale.py", "--help"]])
-def test_the_sampling_commands_help_loads_no_diffusers(command: list[str]) -> None:
+def test_the_sampling_commands_help_loads_no_diffusers() -> None:
     """``--help`` (and argparse's own refusals) come before diffusers and torch load: it took 5.6 s, when the
     parser's imports pulled in the pipeline (and ``lvdm.models`` imported every model at once), then 2-3 s while
-    they pulled in torch; about 0.6 s now. The control: the video UNet does import diffusers and torch."""
-    code = f"""
+    they pulled in torch; about 0.6 s now. Both commands in one interpreter, then the control: the video UNet does
+    import diffusers and torch."""
+    code = """
 import runpy, sys
-sys.argv = {command!r}
-try:
-    runpy.run_path({command[0]!r}, run_name="__main__")
-except SystemExit as stop:
-    assert stop.code == 0, stop.code
-import lvdm.models
-assert {{"VideoUNet", "load_base", "TemporalLayout"}} <= set(dir(lvdm.models))  # listed before first use
-heavy = sorted(m for m in sys.modules if m.split(".")[0] in ("diffusers", "transformers", "peft", "torch"))
-assert not heavy, heavy[:5]
+for command in ("sample.py", "lvdm/upscale.py"):
+    sys.argv = [command, "--help"]
+    try:
+        runpy.run_path(command, run_name="__main__")
+    except SystemExit as stop:
+        assert stop.code == 0, (command, stop.code)
+    import lvdm.models
+    assert {"VideoUNet", "load_base", "TemporalLayout"} <= set(dir(lvdm.models))  # listed before first use
+    heavy = sorted(m for m in sys.modules if m.split(".")[0] in ("diffusers", "transformers", "peft", "torch"))
+    assert not heavy, (command, heavy[:5])
 from lvdm.models import VideoUNet
 assert "diffusers" in sys.modules and "torch" in sys.modules
 """
