@@ -346,3 +346,29 @@ def test_overwrite_removes_an_empty_unwritable_folder_and_refuses_a_full_one_bef
     (out / "samples").chmod(0o555)  # empty, of lvdm's name: removed like the rest
     assert unprivileged(overwrite)[:2] == ("ok", "None")
     assert sorted(path.name for path in out.iterdir()) == [".lvdm-lock", ".lvdm-run.json"]
+
+
+def test_a_run_folder_reached_through_a_link_has_its_folders_probed_too(shared):
+    """``output_dir`` may be a link (a run folder on another disk). The resume's probe of the run's folders looked
+    only into plain folders, so through a link a read-only ``checkpoints/`` was found after training, at the first
+    save. The control: the same run by its real path is refused alike, and resumes through the link once it is
+    writable."""
+    from lvdm.training.run_dir import prepare_output_dir
+    from lvdm.training.run_lock import release_run
+
+    out, link = shared / "run", shared / "link"
+    _marked_run(out)
+    link.symlink_to(out)
+    for path in [out, *out.rglob("*")] if os.geteuid() == 0 else []:
+        os.chown(path, NOBODY, NOBODY)
+    (out / "checkpoints").chmod(0o555)
+    for run in (link, out):
+        kind, message, _ = unprivileged(lambda run=run: prepare_output_dir(run, resume="auto", overwrite=False))
+        assert kind == "error" and f"folder {run / 'checkpoints'} is not writable" in message, message
+    (out / "checkpoints").chmod(0o755)
+
+    def resume() -> None:
+        prepare_output_dir(link, resume="auto", overwrite=False)
+        release_run(link)
+
+    assert unprivileged(resume)[:2] == ("ok", "None")

@@ -139,7 +139,7 @@ def _prepare_locked(output_dir: Path, *, resume: str | None, overwrite: bool, co
         step = checkpoint_step(found)
         _refuse_written_through(output_dir)
         # lvdm's folders, and the step folders in them that it writes into (one was found after training)
-        folders = sorted(path for path in _plain_folders(output_dir) if path.name in RUN_FOLDERS)
+        folders = _run_folders(output_dir)
         check_written_again(folders + (written_again(output_dir, step, config["train"]) if config else []), step)
         again = config is not None and step >= config["train"]["max_steps"]  # _finish validates
         dropped = truncate_log(output_dir / "log.jsonl", step, validates_again=again)
@@ -249,8 +249,14 @@ def _remove_stray_temp_files(output_dir: Path) -> None:
             if _sample_temp(path.name) or (folder == decoder and is_stray_temp(path.name, DECODER_FILES)):
                 remove_stray_temp(path)
     checkpoints = [p for p in _plain_folders(checkpoint_root(output_dir)) if re.fullmatch(r"checkpoint-\d{8}", p.name)]
-    for folder in [p for p in _plain_folders(output_dir) if p.name in RUN_FOLDERS] + folders + checkpoints:
+    for folder in _run_folders(output_dir) + folders + checkpoints:
         remove_write_probes(folder)
+
+
+def _run_folders(output_dir: Path) -> list[Path]:
+    """lvdm's folders in the run folder that are folders, not links; ``output_dir`` itself may be a link (a run
+    folder on another disk), which :func:`_plain_folders` would not look into."""
+    return [output_dir / name for name in sorted(RUN_FOLDERS) if _plain_folders(output_dir.resolve(), name)]
 
 
 def _plain_folders(parent: Path, name: str | None = None) -> list[Path]:
