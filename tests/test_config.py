@@ -642,3 +642,15 @@ def test_a_one_frame_text_to_video_run_trains_and_validates_to_the_end(tmp_path,
     result = train(load_config([], tiny_overrides(tiny_assets, tmp_path / "run", **extra)), progress=False)
     assert result.temporal_path.is_file() and (tmp_path / "run" / "samples" / "step-00000002" / "00.gif").is_file()
     assert not any("frame_change" in line for line in (tmp_path / "run" / "log.jsonl").read_text().splitlines())
+
+
+def test_nan_is_answered_with_what_the_field_takes():
+    """NaN where a number goes names the numbers allowed (it read "expected float or null, got nan (float)"); where
+    a list or a mapping of numbers goes, it names that (it asked for "a number in 1 .. 100", and 5 was then
+    refused as not a list)."""
+    with pytest.raises(ConfigError) as refused:
+        load_config([], ["train.lr=.nan", "train.distill_guidance=.nan", "train.tasks=.nan"])
+    problems = str(refused.value)
+    assert "train.lr: must be a number > 0 and <= 10, got nan" in problems, problems
+    assert "train.distill_guidance: expected list of float, got nan (float)" in problems, problems
+    assert "train.tasks: expected mapping of str to float, got nan (float)" in problems, problems

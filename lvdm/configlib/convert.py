@@ -55,7 +55,8 @@ def _mismatch(tp: Any, value: Any, path: str, problems: list[str]) -> _Sentinel:
 def _nan_problem(tp: Any, value: Any, metadata: Mapping[str, Any], path: str) -> str | None:
     """NaN where a number goes, said with the numbers allowed (``metadata``'s bounds); it read "expected float or
     null, got nan (float)", a float refused for not being one. ``None`` for any other value."""
-    if not (isinstance(value, float) and value != value) or float not in (tp, *get_args(tp)):
+    union = get_origin(tp) in (Union, types.UnionType)  # float | None takes a number; list[float] a list of them
+    if not (isinstance(value, float) and value != value) or float not in (tp, *(get_args(tp) if union else ())):
         return None
     if "min" in metadata and "max" in metadata:
         allowed = f" in {metadata['min']} .. {metadata['max']}"
