@@ -11,6 +11,7 @@ from typing import Any
 
 from lvdm.errors import CheckpointError, ConfigError
 from lvdm.training.checkpoint import check_writable
+from lvdm.training.checkpoint_files import _NAME as CHECKPOINT_NAME
 from lvdm.training.run_lock import notice
 
 # Config keys that change parameter shapes or what a step means: resuming with them changed is an error.
@@ -62,9 +63,10 @@ def _flat_pairs(saved: dict[str, Any], current: dict[str, Any], prefix: str = ""
 
 # ---------------------------------------------------------------------------------------------- written again
 
+SAMPLE_DIR = re.compile(r"step-(\d{8})")  # samples/step-00000010: a validation's samples
 _STEP_FOLDERS = {  # folder, its step folders' names, the setting that spaces its steps
-    "checkpoints": (re.compile(r"checkpoint-(\d{8})"), "checkpoint_every"),
-    "samples": (re.compile(r"step-(\d{8})"), "validate_every"),
+    "checkpoints": (CHECKPOINT_NAME, "checkpoint_every"),
+    "samples": (SAMPLE_DIR, "validate_every"),
 }
 
 
@@ -80,7 +82,8 @@ def written_again(output_dir: Path, step: int, train: dict[str, Any]) -> list[Pa
         for match in filter(None, map(pattern.fullmatch, names)):
             k, path = int(match[1]), folder / match[0]
             again = k == step if step >= last else step < k <= last and (k % train[every] == 0 or k == last)
-            found += [path] if again and path.is_dir() and not path.is_symlink() else []
+            if again and path.is_dir() and not path.is_symlink():
+                found.append(path)
     return found
 
 

@@ -65,7 +65,13 @@ from lvdm.training.checkpoint import (
 )
 from lvdm.training.checkpoint_files import _read_marker as read_checkpoint_marker
 from lvdm.training.logs import truncate_log
-from lvdm.training.resume_config import check_written_again, compare_on_resume, written_again
+from lvdm.training.resume_config import (
+    CHECKPOINT_NAME,
+    SAMPLE_DIR,
+    check_written_again,
+    compare_on_resume,
+    written_again,
+)
 from lvdm.training.run_lock import (
     RUN_MARKER,
     _entries,
@@ -86,7 +92,6 @@ CONFIG_HEADER = "# Resolved lvdm config"
 REFUSAL = "lvdm refuses to write a run there: give a new folder such as outputs/run"
 _SKIPPED_RANK = re.compile(r"skipped\.rank\d+\.jsonl")
 _SAMPLE = re.compile(r"(image_mode_)?\d{2,}(_image)?\.(mp4|gif|png)")  # validation.write_videos, objectives
-_SAMPLE_DIR = re.compile(r"step-\d{8}")
 _TEMP_OF = re.compile(r"\.(.+)\.[0-9a-f]{8}\.tmp.*")  # fileio.atomic_path's names: the final name first
 
 
@@ -243,12 +248,12 @@ def _remove_stray_temp_files(output_dir: Path) -> None:
         if is_stray_temp(name, RUN_FILES + (RUN_MARKER,)):
             remove_stray_temp(output_dir / name)
     samples, decoder = output_dir / "samples", output_dir / "decoder"
-    folders = [folder for folder in _plain_folders(samples) if _SAMPLE_DIR.fullmatch(folder.name)]
+    folders = [folder for folder in _plain_folders(samples) if SAMPLE_DIR.fullmatch(folder.name)]
     for folder in folders + ([decoder] if _plain_folders(output_dir, decoder.name) else []):
         for path in folder.iterdir():
             if _sample_temp(path.name) or (folder == decoder and is_stray_temp(path.name, DECODER_FILES)):
                 remove_stray_temp(path)
-    checkpoints = [p for p in _plain_folders(checkpoint_root(output_dir)) if re.fullmatch(r"checkpoint-\d{8}", p.name)]
+    checkpoints = [p for p in _plain_folders(checkpoint_root(output_dir)) if CHECKPOINT_NAME.fullmatch(p.name)]
     for folder in _run_folders(output_dir) + folders + checkpoints:
         remove_write_probes(folder)
 
@@ -344,7 +349,7 @@ def _foreign_inside(folder: Path, kind: str) -> list[Path]:
 def _is_checkpoint_dir(parent: Path, name: str) -> bool:
     if parent.name != "checkpoints":
         return False  # no folders inside a checkpoint
-    return name.startswith(".tmp-checkpoint-") or re.fullmatch(r"checkpoint-\d{8}", name) is not None
+    return name.startswith(".tmp-checkpoint-") or CHECKPOINT_NAME.fullmatch(name) is not None
 
 
 def _ours_in(kind: str, parent: Path, top: Path, name: str, listed: set[str] | None) -> bool:
@@ -359,7 +364,7 @@ def _ours_in(kind: str, parent: Path, top: Path, name: str, listed: set[str] | N
     if kind == "decoder":  # exactly what save_video_decoder writes, or a killed write of it
         return parent == top and (name in DECODER_FILES or is_stray_temp(name, DECODER_FILES))
     # samples/step-00000100/00.mp4, image_mode_00.gif, 00_image.png
-    in_step = parent.parent == top and bool(_SAMPLE_DIR.fullmatch(parent.name))
+    in_step = parent.parent == top and bool(SAMPLE_DIR.fullmatch(parent.name))
     return in_step and bool(_SAMPLE.fullmatch(name) or _sample_temp(name))
 
 
