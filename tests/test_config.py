@@ -647,10 +647,14 @@ def test_a_one_frame_text_to_video_run_trains_and_validates_to_the_end(tmp_path,
 def test_nan_is_answered_with_what_the_field_takes():
     """NaN where a number goes names the numbers allowed (it read "expected float or null, got nan (float)"); where
     a list or a mapping of numbers goes, it names that (it asked for "a number in 1 .. 100", and 5 was then
-    refused as not a list)."""
+    refused as not a list); NaN in a list of numbers is named with the list (it read "expected float or list of
+    float or null, got [1, nan] (list)")."""
     with pytest.raises(ConfigError) as refused:
-        load_config([], ["train.lr=.nan", "train.distill_guidance=.nan", "train.tasks=.nan"])
+        load_config(
+            [], ["train.lr=.nan", "train.distill_guidance=.nan", "train.tasks=.nan", "data.target_fps=[1,.nan]"]
+        )
     problems = str(refused.value)
+    assert "data.target_fps: must be a number > 0, got nan in [1, nan]" in problems, problems
     assert "train.lr: must be a number > 0 and <= 10, got nan" in problems, problems
     assert "train.distill_guidance: expected list of float, got nan (float)" in problems, problems
     assert "train.tasks: expected mapping of str to float, got nan (float)" in problems, problems

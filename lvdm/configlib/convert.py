@@ -56,7 +56,12 @@ def _nan_problem(tp: Any, value: Any, metadata: Mapping[str, Any], path: str) ->
     """NaN where a number goes, said with the numbers allowed (``metadata``'s bounds); it read "expected float or
     null, got nan (float)", a float refused for not being one. ``None`` for any other value."""
     union = get_origin(tp) in (Union, types.UnionType)  # float | None takes a number; list[float] a list of them
-    if not (isinstance(value, float) and value != value) or float not in (tp, *(get_args(tp) if union else ())):
+    kinds = (tp, *(get_args(tp) if union else ()))
+    if isinstance(value, list) and any(isinstance(v, float) and v != v for v in value):  # [1, nan]: the element
+        lists = [kind for kind in kinds if get_origin(kind) in (list, tuple) and float in get_args(kind)]
+        problem = _nan_problem(float, float("nan"), metadata, path) if lists else None
+        return problem and f"{problem} in {_show(value).rsplit(' (', 1)[0]}"
+    if not (isinstance(value, float) and value != value) or float not in kinds:
         return None
     if "min" in metadata and "max" in metadata:
         allowed = f" in {metadata['min']} .. {metadata['max']}"
