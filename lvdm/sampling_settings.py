@@ -234,11 +234,12 @@ def temporal_defaults(path: str | os.PathLike) -> dict[str, Any]:
         resolution = [resolution, resolution]
     height, width = resolution if isinstance(resolution, list) and len(resolution) == 2 else (None, None)
     train = config.get("train") if isinstance(config.get("train"), dict) else {}
-    tasks = train.get("tasks") if isinstance(train.get("tasks"), dict) else {}
+    tasks = train.get("tasks") if isinstance(train.get("tasks"), dict) else None  # None: not recorded
+    trained = sorted(str(task) for task, w in (tasks or {}).items() if type(w) in (int, float) and w > 0)
     return {
         "num_frames": data.get("num_frames"), "height": height, "width": width, "fps": training_fps(config),
         **training_prior(config),
-        "tasks": sorted(str(name) for name, weight in tasks.items() if type(weight) in (int, float) and weight > 0),
+        "tasks": trained,
         "interpolate_every": train.get("interpolate_every") if type(train.get("interpolate_every")) is int else None,
         "max_context_frames": _most_given(train.get("predict_frames"), tasks),
         "has_context": any(part.get("kind") == "context" for part in parts.values()),
@@ -246,11 +247,11 @@ def temporal_defaults(path: str | os.PathLike) -> dict[str, Any]:
     }  # fmt: skip
 
 
-def _most_given(predict_frames: Any, tasks: dict[str, Any]) -> int | None:
+def _most_given(predict_frames: Any, tasks: dict[str, Any] | None) -> int | None:
     """The most leading frames the module was trained to continue from: the largest of ``train.predict_frames``
-    where ``predict`` is among its tasks (as training reads them), 0 where it is not, ``None`` where its training
-    config does not say."""
-    if tasks and not (type(tasks.get("predict")) in (int, float) and tasks["predict"] > 0):
+    where ``predict`` is among its tasks (as training reads them), 0 where it is not (``{}``: text only), ``None``
+    where its training config does not say."""
+    if tasks is not None and not (type(tasks.get("predict")) in (int, float) and tasks["predict"] > 0):
         return 0
     if isinstance(predict_frames, list) and predict_frames and all(type(n) is int for n in predict_frames):
         return max(predict_frames)

@@ -357,10 +357,13 @@ def context_files(tmp_path_factory):
     video.save_temporal(root / "none_given.safetensors", training_config=none_given)
     no_predict = {**CONTEXT_TRAINING, "train": {"tasks": {"text": 1, "interpolate": 1}, "predict_frames": [0, 1, 2]}}
     video.save_temporal(root / "no_predict.safetensors", training_config=no_predict)
+    no_tasks = {**CONTEXT_TRAINING, "train": {"tasks": {}, "predict_frames": [0, 1, 2]}}  # empty: text only
+    video.save_temporal(root / "no_tasks.safetensors", training_config=no_tasks)
     one_given = {**CONTEXT_TRAINING, "train": {"tasks": {"text": 1, "predict": 1}, "predict_frames": [0, 1]}}
     video.save_temporal(root / "one_given.safetensors", training_config=one_given)
     return {"base": base, "context": root / "context.safetensors", "two_given": root / "two_given.safetensors",
-            "no_predict": root / "no_predict.safetensors", "one_given": root / "one_given.safetensors",
+            "no_predict": root / "no_predict.safetensors", "no_tasks": root / "no_tasks.safetensors",
+            "one_given": root / "one_given.safetensors",
             "none_given": root / "none_given.safetensors", "plain": root / "plain.safetensors",
             "predict_only": root / "predict_only.safetensors", "fine": root / "fine.safetensors",
             "every_2": root / "every_2.safetensors"}  # fmt: skip
@@ -479,6 +482,7 @@ def test_by_16_the_second_pass_is_the_fine_stage_where_the_module_learnt_it(cont
         ("none_given", lambda pipe, clip: pipe("x", context=clip, context_frames=1, **FAST), "not trained to contin"),
         ("none_given", lambda pipe, clip: pipe("x", num_frames=12, **FAST), "roll out past 5 frames"),
         ("no_predict", lambda pipe, clip: pipe("x", context=clip, **FAST), "not trained to continue"),
+        ("no_tasks", lambda pipe, clip: pipe("x", context=clip, **FAST), "not trained to continue"),
     ],
 )
 def test_bad_context_requests_are_one_clear_error(context_files, module, call, message):
