@@ -58,9 +58,12 @@ class ContextVideo:
     resized: str | None  # "WxH -> wxh, centre crop" when the frames were resized
 
 
-def read_context(source: Any, height: int, width: int, *, what: str = "context") -> ContextVideo:
+def read_context(
+    source: Any, height: int, width: int, *, what: str = "context", last: int | None = None
+) -> ContextVideo:
     """Frames from a video file, a folder-less image file, or a uint8 array ``(f, h, w, 3)``, resized to cover
-    ``height x width`` and centre-cropped (as training clips are); a clear error for anything else."""
+    ``height x width`` and centre-cropped (as training clips are); a clear error for anything else. ``last``: only
+    the last ``last`` frames (a continued video needs no more: every frame of a long one filled memory)."""
     from lvdm.data.transforms import cover_size
 
     fps = None
@@ -74,7 +77,8 @@ def read_context(source: Any, height: int, width: int, *, what: str = "context")
         try:
             info = probe(path)
             size = cover_size(info.width, info.height, height, width)
-            frames = read_frames(path, range(info.num_frames), size=size)
+            first = 0 if last is None else max(0, info.num_frames - last)
+            frames = read_frames(path, range(first, info.num_frames), size=size)
         except LvdmError as exc:
             raise ConfigError(f"{what} video {path}: {exc}") from exc
         fps, original = info.playback_fps(), (info.width, info.height)  # a 384 fps video lvdm wrote stays 384
@@ -82,6 +86,7 @@ def read_context(source: Any, height: int, width: int, *, what: str = "context")
         frames = np.asarray(source)
         if frames.dtype != np.uint8 or frames.ndim != 4 or frames.shape[-1] != 3:
             raise ConfigError(f"{what} frames must be uint8 (f, h, w, 3), got {frames.dtype} {tuple(frames.shape)}")
+        frames = frames if last is None else frames[max(0, len(frames) - last) :]
         original = (frames.shape[2], frames.shape[1])
         size = cover_size(original[0], original[1], height, width)
         if size != original:
@@ -209,13 +214,13 @@ def context_latents(pipe: Any, s: SamplingSettings, context: Any, *, explicit: d
         require_context(pipe, "continue a video" if context is not None else "use context guidance")
     if context is None:
         return None
-    given = read_context(context, s.height, s.width)
+    given = read_context(context, s.height, s.width, last=s.context_frames)
     if len(given.frames) < s.context_frames:
         raise ConfigError(
             f"the context video has {len(given.frames)} frame(s); context_frames={s.context_frames} needs at "
             f"least {s.context_frames}"
         )
-    latents = encode_frames(pipe.base.vae, given.frames[-s.context_frames :], pipe.device)
+    latents = encode_frames(pipe.base.vae, given.frames, pipe.device)
     source = str(Path(context).absolute()) if isinstance(context, (str, os.PathLike)) else "frames"
     return latents, {"source": source, "frames": s.context_frames, "resized": given.resized}
 

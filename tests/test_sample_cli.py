@@ -423,3 +423,49 @@ def test_from_json_refuses_what_is_not_a_sidecar(tmp_path, command):
     bad.write_text(json.dumps(base | {"interpolate": {"factor": 3, "source": str(bad)}}))
     code, _, err = sample_here(command, "--from-json", str(bad), "--out", str(tmp_path / "x.mp4"))
     assert code == 2 and "interpolate.factor 3: must be 4 or 16" in err, err  # was refused only after loading
+
+
+# ------------------------------------------------------------------------------------------------ context frames
+@pytest.fixture(scope="module")
+def context_files(files):
+    """A context module on base A (random weights, trained for every task) and a 60-frame 16x16 video."""
+    from conftest import randomize
+
+    from lvdm.media import write_video
+    from lvdm.models import VideoUNet, load_base
+    from lvdm.models.parts import build_part
+
+    video = VideoUNet.from_unet2d(load_base(files["a"]).unet)
+    build_part(video, "context", "context", {})
+    randomize(video.temporal_parameters(), seed=1, std=0.1)
+    module = files["root"] / "context.safetensors"
+    training = {"data": {"num_frames": 5, "resolution": [16, 16], "target_fps": 8.0},
+                "train": {"tasks": {"text": 1, "predict": 1, "interpolate": 1}}}  # fmt: skip
+    video.save_temporal(module, training_config=training)
+    frames = np.zeros((60, 16, 16, 3), np.uint8)
+    frames[..., 0] = np.arange(60)[:, None, None] * 4
+    clip = files["root"] / "sixty.mp4"
+    write_video(frames, clip, fps=8.0)
+    return {"module": module, "clip": clip}
+
+
+def test_continuing_a_video_reads_only_the_frames_it_continues_from(files, context_files, tmp_path, command,
+                                                                    monkeypatch):  # fmt: skip
+    """--context decoded every frame of the video at the sampling size, to use its last --context-frames: a 1.6 MB
+    mp4 of 60000 small frames filled 5.5 GB in 30 s at 128 px, then said "decode timed out"."""
+    from lvdm.data import readers
+
+    asked, read = [], readers.read_frames
+
+    def counted(path, indices, **kwargs):
+        asked.append(len(indices))
+        return read(path, indices, **kwargs)
+
+    monkeypatch.setattr(readers, "read_frames", counted)
+    code, _, err = sample_here(command, "--base", str(files["a"]), "--temporal", str(context_files["module"]),
+                               "--context", str(context_files["clip"]), "--context-frames", "2", "--prompt", "a",
+                               "--frames", "3", "--steps", "1", "--out", str(tmp_path / "next.mp4"))  # fmt: skip
+    assert code == 0, err
+    assert asked == [2], asked
+    meta = json.loads((tmp_path / "next.mp4.json").read_text())
+    assert meta["context"]["frames"] == 2
