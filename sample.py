@@ -230,6 +230,8 @@ def _check_context(args: argparse.Namespace, image_mode: bool) -> None:
             raise ConfigError(f"{flag} {path}: {what}")
     if args.image is not None and args.interpolate is not None:
         raise ConfigError("--interpolate does not take --image")
+    if args.interpolate is not None:  # from the video's header: a long one sampled for hours, past the frame limit
+        _check_keyframes(args.interpolate, args.factor or 4)
     if args.upscaler_temporal is not None and args.upscaler is None:
         raise ConfigError("--upscaler-temporal goes with --upscaler FOLDER")
     if args.upscaler_temporal is not None:  # a missing or broken file, found before sampling rather than after
@@ -249,6 +251,20 @@ def _check_context(args: argparse.Namespace, image_mode: bool) -> None:
             )
         if args.upscaler_temporal is not None:
             _check_upscaler_module_family(args.upscaler_temporal, Path(args.upscaler))
+
+
+def _check_keyframes(video: str, factor: int) -> None:
+    """That ``--interpolate VIDEO`` by ``factor`` makes no more frames than a video may have, from its header (one
+    that cannot be read is named when it is read)."""
+    from lvdm.context_sampling import check_keyframes
+    from lvdm.data.readers import probe
+    from lvdm.errors import LvdmError
+
+    try:
+        count = probe(video).num_frames
+    except LvdmError:
+        return
+    check_keyframes(count, factor)
 
 
 def _check_upscaler_module_family(module: str, upscaler: Path) -> None:

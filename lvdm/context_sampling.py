@@ -26,6 +26,7 @@ from __future__ import annotations
 import dataclasses
 import os
 import random
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
@@ -59,11 +60,18 @@ class ContextVideo:
 
 
 def read_context(
-    source: Any, height: int, width: int, *, what: str = "context", last: int | None = None
+    source: Any,
+    height: int,
+    width: int,
+    *,
+    what: str = "context",
+    last: int | None = None,
+    check: Callable[[int], None] | None = None,
 ) -> ContextVideo:
     """Frames from a video file, a folder-less image file, or a uint8 array ``(f, h, w, 3)``, resized to cover
     ``height x width`` and centre-cropped (as training clips are); a clear error for anything else. ``last``: only
-    the last ``last`` frames (a continued video needs no more: every frame of a long one filled memory)."""
+    the last ``last`` frames (a continued video needs no more: every frame of a long one filled memory). ``check``
+    is called with the video's frame count before its frames are read (a file's: from its header)."""
     from lvdm.data.transforms import cover_size
 
     fps = None
@@ -76,6 +84,8 @@ def read_context(
 
         try:
             info = probe(path)
+            if check is not None:
+                check(info.num_frames)
             size = cover_size(info.width, info.height, height, width)
             first = 0 if last is None else max(0, info.num_frames - last)
             frames = read_frames(path, range(first, info.num_frames), size=size)
@@ -86,6 +96,8 @@ def read_context(
         frames = np.asarray(source)
         if frames.dtype != np.uint8 or frames.ndim != 4 or frames.shape[-1] != 3:
             raise ConfigError(f"{what} frames must be uint8 (f, h, w, 3), got {frames.dtype} {tuple(frames.shape)}")
+        if check is not None:
+            check(len(frames))
         frames = frames if last is None else frames[max(0, len(frames) - last) :]
         original = (frames.shape[2], frames.shape[1])
         size = cover_size(original[0], original[1], height, width)
@@ -97,6 +109,19 @@ def read_context(
     frames = np.ascontiguousarray(frames[:, top : top + height, left : left + width])
     resized = None if original == (width, height) else f"{original[0]}x{original[1]} -> {width}x{height}, centre crop"
     return ContextVideo(frames, fps, resized)
+
+
+def check_keyframes(count: int, factor: int) -> None:
+    """An interpolation by ``factor`` makes ``factor (count - 1) + 1`` frames of ``count``: no more than a sampled
+    video may have (``MAX_FRAMES``; a 300-frame clip by 16 sampled 4785)."""
+    from lvdm.sampling_settings import MAX_FRAMES
+
+    most = (MAX_FRAMES - 1) // factor + 1
+    if count > most:
+        raise ConfigError(
+            f"interpolating {count} frames by {factor} would make {factor * (count - 1) + 1}, past the {MAX_FRAMES} "
+            f"frames a video may have; give at most {most} frames (cut the video first)"
+        )
 
 
 @torch.no_grad()
@@ -288,7 +313,9 @@ def interpolate(
     s = pipe._resolve(sampling_settings(**settings), None)
     if s.image_mode:
         raise ConfigError("image mode has no temporal layers to interpolate with; drop image_mode")
-    given = read_context(video, s.height, s.width, what="interpolate")
+    given = read_context(
+        video, s.height, s.width, what="interpolate", check=lambda count: check_keyframes(count, factor)
+    )
     if len(given.frames) < 2:
         raise ConfigError(f"interpolation needs at least 2 frames, the video has {len(given.frames)}")
     rate = given.fps or s.fps

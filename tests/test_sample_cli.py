@@ -469,3 +469,40 @@ def test_continuing_a_video_reads_only_the_frames_it_continues_from(files, conte
     assert asked == [2], asked
     meta = json.loads((tmp_path / "next.mp4.json").read_text())
     assert meta["context"]["frames"] == 2
+
+
+def test_an_interpolation_past_the_frame_limit_is_refused_before_anything_loads(files, context_files, tmp_path,
+                                                                                command, monkeypatch):  # fmt: skip
+    """A video is at most 4096 frames: --interpolate of a 300-frame clip by 16 sampled 4785 of them (minutes on the
+    tiny model; a long clip, hours and all the memory). Now refused from the video's header, before loading; in
+    Python, before sampling (the control: the longest clip allowed reaches the loading)."""
+    from lvdm import VideoPipeline
+    from lvdm.errors import ConfigError
+    from lvdm.media import write_video
+    from lvdm.models import loading
+
+    def reached(*args, **kwargs):
+        raise ConfigError("reached the loading")
+
+    long = tmp_path / "long.mp4"
+    write_video(np.zeros((257, 16, 16, 3), np.uint8), long, fps=1.0)
+    pipe = VideoPipeline.from_pretrained(files["a"], temporal=context_files["module"])
+    monkeypatch.setattr(loading, "_load_folder", reached)
+    argv = ["--base", str(files["a"]), "--temporal", str(context_files["module"]), "--steps", "1"]
+    for video, factor, message in ((long, "16", "interpolating 257 frames by 16 would make 4097, past the 4096"),
+                                   (context_files["clip"], "16", "reached the loading")):  # fmt: skip
+        code, _, err = sample_here(command, *argv, "--interpolate", str(video), "--factor", factor,
+                                   "--out", str(tmp_path / "smooth.mp4"))  # fmt: skip
+        assert code == 2 and err.count("\n") == 1 and message in err, err
+
+    def sampled(*args, **kwargs):
+        raise AssertionError("sampled")
+
+    monkeypatch.setattr(pipe, "_denoise", sampled)
+    for frames, factor in ((np.zeros((257, 16, 16, 3), np.uint8), 16), (np.zeros((1025, 16, 16, 3), np.uint8), 4)):
+        with pytest.raises(ConfigError, match=f"interpolating {len(frames)} frames by {factor}"):
+            pipe.interpolate(frames, factor=factor, num_inference_steps=1, progress=False)
+    with pytest.raises(ConfigError, match="interpolating 257 frames by 16"):
+        pipe.interpolate(long, factor=16, num_inference_steps=1, progress=False)
+    with pytest.raises(AssertionError, match="sampled"):  # the control: 1024 frames by 4 make 4093
+        pipe.interpolate(np.zeros((1024, 16, 16, 3), np.uint8), factor=4, num_inference_steps=1, progress=False)
