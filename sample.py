@@ -376,7 +376,23 @@ def _plan(
         from lvdm.upscale import upscaled_path
 
         refuse_existing([upscaled_path(path) for path in paths])
+    _refuse_inputs_as_outputs(args, paths)
     return prompts, settings, checked, paths
+
+
+def _refuse_inputs_as_outputs(args: argparse.Namespace, paths: list[Path]) -> None:
+    """With --overwrite, an output that is the video continued or interpolated, or the image animated, replaced it
+    (python -m lvdm.upscale refuses its input as --out likewise)."""
+    from lvdm.outputs import sidecar_path
+    from lvdm.upscale import upscaled_path
+
+    outputs = [*paths, *(upscaled_path(path) for path in paths if args.upscaler is not None)]
+    for flag, given in (("--context", args.context), ("--interpolate", args.interpolate), ("--image", args.image)):
+        if given is None or not Path(given).is_file():
+            continue
+        for out in (p for path in outputs for p in (path, sidecar_path(path))):
+            if out.is_file() and out.samefile(given):
+                raise ConfigError(f"the output {out} is the {flag} file {given}; write to another file")
 
 
 def main(argv: list[str]) -> int:

@@ -506,3 +506,33 @@ def test_an_interpolation_past_the_frame_limit_is_refused_before_anything_loads(
         pipe.interpolate(long, factor=16, num_inference_steps=1, progress=False)
     with pytest.raises(AssertionError, match="sampled"):  # the control: 1024 frames by 4 make 4093
         pipe.interpolate(np.zeros((1024, 16, 16, 3), np.uint8), factor=4, num_inference_steps=1, progress=False)
+
+
+def test_an_input_given_as_the_output_is_not_replaced_by_overwrite(files, context_files, tmp_path, command,
+                                                                   monkeypatch):  # fmt: skip
+    """--overwrite replaced the video --context continued (or --interpolate interpolated, or the GIF --image
+    animated) with the new one, as python -m lvdm.upscale refuses to. The control: another output reaches the
+    loading."""
+    import shutil
+
+    from lvdm.errors import ConfigError
+    from lvdm.models import loading
+
+    def reached(*args, **kwargs):
+        raise ConfigError("reached the loading")
+
+    monkeypatch.setattr(loading, "_load_folder", reached)
+    clip = tmp_path / "clip.mp4"
+    shutil.copy(context_files["clip"], clip)
+    picture = tmp_path / "picture.gif"
+    Image.new("RGB", (16, 16), (200, 30, 30)).save(picture)
+    before = {path: path.read_bytes() for path in (clip, picture)}
+    module = ["--base", str(files["a"]), "--temporal", str(context_files["module"]), "--steps", "1", "--prompt", "a"]
+    for options, out, flag in ((["--context", str(clip), "--frames", "3"], clip, "--context"),
+                               (["--interpolate", str(clip)], clip, "--interpolate"),
+                               (["--image", str(picture)], picture, "--image")):  # fmt: skip
+        code, _, err = sample_here(command, *module, *options, "--out", str(out), "--overwrite")
+        assert code == 2 and err.count("\n") == 1 and f"is the {flag} file" in err, err
+        code, _, err = sample_here(command, *module, *options, "--out", str(tmp_path / "new.gif"), "--overwrite")
+        assert code == 2 and "reached the loading" in err, err
+    assert {path: path.read_bytes() for path in (clip, picture)} == before
