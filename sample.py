@@ -371,11 +371,11 @@ def _plan(
         args.out, prompts, num_videos_per_prompt=checked.num_videos_per_prompt, format=args.format or "mp4",
         overwrite=args.overwrite,
     )  # fmt: skip
-    if args.upscaler is not None and not args.overwrite:
-        from lvdm.outputs import refuse_existing
+    if args.upscaler is not None:  # a folder or a name too long there was found after the sampling and the upscale
+        from lvdm.outputs import check_outputs
         from lvdm.upscale import upscaled_path
 
-        refuse_existing([upscaled_path(path) for path in paths])
+        check_outputs([upscaled_path(path) for path in paths], overwrite=args.overwrite)
     _refuse_inputs_as_outputs(args, paths)
     return prompts, settings, checked, paths
 

@@ -166,18 +166,25 @@ def plan_outputs(
         names = [f"{k:0{digits}d}-{_slug(prompts[k // num_videos_per_prompt])}" for k in range(count)]
         paths = [Path(text) / f"{name.rstrip('-')}{ext}" for name in names]
     _check_writable(paths[0].parent)
-    if folders := [p for p in paths if p.suffix.lower() in MEDIA_SUFFIXES and p.is_dir() and not p.is_symlink()]:
-        raise ConfigError(
-            f"{folders[0]} is a folder, which a video file cannot replace (--overwrite neither); choose another output"
-        )  # fmt: skip (here, not after the sampling)
+    check_outputs(paths, overwrite=overwrite)
+    return paths
+
+
+def check_outputs(paths: Sequence[Path], *, overwrite: bool) -> None:
+    """That the outputs ``paths`` (videos, or PNG frame folders) and their sidecars can be written, before the work
+    (``sample.py --upscaler`` checks its ``_x4`` files with it): names that fit, no folder where a file goes (a
+    sidecar's was found after its video was written), and none there already unless ``overwrite``."""
     long = [p.name for path in paths for p in (path, sidecar_path(path)) if len(os.fsencode(p.name)) > NAME_MAX]
     if long:
         size = len(os.fsencode(long[0]))
         raise ConfigError(f"output name {long[0]!r} is {size} bytes long; a file name holds at most {NAME_MAX}, and a "
                           "sidecar adds .json to its video's: choose a shorter one")  # fmt: skip
+    files = [p for path in paths for p in (path, sidecar_path(path)) if p is not path or media_suffix(str(p))]
+    if folders := [p for p in files if p.is_dir() and not p.is_symlink()]:
+        raise ConfigError(f"{folders[0]} is a folder, which a file cannot replace (--overwrite neither); choose "
+                          "another output")  # fmt: skip
     if not overwrite:
         refuse_existing(paths)
-    return paths
 
 
 def refuse_control_characters(output: str | os.PathLike) -> None:

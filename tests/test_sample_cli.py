@@ -536,3 +536,34 @@ def test_an_input_given_as_the_output_is_not_replaced_by_overwrite(files, contex
         code, _, err = sample_here(command, *module, *options, "--out", str(tmp_path / "new.gif"), "--overwrite")
         assert code == 2 and "reached the loading" in err, err
     assert {path: path.read_bytes() for path in (clip, picture)} == before
+
+
+def test_a_folder_where_a_sidecar_or_an_upscale_goes_is_refused_before_loading(files, tmp_path, command,
+                                                                               monkeypatch):  # fmt: skip
+    """With --overwrite, a folder named as the sidecar (or as the cascade's <name>_x4.mp4) was found when it was
+    written: after the sampling (and the upscale), the video left without its sidecar, and the message gave the
+    free space as if the disk were full; and a name whose _x4 sidecar is too long, with or without --overwrite. The
+    control: without the folder, the command reaches the loading."""
+    from lvdm.errors import ConfigError
+    from lvdm.models import loading
+    from lvdm.testing.upscaler import make_tiny_upscaler
+
+    def reached(*args, **kwargs):
+        raise ConfigError("reached the loading")
+
+    upscaler = make_tiny_upscaler(tmp_path / "x4", seed=0)
+    monkeypatch.setattr(loading, "_load_folder", reached)
+    argv = ["--base", str(files["a"]), "--prompt", "a kite", "--frames", "2", "--steps", "1", "--overwrite"]
+    cascade = ["--upscaler", str(upscaler), "--upscale-steps", "1"]
+    for folder, options in ((tmp_path / "v.mp4.json", []), (tmp_path / "v_x4.mp4", cascade),
+                            (tmp_path / "v_x4.mp4.json", cascade)):  # fmt: skip
+        folder.mkdir()
+        code, _, err = sample_here(command, *argv, *options, "--out", str(tmp_path / "v.mp4"))
+        assert code == 2 and err.count("\n") == 1 and f"{folder} is a folder" in err, err
+        folder.rmdir()
+        code, _, err = sample_here(command, *argv, *options, "--out", str(tmp_path / "v.mp4"))
+        assert code == 2 and "reached the loading" in err, err
+    fits = str(tmp_path / ("L" * 246 + ".mp4"))  # its sidecar fits, its upscale's (_x4.mp4.json) does not
+    code, _, err = sample_here(command, *argv[:-1], *cascade, "--out", fits)
+    assert code == 2 and err.count("\n") == 1 and "is 258 bytes long" in err, err
+    assert not (tmp_path / "v.mp4").exists()
