@@ -181,6 +181,23 @@ def test_the_long_video_example_refuses_a_module_without_context_before_sampling
     assert "takes no context frames" in refused.stderr and not (tmp_path / "out").exists()
 
 
+def test_the_long_video_example_refuses_a_length_it_cannot_interpolate_before_building(tmp_path, command,
+                                                                                       monkeypatch):  # fmt: skip
+    """--frames 1 sampled and wrote long.mp4, then failed to interpolate it (2 frames are the least); over 1024, its
+    interpolation by 4 passes the 4096 frames a video may have."""
+    from lvdm import testing
+
+    def built(*args, **kwargs):
+        raise AssertionError("the tiny models were built before --frames was checked")
+
+    monkeypatch.setattr(testing, "make_tiny_sd", built)
+    for frames in ("1", "1025"):
+        refused = command(REPO / "examples" / "long_video.py", "--tiny", "--frames", frames, "--out", tmp_path / "out")
+        assert refused.returncode == 2 and refused.stderr.count("\n") == 1, refused.stderr
+        assert f"--frames must be 2 .. 1024 (long.mp4 is interpolated by 4), got {frames}" in refused.stderr
+    assert not (tmp_path / "out").exists()
+
+
 # ------------------------------------------------------------------------------------------------ in-process CLI
 @pytest.mark.parametrize(
     ("device", "message"),
