@@ -70,6 +70,10 @@ class VideoOutput:
         for target in targets.values():  # before any is written
             if media_kind(target) == "png" and (target.exists() or target.is_symlink()) and not target.is_dir():
                 raise ConfigError(f"cannot write PNG frames into {target}: it exists and is not a folder")
+            if (side := sidecar_path(target)).is_dir() and not side.is_symlink():  # found after the video was written
+                raise ConfigError(
+                    f"{side} is a folder, which {target.name}'s sidecar cannot replace; choose another path"
+                )
         return [self._write(k, target, overwrite) for k, target in targets.items()]
 
     def _write(self, index: int, path: str | os.PathLike, overwrite: bool) -> Path:

@@ -239,6 +239,19 @@ def test_mp4_gif_and_png_outputs_with_sidecars(pipe, tmp_path):
         assert meta["model"]["temporal"].endswith("motion.safetensors") and meta["lvdm_version"] == "0.1.0"
 
 
+def test_a_folder_where_a_sidecar_goes_is_refused_before_any_video_is_written(pipe, tmp_path):
+    """``VideoOutput.save`` wrote the video, then failed on a folder at its sidecar's path: a video without its
+    sidecar. Now nothing is written; the control: the same call without the folder writes both."""
+    out = pipe(["a kite", "a door"], seed=0, **FAST)
+    (tmp_path / "clip_001.mp4.json").mkdir()
+    with pytest.raises(ConfigError, match=r"clip_001\.mp4\.json is a folder"):
+        out.save(tmp_path / "clip.mp4")
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["clip_001.mp4.json"]  # clip_000 neither
+    (tmp_path / "clip_001.mp4.json").rmdir()
+    assert [p.name for p in out.save(tmp_path / "clip.mp4")] == ["clip_000.mp4", "clip_001.mp4"]
+    assert (tmp_path / "clip_001.mp4.json").is_file()
+
+
 def test_the_sidecar_reproduces_the_video(files, image_pipe_b, tmp_path):
     out = image_pipe_b(["a red door", "a green door"], num_frames=2, seed=20, guidance_scale=5.0, **FAST)
     paths = out.save(tmp_path / "door.gif")
