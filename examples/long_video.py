@@ -62,9 +62,9 @@ def main(argv: list[str]) -> None:
     if args.tiny and (args.base or args.temporal):
         parser.error("--tiny builds its own models: drop --base and --temporal")
     args.steps = example_steps(parser, args.steps, tiny=args.tiny)
-    from lvdm.sampling_settings import MAX_FRAMES
+    from lvdm.context_sampling import most_keyframes
 
-    most = (MAX_FRAMES - 1) // 4 + 1  # long.mp4 by 4: at most MAX_FRAMES frames
+    most = most_keyframes(4)  # long.mp4 is interpolated by 4
     if args.frames is not None and not 2 <= args.frames <= most:  # refused after long.mp4 was sampled and written
         parser.error(f"--frames must be 2 .. {most} (long.mp4 is interpolated by 4), got {args.frames}")
     for name in ("long.mp4", "smooth.mp4"):  # before anything is built or loaded; a file of yours is never replaced

@@ -111,12 +111,19 @@ def read_context(
     return ContextVideo(frames, fps, resized)
 
 
-def check_keyframes(count: int, factor: int) -> None:
-    """An interpolation by ``factor`` makes ``factor (count - 1) + 1`` frames of ``count``: no more than a sampled
-    video may have (``MAX_FRAMES``; a 300-frame clip by 16 sampled 4785)."""
+def most_keyframes(factor: int) -> int:
+    """The most frames an interpolation by ``factor`` takes: it makes ``factor (count - 1) + 1`` of ``count``, no
+    more than a sampled video may have (``MAX_FRAMES``)."""
     from lvdm.sampling_settings import MAX_FRAMES
 
-    most = (MAX_FRAMES - 1) // factor + 1
+    return (MAX_FRAMES - 1) // factor + 1
+
+
+def check_keyframes(count: int, factor: int) -> None:
+    """No more than :func:`most_keyframes` to interpolate (a 300-frame clip by 16 sampled 4785 frames)."""
+    from lvdm.sampling_settings import MAX_FRAMES
+
+    most = most_keyframes(factor)
     if count > most:
         raise ConfigError(
             f"interpolating {count} frames by {factor} would make {factor * (count - 1) + 1}, past the {MAX_FRAMES} "
