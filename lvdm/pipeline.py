@@ -39,7 +39,7 @@ from lvdm.configlib import config_to_dict
 from lvdm.errors import ConfigError, check_flag, checked_keywords
 from lvdm.models.family import downsampling
 from lvdm.outputs import FORMATS, VideoOutput, media_kind, plan_outputs, read_prompts, refuse_existing
-from lvdm.pipeline_loading import device_problem
+from lvdm.pipeline_loading import device_problem, refuse_upscaler
 from lvdm.pipeline_sampling import (
     _as_prompts,
     _describe,
@@ -80,6 +80,7 @@ class VideoPipeline:
         """``base``: a :class:`~lvdm.models.BaseModel`; ``video``: a VideoUNet on ``base.unet`` or ``None`` (image
         mode); ``sources``: the ``from_pretrained`` arguments recorded in sidecars; ``defaults``: as
         :func:`temporal_defaults` returns."""
+        refuse_upscaler(base)
         self.base = base
         self.video = video
         self.sources = dict(sources or {})

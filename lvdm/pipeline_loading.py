@@ -77,6 +77,7 @@ def load_parts(
             base, base_config=base_config, loras=specs, allow_pickle=allow_pickle,
             spatial_weights=spatial_weights, dtype=torch_dtype, device=device,
         )  # fmt: skip
+    refuse_upscaler(model)
     video = None
     if temporal is not None:
         video = VideoUNet.from_temporal_file(model.unet, temporal, allow_pickle=allow_pickle)
@@ -104,6 +105,17 @@ def load_parts(
         "dtype": dtype_name(next(model.unet.parameters()).dtype),
     }
     return PipelineParts(model, video, defaults, (image_part, encoder, encoder_path), video_decoder, sources)
+
+
+def refuse_upscaler(base: Any) -> None:
+    """An x4 upscaler is no text-to-image base: loaded as one, sampling stopped at its first step on diffusers'
+    ValueError (the UNet's class label, the noise level, not given), a traceback from ``sample.py``."""
+    if getattr(base, "is_upscaler", False):
+        raise ConfigError(
+            f"{base.source} is an x4 upscaler (a StableDiffusionUpscalePipeline folder): it upscales videos and does "
+            "not sample them from text; give it to lvdm.UpscalePipeline (python -m lvdm.upscale VIDEO), or to "
+            "sample.py --upscaler beside a text-to-image --base"
+        )
 
 
 def _same_path(a: Path, b: Path) -> bool:

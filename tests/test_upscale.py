@@ -198,6 +198,22 @@ def test_bad_videos_and_modules_are_refused(upscaler, tiny_assets, tmp_path, fra
         UpscalePipeline.from_pretrained(tmp_path / "missing")
 
 
+def test_a_video_pipeline_refuses_an_upscaler_base(upscaler, tiny_assets, tmp_path, command):
+    """An x4 upscaler given as a text-to-image base loaded, then sampling stopped at its first step on diffusers'
+    ValueError (class_labels), a traceback from sample.py. The control: a text-to-image base loads."""
+    from lvdm import VideoPipeline
+
+    with pytest.raises(ConfigError, match="is an x4 upscaler"):
+        VideoPipeline.from_pretrained(upscaler)
+    with pytest.raises(ConfigError, match="is an x4 upscaler"):
+        VideoPipeline(load_base(upscaler))
+    code, _, err = sample_here(command, "--base", upscaler, "--prompt", "x", "--out", tmp_path / "x.mp4",
+                               "--steps", "1")  # fmt: skip
+    assert code == 2 and "is an x4 upscaler" in err and "Traceback" not in err, err
+    assert not (tmp_path / "x.mp4").exists()
+    VideoPipeline.from_pretrained(tiny_assets["base"])
+
+
 # ------------------------------------------------------------------------------------------------ training
 def upscale_overrides(tiny_assets, upscaler, out, **extra):
     return tiny_overrides(tiny_assets, out, **{
