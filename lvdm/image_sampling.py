@@ -111,9 +111,14 @@ def image_conditions(pipe: Any, image: Any, n: int) -> tuple[dict[str, Any], dic
 def require_image(pipe: Any) -> None:
     """A clear error when ``pipe`` cannot condition on an image."""
     if pipe.image_part is None:
+        what = (
+            "this temporal module has no image conditioning (trained without model.image_conditioning)"
+            if pipe.video is not None
+            else "no temporal module was given (temporal=, --temporal), and the base alone takes no image"
+        )
         raise ConfigError(
-            "image: this temporal module has no image conditioning (trained without model.image_conditioning); "
-            "train one, or load an IP-Adapter Plus with image_adapter= (--image-adapter) and image_encoder="
+            f"image: {what}; train one, or load an IP-Adapter Plus with image_adapter= (--image-adapter) and "
+            "image_encoder="
         )
 
 

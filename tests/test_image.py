@@ -396,6 +396,8 @@ def test_bad_image_requests_are_one_clear_error(image_files, sd_folder, i2v, tmp
     VideoUNet.from_unet2d(load_base(sd_folder).unet).save_temporal(t2v)
     with pytest.raises(ConfigError, match="no image conditioning"):
         VideoPipeline.from_pretrained(sd_folder, temporal=t2v)("a", image=image_files["picture"], **FAST)
+    with pytest.raises(ConfigError, match="no temporal module was given"):  # it named a module nobody gave
+        VideoPipeline.from_pretrained(sd_folder)("a", image=image_files["picture"], **FAST)
     with pytest.raises(ConfigError, match="has its own image attention"):
         VideoPipeline.from_pretrained(sd_folder, temporal=i2v, image_adapter=image_files["adapter"],
                                       image_encoder=image_files["encoder"])  # fmt: skip
