@@ -29,6 +29,7 @@ from typing import Any, Literal, TypeVar
 
 from lvdm import configlib
 from lvdm.configlib import config_to_dict, option, save_config
+from lvdm.sampling_settings import MAX_STEPS
 
 __all__ = [
     "Config",
@@ -393,7 +394,7 @@ class TrainConfig:
     log_every: int = option(10, "log the loss every n steps", min=1)
     validate_every: int = option(500, "sample the validation prompts every n steps", min=1)
     validation_prompts: list[str] = option([], "prompts sampled at each validation; empty: no sample videos")
-    validation_steps: int = option(25, "DDIM steps for validation samples", min=1)
+    validation_steps: int = option(25, "DDIM steps for validation samples", min=1, max=MAX_STEPS)  # as sample.py
     validation_guidance: float = option(7.5, "classifier-free guidance scale for validation samples", min=1, max=100)
 
 

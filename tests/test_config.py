@@ -157,6 +157,8 @@ def test_wrong_types_name_the_key_the_type_and_the_value(override: str, expected
         ("model.spatial_lora_rank=100000000", "model.spatial_lora_rank: must be <= 1024, got 100000000"),
         ("data.decode_timeout=.inf", "data.decode_timeout: must be <= 86400, got inf"),
         ("train.validation_guidance=1e300", "train.validation_guidance: must be <= 100, got 1e+300"),
+        # passed the check, then failed at the first validation, after training to it
+        ("train.validation_steps=5000", "train.validation_steps: must be <= 1000, got 5000"),
         (
             "data.sources=[{kind: folder, path: a, weight: .inf}]",
             "data.sources[0].weight: must be <= 1000000.0, got inf",
