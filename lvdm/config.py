@@ -216,7 +216,7 @@ class DataConfig:
     crop: Literal["center", "random"] = option("center", "where the crop to the training aspect ratio sits")
     flip: bool = option(False, "mirror clips horizontally at random")
     buckets: list[list[int]] = option(
-        [], "aspect-ratio buckets [[height, width], ...]; empty: only resolution", min=8, multiple_of=8
+        [], "aspect-ratio buckets [[height, width], ...]; empty: only resolution", min=8, max=8192, multiple_of=8
     )
     size_index: str | None = option(
         None,

@@ -151,6 +151,7 @@ def test_wrong_types_name_the_key_the_type_and_the_value(override: str, expected
         ("model.attention_heads=0", "model.attention_heads: must be >= 1, got 0"),
         ("data.resolution=[256, 260]", "data.resolution[1]: must be a multiple of 8, got 260"),
         ("data.buckets=[[256, 384], [0, 8]]", "data.buckets[1][0]: must be >= 8, got 0"),
+        ("data.buckets=[[256, 384], [16384, 8]]", "data.buckets[1][0]: must be <= 8192, got 16384"),
         # each of these passed the check and then failed in a traceback (a loader overflow, a timeout's overflow,
         # a NaN validation video, a multinomial or a weighted choice of inf)
         ("train.batch_size=99999999999999999999", "train.batch_size: must be <= 4096, got 99999999999999999999"),
