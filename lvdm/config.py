@@ -405,9 +405,7 @@ class Config:
     model: ModelConfig = option(help="the base model and the temporal layers added to it")
     data: DataConfig = option(help="training data and how clips are cut from it")
     train: TrainConfig = option(TrainConfig(), "optimization, noise, checkpoints and logging")
-    output_dir: str = option(
-        "outputs/run", "run folder: checkpoints, logs, samples and the resolved config", coerce=_home
-    )
+    output_dir: str = option("outputs/run", "run folder: checkpoints, logs, samples, resolved config", coerce=_home)
 
     def validate(self) -> list[str]:
         """Rules across sections, each message starting with the key it is about."""
