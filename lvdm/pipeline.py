@@ -349,7 +349,9 @@ class VideoPipeline:
         written = []
         for start in range(0, len(prompts), per_call):
             chunk = slice(start, start + per_call)
-            call = {**settings, "seed": seed + start * repeat, "negative_prompt": negatives[chunk]}
+            # batch_size passed on: one prompt's num_videos_per_prompt videos were denoised together
+            call = {**settings, "seed": seed + start * repeat, "negative_prompt": negatives[chunk],
+                    "batch_size": s.batch_size}  # fmt: skip
             output = self(
                 prompts[chunk], base_noise=base_noise, context=context, image=image, progress=progress, **call
             )

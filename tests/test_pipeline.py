@@ -272,6 +272,23 @@ def test_render_names_files_by_index_and_prompt_with_one_seed_per_video(pipe, tm
     assert np.abs(frames.astype(int) - alone.frames[0]).max() <= 1
 
 
+def test_render_denoises_at_most_batch_size_videos_together(pipe, tmp_path, monkeypatch):
+    """render's batch_size (sample.py --batch-size, default 1) bounds the videos denoised together: with two videos
+    per prompt, both were denoised in one batch whatever batch_size said."""
+    sizes, denoise = [], VideoPipeline._denoise
+
+    def counted(self, s, noise, *args, **kwargs):
+        sizes.append(noise.shape[0])
+        return denoise(self, s, noise, *args, **kwargs)
+
+    monkeypatch.setattr(VideoPipeline, "_denoise", counted)
+    pipe.render(["a cat"], tmp_path / "one", num_videos_per_prompt=2, seed=5, **FAST)
+    assert sizes == [1, 1]
+    sizes.clear()
+    pipe.render(["a cat", "a dog"], tmp_path / "three", num_videos_per_prompt=2, batch_size=3, seed=5, **FAST)
+    assert max(sizes) <= 3 and sum(sizes) == 4, sizes
+
+
 def test_decoding_goes_in_chunks_of_frames(pipe, monkeypatch):
     sizes = []
     decode = pipe.base.vae.decode
