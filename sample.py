@@ -100,7 +100,9 @@ def build_parser() -> argparse.ArgumentParser:
         "--compile", action="store_true", help="torch.compile the UNet block by block (faster after the first video)"
     )
     text = parser.add_mutually_exclusive_group()
-    text.add_argument("--prompt", help="the prompt (this, --prompts or --from-json is required)")
+    text.add_argument(
+        "--prompt", help="the prompt (this, --prompts or --from-json is required; optional with --interpolate)"
+    )
     text.add_argument("--prompts", metavar="FILE", help="a text file of prompts, one per line")
     parser.add_argument(
         "--from-json", metavar="SIDECAR", help="re-render the video of a sidecar (<output>.json); flags given win"

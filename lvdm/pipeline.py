@@ -126,7 +126,8 @@ class VideoPipeline:
                 or SVD's ``vae``) that decodes the videos instead of the base VAE's image decoder
                 (:mod:`lvdm.models.temporal_vae`); one of another latent space is refused.
             device: where the models run (default: where they load, the CPU).
-            dtype: ``torch.float16`` / ``"fp16"``, ``"bf16"``, ``"fp32"`` (default: the weights' own, fp32).
+            dtype: ``torch.float16`` / ``"fp16"``, ``"bf16"``, ``"fp32"`` (default: fp32, whatever dtype the weight
+                files hold).
         """
         from lvdm.pipeline_loading import load_parts
 
