@@ -350,7 +350,7 @@ class VideoPipeline:
         written = []
         for start in range(0, len(prompts), per_call):
             chunk = slice(start, start + per_call)
-            # batch_size passed on: one prompt's num_videos_per_prompt videos were denoised together
+            # batch_size bounds the call's own batches too: a prompt's num_videos_per_prompt videos
             call = {**settings, "seed": seed + start * repeat, "negative_prompt": negatives[chunk],
                     "batch_size": s.batch_size}  # fmt: skip
             output = self(
