@@ -338,7 +338,7 @@ class VideoPipeline:
         if isinstance(out, (str, os.PathLike)):
             paths = plan_outputs(out, prompts, num_videos_per_prompt=repeat, format=format, overwrite=overwrite)
         else:
-            paths = [Path(p) for p in out]
+            paths = _output_list(out)
             if not overwrite:
                 refuse_existing(paths)
         if len(paths) != len(prompts) * repeat:
@@ -447,6 +447,25 @@ __all__ = [
     "sampling_settings",
     "temporal_defaults",
 ]
+
+
+def _output_list(out: Any) -> list[Path]:
+    """``render``'s one path per video, each checked before any sampling: a path (not bytes, ``None`` or a dict's
+    keys), of a kind :func:`media_kind` knows, and no two the same (the second video would meet the first's file)."""
+    if isinstance(out, (bytes, dict)) or not isinstance(out, Sequence):
+        raise ConfigError(f"out must be a file or folder path, or a list of one per video, got {out!r}")
+    paths = []
+    for item in out:
+        if not isinstance(item, (str, os.PathLike)) or not isinstance(os.fspath(item), str) or not os.fspath(item):
+            raise ConfigError(f"out: each output must be a file or folder path (str or os.PathLike), got {item!r}")
+        media_kind(item)
+        paths.append(Path(item))
+    seen = set()
+    for path in paths:
+        if (key := os.path.abspath(path)) in seen:
+            raise ConfigError(f"out: {path} is given twice; give one output per video")
+        seen.add(key)
+    return paths
 
 
 def _check_seeds(seed: int, videos: int) -> None:

@@ -268,3 +268,29 @@ def test_a_misspelt_keyword_names_the_close_one_and_the_allowed(files, pipe, ups
     assert pipe("a kite", guidance_scale=3, **small).frames.shape[:2] == (1, 2)
     assert upscaler.decode(latents, tile=8).shape == (1, 2, 32, 32, 3)
     assert pipe.decode(latents, chunk_frames=2).shape[:2] == (1, 2)
+
+
+def test_render_checks_each_of_its_outputs_before_sampling(pipe, tmp_path, monkeypatch):
+    """``out`` as one path per video: None, an int or bytes were raw TypeErrors from pathlib, a dict wrote into the
+    working folder under its key, and a path given twice was refused only once the first video had been sampled
+    and written. Each is now a ConfigError before any denoising."""
+    monkeypatch.chdir(tmp_path)
+    for out, message in (
+        ([None], "each output must be a file or folder path"),
+        ([b"x.mp4"], "each output must be a file or folder path"),
+        ([""], "each output must be a file or folder path"),
+        (5, "out must be a file or folder path, or a list"),
+        (b"x.mp4", "out must be a file or folder path, or a list"),
+        ({"x": 1}, "out must be a file or folder path, or a list"),
+        ([tmp_path / "x.avi"], "unknown output suffix"),
+        ([tmp_path / "same.mp4", tmp_path / "same.mp4"], "same.mp4 is given twice"),
+    ):
+        prompts = ["a", "b"] if isinstance(out, list) and len(out) == 2 else ["a"]
+        with pytest.raises(ConfigError, match=message):
+            pipe.render(prompts, out, **FAST)
+    assert not list(tmp_path.iterdir())  # nothing sampled, nothing written
+    # the control: a tuple of distinct paths
+    assert pipe.render(["a", "b"], (tmp_path / "1.mp4", str(tmp_path / "2.gif")), **FAST) == [
+        tmp_path / "1.mp4",
+        tmp_path / "2.gif",
+    ]
