@@ -426,9 +426,9 @@ def read_low_res(source: Any) -> LowRes:
         read = read_context(path, info.height, info.width, what="video to upscale")
         return LowRes(read.frames, read.fps, str(path.absolute()))
     frames = np.asarray(source)
-    if frames.ndim != 4 or frames.shape[-1] != 3 or frames.dtype != np.uint8 or not frames.shape[0]:
+    if frames.ndim != 4 or frames.shape[-1] != 3 or frames.dtype != np.uint8 or 0 in frames.shape[:3]:
         raise ConfigError(
-            f"frames to upscale must be uint8 (f, h, w, 3) with f >= 1, got {frames.dtype} {tuple(frames.shape)}"
+            f"frames to upscale must be uint8 (f, h, w, 3) with f, h, w >= 1, got {frames.dtype} {tuple(frames.shape)}"
         )
     _check_size("frames to upscale", *frames.shape[:3])
     return LowRes(np.ascontiguousarray(frames), None, "frames")

@@ -294,3 +294,13 @@ def test_render_checks_each_of_its_outputs_before_sampling(pipe, tmp_path, monke
         tmp_path / "1.mp4",
         tmp_path / "2.gif",
     ]
+
+
+def test_upscaling_frames_of_no_pixels_is_refused_by_name(upscaler):
+    """Frames ``(f, 0, w, 3)`` or ``(f, h, 0, 3)`` reached a convolution: torch's "Kernel size can't be greater
+    than actual input size", not a word about the video."""
+    quick = {"num_inference_steps": 2, "progress": False, "seed": 0}
+    for shape in ((2, 0, 8, 3), (2, 8, 0, 3)):
+        with pytest.raises(ConfigError, match=r"frames to upscale must be uint8 \(f, h, w, 3\) with f, h, w >= 1"):
+            upscaler(np.zeros(shape, np.uint8), **quick)
+    assert upscaler(np.zeros((2, 1, 1, 3), np.uint8), **quick).frames.shape == (1, 2, 4, 4, 3)  # the control
