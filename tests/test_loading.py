@@ -50,6 +50,21 @@ def test_diffusers_folder_loads_every_component(files):
     assert base.family.startswith("custom-") and base.prediction_type == "epsilon"
 
 
+def test_a_folder_saved_in_fp16_loads_in_float32_unless_a_dtype_is_given(tmp_path):
+    """A folder whose weights are fp16 (SD's "fp16" folders) loaded its UNet and VAE in float32 but its text
+    encoder in fp16 (transformers keeps the files' dtype), while the sidecar recorded fp32. The control: a dtype
+    given is the dtype of every part."""
+    pipe = StableDiffusionPipeline(
+        **testing.tiny_sd_components("sd1", seed=0), safety_checker=None, feature_extractor=None,
+        requires_safety_checker=False,
+    )  # fmt: skip
+    pipe.to(torch.float16).save_pretrained(tmp_path, safe_serialization=True)
+    for dtype, expected in ((None, torch.float32), (torch.bfloat16, torch.bfloat16)):
+        base = load_base(tmp_path, dtype=dtype)
+        parts = {name: next(getattr(base, name).parameters()).dtype for name in ("unet", "vae", "text_encoder")}
+        assert parts == dict.fromkeys(parts, expected), (dtype, parts)
+
+
 def test_sd2_folder_is_v_prediction(sd_folders):
     assert load_base(sd_folders["sd2"]).prediction_type == "v_prediction"
 

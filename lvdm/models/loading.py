@@ -149,6 +149,8 @@ def load_base(
         allow_pickle: permit pickle-based files (loaded with ``weights_only=True``).
         spatial_weights: a ``.safetensors`` of UNet weights by diffusers name (as training with ``model.unfreeze``
             exports), replacing those weights after the LoRAs are fused; every key must exist with its shape.
+        dtype: the dtype the parts are built in (``None``: float32, whatever dtype the weight files hold).
+        device: where the UNet, VAE and text encoder go once loaded (``None``: they stay on the CPU).
     """
     if not os.fspath(path):  # Path("") is the working folder
         raise ConfigError("base model '': an empty path; expected a diffusers folder or a checkpoint file")
@@ -255,8 +257,12 @@ def _load_folder(path: Path, *, allow_pickle: bool, dtype: torch.dtype | None) -
     extra = {} if upscaler else {"safety_checker": None, "requires_safety_checker": False}
     try:
         return (StableDiffusionUpscalePipeline if upscaler else StableDiffusionPipeline).from_pretrained(
-            path, use_safetensors=None if allow_pickle else True, dtype=dtype, local_files_only=True, **extra
-        )
+            path,
+            use_safetensors=None if allow_pickle else True,
+            dtype=dtype or torch.float32,
+            local_files_only=True,
+            **extra,
+        )  # float32 by default: transformers would otherwise build the text encoder in the files' dtype
     except Exception as exc:  # OSError, SafetensorError, and with allow_pickle UnpicklingError and torch's errors
         hint = "" if allow_pickle or _denied(exc) else " (only .safetensors weights are read without allow_pickle)"
         raise CheckpointError(f"could not load the diffusers folder {path}{hint}: {one_line(exc)}") from exc
