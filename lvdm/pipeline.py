@@ -454,18 +454,15 @@ def _output_list(out: Any) -> list[Path]:
     keys), of a kind :func:`media_kind` knows, and no two the same (the second video would meet the first's file)."""
     if isinstance(out, (bytes, dict)) or not isinstance(out, Sequence):
         raise ConfigError(f"out must be a file or folder path, or a list of one per video, got {out!r}")
-    paths = []
+    paths: dict[str, Path] = {}  # by absolute path
     for item in out:
         if not isinstance(item, (str, os.PathLike)) or not isinstance(os.fspath(item), str) or not os.fspath(item):
             raise ConfigError(f"out: each output must be a file or folder path (str or os.PathLike), got {item!r}")
         media_kind(item)
-        paths.append(Path(item))
-    seen = set()
-    for path in paths:
-        if (key := os.path.abspath(path)) in seen:
-            raise ConfigError(f"out: {path} is given twice; give one output per video")
-        seen.add(key)
-    return paths
+        if (key := os.path.abspath(item)) in paths:
+            raise ConfigError(f"out: {item} is given twice; give one output per video")
+        paths[key] = Path(item)
+    return list(paths.values())
 
 
 def _check_seeds(seed: int, videos: int) -> None:
