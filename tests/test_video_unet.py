@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import numpy as np
 import pytest
 import torch
 from conftest import frame_by_frame, projection_rows, randomize, video_inputs
@@ -195,19 +196,53 @@ def test_sdpa_is_the_default_attention_and_xformers_needs_installing():
         video.set_attention_backend("flash")
 
 
-@pytest.mark.parametrize(
-    ("change", "message"),
-    [
-        (lambda s, t, e: (s[:, :, 0], t, e), r"\(b, c=4, f, h, w\)"),
-        (lambda s, t, e: (s, t, e[:1]), "once per video"),
-        (lambda s, t, e: (s, t[None].expand(3, 2), e), "timestep"),
-    ],
-)
-def test_wrong_inputs_are_clear_errors(change, message):
+@pytest.mark.usefixtures("one_thread")
+def test_wrong_inputs_are_clear_errors():
+    """Each mistake named before torch meets it: empty latents failed in a reshape or a convolution ("cannot reshape
+    tensor of 0 elements", "Kernel size can't be greater than actual input size"), text of the wrong width or any
+    input of the wrong dtype in a matmul ("mat1 and mat2 shapes cannot be multiplied"), a numpy array or a list as
+    the latents or the text in torch's internals, and a NaN or infinite timestep came out as a NaN prediction."""
     video = VideoUNet.from_unet2d(testing.tiny_unet("sd1"))
-    sample, timestep, text = change(*video_inputs(video.unet))
-    with pytest.raises(ValueError, match=message):
-        video(sample, timestep, text)
+    sample, timestep, text = video_inputs(video.unet, f=2)
+    shape = r"latents \(b, c=4, f, h, w\) with b, f, h, w >= 1"
+    width = r"text embeddings \(b=2, n, d=32\) with n >= 1, given once per video"
+    for change, error, message in (
+        (lambda s, t, e: (s[:, :, 0], t, e), ValueError, shape),
+        (lambda s, t, e: (s[:, :, :0], t, e), ValueError, shape),  # no frames
+        (lambda s, t, e: (s[..., :0, :], t, e), ValueError, shape),  # no rows
+        (lambda s, t, e: (s[..., :0], t, e), ValueError, shape),
+        (lambda s, t, e: (s.numpy(), t, e), TypeError, "latents as a torch.Tensor .* got a ndarray"),
+        (lambda s, t, e: (s.tolist(), t, e), TypeError, "latents as a torch.Tensor .* got a list"),
+        (lambda s, t, e: (s.long(), t, e), TypeError, "sample must be a floating-point tensor"),
+        (
+            lambda s, t, e: (s.double(), t, e),
+            TypeError,
+            "sample is torch.float64, the model's weights are torch.float32",
+        ),
+        (lambda s, t, e: (s, t, e[:1]), ValueError, width),
+        (lambda s, t, e: (s, t, e[..., :16]), ValueError, width),  # another text encoder's width
+        (lambda s, t, e: (s, t, e[:, :0]), ValueError, width),
+        (lambda s, t, e: (s, t, e[0]), ValueError, width),
+        (lambda s, t, e: (s, t, e.numpy()), TypeError, "encoder_hidden_states must be a torch.Tensor"),
+        (lambda s, t, e: (s, t, e.double()), TypeError, "encoder_hidden_states is torch.float64"),
+        (lambda s, t, e: (s, t[None].expand(3, 2), e), ValueError, "timestep must be a scalar"),
+        (lambda s, t, e: (s, float("nan"), e), ValueError, r"timestep must be finite, got \[nan\]"),
+        (lambda s, t, e: (s, torch.tensor([1.0, float("inf")]), e), ValueError, "timestep must be finite"),
+        (lambda s, t, e: (s, np.array([1.0, np.nan]), e), ValueError, "timestep must be finite"),
+        (lambda s, t, e: (s, None, e), TypeError, "timestep must be a real number or a tensor of them, got None"),
+        (lambda s, t, e: (s, "10", e), TypeError, "timestep must be a real number"),
+        (lambda s, t, e: (s, True, e), TypeError, "timestep must be a real number"),
+    ):
+        with pytest.raises(error, match=message):
+            video(*change(sample, timestep, text))
+    # the controls: timesteps as numbers, numpy and lists, and other floats where autocast casts them
+    with torch.no_grad():
+        expected = video(sample, timestep, text)
+        for given in (timestep.tolist(), timestep.numpy(), timestep.double()):
+            torch.testing.assert_close(video(sample, given, text), expected)
+        assert torch.equal(video(sample, 10.0, text), video(sample, np.float32(10), text))
+        with torch.autocast("cpu", dtype=torch.bfloat16):
+            assert video(sample.bfloat16(), timestep, text).dtype == torch.bfloat16
 
 
 def test_temporal_layers_outside_the_video_forward_say_so():

@@ -9,9 +9,49 @@ import torch
 
 
 def _check_sample(sample: torch.Tensor, in_channels: int) -> tuple[int, int, int, int, int]:
-    if sample.ndim != 5 or sample.shape[1] != in_channels:
-        raise ValueError(f"VideoUNet expects latents (b, c={in_channels}, f, h, w), got shape {tuple(sample.shape)}")
+    """The latents' shape ``(b, c, f, h, w)``, none of it 0 (an empty one failed in a reshape or a convolution)."""
+    if not isinstance(sample, torch.Tensor):
+        raise TypeError(f"VideoUNet expects latents as a torch.Tensor (b, c={in_channels}, f, h, w), got a "
+                        f"{type(sample).__name__}")  # fmt: skip
+    if sample.ndim != 5 or sample.shape[1] != in_channels or 0 in sample.shape:
+        raise ValueError(
+            f"VideoUNet expects latents (b, c={in_channels}, f, h, w) with b, f, h, w >= 1, got shape "
+            f"{tuple(sample.shape)}"
+        )
     return tuple(sample.shape)
+
+
+def _text_width(config: Any) -> int | None:
+    """The width ``d`` of the text embeddings the UNet's cross-attentions take; ``None`` where it is not one number
+    (per-block widths, or an ``encoder_hid_proj`` in front of them), then unchecked."""
+    width = config.cross_attention_dim
+    return width if isinstance(width, int) and getattr(config, "encoder_hid_dim", None) is None else None
+
+
+def _check_text(text: torch.Tensor, b: int, width: int | None) -> None:
+    """Text embeddings ``(b, n, d)``: once per video, at least one token, as wide as the cross-attentions take."""
+    d = "d" if width is None else f"d={width}"
+    if not isinstance(text, torch.Tensor):
+        raise TypeError(f"encoder_hidden_states must be a torch.Tensor (b, n, {d}), got a {type(text).__name__}")
+    if text.ndim != 3 or text.shape[0] != b or text.shape[1] == 0 or text.shape[2] != (width or text.shape[2]):
+        raise ValueError(
+            f"encoder_hidden_states must be text embeddings (b={b}, n, {d}) with n >= 1, given once per video, got "
+            f"shape {tuple(text.shape)}"
+        )
+
+
+def _check_float(name: str, tensor: torch.Tensor, dtype: torch.dtype) -> None:
+    """A floating-point input in the weights' ``dtype``, or one autocast casts (training's mixed precision: any float
+    but float64): another reached a matmul as "mat1 and mat2 must have the same dtype"."""
+    if not tensor.is_floating_point():
+        raise TypeError(f"{name} must be a floating-point tensor ({dtype}, the model's), got {tensor.dtype}")
+    device = tensor.device.type
+    autocast = torch.amp.is_autocast_available(device) and torch.is_autocast_enabled(device)
+    if tensor.dtype != dtype and not (autocast and tensor.dtype != torch.float64):
+        raise TypeError(
+            f"{name} is {tensor.dtype}, the model's weights are {dtype}: cast it (.to({dtype})), or run under "
+            "torch.autocast (which casts any float but float64)"
+        )
 
 
 def _per_frame_flags(flags: torch.Tensor | None, b: int, f: int, device: torch.device, dtype: torch.dtype):
@@ -53,7 +93,19 @@ def _check_table_positions(positions: torch.Tensor, default: bool, max_frames: i
 
 
 def _timesteps(timestep: torch.Tensor | float | int, b: int, f: int, device: torch.device) -> torch.Tensor:
-    timestep = torch.as_tensor(timestep, device=device)
+    """One timestep per frame ``(b f,)`` from a number, ``(b,)`` or ``(b, f)``: real numbers (NaN or inf gave a NaN
+    output), checked on the host before they move to ``device``. A tensor already on an accelerator is not checked
+    for NaN: that would wait for the device at every step, for numbers the schedulers never make NaN."""
+    try:
+        steps = torch.as_tensor(timestep)  # where it is: a number or an array on the CPU
+    except (TypeError, ValueError, RuntimeError):
+        steps = None
+    if steps is None or steps.dtype == torch.bool or steps.is_complex():
+        raise TypeError(f"timestep must be a real number or a tensor of them, got {timestep!r}")
+    host = steps.device.type == "cpu" and steps.is_floating_point() and not torch.compiler.is_compiling()
+    if host and not bool(torch.isfinite(steps).all()):
+        raise ValueError(f"timestep must be finite, got {steps.flatten()[:8].tolist()}")
+    timestep = steps.to(device)
     if timestep.ndim == 0:
         timestep = timestep.expand(b)
     if timestep.shape == (b,):

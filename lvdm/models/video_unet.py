@@ -25,11 +25,14 @@ from lvdm.models.family import base_family
 from lvdm.models.layout import TemporalLayout
 from lvdm.models.parts import PartSpec
 from lvdm.models.video_inputs import (
+    _check_float,
     _check_sample,
     _check_table_positions,
+    _check_text,
     _frame_positions,
     _per_frame_flags,
     _repeat_frames,
+    _text_width,
     _timesteps,
 )
 from lvdm.modules.frame_context import FrameContext, frame_context
@@ -174,6 +177,11 @@ class VideoUNet(nn.Module):
             the model output ``(b, c, f, h, w)`` (noise, v or sample, as the base predicts).
         """
         b, c, f, h, w = _check_sample(sample, self.unet.config.in_channels)
+        dtype = self.unet.conv_in.weight.dtype  # what the sample meets first; the text meets the same base weights
+        _check_float("sample", sample, dtype)
+        _check_text(encoder_hidden_states, b, _text_width(self.unet.config))
+        _check_float("encoder_hidden_states", encoder_hidden_states, dtype)
+        timesteps = _timesteps(timestep, b, f, sample.device)
         context = FrameContext(
             num_frames=f,
             image_only_indicator=_per_frame_flags(image_only_indicator, b, f, sample.device, sample.dtype),
@@ -182,12 +190,6 @@ class VideoUNet(nn.Module):
         if self.layout.max_frames is not None:
             _check_table_positions(context.frame_positions, frame_positions is None, self.layout.max_frames)
         self._prepare_parts(context, sample, timestep, conditioning)
-        timestep = _timesteps(timestep, b, f, sample.device)
-        if encoder_hidden_states.shape[0] != b:
-            raise ValueError(
-                f"encoder_hidden_states has batch {encoder_hidden_states.shape[0]}, sample has {b} videos: "
-                "give the text embeddings once per video, (b, n, d)"
-            )
         # b c f h w -> (b f) c h w, in the standard layout whatever the input's (channels-last inputs would reach
         # GroupNorm's channels-last backward kernel, which crashes on CPU in torch 2.13 for the 5D temporal blocks)
         frames = sample.permute(0, 2, 1, 3, 4).reshape(b * f, c, h, w).contiguous()
@@ -196,7 +198,7 @@ class VideoUNet(nn.Module):
         with frame_context(context):
             out = self.unet(
                 frames,
-                timestep,
+                timesteps,
                 encoder_hidden_states=text,
                 class_labels=_repeat_frames(class_labels, f),
                 added_cond_kwargs=_repeat_frames(added_cond_kwargs, f),
