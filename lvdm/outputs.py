@@ -187,8 +187,27 @@ def check_outputs(paths: Sequence[Path], *, overwrite: bool) -> None:
     if folders := [p for p in files if p.is_dir() and not p.is_symlink()]:
         raise ConfigError(f"{folders[0]} is a folder, which a file cannot replace (--overwrite neither); choose "
                           "another output")  # fmt: skip
+    frames = [path for path in paths if not media_suffix(str(path))]  # PNG frame folders
+    if taken := [path for path in frames if os.path.lexists(path) and not path.is_dir()]:  # found once sampled
+        raise ConfigError(f"cannot write PNG frames into {taken[0]}: it exists and is not a folder (--overwrite "
+                          "cannot replace it); choose another output")  # fmt: skip
     if not overwrite:
         refuse_existing(paths)
+
+
+def check_given_outputs(paths: Sequence[Path], *, format: str, overwrite: bool) -> None:
+    """One output per video as a caller gave them (``VideoPipeline.render``'s ``out`` as a list), checked as
+    :func:`plan_outputs` checks the paths it plans: a known ``format`` (each path's suffix says its kind, as a
+    single ``.mp4`` does), no blank name or control character, folders they can go in, and :func:`check_outputs`."""
+    if format not in FORMATS:
+        raise ConfigError(f"format: expected one of {list(FORMATS)}, got {format!r}")
+    for path in paths:
+        if not os.fspath(path).strip():
+            raise ConfigError(f"the output {os.fspath(path)!r} is blank; give a .mp4 or .gif file, or a folder")
+        refuse_control_characters(path)
+    for folder in dict.fromkeys(path.parent for path in paths):
+        _check_writable(folder)
+    check_outputs(paths, overwrite=overwrite)
 
 
 def refuse_control_characters(output: str | os.PathLike) -> None:

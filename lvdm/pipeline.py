@@ -38,7 +38,7 @@ from lvdm import __version__
 from lvdm.configlib import config_to_dict
 from lvdm.errors import ConfigError, check_flag, checked_keywords
 from lvdm.models.family import downsampling
-from lvdm.outputs import FORMATS, VideoOutput, media_kind, plan_outputs, read_prompts, refuse_existing
+from lvdm.outputs import FORMATS, VideoOutput, check_given_outputs, media_kind, plan_outputs, read_prompts
 from lvdm.pipeline_loading import device_problem, refuse_upscaler
 from lvdm.pipeline_sampling import (
     _as_prompts,
@@ -339,8 +339,7 @@ class VideoPipeline:
             paths = plan_outputs(out, prompts, num_videos_per_prompt=repeat, format=format, overwrite=overwrite)
         else:
             paths = _output_list(out)
-            if not overwrite:
-                refuse_existing(paths)
+            check_given_outputs(paths, format=format, overwrite=overwrite)
         if len(paths) != len(prompts) * repeat:
             raise ConfigError(f"got {len(paths)} output paths for {len(prompts) * repeat} videos")
         seed = s.seed if s.seed is not None else _random_seed()

@@ -289,6 +289,26 @@ def test_render_checks_each_of_its_outputs_before_sampling(pipe, tmp_path, monke
         with pytest.raises(ConfigError, match=message):
             pipe.render(prompts, out, **FAST)
     assert not list(tmp_path.iterdir())  # nothing sampled, nothing written
+    # each path of the list is checked as a single out is (it was checked only for existing): a folder where a video
+    # or its sidecar goes, or a file where PNG frames go, failed to be written after sampling, with overwrite; a name
+    # too long was a raw OSError, a control character or a blank name was written, an unknown format ignored
+    taken = tmp_path / "taken"
+    (taken / "folder.mp4").mkdir(parents=True)
+    (taken / "side.mp4.json").mkdir()
+    (taken / "file").write_bytes(b"")
+    for out, message, extra in (
+        ([taken / "folder.mp4"], "folder.mp4 is a folder, which a file cannot replace", {"overwrite": True}),
+        ([taken / "side.mp4"], "side.mp4.json is a folder, which a file cannot replace", {"overwrite": True}),
+        ([taken / "file"], "cannot write PNG frames into .*file: it exists and is not a folder", {"overwrite": True}),
+        ([tmp_path / f"{'x' * 300}.mp4"], "is 304 bytes long", {}),
+        ([tmp_path / "a\nb.mp4"], "holds a control character", {}),
+        (["  "], "the output '  ' is blank", {}),
+        ([taken / "file" / "x.mp4"], "output folder .*file cannot be created or written", {}),
+        ([tmp_path / "x.mp4"], r"format: expected one of \['mp4', 'gif', 'png'\], got 'avi'", {"format": "avi"}),
+    ):
+        with pytest.raises(ConfigError, match=message):
+            pipe.render(["a"], out, **FAST, **extra)
+    assert sorted(path.name for path in tmp_path.rglob("*")) == ["file", "folder.mp4", "side.mp4.json", "taken"]
     # the control: a tuple of distinct paths
     assert pipe.render(["a", "b"], (tmp_path / "1.mp4", str(tmp_path / "2.gif")), **FAST) == [
         tmp_path / "1.mp4",
