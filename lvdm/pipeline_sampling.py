@@ -13,7 +13,7 @@ import hashlib
 import numbers
 import re
 import secrets
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from typing import Any
 
 import numpy as np
@@ -225,6 +225,11 @@ def _rows(inputs: dict[str, torch.Tensor], rows: slice) -> dict[str, torch.Tenso
 
 
 def _as_prompts(prompt: str | Sequence[str]) -> list[str]:
+    if isinstance(prompt, set | frozenset | Mapping):  # a set's order changes from run to run; a dict's keys
+        raise ConfigError(
+            f"prompt must be a string or a non-empty list of strings, got a {type(prompt).__name__}: give a list, "
+            "in order (video k gets seed + k)"
+        )
     try:
         prompts = [prompt] if isinstance(prompt, str) else list(prompt)  # any iterable of strings
     except TypeError:

@@ -63,9 +63,11 @@ def test_paths_and_loras_of_the_wrong_kind(files, tmp_path):
 
 
 def test_prompts_seeds_and_noise(pipe, tmp_path):
-    for prompt in (None, 5, b"x"):
+    for prompt in (None, 5, b"x", {"a", "b"}, frozenset("a"), {"a": "b"}):  # a set was sampled in hash order
         with pytest.raises(ConfigError, match="prompt must be a string or a non-empty list of strings"):
             pipe(prompt, **FAST)
+        with pytest.raises(ConfigError, match="prompt must be a string or a non-empty list of strings"):
+            pipe.render(prompt, tmp_path / "unordered", **FAST)
     # video k uses seed + k, and its sidecar must replay it: past MAX_SEED it could not
     with pytest.raises(ConfigError, match="the last of 2 videos would use seed"):
         pipe(["a", "b"], seed=MAX_SEED, **FAST)
