@@ -122,6 +122,9 @@ def test_prompts_seeds_and_noise(pipe, tmp_path):
             pipe("x", base_noise=base_noise, **mixed)
     for settings, message in (
         ({"threshold": "clamp:nan"}, "values must be finite"),
+        ({"guidance_scale": 10**400}, "guidance_scale: must be <= 100"),  # float() raised OverflowError
+        ({"guidance_scale": np.float32("nan")}, "guidance_scale: must be a number in -100 .. 100, got nan"),
+        ({"guidance_scale": torch.tensor(3.0)}, r"guidance_scale: expected float or null, got tensor\(3.\)"),
         ({"context_guidance": float("inf")}, "context_guidance: must be <= 100"),
         ({"image_scale": 1e300}, "image_scale: must be <= 100"),
     ):
@@ -133,6 +136,14 @@ def test_prompts_seeds_and_noise(pipe, tmp_path):
     given = torch.randn(shape, generator=torch.Generator().manual_seed(0))
     assert np.array_equal(pipe("x", latents=given, **FAST).frames, pipe("x", latents=given.clone(), **FAST).frames)
     assert pipe("x", base_noise=np.int64(3), seed=0, **mixed).metadata[0]["base_noise"] == 3
+    # numpy's numbers are numbers, whatever their width: np.float64 was taken and np.float32 or np.int64 refused
+    python = {"guidance_scale": 3.0, "num_frames": 2, "seed": 5, "fps": 6.0, "image_mode": False}
+    given = {"guidance_scale": np.float32(3), "num_frames": np.int64(2), "seed": np.uint64(5), "fps": np.int32(6),
+             "image_mode": np.bool_(False)}  # fmt: skip
+    small = {key: value for key, value in FAST.items() if key != "num_frames"}
+    a, b = pipe("x", **small, **python), pipe("x", **small, **given)
+    assert np.array_equal(a.frames, b.frames) and a.metadata == b.metadata
+    assert all(type(b.metadata[0]["settings"][key]) is type(value) for key, value in python.items())
 
 
 def test_decoding_and_interpolating(pipe, command):

@@ -2,8 +2,11 @@
 
 from __future__ import annotations
 
+import math
+import numbers
 import operator
 import re
+import sys
 import types
 from collections.abc import Callable, Mapping
 from dataclasses import MISSING, fields, is_dataclass
@@ -57,11 +60,11 @@ def _nan_problem(tp: Any, value: Any, metadata: Mapping[str, Any], path: str) ->
     null, got nan (float)", a float refused for not being one. ``None`` for any other value."""
     union = get_origin(tp) in (Union, types.UnionType)  # float | None takes a number; list[float] a list of them
     kinds = (tp, *(get_args(tp) if union else ()))
-    if isinstance(value, list) and any(isinstance(v, float) and v != v for v in value):  # [1, nan]: the element
+    if isinstance(value, list) and any(_is_nan(v) for v in value):  # [1, nan]: the element
         lists = [kind for kind in kinds if get_origin(kind) in (list, tuple) and float in get_args(kind)]
         problem = _nan_problem(float, float("nan"), metadata, path) if lists else None
         return problem and f"{problem} in {_show(value).rsplit(' (', 1)[0]}"
-    if not (isinstance(value, float) and value != value) or float not in kinds:
+    if not _is_nan(value) or float not in kinds:
         return None
     if "min" in metadata and "max" in metadata:
         allowed = f" in {metadata['min']} .. {metadata['max']}"
@@ -70,22 +73,35 @@ def _nan_problem(tp: Any, value: Any, metadata: Mapping[str, Any], path: str) ->
     return f"{path}: must be a number{allowed}, got nan"
 
 
+def _is_nan(value: Any) -> bool:
+    return isinstance(value, numbers.Real) and value != value  # numpy's floats too
+
+
 def _to_bool(value: Any) -> Any:
+    numpy = sys.modules.get("numpy")  # numpy's bool, as check_flag takes it (none exists before numpy is imported)
+    if numpy is not None and isinstance(value, numpy.bool_):
+        return bool(value)
     return value if isinstance(value, bool) else _INVALID
 
 
 def _to_int(value: Any) -> Any:
-    if isinstance(value, bool):
+    """An integer, or a whole float; numpy's too (``np.int64(16)``, ``np.float32(2.0)``), as a Python ``int``."""
+    if isinstance(value, bool) or not isinstance(value, numbers.Real):
         return _INVALID
-    if isinstance(value, float) and value.is_integer():
+    if isinstance(value, numbers.Integral):
         return int(value)
-    return value if isinstance(value, int) else _INVALID
+    return int(value) if float(value).is_integer() else _INVALID
 
 
 def _to_float(value: Any) -> Any:
-    if isinstance(value, bool) or not isinstance(value, (int, float)) or value != value:  # value != value: NaN
+    """A real number, numpy's too (``np.float32(7.5)``), as a Python ``float``; an int past float's range is as large
+    as a float gets, for the field's bounds to refuse (``float(10**400)`` raised OverflowError)."""
+    if isinstance(value, bool) or not isinstance(value, numbers.Real) or _is_nan(value):
         return _INVALID
-    return float(value)
+    try:
+        return float(value)
+    except OverflowError:
+        return math.inf if value > 0 else -math.inf
 
 
 def _to_str(value: Any) -> Any:
