@@ -183,6 +183,21 @@ class DistillObjective(Objective):
             self.grids[steps] = scheduler.timesteps.to(self.device)
         return self.grids[steps]
 
+    def _trained_steps(self) -> int:
+        """The steps the student samples with after the optimizer steps taken so far: what it last trained for."""
+        return self.student_steps(self.round_of(max(self.step - 1, 0)))
+
+    def _middle_weight(self, n: int) -> torch.Tensor:
+        """``(n,)`` the middle of the guidance range: the weight of the pool's samples and of validation."""
+        return torch.full((n,), (self.low + self.high) / 2, device=self.device)
+
+    def _latent_noise(self, n: int, video_shape: tuple[int, ...], generator: torch.Generator) -> torch.Tensor:
+        """``(n, c, f, h', w')`` unit noise in the latent space of clips ``(b, f, 3, h, w)``, drawn on the CPU."""
+        factor = downsampling(self.frozen.vae.config.block_out_channels)
+        _, f, _, h, w = video_shape
+        shape = (n, self.frozen.vae.config.latent_channels, f, h // factor, w // factor)
+        return torch.randn(shape, generator=generator).to(self.device)
+
     # ------------------------------------------------------------------------------------------ the models
     @torch.no_grad()
     def guided_x(self, params: dict[str, torch.Tensor] | None, z, t, text, empty, w, *, cfg: bool) -> torch.Tensor:
@@ -229,20 +244,15 @@ class DistillObjective(Objective):
         caption; later draws of it reuse both, so the pool holds several samples of a caption."""
         slots = torch.randint(0, self.cfg.train.distill_pool, (len(batch["caption"]),), generator=generator)
         keys = [str(int(slot)) for slot in slots]
-        latent_shape = batch["video"].shape  # b f 3 h w: the clips' size sets the samples'
         missing: dict[str, str] = {}
         for key, caption in zip(keys, batch["caption"], strict=True):
             if key not in self.pool:
                 missing.setdefault(key, caption)  # a slot drawn twice in one batch gets the first clip's caption
         if missing:
-            factor = downsampling(self.frozen.vae.config.block_out_channels)
-            f, h, w = latent_shape[1], latent_shape[3] // factor, latent_shape[4] // factor
-            c = self.frozen.vae.config.latent_channels
-            noise = torch.stack([
-                torch.randn((c, f, h, w), generator=step_generator(-6, 0, int(key))) for key in missing
-            ]).to(self.device)  # fmt: skip
+            shape = batch["video"].shape  # b f 3 h w: the clips' size sets the samples'
+            noise = torch.cat([self._latent_noise(1, shape, step_generator(-6, 0, int(key))) for key in missing])
             text, empty = self._text(list(missing.values()))
-            mid = torch.full((len(missing),), (self.low + self.high) / 2, device=self.device)
+            mid = self._middle_weight(len(missing))
             made = self.sample(self.teacher, noise, text, empty, mid, self.teacher_steps(round_index),
                                cfg=round_index == 0)  # fmt: skip
             for (key, caption), latents in zip(missing.items(), made, strict=True):
@@ -317,7 +327,7 @@ class DistillObjective(Objective):
         batches = [batch for batch in batches if "video" in batch]
         if not batches:
             return None
-        steps = self.student_steps(self.round_of(max(self.step - 1, 0)))  # what the student last trained for
+        steps = self._trained_steps()
         figures = self.distillation_gain(batches, steps)
         if self.step > 0 and self.step % self.round_steps == 0:
             from tqdm.auto import tqdm
@@ -351,15 +361,12 @@ class DistillObjective(Objective):
         range), the MSE to the teacher's ``distill_from``-step sample of the teacher's and of the student's
         ``steps``-step samples, float64."""
         errors: dict[str, list[torch.Tensor]] = {"teacher": [], "student": []}
-        factor = downsampling(self.frozen.vae.config.block_out_channels)
         k = self.cfg.train.distill_eval_noises
         for batch in batches:
-            b, f, _, h, w = batch["video"].shape
-            key = int(batch["index"][0])
-            noise = torch.randn((b * k, self.frozen.vae.config.latent_channels, f, h // factor, w // factor),
-                                generator=step_generator(-7, 0, key)).to(self.device)  # fmt: skip
+            b, key = len(batch["video"]), int(batch["index"][0])
+            noise = self._latent_noise(b * k, batch["video"].shape, step_generator(-7, 0, key))
             text, empty = (v.repeat_interleave(k, dim=0) for v in self._text(list(batch["caption"])))
-            mid = torch.full((b * k,), (self.low + self.high) / 2, device=self.device)
+            mid = self._middle_weight(b * k)
             for n in {self.cfg.train.distill_from, steps}:  # the teacher is fixed: each made once
                 if (key, n) not in self.references:
                     self.references[key, n] = self.sample(self.original, noise, text, empty, mid, n, cfg=True)
@@ -383,15 +390,10 @@ class DistillObjective(Objective):
         prompts = self.cfg.train.validation_prompts
         if not prompts or not batches:
             return []
-        steps = self.student_steps(self.round_of(max(self.step - 1, 0)))
-        b, f, _, h, w = batches[0]["video"].shape
-        factor = downsampling(self.frozen.vae.config.block_out_channels)
-        generator = step_generator(-8, 0, 0)
-        noise = torch.randn((len(prompts), self.frozen.vae.config.latent_channels, f, h // factor, w // factor),
-                            generator=generator).to(self.device)  # fmt: skip
+        noise = self._latent_noise(len(prompts), batches[0]["video"].shape, step_generator(-8, 0, 0))
         text, empty = self._text(list(prompts))
-        mid = torch.full((len(prompts),), (self.low + self.high) / 2, device=self.device)
-        latents = self.sample(None, noise, text, empty, mid, steps, cfg=False)
+        mid = self._middle_weight(len(prompts))
+        latents = self.sample(None, noise, text, empty, mid, self._trained_steps(), cfg=False)
         with torch.no_grad():
             clips = decode_latents(self.frozen.vae, latents.to(self.frozen.vae.dtype)).float().cpu()
         videos = np.stack([to_uint8_frames(clip) for clip in clips])
