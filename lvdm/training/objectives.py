@@ -14,7 +14,8 @@ micro-batch's loss is, and what validation measures and renders, belongs to an :
 
 :data:`OBJECTIVES` maps ``train.target`` to its class. ``denoise`` (the diffusion loss of the temporal
 layers on the frozen base) is the first; ``decoder`` (the temporal VAE decoder, :mod:`lvdm.training.decoder`) the
-second; ``upscale`` (an x4 upscaler's temporal layers on patches, :mod:`lvdm.training.upscale`) the third.
+second; ``upscale`` (an x4 upscaler's temporal layers on patches, :mod:`lvdm.training.upscale`) the third;
+``distill`` (progressive distillation to few sampling steps, :mod:`lvdm.training.distill`) the fourth.
 """
 
 from __future__ import annotations
@@ -27,7 +28,7 @@ from typing import Any, ClassVar
 import torch
 
 from lvdm.models.family import downsampling
-from lvdm.training.step import Frozen, batch_inputs, training_loss
+from lvdm.training.step import Frozen, batch_inputs, image_inputs, training_loss
 
 
 class Objective(ABC):
@@ -126,11 +127,10 @@ class DenoisingObjective(Objective):
         return figures
 
     def evaluate(self, model_fn: Any, batches: list[dict[str, Any]]) -> dict[str, float] | None:
-        from lvdm.training.validation import clip_figures, motion_gains
-
         if not batches:
             return None
         from lvdm.training.tasks import context_gains, split_fine
+        from lvdm.training.validation import clip_figures, fps_gains, image_gains, motion_gains
 
         train = self.cfg.train
         batches, fine = split_fine(batches)  # the fine interpolation stage's own clips count for its gain only
@@ -139,12 +139,8 @@ class DenoisingObjective(Objective):
         if self.context:
             figures |= context_gains(model_fn, batches, self.frozen, self.device, train, fine_batches=fine, **prior)
         if "fps" in self.video.conditioning_inputs:
-            from lvdm.training.validation import fps_gains
-
             figures |= fps_gains(model_fn, batches, self.frozen, self.device, **prior)
         if "image_embeds" in self.video.conditioning_inputs:
-            from lvdm.training.validation import image_gains
-
             figures |= image_gains(model_fn, batches, self.frozen, self.device, **prior)
         return figures
 
@@ -159,14 +155,15 @@ class DenoisingObjective(Objective):
             return []
         from lvdm.training.tasks import split_fine
 
-        inputs, uncond, pictures = self._render_inputs(fps or DEFAULT_FPS, split_fine(batches or [])[0], out_dir)
+        fps = fps or DEFAULT_FPS
+        inputs, uncond, pictures = self._render_inputs(fps, split_fine(batches or [])[0], out_dir)
         factor = downsampling(self.frozen.vae.config.block_out_channels)
         height, width = cfg.data.resolution
         self.rendered = render_validation(
             model_fn, self.frozen, cfg.train.validation_prompts, out_dir,
             num_frames=cfg.data.num_frames, latent_size=(height // factor, width // factor),
             latent_channels=self.video.unet.config.in_channels, steps=cfg.train.validation_steps,
-            guidance_scale=cfg.train.validation_guidance, fps=fps or DEFAULT_FPS, seed=cfg.train.seed,
+            guidance_scale=cfg.train.validation_guidance, fps=fps, seed=cfg.train.seed,
             noise_prior=cfg.train.noise_prior, mixed_lambda=cfg.train.mixed_noise_lambda, device=self.device,
             inputs=inputs, uncond_inputs=uncond,
         )  # fmt: skip
@@ -188,8 +185,6 @@ class DenoisingObjective(Objective):
         inputs = [dict(common) for _ in prompts]
         pictures: list[Path] = []
         if "image_embeds" in accepted:
-            from lvdm.training.step import image_inputs
-
             none = self.frozen.no_image_tokens()
             tokens = torch.cat([image_inputs(b, self.frozen, None, None) for b in batches]) if batches else none
             for i, given in enumerate(inputs):
