@@ -4,8 +4,8 @@ The loop exists once; what a step computes is an objective chosen by ``train.tar
 (:mod:`lvdm.training.objectives`), which may own extra models and optimizers that checkpoints carry. One optimizer
 step = ``train.gradient_accumulation`` micro-batches per process. What the loop promises (each one tested):
 
-- only the temporal parameters get gradients and optimizer state; the base is frozen (bf16/fp16 under mixed
-  precision, the trained weights stay fp32);
+- only the trained parameters (the temporal layers, plus a spatial LoRA or unfrozen blocks where configured) get
+  gradients and optimizer state; the rest is frozen (bf16/fp16 under mixed precision, the trained weights stay fp32);
 - a step whose loss (or, outside fp16, gradient) is not finite on any rank is skipped on every rank: weights,
   optimizer moments, EMA, LR schedule and step count unchanged; counted, logged, and
   ``train.max_nonfinite_steps`` in a row stop the run;
