@@ -207,7 +207,7 @@ def _source(record: Any) -> str | None:
 
 
 def _check_context(args: argparse.Namespace, image_mode: bool) -> None:
-    """The context options' mistakes, before anything loads."""
+    """The mistakes of the input options (--context, --interpolate, --factor, --image), before anything loads."""
     if args.factor is not None and args.interpolate is None:
         raise ConfigError("--factor goes with --interpolate VIDEO")
     if args.factor not in (None, 4, 16):  # from a sidecar (the flag's own choices are checked by argparse)
@@ -234,6 +234,10 @@ def _check_context(args: argparse.Namespace, image_mode: bool) -> None:
         raise ConfigError("--interpolate does not take --image")
     if args.interpolate is not None:  # from the video's header: a long one sampled for hours, past the frame limit
         _check_keyframes(args.interpolate, args.factor or 4)
+
+
+def _check_upscaler(args: argparse.Namespace) -> None:
+    """The mistakes of --upscaler and --upscaler-temporal, before anything is sampled."""
     if args.upscaler_temporal is not None and args.upscaler is None:
         raise ConfigError("--upscaler-temporal goes with --upscaler FOLDER")
     if args.upscaler_temporal is not None:  # a missing or broken file, found before sampling rather than after
@@ -365,6 +369,7 @@ def _plan(
         raise ConfigError(f"--upscaler: a {side} px side would upscale to {4 * side} px; at most {MAX_SIDE // 4} px a "
                           f"side ({MAX_SIDE} out): sample smaller, or leave out --upscaler")  # fmt: skip
     _check_context(args, checked.image_mode)
+    _check_upscaler(args)
     check_base_noise_seed(args.base_noise_seed, checked.noise_prior)
     gif = media_suffix(args.out) == ".gif" or args.format == "gif"
     if gif and (problem := gif_rate_problem(checked.fps)):  # refused by the writer, after the sampling, before
