@@ -41,15 +41,15 @@ from lvdm.models.family import downsampling
 from lvdm.outputs import FORMATS, VideoOutput, check_given_outputs, media_kind, plan_outputs, read_prompts
 from lvdm.pipeline_loading import device_problem, refuse_upscaler
 from lvdm.pipeline_sampling import (
-    _as_prompts,
-    _describe,
-    _random_seed,
-    _rows,
+    as_prompts,
     denoise,
+    describe_base_noise,
     initial_noise,
     make_model_fn,
     negatives_for,
+    random_seed,
     resolve_settings,
+    take_rows,
 )
 from lvdm.sampling_settings import (
     MAX_SEED,
@@ -205,7 +205,7 @@ class VideoPipeline:
         from lvdm import context_sampling, image_sampling
 
         check_flag("progress", progress)
-        prompts = _as_prompts(prompt)
+        prompts = as_prompts(prompt)
         s = self._resolve(sampling_settings(**settings), latents)
         _check_seeds(s.seed, len(prompts) * s.num_videos_per_prompt)
         if image is not None:
@@ -245,19 +245,20 @@ class VideoPipeline:
         step = s.batch_size or n
         for start in range(0, n, step):
             part = slice(start, start + step)
+            inputs = take_rows(cond, part), take_rows(uncond, part)  # this batch's conditional, unconditional
             if rollout:
                 context_part = given[0].expand(len(generators[part]), -1, -1, -1, -1) if given is not None else None
                 done, drawn = context_sampling.rollout(
-                    self, s, _rows(cond, part), _rows(uncond, part), generators[part], context_part, base_noise,
-                    progress,
-                )  # fmt: skip
+                    self, s, *inputs, generators[part], context_part, base_noise, progress
+                )
             else:
                 drawn = noise[part]
-                done = self._denoise(s, drawn, _rows(cond, part), _rows(uncond, part), generators[part], progress)
+                done = self._denoise(s, drawn, *inputs, generators[part], progress)
             clean.append(done.cpu())
             noises.append(drawn.cpu())
             frames.append(self.decode(done, chunk_frames=s.decode_chunk_size))
-        extra = {"initial_noise": "given" if latents is not None else "seed", "base_noise": _describe(base_noise)}
+        extra = {"initial_noise": "given" if latents is not None else "seed"}
+        extra["base_noise"] = describe_base_noise(base_noise)
         if given is not None:
             extra["context"] = given[1]
         if image_record is not None:
@@ -330,7 +331,7 @@ class VideoPipeline:
         :meth:`__call__`. An existing output is refused before
         sampling unless ``overwrite``.
         """
-        prompts = _as_prompts(prompts)
+        prompts = as_prompts(prompts)
         s = sampling_settings(**{"batch_size": 1, **settings})
         check_flag("progress", progress)  # before the outputs are planned
         check_flag("overwrite", overwrite)
@@ -342,7 +343,7 @@ class VideoPipeline:
             check_given_outputs(paths, format=format, overwrite=overwrite)
         if len(paths) != len(prompts) * repeat:
             raise ConfigError(f"got {len(paths)} output paths for {len(prompts) * repeat} videos")
-        seed = s.seed if s.seed is not None else _random_seed()
+        seed = s.seed if s.seed is not None else random_seed()
         _check_seeds(seed, len(prompts) * repeat)
         negatives = negatives_for(s.negative_prompt, prompts)
         per_call = max(1, s.batch_size // repeat)
@@ -375,7 +376,9 @@ class VideoPipeline:
         return encode_text(self.base.tokenizer, self.base.text_encoder, texts).to(self.device)
 
     def model_fn(self, *, image_mode: bool = False) -> Callable[..., torch.Tensor]:
-        """The denoiser as the sampling loop calls it: ``fn(x (b, c, f, h, w), t (b,), encoder_hidden_states)``.
+        """The denoiser as the sampling loop calls it:
+        ``fn(x (b, c, f, h, w), t (b,), encoder_hidden_states, **inputs)``, ``inputs`` what the module's parts take
+        (``fps``, ``image_embeds``, the context frames ...).
 
         Inputs are cast to the model's dtype, the output returned as float32. With no temporal module, or with
         ``image_mode``, every frame is denoised on its own by the image model.

@@ -55,7 +55,7 @@ def resolve_settings(pipe: Any, s: SamplingSettings, latents: torch.Tensor | Non
         if value is None and key not in given and pipe.defaults.get(key) is not None:
             from_module.append(key)
         values[key] = value if value is not None else given.get(key, pipe.defaults.get(key, default))
-    values["seed"] = s.seed if s.seed is not None else _random_seed()
+    values["seed"] = s.seed if s.seed is not None else random_seed()
 
     def origin(message: str) -> str:
         return from_the_module(message, {key: values[key] for key in from_module})
@@ -188,12 +188,10 @@ def make_model_fn(pipe: Any, *, image_mode: bool = False) -> Callable[..., torch
     temporal module's denoiser, or the image model's applied frame by frame."""
     dtype, video, unet = pipe.dtype, pipe.video, pipe.base.unet
 
-    def video_fn(
-        x: torch.Tensor, t: torch.Tensor, encoder_hidden_states: torch.Tensor, **context: torch.Tensor
-    ) -> torch.Tensor:
+    def video_fn(x: torch.Tensor, t: torch.Tensor, encoder_hidden_states: torch.Tensor, **inputs: Any) -> torch.Tensor:
         flags = torch.ones(x.shape[0], device=x.device) if image_mode else None
         text = encoder_hidden_states.to(dtype)
-        return video(x.to(dtype), t, text, image_only_indicator=flags, **context).float()
+        return video(x.to(dtype), t, text, image_only_indicator=flags, **inputs).float()
 
     part = pipe.image_part
 
@@ -219,12 +217,13 @@ def make_model_fn(pipe: Any, *, image_mode: bool = False) -> Callable[..., torch
 # --------------------------------------------------------------------------------------------------- helpers
 
 
-def _rows(inputs: dict[str, torch.Tensor], rows: slice) -> dict[str, torch.Tensor]:
+def take_rows(inputs: dict[str, torch.Tensor], rows: slice) -> dict[str, torch.Tensor]:
     """The videos ``rows`` of per-video model inputs."""
     return {key: value[rows] for key, value in inputs.items()}
 
 
-def _as_prompts(prompt: str | Sequence[str]) -> list[str]:
+def as_prompts(prompt: str | Sequence[str]) -> list[str]:
+    """``prompt`` as a non-empty list of UTF-8 strings (one string: a list of one)."""
     if isinstance(prompt, set | frozenset | Mapping):  # a set's order changes from run to run; a dict's keys
         raise ConfigError(
             f"prompt must be a string or a non-empty list of strings, got a {type(prompt).__name__}: give a list, "
@@ -278,16 +277,21 @@ def check_base_noise_seed(base_noise: Any, noise_prior: str | None) -> None:
     prior, not known until it loads): what ``sample.py`` asks before it loads anything."""
     if base_noise is not None and noise_prior not in ("mixed", None):
         raise ConfigError(f"base_noise is only used by noise_prior='mixed', not {noise_prior!r}")
-    if isinstance(base_noise, numbers.Integral) and not isinstance(base_noise, bool | np.bool_):
+    if _is_seed(base_noise):
         if not 0 <= int(base_noise) <= MAX_SEED:
             raise ConfigError(f"base_noise: a seed must be in 0 .. {MAX_SEED}, got {base_noise}")
+
+
+def _is_seed(base_noise: Any) -> bool:
+    """Whether ``base_noise`` is an integer seed (``True``/``False`` are not)."""
+    return isinstance(base_noise, numbers.Integral) and not isinstance(base_noise, bool | np.bool_)
 
 
 def _base_noise(base_noise: torch.Tensor | int, shape: tuple[int, ...]) -> torch.Tensor:
     """The mixed prior's base ``(b, c, 1, h, w)``: drawn from an int seed (one for all videos; its range checked
     by :func:`check_base_noise_seed` first), or a given tensor."""
     n, c, _, h, w = shape
-    if isinstance(base_noise, numbers.Integral) and not isinstance(base_noise, bool | np.bool_):
+    if _is_seed(base_noise):
         base_noise = torch.randn((1, c, 1, h, w), generator=torch.Generator().manual_seed(int(base_noise)))
     if not isinstance(base_noise, torch.Tensor):
         raise ConfigError(f"base_noise must be an int seed or a tensor, got {base_noise!r}")
@@ -298,13 +302,16 @@ def _base_noise(base_noise: torch.Tensor | int, shape: tuple[int, ...]) -> torch
     return base_noise.float().expand(n, c, 1, h, w)  # (1 or b) c 1 h w -> b c 1 h w
 
 
-def _describe(base_noise: torch.Tensor | int | None) -> int | str | None:
+def describe_base_noise(base_noise: torch.Tensor | int | None) -> int | str | None:
     """How a sidecar records the base noise: its seed, or a fingerprint of a given tensor."""
-    if base_noise is None or isinstance(base_noise, numbers.Integral):
-        return None if base_noise is None else int(base_noise)
+    if base_noise is None:
+        return None
+    if isinstance(base_noise, numbers.Integral):
+        return int(base_noise)
     digest = hashlib.sha256(base_noise.detach().float().cpu().numpy().tobytes()).hexdigest()[:16]
     return f"tensor {tuple(base_noise.shape)} sha256:{digest}"
 
 
-def _random_seed() -> int:
+def random_seed() -> int:
+    """A seed for a call given none (recorded in its sidecars, so the videos can be replayed)."""
     return secrets.randbelow(2**31)
