@@ -35,6 +35,7 @@ import numpy as np
 import torch
 
 from lvdm.errors import ConfigError
+from lvdm.pipeline_sampling import denoise, encode_prompts, initial_noise, latent_size, resolve_settings, video_record
 
 if TYPE_CHECKING:
     from lvdm.outputs import VideoOutput
@@ -272,18 +273,18 @@ def rollout(
     from lvdm.modules.context_encoder import FLAGS
 
     b, c = len(generators), pipe.base.vae.config.latent_channels
-    h, w = pipe._latent_size(s)
+    h, w = latent_size(pipe, s)
     known_first = given.shape[2] if given is not None else 0
     made, noises, previous = [], [], given
     for known, new in rollout_chunks(s.num_frames, pipe.chunk_length(s), known_first, s.context_frames):
-        noise = pipe._initial_noise(s, (b, c, known + new, h, w), None, base_noise, generators)
+        noise = initial_noise(pipe, s, (b, c, known + new, h, w), None, base_noise, generators)
         context = None
         if known:
             window = torch.zeros_like(noise)
             window[:, :, :known] = previous[:, :, -known:].to(window)
             mask = (torch.arange(known + new) < known)[None].expand(b, -1).to(pipe.device)
             context = (window, mask, FLAGS["none"])
-        done = pipe._denoise(s, noise, cond, uncond, generators, progress, context=context)
+        done = denoise(pipe, s, noise, cond, uncond, generators, progress, context=context)
         made.append(done[:, :, known:].cpu())
         noises.append(noise[:, :, known:].cpu())
         previous = done[:, :, -s.context_frames :]  # its given frames are held exactly: the video's last frames
@@ -317,7 +318,7 @@ def interpolate(
     # by 16: the second pass is the fine stage where the module learnt it, else the coarse stage again
     fine = "interpolate_fine" if "interpolate_fine" in (pipe.defaults.get("tasks") or ()) else "interpolate"
     stages = ["interpolate", fine][: 1 if factor == STEP else 2]
-    s = pipe._resolve(sampling_settings(**settings), None)
+    s = resolve_settings(pipe, sampling_settings(**settings), None)
     if s.image_mode:
         raise ConfigError("image mode has no temporal layers to interpolate with; drop image_mode")
     given = read_context(
@@ -331,8 +332,8 @@ def interpolate(
     if not prompt and not s.negative_prompt:
         s = dataclasses.replace(s, guidance_scale=1.0)  # nothing to guide by: one pass per step
     generators = [torch.Generator().manual_seed(s.seed)]
-    cond = {"encoder_hidden_states": pipe._encode([prompt])}
-    uncond = {"encoder_hidden_states": pipe._encode([s.negative_prompt or ""])}
+    cond = {"encoder_hidden_states": encode_prompts(pipe, [prompt])}
+    uncond = {"encoder_hidden_states": encode_prompts(pipe, [s.negative_prompt or ""])}
     if pipe.image_part is not None:  # a module with image conditioning: no image, as its dropped images were
         from lvdm.image_sampling import image_conditions
 
@@ -347,9 +348,9 @@ def interpolate(
         for start, end in interpolation_windows(keys, pipe.chunk_length(s)):
             mask = (torch.arange(start, end) % STEP == 0)[None].to(pipe.device)
             window = out[:, :, start:end]
-            noise = pipe._initial_noise(s, tuple(window.shape), None, None, generators)
+            noise = initial_noise(pipe, s, tuple(window.shape), None, None, generators)
             context = (window.clone(), mask, FLAGS[stage])
-            out[:, :, start:end] = pipe._denoise(made, noise, cond, uncond, generators, progress, context=context)
+            out[:, :, start:end] = denoise(pipe, made, noise, cond, uncond, generators, progress, context=context)
         latents = out
     frames = pipe.decode(latents, chunk_frames=s.decode_chunk_size)
     frames[0, ::factor] = given.frames  # the keyframes come back as given (not through the VAE)
@@ -362,5 +363,5 @@ def interpolate(
             "source": source, "factor": factor, "keyframes": keyframes, "resized": given.resized, "stages": stages,
         }
     }  # fmt: skip
-    record = pipe._record(s, prompt, s.negative_prompt or "", s.seed, info)
+    record = video_record(pipe, s, prompt, s.negative_prompt or "", s.seed, info)
     return VideoOutput(frames, float(fps), [record], latents.cpu(), torch.zeros(0))

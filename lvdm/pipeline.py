@@ -34,8 +34,6 @@ from typing import Any
 import numpy as np
 import torch
 
-from lvdm import __version__
-from lvdm.configlib import config_to_dict
 from lvdm.errors import ConfigError, check_flag, checked_keywords
 from lvdm.models.family import downsampling
 from lvdm.outputs import FORMATS, VideoOutput, check_given_outputs, media_kind, plan_outputs, read_prompts
@@ -44,12 +42,15 @@ from lvdm.pipeline_sampling import (
     as_prompts,
     denoise,
     describe_base_noise,
+    encode_prompts,
     initial_noise,
+    latent_size,
     make_model_fn,
     negatives_for,
     random_seed,
     resolve_settings,
     take_rows,
+    video_record,
 )
 from lvdm.sampling_settings import (
     MAX_SEED,
@@ -206,7 +207,7 @@ class VideoPipeline:
 
         check_flag("progress", progress)
         prompts = as_prompts(prompt)
-        s = self._resolve(sampling_settings(**settings), latents)
+        s = resolve_settings(self, sampling_settings(**settings), latents)
         _check_seeds(s.seed, len(prompts) * s.num_videos_per_prompt)
         if image is not None:
             image_sampling.require_image(self)
@@ -231,12 +232,12 @@ class VideoPipeline:
         negatives = negatives_for(s.negative_prompt, prompts)
         seeds = [s.seed + k for k in range(n)]
         generators = [torch.Generator().manual_seed(seed) for seed in seeds]
-        shape = (n, self.base.vae.config.latent_channels, s.num_frames, *self._latent_size(s))
-        noise = None if rollout else self._initial_noise(s, shape, latents, base_noise, generators)
+        shape = (n, self.base.vae.config.latent_channels, s.num_frames, *latent_size(self, s))
+        noise = None if rollout else initial_noise(self, s, shape, latents, base_noise, generators)
         repeat = s.num_videos_per_prompt
         # (p, n_tokens, d) -> (p * repeat, n_tokens, d): one text per video
-        cond = {"encoder_hidden_states": self._encode(prompts).repeat_interleave(repeat, dim=0)}
-        uncond = {"encoder_hidden_states": self._encode(negatives).repeat_interleave(repeat, dim=0)}
+        cond = {"encoder_hidden_states": encode_prompts(self, prompts).repeat_interleave(repeat, dim=0)}
+        uncond = {"encoder_hidden_states": encode_prompts(self, negatives).repeat_interleave(repeat, dim=0)}
         image_record = None
         if self.image_part is not None:  # the encoder runs once for the whole call
             with_image, without, image_record = image_sampling.image_conditions(self, image, n)
@@ -253,7 +254,7 @@ class VideoPipeline:
                 )
             else:
                 drawn = noise[part]
-                done = self._denoise(s, drawn, *inputs, generators[part], progress)
+                done = denoise(self, s, drawn, *inputs, generators[part], progress)
             clean.append(done.cpu())
             noises.append(drawn.cpu())
             frames.append(self.decode(done, chunk_frames=s.decode_chunk_size))
@@ -263,7 +264,9 @@ class VideoPipeline:
             extra["context"] = given[1]
         if image_record is not None:
             extra["image"] = image_record
-        records = [self._record(s, prompts[k // repeat], negatives[k // repeat], seeds[k], extra) for k in range(n)]
+        records = [
+            video_record(self, s, prompts[k // repeat], negatives[k // repeat], seeds[k], extra) for k in range(n)
+        ]
         return VideoOutput(np.concatenate(frames), float(s.fps), records, torch.cat(clean), torch.cat(noises))
 
     @checked_keywords(also=SETTING_NAMES)
@@ -360,21 +363,7 @@ class VideoPipeline:
                         for j in range(len(output))]  # fmt: skip
         return written
 
-    # ----------------------------------------------------------------------------------------------- steps
-    # the steps of a call live in lvdm.pipeline_sampling as functions of the pipeline; here they are its methods
-    _resolve = resolve_settings  # fill unset frames, size, fps and seed
-    _initial_noise = initial_noise  # the given latents, or noise from the prior
-    _denoise = denoise  # one batch of videos through the sampler
-
-    def _latent_size(self, s: SamplingSettings) -> tuple[int, int]:
-        return s.height // self.vae_scale_factor, s.width // self.vae_scale_factor
-
-    @torch.no_grad()
-    def _encode(self, texts: list[str]) -> torch.Tensor:
-        from lvdm.models.encoders import encode_text
-
-        return encode_text(self.base.tokenizer, self.base.text_encoder, texts).to(self.device)
-
+    # ----------------------------------------------------------------------------------------------- denoiser
     def model_fn(self, *, image_mode: bool = False) -> Callable[..., torch.Tensor]:
         """The denoiser as the sampling loop calls it:
         ``fn(x (b, c, f, h, w), t (b,), encoder_hidden_states, **inputs)``, ``inputs`` what the module's parts take
@@ -415,25 +404,6 @@ class VideoPipeline:
         else:
             video = decode_latents(self.base.vae, latents, chunk_frames=chunk_frames)  # (b, f, 3, h, w) in [-1, 1]
         return sampled_frames(video)
-
-    def _record(
-        self, s: SamplingSettings, prompt: str, negative: str, seed: int, extra: dict[str, Any]
-    ) -> dict[str, Any]:
-        """One video's sidecar: ``from_pretrained(**model)`` and ``pipe(prompt, **settings)`` reproduce it."""
-        one = dataclasses.replace(s, negative_prompt=negative or None, seed=seed, num_videos_per_prompt=1)
-        settings = config_to_dict(dataclasses.replace(one, batch_size=None))
-        return {
-            "prompt": prompt,
-            "seed": seed,
-            "mode": "video" if self.video is not None and not s.image_mode else "image",
-            "settings": settings,
-            "model": self.sources,
-            "base_family": self.base.family,
-            "prediction_type": self.base.prediction_type,
-            "device": str(self.device),
-            **extra,
-            "lvdm_version": __version__,
-        }
 
 
 __all__ = [

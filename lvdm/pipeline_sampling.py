@@ -1,14 +1,16 @@
 """The steps of one :class:`~lvdm.VideoPipeline` call: its settings resolved, its initial noise, the denoiser and
-the sampling loop around it (classifier-free, context and image guidance batched into one forward per step).
+the sampling loop around it (classifier-free, context and image guidance batched into one forward per step), the
+text encoded and each video's sidecar record.
 
-:class:`~lvdm.pipeline.VideoPipeline` keeps the calls people make and thin private methods over these functions,
-which :mod:`lvdm.context_sampling` also calls, chunk by chunk and window by window; the helpers at the end are
+They are functions of the pipeline: :class:`~lvdm.pipeline.VideoPipeline` keeps the calls people make, and it and
+:mod:`lvdm.context_sampling` (chunk by chunk and window by window) call these; the helpers at the end are
 shared by ``__call__`` and ``render``. Seeds follow the rule in :mod:`lvdm.pipeline`: video ``k`` of a call draws
 from its own generator, seeded ``seed + k``.
 """
 
 from __future__ import annotations
 
+import dataclasses
 import hashlib
 import numbers
 import re
@@ -19,6 +21,7 @@ from typing import Any
 import numpy as np
 import torch
 
+from lvdm import __version__
 from lvdm.configlib import config_to_dict
 from lvdm.errors import ConfigError
 from lvdm.sampling_settings import (
@@ -181,6 +184,39 @@ def denoise(
         step_noise=step_noise_for(s.noise_prior, s.mixed_lambda),  # that noise follows the prior too
         progress=progress,
     )
+
+
+def latent_size(pipe: Any, s: SamplingSettings) -> tuple[int, int]:
+    """The latent height and width of the frames ``s`` asks for."""
+    return s.height // pipe.vae_scale_factor, s.width // pipe.vae_scale_factor
+
+
+@torch.no_grad()
+def encode_prompts(pipe: Any, texts: list[str]) -> torch.Tensor:
+    """The text encoder's hidden states of ``texts``, ``(len(texts), n_tokens, d)`` on the pipeline's device."""
+    from lvdm.models.encoders import encode_text
+
+    return encode_text(pipe.base.tokenizer, pipe.base.text_encoder, texts).to(pipe.device)
+
+
+def video_record(
+    pipe: Any, s: SamplingSettings, prompt: str, negative: str, seed: int, extra: dict[str, Any]
+) -> dict[str, Any]:
+    """One video's sidecar: ``from_pretrained(**model)`` and ``pipe(prompt, **settings)`` reproduce it."""
+    one = dataclasses.replace(s, negative_prompt=negative or None, seed=seed, num_videos_per_prompt=1)
+    settings = config_to_dict(dataclasses.replace(one, batch_size=None))
+    return {
+        "prompt": prompt,
+        "seed": seed,
+        "mode": "video" if pipe.video is not None and not s.image_mode else "image",
+        "settings": settings,
+        "model": pipe.sources,
+        "base_family": pipe.base.family,
+        "prediction_type": pipe.base.prediction_type,
+        "device": str(pipe.device),
+        **extra,
+        "lvdm_version": __version__,
+    }
 
 
 def make_model_fn(pipe: Any, *, image_mode: bool = False) -> Callable[..., torch.Tensor]:

@@ -13,6 +13,7 @@ from conftest import write_sampling_files
 from diffusers import EulerDiscreteScheduler, StableDiffusionPipeline
 from PIL import Image
 
+from lvdm import pipeline as pipeline_module
 from lvdm.diffusion import make_scheduler
 from lvdm.errors import ConfigError, OutputWriteError, TemporalModuleError
 from lvdm.models.encoders import encode_text
@@ -275,13 +276,13 @@ def test_render_names_files_by_index_and_prompt_with_one_seed_per_video(pipe, tm
 def test_render_denoises_at_most_batch_size_videos_together(pipe, tmp_path, monkeypatch):
     """render's batch_size (sample.py --batch-size, default 1) bounds the videos denoised together: with two videos
     per prompt, both were denoised in one batch whatever batch_size said."""
-    sizes, denoise = [], VideoPipeline._denoise
+    sizes, denoise = [], pipeline_module.denoise
 
-    def counted(self, s, noise, *args, **kwargs):
+    def counted(pipe, s, noise, *args, **kwargs):
         sizes.append(noise.shape[0])
-        return denoise(self, s, noise, *args, **kwargs)
+        return denoise(pipe, s, noise, *args, **kwargs)
 
-    monkeypatch.setattr(VideoPipeline, "_denoise", counted)
+    monkeypatch.setattr(pipeline_module, "denoise", counted)
     pipe.render(["a cat"], tmp_path / "one", num_videos_per_prompt=2, seed=5, **FAST)
     assert sizes == [1, 1]
     sizes.clear()
