@@ -228,6 +228,27 @@ def check_context_frames(pipe: Any, s: SamplingSettings) -> None:
     check_context_count(s.context_frames, most)
 
 
+def default_context_frames(pipe: Any, s: SamplingSettings, *, explicit: dict[str, Any]) -> SamplingSettings:
+    """``s`` with ``context_frames``, where the call left it unset (not in ``explicit``), the default within what
+    the module learnt to continue from."""
+    most = pipe.defaults.get("max_context_frames")
+    if "context_frames" not in explicit and most:
+        s = dataclasses.replace(s, context_frames=min(s.context_frames, most))
+    return s
+
+
+def is_rollout(pipe: Any, s: SamplingSettings, given: tuple | None, latents: torch.Tensor | None) -> bool:
+    """Whether a call goes chunk by chunk (:func:`rollout`): it continues the ``given`` video, or makes more frames
+    than the module's training length with a module that takes context. Each chunk draws its own noise, so no
+    ``latents``."""
+    rollout = given is not None or (pipe.has_context and s.num_frames > pipe.chunk_length(s))
+    if rollout:
+        check_context_frames(pipe, s)
+    if rollout and latents is not None:
+        raise ConfigError("latents cannot be given for a rollout or a continued video (each chunk draws its own)")
+    return rollout
+
+
 def check_context_count(context_frames: int, most: int | None) -> None:
     """No more context frames than the module was trained to continue from (``most``; ``None`` or 0: unchecked)."""
     if most and context_frames > most:

@@ -17,15 +17,19 @@ together (the unconditional pass has neither), a ``2b`` batch; otherwise Instruc
 
 from __future__ import annotations
 
+import dataclasses
 import hashlib
 import os
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import numpy as np
 import torch
 
 from lvdm.errors import ConfigError, VideoReadError
+
+if TYPE_CHECKING:
+    from lvdm.sampling_settings import SamplingSettings
 
 
 def read_conditioning_image(source: Any) -> tuple[np.ndarray, dict[str, Any]]:
@@ -120,6 +124,24 @@ def require_image(pipe: Any) -> None:
             f"image: {what}; train one, or load an IP-Adapter Plus with image_adapter= (--image-adapter) and "
             "image_encoder="
         )
+
+
+def image_as_first_frame(
+    pipe: Any, s: SamplingSettings, image: Any, context: Any, *, explicit: dict[str, Any]
+) -> tuple[SamplingSettings, Any]:
+    """A call's settings ``s`` and context video once its ``image`` is taken: checked against ``pipe`` and, with
+    ``image_as_first_frame``, the one-frame video to continue (``context_frames`` 1 unless set in ``explicit``)."""
+    if image is not None:
+        require_image(pipe)
+    if s.image_as_first_frame:
+        if image is None:
+            raise ConfigError("image_as_first_frame needs an image")
+        if context is not None:
+            raise ConfigError("image_as_first_frame makes the image the context: drop context")
+        context = read_conditioning_image(image)[0][None]  # h w 3 -> 1 h w 3: a 1-frame video
+        if "context_frames" not in explicit:
+            s = dataclasses.replace(s, context_frames=1)  # the one frame there is
+    return s, context
 
 
 def load_image_conditioning(

@@ -24,7 +24,6 @@ on its own seed only, not on the batch it was drawn in, and its sidecar reproduc
 
 from __future__ import annotations
 
-import dataclasses
 import numbers
 import os
 from collections.abc import Callable, Sequence
@@ -203,71 +202,80 @@ class VideoPipeline:
         Returns:
             a :class:`VideoOutput` with uint8 frames ``(b, f, h, w, 3)``.
         """
-        from lvdm import context_sampling, image_sampling
+        from lvdm.context_sampling import context_latents, default_context_frames, is_rollout
+        from lvdm.image_sampling import image_as_first_frame
 
         check_flag("progress", progress)
         prompts = as_prompts(prompt)
         s = resolve_settings(self, sampling_settings(**settings), latents)
-        _check_seeds(s.seed, len(prompts) * s.num_videos_per_prompt)
-        if image is not None:
-            image_sampling.require_image(self)
-        if s.image_as_first_frame:
-            if image is None:
-                raise ConfigError("image_as_first_frame needs an image")
-            if context is not None:
-                raise ConfigError("image_as_first_frame makes the image the context: drop context")
-            context = image_sampling.read_conditioning_image(image)[0][None]  # h w 3 -> 1 h w 3: a 1-frame video
-            if "context_frames" not in settings:
-                s = dataclasses.replace(s, context_frames=1)  # the one frame there is
-        most = self.defaults.get("max_context_frames")
-        if "context_frames" not in settings and most:  # the default, within what the module learnt to continue from
-            s = dataclasses.replace(s, context_frames=min(s.context_frames, most))
-        given = context_sampling.context_latents(self, s, context, explicit=settings)
-        rollout = given is not None or (self.has_context and s.num_frames > self.chunk_length(s))
-        if rollout:
-            context_sampling.check_context_frames(self, s)
-        if rollout and latents is not None:
-            raise ConfigError("latents cannot be given for a rollout or a continued video (each chunk draws its own)")
         n = len(prompts) * s.num_videos_per_prompt
+        _check_seeds(s.seed, n)
+        s, context = image_as_first_frame(self, s, image, context, explicit=settings)
+        s = default_context_frames(self, s, explicit=settings)
+        given = context_latents(self, s, context, explicit=settings)  # (latents, how they were read) or None
+        rollout = is_rollout(self, s, given, latents)
         negatives = negatives_for(s.negative_prompt, prompts)
         seeds = [s.seed + k for k in range(n)]
         generators = [torch.Generator().manual_seed(seed) for seed in seeds]
         shape = (n, self.base.vae.config.latent_channels, s.num_frames, *latent_size(self, s))
         noise = None if rollout else initial_noise(self, s, shape, latents, base_noise, generators)
+        cond, uncond, image_record = self._conditions(prompts, negatives, s.num_videos_per_prompt, image)
+        clean, noises, frames = self._sample_batches(s, cond, uncond, generators, noise, given, base_noise, progress)
+        extra = _sidecar_extra(latents, base_noise, given, image_record)
         repeat = s.num_videos_per_prompt
+        records = [
+            video_record(self, s, prompts[k // repeat], negatives[k // repeat], seeds[k], extra) for k in range(n)
+        ]
+        return VideoOutput(frames, float(s.fps), records, clean, noises)
+
+    def _conditions(
+        self, prompts: list[str], negatives: list[str], repeat: int, image: Any
+    ) -> tuple[dict[str, torch.Tensor], dict[str, torch.Tensor], dict[str, Any] | None]:
+        """The model inputs of the conditional and unconditional passes, one row per video (``repeat`` per prompt),
+        and how ``image`` was read (``None`` without image conditioning)."""
+        from lvdm.image_sampling import image_conditions
+
         # (p, n_tokens, d) -> (p * repeat, n_tokens, d): one text per video
         cond = {"encoder_hidden_states": encode_prompts(self, prompts).repeat_interleave(repeat, dim=0)}
         uncond = {"encoder_hidden_states": encode_prompts(self, negatives).repeat_interleave(repeat, dim=0)}
-        image_record = None
-        if self.image_part is not None:  # the encoder runs once for the whole call
-            with_image, without, image_record = image_sampling.image_conditions(self, image, n)
-            cond, uncond = cond | with_image, uncond | without
+        if self.image_part is None:
+            return cond, uncond, None
+        # the encoder runs once for the whole call
+        with_image, without, image_record = image_conditions(self, image, len(prompts) * repeat)
+        return cond | with_image, uncond | without, image_record
+
+    def _sample_batches(
+        self,
+        s: SamplingSettings,
+        cond: dict[str, torch.Tensor],
+        uncond: dict[str, torch.Tensor],
+        generators: list[torch.Generator],
+        noise: torch.Tensor | None,
+        given: tuple | None,
+        base_noise: torch.Tensor | int | None,
+        progress: bool,
+    ) -> tuple[torch.Tensor, torch.Tensor, np.ndarray]:
+        """The videos denoised ``s.batch_size`` at a time (default: all together) and decoded: their clean latents,
+        the noise they started from and their uint8 frames. ``noise``: each video's initial noise, or ``None`` for a
+        rollout (each chunk draws its own), continuing the ``given`` video's latents ``(1, c, k, h', w')`` where
+        there is one (:func:`~lvdm.context_sampling.context_latents`)."""
+        from lvdm.context_sampling import rollout
+
         clean, frames, noises = [], [], []
-        step = s.batch_size or n
-        for start in range(0, n, step):
+        step = s.batch_size or len(generators)
+        for start in range(0, len(generators), step):
             part = slice(start, start + step)
             inputs = take_rows(cond, part), take_rows(uncond, part)  # this batch's conditional, unconditional
-            if rollout:
+            if noise is None:
                 context_part = given[0].expand(len(generators[part]), -1, -1, -1, -1) if given is not None else None
-                done, drawn = context_sampling.rollout(
-                    self, s, *inputs, generators[part], context_part, base_noise, progress
-                )
+                done, drawn = rollout(self, s, *inputs, generators[part], context_part, base_noise, progress)
             else:
                 drawn = noise[part]
                 done = denoise(self, s, drawn, *inputs, generators[part], progress)
             clean.append(done.cpu())
             noises.append(drawn.cpu())
             frames.append(self.decode(done, chunk_frames=s.decode_chunk_size))
-        extra = {"initial_noise": "given" if latents is not None else "seed"}
-        extra["base_noise"] = describe_base_noise(base_noise)
-        if given is not None:
-            extra["context"] = given[1]
-        if image_record is not None:
-            extra["image"] = image_record
-        records = [
-            video_record(self, s, prompts[k // repeat], negatives[k // repeat], seeds[k], extra) for k in range(n)
-        ]
-        return VideoOutput(np.concatenate(frames), float(s.fps), records, torch.cat(clean), torch.cat(noises))
+        return torch.cat(clean), torch.cat(noises), np.concatenate(frames)
 
     @checked_keywords(also=SETTING_NAMES)
     def interpolate(
@@ -435,6 +443,20 @@ def _output_list(out: Any) -> list[Path]:
             raise ConfigError(f"out: {item} is given twice; give one output per video")
         paths[key] = Path(item)
     return list(paths.values())
+
+
+def _sidecar_extra(
+    latents: torch.Tensor | None, base_noise: torch.Tensor | int | None, given: tuple | None, image: dict | None
+) -> dict[str, Any]:
+    """What every sidecar of a call records beside its settings: where the initial and base noise came from, and
+    the context video and the image it was conditioned on."""
+    extra = {"initial_noise": "given" if latents is not None else "seed"}
+    extra["base_noise"] = describe_base_noise(base_noise)
+    if given is not None:
+        extra["context"] = given[1]
+    if image is not None:
+        extra["image"] = image
+    return extra
 
 
 def _check_seeds(seed: int, videos: int) -> None:
