@@ -21,7 +21,7 @@ import dataclasses
 import hashlib
 import os
 from pathlib import Path
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING, Any, NamedTuple
 
 import numpy as np
 import torch
@@ -144,6 +144,14 @@ def image_as_first_frame(
     return s, context
 
 
+class ImageConditioning(NamedTuple):
+    """What a pipeline conditions on an image with (each ``None`` without image conditioning)."""
+
+    part: Any  # the module's own image attention or an IP-Adapter's (an image part)
+    encoder: Any  # the CLIP image encoder it reads (a models.encoders.ImageEncoder)
+    encoder_path: str | None  # that encoder's folder
+
+
 def load_image_conditioning(
     model: Any,
     video: Any,
@@ -152,10 +160,9 @@ def load_image_conditioning(
     *,
     allow_pickle: bool,
     device: Any,
-) -> tuple[Any, Any, str | None]:
-    """``(image part, image encoder, its path)``: the module's own image attention or an IP-Adapter's, and the CLIP
-    encoder it reads (the given folder, else the module's, when it exists here; ``None`` otherwise: an image call
-    then says so)."""
+) -> ImageConditioning:
+    """The image part (the module's own image attention or an IP-Adapter's) and the CLIP encoder it reads (the given
+    folder, else the module's, when it exists here; ``None`` otherwise: an image call then says so)."""
     from lvdm.models.encoders import load_image_encoder
 
     part = video.parts["image"] if video is not None and "image" in video.parts else None
@@ -164,7 +171,7 @@ def load_image_conditioning(
             raise ConfigError(
                 "image_encoder is read by image conditioning: give image_adapter too, or a module with it"
             )
-        return None, None, None
+        return ImageConditioning(None, None, None)
     if adapter is not None and encoder_path is None:
         raise ConfigError("image_adapter needs image_encoder: the CLIP vision encoder folder the IP-Adapter reads")
     path = str(encoder_path) if encoder_path is not None else getattr(part, "encoder_path", None)
@@ -173,4 +180,4 @@ def load_image_conditioning(
         encoder = load_image_encoder(path, device=device, dtype=next(model.unet.parameters()).dtype)
     if adapter is not None:
         part = attach_image_adapter(model.unet, video, adapter, encoder, allow_pickle=allow_pickle)
-    return part, encoder, path
+    return ImageConditioning(part, encoder, path)

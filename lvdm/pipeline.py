@@ -137,7 +137,8 @@ class VideoPipeline:
             device=device, dtype=dtype,
         )  # fmt: skip
         pipe = cls(parts.base, parts.video, sources=parts.sources, defaults=parts.defaults)
-        pipe.image_part, pipe.image_encoder, pipe.image_encoder_path = parts.image
+        image = parts.image
+        pipe.image_part, pipe.image_encoder, pipe.image_encoder_path = image.part, image.encoder, image.encoder_path
         pipe.decoder = parts.decoder
         return pipe
 

@@ -8,12 +8,15 @@ import warnings
 from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import torch
 
 from lvdm.errors import CheckpointError, ConfigError
 from lvdm.sampling_settings import temporal_defaults
+
+if TYPE_CHECKING:
+    from lvdm.image_sampling import ImageConditioning
 
 DTYPES: dict[str, torch.dtype] = {"fp32": torch.float32, "fp16": torch.float16, "bf16": torch.bfloat16}
 
@@ -25,7 +28,7 @@ class PipelineParts:
     base: Any  # a lvdm.models.BaseModel
     video: Any | None  # a VideoUNet on base.unet, or None (image mode)
     defaults: dict[str, Any] | None  # the module's sampling defaults (lvdm.sampling_settings.temporal_defaults)
-    image: tuple[Any, Any, str | None]  # the image part, the image encoder and its folder
+    image: ImageConditioning  # the image part, the image encoder and its folder
     decoder: Any | None  # a temporal VAE decoder, or None
     sources: dict[str, Any]  # the from_pretrained arguments, as sidecars record them
 
@@ -83,7 +86,7 @@ def load_parts(
         video = VideoUNet.from_temporal_file(model.unet, temporal, allow_pickle=allow_pickle)
     from lvdm.image_sampling import load_image_conditioning
 
-    image_part, encoder, encoder_path = load_image_conditioning(
+    image = load_image_conditioning(
         model, video, image_adapter, image_encoder, allow_pickle=allow_pickle, device=device
     )
     video_decoder = None
@@ -104,7 +107,7 @@ def load_parts(
         "decoder": absolute(decoder),
         "dtype": dtype_name(next(model.unet.parameters()).dtype),
     }
-    return PipelineParts(model, video, defaults, (image_part, encoder, encoder_path), video_decoder, sources)
+    return PipelineParts(model, video, defaults, image, video_decoder, sources)
 
 
 def refuse_upscaler(base: Any) -> None:
