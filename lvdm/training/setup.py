@@ -10,9 +10,11 @@ from typing import Any
 import torch
 
 from lvdm.errors import ConfigError
+from lvdm.pipeline_loading import DTYPES
 from lvdm.training.step import Frozen
 
-WEIGHT_DTYPES = {"no": torch.float32, "fp16": torch.float16, "bf16": torch.bfloat16}
+# the frozen weights' dtype by accelerate's mixed_precision, whose "no" is sampling's "fp32"
+WEIGHT_DTYPES = {("no" if name == "fp32" else name): dtype for name, dtype in DTYPES.items()}
 LR_SCHEDULES = {"constant": "constant_with_warmup", "cosine": "cosine", "linear": "linear"}
 
 
