@@ -7,6 +7,13 @@ from collections.abc import Iterable
 import torch
 
 
+@torch.no_grad()
+def copy_weights(params: dict[str, torch.Tensor], values: dict[str, torch.Tensor]) -> None:
+    """Copy each of ``values`` into the tensor of ``params`` of the same name, in place (no gradient recorded)."""
+    for name, value in values.items():
+        params[name].copy_(value)
+
+
 class EMA:
     """``shadow = d * shadow + (1 - d) * param`` after every optimizer step, with a warm-up:
     ``d = min(decay, (1 + s) / (10 + s))`` at step ``s`` (0-based), as diffusers' ``EMAModel`` does.
@@ -47,8 +54,7 @@ class EMA:
             raise KeyError(
                 f"EMA state does not match: missing {sorted(missing)[:3]}, unexpected {sorted(unexpected)[:3]}"
             )
-        for name, tensor in state.items():
-            self.shadow[name].copy_(tensor)
+        copy_weights(self.shadow, state)
 
     def weights(self) -> dict[str, torch.Tensor]:
         """The averaged weights, keyed like the parameters, for export."""

@@ -37,7 +37,7 @@ from lvdm.models.family import family_record
 from lvdm.sampling_settings import training_fps
 from lvdm.training import run_dir, run_lock
 from lvdm.training.checkpoint import load_checkpoint, save_checkpoint
-from lvdm.training.ema import EMA
+from lvdm.training.ema import EMA, copy_weights
 from lvdm.training.logs import RunLog
 from lvdm.training.objectives import make_objective
 from lvdm.training.rng import capture_rng, restore_rng
@@ -347,15 +347,11 @@ class Trainer:
             return
         params = self.trainable
         saved = {name: p.detach().clone() for name, p in params.items()}
-        with torch.no_grad():
-            for name, value in self.ema.weights().items():
-                params[name].copy_(value)
+        copy_weights(params, self.ema.weights())
         try:
             yield
         finally:
-            with torch.no_grad():
-                for name, value in saved.items():
-                    params[name].copy_(value)
+            copy_weights(params, saved)
 
     def _restore(self, path: Path) -> None:
         parts, metadata = load_checkpoint(path)  # its config was compared with this run's (prepare_output_dir)
@@ -367,9 +363,7 @@ class Trainer:
         params = self.trainable
         if parts["trainable"].keys() != params.keys():
             raise CheckpointError(f"checkpoint {path}: its trained weights do not match this model's trainable layers")
-        with torch.no_grad():
-            for name, tensor in parts["trainable"].items():
-                params[name].copy_(tensor)
+        copy_weights(params, parts["trainable"])
         try:
             self._apply_states(parts, path)
         except CheckpointError:
