@@ -32,7 +32,7 @@ from __future__ import annotations
 import math
 from collections.abc import Iterator
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import numpy as np
 import torch
@@ -40,6 +40,9 @@ from torch import nn
 
 from lvdm.training.objectives import Objective
 from lvdm.training.step import Frozen
+
+if TYPE_CHECKING:
+    from lvdm.training.validation import Rendered
 
 TEMPORAL_NAMES = (".temporal_res_block.", ".time_mixer.", "decoder.time_conv_out.")
 
@@ -288,7 +291,7 @@ class DecoderObjective(Objective):
 
     def render(
         self, model: Any, out_dir: Path, *, fps: float | None = None, batches: list[dict[str, Any]] | None = None
-    ) -> list[Path]:
+    ) -> Rendered:
         """Each held-out clip beside its two reconstructions: ``out_dir/<i>.mp4|gif`` (clip | image decoder | video
         decoder, left to right)."""
         from lvdm.media import to_uint8_frames
@@ -296,13 +299,12 @@ class DecoderObjective(Objective):
 
         rec = self.reconstructions(model, batches or [])
         if not rec:
-            return []
+            return Rendered()
         # n f 3 h w, three side by side -> n f 3 h 3w
         strips = torch.cat([rec["clips"], rec["image"], rec["video"]], dim=-1)
         videos = np.stack([to_uint8_frames(clip) for clip in strips])
         files = write_videos(videos, out_dir, fps=fps)
-        self.rendered = Rendered(files=files, videos={"reconstructions": videos})
-        return files
+        return Rendered(files=files, videos={"reconstructions": videos})
 
 
 def _average_across_processes(params: Any) -> None:

@@ -44,7 +44,7 @@ from __future__ import annotations
 
 import math
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import torch
 from torch.func import functional_call
@@ -53,6 +53,9 @@ from lvdm.errors import ConfigError
 from lvdm.models.family import downsampling
 from lvdm.training.objectives import Objective
 from lvdm.training.step import Frozen, batch_latents_and_text, step_generator
+
+if TYPE_CHECKING:
+    from lvdm.training.validation import Rendered
 
 SAMPLER = "ddim_trailing"  # the student's sampler: DDIM from the last training timestep (lvdm.diffusion.SAMPLERS)
 
@@ -379,7 +382,7 @@ class DistillObjective(Objective):
 
     def render(
         self, model_fn: Any, out_dir: Path, *, fps: float | None = None, batches: list[dict[str, Any]] | None = None
-    ) -> list[Path]:
+    ) -> Rendered:
         """The student's samples of the validation prompts at its step count, one forward per step."""
         import numpy as np
 
@@ -389,7 +392,7 @@ class DistillObjective(Objective):
 
         prompts = self.cfg.train.validation_prompts
         if not prompts or not batches:
-            return []
+            return Rendered()
         noise = self._latent_noise(len(prompts), batches[0]["video"].shape, step_generator(-8, 0, 0))
         text, empty = self._text(list(prompts))
         mid = self._middle_weight(len(prompts))
@@ -398,5 +401,4 @@ class DistillObjective(Objective):
             clips = decode_latents(self.frozen.vae, latents.to(self.frozen.vae.dtype)).float().cpu()
         videos = np.stack([to_uint8_frames(clip) for clip in clips])
         files = write_videos(videos, out_dir, fps=fps)
-        self.rendered = Rendered(files=files, videos={"samples": videos})
-        return files
+        return Rendered(files=files, videos={"samples": videos})

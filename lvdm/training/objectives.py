@@ -10,7 +10,8 @@ micro-batch's loss is, and what validation measures and renders, belongs to an :
   extra models and optimizers (a discriminator, a teacher) updates them here and returns figures to log;
 - :meth:`Objective.state_dict` / :meth:`Objective.load_state_dict`: that extra state, saved in every
   checkpoint (part ``objective``) and restored on resume, so resume stays exact;
-- :meth:`Objective.evaluate` and :meth:`Objective.render`: held-out figures and sample files.
+- :meth:`Objective.evaluate` and :meth:`Objective.render`: held-out figures, and sample files with the videos
+  and figures the log takes (a :class:`~lvdm.training.validation.Rendered`).
 
 :data:`OBJECTIVES` maps ``train.target`` to its class. ``denoise`` (the diffusion loss of the temporal
 layers on the frozen base) is the first; ``decoder`` (the temporal VAE decoder, :mod:`lvdm.training.decoder`) the
@@ -23,12 +24,15 @@ from __future__ import annotations
 import functools
 from abc import ABC, abstractmethod
 from pathlib import Path
-from typing import Any, ClassVar
+from typing import TYPE_CHECKING, Any, ClassVar
 
 import torch
 
 from lvdm.models.family import downsampling
 from lvdm.training.step import Frozen, batch_inputs, image_inputs, training_loss
+
+if TYPE_CHECKING:
+    from lvdm.training.validation import Rendered
 
 
 class Objective(ABC):
@@ -36,7 +40,6 @@ class Objective(ABC):
     and implement :meth:`loss`; the rest is optional."""
 
     name: ClassVar[str] = ""
-    rendered: Any = None  # the last render's figures and videos (a validation.Rendered), for the log
 
     def __init__(self, cfg: Any, video: Any, frozen: Frozen, device: torch.device) -> None:
         self.cfg, self.video, self.frozen, self.device = cfg, video, frozen, device
@@ -68,11 +71,13 @@ class Objective(ABC):
 
     def render(
         self, model_fn: Any, out_dir: Path, *, fps: float | None = None, batches: list[dict[str, Any]] | None = None
-    ) -> list[Path]:
-        """Sample files for the validation settings, written under ``out_dir``; videos at ``fps``, the rate the
-        clips were trained at (``None``: unknown, 8); ``batches``: the held-out batches (e.g. pictures to
-        animate)."""
-        return []
+    ) -> Rendered:
+        """Sample files for the validation settings, written under ``out_dir``, with their videos and figures for
+        the log; videos at ``fps``, the rate the clips were trained at (``None``: unknown, 8); ``batches``: the
+        held-out batches (e.g. pictures to animate)."""
+        from lvdm.training.validation import Rendered
+
+        return Rendered()
 
 
 class DenoisingObjective(Objective):
@@ -146,20 +151,20 @@ class DenoisingObjective(Objective):
 
     def render(
         self, model_fn: Any, out_dir: Path, *, fps: float | None = None, batches: list[dict[str, Any]] | None = None
-    ) -> list[Path]:
+    ) -> Rendered:
         from lvdm.sampling_settings import DEFAULT_FPS
-        from lvdm.training.validation import render_validation
+        from lvdm.training.validation import Rendered, render_validation
 
         cfg = self.cfg
         if not cfg.train.validation_prompts:
-            return []
+            return Rendered()
         from lvdm.training.tasks import split_fine
 
         fps = fps or DEFAULT_FPS
         inputs, uncond, pictures = self._render_inputs(fps, split_fine(batches or [])[0], out_dir)
         factor = downsampling(self.frozen.vae.config.block_out_channels)
         height, width = cfg.data.resolution
-        self.rendered = render_validation(
+        rendered = render_validation(
             model_fn, self.frozen, cfg.train.validation_prompts, out_dir,
             num_frames=cfg.data.num_frames, latent_size=(height // factor, width // factor),
             latent_channels=self.video.unet.config.in_channels, steps=cfg.train.validation_steps,
@@ -167,8 +172,8 @@ class DenoisingObjective(Objective):
             noise_prior=cfg.train.noise_prior, mixed_lambda=cfg.train.mixed_noise_lambda, device=self.device,
             inputs=inputs, uncond_inputs=uncond,
         )  # fmt: skip
-        self.rendered.files = pictures + self.rendered.files
-        return self.rendered.files
+        rendered.files = pictures + rendered.files
+        return rendered
 
     def _render_inputs(
         self, fps: float, batches: list[dict[str, Any]], out_dir: Path

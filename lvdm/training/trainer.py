@@ -419,9 +419,9 @@ class Trainer:
                     self.log.write(self.step, figures)
                 fps = training_fps(self.cfg_dict | self._clip_fps())  # the rate the clips were trained at
                 out = self.out / "samples" / f"step-{self.step:08d}"
-                samples = self.objective.render(model, out, fps=fps, batches=self.data.validation)
-                rendered = self.objective.rendered  # the samples' frame metrics, and the videos for TensorBoard
-                if rendered is not None and samples:
+                rendered = self.objective.render(model, out, fps=fps, batches=self.data.validation)
+                samples = rendered.files  # with the samples' frame metrics, and the videos for TensorBoard
+                if samples:
                     figures = (figures or {}) | rendered.figures
                     self.log.write(self.step, rendered.figures)
                     self.log.add_videos(rendered.videos, self.step, fps=fps)

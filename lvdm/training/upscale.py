@@ -26,7 +26,7 @@ Samples show each held-out clip's low-res input (enlarged), the video upscale an
 from __future__ import annotations
 
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import numpy as np
 import torch
@@ -37,6 +37,9 @@ from lvdm.models.family import downsampling
 from lvdm.training.objectives import Objective
 from lvdm.training.step import Frozen, training_loss
 from lvdm.upscale_pipeline import with_low_res
+
+if TYPE_CHECKING:
+    from lvdm.training.validation import Rendered
 
 
 def downsample(video: torch.Tensor, factor: int) -> torch.Tensor:
@@ -166,7 +169,7 @@ class UpscaleObjective(Objective):
 
     def render(
         self, model_fn: Any, out_dir: Path, *, fps: float | None = None, batches: list[dict[str, Any]] | None = None
-    ) -> list[Path]:
+    ) -> Rendered:
         """Each held-out clip's low-res input (noised, enlarged), video upscale and original side by side:
         ``out_dir/<i>.mp4|gif``."""
         from lvdm.media import to_uint8_frames
@@ -175,10 +178,9 @@ class UpscaleObjective(Objective):
         samples = self.samples or (self.upscaled(model_fn, [b for b in batches or [] if "video" in b]) if batches
                                    else {})  # fmt: skip
         if not samples:
-            return []
+            return Rendered()
         strips = torch.cat([samples["low_res"], samples["video"], samples["clips"]], dim=-1)  # n f 3 h 3w
         videos = np.stack([to_uint8_frames(clip) for clip in strips])
         files = write_videos(videos, out_dir, fps=fps)
-        self.rendered = Rendered(files=files, videos={"upscaled": videos})
         self.samples = {}
-        return files
+        return Rendered(files=files, videos={"upscaled": videos})
