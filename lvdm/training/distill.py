@@ -89,6 +89,12 @@ def round_schedule(distill_from: int, distill_to: int, round_steps: int | None, 
     return rounds, round_steps or max_steps // rounds
 
 
+def round_of_step(step: int, rounds: int, round_steps: int) -> int:
+    """The round (0-based) optimizer step ``step`` (0-based) belongs to: ``round_steps`` each, the last round
+    taking any steps past them."""
+    return min(step // round_steps, rounds - 1)
+
+
 def reached_config(config: dict[str, Any], step: int) -> dict[str, Any]:
     """A distill run's resolved ``config`` as its module records it after ``step`` optimizer steps: a run stopped
     before its last round (``train.max_steps`` short of the rounds, to be resumed) records the steps of the round
@@ -98,7 +104,7 @@ def reached_config(config: dict[str, Any], step: int) -> dict[str, Any]:
     rounds, round_steps = round_schedule(
         train["distill_from"], train["distill_to"], train.get("distill_round_steps"), train["max_steps"]
     )
-    reached = min(max(step - 1, 0) // round_steps, rounds - 1)
+    reached = round_of_step(max(step - 1, 0), rounds, round_steps)  # the round of its last step
     if reached == rounds - 1:
         return config
     return config | {"train": train | {"distill_to": student_steps(train["distill_from"], reached)}}
@@ -132,8 +138,8 @@ class DistillObjective(Objective):
 
     # ------------------------------------------------------------------------------------------ the schedule
     def round_of(self, step: int) -> int:
-        """The round (0-based) optimizer step ``step`` (0-based) belongs to."""
-        return min(step // self.round_steps, self.rounds - 1)
+        """The round (0-based) optimizer step ``step`` (0-based) belongs to (:func:`round_of_step`)."""
+        return round_of_step(step, self.rounds, self.round_steps)
 
     def teacher_steps(self, round_index: int) -> int:
         return teacher_steps(self.cfg.train.distill_from, round_index)
