@@ -25,7 +25,7 @@ def build_model(cfg: Any, device: torch.device, mixed_precision: str) -> tuple[A
     unfrozen blocks when configured) stays fp32.
     """
     from lvdm.data.cache import encoder_digests
-    from lvdm.models import VideoUNet, load_base
+    from lvdm.models import VideoUNet
     from lvdm.models.parts import add_configured_parts
     from lvdm.training import groups
 
@@ -34,14 +34,7 @@ def build_model(cfg: Any, device: torch.device, mixed_precision: str) -> tuple[A
 
         return build_decoder_model(cfg, device, WEIGHT_DTYPES[mixed_precision])
     m = cfg.model
-    base = load_base(m.base, base_config=m.base_config, loras=m.loras, allow_pickle=m.allow_pickle)
-    if base.is_upscaler != (cfg.train.target == "upscale"):
-        raise ConfigError(
-            f"model.base {m.base} is an x4 upscaler: train it with train.target=upscale"
-            if base.is_upscaler
-            else f"train.target=upscale needs an x4 upscaler base (a StableDiffusionUpscalePipeline folder), and "
-            f"model.base {m.base} is a text-to-image model"
-        )
+    base = _load_base(cfg)
     image_encoder = None
     if m.image_conditioning:
         from lvdm.models.encoders import load_image_encoder
@@ -51,18 +44,7 @@ def build_model(cfg: Any, device: torch.device, mixed_precision: str) -> tuple[A
     if cfg.data.cache:  # hashed before any cast, as the cache command hashes them
         digests = encoder_digests(base.vae, base.text_encoder, image_encoder, cfg.train.image_frame)
     dtype = WEIGHT_DTYPES[mixed_precision]
-    layout, init = layout_from_config(m), None
-    if m.temporal_init is not None:  # a trained module's weights; parts it lacks (context) start at zero output
-        from lvdm.models.animatediff import open_temporal_module
-
-        init = open_temporal_module(m.temporal_init, base.unet.config, allow_pickle=m.allow_pickle)
-        if layout.style == init.layout.style == "animatediff":
-            layout = init.layout  # an AnimateDiff module's own shape: mid block or not, its frame table, its heads
-    if layout.max_frames is not None and cfg.data.num_frames > layout.max_frames:
-        raise ConfigError(
-            f"data.num_frames: {cfg.data.num_frames} frames, and these motion modules encode at most "
-            f"{layout.max_frames} (their frame table)"
-        )
+    layout, init = _layout_and_init(cfg, base.unet.config)
     try:
         video = VideoUNet.from_unet2d(base.unet, layout)
     except ValueError as exc:  # a head count the base's channels do not divide into
@@ -104,6 +86,43 @@ def build_model(cfg: Any, device: torch.device, mixed_precision: str) -> tuple[A
         image_encoder.model.to(dtype=dtype)
         frozen.image_encoder = image_encoder
     return video, frozen, trainable
+
+
+def _load_base(cfg: Any) -> Any:
+    """``model.base`` with its LoRAs, checked to be the kind ``train.target`` trains: an x4 upscaler for
+    ``upscale``, a text-to-image model otherwise."""
+    from lvdm.models import load_base
+
+    m = cfg.model
+    base = load_base(m.base, base_config=m.base_config, loras=m.loras, allow_pickle=m.allow_pickle)
+    if base.is_upscaler != (cfg.train.target == "upscale"):
+        raise ConfigError(
+            f"model.base {m.base} is an x4 upscaler: train it with train.target=upscale"
+            if base.is_upscaler
+            else f"train.target=upscale needs an x4 upscaler base (a StableDiffusionUpscalePipeline folder), and "
+            f"model.base {m.base} is a text-to-image model"
+        )
+    return base
+
+
+def _layout_and_init(cfg: Any, unet_config: Any) -> tuple[Any, Any]:
+    """The temporal layout to build and the module to warm-start it from (``model.temporal_init``, or ``None``):
+    the config's layout, or an AnimateDiff module's own shape when it warm-starts an AnimateDiff layout; checked to
+    encode ``data.num_frames``."""
+    m = cfg.model
+    layout, init = layout_from_config(m), None
+    if m.temporal_init is not None:  # a trained module's weights; parts it lacks (context) start at zero output
+        from lvdm.models.animatediff import open_temporal_module
+
+        init = open_temporal_module(m.temporal_init, unet_config, allow_pickle=m.allow_pickle)
+        if layout.style == init.layout.style == "animatediff":
+            layout = init.layout  # an AnimateDiff module's own shape: mid block or not, its frame table, its heads
+    if layout.max_frames is not None and cfg.data.num_frames > layout.max_frames:
+        raise ConfigError(
+            f"data.num_frames: {cfg.data.num_frames} frames, and these motion modules encode at most "
+            f"{layout.max_frames} (their frame table)"
+        )
+    return layout, init
 
 
 @dataclass
