@@ -146,11 +146,10 @@ def _limit_output(
 ) -> torch.Tensor:
     """Threshold the x0 that ``out`` implies, and return the model output that implies the thresholded x0."""
     kind = scheduler.config.prediction_type
-    to_x0, from_x0 = lookup(_TO_X0, kind, "prediction_type"), _FROM_X0[kind]
     a = _alpha_bar(scheduler, t).to(x_t.device)
     x_t = x_t.float()
-    x0 = limit(to_x0(out.float(), x_t, a))
-    return from_x0(x0, x_t, a).to(out.dtype)
+    x0 = limit(predicted_x0(kind, out.float(), x_t, a))
+    return _FROM_X0[kind](x0, x_t, a).to(out.dtype)
 
 
 def _limiter(threshold: Threshold | None) -> Callable[[torch.Tensor], torch.Tensor] | None:
