@@ -151,16 +151,20 @@ class DistillObjective(Objective):
         """:func:`reached_config`: the steps of the round a run stopped in, recorded as ``distill_to``."""
         return reached_config(config, step)
 
+    def _alpha_bar(self, t: torch.Tensor) -> torch.Tensor:
+        """``alpha_bar`` of timesteps ``(b,)`` (negative: DDIM's final step), shaped to broadcast over latents."""
+        bar = torch.where(t >= 0, self.alphas[t.clamp(min=0)], torch.full_like(self.alphas[:1], self.final_alpha))
+        return bar.view(-1, 1, 1, 1, 1)
+
     def _alpha_sigma(self, t: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         """``a_t, s_t`` of timesteps ``(b,)`` (negative: DDIM's final step), shaped to broadcast over latents."""
-        bar = torch.where(t >= 0, self.alphas[t.clamp(min=0)], torch.full_like(self.alphas[:1], self.final_alpha))
-        return bar.sqrt().view(-1, 1, 1, 1, 1), (1 - bar).sqrt().view(-1, 1, 1, 1, 1)
+        bar = self._alpha_bar(t)
+        return bar.sqrt(), (1 - bar).sqrt()
 
     def _to_x(self, out: torch.Tensor, z: torch.Tensor, t: torch.Tensor) -> torch.Tensor:
         from lvdm.diffusion import predicted_x0
 
-        a, _ = self._alpha_sigma(t)
-        return predicted_x0(self.prediction, out.float(), z, a**2)
+        return predicted_x0(self.prediction, out.float(), z, self._alpha_bar(t))
 
     def _ddim(self, z: torch.Tensor, x: torch.Tensor, t: torch.Tensor, prev: torch.Tensor) -> torch.Tensor:
         """One deterministic DDIM step from ``z`` at ``t`` to ``prev`` given the clean prediction ``x``."""
