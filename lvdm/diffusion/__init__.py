@@ -16,16 +16,16 @@ from lvdm.diffusion.sampling import SAMPLERS, KnownFrames, make_scheduler, predi
 
 __all__ = [
     "GUIDANCE_SCHEDULES",
-    "KnownFrames",
     "NOISE_PRIORS",
     "SAMPLERS",
+    "KnownFrames",
     "LossTerms",
     "classifier_free_guidance",
     "diffusion_loss",
     "guidance_schedule",
     "make_scheduler",
-    "predicted_x0",
     "min_snr_weights",
+    "predicted_x0",
     "prediction_target",
     "sample",
     "sample_noise",
