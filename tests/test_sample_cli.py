@@ -493,7 +493,7 @@ def test_an_interpolation_past_the_frame_limit_is_refused_before_anything_loads(
     """A video is at most 4096 frames: --interpolate of a 300-frame clip by 16 sampled 4785 of them (minutes on the
     tiny model; a long clip, hours and all the memory). Now refused from the video's header, before loading; in
     Python, before sampling (the control: the longest clip allowed reaches the loading)."""
-    from lvdm import VideoPipeline
+    from lvdm import VideoPipeline, context_sampling
     from lvdm.errors import ConfigError
     from lvdm.media import write_video
     from lvdm.models import loading
@@ -515,7 +515,7 @@ def test_an_interpolation_past_the_frame_limit_is_refused_before_anything_loads(
     def sampled(*args, **kwargs):
         raise AssertionError("sampled")
 
-    monkeypatch.setattr(pipe, "_denoise", sampled)
+    monkeypatch.setattr(context_sampling, "denoise", sampled)
     for frames, factor in ((np.zeros((257, 16, 16, 3), np.uint8), 16), (np.zeros((1025, 16, 16, 3), np.uint8), 4)):
         with pytest.raises(ConfigError, match=f"interpolating {len(frames)} frames by {factor}"):
             pipe.interpolate(frames, factor=factor, num_inference_steps=1, progress=False)
