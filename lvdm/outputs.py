@@ -150,8 +150,7 @@ def plan_outputs(
     Checks that the output can be written, before anything heavy is loaded; creates nothing. A video (or its
     sidecar) that already exists is a :class:`ConfigError` naming it, unless ``overwrite``.
     """
-    if format not in FORMATS:
-        raise ConfigError(f"format: expected one of {list(FORMATS)}, got {format!r}")
+    _check_format(format)
     count = len(prompts) * num_videos_per_prompt
     text = os.fspath(out)
     if not text.strip():  # "" wrote into the working folder
@@ -195,12 +194,16 @@ def check_outputs(paths: Sequence[Path], *, overwrite: bool) -> None:
         refuse_existing(paths)
 
 
+def _check_format(format: str) -> None:
+    if format not in FORMATS:
+        raise ConfigError(f"format: expected one of {list(FORMATS)}, got {format!r}")
+
+
 def check_given_outputs(paths: Sequence[Path], *, format: str, overwrite: bool) -> None:
     """One output per video as a caller gave them (``VideoPipeline.render``'s ``out`` as a list), checked as
     :func:`plan_outputs` checks the paths it plans: a known ``format`` (each path's suffix says its kind, as a
     single ``.mp4`` does), no blank name or control character, folders they can go in, and :func:`check_outputs`."""
-    if format not in FORMATS:
-        raise ConfigError(f"format: expected one of {list(FORMATS)}, got {format!r}")
+    _check_format(format)
     for path in paths:
         if not os.fspath(path).strip():
             raise ConfigError(f"the output {os.fspath(path)!r} is blank; give a .mp4 or .gif file, or a folder")
