@@ -71,6 +71,7 @@ def run_cli(main: Callable[[list[str]], int | None], argv: list[str] | None = No
         sys.stdout.flush()  # a closed pipe or a full disk shows here, not in the interpreter's last flush
         return code
     except Terminated:
+        _hold_signals(previous)
         print("terminated", file=sys.stderr)
         return EXIT_TERMINATED
     except BrokenPipeError:
@@ -83,6 +84,7 @@ def run_cli(main: Callable[[list[str]], int | None], argv: list[str] | None = No
         print(f"error: {' '.join(str(exc).split())}", file=sys.stderr)
         return 1
     except KeyboardInterrupt:
+        _hold_signals(previous)
         print("interrupted", file=sys.stderr)
         return 130
     except (MemoryError, RuntimeError) as exc:  # torch's allocators raise RuntimeErrors (OutOfMemoryError on CUDA)
@@ -107,8 +109,9 @@ def run_cli(main: Callable[[list[str]], int | None], argv: list[str] | None = No
         return 1
     finally:
         warnings.formatwarning = formatwarning  # run in a test's process, the next test gets Python's form back
-        while _SENT_AGAIN:
-            _SENT_AGAIN.pop().cancel()
+        for signum in list(_SENT_AGAIN):
+            if (timer := _SENT_AGAIN.pop(signum, None)) is not None:  # not sent in the meantime
+                timer.cancel()
         for sig, handler in previous.items():
             signal.signal(sig, handler)
 
@@ -147,19 +150,35 @@ _FINALIZER_CODES = (weakref.finalize.__call__.__code__,)
 def raise_outside_finalizers(signum: int, frame: Any, exception: type[BaseException]) -> None:
     """Raise ``exception`` where the command is. Inside a ``__del__`` (a library's object collected at that
     moment) Python discards it with an "Exception ignored" traceback, and the command ran on and exited 0: there
-    the signal is sent again 10 ms later, to land outside."""
+    the signal is sent again 10 ms later, to land outside. Signals that land in finalizers while one is waiting to
+    be sent again are that one: each sent again of its own raised a second exception while the first was reported
+    (a traceback after "terminated")."""
     while frame is not None:
         if frame.f_code.co_name == "__del__" or frame.f_code in _FINALIZER_CODES:
-            again = threading.Timer(0.01, signal.pthread_kill, (threading.main_thread().ident, signum))
-            again.daemon = True
-            _SENT_AGAIN.append(again)
-            again.start()
+            if signum not in _SENT_AGAIN:
+                again = threading.Timer(0.01, _send_again, (signum,))
+                again.daemon = True
+                _SENT_AGAIN[signum] = again
+                again.start()
             return
         frame = frame.f_back
     raise exception
 
 
-_SENT_AGAIN: list[threading.Timer] = []  # cancelled when the command ends (its handlers are then gone)
+_SENT_AGAIN: dict[int, threading.Timer] = {}  # by signal, until sent; cancelled when the command ends
+
+
+def _send_again(signum: int) -> None:
+    _SENT_AGAIN.pop(signum, None)  # before it lands: if it lands in a finalizer again, it is sent again again
+    signal.pthread_kill(threading.main_thread().ident, signum)
+
+
+def _hold_signals(ours: dict[int, Any]) -> None:
+    """While a stopped command says so and cleans up, a further SIGTERM or Ctrl-C (a second ``kill``, a key held
+    down) is ignored: raised inside the report, it was a traceback and exit 1. ``ours`` are the signals whose
+    handlers :func:`run_cli` set, and restores when it returns."""
+    for sig in ours:
+        signal.signal(sig, signal.SIG_IGN)
 
 
 def _check_cache_folders() -> None:
