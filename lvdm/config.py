@@ -380,6 +380,9 @@ class TrainConfig:
         "distill target: the clean latents noised for the student: the teacher's own samples (a pool, "
         "captions only) or the clips' (encoded by the VAE, as Salimans & Ho)",
     )
+    distill_weighting: Literal["equal", "truncated_snr"] = option(
+        "equal", "distill target: the loss's weight per noise level: equal, or max(SNR, 1) as Salimans & Ho"
+    )
     distill_pool: int = option(
         64, "distill target: teacher samples kept as clean latents (a slot drawn per clip, made on first use)", min=1
     )
@@ -414,17 +417,6 @@ class Config:
             for i, prompt in enumerate(self.train.validation_prompts)
             if any("\ud800" <= ch <= "\udfff" for ch in prompt)
         ]
-        ratio = self.train.image_batch_ratio
-        image_sources = any(source.kind == "images" and source.weight > 0 for source in self.data.sources)
-        draws_images = ratio > 0 if ratio is not None else image_sources
-        if draws_images and not (self.model.spatial_lora_rank or self.model.unfreeze):
-            # an image batch runs in image mode (alpha = 1): the temporal layers get exactly zero gradient, yet
-            # AdamW would still step (momentum, weight decay) and the LR, EMA and step count would advance
-            problems.append(
-                "train.image_batch_ratio: still images train only spatial weights (they bypass the temporal layers),"
-                " and none train here: set model.spatial_lora_rank or model.unfreeze, or drop the images source"
-                " (train.image_batch_ratio=0)"
-            )
         from lvdm.config_rules import target_problems
         from lvdm.fileio import special_folder
 

@@ -15,9 +15,23 @@ if TYPE_CHECKING:
 def target_problems(cfg: Config) -> list[str]:
     """Every rule below, in order."""
     return (
-        _task_problems(cfg) + _decoder_problems(cfg) + _upscale_problems(cfg) + _motion_module_problems(cfg)
-        + _distill_problems(cfg) + _student_problems(cfg) + _other_target_problems(cfg)
+        _image_problems(cfg) + _task_problems(cfg) + _decoder_problems(cfg) + _upscale_problems(cfg)
+        + _motion_module_problems(cfg) + _distill_problems(cfg) + _student_problems(cfg) + _other_target_problems(cfg)
     )  # fmt: skip
+
+
+def _image_problems(cfg: Config) -> list[str]:
+    """Joint image-video training needs spatial weights to train: an image batch runs in image mode (alpha = 1),
+    so the temporal layers get exactly zero gradient, yet AdamW would still step (momentum, weight decay) and the
+    LR, EMA and step count would advance."""
+    ratio = cfg.train.image_batch_ratio
+    image_sources = any(source.kind == "images" and source.weight > 0 for source in cfg.data.sources)
+    draws_images = ratio > 0 if ratio is not None else image_sources
+    if not draws_images or cfg.model.spatial_lora_rank or cfg.model.unfreeze:
+        return []
+    return ["train.image_batch_ratio: still images train only spatial weights (they bypass the temporal layers), "
+            "and none train here: set model.spatial_lora_rank or model.unfreeze, or drop the images source "
+            "(train.image_batch_ratio=0)"]  # fmt: skip
 
 
 def _other_target_problems(cfg: Config) -> list[str]:

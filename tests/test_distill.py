@@ -352,3 +352,29 @@ def test_a_base_whose_sampler_clips_is_refused_for_distillation():
     clipping = DDIMScheduler(beta_schedule="scaled_linear", clip_sample=True, prediction_type="v_prediction")
     with pytest.raises(ConfigError, match="clip_sample or thresholding"):
         _objective_on(clipping.config)
+
+
+def test_the_truncated_snr_weighting_weighs_each_sample_by_max_snr_one(tiny_assets, tmp_path):
+    """``train.distill_weighting=truncated_snr``: each sample's loss is the equal-weight loss times ``max(SNR(t), 1)``
+    at its timestep (Salimans & Ho), so the low-noise steps weigh more; the same batch and draws otherwise."""
+    from lvdm.training.objectives import make_objective
+    from lvdm.training.setup import build_data, build_model
+    from lvdm.training.step import step_generator
+
+    losses, steps = {}, []
+    for weighting in ("equal", "truncated_snr"):
+        cfg = load_config([], distill_overrides(tiny_assets, tmp_path, weighting, **{
+            "train.distill_weighting": weighting, "train.distill_from": 64, "train.distill_latents": "data",
+            "train.distill_to": 16}))  # fmt: skip
+        video, frozen, _ = build_model(cfg, torch.device("cpu"), "no")
+        objective = make_objective(cfg, video, frozen, torch.device("cpu"))
+        objective._to_x = lambda out, z, t, to_x=objective._to_x: steps.append(t) or to_x(out, z, t)  # last: student's
+        data = build_data(cfg, frozen, rank=0, world=1)
+        data.stream.start_at(0)
+        with torch.no_grad():
+            losses[weighting] = objective.loss(video, next(iter(data.loader)), step_generator(0, 0, 0))
+    assert torch.equal(steps[0], steps[-1])  # the same draws
+    bar = objective.alphas[steps[-1]]
+    weight = (bar / (1 - bar)).clamp(min=1)
+    assert (weight > 1).any() and (weight == 1).any(), weight  # the batch has steps on both sides of SNR 1
+    torch.testing.assert_close(losses["truncated_snr"], losses["equal"] * weight)

@@ -301,7 +301,11 @@ class DistillObjective(Objective):
             target = self._two_steps(z_t, x_t, t, middle, prev, text, empty, w)
         out = model_fn(z_t, t, encoder_hidden_states=text, guidance_scale=w)
         x_student = self._to_x(out, z_t, t)
-        return ((x_student - target) ** 2).mean(dim=(1, 2, 3, 4))
+        per_sample = ((x_student - target) ** 2).mean(dim=(1, 2, 3, 4))
+        if train.distill_weighting == "truncated_snr":  # Salimans & Ho's max(SNR, 1): the low noise weighs more
+            bar = self._alpha_bar(t).reshape(-1)
+            per_sample = per_sample * (bar / (1 - bar)).clamp(min=1)
+        return per_sample
 
     @torch.no_grad()
     def _two_steps(self, z_t, x_t, t, middle, prev, text, empty, w) -> torch.Tensor:
