@@ -78,15 +78,15 @@ def test_middle_and_end_of_a_long_clip(media, reader: str, wanted: list[int]) ->
 
 
 def count_decoded(monkeypatch: pytest.MonkeyPatch) -> list[int]:
-    """Make ``pyav_reader._decode`` count the frames it yields into the returned one-item list."""
-    count, decode = [0], pyav_reader._decode
+    """Make ``pyav_reader.decode_frames`` count the frames it yields into the returned one-item list."""
+    count, decode = [0], pyav_reader.decode_frames
 
     def counting(*args):
         for frame in decode(*args):
             count[0] += 1
             yield frame
 
-    monkeypatch.setattr(pyav_reader, "_decode", counting)
+    monkeypatch.setattr(pyav_reader, "decode_frames", counting)
     return count
 
 

@@ -8,7 +8,7 @@ from collections.abc import Sequence
 
 import numpy as np
 
-from lvdm.data.pyav_reader import _decode, _DecodeStopped, _open_video, _too_short
+from lvdm.data.pyav_reader import DecodeStopped, decode_frames, open_video, too_short_reason
 from lvdm.errors import VideoReadError
 
 
@@ -29,11 +29,11 @@ def _decord_importable() -> bool:
 
 def _rotation(path: str) -> int:
     """Display rotation in degrees counter-clockwise, from the first decoded frame (PyAV, ~1 ms)."""
-    container, stream = _open_video(path)
+    container, stream = open_video(path)
     with container:
         try:
-            return next(_decode(container, stream)).rotation
-        except (StopIteration, _DecodeStopped):
+            return next(decode_frames(container, stream)).rotation
+        except (StopIteration, DecodeStopped):
             raise VideoReadError(path, "no decodable frame") from None
 
 
@@ -64,7 +64,7 @@ class DecordReader:
         try:
             video = decord.VideoReader(path, width=width, height=height, num_threads=1, fault_tol=1e-9)
             if max(indices) >= len(video):
-                raise VideoReadError(path, _too_short(max(indices), len(video)))
+                raise VideoReadError(path, too_short_reason(max(indices), len(video)))
             frames = video.get_batch(list(indices)).asnumpy()
         except VideoReadError:
             raise

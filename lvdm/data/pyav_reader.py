@@ -31,7 +31,7 @@ _SNIFF_BYTES = 512
 _IMAGE_MAGIC = {b"\x89PNG\r\n\x1a\n": "PNG image", b"\xff\xd8\xff": "JPEG image", b"II*\x00": "TIFF image"}
 _TEXT_VIDEO_MAGIC = (b"YUV4MPEG2 ",)  # raw video whose header (and maybe first pixels) read as text
 _IMAGE_DEMUXERS = ("image2", "png_pipe", "jpeg_pipe", "bmp_pipe", "tiff_pipe", "webp_pipe")
-_AV_FAILURES = (av.error.FFmpegError, OSError, ValueError)  # what PyAV raises for a file it cannot handle
+AV_FAILURES = (av.error.FFmpegError, OSError, ValueError)  # what PyAV raises for a file it cannot handle
 _SEEK_BACKOFF = (0, 8, 64)  # frames before the first wanted one to seek to, in turn, while a seek lands past it
 _PTS_TOLERANCE = 0.25  # how far (in frames) a timestamp may sit off the index grid and still count as on it
 
@@ -88,19 +88,19 @@ _AV_REASONS = {  # PyAV exception type -> reason (the file passed check_file a m
 }
 
 
-def _av_reason(error: BaseException) -> str:
+def av_reason(error: BaseException) -> str:
     """A few words for an exception PyAV raised while opening or decoding."""
     if isinstance(error, av.error.FFmpegError) and error.errno == errno.EBUSY:  # not the OS's: FFmpeg's own refusal
         return "FFmpeg refused its header (as it does for a frame too large to decode, such as 16400x16400 px)"
     return next((r for kind, r in _AV_REASONS.items() if isinstance(error, kind)), f"{type(error).__name__}: {error}")
 
 
-def _open_video(path: str) -> tuple[av.container.InputContainer, av.video.stream.VideoStream]:
+def open_video(path: str) -> tuple[av.container.InputContainer, av.video.stream.VideoStream]:
     """Open ``path`` and return it with its first video stream, checked to be a decodable video."""
     try:
         container = av.open(path, metadata_errors="ignore")
     except (av.error.FFmpegError, OSError) as e:
-        raise VideoReadError(path, _av_reason(e)) from None
+        raise VideoReadError(path, av_reason(e)) from None
     try:
         if container.format.name in _IMAGE_DEMUXERS:
             raise VideoReadError(path, f"not a video ({container.format.name} image)")
@@ -127,33 +127,35 @@ def _check_complete(container: av.container.InputContainer, stream: av.video.str
         raise VideoReadError(path, f"truncated: file has {size} bytes, its index needs {needed}")
 
 
-def _too_short(last: int, num_frames: int) -> str:
+def too_short_reason(last: int, num_frames: int) -> str:
+    """The reason for a read that asked for frame ``last`` of a video with ``num_frames`` decodable frames."""
     return f"too short: frame {last} requested, the video has {num_frames} frames"
 
 
-def _fps(stream: av.video.stream.VideoStream) -> float | None:
+def stream_fps(stream: av.video.stream.VideoStream) -> float | None:
     """The average frame rate, or None when missing, zero, non-finite or absurd."""
-    fps = _stated_fps(stream)
+    fps = stated_stream_fps(stream)
     return fps if fps is not None and MIN_FPS <= fps <= MAX_FPS else None
 
 
-def _stated_fps(stream: av.video.stream.VideoStream) -> float | None:
+def stated_stream_fps(stream: av.video.stream.VideoStream) -> float | None:
     """The average frame rate the file states, or None when missing, zero or non-finite."""
     rate = stream.average_rate or stream.guessed_rate
     fps = float(rate) if rate else math.nan
     return fps if math.isfinite(fps) and fps > 0 else None
 
 
-def _duration_s(container: av.container.InputContainer, stream: av.video.stream.VideoStream) -> float | None:
+def duration_s(container: av.container.InputContainer, stream: av.video.stream.VideoStream) -> float | None:
+    """The video stream's duration in seconds, else the container's, else None."""
     if stream.duration and stream.time_base:
         return float(stream.duration * stream.time_base)
     return container.duration / av.time_base if container.duration else None
 
 
-def _count_packets(path: str) -> int:
+def count_packets(path: str) -> int:
     """Demux (no decode) the whole video stream and count its packets: the frame count of a container that states
     none (duration x rate over-counts a variable rate)."""
-    container, stream = _open_video(path)
+    container, stream = open_video(path)
     with container:
         try:
             return sum(1 for packet in container.demux(stream) if packet.size)
@@ -174,12 +176,14 @@ def _seek_step(stream: av.video.stream.VideoStream) -> Fraction | None:
     return 1 / (Fraction(base) * stream.time_base)  # base_rate: the exact rate of a constant-rate stream
 
 
-class _DecodeStopped(Exception):
-    """FFmpeg reported an error or a corrupt frame: no more trustworthy frames in this file."""
+class DecodeStopped(Exception):
+    """FFmpeg reported an error or a corrupt frame (:func:`decode_frames`): no more trustworthy frames in this file."""
 
 
-def _decode(container: av.container.InputContainer, stream: av.video.stream.VideoStream) -> Iterator[av.VideoFrame]:
-    """Decoded frames, raising :class:`_DecodeStopped` at the first decode error or corrupt frame.
+def decode_frames(
+    container: av.container.InputContainer, stream: av.video.stream.VideoStream
+) -> Iterator[av.VideoFrame]:
+    """Decoded frames, raising :class:`DecodeStopped` at the first decode error or corrupt frame.
 
     Strict on purpose: decoding on after an error (as the ffmpeg tool does) yields smeared frames, silently.
     """
@@ -190,9 +194,9 @@ def _decode(container: av.container.InputContainer, stream: av.video.stream.Vide
         except StopIteration:
             return
         except av.error.FFmpegError as e:
-            raise _DecodeStopped(str(e).split(":")[0].strip().lower()) from None
+            raise DecodeStopped(str(e).split(":")[0].strip().lower()) from None
         if frame.is_corrupt:
-            raise _DecodeStopped("corrupt frame")
+            raise DecodeStopped("corrupt frame")
         yield frame
 
 
@@ -207,7 +211,7 @@ def _frames_after_seek(container, stream, target: int, step: Fraction) -> Iterat
     except av.error.FFmpegError:
         raise _Unreliable from None
     previous = None
-    for frame in _decode(container, stream):
+    for frame in decode_frames(container, stream):
         if frame.pts is None:
             raise _Unreliable
         position = (frame.pts - start) / step
@@ -227,7 +231,7 @@ def _indexed_frames(container, stream, first: int) -> Iterator[tuple[int, av.Vid
     """
     step = _seek_step(stream) if first > 0 else None
     if step is None:
-        yield from enumerate(_decode(container, stream))
+        yield from enumerate(decode_frames(container, stream))
         return
     for backoff in _SEEK_BACKOFF:
         if first - backoff <= 0:
@@ -273,12 +277,12 @@ class PyAVReader:
                 frames = self._collect(path, wanted, size, seek=True)
             except _Unreliable:
                 frames = self._collect(path, wanted, size, seek=False)
-        except _AV_FAILURES as e:  # anything else FFmpeg or swscale can raise on a strange file
-            raise VideoReadError(path, _av_reason(e)) from None
+        except AV_FAILURES as e:  # anything else FFmpeg or swscale can raise on a strange file
+            raise VideoReadError(path, av_reason(e)) from None
         return np.stack([frames[i] for i in indices])  # n x (h w 3) -> n h w 3
 
     def _collect(self, path: str, wanted: set[int], size: tuple[int, int] | None, seek: bool) -> dict[int, np.ndarray]:
-        container, stream = _open_video(path)
+        container, stream = open_video(path)
         first, last = min(wanted), max(wanted)
         frames: dict[int, np.ndarray] = {}
         scaler = VideoReformatter()
@@ -291,16 +295,16 @@ class PyAVReader:
                         frames[index] = _to_rgb(frame, size, scaler)
                     if index >= last:
                         return frames
-            except _DecodeStopped as e:
+            except DecodeStopped as e:
                 raise VideoReadError(path, self._stopped_reason(stream, seen + 1, str(e))) from None
             raise VideoReadError(path, self._short_reason(container, stream, seen + 1, last))
 
     @staticmethod
     def _short_reason(container, stream, decoded: int, last: int) -> str:
-        claimed = stream.frames or round((_duration_s(container, stream) or 0) * (_fps(stream) or 0))
+        claimed = stream.frames or round((duration_s(container, stream) or 0) * (stream_fps(stream) or 0))
         if claimed > decoded:
             return f"truncated: decoded {decoded} of {claimed} frames"
-        return _too_short(last, decoded)
+        return too_short_reason(last, decoded)
 
     @staticmethod
     def _stopped_reason(stream, decoded: int, detail: str) -> str:

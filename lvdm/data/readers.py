@@ -35,19 +35,19 @@ from PIL import Image, ImageOps, UnidentifiedImageError
 
 from lvdm.data.decord_reader import DecordReader
 from lvdm.data.pyav_reader import (
-    _AV_FAILURES,
+    AV_FAILURES,
     MAX_FPS,
     MIN_FPS,
+    DecodeStopped,
     PyAVReader,
-    _av_reason,
-    _count_packets,
-    _decode,
-    _DecodeStopped,
-    _duration_s,
-    _fps,
-    _open_video,
-    _stated_fps,
+    av_reason,
     check_file,
+    count_packets,
+    decode_frames,
+    duration_s,
+    open_video,
+    stated_stream_fps,
+    stream_fps,
 )
 from lvdm.errors import VideoReadError
 
@@ -131,16 +131,16 @@ def _bounded(fn: Callable[[], T], timeout: float | None, path: str, what: str) -
 
 
 def _probe(path: str) -> VideoInfo:
-    container, stream = _open_video(path)
+    container, stream = open_video(path)
     with container:
         try:
-            first = next(_decode(container, stream))
-        except (StopIteration, _DecodeStopped):
+            first = next(decode_frames(container, stream))
+        except (StopIteration, DecodeStopped):
             raise VideoReadError(path, "no decodable frame") from None
-        except _AV_FAILURES as e:
-            raise VideoReadError(path, _av_reason(e)) from None
-        fps, stated = _fps(stream), _stated_fps(stream)
-        duration = _duration_s(container, stream)
+        except AV_FAILURES as e:
+            raise VideoReadError(path, av_reason(e)) from None
+        fps, stated = stream_fps(stream), stated_stream_fps(stream)
+        duration = duration_s(container, stream)
         counted = stream.frames  # mp4 and mov state it; mkv and webm do not, and duration x rate over-counts VFR
         estimate = round(duration * fps) if duration and fps else 0
     num_frames = counted or _packets_of(path) or estimate or 1  # the first frame decoded: at least one
@@ -149,14 +149,14 @@ def _probe(path: str) -> VideoInfo:
 
 
 def _packets_of(path: str) -> int:
-    """:func:`_count_packets`, remembered per file version (a training run probes a clip at every draw)."""
+    """:func:`count_packets`, remembered per file version (a training run probes a clip at every draw)."""
     info = os.stat(path)
     return _counted(path, info.st_ino, info.st_size, info.st_mtime_ns)
 
 
 @functools.lru_cache(maxsize=1 << 16)
 def _counted(path: str, inode: int, size: int, mtime_ns: int) -> int:
-    return _count_packets(path)
+    return count_packets(path)
 
 
 def probe(path: str | os.PathLike, *, timeout: float | None = 30.0) -> VideoInfo:
