@@ -52,9 +52,9 @@ def read_conditioning_image(source: Any) -> tuple[np.ndarray, dict[str, Any]]:
             raise ConfigError(f"image {source}: {exc.reason}") from None
         origin = str(path.absolute())
     elif isinstance(source, Image.Image):
-        from lvdm.data.readers import _image_to_rgb
+        from lvdm.data.readers import image_to_rgb
 
-        pixels, origin = np.asarray(_image_to_rgb(source), dtype=np.uint8), "PIL image"
+        pixels, origin = np.asarray(image_to_rgb(source), dtype=np.uint8), "PIL image"
     else:
         pixels, origin = np.asarray(source), "array"
         if pixels.dtype != np.uint8 or pixels.ndim != 3 or pixels.shape[2] != 3:

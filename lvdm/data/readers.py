@@ -53,7 +53,7 @@ from lvdm.errors import VideoReadError
 
 __all__ = [
     "AUTO_ORDER", "MAX_FPS", "MIN_FPS", "READERS", "DecordReader", "PyAVReader", "Reader", "VideoInfo",
-    "VideoReadError", "available_readers", "probe", "read_frames", "read_image",
+    "VideoReadError", "available_readers", "image_to_rgb", "probe", "read_frames", "read_image",
 ]  # fmt: skip
 
 T = TypeVar("T")
@@ -218,7 +218,7 @@ def read_frames(
 _HIGH_BIT_MODES = {"I;16": 65535, "I;16B": 65535, "I;16L": 65535, "I": 65535, "F": 1.0}  # mode -> white level
 
 
-def _image_to_rgb(image: Image.Image) -> Image.Image:
+def image_to_rgb(image: Image.Image) -> Image.Image:
     """8-bit RGB from any Pillow mode: EXIF orientation applied, 16-bit scaled (not clipped), alpha dropped."""
     image = ImageOps.exif_transpose(image)
     if image.mode in _HIGH_BIT_MODES:  # float32, in place: float64 copies of a 144 M pixel image took 4 GB
@@ -235,7 +235,7 @@ def _read_rgb(path: str | os.PathLike, size: tuple[int, int] | None) -> np.ndarr
     with Image.open(path) as image:
         if size is not None:
             image.draft(image.mode, (max(size), max(size)))  # JPEG: decode at a reduced scale, >= size either way
-        rgb = _image_to_rgb(image)
+        rgb = image_to_rgb(image)
         if size is not None and rgb.size != tuple(size):
             rgb = rgb.resize(tuple(size), Image.Resampling.BICUBIC, reducing_gap=3.0)
         return np.array(rgb, dtype=np.uint8)  # writable: torch.from_numpy warns of a read-only array
