@@ -37,10 +37,10 @@ from lvdm.models.layout import TemporalLayout
 from lvdm.models.loading import PICKLE_SUFFIXES, check_weights_file, load_pickled_weights, tensor_problem
 from lvdm.models.temporal_file import (
     TemporalModule,
-    _first,
-    _tensor_diff,
     base_shape,
+    first_names,
     read_temporal_file,
+    tensor_diff,
     write_temporal_file,
 )
 from lvdm.outputs import output_folder
@@ -310,7 +310,7 @@ def _check_against_diffusers(tensors: dict[str, torch.Tensor], config: dict[str,
             if tensors[key].shape != expected[key]
         ],
     }
-    problems = [f"{what}: {_first(names)}" for what, names in found.items() if names]
+    problems = [f"{what}: {first_names(names)}" for what, names in found.items() if names]
     if problems:
         raise TemporalModuleError(f"motion module {path} is not a consistent motion module: {'; '.join(problems)}")
     for key, value in tensors.items():
@@ -394,9 +394,9 @@ def _to_lvdm_keys(tensors: dict[str, torch.Tensor], video: Any, path: Path) -> d
         out[f"{sites[int(index)]}.temporal.{rest}"] = value
     if extra:
         raise TemporalModuleError(
-            f"motion module {path} has motion modules where this base has no layer: {_first(extra)}"
+            f"motion module {path} has motion modules where this base has no layer: {first_names(extra)}"
         )
-    problems = _tensor_diff(out, dict(video.named_temporal_parameters()))
+    problems = tensor_diff(out, dict(video.named_temporal_parameters()))
     if problems:
         raise TemporalModuleError(f"motion module {path} does not fit this base: " + "; ".join(problems))
     return out
@@ -450,8 +450,8 @@ def export_motion_adapter(module: str | os.PathLike, out_dir: str | os.PathLike)
     missing = sorted(key for key in expected - tensors.keys() if not key.endswith("pos_embed.pe"))
     if missing or tensors.keys() - expected:
         raise TemporalModuleError(
-            f"temporal module {module} does not map onto a MotionAdapter: missing {_first(missing)}, unexpected "
-            f"{_first(sorted(tensors.keys() - expected))}"
+            f"temporal module {module} does not map onto a MotionAdapter: missing {first_names(missing)}, unexpected "
+            f"{first_names(sorted(tensors.keys() - expected))}"
         )
     adapter = MotionAdapter(**config)
     adapter.load_state_dict(tensors, strict=False)  # the frame tables are the adapter's own sinusoid

@@ -118,7 +118,7 @@ class TemporalModule:
             # a new part's parameters, wherever they sit (an image part's attention processors inside the UNet too)
             fresh = {id(p) for name in new_parts for p in video.parts[name].parameters()}
             params = {key: p for key, p in video.named_temporal_parameters() if id(p) not in fresh}
-            problems += _tensor_diff(self.tensors, params)
+            problems += tensor_diff(self.tensors, params)
         return problems
 
 
@@ -301,9 +301,9 @@ def _site_diff(saved: list[dict[str, Any]], current: list[dict[str, Any]]) -> li
     missing = [name for name in current_by_name if name not in saved_by_name]
     extra = [name for name in saved_by_name if name not in current_by_name]
     if missing:
-        problems.append(f"the base has temporal sites the module lacks: {_first(missing)}")
+        problems.append(f"the base has temporal sites the module lacks: {first_names(missing)}")
     if extra:
-        problems.append(f"the module has temporal sites the base lacks: {_first(extra)}")
+        problems.append(f"the module has temporal sites the base lacks: {first_names(extra)}")
     for name in saved_by_name.keys() & current_by_name.keys():
         a, b = saved_by_name[name], current_by_name[name]
         if a != b:
@@ -311,14 +311,16 @@ def _site_diff(saved: list[dict[str, Any]], current: list[dict[str, Any]]) -> li
     return problems
 
 
-def _tensor_diff(tensors: dict[str, torch.Tensor], params: dict[str, torch.Tensor]) -> list[str]:
+def tensor_diff(tensors: dict[str, torch.Tensor], params: dict[str, torch.Tensor]) -> list[str]:
+    """What keeps ``tensors`` (from a file) from loading into ``params``: missing and unexpected names, wrong
+    shapes; empty when they fit."""
     problems = []
     missing = sorted(params.keys() - tensors.keys())
     unexpected = sorted(tensors.keys() - params.keys())
     if missing:
-        problems.append(f"missing tensors {_first(missing)}")
+        problems.append(f"missing tensors {first_names(missing)}")
     if unexpected:
-        problems.append(f"unexpected tensors {_first(unexpected)}")
+        problems.append(f"unexpected tensors {first_names(unexpected)}")
     for name in sorted(tensors.keys() & params.keys()):
         if tensors[name].shape != params[name].shape:
             problems.append(
@@ -334,6 +336,7 @@ def _dict_diff(saved: dict[str, Any], current: dict[str, Any]) -> str:
     )
 
 
-def _first(names: list[str], n: int = 5) -> str:
+def first_names(names: list[str], n: int = 5) -> str:
+    """The first ``n`` of ``names``, comma-separated, with how many more there are: ``"a, b and 3 more"``."""
     more = f" and {len(names) - n} more" if len(names) > n else ""
     return ", ".join(names[:n]) + more
