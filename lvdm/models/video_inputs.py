@@ -8,7 +8,7 @@ from typing import Any
 import torch
 
 
-def _check_sample(sample: torch.Tensor, in_channels: int) -> tuple[int, int, int, int, int]:
+def check_sample(sample: torch.Tensor, in_channels: int) -> tuple[int, int, int, int, int]:
     """The latents' shape ``(b, c, f, h, w)``, none of it 0 (an empty one failed in a reshape or a convolution)."""
     if not isinstance(sample, torch.Tensor):
         raise TypeError(f"VideoUNet expects latents as a torch.Tensor (b, c={in_channels}, f, h, w), got a "
@@ -21,14 +21,14 @@ def _check_sample(sample: torch.Tensor, in_channels: int) -> tuple[int, int, int
     return tuple(sample.shape)
 
 
-def _text_width(config: Any) -> int | None:
+def text_width(config: Any) -> int | None:
     """The width ``d`` of the text embeddings the UNet's cross-attentions take; ``None`` where it is not one number
     (per-block widths, or an ``encoder_hid_proj`` in front of them), then unchecked."""
     width = config.cross_attention_dim
     return width if isinstance(width, int) and getattr(config, "encoder_hid_dim", None) is None else None
 
 
-def _check_text(text: torch.Tensor, b: int, width: int | None) -> None:
+def check_text(text: torch.Tensor, b: int, width: int | None) -> None:
     """Text embeddings ``(b, n, d)``: once per video, at least one token, as wide as the cross-attentions take."""
     d = "d" if width is None else f"d={width}"
     if not isinstance(text, torch.Tensor):
@@ -40,7 +40,7 @@ def _check_text(text: torch.Tensor, b: int, width: int | None) -> None:
         )
 
 
-def _check_float(name: str, tensor: torch.Tensor, dtype: torch.dtype) -> None:
+def check_float(name: str, tensor: torch.Tensor, dtype: torch.dtype) -> None:
     """A floating-point input in the weights' ``dtype``, or one autocast casts (training's mixed precision: any float
     but float64): another reached a matmul as "mat1 and mat2 must have the same dtype"."""
     if not tensor.is_floating_point():
@@ -54,7 +54,10 @@ def _check_float(name: str, tensor: torch.Tensor, dtype: torch.dtype) -> None:
         )
 
 
-def _per_frame_flags(flags: torch.Tensor | None, b: int, f: int, device: torch.device, dtype: torch.dtype):
+def per_frame_flags(
+    flags: torch.Tensor | None, b: int, f: int, device: torch.device, dtype: torch.dtype
+) -> torch.Tensor:
+    """``image_only_indicator`` as ``(b, f)`` in ``dtype``: zeros when ``None``, a ``(b,)`` one repeated per frame."""
     if flags is None:
         return torch.zeros(b, f, device=device, dtype=dtype)
     flags = torch.as_tensor(flags, device=device).to(dtype)
@@ -65,7 +68,8 @@ def _per_frame_flags(flags: torch.Tensor | None, b: int, f: int, device: torch.d
     return flags
 
 
-def _frame_positions(positions: torch.Tensor | None, b: int, f: int, device: torch.device) -> torch.Tensor:
+def per_frame_positions(positions: torch.Tensor | None, b: int, f: int, device: torch.device) -> torch.Tensor:
+    """``frame_positions`` as float32 ``(b, f)``: ``0 .. f-1`` when ``None``, one row ``(f,)`` shared by all videos."""
     if positions is None:
         return torch.arange(f, device=device, dtype=torch.float32)[None].expand(b, f)
     positions = torch.as_tensor(positions, device=device, dtype=torch.float32)
@@ -76,7 +80,7 @@ def _frame_positions(positions: torch.Tensor | None, b: int, f: int, device: tor
     return positions
 
 
-def _check_table_positions(positions: torch.Tensor, default: bool, max_frames: int) -> None:
+def check_table_positions(positions: torch.Tensor, default: bool, max_frames: int) -> None:
     """Motion modules read a table of ``max_frames`` rows: positions must be whole numbers below that."""
     if default:
         if positions.shape[1] > max_frames:
@@ -92,7 +96,7 @@ def _check_table_positions(positions: torch.Tensor, default: bool, max_frames: i
         )
 
 
-def _timesteps(timestep: torch.Tensor | float | int, b: int, f: int, device: torch.device) -> torch.Tensor:
+def frame_timesteps(timestep: torch.Tensor | float | int, b: int, f: int, device: torch.device) -> torch.Tensor:
     """One timestep per frame ``(b f,)`` from a number, ``(b,)`` or ``(b, f)``: real numbers (NaN or inf gave a NaN
     output), checked on the host before they move to ``device``. A tensor already on an accelerator is not checked
     for NaN: that would wait for the device at every step, for numbers the schedulers never make NaN."""
@@ -116,12 +120,12 @@ def _timesteps(timestep: torch.Tensor | float | int, b: int, f: int, device: tor
     raise ValueError(f"timestep must be a scalar, ({b},) or ({b}, {f}), got shape {tuple(timestep.shape)}")
 
 
-def _repeat_frames(value: Any, f: int) -> Any:
+def repeat_frames(value: Any, f: int) -> Any:
     """Per-video conditioning -> per-frame: ``b ... -> (b f) ...`` (tensors, inside dicts, tuples and lists too)."""
     if value is None:
         return None
     if isinstance(value, dict):
-        return {key: _repeat_frames(item, f) for key, item in value.items()}
+        return {key: repeat_frames(item, f) for key, item in value.items()}
     if isinstance(value, (tuple, list)):
-        return type(value)(_repeat_frames(item, f) for item in value)
+        return type(value)(repeat_frames(item, f) for item in value)
     return value.repeat_interleave(f, dim=0)

@@ -25,15 +25,15 @@ from lvdm.models.family import base_family
 from lvdm.models.layout import TemporalLayout
 from lvdm.models.parts import PartSpec
 from lvdm.models.video_inputs import (
-    _check_float,
-    _check_sample,
-    _check_table_positions,
-    _check_text,
-    _frame_positions,
-    _per_frame_flags,
-    _repeat_frames,
-    _text_width,
-    _timesteps,
+    check_float,
+    check_sample,
+    check_table_positions,
+    check_text,
+    frame_timesteps,
+    per_frame_flags,
+    per_frame_positions,
+    repeat_frames,
+    text_width,
 )
 from lvdm.modules.frame_context import FrameContext, frame_context
 from lvdm.modules.image_attention import with_image_tokens
@@ -176,32 +176,32 @@ class VideoUNet(nn.Module):
         Returns:
             the model output ``(b, c, f, h, w)`` (noise, v or sample, as the base predicts).
         """
-        b, c, f, h, w = _check_sample(sample, self.unet.config.in_channels)
+        b, c, f, h, w = check_sample(sample, self.unet.config.in_channels)
         dtype = self.unet.conv_in.weight.dtype  # what the sample meets first; the text meets the same base weights
-        _check_float("sample", sample, dtype)
-        _check_text(encoder_hidden_states, b, _text_width(self.unet.config))
-        _check_float("encoder_hidden_states", encoder_hidden_states, dtype)
-        timesteps = _timesteps(timestep, b, f, sample.device)
+        check_float("sample", sample, dtype)
+        check_text(encoder_hidden_states, b, text_width(self.unet.config))
+        check_float("encoder_hidden_states", encoder_hidden_states, dtype)
+        timesteps = frame_timesteps(timestep, b, f, sample.device)
         context = FrameContext(
             num_frames=f,
-            image_only_indicator=_per_frame_flags(image_only_indicator, b, f, sample.device, sample.dtype),
-            frame_positions=_frame_positions(frame_positions, b, f, sample.device),
+            image_only_indicator=per_frame_flags(image_only_indicator, b, f, sample.device, sample.dtype),
+            frame_positions=per_frame_positions(frame_positions, b, f, sample.device),
         )
         if self.layout.max_frames is not None:
-            _check_table_positions(context.frame_positions, frame_positions is None, self.layout.max_frames)
+            check_table_positions(context.frame_positions, frame_positions is None, self.layout.max_frames)
         self._prepare_parts(context, sample, timestep, conditioning)
         # b c f h w -> (b f) c h w, in the standard layout whatever the input's (channels-last inputs would reach
         # GroupNorm's channels-last backward kernel, which crashes on CPU in torch 2.13 for the 5D temporal blocks)
         frames = sample.permute(0, 2, 1, 3, 4).reshape(b * f, c, h, w).contiguous()
         tokens = context.image_tokens()  # the image part's, for the spatial cross-attentions (IP-Adapter style)
-        text = with_image_tokens(_repeat_frames(encoder_hidden_states, f), _repeat_frames(tokens, f))
+        text = with_image_tokens(repeat_frames(encoder_hidden_states, f), repeat_frames(tokens, f))
         with frame_context(context):
             out = self.unet(
                 frames,
                 timesteps,
                 encoder_hidden_states=text,
-                class_labels=_repeat_frames(class_labels, f),
-                added_cond_kwargs=_repeat_frames(added_cond_kwargs, f),
+                class_labels=repeat_frames(class_labels, f),
+                added_cond_kwargs=repeat_frames(added_cond_kwargs, f),
                 cross_attention_kwargs=cross_attention_kwargs,
                 return_dict=False,
             )[0]
@@ -397,7 +397,7 @@ def image_unet_on_frames(
     Image mode without temporal layers, and the floor every video model is measured against."""
     b, c, f, h, w = sample.shape
     frames = sample.permute(0, 2, 1, 3, 4).reshape(b * f, c, h, w)  # b c f h w -> (b f) c h w
-    per_frame = {key: _repeat_frames(value, f) for key, value in per_video.items()}
-    out = unet(frames, _timesteps(timestep, b, f, sample.device), _repeat_frames(encoder_hidden_states, f),
+    per_frame = {key: repeat_frames(value, f) for key, value in per_video.items()}
+    out = unet(frames, frame_timesteps(timestep, b, f, sample.device), repeat_frames(encoder_hidden_states, f),
                return_dict=False, **per_frame)[0]  # fmt: skip
     return out.reshape(b, f, *out.shape[1:]).permute(0, 2, 1, 3, 4)  # (b f) c h w -> b c f h w
