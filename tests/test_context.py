@@ -80,11 +80,11 @@ def test_trained_context_reaches_the_temporal_layers_and_image_mode_stays_the_ba
 
 def _spatial_only(unet):
     """``unet`` with every video wrapper replaced by its spatial block: the 2D UNet the model was inflated from."""
-    from lvdm.modules.video_blocks import _VideoWrapper
+    from lvdm.modules.video_blocks import VideoWrapper
 
     for module in list(unet.modules()):
         for child_name, child in list(module.named_children()):
-            if isinstance(child, _VideoWrapper):
+            if isinstance(child, VideoWrapper):
                 setattr(module, child_name, child.spatial)
     return unet
 

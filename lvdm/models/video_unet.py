@@ -37,7 +37,7 @@ from lvdm.models.video_inputs import (
 )
 from lvdm.modules.frame_context import FrameContext, frame_context
 from lvdm.modules.image_attention import with_image_tokens
-from lvdm.modules.video_blocks import _VideoWrapper, wrap_motion, wrap_resnet, wrap_transformer
+from lvdm.modules.video_blocks import VideoWrapper, wrap_motion, wrap_resnet, wrap_transformer
 from lvdm.modules.video_cross_attention import share_text_projections
 
 
@@ -68,7 +68,7 @@ class VideoUNet(nn.Module):
         self.unet = unet
         self.parts = nn.ModuleDict()  # standalone added modules (lvdm.models.parts), by name
         self.part_specs: dict[str, PartSpec] = {}
-        self._wrappers = {name: m for name, m in unet.named_modules() if isinstance(m, _VideoWrapper)}
+        self._wrappers = {name: m for name, m in unet.named_modules() if isinstance(m, VideoWrapper)}
         for name, wrapper in self._wrappers.items():
             wrapper.site = name
         share_text_projections(unet)  # the text's keys and values once per video, not per frame
@@ -115,7 +115,7 @@ class VideoUNet(nn.Module):
         """Inflate ``unet`` in place with the ``config`` layout (default: Video LDM's)."""
         if not isinstance(unet, UNet2DConditionModel):
             raise TypeError(f"VideoUNet.from_unet2d needs a diffusers UNet2DConditionModel, got {type(unet).__name__}")
-        if any(isinstance(m, _VideoWrapper) for m in unet.modules()):
+        if any(isinstance(m, VideoWrapper) for m in unet.modules()):
             raise ValueError("this UNet already has temporal layers: it was inflated before")
         param = next(unet.parameters())
         video = cls(unet, config or TemporalLayout())

@@ -23,9 +23,9 @@ from lvdm.modules.temporal_attention import TemporalAttentionBlock
 from lvdm.modules.temporal_conv import TemporalConvBlock
 
 
-class _VideoWrapper(nn.Module):
-    """Shared parts: the spatial block, the temporal block, the mixer (``None`` for motion modules), and
-    checkpointing."""
+class VideoWrapper(nn.Module):
+    """The base of every wrapper (how :class:`~lvdm.models.VideoUNet` finds them in a UNet), with their shared
+    parts: the spatial block, the temporal block, the mixer (``None`` for motion modules), and checkpointing."""
 
     def __init__(self, spatial: nn.Module, temporal: nn.Module, mix_factor: float | None) -> None:
         super().__init__()
@@ -52,7 +52,7 @@ def _in_context(fn: Any, ctx: FrameContext, *args: Any) -> Any:
         return fn(*args, ctx)
 
 
-class VideoResnetBlock(_VideoWrapper):
+class VideoResnetBlock(VideoWrapper):
     """A diffusers ``ResnetBlock2D`` followed by a :class:`TemporalConvBlock`."""
 
     def forward(self, hidden_states: torch.Tensor, temb: torch.Tensor | None = None, *args: Any, **kwargs: Any):
@@ -81,7 +81,7 @@ class VideoResnetBlock(_VideoWrapper):
         return self.mixer(spatial, temporal, ctx.image_only_indicator)
 
 
-class VideoTransformerBlock(_VideoWrapper):
+class VideoTransformerBlock(VideoWrapper):
     """A diffusers ``Transformer2DModel`` followed by a :class:`TemporalAttentionBlock`."""
 
     def forward(self, hidden_states: torch.Tensor, *args: Any, return_dict: bool = True, **kwargs: Any):
@@ -100,7 +100,7 @@ class VideoTransformerBlock(_VideoWrapper):
         return self.mixer(spatial, temporal, ctx.image_only_indicator)
 
 
-class _MotionWrapper(_VideoWrapper):
+class _MotionWrapper(VideoWrapper):
     """A spatial block followed by an AnimateDiff :class:`MotionModule`, which adds its own residual (no alpha)."""
 
     def _motion(self, spatial: torch.Tensor, ctx: FrameContext) -> torch.Tensor:
