@@ -15,7 +15,7 @@ import torch
 from diffusers import MotionAdapter
 from safetensors.torch import save_file
 
-from lvdm.testing.models import FLAVOURS, _seeded
+from lvdm.testing.models import FLAVOURS, seeded
 
 _ORIGINAL_NAMES = (  # diffusers -> AnimateDiff, the converter's renames reversed
     (".norm1", ".norms.0"),
@@ -31,7 +31,7 @@ def tiny_motion_adapter(*, mid_block: bool = True, max_frames: int = 32, seed: i
     module, which original checkpoints do not record), every weight drawn
     from ``seed`` (``proj_out`` too, so the modules move frames from the start)."""
     widths = FLAVOURS["sd1"].unet["block_out_channels"]
-    return _seeded(
+    return seeded(
         lambda: MotionAdapter(
             block_out_channels=widths,
             motion_layers_per_block=2,

@@ -32,7 +32,7 @@ from diffusers import AutoencoderKL, DDIMScheduler, DDPMScheduler, StableDiffusi
 
 from lvdm.diffusion.loss import prediction_target
 from lvdm.testing.demo_folder import check_replaceable, folder_is_current, write_demo_folder
-from lvdm.testing.models import _seeded, tiny_scheduler, tiny_text_encoder, tiny_tokenizer, tiny_unet
+from lvdm.testing.models import seeded, tiny_scheduler, tiny_text_encoder, tiny_tokenizer, tiny_unet
 
 RECIPE_FILE = "demo_base.json"
 
@@ -62,7 +62,7 @@ def demo_vae(channels: Sequence[int] = (16, 32, 32), seed: int = 0) -> Autoencod
         down_block_types=("DownEncoderBlock2D",) * levels, up_block_types=("UpDecoderBlock2D",) * levels,
         layers_per_block=1, norm_num_groups=8, sample_size=32,
     )  # fmt: skip
-    return _seeded(lambda: AutoencoderKL(**kwargs), seed)
+    return seeded(lambda: AutoencoderKL(**kwargs), seed)
 
 
 def read_frame_bank(clips: Sequence[tuple[Path, str]], resolution: tuple[int, int]) -> tuple[torch.Tensor, list[str]]:

@@ -15,7 +15,7 @@ from diffusers.models.embeddings import IPAdapterPlusImageProjection
 from safetensors.torch import save_file
 from transformers import CLIPImageProcessor
 
-from lvdm.testing.models import _seeded, tiny_clip_vision
+from lvdm.testing.models import seeded, tiny_clip_vision
 
 
 def write_image_encoder(path: str | os.PathLike, seed: int = 0) -> Path:
@@ -57,7 +57,7 @@ def write_ip_adapter_plus(
 ) -> Path:
     """A random IP-Adapter Plus checkpoint (``.safetensors``) for a UNet whose cross-attentions have
     ``layer_widths`` (in diffusers' processor order), reading ``embed_dims``-wide CLIP tokens."""
-    projection = _seeded(
+    projection = seeded(
         lambda: IPAdapterPlusImageProjection(
             embed_dims=embed_dims, output_dims=cross_attention_dim, hidden_dims=64, depth=4, dim_head=64, heads=1,
             num_queries=num_queries,

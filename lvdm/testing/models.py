@@ -107,7 +107,7 @@ def _random_like(param: torch.Tensor, is_norm_scale: bool, gen: torch.Generator)
     return 0.1 * noise
 
 
-def _seeded(build: Callable[[], _Model], seed: int) -> _Model:
+def seeded(build: Callable[[], _Model], seed: int) -> _Model:
     """Build a model without touching the global RNG, then re-draw every parameter from ``seed``."""
     with torch.random.fork_rng(devices=[]):
         model = build()
@@ -123,7 +123,7 @@ def _seeded(build: Callable[[], _Model], seed: int) -> _Model:
 def tiny_unet(flavour: str = "sd1", seed: int = 0) -> UNet2DConditionModel:
     """An SD1- or SD2-shaped UNet (8x8 latents, 32-dim text context), randomly initialised from ``seed``."""
     kwargs = {**_UNET_COMMON, **_flavour(flavour).unet}
-    return _seeded(lambda: UNet2DConditionModel(**kwargs), seed)
+    return seeded(lambda: UNet2DConditionModel(**kwargs), seed)
 
 
 def tiny_upscaler_unet(seed: int = 0) -> UNet2DConditionModel:
@@ -147,7 +147,7 @@ def tiny_upscaler_unet(seed: int = 0) -> UNet2DConditionModel:
         num_class_embeds=1000,
         class_embed_type=None,
     )
-    return _seeded(lambda: UNet2DConditionModel(**kwargs), seed)
+    return seeded(lambda: UNet2DConditionModel(**kwargs), seed)
 
 
 def tiny_vae(seed: int = 0) -> AutoencoderKL:
@@ -164,7 +164,7 @@ def tiny_vae(seed: int = 0) -> AutoencoderKL:
         sample_size=16,
         scaling_factor=0.18215,
     )
-    return _seeded(lambda: AutoencoderKL(**kwargs), seed)
+    return seeded(lambda: AutoencoderKL(**kwargs), seed)
 
 
 def _byte_vocab() -> dict[str, int]:
@@ -201,7 +201,7 @@ def tiny_text_encoder(flavour: str = "sd1", seed: int = 0) -> CLIPTextModel:
         eos_token_id=vocab[_EOS],
         pad_token_id=vocab[_EOS],
     )
-    return _seeded(lambda: CLIPTextModel(config), seed)
+    return seeded(lambda: CLIPTextModel(config), seed)
 
 
 def tiny_clip_vision(seed: int = 0) -> CLIPVisionModelWithProjection:
@@ -215,7 +215,7 @@ def tiny_clip_vision(seed: int = 0) -> CLIPVisionModelWithProjection:
         num_attention_heads=4,
         projection_dim=32,
     )
-    return _seeded(lambda: CLIPVisionModelWithProjection(config), seed)
+    return seeded(lambda: CLIPVisionModelWithProjection(config), seed)
 
 
 def tiny_scheduler(flavour: str = "sd1") -> DDIMScheduler:

@@ -14,7 +14,7 @@ from typing import Any
 
 from diffusers import AutoencoderKL, DDIMScheduler, DDPMScheduler, StableDiffusionUpscalePipeline
 
-from lvdm.testing.models import _seeded, tiny_text_encoder, tiny_tokenizer, tiny_upscaler_unet
+from lvdm.testing.models import seeded, tiny_text_encoder, tiny_tokenizer, tiny_upscaler_unet
 
 MAX_NOISE_LEVEL = 350
 
@@ -33,7 +33,7 @@ def tiny_upscaler_vae(seed: int = 0) -> AutoencoderKL:
         sample_size=32,
         scaling_factor=0.08333,
     )
-    return _seeded(lambda: AutoencoderKL(**kwargs), seed)
+    return seeded(lambda: AutoencoderKL(**kwargs), seed)
 
 
 def upscaler_schedulers() -> tuple[DDIMScheduler, DDPMScheduler]:
