@@ -62,8 +62,8 @@ def train_image_unet(root: Path) -> None:
     from lvdm.diffusion.loss import prediction_target
     from lvdm.models import load_base
     from lvdm.models.encoders import encode_text
-    from lvdm.testing.demo_base import _fitter, read_frame_bank
-    from lvdm.testing.demo_upscaler import _write_folder, rescale_latent_space
+    from lvdm.testing.demo_base import fitter, read_frame_bank
+    from lvdm.testing.demo_upscaler import rescale_latent_space, write_demo_upscaler
     from lvdm.testing.models import tiny_upscaler_unet
     from lvdm.testing.upscaler import upscaler_schedulers
     from lvdm.training.upscale import downsample
@@ -82,7 +82,7 @@ def train_image_unet(root: Path) -> None:
         low = downsample(frames[:, None], 4)[:, 0]
     scheduler, low_res = upscaler_schedulers()
     unet = tiny_upscaler_unet(0).train()
-    fit, g = _fitter(unet.parameters(), LR, STEPS), torch.Generator().manual_seed(2)
+    fit, g = fitter(unet.parameters(), LR, STEPS), torch.Generator().manual_seed(2)
     side = mean.shape[-1]
     for step in range(STEPS):
         index = torch.randint(0, len(mean), (BATCH,), generator=g).tolist()
@@ -107,7 +107,7 @@ def train_image_unet(root: Path) -> None:
     pipe = StableDiffusionUpscalePipeline(vae=model.vae, text_encoder=model.text_encoder, tokenizer=model.tokenizer,
                                           unet=unet, scheduler=scheduler, low_res_scheduler=low_res,
                                           max_noise_level=350)  # fmt: skip
-    _write_folder(pipe, root / "upscaler256", json.dumps({"key": "tiles-experiment", "steps": STEPS}) + "\n")
+    write_demo_upscaler(pipe, root / "upscaler256", json.dumps({"key": "tiles-experiment", "steps": STEPS}) + "\n")
 
 
 def train_temporal(root: Path) -> None:

@@ -21,7 +21,7 @@ import hashlib
 import json
 import os
 import time
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Iterable, Iterator, Sequence
 from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any
@@ -96,13 +96,15 @@ def demo_base_is_current(path: str | os.PathLike, key: str) -> bool:
     return folder_is_current(path, RECIPE_FILE, key)
 
 
-def _batches(n: int, size: int, steps: int, seed: int):
+def batches(n: int, size: int, steps: int, seed: int) -> Iterator[tuple[torch.Tensor, torch.Generator]]:
+    """``steps`` batches of ``size`` indices drawn from ``range(n)``, each with the generator (seeded once from
+    ``seed``) that drew it, for the step's own noise."""
     generator = torch.Generator().manual_seed(seed)
     for _ in range(steps):
         yield torch.randint(0, n, (size,), generator=generator), generator
 
 
-def _fitter(params, lr: float, steps: int) -> Callable[[torch.Tensor], None]:
+def fitter(params: Iterable[torch.nn.Parameter], lr: float, steps: int) -> Callable[[torch.Tensor], None]:
     """``fit(loss)``: one AdamW step on ``loss`` along a one-cycle LR schedule of ``steps`` steps."""
     optimizer = torch.optim.AdamW(params, lr=lr, weight_decay=0.0)
     schedule = torch.optim.lr_scheduler.OneCycleLR(optimizer, lr, total_steps=steps, pct_start=0.05)
@@ -119,8 +121,8 @@ def _fitter(params, lr: float, steps: int) -> Callable[[torch.Tensor], None]:
 def train_vae(vae: AutoencoderKL, frames: torch.Tensor, recipe: DemoBaseRecipe, report: Callable) -> float:
     """Fit ``vae`` to reconstruct ``frames``, set ``scaling_factor``; returns the mean reconstruction error (0-255)."""
     vae.train()
-    fit = _fitter(vae.parameters(), recipe.vae_lr, recipe.vae_steps)
-    for step, (index, generator) in enumerate(_batches(len(frames), recipe.vae_batch, recipe.vae_steps, recipe.seed)):
+    fit = fitter(vae.parameters(), recipe.vae_lr, recipe.vae_steps)
+    for step, (index, generator) in enumerate(batches(len(frames), recipe.vae_batch, recipe.vae_steps, recipe.seed)):
         x = frames[index]
         posterior = vae.encode(x).latent_dist
         recon = vae.decode(posterior.sample(generator=generator)).sample
@@ -150,10 +152,10 @@ def train_unet(unet, vae, frames: torch.Tensor, text: torch.Tensor, empty: torch
         std = torch.cat([p.std for p in posteriors])
     scale = vae.config.scaling_factor
     unet.train()
-    fit = _fitter(unet.parameters(), recipe.unet_lr, recipe.unet_steps)
+    fit = fitter(unet.parameters(), recipe.unet_lr, recipe.unet_steps)
     seed = recipe.seed + 1
     loss = torch.tensor(0.0)
-    for step, (index, generator) in enumerate(_batches(len(frames), recipe.unet_batch, recipe.unet_steps, seed)):
+    for step, (index, generator) in enumerate(batches(len(frames), recipe.unet_batch, recipe.unet_steps, seed)):
         b = len(index)
         latents = (mean[index] + std[index] * torch.randn(mean[index].shape, generator=generator)) * scale
         drop = torch.rand(b, generator=generator) < recipe.caption_dropout
@@ -195,7 +197,7 @@ def make_demo_base(
         embeddings = encode_text(tokenizer, text_encoder, [*unique, ""])
     text = embeddings[torch.tensor([unique.index(c) for c in captions])]
     stats: dict[str, Any] = {"frames": len(frames), "read_seconds": time.perf_counter() - started}
-    report = _progress_reporter(log)
+    report = progress_reporter(log)
     vae = demo_vae(recipe.vae_channels, recipe.seed)
     started = time.perf_counter()
     stats["vae_error_255"] = train_vae(vae, frames, recipe, report)
@@ -214,7 +216,8 @@ def make_demo_base(
     return stats
 
 
-def _progress_reporter(log: Callable[[str], Any], every: int = 100) -> Callable[[str, int, int, float], None]:
+def progress_reporter(log: Callable[[str], Any], every: int = 100) -> Callable[[str, int, int, float], None]:
+    """``report(stage, step, total, loss)``: logs each stage's smoothed loss every ``every`` steps and at its last."""
     smoothed: dict[str, float] = {}
 
     def report(stage: str, step: int, total: int, loss: float) -> None:

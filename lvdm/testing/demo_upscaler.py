@@ -85,7 +85,7 @@ def train_upscaler_unet(unet, vae, low_res_scheduler, frames, text, empty, recip
     """Fit ``unet`` to denoise the latents of ``frames`` ``(n, 3, H, W)`` given their noisy 4x-downsampled version
     and caption embeddings ``text`` ``(n, k, d)``; returns the last loss."""
     from lvdm.diffusion.loss import prediction_target
-    from lvdm.testing.demo_base import _batches, _fitter
+    from lvdm.testing.demo_base import batches, fitter
     from lvdm.testing.upscaler import upscaler_schedulers
     from lvdm.training.upscale import downsample
 
@@ -96,9 +96,9 @@ def train_upscaler_unet(unet, vae, low_res_scheduler, frames, text, empty, recip
         mean, std = torch.cat([p.mean for p in posteriors]), torch.cat([p.std for p in posteriors])
         low = downsample(frames[:, None], factor)[:, 0]  # n 3 h w
     unet.train()
-    fit = _fitter(unet.parameters(), recipe.lr, recipe.steps)
+    fit = fitter(unet.parameters(), recipe.lr, recipe.steps)
     loss = torch.tensor(0.0)
-    for step, (index, generator) in enumerate(_batches(len(frames), recipe.batch, recipe.steps, recipe.seed + 2)):
+    for step, (index, generator) in enumerate(batches(len(frames), recipe.batch, recipe.steps, recipe.seed + 2)):
         b = len(index)
         latents = mean[index] + std[index] * torch.randn(mean[index].shape, generator=generator)
         latents = latents * vae.config.scaling_factor
@@ -132,7 +132,7 @@ def make_demo_upscaler(
 
     from lvdm.models import load_base
     from lvdm.models.encoders import encode_text
-    from lvdm.testing.demo_base import _progress_reporter, read_frame_bank
+    from lvdm.testing.demo_base import progress_reporter, read_frame_bank
     from lvdm.testing.demo_folder import check_replaceable
     from lvdm.testing.models import tiny_upscaler_unet
     from lvdm.testing.upscaler import upscaler_schedulers
@@ -150,7 +150,7 @@ def make_demo_upscaler(
     text = embeddings[torch.tensor([unique.index(c) for c in captions])]
     scheduler, low_res = upscaler_schedulers()
     unet = tiny_upscaler_unet(recipe.seed)
-    report = _progress_reporter(log)
+    report = progress_reporter(log)
     loss = train_upscaler_unet(unet, model.vae, low_res, frames, text, embeddings[-1:], recipe, report)
     pipe = StableDiffusionUpscalePipeline(
         vae=model.vae, text_encoder=model.text_encoder, tokenizer=model.tokenizer, unet=unet, scheduler=scheduler,
@@ -158,11 +158,11 @@ def make_demo_upscaler(
     )  # fmt: skip
     stats = {"seconds": time.perf_counter() - started, "loss": loss, "frames": len(frames)}
     record = {"key": key, "recipe": asdict(recipe), "resolution": list(resolution), "stats": stats}
-    _write_folder(pipe, Path(path), record)
+    write_demo_upscaler(pipe, Path(path), record)
     return stats
 
 
-def _write_folder(pipe: Any, path: Path, record: dict[str, Any]) -> None:
+def write_demo_upscaler(pipe: Any, path: Path, record: dict[str, Any]) -> None:
     """Save ``pipe`` to ``path``, replacing a previous demo upscaler and nothing else."""
     from lvdm.testing.demo_folder import write_demo_folder
 
