@@ -46,21 +46,21 @@ from typing import Any
 from lvdm.errors import CheckpointError
 from lvdm.fileio import probe_writable, umask
 from lvdm.training.checkpoint_files import (
-    _NAME,
+    CHECKPOINT_NAME,
     MARKER,
     MAX_STEP,
     METADATA,
-    _fsync_dir,
-    _human,
-    _plan,
-    _read_marker,
-    _read_metadata,
-    _read_pickle,
-    _read_safetensors,
-    _verify,
-    _write_file,
-    _write_json,
+    fsync_dir,
+    human_size,
     not_a_folder,
+    plan_parts,
+    read_checkpoint_marker,
+    read_metadata,
+    read_pickle,
+    read_safetensors,
+    verify_file,
+    write_file,
+    write_json,
 )
 
 FORMAT = "lvdm-checkpoint"
@@ -74,7 +74,7 @@ _ASIDE = re.compile(r"\.tmp-checkpoint-checkpoint-(\d{8})-replaced-[0-9a-f]+")  
 
 def checkpoint_step(path: str | os.PathLike) -> int:
     """The training step in a checkpoint folder's name (``checkpoint-00001000`` -> 1000)."""
-    match = _NAME.fullmatch(Path(path).name)
+    match = CHECKPOINT_NAME.fullmatch(Path(path).name)
     if match is None:
         raise CheckpointError(f"{path}: not a checkpoint folder (expected a name like checkpoint-00001000)")
     return int(match.group(1))
@@ -93,7 +93,7 @@ def _checkpoint_dirs(root: Path) -> Iterator[tuple[int, Path]]:
     except OSError as e:
         raise CheckpointError(f"cannot list checkpoint folder {root}: {e}") from e
     for entry in entries:
-        match = _NAME.fullmatch(entry.name)
+        match = CHECKPOINT_NAME.fullmatch(entry.name)
         if match and entry.is_dir(follow_symlinks=False):
             yield int(match.group(1)), root / entry.name
 
@@ -138,11 +138,11 @@ def find_checkpoint(root: str | os.PathLike, which: str | os.PathLike = "latest"
 
 
 def _write_all(folder: Path, plan: list[tuple[str, Callable[[Path, Any], None], Any]], meta: dict[str, Any]) -> None:
-    records = [_write_file(folder, name, writer, value) for name, writer, value in plan]
-    records.append(_write_file(folder, METADATA, _write_json, meta))
+    records = [write_file(folder, name, writer, value) for name, writer, value in plan]
+    records.append(write_file(folder, METADATA, write_json, meta))
     marker = {"format": FORMAT, "version": 1, "step": meta["step"], "files": records}
-    _write_file(folder, MARKER, _write_json, marker)
-    _fsync_dir(folder)
+    write_file(folder, MARKER, write_json, marker)
+    fsync_dir(folder)
 
 
 def recover_checkpoints(root: str | os.PathLike) -> list[Path]:
@@ -166,7 +166,7 @@ def recover_checkpoints(root: str | os.PathLike) -> list[Path]:
         if final.exists() or final.is_symlink():
             continue
         os.rename(min(found)[1], final)
-        _fsync_dir(root)
+        fsync_dir(root)
         recovered.append(final)
     return recovered
 
@@ -183,7 +183,7 @@ def _entries(root: Path) -> list[str]:
 def _looks_complete(path: Path, step: int) -> bool:
     """A readable marker for ``step`` whose files are all there with their sizes (hashes are checked on load)."""
     try:
-        records = _read_marker(path)
+        records = read_checkpoint_marker(path)
         marker_step = json.loads((path / MARKER).read_text(encoding="utf-8")).get("step")
         sizes_ok = all((path / r["name"]).stat().st_size == r["size"] for r in records)
     except (CheckpointError, OSError, ValueError, AttributeError):
@@ -194,7 +194,7 @@ def _looks_complete(path: Path, step: int) -> bool:
 def checkpoint_material(root: str | os.PathLike) -> list[Path]:
     """Everything in ``root`` that is or may become a checkpoint: complete, unfinished or temporary folders."""
     root = Path(root)
-    return [root / name for name in _entries(root) if _NAME.fullmatch(name) or name.startswith(TMP_PREFIX)]
+    return [root / name for name in _entries(root) if CHECKPOINT_NAME.fullmatch(name) or name.startswith(TMP_PREFIX)]
 
 
 def _remove_leftovers(root: Path) -> None:
@@ -260,7 +260,7 @@ def _move_into_place(temp: Path, final: Path) -> None:
     if final.exists() and (foreign := _unlisted(final)):
         raise CheckpointError(f"{final} holds what lvdm did not write there ({foreign}); refusing to replace it")
     if final.exists() and _exchange(temp, final):
-        _fsync_dir(final.parent)
+        fsync_dir(final.parent)
         shutil.rmtree(temp, ignore_errors=True)  # now holds the old checkpoint
         return
     aside = None
@@ -273,7 +273,7 @@ def _move_into_place(temp: Path, final: Path) -> None:
         if aside is not None:
             os.rename(aside, final)  # put the old one back
         raise
-    _fsync_dir(final.parent)
+    fsync_dir(final.parent)
     if aside is not None:
         shutil.rmtree(aside, ignore_errors=True)
 
@@ -312,7 +312,7 @@ def save_checkpoint(
     A failed write is a :class:`CheckpointError` naming the file and the OS error; nothing else is touched.
     """
     _check_arguments(step, keep_last)
-    plan, meta = _plan(parts), _metadata(step, metadata)
+    plan, meta = plan_parts(parts), _metadata(step, metadata)
     root = Path(root)
     final = root / _folder_name(step)
     temp = _new_temp(root, step)
@@ -333,7 +333,7 @@ def _prune(root: Path, keep_last: int, new: Path) -> None:
     """Delete the oldest complete checkpoints in ``root`` so that ``new`` and ``keep_last - 1`` others remain."""
     others = [path for path in list_checkpoints(root) if path.name != new.name]
     for path in others[: max(0, len(others) - (keep_last - 1))]:
-        if path.parent != root or path.is_symlink() or not _NAME.fullmatch(path.name):
+        if path.parent != root or path.is_symlink() or not CHECKPOINT_NAME.fullmatch(path.name):
             continue  # defensive: list_checkpoints only yields real folders directly in root
         if foreign := _unlisted(path):
             warnings.warn(f"kept old checkpoint {path} (keep_last): it holds what lvdm did not write there "
@@ -356,7 +356,7 @@ def _unlisted(folder: Path) -> str:
     """The entries of a checkpoint folder that its ``COMPLETE`` does not list as files (a user's, put there), named
     (the first few) or ``""``. Where the marker is unreadable (damaged), files are judged by lvdm's names for them."""
     try:
-        listed = {MARKER} | {record["name"] for record in _read_marker(folder)}
+        listed = {MARKER} | {record["name"] for record in read_checkpoint_marker(folder)}
         ours = listed.__contains__
     except CheckpointError:
         ours = OUR_FILE.fullmatch
@@ -372,7 +372,7 @@ def _unlisted(folder: Path) -> str:
 # --- reading --------------------------------------------------------------------------------------------------------
 
 
-READERS: dict[str, Callable[[Path], Any]] = {".safetensors": _read_safetensors, ".pt": _read_pickle}
+READERS: dict[str, Callable[[Path], Any]] = {".safetensors": read_safetensors, ".pt": read_pickle}
 
 
 def _read_part(file: Path) -> Any:
@@ -401,24 +401,24 @@ def verify_checkpoint(path: str | os.PathLike) -> dict[str, Any]:
     A folder verified once in this process is not hashed again while its files keep their sizes and mtimes.
     """
     path = Path(path)
-    records = _read_marker(path)
+    records = read_checkpoint_marker(path)
     try:
         fingerprint = _fingerprint(path, records)
     except OSError:
         fingerprint = None
     if fingerprint is None or _VERIFIED.get(path.resolve()) != fingerprint:
         for record in records:
-            _verify(path, record)
+            verify_file(path, record)
         if fingerprint is not None:
             _VERIFIED[path.resolve()] = fingerprint
-    return _read_metadata(path)
+    return read_metadata(path)
 
 
 def load_part(path: str | os.PathLike, name: str) -> Any:
     """One part of a verified checkpoint (``None`` when it has no part of that name)."""
     path = Path(path)
     verify_checkpoint(path)
-    for record in _read_marker(path):
+    for record in read_checkpoint_marker(path):
         file = path / record["name"]
         if record["name"] != METADATA and file.name.removesuffix(file.suffix) == name:
             return _read_part(file)
@@ -435,7 +435,7 @@ def load_checkpoint(path: str | os.PathLike) -> tuple[dict[str, Any], dict[str, 
     path = Path(path)
     metadata = verify_checkpoint(path)
     parts = {}
-    for record in _read_marker(path):
+    for record in read_checkpoint_marker(path):
         if record["name"] != METADATA:
             file = path / record["name"]
             parts[file.name.removesuffix(file.suffix)] = _read_part(file)
@@ -461,5 +461,5 @@ def check_writable(root: str | os.PathLike, *, min_free_bytes: int = 0) -> None:
         raise CheckpointError(f"folder {root} is not writable: {e.strerror or e}") from e
     if free < min_free_bytes:
         raise CheckpointError(
-            f"checkpoint folder {root} has {_human(free)} free, less than the {_human(min_free_bytes)} needed"
+            f"checkpoint folder {root} has {human_size(free)} free, less than the {human_size(min_free_bytes)} needed"
         )

@@ -32,7 +32,7 @@ from lvdm.fileio import read_json, umask
 MARKER = "COMPLETE"
 METADATA = "metadata.json"
 MAX_STEP = 10**8 - 1  # the folder name holds 8 digits
-_NAME = re.compile(r"checkpoint-(\d{8})")
+CHECKPOINT_NAME = re.compile(r"checkpoint-(\d{8})")  # a checkpoint folder's name; group 1 is its step
 _PART_NAME = re.compile(r"[A-Za-z0-9][A-Za-z0-9_-]*")
 _NDARRAY = "__lvdm_ndarray__"  # tag of an encoded numpy array: {_NDARRAY: tensor, "dtype": "<u4"}
 _LEAF_TYPES = (bool, int, float, complex, str, bytes, bytearray, type(None), torch.dtype, torch.device, torch.Size)
@@ -109,11 +109,12 @@ def _write_pickle(path: Path, value: Any) -> None:
         torch.save(value, f)
 
 
-def _write_json(path: Path, value: Any) -> None:
+def write_json(path: Path, value: Any) -> None:
+    """``value`` as indented JSON with sorted keys: the writer of ``metadata.json`` and the marker."""
     path.write_text(json.dumps(value, indent=2, sort_keys=True) + "\n", encoding="utf-8")
 
 
-def _plan(parts: dict[str, Any]) -> list[tuple[str, Callable[[Path, Any], None], Any]]:
+def plan_parts(parts: dict[str, Any]) -> list[tuple[str, Callable[[Path, Any], None], Any]]:
     """(file name, writer, value) for every part, checked before anything is written."""
     plan = []
     for name, value in parts.items():
@@ -141,7 +142,8 @@ def _sha256_and_sync(path: Path) -> dict[str, Any]:
         return {"name": path.name, "size": f.tell(), "sha256": digest}
 
 
-def _fsync_dir(path: Path) -> None:
+def fsync_dir(path: Path) -> None:
+    """Make the entries of folder ``path`` durable (a no-op where folders cannot be fsynced: Windows)."""
     if os.name != "posix":
         return  # folders cannot be opened for fsync on Windows
     fd = os.open(path, os.O_RDONLY)
@@ -151,7 +153,7 @@ def _fsync_dir(path: Path) -> None:
         os.close(fd)
 
 
-def _write_file(folder: Path, name: str, writer: Callable[[Path, Any], None], value: Any) -> dict[str, Any]:
+def write_file(folder: Path, name: str, writer: Callable[[Path, Any], None], value: Any) -> dict[str, Any]:
     """Write one file, returning its record; any failure is a CheckpointError naming the file."""
     path = folder / name
     try:
@@ -162,10 +164,10 @@ def _write_file(folder: Path, name: str, writer: Callable[[Path, Any], None], va
         if not folder.is_dir():  # someone removed the folder under us (a second writer on the same root?)
             raise CheckpointError(f"could not write {path}: its folder vanished while saving ({e})") from e
         free = shutil.disk_usage(folder).free
-        raise CheckpointError(f"could not write {path}: {e} ({_human(free)} free on that disk)") from e
+        raise CheckpointError(f"could not write {path}: {e} ({human_size(free)} free on that disk)") from e
 
 
-def _human(size: int) -> str:
+def human_size(size: int) -> str:
     """``1536`` -> ``'1.5 KiB'``."""
     value = float(size)
     for unit in ("B", "KiB", "MiB", "GiB"):
@@ -191,7 +193,9 @@ def not_a_folder(path: Path) -> str:
 # --- reading --------------------------------------------------------------------------------------------------------
 
 
-def _read_marker(path: Path) -> list[dict[str, Any]]:
+def read_checkpoint_marker(path: Path) -> list[dict[str, Any]]:
+    """The file records in checkpoint ``path``'s ``COMPLETE`` marker, refused unless it is there, well formed and
+    lists ``metadata.json``."""
     marker = path / MARKER
     if not path.is_dir():
         raise CheckpointError(f"checkpoint {path} {not_a_folder(path)}")
@@ -212,7 +216,8 @@ def _read_marker(path: Path) -> list[dict[str, Any]]:
     return files
 
 
-def _verify(path: Path, record: dict[str, Any]) -> None:
+def verify_file(path: Path, record: dict[str, Any]) -> None:
+    """Check the file of ``record`` in checkpoint ``path`` against its recorded size and sha256."""
     file = path / record["name"]
     if not file.is_file():
         raise CheckpointError(f"{file}: missing (listed in {path / MARKER})")
@@ -225,17 +230,19 @@ def _verify(path: Path, record: dict[str, Any]) -> None:
         raise CheckpointError(f"{file}: corrupt, sha256 differs from the one in {path / MARKER}")
 
 
-def _read_pickle(file: Path) -> Any:
+def read_pickle(file: Path) -> Any:
+    """A ``.pt`` part, loaded weights_only, with its numpy arrays decoded back."""
     with warnings.catch_warnings():  # torch warns of a foreign pickle's protocol before it refuses it
         warnings.simplefilter("ignore")
         return _decode(torch.load(file, map_location="cpu", weights_only=True), str(file))
 
 
-def _read_safetensors(file: Path) -> dict[str, torch.Tensor]:
+def read_safetensors(file: Path) -> dict[str, torch.Tensor]:
+    """A ``.safetensors`` part: its tensors by name."""
     return safetensors.torch.load_file(str(file))
 
 
-def _read_metadata(path: Path) -> dict[str, Any]:
+def read_metadata(path: Path) -> dict[str, Any]:
     """``metadata.json``, refused by name unless it is an object whose ``step`` agrees with the folder's name."""
     file = path / METADATA
     try:
@@ -247,7 +254,7 @@ def _read_metadata(path: Path) -> dict[str, Any]:
     step = metadata.get("step")
     if type(step) is not int or not 0 <= step <= MAX_STEP:
         raise CheckpointError(f"{file}: 'step' must be a whole number in [0, {MAX_STEP}], got {step!r}")
-    named = _NAME.fullmatch(path.name)
+    named = CHECKPOINT_NAME.fullmatch(path.name)
     if named and int(named.group(1)) != step:
         raise CheckpointError(f"{file}: 'step' is {step} but the folder is named for step {int(named.group(1))}")
     return metadata

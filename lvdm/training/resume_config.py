@@ -11,7 +11,7 @@ from typing import Any
 
 from lvdm.errors import CheckpointError, ConfigError
 from lvdm.training.checkpoint import check_writable
-from lvdm.training.checkpoint_files import _NAME as CHECKPOINT_NAME
+from lvdm.training.checkpoint_files import CHECKPOINT_NAME
 from lvdm.training.run_lock import notice
 
 # Config keys that change parameter shapes or what a step means: resuming with them changed is an error.

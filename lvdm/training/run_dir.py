@@ -63,10 +63,9 @@ from lvdm.training.checkpoint import (
     recover_checkpoints,
     verify_checkpoint,
 )
-from lvdm.training.checkpoint_files import _read_marker as read_checkpoint_marker
+from lvdm.training.checkpoint_files import CHECKPOINT_NAME, read_checkpoint_marker
 from lvdm.training.logs import truncate_log
 from lvdm.training.resume_config import (
-    CHECKPOINT_NAME,
     SAMPLE_DIR,
     check_written_again,
     compare_on_resume,
