@@ -73,12 +73,12 @@ from lvdm.training.resume_config import (
 )
 from lvdm.training.run_lock import (
     RUN_MARKER,
-    _entries,
-    _read_marker,
-    _write_marker,
     lock_run,
     notice,
+    read_run_marker,
     release_run,
+    run_entries,
+    write_run_marker,
 )
 
 RUN_FILES = (
@@ -149,10 +149,10 @@ def _prepare_locked(output_dir: Path, *, resume: str | None, overwrite: bool, co
         dropped = truncate_log(output_dir / "log.jsonl", step, validates_again=again)
         if dropped:
             notice(f"log.jsonl: dropped {dropped} records after step {step} (they are redone)")
-        _write_marker(output_dir, _adopted_marker(output_dir))
+        write_run_marker(output_dir, _adopted_marker(output_dir))
     else:
         _prepare_fresh(output_dir, overwrite)
-        _write_marker(output_dir, _new_marker())
+        write_run_marker(output_dir, _new_marker())
 
 
 def _tidy(output_dir: Path) -> None:
@@ -190,10 +190,10 @@ def refuse_special_folder(output_dir: Path) -> None:
 
 
 def _prepare_fresh(output_dir: Path, overwrite: bool) -> None:
-    entries = _entries(output_dir)
+    entries = run_entries(output_dir)
     if not entries:
         return
-    marker = _read_marker(output_dir)
+    marker = read_run_marker(output_dir)
     foreign = _foreign(output_dir, entries, marker)
     # a save killed before its rename is no checkpoint (_tidy recovered any that had finished)
     saved = [path for path in checkpoint_material(checkpoint_root(output_dir)) if not path.name.startswith(TMP_PREFIX)]
@@ -243,7 +243,7 @@ def _remove_stray_temp_files(output_dir: Path) -> None:
     """Half-written exports and validation samples of a killed run (``.temporal.safetensors.1a2b3c4d.tmp``,
     ``samples/step-00000010/.00.gif.1a2b3c4d.tmp``), and the start-up check's probe files in the folders it probes
     (``checkpoints/checkpoint-00000010/.write-probe-1a2b3c4d``)."""
-    for name in _entries(output_dir, everything=True):
+    for name in run_entries(output_dir, everything=True):
         if is_stray_temp(name, RUN_FILES + (RUN_MARKER,)):
             remove_stray_temp(output_dir / name)
     samples, decoder = output_dir / "samples", output_dir / "decoder"
@@ -389,10 +389,10 @@ def _new_marker() -> dict[str, Any]:
 
 def _adopted_marker(output_dir: Path) -> dict[str, Any]:
     """The existing marker, or (a run from before markers) one listing the entries that look like lvdm's."""
-    marker = _read_marker(output_dir)
+    marker = read_run_marker(output_dir)
     if marker is not None:
         return marker
-    entries = _entries(output_dir)
+    entries = run_entries(output_dir)
     foreign = set(_unproven(output_dir, entries, None))
     marker = _new_marker()
     marker["files"] = sorted(n for n in entries if output_dir / n not in foreign)

@@ -37,7 +37,9 @@ def notice(message: str) -> None:
         print(f"note: {message}", file=sys.stderr, flush=True)
 
 
-def _entries(output_dir: Path, *, everything: bool = False) -> list[str]:
+def run_entries(output_dir: Path, *, everything: bool = False) -> list[str]:
+    """The sorted names in ``output_dir`` ([] when it is missing), lvdm's run marker and lock file left out unless
+    ``everything``."""
     try:
         names = sorted(os.listdir(output_dir))
     except FileNotFoundError:
@@ -48,7 +50,7 @@ def _entries(output_dir: Path, *, everything: bool = False) -> list[str]:
 # ------------------------------------------------------------------------------------ what the run wrote
 
 
-def _read_marker(output_dir: Path) -> dict[str, Any] | None:
+def read_run_marker(output_dir: Path) -> dict[str, Any] | None:
     """The run marker, or None (missing, or not lvdm's JSON: nested too deep too). A link, folder or pipe by its
     name is refused, not read: a FIFO would wait forever for a writer."""
     path = output_dir / RUN_MARKER
@@ -64,7 +66,8 @@ def _read_marker(output_dir: Path) -> dict[str, Any] | None:
     return marker
 
 
-def _write_marker(output_dir: Path, marker: dict[str, Any]) -> None:
+def write_run_marker(output_dir: Path, marker: dict[str, Any]) -> None:
+    """Replace the run marker with ``marker``, atomically."""
     with atomic_path(output_dir / RUN_MARKER) as temp:
         temp.write_text(json.dumps(marker, indent=2) + "\n", encoding="utf-8")
 
@@ -118,7 +121,7 @@ class RunLock:
         try:
             if refused and self.created:
                 self.path.unlink(missing_ok=True)
-                if self.made_folder is not None and _entries(self.output_dir, everything=True) == [RUN_MARKER]:
+                if self.made_folder is not None and run_entries(self.output_dir, everything=True) == [RUN_MARKER]:
                     (self.output_dir / RUN_MARKER).unlink()
             os.ftruncate(self.fd, 0)
         except OSError:
@@ -222,7 +225,7 @@ def release_run(output_dir: Path, *, refused: bool = False, failed: bool = False
     lock = _HELD.pop(Path(output_dir).resolve(), None)
     if lock is not None:
         if failed:
-            refused = lock.made_folder is not None and not _entries(lock.output_dir)
+            refused = lock.made_folder is not None and not run_entries(lock.output_dir)
         lock.release(refused=refused)
 
 
