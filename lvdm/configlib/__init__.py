@@ -19,7 +19,7 @@ from typing import Any, TypeVar, get_args, get_origin
 
 import yaml
 
-from lvdm.configlib.common import _hints, _join, _plain
+from lvdm.configlib.common import join_path, plain_data, type_hints
 from lvdm.configlib.convert import _BOUNDS, _build, _raise_problems, _type_name
 from lvdm.configlib.yamlio import (
     _defaults,
@@ -96,7 +96,7 @@ def config_to_dict(cfg: Any) -> dict[str, Any]:
     """Plain dicts, lists and scalars (tuples become lists), in field order."""
     if not is_dataclass(cfg) or isinstance(cfg, type):
         raise TypeError(f"expected a config dataclass instance, got {type(cfg).__name__}")
-    return _plain(cfg)
+    return plain_data(cfg)
 
 
 def _escaped(value: Any) -> Any:
@@ -122,7 +122,7 @@ def save_config(cfg: Any, path: str | os.PathLike[str]) -> Path:
 
 def _flow(value: Any) -> str:
     """A default as one line of YAML: ``[256, 256]``, ``null``, ``videoldm``."""
-    text = yaml.dump(_plain(value), Dumper=_Dumper, default_flow_style=True, width=10**6, allow_unicode=True)
+    text = yaml.dump(plain_data(value), Dumper=_Dumper, default_flow_style=True, width=10**6, allow_unicode=True)
     return text.removesuffix("\n...\n").strip()
 
 
@@ -149,7 +149,7 @@ def _describe(cls: type, path: str, lines: list[str]) -> None:
     for spec in fields(cls):
         if not spec.init:
             continue
-        tp, key = _hints(cls)[spec.name], _join(path, spec.name)
+        tp, key = type_hints(cls)[spec.name], join_path(path, spec.name)
         if not spec.metadata.get("help"):
             raise TypeError(f"config field {cls.__name__}.{spec.name} has no help in its metadata")
         section = _section_type(tp)

@@ -8,15 +8,17 @@ from dataclasses import fields, is_dataclass
 from typing import Any, get_type_hints
 
 
-def _join(path: str, key: Any) -> str:
+def join_path(path: str, key: Any) -> str:
+    """The key path of ``key`` under ``path``, as problems name it: ``train.lr``, or ``lr`` at the top."""
     return f"{path}.{key}" if path else str(key)
 
 
-def _first_line(exc: BaseException) -> str:
+def first_line(exc: BaseException) -> str:
+    """The first line of an exception's message, or its type's name when it has none."""
     return str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
 
 
-def _show(value: Any) -> str:
+def show_value(value: Any) -> str:
     """``'ten' (str)``: a value and its type, as problems quote it."""
     if value is None:
         return "null"
@@ -25,21 +27,25 @@ def _show(value: Any) -> str:
 
 
 @functools.cache
-def _hints(cls: type) -> dict[str, Any]:
+def type_hints(cls: type) -> dict[str, Any]:
+    """``typing.get_type_hints`` of a dataclass, cached: its fields' types with the string annotations resolved."""
     return get_type_hints(cls)
 
 
-def _plain(value: Any) -> Any:
+def plain_data(value: Any) -> Any:
+    """``value`` as plain data: dataclasses and mappings as dicts (init fields only), tuples as lists, recursively."""
     if is_dataclass(value) and not isinstance(value, type):
-        return {spec.name: _plain(getattr(value, spec.name)) for spec in fields(value) if spec.init}
+        return {spec.name: plain_data(getattr(value, spec.name)) for spec in fields(value) if spec.init}
     if isinstance(value, (list, tuple)):
-        return [_plain(item) for item in value]
+        return [plain_data(item) for item in value]
     if isinstance(value, Mapping):
-        return {key: _plain(item) for key, item in value.items()}
+        return {key: plain_data(item) for key, item in value.items()}
     return value
 
 
-class _Sentinel:
+class Sentinel:
+    """A marker value that no config value can equal, shown by its name."""
+
     def __init__(self, name: str) -> None:
         self.name = name
 
@@ -47,7 +53,7 @@ class _Sentinel:
         return self.name
 
 
-_INVALID = _Sentinel("<invalid>")  # a value that failed its checks (the problem is already recorded)
-_UNSET = _Sentinel("???")  # OmegaConf's mandatory-value marker: "required, not set"
-_BROKEN = _Sentinel("<unresolvable>")  # an interpolation that could not be resolved (already recorded)
-_DEFAULT = _Sentinel("<default>")  # a field left out: its dataclass default applies
+INVALID = Sentinel("<invalid>")  # a value that failed its checks (the problem is already recorded)
+UNSET = Sentinel("???")  # OmegaConf's mandatory-value marker: "required, not set"
+BROKEN = Sentinel("<unresolvable>")  # an interpolation that could not be resolved (already recorded)
+DEFAULT = Sentinel("<default>")  # a field left out: its dataclass default applies

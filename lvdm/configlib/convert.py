@@ -13,14 +13,14 @@ from dataclasses import MISSING, fields, is_dataclass
 from typing import Any, Literal, TypeVar, Union, get_args, get_origin
 
 from lvdm.configlib.common import (
-    _BROKEN,
-    _DEFAULT,
-    _INVALID,
-    _UNSET,
-    _hints,
-    _join,
-    _Sentinel,
-    _show,
+    BROKEN,
+    DEFAULT,
+    INVALID,
+    UNSET,
+    Sentinel,
+    join_path,
+    show_value,
+    type_hints,
 )
 from lvdm.errors import ConfigError, closest
 
@@ -50,9 +50,9 @@ def _type_name(tp: Any) -> str:
     return getattr(tp, "__name__", repr(tp))
 
 
-def _mismatch(tp: Any, value: Any, path: str, problems: list[str]) -> _Sentinel:
-    problems.append(_nan_problem(tp, value, {}, path) or f"{path}: expected {_type_name(tp)}, got {_show(value)}")
-    return _INVALID
+def _mismatch(tp: Any, value: Any, path: str, problems: list[str]) -> Sentinel:
+    problems.append(_nan_problem(tp, value, {}, path) or f"{path}: expected {_type_name(tp)}, got {show_value(value)}")
+    return INVALID
 
 
 def _nan_problem(tp: Any, value: Any, metadata: Mapping[str, Any], path: str) -> str | None:
@@ -63,7 +63,7 @@ def _nan_problem(tp: Any, value: Any, metadata: Mapping[str, Any], path: str) ->
     if isinstance(value, list) and any(_is_nan(v) for v in value):  # [1, nan]: the element
         lists = [kind for kind in kinds if get_origin(kind) in (list, tuple) and float in get_args(kind)]
         problem = _nan_problem(float, float("nan"), metadata, path) if lists else None
-        return problem and f"{problem} in {_show(value).rsplit(' (', 1)[0]}"
+        return problem and f"{problem} in {show_value(value).rsplit(' (', 1)[0]}"
     if not _is_nan(value) or float not in kinds:
         return None
     if "min" in metadata and "max" in metadata:
@@ -81,23 +81,23 @@ def _to_bool(value: Any) -> Any:
     numpy = sys.modules.get("numpy")  # numpy's bool, as check_flag takes it (none exists before numpy is imported)
     if numpy is not None and isinstance(value, numpy.bool_):
         return bool(value)
-    return value if isinstance(value, bool) else _INVALID
+    return value if isinstance(value, bool) else INVALID
 
 
 def _to_int(value: Any) -> Any:
     """An integer, or a whole float; numpy's too (``np.int64(16)``, ``np.float32(2.0)``), as a Python ``int``."""
     if isinstance(value, bool) or not isinstance(value, numbers.Real):
-        return _INVALID
+        return INVALID
     if isinstance(value, numbers.Integral):
         return int(value)
-    return int(value) if float(value).is_integer() else _INVALID
+    return int(value) if float(value).is_integer() else INVALID
 
 
 def _to_float(value: Any) -> Any:
     """A real number, numpy's too (``np.float32(7.5)``), as a Python ``float``; an int past float's range is as large
     as a float gets, for the field's bounds to refuse (``float(10**400)`` raised OverflowError)."""
     if isinstance(value, bool) or not isinstance(value, numbers.Real) or _is_nan(value):
-        return _INVALID
+        return INVALID
     try:
         return float(value)
     except OverflowError:
@@ -105,7 +105,7 @@ def _to_float(value: Any) -> Any:
 
 
 def _to_str(value: Any) -> Any:
-    return value if isinstance(value, str) else _INVALID
+    return value if isinstance(value, str) else INVALID
 
 
 _SCALARS: dict[type, Callable[[Any], Any]] = {bool: _to_bool, int: _to_int, float: _to_float, str: _to_str}
@@ -117,8 +117,8 @@ def _to_literal(tp: Any, value: Any, path: str, problems: list[str]) -> Any:
         return value
     close = closest(value, choices) if isinstance(value, str) else None
     hint = f" (did you mean {close!r}?)" if close else ""
-    problems.append(f"{path}: expected {_type_name(tp)}, got {_show(value)}{hint}")
-    return _INVALID
+    problems.append(f"{path}: expected {_type_name(tp)}, got {show_value(value)}{hint}")
+    return INVALID
 
 
 def _same_shape(tp: Any, value: Any) -> bool:
@@ -138,12 +138,12 @@ def _to_union(tp: Any, value: Any, path: str, problems: list[str]) -> Any:
     for arm in arms:
         scratch = []
         out = _convert(arm, value, path, scratch)
-        if out is not _INVALID:
+        if out is not INVALID:
             problems.extend(scratch)
             return out
     if len(arms) == 1 and _same_shape(arms[0], value):
         problems.extend(scratch)
-        return _INVALID
+        return INVALID
     return _mismatch(tp, value, path, problems)
 
 
@@ -156,8 +156,8 @@ def _to_sequence(tp: Any, value: Any, path: str, problems: list[str]) -> Any:
     item_types = args if fixed else [args[0] if args else Any] * len(value)
     pairs = enumerate(zip(item_types, value, strict=True))
     items = [_convert(item_type, item, f"{path}[{i}]", problems) for i, (item_type, item) in pairs]
-    if any(item is _INVALID for item in items):
-        return _INVALID
+    if any(item is INVALID for item in items):
+        return INVALID
     return tuple(items) if origin is tuple else items
 
 
@@ -168,9 +168,9 @@ def _to_dict(tp: Any, value: Any, path: str, problems: list[str]) -> Any:
     out = {}
     for key, item in value.items():
         out[_convert(key_type, key, f"{path} (key {key!r})", problems)] = _convert(
-            value_type, item, _join(path, key), problems
+            value_type, item, join_path(path, key), problems
         )
-    return _INVALID if _INVALID in out or _INVALID in out.values() else out
+    return INVALID if INVALID in out or INVALID in out.values() else out
 
 
 _GENERICS: dict[Any, Callable[[Any, Any, str, list[str]], Any]] = {
@@ -184,12 +184,12 @@ _GENERICS: dict[Any, Callable[[Any, Any, str, list[str]], Any]] = {
 
 
 def _convert(tp: Any, value: Any, path: str, problems: list[str]) -> Any:
-    """``value`` checked against type ``tp`` (and converted: int -> float, list -> tuple), or ``_INVALID``."""
-    if value is _BROKEN:
-        return _INVALID
-    if value is _UNSET:
+    """``value`` checked against type ``tp`` (and converted: int -> float, list -> tuple), or ``INVALID``."""
+    if value is BROKEN:
+        return INVALID
+    if value is UNSET:
         problems.append(f"{path}: required, not set (still '???')")
-        return _INVALID
+        return INVALID
     if tp is Any:
         return value
     if is_dataclass(tp):
@@ -199,7 +199,7 @@ def _convert(tp: Any, value: Any, path: str, problems: list[str]) -> Any:
         return _GENERICS[origin](tp, value, path, problems)
     if tp in _SCALARS:
         out = _SCALARS[tp](value)
-        return _mismatch(tp, value, path, problems) if out is _INVALID else out
+        return _mismatch(tp, value, path, problems) if out is INVALID else out
     raise TypeError(f"{path}: config fields of type {tp!r} are not supported")
 
 
@@ -222,34 +222,34 @@ def _range_problems(value: Any, metadata: Mapping[str, Any], path: str) -> list[
                 problems.append(f"{path}: must be {sign} {metadata[key]}, got {value!r}")
     if value is not None and "choices" in metadata and value not in metadata["choices"]:
         allowed = ", ".join(repr(choice) for choice in metadata["choices"])
-        problems.append(f"{path}: expected one of {allowed}, got {_show(value)}")
+        problems.append(f"{path}: expected one of {allowed}, got {show_value(value)}")
     return problems
 
 
 def _field_value(spec: Any, tp: Any, data: Mapping[str, Any], path: str, problems: list[str]) -> Any:
-    """One dataclass field's checked value from ``data``; ``_DEFAULT`` if left out and defaulted."""
+    """One dataclass field's checked value from ``data``; ``DEFAULT`` if left out and defaulted."""
     if spec.name not in data:
         if spec.default is not MISSING or spec.default_factory is not MISSING:
-            return _DEFAULT
+            return DEFAULT
         if is_dataclass(tp):  # a missing section: report the fields it needs, not the section
             return _build(tp, {}, path, problems)
         problems.append(f"{path}: required, not set")
-        return _INVALID
+        return INVALID
     raw = data[spec.name]
     if problem := _nan_problem(tp, raw, spec.metadata, path):
         problems.append(problem)
-        return _INVALID
+        return INVALID
     coerce = spec.metadata.get("coerce")
-    value = _convert(tp, coerce(raw) if coerce and not isinstance(raw, _Sentinel) else raw, path, problems)
-    if value is not _INVALID:
+    value = _convert(tp, coerce(raw) if coerce and not isinstance(raw, Sentinel) else raw, path, problems)
+    if value is not INVALID:
         problems.extend(_range_problems(value, spec.metadata, path))
     return value
 
 
 def _unknown_key(path: str, key: Any, known: list[str]) -> str:
     close = closest(key, known)
-    hint = f" (did you mean '{_join(path, close)}'?)" if close else ""
-    return f"unknown key '{_join(path, key)}'{hint}"
+    hint = f" (did you mean '{join_path(path, close)}'?)" if close else ""
+    return f"unknown key '{join_path(path, key)}'{hint}"
 
 
 def _run_validate(instance: Any, path: str, known: list[str], problems: list[str]) -> None:
@@ -265,8 +265,8 @@ def _run_validate(instance: Any, path: str, known: list[str], problems: list[str
             problems.append(f"{path}: {message}")
 
 
-def _build(cls: type[T], data: Any, path: str, problems: list[str]) -> T | _Sentinel:
-    """``data`` checked against dataclass ``cls``: the instance, or ``_INVALID`` with its problems recorded."""
+def _build(cls: type[T], data: Any, path: str, problems: list[str]) -> T | Sentinel:
+    """``data`` checked against dataclass ``cls``: the instance, or ``INVALID`` with its problems recorded."""
     if not isinstance(data, Mapping):
         return _mismatch(cls, data, path or "config", problems)
     specs = [spec for spec in fields(cls) if spec.init]
@@ -274,13 +274,13 @@ def _build(cls: type[T], data: Any, path: str, problems: list[str]) -> T | _Sent
     problems.extend(_unknown_key(path, key, known) for key in data if key not in known)
     values, complete = {}, True
     for spec in specs:
-        value = _field_value(spec, _hints(cls)[spec.name], data, _join(path, spec.name), problems)
-        if value is _INVALID:
+        value = _field_value(spec, type_hints(cls)[spec.name], data, join_path(path, spec.name), problems)
+        if value is INVALID:
             complete = False
-        elif value is not _DEFAULT:
+        elif value is not DEFAULT:
             values[spec.name] = value
     if not complete:
-        return _INVALID
+        return INVALID
     instance = cls(**values)
     _run_validate(instance, path, known, problems)
     return instance

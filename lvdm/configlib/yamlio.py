@@ -16,7 +16,7 @@ import yaml
 from omegaconf import DictConfig, ListConfig, OmegaConf
 from omegaconf.errors import MissingMandatoryValue, OmegaConfBaseException
 
-from lvdm.configlib.common import _BROKEN, _UNSET, _first_line, _hints, _join, _plain, _show
+from lvdm.configlib.common import BROKEN, UNSET, first_line, join_path, plain_data, show_value, type_hints
 from lvdm.fileio import read_bounded
 
 _TAG = "tag:yaml.org,2002:"
@@ -92,7 +92,7 @@ def _escape_interpolations(text: str) -> str:
 def _refuse_resolvers(value: Any, path: str, source: str, problems: list[str]) -> Any:
     """``value`` with each resolver call reported and turned into literal text, so it is never evaluated."""
     if isinstance(value, Mapping):
-        return {key: _refuse_resolvers(item, _join(path, key), source, problems) for key, item in value.items()}
+        return {key: _refuse_resolvers(item, join_path(path, key), source, problems) for key, item in value.items()}
     if isinstance(value, list):
         return [_refuse_resolvers(item, f"{path}[{i}]", source, problems) for i, item in enumerate(value)]
     if isinstance(value, str) and _calls_resolver(value):
@@ -175,7 +175,7 @@ def _read_yaml(path: str | os.PathLike[str], problems: list[str]) -> dict[str, A
         problems.append(f"config file {name!r}: not valid YAML: {_yaml_reason(exc)}")
         return None
     if data is not None and not isinstance(data, dict):
-        problems.append(f"config file {name!r}: expected a mapping of keys at the top level, got {_show(data)}")
+        problems.append(f"config file {name!r}: expected a mapping of keys at the top level, got {show_value(data)}")
         return None
     return _refuse_resolvers(data or {}, "", f"in {name}", problems)
 
@@ -200,11 +200,11 @@ def _defaults(cls: type) -> dict[str, Any]:
     """The defaults of ``cls`` as plain data (required sections recursed): interpolations can refer to them."""
     out = {}
     for spec in fields(cls):
-        tp = _hints(cls)[spec.name]
+        tp = type_hints(cls)[spec.name]
         if spec.default is not MISSING:
-            out[spec.name] = _plain(spec.default)
+            out[spec.name] = plain_data(spec.default)
         elif spec.default_factory is not MISSING:
-            out[spec.name] = _plain(spec.default_factory())
+            out[spec.name] = plain_data(spec.default_factory())
         elif is_dataclass(tp):
             out[spec.name] = _defaults(tp)
     return out
@@ -230,7 +230,7 @@ def _set_key(data: dict[str, Any], key: str, value: Any) -> str | None:
         elif isinstance(node, list) and part.isdigit() and int(part) < len(node):
             slot = int(part)
         else:
-            return f"{'.'.join(parts[:depth])} is {_show(node)}, which has no item {part!r}"
+            return f"{'.'.join(parts[:depth])} is {show_value(node)}, which has no item {part!r}"
         if last:
             node[slot] = _deep_merge(node[slot] if isinstance(node, list) else node.get(slot), value)
         node = node[slot]
@@ -248,7 +248,7 @@ def _merge(layers: list[dict[str, Any]], overrides: list[tuple[str, str, Any]], 
     try:
         return OmegaConf.create(merged)
     except OmegaConfBaseException as exc:
-        problems.append(f"config: {_first_line(exc)}")
+        problems.append(f"config: {first_line(exc)}")
         return OmegaConf.create()
 
 
@@ -261,13 +261,13 @@ def _resolve(node: Any, path: str, problems: list[str]) -> Any:
     else:
         return node
     for key in keys:
-        sub = f"{path}[{key}]" if isinstance(node, ListConfig) else _join(path, key)
+        sub = f"{path}[{key}]" if isinstance(node, ListConfig) else join_path(path, key)
         try:
             value = _resolve(node[key], sub, problems)
         except MissingMandatoryValue:
-            value = _UNSET
+            value = UNSET
         except OmegaConfBaseException as exc:
-            problems.append(f"{sub}: cannot resolve: {_first_line(exc)}")
-            value = _BROKEN
+            problems.append(f"{sub}: cannot resolve: {first_line(exc)}")
+            value = BROKEN
         out[key] = value
     return list(out.values()) if isinstance(node, ListConfig) else out
