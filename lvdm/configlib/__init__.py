@@ -20,15 +20,15 @@ from typing import Any, TypeVar, get_args, get_origin
 import yaml
 
 from lvdm.configlib.common import join_path, plain_data, type_hints
-from lvdm.configlib.convert import _BOUNDS, _build, _raise_problems, _type_name
+from lvdm.configlib.convert import BOUNDS, build_dataclass, raise_problems, type_name
 from lvdm.configlib.yamlio import (
-    _defaults,
-    _Dumper,
-    _escape_interpolations,
-    _merge,
-    _read_override,
-    _read_yaml,
-    _resolve,
+    YamlDumper,
+    escape_interpolations,
+    merge_layers,
+    read_override,
+    read_yaml,
+    resolve_node,
+    schema_defaults,
 )
 
 __all__ = ["config_from_dict", "config_to_dict", "describe_config", "load_config", "option", "save_config"]
@@ -74,21 +74,21 @@ def load_config(files: Sequence[str | os.PathLike[str]] = (), overrides: Sequenc
     files = [files] if isinstance(files, (str, os.PathLike)) else list(files)
     overrides = [overrides] if isinstance(overrides, str) else list(overrides)
     problems: list[str] = []
-    layers = [_read_yaml(path, problems) for path in files]
-    parsed = [(text, *kv) for text in overrides if (kv := _read_override(text, problems)) is not None]
+    layers = [read_yaml(path, problems) for path in files]
+    parsed = [(text, *kv) for text in overrides if (kv := read_override(text, problems)) is not None]
     if any(layer is None for layer in layers):
-        _raise_problems(problems)
-    data = _resolve(_merge([_escaped(_defaults(schema)), *layers], parsed, problems), "", problems)
-    cfg = _build(schema, data, "", problems)
-    _raise_problems(problems)
+        raise_problems(problems)
+    data = resolve_node(merge_layers([_escaped(schema_defaults(schema)), *layers], parsed, problems), "", problems)
+    cfg = build_dataclass(schema, data, "", problems)
+    raise_problems(problems)
     return cfg
 
 
 def config_from_dict(data: Mapping[str, Any], schema: type[T]) -> T:
     """Check plain data (as from :func:`config_to_dict`) against ``schema``; no files, no interpolation."""
     problems: list[str] = []
-    cfg = _build(schema, data, "", problems)
-    _raise_problems(problems)
+    cfg = build_dataclass(schema, data, "", problems)
+    raise_problems(problems)
     return cfg
 
 
@@ -104,14 +104,14 @@ def _escaped(value: Any) -> Any:
         return {key: _escaped(item) for key, item in value.items()}
     if isinstance(value, list):
         return [_escaped(item) for item in value]
-    return _escape_interpolations(value) if isinstance(value, str) else value
+    return escape_interpolations(value) if isinstance(value, str) else value
 
 
 def save_config(cfg: Any, path: str | os.PathLike[str]) -> Path:
     """Write ``cfg`` as resolved YAML that :func:`load_config` reads back equal; returns the path."""
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
-    text = yaml.dump(_escaped(config_to_dict(cfg)), Dumper=_Dumper, sort_keys=False, allow_unicode=True)
+    text = yaml.dump(_escaped(config_to_dict(cfg)), Dumper=YamlDumper, sort_keys=False, allow_unicode=True)
     header = "# Resolved lvdm config: lvdm.config.load_config([this file]) reads it back.\n"
     from lvdm.fileio import atomic_path  # written whole or not at all: a run folder's config.yaml is rewritten
 
@@ -122,7 +122,7 @@ def save_config(cfg: Any, path: str | os.PathLike[str]) -> Path:
 
 def _flow(value: Any) -> str:
     """A default as one line of YAML: ``[256, 256]``, ``null``, ``videoldm``."""
-    text = yaml.dump(plain_data(value), Dumper=_Dumper, default_flow_style=True, width=10**6, allow_unicode=True)
+    text = yaml.dump(plain_data(value), Dumper=YamlDumper, default_flow_style=True, width=10**6, allow_unicode=True)
     return text.removesuffix("\n...\n").strip()
 
 
@@ -131,10 +131,10 @@ def _field_line(spec: Any, key: str, tp: Any) -> str:
         default = " (required)"
     else:
         default = " = " + _flow(spec.default if spec.default is not MISSING else spec.default_factory())
-    bounds = [f"{sign} {spec.metadata[name]}" for name, (_, sign) in _BOUNDS.items() if name in spec.metadata]
+    bounds = [f"{sign} {spec.metadata[name]}" for name, (_, sign) in BOUNDS.items() if name in spec.metadata]
     if "choices" in spec.metadata:
         bounds.append("one of " + ", ".join(repr(choice) for choice in spec.metadata["choices"]))
-    return f"{key}: {_type_name(tp)}{default}" + (f" ({', '.join(bounds)})" if bounds else "")
+    return f"{key}: {type_name(tp)}{default}" + (f" ({', '.join(bounds)})" if bounds else "")
 
 
 def _section_type(tp: Any) -> type | None:

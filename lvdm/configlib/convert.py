@@ -27,7 +27,7 @@ from lvdm.errors import ConfigError, closest
 T = TypeVar("T")
 
 
-def _type_name(tp: Any) -> str:
+def type_name(tp: Any) -> str:
     """How a type reads in a problem or in ``describe_config``: ``int or null``, ``list of int``."""
     origin, args = get_origin(tp) or tp, get_args(tp)
     if tp is Any:
@@ -39,19 +39,19 @@ def _type_name(tp: Any) -> str:
     if origin is Literal:
         return "one of " + ", ".join(repr(arg) for arg in args)
     if origin in (Union, types.UnionType):
-        return " or ".join(_type_name(arg) for arg in args)
+        return " or ".join(type_name(arg) for arg in args)
     if origin is tuple and args and args[-1] is not Ellipsis:
-        return "[" + ", ".join(_type_name(arg) for arg in args) + "]"
+        return "[" + ", ".join(type_name(arg) for arg in args) + "]"
     if origin in (list, tuple):
-        return f"list of {_type_name(args[0] if args else Any)}"
+        return f"list of {type_name(args[0] if args else Any)}"
     if origin is dict:
         key, value = args or (Any, Any)
-        return f"mapping of {_type_name(key)} to {_type_name(value)}"
+        return f"mapping of {type_name(key)} to {type_name(value)}"
     return getattr(tp, "__name__", repr(tp))
 
 
 def _mismatch(tp: Any, value: Any, path: str, problems: list[str]) -> Sentinel:
-    problems.append(_nan_problem(tp, value, {}, path) or f"{path}: expected {_type_name(tp)}, got {show_value(value)}")
+    problems.append(_nan_problem(tp, value, {}, path) or f"{path}: expected {type_name(tp)}, got {show_value(value)}")
     return INVALID
 
 
@@ -69,7 +69,7 @@ def _nan_problem(tp: Any, value: Any, metadata: Mapping[str, Any], path: str) ->
     if "min" in metadata and "max" in metadata:
         allowed = f" in {metadata['min']} .. {metadata['max']}"
     else:
-        allowed = " and".join(f" {_BOUNDS[key][1]} {metadata[key]}" for key in ("min", "gt", "max") if key in metadata)
+        allowed = " and".join(f" {BOUNDS[key][1]} {metadata[key]}" for key in ("min", "gt", "max") if key in metadata)
     return f"{path}: must be a number{allowed}, got nan"
 
 
@@ -117,7 +117,7 @@ def _to_literal(tp: Any, value: Any, path: str, problems: list[str]) -> Any:
         return value
     close = closest(value, choices) if isinstance(value, str) else None
     hint = f" (did you mean {close!r}?)" if close else ""
-    problems.append(f"{path}: expected {_type_name(tp)}, got {show_value(value)}{hint}")
+    problems.append(f"{path}: expected {type_name(tp)}, got {show_value(value)}{hint}")
     return INVALID
 
 
@@ -193,7 +193,7 @@ def _convert(tp: Any, value: Any, path: str, problems: list[str]) -> Any:
     if tp is Any:
         return value
     if is_dataclass(tp):
-        return _build(tp, value, path, problems)
+        return build_dataclass(tp, value, path, problems)
     origin = get_origin(tp) or tp
     if origin in _GENERICS:
         return _GENERICS[origin](tp, value, path, problems)
@@ -203,12 +203,14 @@ def _convert(tp: Any, value: Any, path: str, problems: list[str]) -> Any:
     raise TypeError(f"{path}: config fields of type {tp!r} are not supported")
 
 
-_BOUNDS: dict[str, tuple[Callable[[Any, Any], bool], str]] = {
+BOUNDS: dict[str, tuple[Callable[[Any, Any], bool], str]] = {
     "min": (operator.ge, ">="),
     "max": (operator.le, "<="),
     "gt": (operator.gt, ">"),
     "multiple_of": (lambda value, step: value % step == 0, "a multiple of"),
 }
+"""The bounds an :func:`~lvdm.configlib.option` can set, by metadata key: (check of value against bound, how a
+problem or ``describe_config`` words it)."""
 
 
 def _range_problems(value: Any, metadata: Mapping[str, Any], path: str) -> list[str]:
@@ -217,7 +219,7 @@ def _range_problems(value: Any, metadata: Mapping[str, Any], path: str) -> list[
         return [p for i, item in enumerate(value) for p in _range_problems(item, metadata, f"{path}[{i}]")]
     problems = []
     if isinstance(value, (int, float)) and not isinstance(value, bool):
-        for key, (within, sign) in _BOUNDS.items():
+        for key, (within, sign) in BOUNDS.items():
             if key in metadata and not within(value, metadata[key]):
                 problems.append(f"{path}: must be {sign} {metadata[key]}, got {value!r}")
     if value is not None and "choices" in metadata and value not in metadata["choices"]:
@@ -232,7 +234,7 @@ def _field_value(spec: Any, tp: Any, data: Mapping[str, Any], path: str, problem
         if spec.default is not MISSING or spec.default_factory is not MISSING:
             return DEFAULT
         if is_dataclass(tp):  # a missing section: report the fields it needs, not the section
-            return _build(tp, {}, path, problems)
+            return build_dataclass(tp, {}, path, problems)
         problems.append(f"{path}: required, not set")
         return INVALID
     raw = data[spec.name]
@@ -265,7 +267,7 @@ def _run_validate(instance: Any, path: str, known: list[str], problems: list[str
             problems.append(f"{path}: {message}")
 
 
-def _build(cls: type[T], data: Any, path: str, problems: list[str]) -> T | Sentinel:
+def build_dataclass(cls: type[T], data: Any, path: str, problems: list[str]) -> T | Sentinel:
     """``data`` checked against dataclass ``cls``: the instance, or ``INVALID`` with its problems recorded."""
     if not isinstance(data, Mapping):
         return _mismatch(cls, data, path or "config", problems)
@@ -289,7 +291,7 @@ def _build(cls: type[T], data: Any, path: str, problems: list[str]) -> T | Senti
 MAX_LISTED = 40  # problems printed; a 2000-link interpolation chain printed 1941 lines
 
 
-def _raise_problems(problems: list[str]) -> None:
+def raise_problems(problems: list[str]) -> None:
     """One :class:`ConfigError` listing every problem, one per line, the first :data:`MAX_LISTED` of a flood
     (all are kept as ``error.problems``)."""
     if not problems:

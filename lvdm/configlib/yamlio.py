@@ -62,7 +62,7 @@ for _tag in ("set", "timestamp", "omap", "pairs"):
     _Loader.add_constructor(_TAG + _tag, _refuse_tag)
 
 
-class _Dumper(yaml.SafeDumper):
+class YamlDumper(yaml.SafeDumper):
     """Quotes every string that YAML 1.1 or 1.2 would read as something else (``no``, ``1e-4``)."""
 
 
@@ -72,7 +72,7 @@ _Loader.yaml_implicit_resolvers = {
 }
 for _name, _regexp, _first in _YAML12_SCALARS:
     _Loader.add_implicit_resolver(_TAG + _name, re.compile(_regexp), list(_first))
-    _Dumper.add_implicit_resolver(_TAG + _name, re.compile(_regexp), list(_first))
+    YamlDumper.add_implicit_resolver(_TAG + _name, re.compile(_regexp), list(_first))
 
 _UNESCAPED_INTERPOLATION = re.compile(r"(?<!\\)(?:\\\\)*\$\{")
 _KEY_REFERENCE = re.compile(r"[\w.\[\]-]+\}")
@@ -84,7 +84,7 @@ def _calls_resolver(text: str) -> bool:
     return any(not _KEY_REFERENCE.match(text, m.end()) for m in _UNESCAPED_INTERPOLATION.finditer(text))
 
 
-def _escape_interpolations(text: str) -> str:
+def escape_interpolations(text: str) -> str:
     """``text`` written so that OmegaConf reads it back literally: ``${x}`` -> ``\\${x}``."""
     return re.sub(r"(\\*)\$\{", lambda m: m.group(1) * 2 + "\\${", text)
 
@@ -100,7 +100,7 @@ def _refuse_resolvers(value: Any, path: str, source: str, problems: list[str]) -
             f"{path}: {value!r} ({source}): only plain key references like ${{train.lr}} are interpolated;"
             " resolvers such as ${oc.env:...} are refused so that no environment value lands in a saved config"
         )
-        return _escape_interpolations(value)
+        return escape_interpolations(value)
     return value
 
 
@@ -160,7 +160,7 @@ def _yaml_reason(exc: yaml.YAMLError) -> str:
     return " ".join((where + (getattr(exc, "problem", None) or str(exc))).split())
 
 
-def _read_yaml(path: str | os.PathLike[str], problems: list[str]) -> dict[str, Any] | None:
+def read_yaml(path: str | os.PathLike[str], problems: list[str]) -> dict[str, Any] | None:
     """The mapping in a YAML file, or ``None`` (and a problem) when it cannot be read."""
     name = os.fspath(path)
     try:
@@ -180,7 +180,7 @@ def _read_yaml(path: str | os.PathLike[str], problems: list[str]) -> dict[str, A
     return _refuse_resolvers(data or {}, "", f"in {name}", problems)
 
 
-def _read_override(text: str, problems: list[str]) -> tuple[str, Any] | None:
+def read_override(text: str, problems: list[str]) -> tuple[str, Any] | None:
     """``"train.lr=1e-4"`` -> ``("train.lr", 0.0001)``: the value parsed as YAML; ``None`` if malformed."""
     key, sep, raw = text.partition("=")
     key = key.strip()
@@ -196,7 +196,7 @@ def _read_override(text: str, problems: list[str]) -> tuple[str, Any] | None:
     return key, _refuse_resolvers(value, key, "on the command line", problems)
 
 
-def _defaults(cls: type) -> dict[str, Any]:
+def schema_defaults(cls: type) -> dict[str, Any]:
     """The defaults of ``cls`` as plain data (required sections recursed): interpolations can refer to them."""
     out = {}
     for spec in fields(cls):
@@ -206,7 +206,7 @@ def _defaults(cls: type) -> dict[str, Any]:
         elif spec.default_factory is not MISSING:
             out[spec.name] = plain_data(spec.default_factory())
         elif is_dataclass(tp):
-            out[spec.name] = _defaults(tp)
+            out[spec.name] = schema_defaults(tp)
     return out
 
 
@@ -237,7 +237,7 @@ def _set_key(data: dict[str, Any], key: str, value: Any) -> str | None:
     return None
 
 
-def _merge(layers: list[dict[str, Any]], overrides: list[tuple[str, str, Any]], problems: list[str]) -> Any:
+def merge_layers(layers: list[dict[str, Any]], overrides: list[tuple[str, str, Any]], problems: list[str]) -> Any:
     """The layers merged in order, each override laid over its key, then as an OmegaConf node to resolve."""
     merged: dict[str, Any] = {}
     for layer in layers:
@@ -252,7 +252,7 @@ def _merge(layers: list[dict[str, Any]], overrides: list[tuple[str, str, Any]], 
         return OmegaConf.create()
 
 
-def _resolve(node: Any, path: str, problems: list[str]) -> Any:
+def resolve_node(node: Any, path: str, problems: list[str]) -> Any:
     """Plain Python data from an OmegaConf node, resolving each interpolation on its own key."""
     if isinstance(node, DictConfig):
         keys, out = list(node.keys()), {}
@@ -263,7 +263,7 @@ def _resolve(node: Any, path: str, problems: list[str]) -> Any:
     for key in keys:
         sub = f"{path}[{key}]" if isinstance(node, ListConfig) else join_path(path, key)
         try:
-            value = _resolve(node[key], sub, problems)
+            value = resolve_node(node[key], sub, problems)
         except MissingMandatoryValue:
             value = UNSET
         except OmegaConfBaseException as exc:
