@@ -107,7 +107,7 @@ def train_image_unet(root: Path) -> None:
     pipe = StableDiffusionUpscalePipeline(vae=model.vae, text_encoder=model.text_encoder, tokenizer=model.tokenizer,
                                           unet=unet, scheduler=scheduler, low_res_scheduler=low_res,
                                           max_noise_level=350)  # fmt: skip
-    write_demo_upscaler(pipe, root / "upscaler256", json.dumps({"key": "tiles-experiment", "steps": STEPS}) + "\n")
+    write_demo_upscaler(pipe, root / "upscaler256", {"key": "tiles-experiment", "steps": STEPS})
 
 
 def train_temporal(root: Path) -> None:
