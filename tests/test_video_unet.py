@@ -6,6 +6,7 @@ import numpy as np
 import pytest
 import torch
 from conftest import frame_by_frame, projection_rows, randomize, video_inputs
+from diffusers import UNet2DConditionModel
 from diffusers.models.attention_processor import AttnProcessor2_0
 from diffusers.models.resnet import ResnetBlock2D
 from diffusers.models.transformers.transformer_2d import Transformer2DModel
@@ -243,6 +244,48 @@ def test_wrong_inputs_are_clear_errors():
         assert torch.equal(video(sample, 10.0, text), video(sample, np.float32(10), text))
         with torch.autocast("cpu", dtype=torch.bfloat16):
             assert video(sample.bfloat16(), timestep, text).dtype == torch.bfloat16
+
+
+def _tiny_unet_with(**config):
+    """The tiny SD1 UNet's config with ``config`` changed, built by diffusers (not ``from_config``, which keeps the
+    defaults the tiny config left as they are)."""
+    tiny = {key: value for key, value in testing.tiny_unet("sd1").config.items() if not key.startswith("_")}
+    return UNet2DConditionModel(**tiny | config)
+
+
+@pytest.mark.usefixtures("one_thread")
+@pytest.mark.parametrize(
+    ("config", "width"),
+    [
+        ({"cross_attention_dim": (32, 32)}, 32),  # one width per block
+        ({"cross_attention_dim": (32, 48), "mid_block_type": None}, 32),  # 48 only where no block attends to text
+        ({"encoder_hid_dim": 24, "encoder_hid_dim_type": "text_proj"}, 24),  # the text projected to 32 first
+        ({"encoder_hid_dim": 24}, 24),  # diffusers' default type: the same projection
+    ],
+    ids=["per-block", "per-block-unused", "text-proj", "text-proj-default"],
+)
+def test_the_text_width_is_the_one_the_unet_takes(config, width):
+    """The width was checked only where cross_attention_dim was one number and no encoder_hid_proj came first:
+    per-block widths or a text projection let text of any width reach a matmul ("mat1 and mat2 shapes cannot be
+    multiplied")."""
+    video = VideoUNet.from_unet2d(_tiny_unet_with(**config))
+    sample, timestep = torch.randn(2, 4, 2, 8, 8), torch.tensor([10, 500])
+    with torch.no_grad():
+        assert video(sample, timestep, torch.randn(2, 7, width)).shape == sample.shape
+        for wrong in {16, 32, 48} - {width}:
+            with pytest.raises(
+                ValueError, match=rf"text embeddings \(b=2, n, d={width}\) .* got shape \(2, 7, {wrong}\)"
+            ):
+                video(sample, timestep, torch.randn(2, 7, wrong))
+
+
+def test_cross_attentions_of_different_widths_are_named():
+    """No one text fits cross-attentions of two widths (diffusers failed in a matmul, whatever the text's width)."""
+    video = VideoUNet.from_unet2d(_tiny_unet_with(cross_attention_dim=(32, 48)))  # 32 down and up, 48 in the mid block
+    sample, timestep = torch.randn(2, 4, 2, 8, 8), torch.tensor([10, 500])
+    for width in (32, 48):
+        with pytest.raises(ValueError, match=r"different widths \[32, 48\] .* cross_attention_dim \(32, 48\)"):
+            video(sample, timestep, torch.randn(2, 7, width))
 
 
 def test_temporal_layers_outside_the_video_forward_say_so():

@@ -22,10 +22,31 @@ def check_sample(sample: torch.Tensor, in_channels: int) -> tuple[int, int, int,
 
 
 def text_width(config: Any) -> int | None:
-    """The width ``d`` of the text embeddings the UNet's cross-attentions take; ``None`` where it is not one number
-    (per-block widths, or an ``encoder_hid_proj`` in front of them), then unchecked."""
-    width = config.cross_attention_dim
-    return width if isinstance(width, int) and getattr(config, "encoder_hid_dim", None) is None else None
+    """The width ``d`` of the text embeddings the UNet takes: its ``encoder_hid_proj``'s input (``encoder_hid_dim``)
+    where it has one, else its cross-attentions' (``cross_attention_dim``, one or one per block). ``None`` where the
+    text is not its input (``image_proj``: image embeddings replace it) or no block attends to it: then unchecked."""
+    if getattr(config, "encoder_hid_dim_type", None) == "image_proj":
+        return None
+    if getattr(config, "encoder_hid_dim", None) is not None:
+        return config.encoder_hid_dim
+    widths = _cross_attention_widths(config)
+    if len(widths) > 1:
+        raise ValueError(
+            f"this UNet's cross-attentions take text of different widths {sorted(widths)} (its config's "
+            f"cross_attention_dim {tuple(config.cross_attention_dim)}): no one encoder_hidden_states fits them all"
+        )
+    return next(iter(widths), None)
+
+
+def _cross_attention_widths(config: Any) -> set[int]:
+    """The text widths of the blocks with cross-attention, as diffusers gives them out: ``cross_attention_dim[i]`` to
+    down block ``i``, the last to the mid block, the reversed list to the up blocks."""
+    down = config.down_block_types
+    dims = config.cross_attention_dim
+    dims = (dims,) * len(down) if isinstance(dims, int) else tuple(dims)
+    blocks = [*zip(down, dims, strict=True), *zip(config.up_block_types, dims[::-1], strict=True)]
+    blocks.append((config.mid_block_type or "", dims[-1]))
+    return {dim for kind, dim in blocks if "CrossAttn" in kind}
 
 
 def check_text(text: torch.Tensor, b: int, width: int | None) -> None:
