@@ -288,6 +288,45 @@ def test_cross_attentions_of_different_widths_are_named():
             video(sample, timestep, torch.randn(2, 7, width))
 
 
+@pytest.mark.usefixtures("one_thread")
+def test_wrong_per_video_conditioning_is_a_clear_error():
+    """class_labels and added_cond_kwargs are repeated for each frame: another batch failed in a broadcast ("The size
+    of tensor a (4) must match the size of tensor b (2)") or, where the sizes fit, gave frames another video's ids; a
+    number failed in an AttributeError, labels (b, 1) in a broadcast, float labels in nn.Embedding, and labels given
+    to a UNet without a class embedding were ignored."""
+    upscaler = VideoUNet.from_unet2d(testing.tiny_upscaler_unet())
+    sample, timestep, text = video_inputs(upscaler.unet, f=2)
+    labels = torch.tensor([3, 4])
+    per_video = r"class_labels must be given once per video, shape \(b=2, \.\.\.\), got shape"
+    for given, error, message in (
+        (labels[:1], ValueError, per_video),
+        (labels[0], ValueError, per_video),
+        (torch.tensor([1, 2, 3, 4]), ValueError, per_video),  # one per frame
+        (3, TypeError, "class_labels must be a torch.Tensor .* got a int"),
+        (labels[:, None], ValueError, r"class_labels must be one per video, shape \(2,\), got shape \(2, 1\)"),
+        (labels.float(), TypeError, "whole numbers .* table of 1000 class embeddings, got torch.float32"),
+    ):
+        with pytest.raises(error, match=message):
+            upscaler(sample, timestep, text, class_labels=given)
+    sd1 = VideoUNet.from_unet2d(testing.tiny_unet("sd1"))
+    sample, timestep, text = video_inputs(sd1.unet, f=2)
+    with pytest.raises(TypeError, match="class_labels given to a UNet without a class embedding"):
+        sd1(sample, timestep, text, class_labels=labels)
+    sdxl_like = VideoUNet.from_unet2d(
+        _tiny_unet_with(addition_embed_type="text_time", addition_time_embed_dim=8,
+                        projection_class_embeddings_input_dim=16 + 6 * 8)
+    )  # fmt: skip
+    added = {"text_embeds": torch.randn(2, 16), "time_ids": torch.randn(2, 6)}
+    for key, given in (("time_ids", torch.randn(4, 3)), ("text_embeds", torch.randn(1, 16))):  # (4, 3) went through
+        with pytest.raises(ValueError, match=rf"added_cond_kwargs\['{key}'\] must be given once per video"):
+            sdxl_like(sample, timestep, text, added_cond_kwargs=added | {key: given})
+    with torch.no_grad():  # the controls
+        assert sdxl_like(sample, timestep, text, added_cond_kwargs=added).shape == sample.shape
+        sample, timestep, text = video_inputs(upscaler.unet, f=2)
+        assert upscaler(sample, timestep, text, class_labels=labels).shape == (2, 4, 2, 8, 8)
+        assert upscaler(sample, timestep, text, class_labels=labels.int()).shape == (2, 4, 2, 8, 8)
+
+
 def test_temporal_layers_outside_the_video_forward_say_so():
     video = VideoUNet.from_unet2d(testing.tiny_unet("sd1"))
     with pytest.raises(RuntimeError, match="outside VideoUNet.forward"):

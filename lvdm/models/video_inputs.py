@@ -75,6 +75,46 @@ def check_float(name: str, tensor: torch.Tensor, dtype: torch.dtype) -> None:
         )
 
 
+def check_per_video(name: str, value: Any, b: int) -> None:
+    """Per-video conditioning (tensors, inside dicts, tuples and lists too) holds one row per video, as it is repeated
+    for each frame: another batch broke in a broadcast deep in the UNet, or, where the sizes happened to fit, gave
+    frames another video's conditioning."""
+    if value is None:
+        return
+    if isinstance(value, dict):
+        for key, item in value.items():
+            check_per_video(f"{name}[{key!r}]", item, b)
+    elif isinstance(value, (tuple, list)):
+        for i, item in enumerate(value):
+            check_per_video(f"{name}[{i}]", item, b)
+    elif not isinstance(value, torch.Tensor):
+        raise TypeError(f"{name} must be a torch.Tensor (b={b}, ...), once per video, got a {type(value).__name__}")
+    elif value.ndim == 0 or value.shape[0] != b:
+        raise ValueError(f"{name} must be given once per video, shape (b={b}, ...), got shape {tuple(value.shape)}")
+
+
+def check_class_labels(labels: Any, b: int, unet: Any) -> None:
+    """``class_labels`` for the UNet's class embedding (the x4 upscaler's noise level), once per video: one whole
+    number each for a table of them (``num_class_embeds``), one number each for a ``timestep`` one. A UNet without a
+    class embedding ignored them without a word; one that needs them says so itself."""
+    if labels is None:
+        return
+    if unet.class_embedding is None:
+        raise TypeError(
+            "class_labels given to a UNet without a class embedding (its config's num_class_embeds and "
+            "class_embed_type are None), which would ignore them"
+        )
+    check_per_video("class_labels", labels, b)
+    table = isinstance(unet.class_embedding, torch.nn.Embedding)
+    if (table or unet.config.class_embed_type == "timestep") and labels.ndim != 1:
+        raise ValueError(f"class_labels must be one per video, shape ({b},), got shape {tuple(labels.shape)}")
+    if table and labels.dtype not in (torch.int64, torch.int32):
+        raise TypeError(
+            f"class_labels must be whole numbers (torch.int64), rows of this UNet's table of "
+            f"{unet.class_embedding.num_embeddings} class embeddings, got {labels.dtype}"
+        )
+
+
 def per_frame_flags(
     flags: torch.Tensor | None, b: int, f: int, device: torch.device, dtype: torch.dtype
 ) -> torch.Tensor:

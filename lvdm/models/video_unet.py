@@ -25,7 +25,9 @@ from lvdm.models.family import base_family
 from lvdm.models.layout import TemporalLayout
 from lvdm.models.parts import PartSpec
 from lvdm.models.video_inputs import (
+    check_class_labels,
     check_float,
+    check_per_video,
     check_sample,
     check_table_positions,
     check_text,
@@ -169,7 +171,8 @@ class VideoUNet(nn.Module):
             frame_positions: ``(f,)`` or ``(b, f)`` positions for the temporal attention's
                 encoding; default ``0 .. f-1``.
             class_labels, added_cond_kwargs: per-video conditioning of the 2D UNet (noise level
-                of the x4 upscaler, SDXL's pooled text and size ids), repeated for each frame.
+                of the x4 upscaler, SDXL's pooled text and size ids), repeated for each frame; class labels
+                for a UNet without a class embedding are an error.
             **conditioning: inputs of the standalone parts (each part's ``inputs``); a name no part takes is
                 an error.
 
@@ -182,6 +185,8 @@ class VideoUNet(nn.Module):
         check_text(encoder_hidden_states, b, text_width(self.unet.config))
         check_float("encoder_hidden_states", encoder_hidden_states, dtype)
         timesteps = frame_timesteps(timestep, b, f, sample.device)
+        check_class_labels(class_labels, b, self.unet)
+        check_per_video("added_cond_kwargs", added_cond_kwargs, b)
         context = FrameContext(
             num_frames=f,
             image_only_indicator=per_frame_flags(image_only_indicator, b, f, sample.device, sample.dtype),
