@@ -381,7 +381,7 @@ class TrainConfig:
         "captions only) or the clips' (encoded by the VAE, as Salimans & Ho)",
     )
     distill_weighting: Literal["equal", "truncated_snr"] = option(
-        "equal", "distill target: the loss's weight per noise level: equal, or max(SNR, 1) as Salimans & Ho"
+        "truncated_snr", "distill target: the loss's weight per noise level: max(SNR, 1) as Salimans & Ho, or equal"
     )
     distill_pool: int = option(
         64, "distill target: teacher samples kept as clean latents (a slot drawn per clip, made on first use)", min=1
