@@ -273,7 +273,7 @@ class DistillObjective(Objective):
         return torch.stack([self.pool[key] for key in keys]).to(self.device), [self.pool_captions[k] for k in keys]
 
     def loss(self, model_fn: Any, batch: dict[str, Any], generator: torch.Generator) -> torch.Tensor:
-        from lvdm.diffusion import sample_noise
+        from lvdm.diffusion import sample_noise, snr
 
         r = self.round_of(self.step)
         big, small = self.teacher_steps(r), self.student_steps(r)
@@ -303,8 +303,7 @@ class DistillObjective(Objective):
         x_student = self._to_x(out, z_t, t)
         per_sample = ((x_student - target) ** 2).mean(dim=(1, 2, 3, 4))
         if train.distill_weighting == "truncated_snr":  # Salimans & Ho's max(SNR, 1): the low noise weighs more
-            bar = self._alpha_bar(t).reshape(-1)
-            per_sample = per_sample * (bar / (1 - bar)).clamp(min=1)
+            per_sample = per_sample * snr(self.frozen.noise_scheduler, t).clamp(min=1)
         return per_sample
 
     @torch.no_grad()
