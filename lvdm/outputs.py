@@ -44,12 +44,13 @@ class VideoOutput:
     def __len__(self) -> int:
         return len(self.frames)
 
-    def save(self, path: str | os.PathLike, *, index: int | None = None, overwrite: bool = True) -> list[Path]:
+    def save(self, path: str | os.PathLike, *, index: int | None = None, overwrite: bool = False) -> list[Path]:
         """Write video ``index`` (default: every video) by the path: ``.mp4`` (H.264), ``.gif``, or any other path
         a folder of PNG frames; each with a JSON sidecar ``<path>.json``.
 
         Several videos to one path are numbered: ``clip.mp4`` -> ``clip_000.mp4``, ``clip_001.mp4`` ...
-        ``overwrite=False``: a file that exists by the time it is written is an error and stays as it is.
+        A file that exists by the time it is written is an error and stays as it is (it may be the user's own),
+        unless ``overwrite=True``, which replaces it.
         Returns the media paths (files or frame folders).
         """
         if not isinstance(path, str | os.PathLike):

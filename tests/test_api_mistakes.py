@@ -95,9 +95,11 @@ def test_prompts_seeds_and_noise(pipe, tmp_path):
         with pytest.raises(ConfigError, match="path must be a file or folder path"):
             out.save(path)
     assert taken.read_bytes() == b"the user's video"
-    with pytest.raises(OutputWriteError, match="taken.mp4 exists"):  # the control: False keeps it, as documented
-        out.save(taken, overwrite=False)
-    assert out.save(taken) == [taken] and taken.read_bytes()[4:8] == b"ftyp"  # and True (the default) replaces it
+    for keep in ({}, {"overwrite": False}):  # the default kept it too: a user's own file of the same name is theirs
+        with pytest.raises(OutputWriteError, match="taken.mp4 exists"):
+            out.save(taken, **keep)
+        assert taken.read_bytes() == b"the user's video" and not (tmp_path / "taken.mp4.json").exists()
+    assert out.save(taken, overwrite=True) == [taken] and taken.read_bytes()[4:8] == b"ftyp"  # the control: replaced
     shape = (1, 4, 2, 8, 8)  # the tiny VAE downsamples by 2
     for latents, message in (
         (np.zeros(shape, np.float32), "a ndarray"),
