@@ -29,7 +29,6 @@ from __future__ import annotations
 
 import argparse
 import importlib
-import os
 import sys
 import time
 import traceback
@@ -42,7 +41,7 @@ from benchmarks import report
 from benchmarks.harness import SIZES, Size, environment
 from lvdm.cli import Parser, run_cli
 from lvdm.errors import ConfigError
-from lvdm.fileio import nearest_existing
+from lvdm.fileio import nearest_existing, probe_writable
 
 SECTIONS = ("training", "memory", "sampling", "data")
 
@@ -100,8 +99,10 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     if args.threads is not None and args.threads < 1:
         parser.error(f"--threads must be >= 1, got {args.threads}")
     probe = nearest_existing(args.out)  # before the sections run: their results are written at the end
-    if not probe.is_dir() or not os.access(probe, os.W_OK | os.X_OK):
-        parser.error(f"--out {args.out} cannot be a results folder ({probe} is not a writable folder)")
+    try:  # a probe file written and deleted: os.access says yes to root anywhere, /proc included
+        probe_writable(probe)
+    except OSError as exc:
+        parser.error(f"--out {args.out} cannot be a results folder ({probe} is not a writable folder: {exc.strerror})")
     return args
 
 

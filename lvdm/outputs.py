@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import errno
 import numbers
 import os
 import re
@@ -13,7 +14,16 @@ from typing import TYPE_CHECKING, Any
 import numpy as np
 
 from lvdm.errors import ConfigError, check_flag
-from lvdm.fileio import NAME_MAX, atomic_path, control_character, json_text, nearest_existing, read_bounded, read_json
+from lvdm.fileio import (
+    NAME_MAX,
+    atomic_path,
+    control_character,
+    json_text,
+    nearest_existing,
+    probe_writable,
+    read_bounded,
+    read_json,
+)
 
 if TYPE_CHECKING:
     import torch
@@ -274,10 +284,19 @@ def _slug(prompt: str, limit: int = 40) -> str:
 
 
 def _check_writable(folder: Path) -> None:
-    """The nearest existing ancestor of ``folder`` must be a writable folder."""
+    """The nearest existing ancestor of ``folder`` must be a folder a file can be written in: a probe file is
+    written and deleted there (``os.access`` says yes to root anywhere, /proc included, and the write failed only
+    after sampling)."""
     probe = nearest_existing(folder)
-    if not probe.is_dir() or not os.access(probe, os.W_OK | os.X_OK):
-        raise ConfigError(f"output folder {folder} cannot be created or written ({probe} is not a writable folder)")
+    try:
+        if not probe.is_dir():
+            raise NotADirectoryError(errno.ENOTDIR, "it is a file")
+        probe_writable(probe)
+    except OSError as exc:
+        raise ConfigError(
+            f"output folder {folder} cannot be created or written ({probe} is not a writable folder: "
+            f"{exc.strerror or exc})"
+        ) from exc
 
 
 def read_prompts(path: str | os.PathLike) -> list[str]:

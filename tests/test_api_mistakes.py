@@ -339,3 +339,17 @@ def test_upscaling_frames_of_no_pixels_is_refused_by_name(upscaler):
         with pytest.raises(ConfigError, match=r"frames to upscale must be uint8 \(f, h, w, 3\) with f, h, w >= 1"):
             upscaler(np.zeros(shape, np.uint8), **quick)
     assert upscaler(np.zeros((2, 1, 1, 3), np.uint8), **quick).frames.shape == (1, 2, 4, 4, 3)  # the control
+
+
+def test_an_output_folder_that_takes_no_file_is_refused_before_sampling(tmp_path):
+    """``os.access`` says yes to root in /proc too, so ``sample.py --out /proc/x.mp4`` sampled, then failed to write.
+    Now a probe file is written (and deleted) where the output goes. The control: a writable folder passes, and the
+    probe leaves nothing behind."""
+    from lvdm.outputs import check_output_file, plan_outputs
+
+    for call in (lambda: plan_outputs("/proc/lvdm-out/clip.mp4", ["a"]),
+                 lambda: check_output_file(Path("/proc/module.safetensors"), overwrite=False)):  # fmt: skip
+        with pytest.raises(ConfigError, match=r"/proc is not a writable folder"):
+            call()
+    assert plan_outputs(tmp_path / "new" / "clip.mp4", ["a"]) == [tmp_path / "new" / "clip.mp4"]
+    assert list(tmp_path.iterdir()) == []

@@ -106,7 +106,8 @@ def test_mistakes_are_one_line_before_any_section_runs(tmp_path, command) -> Non
     (tmp_path / "a_file").write_text("mine")
     for args, message in ((["--only", "trainig"], "error: --only: unknown section(s) ['trainig']"),
                           (["--threads", "-3"], "error: --threads must be >= 1, got -3"),
-                          (["--out", str(tmp_path / "a_file")], "cannot be a results folder")):  # fmt: skip
+                          (["--out", str(tmp_path / "a_file")], "cannot be a results folder"),
+                          (["--out", "/proc/results"], "(/proc is not a writable folder")):  # fmt: skip
         refused = command("-m", "benchmarks.__main__", "--size", "tiny", *args)
         err = refused.stderr
         assert refused.returncode == 2, err

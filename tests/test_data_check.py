@@ -112,6 +112,7 @@ def test_the_report_never_replaces_a_file_and_is_checked_before_the_scan(folder:
     data = DataConfig(root=str(folder), num_frames=4, frame_stride=2, resolution=[16, 16])
     for report, message in ((caption, "already exists"), (tmp_path, "not a file"),
                             (tmp_path / "missing" / "r.jsonl", "is not a writable folder"),
+                            (Path("/proc/r.jsonl"), "is not a writable folder"),  # root passed os.access there
                             (tmp_path / "r\nx.jsonl", "holds a control character")):  # fmt: skip
         with pytest.raises(ConfigError, match=message):
             scan(data, report=report, progress=False)
