@@ -217,7 +217,7 @@ def check_given_outputs(paths: Sequence[Path], *, format: str, overwrite: bool) 
     _check_format(format)
     for path in paths:
         if not os.fspath(path).strip():
-            raise ConfigError(f"the output {os.fspath(path)!r} is blank; give a .mp4 or .gif file, or a folder")
+            raise ConfigError(f"the output is empty ({os.fspath(path)!r}); give a .mp4 or .gif file, or a folder")
         refuse_control_characters(path)
     for folder in dict.fromkeys(path.parent for path in paths):
         _check_writable(folder)

@@ -317,7 +317,7 @@ def test_render_checks_each_of_its_outputs_before_sampling(pipe, tmp_path, monke
         ([taken / "file"], "cannot write PNG frames into .*file: it exists and is not a folder", {"overwrite": True}),
         ([tmp_path / f"{'x' * 300}.mp4"], "is 304 bytes long", {}),
         ([tmp_path / "a\nb.mp4"], "holds a control character", {}),
-        (["  "], "the output '  ' is blank", {}),
+        (["  "], r"the output is empty \('  '\)", {}),
         ([taken / "file" / "x.mp4"], "output folder .*file cannot be created or written", {}),
         ([tmp_path / "x.mp4"], r"format: expected one of \['mp4', 'gif', 'png'\], got 'avi'", {"format": "avi"}),
     ):
