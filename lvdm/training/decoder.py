@@ -241,7 +241,7 @@ class DecoderObjective(Objective):
 
     # ------------------------------------------------------------------------------------------ validation
     @torch.no_grad()
-    def reconstructions(self, model: Any, batches: list[dict[str, Any]]) -> dict[str, torch.Tensor]:
+    def reconstructions(self, model_fn: Any, batches: list[dict[str, Any]]) -> dict[str, torch.Tensor]:
         """The held-out clips and both decoders' reconstructions from the encoder's mean latents, ``(n, f, 3, h, w)``
         in [-1, 1]: ``clips``, ``image`` (the base VAE, frame by frame), ``video`` (the video decoder, in chunks),
         ``each_frame`` (the video decoder given one frame at a time: the same weights without the other frames)."""
@@ -258,13 +258,13 @@ class DecoderObjective(Objective):
             out["clips"].append(clips.cpu())
             out["image"].append(decode_latents(vae, scaled).float().cpu())
             scale = {"scaling_factor": vae.config.scaling_factor, "shift_factor": shift}
-            out["video"].append(decode_video(model.model, scaled, **scale).float().cpu())
-            alone = decode_video(model.model, scaled, **scale, chunk_frames=1, overlap=0)
+            out["video"].append(decode_video(model_fn.model, scaled, **scale).float().cpu())
+            alone = decode_video(model_fn.model, scaled, **scale, chunk_frames=1, overlap=0)
             out["each_frame"].append(alone.float().cpu())
         return {k: torch.cat(v) for k, v in out.items() if v}
 
-    def evaluate(self, model: Any, batches: list[dict[str, Any]]) -> dict[str, float] | None:
-        rec = self.reconstructions(model, batches)
+    def evaluate(self, model_fn: Any, batches: list[dict[str, Any]]) -> dict[str, float] | None:
+        rec = self.reconstructions(model_fn, batches)
         if not rec:
             return None
         figures = {}
@@ -290,14 +290,14 @@ class DecoderObjective(Objective):
         return float(torch.cat(distances).mean())
 
     def render(
-        self, model: Any, out_dir: Path, *, fps: float | None = None, batches: list[dict[str, Any]] | None = None
+        self, model_fn: Any, out_dir: Path, *, fps: float | None = None, batches: list[dict[str, Any]] | None = None
     ) -> Rendered:
         """Each held-out clip beside its two reconstructions: ``out_dir/<i>.mp4|gif`` (clip | image decoder | video
         decoder, left to right)."""
         from lvdm.media import to_uint8_frames
         from lvdm.training.validation import Rendered, write_videos
 
-        rec = self.reconstructions(model, batches or [])
+        rec = self.reconstructions(model_fn, batches or [])
         if not rec:
             return Rendered()
         # n f 3 h w, three side by side -> n f 3 h 3w
