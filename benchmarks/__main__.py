@@ -41,7 +41,7 @@ from benchmarks import report
 from benchmarks.harness import SIZES, Size, environment
 from lvdm.cli import Parser, run_cli
 from lvdm.errors import ConfigError
-from lvdm.fileio import nearest_existing, probe_writable
+from lvdm.fileio import nearest_existing, write_problem
 
 SECTIONS = ("training", "memory", "sampling", "data")
 
@@ -99,10 +99,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     if args.threads is not None and args.threads < 1:
         parser.error(f"--threads must be >= 1, got {args.threads}")
     probe = nearest_existing(args.out)  # before the sections run: their results are written at the end
-    try:  # a probe file written and deleted: os.access says yes to root anywhere, /proc included
-        probe_writable(probe)
-    except OSError as exc:
-        parser.error(f"--out {args.out} cannot be a results folder ({probe} is not a writable folder: {exc.strerror})")
+    if problem := write_problem(probe):
+        parser.error(f"--out {args.out} cannot be a results folder ({probe} is not a writable folder: {problem})")
     return args
 
 

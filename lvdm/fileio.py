@@ -328,6 +328,16 @@ def probe_writable(folder: Path) -> None:
             os.unlink(probe)
 
 
+def write_problem(folder: Path) -> str | None:
+    """Why no file can be written in ``folder`` (``"Not a directory"``, ``"Permission denied"`` ...), found by
+    :func:`probe_writable`; None when one can. ``os.access`` would say yes to root anywhere, /proc included."""
+    try:
+        probe_writable(folder)
+    except OSError as exc:
+        return exc.strerror or str(exc)
+    return None
+
+
 def is_write_probe(path: Path) -> bool:
     """Whether ``path`` is a probe file a killed :func:`probe_writable` left: a regular file of its name holding the
     start of its text (a file of yours that only starts with ``.write-probe-`` is not)."""

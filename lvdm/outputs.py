@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import errno
 import numbers
 import os
 import re
@@ -20,9 +19,9 @@ from lvdm.fileio import (
     control_character,
     json_text,
     nearest_existing,
-    probe_writable,
     read_bounded,
     read_json,
+    write_problem,
 )
 
 if TYPE_CHECKING:
@@ -284,19 +283,12 @@ def _slug(prompt: str, limit: int = 40) -> str:
 
 
 def _check_writable(folder: Path) -> None:
-    """The nearest existing ancestor of ``folder`` must be a folder a file can be written in: a probe file is
-    written and deleted there (``os.access`` says yes to root anywhere, /proc included, and the write failed only
-    after sampling)."""
+    """The nearest existing ancestor of ``folder`` must be a folder a file can be written in (probed by writing:
+    the write failed only after sampling where ``os.access`` said yes)."""
     probe = nearest_existing(folder)
-    try:
-        if not probe.is_dir():
-            raise NotADirectoryError(errno.ENOTDIR, "it is a file")
-        probe_writable(probe)
-    except OSError as exc:
-        raise ConfigError(
-            f"output folder {folder} cannot be created or written ({probe} is not a writable folder: "
-            f"{exc.strerror or exc})"
-        ) from exc
+    if problem := write_problem(probe):
+        raise ConfigError(f"output folder {folder} cannot be created or written ({probe} is not a writable folder: "
+                          f"{problem})")  # fmt: skip
 
 
 def read_prompts(path: str | os.PathLike) -> list[str]:

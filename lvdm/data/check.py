@@ -22,7 +22,7 @@ from typing import Any
 from lvdm.cli import Parser, run_cli, split_overrides
 from lvdm.config import DataConfig, load_config, option
 from lvdm.errors import ConfigError, VideoReadError
-from lvdm.fileio import atomic_path, control_character, json_text, probe_writable
+from lvdm.fileio import atomic_path, control_character, json_text, write_problem
 
 
 def _ignored(value: Any) -> None:
@@ -108,12 +108,8 @@ def _check_report(report: Path, overwrite: bool) -> None:
         raise ConfigError(f"--report {report}: not a file")
     if (report.exists() or report.is_symlink()) and not overwrite:
         raise ConfigError(f"--report {report} already exists; choose another file, or replace it (--overwrite)")
-    try:  # a probe file written and deleted: os.access says yes to root anywhere, /proc included
-        probe_writable(report.parent)
-    except OSError as exc:
-        raise ConfigError(
-            f"--report {report}: its folder {report.parent} is not a writable folder ({exc.strerror or exc})"
-        ) from exc
+    if problem := write_problem(report.parent):
+        raise ConfigError(f"--report {report}: its folder {report.parent} is not a writable folder ({problem})")
 
 
 def _reason_kind(reason: str) -> str:
