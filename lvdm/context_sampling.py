@@ -94,9 +94,7 @@ def read_context(
             raise ConfigError(f"{what} video {path}: {exc}") from exc
         fps, original = info.playback_fps(), (info.width, info.height)  # a 384 fps video lvdm wrote stays 384
     else:
-        frames = np.asarray(source)
-        if frames.dtype != np.uint8 or frames.ndim != 4 or frames.shape[-1] != 3:
-            raise ConfigError(f"{what} frames must be uint8 (f, h, w, 3), got {frames.dtype} {tuple(frames.shape)}")
+        frames = frames_array(source, f"{what} frames", what=f"{what} video")
         if check is not None:
             check(len(frames))
         frames = frames if last is None else frames[max(0, len(frames) - last) :]
@@ -110,6 +108,33 @@ def read_context(
     frames = np.ascontiguousarray(frames[:, top : top + height, left : left + width])
     resized = None if original == (width, height) else f"{original[0]}x{original[1]} -> {width}x{height}, centre crop"
     return ContextVideo(frames, fps, resized)
+
+
+def frames_array(source: Any, name: str, *, what: str) -> np.ndarray:
+    """``source`` (an array, a uint8 torch tensor on any device, a list of frames) as uint8 ``(f, h, w, 3)`` with
+    ``f, h, w >= 1``; a :class:`ConfigError` naming ``name`` (the frames) or ``what`` (the argument) for anything
+    else: frames of different sizes, a meta tensor, ``None`` or a number (they failed in numpy or torch, or divided
+    by a zero height in the resize)."""
+    if isinstance(source, torch.Tensor):  # numpy takes a cpu tensor only, and not every dtype
+        if source.is_meta or source.dtype != torch.uint8:
+            shape = tuple(source.shape)
+            raise ConfigError(f"{name} must be uint8 (f, h, w, 3), got a {source.device.type} {source.dtype} {shape}")
+        source = source.cpu()
+    try:
+        frames = np.asarray(source)
+    except (ValueError, TypeError) as exc:  # frames of different sizes
+        shapes = sorted({str(np.shape(frame)) for frame in source}) if isinstance(source, list | tuple) else []
+        got = f"frames of shapes {', '.join(shapes)}" if shapes else f"{type(source).__name__} ({exc})"
+        raise ConfigError(f"{name} must be uint8 (f, h, w, 3), frames of one size; got {got}") from None
+    if frames.ndim == 0:  # None, a number, bytes
+        raise ConfigError(
+            f"{what} must be a video file (str or os.PathLike) or uint8 frames (f, h, w, 3), got {source!r}"
+        )
+    if frames.ndim != 4 or frames.shape[-1] != 3 or frames.dtype != np.uint8 or 0 in frames.shape[:3]:
+        raise ConfigError(
+            f"{name} must be uint8 (f, h, w, 3) with f, h, w >= 1, got {frames.dtype} {tuple(frames.shape)}"
+        )
+    return frames
 
 
 def most_keyframes(factor: int) -> int:

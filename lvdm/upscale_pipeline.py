@@ -418,18 +418,14 @@ def with_low_res(model_fn: Any) -> Any:
 
 def read_low_res(source: Any) -> LowRes:
     """The frames of a video file (every frame, its own size) or of uint8 frames ``(f, h, w, 3)``."""
-    from lvdm.context_sampling import read_context
+    from lvdm.context_sampling import frames_array, read_context
 
     if isinstance(source, (str, os.PathLike)):
         path = Path(source)
         info = probe_low_res(path)
         read = read_context(path, info.height, info.width, what="video to upscale")
         return LowRes(read.frames, read.fps, str(path.absolute()))
-    frames = np.asarray(source)
-    if frames.ndim != 4 or frames.shape[-1] != 3 or frames.dtype != np.uint8 or 0 in frames.shape[:3]:
-        raise ConfigError(
-            f"frames to upscale must be uint8 (f, h, w, 3) with f, h, w >= 1, got {frames.dtype} {tuple(frames.shape)}"
-        )
+    frames = frames_array(source, "frames to upscale", what="video to upscale")
     _check_size("frames to upscale", *frames.shape[:3])
     return LowRes(np.ascontiguousarray(frames), None, "frames")
 

@@ -472,6 +472,12 @@ def test_by_16_the_second_pass_is_the_fine_stage_where_the_module_learnt_it(cont
         ("every_2", lambda pipe, clip: pipe.interpolate(clip, **FAST), "interpolate_every=4"),
         ("context", lambda pipe, clip: pipe.interpolate(clip, factor=8, **FAST), "must be 4 or 16"),
         ("context", lambda pipe, clip: pipe.interpolate(clip[:1], **FAST), "at least 2 frames"),
+        # these failed in numpy, torch or the resize (a division by zero)
+        ("context", lambda pipe, clip: pipe.interpolate([clip[0], clip[0, :8]], **FAST), r"shapes \(16, 16, 3\), \(8"),
+        ("context", lambda pipe, clip: pipe.interpolate(clip[:, :0], **FAST), "with f, h, w >= 1, got uint8 .3, 0,"),
+        ("context", lambda pipe, clip: pipe("x", context=clip[:, :, :0], **FAST), "with f, h, w >= 1"),
+        ("context", lambda pipe, clip: pipe.interpolate(torch.from_numpy(clip).to("meta"), **FAST), "a meta torch"),
+        ("context", lambda pipe, clip: pipe.interpolate(None, **FAST), r"a video file \(str or os.PathLike\) or"),
         ("context", lambda pipe, clip: pipe("x", context=clip[:1], **FAST), "context_frames=2 needs at least 2"),
         ("context", lambda pipe, clip: pipe("x", context=clip, image_mode=True, **FAST), "image mode"),
         ("context", lambda pipe, clip: pipe("x", context=clip.astype(float), **FAST), "must be uint8"),
