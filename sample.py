@@ -216,6 +216,10 @@ def _check_context(args: argparse.Namespace, image_mode: bool) -> None:
         raise ConfigError("--interpolate makes one video: it does not take --num-videos")
     if args.interpolate is not None and (args.context is not None or args.prompts is not None):
         raise ConfigError("--interpolate makes one video: it does not take --context or --prompts")
+    unused = [flag for flag, given in (("--context-frames", args.context_frames is not None),
+                                       ("--image-as-first-frame", args.image_as_first_frame)) if given]  # fmt: skip
+    if args.interpolate is not None and unused:  # taken and ignored, after the pipeline had loaded
+        raise ConfigError(f"--interpolate gives every frame of its video: it does not take {', '.join(unused)}")
     given = [flag for flag, value in (("--context", args.context), ("--interpolate", args.interpolate),
                                       ("--context-frames", args.context_frames),
                                       ("--context-guidance", args.context_guidance)) if value is not None]  # fmt: skip

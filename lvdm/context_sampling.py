@@ -24,6 +24,7 @@ to the step's level, and the result holds the given latents themselves (:class:`
 from __future__ import annotations
 
 import dataclasses
+import numbers
 import os
 import random
 from collections.abc import Callable
@@ -35,7 +36,15 @@ import numpy as np
 import torch
 
 from lvdm.errors import ConfigError
-from lvdm.pipeline_sampling import denoise, encode_prompts, initial_noise, latent_size, resolve_settings, video_record
+from lvdm.pipeline_sampling import (
+    denoise,
+    encode_prompts,
+    initial_noise,
+    latent_size,
+    negatives_for,
+    resolve_settings,
+    video_record,
+)
 
 if TYPE_CHECKING:
     from lvdm.outputs import VideoOutput
@@ -337,6 +346,26 @@ def rollout(
     return torch.cat(made, dim=2), torch.cat(noises, dim=2)
 
 
+def check_interpolation(factor: Any, prompt: Any, settings: dict[str, Any]) -> int:
+    """The mistakes of an interpolation's arguments, before anything is read or asked of the module; ``factor`` as a
+    plain ``int`` (numpy's integers are taken, and recorded in the sidecar as a number)."""
+    from lvdm.sampling_settings import sampling_settings
+
+    if isinstance(factor, bool) or not isinstance(factor, numbers.Integral) or factor not in FACTORS:
+        raise ConfigError(f"interpolation factor must be 4 or 16, got {factor!r}")
+    if not isinstance(prompt, str):
+        raise ConfigError(f"prompt must be a string (interpolation makes one video), got {prompt!r}")
+    unset = sampling_settings()  # the defaults
+    unused = ("num_frames", "num_videos_per_prompt", "context_frames", "image_as_first_frame")
+    ignored = [key for key in unused if settings.get(key, getattr(unset, key)) != getattr(unset, key)]
+    if ignored:  # they were taken and ignored
+        raise ConfigError(
+            "interpolation makes one video, its length set by the input and the factor, its given frames all the "
+            f"input's: drop {ignored}"
+        )
+    return int(factor)
+
+
 def interpolate(
     pipe: Any,
     video: Any,
@@ -351,15 +380,7 @@ def interpolate(
     from lvdm.outputs import VideoOutput
     from lvdm.sampling_settings import MAX_FPS, sampling_settings
 
-    if isinstance(factor, bool) or not isinstance(factor, int) or factor not in FACTORS:
-        raise ConfigError(f"interpolation factor must be 4 or 16, got {factor!r}")
-    if not isinstance(prompt, str):
-        raise ConfigError(f"prompt must be a string (interpolation makes one video), got {prompt!r}")
-    ignored = [
-        key for key, unset in (("num_frames", None), ("num_videos_per_prompt", 1)) if settings.get(key, unset) != unset
-    ]
-    if ignored:  # they were taken and ignored
-        raise ConfigError(f"interpolation makes one video, its length set by the input and the factor: drop {ignored}")
+    factor = check_interpolation(factor, prompt, settings)
     require_context(pipe, "interpolate", task="interpolate")  # and between keyframes STEP frames apart
     # by 16: the second pass is the fine stage where the module learnt it, else the coarse stage again
     fine = "interpolate_fine" if "interpolate_fine" in (pipe.defaults.get("tasks") or ()) else "interpolate"
@@ -367,6 +388,7 @@ def interpolate(
     s = resolve_settings(pipe, sampling_settings(**settings), None)
     if s.image_mode:
         raise ConfigError("image mode has no temporal layers to interpolate with; drop image_mode")
+    negative = negatives_for(s.negative_prompt, [prompt])[0]  # a list of one is the one video's
     given = read_context(
         video, s.height, s.width, what="interpolate", check=lambda count: check_keyframes(count, factor)
     )
@@ -375,11 +397,11 @@ def interpolate(
     rate = given.fps or s.fps
     if rate * factor > MAX_FPS:  # the writers refuse it, after the sampling
         raise ConfigError(f"{rate:g} fps interpolated by {factor} would be {rate * factor:g} fps, past {MAX_FPS}")
-    if not prompt and not s.negative_prompt:
+    if not prompt and not negative:
         s = dataclasses.replace(s, guidance_scale=1.0)  # nothing to guide by: one pass per step
     generators = [torch.Generator().manual_seed(s.seed)]
     cond = {"encoder_hidden_states": encode_prompts(pipe, [prompt])}
-    uncond = {"encoder_hidden_states": encode_prompts(pipe, [s.negative_prompt or ""])}
+    uncond = {"encoder_hidden_states": encode_prompts(pipe, [negative])}
     if pipe.image_part is not None:  # a module with image conditioning: no image, as its dropped images were
         from lvdm.image_sampling import image_conditions
 
@@ -409,5 +431,5 @@ def interpolate(
             "source": source, "factor": factor, "keyframes": keyframes, "resized": given.resized, "stages": stages,
         }
     }  # fmt: skip
-    record = video_record(pipe, s, prompt, s.negative_prompt or "", s.seed, info)
+    record = video_record(pipe, s, prompt, negative, s.seed, info)
     return VideoOutput(frames, float(fps), [record], latents.cpu(), torch.zeros(0))

@@ -164,17 +164,25 @@ def test_decoding_and_interpolating(pipe, command):
         ({"prompt": ["a", "b"]}, "prompt must be a string"),
         ({"num_frames": 9}, r"drop \['num_frames'\]"),
         ({"num_videos_per_prompt": 3}, r"drop \['num_videos_per_prompt'\]"),
+        ({"context_frames": 3}, r"drop \['context_frames'\]"),  # taken and ignored: every frame given is used
+        ({"image_as_first_frame": True}, r"drop \['image_as_first_frame'\]"),
     ):  # each checked before the module is asked whether it can interpolate (this one cannot)
         with pytest.raises(ConfigError, match=message):
             pipe.interpolate(keys, **kwargs)
-    with pytest.raises(ConfigError, match="has no context support"):  # the control: past the argument checks
-        pipe.interpolate(keys, factor=4, num_videos_per_prompt=1)
+    for factor in (4, np.int64(16), np.int32(4)):  # the control: past the argument checks (numpy's were refused)
+        with pytest.raises(ConfigError, match="has no context support"):
+            pipe.interpolate(keys, factor=factor, num_videos_per_prompt=1, context_frames=2)
     from pathlib import Path
 
-    args = ["--base", "nowhere", "--interpolate", "nothing.mp4", "--out", "x.mp4", "--num-videos", "2"]
-    refused = command(Path(__file__).resolve().parents[1] / "sample.py", *args)
-    assert refused.returncode == 2  # refused before anything loads (it was after the pipeline had loaded)
-    assert "--interpolate makes one video: it does not take --num-videos" in refused.stderr
+    for flags, message in (
+        (["--num-videos", "2"], "--interpolate makes one video: it does not take --num-videos"),
+        (["--context-frames", "3"], "--interpolate gives every frame of its video: it does not take --context-frames"),
+        (["--image-as-first-frame"], "it does not take --image-as-first-frame"),
+    ):
+        args = ["--base", "nowhere", "--interpolate", "nothing.mp4", "--out", "x.mp4", *flags]
+        refused = command(Path(__file__).resolve().parents[1] / "sample.py", *args)
+        assert refused.returncode == 2  # refused before anything loads (it was after the pipeline had loaded)
+        assert message in refused.stderr and refused.stderr.count("\n") == 1, refused.stderr
 
 
 def test_saving(pipe, tmp_path):

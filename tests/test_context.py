@@ -472,12 +472,13 @@ def test_by_16_the_second_pass_is_the_fine_stage_where_the_module_learnt_it(cont
         ("every_2", lambda pipe, clip: pipe.interpolate(clip, **FAST), "interpolate_every=4"),
         ("context", lambda pipe, clip: pipe.interpolate(clip, factor=8, **FAST), "must be 4 or 16"),
         ("context", lambda pipe, clip: pipe.interpolate(clip[:1], **FAST), "at least 2 frames"),
-        # these failed in numpy, torch or the resize (a division by zero)
+        # these failed in numpy, torch or the resize (a division by zero), or in the tokenizer
         ("context", lambda pipe, clip: pipe.interpolate([clip[0], clip[0, :8]], **FAST), r"shapes \(16, 16, 3\), \(8"),
         ("context", lambda pipe, clip: pipe.interpolate(clip[:, :0], **FAST), "with f, h, w >= 1, got uint8 .3, 0,"),
         ("context", lambda pipe, clip: pipe("x", context=clip[:, :, :0], **FAST), "with f, h, w >= 1"),
         ("context", lambda pipe, clip: pipe.interpolate(torch.from_numpy(clip).to("meta"), **FAST), "a meta torch"),
         ("context", lambda pipe, clip: pipe.interpolate(None, **FAST), r"a video file \(str or os.PathLike\) or"),
+        ("context", lambda pipe, clip: pipe.interpolate(clip, negative_prompt=["a", "b"], **FAST), "got 2 for 1"),
         ("context", lambda pipe, clip: pipe("x", context=clip[:1], **FAST), "context_frames=2 needs at least 2"),
         ("context", lambda pipe, clip: pipe("x", context=clip, image_mode=True, **FAST), "image mode"),
         ("context", lambda pipe, clip: pipe("x", context=clip.astype(float), **FAST), "must be uint8"),
@@ -497,6 +498,17 @@ def test_bad_context_requests_are_one_clear_error(context_files, module, call, m
     clip = np.zeros((3, 16, 16, 3), np.uint8)
     with pytest.raises(ConfigError, match=message):
         call(pipeline(context_files, module), clip)
+
+
+def test_interpolation_takes_numpy_factors_tensors_and_one_negative_prompt_in_a_list(context_files):
+    """The controls of the refusals above: numpy's integers were refused as factors, and a list of one negative
+    prompt (as ``__call__`` takes one per prompt) failed in the tokenizer."""
+    pipe = pipeline(context_files)
+    keys = np.random.default_rng(0).integers(0, 256, (2, 16, 16, 3), dtype=np.uint8)
+    out = pipe.interpolate(keys, factor=4, negative_prompt="blur", **FAST)
+    same = pipe.interpolate(torch.from_numpy(keys), factor=np.int64(4), negative_prompt=["blur"], **FAST)
+    assert np.array_equal(out.frames, same.frames) and out.metadata == same.metadata
+    assert type(same.metadata[0]["interpolate"]["factor"]) is int and out.metadata[0]["settings"]["negative_prompt"]
 
 
 def test_as_many_context_frames_as_the_module_trained_with_are_accepted(context_files):
