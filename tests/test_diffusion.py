@@ -31,6 +31,7 @@ from lvdm.diffusion import (
     snr,
     threshold_x0,
 )
+from lvdm.diffusion.sampling import LATENT_DEFAULTS
 from lvdm.errors import ConfigError
 
 SD_BETAS = dict(beta_schedule="scaled_linear", beta_start=0.00085, beta_end=0.012, num_train_timesteps=1000)
@@ -498,3 +499,29 @@ def test_a_base_config_silent_on_clipping_gets_sds_values():
     out = sample(clean_at, make_scheduler("ddim", euler), latents=noise, num_inference_steps=10, cond={},
                  progress=False)  # fmt: skip
     assert out.min() > 2.2 and abs(out.mean().item() - 2.5) < 0.02  # 1.0 everywhere when clipped
+
+
+def test_each_scheduler_is_built_once(monkeypatch):
+    """make_scheduler built DDIM and DDPM twice where the base config is silent on clipping: once to see whether
+    they take clip_sample, again with SD's value. Once now, with the same config; a scheduler that takes no
+    clip_sample records none (from_config drops it)."""
+    builds = []
+
+    def counted(name, factory):
+        return lambda config, **kwargs: builds.append(name) or factory(config, **kwargs)
+
+    def plain(config):  # _use_default_values is listed in a set's order
+        return {**config, "_use_default_values": set(config["_use_default_values"])}
+
+    euler = EulerDiscreteScheduler(**SD_BETAS, steps_offset=1).config
+    expected = {name: factory(euler, **LATENT_DEFAULTS) for name, factory in SAMPLERS.items()}
+    for name, factory in list(SAMPLERS.items()):
+        monkeypatch.setitem(SAMPLERS, name, counted(name, factory))
+    for name in SAMPLERS:
+        scheduler = make_scheduler(name, euler)
+        assert builds == [name], (name, builds)
+        assert type(scheduler) is type(expected[name]) and plain(scheduler.config) == plain(expected[name].config), (
+            name
+        )
+        builds.clear()
+    assert "clip_sample" not in make_scheduler("euler", euler).config

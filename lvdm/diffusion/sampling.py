@@ -77,10 +77,9 @@ def make_scheduler(name: str, base_config: Mapping[str, Any] | ConfigMixin) -> S
     """
     factory = lookup(SAMPLERS, name, "sampler")
     config = base_config.config if isinstance(base_config, ConfigMixin) else base_config
-    scheduler = factory(config)
     stated = set(config) - set(config.get("_use_default_values", ()))
-    unstated = {key: value for key, value in LATENT_DEFAULTS.items() if key in scheduler.config and key not in stated}
-    return factory(config, **unstated) if unstated else scheduler
+    # built once: from_config drops (unrecorded) a keyword its scheduler does not take, so Euler ignores clip_sample
+    return factory(config, **{key: value for key, value in LATENT_DEFAULTS.items() if key not in stated})
 
 
 def _grid_fault(scheduler: SchedulerMixin, steps: int) -> str | None:
