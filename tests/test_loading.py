@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import warnings
+from pathlib import Path
 
 import pytest
 import torch
@@ -338,3 +339,38 @@ def test_a_single_file_without_unet_weights_is_one_line_naming_it(files, tmp_pat
             with pytest.raises(CheckpointError, match=f"{name} holds no UNet weights") as error:
                 load_base(tmp_path / name, base_config=base_config, allow_pickle=True)
             assert "model.diffusion_model.* tensors" in str(error.value) and "\n" not in str(error.value)
+
+
+def test_a_single_file_has_its_tensor_names_listed_once_before_diffusers_loads_it(files, tmp_path, monkeypatch):
+    """load_single_file listed a checkpoint's tensors twice: check_weights_file read each one, then the file was
+    opened again for the names that say which parts it holds. The check's names are used now; what they decide is
+    unchanged (test_a_single_file_without_its_vae_or_text_encoder_takes_them_from_base_config)."""
+    import safetensors
+
+    from lvdm.models import loading, single_file
+
+    listed = []
+
+    class Counted:  # safe_open, recording each listing of a file's tensor names
+        def __init__(self, path, **kwargs):
+            self.name, self.handle = Path(path).name, safetensors.safe_open(path, **kwargs)
+
+        def __enter__(self):
+            self.handle.__enter__()
+            return self
+
+        def __exit__(self, *exc):
+            return self.handle.__exit__(*exc)
+
+        def keys(self):
+            listed.append(self.name)
+            return self.handle.keys()
+
+        def __getattr__(self, name):
+            return getattr(self.handle, name)
+
+    for module in (loading, single_file):  # single_file opened it itself, for the names
+        monkeypatch.setattr(module, "safe_open", Counted, raising=False)
+    base = load_base(files["b"], base_config=files["a"])
+    assert listed == [files["b"].name]
+    assert base.unet is not None and base.vae is not None

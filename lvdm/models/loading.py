@@ -212,8 +212,9 @@ def load_pickled_weights(path: Path, what: str, error: type[Exception] = Checkpo
         ) from None
 
 
-def check_weights_file(path: Path, *, allow_pickle: bool, what: str) -> None:
-    """Refuse pickles without permission and corrupt safetensors, before anything is loaded."""
+def check_weights_file(path: Path, *, allow_pickle: bool, what: str) -> list[str] | None:
+    """Refuse pickles without permission and corrupt safetensors, before anything is loaded; the tensor names of a
+    safetensors file, as checked (``None`` for a pickle, which is not opened here)."""
     if not path.is_file():
         what_it_is = "is not a regular file" if path.exists() else "does not exist"  # /dev/zero, a FIFO, a folder
         raise CheckpointError(f"{what} {path} {what_it_is}")
@@ -223,12 +224,13 @@ def check_weights_file(path: Path, *, allow_pickle: bool, what: str) -> None:
                 f"{what} {path} is a pickle-based '{path.suffix}' file, which can run code when loaded; "
                 "convert it to .safetensors, or pass allow_pickle=True (--allow-pickle) if you trust it"
             )
-        return
+        return None
     if path.suffix != ".safetensors":
         raise CheckpointError(f"{what} {path}: unknown file type '{path.suffix}' (use .safetensors)")
     try:
         with safe_open(path, framework="pt") as handle:
-            for key in handle.keys():
+            keys = list(handle.keys())
+            for key in keys:
                 tensor = handle.get_tensor(key)
                 if problem := tensor_problem(tensor):
                     raise CheckpointError(f"{what} {path}: tensor {key!r} {problem}")
@@ -240,6 +242,7 @@ def check_weights_file(path: Path, *, allow_pickle: bool, what: str) -> None:
         raise CheckpointError(
             f"{what} {path} is not a readable safetensors file (corrupt or truncated?): {exc}"
         ) from exc
+    return keys
 
 
 def _load_folder(path: Path, *, allow_pickle: bool, dtype: torch.dtype | None) -> Any:

@@ -10,7 +10,6 @@ from pathlib import Path
 from typing import Any
 
 import torch
-from safetensors import safe_open
 
 from lvdm.errors import CheckpointError
 from lvdm.models.loading import check_weights_file, one_line
@@ -23,9 +22,9 @@ def load_single_file(
     ``base_config`` (with a warning), and without ``base_config`` is one line naming it."""
     from diffusers import StableDiffusionPipeline
 
-    check_weights_file(path, allow_pickle=allow_pickle, what="checkpoint")
+    keys = check_weights_file(path, allow_pickle=allow_pickle, what="checkpoint")  # a safetensors' names, as checked
+    keys = _pickled_keys(path) if keys is None else keys
     kwargs: dict[str, Any] = {"safety_checker": None, "requires_safety_checker": False, "dtype": dtype}
-    keys = _stored_keys(path)
     if keys is not None and not any(key.startswith(_UNET) for key in keys):  # it was diffusers' Python advice
         raise CheckpointError(
             f"checkpoint {path} holds no UNet weights (no {_UNET}* tensors): give a whole Stable Diffusion "
@@ -69,14 +68,10 @@ def _missing_parts(keys: list[str] | None) -> list[str]:
     return [name for name, (_, prefixes) in _PARTS.items() if not any(key.startswith(prefixes) for key in keys)]
 
 
-def _stored_keys(path: Path) -> list[str] | None:
-    """The tensor names in ``path`` (checked readable by check_weights_file, a pickle only with allow_pickle); for a
-    pickle read as diffusers reads it (``weights_only``, nested ``state_dict``s unwrapped) but memory-mapped, so no
-    tensor is read. ``None`` for a pickle in torch's legacy format or holding more than tensors: diffusers then
-    decides as it loads."""
-    if path.suffix == ".safetensors":
-        with safe_open(path, framework="pt") as handle:
-            return list(handle.keys())
+def _pickled_keys(path: Path) -> list[str] | None:
+    """The tensor names in the pickle ``path`` (allowed by check_weights_file), read as diffusers reads it
+    (``weights_only``, nested ``state_dict``s unwrapped) but memory-mapped, so no tensor is read. ``None`` for a
+    pickle in torch's legacy format or holding more than tensors: diffusers then decides as it loads."""
     try:
         with warnings.catch_warnings():
             warnings.filterwarnings("ignore", message="Detected pickle protocol")
