@@ -281,7 +281,9 @@ class TrainConfig:
     batch_size: int = option(1, "clips per device in each micro-batch", min=1, max=4096)
     gradient_accumulation: int = option(1, "micro-batches per optimizer step", min=1)
     lr: float = option(1e-4, "peak learning rate (AdamW)", gt=0, max=10)
-    lr_schedule: Literal["constant", "cosine", "linear"] = option("constant", "learning-rate curve after warmup")
+    lr_schedule: Literal["constant", "cosine", "linear"] = option(
+        "constant", "learning-rate curve after warmup (distill target: both again in every round)"
+    )
     warmup_steps: int = option(0, "steps of linear warmup from 0 to lr", min=0)
     weight_decay: float = option(0.01, "AdamW weight decay", min=0)
     optimizer: Literal["adamw", "adamw8bit"] = option("adamw", "adamw (fused on CUDA) or adamw8bit (bitsandbytes)")

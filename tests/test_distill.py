@@ -378,3 +378,39 @@ def test_the_truncated_snr_weighting_weighs_each_sample_by_max_snr_one(tiny_asse
     weight = (bar / (1 - bar)).clamp(min=1)
     assert (weight > 1).any() and (weight == 1).any(), weight  # the batch has steps on both sides of SNR 1
     torch.testing.assert_close(losses["truncated_snr"], losses["equal"] * weight)
+
+
+def test_each_round_trains_its_student_from_a_fresh_optimizer(student):
+    """Salimans & Ho start each round's student with a new optimizer: Adam's moments of the last round's target
+    are dropped at the round's first step (rounds of 2 steps: at steps 3 and 6 the state has seen 1 and 2 steps;
+    carried over, 3 and 6)."""
+    from lvdm.training.checkpoint import load_part
+
+    checkpoints = student["root"] / "whole" / "checkpoints"
+    for step, seen in ((3, 1), (6, 2)):
+        state = load_part(checkpoints / f"checkpoint-{step:08d}", "optimizer")["state"]
+        counts = {float(s["step"]) for s in state.values()}
+        assert state and counts == {seen}, (step, counts)
+
+
+def test_the_learning_rate_warms_up_and_anneals_again_in_each_round(tiny_assets, tmp_path):
+    """``train.lr_schedule`` and ``train.warmup_steps`` run per round (Salimans & Ho anneal linearly to 0 over each);
+    the last round takes the steps past the others'. The control: another target's schedule spans the whole run."""
+    from lvdm.training.setup import build_optimizer
+
+    def factors(overrides):
+        cfg = load_config([], overrides + ["train.lr_schedule=linear", "train.warmup_steps=1", "train.max_steps=10"])
+        weight = torch.nn.Parameter(torch.zeros(1))
+        optimizer, schedule = build_optimizer(cfg, [weight], torch.device("cpu"))
+        seen = []
+        for _ in range(cfg.train.max_steps):
+            seen.append(round(schedule.get_last_lr()[0] / cfg.train.lr, 4))
+            optimizer.step()
+            schedule.step()
+        return seen
+
+    distill = distill_overrides(tiny_assets, tmp_path, "distill", **{"train.distill_round_steps": 3})
+    assert factors(distill) == [0, 1, 0.5] + [0, 1, 0.5] + [0, 1, 0.6667, 0.3333]
+    assert factors(tiny_overrides(tiny_assets, tmp_path / "t2v")) == [0, 1] + [
+        round(1 - k / 9, 4) for k in range(1, 9)
+    ]

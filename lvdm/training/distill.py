@@ -8,7 +8,9 @@ stage, the **guidance round**: the student learns the guided teacher's predictio
 weight ``w`` as its input, so one forward per step serves every ``w`` in ``train.distill_guidance``. Each later
 round halves the steps (``distill_from`` -> ... -> ``distill_to``): the student learns to make in one DDIM step what
 two steps of the teacher make, and the student of one round is the frozen teacher of the next (one forward, ``w`` an
-input). Rounds are ``train.distill_round_steps`` optimizer steps (default ``train.max_steps / rounds``).
+input). Rounds are ``train.distill_round_steps`` optimizer steps (default ``train.max_steps / rounds``). Each round
+trains a new student, as Salimans & Ho's code does: the optimizer's state starts afresh, and ``train.warmup_steps``
+and the ``train.lr_schedule`` curve run again (their configs anneal the rate linearly to 0 over each round).
 
 One micro-batch, every draw from the step's generator:
 
@@ -93,6 +95,31 @@ def round_of_step(step: int, rounds: int, round_steps: int) -> int:
     """The round (0-based) optimizer step ``step`` (0-based) belongs to: ``round_steps`` each, the last round
     taking any steps past them."""
     return min(step // round_steps, rounds - 1)
+
+
+def round_lr_factor(step: int, train: Any) -> float:
+    """The learning rate's factor at optimizer step ``step`` (0-based): ``train.warmup_steps`` and the
+    ``train.lr_schedule`` curve run again in every round, each round training a new student (Salimans & Ho anneal
+    it linearly to 0 over each round)."""
+    rounds, round_steps = round_schedule(
+        train.distill_from, train.distill_to, train.distill_round_steps, train.max_steps
+    )
+    first = round_of_step(step, rounds, round_steps) * round_steps
+    last = train.max_steps if first == (rounds - 1) * round_steps else first + round_steps
+    return lr_curve(step - first, last - first, train.warmup_steps, train.lr_schedule)
+
+
+def lr_curve(step: int, total: int, warmup: int, curve: str) -> float:
+    """diffusers' warmup-then-curve factors (``constant_with_warmup``, ``linear``, ``cosine``) at ``step`` of
+    ``total``."""
+    if step < warmup:
+        return step / max(1, warmup)
+    progress = (step - warmup) / max(1, total - warmup)
+    if curve == "linear":
+        return max(0.0, 1.0 - progress)
+    if curve == "cosine":
+        return max(0.0, 0.5 * (1.0 + math.cos(math.pi * progress)))
+    return 1.0
 
 
 def reached_config(config: dict[str, Any], step: int) -> dict[str, Any]:
@@ -319,9 +346,17 @@ class DistillObjective(Objective):
     def after_step(self, step: int) -> dict[str, float]:
         """At the end of a round (not the last), the student becomes the frozen teacher of the next."""
         self.step = step
-        if step % self.round_steps == 0 and step < self.rounds * self.round_steps:
+        if self.starts_round(step):
             self.teacher = {name: p.detach().clone() for name, p in self.params.items()}
         return {"distill_round": float(self.round_of(step - 1) + 1)}
+
+    def starts_round(self, step: int) -> bool:
+        """Whether the next optimizer step after ``step`` is the first of a round (not the first round)."""
+        return step % self.round_steps == 0 and 0 < step < self.rounds * self.round_steps
+
+    def fresh_optimizer(self, step: int) -> bool:
+        """Each round trains a new student, from a fresh optimizer state (Salimans & Ho reset it)."""
+        return self.starts_round(step)
 
     def state_dict(self) -> dict[str, Any]:
         return {"teacher": self.teacher, "original": self.original, "step": torch.tensor(self.step),

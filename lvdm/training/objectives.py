@@ -52,6 +52,10 @@ class Objective(ABC):
         """Update what the objective owns after optimizer step ``step`` succeeded; figures to log."""
         return {}
 
+    def fresh_optimizer(self, step: int) -> bool:
+        """Whether the optimizer's state (Adam's moments) starts afresh after optimizer step ``step``."""
+        return False
+
     def state_dict(self) -> dict[str, Any]:
         """Extra models and optimizers to checkpoint (tensors and weights_only-safe containers)."""
         return {}

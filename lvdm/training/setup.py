@@ -273,6 +273,10 @@ def build_optimizer(cfg: Any, params: list[Any], device: torch.device) -> tuple[
         optimizer = torch.optim.AdamW(
             params, lr=train.lr, weight_decay=train.weight_decay, fused=True if device.type == "cuda" else None
         )
+    if train.target == "distill":  # the warmup and the curve run again in every round
+        from lvdm.training.distill import round_lr_factor
+
+        return optimizer, torch.optim.lr_scheduler.LambdaLR(optimizer, lambda step: round_lr_factor(step, train))
     schedule = get_scheduler(
         LR_SCHEDULES[train.lr_schedule],
         optimizer,

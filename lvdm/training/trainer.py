@@ -202,6 +202,8 @@ class Trainer:
             self.ema.update(self.step)
         self.step += 1
         self.objective_figures = self.objective.after_step(self.step)
+        if self.objective.fresh_optimizer(self.step):
+            self.optimizer.state.clear()  # filled again, at zero, by the next step
         return float(self.acc.reduce(loss.to(self.device), reduction="mean")), float(grad_norm), True
 
     def _next_batch(self) -> dict[str, Any]:
