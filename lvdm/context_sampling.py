@@ -82,8 +82,6 @@ def read_context(
     ``height x width`` and centre-cropped (as training clips are); a clear error for anything else. ``last``: only
     the last ``last`` frames (a continued video needs no more: every frame of a long one filled memory). ``check``
     is called with the video's frame count before its frames are read (a file's: from its header)."""
-    from lvdm.data.transforms import cover_size
-
     fps = None
     if isinstance(source, (str, os.PathLike)):
         path = Path(source)
@@ -96,7 +94,7 @@ def read_context(
             info = probe(path)
             if check is not None:
                 check(info.num_frames)
-            size = cover_size(info.width, info.height, height, width)
+            size = _cover(info.width, info.height, height, width, None)
             first = 0 if last is None else max(0, info.num_frames - last)
             frames = read_frames(path, range(first, info.num_frames), size=size)
         except LvdmError as exc:
@@ -108,7 +106,7 @@ def read_context(
             check(len(frames))
         frames = frames if last is None else frames[max(0, len(frames) - last) :]
         original = (frames.shape[2], frames.shape[1])
-        size = cover_size(original[0], original[1], height, width)
+        size = _cover(original[0], original[1], height, width, f"{what} video")
         if size != original:
             from PIL import Image
 
@@ -117,6 +115,17 @@ def read_context(
     frames = np.ascontiguousarray(frames[:, top : top + height, left : left + width])
     resized = None if original == (width, height) else f"{original[0]}x{original[1]} -> {width}x{height}, centre crop"
     return ContextVideo(frames, fps, resized)
+
+
+def _cover(width: int, height: int, out_h: int, out_w: int, what: str | None) -> tuple[int, int]:
+    """:func:`~lvdm.data.transforms.cover_size`, a :class:`ConfigError` (naming ``what``, if given) when the shape is
+    too far from the output's."""
+    from lvdm.data.transforms import cover_size
+
+    try:
+        return cover_size(width, height, out_h, out_w)
+    except ValueError as exc:
+        raise ConfigError(str(exc) if what is None else f"{what}: {exc}") from None
 
 
 def frames_array(source: Any, name: str, *, what: str) -> np.ndarray:

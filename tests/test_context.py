@@ -17,6 +17,7 @@ from lvdm.errors import ConfigError, TemporalModuleError
 from lvdm.models import VideoUNet, load_base
 from lvdm.models.parts import build_part
 from lvdm.modules.context_encoder import FLAGS, site_level
+from lvdm.testing import clips
 from lvdm.training.tasks import draw_tasks, given_frames, made_frames_loss
 from lvdm.training.trainer import train
 
@@ -483,6 +484,11 @@ def test_by_16_the_second_pass_is_the_fine_stage_where_the_module_learnt_it(cont
         ("context", lambda pipe, clip: pipe("x", context=clip, image_mode=True, **FAST), "image mode"),
         ("context", lambda pipe, clip: pipe("x", context=clip.astype(float), **FAST), "must be uint8"),
         ("context", lambda pipe, clip: pipe("x", context="missing.mp4", **FAST), "does not exist"),
+        (
+            "context",
+            lambda pipe, clip: pipe.interpolate(np.zeros((3, 1, 32, 3), np.uint8), **FAST),
+            "32x1 frames are too far",
+        ),
         ("context", lambda pipe, clip: pipe("x", num_frames=12, context_frames=5, **FAST), "no new frame"),
         ("two_given", lambda pipe, clip: pipe("x", num_frames=12, context_frames=3, **FAST), "at most 2 given"),
         ("two_given", lambda pipe, clip: pipe("x", context=clip, context_frames=3, **FAST), "at most 2 given"),
@@ -498,6 +504,19 @@ def test_bad_context_requests_are_one_clear_error(context_files, module, call, m
     clip = np.zeros((3, 16, 16, 3), np.uint8)
     with pytest.raises(ConfigError, match=message):
         call(pipeline(context_files, module), clip)
+
+
+def test_a_context_video_far_from_the_outputs_shape_is_refused_before_it_is_decoded(context_files, tmp_path):
+    """Covering the output, a 16x4096 video decoded 512x131072 frames (200 MB each) to keep 1/256 of each; a shape
+    more than 16 times the output's pixels away is refused, by name. The control: a 4 times wider one is taken."""
+    from lvdm.errors import ConfigError
+
+    pipe = pipeline(context_files, "context")
+    thin = clips.write_clip(tmp_path / "thin.mp4", num_frames=4, size=(16, 1024))
+    with pytest.raises(ConfigError, match=r"thin.mp4: 16x1024 frames are too far from the 16x16 output's shape"):
+        pipe("x", context=thin, height=16, width=16, **FAST)
+    taken = clips.write_clip(tmp_path / "taken.mp4", num_frames=4, size=(16, 64))
+    assert pipe("x", context=taken, height=16, width=16, **FAST).frames.shape[2:4] == (16, 16)
 
 
 def test_interpolation_takes_numpy_factors_tensors_and_one_negative_prompt_in_a_list(context_files):

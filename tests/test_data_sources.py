@@ -56,6 +56,9 @@ def test_cover_size_and_crop_geometry():
     assert cover_size(640, 360, 256, 256) == (456, 256)  # wide video: height matches
     assert cover_size(360, 640, 256, 256) == (256, 456)  # tall video: width matches
     assert cover_size(64, 48, 32, 32) == (43, 32)
+    assert cover_size(4096, 256, 512, 512) == (8192, 512)  # 16 times the output's pixels: the most allowed
+    with pytest.raises(ValueError, match="4352x256 frames are too far from the 512x512 output's shape"):
+        cover_size(4352, 256, 512, 512)  # 17 times: a 16x4096 video decoded 512x131072 frames to keep 1/256
     frames = np.arange(2 * 4 * 6 * 3, dtype=np.uint8).reshape(2, 4, 6, 3)
     video = to_clip_tensor(frames, 4, 4, crop="center", flip=False, rng=random.Random(0))
     assert video.shape == (2, 3, 4, 4) and video.min() >= -1 and video.max() <= 1

@@ -174,7 +174,7 @@ class VideoDataset(Dataset):
             str(path), info.num_frames, fps, s.num_frames,
             stride=s.stride, target_fps=s.target_fps, start=s.start, rng=rng, pick=pick,
         )  # fmt: skip
-        size = cover_size(info.width, info.height, height, width)
+        size = _cover(path, info.width, info.height, height, width)
         frames = read_frames(path, plan.indices, size=size, reader=s.reader, timeout=s.decode_timeout)
         return frames, plan.fps
 
@@ -183,7 +183,7 @@ class VideoDataset(Dataset):
         from lvdm.data.sizes import image_size
 
         image_width, image_height = image_size(path)
-        return read_image(path, size=cover_size(image_width, image_height, height, width))
+        return read_image(path, size=_cover(path, image_width, image_height, height, width))
 
     def _shape_of(self, entry: Entry, size: tuple[int, int] | None) -> tuple[bool, tuple[int, int]]:
         """``(is_image, (h, w))``: the samples that may share a batch."""
@@ -191,6 +191,14 @@ class VideoDataset(Dataset):
         if size is None:
             return entry.is_image, (s.height, s.width)
         return entry.is_image, nearest_bucket(*size, s.buckets)
+
+
+def _cover(path: object, width: int, height: int, out_h: int, out_w: int) -> tuple[int, int]:
+    """:func:`cover_size`, a bad sample (skipped and logged) when the shape is too far from the output's."""
+    try:
+        return cover_size(width, height, out_h, out_w)
+    except ValueError as exc:
+        raise VideoReadError(path, str(exc)) from None
 
 
 def collate(samples: list[dict[str, Any]]) -> dict[str, Any]:

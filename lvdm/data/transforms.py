@@ -13,11 +13,21 @@ from collections.abc import Sequence
 import numpy as np
 import torch
 
+MAX_COVER = 16  # a frame decoded to cover the output holds at most this many times the output's pixels
+
 
 def cover_size(width: int, height: int, out_h: int, out_w: int) -> tuple[int, int]:
-    """``(w, h)`` to decode at: the smallest aspect-preserving scale that covers ``out_h x out_w``."""
+    """``(w, h)`` to decode at: the smallest aspect-preserving scale that covers ``out_h x out_w``. A ``ValueError``
+    when that takes more than ``MAX_COVER`` times the output's pixels: a 16x4096 video covering 512x512 decoded
+    frames 131072 pixels tall, 200 MB each, to keep 1/256 of them."""
     scale = max(out_w / width, out_h / height)
-    return max(out_w, math.ceil(width * scale - 1e-6)), max(out_h, math.ceil(height * scale - 1e-6))
+    w, h = max(out_w, math.ceil(width * scale - 1e-6)), max(out_h, math.ceil(height * scale - 1e-6))
+    if w * h > MAX_COVER * out_w * out_h:
+        raise ValueError(
+            f"{width}x{height} frames are too far from the {out_w}x{out_h} output's shape: covering it would mean "
+            f"decoding {w}x{h} frames (at most {MAX_COVER} times the output's pixels are allowed; crop it first)"
+        )
+    return w, h
 
 
 def crop_box(width: int, height: int, out_h: int, out_w: int, mode: str, rng: random.Random) -> tuple[int, int]:
