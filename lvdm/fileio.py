@@ -330,7 +330,9 @@ def probe_writable(folder: Path) -> None:
 
 def write_problem(folder: Path) -> str | None:
     """Why no file can be written in ``folder`` (``"Not a directory"``, ``"Permission denied"`` ...), found by
-    :func:`probe_writable`; None when one can. ``os.access`` would say yes to root anywhere, /proc included."""
+    :func:`probe_writable`; None when one can. ``os.access`` would say yes to root anywhere, /proc included. Probes
+    an earlier, killed check left there go first (:func:`remove_write_probes`: lvdm's by name and text)."""
+    remove_write_probes(folder)
     try:
         probe_writable(folder)
     except OSError as exc:

@@ -361,3 +361,8 @@ def test_an_output_folder_that_takes_no_file_is_refused_before_sampling(tmp_path
             call()
     assert plan_outputs(tmp_path / "new" / "clip.mp4", ["a"]) == [tmp_path / "new" / "clip.mp4"]
     assert list(tmp_path.iterdir()) == []
+    # a probe a kill -9 left in the user's folder goes at the next check; a file of theirs of that name stays
+    (tmp_path / ".write-probe-a1b2c3d4").write_bytes(b"lvdm write probe\n")
+    (tmp_path / ".write-probe-e5f6g7h8").write_bytes(b"the user's own\n")
+    plan_outputs(tmp_path / "clip.mp4", ["a"])
+    assert [p.name for p in tmp_path.iterdir()] == [".write-probe-e5f6g7h8"]
