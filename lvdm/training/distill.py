@@ -104,9 +104,9 @@ def round_lr_factor(step: int, train: Any) -> float:
     rounds, round_steps = round_schedule(
         train.distill_from, train.distill_to, train.distill_round_steps, train.max_steps
     )
-    first = round_of_step(step, rounds, round_steps) * round_steps
-    last = train.max_steps if first == (rounds - 1) * round_steps else first + round_steps
-    return lr_curve(step - first, last - first, train.warmup_steps, train.lr_schedule)
+    r = round_of_step(step, rounds, round_steps)
+    first, length = r * round_steps, round_steps if r < rounds - 1 else train.max_steps - r * round_steps
+    return lr_curve(step - first, length, train.warmup_steps, train.lr_schedule)
 
 
 def lr_curve(step: int, total: int, warmup: int, curve: str) -> float:
