@@ -357,6 +357,7 @@ def _plan(
     args: argparse.Namespace, meta: dict[str, Any] | None
 ) -> tuple[list[str], dict[str, Any], SamplingSettings, list[Path]]:
     """The prompts, the settings given and checked, and the output paths: every mistake found before loading."""
+    from lvdm.image_sampling import check_image_weights
     from lvdm.media import gif_rate_problem
     from lvdm.outputs import media_suffix
     from lvdm.pipeline import plan_outputs, read_prompts, sampling_settings
@@ -373,6 +374,8 @@ def _plan(
         raise ConfigError(f"--upscaler: a {side} px side would upscale to {4 * side} px; at most {MAX_SIDE // 4} px a "
                           f"side ({MAX_SIDE} out): sample smaller, or leave out --upscaler")  # fmt: skip
     _check_context(args, checked.image_mode)
+    if args.image is None:
+        check_image_weights(checked)
     _check_upscaler(args)
     check_base_noise_seed(args.base_noise_seed, checked.noise_prior)
     gif = media_suffix(args.out) == ".gif" or args.format == "gif"

@@ -126,6 +126,17 @@ def require_image(pipe: Any) -> None:
         )
 
 
+def check_image_weights(s: SamplingSettings) -> None:
+    """Refuse ``image_scale`` / ``image_guidance_scale`` for a call without an image: they would weigh the "no
+    image" tokens instead (the defaults, as a sidecar records them, pass)."""
+    weights = {"image_scale": None if s.image_scale == 1.0 else s.image_scale,
+               "image_guidance_scale": s.image_guidance_scale}  # fmt: skip
+    asked = [f"{name}={value:g}" for name, value in weights.items() if value is not None]
+    if asked:
+        raise ConfigError(f"{' and '.join(asked)} weigh an image, and none was given: pass image= (--image), or leave "
+                          "them out")  # fmt: skip
+
+
 def image_as_first_frame(
     pipe: Any, s: SamplingSettings, image: Any, context: Any, *, explicit: dict[str, Any]
 ) -> tuple[SamplingSettings, Any]:
@@ -133,6 +144,8 @@ def image_as_first_frame(
     ``image_as_first_frame``, the one-frame video to continue (``context_frames`` 1 unless set in ``explicit``)."""
     if image is not None:
         require_image(pipe)
+    else:
+        check_image_weights(s)
     if s.image_as_first_frame:
         if image is None:
             raise ConfigError("image_as_first_frame needs an image")

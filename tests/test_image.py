@@ -407,6 +407,12 @@ def test_bad_image_requests_are_one_clear_error(image_files, sd_folder, i2v, tmp
         moved("a", image=image_files["picture"], **FAST)
     with pytest.raises(ConfigError, match="image_as_first_frame needs an image"):
         moved("a", image_as_first_frame=True, **FAST)
+    for weights, named in (({"image_scale": 0.5}, "image_scale=0.5"), ({"image_guidance_scale": 2.0},
+                           "image_guidance_scale=2 weigh an image, and none was given")):  # fmt: skip
+        with pytest.raises(ConfigError, match=named):  # they would weigh the "no image" tokens: refused
+            moved("a", **weights, **FAST)
+    pipe = VideoPipeline.from_pretrained(sd_folder, temporal=i2v)
+    assert pipe("a", image_scale=1.0, **FAST).frames.shape[0] == 1  # the default, as a replay records it, samples
 
 
 def test_sample_cli_animates_a_picture_and_replays_it(image_files, sd_folder, i2v, tmp_path, command):
@@ -427,6 +433,8 @@ def test_sample_cli_animates_a_picture_and_replays_it(image_files, sd_folder, i2
     os.mkfifo(fifo)  # refused without being opened: no hang
     refused = command(sample, *t2v_args[:2], "--image", fifo, *t2v_args[4:])
     assert refused.returncode == 2 and "not a regular file" in refused.stderr, refused.stderr
+    refused = command(sample, *argv[:4], "--image-guidance", "3", *argv[6:])  # no --image: refused before loading
+    assert refused.returncode == 2 and "image_guidance_scale=3 weigh an image" in refused.stderr, refused.stderr
 
 
 def test_the_image_can_also_be_the_first_context_frame(image_files, sd_folder):
