@@ -414,3 +414,33 @@ def test_the_learning_rate_warms_up_and_anneals_again_in_each_round(tiny_assets,
     assert factors(tiny_overrides(tiny_assets, tmp_path / "t2v")) == [0, 1] + [
         round(1 - k / 9, 4) for k in range(1, 9)
     ]
+
+
+@pytest.mark.parametrize(
+    ("round_steps", "max_steps", "ends"),
+    [(2, 6, {2: 1, 4: 2, 6: 3}), (2, 8, {2: 1, 4: 2, 8: 3}), ("null", 7, {2: 1, 4: 2, 7: 3}), (2, 4, {2: 1, 4: 2})],
+)
+def test_each_rounds_gain_is_printed_once_when_it_ends(tiny_assets, tmp_path, capsys, round_steps, max_steps, ends):
+    """The last round takes the steps past the others' (``train.distill_round_steps`` x rounds short of
+    ``train.max_steps``): its gain was printed as "round 3/3" in its middle, and as "round 4/3" at the next multiple
+    of the round's length, and not at its end. The control: rounds that divide the run, and a run stopped early."""
+    import re
+
+    from lvdm.training.objectives import make_objective
+    from lvdm.training.setup import build_model
+
+    overrides = {"train.distill_round_steps": round_steps, "train.max_steps": max_steps}
+    cfg = load_config([], distill_overrides(tiny_assets, tmp_path, "run", **overrides))
+    video, frozen, _ = build_model(cfg, torch.device("cpu"), "no")
+    objective = make_objective(cfg, video, frozen, torch.device("cpu"))
+    keys = ("gain", "error_teacher", "error_student", "gain_median", "closer")
+    objective.distillation_gain = lambda batches, steps: {f"distill_{key}_{steps}": 1.0 for key in keys}
+    printed = {}
+    for step in range(1, max_steps + 1):
+        objective.step = step
+        objective.evaluate(None, [{"video": None}])
+        lines = capsys.readouterr().out.splitlines()
+        if lines:
+            assert len(lines) == 1, lines
+            printed[step] = int(re.match(r"distillation round (\d+)/3 ", lines[0])[1])
+    assert printed == ends

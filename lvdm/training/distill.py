@@ -354,6 +354,16 @@ class DistillObjective(Objective):
         """Whether the next optimizer step after ``step`` is the first of a round (not the first round)."""
         return step % self.round_steps == 0 and 0 < step < self.rounds * self.round_steps
 
+    def ended_round(self, step: int) -> int | None:
+        """The round (1-based) whose last optimizer step ``step`` is, else ``None``: the last round ends at
+        ``train.max_steps`` when it takes the steps past the others' (not at a multiple of the round's length)."""
+        if step <= 0:
+            return None
+        r = self.round_of(step - 1)
+        last = max(self.cfg.train.max_steps, self.rounds * self.round_steps)
+        end = (r + 1) * self.round_steps if r < self.rounds - 1 else last
+        return r + 1 if step == end else None
+
     def fresh_optimizer(self, step: int) -> bool:
         """Each round trains a new student, from a fresh optimizer state (Salimans & Ho reset it)."""
         return self.starts_round(step)
@@ -380,10 +390,10 @@ class DistillObjective(Objective):
             return None
         steps = self._trained_steps()
         figures = self.distillation_gain(batches, steps)
-        if self.step > 0 and self.step % self.round_steps == 0:
+        r = self.ended_round(self.step)
+        if r is not None:
             from tqdm.auto import tqdm
 
-            r = self.step // self.round_steps
             keys = ("gain", "error_teacher", "error_student", "gain_median", "closer")
             gain, teacher, student, median, closer = (figures[f"distill_{key}_{steps}"] for key in keys)
             what = "guidance round" if r == 1 else f"{2 * steps} -> {steps} steps"
