@@ -444,3 +444,27 @@ def test_each_rounds_gain_is_printed_once_when_it_ends(tiny_assets, tmp_path, ca
             assert len(lines) == 1, lines
             printed[step] = int(re.match(r"distillation round (\d+)/3 ", lines[0])[1])
     assert printed == ends
+
+
+def test_a_resume_that_changes_the_rounds_is_refused(tiny_assets, tmp_path):
+    """A round's teacher is taken, and the optimizer's state cleared, at its first step. Resumed with another
+    ``train.distill_to`` (a round added after the last), the new round's teacher was the last round's teacher (the
+    guidance round's student as a 2-step teacher) with the last round's Adam state; resumed with another
+    ``train.max_steps`` where ``train.distill_round_steps`` is null, the rounds' boundaries moved under the run. Both
+    were a one-line note. The control: a longer run with the rounds' length kept (the last round takes the rest)."""
+    from lvdm.training.trainer import train
+
+    common = {"data.holdout": 1, "train.distill_eval_noises": 1, "train.checkpoint_every": 100}
+    run = {**common, "train.distill_to": 2, "train.max_steps": 4}
+    train(load_config([], distill_overrides(tiny_assets, tmp_path, "ext", **run)), progress=False)
+    more = {**common, "train.resume": "auto", "train.max_steps": 6}
+    with pytest.raises(ConfigError, match=r"train.distill_to: 2 in the checkpoint, 1 now"):
+        train(load_config([], distill_overrides(tiny_assets, tmp_path, "ext", **more)), progress=False)
+    run = {**common, "train.distill_round_steps": "null", "train.max_steps": 3}  # rounds of 1 step
+    train(load_config([], distill_overrides(tiny_assets, tmp_path, "short", **run)), progress=False)
+    longer = more | run | {"train.max_steps": 6}
+    longer = load_config([], distill_overrides(tiny_assets, tmp_path, "short", **longer))
+    with pytest.raises(ConfigError, match=r"rounds' length: 1 steps in the checkpoint, 2 now .*distill_round_steps=1"):
+        train(longer, progress=False)
+    kept = {**more, "train.distill_round_steps": 1, "train.max_steps": 4}
+    assert train(load_config([], distill_overrides(tiny_assets, tmp_path, "short", **kept)), progress=False).step == 4

@@ -39,8 +39,9 @@ def compare_on_resume(saved: dict[str, Any], current: dict[str, Any]) -> None:
     behaviour, so it is not a change."""
     changed = {key: (a, b) for key, (a, b) in _flat_pairs(saved, current).items() if a != b and a is not _ABSENT}
     fixed = {key: pair for key, pair in changed.items() if key in FIXED_ON_RESUME}
-    if fixed:
-        lines = [f"{key}: {a!r} in the checkpoint, {b!r} now" for key, (a, b) in sorted(fixed.items())]
+    rounds = _distill_schedule_changes(saved, current)
+    if fixed or rounds:
+        lines = [f"{key}: {a!r} in the checkpoint, {b!r} now" for key, (a, b) in sorted(fixed.items())] + rounds
         raise ConfigError("cannot resume with changed settings:\n  " + "\n  ".join(lines))
     for key, (a, b) in sorted(changed.items()):
         if not key.startswith("train.resume"):
@@ -48,6 +49,44 @@ def compare_on_resume(saved: dict[str, Any], current: dict[str, Any]) -> None:
 
 
 _ABSENT = object()  # a key the saved config does not have
+
+
+def _distill_schedule_changes(saved: dict[str, Any], current: dict[str, Any]) -> list[str]:
+    """What changes the rounds of a distill run: ``train.distill_from``, ``train.distill_to`` and the rounds' length
+    (``train.distill_round_steps``, or ``train.max_steps / rounds`` where it is null). A round's teacher is taken,
+    and the optimizer's state cleared, at its first step: resumed past a boundary that the checkpoint's schedule did
+    not have, the round ran with the last round's teacher and optimizer state, without a word."""
+    from lvdm.errors import LvdmError
+    from lvdm.training.distill import round_schedule
+
+    def schedule(config: dict[str, Any]) -> tuple[Any, Any, int] | None:
+        train = config.get("train") if isinstance(config.get("train"), dict) else {}
+        if train.get("target") != "distill":
+            return None
+        try:
+            _, length = round_schedule(
+                train["distill_from"], train["distill_to"], train.get("distill_round_steps"), train["max_steps"]
+            )
+        except (KeyError, TypeError, ValueError, ZeroDivisionError, LvdmError):
+            return None
+        return train["distill_from"], train["distill_to"], length
+
+    before, now = schedule(saved), schedule(current)
+    if before is None or now is None or before == now:
+        return []
+    lines = [
+        f"train.{key}: {a!r} in the checkpoint, {b!r} now (other rounds: distil the teacher again, in another "
+        "output_dir)"
+        for key, a, b in zip(("distill_from", "distill_to"), before, now, strict=False)
+        if a != b
+    ]
+    if before[2] != now[2]:
+        lines.append(
+            f"the distillation rounds' length: {before[2]} steps in the checkpoint, {now[2]} now (to change "
+            f"train.max_steps, set train.distill_round_steps={before[2]}: the last round takes the steps past the "
+            "others')"
+        )
+    return lines
 
 
 def _flat_pairs(saved: dict[str, Any], current: dict[str, Any], prefix: str = "") -> dict[str, tuple[Any, Any]]:
