@@ -111,7 +111,7 @@ def _distill_problems(cfg: Config) -> list[str]:
 
     try:
         rounds = 1 + distill_rounds(t.distill_from, t.distill_to)  # the guidance round, then the halvings
-        if t.max_steps < rounds:
+        if t.max_steps < rounds and t.distill_round_steps is None:  # rounds of train.max_steps / rounds steps
             problems.append(f"train.max_steps: {t.max_steps} steps cannot hold {rounds} distillation rounds")
     except ConfigError as exc:
         problems.append(str(exc))

@@ -267,6 +267,16 @@ def test_the_per_sample_figures_read_each_noise(tiny_assets, tmp_path):
     assert figures["distill_gain_2"] < 1 < figures["distill_gain_median_2"]  # the far sample carries the mean
 
 
+def test_a_run_may_stop_before_its_rounds_when_they_have_a_length(tiny_assets, tmp_path):
+    """With ``train.distill_round_steps`` the rounds do not follow ``train.max_steps``: a run stopped in the guidance
+    round (to be resumed) was refused with max_steps below the number of rounds, and taken with one step more.
+    The control: without it, such a run has rounds of no step."""
+    overrides = distill_overrides(tiny_assets, tmp_path, "run", **{"train.distill_round_steps": 100})
+    assert load_config([], [*overrides, "train.max_steps=2"]).train.max_steps == 2
+    with pytest.raises(ConfigError, match="cannot hold 3 distillation rounds"):
+        load_config([], [*overrides, "train.max_steps=2", "train.distill_round_steps=null"])
+
+
 @pytest.mark.parametrize(
     ("extra", "message"),
     [
@@ -274,7 +284,7 @@ def test_the_per_sample_figures_read_each_noise(tiny_assets, tmp_path):
         ({"train.distill_from": 48}, "halved one or more times"),
         ({"model.context": "true"}, "model.context: not part of train.target=distill"),
         ({"train.distill_guidance": "[6.0, 2.0]"}, "low <= high"),
-        ({"train.max_steps": 2}, "cannot hold 3 distillation rounds"),
+        ({"train.max_steps": 2, "train.distill_round_steps": "null"}, "cannot hold 3 distillation rounds"),
         ({"train.distill_guidance": "[1.0, .inf]"}, "train.distill_guidance.*100"),  # a traceback in the pool
         ({"train.distill_guidance": "[150, 200]"}, "train.distill_guidance.*100"),  # a student never sampled
         ({"train.lr": "1e300"}, "train.lr.*10"),  # a traceback inside AdamW
