@@ -77,7 +77,7 @@ def _distill_schedule_changes(saved: dict[str, Any], current: dict[str, Any]) ->
     lines = [
         f"train.{key}: {a!r} in the checkpoint, {b!r} now (other rounds: distil the teacher again, in another "
         "output_dir)"
-        for key, a, b in zip(("distill_from", "distill_to"), before, now, strict=False)
+        for key, a, b in zip(("distill_from", "distill_to"), before[:2], now[:2], strict=True)
         if a != b
     ]
     if before[2] != now[2]:
