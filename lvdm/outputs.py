@@ -292,10 +292,11 @@ def _check_writable(folder: Path) -> None:
 
 
 def read_prompts(path: str | os.PathLike) -> list[str]:
-    """Prompts from a UTF-8 text file, one per line; blank lines are skipped."""
+    """Prompts from a UTF-8 text file, one per line; blank lines are skipped. A leading byte-order mark (Notepad's
+    "UTF-8 with BOM") is no part of the first prompt: it was kept, a different text to the encoder."""
     path = Path(path)
     try:
-        lines = read_bounded(path, MAX_TEXT_BYTES).decode("utf-8").splitlines()
+        lines = read_bounded(path, MAX_TEXT_BYTES).decode("utf-8-sig").splitlines()
     except (OSError, UnicodeDecodeError) as exc:
         raise ConfigError(f"prompts file {path} cannot be read: {getattr(exc, 'strerror', None) or exc}") from exc
     prompts = [line.strip() for line in lines if line.strip()]

@@ -338,6 +338,13 @@ def test_bad_call_arguments_fail_before_sampling(pipe):
         pipe([], **FAST)
 
 
+def test_a_prompt_file_saved_with_a_byte_order_mark_reads_its_first_prompt_as_written(tmp_path):
+    """Notepad's "UTF-8 with BOM" kept U+FEFF at the start of the first prompt: three more tokens to the text encoder,
+    a different video from the same prompt given with --prompt, and the mark in its sidecar."""
+    (tmp_path / "bom.txt").write_bytes("\ufeffa cat\r\na dog\r\n".encode())
+    assert read_prompts(tmp_path / "bom.txt") == ["a cat", "a dog"]
+
+
 def test_prompt_files_and_output_paths_are_checked_before_loading(tmp_path):
     (tmp_path / "prompts.txt").write_text("a cat\n\n  a dog  \n", encoding="utf-8")
     (tmp_path / "empty.txt").write_text("\n \n", encoding="utf-8")
