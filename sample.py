@@ -174,6 +174,8 @@ def _replayed(args: argparse.Namespace, meta: dict[str, Any] | None) -> argparse
     taken from a file: a sidecar can come from anyone."""
     if meta is None:
         return args
+    from lvdm.outputs import media_suffix
+
     model = meta["model"]
     base = args.base or model.get("base")
     folder = isinstance(base, str) and Path(base).is_dir()  # a recorded base_config was for a single-file base
@@ -184,8 +186,16 @@ def _replayed(args: argparse.Namespace, meta: dict[str, Any] | None) -> argparse
         spatial_weights=args.spatial_weights or model.get("spatial_weights"),
         lora=args.lora or list(model.get("loras") or []),
         dtype=model.get("dtype", "auto") if args.dtype == "auto" else args.dtype,
-        format=args.format or meta.get("format"),
-        base_noise_seed=meta.get("base_noise") if args.base_noise_seed is None else args.base_noise_seed,
+        # the sidecar's format names the files of an --out folder; a .mp4/.gif --out is its own (a GIF's rate
+        # limit was applied to an .mp4, and a PNG sidecar's --upscaler refused)
+        format=args.format or (None if media_suffix(args.out) else meta.get("format")),
+        # the recorded base noise goes with the mixed prior: --noise-prior independent over it was refused, and no
+        # flag could unset it
+        base_noise_seed=(
+            args.base_noise_seed
+            if args.base_noise_seed is not None or args.noise_prior not in (None, "mixed")
+            else meta.get("base_noise")
+        ),
         prompt=meta["prompt"] if args.prompt is None and args.prompts is None else args.prompt,
         context=args.context or _source(meta.get("context")),
         interpolate=args.interpolate or _source(meta.get("interpolate")),
@@ -220,6 +230,8 @@ def _check_context(args: argparse.Namespace, image_mode: bool) -> None:
                                        ("--image-as-first-frame", args.image_as_first_frame)) if given]  # fmt: skip
     if args.interpolate is not None and unused:  # taken and ignored, after the pipeline had loaded
         raise ConfigError(f"--interpolate gives every frame of its video: it does not take {', '.join(unused)}")
+    if args.interpolate is not None and args.base_noise_seed is not None:  # taken and silently ignored
+        raise ConfigError("--interpolate draws its noise from --seed alone: it does not take --base-noise-seed")
     given = [flag for flag, value in (("--context", args.context), ("--interpolate", args.interpolate),
                                       ("--context-frames", args.context_frames),
                                       ("--context-guidance", args.context_guidance)) if value is not None]  # fmt: skip
@@ -237,7 +249,7 @@ def _check_context(args: argparse.Namespace, image_mode: bool) -> None:
     if args.image is not None and args.interpolate is not None:
         raise ConfigError("--interpolate does not take --image")
     if args.interpolate is not None:  # from the video's header: a long one sampled for hours, past the frame limit
-        _check_keyframes(args.interpolate, args.factor or 4)
+        _check_keyframes(args.interpolate, args.factor or 4, fps=args.fps)
 
 
 def _check_upscaler(args: argparse.Namespace) -> None:
@@ -263,18 +275,22 @@ def _check_upscaler(args: argparse.Namespace) -> None:
             _check_upscaler_module_family(args.upscaler_temporal, Path(args.upscaler))
 
 
-def _check_keyframes(video: str, factor: int) -> None:
-    """That ``--interpolate VIDEO`` by ``factor`` makes no more frames than a video may have, from its header (one
-    that cannot be read is named when it is read)."""
+def _check_keyframes(video: str, factor: int, *, fps: float | None = None) -> None:
+    """That ``--interpolate VIDEO`` by ``factor`` makes no more frames than a video may have, and that an ``--fps``
+    given is not ignored (the output plays at the video's own rate times ``factor``), from its header (one that
+    cannot be read is named when it is read)."""
     from lvdm.context_sampling import check_keyframes
     from lvdm.data.readers import probe
     from lvdm.errors import LvdmError
 
     try:
-        count = probe(video).num_frames
+        info = probe(video)
     except LvdmError:
         return
-    check_keyframes(count, factor)
+    check_keyframes(info.num_frames, factor)
+    if fps is not None and (rate := info.playback_fps()) is not None:  # it was taken and silently ignored
+        raise ConfigError(f"--interpolate writes {video} at its own {rate:g} fps times {factor} ({rate * factor:g} "
+                          "fps): it does not take --fps")  # fmt: skip
 
 
 def _check_upscaler_module_family(module: str, upscaler: Path) -> None:

@@ -423,6 +423,40 @@ def test_from_json_re_renders_a_video_exactly(files, tmp_path, command):
         "num_inference_steps"] == 3  # fmt: skip
 
 
+def test_a_replay_takes_the_kind_of_its_out_file_and_the_noise_prior_its_flags_give(files, tmp_path, command,
+                                                                                    monkeypatch):  # fmt: skip
+    """A GIF's sidecar replayed into an .mp4 was held to a GIF's rate limit, a PNG sidecar's into an .mp4 refused
+    --upscaler, and a mixed-prior sidecar's base noise refused --noise-prior independent (no flag could unset it):
+    each was refused before loading. Now each reaches the loading; the controls, where the sidecar's format or base
+    noise does apply, are still refused."""
+    from lvdm.errors import ConfigError
+    from lvdm.models import loading
+    from lvdm.testing.upscaler import make_tiny_upscaler
+
+    def reached(*args, **kwargs):
+        raise ConfigError("reached the loading")
+
+    monkeypatch.setattr(loading, "_load_folder", reached)
+    x4 = make_tiny_upscaler(tmp_path / "x4", seed=0)
+    sidecar = tmp_path / "v.json"
+    model = {"base": str(files["a"])}
+    fast = ["--prompt", "a kite", "--frames", "2", "--steps", "1"]
+    mixed = {"settings": {"noise_prior": "mixed"}, "base_noise": 5}
+    for meta, flags, message in (
+        ({"format": "gif"}, ["--fps", "200", "--out", str(tmp_path / "a.mp4")], "reached the loading"),
+        ({"format": "gif"}, ["--fps", "200", "--out", str(tmp_path / "gifs")], "a GIF stores delays"),
+        ({"format": "png"}, ["--upscaler", str(x4), "--out", str(tmp_path / "b.mp4")], "reached the loading"),
+        ({"format": "png"}, ["--upscaler", str(x4), "--out", str(tmp_path / "pngs")], "--upscaler upscales"),
+        (mixed, ["--noise-prior", "independent", "--out", str(tmp_path / "c.mp4")], "reached the loading"),
+        (mixed, ["--out", str(tmp_path / "d.mp4")], "reached the loading"),  # the recorded base noise taken
+        ({**mixed, "settings": {}}, ["--noise-prior", "independent", "--base-noise-seed", "5", "--out",
+                                     str(tmp_path / "e.mp4")], "only used by noise_prior='mixed'"),
+    ):  # fmt: skip
+        sidecar.write_text(json.dumps({"prompt": "a kite", "settings": {}, "model": model} | meta))
+        code, _, err = sample_here(command, "--from-json", str(sidecar), *fast, *flags)
+        assert code == 2 and err.count("\n") == 1 and message in err, (meta, flags, err)
+
+
 def test_from_json_refuses_what_is_not_a_sidecar(tmp_path, command):
     bad = tmp_path / "notes.json"
     bad.write_text('{"prompt": "a kite"}')
@@ -523,6 +557,27 @@ def test_an_interpolation_past_the_frame_limit_is_refused_before_anything_loads(
         pipe.interpolate(long, factor=16, num_inference_steps=1, progress=False)
     with pytest.raises(AssertionError, match="sampled"):  # the control: 1024 frames by 4 make 4093
         pipe.interpolate(np.zeros((1024, 16, 16, 3), np.uint8), factor=4, num_inference_steps=1, progress=False)
+
+
+def test_interpolation_refuses_the_settings_it_would_ignore_before_anything_loads(files, context_files, tmp_path,
+                                                                                  command, monkeypatch):  # fmt: skip
+    """--interpolate took --base-noise-seed and --fps and ignored both (the same video at any base noise seed, written
+    at the clip's rate times the factor whatever --fps said). Now they are refused from the video's header; the
+    control, without them, reaches the loading."""
+    from lvdm.errors import ConfigError
+    from lvdm.models import loading
+
+    def reached(*args, **kwargs):
+        raise ConfigError("reached the loading")
+
+    monkeypatch.setattr(loading, "_load_folder", reached)
+    argv = ["--base", str(files["a"]), "--temporal", str(context_files["module"]), "--steps", "1", "--interpolate",
+            str(context_files["clip"]), "--out", str(tmp_path / "smooth.mp4")]  # fmt: skip
+    for extra, message in ((["--noise-prior", "mixed", "--base-noise-seed", "3"], "does not take --base-noise-seed"),
+                           (["--fps", "3"], "at its own 8 fps times 4 (32 fps): it does not take --fps"),
+                           ([], "reached the loading")):  # fmt: skip
+        code, _, err = sample_here(command, *argv, *extra)
+        assert code == 2 and err.count("\n") == 1 and message in err, (extra, err)
 
 
 def test_an_input_given_as_the_output_is_not_replaced_by_overwrite(files, context_files, tmp_path, command,
