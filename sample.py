@@ -390,8 +390,10 @@ def _plan(
         raise ConfigError(f"--upscaler: a {side} px side would upscale to {4 * side} px; at most {MAX_SIDE // 4} px a "
                           f"side ({MAX_SIDE} out): sample smaller, or leave out --upscaler")  # fmt: skip
     _check_context(args, checked.image_mode)
-    if args.image is None:
+    if args.image is None:  # refused by the pipeline too, after loading
         check_image_weights(checked)
+        if checked.image_as_first_frame:
+            raise ConfigError("--image-as-first-frame needs --image")
     _check_upscaler(args)
     check_base_noise_seed(args.base_noise_seed, checked.noise_prior)
     gif = media_suffix(args.out) == ".gif" or args.format == "gif"

@@ -433,8 +433,17 @@ def test_sample_cli_animates_a_picture_and_replays_it(image_files, sd_folder, i2
     os.mkfifo(fifo)  # refused without being opened: no hang
     refused = command(sample, *t2v_args[:2], "--image", fifo, *t2v_args[4:])
     assert refused.returncode == 2 and "not a regular file" in refused.stderr, refused.stderr
-    refused = command(sample, *argv[:4], "--image-guidance", "3", *argv[6:])  # no --image: refused before loading
-    assert refused.returncode == 2 and "image_guidance_scale=3 weigh an image" in refused.stderr, refused.stderr
+    from lvdm.pipeline import VideoPipeline
+
+    loads = []
+    with pytest.MonkeyPatch.context() as patch:
+        patch.setattr(VideoPipeline, "from_pretrained", lambda *a, **k: loads.append(1))
+        no_image = [*argv[:4], "--prompt", "a cat", "--out", tmp_path / "none.mp4"]
+        for flags, message in ((["--image-guidance", "3"], "image_guidance_scale=3 weigh an image"),
+                               (["--image-as-first-frame"], "--image-as-first-frame needs --image")):  # fmt: skip
+            refused = command(sample, *no_image, *flags)
+            assert refused.returncode == 2 and message in refused.stderr, refused.stderr
+    assert not loads  # refused before loading
 
 
 def test_the_image_can_also_be_the_first_context_frame(image_files, sd_folder):
