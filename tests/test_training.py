@@ -197,6 +197,23 @@ def test_a_finished_run_is_extended_by_raising_max_steps(tiny_assets, tmp_path):
     assert [p.name for p in list_checkpoints(tmp_path / "run" / "checkpoints")][-1] == "checkpoint-00000003"
 
 
+def test_a_resume_with_a_changed_lr_or_weight_decay_trains_with_them(tiny_assets, tmp_path):
+    """The note "resuming with train.lr changed" was all that changed: the restored optimizer and schedule kept the
+    checkpoint's rate and weight decay. Unchanged, the restored rates are exact (the resume tests above)."""
+    extra = {"train.warmup_steps": 4, "train.lr_schedule": "cosine", "train.max_steps": 6}
+    _run(tiny_assets, tmp_path / "run", **(extra | {"train.max_steps": 2}))
+    changed = {"train.lr": 1e-3, "train.weight_decay": 0.5, "train.resume": "latest"}
+    trainer = Trainer(load_config([], tiny_overrides(tiny_assets, tmp_path / "run", **extra, **changed)),
+                      progress=False)  # fmt: skip
+    assert trainer.step == 2
+    group = trainer.optimizer.param_groups[0]
+    assert group["weight_decay"] == 0.5
+    assert group["lr"] == pytest.approx(1e-3 * 2 / 4)  # the warmup's third step, of the new peak rate
+    assert trainer.lr_schedule.get_last_lr() == [group["lr"]]
+    assert trainer._optimizer_step()[2]
+    assert trainer.optimizer.param_groups[0]["lr"] == pytest.approx(1e-3 * 3 / 4)
+
+
 def test_a_corrupted_checkpoint_is_refused_by_name(tiny_assets, tmp_path):
     _run(tiny_assets, tmp_path / "run", **{"train.max_steps": 2})
     latest = list_checkpoints(tmp_path / "run" / "checkpoints")[-1]
