@@ -231,6 +231,44 @@ def test_context_training_logs_each_task_reports_gains_and_resumes_exactly(tiny_
         assert gains[f"context_gain_{task}"] == pytest.approx(expected)
 
 
+def test_each_tasks_logged_loss_is_its_window_mean_after_a_resume_and_a_skipped_step(tiny_assets, tmp_path, monkeypatch):
+    """``loss_<task>`` is the mean over the steps taken since the last log line, as ``loss`` is: a run resumed from a
+    checkpoint inside that window logs what an uninterrupted one logs (the window was not checkpointed: step 4 had
+    no ``loss_text``), and a skipped non-finite step adds nothing (it made ``loss_predict`` NaN)."""
+    import lvdm.training.objectives as objectives_module
+    from lvdm.training.logs import read_log
+    from lvdm.training.trainer import Trainer
+
+    run = {**CONTEXT_RUN, "train.tasks": "{text: 1, predict: 1}", "train.log_every": 4}
+    overrides = lambda out, **extra: tiny_overrides(tiny_assets, out, **(run | extra))  # noqa: E731
+    whole_and_resumed(overrides, tmp_path)  # stopped at the checkpoint of step 2, inside the window of step 4
+
+    def figures(out):
+        return {r["step"]: {k: v for k, v in r.items() if k.startswith("loss")} for r in read_log(out / "log.jsonl")
+                if "grad_norm" in r}  # fmt: skip
+
+    assert figures(tmp_path / "split") == figures(tmp_path / "whole")
+    assert {"loss_text", "loss_predict"} <= set(figures(tmp_path / "whole")[4])
+
+    trainer = Trainer(load_config([], overrides(tmp_path / "nan", **{"train.log_every": 2})), progress=False)
+    real = objectives_module.training_loss
+
+    def nan_prediction(*args, **kwargs):
+        terms = real(*args, **kwargs)
+        terms.prediction = terms.prediction * float("nan")
+        return terms
+
+    for nonfinite in (False, True, False):
+        monkeypatch.setattr(objectives_module, "training_loss", nan_prediction if nonfinite else real)
+        loss, grad_norm, stepped = trainer._optimizer_step()
+        assert stepped != nonfinite
+        if stepped:
+            trainer._after_step(loss, grad_norm, 0.0)
+    logged = [r for r in read_log(tmp_path / "nan" / "log.jsonl") if "grad_norm" in r]
+    assert [r["step"] for r in logged] == [1, 2]
+    assert all(isinstance(v, float) for r in logged for k, v in r.items() if k.startswith("loss_"))
+
+
 FINE_RUN = {
     "model.context": "true",
     "train.tasks": "{text: 1, interpolate: 1, interpolate_fine: 1}",

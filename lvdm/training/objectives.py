@@ -100,7 +100,9 @@ class DenoisingObjective(Objective):
         self.context = "context_mask" in accepted
         # what the parts read from a batch (its clips' fps, the image's CLIP tokens); in training drawn by a generator
         self.inputs = functools.partial(batch_inputs, accepted=accepted, device=device, frozen=frozen, train=cfg.train)
-        self.task_losses: dict[str, list[float]] = {}  # since the last log line
+        self.task_losses: dict[str, list[float]] = {}  # the steps taken since the last log line (checkpointed)
+        self.pending: list[list[tuple[str, float]]] = []  # per micro-batch since the last step taken: a skipped
+        # (non-finite) step's are dropped, as its loss is
 
     def loss(self, model_fn: Any, batch: dict[str, Any], generator: torch.Generator) -> torch.Tensor:
         train, inputs = self.cfg.train, self.inputs(batch, generator=generator)
@@ -124,16 +126,32 @@ class DenoisingObjective(Objective):
         )
         tasks = drawn[0]
         loss = made_frames_loss(terms.prediction, terms.target, tasks.made()) * terms.weights
-        for name, value in zip(tasks.names, loss.detach().tolist(), strict=True):
-            self.task_losses.setdefault(name, []).append(value)
+        self.pending.append(list(zip(tasks.names, loss.detach().tolist(), strict=True)))
         return loss
 
     def after_step(self, step: int) -> dict[str, float]:
+        for micro_batch in self.pending[-self.cfg.train.gradient_accumulation :]:  # the step just taken
+            for name, value in micro_batch:
+                self.task_losses.setdefault(name, []).append(value)
+        self.pending = []
         if not self.task_losses or (step % self.cfg.train.log_every and step != 1):
             return {}
         figures = {f"loss_{name}": sum(values) / len(values) for name, values in sorted(self.task_losses.items())}
         self.task_losses.clear()
         return figures
+
+    def state_dict(self) -> dict[str, Any]:
+        """The per-task losses of the log window so far: a resumed run logs the same means."""
+        if not self.task_losses:
+            return {}
+        return {"task_losses": {name: list(values) for name, values in self.task_losses.items()}}
+
+    def load_state_dict(self, state: dict[str, Any]) -> None:
+        unknown = sorted(set(state) - {"task_losses"})
+        if unknown:
+            raise ValueError(f"the {self.name!r} objective keeps only task_losses, but the checkpoint has {unknown}")
+        windows = state.get("task_losses", {})
+        self.task_losses = {str(name): [float(value) for value in values] for name, values in windows.items()}
 
     def evaluate(self, model_fn: Any, batches: list[dict[str, Any]]) -> dict[str, float] | None:
         if not batches:
