@@ -139,13 +139,15 @@ def _student_problems(cfg: Config) -> list[str]:
 
 
 def _upscale_problems(cfg: Config) -> list[str]:
-    """What the upscale target cannot combine with: context frames, image conditioning and the latent cache (its
-    patches are cut from the clips' pixels)."""
+    """What the upscale target cannot combine with: context frames, image conditioning, FPS conditioning (its steps
+    never pass the clips' rate: the part stayed untrained, without a word) and the latent cache (its patches are cut
+    from the clips' pixels)."""
     if cfg.train.target != "upscale":
         return []
     m, problems = cfg.model, []
     for key, value in {"model.context": m.context, "model.image_conditioning": m.image_conditioning,
-                       "train.tasks": cfg.train.tasks, "data.cache": cfg.data.cache}.items():  # fmt: skip
+                       "model.fps_conditioning": m.fps_conditioning, "train.tasks": cfg.train.tasks,
+                       "data.cache": cfg.data.cache}.items():  # fmt: skip
         if value:
             problems.append(f"{key}: not part of train.target=upscale (an x4 upscaler's temporal layers); drop it")
     for where, (height, width) in [("data.resolution", cfg.data.resolution)] + [

@@ -269,6 +269,7 @@ def test_an_untrained_upscaler_has_a_temporal_gain_and_flicker_gain_of_exactly_o
             "does not fit in the 16x32 clips \\(data.buckets\\[1\\]\\)",
         ),
         ({"model.context": "true"}, "not part of train.target=upscale"),
+        ({"model.fps_conditioning": "true"}, "model.fps_conditioning: not part of train.target=upscale"),
         ({"data.cache": "somewhere"}, "not part of train.target=upscale"),
     ],
 )
