@@ -231,7 +231,7 @@ def test_context_training_logs_each_task_reports_gains_and_resumes_exactly(tiny_
         assert gains[f"context_gain_{task}"] == pytest.approx(expected)
 
 
-def test_each_tasks_logged_loss_is_its_window_mean_after_a_resume_and_a_skipped_step(tiny_assets, tmp_path, monkeypatch):
+def test_each_tasks_logged_loss_is_its_window_mean_after_a_resume_and_a_skip(tiny_assets, tmp_path, monkeypatch):
     """``loss_<task>`` is the mean over the steps taken since the last log line, as ``loss`` is: a run resumed from a
     checkpoint inside that window logs what an uninterrupted one logs (the window was not checkpointed: step 4 had
     no ``loss_text``), and a skipped non-finite step adds nothing (it made ``loss_predict`` NaN)."""

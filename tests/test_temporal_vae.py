@@ -239,6 +239,20 @@ def test_decoder_training_writes_a_diffusers_folder_and_resumes_exactly(tiny_ass
     assert samples == ["00.gif", "00.mp4", "01.gif", "01.mp4"]  # each held-out clip beside its reconstructions
 
 
+def test_a_resume_with_a_changed_discriminator_rate_trains_with_it(tiny_assets, tmp_path):
+    """The restored optimizer state held the checkpoint's ``train.disc_lr``: the note said it changed, the
+    discriminator went on at the old rate. The control: unchanged, the restored rate is the run's."""
+    from lvdm.config import load_config
+    from lvdm.training.trainer import Trainer, train
+
+    train(load_config([], _decoder_run(tiny_assets, tmp_path, **{"train.max_steps": 1, "train.disc_lr": 1e-4})),
+          progress=False)  # fmt: skip
+    for rate in (1e-4, 3e-3):
+        again = {"train.max_steps": 2, "train.disc_lr": rate, "train.resume": "latest"}
+        trainer = Trainer(load_config([], _decoder_run(tiny_assets, tmp_path, **again)), progress=False)
+        assert trainer.step == 1 and trainer.objective.disc_optimizer.param_groups[0]["lr"] == rate
+
+
 def test_each_network_gets_gradients_only_on_its_own_step(tiny_assets, tmp_path):
     from lvdm.config import load_config
     from lvdm.training.step import step_generator

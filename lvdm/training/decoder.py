@@ -236,6 +236,8 @@ class DecoderObjective(Objective):
             raise ValueError(f"the decoder objective's state lacks {sorted(missing)}")
         self.disc.load_state_dict(state["discriminator"])
         self.disc_optimizer.load_state_dict(state["disc_optimizer"])
+        for group in self.disc_optimizer.param_groups:  # this run's rate: a resume that changes it trains with it
+            group["lr"] = self.cfg.train.disc_lr or self.cfg.train.lr
         self.steps = int(state["steps"])
         self.disc_skipped = int(state.get("disc_skipped", 0))
 
