@@ -286,6 +286,22 @@ def build_optimizer(cfg: Any, params: list[Any], device: torch.device) -> tuple[
     return optimizer, schedule
 
 
+def apply_rates(optimizer: torch.optim.Optimizer, schedule: Any, train: Any) -> None:
+    """``train.lr`` and ``train.weight_decay`` over restored optimizer and schedule states, which hold the
+    checkpoint's: a resume that changes them (a one-line note) trains with the new ones. The schedule's curve is
+    recomputed at its restored position as its own step computes it, so unchanged settings give exactly the restored
+    rates."""
+    factors = getattr(schedule, "lr_lambdas", None)
+    if factors is None or len(factors) != len(optimizer.param_groups):
+        return
+    schedule.base_lrs = [train.lr for _ in optimizer.param_groups]
+    for group, factor in zip(optimizer.param_groups, factors, strict=True):
+        group["initial_lr"] = train.lr
+        group["weight_decay"] = train.weight_decay
+        group["lr"] = train.lr * factor(schedule.last_epoch)
+    schedule._last_lr = [group["lr"] for group in optimizer.param_groups]
+
+
 def layout_from_config(model: Any):
     """The :class:`~lvdm.models.TemporalLayout` of a ``ModelConfig``: a preset with the configured details."""
     from lvdm.models.layout import LAYOUTS

@@ -375,6 +375,8 @@ class Trainer:
 
     def _apply_states(self, parts: dict[str, Any], path: Path) -> None:
         """The optimizer's, schedule's, EMA's, scaler's, objective's, RNG's and trainer's states of a checkpoint."""
+        from lvdm.training.setup import apply_rates
+
         self.optimizer.load_state_dict(parts["optimizer"])
         self.lr_schedule.load_state_dict(parts["lr_schedule"])
         if self.ema is not None:
@@ -387,7 +389,7 @@ class Trainer:
             raise CheckpointError(
                 f"checkpoint {path}: the {self.cfg.train.target!r} objective's state: {exc}"
             ) from exc
-        self._apply_current_rates()
+        apply_rates(self.optimizer, self.lr_schedule, self.cfg.train)  # this run's lr and weight decay
         restore_rng(parts["rng"])
         trainer = parts["trainer"]
         self.losses = [float(loss) for loss in trainer.get("losses", [])]
@@ -407,22 +409,6 @@ class Trainer:
                         raise ValueError(
                             f"the optimizer's {name} is {tuple(value.shape)} for a {tuple(param.shape)} weight"
                         )
-
-    def _apply_current_rates(self) -> None:
-        """This run's ``train.lr`` and ``train.weight_decay`` over the restored optimizer and schedule states, which
-        hold the checkpoint's: a resume that changes them (a one-line note) trains with the new ones. The schedule's
-        curve is recomputed at its restored position, as its own step computes it, so unchanged settings give
-        exactly the restored rates."""
-        train, schedule = self.cfg.train, self.lr_schedule
-        factors = getattr(schedule, "lr_lambdas", None)
-        if factors is None or len(factors) != len(self.optimizer.param_groups):
-            return
-        schedule.base_lrs = [train.lr for _ in self.optimizer.param_groups]
-        for group, factor in zip(self.optimizer.param_groups, factors, strict=True):
-            group["initial_lr"] = train.lr
-            group["weight_decay"] = train.weight_decay
-            group["lr"] = train.lr * factor(schedule.last_epoch)
-        schedule._last_lr = [group["lr"] for group in self.optimizer.param_groups]
 
     # ---------------------------------------------------------------------------------------------- validation
 
