@@ -327,3 +327,18 @@ def test_the_command_says_how_many_samples_were_not_cached_and_fails_past_the_al
     line = verdict(built, 0.25)
     assert line.startswith(f"latent cache ready: {out} (2 of 8 samples") and str(out / "skipped.jsonl") in line
     assert verdict(BuiltCache(out, 8, {}), 0.0) == f"latent cache ready: {out}"  # the control: nothing skipped
+
+
+def test_a_skip_log_row_naming_a_unicode_line_separator_is_known_when_reopened(tmp_path: Path) -> None:
+    """Rows are written as UTF-8 (U+2028 and U+0085 raw): read back with ``splitlines()`` such a path's row split
+    in two and was lost, so a resumed build logged the file again and a mended file's row was never removed."""
+    log_path = tmp_path / "skipped.jsonl"
+    paths = [str(tmp_path / "a\u2028b.mp4"), str(tmp_path / "c\x85d.mp4"), str(tmp_path / "plain.mp4")]
+    log = SkipLog(log_path)
+    for path in paths:
+        log.add(path, "too short")
+    reopened = SkipLog(log_path)
+    assert reopened.logged == dict.fromkeys(paths, "too short")
+    assert not any(reopened.add(path, "too short") for path in paths)  # each once, also across a resume
+    reopened.remove(paths[:2])
+    assert SkipLog(log_path).logged == {paths[2]: "too short"}

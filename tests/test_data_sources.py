@@ -328,3 +328,25 @@ def test_a_json_row_with_a_number_of_5000_digits_is_that_rows_problem(tmp_path):
     (tmp_path / "bad.jsonl").write_text('{"video": "a.mp4", "caption": "fine"}\n{"video": \n', encoding="utf-8")
     with pytest.raises(DataError, match="line 2: not valid JSON"):  # the control: JSON that is not JSON stays fatal
         manifest_source(tmp_path / "bad.jsonl")
+
+
+@pytest.mark.parametrize("separator", ["\u2028", "\u2029", "\x85", "\x0c", "\x1c", "\x1e"])
+def test_listing_lines_end_only_at_line_breaks_not_at_unicode_separators(tmp_path, separator):
+    """``str.splitlines()`` split rows at U+2028, U+0085, form feeds...: a JSONL caption holding one raw (as
+    ``json.dumps(ensure_ascii=False)`` writes it) refused the whole manifest, a CSV row became two rows (the second
+    a bogus sample), and a line break inside a quoted CSV caption was dropped ("first\\nsecond" read "firstsecond")."""
+    rows = [{"video": "a.mp4", "caption": f"first{separator}second"}, {"video": "b.mp4", "caption": "dog"}]
+    jsonl = tmp_path / "m.jsonl"
+    jsonl.write_text("\n".join(json.dumps(row, ensure_ascii=False) for row in rows) + "\n", encoding="utf-8")
+    csv = tmp_path / "m.csv"
+    csv.write_text(f"video,caption\na.mp4,first{separator}second\nb.mp4,dog\n", encoding="utf-8")
+    for listing in (jsonl, csv):
+        entries = manifest_source(listing)
+        assert [(e.path.name, e.read_caption(), e.problem) for e in entries] == [
+            ("a.mp4", "first second", None), ("b.mp4", "dog", None)
+        ]  # fmt: skip
+    for newline in ("\n", "\r\n"):
+        csv.write_bytes(f'video,caption{newline}a.mp4,"first{newline}second"{newline}b.mp4,dog{newline}'.encode())
+        assert [e.read_caption() for e in manifest_source(csv)] == ["first second", "dog"]
+    jsonl.write_bytes(b'{"video": "a.mp4", "caption": "a"}\r\n{"video": "b.mp4", "caption": "b"}\r{"video": "c.mp4"}')
+    assert [e.path.name for e in manifest_source(jsonl)] == ["a.mp4", "b.mp4", "c.mp4"]  # CRLF and CR end lines too

@@ -5,6 +5,7 @@ from __future__ import annotations
 import json
 import os
 import re
+import warnings
 from pathlib import Path
 
 import pytest
@@ -13,7 +14,7 @@ from PIL import Image
 from lvdm.config import DataConfig, config_from_dict
 from lvdm.data import readers
 from lvdm.data.build import build_split
-from lvdm.data.sizes import UNREADABLE, media_sizes
+from lvdm.data.sizes import UNREADABLE, _read_index, media_sizes
 from lvdm.data.sources import folder_source
 from lvdm.testing import clips
 
@@ -126,3 +127,17 @@ def test_a_split_with_buckets_probes_each_file_once(folder: Path, tmp_path: Path
     probes.clear()
     build_split(data)  # a restart: the index answers
     assert probes == []
+
+
+def test_an_index_naming_a_file_with_a_unicode_line_separator_stays_lvdms(tmp_path: Path) -> None:
+    """Index lines are written as UTF-8 (U+2028 and U+0085 raw): read back with ``splitlines()`` such a path split its
+    line in two, the index was "not lvdm's", warned at every start and was never written again."""
+    root = tmp_path / "clips"
+    for i, name in enumerate(("a\u2028b.mp4", "c\x85d.mp4", "plain.mp4")):
+        clips.write_clip(root / name, num_frames=4, size=(32, 16), seed=i)
+    entries, index = folder_source(root), tmp_path / "sizes.jsonl"
+    assert media_sizes(entries, index=index) == [(32, 16)] * 3
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")  # no "lines lvdm did not write"
+        known, ours = _read_index(index)
+    assert ours and set(known) == {str(entry.path.absolute()) for entry in entries}

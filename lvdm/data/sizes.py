@@ -124,7 +124,7 @@ def _read_index(path: Path) -> tuple[dict[str, dict], bool]:
         warnings.warn(f"data.size_index {str(path)!r} cannot be read ({exc}); probing every file", stacklevel=3)
         return {}, False
     known, foreign = {}, 0
-    for line in filter(str.strip, text.splitlines()):
+    for line in filter(str.strip, text.split("\n")):  # not splitlines(): U+2028 or U+0085 in a path is written raw
         try:
             row = json.loads(line)
             stamp, size = [int(v) for v in row["stamp"]], [int(v) for v in row["size"]]

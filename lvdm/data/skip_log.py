@@ -35,7 +35,7 @@ class SkipLog:
                 raise DataError(f"{self.path} cannot be read ({exc.strerror or exc})") from exc
         if text and not text.endswith("\n"):  # end the cut line, so the next entry starts a line of its own
             self._append("\n")
-        for line in text.splitlines():
+        for line in text.split("\n"):  # not splitlines(): a path may hold U+2028 or U+0085, written raw (json_text)
             try:
                 row = json.loads(line)
                 self.logged[str(row["path"])] = str(row["reason"])

@@ -10,9 +10,11 @@ are a :class:`~lvdm.errors.DataError` at once.
 from __future__ import annotations
 
 import csv
+import io
 import json
 import math
 import os
+import re
 import warnings
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass
@@ -205,7 +207,10 @@ def _read_rows(path: Path) -> list[dict]:
     """Rows of a ``.jsonl`` or ``.csv`` file; bytes that are not UTF-8 survive as surrogates (a bad caption later)."""
     text = path.read_bytes().decode("utf-8", errors="surrogateescape").lstrip("\ufeff")
     if path.suffix.lower() in (".jsonl", ".json"):
-        return [_json_row(path, i, line) for i, line in enumerate(text.splitlines(), 1) if line.strip()]
+        # lines end at \n, \r\n or \r only: str.splitlines() also splits at U+2028, U+0085, form feeds..., which
+        # JSON strings may hold raw (json.dumps(ensure_ascii=False) writes them so)
+        lines = re.split(r"\r\n|\r|\n", text)
+        return [_json_row(path, i, line) for i, line in enumerate(lines, 1) if line.strip()]
     if path.suffix.lower() in (".csv", ".tsv"):
         return _csv_rows(text, delimiter="\t" if path.suffix.lower() == ".tsv" else ",")
     raise DataError(f"data listing {path}: unknown format '{path.suffix}' (use .csv, .tsv or .jsonl)")
@@ -213,7 +218,9 @@ def _read_rows(path: Path) -> list[dict]:
 
 def _csv_rows(text: str, delimiter: str) -> list[dict]:
     """CSV rows as dicts; a row the csv module cannot read (a field over the limit) is kept as a ``_problem``."""
-    reader = csv.DictReader(text.splitlines(), delimiter=delimiter)
+    # as the csv module asks (newline=""): str.splitlines() dropped the line breaks inside quoted fields ("a\nb" read
+    # as "ab") and split rows at U+2028, U+0085 and form feeds
+    reader = csv.DictReader(io.StringIO(text, newline=""), delimiter=delimiter)
     rows = []
     limit = csv.field_size_limit()
     csv.field_size_limit(MAX_LISTING_FIELD)
