@@ -350,3 +350,14 @@ def test_listing_lines_end_only_at_line_breaks_not_at_unicode_separators(tmp_pat
         assert [e.read_caption() for e in manifest_source(csv)] == ["first second", "dog"]
     jsonl.write_bytes(b'{"video": "a.mp4", "caption": "a"}\r\n{"video": "b.mp4", "caption": "b"}\r{"video": "c.mp4"}')
     assert [e.path.name for e in manifest_source(jsonl)] == ["a.mp4", "b.mp4", "c.mp4"]  # CRLF and CR end lines too
+
+
+def test_a_webvid_csv_saved_with_a_byte_order_mark_is_still_webvid(tmp_path):
+    """The WebVid check read the header with the BOM on its first column ("\\ufeffvideoid"): a results.csv saved by
+    Excel (UTF-8 with BOM) was taken for a generic manifest and refused, "has no 'video' or 'path' column"."""
+    from lvdm.data.build import read_manifest
+
+    listing = tmp_path / "results.csv"
+    listing.write_text("videoid,name,page_dir\n1066,a dog runs,000001_000050\n", encoding="utf-8-sig")
+    (entry,) = read_manifest(listing)
+    assert entry.path == tmp_path / "000001_000050" / "1066.mp4" and entry.read_caption() == "a dog runs"

@@ -63,7 +63,7 @@ def read_manifest(path: str | Path, video_root: str | Path | None = None) -> lis
     """A manifest whose kind is told by its columns: WebVid CSV (``videoid``) or a generic CSV/JSONL manifest."""
     path = Path(path)
     if path.suffix.lower() == ".csv" and path.is_file():
-        with path.open(encoding="utf-8", errors="replace", newline="") as handle:
+        with path.open(encoding="utf-8-sig", errors="replace", newline="") as handle:  # a BOM, as _read_rows
             header = next(csv.reader(handle), [])
         if "videoid" in header:
             return webvid_source(path, video_root)
