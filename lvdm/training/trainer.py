@@ -389,7 +389,6 @@ class Trainer:
             raise CheckpointError(
                 f"checkpoint {path}: the {self.cfg.train.target!r} objective's state: {exc}"
             ) from exc
-        apply_rates(self.optimizer, self.lr_schedule, self.cfg.train)  # this run's lr and weight decay
         restore_rng(parts["rng"])
         trainer = parts["trainer"]
         self.losses = [float(loss) for loss in trainer.get("losses", [])]
@@ -409,6 +408,7 @@ class Trainer:
                         raise ValueError(
                             f"the optimizer's {name} is {tuple(value.shape)} for a {tuple(param.shape)} weight"
                         )
+        apply_rates(self.optimizer, self.lr_schedule, self.cfg.train)  # this run's lr and weight decay, once checked
 
     # ---------------------------------------------------------------------------------------------- validation
 
