@@ -25,8 +25,11 @@ from lvdm.training.trainer import Trainer, train
 REPO = Path(__file__).resolve().parents[1]
 
 
-def run_script(*args: str, cwd: Path = REPO, timeout: int = 300) -> subprocess.CompletedProcess[str]:
-    env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": str(REPO)}
+def run_script(
+    *args: str, cwd: Path = REPO, timeout: int = 300, tmpdir: Path | None = None
+) -> subprocess.CompletedProcess[str]:
+    """``python ARGS``; ``tmpdir``: its TMPDIR (torchrun leaves a ``torchelastic_*`` folder there)."""
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": str(REPO)} | ({"TMPDIR": str(tmpdir)} if tmpdir else {})
     return subprocess.run([sys.executable, *args], capture_output=True, text=True, env=env, cwd=cwd, timeout=timeout)
 
 
@@ -382,7 +385,7 @@ def test_two_processes_train_one_consistent_checkpoint(tiny_assets, tmp_path):
     out = tmp_path / "run"
     args = ["-m", "torch.distributed.run", "--nproc_per_node", "2", "--master_port", "29517", str(REPO / "train.py"),
             "--quiet", *tiny_overrides(tiny_assets, out, **{"train.max_steps": 2})]  # fmt: skip
-    result = run_script(*args, timeout=600)
+    result = run_script(*args, timeout=600, tmpdir=tmp_path)
     assert result.returncode == 0, result.stderr[-3000:]
     assert result.stdout.count("finished at step 2") == 1, result.stdout  # one summary: rank 0's
     checkpoints = list_checkpoints(out / "checkpoints")
@@ -413,7 +416,7 @@ def test_a_signal_to_one_rank_stops_both_at_one_step_with_one_checkpoint(tiny_as
     extra = {"train.max_steps": 100000, "train.checkpoint_every": 100000, "train.validation_prompts": "[a disc]"}
     args = ["-m", "torch.distributed.run", "--nproc_per_node", "2", "--master_port", "29518", str(REPO / "train.py"),
             "--quiet", *tiny_overrides(tiny_assets, out, **extra)]  # fmt: skip
-    env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": str(REPO)}
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": str(REPO), "TMPDIR": str(tmp_path)}  # torchrun's folder
     launcher = subprocess.Popen([sys.executable, *args], stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
                                 env=env, cwd=REPO)  # fmt: skip
     try:
