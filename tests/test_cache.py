@@ -12,6 +12,7 @@ import pytest
 import torch
 from conftest import cut_like_the_cache
 from safetensors import safe_open
+from safetensors.torch import save_file
 
 from lvdm.cache import encoders
 from lvdm.config import DataConfig, config_from_dict
@@ -197,6 +198,61 @@ def test_files_mended_since_join_the_cache_when_it_is_built_again(folder, base, 
         assert read_shard(shard) == read_shard(fresh / shard.name)
     assert len(LatentCache(out)) == CACHED + 2 and (out / "skipped.jsonl").read_text() == ""
     assert SkipLog(out / "skipped.jsonl").logged == {}
+
+
+def test_an_edited_clip_or_caption_is_encoded_again_and_refused_until_then(folder, base, tmp_path: Path) -> None:
+    """A caption rewritten and a clip replaced after the build: training served the old caption's embedding and the
+    old clip's latents without a word (the fingerprint hashes the list of paths). Now training refuses the cache,
+    naming how many samples changed, and building again encodes those two again: the cache then equals one built
+    from scratch on the edited folder, byte for byte. Controls: an untouched cache is accepted, and a clip deleted
+    after caching is not an edit (its latents are still served)."""
+    import shutil
+
+    clips_copy = tmp_path / "clips"
+    shutil.copytree(folder, clips_copy)
+    dataset, _ = build_dataset(data_config(clips_copy), seed=SEED)
+    out = build(dataset, base, tmp_path / "latents")
+    assert len(LatentCache(out, entries=dataset.entries)) == CACHED  # the control: nothing edited
+    (clips_copy / "c1.txt").write_text("a caption written after the cache was built", encoding="utf-8")
+    clips.write_clip(clips_copy / "c3.mp4", num_frames=12, size=(32, 24), seed=30)
+    with pytest.raises(DataError, match=f"latent cache {out} is stale: 2 of its samples' files were edited .*c1.mp4"):
+        LatentCache(out, entries=dataset.entries)
+    build(dataset, base, out)
+    fresh = build(dataset, base, tmp_path / "fresh")
+    for shard in sorted(out.glob("shard-*.safetensors")):
+        assert read_shard(shard) == read_shard(fresh / shard.name)
+    assert "a caption written after" in read_shard(out / "shard-00000.safetensors")[0]
+    (clips_copy / "c0.mp4").unlink()  # the clips may be deleted once they are cached
+    assert len(LatentCache(out, entries=dataset.entries)) == CACHED
+    shard = out / "shard-00001.safetensors"  # as an lvdm without stamps wrote it: refused, then mended by a build
+    with safe_open(shard, framework="pt") as handle:
+        tensors = {key: handle.get_tensor(key) for key in handle.keys()}
+        rows = [{k: v for k, v in row.items() if k != "stamp"} for row in json.loads(handle.metadata()["samples"])]
+    save_file(tensors, shard, metadata={"samples": json.dumps(rows)})
+    with pytest.raises(DataError, match="built by an older lvdm, which did not note its files' stamps"):
+        LatentCache(out, entries=dataset.entries)
+    build(dataset, base, out)
+    assert read_shard(shard) == read_shard(fresh / shard.name)
+
+
+def test_training_refuses_a_cache_whose_captions_were_edited_in_one_line(tiny_assets, tmp_path: Path, command):
+    """Through ``train.py``: one line naming the stale cache and the command that mends it, exit 1."""
+    import shutil
+
+    from conftest import tiny_overrides
+
+    from lvdm.cache import build_from_config
+    from lvdm.config import load_config
+
+    data = shutil.copytree(tiny_assets["clips"], tmp_path / "clips")
+    overrides = tiny_overrides(tiny_assets, tmp_path / "run", **{"data.cache": tmp_path / "cache", "data.root": data})
+    build_from_config(load_config([], overrides), shard_size=4, progress=False)
+    caption = sorted(data.glob("*.txt"))[0]
+    caption.write_text(caption.read_text(encoding="utf-8") + " at dusk", encoding="utf-8")
+    (defaults := tmp_path / "defaults.yaml").write_text("{}\n")  # not the demo's config, which train.py takes alone
+    result = command("train.py", "--config", defaults, *overrides)
+    assert result.returncode == 1 and result.stderr.count("\n") == 1, result.stderr
+    assert "is stale: 1 of its samples' files were edited" in result.stderr and "python -m lvdm.cache" in result.stderr
 
 
 def test_a_damaged_shard_is_named_by_the_build_and_by_training(cached, base, tmp_path: Path) -> None:

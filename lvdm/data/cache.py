@@ -6,7 +6,8 @@ Layout of a cache folder:
 - ``shard-00000.safetensors`` ...: per sample ``{i}.latents`` (the VAE's Gaussian parameters
   ``(2c, f, h, w)``: mean and logvar, so every epoch can draw a fresh latent, and a draw with the
   same generator equals on-the-fly encoding) and ``{i}.text`` (``(n, d)``); sample metadata
-  (caption, fps, is_image, source) in the shard's metadata; with image conditioning also ``{i}.image``, the CLIP
+  (caption, fps, is_image, source, and the stamp of its files: :meth:`~lvdm.data.sources.Entry.stamp`) in the
+  shard's metadata; with image conditioning also ``{i}.image``, the CLIP
   tokens ``(k, n, d)`` of the frames that can condition the clip (``k = 1``: the first; ``k = f``: every frame, for
   ``train.image_frame: random``); float32, e.g. 1.3 MB per frame for CLIP ViT-H/14, about what a clip's latents
   take; for the decoder target also ``{i}.frames``, the clip itself as uint8 ``(f, 3, h, w)`` (exact: a clip's
@@ -15,6 +16,10 @@ Layout of a cache folder:
 - ``skipped.jsonl``: the files that could not be cached, with reasons (each once, also across a resume). Building
   again into a finished cache adds the samples of those files that can be read now (a clip replaced, a caption
   added) to their shards, and drops their rows.
+
+A sample whose files were edited after it was cached (another size or modification time of its clip or caption
+file, another inline caption or fps hint) is encoded again by the next build, and refused by training until then. A
+file that is gone is not an edit: the clips may be deleted once they are cached.
 
 Each clip is cut once (seeded start, crop and flip), so a cache fixes what random clip sampling
 would vary. Shards are written to a temp file and renamed: an interrupted build resumes at the
@@ -29,7 +34,7 @@ import hashlib
 import json
 import os
 import random
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Iterator, Sequence
 from dataclasses import asdict
 from pathlib import Path
 from typing import Any
@@ -194,6 +199,7 @@ class _SampleEncoder:
 
     def __call__(self, index: int) -> tuple[dict[str, torch.Tensor], dict[str, Any]] | None:
         rng = random.Random(f"{self.dataset.seed}:cache:{index}")
+        stamp = self.dataset.entries[index].stamp()  # before reading: an edit made while it is read shows next time
         try:
             sample = self.dataset.load(index, rng)
         except VideoReadError as exc:
@@ -207,7 +213,7 @@ class _SampleEncoder:
             tensors[f"{index}.image"] = self.encode_image(sample["video"]).cpu().contiguous()
         if self.keep_frames:  # f 3 h w in [-1, 1], uint8 values scaled: stored as those values
             tensors[f"{index}.frames"] = sample["video"].add(1.0).mul(127.5).round().to(torch.uint8).contiguous()
-        row = {k: sample[k] for k in ("caption", "fps", "is_image", "source")} | {"index": index}
+        row = {k: sample[k] for k in ("caption", "fps", "is_image", "source")} | {"index": index, "stamp": stamp}
         return tensors, row
 
     def path_of(self, index: int) -> str:
@@ -223,19 +229,36 @@ def _save_shard(path: Path, encoded: list[tuple[dict[str, torch.Tensor], dict[st
 
 def _mend_shard(path: Path, indices: range, encode: _SampleEncoder) -> None:
     """Add to a finished shard the samples of its files that could not be read when it was written and can now
-    (a clip replaced, a caption added): the shard is rewritten with them, its other samples as they were, and
-    their rows leave the skip log. A file still bad is not logged again."""
+    (a clip replaced, a caption added), and encode again those whose files were edited since: the shard is rewritten
+    with them, its other samples as they were, and their rows leave the skip log. A file still bad is not logged
+    again; an edited sample that can no longer be read leaves the shard (and is logged)."""
+    entries = encode.dataset.entries
     with _open_shard(path) as (handle, rows):
-        present = {row["index"] for row in rows}
+        current = [
+            row for row in rows if row["index"] in indices and not _edited(row.get("stamp"), entries[row["index"]])
+        ]
+        present = {row["index"] for row in current}
         mended = [encoded for index in indices if index not in present and (encoded := encode(index)) is not None]
-        if not mended:
+        if not mended and len(current) == len(rows):
             return
         keys = [(key, key.partition(".")[0]) for key in handle.keys()]
         kept = [
-            ({key: handle.get_tensor(key) for key, owner in keys if owner == str(row["index"])}, row) for row in rows
+            ({key: handle.get_tensor(key) for key, owner in keys if owner == str(row["index"])}, row)
+            for row in current
         ]
     _save_shard(path, kept + mended)
     encode.skips.remove([encode.path_of(row["index"]) for _, row in mended])
+
+
+def _edited(recorded: Any, entry: Any) -> bool:
+    """Whether ``entry`` (a listed :class:`~lvdm.data.sources.Entry`) changed since its cached row recorded
+    ``recorded`` (its stamp): a file that can be seen with another size or time, another inline caption or fps hint.
+    A file gone is not a change. A row without a stamp (an older lvdm's) counts as changed."""
+    if not isinstance(recorded, dict):
+        return True
+    now = entry.stamp()
+    files = ("media", "caption_file")
+    return any(value != recorded.get(key) for key, value in now.items() if value is not None or key not in files)
 
 
 @contextlib.contextmanager
@@ -264,11 +287,17 @@ class LatentCache(Dataset):
     """Samples read from a cache folder: ``latents`` (Gaussian parameters), ``text``, caption, fps, is_image.
 
     ``expected`` is the fingerprint of the current model and data settings; a cache made with
-    anything else is a :class:`DataError` naming the differences.
+    anything else is a :class:`DataError` naming the differences. ``entries``: the listing as it is now; a sample
+    whose files were edited since it was cached is a :class:`DataError` too.
     """
 
     def __init__(
-        self, cache_dir: str | os.PathLike, expected: dict[str, Any] | None = None, *, only: set[int] | None = None
+        self,
+        cache_dir: str | os.PathLike,
+        expected: dict[str, Any] | None = None,
+        *,
+        only: set[int] | None = None,
+        entries: Sequence[Any] | None = None,
     ) -> None:
         """``only``: keep the samples of these listing entries (e.g. the training part of a holdout split)."""
         self.dir = Path(cache_dir)
@@ -292,11 +321,29 @@ class LatentCache(Dataset):
         self.samples = [s for s in self._listing() if only is None or s["index"] in only]
         if not self.samples:
             raise DataError(f"latent cache {self.dir} holds no samples (incomplete build, or every file was bad)")
+        if entries is not None:
+            self._check_stamps(entries)
         with safetensors_handle(self.dir / "empty_text.safetensors") as handle:
             self.empty_text = handle.get_tensor("text")
         self.groups: dict[tuple, list[int]] = {}
         for i, sample in enumerate(self.samples):
             self.groups.setdefault((sample["is_image"], tuple(sample["shape"])), []).append(i)
+
+    def _check_stamps(self, entries: Sequence[Any]) -> None:
+        """Refuse samples whose files were edited since they were cached (the cache would train on the old ones)."""
+        again = f"run {BUILD_COMMAND} again: it encodes again only the samples that changed"
+        if any(not 0 <= sample["index"] < len(entries) for sample in self.samples):
+            raise DataError(f"latent cache {self.dir} is damaged (a sample of no listed file); {again}")
+        if any("stamp" not in sample for sample in self.samples):
+            raise DataError(
+                f"latent cache {self.dir} was built by an older lvdm, which did not note its files' stamps; {again}"
+            )
+        edited = [sample for sample in self.samples if _edited(sample["stamp"], entries[sample["index"]])]
+        if edited:
+            raise DataError(
+                f"latent cache {self.dir} is stale: {len(edited)} of its samples' files were edited after they were "
+                f"cached (first: {entries[edited[0]['index']].path}); {again}"
+            )
 
     def _listing(self) -> list[dict[str, Any]]:
         samples = []

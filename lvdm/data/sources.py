@@ -10,6 +10,7 @@ are a :class:`~lvdm.errors.DataError` at once.
 from __future__ import annotations
 
 import csv
+import hashlib
 import io
 import json
 import math
@@ -64,12 +65,34 @@ class Entry:
             raise VideoReadError(self.path, "caption empty")
         return text
 
+    def stamp(self) -> dict[str, object]:
+        """What tells this sample from an edited one: the size and modification time (ns) of its media file and
+        caption file (``None`` for one that cannot be seen now), a digest of its inline caption and its fps hint."""
+        inline = self.caption.encode("utf-8", "surrogatepass") if self.caption is not None else None
+        return {
+            "media": _file_stamp(self.path, *self.alternatives),
+            "caption_file": _file_stamp(self.caption_file) if self.caption_file is not None else None,
+            "caption": hashlib.sha256(inline).hexdigest()[:16] if inline is not None else None,
+            "fps": self.fps,
+        }
+
     def media_path(self) -> Path:
         """The first existing candidate path (WebVid rows may be nested or flat)."""
         for candidate in (self.path, *self.alternatives):
             if candidate.exists():
                 return candidate
         raise VideoReadError(self.path, "file not found")
+
+
+def _file_stamp(*candidates: Path) -> list[int] | None:
+    """``[size, mtime_ns]`` of the first candidate that can be seen (links followed), else ``None``."""
+    for candidate in candidates:
+        try:
+            info = candidate.stat()
+        except (OSError, ValueError):  # missing, a link loop, a name the system refuses
+            continue
+        return [info.st_size, info.st_mtime_ns]
+    return None
 
 
 def read_caption_file(path: Path) -> bytes:

@@ -184,8 +184,8 @@ def _cached_split(data: Any, train: Any, frozen: Frozen) -> tuple[Any, list[floa
     expected = cache_fingerprint(listing, **frozen.digests)
     held = holdout_indices(len(listing.entries), data.holdout)
     kept = set(range(len(listing.entries))) - held
-    dataset = LatentCache(data.cache, expected=expected, only=kept)
-    holdout = LatentCache(data.cache, expected=expected, only=held) if held else None
+    dataset = LatentCache(data.cache, expected=expected, only=kept, entries=listing.entries)
+    holdout = LatentCache(data.cache, expected=expected, only=held, entries=listing.entries) if held else None
     entries = [listing.entries[s["index"]] for s in dataset.samples]
     weights = image_share(entries, [listing_weights[s["index"]] for s in dataset.samples], train.image_batch_ratio)
     return dataset, weights, holdout, collate_cached
