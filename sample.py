@@ -47,6 +47,7 @@ import sys
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
+from lvdm import header_checks
 from lvdm.cli import HelpFormatter, Parser, device_and_dtype, run_cli
 from lvdm.errors import ConfigError
 
@@ -238,7 +239,7 @@ def _check_context(args: argparse.Namespace, image_mode: bool) -> None:
     if given and args.temporal is None:  # was "this temporal module has no context support", after loading
         raise ConfigError(f"{given[0]} needs a temporal module trained with context frames (--temporal); none given")
     if given:  # the module file's header says what it takes: refused before loading, not after
-        _check_module_context(args, given[0])
+        header_checks.check_module_context(args, given[0])
     if (args.context or args.interpolate) and image_mode:
         raise ConfigError("--image-mode has no temporal layers to take context frames; drop --image-mode")
     for flag, path, kind in (("--context", args.context, "video"), ("--interpolate", args.interpolate, "video"),
@@ -249,7 +250,7 @@ def _check_context(args: argparse.Namespace, image_mode: bool) -> None:
     if args.image is not None and args.interpolate is not None:
         raise ConfigError("--interpolate does not take --image")
     if args.interpolate is not None:  # from the video's header: a long one sampled for hours, past the frame limit
-        _check_keyframes(args.interpolate, args.factor or 4, fps=args.fps)
+        header_checks.check_interpolated_video(args.interpolate, args.factor or 4, fps=args.fps)
 
 
 def _check_upscaler(args: argparse.Namespace) -> None:
@@ -272,76 +273,7 @@ def _check_upscaler(args: argparse.Namespace) -> None:
                 f"--upscaler {args.upscaler}: not an x4 upscaler folder (a diffusers StableDiffusionUpscalePipeline)"
             )
         if args.upscaler_temporal is not None:
-            _check_upscaler_module_family(args.upscaler_temporal, Path(args.upscaler))
-
-
-def _check_keyframes(video: str, factor: int, *, fps: float | None = None) -> None:
-    """That ``--interpolate VIDEO`` by ``factor`` makes no more frames than a video may have, and that an ``--fps``
-    given is not ignored (the output plays at the video's own rate times ``factor``), from its header (one that
-    cannot be read is named when it is read)."""
-    from lvdm.context_sampling import check_keyframes
-    from lvdm.data.readers import probe
-    from lvdm.errors import LvdmError
-
-    try:
-        info = probe(video)
-    except LvdmError:
-        return
-    check_keyframes(info.num_frames, factor)
-    if fps is not None and (rate := info.playback_fps()) is not None:  # it was taken and silently ignored
-        raise ConfigError(f"--interpolate writes {video} at its own {rate:g} fps times {factor} ({rate * factor:g} "
-                          "fps): it does not take --fps")  # fmt: skip
-
-
-def _check_upscaler_module_family(module: str, upscaler: Path) -> None:
-    """A module made for another base than the upscaler was refused only when the upscaler loaded, after the first
-    stage had sampled and written its video; the two families are read from the module's header and the upscaler's
-    UNet config (what cannot be read here, the loading names)."""
-    from types import SimpleNamespace
-
-    from lvdm.fileio import read_json
-    from lvdm.models.animatediff import is_motion_module
-    from lvdm.models.family import base_family
-    from lvdm.models.temporal_file import read_temporal_metadata
-
-    made_for = None if is_motion_module(module) else read_temporal_metadata(module).get("base_family")
-    try:
-        family = base_family(SimpleNamespace(**read_json(upscaler / "unet" / "config.json")))
-    except (OSError, ValueError, TypeError, AttributeError):
-        return
-    if made_for is not None and made_for != family:
-        raise ConfigError(f"--upscaler-temporal {module}: made for base family {made_for!r}, the upscaler's is "
-                          f"{family!r}; give a module trained on the upscaler (train.target: upscale)")  # fmt: skip
-
-
-def _check_module_context(args: argparse.Namespace, flag: str) -> None:
-    """Whether ``--temporal`` takes the context options given (``flag`` the first), from its file's header."""
-    from lvdm.context_sampling import check_context_count, check_support
-    from lvdm.sampling_settings import temporal_defaults
-
-    defaults = temporal_defaults(args.temporal)
-    what = "interpolate" if args.interpolate else "continue a video" if args.context else f"take {flag}"
-    check_support(defaults["has_context"], defaults["tasks"], what, task="interpolate" if args.interpolate else None,
-                  every=defaults["interpolate_every"])  # fmt: skip
-    if args.context_frames is not None:
-        check_context_count(args.context_frames, defaults["max_context_frames"])
-
-
-def _check_module_size(args: argparse.Namespace, settings: dict[str, Any]) -> None:
-    """The frame size an unset --height or --width takes from the --temporal module's training config, checked from
-    the module's header before anything loads (a height of 20 there was refused after the models had loaded)."""
-    if args.temporal is None:
-        return
-    from lvdm.pipeline_sampling import from_the_module
-    from lvdm.sampling_settings import sampling_settings, temporal_defaults
-
-    defaults = temporal_defaults(args.temporal)
-    unset = [key for key in ("height", "width") if settings.get(key) is None and defaults[key] is not None]
-    taken = {key: defaults[key] for key in unset}
-    try:
-        sampling_settings(**settings | taken)
-    except ConfigError as exc:
-        raise ConfigError(from_the_module(str(exc), taken)) from None
+            header_checks.check_upscaler_module_family(args.upscaler_temporal, Path(args.upscaler))
 
 
 def _settings(args: argparse.Namespace, meta: dict[str, Any] | None) -> dict[str, Any]:
@@ -373,18 +305,18 @@ def _plan(
     args: argparse.Namespace, meta: dict[str, Any] | None
 ) -> tuple[list[str], dict[str, Any], SamplingSettings, list[Path]]:
     """The prompts, the settings given and checked, and the output paths: every mistake found before loading."""
-    from lvdm.image_sampling import check_image_weights
+    from lvdm.image_sampling import check_image_source, check_image_weights
     from lvdm.media import gif_rate_problem
     from lvdm.outputs import media_suffix
     from lvdm.pipeline import plan_outputs, read_prompts, sampling_settings
-    from lvdm.pipeline_sampling import check_base_noise_seed, negatives_for
+    from lvdm.pipeline_sampling import as_prompts, negatives_for
     from lvdm.sampling_settings import MAX_SIDE
 
-    prompts = [args.prompt or ""] if args.prompts is None else read_prompts(args.prompts)
+    prompts = as_prompts([args.prompt or ""] if args.prompts is None else read_prompts(args.prompts))  # UTF-8
     settings = _settings(args, meta)
     checked = sampling_settings(**settings)
     negatives_for(checked.negative_prompt, prompts)  # a sidecar's list need not fit the prompts given
-    _check_module_size(args, settings)
+    header_checks.check_module_size(args, settings)
     side = max(checked.height or 0, checked.width or 0)
     if args.upscaler is not None and 4 * side > MAX_SIDE:  # refused before the sampling, not by the upscale after it
         raise ConfigError(f"--upscaler: a {side} px side would upscale to {4 * side} px; at most {MAX_SIDE // 4} px a "
@@ -394,8 +326,10 @@ def _plan(
         check_image_weights(checked)
         if checked.image_as_first_frame:
             raise ConfigError("--image-as-first-frame needs --image")
+    else:  # the module's header says whether it takes one (refused after loading, before)
+        check_image_source(args.temporal, args.image_adapter)
     _check_upscaler(args)
-    check_base_noise_seed(args.base_noise_seed, checked.noise_prior)
+    header_checks.check_base_noise(args, checked.noise_prior)
     gif = media_suffix(args.out) == ".gif" or args.format == "gif"
     if gif and (problem := gif_rate_problem(checked.fps)):  # refused by the writer, after the sampling, before
         raise ConfigError(f"--fps {checked.fps:g}: {problem}")

@@ -115,15 +115,35 @@ def image_conditions(pipe: Any, image: Any, n: int) -> tuple[dict[str, Any], dic
 def require_image(pipe: Any) -> None:
     """A clear error when ``pipe`` cannot condition on an image."""
     if pipe.image_part is None:
-        what = (
-            "this temporal module has no image conditioning (trained without model.image_conditioning)"
-            if pipe.video is not None
-            else "no temporal module was given (temporal=, --temporal), and the base alone takes no image"
-        )
-        raise ConfigError(
-            f"image: {what}; train one, or load an IP-Adapter Plus with image_adapter= (--image-adapter) and "
-            "image_encoder="
-        )
+        raise ConfigError(_takes_no_image(pipe.video is not None))
+
+
+def check_image_source(temporal: str | None, image_adapter: str | None) -> None:
+    """:func:`require_image`'s refusal read from the temporal module file's header, before anything loads (what
+    ``sample.py --image`` asks; a module that cannot be read is named by the loading)."""
+    from lvdm.errors import TemporalModuleError
+    from lvdm.sampling_settings import temporal_defaults
+
+    if image_adapter is not None:
+        return
+    try:
+        takes = temporal is not None and temporal_defaults(temporal)["has_image"]
+    except TemporalModuleError:
+        return
+    if not takes:
+        raise ConfigError(_takes_no_image(temporal is not None))
+
+
+def _takes_no_image(has_module: bool) -> str:
+    what = (
+        "this temporal module has no image conditioning (trained without model.image_conditioning)"
+        if has_module
+        else "no temporal module was given (temporal=, --temporal), and the base alone takes no image"
+    )
+    return (
+        f"image: {what}; train one, or load an IP-Adapter Plus with image_adapter= (--image-adapter) and "
+        "image_encoder="
+    )
 
 
 def check_image_weights(s: SamplingSettings) -> None:

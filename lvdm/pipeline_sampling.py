@@ -28,6 +28,7 @@ from lvdm.sampling_settings import (
     DEFAULT_FPS,
     DEFAULT_FRAMES,
     DEFAULT_GUIDANCE,
+    DEFAULT_NOISE_PRIOR,
     DEFAULT_STEPS,
     MAX_GUIDANCE,
     MAX_SEED,
@@ -49,7 +50,7 @@ def resolve_settings(pipe: Any, s: SamplingSettings, latents: torch.Tensor | Non
         given = {"num_frames": f, "height": h * pipe.vae_scale_factor, "width": w * pipe.vae_scale_factor}
     fallback = {
         "num_frames": DEFAULT_FRAMES, "height": native, "width": native, "fps": DEFAULT_FPS,
-        "noise_prior": "independent", "mixed_lambda": 0.5, "num_inference_steps": DEFAULT_STEPS,
+        "noise_prior": DEFAULT_NOISE_PRIOR, "mixed_lambda": 0.5, "num_inference_steps": DEFAULT_STEPS,
         "scheduler": "ddim", "guidance_scale": DEFAULT_GUIDANCE,
     }  # fmt: skip
     values, from_module = {}, []

@@ -22,6 +22,7 @@ DEFAULT_FRAMES = 16
 DEFAULT_FPS = 8.0
 DEFAULT_STEPS = 25
 DEFAULT_GUIDANCE = 7.5
+DEFAULT_NOISE_PRIOR = "independent"  # where neither the call nor the module's training config names one
 SIZE_MULTIPLE = 8  # SD's rule for pixel sizes (its VAE downsamples by 8)
 MAX_FRAMES = 4096  # frames per sampled video (a rollout beyond the module's length included)
 MAX_SIDE = 8192  # pixels
@@ -207,7 +208,7 @@ def parse_threshold(text: str) -> Callable[[torch.Tensor], torch.Tensor]:
 def temporal_defaults(path: str | os.PathLike) -> dict[str, Any]:
     """``num_frames``, ``height``, ``width``, ``fps``, ``noise_prior`` and ``mixed_lambda`` from a temporal module's
     training config (``None`` if unset), what it was trained for (``tasks``, ``max_context_frames``, ...) and whether
-    it takes context frames (``has_context``).
+    it takes context frames (``has_context``) or an image (``has_image``).
 
     Reads only the file's header; a missing file or one that is not a temporal module is a
     :class:`~lvdm.errors.TemporalModuleError`.
@@ -243,6 +244,7 @@ def temporal_defaults(path: str | os.PathLike) -> dict[str, Any]:
         "interpolate_every": train.get("interpolate_every") if type(train.get("interpolate_every")) is int else None,
         "max_context_frames": _most_given(train.get("predict_frames"), tasks),
         "has_context": any(part.get("kind") == "context" for part in parts.values()),
+        "has_image": any(part.get("kind") == "image" for part in parts.values()),
         **distilled_for(config),
     }  # fmt: skip
 

@@ -318,6 +318,7 @@ def test_mistakes_found_only_when_loading_are_refused_before_it(files, tmp_path,
     put right (its flags in place of the wrong ones), reaches the reading of the base's weights."""
     from lvdm.errors import ConfigError
     from lvdm.models import VideoUNet, load_base, loading, single_file
+    from lvdm.models.parts import build_part
     from lvdm.testing.upscaler import make_tiny_upscaler
 
     def reached(*args, **kwargs):
@@ -329,6 +330,19 @@ def test_mistakes_found_only_when_loading_are_refused_before_it(files, tmp_path,
     odd = tmp_path / "odd.safetensors"  # trained at a height SD cannot sample: it was refused after loading
     odd_size = {"data": {"resolution": [20, 24]}}
     VideoUNet.from_unet2d(load_base(files["a"]).unet).save_temporal(odd, training_config=odd_size)
+    mixed, independent, i2v = (
+        tmp_path / "mixed.safetensors",
+        tmp_path / "independent.safetensors",
+        tmp_path / "i2v.safetensors",
+    )
+    for path, prior in ((mixed, "mixed"), (independent, "independent")):
+        VideoUNet.from_unet2d(load_base(files["a"]).unet).save_temporal(
+            path, training_config={"train": {"noise_prior": prior}}
+        )
+    video = VideoUNet.from_unet2d(load_base(files["a"]).unet)
+    build_part(video, "image", "image", {"embed_dims": 32, "num_queries": 4})
+    video.save_temporal(i2v)
+    Image.new("RGB", (16, 16)).save(picture := tmp_path / "picture.png")
     monkeypatch.setattr(loading, "_load_folder", reached)  # where a base's weights are read
     monkeypatch.setattr(single_file, "load_single_file", reached)
     sidecar = tmp_path / "v.mp4.json"
@@ -346,6 +360,17 @@ def test_mistakes_found_only_when_loading_are_refused_before_it(files, tmp_path,
          "made for base family"),  # the text-to-video module: found after the first stage had written its video
         ({"base": str(files["a"])}, {}, ["--temporal", str(odd)], ["--temporal", str(odd), "--height", "16"],
          "height: must be a multiple of 8, got 20 (the temporal module's training config gave height=20"),
+        ({"base": str(files["a"])}, {}, ["--temporal", str(files["module"]), "--image", str(picture)],
+         ["--temporal", str(i2v), "--image", str(picture)], "this temporal module has no image conditioning"),
+        ({"base": str(files["a"])}, {}, ["--image", str(picture)],
+         ["--image", str(picture), "--image-adapter", str(i2v), "--image-encoder", str(tmp_path)],
+         "no temporal module was given"),
+        ({"base": str(files["a"])}, {}, ["--temporal", str(files["module"]), "--base-noise-seed", "3"],
+         ["--temporal", str(mixed), "--base-noise-seed", "3"],  # the module's own prior is the mixed one
+         "--base-noise-seed goes with --noise-prior mixed (the default is 'independent')"),
+        ({"base": str(files["a"])}, {}, ["--temporal", str(independent), "--base-noise-seed", "3"],
+         ["--temporal", str(independent), "--base-noise-seed", "3", "--noise-prior", "mixed"],
+         "(the temporal module was trained with 'independent')"),
     ):  # fmt: skip
         sidecar.write_text(json.dumps({"prompt": "a kite", "settings": settings, "model": model}))
         if message:
@@ -354,6 +379,22 @@ def test_mistakes_found_only_when_loading_are_refused_before_it(files, tmp_path,
         code, _, err = sample_here(command, "--from-json", str(sidecar), *right, *fast)  # given once: not after wrong
         assert code == 2 and "reached the loading" in err, (right, err)
     assert not (tmp_path / "out.mp4").exists()
+
+
+def test_a_prompt_that_is_not_utf8_is_refused_before_anything_loads(files, tmp_path, command, monkeypatch):
+    """A shell's $'\\xff' reaches Python as a lone surrogate: it was refused only once the models had loaded."""
+    from lvdm.errors import ConfigError
+    from lvdm.models import loading
+
+    def reached(*args, **kwargs):
+        raise ConfigError("reached the loading")
+
+    monkeypatch.setattr(loading, "_load_folder", reached)
+    for prompt, message in (("a kite \udcff", "is not UTF-8 text"), ("a kite", "reached the loading")):  # + control
+        code, _, err = sample_here(
+            command, "--base", str(files["a"]), "--prompt", prompt, "--out", str(tmp_path / "v.mp4")
+        )
+        assert code == 2 and err.count("\n") == 1 and message in err, err
 
 
 def test_an_inductor_cache_folder_that_cannot_be_one_is_one_line(files, tmp_path, command, monkeypatch):
@@ -600,9 +641,10 @@ def test_an_input_given_as_the_output_is_not_replaced_by_overwrite(files, contex
     Image.new("RGB", (16, 16), (200, 30, 30)).save(picture)
     before = {path: path.read_bytes() for path in (clip, picture)}
     module = ["--base", str(files["a"]), "--temporal", str(context_files["module"]), "--steps", "1", "--prompt", "a"]
+    adapter = ["--image-adapter", str(files["module"]), "--image-encoder", str(tmp_path)]  # the module takes no image
     for options, out, flag in ((["--context", str(clip), "--frames", "3"], clip, "--context"),
                                (["--interpolate", str(clip)], clip, "--interpolate"),
-                               (["--image", str(picture)], picture, "--image")):  # fmt: skip
+                               (["--image", str(picture), *adapter], picture, "--image")):  # fmt: skip
         code, _, err = sample_here(command, *module, *options, "--out", str(out), "--overwrite")
         assert code == 2 and err.count("\n") == 1 and f"is the {flag} file" in err, err
         code, _, err = sample_here(command, *module, *options, "--out", str(tmp_path / "new.gif"), "--overwrite")
