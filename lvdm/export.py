@@ -21,7 +21,7 @@ from pathlib import Path
 from typing import Any
 
 from lvdm.cli import Parser, run_cli
-from lvdm.errors import CheckpointError, ConfigError
+from lvdm.errors import CheckpointError, ConfigError, check_flag
 
 
 def export_checkpoint(
@@ -41,6 +41,14 @@ def export_checkpoint(
     """
     from lvdm.outputs import check_output_file, module_output
 
+    check_flag("overwrite", overwrite)  # "no" is truthy: it replaced the file it was meant to keep
+    check_flag("raw", raw)
+    paths = {"checkpoint": checkpoint, "out": out, "base": base, "base_config": base_config}
+    for name, value in paths.items():
+        if not isinstance(value, str | os.PathLike) and (value is not None or name in ("checkpoint", "out")):
+            raise ConfigError(f"{name}: expected a path (str or os.PathLike), got {value!r}")
+        if name != "out" and value is not None and not os.fspath(value):  # out's own check names the output
+            raise ConfigError(f"{name}: an empty path; give a file or folder")
     out = module_output(out)
     from lvdm.training.checkpoint import MARKER, load_checkpoint
 

@@ -10,6 +10,7 @@ from conftest import tiny_overrides
 from safetensors.torch import load_file
 
 from lvdm.config import load_config
+from lvdm.errors import ConfigError
 from lvdm.export import export_checkpoint
 from lvdm.training.checkpoint import load_checkpoint
 from lvdm.training.trainer import train
@@ -211,6 +212,30 @@ def test_weights_that_are_not_finite_are_not_exported(run, tmp_path):
         export_checkpoint(folder, tmp_path / "out.safetensors")
     assert not list(tmp_path.glob("out*"))
     export_checkpoint(tampered(run, tmp_path / "control", lambda weights: weights), tmp_path / "out.safetensors")
+
+
+def test_python_arguments_of_the_wrong_type_are_refused_by_name(run, tmp_path):
+    """``export_checkpoint(..., overwrite="no")`` replaced the user's module ("no" is truthy), ``raw="no"`` exported
+    the raw weights, and a path of the wrong type or an empty ``base`` was a TypeError from pathlib or blamed the
+    checkpoint's config. Each is a ConfigError naming the argument, before anything is read or written."""
+    taken = tmp_path / "taken.safetensors"
+    taken.write_bytes(b"the user's module")
+    for kwargs, message in (
+        ({"overwrite": "no"}, "overwrite must be True or False, got 'no'"),
+        ({"overwrite": 1}, "overwrite must be True or False, got 1"),
+        ({"raw": "no"}, "raw must be True or False, got 'no'"),
+        ({"base": 3}, r"base: expected a path \(str or os.PathLike\), got 3"),
+        ({"base": ""}, "base: an empty path"),
+        ({"base_config": ""}, "base_config: an empty path"),
+    ):
+        with pytest.raises(ConfigError, match=message):
+            export_checkpoint(checkpoint(run, 3), taken, **kwargs)
+    for args, message in (((3, taken), "checkpoint: expected a path"), ((checkpoint(run, 3), None), "out: expected")):
+        with pytest.raises(ConfigError, match=message):
+            export_checkpoint(*args)
+    assert taken.read_bytes() == b"the user's module" and sorted(tmp_path.iterdir()) == [taken]
+    assert export_checkpoint(checkpoint(run, 3), taken, overwrite=True)[0] == taken  # the control: replaced
+    assert load_file(taken)
 
 
 def test_an_overwrite_that_fails_part_way_leaves_the_old_files(run, tmp_path, monkeypatch, export):
