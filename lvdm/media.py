@@ -140,18 +140,21 @@ def write_frames(
     ``--overwrite`` with fewer frames kept the old ones past its end). Anything else in the folder is left.
     """
     frames = _as_frames(frames)
-    digits = max(5, len(str(len(frames) - 1)))
-    paths = []
-    for index, rgb in enumerate(frames):
-        path = Path(folder) / f"{prefix}_{index:0{digits}d}.png"
+    paths = frame_paths(folder, len(frames), prefix=prefix)
+    for path, rgb in zip(paths, frames, strict=True):
         with atomic_path(path, exclusive=exclusive) as temp:
             Image.fromarray(rgb).save(temp, format="PNG")
-        paths.append(path)
     named, written = re.compile(rf"{re.escape(prefix)}_\d{{5,}}\.png"), {path.name for path in paths}
     for entry in [] if exclusive else os.scandir(folder):
         if named.fullmatch(entry.name) and entry.name not in written and entry.is_file(follow_symlinks=False):
             os.unlink(entry.path)
     return paths
+
+
+def frame_paths(folder: str | os.PathLike, count: int, *, prefix: str = "frame") -> list[Path]:
+    """The PNG files :func:`write_frames` writes for ``count`` frames: ``folder/{prefix}_00000.png`` ..."""
+    digits = max(5, len(str(count - 1)))
+    return [Path(folder) / f"{prefix}_{index:0{digits}d}.png" for index in range(count)]
 
 
 MediaWriter = Callable[[Frames, Path, float | Fraction, bool], Path | list[Path]]

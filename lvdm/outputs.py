@@ -5,7 +5,7 @@ from __future__ import annotations
 import numbers
 import os
 import re
-from collections.abc import Sequence
+from collections.abc import Iterable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
@@ -21,6 +21,7 @@ from lvdm.fileio import (
     nearest_existing,
     read_bounded,
     read_json,
+    write_failure,
     write_problem,
 )
 
@@ -84,7 +85,19 @@ class VideoOutput:
                 raise ConfigError(
                     f"{side} is a folder, which {target.name}'s sidecar cannot replace; choose another path"
                 )
+        if not overwrite:  # found part-way, it left the videos (or frames) before it, or a video without its sidecar
+            self._refuse_existing(targets.values())
         return [self._write(k, target, overwrite) for k, target in targets.items()]
+
+    def _refuse_existing(self, targets: Iterable[Path]) -> None:
+        """The :class:`~lvdm.errors.OutputWriteError` a write would meet, before any file is written: a file (a
+        link too) where a video, one of its PNG frames or its sidecar goes."""
+        from lvdm.media import frame_paths
+
+        for target in targets:
+            files = frame_paths(target, self.frames.shape[1]) if media_kind(target) == "png" else [target]
+            if taken := [path for path in (*files, sidecar_path(target)) if os.path.lexists(path)]:
+                raise write_failure(taken[0], FileExistsError(taken[0]))
 
     def _write(self, index: int, path: str | os.PathLike, overwrite: bool) -> Path:
         from lvdm.media import WRITERS

@@ -202,6 +202,29 @@ def test_saving(pipe, tmp_path):
     assert out.save(tmp_path / "new.mp4", index=0, overwrite=False) == [tmp_path / "new.mp4"]  # the control
 
 
+def test_saving_refuses_an_existing_output_before_writing_any(pipe, tmp_path):
+    """An existing file met part-way left what was written before it: ``save("clip.mp4")`` of three videos with
+    ``clip_002.mp4`` there wrote ``clip_000`` and ``clip_001`` (which then blocked a retry), a video whose sidecar's
+    name was taken was written without one, and PNG frames went into a folder until one of its files was met."""
+    out = pipe(["a", "b", "c"], seed=0, **FAST)
+    (tmp_path / "clip_002.mp4").write_bytes(b"the user's")
+    (tmp_path / "one.mp4.json").write_text("the user's notes")
+    (tmp_path / "frames").mkdir()
+    (tmp_path / "frames" / "frame_00001.png").write_bytes(b"the user's")
+    theirs = sorted(tmp_path.rglob("*"))
+    for path, index, taken in (("clip.mp4", None, "clip_002.mp4"), ("one.mp4", 0, "one.mp4.json"),
+                               ("frames", 1, "frames/frame_00001.png")):  # fmt: skip
+        with pytest.raises(OutputWriteError, match=f"{tmp_path / taken} exists"):
+            out.save(tmp_path / path, index=index)
+        assert sorted(tmp_path.rglob("*")) == theirs, path
+    assert (tmp_path / "clip_002.mp4").read_bytes() == b"the user's"
+    # the controls: a free name and an empty folder are written, and overwrite replaces
+    (tmp_path / "empty").mkdir()
+    assert len(out.save(tmp_path / "free.mp4")) == 3 and len(out.save(tmp_path / "empty", index=0)) == 1
+    assert len(list((tmp_path / "empty").iterdir())) == 2 and (tmp_path / "empty.json").is_file()
+    assert out.save(tmp_path / "clip.mp4", overwrite=True)[2].read_bytes()[4:8] == b"ftyp"
+
+
 def test_upscale_arguments(upscaler, tmp_path):
     video = np.zeros((2, 8, 8, 3), np.uint8)
     quick = {"num_inference_steps": 2, "progress": False, "seed": 0}
