@@ -400,7 +400,8 @@ class VideoPipeline:
         check_latents_to_decode(latents, self.base.vae.config.latent_channels)
         if isinstance(chunk_frames, bool) or not isinstance(chunk_frames, numbers.Integral) or chunk_frames < 1:
             raise ConfigError(f"chunk_frames must be an integer >= 1, got {chunk_frames!r}")
-        chunk_frames = int(chunk_frames)
+        # more frames than there are decode in one call (torch's split overflowed past 2**63, after the sampling)
+        chunk_frames = min(int(chunk_frames), latents.shape[0] * latents.shape[2])
         if self.decoder is not None:
             from lvdm.models.temporal_vae import decode_video
 

@@ -185,6 +185,16 @@ def test_decoding_and_interpolating(pipe, command):
         assert message in refused.stderr and refused.stderr.count("\n") == 1, refused.stderr
 
 
+def test_a_chunk_larger_than_the_video_decodes_it_in_one_call(pipe):
+    """``decode_chunk_size=2**63`` (a "no chunking" any integer >= 1 allows) sampled every step, then failed in
+    torch's split with "ValueError: Overflow when unpacking long long"; ``decode(chunk_frames=10**30)`` too."""
+    small = pipe(["x", "y"], seed=0, **FAST)
+    for chunk in (2**63, 10**30):
+        assert np.array_equal(pipe(["x", "y"], seed=0, decode_chunk_size=chunk, **FAST).frames, small.frames)
+        assert np.array_equal(pipe.decode(small.latents, chunk_frames=chunk), small.frames)
+    assert np.array_equal(pipe.decode(small.latents, chunk_frames=4), small.frames)  # the control: all 4 frames
+
+
 def test_saving(pipe, tmp_path):
     out = pipe("x", seed=0, **FAST)
     taken = tmp_path / "taken.mp4"
