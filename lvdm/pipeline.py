@@ -325,7 +325,7 @@ class VideoPipeline:
         prompts: str | Sequence[str],
         out: str | os.PathLike | Sequence[str | os.PathLike],
         *,
-        format: str = "mp4",
+        format: str | None = None,
         overwrite: bool = False,
         base_noise: torch.Tensor | int | None = None,
         context: Any = None,
@@ -336,7 +336,8 @@ class VideoPipeline:
         """Sample ``prompts`` and write each video (with its sidecar) as it is done; returns the media paths.
 
         ``out``: a file (``.mp4``/``.gif``, numbered when there are several videos), a folder (files named
-        ``000-<prompt words>.<format>``), or one path per video as :func:`plan_outputs` returns them. Prompts are
+        ``000-<prompt words>.<format>``, ``format`` mp4 by default), or one path per video as :func:`plan_outputs`
+        returns them; a ``format`` given for files must be theirs (it named only a folder's). Prompts are
         sampled ``batch_size`` videos at a time (default 1 here), with the seeds one call for the whole list
         would use: video ``k`` gets ``seed + k``. ``base_noise``: a seed or a ``(1, c, 1, h', w')`` tensor, and
         ``context``: a video every prompt continues, and ``image``: a picture every prompt animates, as in
@@ -347,12 +348,15 @@ class VideoPipeline:
         s = sampling_settings(**{"batch_size": 1, **settings})
         check_flag("progress", progress)  # before the outputs are planned
         check_flag("overwrite", overwrite)
-        repeat = s.num_videos_per_prompt
+        repeat, kind = s.num_videos_per_prompt, "mp4" if format is None else format
         if isinstance(out, (str, os.PathLike)):
-            paths = plan_outputs(out, prompts, num_videos_per_prompt=repeat, format=format, overwrite=overwrite)
+            paths = plan_outputs(out, prompts, num_videos_per_prompt=repeat, format=kind, overwrite=overwrite)
         else:
             paths = _output_list(out)
-            check_given_outputs(paths, format=format, overwrite=overwrite)
+            check_given_outputs(paths, format=kind, overwrite=overwrite)
+        if format is not None and (other := [path for path in paths if media_kind(path) != format]):
+            raise ConfigError(f"format={format!r} and the output {other[0]} ({media_kind(other[0])}) disagree: format "
+                              "names the files written into a folder; give a folder, or leave format out")  # fmt: skip
         if len(paths) != len(prompts) * repeat:
             raise ConfigError(f"got {len(paths)} output paths for {len(prompts) * repeat} videos")
         seed = s.seed if s.seed is not None else random_seed()

@@ -372,6 +372,28 @@ def test_render_checks_each_of_its_outputs_before_sampling(pipe, tmp_path, monke
     ]
 
 
+def test_render_refuses_a_format_its_files_are_not(pipe, tmp_path):
+    """``render(prompts, "clip.mp4", format="gif")`` wrote an mp4 (the suffix won, ``format`` was taken and ignored),
+    and so did a list of ``.mp4`` paths with ``format="gif"``; ``sample.py --format gif --out clip.mp4`` refuses it.
+    Now a ``format`` given with files of another kind is a ConfigError before sampling."""
+    for out, format in (
+        (tmp_path / "clip.mp4", "gif"),
+        (tmp_path / "clip.gif", "mp4"),
+        (tmp_path / "clip.mp4", "png"),
+        ([tmp_path / "1.mp4", tmp_path / "2.mp4"], "gif"),
+        ([tmp_path / "1.gif", tmp_path / "frames"], "gif"),
+    ):
+        with pytest.raises(ConfigError, match=f"format='{format}' and the output .* disagree"):
+            pipe.render(["a", "b"], out, format=format, **FAST)
+    assert not list(tmp_path.iterdir())  # nothing sampled, nothing written
+    # the controls: a file's own suffix with no format or the same one, and a folder of the format's files
+    assert pipe.render(["a"], tmp_path / "clip.gif", **FAST) == [tmp_path / "clip.gif"]
+    assert pipe.render(["a"], tmp_path / "same.mp4", format="mp4", **FAST) == [tmp_path / "same.mp4"]
+    assert pipe.render(["a"], [tmp_path / "1.gif"], format="gif", **FAST) == [tmp_path / "1.gif"]
+    assert pipe.render(["a"], tmp_path / "folder", format="gif", **FAST) == [tmp_path / "folder" / "000-a.gif"]
+    assert pipe.render(["a"], tmp_path / "frames", format="png", **FAST) == [tmp_path / "frames" / "000-a"]
+
+
 def test_upscaling_frames_of_no_pixels_is_refused_by_name(upscaler):
     """Frames ``(f, 0, w, 3)`` or ``(f, h, 0, 3)`` reached a convolution: torch's "Kernel size can't be greater
     than actual input size", not a word about the video."""
