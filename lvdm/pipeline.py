@@ -52,6 +52,7 @@ from lvdm.pipeline_sampling import (
     video_record,
 )
 from lvdm.sampling_settings import (
+    DEFAULT_FPS,
     MAX_SEED,
     SETTING_NAMES,
     SamplingSettings,
@@ -359,6 +360,7 @@ class VideoPipeline:
                               "names the files written into a folder; give a folder, or leave format out")  # fmt: skip
         if len(paths) != len(prompts) * repeat:
             raise ConfigError(f"got {len(paths)} output paths for {len(prompts) * repeat} videos")
+        _check_gif_rate(paths, s.fps if s.fps is not None else self.defaults.get("fps", DEFAULT_FPS))
         seed = s.seed if s.seed is not None else random_seed()
         _check_seeds(seed, len(prompts) * repeat)
         negatives = negatives_for(s.negative_prompt, prompts)
@@ -463,6 +465,14 @@ def _sidecar_extra(
     if image is not None:
         extra["image"] = image
     return extra
+
+
+def _check_gif_rate(paths: list[Path], fps: float) -> None:
+    """A GIF among ``paths`` that cannot play at ``fps``, refused before sampling (the writer refused it after)."""
+    from lvdm.media import gif_rate_problem
+
+    if any(media_kind(path) == "gif" for path in paths) and (problem := gif_rate_problem(fps)):
+        raise ConfigError(f"fps={fps:g}: {problem}")
 
 
 def _check_seeds(seed: int, videos: int) -> None:

@@ -394,6 +394,25 @@ def test_render_refuses_a_format_its_files_are_not(pipe, tmp_path):
     assert pipe.render(["a"], tmp_path / "frames", format="png", **FAST) == [tmp_path / "frames" / "000-a"]
 
 
+def test_render_refuses_a_gif_rate_before_sampling(pipe, tmp_path, monkeypatch):
+    """``render(prompts, "clip.gif", fps=200)`` denoised the first video, then its writer refused the rate (a GIF's
+    delays are whole centiseconds); ``sample.py`` refuses it before loading. Now render refuses it before sampling."""
+    from lvdm import pipeline
+
+    def sampled(*args, **kwargs):
+        raise AssertionError("sampled")
+
+    with monkeypatch.context() as patch:
+        patch.setattr(pipeline, "denoise", sampled)
+        for out, format in ((tmp_path / "clip.gif", None), (tmp_path / "folder", "gif"), ([tmp_path / "1.gif"], None)):
+            with pytest.raises(ConfigError, match="fps=200: a GIF stores delays in whole centiseconds"):
+                pipe.render(["a"], out, format=format, **{**FAST, "fps": 200})
+    assert not list(tmp_path.iterdir())
+    # the controls: the same rate in an mp4, and a GIF at 100 fps
+    assert pipe.render(["a"], tmp_path / "fast.mp4", **{**FAST, "fps": 200}) == [tmp_path / "fast.mp4"]
+    assert pipe.render(["a"], tmp_path / "ok.gif", **{**FAST, "fps": 100}) == [tmp_path / "ok.gif"]
+
+
 def test_upscaling_frames_of_no_pixels_is_refused_by_name(upscaler):
     """Frames ``(f, 0, w, 3)`` or ``(f, h, 0, 3)`` reached a convolution: torch's "Kernel size can't be greater
     than actual input size", not a word about the video."""
