@@ -65,6 +65,9 @@ class VideoOutput:
         """
         if not isinstance(path, str | os.PathLike):
             raise ConfigError(f"path must be a file or folder path (str or os.PathLike), got {path!r}")
+        if not os.fspath(path).strip() or not Path(path).name:  # "", "." and "/": pathlib's ValueError naming "."
+            raise ConfigError(f"the output {os.fspath(path)!r} names no file or folder of its own (its sidecar is "
+                              "<name>.json); give a .mp4 or .gif file, or a folder for PNG frames")  # fmt: skip
         check_flag("overwrite", overwrite)
         if index is not None:
             if (

@@ -212,6 +212,18 @@ def test_saving(pipe, tmp_path):
     assert out.save(tmp_path / "new.mp4", index=0, overwrite=False) == [tmp_path / "new.mp4"]  # the control
 
 
+def test_saving_to_a_path_with_no_name_is_refused_by_name(pipe, tmp_path, monkeypatch):
+    """``out.save("")``, ``save(".")`` and ``save("/")`` were pathlib's ``ValueError: PosixPath('.') has an empty
+    name`` (the PNG folder's sidecar has no name to take); now a ConfigError naming the output."""
+    monkeypatch.chdir(tmp_path)
+    out = pipe("x", seed=0, **FAST)
+    for path in ("", "  ", ".", Path("."), "/"):
+        with pytest.raises(ConfigError, match=f"the output {str(path)!r} names no file or folder of its own"):
+            out.save(path)
+    assert not list(tmp_path.iterdir())
+    assert out.save("frames") == [Path("frames")] and (tmp_path / "frames.json").is_file()  # the control
+
+
 def test_saving_refuses_an_existing_output_before_writing_any(pipe, tmp_path):
     """An existing file met part-way left what was written before it: ``save("clip.mp4")`` of three videos with
     ``clip_002.mp4`` there wrote ``clip_000`` and ``clip_001`` (which then blocked a retry), a video whose sidecar's
