@@ -164,10 +164,14 @@ def device_problem(device: str | torch.device) -> str | None:
 
 
 def as_dtype(dtype: str | torch.dtype | None) -> torch.dtype | None:
-    if dtype is None or isinstance(dtype, torch.dtype):
+    """``dtype`` by its name in :data:`DTYPES`, or one of their torch dtypes: another (``torch.float64``) sampled,
+    and its sidecar, which records it as ``"torch.float64"``, could not be replayed (``torch.int8`` blamed the base's
+    folder)."""
+    if dtype is None or (isinstance(dtype, torch.dtype) and dtype in DTYPES.values()):
         return dtype
-    if dtype not in DTYPES:
-        raise ConfigError(f"dtype: expected one of {sorted(DTYPES)}, got {dtype!r}")
+    if isinstance(dtype, torch.dtype) or dtype not in DTYPES:
+        raise ConfigError(f"dtype: expected one of {sorted(DTYPES)} (or torch.float32, float16, bfloat16), got "
+                          f"{dtype!r}")  # fmt: skip
     return DTYPES[dtype]
 
 

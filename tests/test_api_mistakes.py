@@ -62,6 +62,19 @@ def test_paths_and_loras_of_the_wrong_kind(files, tmp_path):
         assert torch.equal(a, b)
 
 
+def test_a_dtype_sidecars_cannot_replay_is_refused(files, tmp_path):
+    """``dtype=torch.float64`` sampled, and its sidecar recorded ``"torch.float64"``, which ``from_pretrained`` (and
+    ``sample.py --from-json``) then refused: the video could not be replayed; ``torch.int8`` was a CheckpointError
+    blaming the base's folder. Only the dtypes a sidecar names are taken, as a string or a torch dtype."""
+    for dtype in (torch.float64, torch.int8, "float16", "fp64", 16):
+        with pytest.raises(ConfigError, match=r"dtype: expected one of \['bf16', 'fp16', 'fp32'\]"):
+            VideoPipeline.from_pretrained(files["a"], temporal=files["module"], dtype=dtype)
+    # the control: a torch dtype of the list, recorded by its name, from which the sidecar's replay loads
+    pipe = VideoPipeline.from_pretrained(files["a"], temporal=files["module"], dtype=torch.bfloat16)
+    model = pipe("x", seed=0, **FAST).metadata[0]["model"]
+    assert model["dtype"] == "bf16" and VideoPipeline.from_pretrained(**model).dtype == torch.bfloat16
+
+
 def test_prompts_seeds_and_noise(pipe, tmp_path):
     for prompt in (None, 5, b"x", {"a", "b"}, frozenset("a"), {"a": "b"}):  # a set was sampled in hash order
         with pytest.raises(ConfigError, match="prompt must be a string or a non-empty list of strings"):
