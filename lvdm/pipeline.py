@@ -339,8 +339,9 @@ class VideoPipeline:
         ``out``: a file (``.mp4``/``.gif``, numbered when there are several videos), a folder (files named
         ``000-<prompt words>.<format>``, ``format`` mp4 by default), or one path per video as :func:`plan_outputs`
         returns them; a ``format`` given for files must be theirs (it named only a folder's). Prompts are
-        sampled ``batch_size`` videos at a time (default 1 here), with the seeds one call for the whole list
-        would use: video ``k`` gets ``seed + k``. ``base_noise``: a seed or a ``(1, c, 1, h', w')`` tensor, and
+        sampled ``batch_size`` videos at a time (default 1 here; ``None``: all together), with the seeds one call
+        for the whole list would use: video ``k`` gets ``seed + k``. ``base_noise``: a seed or a ``(1, c, 1, h', w')``
+        tensor, and
         ``context``: a video every prompt continues, and ``image``: a picture every prompt animates, as in
         :meth:`__call__`. An existing output is refused before
         sampling unless ``overwrite``.
@@ -364,7 +365,8 @@ class VideoPipeline:
         seed = s.seed if s.seed is not None else random_seed()
         _check_seeds(seed, len(prompts) * repeat)
         negatives = negatives_for(s.negative_prompt, prompts)
-        per_call = max(1, s.batch_size // repeat)
+        # batch_size=None (as sidecars record it): all at once, as in a call (None // repeat was a TypeError)
+        per_call = len(prompts) if s.batch_size is None else max(1, s.batch_size // repeat)
         written = []
         for start in range(0, len(prompts), per_call):
             chunk = slice(start, start + per_call)

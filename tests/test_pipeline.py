@@ -288,6 +288,9 @@ def test_render_denoises_at_most_batch_size_videos_together(pipe, tmp_path, monk
     sizes.clear()
     pipe.render(["a cat", "a dog"], tmp_path / "three", num_videos_per_prompt=2, batch_size=3, seed=5, **FAST)
     assert max(sizes) <= 3 and sum(sizes) == 4, sizes
+    sizes.clear()  # None, as every sidecar's settings say (a replay passes them): all together, as a call does
+    paths = pipe.render(["a cat", "a dog"], tmp_path / "all", num_videos_per_prompt=2, batch_size=None, seed=5, **FAST)
+    assert sizes == [4] and len(paths) == 4  # None // 2 was a TypeError
 
 
 def test_decoding_goes_in_chunks_of_frames(pipe, monkeypatch):
