@@ -273,22 +273,30 @@ def as_prompts(prompt: str | Sequence[str]) -> list[str]:
     if not prompts or not all(isinstance(p, str) for p in prompts):
         raise ConfigError(f"prompt must be a string or a non-empty list of strings, got {prompt!r}")
     for text in prompts:
-        try:
-            text.encode("utf-8")
-        except UnicodeEncodeError:  # bytes that are not UTF-8 reach Python as lone surrogates (a shell's $'\xff')
-            raise ConfigError(f"prompt {text!r} is not UTF-8 text") from None
+        _check_utf8("prompt", text)
     return prompts
+
+
+def _check_utf8(name: str, text: str) -> None:
+    try:
+        text.encode("utf-8")
+    except UnicodeEncodeError:  # bytes that are not UTF-8 reach Python as lone surrogates (a shell's $'\xff')
+        raise ConfigError(f"{name} {text!r} is not UTF-8 text") from None
 
 
 def negatives_for(negative: str | list[str] | None, prompts: list[str]) -> list[str]:
     """One negative prompt per prompt: ``negative`` repeated, or its list when it has one per prompt."""
     if negative is None or isinstance(negative, str):
-        return [negative or ""] * len(prompts)
-    if len(negative) != len(prompts):
+        negatives = [negative or ""] * len(prompts)
+    elif len(negative) != len(prompts):
         raise ConfigError(
             f"negative_prompt: got {len(negative)} for {len(prompts)} prompts (give one, or one per prompt)"
         )
-    return list(negative)
+    else:
+        negatives = list(negative)
+    for text in negatives:  # the tokenizer's TypeError ("TextEncodeInput must be Union[...]") was a traceback
+        _check_utf8("negative_prompt", text)
+    return negatives
 
 
 def check_noise(name: str, noise: Any, *, finite: bool = True) -> None:

@@ -161,6 +161,25 @@ def test_prompts_seeds_and_noise(pipe, tmp_path):
     assert all(type(b.metadata[0]["settings"][key]) is type(value) for key, value in python.items())
 
 
+def test_a_negative_prompt_that_is_not_utf8_is_one_line(files, pipe, tmp_path, command):
+    """A prompt holding a byte that is not UTF-8 (a shell's ``$'\\xff'``) is refused by name; a negative prompt
+    was not: the tokenizer's ``TypeError: TextEncodeInput must be Union[...]``, and ``sample.py --negative-prompt``
+    printed its traceback."""
+    for negative in ("a \udcff blur", ["fine", "a \udcff blur"]):
+        with pytest.raises(ConfigError, match=r"negative_prompt 'a \\udcff blur' is not UTF-8 text"):
+            pipe(["x", "y"], negative_prompt=negative, **FAST)
+        with pytest.raises(ConfigError, match="is not UTF-8 text"):
+            pipe.render(["x", "y"], tmp_path / "out", negative_prompt=negative, **FAST)
+    sample = Path(__file__).resolve().parents[1] / "sample.py"
+    args = ["--quiet", "--base", files["a"], "--temporal", files["module"], "--steps", "1", "--prompt", "x"]
+    refused = command(sample, *args, "--negative-prompt", "a \udcff blur", "--out", tmp_path / "n.mp4")
+    assert refused.returncode == 2 and "Traceback" not in refused.stderr, refused.stderr[-2000:]
+    assert refused.stderr.endswith("is not UTF-8 text\n") and refused.stderr.count("\n") == 1, refused.stderr
+    assert not list(tmp_path.iterdir())
+    # the control: the same negative prompt in UTF-8
+    assert pipe(["x", "y"], negative_prompt=["fine", "a \xff blur"], **FAST).metadata[1]["settings"]["negative_prompt"]
+
+
 def test_decoding_and_interpolating(pipe, command):
     latents = pipe("x", seed=0, **FAST).latents
     for value in (0, -1, 2.5, "2", None, True):
