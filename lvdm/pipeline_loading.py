@@ -12,7 +12,7 @@ from typing import TYPE_CHECKING, Any
 
 import torch
 
-from lvdm.errors import CheckpointError, ConfigError
+from lvdm.errors import CheckpointError, ConfigError, check_flag
 from lvdm.sampling_settings import temporal_defaults
 
 if TYPE_CHECKING:
@@ -49,6 +49,7 @@ def load_parts(
 ) -> PipelineParts:
     """Load everything :meth:`VideoPipeline.from_pretrained <lvdm.pipeline.VideoPipeline.from_pretrained>` takes
     (its arguments, as it documents them)."""
+    check_flag("allow_pickle", allow_pickle)  # "no" is truthy: it loaded the pickles it was meant to refuse
     torch_dtype = as_dtype(dtype)
     if device is not None and (problem := device_problem(device)):
         raise ConfigError(f"device {device}: {problem}")
@@ -101,7 +102,7 @@ def load_parts(
         "base_config": absolute(base_config),
         "loras": [spec.text(absolute(spec.path)) for spec in specs],
         "spatial_weights": absolute(spatial_weights),
-        "allow_pickle": allow_pickle,
+        "allow_pickle": bool(allow_pickle),  # numpy's bool_ is no JSON: the sidecar failed after the video
         "image_adapter": absolute(image_adapter),
         "image_encoder": absolute(image_encoder),
         "decoder": absolute(decoder),

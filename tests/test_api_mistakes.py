@@ -4,6 +4,7 @@ else, or the mistake taken silently. Each refusal has a control beside it: the r
 
 from __future__ import annotations
 
+import json
 import os
 from pathlib import Path
 
@@ -60,6 +61,31 @@ def test_paths_and_loras_of_the_wrong_kind(files, tmp_path):
     listed = VideoPipeline.from_pretrained(files["b"], base_config=files["a"], loras=[f"{files['lora']}:0.7"])
     for a, b in zip(alone.base.unet.parameters(), listed.base.unet.parameters(), strict=True):
         assert torch.equal(a, b)
+
+
+def test_allow_pickle_must_be_a_bool(files, tmp_path, tiny_assets):
+    """``allow_pickle="no"`` was truthy: a pickle-based ``.ckpt`` base loaded, the one thing the user had said no to
+    (and its sidecars recorded ``"no"``). Now a ConfigError naming it, in every loader that takes it; numpy's
+    ``True`` loads, and its sidecar (a TypeError once its video was written) says ``true``."""
+    from safetensors.torch import load_file
+
+    from lvdm import load_base
+
+    ckpt = tmp_path / "b.ckpt"
+    torch.save({"state_dict": load_file(files["b"])}, ckpt)
+    for value in ("no", "false", 0, None):
+        with pytest.raises(ConfigError, match=f"allow_pickle must be True or False, got {value!r}"):
+            VideoPipeline.from_pretrained(ckpt, base_config=files["a"], allow_pickle=value)
+        with pytest.raises(ConfigError, match="allow_pickle must be True or False"):
+            load_base(ckpt, base_config=files["a"], allow_pickle=value)
+        with pytest.raises(ConfigError, match="allow_pickle must be True or False"):
+            UpscalePipeline.from_pretrained(tiny_assets["upscaler"], allow_pickle=value)
+    # the controls: False refuses the pickle, True loads it
+    with pytest.raises(Exception, match="pickle-based '.ckpt' file, which can run code"):
+        VideoPipeline.from_pretrained(ckpt, base_config=files["a"], allow_pickle=False)
+    pickled = VideoPipeline.from_pretrained(ckpt, base_config=files["a"], allow_pickle=np.bool_(True))
+    saved = pickled("x", seed=0, **FAST).save(tmp_path / "x.mp4")  # numpy's True was recorded: no JSON for its sidecar
+    assert json.loads((tmp_path / "x.mp4.json").read_text())["model"]["allow_pickle"] is True and saved
 
 
 def test_a_dtype_sidecars_cannot_replay_is_refused(files, tmp_path):

@@ -28,7 +28,7 @@ from typing import Any
 import torch
 from safetensors import SafetensorError, safe_open
 
-from lvdm.errors import CheckpointError, ConfigError
+from lvdm.errors import CheckpointError, ConfigError, check_flag
 from lvdm.fileio import unreadable
 from lvdm.models.family import base_family
 
@@ -152,6 +152,7 @@ def load_base(
         dtype: the dtype the parts are built in (``None``: float32, whatever dtype the weight files hold).
         device: where the UNet, VAE and text encoder go once loaded (``None``: they stay on the CPU).
     """
+    check_flag("allow_pickle", allow_pickle)  # "no" is truthy: it loaded the pickle it was meant to refuse
     if not os.fspath(path):  # Path("") is the working folder
         raise ConfigError("base model '': an empty path; expected a diffusers folder or a checkpoint file")
     path = Path(path)
