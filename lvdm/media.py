@@ -13,6 +13,7 @@ The frame rate is stored exactly as a fraction: ``7.5`` -> 15/2, ``29.97`` -> 29
 
 from __future__ import annotations
 
+import numbers
 import os
 import re
 from collections.abc import Callable
@@ -49,12 +50,16 @@ def _as_frames(frames: Frames) -> np.ndarray:
 
 
 def _as_rate(fps: float | Fraction) -> Fraction:
-    try:
-        rate = Fraction(fps).limit_denominator(1001)
-    except (TypeError, ValueError, OverflowError):
-        rate = Fraction(0)
+    """``fps`` as a fraction; numpy's floats too (``Fraction`` refused ``np.float32(7.5)``: "must be in 0.01 .. 1000,
+    got 7.5"). ``True`` is no rate."""
+    rate, inexact = Fraction(0), isinstance(fps, numbers.Real) and not isinstance(fps, numbers.Rational)
+    if not isinstance(fps, bool | np.bool_):
+        try:
+            rate = Fraction(float(fps) if inexact else fps).limit_denominator(1001)
+        except (TypeError, ValueError, OverflowError):  # not a number, NaN, infinity
+            pass
     if not MIN_FPS <= float(rate) <= MAX_FPS:
-        raise ValueError(f"fps must be in {MIN_FPS} .. {MAX_FPS}, got {fps}")
+        raise ValueError(f"fps must be a number in {MIN_FPS} .. {MAX_FPS}, got {fps!r}")
     return rate
 
 

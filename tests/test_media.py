@@ -89,6 +89,21 @@ def test_bad_input_is_refused(tmp_path: Path) -> None:
     assert list(tmp_path.iterdir()) == []
 
 
+def test_a_numpy_rate_is_a_rate(tmp_path: Path) -> None:
+    """``fps=np.float32(7.5)`` (a rate computed with numpy) was refused with "fps must be in 0.01 .. 1000, got 7.5":
+    ``Fraction`` takes no numpy float. It is 15/2 as 7.5 is; ``True`` and a tensor are no rate."""
+    for fps, rate in ((np.float32(7.5), Fraction(15, 2)), (np.float16(12), Fraction(12)), (np.int64(8), Fraction(8))):
+        assert _probe(write_video(_frames(2, 8, 8), tmp_path / "n.mp4", fps=fps))["rate"] == rate
+        (tmp_path / "n.mp4").unlink()
+        with Image.open(write_gif(_frames(2, 8, 8), tmp_path / "n.gif", fps=fps)) as gif:
+            assert gif.info["duration"] == round(1000 / rate, -1)
+        (tmp_path / "n.gif").unlink()
+    for fps in (True, torch.tensor(8.0), np.float32("nan")):
+        with pytest.raises(ValueError, match=r"fps must be a number in 0.01 .. 1000, got"):
+            write_video(_frames(2, 8, 8), tmp_path / "x.mp4", fps=fps)
+    assert _probe(write_video(_frames(2, 8, 8), tmp_path / "x.mp4", fps=7.5))["rate"] == Fraction(15, 2)  # control
+
+
 def test_gif_frame_count_and_duration(tmp_path: Path) -> None:
     frames = _frames(8, 12, 10)
     path = write_gif(frames, tmp_path / "out.gif", fps=8.0)
