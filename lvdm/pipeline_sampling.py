@@ -115,6 +115,9 @@ def initial_noise(
     from lvdm.diffusion import sample_noise
 
     if latents is not None:
+        if base_noise is not None:  # taken and ignored (and recorded in the sidecars as if used)
+            raise ConfigError("base_noise is the shared part of the initial noise, which latents gives whole: give "
+                              "one of them")  # fmt: skip
         if tuple(latents.shape) != shape:
             raise ConfigError(f"latents must have shape {shape} for these settings, got {tuple(latents.shape)}")
         return latents.to(device=pipe.device, dtype=torch.float32)

@@ -206,6 +206,19 @@ def test_a_negative_prompt_that_is_not_utf8_is_one_line(files, pipe, tmp_path, c
     assert pipe(["x", "y"], negative_prompt=["fine", "a \xff blur"], **FAST).metadata[1]["settings"]["negative_prompt"]
 
 
+def test_base_noise_with_given_latents_is_refused(pipe):
+    """``latents`` are the whole initial noise, so a ``base_noise`` beside them was taken and ignored: seeds 3 and 4
+    gave the same video, and its sidecar said ``base_noise: 3``. Now a ConfigError before sampling."""
+    given = torch.randn((1, 4, 2, 8, 8), generator=torch.Generator().manual_seed(0))
+    mixed = {**FAST, "noise_prior": "mixed", "seed": 0}
+    for base_noise in (3, torch.zeros(1, 4, 1, 8, 8)):
+        with pytest.raises(ConfigError, match="base_noise is the shared part of the initial noise, which latents"):
+            pipe("x", latents=given, base_noise=base_noise, **mixed)
+    # the controls: either alone
+    assert pipe("x", latents=given, **mixed).metadata[0]["initial_noise"] == "given"
+    assert pipe("x", base_noise=3, **mixed).metadata[0]["base_noise"] == 3
+
+
 def test_decoding_and_interpolating(pipe, command):
     latents = pipe("x", seed=0, **FAST).latents
     for value in (0, -1, 2.5, "2", None, True):
