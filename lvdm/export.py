@@ -58,6 +58,11 @@ def export_checkpoint(
     config = metadata.get("config")
     if not isinstance(config, dict) or not all(isinstance(config.get(key), dict) for key in ("model", "data")):
         raise CheckpointError(f"checkpoint {checkpoint}: its metadata holds no training config (model, data)")
+    if isinstance(config.get("train"), dict) and config["train"].get("target") == "decoder":  # no temporal module
+        raise ConfigError(  # its diffusers folder was written where OUT goes: an empty OUT and a temporary folder left
+            f"checkpoint {checkpoint} is of a temporal VAE decoder run (train.target: decoder), which has no temporal "
+            "module: its decoder is the run's decoder/ folder (a diffusers folder, sampled with decoder=)"
+        )
     outputs = _outputs(out, config)
     for path in outputs.values():  # the LoRA's too: its name is longer than the module's
         check_output_file(path, overwrite=overwrite)

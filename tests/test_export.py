@@ -238,6 +238,21 @@ def test_python_arguments_of_the_wrong_type_are_refused_by_name(run, tmp_path):
     assert load_file(taken)
 
 
+def test_a_decoder_run_checkpoint_is_refused_and_leaves_nothing(tiny_assets, tmp_path, export):
+    """A temporal VAE decoder run's checkpoint has no temporal module: its export wrote the decoder's diffusers
+    folder where the module goes, then said "could not write OUT: Not a directory ... any previous version is
+    unchanged", leaving an empty OUT (which blocked the next try) and the 4 MB temporary folder beside it; with
+    --overwrite, OUT became that folder. Now one line saying what the checkpoint is, and nothing written."""
+    values = {"train.target": "decoder", "data.holdout": 2, "train.max_steps": 1, "train.checkpoint_every": 1}
+    train(load_config([], tiny_overrides(tiny_assets, tmp_path / "run", **values)), progress=False)
+    out = tmp_path / "out"
+    for flags in ([], ["--overwrite"]):
+        refused = export(tmp_path / "run" / "checkpoints" / "checkpoint-00000001", out / "dec.safetensors", *flags)
+        assert refused.returncode == 2 and refused.stderr.count("\n") == 1, refused.stderr
+        assert "is of a temporal VAE decoder run (train.target: decoder)" in refused.stderr
+        assert not out.exists()
+
+
 def test_an_overwrite_that_fails_part_way_leaves_the_old_files(run, tmp_path, monkeypatch, export):
     """--overwrite replaced the user's module, then failed on its LoRA (a full disk, a folder there) and deleted
     the new module as "what this export had written", saying the old files were unchanged: both were gone. Now
