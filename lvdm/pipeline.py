@@ -270,7 +270,8 @@ class VideoPipeline:
             inputs = take_rows(cond, part), take_rows(uncond, part)  # this batch's conditional, unconditional
             if noise is None:
                 context_part = given[0].expand(len(generators[part]), -1, -1, -1, -1) if given is not None else None
-                done, drawn = rollout(self, s, *inputs, generators[part], context_part, base_noise, progress)
+                rows = _rows(base_noise, part, len(generators))
+                done, drawn = rollout(self, s, *inputs, generators[part], context_part, rows, progress)
             else:
                 drawn = noise[part]
                 done = denoise(self, s, drawn, *inputs, generators[part], progress)
@@ -467,6 +468,14 @@ def _sidecar_extra(
     if image is not None:
         extra["image"] = image
     return extra
+
+
+def _rows(base_noise: torch.Tensor | int | None, part: slice, videos: int) -> torch.Tensor | int | None:
+    """A batch's rows of a base noise given one per video ``(videos, c, 1, h', w')``; a seed, one shared row or
+    ``None`` as they are. A rollout's chunks draw for the batch: the whole tensor was refused with ``batch_size``."""
+    if isinstance(base_noise, torch.Tensor) and base_noise.ndim == 5 and len(base_noise) == videos > 1:
+        return base_noise[part]
+    return base_noise
 
 
 def _check_gif_rate(paths: list[Path], fps: float) -> None:

@@ -436,6 +436,23 @@ def test_rollout_never_shows_the_model_more_frames_than_it_trained_on(context_fi
     assert np.array_equal(again.frames, out.frames)  # seeded: the same video
 
 
+def test_a_rollout_takes_one_base_noise_per_video_in_any_batch_size(context_files):
+    """A mixed prior's base noise given per video ``(b, c, 1, h', w')``, as the call documents it, was refused in a
+    rollout with ``batch_size`` below ``b`` ("base_noise must be (1, 4, 1, 8, 8), got (2, ...)"): each chunk was
+    checked against its batch. Each batch now takes its videos' rows; each video equals itself sampled alone."""
+    pipe = pipeline(context_files)
+    base = torch.randn((2, 4, 1, 8, 8), generator=torch.Generator().manual_seed(3))
+    mixed = {**FAST, "num_frames": 9, "noise_prior": "mixed"}  # 9 > 5 trained: a rollout
+    together = pipe(["a", "b"], base_noise=base, **mixed)
+    split = pipe(["a", "b"], base_noise=base, batch_size=1, **mixed)
+    alone = pipe("b", base_noise=base[1:], **{**mixed, "seed": 1})
+    scale = together.latents.abs().max()
+    assert (split.latents - together.latents).abs().max() <= 1e-5 * scale
+    assert (alone.latents - together.latents[1:]).abs().max() <= 1e-5 * scale
+    other = pipe("b", base_noise=base[:1], **{**mixed, "seed": 1})  # the control: the base noise is used
+    assert (other.latents - alone.latents).abs().max() > 0.1
+
+
 def test_context_guidance_adds_no_forward_per_step(context_files):
     pipe = pipeline(context_files)
     clip = pipe("a red disc", num_frames=5, **FAST).frames[0]
