@@ -342,10 +342,8 @@ class VideoPipeline:
         returns them; a ``format`` given for files must be theirs (it named only a folder's). Prompts are
         sampled ``batch_size`` videos at a time (default 1 here; ``None``: all together), with the seeds one call
         for the whole list would use: video ``k`` gets ``seed + k``. ``base_noise``: a seed or a ``(1, c, 1, h', w')``
-        tensor, and
-        ``context``: a video every prompt continues, and ``image``: a picture every prompt animates, as in
-        :meth:`__call__`. An existing output is refused before
-        sampling unless ``overwrite``.
+        tensor, ``context``: a video every prompt continues, and ``image``: a picture every prompt animates, as in
+        :meth:`__call__`. An existing output is refused before sampling unless ``overwrite``.
         """
         prompts = as_prompts(prompts)
         s = sampling_settings(**{"batch_size": 1, **settings})
