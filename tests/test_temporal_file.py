@@ -75,6 +75,28 @@ def test_other_family_is_refused_with_what_differs(trained):
     assert all(torch.equal(before[k], v) for k, v in sd2.temporal_state_dict().items())  # untouched
 
 
+def test_a_refused_module_leaves_the_unet_as_it_was(trained, tmp_path):
+    """VideoUNet.from_temporal_file inflated the UNet before checking the file: a refused module (another family, a
+    part it cannot rebuild) left the base wrapped, and the right module was then refused as "inflated before". Now
+    the checks run first on a copy of the UNet's shape. The control: the fitting module then loads onto it."""
+    video, path = trained
+    sd2_file = tmp_path / "sd2.safetensors"
+    VideoUNet.from_unet2d(testing.tiny_unet("sd2")).save_temporal(sd2_file)
+    with safe_open(path, framework="pt") as f:
+        tensors, metadata = {k: f.get_tensor(k) for k in f.keys()}, f.metadata()
+    unknown_part = tmp_path / "part.safetensors"
+    save_file(tensors, unknown_part, metadata=metadata | {"parts": json.dumps({"x": {"kind": "nope", "config": {}}})})
+    unet = testing.tiny_unet("sd1", seed=1)
+    before = {k: v.clone() for k, v in unet.state_dict().items()}
+    for bad, match in ((sd2_file, "base family"), (unknown_part, "cannot rebuild part 'x'")):
+        with pytest.raises(TemporalModuleError, match=match):
+            VideoUNet.from_temporal_file(unet, bad)
+        assert unet.state_dict().keys() == before.keys(), bad  # no wrapper, no part
+    moved = VideoUNet.from_temporal_file(unet, path)
+    for name, tensor in video.temporal_state_dict().items():
+        assert torch.equal(dict(moved.named_temporal_parameters())[name], tensor)
+
+
 def test_other_layout_is_refused_with_what_differs(trained):
     _, path = trained
     attention_only = VideoUNet.from_unet2d(testing.tiny_unet("sd1"), LAYOUTS["attention_only"])

@@ -74,10 +74,14 @@ class TemporalModule:
 
     def load_into(self, video: VideoUNet) -> None:
         """Copy the weights into ``video`` after checking that family, layout and shapes all fit."""
+        self.check_fits(video)
+        self._copy_into(video)
+
+    def check_fits(self, video: VideoUNet) -> None:
+        """Refuse, naming what differs, a ``video`` that :meth:`load_into` would not fill."""
         problems = self.mismatches(video)
         if problems:
             raise TemporalModuleError(f"temporal module {self.path} does not fit this base: " + "; ".join(problems))
-        self._copy_into(video)
 
     def warm_start(self, video: VideoUNet) -> list[str]:
         """Copy the weights into ``video``, which may have parts the file lacks (a text-to-video module starting a

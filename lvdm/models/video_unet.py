@@ -138,11 +138,10 @@ class VideoUNet(nn.Module):
         from lvdm.models.animatediff import open_temporal_module
 
         module = open_temporal_module(path, unet.config, allow_pickle=allow_pickle)
-        try:
-            video = cls.from_unet2d(unet, module.layout)
-        except ValueError as exc:  # e.g. a head count the base's channels do not divide into
-            raise TemporalModuleError(f"{path}: its layout does not fit this base: {exc}") from exc
-        module.add_parts(video)
+        if isinstance(unet, UNet2DConditionModel):  # checked on a copy of its shape first: a refused file left
+            with torch.device("meta"):  # ``unet`` inflated, and the next file was refused as "inflated before"
+                module.check_fits(_with_module(cls, UNet2DConditionModel.from_config(unet.config), module, path))
+        video = _with_module(cls, unet, module, path)
         module.load_into(video)
         return video
 
@@ -331,6 +330,16 @@ class VideoUNet(nn.Module):
 
         open_temporal_module(path, self.unet.config).load_into(self)
         return self
+
+
+def _with_module(cls: type[VideoUNet], unet: UNet2DConditionModel, module: Any, path: Any) -> VideoUNet:
+    """``unet`` inflated with the layout of the temporal module ``module`` and given its parts (weights not loaded)."""
+    try:
+        video = cls.from_unet2d(unet, module.layout)
+    except ValueError as exc:  # e.g. a head count the base's channels do not divide into
+        raise TemporalModuleError(f"{path}: its layout does not fit this base: {exc}") from exc
+    module.add_parts(video)
+    return video
 
 
 # --------------------------------------------------------------------- inflation
