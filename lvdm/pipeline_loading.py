@@ -65,7 +65,8 @@ def load_parts(
     defaults = temporal_defaults(temporal) if temporal is not None else None  # a bad module fails before loading
     from lvdm.models import LoraSpec, VideoUNet, load_base
 
-    one = isinstance(loras, tuple) and len(loras) == 2 and not isinstance(loras[1], str | os.PathLike | tuple)
+    one = (isinstance(loras, tuple) and len(loras) == 2 and isinstance(loras[0], str | os.PathLike)
+           and not isinstance(loras[1], str | os.PathLike | tuple | LoraSpec))  # fmt: skip
     if one or isinstance(loras, (str, os.PathLike, LoraSpec)):  # one LoRA (a string was read a character at a time)
         loras = [loras]  # a (path, scale) pair: its scale is checked where every scale is
     if loras is None:

@@ -104,6 +104,23 @@ def test_several_loras_each_with_its_scale(files):
         assert (video(sample, timestep, text) - expected).abs().max() < 1e-5
 
 
+def test_a_tuple_of_lora_specs_is_several_loras(files):
+    """``loras=(LoraSpec(a, 0.5), LoraSpec(b, 1.5))`` was taken for one ``(path, scale)`` pair and refused ("expected a
+    path, 'PATH:SCALE' or a (path, scale) pair"). The control: the same LoRAs in a list, and one pair alone."""
+    from lvdm.pipeline_loading import load_parts
+
+    listed = [LoraSpec(files["kohya"], 0.5), LoraSpec(files["peft"], 1.5)]
+    wanted = load_parts(files["b"], base_config=files["a"], loras=listed)
+    mixed = load_parts(files["b"], base_config=files["a"], loras=(files["kohya"], LoraSpec(files["peft"], 1.5)))
+    assert mixed.sources["loras"][1:] == wanted.sources["loras"][1:]
+    parts = load_parts(files["b"], base_config=files["a"], loras=tuple(listed))
+    assert parts.sources["loras"] == wanted.sources["loras"]
+    for ours, theirs in zip(parts.base.unet.parameters(), wanted.base.unet.parameters(), strict=True):
+        assert torch.equal(ours, theirs)
+    pair = load_parts(files["b"], base_config=files["a"], loras=(files["kohya"], 0.5))
+    assert pair.sources["loras"] == wanted.sources["loras"][:1]
+
+
 def test_pickle_checkpoint_needs_allow_pickle(files, tmp_path):
     ckpt = tmp_path / "model.ckpt"
     torch.save({"state_dict": load_file(files["b"])}, ckpt)
