@@ -324,6 +324,25 @@ def test_a_single_file_without_its_vae_or_text_encoder_takes_them_from_base_conf
         load_base(files["b"], base_config=files["a"])
 
 
+def test_parts_taken_from_an_fp16_base_config_are_in_the_dtype_asked_for(files, tmp_path):
+    """A single file without its text encoder, its base_config an fp16 folder (SD's "fp16" folders): the text encoder
+    was taken in fp16 (transformers keeps the files' dtype) beside a float32 UNet and VAE, where a whole folder loads
+    in float32. The control: a dtype given is the dtype of every part."""
+    pipe = StableDiffusionPipeline(
+        **testing.tiny_sd_components("sd1", seed=0), safety_checker=None, feature_extractor=None,
+        requires_safety_checker=False,
+    )  # fmt: skip
+    pipe.to(torch.float16).save_pretrained(tmp_path / "fp16", safe_serialization=True)
+    path = tmp_path / "unet_only.safetensors"
+    parts = ("cond_stage_model.", "first_stage_model.")
+    save_file({key: value for key, value in load_file(files["b"]).items() if not key.startswith(parts)}, path)
+    for dtype, expected in ((None, torch.float32), (torch.bfloat16, torch.bfloat16)):
+        with pytest.warns(UserWarning, match="taken from base_config"):
+            base = load_base(path, base_config=tmp_path / "fp16", dtype=dtype)
+        found = {name: next(getattr(base, name).parameters()).dtype for name in ("unet", "vae", "text_encoder")}
+        assert found == dict.fromkeys(found, expected), (dtype, found)
+
+
 def test_a_pickled_single_file_without_its_vae_is_named_and_takes_it_from_base_config(files, tmp_path):
     """A pickle's keys were not listed before it loaded: one without a VAE got diffusers' Python advice. They are now
     read memory-mapped, as diffusers reads the file (``weights_only``, the ``state_dict`` unwrapped). The control:

@@ -92,8 +92,12 @@ def _parts_from(folder: Path, names: list[str], *, allow_pickle: bool, dtype: to
     parts = {}
     for name in names:
         try:
-            part = classes[name].from_pretrained(
-                folder, subfolder=name, use_safetensors=None if allow_pickle else True, local_files_only=True
+            part = classes[name].from_pretrained(  # float32 first: transformers keeps an fp16 folder's dtype
+                folder,
+                subfolder=name,
+                use_safetensors=None if allow_pickle else True,
+                local_files_only=True,
+                dtype=torch.float32,
             )
         except Exception as exc:  # OSError (no weights there), SafetensorError, ...
             what = f"{_PARTS[name][0]} from base_config {folder}"
