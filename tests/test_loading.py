@@ -279,6 +279,28 @@ def test_parts_that_load_without_a_word_and_fail_later_are_refused_at_load(files
     assert load_base(files["a"]).tokenizer.model_max_length == 77
 
 
+def test_a_text_encoder_missing_weights_is_refused_naming_them(files, tmp_path):
+    """A folder whose text_encoder files lack a weight its config needs (saved from another shape, an edited file)
+    loaded: transformers initialised the weight at random and printed a table, where a UNet or VAE missing one is
+    refused. The same from a base_config that a single file takes its text encoder from. The control: the folder
+    whole loads its text encoder as it is in the files."""
+    import shutil
+
+    folder = shutil.copytree(files["a"], tmp_path / "folder")
+    weights = folder / "text_encoder" / "model.safetensors"
+    tensors = load_file(weights)
+    key = sorted(k for k in tensors if k.endswith("fc2.weight"))[0]
+    assert torch.equal(load_base(folder).text_encoder.state_dict()[key], tensors[key])
+    del tensors[key]
+    save_file(tensors, weights, metadata={"format": "pt"})
+    with pytest.raises(CheckpointError, match=f"text_encoder lacks weights of its text encoder: {key}"):
+        load_base(folder)
+    no_text = tmp_path / "no_text_encoder.safetensors"
+    save_file({k: v for k, v in load_file(files["b"]).items() if not k.startswith("cond_stage_model.")}, no_text)
+    with pytest.raises(CheckpointError, match=f"base_config {folder}: .*lacks weights of its text encoder: {key}"):
+        load_base(no_text, base_config=folder)
+
+
 def test_an_sdxl_or_inpainting_unet_is_refused_at_load(files, tmp_path):
     """Each loaded as SD's pipeline and failed at the first step, in image mode (a TypeError in diffusers'
     get_aug_embed; a 9-channel conv given 4)."""

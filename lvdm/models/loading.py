@@ -257,9 +257,14 @@ def _load_folder(path: Path, *, allow_pickle: bool, dtype: torch.dtype | None) -
         raise CheckpointError(f"could not load the diffusers folder {path}: {exc.strerror or exc}") from None
     if not indexed:
         raise CheckpointError(f"{path} is a folder but not a diffusers model (no model_index.json)")
+    from lvdm.models.single_file import text_encoder_from
+
     upscaler = pipeline_class(path) == "StableDiffusionUpscalePipeline"  # SD's x4 upscaler: no safety checker
     extra = {} if upscaler else {"safety_checker": None, "requires_safety_checker": False}
     try:
+        text = text_encoder_from(path, pipeline_class(path, "text_encoder"), allow_pickle=allow_pickle,
+                                 dtype=dtype or torch.float32)  # fmt: skip
+        extra |= {"text_encoder": text} if text is not None else {}
         return (StableDiffusionUpscalePipeline if upscaler else StableDiffusionPipeline).from_pretrained(
             path,
             use_safetensors=None if allow_pickle else True,
@@ -267,20 +272,23 @@ def _load_folder(path: Path, *, allow_pickle: bool, dtype: torch.dtype | None) -
             local_files_only=True,
             **extra,
         )  # float32 by default: transformers would otherwise build the text encoder in the files' dtype
+    except CheckpointError:
+        raise
     except Exception as exc:  # OSError, SafetensorError, and with allow_pickle UnpicklingError and torch's errors
         hint = "" if allow_pickle or _denied(exc) else " (only .safetensors weights are read without allow_pickle)"
         raise CheckpointError(f"could not load the diffusers folder {path}{hint}: {one_line(exc)}") from exc
 
 
-def pipeline_class(path: Path) -> str | None:
-    """The pipeline class a diffusers folder names (``model_index.json``), or ``None`` when unreadable."""
+def pipeline_class(path: Path, key: str = "_class_name") -> Any:
+    """The pipeline class a diffusers folder names (``model_index.json``; or its entry ``key``), ``None`` when
+    unreadable."""
     from lvdm.fileio import read_json
 
     try:
         index = read_json(path / "model_index.json")
     except (OSError, ValueError):
         return None
-    return index.get("_class_name") if isinstance(index, dict) else None
+    return index.get(key) if isinstance(index, dict) else None
 
 
 def _fuse_loras(pipe: Any, specs: list[LoraSpec], *, allow_pickle: bool) -> None:

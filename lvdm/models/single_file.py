@@ -86,19 +86,18 @@ def _pickled_keys(path: Path) -> list[str] | None:
 def _parts_from(folder: Path, names: list[str], *, allow_pickle: bool, dtype: torch.dtype | None) -> dict[str, Any]:
     """The ``names`` parts loaded from the diffusers ``folder``, with a warning for each."""
     from diffusers import AutoencoderKL
-    from transformers import CLIPTextModel
 
-    classes = {"vae": AutoencoderKL, "text_encoder": CLIPTextModel}
     parts = {}
     for name in names:
         try:
-            part = classes[name].from_pretrained(  # float32 first: transformers keeps an fp16 folder's dtype
-                folder,
-                subfolder=name,
-                use_safetensors=None if allow_pickle else True,
-                local_files_only=True,
-                dtype=torch.float32,
-            )
+            if name == "text_encoder":  # float32 first: transformers keeps an fp16 folder's dtype
+                entry = ["transformers", "CLIPTextModel"]
+                part = text_encoder_from(folder, entry, allow_pickle=allow_pickle, dtype=torch.float32)
+            else:
+                part = AutoencoderKL.from_pretrained(
+                    folder, subfolder=name, use_safetensors=None if allow_pickle else True, local_files_only=True,
+                    dtype=torch.float32,
+                )  # fmt: skip
         except Exception as exc:  # OSError (no weights there), SafetensorError, ...
             what = f"{_PARTS[name][0]} from base_config {folder}"
             raise CheckpointError(f"could not load {what}: {one_line(exc)}") from exc
@@ -106,3 +105,30 @@ def _parts_from(folder: Path, names: list[str], *, allow_pickle: bool, dtype: to
         warnings.warn(f"the checkpoint holds no weights of {_PARTS[name][0]}: taken from base_config {folder}",
                       stacklevel=5)  # fmt: skip
     return parts
+
+
+def text_encoder_from(folder: Path, entry: Any, *, allow_pickle: bool, dtype: torch.dtype) -> Any:
+    """The text encoder of the diffusers ``folder`` where ``entry`` (its ``model_index.json`` entry) names a
+    transformers model class, else ``None``. A weight its files lack is an error naming it: transformers initialised
+    it at random, printing only a table, where diffusers' UNet and VAE refuse."""
+    import transformers
+    from transformers.utils import logging as transformers_logging
+
+    known = isinstance(entry, list) and len(entry) == 2 and entry[0] == "transformers" and isinstance(entry[1], str)
+    model_class = getattr(transformers, entry[1], None) if known else None
+    if not (isinstance(model_class, type) and issubclass(model_class, transformers.PreTrainedModel)):
+        return None  # diffusers loads it, or names what is wrong
+    level = transformers_logging.get_verbosity()
+    transformers_logging.set_verbosity_error()  # its table of the missing weights: lvdm says it in one line
+    try:
+        model, info = model_class.from_pretrained(
+            folder, subfolder="text_encoder", use_safetensors=None if allow_pickle else True, dtype=dtype,
+            local_files_only=True, output_loading_info=True,
+        )  # fmt: skip
+    finally:
+        transformers_logging.set_verbosity(level)
+    if missing := sorted(info["missing_keys"]):
+        more = f" and {len(missing) - 3} more" if len(missing) > 3 else ""
+        raise CheckpointError(f"{folder / 'text_encoder'} lacks weights of its text encoder: {', '.join(missing[:3])}"
+                              f"{more} (saved from a text encoder of another shape?)")  # fmt: skip
+    return model
