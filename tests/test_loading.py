@@ -121,6 +121,23 @@ def test_a_tuple_of_lora_specs_is_several_loras(files):
     assert pair.sources["loras"] == wanted.sources["loras"][:1]
 
 
+def test_spatial_weights_given_as_the_base_or_the_module_are_named_as_spatial_weights(files, tmp_path):
+    """A run's spatial_weights.safetensors given as the base was refused with "give it as the temporal module
+    (--temporal)", and given there with "load base checkpoints and LoRAs with load_base": each sent the user to the
+    other. Both now name --spatial-weights. The control: given there, it loads."""
+    from lvdm.errors import TemporalModuleError
+    from lvdm.training.groups import export_spatial_weights
+
+    base = load_base(files["a"])
+    weight = base.unet.conv_in.weight
+    path = export_spatial_weights({"conv_in.weight": torch.nn.Parameter(weight + 1)}, tmp_path / "spatial.safetensors")
+    with pytest.raises(CheckpointError, match=r"give it as the spatial weights \(--spatial-weights"):
+        load_base(path)
+    with pytest.raises(TemporalModuleError, match=r"holds spatial UNet weights .* give it as the spatial weights"):
+        VideoUNet.from_temporal_file(base.unet, path)
+    assert torch.equal(load_base(files["a"], spatial_weights=path).unet.conv_in.weight, weight + 1)
+
+
 def test_pickle_checkpoint_needs_allow_pickle(files, tmp_path):
     ckpt = tmp_path / "model.ckpt"
     torch.save({"state_dict": load_file(files["b"])}, ckpt)

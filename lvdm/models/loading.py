@@ -163,11 +163,12 @@ def load_base(
         )
     if not path.exists():
         raise CheckpointError(f"base model {path} does not exist (expected a diffusers folder or a checkpoint file)")
-    if _is_lvdm_file(path):  # diffusers would look for its config on the Hugging Face Hub
-        raise CheckpointError(
-            f"base model {path} is an lvdm module file, not a base: give it as the temporal module (--temporal, "
-            "model.temporal_init) and a Stable Diffusion checkpoint as the base"
+    if fmt := _lvdm_format(path):  # diffusers would look for its config on the Hugging Face Hub
+        use = (
+            SPATIAL_WEIGHTS_USE if fmt == SPATIAL_WEIGHTS else "the temporal module (--temporal, model.temporal_init)"
         )
+        raise CheckpointError(f"base model {path} is an lvdm module file, not a base: give it as {use} and a Stable "
+                              "Diffusion checkpoint as the base")  # fmt: skip
     with _no_loading_bars():
         if path.is_dir():
             pipe = _load_folder(path, allow_pickle=allow_pickle, dtype=dtype)
@@ -348,15 +349,21 @@ def _no_loading_bars() -> Iterator[None]:
             diffusers_logging.enable_progress_bar()
 
 
-def _is_lvdm_file(path: Path) -> bool:
-    """A ``.safetensors`` whose metadata says lvdm wrote it (a temporal module: not a base)."""
+SPATIAL_WEIGHTS = "lvdm.spatial_weights"  # the metadata format of training's unfrozen UNet weights (model.unfreeze)
+SPATIAL_WEIGHTS_USE = "the spatial weights (--spatial-weights, spatial_weights=)"
+
+
+def _lvdm_format(path: Path) -> str | None:
+    """The metadata ``format`` of a ``.safetensors`` lvdm wrote (a temporal module, spatial weights: not a base), else
+    ``None``."""
     if not path.is_file() or path.suffix != ".safetensors":
-        return False
+        return None
     try:
         with safe_open(path, framework="pt") as handle:
-            return str((handle.metadata() or {}).get("format", "")).startswith("lvdm")
+            fmt = str((handle.metadata() or {}).get("format", ""))
     except (SafetensorError, OSError, ValueError):
-        return False
+        return None
+    return fmt if fmt.startswith("lvdm") else None
 
 
 def _check_finite(module: torch.nn.Module, what: str) -> None:

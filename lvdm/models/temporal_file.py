@@ -34,7 +34,7 @@ from lvdm import __version__
 from lvdm.errors import TemporalModuleError
 from lvdm.fileio import atomic_path, save_safetensors, unreadable
 from lvdm.models.layout import TemporalLayout
-from lvdm.models.loading import tensor_problem
+from lvdm.models.loading import SPATIAL_WEIGHTS, SPATIAL_WEIGHTS_USE, tensor_problem
 
 if TYPE_CHECKING:
     from lvdm.models.video_unet import VideoUNet
@@ -228,6 +228,9 @@ def _read_metadata(path: Path) -> dict[str, str]:
         if reason := unreadable(path):
             raise TemporalModuleError(f"temporal module {path} cannot be read: {reason}") from None
         raise TemporalModuleError(f"temporal module {path} is not a readable safetensors file: {exc}") from exc
+    if metadata.get("format") == SPATIAL_WEIGHTS:
+        raise TemporalModuleError(f"{path} holds spatial UNet weights (model.unfreeze), not a temporal module: give "
+                                  f"it as {SPATIAL_WEIGHTS_USE}")  # fmt: skip
     if metadata.get("format") != FORMAT:
         raise TemporalModuleError(
             f"{path} is not an lvdm temporal module (its metadata has no format={FORMAT!r}); "

@@ -15,6 +15,7 @@ import torch
 
 from lvdm.errors import ConfigError
 from lvdm.fileio import atomic_path, atomic_paths, save_safetensors
+from lvdm.models.loading import SPATIAL_WEIGHTS
 
 LORA_ADAPTER = "lvdm_spatial"
 # the spatial transformers' attention projections (the temporal attention blocks are excluded)
@@ -111,5 +112,5 @@ def export_spatial_weights(params: dict[str, torch.nn.Parameter], path: Path, *,
     """Write unfrozen spatial weights keyed by plain diffusers UNet names, loadable by ``load_base``."""
     tensors = {plain_name(name): p.detach().float().cpu().contiguous() for name, p in params.items()}
     with atomic_path(path, exclusive=exclusive) as temp:
-        save_safetensors(tensors, temp, metadata={"format": "lvdm.spatial_weights"})
+        save_safetensors(tensors, temp, metadata={"format": SPATIAL_WEIGHTS})
     return path
