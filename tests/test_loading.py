@@ -239,10 +239,12 @@ def test_a_lora_that_applies_no_layer_or_is_a_dora_is_one_line(files, tmp_path):
     doras = {key.replace(".lora_down.weight", ".dora_scale"): torch.ones(1, value.shape[1])
              for key, value in tensors.items() if key.endswith(".lora_down.weight")}  # fmt: skip
     save_file(tensors | doras, tmp_path / "dora.safetensors")
-    for name, message in (("te2", r"none of its \d+ layers matches a layer of this base"),
-                          ("empty", "holds no LoRA layers"), ("dora", "is a DoRA")):  # fmt: skip
+    torch.save(tensors | doras, tmp_path / "dora.pt")  # a pickled one was applied as a plain LoRA
+    for name, message in (("te2.safetensors", r"none of its \d+ layers matches a layer of this base"),
+                          ("empty.safetensors", "holds no LoRA layers"), ("dora.safetensors", "is a DoRA"),
+                          ("dora.pt", "is a DoRA")):  # fmt: skip
         with pytest.raises(CheckpointError, match=message):
-            load_base(files["b"], base_config=files["a"], loras=[str(tmp_path / f"{name}.safetensors")])
+            load_base(files["b"], base_config=files["a"], loras=[str(tmp_path / name)], allow_pickle=True)
     load_base(files["b"], base_config=files["a"], loras=[str(files["kohya"])])  # the control: the LoRA as written
 
 
@@ -261,9 +263,11 @@ def test_a_lora_with_layers_the_base_lacks_warns_how_many_were_ignored(files, tm
              for key, value in tensors.items() if key.startswith(stem + ".")}  # fmt: skip
     assert moved and not moved.keys() & tensors.keys()
     save_file(tensors | moved, tmp_path / "extra.safetensors")
-    base_config = {"base_config": files["a"]}
-    with pytest.warns(UserWarning, match=r"extra.safetensors: 1 of its \d+ layers match no layer of this base"):
-        load_base(files["b"], loras=[str(tmp_path / "extra.safetensors")], **base_config)
+    torch.save(tensors | moved, tmp_path / "extra.pt")  # a pickle: no word of them
+    base_config = {"base_config": files["a"], "allow_pickle": True}
+    for name in ("extra.safetensors", "extra.pt"):
+        with pytest.warns(UserWarning, match=rf"{name}: 1 of its \d+ layers match no layer of this base"):
+            load_base(files["b"], loras=[str(tmp_path / name)], **base_config)
     with warnings.catch_warnings():
         warnings.simplefilter("error", UserWarning)
         load_base(files["b"], loras=[str(files[kind])], **base_config)

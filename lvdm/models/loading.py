@@ -415,11 +415,15 @@ def _check_applied(pipe: Any, name: str, path: Path) -> None:
     rest as a plain LoRA, which gives other frames than the DoRA: refused."""
     modules = [*pipe.unet.modules(), *(pipe.text_encoder.modules() if pipe.text_encoder is not None else [])]
     applied = sum(name in getattr(module, "lora_A", {}) for module in modules)
-    in_file, dora = None, None  # a pickle's keys would need it loaded again
     if path.suffix == ".safetensors":
         with safe_open(str(path), framework="pt") as handle:
-            in_file = sum(key.endswith(_LORA_DOWN) for key in handle.keys())
-            dora = next((k for k in handle.keys() if k.endswith(("dora_scale", "lora_magnitude_vector"))), None)
+            keys = list(handle.keys())
+    else:  # a pickle the caller allowed: its names read memory-mapped (a pickled DoRA was applied as a plain LoRA)
+        from lvdm.models.single_file import pickled_keys
+
+        keys = pickled_keys(path)
+    in_file = None if keys is None else sum(key.endswith(_LORA_DOWN) for key in keys)
+    dora = next((k for k in keys or () if k.endswith(("dora_scale", "lora_magnitude_vector"))), None)
     if dora is not None:
         raise CheckpointError(f"LoRA {path} is a DoRA (it has {dora.rsplit('.', 1)[-1]} weights), which lvdm cannot "
                               "apply")  # fmt: skip

@@ -23,7 +23,7 @@ def load_single_file(
     from diffusers import StableDiffusionPipeline
 
     keys = check_weights_file(path, allow_pickle=allow_pickle, what="checkpoint")  # a safetensors' names, as checked
-    keys = _pickled_keys(path) if keys is None else keys
+    keys = pickled_keys(path) if keys is None else keys
     kwargs: dict[str, Any] = {"safety_checker": None, "requires_safety_checker": False, "dtype": dtype}
     if keys is not None and not any(key.startswith(_UNET) for key in keys):  # it was diffusers' Python advice
         raise CheckpointError(
@@ -68,7 +68,7 @@ def _missing_parts(keys: list[str] | None) -> list[str]:
     return [name for name, (_, prefixes) in _PARTS.items() if not any(key.startswith(prefixes) for key in keys)]
 
 
-def _pickled_keys(path: Path) -> list[str] | None:
+def pickled_keys(path: Path) -> list[str] | None:
     """The tensor names in the pickle ``path`` (allowed by check_weights_file), read as diffusers reads it
     (``weights_only``, nested ``state_dict``s unwrapped) but memory-mapped, so no tensor is read. ``None`` for a
     pickle in torch's legacy format or holding more than tensors: diffusers then decides as it loads."""
