@@ -386,6 +386,21 @@ def test_parts_taken_from_an_fp16_base_config_are_in_the_dtype_asked_for(files, 
         assert found == dict.fromkeys(found, expected), (dtype, found)
 
 
+def test_a_single_file_missing_a_unet_or_vae_weight_says_so(files, tmp_path):
+    """A single file lacking one weight of its UNet or VAE (pruned, damaged) was refused with torch's advice, "Cannot
+    copy out of meta tensor; no data! Please use torch.nn.Module.to_empty() ...", which a user cannot act on. The
+    control: the whole file loads."""
+    whole = load_file(files["b"])
+    for prefix in ("model.diffusion_model.", "first_stage_model."):
+        key = sorted(k for k in whole if k.startswith(prefix) and k.endswith(".weight"))[5]
+        path = tmp_path / "pruned.safetensors"
+        save_file({k: v for k, v in whole.items() if k != key}, path)
+        with pytest.raises(CheckpointError, match="weights of its UNet or VAE are missing from the file") as info:
+            load_base(path, base_config=files["a"])
+        assert "to_empty" not in str(info.value)
+    load_base(files["b"], base_config=files["a"])
+
+
 def test_a_pickled_single_file_without_its_vae_is_named_and_takes_it_from_base_config(files, tmp_path):
     """A pickle's keys were not listed before it loaded: one without a VAE got diffusers' Python advice. They are now
     read memory-mapped, as diffusers reads the file (``weights_only``, the ``state_dict`` unwrapped). The control:

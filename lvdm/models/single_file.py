@@ -49,7 +49,10 @@ def load_single_file(
             return StableDiffusionPipeline.from_single_file(str(path), **kwargs)
     except Exception as exc:  # diffusers raises many kinds here; all mean "this file did not load"
         hint = "" if base_config else "; pass base_config=<diffusers folder of the same architecture> (--base-config)"
-        raise CheckpointError(f"could not load checkpoint {path}: {one_line(exc)}{hint}") from exc
+        text = one_line(exc)
+        if "Cannot copy out of meta tensor" in text:  # torch's advice to use Module.to_empty(), for a missing weight
+            text = "weights of its UNet or VAE are missing from the file (a pruned or damaged checkpoint?)"
+        raise CheckpointError(f"could not load checkpoint {path}: {text}{hint}") from exc
 
 
 _UNET = "model.diffusion_model."  # where a single file's UNet is, as diffusers reads it (LDM_UNET_KEY)
