@@ -102,6 +102,8 @@ class UpscalePipeline:
         self.base, self.video, self.sources = base, video, dict(sources or {})
         for module in (base.unet, base.vae, base.text_encoder):
             module.eval().requires_grad_(False)
+        if base.vae.dtype == torch.float16 and getattr(base.vae.config, "force_upcast", False):
+            base.vae.float()  # the x4 VAE overflows in float16: diffusers' pipeline decodes in float32 too
 
     @classmethod
     @checked_keywords

@@ -137,6 +137,28 @@ def test_a_size_the_unet_cannot_take_is_padded_and_cropped_back(upscaler, frames
     assert one.frames.shape == (1, 1, 64, 96, 3) and one.metadata[0]["mode"] == "image"
 
 
+def test_in_float16_the_vae_decodes_in_float32_as_diffusers_does(upscaler):
+    """The x4 upscaler's VAE overflows in float16, and diffusers' pipeline decodes in float32 (``force_upcast``).
+    lvdm decoded in float16 (sample.py's default on CUDA): a VAE whose decoder features pass 65504 (scaled up here)
+    made NaN frames, refused as "the model's predictions blew up", where diffusers' pipeline decodes them."""
+    import copy
+
+    latents = torch.randn(1, 4, 2, 16, 24, generator=torch.Generator().manual_seed(0))
+    pipes = [UpscalePipeline.from_pretrained(upscaler, dtype=dtype) for dtype in ("fp32", "fp16")]
+    for pipe in pipes:
+        with torch.no_grad():
+            for weight in (pipe.base.vae.decoder.conv_in.weight, pipe.base.vae.decoder.conv_in.bias):
+                weight.mul_(3000)
+    for tile in (None, 16):
+        whole, half = (pipe.decode(latents, tile=tile) for pipe in pipes)
+        assert np.abs(half.astype(int) - whole).max() <= 1, tile
+    assert pipes[1].dtype == torch.float16  # the UNet keeps the dtype asked for
+    # the control: in float16 the decoder overflows on these latents
+    vae = copy.deepcopy(pipes[1].base.vae).half()
+    with torch.no_grad():
+        assert not vae.decode(latents[:, :, 0].half() / vae.config.scaling_factor).sample.isfinite().all()
+
+
 @pytest.mark.parametrize(
     ("kwargs", "message"),
     [
