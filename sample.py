@@ -257,6 +257,10 @@ def _check_upscaler(args: argparse.Namespace) -> None:
     """The mistakes of --upscaler and --upscaler-temporal, before anything is sampled."""
     if args.upscaler_temporal is not None and args.upscaler is None:
         raise ConfigError("--upscaler-temporal goes with --upscaler FOLDER")
+    if args.upscaler is None:  # the upscale's options were taken and ignored
+        from lvdm.upscale import refuse_upscale_flags
+
+        refuse_upscale_flags(args, prefix="upscale-")
     if args.upscaler_temporal is not None:  # a missing or broken file, found before sampling rather than after
         from lvdm.sampling_settings import temporal_defaults
 

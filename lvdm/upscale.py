@@ -47,6 +47,17 @@ def add_upscale_options(parser: argparse.ArgumentParser, *, prefix: str = "") ->
                        "frame's statistics (N: N + 1 times the work; 4 reached them in README's test)")  # fmt: skip
 
 
+def refuse_upscale_flags(args: argparse.Namespace, *, prefix: str = "") -> None:
+    """Refuse the upscale options (:func:`add_upscale_options`) that ``args`` holds away from their defaults:
+    ``sample.py`` without ``--upscaler`` took them and ignored them."""
+    parser = argparse.ArgumentParser(add_help=False)
+    add_upscale_options(parser, prefix=prefix)
+    given = [action.option_strings[0] for action in parser._actions if getattr(args, action.dest) != action.default]
+    if given:
+        verb = "goes" if len(given) == 1 else "go"
+        raise ConfigError(f"{', '.join(given)} {verb} with --upscaler FOLDER (the x4 upscale after sampling)")
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = Parser(prog="python -m lvdm.upscale", description=DESCRIPTION, formatter_class=HelpFormatter)
     parser.add_argument("video", nargs="?",

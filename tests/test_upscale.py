@@ -374,6 +374,26 @@ def test_the_upscale_command_keeps_length_and_rate_and_refuses_mistakes(upscaler
         assert err.splitlines()[-1].startswith("error:") and message in err.splitlines()[-1], err
 
 
+def test_sample_cli_refuses_upscale_options_without_an_upscaler(tiny_assets, tmp_path, command):
+    """``--tile 8 --chunk-frames 2 --noise-level 300`` without ``--upscaler`` sampled and ignored them (a user taking
+    ``--tile`` / ``--chunk-frames`` for options of the sampling itself)."""
+    args = ["--base", str(tiny_assets["base"]), "--prompt", "a disc", "--frames", "3", "--steps", "2"]
+    cases = [
+        (["--tile", "8"], "--tile goes"),
+        (["--chunk-frames", "2", "--noise-level", "300", "--upscale-guidance", "3"],
+         "--noise-level, --upscale-guidance, --chunk-frames go"),
+        (["--tile-norms", "pooled", "--upscale-steps", "4"], "--upscale-steps, --tile-norms go"),
+    ]  # fmt: skip
+    for flags, named in cases:
+        code, _, err = sample_here(command, *args, *flags, "--out", tmp_path / "a.mp4")
+        assert code == 2 and f"{named} with --upscaler FOLDER" in err and not (tmp_path / "a.mp4").exists(), err
+    # the control: their defaults, given or not, sample
+    code, _, err = sample_here(
+        command, *args, "--noise-level", "20", "--tile-norms", "frame", "--out", tmp_path / "b.mp4"
+    )
+    assert code == 0 and (tmp_path / "b.mp4").is_file(), err
+
+
 def test_sample_cli_upscales_what_it_samples(upscaler, tiny_assets, tmp_path, command):
     from lvdm.data.readers import probe
 
