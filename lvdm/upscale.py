@@ -96,6 +96,8 @@ def upscale_settings(args: argparse.Namespace, folder: str | Path | None = None)
     if args.norm_passes != 1 and (args.tile_norms != "pooled" or args.tile is None):
         raise ConfigError(f"--norm-passes {args.norm_passes} goes with --tile N and --tile-norms pooled (the passes "
                           "gather the tiles' statistics)")  # fmt: skip
+    if args.tile_norms != "frame" and args.tile is None:  # taken and ignored: the whole frame has its own
+        raise ConfigError(f"--tile-norms {args.tile_norms} goes with --tile N (it chooses the statistics of tiles)")
     settings = {
         "noise_level": args.noise_level, "num_inference_steps": args.upscale_steps,
         "guidance_scale": args.upscale_guidance, "tile": args.tile, "tile_overlap": args.tile_overlap,

@@ -398,6 +398,8 @@ def _check_norms(frame_norms: Any, passes: Any, tile: int | None) -> None:
         )
     if passes != 1 and tile is None:
         raise ConfigError(f"norm_passes={passes} goes with tile (the passes gather the tiles' statistics)")
+    if tile is None and (frame_norms == "pooled" or not frame_norms):  # the whole frame has its own statistics
+        raise ConfigError(f"frame_norms={frame_norms!r} goes with tile (it chooses the statistics of tiles)")
 
 
 def check_seed_and_guidance(seed: Any, guidance: Any) -> None:

@@ -348,6 +348,8 @@ def test_upscale_arguments(upscaler, tmp_path):
         upscaler.decode(latents[0])
     with pytest.raises(ConfigError, match="tile_overlap must be"):
         upscaler.decode(latents, tile=8, tile_overlap=2.5)
+    with pytest.raises(ConfigError, match="frame_norms=False goes with tile"):  # it decoded whole, as with True
+        upscaler.decode(latents, frame_norms=False)
     assert upscaler.decode(latents).shape == (1, 2, 32, 32, 3)
     with pytest.raises(ConfigError, match="norm_passes=3 goes with frame_norms='pooled'"):
         upscaler.decode(latents, tile=8, norm_passes=3)

@@ -177,6 +177,8 @@ def test_in_float16_the_vae_decodes_in_float32_as_diffusers_does(upscaler):
         ({"guidance_scale": float("nan")}, "guidance_scale must be"),
         ({"latents": torch.zeros(1, 4, 2, 8, 8)}, "latents must have shape"),
         ({"frame_norms": "frame"}, "frame_norms must be True, False or 'pooled'"),
+        ({"frame_norms": "pooled"}, "frame_norms='pooled' goes with tile"),  # taken, recorded and ignored
+        ({"frame_norms": False, "chunk_frames": 2}, "frame_norms=False goes with tile"),
     ],
 )
 def test_bad_upscale_requests_are_one_clear_error(upscaler, frames, kwargs, message):
@@ -357,6 +359,7 @@ def test_the_upscale_command_keeps_length_and_rate_and_refuses_mistakes(upscaler
         ([str(source), *base, "--out", str(tmp_path / "b.mp4"), "--noise-level", "400"], "noise_level must be"),
         ([str(source), *base, "--out", str(tmp_path / "c.mkv")], "give a .mp4 or .gif"),
         ([str(source), *base, "--out", str(tmp_path / "e.mp4"), "--tile-norms", "none"], "invalid choice"),
+        ([str(source), *base, "--out", str(tmp_path / "e.mp4"), "--tile-norms", "tile"], "goes with --tile N"),
         (
             [str(source), *base, "--out", str(tmp_path / "g.mp4"), "--norm-passes", "2"],
             "goes with --tile N and --tile-norms pooled",
