@@ -182,8 +182,15 @@ def _place(temp: Path, path: Path) -> None:
     except FileExistsError:
         raise
     except OSError:  # no hard links here (FAT, some network file systems)
-        os.close(os.open(path, os.O_CREAT | os.O_EXCL | os.O_WRONLY, 0o644))
-        os.replace(temp, path)
+        fd = os.open(path, os.O_CREAT | os.O_EXCL | os.O_WRONLY, 0o644)
+        made = os.fstat(fd)
+        os.close(fd)
+        try:
+            os.replace(temp, path)
+        except OSError:  # the empty placeholder this made would be left where the output goes, blocking a retry
+            if same_file(path, made):
+                os.unlink(path)
+            raise
 
 
 def _write_error(path: Path, reason: str) -> OutputWriteError:

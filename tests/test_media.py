@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import os
 from fractions import Fraction
 from pathlib import Path
 
@@ -170,3 +171,32 @@ def test_read_image_modes(tmp_path: Path) -> None:
     assert read_image(deep)[0, 0].tolist() == [255, 255, 255]  # 16-bit scaled, not clipped
     assert read_image(alpha).shape == (6, 4, 3)
     assert read_image(gray, size=(8, 3)).shape == (3, 8, 3)  # size is (width, height)
+
+
+def test_an_exclusive_write_without_hard_links_leaves_no_placeholder_when_it_fails(tmp_path, monkeypatch) -> None:
+    """Where the file system has no hard links, an exclusive write claims the name with an empty file and renames
+    over it; a rename that then failed left that empty file where the output goes, blocking the retry ("exists").
+    The control: the rename succeeding writes the file."""
+    import errno
+
+    from lvdm.errors import OutputWriteError
+    from lvdm.fileio import atomic_path
+
+    def no_links(*args):
+        raise OSError(errno.EPERM, "no hard links here")
+
+    def failing_rename(*args):
+        raise OSError(errno.EIO, "input/output error")
+
+    rename = os.replace
+    monkeypatch.setattr(os, "link", no_links)
+    monkeypatch.setattr(os, "replace", failing_rename)
+    out = tmp_path / "clip.txt"
+    with pytest.raises((OutputWriteError, OSError)):
+        with atomic_path(out, exclusive=True) as temp:
+            temp.write_text("the video")
+    assert sorted(p.name for p in tmp_path.iterdir()) == []
+    monkeypatch.setattr(os, "replace", rename)
+    with atomic_path(out, exclusive=True) as temp:
+        temp.write_text("the video")
+    assert out.read_text() == "the video" and sorted(p.name for p in tmp_path.iterdir()) == ["clip.txt"]
