@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import dataclasses
 import hashlib
+import itertools
 import numbers
 import re
 import secrets
@@ -262,6 +263,9 @@ def take_rows(inputs: dict[str, torch.Tensor], rows: slice) -> dict[str, torch.T
     return {key: value[rows] for key, value in inputs.items()}
 
 
+MAX_PROMPTS = 1_000_000  # prompts in one call: far more videos than a call samples, far less memory than it fills
+
+
 def as_prompts(prompt: str | Sequence[str]) -> list[str]:
     """``prompt`` as a non-empty list of UTF-8 strings (one string: a list of one)."""
     if isinstance(prompt, set | frozenset | Mapping):  # a set's order changes from run to run; a dict's keys
@@ -269,10 +273,12 @@ def as_prompts(prompt: str | Sequence[str]) -> list[str]:
             f"prompt must be a string or a non-empty list of strings, got a {type(prompt).__name__}: give a list, "
             "in order (video k gets seed + k)"
         )
-    try:
-        prompts = [prompt] if isinstance(prompt, str) else list(prompt)  # any iterable of strings
+    try:  # any iterable of strings; an endless one (itertools.cycle) filled memory
+        prompts = [prompt] if isinstance(prompt, str) else list(itertools.islice(prompt, MAX_PROMPTS + 1))
     except TypeError:
         prompts = []
+    if len(prompts) > MAX_PROMPTS:
+        raise ConfigError(f"prompt: more than {MAX_PROMPTS:,} prompts in one call (an endless iterator?); give a list")
     if not prompts or not all(isinstance(p, str) for p in prompts):
         raise ConfigError(f"prompt must be a string or a non-empty list of strings, got {prompt!r}")
     for text in prompts:

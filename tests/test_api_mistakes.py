@@ -4,6 +4,7 @@ else, or the mistake taken silently. Each refusal has a control beside it: the r
 
 from __future__ import annotations
 
+import itertools
 import json
 import os
 from pathlib import Path
@@ -114,6 +115,8 @@ def test_prompts_seeds_and_noise(pipe, tmp_path):
         pipe.render(["a", "b"], tmp_path / "out", seed=MAX_SEED, **FAST)
     assert not (tmp_path / "out").exists()
     assert len(pipe(iter(["a", "b"]), **FAST)) == 2  # the control: any iterable of strings is a list of prompts
+    with pytest.raises(ConfigError, match="more than 1,000,000 prompts in one call"):  # it filled memory, endlessly
+        pipe(itertools.cycle(["a", "b"]), **FAST)
     # progress="no" was truthy: it showed the bar
     clip = np.zeros((2, 8, 8, 3), np.uint8)
     for call in (lambda: pipe("a", **{**FAST, "progress": "no"}),
