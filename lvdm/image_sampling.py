@@ -120,17 +120,10 @@ def require_image(pipe: Any) -> None:
 
 def check_image_source(temporal: str | None, image_adapter: str | None) -> None:
     """:func:`require_image`'s refusal read from the temporal module file's header, before anything loads (what
-    ``sample.py --image`` asks; a module that cannot be read is named by the loading)."""
-    from lvdm.errors import TemporalModuleError
+    ``sample.py --image`` asks; a module that cannot be read is its one-line error, as loading it would be)."""
     from lvdm.sampling_settings import temporal_defaults
 
-    if image_adapter is not None:
-        return
-    try:
-        takes = temporal is not None and temporal_defaults(temporal)["has_image"]
-    except TemporalModuleError:
-        return
-    if not takes:
+    if image_adapter is None and not (temporal is not None and temporal_defaults(temporal)["has_image"]):
         raise ConfigError(_takes_no_image(temporal is not None))
 
 
