@@ -114,7 +114,8 @@ class VideoPipeline:
 
         Args:
             base, base_config, loras, spatial_weights, allow_pickle: as :func:`~lvdm.models.load_base` takes them
-                (``loras`` items ``"PATH[:SCALE]"``, ``(path, scale)`` or ``LoraSpec``, or one of them alone).
+                (``loras`` items ``"PATH[:SCALE]"``, ``(path, scale)`` or ``LoraSpec``, one of them alone, or a
+                mapping of paths to scales).
             temporal: a temporal module file from training, or an AnimateDiff motion module (``.safetensors``,
                 ``.ckpt`` with ``allow_pickle``, or a diffusers ``MotionAdapter`` folder); ``None`` samples in image
                 mode. A module made for another base family is refused with a

@@ -65,13 +65,7 @@ def load_parts(
     defaults = temporal_defaults(temporal) if temporal is not None else None  # a bad module fails before loading
     from lvdm.models import LoraSpec, VideoUNet, load_base
 
-    one = (isinstance(loras, tuple) and len(loras) == 2 and isinstance(loras[0], str | os.PathLike)
-           and not isinstance(loras[1], str | os.PathLike | tuple | LoraSpec))  # fmt: skip
-    if one or isinstance(loras, (str, os.PathLike, LoraSpec)):  # one LoRA (a string was read a character at a time)
-        loras = [loras]  # a (path, scale) pair: its scale is checked where every scale is
-    if loras is None:
-        loras = []
-    specs = [LoraSpec.parse(spec) for spec in loras]
+    specs = LoraSpec.parse_all(loras)
     if defaults and defaults.get("distilled_lora"):  # a distilled student: its LoRA beside it, unless given
         own = student_lora(temporal)  # (a sidecar's model.loras lists it: a replay fused it twice)
         if not any(_same_path(spec.path, own) for spec in specs):

@@ -138,6 +138,23 @@ def test_spatial_weights_given_as_the_base_or_the_module_are_named_as_spatial_we
     assert torch.equal(load_base(files["a"], spatial_weights=path).unet.conv_in.weight, weight + 1)
 
 
+def test_a_mapping_of_loras_keeps_its_scales_and_load_base_takes_one_lora_alone(files):
+    """``loras={path: 0.5}`` was iterated for its keys: the LoRA fused at 1.0, its scale dropped without a word; and
+    ``load_base(loras="x.safetensors")`` read the path a character at a time. The controls: the same LoRA as a
+    ``(path, scale)`` pair, and a set (whose order is not stable) refused."""
+    from lvdm.pipeline_loading import load_parts
+
+    wanted = load_parts(files["b"], base_config=files["a"], loras=[(files["kohya"], 0.5)])
+    mapped = load_parts(files["b"], base_config=files["a"], loras={files["kohya"]: 0.5})
+    assert mapped.sources["loras"] == wanted.sources["loras"] and wanted.sources["loras"][0].endswith(":0.5")
+    for ours, theirs in zip(mapped.base.unet.parameters(), wanted.base.unet.parameters(), strict=True):
+        assert torch.equal(ours, theirs)
+    alone = load_base(files["b"], base_config=files["a"], loras=files["kohya"])
+    assert alone.loras == [LoraSpec(Path(files["kohya"]), 1.0)]
+    with pytest.raises(ConfigError, match="expected a list of LoRAs"):
+        load_base(files["b"], base_config=files["a"], loras={files["kohya"]})
+
+
 def test_pickle_checkpoint_needs_allow_pickle(files, tmp_path):
     ckpt = tmp_path / "model.ckpt"
     torch.save({"state_dict": load_file(files["b"])}, ckpt)

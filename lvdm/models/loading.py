@@ -19,7 +19,7 @@ import os
 import re
 import stat
 import warnings
-from collections.abc import Iterator
+from collections.abc import Iterable, Iterator, Mapping, Set
 from contextlib import contextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -48,6 +48,23 @@ class LoraSpec:
         short = f"{self.scale:g}"
         scale = short if float(short) == self.scale else repr(self.scale)
         return f"{os.fspath(path if path is not None else self.path)}:{scale}"
+
+    @classmethod
+    def parse_all(cls, loras: Any) -> list[LoraSpec]:
+        """Every item :meth:`parse` takes, in order; or one alone (a path, a ``(path, scale)`` pair, a
+        ``LoraSpec``), or a mapping of paths to scales. ``None``: none."""
+        if loras is None:
+            return []
+        one = (isinstance(loras, tuple) and len(loras) == 2 and isinstance(loras[0], str | os.PathLike)
+               and not isinstance(loras[1], str | os.PathLike | tuple | LoraSpec))  # fmt: skip
+        if one or isinstance(loras, (str, os.PathLike, LoraSpec)):  # a string was read a character at a time
+            return [cls.parse(loras)]  # a (path, scale) pair: its scale is checked where every scale is
+        if isinstance(loras, Mapping):  # iterated, a mapping gave its paths and dropped their scales
+            return [cls.parse((path, scale)) for path, scale in loras.items()]
+        if isinstance(loras, bytes | Set) or not isinstance(loras, Iterable):  # a set fuses in no stable order
+            raise ConfigError(f"loras: expected a list of LoRAs (paths, 'PATH:SCALE', (path, scale) pairs), "
+                              f"got {type(loras).__name__}")  # fmt: skip
+        return [cls.parse(spec) for spec in loras]
 
     @classmethod
     def parse(cls, spec: str | os.PathLike | tuple[Any, float] | LoraSpec) -> LoraSpec:
@@ -131,7 +148,7 @@ def load_base(
     path: str | os.PathLike,
     *,
     base_config: str | os.PathLike | None = None,
-    loras: tuple | list = (),
+    loras: Any = (),
     allow_pickle: bool = False,
     spatial_weights: str | os.PathLike | None = None,
     dtype: torch.dtype | None = None,
@@ -145,7 +162,8 @@ def load_base(
         base_config: for single files, a diffusers folder to take the architecture (and
             scheduler, tokenizer) from. Needed offline, and for shapes that are not a standard
             SD1.x/2.x; without it diffusers infers the architecture and fetches its config.
-        loras: ``LoraSpec``, ``(path, scale)`` or ``"PATH[:SCALE]"`` items, fused in order.
+        loras: ``LoraSpec``, ``(path, scale)`` or ``"PATH[:SCALE]"`` items, fused in order (as
+            :meth:`LoraSpec.parse_all` takes them).
         allow_pickle: permit pickle-based files (loaded with ``weights_only=True``).
         spatial_weights: a ``.safetensors`` of UNet weights by diffusers name (as training with ``model.unfreeze``
             exports), replacing those weights after the LoRAs are fused; every key must exist with its shape.
@@ -177,7 +195,7 @@ def load_base(
 
             pipe = load_single_file(path, base_config=base_config, allow_pickle=allow_pickle, dtype=dtype)
     _check_unet_kind(pipe, path)
-    specs = [LoraSpec.parse(spec) for spec in loras]
+    specs = LoraSpec.parse_all(loras)
     _fuse_loras(pipe, specs, allow_pickle=allow_pickle)
     if spatial_weights is not None:
         _replace_weights(pipe.unet, Path(spatial_weights))
