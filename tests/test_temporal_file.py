@@ -75,6 +75,20 @@ def test_other_family_is_refused_with_what_differs(trained):
     assert all(torch.equal(before[k], v) for k, v in sd2.temporal_state_dict().items())  # untouched
 
 
+def test_a_base_with_other_groupnorm_groups_is_refused(trained):
+    """The temporal GroupNorms take the base's group count, and their weights have the same shape for any count: a
+    module trained on a base with 32 groups loaded onto one with 16 and normalised otherwise, without a word. The
+    control: the same module loads onto another base with 32 groups."""
+    from diffusers import UNet2DConditionModel
+
+    _, path = trained
+    config = {**testing.tiny_unet("sd1").config, "norm_num_groups": 16}
+    other = UNet2DConditionModel.from_config(config)
+    with pytest.raises(TemporalModuleError, match="GroupNorms have 32 groups, this base's 16"):
+        VideoUNet.from_temporal_file(other, path)
+    VideoUNet.from_temporal_file(testing.tiny_unet("sd1", seed=3), path)
+
+
 def test_a_refused_module_leaves_the_unet_as_it_was(trained, tmp_path):
     """VideoUNet.from_temporal_file inflated the UNet before checking the file: a refused module (another family, a
     part it cannot rebuild) left the base wrapped, and the right module was then refused as "inflated before". Now

@@ -106,6 +106,9 @@ class TemporalModule:
         problems = []
         if self.family != video.family:
             problems.append(f"it was made for base family {self.family!r}, this base is {video.family!r}")
+        groups = video.unet.config.norm_num_groups  # the temporal GroupNorms take the base's: their weights fit any
+        if self.base.get("norm_num_groups", groups) != groups:
+            problems.append(f"its GroupNorms have {self.base['norm_num_groups']} groups, this base's {groups}")
         if self.layout != video.layout:  # then every site differs too: not listed
             from lvdm.models.layout import LAYOUTS
 
