@@ -42,6 +42,7 @@ Image to video, with a module trained with model.image_conditioning (--image-sca
 from __future__ import annotations
 
 import argparse
+import gc
 import json
 import sys
 from pathlib import Path
@@ -420,6 +421,10 @@ def main(argv: list[str]) -> int:
         from lvdm.upscale import upscale_files
         from lvdm.upscale_pipeline import UpscalePipeline
 
+        del pipe  # the first stage's models, on the device beside the upscaler's through the whole upscale
+        gc.collect()
+        if torch.cuda.is_available():
+            torch.cuda.empty_cache()
         upscaler = UpscalePipeline.from_pretrained(
             args.upscaler, temporal=args.upscaler_temporal, allow_pickle=args.allow_pickle, device=device, dtype=dtype
         )

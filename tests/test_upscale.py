@@ -442,6 +442,42 @@ def test_sample_cli_upscales_what_it_samples(upscaler, tiny_assets, tmp_path, co
     assert code == 2 and "not an x4 upscaler" in err
 
 
+def test_sample_cli_lets_the_first_stage_go_before_the_upscaler_loads(
+    upscaler, tiny_assets, tmp_path, command, monkeypatch
+):
+    """``sample.py --upscaler`` kept the text-to-video pipeline (its UNet, VAE and text encoder) alive beside the
+    upscaler's through the whole upscale: on a GPU, the first stage's weights held memory the x4 pass needed. The
+    control: the pipeline is alive while sampling."""
+    import weakref
+
+    from lvdm.pipeline import VideoPipeline
+    from lvdm.upscale_pipeline import UpscalePipeline
+
+    made, alive = [], []
+    load, load_upscaler, render = VideoPipeline.from_pretrained, UpscalePipeline.from_pretrained, VideoPipeline.render
+
+    def tracked(*args: object, **kwargs: object) -> VideoPipeline:
+        pipe = load(*args, **kwargs)
+        made.append(weakref.ref(pipe.base.unet))
+        return pipe
+
+    def rendering(self: VideoPipeline, *args: object, **kwargs: object) -> list:
+        alive.append(made[0]() is not None)
+        return render(self, *args, **kwargs)
+
+    def upscaler_after(*args: object, **kwargs: object) -> UpscalePipeline:
+        alive.append(made[0]() is not None)
+        return load_upscaler(*args, **kwargs)
+
+    monkeypatch.setattr(VideoPipeline, "from_pretrained", staticmethod(tracked))
+    monkeypatch.setattr(VideoPipeline, "render", rendering)
+    monkeypatch.setattr(UpscalePipeline, "from_pretrained", staticmethod(upscaler_after))
+    args = ["--quiet", "--base", str(tiny_assets["base"]), "--prompt", "a disc", "--frames", "3", "--steps", "2",
+            "--upscaler", str(upscaler), "--upscale-steps", "1", "--out", str(tmp_path / "clip.mp4")]  # fmt: skip
+    assert sample_here(command, *args)[0] == 0 and (tmp_path / "clip_x4.mp4").is_file()
+    assert alive == [True, False]
+
+
 def test_an_upscaler_folders_limits_are_read_from_its_configs(upscaler, tmp_path):
     """What ``sample.py --upscaler`` checks before it samples: the limits the loaded upscaler has, read from its
     folder's configs without loading; another VAE class refuses tiles, unreadable configs are one error."""
