@@ -73,6 +73,10 @@ def _decoder_problems(cfg: Config) -> list[str]:
         "model.unfreeze": m.unfreeze, "model.temporal_init": m.temporal_init, "train.tasks": cfg.train.tasks,
         "train.compile": cfg.train.compile, "train.noise_prior": cfg.train.noise_prior != "independent",
         "train.snr_gamma": cfg.train.snr_gamma, "train.offset_noise": cfg.train.offset_noise,  # the diffusion loss's
+        "model.loras": m.loras, "model.layout": m.layout != "videoldm", "model.attention_heads": m.attention_heads,
+        "model.attention_depth": m.attention_depth != 1, "model.conv_kernel": m.conv_kernel != [3, 1, 1],
+        "model.mix_factor": m.mix_factor != 0.5, "model.attention_backend": m.attention_backend != "sdpa",
+        "train.validation_prompts": cfg.train.validation_prompts,  # the UNet's temporal layers' shape, its samples
     }  # fmt: skip
     problems = [
         f"{key}: belongs to the UNet, which train.target=decoder does not train; drop it"

@@ -294,6 +294,12 @@ def test_an_untrained_decoder_has_a_temporal_flicker_gain_of_exactly_one(tiny_as
         ({"model.context": "true"}, "model.context: belongs to the UNet"),
         ({"train.noise_prior": "mixed"}, "train.noise_prior: belongs to the UNet"),  # was ignored without a word
         ({"train.snr_gamma": 5}, "train.snr_gamma: belongs to the UNet"),
+        # the UNet's temporal layers' shape, its LoRAs and its samples: each was ignored without a word
+        ({"model.attention_depth": 2}, "model.attention_depth: belongs to the UNet"),
+        ({"model.conv_kernel": "[5,1,1]"}, "model.conv_kernel: belongs to the UNet"),
+        ({"model.layout": "attention_only"}, "model.layout: belongs to the UNet"),
+        ({"model.loras": "[style.safetensors]"}, "model.loras: belongs to the UNet"),
+        ({"train.validation_prompts": "[a cat]"}, "train.validation_prompts: belongs to the UNet"),
         ({"train.decoder_layers": "some"}, "train.decoder_layers"),
     ],
 )
@@ -301,6 +307,7 @@ def test_decoder_settings_are_checked(tiny_assets, tmp_path, override, message):
     from lvdm.config import load_config
     from lvdm.errors import ConfigError
 
+    load_config([], _decoder_run(tiny_assets, tmp_path))  # the control: the same run without it loads
     with pytest.raises(ConfigError, match=message):
         load_config([], _decoder_run(tiny_assets, tmp_path, **override))
 
