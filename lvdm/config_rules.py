@@ -144,14 +144,17 @@ def _student_problems(cfg: Config) -> list[str]:
 
 def _upscale_problems(cfg: Config) -> list[str]:
     """What the upscale target cannot combine with: context frames, image conditioning, FPS conditioning (its steps
-    never pass the clips' rate: the part stayed untrained, without a word) and the latent cache (its patches are cut
-    from the clips' pixels)."""
+    never pass the clips' rate: the part stayed untrained, without a word), the latent cache (its patches are cut
+    from the clips' pixels), spatial weights (no upscaler loads the LoRA or blocks exported beside the module, so
+    upscales were made without them) and validation prompts (its samples are the held-out clips upscaled)."""
     if cfg.train.target != "upscale":
         return []
     m, problems = cfg.model, []
     for key, value in {"model.context": m.context, "model.image_conditioning": m.image_conditioning,
                        "model.fps_conditioning": m.fps_conditioning, "train.tasks": cfg.train.tasks,
-                       "data.cache": cfg.data.cache}.items():  # fmt: skip
+                       "data.cache": cfg.data.cache, "model.spatial_lora_rank": m.spatial_lora_rank,
+                       "model.unfreeze": m.unfreeze,
+                       "train.validation_prompts": cfg.train.validation_prompts}.items():  # fmt: skip
         if value:
             problems.append(f"{key}: not part of train.target=upscale (an x4 upscaler's temporal layers); drop it")
     for where, (height, width) in [("data.resolution", cfg.data.resolution)] + [

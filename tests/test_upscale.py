@@ -295,9 +295,14 @@ def test_an_untrained_upscaler_has_a_temporal_gain_and_flicker_gain_of_exactly_o
         ({"model.context": "true"}, "not part of train.target=upscale"),
         ({"model.fps_conditioning": "true"}, "model.fps_conditioning: not part of train.target=upscale"),
         ({"data.cache": "somewhere"}, "not part of train.target=upscale"),
+        # exported beside the module, which no upscaler loads (lvdm.upscale has no --lora): upscales went without them
+        ({"model.spatial_lora_rank": 4}, "model.spatial_lora_rank: not part of train.target=upscale"),
+        ({"model.unfreeze": "[up_blocks.1]"}, "model.unfreeze: not part of train.target=upscale"),
+        ({"train.validation_prompts": "[a cat]"}, "train.validation_prompts: not part of train.target=upscale"),
     ],
 )
 def test_bad_upscale_settings_are_config_errors(tiny_assets, upscaler, tmp_path, extra, message):
+    load_config([], upscale_overrides(tiny_assets, upscaler, tmp_path / "x"))  # the control: without it, it loads
     with pytest.raises(ConfigError, match=message):
         load_config([], upscale_overrides(tiny_assets, upscaler, tmp_path / "x", **extra))
 
