@@ -40,14 +40,39 @@ def check_upscaler_module_family(module: str, upscaler: Path) -> None:
     from lvdm.models.family import base_family
     from lvdm.models.temporal_file import read_temporal_metadata
 
-    made_for = None if is_motion_module(module) else read_temporal_metadata(module).get("base_family")
     try:
-        family = base_family(SimpleNamespace(**read_json(upscaler / "unet" / "config.json")))
+        unet = read_json(upscaler / "unet" / "config.json")
+        family = base_family(SimpleNamespace(**unet))
     except (OSError, ValueError, TypeError, AttributeError):
         return
+    if Path(module).is_dir():  # any folder with a config.json passes for a MotionAdapter until it loads
+        _check_adapter_folder(Path(module), unet)
+        return
+    made_for = None if is_motion_module(module) else read_temporal_metadata(module).get("base_family")
     if made_for is not None and made_for != family:
         raise ConfigError(f"--upscaler-temporal {module}: made for base family {made_for!r}, the upscaler's is "
                           f"{family!r}; give a module trained on the upscaler (train.target: upscale)")  # fmt: skip
+
+
+def _check_adapter_folder(folder: Path, unet: dict[str, Any]) -> None:
+    """That ``--upscaler-temporal FOLDER`` is a ``MotionAdapter`` folder of the upscaler UNet's widths (``unet``: its
+    config), from its config.json (one that cannot be read is named when it loads)."""
+    from lvdm.fileio import read_json
+
+    try:
+        config = read_json(folder / "config.json")
+    except (OSError, ValueError):
+        return
+    name = config.get("_class_name") if isinstance(config, dict) else None
+    if name != "MotionAdapter":
+        hint = "; a temporal VAE decoder goes to --decoder" if name == "AutoencoderKLTemporalDecoder" else ""
+        raise ConfigError(f"--upscaler-temporal {folder}: its config.json names {name!r}, not a MotionAdapter folder "
+                          f"nor a module file trained on the upscaler (train.target: upscale){hint}")  # fmt: skip
+    widths, upscaler_widths = config.get("block_out_channels"), unet.get("block_out_channels")
+    if widths != upscaler_widths:
+        raise ConfigError(f"--upscaler-temporal {folder}: a motion module of block widths {widths}, the upscaler's "
+                          f"UNet has {upscaler_widths}; give a module trained on the upscaler (train.target: "
+                          "upscale)")  # fmt: skip
 
 
 def check_module_context(args: argparse.Namespace, flag: str) -> None:

@@ -327,6 +327,12 @@ def test_mistakes_found_only_when_loading_are_refused_before_it(files, tmp_path,
     x4 = make_tiny_upscaler(tmp_path / "x4", seed=0)
     upscaler, for_x4 = ["--upscaler", str(x4), "--upscaler-temporal"], tmp_path / "x4.safetensors"
     VideoUNet.from_unet2d(load_base(x4).unet).save_temporal(for_x4)  # a module made for the upscaler
+    from lvdm.models.temporal_vae import save_video_decoder, video_decoder_from_vae
+    from lvdm.testing.animatediff import tiny_motion_adapter
+
+    decoder, adapter = tmp_path / "decoder", tmp_path / "adapter"  # folders with a config.json: both passed for
+    save_video_decoder(video_decoder_from_vae(load_base(files["a"]).vae), decoder)  # MotionAdapter folders until
+    tiny_motion_adapter().save_pretrained(adapter)  # the upscaler loaded, after the first stage's video was written
     odd = tmp_path / "odd.safetensors"  # trained at a height SD cannot sample: it was refused after loading
     odd_size = {"data": {"resolution": [20, 24]}}
     VideoUNet.from_unet2d(load_base(files["a"]).unet).save_temporal(odd, training_config=odd_size)
@@ -358,6 +364,10 @@ def test_mistakes_found_only_when_loading_are_refused_before_it(files, tmp_path,
          "not a readable safetensors file"),
         ({"base": str(files["a"])}, {}, [*upscaler, str(files["module"])], [*upscaler, str(for_x4)],
          "made for base family"),  # the text-to-video module: found after the first stage had written its video
+        ({"base": str(files["a"])}, {}, [*upscaler, str(decoder)], [*upscaler, str(for_x4)],
+         "names 'AutoencoderKLTemporalDecoder', not a MotionAdapter folder"),
+        ({"base": str(files["a"])}, {}, [*upscaler, str(adapter)], [*upscaler, str(for_x4)],
+         "a motion module of block widths [32, 64], the upscaler's UNet has [32, 32, 64]"),
         ({"base": str(files["a"])}, {}, ["--temporal", str(odd)], ["--temporal", str(odd), "--height", "16"],
          "height: must be a multiple of 8, got 20 (the temporal module's training config gave height=20"),
         ({"base": str(files["a"])}, {}, ["--temporal", str(files["module"]), "--image", str(picture)],
