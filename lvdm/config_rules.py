@@ -157,6 +157,8 @@ def _upscale_problems(cfg: Config) -> list[str]:
                        "train.validation_prompts": cfg.train.validation_prompts}.items():  # fmt: skip
         if value:
             problems.append(f"{key}: not part of train.target=upscale (an x4 upscaler's temporal layers); drop it")
+    if cfg.data.num_frames < 2:  # and a 1-frame video is upscaled frame by frame
+        problems.append("data.num_frames: an upscaler's temporal layers learn from at least 2 frames per clip")
     for where, (height, width) in [("data.resolution", cfg.data.resolution)] + [
         (f"data.buckets[{i}]", bucket) for i, bucket in enumerate(cfg.data.buckets)
     ]:

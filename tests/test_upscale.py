@@ -299,6 +299,8 @@ def test_an_untrained_upscaler_has_a_temporal_gain_and_flicker_gain_of_exactly_o
         ({"model.spatial_lora_rank": 4}, "model.spatial_lora_rank: not part of train.target=upscale"),
         ({"model.unfreeze": "[up_blocks.1]"}, "model.unfreeze: not part of train.target=upscale"),
         ({"train.validation_prompts": "[a cat]"}, "train.validation_prompts: not part of train.target=upscale"),
+        # its flicker figures were NaN, and the temporal layers trained on frames that are upscaled one by one
+        ({"data.num_frames": 1}, "data.num_frames: an upscaler's temporal layers learn from at least 2 frames"),
     ],
 )
 def test_bad_upscale_settings_are_config_errors(tiny_assets, upscaler, tmp_path, extra, message):
