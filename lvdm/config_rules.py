@@ -27,6 +27,9 @@ def _image_problems(cfg: Config) -> list[str]:
     ratio = cfg.train.image_batch_ratio
     image_sources = any(source.kind == "images" and source.weight > 0 for source in cfg.data.sources)
     draws_images = ratio > 0 if ratio is not None else image_sources
+    if draws_images and cfg.train.target in ("decoder", "upscale"):  # neither takes spatial weights to train
+        return [f"train.image_batch_ratio: train.target={cfg.train.target} trains on video clips only: drop the "
+                "images source (train.image_batch_ratio=0)"]  # fmt: skip
     if not draws_images or cfg.model.spatial_lora_rank or cfg.model.unfreeze:
         return []
     return ["train.image_batch_ratio: still images train only spatial weights (they bypass the temporal layers), "

@@ -300,6 +300,8 @@ def test_an_untrained_decoder_has_a_temporal_flicker_gain_of_exactly_one(tiny_as
         ({"model.layout": "attention_only"}, "model.layout: belongs to the UNet"),
         ({"model.loras": "[style.safetensors]"}, "model.loras: belongs to the UNet"),
         ({"train.validation_prompts": "[a cat]"}, "train.validation_prompts: belongs to the UNet"),
+        # it advised a spatial LoRA, which the decoder target refuses in turn
+        ({"train.image_batch_ratio": 0.3}, "train.image_batch_ratio: train.target=decoder trains on video clips only"),
         ({"train.decoder_layers": "some"}, "train.decoder_layers"),
     ],
 )

@@ -301,6 +301,7 @@ def test_an_untrained_upscaler_has_a_temporal_gain_and_flicker_gain_of_exactly_o
         ({"train.validation_prompts": "[a cat]"}, "train.validation_prompts: not part of train.target=upscale"),
         # its flicker figures were NaN, and the temporal layers trained on frames that are upscaled one by one
         ({"data.num_frames": 1}, "data.num_frames: an upscaler's temporal layers learn from at least 2 frames"),
+        ({"train.image_batch_ratio": 0.3}, "image_batch_ratio: train.target=upscale trains on video clips only"),
     ],
 )
 def test_bad_upscale_settings_are_config_errors(tiny_assets, upscaler, tmp_path, extra, message):
