@@ -88,6 +88,11 @@ def _decoder_problems(cfg: Config) -> list[str]:
     ]
     if cfg.data.num_frames < 2:
         problems.append("data.num_frames: a temporal decoder learns from at least 2 frames per clip")
+    unused = [f"train.perceptual_{key}" for key, default in (("net", "vgg"), ("backbone", None))
+              if getattr(cfg.train, f"perceptual_{key}") != default]  # fmt: skip
+    if unused and not cfg.train.perceptual_weight:  # it was ignored without a word: no LPIPS loss
+        problems.append(f"{' / '.join(unused)}: the LPIPS loss's, which train.perceptual_weight=0 turns off; set "
+                        "train.perceptual_weight > 0 (1.0 as SD's VAE had it) or drop it")  # fmt: skip
     if cfg.train.perceptual_weight and not cfg.train.perceptual_backbone:
         problems.append(
             "train.perceptual_backbone: required with train.perceptual_weight > 0 (torchvision's ImageNet weights "

@@ -144,7 +144,8 @@ def test_the_perceptual_term_trains_the_decoder_and_is_reported(tiny_assets, tmp
         return _decoder_run(tiny_assets, out, **(settings | {"train.perceptual_weight": 2.0} | extra))
 
     def loss_and_grads(weight: float):
-        cfg = load_config([], run(tmp_path / str(weight), **{"train.perceptual_weight": weight}))
+        off = {} if weight else {"train.perceptual_net": "vgg", "train.perceptual_backbone": "null"}  # refused unused
+        cfg = load_config([], run(tmp_path / str(weight), **{"train.perceptual_weight": weight} | off))
         trainer = Trainer(cfg, progress=False)
         loss = trainer.objective.loss(trainer.model_fn, next(trainer.batches), step_generator(0, 0, 0)).mean()
         loss.backward()

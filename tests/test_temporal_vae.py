@@ -302,6 +302,7 @@ def test_an_untrained_decoder_has_a_temporal_flicker_gain_of_exactly_one(tiny_as
         ({"train.validation_prompts": "[a cat]"}, "train.validation_prompts: belongs to the UNet"),
         # it advised a spatial LoRA, which the decoder target refuses in turn
         ({"train.image_batch_ratio": 0.3}, "train.image_batch_ratio: train.target=decoder trains on video clips only"),
+        ({"train.perceptual_backbone": "vgg.pth"}, "perceptual_backbone: the LPIPS loss.s, which train"),
         ({"train.decoder_layers": "some"}, "train.decoder_layers"),
     ],
 )
