@@ -774,6 +774,17 @@ def test_a_changed_setting_on_resume_is_a_one_line_note_not_a_warning(capsys):
     assert capsys.readouterr().err == "note: resuming with train.max_steps changed: 2 -> 3\n"
 
 
+def test_a_changed_ema_decay_on_resume_is_a_note_but_starting_an_ema_is_refused(capsys):
+    from lvdm.errors import ConfigError
+    from lvdm.training.run_dir import compare_on_resume
+
+    compare_on_resume({"train": {"ema_decay": 0.9}}, {"train": {"ema_decay": 0.99}})  # the EMA goes on
+    compare_on_resume({"train": {"ema_decay": 0.9}}, {"train": {"ema_decay": None}})  # the run stops keeping one
+    assert capsys.readouterr().err.count("note: resuming with train.ema_decay changed") == 2
+    with pytest.raises(ConfigError, match="train.ema_decay: None in the checkpoint, 0.99 now"):
+        compare_on_resume({"train": {"ema_decay": None}}, {"train": {"ema_decay": 0.99}})  # no EMA to continue
+
+
 def test_a_second_lock_on_a_folder_names_the_holder(tmp_path):
     from lvdm.errors import LvdmError
     from lvdm.training.run_lock import LOCK_FILE, RunLock

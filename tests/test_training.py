@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import os
+import re
 import signal
 import subprocess
 import sys
@@ -232,6 +233,23 @@ def test_changed_shapes_on_resume_are_an_error(tiny_assets, tmp_path):
     _run(tiny_assets, tmp_path / "run", **{"train.max_steps": 2})
     overrides = tiny_overrides(tiny_assets, tmp_path / "run", **{"train.resume": "auto", "data.num_frames": 6})
     with pytest.raises(ConfigError, match="data.num_frames: 4 in the checkpoint, 6 now"):
+        Trainer(load_config([], overrides))
+
+
+@pytest.mark.parametrize(
+    ("key", "value", "said"),
+    [
+        ("model.context", "true", "model.context: False in the checkpoint, True now"),
+        ("model.fps_conditioning", "true", "model.fps_conditioning: False in the checkpoint, True now"),
+        ("train.ema_decay", "0.9", "train.ema_decay: None in the checkpoint, 0.9 now"),
+    ],
+)
+def test_a_resume_that_adds_trained_layers_is_refused_naming_the_key(tiny_assets, tmp_path, key, value, said):
+    """These add trained layers (or an EMA of them): the change was a note, then, once the model had loaded,
+    "its trained weights do not match this model's trainable layers" (or "lacks ema"), naming no setting."""
+    _run(tiny_assets, tmp_path / "run", **{"train.max_steps": 2})
+    overrides = tiny_overrides(tiny_assets, tmp_path / "run", **{"train.resume": "auto", key: value})
+    with pytest.raises(ConfigError, match=re.escape(said)):
         Trainer(load_config([], overrides))
 
 

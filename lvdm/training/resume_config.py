@@ -14,21 +14,28 @@ from lvdm.training.checkpoint import check_writable
 from lvdm.training.checkpoint_files import CHECKPOINT_NAME
 from lvdm.training.run_lock import notice
 
-# Config keys that change parameter shapes or what a step means: resuming with them changed is an error.
+# Config keys that change parameter shapes, the set of trained layers or what a step means: resuming with them
+# changed is an error (the layers that model.context, model.fps_conditioning, model.image_conditioning and
+# train.decoder_layers add or train were a note, then "its trained weights do not match" once the model had loaded).
 FIXED_ON_RESUME = (
     "model.base",
+    "model.loras",
     "model.layout",
     "model.attention_depth",
     "model.attention_heads",
     "model.conv_kernel",
     "model.spatial_lora_rank",
     "model.unfreeze",
+    "model.context",
+    "model.fps_conditioning",
+    "model.image_conditioning",
     "data.num_frames",
     "data.resolution",
     "train.batch_size",
     "train.gradient_accumulation",
     "train.seed",
     "train.target",
+    "train.decoder_layers",
 )
 
 
@@ -40,6 +47,9 @@ def compare_on_resume(saved: dict[str, Any], current: dict[str, Any]) -> None:
     changed = {key: (a, b) for key, (a, b) in _flat_pairs(saved, current).items() if a != b and a is not _ABSENT}
     fixed = {key: pair for key, pair in changed.items() if key in FIXED_ON_RESUME}
     rounds = _distill_schedule_changes(saved, current)
+    ema = changed.get("train.ema_decay")
+    if ema is not None and ema[0] is None:  # refused after the model loaded: "lacks ema: cannot resume exactly"
+        fixed["train.ema_decay"] = ema
     if fixed or rounds:
         lines = [f"{key}: {a!r} in the checkpoint, {b!r} now" for key, (a, b) in sorted(fixed.items())] + rounds
         raise ConfigError("cannot resume with changed settings:\n  " + "\n  ".join(lines))
