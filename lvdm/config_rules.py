@@ -17,6 +17,7 @@ def target_problems(cfg: Config) -> list[str]:
     return (
         _image_problems(cfg) + _task_problems(cfg) + _decoder_problems(cfg) + _upscale_problems(cfg)
         + _motion_module_problems(cfg) + _distill_problems(cfg) + _student_problems(cfg) + _other_target_problems(cfg)
+        + _unused_option_problems(cfg)
     )  # fmt: skip
 
 
@@ -50,6 +51,33 @@ def _other_target_problems(cfg: Config) -> list[str]:
             problems.append(f"train.{field.name}: the {owner} target's option; train.target={cfg.train.target} has "
                             "no use for it: drop it")  # fmt: skip
     return problems
+
+
+def _unused_option_problems(cfg: Config) -> list[str]:
+    """An option that nothing reads under the rest of the config, set away from its default: it was ignored without
+    a word (``model.spatial_lora_alpha=8`` with no spatial LoRA, ``model.conv_kernel`` with no 3D convs)."""
+    m, t = cfg.model, cfg.train
+    unused = {  # key: (why nothing reads it, whether that is so here)
+        "model.spatial_lora_alpha": ("model.spatial_lora_rank=0 adds no spatial LoRA", not m.spatial_lora_rank),
+        "model.conv_kernel": ("model.layout=attention_only has no 3D convs", m.layout == "attention_only"),
+        "model.attention_depth": ("model.layout=conv_only has no temporal attention", m.layout == "conv_only"),
+        "model.attention_heads": ("model.layout=conv_only has no temporal attention", m.layout == "conv_only"),
+        "train.mixed_noise_lambda": ("train.noise_prior=independent shares no noise", t.noise_prior == "independent"),
+        "train.image_frame": ("model.image_conditioning is off", not m.image_conditioning),
+        "train.image_dropout": ("model.image_conditioning is off", not m.image_conditioning),
+    }
+    problems = []
+    for key, (why, unread) in unused.items():
+        section, name = key.split(".")
+        if unread and not _is_default(getattr(cfg, section), name):
+            problems.append(f"{key}: {why}, so nothing reads it: drop it")
+    return problems
+
+
+def _is_default(section: object, name: str) -> bool:
+    field = next(field for field in dataclasses.fields(section) if field.name == name)
+    default = field.default if field.default is not dataclasses.MISSING else field.default_factory()
+    return getattr(section, name) == default
 
 
 TASKS = ("text", "predict", "interpolate", "interpolate_fine")

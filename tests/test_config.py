@@ -234,6 +234,27 @@ def test_an_option_of_another_target_is_a_problem_not_ignored() -> None:
     load_config([], [*MINIMAL, "train.distill_from=64"])  # ... and another's at its default
 
 
+@pytest.mark.parametrize(
+    ("overrides", "read_with"),
+    [
+        (["model.spatial_lora_alpha=8"], ["model.spatial_lora_rank=2"]),
+        (["model.layout=attention_only", "model.conv_kernel=[1,1,1]"], ["model.layout=videoldm"]),
+        (["model.layout=conv_only", "model.attention_depth=2"], ["model.layout=videoldm"]),
+        (["model.layout=conv_only", "model.attention_heads=2"], ["model.layout=animatediff"]),
+        (["train.mixed_noise_lambda=0.2"], ["train.noise_prior=mixed"]),
+        (["train.image_frame=random"], ["model.image_conditioning=true", "model.image_encoder=enc"]),
+        (["train.image_dropout=0.5"], ["model.image_conditioning=true", "model.image_encoder=enc"]),
+    ],
+)
+def test_an_option_the_rest_of_the_config_never_reads_is_a_problem_not_ignored(overrides, read_with) -> None:
+    """``model.spatial_lora_alpha=8`` with no spatial LoRA, a conv kernel with no 3D convs, a shared-noise share with
+    independent noise, image options with no image conditioning: each was accepted and ignored without a word."""
+    (problem,) = problems_of([], [*MINIMAL, *overrides])
+    key = overrides[-1].split("=")[0]
+    assert problem.startswith(f"{key}: ") and problem.endswith(", so nothing reads it: drop it")
+    load_config([], [*MINIMAL, *overrides, *read_with])  # the control: where it is read, it is taken
+
+
 def test_literal_problems_list_the_allowed_values() -> None:
     assert problems_of([], [*MINIMAL, "model.layout=videldm", "train.mixed_precision=fp32"]) == [
         "model.layout: expected one of 'videoldm', 'attention_only', 'conv_only', 'animatediff', got 'videldm' (str)"
