@@ -31,11 +31,11 @@ DEMO_CONFIG = Path(__file__).resolve().parent / "configs" / "demo.yaml"
 def main(argv: list[str]) -> int:
     from lvdm.config import check_machine, describe_config, load_config, overwrite_stays_with_its_folder
 
-    overrides, rest = split_overrides(argv)
     parser = Parser(prog="train.py", description=__doc__.split("\n\n")[0])
     parser.add_argument("--config", action="append", default=[], help="YAML config file(s); later ones win")
     parser.add_argument("--help-config", action="store_true", help="list every config key and exit")
     parser.add_argument("--quiet", action="store_true", help="no progress bar")
+    overrides, rest = split_overrides(argv, parser)  # --config runs/lr=1e-4/config.yaml: a file, not an override
     args = parser.parse_args(rest)
     if args.help_config:
         print(describe_config())

@@ -86,10 +86,10 @@ def verdict(built: BuiltCache, max_bad_fraction: float) -> str:
 
 
 def main(argv: list[str]) -> int:
-    overrides, rest = split_overrides(argv)
     parser = Parser(prog="python -m lvdm.cache", description=__doc__.split("\n\n")[0])
     parser.add_argument("--config", action="append", default=[], help="YAML config file(s); later ones win")
     parser.add_argument("--shard-size", type=int, default=64, help="samples per shard file")
+    overrides, rest = split_overrides(argv, parser)
     args = parser.parse_args(rest)
     cfg = load_config(args.config, overrides)
     print(verdict(build_from_config(cfg, shard_size=args.shard_size), cfg.data.max_bad_fraction))

@@ -325,7 +325,22 @@ def _silence_stdout() -> None:
         pass
 
 
-def split_overrides(args: list[str]) -> tuple[list[str], list[str]]:
-    """``key=value`` arguments and the rest, in order."""
-    overrides = [a for a in args if "=" in a and not a.startswith("-")]
-    return overrides, [a for a in args if a not in overrides]
+def split_overrides(args: list[str], parser: argparse.ArgumentParser | None = None) -> tuple[list[str], list[str]]:
+    """``key=value`` arguments and the rest, in order. The value of one of ``parser``'s options is never an override,
+    even holding '=': ``--config runs/lr=1e-4/config.yaml`` was taken for one, and --config then had no value."""
+    overrides: list[str] = []
+    rest: list[str] = []
+    for i, arg in enumerate(args):
+        is_value = parser is not None and i > 0 and _takes_value(parser, args[i - 1])
+        (overrides if "=" in arg and not arg.startswith("-") and not is_value else rest).append(arg)
+    return overrides, rest
+
+
+def _takes_value(parser: argparse.ArgumentParser, arg: str) -> bool:
+    """Whether ``arg`` is one of ``parser``'s options (or a prefix of one long option) followed by its value."""
+    if not arg.startswith("-") or "=" in arg:
+        return False
+    options = parser._option_string_actions  # argparse's own table: option string -> action
+    actions = {id(a): a for s, a in options.items() if s == arg or (arg.startswith("--") and s.startswith(arg))}
+    action = options.get(arg) or (next(iter(actions.values())) if len(actions) == 1 else None)
+    return action is not None and action.nargs != 0

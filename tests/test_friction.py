@@ -58,6 +58,32 @@ def test_the_demo_config_makes_its_assets_whatever_the_arguments(train_script, t
     assert ("demo: made the assets" in done.stdout) == makes_assets
 
 
+@pytest.mark.parametrize("option", ["--config", "--conf"])
+def test_a_config_file_in_a_folder_named_with_an_equals_sign_is_a_file_not_an_override(
+    train_script, tmp_path, command, option
+):
+    """``--config runs/lr=1e-4/config.yaml`` (a run folder named by its setting) was taken for an override, and
+    --config then had no value: "argument --config: expected one argument"."""
+    script, calls = train_script
+    folder = tmp_path / "lr=1e-4"
+    folder.mkdir()
+    (folder / "config.yaml").write_text(script.DEMO_CONFIG.read_text() + "\n# mine\n")
+    done = command(script.__file__, "--quiet", option, folder / "config.yaml", "train.max_steps=7")
+    assert done.returncode == 0, done.stderr
+    assert calls["train"][0].train.max_steps == 7  # the control: an override after it is still one
+
+
+def test_the_value_of_any_option_is_never_an_override():
+    from lvdm.cli import Parser, split_overrides
+
+    parser = Parser(prog="x")
+    parser.add_argument("--report")
+    parser.add_argument("--quiet", action="store_true")
+    args = ["--report", "a=b.jsonl", "--quiet", "train.lr=1", "--report=c=d", "data.root=x"]
+    assert split_overrides(args, parser) == (["train.lr=1", "data.root=x"], ["--report", "a=b.jsonl", "--quiet",
+                                                                            "--report=c=d"])  # fmt: skip
+
+
 @pytest.mark.parametrize(("rank", "prints"), [("0", True), ("1", False)])
 def test_only_rank_0_prints_the_summary(train_script, command, rank, prints):
     script, _ = train_script

@@ -142,13 +142,13 @@ def summary(result: CheckResult, max_bad_fraction: float, *, show: int = 5) -> s
 
 
 def main(argv: list[str]) -> int:
-    overrides, rest = split_overrides(argv)
     parser = Parser(prog="python -m lvdm.data.check", description=__doc__.split("\n\n")[0])
     parser.add_argument("--config", action="append", default=[], help="YAML config file(s); later ones win")
     parser.add_argument("--limit", type=int, default=None, help="check only the first N files")
     parser.add_argument("--report", type=Path, default=None, help="write one JSON line per file here")
     parser.add_argument("--overwrite", action="store_true", help="replace an existing --report file")
     parser.add_argument("--quiet", action="store_true", help="no progress bar")
+    overrides, rest = split_overrides(argv, parser)
     args = parser.parse_args(rest)
     if args.limit is not None and args.limit < 1:  # 0 checked nothing and said "verdict: ok", exit 0
         raise ConfigError(f"--limit {args.limit}: check at least 1 file (leave it out to check them all)")
