@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import dataclasses
 import os
+import re
 from typing import TYPE_CHECKING
 
 if TYPE_CHECKING:
@@ -17,7 +18,7 @@ def target_problems(cfg: Config) -> list[str]:
     return (
         _image_problems(cfg) + _task_problems(cfg) + _decoder_problems(cfg) + _upscale_problems(cfg)
         + _motion_module_problems(cfg) + _distill_problems(cfg) + _student_problems(cfg) + _other_target_problems(cfg)
-        + _unused_option_problems(cfg)
+        + _unused_option_problems(cfg) + _environment_path_problems(cfg, "")
     )  # fmt: skip
 
 
@@ -78,6 +79,31 @@ def _is_default(section: object, name: str) -> bool:
     field = next(field for field in dataclasses.fields(section) if field.name == name)
     default = field.default if field.default is not dataclasses.MISSING else field.default_factory()
     return getattr(section, name) == default
+
+
+_VARIABLE = re.compile(r"(?:^|(?<=/))\$[A-Za-z_]\w*")  # at the start of a path's part
+
+
+def _environment_path_problems(section: object, path: str) -> list[str]:
+    """A path holding ``$NAME`` (``output_dir: $SCRATCH/runs/a``), which no YAML reader expands: the run wrote into a
+    folder named ``$SCRATCH`` in the working folder. lvdm puts no environment value in a config, so it is refused."""
+    from lvdm.config import _home  # the coerce of every path field
+
+    problems = []
+    for field in dataclasses.fields(section):
+        value, key = getattr(section, field.name), f"{path}{field.name}"
+        items = value if isinstance(value, list) else [value]
+        if dataclasses.is_dataclass(value):
+            problems += _environment_path_problems(value, f"{key}.")
+        elif items and all(dataclasses.is_dataclass(item) for item in items):
+            problems += [p for i, item in enumerate(items) for p in _environment_path_problems(item, f"{key}[{i}].")]
+        elif field.metadata.get("coerce") is _home:
+            for i, text in enumerate(items):
+                if isinstance(text, str) and (found := _VARIABLE.search(text)):
+                    name = f"{key}[{i}]" if isinstance(value, list) else key
+                    problems.append(f"{name}: {text!r} holds {found.group()}, which lvdm does not expand (no "
+                                    "environment value goes into a config): write the path out")  # fmt: skip
+    return problems
 
 
 TASKS = ("text", "predict", "interpolate", "interpolate_fine")

@@ -473,6 +473,22 @@ def test_a_leading_tilde_in_a_path_is_the_home_folder(tmp_path: Path) -> None:
     assert any("your home folder" in p for p in problems_of([], [*MINIMAL, "output_dir=~/"]))
 
 
+def test_an_environment_variable_in_a_path_is_refused_not_taken_as_a_folder_name(tmp_path: Path) -> None:
+    """``output_dir: $SCRATCH/runs/a`` in a YAML file (which no YAML reader expands) trained into a folder named
+    ``$SCRATCH`` in the working folder. The controls: a ``$`` inside a name, and in a prompt, stay as written."""
+    config = write(tmp_path / "c.yaml", """
+        model: {base: $MODELS/sd15, loras: [a.safetensors, "$HOME/l.safetensors:0.5"]}
+        data: {sources: [{kind: folder, path: runs/$USER/clips}]}
+        output_dir: $SCRATCH/runs/a
+        """)  # fmt: skip
+    problems = problems_of([config])
+    keys = ["model.base", "model.loras[1]", "data.sources[0].path", "output_dir"]
+    assert [p.split(":")[0] for p in problems] == keys
+    assert "'$SCRATCH/runs/a' holds $SCRATCH, which lvdm does not expand" in problems[-1]
+    cfg = load_config([], [*MINIMAL, "output_dir=runs/a$b", "train.validation_prompts=[$5 bills]"])
+    assert (cfg.output_dir, cfg.train.validation_prompts) == ("runs/a$b", ["$5 bills"])
+
+
 def test_source_weights_must_not_all_be_zero() -> None:
     problems = problems_of([], ["model.base=sd", "data.sources=[{kind: folder, path: a, weight: 0}]"])
     assert problems == ["data.sources: every weight is 0; at least one source needs a positive weight"]
