@@ -86,6 +86,22 @@ def test_list_items_and_whole_sections_can_be_overridden(tmp_path: Path) -> None
     assert cfg.train == TrainConfig(lr=0.001)
 
 
+def test_a_mapping_value_is_replaced_whole_by_a_later_file_or_override(tmp_path: Path) -> None:
+    """``train.tasks={interpolate: 1}`` over a config's ``{text: 1, predict: 2}`` trained all three tasks, and
+    ``train.tasks={}`` changed nothing: a mapping-valued field merged key by key, as a section does."""
+    run = write(
+        tmp_path / "run.yaml",
+        "model: {base: sd, context: true}\ndata: {root: clips}\ntrain: {tasks: {text: 1, predict: 2}}\n",
+    )
+    later = write(tmp_path / "later.yaml", "train: {tasks: {interpolate: 1}}\n")
+    assert load_config([run], ["train.tasks={interpolate: 1}"]).train.tasks == {"interpolate": 1.0}
+    assert load_config([run], ["train.tasks={}"]).train.tasks == {}
+    assert load_config([run, later]).train.tasks == {"interpolate": 1.0}
+    # the controls: one task's weight set by its key, and a section, still merge
+    assert load_config([run], ["train.tasks.text=0"]).train.tasks == {"text": 0.0, "predict": 2.0}
+    assert load_config([run], ["train={lr: 0.001}"]).train.tasks == {"text": 1.0, "predict": 2.0}
+
+
 def test_yaml_scalars_are_yaml_1_2() -> None:
     """``no`` is a string (a valid mixed_precision), ``1e3`` a number, ``yes`` is not a boolean."""
     cfg = load_config([], [*MINIMAL, "train.mixed_precision=no", "train.max_steps=1e3", "train.lr=1"])

@@ -29,6 +29,7 @@ from lvdm.configlib.yamlio import (
     read_yaml,
     resolve_node,
     schema_defaults,
+    whole_mappings,
 )
 
 __all__ = ["config_from_dict", "config_to_dict", "describe_config", "load_config", "option", "save_config"]
@@ -78,7 +79,8 @@ def load_config(files: Sequence[str | os.PathLike[str]] = (), overrides: Sequenc
     parsed = [(text, *kv) for text in overrides if (kv := read_override(text, problems)) is not None]
     if any(layer is None for layer in layers):
         raise_problems(problems)
-    data = resolve_node(merge_layers([_escaped(schema_defaults(schema)), *layers], parsed, problems), "", problems)
+    merged = merge_layers([_escaped(schema_defaults(schema)), *layers], parsed, problems, whole_mappings(schema))
+    data = resolve_node(merged, "", problems)
     cfg = build_dataclass(schema, data, "", problems)
     raise_problems(problems)
     return cfg

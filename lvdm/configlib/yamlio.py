@@ -10,7 +10,7 @@ import os
 import re
 from collections.abc import Mapping
 from dataclasses import MISSING, fields, is_dataclass
-from typing import Any
+from typing import Any, get_origin
 
 import yaml
 from omegaconf import DictConfig, ListConfig, OmegaConf
@@ -210,14 +210,30 @@ def schema_defaults(cls: type) -> dict[str, Any]:
     return out
 
 
-def _deep_merge(base: Any, update: Any) -> Any:
-    """``update`` laid over ``base``: mappings merge key by key; anything else, lists included, replaces."""
-    if isinstance(base, dict) and isinstance(update, dict):
-        return {**base, **{key: _deep_merge(base.get(key), value) for key, value in update.items()}}
+def whole_mappings(cls: type, path: str = "") -> frozenset[str]:
+    """The key paths of ``cls``'s mapping-valued fields (``train.tasks``): a value, which a later layer replaces
+    whole, where a section merges key by key (``train.tasks={interpolate: 1}`` over a config's ``{text: 1}`` gave
+    both, and ``train.tasks={}`` changed nothing)."""
+    out: set[str] = set()
+    for spec in fields(cls):
+        tp, key = type_hints(cls)[spec.name], join_path(path, spec.name)
+        if is_dataclass(tp):
+            out |= whole_mappings(tp, key)
+        elif (get_origin(tp) or tp) is dict:
+            out.add(key)
+    return frozenset(out)
+
+
+def _deep_merge(base: Any, update: Any, path: str = "", whole: frozenset[str] = frozenset()) -> Any:
+    """``update`` laid over ``base``: mappings merge key by key, but for those at the ``whole`` key paths; anything
+    else, lists included, replaces."""
+    if isinstance(base, dict) and isinstance(update, dict) and path not in whole:
+        merged = {key: _deep_merge(base.get(key), value, join_path(path, key), whole) for key, value in update.items()}
+        return {**base, **merged}
     return copy.deepcopy(update)
 
 
-def _set_key(data: dict[str, Any], key: str, value: Any) -> str | None:
+def _set_key(data: dict[str, Any], key: str, value: Any, whole: frozenset[str]) -> str | None:
     """Lay ``value`` over dotted ``key`` (``a.b[0].c`` or ``a.b.0.c``) in ``data``; why it cannot be, if so."""
     parts = re.findall(r"[^.\[\]]+", key)
     node: Any = data
@@ -232,18 +248,25 @@ def _set_key(data: dict[str, Any], key: str, value: Any) -> str | None:
         else:
             return f"{'.'.join(parts[:depth])} is {show_value(node)}, which has no item {part!r}"
         if last:
-            node[slot] = _deep_merge(node[slot] if isinstance(node, list) else node.get(slot), value)
+            old = node[slot] if isinstance(node, list) else node.get(slot)
+            node[slot] = _deep_merge(old, value, ".".join(parts), whole)
         node = node[slot]
     return None
 
 
-def merge_layers(layers: list[dict[str, Any]], overrides: list[tuple[str, str, Any]], problems: list[str]) -> Any:
-    """The layers merged in order, each override laid over its key, then as an OmegaConf node to resolve."""
+def merge_layers(
+    layers: list[dict[str, Any]],
+    overrides: list[tuple[str, str, Any]],
+    problems: list[str],
+    whole: frozenset[str] = frozenset(),
+) -> Any:
+    """The layers merged in order, each override laid over its key, then as an OmegaConf node to resolve; a mapping
+    at one of the ``whole`` key paths is replaced, not merged."""
     merged: dict[str, Any] = {}
     for layer in layers:
-        merged = _deep_merge(merged, layer)
+        merged = _deep_merge(merged, layer, "", whole)
     for text, key, value in overrides:
-        if (reason := _set_key(merged, key, value)) is not None:
+        if (reason := _set_key(merged, key, value, whole)) is not None:
             problems.append(f"override {text!r}: cannot set {key}: {reason}")
     try:
         return OmegaConf.create(merged)
