@@ -29,7 +29,8 @@ DEMO_CONFIG = Path(__file__).resolve().parent / "configs" / "demo.yaml"
 
 
 def main(argv: list[str]) -> int:
-    from lvdm.config import check_machine, describe_config, load_config, overwrite_stays_with_its_folder
+    from lvdm.config import check_machine, describe_config, load_config
+    from lvdm.config_rules import overwrite_stays_with_its_folder
 
     parser = Parser(prog="train.py", description=__doc__.split("\n\n")[0])
     parser.add_argument("--config", action="append", default=[], help="YAML config file(s); later ones win")
@@ -40,8 +41,8 @@ def main(argv: list[str]) -> int:
     if args.help_config:
         print(describe_config())
         return 0
-    cfg = load_config(args.config or [DEMO_CONFIG], overrides)  # no config file: the demo
-    cfg = overwrite_stays_with_its_folder(cfg, overrides)
+    files = args.config or [DEMO_CONFIG]  # no config file: the demo
+    cfg = overwrite_stays_with_its_folder(load_config(files, overrides), overrides, files)
     check_machine(cfg)  # fp16 without a GPU, xformers not installed: one line, before anything loads
     from lvdm.training.report import print_report
     from lvdm.training.trainer import train

@@ -23,7 +23,7 @@ from __future__ import annotations
 
 import os
 from collections.abc import Sequence
-from dataclasses import dataclass, replace
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Literal, TypeVar
 
@@ -439,16 +439,6 @@ def load_config(
 ) -> T:
     """Merge YAML ``files``, then ``key=value`` ``overrides``; check against ``schema`` (default: Config)."""
     return configlib.load_config(files, overrides, schema=schema)
-
-
-def overwrite_stays_with_its_folder(cfg: Config, overrides: Sequence[str]) -> Config:
-    """A config file's ``train.overwrite: true`` (the demo configs': rerunning a demo starts over) covers the file's
-    own ``output_dir``: with ``output_dir`` set on the command line, the run overwrites only if the command line
-    says ``train.overwrite=true`` too (``python train.py output_dir=my_run`` once started over a previous run)."""
-    given = {item.split("=", 1)[0].strip() for item in overrides}
-    if not cfg.train.overwrite or "output_dir" not in given or "train.overwrite" in given:
-        return cfg
-    return replace(cfg, train=replace(cfg.train, overwrite=False))
 
 
 def config_from_dict(data: dict[str, Any], schema: type[T] = Config) -> T:

@@ -7,6 +7,7 @@ from __future__ import annotations
 import dataclasses
 import os
 import re
+from collections.abc import Sequence
 from typing import TYPE_CHECKING
 
 if TYPE_CHECKING:
@@ -281,3 +282,24 @@ def _fine_stage_problems(cfg: Config) -> list[str]:
             f"{data.frame_stride}; or set data.target_fps (the fine stage then reads {every}x that rate)"
         ]
     return []
+
+
+def overwrite_stays_with_its_folder(
+    cfg: Config, overrides: Sequence[str], files: Sequence[str | os.PathLike[str]] = ()
+) -> Config:
+    """A config file's ``train.overwrite: true`` (the demo configs': rerunning a demo starts over) covers the file's
+    own ``output_dir``: with ``output_dir`` set on the command line or in a later file of ``files``, the run
+    overwrites only if that layer says ``train.overwrite: true`` too (``python train.py output_dir=my_run`` once
+    started over a previous run, and so did ``--config configs/demo.yaml --config mine.yaml`` naming its folder)."""
+    from lvdm.configlib.yamlio import read_override, read_yaml
+
+    layers = [read_yaml(path, []) or {} for path in files]  # each file, then the command line
+    layers.append({"output_dir": 0} if any(o.split("=", 1)[0].strip() == "output_dir" for o in overrides) else {})
+    for key, value in filter(None, (read_override(text, []) for text in overrides)):
+        if key == "train.overwrite" or (key == "train" and isinstance(value, dict) and "overwrite" in value):
+            layers[-1]["train"] = {"overwrite": True}
+    sets_folder = [i for i, layer in enumerate(layers) if "output_dir" in layer]
+    sets_overwrite = [i for i, layer in enumerate(layers) if "overwrite" in (layer.get("train") or {})]
+    if not cfg.train.overwrite or not sets_folder or (sets_overwrite and sets_overwrite[-1] >= sets_folder[-1]):
+        return cfg
+    return dataclasses.replace(cfg, train=dataclasses.replace(cfg.train, overwrite=False))

@@ -1115,18 +1115,40 @@ def test_the_demo_never_replaces_a_model_folder_it_did_not_make(tmp_path):
 def test_the_demo_configs_overwrite_stays_with_the_demo_folder(tmp_path, command):
     """``python train.py output_dir=my_run`` reads configs/demo.yaml, whose ``train.overwrite: true`` lets the demo
     rerun over itself; it must not start over a run in the user's own folder (it deleted a resumable one)."""
-    from lvdm.config import load_config, overwrite_stays_with_its_folder
+    from lvdm.config import load_config
+    from lvdm.config_rules import overwrite_stays_with_its_folder
 
     demo = REPO / "configs" / "demo.yaml"
     for overrides, expected in (([], True), (["output_dir=mine"], False), (["output_dir=mine", "train.overwrite=true"],
                                 True), (["train.max_steps=5"], True)):  # fmt: skip
         assert overwrite_stays_with_its_folder(load_config([demo], overrides), overrides).train.overwrite is expected
+    overrides = ["train.overwrite=true", "output_dir=mine"]  # the command line is one layer, in any order
+    assert overwrite_stays_with_its_folder(load_config([demo], overrides), overrides, [demo]).train.overwrite
     out = tmp_path / "run"
     _fake_run(out, checkpoint=True, marker=True)
     before = snapshot(out)
     result = command(TRAIN, "--quiet", f"output_dir={out}", "model.base=nowhere")  # no --config: the demo's settings
     one_line_error(result, 1, "already holds a run", "train.resume=auto")
     assert snapshot(out) == before
+
+
+@pytest.mark.parametrize(
+    ("mine", "expected"),
+    [
+        ("output_dir: mine\n", False),
+        ("output_dir: mine\ntrain: {overwrite: true}\n", True),
+        ("train: {lr: 0.001}\n", True),
+    ],
+)
+def test_the_demo_configs_overwrite_stays_with_the_demo_folder_under_a_later_file(tmp_path, mine, expected):
+    """``--config configs/demo.yaml --config mine.yaml`` with mine.yaml's own ``output_dir`` started over the run in
+    it: the demo file's ``train.overwrite: true`` went with mine.yaml's folder."""
+    from lvdm.config import load_config
+    from lvdm.config_rules import overwrite_stays_with_its_folder
+
+    files = [REPO / "configs" / "demo.yaml", tmp_path / "mine.yaml"]
+    files[1].write_text(mine)
+    assert overwrite_stays_with_its_folder(load_config(files), [], files).train.overwrite is expected
 
 
 def test_the_demo_refuses_clips_that_are_not_its_own(tmp_path, command):
