@@ -232,6 +232,10 @@ def _check_context(args: argparse.Namespace, image_mode: bool) -> None:
                                        ("--image-as-first-frame", args.image_as_first_frame)) if given]  # fmt: skip
     if args.interpolate is not None and unused:  # taken and ignored, after the pipeline had loaded
         raise ConfigError(f"--interpolate gives every frame of its video: it does not take {', '.join(unused)}")
+    if args.interpolate is not None and args.num_frames is not None:  # taken and silently ignored
+        raise ConfigError(
+            f"--interpolate makes {args.factor or 4} (k - 1) + 1 frames of its video's k: it does not take --frames"
+        )
     if args.interpolate is not None and args.base_noise_seed is not None:  # taken and silently ignored
         raise ConfigError("--interpolate draws its noise from --seed alone: it does not take --base-noise-seed")
     given = [flag for flag, value in (("--context", args.context), ("--interpolate", args.interpolate),

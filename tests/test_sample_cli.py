@@ -612,9 +612,9 @@ def test_an_interpolation_past_the_frame_limit_is_refused_before_anything_loads(
 
 def test_interpolation_refuses_the_settings_it_would_ignore_before_anything_loads(files, context_files, tmp_path,
                                                                                   command, monkeypatch):  # fmt: skip
-    """--interpolate took --base-noise-seed and --fps and ignored both (the same video at any base noise seed, written
-    at the clip's rate times the factor whatever --fps said). Now they are refused from the video's header; the
-    control, without them, reaches the loading."""
+    """--interpolate took --base-noise-seed, --fps and --frames and ignored them (the same video at any base noise
+    seed, written at the clip's rate times the factor whatever --fps said, 4 (k - 1) + 1 frames whatever --frames
+    said). Now they are refused before loading; the control, without them, reaches the loading."""
     from lvdm.errors import ConfigError
     from lvdm.models import loading
 
@@ -626,6 +626,7 @@ def test_interpolation_refuses_the_settings_it_would_ignore_before_anything_load
             str(context_files["clip"]), "--out", str(tmp_path / "smooth.mp4")]  # fmt: skip
     for extra, message in ((["--noise-prior", "mixed", "--base-noise-seed", "3"], "does not take --base-noise-seed"),
                            (["--fps", "3"], "at its own 8 fps times 4 (32 fps): it does not take --fps"),
+                           (["--frames", "9"], "4 (k - 1) + 1 frames of its video's k: it does not take --frames"),
                            ([], "reached the loading")):  # fmt: skip
         code, _, err = sample_here(command, *argv, *extra)
         assert code == 2 and err.count("\n") == 1 and message in err, (extra, err)
