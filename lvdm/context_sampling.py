@@ -365,13 +365,19 @@ def check_interpolation(factor: Any, prompt: Any, settings: dict[str, Any]) -> i
     if not isinstance(prompt, str):
         raise ConfigError(f"prompt must be a string (interpolation makes one video), got {prompt!r}")
     unset = sampling_settings()  # the defaults
-    unused = ("num_frames", "num_videos_per_prompt", "context_frames", "image_as_first_frame")
-    ignored = [key for key in unused if settings.get(key, getattr(unset, key)) != getattr(unset, key)]
+
+    def changed(*keys: str) -> list[str]:  # the settings given other than their defaults
+        return [key for key in keys if settings.get(key, getattr(unset, key)) != getattr(unset, key)]
+
+    ignored = changed("num_frames", "num_videos_per_prompt", "context_frames", "image_as_first_frame")
     if ignored:  # they were taken and ignored
         raise ConfigError(
             "interpolation makes one video, its length set by the input and the factor, its given frames all the "
             f"input's: drop {ignored}"
         )
+    if weights := changed("image_scale", "image_guidance_scale"):  # taken and ignored: there is no image to weigh
+        given = ", ".join(f"{key}={settings[key]!r}" for key in weights)
+        raise ConfigError(f"{given}: interpolation takes no image for them to weigh; drop them")
     return int(factor)
 
 

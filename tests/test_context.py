@@ -536,6 +536,9 @@ def test_by_16_the_second_pass_is_the_fine_stage_where_the_module_learnt_it(cont
         ("context", lambda pipe, clip: pipe.interpolate(None, **FAST), r"a video file \(str or os.PathLike\) or"),
         ("context", lambda pipe, clip: pipe.interpolate(clip, negative_prompt=["a", "b"], **FAST), "got 2 for 1"),
         ("context", lambda pipe, clip: pipe("x", context=clip[:1], **FAST), "context_frames=2 needs at least 2"),
+        # taken and ignored: interpolation has no image to weigh (a call without image= refuses them likewise)
+        ("context", lambda pipe, clip: pipe.interpolate(clip, image_scale=0.5, **FAST), "image_scale=0.5: interp"),
+        ("context", lambda pipe, clip: pipe.interpolate(clip, image_guidance_scale=2, **FAST), "takes no image"),
         ("context", lambda pipe, clip: pipe("x", context=clip, image_mode=True, **FAST), "image mode"),
         ("context", lambda pipe, clip: pipe("x", context=clip.astype(float), **FAST), "must be uint8"),
         ("context", lambda pipe, clip: pipe("x", context="missing.mp4", **FAST), "does not exist"),
@@ -580,7 +583,8 @@ def test_interpolation_takes_numpy_factors_tensors_and_one_negative_prompt_in_a_
     pipe = pipeline(context_files)
     keys = np.random.default_rng(0).integers(0, 256, (2, 16, 16, 3), dtype=np.uint8)
     out = pipe.interpolate(keys, factor=4, negative_prompt="blur", **FAST)
-    same = pipe.interpolate(torch.from_numpy(keys), factor=np.int64(4), negative_prompt=["blur"], **FAST)
+    defaults = {"image_scale": 1.0, "image_guidance_scale": None}  # as a sidecar records them: taken
+    same = pipe.interpolate(torch.from_numpy(keys), factor=np.int64(4), negative_prompt=["blur"], **defaults, **FAST)
     assert np.array_equal(out.frames, same.frames) and out.metadata == same.metadata
     assert type(same.metadata[0]["interpolate"]["factor"]) is int and out.metadata[0]["settings"]["negative_prompt"]
 
