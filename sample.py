@@ -209,7 +209,21 @@ def _replayed(args: argparse.Namespace, meta: dict[str, Any] | None) -> argparse
     )
     if args.device == "auto" and meta.get("device"):
         filled["device"] = meta["device"] if _available(meta["device"]) else "auto"
+    _refuse_lost_inputs(meta, filled)
     return argparse.Namespace(**{**vars(args), **filled})
+
+
+def _refuse_lost_inputs(meta: dict[str, Any], filled: dict[str, Any]) -> None:
+    """A sidecar's video continued, interpolated or animated frames given in Python, which it does not hold, and no
+    flag gives them: the replay sampled without them (a text-to-video of other frames, with no word)."""
+    first_frame = (meta.get("settings") or {}).get("image_as_first_frame")  # the context is the image
+    for key, flag in (("context", "--context"), ("interpolate", "--interpolate"), ("image", "--image")):
+        record = meta.get(key)
+        if isinstance(record, dict) and filled[key] is None and not (key == "context" and first_frame):
+            raise ConfigError(
+                f"the sidecar's {key} was given in Python ({key}.source {record.get('source')!r}), and the sidecar "
+                f"does not hold it: give it as {flag} FILE"
+            )
 
 
 def _source(record: Any) -> str | None:

@@ -632,6 +632,36 @@ def test_interpolation_refuses_the_settings_it_would_ignore_before_anything_load
         assert code == 2 and err.count("\n") == 1 and message in err, (extra, err)
 
 
+def test_a_replay_refuses_the_frames_given_in_python_that_its_sidecar_does_not_hold(files, context_files, tmp_path,
+                                                                                   command, monkeypatch):  # fmt: skip
+    """A video continued from frames given in Python (``context=`` an array; its sidecar: ``"source": "frames"``)
+    was replayed by ``--from-json`` as a text-to-video, other frames with no word (an interpolation's said "--factor
+    goes with --interpolate VIDEO", never given). Now refused, naming the flag that gives them; the control, the
+    flag given, reaches the loading."""
+    from lvdm import VideoPipeline
+    from lvdm.errors import ConfigError
+    from lvdm.models import loading
+
+    pipe = VideoPipeline.from_pretrained(files["a"], temporal=context_files["module"])
+    frames = np.zeros((3, 16, 16, 3), np.uint8)
+    continued = pipe.render("a", tmp_path / "next.mp4", context=frames, num_frames=2, num_inference_steps=1,
+                            seed=0, progress=False)[0]  # fmt: skip
+    smooth = tmp_path / "smooth.mp4"
+    pipe.interpolate(frames[:2], num_inference_steps=1, seed=0, progress=False).save(smooth)
+
+    def reached(*args, **kwargs):
+        raise ConfigError("reached the loading")
+
+    monkeypatch.setattr(loading, "_load_folder", reached)
+    for sidecar, flag in ((f"{continued}.json", "--context"), (f"{smooth}.json", "--interpolate")):
+        lost = (
+            f"given in Python ({flag[2:]}.source 'frames'), and the sidecar does not hold it: give it as {flag} FILE"
+        )
+        for given, message in (([], lost), ([flag, str(context_files["clip"])], "reached the loading")):
+            code, _, err = sample_here(command, "--from-json", sidecar, *given, "--out", str(tmp_path / "again.mp4"))
+            assert code == 2 and err.count("\n") == 1 and message in err, err
+
+
 def test_an_input_given_as_the_output_is_not_replaced_by_overwrite(files, context_files, tmp_path, command,
                                                                    monkeypatch):  # fmt: skip
     """--overwrite replaced the video --context continued (or --interpolate interpolated, or the GIF --image
