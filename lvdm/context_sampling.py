@@ -280,16 +280,37 @@ def default_context_frames(pipe: Any, s: SamplingSettings, *, explicit: dict[str
     return s
 
 
-def is_rollout(pipe: Any, s: SamplingSettings, given: tuple | None, latents: torch.Tensor | None) -> bool:
+def is_rollout(
+    pipe: Any, s: SamplingSettings, given: tuple | None, latents: torch.Tensor | None, *, explicit: dict[str, Any]
+) -> bool:
     """Whether a call goes chunk by chunk (:func:`rollout`): it continues the ``given`` video, or makes more frames
     than the module's training length with a module that takes context. Each chunk draws its own noise, so no
-    ``latents``."""
+    ``latents``. A call that does not refuses the context settings it was given (``explicit``): nothing takes them."""
     rollout = given is not None or (pipe.has_context and s.num_frames > pipe.chunk_length(s))
     if rollout:
         check_context_frames(pipe, s)
+    else:
+        _refuse_unused_context(pipe, s, explicit)
     if rollout and latents is not None:
         raise ConfigError("latents cannot be given for a rollout or a continued video (each chunk draws its own)")
     return rollout
+
+
+def _refuse_unused_context(pipe: Any, s: SamplingSettings, explicit: dict[str, Any]) -> None:
+    """``context_guidance`` and ``context_frames`` given to a call with no given frames (no context video, no
+    rollout) were taken and ignored; the values a sidecar records for such a call (the defaults) pass."""
+    from lvdm.sampling_settings import sampling_settings
+
+    most = pipe.defaults.get("max_context_frames")
+    default = sampling_settings().context_frames
+    unused = [f"context_guidance={s.context_guidance:g}"] if s.context_guidance != 1.0 else []
+    if "context_frames" in explicit and s.context_frames != (min(default, most) if most else default):
+        unused.append(f"context_frames={s.context_frames}")
+    if unused:
+        raise ConfigError(
+            f"{' and '.join(unused)}: this call has no given frames for them (no context video, and "
+            f"num_frames={s.num_frames} is made in one pass); give context= (--context) or more frames, or drop them"
+        )
 
 
 def check_context_count(context_frames: int, most: int | None) -> None:

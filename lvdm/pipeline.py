@@ -216,7 +216,7 @@ class VideoPipeline:
         s, context = image_as_first_frame(self, s, image, context, explicit=settings)
         s = default_context_frames(self, s, explicit=settings)
         given = context_latents(self, s, context, explicit=settings)  # (latents, how they were read) or None
-        rollout = is_rollout(self, s, given, latents)
+        rollout = is_rollout(self, s, given, latents, explicit=settings)
         negatives = negatives_for(s.negative_prompt, prompts)
         seeds = [s.seed + k for k in range(n)]
         generators = [torch.Generator().manual_seed(seed) for seed in seeds]

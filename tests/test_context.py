@@ -548,6 +548,9 @@ def test_by_16_the_second_pass_is_the_fine_stage_where_the_module_learnt_it(cont
             "32x1 frames are too far",
         ),
         ("context", lambda pipe, clip: pipe("x", num_frames=12, context_frames=5, **FAST), "no new frame"),
+        # taken and ignored: no context video, and 5 frames made in one pass (the control: the next test)
+        ("context", lambda pipe, clip: pipe("x", num_frames=5, context_guidance=3, **FAST), "context_guidance=3: t"),
+        ("context", lambda pipe, clip: pipe("x", num_frames=5, context_frames=1, **FAST), "has no given frames"),
         ("two_given", lambda pipe, clip: pipe("x", num_frames=12, context_frames=3, **FAST), "at most 2 given"),
         ("two_given", lambda pipe, clip: pipe("x", context=clip, context_frames=3, **FAST), "at most 2 given"),
         ("none_given", lambda pipe, clip: pipe("x", context=clip, context_frames=1, **FAST), "not trained to contin"),
@@ -590,9 +593,16 @@ def test_interpolation_takes_numpy_factors_tensors_and_one_negative_prompt_in_a_
 
 
 def test_as_many_context_frames_as_the_module_trained_with_are_accepted(context_files):
-    """The control of the refusals above: the module that learnt from up to 2 given frames rolls out with 2."""
+    """The control of the refusals above: the module that learnt from up to 2 given frames rolls out with 2; and a
+    call with no given frames takes the context settings its sidecar records (the defaults), and makes what it makes
+    without them."""
     out = pipeline(context_files, "two_given")("x", num_frames=7, context_frames=2, **FAST)
     assert out.frames.shape[1] == 7
+    pipe = pipeline(context_files)
+    plain = pipe("x", num_frames=5, **FAST)
+    assert np.array_equal(pipe("x", **plain.metadata[0]["settings"], progress=False).frames, plain.frames)
+    used = pipe("x", num_frames=5, context_frames=1, context_guidance=3, context=plain.frames[0], **FAST)
+    assert used.frames.shape[1] == 5  # where the settings are used, they are taken
     one = pipeline(context_files, "one_given")  # the default 2, not asked for, comes down to the 1 it learnt
     assert one("x", num_frames=7, **FAST).metadata[0]["settings"]["context_frames"] == 1
     clip = np.zeros((3, 16, 16, 3), np.uint8)
