@@ -302,6 +302,8 @@ def _check_upscaler(args: argparse.Namespace) -> None:
 def _settings(args: argparse.Namespace, meta: dict[str, Any] | None) -> dict[str, Any]:
     """The sampling settings given on the command line, over a sidecar's (which are all resolved)."""
     recorded = {k: v for k, v in meta["settings"].items() if v is not None and k != "batch_size"} if meta else {}
+    if args.noise_prior not in (None, "mixed"):  # the recorded share goes with the recorded mixed prior
+        recorded.pop("mixed_lambda", None)
     given = {name: getattr(args, name) for name, _ in SETTINGS_FLAGS.values() if getattr(args, name) is not None}
     given |= {"image_mode": True} if args.image_mode else {}
     given |= {"image_as_first_frame": True} if args.image_as_first_frame else {}
@@ -352,7 +354,7 @@ def _plan(
     else:  # the module's header says whether it takes one (refused after loading, before)
         check_image_source(args.temporal, args.image_adapter)
     _check_upscaler(args)
-    header_checks.check_base_noise(args, checked.noise_prior)
+    header_checks.check_mixed_only(args, checked.noise_prior)
     gif = media_suffix(args.out) == ".gif" or args.format == "gif"
     if gif and (problem := gif_rate_problem(checked.fps)):  # refused by the writer, after the sampling, before
         raise ConfigError(f"--fps {checked.fps:g}: {problem}")

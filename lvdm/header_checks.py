@@ -105,20 +105,25 @@ def check_module_size(args: argparse.Namespace, settings: dict[str, Any]) -> Non
         raise ConfigError(from_the_module(str(exc), taken)) from None
 
 
-def check_base_noise(args: argparse.Namespace, noise_prior: str | None) -> None:
-    """--base-noise-seed goes with the mixed prior: ``noise_prior`` given, else the module's, else the default (an
-    unset one was refused after loading)."""
+def check_mixed_only(args: argparse.Namespace, noise_prior: str | None) -> None:
+    """--base-noise-seed and --mixed-lambda go with the mixed prior: ``noise_prior`` given, else the module's, else
+    the default (an unset one was refused after loading, and a lambda taken and ignored)."""
     from lvdm.pipeline_sampling import check_base_noise_seed
     from lvdm.sampling_settings import DEFAULT_NOISE_PRIOR, temporal_defaults
 
-    if args.base_noise_seed is None:
+    given = {"--base-noise-seed": args.base_noise_seed, "--mixed-lambda": args.mixed_lambda}
+    flags = [flag for flag, value in given.items() if value is not None]
+    if not flags:
         return
     module = temporal_defaults(args.temporal)["noise_prior"] if args.temporal and noise_prior is None else None
     if noise_prior is None and (module or DEFAULT_NOISE_PRIOR) != "mixed":
         whose = (
             f"the temporal module was trained with {module!r}" if module else f"the default is {DEFAULT_NOISE_PRIOR!r}"
         )
+        named = " and ".join(flags)
         raise ConfigError(
-            f"--base-noise-seed goes with --noise-prior mixed ({whose}); add it or drop --base-noise-seed"
+            f"{named} go{'es' if len(flags) == 1 else ''} with --noise-prior mixed ({whose}); add it or drop {named}"
         )
+    if args.mixed_lambda is not None and noise_prior not in (None, "mixed"):
+        raise ConfigError(f"--mixed-lambda is only used by --noise-prior mixed, not {noise_prior!r}")
     check_base_noise_seed(args.base_noise_seed, noise_prior)

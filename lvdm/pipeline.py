@@ -39,6 +39,7 @@ from lvdm.outputs import FORMATS, VideoOutput, check_given_outputs, media_kind, 
 from lvdm.pipeline_loading import device_problem, refuse_upscaler
 from lvdm.pipeline_sampling import (
     as_prompts,
+    check_mixed_lambda,
     denoise,
     describe_base_noise,
     encode_prompts,
@@ -211,6 +212,7 @@ class VideoPipeline:
         check_flag("progress", progress)
         prompts = as_prompts(prompt)
         s = resolve_settings(self, sampling_settings(**settings), latents)
+        check_mixed_lambda(self, s, settings)
         n = len(prompts) * s.num_videos_per_prompt
         _check_seeds(s.seed, n)
         s, context = image_as_first_frame(self, s, image, context, explicit=settings)

@@ -29,6 +29,7 @@ from lvdm.sampling_settings import (
     DEFAULT_FPS,
     DEFAULT_FRAMES,
     DEFAULT_GUIDANCE,
+    DEFAULT_MIXED_LAMBDA,
     DEFAULT_NOISE_PRIOR,
     DEFAULT_STEPS,
     MAX_GUIDANCE,
@@ -51,7 +52,7 @@ def resolve_settings(pipe: Any, s: SamplingSettings, latents: torch.Tensor | Non
         given = {"num_frames": f, "height": h * pipe.vae_scale_factor, "width": w * pipe.vae_scale_factor}
     fallback = {
         "num_frames": DEFAULT_FRAMES, "height": native, "width": native, "fps": DEFAULT_FPS,
-        "noise_prior": DEFAULT_NOISE_PRIOR, "mixed_lambda": 0.5, "num_inference_steps": DEFAULT_STEPS,
+        "noise_prior": DEFAULT_NOISE_PRIOR, "mixed_lambda": DEFAULT_MIXED_LAMBDA, "num_inference_steps": DEFAULT_STEPS,
         "scheduler": "ddim", "guidance_scale": DEFAULT_GUIDANCE,
     }  # fmt: skip
     values, from_module = {}, []
@@ -324,6 +325,18 @@ def check_latents_to_decode(latents: Any, channels: int) -> None:
     check_noise("latents", latents, finite=False)
     if latents.ndim != 5 or latents.shape[1] != channels or 0 in latents.shape:
         raise ConfigError(f"latents must be (b, {channels}, f, h, w), none of them 0, got {tuple(latents.shape)}")
+
+
+def check_mixed_lambda(pipe: Any, s: SamplingSettings, explicit: dict[str, Any]) -> None:
+    """A ``mixed_lambda`` given (``explicit``) to a call whose prior is not the mixed one was taken and ignored. The
+    value a call that gives none records (the module's, else the default) passes: a sidecar's replay gives it back."""
+    unused = pipe.defaults.get("mixed_lambda")
+    unused = DEFAULT_MIXED_LAMBDA if unused is None else unused
+    if explicit.get("mixed_lambda") is not None and s.noise_prior != "mixed" and s.mixed_lambda != unused:
+        raise ConfigError(
+            f"mixed_lambda={s.mixed_lambda:g} is only used by noise_prior='mixed', not {s.noise_prior!r}: give "
+            "noise_prior='mixed' or drop mixed_lambda"
+        )
 
 
 def check_base_noise_seed(base_noise: Any, noise_prior: str | None) -> None:

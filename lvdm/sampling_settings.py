@@ -23,6 +23,7 @@ DEFAULT_FPS = 8.0
 DEFAULT_STEPS = 25
 DEFAULT_GUIDANCE = 7.5
 DEFAULT_NOISE_PRIOR = "independent"  # where neither the call nor the module's training config names one
+DEFAULT_MIXED_LAMBDA = 0.5  # the mixed prior's base-noise share where neither the call nor the module names one
 SIZE_MULTIPLE = 8  # SD's rule for pixel sizes (its VAE downsamples by 8)
 MAX_FRAMES = 4096  # frames per sampled video (a rollout beyond the module's length included)
 MAX_SIDE = 8192  # pixels

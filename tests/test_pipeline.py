@@ -341,6 +341,19 @@ def test_bad_call_arguments_fail_before_sampling(pipe):
         pipe([], **FAST)
 
 
+def test_a_mixed_lambda_without_the_mixed_prior_is_refused_and_a_sidecars_default_replays(pipe):
+    """``pipe("x", mixed_lambda=0.3)`` under the independent prior sampled the plain call's frames, the share taken
+    and ignored. The controls: with ``noise_prior="mixed"`` it samples other frames than 0.5 does, and a plain call's
+    sidecar, which records the default share, replays to the same frames."""
+    with pytest.raises(ConfigError, match="mixed_lambda=0.3 is only used by noise_prior='mixed', not 'independent'"):
+        pipe("x", mixed_lambda=0.3, **FAST)
+    plain = pipe("x", **FAST)
+    again = pipe("x", **plain.metadata[0]["settings"])
+    assert plain.metadata[0]["settings"]["mixed_lambda"] == 0.5 and np.array_equal(again.frames, plain.frames)
+    share = pipe("x", noise_prior="mixed", mixed_lambda=0.3, seed=1, **FAST)
+    assert not np.array_equal(share.frames, pipe("x", noise_prior="mixed", seed=1, **FAST).frames)
+
+
 def test_a_prompt_file_saved_with_a_byte_order_mark_reads_its_first_prompt_as_written(tmp_path):
     """Notepad's "UTF-8 with BOM" kept U+FEFF at the start of the first prompt: three more tokens to the text encoder,
     a different video from the same prompt given with --prompt, and the mark in its sidecar."""

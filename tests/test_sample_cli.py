@@ -381,6 +381,8 @@ def test_mistakes_found_only_when_loading_are_refused_before_it(files, tmp_path,
         ({"base": str(files["a"])}, {}, ["--temporal", str(independent), "--base-noise-seed", "3"],
          ["--temporal", str(independent), "--base-noise-seed", "3", "--noise-prior", "mixed"],
          "(the temporal module was trained with 'independent')"),
+        ({"base": str(files["a"])}, {}, ["--mixed-lambda", "0.3"], ["--mixed-lambda", "0.3", "--noise-prior", "mixed"],
+         "--mixed-lambda goes with --noise-prior mixed (the default is 'independent')"),  # taken and ignored
     ):  # fmt: skip
         sidecar.write_text(json.dumps({"prompt": "a kite", "settings": settings, "model": model}))
         if message:
@@ -450,8 +452,8 @@ def test_from_json_re_renders_a_video_exactly(files, tmp_path, command):
     code, stdout, err = sample_here(
         command, *on_b(files), "--temporal", str(files["module"]), "--prompt", "a red kite", "--frames", "3",
         "--steps", "2", "--scheduler", "euler_a", "--guidance-schedule", "oscillating", "--guidance-option",
-        "low=2.0", "--noise-prior", "mixed", "--base-noise-seed", "5", "--negative-prompt", "blur", "--out",
-        str(first), "--format", "png",
+        "low=2.0", "--noise-prior", "mixed", "--mixed-lambda", "0.3", "--base-noise-seed", "5", "--negative-prompt",
+        "blur", "--out", str(first), "--format", "png",
     )  # fmt: skip
     assert code == 0, err
     [made] = [Path(line) for line in stdout.split()]
@@ -472,6 +474,12 @@ def test_from_json_re_renders_a_video_exactly(files, tmp_path, command):
     [changed] = [Path(line) for line in stdout.split()]
     assert code == 0 and json.loads(changed.with_name(changed.name + ".json").read_text())["settings"][
         "num_inference_steps"] == 3  # fmt: skip
+    # the recorded share and base noise go with the recorded prior: --noise-prior independent drops both
+    code, stdout, err = sample_here(command, "--from-json", str(sidecar), "--noise-prior", "independent", "--out",
+                                    str(tmp_path / "c"))  # fmt: skip
+    [plain] = [Path(line) for line in stdout.split()]
+    meta = json.loads(plain.with_name(plain.name + ".json").read_text())
+    assert code == 0 and meta["settings"]["mixed_lambda"] == 0.5 and meta.get("base_noise") is None, err
 
 
 def test_a_replay_takes_the_kind_of_its_out_file_and_the_noise_prior_its_flags_give(files, tmp_path, command,
@@ -493,6 +501,7 @@ def test_a_replay_takes_the_kind_of_its_out_file_and_the_noise_prior_its_flags_g
     model = {"base": str(files["a"])}
     fast = ["--prompt", "a kite", "--frames", "2", "--steps", "1"]
     mixed = {"settings": {"noise_prior": "mixed"}, "base_noise": 5}
+    share = {"settings": {"noise_prior": "mixed", "mixed_lambda": 0.3}}  # the recorded share went with the prior
     for meta, flags, message in (
         ({"format": "gif"}, ["--fps", "200", "--out", str(tmp_path / "a.mp4")], "reached the loading"),
         ({"format": "gif"}, ["--fps", "200", "--out", str(tmp_path / "gifs")], "a GIF stores delays"),
@@ -500,6 +509,9 @@ def test_a_replay_takes_the_kind_of_its_out_file_and_the_noise_prior_its_flags_g
         ({"format": "png"}, ["--upscaler", str(x4), "--out", str(tmp_path / "pngs")], "--upscaler upscales"),
         (mixed, ["--noise-prior", "independent", "--out", str(tmp_path / "c.mp4")], "reached the loading"),
         (mixed, ["--out", str(tmp_path / "d.mp4")], "reached the loading"),  # the recorded base noise taken
+        (share, ["--noise-prior", "independent", "--out", str(tmp_path / "f.mp4")], "reached the loading"),
+        ({}, ["--noise-prior", "independent", "--mixed-lambda", "0.3", "--out", str(tmp_path / "g.mp4")],
+         "--mixed-lambda is only used by --noise-prior mixed, not 'independent'"),
         ({**mixed, "settings": {}}, ["--noise-prior", "independent", "--base-noise-seed", "5", "--out",
                                      str(tmp_path / "e.mp4")], "only used by noise_prior='mixed'"),
     ):  # fmt: skip
