@@ -110,3 +110,21 @@ def test_sample_videos_become_one_animated_tensorboard_image():
     assert (image.height, image.width) == (8, 24)
     gif = Image.open(io.BytesIO(image.encoded_image_string))
     assert gif.format == "GIF" and gif.n_frames == 5
+
+
+@pytest.mark.parametrize("fps", [8.0, 120.0])
+def test_validation_samples_of_clips_faster_than_a_gif_can_play_are_written(tmp_path, fps):
+    """Clips of 120 fps train the model at 120 fps: the samples' mp4 plays at that rate and the GIF at a GIF's
+    fastest (100 fps), instead of the run stopping at its first validation with a traceback."""
+    import av
+    from PIL import Image
+
+    from lvdm.training.validation import write_videos
+
+    videos = np.random.default_rng(0).integers(0, 256, (1, 4, 16, 16, 3), dtype=np.uint8)
+    written = write_videos(videos, tmp_path, fps=fps)
+    assert [p.name for p in written] == ["00.mp4", "00.gif"]
+    with av.open(str(tmp_path / "00.mp4")) as container:
+        assert float(container.streams.video[0].average_rate) == pytest.approx(fps)
+    with Image.open(tmp_path / "00.gif") as gif:
+        assert gif.n_frames == 4 and gif.info["duration"] == round(1000 / min(fps, 100), -1)

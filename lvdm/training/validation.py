@@ -281,7 +281,8 @@ def render_videos(
 
 def write_videos(videos: np.ndarray, out_dir: Path, *, fps: float | None = None, prefix: str = "") -> list[Path]:
     """``out_dir/<prefix><i>.mp4`` and ``.gif`` for each uint8 video ``(f, h, w, 3)``, at ``fps`` (default: sampling's
-    default rate)."""
+    default rate); the GIF at most at :data:`~lvdm.media.MAX_GIF_FPS` (clips of 120 fps: a GIF cannot play faster)."""
+    from lvdm.media import MAX_GIF_FPS
     from lvdm.sampling_settings import DEFAULT_FPS
 
     fps = fps or DEFAULT_FPS
@@ -290,7 +291,7 @@ def write_videos(videos: np.ndarray, out_dir: Path, *, fps: float | None = None,
     for i, frames in enumerate(videos):
         written += [
             write_video(frames, out_dir / f"{prefix}{i:02d}.mp4", fps=fps),
-            write_gif(frames, out_dir / f"{prefix}{i:02d}.gif", fps=fps),
+            write_gif(frames, out_dir / f"{prefix}{i:02d}.gif", fps=min(fps, MAX_GIF_FPS)),
         ]
     return written
 
