@@ -128,3 +128,18 @@ def test_validation_samples_of_clips_faster_than_a_gif_can_play_are_written(tmp_
         assert float(container.streams.video[0].average_rate) == pytest.approx(fps)
     with Image.open(tmp_path / "00.gif") as gif:
         assert gif.n_frames == 4 and gif.info["duration"] == round(1000 / min(fps, 100), -1)
+
+
+def test_more_sample_videos_than_a_gif_is_wide_are_shown_as_many_as_fit():
+    """Many validation prompts at a large width (130 prompts at 512 px: 66560 px side by side) overflowed the GIF's
+    16-bit width and stopped the run at its validation; the TensorBoard image shows the first ones that fit."""
+    import io
+
+    from PIL import Image
+
+    videos = np.zeros((9, 2, 4, 8192, 3), dtype=np.uint8)
+    videos[6, :, :, :8] = 255  # the 7th video: the last that fits (7 x 8192 <= 65535 < 8 x 8192)
+    image = gif_summary("samples/x", videos, fps=8).value[0].image
+    assert (image.height, image.width) == (4, 7 * 8192)
+    gif = Image.open(io.BytesIO(image.encoded_image_string)).convert("RGB")
+    assert gif.getpixel((6 * 8192, 0)) == (255, 255, 255) and gif.getpixel((6 * 8192 - 1, 0)) == (0, 0, 0)

@@ -329,15 +329,20 @@ def clip_figures(batches: list[dict[str, Any]]) -> dict[str, float]:
     return {f"clips_{k}": v for k, v in frame_metrics(clips).items()} if len(clips) and clips.shape[1] > 1 else {}
 
 
+GIF_MAX_SIDE = 65535  # a GIF's width and height are 16-bit
+
+
 def gif_summary(tag: str, videos: np.ndarray, *, fps: float = 8.0) -> Any:
-    """A TensorBoard image summary holding uint8 videos ``(n, f, h, w, 3)`` side by side as one animated GIF."""
+    """A TensorBoard image summary holding uint8 videos ``(n, f, h, w, 3)`` side by side as one animated GIF: as many
+    as fit in a GIF's width (65535 px: the first 127 of 512 px wide samples); the files hold every one."""
     import io
 
     from PIL import Image
     from tensorboard.compat.proto.summary_pb2 import Summary
 
+    videos = np.asarray(videos, dtype=np.uint8)
     # n f h w c -> f h (n w) c: the videos next to each other
-    strip = np.concatenate(list(np.asarray(videos, dtype=np.uint8)), axis=2)
+    strip = np.concatenate(list(videos[: max(1, GIF_MAX_SIDE // videos.shape[3])]), axis=2)
     frames = [Image.fromarray(frame) for frame in strip]
     buffer = io.BytesIO()
     frames[0].save(buffer, format="GIF", save_all=True, append_images=frames[1:], duration=round(1000 / fps), loop=0)
