@@ -201,6 +201,21 @@ def test_a_finished_run_is_extended_by_raising_max_steps(tiny_assets, tmp_path):
     assert [p.name for p in list_checkpoints(tmp_path / "run" / "checkpoints")][-1] == "checkpoint-00000003"
 
 
+def test_the_report_of_a_resumed_run_names_the_step_of_its_first_loss(tiny_assets, tmp_path):
+    """A resumed run's first loss is that of the step after its checkpoint, not the run's first step (log.jsonl's
+    step 1): the report said "at the first step" beside a loss the log has at step 3."""
+    from lvdm.training.report import format_report
+
+    fresh = train(load_config([], tiny_overrides(tiny_assets, tmp_path / "run", **{"train.max_steps": 2})),
+                  progress=False)  # fmt: skip
+    extra = {"train.max_steps": 3, "train.resume": "auto"}
+    resumed = train(load_config([], tiny_overrides(tiny_assets, tmp_path / "run", **extra)), progress=False)
+    losses = {r["step"]: r["loss"] for r in read_log(tmp_path / "run" / "log.jsonl") if "grad_norm" in r}
+    assert (fresh.first_loss, resumed.first_loss) == (losses[1], losses[3]) and losses[1] != losses[3]
+    assert f"{losses[1]:.4f} at the first step ->" in format_report(fresh)  # the control: a fresh run's first step
+    assert f"{losses[3]:.4f} at step 3, the first after resuming ->" in format_report(resumed)
+
+
 def test_a_resume_with_a_changed_lr_or_weight_decay_trains_with_them(tiny_assets, tmp_path):
     """The note "resuming with train.lr changed" was all that changed: the restored optimizer and schedule kept the
     checkpoint's rate and weight decay. Unchanged, the restored rates are exact (the resume tests above)."""

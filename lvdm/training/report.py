@@ -17,7 +17,9 @@ def format_report(result: TrainResult) -> str:
     if result.first_loss is not None:
         steps = result.last_loss_steps
         last = "at the last step" if steps == 1 else f"the mean of the last {steps} steps"
-        lines.append(f"loss:            {result.first_loss:.4f} at the first step -> {result.last_loss:.4f}, {last}")
+        step = result.first_loss_step
+        first = "at the first step" if step == 1 else f"at step {step}, the first after resuming"
+        lines.append(f"loss:            {result.first_loss:.4f} {first} -> {result.last_loss:.4f}, {last}")
     if result.gain:
         lines += format_validation(result.gain)
     if result.samples:

@@ -58,6 +58,7 @@ class TrainResult:
     skipped_steps: int = 0
     stopped_by_signal: bool = False
     last_loss_steps: int = 1  # last_loss is the mean over this many final steps (train.log_every at most)
+    first_loss_step: int = 1  # the step of first_loss: the first of this start (after the checkpoint it resumed)
 
 
 class Trainer:
@@ -132,7 +133,7 @@ class Trainer:
     def run(self) -> TrainResult:
         """Train to ``train.max_steps`` (or a stop signal); returns where everything is."""
         train = self.cfg.train
-        first_loss = None
+        first = None  # (loss, step) of this start's first step
         recent: deque[float] = deque(maxlen=train.log_every)  # the summary's last loss: their mean
         self._announce()
         bar = tqdm(total=train.max_steps, initial=self.step, desc="training", disable=not self._show_progress())
@@ -142,14 +143,14 @@ class Trainer:
                 loss, grad_norm, stepped = self._optimizer_step()
                 if not stepped:
                     continue
-                first_loss = loss if first_loss is None else first_loss
+                first = first or (loss, self.step)
                 recent.append(loss)
                 bar.update(1)
                 bar.set_postfix(loss=f"{loss:.4f}", lr=f"{self.lr_schedule.get_last_lr()[0]:.2e}")
                 self._after_step(loss, grad_norm, time.perf_counter() - started)
         bar.close()
-        result = self._finish(first_loss, sum(recent) / len(recent) if recent else None)
-        return replace(result, last_loss_steps=max(1, len(recent)))
+        result = self._finish(first and first[0], sum(recent) / len(recent) if recent else None)
+        return replace(result, last_loss_steps=max(1, len(recent)), first_loss_step=first[1] if first else 1)
 
     def _announce(self) -> None:
         if not self.acc.is_main_process:
