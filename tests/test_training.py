@@ -391,6 +391,25 @@ def test_a_run_killed_while_validating_validates_that_step_again_when_resumed(ti
     assert [p.name for p in list_checkpoints(tmp_path / "full" / "checkpoints")] == ["checkpoint-00000002"]
 
 
+def test_a_run_resumed_at_its_last_step_shows_that_step_once_in_tensorboard(tiny_assets, tmp_path):
+    """Resumed at its last step, a run validates that step again; log.jsonl dropped the first validation's records,
+    but TensorBoard kept its figures and videos and showed each twice. Now it forgets the step and is given back the
+    step's training record (the loss, which is not logged again)."""
+    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+
+    extra = {"data.holdout": 1, "train.validation_prompts": "[a red disc]", "train.validation_steps": 1,
+             "train.max_steps": 1}  # fmt: skip
+    train(load_config([], tiny_overrides(tiny_assets, tmp_path / "run", **extra)), progress=False)
+    train(load_config([], tiny_overrides(tiny_assets, tmp_path / "run", **extra, **{"train.resume": "auto"})),
+          progress=False)  # fmt: skip
+    events = EventAccumulator(str(tmp_path / "run" / "tensorboard"), size_guidance={"scalars": 0, "images": 0})
+    events.Reload()
+    assert [e.step for e in events.Scalars("motion_gain")] == [1]
+    assert [e.step for e in events.Images("samples/samples")] == [1]
+    logged = [r["loss"] for r in read_log(tmp_path / "run" / "log.jsonl") if "loss" in r]
+    assert [e.value for e in events.Scalars("loss")] == pytest.approx(logged) and len(logged) == 1
+
+
 def test_the_run_writes_what_it_promises(tiny_assets, tmp_path):
     out = tmp_path / "run"
     extra = {"data.holdout": 1, "train.validation_prompts": "[a red disc]", "train.validation_steps": 2}

@@ -1,8 +1,10 @@
 """Where training numbers go: a JSONL file (one object per logged step) and TensorBoard.
 
 On resume, :func:`truncate_log` drops the records after the checkpoint's step (they will be logged again), and
-TensorBoard is told to purge its events from there, so no step appears twice. A full disk or an unwritable log is
-a one-line :class:`~lvdm.errors.LvdmError`; the checkpoints already written are not touched.
+TensorBoard is told to purge its events from there, so no step appears twice (a run resumed at its last step
+validates that step again: TensorBoard forgets the step, and is given the records of it that the log keeps). A full
+disk or an unwritable log is a one-line :class:`~lvdm.errors.LvdmError`; the checkpoints already written are not
+touched.
 """
 
 from __future__ import annotations
@@ -21,7 +23,8 @@ from lvdm.fileio import atomic_path, read_bounded
 class RunLog:
     """Append-only ``log.jsonl`` plus TensorBoard scalars under ``tensorboard/``, main process only."""
 
-    def __init__(self, output_dir: Path, *, enabled: bool = True) -> None:
+    def __init__(self, output_dir: Path, *, enabled: bool = True, validated_again: int | None = None) -> None:
+        """``validated_again``: the step a resumed run validates once more (its last; see :func:`truncate_log`)."""
         self.enabled = enabled
         self.path = output_dir / "log.jsonl"
         self._writer = None
@@ -30,18 +33,25 @@ class RunLog:
 
             _quiet_writer_threads()
             last = last_step(self.path)  # a resumed run: TensorBoard forgets what came after (see truncate_log)
-            purge = None if last is None else last + 1
+            again = last is not None and last == validated_again  # its figures and videos come again: forgotten too
+            purge = None if last is None else last if again else last + 1
             self._writer = _guarded(self.path.parent / "tensorboard", SummaryWriter, str(output_dir / "tensorboard"),
                                     purge_step=purge)  # fmt: skip
+            for record in _records(self.path) if again else []:  # what the log keeps of that step: its training
+                if record.get("step") == last:
+                    self._scalars(record)
 
     def write(self, step: int, values: dict[str, Any]) -> None:
         if not self.enabled:
             return
         record = {"step": step, **{k: _plain(v) for k, v in values.items()}}
         _guarded(self.path, _append_line, self.path, json.dumps(record) + "\n")
+        self._scalars(record)
+
+    def _scalars(self, record: dict[str, Any]) -> None:
         for key, value in record.items():
             if key != "step" and isinstance(value, (int, float)) and math.isfinite(value):
-                _guarded(self.path.parent / "tensorboard", self._writer.add_scalar, key, value, step)
+                _guarded(self.path.parent / "tensorboard", self._writer.add_scalar, key, value, record["step"])
 
     def add_videos(self, videos: dict[str, Any], step: int, *, fps: float = 8.0) -> None:
         """Each uint8 ``(n, f, h, w, 3)`` array under its tag as animated GIFs (TensorBoard's images tab; written

@@ -117,9 +117,10 @@ class Trainer:
         decay = self.cfg.train.ema_decay
         self.ema = EMA(self.trainable.items(), decay) if decay else None
         self.model, self.optimizer = self.acc.prepare(self.video, optimizer)
-        self.log = RunLog(self.out, enabled=self.acc.is_main_process)
         if self.resume_from is not None:
             self._restore(self.resume_from)
+        again = self.step if self.step >= self.cfg.train.max_steps else None  # _finish validates it again
+        self.log = RunLog(self.out, enabled=self.acc.is_main_process, validated_again=again)
         if self.acc.is_main_process:  # the resolved config of the latest start or resume
             save_config(self.cfg, self.out / "config.yaml")
         self.data.stream.start_at(self.micro_batches)
@@ -393,11 +394,8 @@ class Trainer:
         restore_rng(parts["rng"])
         trainer = parts["trainer"]
         self.losses = [float(loss) for loss in trainer.get("losses", [])]
-        self.step, self.micro_batches, self.skipped_total = (
-            trainer["step"],
-            trainer["micro_batches"],
-            trainer["skipped"],
-        )
+        self.step, self.micro_batches = trainer["step"], trainer["micro_batches"]
+        self.skipped_total = trainer["skipped"]
         self.skipped_in_row = int(trainer.get("skipped_in_row", 0))  # both absent from checkpoints before 2026-12-04
         self.clip_rates = Counter({float(rate): int(count) for rate, count in trainer.get("clip_rates", [])})
         for group in self.optimizer.param_groups:  # before the first step, which would fail inside
