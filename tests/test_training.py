@@ -410,6 +410,20 @@ def test_a_run_resumed_at_its_last_step_shows_that_step_once_in_tensorboard(tiny
     assert [e.value for e in events.Scalars("loss")] == pytest.approx(logged) and len(logged) == 1
 
 
+def test_a_validation_that_fails_off_the_checkpoint_schedule_still_saves_its_step(tiny_assets, tmp_path, monkeypatch):
+    """README: a validation that fails by itself still saves the step. With validate_every not a multiple of
+    checkpoint_every, nothing was saved: the steps were lost and every resume failed at that validation again."""
+
+    def fails(self, model, out, **kwargs):  # out of memory, NaN samples: the same at every try
+        raise OSError(28, "No space left on device")
+
+    monkeypatch.setattr(objectives_module.DenoisingObjective, "render", fails)
+    extra = {"data.holdout": 1, "train.validate_every": 2, "train.checkpoint_every": 3, "train.max_steps": 4}
+    with pytest.raises(OSError, match="No space"):
+        train(load_config([], tiny_overrides(tiny_assets, tmp_path / "run", **extra)), progress=False)
+    assert [p.name for p in list_checkpoints(tmp_path / "run" / "checkpoints")] == ["checkpoint-00000002"]
+
+
 def test_the_run_writes_what_it_promises(tiny_assets, tmp_path):
     out = tmp_path / "run"
     extra = {"data.holdout": 1, "train.validation_prompts": "[a red disc]", "train.validation_steps": 2}

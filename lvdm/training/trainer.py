@@ -265,13 +265,13 @@ class Trainer:
             self.log.write(self.step, values)
         checkpoint = self.step % train.checkpoint_every == 0 and self.step < train.max_steps
         # validation first: a run killed in it resumes from an earlier checkpoint and validates this step again; a
-        # validation that fails (out of memory, a full disk) still saves the step, and a stop saves it at once
+        # validation that fails (out of memory, a full disk) still saves the step, checkpoint step or not (a resume
+        # from an earlier one would fail there again), and a stop saves it at once
         if self.step % train.validate_every == 0 and self.step < train.max_steps and not self._stop_agreed():
             try:
                 self.validate()
             except Exception:
-                if checkpoint:
-                    self.save()
+                self.save()
                 raise
         if checkpoint:
             self.save()
