@@ -143,3 +143,19 @@ def test_more_sample_videos_than_a_gif_is_wide_are_shown_as_many_as_fit():
     assert (image.height, image.width) == (4, 7 * 8192)
     gif = Image.open(io.BytesIO(image.encoded_image_string)).convert("RGB")
     assert gif.getpixel((6 * 8192, 0)) == (255, 255, 255) and gif.getpixel((6 * 8192 - 1, 0)) == (0, 0, 0)
+
+
+def test_sample_videos_of_a_run_with_no_known_clip_rate_reach_tensorboard(tmp_path):
+    """Only still images training (a spatial LoRA, no data.target_fps): no clip rate is known, and the validation's
+    TensorBoard GIF divided by None, stopping the run with a TypeError; it plays at sampling's default rate, as the
+    sample files do."""
+    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+
+    from lvdm.training.logs import RunLog
+
+    log = RunLog(tmp_path)
+    log.add_videos({"samples": np.zeros((1, 3, 8, 8, 3), np.uint8)}, 1, fps=None)
+    log.close()
+    events = EventAccumulator(str(tmp_path / "tensorboard"), size_guidance={"images": 0})
+    events.Reload()
+    assert [e.step for e in events.Images("samples/samples")] == [1]

@@ -53,15 +53,17 @@ class RunLog:
             if key != "step" and isinstance(value, (int, float)) and math.isfinite(value):
                 _guarded(self.path.parent / "tensorboard", self._writer.add_scalar, key, value, record["step"])
 
-    def add_videos(self, videos: dict[str, Any], step: int, *, fps: float = 8.0) -> None:
+    def add_videos(self, videos: dict[str, Any], step: int, *, fps: float | None = None) -> None:
         """Each uint8 ``(n, f, h, w, 3)`` array under its tag as animated GIFs (TensorBoard's images tab; written
-        with PIL, since ``SummaryWriter.add_video`` needs moviepy)."""
+        with PIL, since ``SummaryWriter.add_video`` needs moviepy), at ``fps`` (None: no clip rate is known, as when
+        only still images train: sampling's default, as the sample files)."""
         if not self.enabled:
             return
+        from lvdm.sampling_settings import DEFAULT_FPS
         from lvdm.training.validation import gif_summary
 
         for tag, array in videos.items():
-            summary = gif_summary(f"samples/{tag}", array, fps=fps)
+            summary = gif_summary(f"samples/{tag}", array, fps=fps or DEFAULT_FPS)
             _guarded(self.path.parent / "tensorboard", self._writer._get_file_writer().add_summary, summary, step)
 
     def close(self) -> None:
