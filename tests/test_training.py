@@ -214,6 +214,21 @@ def test_the_report_of_a_resumed_run_names_the_step_of_its_first_loss(tiny_asset
     assert (fresh.first_loss, resumed.first_loss) == (losses[1], losses[3]) and losses[1] != losses[3]
     assert f"{losses[1]:.4f} at the first step ->" in format_report(fresh)  # the control: a fresh run's first step
     assert f"{losses[3]:.4f} at step 3, the first after resuming ->" in format_report(resumed)
+    assert not resumed.held_out and "of a batch of training clips" in format_report(resumed)  # data.holdout=0
+
+
+def test_the_report_says_when_its_held_out_figures_are_of_training_clips(tmp_path):
+    """With data.holdout=0 validation measures a batch of training clips; the report called them held-out."""
+    from lvdm.training.report import format_report
+    from lvdm.training.trainer import TrainResult
+
+    names = ("motion_gain", "loss_shuffled", "loss_in_order", "motion_gain_each_frame", "loss_each_frame",
+             "layers_off_ratio", "loss_layers_off")  # fmt: skip
+    gain = dict.fromkeys(names, 1.0)
+    reports = {held: format_report(TrainResult(tmp_path, 4, tmp_path / "t", gain=gain, held_out=held))
+               for held in (True, False)}  # fmt: skip
+    assert "motion gain:" in reports[True] and "training clips" not in reports[True]  # the control
+    assert "data.holdout=0: the 'held-out' figures above are of a batch of training clips" in reports[False]
 
 
 def test_a_resume_with_a_changed_lr_or_weight_decay_trains_with_them(tiny_assets, tmp_path):

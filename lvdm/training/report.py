@@ -22,6 +22,8 @@ def format_report(result: TrainResult) -> str:
         lines.append(f"loss:            {result.first_loss:.4f} {first} -> {result.last_loss:.4f}, {last}")
     if result.gain:
         lines += format_validation(result.gain)
+        if not result.held_out:
+            lines.append("  (data.holdout=0: the 'held-out' figures above are of a batch of training clips)")
     if result.samples:
         lines.append(f"samples:         {', '.join(str(p) for p in result.samples)}")
     if result.skipped_steps:

@@ -59,6 +59,7 @@ class TrainResult:
     stopped_by_signal: bool = False
     last_loss_steps: int = 1  # last_loss is the mean over this many final steps (train.log_every at most)
     first_loss_step: int = 1  # the step of first_loss: the first of this start (after the checkpoint it resumed)
+    held_out: bool = True  # whether gain was measured on held-out clips (data.holdout), not on training clips
 
 
 class Trainer:
@@ -440,7 +441,7 @@ class Trainer:
         self.log.close()
         return TrainResult(
             self.out, self.step, self.export_path, first_loss, last_loss, gain, samples,
-            self.skipped_total, self.stop_requested,
+            self.skipped_total, self.stop_requested, held_out=self.cfg.data.holdout > 0,
         )  # fmt: skip
 
     # ---------------------------------------------------------------------------------------------- signals
