@@ -78,10 +78,11 @@ def read_context(
     last: int | None = None,
     check: Callable[[int], None] | None = None,
 ) -> ContextVideo:
-    """Frames from a video file, a folder-less image file, or a uint8 array ``(f, h, w, 3)``, resized to cover
-    ``height x width`` and centre-cropped (as training clips are); a clear error for anything else. ``last``: only
-    the last ``last`` frames (a continued video needs no more: every frame of a long one filled memory). ``check``
-    is called with the video's frame count before its frames are read (a file's: from its header)."""
+    """Frames from a video file (a still image is refused: give it as ``image=``) or a uint8 array ``(f, h, w, 3)``,
+    resized to cover ``height x width`` and centre-cropped (as training clips are); a clear error for anything else.
+    ``last``: only the last ``last`` frames (a continued video needs no more: every frame of a long one filled
+    memory). ``check`` is called with the video's frame count before its frames are read (a file's: from its
+    header)."""
     fps = None
     if isinstance(source, (str, os.PathLike)):
         path = Path(source)
