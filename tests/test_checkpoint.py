@@ -569,3 +569,23 @@ def test_a_write_failing_inside_files_written_together_is_one_line_naming_the_ou
     assert str(caught.value).startswith(f"could not write {lora}: No space left on device (")
     assert str(caught.value).count("could not write") == 1
     assert sorted(p.name for p in tmp_path.iterdir()) == [lora.name] and lora.read_bytes() == b"version 1"
+
+
+def test_a_step_skipped_after_the_checkpoint_is_logged_once_when_it_is_redone(tmp_path):
+    """A step skipped for a non-finite loss right after a checkpoint is logged at the checkpoint's step (the last that
+    completed): the resume kept that record and logged the redone skip again, so log.jsonl held it twice. The
+    controls: a skip before the checkpoint's step, and the checkpoint step's own training record, stay."""
+    from lvdm.training.logs import read_log, truncate_log
+
+    rows = [
+        {"step": 1, "skipped_nonfinite": 1, "loss": "nan"},  # before the checkpoint: stays
+        {"step": 1, "loss": 0.5, "lr": 1e-4, "grad_norm": 1.0, "skipped_nonfinite": 1},
+        {"step": 2, "loss": 0.4, "lr": 1e-4, "grad_norm": 1.0, "skipped_nonfinite": 1},  # the checkpoint's step
+        {"step": 2, "motion_gain": 1.2},  # its validation, before the checkpoint was saved: stays
+        {"step": 2, "skipped_nonfinite": 2, "loss": 0.3},  # skipped after it (a non-finite gradient): redone
+        {"step": 3, "loss": 0.2, "lr": 1e-4, "grad_norm": 1.0, "skipped_nonfinite": 2},
+    ]
+    log = tmp_path / "log.jsonl"
+    log.write_text("".join(json.dumps(row) + "\n" for row in rows))
+    assert truncate_log(log, 2) == 2
+    assert read_log(log) == rows[:4]

@@ -156,13 +156,16 @@ def last_step(path: Path) -> int | None:
 
 
 def truncate_log(path: Path, step: int, *, validates_again: bool = False) -> int:
-    """Keep only the records of steps up to ``step`` (a resume from that checkpoint); returns how many were dropped.
+    """Keep only the records of steps up to ``step`` (a resume from that checkpoint), but for the steps skipped after
+    it (logged at ``step``, the last that completed: the resumed run skips them again); returns how many were dropped.
     ``validates_again``: the run validates ``step`` once more (its last step, validated after its checkpoint was
     saved), so that step's validation records go too (they were logged twice)."""
     lines = _lines(path)
     if not lines:
         return 0
-    kept = [r for r in _records(path) if type(r.get("step")) is int and r["step"] <= step]
+    kept = [
+        r for r in _records(path) if type(r.get("step")) is int and r["step"] <= step and not _skipped_after(r, step)
+    ]
     if validates_again:  # a step's training record has its loss; validation's figures do not
         kept = [r for r in kept if r["step"] < step or "loss" in r]
     if len(kept) == len(lines):
@@ -170,3 +173,9 @@ def truncate_log(path: Path, step: int, *, validates_again: bool = False) -> int
     with atomic_path(path) as temp:
         _guarded(path, temp.write_text, "".join(json.dumps(r) + "\n" for r in kept), encoding="utf-8")
     return len(lines) - len(kept)
+
+
+def _skipped_after(record: dict[str, Any], step: int) -> bool:
+    """A record of a step skipped for a non-finite loss or gradient (``Trainer._skip_nonfinite``: the count so far and
+    the loss) after ``step`` completed: such a step is logged at the last step that completed."""
+    return record["step"] == step and set(record) == {"step", "skipped_nonfinite", "loss"}
