@@ -310,6 +310,32 @@ def test_bad_upscale_settings_are_config_errors(tiny_assets, upscaler, tmp_path,
         load_config([], upscale_overrides(tiny_assets, upscaler, tmp_path / "x", **extra))
 
 
+@pytest.mark.parametrize(
+    ("extra", "message"),
+    [
+        ({"train.upscale_max_noise_level": 400}, "train.upscale_max_noise_level: 400 is above the upscaler's"),
+        ({"train.upscale_validation_noise_level": 351}, "upscale_validation_noise_level: 351 is above the upscaler"),
+        ({"train.upscale_patch": 24}, "train.upscale_patch: 24 px must be a multiple of"),
+    ],
+)
+def test_settings_beyond_the_upscalers_limits_are_refused_before_it_loads(
+    tiny_assets, upscaler, tmp_path, monkeypatch, extra, message
+):
+    """Noise levels above the upscaler's max_noise_level and a patch its VAE and UNet cannot take were refused only
+    once the upscaler had loaded. The control: settings within them reach the loading."""
+    from lvdm.models import loading
+    from lvdm.training.trainer import train
+
+    def reached(*args: object, **kwargs: object) -> None:
+        raise RuntimeError("reached the loading")
+
+    monkeypatch.setattr(loading, "_load_folder", reached)
+    with pytest.raises(ConfigError, match=message):
+        train(load_config([], upscale_overrides(tiny_assets, upscaler, tmp_path / "x", **extra)), progress=False)
+    with pytest.raises(RuntimeError, match="reached the loading"):
+        train(load_config([], upscale_overrides(tiny_assets, upscaler, tmp_path / "y")), progress=False)
+
+
 def test_the_base_and_the_target_must_agree(tiny_assets, upscaler, tmp_path):
     from lvdm.training.trainer import train
 

@@ -92,8 +92,10 @@ def _load_base(cfg: Any) -> Any:
     """``model.base`` with its LoRAs, checked to be the kind ``train.target`` trains: an x4 upscaler for
     ``upscale``, a text-to-image model otherwise."""
     from lvdm.models import load_base
+    from lvdm.training.upscale import check_upscaler_folder
 
     m = cfg.model
+    check_upscaler_folder(cfg)  # before the upscaler loads
     base = load_base(m.base, base_config=m.base_config, loras=m.loras, allow_pickle=m.allow_pickle)
     if base.is_upscaler != (cfg.train.target == "upscale"):
         raise ConfigError(

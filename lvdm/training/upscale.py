@@ -59,6 +59,44 @@ def random_patch(video: torch.Tensor, size: int, generator: torch.Generator) -> 
     return torch.stack([clip[..., t : t + size, x : x + size] for clip, t, x in zip(video, tops, lefts, strict=True)])
 
 
+def check_upscaler_fit(train: Any, top: int, factor: int, unet_multiple: int) -> None:
+    """``train.upscale_patch`` a multiple of the VAE's ``factor`` times the UNet's downsampling, and the noise levels
+    at most the upscaler's ``top`` (``max_noise_level``)."""
+    step = factor * unet_multiple
+    if train.upscale_patch % step:
+        raise ConfigError(
+            f"train.upscale_patch: {train.upscale_patch} px must be a multiple of {step} (the VAE's factor "
+            f"{factor} times the UNet's downsampling {unet_multiple})"
+        )
+    for key in ("upscale_max_noise_level", "upscale_validation_noise_level"):
+        value = getattr(train, key)
+        if value is not None and value > top:
+            raise ConfigError(f"train.{key}: {value} is above the upscaler's max_noise_level {top}")
+
+
+def check_upscaler_folder(cfg: Any) -> None:
+    """:func:`check_upscaler_fit` from an upscaler folder's configs, before it loads (they were found after the
+    upscaler had loaded). A base that is not such a folder, or whose configs do not read, is left to the loader."""
+    from lvdm.errors import CheckpointError
+    from lvdm.fileio import read_json
+    from lvdm.models.loading import pipeline_class
+    from lvdm.upscale_pipeline import UpscaleLimits
+
+    folder = Path(cfg.model.base)
+    if (
+        cfg.train.target != "upscale"
+        or not folder.is_dir()
+        or pipeline_class(folder) != "StableDiffusionUpscalePipeline"
+    ):
+        return
+    try:
+        limits = UpscaleLimits.of_folder(folder)
+        factor = downsampling(read_json(folder / "vae" / "config.json")["block_out_channels"])
+    except (CheckpointError, OSError, ValueError, KeyError, TypeError):
+        return
+    check_upscaler_fit(cfg.train, limits.max_noise_level, factor, limits.multiple)
+
+
 class UpscaleObjective(Objective):
     """The diffusion loss of an x4 upscaler's video UNet on noise-augmented low-res patches (module notes)."""
 
@@ -68,19 +106,9 @@ class UpscaleObjective(Objective):
         super().__init__(cfg, video, frozen, device)
         self.factor = downsampling(frozen.vae.config.block_out_channels)
         unet_multiple = downsampling(video.unet.config.block_out_channels)
-        train = cfg.train
-        step = self.factor * unet_multiple
-        if train.upscale_patch % step:
-            raise ConfigError(
-                f"train.upscale_patch: {train.upscale_patch} px must be a multiple of {step} (the VAE's factor "
-                f"{self.factor} times the UNet's downsampling {unet_multiple})"
-            )
-        top = frozen.max_noise_level
-        self.max_level = top if train.upscale_max_noise_level is None else train.upscale_max_noise_level
-        for key, value in (("upscale_max_noise_level", self.max_level),
-                           ("upscale_validation_noise_level", train.upscale_validation_noise_level)):  # fmt: skip
-            if value > top:
-                raise ConfigError(f"train.{key}: {value} is above the upscaler's max_noise_level {top}")
+        check_upscaler_fit(cfg.train, frozen.max_noise_level, self.factor, unet_multiple)
+        top, chosen = frozen.max_noise_level, cfg.train.upscale_max_noise_level
+        self.max_level = top if chosen is None else chosen
         self.samples: dict[str, torch.Tensor] = {}
 
     def low_res_inputs(
