@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 import os
 import subprocess
 import sys
@@ -368,6 +369,15 @@ def test_save_then_load_is_equal(tmp_path: Path) -> None:
     assert load_config([path]) == cfg
     assert config_from_dict(config_to_dict(cfg)) == cfg
     assert load_config([save_config(load_config([], MINIMAL), tmp_path / "minimal.yaml")]) == load_config([], MINIMAL)
+
+
+def test_a_prompt_holding_a_next_line_character_is_saved_and_read_back_as_it_was(tmp_path: Path) -> None:
+    """A validation prompt holding NEL (U+0085) was written single-quoted, where PyYAML folds it as a line break: the
+    saved config read it back as a space. The controls: U+2028 and a newline, which it wrote readably already."""
+    prompts = ["\x85nel", "a\u2028b", "two\nlines"]
+    full = full_config()
+    cfg = dataclasses.replace(full, train=dataclasses.replace(full.train, validation_prompts=prompts))
+    assert load_config([save_config(cfg, tmp_path / "config.yaml")]).train.validation_prompts == prompts
 
 
 def test_config_to_dict_is_plain_data() -> None:

@@ -65,6 +65,16 @@ for _tag in ("set", "timestamp", "omap", "pairs"):
 class YamlDumper(yaml.SafeDumper):
     """Quotes every string that YAML 1.1 or 1.2 would read as something else (``no``, ``1e-4``)."""
 
+    def represent_str(self, data: str) -> yaml.ScalarNode:
+        """A string holding NEL (U+0085) double-quoted, where it is escaped: single-quoted, PyYAML wrote it as a line
+        break, and the saved config read it back as a space."""
+        if "\x85" in data:
+            return self.represent_scalar("tag:yaml.org,2002:str", data, style='"')
+        return super().represent_str(data)
+
+
+YamlDumper.add_representer(str, YamlDumper.represent_str)
+
 
 _Loader.yaml_implicit_resolvers = {
     first: [(tag, regexp) for tag, regexp in resolvers if tag in (_TAG + "null", _TAG + "merge")]
