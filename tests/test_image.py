@@ -246,8 +246,9 @@ def test_the_latent_cache_holds_the_clip_tokens_training_reads(tiny_assets, imag
     trainer.frozen.image_encoder.model.register_forward_hook(lambda *args: calls.append(1))
     result = trainer.run()
     assert result.gain["image_gain"] > 0 and len(calls) <= 1  # at most "no image", once
-    stale = load_config([], _image_run(tiny_assets, image_files, tmp_path / "stale", **extra | {
-        "model.image_conditioning": "false", "data.cache": tmp_path / "plain",
+    plain = {key: value for key, value in extra.items() if not key.startswith("train.image_")}  # nothing reads them
+    stale = load_config([], tiny_overrides(tiny_assets, tmp_path / "stale", **plain | {
+        "data.holdout": 2, "data.cache": tmp_path / "plain",
     }))  # fmt: skip
     build_from_config(stale, shard_size=4, progress=False)
     with pytest.raises(DataError, match="image_encoder: None in the cache"):
