@@ -167,17 +167,21 @@ def write_clip(
     seed: int = 0,
     codec: str = "libx264",
     pix_fmt: str = "yuv420p",
+    crf: int | None = None,
 ) -> Path:
     """Write a real video of ``num_frames`` frames of ``size`` (width, height) and return its path.
 
     The container follows the suffix (``.mp4``, ``.mov``, ``.webm``, ``.mkv``); ``pattern`` is a key of
     :data:`PATTERNS`. libx264 with yuv420p needs even sizes: for odd ones use ``pix_fmt="yuv444p"`` or
-    ``codec="libvpx-vp9"`` (in ``.webm``).
+    ``codec="libvpx-vp9"`` (in ``.webm``). ``crf``: libx264's quality (``None``: its default); 0 is lossless, and
+    the only setting whose decoded frames were the same from run to run on a busy machine (the encoder's choices,
+    and so the lossy frames, varied).
     """
     if pattern not in PATTERNS:
         raise ValueError(f"unknown pattern {pattern!r}; choose from {sorted(PATTERNS)}")
     frames = PATTERNS[pattern](num_frames, size, seed)
-    return _encode(Path(path), iter(frames), fps=fps, codec=codec, pix_fmt=pix_fmt)
+    options = {"crf": str(crf)} if crf is not None else None
+    return _encode(Path(path), iter(frames), fps=fps, codec=codec, pix_fmt=pix_fmt, codec_options=options)
 
 
 def write_captioned_folder(
@@ -188,15 +192,17 @@ def write_captioned_folder(
     fps: float = 24.0,
     size: tuple[int, int] = (64, 48),
     seed: int = 0,
+    crf: int | None = None,
 ) -> Path:
     """Write ``n`` "shapes" clips with same-name ``.txt`` captions under ``root``; every third one in ``nested/``.
 
-    Clip ``i`` uses seed ``seed + i``; its caption is :func:`caption_for` of that seed.
+    Clip ``i`` uses seed ``seed + i``; its caption is :func:`caption_for` of that seed. ``crf``: as :func:`write_clip`.
     """
     root = Path(root)
     for i in range(n):
         folder = root / "nested" if i % 3 == 2 else root
-        clip = write_clip(folder / f"clip_{i:03d}.mp4", num_frames=num_frames, fps=fps, size=size, seed=seed + i)
+        path = folder / f"clip_{i:03d}.mp4"
+        clip = write_clip(path, num_frames=num_frames, fps=fps, size=size, seed=seed + i, crf=crf)
         clip.with_suffix(".txt").write_text(caption_for(seed + i) + "\n", encoding="utf-8")
     return root
 

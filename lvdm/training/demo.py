@@ -71,7 +71,8 @@ def _make_assets(cfg: Any, base: Path, clips: Path, recipe: Any = None, upscaler
     made = []
     if not any(clips.rglob("*.mp4")):
         started = time.perf_counter()
-        write_captioned_folder(clips, DEMO_CLIPS, num_frames=24, fps=24.0, size=(64, 48), seed=0)
+        # lossless: lossy, libx264 decoded to other frames from run to run on a busy CPU, and the figures moved
+        write_captioned_folder(clips, DEMO_CLIPS, num_frames=24, fps=24.0, size=(64, 48), seed=0, crf=0)
         made.append(
             f"{DEMO_CLIPS} captioned synthetic clips (moving shapes, H.264 mp4) in {clips} "
             f"({time.perf_counter() - started:.0f} s)"
