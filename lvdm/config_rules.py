@@ -131,10 +131,9 @@ def _decoder_problems(cfg: Config) -> list[str]:
         "model.unfreeze": m.unfreeze, "model.temporal_init": m.temporal_init, "train.tasks": cfg.train.tasks,
         "train.compile": cfg.train.compile, "train.noise_prior": cfg.train.noise_prior != "independent",
         "train.snr_gamma": cfg.train.snr_gamma, "train.offset_noise": cfg.train.offset_noise,  # the diffusion loss's
-        "model.loras": m.loras, "model.layout": m.layout != "videoldm", "model.attention_heads": m.attention_heads,
-        "model.attention_depth": m.attention_depth != 1, "model.conv_kernel": m.conv_kernel != [3, 1, 1],
-        "model.mix_factor": m.mix_factor != 0.5, "model.attention_backend": m.attention_backend != "sdpa",
-        "train.validation_prompts": cfg.train.validation_prompts,  # the UNet's temporal layers' shape, its samples
+        "model.loras": m.loras, "train.validation_prompts": cfg.train.validation_prompts,  # and its samples
+        **{f"model.{name}": not _is_default(m, name) for name in  # the UNet's temporal layers' shape
+           ("layout", "attention_heads", "attention_depth", "conv_kernel", "mix_factor", "attention_backend")},
     }  # fmt: skip
     problems = [
         f"{key}: belongs to the UNet, which train.target=decoder does not train; drop it"
@@ -143,8 +142,8 @@ def _decoder_problems(cfg: Config) -> list[str]:
     ]
     if cfg.data.num_frames < 2:
         problems.append("data.num_frames: a temporal decoder learns from at least 2 frames per clip")
-    unused = [f"train.perceptual_{key}" for key, default in (("net", "vgg"), ("backbone", None))
-              if getattr(cfg.train, f"perceptual_{key}") != default]  # fmt: skip
+    lpips = ("perceptual_net", "perceptual_backbone")
+    unused = [f"train.{name}" for name in lpips if not _is_default(cfg.train, name)]
     if unused and not cfg.train.perceptual_weight:  # it was ignored without a word: no LPIPS loss
         problems.append(f"{' / '.join(unused)}: the LPIPS loss's, which train.perceptual_weight=0 turns off; set "
                         "train.perceptual_weight > 0 (1.0 as SD's VAE had it) or drop it")  # fmt: skip
